@@ -1,0 +1,10 @@
+"""Hand-written Triton kernels (forward and backward) for MicroSegFormer's hot paths.
+
+One fused op per module: its Triton kernels, its `torch.autograd.Function`, its eager reference and
+its `AOT_SPECS` for `python -m kernels.report`. `TRITON_OPS` maps the op names of
+`msf.backend.Ops` to the fused implementations that `backend="triton"` uses; ops missing here keep
+their eager version.
+"""
+from __future__ import annotations
+
+TRITON_OPS: dict = {}

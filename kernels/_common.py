@@ -1,0 +1,57 @@
+"""Pieces every Triton kernel module in `kernels/` shares.
+
+- `INTERPRET`: True when Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`).
+- `dot(a, b)`: `tl.dot` that stays correct under the interpreter. Triton 3.6's interpreter keeps
+  bfloat16 as raw 16-bit integers and multiplies the bit patterns in `tl.dot` (SPEC §7,
+  triton-lang/triton#11584), so under the interpreter bf16 operands are upcast to fp32 first.
+  On a GPU the call is a plain `tl.dot` with fp32 accumulation.
+- `pick_configs(configs)`: the autotune list for this run. Multi-config autotuning needs a GPU to
+  benchmark on, so the interpreter gets the first config alone; the ahead-of-time report
+  (`python -m kernels.report`) builds every config in the full list.
+- `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_UPCAST_BF16_DOT: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b):
+    """fp32-accumulated `a @ b` for 2-D blocks; bf16 is upcast under the interpreter."""
+    if _UPCAST_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=tl.float32)
+
+
+def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The whole list on a GPU; its first entry alone under the interpreter (SPEC §7)."""
+    return configs[:1] if INTERPRET else list(configs)
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One kernel build for the ahead-of-time report.
+
+    `signature` maps every non-constexpr argument to its Triton type string ("*fp32", "i32", ...);
+    `constexprs` gives every `tl.constexpr` argument (block sizes, flags) its value; `num_warps` and
+    `num_stages` are the launch options of the configuration being reported.
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3

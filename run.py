@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Bootstrap and run the project with nothing but Python installed.
+
+    python3 run.py train [--data DIR] [options]   # the main job (see `python3 run.py train --help`)
+    python3 run.py test [pytest args]             # the test suite, kernels under TRITON_INTERPRET=1
+    python3 run.py msf <subcommand> ...           # any `msf` subcommand (eval, predict, bench, ...)
+
+On first use (and whenever requirements.txt or pyproject.toml change) it creates `.venv/` beside
+this file and installs the pinned dependencies plus the project itself in editable mode. It only
+uses the standard library, so it runs before anything else is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+STAMP = VENV / ".requirements.sha256"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _requirements_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("requirements.txt", "pyproject.toml"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create or refresh the virtual environment when the pinned requirements changed."""
+    wanted = _requirements_digest()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return
+    if not PYTHON.exists():
+        print(f"[run.py] creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("[run.py] installing pinned dependencies (first run takes a minute or two)", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["-r", str(ROOT / "requirements.txt")], check=True)
+    subprocess.run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
+    STAMP.write_text(wanted + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    ensure_venv()
+    env = dict(os.environ)
+    if command == "test":
+        # Triton kernels run on CPU tensors through the interpreter unless a GPU is present.
+        env.setdefault("TRITON_INTERPRET", "1")
+        cmd = [str(PYTHON), "-m", "pytest", "-q", *rest]
+    elif command == "msf":
+        cmd = [str(PYTHON), "-m", "msf", *rest]
+    else:  # train, eval, predict, bench, demo ... are msf subcommands
+        cmd = [str(PYTHON), "-m", "msf", command, *rest]
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
