@@ -1,0 +1,14 @@
+"""MicroSegFormer face parsing: model, data, loss and metric (eager PyTorch references).
+
+The fused Triton kernels live in `kernels/` and are selected with `backend="triton"`.
+"""
+from msf.backend import BACKENDS, fused_op_names, get_ops
+from msf.data import CLASS_NAMES, NUM_CLASSES, DataError, MiniFaceDataset, SyntheticFaces, open_dataset
+from msf.losses import ce_dice_loss
+from msf.metrics import FScoreMeter
+from msf.model import MicroSegFormer, ModelConfig, count_parameters
+
+__all__ = [
+    "BACKENDS", "CLASS_NAMES", "NUM_CLASSES", "DataError", "FScoreMeter", "MicroSegFormer", "MiniFaceDataset",
+    "ModelConfig", "SyntheticFaces", "ce_dice_loss", "count_parameters", "fused_op_names", "get_ops", "open_dataset",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from msf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,435 @@
+"""Face-parsing data: the CelebAMask-HQ mini layout, the original CelebAMask-HQ layout, an embedded
+procedural generator, and the SPEC §3 augmentation.
+
+Every dataset yields `(image, mask)`: a float32 3×S×S image normalised with ImageNet statistics
+and an int64 S×S mask of class ids 0..18 (SPEC §3 order, `CLASS_NAMES`). Bad input raises
+`DataError` naming the file.
+
+Augmentation is written for batches (`augment_batch`), so the same code serves the per-sample CPU
+loader here and a batched GPU pipeline; its random parameters are drawn from an explicit
+`torch.Generator` seeded by (seed, epoch, index), so a sample's augmentation does not depend on
+loader workers or on where a run was resumed.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+CLASS_NAMES = (
+    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+    "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+# A horizontal flip turns a left part into a right one: ids 4↔5, 6↔7, 8↔9.
+FLIP_ID_MAP = torch.arange(NUM_CLASSES)
+for _left, _right in ((4, 5), (6, 7), (8, 9)):
+    FLIP_ID_MAP[_left], FLIP_ID_MAP[_right] = _right, _left
+
+PALETTE = np.array([
+    [0, 0, 0], [204, 0, 0], [76, 153, 0], [204, 204, 0], [51, 51, 255], [204, 0, 204], [0, 255, 255],
+    [255, 204, 204], [102, 51, 0], [255, 0, 0], [102, 204, 0], [255, 255, 0], [0, 0, 153], [0, 0, 204],
+    [255, 51, 153], [0, 204, 204], [0, 51, 0], [255, 153, 51], [0, 204, 0]], dtype=np.uint8)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The original layout's part masks, painted in this order (later parts cover earlier ones).
+CELEBAMASK_PARTS = CLASS_NAMES[1:]
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be used; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing files
+# ----------------------------------------------------------------------------------------------
+
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """H×W×3 uint8 RGB, resized (bilinear) to size×size when `size` is given."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc})") from exc
+
+
+def read_mask(path: Path, size: int | None = None) -> np.ndarray:
+    """H×W uint8 class ids from a palette or greyscale PNG, resized (nearest) when asked."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{path}: mask must be a palette or greyscale PNG of class ids, got mode {im.mode}")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.NEAREST)
+            mask = np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable mask ({exc})") from exc
+    top = int(mask.max()) if mask.size else 0
+    if top >= NUM_CLASSES:
+        raise DataError(f"{path}: mask holds class id {top}, outside 0..{NUM_CLASSES - 1}")
+    return mask
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an image (bilinear) and its mask (nearest) to size×size; no-op for None."""
+    if size is None or mask.shape == (size, size):
+        return image, mask
+    image = np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    mask = np.array(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return image, mask
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """Save class ids as a palette PNG in the data set's own format."""
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(PALETTE.flatten().tolist())
+    im.save(path)
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    return PALETTE[mask]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with its mask's class colours blended over it (background left as is)."""
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask).astype(np.float32)
+    out = np.where(mask[..., None] > 0, blended, image.astype(np.float32))
+    return out.clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation (SPEC §3)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip_p: float = 0.5
+    rotation_deg: float = 15.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+
+
+def sample_augment_params(n: int, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> dict:
+    """Random parameters for n samples (tensors of length n, on the CPU)."""
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return {
+        "flip": torch.rand(n, generator=generator, dtype=torch.float64) < cfg.flip_p,
+        "angle": uniform(-cfg.rotation_deg, cfg.rotation_deg) * (math.pi / 180),
+        "scale": uniform(*cfg.scale),
+        "brightness": uniform(1 - cfg.brightness, 1 + cfg.brightness),
+        "contrast": uniform(1 - cfg.contrast, 1 + cfg.contrast),
+        "saturation": uniform(1 - cfg.saturation, 1 + cfg.saturation),
+    }
+
+
+def _luminance(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                 saturation: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation factors (one per sample) on B×3×H×W images in [0, 1]."""
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.to(images.device, images.dtype)[:, None, None, None]
+    x = (images * per_sample(brightness)).clamp(0, 1)
+    mean = _luminance(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * per_sample(contrast) + mean).clamp(0, 1)
+    grey = _luminance(x)
+    return ((x - grey) * per_sample(saturation) + grey).clamp(0, 1)
+
+
+def affine_grid_for(params: dict, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Sampling grid that rotates by `angle`, zooms by `scale` and mirrors where `flip`.
+
+    Built in pixel units so rotation stays a rotation on non-square images: an output pixel p
+    (relative to the centre) reads the input at R(angle)·diag(±1, 1)·p / scale.
+    """
+    cos, sin = params["angle"].cos(), params["angle"].sin()
+    mirror = torch.where(params["flip"], -1.0, 1.0).to(torch.float64)
+    inv_scale = 1.0 / params["scale"]
+    aspect = height / width  # normalised x spans width/2 pixels, y spans height/2
+    theta = torch.zeros(len(cos), 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = cos * mirror * inv_scale
+    theta[:, 0, 1] = -sin * aspect * inv_scale
+    theta[:, 1, 0] = sin / aspect * mirror * inv_scale
+    theta[:, 1, 1] = cos * inv_scale
+    return F.affine_grid(theta.float().to(device), [len(cos), 1, height, width], align_corners=False)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §3 training augmentation of B×3×H×W images in [0, 1] and B×H×W id masks, jointly.
+
+    Colour jitter, then one affine warp per sample (bilinear for the image, nearest for the mask,
+    zeros = background outside), then the left/right id swap on mirrored samples.
+    """
+    images = color_jitter(images, params["brightness"], params["contrast"], params["saturation"])
+    grid = affine_grid_for(params, images.shape[-2], images.shape[-1], images.device)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    masks = warped[:, 0].round().long()
+    flip_map = FLIP_ID_MAP.to(masks.device)
+    masks = torch.where(params["flip"].to(masks.device)[:, None, None], flip_map[masks], masks)
+    return images, masks
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype)[:, None, None]
+    return (images - mean) / std
+
+
+def sample_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from (seed, epoch, index, ...), the same in every process."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
+
+
+class FaceParsingDataset(torch.utils.data.Dataset):
+    """Shared tail of every dataset: uint8 pair → optional augmentation → normalised tensors."""
+
+    def __init__(self, augment: bool, seed: int, augment_config: AugmentConfig = AugmentConfig()):
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.augment_config = augment_config
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on (seed, epoch, index); set before each epoch."""
+        self.epoch = epoch
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_u8, mask_u8 = self.load_pair(index)
+        image = torch.from_numpy(image_u8).permute(2, 0, 1)[None].float().div_(255)
+        mask = torch.from_numpy(mask_u8)[None].long()
+        if self.augment:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            image, mask = augment_batch(image, mask, sample_augment_params(1, gen, self.augment_config))
+        return normalize(image[0]), mask[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data layouts
+# ----------------------------------------------------------------------------------------------
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} folder not found")
+    return path
+
+
+class MiniFaceDataset(FaceParsingDataset):
+    """The mini layout: `<root>/<split>/images/<id>.jpg` with `<root>/<split>/masks/<id>.png`."""
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: int | None = None,
+                 augment: bool = False, seed: int = 0):
+        super().__init__(augment, seed)
+        self.root = Path(root)
+        self.split = split
+        self.image_size = image_size
+        split_dir = _require_dir(self.root / split, f"'{split}' split")
+        image_dir = _require_dir(split_dir / "images", "images")
+        mask_dir = _require_dir(split_dir / "masks", "masks")
+        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise DataError(f"{image_dir}: no images (.jpg/.png) in the folder")
+        self.masks = [mask_dir / (p.stem + ".png") for p in self.images]
+        for image, mask in zip(self.images, self.masks):
+            if not mask.is_file():
+                raise DataError(f"{image}: image has no mask (expected {mask})")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = read_image(self.images[index])
+        mask = read_mask(self.masks[index])
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{self.images[index]}: image is {image.shape[1]}×{image.shape[0]} but its mask "
+                            f"{self.masks[index].name} is {mask.shape[1]}×{mask.shape[0]}")
+        return resize_pair(image, mask, self.image_size)
+
+
+class CelebAMaskHQDataset(FaceParsingDataset):
+    """The original layout: `CelebA-HQ-img/<n>.jpg` (1024²) and
+    `CelebAMask-HQ-mask-anno/<folder>/<nnnnn>_<part>.png` (512² binary part masks).
+
+    Part masks are merged into one id map in `CELEBAMASK_PARTS` order (later parts cover earlier
+    ones); images are resized to the mask size. `ids` picks a subset; by default every image that
+    has at least one part mask.
+    """
+
+    def __init__(self, root: str | Path, ids: list[int] | None = None, image_size: int | None = None,
+                 augment: bool = False, seed: int = 0):
+        super().__init__(augment, seed)
+        self.root = Path(root)
+        self.image_size = image_size
+        self.image_dir = _require_dir(self.root / "CelebA-HQ-img", "CelebA-HQ-img")
+        anno_dir = _require_dir(self.root / "CelebAMask-HQ-mask-anno", "CelebAMask-HQ-mask-anno")
+        self.parts: dict[int, dict[str, Path]] = {}
+        for path in anno_dir.glob("*/*.png"):
+            stem, _, part = path.stem.partition("_")
+            if stem.isdigit() and part in CELEBAMASK_PARTS:
+                self.parts.setdefault(int(stem), {})[part] = path
+        self.ids = sorted(self.parts) if ids is None else list(ids)
+        if not self.ids:
+            raise DataError(f"{anno_dir}: no part masks named <nnnnn>_<part>.png")
+        for i in self.ids:
+            if i not in self.parts:
+                raise DataError(f"{self.image_dir / f'{i}.jpg'}: image has no part masks in {anno_dir}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.ids[index]
+        mask = None
+        for class_id, part in enumerate(CELEBAMASK_PARTS, start=1):
+            path = self.parts[n].get(part)
+            if path is None:
+                continue
+            try:
+                with Image.open(path) as im:
+                    layer = np.asarray(im.convert("L")) > 127
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                raise DataError(f"{path}: unreadable part mask ({exc})") from exc
+            if mask is None:
+                mask = np.zeros(layer.shape, dtype=np.uint8)
+            elif layer.shape != mask.shape:
+                raise DataError(f"{path}: part mask is {layer.shape[1]}×{layer.shape[0]}, others are "
+                                f"{mask.shape[1]}×{mask.shape[0]}")
+            mask[layer] = class_id
+        if mask is None:
+            raise DataError(f"{self.image_dir / f'{n}.jpg'}: image has no readable part masks")
+        image = read_image(self.image_dir / f"{n}.jpg", mask.shape[0])  # images are resized to mask size
+        return resize_pair(image, mask, self.image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded synthetic default
+# ----------------------------------------------------------------------------------------------
+
+def render_synthetic_face(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One procedural face-like image (size×size×3 uint8) and its 19-class id mask.
+
+    Parts are ellipses and bands in face-local coordinates (face half-width 1) under a random
+    pose (centre, size, in-plane rotation), painted in back-to-front order. "Left" parts
+    (l_eye, l_brow, l_ear) sit on the image's right, as the person's left does on a photo.
+    Colours are random per part with shading and noise, so colour alone does not give the class.
+    """
+    v, u = (np.mgrid[0:size, 0:size] + 0.5) / size * 2 - 1
+    cx, cy = rng.uniform(-0.12, 0.12), rng.uniform(-0.15, 0.05)
+    half_width = rng.uniform(0.25, 0.36)
+    angle = rng.uniform(-0.35, 0.35)
+    du, dv = u - cx, v - cy
+    x = (np.cos(angle) * du + np.sin(angle) * dv) / half_width
+    y = (-np.sin(angle) * du + np.cos(angle) * dv) / half_width
+
+    def ellipse(x0: float, y0: float, rx: float, ry: float) -> np.ndarray:
+        return ((x - x0) / rx) ** 2 + ((y - y0) / ry) ** 2 <= 1.0
+
+    mask = np.zeros((size, size), dtype=np.uint8)
+
+    def paint(region: np.ndarray, class_id: int) -> None:
+        mask[region] = class_id
+
+    paint(ellipse(0, 3.3, rng.uniform(2.2, 3.0), 1.7), 18)                       # cloth (shoulders)
+    paint((np.abs(x) < rng.uniform(0.4, 0.5)) & (y > 0.7) & (y < 2.1), 17)      # neck
+    if rng.random() < 0.15:                                                       # necklace
+        ring = np.hypot(x / 0.5, (y - 1.25) / 0.55)
+        paint((np.abs(ring - 1) < 0.12) & (y > 1.3), 16)
+    hair_length = rng.uniform(1.3, 2.2)
+    if rng.random() < 0.9:
+        paint(ellipse(0, -0.2 + (hair_length - 1.3) / 2, 1.22, hair_length), 13)  # hair behind the head
+    ear_y = rng.uniform(-0.05, 0.15)
+    paint(ellipse(1.0, ear_y, 0.17, 0.3), 8)                                    # l_ear (image right)
+    paint(ellipse(-1.0, ear_y, 0.17, 0.3), 9)                                   # r_ear
+    if rng.random() < 0.2:                                                        # earrings
+        paint(ellipse(1.03, ear_y + 0.38, 0.07, 0.07), 15)
+        paint(ellipse(-1.03, ear_y + 0.38, 0.07, 0.07), 15)
+    paint(ellipse(0, 0, 1.0, 1.3), 1)                                            # skin
+    fringe = -0.75 + 0.12 * np.sin(x * rng.uniform(3, 8) + rng.uniform(0, 6)) + rng.uniform(-0.1, 0.15)
+    paint(ellipse(0, 0, 1.02, 1.32) & (y < fringe), 13)                           # hair over the forehead
+    if rng.random() < 0.15:
+        paint(ellipse(0, -1.05, 1.35, 0.75) & (y < -0.55), 14)                    # hat
+    eye_x, eye_y = rng.uniform(0.32, 0.42), rng.uniform(-0.25, -0.1)
+    if rng.random() < 0.2:                                                        # glasses
+        paint(ellipse(eye_x, eye_y, 0.27, 0.19) | ellipse(-eye_x, eye_y, 0.27, 0.19)
+              | ((np.abs(x) < eye_x) & (np.abs(y - eye_y + 0.05) < 0.03)), 3)
+    brow_y = eye_y - rng.uniform(0.16, 0.24)
+    paint(ellipse(eye_x, brow_y, 0.22, 0.05), 6)                                # l_brow
+    paint(ellipse(-eye_x, brow_y, 0.22, 0.05), 7)                               # r_brow
+    eye_h = rng.uniform(0.05, 0.09)
+    paint(ellipse(eye_x, eye_y, 0.14, eye_h), 4)                                # l_eye
+    paint(ellipse(-eye_x, eye_y, 0.14, eye_h), 5)                               # r_eye
+    paint(ellipse(0, 0.18, rng.uniform(0.1, 0.15), 0.22), 2)                    # nose
+    mouth_y, mouth_w = rng.uniform(0.55, 0.7), rng.uniform(0.22, 0.34)
+    paint(ellipse(0, mouth_y - 0.04, mouth_w, 0.07), 11)                        # upper lip
+    paint(ellipse(0, mouth_y + 0.05, mouth_w * 0.92, 0.08), 12)                 # lower lip
+    if rng.random() < 0.5:
+        paint(ellipse(0, mouth_y, mouth_w * 0.8, rng.uniform(0.015, 0.04)), 10)  # open mouth
+
+    colours = rng.uniform(0, 255, size=(NUM_CLASSES, 3))
+    skin = np.array([rng.uniform(150, 240), rng.uniform(100, 190), rng.uniform(80, 160)])
+    colours[[1, 2, 8, 9, 17]] = skin + rng.normal(0, 8, size=(5, 3))
+    colours[[4, 5]] = rng.uniform(20, 90, size=3)
+    colours[[6, 7]] = rng.uniform(10, 80, size=3)
+    colours[13] = rng.uniform(10, 200, size=3)
+    colours[[11, 12]] = skin * np.array([0.9, 0.55, 0.6])
+    colours[10] = rng.uniform(30, 80, size=3)
+    shading = 1 + 0.25 * (np.cos(rng.uniform(0, 2 * np.pi)) * u + np.sin(rng.uniform(0, 2 * np.pi)) * v)
+    image = colours[mask] * shading[..., None] + rng.normal(0, 12, size=(size, size, 3))
+    return image.clip(0, 255).astype(np.uint8), mask
+
+
+class SyntheticFaces(FaceParsingDataset):
+    """`num_images` procedural faces, image i drawn from seed (seed, i): no files, no download."""
+
+    def __init__(self, num_images: int = 256, image_size: int = 128, seed: int = 0, augment: bool = False):
+        super().__init__(augment, seed)
+        if num_images < 1 or image_size < 1:
+            raise ValueError(f"num_images and image_size must be positive, got {num_images}, {image_size}")
+        self.num_images = num_images
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return render_synthetic_face(np.random.default_rng([self.seed, index]), self.image_size)
+
+
+def open_dataset(root: str | Path | None, split: str, image_size: int | None, augment: bool = False,
+                 seed: int = 0, synthetic_images: int = 256) -> FaceParsingDataset:
+    """The dataset at `root` in whichever layout it has, or the synthetic faces when root is None.
+
+    Synthetic splits differ by seed (train: seed, val: seed + 1_000_003) so they never share faces.
+    """
+    if root is None:
+        split_seed = seed if split == "train" else seed + 1_000_003
+        return SyntheticFaces(synthetic_images, image_size or 128, split_seed, augment)
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found")
+    if (root / split / "images").is_dir() or (root / "train" / "images").is_dir():
+        return MiniFaceDataset(root, split, image_size, augment, seed)
+    if (root / "CelebA-HQ-img").is_dir():
+        return CelebAMaskHQDataset(root, image_size=image_size, augment=augment, seed=seed)
+    raise DataError(f"{root}: not a data set folder (expected <split>/images + <split>/masks, "
+                    "or CelebA-HQ-img + CelebAMask-HQ-mask-anno)")

@@ -1,0 +1,253 @@
+"""MicroSegFormer (SPEC §2): a four-stage hierarchical transformer encoder, an all-MLP decoder, the
+three-scale LMSA module and a 1×1 classifier, for 19-class face parsing.
+
+    images B×3×H×W ─► stage 1..4 (overlapping patch embed + SR-attention blocks) ─► f1..f4
+    f_i ─► Linear(C_i→128) ─► bilinear up to H/4×W/4 ─► concat 512 ─► fuse MLP ─► LMSA ─► x
+    eager (paper order):  logits = conv1x1(up4(x))
+    fused (triton):       logits_low = conv1x1(x);  loss / argmax upsample on the fly
+
+The 1×1 classifier commutes with bilinear upsampling (interpolation weights sum to one, the bias
+passes through), so both orders compute the same function; only the memory traffic differs.
+
+All hot-path calls go through `msf.backend.get_ops(backend)`; this module never imports Triton.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msf.backend import BACKENDS, LMSAParams, get_ops
+from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
+
+NUM_CLASSES = 19
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = NUM_CLASSES
+    lmsa: bool = True
+    channels: tuple[int, ...] = (32, 64, 128, 192)
+    depths: tuple[int, ...] = (1, 2, 2, 2)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    ffn_expansion: int = 2
+    decoder_dim: int = 128
+    decoder_dropout: float = 0.15
+    lmsa_kernels: tuple[int, ...] = (3, 5, 7)
+    lmsa_reduction: int = 8
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping patch embedding: strided Conv2d, flatten to tokens, LayerNorm."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(out_ch)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+class SRAttention(nn.Module):
+    """Single-head attention whose keys/values come from an R×R-strided reduction of the map."""
+
+    def __init__(self, dim: int, sr_ratio: int, backend: str):
+        super().__init__()
+        self.backend = backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.sr_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x)
+        if self.sr_ratio > 1:
+            reduced = self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+            x = self.sr_norm(reduced)
+        k, v = self.kv(x).chunk(2, dim=-1)  # views into one B×M×2C tensor
+        return self.proj(get_ops(self.backend).attention(q, k, v))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, expansion: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, expansion * dim)
+        self.fc2 = nn.Linear(expansion * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += FFN(LN(x))."""
+
+    def __init__(self, dim: int, sr_ratio: int, expansion: int, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SRAttention(dim, sr_ratio, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, expansion)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), h, w)
+        return x + self.ffn(self.norm2(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, in_ch: int, dim: int, depth: int, sr_ratio: int, first: bool, cfg: ModelConfig, backend: str):
+        super().__init__()
+        self.embed = PatchEmbed(in_ch, dim, kernel=7 if first else 3, stride=4 if first else 2)
+        self.blocks = nn.ModuleList(Block(dim, sr_ratio, cfg.ffn_expansion, backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, h, w = self.embed(x)
+        for block in self.blocks:
+            tokens = block(tokens, h, w)
+        return self.norm(tokens).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+
+class LMSA(nn.Module):
+    """Lightweight Multi-Scale Attention (SPEC §2): x + Σ_k z_k ⊙ PW_k(DW_k(x)), k ∈ {3, 5, 7}."""
+
+    def __init__(self, dim: int, kernels: tuple[int, ...], reduction: int, backend: str):
+        super().__init__()
+        self.backend = backend
+        self.depthwise = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=False) for k in kernels)
+        self.pointwise = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in kernels)
+        squeeze = len(kernels) * dim
+        self.fc1 = nn.Linear(squeeze, squeeze // reduction)
+        self.fc2 = nn.Linear(squeeze // reduction, squeeze)
+
+    def params(self) -> LMSAParams:
+        return LMSAParams(
+            dw_weights=tuple(dw.weight for dw in self.depthwise),
+            pw_weights=tuple(pw.weight[:, :, 0, 0] for pw in self.pointwise),
+            pw_biases=tuple(pw.bias for pw in self.pointwise),
+            fc1_weight=self.fc1.weight, fc1_bias=self.fc1.bias,
+            fc2_weight=self.fc2.weight, fc2_bias=self.fc2.bias,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return get_ops(self.backend).lmsa(x, self.params())
+
+
+class Decoder(nn.Module):
+    """All-MLP decoder: unify channels, upsample to stage-1 size, concat, fuse; then LMSA."""
+
+    def __init__(self, cfg: ModelConfig, backend: str):
+        super().__init__()
+        e = cfg.decoder_dim
+        self.unify = nn.ModuleList(nn.Linear(c, e) for c in cfg.channels)
+        self.fuse = nn.Sequential(nn.Linear(len(cfg.channels) * e, e), nn.GELU(),
+                                  nn.Dropout(cfg.decoder_dropout), nn.Linear(e, e))
+        self.lmsa = LMSA(e, cfg.lmsa_kernels, cfg.lmsa_reduction, backend) if cfg.lmsa else None
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        b, _, h, w = features[0].shape
+        aligned = []
+        for f, unify in zip(features, self.unify):
+            f = unify(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, *f.shape[-2:])
+            if f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            aligned.append(f)
+        fused = self.fuse(torch.cat(aligned, dim=1).flatten(2).transpose(1, 2))
+        x = fused.transpose(1, 2).reshape(b, -1, h, w)
+        return self.lmsa(x) if self.lmsa is not None else x
+
+
+class MicroSegFormer(nn.Module):
+    """MicroSegFormer for `num_classes`-way face parsing.
+
+    `model(images)` returns B×num_classes×H×W logits for B×3×H×W images (H, W multiples of 32);
+    `model.loss(images, masks)` returns the SPEC §4 training loss (CE + Dice, 1:1);
+    `model.predict(images)` returns B×H×W class ids.
+    `backend` is "eager" (plain PyTorch, the paper's order) or "triton" (fused kernels).
+    """
+
+    STRIDE = 32
+
+    def __init__(self, num_classes: int = NUM_CLASSES, lmsa: bool = True, backend: str = "eager",
+                 dice_eps: float = DEFAULT_DICE_EPS, **overrides):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        get_ops(backend)  # fail here, not mid-forward, when the backend cannot load
+        self.config = ModelConfig(num_classes=num_classes, lmsa=lmsa, **overrides)
+        self.backend = backend
+        self.dice_eps = dice_eps
+        cfg = self.config
+        in_channels = (3,) + cfg.channels[:-1]
+        self.stages = nn.ModuleList(
+            Stage(cin, c, d, r, first=(i == 0), cfg=cfg, backend=backend)
+            for i, (cin, c, d, r) in enumerate(zip(in_channels, cfg.channels, cfg.depths, cfg.sr_ratios)))
+        self.decoder = Decoder(cfg, backend)
+        self.classifier = nn.Conv2d(cfg.decoder_dim, num_classes, 1)
+        self.apply(_init_weights)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be B×3×H×W, got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.STRIDE or w % self.STRIDE or h == 0 or w == 0:
+            raise ValueError(f"image height and width must be positive multiples of {self.STRIDE}, got {h}×{w}")
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder output (after LMSA): B×128×H/4×W/4."""
+        self._check_images(images)
+        feats, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return self.decoder(feats)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images)
+        x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(x)
+
+    def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits at H/4×W/4 (the classifier applied before the upsample)."""
+        return self.classifier(self.features(images))
+
+    def loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """CE + Dice (SPEC §4) of the full-resolution prediction against B×H×W masks."""
+        if masks.shape != (images.shape[0], *images.shape[-2:]):
+            raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
+        if self.backend == "eager":
+            return ce_dice_loss(self(images), masks, self.dice_eps)
+        return get_ops(self.backend).head_loss(self.low_res_logits(images), masks, self.dice_eps)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """B×H×W class ids at the images' resolution."""
+        if self.backend == "eager":
+            return self(images).argmax(dim=1)
+        return get_ops(self.backend).upsample_argmax(self.low_res_logits(images), images.shape[-2:])
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

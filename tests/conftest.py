@@ -1,0 +1,32 @@
+"""Shared test fixtures: the real data folder (skipped cleanly when absent) and tensor comparison."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The shared data sits beside the checkout (../shared/data); MSF_DATA overrides it.
+REAL_DATA = Path(os.environ.get("MSF_DATA", REPO.parent / "shared" / "data" / "celebamask-hq-mini"))
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (REAL_DATA / "val" / "images").is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA} (set MSF_DATA to its folder)")
+    return REAL_DATA
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str = "tensor") -> None:
+    """Relative-norm comparison ‖a−e‖/‖e‖ ≤ rel, with a report of where the worst element is."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum().item()} non-finite elements"
+    diff = (a - e).abs()
+    err = (diff.norm() / e.norm().clamp(min=1e-30)).item()
+    if err > rel:
+        worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(f"{name}: relative error {err:.3e} > {rel:.1e}; worst at {worst}: "
+                             f"got {a[worst].item():.6g}, expected {e[worst].item():.6g}")

@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msf.model import MicroSegFormer, count_parameters
+from msf.losses import ce_dice_loss
+
+
+def test_parameter_counts_match_spec():
+    assert count_parameters(MicroSegFormer(lmsa=False)) == 1_721_939
+    assert count_parameters(MicroSegFormer()) == 1_819_395
+    assert count_parameters(MicroSegFormer()) < 1_821_085  # the hard limit
+
+
+def test_token_and_kv_lengths_at_512():
+    model = MicroSegFormer().eval()
+    seen = []  # ("q" | "kv", tokens, channels) in call order, from the projections feeding attention
+    hooks = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            attn = block.attn
+            hooks.append(attn.q.register_forward_hook(lambda m, i, o: seen.append(("q", o.shape[1], o.shape[2]))))
+            hooks.append(attn.kv.register_forward_hook(lambda m, i, o: seen.append(("kv", o.shape[1], o.shape[2] // 2))))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 512, 512))
+    for h in hooks:
+        h.remove()
+    queries = [(n, c) for tag, n, c in seen if tag == "q"]
+    keys = [(n, c) for tag, n, c in seen if tag == "kv"]
+    # depths (1, 2, 2, 2): one block at stage 1, two at the others
+    assert queries == [(16384, 32), (4096, 64), (4096, 64), (1024, 128), (1024, 128), (256, 192), (256, 192)]
+    assert keys == [(256, 32), (256, 64), (256, 64), (256, 128), (256, 128), (256, 192), (256, 192)]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 96), (96, 64)])
+def test_output_shape(size):
+    model = MicroSegFormer().eval()
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 19, *size)
+    assert model.predict(torch.randn(1, 3, *size)).shape == (1, *size)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 60, 64), (1, 3, 64, 33), (1, 1, 64, 64), (3, 64, 64)])
+def test_bad_image_shape_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match="multiples of 32|B×3×H×W"):
+        MicroSegFormer()(torch.randn(*shape))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        MicroSegFormer(backend="cuda")
+
+
+def test_loss_is_ce_plus_dice_of_full_resolution_logits():
+    torch.manual_seed(0)
+    model = MicroSegFormer().eval()
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.randint(0, 19, (2, 64, 64))
+    logits = model(images).double()
+    p = logits.softmax(1)
+    onehot = F.one_hot(masks, 19).permute(0, 3, 1, 2).double()
+    ce = -(onehot * logits.log_softmax(1)).sum(1).mean()
+    dice = (2 * (p * onehot).sum((2, 3)) + 1.0) / (p.sum((2, 3)) + onehot.sum((2, 3)) + 1.0)
+    expected = ce + 1 - dice.mean()
+    assert torch.allclose(model.loss(images, masks).double(), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        model.loss(images, masks[:, :32])
+
+
+def test_classifier_commutes_with_upsample():
+    torch.manual_seed(0)
+    model = MicroSegFormer()
+    f = torch.randn(2, 128, 9, 7, dtype=torch.float64)
+    conv = model.classifier.double()
+    up_then_conv = conv(F.interpolate(f, scale_factor=4, mode="bilinear", align_corners=False))
+    conv_then_up = F.interpolate(conv(f), scale_factor=4, mode="bilinear", align_corners=False)
+    assert torch.allclose(up_then_conv, conv_then_up, atol=1e-12)
+
+
+def test_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = MicroSegFormer()
+    model.loss(torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
