@@ -228,11 +228,12 @@ class MicroSegFormer(nn.Module):
         return get_ops(self.backend).head_loss(self.low_res_logits(images), masks, self.dice_eps)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """B×H×W class ids at the images' resolution."""
-        if self.backend == "eager":
-            return self(images).argmax(dim=1)
-        return get_ops(self.backend).upsample_argmax(self.low_res_logits(images), images.shape[-2:])
+    def predict(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """B×size class ids (default: the images' size): the argmax of the H/4×W/4 logits
+        bilinearly upsampled straight to `size` (at the input's own size this is the paper's order
+        up to rounding, since the classifier commutes with the upsample)."""
+        size = tuple(size) if size is not None else tuple(images.shape[-2:])
+        return get_ops(self.backend).upsample_argmax(self.low_res_logits(images), size)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -1,0 +1,117 @@
+"""Checkpoints: written atomically, read back with a one-line error for anything that is not one.
+
+A training checkpoint (`.pt`) holds the weights, the model and training configs, optimizer,
+scheduler and grad-scaler state, the epoch, the best score so far and every RNG state, so a run
+resumes exactly where it stopped. A released model (`.safetensors`) holds the weights (fp16 to
+keep it small) with the model and training configs in its metadata; both load through
+`load_model`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msf.model import MicroSegFormer, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message names it."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename over it: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint as a dict, or CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: not a checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a MicroSegFormer checkpoint (no model weights and config)")
+    return ckpt
+
+
+def _model_config(raw: dict, path: Path) -> ModelConfig:
+    try:
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: checkpoint of another architecture ({exc})") from exc
+    return cfg
+
+
+def build_model(state: dict, model_config: dict, path: Path, backend: str = "eager",
+                expected_classes: int | None = None) -> MicroSegFormer:
+    cfg = _model_config(model_config, path)
+    if expected_classes is not None and cfg.num_classes != expected_classes:
+        raise CheckpointError(f"{path}: checkpoint predicts {cfg.num_classes} classes, the data has {expected_classes}")
+    overrides = {k: v for k, v in cfg.__dict__.items() if k not in ("num_classes", "lmsa")}
+    model = MicroSegFormer(num_classes=cfg.num_classes, lmsa=cfg.lmsa, backend=backend, **overrides)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: checkpoint of another architecture ({first})") from exc
+    return model
+
+
+def load_model(path: str | Path, backend: str = "eager", expected_classes: int | None = None
+               ) -> tuple[MicroSegFormer, dict]:
+    """(model in eval mode, training config dict) from a .pt checkpoint or a .safetensors release."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = read_release(path)
+        model_config, train_config = meta["model_config"], meta["train_config"]
+    else:
+        ckpt = read_checkpoint(path)
+        state, model_config, train_config = ckpt["model"], ckpt["model_config"], ckpt.get("config", {})
+    model = build_model(state, model_config, path, backend, expected_classes)
+    return model.eval(), train_config
+
+
+def write_release(model: MicroSegFormer, train_config: dict, path: Path, extra: dict | None = None) -> None:
+    """fp16 weights + configs in safetensors metadata, written atomically."""
+    from safetensors.torch import save_file
+    meta = {"model_config": json.dumps(model.config.__dict__), "train_config": json.dumps(train_config),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_release(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({type(exc).__name__})") from exc
+    if "model_config" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without a MicroSegFormer model config")
+    return state, {k: json.loads(v) for k, v in meta.items()}

@@ -1,0 +1,153 @@
+"""`msf` command line: train, eval, predict, export, demo.
+
+    msf train [--data DIR] [options]          train (synthetic faces when no --data); --resume RUN_DIR
+    msf eval --data DIR --checkpoint CKPT     score a checkpoint at the data's native resolution
+    msf predict --checkpoint CKPT IMAGE... --out DIR
+    msf export RUN_DIR/best.pt OUT.safetensors  fp16 release with its configs
+    msf demo                                   one forward/backward on random data
+
+Errors in the input (missing folder, bad checkpoint, bad option) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from msf.data import NUM_CLASSES, DataError, open_dataset
+from train.checkpoint import CheckpointError, load_model, write_release
+from train.config import add_config_arguments, config_from_args
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.loop import train
+    run_dir = train(config_from_args(args), resume=args.resume)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    from train.loop import pick_device
+    return pick_device(name)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from train.evaluate import evaluate
+    device = _device(args.device)
+    model, train_cfg = load_model(args.checkpoint, args.backend, expected_classes=NUM_CLASSES)
+    model.to(device)
+    input_size = args.input_size or train_cfg.get("image_size") or 512
+    dataset = open_dataset(args.data, args.split, image_size=None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    started = time.perf_counter()
+    scores = evaluate(model, loader, device, input_size, args.amp, progress=not args.json)
+    scores.update(checkpoint=str(args.checkpoint), split=args.split, input_size=input_size,
+                  scored_at=list(dataset[0][1].shape), seconds=round(time.perf_counter() - started, 2))
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        print(f"{args.checkpoint} on {args.data}/{args.split} ({scores['images']} images, model at {input_size}², "
+              f"scored at {scores['scored_at'][0]}×{scores['scored_at'][1]}):")
+        print(f"  F-score {scores['f_score']:.4f}   mIoU {scores['miou']:.4f}")
+        for name, f1 in scores["per_class_f1"].items():
+            print(f"  {name:>10s}  F1 {f1:.4f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from train.evaluate import predict_files
+    device = _device(args.device)
+    model, train_cfg = load_model(args.checkpoint, args.backend)
+    model.to(device)
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: image not found")
+    written = predict_files(model, paths, Path(args.out), args.input_size or train_cfg.get("image_size") or 512,
+                            device, args.amp)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from train.checkpoint import read_checkpoint
+    ckpt = read_checkpoint(args.checkpoint)
+    model, train_cfg = load_model(args.checkpoint)
+    write_release(model, train_cfg, Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from msf.model import MicroSegFormer, count_parameters
+    torch.manual_seed(0)
+    model = MicroSegFormer(backend=args.backend)
+    images, masks = torch.randn(2, 3, args.size, args.size), torch.randint(0, NUM_CLASSES, (2, args.size, args.size))
+    started = time.perf_counter()
+    loss = model.loss(images, masks)
+    loss.backward()
+    print(f"MicroSegFormer ({count_parameters(model):,} parameters, backend {args.backend}): "
+          f"loss {loss.item():.4f}, forward+backward of 2×3×{args.size}×{args.size} in "
+          f"{time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train MicroSegFormer (SPEC §5 recipe)")
+    add_config_arguments(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.set_defaults(run=cmd_train)
+
+    def add_model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help=".pt checkpoint or .safetensors release")
+        p.add_argument("--backend", default="eager", choices=["eager", "triton"])
+        p.add_argument("--device", default="auto")
+        p.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"])
+        p.add_argument("--input-size", type=int, default=None, help="model input size (default: training size)")
+
+    p = sub.add_parser("eval", help="score a checkpoint on a split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    add_model_options(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("predict", help="write id masks and colour overlays for images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    add_model_options(p)
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights as an fp16 safetensors release")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("demo", help="one forward/backward pass on random data")
+    p.add_argument("--backend", default="eager", choices=["eager", "triton"])
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"msf {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

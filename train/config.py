@@ -1,0 +1,92 @@
+"""Every training option in one dataclass; the command line is generated from it.
+
+Fields left at None are filled by `resolve()`: the paper's recipe (SPEC §5) when a data folder is
+given, a small run on the embedded synthetic faces when it is not (the README's main job, under
+three minutes on a 2-core CPU). The resolved config is saved with the run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+# The paper's recipe (real data) and the synthetic demo's, for fields left unset.
+PAPER_DEFAULTS = {"image_size": 512, "epochs": 200, "batch_size": 32, "warmup_epochs": 5.0}
+SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 10, "batch_size": 8, "warmup_epochs": 1.0}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: Optional[str] = None            # data folder (mini or original layout); None: synthetic faces
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: Optional[int] = None      # training resolution (multiple of 32); 512 real / 64 synthetic
+    synthetic_train_images: int = 256
+    synthetic_val_images: int = 64
+    train_eval_images: int = 64           # un-augmented training images scored each epoch (train F-score)
+    num_workers: Optional[int] = None     # loader processes; None: 1 on a 2-core CPU, up to 8 on CUDA
+    # model
+    lmsa: bool = True
+    backend: str = "eager"                # eager | triton
+    dice_eps: float = 1.0
+    # optimisation (SPEC §5)
+    epochs: Optional[int] = None          # planned epochs (cosine to 0 over them); 200 real / 10 synthetic
+    batch_size: Optional[int] = None      # 32 real / 8 synthetic
+    lr: float = 8e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: Optional[float] = None  # linear warm-up; 5 real / 1 synthetic
+    grad_clip: float = 1.0
+    patience: int = 50                    # early stopping: epochs without a better val F-score
+    amp: str = "bf16"                     # bf16 | fp16 | off (CUDA only; the CPU trains in fp32)
+    # run
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    out: str = "runs"
+    run_name: Optional[str] = None        # default: a timestamp
+    progress: bool = True
+    threads: Optional[int] = None         # torch CPU threads; None: torch's default
+
+    def resolve(self) -> "TrainConfig":
+        defaults = SYNTHETIC_DEFAULTS if self.data is None else PAPER_DEFAULTS
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        cfg = dataclasses.replace(self, **filled)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 32):
+            raise ValueError(f"--image-size must be a positive multiple of 32, got {self.image_size}")
+        if self.backend not in ("eager", "triton"):
+            raise ValueError(f"--backend must be eager or triton, got {self.backend!r}")
+        if self.amp not in ("bf16", "fp16", "off"):
+            raise ValueError(f"--amp must be bf16, fp16 or off, got {self.amp!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _arg_type(hint: Any) -> tuple[Any, bool]:
+    """(scalar type, is_optional) of a field's annotation."""
+    if get_origin(hint) is not None and type(None) in get_args(hint):
+        return next(a for a in get_args(hint) if a is not type(None)), True
+    return hint, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """One --flag per dataclass field, typed from its annotation; booleans get --x / --no-x."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        kind, _ = _arg_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            shown = "auto" if f.default is None else f.default
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {shown})")
+
+
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

@@ -1,0 +1,87 @@
+"""Scoring and prediction with a trained model.
+
+A model trained at S×S sees every image resized to S×S; its H/4×W/4 logits are upsampled straight
+to the mask's native size and scored there (`msf eval` always scores at the data's resolution,
+512×512 for CelebAMask-HQ, whatever size the model was trained at).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from msf.data import normalize, overlay, read_image, write_mask
+from msf.metrics import FScoreMeter
+from msf.model import MicroSegFormer
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA; nothing on the CPU (it trains and scores in fp32)."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_batch(model: MicroSegFormer, images: torch.Tensor, input_size: int, amp: str = "off") -> torch.Tensor:
+    """B×H×W ids for B×3×H×W normalised images, the model run at input_size×input_size."""
+    size = tuple(images.shape[-2:])
+    x = images
+    if size != (input_size, input_size):
+        x = F.interpolate(images, size=(input_size, input_size), mode="bilinear", align_corners=False,
+                          antialias=input_size < size[0])
+    with autocast_for(images.device, amp):
+        return model.predict(x, size)
+
+
+@torch.no_grad()
+def evaluate(model: MicroSegFormer, loader, device: torch.device, input_size: int, amp: str = "off",
+             progress: bool = False, desc: str = "eval") -> dict:
+    """F-score, per-class F1 and mIoU over a loader of (normalised image, mask) batches."""
+    was_training = model.training
+    model.eval()
+    meter = FScoreMeter(model.config.num_classes)
+    for images, masks in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        meter.update(predict_batch(model, images, input_size, amp), masks)
+    model.train(was_training)
+    return meter.compute()
+
+
+@torch.no_grad()
+def constant_prediction_scores(class_id: int, loader) -> dict:
+    """Scores of predicting `class_id` at every pixel: the floor a trained model must beat."""
+    meter = FScoreMeter()
+    for _, masks in loader:
+        meter.update(torch.full_like(masks, class_id), masks)
+    return meter.compute()
+
+
+def majority_class(dataset) -> int:
+    counts = torch.zeros(256, dtype=torch.long)
+    for i in range(len(dataset)):
+        counts += torch.bincount(dataset[i][1].flatten(), minlength=256)
+    return int(counts.argmax())
+
+
+@torch.no_grad()
+def predict_files(model: MicroSegFormer, paths: list[Path], out_dir: Path, input_size: int,
+                  device: torch.device, amp: str = "off") -> list[Path]:
+    """For each image: `<stem>.png` (palette id mask, the data set's format) and `<stem>_overlay.png`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(paths, desc="predict", disable=len(paths) < 4, leave=False):
+        image = read_image(path)
+        x = normalize(torch.from_numpy(image).permute(2, 0, 1).float().div(255))[None].to(device)
+        # any image size works: the model sees it resized to input_size², the ids come back at h×w
+        ids = predict_batch(model, x, input_size, amp)[0].cpu().numpy().astype(np.uint8)
+        mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
+        write_mask(mask_path, ids)
+        Image.fromarray(np.concatenate([image, overlay(image, ids)], axis=1)).save(overlay_path)
+        written += [mask_path, overlay_path]
+    return written
