@@ -83,3 +83,17 @@ def test_backward_reaches_every_parameter():
     model.loss(torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no finite gradient for {missing}"
+
+
+def test_low_res_head_order_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    paper = MicroSegFormer().double()
+    low = MicroSegFormer(paper_head_order=False).double()
+    low.load_state_dict(paper.state_dict())
+    paper.eval(), low.eval()  # no dropout
+    images, masks = torch.randn(2, 3, 64, 96, dtype=torch.float64), torch.randint(0, 19, (2, 64, 96))
+    loss_paper, loss_low = paper.loss(images, masks), low.loss(images, masks)
+    loss_paper.backward(), loss_low.backward()
+    assert torch.allclose(loss_paper, loss_low, rtol=1e-12)
+    for (name, a), b in zip(paper.named_parameters(), low.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-14), name

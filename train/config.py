@@ -31,6 +31,8 @@ class TrainConfig:
     lmsa: bool = True
     backend: str = "eager"                # eager | triton
     dice_eps: float = 1.0
+    paper_head_order: bool = True         # eager: upsample features then classify (the paper); off: classify
+                                          # at H/4 then upsample logits (same function, ~2× faster on CPU)
     # optimisation (SPEC §5)
     epochs: Optional[int] = None          # planned epochs (cosine to 0 over them); 200 real / 10 synthetic
     batch_size: Optional[int] = None      # 32 real / 8 synthetic

@@ -120,7 +120,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     steps_per_epoch = len(make_loader(train_set, cfg, True, 0, device))
 
     # --- model, optimiser, schedule ---------------------------------------------------------
-    model = MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps).to(device)
+    model = MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
+                           paper_head_order=cfg.paper_head_order).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
