@@ -14,7 +14,8 @@ Ops (shapes are the model's):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import functools
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
+from msf.nvtx import nvtx_range
 
 BACKENDS = ("eager", "triton")
 
@@ -78,24 +80,45 @@ EAGER_OPS = Ops(attention=eager_attention, head_loss=eager_head_loss,
                 upsample_argmax=eager_upsample_argmax, lmsa=eager_lmsa)
 
 
+def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str) -> Callable[..., torch.Tensor]:
+    """`fn` inside an NVTX range named "<provider>/<name>", tagged with its provider."""
+    label = f"{provider}/{name}"
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with nvtx_range(label):
+            return fn(*args, **kwargs)
+
+    call.provider = provider
+    return call
+
+
 @lru_cache(maxsize=None)
 def get_ops(backend: str) -> Ops:
+    """The op table of `backend`, every op wrapped in an NVTX range."""
     if backend == "eager":
-        return EAGER_OPS
-    if backend == "triton":
+        fused = {}
+    elif backend == "triton":
         try:
             import kernels  # imports Triton; only the triton backend pays for it
         except ImportError as exc:  # pragma: no cover - depends on the installation
-            raise RuntimeError(f"backend='triton' needs the `triton` package: {exc}") from exc
-        known = {f.name for f in fields(Ops)}
-        unknown = set(kernels.TRITON_OPS) - known
+            raise ValueError(f"backend='triton' needs the `triton` package: {exc}") from exc
+        unknown = set(kernels.TRITON_OPS) - {f.name for f in fields(Ops)}
         if unknown:
             raise RuntimeError(f"kernels.TRITON_OPS names unknown ops {sorted(unknown)}")
-        return replace(EAGER_OPS, **kernels.TRITON_OPS)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        fused = kernels.TRITON_OPS
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    table = {}
+    for f in fields(Ops):
+        if f.name in fused:
+            table[f.name] = _annotated(f.name, fused[f.name], "triton")
+        else:
+            table[f.name] = _annotated(f.name, getattr(EAGER_OPS, f.name), "eager")
+    return Ops(**table)
 
 
 def fused_op_names(backend: str) -> list[str]:
     """The ops that `backend` runs through a fused Triton kernel (none for eager)."""
     ops = get_ops(backend)
-    return [f.name for f in fields(Ops) if getattr(ops, f.name) is not getattr(EAGER_OPS, f.name)]
+    return [f.name for f in fields(Ops) if getattr(ops, f.name).provider == "triton"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from msf.backend import BACKENDS, LMSAParams, get_ops
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
+from msf.nvtx import nvtx_range
 
 NUM_CLASSES = 19
 
@@ -138,7 +139,8 @@ class LMSA(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return get_ops(self.backend).lmsa(x, self.params())
+        with nvtx_range("decoder/lmsa"):
+            return get_ops(self.backend).lmsa(x, self.params())
 
 
 class Decoder(nn.Module):
@@ -208,15 +210,18 @@ class MicroSegFormer(nn.Module):
         """Decoder output (after LMSA): B×128×H/4×W/4."""
         self._check_images(images)
         feats, x = [], images
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages, start=1):
+            with nvtx_range(f"encoder/stage{i}"):
+                x = stage(x)
             feats.append(x)
-        return self.decoder(feats)
+        with nvtx_range("decoder"):
+            return self.decoder(feats)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.features(images)
-        x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(x)
+        with nvtx_range("head/upsample+classifier"):
+            x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            return self.classifier(x)
 
     def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits at H/4×W/4 (the classifier applied before the upsample)."""
@@ -227,7 +232,9 @@ class MicroSegFormer(nn.Module):
         if masks.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
         if self.paper_head_order:
-            return ce_dice_loss(self(images), masks, self.dice_eps)
+            logits = self(images)
+            with nvtx_range("loss"):
+                return ce_dice_loss(logits, masks, self.dice_eps)
         return get_ops(self.backend).head_loss(self.low_res_logits(images), masks, self.dice_eps)
 
     @torch.no_grad()

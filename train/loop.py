@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from msf.data import open_dataset
 from msf.model import MicroSegFormer
+from msf.nvtx import nvtx_range
 from train.checkpoint import atomic_save, read_checkpoint
 from train.config import TrainConfig
 from train.evaluate import autocast_for, constant_prediction_scores, evaluate, majority_class
@@ -154,17 +155,24 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         loss_sum, seen, started = 0.0, 0, time.perf_counter()
         bar = tqdm(make_loader(train_set, cfg, True, epoch, device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False)
-        for images, masks in bar:
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            with autocast_for(device, cfg.amp):
+        batches = iter(bar)
+        while True:
+            with nvtx_range("data"):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images, masks = (t.to(device, non_blocking=True) for t in batch)
+            with nvtx_range("forward+loss"), autocast_for(device, cfg.amp):
                 loss = model.loss(images, masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            with nvtx_range("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            with nvtx_range("optimizer"):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
             loss_sum += loss.item() * len(images)
             seen += len(images)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
