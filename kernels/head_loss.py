@@ -1,0 +1,560 @@
+"""Fused bilinear upsample + softmax + CE + Dice loss (SPEC §4, §6), forward and backward in Triton.
+
+`head_loss(logits, targets, eps=1.0)` equals
+
+    msf.backend.eager_head_loss(logits, targets, eps)
+      = msf.losses.ce_dice_loss(F.interpolate(logits, size=(H, W), mode="bilinear",
+                                              align_corners=False), targets, eps)
+
+without ever holding the full-resolution logits or probabilities in memory.
+
+Shapes and dtypes
+-----------------
+- `logits`  L: B×K×h×w, float32 / bfloat16 / float16, any strides (NCHW, channels-last, sliced views):
+  the kernels take the four strides, nothing is copied. K ≤ 128 (padded to a power of two on chip;
+  K = 19 in the model, padded to 32).
+- `targets` T: B×H×W, uint8 / int16 / int32 / int64, any strides, with H = s_h·h and W = s_w·w for
+  integer scales s_h, s_w ≥ 1 (4 in the model; 1 works).
+- result: a 0-dim float32 tensor (the loss); the gradient comes back as B×K×h×w in the logits' dtype
+  and memory format.
+
+Math (per image b, full-resolution pixel x, class c; N = B·H·W)
+-----------------------------------------------------------------
+    z(x)   = bilinear upsample of L (align_corners=False, ATen's clamping: src = max((x+½)·h/H − ½, 0),
+             i0 = ⌊src⌋, i1 = min(i0+1, h−1), λ = src − i0; separably in both axes)
+    p(x)   = softmax_c z(x)                     y(x) = onehot(T(x))
+    CE     = (1/N) Σ_x [logsumexp_c z(x) − z_T(x)(x)]
+    I_bc   = Σ_x p_c y_c      S_bc = Σ_x p_c + Σ_x y_c      d_bc = (2 I_bc + ε) / (S_bc + ε)
+    loss   = CE + 1 − (1/(B·K)) Σ_bc d_bc
+
+Kernels
+-------
+1. `_head_loss_fwd_kernel`, grid (n_chunks, B): each program sweeps a fixed chunk of one image's
+   full-resolution pixels in tiles of BLOCK_P, gathers the four neighbouring low-res logits of every
+   pixel (K_PAD×BLOCK_P tiles: a thread owns whole pixels, so the softmax reductions stay in
+   registers), interpolates and takes the softmax in fp32, and accumulates fp32 partial sums of
+   Σp·y and Σp + Σy per class and of the CE terms. It writes them to a small B×n_chunks×3×K_PAD buffer:
+   no atomics, a fixed summation order, so the result is bitwise reproducible run to run.
+2. `_head_loss_finalize_kernel`, one program: reduces the partials in a fixed order, writes the loss
+   and the per-(b, c) backward coefficients α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²).
+3. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
+   gathers the (2·s_h)×(2·s_w) window of full-res pixels that can touch each of them, recomputes
+   p there (the per-pixel logsumexp is not stored) and accumulates the interpolation-weighted
+   full-res gradient: the adjoint of the upsample, written once per low-res element, no atomics.
+   Every full-res pixel is recomputed by the (up to) four low-res pixels it touches: 4× the
+   forward's arithmetic, in exchange for zero full-res memory traffic and determinism.
+
+Out-of-range target ids (outside 0..K−1): not allowed. Check them where data enters with
+`msf.losses.check_targets(targets, K)` (it syncs; these kernels never do). The kernels stay memory
+safe on them (targets are only compared, never used as an address): such a pixel has an all-zero
+one-hot and a CE term of logsumexp(z), which is meaningless but finite.
+
+Bytes moved (B = 32, 512×512, K = 19, s = 4, bf16; see `bench/bytes_head_loss.py`, which prints the
+full table, and its docstring for exactly what is counted)
+---------------------------------------------------------------------------------------------------
+- fused forward:  read low-res logits 32·19·128·128·2 B = 19.9 MB + uint8 targets 32·512·512 B =
+  8.4 MB (+ a ~0.1 MB partials buffer)                                   ≈ 28.3 MB, floor 9.4 µs
+- fused backward: read logits 19.9 MB + targets 8.4 MB, write the low-res gradient 19.9 MB
+                                                                         ≈ 48.2 MB, floor 16 µs
+- eager paper order (conv1x1 on the 32×128×512×512 upsampled features, 2.1 GB in bf16, then
+  32×19×512×512 logits, softmax, CE, Dice, and their backward): ≈ 12.6 GB, floor ≈ 4.2 ms at
+  3.0 TB/s; the fused path moves ≈ 260× fewer bytes.
+(On chip the gathers re-read each low-res logit from L1/L2 ~s² (forward) and ~4·s² (backward)
+times; those are cache hits, not DRAM traffic.)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRET, AotSpec, pick_configs
+from msf.losses import DEFAULT_DICE_EPS
+
+__all__ = ["head_loss", "HeadLossFunction", "eager_head_loss", "AOT_SPECS"]
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TARGET_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+MAX_CLASSES = 128
+# Forward grid: about this many programs in all (B × chunks), each sweeping its chunk in tiles. A
+# fixed number (not the GPU's SM count) so the summation order, hence the result, never changes.
+_TARGET_PROGRAMS = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers shared by the forward, the backward and upsample_argmax.
+# ----------------------------------------------------------------------------------------------
+# Triton 3.6's interpreter converts fp32 → bf16 by truncation (its cast path ignores the rounding
+# mode), while the GPU rounds to nearest even. Under the interpreter, values about to be cast to
+# bf16 are first rounded to bf16-representable fp32 with integer ops, so both round the same way.
+_RNE_BEFORE_BF16_CAST: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr):
+    """`x.to(dtype)` rounding to nearest even on the GPU and under the interpreter alike."""
+    if _RNE_BEFORE_BF16_CAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _source_index(dst, scale, in_size):
+    """ATen's bilinear align_corners=False source taps for integer output coordinates `dst`:
+    src = max((dst + ½)·scale − ½, 0), i0 = ⌊src⌋ (≤ in−1), i1 = min(i0+1, in−1), λ1 = src − i0."""
+    src = (dst.to(tl.float32) + 0.5) * scale - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src ≥ 0, so truncation is the floor
+    i1 = tl.minimum(i0 + 1, in_size - 1)
+    lam1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    return i0, i1, lam1
+
+
+@triton.jit
+def _upsampled_logits(base_ptr, offs_c, cmask, pmask, y0, y1, ly, x0, x1, lx,
+                      stride_c, stride_h, stride_w):
+    """fp32 K_PAD×BLOCK tile of bilinearly upsampled logits at the pixels whose taps are given;
+    padded classes come back as −inf so they vanish from the softmax."""
+    c_off = offs_c[None, :] * stride_c
+    m = cmask[None, :] & pmask[:, None]
+    r0 = y0 * stride_h
+    r1 = y1 * stride_h
+    q0 = x0 * stride_w
+    q1 = x1 * stride_w
+    v00 = tl.load(base_ptr + c_off + (r0 + q0)[:, None], mask=m, other=0.0).to(tl.float32)
+    v01 = tl.load(base_ptr + c_off + (r0 + q1)[:, None], mask=m, other=0.0).to(tl.float32)
+    v10 = tl.load(base_ptr + c_off + (r1 + q0)[:, None], mask=m, other=0.0).to(tl.float32)
+    v11 = tl.load(base_ptr + c_off + (r1 + q1)[:, None], mask=m, other=0.0).to(tl.float32)
+    wx1 = lx[:, None]
+    wx0 = 1.0 - wx1
+    wy1 = ly[:, None]
+    wy0 = 1.0 - wy1
+    # ATen's order: h0λ·(w0λ·v00 + w1λ·v01) + h1λ·(w0λ·v10 + w1λ·v11)
+    z = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+    return tl.where(cmask[None, :], z, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _head_loss_fwd_kernel(
+    logits_ptr, targets_ptr, part_ptr,
+    K, h, w, H, W, scale_h, scale_w, pix_per_chunk, n_chunks,
+    stride_lb, stride_lc, stride_lh, stride_lw,
+    stride_tb, stride_th, stride_tw,
+    K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    l_base = logits_ptr + b.to(tl.int64) * stride_lb
+    t_base = targets_ptr + b.to(tl.int64) * stride_tb
+
+    offs_c = tl.arange(0, K_PAD)
+    cmask = offs_c < K
+    acc_py = tl.zeros((BLOCK_P, K_PAD), tl.float32)   # Σ p·y
+    acc_s = tl.zeros((BLOCK_P, K_PAD), tl.float32)    # Σ p + Σ y (only their sum is needed)
+    acc_ce = tl.zeros((BLOCK_P,), tl.float32)         # Σ logsumexp − z_t
+
+    n_pix = H * W
+    start = chunk * pix_per_chunk
+    # `while`, not `for … in range(runtime bound)`: Triton 3.6's interpreter converts a runtime range
+    # bound with int(1-element array), which numpy ≥ 2.4 rejects (triton-lang/triton#9171).
+    # Only an image's last chunk has masked-off tail tiles.
+    done = 0
+    while done < pix_per_chunk:
+        offs_p = start + done + tl.arange(0, BLOCK_P)
+        pmask = offs_p < n_pix
+        oy = offs_p // W
+        ox = offs_p % W
+        y0, y1, ly = _source_index(oy, scale_h, h)
+        x0, x1, lx = _source_index(ox, scale_w, w)
+        z = _upsampled_logits(l_base, offs_c, cmask, pmask, y0, y1, ly, x0, x1, lx,
+                              stride_lc, stride_lh, stride_lw)
+        t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=pmask, other=0).to(tl.int32)
+
+        zmax = tl.max(z, axis=1)
+        e = tl.exp(z - zmax[:, None])
+        esum = tl.sum(e, axis=1)
+        p = e * (1.0 / esum)[:, None]
+        onehot = (offs_c[None, :] == t[:, None]) & pmask[:, None]
+        z_t = tl.sum(tl.where(onehot, z, 0.0), axis=1)
+        lse = zmax + tl.log(esum)
+
+        acc_ce += tl.where(pmask, lse - z_t, 0.0)
+        acc_s += tl.where(pmask[:, None], p, 0.0) + onehot.to(tl.float32)
+        acc_py += tl.where(onehot, p, 0.0)
+        done += BLOCK_P
+
+    out = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (3 * K_PAD) + offs_c
+    tl.store(out, tl.sum(acc_py, axis=0))
+    tl.store(out + K_PAD, tl.sum(acc_s, axis=0))
+    ce = tl.sum(acc_ce, axis=0)
+    tl.store(out + 2 * K_PAD, tl.where(offs_c == 0, ce, 0.0))
+
+
+@triton.jit
+def _head_loss_finalize_kernel(
+    part_ptr, coef_ptr, loss_ptr,
+    B, K, n_chunks, inv_n_pix, inv_bk, eps,
+    K_PAD: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+):
+    """One program: fixed-order reduction of the B×n_chunks×3×K_PAD partials into the loss and the
+    per-(b, c) Dice backward coefficients (α, β) of the comment above `_head_loss_bwd_kernel`."""
+    offs_c = tl.arange(0, K_PAD)
+    cmask = offs_c < K
+    offs_k = tl.arange(0, CHUNK_BLOCK)
+    ce_tot = tl.zeros((K_PAD,), tl.float32)
+    dice_tot = tl.zeros((K_PAD,), tl.float32)
+    b = 0
+    while b < B:  # `while`: see the forward's note
+        s_py = tl.zeros((K_PAD,), tl.float32)
+        s_s = tl.zeros((K_PAD,), tl.float32)
+        s_ce = tl.zeros((K_PAD,), tl.float32)
+        k0 = 0
+        while k0 < n_chunks:
+            kk = k0 + offs_k
+            rows = part_ptr + ((b * n_chunks + kk).to(tl.int64) * (3 * K_PAD))[:, None] + offs_c[None, :]
+            m = (kk < n_chunks)[:, None]
+            s_py += tl.sum(tl.load(rows, mask=m, other=0.0), axis=0)
+            s_s += tl.sum(tl.load(rows + K_PAD, mask=m, other=0.0), axis=0)
+            s_ce += tl.sum(tl.load(rows + 2 * K_PAD, mask=m, other=0.0), axis=0)
+            k0 += CHUNK_BLOCK
+        s_eps = s_s + eps
+        dice = (2.0 * s_py + eps) / s_eps
+        dice_tot += tl.where(cmask, dice, 0.0)
+        ce_tot += s_ce
+        alpha = -2.0 * inv_bk / s_eps
+        beta = (2.0 * s_py + eps) * inv_bk / (s_eps * s_eps)
+        tl.store(coef_ptr + b * (2 * K_PAD) + offs_c, tl.where(cmask, alpha, 0.0))
+        tl.store(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c, tl.where(cmask, beta, 0.0))
+        b += 1
+    loss = tl.sum(ce_tot, axis=0) * inv_n_pix + 1.0 - tl.sum(dice_tot, axis=0) * inv_bk
+    tl.store(loss_ptr + offs_c, tl.where(offs_c == 0, loss, 0.0), mask=offs_c == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+# Gradient of loss = CE + 1 − (1/(B·K)) Σ_bc d_bc with respect to the full-res logits z_c(x) of
+# image b (g0 = dloss_out, the upstream gradient; N = B·H·W; S_bc = Σp + Σy; I_bc = Σp·y):
+#
+#   ∂CE/∂z_c           = (p_c − y_c) / N
+#   ∂Dice-loss/∂p_c    = −(1/(B·K)) · (2 y_c (S+ε) − (2I+ε)) / (S+ε)²
+#                      = α_bc y_c + β_bc,   α_bc = −2/(B·K·(S+ε)),  β_bc = (2I+ε)/(B·K·(S+ε)²)
+#   softmax Jacobian   : with q_c = g0·(α_bc y_c + β_bc),
+#                        ∂/∂z_c = p_c (q_c − Σ_j p_j q_j)
+#   G_c(x)             = g0 (p_c − y_c)/N + p_c (q_c − Σ_j p_j q_j)
+#
+# The upsample is linear, z(x) = Σ_(i,j) A_h[x_y, i] A_w[x_x, j] L[i, j], so its adjoint is
+#
+#   dL_c[i, j] = Σ_x A_h[x_y, i] · A_w[x_x, j] · G_c(x),
+#
+# A_h[xy, i] = (1−λ)[i0(xy) = i] + λ[i1(xy) = i] (both taps land on i at the clamped border). With
+# integer scale s and align_corners=False, full-res row xy touches low-res row i only if
+# src(xy) ∈ (i−1, i+1), i.e. xy ∈ (s·i − (s+1)/2, s·i + (3s−1)/2): at most 2s rows starting at
+# s·i − ⌊s/2⌋ (also covering the clamped rows above 0 and below the last row). The kernel walks that
+# win_h × win_w window (win = 2s, or 1 for s = 1: see `_window`) for each low-res pixel, recomputes
+# p from the four low-res taps, and weighs G by the very same (i0, i1, λ) the forward used, so the
+# result is the exact adjoint.
+@triton.jit
+def _head_loss_bwd_kernel(
+    logits_ptr, targets_ptr, coef_ptr, gout_ptr, grad_ptr,
+    K, h, w, H, W, scale_h, scale_w, s_h, s_w, win_h, win_w, inv_n_pix,
+    stride_lb, stride_lc, stride_lh, stride_lw,
+    stride_tb, stride_th, stride_tw,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    K_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    b = tl.program_id(1)
+    l_base = logits_ptr + b.to(tl.int64) * stride_lb
+    t_base = targets_ptr + b.to(tl.int64) * stride_tb
+
+    offs_c = tl.arange(0, K_PAD)
+    cmask = offs_c < K
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < h * w
+    qi = offs_q // w
+    qj = offs_q % w
+
+    g0 = tl.load(gout_ptr).to(tl.float32)
+    alpha = tl.load(coef_ptr + b * (2 * K_PAD) + offs_c) * g0
+    beta = tl.load(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c) * g0
+    ce_scale = g0 * inv_n_pix
+
+    acc = tl.zeros((BLOCK_Q, K_PAD), tl.float32)
+    y_first = qi * s_h - s_h // 2
+    x_first = qj * s_w - s_w // 2
+    # One flat `while` over the window (see the forward's note on the interpreter and runtime range
+    # bounds); nested while loops here trip Triton 3.6's layout-conversion pass on sm_90.
+    it = 0
+    while it < win_h * win_w:
+        dy = it // win_w
+        dx = it - dy * win_w
+        oy = y_first + dy
+        ox = x_first + dx
+        y0, y1, ly = _source_index(oy, scale_h, h)
+        x0, x1, lx = _source_index(ox, scale_w, w)
+        wy = tl.where(y0 == qi, 1.0 - ly, 0.0) + tl.where(y1 == qi, ly, 0.0)
+        wx = tl.where(x0 == qj, 1.0 - lx, 0.0) + tl.where(x1 == qj, lx, 0.0)
+        wgt = wy * wx
+        valid = qmask & (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
+        wgt = tl.where(valid, wgt, 0.0)
+
+        z = _upsampled_logits(l_base, offs_c, cmask, valid, y0, y1, ly, x0, x1, lx,
+                              stride_lc, stride_lh, stride_lw)
+        t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=valid, other=0).to(tl.int32)
+        zmax = tl.max(z, axis=1)
+        e = tl.exp(z - zmax[:, None])
+        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        onehot = offs_c[None, :] == t[:, None]
+        yf = onehot.to(tl.float32)
+        q = alpha[None, :] * yf + beta[None, :]
+        pq = tl.sum(p * q, axis=1)
+        g = ce_scale * (p - yf) + p * (q - pq[:, None])
+        acc += wgt[:, None] * g
+        it += 1
+
+    g_base = grad_ptr + b.to(tl.int64) * stride_gb
+    g_ptrs = g_base + offs_c[None, :] * stride_gc + (qi * stride_gh + qj * stride_gw)[:, None]
+    tl.store(g_ptrs, _to_dtype(acc, grad_ptr.dtype.element_ty), mask=cmask[None, :] & qmask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations (the report builds every one; the interpreter runs the first).
+# ----------------------------------------------------------------------------------------------
+# (BLOCK, num_warps). Triton lays a BLOCK×K_PAD gather tile out with 32 consecutive pixels per warp
+# and the warps splitting the classes, so at K_PAD = 32, K_PAD·BLOCK/(32·num_warps) classes of one
+# pixel live in each thread: 8 with the first two configs (≈100 registers forward, ≈130 backward),
+# 16 with the last two (≈185 / ≈220); 32 per thread spills. `python -m kernels.report` checks all.
+# The first config is the one the interpreter runs (kernels._common.pick_configs).
+FWD_CONFIGS = [(64, 8), (32, 4), (64, 4), (128, 8)]
+BWD_CONFIGS = [(64, 8), (32, 4), (64, 4), (128, 8)]
+_FINALIZE_CHUNK_BLOCK = 16
+
+
+def _fwd_kernel():
+    return _head_loss_fwd_tuned
+
+
+def _bwd_kernel():
+    return _head_loss_bwd_tuned
+
+
+_head_loss_fwd_tuned = triton.autotune(
+    configs=pick_configs([triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in FWD_CONFIGS]),
+    key=["K_PAD", "h", "w", "H", "W"],
+)(_head_loss_fwd_kernel)
+
+_head_loss_bwd_tuned = triton.autotune(
+    configs=pick_configs([triton.Config({"BLOCK_Q": bq}, num_warps=nw, num_stages=1) for bq, nw in BWD_CONFIGS]),
+    key=["K_PAD", "h", "w", "H", "W"],
+)(_head_loss_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+# Tests set this to fill every buffer the kernels write with NaN (−1 for integers) before a launch,
+# so an element a kernel fails to write shows up instead of passing as stale memory.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype: torch.dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty_like(like) if like is not None else torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if out.dtype.is_floating_point else -1)
+    return out
+
+
+def _k_pad(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and INTERPRET:
+        return
+    raise ValueError(f"{name} is on {t.device}; the Triton kernels need a CUDA tensor "
+                     "(or a CPU tensor with TRITON_INTERPRET=1 set before importing kernels)")
+
+
+def _validate(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[int, int]:
+    """Shape/dtype/device checks (no device sync); returns the integer scales (s_h, s_w)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        raise ValueError(f"logits must be a B×K×h×w tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 3:
+        raise ValueError(f"targets must be a B×H×W tensor, got {getattr(targets, 'shape', type(targets))}")
+    if targets.dtype not in TARGET_DTYPES:
+        raise ValueError(f"targets must hold integer class ids (uint8/int16/int32/int64), got {targets.dtype}")
+    B, K, h, w = logits.shape
+    if targets.shape[0] != B:
+        raise ValueError(f"targets batch {targets.shape[0]} != logits batch {B}")
+    if not 1 <= K <= MAX_CLASSES:
+        raise ValueError(f"logits must have 1..{MAX_CLASSES} classes, got K={K}")
+    H, W = targets.shape[1:]
+    if min(B, h, w, H, W) == 0:
+        raise ValueError(f"empty input: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
+    if H % h or W % w:
+        raise ValueError(f"targets size {H}×{W} must be an integer multiple of the logits size {h}×{w}")
+    if logits.device != targets.device:
+        raise ValueError(f"logits on {logits.device} but targets on {targets.device}")
+    _check_device(logits, "logits")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if max(logits.numel(), targets.numel()) >= 2**31:
+        raise ValueError("logits/targets with 2**31 or more elements are not supported")
+    return H // h, W // w
+
+
+def _window(s: int) -> int:
+    """Full-res rows (columns) that can touch one low-res row: 2s, or exactly 1 when s = 1 (scale 1.0 is
+    exact in fp32, so src = x). For odd s the exact count is 2s−1; the 2s-th absorbs a last-bit
+    rounding of src = (x+½)·(1/s) − ½ (such a row then carries a weight of ~1e-7)."""
+    return 1 if s == 1 else 2 * s
+
+
+# A chunk is a whole number of this many pixels, so every BLOCK_P in the config list divides it and
+# the partials layout does not depend on the autotuned config.
+_CHUNK_QUANTUM = max(bp for bp, _ in FWD_CONFIGS)
+
+
+def _n_chunks(B: int, n_pix: int) -> tuple[int, int]:
+    """(pixels per chunk, chunks per image) for the forward grid: a fixed function of the shape."""
+    quanta = triton.cdiv(n_pix, _CHUNK_QUANTUM)
+    want = max(1, min(quanta, _TARGET_PROGRAMS // B))
+    per = triton.cdiv(quanta, want)
+    return per * _CHUNK_QUANTUM, triton.cdiv(quanta, per)
+
+
+def _forward(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch forward + finalize; returns (loss 0-dim fp32, coef B×2×K_PAD fp32)."""
+    B, K, h, w = logits.shape
+    H, W = targets.shape[1:]
+    K_PAD = _k_pad(K)
+    pix_per_chunk, n_chunks = _n_chunks(B, H * W)
+    dev = logits.device
+    part = _empty((B, n_chunks, 3, K_PAD), torch.float32, dev)
+    coef = _empty((B, 2, K_PAD), torch.float32, dev)
+    loss = _empty((1,), torch.float32, dev)
+    _fwd_kernel()[(n_chunks, B)](
+        logits, targets, part,
+        K, h, w, H, W, h / H, w / W, pix_per_chunk, n_chunks,
+        *logits.stride(), *targets.stride(),
+        K_PAD=K_PAD,
+    )
+    _head_loss_finalize_kernel[(1,)](
+        part, coef, loss, B, K, n_chunks, 1.0 / (B * H * W), 1.0 / (B * K), float(eps),
+        K_PAD=K_PAD, CHUNK_BLOCK=_FINALIZE_CHUNK_BLOCK, num_warps=4,
+    )
+    return loss.view(()), coef
+
+
+def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+              grad_out: torch.Tensor) -> torch.Tensor:
+    B, K, h, w = logits.shape
+    H, W = targets.shape[1:]
+    K_PAD = _k_pad(K)
+    grad = _empty(None, None, None, like=logits)  # empty_like keeps channels-last; strides passed anyway
+    gout = grad_out.detach().to(device=logits.device, dtype=torch.float32).reshape(1)
+
+    def grid(meta):
+        return (triton.cdiv(h * w, meta["BLOCK_Q"]), B)
+
+    _bwd_kernel()[grid](
+        logits, targets, coef, gout, grad,
+        K, h, w, H, W, h / H, w / W, H // h, W // w, _window(H // h), _window(W // w), 1.0 / (B * H * W),
+        *logits.stride(), *targets.stride(), *grad.stride(),
+        K_PAD=K_PAD,
+    )
+    return grad
+
+
+class HeadLossFunction(torch.autograd.Function):
+    """CE + Dice of bilinearly upsampled low-res logits; gradient w.r.t. the low-res logits only."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS):
+        _validate(logits, targets, eps)
+        loss, coef = _forward(logits, targets, eps)
+        ctx.save_for_backward(logits, targets, coef)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, coef = ctx.saved_tensors
+        grad = _backward(logits, targets, coef, grad_out) if ctx.needs_input_grad[0] else None
+        return grad, None, None
+
+
+def head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:
+    """Fused `eager_head_loss`: CE + Dice (SPEC §4) of B×K×h×w logits upsampled bilinearly
+    (align_corners=False) to the B×H×W targets' size, H = s_h·h, W = s_w·w. Returns a 0-dim fp32
+    loss; differentiable w.r.t. `logits`. Target ids must lie in 0..K−1 (check with
+    `msf.losses.check_targets` where data enters; see the module docstring)."""
+    return HeadLossFunction.apply(logits, targets, float(eps) if isinstance(eps, (int, float)) else eps)
+
+
+def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:
+    """The same math in plain PyTorch (materialises the full-res logits): the reference."""
+    from msf.backend import eager_head_loss as _eager
+    return _eager(logits, targets, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time builds for `python -m kernels.report`
+# ----------------------------------------------------------------------------------------------
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    # Every config for bf16 (the model's AMP dtype), the first config for fp32 and fp16.
+    for ldt, lname in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")):
+        n_cfg = None if ldt == "bf16" else 1
+        for bp, nw in FWD_CONFIGS[:n_cfg]:
+            specs.append(AotSpec(
+                name=f"head_loss_fwd[{lname},u8,BLOCK_P={bp},w{nw}]", fn=_head_loss_fwd_kernel,
+                signature={"logits_ptr": f"*{ldt}", "targets_ptr": "*u8", "part_ptr": "*fp32",
+                           **{k: "i32" for k in ("K", "h", "w", "H", "W")},
+                           "scale_h": "fp32", "scale_w": "fp32", "pix_per_chunk": "i32",
+                           "n_chunks": "i32",
+                           **{k: "i32" for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw",
+                                                 "stride_tb", "stride_th", "stride_tw")}},
+                constexprs={"K_PAD": 32, "BLOCK_P": bp}, num_warps=nw, num_stages=1))
+        for bq, nw in BWD_CONFIGS[:n_cfg]:
+            specs.append(AotSpec(
+                name=f"head_loss_bwd[{lname},u8,BLOCK_Q={bq},w{nw}]", fn=_head_loss_bwd_kernel,
+                signature={"logits_ptr": f"*{ldt}", "targets_ptr": "*u8", "coef_ptr": "*fp32",
+                           "gout_ptr": "*fp32", "grad_ptr": f"*{ldt}",
+                           **{k: "i32" for k in ("K", "h", "w", "H", "W")},
+                           "scale_h": "fp32", "scale_w": "fp32", "s_h": "i32", "s_w": "i32", "win_h": "i32", "win_w": "i32",
+                           "inv_n_pix": "fp32",
+                           **{k: "i32" for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw",
+                                                 "stride_tb", "stride_th", "stride_tw",
+                                                 "stride_gb", "stride_gc", "stride_gh", "stride_gw")}},
+                constexprs={"K_PAD": 32, "BLOCK_Q": bq}, num_warps=nw, num_stages=1))
+    # int64 targets (the other supported layout the model may feed)
+    specs.append(AotSpec(
+        name=f"head_loss_fwd[bf16,i64,BLOCK_P={FWD_CONFIGS[0][0]},w{FWD_CONFIGS[0][1]}]", fn=_head_loss_fwd_kernel,
+        signature={**specs[0].signature, "targets_ptr": "*i64"},
+        constexprs={"K_PAD": 32, "BLOCK_P": FWD_CONFIGS[0][0]}, num_warps=FWD_CONFIGS[0][1], num_stages=1))
+    specs.append(AotSpec(
+        name=f"head_loss_bwd[bf16,i64,BLOCK_Q={BWD_CONFIGS[0][0]},w{BWD_CONFIGS[0][1]}]", fn=_head_loss_bwd_kernel,
+        signature={**[s for s in specs if s.fn is _head_loss_bwd_kernel][0].signature, "targets_ptr": "*i64"},
+        constexprs={"K_PAD": 32, "BLOCK_Q": BWD_CONFIGS[0][0]}, num_warps=BWD_CONFIGS[0][1], num_stages=1))
+    specs.append(AotSpec(
+        name="head_loss_finalize[K_PAD=32]", fn=_head_loss_finalize_kernel,
+        signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32",
+                   "B": "i32", "K": "i32", "n_chunks": "i32",
+                   "inv_n_pix": "fp32", "inv_bk": "fp32", "eps": "fp32"},
+        constexprs={"K_PAD": 32, "CHUNK_BLOCK": _FINALIZE_CHUNK_BLOCK}, num_warps=4, num_stages=1))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -1,0 +1,117 @@
+"""Fused bilinear upsample + argmax over classes (inference; SPEC §6), forward only.
+
+`upsample_argmax(logits, size)` equals
+
+    F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+
+(B×H×W int64) without materialising the B×K×H×W upsampled logits: one program per (image, tile of
+BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen source-index rule as
+`kernels.head_loss`, any output size, up- or downsampling), interpolates in fp32, rounds the value
+to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
+the classes (ties go to the lowest class id, like torch.argmax).
+
+It can differ from eager only where two classes are tied or within one rounding step of each other
+(eager's interpolation and this kernel's may round the last bit differently).
+
+Bytes at B = 32, 19×128×128 bf16 → 512×512: read 19.9 MB of logits, write 67 MB of int64 labels
+(8 bytes per pixel, the dtype torch.argmax returns); eager also writes and re-reads the 0.32 GB of
+upsampled bf16 logits.
+
+`logits`: B×K×h×w float32 / bfloat16 / float16, any strides, K ≤ 128.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._common import AotSpec, pick_configs
+from kernels import head_loss as _hl
+from kernels.head_loss import (LOGIT_DTYPES, MAX_CLASSES, _check_device, _k_pad, _source_index, _to_dtype,
+                               _upsampled_logits)
+
+__all__ = ["upsample_argmax", "eager_upsample_argmax", "AOT_SPECS"]
+
+
+@triton.jit
+def _upsample_argmax_kernel(
+    logits_ptr, out_ptr,
+    K, h, w, H, W, scale_h, scale_w,
+    stride_lb, stride_lc, stride_lh, stride_lw,
+    K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pb = tl.program_id(0)
+    b = tl.program_id(1)
+    l_base = logits_ptr + b.to(tl.int64) * stride_lb
+    offs_c = tl.arange(0, K_PAD)
+    cmask = offs_c < K
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs_p < H * W
+    oy = offs_p // W
+    ox = offs_p % W
+    y0, y1, ly = _source_index(oy, scale_h, h)
+    x0, x1, lx = _source_index(ox, scale_w, w)
+    z = _upsampled_logits(l_base, offs_c, cmask, pmask, y0, y1, ly, x0, x1, lx,
+                          stride_lc, stride_lh, stride_lw)
+    # Round like eager's materialised upsample (a no-op for fp32); −inf padding survives the cast.
+    z = _to_dtype(z, logits_ptr.dtype.element_ty).to(tl.float32)
+    label = tl.argmax(z, axis=1, tie_break_left=True)
+    tl.store(out_ptr + b.to(tl.int64) * H * W + offs_p, label.to(tl.int64), mask=pmask)
+
+
+# (BLOCK_P, num_warps): 8 classes of a pixel per thread at K_PAD = 32 (see kernels.head_loss).
+CONFIGS = [(128, 16), (64, 8)]
+
+_upsample_argmax_tuned = triton.autotune(
+    configs=pick_configs([triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in CONFIGS]),
+    key=["K_PAD", "h", "w", "H", "W"],
+)(_upsample_argmax_kernel)
+
+
+def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
+    """argmax over classes of `F.interpolate(logits, size, mode="bilinear", align_corners=False)`,
+    fused: B×K×h×w logits → B×H×W int64 labels."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        raise ValueError(f"logits must be a B×K×h×w tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    try:
+        H, W = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if isinstance(size, (tuple, list, torch.Size)) and len(size) != 2:
+            raise TypeError
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"size must be an int or an (H, W) pair, got {size!r}") from None
+    B, K, h, w = logits.shape
+    if not 1 <= K <= MAX_CLASSES:
+        raise ValueError(f"logits must have 1..{MAX_CLASSES} classes, got K={K}")
+    if min(H, W) <= 0 or min(B, h, w) == 0:
+        raise ValueError(f"size must be positive and logits non-empty, got size {size!r}, logits {tuple(logits.shape)}")
+    if max(logits.numel(), B * H * W) >= 2**31:
+        raise ValueError("inputs/outputs with 2**31 or more elements are not supported")
+    _check_device(logits, "logits")
+    out = _hl._empty((B, H, W), torch.int64, logits.device)  # poisoned under head_loss.POISON_OUTPUTS
+
+    def grid(meta):
+        return (triton.cdiv(H * W, meta["BLOCK_P"]), B)
+
+    _upsample_argmax_tuned[grid](
+        logits, out, K, h, w, H, W, h / H, w / W, *logits.stride(), K_PAD=_k_pad(K),
+    )
+    return out
+
+
+def eager_upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
+    """The plain-PyTorch reference (materialises the upsampled logits)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+
+
+AOT_SPECS = [
+    AotSpec(
+        name=f"upsample_argmax[{dt},BLOCK_P={bp},w{nw}]", fn=_upsample_argmax_kernel,
+        signature={"logits_ptr": f"*{dt}", "out_ptr": "*i64",
+                   **{k: "i32" for k in ("K", "h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
+                   **{k: "i32" for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw")}},
+        constexprs={"K_PAD": 32, "BLOCK_P": bp}, num_warps=nw, num_stages=1)
+    for dt in ("bf16", "fp32", "fp16") for bp, nw in CONFIGS
+]
