@@ -30,11 +30,11 @@ Math (per image b, full-resolution pixel x, class c; N = B·H·W)
 Kernels
 -------
 1. `_head_loss_fwd_kernel`, grid (n_chunks, B): each program sweeps a fixed chunk of one image's
-   full-resolution pixels in tiles of BLOCK_P, gathers the four neighbouring low-res logits of every
-   pixel (K_PAD×BLOCK_P tiles: a thread owns whole pixels, so the softmax reductions stay in
-   registers), interpolates and takes the softmax in fp32, and accumulates fp32 partial sums of
-   Σp·y and Σp + Σy per class and of the CE terms. It writes them to a small B×n_chunks×3×K_PAD buffer:
-   no atomics, a fixed summation order, so the result is bitwise reproducible run to run.
+   full-resolution pixels in BLOCK_P×K_PAD tiles, gathers the four neighbouring low-res logits of
+   every pixel (consecutive pixels on consecutive threads, a few classes per thread), interpolates
+   and takes the softmax in fp32, and accumulates fp32 partial sums of Σp·y and Σp + Σy per class
+   and of the CE terms. It writes them to a small B×n_chunks×3×K_PAD buffer: no atomics and a
+   fixed summation order, so the result is bitwise reproducible run to run.
 2. `_head_loss_finalize_kernel`, one program: reduces the partials in a fixed order, writes the loss
    and the per-(b, c) backward coefficients α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²).
 3. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
@@ -49,18 +49,20 @@ Out-of-range target ids (outside 0..K−1): not allowed. Check them where data e
 safe on them (targets are only compared, never used as an address): such a pixel has an all-zero
 one-hot and a CE term of logsumexp(z), which is meaningless but finite.
 
-Bytes moved (B = 32, 512×512, K = 19, s = 4, bf16; see `bench/bytes_head_loss.py`, which prints the
-full table, and its docstring for exactly what is counted)
+Bytes moved (B = 32, 512×512, K = 19, s = 4, bf16 logits, uint8 targets, at 3.0 TB/s; counted
+op by op by `bench/bytes_head_loss.py`, whose docstring says exactly what is counted)
 ---------------------------------------------------------------------------------------------------
-- fused forward:  read low-res logits 32·19·128·128·2 B = 19.9 MB + uint8 targets 32·512·512 B =
-  8.4 MB (+ a ~0.1 MB partials buffer)                                   ≈ 28.3 MB, floor 9.4 µs
+- fused forward:  read the low-res logits 32·19·128·128·2 B = 19.9 MB and the targets 32·512·512 B =
+  8.4 MB; write/re-read 0.4 MB of partial sums                        → 29.1 MB, floor  9.7 µs
 - fused backward: read logits 19.9 MB + targets 8.4 MB, write the low-res gradient 19.9 MB
-                                                                         ≈ 48.2 MB, floor 16 µs
-- eager paper order (conv1x1 on the 32×128×512×512 upsampled features, 2.1 GB in bf16, then
-  32×19×512×512 logits, softmax, CE, Dice, and their backward): ≈ 12.6 GB, floor ≈ 4.2 ms at
-  3.0 TB/s; the fused path moves ≈ 260× fewer bytes.
-(On chip the gathers re-read each low-res logit from L1/L2 ~s² (forward) and ~4·s² (backward)
-times; those are cache hits, not DRAM traffic.)
+                                                                       → 48.2 MB, floor 16.1 µs
+- the paper's order, eager as written (up4 of the 128-channel features = 2.1 GB, full-res conv,
+  `ce_dice_loss` with its fp32 casts and int64 one-hot, autograd backward): 32.7 GB, 10.9 ms;
+  even with a perfectly fused loss the paper's order moves 12.9 GB (4.3 ms) for U, Z, dZ, dU.
+- the whole fused path including the (eager) low-res 1×1 conv: 0.54 GB, 0.18 ms: 61× fewer bytes
+  than eager paper order, 24× fewer than the paper order's floor.
+On chip the gathers re-read each low-res logit ~s² times (forward) and ~4s² times (backward);
+those are L1/L2 hits, not DRAM traffic, and are not counted.
 """
 from __future__ import annotations
 

@@ -54,6 +54,8 @@ class Row:
     shared_bytes: int | None = None
     local_bytes: int | None = None
     stack_bytes: int | None = None
+    spill_stores: int | None = None   # from `ptxas -v`, run only for kernels with local memory
+    spill_loads: int | None = None
     error: str | None = None
 
     @property
@@ -113,7 +115,27 @@ def compile_spec(spec, arch: int, tool: Path) -> dict[str, int]:
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     usage = resource_usage(compiled.asm["cubin"], tool)
     usage["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + usage["static_shared"]
+    if usage["local_bytes"] or usage["stack_bytes"]:
+        usage.update(ptxas_spills(compiled.asm["ptx"], arch, tool.parent))
     return usage
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_spills(ptx: str, arch: int, bin_dir: Path) -> dict[str, int]:
+    """Spill stores/loads of a kernel as `ptxas -v` reports them (what its stack frame holds)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([str(bin_dir / "ptxas"), "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+                              str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                             capture_output=True, text=True).stderr
+    found = [tuple(map(int, m.groups())) for m in _SPILLS.finditer(log)]
+    if not found:
+        return {}
+    return {"spill_stores": max(f[0] for f in found), "spill_loads": max(f[1] for f in found)}
 
 
 def kernel_modules() -> list[str]:
@@ -151,6 +173,8 @@ def run(archs, only=None, verbose_errors=False, modules=None) -> tuple[list[Row]
                 row.shared_bytes = usage["shared_bytes"]
                 row.local_bytes = usage["local_bytes"]
                 row.stack_bytes = usage["stack_bytes"]
+                row.spill_stores = usage.get("spill_stores")
+                row.spill_loads = usage.get("spill_loads")
                 row.ok = True
             except Exception as exc:
                 row.error = traceback.format_exc() if verbose_errors else f"{type(exc).__name__}: {exc}"
@@ -163,7 +187,10 @@ def format_table(rows: list[Row]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.ok:
-            status = "SPILL" if r.spills else "ok"
+            status = "ok"
+            if r.spills:
+                status = "SPILL" if r.spill_stores is None else \
+                    f"SPILL (ptxas: {r.spill_stores} B stores, {r.spill_loads} B loads)"
             lines.append(f"{r.name:58} {r.arch:>3} {r.num_warps:>5} {r.registers:>5} {r.shared_bytes:>7} "
                          f"{r.local_bytes + r.stack_bytes:>7} {r.stack_bytes:>5}  {status}")
         else:

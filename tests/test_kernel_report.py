@@ -1,0 +1,65 @@
+"""The ahead-of-time report (`python -m kernels.report`, SPEC §7) builds every kernel config of every
+`kernels/` module for sm_80 and sm_90 on this CPU-only machine, with no register spill.
+
+Each module's report runs in a subprocess with TRITON_INTERPRET=1 in its environment, which also
+checks that the report takes itself out of interpreter mode (it re-executes without the variable).
+Compiled kernels land in Triton's cache, so reruns are quick.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import report
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = (80, 90)
+
+
+def test_parses_cuobjdump_resource_usage():
+    sample = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _head_loss_bwd_kernel:
+  REG:128 STACK:16 SHARED:1024 LOCAL:0 CONSTANT[0]:632 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    (reg, stack, shared, local), = [tuple(map(int, m.groups())) for m in report._USAGE.finditer(sample)]
+    assert (reg, stack, shared, local) == (128, 16, 1024, 0)
+    row = report.Row("m", "k", 90, 4, 1, ok=True, registers=reg, shared_bytes=shared,
+                     local_bytes=local, stack_bytes=stack)
+    assert row.spills  # a stack frame is where ptxas puts spills
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", report.kernel_modules())
+def test_report_builds_every_spec_without_spills(module, tmp_path):
+    if not report.cuobjdump_path().is_file():
+        pytest.skip(f"cuobjdump not shipped with this Triton ({report.cuobjdump_path()})")
+    specs = getattr(importlib.import_module(module), "AOT_SPECS", [])
+    if not specs:
+        pytest.skip(f"{module} declares no AOT_SPECS")
+    out = tmp_path / "report.json"
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.report", "--module", module, "--arch", *map(str, ARCHS),
+         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.is_file(), f"report wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert not data["import_failures"], data["import_failures"]
+    failed = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "compile failures:\n" + "\n".join(failed)
+    spilled = [f"{r['name']} sm_{r['arch']}: local {r['local_bytes']} B, stack {r['stack_bytes']} B"
+               for r in rows if r["spills"]]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+    assert len(rows) == len(specs) * len(ARCHS), "not every spec × arch was built"
+    assert all(r["registers"] <= 255 for r in rows)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
