@@ -8,9 +8,11 @@ their eager version.
 from __future__ import annotations
 
 from kernels import head_loss as _head_loss
+from kernels import lmsa as _lmsa
 from kernels import upsample_argmax as _upsample_argmax
 
 TRITON_OPS: dict = {
     "head_loss": _head_loss.head_loss,
+    "lmsa": _lmsa.lmsa,
     "upsample_argmax": _upsample_argmax.upsample_argmax,
 }

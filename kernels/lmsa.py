@@ -1,0 +1,688 @@
+"""Fused multi-scale LMSA (SPEC §2, §6): forward and backward in Triton.
+
+`lmsa(x, p)` computes exactly `msf.backend.eager_lmsa(x, p)`:
+
+    f_k = PW_k(DW_k(x))            k ∈ {3, 5, 7}: depthwise k×k (padding k//2, no bias), then C×C + bias
+    s   = GAP([f_3; f_5; f_7])     B×3C
+    z   = sigmoid(FC2(ReLU(FC1(s))))
+    out = x + Σ_k z_k ⊙ f_k
+
+for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
+model), fp32 / bf16 / fp16, without ever holding DW_k(x), f_k or any other B×3C×H×W tensor in memory.
+
+Forward (two kernels and a few tiny PyTorch ops)
+------------------------------------------------
+1. Statistics. By linearity GAP(PW_k(DW_k(x))) = W_k·GAP(DW_k(x)) + b_k, and
+   Σ_p DW_k(x)[c, p] = Σ_δ w_k[c, δ] · Σ_{q ∈ R_δ} x[c, q]: every tap δ = (δr, δc) ∈ [−3, 3]² sums x
+   over the rectangle R_δ = {q : q and q − δ inside the image} (the zero padding cuts a strip of
+   |δr| rows and |δc| columns). Those 49 window sums depend on x only through its sums over a 7×7
+   grid of *cells*: rows 0, 1, 2, "interior", H−3, H−2, H−1 times the same for columns (for H < 7
+   every row is its own cell). `_lmsa_stats_kernel` (grid chunks × B) reads x once and writes per-chunk
+   fp32 cell sums P (a one-hot [64 × pixels] · x[pixels × C] product per tile, on tensor cores);
+   the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
+   Then, in PyTorch (fp32, autocast off, O(B·C²)):
+       win[δ] = Rᵀ P S            (R, S: 7×7 0/1 row / column indicators of the cells in R_δ)
+       g_k    = Σ_δ w_k[δ] win[δ] / (H·W)             = GAP(DW_k(x))          B×C
+       s_k    = W_k g_k + b_k,  z = sigmoid(FC2(ReLU(FC1(s))))
+       W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
+       β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
+2. `_lmsa_fwd_kernel` (grid pixel tiles × B): for a tile of BLOCK_P pixels, forms the depthwise
+   outputs on chip in BLOCK_K-channel slices (shifted masked loads of x: the 3-pixel halo comes from
+   L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C slice
+   of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
+
+Backward (two kernels, PyTorch autograd on the tiny part; the math is in the comment block above
+`_lmsa_bwd_gram_kernel`)
+3. `_lmsa_bwd_gram_kernel`: M_k[b] = dO_b · DW_k(x_b)ᵀ (C×C per sample and scale, = ∂L/∂W̃) and
+   Σ_p dO (= ∂L/∂β), depthwise outputs recomputed on chip, per-chunk fp32 partials summed in PyTorch.
+4. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
+   pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
+5. `_lmsa_bwd_dx_kernel` (grid channel blocks × tile columns × B, looping down the column): for a
+   16×16 halo tile, E_k = W̃_kᵀ dO on the halo (GEMM on chip), dx = dO + Σ_k DW_kᵀ(E_k) (the
+   transposed depthwise conv reads E_k at shifted positions with `tl.gather`) + T[cell(q)] (the
+   statistics path: the adjoint of the cell sums is a broadcast of T), written once; and the
+   main-path ∂L/∂w_k = Σ_q E_k[q] x[q + δ] accumulated in registers per tile column, written as
+   fp32 partials B × n_columns × 83 × C, summed in PyTorch.
+
+Deterministic: no atomics anywhere, fixed partial layouts independent of the autotuned configuration.
+
+Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf16/fp16 inputs feed
+the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
+bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
+
+Memory layout: the kernels take all four strides of x, dO, out and dx; nothing is converted or
+copied (out and dx follow x's memory format when x is dense, else they are contiguous NCHW).
+Contiguous NCHW and channels-last both coalesce: Triton specialises the unit stride.
+
+Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (134 MB per activation tensor;
+`python -m bench.bytes_lmsa` prints the op-by-op table):
+    forward  fused ≈ 403 MB (x read twice, out written once; + 0.3 MB stats partials)  vs eager ≈ 3.6 GB
+    backward fused ≈ 832 MB (gram: x, dO; dx kernel: dO, x, dx; + ~43 MB partials)    vs eager ≈ 6.0 GB
+The arithmetic, not the bytes, bounds the fused kernels on an H100: 83 depthwise FMAs per element
+(5.6 GFMA per forward at this shape, ~170 µs of fp32 CUDA-core FMA) against a 134 µs byte floor.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRET, AotSpec, dot, pick_configs
+from msf.backend import LMSAParams, eager_lmsa
+
+__all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS"]
+
+KERNEL_SIZES = (3, 5, 7)
+_N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
+_TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
+_CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
+_CELL_PAD = 64  # 49 cells padded to a power of two
+_HALO = 16  # the dx kernel's halo tile is _HALO × _HALO pixels around a (_HALO−6)² inner tile
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations (the first entry of each list is the one the interpreter runs: `pick_configs`)
+# ----------------------------------------------------------------------------------------------
+# Under the interpreter the cost is per program and per op, not per element: its configs (the
+# first entries) take large pixel tiles, while still leaving several tiles and chunks in the tests.
+_STATS_CONFIGS = [
+    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_P": 128}, num_warps=8, num_stages=2),
+]
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_P": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 64}, num_warps=8, num_stages=1),
+]
+_GRAM_CONFIGS = [
+    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 32}, num_warps=8, num_stages=1),
+]
+_DX_CONFIGS = [
+    triton.Config({"BLOCK_J": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_J": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_J": 16}, num_warps=8, num_stages=1),
+]
+_CHUNK_ALIGN = 128  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
+
+
+def _prune_block_j(configs, named_args, **kwargs):
+    c = kwargs["C"]
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_J"] <= c]
+    return kept or configs[:1]
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+# Loops: every loop has a constexpr trip count (kernel sizes, C, chunk lengths, tile counts).
+# Under TRITON_INTERPRET=1 with numpy ≥ 2.4 a `range()` bound that is a runtime argument fails
+# (see kernels/attention.py); constexpr bounds also let the compiler unroll and pipeline.
+@triton.jit
+def _mm(a, b, PRECISE: tl.constexpr):
+    """fp32-accumulated a @ b. PRECISE (fp32 inputs; both operands are then fp32): tf32x3 tensor-core
+    products, about fp32 accuracy ("ieee" would lower to FMAs that spill at K ≥ 64). Otherwise
+    `kernels._common.dot` (bf16 / fp16 operands, upcast under the interpreter)."""
+    if PRECISE:
+        return tl.dot(a, b, out_dtype=tl.float32, input_precision="tf32x3")
+    else:
+        return dot(a, b)
+
+
+@triton.jit
+def _cell(h, w, H, W, TH, TW):
+    """Statistics cell (0..48) of pixel (h, w): row class 0,1,2 | 3 = interior | 4,5,6 = last
+    three rows (for H < 7, TH = H and every row is its own class), times the same for columns."""
+    ri = tl.where(h < 3, h, tl.where(h >= H - 3, h - H + TH, 3))
+    ci = tl.where(w < 3, w, tl.where(w >= W - 3, w - W + TW, 3))
+    return ri * 7 + ci
+
+
+@triton.jit
+def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.constexpr,
+               C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
+    """fp32 [pixels × channels] tile of DW_KS(x) at pixels (h, w), channels offs_j: KS² shifted
+    masked loads of x (zero padding) times the per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    c_ptr = x_base + offs_j[None, :] * sxc
+    for i in range(KS):
+        hh = h + (i - KS // 2)
+        row_ok = mask_p & (hh >= 0) & (hh < H)
+        row_ptr = c_ptr + (hh * sxh)[:, None]
+        for j in range(KS):
+            ww = w + (j - KS // 2)
+            m = row_ok & (ww >= 0) & (ww < W)
+            xv = tl.load(row_ptr + (ww * sxw)[:, None], mask=m[:, None], other=0.0)
+            wv = tl.load(w_ptr + (i * KS + j) * C + offs_j)  # fp32, tap-major KS² × C
+            acc += xv.to(tl.float32) * wv[None, :]
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=pick_configs(_STATS_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+@triton.jit
+def _lmsa_stats_kernel(
+    X, SP,
+    sxb, sxc, sxh, sxw,
+    H, W, TH, TW, n_chunks,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Cell sums of x over pixel chunk `pid` of image b: SP[b, pid, cell, c] (B × n × 64 × C fp32),
+    as onehot(cell)ᵀ · x on tensor cores, one BLOCK_P-pixel tile at a time."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    offs_cell = tl.arange(0, 64)
+    x_base = X + b * sxb
+    acc = tl.zeros([64, C], tl.float32)
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            h = offs_p // W
+            w = offs_p % W
+            cell = _cell(h, w, H, W, TH, TW)
+            xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
+                         mask=mask_p[:, None], other=0.0)  # BLOCK_P × C
+            onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
+            acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × C
+    out = SP + ((b * n_chunks + pid) * 64 + offs_cell[:, None]) * C + offs_c[None, :]
+    tl.store(out, acc)
+
+
+@triton.autotune(configs=pick_configs(_FWD_CONFIGS), key=["H", "W", "C", "PRECISE"])
+@triton.jit
+def _lmsa_fwd_kernel(
+    X, WG, BIAS, DW3, DW5, DW7, OUT,
+    sxb, sxc, sxh, sxw,
+    sob, soc, soh, sow,
+    H, W,
+    C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for BLOCK_P pixels of image b.
+
+    WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BLOCK_K slices, each
+    slice's depthwise outputs formed on chip right before it is multiplied in."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_base = X + b * sxb
+    wg_base = WG + b * (3 * C * C)
+
+    acc = tl.zeros([BLOCK_P, C], tl.float32)
+    for j0 in range(0, C, BLOCK_K):
+        offs_j = j0 + offs_k
+        # W̃_k[b]ᵀ slices: BLOCK_K (in) × C (out)
+        wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
+        d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BLOCK_K)
+        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
+        d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BLOCK_K)
+        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
+        d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BLOCK_K)
+        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
+
+    bias = tl.load(BIAS + b * C + offs_c)
+    xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
+    acc += bias[None, :] + xc.to(tl.float32)
+    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
+             acc.to(OUT.dtype.element_ty), mask=mask_p[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# Notation per sample b (dropped), channels c (output of the pointwise), j (input), pixels p, q;
+# D_k = DW_k(x) (C × N), W̃_k = diag(z_k) W_k, β = Σ_k z_k ⊙ b_k, G = dO = ∂L/∂out.
+#     out = x + Σ_k W̃_k D_k + β 1ᵀ,   D_k[j, p] = Σ_δ w_k[j, δ] x[j, p + δ]  (x = 0 outside)
+# Main path (treating W̃ and β as inputs):
+#     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k recomputed on chip)
+#     ∂L/∂β    = Σ_p G[:, p]                  (same kernel)
+#     E_k      = W̃_kᵀ G                       (C × N, never stored: `_lmsa_bwd_dx_kernel` on chip)
+#     ∂L/∂x   += G + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]     (E_k = 0 outside the image)
+#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]
+# Gate path (PyTorch autograd through the tiny graph P → g → s → z → (W̃, β), given M and Σ G):
+#     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then SE-MLP backward → ∂L/∂s → ∂L/∂g_k = W_kᵀ ∂L/∂s_k,
+#     ∂L/∂W_k = diag(z_k) M_k + ∂L/∂s_k g_kᵀ (summed over b), ∂L/∂b_k = z_k ⊙ Σ G + ∂L/∂s_k,
+#     ∂L/∂w_k (stats part) = Σ_b ∂L/∂g_k ⊙ win / (H·W),  and T = ∂L/∂P (B × C × 7 × 7).
+# The statistics are linear in x (cell sums), so their adjoint is a broadcast:
+#     ∂L/∂x[j, q] += T[j, cell(q)]
+# which the dx kernel adds while it writes dx, so dx is written once and never re-read.
+# Both sums over pixels (M, Σ G, and ∂L/∂w_k) go to fp32 partial buffers summed afterwards.
+@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "BLOCK_J", "CHUNK_PIX", "PRECISE"])
+@triton.jit
+def _lmsa_bwd_gram_kernel(
+    X, DO, DW3, DW5, DW7, MP, GSP,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    H, W, n_chunks,
+    C: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Partial M_k[b][:, j-block] = Σ_{p ∈ chunk} dO[:, p] DW_k(x)[j-block, p]ᵀ (and Σ dO) for scale
+    k = pid_kj // (C / BLOCK_J). MP: B × n × 3 × C × C fp32, GSP: B × n × C fp32."""
+    pid_kj = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kid = pid_kj // (C // BLOCK_J)
+    offs_j = (pid_kj % (C // BLOCK_J)) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_c = tl.arange(0, C)
+    x_base = X + b * sxb
+    g_base = DO + b * sgb
+
+    acc = tl.zeros([C, BLOCK_J], tl.float32)
+    gsum = tl.zeros([C], tl.float32)
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            h = offs_p // W
+            w = offs_p % W
+            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
+                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
+            if kid == 0:
+                d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BLOCK_J)
+            elif kid == 1:
+                d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BLOCK_J)
+            else:
+                d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BLOCK_J)
+            acc += _mm(gt, d.to(gt.dtype), PRECISE)
+            gsum += tl.sum(gt.to(tl.float32), 1)
+
+    row = (b * n_chunks + pid) * 3 + kid
+    tl.store(MP + (row * C + offs_c[:, None]) * C + offs_j[None, :], acc)
+    tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_kj == 0))
+
+
+@triton.jit
+def _dx_branch(g_base, wg_ptr, e_scr, x_scr, dx, dwacc, w_ptr, gh, gw, e_ok, center, q_ok, offs_j,
+               sgc, sgh, sgw,
+               C: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr, TAPS: tl.constexpr,
+               BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
+    """One scale's share of the dx kernel for one inner tile.
+
+    E = W̃ᵀ dO on the halo tile (GEMM on chip, 0 outside the image) goes to the program's fp32
+    scratch tile; then, per tap δ, dx += w[δ] E[q − δ] and dwacc[δ] += Σ_q E[q] x[q + δ], both
+    read back from the scratch tiles (E and the staged x halo) at a uniform shift: no masks."""
+    offs_jj = tl.arange(0, BLOCK_J)
+    offs_cc = tl.arange(0, BLOCK_C)
+    # E[e, j] = Σ_c dO[c, e] W̃[c, j] over the halo pixels e
+    E = tl.zeros([BLOCK_E, BLOCK_J], tl.float32)
+    pix = (gh * sgh + gw * sgw)[:, None]
+    for c0 in range(0, C, BLOCK_C):
+        g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
+        wg = tl.load(wg_ptr + (c0 + offs_cc)[:, None] * C + offs_j[None, :])
+        E += _mm(g, wg, PRECISE)
+    tl.debug_barrier()  # every thread is done reading the previous scale's E from the scratch tile
+    tl.store(e_scr + tl.arange(0, BLOCK_E)[:, None] * BLOCK_J + offs_jj[None, :], E)
+    tl.debug_barrier()  # ... and this one's is complete before anyone reads it back
+
+    e_ptr = e_scr + center[:, None] * BLOCK_J + offs_jj[None, :]
+    x_ptr = x_scr + center[:, None] * BLOCK_J + offs_jj[None, :]
+    e_in = tl.where(q_ok[:, None], tl.load(e_ptr), 0.0)
+    taps = tl.arange(0, TAPS)
+    for i in range(KS):
+        for j in range(KS):
+            t = i * KS + j
+            shift = ((i - KS // 2) * HALO_W + (j - KS // 2)) * BLOCK_J  # δ in scratch elements
+            wv = tl.load(w_ptr + t * C + offs_j)  # fp32, tap-major KS² × C
+            dx += tl.load(e_ptr - shift) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
+            contrib = tl.sum(e_in * tl.load(x_ptr + shift), 0)  # Σ_q E[q] x[q + δ]
+            dwacc = tl.where(taps[:, None] == t, dwacc + contrib[None, :], dwacc)
+    return dx, dwacc
+
+
+@triton.autotune(configs=pick_configs(_DX_CONFIGS), key=["H", "W", "C", "N_TR", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _prune_block_j})
+@triton.jit
+def _lmsa_bwd_dx_kernel(
+    X, DO, WG, DW3, DW5, DW7, T, DX, DWP, SCR,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    sdb, sdc, sdh, sdw,
+    H, W, TH, TW, n_cols,
+    C: tl.constexpr, N_TR: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """dx for channels j-block of tile column `col` of image b (all N_TR tiles down the column) and
+    that column's partial ∂L/∂w_k: DWP[b, col, row, j] (B × n_cols × 83 × C fp32).
+
+    SCR is the programs' fp32 scratch: two HALO_H·HALO_W × BLOCK_J tiles each (E, and x's halo),
+    2·B·n_cols·C·HALO_H·HALO_W floats in all, rewritten for every (tile, scale) and read back at once,
+    so it lives in L1/L2. Triton has no user-managed shared memory, and `tl.gather` on a 256-row
+    register tile lowers to warp shuffles (measured ~1300 instructions per tap against ~150 here)."""
+    IR: tl.constexpr = HALO_H - 6
+    IC: tl.constexpr = HALO_W - 6
+    NE: tl.constexpr = HALO_H * HALO_W
+    pid_j = tl.program_id(0)
+    col = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_jj = tl.arange(0, BLOCK_J)
+    x_base = X + b * sxb
+    g_base = DO + b * sgb
+    wg_base = WG + b * (3 * C * C)
+    e_scr = SCR + (((b * n_cols + col) * (C // BLOCK_J) + pid_j) * (2 * NE)) * BLOCK_J
+    x_scr = e_scr + NE * BLOCK_J
+
+    offs_e = tl.arange(0, NE)  # halo pixels, row-major
+    er = offs_e // HALO_W
+    ec = offs_e % HALO_W
+    offs_i = tl.arange(0, BLOCK_I)  # inner pixels, row-major in an IR × IC tile
+    ir = offs_i // IC
+    ic = offs_i % IC
+    lane_ok = offs_i < IR * IC
+    # halo index of each inner pixel; lanes past the IR × IC tile point at a valid centre so every
+    # shifted read stays inside the scratch tile
+    center = tl.where(lane_ok, (ir + 3) * HALO_W + ic + 3, 3 * HALO_W + 3)
+    w0 = col * IC
+
+    dw3 = tl.zeros([16, BLOCK_J], tl.float32)
+    dw5 = tl.zeros([32, BLOCK_J], tl.float32)
+    dw7 = tl.zeros([64, BLOCK_J], tl.float32)
+    for tr in range(N_TR):
+        h0 = tr * IR
+        gh = h0 - 3 + er
+        gw = w0 - 3 + ec
+        e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
+        qh = h0 + ir
+        qw = w0 + ic
+        q_ok = lane_ok & (qh < H) & (qw < W)
+        # stage x's halo tile (fp32, 0 outside the image) for the depthwise-weight gradient
+        xh = tl.load(x_base + (gh * sxh + gw * sxw)[:, None] + offs_j[None, :] * sxc, mask=e_ok[:, None], other=0.0)
+        tl.debug_barrier()  # the previous tile's reads of the x scratch are done
+        tl.store(x_scr + offs_e[:, None] * BLOCK_J + offs_jj[None, :], xh.to(tl.float32))
+        dx = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+        dx, dw3 = _dx_branch(g_base, wg_base, e_scr, x_scr, dx, dw3, DW3, gh, gw, e_ok, center, q_ok, offs_j,
+                             sgc, sgh, sgw, C, HALO_W, 3, 16, NE, BLOCK_J, BLOCK_C, PRECISE)
+        dx, dw5 = _dx_branch(g_base, wg_base + C * C, e_scr, x_scr, dx, dw5, DW5, gh, gw, e_ok, center, q_ok,
+                             offs_j, sgc, sgh, sgw, C, HALO_W, 5, 32, NE, BLOCK_J, BLOCK_C, PRECISE)
+        dx, dw7 = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, x_scr, dx, dw7, DW7, gh, gw, e_ok, center, q_ok,
+                             offs_j, sgc, sgh, sgw, C, HALO_W, 7, 64, NE, BLOCK_J, BLOCK_C, PRECISE)
+        # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
+        pix_g = (qh * sgh + qw * sgw)[:, None]
+        g_in = tl.load(g_base + pix_g + offs_j[None, :] * sgc, mask=q_ok[:, None], other=0.0)
+        cell = _cell(qh, qw, H, W, TH, TW)
+        t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=q_ok[:, None], other=0.0)
+        dx += g_in.to(tl.float32) + t_in
+        tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
+                 dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
+
+    part = DWP + ((b * n_cols + col) * 83) * C + offs_j[None, :]
+    t3 = tl.arange(0, 16)
+    tl.store(part + t3[:, None] * C, dw3, mask=(t3 < 9)[:, None])
+    t5 = tl.arange(0, 32)
+    tl.store(part + (9 + t5[:, None]) * C, dw5, mask=(t5 < 25)[:, None])
+    t7 = tl.arange(0, 64)
+    tl.store(part + (34 + t7[:, None]) * C, dw7, mask=(t7 < 49)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    """An output shaped like x: x's memory format when x is dense (NCHW / channels-last), else NCHW."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return _new((b, h, w, c), x.device, x.dtype).permute(0, 3, 1, 2)
+    return _new((b, c, h, w), x.device, x.dtype)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count  # cached, no sync
+
+
+def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, max_chunks: int) -> int:
+    """Pixels per chunk of the stats / gram kernels (a multiple of _CHUNK_ALIGN): enough chunks for
+    about 4 programs per SM, at most `max_chunks` (the partials they write are fp32). Under the
+    interpreter (sms None) short chunks, so tests cover several chunks of several tiles."""
+    if sms is None:
+        return 128
+    want = max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
+    return triton.cdiv(triton.cdiv(hw, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
+
+
+def _cell_indicator(n: int, device) -> torch.Tensor:
+    """7×7 fp32: [δ + 3, cell class] = 1 where the representative row of the class lies in the
+    window of tap offset δ (rows q with 0 ≤ q − δ < n). Built on the device (no host copy)."""
+    cls = torch.arange(_CELLS, device=device)
+    if n >= _CELLS:
+        rep = torch.where(cls < 3, cls, torch.where(cls > 3, cls - _CELLS + n, torch.full_like(cls, 3)))
+        valid = torch.ones_like(cls, dtype=torch.bool)
+    else:
+        rep, valid = cls, cls < n
+    delta = torch.arange(_CELLS, device=device)[:, None] - 3
+    return ((rep[None, :] >= delta) & (rep[None, :] < n + delta) & valid[None, :]).to(torch.float32)
+
+
+def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
+    """The tiny fp32 graph from the cell sums P (B×C×7×7) to W̃ (B×3×C×C, [b, k, out, in]) and
+    β (B×C). Differentiable: the backward re-runs it under autograd."""
+    rows = _cell_indicator(h, P.device)
+    cols = _cell_indicator(w, P.device)
+    win = torch.einsum("dr,bcrs,es->bcde", rows, P, cols)  # B×C×7×7 window sums per tap offset
+    s = []
+    for dw, pw, pb in zip(dws, pws, pbs):
+        k = dw.shape[-1]
+        w7 = F.pad(dw.float().reshape(dw.shape[0], k, k), [3 - k // 2] * 4)  # C×7×7, centred
+        g = (win * w7).sum((-2, -1)) / (h * w)  # GAP(DW_k(x)): B×C
+        s.append(F.linear(g, pw.float(), pb.float()))
+    s = torch.cat(s, dim=1)
+    z = torch.sigmoid(F.linear(F.relu(F.linear(s, fc1w.float(), fc1b.float())), fc2w.float(), fc2b.float()))
+    z = z.view(z.shape[0], len(dws), -1)  # B×3×C
+    wg = z[..., None] * torch.stack([pw.float() for pw in pws])[None]  # B×3×C×C
+    beta = (z * torch.stack([pb.float() for pb in pbs])[None]).sum(1)  # B×C
+    return wg, beta
+
+
+def _stats(x: torch.Tensor, precise: bool) -> torch.Tensor:
+    b, c, h, w = x.shape
+    chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=64)
+    n_chunks = triton.cdiv(h * w, chunk)
+    sp = _new((b, n_chunks, _CELL_PAD, c), x.device, torch.float32)
+    _lmsa_stats_kernel[(n_chunks, b)](
+        x, sp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
+        C=c, CHUNK_PIX=chunk, PRECISE=precise)
+    cells = sp.sum(1)[:, : _CELLS * _CELLS]  # B×49×C, summed in chunk order
+    return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS)
+
+
+def _dw_flat(dws):
+    """Depthwise weights as fp32 tap-major k²×C (per-tap loads of a channel block are contiguous)."""
+    return [dw.detach().reshape(dw.shape[0], -1).t().float().contiguous() for dw in dws]
+
+
+def _forward(x, params, precise):
+    b, c, h, w = x.shape
+    dws = params[0:3]
+    with torch.autocast(x.device.type, enabled=False):
+        P = _stats(x, precise)
+        wg, beta = _gates(P, h, w, dws, params[3:6], params[6:9], *params[9:13])
+    wg = wg.to(x.dtype).contiguous()
+    beta = beta.contiguous()
+    out = _new_like(x)
+    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
+    _lmsa_fwd_kernel[grid](
+        x, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
+        C=c, BLOCK_K=min(32, c), PRECISE=precise)
+    return out, P, wg
+
+
+def _backward(x, g, P, wg, params, precise):
+    b, c, h, w = x.shape
+    dws = params[0:3]
+    dw_flat = _dw_flat(dws)
+    # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32) and Σ_p dO = ∂L/∂β
+    block_j = min(64, c)
+    chunk = _chunk_pix(h * w, b, 3 * (c // block_j), _sm_count(x.device), max_chunks=4)
+    n_chunks = triton.cdiv(h * w, chunk)
+    mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
+    gsp = _new((b, n_chunks, c), x.device, torch.float32)
+    _lmsa_bwd_gram_kernel[(3 * (c // block_j), n_chunks, b)](
+        x, g, *dw_flat, mp, gsp, *x.stride(), *g.stride(), h, w, n_chunks,
+        C=c, BLOCK_J=block_j, CHUNK_PIX=chunk, PRECISE=precise)
+    m = mp.sum(1)
+    gsum = gsp.sum(1)
+
+    # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        leaves = [P.detach().requires_grad_()] + [t.detach().requires_grad_() for t in params]
+        wg32, beta = _gates(leaves[0], h, w, leaves[1:4], leaves[4:7], leaves[7:10], *leaves[10:14])
+        grads = torch.autograd.grad((wg32, beta), leaves, (m, gsum))
+    t_cells = grads[0].contiguous()  # B×C×7×7 fp32
+    pgrads = list(grads[1:])
+
+    # 3. dx (written once) and the main-path depthwise-weight partials
+    n_cols = triton.cdiv(w, _HALO - 6)
+    n_tr = triton.cdiv(h, _HALO - 6)
+    dx = _new_like(x)
+    dwp = _new((b, n_cols, _N_TAPS, c), x.device, torch.float32)
+    scratch = _new((2 * b * n_cols * c * _HALO * _HALO,), x.device, torch.float32)
+    grid = lambda meta: (c // meta["BLOCK_J"], n_cols, b)  # noqa: E731
+    _lmsa_bwd_dx_kernel[grid](
+        x, g, wg, *dw_flat, t_cells, dx, dwp, scratch,
+        *x.stride(), *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols,
+        C=c, N_TR=n_tr, HALO_H=_HALO, HALO_W=_HALO,
+        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), BLOCK_C=min(32, c), PRECISE=precise)
+    dw_main = dwp.sum((0, 1))  # 83 × C
+    for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+        part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
+        pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
+    return dx, pgrads
+
+
+class LMSAFunction(torch.autograd.Function):
+    """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
+    dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
+    Saves x, the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C): nothing of size B×3C×H×W."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        precise = x.dtype == torch.float32
+        out, P, wg = _forward(x, params, precise)
+        ctx.save_for_backward(x, P, wg, *params)
+        ctx.precise = precise
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, P, wg, *params = ctx.saved_tensors
+        g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
+        dx, pgrads = _backward(x, g, P, wg, params, ctx.precise)
+        return (dx, *pgrads)
+
+
+def _check(x: torch.Tensor, p: LMSAParams) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"lmsa: x must be B×C×H×W, got shape {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    if c < 16 or c & (c - 1):
+        raise ValueError(f"lmsa: the fused kernels need C a power of two ≥ 16, got C = {c}")
+    if b == 0 or h == 0 or w == 0:
+        raise ValueError(f"lmsa: empty input {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"lmsa: x must be fp32 / bf16 / fp16, got {x.dtype}")
+    if len(p.dw_weights) != 3 or tuple(t.shape for t in p.dw_weights) != tuple((c, 1, k, k) for k in KERNEL_SIZES):
+        raise ValueError(f"lmsa: the fused kernels need depthwise weights C×1×k×k for k = {KERNEL_SIZES}, got "
+                         f"{[tuple(t.shape) for t in p.dw_weights]}")
+    if len(p.pw_weights) != 3 or any(t.shape != (c, c) for t in p.pw_weights) or len(p.pw_biases) != 3 \
+            or any(t.shape != (c,) for t in p.pw_biases):
+        raise ValueError("lmsa: pointwise weights must be three C×C matrices and three C biases")
+    if p.fc1_weight.shape[1] != 3 * c or p.fc2_weight.shape[0] != 3 * c:
+        raise ValueError(f"lmsa: SE weights must map 3C = {3 * c} → r → 3C, got {tuple(p.fc1_weight.shape)}, "
+                         f"{tuple(p.fc2_weight.shape)}")
+    tensors = [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("lmsa: x and the parameters are on different devices")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("lmsa: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
+    """Fused LMSA (`msf.backend.eager_lmsa`) for x: B×C×H×W (any strides), fp32 / bf16 / fp16.
+
+    The parameters may have another dtype than x (fp32 master weights under autocast): the gate
+    graph runs in fp32, the kernels in x's dtype, each gradient comes back in its input's dtype."""
+    _check(x, p)
+    return LMSAFunction.apply(x, *p.dw_weights, *p.pw_weights, *p.pw_biases,
+                              p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time builds (python -m kernels.report): every kernel × dtype × config at the model's
+# shape (B = 32, C = 128, 128×128 on an H100: the chunk lengths below are what the host picks there)
+# ----------------------------------------------------------------------------------------------
+_AOT_C = 128
+_AOT_HW = 128
+_AOT_DTYPES = {"bf16": False, "fp32": True}
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs: list[AotSpec] = []
+    hw = _AOT_HW * _AOT_HW
+    stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=64)
+    gram_chunk = _chunk_pix(hw, 32, 3 * (_AOT_C // 64), 132, max_chunks=4)
+    n_tr = triton.cdiv(_AOT_HW, _HALO - 6)
+    for dname, precise in _AOT_DTYPES.items():
+        dt = f"*{dname}"
+        kernels = (
+            ("stats", _lmsa_stats_kernel, _STATS_CONFIGS,
+             {"X": dt, "SP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
+             {"CHUNK_PIX": stats_chunk}),
+            ("fwd", _lmsa_fwd_kernel, _FWD_CONFIGS,
+             {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
+             ["H", "W"], {"BLOCK_K": 32}),
+            ("gram", _lmsa_bwd_gram_kernel, _GRAM_CONFIGS,
+             {"X": dt, "DO": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "MP": "*fp32", "GSP": "*fp32"},
+             ["H", "W", "n_chunks"], {"BLOCK_J": 64, "CHUNK_PIX": gram_chunk}),
+            ("dx", _lmsa_bwd_dx_kernel, _DX_CONFIGS,
+             {"X": dt, "DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
+              "DX": dt, "DWP": "*fp32", "SCR": "*fp32"},
+             ["H", "W", "TH", "TW", "n_cols"],
+             {"N_TR": n_tr, "HALO_H": _HALO, "HALO_W": _HALO,
+              "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2), "BLOCK_C": 32}),
+        )
+        for name, fn, configs, ptrs, ints, extra in kernels:
+            jit_fn = fn.fn  # the JITFunction under the autotuner
+            for cfg in configs:
+                sig, unit = {}, {}
+                for a in jit_fn.arg_names:
+                    if a in ptrs:
+                        sig[a] = ptrs[a]
+                    elif a.endswith("c") and len(a) == 3 and a[0] == "s":
+                        unit[a] = 1  # channels-last (NHWC): the channel stride is 1 (the model's
+                        # decoder output is token-major B×N×C, i.e. channels-last)
+                    elif a.startswith("s") and len(a) == 3 or a in ints:
+                        sig[a] = "i32"
+                const = {"C": _AOT_C, "PRECISE": precise, **extra, **cfg.kwargs, **unit}
+                tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())
+                specs.append(AotSpec(name=f"lmsa.{name}_{dname}_{tag}_w{cfg.num_warps}_s{cfg.num_stages}",
+                                     fn=jit_fn, signature=sig, constexprs=const,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return specs
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()

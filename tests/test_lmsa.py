@@ -1,0 +1,238 @@
+"""Parity of the fused LMSA (kernels/lmsa.py) with a float64 eager reference.
+
+On a CPU-only machine the kernels run under Triton's interpreter (TRITON_INTERPRET=1 is set here
+before Triton is imported, unless the environment already says otherwise); on a CUDA machine
+without the interpreter the "cuda" cases run the compiled kernels and the "cpu" cases skip.
+
+Every case checks the output and all 14 gradients (x, 3 depthwise, 3 pointwise weights and biases,
+FC1/FC2 weights and biases) against `msf.backend.eager_lmsa` run in float64 on the same (already
+rounded) values, with every buffer the kernels fill poisoned with NaN first. Shapes keep the
+interpreter affordable (it costs milliseconds per op and per program) while still covering: H, W
+not multiples of any tile (13×11, 7×9), several pixel chunks and several dx tiles in both
+directions, H and W below 7 (every row its own statistics cell), batch > 1 with different gates
+per sample, C = 16, 32 and 128, NCHW / channels-last / sliced x and non-contiguous grad_out,
+fp32, bf16 and fp16, and bf16 activations with fp32 parameters (autocast training).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+lmsa_mod = importlib.import_module("kernels.lmsa")
+from kernels._common import INTERPRET  # noqa: E402
+from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
+from tests.conftest import assert_close  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
+              "fc1_w", "fc1_b", "fc2_w", "fc2_b")
+
+
+def _device(name: str) -> str:
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        if INTERPRET:
+            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
+    elif not INTERPRET:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return name
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels fill starts as NaN, so an element left unwritten fails the test."""
+    def new(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    monkeypatch.setattr(lmsa_mod, "_new", new)
+
+
+def _params(c: int, dtype, device, seed: int, reduction: int = 8) -> list[torch.Tensor]:
+    """LMSA parameters in LMSAFunction order, scaled so the gates spread over (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    r = 3 * c // reduction
+
+    def t(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    return ([t(c, 1, k, k, scale=1.0 / k) for k in (3, 5, 7)]
+            + [t(c, c, scale=c ** -0.5) for _ in range(3)]
+            + [t(c, scale=0.3) for _ in range(3)]
+            + [t(r, 3 * c, scale=3.0 * (3 * c) ** -0.5), t(r, scale=0.3),
+               t(3 * c, r, scale=3.0 * r ** -0.5), t(3 * c, scale=0.3)])
+
+
+def _pack(ps) -> LMSAParams:
+    return LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13])
+
+
+def _gates64(x64, ps64) -> torch.Tensor:
+    """z (B×3C) of the float64 reference, to check that the gates differ per sample."""
+    p = _pack(ps64)
+    branches = [torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(x64, dw, padding=dw.shape[-1] // 2, groups=x64.shape[1]),
+        pw[:, :, None, None], pb) for dw, pw, pb in zip(p.dw_weights, p.pw_weights, p.pw_biases)]
+    s = torch.cat(branches, 1).mean((2, 3))
+    hidden = torch.relu(torch.nn.functional.linear(s, p.fc1_weight, p.fc1_bias))
+    return torch.sigmoid(torch.nn.functional.linear(hidden, p.fc2_weight, p.fc2_bias))
+
+
+def _run_case(x, ps, go, rel=None, autocast=False):
+    """Fused output and gradients of every leaf against float64 eager on the same values
+    (`autocast`: the fused call runs under torch.autocast(bf16), the reference never does)."""
+    dtype = x.dtype
+    rel = TOL[dtype] if rel is None else rel
+    leaves = [x, *ps]
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = lmsa_mod.lmsa(x, _pack(ps))
+    assert out.shape == x.shape and out.dtype == dtype
+    grads = torch.autograd.grad(out, leaves, go)
+
+    leaves64 = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    ref = eager_lmsa(leaves64[0], _pack(leaves64[1:]))
+    ref_grads = torch.autograd.grad(ref, leaves64, go.detach().double().cpu())
+
+    tag = f"{dtype}, B×C×H×W={tuple(x.shape)}"
+    assert_close(out, ref, rel, name=f"out ({tag})")
+    for name, got, want, leaf in zip(GRAD_NAMES, grads, ref_grads, leaves):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+        assert_close(got, want, rel, name=f"d{name} ({tag})")
+    return leaves64
+
+
+def _inputs(b, c, h, w, dtype, device, seed, layout="nchw"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g)
+    go = torch.randn(b, c, h, w, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        go = go.contiguous(memory_format=torch.channels_last)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    return x, go.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,c,h,w,layout", [
+    (2, 16, 13, 11, "nchw"),           # 2×2 dx tiles, 2 stats / gram chunks, several pixel tiles
+    (3, 32, 7, 9, "channels_last"),    # two dx channel blocks, one tile; 3 samples
+    (2, 16, 5, 6, "nchw"),             # H, W < 7: every row and column its own statistics cell
+], ids=["13x11-C16-nchw", "7x9-C32-cl", "5x6-C16-nchw"])
+def test_fp32_parity(b, c, h, w, layout, device, poisoned):
+    device = _device(device)
+    x, go = _inputs(b, c, h, w, torch.float32, device, seed=b * 100 + h, layout=layout)
+    ps = _params(c, torch.float32, device, seed=h)
+    leaves64 = _run_case(x, ps, go)
+    z = _gates64(leaves64[0].detach(), [t.detach() for t in leaves64[1:]])
+    spread = (z.max(0).values - z.min(0).values).max().item()
+    assert spread > 0.05, f"the test's gates barely differ between samples (spread {spread:.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_c128(device, poisoned):
+    """The model's channel count: 4 forward K-slices, 2 gram channel blocks, 8 dx channel blocks."""
+    device = _device(device)
+    x, go = _inputs(1, 128, 7, 9, torch.float32, device, seed=7, layout="channels_last")
+    _run_case(x, _params(128, torch.float32, device, seed=8), go)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(dtype, device, poisoned):
+    """x and parameters in bf16 / fp16, against float64 on the rounded values."""
+    device = _device(device)
+    x, go = _inputs(2, 16, 9, 10, dtype, device, seed=11)
+    _run_case(x, _params(16, dtype, device, seed=12), go)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_activations_fp32_params(device, poisoned):
+    """Autocast training: bf16 x and grad_out, fp32 master parameters (their grads come back fp32)."""
+    device = _device(device)
+    x, go = _inputs(2, 32, 8, 7, torch.bfloat16, device, seed=13, layout="channels_last")
+    ps = _params(32, torch.float32, device, seed=14)
+    _run_case(x, ps, go, rel=TOL[torch.bfloat16], autocast=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sliced_input_and_grad(device, poisoned):
+    """x a strided view (channel and spatial slices of a bigger tensor, W-stride 2), grad_out a
+    transposed view: no layout is assumed anywhere."""
+    device = _device(device)
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(2, 24, 12, 22, generator=g).to(device).requires_grad_()
+    x = base[:, 4:20, 1:10, 1:21:2]  # 2×16×9×10, strides (6336, 264, 22, 2)
+    go = torch.randn(2, 16, 10, 9, generator=g).to(device).transpose(2, 3)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert not go.is_contiguous()
+    _run_case(x, _params(16, torch.float32, device, seed=22), go)
+
+
+def test_window_sums_match_depthwise_gap():
+    """The host half of the statistics (cell sums → window sums → GAP(DW_k(x))) against direct
+    depthwise convolutions, in float64, for sizes around the 7-cell threshold (no kernels)."""
+    g = torch.Generator().manual_seed(31)
+    for h, w in [(1, 1), (2, 3), (3, 7), (5, 6), (6, 13), (7, 7), (8, 9), (13, 11)]:
+        x = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64)
+        hh = torch.arange(h)[:, None]
+        ww = torch.arange(w)[None, :]
+        th, tw = min(h, 7), min(w, 7)
+        ri = torch.where(hh < 3, hh, torch.where(hh >= h - 3, hh - h + th, 3)).expand(h, w)
+        ci = torch.where(ww < 3, ww, torch.where(ww >= w - 3, ww - w + tw, 3)).expand(h, w)
+        cell = (ri * 7 + ci).reshape(-1)
+        cells = torch.zeros(2, 4, 49, dtype=torch.float64).index_add_(2, cell, x.reshape(2, 4, -1))
+        rows = lmsa_mod._cell_indicator(h, x.device).double()
+        cols = lmsa_mod._cell_indicator(w, x.device).double()
+        win = torch.einsum("dr,bcrs,es->bcde", rows, cells.view(2, 4, 7, 7), cols)
+        for k in (3, 5, 7):
+            wk = torch.randn(4, 1, k, k, generator=g, dtype=torch.float64)
+            want = torch.nn.functional.conv2d(x, wk, padding=k // 2, groups=4).mean((2, 3))
+            w7 = torch.nn.functional.pad(wk[:, 0], [3 - k // 2] * 4)
+            got = (win * w7).sum((-2, -1)) / (h * w)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{h}×{w}, k={k}")
+
+
+def test_rejects_bad_inputs():
+    ps = _params(16, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError):
+        lmsa_mod.lmsa(torch.randn(1, 16, 5), _pack(ps))  # not 4-D
+    with pytest.raises(ValueError):
+        lmsa_mod.lmsa(torch.randn(1, 24, 5, 5), _pack(_params(24, torch.float32, "cpu", seed=0)))  # C not 2^k
+    with pytest.raises(ValueError):
+        lmsa_mod.lmsa(torch.randn(1, 32, 5, 5), _pack(ps))  # parameters for C = 16
+    with pytest.raises(TypeError):
+        lmsa_mod.lmsa(torch.randn(1, 16, 5, 5).double(), _pack(ps))
+    bad = list(ps)
+    bad[0] = torch.randn(16, 1, 5, 5)  # wrong kernel size for the first branch
+    with pytest.raises(ValueError):
+        lmsa_mod.lmsa(torch.randn(1, 16, 5, 5), _pack(bad))
+
+
+def test_registered_as_triton_op():
+    import kernels
+    assert kernels.TRITON_OPS["lmsa"] is lmsa_mod.lmsa
+
+
+def test_aot_specs_cover_every_argument():
+    """Each AOT spec gives every kernel argument a type or a constexpr value (report input)."""
+    assert lmsa_mod.AOT_SPECS
+    kernels_seen = set()
+    for spec in lmsa_mod.AOT_SPECS:
+        names = set(spec.fn.arg_names)
+        covered = set(spec.signature) | set(spec.constexprs)
+        assert covered == names, f"{spec.name}: missing {names - covered}, extra {covered - names}"
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+        kernels_seen.add(spec.fn.__name__)
+    assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
+                            "_lmsa_bwd_dx_kernel"}
