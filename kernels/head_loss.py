@@ -38,9 +38,10 @@ Kernels
 2. `_head_loss_finalize_kernel`, one program: reduces the partials in a fixed order, writes the loss
    and the per-(b, c) backward coefficients α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²).
 3. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
-   gathers the (2·s_h)×(2·s_w) window of full-res pixels that can touch each of them, recomputes
-   p there (the per-pixel logsumexp is not stored) and accumulates the interpolation-weighted
-   full-res gradient: the adjoint of the upsample, written once per low-res element, no atomics.
+   gathers the window of full-res pixels that can touch each of them (2s_h × 2s_w; 1 when s = 1),
+   recomputes p there (the per-pixel logsumexp is not stored) and accumulates the interpolation-
+   weighted full-res gradient: the adjoint of the upsample, written once per low-res element, no
+   atomics.
    Every full-res pixel is recomputed by the (up to) four low-res pixels it touches: 4× the
    forward's arithmetic, in exchange for zero full-res memory traffic and determinism.
 
@@ -330,12 +331,12 @@ def _head_loss_bwd_kernel(
 # Configurations (the report builds every one; the interpreter runs the first).
 # ----------------------------------------------------------------------------------------------
 # (BLOCK, num_warps). Triton lays a BLOCK×K_PAD gather tile out with 32 consecutive pixels per warp
-# and the warps splitting the classes, so at K_PAD = 32, K_PAD·BLOCK/(32·num_warps) classes of one
-# pixel live in each thread: 8 with the first two configs (≈100 registers forward, ≈130 backward),
-# 16 with the last two (≈185 / ≈220); 32 per thread spills. `python -m kernels.report` checks all.
-# The first config is the one the interpreter runs (kernels._common.pick_configs).
-FWD_CONFIGS = [(64, 8), (32, 4), (64, 4), (128, 8)]
-BWD_CONFIGS = [(64, 8), (32, 4), (64, 4), (128, 8)]
+# and the warps splitting the classes, so at K_PAD = 32 each thread holds K_PAD·BLOCK/(32·num_warps)
+# = 8 classes of one pixel with every config below: ≈100–130 registers, no spill on sm_80/sm_90
+# (`python -m kernels.report`). 16 per thread reaches 250–255 registers with channels-last logits;
+# 32 per thread spills. The first config is the one the interpreter runs (pick_configs).
+FWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
+BWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 _FINALIZE_CHUNK_BLOCK = 16
 
 
@@ -514,6 +515,15 @@ def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DE
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time builds for `python -m kernels.report`
 # ----------------------------------------------------------------------------------------------
+def specialize(spec: AotSpec, tag: str, unit_strides) -> AotSpec:
+    """`spec` with the named stride arguments fixed to 1, as Triton specialises them at launch."""
+    ones = [k for k in unit_strides if k in spec.signature]
+    return AotSpec(name=spec.name.replace("[", f"[{tag},", 1), fn=spec.fn,
+                   signature={k: v for k, v in spec.signature.items() if k not in ones},
+                   constexprs={**spec.constexprs, **{k: 1 for k in ones}},
+                   num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+
 def _aot_specs() -> list[AotSpec]:
     specs = []
     # Every config for bf16 (the model's AMP dtype), the first config for fp32 and fp16.
@@ -550,6 +560,14 @@ def _aot_specs() -> list[AotSpec]:
         name=f"head_loss_bwd[bf16,i64,BLOCK_Q={BWD_CONFIGS[0][0]},w{BWD_CONFIGS[0][1]}]", fn=_head_loss_bwd_kernel,
         signature={**[s for s in specs if s.fn is _head_loss_bwd_kernel][0].signature, "targets_ptr": "*i64"},
         constexprs={"K_PAD": 32, "BLOCK_Q": BWD_CONFIGS[0][0]}, num_warps=BWD_CONFIGS[0][1], num_stages=1))
+    # The first bf16 configs again as Triton specialises them at launch for contiguous NCHW and for
+    # channels-last logits (a stride equal to 1 becomes a compile-time constant).
+    firsts = [next(sp for sp in specs if sp.name.startswith(prefix))
+              for prefix in ("head_loss_fwd[bf16,u8", "head_loss_bwd[bf16,u8")]
+    for spec in firsts:
+        for layout, ones in (("nchw", ("stride_lw", "stride_tw", "stride_gw")),
+                             ("nhwc", ("stride_lc", "stride_tw", "stride_gc"))):
+            specs.append(specialize(spec, layout, ones))
     specs.append(AotSpec(
         name="head_loss_finalize[K_PAD=32]", fn=_head_loss_finalize_kernel,
         signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32",

@@ -115,3 +115,5 @@ AOT_SPECS = [
         constexprs={"K_PAD": 32, "BLOCK_P": bp}, num_warps=nw, num_stages=1)
     for dt in ("bf16", "fp32", "fp16") for bp, nw in CONFIGS
 ]
+AOT_SPECS += [_hl.specialize(AOT_SPECS[0], "nchw", ("stride_lw",)),
+              _hl.specialize(AOT_SPECS[0], "nhwc", ("stride_lc",))]
