@@ -4,6 +4,7 @@
     msf eval --data DIR --checkpoint CKPT     score a checkpoint at the data's native resolution
     msf predict --checkpoint CKPT IMAGE... --out DIR
     msf export RUN_DIR/best.pt OUT.safetensors  fp16 release with its configs
+    msf bench [--preset paper|smoke] ...       speed and memory, eager vs torch.compile vs triton
     msf demo                                   one forward/backward on random data
 
 Errors in the input (missing folder, bad checkpoint, bad option) print one line and exit 2.
@@ -82,6 +83,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.suite import main as bench_main
+    return bench_main(args.bench_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from msf.model import MicroSegFormer, count_parameters
     torch.manual_seed(0)
@@ -131,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("bench", help="eager vs torch.compile vs triton, per op and per step (msf bench --help)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("demo", help="one forward/backward pass on random data")
     p.add_argument("--backend", default="eager", choices=["eager", "triton"])

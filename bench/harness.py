@@ -1,0 +1,87 @@
+"""Timing, bandwidth and result-writing pieces shared by every benchmark.
+
+Rows are long-format dicts (op, provider, pass, metric, unit, size, p20/p50/p80, device, versions,
+date) so runs from different days and cards line up in one table.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 30) -> list[float]:
+    """Per-call milliseconds after `warmup` calls: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting the bytes read plus the bytes written (GB/s)."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = measure_ms(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * nbytes / (sorted(ms)[len(ms) // 2] * 1e-3) / 1e9
+
+
+def quantiles(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"p20": float(t.quantile(0.2)), "p50": float(t.quantile(0.5)), "p80": float(t.quantile(0.8))}
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - depends on the installation
+        triton_version = None
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    return {"device": name, "versions": {"torch": torch.__version__, "triton": triton_version,
+                                         "python": platform.python_version()},
+            "date": datetime.date.today().isoformat()}
+
+
+def row(op: str, provider: str, pass_: str, metric: str, unit: str, size: str, values: list[float] | float,
+        env: dict, **extra) -> dict:
+    stats = quantiles(values) if isinstance(values, list) else {"p20": values, "p50": values, "p80": values}
+    return {"op": op, "provider": provider, "pass": pass_, "metric": metric, "unit": unit, "size": size,
+            **stats, **env, **extra}
+
+
+def write_results(rows: list[dict], out_dir: Path, name: str) -> tuple[Path, Path]:
+    """`<name>.json` (every row) and `<name>.md` (a table of the medians) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    env = rows[0] if rows else {}
+    lines = [f"# {name}", "", f"device: {env.get('device')}; versions: {env.get('versions')}; date: {env.get('date')}",
+             "", "| op | size | provider | pass | metric | p50 | unit |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['size']} | {r['provider']} | {r['pass']} | {r['metric']} | "
+                     f"{r['p50']:.4g} | {r['unit']} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

@@ -1,0 +1,261 @@
+"""`msf bench`: fused ops and the whole training step, eager against torch.compile against Triton.
+
+    msf bench [--preset paper|smoke] [--suite ops|step|all] [--providers eager,compile,triton,sdpa]
+              [--out bench/results] [--name NAME] [--budget-s 300]
+
+`paper` is SPEC §6's shapes (B=32, 512×512, bf16 AMP) and needs CUDA; `smoke` runs the same code at
+a small size on whatever is there (on a CPU the Triton provider needs TRITON_INTERPRET=1): it
+proves the commands work, it is no timing claim. Each row: median ms (CUDA events), images/s, peak
+memory, computed bytes moved, achieved GB/s and its share of the device-to-device copy bandwidth
+measured in the same run. torch.compile's compile time is reported in rows of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import copy_bandwidth_gbs, environment, measure_ms, row, write_results
+from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
+from msf.losses import ce_dice_loss
+from msf.nvtx import nvtx_range
+
+PRESETS = {
+    "paper": {"batch": 32, "size": 512, "dtype": torch.bfloat16, "reps": 30, "warmup": 5},
+    "smoke": {"batch": 2, "size": 64, "dtype": torch.float32, "reps": 2, "warmup": 1},
+}
+STAGES = [(1, 32, 8), (2, 64, 4), (3, 128, 2), (4, 192, 1)]  # (stage, channels, SR ratio)
+
+
+@dataclass
+class Case:
+    op: str
+    size: str
+    images: int
+    passes: dict[str, dict[str, Callable[[], Callable[[], object]]]]  # pass -> provider -> builder of the call
+    bytes_moved: dict[str, int]                          # provider -> bytes of fwd+bwd (or fwd) pass
+
+
+def _randn(*shape, device, dtype, grad=True):
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def call():
+        out = fn()
+        (out if out.dim() == 0 else out.float().square().mean()).backward()
+    return call
+
+
+def _builders(providers: dict[str, Callable[[], torch.Tensor]], backward: bool) -> dict[str, Callable]:
+    """provider -> builder of the timed call; "compile" is torch.compile of the eager function."""
+    wrap = _fwd_bwd if backward else (lambda f: f)
+    builders = {p: (lambda f=f: wrap(f)) for p, f in providers.items()}
+    builders["compile"] = lambda: wrap(torch.compile(providers["eager"]))
+    return builders
+
+
+def head_loss_case(batch, size, device, dtype) -> Case:
+    h = size // 4
+    feats = _randn(batch, 128, h, h, device=device, dtype=dtype)
+    weight = _randn(19, 128, 1, 1, device=device, dtype=dtype)
+    bias = _randn(19, device=device, dtype=dtype)
+    targets = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
+
+    def paper_order():
+        up = F.interpolate(feats, scale_factor=4, mode="bilinear", align_corners=False)
+        return ce_dice_loss(F.conv2d(up, weight, bias), targets)
+
+    def fused():
+        return get_ops("triton").head_loss(F.conv2d(feats, weight, bias), targets)
+
+    from bench.bytes_head_loss import ops as head_ops, totals as head_totals
+    e = dtype.itemsize
+    eager_bytes = head_totals(head_ops("eager-paper", B=batch, H=size, W=size, act=e))["total"]
+    fused_bytes = head_totals(head_ops("fused", B=batch, H=size, W=size, act=e))["total"]
+    providers = {"eager": paper_order, "triton": fused}
+    return Case("head+ce_dice", f"B={batch},{size}²", batch,
+                {"fwd+bwd": _builders(providers, backward=True)},
+                {"eager": eager_bytes, "compile": eager_bytes, "triton": fused_bytes})
+
+
+def attention_cases(batch, size, device, dtype) -> list[Case]:
+    from bench.bytes_attention import totals as attn_totals
+    cases = []
+    for stage, d, ratio in STAGES:
+        side = size // (4 * 2 ** (stage - 1))
+        n, m = side * side, (side // ratio) ** 2
+        q = _randn(batch, n, d, device=device, dtype=dtype)
+        kv = _randn(batch, m, 2 * d, device=device, dtype=dtype)
+        k, v = kv[..., :d], kv[..., d:]
+        providers = {
+            "eager": lambda q=q, k=k, v=v: eager_attention(q, k, v),
+            "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+            "triton": lambda q=q, k=k, v=v: get_ops("triton").attention(q, k, v),
+        }
+        e = dtype.itemsize
+        bytes_moved = {p: sum(attn_totals(v_, batch, n, m, d, e)) for p, v_ in
+                       (("eager", "eager"), ("compile", "eager"), ("sdpa", "sdpa"), ("triton", "fused"))}
+        cases.append(Case(f"attention/stage{stage}", f"B={batch},N={n},M={m},d={d}", batch,
+                          {"fwd+bwd": _builders(providers, backward=True)}, bytes_moved))
+    return cases
+
+
+def lmsa_case(batch, size, device, dtype) -> Case:
+    h, c = size // 4, 128
+    x = _randn(batch, c, h, h, device=device, dtype=dtype)
+    params = LMSAParams(
+        dw_weights=tuple(_randn(c, 1, k, k, device=device, dtype=dtype) for k in (3, 5, 7)),
+        pw_weights=tuple(_randn(c, c, device=device, dtype=dtype) for _ in range(3)),
+        pw_biases=tuple(_randn(c, device=device, dtype=dtype) for _ in range(3)),
+        fc1_weight=_randn(48, 3 * c, device=device, dtype=dtype), fc1_bias=_randn(48, device=device, dtype=dtype),
+        fc2_weight=_randn(3 * c, 48, device=device, dtype=dtype), fc2_bias=_randn(3 * c, device=device, dtype=dtype))
+    from bench.bytes_lmsa import totals as lmsa_totals
+    e = dtype.itemsize
+    providers = {"eager": lambda: eager_lmsa(x, params), "triton": lambda: get_ops("triton").lmsa(x, params)}
+    return Case("lmsa", f"B={batch},C={c},{h}²", batch, {"fwd+bwd": _builders(providers, backward=True)},
+                {"eager": lmsa_totals("eager", batch, c, h, h, e), "compile": lmsa_totals("eager", batch, c, h, h, e),
+                 "triton": lmsa_totals("fused", batch, c, h, h, e)})
+
+
+def upsample_argmax_case(batch, size, device, dtype) -> Case:
+    logits = torch.randn(batch, 19, size // 4, size // 4, device=device, dtype=dtype)
+    e = dtype.itemsize
+    low, full = logits.numel() * e, batch * size * size
+    providers = {"eager": lambda: eager_upsample_argmax(logits, (size, size)),
+                 "triton": lambda: get_ops("triton").upsample_argmax(logits, (size, size))}
+    # eager writes and re-reads full-res logits, then writes int64 ids; fused reads z, writes int64 ids
+    return Case("upsample+argmax", f"B={batch},{size}²", batch, {"fwd": _builders(providers, backward=False)},
+                {"eager": low + 2 * 19 * full * e + 8 * full, "compile": low + 8 * full, "triton": low + 8 * full})
+
+
+def train_step_case(batch, size, device, dtype) -> Case:
+    from msf.model import MicroSegFormer
+    images = torch.randn(batch, 3, size, size, device=device)
+    masks = torch.randint(0, 19, (batch, size, size), device=device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step_for(backend: str, compiled: bool = False) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = MicroSegFormer(backend=backend).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
+        loss_fn = torch.compile(model.loss) if compiled else model.loss
+
+        def step():
+            with nvtx_range("forward+loss"), amp:
+                loss = loss_fn(images, masks)
+            with nvtx_range("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with nvtx_range("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+        return step
+
+    builders = {"eager": lambda: step_for("eager"), "compile": lambda: step_for("eager", compiled=True),
+                "triton": lambda: step_for("triton")}
+    return Case("train_step", f"B={batch},{size}²", batch, {"step": builders}, {})
+
+
+def run_case(case: Case, providers: list[str], device: torch.device, preset: dict, env: dict, copy_gbs: float,
+             deadline: float) -> list[dict]:
+    rows = []
+    for pass_, builders in case.passes.items():
+        for provider in [p for p in providers if p in builders]:
+            if time.monotonic() > deadline:
+                print(f"  {case.op} {provider}: skipped (time budget spent)", flush=True)
+                continue
+            compile_s = None
+            try:
+                fn = builders[provider]()
+                if provider == "compile":  # the first call compiles; time it apart from the runs
+                    started = time.perf_counter()
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compile_s = time.perf_counter() - started
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with nvtx_range(f"bench/{case.op}/{provider}"):
+                    ms = measure_ms(fn, device, preset["warmup"], preset["reps"])
+            except Exception as exc:  # one broken provider must not hide the others' figures
+                print(f"  {case.op} {provider}: failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+                rows.append(row(case.op, provider, pass_, "error", "", case.size, 0.0, env, error=str(exc)[:500]))
+                continue
+            median = sorted(ms)[len(ms) // 2]
+            extra = {}
+            if device.type == "cuda":
+                extra["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
+            rows.append(row(case.op, provider, pass_, "time", "ms", case.size, ms, env, **extra))
+            rows.append(row(case.op, provider, pass_, "throughput", "images/s", case.size,
+                            [case.images / (t * 1e-3) for t in ms], env))
+            if extra:
+                rows.append(row(case.op, provider, pass_, "peak_memory", "MB", case.size, extra["peak_memory_mb"], env))
+            if compile_s is not None:
+                rows.append(row(case.op, provider, pass_, "compile_time", "s", case.size, compile_s, env))
+            nbytes = case.bytes_moved.get(provider)
+            if nbytes:
+                gbs = nbytes / (median * 1e-3) / 1e9
+                rows.append(row(case.op, provider, pass_, "bytes_moved", "MB", case.size, nbytes / 1e6, env))
+                rows.append(row(case.op, provider, pass_, "achieved_bandwidth", "GB/s", case.size, gbs, env,
+                                copy_bandwidth_gbs=copy_gbs, percent_of_copy=100 * gbs / copy_gbs))
+            print(f"  {case.op:22s} {provider:8s} {pass_:8s} {median:10.3f} ms"
+                  + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="msf bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="paper (CUDA) or smoke (default on a CPU)")
+    parser.add_argument("--suite", choices=["ops", "step", "all"], default="all")
+    parser.add_argument("--providers", default=None, help="comma list of eager,compile,triton,sdpa")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default=None, help="results file stem (default: bench-<preset>-<device>)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    preset_name = args.preset or ("paper" if device.type == "cuda" else "smoke")
+    preset = PRESETS[preset_name]
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.providers:
+        providers = args.providers.split(",")
+    elif device.type == "cuda":
+        providers = ["eager", "sdpa", "compile", "triton"]
+    else:
+        providers = ["eager", "sdpa"] + (["triton"] if interpreter else [])
+        print("CPU smoke run: torch.compile skipped (ask with --providers), "
+              + ("triton through the interpreter" if interpreter else "triton skipped (no TRITON_INTERPRET=1)"))
+    env = environment(device)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"{env['device']}: device copy {copy_gbs:.0f} GB/s; preset {preset_name}", flush=True)
+    deadline = time.monotonic() + args.budget_s
+    batch, size, dtype = preset["batch"], preset["size"], preset["dtype"]
+    rows = [row("device_copy", "torch", "copy", "bandwidth", "GB/s", "1 GiB" if device.type == "cuda" else "64 MiB",
+                copy_gbs, env)]
+    if args.suite in ("ops", "all"):
+        cases = [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
+                 lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
+        for case in cases:
+            rows += run_case(case, providers, device, preset, env, copy_gbs, deadline)
+    if args.suite in ("step", "all"):
+        step_providers = [p for p in providers if p != "sdpa"]
+        rows += run_case(train_step_case(batch, size, device, dtype), step_providers, device, preset, env, copy_gbs,
+                         deadline)
+    name = args.name or f"bench-{preset_name}-{device.type}"
+    json_path, md_path = write_results(rows, Path(args.out), name)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""A few MicroSegFormer training steps with NVTX ranges: the workload every profiler here wraps.
+
+    python -m profiling.step [--backend triton] [--batch 32] [--size 512] [--steps 5] [--warmup 2] [--amp bf16]
+
+Warm-up steps run first; the measured steps are bracketed by cudaProfilerStart/Stop, so
+`nsys --capture-range=cudaProfilerApi` and `ncu --profile-from-start off` see only them.
+NVTX ranges: step, data, forward+loss, encoder/stage1..4, decoder, decoder/lmsa, loss (or
+triton/head_loss), eager|triton/<op> for every backend op, backward, optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from msf.model import MicroSegFormer
+from msf.nvtx import nvtx_range
+
+
+def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device):
+    torch.manual_seed(0)
+    model = MicroSegFormer(backend=backend).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    masks = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None and device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def step():
+        with nvtx_range("step"):
+            with nvtx_range("data"):
+                x, y = images.clone(), masks.clone()  # stands in for the loader's host-to-device copy
+            with nvtx_range("forward+loss"), autocast:
+                loss = model.loss(x, y)
+            with nvtx_range("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with nvtx_range("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+        return loss
+    return step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--backend", default="triton" if on_gpu else "eager", choices=["eager", "triton"])
+    parser.add_argument("--batch", type=int, default=32 if on_gpu else 2)
+    parser.add_argument("--size", type=int, default=512 if on_gpu else 64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = build_step(args.backend, args.batch, args.size, args.amp, device)
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    for _ in range(args.steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    print(f"{args.steps} steps of {args.backend} at B={args.batch}, {args.size}²: last loss {float(loss):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
