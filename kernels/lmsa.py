@@ -33,18 +33,20 @@ Forward (two kernels and a few tiny PyTorch ops)
 
 Backward (two kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
-3. `_lmsa_bwd_gram_kernel`: M_k[b] = dO_b · DW_k(x_b)ᵀ (C×C per sample and scale, = ∂L/∂W̃) and
-   Σ_p dO (= ∂L/∂β), depthwise outputs recomputed on chip, per-chunk fp32 partials summed in PyTorch.
+3. `_lmsa_bwd_gram_kernel` (grid scale × channel block, pixel chunks, B): recomputes DW_k(x) on chip
+   (the same shifted loads as the forward) and E_k = W̃_kᵀ dO (a small GEMM per tile), and
+   accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ (= ∂L/∂W̃, on tensor cores), Σ_p dO (= ∂L/∂β) and the
+   main-path ∂L/∂w_k[δ] = Σ_p E_k[p] x[p + δ] (one pixel reduction per tap, reusing the loaded x).
+   Per-chunk fp32 partials, summed in PyTorch.
 4. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-5. `_lmsa_bwd_dx_kernel` (grid channel blocks × tile columns × B, looping down the column): for a
-   16×16 halo tile, E_k = W̃_kᵀ dO on the halo (GEMM on chip), dx = dO + Σ_k DW_kᵀ(E_k) (the
-   transposed depthwise conv reads E_k at shifted positions with `tl.gather`) + T[cell(q)] (the
-   statistics path: the adjoint of the cell sums is a broadcast of T), written once; and the
-   main-path ∂L/∂w_k = Σ_q E_k[q] x[q + δ] accumulated in registers per tile column, written as
-   fp32 partials B × n_columns × 83 × C, summed in PyTorch.
+5. `_lmsa_bwd_dx_kernel` (grid channel block × tile-column group × B, looping over 10×10 tiles):
+   E_k = W̃_kᵀ dO on the tile's 16×16 halo (GEMM on chip), staged through a per-program fp32
+   scratch tile (L1/L2) and read back at the 83 shifted positions: dx = dO + Σ_k DW_kᵀ(E_k) +
+   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once.
+   It never reads x.
 
-Deterministic: no atomics anywhere, fixed partial layouts independent of the autotuned configuration.
+Deterministic: no atomics anywhere; partial layouts do not depend on the autotuned configuration.
 
 Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf16/fp16 inputs feed
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
@@ -52,14 +54,19 @@ bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would giv
 
 Memory layout: the kernels take all four strides of x, dO, out and dx; nothing is converted or
 copied (out and dx follow x's memory format when x is dense, else they are contiguous NCHW).
-Contiguous NCHW and channels-last both coalesce: Triton specialises the unit stride.
+Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
+specialised by Triton and the AOT builds assume channels-last.
 
-Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (134 MB per activation tensor;
-`python -m bench.bytes_lmsa` prints the op-by-op table):
-    forward  fused ≈ 403 MB (x read twice, out written once; + 0.3 MB stats partials)  vs eager ≈ 3.6 GB
-    backward fused ≈ 832 MB (gram: x, dO; dx kernel: dO, x, dx; + ~43 MB partials)    vs eager ≈ 6.0 GB
-The arithmetic, not the bytes, bounds the fused kernels on an H100: 83 depthwise FMAs per element
-(5.6 GFMA per forward at this shape, ~170 µs of fp32 CUDA-core FMA) against a 134 µs byte floor.
+Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor;
+`python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
+    forward   fused 435 MB (floor 3T = 403: x twice, out once)   eager as written ≥ 5100 MB
+    backward  fused 640 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
+The fused surplus is fp32 partials (≈ 22 MB), B×3×C×C gate tensors (≈ 35 MB) and the dx kernel's
+scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by instruction issue,
+not by these bytes: 83 depthwise taps per element cost ~5 (forward), ~10 (gram: the per-tap pixel
+reduction of ∂L/∂w_k) and ~4 (dx) instructions per element and tap in the sm_90 builds, i.e. an
+estimated ~1 ms, ~2 ms and ~0.8 ms at this shape (unmeasured: no GPU was available), against
+≥ 4.9 ms for eager's bytes alone.
 """
 from __future__ import annotations
 
@@ -77,7 +84,6 @@ KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
-_CELL_PAD = 64  # 49 cells padded to a power of two
 _HALO = 16  # the dx kernel's halo tile is _HALO × _HALO pixels around a (_HALO−6)² inner tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,11 +106,13 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_P": 64}, num_warps=8, num_stages=1),
 ]
-_GRAM_CONFIGS = [
-    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 32}, num_warps=8, num_stages=1),
+_GRAM_CONFIGS = [  # BLOCK_J is the channel block of DW_k(x) and of the ∂w reduction over BLOCK_P pixels
+    triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 256, "BLOCK_J": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 256, "BLOCK_J": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=1),
 ]
 _DX_CONFIGS = [
     triton.Config({"BLOCK_J": 16}, num_warps=4, num_stages=1),
@@ -112,7 +120,7 @@ _DX_CONFIGS = [
     triton.Config({"BLOCK_J": 32}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_J": 16}, num_warps=8, num_stages=1),
 ]
-_CHUNK_ALIGN = 128  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
+_CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
 
 
 def _prune_block_j(configs, named_args, **kwargs):
@@ -167,6 +175,30 @@ def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.
     return acc
 
 
+@triton.jit
+def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                         KS: tl.constexpr, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+                         TAPS: tl.constexpr):
+    """`_depthwise`, plus dwacc[t, j] += Σ_p e[p, j] x[p + δ_t, j] from the same shifted loads
+    (e = ∂L/∂DW_KS(x) on the tile, 0 on masked pixels; dwacc is TAPS × BLOCK_J, row t = tap t)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    taps = tl.arange(0, TAPS)[:, None]
+    c_ptr = x_base + offs_j[None, :] * sxc
+    for i in range(KS):
+        hh = h + (i - KS // 2)
+        row_ok = mask_p & (hh >= 0) & (hh < H)
+        row_ptr = c_ptr + (hh * sxh)[:, None]
+        for j in range(KS):
+            ww = w + (j - KS // 2)
+            m = row_ok & (ww >= 0) & (ww < W)
+            xv = tl.load(row_ptr + (ww * sxw)[:, None], mask=m[:, None], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + (i * KS + j) * C + offs_j)
+            acc += xv * wv[None, :]
+            contrib = tl.sum(e * xv, 0)
+            dwacc = tl.where(taps == i * KS + j, dwacc + contrib[None, :], dwacc)
+    return acc, dwacc
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -178,8 +210,8 @@ def _lmsa_stats_kernel(
     H, W, TH, TW, n_chunks,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Cell sums of x over pixel chunk `pid` of image b: SP[b, pid, cell, c] (B × n × 64 × C fp32),
-    as onehot(cell)ᵀ · x on tensor cores, one BLOCK_P-pixel tile at a time."""
+    """Cell sums of x over pixel chunk `pid` of image b: SP[b, pid, cell, c] (B × n × 49 × C fp32),
+    as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one BLOCK_P-pixel tile at a time."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, C)
@@ -197,8 +229,8 @@ def _lmsa_stats_kernel(
                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × C
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
             acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × C
-    out = SP + ((b * n_chunks + pid) * 64 + offs_cell[:, None]) * C + offs_c[None, :]
-    tl.store(out, acc)
+    out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
+    tl.store(out, acc, mask=(offs_cell < 49)[:, None])
 
 
 @triton.autotune(configs=pick_configs(_FWD_CONFIGS), key=["H", "W", "C", "PRECISE"])
@@ -253,29 +285,36 @@ def _lmsa_fwd_kernel(
 # Main path (treating W̃ and β as inputs):
 #     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k recomputed on chip)
 #     ∂L/∂β    = Σ_p G[:, p]                  (same kernel)
-#     E_k      = W̃_kᵀ G                       (C × N, never stored: `_lmsa_bwd_dx_kernel` on chip)
-#     ∂L/∂x   += G + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]     (E_k = 0 outside the image)
-#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]
+#     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N, never stored; formed on chip per tile by both kernels)
+#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (gram kernel, from the loads of D_k's taps)
+#     ∂L/∂x[j, q]   += G[j, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]   (dx kernel; E_k = 0 outside the image)
 # Gate path (PyTorch autograd through the tiny graph P → g → s → z → (W̃, β), given M and Σ G):
-#     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then SE-MLP backward → ∂L/∂s → ∂L/∂g_k = W_kᵀ ∂L/∂s_k,
-#     ∂L/∂W_k = diag(z_k) M_k + ∂L/∂s_k g_kᵀ (summed over b), ∂L/∂b_k = z_k ⊙ Σ G + ∂L/∂s_k,
-#     ∂L/∂w_k (stats part) = Σ_b ∂L/∂g_k ⊙ win / (H·W),  and T = ∂L/∂P (B × C × 7 × 7).
+#     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then the SE-MLP backward → ∂L/∂s,
+#     ∂L/∂g_k = W_kᵀ ∂L/∂s_k,
+#     ∂L/∂W_k = Σ_b [diag(z_k) M_k + ∂L/∂s_k g_kᵀ],   ∂L/∂b_k = Σ_b [z_k ⊙ Σ_p G + ∂L/∂s_k],
+#     ∂L/∂w_k (statistics part) = Σ_b ∂L/∂g_k ⊙ win / (H·W),  and T = ∂L/∂P (B × C × 7 × 7).
 # The statistics are linear in x (cell sums), so their adjoint is a broadcast:
 #     ∂L/∂x[j, q] += T[j, cell(q)]
 # which the dx kernel adds while it writes dx, so dx is written once and never re-read.
-# Both sums over pixels (M, Σ G, and ∂L/∂w_k) go to fp32 partial buffers summed afterwards.
-@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "BLOCK_J", "CHUNK_PIX", "PRECISE"])
+# Order: the gram kernel and the gate graph first (T needs ∂L/∂z, a sum over every pixel), then dx.
+# Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
+@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _prune_block_j})
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, DW3, DW5, DW7, MP, GSP,
+    X, DO, WG, DW3, DW5, DW7, MP, GSP, DWP,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
     C: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Partial M_k[b][:, j-block] = Σ_{p ∈ chunk} dO[:, p] DW_k(x)[j-block, p]ᵀ (and Σ dO) for scale
-    k = pid_kj // (C / BLOCK_J). MP: B × n × 3 × C × C fp32, GSP: B × n × C fp32."""
+    """Over the pixels p of chunk `pid` of image b, for scale k = pid_kj // (C / BLOCK_J) and the
+    channel block j of pid_kj, the partial sums
+        MP[b, pid, k, :, j]  = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ              (∂L/∂W̃_k, C × BLOCK_J)
+        DWP[b, pid, t, j]    = Σ_p E_k[j, p] x[j, p + δ_t],  E_k = W̃_kᵀ dO   (main-path ∂L/∂w_k)
+        GSP[b, pid, :]       = Σ_p dO[:, p]                              (∂L/∂β; pid_kj = 0 only)
+    with DW_k(x) recomputed on chip; MP: B × n × 3 × C × C, DWP: B × n × 83 × C, GSP: B × n × C fp32."""
     pid_kj = tl.program_id(0)
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -284,8 +323,10 @@ def _lmsa_bwd_gram_kernel(
     offs_c = tl.arange(0, C)
     x_base = X + b * sxb
     g_base = DO + b * sgb
+    wg_ptr = WG + ((b * 3 + kid) * C + offs_c[:, None]) * C + offs_j[None, :]  # W̃_k[b][:, j-block]
 
     acc = tl.zeros([C, BLOCK_J], tl.float32)
+    dwacc = tl.zeros([64, BLOCK_J], tl.float32)
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
@@ -295,34 +336,40 @@ def _lmsa_bwd_gram_kernel(
             w = offs_p % W
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
+            e = _mm(tl.trans(gt), tl.load(wg_ptr), PRECISE)  # E_k[p, j]: BLOCK_P × BLOCK_J
             if kid == 0:
-                d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BLOCK_J)
+                d, dwacc = _depthwise_and_wgrad(x_base, DW3, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                                                3, C, BLOCK_P, BLOCK_J, 64)
             elif kid == 1:
-                d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BLOCK_J)
+                d, dwacc = _depthwise_and_wgrad(x_base, DW5, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                                                5, C, BLOCK_P, BLOCK_J, 64)
             else:
-                d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BLOCK_J)
+                d, dwacc = _depthwise_and_wgrad(x_base, DW7, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                                                7, C, BLOCK_P, BLOCK_J, 64)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
             gsum += tl.sum(gt.to(tl.float32), 1)
 
     row = (b * n_chunks + pid) * 3 + kid
     tl.store(MP + (row * C + offs_c[:, None]) * C + offs_j[None, :], acc)
     tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_kj == 0))
+    ks = 3 + 2 * kid
+    row0 = tl.where(kid == 0, 0, tl.where(kid == 1, 9, 34))  # first row of this scale among the 83
+    taps = tl.arange(0, 64)
+    tl.store(DWP + ((b * n_chunks + pid) * 83 + row0 + taps[:, None]) * C + offs_j[None, :], dwacc,
+             mask=(taps < ks * ks)[:, None])
 
 
 @triton.jit
-def _dx_branch(g_base, wg_ptr, e_scr, x_scr, dx, dwacc, w_ptr, gh, gw, e_ok, center, q_ok, offs_j,
-               sgc, sgh, sgw,
-               C: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr, TAPS: tl.constexpr,
+def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, gh, gw, e_ok, center, offs_j, sgc, sgh, sgw,
+               C: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
                BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
-    """One scale's share of the dx kernel for one inner tile.
+    """dx += DW_KSᵀ(E), E = W̃ᵀ dO, for one inner tile.
 
-    E = W̃ᵀ dO on the halo tile (GEMM on chip, 0 outside the image) goes to the program's fp32
-    scratch tile; then, per tap δ, dx += w[δ] E[q − δ] and dwacc[δ] += Σ_q E[q] x[q + δ], both
-    read back from the scratch tiles (E and the staged x halo) at a uniform shift: no masks."""
+    E is formed on the halo tile (GEMM on chip, 0 outside the image), written to the program's fp32
+    scratch tile and read back at the shifted positions q − δ (a uniform offset: no masks)."""
     offs_jj = tl.arange(0, BLOCK_J)
     offs_cc = tl.arange(0, BLOCK_C)
-    # E[e, j] = Σ_c dO[c, e] W̃[c, j] over the halo pixels e
-    E = tl.zeros([BLOCK_E, BLOCK_J], tl.float32)
+    E = tl.zeros([BLOCK_E, BLOCK_J], tl.float32)  # E[e, j] = Σ_c dO[c, e] W̃[c, j], halo pixels e
     pix = (gh * sgh + gw * sgw)[:, None]
     for c0 in range(0, C, BLOCK_C):
         g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
@@ -333,52 +380,45 @@ def _dx_branch(g_base, wg_ptr, e_scr, x_scr, dx, dwacc, w_ptr, gh, gw, e_ok, cen
     tl.debug_barrier()  # ... and this one's is complete before anyone reads it back
 
     e_ptr = e_scr + center[:, None] * BLOCK_J + offs_jj[None, :]
-    x_ptr = x_scr + center[:, None] * BLOCK_J + offs_jj[None, :]
-    e_in = tl.where(q_ok[:, None], tl.load(e_ptr), 0.0)
-    taps = tl.arange(0, TAPS)
+    w_ptr = w_ptr + offs_j
     for i in range(KS):
         for j in range(KS):
-            t = i * KS + j
             shift = ((i - KS // 2) * HALO_W + (j - KS // 2)) * BLOCK_J  # δ in scratch elements
-            wv = tl.load(w_ptr + t * C + offs_j)  # fp32, tap-major KS² × C
+            wv = tl.load(w_ptr + (i * KS + j) * C)  # fp32, tap-major KS² × C
             dx += tl.load(e_ptr - shift) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
-            contrib = tl.sum(e_in * tl.load(x_ptr + shift), 0)  # Σ_q E[q] x[q + δ]
-            dwacc = tl.where(taps[:, None] == t, dwacc + contrib[None, :], dwacc)
-    return dx, dwacc
+    return dx
 
 
-@triton.autotune(configs=pick_configs(_DX_CONFIGS), key=["H", "W", "C", "N_TR", "PRECISE"],
+@triton.autotune(configs=pick_configs(_DX_CONFIGS), key=["H", "W", "C", "N_TR", "COLS", "PRECISE"],
                  prune_configs_by={"early_config_prune": _prune_block_j})
 @triton.jit
 def _lmsa_bwd_dx_kernel(
-    X, DO, WG, DW3, DW5, DW7, T, DX, DWP, SCR,
-    sxb, sxc, sxh, sxw,
+    DO, WG, DW3, DW5, DW7, T, DX, SCR,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW, n_cols,
-    C: tl.constexpr, N_TR: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    H, W, TH, TW, n_cols, n_grps,
+    C: tl.constexpr, N_TR: tl.constexpr, COLS: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx for channels j-block of tile column `col` of image b (all N_TR tiles down the column) and
-    that column's partial ∂L/∂w_k: DWP[b, col, row, j] (B × n_cols × 83 × C fp32).
+    """dx = dO + Σ_k DW_kᵀ(W̃_kᵀ dO) + T[cell] for channel block j of tile-column group `grp` of
+    image b: COLS columns of (HALO−6)² inner tiles, N_TR tiles down each. Reads dO (with a 3-pixel
+    halo, from L2), writes dx once; never reads x.
 
-    SCR is the programs' fp32 scratch: two HALO_H·HALO_W × BLOCK_J tiles each (E, and x's halo),
-    2·B·n_cols·C·HALO_H·HALO_W floats in all, rewritten for every (tile, scale) and read back at once,
-    so it lives in L1/L2. Triton has no user-managed shared memory, and `tl.gather` on a 256-row
-    register tile lowers to warp shuffles (measured ~1300 instructions per tap against ~150 here)."""
+    SCR is the programs' fp32 scratch: one HALO_H·HALO_W × BLOCK_J tile each (B·n_grps·C·HALO_H·HALO_W
+    floats in all), rewritten for every (tile, scale) and read back at once, so it lives in L1/L2
+    (column groups keep the number of programs, hence the scratch, small). Triton has no
+    user-managed shared memory, and `tl.gather` on a 256-row register tile lowers to warp shuffles
+    (~1300 instructions per tap in an sm_90 build)."""
     IR: tl.constexpr = HALO_H - 6
     IC: tl.constexpr = HALO_W - 6
     NE: tl.constexpr = HALO_H * HALO_W
     pid_j = tl.program_id(0)
-    col = tl.program_id(1)
+    grp = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    offs_jj = tl.arange(0, BLOCK_J)
-    x_base = X + b * sxb
     g_base = DO + b * sgb
     wg_base = WG + b * (3 * C * C)
-    e_scr = SCR + (((b * n_cols + col) * (C // BLOCK_J) + pid_j) * (2 * NE)) * BLOCK_J
-    x_scr = e_scr + NE * BLOCK_J
+    e_scr = SCR + (((b * n_grps + grp) * (C // BLOCK_J) + pid_j) * NE) * BLOCK_J
 
     offs_e = tl.arange(0, NE)  # halo pixels, row-major
     er = offs_e // HALO_W
@@ -390,46 +430,33 @@ def _lmsa_bwd_dx_kernel(
     # halo index of each inner pixel; lanes past the IR × IC tile point at a valid centre so every
     # shifted read stays inside the scratch tile
     center = tl.where(lane_ok, (ir + 3) * HALO_W + ic + 3, 3 * HALO_W + 3)
-    w0 = col * IC
 
-    dw3 = tl.zeros([16, BLOCK_J], tl.float32)
-    dw5 = tl.zeros([32, BLOCK_J], tl.float32)
-    dw7 = tl.zeros([64, BLOCK_J], tl.float32)
-    for tr in range(N_TR):
-        h0 = tr * IR
-        gh = h0 - 3 + er
-        gw = w0 - 3 + ec
-        e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
-        qh = h0 + ir
-        qw = w0 + ic
-        q_ok = lane_ok & (qh < H) & (qw < W)
-        # stage x's halo tile (fp32, 0 outside the image) for the depthwise-weight gradient
-        xh = tl.load(x_base + (gh * sxh + gw * sxw)[:, None] + offs_j[None, :] * sxc, mask=e_ok[:, None], other=0.0)
-        tl.debug_barrier()  # the previous tile's reads of the x scratch are done
-        tl.store(x_scr + offs_e[:, None] * BLOCK_J + offs_jj[None, :], xh.to(tl.float32))
-        dx = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-        dx, dw3 = _dx_branch(g_base, wg_base, e_scr, x_scr, dx, dw3, DW3, gh, gw, e_ok, center, q_ok, offs_j,
-                             sgc, sgh, sgw, C, HALO_W, 3, 16, NE, BLOCK_J, BLOCK_C, PRECISE)
-        dx, dw5 = _dx_branch(g_base, wg_base + C * C, e_scr, x_scr, dx, dw5, DW5, gh, gw, e_ok, center, q_ok,
-                             offs_j, sgc, sgh, sgw, C, HALO_W, 5, 32, NE, BLOCK_J, BLOCK_C, PRECISE)
-        dx, dw7 = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, x_scr, dx, dw7, DW7, gh, gw, e_ok, center, q_ok,
-                             offs_j, sgc, sgh, sgw, C, HALO_W, 7, 64, NE, BLOCK_J, BLOCK_C, PRECISE)
-        # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
-        pix_g = (qh * sgh + qw * sgw)[:, None]
-        g_in = tl.load(g_base + pix_g + offs_j[None, :] * sgc, mask=q_ok[:, None], other=0.0)
-        cell = _cell(qh, qw, H, W, TH, TW)
-        t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=q_ok[:, None], other=0.0)
-        dx += g_in.to(tl.float32) + t_in
-        tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
-                 dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
-
-    part = DWP + ((b * n_cols + col) * 83) * C + offs_j[None, :]
-    t3 = tl.arange(0, 16)
-    tl.store(part + t3[:, None] * C, dw3, mask=(t3 < 9)[:, None])
-    t5 = tl.arange(0, 32)
-    tl.store(part + (9 + t5[:, None]) * C, dw5, mask=(t5 < 25)[:, None])
-    t7 = tl.arange(0, 64)
-    tl.store(part + (34 + t7[:, None]) * C, dw7, mask=(t7 < 49)[:, None])
+    for cc in range(COLS):
+        col = grp * COLS + cc
+        if col < n_cols:  # the last group may have fewer columns
+            w0 = col * IC
+            for tr in range(N_TR):
+                h0 = tr * IR
+                gh = h0 - 3 + er
+                gw = w0 - 3 + ec
+                e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
+                qh = h0 + ir
+                qw = w0 + ic
+                q_ok = lane_ok & (qh < H) & (qw < W)
+                # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
+                g_in = tl.load(g_base + (qh * sgh + qw * sgw)[:, None] + offs_j[None, :] * sgc,
+                               mask=q_ok[:, None], other=0.0)
+                cell = _cell(qh, qw, H, W, TH, TW)
+                dx = g_in.to(tl.float32) + tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None],
+                                                   mask=q_ok[:, None], other=0.0)
+                dx = _dx_branch(g_base, wg_base, e_scr, dx, DW3, gh, gw, e_ok, center, offs_j, sgc, sgh, sgw,
+                                C, HALO_W, 3, NE, BLOCK_J, BLOCK_C, PRECISE)
+                dx = _dx_branch(g_base, wg_base + C * C, e_scr, dx, DW5, gh, gw, e_ok, center, offs_j,
+                                sgc, sgh, sgw, C, HALO_W, 5, NE, BLOCK_J, BLOCK_C, PRECISE)
+                dx = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, dx, DW7, gh, gw, e_ok, center, offs_j,
+                                sgc, sgh, sgw, C, HALO_W, 7, NE, BLOCK_J, BLOCK_C, PRECISE)
+                tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
+                         dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +489,22 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, ma
         return 128
     want = max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
     return triton.cdiv(triton.cdiv(hw, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
+
+
+def _dx_grid(h: int, w: int, batch: int, c: int, sms: int | None) -> tuple[int, int, int, int]:
+    """(tile rows, columns per program, tile columns, column groups) of the dx kernel. Each
+    program sweeps COLS tile columns of one image and channel block: enough groups for about four
+    programs per SM at 32-channel blocks, no more (the scratch and the ∂w partials scale with the
+    number of programs). Under the interpreter two columns per program, so tests cover the loop
+    and (for an odd number of columns) a group's missing last column."""
+    inner = _HALO - 6
+    n_tr, n_cols = triton.cdiv(h, inner), triton.cdiv(w, inner)
+    if sms is None:
+        cols = 2
+    else:
+        want = max(1, min(n_cols, triton.cdiv(4 * sms, batch * max(1, c // 32))))
+        cols = triton.cdiv(n_cols, want)
+    return n_tr, cols, n_cols, triton.cdiv(n_cols, cols)
 
 
 def _cell_indicator(n: int, device) -> torch.Tensor:
@@ -499,13 +542,13 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
 
 def _stats(x: torch.Tensor, precise: bool) -> torch.Tensor:
     b, c, h, w = x.shape
-    chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=64)
+    chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
-    sp = _new((b, n_chunks, _CELL_PAD, c), x.device, torch.float32)
+    sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
     _lmsa_stats_kernel[(n_chunks, b)](
         x, sp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
-    cells = sp.sum(1)[:, : _CELLS * _CELLS]  # B×49×C, summed in chunk order
+    cells = sp.sum(1)  # B×49×C, summed in chunk order
     return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS)
 
 
@@ -534,17 +577,19 @@ def _backward(x, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
-    # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32) and Σ_p dO = ∂L/∂β
-    block_j = min(64, c)
-    chunk = _chunk_pix(h * w, b, 3 * (c // block_j), _sm_count(x.device), max_chunks=4)
+    # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
+    chunk = _chunk_pix(h * w, b, 3 * (c // 32), _sm_count(x.device), max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
-    _lmsa_bwd_gram_kernel[(3 * (c // block_j), n_chunks, b)](
-        x, g, *dw_flat, mp, gsp, *x.stride(), *g.stride(), h, w, n_chunks,
-        C=c, BLOCK_J=block_j, CHUNK_PIX=chunk, PRECISE=precise)
+    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    grid = lambda meta: (3 * (c // meta["BLOCK_J"]), n_chunks, b)  # noqa: E731
+    _lmsa_bwd_gram_kernel[grid](
+        x, g, wg, *dw_flat, mp, gsp, dwp, *x.stride(), *g.stride(), h, w, n_chunks,
+        C=c, CHUNK_PIX=chunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
+    dw_main = dwp.sum((0, 1))  # 83 × C
 
     # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
@@ -553,23 +598,20 @@ def _backward(x, g, P, wg, params, precise):
         grads = torch.autograd.grad((wg32, beta), leaves, (m, gsum))
     t_cells = grads[0].contiguous()  # B×C×7×7 fp32
     pgrads = list(grads[1:])
-
-    # 3. dx (written once) and the main-path depthwise-weight partials
-    n_cols = triton.cdiv(w, _HALO - 6)
-    n_tr = triton.cdiv(h, _HALO - 6)
-    dx = _new_like(x)
-    dwp = _new((b, n_cols, _N_TAPS, c), x.device, torch.float32)
-    scratch = _new((2 * b * n_cols * c * _HALO * _HALO,), x.device, torch.float32)
-    grid = lambda meta: (c // meta["BLOCK_J"], n_cols, b)  # noqa: E731
-    _lmsa_bwd_dx_kernel[grid](
-        x, g, wg, *dw_flat, t_cells, dx, dwp, scratch,
-        *x.stride(), *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols,
-        C=c, N_TR=n_tr, HALO_H=_HALO, HALO_W=_HALO,
-        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), BLOCK_C=min(32, c), PRECISE=precise)
-    dw_main = dwp.sum((0, 1))  # 83 × C
     for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
         pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
+
+    # 3. dx, written once
+    n_tr, cols, n_cols, n_grps = _dx_grid(h, w, b, c, _sm_count(x.device))
+    dx = _new_like(x)
+    scratch = _new((b * n_grps * c * _HALO * _HALO,), x.device, torch.float32)
+    grid = lambda meta: (c // meta["BLOCK_J"], n_grps, b)  # noqa: E731
+    _lmsa_bwd_dx_kernel[grid](
+        g, wg, *dw_flat, t_cells, dx, scratch,
+        *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols, n_grps,
+        C=c, N_TR=n_tr, COLS=cols, HALO_H=_HALO, HALO_W=_HALO,
+        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), BLOCK_C=min(32, c), PRECISE=precise)
     return dx, pgrads
 
 
@@ -643,9 +685,9 @@ _AOT_DTYPES = {"bf16": False, "fp32": True}
 def _aot_specs() -> list[AotSpec]:
     specs: list[AotSpec] = []
     hw = _AOT_HW * _AOT_HW
-    stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=64)
-    gram_chunk = _chunk_pix(hw, 32, 3 * (_AOT_C // 64), 132, max_chunks=4)
-    n_tr = triton.cdiv(_AOT_HW, _HALO - 6)
+    stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
+    gram_chunk = _chunk_pix(hw, 32, 3 * (_AOT_C // 32), 132, max_chunks=4)
+    n_tr, cols, _, _ = _dx_grid(_AOT_HW, _AOT_HW, 32, _AOT_C, 132)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         kernels = (
@@ -656,13 +698,14 @@ def _aot_specs() -> list[AotSpec]:
              {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {"BLOCK_K": 32}),
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_CONFIGS,
-             {"X": dt, "DO": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "MP": "*fp32", "GSP": "*fp32"},
-             ["H", "W", "n_chunks"], {"BLOCK_J": 64, "CHUNK_PIX": gram_chunk}),
+             {"X": dt, "DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "MP": "*fp32",
+              "GSP": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_CONFIGS,
-             {"X": dt, "DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
-              "DX": dt, "DWP": "*fp32", "SCR": "*fp32"},
-             ["H", "W", "TH", "TW", "n_cols"],
-             {"N_TR": n_tr, "HALO_H": _HALO, "HALO_W": _HALO,
+             {"DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
+              "DX": dt, "SCR": "*fp32"},
+             ["H", "W", "TH", "TW", "n_cols", "n_grps"],
+             {"N_TR": n_tr, "COLS": cols, "HALO_H": _HALO, "HALO_W": _HALO,
               "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2), "BLOCK_C": 32}),
         )
         for name, fn, configs, ptrs, ints, extra in kernels:

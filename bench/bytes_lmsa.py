@@ -1,0 +1,178 @@
+"""Bytes through GPU memory of the decoder's multi-scale LMSA (SPEC §2, §6), eager against fused.
+
+    python -m bench.bytes_lmsa [--batch 32] [--channels 128] [--size 128] [--dtype-bytes 2]
+                               [--bandwidth 3.0e12] [--sms 132] [--ops]
+
+Shape: the decoder map of a 512×512 image, x = B×C×h×w = 32×128×128×128 in bf16 (AMP), so one
+activation-sized tensor T is 134.2 MB. Counting rule (as in the other bench/bytes_* scripts): every
+kernel reads each of its inputs once and writes each of its outputs once; reuse inside one kernel
+through caches is free, between kernels it is not; views (chunk, narrow, expand) are free; weights
+and per-(b, c) vectors under ~1 MB are left out unless listed.
+
+- eager: `msf.backend.eager_lmsa` as written, op by op, and autograd's backward of it:
+  3 × (depthwise conv writing DW_k(x), 1×1 conv writing f_k), `torch.cat` (3T copy), the GAP
+  `mean` (reads 3T), `stacked * z` (3T), Python's `sum` of the three chunks (`0 + a`, `+ b`, `+ c`)
+  and the residual add. Backward: the cat of the three chunk gradients (SplitBackward), the two
+  gradients of the gating product (dstacked = dO·z, and dz = Σ dO·stacked as a full-size product then
+  a reduction), the mean's expanded gradient, their accumulation, each 1×1 conv's input / weight /
+  bias gradients, each depthwise conv's input / weight gradients, and the accumulation of the four
+  contributions to dx. Layout copies (e.g. `.contiguous()` of the narrowed gradients inside conv
+  backward) and convolution workspaces are not counted: the eager rows are a lower bound.
+- fused: `kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums),
+  their sum, the tiny gate graph (writes the per-sample gated weights W̃, B×3×C×C), the main kernel
+  (reads x and W̃, writes out). Backward: the gram kernel (reads x, dO, W̃; writes fp32 partials of
+  ∂L/∂W̃ and of the depthwise-weight gradient), their sums, the tiny graph's backward (a few
+  B×3×C×C fp32 tensors), the dx kernel (reads dO and W̃, writes dx; its per-program fp32 scratch
+  tiles are counted as written once to DRAM, an upper bound: they are rewritten in place and
+  mostly die in L2). The 3-pixel halos are re-read from L1/L2, not DRAM, and are not counted.
+- floor: forward reads x twice (statistics, then the main pass: the gates depend on a global
+  reduction over the image) and writes out once: 3T. Backward reads x and dO for the gram / gate
+  gradients, then dO again and writes dx: 4T.
+
+"µs" = bytes / bandwidth (3.0 TB/s, an H100's device copy rate): the time if the pass were purely
+bandwidth-bound. The fused kernels are not: their depthwise taps cost 83 FMAs per element plus
+loads and (in the backward) per-tap reductions, so on an H100 they are bound by instruction issue,
+not by DRAM; see kernels/lmsa.py's docstring.
+
+Default output (B = 32, C = 128, 128×128, bf16, H100 with 132 SMs):
+
+    pass        eager MB   fused MB   floor MB |  eager µs   fused µs   floor µs
+    forward       5100.4      435.2      402.7 |    1700.1      145.1      134.2
+    backward      9663.9      639.6      536.9 |    3221.3      213.2      179.0
+    total        14764.3     1074.8      939.5 |    4921.4      358.3      313.2
+"""
+from __future__ import annotations
+
+import argparse
+
+MB = 1e6
+KERNEL_SIZES = (3, 5, 7)
+N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int, max_chunks: int) -> int:
+    """Pixels per chunk of the stats / gram kernels (same rule as kernels.lmsa._chunk_pix)."""
+    want = max(1, min(max_chunks, _cdiv(4 * sms, batch * per_chunk_programs)))
+    return _cdiv(_cdiv(hw, want), 256) * 256
+
+
+def _dx_groups(h: int, w: int, batch: int, c: int, sms: int) -> int:
+    """Column groups of the dx kernel (same rule as kernels.lmsa._dx_grid)."""
+    n_cols = _cdiv(w, 10)
+    want = max(1, min(n_cols, _cdiv(4 * sms, batch * max(1, c // 32))))
+    return _cdiv(n_cols, _cdiv(n_cols, want))
+
+
+def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: int = 2, sms: int = 132):
+    """[(pass, op, bytes read, bytes written)] for one LMSA forward + backward of `variant`."""
+    T = B * C * H * W * e  # one activation-sized tensor
+    small = B * 3 * C * 4  # a B×3C fp32 vector (pooled stats, gates): counted where it is the output
+    rows: list[tuple[str, str, int, int]] = []
+
+    def op(pass_: str, name: str, read: int, written: int) -> None:
+        rows.append((pass_, name, read, written))
+
+    if variant == "eager":
+        for k in KERNEL_SIZES:
+            op("fwd", f"DW_{k}(x)  depthwise conv", T, T)
+            op("fwd", f"f_{k} = PW_{k}(DW_{k})  1×1 conv + bias", T, T)
+        op("fwd", "stacked = cat([f_3, f_5, f_7])", 3 * T, 3 * T)
+        op("fwd", "s = stacked.mean((2, 3))", 3 * T, small)
+        op("fwd", "SE MLP (FC1, ReLU, FC2, sigmoid)", small, small)
+        op("fwd", "gated = stacked * z", 3 * T, 3 * T)
+        op("fwd", "0 + gated_3   (Python sum)", T, T)
+        op("fwd", "+ gated_5", 2 * T, T)
+        op("fwd", "+ gated_7", 2 * T, T)
+        op("fwd", "out = x + Σ", 2 * T, T)
+        op("bwd", "d(gated) = cat of the 3 chunk grads (SplitBackward)", 3 * T, 3 * T)
+        op("bwd", "d(stacked) = d(gated) * z", 3 * T, 3 * T)
+        op("bwd", "d(gated) * stacked  (for dz)", 6 * T, 3 * T)
+        op("bwd", "dz = sum over pixels", 3 * T, small)
+        op("bwd", "SE MLP backward", small, small)
+        op("bwd", "mean backward: expand(ds) / hw", small, 3 * T)
+        op("bwd", "accumulate the two d(stacked)", 6 * T, 3 * T)
+        for k in KERNEL_SIZES:
+            op("bwd", f"PW_{k} backward: d(DW_{k}) = W_kᵀ df_k", T, T)
+            op("bwd", f"PW_{k} backward: dW_{k} (reads df_k, DW_{k}(x))", 2 * T, 0)
+            op("bwd", f"PW_{k} backward: db_{k}", T, 0)
+            op("bwd", f"DW_{k} backward: dx_{k}", T, T)
+            op("bwd", f"DW_{k} backward: dw_{k} (reads d(DW_{k}), x)", 2 * T, 0)
+        op("bwd", "dx = dO + dx_3 + dx_5 + dx_7  (3 accumulations)", 6 * T, 3 * T)
+        return rows
+
+    if variant == "fused":
+        wg = B * 3 * C * C * e  # W̃ in the activation dtype
+        wg32 = B * 3 * C * C * 4  # W̃ (or its gradient) in fp32
+        stats_chunks = _cdiv(H * W, _chunk_pix(H * W, B, 1, sms, 8))
+        gram_chunks = _cdiv(H * W, _chunk_pix(H * W, B, 3 * (C // 32), sms, 4))
+        sp = B * stats_chunks * 49 * C * 4
+        mp = B * gram_chunks * 3 * C * C * 4
+        dwp = B * gram_chunks * N_TAPS * C * 4
+        cells = B * C * 49 * 4
+        scratch = B * _dx_groups(H, W, B, C, sms) * C * 16 * 16 * 4
+        op("fwd", "stats kernel: x → per-chunk cell sums", T, sp)
+        op("fwd", "sum the cell-sum partials", sp, cells)
+        op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
+        op("fwd", "main kernel: x, W̃ → out", T + wg, T)
+        op("bwd", "gram kernel: x, dO, W̃ → ∂W̃ and ∂w partials", 2 * T + wg, mp + dwp)
+        op("bwd", "sum the gram partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
+        op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
+        op("bwd", "dx kernel: dO, W̃, T → dx (scratch tiles written)", T + wg + cells, T + scratch)
+        return rows
+
+    if variant == "floor":
+        op("fwd", "read x (statistics)", T, 0)
+        op("fwd", "read x, write out", T, T)
+        op("bwd", "read x, dO (gate and weight gradients)", 2 * T, 0)
+        op("bwd", "read dO, write dx", T, T)
+        return rows
+    raise ValueError(variant)
+
+
+def totals(rows) -> dict[str, int]:
+    out = {"fwd": 0, "bwd": 0}
+    for pass_, _, r, w in rows:
+        out[pass_] += r + w
+    return out
+
+
+def table(batch=32, channels=128, size=128, e=2, bandwidth=3.0e12, sms=132, show_ops=False) -> str:
+    variants = ("eager", "fused", "floor")
+    tot = {v: totals(ops(v, batch, channels, size, size, e, sms)) for v in variants}
+    lines = [f"LMSA bytes, x = {batch}×{channels}×{size}×{size}, {e}-byte activations "
+             f"(one tensor = {batch * channels * size * size * e / MB:.1f} MB), {bandwidth / 1e12:.1f} TB/s",
+             f"{'pass':9} {'eager MB':>10} {'fused MB':>10} {'floor MB':>10} | "
+             f"{'eager µs':>9} {'fused µs':>10} {'floor µs':>10}"]
+    for label, keys in (("forward", ("fwd",)), ("backward", ("bwd",)), ("total", ("fwd", "bwd"))):
+        b = {v: sum(tot[v][k] for k in keys) for v in variants}
+        lines.append(f"{label:9} {b['eager'] / MB:10.1f} {b['fused'] / MB:10.1f} {b['floor'] / MB:10.1f} | "
+                     f"{b['eager'] / bandwidth * 1e6:9.1f} {b['fused'] / bandwidth * 1e6:10.1f} "
+                     f"{b['floor'] / bandwidth * 1e6:10.1f}")
+    if show_ops:
+        for v in variants:
+            lines.append(f"\n{v}:")
+            for pass_, name, r, w in ops(v, batch, channels, size, size, e, sms):
+                lines.append(f"  {pass_}  {name:58} read {r / MB:9.1f} MB  write {w / MB:9.1f} MB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bytes_lmsa", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--channels", type=int, default=128)
+    p.add_argument("--size", type=int, default=128, help="h = w of the decoder map (image size / 4)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="activation element size (bf16: 2)")
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the time floor")
+    p.add_argument("--sms", type=int, default=132, help="SM count (sets the fused kernels' chunking)")
+    p.add_argument("--ops", action="store_true", help="list every counted op")
+    a = p.parse_args(argv)
+    print(table(a.batch, a.channels, a.size, a.dtype_bytes, a.bandwidth, a.sms, a.ops))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
