@@ -7,11 +7,13 @@ their eager version.
 """
 from __future__ import annotations
 
+from kernels import attention as _attention  # the submodule stays reachable as kernels.attention
 from kernels import head_loss as _head_loss
 from kernels import lmsa as _lmsa
 from kernels import upsample_argmax as _upsample_argmax
 
 TRITON_OPS: dict = {
+    "attention": _attention.attention,
     "head_loss": _head_loss.head_loss,
     "lmsa": _lmsa.lmsa,
     "upsample_argmax": _upsample_argmax.upsample_argmax,

@@ -1,0 +1,236 @@
+"""Parity of the fused attention core (kernels/attention.py) with a float64 eager reference.
+
+On a CPU-only machine the kernels run under Triton's interpreter (TRITON_INTERPRET=1 is set here
+before Triton is imported, unless the environment already says otherwise); on a CUDA machine
+without the interpreter the "cuda" cases run the compiled kernels and the "cpu" cases skip.
+Shapes are the model's four stages scaled down: N and M not multiples of the blocks, d = 192.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+attn_mod = importlib.import_module("kernels.attention")
+from kernels._common import INTERPRET  # noqa: E402
+from tests.conftest import assert_close  # noqa: E402
+
+# (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
+STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
+STAGE_IDS = [f"N{n}-M{m}-d{d}" for n, m, d in STAGES]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TF32_TOL = 2e-3  # plain tf32 dots on a GPU (SPEC §7: about 3e-4 per product; gradients amplify it)
+
+
+def _tol(dtype, device, allow_tf32=False):
+    """fp32 runs tf32x3 dots (fp32 accuracy) unless tf32 is allowed; the interpreter multiplies
+    fp32 exactly whatever the precision."""
+    if dtype == torch.float32 and device == "cuda" and allow_tf32:
+        return TF32_TOL
+    return TOL[dtype]
+
+
+def _device(name: str) -> str:
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        if INTERPRET:
+            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
+    elif not INTERPRET:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return name
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels fill starts as NaN, so an element left unwritten fails the test."""
+    def new(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    monkeypatch.setattr(attn_mod, "_new", new)
+
+
+def _inputs(batch, n, m, d, dtype, device, packed=True, seed=0):
+    """q (B×N×d, a column slice of a wider tensor when `packed`), k, v (views of one B×M×2d)."""
+    g = torch.Generator().manual_seed(seed)
+    if packed:
+        q_wide = torch.randn(batch, n, d + 8, generator=g).to(device=device, dtype=dtype)
+        q_leaf = q_wide.requires_grad_()
+        q = q_wide[..., 4:4 + d]
+        kv_leaf = torch.randn(batch, m, 2 * d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        k, v = kv_leaf.split(d, dim=-1)
+        leaves = (q_leaf, kv_leaf)
+    else:
+        q = torch.randn(batch, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        k = torch.randn(batch, m, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        v = torch.randn(batch, m, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        leaves = (q, k, v)
+    do = torch.randn(batch, n, d, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do, leaves
+
+
+def _reference(q, k, v, do):
+    """float64 output and gradients of the eager formula, on the (already rounded) inputs."""
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    out = attn_mod.attention_eager(q64, k64, v64)
+    out.backward(do.double().cpu())
+    return out.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _check_all(q, k, v, do, dtype, rel=None, **kwargs):
+    if rel is None:
+        rel = _tol(dtype, q.device.type, kwargs.get("allow_tf32", False))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attn_mod.attention(q, k, v, **kwargs)
+    assert out.dtype == dtype and out.shape == q.shape
+    out.backward(do)
+    ref = _reference(q, k, v, do)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref):
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype}"
+        assert_close(got, want, rel, name=f"{name} ({dtype}, N×M×d={tuple(q.shape[1:2]) + tuple(k.shape[1:])})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("n,m,d", STAGES, ids=STAGE_IDS)
+def test_stage_shapes_packed_kv(n, m, d, dtype, device, poisoned):
+    """Output and dq, dk, dv against float64, k/v as views of one packed B×M×2d tensor. fp32 at
+    d = 192 takes the kernels only with tf32 allowed (else eager, see test_fp32_large_d_runs_eager)."""
+    device = _device(device)
+    q, k, v, do, _ = _inputs(2, n, m, d, dtype, device, packed=True)
+    assert not k.is_contiguous() and not v.is_contiguous() and not q.is_contiguous()
+    allow_tf32 = not attn_mod.fused_supported(dtype, d)
+    assert attn_mod.fused_supported(dtype, d, allow_tf32)
+    _check_all(q, k, v, do, dtype, allow_tf32=allow_tf32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_leaf_gradient(device, poisoned):
+    """The model's layout: one kv leaf split in two; its gradient is [dk | dv] through autograd."""
+    device = _device(device)
+    n, m, d = 70, 48, 64
+    q, k, v, do, (q_leaf, kv_leaf) = _inputs(3, n, m, d, torch.float32, device, packed=True, seed=1)
+    attn_mod.attention(q, k, v).backward(do)
+    ref = _reference(q, k, v, do)
+    want_kv = torch.cat([ref[2], ref[3]], dim=-1)
+    want_q = torch.zeros(q_leaf.shape, dtype=torch.float64)
+    want_q[..., 4:4 + d] = ref[1]
+    rel = _tol(torch.float32, device)
+    assert_close(kv_leaf.grad, want_kv, rel, "kv leaf grad")
+    assert_close(q_leaf.grad, want_q, rel, "q leaf grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_rows", [None, 80, 1000], ids=["default", "80", "1000"])
+def test_backward_query_chunks(chunk_rows, device, poisoned):
+    """dK/dV partials over query chunks: boundaries inside a block, a short last chunk, one chunk."""
+    device = _device(device)
+    q, k, v, do, _ = _inputs(2, 200, 40, 32, torch.float32, device, packed=False, seed=2)
+    _check_all(q, k, v, do, torch.float32, bwd_chunk_rows=chunk_rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_grad_output_and_transposed_q(device, poisoned):
+    """dO and q with non-unit last-dim strides (transposed storage) go through without copies."""
+    device = _device(device)
+    b, n, m, d = 2, 40, 24, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, d, n, generator=g).to(device).transpose(1, 2)
+    k = torch.randn(b, m, d, generator=g).to(device)
+    v = torch.randn(b, d, m, generator=g).to(device).transpose(1, 2)
+    do = torch.randn(b, d, n, generator=g).to(device).transpose(1, 2)
+    assert q.stride(-1) != 1 and do.stride(-1) != 1
+    _check_all(q, k, v, do, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_option(device, poisoned):
+    """allow_tf32=True: fp32 inputs through tf32 dots, at the tf32 tolerance (SPEC §7)."""
+    device = _device(device)
+    q, k, v, do, _ = _inputs(2, 70, 48, 64, torch.float32, device, packed=True, seed=4)
+    _check_all(q, k, v, do, torch.float32, allow_tf32=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_logits_are_stable(device, poisoned):
+    """Scores up to ~±100 (exp overflows in fp32 without the max shift) stay finite and exact."""
+    device = _device(device)
+    q, k, v, do, _ = _inputs(1, 33, 20, 64, torch.float32, device, packed=False, seed=5)
+    with torch.no_grad():
+        q.mul_(5.0)
+        k.mul_(5.0)
+    _check_all(q, k, v, do, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 192), (torch.bfloat16, 300)], ids=["fp32-d192", "bf16-d300"])
+def test_unsupported_runs_eager(dtype, d, device, monkeypatch):
+    """fp32 at d > 128 without tf32 (no spill-free fp32-accurate configuration) and d > 256 take
+    the eager formula: same values and gradients as `attention_eager`, no kernel launched."""
+    device = _device(device)
+    assert not attn_mod.fused_supported(dtype, d)
+
+    def no_kernels(*args):
+        raise AssertionError("the fused path ran")
+    monkeypatch.setattr(attn_mod.AttentionFunction, "apply", no_kernels)
+    q, k, v, do, _ = _inputs(1, 9, 5, d, dtype, device, packed=True, seed=6)
+    _check_all(q, k, v, do, dtype)
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError):
+        attn_mod.attention(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8))  # not 3-D
+    with pytest.raises(TypeError):
+        attn_mod.attention(torch.randn(1, 4, 8), torch.randn(1, 4, 8).double(), torch.randn(1, 4, 8))
+
+
+def test_registered_as_triton_op():
+    import kernels
+    assert kernels.TRITON_OPS["attention"] is attn_mod.attention
+
+
+def test_aot_specs_cover_every_argument_and_config():
+    """Each AOT spec gives every kernel argument a type or a constexpr value (report input), and
+    every configuration the autotuner may pick on a GPU is among the specs built."""
+    assert attn_mod.AOT_SPECS
+    built = set()
+    for spec in attn_mod.AOT_SPECS:
+        names = set(spec.fn.arg_names)
+        covered = set(spec.signature) | set(spec.constexprs)
+        assert covered == names, f"{spec.name}: missing {names - covered}, extra {covered - names}"
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+        c = spec.constexprs
+        if "BLOCK_N" in c:
+            built.add((spec.fn.__name__, c["BLOCK_D"], c["PRECISE"], spec.signature["Q"],
+                       (c["BLOCK_N"], c["BLOCK_M"], spec.num_warps, spec.num_stages)))
+    fns = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
+    for kernel, modes in attn_mod._ALLOWED.items():
+        for mode, per_d in modes.items():
+            dtypes = ("*bf16", "*fp16") if mode == "16" else ("*fp32",)
+            for block_d, cfgs in per_d.items():
+                for cfg in cfgs:
+                    for dt in dtypes:
+                        assert (fns[kernel], block_d, mode == "tf32x3", dt, cfg) in built, (kernel, mode, block_d, cfg)
+
+
+def test_every_dot_mode_has_configs_for_every_d_block():
+    """The prune never falls back to an unbuilt config: each (kernel, mode, d block) reachable from
+    `_precise` has an allow-list."""
+    for d in (8, 32, 48, 64, 100, 128, 192, 256):
+        block_d = attn_mod._block_d(d)
+        for dtype, allow_tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+            if not attn_mod.fused_supported(dtype, d, allow_tf32):
+                continue
+            mode = attn_mod._mode(torch.empty((), dtype=dtype).element_size(), attn_mod._precise(dtype, allow_tf32))
+            for kernel in ("fwd", "dq", "dkdv"):
+                assert attn_mod._ALLOWED[kernel][mode].get(block_d), (kernel, mode, d)
