@@ -116,12 +116,14 @@ def lmsa_case(batch, size, device, dtype) -> Case:
         pw_biases=tuple(_randn(c, device=device, dtype=dtype) for _ in range(3)),
         fc1_weight=_randn(48, 3 * c, device=device, dtype=dtype), fc1_bias=_randn(48, device=device, dtype=dtype),
         fc2_weight=_randn(3 * c, 48, device=device, dtype=dtype), fc2_bias=_randn(3 * c, device=device, dtype=dtype))
-    from bench.bytes_lmsa import totals as lmsa_totals
-    e = dtype.itemsize
+    from bench.bytes_lmsa import ops as lmsa_ops, totals as lmsa_totals
+
+    def total(variant: str) -> int:
+        return sum(lmsa_totals(lmsa_ops(variant, B=batch, C=c, H=h, W=h, e=dtype.itemsize)).values())
+
     providers = {"eager": lambda: eager_lmsa(x, params), "triton": lambda: get_ops("triton").lmsa(x, params)}
     return Case("lmsa", f"B={batch},C={c},{h}²", batch, {"fwd+bwd": _builders(providers, backward=True)},
-                {"eager": lmsa_totals("eager", batch, c, h, h, e), "compile": lmsa_totals("eager", batch, c, h, h, e),
-                 "triton": lmsa_totals("fused", batch, c, h, h, e)})
+                {"eager": total("eager"), "compile": total("eager"), "triton": total("fused")})
 
 
 def upsample_argmax_case(batch, size, device, dtype) -> Case:

@@ -1,0 +1,34 @@
+"""bench/gpu_check.sh end to end on this machine: on a CPU its CUDA parts skip with a message, the
+benchmark runs its smoke preset and the profiler writes a trace; every result file appears."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "240", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    (out,) = list(tmp_path.glob("gpu-check-*"))
+    info = json.loads((out / "env.json").read_text())
+    assert info["torch"] and info["device"]
+    bench_rows = json.loads(next(out.glob("bench-*.json")).read_text())
+    timed = {(r["op"], r["provider"]) for r in bench_rows if r["metric"] == "time"}
+    assert ("train_step", "eager") in timed and ("head+ce_dice", "eager") in timed
+    assert all(r["p50"] > 0 for r in bench_rows if r["metric"] == "time")
+    assert (out / "profile").is_dir() and list((out / "profile").glob("trace-*.json"))
+    assert "status: 0" in (out / "summary.md").read_text()
+    if not info["device"].startswith("no CUDA"):
+        assert "passed" in (out / "parity.log").read_text()
+    else:
+        assert "skipped" in (out / "parity.log").read_text()
+
