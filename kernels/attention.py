@@ -95,49 +95,53 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) allowed per kernel, dot mode and d block: each entry
 # was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m kernels.report`) with no
-# register spills (no local memory, no stack frame) and ≤ 160 KB of shared memory. Modes: "16" =
-# bf16/fp16 inputs; "tf32x3" = fp32 inputs at fp32 accuracy; "tf32" = fp32 inputs through plain
-# tf32 dots (allow_tf32=True only; at d > 128 no tf32x3 configuration fits: see `fused_supported`).
+# register spills (no local memory, no stack frame) and ≤ 163 KB of shared memory (sm_80's limit),
+# both with the launch specialisation of the model's shapes (`AttentionAotSpec.attrs`) and without
+# it (the report's plain build, scalar loads: up to twice the registers). A few faster-looking
+# configurations are clean only with it (e.g. the dK/dV kernel at BLOCK_N = 64 for d = 32/64, the
+# forward at 64 rows for d = 192) and are left out until the report builds with `attrs`.
+# Modes: "16" = bf16/fp16 inputs; "tf32x3" = fp32 inputs at fp32 accuracy; "tf32" = fp32 inputs
+# through plain tf32 dots (allow_tf32=True).
 _Cfg = tuple[int, int, int, int]
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     "fwd": {
         "16": {32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
                64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-               128: [(64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)],
-               256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 8, 2)]},
-        "tf32x3": {32: [(64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
-                   64: [(32, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-                   128: [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)]},
-        "tf32": {32: [(64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
-                 64: [(32, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-                 128: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-                 256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)]},
+               128: [(64, 64, 8, 2), (128, 64, 8, 3), (32, 64, 4, 2)],
+               256: [(32, 32, 8, 2), (32, 32, 4, 2)]},
+        "tf32x3": {32: [(64, 32, 4, 2), (32, 32, 8, 2)],
+                   64: [(32, 32, 8, 2), (32, 64, 4, 2)],
+                   128: [(16, 32, 4, 2), (32, 32, 8, 2)]},
+        "tf32": {32: [(64, 32, 4, 2), (32, 32, 8, 2)],
+                 64: [(32, 32, 8, 2), (32, 64, 4, 2)],
+                 128: [(32, 32, 8, 2), (32, 32, 4, 2)],
+                 256: [(32, 32, 8, 2), (32, 16, 4, 2)]},
     },
     "dq": {
         "16": {32: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 8, 2)],
                64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
-               128: [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2)],
-               256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 64, 4, 2)]},
+               128: [(64, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+               256: [(32, 32, 8, 2), (32, 32, 4, 2)]},
         "tf32x3": {32: [(64, 32, 8, 2), (32, 32, 8, 2)],
                    64: [(32, 32, 8, 2), (32, 32, 4, 2)],
-                   128: [(32, 32, 8, 2), (16, 16, 4, 2)]},
+                   128: [(16, 16, 4, 2), (16, 32, 4, 2)]},
         "tf32": {32: [(64, 32, 8, 2), (32, 32, 8, 2)],
                  64: [(32, 32, 8, 2), (32, 32, 4, 2)],
-                 128: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-                 256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
+                 128: [(32, 32, 8, 2), (32, 32, 4, 2)],
+                 256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
     },
     "dkdv": {
-        "16": {32: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 8, 2)],
-               64: [(64, 64, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2)],
+        "16": {32: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 2)],
+               64: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 8, 2)],
                128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2)],
-               256: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]},
-        "tf32x3": {32: [(16, 32, 4, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
-                   64: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
+               256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+        "tf32x3": {32: [(32, 64, 8, 2), (16, 32, 4, 2)],
+                   64: [(32, 32, 8, 2), (16, 32, 4, 2)],
                    128: [(16, 16, 4, 2), (16, 16, 8, 1)]},
-        "tf32": {32: [(16, 32, 4, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
-                 64: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
-                 128: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 16, 8, 1)],
-                 256: [(16, 16, 8, 1), (32, 32, 8, 2), (16, 16, 4, 2)]},
+        "tf32": {32: [(32, 64, 8, 2), (16, 32, 4, 2)],
+                 64: [(32, 32, 8, 2), (16, 32, 4, 2)],
+                 128: [(32, 32, 8, 2), (32, 16, 4, 2)],
+                 256: [(16, 16, 8, 1)]},
     },
 }
 # The configuration the interpreter runs (`pick_configs` keeps the first of each list): small KV
@@ -590,7 +594,10 @@ class AttentionAotSpec(AotSpec):
 
 _AOT_M = 256  # the model's KV length at every stage (SPEC §2)
 _AOT_CHUNK_ROWS = 3328  # stage 1 at B = 32 on an H100 (132 SMs): 16384 rows in 5 chunks
-_AOT_DTYPES = {"16": ("bf16", "fp16"), "tf32x3": ("fp32",), "tf32": ("fp32",)}
+_AOT_DTYPES = {"16": ("bf16",), "tf32x3": ("fp32",), "tf32": ("fp32",)}
+# fp16 compiles to the same code as bf16 but for the conversion instructions; one spot check per
+# kernel (its largest d block, first configuration) keeps the report short
+_AOT_FP16_SPOT = 256
 _AOT_KERNELS = {
     # name: (kernel, pointer args in the input dtype, fp32 pointer args, extra constexprs)
     "fwd": (_attn_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",), {}),
@@ -628,12 +635,15 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_d in _ALLOWED[kname].items():
             for dname in _AOT_DTYPES[mode]:
                 ptrs = {**{a: f"*{dname}" for a in data_ptrs}, **{a: "*fp32" for a in f32_ptrs}}
-                for block_d, cfgs in per_d.items():
-                    for bn, bm, w, st in cfgs:
-                        const = {"M": _AOT_M, "BLOCK_D": block_d, "PRECISE": mode == "tf32x3",
-                                 "BLOCK_N": bn, "BLOCK_M": bm, **extra}
-                        tag = f"{kname}_{dname}{'' if mode == '16' else '_' + mode}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
-                        specs.append(_aot_spec(f"attention.{tag}", jit_fn, ptrs, const, w, st))
+                builds = [(dname, ptrs, block_d, cfg) for block_d, cfgs in per_d.items() for cfg in cfgs]
+                if mode == "16":
+                    fp16 = {a: t.replace("bf16", "fp16") for a, t in ptrs.items()}
+                    builds.append(("fp16", fp16, _AOT_FP16_SPOT, per_d[_AOT_FP16_SPOT][0]))
+                for dt, pt, block_d, (bn, bm, w, st) in builds:
+                    const = {"M": _AOT_M, "BLOCK_D": block_d, "PRECISE": mode == "tf32x3",
+                             "BLOCK_N": bn, "BLOCK_M": bm, **extra}
+                    tag = f"{kname}_{dt}{'' if mode == '16' else '_' + mode}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
+                    specs.append(_aot_spec(f"attention.{tag}", jit_fn, pt, const, w, st))
     for dname in ("bf16", "fp16", "fp32"):
         ptrs = {"DK_PART": "*fp32", "DV_PART": "*fp32", "DK": f"*{dname}", "DV": f"*{dname}"}
         specs.append(_aot_spec(f"attention.reduce_{dname}_c5", _attn_bwd_reduce_kernel, ptrs,
