@@ -110,7 +110,10 @@ def compile_spec(spec, arch: int, tool: Path) -> dict[str, int]:
     missing = [a for a in fn.arg_names if a not in signature]
     if missing:
         raise ValueError(f"AotSpec {spec.name} gives no type or value for arguments {missing}")
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # `attrs` (e.g. tt.divisibility of pointers and strides) is the specialisation Triton's launcher
+    # applies at run time; a spec that states it is built as the GPU would build it.
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                    attrs=getattr(spec, "attrs", None))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     usage = resource_usage(compiled.asm["cubin"], tool)
