@@ -2,7 +2,7 @@
 """Bootstrap and run the project with nothing but Python installed.
 
     python3 run.py train [--data DIR] [options]   # the main job (see `python3 run.py train --help`)
-    python3 run.py test [pytest args]             # the test suite, kernels under TRITON_INTERPRET=1
+    python3 run.py test [pytest args]             # the test suite (kernels under TRITON_INTERPRET=1 without a GPU)
     python3 run.py msf <subcommand> ...           # any `msf` subcommand (eval, predict, bench, ...)
 
 On first use (and whenever requirements.txt or pyproject.toml change) it creates `.venv/` beside
@@ -54,8 +54,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     env = dict(os.environ)
     if command == "test":
-        # Triton kernels run on CPU tensors through the interpreter unless a GPU is present.
-        env.setdefault("TRITON_INTERPRET", "1")
+        # tests/conftest.py turns on TRITON_INTERPRET=1 when there is no GPU
         cmd = [str(PYTHON), "-m", "pytest", "-q", *rest]
     elif command == "msf":
         cmd = [str(PYTHON), "-m", "msf", *rest]

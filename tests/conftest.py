@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter; this must be decided
+# before anything imports Triton (kernels._common reads it at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # The shared data sits beside the checkout (../shared/data); MSF_DATA overrides it.
 REAL_DATA = Path(os.environ.get("MSF_DATA", REPO.parent / "shared" / "data" / "celebamask-hq-mini"))
