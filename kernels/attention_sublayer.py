@@ -1,0 +1,645 @@
+"""Fused attention sublayer: q projection + attention core + output projection + residual, in Triton.
+
+    out = residual + (softmax((x wqᵀ + bq) kᵀ / √C) v) woᵀ + bo
+
+Shapes (one head, C = head dim = model width of the stage):
+    x (normalised tokens), residual: B×N×C      (made contiguous; usually already are)
+    k, v:                            B×M×C      (any strides: column halves of the packed kv tensor)
+    wq, wo: C×C (nn.Linear layout: out×in);  bq, bo: C;  all in one dtype (fp32 / fp16 / bf16)
+    q = x wqᵀ + bq   B×N×C  (on chip only in the forward)
+    O = softmax(q kᵀ/√C) v   B×N×C  (saved for the backward: pre-projection attention output)
+    lse = logsumexp_rows(q kᵀ/√C)   B×N fp32 (saved)
+    out = residual + O woᵀ + bo   B×N×C
+
+The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside; k and v reach this op
+as views. M ≤ 256 in the model (a compile-time constant; any M ≥ 1 works).
+
+Forward, one kernel (`_sub_fwd_kernel`, one program per BLOCK_N rows of one image): q is formed on
+chip from x in BLOCK_K-column slices of x and wqᵀ (x read once), rounded to the input dtype (as
+eager's Linear output is); the attention sweep is the core's online softmax
+(`kernels.attention._attn_fwd_kernel`, same exp2 form, same precision rules); then the output
+projection runs in BLOCK_K-column slices of woᵀ, each adding bo and the matching residual columns
+and storing that slice of `out`. So the forward reads x and the residual once, writes out once,
+plus O and lse for the backward (O: one extra B×N×C write; lse: B×N×4 bytes).
+
+Backward (math in the comment block above `_sub_bwd_dq_kernel`):
+  1. `_sub_bwd_dq_kernel`, per BLOCK_N rows: recomputes q from x, forms dO = g wo on chip, writes q
+     and dO (scratch in the input dtype, for step 2), D = rowsum(dO∘O), sweeps K/V for dQ, writes dQ
+     (scratch, for step 3) and dx = dQ wq (on chip).
+  2. the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel` when chunked) on q, dO: dK, dV
+     (reused unchanged from `kernels.attention`).
+  3. `_sub_wgrad_kernel` twice: per (output tile, row chunk) fp32 partials of dWq = dQᵀ x, dbq = Σ dQ
+     and dWo = gᵀ O, dbo = Σ g over all B·N rows; then the core's `_attn_bwd_reduce_kernel` sums
+     the chunk partials in chunk order (deterministic, no atomics) and casts once.
+  d residual = g (the same tensor is returned).
+Saved for the backward: x, k, v (views, no copies), wq, bq, wo, O (B×N×C input dtype) and lse
+(B×N fp32): at B = 32, stage 1 bf16, O = 33.5 MB, lse = 2.1 MB.
+
+Precision: as in the core. fp32 accumulation everywhere; bf16/fp16 operands go to the tensor cores,
+q, O, dO, dQ are rounded to the input dtype where eager would round them; fp32 inputs use tf32x3
+dots (about fp32 accuracy). fp32 at C > 128 (the model's C = 192, a 256 block) has no spill-free
+tf32x3 configuration in the core, so there this op composes the pieces instead
+(`F.linear` → `kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
+does the backward): stage 4 fp32 only, off the AMP path. bf16 / fp16 are fused at every C ≤ 256.
+C = 192 runs as a 256-wide block with masked loads (as in the core).
+
+Bytes through GPU memory at B = 32, 512×512, bf16, M = 256 (`python -m kernels.attention_sublayer`
+prints `bytes_table()`; `ops()` lists them op by op). Every op reads its inputs and writes its
+outputs once; MB; µs = forward + backward bytes at 3.0 TB/s. "eager" = Linear, the core's eager
+matmul / scale / softmax / matmul (bench.bytes_attention's op list), Linear, residual add, and
+autograd's backward of each (bias gradients as separate sums); "eager+sdpa" = the same projections
+and add around `F.scaled_dot_product_attention` counted at its floor (inputs, outputs, lse; its
+scratch not counted); "fused" = this module:
+
+    stage      N    C |           eager            |         eager+sdpa         |           fused
+                      |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs
+        1  16384   32 |  1913.7  2887.8   1600.5   |   305.1   474.0    259.7   |   137.4   473.0    203.5
+        2   4096   64 |   555.8   843.1    466.3   |   153.6   239.6    131.1   |    69.7   285.5    118.4
+        3   1024  128 |   180.4   277.0    152.5   |    79.9   126.1     68.7   |    37.9   164.3     67.4
+        4    256  192 |    59.9    94.7     51.5   |    34.8    57.0     30.6   |    19.1    63.8     27.6
+
+Per stage, with t = one B×N×C token tensor (33.6 MB at stage 1): the fused forward moves 4t (read
+x and residual, write out and the saved O) + k, v, weights and lse, against 9t + 6 score-sized
+tensors for eager and 9t + lse for eager+sdpa (the Linear outputs q, y and their re-reads). The
+fused backward is NOT at its floor: the dQ kernel writes q, dO and dQ as scratch (3t) so that the
+core's dK/dV kernel (reads q, dO: 2t) and a separate weight-gradient kernel (reads dQ, x, g, O: 4t)
+can be reused / kept simple, 12t in all plus the core's dK/dV partials (5 query chunks at stages
+1-2: 2·10.5 MB written and read at stage 2) and the weight partials; so the backward is about
+eager+sdpa's at stage 1 and 10-20 % above it at stages 2-4. Forward + backward is below eager+sdpa
+at every stage (22 %, 10 %, 2 %, 10 %). Cutting the backward further (not done): recompute q and dO
+from x and g inside a dK/dV kernel (−2t of scratch writes, at ⌈M/BLOCK_M⌉× the projection FLOPs),
+and accumulate dWo/dWq partials over a row chunk inside the dQ kernel (−4t of re-reads, needs C×C
+fp32 accumulators on chip: only C ≤ 64 fits beside the attention state).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import attention as _core
+from kernels._common import INTERPRET, pick_configs
+from kernels.attention import AttentionAotSpec, _aot_spec, _attn_bwd_dkdv_kernel, _attn_bwd_reduce_kernel, _mm
+
+__all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
+           "bytes_table", "fused_supported"]
+
+_LOG2E = 1.4426950408889634
+_BLOCK_K = 32  # column slice of the projections (q = Σ_slices x[:, s] wqᵀ[s, :]; out by woᵀ column slices)
+
+
+def attention_sublayer_eager(x_norm, residual, k, v, wq, bq, wo, bo):
+    """Reference: plain Linear → matmul/softmax/matmul → Linear → + residual."""
+    q = F.linear(x_norm, wq, bq)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return residual + F.linear(scores.softmax(dim=-1) @ v, wo, bo)
+
+
+def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
+    """The fallback: the core attention between eager projections (autograd does the backward)."""
+    return residual + F.linear(_core.attention(F.linear(x_norm, wq, bq), k, v), wo, bo)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations: (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel, dtype class, d block; each
+# built for sm_80 and sm_90 without spills both with the launch specialisation of the model's shapes
+# (AOT_SPECS' `attrs`, what `python -m kernels.report` builds) and without it (scalar loads; the
+# core's rule). Left out for spilling: dq fp32 (32, 32, 8, 2) at d 32 and (16, 16, 4, x) at d 128
+# (with attrs), dq bf16 (64, 64, 4, 2) at d 32/64, (32, 32, 8, 2) at d 256, fp32 (32, 32, 4, 2) at
+# d 64 (plain build only). The dq kernel carries the q and dO projections and the dx projection on
+# top of the core's dq work, hence smaller row blocks than the core at d 256.
+# ----------------------------------------------------------------------------------------------
+_Cfg = tuple[int, int, int, int]
+_ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
+    "fwd": {
+        "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+        "tf32x3": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)]},
+    },
+    "dq": {
+        "16": {32: [(64, 64, 8, 2), (32, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
+               256: [(16, 16, 8, 2), (16, 16, 8, 1)]},
+        "tf32x3": {32: [(16, 32, 4, 2), (16, 16, 4, 2)], 64: [(16, 32, 4, 2), (16, 16, 4, 2)],
+                   128: [(16, 16, 8, 1)]},
+    },
+}
+# weight-gradient kernel: (BLOCK_I, BLOCK_J, BLOCK_R, num_warps) per dtype class (tiles the C×C output)
+_WG_ALLOWED: dict[str, list[tuple[int, int, int, int]]] = {"16": [(64, 64, 64, 4)], "tf32x3": [(32, 32, 32, 4)]}
+# the interpreter's single configuration: small tiles so CPU tests see several rescalings / chunks
+_INTERPRETER_CFG: dict[str, _Cfg] = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+_INTERPRETER_WG = (32, 32, 32, 4)
+
+
+def _config_list(kernel: str) -> list[triton.Config]:
+    seen = [_INTERPRETER_CFG[kernel]]
+    for per_d in _ALLOWED[kernel].values():
+        for cfgs in per_d.values():
+            seen += [c for c in cfgs if c not in seen]
+    return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3]) for c in seen]
+
+
+def _wg_config_list() -> list[triton.Config]:
+    seen = [_INTERPRETER_WG] + [c for cfgs in _WG_ALLOWED.values() for c in cfgs if c != _INTERPRETER_WG]
+    return [triton.Config({"BLOCK_I": c[0], "BLOCK_J": c[1], "BLOCK_R": c[2]}, num_warps=c[3], num_stages=2)
+            for c in seen]
+
+
+def _mode(elem_bytes: int) -> str:
+    return "16" if elem_bytes == 2 else "tf32x3"
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        allowed = _ALLOWED[kernel][_mode(named_args["X"].element_size())].get(kwargs["BLOCK_D"], [])
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in allowed]
+        return kept or configs[:1]
+    return prune
+
+
+def _wg_prune(configs, named_args, **kwargs):
+    allowed = _WG_ALLOWED[_mode(named_args["A"].element_size())]
+    kept = [c for c in configs if (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_J"], c.kwargs["BLOCK_R"], c.num_warps) in allowed]
+    return kept or configs[:1]
+
+
+def fused_supported(dtype: torch.dtype, c: int) -> bool:
+    """Whether the Triton kernels run (else `_composed`): bf16/fp16 at C ≤ 256, fp32 at C ≤ 128."""
+    return _core.fused_supported(dtype, c, allow_tf32=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward (all loops have constexpr trip counts: see kernels.attention's note on loops)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+    """Σ_s X[rows, s] W[:, s]ᵀ (= X Wᵀ for the rows; W is D×D row-major), fp32, reading X in
+    BLOCK_K-column slices (each element once)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for kc in range(0, BLOCK_D, BLOCK_K):
+        offs_k = kc + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        xk = tl.load(X + row[:, None] * D + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(W + offs_d[None, :] * D + offs_k[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        acc += _mm(xk, wt, PRECISE)  # BLOCK_N × BLOCK_K @ BLOCK_K × BLOCK_D
+    return acc
+
+
+@triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.jit
+def _sub_fwd_kernel(
+    X, R, K, V, WQ, BQ, WO, BO, OUT, O, LSE,
+    stride_kb, stride_km, stride_kd,
+    stride_vb, stride_vm, stride_vd,
+    N, D, qk_scale,
+    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    row = b * N + offs_n
+
+    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    q = (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
+
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        kt = tl.load(k_base + offs_m[None, :] * stride_km + offs_d[:, None] * stride_kd,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        s = _mm(q, kt, PRECISE) * qk_scale
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISE)
+        m_i = m_new
+
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    tl.store(O + row[:, None] * D + offs_d[None, :], o, mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(LSE + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
+
+    # out[:, s] = R[:, s] + O woᵀ[:, s] + bo[s], one BLOCK_K-column slice s at a time
+    for jc in range(0, BLOCK_D, BLOCK_K):
+        offs_j = jc + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < D
+        mask_nj = mask_n[:, None] & mask_j[None, :]
+        wot = tl.load(WO + offs_j[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
+        y = _mm(o, wot, PRECISE) + tl.load(BO + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(R + row[:, None] * D + offs_j[None, :], mask=mask_nj, other=0.0).to(tl.float32)
+        tl.store(OUT + row[:, None] * D + offs_j[None, :], y.to(OUT.dtype.element_ty), mask=mask_nj)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# g = ∂L/∂out (B×N×C). With q = x wqᵀ + bq, S = q kᵀ/√C, P = softmax_rows(S), O = P v,
+# out = residual + O woᵀ + bo:
+#   d residual = g
+#   dbo  = Σ_rows g                     dWo = gᵀ O          (C×C, sums over all B·N rows)
+#   dO   = g wo                         (B×N×C; on chip, stored as scratch for the dK/dV kernel)
+#   D_i  = rowsum(dO_i ∘ O_i)
+#   P    = exp(S − lse)                 (recomputed from q — itself recomputed from x — and lse)
+#   dP   = dO vᵀ,  dS = P ∘ (dP − D)
+#   dQ   = dS k / √C                    (per row block: sums over the M keys, on chip)
+#   dK   = dSᵀ q / √C,  dV = Pᵀ dO      (the core's chunked dK/dV kernel on the q, dO scratch)
+#   dx   = dQ wq                        (on chip, from dQ rounded to the input dtype)
+#   dbq  = Σ_rows dQ                    dWq = dQᵀ x         (C×C)
+# dWq, dbq, dWo, dbo: `_sub_wgrad_kernel` writes fp32 partials per (output tile, row chunk), the
+# core's reduce kernel sums the chunks in order (deterministic; no atomics).
+@triton.autotune(configs=pick_configs(_config_list("dq")), key=["N", "M", "BLOCK_D", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.jit
+def _sub_bwd_dq_kernel(
+    X, G, K, V, WQ, BQ, WO, O, LSE, QS, DOS, DELTA, DQ, DX,
+    stride_kb, stride_km, stride_kd,
+    stride_vb, stride_vm, stride_vd,
+    N, D, qk_scale, sm_scale,
+    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    row = b * N + offs_n
+    tok = row[:, None] * D + offs_d[None, :]
+    dt = X.dtype.element_ty
+
+    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    q = (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt)
+    tl.store(QS + tok, q, mask=mask_nd)
+    # dO = g wo: Σ over BLOCK_K-column slices s of g[:, s] wo[s, :]
+    do = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for jc in range(0, BLOCK_D, BLOCK_K):
+        offs_j = jc + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < D
+        gj = tl.load(G + row[:, None] * D + offs_j[None, :], mask=mask_n[:, None] & mask_j[None, :], other=0.0)
+        woj = tl.load(WO + offs_j[:, None] * D + offs_d[None, :], mask=mask_j[:, None] & mask_d[None, :], other=0.0)
+        do += _mm(gj, woj, PRECISE)
+    do = do.to(dt)
+    tl.store(DOS + tok, do, mask=mask_nd)
+    o = tl.load(O + tok, mask=mask_nd, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + row, delta, mask=mask_n)
+    lse2 = tl.load(LSE + row, mask=mask_n, other=0.0) * 1.4426950408889634
+
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        k = tl.load(k_base + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        vt = tl.load(v_base + offs_m[None, :] * stride_vm + offs_d[:, None] * stride_vd,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        s2 = _mm(q, tl.trans(k), PRECISE) * qk_scale
+        p = tl.exp2(s2 - lse2[:, None])
+        p = tl.where(mask_m[None, :], p, 0.0)
+        dp = _mm(do, vt, PRECISE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISE)
+
+    dq = (dq * sm_scale).to(dt)
+    tl.store(DQ + tok, dq, mask=mask_nd)
+    # dx = dQ wq, one BLOCK_K-column slice at a time
+    for jc in range(0, BLOCK_D, BLOCK_K):
+        offs_j = jc + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < D
+        wqj = tl.load(WQ + offs_d[:, None] * D + offs_j[None, :], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
+        dx = _mm(dq, wqj, PRECISE)
+        tl.store(DX + row[:, None] * D + offs_j[None, :], dx.to(dt), mask=mask_n[:, None] & mask_j[None, :])
+
+
+@triton.autotune(configs=pick_configs(_wg_config_list()), key=["D", "CHUNK_ROWS", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _wg_prune})
+@triton.jit
+def _sub_wgrad_kernel(
+    A, B, DW_PART, DB_PART, ROWS, D,
+    CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """fp32 partials over row chunk pid_c: DW_PART[c, i, j] = Σ_r A[r, i] B[r, j] and (programs with
+    pid_j = 0) DB_PART[c, i] = Σ_r A[r, i]. A, B: ROWS×D contiguous. Every element is written."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_c = tl.program_id(2).to(tl.int64)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < D
+    mask_j = offs_j < D
+    acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+    bsum = tl.zeros([BLOCK_I], tl.float32)
+    row_start = pid_c * CHUNK_ROWS
+    for r in range(0, CHUNK_ROWS, BLOCK_R):
+        offs_r = row_start + r + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < ROWS
+        at = tl.load(A + offs_r[None, :] * D + offs_i[:, None], mask=mask_i[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(B + offs_r[:, None] * D + offs_j[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        acc += _mm(at, bt, PRECISE)
+        bsum += tl.sum(at.to(tl.float32), 1)
+    tl.store(DW_PART + pid_c * D * D + offs_i[:, None] * D + offs_j[None, :], acc,
+             mask=mask_i[:, None] & mask_j[None, :])
+    tl.store(DB_PART + pid_c * D + offs_i, bsum, mask=mask_i & (pid_j == 0))
+
+
+_REDUCE_BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = None) -> tuple[int, int]:
+    """(chunk_rows, n_chunks) of the weight-gradient kernel: about 2 programs per SM at 64×64 output
+    tiles, but chunks of at least 8·C rows (so the C×C fp32 partial of a chunk is at most a quarter
+    of the 2·8C·C·2 bytes it reads in bf16), multiples of 128 rows. At B = 32 on 132 SMs: 256, 128,
+    256, 256, 32, 6 chunks for the four stages. Short chunks under the interpreter so tests cover several."""
+    if chunk_rows is None:
+        if sms is None:
+            chunk_rows = 64
+        else:
+            tiles = triton.cdiv(c, 64) ** 2
+            want = max(1, triton.cdiv(2 * sms, tiles))
+            chunk_rows = max(triton.cdiv(rows, want), 8 * c)
+            chunk_rows = triton.cdiv(chunk_rows, 128) * 128
+    chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
+    return chunk_rows, triton.cdiv(rows, chunk_rows)
+
+
+def _wgrad(a, b, dtype, precise: bool, sms: int | None, chunk_rows: int | None):
+    """(Σ aᵀ b, Σ a) over the rows of a, b (ROWS×C), as fp32 partials per chunk (C×C and C)."""
+    rows, c = a.shape
+    chunk, n_chunks = _wg_chunking(rows, c, sms, chunk_rows)
+    dw_part = _new((n_chunks, c, c), a.device, torch.float32)
+    db_part = _new((n_chunks, c), a.device, torch.float32)
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_I"]), triton.cdiv(c, meta["BLOCK_J"]), n_chunks)  # noqa: E731
+    _sub_wgrad_kernel[grid](a, b, dw_part, db_part, rows, c, CHUNK_ROWS=chunk, PRECISE=precise)
+    return dw_part, db_part, n_chunks
+
+
+def _reduce(part1, part2, n_chunks: int, size: int, dtype, device):
+    """Σ_c part[c] for two fp32 partial buffers (the core's reduce kernel, batch axis = 1)."""
+    out1 = _new((size,), device, dtype)
+    out2 = _new((size,), device, dtype)
+    _attn_bwd_reduce_kernel[(triton.cdiv(size, _REDUCE_BLOCK), 1)](
+        part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    return out1, out2
+
+
+def _forward(x, r, k, v, wq, bq, wo, bo):
+    batch, n, c = x.shape
+    m = k.shape[1]
+    out = _new((batch, n, c), x.device, x.dtype)
+    o = _new((batch, n, c), x.device, x.dtype)
+    lse = _new((batch, n), x.device, torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
+    _sub_fwd_kernel[grid](
+        x, r, k, v, wq, bq, wo, bo, out, o, lse,
+        *k.stride(), *v.stride(),
+        n, c, _LOG2E / math.sqrt(c),
+        M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, PRECISE=x.dtype == torch.float32,
+    )
+    return out, o, lse
+
+
+def _backward(x, k, v, wq, bq, wo, o, lse, g, chunk_rows: int | None, wg_chunk_rows: int | None):
+    batch, n, c = x.shape
+    m = k.shape[1]
+    dev, dt = x.device, x.dtype
+    precise = dt == torch.float32
+    block_d = _core._block_d(c)
+    sm_scale = 1.0 / math.sqrt(c)
+    qk_scale = _LOG2E * sm_scale
+    qs = _new((batch, n, c), dev, dt)
+    dos = _new((batch, n, c), dev, dt)
+    dq = _new((batch, n, c), dev, dt)
+    dx = _new((batch, n, c), dev, dt)
+    delta = _new((batch, n), dev, torch.float32)
+    grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
+    _sub_bwd_dq_kernel[grid_q](
+        x, g, k, v, wq, bq, wo, o, lse, qs, dos, delta, dq, dx,
+        *k.stride(), *v.stride(),
+        n, c, qk_scale, sm_scale,
+        M=m, BLOCK_D=block_d, BLOCK_K=_BLOCK_K, PRECISE=precise,
+    )
+
+    # dK, dV: the core's chunked kernel (+ its chunk-sum kernel), unchanged
+    sms = _core._sm_count(dev)
+    rows_c, n_chunks = _core._chunking(batch, n, m, sms, chunk_rows)
+    part_dtype = dt if n_chunks == 1 else torch.float32
+    dk_part = _new((batch, n_chunks, m, c), dev, part_dtype)
+    dv_part = _new((batch, n_chunks, m, c), dev, part_dtype)
+    grid_kv = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_chunks, batch)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        qs, k, v, dos, lse, delta, dk_part, dv_part,
+        *qs.stride(), *k.stride(), *v.stride(), *dos.stride(),
+        n, c, n_chunks, qk_scale, sm_scale,
+        M=m, CHUNK_ROWS=rows_c, BLOCK_D=block_d, PRECISE=precise,
+    )
+    if n_chunks == 1:
+        dk, dv = dk_part[:, 0], dv_part[:, 0]
+    else:
+        dk = _new((batch, m, c), dev, dt)
+        dv = _new((batch, m, c), dev, dt)
+        _attn_bwd_reduce_kernel[(triton.cdiv(m * c, _REDUCE_BLOCK), batch)](
+            dk_part, dv_part, dk, dv, m * c, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+
+    # weight / bias gradients: fp32 partials per row chunk, then a chunk-ordered sum
+    rows = batch * n
+    dwq_p, dbq_p, nc = _wgrad(dq.view(rows, c), x.view(rows, c), dt, precise, sms, wg_chunk_rows)
+    dwo_p, dbo_p, _ = _wgrad(g.view(rows, c), o.view(rows, c), dt, precise, sms, wg_chunk_rows)
+    dwq, dwo = _reduce(dwq_p, dwo_p, nc, c * c, dt, dev)
+    dbq, dbo = _reduce(dbq_p, dbo_p, nc, c, dt, dev)
+    return dx, dk, dv, dwq.view(c, c), dbq, dwo.view(c, c), dbo
+
+
+class AttentionSublayerFunction(torch.autograd.Function):
+    """The fused sublayer; saves x, k, v, wq, bq, wo (inputs) and O, lse (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, r, k, v, wq, bq, wo, bo, bwd_chunk_rows=None, wg_chunk_rows=None):
+        out, o, lse = _forward(x, r, k, v, wq, bq, wo, bo)
+        ctx.save_for_backward(x, k, v, wq, bq, wo, o, lse)
+        ctx.chunks = (bwd_chunk_rows, wg_chunk_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, k, v, wq, bq, wo, o, lse = ctx.saved_tensors
+        g = g.contiguous()
+        dx, dk, dv, dwq, dbq, dwo, dbo = _backward(x, k, v, wq, bq, wo, o, lse, g, *ctx.chunks)
+        return dx, g, dk, dv, dwq, dbq, dwo, dbo, None, None
+
+
+def _check(x, r, k, v, wq, bq, wo, bo) -> None:
+    if x.dim() != 3 or r.shape != x.shape or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"attention_sublayer: x, residual B×N×C and k, v B×M×C; got {tuple(x.shape)}, "
+                         f"{tuple(r.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, c = x.shape
+    if k.shape[0] != b or k.shape[2] != c or k.shape[1] == 0:
+        raise ValueError(f"attention_sublayer: k, v {tuple(k.shape)} do not match x {tuple(x.shape)}")
+    if wq.shape != (c, c) or wo.shape != (c, c) or bq.shape != (c,) or bo.shape != (c,):
+        raise ValueError("attention_sublayer: wq, wo must be C×C and bq, bo of length C")
+    ts = (x, r, k, v, wq, bq, wo, bo)
+    if len({t.dtype for t in ts}) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"attention_sublayer: all tensors must share one of fp32/fp16/bf16; got {[t.dtype for t in ts]}")
+    if len({t.device for t in ts}) != 1:
+        raise ValueError("attention_sublayer: tensors on different devices")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("attention_sublayer: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, *, bwd_chunk_rows: int | None = None,
+                       wg_chunk_rows: int | None = None) -> torch.Tensor:
+    """`residual + (softmax((x_norm wqᵀ + bq) kᵀ/√C) v) woᵀ + bo` (shapes in the module docstring).
+
+    Fused Triton forward and backward; fp32 at C > 128 composes the pieces instead (`_composed`).
+    `bwd_chunk_rows` / `wg_chunk_rows` override the row chunks of the dK/dV and weight-gradient
+    kernels (tests use them; by default they are sized to the GPU).
+    """
+    _check(x_norm, residual, k, v, wq, bq, wo, bo)
+    if x_norm.shape[1] == 0 or not fused_supported(x_norm.dtype, x_norm.shape[-1]):
+        return _composed(x_norm, residual, k, v, wq, bq, wo, bo)
+    return AttentionSublayerFunction.apply(
+        x_norm.contiguous(), residual.contiguous(), k, v, wq.contiguous(), bq.contiguous(),
+        wo.contiguous(), bo.contiguous(), bwd_chunk_rows, wg_chunk_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# bytes per stage (B = 32, 512×512)
+# ----------------------------------------------------------------------------------------------
+STAGES = [(1, 16384, 256, 32), (2, 4096, 256, 64), (3, 1024, 256, 128), (4, 256, 256, 192)]
+VARIANTS = ("eager", "eager+sdpa", "fused")
+
+
+def _wg_chunks(rows: int, c: int, sms: int) -> int:
+    return _wg_chunking(rows, c, sms)[1]
+
+
+def ops(variant: str, batch: int, n: int, m: int, c: int, e: int = 2, sms: int = 132):
+    """[(pass, op, bytes read, bytes written)] of one sublayer call (each op reads its inputs and
+    writes its outputs once; the key/value side is outside and not counted beyond k, v, dk, dv)."""
+    from bench.bytes_attention import ops as core_ops
+    t = batch * n * c * e  # one token tensor (x, residual, q, O, out, g, dO, dQ, dx)
+    w = c * c * e
+    bias = c * e
+    row = batch * n * 4
+    proj_fwd = [("fwd", "q = x wqᵀ + bq", t + w + bias, t)]
+    proj_out = [("fwd", "y = O woᵀ + bo", t + w + bias, t), ("fwd", "out = residual + y", 2 * t, t)]
+    proj_bwd = [("bwd", "dO = g wo", t + w, t), ("bwd", "dWo = gᵀ O", 2 * t, w), ("bwd", "dbo = Σ g", t, bias),
+                ("bwd", "dx = dQ wq", t + w, t), ("bwd", "dWq = dQᵀ x", 2 * t, w), ("bwd", "dbq = Σ dQ", t, bias)]
+    if variant in ("eager", "eager+sdpa"):
+        core = core_ops("eager" if variant == "eager" else "sdpa", batch, n, m, c, e, sms)
+        core_f = [r for r in core if r[0] == "fwd"]
+        core_b = [r for r in core if r[0] == "bwd"]
+        return proj_fwd + core_f + proj_out + proj_bwd[:3] + core_b + proj_bwd[3:]
+    if variant == "fused":
+        tkv = batch * m * c * e
+        kc = _core._chunking(batch, n, m, sms)[1]
+        part = batch * kc * m * c * 4 if kc > 1 else tkv
+        nc = _wg_chunks(batch * n, c, sms)
+        wpart = nc * (c * c + c) * 4
+        rows = [
+            ("fwd", "sublayer fwd kernel (q proj + attn + out proj + residual)", 2 * t + 2 * tkv + 2 * (w + bias), 2 * t + row),
+            ("bwd", "dQ kernel (reads x, g, O; writes q, dO, dQ, dx, D)", 3 * t + 2 * tkv + 2 * w + bias + row, 4 * t + row),
+            ("bwd", f"core dK/dV kernel ({kc} chunk{'s' if kc > 1 else ''})", 2 * t + 2 * tkv + 2 * row, 2 * part),
+        ]
+        if kc > 1:
+            rows.append(("bwd", "core chunk-sum (dK, dV)", 2 * part, 2 * tkv))
+        rows += [
+            ("bwd", f"wgrad kernel dQ, x ({nc} chunks)", 2 * t, wpart),
+            ("bwd", f"wgrad kernel g, O ({nc} chunks)", 2 * t, wpart),
+            ("bwd", "chunk-sum dWq, dWo, dbq, dbo", 2 * wpart, 2 * (w + bias)),
+        ]
+        return rows
+    raise ValueError(variant)
+
+
+def totals(variant: str, batch: int, n: int, m: int, c: int, e: int = 2, sms: int = 132) -> tuple[int, int]:
+    rows = ops(variant, batch, n, m, c, e, sms)
+    return (sum(r + w for p, _, r, w in rows if p == "fwd"), sum(r + w for p, _, r, w in rows if p == "bwd"))
+
+
+def bytes_table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int = 132) -> str:
+    """Bytes per stage: eager sublayer, eager projections around sdpa, the fused sublayer."""
+    head = f"{'stage':>5} {'N':>6} {'C':>4} | " + " | ".join(f"{v:^26}" for v in VARIANTS)
+    sub = f"{'':>5} {'':>6} {'':>4} | " + " | ".join(f"{'fwd MB':>7} {'bwd MB':>7} {'f+b µs':>8} " for _ in VARIANTS)
+    lines = [head, sub, "-" * len(sub)]
+    for stage, n, m, c in STAGES:
+        cells = []
+        for v in VARIANTS:
+            f, b = totals(v, batch, n, m, c, e, sms)
+            cells.append(f"{f / 1e6:7.1f} {b / 1e6:7.1f} {(f + b) / bandwidth * 1e6:8.1f} ")
+        lines.append(f"{stage:>5} {n:>6} {c:>4} | " + " | ".join(cells))
+    lines.append("")
+    lines.append(f"B={batch}, {e}-byte elements, {bandwidth / 1e12:.1f} TB/s, M=256; eager rows = the core's "
+                 "bench.bytes_attention ops plus Linear / add / weight-gradient ops; sdpa at its floor.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time builds: every kernel × d block × dtype × configuration
+# ----------------------------------------------------------------------------------------------
+_AOT_M = 256
+_AOT_DTYPES = {"16": "bf16", "tf32x3": "fp32"}
+_AOT_KERNELS = {
+    "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE",)),
+    "dq": (_sub_bwd_dq_kernel, ("X", "G", "K", "V", "WQ", "BQ", "WO", "O", "QS", "DOS", "DQ", "DX"), ("LSE", "DELTA")),
+}
+_AOT_WG_CHUNK = 1024
+
+
+def _aot_specs() -> list[AttentionAotSpec]:
+    specs = []
+    for kname, (kernel, data_ptrs, f32_ptrs) in _AOT_KERNELS.items():
+        for mode, per_d in _ALLOWED[kname].items():
+            dname = _AOT_DTYPES[mode]
+            ptrs = {**{a: f"*{dname}" for a in data_ptrs}, **{a: "*fp32" for a in f32_ptrs}}
+            for block_d, cfgs in per_d.items():
+                for bn, bm, w, st in cfgs:
+                    const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
+                             "BLOCK_N": bn, "BLOCK_M": bm}
+                    tag = f"{kname}_{dname}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
+                    specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, ptrs, const, w, st))
+    for mode, cfgs in _WG_ALLOWED.items():
+        dname = _AOT_DTYPES[mode]
+        ptrs = {"A": f"*{dname}", "B": f"*{dname}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
+        for bi, bj, br, w in cfgs:
+            const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
+            specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
+                                   _sub_wgrad_kernel.fn, ptrs, const, w, 2))
+    return specs
+
+
+AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+
+
+if __name__ == "__main__":
+    print(bytes_table())
