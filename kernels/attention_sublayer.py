@@ -622,19 +622,22 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_d in _ALLOWED[kname].items():
             dname = _AOT_DTYPES[mode]
             ptrs = {**{a: f"*{dname}" for a in data_ptrs}, **{a: "*fp32" for a in f32_ptrs}}
-            for block_d, cfgs in per_d.items():
-                for bn, bm, w, st in cfgs:
-                    const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
-                             "BLOCK_N": bn, "BLOCK_M": bm}
-                    tag = f"{kname}_{dname}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
-                    specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, ptrs, const, w, st))
+            builds = [(dname, ptrs, block_d, cfg) for block_d, cfgs in per_d.items() for cfg in cfgs]
+            if mode == "16":  # fp16: one spot check per kernel (largest d block, first config), as in the core
+                builds.append(("fp16", {a: t.replace("bf16", "fp16") for a, t in ptrs.items()}, 256, per_d[256][0]))
+            for dn, pt, block_d, (bn, bm, w, st) in builds:
+                const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
+                         "BLOCK_N": bn, "BLOCK_M": bm}
+                tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
+                specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st))
     for mode, cfgs in _WG_ALLOWED.items():
-        dname = _AOT_DTYPES[mode]
-        ptrs = {"A": f"*{dname}", "B": f"*{dname}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
-        for bi, bj, br, w in cfgs:
-            const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
-            specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
-                                   _sub_wgrad_kernel.fn, ptrs, const, w, 2))
+        for dname in (_AOT_DTYPES[mode],) + (("fp16",) if mode == "16" else ()):
+            ptrs = {"A": f"*{dname}", "B": f"*{dname}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
+            for bi, bj, br, w in cfgs:
+                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3",
+                         "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
+                specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
+                                       _sub_wgrad_kernel.fn, ptrs, const, w, 2))
     return specs
 
 
