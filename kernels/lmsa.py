@@ -17,9 +17,9 @@ Forward (two kernels and a few tiny PyTorch ops)
    over the rectangle R_δ = {q : q and q − δ inside the image} (the zero padding cuts a strip of
    |δr| rows and |δc| columns). Those 49 window sums depend on x only through its sums over a 7×7
    grid of *cells*: rows 0, 1, 2, "interior", H−3, H−2, H−1 times the same for columns (for H < 7
-   every row is its own cell). `_lmsa_stats_kernel` (grid chunks × B) reads x once and writes per-chunk
-   fp32 cell sums P (a one-hot [64 × pixels] · x[pixels × C] product per tile, on tensor cores);
-   the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
+   every row is its own cell). `_lmsa_stats_kernel` (grid channel blocks × chunks × B) reads x once
+   and writes per-chunk fp32 cell sums (a one-hot [64 × pixels] · x[pixels × channels] product per
+   tile, on tensor cores); the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
    Then, in PyTorch (fp32, autocast off, O(B·C²)):
        win[δ] = Rᵀ P S            (R, S: 7×7 0/1 row / column indicators of the cells in R_δ)
        g_k    = Σ_δ w_k[δ] win[δ] / (H·W)             = GAP(DW_k(x))          B×C
@@ -33,11 +33,11 @@ Forward (two kernels and a few tiny PyTorch ops)
 
 Backward (two kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
-3. `_lmsa_bwd_gram_kernel` (grid scale × channel block, pixel chunks, B): recomputes DW_k(x) on chip
-   (the same shifted loads as the forward) and E_k = W̃_kᵀ dO (a small GEMM per tile), and
-   accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ (= ∂L/∂W̃, on tensor cores), Σ_p dO (= ∂L/∂β) and the
-   main-path ∂L/∂w_k[δ] = Σ_p E_k[p] x[p + δ] (one pixel reduction per tap, reusing the loaded x).
-   Per-chunk fp32 partials, summed in PyTorch.
+3. `_lmsa_bwd_gram_kernel` (one launch per scale k; grid channel blocks × pixel chunks × B):
+   recomputes DW_k(x) on chip (the same shifted loads as the forward) and E_k = W̃_kᵀ dO (a small
+   GEMM per tile), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ (= ∂L/∂W̃, on tensor cores),
+   Σ_p dO (= ∂L/∂β) and the main-path ∂L/∂w_k[δ] = Σ_p E_k[p] x[p + δ] (one pixel reduction per
+   tap, reusing the loaded x). Per-chunk fp32 partials, summed in PyTorch.
 4. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
 5. `_lmsa_bwd_dx_kernel` (grid channel block × tile-column group × B, looping over 10×10 tiles):
@@ -60,13 +60,17 @@ specialised by Triton and the AOT builds assume channels-last.
 Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor;
 `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
     forward   fused 435 MB (floor 3T = 403: x twice, out once)   eager as written ≥ 5100 MB
-    backward  fused 640 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
-The fused surplus is fp32 partials (≈ 22 MB), B×3×C×C gate tensors (≈ 35 MB) and the dx kernel's
-scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by instruction issue,
-not by these bytes: 83 depthwise taps per element cost ~5 (forward), ~10 (gram: the per-tap pixel
-reduction of ∂L/∂w_k) and ~4 (dx) instructions per element and tap in the sm_90 builds, i.e. an
-estimated ~1 ms, ~2 ms and ~0.8 ms at this shape (unmeasured: no GPU was available), against
+    backward  fused 670 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
+The fused surplus is fp32 partials (≈ 37 MB written and read), B×3×C×C gate tensors (≈ 35 MB) and
+the dx kernel's scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by
+instruction issue, not by these bytes: the 83 depthwise taps per element cost ~5 (forward), ~10
+(gram: the per-tap pixel reduction of ∂L/∂w_k) and ~4 (dx) instructions per element and tap in the
+sm_90 builds, i.e. an estimated ~1 ms, ~2 ms and ~0.8 ms at this shape (an estimate from PTX
+instruction counts at ~9e11 warp-instructions/s; not measured: no GPU was available), against
 ≥ 4.9 ms for eager's bytes alone.
+
+Registers: every (config, dtype) pair in the autotune lists builds for sm_80 and sm_90 without
+spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
 """
 from __future__ import annotations
 
@@ -91,42 +95,53 @@ lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
 
 
 # ----------------------------------------------------------------------------------------------
-# configurations (the first entry of each list is the one the interpreter runs: `pick_configs`)
+# configurations
 # ----------------------------------------------------------------------------------------------
-# Under the interpreter the cost is per program and per op, not per element: its configs (the
-# first entries) take large pixel tiles, while still leaving several tiles and chunks in the tests.
-_STATS_CONFIGS = [
-    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 128}, num_warps=8, num_stages=2),
+# Each entry is (config, the input dtypes it serves): "half" (bf16 / fp16) and/or "fp32". A config is
+# listed for a dtype only if its sm_80 and sm_90 builds use no local memory / stack (no register
+# spill; `python -m kernels.report`); fp32 needs smaller tiles (tf32x3 dots hold both halves of
+# each operand). On a GPU the autotuner sees the configs of the input's dtype (`_dtype_prune`);
+# `AOT_SPECS` builds exactly those pairs. The interpreter runs each list's first entry (`pick_configs`):
+# tiles large enough to keep it affordable (its cost is per program and per op), while the tests
+# still cover several tiles, chunks and channel blocks.
+_HALF, _BOTH = ("half",), ("half", "fp32")
+_STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_P": 128}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 64}, num_warps=8, num_stages=1),
+_FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped to C in the kernel)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
-_GRAM_CONFIGS = [  # BLOCK_J is the channel block of DW_k(x) and of the ∂w reduction over BLOCK_P pixels
-    triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 256, "BLOCK_J": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 256, "BLOCK_J": 16}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=1),
+_GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduction, BLOCK_C: E's K step
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DX_CONFIGS = [
-    triton.Config({"BLOCK_J": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_J": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_J": 16}, num_warps=8, num_stages=1),
+_DX_TABLE = [  # BLOCK_J: channel block, BLOCK_C: halo-GEMM K step (both clamped to C), BLOCK_R: halo rows
+    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_R": 64}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
+_STATS_CONFIGS, _FWD_CONFIGS, _GRAM_CONFIGS, _DX_CONFIGS = (
+    [cfg for cfg, _ in table] for table in (_STATS_TABLE, _FWD_TABLE, _GRAM_TABLE, _DX_TABLE))
+
+
+def _dtype_prune(table):
+    """Autotune pruning: the configs of `table` that serve the call's dtype class (PRECISE = fp32)."""
+    serves = [(cfg.all_kwargs(), dtypes) for cfg, dtypes in table]
+
+    def prune(configs, named_args, **kwargs):
+        cls = "fp32" if kwargs["PRECISE"] else "half"
+        kept = [cfg for cfg in configs if any(cfg.all_kwargs() == kw and cls in d for kw, d in serves)]
+        return kept or configs[:1]
+    return prune
+
+
 _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
-
-
-def _prune_block_j(configs, named_args, **kwargs):
-    c = kwargs["C"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_J"] <= c]
-    return kept or configs[:1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +170,8 @@ def _cell(h, w, H, W, TH, TW):
     return ri * 7 + ci
 
 
+# The tap loops are single flat loops over t = i·KS + j: nested constant-trip loops get fully
+# unrolled by LLVM with every tap's loads hoisted, which spills registers (sm_80 / sm_90 builds).
 @triton.jit
 def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.constexpr,
                C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -162,16 +179,14 @@ def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.
     masked loads of x (zero padding) times the per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
     c_ptr = x_base + offs_j[None, :] * sxc
-    for i in range(KS):
-        hh = h + (i - KS // 2)
-        row_ok = mask_p & (hh >= 0) & (hh < H)
-        row_ptr = c_ptr + (hh * sxh)[:, None]
-        for j in range(KS):
-            ww = w + (j - KS // 2)
-            m = row_ok & (ww >= 0) & (ww < W)
-            xv = tl.load(row_ptr + (ww * sxw)[:, None], mask=m[:, None], other=0.0)
-            wv = tl.load(w_ptr + (i * KS + j) * C + offs_j)  # fp32, tap-major KS² × C
-            acc += xv.to(tl.float32) * wv[None, :]
+    w_ptr = w_ptr + offs_j
+    for t in range(KS * KS):
+        hh = h + (t // KS - KS // 2)
+        ww = w + (t % KS - KS // 2)
+        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0)
+        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
+        acc += xv.to(tl.float32) * wv[None, :]
     return acc
 
 
@@ -184,40 +199,43 @@ def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sx
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
     taps = tl.arange(0, TAPS)[:, None]
     c_ptr = x_base + offs_j[None, :] * sxc
-    for i in range(KS):
-        hh = h + (i - KS // 2)
-        row_ok = mask_p & (hh >= 0) & (hh < H)
-        row_ptr = c_ptr + (hh * sxh)[:, None]
-        for j in range(KS):
-            ww = w + (j - KS // 2)
-            m = row_ok & (ww >= 0) & (ww < W)
-            xv = tl.load(row_ptr + (ww * sxw)[:, None], mask=m[:, None], other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + (i * KS + j) * C + offs_j)
-            acc += xv * wv[None, :]
-            contrib = tl.sum(e * xv, 0)
-            dwacc = tl.where(taps == i * KS + j, dwacc + contrib[None, :], dwacc)
+    w_ptr = w_ptr + offs_j
+    for t in range(KS * KS):
+        hh = h + (t // KS - KS // 2)
+        ww = w + (t % KS - KS // 2)
+        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + t * C)
+        acc += xv * wv[None, :]
+        contrib = tl.sum(e * xv, 0)
+        dwacc = tl.where(taps == t, dwacc + contrib[None, :], dwacc)
     return acc, dwacc
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=pick_configs(_STATS_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+@triton.autotune(configs=pick_configs(_STATS_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _dtype_prune(_STATS_TABLE)})
 @triton.jit
 def _lmsa_stats_kernel(
     X, SP,
     sxb, sxc, sxh, sxw,
     H, W, TH, TW, n_chunks,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Cell sums of x over pixel chunk `pid` of image b: SP[b, pid, cell, c] (B × n × 49 × C fp32),
-    as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one BLOCK_P-pixel tile at a time."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, C)
+    """Cell sums of x over pixel chunk `pid` of image b, channel block pid_c: SP[b, pid, cell, c]
+    (B × n × 49 × C fp32), as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one
+    BLOCK_P-pixel tile at a time."""
+    BC: tl.constexpr = min(BLOCK_C, C)  # the configured channel block, clamped to C
+    pid_c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_c * BC + tl.arange(0, BC)
     offs_cell = tl.arange(0, 64)
     x_base = X + b * sxb
-    acc = tl.zeros([64, C], tl.float32)
+    acc = tl.zeros([64, BC], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
@@ -226,26 +244,28 @@ def _lmsa_stats_kernel(
             w = offs_p % W
             cell = _cell(h, w, H, W, TH, TW)
             xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
-                         mask=mask_p[:, None], other=0.0)  # BLOCK_P × C
+                         mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
-            acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × C
+            acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × BC
     out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
     tl.store(out, acc, mask=(offs_cell < 49)[:, None])
 
 
-@triton.autotune(configs=pick_configs(_FWD_CONFIGS), key=["H", "W", "C", "PRECISE"])
+@triton.autotune(configs=pick_configs(_FWD_CONFIGS), key=["H", "W", "C", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _dtype_prune(_FWD_TABLE)})
 @triton.jit
 def _lmsa_fwd_kernel(
     X, WG, BIAS, DW3, DW5, DW7, OUT,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
     H, W,
-    C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+    C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for BLOCK_P pixels of image b.
 
-    WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BLOCK_K slices, each
+    WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
     slice's depthwise outputs formed on chip right before it is multiplied in."""
+    BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -253,20 +273,20 @@ def _lmsa_fwd_kernel(
     h = offs_p // W
     w = offs_p % W
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BK)
     x_base = X + b * sxb
     wg_base = WG + b * (3 * C * C)
 
     acc = tl.zeros([BLOCK_P, C], tl.float32)
-    for j0 in range(0, C, BLOCK_K):
+    for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
-        # W̃_k[b]ᵀ slices: BLOCK_K (in) × C (out)
+        # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BLOCK_K)
+        d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BK)
         acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
-        d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BLOCK_K)
+        d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BK)
         acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
-        d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BLOCK_K)
+        d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BK)
         acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
 
     bias = tl.load(BIAS + b * C + offs_c)
@@ -298,35 +318,40 @@ def _lmsa_fwd_kernel(
 # which the dx kernel adds while it writes dx, so dx is written once and never re-read.
 # Order: the gram kernel and the gate graph first (T needs ∂L/∂z, a sum over every pixel), then dx.
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
-@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune_block_j})
+@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"],
+                 prune_configs_by={"early_config_prune": _dtype_prune(_GRAM_TABLE)})
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, WG, DW3, DW5, DW7, MP, GSP, DWP,
+    X, DO, WG, DWK, MP, GSP, DWP,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, TAPS: tl.constexpr,
+    CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Over the pixels p of chunk `pid` of image b, for scale k = pid_kj // (C / BLOCK_J) and the
-    channel block j of pid_kj, the partial sums
-        MP[b, pid, k, :, j]  = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ              (∂L/∂W̃_k, C × BLOCK_J)
-        DWP[b, pid, t, j]    = Σ_p E_k[j, p] x[j, p + δ_t],  E_k = W̃_kᵀ dO   (main-path ∂L/∂w_k)
-        GSP[b, pid, :]       = Σ_p dO[:, p]                              (∂L/∂β; pid_kj = 0 only)
-    with DW_k(x) recomputed on chip; MP: B × n × 3 × C × C, DWP: B × n × 83 × C, GSP: B × n × C fp32."""
-    pid_kj = tl.program_id(0)
+    """For scale k = KID (kernel size KS), channel block pid_j and the pixels p of chunk `pid` of
+    image b, the partial sums
+        MP[b, pid, k, :, j]      = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
+        DWP[b, pid, ROW0 + t, j] = Σ_p E_k[j, p] x[j, p + δ_t], E_k = W̃_kᵀ dO   (main-path ∂L/∂w_k)
+        GSP[b, pid, :]           = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
+    (TAPS = KS² rounded up to a power of two: the rows of the ∂w accumulator)
+    with DW_k(x) and E_k recomputed on chip; MP: B × n × 3 × C × C, DWP: B × n × 83 × C, GSP: B × n × C,
+    all fp32. One launch per scale, so each build holds one depthwise loop and a KS²-row ∂w block."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
+    pid_j = tl.program_id(0)
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    kid = pid_kj // (C // BLOCK_J)
-    offs_j = (pid_kj % (C // BLOCK_J)) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_c = tl.arange(0, C)
     x_base = X + b * sxb
     g_base = DO + b * sgb
-    wg_ptr = WG + ((b * 3 + kid) * C + offs_c[:, None]) * C + offs_j[None, :]  # W̃_k[b][:, j-block]
+    offs_cc = tl.arange(0, BC)
+    wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
 
-    acc = tl.zeros([C, BLOCK_J], tl.float32)
-    dwacc = tl.zeros([64, BLOCK_J], tl.float32)
+    acc = tl.zeros([C, BJ], tl.float32)
+    dwacc = tl.zeros([TAPS, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
@@ -336,61 +361,63 @@ def _lmsa_bwd_gram_kernel(
             w = offs_p % W
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
-            e = _mm(tl.trans(gt), tl.load(wg_ptr), PRECISE)  # E_k[p, j]: BLOCK_P × BLOCK_J
-            if kid == 0:
-                d, dwacc = _depthwise_and_wgrad(x_base, DW3, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                                                3, C, BLOCK_P, BLOCK_J, 64)
-            elif kid == 1:
-                d, dwacc = _depthwise_and_wgrad(x_base, DW5, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                                                5, C, BLOCK_P, BLOCK_J, 64)
-            else:
-                d, dwacc = _depthwise_and_wgrad(x_base, DW7, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                                                7, C, BLOCK_P, BLOCK_J, 64)
+            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
+            # K = C product at once would hold the whole dO tile twice more, and spills in fp32)
+            e = tl.zeros([BLOCK_P, BJ], tl.float32)
+            for c0 in range(0, C, BC):
+                gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
+                             mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
+                e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+            d, dwacc = _depthwise_and_wgrad(x_base, DWK, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                                            KS, C, BLOCK_P, BJ, TAPS)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
-            gsum += tl.sum(gt.to(tl.float32), 1)
+            if KID == 0:
+                gsum += tl.sum(gt.to(tl.float32), 1)
 
-    row = (b * n_chunks + pid) * 3 + kid
-    tl.store(MP + (row * C + offs_c[:, None]) * C + offs_j[None, :], acc)
-    tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_kj == 0))
-    ks = 3 + 2 * kid
-    row0 = tl.where(kid == 0, 0, tl.where(kid == 1, 9, 34))  # first row of this scale among the 83
-    taps = tl.arange(0, 64)
-    tl.store(DWP + ((b * n_chunks + pid) * 83 + row0 + taps[:, None]) * C + offs_j[None, :], dwacc,
-             mask=(taps < ks * ks)[:, None])
+    tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
+    if KID == 0:
+        tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
+    taps = tl.arange(0, TAPS)
+    tl.store(DWP + ((b * n_chunks + pid) * 83 + ROW0 + taps[:, None]) * C + offs_j[None, :], dwacc,
+             mask=(taps < KS * KS)[:, None])
 
 
 @triton.jit
-def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, gh, gw, e_ok, center, offs_j, sgc, sgh, sgw,
-               C: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
-               BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
-    """dx += DW_KSᵀ(E), E = W̃ᵀ dO, for one inner tile.
+def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
+               C: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
+    """dx += DW_KSᵀ(E), E = W̃ᵀ dO, for the inner tile whose halo starts at (h0 − 3, w0 − 3).
 
-    E is formed on the halo tile (GEMM on chip, 0 outside the image), written to the program's fp32
-    scratch tile and read back at the shifted positions q − δ (a uniform offset: no masks)."""
+    E is formed on the halo tile in BLOCK_R-row pieces (GEMM on chip, 0 outside the image) and
+    written to the program's fp32 scratch tile, then read back at the shifted positions q − δ
+    (a uniform offset from e_off, the inner pixels' scratch offsets: no masks)."""
     offs_jj = tl.arange(0, BLOCK_J)
     offs_cc = tl.arange(0, BLOCK_C)
-    E = tl.zeros([BLOCK_E, BLOCK_J], tl.float32)  # E[e, j] = Σ_c dO[c, e] W̃[c, j], halo pixels e
-    pix = (gh * sgh + gw * sgw)[:, None]
-    for c0 in range(0, C, BLOCK_C):
-        g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
-        wg = tl.load(wg_ptr + (c0 + offs_cc)[:, None] * C + offs_j[None, :])
-        E += _mm(g, wg, PRECISE)
     tl.debug_barrier()  # every thread is done reading the previous scale's E from the scratch tile
-    tl.store(e_scr + tl.arange(0, BLOCK_E)[:, None] * BLOCK_J + offs_jj[None, :], E)
-    tl.debug_barrier()  # ... and this one's is complete before anyone reads it back
+    for r0 in range(0, HALO_H * HALO_W, BLOCK_R):
+        offs_e = r0 + tl.arange(0, BLOCK_R)  # halo pixels, row-major
+        gh = h0 - 3 + offs_e // HALO_W
+        gw = w0 - 3 + offs_e % HALO_W
+        e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
+        pix = (gh * sgh + gw * sgw)[:, None]
+        E = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)  # E[e, j] = Σ_c dO[c, e] W̃[c, j]
+        for c0 in range(0, C, BLOCK_C):
+            g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
+            wg = tl.load(wg_ptr + (c0 + offs_cc)[:, None] * C + offs_j[None, :])
+            E += _mm(g, wg, PRECISE)
+        tl.store(e_scr + offs_e[:, None] * BLOCK_J + offs_jj[None, :], E)
+    tl.debug_barrier()  # ... and this scale's E is complete before anyone reads it back
 
-    e_ptr = e_scr + center[:, None] * BLOCK_J + offs_jj[None, :]
     w_ptr = w_ptr + offs_j
-    for i in range(KS):
-        for j in range(KS):
-            shift = ((i - KS // 2) * HALO_W + (j - KS // 2)) * BLOCK_J  # δ in scratch elements
-            wv = tl.load(w_ptr + (i * KS + j) * C)  # fp32, tap-major KS² × C
-            dx += tl.load(e_ptr - shift) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
+    for t in range(KS * KS):  # one flat loop: the compiler keeps one tap's loads in flight, not KS
+        shift = ((t // KS - KS // 2) * HALO_W + (t % KS - KS // 2)) * BLOCK_J  # δ in scratch elements
+        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
+        dx += tl.load(e_scr + (e_off - shift)) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
     return dx
 
 
 @triton.autotune(configs=pick_configs(_DX_CONFIGS), key=["H", "W", "C", "N_TR", "COLS", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune_block_j})
+                 prune_configs_by={"early_config_prune": _dtype_prune(_DX_TABLE)})
 @triton.jit
 def _lmsa_bwd_dx_kernel(
     DO, WG, DW3, DW5, DW7, T, DX, SCR,
@@ -398,38 +425,39 @@ def _lmsa_bwd_dx_kernel(
     sdb, sdc, sdh, sdw,
     H, W, TH, TW, n_cols, n_grps,
     C: tl.constexpr, N_TR: tl.constexpr, COLS: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """dx = dO + Σ_k DW_kᵀ(W̃_kᵀ dO) + T[cell] for channel block j of tile-column group `grp` of
     image b: COLS columns of (HALO−6)² inner tiles, N_TR tiles down each. Reads dO (with a 3-pixel
     halo, from L2), writes dx once; never reads x.
 
-    SCR is the programs' fp32 scratch: one HALO_H·HALO_W × BLOCK_J tile each (B·n_grps·C·HALO_H·HALO_W
+    SCR is the programs' fp32 scratch: one HALO_H·HALO_W × BJ tile each (B·n_grps·C·HALO_H·HALO_W
     floats in all), rewritten for every (tile, scale) and read back at once, so it lives in L1/L2
     (column groups keep the number of programs, hence the scratch, small). Triton has no
     user-managed shared memory, and `tl.gather` on a 256-row register tile lowers to warp shuffles
     (~1300 instructions per tap in an sm_90 build)."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    BC: tl.constexpr = min(BLOCK_C, C)  # the halo GEMM's K step, clamped to C
     IR: tl.constexpr = HALO_H - 6
     IC: tl.constexpr = HALO_W - 6
     NE: tl.constexpr = HALO_H * HALO_W
     pid_j = tl.program_id(0)
     grp = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
     g_base = DO + b * sgb
     wg_base = WG + b * (3 * C * C)
-    e_scr = SCR + (((b * n_grps + grp) * (C // BLOCK_J) + pid_j) * NE) * BLOCK_J
+    e_scr = SCR + (((b * n_grps + grp) * (C // BJ) + pid_j) * NE) * BJ
 
-    offs_e = tl.arange(0, NE)  # halo pixels, row-major
-    er = offs_e // HALO_W
-    ec = offs_e % HALO_W
     offs_i = tl.arange(0, BLOCK_I)  # inner pixels, row-major in an IR × IC tile
     ir = offs_i // IC
     ic = offs_i % IC
     lane_ok = offs_i < IR * IC
-    # halo index of each inner pixel; lanes past the IR × IC tile point at a valid centre so every
-    # shifted read stays inside the scratch tile
+    # scratch offset of each inner pixel's centre; lanes past the IR × IC tile point at a valid
+    # centre so every shifted read stays inside the scratch tile
     center = tl.where(lane_ok, (ir + 3) * HALO_W + ic + 3, 3 * HALO_W + 3)
+    e_off = center[:, None] * BJ + tl.arange(0, BJ)[None, :]
 
     for cc in range(COLS):
         col = grp * COLS + cc
@@ -437,24 +465,22 @@ def _lmsa_bwd_dx_kernel(
             w0 = col * IC
             for tr in range(N_TR):
                 h0 = tr * IR
-                gh = h0 - 3 + er
-                gw = w0 - 3 + ec
-                e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
-                qh = h0 + ir
-                qw = w0 + ic
-                q_ok = lane_ok & (qh < H) & (qw < W)
+                dx = tl.zeros([BLOCK_I, BJ], tl.float32)
+                dx = _dx_branch(g_base, wg_base, e_scr, dx, DW3, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
+                                C, HALO_H, HALO_W, 3, BLOCK_R, BJ, BC, PRECISE)
+                dx = _dx_branch(g_base, wg_base + C * C, e_scr, dx, DW5, h0, w0, H, W, e_off, offs_j,
+                                sgc, sgh, sgw, C, HALO_H, HALO_W, 5, BLOCK_R, BJ, BC, PRECISE)
+                dx = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, dx, DW7, h0, w0, H, W, e_off, offs_j,
+                                sgc, sgh, sgw, C, HALO_H, HALO_W, 7, BLOCK_R, BJ, BC, PRECISE)
                 # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
+                qh = h0 + offs_i // IC
+                qw = w0 + offs_i % IC
+                q_ok = lane_ok & (qh < H) & (qw < W)
                 g_in = tl.load(g_base + (qh * sgh + qw * sgw)[:, None] + offs_j[None, :] * sgc,
                                mask=q_ok[:, None], other=0.0)
                 cell = _cell(qh, qw, H, W, TH, TW)
-                dx = g_in.to(tl.float32) + tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None],
-                                                   mask=q_ok[:, None], other=0.0)
-                dx = _dx_branch(g_base, wg_base, e_scr, dx, DW3, gh, gw, e_ok, center, offs_j, sgc, sgh, sgw,
-                                C, HALO_W, 3, NE, BLOCK_J, BLOCK_C, PRECISE)
-                dx = _dx_branch(g_base, wg_base + C * C, e_scr, dx, DW5, gh, gw, e_ok, center, offs_j,
-                                sgc, sgh, sgw, C, HALO_W, 5, NE, BLOCK_J, BLOCK_C, PRECISE)
-                dx = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, dx, DW7, gh, gw, e_ok, center, offs_j,
-                                sgc, sgh, sgw, C, HALO_W, 7, NE, BLOCK_J, BLOCK_C, PRECISE)
+                t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=q_ok[:, None], other=0.0)
+                dx += g_in.to(tl.float32) + t_in
                 tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
                          dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
 
@@ -545,7 +571,8 @@ def _stats(x: torch.Tensor, precise: bool) -> torch.Tensor:
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
-    _lmsa_stats_kernel[(n_chunks, b)](
+    grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
+    _lmsa_stats_kernel[grid](
         x, sp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
     cells = sp.sum(1)  # B×49×C, summed in chunk order
@@ -569,7 +596,7 @@ def _forward(x, params, precise):
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
         x, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
-        C=c, BLOCK_K=min(32, c), PRECISE=precise)
+        C=c, PRECISE=precise)
     return out, P, wg
 
 
@@ -578,15 +605,18 @@ def _backward(x, g, P, wg, params, precise):
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
-    chunk = _chunk_pix(h * w, b, 3 * (c // 32), _sm_count(x.device), max_chunks=4)
+    # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
+    chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
-    grid = lambda meta: (3 * (c // meta["BLOCK_J"]), n_chunks, b)  # noqa: E731
-    _lmsa_bwd_gram_kernel[grid](
-        x, g, wg, *dw_flat, mp, gsp, dwp, *x.stride(), *g.stride(), h, w, n_chunks,
-        C=c, CHUNK_PIX=chunk, PRECISE=precise)
+    grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
+    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+        _lmsa_bwd_gram_kernel[grid](
+            x, g, wg, dw_flat[kid], mp, gsp, dwp, *x.stride(), *g.stride(), h, w, n_chunks,
+            C=c, KS=k, KID=kid, ROW0=row0, TAPS=triton.next_power_of_2(k * k), CHUNK_PIX=chunk,
+            PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -606,12 +636,12 @@ def _backward(x, g, P, wg, params, precise):
     n_tr, cols, n_cols, n_grps = _dx_grid(h, w, b, c, _sm_count(x.device))
     dx = _new_like(x)
     scratch = _new((b * n_grps * c * _HALO * _HALO,), x.device, torch.float32)
-    grid = lambda meta: (c // meta["BLOCK_J"], n_grps, b)  # noqa: E731
+    grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_grps, b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
         g, wg, *dw_flat, t_cells, dx, scratch,
         *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols, n_grps,
         C=c, N_TR=n_tr, COLS=cols, HALO_H=_HALO, HALO_W=_HALO,
-        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), BLOCK_C=min(32, c), PRECISE=precise)
+        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), PRECISE=precise)
     return dx, pgrads
 
 
@@ -686,31 +716,41 @@ def _aot_specs() -> list[AotSpec]:
     specs: list[AotSpec] = []
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
-    gram_chunk = _chunk_pix(hw, 32, 3 * (_AOT_C // 32), 132, max_chunks=4)
+    gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
     n_tr, cols, _, _ = _dx_grid(_AOT_HW, _AOT_HW, 32, _AOT_C, 132)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         kernels = (
-            ("stats", _lmsa_stats_kernel, _STATS_CONFIGS,
+            ("stats", _lmsa_stats_kernel, _STATS_TABLE,
              {"X": dt, "SP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
-            ("fwd", _lmsa_fwd_kernel, _FWD_CONFIGS,
+            ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
              {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
-             ["H", "W"], {"BLOCK_K": 32}),
-            ("gram", _lmsa_bwd_gram_kernel, _GRAM_CONFIGS,
-             {"X": dt, "DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "MP": "*fp32",
-              "GSP": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
-            ("dx", _lmsa_bwd_dx_kernel, _DX_CONFIGS,
+             ["H", "W"], {}),
+            ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"],
+             {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0, "TAPS": 16}),
+            ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"],
+             {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9, "TAPS": 32}),
+            ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"],
+             {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34, "TAPS": 64}),
+            ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
               "DX": dt, "SCR": "*fp32"},
              ["H", "W", "TH", "TW", "n_cols", "n_grps"],
              {"N_TR": n_tr, "COLS": cols, "HALO_H": _HALO, "HALO_W": _HALO,
-              "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2), "BLOCK_C": 32}),
+              "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2)}),
         )
-        for name, fn, configs, ptrs, ints, extra in kernels:
+        for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the autotuner
-            for cfg in configs:
+            for cfg, serves in table:
+                if ("fp32" if precise else "half") not in serves:
+                    continue
                 sig, unit = {}, {}
                 for a in jit_fn.arg_names:
                     if a in ptrs:
