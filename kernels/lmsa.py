@@ -63,11 +63,13 @@ Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per acti
     backward  fused 670 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
 The fused surplus is fp32 partials (≈ 37 MB written and read), B×3×C×C gate tensors (≈ 35 MB) and
 the dx kernel's scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by
-instruction issue, not by these bytes: the 83 depthwise taps per element cost ~5 (forward), ~10
-(gram: the per-tap pixel reduction of ∂L/∂w_k) and ~4 (dx) instructions per element and tap in the
-sm_90 builds, i.e. an estimated ~1 ms, ~2 ms and ~0.8 ms at this shape (an estimate from PTX
-instruction counts at ~9e11 warp-instructions/s; not measured: no GPU was available), against
-≥ 4.9 ms for eager's bytes alone.
+instruction issue, not by these bytes: the 83 depthwise taps per element cost about 8 (forward),
+16 (gram: the per-tap cross-thread pixel reduction of ∂L/∂w_k dominates) and 8 (dx) instructions
+per element and tap (sm_90 PTX of the first bf16 configs, built with the launcher's 16-divisibility
+of pointers and strides), i.e. roughly 1.5 ms, 3 ms and 1.4 ms at this shape, about 6 ms per
+forward + backward, against ≥ 4.9 ms for eager's bytes alone (plus its depthwise kernels'
+arithmetic). These are static estimates at ~9e11 warp-instructions/s: no GPU was available to
+measure them, and the autotuner may pick larger tiles that amortise the per-tap overheads better.
 
 Registers: every (config, dtype) pair in the autotune lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
