@@ -138,30 +138,12 @@ def upsample_argmax_case(batch, size, device, dtype) -> Case:
 
 
 def train_step_case(batch, size, device, dtype) -> Case:
-    from msf.model import MicroSegFormer
-    images = torch.randn(batch, 3, size, size, device=device)
-    masks = torch.randint(0, 19, (batch, size, size), device=device)
-    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def step_for(backend: str, compiled: bool = False) -> Callable[[], None]:
-        torch.manual_seed(0)
-        model = MicroSegFormer(backend=backend).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
-        loss_fn = torch.compile(model.loss) if compiled else model.loss
-
-        def step():
-            with nvtx_range("forward+loss"), amp:
-                loss = loss_fn(images, masks)
-            with nvtx_range("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            with nvtx_range("optimizer"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-        return step
-
-    builders = {"eager": lambda: step_for("eager"), "compile": lambda: step_for("eager", compiled=True),
-                "triton": lambda: step_for("triton")}
+    """The whole training step of `profiling.step` (forward, loss, backward, clip, AdamW)."""
+    from profiling.step import build_step
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+    builders = {"eager": lambda: build_step("eager", batch, size, amp, device),
+                "compile": lambda: build_step("eager", batch, size, amp, device, compiled=True),
+                "triton": lambda: build_step("triton", batch, size, amp, device)}
     return Case("train_step", f"B={batch},{size}²", batch, {"step": builders}, {})
 
 

@@ -18,10 +18,13 @@ from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
 
 
-def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device):
+def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False):
+    """A closure running one training step (forward+loss, backward, clip, AdamW) on fixed random data;
+    `compiled` puts the forward+loss under torch.compile."""
     torch.manual_seed(0)
     model = MicroSegFormer(backend=backend).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
+    loss_fn = torch.compile(model.loss) if compiled else model.loss
     images = torch.randn(batch, 3, size, size, device=device)
     masks = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -33,7 +36,7 @@ def build_step(backend: str, batch: int, size: int, amp: str, device: torch.devi
             with nvtx_range("data"):
                 x, y = images.clone(), masks.clone()  # stands in for the loader's host-to-device copy
             with nvtx_range("forward+loss"), autocast:
-                loss = model.loss(x, y)
+                loss = loss_fn(x, y)
             with nvtx_range("backward"):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
