@@ -35,3 +35,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name:
         worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
         raise AssertionError(f"{name}: relative error {err:.3e} > {rel:.1e}; worst at {worst}: "
                              f"got {a[worst].item():.6g}, expected {e[worst].item():.6g}")
+
+
+def kernel_device(name: str) -> str:
+    """The device a kernel parity case runs on, or a skip saying why it cannot run here: "cuda"
+    runs the compiled kernels (not under the interpreter), "cpu" runs them through the interpreter."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        if interpret:
+            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
+    elif not interpret:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return name
+
+
+KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

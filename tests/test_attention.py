@@ -20,8 +20,7 @@ pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 attn_mod = importlib.import_module("kernels.attention")
-from kernels._common import INTERPRET  # noqa: E402
-from tests.conftest import assert_close  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
 
 # (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
 STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
@@ -38,18 +37,8 @@ def _tol(dtype, device, allow_tf32=False):
     return TOL[dtype]
 
 
-def _device(name: str) -> str:
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        if INTERPRET:
-            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
-    elif not INTERPRET:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-    return name
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = KERNEL_DEVICES
+_device = kernel_device
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ import importlib  # noqa: E402
 
 sub_mod = importlib.import_module("kernels.attention_sublayer")
 attn_mod = importlib.import_module("kernels.attention")
-from kernels._common import INTERPRET  # noqa: E402
-from tests.conftest import assert_close  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
 
 # (N, M, C): the model's stages (16384/4096/1024/256 queries, 256 keys, C = 32/64/128/192) scaled down
 STAGES = [(70, 48, 32), (40, 32, 64), (33, 20, 128), (17, 12, 192)]
@@ -44,18 +43,8 @@ def _tol(dtype, device):
 NAMES = ("x", "residual", "k", "v", "wq", "bq", "wo", "bo")
 
 
-def _device(name: str) -> str:
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        if INTERPRET:
-            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
-    elif not INTERPRET:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-    return name
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = KERNEL_DEVICES
+_device = kernel_device
 
 
 @pytest.fixture

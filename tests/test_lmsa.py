@@ -28,27 +28,16 @@ pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 lmsa_mod = importlib.import_module("kernels.lmsa")
-from kernels._common import INTERPRET  # noqa: E402
 from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
-from tests.conftest import assert_close  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
               "fc1_w", "fc1_b", "fc2_w", "fc2_b")
 
 
-def _device(name: str) -> str:
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        if INTERPRET:
-            pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not exercised")
-    elif not INTERPRET:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-    return name
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = KERNEL_DEVICES
+_device = kernel_device
 
 
 @pytest.fixture
