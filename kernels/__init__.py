@@ -8,12 +8,14 @@ their eager version.
 from __future__ import annotations
 
 from kernels import attention as _attention  # the submodule stays reachable as kernels.attention
+from kernels import attention_sublayer as _attention_sublayer
 from kernels import head_loss as _head_loss
 from kernels import lmsa as _lmsa
 from kernels import upsample_argmax as _upsample_argmax
 
 TRITON_OPS: dict = {
     "attention": _attention.attention,
+    "attention_sublayer": _attention_sublayer.attention_sublayer_for_model,
     "head_loss": _head_loss.head_loss,
     "lmsa": _lmsa.lmsa,
     "upsample_argmax": _upsample_argmax.upsample_argmax,

@@ -532,6 +532,16 @@ def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, *, bwd_chunk_rows
         wo.contiguous(), bo.contiguous(), bwd_chunk_rows, wg_chunk_rows)
 
 
+def attention_sublayer_for_model(x_norm, residual, k, v, wq, bq, wo, bo) -> torch.Tensor:
+    """The model's entry (`TRITON_OPS["attention_sublayer"]`): fused when all eight tensors share a
+    dtype; otherwise (autocast: fp32 LayerNorm output, residual and master weights beside bf16 k, v)
+    the core attention between autocast projections, with the residual added in fp32, exactly as
+    eager AMP computes it (keeping the residual stream in fp32 is the point of that split)."""
+    if len({t.dtype for t in (x_norm, residual, k, v, wq, bq, wo, bo)}) == 1:
+        return attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)
+    return _composed(x_norm, residual, k, v, wq, bq, wo, bo)
+
+
 # ----------------------------------------------------------------------------------------------
 # bytes per stage (B = 32, 512×512)
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ one yet keeps its eager version, and `fused_op_names("triton")` says which are w
 
 Ops (shapes are the model's):
 - `attention(q, k, v)`: softmax(q kᵀ / √d) v for B×N×d queries against B×M×d keys/values.
+- `attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)`: the block's attention sublayer,
+  `residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo`; where it is not fused it composes the
+  backend's own `attention` between plain projections.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
   B×H×W targets, the logits bilinearly upsampled (align_corners=False) to H×W on the way.
 - `upsample_argmax(logits, size)`: argmax over classes of the bilinearly upsampled logits.
@@ -31,6 +34,10 @@ BACKENDS = ("eager", "triton")
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     return scores.softmax(dim=-1) @ v
+
+
+def composed_attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, attention=eager_attention):
+    return residual + F.linear(attention(F.linear(x_norm, wq, bq), k, v), wo, bo)
 
 
 def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:
@@ -71,12 +78,13 @@ class LMSAParams:
 @dataclass(frozen=True)
 class Ops:
     attention: Callable[..., torch.Tensor]
+    attention_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
 
 
-EAGER_OPS = Ops(attention=eager_attention, head_loss=eager_head_loss,
+EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer, head_loss=eager_head_loss,
                 upsample_argmax=eager_upsample_argmax, lmsa=eager_lmsa)
 
 
@@ -115,6 +123,9 @@ def get_ops(backend: str) -> Ops:
             table[f.name] = _annotated(f.name, fused[f.name], "triton")
         else:
             table[f.name] = _annotated(f.name, getattr(EAGER_OPS, f.name), "eager")
+    if "attention_sublayer" not in fused:  # compose around whichever attention this backend has
+        composed = functools.partial(composed_attention_sublayer, attention=table["attention"])
+        table["attention_sublayer"] = _annotated("attention_sublayer", composed, "eager")
     return Ops(**table)
 
 

@@ -68,14 +68,16 @@ class SRAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
             self.sr_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        b, n, c = x.shape
-        q = self.q(x)
+    def forward(self, x_norm: torch.Tensor, residual: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """residual + proj(attention(q(x_norm), k, v)), keys/values from the reduced map."""
+        b, n, c = x_norm.shape
+        kv_in = x_norm
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
-            x = self.sr_norm(reduced)
-        k, v = self.kv(x).chunk(2, dim=-1)  # views into one B×M×2C tensor
-        return self.proj(get_ops(self.backend).attention(q, k, v))
+            reduced = self.sr(x_norm.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+            kv_in = self.sr_norm(reduced)
+        k, v = self.kv(kv_in).chunk(2, dim=-1)  # views into one B×M×2C tensor
+        return get_ops(self.backend).attention_sublayer(x_norm, residual, k, v, self.q.weight, self.q.bias,
+                                                         self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -99,7 +101,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(dim, expansion)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), h, w)
+        x = self.attn(self.norm1(x), x, h, w)  # the residual add happens inside (fused on triton)
         return x + self.ffn(self.norm2(x))
 
 

@@ -14,12 +14,12 @@ def test_parameter_counts_match_spec():
 
 def test_token_and_kv_lengths_at_512():
     model = MicroSegFormer().eval()
-    seen = []  # ("q" | "kv", tokens, channels) in call order, from the projections feeding attention
+    seen = []  # ("q" | "kv", tokens, channels) in call order: the sublayer's queries, the kv projection
     hooks = []
     for stage in model.stages:
         for block in stage.blocks:
             attn = block.attn
-            hooks.append(attn.q.register_forward_hook(lambda m, i, o: seen.append(("q", o.shape[1], o.shape[2]))))
+            hooks.append(attn.register_forward_pre_hook(lambda m, a: seen.append(("q", a[0].shape[1], a[0].shape[2]))))
             hooks.append(attn.kv.register_forward_hook(lambda m, i, o: seen.append(("kv", o.shape[1], o.shape[2] // 2))))
     with torch.no_grad():
         model(torch.randn(1, 3, 512, 512))
