@@ -8,34 +8,12 @@ versions, date). On a CPU this is a reference figure for CPU training, not a GPU
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import time
 
 import torch
 
+from bench.harness import environment, measure_ms, row
 from msf.model import MicroSegFormer
-
-
-def time_step(model: MicroSegFormer, images: torch.Tensor, masks: torch.Tensor, repeats: int) -> list[float]:
-    model.zero_grad(set_to_none=True)
-    model.loss(images, masks).backward()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model.loss(images, masks).backward()
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def quantile(values: list[float], q: float) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -52,22 +30,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = MicroSegFormer(backend=args.backend).to(device)
+    env = environment(device)
     rows = []
     for size in args.sizes:
         images = torch.randn(args.batch, 3, size, size, device=device)
         masks = torch.randint(0, 19, (args.batch, size, size), device=device)
-        seconds = time_step(model, images, masks, args.repeats)
-        images_per_s = [args.batch / s for s in seconds]
-        row = {"op": "model.loss+backward", "provider": args.backend, "pass": "fwd+bwd", "metric": "throughput",
-               "unit": "images/s", "size": f"B={args.batch},{size}x{size}",
-               "p20": quantile(images_per_s, 0.2), "p50": quantile(images_per_s, 0.5),
-               "p80": quantile(images_per_s, 0.8),
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-               "versions": {"torch": torch.__version__, "python": platform.python_version()},
-               "date": datetime.date.today().isoformat()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model.loss(images, masks).backward()
+
+        ms = measure_ms(step, device, warmup=1, reps=args.repeats)
+        rows.append(row("model.loss+backward", args.backend, "fwd+bwd", "throughput", "images/s",
+                        f"B={args.batch},{size}x{size}", [args.batch / (t * 1e-3) for t in ms], env))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

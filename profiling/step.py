@@ -10,12 +10,12 @@ triton/head_loss), eager|triton/<op> for every backend op, backward, optimizer.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
+from train.evaluate import autocast_for
 
 
 def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False):
@@ -27,15 +27,12 @@ def build_step(backend: str, batch: int, size: int, amp: str, device: torch.devi
     loss_fn = torch.compile(model.loss) if compiled else model.loss
     images = torch.randn(batch, 3, size, size, device=device)
     masks = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None and device.type == "cuda"
-                else contextlib.nullcontext())
 
     def step():
         with nvtx_range("step"):
             with nvtx_range("data"):
                 x, y = images.clone(), masks.clone()  # stands in for the loader's host-to-device copy
-            with nvtx_range("forward+loss"), autocast:
+            with nvtx_range("forward+loss"), autocast_for(device, amp):
                 loss = loss_fn(x, y)
             with nvtx_range("backward"):
                 optimizer.zero_grad(set_to_none=True)
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-    print(f"{args.steps} steps of {args.backend} at B={args.batch}, {args.size}²: last loss {float(loss):.4f}")
+    print(f"{args.steps} steps of {args.backend} at B={args.batch}, {args.size}²: last loss {loss.item():.4f}")
     return 0
 
 
