@@ -75,10 +75,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.checkpoint import read_checkpoint
-    ckpt = read_checkpoint(args.checkpoint)
-    model, train_cfg = load_model(args.checkpoint)
-    write_release(model, train_cfg, Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
+    from train.checkpoint import build_model, read_checkpoint
+    ckpt = read_checkpoint(args.checkpoint)  # read once: weights, configs and the epoch's metrics
+    model = build_model(ckpt["model"], ckpt["model_config"], Path(args.checkpoint))
+    write_release(model, ckpt.get("config", {}), Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
     return 0
 
