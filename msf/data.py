@@ -12,6 +12,7 @@ loader workers or on where a run was resumed.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ class AugmentConfig:
 
 
 def sample_augment_params(n: int, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> dict:
-    """Random parameters for n samples (tensors of length n, on the CPU)."""
+    """Random parameters for n samples (tensors of length n, on the CPU; move them with
+    `params_to` and every function here computes on the device they sit on)."""
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
     return {
@@ -134,6 +136,19 @@ def sample_augment_params(n: int, generator: torch.Generator, cfg: AugmentConfig
         "contrast": uniform(1 - cfg.contrast, 1 + cfg.contrast),
         "saturation": uniform(1 - cfg.saturation, 1 + cfg.saturation),
     }
+
+
+def params_to(params: dict, device: torch.device | str, non_blocking: bool = False) -> dict:
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in params.items()}
+
+
+def concat_params(parts: list[dict]) -> dict:
+    """One parameter dict for the samples of several, in order."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def index_params(params: dict, index: torch.Tensor | slice) -> dict:
+    return {k: v[index] for k, v in params.items()}
 
 
 def _luminance(images: torch.Tensor) -> torch.Tensor:
@@ -163,7 +178,7 @@ def affine_grid_for(params: dict, height: int, width: int, device: torch.device)
     mirror = torch.where(params["flip"], -1.0, 1.0).to(torch.float64)
     inv_scale = 1.0 / params["scale"]
     aspect = height / width  # normalised x spans width/2 pixels, y spans height/2
-    theta = torch.zeros(len(cos), 2, 3, dtype=torch.float64)
+    theta = torch.zeros(len(cos), 2, 3, dtype=torch.float64, device=cos.device)
     theta[:, 0, 0] = cos * mirror * inv_scale
     theta[:, 0, 1] = -sin * aspect * inv_scale
     theta[:, 1, 0] = sin / aspect * mirror * inv_scale
@@ -177,6 +192,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: dict) -> tu
     Colour jitter, then one affine warp per sample (bilinear for the image, nearest for the mask,
     zeros = background outside), then the left/right id swap on mirrored samples.
     """
+    params = params_to(params, images.device)
     images = color_jitter(images, params["brightness"], params["contrast"], params["saturation"])
     grid = affine_grid_for(params, images.shape[-2], images.shape[-1], images.device)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -198,6 +214,20 @@ def sample_seed(*parts: int | str) -> int:
     return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
 
 
+def sample_params_for(seed: int, epoch: int, index: int, cfg: AugmentConfig = AugmentConfig()) -> dict:
+    """The augmentation parameters of sample `index` in `epoch`: a function of those and the seed
+    only, so every loader, pipeline and process draws the same ones."""
+    return sample_augment_params(1, torch.Generator().manual_seed(sample_seed(seed, epoch, index)), cfg)
+
+
+def _file_stamp(path: Path) -> list:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror})") from exc
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
 class FaceParsingDataset(torch.utils.data.Dataset):
     """Shared tail of every dataset: uint8 pair → optional augmentation → normalised tensors."""
 
@@ -212,6 +242,12 @@ class FaceParsingDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        """(H×W×3 uint8 image, H×W uint8 ids) of sample `index`, before augmentation."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:  # pragma: no cover - abstract
+        """What `load_pair` returns depends on, and only on, this (JSON-able): the key of the
+        decoded uint8 cache (`msf.pipeline`), so a changed file or size never reads stale pixels."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +255,8 @@ class FaceParsingDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(image_u8).permute(2, 0, 1)[None].float().div_(255)
         mask = torch.from_numpy(mask_u8)[None].long()
         if self.augment:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            image, mask = augment_batch(image, mask, sample_augment_params(1, gen, self.augment_config))
+            params = sample_params_for(self.seed, self.epoch, index, self.augment_config)
+            image, mask = augment_batch(image, mask, params)
         return normalize(image[0]), mask[0]
 
 
@@ -256,6 +292,10 @@ class MiniFaceDataset(FaceParsingDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def identity(self) -> dict:
+        return {"layout": "mini", "root": str(self.root.resolve()), "split": self.split, "size": self.image_size,
+                "files": [_file_stamp(p) for pair in zip(self.images, self.masks) for p in pair]}
 
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.images[index])
@@ -296,6 +336,11 @@ class CelebAMaskHQDataset(FaceParsingDataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def identity(self) -> dict:
+        files = [_file_stamp(self.image_dir / f"{n}.jpg") + [_file_stamp(p) for p in sorted(self.parts[n].values())]
+                 for n in self.ids]
+        return {"layout": "celebamask-hq", "root": str(self.root.resolve()), "size": self.image_size, "files": files}
 
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.ids[index]
@@ -410,6 +455,11 @@ class SyntheticFaces(FaceParsingDataset):
 
     def __len__(self) -> int:
         return self.num_images
+
+    def identity(self) -> dict:
+        renderer = zlib.crc32(inspect.getsource(render_synthetic_face).encode())
+        return {"layout": "synthetic", "seed": self.seed, "images": self.num_images, "size": self.image_size,
+                "renderer": renderer}
 
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return render_synthetic_face(np.random.default_rng([self.seed, index]), self.image_size)

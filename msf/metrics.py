@@ -44,46 +44,71 @@ def image_f_scores(confusion: torch.Tensor) -> torch.Tensor:
 
 
 class FScoreMeter:
-    """Streaming F-score, per-class F1 and mIoU over batches of predicted and true id maps."""
+    """Streaming F-score, per-class F1 and mIoU over batches of predicted and true id maps.
+
+    The running sums stay on the device of the first batch, so scoring a data set on a GPU syncs
+    with the host once, in `compute`, not once per batch. `state()` / `load_state()` give the sums
+    as one float64 vector, which is what a multi-process run all-reduces.
+    """
 
     def __init__(self, num_classes: int = NUM_CLASSES, class_names: tuple[str, ...] = CLASS_NAMES):
         self.num_classes = num_classes
         self.class_names = class_names
         self.reset()
 
-    def reset(self) -> None:
-        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
-        self.f_sum = 0.0
-        self.images = 0
+    def reset(self, device: torch.device | str = "cpu") -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
+        self.f_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.image_count = torch.zeros((), dtype=torch.float64, device=device)
+        self._fresh = True
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: B×H×W predicted ids and B×H×W ground-truth ids (any device)."""
         if pred.dim() == 2:
             pred, target = pred[None], target[None]
-        confusion = per_image_confusion(pred, target, self.num_classes)
-        self.f_sum += float(image_f_scores(confusion).sum())
-        self.images += pred.shape[0]
-        self.confusion += confusion.sum(dim=0).double().cpu()
+        if self._fresh and pred.device != self.confusion.device:
+            self.reset(pred.device)
+        self._fresh = False
+        confusion = per_image_confusion(pred, target.to(pred.device), self.num_classes)
+        self.f_sum += image_f_scores(confusion).sum().to(self.f_sum.device)
+        self.image_count += pred.shape[0]
+        self.confusion += confusion.sum(dim=0).double().to(self.confusion.device)
+
+    @property
+    def images(self) -> int:
+        return int(self.image_count)
+
+    def state(self) -> torch.Tensor:
+        """Every running sum as one float64 vector: [confusion (K·K), F-score sum, images]."""
+        return torch.cat([self.confusion.flatten(), self.f_sum[None], self.image_count[None]])
+
+    def load_state(self, state: torch.Tensor) -> None:
+        k2 = self.num_classes * self.num_classes
+        if state.shape != (k2 + 2,):
+            raise ValueError(f"meter state has shape {tuple(state.shape)}, expected ({k2 + 2},)")
+        state = state.to(torch.float64)
+        self.confusion = state[:k2].reshape(self.num_classes, self.num_classes).clone()
+        self.f_sum, self.image_count = state[k2].clone(), state[k2 + 1].clone()
+        self._fresh = False
 
     def merge(self, other: "FScoreMeter") -> None:
         """Fold another meter's counts into this one (e.g. from another process)."""
-        self.confusion += other.confusion
-        self.f_sum += other.f_sum
-        self.images += other.images
+        self.load_state(self.state() + other.state().to(self.confusion.device))
 
     def compute(self) -> dict:
-        tp = self.confusion.diagonal()
-        fp = self.confusion.sum(dim=0) - tp
-        fn = self.confusion.sum(dim=1) - tp
+        confusion = self.confusion.cpu()
+        tp = confusion.diagonal()
+        fp = confusion.sum(dim=0) - tp
+        fn = confusion.sum(dim=1) - tp
         occurs = (tp + fp + fn) > 0
         f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=EPS)
         iou = tp / (tp + fp + fn).clamp(min=EPS)
         return {
-            "f_score": self.f_sum / max(self.images, 1),
+            "f_score": float(self.f_sum) / max(self.images, 1),
             "miou": float(iou[occurs].mean()) if occurs.any() else 0.0,
             "per_class_f1": {name: float(f1[c]) for c, name in enumerate(self.class_names) if occurs[c]},
             "per_class_iou": {name: float(iou[c]) for c, name in enumerate(self.class_names) if occurs[c]},
-            "pixel_accuracy": float(tp.sum() / self.confusion.sum().clamp(min=1)),
+            "pixel_accuracy": float(tp.sum() / confusion.sum().clamp(min=1)),
             "images": self.images,
         }

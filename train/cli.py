@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from train.loop import pick_device
+    from train.distributed import pick_device
     return pick_device(name)
 
 

@@ -26,11 +26,16 @@ class TrainConfig:
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
     train_eval_images: int = 64           # un-augmented training images scored each epoch (train F-score)
+    pipeline: str = "auto"                # auto | loader | device: per-sample CPU DataLoader, or the data set
+                                          # decoded once to a uint8 cache on the device and augmented there;
+                                          # auto: device on CUDA, loader on CPU (same batches either way)
+    cache_dir: Optional[str] = None       # where the device pipeline keeps its uint8 cache; None: <out>/cache
     num_workers: Optional[int] = None     # loader processes; None: 1 on a 2-core CPU, up to 8 on CUDA
     # model
     lmsa: bool = True
     backend: str = "eager"                # eager | triton
     dice_eps: float = 1.0
+    decoder_dropout: float = 0.15         # SPEC §2; 0 makes a run independent of the dropout RNG stream
     paper_head_order: bool = True         # eager: upsample features then classify (the paper); off: classify
                                           # at H/4 then upsample logits (same function, ~2× faster on CPU)
     # optimisation (SPEC §5)
@@ -49,6 +54,9 @@ class TrainConfig:
     run_name: Optional[str] = None        # default: a timestamp
     progress: bool = True
     threads: Optional[int] = None         # torch CPU threads; None: torch's default
+    max_minutes: Optional[float] = None   # end this session before an epoch would pass this wall time
+                                          # (checkpointed; --resume continues the schedule)
+    stop_after_epochs: Optional[int] = None  # end this session after this many epochs (resume continues)
 
     def resolve(self) -> "TrainConfig":
         defaults = SYNTHETIC_DEFAULTS if self.data is None else PAPER_DEFAULTS
@@ -64,7 +72,13 @@ class TrainConfig:
             raise ValueError(f"--backend must be eager or triton, got {self.backend!r}")
         if self.amp not in ("bf16", "fp16", "off"):
             raise ValueError(f"--amp must be bf16, fp16 or off, got {self.amp!r}")
-        for name in ("epochs", "batch_size"):
+        if self.pipeline not in ("auto", "loader", "device"):
+            raise ValueError(f"--pipeline must be auto, loader or device, got {self.pipeline!r}")
+        if not 0 <= self.decoder_dropout < 1:
+            raise ValueError(f"--decoder-dropout must be in [0, 1), got {self.decoder_dropout}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+        for name in ("epochs", "batch_size", "stop_after_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -40,33 +40,42 @@ def predict_batch(model: MicroSegFormer, images: torch.Tensor, input_size: int, 
 
 
 @torch.no_grad()
-def evaluate(model: MicroSegFormer, loader, device: torch.device, input_size: int, amp: str = "off",
-             progress: bool = False, desc: str = "eval") -> dict:
-    """F-score, per-class F1 and mIoU over a loader of (normalised image, mask) batches."""
+def evaluate_meter(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
+                   progress: bool = False, desc: str = "eval") -> FScoreMeter:
+    """The scores' running sums over an iterable of (normalised image, mask) batches; a
+    multi-process run sums the meters of its processes before `compute()`."""
     was_training = model.training
     model.eval()
     meter = FScoreMeter(model.config.num_classes)
-    for images, masks in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, masks in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         meter.update(predict_batch(model, images, input_size, amp), masks)
     model.train(was_training)
-    return meter.compute()
+    return meter
+
+
+def evaluate(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
+             progress: bool = False, desc: str = "eval") -> dict:
+    """F-score, per-class F1 and mIoU over an iterable of (normalised image, mask) batches."""
+    return evaluate_meter(model, batches, device, input_size, amp, progress, desc).compute()
 
 
 @torch.no_grad()
-def constant_prediction_scores(class_id: int, loader) -> dict:
-    """Scores of predicting `class_id` at every pixel: the floor a trained model must beat."""
+def constant_prediction_meter(class_id: int, batches) -> FScoreMeter:
+    """The scores of predicting `class_id` at every pixel: the floor a trained model must beat."""
     meter = FScoreMeter()
-    for _, masks in loader:
+    for _, masks in batches:
         meter.update(torch.full_like(masks, class_id), masks)
-    return meter.compute()
+    return meter
 
 
-def majority_class(dataset) -> int:
-    counts = torch.zeros(256, dtype=torch.long)
-    for i in range(len(dataset)):
-        counts += torch.bincount(dataset[i][1].flatten(), minlength=256)
-    return int(counts.argmax())
+@torch.no_grad()
+def class_pixel_counts(batches, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixels of each class id 0..num_classes-1 over the masks of an iterable of batches (float64)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for _, masks in batches:
+        counts += torch.bincount(masks.flatten().long(), minlength=num_classes)[:num_classes].to(counts)
+    return counts
 
 
 @torch.no_grad()

@@ -5,38 +5,44 @@ Run directory layout:
     config.json      the resolved TrainConfig
     last.pt / best.pt  full checkpoints (weights, optimiser, scheduler, scaler, epoch, RNG states)
     metrics.jsonl    one line per epoch
-    curves.png       loss, train/val F-score and learning rate, redrawn every epoch
+    curves.png       loss, train/val F-score and learning rate (redrawn at most every 20 s, and at the end)
+    summary.json     best score, why the session ended, throughput
+
+Launched by `torchrun`, the same loop trains data-parallel (`train.distributed`): each process
+takes its slice of every global batch, and rank 0 alone writes the run directory.
+
+The step never waits on the GPU: the loss is summed on the device and read every
+`LOG_EVERY` steps and at the end of the epoch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from msf.data import open_dataset
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
+from train import distributed
 from train.checkpoint import atomic_save, read_checkpoint
 from train.config import TrainConfig
-from train.evaluate import autocast_for, constant_prediction_scores, evaluate, majority_class
+from train.distributed import DistContext
+from train.evaluate import autocast_for, class_pixel_counts, constant_prediction_meter, evaluate_meter
+from train.inputs import build_inputs
 from train.plots import plot_curves
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+LOG_EVERY = 20           # steps between progress-bar loss reads (each one waits for the GPU)
+PLOT_EVERY_S = 20.0      # curves.png is redrawn at most this often, and after the last epoch
+# Fields a resumed run may change: where and how it runs, not what it computes.
+SESSION_FIELDS = ("device", "progress", "num_workers", "backend", "threads", "pipeline", "cache_dir",
+                  "max_minutes", "stop_after_epochs")
 
 
 def warmup_cosine(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -63,21 +69,6 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def make_loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int, device: torch.device):
-    # The shuffle order is a function of (seed, epoch), so a resumed epoch sees the same batches.
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) >= cfg.batch_size,
-        num_workers=workers, generator=generator, pin_memory=device.type == "cuda",
-        persistent_workers=False)
-
-
-def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    return min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
-
-
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
     if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
@@ -87,43 +78,101 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def shared_run_dir(cfg: TrainConfig, ctx: DistContext) -> Path:
+    """Rank 0 creates the run directory (or refuses); every process gets its answer."""
+    answer = None
+    if ctx.is_main:
+        try:
+            answer = ("ok", str(prepare_run_dir(cfg)))
+        except ValueError as exc:
+            answer = ("error", str(exc))
+    kind, value = ctx.broadcast(answer)
+    if kind == "error":
+        raise ValueError(value)
+    return Path(value)
+
+
+class LossObjective(torch.nn.Module):
+    """`model.loss` as a module's forward, so DistributedDataParallel sees the call and syncs gradients."""
+
+    def __init__(self, model: MicroSegFormer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(images, masks)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # the fused CUDA AdamW is one kernel for every parameter, instead of a dozen per tensor
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def train_step(objective: torch.nn.Module, optimizer, scheduler, scaler, images: torch.Tensor,
+               masks: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One step of the recipe (SPEC §5): loss under AMP, backward, clip to 1.0, AdamW, LR schedule.
+    Returns the detached loss without waiting for it."""
+    with nvtx_range("forward+loss"), autocast_for(device, cfg.amp):
+        loss = objective(images, masks)
+    with nvtx_range("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    with nvtx_range("optimizer"):
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    return loss.detach()
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Train to the end of the schedule or to early stopping; returns the run directory."""
+    """Train to the end of the schedule, to early stopping or to a session limit; returns the run
+    directory. Under torchrun, every process calls this."""
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, resume, ctx, device)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device: torch.device) -> Path:
+    log = print if ctx.is_main else (lambda *a, **k: None)
     # --- run directory and config -----------------------------------------------------------
     if resume is not None:
         run_dir = Path(resume)
         ckpt = read_checkpoint(run_dir / "last.pt")
         saved = TrainConfig(**ckpt["config"])
         # A resumed run keeps its recipe; only where it runs and how it reports may change.
-        cfg = dataclasses.replace(saved, device=cfg.device, progress=cfg.progress, num_workers=cfg.num_workers,
-                                  backend=cfg.backend, threads=cfg.threads)
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS})
+        cfg.validate()
     else:
         cfg = cfg.resolve()
-        run_dir = prepare_run_dir(cfg)
+        run_dir = shared_run_dir(cfg, ctx)
         ckpt = None
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    device = pick_device(cfg.device)
+    if ctx.is_main:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
     # --- data ---------------------------------------------------------------------------------
-    train_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, augment=True, seed=cfg.seed,
-                             synthetic_images=cfg.synthetic_train_images)
-    val_set = open_dataset(cfg.data, cfg.val_split, None if cfg.data else cfg.image_size, seed=cfg.seed,
-                           synthetic_images=cfg.synthetic_val_images)
-    train_eval_set = torch.utils.data.Subset(
-        open_dataset(cfg.data, cfg.train_split, cfg.image_size, seed=cfg.seed,
-                     synthetic_images=cfg.synthetic_train_images),
-        range(min(cfg.train_eval_images, len(train_set))))
-    steps_per_epoch = len(make_loader(train_set, cfg, True, 0, device))
+    inputs = build_inputs(cfg, device, ctx)
+    steps_per_epoch = inputs.steps_per_epoch
 
     # --- model, optimiser, schedule ---------------------------------------------------------
     model = MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
-                           paper_head_order=cfg.paper_head_order).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                           paper_head_order=cfg.paper_head_order, decoder_dropout=cfg.decoder_dropout).to(device)
+    objective = LossObjective(model)
+    if ctx.active:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # each process its own dropout masks
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     start_epoch, best_f, since_best = 0, -1.0, 0
@@ -133,86 +182,118 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_f, since_best = ckpt["epoch"] + 1, ckpt["best_f_score"], ckpt["epochs_since_best"]
-        restore_rng_states(ckpt["rng"])
-        truncate_log(run_dir / "metrics.jsonl", last_epoch=ckpt["epoch"])
-    print(f"run {run_dir}: {len(train_set)} train / {len(val_set)} val images at {cfg.image_size}², "
-          f"{cfg.epochs} epochs × {steps_per_epoch} steps, device {device}, backend {cfg.backend}"
-          + (f", resuming at epoch {start_epoch + 1}" if ckpt is not None else ""), flush=True)
+        by_rank = ckpt.get("rng_by_rank")
+        restore_rng_states(by_rank[ctx.rank] if by_rank and len(by_rank) == ctx.world else ckpt["rng"])
+        if ctx.is_main:
+            truncate_log(run_dir / "metrics.jsonl", last_epoch=ckpt["epoch"])
+    log(f"run {run_dir}: {inputs.train_images} train / {inputs.val_images} val images at {cfg.image_size}², "
+        f"{cfg.epochs} epochs × {steps_per_epoch} steps, device {device}"
+        + (f" × {ctx.world} processes" if ctx.active else "") + f", backend {cfg.backend}, "
+        f"{inputs.pipeline} pipeline" + (f", resuming at epoch {start_epoch + 1}" if ckpt is not None else ""),
+        flush=True)
 
     # The floor to beat: every pixel given the most common class of the training images.
-    floor_class = majority_class(train_eval_set)
-    floor = constant_prediction_scores(floor_class, make_loader(val_set, cfg, False, 0, device))
-    print(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
-    started_run = time.perf_counter()
+    floor_class = int(ctx.sum_(class_pixel_counts(inputs.train_eval.epoch(), model.config.num_classes, device)).argmax())
+    floor = ctx.reduce_meter(constant_prediction_meter(floor_class, inputs.val.epoch())).compute()
+    log(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
+    started_session = last_plot = time.perf_counter()
+    epoch_seconds, stop_reason = 0.0, "schedule complete"
 
     # --- epochs -------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
-        if since_best >= cfg.patience:
-            print(f"early stop: no better val F-score for {cfg.patience} epochs", flush=True)
+        stop_reason = session_limit(cfg, epoch - start_epoch, time.perf_counter() - started_session,
+                                    epoch_seconds, since_best, ctx)
+        if stop_reason:
+            log(stop_reason, flush=True)
             break
-        model.train()
-        train_set.set_epoch(epoch)
-        loss_sum, seen, started = 0.0, 0, time.perf_counter()
-        bar = tqdm(make_loader(train_set, cfg, True, epoch, device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        batches = iter(bar)
-        while True:
+        objective.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen, started = 0, time.perf_counter()
+        batches = inputs.train.epoch(epoch)
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.is_main),
+                   leave=False)
+        batch_iter = iter(batches)
+        for step in range(len(batches)):
             with nvtx_range("data"):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                images, masks = (t.to(device, non_blocking=True) for t in batch)
-            with nvtx_range("forward+loss"), autocast_for(device, cfg.amp):
-                loss = model.loss(images, masks)
-            with nvtx_range("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-            with nvtx_range("optimizer"):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-            loss_sum += loss.item() * len(images)
+                images, masks = next(batch_iter)
+            loss = train_step(objective, optimizer, scheduler, scaler, images, masks, cfg, device)
+            loss_sum += loss.double() * len(images)
             seen += len(images)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+            bar.update()
+            if (step + 1) % LOG_EVERY == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
+        bar.close()
+        train_loss = float(ctx.sum_(torch.stack([loss_sum, torch.tensor(seen, dtype=torch.float64, device=device)])
+                                    ).tolist()[0]) / max(seen * ctx.world, 1)
         train_seconds = time.perf_counter() - started
 
-        val = evaluate(model, make_loader(val_set, cfg, False, 0, device), device, cfg.image_size, cfg.amp,
-                       cfg.progress, desc="val")
-        train_scores = evaluate(model, make_loader(train_eval_set, cfg, False, 0, device), device,
-                                cfg.image_size, cfg.amp, cfg.progress, desc="train F")
+        val = ctx.reduce_meter(evaluate_meter(model, inputs.val.epoch(), device, cfg.image_size, cfg.amp,
+                                              cfg.progress and ctx.is_main, desc="val")).compute()
+        train_scores = ctx.reduce_meter(evaluate_meter(model, inputs.train_eval.epoch(), device, cfg.image_size,
+                                                       cfg.amp, cfg.progress and ctx.is_main,
+                                                       desc="train F")).compute()
         improved = val["f_score"] > best_f
         best_f, since_best = (val["f_score"], 0) if improved else (best_f, since_best + 1)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_f_score": train_scores["f_score"],
+        epoch_seconds = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_f_score": train_scores["f_score"],
                   "val_f_score": val["f_score"], "val_miou": val["miou"], "lr": optimizer.param_groups[0]["lr"],
-                  "images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started,
+                  "images_per_s": seen * ctx.world / train_seconds, "epoch_seconds": epoch_seconds,
                   "best_val_f_score": best_f}
-        with open(run_dir / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train F {record['train_f_score']:.4f}  "
+            f"val F {val['f_score']:.4f}  mIoU {val['miou']:.4f}  {record['images_per_s']:.1f} img/s"
+            + ("  *best*" if improved else ""), flush=True)
+
+        rng_by_rank = ctx.gather(rng_states())
+        if ctx.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as metrics_log:
+                metrics_log.write(json.dumps(record) + "\n")
+            state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best_f_score": best_f, "epochs_since_best": since_best, "rng": rng_by_rank[0],
+                     "rng_by_rank": rng_by_rank, "metrics": record}
+            if improved:
+                atomic_save(state, run_dir / "best.pt")
+            atomic_save(state, run_dir / "last.pt")
+            if time.perf_counter() - last_plot > PLOT_EVERY_S:
+                plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+                last_plot = time.perf_counter()
+
+    if ctx.is_main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train F {record['train_f_score']:.4f}  "
-              f"val F {val['f_score']:.4f}  mIoU {val['miou']:.4f}  {record['images_per_s']:.1f} img/s"
-              + ("  *best*" if improved else ""), flush=True)
-
-        state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                 "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                 "best_f_score": best_f, "epochs_since_best": since_best, "rng": rng_states(), "metrics": record}
-        if improved:
-            atomic_save(state, run_dir / "best.pt")
-        atomic_save(state, run_dir / "last.pt")
-
-    write_summary(run_dir, floor_class, floor["f_score"], time.perf_counter() - started_run)
+        write_summary(run_dir, floor_class, floor["f_score"], time.perf_counter() - started_session, stop_reason,
+                      inputs.pipeline, ctx.world)
+    ctx.barrier()  # no process leaves before rank 0 has written the run
     return run_dir
 
 
-def write_summary(run_dir: Path, floor_class: int, floor_f: float, seconds: float) -> None:
+def session_limit(cfg: TrainConfig, epochs_this_session: int, elapsed: float, last_epoch_seconds: float,
+                  since_best: int, ctx: DistContext) -> str:
+    """Why this session should end before the next epoch ("" to go on). Rank 0's clock decides."""
+    reason = ""
+    if since_best >= cfg.patience:
+        reason = f"early stop: no better val F-score for {cfg.patience} epochs"
+    elif cfg.stop_after_epochs is not None and epochs_this_session >= cfg.stop_after_epochs:
+        reason = f"session ends after {cfg.stop_after_epochs} epochs (--stop-after-epochs); --resume continues"
+    elif cfg.max_minutes is not None and elapsed + last_epoch_seconds > cfg.max_minutes * 60:
+        reason = (f"session ends: another epoch would pass --max-minutes {cfg.max_minutes:g} "
+                  f"({elapsed:.0f} s elapsed, last epoch {last_epoch_seconds:.1f} s); --resume continues")
+    return ctx.broadcast(reason)
+
+
+def write_summary(run_dir: Path, floor_class: int, floor_f: float, seconds: float, stop_reason: str,
+                  pipeline: str, processes: int) -> None:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
     best = max(rows, key=lambda r: r["val_f_score"])
     summary = {"best_val_f_score": best["val_f_score"], "best_epoch": best["epoch"], "epochs_run": len(rows),
                "constant_prediction_class": floor_class, "constant_prediction_val_f_score": floor_f,
-               "seconds_this_session": round(seconds, 1)}
+               "seconds_this_session": round(seconds, 1), "ended": stop_reason or "schedule complete",
+               "train_seconds_all_epochs": round(sum(r["epoch_seconds"] for r in rows), 1),
+               "median_images_per_s": float(np.median([r["images_per_s"] for r in rows])),
+               "pipeline": pipeline, "processes": processes}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"best val F-score {best['val_f_score']:.4f} at epoch {best['epoch']} "
           f"(constant prediction: {floor_f:.4f})", flush=True)

@@ -1,0 +1,88 @@
+"""The batches a training run reads: augmented training batches, the validation split, and the
+un-augmented training images scored each epoch, from either input pipeline (`msf.pipeline`).
+
+`--pipeline auto` takes the device pipeline on CUDA (the data set decoded once into a uint8 cache,
+kept on the GPU, augmented there) and the DataLoader on the CPU; either can be forced. Both give
+the same batches for the same seed and epoch, so a run may switch between them on resume.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from msf.data import AugmentConfig, open_dataset
+from msf.pipeline import DeviceBatches, LoaderBatches, UInt8Cache, eval_plan, load_uint8_cache, train_plan
+from train.config import TrainConfig
+from train.distributed import DistContext
+
+PIPELINES = ("auto", "loader", "device")
+
+
+@dataclass
+class RunInputs:
+    train: LoaderBatches | DeviceBatches       # augmented, shuffled; `.epoch(e)` per epoch
+    val: LoaderBatches | DeviceBatches         # the validation split at its native size
+    train_eval: LoaderBatches | DeviceBatches  # the first `train_eval_images` training images, not augmented
+    train_images: int
+    val_images: int
+    pipeline: str                              # "loader" or "device"
+    steps_per_epoch: int
+
+
+def resolve_pipeline(name: str, device: torch.device) -> str:
+    if name not in PIPELINES:
+        raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {name!r}")
+    if name == "auto":
+        return "device" if device.type == "cuda" else "loader"
+    return name
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    return min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
+
+
+def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = DistContext()) -> RunInputs:
+    pipeline = resolve_pipeline(cfg.pipeline, device)
+    train_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, augment=True, seed=cfg.seed,
+                             synthetic_images=cfg.synthetic_train_images)
+    val_set = open_dataset(cfg.data, cfg.val_split, None if cfg.data else cfg.image_size, seed=cfg.seed,
+                           synthetic_images=cfg.synthetic_val_images)
+    n_train, n_val = len(train_set), len(val_set)
+    n_train_eval = min(cfg.train_eval_images, n_train)
+    plans = {
+        "train": lambda epoch: train_plan(n_train, cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world),
+        "val": lambda epoch: eval_plan(n_val, cfg.batch_size, ctx.rank, ctx.world),
+        "train_eval": lambda epoch: eval_plan(n_train_eval, cfg.batch_size, ctx.rank, ctx.world),
+    }
+    if pipeline == "loader":
+        workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+        train_eval_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, seed=cfg.seed,
+                                      synthetic_images=cfg.synthetic_train_images)
+        batches = {"train": LoaderBatches(train_set, plans["train"], device, workers),
+                   "val": LoaderBatches(val_set, plans["val"], device, workers),
+                   "train_eval": LoaderBatches(train_eval_set, plans["train_eval"], device, workers)}
+    else:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
+        progress = cfg.progress and ctx.is_main
+        train_cache = _shared_cache(train_set, cache_dir, progress, ctx).to(device)
+        val_cache = _shared_cache(val_set, cache_dir, progress, ctx).to(device)
+        batches = {"train": DeviceBatches(train_cache, plans["train"], AugmentConfig(), cfg.seed),
+                   "val": DeviceBatches(val_cache, plans["val"]),
+                   "train_eval": DeviceBatches(train_cache, plans["train_eval"])}
+    return RunInputs(train=batches["train"], val=batches["val"], train_eval=batches["train_eval"],
+                     train_images=n_train, val_images=n_val, pipeline=pipeline,
+                     steps_per_epoch=len(plans["train"](0)))
+
+
+def _shared_cache(dataset, cache_dir: Path, progress: bool, ctx: DistContext) -> UInt8Cache:
+    """Rank 0 decodes and writes the cache; the other processes wait, then read it."""
+    if ctx.is_main:
+        cache = load_uint8_cache(dataset, cache_dir, progress)
+        ctx.barrier()
+        return cache
+    ctx.barrier()
+    return load_uint8_cache(dataset, cache_dir, progress)
