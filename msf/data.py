@@ -12,6 +12,7 @@ loader workers or on where a run was resumed.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import zlib
@@ -198,15 +199,25 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: dict) -> tu
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     warped = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     masks = warped[:, 0].round().long()
-    flip_map = FLIP_ID_MAP.to(masks.device)
+    flip_map = _on_device(FLIP_ID_MAP, masks.device)
     masks = torch.where(params["flip"].to(masks.device)[:, None, None], flip_map[masks], masks)
     return images, masks
 
 
+@functools.lru_cache(maxsize=None)
+def _on_device(constant: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A module constant copied to `device` once: a fresh host-to-device copy per batch would make
+    the host wait for the GPU (pageable memory)."""
+    return constant.to(device, dtype or constant.dtype)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
+_STD = torch.tensor(IMAGENET_STD)[:, None, None]
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype)[:, None, None]
-    return (images - mean) / std
+    """ImageNet normalisation of C×H×W or B×C×H×W images in [0, 1]."""
+    return (images - _on_device(_MEAN, images.device, images.dtype)) / _on_device(_STD, images.device, images.dtype)
 
 
 def sample_seed(*parts: int | str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from train.config import add_config_arguments, config_from_args
 def cmd_train(args: argparse.Namespace) -> int:
     from train.loop import train
     run_dir = train(config_from_args(args), resume=args.resume)
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print(f"run directory: {run_dir}")
     return 0
 
 
