@@ -32,3 +32,22 @@ def test_gpu_check_runs_end_to_end(tmp_path):
     else:
         assert "skipped" in (out / "parity.log").read_text()
 
+
+
+@pytest.mark.slow
+def test_gpu_train_runs_end_to_end(tmp_path, real_data):
+    env = {**os.environ, "PYTHON": sys.executable, "MSF_DATA": str(real_data), "MSF_RUNS": str(tmp_path / "runs")}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "200", str(tmp_path / "results")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    (out,) = list((tmp_path / "results").glob("gpu-train-*"))
+    rows = json.loads((out / "train-speed.json").read_text())
+    assert {r["provider"] for r in rows if r["op"] == "train step"} == {"eager/loader", "eager/device"}
+    assert all(r["p50"] > 0 for r in rows)
+    scores = json.loads((out / "eval-val.json").read_text())
+    assert scores["images"] == 100 and scores["scored_at"] == [512, 512]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_f_score"] == pytest.approx(scores["f_score"], abs=1e-6)  # same model, same images
+    assert (out / "reference.safetensors").stat().st_size > 1_000_000
+    assert "status: 0" in (out / "summary.md").read_text()

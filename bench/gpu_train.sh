@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine: training throughput per backend and input pipeline, then the
+# paper's schedule on the real data inside a time budget, scored and exported as the reference model.
+#
+#   bash bench/gpu_train.sh [BUDGET_SECONDS (default 330)] [RESULTS_DIR (default bench/results)]
+#
+# Data: $MSF_DATA, else data/celebamask-hq-mini (git-ignored; on this machine
+#   mkdir -p data && cp -r ../shared/data/celebamask-hq-mini data/
+# and name data/celebamask-hq-mini in the device tool's carry). Runs go to $MSF_RUNS (default runs/).
+#
+# Writes RESULTS_DIR/gpu-train-<date>/: env.json, train-speed.{json,md}, reference.safetensors,
+# metrics.jsonl, curves.png, summary.json, config.json, eval-val.json, train.log, summary.md.
+# The triton backend trains first; if that run fails, the eager backend trains in the time left.
+# models/README.md says how these files become the committed reference model.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${1:-330}
+results=${2:-bench/results}
+data=${MSF_DATA:-data/celebamask-hq-mini}
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - started) )); }
+
+if [ ! -d "$data/train/images" ]; then
+  echo "no data at $data (expected $data/train/images): copy ../shared/data/celebamask-hq-mini there" >&2
+  exit 2
+fi
+has_cuda=$($python -c "import torch; print(int(torch.cuda.is_available()))")
+out="$results/gpu-train-$(date -u +%Y%m%d-%H%M)"
+mkdir -p "$out"
+runs=${MSF_RUNS:-runs}   # run folders and the uint8 cache (0.94 GB at 512²) stay out of the results
+cache=$runs/cache
+$python -c "import json, torch, triton, datetime; print(json.dumps({'date': datetime.datetime.utcnow().isoformat(timespec='seconds') + 'Z', 'torch': torch.__version__, 'triton': triton.__version__, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}, indent=2))" | tee "$out/env.json"
+status=0
+
+if [ "$has_cuda" = 1 ]; then
+  speed_args=(--data "$data" --steps 20 --warmup 5 --cache-dir "$cache")
+  train_args=(--data "$data" --device cuda --pipeline device --cache-dir "$cache")
+  backends="triton eager"
+  reserve=45   # scoring and export after training
+else
+  echo "no CUDA device: a CPU smoke run at 32² (eager) instead; no timing claim"
+  speed_args=(--data "$data" --size 32 --batch 4 --steps 5 --warmup 1 --backends eager --cache-dir "$cache")
+  train_args=(--data "$data" --image-size 32 --batch-size 8 --epochs 1 --device cpu --num-workers 0)
+  backends="eager"
+  reserve=30
+fi
+
+echo "== 1/3 training throughput, per backend and input pipeline ($(( $(left) / 4 )) s)"
+timeout $(( $(left) / 4 )) $python -m bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
+(( ${PIPESTATUS[0]} == 0 )) || status=1
+
+echo "== 2/3 the paper's schedule on $data ($(( $(left) - reserve )) s)"
+run=""
+for backend in $backends; do
+  minutes=$(awk -v s=$(( $(left) - reserve )) 'BEGIN { printf "%.2f", s / 60 }')
+  (( $(left) - reserve < 30 )) && { echo "too little time left for a $backend run"; break; }
+  name="gpu-reference-$backend-$(date -u +%H%M%S)"
+  timeout $(( $(left) - 15 )) $python -m msf train "${train_args[@]}" --backend "$backend" --max-minutes "$minutes" \
+      --out "$runs" --run-name "$name" --no-progress 2>&1 | tee -a "$out/train.log"
+  if (( ${PIPESTATUS[0]} == 0 )) && [ -f "$runs/$name/best.pt" ]; then run="$runs/$name"; break; fi
+  echo "the $backend run failed; $(left) s left" | tee -a "$out/train.log"
+  status=1
+done
+
+echo "== 3/3 score and export"
+if [ -n "$run" ]; then
+  backend=$($python -c "import json; print(json.load(open('$run/config.json'))['backend'])")
+  amp_flag=(); [ "$has_cuda" = 1 ] && amp_flag=(--amp bf16)
+  $python -m msf eval --data "$data" --checkpoint "$run/best.pt" --backend "$backend" "${amp_flag[@]}" --json \
+      > "$out/eval-val.json" || status=1
+  $python -m msf export "$run/best.pt" "$out/reference.safetensors" || status=1
+  cp "$run/metrics.jsonl" "$run/curves.png" "$run/summary.json" "$run/config.json" "$out/"
+fi
+
+{
+  echo "# GPU training $(date -u +%Y-%m-%d)"
+  echo; echo '```'; cat "$out/env.json"; echo '```'; echo
+  [ -f "$out/train-speed.md" ] && { echo "## Throughput"; tail -n +4 "$out/train-speed.md"; echo; }
+  if [ -f "$out/summary.json" ]; then
+    echo "## Reference run ($run)"; echo; echo '```'; cat "$out/summary.json"; echo '```'
+    $python -c "import json; s = json.load(open('$out/eval-val.json')); print(f\"\nmsf eval on val: F-score {s['f_score']:.4f}, mIoU {s['miou']:.4f}\")" 2>/dev/null
+  fi
+  echo; echo "status: $status; $(( $(date +%s) - started )) s of a $budget s budget"
+} > "$out/summary.md"
+cat "$out/summary.md"
+exit $status

@@ -1,0 +1,131 @@
+"""Training throughput (images/s) of the real training step fed by each input pipeline.
+
+    python -m bench.train_speed [--data DIR] [--backends eager triton] [--pipelines loader device]
+                                [--size 512] [--batch 32] [--steps 30] [--warmup 5] [--inputs-only] [--out DIR]
+
+For every backend × pipeline: the run's own batches (`train.inputs.build_inputs`: the per-sample
+DataLoader, or the uint8 cache on the device augmented there) feed the run's own step
+(`train.loop.train_step`: AMP forward+loss, backward, clip, AdamW, schedule); after `--warmup`
+steps, `--steps` steps are timed in chunks of 5 (a device sync closes each chunk). A second row per
+pipeline times the batches alone (no model), which is the rate that pipeline can feed at most.
+
+Rows are long-format (`bench.harness.row`); `--out` writes train-speed.json and .md. Without CUDA
+it is a smoke run at a reduced size (eager only by default): no timing claim.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.harness import environment, row, write_results
+from msf.model import MicroSegFormer
+from train.config import TrainConfig
+from train.inputs import build_inputs
+from train.loop import LossObjective, make_optimizer, train_step, warmup_cosine
+
+CHUNK = 5
+
+
+def batches_forever(pipeline):
+    for epoch in itertools.count():
+        yield from pipeline.epoch(epoch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_chunks(step, device: torch.device, warmup: int, steps: int, batch: int) -> list[float]:
+    """images/s of each chunk of CHUNK calls of `step`, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(max(steps // CHUNK, 1)):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(CHUNK):
+            step()
+        sync(device)
+        rates.append(CHUNK * batch / (time.perf_counter() - started))
+    return rates
+
+
+def measure(cfg: TrainConfig, device: torch.device, warmup: int, steps: int, env: dict,
+            inputs_only: bool = False) -> list[dict]:
+    inputs = build_inputs(cfg, device)
+    size = f"B={cfg.batch_size},{cfg.image_size}x{cfg.image_size}"
+    provider = f"{cfg.backend}/{inputs.pipeline}"
+    feed = batches_forever(inputs.train)
+    rows = [row("input pipeline", inputs.pipeline, "batches only", "throughput", "images/s", size,
+                time_chunks(lambda: next(feed), device, warmup, steps, cfg.batch_size), env)]
+    if inputs_only:
+        return rows
+
+    torch.manual_seed(cfg.seed)
+    model = MicroSegFormer(backend=cfg.backend, decoder_dropout=cfg.decoder_dropout).to(device)
+    objective = LossObjective(model).train()
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, inputs.steps_per_epoch, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
+
+    def step():
+        images, masks = next(feed)
+        train_step(objective, optimizer, scheduler, scaler, images, masks, cfg, device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rates = time_chunks(step, device, warmup, steps, cfg.batch_size)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    rows.append(row("train step", provider, "fwd+bwd+opt", "throughput", "images/s", size, rates, env,
+                    amp=cfg.amp if device.type == "cuda" else "off", peak_mib=peak))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None, help="data folder (default: the synthetic faces)")
+    parser.add_argument("--backends", nargs="+", default=["eager", "triton"] if on_gpu else ["eager"],
+                        choices=["eager", "triton"])
+    parser.add_argument("--pipelines", nargs="+", default=["loader", "device"], choices=["loader", "device"])
+    parser.add_argument("--size", type=int, default=512 if on_gpu else 64)
+    parser.add_argument("--batch", type=int, default=32 if on_gpu else 4)
+    parser.add_argument("--steps", type=int, default=30 if on_gpu else 5)
+    parser.add_argument("--warmup", type=int, default=5 if on_gpu else 1)
+    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None, help="uint8 cache folder (default: a temporary one)")
+    parser.add_argument("--inputs-only", action="store_true", help="time the pipelines alone, no training step")
+    parser.add_argument("--out", default=None, help="write train-speed.json and .md here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    env = environment(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        base = TrainConfig(data=args.data, image_size=args.size, batch_size=args.batch, amp=args.amp,
+                           num_workers=args.num_workers, cache_dir=args.cache_dir or scratch, progress=False,
+                           synthetic_train_images=max(4 * args.batch, 64), out=scratch).resolve()
+        for backend, pipeline in itertools.product(args.backends, args.pipelines):
+            cfg = dataclasses.replace(base, backend=backend, pipeline=pipeline)
+            for r in measure(cfg, device, args.warmup, args.steps, env, args.inputs_only):
+                if r["op"] == "input pipeline" and any(x["op"] == r["op"] and x["provider"] == r["provider"]
+                                                       for x in rows):
+                    continue  # the batches-only rate does not depend on the backend
+                rows.append(r)
+                print(f"{r['op']:>15s} {r['provider']:>16s} {r['size']}: {r['p50']:8.1f} images/s "
+                      f"(p20 {r['p20']:.1f}, p80 {r['p80']:.1f})", flush=True)
+    if args.out:
+        write_results(rows, Path(args.out), "train-speed")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
