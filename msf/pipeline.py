@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from msf.data import (AugmentConfig, DataError, FaceParsingDataset, augment_batch, concat_params, index_params,
-                      normalize, params_to, sample_params_for)
+from msf.data import (AugmentConfig, DataError, FaceParsingDataset, augment_batch, index_params, normalize,
+                      sample_params_for)
 
 Plan = list[list[int]]  # the batches of one epoch, as lists of data set indices
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -236,7 +236,7 @@ class DeviceBatches:
         rows = self._upload(torch.tensor(flat, dtype=torch.long))
         if self.augment is None:
             return rows, None
-        params = concat_params([sample_params_for(self.seed, epoch, i, self.augment) for i in flat])
+        params = sample_params_for(self.seed, epoch, flat, self.augment)
         return rows, {k: self._upload(v) for k, v in params.items()}
 
     def assemble(self, rows: torch.Tensor, params: dict | None) -> Batch:

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from msf.data import (FLIP_ID_MAP, PALETTE, CelebAMaskHQDataset, DataError, MiniFaceDataset, SyntheticFaces,
-                      augment_batch, open_dataset, read_mask, sample_augment_params, write_mask)
+                      augment_batch, open_dataset, read_mask, sample_augment_params, sample_params_for,
+                      sample_uniforms, write_mask)
 
 
 def identity_params(n=1, **overrides):
@@ -87,13 +88,26 @@ def test_color_jitter_leaves_the_mask_alone_and_stays_in_range():
     assert out_image.min() >= 0 and out_image.max() <= 1 and not torch.allclose(out_image, image)
 
 
-def test_augmentation_parameters_stay_in_spec_ranges():
-    p = sample_augment_params(4000, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("draw", ["generator", "per-sample streams"])
+def test_augmentation_parameters_stay_in_spec_ranges(draw):
+    p = (sample_augment_params(4000, torch.Generator().manual_seed(0)) if draw == "generator"
+         else sample_params_for(seed=3, epoch=7, indices=range(4000)))
     assert 0.45 < p["flip"].double().mean() < 0.55
     assert p["angle"].abs().max() <= np.deg2rad(15) + 1e-12
     assert p["scale"].min() >= 0.9 and p["scale"].max() <= 1.1
     assert p["brightness"].min() >= 0.8 and p["contrast"].max() <= 1.2
     assert p["saturation"].min() >= 0.9 and p["saturation"].max() <= 1.1
+
+
+def test_per_sample_uniforms_depend_on_seed_epoch_and_index_only():
+    whole = sample_uniforms(11, 2, range(50))
+    assert np.array_equal(sample_uniforms(11, 2, [40, 7])[:, :], whole[[40, 7]])  # any subset, any order
+    assert not np.array_equal(sample_uniforms(11, 3, range(50)), whole)
+    assert not np.array_equal(sample_uniforms(12, 2, range(50)), whole)
+    big = sample_uniforms(0, 0, range(100_000))
+    assert ((0 <= big) & (big < 1)).all()
+    assert np.allclose(big.mean(axis=0), 0.5, atol=0.005) and np.allclose(big.var(axis=0), 1 / 12, atol=0.002)
+    assert np.abs(np.corrcoef(big.T) - np.eye(6)).max() < 0.01  # the six columns are independent
 
 
 def test_dataset_augmentation_depends_on_seed_epoch_and_index_only():

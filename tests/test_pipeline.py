@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msf.data import (AugmentConfig, DataError, MiniFaceDataset, SyntheticFaces, augment_batch, concat_params,
+from msf.data import (AugmentConfig, DataError, MiniFaceDataset, SyntheticFaces, augment_batch,
                       sample_params_for, write_mask)
 from msf.pipeline import (DeviceBatches, LoaderBatches, cache_key, decode_dataset, eval_plan, load_uint8_cache,
                           train_plan)
@@ -179,7 +179,7 @@ def test_augment_batch_on_cuda_matches_cpu_for_the_same_parameters():
     dataset = SyntheticFaces(6, 96, seed=2)
     cache = decode_dataset(dataset)
     images, masks = cache.images.float().div(255), cache.masks.long()
-    params = concat_params([sample_params_for(1, 0, i) for i in range(6)])
+    params = sample_params_for(1, 0, range(6))
     cpu_img, cpu_mask = augment_batch(images, masks, params)
     gpu_img, gpu_mask = augment_batch(images.cuda(), masks.cuda(), params)
     assert torch.allclose(cpu_img, gpu_img.cpu(), atol=1e-4), mismatch(cpu_img, gpu_img)
