@@ -48,9 +48,14 @@ else
   reserve=30
 fi
 
-echo "== 1/3 training throughput, per backend and input pipeline ($(( $(left) / 4 )) s)"
-timeout $(( $(left) / 4 )) $python -m bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
-(( ${PIPESTATUS[0]} == 0 )) || status=1
+speed_budget=$(( $(left) / 4 ))
+if (( speed_budget >= 10 )); then
+  echo "== 1/3 training throughput, per backend and input pipeline (${speed_budget} s)"
+  timeout "$speed_budget" $python -m bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
+  (( ${PIPESTATUS[0]} == 0 )) || status=1
+else
+  echo "== 1/3 training throughput skipped: ${speed_budget} s is too little"
+fi
 
 echo "== 2/3 the paper's schedule on $data ($(( $(left) - reserve )) s)"
 run=""
@@ -60,19 +65,22 @@ for backend in $backends; do
   name="gpu-reference-$backend-$(date -u +%H%M%S)"
   timeout $(( $(left) - 15 )) $python -m msf train "${train_args[@]}" --backend "$backend" --max-minutes "$minutes" \
       --out "$runs" --run-name "$name" --no-progress 2>&1 | tee -a "$out/train.log"
-  if (( ${PIPESTATUS[0]} == 0 )) && [ -f "$runs/$name/best.pt" ]; then run="$runs/$name"; break; fi
-  echo "the $backend run failed; $(left) s left" | tee -a "$out/train.log"
-  status=1
+  code=${PIPESTATUS[0]}
+  (( code == 0 )) || { status=1; echo "the $backend run exited with $code; $(left) s left" | tee -a "$out/train.log"; }
+  # a run killed or failing late still has its best checkpoint: keep it rather than start over
+  if [ -f "$runs/$name/best.pt" ]; then run="$runs/$name"; break; fi
 done
 
 echo "== 3/3 score and export"
 if [ -n "$run" ]; then
   backend=$($python -c "import json; print(json.load(open('$run/config.json'))['backend'])")
   amp_flag=(); [ "$has_cuda" = 1 ] && amp_flag=(--amp bf16)
-  $python -m msf eval --data "$data" --checkpoint "$run/best.pt" --backend "$backend" "${amp_flag[@]}" --json \
-      > "$out/eval-val.json" || status=1
-  $python -m msf export "$run/best.pt" "$out/reference.safetensors" || status=1
-  cp "$run/metrics.jsonl" "$run/curves.png" "$run/summary.json" "$run/config.json" "$out/"
+  timeout 120 $python -m msf eval --data "$data" --checkpoint "$run/best.pt" --backend "$backend" "${amp_flag[@]}" \
+      --json > "$out/eval-val.json" || status=1
+  timeout 60 $python -m msf export "$run/best.pt" "$out/reference.safetensors" || status=1
+  for f in metrics.jsonl curves.png summary.json config.json; do
+    [ -f "$run/$f" ] && cp "$run/$f" "$out/" || echo "$run/$f missing (the run ended early)"
+  done
 fi
 
 {

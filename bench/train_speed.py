@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="data folder (default: the synthetic faces)")
-    parser.add_argument("--backends", nargs="+", default=["eager", "triton"] if on_gpu else ["eager"],
+    parser.add_argument("--backends", nargs="+", default=["triton", "eager"] if on_gpu else ["eager"],
                         choices=["eager", "triton"])
-    parser.add_argument("--pipelines", nargs="+", default=["loader", "device"], choices=["loader", "device"])
+    parser.add_argument("--pipelines", nargs="+", default=["device", "loader"], choices=["loader", "device"])
     parser.add_argument("--size", type=int, default=512 if on_gpu else 64)
     parser.add_argument("--batch", type=int, default=32 if on_gpu else 4)
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 5)
@@ -113,17 +113,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = TrainConfig(data=args.data, image_size=args.size, batch_size=args.batch, amp=args.amp,
                            num_workers=args.num_workers, cache_dir=args.cache_dir or scratch, progress=False,
                            synthetic_train_images=max(4 * args.batch, 64), out=scratch).resolve()
+        failed = []
         for backend, pipeline in itertools.product(args.backends, args.pipelines):
             cfg = dataclasses.replace(base, backend=backend, pipeline=pipeline)
-            for r in measure(cfg, device, args.warmup, args.steps, env, args.inputs_only):
+            try:
+                measured = measure(cfg, device, args.warmup, args.steps, env, args.inputs_only)
+            except Exception as exc:  # one provider failing must not lose the others' rows
+                failed.append(f"{backend}/{pipeline}")
+                print(f"{backend}/{pipeline} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            for r in measured:
                 if r["op"] == "input pipeline" and any(x["op"] == r["op"] and x["provider"] == r["provider"]
                                                        for x in rows):
                     continue  # the batches-only rate does not depend on the backend
                 rows.append(r)
                 print(f"{r['op']:>15s} {r['provider']:>16s} {r['size']}: {r['p50']:8.1f} images/s "
                       f"(p20 {r['p20']:.1f}, p80 {r['p80']:.1f})", flush=True)
-    if args.out:
-        write_results(rows, Path(args.out), "train-speed")
+            if args.out and rows:  # after every provider, so a timeout keeps what was measured
+                write_results(rows, Path(args.out), "train-speed")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
     return rows
 
 

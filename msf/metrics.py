@@ -19,6 +19,13 @@ from msf.data import CLASS_NAMES, NUM_CLASSES
 EPS = 1e-7
 
 
+def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each value 0..size-1 occurs in `ids` (int64). Unlike `torch.bincount`, whose
+    output length depends on the data, this never reads the maximum back to the host on a GPU."""
+    ones = torch.ones((), dtype=torch.long, device=ids.device).expand(ids.numel())
+    return torch.zeros(size, dtype=torch.long, device=ids.device).index_add_(0, ids.flatten().long(), ones)
+
+
 def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """B×K×K counts, [b, true, predicted], from B×H×W id maps."""
     if pred.shape != target.shape:
@@ -26,7 +33,7 @@ def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: i
     b = pred.shape[0]
     pair = target.reshape(b, -1).long() * num_classes + pred.reshape(b, -1).long()
     pair = pair + torch.arange(b, device=pair.device)[:, None] * num_classes * num_classes
-    counts = torch.bincount(pair.flatten(), minlength=b * num_classes * num_classes)
+    counts = count_ids(pair, b * num_classes * num_classes)
     return counts.reshape(b, num_classes, num_classes)
 
 

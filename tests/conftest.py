@@ -52,3 +52,12 @@ def kernel_device(name: str) -> str:
 
 
 KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def poison_new_buffers(monkeypatch, *kernel_modules) -> None:
+    """Make every buffer the kernel modules allocate (through their `_new`) start as NaN, so an
+    element a kernel should write but leaves unwritten fails the test instead of reading as 0."""
+    def new(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    for module in kernel_modules:
+        monkeypatch.setattr(module, "_new", new)

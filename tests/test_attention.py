@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 attn_mod = importlib.import_module("kernels.attention")
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 # (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
 STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
@@ -44,9 +44,7 @@ _device = kernel_device
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels fill starts as NaN, so an element left unwritten fails the test."""
-    def new(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(attn_mod, "_new", new)
+    poison_new_buffers(monkeypatch, attn_mod)
 
 
 def _inputs(batch, n, m, d, dtype, device, packed=True, seed=0):

@@ -21,7 +21,7 @@ import importlib  # noqa: E402
 
 sub_mod = importlib.import_module("kernels.attention_sublayer")
 attn_mod = importlib.import_module("kernels.attention")
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 # (N, M, C): the model's stages (16384/4096/1024/256 queries, 256 keys, C = 32/64/128/192) scaled down
 STAGES = [(70, 48, 32), (40, 32, 64), (33, 20, 128), (17, 12, 192)]
@@ -50,10 +50,7 @@ _device = kernel_device
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels fill (here and in the reused core kernels) starts as NaN."""
-    def new(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(sub_mod, "_new", new)
-    monkeypatch.setattr(attn_mod, "_new", new)
+    poison_new_buffers(monkeypatch, sub_mod, attn_mod)
 
 
 def _inputs(batch, n, m, c, dtype, device, seed):

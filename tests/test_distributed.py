@@ -11,7 +11,8 @@ import torch
 
 from train.checkpoint import read_checkpoint
 from train.config import TrainConfig
-from train.loop import train
+from train.distributed import DistContext
+from train.loop import session_limit, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Dropout 0: the processes draw their own dropout masks, which one process cannot reproduce.
@@ -87,11 +88,24 @@ def test_stop_after_epochs_then_resume_equals_an_uninterrupted_run(tmp_path):
                     atol=0.0)
 
 
-def test_max_minutes_ends_the_session_before_an_epoch_would_overrun(tmp_path):
-    run_dir = train(config(tmp_path, epochs=50, max_minutes=1e-4))  # 6 ms: one epoch, then stop
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs_run"] == 1 and "--max-minutes" in summary["ended"]
-    assert read_checkpoint(run_dir / "last.pt")["epoch"] == 0
+@pytest.mark.parametrize("elapsed, last_epoch, ends", [(40.0, 15.0, False), (50.0, 15.0, True), (0.0, 0.0, False)])
+def test_max_minutes_ends_the_session_before_an_epoch_would_overrun(elapsed, last_epoch, ends):
+    cfg = config("unused", max_minutes=1.0)
+    reason = session_limit(cfg, epochs_this_session=3, elapsed=elapsed, last_epoch_seconds=last_epoch, since_best=0,
+                           ctx=DistContext())
+    assert bool(reason) == ends and (not ends or "--max-minutes 1" in reason)
+
+
+def test_patience_and_stop_after_epochs_end_the_session():
+    assert "early stop" in session_limit(config("u", patience=5), 1, 0.0, 0.0, since_best=5, ctx=DistContext())
+    assert session_limit(config("u", patience=5), 1, 0.0, 0.0, since_best=4, ctx=DistContext()) == ""
+    assert "--stop-after-epochs" in session_limit(config("u", stop_after_epochs=2), 2, 0.0, 0.0, 0, DistContext())
+
+
+def test_a_budget_smaller_than_the_set_up_trains_nothing_and_writes_no_checkpoint(tmp_path, capsys):
+    run_dir = train(config(tmp_path, epochs=50, max_minutes=1e-6))  # 60 µs: less than the set-up takes
+    assert "--max-minutes" in capsys.readouterr().out
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "summary.json").exists()
 
 
 def test_device_and_loader_pipelines_train_the_same_model_on_cpu(tmp_path):
@@ -110,3 +124,14 @@ def test_cuda_training_with_the_device_pipeline_learns(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["pipeline"] == "device"
     assert summary["best_val_f_score"] > summary["constant_prediction_val_f_score"]
+
+
+def test_a_resumed_optimizer_takes_this_devices_implementation():
+    from train.loop import for_this_device
+    param = torch.nn.Parameter(torch.zeros(3))
+    saved = torch.optim.AdamW([param], foreach=True).state_dict()
+    fresh = torch.optim.AdamW([param])
+    fresh.load_state_dict(for_this_device(saved, torch.device("cpu")))
+    assert fresh.param_groups[0]["foreach"] is None and fresh.param_groups[0]["fused"] is False
+    assert for_this_device(saved, torch.device("cuda"))["param_groups"][0]["fused"] is True
+    assert saved["param_groups"][0]["foreach"] is True  # the checkpoint's own dict is left alone

@@ -29,7 +29,7 @@ import importlib  # noqa: E402
 
 lmsa_mod = importlib.import_module("kernels.lmsa")
 from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device  # noqa: E402
+from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
@@ -43,9 +43,7 @@ _device = kernel_device
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels fill starts as NaN, so an element left unwritten fails the test."""
-    def new(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(lmsa_mod, "_new", new)
+    poison_new_buffers(monkeypatch, lmsa_mod)
 
 
 def _params(c: int, dtype, device, seed: int, reduction: int = 8) -> list[torch.Tensor]:

@@ -79,3 +79,28 @@ def test_random_maps_match_a_loop_over_classes():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         FScoreMeter().update(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long))
+
+
+def test_count_ids_equals_bincount():
+    from msf.metrics import count_ids
+    ids = torch.randint(0, 7, (5, 33), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(count_ids(ids, 9), torch.bincount(ids.flatten(), minlength=9))
+
+
+def test_meter_state_sums_like_one_meter_over_all_batches():
+    # what a multi-process run does: each process scores its share, the states are summed
+    g = torch.Generator().manual_seed(2)
+    pred, gt = torch.randint(0, 19, (6, 9, 11), generator=g), torch.randint(0, 5, (6, 9, 11), generator=g)
+    whole, first, second = FScoreMeter(), FScoreMeter(), FScoreMeter()
+    whole.update(pred, gt)
+    first.update(pred[:4], gt[:4])
+    second.update(pred[4:], gt[4:])
+    summed = FScoreMeter()
+    summed.load_state(first.state() + second.state())
+    first.merge(second)
+    for meter in (summed, first):
+        got, want = meter.compute(), whole.compute()
+        assert got["images"] == 6 and got["f_score"] == pytest.approx(want["f_score"], rel=1e-12)
+        assert got["per_class_f1"] == pytest.approx(want["per_class_f1"])
+    with pytest.raises(ValueError, match="meter state has shape"):
+        FScoreMeter().load_state(torch.zeros(5))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -105,7 +106,10 @@ def setup(device_name: str) -> tuple[DistContext, torch.device]:
     else:
         raise ValueError(f"--device {device_name}: a multi-process run takes --device auto, cpu or cuda")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        # Generous timeout: the other processes wait in a barrier while rank 0 decodes the cache.
+        # device_id binds NCCL to this process's GPU up front instead of guessing at the first barrier.
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=60), device_id=device if use_cuda else None)
     return DistContext(rank, world, local_rank), device
 
 
@@ -116,6 +120,11 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device {name}: not a device ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+        if device.index is not None:
+            torch.cuda.set_device(device.index)  # Triton launches on the current device, whatever its pointers say
     return device

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from msf.data import normalize, overlay, read_image, write_mask
-from msf.metrics import FScoreMeter
+from msf.metrics import FScoreMeter, count_ids
 from msf.model import MicroSegFormer
 
 
@@ -74,7 +74,7 @@ def class_pixel_counts(batches, num_classes: int, device: torch.device | str = "
     """Pixels of each class id 0..num_classes-1 over the masks of an iterable of batches (float64)."""
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
     for _, masks in batches:
-        counts += torch.bincount(masks.flatten().long(), minlength=num_classes)[:num_classes].to(counts)
+        counts += count_ids(masks.to(counts.device), num_classes)
     return counts
 
 

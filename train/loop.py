@@ -66,7 +66,8 @@ def restore_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # a checkpoint from a machine with more GPUs holds more states than this one has devices
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -109,6 +110,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type == "cuda")
 
 
+def for_this_device(optimizer_state: dict, device: torch.device) -> dict:
+    """A saved AdamW state whose implementation flags follow this run's device, not the saving
+    run's (`load_state_dict` would otherwise keep, say, a CPU run's for-loop AdamW on a GPU)."""
+    groups = [{**g, "fused": device.type == "cuda", "foreach": None} for g in optimizer_state["param_groups"]]
+    return {**optimizer_state, "param_groups": groups}
+
+
 def train_step(objective: torch.nn.Module, optimizer, scheduler, scaler, images: torch.Tensor,
                masks: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One step of the recipe (SPEC §5): loss under AMP, backward, clip to 1.0, AdamW, LR schedule.
@@ -129,15 +137,21 @@ def train_step(objective: torch.nn.Module, optimizer, scheduler, scaler, images:
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train to the end of the schedule, to early stopping or to a session limit; returns the run
-    directory. Under torchrun, every process calls this."""
+    directory. Under torchrun, every process calls this. Process-wide settings it changes (CPU
+    threads, cuDNN autotuning) are restored on the way out."""
+    started = time.perf_counter()  # --max-minutes counts from here: data and model set-up included
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     ctx, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, resume, ctx, device)
+        return _train(cfg, resume, ctx, device, started)
     finally:
         ctx.close()
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device: torch.device) -> Path:
+def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device: torch.device,
+           started_session: float) -> Path:
     log = print if ctx.is_main else (lambda *a, **k: None)
     # --- run directory and config -----------------------------------------------------------
     if resume is not None:
@@ -178,9 +192,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
     start_epoch, best_f, since_best = 0, -1.0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(for_this_device(ckpt["optimizer"], device))
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the saved run had no GradScaler (CPU, bf16): start a fresh one
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_f, since_best = ckpt["epoch"] + 1, ckpt["best_f_score"], ckpt["epochs_since_best"]
         by_rank = ckpt.get("rng_by_rank")
         restore_rng_states(by_rank[ctx.rank] if by_rank and len(by_rank) == ctx.world else ckpt["rng"])
@@ -196,7 +211,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
     floor_class = int(ctx.sum_(class_pixel_counts(inputs.train_eval.epoch(), model.config.num_classes, device)).argmax())
     floor = ctx.reduce_meter(constant_prediction_meter(floor_class, inputs.val.epoch())).compute()
     log(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
-    started_session = last_plot = time.perf_counter()
+    last_plot = time.perf_counter()
     epoch_seconds, stop_reason = 0.0, "schedule complete"
 
     # --- epochs -------------------------------------------------------------------------------
@@ -220,7 +235,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
             loss_sum += loss.double() * len(images)
             seen += len(images)
             bar.update()
-            if (step + 1) % LOG_EVERY == 0:
+            if (step + 1) % LOG_EVERY == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                                 img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
         bar.close()
@@ -260,7 +275,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
                 plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
                 last_plot = time.perf_counter()
 
-    if ctx.is_main:
+    if ctx.is_main and (run_dir / "metrics.jsonl").exists():  # (a session that ended before any epoch has none)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         write_summary(run_dir, floor_class, floor["f_score"], time.perf_counter() - started_session, stop_reason,
                       inputs.pipeline, ctx.world)
