@@ -15,7 +15,7 @@ from PIL import Image
 
 from msf.data import SyntheticFaces, write_mask
 from msf.model import MicroSegFormer
-from train.checkpoint import atomic_save, read_checkpoint
+from train.checkpoint import BackgroundCheckpointer, atomic_save, read_checkpoint
 from train.cli import main
 from train.config import TrainConfig
 from train.loop import train, warmup_cosine
@@ -95,6 +95,28 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"model": Unpicklable()}, path)
     assert torch.load(path, weights_only=False) == {"model": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_background_checkpoints_hold_the_state_at_save_time(tmp_path):
+    weights = torch.zeros(4)
+    writer = BackgroundCheckpointer()
+    writer.save({"model": {"w": weights}, "epoch": 0}, tmp_path / "best.pt", also=(tmp_path / "last.pt",))
+    weights += 1  # the next training step, racing the write
+    writer.save({"model": {"w": weights}, "epoch": 1}, tmp_path / "last.pt")
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / "best.pt")["model"]["w"], torch.zeros(4))
+    assert torch.load(tmp_path / "last.pt")["epoch"] == 1  # replaced, and best.pt kept its own file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_failed_background_write_is_reported_and_keeps_the_old_file(tmp_path):
+    writer = BackgroundCheckpointer()
+    writer.save({"epoch": 0}, tmp_path / "last.pt")
+    writer.save({"epoch": 1, "bad": lambda: None}, tmp_path / "last.pt")  # cannot be pickled
+    with pytest.raises(Exception, match="lambda|pickle"):
+        writer.wait()
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 0
+    writer.wait()  # reported once
 
 
 @pytest.fixture(scope="module")

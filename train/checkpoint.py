@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,67 @@ def atomic_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make `dst` name the same file as `src` (a hard link; a copy where links are not supported),
+    replacing any old `dst` atomically."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to the host: a snapshot later training steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundCheckpointer:
+    """Writes checkpoints on a thread while training goes on (each save costs ~80 ms of
+    serialisation and fsync for this model, 10% of a GPU epoch).
+
+    `save` snapshots the state to the host first, so the next steps cannot change what is
+    written; it waits for the previous write, so at most one is in flight and files are written in
+    order. A write error surfaces at the next `save` or at `wait`. Each file is still written
+    atomically: a crash mid-write leaves the previous checkpoint in place.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: Path, also: tuple[Path, ...] = ()) -> None:
+        """Write `state` to `path`, then make every path in `also` name the same file."""
+        self.wait()
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), also), name="checkpoint")
+        self._thread.start()
+
+    def _write(self, state: dict, path: Path, also: tuple[Path, ...]) -> None:
+        try:
+            atomic_save(state, path)
+            for other in also:
+                atomic_link(path, Path(other))
+        except BaseException as exc:  # handed to the training thread at its next save / wait
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
 from train import distributed
-from train.checkpoint import atomic_save, read_checkpoint
+from train.checkpoint import BackgroundCheckpointer, read_checkpoint
 from train.config import TrainConfig
 from train.distributed import DistContext
 from train.evaluate import autocast_for, class_pixel_counts, constant_prediction_meter, evaluate_meter
@@ -212,6 +212,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
     floor = ctx.reduce_meter(constant_prediction_meter(floor_class, inputs.val.epoch())).compute()
     log(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
     last_plot = time.perf_counter()
+    checkpointer = BackgroundCheckpointer()
     epoch_seconds, stop_reason = 0.0, "schedule complete"
 
     # --- epochs -------------------------------------------------------------------------------
@@ -268,13 +269,15 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                      "best_f_score": best_f, "epochs_since_best": since_best, "rng": rng_by_rank[0],
                      "rng_by_rank": rng_by_rank, "metrics": record}
-            if improved:
-                atomic_save(state, run_dir / "best.pt")
-            atomic_save(state, run_dir / "last.pt")
+            if improved:  # one write: last.pt becomes a second name of the new best.pt
+                checkpointer.save(state, run_dir / "best.pt", also=(run_dir / "last.pt",))
+            else:
+                checkpointer.save(state, run_dir / "last.pt")
             if time.perf_counter() - last_plot > PLOT_EVERY_S:
                 plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
                 last_plot = time.perf_counter()
 
+    checkpointer.wait()
     if ctx.is_main and (run_dir / "metrics.jsonl").exists():  # (a session that ended before any epoch has none)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         write_summary(run_dir, floor_class, floor["f_score"], time.perf_counter() - started_session, stop_reason,
