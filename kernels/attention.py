@@ -30,7 +30,7 @@ stage 4 only (N = 256 there: the smallest stage), no extra memory traffic (maske
 fetched). The configurations allowed per (kernel, dtype class, d block) are listed in `_ALLOWED`,
 each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m kernels.report`).
 
-Backward (flash-attention style, math in the comment block above `_attn_bwd_dq_kernel`): no
+Backward (flash-attention style, math in the comment block above `_attn_dq_sweep`): no
 atomics, deterministic.
   1. `_attn_bwd_dq_kernel`, one program per (BLOCK_N query rows, image): D_i = rowsum(dO∘O) (stored,
      B×N fp32), then a sweep over all KV tiles recomputing S, P, dP, dS and accumulating dQ on chip.
@@ -214,6 +214,49 @@ def _mm(a, b, PRECISE: tl.constexpr):
         return dot(a, b)
 
 
+@triton.jit
+def _row_block(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query rows of a program on the grid (row block, image), as every row-block kernel here and
+    in `kernels.attention_sublayer` is launched: (b as int64, offs_n, offs_d, mask_n, mask_d)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, offs_n, offs_d, offs_n < N, offs_d < D
+
+
+@triton.jit
+def _attn_fwd_sweep(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, offs_d, mask_d, qk_scale,
+                    M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The online-softmax sweep over all M keys / values of one image for a BLOCK_N × BLOCK_D block
+    of queries q (input dtype; rows and d columns past the end loaded as zeros), shared by the core's
+    forward and `kernels.attention_sublayer`'s. k_base, v_base point at the image's K, V (M × D,
+    any strides); qk_scale = log2(e)/√d, so scores are in log2 units. Returns (acc, m_i, l_i), all
+    fp32: m_i the running row max of the scores, l_i = Σ_j exp2(s_j − m_i) and acc = Σ_j exp2(s_j − m_i) v_j,
+    so O = acc / l_i and lse = (m_i + log2(l_i))·ln 2."""
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        kt = tl.load(k_base + offs_m[None, :] * stride_km + offs_d[:, None] * stride_kd,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # BLOCK_D × BLOCK_M
+        s = _mm(q, kt, PRECISE) * qk_scale  # log2 units
+        s = tl.where(mask_m[None, :], s, float("-inf"))  # the masked tail tile: no weight
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf, m_new finite)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D
+        # P is rounded to the input dtype before `P v` (as in FlashAttention); fp32 accumulation
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISE)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
                  prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
@@ -228,37 +271,13 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """O[b, rows] and lse[b, rows] for BLOCK_N query rows of image b. qk_scale = log2(e)/√d."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
+    b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
 
     q = tl.load(Q + b * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b * stride_kb
-    v_base = V + b * stride_vb
-
-    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        kt = tl.load(k_base + offs_m[None, :] * stride_km + offs_d[:, None] * stride_kd,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # BLOCK_D × BLOCK_M
-        s = _mm(q, kt, PRECISE) * qk_scale  # log2 units
-        s = tl.where(mask_m[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf, m_new finite)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISE)
-        m_i = m_new
-
+    acc, m_i, l_i = _attn_fwd_sweep(q, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
+                                    stride_vm, stride_vd, offs_d, mask_d, qk_scale,
+                                    M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     acc = acc / l_i[:, None]
     tl.store(O + b * stride_ob + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
@@ -280,6 +299,33 @@ def _attn_fwd_kernel(
 # In the kernels S is kept in log2 units: s2 = (q kᵀ)·log2(e)/√d, P = exp2(s2 − lse·log2(e)).
 # dQ needs a sum over the M keys (one program owns its rows: on-chip accumulation); dK and dV need
 # sums over all N queries: per-(KV tile, query chunk) fp32 partials, summed afterwards (no atomics).
+@triton.jit
+def _attn_dq_sweep(q, do, lse2, delta, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, offs_d,
+                   mask_d, qk_scale, M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Σ_j dS_ij k_j over all M keys of one image for a BLOCK_N-row block (fp32, not yet scaled by
+    1/√d: the caller multiplies by sm_scale), shared by the core's dQ kernel and
+    `kernels.attention_sublayer`'s. q, do: the block's queries and output gradients (input dtype);
+    lse2 = lse·log2(e) and delta = D = rowsum(dO∘O) per row (fp32); k_base, v_base: the image's
+    K, V (any strides); qk_scale = log2(e)/√d. Recomputes P = exp2(s2 − lse2) tile by tile (0 on
+    the masked tail keys), dP = dO vᵀ and dS = P ∘ (dP − D)."""
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        k = tl.load(k_base + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D
+        vt = tl.load(v_base + offs_m[None, :] * stride_vm + offs_d[:, None] * stride_vd,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # BLOCK_D × BLOCK_M
+        s2 = _mm(q, tl.trans(k), PRECISE) * qk_scale
+        p = tl.exp2(s2 - lse2[:, None])
+        p = tl.where(mask_m[None, :], p, 0.0)
+        dp = _mm(do, vt, PRECISE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISE)
+    return dq
+
+
 @triton.autotune(configs=pick_configs(_config_list("dq")), key=["N", "M", "BLOCK_D", "PRECISE"],
                  prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
@@ -296,12 +342,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dQ and D = rowsum(dO∘O) for BLOCK_N query rows of image b (sweeping all KV tiles)."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
+    b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
     q = tl.load(Q + b * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -314,23 +355,8 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + b * N + offs_n, delta, mask=mask_n)
     lse2 = tl.load(LSE + b * N + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
 
-    k_base = K + b * stride_kb
-    v_base = V + b * stride_vb
-    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        k = tl.load(k_base + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D
-        vt = tl.load(v_base + offs_m[None, :] * stride_vm + offs_d[:, None] * stride_vd,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # BLOCK_D × BLOCK_M
-        s2 = _mm(q, tl.trans(k), PRECISE) * qk_scale
-        p = tl.exp2(s2 - lse2[:, None])
-        p = tl.where(mask_m[None, :], p, 0.0)
-        dp = _mm(do, vt, PRECISE)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISE)
-
+    dq = _attn_dq_sweep(q, do, lse2, delta, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
+                        stride_vm, stride_vd, offs_d, mask_d, qk_scale, M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=mask_nd)
@@ -518,12 +544,24 @@ def _backward(q, k, v, o, lse, do, allow_tf32: bool, chunk_rows: int | None):
         M=m, BLOCK_D=block_d, PRECISE=precise,
     )
 
-    chunk_rows, n_chunks = _chunking(batch, n, m, _sm_count(q.device), chunk_rows)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, qk_scale, sm_scale, block_d, precise, chunk_rows,
+                   _sm_count(q.device), _new)
+    return dq, dk, dv
+
+
+def _dkdv(q, k, v, do, lse, delta, qk_scale: float, sm_scale: float, block_d: int, precise: bool,
+          chunk_rows: int | None, sms: int | None, new):
+    """dK, dV (B×M×d, input dtype) from q, dO, lse and D: the chunked dK/dV kernel, plus the chunk-sum
+    kernel when there are several chunks. Shared by `_backward` and `kernels.attention_sublayer`'s
+    (which passes its q and dO scratch); `new` allocates every buffer (the calling module's `_new`)."""
+    batch, n, d = q.shape
+    m = k.shape[1]
+    chunk_rows, n_chunks = _chunking(batch, n, m, sms, chunk_rows)
     # one chunk: the dK/dV kernel stores straight into dK, dV (B×1×M×d = B×M×d, input dtype);
     # several: fp32 partials B×C×M×d, then one pass summing them in chunk order and casting
     part_dtype = q.dtype if n_chunks == 1 else torch.float32
-    dk_part = _new((batch, n_chunks, m, d), q.device, part_dtype)
-    dv_part = _new((batch, n_chunks, m, d), q.device, part_dtype)
+    dk_part = new((batch, n_chunks, m, d), q.device, part_dtype)
+    dv_part = new((batch, n_chunks, m, d), q.device, part_dtype)
     grid_kv = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_chunks, batch)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk_part, dv_part,
@@ -532,12 +570,12 @@ def _backward(q, k, v, o, lse, do, allow_tf32: bool, chunk_rows: int | None):
         M=m, CHUNK_ROWS=chunk_rows, BLOCK_D=block_d, PRECISE=precise,
     )
     if n_chunks == 1:
-        return dq, dk_part[:, 0], dv_part[:, 0]
-    dk = _new((batch, m, d), q.device, k.dtype)
-    dv = _new((batch, m, d), q.device, v.dtype)
+        return dk_part[:, 0], dv_part[:, 0]
+    dk = new((batch, m, d), q.device, k.dtype)
+    dv = new((batch, m, d), q.device, v.dtype)
     _attn_bwd_reduce_kernel[(triton.cdiv(m * d, _REDUCE_BLOCK), batch)](
         dk_part, dv_part, dk, dv, m * d, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
-    return dq, dk, dv
+    return dk, dv
 
 
 class AttentionFunction(torch.autograd.Function):

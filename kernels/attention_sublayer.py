@@ -17,17 +17,19 @@ as views. M ≤ 256 in the model (a compile-time constant; any M ≥ 1 works).
 Forward, one kernel (`_sub_fwd_kernel`, one program per BLOCK_N rows of one image): q is formed on
 chip from x in BLOCK_K-column slices of x and wqᵀ (x read once), rounded to the input dtype (as
 eager's Linear output is); the attention sweep is the core's online softmax
-(`kernels.attention._attn_fwd_kernel`, same exp2 form, same precision rules); then the output
-projection runs in BLOCK_K-column slices of woᵀ, each adding bo and the matching residual columns
-and storing that slice of `out`. So the forward reads x and the residual once, writes out once,
-plus O and lse for the backward (O: one extra B×N×C write; lse: B×N×4 bytes).
+(`kernels.attention._attn_fwd_sweep`, the code `_attn_fwd_kernel` runs: same exp2 form, same
+precision rules); then the output projection runs in BLOCK_K-column slices of woᵀ, each adding bo
+and the matching residual columns and storing that slice of `out`. So the forward reads x and the
+residual once, writes out once, plus O and lse for the backward (O: one extra B×N×C write; lse:
+B×N×4 bytes).
 
 Backward (math in the comment block above `_sub_bwd_dq_kernel`):
   1. `_sub_bwd_dq_kernel`, per BLOCK_N rows: recomputes q from x, forms dO = g wo on chip, writes q
-     and dO (scratch in the input dtype, for step 2), D = rowsum(dO∘O), sweeps K/V for dQ, writes dQ
-     (scratch, for step 3) and dx = dQ wq (on chip).
+     and dO (scratch in the input dtype, for step 2), D = rowsum(dO∘O), sweeps K/V for dQ (the
+     core's `_attn_dq_sweep`, as `_attn_bwd_dq_kernel` does), writes dQ (scratch, for step 3) and
+     dx = dQ wq (on chip).
   2. the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel` when chunked) on q, dO: dK, dV
-     (reused unchanged from `kernels.attention`).
+     (reused unchanged from `kernels.attention`, launched by its `_dkdv`).
   3. `_sub_wgrad_kernel` twice: per (output tile, row chunk) fp32 partials of dWq = dQᵀ x, dbq = Σ dQ
      and dWo = gᵀ O, dbo = Σ g over all B·N rows; then the core's `_attn_bwd_reduce_kernel` sums
      the chunk partials in chunk order (deterministic, no atomics) and casts once.
@@ -82,7 +84,8 @@ import triton.language as tl
 
 from kernels import attention as _core
 from kernels._common import INTERPRET, pick_configs
-from kernels.attention import AttentionAotSpec, _aot_spec, _attn_bwd_dkdv_kernel, _attn_bwd_reduce_kernel, _mm
+from kernels.attention import (AttentionAotSpec, _aot_spec, _attn_bwd_reduce_kernel, _attn_dq_sweep,
+                               _attn_fwd_sweep, _mm, _row_block)
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
            "bytes_table", "fused_supported"]
@@ -188,6 +191,14 @@ def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
     return acc
 
 
+@triton.jit
+def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+    """q = x wqᵀ + bq for the rows, rounded to the input dtype (as eager's Linear output is)."""
+    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    return (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
+
+
 @triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
                  prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
@@ -200,38 +211,14 @@ def _sub_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
+    b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     row = b * N + offs_n
 
-    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
-    q = (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
-
-    k_base = K + b * stride_kb
-    v_base = V + b * stride_vb
-    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        kt = tl.load(k_base + offs_m[None, :] * stride_km + offs_d[:, None] * stride_kd,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        s = _mm(q, kt, PRECISE) * qk_scale
-        s = tl.where(mask_m[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISE)
-        m_i = m_new
-
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    # the core's online-softmax sweep over all K / V tiles
+    acc, m_i, l_i = _attn_fwd_sweep(q, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
+                                    stride_vm, stride_vd, offs_d, mask_d, qk_scale,
+                                    M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
     tl.store(O + row[:, None] * D + offs_d[None, :], o, mask=mask_n[:, None] & mask_d[None, :])
     tl.store(LSE + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
@@ -276,19 +263,13 @@ def _sub_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous)."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
+    b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = b * N + offs_n
     tok = row[:, None] * D + offs_d[None, :]
     dt = X.dtype.element_ty
 
-    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
-    q = (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt)
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
     tl.store(QS + tok, q, mask=mask_nd)
     # dO = g wo: Σ over BLOCK_K-column slices s of g[:, s] wo[s, :]
     do = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -304,24 +285,9 @@ def _sub_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + row, delta, mask=mask_n)
     lse2 = tl.load(LSE + row, mask=mask_n, other=0.0) * 1.4426950408889634
-
-    k_base = K + b * stride_kb
-    v_base = V + b * stride_vb
-    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        k = tl.load(k_base + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        vt = tl.load(v_base + offs_m[None, :] * stride_vm + offs_d[:, None] * stride_vd,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        s2 = _mm(q, tl.trans(k), PRECISE) * qk_scale
-        p = tl.exp2(s2 - lse2[:, None])
-        p = tl.where(mask_m[None, :], p, 0.0)
-        dp = _mm(do, vt, PRECISE)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISE)
-
+    # the core's dQ sweep over all K / V tiles (P, dP, dS recomputed per tile)
+    dq = _attn_dq_sweep(q, do, lse2, delta, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
+                        stride_vm, stride_vd, offs_d, mask_d, qk_scale, M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     dq = (dq * sm_scale).to(dt)
     tl.store(DQ + tok, dq, mask=mask_nd)
     # dx = dQ wq, one BLOCK_K-column slice at a time
@@ -450,26 +416,9 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, chunk_rows: int | None, wg_chunk_r
         M=m, BLOCK_D=block_d, BLOCK_K=_BLOCK_K, PRECISE=precise,
     )
 
-    # dK, dV: the core's chunked kernel (+ its chunk-sum kernel), unchanged
+    # dK, dV: the core's chunked kernel (+ its chunk-sum kernel) on the q, dO scratch, unchanged
     sms = _core._sm_count(dev)
-    rows_c, n_chunks = _core._chunking(batch, n, m, sms, chunk_rows)
-    part_dtype = dt if n_chunks == 1 else torch.float32
-    dk_part = _new((batch, n_chunks, m, c), dev, part_dtype)
-    dv_part = _new((batch, n_chunks, m, c), dev, part_dtype)
-    grid_kv = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_chunks, batch)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](
-        qs, k, v, dos, lse, delta, dk_part, dv_part,
-        *qs.stride(), *k.stride(), *v.stride(), *dos.stride(),
-        n, c, n_chunks, qk_scale, sm_scale,
-        M=m, CHUNK_ROWS=rows_c, BLOCK_D=block_d, PRECISE=precise,
-    )
-    if n_chunks == 1:
-        dk, dv = dk_part[:, 0], dv_part[:, 0]
-    else:
-        dk = _new((batch, m, c), dev, dt)
-        dv = _new((batch, m, c), dev, dt)
-        _attn_bwd_reduce_kernel[(triton.cdiv(m * c, _REDUCE_BLOCK), batch)](
-            dk_part, dv_part, dk, dv, m * c, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    dk, dv = _core._dkdv(qs, k, v, dos, lse, delta, qk_scale, sm_scale, block_d, precise, chunk_rows, sms, _new)
 
     # weight / bias gradients: fp32 partials per row chunk, then a chunk-ordered sum
     rows = batch * n
