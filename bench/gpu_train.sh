@@ -49,6 +49,7 @@ else
 fi
 
 speed_budget=$(( $(left) / 4 ))
+(( speed_budget > 100 )) && speed_budget=100   # the schedule gets the rest
 if (( speed_budget >= 10 )); then
   echo "== 1/3 training throughput, per backend and input pipeline (${speed_budget} s)"
   timeout "$speed_budget" $python -m bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
