@@ -184,3 +184,12 @@ def test_augment_batch_on_cuda_matches_cpu_for_the_same_parameters():
     gpu_img, gpu_mask = augment_batch(images.cuda(), masks.cuda(), params)
     assert torch.allclose(cpu_img, gpu_img.cpu(), atol=1e-4), mismatch(cpu_img, gpu_img)
     assert (cpu_mask != gpu_mask.cpu()).double().mean().item() <= 1e-3
+
+
+def test_a_cache_too_large_for_the_gpu_is_refused_with_the_alternative(monkeypatch):
+    from train.inputs import check_fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    check_fits(int(1.9 * 2**30), torch.device("cuda"))  # under half the free memory: fine
+    with pytest.raises(ValueError, match="needs 2.5 GiB.*--pipeline loader"):
+        check_fits(int(2.5 * 2**30), torch.device("cuda"))
+    check_fits(10**12, torch.device("cpu"))  # the CPU keeps its cache in host memory

@@ -68,14 +68,28 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
     else:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
         progress = cfg.progress and ctx.is_main
-        train_cache = _shared_cache(train_set, cache_dir, progress, ctx).to(device)
-        val_cache = _shared_cache(val_set, cache_dir, progress, ctx).to(device)
+        train_cache = _shared_cache(train_set, cache_dir, progress, ctx)
+        val_cache = _shared_cache(val_set, cache_dir, progress, ctx)
+        check_fits(train_cache.nbytes + val_cache.nbytes, device)
+        train_cache, val_cache = train_cache.to(device), val_cache.to(device)
         batches = {"train": DeviceBatches(train_cache, plans["train"], AugmentConfig(), cfg.seed),
                    "val": DeviceBatches(val_cache, plans["val"]),
                    "train_eval": DeviceBatches(train_cache, plans["train_eval"])}
     return RunInputs(train=batches["train"], val=batches["val"], train_eval=batches["train_eval"],
                      train_images=n_train, val_images=n_val, pipeline=pipeline,
                      steps_per_epoch=len(plans["train"](0)))
+
+
+def check_fits(cache_bytes: int, device: torch.device, share: float = 0.5) -> None:
+    """Refuse a cache that would take more than `share` of the GPU's free memory: training needs
+    the rest, and an out-of-memory error mid-epoch says less than this."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if cache_bytes > share * free:
+        raise ValueError(f"--pipeline device: the uint8 cache needs {cache_bytes / 2**30:.1f} GiB, more than half "
+                         f"of the {free / 2**30:.1f} GiB free on {device}; use --pipeline loader or a smaller "
+                         "--image-size")
 
 
 def _shared_cache(dataset, cache_dir: Path, progress: bool, ctx: DistContext) -> UInt8Cache:
