@@ -240,8 +240,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                                 img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
         bar.close()
-        train_loss = float(ctx.sum_(torch.stack([loss_sum, torch.tensor(seen, dtype=torch.float64, device=device)])
-                                    ).tolist()[0]) / max(seen * ctx.world, 1)
+        loss_and_count = ctx.sum_(torch.stack([loss_sum, torch.tensor(float(seen), device=device).double()]))
+        train_loss = (loss_and_count[0] / loss_and_count[1].clamp(min=1)).item()  # waits for the last step
         train_seconds = time.perf_counter() - started
 
         val = ctx.reduce_meter(evaluate_meter(model, inputs.val.epoch(), device, cfg.image_size, cfg.amp,
