@@ -177,7 +177,8 @@ def color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch
     return ((x - grey) * per_sample(saturation) + grey).clamp(0, 1)
 
 
-def affine_grid_for(params: dict, height: int, width: int, device: torch.device) -> torch.Tensor:
+def affine_grid_for(params: dict, height: int, width: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sampling grid that rotates by `angle`, zooms by `scale` and mirrors where `flip`.
 
     Built in pixel units so rotation stays a rotation on non-square images: an output pixel p
@@ -192,7 +193,7 @@ def affine_grid_for(params: dict, height: int, width: int, device: torch.device)
     theta[:, 0, 1] = -sin * aspect * inv_scale
     theta[:, 1, 0] = sin / aspect * mirror * inv_scale
     theta[:, 1, 1] = cos * inv_scale
-    return F.affine_grid(theta.float().to(device), [len(cos), 1, height, width], align_corners=False)
+    return F.affine_grid(theta.to(device, dtype), [len(cos), 1, height, width], align_corners=False)
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,12 +201,16 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: dict) -> tu
 
     Colour jitter, then one affine warp per sample (bilinear for the image, nearest for the mask,
     zeros = background outside), then the left/right id swap on mirrored samples.
+
+    The mask's sample points are computed in float64: nearest sampling rounds them, and in float32
+    a point within rounding of a pixel edge could land on either side depending on the device's
+    arithmetic, so a GPU and a CPU would disagree on a few pixels of the same augmentation.
     """
     params = params_to(params, images.device)
     images = color_jitter(images, params["brightness"], params["contrast"], params["saturation"])
-    grid = affine_grid_for(params, images.shape[-2], images.shape[-1], images.device)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    grid = affine_grid_for(params, images.shape[-2], images.shape[-1], images.device, torch.float64)
+    images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(masks[:, None].double(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     masks = warped[:, 0].round().long()
     flip_map = _on_device(FLIP_ID_MAP, masks.device)
     masks = torch.where(params["flip"].to(masks.device)[:, None, None], flip_map[masks], masks)
