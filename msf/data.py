@@ -6,9 +6,9 @@ and an int64 S×S mask of class ids 0..18 (SPEC §3 order, `CLASS_NAMES`). Bad i
 `DataError` naming the file.
 
 Augmentation is written for batches (`augment_batch`), so the same code serves the per-sample CPU
-loader here and a batched GPU pipeline; its random parameters are drawn from an explicit
-`torch.Generator` seeded by (seed, epoch, index), so a sample's augmentation does not depend on
-loader workers or on where a run was resumed.
+loader here and the batched device pipeline (`msf.pipeline`); a sample's random parameters are a
+hash of (seed, epoch, index) alone (`sample_params_for`), so its augmentation does not depend on
+the pipeline, the loader workers, the process or where a run was resumed.
 """
 from __future__ import annotations
 
@@ -147,13 +147,8 @@ def sample_augment_params(n: int, generator: torch.Generator, cfg: AugmentConfig
     return params_from_uniforms(torch.rand(n, 6, generator=generator, dtype=torch.float64), cfg)
 
 
-def params_to(params: dict, device: torch.device | str, non_blocking: bool = False) -> dict:
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in params.items()}
-
-
-def concat_params(parts: list[dict]) -> dict:
-    """One parameter dict for the samples of several, in order."""
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def params_to(params: dict, device: torch.device | str) -> dict:
+    return {k: v.to(device) for k, v in params.items()}
 
 
 def index_params(params: dict, index: torch.Tensor | slice) -> dict:

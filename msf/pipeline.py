@@ -230,14 +230,20 @@ class DeviceBatches:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _epoch_inputs(self, plan: Plan, epoch: int) -> tuple[torch.Tensor, dict | None]:
-        """Every index of the epoch and, when augmenting, every sample's parameters, on the device."""
+    def _epoch_inputs(self, plan: Plan, epoch: int) -> Callable[[int], Batch]:
+        """Uploads every index of the epoch and, when augmenting, every sample's parameters (one
+        transfer each); returns the function that assembles batch k of the plan from them."""
         flat = [i for batch in plan for i in batch]
         rows = self._upload(torch.tensor(flat, dtype=torch.long))
-        if self.augment is None:
-            return rows, None
-        params = sample_params_for(self.seed, epoch, flat, self.augment)
-        return rows, {k: self._upload(v) for k, v in params.items()}
+        params = None
+        if self.augment is not None:
+            params = {k: self._upload(v) for k, v in sample_params_for(self.seed, epoch, flat, self.augment).items()}
+        bounds = np.cumsum([0] + [len(b) for b in plan]).tolist()
+
+        def batch(k: int) -> Batch:
+            part = slice(bounds[k], bounds[k + 1])
+            return self.assemble(rows[part], None if params is None else index_params(params, part))
+        return batch
 
     def assemble(self, rows: torch.Tensor, params: dict | None) -> Batch:
         """(normalised float32 B×3×H×W images, int64 B×H×W masks) for cache rows `rows`."""
@@ -249,14 +255,10 @@ class DeviceBatches:
 
     def _batches(self, plan: Plan, epoch: int) -> Iterator[Batch]:
         if self.stream is None:
-            rows, params = self._epoch_inputs(plan, epoch)
-            start = 0
-            for batch in plan:
-                part = slice(start, start + len(batch))
-                start += len(batch)
-                yield self.assemble(rows[part], None if params is None else index_params(params, part))
-            return
-        yield from self._overlapped(plan, epoch)
+            batch = self._epoch_inputs(plan, epoch)
+            yield from (batch(k) for k in range(len(plan)))
+        else:
+            yield from self._overlapped(plan, epoch)
 
     def _overlapped(self, plan: Plan, epoch: int) -> Iterator[Batch]:
         """Batch k+1 is queued on the side stream before batch k is handed out, so the GPU builds it
@@ -264,16 +266,14 @@ class DeviceBatches:
         consumer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(consumer)  # the cache and anything the caller wrote are ready
         with torch.cuda.stream(self.stream):
-            rows, params = self._epoch_inputs(plan, epoch)
-        bounds = np.cumsum([0] + [len(b) for b in plan])
+            batch = self._epoch_inputs(plan, epoch)
 
         def launch(k: int) -> tuple[Batch, torch.cuda.Event]:
-            part = slice(int(bounds[k]), int(bounds[k + 1]))
             with torch.cuda.stream(self.stream):
-                batch = self.assemble(rows[part], None if params is None else index_params(params, part))
+                made = batch(k)
                 ready = torch.cuda.Event()
                 ready.record(self.stream)
-            return batch, ready
+            return made, ready
 
         upcoming = launch(0) if plan else None
         for k in range(len(plan)):
@@ -285,4 +285,3 @@ class DeviceBatches:
             images.record_stream(consumer)
             masks.record_stream(consumer)
             yield images, masks
-
