@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msf.data import (AugmentConfig, DataError, MiniFaceDataset, SyntheticFaces, augment_batch,
+from msf.data import (AugmentConfig, CelebAMaskHQDataset, DataError, MiniFaceDataset, SyntheticFaces, augment_batch,
                       sample_params_for, write_mask)
 from msf.pipeline import (DeviceBatches, LoaderBatches, cache_key, decode_dataset, eval_plan, load_uint8_cache,
                           train_plan)
@@ -192,3 +192,22 @@ def test_a_cache_too_large_for_the_gpu_is_refused_with_the_alternative(monkeypat
     with pytest.raises(ValueError, match="needs 2.5 GiB.*--pipeline loader"):
         check_fits(int(2.5 * 2**30), torch.device("cuda"))
     check_fits(10**12, torch.device("cpu"))  # the CPU keeps its cache in host memory
+
+
+def test_original_layout_caches_and_its_key_follows_the_part_masks(tmp_path):
+    (tmp_path / "CelebA-HQ-img").mkdir()
+    anno = tmp_path / "CelebAMask-HQ-mask-anno" / "0"
+    anno.mkdir(parents=True)
+    for n in (3, 4):
+        Image.fromarray(np.full((32, 32, 3), 40 * n, np.uint8)).save(tmp_path / "CelebA-HQ-img" / f"{n}.jpg")
+        layer = np.zeros((16, 16), np.uint8)
+        layer[: 4 * n] = 255
+        Image.fromarray(layer).save(anno / f"{n:05d}_skin.png")
+    dataset = CelebAMaskHQDataset(tmp_path)
+    cache = load_uint8_cache(dataset, tmp_path / "cache")
+    assert cache.images.shape == (2, 3, 16, 16) and cache.masks.shape == (2, 16, 16)
+    assert [int((m == 1).sum()) for m in cache.masks] == [12 * 16, 16 * 16]
+    key = cache_key(dataset)
+    part = anno / "00004_skin.png"
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    assert cache_key(CelebAMaskHQDataset(tmp_path)) != key
