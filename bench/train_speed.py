@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from bench.harness import environment, row, write_results
-from msf.model import MicroSegFormer
 from train.config import TrainConfig
 from train.inputs import build_inputs
-from train.loop import LossObjective, make_optimizer, train_step, warmup_cosine
+from train.loop import LossObjective, make_model, make_optimisation, train_step
 
 CHUNK = 5
 
@@ -57,24 +56,23 @@ def time_chunks(step, device: torch.device, warmup: int, steps: int, batch: int)
     return rates
 
 
-def measure(cfg: TrainConfig, device: torch.device, warmup: int, steps: int, env: dict,
-            inputs_only: bool = False) -> list[dict]:
+def measure(cfg: TrainConfig, device: torch.device, warmup: int, steps: int, env: dict, time_inputs: bool = True,
+            train: bool = True) -> list[dict]:
+    """Rows for the pipeline alone (`time_inputs`) and for the training step it feeds (`train`)."""
     inputs = build_inputs(cfg, device)
     size = f"B={cfg.batch_size},{cfg.image_size}x{cfg.image_size}"
-    provider = f"{cfg.backend}/{inputs.pipeline}"
     feed = batches_forever(inputs.train)
-    rows = [row("input pipeline", inputs.pipeline, "batches only", "throughput", "images/s", size,
-                time_chunks(lambda: next(feed), device, warmup, steps, cfg.batch_size), env)]
-    if inputs_only:
+    rows = []
+    if time_inputs:
+        rows.append(row("input pipeline", inputs.pipeline, "batches only", "throughput", "images/s", size,
+                        time_chunks(lambda: next(feed), device, warmup, steps, cfg.batch_size), env))
+    if not train:
         return rows
 
     torch.manual_seed(cfg.seed)
-    model = MicroSegFormer(backend=cfg.backend, decoder_dropout=cfg.decoder_dropout).to(device)
+    model = make_model(cfg, device)
     objective = LossObjective(model).train()
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, inputs.steps_per_epoch, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
+    optimizer, scheduler, scaler = make_optimisation(model, cfg, device, inputs.steps_per_epoch)
 
     def step():
         images, masks = next(feed)
@@ -84,7 +82,8 @@ def measure(cfg: TrainConfig, device: torch.device, warmup: int, steps: int, env
         torch.cuda.reset_peak_memory_stats(device)
     rates = time_chunks(step, device, warmup, steps, cfg.batch_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    rows.append(row("train step", provider, "fwd+bwd+opt", "throughput", "images/s", size, rates, env,
+    rows.append(row("train step", f"{cfg.backend}/{inputs.pipeline}", "fwd+bwd+opt", "throughput", "images/s", size,
+                    rates, env,
                     amp=cfg.amp if device.type == "cuda" else "off", peak_mib=peak))
     return rows
 
@@ -116,16 +115,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         failed = []
         for backend, pipeline in itertools.product(args.backends, args.pipelines):
             cfg = dataclasses.replace(base, backend=backend, pipeline=pipeline)
+            timed_inputs = any(r["op"] == "input pipeline" and r["provider"] == pipeline for r in rows)
             try:
-                measured = measure(cfg, device, args.warmup, args.steps, env, args.inputs_only)
+                measured = measure(cfg, device, args.warmup, args.steps, env, time_inputs=not timed_inputs,
+                                   train=not args.inputs_only)
             except Exception as exc:  # one provider failing must not lose the others' rows
                 failed.append(f"{backend}/{pipeline}")
                 print(f"{backend}/{pipeline} failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
-            for r in measured:
-                if r["op"] == "input pipeline" and any(x["op"] == r["op"] and x["provider"] == r["provider"]
-                                                       for x in rows):
-                    continue  # the batches-only rate does not depend on the backend
+            for r in measured:  # (a pipeline's batches-only rate does not depend on the backend: timed once)
                 rows.append(r)
                 print(f"{r['op']:>15s} {r['provider']:>16s} {r['size']}: {r['p50']:8.1f} images/s "
                       f"(p20 {r['p20']:.1f}, p80 {r['p80']:.1f})", flush=True)

@@ -104,10 +104,19 @@ class LossObjective(torch.nn.Module):
         return self.model.loss(images, masks)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_model(cfg: TrainConfig, device: torch.device) -> MicroSegFormer:
+    return MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
+                          paper_head_order=cfg.paper_head_order, decoder_dropout=cfg.decoder_dropout).to(device)
+
+
+def make_optimisation(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
+    """(AdamW, warm-up + cosine LR schedule stepped per step, GradScaler) of the recipe (SPEC §5)."""
     # the fused CUDA AdamW is one kernel for every parameter, instead of a dozen per tensor
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps_per_epoch, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
+    return optimizer, scheduler, scaler
 
 
 def for_this_device(optimizer_state: dict, device: torch.device) -> dict:
@@ -180,15 +189,12 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
     steps_per_epoch = inputs.steps_per_epoch
 
     # --- model, optimiser, schedule ---------------------------------------------------------
-    model = MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
-                           paper_head_order=cfg.paper_head_order, decoder_dropout=cfg.decoder_dropout).to(device)
+    model = make_model(cfg, device)
     objective = LossObjective(model)
     if ctx.active:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # each process its own dropout masks
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps_per_epoch, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
+    optimizer, scheduler, scaler = make_optimisation(model, cfg, device, steps_per_epoch)
     start_epoch, best_f, since_best = 0, -1.0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
