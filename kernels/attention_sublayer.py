@@ -5,11 +5,30 @@
 Shapes (one head, C = head dim = model width of the stage):
     x (normalised tokens), residual: B×N×C      (made contiguous; usually already are)
     k, v:                            B×M×C      (any strides: column halves of the packed kv tensor)
-    wq, wo: C×C (nn.Linear layout: out×in);  bq, bo: C;  all in one dtype (fp32 / fp16 / bf16)
+    wq, wo: C×C (nn.Linear layout: out×in);  bq, bo: C;  all in one dtype (fp32 / fp16 / bf16),
+    or mixed precision (below)
     q = x wqᵀ + bq   B×N×C  (on chip only in the forward)
     O = softmax(q kᵀ/√C) v   B×N×C  (saved for the backward: pre-projection attention output)
     lse = logsumexp_rows(q kᵀ/√C)   B×N fp32 (saved)
     out = residual + O woᵀ + bo   B×N×C
+
+Mixed precision (what autocast hands the block; `_precision`): k, v share bf16 or fp16, the
+compute dtype cdt; x and the residual are each fp32 or cdt (fp32 under CUDA autocast: LayerNorm
+output and the residual stream; bf16 under CPU autocast, whose LayerNorm stays in bf16); wq, bq,
+wo, bo share fp32 (master weights) or cdt. The op then computes what eager autocast computes for
+the composition:
+    q   = cdt( cdt(x) cdt(wq)ᵀ + cdt(bq) )              (autocast Linear)
+    O   = attention(q, k, v) in cdt                    (the core's rules)
+    y   = cdt( O cdt(wo)ᵀ + cdt(bo) )
+    out = residual + y                                 (in the residual's dtype; fp32: y rounded first)
+The weights are cast to cdt once on the host (C×C, as autocast does); x, the residual and g are
+read in their own dtype and cast tile by tile on chip, so the token tensors are still read once
+(x, residual) and written once (out) per pass. Gradients: d residual = g, dx in x's dtype, dK, dV in
+cdt, dWq, dbq, dWo, dbo in the weights' dtype from the same fp32 partials. dy = cdt(g) (autograd's
+cast at the mixed add); dx and the weight gradients are written straight from fp32 accumulators,
+where eager rounds them to cdt before its cast back to fp32 (so here they carry one bf16 rounding
+less). When x, residual and out are all cdt, out = cdt(residual + y) is rounded once (eager: y and
+the sum, twice), as in the one-dtype path.
 
 The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside; k and v reach this op
 as views. M ≤ 256 in the model (a compile-time constant; any M ≥ 1 works).
@@ -34,11 +53,13 @@ Backward (math in the comment block above `_sub_bwd_dq_kernel`):
      and dWo = gᵀ O, dbo = Σ g over all B·N rows; then the core's `_attn_bwd_reduce_kernel` sums
      the chunk partials in chunk order (deterministic, no atomics) and casts once.
   d residual = g (the same tensor is returned).
-Saved for the backward: x, k, v (views, no copies), wq, bq, wo, O (B×N×C input dtype) and lse
-(B×N fp32): at B = 32, stage 1 bf16, O = 33.5 MB, lse = 2.1 MB.
+Saved for the backward: x, k, v (views, no copies), wq, bq, wo (in cdt: the inputs themselves, or
+the C×C casts in mixed precision), O (B×N×C cdt) and lse (B×N fp32): at B = 32, stage 1 bf16,
+O = 33.5 MB, lse = 2.1 MB.
 
 Precision: as in the core. fp32 accumulation everywhere; bf16/fp16 operands go to the tensor cores,
-q, O, dO, dQ are rounded to the input dtype where eager would round them; fp32 inputs use tf32x3
+q, O, dO, dQ are rounded to the compute dtype (k's: the input dtype, or cdt in mixed precision)
+where eager would round them; fp32 inputs use tf32x3
 dots (about fp32 accuracy). fp32 at C > 128 (the model's C = 192, a 256 block) has no spill-free
 tf32x3 configuration in the core, so there this op composes the pieces instead
 (`F.linear` → `kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
@@ -72,6 +93,12 @@ at every stage (22 %, 10 %, 2 %, 10 %). Cutting the backward further (not done):
 from x and g inside a dK/dV kernel (−2t of scratch writes, at ⌈M/BLOCK_M⌉× the projection FLOPs),
 and accumulate dWo/dWq partials over a row chunk inside the dQ kernel (−4t of re-reads, needs C×C
 fp32 accumulators on chip: only C ≤ 64 fits beside the attention state).
+
+Mixed precision under CUDA autocast (fp32 x, residual, out, g, dx; not in the table): each fp32
+token tensor is 2t, so the forward moves 7t (x, residual, out in fp32, O in bf16) + k, v, weights
+and lse (3t more than in bf16); the backward reads x and g twice each and writes dx, all in fp32:
+5t more than the bf16 backward above (the scratch q, dO, dQ and O stay bf16). Eager AMP pays for the
+same fp32 tensors and adds its casts (x → bf16, g → dy, dx → fp32) as separate passes.
 """
 from __future__ import annotations
 
@@ -120,12 +147,16 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     "fwd": {
         "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
         "tf32x3": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)]},
+        # mixed precision (fp32 x / residual / out beside bf16 / fp16 k, v): "16" spills 8 B at d 64 on sm_80
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
     },
     "dq": {
         "16": {32: [(64, 64, 8, 2), (32, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
                256: [(16, 16, 8, 2), (16, 16, 8, 1)]},
         "tf32x3": {32: [(16, 32, 4, 2), (16, 16, 4, 2)], 64: [(16, 32, 4, 2), (16, 16, 4, 2)],
                    128: [(16, 16, 8, 1)]},
+        "amp": {32: [(64, 64, 8, 2), (32, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
+                256: [(16, 16, 8, 2), (16, 16, 8, 1)]},
     },
 }
 # weight-gradient kernel: (BLOCK_I, BLOCK_J, BLOCK_R, num_warps) per dtype class (tiles the C×C output)
@@ -153,9 +184,21 @@ def _mode(elem_bytes: int) -> str:
     return "16" if elem_bytes == 2 else "tf32x3"
 
 
+_WIDE_ARGS = {"fwd": ("X", "R"), "dq": ("X", "G")}  # token tensors that are fp32 in mixed precision
+
+
+def _kernel_mode(kernel: str, named_args) -> str:
+    """The dtype class of a launch: that of the compute dtype (K's), or "amp" for 16-bit k, v beside
+    fp32 token tensors."""
+    mode = _mode(named_args["K"].element_size())
+    if mode == "16" and any(named_args[a].element_size() == 4 for a in _WIDE_ARGS[kernel]):
+        return "amp"
+    return mode
+
+
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
-        allowed = _ALLOWED[kernel][_mode(named_args["X"].element_size())].get(kwargs["BLOCK_D"], [])
+        allowed = _ALLOWED[kernel][_kernel_mode(kernel, named_args)].get(kwargs["BLOCK_D"], [])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[:1]
@@ -163,7 +206,7 @@ def _prune(kernel: str):
 
 
 def _wg_prune(configs, named_args, **kwargs):
-    allowed = _WG_ALLOWED[_mode(named_args["A"].element_size())]
+    allowed = _WG_ALLOWED[_mode(min(named_args["A"].element_size(), named_args["B"].element_size()))]
     kept = [c for c in configs if (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_J"], c.kwargs["BLOCK_R"], c.num_warps) in allowed]
     return kept or configs[:1]
 
@@ -176,16 +219,36 @@ def fused_supported(dtype: torch.dtype, c: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # forward (all loops have constexpr trip counts: see kernels.attention's note on loops)
 # ----------------------------------------------------------------------------------------------
+_EMULATE_RNE: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x.to(dtype). Triton 3.6's interpreter converts fp32 → bf16 by truncation where the GPU rounds
+    to nearest even (see tests/test_attention_sublayer.py), so under the interpreter the value is
+    first rounded to nearest even on its fp32 bits (finite values; the truncation is then exact).
+    Used for every rounding this module's kernels do (x, g, q, O, y, out, dO, dQ, dx); on a GPU it
+    is a plain conversion."""
+    if _EMULATE_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit
 def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
     """Σ_s X[rows, s] W[:, s]ᵀ (= X Wᵀ for the rows; W is D×D row-major), fp32, reading X in
-    BLOCK_K-column slices (each element once)."""
+    BLOCK_K-column slices (each element once). X tiles are cast to W's dtype (the compute dtype) on
+    load: a no-op when they share it, bf16(x) / fp16(x) in the mixed-precision path."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for kc in range(0, BLOCK_D, BLOCK_K):
         offs_k = kc + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
         xk = tl.load(X + row[:, None] * D + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        xk = _round(xk, W.dtype.element_ty)
         wt = tl.load(W + offs_d[None, :] * D + offs_k[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         acc += _mm(xk, wt, PRECISE)  # BLOCK_N × BLOCK_K @ BLOCK_K × BLOCK_D
     return acc
@@ -194,9 +257,9 @@ def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
 @triton.jit
 def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
-    """q = x wqᵀ + bq for the rows, rounded to the input dtype (as eager's Linear output is)."""
+    """q = x wqᵀ + bq for the rows, rounded to the compute dtype (WQ's; as eager's Linear output is)."""
     q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
-    return (q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
+    return _round(q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :], WQ.dtype.element_ty)
 
 
 @triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
@@ -210,7 +273,9 @@ def _sub_fwd_kernel(
     M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D."""
+    """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D.
+    K, V, WQ, BQ, WO, BO and O are in the compute dtype; X, R, OUT either share it or (the mixed
+    path) are fp32, and then y = O woᵀ + bo is rounded to the compute dtype before the fp32 add."""
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     row = b * N + offs_n
 
@@ -219,7 +284,7 @@ def _sub_fwd_kernel(
     acc, m_i, l_i = _attn_fwd_sweep(q, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
                                     stride_vm, stride_vd, offs_d, mask_d, qk_scale,
                                     M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
-    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    o = _round(acc / l_i[:, None], O.dtype.element_ty)
     tl.store(O + row[:, None] * D + offs_d[None, :], o, mask=mask_n[:, None] & mask_d[None, :])
     tl.store(LSE + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
 
@@ -230,8 +295,10 @@ def _sub_fwd_kernel(
         mask_nj = mask_n[:, None] & mask_j[None, :]
         wot = tl.load(WO + offs_j[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
         y = _mm(o, wot, PRECISE) + tl.load(BO + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        if OUT.dtype.element_ty != WO.dtype.element_ty:  # mixed: y is a Linear output, rounded (autocast)
+            y = _round(y, WO.dtype.element_ty).to(tl.float32)
         y += tl.load(R + row[:, None] * D + offs_j[None, :], mask=mask_nj, other=0.0).to(tl.float32)
-        tl.store(OUT + row[:, None] * D + offs_j[None, :], y.to(OUT.dtype.element_ty), mask=mask_nj)
+        tl.store(OUT + row[:, None] * D + offs_j[None, :], _round(y, OUT.dtype.element_ty), mask=mask_nj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,12 +329,15 @@ def _sub_bwd_dq_kernel(
     M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous)."""
+    """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous).
+    QS, DOS, DQ, O and the weights are in the compute dtype (K's); X, G, DX share it or (mixed
+    path) are fp32: g is then rounded to the compute dtype on load (autocast's dy) and dx is stored
+    in fp32 straight from its fp32 accumulator."""
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = b * N + offs_n
     tok = row[:, None] * D + offs_d[None, :]
-    dt = X.dtype.element_ty
+    dt = K.dtype.element_ty  # the compute dtype
 
     q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
     tl.store(QS + tok, q, mask=mask_nd)
@@ -277,9 +347,10 @@ def _sub_bwd_dq_kernel(
         offs_j = jc + tl.arange(0, BLOCK_K)
         mask_j = offs_j < D
         gj = tl.load(G + row[:, None] * D + offs_j[None, :], mask=mask_n[:, None] & mask_j[None, :], other=0.0)
+        gj = _round(gj, dt)
         woj = tl.load(WO + offs_j[:, None] * D + offs_d[None, :], mask=mask_j[:, None] & mask_d[None, :], other=0.0)
         do += _mm(gj, woj, PRECISE)
-    do = do.to(dt)
+    do = _round(do, dt)
     tl.store(DOS + tok, do, mask=mask_nd)
     o = tl.load(O + tok, mask=mask_nd, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -288,7 +359,7 @@ def _sub_bwd_dq_kernel(
     # the core's dQ sweep over all K / V tiles (P, dP, dS recomputed per tile)
     dq = _attn_dq_sweep(q, do, lse2, delta, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
                         stride_vm, stride_vd, offs_d, mask_d, qk_scale, M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
-    dq = (dq * sm_scale).to(dt)
+    dq = _round(dq * sm_scale, dt)
     tl.store(DQ + tok, dq, mask=mask_nd)
     # dx = dQ wq, one BLOCK_K-column slice at a time
     for jc in range(0, BLOCK_D, BLOCK_K):
@@ -296,7 +367,8 @@ def _sub_bwd_dq_kernel(
         mask_j = offs_j < D
         wqj = tl.load(WQ + offs_d[:, None] * D + offs_j[None, :], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
         dx = _mm(dq, wqj, PRECISE)
-        tl.store(DX + row[:, None] * D + offs_j[None, :], dx.to(dt), mask=mask_n[:, None] & mask_j[None, :])
+        tl.store(DX + row[:, None] * D + offs_j[None, :], _round(dx, DX.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_j[None, :])
 
 
 @triton.autotune(configs=pick_configs(_wg_config_list()), key=["D", "CHUNK_ROWS", "PRECISE"],
@@ -308,7 +380,9 @@ def _sub_wgrad_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """fp32 partials over row chunk pid_c: DW_PART[c, i, j] = Σ_r A[r, i] B[r, j] and (programs with
-    pid_j = 0) DB_PART[c, i] = Σ_r A[r, i]. A, B: ROWS×D contiguous. Every element is written."""
+    pid_j = 0) DB_PART[c, i] = Σ_r A[r, i]. A, B: ROWS×D contiguous. Every element is written.
+    When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
+    wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_c = tl.program_id(2).to(tl.int64)
@@ -324,6 +398,10 @@ def _sub_wgrad_kernel(
         mask_r = offs_r < ROWS
         at = tl.load(A + offs_r[None, :] * D + offs_i[:, None], mask=mask_i[:, None] & mask_r[None, :], other=0.0)
         bt = tl.load(B + offs_r[:, None] * D + offs_j[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        if A.dtype.element_ty.primitive_bitwidth > B.dtype.element_ty.primitive_bitwidth:
+            at = _round(at, B.dtype.element_ty)
+        if B.dtype.element_ty.primitive_bitwidth > A.dtype.element_ty.primitive_bitwidth:
+            bt = _round(bt, A.dtype.element_ty)
         acc += _mm(at, bt, PRECISE)
         bsum += tl.sum(at.to(tl.float32), 1)
     tl.store(DW_PART + pid_c * D * D + offs_i[:, None] * D + offs_j[None, :], acc,
@@ -359,7 +437,7 @@ def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = No
     return chunk_rows, triton.cdiv(rows, chunk_rows)
 
 
-def _wgrad(a, b, dtype, precise: bool, sms: int | None, chunk_rows: int | None):
+def _wgrad(a, b, precise: bool, sms: int | None, chunk_rows: int | None):
     """(Σ aᵀ b, Σ a) over the rows of a, b (ROWS×C), as fp32 partials per chunk (C×C and C)."""
     rows, c = a.shape
     chunk, n_chunks = _wg_chunking(rows, c, sms, chunk_rows)
@@ -380,25 +458,27 @@ def _reduce(part1, part2, n_chunks: int, size: int, dtype, device):
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
+    """wq, bq, wo, bo already in the compute dtype (k's); out in the residual's dtype, O in k's."""
     batch, n, c = x.shape
     m = k.shape[1]
-    out = _new((batch, n, c), x.device, x.dtype)
-    o = _new((batch, n, c), x.device, x.dtype)
+    out = _new((batch, n, c), x.device, r.dtype)
+    o = _new((batch, n, c), x.device, k.dtype)
     lse = _new((batch, n), x.device, torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
     _sub_fwd_kernel[grid](
         x, r, k, v, wq, bq, wo, bo, out, o, lse,
         *k.stride(), *v.stride(),
         n, c, _LOG2E / math.sqrt(c),
-        M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, PRECISE=x.dtype == torch.float32,
+        M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, PRECISE=k.dtype == torch.float32,
     )
     return out, o, lse
 
 
-def _backward(x, k, v, wq, bq, wo, o, lse, g, chunk_rows: int | None, wg_chunk_rows: int | None):
+def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, wg_chunk_rows: int | None):
+    """wq, bq, wo in the compute dtype (k's); dx in x's dtype, dK, dV in k's, weight gradients in w_dtype."""
     batch, n, c = x.shape
     m = k.shape[1]
-    dev, dt = x.device, x.dtype
+    dev, dt = x.device, k.dtype
     precise = dt == torch.float32
     block_d = _core._block_d(c)
     sm_scale = 1.0 / math.sqrt(c)
@@ -406,7 +486,7 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, chunk_rows: int | None, wg_chunk_r
     qs = _new((batch, n, c), dev, dt)
     dos = _new((batch, n, c), dev, dt)
     dq = _new((batch, n, c), dev, dt)
-    dx = _new((batch, n, c), dev, dt)
+    dx = _new((batch, n, c), dev, x.dtype)
     delta = _new((batch, n), dev, torch.float32)
     grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
     _sub_bwd_dq_kernel[grid_q](
@@ -422,20 +502,24 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, chunk_rows: int | None, wg_chunk_r
 
     # weight / bias gradients: fp32 partials per row chunk, then a chunk-ordered sum
     rows = batch * n
-    dwq_p, dbq_p, nc = _wgrad(dq.view(rows, c), x.view(rows, c), dt, precise, sms, wg_chunk_rows)
-    dwo_p, dbo_p, _ = _wgrad(g.view(rows, c), o.view(rows, c), dt, precise, sms, wg_chunk_rows)
-    dwq, dwo = _reduce(dwq_p, dwo_p, nc, c * c, dt, dev)
-    dbq, dbo = _reduce(dbq_p, dbo_p, nc, c, dt, dev)
+    dwq_p, dbq_p, nc = _wgrad(dq.view(rows, c), x.view(rows, c), precise, sms, wg_chunk_rows)
+    dwo_p, dbo_p, _ = _wgrad(g.view(rows, c), o.view(rows, c), precise, sms, wg_chunk_rows)
+    dwq, dwo = _reduce(dwq_p, dwo_p, nc, c * c, w_dtype, dev)
+    dbq, dbo = _reduce(dbq_p, dbo_p, nc, c, w_dtype, dev)
     return dx, dk, dv, dwq.view(c, c), dbq, dwo.view(c, c), dbo
 
 
 class AttentionSublayerFunction(torch.autograd.Function):
-    """The fused sublayer; saves x, k, v, wq, bq, wo (inputs) and O, lse (see the module docstring)."""
+    """The fused sublayer; saves x, k, v (inputs), wq, bq, wo in the compute dtype (the inputs
+    themselves unless mixed) and O, lse (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, r, k, v, wq, bq, wo, bo, bwd_chunk_rows=None, wg_chunk_rows=None):
-        out, o, lse = _forward(x, r, k, v, wq, bq, wo, bo)
-        ctx.save_for_backward(x, k, v, wq, bq, wo, o, lse)
+        cdt = k.dtype  # the compute dtype; the casts are no-ops unless the weights are fp32 masters
+        wq_c, bq_c, wo_c, bo_c = (w.to(cdt) for w in (wq, bq, wo, bo))
+        out, o, lse = _forward(x, r, k, v, wq_c, bq_c, wo_c, bo_c)
+        ctx.save_for_backward(x, k, v, wq_c, bq_c, wo_c, o, lse)
+        ctx.w_dtype = wq.dtype
         ctx.chunks = (bwd_chunk_rows, wg_chunk_rows)
         return out
 
@@ -443,8 +527,24 @@ class AttentionSublayerFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, k, v, wq, bq, wo, o, lse = ctx.saved_tensors
         g = g.contiguous()
-        dx, dk, dv, dwq, dbq, dwo, dbo = _backward(x, k, v, wq, bq, wo, o, lse, g, *ctx.chunks)
+        dx, dk, dv, dwq, dbq, dwo, dbo = _backward(x, k, v, wq, bq, wo, o, lse, g, ctx.w_dtype, *ctx.chunks)
         return dx, g, dk, dv, dwq, dbq, dwo, dbo, None, None
+
+
+def _precision(x, r, k, v, wq, bq, wo, bo) -> str | None:
+    """"uniform" (all eight tensors share fp32 / fp16 / bf16), "mixed" (autocast's dtypes: k, v share
+    bf16 / fp16, the compute dtype; x and the residual each fp32 or that dtype; wq, bq, wo, bo share
+    fp32 or that dtype; on CUDA autocast hands the block fp32 x, residual and weights, CPU autocast
+    bf16 x and residual) or None (anything else)."""
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if len({t.dtype for t in (x, r, k, v, wq, bq, wo, bo)}) == 1 and x.dtype in floats:
+        return "uniform"
+    cdt = k.dtype
+    allowed = (torch.float32, cdt)
+    if (cdt in (torch.float16, torch.bfloat16) and v.dtype == cdt and x.dtype in allowed and r.dtype in allowed
+            and len({wq.dtype, bq.dtype, wo.dtype, bo.dtype}) == 1 and wq.dtype in allowed):
+        return "mixed"
+    return None
 
 
 def _check(x, r, k, v, wq, bq, wo, bo) -> None:
@@ -457,8 +557,10 @@ def _check(x, r, k, v, wq, bq, wo, bo) -> None:
     if wq.shape != (c, c) or wo.shape != (c, c) or bq.shape != (c,) or bo.shape != (c,):
         raise ValueError("attention_sublayer: wq, wo must be C×C and bq, bo of length C")
     ts = (x, r, k, v, wq, bq, wo, bo)
-    if len({t.dtype for t in ts}) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"attention_sublayer: all tensors must share one of fp32/fp16/bf16; got {[t.dtype for t in ts]}")
+    if _precision(*ts) is None:
+        raise TypeError("attention_sublayer: all tensors must share one of fp32/fp16/bf16, or (mixed precision) "
+                        "k, v share bf16/fp16 and x, residual and the (shared) weight dtype are each fp32 or "
+                        f"k's dtype; got {[t.dtype for t in ts]}")
     if len({t.device for t in ts}) != 1:
         raise ValueError("attention_sublayer: tensors on different devices")
     if x.device.type != "cuda" and not INTERPRET:
@@ -469,12 +571,15 @@ def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, *, bwd_chunk_rows
                        wg_chunk_rows: int | None = None) -> torch.Tensor:
     """`residual + (softmax((x_norm wqᵀ + bq) kᵀ/√C) v) woᵀ + bo` (shapes in the module docstring).
 
+    Either all eight tensors share a dtype, or (mixed precision, what autocast hands the block)
+    k, v are bf16 / fp16 and the rest fp32: then the result is what autocast computes for the
+    composition (bf16 projections of bf16-cast x and weights, fp32 residual add), fp32 out.
     Fused Triton forward and backward; fp32 at C > 128 composes the pieces instead (`_composed`).
     `bwd_chunk_rows` / `wg_chunk_rows` override the row chunks of the dK/dV and weight-gradient
     kernels (tests use them; by default they are sized to the GPU).
     """
     _check(x_norm, residual, k, v, wq, bq, wo, bo)
-    if x_norm.shape[1] == 0 or not fused_supported(x_norm.dtype, x_norm.shape[-1]):
+    if x_norm.shape[1] == 0 or not fused_supported(k.dtype, x_norm.shape[-1]):
         return _composed(x_norm, residual, k, v, wq, bq, wo, bo)
     return AttentionSublayerFunction.apply(
         x_norm.contiguous(), residual.contiguous(), k, v, wq.contiguous(), bq.contiguous(),
@@ -483,10 +588,10 @@ def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, *, bwd_chunk_rows
 
 def attention_sublayer_for_model(x_norm, residual, k, v, wq, bq, wo, bo) -> torch.Tensor:
     """The model's entry (`TRITON_OPS["attention_sublayer"]`): fused when all eight tensors share a
-    dtype; otherwise (autocast: fp32 LayerNorm output, residual and master weights beside bf16 k, v)
-    the core attention between autocast projections, with the residual added in fp32, exactly as
-    eager AMP computes it (keeping the residual stream in fp32 is the point of that split)."""
-    if len({t.dtype for t in (x_norm, residual, k, v, wq, bq, wo, bo)}) == 1:
+    dtype, and fused in mixed precision under autocast's dtypes (fp32 LayerNorm output, residual and
+    master weights beside bf16 / fp16 k, v: bf16 projections, fp32 residual add and out, as eager
+    AMP computes them); any other mix composes the core attention between (autocast) projections."""
+    if _precision(x_norm, residual, k, v, wq, bq, wo, bo) is not None:
         return attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)
     return _composed(x_norm, residual, k, v, wq, bq, wo, bo)
 
@@ -567,11 +672,13 @@ def bytes_table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int
 # ahead-of-time builds: every kernel × d block × dtype × configuration
 # ----------------------------------------------------------------------------------------------
 _AOT_M = 256
-_AOT_DTYPES = {"16": "bf16", "tf32x3": "fp32"}
+_AOT_DTYPES = {"16": "bf16", "tf32x3": "fp32", "amp": "bf16"}
 _AOT_KERNELS = {
     "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE",)),
     "dq": (_sub_bwd_dq_kernel, ("X", "G", "K", "V", "WQ", "BQ", "WO", "O", "QS", "DOS", "DQ", "DX"), ("LSE", "DELTA")),
 }
+# the mixed-precision variant ("amp": CUDA autocast's dtypes): these token tensors are fp32, the rest bf16
+_AOT_AMP_F32 = {"fwd": ("X", "R", "OUT"), "dq": ("X", "G", "DX")}
 _AOT_WG_CHUNK = 1024
 
 
@@ -581,17 +688,25 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_d in _ALLOWED[kname].items():
             dname = _AOT_DTYPES[mode]
             ptrs = {**{a: f"*{dname}" for a in data_ptrs}, **{a: "*fp32" for a in f32_ptrs}}
-            builds = [(dname, ptrs, block_d, cfg) for block_d, cfgs in per_d.items() for cfg in cfgs]
-            if mode == "16":  # fp16: one spot check per kernel (largest d block, first config), as in the core
-                builds.append(("fp16", {a: t.replace("bf16", "fp16") for a, t in ptrs.items()}, 256, per_d[256][0]))
+            if mode == "amp":  # mixed precision: these token tensors fp32, the rest bf16
+                ptrs.update({a: "*fp32" for a in _AOT_AMP_F32[kname]})
+            prefix = "amp_" if mode == "amp" else ""
+            builds = [(prefix + dname, ptrs, block_d, cfg) for block_d, cfgs in per_d.items() for cfg in cfgs]
+            if mode in ("16", "amp"):  # fp16: one spot check per kernel (largest d block, first config), as in the core
+                builds.append((prefix + "fp16", {a: t.replace("bf16", "fp16") for a, t in ptrs.items()}, 256,
+                               per_d[256][0]))
             for dn, pt, block_d, (bn, bm, w, st) in builds:
                 const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
                          "BLOCK_N": bn, "BLOCK_M": bm}
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                 specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st))
-    for mode, cfgs in _WG_ALLOWED.items():
-        for dname in (_AOT_DTYPES[mode],) + (("fp16",) if mode == "16" else ()):
-            ptrs = {"A": f"*{dname}", "B": f"*{dname}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
+    for mode, cfgs in _WG_ALLOWED.items():  # mixed precision uses the "16" configurations
+        # (name, A, B): one dtype, plus the mixed path's fp32 x beside bf16 dQ and fp32 g beside bf16 O
+        pairs = [(d, d, d) for d in (_AOT_DTYPES[mode],) + (("fp16",) if mode == "16" else ())]
+        if mode == "16":
+            pairs += [("amp_bf16_a16", "bf16", "fp32"), ("amp_bf16_b16", "fp32", "bf16")]
+        for dname, a_t, b_t in pairs:
+            ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
             for bi, bj, br, w in cfgs:
                 const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3",
                          "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}

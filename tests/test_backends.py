@@ -59,9 +59,20 @@ def test_predictions_match_eager():
     assert agree > 0.999, f"only {agree:.4%} of pixels agree"
 
 
-def test_autocast_bf16_training_step_matches_eager():
-    """Under autocast the sublayer sees fp32 LayerNorm output and weights beside bf16 k, v: the
-    triton backend must then compose (fused core, fp32 residual) and still track eager AMP."""
+def test_autocast_bf16_training_step_matches_eager(monkeypatch):
+    """Under autocast the sublayer sees fp32 LayerNorm output, residual and weights beside bf16 k, v:
+    the triton backend must then take the fused mixed-precision sublayer (never the composed
+    fallback; fp32 residual) and still track eager AMP."""
+    import kernels.attention_sublayer as sub_mod
+
+    def no_composition(*args):
+        raise AssertionError(f"sublayer composed under autocast; dtypes {[t.dtype for t in args]}")
+    monkeypatch.setattr(sub_mod, "_composed", no_composition)
+    fused_calls = []
+    forward = sub_mod.AttentionSublayerFunction.forward
+    monkeypatch.setattr(sub_mod.AttentionSublayerFunction, "forward",
+                        staticmethod(lambda ctx, x, r, k, v, *rest: fused_calls.append((x.dtype, r.dtype, k.dtype))
+                                     or forward(ctx, x, r, k, v, *rest)))
     eager, fused = twin_models()
     g = torch.Generator().manual_seed(3)
     images = torch.randn(2, 3, 32, 64, generator=g).to(DEVICE)
@@ -73,6 +84,10 @@ def test_autocast_bf16_training_step_matches_eager():
         loss.backward()
         losses.append(loss.float())
     assert_close(losses[1], losses[0], 1e-3, "bf16 autocast loss")
+    # every block's sublayer ran fused on autocast's mix: bf16 k, v beside fp32 x and residual on
+    # CUDA (LayerNorm autocasts to fp32 there); CPU autocast keeps LayerNorm, hence x, in bf16
+    act = torch.float32 if DEVICE == "cuda" else torch.bfloat16
+    assert fused_calls and set(fused_calls) == {(act, act, torch.bfloat16)}, set(fused_calls)
     for (name, p_eager), p_fused in zip(eager.named_parameters(), fused.parameters()):
         assert p_fused.grad.dtype == p_eager.grad.dtype == torch.float32, name
         # bf16 rounding (truncating under the interpreter) of 100+ ops apart: measured ≤ 4.8e-2
