@@ -37,6 +37,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name:
                              f"got {a[worst].item():.6g}, expected {e[worst].item():.6g}")
 
 
+def assert_grads_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rel: float,
+                       floor_rel: float, name: str = "gradients") -> None:
+    """Compare two models' gradients (name → tensor) against the scale of the whole model's gradient.
+
+    Two checks, both able to fail on a real bug:
+    - the whole gradient (all tensors concatenated): ‖Δ‖ ≤ rel·‖g‖;
+    - each tensor p of n_p of the model's n elements: ‖Δ_p‖ ≤ rel·‖g_p‖ + floor_rel·‖g‖·√(n_p/n),
+      its own scale plus a floor tied to the share of the whole gradient's norm that n_p elements
+      carry when spread evenly.
+    The floor keeps a tensor whose true gradient nearly cancels (a bias of 1e-7 in a model whose
+    gradient is ~0.2) from turning low-precision rounding into a failure that depends on which CPU
+    rounds the bf16 arithmetic (native AVX512-BF16 or emulated); a dropped, sign-flipped or
+    misscaled gradient of a tensor that matters to the update is still far outside it.
+    """
+    assert actual.keys() == expected.keys(), f"{name}: parameters differ: {sorted(actual.keys() ^ expected.keys())}"
+    a = {k: v.detach().double().cpu().flatten() for k, v in actual.items()}
+    e = {k: v.detach().double().cpu().flatten() for k, v in expected.items()}
+    e_all = torch.cat(list(e.values()))
+    whole, n_all = e_all.norm().item(), e_all.numel()
+    assert_close(torch.cat(list(a.values())), e_all, rel, f"{name} (whole model, ‖g‖ = {whole:.3g})")
+    failures = []
+    for key in e:
+        err, own = (a[key] - e[key]).norm().item(), e[key].norm().item()
+        allowed = rel * own + floor_rel * whole * (e[key].numel() / n_all) ** 0.5
+        if not err <= allowed:  # NaN fails too
+            failures.append(f"{key}: ‖Δ‖ {err:.3e} > allowed {allowed:.3e} (own ‖g‖ {own:.3e})")
+    assert not failures, f"{name}, {len(failures)} tensors: " + "; ".join(failures)
+
+
 def kernel_device(name: str) -> str:
     """The device a kernel parity case runs on, or a skip saying why it cannot run here: "cuda"
     runs the compiled kernels (not under the interpreter), "cpu" runs them through the interpreter."""
