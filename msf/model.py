@@ -20,10 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msf.backend import BACKENDS, LMSAParams, get_ops
+from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
 
 NUM_CLASSES = 19
+TTA_MODES = ("none", "flip")  # test-time augmentations of `MicroSegFormer.predict`
 
 
 @dataclass(frozen=True)
@@ -240,12 +242,48 @@ class MicroSegFormer(nn.Module):
         return get_ops(self.backend).head_loss(self.low_res_logits(images), masks, self.dice_eps)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, size: tuple[int, int] | None = None, tta: str = "none") -> torch.Tensor:
         """B×size class ids (default: the images' size): the argmax of the H/4×W/4 logits
         bilinearly upsampled straight to `size` (at the input's own size this is the paper's order
-        up to rounding, since the classifier commutes with the upsample)."""
+        up to rounding, since the classifier commutes with the upsample). `tta="flip"` averages
+        the logits of the image and of its mirror (see `predict_variants`)."""
+        return self.predict_variants(images, size, (tta,))[tta]
+
+    @torch.no_grad()
+    def predict_variants(self, images: torch.Tensor, size: tuple[int, int] | None = None,
+                         ttas: tuple[str, ...] = TTA_MODES) -> dict[str, torch.Tensor]:
+        """Class ids with each test-time augmentation in `ttas`, sharing the forward passes.
+
+        "none": the image alone. "flip": the mean of the image's low-resolution logits and its
+        mirror's, the mirror's flipped back and its left/right channels swapped (4↔5, 6↔7, 8↔9),
+        so that its "left eye" scores the right eye it is. Averaging before the upsample equals
+        averaging after it (bilinear upsampling is linear and commutes with the mirror), and the
+        result is mirror-equivariant for any weights: the prediction of the mirror is the mirror
+        of the prediction with its ids swapped, up to exact ties.
+        """
+        unknown = set(ttas) - set(TTA_MODES)
+        if unknown:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {sorted(unknown)}")
         size = tuple(size) if size is not None else tuple(images.shape[-2:])
-        return get_ops(self.backend).upsample_argmax(self.low_res_logits(images), size)
+        upsample_argmax = get_ops(self.backend).upsample_argmax
+        logits = self.low_res_logits(images)
+        ids = {}
+        if "none" in ttas:
+            ids["none"] = upsample_argmax(logits, size)
+        if "flip" in ttas:
+            ids["flip"] = upsample_argmax(self._flip_averaged(logits, images), size)
+        return ids
+
+    def flip_tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits averaged with the mirror's (test-time augmentation "flip")."""
+        return self._flip_averaged(self.low_res_logits(images), images)
+
+    def _flip_averaged(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if self.config.num_classes != len(FLIP_ID_MAP):
+            raise ValueError(f"tta='flip' needs the {len(FLIP_ID_MAP)} CelebAMask-HQ classes, "
+                             f"this model has {self.config.num_classes}")
+        mirrored = self.low_res_logits(images.flip(-1)).flip(-1)[:, FLIP_ID_MAP.to(images.device)]
+        return 0.5 * (logits + mirrored)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from msf.data import NUM_CLASSES, DataError, open_dataset
+from msf.model import TTA_MODES
 from train.checkpoint import CheckpointError, load_model, write_release
 from train.config import add_config_arguments, config_from_args
 
@@ -47,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, args.split, image_size=None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     started = time.perf_counter()
-    scores = evaluate(model, loader, device, input_size, args.amp, progress=not args.json)
+    scores = evaluate(model, loader, device, input_size, args.amp, progress=not args.json, tta=args.tta)
     scores.update(checkpoint=str(args.checkpoint), split=args.split, input_size=input_size,
                   scored_at=list(dataset[0][1].shape), seconds=round(time.perf_counter() - started, 2))
     if args.json:
@@ -55,9 +56,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.checkpoint} on {args.data}/{args.split} ({scores['images']} images, model at {input_size}², "
               f"scored at {scores['scored_at'][0]}×{scores['scored_at'][1]}):")
-        print(f"  F-score {scores['f_score']:.4f}   mIoU {scores['miou']:.4f}")
+        with_tta = scores.get(f"tta_{args.tta}")
+        print(f"  F-score {scores['f_score']:.4f}   mIoU {scores['miou']:.4f}"
+              + (f"   (tta {args.tta}: F-score {with_tta['f_score']:.4f}   mIoU {with_tta['miou']:.4f})" if with_tta else ""))
         for name, f1 in scores["per_class_f1"].items():
-            print(f"  {name:>10s}  F1 {f1:.4f}")
+            print(f"  {name:>10s}  F1 {f1:.4f}" + (f"   tta {with_tta['per_class_f1'][name]:.4f}" if with_tta else ""))
     return 0
 
 
@@ -71,7 +74,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise DataError(f"{p}: image not found")
     written = predict_files(model, paths, Path(args.out), args.input_size or train_cfg.get("image_size") or 512,
-                            device, args.amp)
+                            device, args.amp, args.tta)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"])
         p.add_argument("--input-size", type=int, default=None, help="model input size (default: training size)")
+        p.add_argument("--tta", default="none", choices=list(TTA_MODES),
+                       help="test-time augmentation: flip averages the logits of the image and its mirror "
+                            "(left/right ids swapped back); eval then scores without and with it")
 
     p = sub.add_parser("eval", help="score a checkpoint on a split")
     p.add_argument("--data", required=True)

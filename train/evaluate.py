@@ -28,36 +28,56 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
 
 
 @torch.no_grad()
-def predict_batch(model: MicroSegFormer, images: torch.Tensor, input_size: int, amp: str = "off") -> torch.Tensor:
-    """B×H×W ids for B×3×H×W normalised images, the model run at input_size×input_size."""
+def predict_batch_variants(model: MicroSegFormer, images: torch.Tensor, input_size: int, amp: str = "off",
+                           ttas: tuple[str, ...] = ("none",)) -> dict[str, torch.Tensor]:
+    """B×H×W ids for B×3×H×W normalised images, the model run at input_size×input_size, for each
+    test-time augmentation in `ttas` ("none", "flip"; `MicroSegFormer.predict_variants`)."""
     size = tuple(images.shape[-2:])
     x = images
     if size != (input_size, input_size):
         x = F.interpolate(images, size=(input_size, input_size), mode="bilinear", align_corners=False,
                           antialias=input_size < size[0])
     with autocast_for(images.device, amp):
-        return model.predict(x, size)
+        return model.predict_variants(x, size, ttas)
+
+
+def predict_batch(model: MicroSegFormer, images: torch.Tensor, input_size: int, amp: str = "off",
+                  tta: str = "none") -> torch.Tensor:
+    return predict_batch_variants(model, images, input_size, amp, (tta,))[tta]
 
 
 @torch.no_grad()
-def evaluate_meter(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
-                   progress: bool = False, desc: str = "eval") -> FScoreMeter:
-    """The scores' running sums over an iterable of (normalised image, mask) batches; a
-    multi-process run sums the meters of its processes before `compute()`."""
+def evaluate_meters(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
+                    progress: bool = False, desc: str = "eval", ttas: tuple[str, ...] = ("none",)) -> dict[str, FScoreMeter]:
+    """The scores' running sums, one meter per test-time augmentation in `ttas`, over an iterable of
+    (normalised image, mask) batches; a multi-process run sums the meters of its processes before
+    `compute()`."""
     was_training = model.training
     model.eval()
-    meter = FScoreMeter(model.config.num_classes)
+    meters = {tta: FScoreMeter(model.config.num_classes) for tta in ttas}
     for images, masks in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        meter.update(predict_batch(model, images, input_size, amp), masks)
+        for tta, ids in predict_batch_variants(model, images, input_size, amp, ttas).items():
+            meters[tta].update(ids, masks)
     model.train(was_training)
-    return meter
+    return meters
+
+
+def evaluate_meter(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
+                   progress: bool = False, desc: str = "eval") -> FScoreMeter:
+    return evaluate_meters(model, batches, device, input_size, amp, progress, desc)["none"]
 
 
 def evaluate(model: MicroSegFormer, batches, device: torch.device, input_size: int, amp: str = "off",
-             progress: bool = False, desc: str = "eval") -> dict:
-    """F-score, per-class F1 and mIoU over an iterable of (normalised image, mask) batches."""
-    return evaluate_meter(model, batches, device, input_size, amp, progress, desc).compute()
+             progress: bool = False, desc: str = "eval", tta: str = "none") -> dict:
+    """F-score, per-class F1 and mIoU over an iterable of (normalised image, mask) batches, without
+    test-time augmentation; with `tta="flip"` the same scores with it under "tta_flip"."""
+    ttas = ("none",) if tta == "none" else ("none", tta)
+    meters = evaluate_meters(model, batches, device, input_size, amp, progress, desc, ttas)
+    scores = meters["none"].compute()
+    if tta != "none":
+        scores[f"tta_{tta}"] = meters[tta].compute()
+    return scores
 
 
 @torch.no_grad()
@@ -80,7 +100,7 @@ def class_pixel_counts(batches, num_classes: int, device: torch.device | str = "
 
 @torch.no_grad()
 def predict_files(model: MicroSegFormer, paths: list[Path], out_dir: Path, input_size: int,
-                  device: torch.device, amp: str = "off") -> list[Path]:
+                  device: torch.device, amp: str = "off", tta: str = "none") -> list[Path]:
     """For each image: `<stem>.png` (palette id mask, the data set's format) and `<stem>_overlay.png`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -88,7 +108,7 @@ def predict_files(model: MicroSegFormer, paths: list[Path], out_dir: Path, input
         image = read_image(path)
         x = normalize(torch.from_numpy(image).permute(2, 0, 1).float().div(255))[None].to(device)
         # any image size works: the model sees it resized to input_size², the ids come back at h×w
-        ids = predict_batch(model, x, input_size, amp)[0].cpu().numpy().astype(np.uint8)
+        ids = predict_batch(model, x, input_size, amp, tta)[0].cpu().numpy().astype(np.uint8)
         mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
         write_mask(mask_path, ids)
         Image.fromarray(np.concatenate([image, overlay(image, ids)], axis=1)).save(overlay_path)
