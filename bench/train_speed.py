@@ -2,6 +2,8 @@
 
     python -m bench.train_speed [--data DIR] [--backends eager triton] [--pipelines loader device]
                                 [--size 512] [--batch 32] [--steps 30] [--warmup 5] [--inputs-only] [--out DIR]
+                                [--amp auto off ...] [--channels-last auto on off] [--head-order auto paper h4]
+                                [--threads 1 2] [--num-workers 0 1]
 
 For every backend × pipeline: the run's own batches (`train.inputs.build_inputs`: the per-sample
 DataLoader, or the uint8 cache on the device augmented there) feed the run's own step
@@ -9,8 +11,11 @@ DataLoader, or the uint8 cache on the device augmented there) feed the run's own
 steps, `--steps` steps are timed in chunks of 5 (a device sync closes each chunk). A second row per
 pipeline times the batches alone (no model), which is the rate that pipeline can feed at most.
 
-Rows are long-format (`bench.harness.row`); `--out` writes train-speed.json and .md. Without CUDA
-it is a smoke run at a reduced size (eager only by default): no timing claim.
+The recipe options that set the CPU's speed (autocast dtype, memory format, classifier before or
+after the upsample, compute threads, loader processes) take several values each and are swept as a
+product, so one command compares the CPU defaults with fp32 in the paper's order; each row names its
+settings. Rows are long-format (`bench.harness.row`); `--out` writes train-speed.json and .md.
+Without CUDA the default is a smoke run at a reduced size (eager only): no timing claim.
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ import torch
 
 from bench.harness import environment, row, write_results
 from train.config import TrainConfig
-from train.inputs import build_inputs
+from train.inputs import build_inputs, default_workers
 from train.loop import LossObjective, make_model, make_optimisation, train_step
 
 CHUNK = 5
+ON_OFF = {"auto": None, "on": True, "off": False}
+HEAD_ORDERS = {"auto": None, "paper": True, "h4": False}
 
 
 def batches_forever(pipeline):
@@ -82,9 +89,14 @@ def measure(cfg: TrainConfig, device: torch.device, warmup: int, steps: int, env
         torch.cuda.reset_peak_memory_stats(device)
     rates = time_chunks(step, device, warmup, steps, cfg.batch_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+    settings = (f"amp {cfg.amp}, {'channels-last' if cfg.channels_last else 'contiguous'}, "
+                f"{'paper order' if cfg.paper_head_order else 'classifier at H/4'}, "
+                f"{torch.get_num_threads()} threads, "
+                + (f"{workers} loader workers" if inputs.pipeline == "loader" else "in-process batches"))
     rows.append(row("train step", f"{cfg.backend}/{inputs.pipeline}", "fwd+bwd+opt", "throughput", "images/s", size,
-                    rates, env,
-                    amp=cfg.amp if device.type == "cuda" else "off", peak_mib=peak))
+                    rates, env, amp=cfg.amp, channels_last=cfg.channels_last, paper_head_order=cfg.paper_head_order,
+                    threads=torch.get_num_threads(), num_workers=workers, settings=settings, peak_mib=peak))
     return rows
 
 
@@ -99,8 +111,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=32 if on_gpu else 4)
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 5)
     parser.add_argument("--warmup", type=int, default=5 if on_gpu else 1)
-    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
-    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--amp", nargs="+", default=["auto"], choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--channels-last", nargs="+", default=["auto"], choices=list(ON_OFF))
+    parser.add_argument("--head-order", nargs="+", default=["auto"], choices=list(HEAD_ORDERS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[None], help="torch compute threads")
+    parser.add_argument("--num-workers", nargs="+", type=int, default=[None], help="loader processes")
     parser.add_argument("--cache-dir", default=None, help="uint8 cache folder (default: a temporary one)")
     parser.add_argument("--inputs-only", action="store_true", help="time the pipelines alone, no training step")
     parser.add_argument("--out", default=None, help="write train-speed.json and .md here")
@@ -109,12 +124,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment(device)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        base = TrainConfig(data=args.data, image_size=args.size, batch_size=args.batch, amp=args.amp,
-                           num_workers=args.num_workers, cache_dir=args.cache_dir or scratch, progress=False,
+        base = TrainConfig(data=args.data, image_size=args.size, batch_size=args.batch,
+                           cache_dir=args.cache_dir or scratch, progress=False,
                            synthetic_train_images=max(4 * args.batch, 64), out=scratch).resolve()
         failed = []
-        for backend, pipeline in itertools.product(args.backends, args.pipelines):
-            cfg = dataclasses.replace(base, backend=backend, pipeline=pipeline)
+        threads_before = torch.get_num_threads()
+        for backend, pipeline, amp, layout, order, threads, workers in itertools.product(
+                args.backends, args.pipelines, args.amp, args.channels_last, args.head_order, args.threads,
+                args.num_workers):
+            torch.set_num_threads(threads or threads_before)
+            cfg = dataclasses.replace(base, backend=backend, pipeline=pipeline, amp=amp, channels_last=ON_OFF[layout],
+                                      paper_head_order=HEAD_ORDERS[order], num_workers=workers).for_device(device)
             timed_inputs = any(r["op"] == "input pipeline" and r["provider"] == pipeline for r in rows)
             try:
                 measured = measure(cfg, device, args.warmup, args.steps, env, time_inputs=not timed_inputs,
@@ -126,9 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in measured:  # (a pipeline's batches-only rate does not depend on the backend: timed once)
                 rows.append(r)
                 print(f"{r['op']:>15s} {r['provider']:>16s} {r['size']}: {r['p50']:8.1f} images/s "
-                      f"(p20 {r['p20']:.1f}, p80 {r['p80']:.1f})", flush=True)
+                      f"(p20 {r['p20']:.1f}, p80 {r['p80']:.1f})" + (f"  [{r['settings']}]" if "settings" in r else ""),
+                      flush=True)
             if args.out and rows:  # after every provider, so a timeout keeps what was measured
                 write_results(rows, Path(args.out), "train-speed")
+    torch.set_num_threads(threads_before)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
     return rows

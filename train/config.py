@@ -36,8 +36,9 @@ class TrainConfig:
     backend: str = "eager"                # eager | triton
     dice_eps: float = 1.0
     decoder_dropout: float = 0.15         # SPEC §2; 0 makes a run independent of the dropout RNG stream
-    paper_head_order: bool = True         # eager: upsample features then classify (the paper); off: classify
-                                          # at H/4 then upsample logits (same function, ~2× faster on CPU)
+    paper_head_order: Optional[bool] = None  # eager: upsample features then classify (the paper); off: classify
+                                          # at H/4 then upsample logits (same function, ~2× faster on CPU);
+                                          # None: the paper's order on CUDA, H/4 on the CPU
     # optimisation (SPEC §5)
     epochs: Optional[int] = None          # planned epochs (cosine to 0 over them); 200 real / 10 synthetic
     batch_size: Optional[int] = None      # 32 real / 8 synthetic
@@ -46,7 +47,9 @@ class TrainConfig:
     warmup_epochs: Optional[float] = None  # linear warm-up; 5 real / 1 synthetic
     grad_clip: float = 1.0
     patience: int = 50                    # early stopping: epochs without a better val F-score
-    amp: str = "bf16"                     # bf16 | fp16 | off (CUDA only; the CPU trains in fp32)
+    amp: str = "auto"                     # auto | bf16 | fp16 | off; auto: bf16 on CUDA and on CPUs with native
+                                          # bf16 (AVX512-BF16 / AMX), off (fp32) elsewhere; fp16 is CUDA only
+    channels_last: Optional[bool] = None  # model and images in channels-last memory format; None: on for the CPU
     # run
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -65,13 +68,25 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    def for_device(self, device) -> "TrainConfig":
+        """The fields whose "auto" depends on the device (amp, channels_last, paper_head_order)
+        filled in for `device`; the training loop saves this resolved config with the run."""
+        from train.evaluate import resolve_amp  # torch-dependent; config stays importable without it
+        on_cpu = device.type == "cpu"
+        cfg = dataclasses.replace(
+            self, amp=resolve_amp(self.amp, device),
+            channels_last=on_cpu if self.channels_last is None else self.channels_last,
+            paper_head_order=not on_cpu if self.paper_head_order is None else self.paper_head_order)
+        cfg.validate()
+        return cfg
+
     def validate(self) -> None:
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 32):
             raise ValueError(f"--image-size must be a positive multiple of 32, got {self.image_size}")
         if self.backend not in ("eager", "triton"):
             raise ValueError(f"--backend must be eager or triton, got {self.backend!r}")
-        if self.amp not in ("bf16", "fp16", "off"):
-            raise ValueError(f"--amp must be bf16, fp16 or off, got {self.amp!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.pipeline not in ("auto", "loader", "device"):
             raise ValueError(f"--pipeline must be auto, loader or device, got {self.pipeline!r}")
         if not 0 <= self.decoder_dropout < 1:

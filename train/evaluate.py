@@ -20,11 +20,28 @@ from msf.metrics import FScoreMeter, count_ids
 from msf.model import MicroSegFormer
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX, as oneDNN sees it;
+    ONEDNN_MAX_CPU_ISA=AVX2 hides it). Without it CPU bf16 is emulated and slower than fp32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The autocast dtype a run really uses: "auto" is bf16 on CUDA and on CPUs with native bf16,
+    "off" (fp32) elsewhere; fp16 autocast is refused on the CPU."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16()) else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use bf16 or off")
+    return amp
+
+
 def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; nothing on the CPU (it trains and scores in fp32)."""
-    if device.type != "cuda" or amp == "off":
+    """Autocast for `amp` ("auto" resolved by `resolve_amp`): bf16/fp16 on CUDA, bf16 on the CPU."""
+    amp = resolve_amp(amp, device)
+    if amp == "off" or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @torch.no_grad()

@@ -105,8 +105,11 @@ class LossObjective(torch.nn.Module):
 
 
 def make_model(cfg: TrainConfig, device: torch.device) -> MicroSegFormer:
-    return MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
-                          paper_head_order=cfg.paper_head_order, decoder_dropout=cfg.decoder_dropout).to(device)
+    """The model of a config resolved for `device` (`TrainConfig.for_device`)."""
+    model = MicroSegFormer(lmsa=cfg.lmsa, backend=cfg.backend, dice_eps=cfg.dice_eps,
+                           paper_head_order=cfg.paper_head_order, decoder_dropout=cfg.decoder_dropout).to(device)
+    # channels-last convolutions skip the layout copies around each conv of the CPU step
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def make_optimisation(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
@@ -130,6 +133,8 @@ def train_step(objective: torch.nn.Module, optimizer, scheduler, scaler, images:
                masks: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One step of the recipe (SPEC §5): loss under AMP, backward, clip to 1.0, AdamW, LR schedule.
     Returns the detached loss without waiting for it."""
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     with nvtx_range("forward+loss"), autocast_for(device, cfg.amp):
         loss = objective(images, masks)
     with nvtx_range("backward"):
@@ -168,10 +173,9 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
         ckpt = read_checkpoint(run_dir / "last.pt")
         saved = TrainConfig(**ckpt["config"])
         # A resumed run keeps its recipe; only where it runs and how it reports may change.
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS})
-        cfg.validate()
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS}).for_device(device)
     else:
-        cfg = cfg.resolve()
+        cfg = cfg.resolve().for_device(device)
         run_dir = shared_run_dir(cfg, ctx)
         ckpt = None
     if ctx.is_main:
