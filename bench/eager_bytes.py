@@ -35,6 +35,15 @@ Variants of one training step (`model.loss`, forward + backward, B = batch, size
 Per op (`eager_op_bytes`): the eager reference of each fused op at the model's shapes and autocast
 dtypes (the arguments the model hands it), forward and backward.
 
+Against SPEC §6b (72.8 / 62.3 / 16.2 GB for paper / h4 / triton_rest; this module, 2026-11-29,
+B = 32, 512²: 108.8 / 78.9 / 26.1 GB): SPEC's figures are those of a model cast to bf16 without
+autocast (the same counter on `model.to(bfloat16)`, bf16 images: 70.9 / 60.3 / 14.9 GB). Training
+runs autocast over fp32 weights, which adds the casts (`_to_copy`: 31.8 / 16.4 / 6.6 GB) and
+runs LayerNorm, softmax and the bilinear upsamples in fp32: the upsample alone is ~24 GB of the
+paper order (kept in bf16 the steps would count 84.9 / 74.3 / 20.4 GB). The per-op counts agree
+with the hand counts of `bench/bytes_*.py`: eager head + loss 21.9 GB here against 21.9 GB
+("eager-lowres"), LMSA 13.6 against 14.8 GB.
+
 Floors are bytes ÷ bandwidth: H100 SXM 3.0 TB/s (SPEC §8, device-to-device copy measured) and
 A100 80 GB SXM 1.7 TB/s (about 85 % of its 2.04 TB/s peak, the H100's copy-to-peak ratio; assumed,
 not measured here).
