@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -181,8 +180,8 @@ _PROMOTE = frozenset({"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot",
 # Python-level composites whose inner aten calls a TorchFunctionMode does not see, by what autocast
 # does to those inner calls: F.interpolate reaches an upsample op (fp32 list) in every mode but
 # "area"; cross_entropy is log_softmax(dtype=fp32) + nll_loss (fp32), the same bytes as casting first.
-_COMPOSITES = {"interpolate": lambda kwargs, args: "fp32" if _interp_mode(args, kwargs) != "area" else None,
-               "cross_entropy": lambda kwargs, args: "fp32"}
+_COMPOSITES = {"interpolate": lambda args, kwargs: "fp32" if _interp_mode(args, kwargs) != "area" else None,
+               "cross_entropy": lambda args, kwargs: "fp32"}
 
 
 def _interp_mode(args, kwargs) -> str:
@@ -267,7 +266,7 @@ class CudaAutocastEmulation(TorchFunctionMode):
         name = aten_name(func)
         policy = autocast_policy(name)
         if policy is None and name in _COMPOSITES:
-            policy = _COMPOSITES[name](kwargs, args)
+            policy = _COMPOSITES[name](args, kwargs)
         elif policy is None and (name in _BANNED or has_autocast_cuda_kernel(name)):
             raise NotImplementedError(f"aten::{name} has an AutocastCUDA kernel but no policy in bench.eager_bytes")
         if policy == "lower":
