@@ -25,6 +25,8 @@ $python -m profiling.ncu_table "$out/ncu.csv" | tee "$out/ncu-table.txt"
 
 cost=${COST_JSON:-$(ls -1 bench/results/cost-model-*.json 2>/dev/null | sort | tail -n 1)}
 if [ -z "$cost" ] && [ -f kernels/cost.py ]; then
+  # measured values first, so an overrun of the cost model below still leaves a table
+  $python -m profiling.ncu_compare "$out/ncu.csv" --out "$out/ncu-compare" > /dev/null
   timeout "${COST_TIMEOUT:-120}" $python -m kernels.cost --json "$out/cost-model.json" > "$out/cost-model.log" 2>&1 \
     && cost="$out/cost-model.json" || echo "kernels.cost did not finish (see $out/cost-model.log)"
 fi

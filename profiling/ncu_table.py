@@ -101,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.csv:
         parser.error("give ncu's CSV file, or --regex")
-    print(table(*parse_with_units(Path(args.csv).read_text())))
+    path = Path(args.csv)
+    if not path.is_file():
+        parser.error(f"ncu CSV not found: {path}")
+    try:
+        print(table(*parse_with_units(path.read_text())))
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
