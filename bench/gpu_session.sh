@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session should run, in one call of the device tool:
 #   1. bench/gpu_check.sh  - GPU parity tests of every kernel and pipeline, op and step benchmarks, profiler trace
-#   2. bench/gpu_train.sh  - training throughput per backend and input pipeline, then the paper's schedule on
+#   2. profiling/ncu.sh    - Nsight Compute over one training step (triton, bf16, B=32, 512²): per fused
+#                            kernel warp-instructions, achieved occupancy, DRAM bytes and duration,
+#                            each divided by the cost model's prediction (ncu-*/ncu-compare.md); skipped
+#                            with a message when `ncu` is absent, and never fails the session
+#   3. bench/gpu_train.sh  - training throughput per backend and input pipeline, then the paper's schedule on
 #                            the real data within the time left, scored (msf eval) and exported
 # and packs the results into at most three files (the device tool returns at most 8, 16 MiB each).
 #
-#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check (default both)] [PACK_DIR]
+#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu (default both)] [PACK_DIR]
 #
-# PACK_DIR defaults to $OUT, else bench/results. `both` gives gpu_check 40% of the budget and
-# training the rest (a partial schedule: --max-minutes stops it in time); `train` skips gpu_check so
-# the paper's whole schedule can run (about 9 minutes of budget for the 5-minute target plus
-# set-up, scoring and the throughput table); `check` runs gpu_check alone.
+# PACK_DIR defaults to $OUT, else bench/results. `both` gives gpu_check 40% of the budget, the
+# Nsight Compute pass a fifth (60 to 150 s) and training the rest (a partial schedule: --max-minutes
+# stops it in time); `train` skips gpu_check and ncu so the paper's whole schedule can run (about
+# 9 minutes of budget for the 5-minute target plus set-up, scoring and the throughput table);
+# `check` runs gpu_check and the ncu pass; `ncu` the ncu pass alone.
 #
 # Device-tool call (after `mkdir -p data && cp -r ../shared/data/celebamask-hq-mini data/` here):
 #   run(command="bash bench/gpu_session.sh 500", carry=["data/celebamask-hq-mini"], timeout_s=570)
@@ -20,7 +25,7 @@ cd "$(dirname "$0")/.."
 total=${1:-500}
 mode=${2:-both}
 pack=${3:-${OUT:-bench/results}}
-case "$mode" in both|train|check) ;; *) echo "mode must be both, train or check, not $mode" >&2; exit 2;; esac
+case "$mode" in both|train|check|ncu) ;; *) echo "mode must be both, train, check or ncu, not $mode" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 work=$(mktemp -d)/results
 mkdir -p "$work" "$pack"
@@ -33,14 +38,41 @@ python=${PYTHON:-python3}
 
 # The GPU tests of the input pipeline and training first: quick, no Triton compilation, and never
 # reached if the kernel parity tests below use up their share.
-timeout 120 $python -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_distributed.py -k cuda \
-    2>&1 | tee "$work/pipeline-cuda-tests.log"
-pipeline_status=${PIPESTATUS[0]}
+pipeline_status=0
+if [ "$mode" != ncu ]; then
+  timeout 120 $python -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_distributed.py -k cuda \
+      2>&1 | tee "$work/pipeline-cuda-tests.log"
+  pipeline_status=${PIPESTATUS[0]}
+fi
 
 check_status=0
-if [ "$mode" != train ]; then
+if [ "$mode" = both ] || [ "$mode" = check ]; then
   bash bench/gpu_check.sh "$check_budget" "$work"
   check_status=$?
+fi
+
+# Nsight Compute: informative only, its status is reported and never fails the session.
+ncu_note="not run (mode $mode)"
+if [ "$mode" != train ]; then
+  ncu_budget=$(( total / 5 ))
+  (( ncu_budget < 60 )) && ncu_budget=60
+  (( ncu_budget > 150 )) && ncu_budget=150
+  [ "$mode" = ncu ] && ncu_budget=$(( total - ($(date +%s) - started) - 10 ))
+  ncu_dir="$work/ncu-$(date -u +%Y%m%d-%H%M)"
+  if ! command -v ncu >/dev/null 2>&1; then
+    ncu_note="skipped: ncu (Nsight Compute) not found on PATH"
+    mkdir -p "$ncu_dir" && echo "$ncu_note" | tee "$ncu_dir/ncu-skipped.txt"
+  elif [ "$($python -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; then
+    ncu_note="skipped: no CUDA device"
+    mkdir -p "$ncu_dir" && echo "$ncu_note" | tee "$ncu_dir/ncu-skipped.txt"
+  else
+    echo "== Nsight Compute pass (budget $ncu_budget s)"
+    PYTHON=$python COST_TIMEOUT=$(( ncu_budget / 3 )) timeout "$ncu_budget" bash profiling/ncu.sh "$ncu_dir" \
+        2>&1 | tee "$ncu_dir.log"
+    ncu_status=${PIPESTATUS[0]}
+    mv "$ncu_dir.log" "$ncu_dir/" 2>/dev/null
+    ncu_note="status $ncu_status$( (( ncu_status == 124 )) && echo ' (timed out)')"
+  fi
 fi
 # Pack what exists now, so a later overrun still returns these.
 for trace in "$work"/gpu-check-*/profile/trace-*.json; do  # large: each travels gzipped on its own
@@ -49,13 +81,13 @@ done
 tar czf "$pack/gpu-check-results.tgz" -C "$work" .
 
 train_status=0
-if [ "$mode" != check ]; then
+if [ "$mode" = both ] || [ "$mode" = train ]; then
   train_budget=$(( total - ($(date +%s) - started) - 10 ))
   bash bench/gpu_train.sh "$train_budget" "$work"
   train_status=$?
 fi
 tar czf "$pack/gpu-results.tgz" -C "$work" . && rm -f "$pack/gpu-check-results.tgz"
 ls -la "$pack"
-echo "pipeline CUDA tests $pipeline_status, gpu_check $check_status, gpu_train $train_status;" \
+echo "pipeline CUDA tests $pipeline_status, gpu_check $check_status, ncu $ncu_note, gpu_train $train_status;" \
      "$(( $(date +%s) - started )) s of $total s"
 exit $(( pipeline_status || check_status || train_status ))
