@@ -86,13 +86,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from train.evaluate import prediction_paths, predict_files
+    model, train_cfg = load_model(args.checkpoint, args.backend)
     paths = [Path(p) for p in args.images]
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: image not found")
-    pairs = prediction_paths(paths, Path(args.out))  # refuses before the model loads
+    pairs = prediction_paths(paths, Path(args.out))  # refuses before anything is written
     device = _device(args.device, args.backend)
-    model, train_cfg = load_model(args.checkpoint, args.backend)
     model.to(device)
     written = predict_files(model, paths, Path(args.out), args.input_size or train_cfg.get("image_size") or 512,
                             device, args.amp)
