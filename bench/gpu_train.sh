@@ -31,7 +31,7 @@ has_cuda=$($python -c "import torch; print(int(torch.cuda.is_available()))")
 out="$results/gpu-train-$(date -u +%Y%m%d-%H%M)"
 mkdir -p "$out"
 runs=${MSF_RUNS:-runs}   # run folders and the uint8 cache (0.94 GB at 512²) stay out of the results
-cache=$runs/cache
+cache=$runs/.cache
 $python -c "import json, torch, triton, datetime; print(json.dumps({'date': datetime.datetime.utcnow().isoformat(timespec='seconds') + 'Z', 'torch': torch.__version__, 'triton': triton.__version__, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}, indent=2))" | tee "$out/env.json"
 status=0
 
