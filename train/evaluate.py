@@ -103,11 +103,15 @@ def prediction_paths(inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path
         pair = (out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png")
         taken.update(pair)
         pairs.append(pair)
-    for output in taken:
-        for path in inputs:
-            if output.exists() and output.samefile(path):
-                raise DataError(f"{path}: predicting into --out {out_dir} would overwrite this input with "
-                                f"{output.name}; choose another --out (nothing was written)")
+    def file_id(path: Path) -> tuple[int, int]:  # the same file under any name (links included)
+        st = path.stat()
+        return st.st_dev, st.st_ino
+    input_ids = {file_id(path): path for path in inputs}
+    for output in sorted(taken):
+        hit = input_ids.get(file_id(output)) if output.exists() else None
+        if hit is not None:
+            raise DataError(f"{hit}: predicting into --out {out_dir} would overwrite this input with "
+                            f"{output.name}; choose another --out (nothing was written)")
     return pairs
 
 
