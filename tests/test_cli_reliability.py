@@ -261,6 +261,8 @@ def test_resume_refuses_recipe_changes_unless_allowed_and_knows_a_finished_run(t
     config_before = (run_dir / "config.json").read_text()
     one_line_error(capsys, ["train", "--resume", str(run_dir), "--epochs", "3", "--lr", "0.001"],
                    "--epochs 1 -> 3", "--lr 0.0008 -> 0.001", "--allow-changes epochs,lr")
+    one_line_error(capsys, ["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere")],
+                   "--out place a new run")
     assert (run_dir / "config.json").read_text() == config_before
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert "finished (all 1 epochs are done)" in capsys.readouterr().out

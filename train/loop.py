@@ -46,7 +46,7 @@ PLOT_EVERY_S = 20.0      # curves.png is redrawn at most this often, and after t
 # Fields a resumed run may change: where and how it runs, not what it computes.
 SESSION_FIELDS = ("device", "progress", "num_workers", "backend", "threads", "pipeline", "cache_dir",
                   "max_minutes", "stop_after_epochs")
-# Fields that place a new run; a resumed run is where --resume says, so they are ignored there.
+# Fields that place a new run; a resumed run stays where --resume says (changing them is refused).
 PLACEMENT_FIELDS = ("out", "run_name")
 # A CPU run whose schedule is estimated to take longer than this is warned about at its start.
 CPU_WARN_HOURS = 2.0
@@ -124,6 +124,10 @@ def resumed_config(saved: TrainConfig, requested: TrainConfig, given: set[str], 
     """The saved run's config with this session's SESSION_FIELDS, and the recipe fields given on
     the command line (`given`) that differ from the saved ones, if `allow_changes` names them all;
     otherwise a one-line ValueError listing the changes."""
+    moved = [flag(k) for k in PLACEMENT_FIELDS if k in given and getattr(requested, k) != getattr(saved, k)]
+    if moved:
+        raise ValueError(f"{' and '.join(moved)} place a new run; a resumed run stays in its own folder "
+                         "(leave them out, or start a new run)")
     changed = {k: (getattr(saved, k), getattr(requested, k)) for k in sorted(given)
                if k not in SESSION_FIELDS + PLACEMENT_FIELDS and getattr(requested, k) != getattr(saved, k)}
     refused = [k for k in changed if k not in allow_changes]
