@@ -8,6 +8,11 @@
 On first use (and whenever requirements.txt or pyproject.toml change) it creates `.venv/` beside
 this file and installs the pinned dependencies plus the project itself in editable mode. It only
 uses the standard library, so it runs before anything else is installed.
+
+Then it replaces itself (exec) with the virtual environment's Python running the command, in the
+caller's working directory: relative paths mean what they mean where you typed them, and a
+signal sent to this process (Ctrl-C, kill -9) reaches the command itself, which has no parent
+left to orphan it.
 """
 from __future__ import annotations
 
@@ -52,15 +57,19 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     ensure_venv()
-    env = dict(os.environ)
     if command == "test":
-        # tests/conftest.py turns on TRITON_INTERPRET=1 when there is no GPU
+        # tests/conftest.py turns on TRITON_INTERPRET=1 when there is no GPU; the suite runs from the checkout
+        os.chdir(ROOT)
         cmd = [str(PYTHON), "-m", "pytest", "-q", *rest]
     elif command == "msf":
         cmd = [str(PYTHON), "-m", "msf", *rest]
     else:  # train, eval, predict, bench, demo ... are msf subcommands
         cmd = [str(PYTHON), "-m", "msf", command, *rest]
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    # this checkout's packages first, whichever directory the command runs in
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    sys.stdout.flush()
+    os.execv(str(PYTHON), cmd)
+    return 0  # not reached: execv replaces this process
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ has_cuda=$($python -c "import torch; print(int(torch.cuda.is_available()))")
 out="$results/gpu-train-$(date -u +%Y%m%d-%H%M)"
 mkdir -p "$out"
 runs=${MSF_RUNS:-runs}   # run folders and the uint8 cache (0.94 GB at 512²) stay out of the results
-cache=$runs/cache
+cache=$runs/.cache
 $python -c "import json, torch, triton, datetime; print(json.dumps({'date': datetime.datetime.utcnow().isoformat(timespec='seconds') + 'Z', 'torch': torch.__version__, 'triton': triton.__version__, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}, indent=2))" | tee "$out/env.json"
 status=0
 
@@ -75,8 +75,9 @@ done
 echo "== 3/3 score and export"
 if [ -n "$run" ]; then
   backend=$($python -c "import json; print(json.load(open('$run/config.json'))['backend'])")
-  amp_flag=(); [ "$has_cuda" = 1 ] && amp_flag=(--amp bf16)
-  timeout 120 $python -m msf eval --data "$data" --checkpoint "$run/best.pt" --backend "$backend" "${amp_flag[@]}" \
+  # scored with the autocast the run validated with (config.json records what it resolved to)
+  amp=$($python -c "import json; print(json.load(open('$run/config.json'))['amp'])")
+  timeout 120 $python -m msf eval --data "$data" --checkpoint "$run/best.pt" --backend "$backend" --amp "$amp" \
       --json > "$out/eval-val.json" || status=1
   timeout 60 $python -m msf export "$run/best.pt" "$out/reference.safetensors" || status=1
   for f in metrics.jsonl curves.png summary.json config.json; do

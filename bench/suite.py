@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bench.harness import copy_bandwidth_gbs, environment, measure_ms, row, write_results
 from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
@@ -155,22 +157,27 @@ def run_case(case: Case, providers: list[str], device: torch.device, preset: dic
             if time.monotonic() > deadline:
                 print(f"  {case.op} {provider}: skipped (time budget spent)", flush=True)
                 continue
-            compile_s = None
-            try:
-                fn = builders[provider]()
-                if provider == "compile":  # the first call compiles; time it apart from the runs
-                    started = time.perf_counter()
-                    fn()
+            compile_s, failure = None, None
+            # on a terminal, say what is being measured (one measurement takes minutes in the interpreter)
+            with tqdm(total=1, desc=f"  measuring {case.op} {provider}", leave=False, file=sys.stderr,
+                      disable=not sys.stderr.isatty(), bar_format="{desc} ..."):
+                try:
+                    fn = builders[provider]()
+                    if provider == "compile":  # the first call compiles; time it apart from the runs
+                        started = time.perf_counter()
+                        fn()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        compile_s = time.perf_counter() - started
                     if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    compile_s = time.perf_counter() - started
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                with nvtx_range(f"bench/{case.op}/{provider}"):
-                    ms = measure_ms(fn, device, preset["warmup"], preset["reps"])
-            except Exception as exc:  # one broken provider must not hide the others' figures
-                print(f"  {case.op} {provider}: failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
-                rows.append(row(case.op, provider, pass_, "error", "", case.size, 0.0, env, error=str(exc)[:500]))
+                        torch.cuda.reset_peak_memory_stats(device)
+                    with nvtx_range(f"bench/{case.op}/{provider}"):
+                        ms = measure_ms(fn, device, preset["warmup"], preset["reps"])
+                except Exception as exc:  # one broken provider must not hide the others' figures
+                    failure = exc
+            if failure is not None:
+                print(f"  {case.op} {provider}: failed ({type(failure).__name__}: {str(failure)[:200]})", flush=True)
+                rows.append(row(case.op, provider, pass_, "error", "", case.size, 0.0, env, error=str(failure)[:500]))
                 continue
             median = sorted(ms)[len(ms) // 2]
             extra = {}
@@ -218,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         providers = ["eager", "sdpa"] + (["triton"] if interpreter else [])
         print("CPU smoke run: torch.compile skipped (ask with --providers), "
-              + ("triton through the interpreter" if interpreter else "triton skipped (no TRITON_INTERPRET=1)"))
+              + ("triton through the interpreter (slow)" if interpreter else "triton skipped (no TRITON_INTERPRET=1)"),
+              flush=True)
     env = environment(device)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"{env['device']}: device copy {copy_gbs:.0f} GB/s; preset {preset_name}", flush=True)

@@ -18,6 +18,7 @@ Ops (shapes are the model's):
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Callable
@@ -99,6 +100,20 @@ def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str) -> Cal
 
     call.provider = provider
     return call
+
+
+def interpreted(backend: str, device: torch.device | str) -> bool:
+    """True when `backend` runs its Triton kernels through Triton's CPU interpreter on `device`."""
+    return backend == "triton" and torch.device(device).type != "cuda"
+
+
+def require_runnable(backend: str, device: torch.device | str) -> None:
+    """A one-line ValueError when `backend` cannot run on `device`: compiled Triton kernels need a
+    CUDA GPU; on CPU tensors they run only through the interpreter (TRITON_INTERPRET=1, read
+    when Triton is first imported, so it must be set before the process starts)."""
+    if interpreted(backend, device) and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("--backend triton needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 to run the kernels "
+                         "through Triton's interpreter (very slow: minutes per training step; for testing only)")
 
 
 @lru_cache(maxsize=None)

@@ -66,12 +66,26 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({exc})") from exc
 
 
+def _require_id_mode(path: Path, mode: str) -> None:
+    if mode not in ("P", "L"):
+        raise DataError(f"{path}: mask must be a palette or greyscale PNG of class ids, got mode {mode}")
+
+
+def read_header(path: Path, what: str = "image") -> tuple[tuple[int, int], str]:
+    """((width, height), mode) from the file's header alone: PIL's open is lazy and decodes no
+    pixels, so a whole data set is checked in well under a second per thousand files."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable {what} ({exc})") from exc
+
+
 def read_mask(path: Path, size: int | None = None) -> np.ndarray:
     """H×W uint8 class ids from a palette or greyscale PNG, resized (nearest) when asked."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask must be a palette or greyscale PNG of class ids, got mode {im.mode}")
+            _require_id_mode(path, im.mode)
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.NEAREST)
             mask = np.asarray(im, dtype=np.uint8).copy()
@@ -280,6 +294,11 @@ class FaceParsingDataset(torch.utils.data.Dataset):
         """(H×W×3 uint8 image, H×W uint8 ids) of sample `index`, before augmentation."""
         raise NotImplementedError
 
+    def check_headers(self) -> None:
+        """A pre-flight check before training or scoring starts: every file opens and the sizes
+        agree, read from the file headers only (no pixel is decoded). What needs the pixels (a
+        truncated file, class ids outside 0..18) is checked as each sample is read."""
+
     def identity(self) -> dict:  # pragma: no cover - abstract
         """What `load_pair` returns depends on, and only on, this (JSON-able): the key of the
         decoded uint8 cache (`msf.pipeline`), so a changed file or size never reads stale pixels."""
@@ -332,12 +351,22 @@ class MiniFaceDataset(FaceParsingDataset):
         return {"layout": "mini", "root": str(self.root.resolve()), "split": self.split, "size": self.image_size,
                 "files": [_file_stamp(p) for pair in zip(self.images, self.masks) for p in pair]}
 
+    def _require_same_size(self, index: int, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
+        if tuple(image_wh) != tuple(mask_wh):
+            raise DataError(f"{self.images[index]}: image is {image_wh[0]}×{image_wh[1]} but its mask "
+                            f"{self.masks[index].name} is {mask_wh[0]}×{mask_wh[1]}")
+
+    def check_headers(self) -> None:
+        for index, (image, mask) in enumerate(zip(self.images, self.masks)):
+            image_wh, _ = read_header(image, "image")
+            mask_wh, mode = read_header(mask, "mask")
+            _require_id_mode(mask, mode)
+            self._require_same_size(index, image_wh, mask_wh)
+
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.images[index])
         mask = read_mask(self.masks[index])
-        if image.shape[:2] != mask.shape:
-            raise DataError(f"{self.images[index]}: image is {image.shape[1]}×{image.shape[0]} but its mask "
-                            f"{self.masks[index].name} is {mask.shape[1]}×{mask.shape[0]}")
+        self._require_same_size(index, image.shape[1::-1], mask.shape[::-1])
         return resize_pair(image, mask, self.image_size)
 
 
@@ -376,6 +405,15 @@ class CelebAMaskHQDataset(FaceParsingDataset):
         files = [_file_stamp(self.image_dir / f"{n}.jpg") + [_file_stamp(p) for p in sorted(self.parts[n].values())]
                  for n in self.ids]
         return {"layout": "celebamask-hq", "root": str(self.root.resolve()), "size": self.image_size, "files": files}
+
+    def check_headers(self) -> None:
+        for n in self.ids:
+            read_header(self.image_dir / f"{n}.jpg", "image")
+            sizes = {path: read_header(path, "part mask")[0] for path in sorted(self.parts[n].values())}
+            first = next(iter(sizes.values()))
+            for path, size in sizes.items():
+                if size != first:
+                    raise DataError(f"{path}: part mask is {size[0]}×{size[1]}, others are {first[0]}×{first[1]}")
 
     def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.ids[index]

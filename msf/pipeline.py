@@ -105,9 +105,24 @@ class LoaderBatches:
                                              generator=torch.Generator().manual_seed(epoch))
 
         def batches() -> Iterator[Batch]:
-            for images, masks in loader:
+            for images, masks in named_worker_errors(loader):
                 yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
         return EpochBatches(len(plan), batches)
+
+
+def named_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """The loader's batches; a `DataError` raised in a worker process reaches the caller with its
+    own message (the file's name and what is wrong with it). The DataLoader re-raises a worker's
+    exception with its message replaced by "Caught DataError in DataLoader worker process N"
+    and the worker's traceback, whose last line is the original `DataError: <message>`."""
+    try:
+        yield from loader
+    except DataError as exc:
+        text = str(exc).rstrip()
+        if not text.startswith("Caught "):
+            raise
+        last_line = text.splitlines()[-1]
+        raise DataError(last_line.split("DataError: ", 1)[-1]) from None
 
 
 # ----------------------------------------------------------------------------------------------

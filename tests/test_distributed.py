@@ -113,7 +113,7 @@ def test_device_and_loader_pipelines_train_the_same_model_on_cpu(tmp_path):
     runs = {p: train(config(tmp_path / p, pipeline=p, epochs=2, decoder_dropout=0.15)) for p in ("loader", "device")}
     compare_weights(read_checkpoint(runs["device"] / "last.pt")["model"],
                     read_checkpoint(runs["loader"] / "last.pt")["model"], atol=1e-6)
-    assert (tmp_path / "device" / "cache").is_dir() and not (tmp_path / "loader" / "cache").exists()
+    assert (tmp_path / "device" / ".cache").is_dir() and not (tmp_path / "loader" / ".cache").exists()
     summary = json.loads((runs["device"] / "summary.json").read_text())
     assert summary["pipeline"] == "device"
 

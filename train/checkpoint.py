@@ -41,6 +41,15 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed process left in a run directory (`.last.pt.<random>`
+    from `atomic_save`, `.last.pt.<pid>.link` from `atomic_link`, `.best.pt.*` alike); returns them."""
+    stale = [p for name in ("last.pt", "best.pt") for p in Path(run_dir).glob(f".{name}.*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_link(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src` (a hard link; a copy where links are not supported),
     replacing any old `dst` atomically."""
@@ -161,8 +170,12 @@ def write_release(model: MicroSegFormer, train_config: dict, path: Path, extra: 
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_release(path: Path) -> tuple[dict, dict]:

@@ -7,11 +7,13 @@
     msf bench [--preset paper|smoke] ...       speed and memory, eager vs torch.compile vs triton
     msf demo                                   one forward/backward on random data
 
-Errors in the input (missing folder, bad checkpoint, bad option) print one line and exit 2.
+Errors in the input (missing folder, bad checkpoint, bad option) print one line and exit 2;
+Ctrl-C prints one line (where the last checkpoint is) and exits 130.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,35 +22,56 @@ from pathlib import Path
 
 import torch
 
+from tqdm import tqdm
+
+from msf.backend import interpreted, require_runnable
 from msf.data import NUM_CLASSES, DataError, open_dataset
 from msf.model import TTA_MODES
 from train.checkpoint import CheckpointError, load_model, write_release
-from train.config import add_config_arguments, config_from_args
+from train.config import TrainConfig, add_config_arguments, config_from_args, given_fields
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from train.loop import train
-    run_dir = train(config_from_args(args), resume=args.resume)
+    allowed = {name.strip().replace("-", "_") for name in (args.allow_changes or "").split(",") if name.strip()}
+    unknown = sorted(allowed - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"--allow-changes: {', '.join(unknown)} is not a training option")
+    if allowed and not args.resume:
+        raise ValueError("--allow-changes applies to --resume only")
+    run_dir = train(config_from_args(args), resume=args.resume, given=given_fields(args.argv), allow_changes=allowed)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
         print(f"run directory: {run_dir}")
     return 0
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, backend: str = "eager") -> torch.device:
     from train.distributed import pick_device
-    return pick_device(name)
+    device = pick_device(name)
+    require_runnable(backend, device)
+    if interpreted(backend, device):
+        print("note: the Triton kernels run through Triton's CPU interpreter: expect minutes, not seconds",
+              file=sys.stderr, flush=True)
+    return device
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from msf.pipeline import LoaderBatches, eval_plan
     from train.evaluate import evaluate
-    device = _device(args.device)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ValueError(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} "
+                         f"and {args.num_workers}")
+    device = _device(args.device, args.backend)
     model, train_cfg = load_model(args.checkpoint, args.backend, expected_classes=NUM_CLASSES)
     model.to(device)
     input_size = args.input_size or train_cfg.get("image_size") or 512
     dataset = open_dataset(args.data, args.split, image_size=None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    dataset.check_headers()
+    batches = LoaderBatches(dataset, lambda epoch: eval_plan(len(dataset), args.batch_size), device,
+                            args.num_workers).epoch()
     started = time.perf_counter()
-    scores = evaluate(model, loader, device, input_size, args.amp, progress=not args.json, tta=args.tta)
+    # the progress bar goes to stderr, so it shows beside --json's output on stdout
+    scores = evaluate(model, batches, device, input_size, args.amp, progress=sys.stderr.isatty(), tta=args.tta)
     scores.update(checkpoint=str(args.checkpoint), split=args.split, input_size=input_size,
                   scored_at=list(dataset[0][1].shape), seconds=round(time.perf_counter() - started, 2))
     if args.json:
@@ -65,42 +88,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from train.evaluate import predict_files
-    device = _device(args.device)
+    from train.evaluate import prediction_paths, predict_files
+    # the device (and whether the backend can run there) first: building a triton model imports the
+    # kernels, which read TRITON_INTERPRET once, at import
+    device = _device(args.device, args.backend)
     model, train_cfg = load_model(args.checkpoint, args.backend)
-    model.to(device)
     paths = [Path(p) for p in args.images]
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: image not found")
+    pairs = prediction_paths(paths, Path(args.out))  # refuses before anything is written
+    model.to(device)
     written = predict_files(model, paths, Path(args.out), args.input_size or train_cfg.get("image_size") or 512,
                             device, args.amp, args.tta)
-    print(f"wrote {len(written)} files to {args.out}")
+    renamed = [f"{p} -> {mask.name}" for p, (mask, _) in zip(paths, pairs) if mask.stem != p.stem]
+    print(f"wrote {len(written)} files to {args.out}"
+          + (f" (same names renamed: {'; '.join(renamed)})" if renamed else ""))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from train.checkpoint import build_model, read_checkpoint
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; give the release's file name, e.g. {out / 'model.safetensors'}")
+    if out.exists() and Path(args.checkpoint).exists() and out.samefile(args.checkpoint):
+        raise ValueError(f"{out}: is the checkpoint being exported; give the release another name "
+                         "(nothing was written)")
     ckpt = read_checkpoint(args.checkpoint)  # read once: weights, configs and the epoch's metrics
     model = build_model(ckpt["model"], ckpt["model_config"], Path(args.checkpoint))
-    write_release(model, ckpt.get("config", {}), Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
+    write_release(model, ckpt.get("config", {}), out, extra={"metrics": ckpt.get("metrics", {})})
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(argv: list[str]) -> int:
+    """`msf bench` hands its arguments (--help included) to the benchmark's own parser."""
     from bench.suite import main as bench_main
-    return bench_main(args.bench_args)
+    return bench_main(argv)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from msf.model import MicroSegFormer, count_parameters
+    slow = interpreted(args.backend, "cpu")
+    _device("cpu", args.backend)
     torch.manual_seed(0)
     model = MicroSegFormer(backend=args.backend)
     images, masks = torch.randn(2, 3, args.size, args.size), torch.randint(0, NUM_CLASSES, (2, args.size, args.size))
     started = time.perf_counter()
-    loss = model.loss(images, masks)
-    loss.backward()
+    with tqdm(total=2, desc="forward+loss", disable=not slow, leave=False) as bar:
+        loss = model.loss(images, masks)
+        bar.update()
+        bar.set_description("backward")
+        loss.backward()
+        bar.update()
     print(f"MicroSegFormer ({count_parameters(model):,} parameters, backend {args.backend}): "
           f"loss {loss.item():.4f}, forward+backward of 2×3×{args.size}×{args.size} in "
           f"{time.perf_counter() - started:.2f} s")
@@ -113,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train MicroSegFormer (SPEC §5 recipe)")
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint; its "
+                   "recipe holds (options that only say where and how it runs may change)")
+    p.add_argument("--allow-changes", metavar="FIELD,...", help="with --resume: accept these changed recipe options, "
+                   "e.g. --epochs 300 --allow-changes epochs to train a finished run longer")
     p.set_defaults(run=cmd_train)
 
     def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -148,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="eager vs torch.compile vs triton, per op and per step (msf bench --help)",
                        add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(run=cmd_bench)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)  # (main hands `msf bench ...` over before parsing)
 
     p = sub.add_parser("demo", help="one forward/backward pass on random data")
     p.add_argument("--backend", default="eager", choices=["eager", "triton"])
@@ -159,13 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else "msf"
     try:
+        if command == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
         return args.run(args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (DataError, CheckpointError, ValueError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"msf {args.command}: error: {message}", file=sys.stderr)
+        print(f"msf {command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # train's `Interrupted` says where its last checkpoint is
+        print(f"msf {command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

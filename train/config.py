@@ -93,10 +93,75 @@ class TrainConfig:
             raise ValueError(f"--decoder-dropout must be in [0, 1), got {self.decoder_dropout}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
-        for name in ("epochs", "batch_size", "stop_after_epochs"):
+        for name in ("epochs", "batch_size", "stop_after_epochs", "synthetic_train_images", "synthetic_val_images",
+                     "train_eval_images", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise ValueError(f"{flag(name)} must be at least 1, got {value}")
+        for name in ("num_workers", "patience", "weight_decay", "warmup_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{flag(name)} must not be negative, got {value}")
+        for name in ("lr", "grad_clip", "dice_eps"):
+            if not getattr(self, name) > 0:  # (NaN fails too)
+                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not what was meant (printed when a run starts)."""
+        notes = []
+        if self.epochs is not None and self.warmup_epochs is not None and self.epochs <= self.warmup_epochs:
+            notes.append(f"--epochs {self.epochs} ends within the {self.warmup_epochs:g} warm-up epochs "
+                         "(--warmup-epochs): the learning rate never reaches --lr nor decays")
+        return notes
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+# `msf train --help` text of every field (tests/test_cli_reliability.py checks none is missing).
+FIELD_HELP = {
+    "data": "data folder, mini layout (<split>/images + <split>/masks) or the original CelebAMask-HQ; "
+            "default: the embedded synthetic faces",
+    "train_split": "split folder to train on",
+    "val_split": "split folder scored after each epoch (best.pt follows its F-score)",
+    "image_size": "training resolution, a multiple of 32; default 512 with --data, 64 on synthetic faces",
+    "synthetic_train_images": "training images drawn when there is no --data",
+    "synthetic_val_images": "validation images drawn when there is no --data",
+    "train_eval_images": "training images scored without augmentation each epoch (the train F-score)",
+    "pipeline": "auto | loader | device: per-sample DataLoader on the CPU, or the data decoded once into a uint8 "
+                "cache kept on the device and augmented there; auto: device on CUDA, loader on the CPU",
+    "cache_dir": "where --pipeline device keeps its decoded cache; default <out>/.cache",
+    "num_workers": "DataLoader worker processes; default 1 on a 2-core CPU, up to 8 with CUDA; 0: in the main process",
+    "lmsa": "the decoder's multi-scale attention (LMSA) block (SPEC §2)",
+    "backend": "eager | triton: the fused Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, very slow)",
+    "dice_eps": "smoothing term of the Dice loss",
+    "decoder_dropout": "dropout before the classifier (SPEC §2); 0 makes the run independent of the dropout RNG",
+    "paper_head_order": "upsample the features, then classify (the paper); --no-paper-head-order classifies at H/4 "
+                        "and upsamples the logits: the same function, about twice as fast on a CPU; default: the "
+                        "paper's order on CUDA, H/4 on the CPU (the triton backend always classifies at H/4)",
+    "epochs": "planned epochs (the cosine schedule ends at 0 after them); default 200 with --data, 10 synthetic",
+    "batch_size": "global batch (split over torchrun processes); default 32 with --data, 8 synthetic",
+    "lr": "peak AdamW learning rate, reached after the warm-up",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "linear warm-up length in epochs (fractions allowed); default 5 with --data, 1 synthetic",
+    "grad_clip": "gradient-norm clip",
+    "patience": "early stopping: end after this many epochs without a better val F-score; 0 turns it off",
+    "amp": "auto | bf16 | fp16 | off: autocast dtype; auto is bf16 on CUDA and on CPUs with native bf16 "
+           "(AVX512-BF16 / AMX), fp32 on other CPUs; fp16 (CUDA only) adds a GradScaler; config.json records "
+           "what the run used",
+    "channels_last": "model and images in channels-last memory format; default on for the CPU (fewer layout copies "
+                     "around its convolutions), off on CUDA",
+    "device": "auto | cpu | cuda | cuda:N",
+    "seed": "seed of the weights, the shuffles, the augmentation and dropout",
+    "out": "folder that holds the run folders",
+    "run_name": "this run's folder name under --out; default: a timestamp",
+    "progress": "progress bars",
+    "threads": "torch CPU threads; default: torch's own choice",
+    "max_minutes": "end this session before an epoch would pass this wall time (checkpointed; --resume continues)",
+    "stop_after_epochs": "end this session after this many epochs (checkpointed; --resume continues)",
+}
 
 
 def _arg_type(hint: Any) -> tuple[Any, bool]:
@@ -106,17 +171,29 @@ def _arg_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """One --flag per dataclass field, typed from its annotation; booleans get --x / --no-x."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig, help_texts: dict = FIELD_HELP,
+                         with_defaults: bool = True) -> None:
+    """One --flag per dataclass field, typed from its annotation; booleans get --x / --no-x.
+    `with_defaults=False` leaves unset flags out of the parsed namespace (to see which were given)."""
     hints = get_type_hints(cls)
     for f in fields(cls):
         kind, _ = _arg_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        default = f.default if with_defaults else argparse.SUPPRESS
+        text = help_texts.get(f.name, "")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=text)
         else:
-            shown = "auto" if f.default is None else f.default
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {shown})")
+            shown = "" if f.default is None or "default" in text else f" (default: {f.default})"
+            parser.add_argument(flag(f.name), dest=f.name, type=kind, default=default, help=text + shown)
+
+
+def given_fields(argv: list[str], cls: type = TrainConfig) -> set[str]:
+    """The fields whose flags appear in `argv` (abbreviations and --no-x included)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parser, cls, with_defaults=False)
+    known, _ = parser.parse_known_args(argv)
+    return set(vars(known))
 
 
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:

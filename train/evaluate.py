@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from msf.data import normalize, overlay, read_image, write_mask
+from msf.data import CLASS_NAMES, PALETTE, DataError, normalize, overlay, read_image, write_mask
 from msf.metrics import FScoreMeter, count_ids
 from msf.model import MicroSegFormer
 
@@ -115,19 +115,72 @@ def class_pixel_counts(batches, num_classes: int, device: torch.device | str = "
     return counts
 
 
+def prediction_paths(inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(id mask, overlay) paths in `out_dir` for each input: `<stem>.png` and `<stem>_overlay.png`.
+
+    Inputs whose names would collide (the same stem in two folders, or `a.jpg` beside
+    `a_overlay.jpg`) are renamed deterministically: the later input in the list gets `<stem>-2`,
+    `-3`, ... . Refused with a DataError: an `--out` that is a file, and any output that would
+    replace one of the inputs (a `.png` input inside `--out`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir}: is a file; give a folder for the masks and overlays")
+    taken: set[Path] = set()
+    pairs = []
+    for path in inputs:
+        stem, n = path.stem, 1
+        while {out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"} & taken:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        pair = (out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png")
+        taken.update(pair)
+        pairs.append(pair)
+    def file_id(path: Path) -> tuple[int, int]:  # the same file under any name (links included)
+        st = path.stat()
+        return st.st_dev, st.st_ino
+    input_ids = {file_id(path): path for path in inputs}
+    for output in sorted(taken):
+        hit = input_ids.get(file_id(output)) if output.exists() else None
+        if hit is not None:
+            raise DataError(f"{hit}: predicting into --out {out_dir} would overwrite this input with "
+                            f"{output.name}; choose another --out (nothing was written)")
+    return pairs
+
+
+def with_legend(panel: np.ndarray, class_ids: list[int]) -> np.ndarray:
+    """`panel` (H×W×3 uint8) with a white column on its right naming each class in `class_ids`
+    beside its palette colour (made taller when the list needs more room than H)."""
+    row, swatch, width = 14, 10, 110
+    height = max(panel.shape[0], row * len(class_ids) + 4)
+    legend = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(legend)
+    for k, class_id in enumerate(class_ids):
+        top = 2 + k * row
+        draw.rectangle([3, top, 3 + swatch, top + swatch], fill=tuple(int(c) for c in PALETTE[class_id]),
+                       outline="black")
+        draw.text((6 + swatch, top - 1), CLASS_NAMES[class_id], fill="black")
+    canvas = np.full((height, panel.shape[1] + width, 3), 255, dtype=np.uint8)
+    canvas[:panel.shape[0], :panel.shape[1]] = panel
+    canvas[:, panel.shape[1]:] = np.asarray(legend)
+    return canvas
+
+
 @torch.no_grad()
 def predict_files(model: MicroSegFormer, paths: list[Path], out_dir: Path, input_size: int,
                   device: torch.device, amp: str = "off", tta: str = "none") -> list[Path]:
-    """For each image: `<stem>.png` (palette id mask, the data set's format) and `<stem>_overlay.png`."""
+    """For each image: `<stem>.png` (palette id mask, the data set's format) and `<stem>_overlay.png`
+    (the image, the mask's colours over it, and a legend of the classes found); names as
+    `prediction_paths` gives them; `tta` as in `predict_batch`. Returns the files written."""
+    pairs = prediction_paths(paths, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(paths, desc="predict", disable=len(paths) < 4, leave=False):
+    for path, (mask_path, overlay_path) in tqdm(list(zip(paths, pairs)), desc="predict", disable=len(paths) < 4,
+                                                leave=False):
         image = read_image(path)
         x = normalize(torch.from_numpy(image).permute(2, 0, 1).float().div(255))[None].to(device)
         # any image size works: the model sees it resized to input_size², the ids come back at h×w
         ids = predict_batch(model, x, input_size, amp, tta)[0].cpu().numpy().astype(np.uint8)
-        mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
         write_mask(mask_path, ids)
-        Image.fromarray(np.concatenate([image, overlay(image, ids)], axis=1)).save(overlay_path)
+        side_by_side = np.concatenate([image, overlay(image, ids)], axis=1)
+        Image.fromarray(with_legend(side_by_side, np.unique(ids).tolist())).save(overlay_path)
         written += [mask_path, overlay_path]
     return written

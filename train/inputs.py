@@ -51,6 +51,8 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
                              synthetic_images=cfg.synthetic_train_images)
     val_set = open_dataset(cfg.data, cfg.val_split, None if cfg.data else cfg.image_size, seed=cfg.seed,
                            synthetic_images=cfg.synthetic_val_images)
+    train_set.check_headers()  # before the first step: a bad file is named now, not partway through epoch 1
+    val_set.check_headers()
     n_train, n_val = len(train_set), len(val_set)
     n_train_eval = min(cfg.train_eval_images, n_train)
     plans = {
@@ -66,7 +68,7 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
                    "val": LoaderBatches(val_set, plans["val"], device, workers),
                    "train_eval": LoaderBatches(train_eval_set, plans["train_eval"], device, workers)}
     else:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg)
         progress = cfg.progress and ctx.is_main
         train_cache = _shared_cache(train_set, cache_dir, progress, ctx)
         val_cache = _shared_cache(val_set, cache_dir, progress, ctx)
@@ -78,6 +80,11 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
     return RunInputs(train=batches["train"], val=batches["val"], train_eval=batches["train_eval"],
                      train_images=n_train, val_images=n_val, pipeline=pipeline,
                      steps_per_epoch=len(plans["train"](0)))
+
+
+def default_cache_dir(cfg: TrainConfig) -> Path:
+    """`<out>/.cache`: beside the run folders, hidden, so it is not mistaken for one."""
+    return Path(cfg.out) / ".cache"
 
 
 def check_fits(cache_bytes: int, device: torch.device, share: float = 0.5) -> None:

@@ -16,6 +16,7 @@ The step never waits on the GPU: the loss is summed on the device and read every
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -28,11 +29,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from msf.backend import require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
 from train import distributed
-from train.checkpoint import BackgroundCheckpointer, read_checkpoint
-from train.config import TrainConfig
+from train.checkpoint import BackgroundCheckpointer, read_checkpoint, remove_stale_temp_files
+from train.config import TrainConfig, flag
 from train.distributed import DistContext
 from train.evaluate import autocast_for, class_pixel_counts, constant_prediction_meter, evaluate_meter
 from train.inputs import build_inputs
@@ -43,6 +45,16 @@ PLOT_EVERY_S = 20.0      # curves.png is redrawn at most this often, and after t
 # Fields a resumed run may change: where and how it runs, not what it computes.
 SESSION_FIELDS = ("device", "progress", "num_workers", "backend", "threads", "pipeline", "cache_dir",
                   "max_minutes", "stop_after_epochs")
+# Fields that place a new run; a resumed run stays where --resume says (changing them is refused).
+PLACEMENT_FIELDS = ("out", "run_name")
+# A CPU run whose schedule is estimated to take longer than this is warned about at its start.
+CPU_WARN_HOURS = 2.0
+# Files a run writes besides its checkpoints (removed again when its start fails).
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "summary.json")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is."""
 
 
 def warmup_cosine(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -70,27 +82,99 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """(the new run's directory, whether this call created it)."""
     run_dir = Path(cfg.out) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
     if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                          "or choose another --run-name (nothing was overwritten)")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, created
 
 
-def shared_run_dir(cfg: TrainConfig, ctx: DistContext) -> Path:
+def shared_run_dir(cfg: TrainConfig, ctx: DistContext) -> tuple[Path, bool]:
     """Rank 0 creates the run directory (or refuses); every process gets its answer."""
     answer = None
     if ctx.is_main:
         try:
-            answer = ("ok", str(prepare_run_dir(cfg)))
+            run_dir, created = prepare_run_dir(cfg)
+            answer = ("ok", (str(run_dir), created))
         except ValueError as exc:
             answer = ("error", str(exc))
     kind, value = ctx.broadcast(answer)
     if kind == "error":
         raise ValueError(value)
-    return Path(value)
+    return Path(value[0]), value[1]
+
+
+def discard_failed_start(run_dir: Path, created: bool) -> None:
+    """Remove what a run that never wrote a checkpoint left: its files, and the folder if this run
+    made it and nothing else is in it."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    remove_stale_temp_files(run_dir)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def resumed_config(saved: TrainConfig, requested: TrainConfig, given: set[str], allow_changes: set[str]
+                   ) -> TrainConfig:
+    """The saved run's config with this session's SESSION_FIELDS, and the recipe fields given on
+    the command line (`given`) that differ from the saved ones, if `allow_changes` names them all;
+    otherwise a one-line ValueError listing the changes."""
+    moved = [flag(k) for k in PLACEMENT_FIELDS if k in given and getattr(requested, k) != getattr(saved, k)]
+    if moved:
+        raise ValueError(f"{' and '.join(moved)} place a new run; a resumed run stays in its own folder "
+                         "(leave them out, or start a new run)")
+    changed = {k: (getattr(saved, k), getattr(requested, k)) for k in sorted(given)
+               if k not in SESSION_FIELDS + PLACEMENT_FIELDS and getattr(requested, k) != getattr(saved, k)}
+    refused = [k for k in changed if k not in allow_changes]
+    if refused:
+        listed = ", ".join(f"{flag(k)} {changed[k][0]} -> {changed[k][1]}" for k in refused)
+        raise ValueError(f"--resume keeps the run's recipe, and this would change it: {listed}; to change it anyway "
+                         f"add --allow-changes {','.join(refused)} (nothing was changed)")
+    if "lmsa" in changed:
+        raise ValueError("--lmsa changes the architecture; a resumed run cannot change it")
+    cfg = dataclasses.replace(saved, **{k: getattr(requested, k) for k in SESSION_FIELDS},
+                              **{k: new for k, (_, new) in changed.items()})
+    cfg.validate()
+    return cfg
+
+
+def finished_reason(cfg: TrainConfig, ckpt: dict) -> str:
+    """Why a saved run has nothing left to train ("" when it has)."""
+    done = ckpt["epoch"] + 1
+    if done >= cfg.epochs:
+        return f"all {cfg.epochs} epochs are done"
+    if cfg.patience and ckpt["epochs_since_best"] >= cfg.patience:
+        return f"it stopped early after epoch {done} ({ckpt['epochs_since_best']} epochs without a better val F-score)"
+    return ""
+
+
+def cpu_images_per_s(model: MicroSegFormer, cfg: TrainConfig) -> float:
+    """Training images per second on this CPU, from one forward+backward of one image at the run's
+    size, on a copy of the model with the RNG states restored after (the run is unchanged)."""
+    probe = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]):
+        images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+        masks = torch.zeros(1, cfg.image_size, cfg.image_size, dtype=torch.long)
+        started = time.perf_counter()
+        probe.loss(images, masks).backward()
+        return 1.0 / (time.perf_counter() - started)
+
+
+def cpu_schedule_warning(cfg: TrainConfig, images_per_epoch: int, images_per_s: float,
+                         epochs_left: int) -> str:
+    """A warning when a CPU run's schedule would take longer than CPU_WARN_HOURS ("" otherwise)."""
+    epoch_s = images_per_epoch / images_per_s
+    hours = epoch_s * epochs_left / 3600
+    if hours <= CPU_WARN_HOURS:
+        return ""
+    return (f"warning: on this CPU an epoch of {images_per_epoch} images at {cfg.image_size}², batch "
+            f"{cfg.batch_size}, takes about {epoch_s / 60:.0f} min ({images_per_s:.2f} img/s measured on one image), "
+            f"{hours:.0f} h for the {epochs_left} epochs left; for a CPU run try --image-size 256 --epochs 14 "
+            "--batch-size 16 (or a GPU: --device cuda)")
 
 
 class LossObjective(torch.nn.Module):
@@ -149,15 +233,21 @@ def train_step(objective: torch.nn.Module, optimizer, scheduler, scaler, images:
     return loss.detach()
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: TrainConfig, resume: str | Path | None = None, given: set[str] = frozenset(),
+          allow_changes: set[str] = frozenset()) -> Path:
     """Train to the end of the schedule, to early stopping or to a session limit; returns the run
     directory. Under torchrun, every process calls this. Process-wide settings it changes (CPU
-    threads, cuDNN autotuning) are restored on the way out."""
+    threads, cuDNN autotuning) are restored on the way out.
+
+    Resuming, the saved recipe holds except for this session's SESSION_FIELDS; a recipe field in
+    `given` (the flags on the command line) that differs from the saved value is refused unless
+    `allow_changes` names it. A run that fails before its first checkpoint leaves no run folder;
+    Ctrl-C raises `Interrupted` saying where the last checkpoint is."""
     started = time.perf_counter()  # --max-minutes counts from here: data and model set-up included
     threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     ctx, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, resume, ctx, device, started)
+        return _train(cfg, resume, ctx, device, started, set(given), set(allow_changes))
     finally:
         ctx.close()
         torch.set_num_threads(threads)
@@ -165,20 +255,52 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
 
 
 def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device: torch.device,
-           started_session: float) -> Path:
+           started_session: float, given: set[str], allow_changes: set[str]) -> Path:
     log = print if ctx.is_main else (lambda *a, **k: None)
     # --- run directory and config -----------------------------------------------------------
+    created = False
     if resume is not None:
         run_dir = Path(resume)
         ckpt = read_checkpoint(run_dir / "last.pt")
-        saved = TrainConfig(**ckpt["config"])
-        # A resumed run keeps its recipe; only where it runs and how it reports may change.
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS}).for_device(device)
+        if ctx.is_main:
+            remove_stale_temp_files(run_dir)  # a write killed mid-way (the checkpoint it was replacing is intact)
+        cfg = resumed_config(TrainConfig(**ckpt["config"]), cfg, given, allow_changes).for_device(device)
+        finished = finished_reason(cfg, ckpt)
+        if finished:
+            log(f"{run_dir}: the run is finished ({finished}); nothing to do. To train longer: --resume {run_dir} "
+                "--epochs N --allow-changes epochs", flush=True)
+            return run_dir
+        require_runnable(cfg.backend, device)
     else:
         cfg = cfg.resolve().for_device(device)
-        run_dir = shared_run_dir(cfg, ctx)
+        require_runnable(cfg.backend, device)
+        run_dir, created = shared_run_dir(cfg, ctx)
         ckpt = None
+    for note in cfg.warnings():
+        log(f"warning: {note}", flush=True)
+    checkpointer = BackgroundCheckpointer()
+    try:
+        return _session(cfg, run_dir, ckpt, ctx, device, started_session, checkpointer)
+    except BaseException as exc:
+        try:
+            checkpointer.wait()  # a checkpoint being written is finished: the one on disk is whole
+        except Exception:
+            pass
+        kept = (run_dir / "last.pt").exists()
+        if ctx.is_main and not kept:
+            discard_failed_start(run_dir, created)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; last checkpoint {run_dir / 'last.pt'} (continue with --resume {run_dir})"
+                              if kept else "interrupted before the first checkpoint; nothing kept") from None
+        raise
+
+
+def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContext, device: torch.device,
+             started_session: float, checkpointer: BackgroundCheckpointer) -> Path:
+    """Data, model and optimiser set-up, then the epochs of this session."""
+    log = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main:
+        # resolved for this device (`TrainConfig.for_device`): what the run really uses
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -211,9 +333,15 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
         restore_rng_states(by_rank[ctx.rank] if by_rank and len(by_rank) == ctx.world else ckpt["rng"])
         if ctx.is_main:
             truncate_log(run_dir / "metrics.jsonl", last_epoch=ckpt["epoch"])
+    if device.type == "cpu" and inputs.train_images * cfg.image_size ** 2 > 64 * 256 ** 2:
+        epochs_left = cfg.epochs - start_epoch
+        warning = cpu_schedule_warning(cfg, steps_per_epoch * cfg.batch_size, cpu_images_per_s(model, cfg), epochs_left)
+        if warning:
+            log(warning, flush=True)
     log(f"run {run_dir}: {inputs.train_images} train / {inputs.val_images} val images at {cfg.image_size}², "
         f"{cfg.epochs} epochs × {steps_per_epoch} steps, device {device}"
         + (f" × {ctx.world} processes" if ctx.active else "") + f", backend {cfg.backend}, "
+        f"amp {cfg.amp}, "
         f"{inputs.pipeline} pipeline" + (f", resuming at epoch {start_epoch + 1}" if ckpt is not None else ""),
         flush=True)
 
@@ -222,7 +350,6 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
     floor = ctx.reduce_meter(constant_prediction_meter(floor_class, inputs.val.epoch())).compute()
     log(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
     last_plot = time.perf_counter()
-    checkpointer = BackgroundCheckpointer()
     epoch_seconds, stop_reason = 0.0, "schedule complete"
 
     # --- epochs -------------------------------------------------------------------------------
@@ -236,20 +363,20 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen, started = 0, time.perf_counter()
         batches = inputs.train.epoch(epoch)
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ctx.is_main),
-                   leave=False)
         batch_iter = iter(batches)
-        for step in range(len(batches)):
-            with nvtx_range("data"):
-                images, masks = next(batch_iter)
-            loss = train_step(objective, optimizer, scheduler, scaler, images, masks, cfg, device)
-            loss_sum += loss.double() * len(images)
-            seen += len(images)
-            bar.update()
-            if (step + 1) % LOG_EVERY == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
-        bar.close()
+        # closed however the epoch ends, so an error message starts on a line of its own
+        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  disable=not (cfg.progress and ctx.is_main), leave=False) as bar:
+            for step in range(len(batches)):
+                with nvtx_range("data"):
+                    images, masks = next(batch_iter)
+                loss = train_step(objective, optimizer, scheduler, scaler, images, masks, cfg, device)
+                loss_sum += loss.double() * len(images)
+                seen += len(images)
+                bar.update()
+                if (step + 1) % LOG_EVERY == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                    img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
         loss_and_count = ctx.sum_(torch.stack([loss_sum, torch.tensor(float(seen), device=device).double()]))
         train_loss = (loss_and_count[0] / loss_and_count[1].clamp(min=1)).item()  # waits for the last step
         train_seconds = time.perf_counter() - started
@@ -300,7 +427,7 @@ def session_limit(cfg: TrainConfig, epochs_this_session: int, elapsed: float, la
                   since_best: int, ctx: DistContext) -> str:
     """Why this session should end before the next epoch ("" to go on). Rank 0's clock decides."""
     reason = ""
-    if since_best >= cfg.patience:
+    if cfg.patience and since_best >= cfg.patience:  # patience 0: no early stopping
         reason = f"early stop: no better val F-score for {cfg.patience} epochs"
     elif cfg.stop_after_epochs is not None and epochs_this_session >= cfg.stop_after_epochs:
         reason = f"session ends after {cfg.stop_after_epochs} epochs (--stop-after-epochs); --resume continues"
