@@ -40,6 +40,7 @@ from train.evaluate import autocast_for, class_pixel_counts, constant_prediction
 from train.inputs import build_inputs
 from train.plots import plot_curves
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 LOG_EVERY = 20           # steps between progress-bar loss reads (each one waits for the GPU)
 PLOT_EVERY_S = 20.0      # curves.png is redrawn at most this often, and after the last epoch
 # Fields a resumed run may change: where and how it runs, not what it computes.
@@ -198,9 +199,10 @@ def make_model(cfg: TrainConfig, device: torch.device) -> MicroSegFormer:
 
 def make_optimisation(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
     """(AdamW, warm-up + cosine LR schedule stepped per step, GradScaler) of the recipe (SPEC §5)."""
-    # the fused CUDA AdamW is one kernel for every parameter, instead of a dozen per tensor
+    # the fused AdamW is one kernel for every parameter instead of a dozen per tensor (on CUDA), and
+    # one pass per tensor instead of six on the CPU (82 → 14 ms a step here, 2026-11-29)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in FUSED_ADAMW_DEVICES)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     return optimizer, scheduler, scaler
@@ -209,7 +211,7 @@ def make_optimisation(model: torch.nn.Module, cfg: TrainConfig, device: torch.de
 def for_this_device(optimizer_state: dict, device: torch.device) -> dict:
     """A saved AdamW state whose implementation flags follow this run's device, not the saving
     run's (`load_state_dict` would otherwise keep, say, a CPU run's for-loop AdamW on a GPU)."""
-    groups = [{**g, "fused": device.type == "cuda", "foreach": None} for g in optimizer_state["param_groups"]]
+    groups = [{**g, "fused": device.type in FUSED_ADAMW_DEVICES, "foreach": None} for g in optimizer_state["param_groups"]]
     return {**optimizer_state, "param_groups": groups}
 
 
