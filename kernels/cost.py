@@ -183,7 +183,7 @@ LOOPS: list[Loop] = [
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
-         kernels=("_lmsa_bwd_gram_kernel",)),
+         count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_depthwise_and_wgrad", "for t in range(KS * KS):",
          lambda a, pid: _stats_active(a, pid) * a["KS"] ** 2, kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dx_kernel", "for cc in range(COLS):", lambda a, pid: a["COLS"],
@@ -202,27 +202,37 @@ LOOPS: list[Loop] = [
 
 def loop_lines(loop: Loop) -> list[tuple[str, int, int]]:
     """[(file, header line, counted line)] of every occurrence of a loop's header in its function
-    (two loops with the same header text in one function are two sites)."""
+    (two loops with the same header text in one function are two sites). The counted line is
+    `loop.count`'s, else the loop body's first statement; it must be a one-line statement (a
+    statement spread over lines reports a line event each time execution returns to its first line)."""
+    import ast
     import importlib
+    import textwrap
     mod = importlib.import_module(f"kernels.{loop.module}")
     fn = getattr(mod, loop.func)
     while not inspect.isfunction(fn):
         fn = fn.fn
     lines, first = inspect.getsourcelines(fn)
     path = inspect.getsourcefile(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
     out = []
-    for header, text in enumerate(lines):
-        if not text.strip().startswith(loop.header.strip()):
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.For, ast.While)):
             continue
+        if not lines[node.lineno - 1].strip().startswith(loop.header.strip()):
+            continue
+        stmts = [st for st in ast.walk(node) if isinstance(st, ast.stmt) and st is not node]
         if loop.count is None:
-            body = next(i for i in range(header + 1, len(lines))
-                        if lines[i].strip() and not lines[i].strip().startswith("#"))
+            counted = node.body[0]
         else:
-            body = next(i for i in range(header + 1, len(lines)) if lines[i].strip().startswith(loop.count))
-        out.append((path, first + header, first + body))
+            counted = next(st for st in stmts if lines[st.lineno - 1].strip().startswith(loop.count))
+        if counted.end_lineno != counted.lineno or isinstance(counted, (ast.If, ast.For, ast.While)):
+            raise ValueError(f"kernels/{loop.module}.py:{first + counted.lineno - 1}: the counted line of "
+                             f"{loop.header!r} must be a one-line simple statement (set Loop.count)")
+        out.append((path, first + node.lineno - 1, first + counted.lineno - 1))
     if not out:
         raise LookupError(f"kernels/{loop.module}.py: no loop {loop.header!r} in {loop.func}")
-    return out
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,49 +802,47 @@ def devices_text() -> str:
 # --pin: the fastest predicted allowed config per (kernel, class, device) of the model's launches
 # ----------------------------------------------------------------------------------------------
 def pin(devices: list[Device], log=print) -> dict:
+    """For every pinned kernel × shape class the model launches on each device: the allowed
+    configuration with the least predicted time (summed over the kernel's launches in one step's
+    ops), written into kernels/configs.json."""
     from kernels import configs, tune
-    picks = {}
+    totals: dict = defaultdict(lambda: defaultdict(float))
     for device in devices:
         kind = f"sm_{device.arch}"
         for op, stage in op_instances():
+            groups = {}
             for launch in capture(op, device, stage):
                 pk = configs.REGISTRY.get(launch.kernel)
-                if pk is None:
-                    continue
-                cls = pk.shape_class(launch.args)
-                if (launch.kernel, cls, kind) in picks:
-                    continue
-                best = None
-                for cfg in pk.allowed(cls):
-                    with configs.for_device(kind):
-                        cand = _with_config(launch, cfg, device, op, stage)
-                    if cand is None:
-                        continue
-                    t = predict(cand, device).predicted
-                    log(f"{kind} {launch.kernel} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs")
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                picks[(launch.kernel, cls, kind)] = best[1]
+                if pk is not None:
+                    groups.setdefault((launch.kernel, pk.shape_class(launch.args)), pk)
+            for (name, cls), pk in groups.items():
+                for i, cfg in enumerate(pk.allowed(cls)):
+                    with _override(name, cfg):
+                        launches = [l for l in capture(op, device, stage)
+                                    if l.kernel == name and pk.shape_class(l.args) == cls]
+                    t = sum(predict(l, device).predicted for l in launches)
+                    totals[(name, cls, kind)][i] += t
+                    log(f"{kind} {op_label(op, stage)} {name} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs")
+    picks = {}
+    for (name, cls, kind), per_cfg in totals.items():
+        best = min(per_cfg, key=per_cfg.get)
+        picks[(name, cls, kind)] = configs.REGISTRY[name].allowed(cls)[best]
     table = tune.merge(configs.load_table(), picks)
     tune.write(table, configs.TABLE_PATH)
     configs.reload_table()
     return picks
 
 
-def _with_config(launch: Launch, cfg, device: Device, op, stage) -> Launch | None:
-    """`launch` re-specialised with configuration `cfg` (same arguments, grid from its meta)."""
+@contextlib.contextmanager
+def _override(name: str, cfg):
+    """Launches of kernel `name` take configuration `cfg` instead of the pinned one."""
     from kernels import configs
     saved = configs.lookup
-    configs.lookup = lambda name, cls, kind, table=None: cfg if name == launch.kernel else saved(name, cls, kind, table)
+    configs.lookup = lambda n, cls, kind, table=None: cfg if n == name else saved(n, cls, kind, table)
     try:
-        for cand in capture(op, device, stage):
-            if cand.kernel == launch.kernel and _scalars(cand.args) == {
-                    k: v for k, v in _scalars(launch.args).items() if k in _scalars(cand.args)} | {
-                    k: v for k, v in _scalars(cand.args).items() if k.startswith("BLOCK")}:
-                return cand
+        yield
     finally:
         configs.lookup = saved
-    return None
 
 
 def main(argv=None) -> int:
