@@ -520,6 +520,7 @@ class KernelCost:
     t_issue: float
     t_bytes: float
     t_flops: float
+    spill_bytes: int = 0               # local + stack bytes of the build (0 for a clean build)
 
     @property
     def predicted(self) -> float:
@@ -627,7 +628,8 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                       f"{config},w{warps},s{launch.options['num_stages']}", launch.grid, programs, warps,
                       usage["registers"], usage["shared_bytes"], ctas, programs / max(1, ctas * device.sms),
                       static, loop_rows, sum(1 for sl in loops if sl.loop is None), dynamic, nbytes, flops,
-                      t_issue, nbytes / device.bandwidth, t_flops)
+                      t_issue, nbytes / device.bandwidth, t_flops,
+                      usage["local_bytes"] + usage["stack_bytes"])
 
 
 def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
@@ -682,6 +684,8 @@ def kernel_table(costs: list[KernelCost]) -> str:
         loops = " ".join(f"{b}×{t:g}" for _, _, b, t in c.loop_bodies) or "-"
         if c.unmatched_loops:
             loops += f" ({c.unmatched_loops} unmatched)"
+        if c.spill_bytes:
+            loops = f"SPILL {c.spill_bytes} B " + loops
         lines.append(
             f"{c.op:24} {c.pass_:4} {c.kernel:24} {c.device:4} {c.config:26} {'×'.join(map(str, c.grid)):>16} "
             f"{c.warps:>2} {c.registers:>4} {c.shared:>6} {c.ctas_per_sm:>3} {c.waves:>6.2f} | {s['total']:>5} "
@@ -774,7 +778,8 @@ def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict]) -> li
                 ("shared", "bytes", c.shared), ("ctas_per_sm", "count", c.ctas_per_sm), ("waves", "count", c.waves),
                 ("dram_bytes", "bytes", c.dram_bytes), ("tc_flops", "flop", c.tc_flops),
                 ("t_issue", "s", c.t_issue), ("t_bytes", "s", c.t_bytes), ("t_flops", "s", c.t_flops),
-                ("predicted", "s", c.predicted), ("unmatched_loops", "count", c.unmatched_loops)):
+                ("predicted", "s", c.predicted), ("unmatched_loops", "count", c.unmatched_loops),
+                ("spill_bytes", "bytes", c.spill_bytes)):
             add(c.op, k, c.pass_, c.device, metric, unit, value)
         for cls, n in sorted(c.static.items()):
             add(c.op, k, c.pass_, c.device, f"sass_{cls}", "instructions", n)
