@@ -61,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -439,8 +439,6 @@ class SassLoop:
     line: int
     loop: Loop | None = None
     site: int = 0
-    body: int = 0                 # instructions whose innermost loop this is
-    body_classes: Counter = field(default_factory=Counter)
 
 
 def find_loops(instrs: list[Instr]) -> list[SassLoop]:
@@ -590,8 +588,6 @@ def predict(launch: Launch, device: Device) -> KernelCost:
         trips_total[i] = tot
     static, dynamic = Counter(), Counter()
     bodies = Counter()
-    body_classes: dict[int, Counter] = defaultdict(Counter)
-    flops_per_prog_units = 0.0
     flops = 0.0
     for ins in instrs:
         cls = instr_class(ins.op) or "other"
@@ -607,7 +603,6 @@ def predict(launch: Launch, device: Device) -> KernelCost:
         if f:
             per = warps / 4 if ins.op.startswith("HGMMA") else warps
             flops += f * times * per
-    del flops_per_prog_units, body_classes
     loop_rows = [(f"{sl.loop.func}:{sl.loop.header.split(':')[0]}" if sl.loop else "unmatched", sl.site,
                   bodies[i], trips_total[i] / programs) for i, sl in enumerate(loops)]
     ctas = occupancy(device, usage["registers"], usage["shared_bytes"], warps)
@@ -619,11 +614,9 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     nbytes = _bytes(launch.args)
     tf32 = any(ins.op.startswith(("HGMMA", "HMMA")) and "TF32" in ins.op for ins in instrs)
     t_flops = flops / (device.tc_tf32 if tf32 else device.tc_bf16)
-    cfg = {k: v for k, v in launch.constexprs.items() if isinstance(k, tuple) is False}
     config = ",".join(f"{launch.fn.arg_names[k[0]] if isinstance(k, tuple) else k}={v}"
                       for k, v in launch.constexprs.items()
                       if (launch.fn.arg_names[k[0]] if isinstance(k, tuple) else k).startswith("BLOCK"))
-    del cfg
     return KernelCost(launch.op, launch.pass_, launch.kernel, device.key,
                       f"{config},w{warps},s{launch.options['num_stages']}", launch.grid, programs, warps,
                       usage["registers"], usage["shared_bytes"], ctas, programs / max(1, ctas * device.sms),
@@ -809,7 +802,7 @@ def devices_text() -> str:
 def pin(devices: list[Device], log=print) -> dict:
     """For every pinned kernel × shape class the model launches on each device: the allowed
     configuration with the least predicted time (summed over the kernel's launches in one step's
-    ops), written into kernels/configs.json."""
+    ops) among those whose build does not spill, written into kernels/configs.json."""
     from kernels import configs, tune
     totals: dict = defaultdict(lambda: defaultdict(float))
     for device in devices:
@@ -825,9 +818,13 @@ def pin(devices: list[Device], log=print) -> dict:
                     with _override(name, cfg):
                         launches = [l for l in capture(op, device, stage)
                                     if l.kernel == name and pk.shape_class(l.args) == cls]
-                    t = sum(predict(l, device).predicted for l in launches)
-                    totals[(name, cls, kind)][i] += t
-                    log(f"{kind} {op_label(op, stage)} {name} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs")
+                    costs = [predict(l, device) for l in launches]
+                    t = sum(c.predicted for c in costs)
+                    spill = sum(c.spill_bytes for c in costs)
+                    # a build that spills with the launch's own specialisation is never pinned
+                    totals[(name, cls, kind)][i] += math.inf if spill else t
+                    log(f"{kind} {op_label(op, stage)} {name} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs"
+                        + (f" (spills {spill} B: excluded)" if spill else ""))
     picks = {}
     for (name, cls, kind), per_cfg in totals.items():
         best = min(per_cfg, key=per_cfg.get)
