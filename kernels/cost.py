@@ -2,6 +2,7 @@
 
     python -m kernels.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH]
     python -m kernels.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
+    python -m kernels.cost --trace-model (check the capture's layouts against the model's own launches)
 
 Method (SPEC §6b). For each fused op at the model's shapes (B = 32, 512×512 images, CUDA bf16
 autocast: bf16 logits and LMSA input in channels-last, fp32 LayerNorm output / residual / master
@@ -10,7 +11,10 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
 1. Capture. The op's host code (`_forward` / `_backward` of its module) runs on empty CPU tensors
    of those shapes, dtypes and memory formats, with the SM count of the device and the pinned
    configs of its kind (`kernels.configs.for_device`); `JITFunction.run` is replaced by a recorder,
-   so no kernel runs. Each launch is specialised by Triton's own binder for the target
+   so no kernel runs. The memory formats and dtypes are the model's own: `--trace-model` runs a
+   small bf16-autocast step of the model under the interpreter, records what each launch gets
+   (channels-last logits and LMSA tensors, k and v as halves of one kv projection, ...) and
+   compares the capture at the same size with it. Each launch is specialised by Triton's own binder for the target
    (`create_function_from_signature` + `JITFunction._pack_args`): tt.divisibility = 16 on pointers
    and integers divisible by 16, integers equal to 1 as constants — exactly the key the launcher
    compiles on a GPU.
@@ -326,7 +330,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
         elif op == "attention_sublayer":
             c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
             x, r = e((batch, n, c), dtype=f32), e((batch, n, c), dtype=f32)
-            k, v = e((batch, KV_LEN, c), dtype=bf16), e((batch, KV_LEN, c), dtype=bf16)
+            kv = e((batch, KV_LEN, 2 * c), dtype=bf16)  # the model's k, v: halves of one kv projection
+            k, v = kv[..., :c], kv[..., c:]
             wq, wo, bq, bo = e((c, c), dtype=bf16), e((c, c), dtype=bf16), e((c,), dtype=bf16), e((c,), dtype=bf16)
             _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
             pass_ref[0] = "bwd"
@@ -847,6 +852,90 @@ def _override(name: str, cfg):
         configs.lookup = saved
 
 
+# ----------------------------------------------------------------------------------------------
+# --trace-model: the layouts and dtypes the model really hands each kernel, against the capture's
+# ----------------------------------------------------------------------------------------------
+# CPU autocast leaves LayerNorm outputs (hence the sublayer's x, residual, out, g, dx and the weight
+# gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (kernels.attention_sublayer);
+# for those the trace checks the layout only.
+AUTOCAST_DTYPE_DIFFERS = {"_sub_fwd_kernel": {"X", "R", "OUT"}, "_sub_bwd_dq_kernel": {"X", "G", "DX"},
+                          "_sub_wgrad_kernel": {"A", "B"}}
+
+
+def tensor_layouts(named: dict) -> dict[str, tuple[str, str]]:
+    """{argument: (dtype, layout)} of a launch's tensors; layout: contiguous / channels_last /
+    rows (unit last stride, padded rows: a view) / strided."""
+    import torch
+    out = {}
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.is_contiguous():
+            lay = "contiguous"
+        elif v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last):
+            lay = "channels_last"
+        elif v.stride(-1) == 1:
+            lay = "rows"
+        else:
+            lay = "strided"
+        out[k] = (str(v.dtype).removeprefix("torch."), lay)
+    return out
+
+
+def _trace_in_interpreter(size: int) -> dict:
+    """(run with TRITON_INTERPRET=1) one bf16-autocast loss + backward + predict of the model with
+    the triton backend on a 1×3×size×size batch: {kernel: [layout dicts]} of every launch."""
+    import torch
+    from triton.runtime import interpreter
+    from msf.model import MicroSegFormer
+    seen: dict = defaultdict(list)
+    run = interpreter.InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        lay = tensor_layouts({**dict(zip(self.arg_names, args)), **kwargs})
+        if lay not in seen[self.fn.__name__]:
+            seen[self.fn.__name__].append(lay)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    interpreter.InterpretedFunction.run = record
+    try:
+        torch.manual_seed(0)
+        model = MicroSegFormer(backend="triton")
+        images = torch.randn(1, 3, size, size)
+        masks = torch.randint(0, NUM_CLASSES, (1, size, size), dtype=torch.uint8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss(images, masks).backward()
+            model.predict(images)
+    finally:
+        interpreter.InterpretedFunction.run = run
+    return seen
+
+
+def trace_model(size: int = 64) -> list[str]:
+    """Mismatches between the model's launches (traced under the interpreter, in a subprocess) and
+    the capture's at the same small size; [] when every captured layout is one the model uses."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = f"import json, kernels.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    if proc.returncode:
+        raise RuntimeError(f"model trace failed:\n{proc.stderr[-3000:]}")
+    traced = {k: [{a: tuple(v) for a, v in d.items()} for d in ds]
+              for k, ds in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    problems = []
+    for op, stage in op_instances():
+        for launch in capture(op, H100, stage, batch=1, size=size):
+            name = launch.fn.fn.__name__
+            loose = AUTOCAST_DTYPE_DIFFERS.get(name, set())
+
+            def key(d):
+                return {a: (v[1] if a in loose else v) for a, v in d.items()}
+            mine = key(tensor_layouts(launch.args))
+            if not any(key(d) == mine for d in traced.get(name, [])):
+                problems.append(f"{op_label(op, stage)} {name}: captured {mine}, model runs "
+                                f"{[key(d) for d in traced.get(name, [])] or 'no such kernel'}")
+    return problems
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m kernels.cost", description=__doc__.splitlines()[0])
@@ -858,6 +947,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write long-format rows here")
     parser.add_argument("--md", type=Path, help="write the tables as a markdown report here")
     parser.add_argument("--pin", action="store_true", help="re-pick sm_90 / sm_80 entries of kernels/configs.json")
+    parser.add_argument("--trace-model", action="store_true",
+                        help="check the captured layouts / dtypes against a small model run under the interpreter")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         from kernels.report import _rerun_without_interpreter
@@ -866,6 +957,10 @@ def main(argv=None) -> int:
     if args.pin:
         pin(devices)
         return 0
+    if args.trace_model:
+        problems = trace_model()
+        print("\n".join(problems) or "every captured launch has the layout and dtype the model's own launch has")
+        return 1 if problems else 0
     wanted = op_instances()
     if args.op:
         sel = []
