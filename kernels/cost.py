@@ -572,6 +572,15 @@ def compiled_kernel(launch: Launch, arch: int):
     return _BUILDS[key]
 
 
+def _config_keys(launch: Launch) -> list[str]:
+    """The launch's configuration parameters: its pinned config's keys, else its BLOCK constexprs."""
+    from kernels import configs
+    pk = configs.REGISTRY.get(launch.kernel)
+    if pk is not None:
+        return list(pk.configs[0].kwargs)
+    return [k for k in launch.args if k.startswith("BLOCK")]
+
+
 def predict(launch: Launch, device: Device) -> KernelCost:
     usage, instrs, loops = compiled_kernel(launch, device.arch)
     warps = launch.options["num_warps"]
@@ -619,11 +628,9 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     nbytes = _bytes(launch.args)
     tf32 = any(ins.op.startswith(("HGMMA", "HMMA")) and "TF32" in ins.op for ins in instrs)
     t_flops = flops / (device.tc_tf32 if tf32 else device.tc_bf16)
-    config = ",".join(f"{launch.fn.arg_names[k[0]] if isinstance(k, tuple) else k}={v}"
-                      for k, v in launch.constexprs.items()
-                      if (launch.fn.arg_names[k[0]] if isinstance(k, tuple) else k).startswith("BLOCK"))
+    config = ",".join(f"{k}={launch.args[k]}" for k in _config_keys(launch))
     return KernelCost(launch.op, launch.pass_, launch.kernel, device.key,
-                      f"{config},w{warps},s{launch.options['num_stages']}", launch.grid, programs, warps,
+                      ",".join(filter(None, (config, f"w{warps}", f"s{launch.options['num_stages']}"))), launch.grid, programs, warps,
                       usage["registers"], usage["shared_bytes"], ctas, programs / max(1, ctas * device.sms),
                       static, loop_rows, sum(1 for sl in loops if sl.loop is None), dynamic, nbytes, flops,
                       t_issue, nbytes / device.bandwidth, t_flops,
@@ -648,6 +655,16 @@ def _eager():
         return eager_bytes
     except Exception:  # absent on a branch without it: the table prints "n/a"
         return None
+
+
+def _eager_source() -> str:
+    mod = _eager()
+    if mod is None:
+        return "Eager floors: n/a (`bench.eager_bytes` absent from this checkout)."
+    import hashlib
+    digest = hashlib.sha1(Path(mod.__file__).read_bytes()).hexdigest()[:12]
+    return (f"Eager floors: `bench.eager_bytes` (file sha1 {digest}): the bytes of every aten op of the "
+            f"eager path, counted on meta tensors, ÷ the device's bandwidth.")
 
 
 def eager_op_floor(op: str, stage: int | None, device: Device) -> dict | None:
@@ -988,13 +1005,14 @@ def main(argv=None) -> int:
     print(devices_text())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(long_rows(costs, ops, steps), indent=0) + "\n")
+        rows = long_rows(costs, ops, steps)
+        args.json.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(f"# Cost model, {_dt.date.today().isoformat()} ({_versions()})\n\n"
                            f"`python -m kernels.cost --json ... --md ...` on a CPU-only machine; predictions, "
                            f"not measurements. Method: `kernels/cost.py` docstring; reading it: README, "
-                           f"\"Reading the cost model\".\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
+                           f"\"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
                            f"## Per op\n\n```\n{summary}\n```\n\n## Per kernel\n\n```\n{table}\n```\n")
     return 0
 
