@@ -773,6 +773,14 @@ def summary_text(ops: list[dict], steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STEP_NOTE = (
+    "Ratios are fused ÷ eager (below 1: the fused op is predicted faster than eager's byte floor). "
+    "The step rows count one training step: head + loss, LMSA and every attention sublayer (stage "
+    "depths 1, 2, 2, 2) fused and predicted, plus the floor of the eager ops a triton-backend step "
+    "keeps; upsample_argmax is inference-only and not in the step. Host-side torch ops inside the "
+    "fused ops (LMSA's gate graph, partial-sum reductions) are in neither the kernel rows nor the rest.")
+
+
 def _versions() -> str:
     import torch
     import triton
@@ -1013,7 +1021,8 @@ def main(argv=None) -> int:
                            f"`python -m kernels.cost --json ... --md ...` on a CPU-only machine; predictions, "
                            f"not measurements. Method: `kernels/cost.py` docstring; reading it: README, "
                            f"\"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
-                           f"## Per op\n\n```\n{summary}\n```\n\n## Per kernel\n\n```\n{table}\n```\n")
+                           f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"
+                           f"## Per kernel\n\n```\n{table}\n```\n")
     return 0
 
 
