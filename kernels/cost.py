@@ -515,7 +515,7 @@ class KernelCost:
     ctas_per_sm: int
     waves: float
     static: Counter                    # SASS instructions by class, whole kernel
-    loop_bodies: list                  # [(source loop, site, body instrs, trips per program (mean))]
+    loop_bodies: list                  # [(source loop, site, body instrs, trips per program (mean), {class: instrs})]
     unmatched_loops: int
     dynamic: Counter                   # dynamic warp-instructions by class, whole launch
     dram_bytes: int
@@ -602,6 +602,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
         trips_total[i] = tot
     static, dynamic = Counter(), Counter()
     bodies = Counter()
+    body_classes: dict[int, Counter] = defaultdict(Counter)
     flops = 0.0
     for ins in instrs:
         cls = instr_class(ins.op) or "other"
@@ -611,6 +612,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
         times = programs if lp is None else trips_total[loops.index(lp)]
         if lp is not None:
             bodies[loops.index(lp)] += 1
+            body_classes[loops.index(lp)][cls] += 1
         dynamic[cls] += times * warps
         dynamic["total"] += times * warps
         f = mma_flops(ins)
@@ -618,7 +620,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
             per = warps / 4 if ins.op.startswith("HGMMA") else warps
             flops += f * times * per
     loop_rows = [(f"{sl.loop.func}:{sl.loop.header.split(':')[0]}" if sl.loop else "unmatched", sl.site,
-                  bodies[i], trips_total[i] / programs) for i, sl in enumerate(loops)]
+                  bodies[i], trips_total[i] / programs, dict(body_classes[i])) for i, sl in enumerate(loops)]
     ctas = occupancy(device, usage["registers"], usage["shared_bytes"], warps)
     n = _cdiv(programs, device.sms)
     resident = max(1, min(ctas, n))
@@ -696,7 +698,7 @@ def kernel_table(costs: list[KernelCost]) -> str:
     lines = [head, "-" * len(head)]
     for c in costs:
         s = c.static
-        loops = " ".join(f"{b}×{t:g}" for _, _, b, t in c.loop_bodies) or "-"
+        loops = " ".join(f"{b}×{t:g}" for _, _, b, t, _ in c.loop_bodies) or "-"
         if c.unmatched_loops:
             loops += f" ({c.unmatched_loops} unmatched)"
         if c.spill_bytes:
@@ -708,6 +710,19 @@ def kernel_table(costs: list[KernelCost]) -> str:
             f"{s['sts']:>4} {s['mma']:>4} | {loops[:30]:30} | {c.dynamic['total'] / 1e6:>10.2f} "
             f"{c.dram_bytes / 1e6:>8.1f} {c.tc_flops / 1e9:>7.2f} | {_us(c.t_issue):>8} {_us(c.t_bytes):>8} "
             f"{_us(c.t_flops):>8} {_us(c.predicted):>8} {c.bound}")
+    return "\n".join(lines)
+
+
+def loop_table(costs: list[KernelCost]) -> str:
+    """SASS instructions of every loop body (excluding loops nested in it), in total and by class."""
+    cls_names = [c for c in CLASSES] + ["other"]
+    head = f"{'op':28} {'kernel':26} {'dev':4} {'loop (function: header #site)':58} {'trips':>8} {'body':>5} " + \
+        " ".join(f"{c:>5}" for c in cls_names)
+    lines = [head, "-" * len(head)]
+    for c in costs:
+        for name, site, body, trips, classes in c.loop_bodies:
+            lines.append(f"{c.op:28} {c.kernel:26} {c.device:4} {f'{name} #{site}'[:58]:58} {trips:>8g} {body:>5} "
+                         + " ".join(f"{classes.get(k, 0):>5}" for k in cls_names))
     return "\n".join(lines)
 
 
@@ -808,8 +823,10 @@ def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict]) -> li
             add(c.op, k, c.pass_, c.device, f"sass_{cls}", "instructions", n)
         for cls, n in sorted(c.dynamic.items()):
             add(c.op, k, c.pass_, c.device, f"dynamic_{cls}", "warp-instructions", n)
-        for name, site, body, trips in c.loop_bodies:
+        for name, site, body, trips, classes in c.loop_bodies:
             add(c.op, k, c.pass_, c.device, f"loop_body[{name}#{site}]", "instructions", body)
+            for cls, n in sorted(classes.items()):
+                add(c.op, k, c.pass_, c.device, f"loop_body_{cls}[{name}#{site}]", "instructions", n)
             add(c.op, k, c.pass_, c.device, f"loop_trips[{name}#{site}]", "per program", trips)
     for r in ops:
         for metric in ("fused_predicted_s", "eager_floor_s", "ratio"):
@@ -1005,8 +1022,10 @@ def main(argv=None) -> int:
                 costs.append(predict(launch, device))
     ops = [r for d in devices for r in op_summary(costs, d)]
     steps = [r for d in devices for r in step_summary(costs, d)] if not (args.op or args.kernel) else []
-    table, summary = kernel_table(costs), summary_text(ops, steps)
+    table, loops, summary = kernel_table(costs), loop_table(costs), summary_text(ops, steps)
     print(table)
+    print()
+    print(loops)
     print()
     print(summary)
     print()
@@ -1022,7 +1041,8 @@ def main(argv=None) -> int:
                            f"not measurements. Method: `kernels/cost.py` docstring; reading it: README, "
                            f"\"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
                            f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"
-                           f"## Per kernel\n\n```\n{table}\n```\n")
+                           f"## Per kernel\n\n```\n{table}\n```\n\n"
+                           f"## Loop bodies (SASS instructions per iteration, by class)\n\n```\n{loops}\n```\n")
     return 0
 
 
