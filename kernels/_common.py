@@ -7,9 +7,6 @@
   On a GPU the call is a plain `tl.dot` with fp32 accumulation.
 - `dot_tf32x3(a, b)`: the same with `input_precision="tf32x3"` (fp32-accurate products of fp32
   operands on tensor cores; plain `tl.dot` rounds fp32 operands to tf32).
-- `pick_configs(configs)`: the autotune list for this run. Multi-config autotuning needs a GPU to
-  benchmark on, so the interpreter gets the first config alone; the ahead-of-time report
-  (`python -m kernels.report`) builds every config in the full list.
 - `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
 """
 from __future__ import annotations
@@ -51,11 +48,6 @@ def dot_tf32x3(a, b):
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
     return tl.dot(a, b, out_dtype=tl.float32, input_precision="tf32x3")
-
-
-def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The whole list on a GPU; its first entry alone under the interpreter (SPEC §7)."""
-    return configs[:1] if INTERPRET else list(configs)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3, pick_configs
+from kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3
+from kernels.configs import PinnedKernel
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
 
@@ -144,7 +145,7 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
                  256: [(16, 16, 8, 1)]},
     },
 }
-# The configuration the interpreter runs (`pick_configs` keeps the first of each list): small KV
+# The configuration the interpreter runs (pinned in kernels/configs.json for the "interpreter"): small KV
 # tiles so CPU tests see several online-softmax rescalings, a masked tail tile and, in the dK/dV
 # kernel, several query blocks per chunk.
 _INTERPRETER_CFG: dict[str, _Cfg] = {"fwd": (64, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2)}
@@ -186,6 +187,21 @@ def fused_supported(dtype: torch.dtype, d: int, allow_tf32: bool = False) -> boo
     if d > _MAX_BLOCK_D:
         return False
     return dtype != torch.float32 or allow_tf32 or _block_d(d) <= _PRECISE_MAX_BLOCK_D
+
+
+def _shape_class(named_args) -> str:
+    """The pinned-config class of a launch: dot mode and d block, e.g. "16_d64"."""
+    return f"{_mode(named_args['Q'].element_size(), bool(named_args['PRECISE']))}_d{named_args['BLOCK_D']}"
+
+
+def _pinned(kernel: str, fn, key: list[str]) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json (kernel name "attention.<kernel>")."""
+    def allowed(cls: str) -> list[triton.Config]:
+        mode, d = cls.rsplit("_d", 1)
+        return [_as_config(c) for c in _ALLOWED[kernel][mode][int(d)]]
+    classes = [f"{mode}_d{d}" for mode, per_d in _ALLOWED[kernel].items() for d in per_d]
+    return PinnedKernel(f"attention.{kernel}", fn, _config_list(kernel), key, _shape_class, allowed, classes,
+                        prune=_prune(kernel))
 
 
 def _prune(kernel: str):
@@ -257,8 +273,6 @@ def _attn_fwd_sweep(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_v
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
@@ -283,6 +297,9 @@ def _attn_fwd_kernel(
              acc.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of S = q kᵀ/√d
     tl.store(LSE + b * N + offs_n, lse, mask=mask_n)
+
+
+_attn_fwd_kernel = _pinned("fwd", _attn_fwd_kernel, ["N", "M", "BLOCK_D", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +343,6 @@ def _attn_dq_sweep(q, do, lse2, delta, k_base, v_base, stride_km, stride_kd, str
     return dq
 
 
-@triton.autotune(configs=pick_configs(_config_list("dq")), key=["N", "M", "BLOCK_D", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
@@ -362,8 +377,9 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_nd)
 
 
-@triton.autotune(configs=pick_configs(_config_list("dkdv")), key=["N", "M", "CHUNK_ROWS", "BLOCK_D", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune("dkdv")})
+_attn_bwd_dq_kernel = _pinned("dq", _attn_bwd_dq_kernel, ["N", "M", "BLOCK_D", "PRECISE"])
+
+
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART,
@@ -423,6 +439,9 @@ def _attn_bwd_dkdv_kernel(
     part = (b * n_chunks + pid_c) * M * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DK_PART + part, dk.to(DK_PART.dtype.element_ty), mask=mask_md)
     tl.store(DV_PART + part, dv.to(DV_PART.dtype.element_ty), mask=mask_md)
+
+
+_attn_bwd_dkdv_kernel = _pinned("dkdv", _attn_bwd_dkdv_kernel, ["N", "M", "CHUNK_ROWS", "BLOCK_D", "PRECISE"])
 
 
 @triton.jit
@@ -669,7 +688,7 @@ def _aot_spec(name: str, jit_fn, ptr_types: dict[str, str], constexprs: dict, nu
 def _aot_specs() -> list[AttentionAotSpec]:
     specs = []
     for kname, (kernel, data_ptrs, f32_ptrs, extra) in _AOT_KERNELS.items():
-        jit_fn = kernel.fn  # the JITFunction under the autotuner
+        jit_fn = kernel.fn  # the JITFunction under the pinned-config wrapper
         for mode, per_d in _ALLOWED[kname].items():
             for dname in _AOT_DTYPES[mode]:
                 ptrs = {**{a: f"*{dname}" for a in data_ptrs}, **{a: "*fp32" for a in f32_ptrs}}

@@ -110,7 +110,8 @@ import triton
 import triton.language as tl
 
 from kernels import attention as _core
-from kernels._common import INTERPRET, pick_configs
+from kernels._common import INTERPRET
+from kernels.configs import PinnedKernel
 from kernels.attention import (AttentionAotSpec, _aot_spec, _attn_bwd_reduce_kernel, _attn_dq_sweep,
                                _attn_fwd_sweep, _mm, _row_block)
 
@@ -174,10 +175,13 @@ def _config_list(kernel: str) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3]) for c in seen]
 
 
+def _as_wg_config(c: tuple[int, int, int, int]) -> triton.Config:
+    return triton.Config({"BLOCK_I": c[0], "BLOCK_J": c[1], "BLOCK_R": c[2]}, num_warps=c[3], num_stages=2)
+
+
 def _wg_config_list() -> list[triton.Config]:
     seen = [_INTERPRETER_WG] + [c for cfgs in _WG_ALLOWED.values() for c in cfgs if c != _INTERPRETER_WG]
-    return [triton.Config({"BLOCK_I": c[0], "BLOCK_J": c[1], "BLOCK_R": c[2]}, num_warps=c[3], num_stages=2)
-            for c in seen]
+    return [_as_wg_config(c) for c in seen]
 
 
 def _mode(elem_bytes: int) -> str:
@@ -203,6 +207,24 @@ def _prune(kernel: str):
                 if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[:1]
     return prune
+
+
+def _shape_class(kernel: str):
+    def shape_class(named_args) -> str:
+        return f"{_kernel_mode(kernel, named_args)}_d{named_args['BLOCK_D']}"
+    return shape_class
+
+
+def _pinned(kernel: str, fn) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json ("attention_sublayer.<kernel>";
+    shape class = dtype class and d block, e.g. "amp_d64")."""
+    def allowed(cls: str) -> list[triton.Config]:
+        mode, d = cls.rsplit("_d", 1)
+        return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3])
+                for c in _ALLOWED[kernel][mode][int(d)]]
+    classes = [f"{mode}_d{d}" for mode, per_d in _ALLOWED[kernel].items() for d in per_d]
+    return PinnedKernel(f"attention_sublayer.{kernel}", fn, _config_list(kernel), ["N", "M", "BLOCK_D", "PRECISE"],
+                        _shape_class(kernel), allowed, classes, prune=_prune(kernel))
 
 
 def _wg_prune(configs, named_args, **kwargs):
@@ -262,8 +284,6 @@ def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D,
     return _round(q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :], WQ.dtype.element_ty)
 
 
-@triton.autotune(configs=pick_configs(_config_list("fwd")), key=["N", "M", "BLOCK_D", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _sub_fwd_kernel(
     X, R, K, V, WQ, BQ, WO, BO, OUT, O, LSE,
@@ -301,6 +321,9 @@ def _sub_fwd_kernel(
         tl.store(OUT + row[:, None] * D + offs_j[None, :], _round(y, OUT.dtype.element_ty), mask=mask_nj)
 
 
+_sub_fwd_kernel = _pinned("fwd", _sub_fwd_kernel)
+
+
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +341,6 @@ def _sub_fwd_kernel(
 #   dbq  = Σ_rows dQ                    dWq = dQᵀ x         (C×C)
 # dWq, dbq, dWo, dbo: `_sub_wgrad_kernel` writes fp32 partials per (output tile, row chunk), the
 # core's reduce kernel sums the chunks in order (deterministic; no atomics).
-@triton.autotune(configs=pick_configs(_config_list("dq")), key=["N", "M", "BLOCK_D", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _sub_bwd_dq_kernel(
     X, G, K, V, WQ, BQ, WO, O, LSE, QS, DOS, DELTA, DQ, DX,
@@ -371,8 +392,9 @@ def _sub_bwd_dq_kernel(
                  mask=mask_n[:, None] & mask_j[None, :])
 
 
-@triton.autotune(configs=pick_configs(_wg_config_list()), key=["D", "CHUNK_ROWS", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _wg_prune})
+_sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
+
+
 @triton.jit
 def _sub_wgrad_kernel(
     A, B, DW_PART, DB_PART, ROWS, D,
@@ -407,6 +429,13 @@ def _sub_wgrad_kernel(
     tl.store(DW_PART + pid_c * D * D + offs_i[:, None] * D + offs_j[None, :], acc,
              mask=mask_i[:, None] & mask_j[None, :])
     tl.store(DB_PART + pid_c * D + offs_i, bsum, mask=mask_i & (pid_j == 0))
+
+
+_sub_wgrad_kernel = PinnedKernel(
+    "attention_sublayer.wgrad", _sub_wgrad_kernel, _wg_config_list(), ["D", "CHUNK_ROWS", "PRECISE"],
+    shape_class=lambda named: _mode(min(named["A"].element_size(), named["B"].element_size())),
+    allowed=lambda cls: [_as_wg_config(c) for c in _WG_ALLOWED[cls]], classes=list(_WG_ALLOWED),
+    prune=_wg_prune)
 
 
 _REDUCE_BLOCK = 1024

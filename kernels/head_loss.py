@@ -71,7 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec, pick_configs
+from kernels._common import INTERPRET, AotSpec
+from kernels.configs import PinnedKernel
 from msf.losses import DEFAULT_DICE_EPS
 
 __all__ = ["head_loss", "HeadLossFunction", "eager_head_loss", "AOT_SPECS"]
@@ -328,13 +329,13 @@ def _head_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configurations (the report builds every one; the interpreter runs the first).
+# Configurations (the report builds every one; kernels/configs.json pins the one that runs).
 # ----------------------------------------------------------------------------------------------
 # (BLOCK, num_warps). Triton lays a BLOCK×K_PAD gather tile out with 32 consecutive pixels per warp
 # and the warps splitting the classes, so at K_PAD = 32 each thread holds K_PAD·BLOCK/(32·num_warps)
 # = 8 classes of one pixel with every config below: ≈100–130 registers, no spill on sm_80/sm_90
 # (`python -m kernels.report`). 16 per thread reaches 250–255 registers with channels-last logits;
-# 32 per thread spills. The first config is the one the interpreter runs (pick_configs).
+# 32 per thread spills. Which one runs is pinned in kernels/configs.json.
 FWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 BWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 _FINALIZE_CHUNK_BLOCK = 16
@@ -348,15 +349,15 @@ def _bwd_kernel():
     return _head_loss_bwd_tuned
 
 
-_head_loss_fwd_tuned = triton.autotune(
-    configs=pick_configs([triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in FWD_CONFIGS]),
-    key=["K_PAD", "h", "w", "H", "W"],
-)(_head_loss_fwd_kernel)
-
-_head_loss_bwd_tuned = triton.autotune(
-    configs=pick_configs([triton.Config({"BLOCK_Q": bq}, num_warps=nw, num_stages=1) for bq, nw in BWD_CONFIGS]),
-    key=["K_PAD", "h", "w", "H", "W"],
-)(_head_loss_bwd_kernel)
+_FWD_LIST = [triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in FWD_CONFIGS]
+_BWD_LIST = [triton.Config({"BLOCK_Q": bq}, num_warps=nw, num_stages=1) for bq, nw in BWD_CONFIGS]
+# One shape class: every config suits every K ≤ 128 and any image size (kernels/configs.py).
+_head_loss_fwd_tuned = PinnedKernel(
+    "head_loss.fwd", _head_loss_fwd_kernel, _FWD_LIST, key=["K_PAD", "h", "w", "H", "W"],
+    shape_class=lambda named: "any", allowed=lambda cls: _FWD_LIST, classes=["any"])
+_head_loss_bwd_tuned = PinnedKernel(
+    "head_loss.bwd", _head_loss_bwd_kernel, _BWD_LIST, key=["K_PAD", "h", "w", "H", "W"],
+    shape_class=lambda named: "any", allowed=lambda cls: _BWD_LIST, classes=["any"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +426,7 @@ def _window(s: int) -> int:
 
 
 # A chunk is a whole number of this many pixels, so every BLOCK_P in the config list divides it and
-# the partials layout does not depend on the autotuned config.
+# the partials layout does not depend on the config that runs.
 _CHUNK_QUANTUM = max(bp for bp, _ in FWD_CONFIGS)
 
 

@@ -46,7 +46,7 @@ Backward (two kernels, PyTorch autograd on the tiny part; the math is in the com
    T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once.
    It never reads x.
 
-Deterministic: no atomics anywhere; partial layouts do not depend on the autotuned configuration.
+Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
 
 Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf16/fp16 inputs feed
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
@@ -69,9 +69,9 @@ per element and tap (sm_90 PTX of the first bf16 configs, built with the launche
 of pointers and strides), i.e. roughly 1.5 ms, 3 ms and 1.4 ms at this shape, about 6 ms per
 forward + backward, against ≥ 4.9 ms for eager's bytes alone (plus its depthwise kernels'
 arithmetic). These are static estimates at ~9e11 warp-instructions/s: no GPU was available to
-measure them, and the autotuner may pick larger tiles that amortise the per-tap overheads better.
+measure them, and autotuning (opt-in: kernels/configs.py) may pick larger tiles that amortise the per-tap overheads better.
 
-Registers: every (config, dtype) pair in the autotune lists builds for sm_80 and sm_90 without
+Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
 """
 from __future__ import annotations
@@ -81,7 +81,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec, dot, pick_configs
+from kernels._common import INTERPRET, AotSpec, dot
+from kernels.configs import PinnedKernel
 from msf.backend import LMSAParams, eager_lmsa
 
 __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS"]
@@ -102,9 +103,9 @@ lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
 # Each entry is (config, the input dtypes it serves): "half" (bf16 / fp16) and/or "fp32". A config is
 # listed for a dtype only if its sm_80 and sm_90 builds use no local memory / stack (no register
 # spill; `python -m kernels.report`); fp32 needs smaller tiles (tf32x3 dots hold both halves of
-# each operand). On a GPU the autotuner sees the configs of the input's dtype (`_dtype_prune`);
-# `AOT_SPECS` builds exactly those pairs. The interpreter runs each list's first entry (`pick_configs`):
-# tiles large enough to keep it affordable (its cost is per program and per op), while the tests
+# each operand). `AOT_SPECS` builds exactly those pairs; kernels/configs.json pins the one that runs
+# (autotuning, an opt-in, searches the configs of the input's dtype: `_dtype_prune`). The interpreter's
+# pinned entry is each list's first: tiles large enough to keep it affordable (its cost is per program and per op), while the tests
 # still cover several tiles, chunks and channel blocks.
 _HALF, _BOTH = ("half",), ("half", "fp32")
 _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
@@ -128,9 +129,6 @@ _DX_TABLE = [  # BLOCK_J: channel block, BLOCK_C: halo-GEMM K step (both clamped
     (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 32}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
-_STATS_CONFIGS, _FWD_CONFIGS, _GRAM_CONFIGS, _DX_CONFIGS = (
-    [cfg for cfg, _ in table] for table in (_STATS_TABLE, _FWD_TABLE, _GRAM_TABLE, _DX_TABLE))
-
 
 def _dtype_prune(table):
     """Autotune pruning: the configs of `table` that serve the call's dtype class (PRECISE = fp32)."""
@@ -141,6 +139,15 @@ def _dtype_prune(table):
         kept = [cfg for cfg in configs if any(cfg.all_kwargs() == kw and cls in d for kw, d in serves)]
         return kept or configs[:1]
     return prune
+
+
+def _pinned(name: str, fn, table, key: list[str]) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"."""
+    configs = [cfg for cfg, _ in table]
+    return PinnedKernel(name, fn, configs, key,
+                        shape_class=lambda named: "fp32" if named["PRECISE"] else "half",
+                        allowed=lambda cls: [cfg for cfg, serves in table if cls in serves],
+                        classes=["half", "fp32"], prune=_dtype_prune(table))
 
 
 _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
@@ -217,8 +224,6 @@ def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sx
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=pick_configs(_STATS_CONFIGS), key=["H", "W", "C", "CHUNK_PIX", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _dtype_prune(_STATS_TABLE)})
 @triton.jit
 def _lmsa_stats_kernel(
     X, SP,
@@ -253,8 +258,9 @@ def _lmsa_stats_kernel(
     tl.store(out, acc, mask=(offs_cell < 49)[:, None])
 
 
-@triton.autotune(configs=pick_configs(_FWD_CONFIGS), key=["H", "W", "C", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _dtype_prune(_FWD_TABLE)})
+_lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+
+
 @triton.jit
 def _lmsa_fwd_kernel(
     X, WG, BIAS, DW3, DW5, DW7, OUT,
@@ -298,6 +304,9 @@ def _lmsa_fwd_kernel(
              acc.to(OUT.dtype.element_ty), mask=mask_p[:, None])
 
 
+_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE"])
+
+
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
@@ -320,8 +329,6 @@ def _lmsa_fwd_kernel(
 # which the dx kernel adds while it writes dx, so dx is written once and never re-read.
 # Order: the gram kernel and the gate graph first (T needs ∂L/∂z, a sum over every pixel), then dx.
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
-@triton.autotune(configs=pick_configs(_GRAM_CONFIGS), key=["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _dtype_prune(_GRAM_TABLE)})
 @triton.jit
 def _lmsa_bwd_gram_kernel(
     X, DO, WG, DWK, MP, GSP, DWP,
@@ -384,6 +391,9 @@ def _lmsa_bwd_gram_kernel(
              mask=(taps < KS * KS)[:, None])
 
 
+_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+
+
 @triton.jit
 def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
                C: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
@@ -418,8 +428,6 @@ def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, h0, w0, H, W, e_off, offs_j, sg
     return dx
 
 
-@triton.autotune(configs=pick_configs(_DX_CONFIGS), key=["H", "W", "C", "N_TR", "COLS", "PRECISE"],
-                 prune_configs_by={"early_config_prune": _dtype_prune(_DX_TABLE)})
 @triton.jit
 def _lmsa_bwd_dx_kernel(
     DO, WG, DW3, DW5, DW7, T, DX, SCR,
@@ -485,6 +493,9 @@ def _lmsa_bwd_dx_kernel(
                 dx += g_in.to(tl.float32) + t_in
                 tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
                          dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
+
+
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "N_TR", "COLS", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,7 +760,7 @@ def _aot_specs() -> list[AotSpec]:
               "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2)}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
-            jit_fn = fn.fn  # the JITFunction under the autotuner
+            jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
             for cfg, serves in table:
                 if ("fp32" if precise else "half") not in serves:
                     continue

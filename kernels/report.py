@@ -95,8 +95,6 @@ def _unwrap(fn):
 
 
 def compile_spec(spec, arch: int, tool: Path) -> dict[str, int]:
-    import triton
-    from triton.backends.compiler import GPUTarget
     fn = _unwrap(spec.fn)
     signature = dict(spec.signature)
     constexprs = dict(spec.constexprs)
@@ -112,10 +110,22 @@ def compile_spec(spec, arch: int, tool: Path) -> dict[str, int]:
         raise ValueError(f"AotSpec {spec.name} gives no type or value for arguments {missing}")
     # `attrs` (e.g. tt.divisibility of pointers and strides) is the specialisation Triton's launcher
     # applies at run time; a spec that states it is built as the GPU would build it.
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                    attrs=getattr(spec, "attrs", None))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    compiled = build(fn, signature, constexprs, getattr(spec, "attrs", None), arch,
+                     {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    return usage_of(compiled, arch, tool)
+
+
+def build(fn, signature: dict, constexprs: dict, attrs: dict | None, arch: int, options: dict):
+    """`triton.compile` of a JITFunction for compute capability `arch` (no GPU needed); Triton's
+    on-disk cache makes a repeated build cheap."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def usage_of(compiled, arch: int, tool: Path) -> dict[str, int]:
+    """Registers, shared memory, local memory / stack (and ptxas' spill counts when any) of a build."""
     usage = resource_usage(compiled.asm["cubin"], tool)
     usage["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + usage["static_shared"]
     if usage["local_bytes"] or usage["stack_bytes"]:
@@ -145,7 +155,7 @@ def kernel_modules() -> list[str]:
     """Every module of the `kernels` package except this one, found without importing them."""
     root = Path(__file__).resolve().parent
     return [f"kernels.{i.name}" for i in sorted(pkgutil.iter_modules([str(root)]), key=lambda i: i.name)
-            if i.name != "report"]
+            if i.name not in ("report", "cost", "tune", "configs")]
 
 
 def collect_specs(only: str | None = None, modules: list[str] | None = None):
@@ -203,11 +213,11 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _rerun_without_interpreter(argv) -> int:
+def _rerun_without_interpreter(argv, module: str = "kernels.report") -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.call([sys.executable, "-m", "kernels.report", *argv], env=env, cwd=root)
+    return subprocess.call([sys.executable, "-m", module, *argv], env=env, cwd=root)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import AotSpec, pick_configs
+from kernels._common import AotSpec
+from kernels.configs import PinnedKernel
 from kernels import head_loss as _hl
 from kernels.head_loss import (LOGIT_DTYPES, MAX_CLASSES, _check_device, _k_pad, _source_index, _to_dtype,
                                _upsampled_logits)
@@ -63,10 +64,10 @@ def _upsample_argmax_kernel(
 # (BLOCK_P, num_warps): 8 classes of a pixel per thread at K_PAD = 32 (see kernels.head_loss).
 CONFIGS = [(128, 16), (64, 8)]
 
-_upsample_argmax_tuned = triton.autotune(
-    configs=pick_configs([triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in CONFIGS]),
-    key=["K_PAD", "h", "w", "H", "W"],
-)(_upsample_argmax_kernel)
+_CONFIG_LIST = [triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in CONFIGS]
+_upsample_argmax_tuned = PinnedKernel(
+    "upsample_argmax", _upsample_argmax_kernel, _CONFIG_LIST, key=["K_PAD", "h", "w", "H", "W"],
+    shape_class=lambda named: "any", allowed=lambda cls: _CONFIG_LIST, classes=["any"])
 
 
 def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:

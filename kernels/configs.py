@@ -1,0 +1,155 @@
+"""Pinned launch configurations: one committed config per (kernel, shape class, device kind).
+
+Every Triton kernel with more than one candidate configuration launches through a `PinnedKernel`.
+It looks its configuration up in `kernels/configs.json`, keyed by
+
+- the kernel's name ("attention.fwd", "lmsa.dx", ...),
+- its shape class: what the old autotuner's pruning looked at (dot mode and d block for the
+  attention kernels, "half" / "fp32" for LMSA, "any" for head + loss and the upsample-argmax),
+- the device kind: "sm_90", "sm_80", ... from the CUDA capability, or "interpreter" under
+  `TRITON_INTERPRET=1` (one entry per kernel under the shape class "*": small tiles that keep the
+  CPU tests cheap and still cover their masks and loops).
+
+Lookup order: (class, kind), then ("*", kind), then (class, "default"); no entry is an error that
+names the kernel. So every process, every DDP rank and the cost model (`python -m kernels.cost`)
+run the same configuration: results are bitwise reproducible across runs, and the configuration
+the cost model judges is the one that runs.
+
+The sm_90 / sm_80 entries of the model's shape classes are the candidates the cost model predicts
+fastest (`python -m kernels.cost --pin` rewrites them); every other class takes its allow-list's
+first entry (`python -m kernels.tune --from-lists`). Every entry is a member of its kernel's
+allow-list for that class, i.e. a configuration `python -m kernels.report` builds without spills
+(tests/test_configs.py checks it).
+
+Autotuning is an explicit opt-in: with `MSF_AUTOTUNE=1` set before `kernels` is imported, each
+kernel runs `triton.autotune` over its whole list (pruned to the class's allow-list) as before, and
+`python -m kernels.tune` (on a GPU) records what it picked into a new table.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import triton
+
+from kernels._common import INTERPRET
+
+TABLE_PATH = Path(__file__).with_name("configs.json")
+AUTOTUNE: bool = os.environ.get("MSF_AUTOTUNE", "0") == "1"
+DEFAULT_KIND = "default"
+ANY_CLASS = "*"
+
+_table: dict | None = None
+_forced_kind: str | None = None
+REGISTRY: dict[str, "PinnedKernel"] = {}
+TUNED: dict[tuple[str, str, str], triton.Config] = {}  # what autotuning picked (MSF_AUTOTUNE=1)
+
+
+def load_table(path: Path | None = None) -> dict:
+    """{kernel: {shape class: {device kind: {"kwargs": {...}, "num_warps": n, "num_stages": s}}}}."""
+    global _table
+    if path is not None:
+        return json.loads(Path(path).read_text())
+    if _table is None:
+        try:
+            _table = json.loads(TABLE_PATH.read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{TABLE_PATH}: cannot read the pinned kernel configurations ({exc})") from exc
+    return _table
+
+
+def reload_table() -> None:
+    global _table
+    _table = None
+
+
+def device_kind(device=None) -> str:
+    """"interpreter", or "sm_XY" of the current (or given) CUDA device; `for_device` overrides it."""
+    if _forced_kind is not None:
+        return _forced_kind
+    if INTERPRET:
+        return "interpreter"
+    import torch
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@contextlib.contextmanager
+def for_device(kind: str):
+    """Look configurations up as on device kind `kind` (the cost model captures launches this way)."""
+    global _forced_kind
+    old, _forced_kind = _forced_kind, kind
+    try:
+        yield
+    finally:
+        _forced_kind = old
+
+
+def to_config(entry: dict) -> triton.Config:
+    return triton.Config(dict(entry["kwargs"]), num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+
+
+def to_entry(cfg: triton.Config) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def same_config(a: triton.Config, b: triton.Config) -> bool:
+    return to_entry(a) == to_entry(b)
+
+
+def lookup(name: str, shape_class: str, kind: str, table: dict | None = None) -> triton.Config:
+    per_class = (table if table is not None else load_table()).get(name)
+    if per_class is None:
+        raise KeyError(f"{TABLE_PATH.name}: no pinned configuration for kernel {name!r}")
+    for cls, knd in ((shape_class, kind), (ANY_CLASS, kind), (shape_class, DEFAULT_KIND)):
+        entry = per_class.get(cls, {}).get(knd)
+        if entry is not None:
+            return to_config(entry)
+    raise KeyError(f"{TABLE_PATH.name}: no pinned configuration for kernel {name!r}, shape class "
+                   f"{shape_class!r}, device {kind!r} (nor a {DEFAULT_KIND!r} one)")
+
+
+class PinnedKernel:
+    """A `@triton.jit` kernel launched with its pinned configuration: `kernel[grid](*args, **kw)`.
+
+    `configs`: the kernel's whole candidate list (what autotuning searches); `allowed(cls)`: the
+    candidates valid for a shape class (spill-free on sm_80 and sm_90); `shape_class(named_args)`:
+    the class of a launch from its named arguments (constexprs included); `classes`: every class
+    the kernel can be launched with.
+    """
+
+    def __init__(self, name: str, fn, configs: list[triton.Config], key: list[str],
+                 shape_class: Callable[[dict], str], allowed: Callable[[str], list[triton.Config]],
+                 classes: list[str], prune=None):
+        self.name = name
+        self.fn = fn  # the JITFunction (or the interpreter's function); `kernels.report` unwraps to it
+        self.configs = configs
+        self.shape_class = shape_class
+        self.allowed = allowed
+        self.classes = classes
+        self._tuner = None
+        if AUTOTUNE and not INTERPRET:
+            self._tuner = triton.autotune(configs=configs, key=key,
+                                          prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+        REGISTRY[name] = self
+
+    def named_args(self, args, kwargs) -> dict:
+        return {**dict(zip(self.fn.arg_names, args)), **kwargs}
+
+    def config(self, args, kwargs) -> triton.Config:
+        return lookup(self.name, self.shape_class(self.named_args(args, kwargs)), device_kind())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self._tuner is not None:
+                out = self._tuner[grid](*args, **kwargs)
+                cls = self.shape_class(self.named_args(args, kwargs))
+                TUNED[(self.name, cls, device_kind())] = self._tuner.best_config
+                return out
+            cfg = self.config(args, kwargs)
+            return self.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+        return launch

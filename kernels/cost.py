@@ -1,0 +1,1050 @@
+"""GPU cost model computed on the CPU: the predicted time of every fused-op kernel from its compiled code.
+
+    python -m kernels.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH]
+    python -m kernels.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
+    python -m kernels.cost --trace-model (check the capture's layouts against the model's own launches)
+
+Method (SPEC §6b). For each fused op at the model's shapes (B = 32, 512×512 images, CUDA bf16
+autocast: bf16 logits and LMSA input in channels-last, fp32 LayerNorm output / residual / master
+weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 separately):
+
+1. Capture. The op's host code (`_forward` / `_backward` of its module) runs on empty CPU tensors
+   of those shapes, dtypes and memory formats, with the SM count of the device and the pinned
+   configs of its kind (`kernels.configs.for_device`); `JITFunction.run` is replaced by a recorder,
+   so no kernel runs. The memory formats and dtypes are the model's own: `--trace-model` runs a
+   small bf16-autocast step of the model under the interpreter, records what each launch gets
+   (channels-last logits and LMSA tensors, k and v as halves of one kv projection, ...) and
+   compares the capture at the same size with it. Each launch is specialised by Triton's own binder for the target
+   (`create_function_from_signature` + `JITFunction._pack_args`): tt.divisibility = 16 on pointers
+   and integers divisible by 16, integers equal to 1 as constants — exactly the key the launcher
+   compiles on a GPU.
+2. Build. `triton.compile` for sm_90 / sm_80 (`kernels.report.build`; Triton's cache keeps the
+   cubins); registers and shared memory from `cuobjdump --dump-resource-usage`, SASS from
+   `nvdisasm --print-line-info` (both shipped in Triton's package).
+3. Loops. A backward branch (BRA to a lower address) closes a loop [target, branch]. The line
+   info names its source loop (the branch's line; else a known loop header inside the body), and
+   `LOOPS` below gives that loop's trip count as a function of the launch arguments and program
+   id (tests/test_cost_model.py checks every formula against the iterations the interpreter runs).
+   Several SASS loops from one source line (an inlined helper called at several sites) take the
+   formula's per-site counts in address order. A SASS loop with no formula counts once and is
+   listed as "unmatched". Loops the compiler unrolled are straight-line code.
+4. Dynamic warp-instructions of a program = Σ_instr (trip count of its innermost SASS loop, the
+   formula giving the loop's total iterations in that program) × num_warps. Software-pipelined
+   loops peel iterations into a prologue/epilogue; those are counted once here (a small
+   overcount of the body × (stages − 1)).
+5. Occupancy: CTAs/SM = min(regs: ⌊65536 / (⌈regs·32/256⌉·256 · warps)⌋, shared: ⌊smem/SM ÷
+   (shared + 1 KB)⌋, ⌊64 / warps⌋, 32). Waves = programs ÷ (CTAs/SM · SMs).
+6. Predicted time = max(issue, bytes ÷ bandwidth, tensor-core FLOPs ÷ peak), where
+     issue = n · I · warps / (4 · clock · e),  n = ⌈programs / SMs⌉ (the busiest SM's programs),
+       I = mean dynamic instructions per warp, e = min(1, w / LATENCY_WARPS),
+       w = min(CTAs/SM, n) · warps / 4 (resident warps per scheduler),
+   LATENCY_WARPS = 4: the resident warps a scheduler needs to issue every cycle. This constant
+   is an assumption until Nsight Compute (issue 12 item 5) measures smsp__inst_executed and
+   achieved occupancy on the same kernels.
+   Bytes = Σ sizes of the distinct tensors a launch receives (each read or written once: a floor;
+   L2-resident re-reads are free). FLOPs = HGMMA (per warpgroup: ÷ 4 warps) and HMMA warp
+   instructions × 2·m·n·k of their shape.
+7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
+   (`bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
+   Σ fused ops in one training step (attention sublayers × the stage depths 1, 2, 2, 2) + the
+   floor of the eager ops left in a triton step, against the eager step's floor.
+Host-side torch ops inside the fused ops (LMSA's tiny gate graph, partial-sum reductions) are not
+in the kernel rows.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+BATCH, SIZE = 32, 512
+STAGES = {1: (16384, 32), 2: (4096, 64), 3: (1024, 128), 4: (256, 192)}  # stage: (N tokens, C)
+STAGE_DEPTHS = {1: 1, 2: 2, 3: 2, 4: 2}  # attention sublayers per stage (msf.model.ModelConfig.depths)
+KV_LEN = 256  # M: keys after spatial reduction, every stage (SPEC §2)
+DECODER_DIM, NUM_CLASSES = 128, 19
+LATENCY_WARPS = 4
+
+
+@dataclass(frozen=True)
+class Device:
+    """The constants of one GPU the model is predicted on (every number the prediction uses)."""
+    key: str
+    name: str
+    arch: int                  # compute capability the kernels are built for
+    sms: int
+    clock_hz: float            # sustained SM clock under load
+    bandwidth: float           # DRAM bytes/s, a measured copy rate where one exists
+    tc_bf16: float             # dense bf16 tensor-core FLOP/s
+    tc_tf32: float
+    smem_per_sm: int           # shared memory an SM can give its CTAs, bytes
+    schedulers: int = 4
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    source: str = ""
+
+
+H100 = Device(
+    "h100", "H100 SXM", 90, sms=132, clock_hz=1.755e9, bandwidth=3.0e12, tc_bf16=800e12, tc_tf32=400e12,
+    smem_per_sm=228 * 1024,
+    source="132 SMs, 4 schedulers/SM, 1.755 GHz sustained (1.98 boost); 3.0 TB/s measured copy (SPEC §8; "
+           "3.35 nominal); ~800 TFLOP/s bf16 dense as measured by cuBLAS-class GEMMs (989 nominal), tf32 half; "
+           "228 KB shared/SM")
+A100 = Device(
+    "a100", "A100 SXM 80GB", 80, sms=108, clock_hz=1.41e9, bandwidth=1.7e12, tc_bf16=312e12, tc_tf32=156e12,
+    smem_per_sm=164 * 1024,
+    source="108 SMs, 4 schedulers/SM, 1.41 GHz boost; ~1.7 TB/s achievable copy (2.04 nominal on 80GB, "
+           "1.56 on 40GB); 312 TFLOP/s bf16 dense, 156 tf32 (nominal); 164 KB shared/SM")
+DEVICES = {d.key: d for d in (H100, A100)}
+
+
+# ----------------------------------------------------------------------------------------------
+# trip counts: one formula per source loop of every kernel
+# ----------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A source loop: `header` (text of its `for` / `while` line) inside function `func` of
+    kernels/`module`.py; `count` (text of the line whose executions are the iterations that do
+    work; default: the first line of the body); `trips(a, pid)`: that count in one program, a list
+    with one entry per inlined call site (in call order) for loops of helpers. `a` holds the
+    launch's scalar arguments and constexprs by name; `pid` its program id (x, y, z)."""
+    module: str
+    func: str
+    header: str
+    trips: Callable[[dict, tuple], int | list[int]]
+    count: str | None = None
+    kernels: tuple[str, ...] = ()   # the kernels that run it (for the trip-count test)
+
+    def site_counts(self, a: dict, pid: tuple) -> list[int]:
+        t = self.trips(a, pid)
+        return list(t) if isinstance(t, (list, tuple)) else [t]
+
+
+def _stats_active(a, pid):
+    return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
+
+
+def _dx_active_cols(a, pid):
+    return sum(1 for cc in range(a["COLS"]) if pid[1] * a["COLS"] + cc < a["n_cols"])
+
+
+def _dx_calls(a, pid):  # tiles a dx program sweeps: each calls _dx_branch once per scale
+    return _dx_active_cols(a, pid) * a["N_TR"]
+
+
+def _bk(a):
+    return min(a["BLOCK_K"], a["C"])
+
+
+LOOPS: list[Loop] = [
+    Loop("head_loss", "_head_loss_fwd_kernel", "while done < pix_per_chunk:",
+         lambda a, pid: _cdiv(a["pix_per_chunk"], a["BLOCK_P"]), kernels=("_head_loss_fwd_kernel",)),
+    Loop("head_loss", "_head_loss_finalize_kernel", "while b < B:", lambda a, pid: a["B"],
+         kernels=("_head_loss_finalize_kernel",)),
+    Loop("head_loss", "_head_loss_finalize_kernel", "while k0 < n_chunks:",
+         lambda a, pid: a["B"] * _cdiv(a["n_chunks"], a["CHUNK_BLOCK"]), kernels=("_head_loss_finalize_kernel",)),
+    Loop("head_loss", "_head_loss_bwd_kernel", "while it < win_h * win_w:",
+         lambda a, pid: a["win_h"] * a["win_w"], kernels=("_head_loss_bwd_kernel",)),
+    Loop("attention", "_attn_fwd_sweep", "for start in range(0, M, BLOCK_M):",
+         lambda a, pid: _cdiv(a["M"], a["BLOCK_M"]), kernels=("_attn_fwd_kernel", "_sub_fwd_kernel")),
+    Loop("attention", "_attn_dq_sweep", "for start in range(0, M, BLOCK_M):",
+         lambda a, pid: _cdiv(a["M"], a["BLOCK_M"]), kernels=("_attn_bwd_dq_kernel", "_sub_bwd_dq_kernel")),
+    Loop("attention", "_attn_bwd_dkdv_kernel", "for i in range(0, CHUNK_ROWS, BLOCK_N):",
+         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_attn_bwd_dkdv_kernel",)),
+    Loop("attention", "_attn_bwd_reduce_kernel", "for c in range(N_CHUNKS):",
+         lambda a, pid: a["N_CHUNKS"], kernels=("_attn_bwd_reduce_kernel",)),
+    Loop("attention_sublayer", "_project_rows", "for kc in range(0, BLOCK_D, BLOCK_K):",
+         lambda a, pid: _cdiv(a["BLOCK_D"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel", "_sub_bwd_dq_kernel")),
+    Loop("attention_sublayer", "_sub_fwd_kernel", "for jc in range(0, BLOCK_D, BLOCK_K):",
+         lambda a, pid: _cdiv(a["BLOCK_D"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel",)),
+    Loop("attention_sublayer", "_sub_bwd_dq_kernel", "for jc in range(0, BLOCK_D, BLOCK_K):",
+         lambda a, pid: [_cdiv(a["BLOCK_D"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
+    Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
+         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
+    Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+         count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
+    Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
+         lambda a, pid: _cdiv(a["C"], _bk(a)), kernels=("_lmsa_fwd_kernel",)),
+    Loop("lmsa", "_depthwise", "for t in range(KS * KS):",
+         lambda a, pid: [k * k * _cdiv(a["C"], _bk(a)) for k in (3, 5, 7)], kernels=("_lmsa_fwd_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_gram_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+         count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
+         lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
+         count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_depthwise_and_wgrad", "for t in range(KS * KS):",
+         lambda a, pid: _stats_active(a, pid) * a["KS"] ** 2, kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_dx_kernel", "for cc in range(COLS):", lambda a, pid: a["COLS"],
+         kernels=("_lmsa_bwd_dx_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_dx_kernel", "for tr in range(N_TR):", _dx_calls, kernels=("_lmsa_bwd_dx_kernel",)),
+    Loop("lmsa", "_dx_branch", "for r0 in range(0, HALO_H * HALO_W, BLOCK_R):",
+         lambda a, pid: [_dx_calls(a, pid) * _cdiv(a["HALO_H"] * a["HALO_W"], a["BLOCK_R"])] * 3,
+         kernels=("_lmsa_bwd_dx_kernel",)),
+    Loop("lmsa", "_dx_branch", "for c0 in range(0, C, BLOCK_C):",
+         lambda a, pid: [_dx_calls(a, pid) * _cdiv(a["HALO_H"] * a["HALO_W"], a["BLOCK_R"])
+                         * _cdiv(a["C"], min(a["BLOCK_C"], a["C"]))] * 3, kernels=("_lmsa_bwd_dx_kernel",)),
+    Loop("lmsa", "_dx_branch", "for t in range(KS * KS):",
+         lambda a, pid: [_dx_calls(a, pid) * k * k for k in (3, 5, 7)], kernels=("_lmsa_bwd_dx_kernel",)),
+]
+
+
+def loop_lines(loop: Loop) -> list[tuple[str, int, int]]:
+    """[(file, header line, counted line)] of every occurrence of a loop's header in its function
+    (two loops with the same header text in one function are two sites). The counted line is
+    `loop.count`'s, else the loop body's first statement; it must be a one-line statement (a
+    statement spread over lines reports a line event each time execution returns to its first line)."""
+    import ast
+    import importlib
+    import textwrap
+    mod = importlib.import_module(f"kernels.{loop.module}")
+    fn = getattr(mod, loop.func)
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    lines, first = inspect.getsourcelines(fn)
+    path = inspect.getsourcefile(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.For, ast.While)):
+            continue
+        if not lines[node.lineno - 1].strip().startswith(loop.header.strip()):
+            continue
+        stmts = [st for st in ast.walk(node) if isinstance(st, ast.stmt) and st is not node]
+        if loop.count is None:
+            counted = node.body[0]
+        else:
+            counted = next(st for st in stmts if lines[st.lineno - 1].strip().startswith(loop.count))
+        if counted.end_lineno != counted.lineno or isinstance(counted, (ast.If, ast.For, ast.While)):
+            raise ValueError(f"kernels/{loop.module}.py:{first + counted.lineno - 1}: the counted line of "
+                             f"{loop.header!r} must be a one-line simple statement (set Loop.count)")
+        out.append((path, first + node.lineno - 1, first + counted.lineno - 1))
+    if not out:
+        raise LookupError(f"kernels/{loop.module}.py: no loop {loop.header!r} in {loop.func}")
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# capture: the launches of one op at the model's shapes, specialised as the launcher would
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    op: str
+    pass_: str
+    kernel: str                   # PinnedKernel name, or the JIT function's name
+    fn: object                    # JITFunction
+    grid: tuple
+    args: dict                    # bound arguments by name (tensors included)
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict                 # num_warps, num_stages
+
+
+def _target_backend(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+def specialise(fn, args, kwargs, grid, arch: int):
+    """(bound args, grid, signature, constexprs, attrs, options) exactly as `JITFunction.run`
+    derives them on a GPU of compute capability `arch`."""
+    from triton.runtime.jit import create_function_from_signature
+    backend = _target_backend(arch)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    grid = grid(bound) if callable(grid) else grid
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    return dict(bound), grid, signature, constexprs, attrs, {"num_warps": options.num_warps,
+                                                              "num_stages": options.num_stages}
+
+
+@contextlib.contextmanager
+def recording(device: Device, sink: list, op: str, pass_ref: list):
+    """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
+    from triton.runtime.jit import JITFunction
+    from kernels import attention, configs, head_loss, lmsa, upsample_argmax
+    names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
+    names.update({head_loss._head_loss_finalize_kernel: "head_loss.finalize",
+                  attention._attn_bwd_reduce_kernel: "attention.reduce"})
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound, g, sig, const, attrs, opts = specialise(self, args, kwargs, grid, device.arch)
+        sink.append(Launch(op, pass_ref[0], names.get(self, self.fn.__name__), self, g, bound, sig, const,
+                           attrs, opts))
+
+    saved = [(JITFunction, "run", JITFunction.run), (attention, "_sm_count", attention._sm_count),
+             (lmsa, "_sm_count", lmsa._sm_count), (upsample_argmax, "_check_device", upsample_argmax._check_device),
+             (head_loss, "_check_device", head_loss._check_device)]
+    JITFunction.run = record
+    attention._sm_count = lmsa._sm_count = lambda dev: device.sms
+    upsample_argmax._check_device = head_loss._check_device = lambda t, name: None
+    try:
+        with configs.for_device(f"sm_{device.arch}"):
+            yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def _cl(b, c, h, w, dtype):
+    """An empty channels-last B×C×H×W tensor (the memory format the model hands the op)."""
+    import torch
+    return torch.empty((b, h, w, c), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
+    """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
+    import torch
+    from kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    launches: list[Launch] = []
+    pass_ref = ["fwd"]
+    e = torch.empty
+    bf16, f32 = torch.bfloat16, torch.float32
+    with recording(device, launches, op, pass_ref), torch.no_grad():
+        if op == "head_loss":
+            logits = _cl(batch, NUM_CLASSES, size // 4, size // 4, bf16)
+            targets = e((batch, size, size), dtype=torch.uint8)
+            _, coef = hl._forward(logits, targets, 1.0)
+            pass_ref[0] = "bwd"
+            hl._backward(logits, targets, coef, e((), dtype=f32))
+        elif op == "upsample_argmax":
+            ua.upsample_argmax(_cl(batch, NUM_CLASSES, size // 4, size // 4, bf16), (size, size))
+        elif op == "attention_sublayer":
+            c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
+            x, r = e((batch, n, c), dtype=f32), e((batch, n, c), dtype=f32)
+            kv = e((batch, KV_LEN, 2 * c), dtype=bf16)  # the model's k, v: halves of one kv projection
+            k, v = kv[..., :c], kv[..., c:]
+            wq, wo, bq, bo = e((c, c), dtype=bf16), e((c, c), dtype=bf16), e((c,), dtype=bf16), e((c,), dtype=bf16)
+            _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
+            pass_ref[0] = "bwd"
+            sub._backward(x, k, v, wq, bq, wo, o, lse, e((batch, n, c), dtype=f32), f32, None, None)
+        elif op == "lmsa":
+            c, hw = DECODER_DIM, size // 4
+            x = _cl(batch, c, hw, hw, bf16)
+            params = [torch.zeros(c, 1, k, k) for k in (3, 5, 7)] + [torch.zeros(c, c) for _ in range(3)] \
+                + [torch.zeros(c) for _ in range(3)] + [torch.zeros(3 * c // 8, 3 * c), torch.zeros(3 * c // 8),
+                                                       torch.zeros(3 * c, 3 * c // 8), torch.zeros(3 * c)]
+            _, P, wg = lmsa._forward(x, params, False)
+            pass_ref[0] = "bwd"
+            lmsa._backward(x, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
+        else:
+            raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    return launches
+
+
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "lmsa")
+
+
+def op_instances() -> list[tuple[str, int | None]]:
+    return [("head_loss", None), ("upsample_argmax", None)] + [("attention_sublayer", s) for s in STAGES] \
+        + [("lmsa", None)]
+
+
+def op_label(op: str, stage: int | None) -> str:
+    return f"{op}[stage {stage}]" if stage else op
+
+
+# ----------------------------------------------------------------------------------------------
+# SASS: instruction classes, loops
+# ----------------------------------------------------------------------------------------------
+CLASSES = {
+    "fp32": ("FFMA", "FMUL", "FADD"), "mufu": ("MUFU",), "shfl": ("SHFL",), "bar": ("BAR",),
+    "ldg": ("LDG", "LDGSTS"), "stg": ("STG",), "lds": ("LDS", "LDSM"), "sts": ("STS",), "mma": ("HGMMA", "HMMA"),
+}
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+@dataclass
+class Instr:
+    addr: int
+    op: str
+    operands: str
+    file: str
+    line: int
+
+
+def disassemble(cubin: bytes) -> list[Instr]:
+    from kernels.report import cuobjdump_path
+    tool = cuobjdump_path().parent / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "--print-line-info", "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    out, labels, pending, file, line = [], {}, [], "", 0
+    for raw in text.splitlines():
+        m = _LINE.search(raw)
+        if m:
+            file, line = m.group(1), int(m.group(2))
+            continue
+        m = _LABEL.match(raw.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.search(raw)
+        if m:
+            ins = Instr(int(m.group(1), 16), m.group(3), m.group(4), file, line)
+            for lab in pending:
+                labels[lab] = ins.addr
+            pending = []
+            out.append(ins)
+    for ins in out:
+        t = _TARGET.search(ins.operands)
+        ins.target = labels.get(t.group(1)) if t else None  # type: ignore[attr-defined]
+    return out
+
+
+def instr_class(op: str) -> str | None:
+    base = op.split(".")[0]
+    for cls, names in CLASSES.items():
+        if base in names:
+            return cls
+    return None
+
+
+def mma_flops(ins: Instr) -> int:
+    """FLOPs of one HMMA warp-instruction / one HGMMA warpgroup operation."""
+    parts = ins.op.split(".")
+    if parts[0] == "HGMMA":
+        m, n, k = (int(v) for v in parts[1].split("x"))
+        return 2 * m * n * k
+    if parts[0] == "HMMA":
+        shape = parts[1]
+        m, n, k = int(shape[:2]), int(shape[2]), int(shape[3:])
+        return 2 * m * n * k
+    return 0
+
+
+@dataclass
+class SassLoop:
+    start: int
+    end: int
+    file: str
+    line: int
+    loop: Loop | None = None
+    site: int = 0
+
+
+def find_loops(instrs: list[Instr]) -> list[SassLoop]:
+    loops = [SassLoop(ins.target, ins.addr, ins.file, ins.line) for ins in instrs
+             if ins.op.startswith("BRA") and getattr(ins, "target", None) is not None and ins.target < ins.addr]
+    # (a branch to itself is the trap loop after EXIT, never executed)
+    loops.sort(key=lambda l: (l.start, -l.end))
+    return loops
+
+
+def innermost(loops: list[SassLoop], addr: int) -> SassLoop | None:
+    best = None
+    for lp in loops:
+        if lp.start <= addr <= lp.end and (best is None or lp.end - lp.start < best.end - best.start):
+            best = lp
+    return best
+
+
+def match_loops(loops: list[SassLoop], instrs: list[Instr]) -> None:
+    """Attach each SASS loop to its source loop and site (see the module docstring, step 3)."""
+    by_line: dict[tuple[str, int], tuple[Loop, int]] = {}
+    for lp in LOOPS:
+        occurrences = loop_lines(lp)
+        for i, (path, header, _) in enumerate(occurrences):
+            by_line[(os.path.basename(path), header)] = (lp, i if len(occurrences) > 1 else -1)
+    claimed: dict[tuple[str, int], list[SassLoop]] = defaultdict(list)
+    for sl in sorted(loops, key=lambda l: l.start):
+        key = (os.path.basename(sl.file), sl.line)
+        if key not in by_line:  # a known header inside the body, not inside a loop nested in it
+            inner = [o for o in loops if o is not sl and sl.start <= o.start and o.end <= sl.end]
+            key = next(((os.path.basename(i.file), i.line) for i in instrs
+                        if sl.start <= i.addr <= sl.end and not any(o.start <= i.addr <= o.end for o in inner)
+                        and (os.path.basename(i.file), i.line) in by_line), None)
+        if key is not None:
+            claimed[key].append(sl)
+    for key, sls in claimed.items():
+        lp, occurrence = by_line[key]
+        for rank, sl in enumerate(sls):
+            sl.loop, sl.site = lp, occurrence if occurrence >= 0 else rank
+            sl.sites_kept = None if occurrence >= 0 else len(sls)  # type: ignore[attr-defined]
+
+
+def site_index(sl: SassLoop, counts: list[int]) -> int:
+    """The call site of a helper's loop: by address order; when the compiler unrolled some sites
+    (fewer SASS loops than sites), the kept loops are the sites with the most iterations (LLVM
+    fully unrolls the short constant-trip ones), still in call order."""
+    kept = getattr(sl, "sites_kept", None)
+    if kept is None or kept >= len(counts) or sl.site >= kept:
+        return min(sl.site, len(counts) - 1)
+    largest = sorted(sorted(range(len(counts)), key=lambda i: -counts[i])[:kept])
+    return largest[sl.site]
+
+
+# ----------------------------------------------------------------------------------------------
+# the prediction
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class KernelCost:
+    op: str
+    pass_: str
+    kernel: str
+    device: str
+    config: str
+    grid: tuple
+    programs: int
+    warps: int
+    registers: int
+    shared: int
+    ctas_per_sm: int
+    waves: float
+    static: Counter                    # SASS instructions by class, whole kernel
+    loop_bodies: list                  # [(source loop, site, body instrs, trips per program (mean), {class: instrs})]
+    unmatched_loops: int
+    dynamic: Counter                   # dynamic warp-instructions by class, whole launch
+    dram_bytes: int
+    tc_flops: float
+    t_issue: float
+    t_bytes: float
+    t_flops: float
+    spill_bytes: int = 0               # local + stack bytes of the build (0 for a clean build)
+
+    @property
+    def predicted(self) -> float:
+        return max(self.t_issue, self.t_bytes, self.t_flops)
+
+    @property
+    def bound(self) -> str:
+        return max((self.t_issue, "issue"), (self.t_bytes, "bytes"), (self.t_flops, "flops"))[1]
+
+
+def occupancy(device: Device, regs: int, shared: int, warps: int) -> int:
+    per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    by_regs = (device.regs_per_sm // per_warp) // warps
+    by_smem = device.smem_per_sm // (shared + 1024)
+    return max(0, min(by_regs, by_smem, device.max_warps_per_sm // warps, device.max_ctas_per_sm))
+
+
+def _scalars(args: dict) -> dict:
+    return {k: v for k, v in args.items() if isinstance(v, (int, float, bool))}
+
+
+def _bytes(args: dict) -> int:
+    import torch
+    seen = {}
+    for v in args.values():
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+    return sum(seen.values())
+
+
+_BUILDS: dict = {}
+
+
+def compiled_kernel(launch: Launch, arch: int):
+    key = (id(launch.fn), arch, repr(sorted(launch.signature.items())), repr(sorted(launch.constexprs.items())),
+           repr(sorted(launch.attrs.items())), repr(sorted(launch.options.items())))
+    if key not in _BUILDS:
+        from kernels.report import build, cuobjdump_path, usage_of
+        ck = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, arch, launch.options)
+        usage = usage_of(ck, arch, cuobjdump_path())
+        instrs = disassemble(ck.asm["cubin"])
+        loops = find_loops(instrs)
+        match_loops(loops, instrs)
+        _BUILDS[key] = (usage, instrs, loops)
+    return _BUILDS[key]
+
+
+def _config_keys(launch: Launch) -> list[str]:
+    """The launch's configuration parameters: its pinned config's keys, else its BLOCK constexprs."""
+    from kernels import configs
+    pk = configs.REGISTRY.get(launch.kernel)
+    if pk is not None:
+        return list(pk.configs[0].kwargs)
+    return [k for k in launch.args if k.startswith("BLOCK")]
+
+
+def predict(launch: Launch, device: Device) -> KernelCost:
+    usage, instrs, loops = compiled_kernel(launch, device.arch)
+    warps = launch.options["num_warps"]
+    a = _scalars(launch.args)
+    gx, gy, gz = launch.grid
+    programs = gx * gy * gz
+    # trips per SASS loop, summed over programs
+    trips_total: dict[int, int] = {}
+    for i, sl in enumerate(loops):
+        if sl.loop is None:
+            trips_total[i] = programs
+            continue
+        tot = 0
+        for z in range(gz):
+            for y in range(gy):
+                for x in range(gx):
+                    counts = sl.loop.site_counts(a, (x, y, z))
+                    tot += counts[site_index(sl, counts)]
+        trips_total[i] = tot
+    static, dynamic = Counter(), Counter()
+    bodies = Counter()
+    body_classes: dict[int, Counter] = defaultdict(Counter)
+    flops = 0.0
+    for ins in instrs:
+        cls = instr_class(ins.op) or "other"
+        static[cls] += 1
+        static["total"] += 1
+        lp = innermost(loops, ins.addr)
+        times = programs if lp is None else trips_total[loops.index(lp)]
+        if lp is not None:
+            bodies[loops.index(lp)] += 1
+            body_classes[loops.index(lp)][cls] += 1
+        dynamic[cls] += times * warps
+        dynamic["total"] += times * warps
+        f = mma_flops(ins)
+        if f:
+            per = warps / 4 if ins.op.startswith("HGMMA") else warps
+            flops += f * times * per
+    loop_rows = [(f"{sl.loop.func}:{sl.loop.header.split(':')[0]}" if sl.loop else "unmatched", sl.site,
+                  bodies[i], trips_total[i] / programs, dict(body_classes[i])) for i, sl in enumerate(loops)]
+    ctas = occupancy(device, usage["registers"], usage["shared_bytes"], warps)
+    n = _cdiv(programs, device.sms)
+    resident = max(1, min(ctas, n))
+    eff = min(1.0, resident * warps / device.schedulers / LATENCY_WARPS)
+    per_prog_warp = dynamic["total"] / programs / warps
+    t_issue = n * per_prog_warp * warps / (device.schedulers * device.clock_hz * eff)
+    nbytes = _bytes(launch.args)
+    tf32 = any(ins.op.startswith(("HGMMA", "HMMA")) and "TF32" in ins.op for ins in instrs)
+    t_flops = flops / (device.tc_tf32 if tf32 else device.tc_bf16)
+    config = ",".join(f"{k}={launch.args[k]}" for k in _config_keys(launch))
+    return KernelCost(launch.op, launch.pass_, launch.kernel, device.key,
+                      ",".join(filter(None, (config, f"w{warps}", f"s{launch.options['num_stages']}"))), launch.grid, programs, warps,
+                      usage["registers"], usage["shared_bytes"], ctas, programs / max(1, ctas * device.sms),
+                      static, loop_rows, sum(1 for sl in loops if sl.loop is None), dynamic, nbytes, flops,
+                      t_issue, nbytes / device.bandwidth, t_flops,
+                      usage["local_bytes"] + usage["stack_bytes"])
+
+
+def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
+    label = op_label(op, stage)
+    out = []
+    for launch in capture(op, device, stage, **shape):
+        launch.op = label
+        out.append(predict(launch, device))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# eager floors (bench.eager_bytes, another module; optional)
+# ----------------------------------------------------------------------------------------------
+def _eager():
+    try:
+        from bench import eager_bytes
+        return eager_bytes
+    except Exception:  # absent on a branch without it: the table prints "n/a"
+        return None
+
+
+def _eager_source() -> str:
+    mod = _eager()
+    if mod is None:
+        return "Eager floors: n/a (`bench.eager_bytes` absent from this checkout)."
+    import hashlib
+    digest = hashlib.sha1(Path(mod.__file__).read_bytes()).hexdigest()[:12]
+    return (f"Eager floors: `bench.eager_bytes` (file sha1 {digest}): the bytes of every aten op of the "
+            f"eager path, counted on meta tensors, ÷ the device's bandwidth.")
+
+
+def eager_op_floor(op: str, stage: int | None, device: Device) -> dict | None:
+    mod = _eager()
+    if mod is None:
+        return None
+    b = mod.eager_op_bytes(op, stage=stage, batch=BATCH, size=SIZE)
+    return {k: v / device.bandwidth for k, v in b.items()} | {f"{k}_bytes": v for k, v in b.items()}
+
+
+def eager_step_floor(variant: str, device: Device) -> float | None:
+    mod = _eager()
+    return None if mod is None else mod.eager_step_bytes(variant, batch=BATCH, size=SIZE) / device.bandwidth
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+def _us(t: float) -> str:
+    return f"{t * 1e6:.1f}"
+
+
+def kernel_table(costs: list[KernelCost]) -> str:
+    head = (f"{'op':24} {'pass':4} {'kernel':24} {'dev':4} {'config':26} {'grid':>16} {'w':>2} {'reg':>4} "
+            f"{'smem':>6} {'cta':>3} {'waves':>6} | {'sass':>5} {'fp32':>4} {'mufu':>4} {'shfl':>4} {'bar':>3} "
+            f"{'ldg':>4} {'stg':>4} {'lds':>4} {'sts':>4} {'mma':>4} | {'loops: body×trips':30} | "
+            f"{'dyn Minstr':>10} {'MB':>8} {'GFLOP':>7} | {'issue µs':>8} {'bytes µs':>8} {'flops µs':>8} "
+            f"{'pred µs':>8} bound")
+    lines = [head, "-" * len(head)]
+    for c in costs:
+        s = c.static
+        loops = " ".join(f"{b}×{t:g}" for _, _, b, t, _ in c.loop_bodies) or "-"
+        if c.unmatched_loops:
+            loops += f" ({c.unmatched_loops} unmatched)"
+        if c.spill_bytes:
+            loops = f"SPILL {c.spill_bytes} B " + loops
+        lines.append(
+            f"{c.op:24} {c.pass_:4} {c.kernel:24} {c.device:4} {c.config:26} {'×'.join(map(str, c.grid)):>16} "
+            f"{c.warps:>2} {c.registers:>4} {c.shared:>6} {c.ctas_per_sm:>3} {c.waves:>6.2f} | {s['total']:>5} "
+            f"{s['fp32']:>4} {s['mufu']:>4} {s['shfl']:>4} {s['bar']:>3} {s['ldg']:>4} {s['stg']:>4} {s['lds']:>4} "
+            f"{s['sts']:>4} {s['mma']:>4} | {loops[:30]:30} | {c.dynamic['total'] / 1e6:>10.2f} "
+            f"{c.dram_bytes / 1e6:>8.1f} {c.tc_flops / 1e9:>7.2f} | {_us(c.t_issue):>8} {_us(c.t_bytes):>8} "
+            f"{_us(c.t_flops):>8} {_us(c.predicted):>8} {c.bound}")
+    return "\n".join(lines)
+
+
+def loop_table(costs: list[KernelCost]) -> str:
+    """SASS instructions of every loop body (excluding loops nested in it), in total and by class."""
+    cls_names = [c for c in CLASSES] + ["other"]
+    head = f"{'op':28} {'kernel':26} {'dev':4} {'loop (function: header #site)':58} {'trips':>8} {'body':>5} " + \
+        " ".join(f"{c:>5}" for c in cls_names)
+    lines = [head, "-" * len(head)]
+    for c in costs:
+        for name, site, body, trips, classes in c.loop_bodies:
+            lines.append(f"{c.op:28} {c.kernel:26} {c.device:4} {f'{name} #{site}'[:58]:58} {trips:>8g} {body:>5} "
+                         + " ".join(f"{classes.get(k, 0):>5}" for k in cls_names))
+    return "\n".join(lines)
+
+
+def op_summary(costs: list[KernelCost], device: Device) -> list[dict]:
+    rows = []
+    for op, stage in op_instances():
+        label = op_label(op, stage)
+        mine = [c for c in costs if c.op == label and c.device == device.key]
+        if not mine:
+            continue
+        floor = eager_op_floor(op, stage, device)
+        for pass_, eager_key in (("fwd", "forward"), ("bwd", "backward")):
+            ks = [c for c in mine if c.pass_ == pass_]
+            if not ks:
+                continue
+            fused = sum(c.predicted for c in ks)
+            eager = floor.get(eager_key) if floor else None
+            rows.append({"op": label, "pass": pass_, "device": device.key, "fused_predicted_s": fused,
+                         "eager_floor_s": eager, "ratio": (fused / eager) if eager else None})
+    return rows
+
+
+def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
+    """Whole training step: fused ops predicted (+ the eager rest's floor) vs the eager floors."""
+    mine = [c for c in costs if c.device == device.key]
+
+    def total(label):
+        return sum(c.predicted for c in mine if c.op == label)
+    fused = total("head_loss") + total("lmsa") + sum(
+        STAGE_DEPTHS[s] * total(op_label("attention_sublayer", s)) for s in STAGES)
+    rest = eager_step_floor("triton_rest", device)
+    paper = eager_step_floor("paper", device)
+    h4 = eager_step_floor("h4", device)
+    triton_step = fused + rest if rest is not None else None
+    return [{"row": "fused ops predicted (one step)", "device": device.key, "seconds": fused},
+            {"row": "eager rest floor (triton step)", "device": device.key, "seconds": rest},
+            {"row": "triton step (fused predicted + rest floor)", "device": device.key, "seconds": triton_step},
+            {"row": "eager step floor, paper order", "device": device.key, "seconds": paper},
+            {"row": "eager step floor, classifier at H/4", "device": device.key, "seconds": h4},
+            {"row": "ratio triton step / eager paper floor", "device": device.key,
+             "seconds": None, "ratio": (triton_step / paper) if triton_step and paper else None},
+            {"row": "ratio triton step / eager H/4 floor", "device": device.key,
+             "seconds": None, "ratio": (triton_step / h4) if triton_step and h4 else None}]
+
+
+def _fmt_opt(t: float | None, scale: float = 1e6) -> str:
+    return "n/a" if t is None else f"{t * scale:.1f}"
+
+
+def summary_text(ops: list[dict], steps: list[dict]) -> str:
+    lines = [f"{'op':24} {'pass':4} {'dev':4} {'fused pred µs':>13} {'eager floor µs':>14} {'fused/eager':>11}"]
+    for r in ops:
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"{r['op']:24} {r['pass']:4} {r['device']:4} {_fmt_opt(r['fused_predicted_s']):>13} "
+                     f"{_fmt_opt(r['eager_floor_s']):>14} {ratio:>11}")
+    if any(r["eager_floor_s"] is None for r in ops):
+        lines.append("eager floor: n/a (bench.eager_bytes not available on this checkout)")
+    lines.append("")
+    for r in steps:
+        val = (f"{r['ratio']:.2f}" if r.get("ratio") is not None else "n/a") if "ratio" in r \
+            else (f"{r['seconds'] * 1e3:.3f} ms" if r["seconds"] is not None else "n/a")
+        lines.append(f"{r['row']:45} {r['device']:4} {val}")
+    return "\n".join(lines)
+
+
+STEP_NOTE = (
+    "Ratios are fused ÷ eager (below 1: the fused op is predicted faster than eager's byte floor). "
+    "The step rows count one training step: head + loss, LMSA and every attention sublayer (stage "
+    "depths 1, 2, 2, 2) fused and predicted, plus the floor of the eager ops a triton-backend step "
+    "keeps; upsample_argmax is inference-only and not in the step. Host-side torch ops inside the "
+    "fused ops (LMSA's gate graph, partial-sum reductions) are in neither the kernel rows nor the rest.")
+
+
+def _versions() -> str:
+    import torch
+    import triton
+    return f"torch {torch.__version__}, triton {triton.__version__}"
+
+
+def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict]) -> list[dict]:
+    date, versions, size = _dt.date.today().isoformat(), _versions(), f"B={BATCH},{SIZE}x{SIZE},bf16-autocast"
+    rows = []
+
+    def add(op, kernel, pass_, device, metric, unit, value):
+        rows.append({"op": op, "kernel": kernel, "pass": pass_, "device": device, "metric": metric, "unit": unit,
+                     "value": value, "size": size, "date": date, "versions": versions})
+    for c in costs:
+        k = f"{c.kernel}[{c.config}]"
+        for metric, unit, value in (
+                ("grid", "programs", c.programs), ("warps", "count", c.warps), ("registers", "per thread", c.registers),
+                ("shared", "bytes", c.shared), ("ctas_per_sm", "count", c.ctas_per_sm), ("waves", "count", c.waves),
+                ("dram_bytes", "bytes", c.dram_bytes), ("tc_flops", "flop", c.tc_flops),
+                ("t_issue", "s", c.t_issue), ("t_bytes", "s", c.t_bytes), ("t_flops", "s", c.t_flops),
+                ("predicted", "s", c.predicted), ("unmatched_loops", "count", c.unmatched_loops),
+                ("spill_bytes", "bytes", c.spill_bytes)):
+            add(c.op, k, c.pass_, c.device, metric, unit, value)
+        for cls, n in sorted(c.static.items()):
+            add(c.op, k, c.pass_, c.device, f"sass_{cls}", "instructions", n)
+        for cls, n in sorted(c.dynamic.items()):
+            add(c.op, k, c.pass_, c.device, f"dynamic_{cls}", "warp-instructions", n)
+        for name, site, body, trips, classes in c.loop_bodies:
+            add(c.op, k, c.pass_, c.device, f"loop_body[{name}#{site}]", "instructions", body)
+            for cls, n in sorted(classes.items()):
+                add(c.op, k, c.pass_, c.device, f"loop_body_{cls}[{name}#{site}]", "instructions", n)
+            add(c.op, k, c.pass_, c.device, f"loop_trips[{name}#{site}]", "per program", trips)
+    for r in ops:
+        for metric in ("fused_predicted_s", "eager_floor_s", "ratio"):
+            add(r["op"], "(op)", r["pass"], r["device"], metric.removesuffix("_s"), "s" if metric.endswith("_s") else "x",
+                r[metric])
+    for r in steps:
+        add("(step)", r["row"], "fwd+bwd", r["device"], "ratio" if "ratio" in r else "time",
+            "x" if "ratio" in r else "s", r.get("ratio") if "ratio" in r else r["seconds"])
+    return rows
+
+
+def devices_text() -> str:
+    return "\n".join(f"{d.name} (sm_{d.arch}): {d.source}" for d in DEVICES.values()) + \
+        f"\nissue model: LATENCY_WARPS = {LATENCY_WARPS} resident warps per scheduler for full issue rate"
+
+
+# ----------------------------------------------------------------------------------------------
+# --pin: the fastest predicted allowed config per (kernel, class, device) of the model's launches
+# ----------------------------------------------------------------------------------------------
+def pin(devices: list[Device], log=print) -> dict:
+    """For every pinned kernel × shape class the model launches on each device: the allowed
+    configuration with the least predicted time (summed over the kernel's launches in one step's
+    ops) among those whose build does not spill, written into kernels/configs.json."""
+    from kernels import configs, tune
+    totals: dict = defaultdict(lambda: defaultdict(float))
+    for device in devices:
+        kind = f"sm_{device.arch}"
+        for op, stage in op_instances():
+            groups = {}
+            for launch in capture(op, device, stage):
+                pk = configs.REGISTRY.get(launch.kernel)
+                if pk is not None:
+                    groups.setdefault((launch.kernel, pk.shape_class(launch.args)), pk)
+            for (name, cls), pk in groups.items():
+                for i, cfg in enumerate(pk.allowed(cls)):
+                    with _override(name, cfg):
+                        launches = [l for l in capture(op, device, stage)
+                                    if l.kernel == name and pk.shape_class(l.args) == cls]
+                    costs = [predict(l, device) for l in launches]
+                    t = sum(c.predicted for c in costs)
+                    spill = sum(c.spill_bytes for c in costs)
+                    # a build that spills with the launch's own specialisation is never pinned
+                    totals[(name, cls, kind)][i] += math.inf if spill else t
+                    log(f"{kind} {op_label(op, stage)} {name} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs"
+                        + (f" (spills {spill} B: excluded)" if spill else ""))
+    picks = {}
+    for (name, cls, kind), per_cfg in totals.items():
+        best = min(per_cfg, key=per_cfg.get)
+        picks[(name, cls, kind)] = configs.REGISTRY[name].allowed(cls)[best]
+    table = tune.merge(configs.load_table(), picks)
+    tune.write(table, configs.TABLE_PATH)
+    configs.reload_table()
+    return picks
+
+
+@contextlib.contextmanager
+def _override(name: str, cfg):
+    """Launches of kernel `name` take configuration `cfg` instead of the pinned one."""
+    from kernels import configs
+    saved = configs.lookup
+    configs.lookup = lambda n, cls, kind, table=None: cfg if n == name else saved(n, cls, kind, table)
+    try:
+        yield
+    finally:
+        configs.lookup = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# --trace-model: the layouts and dtypes the model really hands each kernel, against the capture's
+# ----------------------------------------------------------------------------------------------
+# CPU autocast leaves LayerNorm outputs (hence the sublayer's x, residual, out, g, dx and the weight
+# gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (kernels.attention_sublayer);
+# for those the trace checks the layout only.
+AUTOCAST_DTYPE_DIFFERS = {"_sub_fwd_kernel": {"X", "R", "OUT"}, "_sub_bwd_dq_kernel": {"X", "G", "DX"},
+                          "_sub_wgrad_kernel": {"A", "B"}}
+
+
+def tensor_layouts(named: dict) -> dict[str, tuple[str, str]]:
+    """{argument: (dtype, layout)} of a launch's tensors; layout: contiguous / channels_last /
+    rows (unit last stride, padded rows: a view) / strided."""
+    import torch
+    out = {}
+    for k, v in named.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.is_contiguous():
+            lay = "contiguous"
+        elif v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last):
+            lay = "channels_last"
+        elif v.stride(-1) == 1:
+            lay = "rows"
+        else:
+            lay = "strided"
+        out[k] = (str(v.dtype).removeprefix("torch."), lay)
+    return out
+
+
+def _trace_in_interpreter(size: int) -> dict:
+    """(run with TRITON_INTERPRET=1) one bf16-autocast loss + backward + predict of the model with
+    the triton backend on a 1×3×size×size batch: {kernel: [layout dicts]} of every launch."""
+    import torch
+    from triton.runtime import interpreter
+    from msf.model import MicroSegFormer
+    seen: dict = defaultdict(list)
+    run = interpreter.InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        lay = tensor_layouts({**dict(zip(self.arg_names, args)), **kwargs})
+        if lay not in seen[self.fn.__name__]:
+            seen[self.fn.__name__].append(lay)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    interpreter.InterpretedFunction.run = record
+    try:
+        torch.manual_seed(0)
+        model = MicroSegFormer(backend="triton")
+        images = torch.randn(1, 3, size, size)
+        masks = torch.randint(0, NUM_CLASSES, (1, size, size), dtype=torch.uint8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss(images, masks).backward()
+            model.predict(images)
+    finally:
+        interpreter.InterpretedFunction.run = run
+    return seen
+
+
+def trace_model(size: int = 64) -> list[str]:
+    """Mismatches between the model's launches (traced under the interpreter, in a subprocess) and
+    the capture's at the same small size; [] when every captured layout is one the model uses."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = f"import json, kernels.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    if proc.returncode:
+        raise RuntimeError(f"model trace failed:\n{proc.stderr[-3000:]}")
+    traced = {k: [{a: tuple(v) for a, v in d.items()} for d in ds]
+              for k, ds in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    problems = []
+    for op, stage in op_instances():
+        for launch in capture(op, H100, stage, batch=1, size=size):
+            name = launch.fn.fn.__name__
+            loose = AUTOCAST_DTYPE_DIFFERS.get(name, set())
+
+            def key(d):
+                return {a: (v[1] if a in loose else v) for a, v in d.items()}
+            mine = key(tensor_layouts(launch.args))
+            if not any(key(d) == mine for d in traced.get(name, [])):
+                problems.append(f"{op_label(op, stage)} {name}: captured {mine}, model runs "
+                                f"{[key(d) for d in traced.get(name, [])] or 'no such kernel'}")
+    return problems
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m kernels.cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
+    parser.add_argument("--op", nargs="+", default=None,
+                        help="ops (head_loss, upsample_argmax, attention_sublayer, lmsa; "
+                             "attention_sublayer:N for one stage); default all")
+    parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
+    parser.add_argument("--json", type=Path, help="write long-format rows here")
+    parser.add_argument("--md", type=Path, help="write the tables as a markdown report here")
+    parser.add_argument("--pin", action="store_true", help="re-pick sm_90 / sm_80 entries of kernels/configs.json")
+    parser.add_argument("--trace-model", action="store_true",
+                        help="check the captured layouts / dtypes against a small model run under the interpreter")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from kernels.report import _rerun_without_interpreter
+        return _rerun_without_interpreter(argv, "kernels.cost")
+    devices = [DEVICES[k] for k in args.device]
+    if args.pin:
+        pin(devices)
+        return 0
+    if args.trace_model:
+        problems = trace_model()
+        print("\n".join(problems) or "every captured launch has the layout and dtype the model's own launch has")
+        return 1 if problems else 0
+    wanted = op_instances()
+    if args.op:
+        sel = []
+        for o in args.op:
+            name, _, st = o.partition(":")
+            if name not in OPS:
+                parser.error(f"--op: unknown op {name!r} (known: {', '.join(OPS)})")
+            sel += [(n, s) for n, s in wanted if n == name and (not st or s == int(st))]
+        wanted = sel
+    costs = []
+    for device in devices:
+        for op, stage in wanted:
+            for launch in capture(op, device, stage):
+                if args.kernel and args.kernel not in launch.kernel:
+                    continue
+                launch.op = op_label(op, stage)
+                costs.append(predict(launch, device))
+    ops = [r for d in devices for r in op_summary(costs, d)]
+    steps = [r for d in devices for r in step_summary(costs, d)] if not (args.op or args.kernel) else []
+    table, loops, summary = kernel_table(costs), loop_table(costs), summary_text(ops, steps)
+    print(table)
+    print()
+    print(loops)
+    print()
+    print(summary)
+    print()
+    print(devices_text())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        rows = long_rows(costs, ops, steps)
+        args.json.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(f"# Cost model, {_dt.date.today().isoformat()} ({_versions()})\n\n"
+                           f"`python -m kernels.cost --json ... --md ...` on a CPU-only machine; predictions, "
+                           f"not measurements. Method: `kernels/cost.py` docstring; reading it: README, "
+                           f"\"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
+                           f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"
+                           f"## Per kernel\n\n```\n{table}\n```\n\n"
+                           f"## Loop bodies (SASS instructions per iteration, by class)\n\n```\n{loops}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

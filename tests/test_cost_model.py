@@ -1,0 +1,200 @@
+"""The cost model's trip-count formulas (`kernels.cost.LOOPS`) against the loop iterations each
+program really runs under the interpreter, its pinned-config table, and a one-kernel smoke run of
+`python -m kernels.cost` (one sm_90 build).
+
+Counting: `InterpretedFunction.run` is wrapped to note each launch's arguments; during the launch
+a `sys.settrace` tracer counts, per program (the interpreter's grid index), how often each loop's
+counted line (`kernels.cost.loop_lines`) executes. The kernels themselves are not touched.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import configs
+from kernels import cost
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LoopCounter:
+    """Records [(kernel name, scalar args, grid, {pid: Counter((file, line))})] of every launch."""
+
+    def __init__(self):
+        self.launches = []
+        self.lines = {}   # (file, counted line) -> (Loop, occurrence)
+        for lp in cost.LOOPS:
+            for i, (path, _, body) in enumerate(cost.loop_lines(lp)):
+                self.lines[(os.path.realpath(path), body)] = (lp, i)
+        self.files = {f for f, _ in self.lines}
+
+        self._paths: dict = {}
+        self._holds: dict = {}
+
+    def path_of(self, code) -> str:
+        path = self._paths.get(code.co_filename)
+        if path is None:
+            path = self._paths[code.co_filename] = os.path.realpath(code.co_filename)
+        return path
+
+    def holds_counted_line(self, code) -> bool:
+        held = self._holds.get(code)
+        if held is None:
+            path = self.path_of(code)
+            held = path in self.files and any((path, ln) in self.lines for _, _, ln in code.co_lines() if ln)
+            self._holds[code] = held
+        return held
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+        self._interp = interpreter
+        self._run = interpreter.InterpretedFunction.run
+        counter = self
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            named = {**dict(zip(fn_self.arg_names, args)), **kwargs}
+            g = grid(named) if callable(grid) else grid
+            g = tuple(g) + (1,) * (3 - len(g))
+            per_pid: dict = defaultdict(Counter)
+            scalars = {k: v for k, v in named.items() if isinstance(v, (int, float, bool))}
+            counter.launches.append((fn_self.fn.__name__, scalars, g, per_pid))
+
+            def local(frame, event, arg):
+                if event == "line":
+                    key = (counter.path_of(frame.f_code), frame.f_lineno)
+                    if key in counter.lines:
+                        per_pid[interpreter.interpreter_builder.grid_idx][key] += 1
+                return local
+
+            def global_trace(frame, event, arg):  # trace only the frames of functions holding a counted line
+                return local if counter.holds_counted_line(frame.f_code) else None
+
+            old = sys.gettrace()
+            sys.settrace(global_trace)
+            try:
+                return counter._run(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                sys.settrace(old)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self._interp.InterpretedFunction.run = self._run
+
+
+def mismatches(counter: LoopCounter, loops: list[cost.Loop]) -> tuple[list[str], set]:
+    """Every (launch, program, loop) where the formula's total differs from the counted
+    iterations; and the loops that were checked at least once with a non-zero count."""
+    bad, checked = [], set()
+    for kernel, a, grid, per_pid in counter.launches:
+        for lp in loops:
+            if kernel not in lp.kernels:
+                continue
+            lines = [(os.path.realpath(p), body) for p, _, body in cost.loop_lines(lp)]
+            for x in range(grid[0]):
+                for y in range(grid[1]):
+                    for z in range(grid[2]):
+                        seen = sum(per_pid[(x, y, z)][key] for key in lines)
+                        want = sum(lp.site_counts(a, (x, y, z)))
+                        if seen != want:
+                            bad.append(f"{kernel} pid {(x, y, z)} {lp.func}: {lp.header!r}: formula {want}, ran {seen}")
+                        elif seen:
+                            checked.add((lp.module, lp.func, lp.header))
+    return bad, checked
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """One small run of every fused op (forward and backward) with the loop counter on."""
+    from kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.model import LMSAParams
+    g = torch.Generator().manual_seed(0)
+    with LoopCounter() as counter:
+        logits = torch.randn(2, 19, 6, 5, generator=g, requires_grad=True)
+        hl.head_loss(logits, torch.randint(0, 19, (2, 24, 20), generator=g)).backward()
+        ua.upsample_argmax(logits.detach(), (13, 9))
+        c, n, m = 32, 40, 24
+        x, r = torch.randn(1, n, c, generator=g), torch.randn(1, n, c, generator=g)
+        k, v = torch.randn(1, m, c, generator=g), torch.randn(1, m, c, generator=g)
+        ws = [torch.randn(c, c, generator=g) * 0.1, torch.randn(c, generator=g), torch.randn(c, c, generator=g) * 0.1,
+              torch.randn(c, generator=g)]
+        leaves = [t.requires_grad_() for t in (x, r, k, v, *ws)]
+        sub.attention_sublayer(*leaves, bwd_chunk_rows=16, wg_chunk_rows=16).sum().backward()
+        c = 16
+        xl = torch.randn(1, c, 9, 11, generator=g, requires_grad=True)
+        red = 3 * c // 8
+        p = LMSAParams(dw_weights=tuple(torch.randn(c, 1, kk, kk, generator=g) * 0.1 for kk in (3, 5, 7)),
+                       pw_weights=tuple(torch.randn(c, c, generator=g) * 0.1 for _ in range(3)),
+                       pw_biases=tuple(torch.randn(c, generator=g) * 0.1 for _ in range(3)),
+                       fc1_weight=torch.randn(red, 3 * c, generator=g) * 0.1, fc1_bias=torch.zeros(red),
+                       fc2_weight=torch.randn(3 * c, red, generator=g) * 0.1, fc2_bias=torch.zeros(3 * c))
+        lmsa.lmsa(xl, p).sum().backward()
+    return counter
+
+
+def test_trip_count_formulas_match_the_interpreter(counted):
+    bad, checked = mismatches(counted, cost.LOOPS)
+    assert not bad, "\n".join(bad[:20])
+    unchecked = {(lp.module, lp.func, lp.header) for lp in cost.LOOPS} - checked
+    assert not unchecked, f"loops no launch exercised: {sorted(unchecked)}"
+
+
+def test_a_wrong_formula_is_caught(counted):
+    """The check can fail: each formula off by one iteration is reported."""
+    for lp in cost.LOOPS:
+        wrong = cost.Loop(lp.module, lp.func, lp.header,
+                          lambda a, pid, t=lp.trips: [n + 1 for n in (t(a, pid) if isinstance(t(a, pid), list)
+                                                                       else [t(a, pid)])],
+                          lp.count, lp.kernels)
+        bad, _ = mismatches(counted, [wrong])
+        assert bad, f"an off-by-one {lp.func} {lp.header!r} formula went unnoticed"
+
+
+def test_pinned_table_entries_are_allowed_configs():
+    """Every sm_90 / sm_80 / default entry is in its kernel's allow-list for the class (the configs
+    `python -m kernels.report` builds spill-free), every class has one, and the interpreter's is
+    each kernel's list head (the configuration the parity tests were written against)."""
+    import kernels  # noqa: F401  registers every PinnedKernel
+    table = configs.load_table()
+    assert set(table) == set(configs.REGISTRY)
+    for name, pk in configs.REGISTRY.items():
+        for cls in pk.classes:
+            allowed = [configs.to_entry(c) for c in pk.allowed(cls)]
+            for kind in ("sm_90", "sm_80", configs.DEFAULT_KIND):
+                entry = table[name][cls][kind]
+                assert entry in allowed, (name, cls, kind, entry)
+        assert table[name][configs.ANY_CLASS]["interpreter"] == configs.to_entry(pk.configs[0])
+
+
+def test_lookup_falls_back_and_names_what_is_missing():
+    table = {"k": {"a": {"sm_90": configs.to_entry(configs.triton.Config({"B": 1}, num_warps=4, num_stages=1)),
+                         "default": configs.to_entry(configs.triton.Config({"B": 2}, num_warps=8, num_stages=1))}}}
+    assert configs.lookup("k", "a", "sm_90", table).kwargs == {"B": 1}
+    assert configs.lookup("k", "a", "sm_86", table).kwargs == {"B": 2}
+    with pytest.raises(KeyError, match="'k'.*'b'"):
+        configs.lookup("k", "b", "sm_90", table)
+    with pytest.raises(KeyError, match="'nope'"):
+        configs.lookup("nope", "a", "sm_90", table)
+
+
+def test_cost_command_smoke(tmp_path):
+    """`python -m kernels.cost` for one kernel on one device: a complete row, JSON rows written."""
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels.cost", "--device", "h100", "--op", "head_loss",
+                           "--kernel", "head_loss.fwd", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+    rows = json.loads(out.read_text())
+    metrics = {r["metric"]: r["value"] for r in rows if r["kernel"].startswith("head_loss.fwd")}
+    assert metrics["registers"] > 0 and metrics["grid"] > 0 and metrics["unmatched_loops"] == 0
+    assert metrics["dynamic_total"] > metrics["sass_total"]  # the pixel loop runs many times
+    assert metrics["predicted"] == max(metrics["t_issue"], metrics["t_bytes"], metrics["t_flops"]) > 0
+    assert any(r["op"] == "head_loss" and r["kernel"] == "(op)" and r["metric"] == "fused_predicted" for r in rows)
