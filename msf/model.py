@@ -42,6 +42,21 @@ class ModelConfig:
     lmsa_reduction: int = 8
 
 
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """B×(h·w)×C tokens as a B×C×h×w map: a channels-last view in eager (no copy).
+
+    Under torch.compile the view is made a dense NCHW copy instead. Inductor (torch 2.11–2.13)
+    sorts the strides of every tensor the forward graph saves for backward, and for a
+    channels-last view with symbolic sizes (C·w against C) it compares them without the shape
+    environment and fails ("cannot determine truth value of Relational: 32*s96 < 32") as soon as
+    shapes are dynamic: `torch.compile(..., dynamic=True)`, or the recompile after a second batch
+    or image size. Smallest reproduction: Conv2d → LayerNorm on its tokens → this view → Conv2d,
+    with gradients (tests/test_compile.py). The copy lets Inductor choose the layout itself.
+    """
+    map_ = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+    return map_.contiguous() if torch.compiler.is_compiling() else map_
+
+
 class PatchEmbed(nn.Module):
     """Overlapping patch embedding: strided Conv2d, flatten to tokens, LayerNorm."""
 
@@ -75,7 +90,7 @@ class SRAttention(nn.Module):
         b, n, c = x_norm.shape
         kv_in = x_norm
         if self.sr_ratio > 1:
-            reduced = self.sr(x_norm.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+            reduced = self.sr(tokens_to_map(x_norm, h, w)).flatten(2).transpose(1, 2)
             kv_in = self.sr_norm(reduced)
         k, v = self.kv(kv_in).chunk(2, dim=-1)  # views into one B×M×2C tensor
         return get_ops(self.backend).attention_sublayer(x_norm, residual, k, v, self.q.weight, self.q.bias,
@@ -118,7 +133,7 @@ class Stage(nn.Module):
         tokens, h, w = self.embed(x)
         for block in self.blocks:
             tokens = block(tokens, h, w)
-        return self.norm(tokens).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return tokens_to_map(self.norm(tokens), h, w)
 
 
 class LMSA(nn.Module):
@@ -162,12 +177,12 @@ class Decoder(nn.Module):
         b, _, h, w = features[0].shape
         aligned = []
         for f, unify in zip(features, self.unify):
-            f = unify(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, *f.shape[-2:])
+            f = tokens_to_map(unify(f.flatten(2).transpose(1, 2)), *f.shape[-2:])
             if f.shape[-2:] != (h, w):
                 f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
             aligned.append(f)
         fused = self.fuse(torch.cat(aligned, dim=1).flatten(2).transpose(1, 2))
-        x = fused.transpose(1, 2).reshape(b, -1, h, w)
+        x = tokens_to_map(fused, h, w)
         return self.lmsa(x) if self.lmsa is not None else x
 
 
