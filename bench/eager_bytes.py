@@ -158,9 +158,10 @@ class ByteCounter(TorchDispatchMode):
 # CUDA autocast's op lists (aten/src/ATen/autocast_mode.{h,cpp}; torch 2.13), by aten op name.
 _LOWER = frozenset({
     "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
+    "conv_transpose3d", "convolution", "cudnn_convolution", "cudnn_convolution_transpose", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
     "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot", "lstm_cell",
-    "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "scaled_dot_product_attention",
+    "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
+    "scaled_dot_product_attention",
     "_scaled_dot_product_flash_attention"})
 _BANNED = frozenset({"binary_cross_entropy"})  # autocast raises on it; so does the emulation
 _FP32 = frozenset({
