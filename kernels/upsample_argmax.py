@@ -10,6 +10,13 @@ BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen sou
 to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
 the classes (ties go to the lowest class id, like torch.argmax).
 
+NaN and ±inf: a pixel whose interpolated logits hold a NaN gets the lowest class id holding a NaN,
+which is what torch.argmax returns on eager's upsampled tensor (it treats NaN as the maximum); the
+interpolation is ATen's formula, so a NaN low-res tap reaches the same output pixels as in eager
+(even at weight 0: 0·NaN = NaN). ±inf are ordinary values (an inf with a weight-0 partner tap gives
+NaN, as in eager). The kernel makes this choice explicitly, so the GPU (whose max skips NaN) and the
+interpreter (numpy's argmax propagates it) agree.
+
 It can differ from eager only where two classes are tied or within one rounding step of each other
 (eager's interpolation and this kernel's may round the last bit differently).
 
@@ -57,6 +64,11 @@ def _upsample_argmax_kernel(
     # Round like eager's materialised upsample (a no-op for fp32); −inf padding survives the cast.
     z = _to_dtype(z, logits_ptr.dtype.element_ty).to(tl.float32)
     label = tl.argmax(z, axis=1, tie_break_left=True)
+    # NaN contract (module docstring): the lowest class whose value is NaN, as torch.argmax gives.
+    # Stated explicitly because the GPU's max comparisons skip NaN while the interpreter's numpy
+    # argmax returns the first NaN: without this the two code paths would disagree.
+    first_nan = tl.min(tl.where(z != z, offs_c[None, :], K_PAD), axis=1)
+    label = tl.where(first_nan < K_PAD, first_nan, label)
     tl.store(out_ptr + b.to(tl.int64) * H * W + offs_p, label.to(tl.int64), mask=pmask)
 
 
