@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, assume, example, given, settings, strategies as st  # noqa: E402
 
 from kernels import attention as attn_mod  # noqa: E402
 from kernels import attention_sublayer as sub_mod  # noqa: E402
@@ -224,6 +224,8 @@ def _call_sublayer(leaves, fn, **kw):
 @given(B=st.integers(1, 2), N=st.integers(1, 12), M=st.integers(1, 12), c=st.sampled_from([32, 64]),
        mode=st.sampled_from(["fp32", "bf16", "fp16", "fp32+bf16kv", "bf16act+bf16kv"]),
        chunks=st.sampled_from([(None, None), (4, 8)]), seed=st.integers(0, 2**16))
+# found by this test: weight-gradient chunks shorter than the kernel's row block counted rows twice
+@example(B=2, N=11, M=9, c=64, mode="fp32", chunks=(4, 8), seed=23655)
 def test_attention_sublayer_fuzzed(B, N, M, c, mode, chunks, seed, poisoned):
     vals, _ = t_sub._inputs(B, N, M, c, torch.float32, "cpu", seed=seed)
     if "+" in mode:   # autocast's mix: fp32 weights beside bf16 k, v (x, residual fp32 or bf16)
