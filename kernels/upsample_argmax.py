@@ -10,12 +10,13 @@ BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen sou
 to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
 the classes (ties go to the lowest class id, like torch.argmax).
 
-NaN and ±inf: a pixel whose interpolated logits hold a NaN gets the lowest class id holding a NaN,
-which is what torch.argmax returns on eager's upsampled tensor (it treats NaN as the maximum); the
-interpolation is ATen's formula, so a NaN low-res tap reaches the same output pixels as in eager
-(even at weight 0: 0·NaN = NaN). ±inf are ordinary values (an inf with a weight-0 partner tap gives
-NaN, as in eager). The kernel makes this choice explicitly, so the GPU (whose max skips NaN) and the
-interpreter (numpy's argmax propagates it) agree.
+NaN and ±inf: a pixel whose interpolated value is NaN in some class gets the lowest such class id,
+which is what torch.argmax returns on a row holding NaN (it treats NaN as the maximum). The value is
+ATen's formula h0λ·(w0λ·v00 + w1λ·v01) + h1λ·(w0λ·v10 + w1λ·v11) over all four taps, so a NaN tap
+makes it NaN even at weight 0, and so do inf·0 and inf − inf; eager's CPU interpolation can skip a
+weight-0 tap, so at such pixels eager's upsampled tensor may be finite where this one is NaN. The
+kernel makes the choice explicitly, so the GPU (whose max skips NaN) and the interpreter (numpy's
+argmax returns the first NaN) agree. Tested with hypothesis in tests/test_fuzz_parity.py.
 
 It can differ from eager only where two classes are tied or within one rounding step of each other
 (eager's interpolation and this kernel's may round the last bit differently).
