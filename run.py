@@ -31,7 +31,7 @@ PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 def _requirements_digest() -> str:
     digest = hashlib.sha256()
-    for name in ("requirements.txt", "pyproject.toml"):
+    for name in ("requirements.txt", "requirements-nodeps.txt", "pyproject.toml"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
 
@@ -47,6 +47,8 @@ def ensure_venv() -> None:
     print("[run.py] installing pinned dependencies (first run takes a minute or two)", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["-r", str(ROOT / "requirements.txt")], check=True)
+    # packages whose declared dependencies are far heavier than what the project imports from them
+    subprocess.run(pip + ["--no-deps", "-r", str(ROOT / "requirements-nodeps.txt")], check=True)
     subprocess.run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
     STAMP.write_text(wanted + "\n")
 

@@ -50,6 +50,13 @@ Out-of-range target ids (outside 0..K−1): not allowed. Check them where data e
 safe on them (targets are only compared, never used as an address): such a pixel has an all-zero
 one-hot and a CE term of logsumexp(z), which is meaningless but finite.
 
+Non-finite logits: a NaN anywhere in the logits makes the loss NaN (and the gradient holds NaN):
+it enters every softmax it touches and the Dice sums, and nothing clamps or skips it; the loss is
+never a silent finite value. ±inf: wherever eager's float64 loss is ±inf or NaN the fused loss is
+not finite either; it can also be NaN where eager's is finite, since the bilinear taps multiply
+an inf by a weight that may be 0 (0·inf = NaN; eager's CPU interpolation can skip such taps).
+Tested with hypothesis in tests/test_fuzz_parity.py.
+
 Bytes moved (B = 32, 512×512, K = 19, s = 4, bf16 logits, uint8 targets, at 3.0 TB/s; counted
 op by op by `bench/bytes_head_loss.py`, whose docstring says exactly what is counted)
 ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,14 @@ BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen sou
 to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
 the classes (ties go to the lowest class id, like torch.argmax).
 
+NaN and ±inf: a pixel whose interpolated value is NaN in some class gets the lowest such class id,
+which is what torch.argmax returns on a row holding NaN (it treats NaN as the maximum). The value is
+ATen's formula h0λ·(w0λ·v00 + w1λ·v01) + h1λ·(w0λ·v10 + w1λ·v11) over all four taps, so a NaN tap
+makes it NaN even at weight 0, and so do inf·0 and inf − inf; eager's CPU interpolation can skip a
+weight-0 tap, so at such pixels eager's upsampled tensor may be finite where this one is NaN. The
+kernel makes the choice explicitly, so the GPU (whose max skips NaN) and the interpreter (numpy's
+argmax returns the first NaN) agree. Tested with hypothesis in tests/test_fuzz_parity.py.
+
 It can differ from eager only where two classes are tied or within one rounding step of each other
 (eager's interpolation and this kernel's may round the last bit differently).
 
@@ -58,6 +66,11 @@ def _upsample_argmax_kernel(
     # Round like eager's materialised upsample (a no-op for fp32); −inf padding survives the cast.
     z = _to_dtype(z, logits_ptr.dtype.element_ty).to(tl.float32)
     label = tl.argmax(z, axis=1, tie_break_left=True)
+    # NaN contract (module docstring): the lowest class whose value is NaN, as torch.argmax gives.
+    # Stated explicitly because the GPU's max comparisons skip NaN while the interpreter's numpy
+    # argmax returns the first NaN: without this the two code paths would disagree.
+    first_nan = tl.min(tl.where(z != z, offs_c[None, :], K_PAD), axis=1)
+    label = tl.where(first_nan < K_PAD, first_nan, label)
     tl.store(out_ptr + b.to(tl.int64) * H * W + offs_p, label.to(tl.int64), mask=pmask)
 
 

@@ -1,0 +1,347 @@
+"""Memory-safety check of every fused op under Triton-Sanitizer (triton-viz, SPEC §7).
+
+    python -m kernels.sanitize                 # every op, every case below
+    python -m kernels.sanitize --op head_loss  # one op (repeatable)
+    python -m kernels.sanitize --quick         # the CI subset (first case of each op)
+    python -m kernels.sanitize --list          # the case names
+
+Each case runs an op's forward and backward (every Triton kernel behind it) on small CPU tensors.
+Triton-Sanitizer executes every launch symbolically: each load and store address, under its mask,
+is checked with an SMT solver against the bounds of the tensor it points into, for every program of
+the grid at once. The command prints one line per case and, for every out-of-bounds access, the
+kernel source line, the tensor and the offending address; it exits 1 if there is any (or if a case
+fails to run), 0 when every case is clean.
+
+How it hooks in: like triton-viz's own `triton-sanitizer` command, it replaces `triton.jit` and
+`triton.autotune` by wrappers that trace each kernel with a Sanitizer client *before* `kernels` is
+imported, and it must run without `TRITON_INTERPRET=1` (the sanitizer drives Triton's interpreter
+itself; with the variable set its autotune warm-up fails). `kernels._common.INTERPRET` recognises
+the wrapped `triton.jit`, so the kernels take their interpreter paths (bf16 dots upcast, one config).
+Here the Sanitizer records accesses instead of aborting at the first one, so a run lists them all.
+
+Values are symbolic under the sanitizer, so the numbers the ops return are meaningless here (parity
+is the tests' job). One substitution: triton-viz 3.0 cannot evaluate `tl.argmax` on symbolic values
+(its generic index reduction has no symbolic form), so during these runs `tl.argmax(x, axis)` is
+replaced by an int32 tensor of the same shape as the reduction (`tl.max(x, axis)`); the argmax result
+is only ever stored as data, never used in an address, so the checked addresses are unchanged.
+One fix: triton-viz 3.0 computes the bounds of a non-contiguous view wrongly (`_row_segments`).
+
+What triton-viz 3.0 can check here (measured 2026-11-29, 2-core CPU; the CI test runs the first two):
+- upsample_argmax: every case clean (about 1 s in all).
+- toy_oob: reported, with its source line.
+- head_loss: no result; the smallest case ran over 4 minutes (its kernels loop with `while` on
+  runtime bounds), so each case stops at --case-timeout and counts as a failure.
+- attention, attention_sublayer: the sanitizer fails in the backward kernels: its symbolic
+  `tl.trans` result has no shape, so the following `tl.dot` asserts ("input and other must have
+  equal ranks >= 2").
+- lmsa: runs, and reports accesses in `_depthwise`, the gram and dx kernels that are in bounds by
+  inspection (e.g. `tl.load(w_ptr + t * C)`, t < KS², inside the KS²×C tap table, reported with one
+  address for three different tables): the loop handling of triton-viz 3.0 mixes up helpers called
+  with different arguments. Not trusted either way; the parity tests poison outputs instead.
+So this command fails (exit 1) on the full list today; it is the place to re-check when triton-viz
+improves.
+
+`--op toy_oob` runs a deliberately out-of-bounds kernel (a load one element past the end): it must
+be reported (the test suite checks that it is, so this check can fail).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+import triton                  # patched by install(), before any kernel is defined
+import triton.language as tl
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("kernels.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
+                 "and its autotune warm-up fails under TRITON_INTERPRET=1)")
+    if "kernels" in sys.modules:
+        # `python -m kernels.sanitize` imported the package (and every kernel) before this line:
+        # run this file again as a plain script, which imports nothing of `kernels` before install().
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
+_SANITIZERS: list = []   # one Sanitizer client per traced kernel, in creation order
+
+
+def install() -> None:
+    """Wrap `triton.jit` / `triton.autotune` with Sanitizer tracing; must precede `import kernels`."""
+    if "kernels._common" in sys.modules:
+        raise RuntimeError("kernels.sanitize.install() must run before the kernels are imported")
+    import triton
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+    import triton_viz
+    from triton_viz import wrapper
+    from triton_viz.clients import Sanitizer
+
+    def trace(kernel):
+        client = Sanitizer(abort_on_error=False)
+        _SANITIZERS.append(client)
+        return triton_viz.trace(client=client)(kernel)
+
+    jit = wrapper.create_patched_jit(trace)        # defined in triton_viz: what _common checks
+    triton.jit = tl.jit = interpreter.jit = jit
+    triton.autotune = wrapper.create_patched_autotune(trace)
+
+    def argmax_shape_only(input, axis, tie_break_left=True, keep_dims=False):
+        # see the module docstring: same shape and dtype class, symbolic value
+        return tl.max(input, axis, keep_dims=keep_dims).to(tl.int32)
+    tl.argmax = argmax_shape_only
+
+    import triton_viz.clients.sanitizer.sanitizer as symbolic_sanitizer
+    symbolic_sanitizer.get_physical_addr_from_tensor_slice = _row_segments
+
+
+def _row_segments(tensor) -> list[tuple[int, int]]:
+    """First and last byte address of every innermost row of a strided view (unit inner stride).
+    Replaces triton-viz 3.0's version, which adds the view's storage offset on top of data_ptr()
+    (that already includes it), so it shifted the bounds of every sliced view and reported
+    accesses to the view's last elements as out of bounds."""
+    import itertools
+    inner = min(range(tensor.dim()), key=tensor.stride)
+    outer = [d for d in range(tensor.dim()) if d != inner]
+    size, base = tensor.element_size(), tensor.data_ptr()
+    segments = []
+    for idx in itertools.product(*(range(tensor.size(d)) for d in outer)):
+        offset = sum(i * tensor.stride(d) for i, d in zip(idx, outer))
+        segments.append((base + offset * size, base + (offset + tensor.size(inner) - 1) * size))
+    return segments
+
+
+def out_of_bounds_records() -> list[list]:
+    """Each Sanitizer client's records so far (one list per traced kernel)."""
+    return [list(getattr(client, "records", [])) for client in _SANITIZERS]
+
+
+def _records_since(before: list[list]) -> list:
+    now = out_of_bounds_records()
+    return [r for i, records in enumerate(now) for r in records[len(before[i]) if i < len(before) else 0:]]
+
+
+def _share_loop_patcher() -> None:
+    """triton-viz rewrites `for` loops of every traced function to call `_triton_viz_loop_patcher`,
+    but defines that name only in the launched kernel's module; a loop inside a @triton.jit helper
+    of another module (the attention sweeps reused by attention_sublayer) then fails with a
+    NameError. Give every kernel module the name."""
+    from triton_viz.core.patch import _loop_patcher
+    import kernels  # noqa: F401  (imports every kernel module)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kernels.") and module is not None:
+            module._triton_viz_loop_patcher = _loop_patcher
+
+
+def describe(record) -> str:
+    where = record.user_code_tracebacks[-1] if record.user_code_tracebacks else None
+    place = f"{os.path.relpath(where.filename)}:{where.lineno} {where.line_of_code.strip()}" if where else "?"
+    kind = getattr(record.op_type, "__name__", str(record.op_type))
+    tensor = record.tensor
+    return (f"{kind} out of bounds at {place} (tensor {record.tensor_name or '?'} "
+            f"{tuple(tensor.shape)} {tensor.dtype} at 0x{tensor.data_ptr():x}, address 0x{record.violation_address:x})")
+
+
+# ----------------------------------------------------------------------------------------------
+# cases: (name, function running forward and backward); small shapes covering each dispatch branch
+# ----------------------------------------------------------------------------------------------
+def _rand(*shape, dtype=None, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype or torch.float32)
+
+
+def _backward(out, leaves):
+    import torch
+    torch.autograd.grad(out.float().sum() if out.dim() == 0 else out, leaves,
+                        None if out.dim() == 0 else torch.ones_like(out))
+
+
+def _head_loss_case(b, k, h, w, sh, sw, dtype, layout="nchw", tdtype="uint8", sliced=False):
+    def run():
+        import torch
+        from kernels.head_loss import head_loss
+        src = _rand(b, k + (3 if sliced else 0), h, w, dtype=dtype)
+        logits = src[:, 1:1 + k] if sliced else src
+        if layout == "channels_last":
+            logits = logits.contiguous(memory_format=torch.channels_last)
+        logits = logits.detach().requires_grad_()
+        t = torch.randint(0, k, (b, h * sh + (2 if sliced else 0), w * sw), dtype=getattr(torch, tdtype))
+        targets = t[:, 1:1 + h * sh] if sliced else t
+        _backward(head_loss(logits, targets), [logits])
+    return run
+
+
+def _upsample_argmax_case(b, k, h, w, size, dtype, layout="nchw", sliced=False):
+    def run():
+        import torch
+        from kernels.upsample_argmax import upsample_argmax
+        src = _rand(b, k, h, w + (4 if sliced else 0), dtype=dtype)
+        logits = src[..., 2:2 + w] if sliced else src
+        if layout == "channels_last":
+            logits = logits.contiguous(memory_format=torch.channels_last)
+        upsample_argmax(logits, size)
+    return run
+
+
+def _attention_case(b, n, m, d, dtype, allow_tf32=False, bwd_chunk_rows=None):
+    def run():
+        from kernels.attention import attention
+        q_wide = _rand(b, n, d + 8, dtype=dtype).requires_grad_()
+        kv = _rand(b, m, 2 * d, dtype=dtype, seed=1).requires_grad_()
+        k, v = kv.split(d, dim=-1)                 # column halves: strided views, as in the model
+        out = attention(q_wide[..., 4:4 + d], k, v, allow_tf32=allow_tf32, bwd_chunk_rows=bwd_chunk_rows)
+        _backward(out, [q_wide, kv])
+    return run
+
+
+def _sublayer_case(b, n, m, c, dtype, kv_dtype=None, bwd_chunk_rows=None, wg_chunk_rows=None):
+    """`dtype` for x, residual and weights; `kv_dtype` (bf16/fp16) for the mixed-precision path."""
+    def run():
+        from kernels.attention_sublayer import attention_sublayer
+        x = _rand(b, n, c, dtype=dtype).requires_grad_()
+        res = _rand(b, n, c, dtype=dtype, seed=1).requires_grad_()
+        kv = _rand(b, m, 2 * c, dtype=kv_dtype or dtype, seed=2).requires_grad_()
+        k, v = kv.split(c, dim=-1)
+        ws = [(_rand(c, c, seed=3) * c ** -0.5).to(dtype).requires_grad_(), _rand(c, dtype=dtype, seed=4).requires_grad_(),
+              (_rand(c, c, seed=5) * c ** -0.5).to(dtype).requires_grad_(), _rand(c, dtype=dtype, seed=6).requires_grad_()]
+        out = attention_sublayer(x, res, k, v, *ws, bwd_chunk_rows=bwd_chunk_rows, wg_chunk_rows=wg_chunk_rows)
+        _backward(out, [x, res, kv, *ws])
+    return run
+
+
+def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
+    def run():
+        import torch
+        from msf.backend import LMSAParams
+        from kernels.lmsa import lmsa
+        r = 3 * c // 8
+        ps = [_rand(c, 1, k, k, seed=k) / k for k in (3, 5, 7)] + [_rand(c, c, seed=10 + i) * c ** -0.5 for i in range(3)]
+        ps += [_rand(c, seed=20 + i) * 0.3 for i in range(3)]
+        ps += [_rand(r, 3 * c, seed=30), _rand(r, seed=31), _rand(3 * c, r, seed=32), _rand(3 * c, seed=33)]
+        ps = [p.to(dtype).requires_grad_() for p in ps]
+        src = _rand(b, c + (4 if sliced else 0), h, w, dtype=dtype)
+        x = src[:, 2:2 + c] if sliced else src
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.detach().requires_grad_()
+        out = lmsa(x, LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13]))
+        _backward(out, [x, *ps])
+    return run
+
+
+def _copy_shifted(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """The self-test's kernel body (jit-wrapped at run time, after install()): it loads one element
+    past the end of its input."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs + 1, mask=offs < n), mask=offs < n)
+
+
+def _toy_oob_case():
+    def run():
+        import torch
+        x, y = torch.zeros(13), torch.zeros(13)
+        triton.jit(_copy_shifted)[(1,)](x, y, 13, BLOCK=16)
+    return run
+
+
+def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
+    """op → [(case name, run)]; the first case of each op is the CI subset (`--quick`)."""
+    import torch
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    return {
+        "head_loss": [
+            ("s4 odd 3x5 K5 fp32 nchw", _head_loss_case(2, 5, 3, 5, 4, 4, f32)),
+            ("s1 K3 bf16 channels-last int64 targets", _head_loss_case(2, 3, 5, 3, 1, 1, bf16, "channels_last", "int64")),
+            ("s2x3 K19 fp16 sliced logits and targets", _head_loss_case(1, 19, 3, 2, 2, 3, f16, sliced=True)),
+        ],
+        "upsample_argmax": [
+            ("up 3x5->7x11 K5 fp32 nchw", _upsample_argmax_case(2, 5, 3, 5, (7, 11), f32)),
+            ("down 6x7->3x4 K19 bf16 channels-last", _upsample_argmax_case(1, 19, 6, 7, (3, 4), bf16, "channels_last")),
+            ("same 4x4 K3 fp16 sliced", _upsample_argmax_case(2, 3, 4, 4, (4, 4), f16, sliced=True)),
+        ],
+        "attention": [
+            ("N9 M5 d32 fp32 packed", _attention_case(2, 9, 5, 32, f32)),
+            ("N1 M1 d64 bf16", _attention_case(1, 1, 1, 64, bf16)),
+            ("N17 M12 d192 bf16 chunked bwd", _attention_case(1, 17, 12, 192, bf16, bwd_chunk_rows=8)),
+            ("N7 M33 d48 fp16", _attention_case(1, 7, 33, 48, f16)),
+            ("N5 M3 d192 fp32 allow_tf32", _attention_case(1, 5, 3, 192, f32, allow_tf32=True)),
+        ],
+        "attention_sublayer": [
+            ("N9 M5 C32 fp32", _sublayer_case(2, 9, 5, 32, f32)),
+            ("N7 M3 C64 bf16 chunked bwd", _sublayer_case(1, 7, 3, 64, bf16, bwd_chunk_rows=4, wg_chunk_rows=4)),
+            ("N5 M4 C32 fp32 x/weights + bf16 k,v (autocast mix)", _sublayer_case(1, 5, 4, 32, f32, kv_dtype=bf16)),
+            ("N5 M4 C192 fp32 + fp16 k,v", _sublayer_case(1, 5, 4, 192, f32, kv_dtype=f16)),
+            ("N3 M1 C32 bf16 + bf16 k,v act", _sublayer_case(1, 3, 1, 32, bf16)),
+        ],
+        "lmsa": [
+            ("C16 5x6 fp32 nchw", _lmsa_case(2, 16, 5, 6, f32)),
+            ("C16 9x8 bf16 channels-last", _lmsa_case(1, 16, 9, 8, bf16, "channels_last")),
+            ("C32 1x1 fp16", _lmsa_case(1, 32, 1, 1, f16)),
+            ("C16 7x3 fp32 sliced", _lmsa_case(1, 16, 7, 3, f32, sliced=True)),
+        ],
+    }
+
+
+TOY = {"toy_oob": [("load one past the end", _toy_oob_case())]}
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+def _timed_out(signum, frame):
+    raise CaseTimeout("no result within --case-timeout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.sanitize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", action="append", help="op to check (repeatable; default: every op); toy_oob: the self-test")
+    parser.add_argument("--quick", action="store_true", help="first case of each op only (the CI subset)")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--case-timeout", type=int, default=120, metavar="S",
+                        help="seconds before a case counts as failed (the sanitizer never ends some loops)")
+    args = parser.parse_args(argv)
+
+    install()
+    _share_loop_patcher()
+    table = {**cases(), **TOY}
+    ops = args.op or [op for op in table if op not in TOY]
+    unknown = [op for op in ops if op not in table]
+    if unknown:
+        parser.error(f"unknown --op {', '.join(unknown)}; choose from {', '.join(table)}")
+    selected = [(op, name, run) for op in ops for name, run in (table[op][:1] if args.quick else table[op])]
+    if args.list:
+        print("\n".join(f"{op}: {name}" for op, name, _ in selected))
+        return 0
+
+    failures = 0
+    for op, name, run in selected:
+        before = out_of_bounds_records()
+        start = time.perf_counter()
+        signal.signal(signal.SIGALRM, _timed_out)
+        signal.alarm(args.case_timeout)
+        try:
+            run()
+        except Exception as exc:  # a case the sanitizer could not run is not a clean case
+            failures += 1
+            print(f"ERROR {op}: {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+            continue
+        finally:
+            signal.alarm(0)
+        new = _records_since(before)
+        failures += len(new)
+        status = "ok   " if not new else f"OOB x{len(new)}"
+        print(f"{status} {op}: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+        for record in new:
+            print("      " + describe(record))
+    print(f"{len(selected)} cases, {failures} out-of-bounds accesses or errors" if failures
+          else f"{len(selected)} cases, zero out-of-bounds accesses")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
