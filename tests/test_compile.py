@@ -43,6 +43,19 @@ def compiled_loss_and_grads(module, images):
     return loss, grads
 
 
+def inductor_vector_isa() -> str:
+    from torch._inductor import cpu_vec_isa
+    return str(cpu_vec_isa.pick_vec_isa())
+
+
+# Seen 2026-11-29 (torch 2.13, AMD EPYC forced to ATEN_CPU_CAPABILITY=avx2): Inductor's AVX2 code for
+# this graph with dynamic shapes and gradients returns NaN (static shapes, no gradients or AVX512:
+# right). Not our code; recorded so that a machine with AVX2 only reports it rather than fails CI.
+AVX2_NAN = pytest.mark.xfail(condition=inductor_vector_isa() == "avx2", strict=False,
+                             reason="Inductor's AVX2 vector code, dynamic shapes + backward: NaN loss (torch 2.13)")
+
+
+@AVX2_NAN
 def test_tokens_to_map_compiles_with_dynamic_shapes_and_matches_eager():
     torch.manual_seed(0)
     module = EmbedNormReduce(tokens_to_map)
