@@ -49,7 +49,8 @@ class TrainConfig:
     patience: int = 50                    # early stopping: epochs without a better val F-score
     amp: str = "auto"                     # auto | bf16 | fp16 | off; auto: bf16 on CUDA and on CPUs with native
                                           # bf16 (AVX512-BF16 / AMX), off (fp32) elsewhere; fp16 is CUDA only
-    channels_last: Optional[bool] = None  # model and images in channels-last memory format; None: on for the CPU
+    channels_last: bool = False           # model and images in channels-last memory format (measured no faster
+                                          # on the 2-core CPU with bf16: bench/results/cpu-train-speed-*)
     # run
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -69,13 +70,12 @@ class TrainConfig:
         return cfg
 
     def for_device(self, device) -> "TrainConfig":
-        """The fields whose "auto" depends on the device (amp, channels_last, paper_head_order)
+        """The fields whose "auto" depends on the device (amp, paper_head_order)
         filled in for `device`; the training loop saves this resolved config with the run."""
         from train.evaluate import resolve_amp  # torch-dependent; config stays importable without it
         on_cpu = device.type == "cpu"
         cfg = dataclasses.replace(
             self, amp=resolve_amp(self.amp, device),
-            channels_last=on_cpu if self.channels_last is None else self.channels_last,
             paper_head_order=not on_cpu if self.paper_head_order is None else self.paper_head_order)
         cfg.validate()
         return cfg
@@ -151,8 +151,8 @@ FIELD_HELP = {
     "amp": "auto | bf16 | fp16 | off: autocast dtype; auto is bf16 on CUDA and on CPUs with native bf16 "
            "(AVX512-BF16 / AMX), fp32 on other CPUs; fp16 (CUDA only) adds a GradScaler; config.json records "
            "what the run used",
-    "channels_last": "model and images in channels-last memory format; default on for the CPU (fewer layout copies "
-                     "around its convolutions), off on CUDA",
+    "channels_last": "model and images in channels-last memory format (on the 2-core CPU measured no faster than "
+                     "contiguous with bf16, within noise in fp32)",
     "device": "auto | cpu | cuda | cuda:N",
     "seed": "seed of the weights, the shuffles, the augmentation and dropout",
     "out": "folder that holds the run folders",
