@@ -196,7 +196,10 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
     # 500 epochs and no early stopping (--patience 0): the run cannot end by itself before the signal,
     # however slowly this process polls on a loaded machine
     proc = subprocess.Popen([sys.executable, "-m", "msf", "train", *TINY, "--epochs", "500", "--patience", "0",
-                             "--out", str(tmp_path), "--run-name", "r"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--out", str(tmp_path), "--run-name", "r"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            # a suite started in the background by a non-interactive shell inherits SIGINT
+                            # ignored, and so would the trainer: give it the default disposition a terminal gives
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: (run_dir / "last.pt").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
