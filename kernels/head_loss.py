@@ -516,7 +516,7 @@ def head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_
 
 def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:
     """The same math in plain PyTorch (materialises the full-res logits): the reference."""
-    from msf.backend import eager_head_loss as _eager
+    from msf.reference import eager_head_loss as _eager
     return _eager(logits, targets, eps)
 
 

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from kernels._common import INTERPRET, AotSpec, dot
 from kernels.configs import PinnedKernel
-from msf.backend import LMSAParams, eager_lmsa
+from msf.reference import LMSAParams, eager_lmsa
 
 __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS"]
 

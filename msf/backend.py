@@ -1,9 +1,11 @@
 """The one switch between eager PyTorch and the fused Triton kernels.
 
 The model asks `get_ops(backend)` for a table of the hot-path operations and calls them; it never
-imports Triton. `"eager"` is plain PyTorch (the reference, and the CPU path). `"triton"` imports
-`kernels` lazily and takes each op that has a fused Triton implementation from there; an op without
-one yet keeps its eager version, and `fused_op_names("triton")` says which are which.
+imports Triton. `"eager"` is plain PyTorch (the references live in `msf.reference`). `"triton"`
+imports the op registry `kernels.ops` lazily and takes each op that has a fused Triton
+implementation from there; an op without one yet keeps its eager version, and
+`fused_op_names("triton")` says which are which. No table entry holds an `lru_cache` or syncs
+with the device, so `torch.compile(model.loss, fullgraph=True)` traces either backend in one graph.
 
 Ops (shapes are the model's):
 - `attention(q, k, v)`: softmax(q kᵀ / √d) v for B×N×d queries against B×M×d keys/values.
@@ -20,60 +22,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
+from msf.reference import (LMSAParams, composed_attention_sublayer, eager_attention, eager_head_loss,  # noqa: F401
+                           eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
-
-
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return scores.softmax(dim=-1) @ v
-
-
-def composed_attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, attention=eager_attention):
-    return residual + F.linear(attention(F.linear(x_norm, wq, bq), k, v), wo, bo)
-
-
-def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:
-    up = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    return ce_dice_loss(up, targets, eps)
-
-
-def eager_upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
-
-
-def eager_lmsa(x: torch.Tensor, p: "LMSAParams") -> torch.Tensor:
-    """SPEC §2 LMSA written plainly: three depthwise-separable branches, SE gate, residual."""
-    branches = []
-    for dw_weight, pw_weight, pw_bias in zip(p.dw_weights, p.pw_weights, p.pw_biases):
-        depthwise = F.conv2d(x, dw_weight, padding=dw_weight.shape[-1] // 2, groups=x.shape[1])
-        branches.append(F.conv2d(depthwise, pw_weight[:, :, None, None], pw_bias))
-    stacked = torch.cat(branches, dim=1)  # B × 3C × h × w
-    squeeze = stacked.mean(dim=(2, 3))
-    gates = torch.sigmoid(F.linear(F.relu(F.linear(squeeze, p.fc1_weight, p.fc1_bias)), p.fc2_weight, p.fc2_bias))
-    gated = stacked * gates[:, :, None, None]
-    return x + sum(gated.chunk(len(branches), dim=1))
-
-
-@dataclass(frozen=True)
-class LMSAParams:
-    """LMSA weights as tensors: depthwise C×1×k×k (k = 3, 5, 7), pointwise C×C + C, SE FCs."""
-
-    dw_weights: tuple[torch.Tensor, ...]
-    pw_weights: tuple[torch.Tensor, ...]
-    pw_biases: tuple[torch.Tensor, ...]
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor
-    fc2_weight: torch.Tensor
-    fc2_bias: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -89,12 +46,18 @@ EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention
                 upsample_argmax=eager_upsample_argmax, lmsa=eager_lmsa)
 
 
-def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str) -> Callable[..., torch.Tensor]:
-    """`fn` inside an NVTX range named "<provider>/<name>", tagged with its provider."""
+def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str,
+               traced: Callable[..., torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
+    """`fn` inside an NVTX range named "<provider>/<name>", tagged with its provider. While
+    torch.compile traces, `traced` (default `fn`) runs instead and without the range: a range
+    would be a graph break, and the compiled graph is what runs."""
     label = f"{provider}/{name}"
+    traced = fn if traced is None else traced
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return traced(*args, **kwargs)
         with nvtx_range(label):
             return fn(*args, **kwargs)
 
@@ -116,26 +79,39 @@ def require_runnable(backend: str, device: torch.device | str) -> None:
                          "through Triton's interpreter (very slow: minutes per training step; for testing only)")
 
 
-@lru_cache(maxsize=None)
+_TABLES: dict[str, Ops] = {}  # built once per backend (a plain dict: nothing to trace through)
+
+
 def get_ops(backend: str) -> Ops:
-    """The op table of `backend`, every op wrapped in an NVTX range."""
+    """The op table of `backend`, every op wrapped in an NVTX range.
+
+    triton: the fused ops of `kernels.ops.REGISTRY`. Eagerly each runs its kernel module's entry
+    (a `torch.autograd.Function`); under torch.compile its `torch.library` operator (`msf::...`),
+    which Dynamo and AOTAutograd trace without a graph break."""
+    table = _TABLES.get(backend)
+    if table is None:
+        table = _TABLES[backend] = _build_ops(backend)
+    return table
+
+
+def _build_ops(backend: str) -> Ops:
     if backend == "eager":
         fused = {}
     elif backend == "triton":
         try:
-            import kernels  # imports Triton; only the triton backend pays for it
+            from kernels.ops import REGISTRY  # imports Triton; only the triton backend pays for it
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise ValueError(f"backend='triton' needs the `triton` package: {exc}") from exc
-        unknown = set(kernels.TRITON_OPS) - {f.name for f in fields(Ops)}
+        unknown = set(REGISTRY) - {f.name for f in fields(Ops)}
         if unknown:
-            raise RuntimeError(f"kernels.TRITON_OPS names unknown ops {sorted(unknown)}")
-        fused = kernels.TRITON_OPS
+            raise RuntimeError(f"kernels.ops.REGISTRY names unknown ops {sorted(unknown)}")
+        fused = REGISTRY
     else:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     table = {}
     for f in fields(Ops):
         if f.name in fused:
-            table[f.name] = _annotated(f.name, fused[f.name], "triton")
+            table[f.name] = _annotated(f.name, fused[f.name].entry, "triton", fused[f.name].traced)
         else:
             table[f.name] = _annotated(f.name, getattr(EAGER_OPS, f.name), "eager")
     if "attention_sublayer" not in fused:  # compose around whichever attention this backend has

@@ -1,0 +1,360 @@
+"""The fused ops as `torch.library` operators, so that `torch.compile` traces the model in one graph.
+
+`msf.backend` takes the triton backend's op table from `TRITON_OPS` here. Each entry validates its
+arguments on the host (shapes, dtypes; never the data) and calls one operator of the `msf`
+namespace; a case the kernels do not serve (fp32 attention at d > 128, an unusual dtype mix) runs
+the eager composition instead, which torch.compile traces like any other PyTorch code.
+
+    msf::attention(q, k, v) -> (o, lse)                                    + msf::attention_backward
+    msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
+                                                                           + msf::attention_sublayer_backward
+    msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
+    msf::lmsa(x, params) -> (out, P, W̃)                                    + msf::lmsa_backward
+    msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
+
+A forward operator returns, after its result, what its backward needs (attention's O and
+log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums and gated weights); the backward is
+an operator of its own, wired by `register_autograd`. Each operator's body is the kernel module's
+own host code (`_forward` / `_backward`): the same launches, configurations and partial buffers as
+the `torch.autograd.Function`s, so the results match them bit for bit.
+
+How each operator runs
+----------------------
+- Eager, any device: the body runs on real tensors (CUDA: compiled kernels; CPU: Triton's
+  interpreter under TRITON_INTERPRET=1).
+- Under torch.compile on CUDA: every operator is a `torch.library.triton_op`. AOTAutograd
+  decomposes it into its body, and every Triton launch in it (`kernel[grid](...)`, pinned or not)
+  is recorded as a `wrap_triton` node, so Inductor sees the user kernels themselves and schedules
+  its own kernels around them.
+- Under torch.compile on CPU: the operator stays one opaque node (its fake implementation gives
+  Dynamo the output shapes; the body runs through the interpreter at run time). Decomposing it
+  would hand Inductor Triton launches on CPU tensors, which it cannot compile.
+
+The launches sit in the kernel modules as plain `kernel[grid](...)` calls. Rather than rewrite
+each of them as `wrap_triton(kernel)[grid](...)`, the decomposition runs the body with
+`KernelInterface.__getitem__` (what every JITFunction and Autotuner launch goes through) routed
+to `wrap_triton` (`_launches_as_graph_nodes`); outside tracing a launch is the plain Triton call.
+
+`lmsa_backward` differentiates LMSA's small gate graph with autograd inside its body; an
+operator's body runs below the autograd dispatch keys, so it turns them back on for that
+(`_autograd_inside`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from triton.runtime.jit import KernelInterface
+
+from kernels import attention as _attn
+from kernels import attention_sublayer as _sub
+from kernels import head_loss as _hl
+from kernels import lmsa as _lm
+from kernels import upsample_argmax as _ua
+from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# registration
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _launches_as_graph_nodes():
+    """Within: `kernel[grid](...)` on any Triton kernel records a `wrap_triton` graph node."""
+    original = KernelInterface.__getitem__
+
+    def traced_launch(kernel, grid):
+        return torch.library.wrap_triton(kernel)[grid]
+
+    KernelInterface.__getitem__ = traced_launch
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def _on_cuda(args) -> bool:
+    flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))]
+    return any(isinstance(a, Tensor) and a.device.type == "cuda" for a in flat)
+
+
+def _decompose_on_cuda(body: Callable):
+    """torch_dispatch rule under FunctionalTensorMode (AOTAutograd): on CUDA trace into `body`
+    (what `triton_op` does for every device), elsewhere keep the operator whole."""
+
+    def rule(mode, op, types, args, kwargs):
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not Tensor for t in types):
+            return NotImplemented
+        if _on_cuda(args):
+            with mode, _launches_as_graph_nodes():
+                return body(*args, **kwargs)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+    return rule
+
+
+def _define(name: str, body: Callable, fake: Callable):
+    """`msf::<name>` as a triton_op whose body is `body`, with a hand-written fake (the body itself
+    cannot run on fake CPU tensors: the interpreter launches kernels on real memory)."""
+    op = torch.library.triton_op(f"msf::{name}", body, mutates_args=())
+    op.register_fake(fake)
+    op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(body))
+    return op
+
+
+@contextlib.contextmanager
+def _autograd_inside():
+    keys = torch._C.DispatchKey
+    with torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False):
+        yield
+
+
+def _contiguous_like(t: Tensor, shape=None, dtype=None) -> Tensor:
+    return t.new_empty(t.shape if shape is None else shape, dtype=t.dtype if dtype is None else dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: softmax(q kᵀ/√d) v
+# ----------------------------------------------------------------------------------------------
+def _attention_body(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return _attn._forward(q, k, v, False)
+
+
+def _attention_fake(q, k, v):
+    return _contiguous_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _attention_backward_body(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                             do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _attn._backward(q, k, v, o, lse, do, False, None)
+
+
+def _attention_backward_fake(q, k, v, o, lse, do):
+    return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
+
+
+attention_op = _define("attention", _attention_body, _attention_fake)
+attention_backward_op = _define("attention_backward", _attention_backward_body, _attention_backward_fake)
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _attention_grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return tuple(torch.ops.msf.attention_backward(q, k, v, o, lse, do.contiguous()))
+
+
+attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`kernels.attention.attention` (no tf32) through `msf::attention`."""
+    _attn._check(q, k, v)
+    if q.shape[1] == 0 or not _attn.fused_supported(q.dtype, q.shape[-1]):
+        return _attn.attention_eager(q, k, v)
+    return torch.ops.msf.attention(q, k, v)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# attention sublayer: residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo
+# ----------------------------------------------------------------------------------------------
+def _cast(k: Tensor, *weights: Tensor) -> list[Tensor]:
+    """The weights in the compute dtype (k's): a no-op unless they are fp32 masters under AMP."""
+    return [w.to(k.dtype) for w in weights]
+
+
+def _sublayer_body(x: Tensor, r: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor,
+                   bo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _sub._forward(x, r, k, v, *_cast(k, wq, bq, wo, bo))
+
+
+def _sublayer_fake(x, r, k, v, wq, bq, wo, bo):
+    return (_contiguous_like(x, dtype=r.dtype), _contiguous_like(x, dtype=k.dtype),
+            x.new_empty(x.shape[:2], dtype=torch.float32))
+
+
+def _sublayer_backward_body(x: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, o: Tensor,
+                            lse: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _sub._backward(x, k, v, *_cast(k, wq, bq, wo), o, lse, g, wq.dtype, None, None)
+
+
+def _sublayer_backward_fake(x, k, v, wq, bq, wo, o, lse, g):
+    return (_contiguous_like(x), _contiguous_like(k), _contiguous_like(v),
+            *(_contiguous_like(w) for w in (wq, bq, wo, bq)))
+
+
+attention_sublayer_op = _define("attention_sublayer", _sublayer_body, _sublayer_fake)
+attention_sublayer_backward_op = _define("attention_sublayer_backward", _sublayer_backward_body,
+                                         _sublayer_backward_fake)
+
+
+def _sublayer_setup(ctx, inputs, output):
+    x, _, k, v, wq, bq, wo, _ = inputs
+    _, o, lse = output
+    ctx.save_for_backward(x, k, v, wq, bq, wo, o, lse)
+
+
+def _sublayer_grad(ctx, g, _do, _dlse):
+    g = g.contiguous()
+    dx, dk, dv, dwq, dbq, dwo, dbo = torch.ops.msf.attention_sublayer_backward(*ctx.saved_tensors, g)
+    return dx, g, dk, dv, dwq, dbq, dwo, dbo  # ∂/∂residual is g itself
+
+
+attention_sublayer_op.register_autograd(_sublayer_grad, setup_context=_sublayer_setup)
+
+
+def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> Tensor:
+    """`kernels.attention_sublayer.attention_sublayer_for_model` through `msf::attention_sublayer`:
+    fused for one shared dtype or autocast's mix; otherwise the projections around `attention`."""
+    ts = (x_norm, residual, k, v, wq, bq, wo, bo)
+    if _sub._precision(*ts) is None:
+        return composed_attention_sublayer(*ts, attention=attention)
+    _sub._check(*ts)
+    if x_norm.shape[1] == 0 or not _sub.fused_supported(k.dtype, x_norm.shape[-1]):
+        return composed_attention_sublayer(*ts, attention=attention)
+    x_norm, residual, wq, bq, wo, bo = (t.contiguous() for t in (x_norm, residual, wq, bq, wo, bo))
+    return torch.ops.msf.attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# head + loss: CE + Dice of the bilinearly upsampled logits
+# ----------------------------------------------------------------------------------------------
+def _head_loss_body(logits: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _hl._forward(logits, targets, eps)
+
+
+def _head_loss_fake(logits, targets, eps):
+    b, k = logits.shape[:2]
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((b, 2, _hl._k_pad(k)), dtype=torch.float32)
+
+
+def _head_loss_backward_body(logits: Tensor, targets: Tensor, coef: Tensor, grad: Tensor) -> Tensor:
+    return _hl._backward(logits, targets, coef, grad)
+
+
+def _head_loss_backward_fake(logits, targets, coef, grad):
+    return torch.empty_like(logits)
+
+
+head_loss_op = _define("head_loss", _head_loss_body, _head_loss_fake)
+head_loss_backward_op = _define("head_loss_backward", _head_loss_backward_body, _head_loss_backward_fake)
+
+
+def _head_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _head_loss_grad(ctx, grad, _dcoef):
+    logits, targets, coef = ctx.saved_tensors
+    return torch.ops.msf.head_loss_backward(logits, targets, coef, grad), None, None
+
+
+head_loss_op.register_autograd(_head_loss_grad, setup_context=_head_loss_setup)
+
+
+def head_loss(logits: Tensor, targets: Tensor, eps: float = DEFAULT_DICE_EPS) -> Tensor:
+    """`kernels.head_loss.head_loss` through `msf::head_loss` (0-dim fp32 loss)."""
+    _hl._validate(logits, targets, eps)
+    return torch.ops.msf.head_loss(logits, targets, float(eps))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# LMSA: x + Σ_k z_k ⊙ PW_k(DW_k(x)); params = dw_3, dw_5, dw_7, pw ×3, pb ×3, fc1 w, b, fc2 w, b
+# ----------------------------------------------------------------------------------------------
+def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _lm._forward(x, tuple(params), x.dtype == torch.float32)
+
+
+def _lmsa_fake(x, params):
+    b, c = x.shape[:2]
+    cells = x.new_empty((b, _lm._CELLS, _lm._CELLS, c), dtype=torch.float32).permute(0, 3, 1, 2)  # as _stats sums them
+    return (_lm._new_like(x), cells,
+            x.new_empty((b, len(_lm.KERNEL_SIZES), c, c)))
+
+
+def _lmsa_backward_body(x: Tensor, g: Tensor, cells: Tensor, wg: Tensor, params: list[Tensor]) -> list[Tensor]:
+    with _autograd_inside():
+        dx, pgrads = _lm._backward(x, g, cells, wg, tuple(params), x.dtype == torch.float32)
+    return [dx, *pgrads]
+
+
+def _lmsa_backward_fake(x, g, cells, wg, params):
+    return [_lm._new_like(x), *(_contiguous_like(p) for p in params)]
+
+
+lmsa_op = _define("lmsa", _lmsa_body, _lmsa_fake)
+lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_fake)
+
+
+def _lmsa_setup(ctx, inputs, output):
+    x, params = inputs
+    ctx.save_for_backward(x, output[1], output[2], *params)
+
+
+def _lmsa_grad(ctx, grad, _dcells, _dwg):
+    x, cells, wg, *params = ctx.saved_tensors
+    g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    dx, *pgrads = torch.ops.msf.lmsa_backward(x, g, cells, wg, params)
+    return dx, pgrads
+
+
+lmsa_op.register_autograd(_lmsa_grad, setup_context=_lmsa_setup)
+
+
+def lmsa(x: Tensor, p: LMSAParams) -> Tensor:
+    """`kernels.lmsa.lmsa` through `msf::lmsa`."""
+    _lm._check(x, p)
+    params = [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
+    return torch.ops.msf.lmsa(x, params)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# upsample + argmax (inference)
+# ----------------------------------------------------------------------------------------------
+def _upsample_argmax_body(logits: Tensor, size: list[int]) -> Tensor:
+    return _ua.upsample_argmax(logits, tuple(size))
+
+
+def _upsample_argmax_fake(logits, size):
+    return logits.new_empty((logits.shape[0], *size), dtype=torch.int64)
+
+
+upsample_argmax_op = _define("upsample_argmax", _upsample_argmax_body, _upsample_argmax_fake)
+
+
+def upsample_argmax(logits: Tensor, size) -> Tensor:
+    """`kernels.upsample_argmax.upsample_argmax` through `msf::upsample_argmax`."""
+    size = [size, size] if isinstance(size, int) else list(size)
+    if len(size) != 2:
+        raise ValueError(f"size must be an int or an (H, W) pair, got {size!r}")
+    return torch.ops.msf.upsample_argmax(logits, size)
+
+
+@dataclass(frozen=True)
+class FusedOp:
+    """One op of `msf.backend.Ops`: `entry` runs eagerly (the kernel module's public function, its
+    `torch.autograd.Function`: no dispatcher in the way), `traced` under torch.compile (the same
+    kernels behind the `msf::` operators above)."""
+
+    entry: Callable
+    traced: Callable
+
+
+# What `msf.backend.get_ops("triton")` uses, keyed by the op names of `msf.backend.Ops`.
+REGISTRY: dict[str, FusedOp] = {
+    "attention": FusedOp(_attn.attention, attention),
+    "attention_sublayer": FusedOp(_sub.attention_sublayer_for_model, attention_sublayer),
+    "head_loss": FusedOp(_hl.head_loss, head_loss),
+    "lmsa": FusedOp(_lm.lmsa, lmsa),
+    "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
+}
+OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "head_loss",
+             "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")
