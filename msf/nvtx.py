@@ -7,7 +7,7 @@
 3. nothing (a CPU run without the package).
 `RANGE_SOURCE` says which ("nvtx", "torch.cuda.nvtx" or "none"). Ranges also show in
 `torch.profiler` traces through `torch.profiler.record_function`, which is cheap when no profiler
-is active.
+is active. While torch.compile traces, `nvtx_range` is empty (pushing a range is a graph break).
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ _PUSH, _POP, RANGE_SOURCE = select_range_functions()
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
+    if torch.compiler.is_compiling():  # under torch.compile a range would break the graph: none
+        yield
+        return
     if _PUSH is None:
         with torch.profiler.record_function(name):
             yield

@@ -18,13 +18,15 @@ from msf.nvtx import nvtx_range
 from train.evaluate import autocast_for
 
 
-def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False):
+def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False,
+               paper_head_order: bool = True):
     """A closure running one training step (forward+loss, backward, clip, AdamW) on fixed random data;
-    `compiled` puts the forward+loss under torch.compile."""
+    `compiled` puts the forward+loss under torch.compile (one graph: fullgraph=True, on either
+    backend); `paper_head_order=False` classifies at H/4 on the eager backend too (the CPU default)."""
     torch.manual_seed(0)
-    model = MicroSegFormer(backend=backend).to(device)
+    model = MicroSegFormer(backend=backend, paper_head_order=paper_head_order).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
-    loss_fn = torch.compile(model.loss) if compiled else model.loss
+    loss_fn = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
     images = torch.randn(batch, 3, size, size, device=device)
     masks = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
 

@@ -55,6 +55,16 @@ def _device(name: str, backend: str = "eager") -> torch.device:
     return device
 
 
+def _compile(model, args: argparse.Namespace, batch: int, input_size: int, device: torch.device) -> float | None:
+    """With --compile: the model's forward under torch.compile, compiled now; its time on stderr."""
+    if not args.compile:
+        return None
+    from train.evaluate import compile_for_inference
+    seconds = compile_for_inference(model, batch, input_size, device, args.amp)
+    print(f"compiled the forward in {seconds:.1f} s (not counted in the timings below)", file=sys.stderr, flush=True)
+    return seconds
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from msf.pipeline import LoaderBatches, eval_plan
     from train.evaluate import evaluate
@@ -65,6 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, train_cfg = load_model(args.checkpoint, args.backend, expected_classes=NUM_CLASSES)
     model.to(device)
     input_size = args.input_size or train_cfg.get("image_size") or 512
+    compile_seconds = _compile(model, args, args.batch_size, input_size, device)
     dataset = open_dataset(args.data, args.split, image_size=None)
     dataset.check_headers()
     batches = LoaderBatches(dataset, lambda epoch: eval_plan(len(dataset), args.batch_size), device,
@@ -74,6 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scores = evaluate(model, batches, device, input_size, args.amp, progress=sys.stderr.isatty(), tta=args.tta)
     scores.update(checkpoint=str(args.checkpoint), split=args.split, input_size=input_size,
                   scored_at=list(dataset[0][1].shape), seconds=round(time.perf_counter() - started, 2))
+    if compile_seconds is not None:
+        scores["compile_seconds"] = round(compile_seconds, 2)
     if args.json:
         print(json.dumps(scores, indent=2))
     else:
@@ -99,8 +112,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise DataError(f"{p}: image not found")
     pairs = prediction_paths(paths, Path(args.out))  # refuses before anything is written
     model.to(device)
-    written = predict_files(model, paths, Path(args.out), args.input_size or train_cfg.get("image_size") or 512,
-                            device, args.amp, args.tta)
+    input_size = args.input_size or train_cfg.get("image_size") or 512
+    _compile(model, args, 1, input_size, device)
+    started = time.perf_counter()
+    written = predict_files(model, paths, Path(args.out), input_size, device, args.amp, args.tta)
+    if args.compile:
+        print(f"predicted in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     renamed = [f"{p} -> {mask.name}" for p, (mask, _) in zip(paths, pairs) if mask.stem != p.stem]
     print(f"wrote {len(written)} files to {args.out}"
           + (f" (same names renamed: {'; '.join(renamed)})" if renamed else ""))
@@ -166,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"])
         p.add_argument("--input-size", type=int, default=None, help="model input size (default: training size)")
+        p.add_argument("--compile", action="store_true",
+                       help="run the forward under torch.compile (one graph, dynamic shapes); its compile time is "
+                            "reported apart")
         p.add_argument("--tta", default="none", choices=list(TTA_MODES),
                        help="test-time augmentation: flip averages the logits of the image and its mirror "
                             "(left/right ids swapped back); eval then scores without and with it")

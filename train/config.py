@@ -49,6 +49,7 @@ class TrainConfig:
     patience: int = 50                    # early stopping: epochs without a better val F-score
     amp: str = "auto"                     # auto | bf16 | fp16 | off; auto: bf16 on CUDA and on CPUs with native
                                           # bf16 (AVX512-BF16 / AMX), off (fp32) elsewhere; fp16 is CUDA only
+    compile: bool = False                 # torch.compile(model.loss, fullgraph=True): one graph around the fused ops
     channels_last: bool = False           # model and images in channels-last memory format (measured no faster
                                           # on the 2-core CPU with bf16: bench/results/cpu-train-speed-*)
     # run
@@ -151,6 +152,9 @@ FIELD_HELP = {
     "amp": "auto | bf16 | fp16 | off: autocast dtype; auto is bf16 on CUDA and on CPUs with native bf16 "
            "(AVX512-BF16 / AMX), fp32 on other CPUs; fp16 (CUDA only) adds a GradScaler; config.json records "
            "what the run used",
+    "compile": "run the forward and loss under torch.compile (one graph, fullgraph=True; the triton backend's "
+               "fused kernels enter it as msf:: operators); the first step compiles (minutes on a CPU): its time "
+               "is logged as compile_seconds and left out of img/s",
     "channels_last": "model and images in channels-last memory format (on the 2-core CPU measured no faster than "
                      "contiguous with bf16, within noise in fp32)",
     "device": "auto | cpu | cuda | cuda:N",

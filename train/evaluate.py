@@ -7,6 +7,7 @@ to the mask's native size and scored there (`msf eval` always scores at the data
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,21 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     if amp == "off" or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def compile_for_inference(model: MicroSegFormer, batch: int, input_size: int, device: torch.device,
+                          amp: str = "off") -> float:
+    """Put the model's low-resolution logits (every forward of `predict_variants`) under
+    torch.compile, one graph with dynamic shapes (any batch, any input size, no recompile), and
+    compile it now on a batch of zeros: returns the compile time in seconds, so that scoring
+    times are reported without it (`msf eval/predict --compile`)."""
+    model.low_res_logits = torch.compile(model.low_res_logits, fullgraph=True, dynamic=True)
+    started = time.perf_counter()
+    with torch.no_grad(), autocast_for(device, amp):
+        model.low_res_logits(torch.zeros(batch, 3, input_size, input_size, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()

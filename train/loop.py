@@ -44,8 +44,8 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 LOG_EVERY = 20           # steps between progress-bar loss reads (each one waits for the GPU)
 PLOT_EVERY_S = 20.0      # curves.png is redrawn at most this often, and after the last epoch
 # Fields a resumed run may change: where and how it runs, not what it computes.
-SESSION_FIELDS = ("device", "progress", "num_workers", "backend", "threads", "pipeline", "cache_dir",
-                  "max_minutes", "stop_after_epochs")
+SESSION_FIELDS = ("device", "progress", "num_workers", "backend", "compile", "threads", "pipeline",
+                  "cache_dir", "max_minutes", "stop_after_epochs")
 # Fields that place a new run; a resumed run stays where --resume says (changing them is refused).
 PLACEMENT_FIELDS = ("out", "run_name")
 # A CPU run whose schedule is estimated to take longer than this is warned about at its start.
@@ -179,14 +179,16 @@ def cpu_schedule_warning(cfg: TrainConfig, images_per_epoch: int, images_per_s: 
 
 
 class LossObjective(torch.nn.Module):
-    """`model.loss` as a module's forward, so DistributedDataParallel sees the call and syncs gradients."""
+    """`model.loss` as a module's forward, so DistributedDataParallel sees the call and syncs gradients;
+    `compiled`: under torch.compile, in one graph (`--compile`)."""
 
-    def __init__(self, model: MicroSegFormer):
+    def __init__(self, model: MicroSegFormer, compiled: bool = False):
         super().__init__()
         self.model = model
+        self.loss_fn = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(images, masks)
+        return self.loss_fn(images, masks)
 
 
 def make_model(cfg: TrainConfig, device: torch.device) -> MicroSegFormer:
@@ -318,7 +320,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
 
     # --- model, optimiser, schedule ---------------------------------------------------------
     model = make_model(cfg, device)
-    objective = LossObjective(model)
+    objective = LossObjective(model, compiled=cfg.compile)
     if ctx.active:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # each process its own dropout masks
@@ -343,7 +345,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
     log(f"run {run_dir}: {inputs.train_images} train / {inputs.val_images} val images at {cfg.image_size}², "
         f"{cfg.epochs} epochs × {steps_per_epoch} steps, device {device}"
         + (f" × {ctx.world} processes" if ctx.active else "") + f", backend {cfg.backend}, "
-        f"amp {cfg.amp}, "
+        f"amp {cfg.amp}, " + ("compiled, " if cfg.compile else "") +
         f"{inputs.pipeline} pipeline" + (f", resuming at epoch {start_epoch + 1}" if ckpt is not None else ""),
         flush=True)
 
@@ -353,6 +355,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
     log(f"constant prediction ({floor_class}) scores val F {floor['f_score']:.4f}", flush=True)
     last_plot = time.perf_counter()
     epoch_seconds, stop_reason = 0.0, "schedule complete"
+    to_compile = cfg.compile  # the session's first step compiles: timed apart from the steps
 
     # --- epochs -------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -364,6 +367,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
         objective.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen, started = 0, time.perf_counter()
+        compile_seconds, compile_images = None, 0
         batches = inputs.train.epoch(epoch)
         batch_iter = iter(batches)
         # closed however the epoch ends, so an error message starts on a line of its own
@@ -372,7 +376,15 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
             for step in range(len(batches)):
                 with nvtx_range("data"):
                     images, masks = next(batch_iter)
+                step_started = time.perf_counter()
                 loss = train_step(objective, optimizer, scheduler, scaler, images, masks, cfg, device)
+                if to_compile:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compile_seconds, compile_images = time.perf_counter() - step_started, len(images)
+                    to_compile = False
+                    log(f"compiled the training step in {compile_seconds:.1f} s (that first step is left out of "
+                        "img/s)", flush=True)
                 loss_sum += loss.double() * len(images)
                 seen += len(images)
                 bar.update()
@@ -381,7 +393,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
                                     img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
         loss_and_count = ctx.sum_(torch.stack([loss_sum, torch.tensor(float(seen), device=device).double()]))
         train_loss = (loss_and_count[0] / loss_and_count[1].clamp(min=1)).item()  # waits for the last step
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - started - (compile_seconds or 0.0)
 
         val = ctx.reduce_meter(evaluate_meter(model, inputs.val.epoch(), device, cfg.image_size, cfg.amp,
                                               cfg.progress and ctx.is_main, desc="val")).compute()
@@ -393,8 +405,10 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
         epoch_seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_f_score": train_scores["f_score"],
                   "val_f_score": val["f_score"], "val_miou": val["miou"], "lr": optimizer.param_groups[0]["lr"],
-                  "images_per_s": seen * ctx.world / train_seconds, "epoch_seconds": epoch_seconds,
-                  "best_val_f_score": best_f}
+                  "images_per_s": (seen - compile_images) * ctx.world / max(train_seconds, 1e-9),
+                  "epoch_seconds": epoch_seconds, "best_val_f_score": best_f}
+        if compile_seconds is not None:
+            record["compile_seconds"] = round(compile_seconds, 2)
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train F {record['train_f_score']:.4f}  "
             f"val F {val['f_score']:.4f}  mIoU {val['miou']:.4f}  {record['images_per_s']:.1f} img/s"
             + ("  *best*" if improved else ""), flush=True)
