@@ -39,7 +39,8 @@ status=0
 echo "== 1/3 parity tests (budget $(share 40) s)"
 if [ "$has_cuda" = 1 ]; then
   env -u TRITON_INTERPRET timeout "$(share 40)" $python -m pytest -q -p no:cacheprovider \
-      tests/ -k "cuda or backends" --junitxml "$out/parity.xml" 2>&1 | tee "$out/parity.log"
+      tests/ -k "cuda or backends or test_ops or fullgraph or second_batch" --junitxml "$out/parity.xml" 2>&1 \
+      | tee "$out/parity.log"
   (( ${PIPESTATUS[0]} == 0 )) || status=1
 else
   echo "no CUDA device: GPU parity tests skipped (CI runs them on CPU under TRITON_INTERPRET=1)" | tee "$out/parity.log"
@@ -48,6 +49,13 @@ fi
 echo "== 2/3 benchmarks (budget $(share 75) s)"
 bench_budget=$(share 75)
 if [ "$has_cuda" = 1 ]; then
+  # first the training step side by side (eager AMP, compile, triton, triton+compile: issue 15's
+  # targets, with peak memory), then every op and the step again with all providers
+  step_budget=$(( bench_budget / 3 ))
+  env -u TRITON_INTERPRET timeout $(( step_budget + 60 )) $python -m bench.suite --preset paper --suite step \
+      --providers eager,compile,triton,triton+compile --budget-s "$step_budget" --out "$out" \
+      --name bench-paper-cuda-step 2>&1 | tee "$out/bench-step.log"
+  bench_budget=$(( bench_budget - step_budget ))
   env -u TRITON_INTERPRET timeout $(( bench_budget + 60 )) $python -m bench.suite --preset paper \
       --budget-s "$bench_budget" --out "$out" 2>&1 | tee "$out/bench.log"
 else

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session should run, in one call of the device tool:
-#   1. bench/gpu_check.sh  - GPU parity tests of every kernel and pipeline, op and step benchmarks, profiler trace
+#   1. bench/gpu_check.sh  - GPU parity tests of every kernel and pipeline (and of the msf:: operators under
+#                            torch.compile with Inductor), op and step benchmarks (eager, compile, triton,
+#                            triton+compile side by side, with peak memory), profiler trace
 #   2. profiling/ncu.sh    - Nsight Compute over one training step (triton, bf16, B=32, 512²): per fused
 #                            kernel warp-instructions, achieved occupancy, DRAM bytes and duration,
 #                            each divided by the cost model's prediction (ncu-*/ncu-compare.md); skipped
