@@ -269,6 +269,15 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
         for provider, ms in times.items():
             rows += _rows(case, provider, pass_, ms, compile_s[provider], torch.device("cpu"), env, copy_gbs,
                           timing="interleaved")
+        # each round's calls ran back to back: the per-round ratio to the first provider cancels most
+        # of what other work on the machine does to both
+        first = next(iter(times), None)
+        for provider in list(times)[1:]:
+            ratios = [a / b for a, b in zip(times[first], times[provider])]
+            rows.append(row(case.op, provider, pass_, f"speedup_vs_{first}", "x", case.size, ratios, env,
+                            timing="interleaved", per_round=ratios))
+            print(f"  {case.op:22s} {provider:14s} {pass_:8s} {sorted(ratios)[len(ratios) // 2]:10.3f} x {first} "
+                  "(median of the per-round ratios)", flush=True)
     return rows
 
 
@@ -284,12 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="results file stem (default: bench-<preset>-<device>)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per provider (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: the preset's)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     preset_name = args.preset or ("paper" if device.type == "cuda" else "smoke")
-    preset = PRESETS[preset_name]
+    preset = dict(PRESETS[preset_name])
+    preset.update({k: getattr(args, k) for k in ("reps", "warmup") if getattr(args, k) is not None})
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if args.providers:
         providers = args.providers.split(",")
