@@ -37,7 +37,7 @@ to `wrap_triton` (`_launches_as_graph_nodes`); outside tracing a launch is the p
 
 `lmsa_backward` differentiates LMSA's small gate graph with autograd inside its body; an
 operator's body runs below the autograd dispatch keys, so it turns them back on for that
-(`_autograd_inside`).
+(`_autograd_inside`), and it stays one opaque node under torch.compile on CUDA as well.
 """
 from __future__ import annotations
 
@@ -83,14 +83,23 @@ def _on_cuda(args) -> bool:
     return any(isinstance(a, Tensor) and a.device.type == "cuda" for a in flat)
 
 
-def _decompose_on_cuda(body: Callable):
+def _export_keeps_ops_whole() -> bool:
+    """torch.export keeps triton_ops whole (as `triton_op` itself checks)."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _decompose_on_cuda(body: Callable, decompose: bool):
     """torch_dispatch rule under FunctionalTensorMode (AOTAutograd): on CUDA trace into `body`
-    (what `triton_op` does for every device), elsewhere keep the operator whole."""
+    (what `triton_op` does for every device), elsewhere (or if not `decompose`) keep the operator whole."""
 
     def rule(mode, op, types, args, kwargs):
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not Tensor for t in types):
             return NotImplemented
-        if _on_cuda(args):
+        if decompose and _on_cuda(args) and not _export_keeps_ops_whole():
             with mode, _launches_as_graph_nodes():
                 return body(*args, **kwargs)
         return mode.__torch_dispatch__(op, types, args, kwargs)
@@ -98,12 +107,12 @@ def _decompose_on_cuda(body: Callable):
     return rule
 
 
-def _define(name: str, body: Callable, fake: Callable):
+def _define(name: str, body: Callable, fake: Callable, decompose: bool = True):
     """`msf::<name>` as a triton_op whose body is `body`, with a hand-written fake (the body itself
     cannot run on fake CPU tensors: the interpreter launches kernels on real memory)."""
     op = torch.library.triton_op(f"msf::{name}", body, mutates_args=())
     op.register_fake(fake)
-    op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(body))
+    op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(body, decompose))
     return op
 
 
@@ -291,7 +300,9 @@ def _lmsa_backward_fake(x, g, cells, wg, params):
 
 
 lmsa_op = _define("lmsa", _lmsa_body, _lmsa_fake)
-lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_fake)
+# Kept whole on CUDA too: its body differentiates the gate graph with autograd (`_autograd_inside`),
+# which AOTAutograd's trace of a backward cannot follow. Inductor calls it as one extern op.
+lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_fake, decompose=False)
 
 
 def _lmsa_setup(ctx, inputs, output):

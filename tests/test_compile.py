@@ -113,8 +113,8 @@ def _triton_runnable() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-BACKENDS = ["eager", pytest.param("triton", marks=pytest.mark.skipif(not _triton_runnable(),
-                                                                        reason="needs triton + CUDA or TRITON_INTERPRET=1"))]
+NEEDS_TRITON = pytest.mark.skipif(not _triton_runnable(), reason="needs triton + CUDA or TRITON_INTERPRET=1")
+BACKENDS = ["eager", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
 def _tiny_model(backend):
