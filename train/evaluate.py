@@ -52,9 +52,12 @@ def compile_for_inference(model: MicroSegFormer, batch: int, input_size: int, de
     compile it now on a batch of zeros: returns the compile time in seconds, so that scoring
     times are reported without it (`msf eval/predict --compile`)."""
     model.low_res_logits = torch.compile(model.low_res_logits, fullgraph=True, dynamic=True)
+    # Not a batch of 3: Dynamo gives equal sizes one symbol ("duck sizing"), so a batch of 3 would
+    # share the image channels' symbol, be fixed at 3 with it, and every other batch would recompile.
+    warm_batch = 2 if batch == 3 else batch
     started = time.perf_counter()
     with torch.no_grad(), autocast_for(device, amp):
-        model.low_res_logits(torch.zeros(batch, 3, input_size, input_size, device=device))
+        model.low_res_logits(torch.zeros(warm_batch, 3, input_size, input_size, device=device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
