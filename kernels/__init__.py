@@ -2,8 +2,10 @@
 
 One fused op per module: its Triton kernels, its `torch.autograd.Function`, its eager reference and
 its `AOT_SPECS` for `python -m kernels.report`. `TRITON_OPS` maps the op names of
-`msf.backend.Ops` to the fused implementations that `backend="triton"` uses; ops missing here keep
-their eager version.
+`msf.backend.Ops` to each module's public entry (its autograd Function). `msf.backend` takes the
+triton backend's table from `kernels.ops.REGISTRY`, which pairs each of these entries (run
+eagerly) with the same op as a `torch.library` operator (run under torch.compile); ops missing
+there keep their eager version.
 """
 from __future__ import annotations
 
