@@ -38,14 +38,20 @@ atomics, deterministic.
      rows in BLOCK_N blocks, accumulating that chunk's dK and dV of its KV tile in fp32 registers;
      writes them to fp32 partials B×C×M×d (C = number of query chunks), or straight into dK, dV in
      the input dtype when C = 1.
-  3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, in chunk order, cast once.
+  3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, cast once. 2-D tiles: each
+     step adds BLOCK_C chunks × BLOCK elements element-wise into fp32 tile accumulators, and the chunk
+     axis is summed once at the end (a fixed tree for a fixed config: deterministic). Up to 64
+     chunks take one step; `kernels.attention_sublayer` sums its 256 weight-gradient partials with
+     the same kernel in 4 steps (it used to take 256 serial chunk loads in one program: ~24 µs).
 Why chunks: dK and dV sum over all N queries. One program per (image, KV tile) looping over all of
-N has only B·⌈M/BLOCK_M⌉ = 128 programs at B = 32, BLOCK_M = 64 (under one per SM on an H100),
+N has only B·⌈M/BLOCK_M⌉ = 64 programs at B = 32, BLOCK_M = 128 (under one per SM on an H100),
 each running a 16384-row serial loop at stage 1. C chunks give C times the programs for 2·B·C·M·d·4
-bytes of partials written and read once. `_chunking` takes C for about 4 programs per SM but at
-most N / (2M), so partials never cost more than the kernel's own reads of q and dO: C = 5, 5, 2, 1
-for the four stages at B = 32 on 132 SMs. The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs
-sharing one chunk's q / dO rows run side by side and those rows come from DRAM about once.
+bytes of partials written and read once. `_chunking` takes the C (at most N / (2M), so partials
+never cost more than the kernel's own reads of q and dO) that puts the least work on the busiest SM
+for the pinned KV tile: C = 4, 4, 1, 1 for the four stages at B = 32 on 132 SMs, 256 programs at
+stages 1-2 (the earlier "4 programs per SM" rule took C = 5: 320 programs, 3 on some SMs, 2.4 on
+average). The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs sharing one chunk's q / dO rows
+run side by side and those rows come from DRAM about once.
 
 Bytes through GPU memory at B = 32, 512×512, bf16 (`python -m bench.bytes_attention`, which also
 lists them op by op; each op reads its inputs and writes its outputs once; "sdpa" is PyTorch's
@@ -54,9 +60,9 @@ fused FlashAttention-style kernel counted at its inputs + outputs + lse, scratch
 
     stage  N      M    d   | eager (matmul, softmax, matmul) | sdpa floor             | fused (this module)
                            | fwd MB   bwd MB    µs           | fwd MB  bwd MB   µs    | fwd MB  bwd MB   µs
-    1      16384  256  32  | 1678.8   2552.2   1410.3        |  70.3   138.4    69.6  |  70.3   233.8   101.4
-    2       4096  256  64  |  438.3    675.3    371.2        |  36.2    71.8    36.0  |  36.2   151.0    62.4
-    3       1024  256  128 |  121.6    192.9    104.9        |  21.1    42.1    21.1  |  21.1    97.0    39.4
+    1      16384  256  32  | 1678.8   2552.2   1410.3        |  70.3   138.4    69.6  |  70.3   229.6   100.0
+    2       4096  256  64  |  438.3    675.3    371.2        |  36.2    71.8    36.0  |  36.2   142.6    59.6
+    3       1024  256  128 |  121.6    192.9    104.9        |  21.1    42.1    21.1  |  21.1    63.4    28.2
     4        256  256  192 |   37.7     62.9     33.6        |  12.6    25.2    12.6  |  12.6    37.9    16.8
 
 Eager moves six score-sized B×N×M tensors in the forward and nine in the backward (268 MB each at
@@ -64,6 +70,18 @@ stage 1); under autocast (softmax in fp32) it is about twice that. The fused for
 The fused backward is above it by a second read of q and dO (the dK/dV kernel; 67 MB at stage 1),
 the D vector and the fp32 partials; a single-pass backward (dQ and dK/dV from one sweep) would need
 dK, dV of all M keys on chip, which fits only at d = 32.
+
+Instructions beside the bytes (`python -m kernels.cost --op attention_sublayer`, sm_90 SASS at the
+model's bf16 launches as the sublayer makes them; H100, predictions, not measurements). The dK/dV
+kernel is issue-bound: its loop body is 245 / 257 / 238 / 345 warp-instructions per BLOCK_N-row
+step at stages 1-4 (d blocks 32 / 64 / 128 / 256), 128 / 32 / 32 / 16 steps a program, so
+65 / 18 / 16 / 6.4 M warp-instructions a launch and 72 / 22 / 18 / 14 µs predicted against a byte floor of 27 / 18 / 8.5 / 6.3 µs and a tensor-core
+floor of 43 / 21 / 16 / 8.1 µs (stage 2 is flop-bound). The chunk-sum of dK, dV (stages 1-2,
+4 chunks in one tile) runs 0.3 / 0.7 M warp-instructions and is byte-bound (3.1 / 6.3 µs).
+At d = 192 the 256-wide block pays for 64 masked columns in every dot of the sweeps: the model
+puts that at about a quarter of the d-proportional instructions of the stage-4 kernels, ~4 µs per
+sublayer, so the one-block code path is kept (the sublayer's projection loops do skip the masked
+slices: `kernels.attention_sublayer._d_ceil`).
 """
 from __future__ import annotations
 
