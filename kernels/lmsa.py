@@ -91,7 +91,6 @@ KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
-_HALO = 16  # the dx kernel's halo tile is _HALO × _HALO pixels around a (_HALO−6)² inner tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
@@ -124,10 +123,12 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduc
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_J: channel block, BLOCK_C: halo-GEMM K step (both clamped to C), BLOCK_R: halo rows
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_R": 64}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 16}, num_warps=8, num_stages=1), _BOTH),
+_DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=2, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1), _BOTH),
 ]
 
 def _dtype_prune(table):
@@ -179,24 +180,69 @@ def _cell(h, w, H, W, TH, TW):
     return ri * 7 + ci
 
 
-# The tap loops are single flat loops over t = i·KS + j: nested constant-trip loops get fully
-# unrolled by LLVM with every tap's loads hoisted, which spills registers (sm_80 / sm_90 builds).
+# Tap loops: a runtime loop over window rows around a compile-time-unrolled sweep of the row's
+# columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
+# hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.constexpr,
+def _depthwise(base, w_ptr, h, w, mask_p, offs_j, H, W, sc, sh, sw, KS: tl.constexpr,
                C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """fp32 [pixels × channels] tile of DW_KS(x) at pixels (h, w), channels offs_j: KS² shifted
-    masked loads of x (zero padding) times the per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
+    """fp32 [pixels × channels] tile of DW_KS(v) at pixels (h, w), channels offs_j, for the tensor v
+    at `base` with strides (sc, sh, sw): KS² shifted masked loads (zero padding) times the
+    per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    c_ptr = x_base + offs_j[None, :] * sxc
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):
-        hh = h + (t // KS - KS // 2)
-        ww = w + (t % KS - KS // 2)
-        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0)
-        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
-        acc += xv.to(tl.float32) * wv[None, :]
+    c_ptr = base + offs_j[None, :] * sc
+    for i in range(KS):
+        di = i - KS // 2
+        row_ok = mask_p & (h + di >= 0) & (h + di < H)
+        row_ptr = c_ptr + ((h + di) * sh + w * sw)[:, None]
+        for jj in tl.static_range(KS):
+            dj = jj - KS // 2
+            m = row_ok & (w >= -dj) & (w < W - dj)
+            v = tl.load(row_ptr + dj * sw, mask=m[:, None], other=0.0).to(tl.float32)
+            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
     return acc
+
+
+@triton.jit
+def _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, h, w, mask_p, offs_j, H, W, sxh, sxw,
+            C: tl.constexpr, RING: tl.constexpr):
+    """One row di of the 7×7 window: its 7 shifted masked loads of x, each added into DW_7 and,
+    where the tap lies in their windows, DW_5 and DW_3. RING (constexpr) is the row's ring:
+    3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1 (|di| ≤ 1: all three); the column offsets
+    are compile-time constants (the loop over them is unrolled)."""
+    row_ok = mask_p & (h + di >= 0) & (h + di < H)
+    row_ptr = c_ptr + ((h + di) * sxh + w * sxw)[:, None]
+    for jj in tl.static_range(7):
+        dj = jj - 3
+        m = row_ok & (w >= -dj) & (w < W - dj)
+        xv = tl.load(row_ptr + dj * sxw, mask=m[:, None], other=0.0).to(tl.float32)
+        d7 += xv * tl.load(w7_ptr + ((di + 3) * 7 + jj) * C + offs_j)[None, :]
+        if RING <= 2 and dj * dj <= 4:
+            d5 += xv * tl.load(w5_ptr + ((di + 2) * 5 + jj - 1) * C + offs_j)[None, :]
+        if RING <= 1 and dj * dj <= 1:
+            d3 += xv * tl.load(w3_ptr + ((di + 1) * 3 + jj - 2) * C + offs_j)[None, :]
+    return d3, d5, d7
+
+
+@triton.jit
+def _depthwise3(x_base, w3_ptr, w5_ptr, w7_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
+                C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at pixels (h, w), channels
+    offs_j, from one sweep over the 7×7 window: each of its 49 shifted masked loads of x feeds every
+    scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads). Three row loops, one
+    per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap feeds is known at compile time;
+    they stay loops (a fully unrolled sweep has the compiler hoist all 49 loads, and spill)."""
+    d3 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    d5 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    d7 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    c_ptr = x_base + offs_j[None, :] * sxc
+    for r in range(2):  # rows ±3
+        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 3)
+    for r in range(2):  # rows ±2
+        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 2)
+    for r in range(3):  # rows −1, 0, 1
+        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 1)
+    return d3, d5, d7
 
 
 @triton.jit
@@ -290,12 +336,10 @@ def _lmsa_fwd_kernel(
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
-        d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
-        d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
+        d3, d5, d7 = _depthwise3(x_base, DW3, DW5, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, C, BLOCK_P, BK)
+        acc += _mm(d3.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
+        acc += _mm(d5.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
+        acc += _mm(d7.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
 
     bias = tl.load(BIAS + b * C + offs_c)
     xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
@@ -331,7 +375,7 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, WG, DWK, MP, GSP, DWP,
+    X, DO, WG, DWK, MP, GSP, DWP, EK,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
@@ -377,6 +421,9 @@ def _lmsa_bwd_gram_kernel(
                 gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
                              mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
                 e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+            # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
+            tl.store(EK + ((b * 3 + KID) * (H * W) + offs_p)[:, None] * C + offs_j[None, :],
+                     e.to(EK.dtype.element_ty), mask=mask_p[:, None])
             d, dwacc = _depthwise_and_wgrad(x_base, DWK, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
                                             KS, C, BLOCK_P, BJ, TAPS)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
@@ -395,107 +442,43 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 
 
 @triton.jit
-def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
-               C: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
-    """dx += DW_KSᵀ(E), E = W̃ᵀ dO, for the inner tile whose halo starts at (h0 − 3, w0 − 3).
-
-    E is formed on the halo tile in BLOCK_R-row pieces (GEMM on chip, 0 outside the image) and
-    written to the program's fp32 scratch tile, then read back at the shifted positions q − δ
-    (a uniform offset from e_off, the inner pixels' scratch offsets: no masks)."""
-    offs_jj = tl.arange(0, BLOCK_J)
-    offs_cc = tl.arange(0, BLOCK_C)
-    tl.debug_barrier()  # every thread is done reading the previous scale's E from the scratch tile
-    for r0 in range(0, HALO_H * HALO_W, BLOCK_R):
-        offs_e = r0 + tl.arange(0, BLOCK_R)  # halo pixels, row-major
-        gh = h0 - 3 + offs_e // HALO_W
-        gw = w0 - 3 + offs_e % HALO_W
-        e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
-        pix = (gh * sgh + gw * sgw)[:, None]
-        E = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)  # E[e, j] = Σ_c dO[c, e] W̃[c, j]
-        for c0 in range(0, C, BLOCK_C):
-            g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
-            wg = tl.load(wg_ptr + (c0 + offs_cc)[:, None] * C + offs_j[None, :])
-            E += _mm(g, wg, PRECISE)
-        tl.store(e_scr + offs_e[:, None] * BLOCK_J + offs_jj[None, :], E)
-    tl.debug_barrier()  # ... and this scale's E is complete before anyone reads it back
-
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):  # one flat loop: the compiler keeps one tap's loads in flight, not KS
-        shift = ((t // KS - KS // 2) * HALO_W + (t % KS - KS // 2)) * BLOCK_J  # δ in scratch elements
-        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
-        dx += tl.load(e_scr + (e_off - shift)) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
-    return dx
-
-
-@triton.jit
 def _lmsa_bwd_dx_kernel(
-    DO, WG, DW3, DW5, DW7, T, DX, SCR,
+    DO, EK, DW3, DW5, DW7, T, DX,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW, n_cols, n_grps,
-    C: tl.constexpr, N_TR: tl.constexpr, COLS: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_I: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    H, W, TH, TW,
+    C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(W̃_kᵀ dO) + T[cell] for channel block j of tile-column group `grp` of
-    image b: COLS columns of (HALO−6)² inner tiles, N_TR tiles down each. Reads dO (with a 3-pixel
-    halo, from L2), writes dx once; never reads x.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for BLOCK_P pixels and channel block pid_j of image b.
 
-    SCR is the programs' fp32 scratch: one HALO_H·HALO_W × BJ tile each (B·n_grps·C·HALO_H·HALO_W
-    floats in all), rewritten for every (tile, scale) and read back at once, so it lives in L1/L2
-    (column groups keep the number of programs, hence the scratch, small). Triton has no
-    user-managed shared memory, and `tl.gather` on a 256-row register tile lowers to warp shuffles
-    (~1300 instructions per tap in an sm_90 build)."""
+    EK holds E_k = W̃_kᵀ dO as the gram kernel stored it (B × 3 × H × W × C, x's dtype); DW3/5/7
+    are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the transposed
+    depthwise Σ_δ w[δ] E[q − δ] is the plain depthwise sweep of `_depthwise` over E. Reads dO once
+    (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once; never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    BC: tl.constexpr = min(BLOCK_C, C)  # the halo GEMM's K step, clamped to C
-    IR: tl.constexpr = HALO_H - 6
-    IC: tl.constexpr = HALO_W - 6
-    NE: tl.constexpr = HALO_H * HALO_W
-    pid_j = tl.program_id(0)
-    grp = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    g_base = DO + b * sgb
-    wg_base = WG + b * (3 * C * C)
-    e_scr = SCR + (((b * n_grps + grp) * (C // BJ) + pid_j) * NE) * BJ
-
-    offs_i = tl.arange(0, BLOCK_I)  # inner pixels, row-major in an IR × IC tile
-    ir = offs_i // IC
-    ic = offs_i % IC
-    lane_ok = offs_i < IR * IC
-    # scratch offset of each inner pixel's centre; lanes past the IR × IC tile point at a valid
-    # centre so every shifted read stays inside the scratch tile
-    center = tl.where(lane_ok, (ir + 3) * HALO_W + ic + 3, 3 * HALO_W + 3)
-    e_off = center[:, None] * BJ + tl.arange(0, BJ)[None, :]
-
-    for cc in range(COLS):
-        col = grp * COLS + cc
-        if col < n_cols:  # the last group may have fewer columns
-            w0 = col * IC
-            for tr in range(N_TR):
-                h0 = tr * IR
-                dx = tl.zeros([BLOCK_I, BJ], tl.float32)
-                dx = _dx_branch(g_base, wg_base, e_scr, dx, DW3, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
-                                C, HALO_H, HALO_W, 3, BLOCK_R, BJ, BC, PRECISE)
-                dx = _dx_branch(g_base, wg_base + C * C, e_scr, dx, DW5, h0, w0, H, W, e_off, offs_j,
-                                sgc, sgh, sgw, C, HALO_H, HALO_W, 5, BLOCK_R, BJ, BC, PRECISE)
-                dx = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, dx, DW7, h0, w0, H, W, e_off, offs_j,
-                                sgc, sgh, sgw, C, HALO_H, HALO_W, 7, BLOCK_R, BJ, BC, PRECISE)
-                # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
-                qh = h0 + offs_i // IC
-                qw = w0 + offs_i % IC
-                q_ok = lane_ok & (qh < H) & (qw < W)
-                g_in = tl.load(g_base + (qh * sgh + qw * sgw)[:, None] + offs_j[None, :] * sgc,
-                               mask=q_ok[:, None], other=0.0)
-                cell = _cell(qh, qw, H, W, TH, TW)
-                t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=q_ok[:, None], other=0.0)
-                dx += g_in.to(tl.float32) + t_in
-                tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
-                         dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
+    e_base = EK + b * (3 * H * W * C)
+    dx = _depthwise(e_base, DW3, h, w, mask_p, offs_j, H, W, 1, W * C, C, 3, C, BLOCK_P, BJ)
+    dx += _depthwise(e_base + H * W * C, DW5, h, w, mask_p, offs_j, H, W, 1, W * C, C, 5, C, BLOCK_P, BJ)
+    dx += _depthwise(e_base + 2 * H * W * C, DW7, h, w, mask_p, offs_j, H, W, 1, W * C, C, 7, C, BLOCK_P, BJ)
+    # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
+    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
+                   mask=mask_p[:, None], other=0.0)
+    cell = _cell(h, w, H, W, TH, TW)
+    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask_p[:, None], other=0.0)
+    dx += g_in.to(tl.float32) + t_in
+    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc,
+             dx.to(DX.dtype.element_ty), mask=mask_p[:, None])
 
 
-_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "N_TR", "COLS", "PRECISE"])
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,22 +511,6 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, ma
         return 128
     want = max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
     return triton.cdiv(triton.cdiv(hw, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
-
-
-def _dx_grid(h: int, w: int, batch: int, c: int, sms: int | None) -> tuple[int, int, int, int]:
-    """(tile rows, columns per program, tile columns, column groups) of the dx kernel. Each
-    program sweeps COLS tile columns of one image and channel block: enough groups for about four
-    programs per SM at 32-channel blocks, no more (the scratch and the ∂w partials scale with the
-    number of programs). Under the interpreter two columns per program, so tests cover the loop
-    and (for an odd number of columns) a group's missing last column."""
-    inner = _HALO - 6
-    n_tr, n_cols = triton.cdiv(h, inner), triton.cdiv(w, inner)
-    if sms is None:
-        cols = 2
-    else:
-        want = max(1, min(n_cols, triton.cdiv(4 * sms, batch * max(1, c // 32))))
-        cols = triton.cdiv(n_cols, want)
-    return n_tr, cols, n_cols, triton.cdiv(n_cols, cols)
 
 
 def _cell_indicator(n: int, device) -> torch.Tensor:
@@ -624,10 +591,11 @@ def _backward(x, g, P, wg, params, precise):
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    ek = _new((b, 3, h, w, c), x.device, x.dtype)  # E_k = W̃_kᵀ dO, channels-last, for the dx kernel
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         _lmsa_bwd_gram_kernel[grid](
-            x, g, wg, dw_flat[kid], mp, gsp, dwp, *x.stride(), *g.stride(), h, w, n_chunks,
+            x, g, wg, dw_flat[kid], mp, gsp, dwp, ek, *x.stride(), *g.stride(), h, w, n_chunks,
             C=c, KS=k, KID=kid, ROW0=row0, TAPS=triton.next_power_of_2(k * k), CHUNK_PIX=chunk,
             PRECISE=precise)
     m = mp.sum(1)
@@ -645,16 +613,13 @@ def _backward(x, g, P, wg, params, precise):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
         pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
 
-    # 3. dx, written once
-    n_tr, cols, n_cols, n_grps = _dx_grid(h, w, b, c, _sm_count(x.device))
+    # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
-    scratch = _new((b * n_grps * c * _HALO * _HALO,), x.device, torch.float32)
-    grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_grps, b)  # noqa: E731
+    dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
+    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
-        g, wg, *dw_flat, t_cells, dx, scratch,
-        *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols, n_grps,
-        C=c, N_TR=n_tr, COLS=cols, HALO_H=_HALO, HALO_W=_HALO,
-        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), PRECISE=precise)
+        g, ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
+        C=c, PRECISE=precise)
     return dx, pgrads
 
 
@@ -730,7 +695,6 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
-    n_tr, cols, _, _ = _dx_grid(_AOT_HW, _AOT_HW, 32, _AOT_C, 132)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         kernels = (
@@ -741,23 +705,20 @@ def _aot_specs() -> list[AotSpec]:
              {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {}),
             ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
              ["H", "W", "n_chunks"],
              {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0, "TAPS": 16}),
             ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
              ["H", "W", "n_chunks"],
              {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9, "TAPS": 32}),
             ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
              ["H", "W", "n_chunks"],
              {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34, "TAPS": 64}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
-             {"DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
-              "DX": dt, "SCR": "*fp32"},
-             ["H", "W", "TH", "TW", "n_cols", "n_grps"],
-             {"N_TR": n_tr, "COLS": cols, "HALO_H": _HALO, "HALO_W": _HALO,
-              "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2)}),
+             {"DO": dt, "EK": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
+             ["H", "W", "TH", "TW"], {}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
