@@ -123,6 +123,12 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduc
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
+_WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+]
 _DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
@@ -245,28 +251,6 @@ def _depthwise3(x_base, w3_ptr, w5_ptr, w7_ptr, h, w, mask_p, offs_j, H, W, sxc,
     return d3, d5, d7
 
 
-@triton.jit
-def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                         KS: tl.constexpr, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-                         TAPS: tl.constexpr):
-    """`_depthwise`, plus dwacc[t, j] += Σ_p e[p, j] x[p + δ_t, j] from the same shifted loads
-    (e = ∂L/∂DW_KS(x) on the tile, 0 on masked pixels; dwacc is TAPS × BLOCK_J, row t = tap t)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    taps = tl.arange(0, TAPS)[:, None]
-    c_ptr = x_base + offs_j[None, :] * sxc
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):
-        hh = h + (t // KS - KS // 2)
-        ww = w + (t % KS - KS // 2)
-        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + t * C)
-        acc += xv * wv[None, :]
-        contrib = tl.sum(e * xv, 0)
-        dwacc = tl.where(taps == t, dwacc + contrib[None, :], dwacc)
-    return acc, dwacc
-
-
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -375,22 +359,21 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, WG, DWK, MP, GSP, DWP, EK,
+    X, DO, WG, DWK, MP, GSP, EK,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, TAPS: tl.constexpr,
+    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr,
     CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """For scale k = KID (kernel size KS), channel block pid_j and the pixels p of chunk `pid` of
     image b, the partial sums
-        MP[b, pid, k, :, j]      = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
-        DWP[b, pid, ROW0 + t, j] = Σ_p E_k[j, p] x[j, p + δ_t], E_k = W̃_kᵀ dO   (main-path ∂L/∂w_k)
-        GSP[b, pid, :]           = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
-    (TAPS = KS² rounded up to a power of two: the rows of the ∂w accumulator)
-    with DW_k(x) and E_k recomputed on chip; MP: B × n × 3 × C × C, DWP: B × n × 83 × C, GSP: B × n × C,
-    all fp32. One launch per scale, so each build holds one depthwise loop and a KS²-row ∂w block."""
+        MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
+        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
+    with DW_k(x) recomputed on chip, and E_k = W̃_kᵀ dO, formed on chip and stored once:
+        EK[b, k, p, j]      = E_k[j, p]                               (x's dtype, B × 3 × H × W × C)
+    for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -404,7 +387,6 @@ def _lmsa_bwd_gram_kernel(
     wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
 
     acc = tl.zeros([C, BJ], tl.float32)
-    dwacc = tl.zeros([TAPS, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
@@ -424,8 +406,7 @@ def _lmsa_bwd_gram_kernel(
             # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
             tl.store(EK + ((b * 3 + KID) * (H * W) + offs_p)[:, None] * C + offs_j[None, :],
                      e.to(EK.dtype.element_ty), mask=mask_p[:, None])
-            d, dwacc = _depthwise_and_wgrad(x_base, DWK, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                                            KS, C, BLOCK_P, BJ, TAPS)
+            d = _depthwise(x_base, DWK, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS, C, BLOCK_P, BJ)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
             if KID == 0:
                 gsum += tl.sum(gt.to(tl.float32), 1)
@@ -433,12 +414,83 @@ def _lmsa_bwd_gram_kernel(
     tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
     if KID == 0:
         tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
-    taps = tl.arange(0, TAPS)
-    tl.store(DWP + ((b * n_chunks + pid) * 83 + ROW0 + taps[:, None]) * C + offs_j[None, :], dwacc,
-             mask=(taps < KS * KS)[:, None])
 
 
 _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+
+
+@triton.jit
+def _wtap(acc, e, row_ptr, row_ok, w, W, dj, sxw):
+    """acc += e ⊙ x[·, · + dj] on the tile (x = 0 outside the image): one tap of the ∂w sweep."""
+    m = row_ok & (w >= -dj) & (w < W - dj)
+    return acc + e * tl.load(row_ptr + dj * sxw, mask=m[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lmsa_bwd_wgrad_kernel(
+    X, EK, DWP,
+    sxb, sxc, sxh, sxw,
+    H, W, n_chunks,
+    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, CHUNK_PIX: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Main-path ∂L/∂w_k for one window row: for scale k = KID (kernel size KS), row i and channel
+    block pid_j (program_id(0) = i · C/BJ + pid_j), pixel chunk `pid` of image b,
+        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_p E_k[j, p] x[j, p + (i − KS//2, c − KS//2)]   (c < KS)
+    from the stored E_k (EK, see the gram kernel). Each of the row's KS taps keeps its own per-thread
+    fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the pixel
+    reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    NJ: tl.constexpr = C // BJ
+    row = tl.program_id(0) // NJ
+    pid_j = tl.program_id(0) % NJ
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    c_ptr = X + b * sxb + offs_j[None, :] * sxc
+    e_ptr = EK + (b * 3 + KID) * (H * W) * C + offs_j[None, :]
+    di = row - KS // 2
+    a0 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a1 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a2 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a4 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a6 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            h = offs_p // W
+            w = offs_p % W
+            e = tl.load(e_ptr + offs_p[:, None] * C, mask=mask_p[:, None], other=0.0).to(tl.float32)
+            row_ok = mask_p & (h + di >= 0) & (h + di < H)
+            row_ptr = c_ptr + ((h + di) * sxh + w * sxw)[:, None]
+            # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
+            a0 = _wtap(a0, e, row_ptr, row_ok, w, W, -(KS // 2), sxw)
+            a1 = _wtap(a1, e, row_ptr, row_ok, w, W, 1 - KS // 2, sxw)
+            a2 = _wtap(a2, e, row_ptr, row_ok, w, W, 2 - KS // 2, sxw)
+            if KS >= 5:
+                a3 = _wtap(a3, e, row_ptr, row_ok, w, W, 3 - KS // 2, sxw)
+                a4 = _wtap(a4, e, row_ptr, row_ok, w, W, 4 - KS // 2, sxw)
+            if KS >= 7:
+                a5 = _wtap(a5, e, row_ptr, row_ok, w, W, 5 - KS // 2, sxw)
+                a6 = _wtap(a6, e, row_ptr, row_ok, w, W, 6 - KS // 2, sxw)
+    out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
+    tl.store(out, tl.sum(a0, 0))
+    tl.store(out + C, tl.sum(a1, 0))
+    tl.store(out + 2 * C, tl.sum(a2, 0))
+    if KS >= 5:
+        tl.store(out + 3 * C, tl.sum(a3, 0))
+        tl.store(out + 4 * C, tl.sum(a4, 0))
+    if KS >= 7:
+        tl.store(out + 5 * C, tl.sum(a5, 0))
+        tl.store(out + 6 * C, tl.sum(a6, 0))
+
+
+_lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
+                                 ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+
 
 
 @triton.jit
@@ -590,14 +642,19 @@ def _backward(x, g, P, wg, params, precise):
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
-    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
-    ek = _new((b, 3, h, w, c), x.device, x.dtype)  # E_k = W̃_kᵀ dO, channels-last, for the dx kernel
+    ek = _new((b, 3, h, w, c), x.device, x.dtype)  # E_k = W̃_kᵀ dO, channels-last, for wgrad and dx
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+    for kid, k in enumerate(KERNEL_SIZES):
         _lmsa_bwd_gram_kernel[grid](
-            x, g, wg, dw_flat[kid], mp, gsp, dwp, ek, *x.stride(), *g.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, ROW0=row0, TAPS=triton.next_power_of_2(k * k), CHUNK_PIX=chunk,
-            PRECISE=precise)
+            x, g, wg, dw_flat[kid], mp, gsp, ek, *x.stride(), *g.stride(), h, w, n_chunks,
+            C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
+    # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
+    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+        grid = lambda meta, k=k: (k * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+        _lmsa_bwd_wgrad_kernel[grid](
+            x, ek, dwp, *x.stride(), h, w, n_chunks,
+            C=c, KS=k, KID=kid, ROW0=row0, CHUNK_PIX=chunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -705,17 +762,20 @@ def _aot_specs() -> list[AotSpec]:
              {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {}),
             ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0, "TAPS": 16}),
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
+            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
             ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9, "TAPS": 32}),
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
+            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
             ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32", "EK": dt},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34, "TAPS": 64}),
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
+            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "EK": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
              ["H", "W", "TH", "TW"], {}),
