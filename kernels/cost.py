@@ -184,9 +184,10 @@ LOOPS: list[Loop] = [
          count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
-    Loop("lmsa", "_depthwise", "for i in range(KS):",  # gram: one site, KS rows per tile; dx: one site per scale
-         lambda a, pid: _stats_active(a, pid) * a["KS"] if "KS" in a else [3, 5, 7],
-         kernels=("_lmsa_bwd_gram_kernel", "_lmsa_bwd_dx_kernel")),
+    Loop("lmsa", "_depthwise", "for i in range(KS):", lambda a, pid: _stats_active(a, pid) * a["KS"],
+         kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_depthwise_padded", "for i in range(KS):", lambda a, pid: [3, 5, 7],
+         kernels=("_lmsa_bwd_dx_kernel",)),
 ]
 
 

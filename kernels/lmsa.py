@@ -131,10 +131,9 @@ _WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to
 ]
 _DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=2, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1), _BOTH),
 ]
 
 def _dtype_prune(table):
@@ -205,6 +204,22 @@ def _depthwise(base, w_ptr, h, w, mask_p, offs_j, H, W, sc, sh, sw, KS: tl.const
             dj = jj - KS // 2
             m = row_ok & (w >= -dj) & (w < W - dj)
             v = tl.load(row_ptr + dj * sw, mask=m[:, None], other=0.0).to(tl.float32)
+            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
+    return acc
+
+
+@triton.jit
+def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
+    """`_depthwise` of a tensor stored channels-last with a 3-pixel zero border (row stride WP·C,
+    pixel stride C; (hp, wp): the centres in padded coordinates, always inside the buffer): no masks,
+    and the column offsets are immediates of the loads (C is a compile-time constant)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    c_ptr = base + offs_j[None, :]
+    for i in range(KS):
+        row_ptr = c_ptr + ((hp + (i - KS // 2)) * WP + wp - KS // 2)[:, None] * C
+        for jj in tl.static_range(KS):
+            v = tl.load(row_ptr + jj * C).to(tl.float32)
             acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
     return acc
 
@@ -372,7 +387,8 @@ def _lmsa_bwd_gram_kernel(
         MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
         GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
     with DW_k(x) recomputed on chip, and E_k = W̃_kᵀ dO, formed on chip and stored once:
-        EK[b, k, p, j]      = E_k[j, p]                               (x's dtype, B × 3 × H × W × C)
+        EK[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]      (fp32, B × (H+6) × (W+6) × C; the host
+                                                      zeroes the 3-pixel border)
     for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
@@ -404,7 +420,7 @@ def _lmsa_bwd_gram_kernel(
                              mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
                 e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
             # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
-            tl.store(EK + ((b * 3 + KID) * (H * W) + offs_p)[:, None] * C + offs_j[None, :],
+            tl.store(EK + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :],
                      e.to(EK.dtype.element_ty), mask=mask_p[:, None])
             d = _depthwise(x_base, DWK, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS, C, BLOCK_P, BJ)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
@@ -420,10 +436,9 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 
 
 @triton.jit
-def _wtap(acc, e, row_ptr, row_ok, w, W, dj, sxw):
-    """acc += e ⊙ x[·, · + dj] on the tile (x = 0 outside the image): one tap of the ∂w sweep."""
-    m = row_ok & (w >= -dj) & (w < W - dj)
-    return acc + e * tl.load(row_ptr + dj * sxw, mask=m[:, None], other=0.0).to(tl.float32)
+def _wtap(acc, xt, row_ptr, dj: tl.constexpr, C: tl.constexpr):
+    """acc += x ⊙ E[· − (·, dj)] on the tile (E from the zero-bordered buffer): one tap of the ∂w sweep."""
+    return acc + xt * tl.load(row_ptr - dj * C).to(tl.float32)
 
 
 @triton.jit
@@ -436,10 +451,11 @@ def _lmsa_bwd_wgrad_kernel(
 ):
     """Main-path ∂L/∂w_k for one window row: for scale k = KID (kernel size KS), row i and channel
     block pid_j (program_id(0) = i · C/BJ + pid_j), pixel chunk `pid` of image b,
-        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_p E_k[j, p] x[j, p + (i − KS//2, c − KS//2)]   (c < KS)
-    from the stored E_k (EK, see the gram kernel). Each of the row's KS taps keeps its own per-thread
-    fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the pixel
-    reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
+        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (i − KS//2, c − KS//2)
+    (= Σ_p E_k[j, p] x[j, p + δ]), from the stored, zero-bordered E_k (EK, the gram kernel's):
+    x is loaded once per tile, E_k at the row's KS shifts without masks. Each tap keeps its own
+    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
+    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     NJ: tl.constexpr = C // BJ
     row = tl.program_id(0) // NJ
@@ -447,8 +463,8 @@ def _lmsa_bwd_wgrad_kernel(
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    c_ptr = X + b * sxb + offs_j[None, :] * sxc
-    e_ptr = EK + (b * 3 + KID) * (H * W) * C + offs_j[None, :]
+    x_ptr = X + b * sxb + offs_j[None, :] * sxc
+    e_ptr = EK + b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
     di = row - KS // 2
     a0 = tl.zeros([BLOCK_P, BJ], tl.float32)
     a1 = tl.zeros([BLOCK_P, BJ], tl.float32)
@@ -461,21 +477,21 @@ def _lmsa_bwd_wgrad_kernel(
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            h = offs_p // W
-            w = offs_p % W
-            e = tl.load(e_ptr + offs_p[:, None] * C, mask=mask_p[:, None], other=0.0).to(tl.float32)
-            row_ok = mask_p & (h + di >= 0) & (h + di < H)
-            row_ptr = c_ptr + ((h + di) * sxh + w * sxw)[:, None]
+            pc = tl.minimum(offs_p, H * W - 1)  # past the image: a valid pixel (its x is masked to 0)
+            h = pc // W
+            w = pc % W
+            xt = tl.load(x_ptr + (h * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
+            row_ptr = e_ptr + ((h + 3 - di) * (W + 6) + w + 3)[:, None] * C
             # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
-            a0 = _wtap(a0, e, row_ptr, row_ok, w, W, -(KS // 2), sxw)
-            a1 = _wtap(a1, e, row_ptr, row_ok, w, W, 1 - KS // 2, sxw)
-            a2 = _wtap(a2, e, row_ptr, row_ok, w, W, 2 - KS // 2, sxw)
+            a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
+            a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
+            a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
             if KS >= 5:
-                a3 = _wtap(a3, e, row_ptr, row_ok, w, W, 3 - KS // 2, sxw)
-                a4 = _wtap(a4, e, row_ptr, row_ok, w, W, 4 - KS // 2, sxw)
+                a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
+                a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
             if KS >= 7:
-                a5 = _wtap(a5, e, row_ptr, row_ok, w, W, 5 - KS // 2, sxw)
-                a6 = _wtap(a6, e, row_ptr, row_ok, w, W, 6 - KS // 2, sxw)
+                a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
+                a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
     out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
     tl.store(out, tl.sum(a0, 0))
     tl.store(out + C, tl.sum(a1, 0))
@@ -495,7 +511,7 @@ _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TA
 
 @triton.jit
 def _lmsa_bwd_dx_kernel(
-    DO, EK, DW3, DW5, DW7, T, DX,
+    DO, E3, E5, E7, DW3, DW5, DW7, T, DX,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
     H, W, TH, TW,
@@ -503,23 +519,25 @@ def _lmsa_bwd_dx_kernel(
 ):
     """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for BLOCK_P pixels and channel block pid_j of image b.
 
-    EK holds E_k = W̃_kᵀ dO as the gram kernel stored it (B × 3 × H × W × C, x's dtype); DW3/5/7
-    are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the transposed
-    depthwise Σ_δ w[δ] E[q − δ] is the plain depthwise sweep of `_depthwise` over E. Reads dO once
-    (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once; never reads x."""
+    E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
+    border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
+    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_padded`
+    over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
+    never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     pid = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < H * W
-    h = offs_p // W
-    w = offs_p % W
+    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image read a valid pixel; their store is masked
+    h = pc // W
+    w = pc % W
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    e_base = EK + b * (3 * H * W * C)
-    dx = _depthwise(e_base, DW3, h, w, mask_p, offs_j, H, W, 1, W * C, C, 3, C, BLOCK_P, BJ)
-    dx += _depthwise(e_base + H * W * C, DW5, h, w, mask_p, offs_j, H, W, 1, W * C, C, 5, C, BLOCK_P, BJ)
-    dx += _depthwise(e_base + 2 * H * W * C, DW7, h, w, mask_p, offs_j, H, W, 1, W * C, C, 7, C, BLOCK_P, BJ)
+    e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
+    dx = _depthwise_padded(E3 + e_off, DW3, h + 3, w + 3, offs_j, W + 6, 3, C, BLOCK_P, BJ)
+    dx += _depthwise_padded(E5 + e_off, DW5, h + 3, w + 3, offs_j, W + 6, 5, C, BLOCK_P, BJ)
+    dx += _depthwise_padded(E7 + e_off, DW7, h + 3, w + 3, offs_j, W + 6, 7, C, BLOCK_P, BJ)
     # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
     g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
                    mask=mask_p[:, None], other=0.0)
@@ -642,18 +660,23 @@ def _backward(x, g, P, wg, params, precise):
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
-    ek = _new((b, 3, h, w, c), x.device, x.dtype)  # E_k = W̃_kᵀ dO, channels-last, for wgrad and dx
+    # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
+    # their shifted reads need no masks (the gram kernel writes the interior)
+    ek = [_new((b, h + 6, w + 6, c), x.device, torch.float32) for _ in KERNEL_SIZES]
+    for e in ek:
+        for border in (e[:, :3], e[:, -3:], e[:, 3:-3, :3], e[:, 3:-3, -3:]):
+            border.zero_()
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     for kid, k in enumerate(KERNEL_SIZES):
         _lmsa_bwd_gram_kernel[grid](
-            x, g, wg, dw_flat[kid], mp, gsp, ek, *x.stride(), *g.stride(), h, w, n_chunks,
+            x, g, wg, dw_flat[kid], mp, gsp, ek[kid], *x.stride(), *g.stride(), h, w, n_chunks,
             C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
     for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         grid = lambda meta, k=k: (k * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
         _lmsa_bwd_wgrad_kernel[grid](
-            x, ek, dwp, *x.stride(), h, w, n_chunks,
+            x, ek[kid], dwp, *x.stride(), h, w, n_chunks,
             C=c, KS=k, KID=kid, ROW0=row0, CHUNK_PIX=chunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
@@ -675,7 +698,7 @@ def _backward(x, g, P, wg, params, precise):
     dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
-        g, ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
+        g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PRECISE=precise)
     return dx, pgrads
 
@@ -762,22 +785,22 @@ def _aot_specs() -> list[AotSpec]:
              {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {}),
             ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
-            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
             ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
-            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
             ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": dt},
+             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
-            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": dt, "DWP": "*fp32"},
+            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
-             {"DO": dt, "EK": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
+             {"DO": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
              ["H", "W", "TH", "TW"], {}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
