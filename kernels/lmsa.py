@@ -109,7 +109,6 @@ lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
 _HALF, _BOTH = ("half",), ("half", "fp32")
 _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=4, num_stages=2), _HALF),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
 _FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped to C in the kernel)
@@ -133,7 +132,6 @@ _DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
 ]
 
 def _dtype_prune(table):
@@ -189,26 +187,6 @@ def _cell(h, w, H, W, TH, TW):
 # columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
 # hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise(base, w_ptr, h, w, mask_p, offs_j, H, W, sc, sh, sw, KS: tl.constexpr,
-               C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """fp32 [pixels × channels] tile of DW_KS(v) at pixels (h, w), channels offs_j, for the tensor v
-    at `base` with strides (sc, sh, sw): KS² shifted masked loads (zero padding) times the
-    per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    c_ptr = base + offs_j[None, :] * sc
-    for i in range(KS):
-        di = i - KS // 2
-        row_ok = mask_p & (h + di >= 0) & (h + di < H)
-        row_ptr = c_ptr + ((h + di) * sh + w * sw)[:, None]
-        for jj in tl.static_range(KS):
-            dj = jj - KS // 2
-            m = row_ok & (w >= -dj) & (w < W - dj)
-            v = tl.load(row_ptr + dj * sw, mask=m[:, None], other=0.0).to(tl.float32)
-            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
-    return acc
-
-
-@triton.jit
 def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
     """`_depthwise` of a tensor stored channels-last with a 3-pixel zero border (row stride WP·C,
@@ -225,18 +203,14 @@ def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.c
 
 
 @triton.jit
-def _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, h, w, mask_p, offs_j, H, W, sxh, sxw,
-            C: tl.constexpr, RING: tl.constexpr):
-    """One row di of the 7×7 window: its 7 shifted masked loads of x, each added into DW_7 and,
-    where the tap lies in their windows, DW_5 and DW_3. RING (constexpr) is the row's ring:
-    3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1 (|di| ≤ 1: all three); the column offsets
-    are compile-time constants (the loop over them is unrolled)."""
-    row_ok = mask_p & (h + di >= 0) & (h + di < H)
-    row_ptr = c_ptr + ((h + di) * sxh + w * sxw)[:, None]
+def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
+    """One row di of the 7×7 window (row_ptr: the row's leftmost tap in the zero-bordered x): its 7
+    shifted loads, each added into DW_7 and, where the tap lies in their windows, DW_5 and DW_3.
+    RING (constexpr) is the row's ring: 3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1
+    (|di| ≤ 1: all three); the column offsets are immediates (the loop over them is unrolled)."""
     for jj in tl.static_range(7):
         dj = jj - 3
-        m = row_ok & (w >= -dj) & (w < W - dj)
-        xv = tl.load(row_ptr + dj * sxw, mask=m[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(row_ptr + jj * C).to(tl.float32)
         d7 += xv * tl.load(w7_ptr + ((di + 3) * 7 + jj) * C + offs_j)[None, :]
         if RING <= 2 and dj * dj <= 4:
             d5 += xv * tl.load(w5_ptr + ((di + 2) * 5 + jj - 1) * C + offs_j)[None, :]
@@ -246,23 +220,25 @@ def _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, h, w, mask_p, offs_j,
 
 
 @triton.jit
-def _depthwise3(x_base, w3_ptr, w5_ptr, w7_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at pixels (h, w), channels
-    offs_j, from one sweep over the 7×7 window: each of its 49 shifted masked loads of x feeds every
-    scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads). Three row loops, one
-    per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap feeds is known at compile time;
-    they stay loops (a fully unrolled sweep has the compiler hoist all 49 loads, and spill)."""
+def _depthwise3(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at the pixels whose
+    zero-bordered coordinates are (hp, wp), channels offs_j, from one sweep over the 7×7 window of
+    the bordered x (xp_base: row stride WP·C, pixel stride C, fp32): each of its 49 shifted loads
+    feeds every scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads, no
+    masks). Three row loops, one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap
+    feeds is known at compile time; they stay loops (a fully unrolled sweep has the compiler hoist
+    all 49 loads, and spill)."""
     d3 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
     d5 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
     d7 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    c_ptr = x_base + offs_j[None, :] * sxc
+    c_ptr = xp_base + offs_j[None, :] + ((hp - 3) * WP + wp - 3)[:, None] * C  # the window's top-left tap
     for r in range(2):  # rows ±3
-        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 3)
+        d3, d5, d7 = _dw_row(c_ptr + (6 * r) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, offs_j, C, 3)
     for r in range(2):  # rows ±2
-        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 2)
+        d3, d5, d7 = _dw_row(c_ptr + (4 * r + 1) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, offs_j, C, 2)
     for r in range(3):  # rows −1, 0, 1
-        d3, d5, d7 = _dw_row(c_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, h, w, mask_p, offs_j, H, W, sxh, sxw, C, 1)
+        d3, d5, d7 = _dw_row(c_ptr + (r + 2) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, offs_j, C, 1)
     return d3, d5, d7
 
 
@@ -271,7 +247,7 @@ def _depthwise3(x_base, w3_ptr, w5_ptr, w7_ptr, h, w, mask_p, offs_j, H, W, sxc,
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _lmsa_stats_kernel(
-    X, SP,
+    X, SP, XP,
     sxb, sxc, sxh, sxw,
     H, W, TH, TW, n_chunks,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -279,7 +255,9 @@ def _lmsa_stats_kernel(
 ):
     """Cell sums of x over pixel chunk `pid` of image b, channel block pid_c: SP[b, pid, cell, c]
     (B × n × 49 × C fp32), as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one
-    BLOCK_P-pixel tile at a time."""
+    BLOCK_P-pixel tile at a time. Also writes x's tiles, as fp32, into the interior of XP: x
+    channels-last with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host zeroes the border),
+    which the forward and gram kernels' depthwise sweeps read without masks or conversions."""
     BC: tl.constexpr = min(BLOCK_C, C)  # the configured channel block, clamped to C
     pid_c = tl.program_id(0)
     pid = tl.program_id(1)
@@ -297,6 +275,8 @@ def _lmsa_stats_kernel(
             cell = _cell(h, w, H, W, TH, TW)
             xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
+            tl.store(XP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :],
+                     xt.to(tl.float32), mask=mask_p[:, None])
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
             acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × BC
     out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
@@ -308,7 +288,7 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, WG, BIAS, DW3, DW5, DW7, OUT,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
     H, W,
@@ -323,11 +303,13 @@ def _lmsa_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < H * W
-    h = offs_p // W
-    w = offs_p % W
+    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image compute a valid pixel; not stored
+    h = pc // W
+    w = pc % W
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     x_base = X + b * sxb
+    xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
 
     acc = tl.zeros([BLOCK_P, C], tl.float32)
@@ -335,7 +317,7 @@ def _lmsa_fwd_kernel(
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d3, d5, d7 = _depthwise3(x_base, DW3, DW5, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, C, BLOCK_P, BK)
+        d3, d5, d7 = _depthwise3(xp_base, DW3, DW5, DW7, h + 3, w + 3, offs_j, W + 6, C, BLOCK_P, BK)
         acc += _mm(d3.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
         acc += _mm(d5.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
         acc += _mm(d7.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
@@ -374,8 +356,7 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, WG, DWK, MP, GSP, EK,
-    sxb, sxc, sxh, sxw,
+    XP, DO, WG, DWK, MP, GSP, EK,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
     C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr,
@@ -386,7 +367,7 @@ def _lmsa_bwd_gram_kernel(
     image b, the partial sums
         MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
         GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
-    with DW_k(x) recomputed on chip, and E_k = W̃_kᵀ dO, formed on chip and stored once:
+    with DW_k(x) recomputed on chip from the zero-bordered fp32 x (XP, the stats kernel's), and E_k = W̃_kᵀ dO, formed on chip and stored once:
         EK[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]      (fp32, B × (H+6) × (W+6) × C; the host
                                                       zeroes the 3-pixel border)
     for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
@@ -397,7 +378,7 @@ def _lmsa_bwd_gram_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_c = tl.arange(0, C)
-    x_base = X + b * sxb
+    xp_base = XP + b * ((H + 6) * (W + 6) * C)  # x, zero-bordered fp32 (the stats kernel's)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
     wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
@@ -408,8 +389,9 @@ def _lmsa_bwd_gram_kernel(
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            h = offs_p // W
-            w = offs_p % W
+            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
+            h = pc // W
+            w = pc % W
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
@@ -422,7 +404,7 @@ def _lmsa_bwd_gram_kernel(
             # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
             tl.store(EK + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :],
                      e.to(EK.dtype.element_ty), mask=mask_p[:, None])
-            d = _depthwise(x_base, DWK, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS, C, BLOCK_P, BJ)
+            d = _depthwise_padded(xp_base, DWK, h + 3, w + 3, offs_j, W + 6, KS, C, BLOCK_P, BJ)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
             if KID == 0:
                 gsum += tl.sum(gt.to(tl.float32), 1)
@@ -567,6 +549,16 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new((b, c, h, w), x.device, x.dtype)
 
 
+def _bordered(b: int, h: int, w: int, c: int, device) -> torch.Tensor:
+    """B × (H+6) × (W+6) × C fp32 with its 3-pixel border zeroed (a kernel fills the interior): the
+    zero padding of the depthwise sweeps that read it (x from the stats kernel, E_k from the gram
+    kernel), so their shifted loads need no masks."""
+    t = _new((b, h + 6, w + 6, c), device, torch.float32)
+    for border in (t[:, :3], t[:, -3:], t[:, 3:-3, :3], t[:, 3:-3, -3:]):
+        border.zero_()
+    return t
+
+
 def _sm_count(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -616,17 +608,18 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     return wg, beta
 
 
-def _stats(x: torch.Tensor, precise: bool) -> torch.Tensor:
+def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
+    xp = _bordered(b, h, w, c, x.device)
     grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
     _lmsa_stats_kernel[grid](
-        x, sp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
+        x, sp, xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
     cells = sp.sum(1)  # B×49×C, summed in chunk order
-    return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS)
+    return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS), xp
 
 
 def _dw_flat(dws):
@@ -638,19 +631,19 @@ def _forward(x, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     with torch.autocast(x.device.type, enabled=False):
-        P = _stats(x, precise)
+        P, xp = _stats(x, precise)
         wg, beta = _gates(P, h, w, dws, params[3:6], params[6:9], *params[9:13])
     wg = wg.to(x.dtype).contiguous()
     beta = beta.contiguous()
     out = _new_like(x)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
+        x, xp, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
-    return out, P, wg
+    return out, P, wg, xp
 
 
-def _backward(x, g, P, wg, params, precise):
+def _backward(x, xp, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
@@ -662,14 +655,11 @@ def _backward(x, g, P, wg, params, precise):
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior)
-    ek = [_new((b, h + 6, w + 6, c), x.device, torch.float32) for _ in KERNEL_SIZES]
-    for e in ek:
-        for border in (e[:, :3], e[:, -3:], e[:, 3:-3, :3], e[:, 3:-3, -3:]):
-            border.zero_()
+    ek = [_bordered(b, h, w, c, x.device) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     for kid, k in enumerate(KERNEL_SIZES):
         _lmsa_bwd_gram_kernel[grid](
-            x, g, wg, dw_flat[kid], mp, gsp, ek[kid], *x.stride(), *g.stride(), h, w, n_chunks,
+            xp, g, wg, dw_flat[kid], mp, gsp, ek[kid], *g.stride(), h, w, n_chunks,
             C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
@@ -711,17 +701,17 @@ class LMSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg = _forward(x, params, precise)
-        ctx.save_for_backward(x, P, wg, *params)
+        out, P, wg, xp = _forward(x, params, precise)
+        ctx.save_for_backward(x, xp, P, wg, *params)
         ctx.precise = precise
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, P, wg, *params = ctx.saved_tensors
+        x, xp, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, xp, g, P, wg, params, ctx.precise)
         return (dx, *pgrads)
 
 
@@ -779,23 +769,23 @@ def _aot_specs() -> list[AotSpec]:
         dt = f"*{dname}"
         kernels = (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
-             {"X": dt, "SP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
+             {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
-             {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
+             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {}),
             ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
             ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
             ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
             ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
             ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
             ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
