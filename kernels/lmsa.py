@@ -8,7 +8,10 @@
     out = x + Σ_k z_k ⊙ f_k
 
 for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
-model), fp32 / bf16 / fp16, without ever holding DW_k(x), f_k or any other B×3C×H×W tensor in memory.
+model), fp32 / bf16 / fp16, without ever holding DW_k(x) or f_k in memory. It does hold x as a
+zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C, saved for the backward) and, inside the backward only,
+E_k = W̃_kᵀ dO for the three scales in the same bordered fp32 form: the depthwise sweeps then need
+no masks and no bf16 unpacking (see "Cost" below).
 
 Forward (two kernels and a few tiny PyTorch ops)
 ------------------------------------------------
@@ -20,6 +23,7 @@ Forward (two kernels and a few tiny PyTorch ops)
    every row is its own cell). `_lmsa_stats_kernel` (grid channel blocks × chunks × B) reads x once
    and writes per-chunk fp32 cell sums (a one-hot [64 × pixels] · x[pixels × channels] product per
    tile, on tensor cores); the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
+   The same kernel writes x into the interior of X̂ (fp32; the host zeroes its 3-pixel border).
    Then, in PyTorch (fp32, autocast off, O(B·C²)):
        win[δ] = Rᵀ P S            (R, S: 7×7 0/1 row / column indicators of the cells in R_δ)
        g_k    = Σ_δ w_k[δ] win[δ] / (H·W)             = GAP(DW_k(x))          B×C
@@ -27,24 +31,29 @@ Forward (two kernels and a few tiny PyTorch ops)
        W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
        β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
 2. `_lmsa_fwd_kernel` (grid pixel tiles × B): for a tile of BLOCK_P pixels, forms the depthwise
-   outputs on chip in BLOCK_K-channel slices (shifted masked loads of x: the 3-pixel halo comes from
-   L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C slice
-   of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
+   outputs of all three scales on chip in BLOCK_K-channel slices from one sweep over the 7×7 window
+   of X̂ (`_depthwise3`: 49 shifted unmasked loads feed 83 FMAs per pixel-channel; the halo comes
+   from L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C
+   slices of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out
+   once.
 
-Backward (two kernels, PyTorch autograd on the tiny part; the math is in the comment block above
+Backward (four kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
 3. `_lmsa_bwd_gram_kernel` (one launch per scale k; grid channel blocks × pixel chunks × B):
-   recomputes DW_k(x) on chip (the same shifted loads as the forward) and E_k = W̃_kᵀ dO (a small
-   GEMM per tile), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ (= ∂L/∂W̃, on tensor cores),
-   Σ_p dO (= ∂L/∂β) and the main-path ∂L/∂w_k[δ] = Σ_p E_k[p] x[p + δ] (one pixel reduction per
-   tap, reusing the loaded x). Per-chunk fp32 partials, summed in PyTorch.
-4. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
+   recomputes DW_k(x) on chip (a mask-free sweep of X̂) and E_k = W̃_kᵀ dO (a small GEMM per tile),
+   stores E_k once (fp32, zero-bordered like X̂), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ
+   (= ∂L/∂W̃, on tensor cores) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
+4. `_lmsa_bwd_wgrad_kernel` (one launch per scale; grid window rows × channel blocks, chunks, B):
+   the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window row, so each of its
+   KS taps keeps per-thread fp32 partial sums over the whole chunk; the cross-thread pixel
+   reduction runs once per tap and chunk (not per tap and tile). Per-chunk partials, summed in
+   PyTorch in a fixed order.
+5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-5. `_lmsa_bwd_dx_kernel` (grid channel block × tile-column group × B, looping over 10×10 tiles):
-   E_k = W̃_kᵀ dO on the tile's 16×16 halo (GEMM on chip), staged through a per-program fp32
-   scratch tile (L1/L2) and read back at the 83 shifted positions: dx = dO + Σ_k DW_kᵀ(E_k) +
-   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once.
-   It never reads x.
+6. `_lmsa_bwd_dx_kernel` (grid pixel tiles × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
+   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
+   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k: no GEMM, no
+   scratch, no barriers. It never reads x.
 
 Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
 
@@ -52,24 +61,35 @@ Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
 bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
 
-Memory layout: the kernels take all four strides of x, dO, out and dx; nothing is converted or
-copied (out and dx follow x's memory format when x is dense, else they are contiguous NCHW).
+Memory layout: the kernels take all four strides of x, dO, out and dx; the only copy of x is the
+stats kernel's bordered fp32 X̂ (channels-last whatever x's layout); out and dx follow x's memory
+format when x is dense, else they are contiguous NCHW.
 Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
 specialised by Triton and the AOT builds assume channels-last.
 
-Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor;
-`python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 435 MB (floor 3T = 403: x twice, out once)   eager as written ≥ 5100 MB
-    backward  fused 670 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
-The fused surplus is fp32 partials (≈ 37 MB written and read), B×3×C×C gate tensors (≈ 35 MB) and
-the dx kernel's scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by
-instruction issue, not by these bytes: the 83 depthwise taps per element cost about 8 (forward),
-16 (gram: the per-tap cross-thread pixel reduction of ∂L/∂w_k dominates) and 8 (dx) instructions
-per element and tap (sm_90 PTX of the first bf16 configs, built with the launcher's 16-divisibility
-of pointers and strides), i.e. roughly 1.5 ms, 3 ms and 1.4 ms at this shape, about 6 ms per
-forward + backward, against ≥ 4.9 ms for eager's bytes alone (plus its depthwise kernels'
-arithmetic). These are static estimates at ~9e11 warp-instructions/s: no GPU was available to
-measure them, and autotuning (opt-in: kernels/configs.py) may pick larger tiles that amortise the per-tap overheads better.
+Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
+294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
+    forward   fused 1024 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
+    backward  fused 4713 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
+The surplus is mostly the bordered fp32 tensors: X̂ (written once, read by the forward and the three
+gram launches) and the three E_k (written by the gram, read by wgrad and dx), plus fp32 partials and
+B×3×C×C gate tensors. They buy instructions: no masks, no bf16 unpacking and load-immediate column
+offsets in every depthwise sweep, which is where the time goes.
+
+Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
+model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
+    kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
+    stats              43 M                  –               145 µs   bytes
+    fwd               385 M         2.2 (incl. the GEMM)     418 µs   issue (3 CTAs of 8 warps / SM)
+    gram ×3           641 M         3.7 (incl. E, M GEMMs)   799 µs   bytes (k = 3, 5), issue (k = 7)
+    wgrad ×3          480 M         2.8                      594 µs   issue (k = 5, 7)
+    dx                387 M         2.2                      418 µs   issue
+    forward + backward                                      2374 µs   (was 7696 µs; eager floor 4520 µs)
+(element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
+sm_80 builds give 817 + 2924 µs on an A100. The target of issue 14, 1.5 ms, is not met: what is
+left is bytes (the bordered fp32 tensors: ~1.9 ms at 3 TB/s over the whole pass, by the count
+above) and the FMAs themselves; storing the bordered tensors in bf16 with a 2-for-1 unpack of bf16
+pairs, and one gram launch for all three scales (X̂ and dO read once), are the next steps.
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
@@ -189,9 +209,11 @@ def _cell(h, w, H, W, TH, TW):
 @triton.jit
 def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """`_depthwise` of a tensor stored channels-last with a 3-pixel zero border (row stride WP·C,
-    pixel stride C; (hp, wp): the centres in padded coordinates, always inside the buffer): no masks,
-    and the column offsets are immediates of the loads (C is a compile-time constant)."""
+    """fp32 [pixels × channels] tile of DW_KS(v) (zero padding) at the pixels whose bordered
+    coordinates are (hp, wp), channels offs_j, times the per-channel taps w[t, j] (fp32, tap-major
+    KS² × C), for v stored channels-last with a 3-pixel zero border (row stride WP·C, pixel stride
+    C; every shifted read stays inside the buffer): no masks, and the column offsets are immediates
+    of the loads (C is a compile-time constant)."""
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
     c_ptr = base + offs_j[None, :]
     for i in range(KS):
@@ -696,7 +718,8 @@ def _backward(x, xp, g, P, wg, params, precise):
 class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
-    Saves x, the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C): nothing of size B×3C×H×W."""
+    Saves x, its zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C), the cell sums P (B×C×49 fp32) and
+    W̃ (B×3×C×C): nothing of size B×3C×H×W."""
 
     @staticmethod
     def forward(ctx, x, *params):
