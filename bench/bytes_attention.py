@@ -30,14 +30,10 @@ import argparse
 STAGES = [(1, 16384, 256, 32), (2, 4096, 256, 64), (3, 1024, 256, 128), (4, 256, 256, 192)]
 
 
-def _chunks(batch: int, n: int, m: int, sms: int) -> int:
-    """Query chunks of the fused dK/dV kernel (same rule as kernels.attention._chunking)."""
-    align = 128
-    kv_tiles = -(-m // 64)
-    want = max(1, -(-4 * sms // (batch * kv_tiles)))
-    want = max(1, min(want, n // (2 * m), -(-n // align)))
-    rows = -(-(-(-n // want)) // align) * align
-    return -(-n // rows)
+def _chunks(batch: int, n: int, m: int, d: int, sms: int) -> int:
+    """Query chunks of the fused dK/dV kernel (kernels.attention's rule with the sm_90 pinned tile)."""
+    from kernels.attention import _dkdv_chunks
+    return _dkdv_chunks(batch, n, m, d, sms)
 
 
 def ops(variant: str, batch: int, n: int, m: int, d: int, e: int = 2, sms: int = 132):
@@ -83,7 +79,7 @@ def ops(variant: str, batch: int, n: int, m: int, d: int, e: int = 2, sms: int =
             ("bwd", "flash bwd", 3 * tq + 2 * tkv + row, tq + 2 * tkv),
         ]
     if variant == "fused":
-        c = _chunks(batch, n, m, sms)
+        c = _chunks(batch, n, m, d, sms)
         part = batch * c * m * d * 4 if c > 1 else tkv  # one partial buffer (dK or dV)
         rows = [
             ("fwd", "attn fwd kernel", tq + 2 * tkv, tq + row),
@@ -121,7 +117,7 @@ def table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int = 132
     lines.append("")
     lines.append(f"B={batch}, {e}-byte elements, {bandwidth / 1e12:.1f} TB/s; one B×N×M score tensor at stage 1 = "
                  f"{score / 1e6:.1f} MB. fused dK/dV query chunks at {sms} SMs: "
-                 + ", ".join(f"stage {s}: {_chunks(batch, n, m, sms)}" for s, n, m, _ in STAGES))
+                 + ", ".join(f"stage {s}: {_chunks(batch, n, m, d, sms)}" for s, n, m, d in STAGES))
     return "\n".join(lines)
 
 

@@ -18,13 +18,15 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
   bias gradients, each depthwise conv's input / weight gradients, and the accumulation of the four
   contributions to dx. Layout copies (e.g. `.contiguous()` of the narrowed gradients inside conv
   backward) and convolution workspaces are not counted: the eager rows are a lower bound.
-- fused: `kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums),
-  their sum, the tiny gate graph (writes the per-sample gated weights W̃, B×3×C×C), the main kernel
-  (reads x and W̃, writes out). Backward: the gram kernel (reads x, dO, W̃; writes fp32 partials of
-  ∂L/∂W̃ and of the depthwise-weight gradient), their sums, the tiny graph's backward (a few
-  B×3×C×C fp32 tensors), the dx kernel (reads dO and W̃, writes dx; its per-program fp32 scratch
-  tiles are counted as written once to DRAM, an upper bound: they are rewritten in place and
-  mostly die in L2). The 3-pixel halos are re-read from L1/L2, not DRAM, and are not counted.
+- fused: `kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums and
+  x̂, x as fp32 with a zero 3-pixel border), their sum, the tiny gate graph (writes the per-sample
+  gated weights W̃, B×3×C×C), the main kernel (reads x̂, x and W̃, writes out). Backward: one gram
+  kernel per scale (reads x̂, dO, W̃; writes fp32 partials of ∂L/∂W̃ and E_k = W̃_kᵀ dO, fp32 with
+  a zero border), one wgrad kernel per scale (reads x and E_k, writes the depthwise-weight gradient
+  partials), their sums, the tiny graph's backward (a few B×3×C×C fp32 tensors), the dx kernel
+  (reads dO and the three E_k, writes dx). The 3-pixel halos are re-read from L1/L2, not DRAM, and
+  are not counted. The fp32 bordered tensors trade bytes for instructions (no masks, no bf16
+  unpacking in the depthwise sweeps): the fused passes move about 2.5× / 9× their floors.
 - floor: forward reads x twice (statistics, then the main pass: the gates depend on a global
   reduction over the image) and writes out once: 3T. Backward reads x and dO for the gram / gate
   gradients, then dO again and writes dx: 4T.
@@ -37,9 +39,9 @@ not by DRAM; see kernels/lmsa.py's docstring.
 Default output (B = 32, C = 128, 128×128, bf16, H100 with 132 SMs):
 
     pass        eager MB   fused MB   floor MB |  eager µs   fused µs   floor µs
-    forward       5100.4      435.2      402.7 |    1700.1      145.1      134.2
-    backward      9663.9      670.2      536.9 |    3221.3      223.4      179.0
-    total        14764.3     1105.4      939.5 |    4921.4      368.5      313.2
+    forward       5100.4     1023.6      402.7 |    1700.1      341.2      134.2
+    backward      9663.9     4713.3      536.9 |    3221.3     1571.1      179.0
+    total        14764.3     5736.8      939.5 |    4921.4     1912.3      313.2
 """
 from __future__ import annotations
 
@@ -58,13 +60,6 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int, max_chunk
     """Pixels per chunk of the stats / gram kernels (same rule as kernels.lmsa._chunk_pix)."""
     want = max(1, min(max_chunks, _cdiv(4 * sms, batch * per_chunk_programs)))
     return _cdiv(_cdiv(hw, want), 256) * 256
-
-
-def _dx_groups(h: int, w: int, batch: int, c: int, sms: int) -> int:
-    """Column groups of the dx kernel (same rule as kernels.lmsa._dx_grid)."""
-    n_cols = _cdiv(w, 10)
-    want = max(1, min(n_cols, _cdiv(4 * sms, batch * max(1, c // 32))))
-    return _cdiv(n_cols, _cdiv(n_cols, want))
 
 
 def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: int = 2, sms: int = 132):
@@ -113,15 +108,19 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         mp = B * gram_chunks * 3 * C * C * 4
         dwp = B * gram_chunks * N_TAPS * C * 4
         cells = B * C * 49 * 4
-        scratch = B * _dx_groups(H, W, B, C, sms) * C * 16 * 16 * 4
-        op("fwd", "stats kernel: x → per-chunk cell sums", T, sp)
+        tp = B * (H + 6) * (W + 6) * C * 4  # a zero-bordered fp32 copy: x̂, or one E_k
+        border = tp - B * H * W * C * 4  # its border, zeroed by the host
+        op("fwd", "stats kernel: x → per-chunk cell sums, bordered fp32 x̂", T, sp + (tp - border))
+        op("fwd", "zero x̂'s border", 0, border)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
-        op("fwd", "main kernel: x, W̃ → out", T + wg, T)
-        op("bwd", "gram kernel: x, dO, W̃ → ∂W̃ and ∂w partials", 2 * T + wg, mp + dwp)
-        op("bwd", "sum the gram partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
+        op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out", tp + T + wg, T)
+        op("bwd", "zero the three E_k borders", 0, 3 * border)
+        op("bwd", "gram kernels (one per k): x̂, dO, W̃ → ∂W̃ partials, E_k", 3 * (tp + T) + wg, mp + 3 * (tp - border))
+        op("bwd", "wgrad kernels (one per k): x, E_k → ∂w partials", 3 * T + 3 * tp, dwp)
+        op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
-        op("bwd", "dx kernel: dO, W̃, T → dx (scratch tiles written)", T + wg + cells, T + scratch)
+        op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * tp + cells, T)
         return rows
 
     if variant == "floor":

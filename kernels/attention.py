@@ -38,14 +38,20 @@ atomics, deterministic.
      rows in BLOCK_N blocks, accumulating that chunk's dK and dV of its KV tile in fp32 registers;
      writes them to fp32 partials B×C×M×d (C = number of query chunks), or straight into dK, dV in
      the input dtype when C = 1.
-  3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, in chunk order, cast once.
+  3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, cast once. 2-D tiles: each
+     step adds BLOCK_C chunks × BLOCK elements element-wise into fp32 tile accumulators, and the chunk
+     axis is summed once at the end (a fixed tree for a fixed config: deterministic). Up to 64
+     chunks take one step; `kernels.attention_sublayer` sums its 256 weight-gradient partials with
+     the same kernel in 4 steps (it used to take 256 serial chunk loads in one program: ~24 µs).
 Why chunks: dK and dV sum over all N queries. One program per (image, KV tile) looping over all of
-N has only B·⌈M/BLOCK_M⌉ = 128 programs at B = 32, BLOCK_M = 64 (under one per SM on an H100),
+N has only B·⌈M/BLOCK_M⌉ = 64 programs at B = 32, BLOCK_M = 128 (under one per SM on an H100),
 each running a 16384-row serial loop at stage 1. C chunks give C times the programs for 2·B·C·M·d·4
-bytes of partials written and read once. `_chunking` takes C for about 4 programs per SM but at
-most N / (2M), so partials never cost more than the kernel's own reads of q and dO: C = 5, 5, 2, 1
-for the four stages at B = 32 on 132 SMs. The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs
-sharing one chunk's q / dO rows run side by side and those rows come from DRAM about once.
+bytes of partials written and read once. `_chunking` takes the C (at most N / (2M), so partials
+never cost more than the kernel's own reads of q and dO) that puts the least work on the busiest SM
+for the pinned KV tile: C = 4, 4, 1, 1 for the four stages at B = 32 on 132 SMs, 256 programs at
+stages 1-2 (the earlier "4 programs per SM" rule took C = 5: 320 programs, 3 on some SMs, 2.4 on
+average). The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs sharing one chunk's q / dO rows
+run side by side and those rows come from DRAM about once.
 
 Bytes through GPU memory at B = 32, 512×512, bf16 (`python -m bench.bytes_attention`, which also
 lists them op by op; each op reads its inputs and writes its outputs once; "sdpa" is PyTorch's
@@ -54,9 +60,9 @@ fused FlashAttention-style kernel counted at its inputs + outputs + lse, scratch
 
     stage  N      M    d   | eager (matmul, softmax, matmul) | sdpa floor             | fused (this module)
                            | fwd MB   bwd MB    µs           | fwd MB  bwd MB   µs    | fwd MB  bwd MB   µs
-    1      16384  256  32  | 1678.8   2552.2   1410.3        |  70.3   138.4    69.6  |  70.3   233.8   101.4
-    2       4096  256  64  |  438.3    675.3    371.2        |  36.2    71.8    36.0  |  36.2   151.0    62.4
-    3       1024  256  128 |  121.6    192.9    104.9        |  21.1    42.1    21.1  |  21.1    97.0    39.4
+    1      16384  256  32  | 1678.8   2552.2   1410.3        |  70.3   138.4    69.6  |  70.3   229.6   100.0
+    2       4096  256  64  |  438.3    675.3    371.2        |  36.2    71.8    36.0  |  36.2   142.6    59.6
+    3       1024  256  128 |  121.6    192.9    104.9        |  21.1    42.1    21.1  |  21.1    63.4    28.2
     4        256  256  192 |   37.7     62.9     33.6        |  12.6    25.2    12.6  |  12.6    37.9    16.8
 
 Eager moves six score-sized B×N×M tensors in the forward and nine in the backward (268 MB each at
@@ -64,6 +70,18 @@ stage 1); under autocast (softmax in fp32) it is about twice that. The fused for
 The fused backward is above it by a second read of q and dO (the dK/dV kernel; 67 MB at stage 1),
 the D vector and the fp32 partials; a single-pass backward (dQ and dK/dV from one sweep) would need
 dK, dV of all M keys on chip, which fits only at d = 32.
+
+Instructions beside the bytes (`python -m kernels.cost --op attention_sublayer`, sm_90 SASS at the
+model's bf16 launches as the sublayer makes them; H100, predictions, not measurements). The dK/dV
+kernel is issue-bound: its loop body is 245 / 257 / 238 / 345 warp-instructions per BLOCK_N-row
+step at stages 1-4 (d blocks 32 / 64 / 128 / 256), 128 / 32 / 32 / 16 steps a program, so
+65 / 18 / 16 / 6.4 M warp-instructions a launch and 72 / 22 / 18 / 14 µs predicted against a byte floor of 27 / 18 / 8.5 / 6.3 µs and a tensor-core
+floor of 43 / 21 / 16 / 8.1 µs (stage 2 is flop-bound). The chunk-sum of dK, dV (stages 1-2,
+4 chunks in one tile) runs 0.3 / 0.7 M warp-instructions and is byte-bound (3.1 / 6.3 µs).
+At d = 192 the 256-wide block pays for 64 masked columns in every dot of the sweeps: the model
+puts that at about a quarter of the d-proportional instructions of the stage-4 kernels, ~4 µs per
+sublayer, so the one-block code path is kept (the sublayer's projection loops do skip the masked
+slices: `kernels.attention_sublayer._d_ceil`).
 """
 from __future__ import annotations
 
@@ -445,24 +463,50 @@ _attn_bwd_dkdv_kernel = _pinned("dkdv", _attn_bwd_dkdv_kernel, ["N", "M", "CHUNK
 
 
 @triton.jit
-def _attn_bwd_reduce_kernel(DK_PART, DV_PART, DK, DV, MD, N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
-    """dK[b] = Σ_c DK_PART[b, c] (and dV), summed in fp32 in chunk order, stored in dK's dtype."""
+def _attn_bwd_reduce_kernel(PART1, PART2, OUT1, OUT2, SIZE, N_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """OUT[g] = Σ_c PART[g, c] for two fp32 partial buffers laid out G × N_CHUNKS × SIZE (contiguous),
+    summed in fp32 and stored in OUT's dtype; one program per (BLOCK elements, group g).
+
+    2-D tiles: each step loads BLOCK_C chunks × BLOCK elements of both buffers and adds them to fp32
+    tile accumulators element-wise; the chunk axis of the tiles is reduced once, after the loop
+    (`tl.sum`, a fixed tree for a fixed BLOCK_C). So N_CHUNKS chunks cost ⌈N_CHUNKS / BLOCK_C⌉
+    serial steps instead of N_CHUNKS, and the summation order depends only on the configuration:
+    deterministic, no atomics. Masked chunk rows load zeros (exact in a sum)."""
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MD
-    acc_k = tl.zeros([BLOCK], tl.float32)
-    acc_v = tl.zeros([BLOCK], tl.float32)
-    for c in range(N_CHUNKS):
-        base = (b * N_CHUNKS + c) * MD
-        acc_k += tl.load(DK_PART + base + offs, mask=mask, other=0.0)
-        acc_v += tl.load(DV_PART + base + offs, mask=mask, other=0.0)
-    tl.store(DK + b * MD + offs, acc_k.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b * MD + offs, acc_v.to(DV.dtype.element_ty), mask=mask)
+    mask = offs < SIZE
+    acc1 = tl.zeros([BLOCK_C, BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK_C, BLOCK], tl.float32)
+    for c0 in range(0, N_CHUNKS, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        idx = (g * N_CHUNKS + offs_c)[:, None] * SIZE + offs[None, :]
+        mask_t = (offs_c < N_CHUNKS)[:, None] & mask[None, :]
+        acc1 += tl.load(PART1 + idx, mask=mask_t, other=0.0)
+        acc2 += tl.load(PART2 + idx, mask=mask_t, other=0.0)
+    tl.store(OUT1 + g * SIZE + offs, tl.sum(acc1, 0).to(OUT1.dtype.element_ty), mask=mask)
+    tl.store(OUT2 + g * SIZE + offs, tl.sum(acc2, 0).to(OUT2.dtype.element_ty), mask=mask)
 
 
-_REDUCE_BLOCK = 1024
+_REDUCE_TILE = 2048  # elements per buffer in one step's tile (BLOCK_C × BLOCK): 16 fp32 per thread at 4 warps
+_REDUCE_MAX_CHUNKS = 64  # chunk rows of a tile; more chunks take ⌈N_CHUNKS / 64⌉ steps
 _REDUCE_WARPS = 4
+
+
+def _reduce_blocks(n_chunks: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK) of the chunk-sum kernel for `n_chunks` partials: all chunks in one tile up to
+    64 (a power of two ≥ n_chunks), the element block filling the rest of a 2048-element tile."""
+    block_c = min(triton.next_power_of_2(max(1, n_chunks)), _REDUCE_MAX_CHUNKS)
+    return block_c, max(32, _REDUCE_TILE // block_c)
+
+
+def _chunk_sum(part1, part2, out1, out2, n_chunks: int, size: int, groups: int) -> None:
+    """out_i[g] = Σ_c part_i[g, c] (part_i: groups × n_chunks × size fp32, out_i: groups × size, both
+    contiguous) by `_attn_bwd_reduce_kernel`; shared with `kernels.attention_sublayer`."""
+    block_c, block = _reduce_blocks(n_chunks)
+    _attn_bwd_reduce_kernel[(triton.cdiv(size, block), groups)](
+        part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK_C=block_c, BLOCK=block, num_warps=_REDUCE_WARPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,27 +518,55 @@ def _block_d(d: int) -> int:
     return max(32, triton.next_power_of_2(d))  # ≥ 32: the smallest block the configurations were built for
 
 
-def _chunking(batch: int, n: int, m: int, sms: int | None, chunk_rows: int | None = None) -> tuple[int, int]:
+def _chunking(batch: int, n: int, m: int, sms: int | None, chunk_rows: int | None = None,
+              block_m: int = 64) -> tuple[int, int]:
     """(chunk_rows, n_chunks) of the dK/dV kernel (`sms` = the GPU's SM count; None under the
-    interpreter, where short chunks let tests cover several).
+    interpreter, where short chunks let tests cover several; `block_m` = the launch's KV tile).
 
-    Enough chunks for about 4 programs per SM (at 64-row KV tiles), but no more than N / (2M): the
-    fp32 partials (2·B·C·M·d·4 bytes, written and read once) then cost at most as much as the
-    kernel's own reads of q and dO (2·B·N·d·2 bytes in bf16). At B = 32, M = 256 on 132 SMs this
-    gives C = 5, 5, 2, 1 for the four stages.
+    The grid is ⌈M/block_m⌉ · C · B programs of chunk_rows query rows each. C is chosen to fill the
+    machine evenly: the least work on the busiest SM, ⌈programs / SMs⌉ · chunk_rows (counted as two
+    programs when there is only one: a lone 8-warp CTA leaves half the issue slots idle), taking the
+    fewest chunks within 3 % of the best. C ≤ N / (2M), so the fp32 partials (2·B·C·M·d·4 bytes, written and read once) cost
+    at most as much as the kernel's own reads of q and dO (2·B·N·d·2 bytes in bf16). At B = 32,
+    M = 256 on an H100 (132 SMs, 128-row KV tiles at d = 32, 64; 32 at d = 128): C = 4, 4, 1, 1 for the
+    four stages, 256 programs at stages 1-2 (1.94 per SM, 3 % above an even split; the earlier rule's
+    C = 5 gave 320 programs, 2.4 per SM: 3 on the busiest, 24 % above).
     """
     if chunk_rows is None:
         if sms is not None:
-            kv_tiles = triton.cdiv(m, 64)
-            want = max(1, triton.cdiv(4 * sms, batch * kv_tiles))
-            want = max(1, min(want, n // (2 * m), triton.cdiv(n, _CHUNK_ALIGN)))
-            chunk_rows = triton.cdiv(triton.cdiv(n, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
+            kv_tiles = triton.cdiv(m, block_m)
+            loads = {}  # chunk rows -> rows swept by the busiest SM
+            for want in range(1, max(1, min(n // (2 * m), triton.cdiv(n, _CHUNK_ALIGN))) + 1):
+                rows = triton.cdiv(triton.cdiv(n, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
+                loads[rows] = max(2, triton.cdiv(kv_tiles * triton.cdiv(n, rows) * batch, sms)) * rows
+            # the fewest chunks within 3 % of the best split (partials are bytes the split must earn)
+            chunk_rows = max(r for r, load in loads.items() if load <= 1.03 * min(loads.values()))
         else:
             chunk_rows = _CHUNK_ALIGN
     # CHUNK_ROWS is the kernel's constexpr trip count: never longer than N rounded up to the
     # alignment, so a single chunk does not sweep masked tiles past the end
     chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(n, _CHUNK_ALIGN) * _CHUNK_ALIGN))
     return chunk_rows, triton.cdiv(n, chunk_rows)
+
+
+def _dkdv_block_m(dtype: torch.dtype, block_d: int, precise: bool, device: torch.device) -> int:
+    """BLOCK_M of the dK/dV kernel's pinned configuration for this launch (64 if none is pinned)."""
+    from kernels import configs
+    try:
+        kind = configs.device_kind(device if device.type == "cuda" else None)
+        cfg = configs.lookup(_attn_bwd_dkdv_kernel.name, f"{_mode(dtype.itemsize, precise)}_d{block_d}", kind)
+    except KeyError:
+        return 64
+    return int(cfg.kwargs["BLOCK_M"])
+
+
+def _dkdv_chunks(batch: int, n: int, m: int, d: int, sms: int, kind: str = "sm_90") -> int:
+    """Query chunks of a bf16 dK/dV launch at these shapes on `sms` SMs with device kind `kind`'s
+    pinned configuration (for the bytes tables: `bench.bytes_attention`, `kernels.attention_sublayer`)."""
+    from kernels import configs
+    with configs.for_device(kind):
+        block_m = _dkdv_block_m(torch.bfloat16, _block_d(d), False, torch.device("cpu"))
+    return _chunking(batch, n, m, sms, None, block_m)[1]
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -575,7 +647,8 @@ def _dkdv(q, k, v, do, lse, delta, qk_scale: float, sm_scale: float, block_d: in
     (which passes its q and dO scratch); `new` allocates every buffer (the calling module's `_new`)."""
     batch, n, d = q.shape
     m = k.shape[1]
-    chunk_rows, n_chunks = _chunking(batch, n, m, sms, chunk_rows)
+    block_m = _dkdv_block_m(q.dtype, block_d, precise, q.device) if sms is not None and chunk_rows is None else 64
+    chunk_rows, n_chunks = _chunking(batch, n, m, sms, chunk_rows, block_m)
     # one chunk: the dK/dV kernel stores straight into dK, dV (B×1×M×d = B×M×d, input dtype);
     # several: fp32 partials B×C×M×d, then one pass summing them in chunk order and casting
     part_dtype = q.dtype if n_chunks == 1 else torch.float32
@@ -592,8 +665,7 @@ def _dkdv(q, k, v, do, lse, delta, qk_scale: float, sm_scale: float, block_d: in
         return dk_part[:, 0], dv_part[:, 0]
     dk = new((batch, m, d), q.device, k.dtype)
     dv = new((batch, m, d), q.device, v.dtype)
-    _attn_bwd_reduce_kernel[(triton.cdiv(m * d, _REDUCE_BLOCK), batch)](
-        dk_part, dv_part, dk, dv, m * d, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
+    _chunk_sum(dk_part, dv_part, dk, dv, n_chunks, m * d, batch)
     return dk, dv
 
 
@@ -650,7 +722,8 @@ class AttentionAotSpec(AotSpec):
 
 
 _AOT_M = 256  # the model's KV length at every stage (SPEC §2)
-_AOT_CHUNK_ROWS = 3328  # stage 1 at B = 32 on an H100 (132 SMs): 16384 rows in 5 chunks
+_AOT_CHUNK_ROWS = 4096  # stage 1 at B = 32 on an H100 (132 SMs): 16384 rows in 4 chunks
+_AOT_REDUCE_CHUNKS = (4, 256)  # the chunk sums the model runs: dK/dV at stages 1-2, the sublayer's weight gradients
 _AOT_DTYPES = {"16": ("bf16",), "tf32x3": ("fp32",), "tf32": ("fp32",)}
 # fp16 compiles to the same code as bf16 but for the conversion instructions; one spot check per
 # kernel (its largest d block, first configuration) keeps the report short
@@ -702,9 +775,11 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     tag = f"{kname}_{dt}{'' if mode == '16' else '_' + mode}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                     specs.append(_aot_spec(f"attention.{tag}", jit_fn, pt, const, w, st))
     for dname in ("bf16", "fp16", "fp32"):
-        ptrs = {"DK_PART": "*fp32", "DV_PART": "*fp32", "DK": f"*{dname}", "DV": f"*{dname}"}
-        specs.append(_aot_spec(f"attention.reduce_{dname}_c5", _attn_bwd_reduce_kernel, ptrs,
-                               {"N_CHUNKS": 5, "BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1))
+        ptrs = {"PART1": "*fp32", "PART2": "*fp32", "OUT1": f"*{dname}", "OUT2": f"*{dname}"}
+        for n_chunks in _AOT_REDUCE_CHUNKS:
+            block_c, block = _reduce_blocks(n_chunks)
+            specs.append(_aot_spec(f"attention.reduce_{dname}_c{n_chunks}", _attn_bwd_reduce_kernel, ptrs,
+                                   {"N_CHUNKS": n_chunks, "BLOCK_C": block_c, "BLOCK": block}, _REDUCE_WARPS, 1))
     return specs
 
 

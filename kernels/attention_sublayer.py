@@ -50,8 +50,10 @@ Backward (math in the comment block above `_sub_bwd_dq_kernel`):
   2. the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel` when chunked) on q, dO: dK, dV
      (reused unchanged from `kernels.attention`, launched by its `_dkdv`).
   3. `_sub_wgrad_kernel` twice: per (output tile, row chunk) fp32 partials of dWq = dQᵀ x, dbq = Σ dQ
-     and dWo = gᵀ O, dbo = Σ g over all B·N rows; then the core's `_attn_bwd_reduce_kernel` sums
-     the chunk partials in chunk order (deterministic, no atomics) and casts once.
+     and dWo = gᵀ O, dbo = Σ g over all B·N rows, each chunk's [dW | db] in one row of a
+     chunks × (C² + C) buffer; then ONE launch of the core's 2-D chunk-sum `_attn_bwd_reduce_kernel`
+     sums both buffers, 64 chunks a step in fixed tiles and order (deterministic, no atomics), and
+     casts once. The four gradients are views of its two outputs.
   d residual = g (the same tensor is returned).
 Saved for the backward: x, k, v (views, no copies), wq, bq, wo (in cdt: the inputs themselves, or
 the C×C casts in mixed precision), O (B×N×C cdt) and lse (B×N fp32): at B = 32, stage 1 bf16,
@@ -64,7 +66,8 @@ dots (about fp32 accuracy). fp32 at C > 128 (the model's C = 192, a 256 block) h
 tf32x3 configuration in the core, so there this op composes the pieces instead
 (`F.linear` → `kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
 does the backward): stage 4 fp32 only, off the AMP path. bf16 / fp16 are fused at every C ≤ 256.
-C = 192 runs as a 256-wide block with masked loads (as in the core).
+C = 192 runs as a 256-wide block with masked loads (as in the core); the projection loops stop at
+C rounded up to BLOCK_K (`_d_ceil`: 6 slices of 32, not 8).
 
 Bytes through GPU memory at B = 32, 512×512, bf16, M = 256 (`python -m kernels.attention_sublayer`
 prints `bytes_table()`; `ops()` lists them op by op). Every op reads its inputs and writes its
@@ -76,20 +79,22 @@ scratch not counted); "fused" = this module:
 
     stage      N    C |           eager            |         eager+sdpa         |           fused
                       |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs
-        1  16384   32 |  1913.7  2887.8   1600.5   |   305.1   474.0    259.7   |   137.4   473.0    203.5
-        2   4096   64 |   555.8   843.1    466.3   |   153.6   239.6    131.1   |    69.7   285.5    118.4
-        3   1024  128 |   180.4   277.0    152.5   |    79.9   126.1     68.7   |    37.9   164.3     67.4
-        4    256  192 |    59.9    94.7     51.5   |    34.8    57.0     30.6   |    19.1    63.8     27.6
+        1  16384   32 |  1913.7  2887.8   1600.5   |   305.1   474.0    259.7   |   137.4   468.9    202.1
+        2   4096   64 |   555.8   843.1    466.3   |   153.6   239.6    131.1   |    69.7   277.1    115.6
+        3   1024  128 |   180.4   277.0    152.5   |    79.9   126.1     68.7   |    37.9   139.2     59.0
+        4    256  192 |    59.9    94.7     51.5   |    34.8    57.0     30.6   |    19.1    73.2     30.8
 
 Per stage, with t = one B×N×C token tensor (33.6 MB at stage 1): the fused forward moves 4t (read
 x and residual, write out and the saved O) + k, v, weights and lse, against 9t + 6 score-sized
 tensors for eager and 9t + lse for eager+sdpa (the Linear outputs q, y and their re-reads). The
 fused backward is NOT at its floor: the dQ kernel writes q, dO and dQ as scratch (3t) so that the
 core's dK/dV kernel (reads q, dO: 2t) and a separate weight-gradient kernel (reads dQ, x, g, O: 4t)
-can be reused / kept simple, 12t in all plus the core's dK/dV partials (5 query chunks at stages
-1-2: 2·10.5 MB written and read at stage 2) and the weight partials; so the backward is about
-eager+sdpa's at stage 1 and 10-20 % above it at stages 2-4. Forward + backward is below eager+sdpa
-at every stage (22 %, 10 %, 2 %, 10 %). Cutting the backward further (not done): recompute q and dO
+can be reused / kept simple, 12t in all plus the core's dK/dV partials (4 query chunks at stages
+1-2: 2·8.4 MB written and read at stage 2; one chunk, no partials, at stages 3-4) and the weight
+partials (256, 256, 64, 22 chunks of C² + C fp32: 3.3 MB per buffer at stage 4, where 22 chunks buy
+a full grid for the weight-gradient kernel); so the backward is about eager+sdpa's at stage 1 and
+10-30 % above it at stages 2-4. Forward + backward is below eager+sdpa at stages 1-3 (22 %, 12 %,
+14 %) and level with it at stage 4 (+1 %). Cutting the backward further (not done): recompute q and dO
 from x and g inside a dK/dV kernel (−2t of scratch writes, at ⌈M/BLOCK_M⌉× the projection FLOPs),
 and accumulate dWo/dWq partials over a row chunk inside the dQ kernel (−4t of re-reads, needs C×C
 fp32 accumulators on chip: only C ≤ 64 fits beside the attention state).
@@ -99,6 +104,23 @@ token tensor is 2t, so the forward moves 7t (x, residual, out in fp32, O in bf16
 and lse (3t more than in bf16); the backward reads x and g twice each and writes dx, all in fp32:
 5t more than the bf16 backward above (the scratch q, dO, dQ and O stay bf16). Eager AMP pays for the
 same fp32 tensors and adds its casts (x → bf16, g → dy, dx → fp32) as separate passes.
+
+Instructions beside the bytes: the cost model (`python -m kernels.cost --op attention_sublayer`,
+sm_90 SASS of the model's launches: CUDA autocast dtypes, B = 32, 512×512; H100 predictions, not
+measurements; bench/results/cost-model-issue14-attention-2026-11-29.md). M warp-instructions a
+launch, then predicted µs and the floor that sets it:
+
+    stage | fwd kernel        | dQ kernel          | dK/dV (+sum)       | 2× wgrad          | w. chunk-sum | bwd µs
+      1   | 60.2  79.3 bytes  | 96.1 113.6 bytes   | 65.3  75.4 issue   | 23.7  67.8 bytes  | 0.07 1.2     | 258.1
+      2   | 35.9  40.0 bytes  | 38.8  57.0 bytes   | 18.6  27.8 flops   |  6.6  36.4 bytes  | 0.28 2.9     | 124.0
+      3   | 13.5  30.0 issue  | 25.9  29.5 bytes   | 16.3  18.1 issue   |  6.6  19.6 bytes  | 0.53 2.9     |  70.0
+      4   | 10.4  11.5 issue  | 20.3  22.6 issue   |  6.4  14.2 issue   |  4.0  11.5 issue  | 0.56 2.3     |  50.5
+
+Loop bodies (SASS instructions per iteration): the attention sweeps 282 / 304 / 354 / 324 (fwd)
+and 225 / 134 / 168 / 149 (dQ) per KV tile; the weight-gradient row loop 336 and 360 per 64 rows
+(64×64 output tile); the chunk-sum 78 per 64-chunk step. The seven sublayers (depths 1, 2, 2, 2)
+come to 989 µs forward + backward on the H100 (2258 µs on the A100), from 1256 µs (2524 µs) before
+the chunk-sum went 2-D, the dK/dV grid was evened out and the weight gradients got a full grid.
 """
 from __future__ import annotations
 
@@ -112,14 +134,20 @@ import triton.language as tl
 from kernels import attention as _core
 from kernels._common import INTERPRET
 from kernels.configs import PinnedKernel
-from kernels.attention import (AttentionAotSpec, _aot_spec, _attn_bwd_reduce_kernel, _attn_dq_sweep,
-                               _attn_fwd_sweep, _mm, _row_block)
+from kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
            "bytes_table", "fused_supported"]
 
 _LOG2E = 1.4426950408889634
 _BLOCK_K = 32  # column slice of the projections (q = Σ_slices x[:, s] wqᵀ[s, :]; out by woᵀ column slices)
+
+
+def _d_ceil(c: int) -> int:
+    """C rounded up to whole BLOCK_K slices: the projection loops' constexpr bound. Below BLOCK_D only
+    when C is not a power of two: at C = 192 (a 256 block) they take 6 slices, not 8 (the last two
+    would be all-masked: loads of nothing and dots with zeros)."""
+    return triton.cdiv(c, _BLOCK_K) * _BLOCK_K
 
 
 def attention_sublayer_eager(x_norm, residual, k, v, wq, bq, wo, bo):
@@ -260,13 +288,13 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+def _project_rows(X, W, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr):
     """Σ_s X[rows, s] W[:, s]ᵀ (= X Wᵀ for the rows; W is D×D row-major), fp32, reading X in
     BLOCK_K-column slices (each element once). X tiles are cast to W's dtype (the compute dtype) on
     load: a no-op when they share it, bf16(x) / fp16(x) in the mixed-precision path."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for kc in range(0, BLOCK_D, BLOCK_K):
+    for kc in range(0, D_CEIL, BLOCK_K):
         offs_k = kc + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
         xk = tl.load(X + row[:, None] * D + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -277,10 +305,10 @@ def _project_rows(X, W, row, mask_n, offs_d, mask_d, D,
 
 
 @triton.jit
-def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr):
     """q = x wqᵀ + bq for the rows, rounded to the compute dtype (WQ's; as eager's Linear output is)."""
-    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
     return _round(q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :], WQ.dtype.element_ty)
 
 
@@ -290,7 +318,7 @@ def _sub_fwd_kernel(
     stride_kb, stride_km, stride_kd,
     stride_vb, stride_vm, stride_vd,
     N, D, qk_scale,
-    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
+    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D.
@@ -299,7 +327,7 @@ def _sub_fwd_kernel(
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     row = b * N + offs_n
 
-    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
     # the core's online-softmax sweep over all K / V tiles
     acc, m_i, l_i = _attn_fwd_sweep(q, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
                                     stride_vm, stride_vd, offs_d, mask_d, qk_scale,
@@ -309,7 +337,7 @@ def _sub_fwd_kernel(
     tl.store(LSE + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
 
     # out[:, s] = R[:, s] + O woᵀ[:, s] + bo[s], one BLOCK_K-column slice s at a time
-    for jc in range(0, BLOCK_D, BLOCK_K):
+    for jc in range(0, D_CEIL, BLOCK_K):
         offs_j = jc + tl.arange(0, BLOCK_K)
         mask_j = offs_j < D
         mask_nj = mask_n[:, None] & mask_j[None, :]
@@ -347,7 +375,7 @@ def _sub_bwd_dq_kernel(
     stride_kb, stride_km, stride_kd,
     stride_vb, stride_vm, stride_vd,
     N, D, qk_scale, sm_scale,
-    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
+    M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous).
@@ -360,11 +388,11 @@ def _sub_bwd_dq_kernel(
     tok = row[:, None] * D + offs_d[None, :]
     dt = K.dtype.element_ty  # the compute dtype
 
-    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, PRECISE)
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
     tl.store(QS + tok, q, mask=mask_nd)
     # dO = g wo: Σ over BLOCK_K-column slices s of g[:, s] wo[s, :]
     do = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for jc in range(0, BLOCK_D, BLOCK_K):
+    for jc in range(0, D_CEIL, BLOCK_K):
         offs_j = jc + tl.arange(0, BLOCK_K)
         mask_j = offs_j < D
         gj = tl.load(G + row[:, None] * D + offs_j[None, :], mask=mask_n[:, None] & mask_j[None, :], other=0.0)
@@ -383,7 +411,7 @@ def _sub_bwd_dq_kernel(
     dq = _round(dq * sm_scale, dt)
     tl.store(DQ + tok, dq, mask=mask_nd)
     # dx = dQ wq, one BLOCK_K-column slice at a time
-    for jc in range(0, BLOCK_D, BLOCK_K):
+    for jc in range(0, D_CEIL, BLOCK_K):
         offs_j = jc + tl.arange(0, BLOCK_K)
         mask_j = offs_j < D
         wqj = tl.load(WQ + offs_d[:, None] * D + offs_j[None, :], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
@@ -397,12 +425,14 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 @triton.jit
 def _sub_wgrad_kernel(
-    A, B, DW_PART, DB_PART, ROWS, D,
+    A, B, PART, ROWS, D,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """fp32 partials over row chunk pid_c: DW_PART[c, i, j] = Σ_r A[r, i] B[r, j] and (programs with
-    pid_j = 0) DB_PART[c, i] = Σ_r A[r, i]. A, B: ROWS×D contiguous. Every element is written.
+    """fp32 partials over row chunk pid_c, in row c of PART (n_chunks × (D·D + D), contiguous): the
+    weight part PART[c, i·D + j] = Σ_r A[r, i] B[r, j] and (programs with pid_j = 0) the bias part
+    PART[c, D·D + i] = Σ_r A[r, i], so one chunk-sum launch reduces both. A, B: ROWS×D contiguous.
+    Every element is written.
     When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
     wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are."""
     pid_i = tl.program_id(0)
@@ -428,9 +458,9 @@ def _sub_wgrad_kernel(
             bt = _round(bt, A.dtype.element_ty)
         acc += _mm(at, bt, PRECISE)
         bsum += tl.sum(at.to(tl.float32), 1)
-    tl.store(DW_PART + pid_c * D * D + offs_i[:, None] * D + offs_j[None, :], acc,
-             mask=mask_i[:, None] & mask_j[None, :])
-    tl.store(DB_PART + pid_c * D + offs_i, bsum, mask=mask_i & (pid_j == 0))
+    part = PART + pid_c * (D * D + D)
+    tl.store(part + offs_i[:, None] * D + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
+    tl.store(part + D * D + offs_i, bsum, mask=mask_i & (pid_j == 0))
 
 
 _sub_wgrad_kernel = PinnedKernel(
@@ -438,9 +468,6 @@ _sub_wgrad_kernel = PinnedKernel(
     shape_class=lambda named: _mode(min(named["A"].element_size(), named["B"].element_size())),
     allowed=lambda cls: [_as_wg_config(c) for c in _WG_ALLOWED[cls]], classes=list(_WG_ALLOWED),
     prune=_wg_prune)
-
-
-_REDUCE_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,41 +478,40 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = None) -> tuple[int, int]:
-    """(chunk_rows, n_chunks) of the weight-gradient kernel: about 2 programs per SM at 64×64 output
-    tiles, but chunks of at least 8·C rows (so the C×C fp32 partial of a chunk is at most a quarter
-    of the 2·8C·C·2 bytes it reads in bf16), multiples of 128 rows. At B = 32 on 132 SMs: 256, 128,
-    256, 256, 32, 6 chunks for the four stages. Short chunks under the interpreter so tests cover several."""
+def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = None,
+                 block_i: int = 64) -> tuple[int, int]:
+    """(chunk_rows, n_chunks) of the weight-gradient kernel: enough chunks for about 2 programs per SM
+    over the ⌈C/block_i⌉² output tiles (a 4-warp program alone on its SM issues at a quarter of the
+    rate), in chunks of at least 2·C rows (the C×C fp32 partial of a chunk then costs at most a third
+    of what the chunk reads in bf16 + fp32), multiples of 128 rows. At B = 32 on 132 SMs (64-wide
+    tiles): 256, 256, 64, 22 chunks for the four stages. Stages 1-2 (C = 32, 64: one output tile)
+    need that many to fill the machine; `_attn_bwd_reduce_kernel` sums them 64 at a time, in 2-D
+    tiles. Short chunks under the interpreter so tests cover several."""
     if chunk_rows is None:
         if sms is None:
             chunk_rows = 64
         else:
-            tiles = triton.cdiv(c, 64) ** 2
-            want = max(1, triton.cdiv(2 * sms, tiles))
-            chunk_rows = max(triton.cdiv(rows, want), 8 * c)
-            chunk_rows = triton.cdiv(chunk_rows, 128) * 128
+            want = max(1, triton.cdiv(2 * sms, triton.cdiv(c, block_i) ** 2))
+            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), 2 * c), 128) * 128
     chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
     return chunk_rows, triton.cdiv(rows, chunk_rows)
 
 
-def _wgrad(a, b, precise: bool, sms: int | None, chunk_rows: int | None):
-    """(Σ aᵀ b, Σ a) over the rows of a, b (ROWS×C), as fp32 partials per chunk (C×C and C)."""
+def _wg_block_i(precise: bool, device: torch.device) -> int:
+    """BLOCK_I of the weight-gradient kernel's pinned configuration (64 if none is pinned)."""
+    from kernels import configs
+    try:
+        kind = configs.device_kind(device if device.type == "cuda" else None)
+        return int(configs.lookup(_sub_wgrad_kernel.name, "tf32x3" if precise else "16", kind).kwargs["BLOCK_I"])
+    except KeyError:
+        return 64
+
+
+def _wgrad(a, b, part, chunk_rows: int, precise: bool) -> None:
+    """part[c] = (Σ aᵀ b, Σ a) over the rows of chunk c of a, b (ROWS×C): C×C then C fp32 values."""
     rows, c = a.shape
-    chunk, n_chunks = _wg_chunking(rows, c, sms, chunk_rows)
-    dw_part = _new((n_chunks, c, c), a.device, torch.float32)
-    db_part = _new((n_chunks, c), a.device, torch.float32)
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_I"]), triton.cdiv(c, meta["BLOCK_J"]), n_chunks)  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, dw_part, db_part, rows, c, CHUNK_ROWS=chunk, PRECISE=precise)
-    return dw_part, db_part, n_chunks
-
-
-def _reduce(part1, part2, n_chunks: int, size: int, dtype, device):
-    """Σ_c part[c] for two fp32 partial buffers (the core's reduce kernel, batch axis = 1)."""
-    out1 = _new((size,), device, dtype)
-    out2 = _new((size,), device, dtype)
-    _attn_bwd_reduce_kernel[(triton.cdiv(size, _REDUCE_BLOCK), 1)](
-        part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
-    return out1, out2
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_I"]), triton.cdiv(c, meta["BLOCK_J"]), part.shape[0])  # noqa: E731
+    _sub_wgrad_kernel[grid](a, b, part, rows, c, CHUNK_ROWS=chunk_rows, PRECISE=precise)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
@@ -500,7 +526,7 @@ def _forward(x, r, k, v, wq, bq, wo, bo):
         x, r, k, v, wq, bq, wo, bo, out, o, lse,
         *k.stride(), *v.stride(),
         n, c, _LOG2E / math.sqrt(c),
-        M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, PRECISE=k.dtype == torch.float32,
+        M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, D_CEIL=_d_ceil(c), PRECISE=k.dtype == torch.float32,
     )
     return out, o, lse
 
@@ -524,20 +550,26 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
         x, g, k, v, wq, bq, wo, o, lse, qs, dos, delta, dq, dx,
         *k.stride(), *v.stride(),
         n, c, qk_scale, sm_scale,
-        M=m, BLOCK_D=block_d, BLOCK_K=_BLOCK_K, PRECISE=precise,
+        M=m, BLOCK_D=block_d, BLOCK_K=_BLOCK_K, D_CEIL=_d_ceil(c), PRECISE=precise,
     )
 
     # dK, dV: the core's chunked kernel (+ its chunk-sum kernel) on the q, dO scratch, unchanged
     sms = _core._sm_count(dev)
     dk, dv = _core._dkdv(qs, k, v, dos, lse, delta, qk_scale, sm_scale, block_d, precise, chunk_rows, sms, _new)
 
-    # weight / bias gradients: fp32 partials per row chunk, then a chunk-ordered sum
-    rows = batch * n
-    dwq_p, dbq_p, nc = _wgrad(dq.view(rows, c), x.view(rows, c), precise, sms, wg_chunk_rows)
-    dwo_p, dbo_p, _ = _wgrad(g.view(rows, c), o.view(rows, c), precise, sms, wg_chunk_rows)
-    dwq, dwo = _reduce(dwq_p, dwo_p, nc, c * c, w_dtype, dev)
-    dbq, dbo = _reduce(dbq_p, dbo_p, nc, c, w_dtype, dev)
-    return dx, dk, dv, dwq.view(c, c), dbq, dwo.view(c, c), dbo
+    # weight / bias gradients: fp32 partials per row chunk ([dW | db] per chunk row), then one
+    # chunk-sum launch for both pairs (deterministic: fixed tiles and order for a fixed config)
+    rows, size = batch * n, c * c + c
+    chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block_i(precise, dev) if sms else 64)
+    q_part = _new((nc, size), dev, torch.float32)
+    o_part = _new((nc, size), dev, torch.float32)
+    _wgrad(dq.view(rows, c), x.view(rows, c), q_part, chunk, precise)
+    _wgrad(g.view(rows, c), o.view(rows, c), o_part, chunk, precise)
+    q_sum = _new((size,), dev, w_dtype)
+    o_sum = _new((size,), dev, w_dtype)
+    _core._chunk_sum(q_part, o_part, q_sum, o_sum, nc, size, 1)
+    # views: each weight's gradient and its bias's share one buffer
+    return dx, dk, dv, q_sum[:c * c].view(c, c), q_sum[c * c:], o_sum[:c * c].view(c, c), o_sum[c * c:]
 
 
 class AttentionSublayerFunction(torch.autograd.Function):
@@ -657,7 +689,7 @@ def ops(variant: str, batch: int, n: int, m: int, c: int, e: int = 2, sms: int =
         return proj_fwd + core_f + proj_out + proj_bwd[:3] + core_b + proj_bwd[3:]
     if variant == "fused":
         tkv = batch * m * c * e
-        kc = _core._chunking(batch, n, m, sms)[1]
+        kc = _core._dkdv_chunks(batch, n, m, c, sms)
         part = batch * kc * m * c * 4 if kc > 1 else tkv
         nc = _wg_chunks(batch * n, c, sms)
         wpart = nc * (c * c + c) * 4
@@ -703,6 +735,7 @@ def bytes_table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int
 # ahead-of-time builds: every kernel × d block × dtype × configuration
 # ----------------------------------------------------------------------------------------------
 _AOT_M = 256
+_AOT_C = {256: 192}  # the model's C per d block where they differ (stage 4)
 _AOT_DTYPES = {"16": "bf16", "tf32x3": "fp32", "amp": "bf16"}
 _AOT_KERNELS = {
     "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE",)),
@@ -728,6 +761,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                                per_d[256][0]))
             for dn, pt, block_d, (bn, bm, w, st) in builds:
                 const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
+                         "D_CEIL": _d_ceil(_AOT_C.get(block_d, block_d)),
                          "BLOCK_N": bn, "BLOCK_M": bm}
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                 specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st))
@@ -737,7 +771,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
         if mode == "16":
             pairs += [("amp_bf16_a16", "bf16", "fp32"), ("amp_bf16_b16", "fp32", "bf16")]
         for dname, a_t, b_t in pairs:
-            ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "DW_PART": "*fp32", "DB_PART": "*fp32"}
+            ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "PART": "*fp32"}
             for bi, bj, br, w in cfgs:
                 const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3",
                          "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}

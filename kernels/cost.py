@@ -140,14 +140,6 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
-def _dx_active_cols(a, pid):
-    return sum(1 for cc in range(a["COLS"]) if pid[1] * a["COLS"] + cc < a["n_cols"])
-
-
-def _dx_calls(a, pid):  # tiles a dx program sweeps: each calls _dx_branch once per scale
-    return _dx_active_cols(a, pid) * a["N_TR"]
-
-
 def _bk(a):
     return min(a["BLOCK_K"], a["C"])
 
@@ -167,40 +159,34 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["M"], a["BLOCK_M"]), kernels=("_attn_bwd_dq_kernel", "_sub_bwd_dq_kernel")),
     Loop("attention", "_attn_bwd_dkdv_kernel", "for i in range(0, CHUNK_ROWS, BLOCK_N):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_attn_bwd_dkdv_kernel",)),
-    Loop("attention", "_attn_bwd_reduce_kernel", "for c in range(N_CHUNKS):",
-         lambda a, pid: a["N_CHUNKS"], kernels=("_attn_bwd_reduce_kernel",)),
-    Loop("attention_sublayer", "_project_rows", "for kc in range(0, BLOCK_D, BLOCK_K):",
-         lambda a, pid: _cdiv(a["BLOCK_D"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel", "_sub_bwd_dq_kernel")),
-    Loop("attention_sublayer", "_sub_fwd_kernel", "for jc in range(0, BLOCK_D, BLOCK_K):",
-         lambda a, pid: _cdiv(a["BLOCK_D"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel",)),
-    Loop("attention_sublayer", "_sub_bwd_dq_kernel", "for jc in range(0, BLOCK_D, BLOCK_K):",
-         lambda a, pid: [_cdiv(a["BLOCK_D"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
+    Loop("attention", "_attn_bwd_reduce_kernel", "for c0 in range(0, N_CHUNKS, BLOCK_C):",
+         lambda a, pid: _cdiv(a["N_CHUNKS"], a["BLOCK_C"]), kernels=("_attn_bwd_reduce_kernel",)),
+    Loop("attention_sublayer", "_project_rows", "for kc in range(0, D_CEIL, BLOCK_K):",
+         lambda a, pid: _cdiv(a["D_CEIL"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel", "_sub_bwd_dq_kernel")),
+    Loop("attention_sublayer", "_sub_fwd_kernel", "for jc in range(0, D_CEIL, BLOCK_K):",
+         lambda a, pid: _cdiv(a["D_CEIL"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel",)),
+    Loop("attention_sublayer", "_sub_bwd_dq_kernel", "for jc in range(0, D_CEIL, BLOCK_K):",
+         lambda a, pid: [_cdiv(a["D_CEIL"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
     Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
     Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
          lambda a, pid: _cdiv(a["C"], _bk(a)), kernels=("_lmsa_fwd_kernel",)),
-    Loop("lmsa", "_depthwise", "for t in range(KS * KS):",
-         lambda a, pid: [k * k * _cdiv(a["C"], _bk(a)) for k in (3, 5, 7)], kernels=("_lmsa_fwd_kernel",)),
+    Loop("lmsa", "_depthwise3", "for r in range(2):",
+         lambda a, pid: [2 * _cdiv(a["C"], _bk(a))] * 2, kernels=("_lmsa_fwd_kernel",)),
+    Loop("lmsa", "_depthwise3", "for r in range(3):",
+         lambda a, pid: 3 * _cdiv(a["C"], _bk(a)), kernels=("_lmsa_fwd_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_depthwise_and_wgrad", "for t in range(KS * KS):",
-         lambda a, pid: _stats_active(a, pid) * a["KS"] ** 2, kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_dx_kernel", "for cc in range(COLS):", lambda a, pid: a["COLS"],
-         kernels=("_lmsa_bwd_dx_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_dx_kernel", "for tr in range(N_TR):", _dx_calls, kernels=("_lmsa_bwd_dx_kernel",)),
-    Loop("lmsa", "_dx_branch", "for r0 in range(0, HALO_H * HALO_W, BLOCK_R):",
-         lambda a, pid: [_dx_calls(a, pid) * _cdiv(a["HALO_H"] * a["HALO_W"], a["BLOCK_R"])] * 3,
-         kernels=("_lmsa_bwd_dx_kernel",)),
-    Loop("lmsa", "_dx_branch", "for c0 in range(0, C, BLOCK_C):",
-         lambda a, pid: [_dx_calls(a, pid) * _cdiv(a["HALO_H"] * a["HALO_W"], a["BLOCK_R"])
-                         * _cdiv(a["C"], min(a["BLOCK_C"], a["C"]))] * 3, kernels=("_lmsa_bwd_dx_kernel",)),
-    Loop("lmsa", "_dx_branch", "for t in range(KS * KS):",
-         lambda a, pid: [_dx_calls(a, pid) * k * k for k in (3, 5, 7)], kernels=("_lmsa_bwd_dx_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+         count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
+    Loop("lmsa", "_depthwise_padded", "for i in range(KS):",  # gram: one site, KS rows a tile; dx: one site a scale
+         lambda a, pid: _stats_active(a, pid) * a["KS"] if "KS" in a else [3, 5, 7],
+         kernels=("_lmsa_bwd_gram_kernel", "_lmsa_bwd_dx_kernel")),
 ]
 
 
@@ -342,9 +328,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             params = [torch.zeros(c, 1, k, k) for k in (3, 5, 7)] + [torch.zeros(c, c) for _ in range(3)] \
                 + [torch.zeros(c) for _ in range(3)] + [torch.zeros(3 * c // 8, 3 * c), torch.zeros(3 * c // 8),
                                                        torch.zeros(3 * c, 3 * c // 8), torch.zeros(3 * c)]
-            _, P, wg = lmsa._forward(x, params, False)
+            _, P, wg, xp = lmsa._forward(x, params, False)
             pass_ref[0] = "bwd"
-            lmsa._backward(x, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
+            lmsa._backward(x, xp, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

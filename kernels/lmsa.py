@@ -8,7 +8,10 @@
     out = x + Σ_k z_k ⊙ f_k
 
 for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
-model), fp32 / bf16 / fp16, without ever holding DW_k(x), f_k or any other B×3C×H×W tensor in memory.
+model), fp32 / bf16 / fp16, without ever holding DW_k(x) or f_k in memory. It does hold x as a
+zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C, saved for the backward) and, inside the backward only,
+E_k = W̃_kᵀ dO for the three scales in the same bordered fp32 form: the depthwise sweeps then need
+no masks and no bf16 unpacking (see "Cost" below).
 
 Forward (two kernels and a few tiny PyTorch ops)
 ------------------------------------------------
@@ -20,6 +23,7 @@ Forward (two kernels and a few tiny PyTorch ops)
    every row is its own cell). `_lmsa_stats_kernel` (grid channel blocks × chunks × B) reads x once
    and writes per-chunk fp32 cell sums (a one-hot [64 × pixels] · x[pixels × channels] product per
    tile, on tensor cores); the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
+   The same kernel writes x into the interior of X̂ (fp32; the host zeroes its 3-pixel border).
    Then, in PyTorch (fp32, autocast off, O(B·C²)):
        win[δ] = Rᵀ P S            (R, S: 7×7 0/1 row / column indicators of the cells in R_δ)
        g_k    = Σ_δ w_k[δ] win[δ] / (H·W)             = GAP(DW_k(x))          B×C
@@ -27,24 +31,29 @@ Forward (two kernels and a few tiny PyTorch ops)
        W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
        β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
 2. `_lmsa_fwd_kernel` (grid pixel tiles × B): for a tile of BLOCK_P pixels, forms the depthwise
-   outputs on chip in BLOCK_K-channel slices (shifted masked loads of x: the 3-pixel halo comes from
-   L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C slice
-   of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
+   outputs of all three scales on chip in BLOCK_K-channel slices from one sweep over the 7×7 window
+   of X̂ (`_depthwise3`: 49 shifted unmasked loads feed 83 FMAs per pixel-channel; the halo comes
+   from L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C
+   slices of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out
+   once.
 
-Backward (two kernels, PyTorch autograd on the tiny part; the math is in the comment block above
+Backward (four kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
 3. `_lmsa_bwd_gram_kernel` (one launch per scale k; grid channel blocks × pixel chunks × B):
-   recomputes DW_k(x) on chip (the same shifted loads as the forward) and E_k = W̃_kᵀ dO (a small
-   GEMM per tile), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ (= ∂L/∂W̃, on tensor cores),
-   Σ_p dO (= ∂L/∂β) and the main-path ∂L/∂w_k[δ] = Σ_p E_k[p] x[p + δ] (one pixel reduction per
-   tap, reusing the loaded x). Per-chunk fp32 partials, summed in PyTorch.
-4. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
+   recomputes DW_k(x) on chip (a mask-free sweep of X̂) and E_k = W̃_kᵀ dO (a small GEMM per tile),
+   stores E_k once (fp32, zero-bordered like X̂), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ
+   (= ∂L/∂W̃, on tensor cores) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
+4. `_lmsa_bwd_wgrad_kernel` (one launch per scale; grid window rows × channel blocks, chunks, B):
+   the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window row, so each of its
+   KS taps keeps per-thread fp32 partial sums over the whole chunk; the cross-thread pixel
+   reduction runs once per tap and chunk (not per tap and tile). Per-chunk partials, summed in
+   PyTorch in a fixed order.
+5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-5. `_lmsa_bwd_dx_kernel` (grid channel block × tile-column group × B, looping over 10×10 tiles):
-   E_k = W̃_kᵀ dO on the tile's 16×16 halo (GEMM on chip), staged through a per-program fp32
-   scratch tile (L1/L2) and read back at the 83 shifted positions: dx = dO + Σ_k DW_kᵀ(E_k) +
-   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once.
-   It never reads x.
+6. `_lmsa_bwd_dx_kernel` (grid pixel tiles × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
+   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
+   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k: no GEMM, no
+   scratch, no barriers. It never reads x.
 
 Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
 
@@ -52,24 +61,35 @@ Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
 bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
 
-Memory layout: the kernels take all four strides of x, dO, out and dx; nothing is converted or
-copied (out and dx follow x's memory format when x is dense, else they are contiguous NCHW).
+Memory layout: the kernels take all four strides of x, dO, out and dx; the only copy of x is the
+stats kernel's bordered fp32 X̂ (channels-last whatever x's layout); out and dx follow x's memory
+format when x is dense, else they are contiguous NCHW.
 Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
 specialised by Triton and the AOT builds assume channels-last.
 
-Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor;
-`python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 435 MB (floor 3T = 403: x twice, out once)   eager as written ≥ 5100 MB
-    backward  fused 670 MB (floor 4T = 537: x, dO, dO, dx)        eager as written ≥ 9664 MB
-The fused surplus is fp32 partials (≈ 37 MB written and read), B×3×C×C gate tensors (≈ 35 MB) and
-the dx kernel's scratch tiles (21 MB, an upper bound). On an H100 the fused kernels are bound by
-instruction issue, not by these bytes: the 83 depthwise taps per element cost about 8 (forward),
-16 (gram: the per-tap cross-thread pixel reduction of ∂L/∂w_k dominates) and 8 (dx) instructions
-per element and tap (sm_90 PTX of the first bf16 configs, built with the launcher's 16-divisibility
-of pointers and strides), i.e. roughly 1.5 ms, 3 ms and 1.4 ms at this shape, about 6 ms per
-forward + backward, against ≥ 4.9 ms for eager's bytes alone (plus its depthwise kernels'
-arithmetic). These are static estimates at ~9e11 warp-instructions/s: no GPU was available to
-measure them, and autotuning (opt-in: kernels/configs.py) may pick larger tiles that amortise the per-tap overheads better.
+Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
+294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
+    forward   fused 1024 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
+    backward  fused 4713 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
+The surplus is mostly the bordered fp32 tensors: X̂ (written once, read by the forward and the three
+gram launches) and the three E_k (written by the gram, read by wgrad and dx), plus fp32 partials and
+B×3×C×C gate tensors. They buy instructions: no masks, no bf16 unpacking and load-immediate column
+offsets in every depthwise sweep, which is where the time goes.
+
+Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
+model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
+    kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
+    stats              43 M                  –               145 µs   bytes
+    fwd               385 M         2.2 (incl. the GEMM)     418 µs   issue (3 CTAs of 8 warps / SM)
+    gram ×3           641 M         3.7 (incl. E, M GEMMs)   799 µs   bytes (k = 3, 5), issue (k = 7)
+    wgrad ×3          480 M         2.8                      594 µs   issue (k = 5, 7)
+    dx                387 M         2.2                      418 µs   issue
+    forward + backward                                      2374 µs   (was 7696 µs; eager floor 4520 µs)
+(element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
+sm_80 builds give 817 + 2924 µs on an A100. The target of issue 14, 1.5 ms, is not met: what is
+left is bytes (the bordered fp32 tensors: ~1.9 ms at 3 TB/s over the whole pass, by the count
+above) and the FMAs themselves; storing the bordered tensors in bf16 with a 2-for-1 unpack of bf16
+pairs, and one gram launch for all three scales (X̂ and dO read once), are the next steps.
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
@@ -91,7 +111,6 @@ KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
-_HALO = 16  # the dx kernel's halo tile is _HALO × _HALO pixels around a (_HALO−6)² inner tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
@@ -110,7 +129,6 @@ lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
 _HALF, _BOTH = ("half",), ("half", "fp32")
 _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=4, num_stages=2), _HALF),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
 _FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped to C in the kernel)
@@ -124,10 +142,16 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduc
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_J: channel block, BLOCK_C: halo-GEMM K step (both clamped to C), BLOCK_R: halo rows
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_R": 64}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_R": 16}, num_warps=8, num_stages=1), _BOTH),
+_WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+]
+_DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
 
 def _dtype_prune(table):
@@ -179,46 +203,65 @@ def _cell(h, w, H, W, TH, TW):
     return ri * 7 + ci
 
 
-# The tap loops are single flat loops over t = i·KS + j: nested constant-trip loops get fully
-# unrolled by LLVM with every tap's loads hoisted, which spills registers (sm_80 / sm_90 builds).
+# Tap loops: a runtime loop over window rows around a compile-time-unrolled sweep of the row's
+# columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
+# hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise(x_base, w_ptr, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, KS: tl.constexpr,
-               C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """fp32 [pixels × channels] tile of DW_KS(x) at pixels (h, w), channels offs_j: KS² shifted
-    masked loads of x (zero padding) times the per-channel taps w[t, j] (fp32, tap-major KS² × C)."""
+def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
+    """fp32 [pixels × channels] tile of DW_KS(v) (zero padding) at the pixels whose bordered
+    coordinates are (hp, wp), channels offs_j, times the per-channel taps w[t, j] (fp32, tap-major
+    KS² × C), for v stored channels-last with a 3-pixel zero border (row stride WP·C, pixel stride
+    C; every shifted read stays inside the buffer): no masks, and the column offsets are immediates
+    of the loads (C is a compile-time constant)."""
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    c_ptr = x_base + offs_j[None, :] * sxc
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):
-        hh = h + (t // KS - KS // 2)
-        ww = w + (t % KS - KS // 2)
-        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0)
-        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
-        acc += xv.to(tl.float32) * wv[None, :]
+    c_ptr = base + offs_j[None, :]
+    for i in range(KS):
+        row_ptr = c_ptr + ((hp + (i - KS // 2)) * WP + wp - KS // 2)[:, None] * C
+        for jj in tl.static_range(KS):
+            v = tl.load(row_ptr + jj * C).to(tl.float32)
+            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
     return acc
 
 
 @triton.jit
-def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                         KS: tl.constexpr, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-                         TAPS: tl.constexpr):
-    """`_depthwise`, plus dwacc[t, j] += Σ_p e[p, j] x[p + δ_t, j] from the same shifted loads
-    (e = ∂L/∂DW_KS(x) on the tile, 0 on masked pixels; dwacc is TAPS × BLOCK_J, row t = tap t)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    taps = tl.arange(0, TAPS)[:, None]
-    c_ptr = x_base + offs_j[None, :] * sxc
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):
-        hh = h + (t // KS - KS // 2)
-        ww = w + (t % KS - KS // 2)
-        m = mask_p & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(c_ptr + (hh * sxh + ww * sxw)[:, None], mask=m[:, None], other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + t * C)
-        acc += xv * wv[None, :]
-        contrib = tl.sum(e * xv, 0)
-        dwacc = tl.where(taps == t, dwacc + contrib[None, :], dwacc)
-    return acc, dwacc
+def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
+    """One row di of the 7×7 window (row_ptr: the row's leftmost tap in the zero-bordered x): its 7
+    shifted loads, each added into DW_7 and, where the tap lies in their windows, DW_5 and DW_3.
+    RING (constexpr) is the row's ring: 3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1
+    (|di| ≤ 1: all three); the column offsets are immediates (the loop over them is unrolled)."""
+    for jj in tl.static_range(7):
+        dj = jj - 3
+        xv = tl.load(row_ptr + jj * C).to(tl.float32)
+        d7 += xv * tl.load(w7_ptr + ((di + 3) * 7 + jj) * C + offs_j)[None, :]
+        if RING <= 2 and dj * dj <= 4:
+            d5 += xv * tl.load(w5_ptr + ((di + 2) * 5 + jj - 1) * C + offs_j)[None, :]
+        if RING <= 1 and dj * dj <= 1:
+            d3 += xv * tl.load(w3_ptr + ((di + 1) * 3 + jj - 2) * C + offs_j)[None, :]
+    return d3, d5, d7
+
+
+@triton.jit
+def _depthwise3(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at the pixels whose
+    zero-bordered coordinates are (hp, wp), channels offs_j, from one sweep over the 7×7 window of
+    the bordered x (xp_base: row stride WP·C, pixel stride C, fp32): each of its 49 shifted loads
+    feeds every scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads, no
+    masks). Three row loops, one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap
+    feeds is known at compile time; they stay loops (a fully unrolled sweep has the compiler hoist
+    all 49 loads, and spill)."""
+    d3 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    d5 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    d7 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    c_ptr = xp_base + offs_j[None, :] + ((hp - 3) * WP + wp - 3)[:, None] * C  # the window's top-left tap
+    for r in range(2):  # rows ±3
+        d3, d5, d7 = _dw_row(c_ptr + (6 * r) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, offs_j, C, 3)
+    for r in range(2):  # rows ±2
+        d3, d5, d7 = _dw_row(c_ptr + (4 * r + 1) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, offs_j, C, 2)
+    for r in range(3):  # rows −1, 0, 1
+        d3, d5, d7 = _dw_row(c_ptr + (r + 2) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, offs_j, C, 1)
+    return d3, d5, d7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +269,7 @@ def _depthwise_and_wgrad(x_base, w_ptr, e, dwacc, h, w, mask_p, offs_j, H, W, sx
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _lmsa_stats_kernel(
-    X, SP,
+    X, SP, XP,
     sxb, sxc, sxh, sxw,
     H, W, TH, TW, n_chunks,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -234,7 +277,9 @@ def _lmsa_stats_kernel(
 ):
     """Cell sums of x over pixel chunk `pid` of image b, channel block pid_c: SP[b, pid, cell, c]
     (B × n × 49 × C fp32), as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one
-    BLOCK_P-pixel tile at a time."""
+    BLOCK_P-pixel tile at a time. Also writes x's tiles, as fp32, into the interior of XP: x
+    channels-last with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host zeroes the border),
+    which the forward and gram kernels' depthwise sweeps read without masks or conversions."""
     BC: tl.constexpr = min(BLOCK_C, C)  # the configured channel block, clamped to C
     pid_c = tl.program_id(0)
     pid = tl.program_id(1)
@@ -252,6 +297,8 @@ def _lmsa_stats_kernel(
             cell = _cell(h, w, H, W, TH, TW)
             xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
+            tl.store(XP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :],
+                     xt.to(tl.float32), mask=mask_p[:, None])
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
             acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × BC
     out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
@@ -263,7 +310,7 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, WG, BIAS, DW3, DW5, DW7, OUT,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
     H, W,
@@ -278,11 +325,13 @@ def _lmsa_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < H * W
-    h = offs_p // W
-    w = offs_p % W
+    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image compute a valid pixel; not stored
+    h = pc // W
+    w = pc % W
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     x_base = X + b * sxb
+    xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
 
     acc = tl.zeros([BLOCK_P, C], tl.float32)
@@ -290,12 +339,10 @@ def _lmsa_fwd_kernel(
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d = _depthwise(x_base, DW3, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 3, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
-        d = _depthwise(x_base, DW5, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 5, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
-        d = _depthwise(x_base, DW7, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw, 7, C, BLOCK_P, BK)
-        acc += _mm(d.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
+        d3, d5, d7 = _depthwise3(xp_base, DW3, DW5, DW7, h + 3, w + 3, offs_j, W + 6, C, BLOCK_P, BK)
+        acc += _mm(d3.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
+        acc += _mm(d5.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
+        acc += _mm(d7.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
 
     bias = tl.load(BIAS + b * C + offs_c)
     xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
@@ -331,22 +378,21 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    X, DO, WG, DWK, MP, GSP, DWP,
-    sxb, sxc, sxh, sxw,
+    XP, DO, WG, DWK, MP, GSP, EK,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, TAPS: tl.constexpr,
+    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr,
     CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """For scale k = KID (kernel size KS), channel block pid_j and the pixels p of chunk `pid` of
     image b, the partial sums
-        MP[b, pid, k, :, j]      = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
-        DWP[b, pid, ROW0 + t, j] = Σ_p E_k[j, p] x[j, p + δ_t], E_k = W̃_kᵀ dO   (main-path ∂L/∂w_k)
-        GSP[b, pid, :]           = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
-    (TAPS = KS² rounded up to a power of two: the rows of the ∂w accumulator)
-    with DW_k(x) and E_k recomputed on chip; MP: B × n × 3 × C × C, DWP: B × n × 83 × C, GSP: B × n × C,
-    all fp32. One launch per scale, so each build holds one depthwise loop and a KS²-row ∂w block."""
+        MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
+        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
+    with DW_k(x) recomputed on chip from the zero-bordered fp32 x (XP, the stats kernel's), and E_k = W̃_kᵀ dO, formed on chip and stored once:
+        EK[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]      (fp32, B × (H+6) × (W+6) × C; the host
+                                                      zeroes the 3-pixel border)
+    for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -354,20 +400,20 @@ def _lmsa_bwd_gram_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_c = tl.arange(0, C)
-    x_base = X + b * sxb
+    xp_base = XP + b * ((H + 6) * (W + 6) * C)  # x, zero-bordered fp32 (the stats kernel's)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
     wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
 
     acc = tl.zeros([C, BJ], tl.float32)
-    dwacc = tl.zeros([TAPS, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            h = offs_p // W
-            w = offs_p % W
+            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
+            h = pc // W
+            w = pc % W
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
@@ -377,8 +423,10 @@ def _lmsa_bwd_gram_kernel(
                 gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
                              mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
                 e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
-            d, dwacc = _depthwise_and_wgrad(x_base, DWK, e, dwacc, h, w, mask_p, offs_j, H, W, sxc, sxh, sxw,
-                                            KS, C, BLOCK_P, BJ, TAPS)
+            # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
+            tl.store(EK + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :],
+                     e.to(EK.dtype.element_ty), mask=mask_p[:, None])
+            d = _depthwise_padded(xp_base, DWK, h + 3, w + 3, offs_j, W + 6, KS, C, BLOCK_P, BJ)
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
             if KID == 0:
                 gsum += tl.sum(gt.to(tl.float32), 1)
@@ -386,116 +434,125 @@ def _lmsa_bwd_gram_kernel(
     tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
     if KID == 0:
         tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
-    taps = tl.arange(0, TAPS)
-    tl.store(DWP + ((b * n_chunks + pid) * 83 + ROW0 + taps[:, None]) * C + offs_j[None, :], dwacc,
-             mask=(taps < KS * KS)[:, None])
 
 
 _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
 
 
 @triton.jit
-def _dx_branch(g_base, wg_ptr, e_scr, dx, w_ptr, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
-               C: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, KS: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
-    """dx += DW_KSᵀ(E), E = W̃ᵀ dO, for the inner tile whose halo starts at (h0 − 3, w0 − 3).
+def _wtap(acc, xt, row_ptr, dj: tl.constexpr, C: tl.constexpr):
+    """acc += x ⊙ E[· − (·, dj)] on the tile (E from the zero-bordered buffer): one tap of the ∂w sweep."""
+    return acc + xt * tl.load(row_ptr - dj * C).to(tl.float32)
 
-    E is formed on the halo tile in BLOCK_R-row pieces (GEMM on chip, 0 outside the image) and
-    written to the program's fp32 scratch tile, then read back at the shifted positions q − δ
-    (a uniform offset from e_off, the inner pixels' scratch offsets: no masks)."""
-    offs_jj = tl.arange(0, BLOCK_J)
-    offs_cc = tl.arange(0, BLOCK_C)
-    tl.debug_barrier()  # every thread is done reading the previous scale's E from the scratch tile
-    for r0 in range(0, HALO_H * HALO_W, BLOCK_R):
-        offs_e = r0 + tl.arange(0, BLOCK_R)  # halo pixels, row-major
-        gh = h0 - 3 + offs_e // HALO_W
-        gw = w0 - 3 + offs_e % HALO_W
-        e_ok = (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
-        pix = (gh * sgh + gw * sgw)[:, None]
-        E = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)  # E[e, j] = Σ_c dO[c, e] W̃[c, j]
-        for c0 in range(0, C, BLOCK_C):
-            g = tl.load(g_base + pix + (c0 + offs_cc)[None, :] * sgc, mask=e_ok[:, None], other=0.0)
-            wg = tl.load(wg_ptr + (c0 + offs_cc)[:, None] * C + offs_j[None, :])
-            E += _mm(g, wg, PRECISE)
-        tl.store(e_scr + offs_e[:, None] * BLOCK_J + offs_jj[None, :], E)
-    tl.debug_barrier()  # ... and this scale's E is complete before anyone reads it back
 
-    w_ptr = w_ptr + offs_j
-    for t in range(KS * KS):  # one flat loop: the compiler keeps one tap's loads in flight, not KS
-        shift = ((t // KS - KS // 2) * HALO_W + (t % KS - KS // 2)) * BLOCK_J  # δ in scratch elements
-        wv = tl.load(w_ptr + t * C)  # fp32, tap-major KS² × C
-        dx += tl.load(e_scr + (e_off - shift)) * wv[None, :]  # dx[q] += w[δ] E[q − δ]
-    return dx
+@triton.jit
+def _lmsa_bwd_wgrad_kernel(
+    X, EK, DWP,
+    sxb, sxc, sxh, sxw,
+    H, W, n_chunks,
+    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, CHUNK_PIX: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Main-path ∂L/∂w_k for one window row: for scale k = KID (kernel size KS), row i and channel
+    block pid_j (program_id(0) = i · C/BJ + pid_j), pixel chunk `pid` of image b,
+        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (i − KS//2, c − KS//2)
+    (= Σ_p E_k[j, p] x[j, p + δ]), from the stored, zero-bordered E_k (EK, the gram kernel's):
+    x is loaded once per tile, E_k at the row's KS shifts without masks. Each tap keeps its own
+    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
+    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    NJ: tl.constexpr = C // BJ
+    row = tl.program_id(0) // NJ
+    pid_j = tl.program_id(0) % NJ
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    x_ptr = X + b * sxb + offs_j[None, :] * sxc
+    e_ptr = EK + b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
+    di = row - KS // 2
+    a0 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a1 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a2 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a4 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    a6 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            pc = tl.minimum(offs_p, H * W - 1)  # past the image: a valid pixel (its x is masked to 0)
+            h = pc // W
+            w = pc % W
+            xt = tl.load(x_ptr + (h * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
+            row_ptr = e_ptr + ((h + 3 - di) * (W + 6) + w + 3)[:, None] * C
+            # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
+            a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
+            a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
+            a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
+            if KS >= 5:
+                a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
+                a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
+            if KS >= 7:
+                a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
+                a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
+    out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
+    tl.store(out, tl.sum(a0, 0))
+    tl.store(out + C, tl.sum(a1, 0))
+    tl.store(out + 2 * C, tl.sum(a2, 0))
+    if KS >= 5:
+        tl.store(out + 3 * C, tl.sum(a3, 0))
+        tl.store(out + 4 * C, tl.sum(a4, 0))
+    if KS >= 7:
+        tl.store(out + 5 * C, tl.sum(a5, 0))
+        tl.store(out + 6 * C, tl.sum(a6, 0))
+
+
+_lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
+                                 ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+
 
 
 @triton.jit
 def _lmsa_bwd_dx_kernel(
-    DO, WG, DW3, DW5, DW7, T, DX, SCR,
+    DO, E3, E5, E7, DW3, DW5, DW7, T, DX,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW, n_cols, n_grps,
-    C: tl.constexpr, N_TR: tl.constexpr, COLS: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_I: tl.constexpr, PRECISE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    H, W, TH, TW,
+    C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(W̃_kᵀ dO) + T[cell] for channel block j of tile-column group `grp` of
-    image b: COLS columns of (HALO−6)² inner tiles, N_TR tiles down each. Reads dO (with a 3-pixel
-    halo, from L2), writes dx once; never reads x.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for BLOCK_P pixels and channel block pid_j of image b.
 
-    SCR is the programs' fp32 scratch: one HALO_H·HALO_W × BJ tile each (B·n_grps·C·HALO_H·HALO_W
-    floats in all), rewritten for every (tile, scale) and read back at once, so it lives in L1/L2
-    (column groups keep the number of programs, hence the scratch, small). Triton has no
-    user-managed shared memory, and `tl.gather` on a 256-row register tile lowers to warp shuffles
-    (~1300 instructions per tap in an sm_90 build)."""
+    E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
+    border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
+    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_padded`
+    over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
+    never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    BC: tl.constexpr = min(BLOCK_C, C)  # the halo GEMM's K step, clamped to C
-    IR: tl.constexpr = HALO_H - 6
-    IC: tl.constexpr = HALO_W - 6
-    NE: tl.constexpr = HALO_H * HALO_W
-    pid_j = tl.program_id(0)
-    grp = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image read a valid pixel; their store is masked
+    h = pc // W
+    w = pc % W
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    g_base = DO + b * sgb
-    wg_base = WG + b * (3 * C * C)
-    e_scr = SCR + (((b * n_grps + grp) * (C // BJ) + pid_j) * NE) * BJ
-
-    offs_i = tl.arange(0, BLOCK_I)  # inner pixels, row-major in an IR × IC tile
-    ir = offs_i // IC
-    ic = offs_i % IC
-    lane_ok = offs_i < IR * IC
-    # scratch offset of each inner pixel's centre; lanes past the IR × IC tile point at a valid
-    # centre so every shifted read stays inside the scratch tile
-    center = tl.where(lane_ok, (ir + 3) * HALO_W + ic + 3, 3 * HALO_W + 3)
-    e_off = center[:, None] * BJ + tl.arange(0, BJ)[None, :]
-
-    for cc in range(COLS):
-        col = grp * COLS + cc
-        if col < n_cols:  # the last group may have fewer columns
-            w0 = col * IC
-            for tr in range(N_TR):
-                h0 = tr * IR
-                dx = tl.zeros([BLOCK_I, BJ], tl.float32)
-                dx = _dx_branch(g_base, wg_base, e_scr, dx, DW3, h0, w0, H, W, e_off, offs_j, sgc, sgh, sgw,
-                                C, HALO_H, HALO_W, 3, BLOCK_R, BJ, BC, PRECISE)
-                dx = _dx_branch(g_base, wg_base + C * C, e_scr, dx, DW5, h0, w0, H, W, e_off, offs_j,
-                                sgc, sgh, sgw, C, HALO_H, HALO_W, 5, BLOCK_R, BJ, BC, PRECISE)
-                dx = _dx_branch(g_base, wg_base + 2 * C * C, e_scr, dx, DW7, h0, w0, H, W, e_off, offs_j,
-                                sgc, sgh, sgw, C, HALO_H, HALO_W, 7, BLOCK_R, BJ, BC, PRECISE)
-                # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
-                qh = h0 + offs_i // IC
-                qw = w0 + offs_i % IC
-                q_ok = lane_ok & (qh < H) & (qw < W)
-                g_in = tl.load(g_base + (qh * sgh + qw * sgw)[:, None] + offs_j[None, :] * sgc,
-                               mask=q_ok[:, None], other=0.0)
-                cell = _cell(qh, qw, H, W, TH, TW)
-                t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=q_ok[:, None], other=0.0)
-                dx += g_in.to(tl.float32) + t_in
-                tl.store(DX + b * sdb + (qh * sdh + qw * sdw)[:, None] + offs_j[None, :] * sdc,
-                         dx.to(DX.dtype.element_ty), mask=q_ok[:, None])
+    e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
+    dx = _depthwise_padded(E3 + e_off, DW3, h + 3, w + 3, offs_j, W + 6, 3, C, BLOCK_P, BJ)
+    dx += _depthwise_padded(E5 + e_off, DW5, h + 3, w + 3, offs_j, W + 6, 5, C, BLOCK_P, BJ)
+    dx += _depthwise_padded(E7 + e_off, DW7, h + 3, w + 3, offs_j, W + 6, 7, C, BLOCK_P, BJ)
+    # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
+    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
+                   mask=mask_p[:, None], other=0.0)
+    cell = _cell(h, w, H, W, TH, TW)
+    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask_p[:, None], other=0.0)
+    dx += g_in.to(tl.float32) + t_in
+    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc,
+             dx.to(DX.dtype.element_ty), mask=mask_p[:, None])
 
 
-_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "N_TR", "COLS", "PRECISE"])
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,6 +571,16 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new((b, c, h, w), x.device, x.dtype)
 
 
+def _bordered(b: int, h: int, w: int, c: int, device) -> torch.Tensor:
+    """B × (H+6) × (W+6) × C fp32 with its 3-pixel border zeroed (a kernel fills the interior): the
+    zero padding of the depthwise sweeps that read it (x from the stats kernel, E_k from the gram
+    kernel), so their shifted loads need no masks."""
+    t = _new((b, h + 6, w + 6, c), device, torch.float32)
+    for border in (t[:, :3], t[:, -3:], t[:, 3:-3, :3], t[:, 3:-3, -3:]):
+        border.zero_()
+    return t
+
+
 def _sm_count(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -528,22 +595,6 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, ma
         return 128
     want = max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
     return triton.cdiv(triton.cdiv(hw, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
-
-
-def _dx_grid(h: int, w: int, batch: int, c: int, sms: int | None) -> tuple[int, int, int, int]:
-    """(tile rows, columns per program, tile columns, column groups) of the dx kernel. Each
-    program sweeps COLS tile columns of one image and channel block: enough groups for about four
-    programs per SM at 32-channel blocks, no more (the scratch and the ∂w partials scale with the
-    number of programs). Under the interpreter two columns per program, so tests cover the loop
-    and (for an odd number of columns) a group's missing last column."""
-    inner = _HALO - 6
-    n_tr, n_cols = triton.cdiv(h, inner), triton.cdiv(w, inner)
-    if sms is None:
-        cols = 2
-    else:
-        want = max(1, min(n_cols, triton.cdiv(4 * sms, batch * max(1, c // 32))))
-        cols = triton.cdiv(n_cols, want)
-    return n_tr, cols, n_cols, triton.cdiv(n_cols, cols)
 
 
 def _cell_indicator(n: int, device) -> torch.Tensor:
@@ -579,17 +630,18 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     return wg, beta
 
 
-def _stats(x: torch.Tensor, precise: bool) -> torch.Tensor:
+def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
+    xp = _bordered(b, h, w, c, x.device)
     grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
     _lmsa_stats_kernel[grid](
-        x, sp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
+        x, sp, xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
     cells = sp.sum(1)  # B×49×C, summed in chunk order
-    return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS)
+    return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS), xp
 
 
 def _dw_flat(dws):
@@ -601,19 +653,19 @@ def _forward(x, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     with torch.autocast(x.device.type, enabled=False):
-        P = _stats(x, precise)
+        P, xp = _stats(x, precise)
         wg, beta = _gates(P, h, w, dws, params[3:6], params[6:9], *params[9:13])
     wg = wg.to(x.dtype).contiguous()
     beta = beta.contiguous()
     out = _new_like(x)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
+        x, xp, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
-    return out, P, wg
+    return out, P, wg, xp
 
 
-def _backward(x, g, P, wg, params, precise):
+def _backward(x, xp, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
@@ -623,13 +675,21 @@ def _backward(x, g, P, wg, params, precise):
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
-    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
+    # their shifted reads need no masks (the gram kernel writes the interior)
+    ek = [_bordered(b, h, w, c, x.device) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+    for kid, k in enumerate(KERNEL_SIZES):
         _lmsa_bwd_gram_kernel[grid](
-            x, g, wg, dw_flat[kid], mp, gsp, dwp, *x.stride(), *g.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, ROW0=row0, TAPS=triton.next_power_of_2(k * k), CHUNK_PIX=chunk,
-            PRECISE=precise)
+            xp, g, wg, dw_flat[kid], mp, gsp, ek[kid], *g.stride(), h, w, n_chunks,
+            C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
+    # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
+    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+        grid = lambda meta, k=k: (k * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+        _lmsa_bwd_wgrad_kernel[grid](
+            x, ek[kid], dwp, *x.stride(), h, w, n_chunks,
+            C=c, KS=k, KID=kid, ROW0=row0, CHUNK_PIX=chunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -645,38 +705,36 @@ def _backward(x, g, P, wg, params, precise):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
         pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
 
-    # 3. dx, written once
-    n_tr, cols, n_cols, n_grps = _dx_grid(h, w, b, c, _sm_count(x.device))
+    # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
-    scratch = _new((b * n_grps * c * _HALO * _HALO,), x.device, torch.float32)
-    grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_grps, b)  # noqa: E731
+    dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
+    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
-        g, wg, *dw_flat, t_cells, dx, scratch,
-        *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_cols, n_grps,
-        C=c, N_TR=n_tr, COLS=cols, HALO_H=_HALO, HALO_W=_HALO,
-        BLOCK_I=triton.next_power_of_2((_HALO - 6) ** 2), PRECISE=precise)
+        g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
+        C=c, PRECISE=precise)
     return dx, pgrads
 
 
 class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
-    Saves x, the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C): nothing of size B×3C×H×W."""
+    Saves x, its zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C), the cell sums P (B×C×49 fp32) and
+    W̃ (B×3×C×C): nothing of size B×3C×H×W."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg = _forward(x, params, precise)
-        ctx.save_for_backward(x, P, wg, *params)
+        out, P, wg, xp = _forward(x, params, precise)
+        ctx.save_for_backward(x, xp, P, wg, *params)
         ctx.precise = precise
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, P, wg, *params = ctx.saved_tensors
+        x, xp, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, xp, g, P, wg, params, ctx.precise)
         return (dx, *pgrads)
 
 
@@ -730,34 +788,33 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
-    n_tr, cols, _, _ = _dx_grid(_AOT_HW, _AOT_HW, 32, _AOT_C, 132)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         kernels = (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
-             {"X": dt, "SP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
+             {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
-             {"X": dt, "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
+             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
              ["H", "W"], {}),
             ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0, "TAPS": 16}),
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
+            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
             ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9, "TAPS": 32}),
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
+            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
             ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"X": dt, "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"],
-             {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34, "TAPS": 64}),
+             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
+            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
-             {"DO": dt, "WG": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
-              "DX": dt, "SCR": "*fp32"},
-             ["H", "W", "TH", "TW", "n_cols", "n_grps"],
-             {"N_TR": n_tr, "COLS": cols, "HALO_H": _HALO, "HALO_W": _HALO,
-              "BLOCK_I": triton.next_power_of_2((_HALO - 6) ** 2)}),
+             {"DO": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
+             ["H", "W", "TH", "TW"], {}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper

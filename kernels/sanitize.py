@@ -1,18 +1,28 @@
-"""Memory-safety check of every fused op under Triton-Sanitizer (triton-viz, SPEC §7).
+"""Memory-safety check of every fused op: every load and store of every kernel, forward and backward.
 
-    python -m kernels.sanitize                 # every op, every case below
-    python -m kernels.sanitize --op head_loss  # one op (repeatable)
-    python -m kernels.sanitize --quick         # the CI subset (first case of each op)
-    python -m kernels.sanitize --list          # the case names
+    python -m kernels.sanitize                     # every op, every case below (concrete engine)
+    python -m kernels.sanitize --op head_loss      # one op (repeatable)
+    python -m kernels.sanitize --quick             # the first case of each op
+    python -m kernels.sanitize --list              # the case names
+    python -m kernels.sanitize --engine symbolic   # Triton-Sanitizer (triton-viz) instead
 
-Each case runs an op's forward and backward (every Triton kernel behind it) on small CPU tensors.
-Triton-Sanitizer executes every launch symbolically: each load and store address, under its mask,
-is checked with an SMT solver against the bounds of the tensor it points into, for every program of
-the grid at once. The command prints one line per case and, for every out-of-bounds access, the
-kernel source line, the tensor and the offending address; it exits 1 if there is any (or if a case
-fails to run), 0 when every case is clean.
+Each case runs an op's forward and backward (every Triton kernel behind it) on small CPU tensors,
+chosen to reach every dispatch branch: odd sizes, s = 1, d = 192, NCHW and channels-last, sliced
+views, autocast mixes. The command prints one line per case and, for every bad access, the kernel
+source line, the argument and the offending address; it exits 1 if there is any (or if a case fails
+to run), 0 when every case is clean.
 
-How it hooks in: like triton-viz's own `triton-sanitizer` command, it replaces `triton.jit` and
+Two engines:
+- `concrete` (default; `kernels.bounds`): runs the cases under Triton's interpreter and checks every
+  address each access really computes, for every program, against the *elements* of the launch's
+  tensor arguments (a sliced view's gaps count as outside). Exact at the shapes run, and it runs
+  every case (about 15 s of CPU in all). It sets `TRITON_INTERPRET=1` itself. `tests/test_sanitize.py`
+  runs every case this way in CI, plus three planted bad accesses that must be reported.
+- `symbolic`: Triton-Sanitizer (triton-viz 3.0, SPEC §7) executes every launch symbolically and
+  checks each masked address with an SMT solver for all programs at once. Stronger in principle,
+  but 3.0 cannot run most of these kernels (below), so it is kept for the ops it can check.
+
+Symbolic engine details. How it hooks in: like triton-viz's own `triton-sanitizer` command, it replaces `triton.jit` and
 `triton.autotune` by wrappers that trace each kernel with a Sanitizer client *before* `kernels` is
 imported, and it must run without `TRITON_INTERPRET=1` (the sanitizer drives Triton's interpreter
 itself; with the variable set its autotune warm-up fails). `kernels._common.INTERPRET` recognises
@@ -38,11 +48,12 @@ What triton-viz 3.0 can check here (measured 2026-11-29, 2-core CPU; the CI test
   inspection (e.g. `tl.load(w_ptr + t * C)`, t < KS², inside the KS²×C tap table, reported with one
   address for three different tables): the loop handling of triton-viz 3.0 mixes up helpers called
   with different arguments. Not trusted either way; the parity tests poison outputs instead.
-So this command fails (exit 1) on the full list today; it is the place to re-check when triton-viz
+So `--engine symbolic` fails (exit 1) on the full list today; it is the place to re-check when triton-viz
 improves.
 
-`--op toy_oob` runs a deliberately out-of-bounds kernel (a load one element past the end): it must
-be reported (the test suite checks that it is, so this check can fail).
+`--op toy_oob` runs three deliberately bad loads (one element past the end; the gap of a sliced view,
+inside its storage; one view's pointer running into its neighbour): each must be reported (the test
+suite checks that it is, so this check can fail). triton-viz reports the first.
 """
 from __future__ import annotations
 
@@ -56,15 +67,30 @@ from typing import Callable
 import triton                  # patched by install(), before any kernel is defined
 import triton.language as tl
 
+def _engine(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--engine="):
+            return arg.split("=", 1)[1]
+        if arg == "--engine" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "concrete"
+
+
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("kernels.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
-                 "and its autotune warm-up fails under TRITON_INTERPRET=1)")
-    if "kernels" in sys.modules:
-        # `python -m kernels.sanitize` imported the package (and every kernel) before this line:
-        # run this file again as a plain script, which imports nothing of `kernels` before install().
-        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+    if _engine(sys.argv[1:]) == "concrete":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            # the kernels read the variable when imported: start again with it set
+            os.execve(sys.executable, [sys.executable, "-m", "kernels.sanitize", *sys.argv[1:]],
+                      {**os.environ, "TRITON_INTERPRET": "1"})
+    else:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            sys.exit("kernels.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
+                     "and its autotune warm-up fails under TRITON_INTERPRET=1)")
+        if "kernels" in sys.modules:
+            # `python -m kernels.sanitize` imported the package (and every kernel) before this line:
+            # run this file again as a plain script, which imports nothing of `kernels` before install().
+            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 _SANITIZERS: list = []   # one Sanitizer client per traced kernel, in creation order
 
@@ -240,11 +266,43 @@ def _copy_shifted(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs + 1, mask=offs < n), mask=offs < n)
 
 
+def _copy_rows(x_ptr, y_ptr, n_rows, n_cols, stride_x, READ_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """The self-tests' second kernel: copies an n_rows × n_cols view row by row, reading READ_COLS
+    columns of each row (more than n_cols is a bug)."""
+    offs = tl.arange(0, BLOCK)
+    row, col = offs // READ_COLS, offs % READ_COLS
+    inside = row < n_rows
+    value = tl.load(x_ptr + row * stride_x + col, mask=inside)
+    tl.store(y_ptr + row * n_cols + col, value, mask=inside & (col < n_cols))
+
+
 def _toy_oob_case():
     def run():
         import torch
         x, y = torch.zeros(13), torch.zeros(13)
         triton.jit(_copy_shifted)[(1,)](x, y, 13, BLOCK=16)
+    return run
+
+
+def _toy_gap_case():
+    """Reads the fourth column of a 3-column slice of a 4×8 tensor: inside the storage and inside the
+    view's span, outside its elements (a span or storage check passes it)."""
+    def run():
+        import torch
+        view = torch.zeros(4, 8)[:, 2:5]
+        triton.jit(_copy_rows)[(1,)](view, torch.zeros(4, 3), 4, 3, view.stride(0), READ_COLS=4, BLOCK=16)
+    return run
+
+
+def _toy_neighbour_case():
+    """Reads 12 elements through the pointer of the first of two adjacent 6-element views of one buffer:
+    every address belongs to some argument, none holds them all."""
+    def run():
+        import torch
+        buf = torch.zeros(12)
+        first, second = buf[:6], buf[6:]
+        assert second.data_ptr() == first.data_ptr() + 24     # the neighbour is really there
+        triton.jit(_copy_rows)[(1,)](first, second, 2, 3, 6, READ_COLS=6, BLOCK=16)
     return run
 
 
@@ -286,7 +344,45 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
     }
 
 
-TOY = {"toy_oob": [("load one past the end", _toy_oob_case())]}
+TOY = {"toy_oob": [("load one past the end", _toy_oob_case()),
+                   ("load the gap of a sliced view", _toy_gap_case()),
+                   ("load through one view into its neighbour", _toy_neighbour_case())]}
+
+
+class _SymbolicFindings:
+    """Triton-Sanitizer's records (one client per traced kernel), as lines since the last mark."""
+    def mark(self) -> None:
+        self._before = out_of_bounds_records()
+
+    def watching(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def since_mark(self) -> list[str]:
+        return [describe(record) for record in _records_since(self._before)]
+
+    def checked(self) -> str:
+        return ""
+
+
+class _ConcreteFindings:
+    """kernels.bounds' violations, as lines since the last mark."""
+    def __init__(self) -> None:
+        from kernels.bounds import AccessChecker
+        self.checker = AccessChecker()
+
+    def mark(self) -> None:
+        self._seen = len(self.checker.violations)
+        self._accesses = self.checker.accesses
+
+    def watching(self):
+        return self.checker.active()
+
+    def since_mark(self) -> list[str]:
+        return [str(v) for v in self.checker.violations[self._seen:]]
+
+    def checked(self) -> str:
+        return f"{self.checker.accesses - self._accesses} accesses, "
 
 
 class CaseTimeout(Exception):
@@ -302,12 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", action="append", help="op to check (repeatable; default: every op); toy_oob: the self-test")
     parser.add_argument("--quick", action="store_true", help="first case of each op only (the CI subset)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--engine", choices=("concrete", "symbolic"), default="concrete",
+                        help="concrete: every address the interpreter computes, checked against the launch's "
+                             "tensors (kernels.bounds; runs every case); symbolic: Triton-Sanitizer (triton-viz "
+                             "3.0, all programs at once; cannot run most kernels, see above)")
     parser.add_argument("--case-timeout", type=int, default=120, metavar="S",
                         help="seconds before a case counts as failed (the sanitizer never ends some loops)")
     args = parser.parse_args(argv)
 
-    install()
-    _share_loop_patcher()
+    if args.engine == "symbolic":
+        install()
+        _share_loop_patcher()
+        findings = _SymbolicFindings()
+    else:
+        findings = _ConcreteFindings()
     table = {**cases(), **TOY}
     ops = args.op or [op for op in table if op not in TOY]
     unknown = [op for op in ops if op not in table]
@@ -320,24 +424,25 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = 0
     for op, name, run in selected:
-        before = out_of_bounds_records()
+        findings.mark()
         start = time.perf_counter()
         signal.signal(signal.SIGALRM, _timed_out)
         signal.alarm(args.case_timeout)
         try:
-            run()
+            with findings.watching():
+                run()
         except Exception as exc:  # a case the sanitizer could not run is not a clean case
             failures += 1
             print(f"ERROR {op}: {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
             continue
         finally:
             signal.alarm(0)
-        new = _records_since(before)
+        new = findings.since_mark()
         failures += len(new)
         status = "ok   " if not new else f"OOB x{len(new)}"
-        print(f"{status} {op}: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
-        for record in new:
-            print("      " + describe(record))
+        print(f"{status} {op}: {name} ({findings.checked()}{time.perf_counter() - start:.1f} s)", flush=True)
+        for line in new:
+            print("      " + line)
     print(f"{len(selected)} cases, {failures} out-of-bounds accesses or errors" if failures
           else f"{len(selected)} cases, zero out-of-bounds accesses")
     return 1 if failures else 0

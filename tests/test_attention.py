@@ -127,6 +127,42 @@ def test_backward_query_chunks(chunk_rows, device, poisoned):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_chunks", [1, 3, 64, 130])
+def test_chunk_sum_kernel(n_chunks, device):
+    """The 2-D chunk-sum: every group's sum over all chunks (one tile; several 64-chunk steps with a
+    masked tail at 130), an odd element count (masked columns), cast to the output dtype; equal for
+    a second run (fixed tiles and order)."""
+    device = _device(device)
+    g = torch.Generator().manual_seed(n_chunks)
+    groups, size = 3, 37
+    parts = [torch.randn(groups, n_chunks, size, generator=g).to(device) for _ in range(2)]
+    for dtype in (torch.float32, torch.bfloat16):
+        outs = []
+        for _ in range(2):
+            o1, o2 = (torch.full((groups, size), float("nan"), device=device, dtype=dtype) for _ in range(2))
+            attn_mod._chunk_sum(parts[0], parts[1], o1, o2, n_chunks, size, groups)
+            outs.append((o1, o2))
+        for got, part in zip(outs[0], parts):
+            assert got.dtype == dtype
+            assert_close(got, part.double().sum(1), 1e-6 if dtype == torch.float32 else 4e-3,
+                         f"chunk sum ({n_chunks} chunks, {dtype})")
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_chunking_fills_the_machine():
+    """dK/dV query chunks: the model's stages at B = 32 on an H100 (132 SMs; 128-row KV tiles at
+    stages 1-2, 32 at stage 3) and an A100 (108 SMs), the partials cap C ≤ N/(2M), 128-row alignment."""
+    h100 = [attn_mod._chunking(32, n, 256, 132, None, bm)[1] for n, bm in ((16384, 128), (4096, 128), (1024, 32), (256, 32))]
+    assert h100 == [4, 4, 1, 1]  # 256, 256, 256 and 256 programs: one program per SM slot, no straggler wave
+    assert attn_mod._chunking(32, 16384, 256, 108, None, 128) == (3328, 5)
+    for batch, n, sms, bm in ((1, 40000, 132, 64), (7, 3000, 80, 32), (32, 300, 132, 128)):
+        rows, c = attn_mod._chunking(batch, n, 256, sms, None, bm)
+        assert rows % 128 == 0 and c == -(-n // rows) and c <= max(1, n // 512), (batch, n, sms, bm, rows, c)
+    assert attn_mod._chunking(2, 200, 40, None) == (128, 2)  # the interpreter: short chunks
+    assert attn_mod._chunking(2, 200, 40, None, 1000) == (256, 1)  # an override, clipped to N
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_grad_output_and_transposed_q(device, poisoned):
     """dO and q with non-unit last-dim strides (transposed storage) go through without copies."""
     device = _device(device)

@@ -131,6 +131,34 @@ def test_backward_deterministic(device, poisoned):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradients_over_many_chunks(device, poisoned):
+    """One-row weight-gradient chunks: 140 partials, summed 64 at a time by the 2-D chunk-sum (three
+    steps, the last one masked), every gradient against float64."""
+    device = _device(device)
+    n, m, c, dtype = 70, 20, 32, torch.float32
+    vals, _ = _inputs(2, n, m, c, dtype, device, seed=5)
+    ours = _leaves(vals, device, dtype)
+    ref = _leaves(vals, "cpu", torch.float64)
+    assert sub_mod._wg_chunking(2 * n, c, None, 1) == (1, 140)
+    out = _run(ours, sub_mod.attention_sublayer, wg_chunk_rows=1)
+    out_ref = _run(ref, sub_mod.attention_sublayer_eager)
+    out.backward(ours["g"])
+    out_ref.backward(ref["g"])
+    for name in ("x", "kv", "wq", "bq", "wo", "bo"):
+        assert_close(ours[name].grad, ref[name].grad, TOL[dtype], f"d{name} (140 weight-gradient chunks)")
+
+
+def test_weight_gradient_chunking():
+    """About two programs per SM over the 64-wide output tiles, chunks of ≥ 2·C rows in multiples of
+    128: at B = 32 on an H100, 256, 256, 64, 22 chunks for the four stages."""
+    got = [sub_mod._wg_chunking(32 * n, c, 132)[1] for _, n, _, c in sub_mod.STAGES]
+    assert got == [256, 256, 64, 22]
+    for rows, c, sms in ((1000, 48, 132), (8192, 192, 108), (100, 256, 132)):
+        chunk, nc = sub_mod._wg_chunking(rows, c, sms)
+        assert chunk % 128 == 0 and nc == -(-rows // chunk) and (chunk >= 2 * c or nc == 1), (rows, c, sms)
+
+
 def test_fp32_c192_composes_pieces():
     assert not sub_mod.fused_supported(torch.float32, 192)
     assert sub_mod.fused_supported(torch.bfloat16, 192) and sub_mod.fused_supported(torch.float32, 128)

@@ -28,6 +28,25 @@ def test_auto_settings_follow_the_cpu(monkeypatch, native):
         TrainConfig(amp="fp16").resolve().for_device(CPU)
 
 
+def test_auto_pipeline_takes_the_device_cache_on_a_cpu_only_where_it_fits(monkeypatch):
+    """The uint8 cache is the fastest CPU input pipeline (bench/results/cpu-train-speed-2026-11-29)
+    but holds the whole data set in RAM: auto takes it for real data up to a quarter of MemAvailable."""
+    from train import inputs
+    monkeypatch.setattr(inputs, "available_ram", lambda: 8 * 2**30)
+    mini = inputs.cache_bytes_estimate(800, 100, 256)               # celebamask-hq-mini: < 1 GiB
+    full = inputs.cache_bytes_estimate(28_000, 2_000, 512)          # CelebAMask-HQ: ~37 GiB
+    assert inputs.resolve_pipeline("auto", CPU, mini) == "device"
+    assert inputs.resolve_pipeline("auto", CPU, full) == "loader"
+    assert inputs.resolve_pipeline("auto", CPU, 2 * 2**30 + 1) == "loader"   # just over a quarter
+    assert inputs.resolve_pipeline("auto", CPU, None) == "loader"             # synthetic data
+    assert inputs.resolve_pipeline("auto", torch.device("cuda"), full) == "device"
+    assert inputs.resolve_pipeline("loader", CPU, mini) == "loader"
+    monkeypatch.setattr(inputs, "available_ram", lambda: None)             # no /proc/meminfo
+    assert inputs.resolve_pipeline("auto", CPU, mini) == "loader"
+    with pytest.raises(ValueError, match="--pipeline must be one of"):
+        inputs.resolve_pipeline("gpu", CPU, mini)
+
+
 def test_autocast_for_the_cpu():
     with evaluate.autocast_for(CPU, "bf16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -222,4 +222,4 @@ def test_aot_specs_cover_every_argument():
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         kernels_seen.add(spec.fn.__name__)
     assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
-                            "_lmsa_bwd_dx_kernel"}
+                            "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel"}

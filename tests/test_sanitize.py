@@ -1,9 +1,10 @@
-"""Memory safety under Triton-Sanitizer (`python -m kernels.sanitize`, SPEC §7).
+"""Memory safety of every kernel (`python -m kernels.sanitize`, SPEC §7).
 
-The sanitizer must run without TRITON_INTERPRET=1 and before the kernels are imported, so each
-check runs the command in a fresh process (the test process has the interpreter switched on by
-conftest). The CI subset is the ops whose cases triton-viz 3.0 can check (see the command's
-docstring and the module list below); `python -m kernels.sanitize` runs every case of every op.
+Two engines. The concrete one (`kernels.bounds`, the default) checks, under the interpreter this
+test process already runs, every address of every load and store against the elements of the
+launch's tensor arguments: it runs every case of every op here, in-process. The symbolic one is
+Triton-Sanitizer (triton-viz 3.0): it must run without TRITON_INTERPRET=1 and before the kernels are
+imported, so it runs in a fresh process, and only on the ops it can check (see the command).
 """
 from __future__ import annotations
 
@@ -12,11 +13,109 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import triton
+import triton.language as tl
 
-pytest.importorskip("triton_viz")
+from kernels import sanitize
+from kernels.bounds import AccessChecker, Extent
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the concrete checker hooks Triton's interpreter")
+
+OP_CASES = [(op, name, run) for op, runs in sanitize.cases().items() for name, run in runs]
+
+
+@pytest.mark.parametrize("op,name,run", OP_CASES, ids=[f"{op}: {name}" for op, name, _ in OP_CASES])
+def test_every_kernel_access_is_in_bounds(op, name, run):
+    """Forward and backward of every op, every dispatch branch the case list covers (odd sizes,
+    s = 1, d = 192, NCHW and channels-last, sliced views, autocast mixes)."""
+    checker = AccessChecker()
+    with checker.active():
+        run()
+    assert checker.accesses > 0, "no access was checked: the hooks are not in place"
+    assert not checker.violations, "\n".join(map(str, checker.violations))
+
+
+@pytest.mark.parametrize("index,problem", [(0, "load out of bounds"), (1, "load out of bounds"),
+                                           (2, "load spans tensors")])
+def test_planted_bad_accesses_are_reported(index, problem):
+    """The check can fail: one past the end, the gap of a sliced view (inside its storage and its
+    span), and a pointer that runs from one argument into its neighbour."""
+    name, run = sanitize.TOY["toy_oob"][index]
+    checker = AccessChecker()
+    with checker.active():
+        run()
+    assert len(checker.violations) == 1, (name, [str(v) for v in checker.violations])
+    report = str(checker.violations[0])
+    assert report.startswith(problem) and "kernels/sanitize.py" in report and "x_ptr" in report, report
+
+
+@triton.jit
+def _store_past_end(y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, offs.to(tl.float32) + 1.0, mask=offs < n)
+
+
+def test_an_out_of_bounds_store_is_reported_and_not_executed():
+    """The reported lanes are switched off: the memory past the tensor keeps its value."""
+    buffer = torch.zeros(16)
+    target = buffer[:8]
+    checker = AccessChecker()
+    with checker.active():
+        _store_past_end[(1,)](target, 9, BLOCK=16)
+    assert [v.problem for v in checker.violations] == ["out of bounds"], [str(v) for v in checker.violations]
+    assert checker.violations[0].count == 1 and checker.violations[0].kind == "store"
+    torch.testing.assert_close(target, torch.arange(1.0, 9.0))
+    assert buffer[8:].eq(0).all(), "the out-of-bounds lane was written"
+
+
+def test_the_hooks_are_removed_afterwards():
+    checker = AccessChecker()
+    with checker.active():
+        pass
+    _store_past_end[(1,)](torch.zeros(4), 4, BLOCK=4)
+    assert checker.accesses == 0
+
+
+def _addresses(tensor: torch.Tensor) -> np.ndarray:
+    """The byte address of every element of a view, from its strides."""
+    index = np.indices(tuple(tensor.shape)).reshape(tensor.dim(), -1)
+    offsets = (np.asarray(tensor.stride())[:, None] * index).sum(0)
+    return tensor.data_ptr() + offsets * tensor.element_size()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.zeros(2, 3, 4, 5),
+    lambda: torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+    lambda: torch.zeros(2, 7, 4, 5)[:, 2:5, 1:3],
+    lambda: torch.zeros(3, 10, dtype=torch.bfloat16).split(5, dim=1)[1],
+    lambda: torch.zeros(4, 6).t(),
+    lambda: torch.zeros(3, 1).expand(3, 4),
+    lambda: torch.zeros(1, 1, 1),
+], ids=["contiguous", "channels-last", "sliced", "split-half-bf16", "transposed", "expanded", "one-element"])
+def test_extent_holds_exactly_the_view_elements(make):
+    view = make()
+    extent = Extent.of("t", view)
+    inside = _addresses(view)
+    assert extent.nested and extent.holds(inside, view.element_size()).all()
+    storage = view.untyped_storage()
+    every = storage.data_ptr() + np.arange(0, storage.nbytes(), view.element_size())
+    outside = np.setdiff1d(every, inside)
+    outside = np.concatenate([outside, [inside.min() - view.element_size(), inside.max() + view.element_size()]])
+    assert not extent.holds(outside, view.element_size()).any()
+    assert not extent.holds(inside + 1, view.element_size()).any(), "a misaligned address was held"
+
+
+def test_overlapping_strides_fall_back_to_the_span():
+    view = torch.zeros(10).as_strided((3, 4), (2, 1))       # rows overlap
+    extent = Extent.of("t", view)
+    assert not extent.nested
+    assert extent.holds(_addresses(view), 4).all()
 
 
 def _sanitize(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
@@ -27,21 +126,27 @@ def _sanitize(*args: str, interpret: bool = False) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
-def test_out_of_bounds_toy_kernel_is_reported():
-    """The check can fail: a load one element past the end is found, with its source line."""
+def test_command_reports_planted_accesses_with_exit_status_1():
+    """The command line: the default (concrete) engine sets TRITON_INTERPRET itself."""
     run = _sanitize("--op", "toy_oob")
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "Load out of bounds at kernels/sanitize.py" in run.stdout, run.stdout
-    assert "tl.load(x_ptr + offs + 1" in run.stdout, run.stdout
+    assert run.stdout.count("OOB x1") == 3 and "3 cases, 3 out-of-bounds" in run.stdout, run.stdout
 
 
-def test_upsample_argmax_has_no_out_of_bounds_access():
-    """Every upsample_argmax case (up/down-sampling, fp32/bf16/fp16, NCHW, channels-last, sliced view)."""
-    run = _sanitize("--op", "upsample_argmax")
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "zero out-of-bounds accesses" in run.stdout and run.stdout.count("ok ") == 3, run.stdout
+@pytest.mark.parametrize("args", [("--op", "toy_oob"), ("--op", "upsample_argmax")], ids=["toy", "upsample_argmax"])
+def test_symbolic_engine_where_triton_viz_can_run(args):
+    pytest.importorskip("triton_viz")
+    run = _sanitize("--engine", "symbolic", *args)
+    if args[1] == "toy_oob":     # every toy case is out of bounds: triton-viz must report each one
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "Load out of bounds at kernels/sanitize.py" in run.stdout, run.stdout
+        assert "tl.load(x_ptr + offs + 1" in run.stdout, run.stdout
+    else:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "zero out-of-bounds accesses" in run.stdout and run.stdout.count("ok ") == 3, run.stdout
 
 
-def test_refuses_to_run_under_the_interpreter_variable():
-    run = _sanitize("--op", "toy_oob", interpret=True)
+def test_symbolic_engine_refuses_the_interpreter_variable():
+    pytest.importorskip("triton_viz")
+    run = _sanitize("--engine", "symbolic", "--op", "toy_oob", interpret=True)
     assert run.returncode != 0 and "unset TRITON_INTERPRET" in run.stderr, run.stdout + run.stderr

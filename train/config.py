@@ -132,7 +132,8 @@ FIELD_HELP = {
     "synthetic_val_images": "validation images drawn when there is no --data",
     "train_eval_images": "training images scored without augmentation each epoch (the train F-score)",
     "pipeline": "auto | loader | device: per-sample DataLoader on the CPU, or the data decoded once into a uint8 "
-                "cache kept on the device and augmented there; auto: device on CUDA, loader on the CPU",
+                "cache kept on the device and augmented there; auto: device on CUDA, and on the CPU for real "
+                "data whose cache fits in a quarter of the available RAM, else loader",
     "cache_dir": "where --pipeline device keeps its decoded cache; default <out>/.cache",
     "num_workers": "DataLoader worker processes; default 1 on a 2-core CPU, up to 8 with CUDA; 0: in the main process",
     "lmsa": "the decoder's multi-scale attention (LMSA) block (SPEC §2)",

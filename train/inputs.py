@@ -1,8 +1,11 @@
 """The batches a training run reads: augmented training batches, the validation split, and the
 un-augmented training images scored each epoch, from either input pipeline (`msf.pipeline`).
 
-`--pipeline auto` takes the device pipeline on CUDA (the data set decoded once into a uint8 cache,
-kept on the GPU, augmented there) and the DataLoader on the CPU; either can be forced. Both give
+`--pipeline auto` takes the device pipeline (the data set decoded once into a uint8 cache, kept in
+the device's memory, augmented there in whole batches) on CUDA, and on the CPU for real data whose
+cache takes at most a quarter of the available RAM (measured at 256², B=16 on 2 cores: 9.9 img/s
+against 8.6–9.5 with the DataLoader, bench/results/cpu-train-speed-2026-11-29.md); otherwise, and for
+the synthetic default, the DataLoader. Either can be forced. Both give
 the same batches for the same seed and epoch, so a run may switch between them on resume.
 """
 from __future__ import annotations
@@ -32,12 +35,38 @@ class RunInputs:
     steps_per_epoch: int
 
 
-def resolve_pipeline(name: str, device: torch.device) -> str:
+CPU_CACHE_SHARE = 0.25   # of the available RAM, the most a CPU run's uint8 cache may take under auto
+
+
+def resolve_pipeline(name: str, device: torch.device, cache_bytes: int | None = None) -> str:
+    """`cache_bytes`: the uint8 cache's size estimate for real data (None for synthetic data)."""
     if name not in PIPELINES:
         raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {name!r}")
-    if name == "auto":
-        return "device" if device.type == "cuda" else "loader"
-    return name
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "device"
+    ram = available_ram()
+    fits = cache_bytes is not None and ram is not None and cache_bytes <= CPU_CACHE_SHARE * ram
+    return "device" if fits else "loader"
+
+
+def available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cache_bytes_estimate(n_train: int, n_val: int, image_size: int) -> int:
+    """Image (3 bytes) + mask (1 byte) per pixel; validation images at their native size, bounded
+    here by 1024² (CelebAMask-HQ's largest)."""
+    return 4 * (n_train * image_size ** 2 + n_val * 1024 ** 2)
 
 
 def default_workers(device: torch.device) -> int:
@@ -46,7 +75,6 @@ def default_workers(device: torch.device) -> int:
 
 
 def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = DistContext()) -> RunInputs:
-    pipeline = resolve_pipeline(cfg.pipeline, device)
     train_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, augment=True, seed=cfg.seed,
                              synthetic_images=cfg.synthetic_train_images)
     val_set = open_dataset(cfg.data, cfg.val_split, None if cfg.data else cfg.image_size, seed=cfg.seed,
@@ -54,6 +82,8 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
     train_set.check_headers()  # before the first step: a bad file is named now, not partway through epoch 1
     val_set.check_headers()
     n_train, n_val = len(train_set), len(val_set)
+    pipeline = resolve_pipeline(cfg.pipeline, device,
+                                cache_bytes_estimate(n_train, n_val, cfg.image_size) if cfg.data else None)
     n_train_eval = min(cfg.train_eval_images, n_train)
     plans = {
         "train": lambda epoch: train_plan(n_train, cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world),
