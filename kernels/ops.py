@@ -9,11 +9,11 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
                                                                            + msf::attention_sublayer_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
-    msf::lmsa(x, params) -> (out, P, W̃)                                    + msf::lmsa_backward
+    msf::lmsa(x, params) -> (out, P, W̃, x bordered)                        + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
-log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums and gated weights); the backward is
+log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums, gated weights and bordered x); the backward is
 an operator of its own, wired by `register_autograd`. Each operator's body is the kernel module's
 own host code (`_forward` / `_backward`): the same launches, configurations and partial buffers as
 the `torch.autograd.Function`s, so the results match them bit for bit.
@@ -192,7 +192,10 @@ def _sublayer_fake(x, r, k, v, wq, bq, wo, bo):
 
 def _sublayer_backward_body(x: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, o: Tensor,
                             lse: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _sub._backward(x, k, v, *_cast(k, wq, bq, wo), o, lse, g, wq.dtype, None, None)
+    dx, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(x, k, v, *_cast(k, wq, bq, wo), o, lse, g, wq.dtype, None, None)
+    # each weight's gradient and its bias's are views of one buffer there; an operator's outputs
+    # may not alias each other, so the biases (C elements) are copied out
+    return dx, dk, dv, dwq, dbq.clone(), dwo, dbo.clone()
 
 
 def _sublayer_backward_fake(x, k, v, wq, bq, wo, o, lse, g):
@@ -278,24 +281,25 @@ def head_loss(logits: Tensor, targets: Tensor, eps: float = DEFAULT_DICE_EPS) ->
 # ----------------------------------------------------------------------------------------------
 # LMSA: x + Σ_k z_k ⊙ PW_k(DW_k(x)); params = dw_3, dw_5, dw_7, pw ×3, pb ×3, fc1 w, b, fc2 w, b
 # ----------------------------------------------------------------------------------------------
-def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _lm._forward(x, tuple(params), x.dtype == torch.float32)
 
 
 def _lmsa_fake(x, params):
-    b, c = x.shape[:2]
+    b, c, h, w = x.shape
     cells = x.new_empty((b, _lm._CELLS, _lm._CELLS, c), dtype=torch.float32).permute(0, 3, 1, 2)  # as _stats sums them
-    return (_lm._new_like(x), cells,
-            x.new_empty((b, len(_lm.KERNEL_SIZES), c, c)))
+    return (_lm._new_like(x), cells, x.new_empty((b, len(_lm.KERNEL_SIZES), c, c)),
+            x.new_empty((b, h + 6, w + 6, c), dtype=torch.float32))  # x with its zero border (_bordered)
 
 
-def _lmsa_backward_body(x: Tensor, g: Tensor, cells: Tensor, wg: Tensor, params: list[Tensor]) -> list[Tensor]:
+def _lmsa_backward_body(x: Tensor, xp: Tensor, g: Tensor, cells: Tensor, wg: Tensor,
+                        params: list[Tensor]) -> list[Tensor]:
     with _autograd_inside():
-        dx, pgrads = _lm._backward(x, g, cells, wg, tuple(params), x.dtype == torch.float32)
+        dx, pgrads = _lm._backward(x, xp, g, cells, wg, tuple(params), x.dtype == torch.float32)
     return [dx, *pgrads]
 
 
-def _lmsa_backward_fake(x, g, cells, wg, params):
+def _lmsa_backward_fake(x, xp, g, cells, wg, params):
     return [_lm._new_like(x), *(_contiguous_like(p) for p in params)]
 
 
@@ -307,13 +311,14 @@ lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_
 
 def _lmsa_setup(ctx, inputs, output):
     x, params = inputs
-    ctx.save_for_backward(x, output[1], output[2], *params)
+    _, cells, wg, xp = output
+    ctx.save_for_backward(x, xp, cells, wg, *params)
 
 
-def _lmsa_grad(ctx, grad, _dcells, _dwg):
-    x, cells, wg, *params = ctx.saved_tensors
+def _lmsa_grad(ctx, grad, _dcells, _dwg, _dxp):
+    x, xp, cells, wg, *params = ctx.saved_tensors
     g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
-    dx, *pgrads = torch.ops.msf.lmsa_backward(x, g, cells, wg, params)
+    dx, *pgrads = torch.ops.msf.lmsa_backward(x, xp, g, cells, wg, params)
     return dx, pgrads
 
 
