@@ -148,6 +148,11 @@ def _dx_calls(a, pid):  # tiles a dx program sweeps: each calls _dx_branch once 
     return _dx_active_cols(a, pid) * a["N_TR"]
 
 
+def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
+    first = pid[1] * a["cells_per_band"]
+    return max(0, min(first + a["cells_per_band"], a["h"]) - first)
+
+
 def _bk(a):
     return min(a["BLOCK_K"], a["C"])
 
@@ -161,6 +166,12 @@ LOOPS: list[Loop] = [
          lambda a, pid: a["B"] * _cdiv(a["n_chunks"], a["CHUNK_BLOCK"]), kernels=("_head_loss_finalize_kernel",)),
     Loop("head_loss", "_head_loss_bwd_kernel", "while it < win_h * win_w:",
          lambda a, pid: a["win_h"] * a["win_w"], kernels=("_head_loss_bwd_kernel",)),
+    # row kernels: one trip per cell row of the program's band (the band's first, peeled, cell row
+    # of the backward is outside the loop)
+    Loop("head_loss", "_head_loss_fwd_rows_kernel", "while c < c_stop:",
+         lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
+    Loop("head_loss", "_head_loss_bwd_rows_kernel", "while c < r_stop:",
+         lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("attention", "_attn_fwd_sweep", "for start in range(0, M, BLOCK_M):",
          lambda a, pid: _cdiv(a["M"], a["BLOCK_M"]), kernels=("_attn_fwd_kernel", "_sub_fwd_kernel")),
     Loop("attention", "_attn_dq_sweep", "for start in range(0, M, BLOCK_M):",
