@@ -210,42 +210,48 @@ def _head_loss_fwd_kernel(
 
 @triton.jit
 def _head_loss_finalize_kernel(
-    part_ptr, coef_ptr, loss_ptr,
-    B, K, n_chunks, inv_n_pix, inv_bk, eps,
+    part_ptr, coef_ptr, img_ptr,
+    K, n_chunks, inv_bk, eps,
     K_PAD: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
-    """One program: fixed-order reduction of the B×n_chunks×3×K_PAD partials into the loss and the
-    per-(b, c) Dice backward coefficients (α, β) of the comment above `_head_loss_bwd_kernel`."""
+    """grid (B,): fixed-order reduction of image b's n_chunks×3×K_PAD partials into its Dice
+    backward coefficients (α, β) of the comment above `_head_loss_bwd_kernel` and its two loss
+    terms (Σ CE, Σ_c d_bc), img[b] = (ce, dice, 0, …)."""
+    b = tl.program_id(0)
     offs_c = tl.arange(0, K_PAD)
     cmask = offs_c < K
     offs_k = tl.arange(0, CHUNK_BLOCK)
-    ce_tot = tl.zeros((K_PAD,), tl.float32)
-    dice_tot = tl.zeros((K_PAD,), tl.float32)
-    b = 0
-    while b < B:  # `while`: see the forward's note
-        s_py = tl.zeros((K_PAD,), tl.float32)
-        s_s = tl.zeros((K_PAD,), tl.float32)
-        s_ce = tl.zeros((K_PAD,), tl.float32)
-        k0 = 0
-        while k0 < n_chunks:
-            kk = k0 + offs_k
-            rows = part_ptr + ((b * n_chunks + kk).to(tl.int64) * (3 * K_PAD))[:, None] + offs_c[None, :]
-            m = (kk < n_chunks)[:, None]
-            s_py += tl.sum(tl.load(rows, mask=m, other=0.0), axis=0)
-            s_s += tl.sum(tl.load(rows + K_PAD, mask=m, other=0.0), axis=0)
-            s_ce += tl.sum(tl.load(rows + 2 * K_PAD, mask=m, other=0.0), axis=0)
-            k0 += CHUNK_BLOCK
-        s_eps = s_s + eps
-        dice = (2.0 * s_py + eps) / s_eps
-        dice_tot += tl.where(cmask, dice, 0.0)
-        ce_tot += s_ce
-        alpha = -2.0 * inv_bk / s_eps
-        beta = (2.0 * s_py + eps) * inv_bk / (s_eps * s_eps)
-        tl.store(coef_ptr + b * (2 * K_PAD) + offs_c, tl.where(cmask, alpha, 0.0))
-        tl.store(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c, tl.where(cmask, beta, 0.0))
-        b += 1
-    loss = tl.sum(ce_tot, axis=0) * inv_n_pix + 1.0 - tl.sum(dice_tot, axis=0) * inv_bk
-    tl.store(loss_ptr + offs_c, tl.where(offs_c == 0, loss, 0.0), mask=offs_c == 0)
+    s_py = tl.zeros((K_PAD,), tl.float32)
+    s_s = tl.zeros((K_PAD,), tl.float32)
+    s_ce = tl.zeros((K_PAD,), tl.float32)
+    k0 = 0
+    while k0 < n_chunks:  # `while`: see the forward's note
+        kk = k0 + offs_k
+        rows = part_ptr + ((b * n_chunks + kk).to(tl.int64) * (3 * K_PAD))[:, None] + offs_c[None, :]
+        m = (kk < n_chunks)[:, None]
+        s_py += tl.sum(tl.load(rows, mask=m, other=0.0), axis=0)
+        s_s += tl.sum(tl.load(rows + K_PAD, mask=m, other=0.0), axis=0)
+        s_ce += tl.sum(tl.load(rows + 2 * K_PAD, mask=m, other=0.0), axis=0)
+        k0 += CHUNK_BLOCK
+    s_eps = s_s + eps
+    dice = tl.where(cmask, (2.0 * s_py + eps) / s_eps, 0.0)
+    alpha = -2.0 * inv_bk / s_eps
+    beta = (2.0 * s_py + eps) * inv_bk / (s_eps * s_eps)
+    tl.store(coef_ptr + b * (2 * K_PAD) + offs_c, tl.where(cmask, alpha, 0.0))
+    tl.store(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c, tl.where(cmask, beta, 0.0))
+    terms = tl.where(offs_c == 0, tl.sum(s_ce, axis=0), tl.where(offs_c == 1, tl.sum(dice, axis=0), 0.0))
+    tl.store(img_ptr + b * K_PAD + offs_c, terms)
+
+
+@triton.jit
+def _head_loss_total_kernel(img_ptr, loss_ptr, B, inv_n_pix, inv_bk, K_PAD: tl.constexpr, B_PAD: tl.constexpr):
+    """One program: loss = Σ_b CE_b / N + 1 − Σ_b Σ_c d_bc / (B·K), in a fixed order."""
+    offs_b = tl.arange(0, B_PAD)
+    m = offs_b < B
+    ce = tl.sum(tl.load(img_ptr + offs_b * K_PAD, mask=m, other=0.0), axis=0)
+    dice = tl.sum(tl.load(img_ptr + offs_b * K_PAD + 1, mask=m, other=0.0), axis=0)
+    loss = ce * inv_n_pix + 1.0 - dice * inv_bk
+    tl.store(loss_ptr + offs_b, tl.where(offs_b == 0, loss, 0.0), mask=offs_b == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +476,9 @@ def _head_loss_fwd_rows_kernel(
                                      stride_th, stride_tw, K, BLOCK_X)
     while c < c_stop:
         i1 = tl.minimum(c + 1, h - 1)
-        for u in tl.static_range(S_H):
-            acc_p, acc_ce = _fwd_row(c * S_H + S_H // 2 + u, acc_p, acc_ce, tgt, top, bot, c, i1,
+        for u in tl.range(0, S_H, loop_unroll_factor=1):
+            oy = c * S_H + S_H // 2 + u
+            acc_p, acc_ce = _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, c, i1,
                                      l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
                                      stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
         top = bot
@@ -496,9 +503,9 @@ def _head_loss_fwd_rows_kernel(
 
 
 @triton.jit
-def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, beta, coef_b, g0, c_ce, l_base, t_base,
+def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, coef_b, g0, c_ce, l_base, t_base,
              ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-             K: tl.constexpr, BLOCK_X: tl.constexpr):
+             K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
     """Adds G(x) of full-res row `oy` (cell row c) to low-res rows c (acc_cur) and c + 1 (acc_nxt),
     weighted by the row's A_h (zero for a row outside the image). The target class's extra term
     goes to the lane's slot of class t in the scratch `dsc` (rows of parity 0 and 1) instead of a
@@ -509,22 +516,25 @@ def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, beta, coef_
     w_nxt = tl.where(y_ok, tl.where(y0 == c + 1, 1.0 - ly, 0.0) + tl.where(y1 == c + 1, ly, 0.0), 0.0)
     t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=valid_x & y_ok, other=-1).to(tl.int32)
     e, m2, s = _softmax_row(top, bot, ly, K)
-    pe = tl.zeros_like(s)                  # Σ_j g0·β_j·e_j
+    # β_k is read where it is used (an L1 hit, the same address in every lane), not held in K
+    # registers across the row loop: registers decide how many warps an SM holds
+    pe = tl.zeros_like(s)                  # Σ_j β_j·e_j
     for k in tl.static_range(K):
-        pe += beta[k] * e[k]
+        pe += tl.load(coef_b + K_PAD + k) * e[k]
     ok = (t >= 0) & (t < K)                # an out-of-range id matches no class: no extra terms
     tc = tl.where(ok, t, 0)
     z_t = _tap_of_class(l_base, t, i0, i1, ly, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
     e_t = tl.where(ok, tl.exp2(z_t * _LOG2E - m2), 0.0)
     a_t = tl.load(coef_b + tc) * g0        # g0·α_t
     r = 1.0 / s
-    pq = r * (a_t * e_t + pe)              # Σ_j p_j q_j
+    pq = r * (a_t * e_t + g0 * pe)         # Σ_j p_j q_j
     base = r * (c_ce - pq)
+    rg = r * g0
     delta = a_t * e_t * r - c_ce           # y_t·(g0·α_t·p_t − c), the target class's extra term
     new_cur = ()
     new_nxt = ()
     for k in tl.static_range(K):
-        gk = e[k] * (r * beta[k] + base)
+        gk = e[k] * (rg * tl.load(coef_b + K_PAD + k) + base)
         new_cur = new_cur + (acc_cur[k] + w_cur * gk,)
         new_nxt = new_nxt + (acc_nxt[k] + w_nxt * gk,)
     par = (c + 2) % 2
@@ -579,22 +589,15 @@ def _head_loss_bwd_rows_kernel(
 
     lane = tl.arange(0, BLOCK_X)
     grp = lane // S_W
-    ox, valid_x, x0, x1, lx, _, wb = _strip_columns(lane, strip, W, w, scale_w, S_W, G)
-    # the same weights laid out by cell: [G, S_W] (own lanes) and the previous cell's lanes
-    gi = tl.arange(0, G)[:, None]
+    ox, valid_x, x0, x1, lx, wa, wb = _strip_columns(lane, strip, W, w, scale_w, S_W, G)
+    gi = tl.arange(0, G)[:, None]                             # cell × lane within the cell
     ui = tl.arange(0, S_W)[None, :]
-    _, _, _, _, _, wa2, _ = _strip_columns(gi * S_W + ui, strip, W, w, scale_w, S_W, G)
-    _, _, _, _, _, _, wb2 = _strip_columns((gi - 1) * S_W + ui, strip, W, w, scale_w, S_W, G)
 
     g0 = tl.load(gout_ptr).to(tl.float32)
     c_ce = g0 * inv_n_pix
     coef_b = coef_ptr + b * (2 * K_PAD)
-    beta = ()
-    for k in tl.static_range(K):
-        beta = beta + (tl.load(coef_b + K_PAD + k) * g0,)
     pid = (b * tl.num_programs(1) + band) * n_strips + strip
-    dsc = scratch_ptr + pid.to(tl.int64) * (3 * K * BLOCK_X)
-    flush = dsc + 2 * K * BLOCK_X
+    dsc = scratch_ptr + pid.to(tl.int64) * (6 * K * BLOCK_X)
     zero = tl.zeros((BLOCK_X,), tl.float32)
     for k in tl.static_range(2 * K):
         tl.store(dsc + k * BLOCK_X + lane, zero)
@@ -612,15 +615,15 @@ def _head_loss_bwd_rows_kernel(
     if c < 0:  # band 0: the clamped rows above the first cell row, with taps of rows 0 and 1
         for u in tl.static_range(S_H // 2):
             acc_cur, acc_nxt = _bwd_row(c + 1 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, 0, tl.minimum(1, h - 1),
-                                        beta, coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
                                         scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                        K, BLOCK_X)
+                                        K, K_PAD, BLOCK_X)
     else:
         for u in tl.static_range(S_H):
             acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, c, c + 1,
-                                        beta, coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
                                         scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                        K, BLOCK_X)
+                                        K, K_PAD, BLOCK_X)
         top = bot
         bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
     acc_cur = acc_nxt
@@ -630,36 +633,40 @@ def _head_loss_bwd_rows_kernel(
     last = tl.minimum(w - strip * G, G) - 1                    # the strip's last valid cell
     while c < r_stop:
         i1 = tl.minimum(c + 1, h - 1)
-        for u in tl.static_range(S_H):
-            acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
-                                        beta, coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+        for u in tl.range(0, S_H, loop_unroll_factor=1):
+            oy = c * S_H + S_H // 2 + u
+            acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
                                         scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                        K, BLOCK_X)
+                                        K, K_PAD, BLOCK_X)
         # Low-res row c is complete at these columns (registers + the lane's slots): the
         # horizontal adjoint. Each lane leaves its total in the flush row; after a barrier each
         # cell weighs and adds its S_W own lanes (A_w toward it) and the previous cell's S_W
         # lanes (A_w toward the next column). Two barriers: the slots and the flush row are
         # written and read by different threads.
         tl.debug_barrier()
-        halo_row = (b * K * h + c) * n_strips + strip
+        halo_row = ((b * h + c) * n_strips + strip) * K
+        flush = dsc + (2 + 2 * (c % 2)) * (K * BLOCK_X)   # a moving base: per-class offsets stay immediates
         for k in tl.static_range(K):
             dslot = dsc + ((c % 2) * K + k) * BLOCK_X + lane
             v = acc_cur[k] + tl.load(dslot)
             tl.store(dslot, zero)           # reused by row c + 2
-            tl.store(flush + k * BLOCK_X + lane, v)
+            tl.store(flush + k * BLOCK_X + lane, wa * v)
+            tb = wb * v
+            tl.store(flush + (K + k) * BLOCK_X + lane, tb)
             # the last cell's next-column part belongs to the next strip's first column: to the
             # halo kernel, one value per lane
-            tl.store(halo_b_ptr + (halo_row + k * h * n_strips) * S_W + lane % S_W, wb * v, mask=grp == last)
+            tl.store(halo_b_ptr + (halo_row + k) * S_W + lane % S_W, tb, mask=grp == last)
         tl.debug_barrier()
         j = strip * G + gi
         for k in tl.static_range(K):
             own = tl.load(flush + k * BLOCK_X + gi * S_W + ui)
-            prev = tl.load(flush + k * BLOCK_X + (gi - 1) * S_W + ui, mask=gi >= 1, other=0.0)
-            col = tl.sum(wa2 * own + wb2 * prev, axis=1)[:, None]
+            prev = tl.load(flush + (K + k) * BLOCK_X + (gi - 1) * S_W + ui, mask=gi >= 1, other=0.0)
+            col = tl.sum(own + prev, axis=1)[:, None]
             tl.store(g_base + k * stride_gc + c * stride_gh + j * stride_gw,
                      _to_dtype(col, grad_ptr.dtype.element_ty), mask=(gi >= 1) & (j < w))
             # the strip's first column still lacks the previous strip's part: to the halo
-            tl.store(halo_a_ptr + halo_row + k * h * n_strips + gi * 0, col, mask=gi == 0)
+            tl.store(halo_a_ptr + halo_row + k + gi * 0, col, mask=gi == 0)
         top = bot
         bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
         acc_cur = acc_nxt
@@ -676,15 +683,15 @@ def _head_loss_bwd_halo_kernel(
 ):
     """The first low-res column of every strip: its own part plus the previous strip's last-cell
     part (cyclically: strip 0 takes the last strip's, which carries the left border's columns)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)     # over B × h × n_strips × K
     mask = offs < total
-    strip = offs % n_strips
-    row = offs // n_strips            # (b·K + k)·h + i
+    k = offs % K
+    rest = offs // K
+    strip = rest % n_strips
+    row = rest // n_strips            # b·h + i
     i = row % h
-    bk = row // h
-    k = bk % K
-    b = bk // K
-    prev = row * n_strips + (strip + n_strips - 1) % n_strips
+    b = row // h
+    prev = (row * n_strips + (strip + n_strips - 1) % n_strips) * K + k
     v = tl.load(halo_a_ptr + offs, mask=mask, other=0.0)
     for u in tl.static_range(S_W):
         v += tl.load(halo_b_ptr + prev * S_W + u, mask=mask, other=0.0)
@@ -864,9 +871,14 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[t
         )
     coef = _empty((B, 2, K_PAD), torch.float32, dev)
     loss = _empty((1,), torch.float32, dev)
-    _head_loss_finalize_kernel[(1,)](
-        part, coef, loss, B, K, n_chunks, 1.0 / (B * H * W), 1.0 / (B * K), float(eps),
+    img = _empty((B, K_PAD), torch.float32, dev)
+    _head_loss_finalize_kernel[(B,)](
+        part, coef, img, K, n_chunks, 1.0 / (B * K), float(eps),
         K_PAD=K_PAD, CHUNK_BLOCK=_FINALIZE_CHUNK_BLOCK, num_warps=4,
+    )
+    _head_loss_total_kernel[(1,)](
+        img, loss, B, 1.0 / (B * H * W), 1.0 / (B * K), K_PAD=K_PAD, B_PAD=max(16, triton.next_power_of_2(B)),
+        num_warps=1,
     )
     return loss.view(()), coef
 
@@ -885,9 +897,9 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
         n_strips = triton.cdiv(w, cells)
         rows, n_bands = _bands(B, n_strips, h, target)
         f32 = torch.float32
-        scratch = torch.empty(B * n_bands * n_strips * 3 * K * block_x, dtype=f32, device=logits.device)
-        halo_a = _empty((B, K, h, n_strips), f32, logits.device)
-        halo_b = _empty((B, K, h, n_strips, s_w), f32, logits.device)
+        scratch = torch.empty(B * n_bands * n_strips * 6 * K * block_x, dtype=f32, device=logits.device)
+        halo_a = _empty((B, h, n_strips, K), f32, logits.device)
+        halo_b = _empty((B, h, n_strips, K, s_w), f32, logits.device)
         _head_loss_bwd_rows_kernel[(n_strips, n_bands, B)](
             logits, targets, coef, gout, grad, scratch, halo_a, halo_b,
             h, w, H, W, h / H, w / W, rows, 1.0 / (B * H * W),
@@ -1003,10 +1015,45 @@ def _aot_specs() -> list[AotSpec]:
             specs.append(specialize(spec, layout, ones))
     specs.append(AotSpec(
         name="head_loss_finalize[K_PAD=32]", fn=_head_loss_finalize_kernel,
-        signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32",
-                   "B": "i32", "K": "i32", "n_chunks": "i32",
-                   "inv_n_pix": "fp32", "inv_bk": "fp32", "eps": "fp32"},
+        signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "img_ptr": "*fp32", "K": "i32", "n_chunks": "i32",
+                   "inv_bk": "fp32", "eps": "fp32"},
         constexprs={"K_PAD": 32, "CHUNK_BLOCK": _FINALIZE_CHUNK_BLOCK}, num_warps=4, num_stages=1))
+    specs.append(AotSpec(
+        name="head_loss_total[K_PAD=32,B_PAD=32]", fn=_head_loss_total_kernel,
+        signature={"img_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "inv_n_pix": "fp32", "inv_bk": "fp32"},
+        constexprs={"K_PAD": 32, "B_PAD": 32}, num_warps=1, num_stages=1))
+    # Row kernels at the model's K = 19, s = 4, for each logits dtype, channels-last (the model's
+    # layout: unit class and target-column strides become constants) and NCHW.
+    i32 = "i32"
+    fwd_sig = {"logits_ptr": None, "targets_ptr": "*u8", "part_ptr": "*fp32", "scratch_ptr": "*fp32",
+               **{k: i32 for k in ("h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
+               "cells_per_band": i32, "n_chunks": i32,
+               **{k: i32 for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw", "stride_tb", "stride_th",
+                                   "stride_tw")}}
+    bwd_sig = {"logits_ptr": None, "targets_ptr": "*u8", "coef_ptr": "*fp32", "gout_ptr": "*fp32",
+               "grad_ptr": None, "scratch_ptr": "*fp32", "halo_a_ptr": "*fp32", "halo_b_ptr": "*fp32",
+               **{k: i32 for k in ("h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
+               "cells_per_band": i32, "inv_n_pix": "fp32",
+               **{k: i32 for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw", "stride_tb", "stride_th",
+                                   "stride_tw", "stride_gb", "stride_gc", "stride_gh", "stride_gw")}}
+    rows = dict(K=19, K_PAD=32, S_H=4, BLOCK_X=128)
+    for ldt in ("bf16", "fp32", "fp16"):
+        for layout, ones in (("nhwc", ("stride_lc", "stride_tw", "stride_gc")),
+                             ("nchw", ("stride_lw", "stride_tw", "stride_gw"))):
+            specs.append(specialize(AotSpec(
+                name=f"head_loss_fwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_fwd_rows_kernel,
+                signature={**fwd_sig, "logits_ptr": f"*{ldt}"}, constexprs=rows, num_warps=4, num_stages=1),
+                layout, ones))
+            specs.append(specialize(AotSpec(
+                name=f"head_loss_bwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_bwd_rows_kernel,
+                signature={**bwd_sig, "logits_ptr": f"*{ldt}", "grad_ptr": f"*{ldt}"},
+                constexprs={**rows, "S_W": 4}, num_warps=4, num_stages=1), layout, ones))
+        specs.append(AotSpec(
+            name=f"head_loss_bwd_halo[{ldt},K=19,s=4]", fn=_head_loss_bwd_halo_kernel,
+            signature={"halo_a_ptr": "*fp32", "halo_b_ptr": "*fp32", "grad_ptr": f"*{ldt}",
+                       **{k: i32 for k in ("total", "h", "n_strips", "cells_per_strip", "stride_gb", "stride_gc",
+                                           "stride_gh", "stride_gw")}},
+            constexprs={"K": 19, "S_W": 4, "BLOCK": _HALO_BLOCK}, num_warps=4, num_stages=1))
     return specs
 
 
