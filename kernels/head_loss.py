@@ -11,8 +11,8 @@ without ever holding the full-resolution logits or probabilities in memory.
 Shapes and dtypes
 -----------------
 - `logits`  L: B×K×h×w, float32 / bfloat16 / float16, any strides (NCHW, channels-last, sliced views):
-  the kernels take the four strides, nothing is copied. K ≤ 128 (padded to a power of two on chip;
-  K = 19 in the model, padded to 32).
+  the kernels take the four strides, nothing is copied. K ≤ 128 (K ≤ 24 in the row kernels, as K
+  per-thread vectors; the generic kernels pad to a power of two).
 - `targets` T: B×H×W, uint8 / int16 / int32 / int64, any strides, with H = s_h·h and W = s_w·w for
   integer scales s_h, s_w ≥ 1 (4 in the model; 1 works).
 - result: a 0-dim float32 tensor (the loss); the gradient comes back as B×K×h×w in the logits' dtype
@@ -29,21 +29,47 @@ Math (per image b, full-resolution pixel x, class c; N = B·H·W)
 
 Kernels
 -------
-1. `_head_loss_fwd_kernel`, grid (n_chunks, B): each program sweeps a fixed chunk of one image's
-   full-resolution pixels in BLOCK_P×K_PAD tiles, gathers the four neighbouring low-res logits of
-   every pixel (consecutive pixels on consecutive threads, a few classes per thread), interpolates
-   and takes the softmax in fp32, and accumulates fp32 partial sums of Σp·y and Σp + Σy per class
-   and of the CE terms. It writes them to a small B×n_chunks×3×K_PAD buffer: no atomics and a
-   fixed summation order, so the result is bitwise reproducible run to run.
-2. `_head_loss_finalize_kernel`, one program: reduces the partials in a fixed order, writes the loss
-   and the per-(b, c) backward coefficients α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²).
-3. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
-   gathers the window of full-res pixels that can touch each of them (2s_h × 2s_w; 1 when s = 1),
-   recomputes p there (the per-pixel logsumexp is not stored) and accumulates the interpolation-
-   weighted full-res gradient: the adjoint of the upsample, written once per low-res element, no
-   atomics.
-   Every full-res pixel is recomputed by the (up to) four low-res pixels it touches: 4× the
-   forward's arithmetic, in exchange for zero full-res memory traffic and determinism.
+Row kernels (the fast path: K ≤ FAST_MAX_K = 24 and power-of-two integer scales s_h, s_w; the
+model's K = 19, s = 4). One full-resolution column per lane; the K classes of its pixel are K
+separate 1-D tensors (K a compile-time constant), so the softmax over classes is per-thread
+arithmetic: no padding to a power of two, no cross-lane shuffle or barrier in the row loop. A
+program walks down its band cell row by cell row (cell row c: the s_h full-res rows whose upper tap
+is low-res row c, plus the s_h/2 clamped rows above row 0 for c = 0), holding the two horizontally
+interpolated low-res rows it needs; moving down one cell row loads one new low-res row.
+1. `_head_loss_fwd_rows_kernel`, grid (W/BLOCK_X strips, bands, B): per row the K upsampled
+   logits, their max, exp2 and sum, Σp per class in registers; z_t is gathered from the four taps
+   of class t, and p_t and the target count go to the lane's own scratch slot of class t (one
+   read-modify-write per pixel instead of a compare-and-select per class). Writes the same
+   B×n_chunks×3×K_PAD partials as the generic kernel.
+2. `_head_loss_finalize_kernel`, grid (B,): image b's partials in a fixed order → its coefficients
+   α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²) and its CE and Dice sums;
+   `_head_loss_total_kernel`, one program: the loss from the B pairs.
+3. `_head_loss_bwd_rows_kernel`, grid (w/G strips, bands, B), G = BLOCK_X/s_w low-res cells per
+   strip: each full-res pixel's gradient G(x) (the math above the generic backward) is computed
+   once. Its vertical adjoint accumulates in registers into the two low-res rows it touches
+   (carried from one cell row to the next); the target class's extra term goes through the lane's
+   scratch slot; when a low-res row is complete, the horizontal adjoint: each lane leaves A_w·G
+   toward its cell's column and toward the next in a per-program scratch row, and after a barrier
+   each cell sums its s_w lanes and the previous cell's (a fixed order). A band starts one cell
+   row above its first low-res row (recomputed: 1/band of the rows). The first column of a strip
+   also needs the previous strip's last cell (the last strip's carries the left border's clamped
+   columns, cyclically): `_head_loss_bwd_halo_kernel` adds the two parts, kept in small fp32
+   halo buffers. No atomics, no full-resolution tensor.
+Generic kernels (any other K ≤ 128 or scale; kept unchanged):
+4. `_head_loss_fwd_kernel`, grid (n_chunks, B): BLOCK_P×K_PAD tiles of full-res pixels, the four
+   low-res taps gathered per pixel, a few classes per thread.
+5. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
+   recomputes the 2s_h × 2s_w window of full-res pixels that touch them (4× the forward's work).
+
+Instruction figures (python -m kernels.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
+channels-last logits; 2026-11-29): forward row kernel 128 registers, 252 warp-instructions per
+full-res row per warp (32 pixels) + 189 per cell row, i.e. ≈ 9.4 per pixel: predicted 92 µs on an
+H100 (issue-bound; 144 µs A100). Backward row kernel 168 registers (3 CTAs/SM, so 75 % issue
+efficiency in the model), 360 per row + 816 per cell row (the flush) ≈ 17.6 per pixel: 227 µs
+(A100: 252 registers, 498 µs); halo 1.5 µs; finalize + total ≈ 1 µs. Before (generic kernels):
+≈ 160 (forward) and ≈ 4× that (backward) per pixel, 1460 + 4733 µs.
+Scratch on chip and in L2 (not DRAM floors): the forward's target-class slots 2·K·BLOCK_X fp32 per
+program (10 MB at the shapes above), the backward's 6·K·BLOCK_X (30 MB) and its halos (2.5 MB).
 
 Out-of-range target ids (outside 0..K−1): not allowed. Check them where data enters with
 `msf.losses.check_targets(targets, K)` (it syncs; these kernels never do). The kernels stay memory
@@ -69,8 +95,9 @@ op by op by `bench/bytes_head_loss.py`, whose docstring says exactly what is cou
   even with a perfectly fused loss the paper's order moves 12.9 GB (4.3 ms) for U, Z, dZ, dU.
 - the whole fused path including the (eager) low-res 1×1 conv: 0.54 GB, 0.18 ms: 61× fewer bytes
   than eager paper order, 24× fewer than the paper order's floor.
-On chip the gathers re-read each low-res logit ~s² times (forward) and ~4s² times (backward);
-those are L1/L2 hits, not DRAM traffic, and are not counted.
+On chip the row kernels read each low-res logit once per band from each of the s_w lanes that
+share it, plus the four-tap gather of z_t per pixel; the generic kernels re-read it ~s² times
+(forward) and ~4s² times (backward). Those are L1/L2 hits, not DRAM traffic, and are not counted.
 """
 from __future__ import annotations
 
@@ -411,6 +438,17 @@ def _softmax_row(top, bot, ly, K: tl.constexpr):
 
 
 @triton.jit
+def _zero_slots(ptr, lane, N: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Zeroes N rows of per-lane scratch slots; returns a zero lane vector. The barrier: the slots
+    are then read and written by whichever thread holds the lane in the next access's layout."""
+    zero = tl.zeros((BLOCK_X,), tl.float32)
+    for k in tl.static_range(N):
+        tl.store(ptr + k * BLOCK_X + lane, zero)
+    tl.debug_barrier()
+    return zero
+
+
+@triton.jit
 def _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, i0, i1, l_base, t_base, ox, xmask, x0, x1, lx,
              H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
              K: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -457,10 +495,7 @@ def _head_loss_fwd_rows_kernel(
     x0, x1, lx = _source_index(ox, scale_w, w)
     chunk = band * tl.num_programs(0) + strip
     tgt = scratch_ptr + (b * n_chunks + chunk).to(tl.int64) * (2 * K * BLOCK_X)
-    zero = tl.zeros((BLOCK_X,), tl.float32)
-    for k in tl.static_range(2 * K):
-        tl.store(tgt + k * BLOCK_X + lane, zero)
-    tl.debug_barrier()  # the slots are then read and written by whichever thread holds the lane
+    zero = _zero_slots(tgt, lane, 2 * K, BLOCK_X)
 
     c = band * cells_per_band
     c_stop = tl.minimum(c + cells_per_band, h)
@@ -598,10 +633,7 @@ def _head_loss_bwd_rows_kernel(
     coef_b = coef_ptr + b * (2 * K_PAD)
     pid = (b * tl.num_programs(1) + band) * n_strips + strip
     dsc = scratch_ptr + pid.to(tl.int64) * (6 * K * BLOCK_X)
-    zero = tl.zeros((BLOCK_X,), tl.float32)
-    for k in tl.static_range(2 * K):
-        tl.store(dsc + k * BLOCK_X + lane, zero)
-    tl.debug_barrier()  # the slots are then read and written by whichever thread holds the lane
+    zero = _zero_slots(dsc, lane, 2 * K, BLOCK_X)
 
     r_first = band * cells_per_band
     r_stop = tl.minimum(r_first + cells_per_band, h)
