@@ -849,12 +849,15 @@ FAST_MAX_K = 24
 _ROWS_TARGET_PROGRAMS = 512
 
 
-def _rows_block() -> tuple[int, int, int]:
-    """(BLOCK_X lanes, num_warps, target programs) of the row kernels. Under the interpreter a
-    narrow strip and short bands, so that small test images still cover several bands."""
+def _rows_block(low_res_pixels: int) -> tuple[int, int, int]:
+    """(BLOCK_X lanes, num_warps, target programs) of the row kernels for B·h·w low-res pixels.
+    Under the interpreter a narrow strip and short bands, so that small test images still cover
+    several bands. On a GPU up to _ROWS_TARGET_PROGRAMS, about one per 1024 low-res pixels: the
+    per-program scratch (tens of KB) then stays a small fraction of the full-res logits a small
+    input would need (tests/test_head_loss.py checks the peak memory)."""
     if configs.device_kind() == "interpreter":
         return 32, 1, 16
-    return 128, 4, _ROWS_TARGET_PROGRAMS
+    return 128, 4, max(1, min(_ROWS_TARGET_PROGRAMS, low_res_pixels // 1024))
 
 
 def _bands(B: int, n_strips: int, n_rows: int, target: int) -> tuple[int, int]:
@@ -880,7 +883,7 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[t
     H, W = targets.shape[1:]
     K_PAD = _k_pad(K)
     dev = logits.device
-    block_x, warps, target = _rows_block()
+    block_x, warps, target = _rows_block(B * h * w)
     if _rows_path(K, H // h, W // w, block_x):
         n_strips = triton.cdiv(W, block_x)
         cells, n_bands = _bands(B, n_strips, h, target)
@@ -923,7 +926,7 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
     K_PAD = _k_pad(K)
     grad = _empty(None, None, None, like=logits)  # empty_like keeps channels-last; strides passed anyway
     gout = grad_out.detach().to(device=logits.device, dtype=torch.float32).reshape(1)
-    block_x, warps, target = _rows_block()
+    block_x, warps, target = _rows_block(B * h * w)
     if _rows_path(K, s_h, s_w, block_x):
         cells = block_x // s_w
         n_strips = triton.cdiv(w, cells)

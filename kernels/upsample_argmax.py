@@ -164,7 +164,7 @@ def upsample_argmax(logits: torch.Tensor, size) -> torch.Tensor:
         raise ValueError("inputs/outputs with 2**31 or more elements are not supported")
     _check_device(logits, "logits")
     out = _hl._empty((B, H, W), torch.int64, logits.device)  # poisoned under head_loss.POISON_OUTPUTS
-    block_x, warps, target = _rows_block()
+    block_x, warps, target = _rows_block(B * h * w)
     if H % h == 0 and W % w == 0 and _rows_path(K, H // h, W // w, block_x):
         n_strips = triton.cdiv(W, block_x)
         cells, n_bands = _bands(B, n_strips, h, target)
