@@ -140,6 +140,11 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
+def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
+    first = pid[1] * a["cells_per_band"]
+    return max(0, min(first + a["cells_per_band"], a["h"]) - first)
+
+
 def _bk(a):
     return min(a["BLOCK_K"], a["C"])
 
@@ -147,12 +152,22 @@ def _bk(a):
 LOOPS: list[Loop] = [
     Loop("head_loss", "_head_loss_fwd_kernel", "while done < pix_per_chunk:",
          lambda a, pid: _cdiv(a["pix_per_chunk"], a["BLOCK_P"]), kernels=("_head_loss_fwd_kernel",)),
-    Loop("head_loss", "_head_loss_finalize_kernel", "while b < B:", lambda a, pid: a["B"],
-         kernels=("_head_loss_finalize_kernel",)),
     Loop("head_loss", "_head_loss_finalize_kernel", "while k0 < n_chunks:",
-         lambda a, pid: a["B"] * _cdiv(a["n_chunks"], a["CHUNK_BLOCK"]), kernels=("_head_loss_finalize_kernel",)),
+         lambda a, pid: _cdiv(a["n_chunks"], a["CHUNK_BLOCK"]), kernels=("_head_loss_finalize_kernel",)),
     Loop("head_loss", "_head_loss_bwd_kernel", "while it < win_h * win_w:",
          lambda a, pid: a["win_h"] * a["win_w"], kernels=("_head_loss_bwd_kernel",)),
+    # row kernels: one trip per cell row of the program's band (the band's first, peeled, cell row
+    # of the backward is outside the loop)
+    Loop("head_loss", "_head_loss_fwd_rows_kernel", "while c < c_stop:",
+         lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
+    Loop("head_loss", "_head_loss_bwd_rows_kernel", "while c < r_stop:",
+         lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
+    Loop("head_loss", "_head_loss_fwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
+         lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
+    Loop("head_loss", "_head_loss_bwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
+         lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
+    Loop("upsample_argmax", "_upsample_argmax_rows_kernel", "while c < c_stop:",
+         lambda a, pid: _band_cells(a, pid), count="top = bot", kernels=("_upsample_argmax_rows_kernel",)),
     Loop("attention", "_attn_fwd_sweep", "for start in range(0, M, BLOCK_M):",
          lambda a, pid: _cdiv(a["M"], a["BLOCK_M"]), kernels=("_attn_fwd_kernel", "_sub_fwd_kernel")),
     Loop("attention", "_attn_dq_sweep", "for start in range(0, M, BLOCK_M):",
@@ -269,6 +284,11 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
     from kernels import attention, configs, head_loss, lmsa, upsample_argmax
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({head_loss._head_loss_finalize_kernel: "head_loss.finalize",
+                  head_loss._head_loss_total_kernel: "head_loss.total",
+                  head_loss._head_loss_fwd_rows_kernel: "head_loss.fwd_rows",
+                  head_loss._head_loss_bwd_rows_kernel: "head_loss.bwd_rows",
+                  head_loss._head_loss_bwd_halo_kernel: "head_loss.bwd_halo",
+                  upsample_argmax._upsample_argmax_rows_kernel: "upsample_argmax.rows",
                   attention._attn_bwd_reduce_kernel: "attention.reduce"})
 
     def record(self, *args, grid, warmup, **kwargs):

@@ -11,8 +11,8 @@ without ever holding the full-resolution logits or probabilities in memory.
 Shapes and dtypes
 -----------------
 - `logits`  L: B×K×h×w, float32 / bfloat16 / float16, any strides (NCHW, channels-last, sliced views):
-  the kernels take the four strides, nothing is copied. K ≤ 128 (padded to a power of two on chip;
-  K = 19 in the model, padded to 32).
+  the kernels take the four strides, nothing is copied. K ≤ 128 (K ≤ 24 in the row kernels, as K
+  per-thread vectors; the generic kernels pad to a power of two).
 - `targets` T: B×H×W, uint8 / int16 / int32 / int64, any strides, with H = s_h·h and W = s_w·w for
   integer scales s_h, s_w ≥ 1 (4 in the model; 1 works).
 - result: a 0-dim float32 tensor (the loss); the gradient comes back as B×K×h×w in the logits' dtype
@@ -29,21 +29,47 @@ Math (per image b, full-resolution pixel x, class c; N = B·H·W)
 
 Kernels
 -------
-1. `_head_loss_fwd_kernel`, grid (n_chunks, B): each program sweeps a fixed chunk of one image's
-   full-resolution pixels in BLOCK_P×K_PAD tiles, gathers the four neighbouring low-res logits of
-   every pixel (consecutive pixels on consecutive threads, a few classes per thread), interpolates
-   and takes the softmax in fp32, and accumulates fp32 partial sums of Σp·y and Σp + Σy per class
-   and of the CE terms. It writes them to a small B×n_chunks×3×K_PAD buffer: no atomics and a
-   fixed summation order, so the result is bitwise reproducible run to run.
-2. `_head_loss_finalize_kernel`, one program: reduces the partials in a fixed order, writes the loss
-   and the per-(b, c) backward coefficients α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²).
-3. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
-   gathers the window of full-res pixels that can touch each of them (2s_h × 2s_w; 1 when s = 1),
-   recomputes p there (the per-pixel logsumexp is not stored) and accumulates the interpolation-
-   weighted full-res gradient: the adjoint of the upsample, written once per low-res element, no
-   atomics.
-   Every full-res pixel is recomputed by the (up to) four low-res pixels it touches: 4× the
-   forward's arithmetic, in exchange for zero full-res memory traffic and determinism.
+Row kernels (the fast path: K ≤ FAST_MAX_K = 24 and power-of-two integer scales s_h, s_w; the
+model's K = 19, s = 4). One full-resolution column per lane; the K classes of its pixel are K
+separate 1-D tensors (K a compile-time constant), so the softmax over classes is per-thread
+arithmetic: no padding to a power of two, no cross-lane shuffle or barrier in the row loop. A
+program walks down its band cell row by cell row (cell row c: the s_h full-res rows whose upper tap
+is low-res row c, plus the s_h/2 clamped rows above row 0 for c = 0), holding the two horizontally
+interpolated low-res rows it needs; moving down one cell row loads one new low-res row.
+1. `_head_loss_fwd_rows_kernel`, grid (W/BLOCK_X strips, bands, B): per row the K upsampled
+   logits, their max, exp2 and sum, Σp per class in registers; z_t is gathered from the four taps
+   of class t, and p_t and the target count go to the lane's own scratch slot of class t (one
+   read-modify-write per pixel instead of a compare-and-select per class). Writes the same
+   B×n_chunks×3×K_PAD partials as the generic kernel.
+2. `_head_loss_finalize_kernel`, grid (B,): image b's partials in a fixed order → its coefficients
+   α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²) and its CE and Dice sums;
+   `_head_loss_total_kernel`, one program: the loss from the B pairs.
+3. `_head_loss_bwd_rows_kernel`, grid (w/G strips, bands, B), G = BLOCK_X/s_w low-res cells per
+   strip: each full-res pixel's gradient G(x) (the math above the generic backward) is computed
+   once. Its vertical adjoint accumulates in registers into the two low-res rows it touches
+   (carried from one cell row to the next); the target class's extra term goes through the lane's
+   scratch slot; when a low-res row is complete, the horizontal adjoint: each lane leaves A_w·G
+   toward its cell's column and toward the next in a per-program scratch row, and after a barrier
+   each cell sums its s_w lanes and the previous cell's (a fixed order). A band starts one cell
+   row above its first low-res row (recomputed: 1/band of the rows). The first column of a strip
+   also needs the previous strip's last cell (the last strip's carries the left border's clamped
+   columns, cyclically): `_head_loss_bwd_halo_kernel` adds the two parts, kept in small fp32
+   halo buffers. No atomics, no full-resolution tensor.
+Generic kernels (any other K ≤ 128 or scale; kept unchanged):
+4. `_head_loss_fwd_kernel`, grid (n_chunks, B): BLOCK_P×K_PAD tiles of full-res pixels, the four
+   low-res taps gathered per pixel, a few classes per thread.
+5. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
+   recomputes the 2s_h × 2s_w window of full-res pixels that touch them (4× the forward's work).
+
+Instruction figures (python -m kernels.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
+channels-last logits; 2026-11-29): forward row kernel 128 registers, 252 warp-instructions per
+full-res row per warp (32 pixels) + 189 per cell row, i.e. ≈ 9.4 per pixel: predicted 92 µs on an
+H100 (issue-bound; 144 µs A100). Backward row kernel 168 registers (3 CTAs/SM, so 75 % issue
+efficiency in the model), 360 per row + 816 per cell row (the flush) ≈ 17.6 per pixel: 227 µs
+(A100: 252 registers, 498 µs); halo 1.5 µs; finalize + total ≈ 1 µs. Before (generic kernels):
+≈ 160 (forward) and ≈ 4× that (backward) per pixel, 1460 + 4733 µs.
+Scratch on chip and in L2 (not DRAM floors): the forward's target-class slots 2·K·BLOCK_X fp32 per
+program (10 MB at the shapes above), the backward's 6·K·BLOCK_X (30 MB) and its halos (2.5 MB).
 
 Out-of-range target ids (outside 0..K−1): not allowed. Check them where data enters with
 `msf.losses.check_targets(targets, K)` (it syncs; these kernels never do). The kernels stay memory
@@ -69,8 +95,9 @@ op by op by `bench/bytes_head_loss.py`, whose docstring says exactly what is cou
   even with a perfectly fused loss the paper's order moves 12.9 GB (4.3 ms) for U, Z, dZ, dU.
 - the whole fused path including the (eager) low-res 1×1 conv: 0.54 GB, 0.18 ms: 61× fewer bytes
   than eager paper order, 24× fewer than the paper order's floor.
-On chip the gathers re-read each low-res logit ~s² times (forward) and ~4s² times (backward);
-those are L1/L2 hits, not DRAM traffic, and are not counted.
+On chip the row kernels read each low-res logit once per band from each of the s_w lanes that
+share it, plus the four-tap gather of z_t per pixel; the generic kernels re-read it ~s² times
+(forward) and ~4s² times (backward). Those are L1/L2 hits, not DRAM traffic, and are not counted.
 """
 from __future__ import annotations
 
@@ -79,6 +106,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import INTERPRET, AotSpec
+from kernels import configs
 from kernels.configs import PinnedKernel
 from msf.losses import DEFAULT_DICE_EPS
 
@@ -209,42 +237,48 @@ def _head_loss_fwd_kernel(
 
 @triton.jit
 def _head_loss_finalize_kernel(
-    part_ptr, coef_ptr, loss_ptr,
-    B, K, n_chunks, inv_n_pix, inv_bk, eps,
+    part_ptr, coef_ptr, img_ptr,
+    K, n_chunks, inv_bk, eps,
     K_PAD: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
-    """One program: fixed-order reduction of the B×n_chunks×3×K_PAD partials into the loss and the
-    per-(b, c) Dice backward coefficients (α, β) of the comment above `_head_loss_bwd_kernel`."""
+    """grid (B,): fixed-order reduction of image b's n_chunks×3×K_PAD partials into its Dice
+    backward coefficients (α, β) of the comment above `_head_loss_bwd_kernel` and its two loss
+    terms (Σ CE, Σ_c d_bc), img[b] = (ce, dice, 0, …)."""
+    b = tl.program_id(0)
     offs_c = tl.arange(0, K_PAD)
     cmask = offs_c < K
     offs_k = tl.arange(0, CHUNK_BLOCK)
-    ce_tot = tl.zeros((K_PAD,), tl.float32)
-    dice_tot = tl.zeros((K_PAD,), tl.float32)
-    b = 0
-    while b < B:  # `while`: see the forward's note
-        s_py = tl.zeros((K_PAD,), tl.float32)
-        s_s = tl.zeros((K_PAD,), tl.float32)
-        s_ce = tl.zeros((K_PAD,), tl.float32)
-        k0 = 0
-        while k0 < n_chunks:
-            kk = k0 + offs_k
-            rows = part_ptr + ((b * n_chunks + kk).to(tl.int64) * (3 * K_PAD))[:, None] + offs_c[None, :]
-            m = (kk < n_chunks)[:, None]
-            s_py += tl.sum(tl.load(rows, mask=m, other=0.0), axis=0)
-            s_s += tl.sum(tl.load(rows + K_PAD, mask=m, other=0.0), axis=0)
-            s_ce += tl.sum(tl.load(rows + 2 * K_PAD, mask=m, other=0.0), axis=0)
-            k0 += CHUNK_BLOCK
-        s_eps = s_s + eps
-        dice = (2.0 * s_py + eps) / s_eps
-        dice_tot += tl.where(cmask, dice, 0.0)
-        ce_tot += s_ce
-        alpha = -2.0 * inv_bk / s_eps
-        beta = (2.0 * s_py + eps) * inv_bk / (s_eps * s_eps)
-        tl.store(coef_ptr + b * (2 * K_PAD) + offs_c, tl.where(cmask, alpha, 0.0))
-        tl.store(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c, tl.where(cmask, beta, 0.0))
-        b += 1
-    loss = tl.sum(ce_tot, axis=0) * inv_n_pix + 1.0 - tl.sum(dice_tot, axis=0) * inv_bk
-    tl.store(loss_ptr + offs_c, tl.where(offs_c == 0, loss, 0.0), mask=offs_c == 0)
+    s_py = tl.zeros((K_PAD,), tl.float32)
+    s_s = tl.zeros((K_PAD,), tl.float32)
+    s_ce = tl.zeros((K_PAD,), tl.float32)
+    k0 = 0
+    while k0 < n_chunks:  # `while`: see the forward's note
+        kk = k0 + offs_k
+        rows = part_ptr + ((b * n_chunks + kk).to(tl.int64) * (3 * K_PAD))[:, None] + offs_c[None, :]
+        m = (kk < n_chunks)[:, None]
+        s_py += tl.sum(tl.load(rows, mask=m, other=0.0), axis=0)
+        s_s += tl.sum(tl.load(rows + K_PAD, mask=m, other=0.0), axis=0)
+        s_ce += tl.sum(tl.load(rows + 2 * K_PAD, mask=m, other=0.0), axis=0)
+        k0 += CHUNK_BLOCK
+    s_eps = s_s + eps
+    dice = tl.where(cmask, (2.0 * s_py + eps) / s_eps, 0.0)
+    alpha = -2.0 * inv_bk / s_eps
+    beta = (2.0 * s_py + eps) * inv_bk / (s_eps * s_eps)
+    tl.store(coef_ptr + b * (2 * K_PAD) + offs_c, tl.where(cmask, alpha, 0.0))
+    tl.store(coef_ptr + b * (2 * K_PAD) + K_PAD + offs_c, tl.where(cmask, beta, 0.0))
+    terms = tl.where(offs_c == 0, tl.sum(s_ce, axis=0), tl.where(offs_c == 1, tl.sum(dice, axis=0), 0.0))
+    tl.store(img_ptr + b * K_PAD + offs_c, terms)
+
+
+@triton.jit
+def _head_loss_total_kernel(img_ptr, loss_ptr, B, inv_n_pix, inv_bk, K_PAD: tl.constexpr, B_PAD: tl.constexpr):
+    """One program: loss = Σ_b CE_b / N + 1 − Σ_b Σ_c d_bc / (B·K), in a fixed order."""
+    offs_b = tl.arange(0, B_PAD)
+    m = offs_b < B
+    ce = tl.sum(tl.load(img_ptr + offs_b * K_PAD, mask=m, other=0.0), axis=0)
+    dice = tl.sum(tl.load(img_ptr + offs_b * K_PAD + 1, mask=m, other=0.0), axis=0)
+    loss = ce * inv_n_pix + 1.0 - dice * inv_bk
+    tl.store(loss_ptr + offs_b, tl.where(offs_b == 0, loss, 0.0), mask=offs_b == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +370,368 @@ def _head_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Row kernels: whole pixels per thread (the fast path; "Row kernels" in the module docstring)
+# ----------------------------------------------------------------------------------------------
+# One full-resolution column per lane; the K classes of its pixel are K separate 1-D tensors (a
+# tuple, K a compile-time constant), so the softmax over classes is per-thread arithmetic: no
+# padding to a power of two, no cross-lane reduction. A program walks down its band cell row by
+# cell row (cell row c: the S_H full-res rows whose upper tap is low-res row c), holding the two
+# horizontally interpolated low-res rows it needs; moving down one cell row loads one new row.
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _row_taps(base, row, x0, x1, lx, stride_c, stride_h, stride_w, K: tl.constexpr):
+    """Low-res row `row` interpolated horizontally at the lanes' columns, one fp32 vector per
+    class: ATen's inner term w0λ·v0 + w1λ·v1. The taps are clamped indices: no mask needed."""
+    p0 = base + row * stride_h + x0 * stride_w
+    p1 = base + row * stride_h + x1 * stride_w
+    out = ()
+    for k in tl.static_range(K):
+        v0 = tl.load(p0 + k * stride_c).to(tl.float32)
+        v1 = tl.load(p1 + k * stride_c).to(tl.float32)
+        out = out + ((1.0 - lx) * v0 + lx * v1,)
+    return out
+
+
+@triton.jit
+def _tap_of_class(base, t, i0, i1, ly, x0, x1, lx, stride_c, stride_h, stride_w, K: tl.constexpr):
+    """z_t: the upsampled logit of each lane's target class, gathered from the four taps (the same
+    formula as the per-class vectors, so no compare-and-select over the K classes). Target ids
+    outside 0..K−1 (masked lanes read −1) give 0 and are never used as an address."""
+    ok = (t >= 0) & (t < K)
+    pc = base + tl.where(ok, t, 0) * stride_c
+    v00 = tl.load(pc + i0 * stride_h + x0 * stride_w).to(tl.float32)
+    v01 = tl.load(pc + i0 * stride_h + x1 * stride_w).to(tl.float32)
+    v10 = tl.load(pc + i1 * stride_h + x0 * stride_w).to(tl.float32)
+    v11 = tl.load(pc + i1 * stride_h + x1 * stride_w).to(tl.float32)
+    z = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+    return tl.where(ok, z, 0.0)
+
+
+@triton.jit
+def _zeros_like_taps(ref, K: tl.constexpr):
+    out = ()
+    for k in tl.static_range(K):
+        out = out + (tl.zeros_like(ref),)
+    return out
+
+
+@triton.jit
+def _softmax_row(top, bot, ly, K: tl.constexpr):
+    """(e, m2, s): e_k = 2^(z_k·log2e − m2) with z = (1−λ)·top + λ·bot (ATen's outer term),
+    m2 = max_k z_k · log2e, s = Σ_k e_k."""
+    z = ()
+    m = tl.full(top[0].shape, float("-inf"), tl.float32)
+    for k in tl.static_range(K):
+        zk = (1.0 - ly) * top[k] + ly * bot[k]
+        z = z + (zk,)
+        m = tl.maximum(m, zk)
+    m2 = m * _LOG2E
+    s = tl.zeros_like(m)
+    e = ()
+    for k in tl.static_range(K):
+        ek = tl.exp2(z[k] * _LOG2E - m2)
+        s += ek
+        e = e + (ek,)
+    return e, m2, s
+
+
+@triton.jit
+def _zero_slots(ptr, lane, N: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Zeroes N rows of per-lane scratch slots; returns a zero lane vector. The barrier: the slots
+    are then read and written by whichever thread holds the lane in the next access's layout."""
+    zero = tl.zeros((BLOCK_X,), tl.float32)
+    for k in tl.static_range(N):
+        tl.store(ptr + k * BLOCK_X + lane, zero)
+    tl.debug_barrier()
+    return zero
+
+
+@triton.jit
+def _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, i0, i1, l_base, t_base, ox, xmask, x0, x1, lx,
+             H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+             K: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Adds full-res row `oy` (its taps `top`, `bot`) to the per-class Σp (registers), to the
+    lane's target-class slots Σp·y and Σy (scratch `tgt`) and to Σ logsumexp − z_t."""
+    _, _, ly = _source_index(oy, scale_h, h)
+    m = xmask & (oy < H)
+    t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=m, other=-1).to(tl.int32)
+    e, m2, s = _softmax_row(top, bot, ly, K)
+    z_t = _tap_of_class(l_base, t, i0, i1, ly, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    r = tl.where(m, 1.0 / s, 0.0)
+    acc_ce += tl.where(m, (m2 + tl.log2(s)) / _LOG2E - z_t, 0.0)
+    new_p = ()
+    for k in tl.static_range(K):
+        new_p = new_p + (acc_p[k] + e[k] * r,)
+    # p_t and the count go to the lane's own slot of class t: one read-modify-write per pixel
+    # instead of a compare-and-select per class (an out-of-range id writes nothing)
+    ok = m & (t >= 0) & (t < K)
+    slot = tgt + tl.where(ok, t, 0) * (2 * BLOCK_X) + tl.arange(0, BLOCK_X)
+    p_t = tl.exp2(z_t * _LOG2E - m2) * r
+    tl.store(slot, tl.load(slot, mask=ok, other=0.0) + p_t, mask=ok)
+    tl.store(slot + BLOCK_X, tl.load(slot + BLOCK_X, mask=ok, other=0.0) + 1.0, mask=ok)
+    return new_p, acc_ce
+
+
+@triton.jit
+def _head_loss_fwd_rows_kernel(
+    logits_ptr, targets_ptr, part_ptr, scratch_ptr,
+    h, w, H, W, scale_h, scale_w, cells_per_band, n_chunks,
+    stride_lb, stride_lc, stride_lh, stride_lw,
+    stride_tb, stride_th, stride_tw,
+    K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """grid (column strips, bands of cell rows, B): the CE and Dice partial sums of the pixels of
+    one strip × band. `scratch`: 2·K·BLOCK_X fp32 per program (the target-class slots)."""
+    strip = tl.program_id(0)
+    band = tl.program_id(1)
+    b = tl.program_id(2)
+    l_base = logits_ptr + b.to(tl.int64) * stride_lb
+    t_base = targets_ptr + b.to(tl.int64) * stride_tb
+    lane = tl.arange(0, BLOCK_X)
+    ox = strip * BLOCK_X + lane
+    xmask = ox < W
+    x0, x1, lx = _source_index(ox, scale_w, w)
+    chunk = band * tl.num_programs(0) + strip
+    tgt = scratch_ptr + (b * n_chunks + chunk).to(tl.int64) * (2 * K * BLOCK_X)
+    zero = _zero_slots(tgt, lane, 2 * K, BLOCK_X)
+
+    c = band * cells_per_band
+    c_stop = tl.minimum(c + cells_per_band, h)
+    i1 = tl.minimum(c + 1, h - 1)
+    top = _row_taps(l_base, c, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    bot = _row_taps(l_base, i1, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    acc_p = _zeros_like_taps(zero, K)     # Σ p per class
+    acc_ce = zero                         # Σ logsumexp − z_t
+    if c == 0:  # the S_H/2 clamped rows above the first cell row have its taps (λ = 0)
+        for u in tl.static_range(S_H // 2):
+            acc_p, acc_ce = _fwd_row(c + u, acc_p, acc_ce, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
+                                     x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
+                                     stride_th, stride_tw, K, BLOCK_X)
+    while c < c_stop:
+        i1 = tl.minimum(c + 1, h - 1)
+        for u in tl.range(0, S_H, loop_unroll_factor=1):
+            oy = c * S_H + S_H // 2 + u
+            acc_p, acc_ce = _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, c, i1,
+                                     l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
+                                     stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
+        top = bot
+        bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+        c += 1
+
+    # One reduction over the lanes per class and program, into the generic kernel's
+    # B×n_chunks×3×K_PAD partials layout (the finalize kernel reads either).
+    tl.debug_barrier()
+    offs_c = tl.arange(0, K_PAD)
+    row_i = tl.zeros((K_PAD,), tl.float32)
+    row_s = tl.zeros((K_PAD,), tl.float32)
+    for k in tl.static_range(K):
+        s_i = tl.sum(tl.load(tgt + 2 * k * BLOCK_X + lane), axis=0)
+        s_y = tl.sum(tl.load(tgt + (2 * k + 1) * BLOCK_X + lane), axis=0)
+        row_i = tl.where(offs_c == k, s_i, row_i)
+        row_s = tl.where(offs_c == k, tl.sum(acc_p[k], axis=0) + s_y, row_s)
+    out = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (3 * K_PAD) + offs_c
+    tl.store(out, row_i)
+    tl.store(out + K_PAD, row_s)
+    tl.store(out + 2 * K_PAD, tl.where(offs_c == 0, tl.sum(acc_ce, axis=0), 0.0))
+
+
+@triton.jit
+def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, coef_b, g0, c_ce, l_base, t_base,
+             ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+             K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Adds G(x) of full-res row `oy` (cell row c) to low-res rows c (acc_cur) and c + 1 (acc_nxt),
+    weighted by the row's A_h (zero for a row outside the image). The target class's extra term
+    goes to the lane's slot of class t in the scratch `dsc` (rows of parity 0 and 1) instead of a
+    compare-and-select per class; `cur_on` = 0 leaves row c's slot alone."""
+    y_ok = (oy >= 0) & (oy < H)
+    y0, y1, ly = _source_index(oy, scale_h, h)
+    w_cur = tl.where(y_ok, tl.where(y0 == c, 1.0 - ly, 0.0) + tl.where(y1 == c, ly, 0.0), 0.0)
+    w_nxt = tl.where(y_ok, tl.where(y0 == c + 1, 1.0 - ly, 0.0) + tl.where(y1 == c + 1, ly, 0.0), 0.0)
+    t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=valid_x & y_ok, other=-1).to(tl.int32)
+    e, m2, s = _softmax_row(top, bot, ly, K)
+    # β_k is read where it is used (an L1 hit, the same address in every lane), not held in K
+    # registers across the row loop: registers decide how many warps an SM holds
+    pe = tl.zeros_like(s)                  # Σ_j β_j·e_j
+    for k in tl.static_range(K):
+        pe += tl.load(coef_b + K_PAD + k) * e[k]
+    ok = (t >= 0) & (t < K)                # an out-of-range id matches no class: no extra terms
+    tc = tl.where(ok, t, 0)
+    z_t = _tap_of_class(l_base, t, i0, i1, ly, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    e_t = tl.where(ok, tl.exp2(z_t * _LOG2E - m2), 0.0)
+    a_t = tl.load(coef_b + tc) * g0        # g0·α_t
+    r = 1.0 / s
+    pq = r * (a_t * e_t + g0 * pe)         # Σ_j p_j q_j
+    base = r * (c_ce - pq)
+    rg = r * g0
+    delta = a_t * e_t * r - c_ce           # y_t·(g0·α_t·p_t − c), the target class's extra term
+    new_cur = ()
+    new_nxt = ()
+    for k in tl.static_range(K):
+        gk = e[k] * (rg * tl.load(coef_b + K_PAD + k) + base)
+        new_cur = new_cur + (acc_cur[k] + w_cur * gk,)
+        new_nxt = new_nxt + (acc_nxt[k] + w_nxt * gk,)
+    par = (c + 2) % 2
+    slot = dsc + (par * K + tc) * BLOCK_X + tl.arange(0, BLOCK_X)
+    on = ok & (cur_on != 0)
+    tl.store(slot, tl.load(slot, mask=on, other=0.0) + w_cur * delta, mask=on)
+    slot = dsc + ((1 - par) * K + tc) * BLOCK_X + tl.arange(0, BLOCK_X)
+    tl.store(slot, tl.load(slot, mask=ok, other=0.0) + w_nxt * delta, mask=ok)
+    return new_cur, new_nxt
+
+
+@triton.jit
+def _strip_columns(lane, strip, W, w, scale_w, S_W: tl.constexpr, G: tl.constexpr):
+    """Column geometry of the lanes `lane` (any shape) of a backward strip: (full-res column,
+    in-image cell, its taps, A_w toward its cell's low-res column, A_w toward the next one)."""
+    cell = strip * G + lane // S_W
+    ox = cell * S_W + S_W // 2 + lane % S_W
+    valid = (cell >= 0) & (cell < w)
+    wrapped = ox >= W                      # the left border's clamped columns, carried by cell w−1
+    ox = tl.where(valid, tl.where(wrapped, ox - W, ox), 0)
+    x0, x1, lx = _source_index(ox, scale_w, w)
+    to_b = tl.where(wrapped, 0, cell + 1)
+    wa = tl.where(x0 == cell, 1.0 - lx, 0.0) + tl.where(x1 == cell, lx, 0.0)
+    wa = tl.where(valid, tl.where(wrapped, 0.0, wa), 0.0)
+    wb = tl.where(x0 == to_b, 1.0 - lx, 0.0) + tl.where(x1 == to_b, lx, 0.0)
+    wb = tl.where(valid, wb, 0.0)
+    return ox, valid, x0, x1, lx, wa, wb
+
+
+@triton.jit
+def _head_loss_bwd_rows_kernel(
+    logits_ptr, targets_ptr, coef_ptr, gout_ptr, grad_ptr, scratch_ptr, halo_a_ptr, halo_b_ptr,
+    h, w, H, W, scale_h, scale_w, cells_per_band, inv_n_pix,
+    stride_lb, stride_lc, stride_lh, stride_lw,
+    stride_tb, stride_th, stride_tw,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, S_W: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """grid (column strips, bands of low-res rows, B). The strip's lanes are the full-res columns of
+    G = BLOCK_X / S_W low-res cells (cell c: the S_W columns whose left tap is c; the last cell also
+    carries the two clamped columns of the left border, cyclically); the band walks its low-res
+    rows cell row by cell row, starting one cell row above (recomputed: it only feeds the first).
+    `scratch`: 3·K·BLOCK_X fp32 per program (two rows of target-class slots, one flush row)."""
+    strip = tl.program_id(0)
+    band = tl.program_id(1)
+    b = tl.program_id(2)
+    n_strips = tl.num_programs(0)
+    G: tl.constexpr = BLOCK_X // S_W
+    l_base = logits_ptr + b.to(tl.int64) * stride_lb
+    t_base = targets_ptr + b.to(tl.int64) * stride_tb
+    g_base = grad_ptr + b.to(tl.int64) * stride_gb
+
+    lane = tl.arange(0, BLOCK_X)
+    grp = lane // S_W
+    ox, valid_x, x0, x1, lx, wa, wb = _strip_columns(lane, strip, W, w, scale_w, S_W, G)
+    gi = tl.arange(0, G)[:, None]                             # cell × lane within the cell
+    ui = tl.arange(0, S_W)[None, :]
+
+    g0 = tl.load(gout_ptr).to(tl.float32)
+    c_ce = g0 * inv_n_pix
+    coef_b = coef_ptr + b * (2 * K_PAD)
+    pid = (b * tl.num_programs(1) + band) * n_strips + strip
+    dsc = scratch_ptr + pid.to(tl.int64) * (6 * K * BLOCK_X)
+    zero = _zero_slots(dsc, lane, 2 * K, BLOCK_X)
+
+    r_first = band * cells_per_band
+    r_stop = tl.minimum(r_first + cells_per_band, h)
+    c = r_first - 1
+    i0 = tl.maximum(c, 0)
+    top = _row_taps(l_base, i0, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    bot = _row_taps(l_base, tl.minimum(i0 + 1, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    acc_cur = _zeros_like_taps(zero, K)
+    acc_nxt = _zeros_like_taps(zero, K)
+    # the band's first low-res row also takes the lower part of the cell row above (only that)
+    if c < 0:  # band 0: the clamped rows above the first cell row, with taps of rows 0 and 1
+        for u in tl.static_range(S_H // 2):
+            acc_cur, acc_nxt = _bwd_row(c + 1 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, 0, tl.minimum(1, h - 1),
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                        K, K_PAD, BLOCK_X)
+    else:
+        for u in tl.static_range(S_H):
+            acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, c, c + 1,
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                        K, K_PAD, BLOCK_X)
+        top = bot
+        bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    acc_cur = acc_nxt
+    acc_nxt = _zeros_like_taps(zero, K)
+    c += 1
+
+    last = tl.minimum(w - strip * G, G) - 1                    # the strip's last valid cell
+    while c < r_stop:
+        i1 = tl.minimum(c + 1, h - 1)
+        for u in tl.range(0, S_H, loop_unroll_factor=1):
+            oy = c * S_H + S_H // 2 + u
+            acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
+                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                        K, K_PAD, BLOCK_X)
+        # Low-res row c is complete at these columns (registers + the lane's slots): the
+        # horizontal adjoint. Each lane leaves its total in the flush row; after a barrier each
+        # cell weighs and adds its S_W own lanes (A_w toward it) and the previous cell's S_W
+        # lanes (A_w toward the next column). Two barriers: the slots and the flush row are
+        # written and read by different threads.
+        tl.debug_barrier()
+        halo_row = ((b * h + c) * n_strips + strip) * K
+        flush = dsc + (2 + 2 * (c % 2)) * (K * BLOCK_X)   # a moving base: per-class offsets stay immediates
+        for k in tl.static_range(K):
+            dslot = dsc + ((c % 2) * K + k) * BLOCK_X + lane
+            v = acc_cur[k] + tl.load(dslot)
+            tl.store(dslot, zero)           # reused by row c + 2
+            tl.store(flush + k * BLOCK_X + lane, wa * v)
+            tb = wb * v
+            tl.store(flush + (K + k) * BLOCK_X + lane, tb)
+            # the last cell's next-column part belongs to the next strip's first column: to the
+            # halo kernel, one value per lane
+            tl.store(halo_b_ptr + (halo_row + k) * S_W + lane % S_W, tb, mask=grp == last)
+        tl.debug_barrier()
+        j = strip * G + gi
+        for k in tl.static_range(K):
+            own = tl.load(flush + k * BLOCK_X + gi * S_W + ui)
+            prev = tl.load(flush + (K + k) * BLOCK_X + (gi - 1) * S_W + ui, mask=gi >= 1, other=0.0)
+            col = tl.sum(own + prev, axis=1)[:, None]
+            tl.store(g_base + k * stride_gc + c * stride_gh + j * stride_gw,
+                     _to_dtype(col, grad_ptr.dtype.element_ty), mask=(gi >= 1) & (j < w))
+            # the strip's first column still lacks the previous strip's part: to the halo
+            tl.store(halo_a_ptr + halo_row + k + gi * 0, col, mask=gi == 0)
+        top = bot
+        bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+        acc_cur = acc_nxt
+        acc_nxt = _zeros_like_taps(zero, K)
+        c += 1
+
+
+@triton.jit
+def _head_loss_bwd_halo_kernel(
+    halo_a_ptr, halo_b_ptr, grad_ptr,
+    total, h, n_strips, cells_per_strip,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    K: tl.constexpr, S_W: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The first low-res column of every strip: its own part plus the previous strip's last-cell
+    part (cyclically: strip 0 takes the last strip's, which carries the left border's columns)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)     # over B × h × n_strips × K
+    mask = offs < total
+    k = offs % K
+    rest = offs // K
+    strip = rest % n_strips
+    row = rest // n_strips            # b·h + i
+    i = row % h
+    b = row // h
+    prev = (row * n_strips + (strip + n_strips - 1) % n_strips) * K + k
+    v = tl.load(halo_a_ptr + offs, mask=mask, other=0.0)
+    for u in tl.static_range(S_W):
+        v += tl.load(halo_b_ptr + prev * S_W + u, mask=mask, other=0.0)
+    ptr = grad_ptr + b.to(tl.int64) * stride_gb + k * stride_gc + i * stride_gh + strip * cells_per_strip * stride_gw
+    tl.store(ptr, _to_dtype(v, grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # Configurations (the report builds every one; kernels/configs.json pins the one that runs).
 # ----------------------------------------------------------------------------------------------
 # (BLOCK, num_warps). Triton lays a BLOCK×K_PAD gather tile out with 32 consecutive pixels per warp
@@ -346,6 +742,7 @@ def _head_loss_bwd_kernel(
 FWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 BWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 _FINALIZE_CHUNK_BLOCK = 16
+_HALO_BLOCK = 256
 
 
 def _fwd_kernel():
@@ -445,25 +842,78 @@ def _n_chunks(B: int, n_pix: int) -> tuple[int, int]:
     return per * _CHUNK_QUANTUM, triton.cdiv(quanta, per)
 
 
+# Row kernels (the fast path): K up to this many classes, as separate per-lane vectors.
+FAST_MAX_K = 24
+# Row-kernel programs in all (B × bands × strips), about; like _TARGET_PROGRAMS a fixed number, so
+# the summation order is a function of the shape only.
+_ROWS_TARGET_PROGRAMS = 512
+
+
+def _rows_block(low_res_pixels: int) -> tuple[int, int, int]:
+    """(BLOCK_X lanes, num_warps, target programs) of the row kernels for B·h·w low-res pixels.
+    Under the interpreter a narrow strip and short bands, so that small test images still cover
+    several bands. On a GPU up to _ROWS_TARGET_PROGRAMS, about one per 1024 low-res pixels: the
+    per-program scratch (tens of KB) then stays a small fraction of the full-res logits a small
+    input would need (tests/test_head_loss.py checks the peak memory)."""
+    if configs.device_kind() == "interpreter":
+        return 32, 1, 16
+    return 128, 4, max(1, min(_ROWS_TARGET_PROGRAMS, low_res_pixels // 1024))
+
+
+def _bands(B: int, n_strips: int, n_rows: int, target: int) -> tuple[int, int]:
+    """(rows per band, bands) splitting `n_rows` so that B × n_strips × bands ≈ target."""
+    want = max(1, min(n_rows, target // (B * n_strips)))
+    per = triton.cdiv(n_rows, want)
+    return per, triton.cdiv(n_rows, per)
+
+
+def _rows_path(K: int, s_h: int, s_w: int, block_x: int) -> bool:
+    """Whether the row kernels take this shape: K ≤ FAST_MAX_K and power-of-two integer scales (the
+    cell rows and columns then hold exactly the pixels whose taps they are; fp32 src is exact)."""
+    return K <= FAST_MAX_K and _is_pow2(s_h) and _is_pow2(s_w) and 2 * s_w <= block_x
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _forward(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch forward + finalize; returns (loss 0-dim fp32, coef B×2×K_PAD fp32)."""
     B, K, h, w = logits.shape
     H, W = targets.shape[1:]
     K_PAD = _k_pad(K)
-    pix_per_chunk, n_chunks = _n_chunks(B, H * W)
     dev = logits.device
-    part = _empty((B, n_chunks, 3, K_PAD), torch.float32, dev)
+    block_x, warps, target = _rows_block(B * h * w)
+    if _rows_path(K, H // h, W // w, block_x):
+        n_strips = triton.cdiv(W, block_x)
+        cells, n_bands = _bands(B, n_strips, h, target)
+        n_chunks = n_strips * n_bands
+        part = _empty((B, n_chunks, 3, K_PAD), torch.float32, dev)
+        scratch = torch.empty(B * n_chunks * 2 * K * block_x, dtype=torch.float32, device=dev)
+        _head_loss_fwd_rows_kernel[(n_strips, n_bands, B)](
+            logits, targets, part, scratch, h, w, H, W, h / H, w / W, cells, n_chunks,
+            *logits.stride(), *targets.stride(),
+            K=K, K_PAD=K_PAD, S_H=H // h, BLOCK_X=block_x, num_warps=warps, num_stages=1,
+        )
+    else:
+        pix_per_chunk, n_chunks = _n_chunks(B, H * W)
+        part = _empty((B, n_chunks, 3, K_PAD), torch.float32, dev)
+        _fwd_kernel()[(n_chunks, B)](
+            logits, targets, part,
+            K, h, w, H, W, h / H, w / W, pix_per_chunk, n_chunks,
+            *logits.stride(), *targets.stride(),
+            K_PAD=K_PAD,
+        )
     coef = _empty((B, 2, K_PAD), torch.float32, dev)
     loss = _empty((1,), torch.float32, dev)
-    _fwd_kernel()[(n_chunks, B)](
-        logits, targets, part,
-        K, h, w, H, W, h / H, w / W, pix_per_chunk, n_chunks,
-        *logits.stride(), *targets.stride(),
-        K_PAD=K_PAD,
-    )
-    _head_loss_finalize_kernel[(1,)](
-        part, coef, loss, B, K, n_chunks, 1.0 / (B * H * W), 1.0 / (B * K), float(eps),
+    img = _empty((B, K_PAD), torch.float32, dev)
+    _head_loss_finalize_kernel[(B,)](
+        part, coef, img, K, n_chunks, 1.0 / (B * K), float(eps),
         K_PAD=K_PAD, CHUNK_BLOCK=_FINALIZE_CHUNK_BLOCK, num_warps=4,
+    )
+    _head_loss_total_kernel[(1,)](
+        img, loss, B, 1.0 / (B * H * W), 1.0 / (B * K), K_PAD=K_PAD, B_PAD=max(16, triton.next_power_of_2(B)),
+        num_warps=1,
     )
     return loss.view(()), coef
 
@@ -472,16 +922,38 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
               grad_out: torch.Tensor) -> torch.Tensor:
     B, K, h, w = logits.shape
     H, W = targets.shape[1:]
+    s_h, s_w = H // h, W // w
     K_PAD = _k_pad(K)
     grad = _empty(None, None, None, like=logits)  # empty_like keeps channels-last; strides passed anyway
     gout = grad_out.detach().to(device=logits.device, dtype=torch.float32).reshape(1)
+    block_x, warps, target = _rows_block(B * h * w)
+    if _rows_path(K, s_h, s_w, block_x):
+        cells = block_x // s_w
+        n_strips = triton.cdiv(w, cells)
+        rows, n_bands = _bands(B, n_strips, h, target)
+        f32 = torch.float32
+        scratch = torch.empty(B * n_bands * n_strips * 6 * K * block_x, dtype=f32, device=logits.device)
+        halo_a = _empty((B, h, n_strips, K), f32, logits.device)
+        halo_b = _empty((B, h, n_strips, K, s_w), f32, logits.device)
+        _head_loss_bwd_rows_kernel[(n_strips, n_bands, B)](
+            logits, targets, coef, gout, grad, scratch, halo_a, halo_b,
+            h, w, H, W, h / H, w / W, rows, 1.0 / (B * H * W),
+            *logits.stride(), *targets.stride(), *grad.stride(),
+            K=K, K_PAD=K_PAD, S_H=s_h, S_W=s_w, BLOCK_X=block_x, num_warps=warps, num_stages=1,
+        )
+        total = B * K * h * n_strips
+        _head_loss_bwd_halo_kernel[(triton.cdiv(total, _HALO_BLOCK),)](
+            halo_a, halo_b, grad, total, h, n_strips, cells, *grad.stride(),
+            K=K, S_W=s_w, BLOCK=_HALO_BLOCK, num_warps=4, num_stages=1,
+        )
+        return grad
 
     def grid(meta):
         return (triton.cdiv(h * w, meta["BLOCK_Q"]), B)
 
     _bwd_kernel()[grid](
         logits, targets, coef, gout, grad,
-        K, h, w, H, W, h / H, w / W, H // h, W // w, _window(H // h), _window(W // w), 1.0 / (B * H * W),
+        K, h, w, H, W, h / H, w / W, s_h, s_w, _window(s_h), _window(s_w), 1.0 / (B * H * W),
         *logits.stride(), *targets.stride(), *grad.stride(),
         K_PAD=K_PAD,
     )
@@ -578,10 +1050,45 @@ def _aot_specs() -> list[AotSpec]:
             specs.append(specialize(spec, layout, ones))
     specs.append(AotSpec(
         name="head_loss_finalize[K_PAD=32]", fn=_head_loss_finalize_kernel,
-        signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32",
-                   "B": "i32", "K": "i32", "n_chunks": "i32",
-                   "inv_n_pix": "fp32", "inv_bk": "fp32", "eps": "fp32"},
+        signature={"part_ptr": "*fp32", "coef_ptr": "*fp32", "img_ptr": "*fp32", "K": "i32", "n_chunks": "i32",
+                   "inv_bk": "fp32", "eps": "fp32"},
         constexprs={"K_PAD": 32, "CHUNK_BLOCK": _FINALIZE_CHUNK_BLOCK}, num_warps=4, num_stages=1))
+    specs.append(AotSpec(
+        name="head_loss_total[K_PAD=32,B_PAD=32]", fn=_head_loss_total_kernel,
+        signature={"img_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "inv_n_pix": "fp32", "inv_bk": "fp32"},
+        constexprs={"K_PAD": 32, "B_PAD": 32}, num_warps=1, num_stages=1))
+    # Row kernels at the model's K = 19, s = 4, for each logits dtype, channels-last (the model's
+    # layout: unit class and target-column strides become constants) and NCHW.
+    i32 = "i32"
+    fwd_sig = {"logits_ptr": None, "targets_ptr": "*u8", "part_ptr": "*fp32", "scratch_ptr": "*fp32",
+               **{k: i32 for k in ("h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
+               "cells_per_band": i32, "n_chunks": i32,
+               **{k: i32 for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw", "stride_tb", "stride_th",
+                                   "stride_tw")}}
+    bwd_sig = {"logits_ptr": None, "targets_ptr": "*u8", "coef_ptr": "*fp32", "gout_ptr": "*fp32",
+               "grad_ptr": None, "scratch_ptr": "*fp32", "halo_a_ptr": "*fp32", "halo_b_ptr": "*fp32",
+               **{k: i32 for k in ("h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
+               "cells_per_band": i32, "inv_n_pix": "fp32",
+               **{k: i32 for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw", "stride_tb", "stride_th",
+                                   "stride_tw", "stride_gb", "stride_gc", "stride_gh", "stride_gw")}}
+    rows = dict(K=19, K_PAD=32, S_H=4, BLOCK_X=128)
+    for ldt in ("bf16", "fp32", "fp16"):
+        for layout, ones in (("nhwc", ("stride_lc", "stride_tw", "stride_gc")),
+                             ("nchw", ("stride_lw", "stride_tw", "stride_gw"))):
+            specs.append(specialize(AotSpec(
+                name=f"head_loss_fwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_fwd_rows_kernel,
+                signature={**fwd_sig, "logits_ptr": f"*{ldt}"}, constexprs=rows, num_warps=4, num_stages=1),
+                layout, ones))
+            specs.append(specialize(AotSpec(
+                name=f"head_loss_bwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_bwd_rows_kernel,
+                signature={**bwd_sig, "logits_ptr": f"*{ldt}", "grad_ptr": f"*{ldt}"},
+                constexprs={**rows, "S_W": 4}, num_warps=4, num_stages=1), layout, ones))
+        specs.append(AotSpec(
+            name=f"head_loss_bwd_halo[{ldt},K=19,s=4]", fn=_head_loss_bwd_halo_kernel,
+            signature={"halo_a_ptr": "*fp32", "halo_b_ptr": "*fp32", "grad_ptr": f"*{ldt}",
+                       **{k: i32 for k in ("total", "h", "n_strips", "cells_per_strip", "stride_gb", "stride_gc",
+                                           "stride_gh", "stride_gw")}},
+            constexprs={"K": 19, "S_W": 4, "BLOCK": _HALO_BLOCK}, num_warps=4, num_stages=1))
     return specs
 
 

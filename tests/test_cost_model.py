@@ -118,8 +118,11 @@ def counted():
     g = torch.Generator().manual_seed(0)
     with LoopCounter() as counter:
         logits = torch.randn(2, 19, 6, 5, generator=g, requires_grad=True)
-        hl.head_loss(logits, torch.randint(0, 19, (2, 24, 20), generator=g)).backward()
-        ua.upsample_argmax(logits.detach(), (13, 9))
+        hl.head_loss(logits, torch.randint(0, 19, (2, 24, 20), generator=g)).backward()   # row kernels
+        ua.upsample_argmax(logits.detach(), (24, 20))
+        ua.upsample_argmax(logits.detach(), (13, 9))                                      # generic kernels
+        wide = torch.randn(1, hl.FAST_MAX_K + 1, 3, 2, generator=g, requires_grad=True)
+        hl.head_loss(wide, torch.randint(0, hl.FAST_MAX_K + 1, (1, 9, 6), generator=g)).backward()
         c, n, m = 32, 40, 24
         x, r = torch.randn(1, n, c, generator=g), torch.randn(1, n, c, generator=g)
         k, v = torch.randn(1, m, c, generator=g), torch.randn(1, m, c, generator=g)

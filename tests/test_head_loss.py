@@ -127,6 +127,12 @@ LOSS_CASES = {
     "k4_s2x3_fp32_nonsquare_scale": (1, 4, 3, 4, 2, 3, torch.float32, "nchw", torch.uint8, False, 1.0, None),
     "k6_s2_fp32_several_bwd_programs": (1, 6, 11, 9, 2, 2, torch.float32, "slice", torch.uint8, False, 1.0, 2),
     "k5_s1_bf16_several_fwd_chunks": (2, 5, 37, 41, 1, 1, torch.bfloat16, "nchw", torch.uint8, False, 1.0, 0),
+    # row kernels (kernels.head_loss._rows_path): a K above FAST_MAX_K takes the generic kernels;
+    # under the interpreter a strip is 32 full-res columns, so w = 9 at s = 4 (and 17 at s = 2)
+    # spans two backward strips and the halo between them, and h = 4 several bands
+    "k19_s4_bf16_nhwc_two_strips": (1, 19, 4, 9, 4, 4, torch.bfloat16, "nhwc", torch.uint8, False, 1.0, 2),
+    "k6_s2x4_fp32_nchw_two_strips": (2, 6, 3, 17, 2, 4, torch.float32, "nchw", torch.int64, True, 1.0, 5),
+    "k25_s2_fp32_generic_kernels": (1, 25, 3, 3, 2, 2, torch.float32, "nchw", torch.uint8, False, 1.0, 24),
 }
 
 
@@ -248,6 +254,8 @@ ARGMAX_CASES = {
     "k5_fractional_up_fp32_transposed": (1, 5, 5, 7, 13, 11, torch.float32, "transposed"),
     "k4_downsample_fp32": (2, 4, 8, 8, 5, 3, torch.float32, "nchw"),
     "k32_x2_bf16": (1, 32, 4, 4, 8, 8, torch.bfloat16, "nchw"),
+    "k19_x4_fp16_nhwc_two_strips": (1, 19, 3, 9, 12, 36, torch.float16, "nhwc"),
+    "k6_x2x4_fp32_slice": (1, 6, 5, 3, 10, 12, torch.float32, "slice"),
 }
 
 
