@@ -1,9 +1,11 @@
 """Ahead-of-time build report: registers, shared memory and spills of every kernel (SPEC §7).
 
     python -m kernels.report [--arch 80 90] [--json PATH] [--module kernels.NAME ...] [--only SUBSTRING]
+                             [--skip-slow]
 
 Imports every module of the `kernels` package, collects its `AOT_SPECS` (a list of
-`kernels._common.AotSpec`), compiles each spec with
+`kernels._common.AotSpec`) and `AOT_SPECS_SLOW` (builds that take ptxas about a minute each, left
+out by `--skip-slow`, which is what the CI test runs), compiles each spec with
 
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32),
                    options={"num_warps": ..., "num_stages": ...})
@@ -158,8 +160,9 @@ def kernel_modules() -> list[str]:
             if i.name not in ("report", "cost", "tune", "configs")]
 
 
-def collect_specs(only: str | None = None, modules: list[str] | None = None):
-    """[(module name, spec)] for the kernels.* modules, plus [(module name, error)] for failures."""
+def collect_specs(only: str | None = None, modules: list[str] | None = None, slow: bool = True):
+    """[(module name, spec)] for the kernels.* modules, plus [(module name, error)] for failures.
+    A module's AOT_SPECS_SLOW (builds that take ptxas minutes) are included unless `slow` is False."""
     specs, failures = [], []
     for modname in modules or kernel_modules():
         try:
@@ -167,15 +170,16 @@ def collect_specs(only: str | None = None, modules: list[str] | None = None):
         except Exception as exc:  # a broken module is a failure of the report, not a crash
             failures.append((modname, f"import failed: {exc!r}"))
             continue
-        for spec in getattr(mod, "AOT_SPECS", []) or []:
+        slow_specs = (getattr(mod, "AOT_SPECS_SLOW", []) or []) if slow else []
+        for spec in [*(getattr(mod, "AOT_SPECS", []) or []), *slow_specs]:
             if only is None or only in spec.name:
                 specs.append((modname, spec))
     return specs, failures
 
 
-def run(archs, only=None, verbose_errors=False, modules=None) -> tuple[list[Row], list[tuple[str, str]]]:
+def run(archs, only=None, verbose_errors=False, modules=None, slow=True) -> tuple[list[Row], list[tuple[str, str]]]:
     tool = cuobjdump_path()
-    specs, failures = collect_specs(only, modules)
+    specs, failures = collect_specs(only, modules, slow)
     rows = []
     for modname, spec in specs:
         for arch in archs:
@@ -229,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--module", nargs="+", metavar="kernels.NAME",
                         help="report only these modules (default: every module of kernels/)")
     parser.add_argument("--only", help="build only the specs whose name contains this substring")
+    parser.add_argument("--skip-slow", action="store_true",
+                        help="leave out the modules' AOT_SPECS_SLOW (ptxas minutes each; what CI does)")
     parser.add_argument("--verbose-errors", action="store_true", help="print full compile tracebacks")
     args = parser.parse_args(argv)
 
@@ -240,7 +246,7 @@ def main(argv=None) -> int:
         print(f"cuobjdump not found at {tool}: cannot read resource usage", file=sys.stderr)
         return 2
 
-    rows, failures = run(args.arch, args.only, args.verbose_errors, args.module)
+    rows, failures = run(args.arch, args.only, args.verbose_errors, args.module, not args.skip_slow)
     print(format_table(rows))
     for modname, err in failures:
         print(f"{modname}: {err}")

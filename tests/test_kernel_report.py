@@ -50,7 +50,7 @@ def test_report_builds_every_spec_without_spills(module, tmp_path):
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "kernels.report", "--module", module, "--arch", *map(str, ARCHS),
-         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+         "--skip-slow", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert out.is_file(), f"report wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     data = json.loads(out.read_text())
     rows = data["rows"]
