@@ -36,8 +36,9 @@ replaced by an int32 tensor of the same shape as the reduction (`tl.max(x, axis)
 is only ever stored as data, never used in an address, so the checked addresses are unchanged.
 One fix: triton-viz 3.0 computes the bounds of a non-contiguous view wrongly (`_row_segments`).
 
-What triton-viz 3.0 can check here (measured 2026-11-29, 2-core CPU; the CI test runs the first two):
-- upsample_argmax: every case clean (about 1 s in all).
+What triton-viz 3.0 can check here (measured 2026-11-29, 2-core CPU; the CI test runs toy_oob):
+- upsample_argmax: clean on the generic kernel's cases; on the row kernels (same-size, s = 1 case)
+  it fails ("SymbolicExprDataWrapper cannot coerce type z3 ArithRef to int").
 - toy_oob: reported, with its source line.
 - head_loss: no result; the smallest case ran over 4 minutes (its kernels loop with `while` on
   runtime bounds), so each case stops at --case-timeout and counts as a failure.

@@ -4,7 +4,7 @@ Two engines. The concrete one (`kernels.bounds`, the default) checks, under the 
 test process already runs, every address of every load and store against the elements of the
 launch's tensor arguments: it runs every case of every op here, in-process. The symbolic one is
 Triton-Sanitizer (triton-viz 3.0): it must run without TRITON_INTERPRET=1 and before the kernels are
-imported, so it runs in a fresh process, and only on the ops it can check (see the command).
+imported, so it runs in a fresh process, and only on what it can check (see the command).
 """
 from __future__ import annotations
 
@@ -133,17 +133,15 @@ def test_command_reports_planted_accesses_with_exit_status_1():
     assert run.stdout.count("OOB x1") == 3 and "3 cases, 3 out-of-bounds" in run.stdout, run.stdout
 
 
-@pytest.mark.parametrize("args", [("--op", "toy_oob"), ("--op", "upsample_argmax")], ids=["toy", "upsample_argmax"])
-def test_symbolic_engine_where_triton_viz_can_run(args):
+def test_symbolic_engine_reports_a_planted_access():
+    """triton-viz, where it can run: the planted load one past the end. (Its 3.0 release fails on
+    most of the real kernels, now including upsample_argmax's row kernels: see kernels.sanitize;
+    the concrete engine above covers every case.)"""
     pytest.importorskip("triton_viz")
-    run = _sanitize("--engine", "symbolic", *args)
-    if args[1] == "toy_oob":     # every toy case is out of bounds: triton-viz must report each one
-        assert run.returncode == 1, run.stdout + run.stderr
-        assert "Load out of bounds at kernels/sanitize.py" in run.stdout, run.stdout
-        assert "tl.load(x_ptr + offs + 1" in run.stdout, run.stdout
-    else:
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert "zero out-of-bounds accesses" in run.stdout and run.stdout.count("ok ") == 3, run.stdout
+    run = _sanitize("--engine", "symbolic", "--op", "toy_oob")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Load out of bounds at kernels/sanitize.py" in run.stdout, run.stdout
+    assert "tl.load(x_ptr + offs + 1" in run.stdout, run.stdout
 
 
 def test_symbolic_engine_refuses_the_interpreter_variable():
