@@ -160,12 +160,17 @@ LOOPS: list[Loop] = [
     # of the backward is outside the loop)
     Loop("head_loss", "_head_loss_fwd_rows_kernel", "while c < c_stop:",
          lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
+    # the backward takes two cell rows per trip (the second under an `if`), each in a call of
+    # _bwd_cell_row
     Loop("head_loss", "_head_loss_bwd_rows_kernel", "while c < r_stop:",
-         lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
+         lambda a, pid: _cdiv(_band_cells(a, pid), 2),
+         count="top = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)",
+         kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("head_loss", "_head_loss_fwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
          lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
-    Loop("head_loss", "_head_loss_bwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
-         lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
+    Loop("head_loss", "_bwd_cell_row", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
+         lambda a, pid: [a["S_H"] * _cdiv(_band_cells(a, pid), 2), a["S_H"] * (_band_cells(a, pid) // 2)],
+         kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("upsample_argmax", "_upsample_argmax_rows_kernel", "while c < c_stop:",
          lambda a, pid: _band_cells(a, pid), count="top = bot", kernels=("_upsample_argmax_rows_kernel",)),
     Loop("attention", "_attn_fwd_sweep", "for start in range(0, M, BLOCK_M):",
@@ -273,8 +278,10 @@ def specialise(fn, args, kwargs, grid, arch: int):
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     grid = grid(bound) if callable(grid) else grid
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    return dict(bound), grid, signature, constexprs, attrs, {"num_warps": options.num_warps,
-                                                              "num_stages": options.num_stages}
+    opts = {"num_warps": options.num_warps, "num_stages": options.num_stages}
+    if getattr(options, "maxnreg", None) is not None:  # a register cap is part of the build
+        opts["maxnreg"] = options.maxnreg
+    return dict(bound), grid, signature, constexprs, attrs, opts
 
 
 @contextlib.contextmanager

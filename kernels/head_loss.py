@@ -600,6 +600,68 @@ def _strip_columns(lane, strip, W, w, scale_w, S_W: tl.constexpr, G: tl.constexp
 
 
 @triton.jit
+def _bwd_cell_row(c, top, bot, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx,
+                  H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                  K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, BLOCK_X: tl.constexpr):
+    """The S_H full-res rows of cell row c (taps: low-res rows c in `top`, c + 1 in `bot`) added to
+    the sums of low-res rows c (`acc_cur`) and c + 1 (`acc_nxt`)."""
+    i1 = tl.minimum(c + 1, h - 1)
+    for u in tl.range(0, S_H, loop_unroll_factor=1):
+        oy = c * S_H + S_H // 2 + u
+        acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
+                                    coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
+                                    scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                    K, K_PAD, BLOCK_X)
+    return acc_cur, acc_nxt
+
+
+@triton.jit
+def _bwd_flush(c, acc, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
+               halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw,
+               K: tl.constexpr, S_W: tl.constexpr, BLOCK_X: tl.constexpr, KB: tl.constexpr, G: tl.constexpr):
+    """Low-res row c is complete at the strip's columns (`acc` + the lanes' target-class slots): its
+    horizontal adjoint. Each lane leaves A_w·v toward its cell's column and A_w·v toward the next
+    one in the flush rows; after a barrier, KB × G tiles (a class and a cell per thread) add up
+    each cell's S_W own lanes and the previous cell's S_W lanes in a fixed order. Every flush
+    address is a base plus an immediate: no per-class address arithmetic, no cross-lane
+    reduction, no layout conversion through shared memory. The barriers: the slots and flush rows
+    are written and read by different threads."""
+    tl.debug_barrier()
+    # the lanes' column weights, read from the scratch, not held in registers across the row loop
+    wa = tl.load(geo + lane)
+    wb = tl.load(geo + BLOCK_X + lane)
+    at_last = tl.load(geo + 2 * BLOCK_X + lane) != 0.0
+    halo_row = ((b * h + c) * n_strips + strip) * K
+    flush = dsc + (2 + 2 * (c % 2)) * (K * BLOCK_X)   # a moving base: per-class offsets stay immediates
+    to_halo = halo_b_ptr + halo_row * S_W + lane % S_W
+    for k in tl.static_range(K):
+        dslot = dsc + ((c % 2) * K + k) * BLOCK_X + lane
+        v = acc[k] + tl.load(dslot)
+        tl.store(dslot, zero)           # reused by row c + 2
+        tl.store(flush + k * BLOCK_X + lane, wa * v)
+        tb = wb * v
+        tl.store(flush + (K + k) * BLOCK_X + lane, tb)
+        # the last cell's next-column part belongs to the next strip's first column: to the halo
+        # kernel, one value per lane
+        tl.store(to_halo + k * S_W, tb, mask=at_last)
+    tl.debug_barrier()
+    j = strip * G + gi
+    row_out = g_base + c * stride_gh + j * stride_gw
+    for k0 in tl.static_range(0, K, KB):
+        kk = k0 + kb
+        k_ok = kk < K
+        own = flush + kk * BLOCK_X + gi * S_W
+        col = tl.zeros((KB, G), tl.float32)
+        for u in tl.static_range(S_W):
+            col += tl.load(own + u, mask=k_ok, other=0.0)
+            col += tl.load(own + (K * BLOCK_X - S_W) + u, mask=k_ok & (gi >= 1), other=0.0)
+        tl.store(row_out + kk * stride_gc, _to_dtype(col, g_base.dtype.element_ty),
+                 mask=k_ok & (gi >= 1) & (j < w))
+        # the strip's first column still lacks the previous strip's part: to the halo
+        tl.store(halo_a_ptr + halo_row + kk + gi * 0, col, mask=k_ok & (gi == 0))
+
+
+@triton.jit
 def _head_loss_bwd_rows_kernel(
     logits_ptr, targets_ptr, coef_ptr, gout_ptr, grad_ptr, scratch_ptr, halo_a_ptr, halo_b_ptr,
     h, w, H, W, scale_h, scale_w, cells_per_band, inv_n_pix,
@@ -607,6 +669,7 @@ def _head_loss_bwd_rows_kernel(
     stride_tb, stride_th, stride_tw,
     stride_gb, stride_gc, stride_gh, stride_gw,
     K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, S_W: tl.constexpr, BLOCK_X: tl.constexpr,
+    KB: tl.constexpr,
 ):
     """grid (column strips, bands of low-res rows, B). The strip's lanes are the full-res columns of
     G = BLOCK_X / S_W low-res cells (cell c: the S_W columns whose left tap is c; the last cell also
@@ -625,14 +688,19 @@ def _head_loss_bwd_rows_kernel(
     lane = tl.arange(0, BLOCK_X)
     grp = lane // S_W
     ox, valid_x, x0, x1, lx, wa, wb = _strip_columns(lane, strip, W, w, scale_w, S_W, G)
-    gi = tl.arange(0, G)[:, None]                             # cell × lane within the cell
-    ui = tl.arange(0, S_W)[None, :]
+    kb = tl.arange(0, KB)[:, None]                            # the flush's class × cell tiles
+    gi = tl.arange(0, G)[None, :]
 
     g0 = tl.load(gout_ptr).to(tl.float32)
     c_ce = g0 * inv_n_pix
     coef_b = coef_ptr + b * (2 * K_PAD)
     pid = (b * tl.num_programs(1) + band) * n_strips + strip
-    dsc = scratch_ptr + pid.to(tl.int64) * (6 * K * BLOCK_X)
+    dsc = scratch_ptr + pid.to(tl.int64) * ((6 * K + 3) * BLOCK_X)
+    geo = dsc + 6 * K * BLOCK_X
+    last = tl.minimum(w - strip * G, G) - 1                    # the strip's last valid cell
+    tl.store(geo + lane, wa)
+    tl.store(geo + BLOCK_X + lane, wb)
+    tl.store(geo + 2 * BLOCK_X + lane, tl.where(grp == last, 1.0, 0.0))
     zero = _zero_slots(dsc, lane, 2 * K, BLOCK_X)
 
     r_first = band * cells_per_band
@@ -662,48 +730,27 @@ def _head_loss_bwd_rows_kernel(
     acc_nxt = _zeros_like_taps(zero, K)
     c += 1
 
-    last = tl.minimum(w - strip * G, G) - 1                    # the strip's last valid cell
+    # Two cell rows per iteration, the second with the roles of the two tap rows and of the two
+    # accumulators swapped: the rows and accumulators never move between registers (a rotation
+    # of 4·K loop-carried values would cost moves, and registers to make them in).
     while c < r_stop:
-        i1 = tl.minimum(c + 1, h - 1)
-        for u in tl.range(0, S_H, loop_unroll_factor=1):
-            oy = c * S_H + S_H // 2 + u
-            acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
-                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
-                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                        K, K_PAD, BLOCK_X)
-        # Low-res row c is complete at these columns (registers + the lane's slots): the
-        # horizontal adjoint. Each lane leaves its total in the flush row; after a barrier each
-        # cell weighs and adds its S_W own lanes (A_w toward it) and the previous cell's S_W
-        # lanes (A_w toward the next column). Two barriers: the slots and the flush row are
-        # written and read by different threads.
-        tl.debug_barrier()
-        halo_row = ((b * h + c) * n_strips + strip) * K
-        flush = dsc + (2 + 2 * (c % 2)) * (K * BLOCK_X)   # a moving base: per-class offsets stay immediates
-        for k in tl.static_range(K):
-            dslot = dsc + ((c % 2) * K + k) * BLOCK_X + lane
-            v = acc_cur[k] + tl.load(dslot)
-            tl.store(dslot, zero)           # reused by row c + 2
-            tl.store(flush + k * BLOCK_X + lane, wa * v)
-            tb = wb * v
-            tl.store(flush + (K + k) * BLOCK_X + lane, tb)
-            # the last cell's next-column part belongs to the next strip's first column: to the
-            # halo kernel, one value per lane
-            tl.store(halo_b_ptr + (halo_row + k) * S_W + lane % S_W, tb, mask=grp == last)
-        tl.debug_barrier()
-        j = strip * G + gi
-        for k in tl.static_range(K):
-            own = tl.load(flush + k * BLOCK_X + gi * S_W + ui)
-            prev = tl.load(flush + (K + k) * BLOCK_X + (gi - 1) * S_W + ui, mask=gi >= 1, other=0.0)
-            col = tl.sum(own + prev, axis=1)[:, None]
-            tl.store(g_base + k * stride_gc + c * stride_gh + j * stride_gw,
-                     _to_dtype(col, grad_ptr.dtype.element_ty), mask=(gi >= 1) & (j < w))
-            # the strip's first column still lacks the previous strip's part: to the halo
-            tl.store(halo_a_ptr + halo_row + k + gi * 0, col, mask=gi == 0)
-        top = bot
-        bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
-        acc_cur = acc_nxt
-        acc_nxt = _zeros_like_taps(zero, K)
+        acc_cur, acc_nxt = _bwd_cell_row(c, top, bot, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, l_base, t_base,
+                                         ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
+                                         stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
+        _bwd_flush(c, acc_cur, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
+                   halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
+        top = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+        acc_cur = _zeros_like_taps(zero, K)
         c += 1
+        if c < r_stop:  # rows c (taps in bot, sums in acc_nxt) and c + 1 (top, acc_cur)
+            acc_nxt, acc_cur = _bwd_cell_row(c, bot, top, acc_nxt, acc_cur, dsc, coef_b, g0, c_ce, l_base,
+                                             t_base, ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh,
+                                             stride_lw, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
+            _bwd_flush(c, acc_nxt, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
+                       halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
+            bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+            acc_nxt = _zeros_like_taps(zero, K)
+            c += 1
 
 
 @triton.jit
@@ -860,6 +907,12 @@ def _rows_block(low_res_pixels: int) -> tuple[int, int, int]:
     return 128, 4, max(1, min(_ROWS_TARGET_PROGRAMS, low_res_pixels // 1024))
 
 
+def _flush_classes(K: int, cells: int, warps: int) -> int:
+    """KB: classes per KB × cells tile of the backward's flush, so that a tile holds one element per
+    thread (a power of two, at most K rounded up)."""
+    return max(1, min(triton.next_power_of_2(K), 32 * warps // cells))
+
+
 def _bands(B: int, n_strips: int, n_rows: int, target: int) -> tuple[int, int]:
     """(rows per band, bands) splitting `n_rows` so that B × n_strips × bands ≈ target."""
     want = max(1, min(n_rows, target // (B * n_strips)))
@@ -932,14 +985,15 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
         n_strips = triton.cdiv(w, cells)
         rows, n_bands = _bands(B, n_strips, h, target)
         f32 = torch.float32
-        scratch = torch.empty(B * n_bands * n_strips * 6 * K * block_x, dtype=f32, device=logits.device)
+        scratch = torch.empty(B * n_bands * n_strips * (6 * K + 3) * block_x, dtype=f32, device=logits.device)
         halo_a = _empty((B, h, n_strips, K), f32, logits.device)
         halo_b = _empty((B, h, n_strips, K, s_w), f32, logits.device)
         _head_loss_bwd_rows_kernel[(n_strips, n_bands, B)](
             logits, targets, coef, gout, grad, scratch, halo_a, halo_b,
             h, w, H, W, h / H, w / W, rows, 1.0 / (B * H * W),
             *logits.stride(), *targets.stride(), *grad.stride(),
-            K=K, K_PAD=K_PAD, S_H=s_h, S_W=s_w, BLOCK_X=block_x, num_warps=warps, num_stages=1,
+            K=K, K_PAD=K_PAD, S_H=s_h, S_W=s_w, BLOCK_X=block_x, KB=_flush_classes(K, cells, warps),
+            num_warps=warps, num_stages=1, maxnreg=128,
         )
         total = B * K * h * n_strips
         _head_loss_bwd_halo_kernel[(triton.cdiv(total, _HALO_BLOCK),)](
@@ -1083,7 +1137,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
             bwd_rows = specialize(AotSpec(
                 name=f"head_loss_bwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_bwd_rows_kernel,
                 signature={**bwd_sig, "logits_ptr": f"*{ldt}", "grad_ptr": f"*{ldt}"},
-                constexprs={**rows, "S_W": 4}, num_warps=4, num_stages=1), layout, ones)
+                constexprs={**rows, "S_W": 4, "KB": _flush_classes(19, 128 // 4, 4)}, num_warps=4,
+                num_stages=1), layout, ones)
             # ptxas needs about a minute for each backward row kernel: CI builds the model's one
             # (bf16, channels-last), `python -m kernels.report` all of them
             (specs if (ldt, layout) == ("bf16", "nhwc") else slow).append(bwd_rows)
