@@ -47,10 +47,15 @@ interpolated low-res rows it needs; moving down one cell row loads one new low-r
 3. `_head_loss_bwd_rows_kernel`, grid (w/G strips, bands, B), G = BLOCK_X/s_w low-res cells per
    strip: each full-res pixel's gradient G(x) (the math above the generic backward) is computed
    once. Its vertical adjoint accumulates in registers into the two low-res rows it touches
-   (carried from one cell row to the next); the target class's extra term goes through the lane's
-   scratch slot; when a low-res row is complete, the horizontal adjoint: each lane leaves A_w·G
-   toward its cell's column and toward the next in a per-program scratch row, and after a barrier
-   each cell sums its s_w lanes and the previous cell's (a fixed order). A band starts one cell
+   (carried from one cell row to the next; the loop takes two cell rows per trip with the two
+   sums' roles swapped, so they never move between registers); the target class's extra term
+   goes through the lane's scratch slot. The two horizontally interpolated low-res rows a cell
+   row needs sit in two per-lane scratch rows (L1 hits), not in 2·K registers: that is what lets
+   4 CTAs of 4 warps share an SM (128 registers, no cap, no spill). When a low-res row is
+   complete, the horizontal adjoint ("flush"): each lane leaves A_w·G toward its cell's column
+   and toward the next in a per-program scratch row; after a barrier, KB × G tiles (one class and
+   one cell per thread) add each cell's s_w lanes and the previous cell's in a fixed order, with
+   immediate offsets and no cross-lane reduction or layout conversion. A band starts one cell
    row above its first low-res row (recomputed: 1/band of the rows). The first column of a strip
    also needs the previous strip's last cell (the last strip's carries the left border's clamped
    columns, cyclically): `_head_loss_bwd_halo_kernel` adds the two parts, kept in small fp32
@@ -64,12 +69,16 @@ Generic kernels (any other K ≤ 128 or scale; kept unchanged):
 Instruction figures (python -m kernels.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
 channels-last logits; 2026-11-29): forward row kernel 128 registers, 252 warp-instructions per
 full-res row per warp (32 pixels) + 189 per cell row, i.e. ≈ 9.4 per pixel: predicted 92 µs on an
-H100 (issue-bound; 144 µs A100). Backward row kernel 168 registers (3 CTAs/SM, so 75 % issue
-efficiency in the model), 360 per row + 816 per cell row (the flush) ≈ 17.6 per pixel: 227 µs
-(A100: 252 registers, 498 µs); halo 1.5 µs; finalize + total ≈ 1 µs. Before (generic kernels):
-≈ 160 (forward) and ≈ 4× that (backward) per pixel, 1460 + 4733 µs.
+H100 (issue-bound; 144 µs A100). Backward row kernel 128 registers (4 CTAs/SM), ≈ 370 per row
+(194 FP32, 21 MUFU, 63 loads: 38 of them the taps from scratch) + ≈ 560 per cell row (flush and
+the next row's taps) ≈ 16 per pixel: 155 µs (A100: 128 registers, 232 µs); halo 1.5 µs;
+finalize + total ≈ 1 µs. Head + loss forward + backward: 257 µs H100, 392 µs A100. Before:
+the generic kernels ≈ 160 (forward) and ≈ 4× that (backward) per pixel, 1460 + 4733 µs; the first
+row-kernel backward 168 registers (3 CTAs/SM; the taps in registers) with a 816-instruction
+flush (a lane reduction and a shared-memory layout conversion per class), 227 µs.
 Scratch on chip and in L2 (not DRAM floors): the forward's target-class slots 2·K·BLOCK_X fp32 per
-program (10 MB at the shapes above), the backward's 6·K·BLOCK_X (30 MB) and its halos (2.5 MB).
+program (10 MB at the shapes above), the backward's (8·K + 3)·BLOCK_X (40 MB: slots, flush rows,
+column weights, tap rows) and its halos (2.5 MB).
 
 Out-of-range target ids (outside 0..K−1): not allowed. Check them where data enters with
 `msf.losses.check_targets(targets, K)` (it syncs; these kernels never do). The kernels stay memory
@@ -538,27 +547,40 @@ def _head_loss_fwd_rows_kernel(
 
 
 @triton.jit
-def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, coef_b, g0, c_ce, l_base, t_base,
-             ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-             K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
+def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, up, lo, coef_b, g0, c_ce, t_base, ox, valid_x, H, scale_h, h,
+             stride_th, stride_tw, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
     """Adds G(x) of full-res row `oy` (cell row c) to low-res rows c (acc_cur) and c + 1 (acc_nxt),
-    weighted by the row's A_h (zero for a row outside the image). The target class's extra term
-    goes to the lane's slot of class t in the scratch `dsc` (rows of parity 0 and 1) instead of a
-    compare-and-select per class; `cur_on` = 0 leaves row c's slot alone."""
+    weighted by the row's A_h (zero for a row outside the image). `up`, `lo`: the lanes' entries of
+    the scratch rows holding the horizontally interpolated low-res rows c and c + 1 (class k at
+    + k·BLOCK_X). The target class's extra term goes to the lane's slot of class t in the scratch
+    `dsc` (rows of parity 0 and 1) instead of a compare-and-select per class; `cur_on` = 0 leaves
+    row c's slot alone."""
     y_ok = (oy >= 0) & (oy < H)
     y0, y1, ly = _source_index(oy, scale_h, h)
     w_cur = tl.where(y_ok, tl.where(y0 == c, 1.0 - ly, 0.0) + tl.where(y1 == c, ly, 0.0), 0.0)
     w_nxt = tl.where(y_ok, tl.where(y0 == c + 1, 1.0 - ly, 0.0) + tl.where(y1 == c + 1, ly, 0.0), 0.0)
     t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=valid_x & y_ok, other=-1).to(tl.int32)
-    e, m2, s = _softmax_row(top, bot, ly, K)
+    z = ()
+    m = tl.full(ly.shape, float("-inf"), tl.float32)
+    for k in tl.static_range(K):
+        zk = (1.0 - ly) * tl.load(up + k * BLOCK_X) + ly * tl.load(lo + k * BLOCK_X)
+        z = z + (zk,)
+        m = tl.maximum(m, zk)
+    m2 = m * _LOG2E
+    s = tl.zeros_like(m)
     # β_k is read where it is used (an L1 hit, the same address in every lane), not held in K
     # registers across the row loop: registers decide how many warps an SM holds
-    pe = tl.zeros_like(s)                  # Σ_j β_j·e_j
+    pe = tl.zeros_like(m)                  # Σ_j β_j·e_j
+    e = ()
     for k in tl.static_range(K):
-        pe += tl.load(coef_b + K_PAD + k) * e[k]
+        ek = tl.exp2(z[k] * _LOG2E - m2)
+        s += ek
+        pe += tl.load(coef_b + K_PAD + k) * ek
+        e = e + (ek,)
     ok = (t >= 0) & (t < K)                # an out-of-range id matches no class: no extra terms
     tc = tl.where(ok, t, 0)
-    z_t = _tap_of_class(l_base, t, i0, i1, ly, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    # z_t from the same scratch rows, by the same formula as z_k: p_t is exactly the softmax's
+    z_t = (1.0 - ly) * tl.load(up + tc * BLOCK_X) + ly * tl.load(lo + tc * BLOCK_X)
     e_t = tl.where(ok, tl.exp2(z_t * _LOG2E - m2), 0.0)
     a_t = tl.load(coef_b + tc) * g0        # g0·α_t
     r = 1.0 / s
@@ -582,6 +604,18 @@ def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, top, bot, i0, i1, coef_b, g0,
 
 
 @triton.jit
+def _store_taps(dst, base, row, x0, x1, lx, stride_c, stride_h, stride_w, K: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Low-res row `row` interpolated horizontally at the lanes' columns (`_row_taps`), stored to
+    the lanes' entries `dst` of a scratch row (class k at + k·BLOCK_X) instead of K registers."""
+    p0 = base + row * stride_h + x0 * stride_w
+    p1 = base + row * stride_h + x1 * stride_w
+    for k in tl.static_range(K):
+        v0 = tl.load(p0 + k * stride_c).to(tl.float32)
+        v1 = tl.load(p1 + k * stride_c).to(tl.float32)
+        tl.store(dst + k * BLOCK_X, (1.0 - lx) * v0 + lx * v1)
+
+
+@triton.jit
 def _strip_columns(lane, strip, W, w, scale_w, S_W: tl.constexpr, G: tl.constexpr):
     """Column geometry of the lanes `lane` (any shape) of a backward strip: (full-res column,
     in-image cell, its taps, A_w toward its cell's low-res column, A_w toward the next one)."""
@@ -600,18 +634,18 @@ def _strip_columns(lane, strip, W, w, scale_w, S_W: tl.constexpr, G: tl.constexp
 
 
 @triton.jit
-def _bwd_cell_row(c, top, bot, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx,
-                  H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                  K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, BLOCK_X: tl.constexpr):
-    """The S_H full-res rows of cell row c (taps: low-res rows c in `top`, c + 1 in `bot`) added to
-    the sums of low-res rows c (`acc_cur`) and c + 1 (`acc_nxt`)."""
-    i1 = tl.minimum(c + 1, h - 1)
+def _bwd_cell_row(c, taps, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, t_base, ox, valid_x, H, scale_h, h,
+                  stride_th, stride_tw, K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr,
+                  BLOCK_X: tl.constexpr):
+    """The S_H full-res rows of cell row c ≥ 0 (taps: low-res rows c and c + 1 in the scratch tap
+    rows `taps` of parity c % 2 and (c + 1) % 2) added to the sums of low-res rows c (`acc_cur`) and
+    c + 1 (`acc_nxt`)."""
+    up = taps + (c % 2) * (K * BLOCK_X)
+    lo = taps + ((c + 1) % 2) * (K * BLOCK_X)
     for u in tl.range(0, S_H, loop_unroll_factor=1):
         oy = c * S_H + S_H // 2 + u
-        acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, top, bot, c, i1,
-                                    coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
-                                    scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                    K, K_PAD, BLOCK_X)
+        acc_cur, acc_nxt = _bwd_row(oy, c, acc_cur, acc_nxt, dsc, 1, up, lo, coef_b, g0, c_ce, t_base, ox, valid_x,
+                                    H, scale_h, h, stride_th, stride_tw, K, K_PAD, BLOCK_X)
     return acc_cur, acc_nxt
 
 
@@ -675,7 +709,8 @@ def _head_loss_bwd_rows_kernel(
     G = BLOCK_X / S_W low-res cells (cell c: the S_W columns whose left tap is c; the last cell also
     carries the two clamped columns of the left border, cyclically); the band walks its low-res
     rows cell row by cell row, starting one cell row above (recomputed: it only feeds the first).
-    `scratch`: 3·K·BLOCK_X fp32 per program (two rows of target-class slots, one flush row)."""
+    `scratch`: (8·K + 3)·BLOCK_X fp32 per program: two rows of target-class slots (2K rows), two
+    flush rows (2 × 2K), the lanes' column weights (3), two tap rows (2K)."""
     strip = tl.program_id(0)
     band = tl.program_id(1)
     b = tl.program_id(2)
@@ -695,8 +730,9 @@ def _head_loss_bwd_rows_kernel(
     c_ce = g0 * inv_n_pix
     coef_b = coef_ptr + b * (2 * K_PAD)
     pid = (b * tl.num_programs(1) + band) * n_strips + strip
-    dsc = scratch_ptr + pid.to(tl.int64) * ((6 * K + 3) * BLOCK_X)
+    dsc = scratch_ptr + pid.to(tl.int64) * ((8 * K + 3) * BLOCK_X)
     geo = dsc + 6 * K * BLOCK_X
+    taps = dsc + (6 * K + 3) * BLOCK_X + lane
     last = tl.minimum(w - strip * G, G) - 1                    # the strip's last valid cell
     tl.store(geo + lane, wa)
     tl.store(geo + BLOCK_X + lane, wb)
@@ -706,49 +742,49 @@ def _head_loss_bwd_rows_kernel(
     r_first = band * cells_per_band
     r_stop = tl.minimum(r_first + cells_per_band, h)
     c = r_first - 1
+    # The horizontally interpolated low-res rows live in two scratch rows (row r in the one of
+    # parity r % 2), not in 2·K registers: the registers go to the sums, and 4 CTAs fit an SM.
     i0 = tl.maximum(c, 0)
-    top = _row_taps(l_base, i0, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
-    bot = _row_taps(l_base, tl.minimum(i0 + 1, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+    up = taps + (i0 % 2) * (K * BLOCK_X)
+    lo = taps + ((i0 + 1) % 2) * (K * BLOCK_X)
+    _store_taps(up, l_base, i0, x0, x1, lx, stride_lc, stride_lh, stride_lw, K, BLOCK_X)
+    _store_taps(lo, l_base, tl.minimum(i0 + 1, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K, BLOCK_X)
     acc_cur = _zeros_like_taps(zero, K)
     acc_nxt = _zeros_like_taps(zero, K)
     # the band's first low-res row also takes the lower part of the cell row above (only that)
     if c < 0:  # band 0: the clamped rows above the first cell row, with taps of rows 0 and 1
         for u in tl.static_range(S_H // 2):
-            acc_cur, acc_nxt = _bwd_row(c + 1 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, 0, tl.minimum(1, h - 1),
-                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
-                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                        K, K_PAD, BLOCK_X)
+            acc_cur, acc_nxt = _bwd_row(c + 1 + u, c, acc_cur, acc_nxt, dsc, 0, up, lo, coef_b, g0, c_ce, t_base,
+                                        ox, valid_x, H, scale_h, h, stride_th, stride_tw, K, K_PAD, BLOCK_X)
     else:
         for u in tl.static_range(S_H):
-            acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 0, top, bot, c, c + 1,
-                                        coef_b, g0, c_ce, l_base, t_base, ox, valid_x, x0, x1, lx, H,
-                                        scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+            acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 0, up, lo, coef_b, g0,
+                                        c_ce, t_base, ox, valid_x, H, scale_h, h, stride_th, stride_tw,
                                         K, K_PAD, BLOCK_X)
-        top = bot
-        bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+        _store_taps(up, l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K, BLOCK_X)
     acc_cur = acc_nxt
     acc_nxt = _zeros_like_taps(zero, K)
     c += 1
 
-    # Two cell rows per iteration, the second with the roles of the two tap rows and of the two
-    # accumulators swapped: the rows and accumulators never move between registers (a rotation
-    # of 4·K loop-carried values would cost moves, and registers to make them in).
+    # Two cell rows per iteration, the second with the roles of the two accumulators swapped: they
+    # never move between registers (rotating 2·K loop-carried sums would cost moves, and
+    # registers to make them in).
     while c < r_stop:
-        acc_cur, acc_nxt = _bwd_cell_row(c, top, bot, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, l_base, t_base,
-                                         ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
-                                         stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
+        acc_cur, acc_nxt = _bwd_cell_row(c, taps, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, t_base, ox, valid_x,
+                                         H, scale_h, h, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
         _bwd_flush(c, acc_cur, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
                    halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
-        top = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+        _store_taps(taps + (c % 2) * (K * BLOCK_X), l_base, tl.minimum(c + 2, h - 1), x0, x1, lx,
+                    stride_lc, stride_lh, stride_lw, K, BLOCK_X)
         acc_cur = _zeros_like_taps(zero, K)
         c += 1
-        if c < r_stop:  # rows c (taps in bot, sums in acc_nxt) and c + 1 (top, acc_cur)
-            acc_nxt, acc_cur = _bwd_cell_row(c, bot, top, acc_nxt, acc_cur, dsc, coef_b, g0, c_ce, l_base,
-                                             t_base, ox, valid_x, x0, x1, lx, H, scale_h, h, stride_lc, stride_lh,
-                                             stride_lw, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
+        if c < r_stop:  # row c's sums are in acc_nxt, row c + 1's in acc_cur
+            acc_nxt, acc_cur = _bwd_cell_row(c, taps, acc_nxt, acc_cur, dsc, coef_b, g0, c_ce, t_base, ox,
+                                             valid_x, H, scale_h, h, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
             _bwd_flush(c, acc_nxt, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
                        halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
-            bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
+            _store_taps(taps + (c % 2) * (K * BLOCK_X), l_base, tl.minimum(c + 2, h - 1), x0, x1, lx,
+                        stride_lc, stride_lh, stride_lw, K, BLOCK_X)
             acc_nxt = _zeros_like_taps(zero, K)
             c += 1
 
@@ -985,7 +1021,7 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
         n_strips = triton.cdiv(w, cells)
         rows, n_bands = _bands(B, n_strips, h, target)
         f32 = torch.float32
-        scratch = torch.empty(B * n_bands * n_strips * (6 * K + 3) * block_x, dtype=f32, device=logits.device)
+        scratch = torch.empty(B * n_bands * n_strips * (8 * K + 3) * block_x, dtype=f32, device=logits.device)
         halo_a = _empty((B, h, n_strips, K), f32, logits.device)
         halo_b = _empty((B, h, n_strips, K, s_w), f32, logits.device)
         _head_loss_bwd_rows_kernel[(n_strips, n_bands, B)](
@@ -993,7 +1029,7 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
             h, w, H, W, h / H, w / W, rows, 1.0 / (B * H * W),
             *logits.stride(), *targets.stride(), *grad.stride(),
             K=K, K_PAD=K_PAD, S_H=s_h, S_W=s_w, BLOCK_X=block_x, KB=_flush_classes(K, cells, warps),
-            num_warps=warps, num_stages=1, maxnreg=128,
+            num_warps=warps, num_stages=1,
         )
         total = B * K * h * n_strips
         _head_loss_bwd_halo_kernel[(triton.cdiv(total, _HALO_BLOCK),)](
