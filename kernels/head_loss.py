@@ -610,9 +610,13 @@ def _store_taps(dst, base, row, x0, x1, lx, stride_c, stride_h, stride_w, K: tl.
     p0 = base + row * stride_h + x0 * stride_w
     p1 = base + row * stride_h + x1 * stride_w
     for k in tl.static_range(K):
-        v0 = tl.load(p0 + k * stride_c).to(tl.float32)
-        v1 = tl.load(p1 + k * stride_c).to(tl.float32)
+        v0 = tl.load(p0).to(tl.float32)
+        v1 = tl.load(p1).to(tl.float32)
         tl.store(dst + k * BLOCK_X, (1.0 - lx) * v0 + lx * v1)
+        # a pointer stepped class by class: with a run-time class stride (NCHW), K precomputed
+        # offsets k·stride_c would otherwise stay live across the whole band loop
+        p0 += stride_c
+        p1 += stride_c
 
 
 @triton.jit
