@@ -133,6 +133,9 @@ LOSS_CASES = {
     "k19_s4_bf16_nhwc_two_strips": (1, 19, 4, 9, 4, 4, torch.bfloat16, "nhwc", torch.uint8, False, 1.0, 2),
     "k6_s2x4_fp32_nchw_two_strips": (2, 6, 3, 17, 2, 4, torch.float32, "nchw", torch.int64, True, 1.0, 5),
     "k25_s2_fp32_generic_kernels": (1, 25, 3, 3, 2, 2, torch.float32, "nchw", torch.uint8, False, 1.0, 24),
+    # bands of 3 and 2 cell rows at the model's K and scale: the backward's band loop takes two
+    # cell rows a trip (the second with the sums' roles swapped), so odd and even bands both occur
+    "k19_s4_bf16_nhwc_multi_row_bands": (1, 19, 20, 9, 4, 4, torch.bfloat16, "nhwc", torch.uint8, False, 1.0, 7),
 }
 
 
