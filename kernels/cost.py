@@ -164,7 +164,7 @@ LOOPS: list[Loop] = [
     # _bwd_cell_row
     Loop("head_loss", "_head_loss_bwd_rows_kernel", "while c < r_stop:",
          lambda a, pid: _cdiv(_band_cells(a, pid), 2),
-         count="acc_cur = _zeros_like_taps(zero, K)",
+         count="c += 1",
          kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("head_loss", "_head_loss_fwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
          lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),

@@ -700,6 +700,24 @@ def _bwd_flush(c, acc, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g
 
 
 @triton.jit
+def _bwd_cell_step(c, acc_c, acc_n, taps, dsc, geo, zero, lane, kb, gi, strip, b, h, w, H, n_strips, scale_h,
+                   coef_b, g0, c_ce, l_base, t_base, g_base, halo_a_ptr, halo_b_ptr, ox, valid_x, x0, x1, lx,
+                   stride_lc, stride_lh, stride_lw, stride_th, stride_tw, stride_gc, stride_gh, stride_gw,
+                   K: tl.constexpr, K_PAD: tl.constexpr, S_H: tl.constexpr, S_W: tl.constexpr,
+                   BLOCK_X: tl.constexpr, KB: tl.constexpr, G: tl.constexpr):
+    """Cell row c of the band loop: its rows into the sums of low-res rows c (`acc_c`) and c + 1
+    (`acc_n`), the flush of row c, and low-res row c + 2's taps into row c's tap row. Returns
+    (zeroed sums for row c + 2, row c + 1's sums)."""
+    acc_c, acc_n = _bwd_cell_row(c, taps, acc_c, acc_n, dsc, coef_b, g0, c_ce, t_base, ox, valid_x, H, scale_h, h,
+                                 stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
+    _bwd_flush(c, acc_c, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
+               halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
+    _store_taps(taps + (c % 2) * (K * BLOCK_X), l_base, tl.minimum(c + 2, h - 1), x0, x1, lx,
+                stride_lc, stride_lh, stride_lw, K, BLOCK_X)
+    return _zeros_like_taps(zero, K), acc_n
+
+
+@triton.jit
 def _head_loss_bwd_rows_kernel(
     logits_ptr, targets_ptr, coef_ptr, gout_ptr, grad_ptr, scratch_ptr, halo_a_ptr, halo_b_ptr,
     h, w, H, W, scale_h, scale_w, cells_per_band, inv_n_pix,
@@ -774,22 +792,18 @@ def _head_loss_bwd_rows_kernel(
     # never move between registers (rotating 2·K loop-carried sums would cost moves, and
     # registers to make them in).
     while c < r_stop:
-        acc_cur, acc_nxt = _bwd_cell_row(c, taps, acc_cur, acc_nxt, dsc, coef_b, g0, c_ce, t_base, ox, valid_x,
-                                         H, scale_h, h, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
-        _bwd_flush(c, acc_cur, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
-                   halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
-        _store_taps(taps + (c % 2) * (K * BLOCK_X), l_base, tl.minimum(c + 2, h - 1), x0, x1, lx,
-                    stride_lc, stride_lh, stride_lw, K, BLOCK_X)
-        acc_cur = _zeros_like_taps(zero, K)
+        acc_cur, acc_nxt = _bwd_cell_step(c, acc_cur, acc_nxt, taps, dsc, geo, zero, lane, kb, gi, strip, b, h, w,
+                                          H, n_strips, scale_h, coef_b, g0, c_ce, l_base, t_base, g_base,
+                                          halo_a_ptr, halo_b_ptr, ox, valid_x, x0, x1, lx,
+                                          stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                          stride_gc, stride_gh, stride_gw, K, K_PAD, S_H, S_W, BLOCK_X, KB, G)
         c += 1
         if c < r_stop:  # row c's sums are in acc_nxt, row c + 1's in acc_cur
-            acc_nxt, acc_cur = _bwd_cell_row(c, taps, acc_nxt, acc_cur, dsc, coef_b, g0, c_ce, t_base, ox,
-                                             valid_x, H, scale_h, h, stride_th, stride_tw, K, K_PAD, S_H, BLOCK_X)
-            _bwd_flush(c, acc_nxt, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g_base,
-                       halo_a_ptr, halo_b_ptr, stride_gc, stride_gh, stride_gw, K, S_W, BLOCK_X, KB, G)
-            _store_taps(taps + (c % 2) * (K * BLOCK_X), l_base, tl.minimum(c + 2, h - 1), x0, x1, lx,
-                        stride_lc, stride_lh, stride_lw, K, BLOCK_X)
-            acc_nxt = _zeros_like_taps(zero, K)
+            acc_nxt, acc_cur = _bwd_cell_step(c, acc_nxt, acc_cur, taps, dsc, geo, zero, lane, kb, gi, strip, b,
+                                              h, w, H, n_strips, scale_h, coef_b, g0, c_ce, l_base, t_base, g_base,
+                                              halo_a_ptr, halo_b_ptr, ox, valid_x, x0, x1, lx,
+                                              stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
+                                              stride_gc, stride_gh, stride_gw, K, K_PAD, S_H, S_W, BLOCK_X, KB, G)
             c += 1
 
 
