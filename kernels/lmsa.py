@@ -141,6 +141,7 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduc
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
 ]
 _WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
@@ -201,6 +202,20 @@ def _cell(h, w, H, W, TH, TW):
     ri = tl.where(h < 3, h, tl.where(h >= H - 3, h - H + TH, 3))
     ci = tl.where(w < 3, w, tl.where(w >= W - 3, w - W + TW, 3))
     return ri * 7 + ci
+
+
+@triton.jit
+def _row_col(p, W):
+    """(row, column) of flat pixel indices p in an image W pixels wide."""
+    return p // W, p % W
+
+
+@triton.jit
+def _step_row_col(h, w, DH, DW, W):
+    """(row, column) of the pixels DH·W + DW further on (0 ≤ DW < W): one carry, no division."""
+    w = w + DW
+    carry = w >= W
+    return h + DH + carry.to(tl.int32), tl.where(carry, w - W, w)
 
 
 # Tap loops: a runtime loop over window rows around a compile-time-unrolled sweep of the row's
@@ -407,13 +422,14 @@ def _lmsa_bwd_gram_kernel(
 
     acc = tl.zeros([C, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
+    hs, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)  # stepped per tile, as in wgrad
+    DH = BLOCK_P // W
+    DW = BLOCK_P % W
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
-            h = pc // W
-            w = pc % W
+            h = tl.minimum(hs, H - 1)  # lanes past the image: a valid pixel, their dO is 0
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
@@ -430,6 +446,7 @@ def _lmsa_bwd_gram_kernel(
             acc += _mm(gt, d.to(gt.dtype), PRECISE)
             if KID == 0:
                 gsum += tl.sum(gt.to(tl.float32), 1)
+        hs, w = _step_row_col(hs, w, DH, DW, W)
 
     tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
     if KID == 0:
@@ -477,15 +494,19 @@ def _lmsa_bwd_wgrad_kernel(
     a4 = tl.zeros([BLOCK_P, BJ], tl.float32)
     a5 = tl.zeros([BLOCK_P, BJ], tl.float32)
     a6 = tl.zeros([BLOCK_P, BJ], tl.float32)
+    # (h, w) of the tile's pixels: divided once, then stepped by BLOCK_P = DH·W + DW pixels per tile
+    # with one carry (w + DW < 2W): an integer division per pixel and tile cost ~30 instructions,
+    # a quarter of the k = 7 loop body
+    h, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)
+    DH = BLOCK_P // W
+    DW = BLOCK_P % W
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            pc = tl.minimum(offs_p, H * W - 1)  # past the image: a valid pixel (its x is masked to 0)
-            h = pc // W
-            w = pc % W
-            xt = tl.load(x_ptr + (h * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
-            row_ptr = e_ptr + ((h + 3 - di) * (W + 6) + w + 3)[:, None] * C
+            hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
+            xt = tl.load(x_ptr + (hc * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
+            row_ptr = e_ptr + ((hc + 3 - di) * (W + 6) + w + 3)[:, None] * C
             # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
             a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
             a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
@@ -496,6 +517,7 @@ def _lmsa_bwd_wgrad_kernel(
             if KS >= 7:
                 a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
                 a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
+        h, w = _step_row_col(h, w, DH, DW, W)
     out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
     tl.store(out, tl.sum(a0, 0))
     tl.store(out + C, tl.sum(a1, 0))
