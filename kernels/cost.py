@@ -196,12 +196,11 @@ LOOPS: list[Loop] = [
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
-         count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
+         count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
-    Loop("lmsa", "_depthwise_padded", "for i in range(KS):",  # gram: one site, KS rows a tile; dx: one site a scale
-         lambda a, pid: _stats_active(a, pid) * a["KS"] if "KS" in a else [3, 5, 7],
-         kernels=("_lmsa_bwd_gram_kernel", "_lmsa_bwd_dx_kernel")),
+    Loop("lmsa", "_depthwise_padded", "for i in range(KS):",  # dx: one site a scale
+         lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),
 ]
 
 
@@ -348,9 +347,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             params = [torch.zeros(c, 1, k, k) for k in (3, 5, 7)] + [torch.zeros(c, c) for _ in range(3)] \
                 + [torch.zeros(c) for _ in range(3)] + [torch.zeros(3 * c // 8, 3 * c), torch.zeros(3 * c // 8),
                                                        torch.zeros(3 * c, 3 * c // 8), torch.zeros(3 * c)]
-            _, P, wg, xp = lmsa._forward(x, params, False)
+            _, P, wg, dsave = lmsa._forward(x, params, False)
             pass_ref[0] = "bwd"
-            lmsa._backward(x, xp, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
+            lmsa._backward(x, dsave, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

@@ -81,15 +81,31 @@ model's shape, predicted on an H100; predictions, not measurements: no GPU was a
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
     stats              43 M                  –               145 µs   bytes
     fwd               385 M         2.2 (incl. the GEMM)     418 µs   issue (3 CTAs of 8 warps / SM)
-    gram ×3           641 M         3.7 (incl. E, M GEMMs)   799 µs   bytes (k = 3, 5), issue (k = 7)
-    wgrad ×3          480 M         2.8                      594 µs   issue (k = 5, 7)
+    gram ×3           609 M         3.5 (incl. E, M GEMMs)   780 µs   bytes (k = 3, 5), issue (k = 7)
+    wgrad ×3          400 M         2.3                      525 µs   bytes (k = 3, 5), issue (k = 7)
     dx                387 M         2.2                      418 µs   issue
-    forward + backward                                      2374 µs   (was 7696 µs; eager floor 4520 µs)
+    forward + backward                                      2286 µs   (7696 before issue 14; eager floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 817 + 2924 µs on an A100. The target of issue 14, 1.5 ms, is not met: what is
-left is bytes (the bordered fp32 tensors: ~1.9 ms at 3 TB/s over the whole pass, by the count
-above) and the FMAs themselves; storing the bordered tensors in bf16 with a 2-for-1 unpack of bf16
-pairs, and one gram launch for all three scales (X̂ and dO read once), are the next steps.
+sm_80 builds give 817 + 2911 µs on an A100. The wgrad and gram tile loops step each tile's (row,
+column) by BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per
+pixel and tile was ~30 of the 129 SASS instructions of the k = 7 wgrad body.
+The target of issue 14, 1.5 ms, is not met. What the model says about the next steps (measured on
+this code, 2026-11-29; none of them kept):
+  - E_k stored in bf16 (the gram kernel writes it, the wgrad and dx kernels read it): the gram
+    launches drop from 799 to 691 µs (bytes), but the wgrad and dx sweeps, issue-bound with one
+    FMA per loaded element, pay the bf16 → fp32 unpack per element and tap: wgrad 594 → 800 µs,
+    dx 418 → 682 µs. X̂ in bf16 hits the forward sweep the same way. Only a sweep that feeds
+    several FMAs per unpacked element can afford bf16 there.
+  - One gram launch for the three scales (the forward's `_depthwise3` sweep, three E and M
+    products from one dO tile): fewer instructions (~500 M against 640 M), but 138+ registers
+    put one 8-warp CTA on an SM (issue efficiency 1/2): 1107 µs predicted; with scales 3 and 5 in
+    one launch and 7 in another, 797–929 µs. A register cap (maxnreg 128) gets two CTAs but spills.
+  - Larger tiles (several pixels per thread, so each weight load feeds more FMAs) cut dx's and
+    the forward's instructions by 10–17 %, but ptxas then holds every tap's loads in flight
+    (176–250 registers, two 4-warp CTAs per SM) and the predicted time rises.
+What is left is the FMAs themselves (four depthwise passes: ≥ 190 µs each on an H100 at one FMA
+per element and tap) plus one load per FMA in the passes that cannot share a loaded value
+between taps (gram, wgrad, dx), and the fp32 bordered tensors' bytes.
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
@@ -325,7 +341,7 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, XP, WG, BIAS, DW3, DW5, DW7, OUT,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
     H, W,
@@ -334,7 +350,9 @@ def _lmsa_fwd_kernel(
     """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for BLOCK_P pixels of image b.
 
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
-    slice's depthwise outputs formed on chip right before it is multiplied in."""
+    slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
+    the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
+    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -349,15 +367,22 @@ def _lmsa_fwd_kernel(
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
 
+    d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_k[None, :]
     acc = tl.zeros([BLOCK_P, C], tl.float32)
     for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
         d3, d5, d7 = _depthwise3(xp_base, DW3, DW5, DW7, h + 3, w + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        acc += _mm(d3.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
-        acc += _mm(d5.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
-        acc += _mm(d7.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
+        d3 = d3.to(WG.dtype.element_ty)
+        d5 = d5.to(WG.dtype.element_ty)
+        d7 = d7.to(WG.dtype.element_ty)
+        tl.store(d_ptr + j0, d3, mask=mask_p[:, None])
+        tl.store(d_ptr + (C + j0), d5, mask=mask_p[:, None])
+        tl.store(d_ptr + (2 * C + j0), d7, mask=mask_p[:, None])
+        acc += _mm(d3, tl.load(wt_ptr), PRECISE)
+        acc += _mm(d5, tl.load(wt_ptr + C * C), PRECISE)
+        acc += _mm(d7, tl.load(wt_ptr + 2 * C * C), PRECISE)
 
     bias = tl.load(BIAS + b * C + offs_c)
     xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
@@ -393,21 +418,22 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    XP, DO, WG, DWK, MP, GSP, EK,
+    D, DO, WG, MP, GSP, E3, E5, E7,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr,
-    CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """For scale k = KID (kernel size KS), channel block pid_j and the pixels p of chunk `pid` of
-    image b, the partial sums
+    """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
         MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
-        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
-    with DW_k(x) recomputed on chip from the zero-bordered fp32 x (XP, the stats kernel's), and E_k = W̃_kᵀ dO, formed on chip and stored once:
-        EK[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]      (fp32, B × (H+6) × (W+6) × C; the host
-                                                      zeroes the 3-pixel border)
-    for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
+        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; pid_j = 0 writes it)
+    with DW_k(x) read from D (B × H × W × 3C, x's dtype: what the forward multiplied, stored by
+    it), and E_k = W̃_kᵀ dO formed on chip (the three products share each dO slice) and stored once:
+        E_k[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]     (fp32, B × (H+6) × (W+6) × C; the host
+                                                     zeroes the 3-pixel border)
+    for the wgrad and dx kernels. Two kernels' worth of tensor-core products and no depthwise
+    sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
+    MP: B × n × 3 × C × C, GSP: B × n × C, fp32."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -415,45 +441,54 @@ def _lmsa_bwd_gram_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_c = tl.arange(0, C)
-    xp_base = XP + b * ((H + 6) * (W + 6) * C)  # x, zero-bordered fp32 (the stats kernel's)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
-    wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
+    wg_ptr = WG + (b * 3 * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_3[b][c-step, j-block]
 
-    acc = tl.zeros([C, BJ], tl.float32)
+    acc3 = tl.zeros([C, BJ], tl.float32)
+    acc5 = tl.zeros([C, BJ], tl.float32)
+    acc7 = tl.zeros([C, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
-    hs, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)  # stepped per tile, as in wgrad
-    DH = BLOCK_P // W
-    DW = BLOCK_P % W
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
             mask_p = offs_p < H * W
-            h = tl.minimum(hs, H - 1)  # lanes past the image: a valid pixel, their dO is 0
-            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
-                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
-            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
-            # K = C product at once would hold the whole dO tile twice more, and spills in fp32)
-            e = tl.zeros([BLOCK_P, BJ], tl.float32)
+            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
+            h = pc // W
+            w = pc % W
+            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
+            # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
+            # tile twice more)
+            e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
             for c0 in range(0, C, BC):
                 gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
                              mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
-                e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
-            # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
-            tl.store(EK + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :],
-                     e.to(EK.dtype.element_ty), mask=mask_p[:, None])
-            d = _depthwise_padded(xp_base, DWK, h + 3, w + 3, offs_j, W + 6, KS, C, BLOCK_P, BJ)
-            acc += _mm(gt, d.to(gt.dtype), PRECISE)
-            if KID == 0:
+                e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+                e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
+                e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
+            e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
+            tl.store(E3 + e_out, e3.to(E3.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E5 + e_out, e5.to(E5.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E7 + e_out, e7.to(E7.dtype.element_ty), mask=mask_p[:, None])
+            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
+                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
+            d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
+            acc3 += _mm(gt, tl.load(d_ptr), PRECISE)
+            acc5 += _mm(gt, tl.load(d_ptr + C), PRECISE)
+            acc7 += _mm(gt, tl.load(d_ptr + 2 * C), PRECISE)
+            if pid_j == 0:  # one channel block sums dO (a reduction across the pixel lanes)
                 gsum += tl.sum(gt.to(tl.float32), 1)
-        hs, w = _step_row_col(hs, w, DH, DW, W)
 
-    tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
-    if KID == 0:
-        tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
+    mp = MP + ((b * n_chunks + pid) * 3 * C + offs_c[:, None]) * C + offs_j[None, :]
+    tl.store(mp, acc3)
+    tl.store(mp + C * C, acc5)
+    tl.store(mp + 2 * C * C, acc7)
+    tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
 
 
-_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
 
 
 @triton.jit
@@ -680,14 +715,15 @@ def _forward(x, params, precise):
     wg = wg.to(x.dtype).contiguous()
     beta = beta.contiguous()
     out = _new_like(x)
+    dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
+        x, xp, wg, beta, *_dw_flat(dws), out, dsave, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
-    return out, P, wg, xp
+    return out, P, wg, dsave
 
 
-def _backward(x, xp, g, P, wg, params, precise):
+def _backward(x, dsave, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
@@ -701,10 +737,9 @@ def _backward(x, xp, g, P, wg, params, precise):
     # their shifted reads need no masks (the gram kernel writes the interior)
     ek = [_bordered(b, h, w, c, x.device) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    for kid, k in enumerate(KERNEL_SIZES):
-        _lmsa_bwd_gram_kernel[grid](
-            xp, g, wg, dw_flat[kid], mp, gsp, ek[kid], *g.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
+    _lmsa_bwd_gram_kernel[grid](
+        dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
+        C=c, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
     for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
@@ -746,17 +781,17 @@ class LMSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, xp = _forward(x, params, precise)
-        ctx.save_for_backward(x, xp, P, wg, *params)
+        out, P, wg, dsave = _forward(x, params, precise)
+        ctx.save_for_backward(x, dsave, P, wg, *params)
         ctx.precise = precise
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, xp, P, wg, *params = ctx.saved_tensors
+        x, dsave, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, xp, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, dsave, g, P, wg, params, ctx.precise)
         return (dx, *pgrads)
 
 
@@ -817,21 +852,16 @@ def _aot_specs() -> list[AotSpec]:
              {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
-             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
+             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt,
+              "D": dt},
              ["H", "W"], {}),
-            ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
+            ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+             {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": "*fp32", "E5": "*fp32", "E7": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
             ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
-            ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
             ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
-            ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
             ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
