@@ -126,6 +126,12 @@ __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS"]
 KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
+_ROW0_5: tl.constexpr = tl.constexpr(_TAP_ROW0[1])  # the same, as kernel constants
+_ROW0_7: tl.constexpr = tl.constexpr(_TAP_ROW0[2])
+# wgrad launches: the scales each one sweeps (x is read once per launch; a scale narrower than the
+# launch's widest skips the rows outside its window). Predicted on an H100: 3 | 5 | 7 525 µs,
+# 3 5 | 7 479 µs, 3 5 7 519 µs (registers), 3 7 | 5 588 µs.
+WGRAD_SPLIT = ((3, 5), (7,))
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -152,12 +158,12 @@ _FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped t
     (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
-_GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduction, BLOCK_C: E's K step
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
+_GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
 _WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
@@ -498,62 +504,24 @@ def _wtap(acc, xt, row_ptr, dj: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _lmsa_bwd_wgrad_kernel(
-    X, EK, DWP,
-    sxb, sxc, sxh, sxw,
-    H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, CHUNK_PIX: tl.constexpr,
-    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    """Main-path ∂L/∂w_k for one window row: for scale k = KID (kernel size KS), row i and channel
-    block pid_j (program_id(0) = i · C/BJ + pid_j), pixel chunk `pid` of image b,
-        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (i − KS//2, c − KS//2)
-    (= Σ_p E_k[j, p] x[j, p + δ]), from the stored, zero-bordered E_k (EK, the gram kernel's):
-    x is loaded once per tile, E_k at the row's KS shifts without masks. Each tap keeps its own
-    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
-    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    NJ: tl.constexpr = C // BJ
-    row = tl.program_id(0) // NJ
-    pid_j = tl.program_id(0) % NJ
-    pid = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BJ + tl.arange(0, BJ)
-    x_ptr = X + b * sxb + offs_j[None, :] * sxc
-    e_ptr = EK + b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
-    di = row - KS // 2
-    a0 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a1 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a2 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a3 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a4 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a5 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a6 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    # (h, w) of the tile's pixels: divided once, then stepped by BLOCK_P = DH·W + DW pixels per tile
-    # with one carry (w + DW < 2W): an integer division per pixel and tile cost ~30 instructions,
-    # a quarter of the k = 7 loop body
-    h, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)
-    DH = BLOCK_P // W
-    DW = BLOCK_P % W
-    for i in range(0, CHUNK_PIX, BLOCK_P):
-        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
-            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < H * W
-            hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
-            xt = tl.load(x_ptr + (hc * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
-            row_ptr = e_ptr + ((hc + 3 - di) * (W + 6) + w + 3)[:, None] * C
-            # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
-            a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
-            a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
-            a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
-            if KS >= 5:
-                a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
-                a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
-            if KS >= 7:
-                a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
-                a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
-        h, w = _step_row_col(h, w, DH, DW, W)
-    out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
+def _wrow(a0, a1, a2, a3, a4, a5, a6, xt, row_ptr, KS: tl.constexpr, C: tl.constexpr):
+    """The KS taps of one window row of a KS×KS scale (column offsets −KS//2 .. KS//2, compile-time
+    constants) into a0 .. a(KS−1); the other accumulators come back unchanged."""
+    a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
+    a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
+    a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
+    if KS >= 5:
+        a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
+        a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
+    if KS >= 7:
+        a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
+        a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
+    return a0, a1, a2, a3, a4, a5, a6
+
+
+@triton.jit
+def _wstore(out, a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr, C: tl.constexpr):
+    """The pixel sums of a0 .. a(KS−1) into KS consecutive C-wide rows of the partial buffer."""
     tl.store(out, tl.sum(a0, 0))
     tl.store(out + C, tl.sum(a1, 0))
     tl.store(out + 2 * C, tl.sum(a2, 0))
@@ -565,8 +533,75 @@ def _lmsa_bwd_wgrad_kernel(
         tl.store(out + 6 * C, tl.sum(a6, 0))
 
 
+@triton.jit
+def _lmsa_bwd_wgrad_kernel(
+    X, E3, E5, E7, DWP,
+    sxb, sxc, sxh, sxw,
+    H, W, n_chunks,
+    C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_PIX: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset di = row − R (R: the widest scale's half-width): for row and
+    channel block pid_j (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
+        DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
+    (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k whose window holds the row (k = 7 always,
+    k = 5 for |di| ≤ 2, k = 3 for |di| ≤ 1), from the stored, zero-bordered E_k (the gram
+    kernel's): x is loaded once per tile for up to 15 taps, each E_k at its row's shifts (one
+    offset for the three, their borders being alike) without masks. Each tap keeps its own
+    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
+    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    NJ: tl.constexpr = C // BJ
+    row = tl.program_id(0) // NJ
+    pid_j = tl.program_id(0) % NJ
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    x_ptr = X + b * sxb + offs_j[None, :] * sxc
+    e_off = b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
+    R: tl.constexpr = 3 if S7 else (2 if S5 else 1)
+    di = row - R
+    has5 = (di >= -2) & (di <= 2)  # the row is in the 5×5 window
+    has3 = (di >= -1) & (di <= 1)
+    z = tl.zeros([BLOCK_P, BJ], tl.float32)
+    s0, s1, s2, s3, s4, s5, s6 = z, z, z, z, z, z, z  # k = 7
+    f0, f1, f2, f3, f4 = z, z, z, z, z                # k = 5
+    t0, t1, t2 = z, z, z                              # k = 3
+    # (h, w) of the tile's pixels: divided once, then stepped by BLOCK_P = DH·W + DW pixels per tile
+    # with one carry (w + DW < 2W): an integer division per pixel and tile cost ~30 instructions,
+    # a quarter of a one-scale row's loop body
+    h, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)
+    DH = BLOCK_P // W
+    DW = BLOCK_P % W
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
+            xt = tl.load(x_ptr + (hc * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
+            r_off = e_off + ((hc + 3 - di) * (W + 6) + w + 3)[:, None] * C
+            if S7:
+                s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xt, E7 + r_off, 7, C)
+            if S5:
+                if has5:
+                    f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xt, E5 + r_off, 5, C)
+            if S3:
+                if has3:
+                    t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xt, E3 + r_off, 3, C)
+        h, w = _step_row_col(h, w, DH, DW, W)
+    out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
+    if S7:
+        _wstore(out + (_ROW0_7 + (di + 3) * 7) * C, s0, s1, s2, s3, s4, s5, s6, 7, C)
+    if S5:
+        if has5:
+            _wstore(out + (_ROW0_5 + (di + 2) * 5) * C, f0, f1, f2, f3, f4, z, z, 5, C)
+    if S3:
+        if has3:
+            _wstore(out + (di + 1) * 3 * C, t0, t1, t2, z, z, z, z, 3, C)
+
+
 _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
-                                 ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+                                 ["H", "W", "C", "S3", "S5", "S7", "CHUNK_PIX", "PRECISE"])
 
 
 
@@ -742,11 +777,13 @@ def _backward(x, dsave, g, P, wg, params, precise):
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
     dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
-    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
-        grid = lambda meta, k=k: (k * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+    for scales in WGRAD_SPLIT:
+        rows = max(scales)
+        grid = lambda meta, rows=rows: (rows * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+        mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
-            x, ek[kid], dwp, *x.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, ROW0=row0, CHUNK_PIX=chunk, PRECISE=precise)
+            x, *mine, dwp, *x.stride(), h, w, n_chunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
+            CHUNK_PIX=chunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -847,7 +884,11 @@ def _aot_specs() -> list[AotSpec]:
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
-        kernels = (
+        wgrads = tuple(("wgrad" + "".join(map(str, sc)), _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
+                        {"X": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DWP": "*fp32"},
+                        ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc})
+                       for sc in WGRAD_SPLIT)
+        kernels = wgrads + (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
              {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
@@ -858,12 +899,6 @@ def _aot_specs() -> list[AotSpec]:
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": "*fp32", "E5": "*fp32", "E7": "*fp32"},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
-            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
-            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
-            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
              ["H", "W", "TH", "TW"], {}),
