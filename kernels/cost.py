@@ -199,7 +199,7 @@ LOOPS: list[Loop] = [
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
-    Loop("lmsa", "_depthwise_padded", "for i in range(KS):",  # dx: one site a scale
+    Loop("lmsa", "_depthwise_pair", "for i in range(KS):",  # dx: one site a scale
          lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),
 ]
 

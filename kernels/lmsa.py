@@ -244,21 +244,31 @@ def _step_row_col(h, w, DH, DW, W):
 # columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
 # hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """fp32 [pixels × channels] tile of DW_KS(v) (zero padding) at the pixels whose bordered
-    coordinates are (hp, wp), channels offs_j, times the per-channel taps w[t, j] (fp32, tap-major
-    KS² × C), for v stored channels-last with a 3-pixel zero border (row stride WP·C, pixel stride
-    C; every shifted read stays inside the buffer): no masks, and the column offsets are immediates
-    of the loads (C is a compile-time constant)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+def _depthwise_pair(a, bb, base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr):
+    """(a, bb) plus the fp32 [pixels × channels] tiles of DW_KS(v) (zero padding) at two horizontally adjacent
+    pixels per lane, bordered coordinates (hp, wp) and (hp, wp + 1), channels offs_j, with the
+    per-channel taps w[t, j] (fp32, tap-major KS² × C), for v stored channels-last with a 3-pixel
+    zero border (row stride WP·C, pixel stride C): no masks, column offsets are immediates of the
+    loads (C is a compile-time constant), and each window row's KS + 1 loads feed both pixels' KS
+    taps (2·KS FMAs from KS + 1 loads; each tap's weights are loaded once for the two). The right
+    pixel may lie past the image (wp + 1 = W + 3): its last column is clamped into the buffer and
+    the caller masks its result."""
     c_ptr = base + offs_j[None, :]
+    last = (tl.minimum(wp + KS // 2 + 1, WP - 1) - (wp - KS // 2))[:, None] * C  # = KS·C inside the image
     for i in range(KS):
         row_ptr = c_ptr + ((hp + (i - KS // 2)) * WP + wp - KS // 2)[:, None] * C
-        for jj in tl.static_range(KS):
-            v = tl.load(row_ptr + jj * C).to(tl.float32)
-            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
-    return acc
+        for jj in tl.static_range(KS + 1):
+            if jj < KS:
+                v = tl.load(row_ptr + jj * C).to(tl.float32)
+                wt = tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
+                a += v * wt
+            else:
+                v = tl.load(row_ptr + last).to(tl.float32)
+            if jj > 0:
+                bb += v * wprev
+            if jj < KS:
+                wprev = wt
+    return a, bb
 
 
 @triton.jit
@@ -613,35 +623,48 @@ def _lmsa_bwd_dx_kernel(
     H, W, TH, TW,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for BLOCK_P pixels and channel block pid_j of image b.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for 2·BLOCK_P pixels of one image row (two adjacent
+    pixels per lane, `_depthwise_pair`; program_id(0) = row · column blocks + column block) and
+    channel block pid_j of image b.
 
     E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
     border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
-    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_padded`
+    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_pair`
     over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
     never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    pid = tl.program_id(0)
+    n_wb = (W + 2 * BLOCK_P - 1) // (2 * BLOCK_P)  # programs per image row
+    h = tl.program_id(0) // n_wb
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image read a valid pixel; their store is masked
-    h = pc // W
-    w = pc % W
+    # lane i: the pixel pair (h, wa), (h, wa + 1) of the row's column block
+    wa = (tl.program_id(0) % n_wb) * (2 * BLOCK_P) + 2 * tl.arange(0, BLOCK_P)
+    mask_a = wa < W
+    mask_b = wa + 1 < W
+    wa = tl.minimum(wa, W - 1)  # lanes past the row compute a valid pixel; their stores are masked
+    wb = tl.minimum(wa + 1, W - 1)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
-    dx = _depthwise_padded(E3 + e_off, DW3, h + 3, w + 3, offs_j, W + 6, 3, C, BLOCK_P, BJ)
-    dx += _depthwise_padded(E5 + e_off, DW5, h + 3, w + 3, offs_j, W + 6, 5, C, BLOCK_P, BJ)
-    dx += _depthwise_padded(E7 + e_off, DW7, h + 3, w + 3, offs_j, W + 6, 7, C, BLOCK_P, BJ)
-    # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
-    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
-                   mask=mask_p[:, None], other=0.0)
+    dxa = tl.zeros([BLOCK_P, BJ], tl.float32)
+    dxb = tl.zeros([BLOCK_P, BJ], tl.float32)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E3 + e_off, DW3, h + 3, wa + 3, offs_j, W + 6, 3, C)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E5 + e_off, DW5, h + 3, wa + 3, offs_j, W + 6, 5, C)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E7 + e_off, DW7, h + 3, wa + 3, offs_j, W + 6, 7, C)
+    _dx_finish(dxa, DO, T, DX, b, h, wa, mask_a, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
+    _dx_finish(dxb, DO, T, DX, b, h, wb, mask_b, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
+
+
+@triton.jit
+def _dx_finish(dx, DO, T, DX, b, h, w, mask, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW,
+               C: tl.constexpr):
+    """dx += dO (the residual) + T[cell] (the statistics path: the adjoint of the cell sums is a
+    broadcast of T) at pixels (h, w), then the store (masked lanes: pixels past the row)."""
+    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc, mask=mask[:, None], other=0.0)
     cell = _cell(h, w, H, W, TH, TW)
-    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask_p[:, None], other=0.0)
+    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask[:, None], other=0.0)
     dx += g_in.to(tl.float32) + t_in
-    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc,
-             dx.to(DX.dtype.element_ty), mask=mask_p[:, None])
+    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc, dx.to(DX.dtype.element_ty),
+             mask=mask[:, None])
 
 
 _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PRECISE"])
@@ -802,7 +825,7 @@ def _backward(x, dsave, g, P, wg, params, precise):
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
     dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
-    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
+    grid = lambda meta: (h * triton.cdiv(w, 2 * meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PRECISE=precise)
