@@ -153,10 +153,12 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped to C in the kernel)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _BOTH),
+_FWD_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_K: channels per depthwise slice / GEMM K step
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
@@ -171,9 +173,9 @@ _WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+_DX_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
 
@@ -272,14 +274,14 @@ def _depthwise_pair(a, bb, base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C:
 
 
 @triton.jit
-def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
-    """One row di of the 7×7 window (row_ptr: the row's leftmost tap in the zero-bordered x): its 7
-    shifted loads, each added into DW_7 and, where the tap lies in their windows, DW_5 and DW_3.
-    RING (constexpr) is the row's ring: 3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1
-    (|di| ≤ 1: all three); the column offsets are immediates (the loop over them is unrolled)."""
-    for jj in tl.static_range(7):
-        dj = jj - 3
-        xv = tl.load(row_ptr + jj * C).to(tl.float32)
+def _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, jj: tl.constexpr, offs_j, C: tl.constexpr,
+             RING: tl.constexpr):
+    """xv (the x at window row di, column jj = dj + 3 of one pixel's 7×7 window) into DW_7 and,
+    where the tap lies in their windows, DW_5 and DW_3. RING (constexpr) is the row's ring: 3
+    (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1 (|di| ≤ 1: all three); a column outside
+    0..6 adds nothing."""
+    dj: tl.constexpr = jj - 3
+    if dj * dj <= 9:
         d7 += xv * tl.load(w7_ptr + ((di + 3) * 7 + jj) * C + offs_j)[None, :]
         if RING <= 2 and dj * dj <= 4:
             d5 += xv * tl.load(w5_ptr + ((di + 2) * 5 + jj - 1) * C + offs_j)[None, :]
@@ -289,26 +291,49 @@ def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.const
 
 
 @triton.jit
-def _depthwise3(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_J: tl.constexpr):
-    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at the pixels whose
-    zero-bordered coordinates are (hp, wp), channels offs_j, from one sweep over the 7×7 window of
-    the bordered x (xp_base: row stride WP·C, pixel stride C, fp32): each of its 49 shifted loads
-    feeds every scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads, no
-    masks). Three row loops, one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap
-    feeds is known at compile time; they stay loops (a fully unrolled sweep has the compiler hoist
-    all 49 loads, and spill)."""
-    d3 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    d5 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    d7 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+def _dw_row_pair(row_ptr, last, w3_ptr, w5_ptr, w7_ptr, da, db, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
+    """One row di of the 7×7 windows of a pixel pair (row_ptr: the left pixel's leftmost tap in the
+    zero-bordered x; `last`: the offset of the right pixel's rightmost tap, clamped into the
+    buffer): its 8 shifted loads, each added into the left pixel's taps at column jj and the
+    right pixel's at jj − 1 (da, db: (DW_3, DW_5, DW_7) of each); the column offsets are
+    immediates (the loop over them is unrolled), and a tap's weights serve both pixels."""
+    d3a, d5a, d7a = da
+    d3b, d5b, d7b = db
+    for jj in tl.static_range(8):
+        if jj < 7:
+            xv = tl.load(row_ptr + jj * C).to(tl.float32)
+        else:
+            xv = tl.load(row_ptr + last).to(tl.float32)
+        d3a, d5a, d7a = _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3a, d5a, d7a, di, jj, offs_j, C, RING)
+        d3b, d5b, d7b = _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3b, d5b, d7b, di, jj - 1, offs_j, C, RING)
+    return (d3a, d5a, d7a), (d3b, d5b, d7b)
+
+
+@triton.jit
+def _depthwise3_pair(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_J: tl.constexpr):
+    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at two horizontally adjacent
+    pixels per lane, zero-bordered coordinates (hp, wp) and (hp, wp + 1), channels offs_j, from one
+    sweep over their 7×8 window of the bordered x (xp_base: row stride WP·C, pixel stride C,
+    fp32): each of its 56 shifted loads feeds every tap of either pixel that holds it (166 FMAs
+    per pixel pair and channel, no masks). The right pixel may lie past the image (wp + 1 = W + 3):
+    its last column is clamped into the buffer and the caller masks its results. Three row loops,
+    one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap feeds is known at compile
+    time; they stay loops (a fully unrolled sweep has the compiler hoist every load, and spill).
+    Returns ((DW_3, DW_5, DW_7) of the left pixels, the same of the right ones)."""
+    z = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    da = (z, z, z)
+    db = (z, z, z)
     c_ptr = xp_base + offs_j[None, :] + ((hp - 3) * WP + wp - 3)[:, None] * C  # the window's top-left tap
+    last = (tl.minimum(wp + 4, WP - 1) - (wp - 3))[:, None] * C  # = 7·C inside the image
+    ws = (w3_ptr, w5_ptr, w7_ptr)
     for r in range(2):  # rows ±3
-        d3, d5, d7 = _dw_row(c_ptr + (6 * r) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, offs_j, C, 3)
+        da, db = _dw_row_pair(c_ptr + (6 * r) * WP * C, last, *ws, da, db, 6 * r - 3, offs_j, C, 3)
     for r in range(2):  # rows ±2
-        d3, d5, d7 = _dw_row(c_ptr + (4 * r + 1) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, offs_j, C, 2)
+        da, db = _dw_row_pair(c_ptr + (4 * r + 1) * WP * C, last, *ws, da, db, 4 * r - 2, offs_j, C, 2)
     for r in range(3):  # rows −1, 0, 1
-        d3, d5, d7 = _dw_row(c_ptr + (r + 2) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, offs_j, C, 1)
-    return d3, d5, d7
+        da, db = _dw_row_pair(c_ptr + (r + 2) * WP * C, last, *ws, da, db, r - 1, offs_j, C, 1)
+    return da, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,48 +388,70 @@ def _lmsa_fwd_kernel(
     H, W,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for BLOCK_P pixels of image b.
+    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for 2·BLOCK_P pixels of one row of
+    image b (two adjacent pixels per lane, `_depthwise3_pair`; program_id(0) = row · column blocks
+    + column block).
 
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
     slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
     the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
     D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
-    pid = tl.program_id(0)
+    n_wb = (W + 2 * BLOCK_P - 1) // (2 * BLOCK_P)  # programs per image row
+    h = tl.program_id(0) // n_wb
     b = tl.program_id(1).to(tl.int64)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image compute a valid pixel; not stored
-    h = pc // W
-    w = pc % W
-    offs_c = tl.arange(0, C)
+    # lane i: the pixel pair (h, wa), (h, wa + 1) of the row's column block
+    wa = (tl.program_id(0) % n_wb) * (2 * BLOCK_P) + 2 * tl.arange(0, BLOCK_P)
+    mask_a = wa < W
+    mask_b = wa + 1 < W
+    wa = tl.minimum(wa, W - 1)  # lanes past the row compute a valid pixel; their stores are masked
+    wb = tl.minimum(wa + 1, W - 1)
     offs_k = tl.arange(0, BK)
-    x_base = X + b * sxb
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
+    offs_c = tl.arange(0, C)
 
-    d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_k[None, :]
-    acc = tl.zeros([BLOCK_P, C], tl.float32)
+    da_ptr = D + (b * (H * W) + h * W + wa)[:, None] * (3 * C) + offs_k[None, :]
+    acc_a = tl.zeros([BLOCK_P, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_P, C], tl.float32)
     for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d3, d5, d7 = _depthwise3(xp_base, DW3, DW5, DW7, h + 3, w + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        d3 = d3.to(WG.dtype.element_ty)
-        d5 = d5.to(WG.dtype.element_ty)
-        d7 = d7.to(WG.dtype.element_ty)
-        tl.store(d_ptr + j0, d3, mask=mask_p[:, None])
-        tl.store(d_ptr + (C + j0), d5, mask=mask_p[:, None])
-        tl.store(d_ptr + (2 * C + j0), d7, mask=mask_p[:, None])
-        acc += _mm(d3, tl.load(wt_ptr), PRECISE)
-        acc += _mm(d5, tl.load(wt_ptr + C * C), PRECISE)
-        acc += _mm(d7, tl.load(wt_ptr + 2 * C * C), PRECISE)
+        da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
+        acc_a = _fwd_gemm(acc_a, da, wt_ptr, da_ptr + j0, mask_a, C, PRECISE)
+        acc_b = _fwd_gemm(acc_b, db, wt_ptr, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
+    _fwd_finish(acc_a, X, BIAS, OUT, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
+    _fwd_finish(acc_b, X, BIAS, OUT, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
 
+
+@triton.jit
+def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
+    """acc += Σ_k DW_k slice · W̃_k[b]ᵀ slice for one K slice, d = (DW_3, DW_5, DW_7) of it, which
+    are also stored (as the GEMM takes them, in W̃'s dtype) into D at d_ptr (masked lanes: pixels
+    past the row)."""
+    d3, d5, d7 = d
+    d3 = d3.to(wt_ptr.dtype.element_ty)
+    d5 = d5.to(wt_ptr.dtype.element_ty)
+    d7 = d7.to(wt_ptr.dtype.element_ty)
+    tl.store(d_ptr, d3, mask=mask[:, None])
+    tl.store(d_ptr + C, d5, mask=mask[:, None])
+    tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
+    acc += _mm(d3, tl.load(wt_ptr), PRECISE)
+    acc += _mm(d5, tl.load(wt_ptr + C * C), PRECISE)
+    acc += _mm(d7, tl.load(wt_ptr + 2 * C * C), PRECISE)
+    return acc
+
+
+@triton.jit
+def _fwd_finish(acc, X, BIAS, OUT, b, h, w, mask, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C: tl.constexpr):
+    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row)."""
+    offs_c = tl.arange(0, C)
     bias = tl.load(BIAS + b * C + offs_c)
-    xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
+    xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None], other=0.0)
     acc += bias[None, :] + xc.to(tl.float32)
     tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
-             acc.to(OUT.dtype.element_ty), mask=mask_p[:, None])
+             acc.to(OUT.dtype.element_ty), mask=mask[:, None])
 
 
 _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE"])
@@ -774,7 +821,7 @@ def _forward(x, params, precise):
     beta = beta.contiguous()
     out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
-    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
+    grid = lambda meta: (h * triton.cdiv(w, 2 * meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
         x, xp, wg, beta, *_dw_flat(dws), out, dsave, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
