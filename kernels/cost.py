@@ -140,6 +140,11 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
+def _pairs_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_P pixel pairs each, H·⌈W/2⌉ pairs an image
+    n = a["H"] * ((a["W"] + 1) // 2)
+    return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < n)
+
+
 def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
     first = pid[1] * a["cells_per_band"]
     return max(0, min(first + a["cells_per_band"], a["h"]) - first)
@@ -197,7 +202,7 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+    Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _pairs_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
     Loop("lmsa", "_depthwise_pair", "for i in range(KS):",  # dx: one site a scale
          lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),

@@ -167,10 +167,10 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+_WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
 _DX_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_J: channel block (clamped to C)
@@ -555,24 +555,34 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 
 
 @triton.jit
-def _wtap(acc, xt, row_ptr, dj: tl.constexpr, C: tl.constexpr):
-    """acc += x ⊙ E[· − (·, dj)] on the tile (E from the zero-bordered buffer): one tap of the ∂w sweep."""
-    return acc + xt * tl.load(row_ptr - dj * C).to(tl.float32)
+def _wtap(acc, xa, xb, row_ptr, dj: tl.constexpr, last, LAST: tl.constexpr, C: tl.constexpr):
+    """acc += xa ⊙ E[· − (0, dj)] + xb ⊙ E[· + (0, 1) − (0, dj)] on the tile of pixel pairs (E from
+    the zero-bordered buffer, row_ptr at the left pixels): one tap of the ∂w sweep for both pixels
+    of each pair. The right pixels' load at column 1 − dj is the left pixels' of the next tap (the
+    compiler loads it once); LAST: it is the row's last column, at offset `last` (clamped into
+    the buffer where the right pixel lies past the image)."""
+    acc += xa * tl.load(row_ptr - dj * C).to(tl.float32)
+    if LAST:
+        acc += xb * tl.load(row_ptr + last).to(tl.float32)
+    else:
+        acc += xb * tl.load(row_ptr + (1 - dj) * C).to(tl.float32)
+    return acc
 
 
 @triton.jit
-def _wrow(a0, a1, a2, a3, a4, a5, a6, xt, row_ptr, KS: tl.constexpr, C: tl.constexpr):
+def _wrow(a0, a1, a2, a3, a4, a5, a6, xa, xb, row_ptr, last, KS: tl.constexpr, C: tl.constexpr):
     """The KS taps of one window row of a KS×KS scale (column offsets −KS//2 .. KS//2, compile-time
-    constants) into a0 .. a(KS−1); the other accumulators come back unchanged."""
-    a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
-    a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
-    a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
+    constants) for pixel pairs into a0 .. a(KS−1): KS + 1 loads feed 2·KS FMAs. The other
+    accumulators come back unchanged."""
+    a0 = _wtap(a0, xa, xb, row_ptr, -(KS // 2), last, True, C)
+    a1 = _wtap(a1, xa, xb, row_ptr, 1 - KS // 2, last, False, C)
+    a2 = _wtap(a2, xa, xb, row_ptr, 2 - KS // 2, last, False, C)
     if KS >= 5:
-        a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
-        a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
+        a3 = _wtap(a3, xa, xb, row_ptr, 3 - KS // 2, last, False, C)
+        a4 = _wtap(a4, xa, xb, row_ptr, 4 - KS // 2, last, False, C)
     if KS >= 7:
-        a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
-        a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
+        a5 = _wtap(a5, xa, xb, row_ptr, 5 - KS // 2, last, False, C)
+        a6 = _wtap(a6, xa, xb, row_ptr, 6 - KS // 2, last, False, C)
     return a0, a1, a2, a3, a4, a5, a6
 
 
@@ -601,10 +611,11 @@ def _lmsa_bwd_wgrad_kernel(
     """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset di = row − R (R: the widest scale's half-width): for row and
     channel block pid_j (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
         DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
-    (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k whose window holds the row (k = 7 always,
-    k = 5 for |di| ≤ 2, k = 3 for |di| ≤ 1), from the stored, zero-bordered E_k (the gram
-    kernel's): x is loaded once per tile for up to 15 taps, each E_k at its row's shifts (one
-    offset for the three, their borders being alike) without masks. Each tap keeps its own
+    (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k of the launch whose window holds the row, from
+    the stored, zero-bordered E_k (the gram kernel's), over pixel pairs (two horizontally adjacent
+    pixels per lane): x is loaded once per tile for all the row's taps, each E_k at the row's
+    shifts (one offset for the scales, their borders being alike) without masks, k + 1 loads
+    feeding both pixels' k taps. Chunks are CHUNK_PIX pairs. Each tap keeps its own
     per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
     pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
@@ -624,28 +635,36 @@ def _lmsa_bwd_wgrad_kernel(
     s0, s1, s2, s3, s4, s5, s6 = z, z, z, z, z, z, z  # k = 7
     f0, f1, f2, f3, f4 = z, z, z, z, z                # k = 5
     t0, t1, t2 = z, z, z                              # k = 3
-    # (h, w) of the tile's pixels: divided once, then stepped by BLOCK_P = DH·W + DW pixels per tile
-    # with one carry (w + DW < 2W): an integer division per pixel and tile cost ~30 instructions,
-    # a quarter of a one-scale row's loop body
-    h, w = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), W)
-    DH = BLOCK_P // W
-    DW = BLOCK_P % W
+    # The chunks and tiles run over pixel pairs (h, 2q), (h, 2q + 1), q < WH = ⌈W/2⌉ (the right one
+    # masked past the image). (h, q) of the tile's pairs: divided once, then stepped by
+    # BLOCK_P = DH·WH + DW pairs per tile with one carry (q + DW < 2WH): an integer division per
+    # lane and tile costs ~30 instructions
+    WH = (W + 1) // 2
+    h, q = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), WH)
+    DH = BLOCK_P // WH
+    DW = BLOCK_P % WH
     for i in range(0, CHUNK_PIX, BLOCK_P):
-        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+        if pid * CHUNK_PIX + i < H * WH:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < H * W
+            mask_a = offs_p < H * WH
+            wa = 2 * q
+            mask_b = mask_a & (wa + 1 < W)
             hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
-            xt = tl.load(x_ptr + (hc * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
-            r_off = e_off + ((hc + 3 - di) * (W + 6) + w + 3)[:, None] * C
+            xa_ptr = x_ptr + (hc * sxh + wa * sxw)[:, None]
+            xa = tl.load(xa_ptr, mask=mask_a[:, None], other=0.0).to(tl.float32)
+            xb = tl.load(xa_ptr + sxw, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            r_off = e_off + ((hc + 3 - di) * (W + 6) + wa + 3)[:, None] * C
+            # the right pixels' last column for 7×7 (bordered wa + 7): past the row where wa + 1 = W
+            last7 = (tl.minimum(wa + 7, W + 5) - (wa + 3))[:, None] * C
             if S7:
-                s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xt, E7 + r_off, 7, C)
+                s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xa, xb, E7 + r_off, last7, 7, C)
             if S5:
                 if has5:
-                    f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xt, E5 + r_off, 5, C)
+                    f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xa, xb, E5 + r_off, 3 * C, 5, C)
             if S3:
                 if has3:
-                    t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xt, E3 + r_off, 3, C)
-        h, w = _step_row_col(h, w, DH, DW, W)
+                    t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xa, xb, E3 + r_off, 2 * C, 3, C)
+        h, q = _step_row_col(h, q, DH, DW, WH)
     out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
     if S7:
         _wstore(out + (_ROW0_7 + (di + 3) * 7) * C, s0, s1, s2, s3, s4, s5, s6, 7, C)
@@ -846,14 +865,19 @@ def _backward(x, dsave, g, P, wg, params, precise):
         dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
         C=c, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
-    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
+    # of pixel pairs (under the interpreter, chunks of 64 pairs: the tests still cover several)
+    pairs = h * triton.cdiv(w, 2)
+    sms = _sm_count(x.device)
+    wchunk = 64 if sms is None else _chunk_pix(pairs, b, max(1, c // 64), sms, max_chunks=4)
+    n_wchunks = triton.cdiv(pairs, wchunk)
+    dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
     for scales in WGRAD_SPLIT:
         rows = max(scales)
-        grid = lambda meta, rows=rows: (rows * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+        grid = lambda meta, rows=rows: (rows * (c // min(meta["BLOCK_J"], c)), n_wchunks, b)  # noqa: E731
         mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
-            x, *mine, dwp, *x.stride(), h, w, n_chunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
-            CHUNK_PIX=chunk, PRECISE=precise)
+            x, *mine, dwp, *x.stride(), h, w, n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
+            CHUNK_PIX=wchunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -952,11 +976,12 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
+    wgrad_chunk = _chunk_pix(hw // 2, 32, _AOT_C // 64, 132, max_chunks=4)  # chunks of pixel pairs
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         wgrads = tuple(("wgrad" + "".join(map(str, sc)), _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
                         {"X": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DWP": "*fp32"},
-                        ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc})
+                        ["H", "W", "n_chunks"], {"CHUNK_PIX": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc})
                        for sc in WGRAD_SPLIT)
         kernels = wgrads + (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
