@@ -129,9 +129,9 @@ _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depth
 _ROW0_5: tl.constexpr = tl.constexpr(_TAP_ROW0[1])  # the same, as kernel constants
 _ROW0_7: tl.constexpr = tl.constexpr(_TAP_ROW0[2])
 # wgrad launches: the scales each one sweeps (x is read once per launch; a scale narrower than the
-# launch's widest skips the rows outside its window). Predicted on an H100: 3 | 5 | 7 525 µs,
-# 3 5 | 7 479 µs, 3 5 7 519 µs (registers), 3 7 | 5 588 µs.
-WGRAD_SPLIT = ((3, 5), (7,))
+# launch's widest skips the rows outside its window). Predicted on an H100 with pixel pairs:
+# 3 5 7: 437 µs, 3 5 | 7: 456 µs, 3 | 5 | 7: 502 µs, 3 7 | 5: 493 µs.
+WGRAD_SPLIT = ((3, 5, 7),)
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -167,10 +167,9 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
+_WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamped to C); up to 15 accumulators
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
 _DX_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_J: channel block (clamped to C)
