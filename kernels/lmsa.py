@@ -8,10 +8,11 @@
     out = x + Σ_k z_k ⊙ f_k
 
 for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
-model), fp32 / bf16 / fp16, without ever holding DW_k(x) or f_k in memory. It does hold x as a
-zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C, saved for the backward) and, inside the backward only,
-E_k = W̃_kᵀ dO for the three scales in the same bordered fp32 form: the depthwise sweeps then need
-no masks and no bf16 unpacking (see "Cost" below).
+model), fp32 / bf16 / fp16, without ever holding f_k in memory. It holds x as a zero-bordered fp32
+copy X̂ (B×(H+6)×(W+6)×C) during the forward only, saves the depthwise outputs D = [DW_3(x);
+DW_5(x); DW_7(x)] (B×H×W×3C in x's dtype, exactly what the forward's GEMM multiplies) for the
+backward, and inside the backward holds E_k = W̃_kᵀ dO for the three scales in X̂'s bordered fp32
+form: the depthwise sweeps then need no masks and no bf16 unpacking (see "Cost" below).
 
 Forward (two kernels and a few tiny PyTorch ops)
 ------------------------------------------------
@@ -30,29 +31,32 @@ Forward (two kernels and a few tiny PyTorch ops)
        s_k    = W_k g_k + b_k,  z = sigmoid(FC2(ReLU(FC1(s))))
        W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
        β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
-2. `_lmsa_fwd_kernel` (grid pixel tiles × B): for a tile of BLOCK_P pixels, forms the depthwise
-   outputs of all three scales on chip in BLOCK_K-channel slices from one sweep over the 7×7 window
-   of X̂ (`_depthwise3`: 49 shifted unmasked loads feed 83 FMAs per pixel-channel; the halo comes
-   from L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C
-   slices of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out
-   once.
+2. `_lmsa_fwd_kernel` (grid row segments × B): each lane owns two horizontally adjacent pixels; for
+   2·BLOCK_P pixels of one image row it forms the depthwise outputs of all three scales on chip in
+   BLOCK_K-channel slices from one sweep over the pairs' 7×8 windows of X̂ (`_depthwise3_pair`: 56
+   shifted unmasked loads feed 166 FMAs per pixel pair and channel, each tap's weights serve both
+   pixels; the halo comes from L1/L2), stores the slices once into D, multiplies each into the
+   C-wide fp32 accumulators with the matching BLOCK_K×C slices of W̃[b]ᵀ (one K = 3C GEMM in
+   3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
 
-Backward (four kernels, PyTorch autograd on the tiny part; the math is in the comment block above
+Backward (three kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
-3. `_lmsa_bwd_gram_kernel` (one launch per scale k; grid channel blocks × pixel chunks × B):
-   recomputes DW_k(x) on chip (a mask-free sweep of X̂) and E_k = W̃_kᵀ dO (a small GEMM per tile),
-   stores E_k once (fp32, zero-bordered like X̂), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ
-   (= ∂L/∂W̃, on tensor cores) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
-4. `_lmsa_bwd_wgrad_kernel` (one launch per scale; grid window rows × channel blocks, chunks, B):
-   the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window row, so each of its
-   KS taps keeps per-thread fp32 partial sums over the whole chunk; the cross-thread pixel
-   reduction runs once per tap and chunk (not per tap and tile). Per-chunk partials, summed in
-   PyTorch in a fixed order.
+3. `_lmsa_bwd_gram_kernel` (one launch; grid channel blocks × pixel chunks × B): for the three
+   scales at once, E_k = W̃_kᵀ dO (tensor-core products sharing each dO slice), stored once (fp32,
+   zero-bordered like X̂), and M_k[b] = dO_b · D_kᵀ (= ∂L/∂W̃, on tensor cores, D read back from the
+   forward: no depthwise sweep) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
+4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid window rows × channel blocks, chunks
+   of pixel pairs, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window
+   row offset of every scale whose window holds it (up to 7 + 5 + 3 taps), so each tap keeps
+   per-thread fp32 partial sums over the whole chunk; x is read once for all of them, and a row's
+   k + 1 loads of E_k feed both pixels of a pair. The cross-thread pixel reduction runs once per
+   tap and chunk. Per-chunk partials, summed in PyTorch in a fixed order.
 5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-6. `_lmsa_bwd_dx_kernel` (grid pixel tiles × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
+6. `_lmsa_bwd_dx_kernel` (grid row segments × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
    T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
-   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k: no GEMM, no
+   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k, two adjacent
+   pixels per lane (`_depthwise_pair`: k + 1 loads per window row feed 2k FMAs): no GEMM, no
    scratch, no barriers. It never reads x.
 
 Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
@@ -61,54 +65,55 @@ Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
 bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
 
-Memory layout: the kernels take all four strides of x, dO, out and dx; the only copy of x is the
-stats kernel's bordered fp32 X̂ (channels-last whatever x's layout); out and dx follow x's memory
-format when x is dense, else they are contiguous NCHW.
+Memory layout: the kernels take all four strides of x, dO, out and dx; the copies of x are the
+stats kernel's bordered fp32 X̂ and the forward's D (both channels-last whatever x's layout); out
+and dx follow x's memory format when x is dense, else they are contiguous NCHW.
 Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
 specialised by Triton and the AOT builds assume channels-last.
 
+Memory held from forward to backward: x, P, W̃ and D (3T in x's dtype: 403 MB at the model's
+shape in bf16, 805 MB for fp32 inputs). X̂ (294 MB fp32) is freed after the forward kernel; it was
+the saved tensor before D replaced it (+109 MB held at the model's shape, bf16).
+
 Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
 294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 1024 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
-    backward  fused 4713 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
-The surplus is mostly the bordered fp32 tensors: X̂ (written once, read by the forward and the three
-gram launches) and the three E_k (written by the gram, read by wgrad and dx), plus fp32 partials and
-B×3×C×C gate tensors. They buy instructions: no masks, no bf16 unpacking and load-immediate column
-offsets in every depthwise sweep, which is where the time goes.
+    forward   fused 1426 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
+    backward  fused 3697 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
+The surplus is mostly the bordered fp32 tensors, X̂ (written by the statistics kernel, read by the
+forward) and the three E_k (written by the gram kernel, read by wgrad and dx: 2.6 GB in all), plus
+D (written by the forward, read by the gram kernel), fp32 partials and B×3×C×C gate tensors. The
+fp32 tensors buy instructions: no masks, no bf16 unpacking and load-immediate column offsets in
+every depthwise sweep; D buys the backward's fourth depthwise sweep.
 
 Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
 model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
-    stats              43 M                  –               145 µs   bytes
-    fwd               385 M         2.2 (incl. the GEMM)     418 µs   issue (3 CTAs of 8 warps / SM)
-    gram ×3           609 M         3.5 (incl. E, M GEMMs)   780 µs   bytes (k = 3, 5), issue (k = 7)
-    wgrad ×3          400 M         2.3                      525 µs   bytes (k = 3, 5), issue (k = 7)
-    dx                387 M         2.2                      418 µs   issue
-    forward + backward                                      2286 µs   (7696 before issue 14; eager floor 4520 µs)
+    stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
+    fwd               332 M         1.9 (incl. the GEMM)     363 µs   issue (2 CTAs of 8 warps / SM)
+    gram              177 M                  –               483 µs   bytes (E_k written in fp32, D read)
+    wgrad             393 M         2.3                      437 µs   issue (bytes 341 µs)
+    dx                298 M         1.7                      384 µs   bytes (E_k read; issue 323 µs)
+    forward + backward                                      1812 µs   (2374 before this pass, 7696 before
+                                                                       issue 14; eager floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 817 + 2911 µs on an A100. The wgrad and gram tile loops step each tile's (row,
-column) by BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per
-pixel and tile was ~30 of the 129 SASS instructions of the k = 7 wgrad body.
-The target of issue 14, 1.5 ms, is not met. What the model says about the next steps (measured on
-this code, 2026-11-29; none of them kept):
-  - E_k stored in bf16 (the gram kernel writes it, the wgrad and dx kernels read it): the gram
-    launches drop from 799 to 691 µs (bytes), but the wgrad and dx sweeps, issue-bound with one
-    FMA per loaded element, pay the bf16 → fp32 unpack per element and tap: wgrad 594 → 800 µs,
-    dx 418 → 682 µs. X̂ in bf16 hits the forward sweep the same way. Only a sweep that feeds
-    several FMAs per unpacked element can afford bf16 there.
-  - One gram launch for the three scales (the forward's `_depthwise3` sweep, three E and M
-    products from one dO tile): fewer instructions (~500 M against 640 M), but 138+ registers
-    put one 8-warp CTA on an SM (issue efficiency 1/2): 1107 µs predicted; with scales 3 and 5 in
-    one launch and 7 in another, 797–929 µs. A register cap (maxnreg 128) gets two CTAs but spills.
-  - Larger tiles (several pixels per thread, so each weight load feeds more FMAs) cut dx's and
-    the forward's instructions by 10–17 %, but ptxas then holds every tap's loads in flight
-    (176–250 registers, two 4-warp CTAs per SM) and the predicted time rises.
-What is left is the FMAs themselves (four depthwise passes: ≥ 190 µs each on an H100 at one FMA
-per element and tap) plus one load per FMA in the passes that cannot share a loaded value
-between taps (gram, wgrad, dx), and the fp32 bordered tensors' bytes.
+sm_80 builds give 826 + 2171 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
+BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per lane and tile
+was ~30 of the 129 SASS instructions of a k = 7 row's body.
+The target of issue 14, 1.5 ms, is not met. What the model says about the steps not taken
+(measured on this code's predecessors, 2026-11-29):
+  - E_k stored in bf16 (halving the 2.6 GB above): the gram launches get cheaper (bytes), but the
+    wgrad and dx sweeps pay the bf16 → fp32 unpack per loaded element (Triton emits ~1.5
+    instructions per element): measured on the per-scale kernels, gram 799 → 691 µs, wgrad
+    594 → 800 µs, dx 418 → 682 µs. X̂ in bf16 hits the forward sweep the same way.
+  - Recomputing DW_k(x) in the gram kernel (one launch for three scales from one sweep) instead
+    of storing D: 138+ registers, one 8-warp CTA per SM, 1107 µs predicted; per scale 780 µs.
+  - A register cap (maxnreg 128) for larger tiles: two CTAs, but spills (not allowed).
+What is left is bytes (E_k and X̂ in fp32, D) and the FMAs of the two remaining sweeps that cannot
+share a loaded value between scales (wgrad, dx).
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
-spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
+spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
+where its tf32x3 products need the registers.
 """
 from __future__ import annotations
 
@@ -153,7 +158,7 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_K: channels per depthwise slice / GEMM K step
+_FWD_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_K: depthwise slice / GEMM K step
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
@@ -463,10 +468,10 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # D_k = DW_k(x) (C × N), W̃_k = diag(z_k) W_k, β = Σ_k z_k ⊙ b_k, G = dO = ∂L/∂out.
 #     out = x + Σ_k W̃_k D_k + β 1ᵀ,   D_k[j, p] = Σ_δ w_k[j, δ] x[j, p + δ]  (x = 0 outside)
 # Main path (treating W̃ and β as inputs):
-#     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k recomputed on chip)
+#     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k as the forward stored it)
 #     ∂L/∂β    = Σ_p G[:, p]                  (same kernel)
-#     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N, never stored; formed on chip per tile by both kernels)
-#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (gram kernel, from the loads of D_k's taps)
+#     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N: formed per tile by the gram kernel, stored bordered)
+#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (wgrad kernel, from the stored E_k)
 #     ∂L/∂x[j, q]   += G[j, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]   (dx kernel; E_k = 0 outside the image)
 # Gate path (PyTorch autograd through the tiny graph P → g → s → z → (W̃, β), given M and Σ G):
 #     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then the SE-MLP backward → ∂L/∂s,
@@ -550,7 +555,8 @@ def _lmsa_bwd_gram_kernel(
     tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
 
 
-_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+                                ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
 
 
 @triton.jit
@@ -607,8 +613,9 @@ def _lmsa_bwd_wgrad_kernel(
     C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_PIX: tl.constexpr,
     PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset di = row − R (R: the widest scale's half-width): for row and
-    channel block pid_j (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
+    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset
+    di = row − R (R: the widest scale's half-width): for row and channel block pid_j
+    (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
         DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
     (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k of the launch whose window holds the row, from
     the stored, zero-bordered E_k (the gram kernel's), over pixel pairs (two horizontally adjacent
@@ -905,8 +912,9 @@ def _backward(x, dsave, g, P, wg, params, precise):
 class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
-    Saves x, its zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C), the cell sums P (B×C×49 fp32) and
-    W̃ (B×3×C×C): nothing of size B×3C×H×W."""
+    Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
+    the backward's gram kernel needs no depthwise sweep), the cell sums P (B×C×49 fp32) and W̃
+    (B×3×C×C); never f_k."""
 
     @staticmethod
     def forward(ctx, x, *params):
