@@ -145,6 +145,14 @@ def _pairs_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_P pixel pairs 
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < n)
 
 
+def _wgrad_ring_trips(a, pid):  # LMSA's wgrad: one tile loop per ring of window rows (call sites 1, 2, 3)
+    bj = min(a["BLOCK_J"], a["C"])
+    half = 3 if a["S7"] else (2 if a["S5"] else 1)
+    di = pid[0] // (a["C"] // bj) - half
+    ring = max(abs(di), 1)
+    return [_pairs_active(a, pid) if ring == r else 0 for r in (1, 2, 3)]
+
+
 def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
     first = pid[1] * a["cells_per_band"]
     return max(0, min(first + a["cells_per_band"], a["h"]) - first)
@@ -202,7 +210,7 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _pairs_active,
+    Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_PIX, BLOCK_P):", _wgrad_ring_trips,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
     Loop("lmsa", "_depthwise_pair", "for i in range(KS):",  # dx: one site a scale
          lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),

@@ -637,6 +637,24 @@ def _lmsa_bwd_wgrad_kernel(
     di = row - R
     has5 = (di >= -2) & (di <= 2)  # the row is in the 5×5 window
     has3 = (di >= -1) & (di <= 1)
+    out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
+    # one tile loop per ring of rows (a uniform branch): the loop a program runs holds only its
+    # row's taps (|di| ≤ 1: 15, |di| = 2: 12, |di| = 3: 7)
+    if has3:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 1, CHUNK_PIX, BLOCK_P, BJ)
+    elif has5:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 2, CHUNK_PIX, BLOCK_P, BJ)
+    else:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 3, CHUNK_PIX, BLOCK_P, BJ)
+
+
+@triton.jit
+def _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C: tl.constexpr, S3: tl.constexpr,
+                 S5: tl.constexpr, S7: tl.constexpr, RING: tl.constexpr, CHUNK_PIX: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BJ: tl.constexpr):
+    """The tile loop of `_lmsa_bwd_wgrad_kernel` for a window row of ring RING (constexpr: 1 for
+    |di| ≤ 1, 2 for |di| = 2, 3 for |di| = 3) and the scales of the launch whose windows hold it,
+    then the chunk's per-tap sums into the partial buffer at `out`."""
     z = tl.zeros([BLOCK_P, BJ], tl.float32)
     s0, s1, s2, s3, s4, s5, s6 = z, z, z, z, z, z, z  # k = 7
     f0, f1, f2, f3, f4 = z, z, z, z, z                # k = 5
@@ -664,22 +682,17 @@ def _lmsa_bwd_wgrad_kernel(
             last7 = (tl.minimum(wa + 7, W + 5) - (wa + 3))[:, None] * C
             if S7:
                 s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xa, xb, E7 + r_off, last7, 7, C)
-            if S5:
-                if has5:
-                    f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xa, xb, E5 + r_off, 3 * C, 5, C)
-            if S3:
-                if has3:
-                    t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xa, xb, E3 + r_off, 2 * C, 3, C)
+            if S5 and RING <= 2:
+                f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xa, xb, E5 + r_off, 3 * C, 5, C)
+            if S3 and RING <= 1:
+                t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xa, xb, E3 + r_off, 2 * C, 3, C)
         h, q = _step_row_col(h, q, DH, DW, WH)
-    out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
     if S7:
         _wstore(out + (_ROW0_7 + (di + 3) * 7) * C, s0, s1, s2, s3, s4, s5, s6, 7, C)
-    if S5:
-        if has5:
-            _wstore(out + (_ROW0_5 + (di + 2) * 5) * C, f0, f1, f2, f3, f4, z, z, 5, C)
-    if S3:
-        if has3:
-            _wstore(out + (di + 1) * 3 * C, t0, t1, t2, z, z, z, z, 3, C)
+    if S5 and RING <= 2:
+        _wstore(out + (_ROW0_5 + (di + 2) * 5) * C, f0, f1, f2, f3, f4, z, z, 5, C)
+    if S3 and RING <= 1:
+        _wstore(out + (di + 1) * 3 * C, t0, t1, t2, z, z, z, z, 3, C)
 
 
 _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
