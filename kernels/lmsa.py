@@ -47,7 +47,8 @@ Backward (three kernels, PyTorch autograd on the tiny part; the math is in the c
    forward: no depthwise sweep) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
 4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid window rows × channel blocks, chunks
    of pixel pairs, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window
-   row offset of every scale whose window holds it (up to 7 + 5 + 3 taps), so each tap keeps
+   row offset of every scale whose window holds it (up to 7 + 5 + 3 taps; a uniform branch picks
+   the tile loop of the row's ring, `_wgrad_sweep`, so no program carries taps it skips), so each tap keeps
    per-thread fp32 partial sums over the whole chunk; x is read once for all of them, and a row's
    k + 1 loads of E_k feed both pixels of a pair. The cross-thread pixel reduction runs once per
    tap and chunk. Per-chunk partials, summed in PyTorch in a fixed order.
@@ -91,12 +92,12 @@ model's shape, predicted on an H100; predictions, not measurements: no GPU was a
     stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
     fwd               332 M         1.9 (incl. the GEMM)     363 µs   issue (2 CTAs of 8 warps / SM)
     gram              177 M                  –               483 µs   bytes (E_k written in fp32, D read)
-    wgrad             393 M         2.3                      437 µs   issue (bytes 341 µs)
+    wgrad             337 M         1.9                      375 µs   issue (bytes 341 µs)
     dx                298 M         1.7                      384 µs   bytes (E_k read; issue 323 µs)
-    forward + backward                                      1812 µs   (2374 before this pass, 7696 before
+    forward + backward                                      1750 µs   (2374 before this pass, 7696 before
                                                                        issue 14; eager floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 826 + 2171 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
+sm_80 builds give 826 + 2131 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
 BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per lane and tile
 was ~30 of the 129 SASS instructions of a k = 7 row's body.
 The target of issue 14, 1.5 ms, is not met. What the model says about the steps not taken
