@@ -31,8 +31,8 @@ Forward (two kernels and a few tiny PyTorch ops)
        s_k    = W_k g_k + b_k,  z = sigmoid(FC2(ReLU(FC1(s))))
        W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
        β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
-2. `_lmsa_fwd_kernel` (grid row segments × B): each lane owns two horizontally adjacent pixels; for
-   2·BLOCK_P pixels of one image row it forms the depthwise outputs of all three scales on chip in
+2. `_lmsa_fwd_kernel` (grid tiles of pixel pairs × B): each lane owns two horizontally adjacent
+   pixels (`_pair_tile`); for BLOCK_P such pairs it forms the depthwise outputs of all three scales on chip in
    BLOCK_K-channel slices from one sweep over the pairs' 7×8 windows of X̂ (`_depthwise3_pair`: 56
    shifted unmasked loads feed 166 FMAs per pixel pair and channel, each tap's weights serve both
    pixels; the halo comes from L1/L2), stores the slices once into D, multiplies each into the
@@ -54,7 +54,7 @@ Backward (three kernels, PyTorch autograd on the tiny part; the math is in the c
    tap and chunk. Per-chunk partials, summed in PyTorch in a fixed order.
 5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-6. `_lmsa_bwd_dx_kernel` (grid row segments × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
+6. `_lmsa_bwd_dx_kernel` (grid tiles of pixel pairs × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
    T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
    DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k, two adjacent
    pixels per lane (`_depthwise_pair`: k + 1 loads per window row feed 2k FMAs): no GEMM, no
@@ -159,11 +159,11 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_K: depthwise slice / GEMM K step
+_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
@@ -178,10 +178,10 @@ _WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamp
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_P: pixel pairs (2·BLOCK_P pixels of one row), BLOCK_J: channel block (clamped to C)
+_DX_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_J: channel block (clamped to C)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
 ]
 
 def _dtype_prune(table):
@@ -237,6 +237,20 @@ def _cell(h, w, H, W, TH, TW):
 def _row_col(p, W):
     """(row, column) of flat pixel indices p in an image W pixels wide."""
     return p // W, p % W
+
+
+@triton.jit
+def _pair_tile(pid, H, W, BLOCK_P: tl.constexpr):
+    """Tile `pid` of BLOCK_P pixel pairs: lane i holds pair p = pid·BLOCK_P + i of the image's
+    H·⌈W/2⌉ pairs (h, wa), (h, wa + 1), wa = 2·(p mod ⌈W/2⌉) (a tile may span rows, so narrow images
+    waste no lanes). Returns (h, wa, wb, mask_a, mask_b): lanes past the image, or right pixels past
+    the row, get a valid pixel to compute and a false mask for their stores."""
+    WH = (W + 1) // 2
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // WH
+    wa = 2 * (p - h * WH)
+    mask_a = h < H
+    return tl.minimum(h, H - 1), wa, tl.minimum(wa + 1, W - 1), mask_a, mask_a & (wa + 1 < W)
 
 
 @triton.jit
@@ -393,24 +407,16 @@ def _lmsa_fwd_kernel(
     H, W,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for 2·BLOCK_P pixels of one row of
-    image b (two adjacent pixels per lane, `_depthwise3_pair`; program_id(0) = row · column blocks
-    + column block).
+    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for a tile of BLOCK_P pixel pairs
+    of image b (two horizontally adjacent pixels per lane, `_pair_tile`, `_depthwise3_pair`).
 
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
     slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
     the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
     D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
-    n_wb = (W + 2 * BLOCK_P - 1) // (2 * BLOCK_P)  # programs per image row
-    h = tl.program_id(0) // n_wb
     b = tl.program_id(1).to(tl.int64)
-    # lane i: the pixel pair (h, wa), (h, wa + 1) of the row's column block
-    wa = (tl.program_id(0) % n_wb) * (2 * BLOCK_P) + 2 * tl.arange(0, BLOCK_P)
-    mask_a = wa < W
-    mask_b = wa + 1 < W
-    wa = tl.minimum(wa, W - 1)  # lanes past the row compute a valid pixel; their stores are masked
-    wb = tl.minimum(wa + 1, W - 1)
+    h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_k = tl.arange(0, BK)
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
@@ -709,9 +715,8 @@ def _lmsa_bwd_dx_kernel(
     H, W, TH, TW,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for 2·BLOCK_P pixels of one image row (two adjacent
-    pixels per lane, `_depthwise_pair`; program_id(0) = row · column blocks + column block) and
-    channel block pid_j of image b.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_P pixel pairs (two horizontally
+    adjacent pixels per lane, `_pair_tile`, `_depthwise_pair`) and channel block pid_j of image b.
 
     E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
     border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
@@ -719,16 +724,9 @@ def _lmsa_bwd_dx_kernel(
     over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
     never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    n_wb = (W + 2 * BLOCK_P - 1) // (2 * BLOCK_P)  # programs per image row
-    h = tl.program_id(0) // n_wb
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    # lane i: the pixel pair (h, wa), (h, wa + 1) of the row's column block
-    wa = (tl.program_id(0) % n_wb) * (2 * BLOCK_P) + 2 * tl.arange(0, BLOCK_P)
-    mask_a = wa < W
-    mask_b = wa + 1 < W
-    wa = tl.minimum(wa, W - 1)  # lanes past the row compute a valid pixel; their stores are masked
-    wb = tl.minimum(wa + 1, W - 1)
+    h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
     dxa = tl.zeros([BLOCK_P, BJ], tl.float32)
@@ -860,7 +858,7 @@ def _forward(x, params, precise):
     beta = beta.contiguous()
     out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
-    grid = lambda meta: (h * triton.cdiv(w, 2 * meta["BLOCK_P"]), b)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
         x, xp, wg, beta, *_dw_flat(dws), out, dsave, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
@@ -916,7 +914,7 @@ def _backward(x, dsave, g, P, wg, params, precise):
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
     dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
-    grid = lambda meta: (h * triton.cdiv(w, 2 * meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PRECISE=precise)
