@@ -90,11 +90,11 @@ Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned b
 model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
     stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
-    fwd               332 M         1.9 (incl. the GEMM)     363 µs   issue (2 CTAs of 8 warps / SM)
+    fwd               333 M         1.9 (incl. the GEMM)     364 µs   issue (2 CTAs of 8 warps / SM)
     gram              177 M                  –               483 µs   bytes (E_k written in fp32, D read)
     wgrad             337 M         1.9                      375 µs   issue (bytes 341 µs)
-    dx                298 M         1.7                      384 µs   bytes (E_k read; issue 323 µs)
-    forward + backward                                      1750 µs   (2374 before this pass, 7696 before
+    dx                303 M         1.7                      384 µs   bytes (E_k read; issue 328 µs)
+    forward + backward                                      1751 µs   (2374 before this pass, 7696 before
                                                                        issue 14; eager floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
 sm_80 builds give 826 + 2131 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
