@@ -140,6 +140,19 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
+def _pairs_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_P pixel pairs each, H·⌈W/2⌉ pairs an image
+    n = a["H"] * ((a["W"] + 1) // 2)
+    return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < n)
+
+
+def _wgrad_ring_trips(a, pid):  # LMSA's wgrad: one tile loop per ring of window rows (call sites 1, 2, 3)
+    bj = min(a["BLOCK_J"], a["C"])
+    half = 3 if a["S7"] else (2 if a["S5"] else 1)
+    di = pid[0] // (a["C"] // bj) - half
+    ring = max(abs(di), 1)
+    return [_pairs_active(a, pid) if ring == r else 0 for r in (1, 2, 3)]
+
+
 def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
     first = pid[1] * a["cells_per_band"]
     return max(0, min(first + a["cells_per_band"], a["h"]) - first)
@@ -193,20 +206,19 @@ LOOPS: list[Loop] = [
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
          lambda a, pid: _cdiv(a["C"], _bk(a)), kernels=("_lmsa_fwd_kernel",)),
-    Loop("lmsa", "_depthwise3", "for r in range(2):",
+    Loop("lmsa", "_depthwise3_pair", "for r in range(2):",
          lambda a, pid: [2 * _cdiv(a["C"], _bk(a))] * 2, kernels=("_lmsa_fwd_kernel",)),
-    Loop("lmsa", "_depthwise3", "for r in range(3):",
+    Loop("lmsa", "_depthwise3_pair", "for r in range(3):",
          lambda a, pid: 3 * _cdiv(a["C"], _bk(a)), kernels=("_lmsa_fwd_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
-         count="e += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_wgrad_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+         count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_PIX, BLOCK_P):", _wgrad_ring_trips,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
-    Loop("lmsa", "_depthwise_padded", "for i in range(KS):",  # gram: one site, KS rows a tile; dx: one site a scale
-         lambda a, pid: _stats_active(a, pid) * a["KS"] if "KS" in a else [3, 5, 7],
-         kernels=("_lmsa_bwd_gram_kernel", "_lmsa_bwd_dx_kernel")),
+    Loop("lmsa", "_depthwise_pair", "for i in range(KS):",  # dx: one site a scale
+         lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),
 ]
 
 
@@ -355,9 +367,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             params = [torch.zeros(c, 1, k, k) for k in (3, 5, 7)] + [torch.zeros(c, c) for _ in range(3)] \
                 + [torch.zeros(c) for _ in range(3)] + [torch.zeros(3 * c // 8, 3 * c), torch.zeros(3 * c // 8),
                                                        torch.zeros(3 * c, 3 * c // 8), torch.zeros(3 * c)]
-            _, P, wg, xp = lmsa._forward(x, params, False)
+            _, P, wg, dsave = lmsa._forward(x, params, False)
             pass_ref[0] = "bwd"
-            lmsa._backward(x, xp, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
+            lmsa._backward(x, dsave, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

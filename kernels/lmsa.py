@@ -8,10 +8,11 @@
     out = x + Σ_k z_k ⊙ f_k
 
 for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
-model), fp32 / bf16 / fp16, without ever holding DW_k(x) or f_k in memory. It does hold x as a
-zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C, saved for the backward) and, inside the backward only,
-E_k = W̃_kᵀ dO for the three scales in the same bordered fp32 form: the depthwise sweeps then need
-no masks and no bf16 unpacking (see "Cost" below).
+model), fp32 / bf16 / fp16, without ever holding f_k in memory. It holds x as a zero-bordered fp32
+copy X̂ (B×(H+6)×(W+6)×C) during the forward only, saves the depthwise outputs D = [DW_3(x);
+DW_5(x); DW_7(x)] (B×H×W×3C in x's dtype, exactly what the forward's GEMM multiplies) for the
+backward, and inside the backward holds E_k = W̃_kᵀ dO for the three scales in X̂'s bordered fp32
+form: the depthwise sweeps then need no masks and no bf16 unpacking (see "Cost" below).
 
 Forward (two kernels and a few tiny PyTorch ops)
 ------------------------------------------------
@@ -30,29 +31,33 @@ Forward (two kernels and a few tiny PyTorch ops)
        s_k    = W_k g_k + b_k,  z = sigmoid(FC2(ReLU(FC1(s))))
        W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
        β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
-2. `_lmsa_fwd_kernel` (grid pixel tiles × B): for a tile of BLOCK_P pixels, forms the depthwise
-   outputs of all three scales on chip in BLOCK_K-channel slices from one sweep over the 7×7 window
-   of X̂ (`_depthwise3`: 49 shifted unmasked loads feed 83 FMAs per pixel-channel; the halo comes
-   from L1/L2), multiplies each slice into the C-wide fp32 accumulator with the matching BLOCK_K×C
-   slices of W̃[b]ᵀ (one K = 3C GEMM in 3·C/BLOCK_K steps), adds β[b] and the residual x, writes out
-   once.
+2. `_lmsa_fwd_kernel` (grid tiles of pixel pairs × B): each lane owns two horizontally adjacent
+   pixels (`_pair_tile`); for BLOCK_P such pairs it forms the depthwise outputs of all three scales on chip in
+   BLOCK_K-channel slices from one sweep over the pairs' 7×8 windows of X̂ (`_depthwise3_pair`: 56
+   shifted unmasked loads feed 166 FMAs per pixel pair and channel, each tap's weights serve both
+   pixels; the halo comes from L1/L2), stores the slices once into D, multiplies each into the
+   C-wide fp32 accumulators with the matching BLOCK_K×C slices of W̃[b]ᵀ (one K = 3C GEMM in
+   3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
 
-Backward (four kernels, PyTorch autograd on the tiny part; the math is in the comment block above
+Backward (three kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
-3. `_lmsa_bwd_gram_kernel` (one launch per scale k; grid channel blocks × pixel chunks × B):
-   recomputes DW_k(x) on chip (a mask-free sweep of X̂) and E_k = W̃_kᵀ dO (a small GEMM per tile),
-   stores E_k once (fp32, zero-bordered like X̂), and accumulates M_k[b] = dO_b · DW_k(x_b)ᵀ
-   (= ∂L/∂W̃, on tensor cores) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
-4. `_lmsa_bwd_wgrad_kernel` (one launch per scale; grid window rows × channel blocks, chunks, B):
-   the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window row, so each of its
-   KS taps keeps per-thread fp32 partial sums over the whole chunk; the cross-thread pixel
-   reduction runs once per tap and chunk (not per tap and tile). Per-chunk partials, summed in
-   PyTorch in a fixed order.
+3. `_lmsa_bwd_gram_kernel` (one launch; grid channel blocks × pixel chunks × B): for the three
+   scales at once, E_k = W̃_kᵀ dO (tensor-core products sharing each dO slice), stored once (fp32,
+   zero-bordered like X̂), and M_k[b] = dO_b · D_kᵀ (= ∂L/∂W̃, on tensor cores, D read back from the
+   forward: no depthwise sweep) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
+4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid window rows × channel blocks, chunks
+   of pixel pairs, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window
+   row offset of every scale whose window holds it (up to 7 + 5 + 3 taps; a uniform branch picks
+   the tile loop of the row's ring, `_wgrad_sweep`, so no program carries taps it skips), so each tap keeps
+   per-thread fp32 partial sums over the whole chunk; x is read once for all of them, and a row's
+   k + 1 loads of E_k feed both pixels of a pair. The cross-thread pixel reduction runs once per
+   tap and chunk. Per-chunk partials, summed in PyTorch in a fixed order.
 5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-6. `_lmsa_bwd_dx_kernel` (grid pixel tiles × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
+6. `_lmsa_bwd_dx_kernel` (grid tiles of pixel pairs × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
    T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
-   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k: no GEMM, no
+   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k, two adjacent
+   pixels per lane (`_depthwise_pair`: k + 1 loads per window row feed 2k FMAs): no GEMM, no
    scratch, no barriers. It never reads x.
 
 Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
@@ -61,38 +66,55 @@ Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
 bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
 
-Memory layout: the kernels take all four strides of x, dO, out and dx; the only copy of x is the
-stats kernel's bordered fp32 X̂ (channels-last whatever x's layout); out and dx follow x's memory
-format when x is dense, else they are contiguous NCHW.
+Memory layout: the kernels take all four strides of x, dO, out and dx; the copies of x are the
+stats kernel's bordered fp32 X̂ and the forward's D (both channels-last whatever x's layout); out
+and dx follow x's memory format when x is dense, else they are contiguous NCHW.
 Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
 specialised by Triton and the AOT builds assume channels-last.
 
+Memory held from forward to backward: x, P, W̃ and D (3T in x's dtype: 403 MB at the model's
+shape in bf16, 805 MB for fp32 inputs). X̂ (294 MB fp32) is freed after the forward kernel; it was
+the saved tensor before D replaced it (+109 MB held at the model's shape, bf16).
+
 Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
 294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 1024 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
-    backward  fused 4713 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
-The surplus is mostly the bordered fp32 tensors: X̂ (written once, read by the forward and the three
-gram launches) and the three E_k (written by the gram, read by wgrad and dx), plus fp32 partials and
-B×3×C×C gate tensors. They buy instructions: no masks, no bf16 unpacking and load-immediate column
-offsets in every depthwise sweep, which is where the time goes.
+    forward   fused 1426 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
+    backward  fused 3697 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
+The surplus is mostly the bordered fp32 tensors, X̂ (written by the statistics kernel, read by the
+forward) and the three E_k (written by the gram kernel, read by wgrad and dx: 2.6 GB in all), plus
+D (written by the forward, read by the gram kernel), fp32 partials and B×3×C×C gate tensors. The
+fp32 tensors buy instructions: no masks, no bf16 unpacking and load-immediate column offsets in
+every depthwise sweep; D buys the backward's fourth depthwise sweep.
 
 Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
 model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
-    stats              43 M                  –               145 µs   bytes
-    fwd               385 M         2.2 (incl. the GEMM)     418 µs   issue (3 CTAs of 8 warps / SM)
-    gram ×3           641 M         3.7 (incl. E, M GEMMs)   799 µs   bytes (k = 3, 5), issue (k = 7)
-    wgrad ×3          480 M         2.8                      594 µs   issue (k = 5, 7)
-    dx                387 M         2.2                      418 µs   issue
-    forward + backward                                      2374 µs   (was 7696 µs; eager floor 4520 µs)
+    stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
+    fwd               333 M         1.9 (incl. the GEMM)     364 µs   issue (2 CTAs of 8 warps / SM)
+    gram              177 M                  –               483 µs   bytes (E_k written in fp32, D read)
+    wgrad             337 M         1.9                      375 µs   issue (bytes 341 µs)
+    dx                303 M         1.7                      384 µs   bytes (E_k read; issue 328 µs)
+    forward + backward                                      1751 µs   (2374 before this pass, 7696 before
+                                                                       issue 14; eager floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 817 + 2924 µs on an A100. The target of issue 14, 1.5 ms, is not met: what is
-left is bytes (the bordered fp32 tensors: ~1.9 ms at 3 TB/s over the whole pass, by the count
-above) and the FMAs themselves; storing the bordered tensors in bf16 with a 2-for-1 unpack of bf16
-pairs, and one gram launch for all three scales (X̂ and dO read once), are the next steps.
+sm_80 builds give 826 + 2131 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
+BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per lane and tile
+was ~30 of the 129 SASS instructions of a k = 7 row's body.
+The target of issue 14, 1.5 ms, is not met. What the model says about the steps not taken
+(measured on this code's predecessors, 2026-11-29):
+  - E_k stored in bf16 (halving the 2.6 GB above): the gram launches get cheaper (bytes), but the
+    wgrad and dx sweeps pay the bf16 → fp32 unpack per loaded element (Triton emits ~1.5
+    instructions per element): measured on the per-scale kernels, gram 799 → 691 µs, wgrad
+    594 → 800 µs, dx 418 → 682 µs. X̂ in bf16 hits the forward sweep the same way.
+  - Recomputing DW_k(x) in the gram kernel (one launch for three scales from one sweep) instead
+    of storing D: 138+ registers, one 8-warp CTA per SM, 1107 µs predicted; per scale 780 µs.
+  - A register cap (maxnreg 128) for larger tiles: two CTAs, but spills (not allowed).
+What is left is bytes (E_k and X̂ in fp32, D) and the FMAs of the two remaining sweeps that cannot
+share a loaded value between scales (wgrad, dx).
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
-spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16.
+spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
+where its tf32x3 products need the registers.
 """
 from __future__ import annotations
 
@@ -110,6 +132,12 @@ __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS"]
 KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
+_ROW0_5: tl.constexpr = tl.constexpr(_TAP_ROW0[1])  # the same, as kernel constants
+_ROW0_7: tl.constexpr = tl.constexpr(_TAP_ROW0[2])
+# wgrad launches: the scales each one sweeps (x is read once per launch; a scale narrower than the
+# launch's widest skips the rows outside its window). Predicted on an H100 with pixel pairs:
+# 3 5 7: 437 µs, 3 5 | 7: 456 µs, 3 | 5 | 7: 502 µs, 3 7 | 5: 493 µs.
+WGRAD_SPLIT = ((3, 5, 7),)
 _CELLS = 7  # cell grid per axis of the statistics (rows 0, 1, 2, interior, H−3, H−2, H−1)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -131,27 +159,29 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_K: channels per depthwise slice / GEMM K step (clamped to C in the kernel)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _BOTH),
+_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
-_GRAM_TABLE = [  # BLOCK_J: channel block of DW_k(x) and of the ∂w pixel reduction, BLOCK_C: E's K step
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
+_GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_WGRAD_TABLE = [  # BLOCK_P: pixels per tile, BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
-]
-_DX_TABLE = [  # BLOCK_P: pixels, BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+_WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamped to C); up to 15 accumulators
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+]
+_DX_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_J: channel block (clamped to C)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
 ]
 
 def _dtype_prune(table):
@@ -203,36 +233,74 @@ def _cell(h, w, H, W, TH, TW):
     return ri * 7 + ci
 
 
+@triton.jit
+def _row_col(p, W):
+    """(row, column) of flat pixel indices p in an image W pixels wide."""
+    return p // W, p % W
+
+
+@triton.jit
+def _pair_tile(pid, H, W, BLOCK_P: tl.constexpr):
+    """Tile `pid` of BLOCK_P pixel pairs: lane i holds pair p = pid·BLOCK_P + i of the image's
+    H·⌈W/2⌉ pairs (h, wa), (h, wa + 1), wa = 2·(p mod ⌈W/2⌉) (a tile may span rows, so narrow images
+    waste no lanes). Returns (h, wa, wb, mask_a, mask_b): lanes past the image, or right pixels past
+    the row, get a valid pixel to compute and a false mask for their stores."""
+    WH = (W + 1) // 2
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // WH
+    wa = 2 * (p - h * WH)
+    mask_a = h < H
+    return tl.minimum(h, H - 1), wa, tl.minimum(wa + 1, W - 1), mask_a, mask_a & (wa + 1 < W)
+
+
+@triton.jit
+def _step_row_col(h, w, DH, DW, W):
+    """(row, column) of the pixels DH·W + DW further on (0 ≤ DW < W): one carry, no division."""
+    w = w + DW
+    carry = w >= W
+    return h + DH + carry.to(tl.int32), tl.where(carry, w - W, w)
+
+
 # Tap loops: a runtime loop over window rows around a compile-time-unrolled sweep of the row's
 # columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
 # hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise_padded(base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
-    """fp32 [pixels × channels] tile of DW_KS(v) (zero padding) at the pixels whose bordered
-    coordinates are (hp, wp), channels offs_j, times the per-channel taps w[t, j] (fp32, tap-major
-    KS² × C), for v stored channels-last with a 3-pixel zero border (row stride WP·C, pixel stride
-    C; every shifted read stays inside the buffer): no masks, and the column offsets are immediates
-    of the loads (C is a compile-time constant)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+def _depthwise_pair(a, bb, base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr):
+    """(a, bb) plus the fp32 [pixels × channels] tiles of DW_KS(v) (zero padding) at two horizontally adjacent
+    pixels per lane, bordered coordinates (hp, wp) and (hp, wp + 1), channels offs_j, with the
+    per-channel taps w[t, j] (fp32, tap-major KS² × C), for v stored channels-last with a 3-pixel
+    zero border (row stride WP·C, pixel stride C): no masks, column offsets are immediates of the
+    loads (C is a compile-time constant), and each window row's KS + 1 loads feed both pixels' KS
+    taps (2·KS FMAs from KS + 1 loads; each tap's weights are loaded once for the two). The right
+    pixel may lie past the image (wp + 1 = W + 3): its last column is clamped into the buffer and
+    the caller masks its result."""
     c_ptr = base + offs_j[None, :]
+    last = (tl.minimum(wp + KS // 2 + 1, WP - 1) - (wp - KS // 2))[:, None] * C  # = KS·C inside the image
     for i in range(KS):
         row_ptr = c_ptr + ((hp + (i - KS // 2)) * WP + wp - KS // 2)[:, None] * C
-        for jj in tl.static_range(KS):
-            v = tl.load(row_ptr + jj * C).to(tl.float32)
-            acc += v * tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
-    return acc
+        for jj in tl.static_range(KS + 1):
+            if jj < KS:
+                v = tl.load(row_ptr + jj * C).to(tl.float32)
+                wt = tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
+                a += v * wt
+            else:
+                v = tl.load(row_ptr + last).to(tl.float32)
+            if jj > 0:
+                bb += v * wprev
+            if jj < KS:
+                wprev = wt
+    return a, bb
 
 
 @triton.jit
-def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
-    """One row di of the 7×7 window (row_ptr: the row's leftmost tap in the zero-bordered x): its 7
-    shifted loads, each added into DW_7 and, where the tap lies in their windows, DW_5 and DW_3.
-    RING (constexpr) is the row's ring: 3 (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1
-    (|di| ≤ 1: all three); the column offsets are immediates (the loop over them is unrolled)."""
-    for jj in tl.static_range(7):
-        dj = jj - 3
-        xv = tl.load(row_ptr + jj * C).to(tl.float32)
+def _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, jj: tl.constexpr, offs_j, C: tl.constexpr,
+             RING: tl.constexpr):
+    """xv (the x at window row di, column jj = dj + 3 of one pixel's 7×7 window) into DW_7 and,
+    where the tap lies in their windows, DW_5 and DW_3. RING (constexpr) is the row's ring: 3
+    (|di| = 3: DW_7 only), 2 (|di| = 2: DW_7, DW_5), 1 (|di| ≤ 1: all three); a column outside
+    0..6 adds nothing."""
+    dj: tl.constexpr = jj - 3
+    if dj * dj <= 9:
         d7 += xv * tl.load(w7_ptr + ((di + 3) * 7 + jj) * C + offs_j)[None, :]
         if RING <= 2 and dj * dj <= 4:
             d5 += xv * tl.load(w5_ptr + ((di + 2) * 5 + jj - 1) * C + offs_j)[None, :]
@@ -242,26 +310,49 @@ def _dw_row(row_ptr, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, di, offs_j, C: tl.const
 
 
 @triton.jit
-def _depthwise3(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_J: tl.constexpr):
-    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at the pixels whose
-    zero-bordered coordinates are (hp, wp), channels offs_j, from one sweep over the 7×7 window of
-    the bordered x (xp_base: row stride WP·C, pixel stride C, fp32): each of its 49 shifted loads
-    feeds every scale whose window holds the tap (83 FMAs per pixel-channel from 49 loads, no
-    masks). Three row loops, one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap
-    feeds is known at compile time; they stay loops (a fully unrolled sweep has the compiler hoist
-    all 49 loads, and spill)."""
-    d3 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    d5 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
-    d7 = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+def _dw_row_pair(row_ptr, last, w3_ptr, w5_ptr, w7_ptr, da, db, di, offs_j, C: tl.constexpr, RING: tl.constexpr):
+    """One row di of the 7×7 windows of a pixel pair (row_ptr: the left pixel's leftmost tap in the
+    zero-bordered x; `last`: the offset of the right pixel's rightmost tap, clamped into the
+    buffer): its 8 shifted loads, each added into the left pixel's taps at column jj and the
+    right pixel's at jj − 1 (da, db: (DW_3, DW_5, DW_7) of each); the column offsets are
+    immediates (the loop over them is unrolled), and a tap's weights serve both pixels."""
+    d3a, d5a, d7a = da
+    d3b, d5b, d7b = db
+    for jj in tl.static_range(8):
+        if jj < 7:
+            xv = tl.load(row_ptr + jj * C).to(tl.float32)
+        else:
+            xv = tl.load(row_ptr + last).to(tl.float32)
+        d3a, d5a, d7a = _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3a, d5a, d7a, di, jj, offs_j, C, RING)
+        d3b, d5b, d7b = _dw_taps(xv, w3_ptr, w5_ptr, w7_ptr, d3b, d5b, d7b, di, jj - 1, offs_j, C, RING)
+    return (d3a, d5a, d7a), (d3b, d5b, d7b)
+
+
+@triton.jit
+def _depthwise3_pair(xp_base, w3_ptr, w5_ptr, w7_ptr, hp, wp, offs_j, WP, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_J: tl.constexpr):
+    """(DW_3(x), DW_5(x), DW_7(x)) as fp32 [pixels × channels] tiles at two horizontally adjacent
+    pixels per lane, zero-bordered coordinates (hp, wp) and (hp, wp + 1), channels offs_j, from one
+    sweep over their 7×8 window of the bordered x (xp_base: row stride WP·C, pixel stride C,
+    fp32): each of its 56 shifted loads feeds every tap of either pixel that holds it (166 FMAs
+    per pixel pair and channel, no masks). The right pixel may lie past the image (wp + 1 = W + 3):
+    its last column is clamped into the buffer and the caller masks its results. Three row loops,
+    one per ring (rows ±3, rows ±2, rows −1..1), so which scales a tap feeds is known at compile
+    time; they stay loops (a fully unrolled sweep has the compiler hoist every load, and spill).
+    Returns ((DW_3, DW_5, DW_7) of the left pixels, the same of the right ones)."""
+    z = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    da = (z, z, z)
+    db = (z, z, z)
     c_ptr = xp_base + offs_j[None, :] + ((hp - 3) * WP + wp - 3)[:, None] * C  # the window's top-left tap
+    last = (tl.minimum(wp + 4, WP - 1) - (wp - 3))[:, None] * C  # = 7·C inside the image
+    ws = (w3_ptr, w5_ptr, w7_ptr)
     for r in range(2):  # rows ±3
-        d3, d5, d7 = _dw_row(c_ptr + (6 * r) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 6 * r - 3, offs_j, C, 3)
+        da, db = _dw_row_pair(c_ptr + (6 * r) * WP * C, last, *ws, da, db, 6 * r - 3, offs_j, C, 3)
     for r in range(2):  # rows ±2
-        d3, d5, d7 = _dw_row(c_ptr + (4 * r + 1) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, 4 * r - 2, offs_j, C, 2)
+        da, db = _dw_row_pair(c_ptr + (4 * r + 1) * WP * C, last, *ws, da, db, 4 * r - 2, offs_j, C, 2)
     for r in range(3):  # rows −1, 0, 1
-        d3, d5, d7 = _dw_row(c_ptr + (r + 2) * WP * C, w3_ptr, w5_ptr, w7_ptr, d3, d5, d7, r - 1, offs_j, C, 1)
-    return d3, d5, d7
+        da, db = _dw_row_pair(c_ptr + (r + 2) * WP * C, last, *ws, da, db, r - 1, offs_j, C, 1)
+    return da, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,45 +401,68 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, XP, WG, BIAS, DW3, DW5, DW7, OUT,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
     H, W,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for BLOCK_P pixels of image b.
+    """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for a tile of BLOCK_P pixel pairs
+    of image b (two horizontally adjacent pixels per lane, `_pair_tile`, `_depthwise3_pair`).
 
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
-    slice's depthwise outputs formed on chip right before it is multiplied in."""
+    slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
+    the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
+    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image compute a valid pixel; not stored
-    h = pc // W
-    w = pc % W
-    offs_c = tl.arange(0, C)
+    h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_k = tl.arange(0, BK)
-    x_base = X + b * sxb
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
     wg_base = WG + b * (3 * C * C)
+    offs_c = tl.arange(0, C)
 
-    acc = tl.zeros([BLOCK_P, C], tl.float32)
+    da_ptr = D + (b * (H * W) + h * W + wa)[:, None] * (3 * C) + offs_k[None, :]
+    acc_a = tl.zeros([BLOCK_P, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_P, C], tl.float32)
     for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
         # W̃_k[b]ᵀ slices: BK (in) × C (out)
         wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
-        d3, d5, d7 = _depthwise3(xp_base, DW3, DW5, DW7, h + 3, w + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        acc += _mm(d3.to(WG.dtype.element_ty), tl.load(wt_ptr), PRECISE)
-        acc += _mm(d5.to(WG.dtype.element_ty), tl.load(wt_ptr + C * C), PRECISE)
-        acc += _mm(d7.to(WG.dtype.element_ty), tl.load(wt_ptr + 2 * C * C), PRECISE)
+        da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
+        acc_a = _fwd_gemm(acc_a, da, wt_ptr, da_ptr + j0, mask_a, C, PRECISE)
+        acc_b = _fwd_gemm(acc_b, db, wt_ptr, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
+    _fwd_finish(acc_a, X, BIAS, OUT, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
+    _fwd_finish(acc_b, X, BIAS, OUT, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
 
+
+@triton.jit
+def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
+    """acc += Σ_k DW_k slice · W̃_k[b]ᵀ slice for one K slice, d = (DW_3, DW_5, DW_7) of it, which
+    are also stored (as the GEMM takes them, in W̃'s dtype) into D at d_ptr (masked lanes: pixels
+    past the row)."""
+    d3, d5, d7 = d
+    d3 = d3.to(wt_ptr.dtype.element_ty)
+    d5 = d5.to(wt_ptr.dtype.element_ty)
+    d7 = d7.to(wt_ptr.dtype.element_ty)
+    tl.store(d_ptr, d3, mask=mask[:, None])
+    tl.store(d_ptr + C, d5, mask=mask[:, None])
+    tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
+    acc += _mm(d3, tl.load(wt_ptr), PRECISE)
+    acc += _mm(d5, tl.load(wt_ptr + C * C), PRECISE)
+    acc += _mm(d7, tl.load(wt_ptr + 2 * C * C), PRECISE)
+    return acc
+
+
+@triton.jit
+def _fwd_finish(acc, X, BIAS, OUT, b, h, w, mask, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C: tl.constexpr):
+    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row)."""
+    offs_c = tl.arange(0, C)
     bias = tl.load(BIAS + b * C + offs_c)
-    xc = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask_p[:, None], other=0.0)
+    xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None], other=0.0)
     acc += bias[None, :] + xc.to(tl.float32)
     tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
-             acc.to(OUT.dtype.element_ty), mask=mask_p[:, None])
+             acc.to(OUT.dtype.element_ty), mask=mask[:, None])
 
 
 _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE"])
@@ -361,10 +475,10 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # D_k = DW_k(x) (C × N), W̃_k = diag(z_k) W_k, β = Σ_k z_k ⊙ b_k, G = dO = ∂L/∂out.
 #     out = x + Σ_k W̃_k D_k + β 1ᵀ,   D_k[j, p] = Σ_δ w_k[j, δ] x[j, p + δ]  (x = 0 outside)
 # Main path (treating W̃ and β as inputs):
-#     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k recomputed on chip)
+#     ∂L/∂W̃_k = M_k = G D_kᵀ                 (C × C: `_lmsa_bwd_gram_kernel`, D_k as the forward stored it)
 #     ∂L/∂β    = Σ_p G[:, p]                  (same kernel)
-#     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N, never stored; formed on chip per tile by both kernels)
-#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (gram kernel, from the loads of D_k's taps)
+#     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N: formed per tile by the gram kernel, stored bordered)
+#     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (wgrad kernel, from the stored E_k)
 #     ∂L/∂x[j, q]   += G[j, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]   (dx kernel; E_k = 0 outside the image)
 # Gate path (PyTorch autograd through the tiny graph P → g → s → z → (W̃, β), given M and Σ G):
 #     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then the SE-MLP backward → ∂L/∂s,
@@ -378,21 +492,22 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    XP, DO, WG, DWK, MP, GSP, EK,
+    D, DO, WG, MP, GSP, E3, E5, E7,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr,
-    CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """For scale k = KID (kernel size KS), channel block pid_j and the pixels p of chunk `pid` of
-    image b, the partial sums
+    """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
         MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
-        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; KID = 0, pid_j = 0)
-    with DW_k(x) recomputed on chip from the zero-bordered fp32 x (XP, the stats kernel's), and E_k = W̃_kᵀ dO, formed on chip and stored once:
-        EK[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]      (fp32, B × (H+6) × (W+6) × C; the host
-                                                      zeroes the 3-pixel border)
-    for the wgrad and dx kernels. MP: B × n × 3 × C × C, GSP: B × n × C, fp32. One launch per scale."""
+        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; pid_j = 0 writes it)
+    with DW_k(x) read from D (B × H × W × 3C, x's dtype: what the forward multiplied, stored by
+    it), and E_k = W̃_kᵀ dO formed on chip (the three products share each dO slice) and stored once:
+        E_k[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]     (fp32, B × (H+6) × (W+6) × C; the host
+                                                     zeroes the 3-pixel border)
+    for the wgrad and dx kernels. Two kernels' worth of tensor-core products and no depthwise
+    sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
+    MP: B × n × 3 × C × C, GSP: B × n × C, fp32."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -400,12 +515,13 @@ def _lmsa_bwd_gram_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_c = tl.arange(0, C)
-    xp_base = XP + b * ((H + 6) * (W + 6) * C)  # x, zero-bordered fp32 (the stats kernel's)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
-    wg_ptr = WG + ((b * 3 + KID) * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_k[b][c-step, j-block]
+    wg_ptr = WG + (b * 3 * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_3[b][c-step, j-block]
 
-    acc = tl.zeros([C, BJ], tl.float32)
+    acc3 = tl.zeros([C, BJ], tl.float32)
+    acc5 = tl.zeros([C, BJ], tl.float32)
+    acc7 = tl.zeros([C, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
@@ -414,89 +530,77 @@ def _lmsa_bwd_gram_kernel(
             pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
             h = pc // W
             w = pc % W
-            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
-                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
-            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps (dO re-read from L1: a
-            # K = C product at once would hold the whole dO tile twice more, and spills in fp32)
-            e = tl.zeros([BLOCK_P, BJ], tl.float32)
+            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
+            # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
+            # tile twice more)
+            e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
             for c0 in range(0, C, BC):
                 gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
                              mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
-                e += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
-            # E_k is stored once (x's dtype) for the dx kernel's transposed depthwise
-            tl.store(EK + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :],
-                     e.to(EK.dtype.element_ty), mask=mask_p[:, None])
-            d = _depthwise_padded(xp_base, DWK, h + 3, w + 3, offs_j, W + 6, KS, C, BLOCK_P, BJ)
-            acc += _mm(gt, d.to(gt.dtype), PRECISE)
-            if KID == 0:
+                e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+                e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
+                e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
+            e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
+            tl.store(E3 + e_out, e3.to(E3.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E5 + e_out, e5.to(E5.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E7 + e_out, e7.to(E7.dtype.element_ty), mask=mask_p[:, None])
+            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
+                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
+            d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
+            acc3 += _mm(gt, tl.load(d_ptr), PRECISE)
+            acc5 += _mm(gt, tl.load(d_ptr + C), PRECISE)
+            acc7 += _mm(gt, tl.load(d_ptr + 2 * C), PRECISE)
+            if pid_j == 0:  # one channel block sums dO (a reduction across the pixel lanes)
                 gsum += tl.sum(gt.to(tl.float32), 1)
 
-    tl.store(MP + (((b * n_chunks + pid) * 3 + KID) * C + offs_c[:, None]) * C + offs_j[None, :], acc)
-    if KID == 0:
-        tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
+    mp = MP + ((b * n_chunks + pid) * 3 * C + offs_c[:, None]) * C + offs_j[None, :]
+    tl.store(mp, acc3)
+    tl.store(mp + C * C, acc5)
+    tl.store(mp + 2 * C * C, acc7)
+    tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
 
 
-_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE, ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
-
-
-@triton.jit
-def _wtap(acc, xt, row_ptr, dj: tl.constexpr, C: tl.constexpr):
-    """acc += x ⊙ E[· − (·, dj)] on the tile (E from the zero-bordered buffer): one tap of the ∂w sweep."""
-    return acc + xt * tl.load(row_ptr - dj * C).to(tl.float32)
+_lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+                                ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
 
 
 @triton.jit
-def _lmsa_bwd_wgrad_kernel(
-    X, EK, DWP,
-    sxb, sxc, sxh, sxw,
-    H, W, n_chunks,
-    C: tl.constexpr, KS: tl.constexpr, KID: tl.constexpr, ROW0: tl.constexpr, CHUNK_PIX: tl.constexpr,
-    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    """Main-path ∂L/∂w_k for one window row: for scale k = KID (kernel size KS), row i and channel
-    block pid_j (program_id(0) = i · C/BJ + pid_j), pixel chunk `pid` of image b,
-        DWP[b, pid, ROW0 + i·KS + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (i − KS//2, c − KS//2)
-    (= Σ_p E_k[j, p] x[j, p + δ]), from the stored, zero-bordered E_k (EK, the gram kernel's):
-    x is loaded once per tile, E_k at the row's KS shifts without masks. Each tap keeps its own
-    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
-    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    NJ: tl.constexpr = C // BJ
-    row = tl.program_id(0) // NJ
-    pid_j = tl.program_id(0) % NJ
-    pid = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BJ + tl.arange(0, BJ)
-    x_ptr = X + b * sxb + offs_j[None, :] * sxc
-    e_ptr = EK + b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
-    di = row - KS // 2
-    a0 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a1 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a2 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a3 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a4 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a5 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    a6 = tl.zeros([BLOCK_P, BJ], tl.float32)
-    for i in range(0, CHUNK_PIX, BLOCK_P):
-        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
-            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < H * W
-            pc = tl.minimum(offs_p, H * W - 1)  # past the image: a valid pixel (its x is masked to 0)
-            h = pc // W
-            w = pc % W
-            xt = tl.load(x_ptr + (h * sxh + w * sxw)[:, None], mask=mask_p[:, None], other=0.0).to(tl.float32)
-            row_ptr = e_ptr + ((h + 3 - di) * (W + 6) + w + 3)[:, None] * C
-            # the row's taps, column offsets −KS//2 .. KS//2 (compile-time constants)
-            a0 = _wtap(a0, xt, row_ptr, -(KS // 2), C)
-            a1 = _wtap(a1, xt, row_ptr, 1 - KS // 2, C)
-            a2 = _wtap(a2, xt, row_ptr, 2 - KS // 2, C)
-            if KS >= 5:
-                a3 = _wtap(a3, xt, row_ptr, 3 - KS // 2, C)
-                a4 = _wtap(a4, xt, row_ptr, 4 - KS // 2, C)
-            if KS >= 7:
-                a5 = _wtap(a5, xt, row_ptr, 5 - KS // 2, C)
-                a6 = _wtap(a6, xt, row_ptr, 6 - KS // 2, C)
-    out = DWP + ((b * n_chunks + pid) * 83 + ROW0 + row * KS) * C + offs_j
+def _wtap(acc, xa, xb, row_ptr, dj: tl.constexpr, last, LAST: tl.constexpr, C: tl.constexpr):
+    """acc += xa ⊙ E[· − (0, dj)] + xb ⊙ E[· + (0, 1) − (0, dj)] on the tile of pixel pairs (E from
+    the zero-bordered buffer, row_ptr at the left pixels): one tap of the ∂w sweep for both pixels
+    of each pair. The right pixels' load at column 1 − dj is the left pixels' of the next tap (the
+    compiler loads it once); LAST: it is the row's last column, at offset `last` (clamped into
+    the buffer where the right pixel lies past the image)."""
+    acc += xa * tl.load(row_ptr - dj * C).to(tl.float32)
+    if LAST:
+        acc += xb * tl.load(row_ptr + last).to(tl.float32)
+    else:
+        acc += xb * tl.load(row_ptr + (1 - dj) * C).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _wrow(a0, a1, a2, a3, a4, a5, a6, xa, xb, row_ptr, last, KS: tl.constexpr, C: tl.constexpr):
+    """The KS taps of one window row of a KS×KS scale (column offsets −KS//2 .. KS//2, compile-time
+    constants) for pixel pairs into a0 .. a(KS−1): KS + 1 loads feed 2·KS FMAs. The other
+    accumulators come back unchanged."""
+    a0 = _wtap(a0, xa, xb, row_ptr, -(KS // 2), last, True, C)
+    a1 = _wtap(a1, xa, xb, row_ptr, 1 - KS // 2, last, False, C)
+    a2 = _wtap(a2, xa, xb, row_ptr, 2 - KS // 2, last, False, C)
+    if KS >= 5:
+        a3 = _wtap(a3, xa, xb, row_ptr, 3 - KS // 2, last, False, C)
+        a4 = _wtap(a4, xa, xb, row_ptr, 4 - KS // 2, last, False, C)
+    if KS >= 7:
+        a5 = _wtap(a5, xa, xb, row_ptr, 5 - KS // 2, last, False, C)
+        a6 = _wtap(a6, xa, xb, row_ptr, 6 - KS // 2, last, False, C)
+    return a0, a1, a2, a3, a4, a5, a6
+
+
+@triton.jit
+def _wstore(out, a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr, C: tl.constexpr):
+    """The pixel sums of a0 .. a(KS−1) into KS consecutive C-wide rows of the partial buffer."""
     tl.store(out, tl.sum(a0, 0))
     tl.store(out + C, tl.sum(a1, 0))
     tl.store(out + 2 * C, tl.sum(a2, 0))
@@ -508,8 +612,98 @@ def _lmsa_bwd_wgrad_kernel(
         tl.store(out + 6 * C, tl.sum(a6, 0))
 
 
+@triton.jit
+def _lmsa_bwd_wgrad_kernel(
+    X, E3, E5, E7, DWP,
+    sxb, sxc, sxh, sxw,
+    H, W, n_chunks,
+    C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_PIX: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset
+    di = row − R (R: the widest scale's half-width): for row and channel block pid_j
+    (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
+        DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
+    (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k of the launch whose window holds the row, from
+    the stored, zero-bordered E_k (the gram kernel's), over pixel pairs (two horizontally adjacent
+    pixels per lane): x is loaded once per tile for all the row's taps, each E_k at the row's
+    shifts (one offset for the scales, their borders being alike) without masks, k + 1 loads
+    feeding both pixels' k taps. Chunks are CHUNK_PIX pairs. Each tap keeps its own
+    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
+    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    NJ: tl.constexpr = C // BJ
+    row = tl.program_id(0) // NJ
+    pid_j = tl.program_id(0) % NJ
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    x_ptr = X + b * sxb + offs_j[None, :] * sxc
+    e_off = b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
+    R: tl.constexpr = 3 if S7 else (2 if S5 else 1)
+    di = row - R
+    has5 = (di >= -2) & (di <= 2)  # the row is in the 5×5 window
+    has3 = (di >= -1) & (di <= 1)
+    out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
+    # one tile loop per ring of rows (a uniform branch): the loop a program runs holds only its
+    # row's taps (|di| ≤ 1: 15, |di| = 2: 12, |di| = 3: 7)
+    if has3:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 1, CHUNK_PIX, BLOCK_P, BJ)
+    elif has5:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 2, CHUNK_PIX, BLOCK_P, BJ)
+    else:
+        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 3, CHUNK_PIX, BLOCK_P, BJ)
+
+
+@triton.jit
+def _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C: tl.constexpr, S3: tl.constexpr,
+                 S5: tl.constexpr, S7: tl.constexpr, RING: tl.constexpr, CHUNK_PIX: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BJ: tl.constexpr):
+    """The tile loop of `_lmsa_bwd_wgrad_kernel` for a window row of ring RING (constexpr: 1 for
+    |di| ≤ 1, 2 for |di| = 2, 3 for |di| = 3) and the scales of the launch whose windows hold it,
+    then the chunk's per-tap sums into the partial buffer at `out`."""
+    z = tl.zeros([BLOCK_P, BJ], tl.float32)
+    s0, s1, s2, s3, s4, s5, s6 = z, z, z, z, z, z, z  # k = 7
+    f0, f1, f2, f3, f4 = z, z, z, z, z                # k = 5
+    t0, t1, t2 = z, z, z                              # k = 3
+    # The chunks and tiles run over pixel pairs (h, 2q), (h, 2q + 1), q < WH = ⌈W/2⌉ (the right one
+    # masked past the image). (h, q) of the tile's pairs: divided once, then stepped by
+    # BLOCK_P = DH·WH + DW pairs per tile with one carry (q + DW < 2WH): an integer division per
+    # lane and tile costs ~30 instructions
+    WH = (W + 1) // 2
+    h, q = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), WH)
+    DH = BLOCK_P // WH
+    DW = BLOCK_P % WH
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * WH:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_a = offs_p < H * WH
+            wa = 2 * q
+            mask_b = mask_a & (wa + 1 < W)
+            hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
+            xa_ptr = x_ptr + (hc * sxh + wa * sxw)[:, None]
+            xa = tl.load(xa_ptr, mask=mask_a[:, None], other=0.0).to(tl.float32)
+            xb = tl.load(xa_ptr + sxw, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            r_off = e_off + ((hc + 3 - di) * (W + 6) + wa + 3)[:, None] * C
+            # the right pixels' last column for 7×7 (bordered wa + 7): past the row where wa + 1 = W
+            last7 = (tl.minimum(wa + 7, W + 5) - (wa + 3))[:, None] * C
+            if S7:
+                s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xa, xb, E7 + r_off, last7, 7, C)
+            if S5 and RING <= 2:
+                f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xa, xb, E5 + r_off, 3 * C, 5, C)
+            if S3 and RING <= 1:
+                t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xa, xb, E3 + r_off, 2 * C, 3, C)
+        h, q = _step_row_col(h, q, DH, DW, WH)
+    if S7:
+        _wstore(out + (_ROW0_7 + (di + 3) * 7) * C, s0, s1, s2, s3, s4, s5, s6, 7, C)
+    if S5 and RING <= 2:
+        _wstore(out + (_ROW0_5 + (di + 2) * 5) * C, f0, f1, f2, f3, f4, z, z, 5, C)
+    if S3 and RING <= 1:
+        _wstore(out + (di + 1) * 3 * C, t0, t1, t2, z, z, z, z, 3, C)
+
+
 _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
-                                 ["H", "W", "C", "KS", "CHUNK_PIX", "PRECISE"])
+                                 ["H", "W", "C", "S3", "S5", "S7", "CHUNK_PIX", "PRECISE"])
 
 
 
@@ -521,35 +715,40 @@ def _lmsa_bwd_dx_kernel(
     H, W, TH, TW,
     C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for BLOCK_P pixels and channel block pid_j of image b.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_P pixel pairs (two horizontally
+    adjacent pixels per lane, `_pair_tile`, `_depthwise_pair`) and channel block pid_j of image b.
 
     E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
     border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
-    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_padded`
+    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_pair`
     over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
     never reads x."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    pid = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image read a valid pixel; their store is masked
-    h = pc // W
-    w = pc % W
+    h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
-    dx = _depthwise_padded(E3 + e_off, DW3, h + 3, w + 3, offs_j, W + 6, 3, C, BLOCK_P, BJ)
-    dx += _depthwise_padded(E5 + e_off, DW5, h + 3, w + 3, offs_j, W + 6, 5, C, BLOCK_P, BJ)
-    dx += _depthwise_padded(E7 + e_off, DW7, h + 3, w + 3, offs_j, W + 6, 7, C, BLOCK_P, BJ)
-    # residual and the statistics path (adjoint of the cell sums: a broadcast of T)
-    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
-                   mask=mask_p[:, None], other=0.0)
+    dxa = tl.zeros([BLOCK_P, BJ], tl.float32)
+    dxb = tl.zeros([BLOCK_P, BJ], tl.float32)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E3 + e_off, DW3, h + 3, wa + 3, offs_j, W + 6, 3, C)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E5 + e_off, DW5, h + 3, wa + 3, offs_j, W + 6, 5, C)
+    dxa, dxb = _depthwise_pair(dxa, dxb, E7 + e_off, DW7, h + 3, wa + 3, offs_j, W + 6, 7, C)
+    _dx_finish(dxa, DO, T, DX, b, h, wa, mask_a, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
+    _dx_finish(dxb, DO, T, DX, b, h, wb, mask_b, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
+
+
+@triton.jit
+def _dx_finish(dx, DO, T, DX, b, h, w, mask, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW,
+               C: tl.constexpr):
+    """dx += dO (the residual) + T[cell] (the statistics path: the adjoint of the cell sums is a
+    broadcast of T) at pixels (h, w), then the store (masked lanes: pixels past the row)."""
+    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc, mask=mask[:, None], other=0.0)
     cell = _cell(h, w, H, W, TH, TW)
-    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask_p[:, None], other=0.0)
+    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask[:, None], other=0.0)
     dx += g_in.to(tl.float32) + t_in
-    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc,
-             dx.to(DX.dtype.element_ty), mask=mask_p[:, None])
+    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc, dx.to(DX.dtype.element_ty),
+             mask=mask[:, None])
 
 
 _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PRECISE"])
@@ -658,14 +857,15 @@ def _forward(x, params, precise):
     wg = wg.to(x.dtype).contiguous()
     beta = beta.contiguous()
     out = _new_like(x)
-    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), b)  # noqa: E731
+    dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
+    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *_dw_flat(dws), out, *x.stride(), *out.stride(), h, w,
+        x, xp, wg, beta, *_dw_flat(dws), out, dsave, *x.stride(), *out.stride(), h, w,
         C=c, PRECISE=precise)
-    return out, P, wg, xp
+    return out, P, wg, dsave
 
 
-def _backward(x, xp, g, P, wg, params, precise):
+def _backward(x, dsave, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
@@ -679,17 +879,23 @@ def _backward(x, xp, g, P, wg, params, precise):
     # their shifted reads need no masks (the gram kernel writes the interior)
     ek = [_bordered(b, h, w, c, x.device) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    for kid, k in enumerate(KERNEL_SIZES):
-        _lmsa_bwd_gram_kernel[grid](
-            xp, g, wg, dw_flat[kid], mp, gsp, ek[kid], *g.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, CHUNK_PIX=chunk, PRECISE=precise)
+    _lmsa_bwd_gram_kernel[grid](
+        dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
+        C=c, CHUNK_PIX=chunk, PRECISE=precise)
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
-    dwp = _new((b, n_chunks, _N_TAPS, c), x.device, torch.float32)
-    for kid, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
-        grid = lambda meta, k=k: (k * (c // min(meta["BLOCK_J"], c)), n_chunks, b)  # noqa: E731
+    # of pixel pairs (under the interpreter, chunks of 64 pairs: the tests still cover several)
+    pairs = h * triton.cdiv(w, 2)
+    sms = _sm_count(x.device)
+    wchunk = 64 if sms is None else _chunk_pix(pairs, b, max(1, c // 64), sms, max_chunks=4)
+    n_wchunks = triton.cdiv(pairs, wchunk)
+    dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
+    for scales in WGRAD_SPLIT:
+        rows = max(scales)
+        grid = lambda meta, rows=rows: (rows * (c // min(meta["BLOCK_J"], c)), n_wchunks, b)  # noqa: E731
+        mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
-            x, ek[kid], dwp, *x.stride(), h, w, n_chunks,
-            C=c, KS=k, KID=kid, ROW0=row0, CHUNK_PIX=chunk, PRECISE=precise)
+            x, *mine, dwp, *x.stride(), h, w, n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
+            CHUNK_PIX=wchunk, PRECISE=precise)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -708,7 +914,7 @@ def _backward(x, xp, g, P, wg, params, precise):
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
     dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
-    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PRECISE=precise)
@@ -718,23 +924,24 @@ def _backward(x, xp, g, P, wg, params, precise):
 class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
-    Saves x, its zero-bordered fp32 copy X̂ (B×(H+6)×(W+6)×C), the cell sums P (B×C×49 fp32) and
-    W̃ (B×3×C×C): nothing of size B×3C×H×W."""
+    Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
+    the backward's gram kernel needs no depthwise sweep), the cell sums P (B×C×49 fp32) and W̃
+    (B×3×C×C); never f_k."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, xp = _forward(x, params, precise)
-        ctx.save_for_backward(x, xp, P, wg, *params)
+        out, P, wg, dsave = _forward(x, params, precise)
+        ctx.save_for_backward(x, dsave, P, wg, *params)
         ctx.precise = precise
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, xp, P, wg, *params = ctx.saved_tensors
+        x, dsave, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, xp, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, dsave, g, P, wg, params, ctx.precise)
         return (dx, *pgrads)
 
 
@@ -788,30 +995,24 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
+    wgrad_chunk = _chunk_pix(hw // 2, 32, _AOT_C // 64, 132, max_chunks=4)  # chunks of pixel pairs
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
-        kernels = (
+        wgrads = tuple(("wgrad" + "".join(map(str, sc)), _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
+                        {"X": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DWP": "*fp32"},
+                        ["H", "W", "n_chunks"], {"CHUNK_PIX": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc})
+                       for sc in WGRAD_SPLIT)
+        kernels = wgrads + (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
              {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
-             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt},
+             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt,
+              "D": dt},
              ["H", "W"], {}),
-            ("gram3", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0}),
-            ("wgrad3", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 3, "KID": 0, "ROW0": 0}),
-            ("gram5", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1}),
-            ("wgrad5", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 5, "KID": 1, "ROW0": 9}),
-            ("gram7", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"XP": "*fp32", "DO": dt, "WG": dt, "DWK": "*fp32", "MP": "*fp32", "GSP": "*fp32", "EK": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2}),
-            ("wgrad7", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE, {"X": dt, "EK": "*fp32", "DWP": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "KS": 7, "KID": 2, "ROW0": 34}),
+            ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
+             {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": "*fp32", "E5": "*fp32", "E7": "*fp32"},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
              ["H", "W", "TH", "TW"], {}),

@@ -128,7 +128,7 @@ def test_fp32_parity(b, c, h, w, layout, device, poisoned):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp32_c128(device, poisoned):
-    """The model's channel count: 4 forward K-slices, 2 gram channel blocks, 8 dx channel blocks."""
+    """The model's channel count: 4 forward K-slices, 4 gram channel blocks, 8 dx channel blocks."""
     device = _device(device)
     x, go = _inputs(1, 128, 7, 9, torch.float32, device, seed=7, layout="channels_last")
     _run_case(x, _params(128, torch.float32, device, seed=8), go)
