@@ -140,17 +140,18 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
-def _pairs_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_P pixel pairs each, H·⌈W/2⌉ pairs an image
-    n = a["H"] * ((a["W"] + 1) // 2)
-    return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < n)
+def _strips_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_S strips each, H·⌈W/STRIP⌉ strips an image
+    n = a["H"] * _cdiv(a["W"], a["STRIP"])
+    return sum(1 for i in range(0, a["CHUNK_S"], a["BLOCK_S"]) if pid[1] * a["CHUNK_S"] + i < n)
 
 
 def _wgrad_ring_trips(a, pid):  # LMSA's wgrad: one tile loop per ring of window rows (call sites 1, 2, 3)
-    bj = min(a["BLOCK_J"], a["C"])
+    half_c = a["C"] // 2
+    bw = min(a["BLOCK_W"], half_c)
     half = 3 if a["S7"] else (2 if a["S5"] else 1)
-    di = pid[0] // (a["C"] // bj) - half
+    di = pid[0] // (half_c // bw) - half
     ring = max(abs(di), 1)
-    return [_pairs_active(a, pid) if ring == r else 0 for r in (1, 2, 3)]
+    return [_strips_active(a, pid) if ring == r else 0 for r in (1, 2, 3)]
 
 
 def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
@@ -215,9 +216,9 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_PIX, BLOCK_P):", _wgrad_ring_trips,
-         count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_wgrad_kernel",)),
-    Loop("lmsa", "_depthwise_pair", "for i in range(KS):",  # dx: one site a scale
+    Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_S, BLOCK_S):", _wgrad_ring_trips,
+         count="offs_p = pid * CHUNK_S + i + tl.arange(0, BLOCK_S)", kernels=("_lmsa_bwd_wgrad_kernel",)),
+    Loop("lmsa", "_dx_strip", "for i in range(KS):",  # dx: one site a scale
          lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),
 ]
 
@@ -367,9 +368,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             params = [torch.zeros(c, 1, k, k) for k in (3, 5, 7)] + [torch.zeros(c, c) for _ in range(3)] \
                 + [torch.zeros(c) for _ in range(3)] + [torch.zeros(3 * c // 8, 3 * c), torch.zeros(3 * c // 8),
                                                        torch.zeros(3 * c, 3 * c // 8), torch.zeros(3 * c)]
-            _, P, wg, dsave = lmsa._forward(x, params, False)
+            _, P, wg, dsave, xw = lmsa._forward(x, params, False)
             pass_ref[0] = "bwd"
-            lmsa._backward(x, dsave, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
+            lmsa._backward(x, dsave, xw, _cl(batch, c, hw, hw, bf16), P, wg, params, False)
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

@@ -173,35 +173,54 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_WGRAD_TABLE = [  # BLOCK_P: pixel pairs per tile, BLOCK_J: channel block (clamped to C); up to 15 accumulators
-    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+# The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
+# pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
+_WGRAD_STRIP = 16
+_DX_STRIP = 8
+_WGRAD_TABLE = [  # BLOCK_S: strips per tile, BLOCK_W: words (channel pairs m, m + C/2) per block; 2·15 accumulators
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 4}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 8}, num_warps=8, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_J: channel block (clamped to C)
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
+_DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 8}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
 ]
 
-def _dtype_prune(table):
-    """Autotune pruning: the configs of `table` that serve the call's dtype class (PRECISE = fp32)."""
+def _by_precise(named) -> bool:
+    """The fp32 shape class: fp32 inputs (PRECISE)."""
+    return named["PRECISE"]
+
+
+def _by_unpacked(named) -> bool:
+    """The fp32 shape class of the sweeps over E_k: fp32 E_k (fp32 and fp16 inputs)."""
+    return not named["PACKED"]
+
+
+def _dtype_prune(table, is_fp32=_by_precise):
+    """Autotune pruning: the configs of `table` that serve the call's dtype class."""
     serves = [(cfg.all_kwargs(), dtypes) for cfg, dtypes in table]
 
     def prune(configs, named_args, **kwargs):
-        cls = "fp32" if kwargs["PRECISE"] else "half"
+        cls = "fp32" if is_fp32(kwargs) else "half"
         kept = [cfg for cfg in configs if any(cfg.all_kwargs() == kw and cls in d for kw, d in serves)]
         return kept or configs[:1]
     return prune
 
 
-def _pinned(name: str, fn, table, key: list[str]) -> PinnedKernel:
+def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"."""
     configs = [cfg for cfg, _ in table]
     return PinnedKernel(name, fn, configs, key,
-                        shape_class=lambda named: "fp32" if named["PRECISE"] else "half",
+                        shape_class=lambda named: "fp32" if is_fp32(named) else "half",
                         allowed=lambda cls: [cfg for cfg, serves in table if cls in serves],
-                        classes=["half", "fp32"], prune=_dtype_prune(table))
+                        classes=["half", "fp32"], prune=_dtype_prune(table, is_fp32))
 
 
 _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
@@ -225,12 +244,16 @@ def _mm(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _cell_class(v, N, TN):
+    """Statistics cell class (0..6) of row (or column) v of N: 0, 1, 2 | 3 = interior | 4, 5, 6 =
+    the last three (for N < 7, TN = N and every row is its own class)."""
+    return tl.where(v < 3, v, tl.where(v >= N - 3, v - N + TN, 3))
+
+
+@triton.jit
 def _cell(h, w, H, W, TH, TW):
-    """Statistics cell (0..48) of pixel (h, w): row class 0,1,2 | 3 = interior | 4,5,6 = last
-    three rows (for H < 7, TH = H and every row is its own class), times the same for columns."""
-    ri = tl.where(h < 3, h, tl.where(h >= H - 3, h - H + TH, 3))
-    ci = tl.where(w < 3, w, tl.where(w >= W - 3, w - W + TW, 3))
-    return ri * 7 + ci
+    """Statistics cell (0..48) of pixel (h, w): the row class times 7 plus the column class."""
+    return _cell_class(h, H, TH) * 7 + _cell_class(w, W, TW)
 
 
 @triton.jit
@@ -265,31 +288,69 @@ def _step_row_col(h, w, DH, DW, W):
 # columns (constant column offsets and weight rows). Fully unrolled windows get every tap's loads
 # hoisted by the compiler and spill registers (sm_80 / sm_90 builds).
 @triton.jit
-def _depthwise_pair(a, bb, base, w_ptr, hp, wp, offs_j, WP, KS: tl.constexpr, C: tl.constexpr):
-    """(a, bb) plus the fp32 [pixels × channels] tiles of DW_KS(v) (zero padding) at two horizontally adjacent
-    pixels per lane, bordered coordinates (hp, wp) and (hp, wp + 1), channels offs_j, with the
-    per-channel taps w[t, j] (fp32, tap-major KS² × C), for v stored channels-last with a 3-pixel
-    zero border (row stride WP·C, pixel stride C): no masks, column offsets are immediates of the
-    loads (C is a compile-time constant), and each window row's KS + 1 loads feed both pixels' KS
-    taps (2·KS FMAs from KS + 1 loads; each tap's weights are loaded once for the two). The right
-    pixel may lie past the image (wp + 1 = W + 3): its last column is clamped into the buffer and
-    the caller masks its result."""
-    c_ptr = base + offs_j[None, :]
-    last = (tl.minimum(wp + KS // 2 + 1, WP - 1) - (wp - KS // 2))[:, None] * C  # = KS·C inside the image
+def _strip_tile(pid, H, W, S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile `pid` of BLOCK_S pixel strips: lane i holds strip p = pid·BLOCK_S + i of the image's
+    H·⌈W/S⌉ strips of S horizontally adjacent pixels (h, ws), .., (h, ws + S − 1), ws = S·(p mod
+    ⌈W/S⌉) (a tile may span rows, so narrow images waste no lanes). Returns (h, ws, mask): lanes
+    past the image get row H − 1 and a false mask; pixels past the row are the caller's to mask."""
+    NS = (W + S - 1) // S
+    p = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    h = p // NS
+    return tl.minimum(h, H - 1), S * (p - h * NS), h < H
+
+
+@triton.jit
+def _e_words(E, PACKED: tl.constexpr):
+    """E_k as the sweeps index it: PACKED (bf16 E_k) as int32 words, word m of a pixel holding the
+    channel pair (m, m + C/2); else the fp32 tensor itself (channel m at m, its partner at m + C/2)."""
+    if PACKED:
+        return E.to(tl.pointer_type(tl.int32))
+    else:
+        return E
+
+
+@triton.jit
+def _e_pair(ptr, HALF: tl.constexpr, PACKED: tl.constexpr):
+    """fp32 (E[channels m], E[channels m + C/2]) at the word pointers `ptr`. PACKED: one load of the
+    int32 word, then one instruction per value: bf16 → fp32 is a 16-bit shift (low half) or a
+    mask (high half). Else two fp32 loads."""
+    if PACKED:
+        word = tl.load(ptr)
+        return (word << 16).to(tl.float32, bitcast=True), (word & -65536).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr), tl.load(ptr + HALF)
+
+
+@triton.jit
+def _add_at(acc, i: tl.constexpr, v):
+    """The tuple `acc` with v added to its element i (a compile-time index)."""
+    return acc[:i] + (acc[i] + v,) + acc[i + 1:]
+
+
+@triton.jit
+def _dx_strip(lo, hi, row_ptr, w_ptr, offs_w, ROW_STEP, S: tl.constexpr, KS: tl.constexpr,
+              C: tl.constexpr, PS: tl.constexpr, PACKED: tl.constexpr):
+    """(lo, hi), the S pixels' accumulators of each strip's channels m and m + C/2, plus the
+    transposed depthwise DW_KSᵀ(E) = Σ_δ w̄[δ] E[q + δ] (w̄: taps flipped, fp32 tap-major KS² × C)
+    from the zero-bordered E (row_ptr: word pointers at each strip's top-left window tap;
+    ROW_STEP words a row, PS a pixel). Per window row, S + KS − 1 loads feed S·KS taps of each
+    channel (every load reaches every pixel of the strip whose window holds it); the row's KS
+    weights are loaded once for the S pixels. Column offsets are compile-time constants."""
+    HALF: tl.constexpr = C // 2
     for i in range(KS):
-        row_ptr = c_ptr + ((hp + (i - KS // 2)) * WP + wp - KS // 2)[:, None] * C
-        for jj in tl.static_range(KS + 1):
-            if jj < KS:
-                v = tl.load(row_ptr + jj * C).to(tl.float32)
-                wt = tl.load(w_ptr + (i * KS + jj) * C + offs_j)[None, :]
-                a += v * wt
-            else:
-                v = tl.load(row_ptr + last).to(tl.float32)
-            if jj > 0:
-                bb += v * wprev
-            if jj < KS:
-                wprev = wt
-    return a, bb
+        wl = ()
+        wh = ()
+        for t in tl.static_range(KS):
+            wl = wl + (tl.load(w_ptr + (i * KS + t) * C + offs_w)[None, :],)
+            wh = wh + (tl.load(w_ptr + (i * KS + t) * C + HALF + offs_w)[None, :],)
+        for m in tl.static_range(S + KS - 1):
+            el, eh = _e_pair(row_ptr + m * PS, HALF, PACKED)
+            for s in tl.static_range(S):
+                if m - s >= 0 and m - s < KS:  # tap m − s of pixel s
+                    lo = _add_at(lo, s, el * wl[m - s])
+                    hi = _add_at(hi, s, eh * wh[m - s])
+        row_ptr += ROW_STEP
+    return lo, hi
 
 
 @triton.jit
@@ -401,11 +462,12 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D, XW,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
-    H, W,
-    C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    H, W, WPAD,
+    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for a tile of BLOCK_P pixel pairs
     of image b (two horizontally adjacent pixels per lane, `_pair_tile`, `_depthwise3_pair`).
@@ -432,8 +494,11 @@ def _lmsa_fwd_kernel(
         da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
         acc_a = _fwd_gemm(acc_a, da, wt_ptr, da_ptr + j0, mask_a, C, PRECISE)
         acc_b = _fwd_gemm(acc_b, db, wt_ptr, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
-    _fwd_finish(acc_a, X, BIAS, OUT, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
-    _fwd_finish(acc_b, X, BIAS, OUT, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C)
+    xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
+    _fwd_finish(acc_a, X, BIAS, OUT, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C,
+                PACKED)
+    _fwd_finish(acc_b, X, BIAS, OUT, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C,
+                PACKED)
 
 
 @triton.jit
@@ -455,11 +520,19 @@ def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexp
 
 
 @triton.jit
-def _fwd_finish(acc, X, BIAS, OUT, b, h, w, mask, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C: tl.constexpr):
-    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row)."""
+def _fwd_finish(acc, X, BIAS, OUT, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C: tl.constexpr,
+                PACKED: tl.constexpr):
+    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row); x
+    also goes to the backward's word-ordered copy at pixels xw_pix (`_lmsa_bwd_wgrad_kernel`):
+    PACKED, bf16 with the channel halves interleaved (position 2m + r = channel m + r·C/2, the
+    layout of the packed E_k); else fp32 in channel order."""
     offs_c = tl.arange(0, C)
     bias = tl.load(BIAS + b * C + offs_c)
     xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None], other=0.0)
+    xw = xc.to(XW.dtype.element_ty)
+    if PACKED:  # [halves, C/2] → [C/2, halves] per pixel, in registers: the store stays contiguous
+        xw = tl.reshape(tl.permute(tl.reshape(xw, [xw.shape[0], 2, C // 2]), (0, 2, 1)), [xw.shape[0], C])
+    tl.store(XW + xw_pix[:, None] * C + offs_c[None, :], xw, mask=mask[:, None])
     acc += bias[None, :] + xc.to(tl.float32)
     tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
              acc.to(OUT.dtype.element_ty), mask=mask[:, None])
@@ -495,17 +568,19 @@ def _lmsa_bwd_gram_kernel(
     D, DO, WG, MP, GSP, E3, E5, E7,
     sgb, sgc, sgh, sgw,
     H, W, n_chunks,
-    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
         MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
         GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; pid_j = 0 writes it)
     with DW_k(x) read from D (B × H × W × 3C, x's dtype: what the forward multiplied, stored by
     it), and E_k = W̃_kᵀ dO formed on chip (the three products share each dO slice) and stored once:
-        E_k[b, 3 + h, 3 + w, j] = E_k[j, (h, w)]     (fp32, B × (H+6) × (W+6) × C; the host
-                                                     zeroes the 3-pixel border)
-    for the wgrad and dx kernels. Two kernels' worth of tensor-core products and no depthwise
+        E_k[b, 3 + h, 3 + w, pos(j)] = E_k[j, (h, w)]   (B × (H+6) × (W+6) × C; the host zeroes
+                                                        the 3-pixel border)
+    for the wgrad and dx kernels: fp32 in channel order for fp32 / fp16 inputs; for bf16 (PACKED)
+    rounded to bf16 with the channel halves interleaved, pos(m + r·C/2) = 2m + r, so that int32
+    word m holds the channel pair (m, m + C/2). Two kernels' worth of tensor-core products and no depthwise
     sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
     MP: B × n × 3 × C × C, GSP: B × n × C, fp32."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
@@ -517,7 +592,15 @@ def _lmsa_bwd_gram_kernel(
     offs_c = tl.arange(0, C)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
-    wg_ptr = WG + (b * 3 * C + offs_cc[:, None]) * C + offs_j[None, :]  # W̃_3[b][c-step, j-block]
+    # E's channels in the order they are stored at positions offs_j: PACKED (bf16 E) interleaves
+    # the halves, position 2m + r holding channel m + r·C/2 (word m = the channel pair (m, m + C/2)
+    # the sweeps unpack); fp32 E keeps the natural order
+    if PACKED:
+        ar = tl.arange(0, BJ)
+        offs_e = pid_j * (BJ // 2) + ar // 2 + (ar % 2) * (C // 2)
+    else:
+        offs_e = offs_j
+    wg_ptr = WG + (b * 3 * C + offs_cc[:, None]) * C + offs_e[None, :]  # W̃_3[b][c-step, E's channels]
 
     acc3 = tl.zeros([C, BJ], tl.float32)
     acc5 = tl.zeros([C, BJ], tl.float32)
@@ -567,144 +650,134 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 
 
 @triton.jit
-def _wtap(acc, xa, xb, row_ptr, dj: tl.constexpr, last, LAST: tl.constexpr, C: tl.constexpr):
-    """acc += xa ⊙ E[· − (0, dj)] + xb ⊙ E[· + (0, 1) − (0, dj)] on the tile of pixel pairs (E from
-    the zero-bordered buffer, row_ptr at the left pixels): one tap of the ∂w sweep for both pixels
-    of each pair. The right pixels' load at column 1 − dj is the left pixels' of the next tap (the
-    compiler loads it once); LAST: it is the row's last column, at offset `last` (clamped into
-    the buffer where the right pixel lies past the image)."""
-    acc += xa * tl.load(row_ptr - dj * C).to(tl.float32)
-    if LAST:
-        acc += xb * tl.load(row_ptr + last).to(tl.float32)
-    else:
-        acc += xb * tl.load(row_ptr + (1 - dj) * C).to(tl.float32)
-    return acc
+def _wgrad_row(tl_, th_, xl, xh, row_ptr, S: tl.constexpr, KS: tl.constexpr, HALF: tl.constexpr,
+               PS: tl.constexpr, PACKED: tl.constexpr):
+    """(tl_, th_), one window row's KS tap accumulators of channels m and m + C/2, plus
+    Σ_s x[q_s] E[q_s − (·, c − KS//2)] for the S pixels q_s of each strip (xl, xh: their x;
+    row_ptr: word pointers at the E row, column ws − KS//2). S + KS − 1 loads feed S·KS taps of
+    each channel: position m serves pixel s at tap c = s − m + KS − 1 (compile-time constants)."""
+    for m in tl.static_range(S + KS - 1):
+        el, eh = _e_pair(row_ptr + m * PS, HALF, PACKED)
+        for s in tl.static_range(S):
+            if s - m + KS - 1 >= 0 and s - m + KS - 1 < KS:
+                tl_ = _add_at(tl_, s - m + KS - 1, xl[s] * el)
+                th_ = _add_at(th_, s - m + KS - 1, xh[s] * eh)
+    return tl_, th_
 
 
 @triton.jit
-def _wrow(a0, a1, a2, a3, a4, a5, a6, xa, xb, row_ptr, last, KS: tl.constexpr, C: tl.constexpr):
-    """The KS taps of one window row of a KS×KS scale (column offsets −KS//2 .. KS//2, compile-time
-    constants) for pixel pairs into a0 .. a(KS−1): KS + 1 loads feed 2·KS FMAs. The other
-    accumulators come back unchanged."""
-    a0 = _wtap(a0, xa, xb, row_ptr, -(KS // 2), last, True, C)
-    a1 = _wtap(a1, xa, xb, row_ptr, 1 - KS // 2, last, False, C)
-    a2 = _wtap(a2, xa, xb, row_ptr, 2 - KS // 2, last, False, C)
-    if KS >= 5:
-        a3 = _wtap(a3, xa, xb, row_ptr, 3 - KS // 2, last, False, C)
-        a4 = _wtap(a4, xa, xb, row_ptr, 4 - KS // 2, last, False, C)
-    if KS >= 7:
-        a5 = _wtap(a5, xa, xb, row_ptr, 5 - KS // 2, last, False, C)
-        a6 = _wtap(a6, xa, xb, row_ptr, 6 - KS // 2, last, False, C)
-    return a0, a1, a2, a3, a4, a5, a6
-
-
-@triton.jit
-def _wstore(out, a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr, C: tl.constexpr):
-    """The pixel sums of a0 .. a(KS−1) into KS consecutive C-wide rows of the partial buffer."""
-    tl.store(out, tl.sum(a0, 0))
-    tl.store(out + C, tl.sum(a1, 0))
-    tl.store(out + 2 * C, tl.sum(a2, 0))
-    if KS >= 5:
-        tl.store(out + 3 * C, tl.sum(a3, 0))
-        tl.store(out + 4 * C, tl.sum(a4, 0))
-    if KS >= 7:
-        tl.store(out + 5 * C, tl.sum(a5, 0))
-        tl.store(out + 6 * C, tl.sum(a6, 0))
+def _wgrad_store(out, tl_, th_, offs_w, KS: tl.constexpr, C: tl.constexpr):
+    """The pixel sums of one window row's KS taps into KS consecutive C-wide rows of the partial
+    buffer at `out` (channels m and m + C/2)."""
+    for c in tl.static_range(KS):
+        tl.store(out + c * C + offs_w, tl.sum(tl_[c], 0))
+        tl.store(out + c * C + C // 2 + offs_w, tl.sum(th_[c], 0))
 
 
 @triton.jit
 def _lmsa_bwd_wgrad_kernel(
-    X, E3, E5, E7, DWP,
-    sxb, sxc, sxh, sxw,
-    H, W, n_chunks,
-    C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_PIX: tl.constexpr,
-    PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    XW, E3, E5, E7, DWP,
+    H, W, WPAD, n_chunks,
+    C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_S: tl.constexpr,
+    PACKED: tl.constexpr, STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset
-    di = row − R (R: the widest scale's half-width): for row and channel block pid_j
-    (program_id(0) = row · C/BJ + pid_j), pixel chunk `pid` of image b,
+    di = row − R (R: the widest scale's half-width): for row and word block pid_w
+    (program_id(0) = row · (C/2)/BW + pid_w: channels m and m + C/2 of BW words m), strip chunk
+    `pid` of image b,
         DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
     (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k of the launch whose window holds the row, from
-    the stored, zero-bordered E_k (the gram kernel's), over pixel pairs (two horizontally adjacent
-    pixels per lane): x is loaded once per tile for all the row's taps, each E_k at the row's
-    shifts (one offset for the scales, their borders being alike) without masks, k + 1 loads
-    feeding both pixels' k taps. Chunks are CHUNK_PIX pairs. Each tap keeps its own
-    per-thread fp32 partial sums over the whole chunk (the tile loop only multiplies and adds); the
-    pixel reduction across threads runs once per tap and chunk, at the end. DWP: B × n × 83 × C fp32."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    NJ: tl.constexpr = C // BJ
-    row = tl.program_id(0) // NJ
-    pid_j = tl.program_id(0) % NJ
+    the stored, zero-bordered E_k (the gram kernel's), over strips of STRIP horizontally adjacent
+    pixels per lane (`_strip_tile`'s order): x (XW, the forward's word-ordered copy, B × (H+1) ×
+    WPAD × C, zero past each row and in row H) is loaded once per tile for all the row's taps, and
+    each E_k row at a strip's STRIP + k − 1 positions feeds all STRIP·k of its taps. Chunks are
+    CHUNK_S strips. Each tap keeps per-thread fp32 partial sums over the whole chunk (the tile loop
+    only multiplies and adds); the pixel reduction across threads runs once per tap and chunk, at
+    the end. DWP: B × n × 83 × C fp32."""
+    HALF: tl.constexpr = C // 2
+    BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
+    NW: tl.constexpr = HALF // BW
+    row = tl.program_id(0) // NW
+    pid_w = tl.program_id(0) % NW
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BJ + tl.arange(0, BJ)
-    x_ptr = X + b * sxb + offs_j[None, :] * sxc
-    e_off = b * ((H + 6) * (W + 6) * C) + offs_j[None, :]
+    offs_w = pid_w * BW + tl.arange(0, BW)
     R: tl.constexpr = 3 if S7 else (2 if S5 else 1)
     di = row - R
-    has5 = (di >= -2) & (di <= 2)  # the row is in the 5×5 window
-    has3 = (di >= -1) & (di <= 1)
-    out = DWP + ((b * n_chunks + pid) * 83) * C + offs_j
+    out = DWP + ((b * n_chunks + pid) * 83) * C
     # one tile loop per ring of rows (a uniform branch): the loop a program runs holds only its
     # row's taps (|di| ≤ 1: 15, |di| = 2: 12, |di| = 3: 7)
-    if has3:
-        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 1, CHUNK_PIX, BLOCK_P, BJ)
-    elif has5:
-        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 2, CHUNK_PIX, BLOCK_P, BJ)
+    if (di >= -1) & (di <= 1):
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 1,
+                     CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
+    elif (di >= -2) & (di <= 2):
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 2,
+                     CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
     else:
-        _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C, S3, S5, S7, 3, CHUNK_PIX, BLOCK_P, BJ)
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 3,
+                     CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
 
 
 @triton.jit
-def _wgrad_sweep(x_ptr, E3, E5, E7, out, e_off, di, sxh, sxw, H, W, pid, C: tl.constexpr, S3: tl.constexpr,
-                 S5: tl.constexpr, S7: tl.constexpr, RING: tl.constexpr, CHUNK_PIX: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BJ: tl.constexpr):
+def _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C: tl.constexpr,
+                 S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, RING: tl.constexpr,
+                 CHUNK_S: tl.constexpr, PACKED: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BW: tl.constexpr):
     """The tile loop of `_lmsa_bwd_wgrad_kernel` for a window row of ring RING (constexpr: 1 for
     |di| ≤ 1, 2 for |di| = 2, 3 for |di| = 3) and the scales of the launch whose windows hold it,
     then the chunk's per-tap sums into the partial buffer at `out`."""
-    z = tl.zeros([BLOCK_P, BJ], tl.float32)
-    s0, s1, s2, s3, s4, s5, s6 = z, z, z, z, z, z, z  # k = 7
-    f0, f1, f2, f3, f4 = z, z, z, z, z                # k = 5
-    t0, t1, t2 = z, z, z                              # k = 3
-    # The chunks and tiles run over pixel pairs (h, 2q), (h, 2q + 1), q < WH = ⌈W/2⌉ (the right one
-    # masked past the image). (h, q) of the tile's pairs: divided once, then stepped by
-    # BLOCK_P = DH·WH + DW pairs per tile with one carry (q + DW < 2WH): an integer division per
-    # lane and tile costs ~30 instructions
-    WH = (W + 1) // 2
-    h, q = _row_col(pid * CHUNK_PIX + tl.arange(0, BLOCK_P), WH)
-    DH = BLOCK_P // WH
-    DW = BLOCK_P % WH
-    for i in range(0, CHUNK_PIX, BLOCK_P):
-        if pid * CHUNK_PIX + i < H * WH:  # the image's last chunk may end early
-            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_a = offs_p < H * WH
-            wa = 2 * q
-            mask_b = mask_a & (wa + 1 < W)
-            hc = tl.minimum(h, H - 1)  # past the image: a valid pixel (its x is masked to 0)
-            xa_ptr = x_ptr + (hc * sxh + wa * sxw)[:, None]
-            xa = tl.load(xa_ptr, mask=mask_a[:, None], other=0.0).to(tl.float32)
-            xb = tl.load(xa_ptr + sxw, mask=mask_b[:, None], other=0.0).to(tl.float32)
-            r_off = e_off + ((hc + 3 - di) * (W + 6) + wa + 3)[:, None] * C
-            # the right pixels' last column for 7×7 (bordered wa + 7): past the row where wa + 1 = W
-            last7 = (tl.minimum(wa + 7, W + 5) - (wa + 3))[:, None] * C
+    HALF: tl.constexpr = C // 2
+    PS: tl.constexpr = HALF if PACKED else C  # E's pixel stride in words
+    z = tl.zeros([BLOCK_S, BW], tl.float32)
+    a7l, a7h = (z,) * 7, (z,) * 7
+    a5l, a5h = (z,) * 5, (z,) * 5
+    a3l, a3h = (z,) * 3, (z,) * 3
+    x_words = _e_words(XW, PACKED) + offs_w[None, :]
+    e_img = b * ((H + 6) * (W + 6))  # image b of each bordered E_k, in pixels
+    # (h, strip) of the tile's lanes: divided once, then stepped by BLOCK_S = DH·NS + DW strips a
+    # tile with one carry (an integer division per lane and tile costs ~30 instructions)
+    NS = (W + S - 1) // S
+    h, q = _row_col(pid * CHUNK_S + tl.arange(0, BLOCK_S), NS)
+    DH = BLOCK_S // NS
+    DW = BLOCK_S % NS
+    for i in range(0, CHUNK_S, BLOCK_S):
+        if pid * CHUNK_S + i < H * NS:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_S + i + tl.arange(0, BLOCK_S)
+            mask = offs_p < H * NS
+            ws = S * q
+            hc = tl.minimum(h, H - 1)  # past the image: a valid row for E (its x is 0)
+            # x from the forward's word-ordered copy (`_fwd_finish`): zero past the row (WPAD is a
+            # multiple of S) and in row H, where lanes past the image read, so no masks
+            x_row = (b * (H + 1) + tl.where(mask, h, H)) * WPAD + ws
+            xl = ()
+            xh = ()
+            for s in tl.static_range(S):
+                xv_lo, xv_hi = _e_pair(x_words + (x_row + s)[:, None] * PS, HALF, PACKED)
+                xl = xl + (xv_lo,)
+                xh = xh + (xv_hi,)
+            # E row hc − di from column ws − k//2 (bordered: + 3 each); past the row's end the
+            # reads run into the next row or the buffer's zeroed tail, times a masked x = 0
+            r_pix = e_img + (hc + 3 - di) * (W + 6) + ws
             if S7:
-                s0, s1, s2, s3, s4, s5, s6 = _wrow(s0, s1, s2, s3, s4, s5, s6, xa, xb, E7 + r_off, last7, 7, C)
+                a7l, a7h = _wgrad_row(a7l, a7h, xl, xh, _e_words(E7, PACKED) + r_pix[:, None] * PS + offs_w[None, :],
+                                      S, 7, HALF, PS, PACKED)
             if S5 and RING <= 2:
-                f0, f1, f2, f3, f4, z5, z6 = _wrow(f0, f1, f2, f3, f4, z, z, xa, xb, E5 + r_off, 3 * C, 5, C)
+                a5l, a5h = _wgrad_row(a5l, a5h, xl, xh, _e_words(E5, PACKED) + (r_pix + 1)[:, None] * PS + offs_w[None, :],
+                                      S, 5, HALF, PS, PACKED)
             if S3 and RING <= 1:
-                t0, t1, t2, z3, z4, z5, z6 = _wrow(t0, t1, t2, z, z, z, z, xa, xb, E3 + r_off, 2 * C, 3, C)
-        h, q = _step_row_col(h, q, DH, DW, WH)
+                a3l, a3h = _wgrad_row(a3l, a3h, xl, xh, _e_words(E3, PACKED) + (r_pix + 2)[:, None] * PS + offs_w[None, :],
+                                      S, 3, HALF, PS, PACKED)
+        h, q = _step_row_col(h, q, DH, DW, NS)
     if S7:
-        _wstore(out + (_ROW0_7 + (di + 3) * 7) * C, s0, s1, s2, s3, s4, s5, s6, 7, C)
+        _wgrad_store(out + (_ROW0_7 + (di + 3) * 7) * C, a7l, a7h, offs_w, 7, C)
     if S5 and RING <= 2:
-        _wstore(out + (_ROW0_5 + (di + 2) * 5) * C, f0, f1, f2, f3, f4, z, z, 5, C)
+        _wgrad_store(out + (_ROW0_5 + (di + 2) * 5) * C, a5l, a5h, offs_w, 5, C)
     if S3 and RING <= 1:
-        _wstore(out + (di + 1) * 3 * C, t0, t1, t2, z, z, z, z, 3, C)
+        _wgrad_store(out + (di + 1) * 3 * C, a3l, a3h, offs_w, 3, C)
 
 
 _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
-                                 ["H", "W", "C", "S3", "S5", "S7", "CHUNK_PIX", "PRECISE"])
-
+                                 ["H", "W", "C", "S3", "S5", "S7", "CHUNK_S", "PACKED"], _by_unpacked)
 
 
 @triton.jit
@@ -713,45 +786,72 @@ def _lmsa_bwd_dx_kernel(
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
     H, W, TH, TW,
-    C: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    C: tl.constexpr, PACKED: tl.constexpr, STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_P pixel pairs (two horizontally
-    adjacent pixels per lane, `_pair_tile`, `_depthwise_pair`) and channel block pid_j of image b.
+    """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_S strips of STRIP horizontally
+    adjacent pixels (one strip a lane, `_strip_tile`, `_dx_strip`) and word block pid_w (channels
+    m and m + C/2 of BW words m) of image b.
 
-    E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C fp32, zero
-    border); DW3/5/7 are the depthwise taps flipped in both axes (tap-major KS² × C fp32), so the
-    transposed depthwise Σ_δ w[δ] E[q − δ] is the plain, mask-free sweep of `_depthwise_pair`
-    over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2), writes dx once;
-    never reads x."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    pid_j = tl.program_id(1)
+    E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C, zero border:
+    bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps flipped in both
+    axes (tap-major KS² × C fp32), so the transposed depthwise Σ_δ w[δ] E[q − δ] is a plain,
+    mask-free sweep over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2),
+    writes dx once; never reads x."""
+    HALF: tl.constexpr = C // 2
+    BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
+    PS: tl.constexpr = HALF if PACKED else C  # E's pixel stride in words
+    pid_w = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
-    offs_j = pid_j * BJ + tl.arange(0, BJ)
-    e_off = b * ((H + 6) * (W + 6) * C)  # image b of each E_k
-    dxa = tl.zeros([BLOCK_P, BJ], tl.float32)
-    dxb = tl.zeros([BLOCK_P, BJ], tl.float32)
-    dxa, dxb = _depthwise_pair(dxa, dxb, E3 + e_off, DW3, h + 3, wa + 3, offs_j, W + 6, 3, C)
-    dxa, dxb = _depthwise_pair(dxa, dxb, E5 + e_off, DW5, h + 3, wa + 3, offs_j, W + 6, 5, C)
-    dxa, dxb = _depthwise_pair(dxa, dxb, E7 + e_off, DW7, h + 3, wa + 3, offs_j, W + 6, 7, C)
-    _dx_finish(dxa, DO, T, DX, b, h, wa, mask_a, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
-    _dx_finish(dxb, DO, T, DX, b, h, wb, mask_b, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW, C)
+    h, ws, mask = _strip_tile(tl.program_id(0), H, W, STRIP, BLOCK_S)
+    offs_w = pid_w * BW + tl.arange(0, BW)
+    # each strip's top-left 7×7 window tap, in bordered pixels (= (h, ws − 3) of the image)
+    top = (b * (H + 6) + h) * (W + 6) + ws
+    z = tl.zeros([BLOCK_S, BW], tl.float32)
+    lo, hi = (z,) * STRIP, (z,) * STRIP
+    lo, hi = _dx_scale(lo, hi, E3, DW3, top, offs_w, W, STRIP, 3, C, PACKED)
+    lo, hi = _dx_scale(lo, hi, E5, DW5, top, offs_w, W, STRIP, 5, C, PACKED)
+    lo, hi = _dx_scale(lo, hi, E7, DW7, top, offs_w, W, STRIP, 7, C, PACKED)
+    row_cls = _cell_class(h, H, TH) * 7
+    for s in tl.static_range(STRIP):
+        w = ws + s
+        _dx_finish(lo[s], hi[s], DO, T, DX, b, h, w, mask & (w < W), row_cls + _cell_class(w, W, TW), offs_w,
+                   sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, C)
 
 
 @triton.jit
-def _dx_finish(dx, DO, T, DX, b, h, w, mask, offs_j, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, H, W, TH, TW,
+def _dx_scale(lo, hi, E, DWK, top, offs_w, W, S: tl.constexpr, KS: tl.constexpr, C: tl.constexpr,
+              PACKED: tl.constexpr):
+    """`_dx_strip` for scale KS: its window's top-left tap is a (3 − KS//2) rows and columns in
+    from the 7×7 window's (`top`, bordered pixels)."""
+    PS: tl.constexpr = C // 2 if PACKED else C  # E's pixel stride in words
+    first = top + (3 - KS // 2) * (W + 7)
+    return _dx_strip(lo, hi, _e_words(E, PACKED) + first[:, None] * PS + offs_w[None, :], DWK, offs_w,
+                     (W + 6) * PS, S, KS, C, PS, PACKED)
+
+
+@triton.jit
+def _dx_finish(dx_lo, dx_hi, DO, T, DX, b, h, w, mask, cell, offs_w, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
                C: tl.constexpr):
     """dx += dO (the residual) + T[cell] (the statistics path: the adjoint of the cell sums is a
-    broadcast of T) at pixels (h, w), then the store (masked lanes: pixels past the row)."""
-    g_in = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc, mask=mask[:, None], other=0.0)
-    cell = _cell(h, w, H, W, TH, TW)
-    t_in = tl.load(T + (b * C + offs_j[None, :]) * 49 + cell[:, None], mask=mask[:, None], other=0.0)
+    broadcast of T) at pixels (h, w) for channels m (dx_lo) and m + C/2 (dx_hi), then the stores
+    (masked lanes: pixels past the row or the image)."""
+    m2 = mask[:, None]
+    g_ptr = DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_w[None, :] * sgc
+    t_ptr = T + (b * 49 + cell[:, None]) * C + offs_w[None, :]  # T: B × 49 × C
+    d_ptr = DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_w[None, :] * sdc
+    _dx_store(dx_lo, g_ptr, t_ptr, d_ptr, m2, DX)
+    _dx_store(dx_hi, g_ptr + (C // 2) * sgc, t_ptr + C // 2, d_ptr + (C // 2) * sdc, m2, DX)
+
+
+@triton.jit
+def _dx_store(dx, g_ptr, t_ptr, d_ptr, m2, DX):
+    g_in = tl.load(g_ptr, mask=m2, other=0.0)
+    t_in = tl.load(t_ptr, mask=m2, other=0.0)
     dx += g_in.to(tl.float32) + t_in
-    tl.store(DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_j[None, :] * sdc, dx.to(DX.dtype.element_ty),
-             mask=mask[:, None])
+    tl.store(d_ptr, dx.to(DX.dtype.element_ty), mask=m2)
 
 
-_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PRECISE"])
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED"], _by_unpacked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,11 +870,14 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new((b, c, h, w), x.device, x.dtype)
 
 
-def _bordered(b: int, h: int, w: int, c: int, device) -> torch.Tensor:
-    """B × (H+6) × (W+6) × C fp32 with its 3-pixel border zeroed (a kernel fills the interior): the
+def _bordered(b: int, h: int, w: int, c: int, device, dtype=torch.float32, tail: int = 0) -> torch.Tensor:
+    """B × (H+6) × (W+6) × C with its 3-pixel border zeroed (a kernel fills the interior): the
     zero padding of the depthwise sweeps that read it (x from the stats kernel, E_k from the gram
-    kernel), so their shifted loads need no masks."""
-    t = _new((b, h + 6, w + 6, c), device, torch.float32)
+    kernel), so their shifted loads need no masks. `tail` zeroed pixels after the last one: a
+    strip sweep's reads past the last row's end land there."""
+    flat = _new(((b * (h + 6) * (w + 6) + tail) * c,), device, dtype)
+    flat[flat.numel() - tail * c:].zero_()
+    t = flat[:b * (h + 6) * (w + 6) * c].view(b, h + 6, w + 6, c)
     for border in (t[:, :3], t[:, -3:], t[:, 3:-3, :3], t[:, 3:-3, -3:]):
         border.zero_()
     return t
@@ -858,14 +961,27 @@ def _forward(x, params, precise):
     beta = beta.contiguous()
     out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
+    xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *_dw_flat(dws), out, dsave, *x.stride(), *out.stride(), h, w,
-        C=c, PRECISE=precise)
-    return out, P, wg, dsave
+        x, xp, wg, beta, *_dw_flat(dws), out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
+        C=c, PRECISE=precise, PACKED=x.dtype == torch.bfloat16)
+    return out, P, wg, dsave, xw
 
 
-def _backward(x, dsave, g, P, wg, params, precise):
+def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tensor:
+    """B × (H+1) × WPAD × C for the forward to fill with x as the wgrad kernel's strips read it: bf16
+    with the channel halves interleaved (the packed E_k's layout) for bf16 x, else fp32; WPAD = W
+    rounded up to the strip, the columns past W and the extra row H zeroed (so the strips need no
+    masks)."""
+    wpad = triton.cdiv(w, _WGRAD_STRIP) * _WGRAD_STRIP
+    t = _new((b, h + 1, wpad, c), device, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    t[:, h].zero_()
+    t[:, :h, w:].zero_()
+    return t
+
+
+def _backward(x, dsave, xw, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
     dw_flat = _dw_flat(dws)
@@ -876,26 +992,29 @@ def _backward(x, dsave, g, P, wg, params, precise):
     mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
     gsp = _new((b, n_chunks, c), x.device, torch.float32)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
-    # their shifted reads need no masks (the gram kernel writes the interior)
-    ek = [_bordered(b, h, w, c, x.device) for _ in KERNEL_SIZES]
+    # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
+    # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
+    packed = x.dtype == torch.bfloat16
+    tail = max(_WGRAD_STRIP, _DX_STRIP)
+    ek = [_bordered(b, h, w, c, x.device, torch.bfloat16 if packed else torch.float32, tail) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     _lmsa_bwd_gram_kernel[grid](
         dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
-        C=c, CHUNK_PIX=chunk, PRECISE=precise)
-    # main-path ∂L/∂w_k from the stored E_k: one program per window row, channel block and chunk
-    # of pixel pairs (under the interpreter, chunks of 64 pairs: the tests still cover several)
-    pairs = h * triton.cdiv(w, 2)
+        C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
+    # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
+    # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
+    strips = h * triton.cdiv(w, _WGRAD_STRIP)
     sms = _sm_count(x.device)
-    wchunk = 64 if sms is None else _chunk_pix(pairs, b, max(1, c // 64), sms, max_chunks=4)
-    n_wchunks = triton.cdiv(pairs, wchunk)
+    wchunk = 32 if sms is None else _chunk_pix(strips, b, max(1, c // 64), sms, max_chunks=4)
+    n_wchunks = triton.cdiv(strips, wchunk)
     dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
     for scales in WGRAD_SPLIT:
         rows = max(scales)
-        grid = lambda meta, rows=rows: (rows * (c // min(meta["BLOCK_J"], c)), n_wchunks, b)  # noqa: E731
+        grid = lambda meta, rows=rows: (rows * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
         mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
-            x, *mine, dwp, *x.stride(), h, w, n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
-            CHUNK_PIX=wchunk, PRECISE=precise)
+            xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
+            CHUNK_S=wchunk, PACKED=packed, STRIP=_WGRAD_STRIP)
     m = mp.sum(1)
     gsum = gsp.sum(1)
     dw_main = dwp.sum((0, 1))  # 83 × C
@@ -905,7 +1024,7 @@ def _backward(x, dsave, g, P, wg, params, precise):
         leaves = [P.detach().requires_grad_()] + [t.detach().requires_grad_() for t in params]
         wg32, beta = _gates(leaves[0], h, w, leaves[1:4], leaves[4:7], leaves[7:10], *leaves[10:14])
         grads = torch.autograd.grad((wg32, beta), leaves, (m, gsum))
-    t_cells = grads[0].contiguous()  # B×C×7×7 fp32
+    t_cells = grads[0].permute(0, 2, 3, 1).contiguous()  # B×7×7×C fp32: a pixel's C values contiguous
     pgrads = list(grads[1:])
     for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
@@ -914,10 +1033,11 @@ def _backward(x, dsave, g, P, wg, params, precise):
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
     dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
-    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), c // min(meta["BLOCK_J"], c), b)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
+                         c // 2 // min(meta["BLOCK_W"], c // 2), b)
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
-        C=c, PRECISE=precise)
+        C=c, PACKED=packed, STRIP=_DX_STRIP)
     return dx, pgrads
 
 
@@ -925,23 +1045,23 @@ class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
     Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
-    the backward's gram kernel needs no depthwise sweep), the cell sums P (B×C×49 fp32) and W̃
-    (B×3×C×C); never f_k."""
+    the backward's gram kernel needs no depthwise sweep), x in the wgrad kernel's word order (XW),
+    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C); never f_k."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, dsave = _forward(x, params, precise)
-        ctx.save_for_backward(x, dsave, P, wg, *params)
+        out, P, wg, dsave, xw = _forward(x, params, precise)
+        ctx.save_for_backward(x, dsave, xw, P, wg, *params)
         ctx.precise = precise
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, dsave, P, wg, *params = ctx.saved_tensors
+        x, dsave, xw, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, dsave, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise)
         return (dx, *pgrads)
 
 
@@ -995,12 +1115,15 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
-    wgrad_chunk = _chunk_pix(hw // 2, 32, _AOT_C // 64, 132, max_chunks=4)  # chunks of pixel pairs
+    wgrad_chunk = _chunk_pix(hw // _WGRAD_STRIP, 32, _AOT_C // 64, 132, max_chunks=4)  # chunks of strips
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
+        packed = dname == "bf16"
+        et = "*bf16" if packed else "*fp32"  # E_k and XW: bf16 channel pairs for bf16 inputs
         wgrads = tuple(("wgrad" + "".join(map(str, sc)), _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
-                        {"X": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DWP": "*fp32"},
-                        ["H", "W", "n_chunks"], {"CHUNK_PIX": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc})
+                        {"XW": et, "E3": et, "E5": et, "E7": et, "DWP": "*fp32"},
+                        ["H", "W", "WPAD", "n_chunks"], {"CHUNK_S": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc,
+                                                 "PACKED": packed, "STRIP": _WGRAD_STRIP})
                        for sc in WGRAD_SPLIT)
         kernels = wgrads + (
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
@@ -1008,14 +1131,14 @@ def _aot_specs() -> list[AotSpec]:
              {"CHUNK_PIX": stats_chunk}),
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
              {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt,
-              "D": dt},
-             ["H", "W"], {}),
+              "D": dt, "XW": et},
+             ["H", "W", "WPAD"], {"PACKED": packed}),
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-             {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": "*fp32", "E5": "*fp32", "E7": "*fp32"},
-             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk}),
+             {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
+             ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
-             {"DO": dt, "E3": "*fp32", "E5": "*fp32", "E7": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
-             ["H", "W", "TH", "TW"], {}),
+             {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
+             ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
@@ -1031,7 +1154,9 @@ def _aot_specs() -> list[AotSpec]:
                         # decoder output is token-major B×N×C, i.e. channels-last)
                     elif a.startswith("s") and len(a) == 3 or a in ints:
                         sig[a] = "i32"
-                const = {"C": _AOT_C, "PRECISE": precise, **extra, **cfg.kwargs, **unit}
+                const = {"C": _AOT_C, **extra, **cfg.kwargs, **unit}
+                if "PRECISE" in jit_fn.arg_names:
+                    const["PRECISE"] = precise
                 tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())
                 specs.append(AotSpec(name=f"lmsa.{name}_{dname}_{tag}_w{cfg.num_warps}_s{cfg.num_stages}",
                                      fn=jit_fn, signature=sig, constexprs=const,

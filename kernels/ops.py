@@ -9,12 +9,12 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
                                                                            + msf::attention_sublayer_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
-    msf::lmsa(x, params) -> (out, P, W̃, D)                                 + msf::lmsa_backward
+    msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
-log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums, gated weights and depthwise
-outputs); the backward is an operator of its own, wired by `register_autograd`. Each operator's
+log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs
+and word-ordered x); the backward is an operator of its own, wired by `register_autograd`. Each operator's
 body is the kernel module's own host code (`_forward` / `_backward`): the same launches,
 configurations and partial buffers as the `torch.autograd.Function`s, so the results match them
 bit for bit.
@@ -282,7 +282,7 @@ def head_loss(logits: Tensor, targets: Tensor, eps: float = DEFAULT_DICE_EPS) ->
 # ----------------------------------------------------------------------------------------------
 # LMSA: x + Σ_k z_k ⊙ PW_k(DW_k(x)); params = dw_3, dw_5, dw_7, pw ×3, pb ×3, fc1 w, b, fc2 w, b
 # ----------------------------------------------------------------------------------------------
-def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _lm._forward(x, tuple(params), x.dtype == torch.float32)
 
 
@@ -290,17 +290,18 @@ def _lmsa_fake(x, params):
     b, c, h, w = x.shape
     cells = x.new_empty((b, _lm._CELLS, _lm._CELLS, c), dtype=torch.float32).permute(0, 3, 1, 2)  # as _stats sums them
     return (_lm._new_like(x), cells, x.new_empty((b, len(_lm.KERNEL_SIZES), c, c)),
-            x.new_empty((b, h, w, len(_lm.KERNEL_SIZES) * c)))  # D = [DW_3(x); DW_5(x); DW_7(x)], x's dtype
+            x.new_empty((b, h, w, len(_lm.KERNEL_SIZES) * c)),  # D = [DW_3(x); DW_5(x); DW_7(x)], x's dtype
+            _lm._word_ordered_x(b, h, w, c, x.dtype, x.device))  # XW: x in the wgrad kernel's order
 
 
-def _lmsa_backward_body(x: Tensor, dsave: Tensor, g: Tensor, cells: Tensor, wg: Tensor,
+def _lmsa_backward_body(x: Tensor, dsave: Tensor, xw: Tensor, g: Tensor, cells: Tensor, wg: Tensor,
                         params: list[Tensor]) -> list[Tensor]:
     with _autograd_inside():
-        dx, pgrads = _lm._backward(x, dsave, g, cells, wg, tuple(params), x.dtype == torch.float32)
+        dx, pgrads = _lm._backward(x, dsave, xw, g, cells, wg, tuple(params), x.dtype == torch.float32)
     return [dx, *pgrads]
 
 
-def _lmsa_backward_fake(x, dsave, g, cells, wg, params):
+def _lmsa_backward_fake(x, dsave, xw, g, cells, wg, params):
     return [_lm._new_like(x), *(_contiguous_like(p) for p in params)]
 
 
@@ -312,14 +313,14 @@ lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_
 
 def _lmsa_setup(ctx, inputs, output):
     x, params = inputs
-    _, cells, wg, dsave = output
-    ctx.save_for_backward(x, dsave, cells, wg, *params)
+    _, cells, wg, dsave, xw = output
+    ctx.save_for_backward(x, dsave, xw, cells, wg, *params)
 
 
-def _lmsa_grad(ctx, grad, _dcells, _dwg, _ddsave):
-    x, dsave, cells, wg, *params = ctx.saved_tensors
+def _lmsa_grad(ctx, grad, _dcells, _dwg, _ddsave, _dxw):
+    x, dsave, xw, cells, wg, *params = ctx.saved_tensors
     g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
-    dx, *pgrads = torch.ops.msf.lmsa_backward(x, dsave, g, cells, wg, params)
+    dx, *pgrads = torch.ops.msf.lmsa_backward(x, dsave, xw, g, cells, wg, params)
     return dx, pgrads
 
 
