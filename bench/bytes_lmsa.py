@@ -20,15 +20,16 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
   backward) and convolution workspaces are not counted: the eager rows are a lower bound.
 - fused: `kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums and
   x̂, x as fp32 with a zero 3-pixel border), their sum, the tiny gate graph (writes the per-sample
-  gated weights W̃, B×3×C×C), the main kernel (reads x̂, x and W̃, writes out and D, the three
-  depthwise outputs in x's dtype, 3T, saved for the backward instead of x̂). Backward: one gram
-  kernel for the three scales (reads D, dO, W̃; writes fp32 partials of ∂L/∂W̃ and E_k = W̃_kᵀ dO,
-  fp32 with a zero border), one wgrad kernel for the three scales (reads x and the E_k, writes the
-  depthwise-weight gradient partials), their sums, the tiny graph's backward (a few B×3×C×C fp32
-  tensors), the dx kernel (reads dO and the three E_k, writes dx). The 3-pixel halos are re-read
-  from L1/L2, not DRAM, and are not counted. The fp32 bordered tensors trade bytes for
-  instructions (no masks, no bf16 unpacking in the depthwise sweeps), and D trades 3T written and
-  read for a whole depthwise sweep in the backward.
+  gated weights W̃, B×3×C×C), the main kernel (reads x̂, x and W̃, writes out, D, the three
+  depthwise outputs in x's dtype, 3T, saved for the backward instead of x̂, and XW, x in the wgrad
+  kernel's word order, T). Backward: one gram kernel for the three scales (reads D, dO, W̃; writes
+  fp32 partials of ∂L/∂W̃ and E_k = W̃_kᵀ dO with a zero border, in bf16 channel pairs for bf16
+  inputs), one wgrad kernel for the three scales (reads XW and the E_k, writes the depthwise-weight
+  gradient partials), their sums, the tiny graph's backward (a few B×3×C×C fp32 tensors), the dx
+  kernel (reads dO and the three E_k, writes dx). The 3-pixel halos are re-read from L1/L2, not
+  DRAM, and are not counted. x̂ in fp32 trades bytes for instructions in the forward's sweep (no
+  bf16 unpacking); D trades 3T written and read for a whole depthwise sweep in the backward; XW
+  (T written and read) takes the per-pixel addressing and masks out of the wgrad kernel.
 - floor: forward reads x twice (statistics, then the main pass: the gates depend on a global
   reduction over the image) and writes out once: 3T. Backward reads x and dO for the gram / gate
   gradients, then dO again and writes dx: 4T.
@@ -41,9 +42,9 @@ not by DRAM; see kernels/lmsa.py's docstring.
 Default output (B = 32, C = 128, 128×128, bf16, H100 with 132 SMs):
 
     pass        eager MB   fused MB   floor MB |  eager µs   fused µs   floor µs
-    forward       5100.4     1426.2      402.7 |    1700.1      475.4      134.2
-    backward      9663.9     3696.5      536.9 |    3221.3     1232.2      179.0
-    total        14764.3     5122.7      939.5 |    4921.4     1707.6      313.2
+    forward       5100.4     1560.4      402.7 |    1700.1      520.1      134.2
+    backward      9663.9     2364.5      536.9 |    3221.3      788.2      179.0
+    total        14764.3     3924.9      939.5 |    4921.4     1308.3      313.2
 """
 from __future__ import annotations
 
@@ -106,26 +107,29 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         wg32 = B * 3 * C * C * 4  # W̃ (or its gradient) in fp32
         stats_chunks = _cdiv(H * W, _chunk_pix(H * W, B, 1, sms, 8))
         gram_chunks = _cdiv(H * W, _chunk_pix(H * W, B, max(1, C // 64), sms, 4))
-        pairs = H * _cdiv(W, 2)
-        wgrad_chunks = _cdiv(pairs, _chunk_pix(pairs, B, max(1, C // 64), sms, 4))
+        strips = H * _cdiv(W, 16)  # the wgrad kernel's 16-pixel strips; 5 row groups × C/16 word blocks
+        wgrad_chunks = _cdiv(strips, _chunk_pix(strips, B, 5 * max(1, C // 16), sms, 4))
         sp = B * stats_chunks * 49 * C * 4
         mp = B * gram_chunks * 3 * C * C * 4
         dwp = B * wgrad_chunks * N_TAPS * C * 4
         cells = B * C * 49 * 4
-        tp = B * (H + 6) * (W + 6) * C * 4  # a zero-bordered fp32 copy: x̂, or one E_k
+        tp = B * (H + 6) * (W + 6) * C * 4  # x̂: a zero-bordered fp32 copy of x
         border = tp - B * H * W * C * 4  # its border, zeroed by the host
+        ep = B * (H + 6) * (W + 6) * C * (2 if e == 2 else 4)  # one bordered E_k: bf16 pairs for bf16
+        e_border = ep - B * H * W * C * (2 if e == 2 else 4)
         op("fwd", "stats kernel: x → per-chunk cell sums, bordered fp32 x̂", T, sp + (tp - border))
         op("fwd", "zero x̂'s border", 0, border)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
-        op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T)", tp + T + wg, T + 3 * T)
-        op("bwd", "zero the three E_k borders", 0, 3 * border)
+        op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
+           T + 3 * T + T)
+        op("bwd", "zero the three E_k borders", 0, 3 * e_border)
         op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
-           mp + 3 * (tp - border))
-        op("bwd", "wgrad kernel (three scales): x, E_3, E_5, E_7 → ∂w partials", T + 3 * tp, dwp)
+           mp + 3 * (ep - e_border))
+        op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
         op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
-        op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * tp + cells, T)
+        op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
         return rows
 
     if variant == "floor":

@@ -149,8 +149,8 @@ def _wgrad_ring_trips(a, pid):  # LMSA's wgrad: one tile loop per ring of window
     half_c = a["C"] // 2
     bw = min(a["BLOCK_W"], half_c)
     half = 3 if a["S7"] else (2 if a["S5"] else 1)
-    di = pid[0] // (half_c // bw) - half
-    ring = max(abs(di), 1)
+    grp = pid[0] // (half_c // bw)  # row groups: ±3, ±2 (where the launch has them), then −1, 0, 1
+    ring = 1 if grp >= half - 1 else half - grp
     return [_strips_active(a, pid) if ring == r else 0 for r in (1, 2, 3)]
 
 

@@ -10,9 +10,11 @@
 for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
 model), fp32 / bf16 / fp16, without ever holding f_k in memory. It holds x as a zero-bordered fp32
 copy X̂ (B×(H+6)×(W+6)×C) during the forward only, saves the depthwise outputs D = [DW_3(x);
-DW_5(x); DW_7(x)] (B×H×W×3C in x's dtype, exactly what the forward's GEMM multiplies) for the
-backward, and inside the backward holds E_k = W̃_kᵀ dO for the three scales in X̂'s bordered fp32
-form: the depthwise sweeps then need no masks and no bf16 unpacking (see "Cost" below).
+DW_5(x); DW_7(x)] (B×H×W×3C in x's dtype, exactly what the forward's GEMM multiplies) and x in
+the wgrad kernel's word order (XW) for the backward, and inside the backward holds E_k = W̃_kᵀ dO
+for the three scales, zero-bordered like X̂ so the depthwise sweeps need no masks: for bf16 inputs
+in bf16 with each int32 word holding the channel pair (m, m + C/2) ("packed"; a sweep unpacks a
+value with one shift or mask), else in fp32 (see "Cost" below).
 
 Forward (two kernels and a few tiny PyTorch ops)
 ------------------------------------------------
@@ -37,34 +39,44 @@ Forward (two kernels and a few tiny PyTorch ops)
    shifted unmasked loads feed 166 FMAs per pixel pair and channel, each tap's weights serve both
    pixels; the halo comes from L1/L2), stores the slices once into D, multiplies each into the
    C-wide fp32 accumulators with the matching BLOCK_K×C slices of W̃[b]ᵀ (one K = 3C GEMM in
-   3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once.
+   3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once; it also writes x in the
+   wgrad kernel's word order XW (B × (H+1) × WPAD × C, WPAD = W rounded up to the wgrad strip,
+   zero past the row and in the extra row H: bf16 with the channel halves interleaved for bf16
+   inputs, the packed E_k's layout, else fp32).
 
 Backward (three kernels, PyTorch autograd on the tiny part; the math is in the comment block above
 `_lmsa_bwd_gram_kernel`)
 3. `_lmsa_bwd_gram_kernel` (one launch; grid channel blocks × pixel chunks × B): for the three
-   scales at once, E_k = W̃_kᵀ dO (tensor-core products sharing each dO slice), stored once (fp32,
-   zero-bordered like X̂), and M_k[b] = dO_b · D_kᵀ (= ∂L/∂W̃, on tensor cores, D read back from the
+   scales at once, E_k = W̃_kᵀ dO (tensor-core products sharing each dO slice), stored once
+   (zero-bordered like X̂; packed bf16 pairs or fp32, the W̃ columns gathered in the stored
+   channel order), and M_k[b] = dO_b · D_kᵀ (= ∂L/∂W̃, on tensor cores, D read back from the
    forward: no depthwise sweep) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
-4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid window rows × channel blocks, chunks
-   of pixel pairs, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one window
-   row offset of every scale whose window holds it (up to 7 + 5 + 3 taps; a uniform branch picks
-   the tile loop of the row's ring, `_wgrad_sweep`, so no program carries taps it skips), so each tap keeps
-   per-thread fp32 partial sums over the whole chunk; x is read once for all of them, and a row's
-   k + 1 loads of E_k feed both pixels of a pair. The cross-thread pixel reduction runs once per
-   tap and chunk. Per-chunk partials, summed in PyTorch in a fixed order.
+4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid row groups × word blocks, chunks of
+   16-pixel strips, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one group
+   of window row offsets (±3, ±2, −1, 0 or 1) of every scale whose window holds them (14, 24, 15,
+   15, 15 taps; a uniform branch picks the group's tile loop, `_wgrad_sweep`, so no program
+   carries taps it skips), so each tap keeps per-thread fp32 partial sums over the whole chunk;
+   each lane owns a strip of 16 horizontally adjacent pixels and one word (channels m, m + C/2):
+   x is read once per tile from XW (no masks, constant offsets) for all the group's taps, and a
+   row's 16 + k − 1 loads of E_k feed all 16·k of the strip's taps. The cross-thread pixel
+   reduction runs once per tap and chunk (one chunk per image at the model's shape). Per-chunk
+   partials, summed in PyTorch in a fixed order.
 5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
    pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
 6. `_lmsa_bwd_dx_kernel` (grid tiles of pixel pairs × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
-   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T), written once;
-   DW_kᵀ is the plain depthwise sweep with flipped taps over the stored, bordered E_k, two adjacent
-   pixels per lane (`_depthwise_pair`: k + 1 loads per window row feed 2k FMAs): no GEMM, no
-   scratch, no barriers. It never reads x.
+   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T, laid out
+   B × 49 × C so its loads match dx's layout), written once; DW_kᵀ is the plain depthwise sweep
+   with flipped taps over the stored, bordered E_k, a strip of 8 adjacent pixels and two words per
+   lane (`_dx_strip`: 8 + k − 1 loads per window row feed 8k FMAs per channel, the row's k weights
+   loaded once for the strip): no GEMM, no scratch, no barriers. It never reads x.
 
 Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
 
 Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf16/fp16 inputs feed
 the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
-bf16 does). fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
+bf16 does). For bf16 inputs E_k = W̃_kᵀ dO is rounded to bf16 once when stored (eager bf16
+autocast rounds it too); fp16 inputs keep fp32 E_k (fp16's range is too small for gradients).
+fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
 
 Memory layout: the kernels take all four strides of x, dO, out and dx; the copies of x are the
 stats kernel's bordered fp32 X̂ and the forward's D (both channels-last whatever x's layout); out
@@ -72,45 +84,51 @@ and dx follow x's memory format when x is dense, else they are contiguous NCHW.
 Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
 specialised by Triton and the AOT builds assume channels-last.
 
-Memory held from forward to backward: x, P, W̃ and D (3T in x's dtype: 403 MB at the model's
-shape in bf16, 805 MB for fp32 inputs). X̂ (294 MB fp32) is freed after the forward kernel; it was
-the saved tensor before D replaced it (+109 MB held at the model's shape, bf16).
+Memory held from forward to backward: x, P, W̃, D (3T in x's dtype: 403 MB at the model's
+shape in bf16, 805 MB for fp32 inputs) and XW (T: 134 MB in bf16, 268 MB for fp32 / fp16 inputs,
+which store it in fp32). X̂ (294 MB fp32) is freed after the forward kernel. Inside the backward
+the three E_k take 3 × 147 MB (bf16 pairs; 3 × 294 MB in fp32).
 
 Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
 294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 1426 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
-    backward  fused 3697 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
-The surplus is mostly the bordered fp32 tensors, X̂ (written by the statistics kernel, read by the
-forward) and the three E_k (written by the gram kernel, read by wgrad and dx: 2.6 GB in all), plus
-D (written by the forward, read by the gram kernel), fp32 partials and B×3×C×C gate tensors. The
-fp32 tensors buy instructions: no masks, no bf16 unpacking and load-immediate column offsets in
-every depthwise sweep; D buys the backward's fourth depthwise sweep.
+    forward   fused 1560 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
+    backward  fused 2365 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
+The surplus is mostly X̂ (fp32, written by the statistics kernel, read by the forward), D
+(written by the forward, read by the gram kernel), the three packed E_k (written by the gram
+kernel, read by wgrad and dx: 3 × 147 MB, three times), XW, fp32 partials and B×3×C×C gate
+tensors. X̂ in fp32 buys the forward sweep's instructions (no unpacking, load-immediate column
+offsets); D buys the backward's fourth depthwise sweep; XW buys the wgrad tile's per-pixel
+addressing and masks.
 
 Cost (issue 14; `python -m kernels.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
 model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
     stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
-    fwd               333 M         1.9 (incl. the GEMM)     364 µs   issue (2 CTAs of 8 warps / SM)
-    gram              177 M                  –               483 µs   bytes (E_k written in fp32, D read)
-    wgrad             337 M         1.9                      375 µs   issue (bytes 341 µs)
-    dx                303 M         1.7                      384 µs   bytes (E_k read; issue 328 µs)
-    forward + backward                                      1751 µs   (2374 before this pass, 7696 before
-                                                                       issue 14; eager floor 4520 µs)
+    fwd               339 M         1.9 (incl. the GEMM)     372 µs   issue (bytes 368 µs: D and XW written)
+    gram              192 M                  –               336 µs   bytes (D read, packed E_k written)
+    wgrad             276 M         1.6                      307 µs   issue (2.4 waves of 4 CTAs / SM)
+    dx                294 M         1.7                      320 µs   issue (bytes 237 µs)
+    forward + backward                                      1479 µs   (1751 before the packed E_k and
+                                                                       the strips, 2374 before that,
+                                                                       7696 before issue 14; eager
+                                                                       floor 4520 µs)
 (element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 826 + 2131 µs on an A100. The wgrad tile loop steps each tile's (row, column) by
-BLOCK_P with one carry (`_step_row_col`): an integer division by the runtime W per lane and tile
-was ~30 of the 129 SASS instructions of a k = 7 row's body.
-The target of issue 14, 1.5 ms, is not met. What the model says about the steps not taken
-(measured on this code's predecessors, 2026-11-29):
-  - E_k stored in bf16 (halving the 2.6 GB above): the gram launches get cheaper (bytes), but the
-    wgrad and dx sweeps pay the bf16 → fp32 unpack per loaded element (Triton emits ~1.5
-    instructions per element): measured on the per-scale kernels, gram 799 → 691 µs, wgrad
-    594 → 800 µs, dx 418 → 682 µs. X̂ in bf16 hits the forward sweep the same way.
-  - Recomputing DW_k(x) in the gram kernel (one launch for three scales from one sweep) instead
-    of storing D: 138+ registers, one 8-warp CTA per SM, 1107 µs predicted; per scale 780 µs.
-  - A register cap (maxnreg 128) for larger tiles: two CTAs, but spills (not allowed).
-What is left is bytes (E_k and X̂ in fp32, D) and the FMAs of the two remaining sweeps that cannot
-share a loaded value between scales (wgrad, dx).
+sm_80 builds give 905 + 1534 µs on an A100. In the sweeps over E_k the FMAs are 61 % (dx) and
+66 % (wgrad) of the instructions: a k = 7 window row of a dx strip is 320 SASS instructions per
+warp for 224 FMAs (8 pixels × 2 words × 2 channels × 7 taps), 28 loads and 56 unpacks; a wgrad
+tile of the ±2 group is 1119 for 768 FMAs.
+What the model said about the steps on the way (2026-11-29):
+  - Packed bf16 E_k with one pixel pair per lane: the unpack (one instruction per loaded value,
+    8 per 14 FMAs) outweighs the halved bytes (measured before this design: gram 799 → 691 µs,
+    wgrad 594 → 800, dx 418 → 682 on the per-scale kernels). Strips of 8 / 16 pixels per lane cut
+    it to (S + k − 1)/(S·k) per FMA and amortise the per-tile cost.
+  - wgrad reading x itself (strided, masked, bf16 → fp32 per value): 420 µs; from XW 349 µs;
+    rows ±3 and ±2 paired (x shared) 334 µs; one chunk per image (tap reductions once) 307 µs.
+  - dx with T read as B × C × 49 (a gather across lanes): 48 layout conversions through shared
+    memory in the epilogue, 343 µs; T as B × 49 × C: none, 320 µs.
+  - 16-pixel strips for dx (one word a lane): 371 µs; 2 words a lane at 16 pixels: 196+ registers.
+  - Recomputing DW_k(x) in the gram kernel instead of storing D: 1107 µs predicted (earlier design).
+  - A register cap (maxnreg 128) for larger tiles: spills (not allowed).
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
 spilling (`python -m kernels.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
@@ -681,41 +699,72 @@ def _lmsa_bwd_wgrad_kernel(
     C: tl.constexpr, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, CHUNK_S: tl.constexpr,
     PACKED: tl.constexpr, STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one window row offset
-    di = row − R (R: the widest scale's half-width): for row and word block pid_w
-    (program_id(0) = row · (C/2)/BW + pid_w: channels m and m + C/2 of BW words m), strip chunk
+    """Main-path ∂L/∂w_k of the scales S3 / S5 / S7 (constexpr flags) for one group of window row
+    offsets di (R: the widest scale's half-width; groups g = program_id(0) // NW: g < R − 1 the
+    rows ±(R − g), whose x loads two rows share; g ≥ R − 1 the single row di = g − R ∈ {−1, 0, 1})
+    and word block pid_w (program_id(0) % NW: channels m and m + C/2 of BW words m), strip chunk
     `pid` of image b,
         DWP[b, pid, ROW0_k + i·k + c, j] = Σ_q x[j, q] E_k[j, q − δ],  δ = (di, c − k//2), i = di + k//2
     (= Σ_p E_k[j, p] x[j, p + δ]) for every scale k of the launch whose window holds the row, from
     the stored, zero-bordered E_k (the gram kernel's), over strips of STRIP horizontally adjacent
     pixels per lane (`_strip_tile`'s order): x (XW, the forward's word-ordered copy, B × (H+1) ×
-    WPAD × C, zero past each row and in row H) is loaded once per tile for all the row's taps, and
+    WPAD × C, zero past each row and in row H) is loaded once per tile for all the group's taps, and
     each E_k row at a strip's STRIP + k − 1 positions feeds all STRIP·k of its taps. Chunks are
     CHUNK_S strips. Each tap keeps per-thread fp32 partial sums over the whole chunk (the tile loop
     only multiplies and adds); the pixel reduction across threads runs once per tap and chunk, at
-    the end. DWP: B × n × 83 × C fp32."""
+    the end. DWP: B × n × 83 × C fp32. Groups: R + 2 (5 for the 7×7 launch: 14, 24, 15, 15 and 15
+    taps)."""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
     NW: tl.constexpr = HALF // BW
-    row = tl.program_id(0) // NW
+    grp = tl.program_id(0) // NW
     pid_w = tl.program_id(0) % NW
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_w = pid_w * BW + tl.arange(0, BW)
     R: tl.constexpr = 3 if S7 else (2 if S5 else 1)
-    di = row - R
     out = DWP + ((b * n_chunks + pid) * 83) * C
     # one tile loop per ring of rows (a uniform branch): the loop a program runs holds only its
-    # row's taps (|di| ≤ 1: 15, |di| = 2: 12, |di| = 3: 7)
-    if (di >= -1) & (di <= 1):
-        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 1,
+    # rows' taps
+    if grp >= R - 1:
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, grp - R, b, H, W, WPAD, pid, C, S3, S5, S7, 1,
                      CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
-    elif (di >= -2) & (di <= 2):
-        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 2,
+    elif grp == R - 2:
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, -2, b, H, W, WPAD, pid, C, S3, S5, S7, 2,
                      CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
     else:
-        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C, S3, S5, S7, 3,
+        _wgrad_sweep(XW, E3, E5, E7, out, offs_w, -3, b, H, W, WPAD, pid, C, S3, S5, S7, 3,
                      CHUNK_S, PACKED, STRIP, BLOCK_S, BW)
+
+
+@triton.jit
+def _wgrad_taps(acc, xl, xh, E3, E5, E7, r_pix, offs_w, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr,
+                RING: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr, PS: tl.constexpr, PACKED: tl.constexpr):
+    """One window row's taps of every scale whose window holds it (RING: the row's |di|, at least
+    1) for a tile: acc = (7×7 lo, hi, 5×5 lo, hi, 3×3 lo, hi) tap accumulators, r_pix the bordered
+    pixel of each strip's E row at column ws − 3 (the 5×5 and 3×3 rows start one and two further)."""
+    a7l, a7h, a5l, a5h, a3l, a3h = acc
+    base = r_pix[:, None] * PS + offs_w[None, :]
+    if S7:
+        a7l, a7h = _wgrad_row(a7l, a7h, xl, xh, _e_words(E7, PACKED) + base, S, 7, HALF, PS, PACKED)
+    if S5 and RING <= 2:
+        a5l, a5h = _wgrad_row(a5l, a5h, xl, xh, _e_words(E5, PACKED) + base + PS, S, 5, HALF, PS, PACKED)
+    if S3 and RING <= 1:
+        a3l, a3h = _wgrad_row(a3l, a3h, xl, xh, _e_words(E3, PACKED) + base + 2 * PS, S, 3, HALF, PS, PACKED)
+    return a7l, a7h, a5l, a5h, a3l, a3h
+
+
+@triton.jit
+def _wgrad_store_row(out, acc, di, offs_w, S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr,
+                     RING: tl.constexpr, C: tl.constexpr):
+    """The chunk's per-tap sums of window row di (ring RING) into the partial buffer at `out`."""
+    a7l, a7h, a5l, a5h, a3l, a3h = acc
+    if S7:
+        _wgrad_store(out + (_ROW0_7 + (di + 3) * 7) * C, a7l, a7h, offs_w, 7, C)
+    if S5 and RING <= 2:
+        _wgrad_store(out + (_ROW0_5 + (di + 2) * 5) * C, a5l, a5h, offs_w, 5, C)
+    if S3 and RING <= 1:
+        _wgrad_store(out + (di + 1) * 3 * C, a3l, a3h, offs_w, 3, C)
 
 
 @triton.jit
@@ -723,15 +772,15 @@ def _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C: tl.cons
                  S3: tl.constexpr, S5: tl.constexpr, S7: tl.constexpr, RING: tl.constexpr,
                  CHUNK_S: tl.constexpr, PACKED: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr,
                  BW: tl.constexpr):
-    """The tile loop of `_lmsa_bwd_wgrad_kernel` for a window row of ring RING (constexpr: 1 for
-    |di| ≤ 1, 2 for |di| = 2, 3 for |di| = 3) and the scales of the launch whose windows hold it,
-    then the chunk's per-tap sums into the partial buffer at `out`."""
+    """The tile loop of `_lmsa_bwd_wgrad_kernel` for window row di of ring RING (constexpr: 1 for
+    |di| ≤ 1; for RING 2 and 3 the rows di = −RING and +RING together, sharing each tile's x), and
+    the scales of the launch whose windows hold it, then the chunk's per-tap sums into the partial
+    buffer at `out`."""
     HALF: tl.constexpr = C // 2
     PS: tl.constexpr = HALF if PACKED else C  # E's pixel stride in words
     z = tl.zeros([BLOCK_S, BW], tl.float32)
-    a7l, a7h = (z,) * 7, (z,) * 7
-    a5l, a5h = (z,) * 5, (z,) * 5
-    a3l, a3h = (z,) * 3, (z,) * 3
+    up = ((z,) * 7, (z,) * 7, (z,) * 5, (z,) * 5, (z,) * 3, (z,) * 3)  # row di
+    down = up  # row −di (RING ≥ 2)
     x_words = _e_words(XW, PACKED) + offs_w[None, :]
     e_img = b * ((H + 6) * (W + 6))  # image b of each bordered E_k, in pixels
     # (h, strip) of the tile's lanes: divided once, then stepped by BLOCK_S = DH·NS + DW strips a
@@ -755,25 +804,17 @@ def _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C: tl.cons
                 xv_lo, xv_hi = _e_pair(x_words + (x_row + s)[:, None] * PS, HALF, PACKED)
                 xl = xl + (xv_lo,)
                 xh = xh + (xv_hi,)
-            # E row hc − di from column ws − k//2 (bordered: + 3 each); past the row's end the
-            # reads run into the next row or the buffer's zeroed tail, times a masked x = 0
+            # E row hc − di from column ws − 3 (bordered: + 3 each); past the row's end the reads
+            # run into the next row or the buffer's zeroed tail, times a zero x
             r_pix = e_img + (hc + 3 - di) * (W + 6) + ws
-            if S7:
-                a7l, a7h = _wgrad_row(a7l, a7h, xl, xh, _e_words(E7, PACKED) + r_pix[:, None] * PS + offs_w[None, :],
-                                      S, 7, HALF, PS, PACKED)
-            if S5 and RING <= 2:
-                a5l, a5h = _wgrad_row(a5l, a5h, xl, xh, _e_words(E5, PACKED) + (r_pix + 1)[:, None] * PS + offs_w[None, :],
-                                      S, 5, HALF, PS, PACKED)
-            if S3 and RING <= 1:
-                a3l, a3h = _wgrad_row(a3l, a3h, xl, xh, _e_words(E3, PACKED) + (r_pix + 2)[:, None] * PS + offs_w[None, :],
-                                      S, 3, HALF, PS, PACKED)
+            up = _wgrad_taps(up, xl, xh, E3, E5, E7, r_pix, offs_w, S3, S5, S7, RING, S, HALF, PS, PACKED)
+            if RING >= 2:
+                down = _wgrad_taps(down, xl, xh, E3, E5, E7, r_pix - 2 * RING * (W + 6), offs_w, S3, S5, S7, RING,
+                                   S, HALF, PS, PACKED)
         h, q = _step_row_col(h, q, DH, DW, NS)
-    if S7:
-        _wgrad_store(out + (_ROW0_7 + (di + 3) * 7) * C, a7l, a7h, offs_w, 7, C)
-    if S5 and RING <= 2:
-        _wgrad_store(out + (_ROW0_5 + (di + 2) * 5) * C, a5l, a5h, offs_w, 5, C)
-    if S3 and RING <= 1:
-        _wgrad_store(out + (di + 1) * 3 * C, a3l, a3h, offs_w, 3, C)
+    _wgrad_store_row(out, up, di, offs_w, S3, S5, S7, RING, C)
+    if RING >= 2:
+        _wgrad_store_row(out, down, -di, offs_w, S3, S5, S7, RING, C)
 
 
 _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TABLE,
@@ -1005,12 +1046,17 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
     strips = h * triton.cdiv(w, _WGRAD_STRIP)
     sms = _sm_count(x.device)
-    wchunk = 32 if sms is None else _chunk_pix(strips, b, max(1, c // 64), sms, max_chunks=4)
+    # programs per chunk: 5 row groups × C/16 word blocks (8-word blocks, the pinned configs'); at
+    # the model's shape they fill 2.4 waves with one chunk per image, so each program sweeps a
+    # whole image and its cross-thread tap reductions run once
+    wchunk = 32 if sms is None else _chunk_pix(strips, b, (max(WGRAD_SPLIT[0]) // 2 + 2) * max(1, c // 16), sms,
+                                               max_chunks=4)
     n_wchunks = triton.cdiv(strips, wchunk)
     dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
     for scales in WGRAD_SPLIT:
         rows = max(scales)
-        grid = lambda meta, rows=rows: (rows * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
+        groups = rows // 2 + 2  # row groups: ±3, ±2 (where the widest scale has them), −1, 0, 1
+        grid = lambda meta, groups=groups: (groups * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
         mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
             xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
@@ -1115,7 +1161,7 @@ def _aot_specs() -> list[AotSpec]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
-    wgrad_chunk = _chunk_pix(hw // _WGRAD_STRIP, 32, _AOT_C // 64, 132, max_chunks=4)  # chunks of strips
+    wgrad_chunk = _chunk_pix(hw // _WGRAD_STRIP, 32, 5 * _AOT_C // 16, 132, max_chunks=4)  # chunks of strips
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         packed = dname == "bf16"
