@@ -195,21 +195,16 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
 # pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
 _WGRAD_STRIP = 16
 _DX_STRIP = 8
-_WGRAD_TABLE = [  # BLOCK_S: strips per tile, BLOCK_W: words (channel pairs m, m + C/2) per block; 2·15 accumulators
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 4}, num_warps=8, num_stages=1), _BOTH),
+_WGRAD_TABLE = [  # BLOCK_S: strips per tile, BLOCK_W: words (channel pairs m, m + C/2) per block; one word a
+    # lane (2 words: 168-196 registers, 1-2 CTAs per SM)
     (triton.Config({"BLOCK_S": 16, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 8}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
 ]
 _DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block
     (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 64, "BLOCK_W": 8}, num_warps=8, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
 ]
+
 
 def _by_precise(named) -> bool:
     """The fp32 shape class: fp32 inputs (PRECISE)."""
