@@ -23,7 +23,8 @@ order, vectorised over the access. A layout that does not nest (overlapping stri
 its span.
 
 An access (one `tl.load` / `tl.store`, every active lane under its mask) is clean when one argument
-holds all of its addresses, each with its whole element. Otherwise it is reported: "out of bounds"
+holds all of its addresses, each with its whole element (an access wider than the element, like a
+bf16 pair loaded as one int32 word, must cover consecutive elements of one unit-stride row). Otherwise it is reported: "out of bounds"
 when some address is in no argument, "spans tensors" when each address is in some argument but no
 single argument holds them all (a pointer that ran off its tensor into a neighbour). The lanes
 outside every argument are then switched off before the interpreter runs the access, so a reported
@@ -71,18 +72,26 @@ class Extent:
                    (base + lo * itemsize, base + (hi + 1) * itemsize))
 
     def holds(self, addresses: np.ndarray, nbytes: int) -> np.ndarray:
-        """For each address: is [address, address + nbytes) one whole element of this view?"""
+        """For each address: is [address, address + nbytes) whole elements of this view? One
+        element, or (an access wider than the element: a bf16 pair loaded as one int32 word)
+        nbytes / itemsize consecutive elements of one innermost row of unit stride."""
         lo, hi = self.span
         inside = (addresses >= lo) & (addresses + nbytes <= hi)
         if not self.nested or not inside.any():
             return inside
+        count, part = divmod(nbytes, self.itemsize)
+        if part or count < 1 or (count > 1 and (not self.strides or self.strides[-1] != 1)):
+            return np.zeros(addresses.shape, dtype=bool)
         rest = (addresses - self.data_ptr).astype(np.int64)
-        exact = inside & (rest % self.itemsize == 0) & (nbytes == self.itemsize)
+        exact = inside & (rest % self.itemsize == 0)
         rest //= self.itemsize
+        index = np.zeros_like(rest)
         for n, s in zip(self.sizes, self.strides):
             index = rest // s
             exact &= index < n
             rest -= index * s
+        if count > 1:  # the last element of the access in the same innermost row
+            exact &= index + count <= self.sizes[-1]
         return exact & (rest == 0)
 
 

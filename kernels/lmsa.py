@@ -907,14 +907,15 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bordered(b: int, h: int, w: int, c: int, device, dtype=torch.float32, tail: int = 0) -> torch.Tensor:
-    """B × (H+6) × (W+6) × C with its 3-pixel border zeroed (a kernel fills the interior): the
-    zero padding of the depthwise sweeps that read it (x from the stats kernel, E_k from the gram
-    kernel), so their shifted loads need no masks. `tail` zeroed pixels after the last one: a
-    strip sweep's reads past the last row's end land there."""
-    flat = _new(((b * (h + 6) * (w + 6) + tail) * c,), device, dtype)
-    flat[flat.numel() - tail * c:].zero_()
-    t = flat[:b * (h + 6) * (w + 6) * c].view(b, h + 6, w + 6, c)
-    for border in (t[:, :3], t[:, -3:], t[:, 3:-3, :3], t[:, 3:-3, -3:]):
+    """B·(H+6)·(W+6) + tail pixels × C: B images of (H+6) × (W+6) pixels with their 3-pixel border
+    zeroed (a kernel fills the interior), the zero padding of the depthwise sweeps that read it (x
+    from the statistics kernel, E_k from the gram kernel), so their shifted loads need no masks;
+    then `tail` zeroed pixels, where a strip sweep's reads past the last row's end land (part of
+    the tensor the kernels get, so every access stays inside their arguments)."""
+    t = _new((b * (h + 6) * (w + 6) + tail, c), device, dtype)
+    t[t.shape[0] - tail:].zero_()
+    img = t[:b * (h + 6) * (w + 6)].view(b, h + 6, w + 6, c)
+    for border in (img[:, :3], img[:, -3:], img[:, 3:-3, :3], img[:, 3:-3, -3:]):
         border.zero_()
     return t
 

@@ -111,6 +111,22 @@ def test_extent_holds_exactly_the_view_elements(make):
     assert not extent.holds(inside + 1, view.element_size()).any(), "a misaligned address was held"
 
 
+def test_a_wide_access_must_cover_consecutive_elements_of_one_row():
+    """An int32 word over a bf16 pair (the packed E_k and XW of kernels/lmsa.py): held when both
+    halves are elements of one row of the view; not when it straddles a sliced row's end, starts
+    between elements, or the view's rows are not of unit stride."""
+    view = torch.zeros(3, 10, dtype=torch.bfloat16)[:, 2:8]          # rows of 6 elements
+    extent = Extent.of("t", view)
+    starts = _addresses(view).reshape(3, 6)
+    assert extent.holds(starts[:, 0:5:2].ravel(), 4).all()           # (0, 1), (2, 3), (4, 5)
+    assert extent.holds(starts[:, 1:5].ravel(), 4).all()             # odd starts inside the row too
+    assert not extent.holds(starts[:, 5], 4).any(), "a word past the row's last element was held"
+    assert not extent.holds(starts[:, 0] + 1, 4).any(), "a misaligned word was held"
+    assert not extent.holds(starts[:, 0], 3).any(), "a partial element was held"
+    column = torch.zeros(6, 3, dtype=torch.bfloat16)[:, 1]           # stride 3: no two adjacent
+    assert not Extent.of("c", column).holds(_addresses(column), 4).any()
+
+
 def test_overlapping_strides_fall_back_to_the_span():
     view = torch.zeros(10).as_strided((3, 4), (2, 1))       # rows overlap
     extent = Extent.of("t", view)
