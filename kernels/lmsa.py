@@ -835,7 +835,6 @@ def _lmsa_bwd_dx_kernel(
     writes dx once; never reads x."""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
-    PS: tl.constexpr = HALF if PACKED else C  # E's pixel stride in words
     pid_w = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     h, ws, mask = _strip_tile(tl.program_id(0), H, W, STRIP, BLOCK_S)
@@ -1002,8 +1001,29 @@ def _forward(x, params, precise):
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
         x, xp, wg, beta, *_dw_flat(dws), out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
-        C=c, PRECISE=precise, PACKED=x.dtype == torch.bfloat16)
+        C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
     return out, P, wg, dsave, xw
+
+
+def _word_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What E_k and XW are stored in for inputs of `dtype`: bf16 channel pairs ("packed": half the
+    bytes, one instruction a value to unpack) for bf16, else fp32 (fp16's range is too small for
+    gradients)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _wgrad_groups(rows: int) -> int:
+    """Row groups of the wgrad launch whose widest scale has `rows` window rows: ±3, ±2 (where it
+    has them), −1, 0, 1 (see `_lmsa_bwd_wgrad_kernel`)."""
+    return rows // 2 + 2
+
+
+def _wgrad_chunk(strips: int, batch: int, c: int, sms: int) -> int:
+    """Strips per wgrad chunk on a GPU with `sms` SMs. Programs per chunk: the row groups × C/16
+    word blocks (8-word blocks, the pinned configs'); at the model's shape they fill 2.4 waves with
+    one chunk per image, so each program sweeps a whole image and its cross-thread tap reductions
+    run once."""
+    return _chunk_pix(strips, batch, _wgrad_groups(max(WGRAD_SPLIT[0])) * max(1, c // 16), sms, max_chunks=4)
 
 
 def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tensor:
@@ -1012,7 +1032,7 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
     rounded up to the strip, the columns past W and the extra row H zeroed (so the strips need no
     masks)."""
     wpad = triton.cdiv(w, _WGRAD_STRIP) * _WGRAD_STRIP
-    t = _new((b, h + 1, wpad, c), device, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    t = _new((b, h + 1, wpad, c), device, _word_dtype(dtype))
     t[:, h].zero_()
     t[:, :h, w:].zero_()
     return t
@@ -1031,9 +1051,9 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
     # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
-    packed = x.dtype == torch.bfloat16
+    packed = _word_dtype(x.dtype) == torch.bfloat16
     tail = max(_WGRAD_STRIP, _DX_STRIP)
-    ek = [_bordered(b, h, w, c, x.device, torch.bfloat16 if packed else torch.float32, tail) for _ in KERNEL_SIZES]
+    ek = [_bordered(b, h, w, c, x.device, _word_dtype(x.dtype), tail) for _ in KERNEL_SIZES]
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     _lmsa_bwd_gram_kernel[grid](
         dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
@@ -1042,16 +1062,12 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
     strips = h * triton.cdiv(w, _WGRAD_STRIP)
     sms = _sm_count(x.device)
-    # programs per chunk: 5 row groups × C/16 word blocks (8-word blocks, the pinned configs'); at
-    # the model's shape they fill 2.4 waves with one chunk per image, so each program sweeps a
-    # whole image and its cross-thread tap reductions run once
-    wchunk = 32 if sms is None else _chunk_pix(strips, b, (max(WGRAD_SPLIT[0]) // 2 + 2) * max(1, c // 16), sms,
-                                               max_chunks=4)
+    wchunk = 32 if sms is None else _wgrad_chunk(strips, b, c, sms)
     n_wchunks = triton.cdiv(strips, wchunk)
     dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
     for scales in WGRAD_SPLIT:
         rows = max(scales)
-        groups = rows // 2 + 2  # row groups: ±3, ±2 (where the widest scale has them), −1, 0, 1
+        groups = _wgrad_groups(rows)
         grid = lambda meta, groups=groups: (groups * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
         mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
         _lmsa_bwd_wgrad_kernel[grid](
@@ -1161,7 +1177,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
-    wgrad_chunk = _chunk_pix(hw // _WGRAD_STRIP, 32, 5 * _AOT_C // 16, 132, max_chunks=4)  # chunks of strips
+    wgrad_chunk = _wgrad_chunk(hw // _WGRAD_STRIP, 32, _AOT_C, 132)  # chunks of strips
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         packed = dname == "bf16"
