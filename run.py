@@ -53,6 +53,14 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted + "\n")
 
 
+def pytest_args(args: list[str]) -> list[str]:
+    """`args` with -q in front (a dot a test) unless they set the verbosity themselves (-v, -vv, -q,
+    --verbose, --quiet): `run.py test -v` lists every test by name."""
+    sets_verbosity = any(a in ("--verbose", "--quiet") or (len(a) > 1 and a[0] == "-" and a[1] != "-"
+                                                          and set(a[1:]) <= {"v", "q"}) for a in args)
+    return list(args) if sets_verbosity else ["-q", *args]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -62,7 +70,7 @@ def main(argv: list[str]) -> int:
     if command == "test":
         # tests/conftest.py turns on TRITON_INTERPRET=1 when there is no GPU; the suite runs from the checkout
         os.chdir(ROOT)
-        cmd = [str(PYTHON), "-m", "pytest", "-q", *rest]
+        cmd = [str(PYTHON), "-m", "pytest", *pytest_args(rest)]
     elif command == "msf":
         cmd = [str(PYTHON), "-m", "msf", *rest]
     else:  # train, eval, predict, bench, demo ... are msf subcommands

@@ -15,25 +15,39 @@ from typing import Callable
 import torch
 
 
-def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 30) -> list[float]:
-    """Per-call milliseconds after `warmup` calls: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
+# The one statistic every table and console line reports: the median with linear interpolation
+# (numpy's and torch's default quantile), the mean of the two middle values for an even count.
+STATISTIC = "median"
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 30,
+               on_call: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Per-call milliseconds of `reps` calls after `warmup` untimed ones: CUDA events on a GPU,
+    perf_counter on the CPU. `on_call(done, warmup + reps, ms)` after every call, warm-up included
+    (progress for measurements that take minutes)."""
+    total = warmup + reps
+    for i in range(warmup):
+        started = time.perf_counter()
         fn()
+        if on_call:
+            on_call(i + 1, total, (time.perf_counter() - started) * 1e3)
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(reps):
+    for i in range(reps):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
+        else:
             started = time.perf_counter()
             fn()
             times.append((time.perf_counter() - started) * 1e3)
+        if on_call:
+            on_call(warmup + i + 1, total, times[-1])
     return times
 
 
@@ -44,12 +58,17 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = measure_ms(lambda: dst.copy_(src), device, warmup=3, reps=10)
-    return 2 * nbytes / (sorted(ms)[len(ms) // 2] * 1e-3) / 1e9
+    return 2 * nbytes / (median(ms) * 1e-3) / 1e9
 
 
 def quantiles(values: list[float]) -> dict:
     t = torch.tensor(values, dtype=torch.float64)
     return {"p20": float(t.quantile(0.2)), "p50": float(t.quantile(0.5)), "p80": float(t.quantile(0.8))}
+
+
+def median(values: list[float]) -> float:
+    """`STATISTIC` of `values`: the p50 every row stores, so console, JSON and Markdown agree."""
+    return quantiles(values)["p50"]
 
 
 def environment(device: torch.device) -> dict:
@@ -72,14 +91,15 @@ def row(op: str, provider: str, pass_: str, metric: str, unit: str, size: str, v
             **stats, **env, **extra}
 
 
-def write_results(rows: list[dict], out_dir: Path, name: str) -> tuple[Path, Path]:
-    """`<name>.json` (every row) and `<name>.md` (a table of the medians) in out_dir."""
+def write_results(rows: list[dict], out_dir: Path, name: str, notes: list[str] = ()) -> tuple[Path, Path]:
+    """`<name>.json` (every row) and `<name>.md` (`notes`, then a table of each row's median) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(rows, indent=1) + "\n")
     env = rows[0] if rows else {}
     lines = [f"# {name}", "", f"device: {env.get('device')}; versions: {env.get('versions')}; date: {env.get('date')}",
-             "", "| op | size | provider | pass | metric | p50 | unit |", "|---|---|---|---|---|---|---|"]
+             "", *[f"- {note}" for note in notes], *([""] if notes else []),
+             f"| op | size | provider | pass | metric | {STATISTIC} | unit |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['size']} | {r['provider']} | {r['pass']} | {r['metric']} | "
                      f"{r['p50']:.4g} | {r['unit']} |")

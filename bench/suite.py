@@ -2,14 +2,22 @@
 
     msf bench [--preset paper|smoke|cpu] [--suite ops|step|all]
               [--providers eager,compile,triton,triton+compile,sdpa] [--interleave]
-              [--out bench/results] [--name NAME] [--budget-s 300]
+              [--out bench/out] [--name NAME] [--budget-s 300]
 
 `paper` is SPEC §6's shapes (B=32, 512×512, bf16 AMP) and needs CUDA; `smoke` runs the same code at
 a small size on whatever is there (on a CPU the Triton provider needs TRITON_INTERPRET=1): it
 proves the commands work, it is no timing claim. `cpu` is the CPU training recipe (B=16, 256²,
-bf16 autocast, classifier at H/4) for eager against compile on a CPU. Each row: median ms (CUDA
-events), images/s, peak memory, computed bytes moved, achieved GB/s and its share of the
-device-to-device copy bandwidth measured in the same run.
+bf16 autocast, classifier at H/4) for eager against compile on a CPU. Each row: the median ms of
+its timed calls (CUDA events; `bench.harness.STATISTIC`, the one figure console, JSON and Markdown
+all show), images/s, peak memory, computed bytes moved, achieved GB/s and its share of the
+device-to-device copy bandwidth measured in the same run; per case, each provider's speed-up over
+eager as the ratio of the two medians shown.
+
+A CPU times eager and torch.compile (the default providers there); the Triton kernels run on a CPU
+only through the interpreter, which is no speed. Beside each CPU row the cost model's predicted
+GPU speed-up for the same op is printed, labelled as a prediction (`bench.predicted`). A provider
+that ran the eager code for a case (fp32 attention at head dim 192) is labelled "(eager fallback)".
+Results go to the git-ignored bench/out/ unless --out says otherwise.
 
 Providers: `eager` (plain PyTorch), `compile` (torch.compile of eager), `triton` (the fused
 kernels), `triton+compile` (torch.compile around the fused kernels: they enter the graph as the
@@ -22,17 +30,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from bench.harness import copy_bandwidth_gbs, environment, measure_ms, row, write_results
+from bench.harness import STATISTIC, copy_bandwidth_gbs, environment, measure_ms, median, row, write_results
 from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
 from msf.losses import ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -43,6 +49,11 @@ PRESETS = {
     "cpu": {"batch": 16, "size": 256, "dtype": torch.bfloat16, "reps": 10, "warmup": 2, "paper_head_order": False},
 }
 COMPILED = ("compile", "triton+compile")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "bench/out"
+CPU_NOTE = ("On a CPU this measures eager PyTorch and torch.compile; the Triton kernels run here only through "
+            "Triton's interpreter, a correctness tool whose times say nothing about GPU speed. The GPU speed-up "
+            "the project claims is the cost model's prediction, shown beside each op and labelled as such.")  # git-ignored: committing a result is a deliberate `--out bench/results`
 STAGES = [(1, 32, 8), (2, 64, 4), (3, 128, 2), (4, 192, 1)]  # (stage, channels, SR ratio)
 
 
@@ -53,6 +64,7 @@ class Case:
     images: int
     passes: dict[str, dict[str, Callable[[], Callable[[], object]]]]  # pass -> provider -> builder of the call
     bytes_moved: dict[str, int]                          # provider -> bytes of fwd+bwd (or fwd) pass
+    fallbacks: dict[str, str] = field(default_factory=dict)  # provider -> why it runs the eager code here
 
 
 def _randn(*shape, device, dtype, grad=True):
@@ -119,9 +131,24 @@ def attention_cases(batch, size, device, dtype) -> list[Case]:
         bytes_moved = {p: sum(attn_totals(v_, batch, n, m, d, e)) for p, v_ in
                        (("eager", "eager"), ("compile", "eager"), ("sdpa", "sdpa"), ("triton", "fused"),
                         ("triton+compile", "fused"))}
+        fallback = _attention_fallback(dtype, d)
         cases.append(Case(f"attention/stage{stage}", f"B={batch},N={n},M={m},d={d}", batch,
-                          {"fwd+bwd": _builders(providers, backward=True)}, bytes_moved))
+                          {"fwd+bwd": _builders(providers, backward=True)}, bytes_moved,
+                          {p: fallback for p in ("triton", "triton+compile") if fallback}))
     return cases
+
+
+def _attention_fallback(dtype: torch.dtype, d: int) -> str | None:
+    """Why `get_ops("triton").attention` runs the eager formula at this dtype and head dim (None
+    when it runs the kernels): the dispatch rule of kernels/ops.py, asked rather than copied."""
+    try:
+        from kernels.attention import fused_supported
+    except ImportError:  # no Triton: the triton provider fails on its own, with that error
+        return None
+    if fused_supported(dtype, d):
+        return None
+    return (f"{str(dtype).removeprefix('torch.')} at head dim {d} is not served by the kernels "
+            "(kernels.attention.fused_supported): the eager formula ran")
 
 
 def lmsa_case(batch, size, device, dtype) -> Case:
@@ -174,20 +201,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prepare(builders: dict, provider: str, device: torch.device) -> tuple[Callable[[], object], float | None]:
+def _repo_path(path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+SLOW_CALL_S = 2.0  # a call at least this long gets a progress line of its own
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _call_progress(label: str) -> Callable[[int, int, float], None]:
+    """`measure_ms`'s `on_call`: a line per call once calls take seconds (a CPU step takes ~45 s,
+    a preset minutes), nothing for fast ones."""
+    def on_call(done: int, total: int, ms: float) -> None:
+        if ms >= SLOW_CALL_S * 1e3:
+            _say(f"    {label}: call {done}/{total} took {ms / 1e3:.1f} s")
+    return on_call
+
+
+def _prepare(builders: dict, provider: str, device: torch.device, label: str
+             ) -> tuple[Callable[[], object], float | None]:
     """The timed call of `provider`, and for a compiled provider its first call's time (the compile)."""
     fn = builders[provider]()
     compile_s = None
     if provider in COMPILED:  # the first call compiles; time it apart from the runs
+        _say(f"    {label}: compiling (torch.compile, the first call) ...")
         started = time.perf_counter()
         fn()
         _sync(device)
         compile_s = time.perf_counter() - started
+        _say(f"    {label}: compiled in {compile_s:.1f} s (not in the timings)")
     return fn, compile_s
 
 
 def _measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                         reps: int) -> dict[str, list[float]]:
+                         reps: int, op: str) -> dict[str, list[float]]:
     """Per-call ms of every provider, one call each in turn (the order reversed every other round)."""
     order = list(fns)
     for _ in range(warmup):
@@ -195,37 +246,68 @@ def _measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.dev
             fns[p]()
     times = {p: [] for p in order}
     for rep in range(reps):
+        started = time.perf_counter()
         for p in (order if rep % 2 == 0 else order[::-1]):
             times[p] += measure_ms(fns[p], device, warmup=0, reps=1)
+        if time.perf_counter() - started >= SLOW_CALL_S:
+            _say(f"    {op}: round {rep + 1}/{reps}: " + ", ".join(f"{p} {times[p][-1] / 1e3:.1f} s" for p in order))
     return times
+
+
+def provider_label(case: Case, provider: str) -> str:
+    """The provider as a row names it: a provider that ran the eager code for this case says so."""
+    return f"{provider} (eager fallback)" if provider in case.fallbacks else provider
 
 
 def _rows(case: Case, provider: str, pass_: str, ms: list[float], compile_s: float | None, device, env: dict,
           copy_gbs: float, **notes) -> list[dict]:
-    median = sorted(ms)[len(ms) // 2]
+    label = provider_label(case, provider)
+    if provider in case.fallbacks:
+        notes["fallback"] = case.fallbacks[provider]
     extra = dict(notes)
     if device.type == "cuda":
         extra["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
-    rows = [row(case.op, provider, pass_, "time", "ms", case.size, ms, env, **extra),
-            row(case.op, provider, pass_, "throughput", "images/s", case.size,
+    rows = [row(case.op, label, pass_, "time", "ms", case.size, ms, env, **extra),
+            row(case.op, label, pass_, "throughput", "images/s", case.size,
                 [case.images / (t * 1e-3) for t in ms], env, **notes)]
     if "peak_memory_mb" in extra:
-        rows.append(row(case.op, provider, pass_, "peak_memory", "MB", case.size, extra["peak_memory_mb"], env))
+        rows.append(row(case.op, label, pass_, "peak_memory", "MB", case.size, extra["peak_memory_mb"], env))
     if compile_s is not None:
-        rows.append(row(case.op, provider, pass_, "compile_time", "s", case.size, compile_s, env, **notes))
+        rows.append(row(case.op, label, pass_, "compile_time", "s", case.size, compile_s, env, **notes))
     nbytes = case.bytes_moved.get(provider)
-    if nbytes:
-        gbs = nbytes / (median * 1e-3) / 1e9
-        rows.append(row(case.op, provider, pass_, "bytes_moved", "MB", case.size, nbytes / 1e6, env))
-        rows.append(row(case.op, provider, pass_, "achieved_bandwidth", "GB/s", case.size, gbs, env,
+    if nbytes and provider not in case.fallbacks:
+        gbs = nbytes / (median(ms) * 1e-3) / 1e9
+        rows.append(row(case.op, label, pass_, "bytes_moved", "MB", case.size, nbytes / 1e6, env))
+        rows.append(row(case.op, label, pass_, "achieved_bandwidth", "GB/s", case.size, gbs, env,
                         copy_bandwidth_gbs=copy_gbs, percent_of_copy=100 * gbs / copy_gbs))
-    print(f"  {case.op:22s} {provider:14s} {pass_:8s} {median:10.3f} ms"
-          + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+    _say(f"  {case.op:22s} {label:24s} {pass_:8s} {rows[0]['p50']:10.3f} ms {STATISTIC} of {len(ms)}"
+         + (f"  (compile {compile_s:.1f} s)" if compile_s is not None else "")
+         + (f"  [{case.fallbacks[provider]}]" if provider in case.fallbacks else ""))
+    return rows
+
+
+def speedup_rows(case: Case, pass_: str, medians: dict[str, float], env: dict, **notes) -> list[dict]:
+    """Each provider's speed-up over eager (else the first provider timed), computed from the
+    medians printed just above it: baseline median ÷ provider median (> 1: faster)."""
+    if len(medians) < 2:
+        return []
+    base = "eager" if "eager" in medians else next(iter(medians))
+    rows = []
+    for provider, ms in medians.items():
+        if provider == base:
+            continue
+        label, base_label = provider_label(case, provider), provider_label(case, base)
+        ratio = medians[base] / ms
+        rows.append(row(case.op, label, pass_, f"speedup_vs_{base}", "x", case.size, ratio, env,
+                        computed_as=f"{STATISTIC} {base_label} ms / {STATISTIC} {label} ms",
+                        baseline_ms=medians[base], provider_ms=ms, **notes))
+        _say(f"  {case.op:22s} {label:24s} {pass_:8s} {ratio:10.3f} x {base_label} "
+             f"(= {medians[base]:.3f} / {ms:.3f} ms, the {STATISTIC}s above)")
     return rows
 
 
 def _failed(case: Case, provider: str, pass_: str, exc: Exception, env: dict) -> dict:
-    print(f"  {case.op} {provider}: failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+    _say(f"  {case.op} {provider}: failed ({type(exc).__name__}: {str(exc)[:200]})")
     return row(case.op, provider, pass_, "error", "", case.size, 0.0, env, error=str(exc)[:500])
 
 
@@ -233,23 +315,25 @@ def run_case(case: Case, providers: list[str], device: torch.device, preset: dic
              deadline: float) -> list[dict]:
     rows = []
     for pass_, builders in case.passes.items():
+        medians = {}
         for provider in [p for p in providers if p in builders]:
             if time.monotonic() > deadline:
-                print(f"  {case.op} {provider}: skipped (time budget spent)", flush=True)
+                _say(f"  {case.op} {provider}: skipped (time budget spent)")
                 continue
-            # on a terminal, say what is being measured (one measurement takes minutes in the interpreter)
-            with tqdm(total=1, desc=f"  measuring {case.op} {provider}", leave=False, file=sys.stderr,
-                      disable=not sys.stderr.isatty(), bar_format="{desc} ..."):
-                try:
-                    fn, compile_s = _prepare(builders, provider, device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    with nvtx_range(f"bench/{case.op}/{provider}"):
-                        ms = measure_ms(fn, device, preset["warmup"], preset["reps"])
-                except Exception as exc:  # one broken provider must not hide the others' figures
-                    rows.append(_failed(case, provider, pass_, exc, env))
-                    continue
+            label = f"{case.op} {provider_label(case, provider)} {pass_}"
+            _say(f"    {label}: {preset['warmup']} warm-up + {preset['reps']} timed calls ...")
+            try:
+                fn, compile_s = _prepare(builders, provider, device, label)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with nvtx_range(f"bench/{case.op}/{provider}"):
+                    ms = measure_ms(fn, device, preset["warmup"], preset["reps"], on_call=_call_progress(label))
+            except Exception as exc:  # one broken provider must not hide the others' figures
+                rows.append(_failed(case, provider, pass_, exc, env))
+                continue
             rows += _rows(case, provider, pass_, ms, compile_s, device, env, copy_gbs)
+            medians[provider] = median(ms)
+        rows += speedup_rows(case, pass_, medians, env)
     return rows
 
 
@@ -261,24 +345,49 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
     for pass_, builders in case.passes.items():
         fns, compile_s = {}, {}
         for provider in [p for p in providers if p in builders]:
+            label = f"{case.op} {provider_label(case, provider)} {pass_}"
             try:
-                fns[provider], compile_s[provider] = _prepare(builders, provider, device)
+                fns[provider], compile_s[provider] = _prepare(builders, provider, device, label)
             except Exception as exc:  # one broken provider must not hide the others' figures
                 rows.append(_failed(case, provider, pass_, exc, env))
-        times = _measure_interleaved(fns, device, preset["warmup"], preset["reps"])
+        _say(f"    {case.op} {pass_}: {preset['warmup']} warm-up + {preset['reps']} timed rounds of "
+             f"{', '.join(fns)} in turns ...")
+        times = _measure_interleaved(fns, device, preset["warmup"], preset["reps"], case.op)
         for provider, ms in times.items():
             rows += _rows(case, provider, pass_, ms, compile_s[provider], torch.device("cpu"), env, copy_gbs,
                           timing="interleaved")
-        # each round's calls ran back to back: the per-round ratio to the first provider cancels most
-        # of what other work on the machine does to both
-        first = next(iter(times), None)
-        for provider in list(times)[1:]:
-            ratios = [a / b for a, b in zip(times[first], times[provider])]
-            rows.append(row(case.op, provider, pass_, f"speedup_vs_{first}", "x", case.size, ratios, env,
-                            timing="interleaved", per_round=ratios))
-            print(f"  {case.op:22s} {provider:14s} {pass_:8s} {sorted(ratios)[len(ratios) // 2]:10.3f} x {first} "
-                  "(median of the per-round ratios)", flush=True)
+        rows += speedup_rows(case, pass_, {p: median(ms) for p, ms in times.items()}, env, timing="interleaved")
     return rows
+
+
+def prediction_rows(cases: list[Case], env: dict) -> tuple[list[dict], dict[str, str], str]:
+    """The cost model's GPU prediction for each case: rows labelled as predictions, op -> the line
+    that shows it, and a line naming the table (or why there is none)."""
+    from bench.predicted import CURRENT_COST_TABLE, load_predictions, no_prediction_reason
+    try:
+        predictions = load_predictions()
+    except (OSError, ValueError) as exc:
+        return [], {}, f"no GPU predictions to show ({exc})"
+    rows, lines = [], {}
+    for case in cases:
+        pred = predictions.get(case.op)
+        if pred is None:
+            lines[case.op] = f"no prediction: {no_prediction_reason(case.op)}"
+            continue
+        pass_ = next(iter(case.passes))
+        size = "B=32,512x512,bf16-autocast"
+        predicted_env = {**env, "device": f"{pred.device.upper()} (cost model {pred.model_version}, predicted)"}
+        fields = dict(model_version=pred.model_version, error_band=list(pred.error_band), covers=pred.what,
+                      source=_repo_path(pred.source))
+        rows += [row(case.op, "triton", pass_, "predicted_time", "ms", size, pred.triton_s * 1e3, predicted_env,
+                     **fields),
+                 row(case.op, "eager floor", pass_, "predicted_time", "ms", size, pred.eager_floor_s * 1e3,
+                     predicted_env, **fields),
+                 row(case.op, "triton", pass_, "predicted_speedup_vs_eager_floor", "x", size, pred.speedup,
+                     predicted_env, **fields)]
+        lines[case.op] = pred.line()
+    return rows, lines, (f"Predictions from {_repo_path(CURRENT_COST_TABLE)} (`python -m kernels.cost --json` "
+                         "rebuilds it from the compiled kernels).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", action="store_true",
                         help="time a case's providers in turns, one call each (fair on a shared machine)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"results folder (default {DEFAULT_OUT}, git-ignored; to commit a result, give "
+                             "--out bench/results)")
     parser.add_argument("--name", default=None, help="results file stem (default: bench-<preset>-<device>)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per provider (default: the preset's)")
@@ -308,34 +419,50 @@ def main(argv: list[str] | None = None) -> int:
     elif device.type == "cuda":
         providers = ["eager", "sdpa", "compile", "triton", "triton+compile"]
     else:
-        providers = ["eager", "sdpa"] + (["triton"] if interpreter else [])
-        print("CPU smoke run: torch.compile skipped (ask with --providers), "
-              + ("triton through the interpreter (slow)" if interpreter else "triton skipped (no TRITON_INTERPRET=1)"),
-              flush=True)
+        providers = ["eager", "sdpa", "compile"] + (["triton"] if interpreter else [])
+    if device.type != "cuda":
+        _say(CPU_NOTE + (" TRITON_INTERPRET=1 is set: triton rows time the interpreter." if interpreter else ""))
     env = environment(device)
     copy_gbs = copy_bandwidth_gbs(device)
-    print(f"{env['device']}: device copy {copy_gbs:.0f} GB/s; preset {preset_name}", flush=True)
+    _say(f"{env['device']}: device copy {copy_gbs:.0f} GB/s; preset {preset_name} "
+         f"(B={preset['batch']}, {preset['size']}², {str(preset['dtype']).removeprefix('torch.')}); "
+         f"providers {', '.join(providers)}; each time is the {STATISTIC} of {preset['reps']} calls")
     deadline = time.monotonic() + args.budget_s
     batch, size, dtype = preset["batch"], preset["size"], preset["dtype"]
     rows = [row("device_copy", "torch", "copy", "bandwidth", "GB/s", "1 GiB" if device.type == "cuda" else "64 MiB",
                 copy_gbs, env)]
 
-    def run(case: Case, case_providers: list[str]) -> list[dict]:
-        if args.interleave:
-            return run_case_interleaved(case, case_providers, device, preset, env, copy_gbs)
-        return run_case(case, case_providers, device, preset, env, copy_gbs, deadline)
-
+    cases = []
     if args.suite in ("ops", "all"):
-        cases = [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
-                 lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
-        for case in cases:
-            rows += run(case, providers)
+        cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
+                  lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
     if args.suite in ("step", "all"):
-        step_providers = [p for p in providers if p != "sdpa"]
-        rows += run(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)), step_providers)
+        cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))
+    # a CPU cannot time the kernels: show the GPU figure the project claims, labelled as a prediction
+    predicted, predicted_lines, predicted_source = (prediction_rows(cases, env) if device.type != "cuda"
+                                                    else ([], {}, ""))
+    for i, case in enumerate(cases, 1):
+        _say(f"[{i}/{len(cases)}] {case.op} ({case.size})")
+        if args.interleave:
+            rows += run_case_interleaved(case, providers, device, preset, env, copy_gbs)
+        else:
+            rows += run_case(case, providers, device, preset, env, copy_gbs, deadline)
+        if case.op in predicted_lines:
+            _say(f"  {case.op}: {predicted_lines[case.op]}")
+    if predicted_source:
+        _say(predicted_source)
+    rows += predicted
+    notes = [f"Each time is the {STATISTIC} of the timed calls (p50, linear interpolation; the same figure the "
+             "console prints); a `speedup_vs_*` row is the baseline's median ÷ this provider's median, both shown "
+             "in this table."]
+    if any(case.fallbacks for case in cases):
+        notes.append("A provider marked `(eager fallback)` ran the eager code for that case (the reason is in the "
+                     "JSON row's `fallback`); its time is not the kernels'.")
+    if device.type != "cuda":
+        notes += [CPU_NOTE, *[f"{op}: {line}" for op, line in predicted_lines.items()], predicted_source]
     name = args.name or f"bench-{preset_name}-{device.type}"
-    json_path, md_path = write_results(rows, Path(args.out), name)
-    print(f"wrote {json_path} and {md_path}")
+    json_path, md_path = write_results(rows, Path(args.out), name, notes)
+    _say(f"wrote {json_path} and {md_path}")
     return 0
 
 

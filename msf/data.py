@@ -39,6 +39,23 @@ PALETTE = np.array([
     [255, 204, 204], [102, 51, 0], [255, 0, 0], [102, 204, 0], [255, 255, 0], [0, 0, 153], [0, 0, 204],
     [255, 51, 153], [0, 204, 204], [0, 51, 0], [255, 153, 51], [0, 204, 0]], dtype=np.uint8)
 
+# Overlays are for people, not for the data set's tools: its palette paints skin (204,0,0) and r_ear
+# (255,0,0) alike and hair, l_lip and l_eye in near blues. These are 18 of Kelly's 20 colours of
+# maximum contrast (K. L. Kelly, 1965; without yellow and violet, the subset whose closest pair is
+# farthest apart: CIE ΔE 19), assigned so that parts that touch (skin and everything on it, hair and
+# what it frames, lips and mouth, neck and cloth) are at least ΔE 29 apart. Background is never
+# painted. Mask files keep PALETTE.
+OVERLAY_PALETTE = np.array([
+    [0, 0, 0],                                          # background (not drawn)
+    [194, 178, 128], [0, 103, 165], [132, 132, 130],    # skin (buff), nose (blue), eye_g (grey)
+    [0, 136, 86], [230, 143, 172],                      # l_eye (green), r_eye (purplish pink)
+    [135, 86, 146], [243, 132, 0],                      # l_brow (purple), r_brow (orange)
+    [141, 182, 0], [161, 202, 241],                     # l_ear (yellow green), r_ear (light blue)
+    [43, 61, 38], [190, 0, 50], [249, 147, 121],        # mouth (olive green), u_lip (red), l_lip (yellowish pink)
+    [136, 45, 23], [220, 211, 0], [179, 68, 108],       # hair (reddish brown), hat (greenish yellow), ear_r
+    [226, 88, 34], [246, 166, 0], [101, 69, 34],        # neck_l (reddish orange), neck (orange yellow), cloth
+], dtype=np.uint8)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -113,13 +130,15 @@ def write_mask(path: Path, mask: np.ndarray) -> None:
     im.save(path)
 
 
-def colorize(mask: np.ndarray) -> np.ndarray:
-    return PALETTE[mask]
+def colorize(mask: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """H×W×3 uint8 colours of an id mask (the data set's palette unless another is given)."""
+    return palette[mask]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with its mask's class colours blended over it (background left as is)."""
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask).astype(np.float32)
+    """The image with its mask's class colours (`OVERLAY_PALETTE`) blended over it; background
+    left as is."""
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask, OVERLAY_PALETTE).astype(np.float32)
     out = np.where(mask[..., None] > 0, blended, image.astype(np.float32))
     return out.clip(0, 255).astype(np.uint8)
 
@@ -328,7 +347,7 @@ class MiniFaceDataset(FaceParsingDataset):
     """The mini layout: `<root>/<split>/images/<id>.jpg` with `<root>/<split>/masks/<id>.png`."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int | None = None,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, limit: int | None = None):
         super().__init__(augment, seed)
         self.root = Path(root)
         self.split = split
@@ -339,6 +358,7 @@ class MiniFaceDataset(FaceParsingDataset):
         self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
             raise DataError(f"{image_dir}: no images (.jpg/.png) in the folder")
+        self.images = self.images[:limit]
         self.masks = [mask_dir / (p.stem + ".png") for p in self.images]
         for image, mask in zip(self.images, self.masks):
             if not mask.is_file():
@@ -380,7 +400,7 @@ class CelebAMaskHQDataset(FaceParsingDataset):
     """
 
     def __init__(self, root: str | Path, ids: list[int] | None = None, image_size: int | None = None,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, limit: int | None = None):
         super().__init__(augment, seed)
         self.root = Path(root)
         self.image_size = image_size
@@ -391,7 +411,7 @@ class CelebAMaskHQDataset(FaceParsingDataset):
             stem, _, part = path.stem.partition("_")
             if stem.isdigit() and part in CELEBAMASK_PARTS:
                 self.parts.setdefault(int(stem), {})[part] = path
-        self.ids = sorted(self.parts) if ids is None else list(ids)
+        self.ids = (sorted(self.parts) if ids is None else list(ids))[:limit]
         if not self.ids:
             raise DataError(f"{anno_dir}: no part masks named <nnnnn>_<part>.png")
         for i in self.ids:
@@ -539,20 +559,23 @@ class SyntheticFaces(FaceParsingDataset):
 
 
 def open_dataset(root: str | Path | None, split: str, image_size: int | None, augment: bool = False,
-                 seed: int = 0, synthetic_images: int = 256) -> FaceParsingDataset:
-    """The dataset at `root` in whichever layout it has, or the synthetic faces when root is None.
+                 seed: int = 0, synthetic_images: int = 256, limit: int | None = None) -> FaceParsingDataset:
+    """The dataset at `root` in whichever layout it has, or the synthetic faces when root is None;
+    `limit`: only its first `limit` samples (files in name order), for a quick run on a few images.
 
     Synthetic splits differ by seed (train: seed, val: seed + 1_000_003) so they never share faces.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     if root is None:
         split_seed = seed if split == "train" else seed + 1_000_003
-        return SyntheticFaces(synthetic_images, image_size or 128, split_seed, augment)
+        return SyntheticFaces(min(synthetic_images, limit or synthetic_images), image_size or 128, split_seed, augment)
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: data folder not found")
     if (root / split / "images").is_dir() or (root / "train" / "images").is_dir():
-        return MiniFaceDataset(root, split, image_size, augment, seed)
+        return MiniFaceDataset(root, split, image_size, augment, seed, limit)
     if (root / "CelebA-HQ-img").is_dir():
-        return CelebAMaskHQDataset(root, image_size=image_size, augment=augment, seed=seed)
+        return CelebAMaskHQDataset(root, image_size=image_size, augment=augment, seed=seed, limit=limit)
     raise DataError(f"{root}: not a data set folder (expected <split>/images + <split>/masks, "
                     "or CelebA-HQ-img + CelebAMask-HQ-mask-anno)")

@@ -205,17 +205,25 @@ def load_uint8_cache(dataset: FaceParsingDataset, cache_dir: str | Path | None, 
     cache = decode_dataset(dataset, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for part, tensor in (("images", cache.images), ("masks", cache.masks)):
-        tmp = paths[part].with_name(f".{paths[part].name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, tensor.numpy())
-        os.replace(tmp, paths[part])
+        _write_replacing(paths[part], lambda f, tensor=tensor: np.save(f, tensor.numpy()))
     identity = dataset.identity()
     meta = {"shapes": [list(cache.images.shape), list(cache.masks.shape)], "layout": identity["layout"],
             "root": identity.get("root"), "size": identity.get("size"), "samples": len(cache)}
-    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    _write_replacing(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return cache
+
+
+def _write_replacing(path: Path, write: Callable[[object], None]) -> None:
+    """`write(file)` into a temp file renamed onto `path`; a write that fails or is interrupted
+    (Ctrl-C mid-way through a gigabyte) removes its temp file instead of leaving it behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 # a short table per kernel and the comparison with the cost model (measured ÷ predicted).
 #   bash profiling/ncu.sh [OUT_DIR] [extra profiling.step args, e.g. --batch 8]
 # Writes OUT_DIR/ncu.csv (ncu --csv --page raw), ncu-app.log (the step's own output), ncu-table.txt,
-# ncu-compare.{md,json}. The cost model's rows come from $COST_JSON, else the newest committed
-# bench/results/cost-model-*.json, else `python -m kernels.cost --json` when that module exists
-# (at most $COST_TIMEOUT s, default 120), else the comparison holds measured values only.
+# ncu-compare.{md,json}. The cost model's rows come from $COST_JSON, else the current committed
+# table (`bench.predicted.CURRENT_COST_TABLE`, bench/results/cost-model.json), else
+# `python -m kernels.cost --json` when that module exists (at most $COST_TIMEOUT s, default 120),
+# else the comparison holds measured values only.
 # Needs `ncu` on PATH and a CUDA GPU. Only the measured step is profiled (--profile-from-start off;
 # profiling.step brackets it with cudaProfilerStart/Stop), and only the project's Triton kernels.
 # Clocks are left as they run (--clock-control none): the cost model assumes the sustained clock.
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 out=${1:-profiling/out}; shift || true
 mkdir -p "$out"
 python=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python   # the project's environment
 command -v ncu >/dev/null || { echo "ncu not found: install Nsight Compute" >&2; exit 1; }
 regex=$($python -m profiling.ncu_table --regex)
 ncu --profile-from-start off --target-processes all --kernel-name "$regex" --launch-count 400 \
@@ -23,7 +25,7 @@ ncu --profile-from-start off --target-processes all --kernel-name "$regex" --lau
     $python -m profiling.step --backend triton --amp bf16 --steps 1 --warmup 1 "$@" > "$out/ncu-app.log" 2>&1
 $python -m profiling.ncu_table "$out/ncu.csv" | tee "$out/ncu-table.txt"
 
-cost=${COST_JSON:-$(ls -1 bench/results/cost-model-*.json 2>/dev/null | sort | tail -n 1)}
+cost=${COST_JSON:-$($python -c "from bench.predicted import CURRENT_COST_TABLE as t; print(t if t.exists() else '')")}
 if [ -z "$cost" ] && [ -f kernels/cost.py ]; then
   # measured values first, so an overrun of the cost model below still leaves a table
   $python -m profiling.ncu_compare "$out/ncu.csv" --out "$out/ncu-compare" > /dev/null

@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-profiling/out}; shift || true
 mkdir -p "$out"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python   # the project's environment
 command -v nsys >/dev/null || { echo "nsys not found: install Nsight Systems" >&2; exit 1; }
 nsys profile --trace=cuda,nvtx,osrt --capture-range=cudaProfilerApi --capture-range-end=stop \
     --force-overwrite=true --output "$out/msf-step" \
-    "${PYTHON:-python3}" -m profiling.step --steps 5 --warmup 2 "$@"
+    "$python" -m profiling.step --steps 5 --warmup 2 "$@"
 nsys stats --report nvtx_sum,cuda_gpu_kern_sum "$out/msf-step.nsys-rep" | tee "$out/nsys-summary.txt"

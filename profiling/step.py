@@ -10,9 +10,11 @@ triton/head_loss), eager|triton/<op> for every backend op, backward, optimizer.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
+from msf.backend import require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
 from train.evaluate import autocast_for
@@ -46,6 +48,16 @@ def build_step(backend: str, batch: int, size: int, amp: str, device: torch.devi
     return step
 
 
+def backend_error(backend: str, device: torch.device, prog: str) -> str | None:
+    """The one line a profiler prints and exits 2 on when `backend` cannot run on `device` (the
+    triton backend on a CPU without TRITON_INTERPRET=1), as train, eval and predict do; else None."""
+    try:
+        require_runnable(backend, device)
+    except ValueError as exc:
+        return f"{prog}: error: {exc}"
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--backend", default="triton" if on_gpu else "eager", choices=["eager", "triton"])
@@ -61,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    error = backend_error(args.backend, device, "profiling.step")
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     step = build_step(args.backend, args.batch, args.size, args.amp, device)
     for _ in range(args.warmup):
         step()

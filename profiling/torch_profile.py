@@ -10,12 +10,13 @@ kernels they launched. `<out>/top-kernels-<backend>.txt` holds the table printed
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profiling.step import add_arguments, build_step
+from profiling.step import add_arguments, backend_error, build_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    error = backend_error(args.backend, device, "profiling.torch_profile")
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     step = build_step(args.backend, args.batch, args.size, args.amp, device)
     for _ in range(args.warmup):
         step()

@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# How long a test waits on a subprocess or a signal before calling it hung. A guard against a hang,
+# never a budget: every such wait finishes in seconds to minutes alone, and a loaded machine makes it
+# slower, not wrong (no test may fail because the machine is busy).
+HANG_GUARD_S = 3600
 # The shared data sits beside the checkout (../shared/data); MSF_DATA overrides it.
 REAL_DATA = Path(os.environ.get("MSF_DATA", REPO.parent / "shared" / "data" / "celebamask-hq-mini"))
 

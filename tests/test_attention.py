@@ -22,6 +22,8 @@ import importlib  # noqa: E402
 attn_mod = importlib.import_module("kernels.attention")
 from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 # (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
 STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
 STAGE_IDS = [f"N{n}-M{m}-d{d}" for n, m, d in STAGES]

@@ -23,6 +23,8 @@ sub_mod = importlib.import_module("kernels.attention_sublayer")
 attn_mod = importlib.import_module("kernels.attention")
 from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 # (N, M, C): the model's stages (16384/4096/1024/256 queries, 256 keys, C = 32/64/128/192) scaled down
 STAGES = [(70, 48, 32), (40, 32, 64), (33, 20, 128), (17, 12, 192)]
 STAGE_IDS = [f"N{n}-M{m}-C{c}" for n, m, c in STAGES]

@@ -15,13 +15,15 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from msf.data import PALETTE, MiniFaceDataset, SyntheticFaces, write_mask
+from msf.data import OVERLAY_PALETTE, MiniFaceDataset, SyntheticFaces, write_mask
 from msf.pipeline import LoaderBatches
 from train.checkpoint import read_checkpoint
 from train.cli import main
 from train.config import FIELD_HELP, TrainConfig
 from train import evaluate
 from train.loop import cpu_schedule_warning, train
+
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--synthetic-train-images", "16", "--synthetic-val-images", "4",
@@ -145,10 +147,11 @@ def test_the_overlay_carries_a_colour_legend(trained_run, tmp_path):
     assert main(["predict", "--checkpoint", str(trained_run / "best.pt"), str(image), "--out", str(tmp_path)]) == 0
     ids = np.unique(np.array(Image.open(tmp_path / "x.png")))
     overlay = np.array(Image.open(tmp_path / "x_overlay.png").convert("RGB"))
-    assert overlay.shape[1] > 80 and overlay.shape[0] >= 14 * len(ids)
+    painted = [c for c in ids if c != 0]  # background is not painted, so not in the legend
+    assert overlay.shape[1] > 80 and overlay.shape[0] >= 12 * len(painted)
     legend = overlay[:, 80:].reshape(-1, 3)
-    for class_id in ids:  # each predicted class's swatch is in the legend column
-        assert (legend == PALETTE[class_id]).all(axis=1).any(), class_id
+    for class_id in painted:  # each predicted class's swatch is in the legend column
+        assert (legend == OVERLAY_PALETTE[class_id]).all(axis=1).any(), class_id
 
 
 def test_export_refuses_its_own_checkpoint_and_a_folder(trained_run, tmp_path, capsys):
@@ -184,7 +187,7 @@ def test_triton_without_a_gpu_or_the_interpreter_is_one_line(trained_run, tmp_pa
     one_line_error(capsys, ["demo", "--backend", "triton"], "needs a CUDA GPU")
 
 
-def wait_for(predicate, proc, seconds=120):
+def wait_for(predicate, proc, seconds=HANG_GUARD_S):
     deadline = time.time() + seconds
     while time.time() < deadline and proc.poll() is None and not predicate():
         time.sleep(0.05)
@@ -205,7 +208,7 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
         wait_for(lambda: (run_dir / "last.pt").exists(), proc)
         signalled = time.time()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     err = err.decode().strip()
     # (what the trainer printed and how long it took to stop, should this ever fail again)
     context = f"{err!r}; exited {time.time() - signalled:.1f} s after SIGINT; stdout ends {log.read_text()[-400:]!r}"
@@ -258,7 +261,7 @@ def test_run_py_becomes_the_trainer_in_the_callers_directory(tmp_path):
     assert b"msf" in cmdline and b"train" in cmdline, cmdline  # 7: the same process, now the trainer
     assert processes_naming(token) == [proc.pid]  # and no other process trains
     proc.kill()
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG_GUARD_S)
     assert processes_naming(token) == []
 
 

@@ -50,18 +50,21 @@ def inductor_vector_isa() -> str:
 
 # Seen 2026-11-29 (torch 2.13, AMD EPYC forced to ATEN_CPU_CAPABILITY=avx2): Inductor's AVX2 code for
 # this graph with dynamic shapes and gradients returns NaN (static shapes, no gradients or AVX512:
-# right). Not our code; recorded so that a machine with AVX2 only reports it rather than fails CI.
-AVX2_NAN = pytest.mark.xfail(condition=inductor_vector_isa() == "avx2", strict=False,
-                             reason="Inductor's AVX2 vector code, dynamic shapes + backward: NaN loss (torch 2.13)")
+# right), and on other AVX2 machines it does not (an xfail XPASSed there, 2026-12-04). Not our code:
+# on AVX2 a NaN loss is that bug and skips the test; any other result, and every result elsewhere,
+# is checked in full.
+def skip_on_inductor_avx2_nan(loss: torch.Tensor) -> None:
+    if inductor_vector_isa() == "avx2" and torch.isnan(loss).any():
+        pytest.skip("Inductor's AVX2 vector code, dynamic shapes + backward: NaN loss (torch 2.13 bug, not ours)")
 
 
-@AVX2_NAN
 def test_tokens_to_map_compiles_with_dynamic_shapes_and_matches_eager():
     torch.manual_seed(0)
     module = EmbedNormReduce(tokens_to_map)
     for batch, size in ((2, 64), (3, 96)):
         images = torch.randn(batch, 3, size, size)
         loss, grads = compiled_loss_and_grads(module, images)
+        skip_on_inductor_avx2_nan(loss)
         eager_loss = module(images)
         eager_grads = torch.autograd.grad(eager_loss, list(module.parameters()))
         assert_close(loss, eager_loss, 1e-5, f"loss at {batch}×{size}²")

@@ -20,6 +20,8 @@ import torch
 from kernels import configs
 from kernels import cost
 
+from conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -192,7 +194,7 @@ def test_cost_command_smoke(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run([sys.executable, "-m", "kernels.cost", "--device", "h100", "--op", "head_loss",
                            "--kernel", "head_loss.fwd", "--json", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
     rows = json.loads(out.read_text())

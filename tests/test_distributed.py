@@ -14,6 +14,8 @@ from train.config import TrainConfig
 from train.distributed import DistContext
 from train.loop import session_limit, train
 
+from conftest import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 # Dropout 0: the processes draw their own dropout masks, which one process cannot reproduce. fp32:
 # bf16 autocast (the default on CPUs with native bf16) would round the two reduction orders apart.
@@ -34,7 +36,7 @@ def torchrun(*args, processes=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", "-m", "msf", "train", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -75,7 +77,7 @@ def test_a_batch_the_processes_cannot_split_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "msf", "train", *RUN, "--batch-size", "3", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode != 0
     assert "--batch-size 3 must be a multiple of the 2 processes" in proc.stderr
 

@@ -45,6 +45,8 @@ from tests import test_head_loss as t_hl  # noqa: E402
 from tests import test_lmsa as t_lmsa  # noqa: E402
 from tests.conftest import assert_close, poison_new_buffers  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 _ON_DEMAND = int(os.environ.get("MSF_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
     max_examples=_ON_DEMAND or 8,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -15,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_end_to_end(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "240", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "1", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     (out,) = list(tmp_path.glob("gpu-check-*"))
     info = json.loads((out / "env.json").read_text())
@@ -38,8 +40,8 @@ def test_gpu_check_runs_end_to_end(tmp_path):
 def test_gpu_train_runs_end_to_end(tmp_path, real_data):
     env = {**os.environ, "PYTHON": sys.executable, "MSF_DATA": str(real_data), "MSF_RUNS": str(tmp_path / "runs")}
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "200", str(tmp_path / "results")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "1", str(tmp_path / "results")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     (out,) = list((tmp_path / "results").glob("gpu-train-*"))
     rows = json.loads((out / "train-speed.json").read_text())

@@ -28,6 +28,8 @@ from kernels.upsample_argmax import upsample_argmax  # noqa: E402
 from msf.backend import eager_head_loss, get_ops  # noqa: E402
 from msf.losses import check_targets  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 LOSS_TOL = 1e-5                                 # loss: fp32 arithmetic on the (rounded) logits
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}  # ≈2.5× the output rounding

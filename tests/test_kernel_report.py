@@ -20,6 +20,8 @@ import pytest
 
 from kernels import report
 
+from conftest import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 
@@ -59,7 +61,7 @@ def builds(tmp_path_factory):
         out = root / f"{module}-sm{arch}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "kernels.report", "--module", module, "--arch", str(arch),
-             "--skip-slow", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+             "--skip-slow", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         return job, (proc, out)
 
     jobs = [(m, arch) for m in _aot_modules() for arch in ARCHS]

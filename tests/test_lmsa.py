@@ -31,6 +31,8 @@ lmsa_mod = importlib.import_module("kernels.lmsa")
 from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
 from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
               "fc1_w", "fc1_b", "fc2_w", "fc2_b")

@@ -7,6 +7,8 @@ import pytest
 
 from profiling import ncu_compare, ncu_table
 
+from conftest import HANG_GUARD_S
+
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
           '"Device","CC","dram__bytes.sum","gpu__time_duration.sum","sm__warps_active.avg.pct_of_peak_sustained_active",'
           '"smsp__inst_executed.sum","dram__bytes.sum.per_second","dram__throughput.avg.pct_of_peak_sustained_elapsed"')
@@ -111,7 +113,7 @@ def test_gpu_session_ncu_pass_never_fails_the_session(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(repo / "bench" / "gpu_session.sh"), "60", "ncu", str(tmp_path)], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "ncu skipped:" in done.stdout
     with tarfile.open(tmp_path / "gpu-results.tgz") as packed:
@@ -142,7 +144,7 @@ def test_ncu_script_plumbing_with_a_stand_in_ncu(tmp_path):
            "COST_JSON": str(cost)}
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(repo / "profiling" / "ncu.sh"), str(out)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     args = (tmp_path / "args.txt").read_text().split("\n")
     assert args[args.index("--page") + 1] == "raw" and "--csv" in args

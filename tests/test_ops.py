@@ -21,6 +21,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 from kernels import ops  # noqa: E402
 from msf.reference import LMSAParams  # noqa: E402
 
+pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
+
 
 def _randn(*shape, scale=1.0, grad=True, seed=0):
     g = torch.Generator().manual_seed(seed + sum(shape))

@@ -22,6 +22,8 @@ import triton.language as tl
 from kernels import sanitize
 from kernels.bounds import AccessChecker, Extent
 
+from conftest import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -139,7 +141,7 @@ def _sanitize(*args: str, interpret: bool = False) -> subprocess.CompletedProces
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, "-m", "kernels.sanitize", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_command_reports_planted_accesses_with_exit_status_1():

@@ -20,6 +20,8 @@ from train.cli import main
 from train.config import TrainConfig
 from train.loop import train, warmup_cosine
 
+from conftest import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--synthetic-train-images", "16", "--synthetic-val-images", "4",
         "--train-eval-images", "4", "--batch-size", "4", "--num-workers", "0", "--threads", "1", "--no-progress"]
@@ -63,7 +65,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "msf", "train", *TINY, "--epochs", "4",
                              "--out", str(tmp_path / "killed"), "--run-name", "r"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S
     log = run_dir / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= 1 and (run_dir / "last.pt").exists():

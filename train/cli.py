@@ -76,14 +76,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     input_size = args.input_size or train_cfg.get("image_size") or 512
     compile_seconds = _compile(model, args, args.batch_size, input_size, device)
-    dataset = open_dataset(args.data, args.split, image_size=None)
+    dataset = open_dataset(args.data, args.split, image_size=None, limit=args.limit)
     dataset.check_headers()
     batches = LoaderBatches(dataset, lambda epoch: eval_plan(len(dataset), args.batch_size), device,
                             args.num_workers).epoch()
     started = time.perf_counter()
     # the progress bar goes to stderr, so it shows beside --json's output on stdout
     scores = evaluate(model, batches, device, input_size, args.amp, progress=sys.stderr.isatty(), tta=args.tta)
-    scores.update(checkpoint=str(args.checkpoint), split=args.split, input_size=input_size,
+    scores.update(classes_absent=absent_classes(scores), checkpoint=str(args.checkpoint), split=args.split,
+                  input_size=input_size,
                   scored_at=list(dataset[0][1].shape), seconds=round(time.perf_counter() - started, 2))
     if compile_seconds is not None:
         scores["compile_seconds"] = round(compile_seconds, 2)
@@ -97,19 +98,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
               + (f"   (tta {args.tta}: F-score {with_tta['f_score']:.4f}   mIoU {with_tta['miou']:.4f})" if with_tta else ""))
         for name, f1 in scores["per_class_f1"].items():
             print(f"  {name:>10s}  F1 {f1:.4f}" + (f"   tta {with_tta['per_class_f1'][name]:.4f}" if with_tta else ""))
+        if scores["classes_absent"]:
+            print(f"  not scored: {', '.join(scores['classes_absent'])} (in neither the masks nor the predictions "
+                  f"of these {scores['images']} images: no F1 or IoU, and no part in any average)")
     return 0
 
 
+def absent_classes(scores: dict) -> list[str]:
+    """The classes `scores` has no F1 for: in no mask and no prediction (`FScoreMeter.compute`)."""
+    from msf.data import CLASS_NAMES
+    return [name for name in CLASS_NAMES if name not in scores["per_class_f1"]]
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from train.evaluate import prediction_paths, predict_files
+    from train.evaluate import check_images, prediction_paths, predict_files
     # the device (and whether the backend can run there) first: building a triton model imports the
     # kernels, which read TRITON_INTERPRET once, at import
     device = _device(args.device, args.backend)
     model, train_cfg = load_model(args.checkpoint, args.backend)
     paths = [Path(p) for p in args.images]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: image not found")
+    check_images(paths)  # every input opens as an image, before anything is written
     pairs = prediction_paths(paths, Path(args.out))  # refuses before anything is written
     model.to(device)
     input_size = args.input_size or train_cfg.get("image_size") or 512
@@ -195,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N images of the split (in file-name order)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     add_model_options(p)
     p.set_defaults(run=cmd_eval)

@@ -26,6 +26,7 @@ class TrainConfig:
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
     train_eval_images: int = 64           # un-augmented training images scored each epoch (train F-score)
+    limit: Optional[int] = None           # only the first N images of each split (a quick run on a few images)
     pipeline: str = "auto"                # auto | loader | device: per-sample CPU DataLoader, or the data set
                                           # decoded once to a uint8 cache on the device and augmented there;
                                           # auto: device on CUDA, loader on CPU (same batches either way)
@@ -95,7 +96,7 @@ class TrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
         for name in ("epochs", "batch_size", "stop_after_epochs", "synthetic_train_images", "synthetic_val_images",
-                     "train_eval_images", "threads"):
+                     "train_eval_images", "threads", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{flag(name)} must be at least 1, got {value}")
@@ -131,6 +132,8 @@ FIELD_HELP = {
     "synthetic_train_images": "training images drawn when there is no --data",
     "synthetic_val_images": "validation images drawn when there is no --data",
     "train_eval_images": "training images scored without augmentation each epoch (the train F-score)",
+    "limit": "train and validate on only the first N images of each split (in file-name order; synthetic "
+             "faces too): a quick run on a few images",
     "pipeline": "auto | loader | device: per-sample DataLoader on the CPU, or the data decoded once into a uint8 "
                 "cache kept on the device and augmented there; auto: device on CUDA, and on the CPU for real "
                 "data whose cache fits in a quarter of the available RAM, else loader",

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from msf.data import CLASS_NAMES, PALETTE, DataError, normalize, overlay, read_image, write_mask
+from msf.data import CLASS_NAMES, OVERLAY_PALETTE, DataError, normalize, overlay, read_header, read_image, write_mask
 from msf.metrics import FScoreMeter, count_ids
 from msf.model import MicroSegFormer
 
@@ -166,17 +166,26 @@ def prediction_paths(inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path
 
 
 def with_legend(panel: np.ndarray, class_ids: list[int]) -> np.ndarray:
-    """`panel` (H×W×3 uint8) with a white column on its right naming each class in `class_ids`
-    beside its palette colour (made taller when the list needs more room than H)."""
-    row, swatch, width = 14, 10, 110
-    height = max(panel.shape[0], row * len(class_ids) + 4)
+    """`panel` (H×W×3 uint8) with a white column on its right naming each class of `class_ids` that
+    the overlay paints (background is not painted, so not listed) beside its `OVERLAY_PALETTE`
+    swatch. Text and swatches scale with the panel's height (about 1/32 of it a row, 12 px at
+    least), so the legend stays readable on a 1024² image; the column grows taller when the list
+    needs more room than H."""
+    painted = [c for c in class_ids if c != 0]
+    row = max(12, panel.shape[0] // 32)
+    font = ImageFont.load_default(size=max(10, round(row * 0.8)))
+    pad, swatch = max(2, row // 6), row - 2 * max(2, row // 6)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max((measure.textlength(CLASS_NAMES[c], font=font) for c in painted), default=0)
+    width = int(3 * pad + swatch + text_width + 2 * pad)
+    height = max(panel.shape[0], row * len(painted) + 2 * pad)
     legend = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(legend)
-    for k, class_id in enumerate(class_ids):
-        top = 2 + k * row
-        draw.rectangle([3, top, 3 + swatch, top + swatch], fill=tuple(int(c) for c in PALETTE[class_id]),
-                       outline="black")
-        draw.text((6 + swatch, top - 1), CLASS_NAMES[class_id], fill="black")
+    for k, class_id in enumerate(painted):
+        top = pad + k * row
+        draw.rectangle([pad, top + pad, pad + swatch, top + pad + swatch],
+                       fill=tuple(int(c) for c in OVERLAY_PALETTE[class_id]), outline="black")
+        draw.text((2 * pad + swatch + pad, top + row / 2), CLASS_NAMES[class_id], fill="black", font=font, anchor="lm")
     canvas = np.full((height, panel.shape[1] + width, 3), 255, dtype=np.uint8)
     canvas[:panel.shape[0], :panel.shape[1]] = panel
     canvas[:, panel.shape[1]:] = np.asarray(legend)
@@ -184,17 +193,39 @@ def with_legend(panel: np.ndarray, class_ids: list[int]) -> np.ndarray:
 
 
 @torch.no_grad()
+def check_images(paths: list[Path]) -> None:
+    """Every input exists and opens as an image, from its header alone (no pixels decoded): run
+    before anything is written, so a bad input in the list leaves --out as it was."""
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: image not found (nothing was written)")
+        try:
+            read_header(path, "image")
+        except DataError as exc:
+            raise DataError(f"{exc} (nothing was written)") from None
+
+
 def predict_files(model: MicroSegFormer, paths: list[Path], out_dir: Path, input_size: int,
                   device: torch.device, amp: str = "off", tta: str = "none") -> list[Path]:
     """For each image: `<stem>.png` (palette id mask, the data set's format) and `<stem>_overlay.png`
     (the image, the mask's colours over it, and a legend of the classes found); names as
-    `prediction_paths` gives them; `tta` as in `predict_batch`. Returns the files written."""
+    `prediction_paths` gives them; `tta` as in `predict_batch`. Returns the files written.
+
+    Every input is checked (`check_images`) before the first write; an image whose pixels turn out
+    unreadable later (a truncated file) stops the run with an error that says what was written."""
+    check_images(paths)
     pairs = prediction_paths(paths, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path, (mask_path, overlay_path) in tqdm(list(zip(paths, pairs)), desc="predict", disable=len(paths) < 4,
                                                 leave=False):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            done = len(written) // 2
+            raise DataError(f"{exc}; stopped after {done} of {len(paths)} images"
+                            + (f" (their masks and overlays are in {out_dir})" if done else " (nothing was written)")
+                            ) from None
         x = normalize(torch.from_numpy(image).permute(2, 0, 1).float().div(255))[None].to(device)
         # any image size works: the model sees it resized to input_size², the ids come back at h×w
         ids = predict_batch(model, x, input_size, amp, tta)[0].cpu().numpy().astype(np.uint8)

@@ -76,9 +76,9 @@ def default_workers(device: torch.device) -> int:
 
 def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = DistContext()) -> RunInputs:
     train_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, augment=True, seed=cfg.seed,
-                             synthetic_images=cfg.synthetic_train_images)
+                             synthetic_images=cfg.synthetic_train_images, limit=cfg.limit)
     val_set = open_dataset(cfg.data, cfg.val_split, None if cfg.data else cfg.image_size, seed=cfg.seed,
-                           synthetic_images=cfg.synthetic_val_images)
+                           synthetic_images=cfg.synthetic_val_images, limit=cfg.limit)
     train_set.check_headers()  # before the first step: a bad file is named now, not partway through epoch 1
     val_set.check_headers()
     n_train, n_val = len(train_set), len(val_set)
@@ -93,7 +93,7 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
     if pipeline == "loader":
         workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
         train_eval_set = open_dataset(cfg.data, cfg.train_split, cfg.image_size, seed=cfg.seed,
-                                      synthetic_images=cfg.synthetic_train_images)
+                                      synthetic_images=cfg.synthetic_train_images, limit=cfg.limit)
         batches = {"train": LoaderBatches(train_set, plans["train"], device, workers),
                    "val": LoaderBatches(val_set, plans["val"], device, workers),
                    "train_eval": LoaderBatches(train_eval_set, plans["train_eval"], device, workers)}

@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from msf.backend import require_runnable
+from msf.backend import interpreted, require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
 from train import distributed
@@ -280,8 +280,9 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
         require_runnable(cfg.backend, device)
         run_dir, created = shared_run_dir(cfg, ctx)
         ckpt = None
-    for note in cfg.warnings():
-        log(f"warning: {note}", flush=True)
+    if interpreted(cfg.backend, device):
+        log("note: --backend triton on a CPU runs the kernels through Triton's interpreter, a correctness tool: "
+            "expect minutes a step and img/s near 0 (a GPU runs them compiled: --device cuda)", flush=True)
     checkpointer = BackgroundCheckpointer()
     try:
         return _session(cfg, run_dir, ckpt, ctx, device, started_session, checkpointer)
@@ -295,7 +296,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, ctx: DistContext, device
             discard_failed_start(run_dir, created)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted; last checkpoint {run_dir / 'last.pt'} (continue with --resume {run_dir})"
-                              if kept else "interrupted before the first checkpoint; nothing kept") from None
+                              if kept else "interrupted before the first checkpoint; nothing kept"
+                              + cache_note(cfg)) from None
         raise
 
 
@@ -317,6 +319,8 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
     # --- data ---------------------------------------------------------------------------------
     inputs = build_inputs(cfg, device, ctx)
     steps_per_epoch = inputs.steps_per_epoch
+    for note in cfg.warnings():  # after the data is found: an error in it is the first thing said
+        log(f"warning: {note}", flush=True)
 
     # --- model, optimiser, schedule ---------------------------------------------------------
     model = make_model(cfg, device)
@@ -390,7 +394,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
                 bar.update()
                 if (step + 1) % LOG_EVERY == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                    img_s=f"{seen * ctx.world / (time.perf_counter() - started):.1f}")
+                                    img_s=rate(seen * ctx.world / (time.perf_counter() - started)))
         loss_and_count = ctx.sum_(torch.stack([loss_sum, torch.tensor(float(seen), device=device).double()]))
         train_loss = (loss_and_count[0] / loss_and_count[1].clamp(min=1)).item()  # waits for the last step
         train_seconds = time.perf_counter() - started - (compile_seconds or 0.0)
@@ -410,7 +414,7 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
         if compile_seconds is not None:
             record["compile_seconds"] = round(compile_seconds, 2)
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train F {record['train_f_score']:.4f}  "
-            f"val F {val['f_score']:.4f}  mIoU {val['miou']:.4f}  {record['images_per_s']:.1f} img/s"
+            f"val F {val['f_score']:.4f}  mIoU {val['miou']:.4f}  {rate(record['images_per_s'])} img/s"
             + ("  *best*" if improved else ""), flush=True)
 
         rng_by_rank = ctx.gather(rng_states())
@@ -437,6 +441,24 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: dict | None, ctx: DistContex
                       inputs.pipeline, ctx.world)
     ctx.barrier()  # no process leaves before rank 0 has written the run
     return run_dir
+
+
+def rate(images_per_s: float) -> str:
+    """Images a second with three significant digits below 100 (the interpreter's 0.0123 is not 0.0)."""
+    return f"{images_per_s:.1f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
+def cache_note(cfg: TrainConfig) -> str:
+    """Where the decoded data cache of a run that kept nothing is, and its size ("" when none):
+    it is kept for the next run on the same data, which then skips the decoding."""
+    from train.inputs import default_cache_dir
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg)
+    files = [f for f in cache.glob("*") if f.is_file()] if cache.is_dir() else []
+    if not files:
+        return ""
+    size = sum(f.stat().st_size for f in files)
+    return (f" (the decoded data cache, {size / 1e6:.0f} MB in {cache}, is kept for the next run on this data; "
+            f"delete the folder to free the space)")
 
 
 def session_limit(cfg: TrainConfig, epochs_this_session: int, elapsed: float, last_epoch_seconds: float,
