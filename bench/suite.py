@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"Each time is the {STATISTIC} of the timed calls (p50, linear interpolation; the same figure the "
              "console prints); a `speedup_vs_*` row is the baseline's median ÷ this provider's median, both shown "
              "in this table."]
-    if any(case.fallbacks for case in cases):
+    if any("fallback" in r for r in rows):
         notes.append("A provider marked `(eager fallback)` ran the eager code for that case (the reason is in the "
                      "JSON row's `fallback`); its time is not the kernels'.")
     if device.type != "cuda":
