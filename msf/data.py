@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 CLASS_NAMES = (
     "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
@@ -141,6 +141,33 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask, OVERLAY_PALETTE).astype(np.float32)
     out = np.where(mask[..., None] > 0, blended, image.astype(np.float32))
     return out.clip(0, 255).astype(np.uint8)
+
+
+def with_legend(panel: np.ndarray, class_ids: list[int]) -> np.ndarray:
+    """`panel` (H×W×3 uint8) with a white column on its right naming each class of `class_ids` that
+    the overlay paints (background is not painted, so not listed) beside its `OVERLAY_PALETTE`
+    swatch. Text and swatches scale with the panel's height (about 1/32 of it a row, 12 px at
+    least), so the legend stays readable on a 1024² image; the column grows taller when the list
+    needs more room than H."""
+    painted = [c for c in class_ids if c != 0]
+    row = max(12, panel.shape[0] // 32)
+    font = ImageFont.load_default(size=max(10, round(row * 0.8)))
+    pad, swatch = max(2, row // 6), row - 2 * max(2, row // 6)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max((measure.textlength(CLASS_NAMES[c], font=font) for c in painted), default=0)
+    width = int(3 * pad + swatch + text_width + 2 * pad)
+    height = max(panel.shape[0], row * len(painted) + 2 * pad)
+    legend = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(legend)
+    for k, class_id in enumerate(painted):
+        top = pad + k * row
+        draw.rectangle([pad, top + pad, pad + swatch, top + pad + swatch],
+                       fill=tuple(int(c) for c in OVERLAY_PALETTE[class_id]), outline="black")
+        draw.text((2 * pad + swatch + pad, top + row / 2), CLASS_NAMES[class_id], fill="black", font=font, anchor="lm")
+    canvas = np.full((height, panel.shape[1] + width, 3), 255, dtype=np.uint8)
+    canvas[:panel.shape[0], :panel.shape[1]] = panel
+    canvas[:, panel.shape[1]:] = np.asarray(legend)
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,13 @@ HANG_GUARD_S = 3600
 REAL_DATA = Path(os.environ.get("MSF_DATA", REPO.parent / "shared" / "data" / "celebamask-hq-mini"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_onnx_cache(tmp_path_factory):
+    """ONNX exports (msf.export.cached_onnx) go to a folder of the test session's, not ~/.cache."""
+    os.environ["MSF_CACHE"] = str(tmp_path_factory.mktemp("msf-cache"))
+    yield
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not (REAL_DATA / "val" / "images").is_dir():

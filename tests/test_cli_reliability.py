@@ -134,7 +134,7 @@ def test_predict_refuses_to_overwrite_an_input_and_renames_same_names(trained_ru
     assert main(["predict", "--checkpoint", ckpt, str(tmp_path / "a" / "face.jpg"), str(tmp_path / "b" / "face.jpg"),
                  "--out", str(out2)]) == 0
     said = capsys.readouterr().out
-    assert "wrote 4 files" in said and "face-2.png" in said
+    assert "wrote the masks and overlays of 2 images" in said and "face-2.png" in said
     assert sorted(p.name for p in out2.iterdir()) == ["face-2.png", "face-2_overlay.png", "face.png",
                                                       "face_overlay.png"]
     one_line_error(capsys, ["predict", "--checkpoint", ckpt, str(tmp_path / "a" / "face.jpg"),

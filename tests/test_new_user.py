@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msf.data import CLASS_NAMES, OVERLAY_PALETTE, PALETTE, SyntheticFaces, open_dataset, overlay, write_mask
+from msf.data import (CLASS_NAMES, OVERLAY_PALETTE, PALETTE, SyntheticFaces, open_dataset, overlay, with_legend,
+                      write_mask)
 from train import loop
 from train.cli import main
 from train.config import TrainConfig
-from train.evaluate import with_legend
 from train.loop import Interrupted, rate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,14 +110,17 @@ def test_predict_checks_every_input_before_writing_anything(trained_run, tmp_pat
         assert not out.exists()
 
 
-def test_a_truncated_image_says_what_was_written(trained_run, tmp_path, capsys):
-    good, truncated = tmp_path / "a.jpg", tmp_path / "b.jpg"
+def test_a_truncated_image_is_named_and_the_others_are_written(trained_run, tmp_path, capsys):
+    good, truncated, last = tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"
     Image.fromarray(SyntheticFaces(1, 64, seed=1).load_pair(0)[0]).save(good)
     truncated.write_bytes(good.read_bytes()[:-200])  # the header reads, the pixels do not
+    Image.fromarray(SyntheticFaces(1, 48, seed=2).load_pair(0)[0]).save(last)
     out = tmp_path / "out"
-    one_line_error(capsys, ["predict", "--checkpoint", str(trained_run / "best.pt"), str(good), str(truncated),
-                            "--out", str(out)], str(truncated), "stopped after 1 of 2 images", str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png"]
+    captured = one_line_error(capsys, ["predict", "--checkpoint", str(trained_run / "best.pt"), str(good),
+                                       str(truncated), str(last), "--out", str(out)],
+                              str(truncated), "1 of 3 images could not be read", f"2 written to {out}")
+    assert f"1 failed: {truncated} (unreadable image" in captured.out  # the summary line names it too
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "c.png", "c_overlay.png"]
 
 
 # --- 12: an overlay palette a person can tell apart; mask files keep the data set's ---------------

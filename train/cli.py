@@ -2,8 +2,8 @@
 
     msf train [--data DIR] [options]          train (synthetic faces when no --data); --resume RUN_DIR
     msf eval --data DIR --checkpoint CKPT     score a checkpoint at the data's native resolution
-    msf predict --checkpoint CKPT IMAGE... --out DIR
-    msf export RUN_DIR/best.pt OUT.safetensors  fp16 release with its configs
+    msf predict --checkpoint CKPT IMAGE_OR_DIR... --out DIR [--recursive] [--engine onnxruntime]
+    msf export RUN_DIR/best.pt OUT.safetensors  fp16 release with its configs (--onnx OUT.onnx: an ONNX model)
     msf bench [--preset paper|smoke] ...       speed and memory, eager vs torch.compile vs triton
     msf demo                                   one forward/backward on random data
 
@@ -111,39 +111,71 @@ def absent_classes(scores: dict) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from train.evaluate import check_images, prediction_paths, predict_files
+    from msf.parser import FaceParser
+    from train.predict import check_images, find_images, plan_outputs, predict_to_folder
+    if args.amp == "fp16":
+        raise ValueError("--amp fp16 is not offered for predict; use bf16 or off")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    engine = "torch" if args.compile and args.engine == "auto" else args.engine
+    if args.compile and engine != "torch":
+        raise ValueError("--compile applies to the torch engine (give --engine torch)")
+    if args.backend == "triton" and engine == "onnxruntime":
+        raise ValueError("--backend triton runs in the torch engine (give --engine torch or auto)")
+    if args.backend == "triton":
+        engine = "torch"
     # the device (and whether the backend can run there) first: building a triton model imports the
     # kernels, which read TRITON_INTERPRET once, at import
-    device = _device(args.device, args.backend)
-    model, train_cfg = load_model(args.checkpoint, args.backend)
-    paths = [Path(p) for p in args.images]
-    check_images(paths)  # every input opens as an image, before anything is written
-    pairs = prediction_paths(paths, Path(args.out))  # refuses before anything is written
-    model.to(device)
-    input_size = args.input_size or train_cfg.get("image_size") or 512
-    _compile(model, args, 1, input_size, device)
-    started = time.perf_counter()
-    written = predict_files(model, paths, Path(args.out), input_size, device, args.amp, args.tta)
+    device = _device(args.device, args.backend) if engine != "onnxruntime" else torch.device("cpu")
+    parser = FaceParser.from_pretrained(args.checkpoint, engine=engine, device=str(device), backend=args.backend,
+                                        dtype="bfloat16" if args.amp == "bf16" else "float32", tta=args.tta,
+                                        batch_size=args.batch_size, input_size=args.input_size)
+    found = find_images([Path(p) for p in args.images], args.recursive)
+    check_images([image for image, _ in found])  # every input opens as an image, before anything is written
+    jobs = plan_outputs(found, Path(args.out))   # refuses before anything is written
     if args.compile:
-        print(f"predicted in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    renamed = [f"{p} -> {mask.name}" for p, (mask, _) in zip(paths, pairs) if mask.stem != p.stem]
-    print(f"wrote {len(written)} files to {args.out}"
-          + (f" (same names renamed: {'; '.join(renamed)})" if renamed else ""))
+        _compile(parser.model, args, 1, parser.input_size, device)
+    outcome = predict_to_folder(parser, jobs, args.overwrite, progress=sys.stderr.isatty())
+    renamed = [f"{job.image} -> {job.mask.name}" for job in outcome.written
+               if job.mask.stem != job.image.stem]
+    print(outcome.summary(Path(args.out)) + (f" (same names renamed: {'; '.join(renamed)})" if renamed else "")
+          + f" [{parser}]")
+    if outcome.failed:
+        job, why = outcome.failed[0]
+        raise DataError(f"{len(outcome.failed)} of {len(jobs)} images could not be read, the first {job.image} ({why}); "
+                        f"{len(outcome.written)} written to {args.out}, {len(outcome.skipped)} skipped")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.checkpoint import build_model, read_checkpoint
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"{out}: is a folder; give the release's file name, e.g. {out / 'model.safetensors'}")
-    if out.exists() and Path(args.checkpoint).exists() and out.samefile(args.checkpoint):
-        raise ValueError(f"{out}: is the checkpoint being exported; give the release another name "
-                         "(nothing was written)")
-    ckpt = read_checkpoint(args.checkpoint)  # read once: weights, configs and the epoch's metrics
-    model = build_model(ckpt["model"], ckpt["model_config"], Path(args.checkpoint))
-    write_release(model, ckpt.get("config", {}), out, extra={"metrics": ckpt.get("metrics", {})})
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    from msf.export import OPSET, export_onnx, file_digest
+    from msf.parser import REFERENCE_MODEL
+    from train.checkpoint import build_model, read_checkpoint, read_release
+    if args.out is None and args.onnx is None:
+        raise ValueError("give the release's file name (OUT.safetensors), --onnx OUT.onnx, or both")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else REFERENCE_MODEL
+    for out in filter(None, (args.out, args.onnx)):
+        out = Path(out)
+        if out.is_dir():
+            raise ValueError(f"{out}: is a folder; give the file's name, e.g. {out / ('model' + out.suffix)}")
+        if out.exists() and checkpoint.exists() and out.samefile(checkpoint):
+            raise ValueError(f"{out}: is the checkpoint being exported; give the export another name "
+                             "(nothing was written)")
+    if checkpoint.suffix == ".safetensors":
+        state, meta = read_release(checkpoint)
+        ckpt = {"model": state, "model_config": meta["model_config"], "config": meta.get("train_config", {}),
+                "metrics": meta.get("metrics", {})}
+    else:
+        ckpt = read_checkpoint(checkpoint)  # read once: weights, configs and the epoch's metrics
+    model = build_model(ckpt["model"], ckpt["model_config"], checkpoint)
+    if args.out:
+        write_release(model, ckpt.get("config", {}), Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
+        print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    if args.onnx:
+        size = args.input_size or ckpt.get("config", {}).get("image_size") or 512
+        export_onnx(model.eval(), size, Path(args.onnx), file_digest(checkpoint))
+        print(f"wrote {args.onnx} ({Path(args.onnx).stat().st_size / 1e6:.2f} MB, ONNX opset {OPSET}: any batch and "
+              f"image size in, logits at that size out, the model at {size}²)")
     return 0
 
 
@@ -185,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. --epochs 300 --allow-changes epochs to train a finished run longer")
     p.set_defaults(run=cmd_train)
 
-    def add_model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", required=True, help=".pt checkpoint or .safetensors release")
+    def add_model_options(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+        if checkpoint_required:
+            p.add_argument("--checkpoint", required=True, help=".pt checkpoint or .safetensors release")
+        else:
+            p.add_argument("--checkpoint", default=None, help=".pt checkpoint, .safetensors release or .onnx export "
+                           "(default: the committed reference model, models/reference.safetensors)")
         p.add_argument("--backend", default="eager", choices=["eager", "triton"])
         p.add_argument("--device", default="auto")
         p.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"])
@@ -209,15 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("predict", help="write id masks and colour overlays for images")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("predict", help="write id masks and colour overlays for images and folders of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders whose images are predicted (their tree mirrored under --out)")
     p.add_argument("--out", required=True)
-    add_model_options(p)
+    p.add_argument("--recursive", action="store_true", help="look in the folders' subfolders too")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="auto: onnxruntime on a CPU when installed (the fastest there), else torch; onnxruntime "
+                        "exports the checkpoint to ONNX on first use (cached), or takes an .onnx --checkpoint")
+    p.add_argument("--batch-size", type=int, default=8, help="images of one size parsed together")
+    add_model_options(p, checkpoint_required=False)
     p.set_defaults(run=cmd_predict)
 
-    p = sub.add_parser("export", help="write a checkpoint's weights as an fp16 safetensors release")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="write a checkpoint as an fp16 safetensors release and/or an ONNX model")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help=".pt checkpoint or .safetensors release (default: models/reference.safetensors)")
+    p.add_argument("out", nargs="?", default=None, help="the fp16 .safetensors release to write")
+    p.add_argument("--onnx", metavar="OUT.onnx", default=None,
+                   help="also (or only) write the model as ONNX: normalised images of any batch and size in, logits "
+                        "at that size out (resize, model with its classifier at H/4, upsample: msf.export)")
+    p.add_argument("--input-size", type=int, default=None, help="the size the ONNX model resizes images to "
+                   "(default: the training size)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("bench", help="eager vs torch.compile vs triton, per op and per step (msf bench --help)",
