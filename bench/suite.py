@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.plots import plot_bench
 from bench.harness import STATISTIC, copy_bandwidth_gbs, environment, measure_ms, median, row, write_results
 from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
 from msf.losses import ce_dice_loss
@@ -462,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         notes += [CPU_NOTE, *[f"{op}: {line}" for op, line in predicted_lines.items()], predicted_source]
     name = args.name or f"bench-{preset_name}-{device.type}"
     json_path, md_path = write_results(rows, Path(args.out), name, notes)
-    _say(f"wrote {json_path} and {md_path}")
+    png_path = md_path.with_suffix(".png")
+    plot_bench(rows, png_path, f"msf bench {preset_name}: {env['device']}, {env['date']}")
+    _say(f"wrote {json_path}, {md_path} and {png_path}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """GPU cost model computed on the CPU: the predicted time of every fused-op kernel from its compiled code.
 
-    python -m kernels.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH]
+    python -m kernels.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
     python -m kernels.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
     python -m kernels.cost --trace-model (check the capture's layouts against the model's own launches)
 
@@ -1030,6 +1030,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")
     parser.add_argument("--md", type=Path, help="write the tables as a markdown report here")
+    parser.add_argument("--png", type=Path, help="write the chart of every kernel's predicted time against its "
+                        "floors here (default with --md: beside it, .png)")
     parser.add_argument("--pin", action="store_true", help="re-pick sm_90 / sm_80 entries of kernels/configs.json")
     parser.add_argument("--trace-model", action="store_true",
                         help="check the captured layouts / dtypes against a small model run under the interpreter")
@@ -1076,6 +1078,12 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         rows = long_rows(costs, ops, steps)
         args.json.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
+    png = args.png or (args.md.with_suffix(".png") if args.md else None)
+    if png:
+        from bench.plots import plot_cost
+        plot_cost(long_rows(costs, ops, steps), png, f"cost model {MODEL_VERSION}: predicted time of every kernel and "
+                  f"its floors, B={BATCH}, {SIZE}², bf16 autocast ({_dt.date.today().isoformat()})")
+        print(f"wrote {png}")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(f"# Cost model {MODEL_VERSION}, {_dt.date.today().isoformat()} ({_versions()})\n\n"

@@ -93,7 +93,8 @@ class FaceParser:
 
     def __init__(self, model: MicroSegFormer | None, input_size: int, *, engine: str = "torch",
                  device: str | torch.device = "cpu", dtype: str = "float32", tta: str = "none",
-                 batch_size: int = 8, onnx_path: str | Path | None = None, threads: int | None = None):
+                 batch_size: int = 8, onnx_path: str | Path | None = None, threads: int | None = None,
+                 channels_last: bool = False, compile: bool = False):
         if engine not in ("torch", "onnxruntime"):
             raise ValueError(f"engine must be torch or onnxruntime here (FaceParser.from_pretrained resolves auto), "
                              f"got {engine!r}")
@@ -107,6 +108,10 @@ class FaceParser:
         self.input_size = input_size
         self.model = model
         self.session = None
+        self.channels_last = channels_last
+        self.compile_seconds: float | None = None
+        if (channels_last or compile) and engine != "torch":
+            raise ValueError("channels_last and compile apply to the torch engine")
         if engine == "onnxruntime":
             if onnx_path is None:
                 raise ValueError("engine='onnxruntime' needs onnx_path (FaceParser.from_pretrained exports one)")
@@ -117,13 +122,20 @@ class FaceParser:
             if model is None:
                 raise ValueError("engine='torch' needs a model")
             self.model = model.eval().to(self.device)
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
             self.class_names = CLASS_NAMES[:model.config.num_classes]
+            if compile:  # one graph with dynamic shapes, compiled now (its time apart from any parse)
+                from train.evaluate import compile_for_inference
+                self.compile_seconds = compile_for_inference(self.model, batch_size, input_size, self.device,
+                                                             "bf16" if dtype == "bfloat16" else "off")
 
     # --- building ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, engine: str = "auto", device: str = "auto",
                         backend: str = "auto", dtype: str = "auto", tta: str = "none", batch_size: int = 8,
-                        input_size: int | None = None, threads: int | None = None) -> "FaceParser":
+                        input_size: int | None = None, threads: int | None = None, channels_last: bool = False,
+                        compile: bool = False) -> "FaceParser":
         """A parser of the model at `path`: a `.safetensors` release or `.pt` checkpoint (`msf
         export`, `msf train`), or an `.onnx` export (`msf export --onnx`, engine onnxruntime).
         Default: the committed reference model (models/reference.safetensors).
@@ -133,6 +145,9 @@ class FaceParser:
         backend: the torch engine's kernels, "auto" (triton on CUDA when installed, else eager) |
         "eager" | "triton". dtype: "auto" (bfloat16 autocast on CUDA, float32 on a CPU) |
         "float32" | "bfloat16". input_size: the size the model sees (default: its training size).
+        threads: onnxruntime's intra-op threads (default: its own choice). channels_last, compile:
+        the torch engine's model in channels-last memory format, under torch.compile (compiled
+        when the parser is built; `compile_seconds` says how long it took).
         """
         from train.checkpoint import load_model  # checkpoint reading lives with training
         path = Path(path) if path is not None else REFERENCE_MODEL
@@ -148,9 +163,9 @@ class FaceParser:
             if device.type != "cpu":
                 raise ValueError("engine='onnxruntime' runs on the CPU here; give device='cpu'")
             return cls(None, 0, engine="onnxruntime", tta=tta, batch_size=batch_size, onnx_path=path, threads=threads)
-        if engine == "auto":  # the triton backend asked for by name runs in torch
-            engine = ("onnxruntime" if device.type == "cpu" and backend != "triton" and _onnxruntime_available()
-                      else "torch")
+        if engine == "auto":  # the triton backend, channels-last or compile asked for by name run in torch
+            engine = ("onnxruntime" if device.type == "cpu" and backend != "triton" and not (channels_last or compile)
+                      and _onnxruntime_available() else "torch")
         if engine == "onnxruntime" and device.type != "cpu":
             raise ValueError("engine='onnxruntime' runs on the CPU here; give device='cpu'")
         if backend == "auto":
@@ -164,7 +179,8 @@ class FaceParser:
         if engine == "onnxruntime":
             return cls(None, size, engine="onnxruntime", tta=tta, batch_size=batch_size,
                        onnx_path=cached_onnx(model, size, path), threads=threads)
-        return cls(model, size, engine="torch", device=device, dtype=dtype, tta=tta, batch_size=batch_size)
+        return cls(model, size, engine="torch", device=device, dtype=dtype, tta=tta, batch_size=batch_size,
+                   channels_last=channels_last, compile=compile)
 
     def __repr__(self) -> str:
         where = (f"onnxruntime, {self.session.path.name}" if self.engine == "onnxruntime" else
@@ -209,6 +225,8 @@ class FaceParser:
                 logits = 0.5 * (logits + mirrored[:, FLIP_ID_MAP])
             return logits.argmax(1).byte().numpy()
         x = resize_to_model(images.to(self.device), self.input_size)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
         with autocast:
             ids = self.model.predict_variants(x, tuple(images.shape[-2:]), (tta,))[tta]

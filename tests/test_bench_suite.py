@@ -147,6 +147,7 @@ def test_a_cpu_run_says_what_it_measures_and_shows_the_predicted_gpu_ratio(tmp_p
     assert predicted and all("(cost model" in r["device"] and "predicted" in r["device"] for r in predicted)
     md = (tmp_path / "b.md").read_text()
     assert suite.CPU_NOTE in md and "predicted_speedup_vs_eager_floor" in md
+    assert (tmp_path / "b.png").stat().st_size > 10_000  # the chart beside the table
 
 
 def test_results_go_to_an_ignored_folder_by_default():
@@ -154,3 +155,13 @@ def test_results_go_to_an_ignored_folder_by_default():
         pytest.skip("not a git checkout")
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{suite.DEFAULT_OUT}/bench-smoke-cpu.json"], cwd=REPO)
     assert ignored.returncode == 0, f"{suite.DEFAULT_OUT} is not git-ignored"
+
+
+def test_the_cost_chart_draws_every_kernel_of_the_committed_table(tmp_path):
+    from bench.plots import plot_cost
+    rows = json.loads(CURRENT_COST_TABLE.read_text())
+    plot_cost(rows, tmp_path / "cost.png", "test")
+    from PIL import Image
+    width, height = Image.open(tmp_path / "cost.png").size
+    launches = sum(1 for r in rows if r["metric"] == "grid" and r["device"] == "h100")
+    assert launches > 30 and height >= 20 * launches  # a row a kernel
