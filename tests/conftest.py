@@ -35,6 +35,34 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+def one_line_error(capsys, argv: list[str], *patterns: str, code: int = 2):
+    """Run `msf ARGV`: it exits with `code` and says one line on stderr holding every pattern.
+    Returns what it printed (`.out`, `.err`)."""
+    from train.cli import main
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    for pattern in patterns:
+        assert pattern in err, err
+    return captured
+
+
+def make_mini(root: Path, n: int = 4, size: int = 32) -> Path:
+    """A data folder in the mini layout (train and val: `n` synthetic faces each, size²)."""
+    from PIL import Image
+    from msf.data import SyntheticFaces, write_mask
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        faces = SyntheticFaces(n, size, seed=3)
+        for i in range(n):
+            image, mask = faces.load_pair(i)
+            Image.fromarray(image).save(root / split / "images" / f"f{i}.jpg")
+            write_mask(root / split / "masks" / f"f{i}.png", mask)
+    return root
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str = "tensor") -> None:
     """Relative-norm comparison ‖a−e‖/‖e‖ ≤ rel, with a report of where the worst element is."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -23,21 +23,12 @@ from train.config import FIELD_HELP, TrainConfig
 from train import evaluate
 from train.loop import cpu_schedule_warning, train
 
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, make_mini, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--synthetic-train-images", "16", "--synthetic-val-images", "4",
         "--train-eval-images", "4", "--batch-size", "4", "--num-workers", "0", "--threads", "1", "--no-progress"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def one_line_error(capsys, argv, *patterns, code=2):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for pattern in patterns:
-        assert pattern in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +37,6 @@ def trained_run(tmp_path_factory):
     return train(TrainConfig(image_size=32, synthetic_train_images=8, synthetic_val_images=4, train_eval_images=4,
                              batch_size=4, num_workers=0, threads=1, progress=False, out=str(root), run_name="r",
                              epochs=1))
-
-
-def make_mini(root: Path, n=4, size=32):
-    for split in ("train", "val"):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        faces = SyntheticFaces(n, size, seed=3)
-        for i in range(n):
-            image, mask = faces.load_pair(i)
-            Image.fromarray(image).save(root / split / "images" / f"f{i}.jpg")
-            write_mask(root / split / "masks" / f"f{i}.png", mask)
-    return root
 
 
 MINI_RUN = ["--image-size", "32", "--batch-size", "2", "--epochs", "1", "--train-eval-images", "2", "--threads", "1",
@@ -73,7 +52,7 @@ def test_a_mask_id_outside_the_classes_is_named_from_a_loader_worker(tmp_path, c
     mask[0, 0] = 25
     write_mask(bad, mask)
     err = one_line_error(capsys, ["train", "--data", str(data), *MINI_RUN, "--num-workers", "1",
-                                  "--out", str(tmp_path / "runs")], str(bad), "class id 25")
+                                  "--out", str(tmp_path / "runs")], str(bad), "class id 25").err
     assert "worker" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # 6: nothing left
 

@@ -228,7 +228,7 @@ def test_eval_compile_reports_the_compile_apart(tmp_path, capsys, aot_eager_comp
     dynamic shapes before the timed scoring; a last batch of another size does not recompile."""
     import json
 
-    from test_cli_reliability import make_mini
+    from conftest import make_mini
     from train.cli import main
     from train.config import TrainConfig
     from train.loop import train

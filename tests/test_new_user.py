@@ -17,6 +17,7 @@ from PIL import Image
 from msf.data import (CLASS_NAMES, OVERLAY_PALETTE, PALETTE, SyntheticFaces, open_dataset, overlay, with_legend,
                       write_mask)
 from train import loop
+from conftest import make_mini, one_line_error
 from train.cli import main
 from train.config import TrainConfig
 from train.loop import Interrupted, rate, train
@@ -26,31 +27,9 @@ TINY = dict(image_size=32, synthetic_train_images=8, synthetic_val_images=4, tra
             num_workers=0, threads=1, progress=False)
 
 
-def one_line_error(capsys, argv, *patterns):
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1, err
-    for pattern in patterns:
-        assert pattern in err, err
-    return captured
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     return train(TrainConfig(**TINY, out=str(tmp_path_factory.mktemp("trained")), run_name="r", epochs=1))
-
-
-def make_mini(root: Path, n=5, size=32) -> Path:
-    for split in ("train", "val"):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        faces = SyntheticFaces(n, size, seed=3)
-        for i in range(n):
-            image, mask = faces.load_pair(i)
-            Image.fromarray(image).save(root / split / "images" / f"f{i}.jpg")
-            write_mask(root / split / "masks" / f"f{i}.png", mask)
-    return root
 
 
 # --- 8: the test command ------------------------------------------------------------------------
@@ -82,7 +61,7 @@ def test_the_rate_keeps_three_digits_when_it_is_small():
 # --- 10: a subset for train and eval --------------------------------------------------------------
 
 def test_train_and_eval_on_the_first_few_images(trained_run, tmp_path, capsys):
-    data = make_mini(tmp_path / "data")
+    data = make_mini(tmp_path / "data", n=5)
     assert [p.name for p in open_dataset(data, "val", None, limit=2).images] == ["f0.jpg", "f1.jpg"]
     assert len(open_dataset(None, "train", 32, synthetic_images=8, limit=3)) == 3
     assert main(["train", "--data", str(data), "--limit", "3", "--image-size", "32", "--batch-size", "2",
