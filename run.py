@@ -4,6 +4,7 @@
     python3 run.py train [--data DIR] [options]   # the main job (see `python3 run.py train --help`)
     python3 run.py test [pytest args]             # the test suite (kernels under TRITON_INTERPRET=1 without a GPU)
     python3 run.py msf <subcommand> ...           # any `msf` subcommand (eval, predict, bench, ...)
+    python3 run.py extra sanitize                 # add an optional extra to .venv (see EXTRAS)
 
 On first use (and whenever requirements.txt or pyproject.toml change) it creates `.venv/` beside
 this file and installs the pinned dependencies plus the project itself in editable mode. It only
@@ -29,11 +30,33 @@ STAMP = VENV / ".requirements.sha256"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+# Optional extras, not in the default environment: name -> (requirements file, file of packages
+# installed without their declared dependencies).
+EXTRAS = {"sanitize": ("requirements-sanitize.txt", "requirements-sanitize-nodeps.txt")}
+
+
 def _requirements_digest() -> str:
     digest = hashlib.sha256()
-    for name in ("requirements.txt", "requirements-nodeps.txt", "pyproject.toml"):
+    for name in ("requirements.txt", "pyproject.toml"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
+
+
+def _pip() -> list[str]:
+    return [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+
+
+def install_extra(name: str) -> int:
+    """Install the optional extra `name` into .venv (made first if needed)."""
+    if name not in EXTRAS:
+        print(f"run.py extra: unknown extra {name!r}; choose from {', '.join(EXTRAS)}", file=sys.stderr)
+        return 2
+    ensure_venv()
+    requirements, no_deps = EXTRAS[name]
+    subprocess.run(_pip() + ["-r", str(ROOT / requirements)], check=True)
+    subprocess.run(_pip() + ["--no-deps", "-r", str(ROOT / no_deps)], check=True)
+    print(f"[run.py] extra {name!r} installed in {VENV}")
+    return 0
 
 
 def ensure_venv() -> None:
@@ -45,10 +68,8 @@ def ensure_venv() -> None:
         print(f"[run.py] creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     print("[run.py] installing pinned dependencies (first run takes a minute or two)", flush=True)
-    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    pip = _pip()
     subprocess.run(pip + ["-r", str(ROOT / "requirements.txt")], check=True)
-    # packages whose declared dependencies are far heavier than what the project imports from them
-    subprocess.run(pip + ["--no-deps", "-r", str(ROOT / "requirements-nodeps.txt")], check=True)
     subprocess.run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
     STAMP.write_text(wanted + "\n")
 
@@ -66,6 +87,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "extra":
+        return install_extra(rest[0] if rest else "")
     ensure_venv()
     if command == "test":
         # tests/conftest.py turns on TRITON_INTERPRET=1 when there is no GPU; the suite runs from the checkout

@@ -408,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.engine == "symbolic":
+        try:
+            import triton_viz  # noqa: F401
+        except ImportError:
+            parser.error("--engine symbolic needs the optional sanitize extra (triton-viz and what it imports): "
+                         "python3 run.py extra sanitize")
         install()
         _share_loop_patcher()
         findings = _SymbolicFindings()

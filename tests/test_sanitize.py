@@ -155,7 +155,7 @@ def test_symbolic_engine_reports_a_planted_access():
     """triton-viz, where it can run: the planted load one past the end. (Its 3.0 release fails on
     most of the real kernels, now including upsample_argmax's row kernels: see kernels.sanitize;
     the concrete engine above covers every case.)"""
-    pytest.importorskip("triton_viz")
+    pytest.importorskip("triton_viz", reason="the optional sanitize extra: python3 run.py extra sanitize")
     run = _sanitize("--engine", "symbolic", "--op", "toy_oob")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "Load out of bounds at kernels/sanitize.py" in run.stdout, run.stdout
@@ -163,6 +163,6 @@ def test_symbolic_engine_reports_a_planted_access():
 
 
 def test_symbolic_engine_refuses_the_interpreter_variable():
-    pytest.importorskip("triton_viz")
+    pytest.importorskip("triton_viz", reason="the optional sanitize extra: python3 run.py extra sanitize")
     run = _sanitize("--engine", "symbolic", "--op", "toy_oob", interpret=True)
     assert run.returncode != 0 and "unset TRITON_INTERPRET" in run.stderr, run.stdout + run.stderr
