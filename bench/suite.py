@@ -387,7 +387,7 @@ def prediction_rows(cases: list[Case], env: dict) -> tuple[list[dict], dict[str,
                  row(case.op, "triton", pass_, "predicted_speedup_vs_eager_floor", "x", size, pred.speedup,
                      predicted_env, **fields)]
         lines[case.op] = pred.line()
-    return rows, lines, (f"Predictions from {_repo_path(CURRENT_COST_TABLE)} (`python -m kernels.cost --json` "
+    return rows, lines, (f"Predictions from {_repo_path(CURRENT_COST_TABLE)} (`python -m profiling.cost --json` "
                          "rebuilds it from the compiled kernels).")
 
 

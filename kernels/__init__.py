@@ -1,7 +1,7 @@
 """Hand-written Triton kernels (forward and backward) for MicroSegFormer's hot paths.
 
 One fused op per module: its Triton kernels, its `torch.autograd.Function`, its eager reference and
-its `AOT_SPECS` for `python -m kernels.report`. `TRITON_OPS` maps the op names of
+its `AOT_SPECS` for `python -m profiling.report`. `TRITON_OPS` maps the op names of
 `msf.backend.Ops` to each module's public entry (its autograd Function). `msf.backend` takes the
 triton backend's table from `kernels.ops.REGISTRY`, which pairs each of these entries (run
 eagerly) with the same op as a `torch.library` operator (run under torch.compile); ops missing

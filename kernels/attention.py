@@ -28,7 +28,7 @@ d = 192 runs as a 256-wide block whose last 64 columns load as zeros. Chosen ove
 128 + 64 pieces to keep one code path; the cost is 25 % extra dot FLOPs and on-chip footprint at
 stage 4 only (N = 256 there: the smallest stage), no extra memory traffic (masked lanes are not
 fetched). The configurations allowed per (kernel, dtype class, d block) are listed in `_ALLOWED`,
-each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m kernels.report`).
+each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m profiling.report`).
 
 Backward (flash-attention style, math in the comment block above `_attn_dq_sweep`): no
 atomics, deterministic.
@@ -71,7 +71,7 @@ The fused backward is above it by a second read of q and dO (the dK/dV kernel; 6
 the D vector and the fp32 partials; a single-pass backward (dQ and dK/dV from one sweep) would need
 dK, dV of all M keys on chip, which fits only at d = 32.
 
-Instructions beside the bytes (`python -m kernels.cost --op attention_sublayer`, sm_90 SASS at the
+Instructions beside the bytes (`python -m profiling.cost --op attention_sublayer`, sm_90 SASS at the
 model's bf16 launches as the sublayer makes them; H100, predictions, not measurements). The dK/dV
 kernel is issue-bound: its loop body is 245 / 257 / 238 / 345 warp-instructions per BLOCK_N-row
 step at stages 1-4 (d blocks 32 / 64 / 128 / 256), 128 / 32 / 32 / 16 steps a program, so
@@ -113,7 +113,7 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # configurations
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) allowed per kernel, dot mode and d block: each entry
-# was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m kernels.report`) with no
+# was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m profiling.report`) with no
 # register spills (no local memory, no stack frame) and ≤ 163 KB of shared memory (sm_80's limit),
 # both with the launch specialisation of the model's shapes (`AttentionAotSpec.attrs`) and without
 # it (the report's plain build, scalar loads: up to twice the registers). A few faster-looking
@@ -704,7 +704,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_tf32: 
 
 
 # ----------------------------------------------------------------------------------------------
-# ahead-of-time builds (python -m kernels.report): every kernel × d block × dtype × surviving config
+# ahead-of-time builds (python -m profiling.report): every kernel × d block × dtype × surviving config
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionAotSpec(AotSpec):

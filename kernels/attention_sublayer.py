@@ -105,7 +105,7 @@ and lse (3t more than in bf16); the backward reads x and g twice each and writes
 5t more than the bf16 backward above (the scratch q, dO, dQ and O stay bf16). Eager AMP pays for the
 same fp32 tensors and adds its casts (x → bf16, g → dy, dx → fp32) as separate passes.
 
-Instructions beside the bytes: the cost model (`python -m kernels.cost --op attention_sublayer`,
+Instructions beside the bytes: the cost model (`python -m profiling.cost --op attention_sublayer`,
 sm_90 SASS of the model's launches: CUDA autocast dtypes, B = 32, 512×512; H100 predictions, not
 measurements; bench/results/cost-model-issue14-attention-2026-11-29.md). M warp-instructions a
 launch, then predicted µs and the floor that sets it:
@@ -165,7 +165,7 @@ def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
 # ----------------------------------------------------------------------------------------------
 # configurations: (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel, dtype class, d block; each
 # built for sm_80 and sm_90 without spills both with the launch specialisation of the model's shapes
-# (AOT_SPECS' `attrs`, what `python -m kernels.report` builds) and without it (scalar loads; the
+# (AOT_SPECS' `attrs`, what `python -m profiling.report` builds) and without it (scalar loads; the
 # core's rule). Left out for spilling: dq fp32 (32, 32, 8, 2) at d 32 and (16, 16, 4, x) at d 128
 # (with attrs), dq bf16 (64, 64, 4, 2) at d 32/64, (32, 32, 8, 2) at d 256, fp32 (32, 32, 4, 2) at
 # d 64 (plain build only). The dq kernel carries the q and dO projections and the dx projection on

@@ -25,7 +25,7 @@ Kernels: with an integer power-of-two scale and K ≤ head_loss.FAST_MAX_K, `_up
 (whole pixels per thread: one output column per lane, the K classes of its pixel in its registers,
 the band walked cell row by cell row as in `kernels.head_loss`'s row kernels; no cross-lane work);
 any other size or K, `_upsample_argmax_kernel` (BLOCK_P×K_PAD tiles, four taps gathered per pixel).
-Instruction figures (python -m kernels.cost, sm_90, the shape below, bf16 channels-last): row kernel
+Instruction figures (python -m profiling.cost, sm_90, the shape below, bf16 channels-last): row kernel
 72 registers, 788 warp-instructions per cell row of 4 output rows ≈ 6.2 per pixel, predicted
 59 µs on an H100 (issue-bound; the byte floor is 29 µs); before, the generic kernel: 1023 µs.
 

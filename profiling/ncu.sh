@@ -5,7 +5,7 @@
 # Writes OUT_DIR/ncu.csv (ncu --csv --page raw), ncu-app.log (the step's own output), ncu-table.txt,
 # ncu-compare.{md,json}. The cost model's rows come from $COST_JSON, else the current committed
 # table (`bench.predicted.CURRENT_COST_TABLE`, bench/results/cost-model.json), else
-# `python -m kernels.cost --json` when that module exists (at most $COST_TIMEOUT s, default 120),
+# `python -m profiling.cost --json` when that module exists (at most $COST_TIMEOUT s, default 120),
 # else the comparison holds measured values only.
 # Needs `ncu` on PATH and a CUDA GPU. Only the measured step is profiled (--profile-from-start off;
 # profiling.step brackets it with cudaProfilerStart/Stop), and only the project's Triton kernels.
@@ -26,10 +26,10 @@ ncu --profile-from-start off --target-processes all --kernel-name "$regex" --lau
 $python -m profiling.ncu_table "$out/ncu.csv" | tee "$out/ncu-table.txt"
 
 cost=${COST_JSON:-$($python -c "from bench.predicted import CURRENT_COST_TABLE as t; print(t if t.exists() else '')")}
-if [ -z "$cost" ] && [ -f kernels/cost.py ]; then
+if [ -z "$cost" ] && [ -f profiling/cost.py ]; then
   # measured values first, so an overrun of the cost model below still leaves a table
   $python -m profiling.ncu_compare "$out/ncu.csv" --out "$out/ncu-compare" > /dev/null
-  timeout "${COST_TIMEOUT:-120}" $python -m kernels.cost --json "$out/cost-model.json" > "$out/cost-model.log" 2>&1 \
-    && cost="$out/cost-model.json" || echo "kernels.cost did not finish (see $out/cost-model.log)"
+  timeout "${COST_TIMEOUT:-120}" $python -m profiling.cost --json "$out/cost-model.json" > "$out/cost-model.log" 2>&1 \
+    && cost="$out/cost-model.json" || echo "profiling.cost did not finish (see $out/cost-model.log)"
 fi
 $python -m profiling.ncu_compare "$out/ncu.csv" ${cost:+--cost "$cost"} --out "$out/ncu-compare"

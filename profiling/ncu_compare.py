@@ -6,7 +6,7 @@ Measured: `ncu --csv --page raw` over one training step (`profiling/ncu.sh`; par
 `profiling.ncu_table`), per launch: `smsp__inst_executed.sum` (warp-instructions issued),
 `sm__warps_active.avg.pct_of_peak_sustained_active` (achieved occupancy), `dram__bytes.sum`,
 `gpu__time_duration.sum`, and the launch's grid.
-Predicted: the long-format rows of `python -m kernels.cost --json PATH` (op, kernel
+Predicted: the long-format rows of `python -m profiling.cost --json PATH` (op, kernel
 "name[config]", pass, device, metric, unit, value); used here: `grid` (programs), `warps`,
 `ctas_per_sm`, `dynamic_total` (warp-instructions), `dram_bytes`, `predicted` (seconds).
 Predicted occupancy = resident CTAs × warps ÷ the SM's warp slots, resident CTAs =
@@ -41,7 +41,7 @@ COMPARED = (
     ("dram__bytes.sum", "dram_bytes", "bytes", "DRAM bytes"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy", "%", "occupancy"),
 )
-# SMs and warp slots per SM when kernels.cost (which owns the device constants) is not importable
+# SMs and warp slots per SM when profiling.cost (which owns the device constants) is not importable
 _FALLBACK_DEVICES = {"h100": (132, 64), "a100": (108, 64)}
 
 
@@ -62,7 +62,7 @@ def kernel_base(name: str) -> str:
 
 def _device_shape(device: str) -> tuple[int, int] | None:
     try:
-        from kernels.cost import DEVICES
+        from profiling.cost import DEVICES
         d = DEVICES[device]
         return d.sms, d.max_warps_per_sm
     except (ImportError, KeyError, AttributeError):
@@ -175,7 +175,7 @@ def markdown(rows: list[dict], note: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m profiling.ncu_compare", description=__doc__.splitlines()[0])
     parser.add_argument("csv", type=Path, help="ncu --csv --page raw output")
-    parser.add_argument("--cost", type=Path, help="python -m kernels.cost --json output (omit: measured only)")
+    parser.add_argument("--cost", type=Path, help="python -m profiling.cost --json output (omit: measured only)")
     parser.add_argument("--device", default="auto", help="cost-model device key (default: from the CSV's CC)")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as exc:
             parser.error(f"{args.cost} is not JSON: {exc}")
     else:
-        note = "No cost-model JSON given (kernels.cost absent?): measured values only."
+        note = "No cost-model JSON given (profiling.cost absent?): measured values only."
     try:
         rows = compare(args.csv.read_text(), cost_rows, args.device)
     except ValueError as exc:

@@ -27,7 +27,7 @@ METRICS = {
 
 def kernel_names() -> list[str]:
     """Names of every Triton kernel the project declares (from the kernels' AOT specs)."""
-    from kernels.report import _unwrap, collect_specs
+    from profiling.report import _unwrap, collect_specs
     specs, _ = collect_specs()
     return sorted({_unwrap(spec.fn).__name__ for _, spec in specs})
 

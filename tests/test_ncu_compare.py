@@ -1,6 +1,6 @@
 """profiling.ncu_compare (and profiling.ncu_table's parser) on a small CSV in the exact layout of
 `ncu --csv --page raw` (progress lines, the application's prints, a units line, thousands
-separators, auto-scaled units) against cost-model rows in `kernels.cost --json`'s long format."""
+separators, auto-scaled units) against cost-model rows in `profiling.cost --json`'s long format."""
 import json
 
 import pytest

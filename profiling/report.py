@@ -1,6 +1,6 @@
 """Ahead-of-time build report: registers, shared memory and spills of every kernel (SPEC §7).
 
-    python -m kernels.report [--arch 80 90] [--json PATH] [--module kernels.NAME ...] [--only SUBSTRING]
+    python -m profiling.report [--arch 80 90] [--json PATH] [--module kernels.NAME ...] [--only SUBSTRING]
                              [--skip-slow]
 
 Imports every module of the `kernels` package, collects its `AOT_SPECS` (a list of
@@ -154,10 +154,10 @@ def ptxas_spills(ptx: str, arch: int, bin_dir: Path) -> dict[str, int]:
 
 
 def kernel_modules() -> list[str]:
-    """Every module of the `kernels` package except this one, found without importing them."""
-    root = Path(__file__).resolve().parent
+    """Every module of the `kernels` package, found without importing them."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
     return [f"kernels.{i.name}" for i in sorted(pkgutil.iter_modules([str(root)]), key=lambda i: i.name)
-            if i.name not in ("report", "cost", "tune", "configs")]
+            if i.name != "configs"]
 
 
 def collect_specs(only: str | None = None, modules: list[str] | None = None, slow: bool = True):
@@ -217,7 +217,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _rerun_without_interpreter(argv, module: str = "kernels.report") -> int:
+def _rerun_without_interpreter(argv, module: str = "profiling.report") -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -226,7 +226,7 @@ def _rerun_without_interpreter(argv, module: str = "kernels.report") -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m profiling.report", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
                         help="compute capabilities to build for (default: 80 90)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")

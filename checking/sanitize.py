@@ -1,10 +1,10 @@
 """Memory-safety check of every fused op: every load and store of every kernel, forward and backward.
 
-    python -m kernels.sanitize                     # every op, every case below (concrete engine)
-    python -m kernels.sanitize --op head_loss      # one op (repeatable)
-    python -m kernels.sanitize --quick             # the first case of each op
-    python -m kernels.sanitize --list              # the case names
-    python -m kernels.sanitize --engine symbolic   # Triton-Sanitizer (triton-viz) instead
+    python -m checking.sanitize                     # every op, every case below (concrete engine)
+    python -m checking.sanitize --op head_loss      # one op (repeatable)
+    python -m checking.sanitize --quick             # the first case of each op
+    python -m checking.sanitize --list              # the case names
+    python -m checking.sanitize --engine symbolic   # Triton-Sanitizer (triton-viz) instead
 
 Each case runs an op's forward and backward (every Triton kernel behind it) on small CPU tensors,
 chosen to reach every dispatch branch: odd sizes, s = 1, d = 192, NCHW and channels-last, sliced
@@ -13,7 +13,7 @@ source line, the argument and the offending address; it exits 1 if there is any 
 to run), 0 when every case is clean.
 
 Two engines:
-- `concrete` (default; `kernels.bounds`): runs the cases under Triton's interpreter and checks every
+- `concrete` (default; `checking.bounds`): runs the cases under Triton's interpreter and checks every
   address each access really computes, for every program, against the *elements* of the launch's
   tensor arguments (a sliced view's gaps count as outside). Exact at the shapes run, and it runs
   every case (about 15 s of CPU in all). It sets `TRITON_INTERPRET=1` itself. `tests/test_sanitize.py`
@@ -81,14 +81,14 @@ if __name__ == "__main__":
     if _engine(sys.argv[1:]) == "concrete":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             # the kernels read the variable when imported: start again with it set
-            os.execve(sys.executable, [sys.executable, "-m", "kernels.sanitize", *sys.argv[1:]],
+            os.execve(sys.executable, [sys.executable, "-m", "checking.sanitize", *sys.argv[1:]],
                       {**os.environ, "TRITON_INTERPRET": "1"})
     else:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            sys.exit("kernels.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
+            sys.exit("checking.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
                      "and its autotune warm-up fails under TRITON_INTERPRET=1)")
         if "kernels" in sys.modules:
-            # `python -m kernels.sanitize` imported the package (and every kernel) before this line:
+            # `python -m checking.sanitize` imported the package (and every kernel) before this line:
             # run this file again as a plain script, which imports nothing of `kernels` before install().
             os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
         sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -99,7 +99,7 @@ _SANITIZERS: list = []   # one Sanitizer client per traced kernel, in creation o
 def install() -> None:
     """Wrap `triton.jit` / `triton.autotune` with Sanitizer tracing; must precede `import kernels`."""
     if "kernels._common" in sys.modules:
-        raise RuntimeError("kernels.sanitize.install() must run before the kernels are imported")
+        raise RuntimeError("checking.sanitize.install() must run before the kernels are imported")
     import triton
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
@@ -367,9 +367,9 @@ class _SymbolicFindings:
 
 
 class _ConcreteFindings:
-    """kernels.bounds' violations, as lines since the last mark."""
+    """checking.bounds' violations, as lines since the last mark."""
     def __init__(self) -> None:
-        from kernels.bounds import AccessChecker
+        from checking.bounds import AccessChecker
         self.checker = AccessChecker()
 
     def mark(self) -> None:
@@ -395,13 +395,13 @@ def _timed_out(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.sanitize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m checking.sanitize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", action="append", help="op to check (repeatable; default: every op); toy_oob: the self-test")
     parser.add_argument("--quick", action="store_true", help="first case of each op only (the CI subset)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--engine", choices=("concrete", "symbolic"), default="concrete",
                         help="concrete: every address the interpreter computes, checked against the launch's "
-                             "tensors (kernels.bounds; runs every case); symbolic: Triton-Sanitizer (triton-viz "
+                             "tensors (checking.bounds; runs every case); symbolic: Triton-Sanitizer (triton-viz "
                              "3.0, all programs at once; cannot run most kernels, see above)")
     parser.add_argument("--case-timeout", type=int, default=120, metavar="S",
                         help="seconds before a case counts as failed (the sanitizer never ends some loops)")

@@ -1,8 +1,8 @@
 """GPU cost model computed on the CPU: the predicted time of every fused-op kernel from its compiled code.
 
-    python -m kernels.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
-    python -m kernels.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
-    python -m kernels.cost --trace-model (check the capture's layouts against the model's own launches)
+    python -m profiling.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
+    python -m profiling.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
+    python -m profiling.cost --trace-model (check the capture's layouts against the model's own launches)
 
 Method (SPEC §6b). For each fused op at the model's shapes (B = 32, 512×512 images, CUDA bf16
 autocast: bf16 logits and LMSA input in channels-last, fp32 LayerNorm output / residual / master
@@ -18,7 +18,7 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    (`create_function_from_signature` + `JITFunction._pack_args`): tt.divisibility = 16 on pointers
    and integers divisible by 16, integers equal to 1 as constants — exactly the key the launcher
    compiles on a GPU.
-2. Build. `triton.compile` for sm_90 / sm_80 (`kernels.report.build`; Triton's cache keeps the
+2. Build. `triton.compile` for sm_90 / sm_80 (`profiling.report.build`; Triton's cache keeps the
    cubins); registers and shared memory from `cuobjdump --dump-resource-usage`, SASS from
    `nvdisasm --print-line-info` (both shipped in Triton's package).
 3. Loops. A backward branch (BRA to a lower address) closes a loop [target, branch]. The line
@@ -418,7 +418,7 @@ class Instr:
 
 
 def disassemble(cubin: bytes) -> list[Instr]:
-    from kernels.report import cuobjdump_path
+    from profiling.report import cuobjdump_path
     tool = cuobjdump_path().parent / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
@@ -595,7 +595,7 @@ def compiled_kernel(launch: Launch, arch: int):
     key = (id(launch.fn), arch, repr(sorted(launch.signature.items())), repr(sorted(launch.constexprs.items())),
            repr(sorted(launch.attrs.items())), repr(sorted(launch.options.items())))
     if key not in _BUILDS:
-        from kernels.report import build, cuobjdump_path, usage_of
+        from profiling.report import build, cuobjdump_path, usage_of
         ck = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, arch, launch.options)
         usage = usage_of(ck, arch, cuobjdump_path())
         instrs = disassemble(ck.asm["cubin"])
@@ -892,7 +892,8 @@ def pin(devices: list[Device], log=print) -> dict:
     """For every pinned kernel × shape class the model launches on each device: the allowed
     configuration with the least predicted time (summed over the kernel's launches in one step's
     ops) among those whose build does not spill, written into kernels/configs.json."""
-    from kernels import configs, tune
+    from kernels import configs
+    from profiling import tune
     totals: dict = defaultdict(lambda: defaultdict(float))
     for device in devices:
         kind = f"sm_{device.arch}"
@@ -998,7 +999,7 @@ def trace_model(size: int = 64) -> list[str]:
     """Mismatches between the model's launches (traced under the interpreter, in a subprocess) and
     the capture's at the same small size; [] when every captured layout is one the model uses."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import json, kernels.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
+    code = f"import json, profiling.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if proc.returncode:
@@ -1022,7 +1023,7 @@ def trace_model(size: int = 64) -> list[str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m kernels.cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m profiling.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
                         help="ops (head_loss, upsample_argmax, attention_sublayer, lmsa; "
@@ -1037,8 +1038,8 @@ def main(argv=None) -> int:
                         help="check the captured layouts / dtypes against a small model run under the interpreter")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        from kernels.report import _rerun_without_interpreter
-        return _rerun_without_interpreter(argv, "kernels.cost")
+        from profiling.report import _rerun_without_interpreter
+        return _rerun_without_interpreter(argv, "profiling.cost")
     devices = [DEVICES[k] for k in args.device]
     if args.pin:
         pin(devices)
@@ -1087,8 +1088,8 @@ def main(argv=None) -> int:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(f"# Cost model {MODEL_VERSION}, {_dt.date.today().isoformat()} ({_versions()})\n\n"
-                           f"`python -m kernels.cost --json ... --md ...` on a CPU-only machine; predictions, "
-                           f"not measurements. {band_text()} Method: `kernels/cost.py` docstring; reading it: "
+                           f"`python -m profiling.cost --json ... --md ...` on a CPU-only machine; predictions, "
+                           f"not measurements. {band_text()} Method: `profiling/cost.py` docstring; reading it: "
                            f"README, \"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
                            f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"
                            f"## Per kernel\n\n```\n{table}\n```\n\n"
