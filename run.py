@@ -98,8 +98,6 @@ def main(argv: list[str]) -> int:
         cmd = [str(PYTHON), "-m", "msf", *rest]
     else:  # train, eval, predict, bench, demo ... are msf subcommands
         cmd = [str(PYTHON), "-m", "msf", command, *rest]
-    # this checkout's packages first, whichever directory the command runs in
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     sys.stdout.flush()
     os.execv(str(PYTHON), cmd)
     return 0  # not reached: execv replaces this process

@@ -1,6 +1,6 @@
 """Bytes through GPU memory of the attention core `softmax(q kᵀ/√d) v`, eager against fused.
 
-    python -m bench.bytes_attention [--batch 32] [--dtype-bytes 2] [--bandwidth 3.0e12] [--sms 132] [--ops]
+    python -m msf.bench.bytes_attention [--batch 32] [--dtype-bytes 2] [--bandwidth 3.0e12] [--sms 132] [--ops]
 
 Shapes are the model's at 512×512 (SPEC §2): N = 16384 / 4096 / 1024 / 256 queries, M = 256 keys
 and values, d = 32 / 64 / 128 / 192, one head. Every op is counted as reading its inputs once and
@@ -17,7 +17,7 @@ Variants:
 - sdpa: `F.scaled_dot_product_attention` when it picks a fused (flash / cuDNN / memory-efficient)
   kernel: inputs and outputs plus a fp32 logsumexp, counted at that floor (its internal scratch,
   e.g. FlashAttention-2's fp32 dQ accumulator, is not counted, so this row flatters it).
-- fused: `kernels.attention` (this project): forward reads q, k, v and writes O and lse; backward
+- fused: `msf.kernels.attention` (this project): forward reads q, k, v and writes O and lse; backward
   runs the dQ kernel (reads q, dO, O, lse, k, v; writes dQ and D = rowsum(dO∘O)), the dK/dV kernel
   (reads q, dO, lse, D, k, v per chunk; writes fp32 partials B×C×M×d, or dK, dV directly when
   C = 1) and the kernel summing the C partials into dK, dV.
@@ -31,8 +31,8 @@ STAGES = [(1, 16384, 256, 32), (2, 4096, 256, 64), (3, 1024, 256, 128), (4, 256,
 
 
 def _chunks(batch: int, n: int, m: int, d: int, sms: int) -> int:
-    """Query chunks of the fused dK/dV kernel (kernels.attention's rule with the sm_90 pinned tile)."""
-    from kernels.attention import _dkdv_chunks
+    """Query chunks of the fused dK/dV kernel (msf.kernels.attention's rule with the sm_90 pinned tile)."""
+    from msf.kernels.attention import _dkdv_chunks
     return _dkdv_chunks(batch, n, m, d, sms)
 
 
@@ -122,7 +122,7 @@ def table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int = 132
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.bytes_attention", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.bench.bytes_attention", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dtype-bytes", type=int, default=2)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes per second (H100: 3.0e12)")

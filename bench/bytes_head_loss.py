@@ -1,6 +1,6 @@
 """Bytes through GPU memory of the segmentation head + CE/Dice loss, eager against fused (SPEC §6).
 
-    python -m bench.bytes_head_loss [--batch 32] [--size 512] [--bandwidth 3.0e12] [--ops]
+    python -m msf.bench.bytes_head_loss [--batch 32] [--size 512] [--bandwidth 3.0e12] [--ops]
 
 All three variants compute the same thing, from the decoder's output features f (B×128×h×w, bf16,
 h = H/4) to the loss and back to df: a 1×1 conv 128→19, a ×4 bilinear upsample, CE + Dice
@@ -21,7 +21,7 @@ only the elements gathered.
   memory, each written once and read once per consumer): what the paper's order costs at best.
 - eager, low-res order (`conv1x1(up4(f)) = up4(conv1x1(f))`, SPEC §6): the conv runs on f at H/4
   (low-res logits z, bf16), `up4(z)` writes full-res logits, then the same loss and backward.
-- fused: the same low-res conv (eager), then `kernels.head_loss`: the forward kernel reads z and
+- fused: the same low-res conv (eager), then `msf.kernels.head_loss`: the forward kernel reads z and
   the uint8 targets once and writes per-chunk partial sums (B × n_chunks × 3 × 32 fp32; the
   finalize kernel re-reads them); the backward kernel reads z and the targets once more and writes
   dz. Its own bytes are the floor SPEC §6 quotes (20 MB of logits + 8 MB of targets forward).
@@ -150,7 +150,7 @@ def table(batch: int = 32, size: int = 512, bandwidth: float = 3.0e12, show_ops:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bytes_head_loss", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m msf.bench.bytes_head_loss", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=512, help="H = W of the image and targets")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the time floor")

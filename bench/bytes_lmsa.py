@@ -1,6 +1,6 @@
 """Bytes through GPU memory of the decoder's multi-scale LMSA (SPEC §2, §6), eager against fused.
 
-    python -m bench.bytes_lmsa [--batch 32] [--channels 128] [--size 128] [--dtype-bytes 2]
+    python -m msf.bench.bytes_lmsa [--batch 32] [--channels 128] [--size 128] [--dtype-bytes 2]
                                [--bandwidth 3.0e12] [--sms 132] [--ops]
 
 Shape: the decoder map of a 512×512 image, x = B×C×h×w = 32×128×128×128 in bf16 (AMP), so one
@@ -18,7 +18,7 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
   bias gradients, each depthwise conv's input / weight gradients, and the accumulation of the four
   contributions to dx. Layout copies (e.g. `.contiguous()` of the narrowed gradients inside conv
   backward) and convolution workspaces are not counted: the eager rows are a lower bound.
-- fused: `kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums and
+- fused: `msf.kernels.lmsa`. Forward: the statistics kernel (reads x, writes per-chunk 49-cell sums and
   x̂, x as fp32 with a zero 3-pixel border), their sum, the tiny gate graph (writes the per-sample
   gated weights W̃, B×3×C×C), the main kernel (reads x̂, x and W̃, writes out, D, the three
   depthwise outputs in x's dtype, 3T, saved for the backward instead of x̂, and XW, x in the wgrad
@@ -60,7 +60,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int, max_chunks: int) -> int:
-    """Pixels per chunk of the stats / gram kernels (same rule as kernels.lmsa._chunk_pix)."""
+    """Pixels per chunk of the stats / gram kernels (same rule as msf.kernels.lmsa._chunk_pix)."""
     want = max(1, min(max_chunks, _cdiv(4 * sms, batch * per_chunk_programs)))
     return _cdiv(_cdiv(hw, want), 256) * 256
 
@@ -169,7 +169,7 @@ def table(batch=32, channels=128, size=128, e=2, bandwidth=3.0e12, sms=132, show
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bytes_lmsa", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m msf.bench.bytes_lmsa", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--size", type=int, default=128, help="h = w of the decoder map (image size / 4)")

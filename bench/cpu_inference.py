@@ -1,6 +1,6 @@
 """CPU inference of the predict path: latency at batch 1 and throughput at batch 8, per engine.
 
-    python -m bench.cpu_inference [--checkpoint CKPT] [--size 512] [--rounds 15] [--out bench/out] [--name NAME]
+    python -m msf.bench.cpu_inference [--checkpoint CKPT] [--size 512] [--rounds 15] [--out bench/out] [--name NAME]
 
 What is timed is `FaceParser.parse_arrays` on size×size uint8 photos (the default: the committed
 reference model, which sees them at its training size, 256²): normalise, resize, the model,
@@ -14,7 +14,7 @@ upsample of the logits to the photo's size, argmax. That is what `msf predict` a
     onnxruntime     the model exported to ONNX, ONNX Runtime's CPU execution provider
 
 Each round calls every variant once, the order reversed every other round, so that other work on
-the machine slows them alike; each figure is the median over rounds (`bench.harness.STATISTIC`),
+the machine slows them alike; each figure is the median over rounds (`msf.bench.harness.STATISTIC`),
 each ratio eager fp32's median ÷ the variant's. Writes <name>.json (long-format rows), <name>.md
 and <name>.png (a bar chart) in --out.
 """
@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.harness import STATISTIC, environment, median, row, write_results
-from bench.plots import plot_inference
+from msf.bench.harness import STATISTIC, environment, median, row, write_results
+from msf.bench.plots import plot_inference
 from msf.data import SyntheticFaces
 from msf.parser import FaceParser
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                 computed_as=f"{STATISTIC} {BASELINE} ms / {STATISTIC} {name} ms", **extra))
                 line += f"  {ratio:5.2f}x {BASELINE}"
             print(line + ("  (default)" if name == default else ""), flush=True)
-    notes = [f"`python -m bench.cpu_inference --size {args.size} --rounds {args.rounds}`: `FaceParser.parse_arrays` on "
+    notes = [f"`python -m msf.bench.cpu_inference --size {args.size} --rounds {args.rounds}`: `FaceParser.parse_arrays` on "
              f"{args.size}² uint8 photos (normalise, resize to the model's {auto.input_size}², the model, upsample of "
              "the logits, argmax); each round calls every variant once, the order reversed every other round; each "
              f"time the {STATISTIC} over rounds, each ratio {BASELINE}'s median ÷ the variant's.",

@@ -1,6 +1,6 @@
 """Bytes the eager PyTorch path moves, counted aten op by aten op on meta tensors (issue 12, item 4).
 
-    python -m bench.eager_bytes [--batch 32] [--size 512] [--top 15] [--json PATH]
+    python -m msf.bench.eager_bytes [--batch 32] [--size 512] [--top 15] [--json PATH]
 
 The model (or one of its fused ops, alone) runs on the `meta` device, so nothing is computed or
 allocated; a `TorchDispatchMode` below autograd sees every aten op of the forward and of autograd's
@@ -269,7 +269,7 @@ class CudaAutocastEmulation(TorchFunctionMode):
         if policy is None and name in _COMPOSITES:
             policy = _COMPOSITES[name](args, kwargs)
         elif policy is None and (name in _BANNED or has_autocast_cuda_kernel(name)):
-            raise NotImplementedError(f"aten::{name} has an AutocastCUDA kernel but no policy in bench.eager_bytes")
+            raise NotImplementedError(f"aten::{name} has an AutocastCUDA kernel but no policy in msf.bench.eager_bytes")
         if policy == "lower":
             args, kwargs = self._cast_all(args, kwargs, self.dtype)
         elif policy == "fp32":
@@ -518,7 +518,7 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.eager_bytes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.bench.eager_bytes", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=512, help="H = W of the images (a multiple of 32)")
     parser.add_argument("--top", type=int, default=15, help="aten ops listed per step variant")

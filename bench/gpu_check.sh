@@ -53,17 +53,17 @@ if [ "$has_cuda" = 1 ]; then
   # first the training step side by side (eager AMP, compile, triton, triton+compile: issue 15's
   # targets, with peak memory), then every op and the step again with all providers
   step_budget=$(( bench_budget / 3 ))
-  env -u TRITON_INTERPRET timeout $(( step_budget + 60 )) $python -m bench.suite --preset paper --suite step \
+  env -u TRITON_INTERPRET timeout $(( step_budget + 60 )) $python -m msf.bench.suite --preset paper --suite step \
       --providers eager,compile,triton,triton+compile --budget-s "$step_budget" --out "$out" \
       --name bench-paper-cuda-step 2>&1 | tee "$out/bench-step.log"
   bench_budget=$(( bench_budget - step_budget ))
-  env -u TRITON_INTERPRET timeout $(( bench_budget + 60 )) $python -m bench.suite --preset paper \
+  env -u TRITON_INTERPRET timeout $(( bench_budget + 60 )) $python -m msf.bench.suite --preset paper \
       --budget-s "$bench_budget" --out "$out" 2>&1 | tee "$out/bench.log"
 else
   # a fixed amount of work (eager and sdpa at the smoke size), never cut short by the budget: a
   # loaded machine makes CI slower, not red
   echo "no CUDA device: paper-shape benchmarks skipped; CPU smoke run instead" | tee "$out/bench.log"
-  env -u TRITON_INTERPRET $python -m bench.suite --preset smoke --providers eager,sdpa --budget-s 1e9 \
+  env -u TRITON_INTERPRET $python -m msf.bench.suite --preset smoke --providers eager,sdpa --budget-s 1e9 \
       --out "$out" 2>&1 | tee -a "$out/bench.log"
 fi
 (( ${PIPESTATUS[0]} == 0 )) || status=1
@@ -71,7 +71,7 @@ fi
 echo "== 3/3 profiler trace (budget $(share 90) s)"
 profile_limit=(timeout "$(share 90)")
 [ "$has_cuda" = 1 ] || profile_limit=()   # the CPU run: two small eager steps, whatever the clock says
-env -u TRITON_INTERPRET "${profile_limit[@]}" $python -m profiling.torch_profile --steps 2 --warmup 1 \
+env -u TRITON_INTERPRET "${profile_limit[@]}" $python -m msf.profiling.torch_profile --steps 2 --warmup 1 \
     --out "$out/profile" > "$out/profile.log" 2>&1 || status=1
 tail -n 3 "$out/profile.log"
 

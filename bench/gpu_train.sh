@@ -56,7 +56,7 @@ speed_budget=$(( $(left) / 4 ))
 (( speed_budget > 100 )) && speed_budget=100   # the schedule gets the rest
 if (( speed_budget >= 10 )) || [ "$has_cuda" != 1 ]; then
   echo "== 1/3 training throughput, per backend and input pipeline (${speed_budget} s)"
-  within "$speed_budget" $python -m bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
+  within "$speed_budget" $python -m msf.bench.train_speed "${speed_args[@]}" --out "$out" 2>&1 | tee "$out/speed.log"
   (( ${PIPESTATUS[0]} == 0 )) || status=1
 else
   echo "== 1/3 training throughput skipped: ${speed_budget} s is too little"

@@ -2,8 +2,8 @@
 
 - `plot_bench`: `msf bench`'s rows, per op the median time of each provider (eager, compile,
   triton, triton+compile, sdpa), log scale, fallbacks hatched.
-- `plot_inference`: `bench.cpu_inference`'s rows, images/s per variant, the default path marked.
-- `plot_cost`: `python -m profiling.cost`'s rows, per kernel its predicted time against its three
+- `plot_inference`: `msf.bench.cpu_inference`'s rows, images/s per variant, the default path marked.
+- `plot_cost`: `python -m msf.profiling.cost`'s rows, per kernel its predicted time against its three
   floors (issue, bytes, tensor FLOPs), one panel per device.
 Each takes the long-format rows the tables are made of and writes a PNG; nothing is recomputed.
 """

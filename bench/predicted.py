@@ -4,7 +4,7 @@ A CPU cannot time the Triton kernels (the interpreter is a correctness tool), so
 CPU shows, beside its rows, the GPU speed-up the project claims for the same op: the cost model's
 predicted time of the fused kernels against the byte floor of the eager op, at the paper's shapes
 (B = 32, 512², bf16 autocast), each labelled as a prediction with the model's version and error
-band. The table is `CURRENT_COST_TABLE` (written by `python -m profiling.cost --json`); reading it
+band. The table is `CURRENT_COST_TABLE` (written by `python -m msf.profiling.cost --json`); reading it
 needs neither Triton nor a GPU.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def load_predictions(path: Path = CURRENT_COST_TABLE, device: str = "h100") -> d
     missing = {"model_version", "error_band"} - set(rows[0]) if rows else {"rows"}
     if missing:
         raise ValueError(f"{path}: cost-model table without {', '.join(sorted(missing))}; re-run "
-                         "`python -m profiling.cost --json` to write one")
+                         "`python -m msf.profiling.cost --json` to write one")
     rows = [r for r in rows if r["device"] == device]
     predictions = {}
     for bench_op, target in COST_OPS.items():

@@ -1,6 +1,6 @@
 """Forward+backward (model.loss + backward) images/s of MicroSegFormer on this machine.
 
-    python -m bench.step_speed --sizes 256 512 --batch 4 [--backend eager] [--threads N] [--repeats 3]
+    python -m msf.bench.step_speed --sizes 256 512 --batch 4 [--backend eager] [--threads N] [--repeats 3]
 
 Prints one long-format JSON row per size (op, provider, pass, metric, unit, size, p20/p50/p80, device,
 versions, date). On a CPU this is a reference figure for CPU training, not a GPU claim.
@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from bench.harness import environment, measure_ms, row
+from msf.bench.harness import environment, measure_ms, row
 from msf.model import MicroSegFormer
 
 

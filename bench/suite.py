@@ -8,14 +8,14 @@
 a small size on whatever is there (on a CPU the Triton provider needs TRITON_INTERPRET=1): it
 proves the commands work, it is no timing claim. `cpu` is the CPU training recipe (B=16, 256²,
 bf16 autocast, classifier at H/4) for eager against compile on a CPU. Each row: the median ms of
-its timed calls (CUDA events; `bench.harness.STATISTIC`, the one figure console, JSON and Markdown
+its timed calls (CUDA events; `msf.bench.harness.STATISTIC`, the one figure console, JSON and Markdown
 all show), images/s, peak memory, computed bytes moved, achieved GB/s and its share of the
 device-to-device copy bandwidth measured in the same run; per case, each provider's speed-up over
 eager as the ratio of the two medians shown.
 
 A CPU times eager and torch.compile (the default providers there); the Triton kernels run on a CPU
 only through the interpreter, which is no speed. Beside each CPU row the cost model's predicted
-GPU speed-up for the same op is printed, labelled as a prediction (`bench.predicted`). A provider
+GPU speed-up for the same op is printed, labelled as a prediction (`msf.bench.predicted`). A provider
 that ran the eager code for a case (fp32 attention at head dim 192) is labelled "(eager fallback)".
 Results go to the git-ignored bench/out/ unless --out says otherwise.
 
@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.plots import plot_bench
-from bench.harness import STATISTIC, copy_bandwidth_gbs, environment, measure_ms, median, row, write_results
+from msf.bench.plots import plot_bench
+from msf.bench.harness import STATISTIC, copy_bandwidth_gbs, environment, measure_ms, median, row, write_results
 from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
 from msf.losses import ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -104,7 +104,7 @@ def head_loss_case(batch, size, device, dtype) -> Case:
     def fused():
         return get_ops("triton").head_loss(F.conv2d(feats, weight, bias), targets)
 
-    from bench.bytes_head_loss import ops as head_ops, totals as head_totals
+    from msf.bench.bytes_head_loss import ops as head_ops, totals as head_totals
     e = dtype.itemsize
     eager_bytes = head_totals(head_ops("eager-paper", B=batch, H=size, W=size, act=e))["total"]
     fused_bytes = head_totals(head_ops("fused", B=batch, H=size, W=size, act=e))["total"]
@@ -115,7 +115,7 @@ def head_loss_case(batch, size, device, dtype) -> Case:
 
 
 def attention_cases(batch, size, device, dtype) -> list[Case]:
-    from bench.bytes_attention import totals as attn_totals
+    from msf.bench.bytes_attention import totals as attn_totals
     cases = []
     for stage, d, ratio in STAGES:
         side = size // (4 * 2 ** (stage - 1))
@@ -143,13 +143,13 @@ def _attention_fallback(dtype: torch.dtype, d: int) -> str | None:
     """Why `get_ops("triton").attention` runs the eager formula at this dtype and head dim (None
     when it runs the kernels): the dispatch rule of kernels/ops.py, asked rather than copied."""
     try:
-        from kernels.attention import fused_supported
+        from msf.kernels.attention import fused_supported
     except ImportError:  # no Triton: the triton provider fails on its own, with that error
         return None
     if fused_supported(dtype, d):
         return None
     return (f"{str(dtype).removeprefix('torch.')} at head dim {d} is not served by the kernels "
-            "(kernels.attention.fused_supported): the eager formula ran")
+            "(msf.kernels.attention.fused_supported): the eager formula ran")
 
 
 def lmsa_case(batch, size, device, dtype) -> Case:
@@ -161,7 +161,7 @@ def lmsa_case(batch, size, device, dtype) -> Case:
         pw_biases=tuple(_randn(c, device=device, dtype=dtype) for _ in range(3)),
         fc1_weight=_randn(48, 3 * c, device=device, dtype=dtype), fc1_bias=_randn(48, device=device, dtype=dtype),
         fc2_weight=_randn(3 * c, 48, device=device, dtype=dtype), fc2_bias=_randn(3 * c, device=device, dtype=dtype))
-    from bench.bytes_lmsa import ops as lmsa_ops, totals as lmsa_totals
+    from msf.bench.bytes_lmsa import ops as lmsa_ops, totals as lmsa_totals
 
     def total(variant: str) -> int:
         return sum(lmsa_totals(lmsa_ops(variant, B=batch, C=c, H=h, W=h, e=dtype.itemsize)).values())
@@ -185,8 +185,8 @@ def upsample_argmax_case(batch, size, device, dtype) -> Case:
 
 
 def train_step_case(batch, size, device, dtype, paper_head_order: bool = True) -> Case:
-    """The whole training step of `profiling.step` (forward, loss, backward, clip, AdamW)."""
-    from profiling.step import build_step
+    """The whole training step of `msf.profiling.step` (forward, loss, backward, clip, AdamW)."""
+    from msf.profiling.step import build_step
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
 
     def builder(backend, compiled):
@@ -364,7 +364,7 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
 def prediction_rows(cases: list[Case], env: dict) -> tuple[list[dict], dict[str, str], str]:
     """The cost model's GPU prediction for each case: rows labelled as predictions, op -> the line
     that shows it, and a line naming the table (or why there is none)."""
-    from bench.predicted import CURRENT_COST_TABLE, load_predictions, no_prediction_reason
+    from msf.bench.predicted import CURRENT_COST_TABLE, load_predictions, no_prediction_reason
     try:
         predictions = load_predictions()
     except (OSError, ValueError) as exc:
@@ -387,7 +387,7 @@ def prediction_rows(cases: list[Case], env: dict) -> tuple[list[dict], dict[str,
                  row(case.op, "triton", pass_, "predicted_speedup_vs_eager_floor", "x", size, pred.speedup,
                      predicted_env, **fields)]
         lines[case.op] = pred.line()
-    return rows, lines, (f"Predictions from {_repo_path(CURRENT_COST_TABLE)} (`python -m profiling.cost --json` "
+    return rows, lines, (f"Predictions from {_repo_path(CURRENT_COST_TABLE)} (`python -m msf.profiling.cost --json` "
                          "rebuilds it from the compiled kernels).")
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from bench import suite
+from msf.bench import suite
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = suite.PRESETS["paper" if DEVICE.type == "cuda" else "smoke"]

@@ -1,20 +1,20 @@
 """Training throughput (images/s) of the real training step fed by each input pipeline.
 
-    python -m bench.train_speed [--data DIR] [--backends eager triton] [--pipelines loader device]
+    python -m msf.bench.train_speed [--data DIR] [--backends eager triton] [--pipelines loader device]
                                 [--size 512] [--batch 32] [--steps 30] [--warmup 5] [--inputs-only] [--out DIR]
                                 [--amp auto off ...] [--channels-last auto on off] [--head-order auto paper h4]
                                 [--threads 1 2] [--num-workers 0 1]
 
-For every backend × pipeline: the run's own batches (`train.inputs.build_inputs`: the per-sample
+For every backend × pipeline: the run's own batches (`msf.train.inputs.build_inputs`: the per-sample
 DataLoader, or the uint8 cache on the device augmented there) feed the run's own step
-(`train.loop.train_step`: AMP forward+loss, backward, clip, AdamW, schedule); after `--warmup`
+(`msf.train.loop.train_step`: AMP forward+loss, backward, clip, AdamW, schedule); after `--warmup`
 steps, `--steps` steps are timed in chunks of 5 (a device sync closes each chunk). A second row per
 pipeline times the batches alone (no model), which is the rate that pipeline can feed at most.
 
 The recipe options that set the CPU's speed (autocast dtype, memory format, classifier before or
 after the upsample, compute threads, loader processes) take several values each and are swept as a
 product, so one command compares the CPU defaults with fp32 in the paper's order; each row names its
-settings. Rows are long-format (`bench.harness.row`); `--out` writes train-speed.json and .md.
+settings. Rows are long-format (`msf.bench.harness.row`); `--out` writes train-speed.json and .md.
 Without CUDA the default is a smoke run at a reduced size (eager only): no timing claim.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import environment, row, write_results
-from train.config import TrainConfig
-from train.inputs import build_inputs, default_workers
-from train.loop import LossObjective, make_model, make_optimisation, train_step
+from msf.bench.harness import environment, row, write_results
+from msf.train.config import TrainConfig
+from msf.train.inputs import build_inputs, default_workers
+from msf.train.loop import LossObjective, make_model, make_optimisation, train_step
 
 CHUNK = 5
 ON_OFF = {"auto": None, "on": True, "off": False}

@@ -1,11 +1,11 @@
 """Every load and store of every kernel checked against the tensors it was given, under Triton's
 interpreter (`TRITON_INTERPRET=1`): the concrete memory-safety check behind `python -m
-checking.sanitize` (its default engine) and `tests/test_sanitize.py`.
+msf.checking.sanitize` (its default engine) and `tests/test_sanitize.py`.
 
 Why a checker of our own: the interpreter dereferences raw addresses, so an out-of-bounds load
 reads whatever lies there and a parity test can pass over it. Triton-Sanitizer (triton-viz, SPEC
 §7) proves bounds symbolically for all programs at once, but its 3.0 release cannot run most of
-these kernels (see `checking.sanitize`). This checker is exact instead of symbolic: it sees the
+these kernels (see `msf.checking.sanitize`). This checker is exact instead of symbolic: it sees the
 addresses the interpreter really computes, for every program of the grid, at the shapes a case
 runs; a bug that only appears at other shapes needs a case at those shapes.
 
@@ -32,7 +32,7 @@ store cannot corrupt the checking process (a load gets 0 or its `other` there). 
 block/descriptor pointers are refused outright: no kernel here uses them, so a new one must extend
 this checker before it can pass.
 
-Cost: a few numpy operations per access; the cases of `checking.sanitize` run in under a minute.
+Cost: a few numpy operations per access; the cases of `msf.checking.sanitize` run in under a minute.
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ class AccessChecker:
 
         def unchecked(name):
             def refuse(*args, **kwargs):
-                raise NotImplementedError(f"checking.bounds cannot check {name}: extend it before using it")
+                raise NotImplementedError(f"msf.checking.bounds cannot check {name}: extend it before using it")
             return refuse
 
         def init_args(executor, args_dev, kwargs):

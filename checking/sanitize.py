@@ -1,10 +1,10 @@
 """Memory-safety check of every fused op: every load and store of every kernel, forward and backward.
 
-    python -m checking.sanitize                     # every op, every case below (concrete engine)
-    python -m checking.sanitize --op head_loss      # one op (repeatable)
-    python -m checking.sanitize --quick             # the first case of each op
-    python -m checking.sanitize --list              # the case names
-    python -m checking.sanitize --engine symbolic   # Triton-Sanitizer (triton-viz) instead
+    python -m msf.checking.sanitize                     # every op, every case below (concrete engine)
+    python -m msf.checking.sanitize --op head_loss      # one op (repeatable)
+    python -m msf.checking.sanitize --quick             # the first case of each op
+    python -m msf.checking.sanitize --list              # the case names
+    python -m msf.checking.sanitize --engine symbolic   # Triton-Sanitizer (triton-viz) instead
 
 Each case runs an op's forward and backward (every Triton kernel behind it) on small CPU tensors,
 chosen to reach every dispatch branch: odd sizes, s = 1, d = 192, NCHW and channels-last, sliced
@@ -13,7 +13,7 @@ source line, the argument and the offending address; it exits 1 if there is any 
 to run), 0 when every case is clean.
 
 Two engines:
-- `concrete` (default; `checking.bounds`): runs the cases under Triton's interpreter and checks every
+- `concrete` (default; `msf.checking.bounds`): runs the cases under Triton's interpreter and checks every
   address each access really computes, for every program, against the *elements* of the launch's
   tensor arguments (a sliced view's gaps count as outside). Exact at the shapes run, and it runs
   every case (about 15 s of CPU in all). It sets `TRITON_INTERPRET=1` itself. `tests/test_sanitize.py`
@@ -25,7 +25,7 @@ Two engines:
 Symbolic engine details. How it hooks in: like triton-viz's own `triton-sanitizer` command, it replaces `triton.jit` and
 `triton.autotune` by wrappers that trace each kernel with a Sanitizer client *before* `kernels` is
 imported, and it must run without `TRITON_INTERPRET=1` (the sanitizer drives Triton's interpreter
-itself; with the variable set its autotune warm-up fails). `kernels._common.INTERPRET` recognises
+itself; with the variable set its autotune warm-up fails). `msf.kernels._common.INTERPRET` recognises
 the wrapped `triton.jit`, so the kernels take their interpreter paths (bf16 dots upcast, one config).
 Here the Sanitizer records accesses instead of aborting at the first one, so a run lists them all.
 
@@ -81,14 +81,14 @@ if __name__ == "__main__":
     if _engine(sys.argv[1:]) == "concrete":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             # the kernels read the variable when imported: start again with it set
-            os.execve(sys.executable, [sys.executable, "-m", "checking.sanitize", *sys.argv[1:]],
+            os.execve(sys.executable, [sys.executable, "-m", "msf.checking.sanitize", *sys.argv[1:]],
                       {**os.environ, "TRITON_INTERPRET": "1"})
     else:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            sys.exit("checking.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
+            sys.exit("msf.checking.sanitize: unset TRITON_INTERPRET (Triton-Sanitizer drives the interpreter itself "
                      "and its autotune warm-up fails under TRITON_INTERPRET=1)")
         if "kernels" in sys.modules:
-            # `python -m checking.sanitize` imported the package (and every kernel) before this line:
+            # `python -m msf.checking.sanitize` imported the package (and every kernel) before this line:
             # run this file again as a plain script, which imports nothing of `kernels` before install().
             os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
         sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -98,8 +98,8 @@ _SANITIZERS: list = []   # one Sanitizer client per traced kernel, in creation o
 
 def install() -> None:
     """Wrap `triton.jit` / `triton.autotune` with Sanitizer tracing; must precede `import kernels`."""
-    if "kernels._common" in sys.modules:
-        raise RuntimeError("checking.sanitize.install() must run before the kernels are imported")
+    if "msf.kernels._common" in sys.modules:
+        raise RuntimeError("msf.checking.sanitize.install() must run before the kernels are imported")
     import triton
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
@@ -157,7 +157,7 @@ def _share_loop_patcher() -> None:
     of another module (the attention sweeps reused by attention_sublayer) then fails with a
     NameError. Give every kernel module the name."""
     from triton_viz.core.patch import _loop_patcher
-    import kernels  # noqa: F401  (imports every kernel module)
+    from msf import kernels  # noqa: F401  (imports every kernel module)
     for name, module in list(sys.modules.items()):
         if name.startswith("kernels.") and module is not None:
             module._triton_viz_loop_patcher = _loop_patcher
@@ -190,7 +190,7 @@ def _backward(out, leaves):
 def _head_loss_case(b, k, h, w, sh, sw, dtype, layout="nchw", tdtype="uint8", sliced=False):
     def run():
         import torch
-        from kernels.head_loss import head_loss
+        from msf.kernels.head_loss import head_loss
         src = _rand(b, k + (3 if sliced else 0), h, w, dtype=dtype)
         logits = src[:, 1:1 + k] if sliced else src
         if layout == "channels_last":
@@ -205,7 +205,7 @@ def _head_loss_case(b, k, h, w, sh, sw, dtype, layout="nchw", tdtype="uint8", sl
 def _upsample_argmax_case(b, k, h, w, size, dtype, layout="nchw", sliced=False):
     def run():
         import torch
-        from kernels.upsample_argmax import upsample_argmax
+        from msf.kernels.upsample_argmax import upsample_argmax
         src = _rand(b, k, h, w + (4 if sliced else 0), dtype=dtype)
         logits = src[..., 2:2 + w] if sliced else src
         if layout == "channels_last":
@@ -216,7 +216,7 @@ def _upsample_argmax_case(b, k, h, w, size, dtype, layout="nchw", sliced=False):
 
 def _attention_case(b, n, m, d, dtype, allow_tf32=False, bwd_chunk_rows=None):
     def run():
-        from kernels.attention import attention
+        from msf.kernels.attention import attention
         q_wide = _rand(b, n, d + 8, dtype=dtype).requires_grad_()
         kv = _rand(b, m, 2 * d, dtype=dtype, seed=1).requires_grad_()
         k, v = kv.split(d, dim=-1)                 # column halves: strided views, as in the model
@@ -228,7 +228,7 @@ def _attention_case(b, n, m, d, dtype, allow_tf32=False, bwd_chunk_rows=None):
 def _sublayer_case(b, n, m, c, dtype, kv_dtype=None, bwd_chunk_rows=None, wg_chunk_rows=None):
     """`dtype` for x, residual and weights; `kv_dtype` (bf16/fp16) for the mixed-precision path."""
     def run():
-        from kernels.attention_sublayer import attention_sublayer
+        from msf.kernels.attention_sublayer import attention_sublayer
         x = _rand(b, n, c, dtype=dtype).requires_grad_()
         res = _rand(b, n, c, dtype=dtype, seed=1).requires_grad_()
         kv = _rand(b, m, 2 * c, dtype=kv_dtype or dtype, seed=2).requires_grad_()
@@ -244,7 +244,7 @@ def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
     def run():
         import torch
         from msf.backend import LMSAParams
-        from kernels.lmsa import lmsa
+        from msf.kernels.lmsa import lmsa
         r = 3 * c // 8
         ps = [_rand(c, 1, k, k, seed=k) / k for k in (3, 5, 7)] + [_rand(c, c, seed=10 + i) * c ** -0.5 for i in range(3)]
         ps += [_rand(c, seed=20 + i) * 0.3 for i in range(3)]
@@ -367,9 +367,9 @@ class _SymbolicFindings:
 
 
 class _ConcreteFindings:
-    """checking.bounds' violations, as lines since the last mark."""
+    """msf.checking.bounds' violations, as lines since the last mark."""
     def __init__(self) -> None:
-        from checking.bounds import AccessChecker
+        from msf.checking.bounds import AccessChecker
         self.checker = AccessChecker()
 
     def mark(self) -> None:
@@ -395,13 +395,13 @@ def _timed_out(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checking.sanitize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.checking.sanitize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", action="append", help="op to check (repeatable; default: every op); toy_oob: the self-test")
     parser.add_argument("--quick", action="store_true", help="first case of each op only (the CI subset)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--engine", choices=("concrete", "symbolic"), default="concrete",
                         help="concrete: every address the interpreter computes, checked against the launch's "
-                             "tensors (checking.bounds; runs every case); symbolic: Triton-Sanitizer (triton-viz "
+                             "tensors (msf.checking.bounds; runs every case); symbolic: Triton-Sanitizer (triton-viz "
                              "3.0, all programs at once; cannot run most kernels, see above)")
     parser.add_argument("--case-timeout", type=int, default=120, metavar="S",
                         help="seconds before a case counts as failed (the sanitizer never ends some loops)")

@@ -4,7 +4,7 @@
   Triton-Sanitizer (`triton-viz`), which runs every kernel through the same interpreter but must be
   started *without* `TRITON_INTERPRET=1` (SPEC §7). The sanitizer sets no variable; it replaces
   `triton.jit` by its own tracing wrapper before the kernels are imported, and that is what is
-  checked (`python -m checking.sanitize` and the `triton-sanitizer` command both do this).
+  checked (`python -m msf.checking.sanitize` and the `triton-sanitizer` command both do this).
 - `dot(a, b)`: `tl.dot` that stays correct under the interpreter. Triton 3.6's interpreter keeps
   bfloat16 as raw 16-bit integers and multiplies the bit patterns in `tl.dot` (SPEC §7,
   triton-lang/triton#11584), so under the interpreter bf16 operands are upcast to fp32 first.
@@ -26,7 +26,7 @@ import triton.language as tl
 
 def _sanitizer_active() -> bool:
     """True when triton-viz has replaced `triton.jit` by its tracing wrapper (its `triton-sanitizer`
-    command and `checking.sanitize` do this before importing the kernels)."""
+    command and `msf.checking.sanitize` do this before importing the kernels)."""
     return getattr(triton.jit, "__module__", "").startswith("triton_viz")
 
 

@@ -17,7 +17,7 @@ tile is masked with -inf scores); each distinct M compiles once.
 
 Precision: accumulation is fp32 for every dtype; bf16/fp16 operands go to the tensor cores as they
 are (P is rounded to the input dtype before `P v`, as in FlashAttention). fp32 inputs use tf32x3
-dots (`kernels._common.dot_tf32x3`: three tf32 products, about fp32 accuracy); `allow_tf32=True`
+dots (`msf.kernels._common.dot_tf32x3`: three tf32 products, about fp32 accuracy); `allow_tf32=True`
 takes plain tf32 instead (~3e-4 relative). ("ieee" fp32 dots were tried first: their FMA lowering
 keeps whole d-slices of both operands in registers and spills from d = 64 on.) At d > 128 (the
 model's d = 192) every tf32x3 configuration spills, so fp32 there without `allow_tf32` runs the
@@ -28,7 +28,7 @@ d = 192 runs as a 256-wide block whose last 64 columns load as zeros. Chosen ove
 128 + 64 pieces to keep one code path; the cost is 25 % extra dot FLOPs and on-chip footprint at
 stage 4 only (N = 256 there: the smallest stage), no extra memory traffic (masked lanes are not
 fetched). The configurations allowed per (kernel, dtype class, d block) are listed in `_ALLOWED`,
-each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m profiling.report`).
+each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m msf.profiling.report`).
 
 Backward (flash-attention style, math in the comment block above `_attn_dq_sweep`): no
 atomics, deterministic.
@@ -41,7 +41,7 @@ atomics, deterministic.
   3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, cast once. 2-D tiles: each
      step adds BLOCK_C chunks × BLOCK elements element-wise into fp32 tile accumulators, and the chunk
      axis is summed once at the end (a fixed tree for a fixed config: deterministic). Up to 64
-     chunks take one step; `kernels.attention_sublayer` sums its 256 weight-gradient partials with
+     chunks take one step; `msf.kernels.attention_sublayer` sums its 256 weight-gradient partials with
      the same kernel in 4 steps (it used to take 256 serial chunk loads in one program: ~24 µs).
 Why chunks: dK and dV sum over all N queries. One program per (image, KV tile) looping over all of
 N has only B·⌈M/BLOCK_M⌉ = 64 programs at B = 32, BLOCK_M = 128 (under one per SM on an H100),
@@ -53,7 +53,7 @@ stages 1-2 (the earlier "4 programs per SM" rule took C = 5: 320 programs, 3 on 
 average). The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs sharing one chunk's q / dO rows
 run side by side and those rows come from DRAM about once.
 
-Bytes through GPU memory at B = 32, 512×512, bf16 (`python -m bench.bytes_attention`, which also
+Bytes through GPU memory at B = 32, 512×512, bf16 (`python -m msf.bench.bytes_attention`, which also
 lists them op by op; each op reads its inputs and writes its outputs once; "sdpa" is PyTorch's
 fused FlashAttention-style kernel counted at its inputs + outputs + lse, scratch not counted;
 µs = forward + backward bytes at 3.0 TB/s):
@@ -71,7 +71,7 @@ The fused backward is above it by a second read of q and dO (the dK/dV kernel; 6
 the D vector and the fp32 partials; a single-pass backward (dQ and dK/dV from one sweep) would need
 dK, dV of all M keys on chip, which fits only at d = 32.
 
-Instructions beside the bytes (`python -m profiling.cost --op attention_sublayer`, sm_90 SASS at the
+Instructions beside the bytes (`python -m msf.profiling.cost --op attention_sublayer`, sm_90 SASS at the
 model's bf16 launches as the sublayer makes them; H100, predictions, not measurements). The dK/dV
 kernel is issue-bound: its loop body is 245 / 257 / 238 / 345 warp-instructions per BLOCK_N-row
 step at stages 1-4 (d blocks 32 / 64 / 128 / 256), 128 / 32 / 32 / 16 steps a program, so
@@ -81,7 +81,7 @@ floor of 43 / 21 / 16 / 8.1 µs (stage 2 is flop-bound). The chunk-sum of dK, dV
 At d = 192 the 256-wide block pays for 64 masked columns in every dot of the sweeps: the model
 puts that at about a quarter of the d-proportional instructions of the stage-4 kernels, ~4 µs per
 sublayer, so the one-block code path is kept (the sublayer's projection loops do skip the masked
-slices: `kernels.attention_sublayer._d_ceil`).
+slices: `msf.kernels.attention_sublayer._d_ceil`).
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3
-from kernels.configs import PinnedKernel
+from msf.kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3
+from msf.kernels.configs import PinnedKernel
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
 
@@ -113,7 +113,7 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # configurations
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) allowed per kernel, dot mode and d block: each entry
-# was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m profiling.report`) with no
+# was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m msf.profiling.report`) with no
 # register spills (no local memory, no stack frame) and ≤ 163 KB of shared memory (sm_80's limit),
 # both with the launch specialisation of the model's shapes (`AttentionAotSpec.attrs`) and without
 # it (the report's plain build, scalar loads: up to twice the registers). A few faster-looking
@@ -251,7 +251,7 @@ def _mm(a, b, PRECISE: tl.constexpr):
 @triton.jit
 def _row_block(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The query rows of a program on the grid (row block, image), as every row-block kernel here and
-    in `kernels.attention_sublayer` is launched: (b as int64, offs_n, offs_d, mask_n, mask_d)."""
+    in `msf.kernels.attention_sublayer` is launched: (b as int64, offs_n, offs_d, mask_n, mask_d)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,7 +265,7 @@ def _attn_fwd_sweep(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_v
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """The online-softmax sweep over all M keys / values of one image for a BLOCK_N × BLOCK_D block
     of queries q (input dtype; rows and d columns past the end loaded as zeros), shared by the core's
-    forward and `kernels.attention_sublayer`'s. k_base, v_base point at the image's K, V (M × D,
+    forward and `msf.kernels.attention_sublayer`'s. k_base, v_base point at the image's K, V (M × D,
     any strides); qk_scale = log2(e)/√d, so scores are in log2 units. Returns (acc, m_i, l_i), all
     fp32: m_i the running row max of the scores, l_i = Σ_j exp2(s_j − m_i) and acc = Σ_j exp2(s_j − m_i) v_j,
     so O = acc / l_i and lse = (m_i + log2(l_i))·ln 2."""
@@ -340,7 +340,7 @@ def _attn_dq_sweep(q, do, lse2, delta, k_base, v_base, stride_km, stride_kd, str
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Σ_j dS_ij k_j over all M keys of one image for a BLOCK_N-row block (fp32, not yet scaled by
     1/√d: the caller multiplies by sm_scale), shared by the core's dQ kernel and
-    `kernels.attention_sublayer`'s. q, do: the block's queries and output gradients (input dtype);
+    `msf.kernels.attention_sublayer`'s. q, do: the block's queries and output gradients (input dtype);
     lse2 = lse·log2(e) and delta = D = rowsum(dO∘O) per row (fp32); k_base, v_base: the image's
     K, V (any strides); qk_scale = log2(e)/√d. Recomputes P = exp2(s2 − lse2) tile by tile (0 on
     the masked tail keys), dP = dO vᵀ and dS = P ∘ (dP − D)."""
@@ -503,7 +503,7 @@ def _reduce_blocks(n_chunks: int) -> tuple[int, int]:
 
 def _chunk_sum(part1, part2, out1, out2, n_chunks: int, size: int, groups: int) -> None:
     """out_i[g] = Σ_c part_i[g, c] (part_i: groups × n_chunks × size fp32, out_i: groups × size, both
-    contiguous) by `_attn_bwd_reduce_kernel`; shared with `kernels.attention_sublayer`."""
+    contiguous) by `_attn_bwd_reduce_kernel`; shared with `msf.kernels.attention_sublayer`."""
     block_c, block = _reduce_blocks(n_chunks)
     _attn_bwd_reduce_kernel[(triton.cdiv(size, block), groups)](
         part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK_C=block_c, BLOCK=block, num_warps=_REDUCE_WARPS)
@@ -551,7 +551,7 @@ def _chunking(batch: int, n: int, m: int, sms: int | None, chunk_rows: int | Non
 
 def _dkdv_block_m(dtype: torch.dtype, block_d: int, precise: bool, device: torch.device) -> int:
     """BLOCK_M of the dK/dV kernel's pinned configuration for this launch (64 if none is pinned)."""
-    from kernels import configs
+    from msf.kernels import configs
     try:
         kind = configs.device_kind(device if device.type == "cuda" else None)
         cfg = configs.lookup(_attn_bwd_dkdv_kernel.name, f"{_mode(dtype.itemsize, precise)}_d{block_d}", kind)
@@ -562,8 +562,8 @@ def _dkdv_block_m(dtype: torch.dtype, block_d: int, precise: bool, device: torch
 
 def _dkdv_chunks(batch: int, n: int, m: int, d: int, sms: int, kind: str = "sm_90") -> int:
     """Query chunks of a bf16 dK/dV launch at these shapes on `sms` SMs with device kind `kind`'s
-    pinned configuration (for the bytes tables: `bench.bytes_attention`, `kernels.attention_sublayer`)."""
-    from kernels import configs
+    pinned configuration (for the bytes tables: `msf.bench.bytes_attention`, `msf.kernels.attention_sublayer`)."""
+    from msf.kernels import configs
     with configs.for_device(kind):
         block_m = _dkdv_block_m(torch.bfloat16, _block_d(d), False, torch.device("cpu"))
     return _chunking(batch, n, m, sms, None, block_m)[1]
@@ -643,7 +643,7 @@ def _backward(q, k, v, o, lse, do, allow_tf32: bool, chunk_rows: int | None):
 def _dkdv(q, k, v, do, lse, delta, qk_scale: float, sm_scale: float, block_d: int, precise: bool,
           chunk_rows: int | None, sms: int | None, new):
     """dK, dV (B×M×d, input dtype) from q, dO, lse and D: the chunked dK/dV kernel, plus the chunk-sum
-    kernel when there are several chunks. Shared by `_backward` and `kernels.attention_sublayer`'s
+    kernel when there are several chunks. Shared by `_backward` and `msf.kernels.attention_sublayer`'s
     (which passes its q and dO scratch); `new` allocates every buffer (the calling module's `_new`)."""
     batch, n, d = q.shape
     m = k.shape[1]
@@ -704,7 +704,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_tf32: 
 
 
 # ----------------------------------------------------------------------------------------------
-# ahead-of-time builds (python -m profiling.report): every kernel × d block × dtype × surviving config
+# ahead-of-time builds (python -m msf.profiling.report): every kernel × d block × dtype × surviving config
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionAotSpec(AotSpec):

@@ -36,7 +36,7 @@ as views. M ≤ 256 in the model (a compile-time constant; any M ≥ 1 works).
 Forward, one kernel (`_sub_fwd_kernel`, one program per BLOCK_N rows of one image): q is formed on
 chip from x in BLOCK_K-column slices of x and wqᵀ (x read once), rounded to the input dtype (as
 eager's Linear output is); the attention sweep is the core's online softmax
-(`kernels.attention._attn_fwd_sweep`, the code `_attn_fwd_kernel` runs: same exp2 form, same
+(`msf.kernels.attention._attn_fwd_sweep`, the code `_attn_fwd_kernel` runs: same exp2 form, same
 precision rules); then the output projection runs in BLOCK_K-column slices of woᵀ, each adding bo
 and the matching residual columns and storing that slice of `out`. So the forward reads x and the
 residual once, writes out once, plus O and lse for the backward (O: one extra B×N×C write; lse:
@@ -48,7 +48,7 @@ Backward (math in the comment block above `_sub_bwd_dq_kernel`):
      core's `_attn_dq_sweep`, as `_attn_bwd_dq_kernel` does), writes dQ (scratch, for step 3) and
      dx = dQ wq (on chip).
   2. the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel` when chunked) on q, dO: dK, dV
-     (reused unchanged from `kernels.attention`, launched by its `_dkdv`).
+     (reused unchanged from `msf.kernels.attention`, launched by its `_dkdv`).
   3. `_sub_wgrad_kernel` twice: per (output tile, row chunk) fp32 partials of dWq = dQᵀ x, dbq = Σ dQ
      and dWo = gᵀ O, dbo = Σ g over all B·N rows, each chunk's [dW | db] in one row of a
      chunks × (C² + C) buffer; then ONE launch of the core's 2-D chunk-sum `_attn_bwd_reduce_kernel`
@@ -64,15 +64,15 @@ q, O, dO, dQ are rounded to the compute dtype (k's: the input dtype, or cdt in m
 where eager would round them; fp32 inputs use tf32x3
 dots (about fp32 accuracy). fp32 at C > 128 (the model's C = 192, a 256 block) has no spill-free
 tf32x3 configuration in the core, so there this op composes the pieces instead
-(`F.linear` → `kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
+(`F.linear` → `msf.kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
 does the backward): stage 4 fp32 only, off the AMP path. bf16 / fp16 are fused at every C ≤ 256.
 C = 192 runs as a 256-wide block with masked loads (as in the core); the projection loops stop at
 C rounded up to BLOCK_K (`_d_ceil`: 6 slices of 32, not 8).
 
-Bytes through GPU memory at B = 32, 512×512, bf16, M = 256 (`python -m kernels.attention_sublayer`
+Bytes through GPU memory at B = 32, 512×512, bf16, M = 256 (`python -m msf.kernels.attention_sublayer`
 prints `bytes_table()`; `ops()` lists them op by op). Every op reads its inputs and writes its
 outputs once; MB; µs = forward + backward bytes at 3.0 TB/s. "eager" = Linear, the core's eager
-matmul / scale / softmax / matmul (bench.bytes_attention's op list), Linear, residual add, and
+matmul / scale / softmax / matmul (msf.bench.bytes_attention's op list), Linear, residual add, and
 autograd's backward of each (bias gradients as separate sums); "eager+sdpa" = the same projections
 and add around `F.scaled_dot_product_attention` counted at its floor (inputs, outputs, lse; its
 scratch not counted); "fused" = this module:
@@ -105,7 +105,7 @@ and lse (3t more than in bf16); the backward reads x and g twice each and writes
 5t more than the bf16 backward above (the scratch q, dO, dQ and O stay bf16). Eager AMP pays for the
 same fp32 tensors and adds its casts (x → bf16, g → dy, dx → fp32) as separate passes.
 
-Instructions beside the bytes: the cost model (`python -m profiling.cost --op attention_sublayer`,
+Instructions beside the bytes: the cost model (`python -m msf.profiling.cost --op attention_sublayer`,
 sm_90 SASS of the model's launches: CUDA autocast dtypes, B = 32, 512×512; H100 predictions, not
 measurements; bench/results/cost-model-issue14-attention-2026-11-29.md). M warp-instructions a
 launch, then predicted µs and the floor that sets it:
@@ -131,10 +131,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import attention as _core
-from kernels._common import INTERPRET
-from kernels.configs import PinnedKernel
-from kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
+from msf.kernels import attention as _core
+from msf.kernels._common import INTERPRET
+from msf.kernels.configs import PinnedKernel
+from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
            "bytes_table", "fused_supported"]
@@ -165,7 +165,7 @@ def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
 # ----------------------------------------------------------------------------------------------
 # configurations: (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel, dtype class, d block; each
 # built for sm_80 and sm_90 without spills both with the launch specialisation of the model's shapes
-# (AOT_SPECS' `attrs`, what `python -m profiling.report` builds) and without it (scalar loads; the
+# (AOT_SPECS' `attrs`, what `python -m msf.profiling.report` builds) and without it (scalar loads; the
 # core's rule). Left out for spilling: dq fp32 (32, 32, 8, 2) at d 32 and (16, 16, 4, x) at d 128
 # (with attrs), dq bf16 (64, 64, 4, 2) at d 32/64, (32, 32, 8, 2) at d 256, fp32 (32, 32, 4, 2) at
 # d 64 (plain build only). The dq kernel carries the q and dO projections and the dx projection on
@@ -267,7 +267,7 @@ def fused_supported(dtype: torch.dtype, c: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# forward (all loops have constexpr trip counts: see kernels.attention's note on loops)
+# forward (all loops have constexpr trip counts: see msf.kernels.attention's note on loops)
 # ----------------------------------------------------------------------------------------------
 _EMULATE_RNE: tl.constexpr = tl.constexpr(INTERPRET)
 
@@ -499,7 +499,7 @@ def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = No
 
 def _wg_block_i(precise: bool, device: torch.device) -> int:
     """BLOCK_I of the weight-gradient kernel's pinned configuration (64 if none is pinned)."""
-    from kernels import configs
+    from msf.kernels import configs
     try:
         kind = configs.device_kind(device if device.type == "cuda" else None)
         return int(configs.lookup(_sub_wgrad_kernel.name, "tf32x3" if precise else "16", kind).kwargs["BLOCK_I"])
@@ -673,7 +673,7 @@ def _wg_chunks(rows: int, c: int, sms: int) -> int:
 def ops(variant: str, batch: int, n: int, m: int, c: int, e: int = 2, sms: int = 132):
     """[(pass, op, bytes read, bytes written)] of one sublayer call (each op reads its inputs and
     writes its outputs once; the key/value side is outside and not counted beyond k, v, dk, dv)."""
-    from bench.bytes_attention import ops as core_ops
+    from msf.bench.bytes_attention import ops as core_ops
     t = batch * n * c * e  # one token tensor (x, residual, q, O, out, g, dO, dQ, dx)
     w = c * c * e
     bias = c * e
@@ -727,7 +727,7 @@ def bytes_table(batch: int = 32, e: int = 2, bandwidth: float = 3.0e12, sms: int
         lines.append(f"{stage:>5} {n:>6} {c:>4} | " + " | ".join(cells))
     lines.append("")
     lines.append(f"B={batch}, {e}-byte elements, {bandwidth / 1e12:.1f} TB/s, M=256; eager rows = the core's "
-                 "bench.bytes_attention ops plus Linear / add / weight-gradient ops; sdpa at its floor.")
+                 "msf.bench.bytes_attention ops plus Linear / add / weight-gradient ops; sdpa at its floor.")
     return "\n".join(lines)
 
 

@@ -11,19 +11,19 @@ It looks its configuration up in `kernels/configs.json`, keyed by
   CPU tests cheap and still cover their masks and loops).
 
 Lookup order: (class, kind), then ("*", kind), then (class, "default"); no entry is an error that
-names the kernel. So every process, every DDP rank and the cost model (`python -m profiling.cost`)
+names the kernel. So every process, every DDP rank and the cost model (`python -m msf.profiling.cost`)
 run the same configuration: results are bitwise reproducible across runs, and the configuration
 the cost model judges is the one that runs.
 
 The sm_90 / sm_80 entries of the model's shape classes are the candidates the cost model predicts
-fastest (`python -m profiling.cost --pin` rewrites them); every other class takes its allow-list's
-first entry (`python -m profiling.tune --from-lists`). Every entry is a member of its kernel's
-allow-list for that class, i.e. a configuration `python -m profiling.report` builds without spills
+fastest (`python -m msf.profiling.cost --pin` rewrites them); every other class takes its allow-list's
+first entry (`python -m msf.profiling.tune --from-lists`). Every entry is a member of its kernel's
+allow-list for that class, i.e. a configuration `python -m msf.profiling.report` builds without spills
 (tests/test_configs.py checks it).
 
 Autotuning is an explicit opt-in: with `MSF_AUTOTUNE=1` set before `kernels` is imported, each
 kernel runs `triton.autotune` over its whole list (pruned to the class's allow-list) as before, and
-`python -m profiling.tune` (on a GPU) records what it picked into a new table.
+`python -m msf.profiling.tune` (on a GPU) records what it picked into a new table.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from typing import Callable
 
 import triton
 
-from kernels._common import INTERPRET
+from msf.kernels._common import INTERPRET
 
 TABLE_PATH = Path(__file__).with_name("configs.json")
 AUTOTUNE: bool = os.environ.get("MSF_AUTOTUNE", "0") == "1"
@@ -125,7 +125,7 @@ class PinnedKernel:
                  shape_class: Callable[[dict], str], allowed: Callable[[str], list[triton.Config]],
                  classes: list[str], prune=None):
         self.name = name
-        self.fn = fn  # the JITFunction (or the interpreter's function); `profiling.report` unwraps to it
+        self.fn = fn  # the JITFunction (or the interpreter's function); `msf.profiling.report` unwraps to it
         self.configs = configs
         self.shape_class = shape_class
         self.allowed = allowed

@@ -66,7 +66,7 @@ Generic kernels (any other K ≤ 128 or scale; kept unchanged):
 5. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
    recomputes the 2s_h × 2s_w window of full-res pixels that touch them (4× the forward's work).
 
-Instruction figures (python -m profiling.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
+Instruction figures (python -m msf.profiling.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
 channels-last logits; 2026-11-29): forward row kernel 128 registers, 252 warp-instructions per
 full-res row per warp (32 pixels) + 189 per cell row, i.e. ≈ 9.4 per pixel: predicted 92 µs on an
 H100 (issue-bound; 144 µs A100). Backward row kernel 128 registers (4 CTAs/SM), ≈ 370 per row
@@ -114,9 +114,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec
-from kernels import configs
-from kernels.configs import PinnedKernel
+from msf.kernels._common import INTERPRET, AotSpec
+from msf.kernels import configs
+from msf.kernels.configs import PinnedKernel
 from msf.losses import DEFAULT_DICE_EPS
 
 __all__ = ["head_loss", "HeadLossFunction", "eager_head_loss", "AOT_SPECS"]
@@ -838,7 +838,7 @@ def _head_loss_bwd_halo_kernel(
 # (BLOCK, num_warps). Triton lays a BLOCK×K_PAD gather tile out with 32 consecutive pixels per warp
 # and the warps splitting the classes, so at K_PAD = 32 each thread holds K_PAD·BLOCK/(32·num_warps)
 # = 8 classes of one pixel with every config below: ≈100–130 registers, no spill on sm_80/sm_90
-# (`python -m profiling.report`). 16 per thread reaches 250–255 registers with channels-last logits;
+# (`python -m msf.profiling.report`). 16 per thread reaches 250–255 registers with channels-last logits;
 # 32 per thread spills. Which one runs is pinned in kernels/configs.json.
 FWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
 BWD_CONFIGS = [(64, 8), (32, 4), (128, 16)]
@@ -1101,7 +1101,7 @@ def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DE
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time builds for `python -m profiling.report`
+# Ahead-of-time builds for `python -m msf.profiling.report`
 # ----------------------------------------------------------------------------------------------
 def specialize(spec: AotSpec, tag: str, unit_strides) -> AotSpec:
     """`spec` with the named stride arguments fixed to 1, as Triton specialises them at launch."""
@@ -1113,7 +1113,7 @@ def specialize(spec: AotSpec, tag: str, unit_strides) -> AotSpec:
 
 
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
-    """(AOT_SPECS, AOT_SPECS_SLOW): what `profiling.report` builds, in CI and beyond."""
+    """(AOT_SPECS, AOT_SPECS_SLOW): what `msf.profiling.report` builds, in CI and beyond."""
     specs, slow = [], []
     # Every config for bf16 (the model's AMP dtype), the first config for fp32 and fp16.
     for ldt, lname in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")):
@@ -1194,7 +1194,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                 constexprs={**rows, "S_W": 4, "KB": _flush_classes(19, 128 // 4, 4)}, num_warps=4,
                 num_stages=1), layout, ones)
             # ptxas needs about a minute for each backward row kernel: CI builds the model's one
-            # (bf16, channels-last), `python -m profiling.report` all of them
+            # (bf16, channels-last), `python -m msf.profiling.report` all of them
             (specs if (ldt, layout) == ("bf16", "nhwc") else slow).append(bwd_rows)
         specs.append(AotSpec(
             name=f"head_loss_bwd_halo[{ldt},K=19,s=4]", fn=_head_loss_bwd_halo_kernel,

@@ -90,7 +90,7 @@ which store it in fp32). X̂ (294 MB fp32) is freed after the forward kernel. In
 the three E_k take 3 × 147 MB (bf16 pairs; 3 × 294 MB in fp32).
 
 Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
-294 MB per bordered fp32 tensor; `python -m bench.bytes_lmsa --ops` prints the op-by-op accounting):
+294 MB per bordered fp32 tensor; `python -m msf.bench.bytes_lmsa --ops` prints the op-by-op accounting):
     forward   fused 1560 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
     backward  fused 2365 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
 The surplus is mostly X̂ (fp32, written by the statistics kernel, read by the forward), D
@@ -100,7 +100,7 @@ tensors. X̂ in fp32 buys the forward sweep's instructions (no unpacking, load-i
 offsets); D buys the backward's fourth depthwise sweep; XW buys the wgrad tile's per-pixel
 addressing and masks.
 
-Cost (issue 14; `python -m profiling.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
+Cost (issue 14; `python -m msf.profiling.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
 model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
     kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
     stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
@@ -131,7 +131,7 @@ What the model said about the steps on the way (2026-11-29):
   - A register cap (maxnreg 128) for larger tiles: spills (not allowed).
 
 Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
-spilling (`python -m profiling.report --module kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
+spilling (`python -m msf.profiling.report --module msf.kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
 where its tf32x3 products need the registers.
 """
 from __future__ import annotations
@@ -141,8 +141,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, AotSpec, dot
-from kernels.configs import PinnedKernel
+from msf.kernels._common import INTERPRET, AotSpec, dot
+from msf.kernels.configs import PinnedKernel
 from msf.reference import LMSAParams, eager_lmsa
 
 __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS", "AOT_SPECS_SLOW"]
@@ -167,7 +167,7 @@ lmsa_eager = eager_lmsa  # the plain PyTorch reference (msf.backend)
 # ----------------------------------------------------------------------------------------------
 # Each entry is (config, the input dtypes it serves): "half" (bf16 / fp16) and/or "fp32". A config is
 # listed for a dtype only if its sm_80 and sm_90 builds use no local memory / stack (no register
-# spill; `python -m profiling.report`); fp32 needs smaller tiles (tf32x3 dots hold both halves of
+# spill; `python -m msf.profiling.report`); fp32 needs smaller tiles (tf32x3 dots hold both halves of
 # each operand). `AOT_SPECS` builds exactly those pairs; kernels/configs.json pins the one that runs
 # (autotuning, an opt-in, searches the configs of the input's dtype: `_dtype_prune`). The interpreter's
 # pinned entry is each list's first: tiles large enough to keep it affordable (its cost is per program and per op), while the tests
@@ -249,7 +249,7 @@ _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every 
 def _mm(a, b, PRECISE: tl.constexpr):
     """fp32-accumulated a @ b. PRECISE (fp32 inputs; both operands are then fp32): tf32x3 tensor-core
     products, about fp32 accuracy ("ieee" would lower to FMAs that spill at K ≥ 64). Otherwise
-    `kernels._common.dot` (bf16 / fp16 operands, upcast under the interpreter)."""
+    `msf.kernels._common.dot` (bf16 / fp16 operands, upcast under the interpreter)."""
     if PRECISE:
         return tl.dot(a, b, out_dtype=tl.float32, input_precision="tf32x3")
     else:
@@ -1160,7 +1160,7 @@ def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# ahead-of-time builds (python -m profiling.report): every kernel × dtype × config at the model's
+# ahead-of-time builds (python -m msf.profiling.report): every kernel × dtype × config at the model's
 # shape (B = 32, C = 128, 128×128 on an H100: the chunk lengths below are what the host picks there)
 # ----------------------------------------------------------------------------------------------
 _AOT_C = 128
@@ -1171,7 +1171,7 @@ _AOT_DTYPES = {"bf16": False, "fp32": True}
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     """(AOT_SPECS, AOT_SPECS_SLOW): every (kernel, dtype, config) of the config lists. The wgrad
     kernel's unrolled strip sweeps take ptxas ~35-50 s a build, so only its first (pinned) config
-    is in CI's set; the others are slow builds (`python -m profiling.report` without --skip-slow)."""
+    is in CI's set; the others are slow builds (`python -m msf.profiling.report` without --skip-slow)."""
     specs: list[AotSpec] = []
     slow: list[AotSpec] = []
     hw = _AOT_HW * _AOT_HW

@@ -51,11 +51,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from triton.runtime.jit import KernelInterface
 
-from kernels import attention as _attn
-from kernels import attention_sublayer as _sub
-from kernels import head_loss as _hl
-from kernels import lmsa as _lm
-from kernels import upsample_argmax as _ua
+from msf.kernels import attention as _attn
+from msf.kernels import attention_sublayer as _sub
+from msf.kernels import head_loss as _hl
+from msf.kernels import lmsa as _lm
+from msf.kernels import upsample_argmax as _ua
 from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer
 
 Tensor = torch.Tensor
@@ -166,7 +166,7 @@ attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """`kernels.attention.attention` (no tf32) through `msf::attention`."""
+    """`msf.kernels.attention.attention` (no tf32) through `msf::attention`."""
     _attn._check(q, k, v)
     if q.shape[1] == 0 or not _attn.fused_supported(q.dtype, q.shape[-1]):
         return _attn.attention_eager(q, k, v)
@@ -225,7 +225,7 @@ attention_sublayer_op.register_autograd(_sublayer_grad, setup_context=_sublayer_
 
 
 def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> Tensor:
-    """`kernels.attention_sublayer.attention_sublayer_for_model` through `msf::attention_sublayer`:
+    """`msf.kernels.attention_sublayer.attention_sublayer_for_model` through `msf::attention_sublayer`:
     fused for one shared dtype or autocast's mix; otherwise the projections around `attention`."""
     ts = (x_norm, residual, k, v, wq, bq, wo, bo)
     if _sub._precision(*ts) is None:
@@ -274,7 +274,7 @@ head_loss_op.register_autograd(_head_loss_grad, setup_context=_head_loss_setup)
 
 
 def head_loss(logits: Tensor, targets: Tensor, eps: float = DEFAULT_DICE_EPS) -> Tensor:
-    """`kernels.head_loss.head_loss` through `msf::head_loss` (0-dim fp32 loss)."""
+    """`msf.kernels.head_loss.head_loss` through `msf::head_loss` (0-dim fp32 loss)."""
     _hl._validate(logits, targets, eps)
     return torch.ops.msf.head_loss(logits, targets, float(eps))[0]
 
@@ -328,7 +328,7 @@ lmsa_op.register_autograd(_lmsa_grad, setup_context=_lmsa_setup)
 
 
 def lmsa(x: Tensor, p: LMSAParams) -> Tensor:
-    """`kernels.lmsa.lmsa` through `msf::lmsa`."""
+    """`msf.kernels.lmsa.lmsa` through `msf::lmsa`."""
     _lm._check(x, p)
     params = [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
     return torch.ops.msf.lmsa(x, params)[0]
@@ -349,7 +349,7 @@ upsample_argmax_op = _define("upsample_argmax", _upsample_argmax_body, _upsample
 
 
 def upsample_argmax(logits: Tensor, size) -> Tensor:
-    """`kernels.upsample_argmax.upsample_argmax` through `msf::upsample_argmax`."""
+    """`msf.kernels.upsample_argmax.upsample_argmax` through `msf::upsample_argmax`."""
     size = [size, size] if isinstance(size, int) else list(size)
     if len(size) != 2:
         raise ValueError(f"size must be an int or an (H, W) pair, got {size!r}")

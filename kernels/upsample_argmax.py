@@ -6,7 +6,7 @@
 
 (B×H×W int64) without materialising the B×K×H×W upsampled logits: one program per (image, tile of
 BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen source-index rule as
-`kernels.head_loss`, any output size, up- or downsampling), interpolates in fp32, rounds the value
+`msf.kernels.head_loss`, any output size, up- or downsampling), interpolates in fp32, rounds the value
 to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
 the classes (ties go to the lowest class id, like torch.argmax).
 
@@ -23,9 +23,9 @@ It can differ from eager only where two classes are tied or within one rounding 
 
 Kernels: with an integer power-of-two scale and K ≤ head_loss.FAST_MAX_K, `_upsample_argmax_rows_kernel`
 (whole pixels per thread: one output column per lane, the K classes of its pixel in its registers,
-the band walked cell row by cell row as in `kernels.head_loss`'s row kernels; no cross-lane work);
+the band walked cell row by cell row as in `msf.kernels.head_loss`'s row kernels; no cross-lane work);
 any other size or K, `_upsample_argmax_kernel` (BLOCK_P×K_PAD tiles, four taps gathered per pixel).
-Instruction figures (python -m profiling.cost, sm_90, the shape below, bf16 channels-last): row kernel
+Instruction figures (python -m msf.profiling.cost, sm_90, the shape below, bf16 channels-last): row kernel
 72 registers, 788 warp-instructions per cell row of 4 output rows ≈ 6.2 per pixel, predicted
 59 µs on an H100 (issue-bound; the byte floor is 29 µs); before, the generic kernel: 1023 µs.
 
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import AotSpec
-from kernels.configs import PinnedKernel
-from kernels import head_loss as _hl
-from kernels.head_loss import (LOGIT_DTYPES, MAX_CLASSES, _bands, _check_device, _k_pad, _row_taps, _rows_block,
+from msf.kernels._common import AotSpec
+from msf.kernels.configs import PinnedKernel
+from msf.kernels import head_loss as _hl
+from msf.kernels.head_loss import (LOGIT_DTYPES, MAX_CLASSES, _bands, _check_device, _k_pad, _row_taps, _rows_block,
                                _rows_path, _source_index, _to_dtype, _upsampled_logits)
 
 __all__ = ["upsample_argmax", "eager_upsample_argmax", "AOT_SPECS"]
@@ -108,7 +108,7 @@ def _upsample_argmax_rows_kernel(
 ):
     """Row kernel (power-of-two integer scales, K ≤ head_loss.FAST_MAX_K), grid (column strips,
     bands of cell rows, B): one output column per lane, the classes of its pixel in its registers,
-    walking down the band cell row by cell row as `kernels.head_loss`'s forward row kernel does."""
+    walking down the band cell row by cell row as `msf.kernels.head_loss`'s forward row kernel does."""
     strip = tl.program_id(0)
     band = tl.program_id(1)
     b = tl.program_id(2)
@@ -133,7 +133,7 @@ def _upsample_argmax_rows_kernel(
         c += 1
 
 
-# (BLOCK_P, num_warps): 8 classes of a pixel per thread at K_PAD = 32 (see kernels.head_loss).
+# (BLOCK_P, num_warps): 8 classes of a pixel per thread at K_PAD = 32 (see msf.kernels.head_loss).
 CONFIGS = [(128, 16), (64, 8)]
 
 _CONFIG_LIST = [triton.Config({"BLOCK_P": bp}, num_warps=nw, num_stages=1) for bp, nw in CONFIGS]

@@ -6,12 +6,22 @@ references).
 
 The fused Triton kernels live in `kernels/` and are selected with `backend="triton"`.
 """
-from msf.backend import BACKENDS, fused_op_names, get_ops
-from msf.data import CLASS_NAMES, NUM_CLASSES, DataError, MiniFaceDataset, SyntheticFaces, open_dataset
-from msf.losses import ce_dice_loss
-from msf.metrics import FScoreMeter
-from msf.model import MicroSegFormer, ModelConfig, count_parameters
-from msf.parser import FaceParser
+from pathlib import Path as _Path
+
+# In a checkout, the repository's other top-level packages (kernels/, train/, bench/, profiling/,
+# checking/) are this package's subpackages, msf.kernels and so on: the folder above msf/ joins
+# msf's search path. An install (pyproject's package-dir) puts them inside msf/ instead, and there
+# is nothing to add. Only `msf` is ever importable at the top level from the project.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
+
+from msf.backend import BACKENDS, fused_op_names, get_ops  # noqa: E402
+from msf.data import CLASS_NAMES, NUM_CLASSES, DataError, MiniFaceDataset, SyntheticFaces, open_dataset  # noqa: E402
+from msf.losses import ce_dice_loss  # noqa: E402
+from msf.metrics import FScoreMeter  # noqa: E402
+from msf.model import MicroSegFormer, ModelConfig, count_parameters  # noqa: E402
+from msf.parser import FaceParser  # noqa: E402
 
 __all__ = [
     "BACKENDS", "CLASS_NAMES", "NUM_CLASSES", "DataError", "FScoreMeter", "FaceParser", "MicroSegFormer",

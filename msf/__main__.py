@@ -1,5 +1,5 @@
 import sys
 
-from train.cli import main
+from msf.train.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 The model asks `get_ops(backend)` for a table of the hot-path operations and calls them; it never
 imports Triton. `"eager"` is plain PyTorch (the references live in `msf.reference`). `"triton"`
-imports the op registry `kernels.ops` lazily and takes each op that has a fused Triton
+imports the op registry `msf.kernels.ops` lazily and takes each op that has a fused Triton
 implementation from there; an op without one yet keeps its eager version, and
 `fused_op_names("triton")` says which are which. No table entry holds an `lru_cache` or syncs
 with the device, so `torch.compile(model.loss, fullgraph=True)` traces either backend in one graph.
@@ -85,7 +85,7 @@ _TABLES: dict[str, Ops] = {}  # built once per backend (a plain dict: nothing to
 def get_ops(backend: str) -> Ops:
     """The op table of `backend`, every op wrapped in an NVTX range.
 
-    triton: the fused ops of `kernels.ops.REGISTRY`. Eagerly each runs its kernel module's entry
+    triton: the fused ops of `msf.kernels.ops.REGISTRY`. Eagerly each runs its kernel module's entry
     (a `torch.autograd.Function`); under torch.compile its `torch.library` operator (`msf::...`),
     which Dynamo and AOTAutograd trace without a graph break."""
     table = _TABLES.get(backend)
@@ -99,12 +99,12 @@ def _build_ops(backend: str) -> Ops:
         fused = {}
     elif backend == "triton":
         try:
-            from kernels.ops import REGISTRY  # imports Triton; only the triton backend pays for it
+            from msf.kernels.ops import REGISTRY  # imports Triton; only the triton backend pays for it
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise ValueError(f"backend='triton' needs the `triton` package: {exc}") from exc
         unknown = set(REGISTRY) - {f.name for f in fields(Ops)}
         if unknown:
-            raise RuntimeError(f"kernels.ops.REGISTRY names unknown ops {sorted(unknown)}")
+            raise RuntimeError(f"msf.kernels.ops.REGISTRY names unknown ops {sorted(unknown)}")
         fused = REGISTRY
     else:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -35,8 +35,10 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 ENGINES = ("auto", "torch", "onnxruntime")
 DTYPES = ("auto", "float32", "bfloat16")
 PALETTES = {"celebamask": PALETTE, "readable": OVERLAY_PALETTE}
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE_MODEL = REPO / "models" / "reference.safetensors"
+# the committed reference model: models/ beside msf/ in a checkout, msf/models/ in an install
+REFERENCE_MODEL = next((p for p in (Path(__file__).resolve().parent / "models" / "reference.safetensors",
+                                    Path(__file__).resolve().parents[1] / "models" / "reference.safetensors")
+                        if p.is_file()), Path(__file__).resolve().parents[1] / "models" / "reference.safetensors")
 
 
 def as_rgb_array(image: ImageLike) -> np.ndarray:
@@ -126,7 +128,7 @@ class FaceParser:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.class_names = CLASS_NAMES[:model.config.num_classes]
             if compile:  # one graph with dynamic shapes, compiled now (its time apart from any parse)
-                from train.evaluate import compile_for_inference
+                from msf.train.evaluate import compile_for_inference
                 self.compile_seconds = compile_for_inference(self.model, batch_size, input_size, self.device,
                                                              "bf16" if dtype == "bfloat16" else "off")
 
@@ -149,7 +151,7 @@ class FaceParser:
         the torch engine's model in channels-last memory format, under torch.compile (compiled
         when the parser is built; `compile_seconds` says how long it took).
         """
-        from train.checkpoint import load_model  # checkpoint reading lives with training
+        from msf.train.checkpoint import load_model  # checkpoint reading lives with training
         path = Path(path) if path is not None else REFERENCE_MODEL
         for name, value, allowed in (("engine", engine, ENGINES), ("dtype", dtype, DTYPES),
                                      ("backend", backend, ("auto", "eager", "triton"))):

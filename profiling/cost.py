@@ -1,8 +1,8 @@
 """GPU cost model computed on the CPU: the predicted time of every fused-op kernel from its compiled code.
 
-    python -m profiling.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
-    python -m profiling.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
-    python -m profiling.cost --trace-model (check the capture's layouts against the model's own launches)
+    python -m msf.profiling.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
+    python -m msf.profiling.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
+    python -m msf.profiling.cost --trace-model (check the capture's layouts against the model's own launches)
 
 Method (SPEC §6b). For each fused op at the model's shapes (B = 32, 512×512 images, CUDA bf16
 autocast: bf16 logits and LMSA input in channels-last, fp32 LayerNorm output / residual / master
@@ -10,7 +10,7 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
 
 1. Capture. The op's host code (`_forward` / `_backward` of its module) runs on empty CPU tensors
    of those shapes, dtypes and memory formats, with the SM count of the device and the pinned
-   configs of its kind (`kernels.configs.for_device`); `JITFunction.run` is replaced by a recorder,
+   configs of its kind (`msf.kernels.configs.for_device`); `JITFunction.run` is replaced by a recorder,
    so no kernel runs. The memory formats and dtypes are the model's own: `--trace-model` runs a
    small bf16-autocast step of the model under the interpreter, records what each launch gets
    (channels-last logits and LMSA tensors, k and v as halves of one kv projection, ...) and
@@ -18,7 +18,7 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    (`create_function_from_signature` + `JITFunction._pack_args`): tt.divisibility = 16 on pointers
    and integers divisible by 16, integers equal to 1 as constants — exactly the key the launcher
    compiles on a GPU.
-2. Build. `triton.compile` for sm_90 / sm_80 (`profiling.report.build`; Triton's cache keeps the
+2. Build. `triton.compile` for sm_90 / sm_80 (`msf.profiling.report.build`; Triton's cache keeps the
    cubins); registers and shared memory from `cuobjdump --dump-resource-usage`, SASS from
    `nvdisasm --print-line-info` (both shipped in Triton's package).
 3. Loops. A backward branch (BRA to a lower address) closes a loop [target, branch]. The line
@@ -45,7 +45,7 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    L2-resident re-reads are free). FLOPs = HGMMA (per warpgroup: ÷ 4 warps) and HMMA warp
    instructions × 2·m·n·k of their shape.
 7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
-   (`bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
+   (`msf.bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
    Σ fused ops in one training step (attention sublayers × the stage depths 1, 2, 2, 2) + the
    floor of the eager ops left in a triton step, against the eager step's floor.
 Host-side torch ops inside the fused ops (LMSA's tiny gate graph, partial-sum reductions) are not
@@ -238,7 +238,7 @@ def loop_lines(loop: Loop) -> list[tuple[str, int, int]]:
     import ast
     import importlib
     import textwrap
-    mod = importlib.import_module(f"kernels.{loop.module}")
+    mod = importlib.import_module(f"msf.kernels.{loop.module}")
     fn = getattr(mod, loop.func)
     while not inspect.isfunction(fn):
         fn = fn.fn
@@ -308,7 +308,7 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from kernels import attention, configs, head_loss, lmsa, upsample_argmax
+    from msf.kernels import attention, configs, head_loss, lmsa, upsample_argmax
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({head_loss._head_loss_finalize_kernel: "head_loss.finalize",
                   head_loss._head_loss_total_kernel: "head_loss.total",
@@ -346,7 +346,7 @@ def _cl(b, c, h, w, dtype):
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
-    from kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty
@@ -418,7 +418,7 @@ class Instr:
 
 
 def disassemble(cubin: bytes) -> list[Instr]:
-    from profiling.report import cuobjdump_path
+    from msf.profiling.report import cuobjdump_path
     tool = cuobjdump_path().parent / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
@@ -595,7 +595,7 @@ def compiled_kernel(launch: Launch, arch: int):
     key = (id(launch.fn), arch, repr(sorted(launch.signature.items())), repr(sorted(launch.constexprs.items())),
            repr(sorted(launch.attrs.items())), repr(sorted(launch.options.items())))
     if key not in _BUILDS:
-        from profiling.report import build, cuobjdump_path, usage_of
+        from msf.profiling.report import build, cuobjdump_path, usage_of
         ck = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, arch, launch.options)
         usage = usage_of(ck, arch, cuobjdump_path())
         instrs = disassemble(ck.asm["cubin"])
@@ -607,7 +607,7 @@ def compiled_kernel(launch: Launch, arch: int):
 
 def _config_keys(launch: Launch) -> list[str]:
     """The launch's configuration parameters: its pinned config's keys, else its BLOCK constexprs."""
-    from kernels import configs
+    from msf.kernels import configs
     pk = configs.REGISTRY.get(launch.kernel)
     if pk is not None:
         return list(pk.configs[0].kwargs)
@@ -682,11 +682,11 @@ def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelC
 
 
 # ----------------------------------------------------------------------------------------------
-# eager floors (bench.eager_bytes, another module; optional)
+# eager floors (msf.bench.eager_bytes, another module; optional)
 # ----------------------------------------------------------------------------------------------
 def _eager():
     try:
-        from bench import eager_bytes
+        from msf.bench import eager_bytes
         return eager_bytes
     except Exception:  # absent on a branch without it: the table prints "n/a"
         return None
@@ -695,10 +695,10 @@ def _eager():
 def _eager_source() -> str:
     mod = _eager()
     if mod is None:
-        return "Eager floors: n/a (`bench.eager_bytes` absent from this checkout)."
+        return "Eager floors: n/a (`msf.bench.eager_bytes` absent from this checkout)."
     import hashlib
     digest = hashlib.sha1(Path(mod.__file__).read_bytes()).hexdigest()[:12]
-    return (f"Eager floors: `bench.eager_bytes` (file sha1 {digest}): the bytes of every aten op of the "
+    return (f"Eager floors: `msf.bench.eager_bytes` (file sha1 {digest}): the bytes of every aten op of the "
             f"eager path, counted on meta tensors, ÷ the device's bandwidth.")
 
 
@@ -812,7 +812,7 @@ def summary_text(ops: list[dict], steps: list[dict]) -> str:
         lines.append(f"{r['op']:24} {r['pass']:4} {r['device']:4} {_fmt_opt(r['fused_predicted_s']):>13} "
                      f"{_fmt_opt(r['eager_floor_s']):>14} {ratio:>11}")
     if any(r["eager_floor_s"] is None for r in ops):
-        lines.append("eager floor: n/a (bench.eager_bytes not available on this checkout)")
+        lines.append("eager floor: n/a (msf.bench.eager_bytes not available on this checkout)")
     lines.append("")
     for r in steps:
         val = (f"{r['ratio']:.2f}" if r.get("ratio") is not None else "n/a") if "ratio" in r \
@@ -892,8 +892,8 @@ def pin(devices: list[Device], log=print) -> dict:
     """For every pinned kernel × shape class the model launches on each device: the allowed
     configuration with the least predicted time (summed over the kernel's launches in one step's
     ops) among those whose build does not spill, written into kernels/configs.json."""
-    from kernels import configs
-    from profiling import tune
+    from msf.kernels import configs
+    from msf.profiling import tune
     totals: dict = defaultdict(lambda: defaultdict(float))
     for device in devices:
         kind = f"sm_{device.arch}"
@@ -928,7 +928,7 @@ def pin(devices: list[Device], log=print) -> dict:
 @contextlib.contextmanager
 def _override(name: str, cfg):
     """Launches of kernel `name` take configuration `cfg` instead of the pinned one."""
-    from kernels import configs
+    from msf.kernels import configs
     saved = configs.lookup
     configs.lookup = lambda n, cls, kind, table=None: cfg if n == name else saved(n, cls, kind, table)
     try:
@@ -941,7 +941,7 @@ def _override(name: str, cfg):
 # --trace-model: the layouts and dtypes the model really hands each kernel, against the capture's
 # ----------------------------------------------------------------------------------------------
 # CPU autocast leaves LayerNorm outputs (hence the sublayer's x, residual, out, g, dx and the weight
-# gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (kernels.attention_sublayer);
+# gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (msf.kernels.attention_sublayer);
 # for those the trace checks the layout only.
 AUTOCAST_DTYPE_DIFFERS = {"_sub_fwd_kernel": {"X", "R", "OUT"}, "_sub_bwd_dq_kernel": {"X", "G", "DX"},
                           "_sub_wgrad_kernel": {"A", "B"}}
@@ -999,7 +999,7 @@ def trace_model(size: int = 64) -> list[str]:
     """Mismatches between the model's launches (traced under the interpreter, in a subprocess) and
     the capture's at the same small size; [] when every captured layout is one the model uses."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import json, profiling.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
+    code = f"import json, msf.profiling.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if proc.returncode:
@@ -1023,7 +1023,7 @@ def trace_model(size: int = 64) -> list[str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m profiling.cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.profiling.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
                         help="ops (head_loss, upsample_argmax, attention_sublayer, lmsa; "
@@ -1038,8 +1038,8 @@ def main(argv=None) -> int:
                         help="check the captured layouts / dtypes against a small model run under the interpreter")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        from profiling.report import _rerun_without_interpreter
-        return _rerun_without_interpreter(argv, "profiling.cost")
+        from msf.profiling.report import _rerun_without_interpreter
+        return _rerun_without_interpreter(argv, "msf.profiling.cost")
     devices = [DEVICES[k] for k in args.device]
     if args.pin:
         pin(devices)
@@ -1081,14 +1081,14 @@ def main(argv=None) -> int:
         args.json.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
     png = args.png or (args.md.with_suffix(".png") if args.md else None)
     if png:
-        from bench.plots import plot_cost
+        from msf.bench.plots import plot_cost
         plot_cost(long_rows(costs, ops, steps), png, f"cost model {MODEL_VERSION}: predicted time of every kernel and "
                   f"its floors, B={BATCH}, {SIZE}², bf16 autocast ({_dt.date.today().isoformat()})")
         print(f"wrote {png}")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(f"# Cost model {MODEL_VERSION}, {_dt.date.today().isoformat()} ({_versions()})\n\n"
-                           f"`python -m profiling.cost --json ... --md ...` on a CPU-only machine; predictions, "
+                           f"`python -m msf.profiling.cost --json ... --md ...` on a CPU-only machine; predictions, "
                            f"not measurements. {band_text()} Method: `profiling/cost.py` docstring; reading it: "
                            f"README, \"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
                            f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"

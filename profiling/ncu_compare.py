@@ -1,12 +1,12 @@
 """Nsight Compute against the cost model: measured ÷ predicted for every fused kernel of one step.
 
-    python -m profiling.ncu_compare NCU_CSV [--cost COST_JSON] [--device auto|h100|a100] [--out PREFIX]
+    python -m msf.profiling.ncu_compare NCU_CSV [--cost COST_JSON] [--device auto|h100|a100] [--out PREFIX]
 
 Measured: `ncu --csv --page raw` over one training step (`profiling/ncu.sh`; parsed by
-`profiling.ncu_table`), per launch: `smsp__inst_executed.sum` (warp-instructions issued),
+`msf.profiling.ncu_table`), per launch: `smsp__inst_executed.sum` (warp-instructions issued),
 `sm__warps_active.avg.pct_of_peak_sustained_active` (achieved occupancy), `dram__bytes.sum`,
 `gpu__time_duration.sum`, and the launch's grid.
-Predicted: the long-format rows of `python -m profiling.cost --json PATH` (op, kernel
+Predicted: the long-format rows of `python -m msf.profiling.cost --json PATH` (op, kernel
 "name[config]", pass, device, metric, unit, value); used here: `grid` (programs), `warps`,
 `ctas_per_sm`, `dynamic_total` (warp-instructions), `dram_bytes`, `predicted` (seconds).
 Predicted occupancy = resident CTAs × warps ÷ the SM's warp slots, resident CTAs =
@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from profiling.ncu_table import base_value, parse_with_units
+from msf.profiling.ncu_table import base_value, parse_with_units
 
 # (ncu metric, predicted metric, unit, label); occupancy's prediction is derived, see the docstring
 COMPARED = (
@@ -41,7 +41,7 @@ COMPARED = (
     ("dram__bytes.sum", "dram_bytes", "bytes", "DRAM bytes"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy", "%", "occupancy"),
 )
-# SMs and warp slots per SM when profiling.cost (which owns the device constants) is not importable
+# SMs and warp slots per SM when msf.profiling.cost (which owns the device constants) is not importable
 _FALLBACK_DEVICES = {"h100": (132, 64), "a100": (108, 64)}
 
 
@@ -62,7 +62,7 @@ def kernel_base(name: str) -> str:
 
 def _device_shape(device: str) -> tuple[int, int] | None:
     try:
-        from profiling.cost import DEVICES
+        from msf.profiling.cost import DEVICES
         d = DEVICES[device]
         return d.sms, d.max_warps_per_sm
     except (ImportError, KeyError, AttributeError):
@@ -173,9 +173,9 @@ def markdown(rows: list[dict], note: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiling.ncu_compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.profiling.ncu_compare", description=__doc__.splitlines()[0])
     parser.add_argument("csv", type=Path, help="ncu --csv --page raw output")
-    parser.add_argument("--cost", type=Path, help="python -m profiling.cost --json output (omit: measured only)")
+    parser.add_argument("--cost", type=Path, help="python -m msf.profiling.cost --json output (omit: measured only)")
     parser.add_argument("--device", default="auto", help="cost-model device key (default: from the CSV's CC)")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as exc:
             parser.error(f"{args.cost} is not JSON: {exc}")
     else:
-        note = "No cost-model JSON given (profiling.cost absent?): measured values only."
+        note = "No cost-model JSON given (msf.profiling.cost absent?): measured values only."
     try:
         rows = compare(args.csv.read_text(), cost_rows, args.device)
     except ValueError as exc:

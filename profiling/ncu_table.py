@@ -1,7 +1,7 @@
 """Nsight Compute helpers: the project's kernel-name filter, and a short table from ncu's CSV.
 
-    python -m profiling.ncu_table --regex          # prints a regex matching every project kernel
-    python -m profiling.ncu_table ncu.csv          # time, DRAM bandwidth, occupancy per kernel
+    python -m msf.profiling.ncu_table --regex          # prints a regex matching every project kernel
+    python -m msf.profiling.ncu_table ncu.csv          # time, DRAM bandwidth, occupancy per kernel
 
 `profiling/ncu.sh` runs both around one profiled training step.
 """
@@ -19,7 +19,7 @@ METRICS = {
     "dram__bytes.sum.per_second": "dram_bw",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_%peak",
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy_%",
-    # what the cost model predicts (profiling.ncu_compare): warp-instructions issued, DRAM bytes
+    # what the cost model predicts (msf.profiling.ncu_compare): warp-instructions issued, DRAM bytes
     "smsp__inst_executed.sum": "warp_inst",
     "dram__bytes.sum": "dram_bytes",
 }
@@ -27,7 +27,7 @@ METRICS = {
 
 def kernel_names() -> list[str]:
     """Names of every Triton kernel the project declares (from the kernels' AOT specs)."""
-    from profiling.report import _unwrap, collect_specs
+    from msf.profiling.report import _unwrap, collect_specs
     specs, _ = collect_specs()
     return sorted({_unwrap(spec.fn).__name__ for _, spec in specs})
 
@@ -69,7 +69,7 @@ def base_value(row: dict, metric: str, units: dict[str, str]) -> float:
     """`metric` of one launch in base units: seconds, bytes, bytes/s, instructions, percent."""
     unit = units.get(metric, "")
     if unit not in _UNIT_SCALE:
-        raise ValueError(f"ncu column {metric!r} has unit {unit!r}, which profiling.ncu_table does not know")
+        raise ValueError(f"ncu column {metric!r} has unit {unit!r}, which msf.profiling.ncu_table does not know")
     return to_float(row.get(metric, "")) * _UNIT_SCALE[unit]
 
 

@@ -1,10 +1,10 @@
 """Ahead-of-time build report: registers, shared memory and spills of every kernel (SPEC §7).
 
-    python -m profiling.report [--arch 80 90] [--json PATH] [--module kernels.NAME ...] [--only SUBSTRING]
+    python -m msf.profiling.report [--arch 80 90] [--json PATH] [--module kernels.NAME ...] [--only SUBSTRING]
                              [--skip-slow]
 
 Imports every module of the `kernels` package, collects its `AOT_SPECS` (a list of
-`kernels._common.AotSpec`) and `AOT_SPECS_SLOW` (builds that take ptxas about a minute each, left
+`msf.kernels._common.AotSpec`) and `AOT_SPECS_SLOW` (builds that take ptxas about a minute each, left
 out by `--skip-slow`, which is what the CI test runs), compiles each spec with
 
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32),
@@ -22,7 +22,7 @@ Exit status: 0 when every spec compiled with no spill; 1 when any module failed 
 spec failed to compile, or any kernel spills; 2 when cuobjdump is missing.
 
 `TRITON_INTERPRET=1` turns `@triton.jit` into interpreter objects that cannot be compiled (and flips
-`kernels._common.dot` to its interpreter path), so when it is set in the environment the report
+`msf.kernels._common.dot` to its interpreter path), so when it is set in the environment the report
 re-runs itself in a subprocess with it removed.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def ptxas_spills(ptx: str, arch: int, bin_dir: Path) -> dict[str, int]:
 def kernel_modules() -> list[str]:
     """Every module of the `kernels` package, found without importing them."""
     root = Path(__file__).resolve().parents[1] / "kernels"
-    return [f"kernels.{i.name}" for i in sorted(pkgutil.iter_modules([str(root)]), key=lambda i: i.name)
+    return [f"msf.kernels.{i.name}" for i in sorted(pkgutil.iter_modules([str(root)]), key=lambda i: i.name)
             if i.name != "configs"]
 
 
@@ -217,7 +217,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _rerun_without_interpreter(argv, module: str = "profiling.report") -> int:
+def _rerun_without_interpreter(argv, module: str = "msf.profiling.report") -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -226,7 +226,7 @@ def _rerun_without_interpreter(argv, module: str = "profiling.report") -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m profiling.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.profiling.report", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
                         help="compute capabilities to build for (default: 80 90)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")

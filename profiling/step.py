@@ -1,6 +1,6 @@
 """A few MicroSegFormer training steps with NVTX ranges: the workload every profiler here wraps.
 
-    python -m profiling.step [--backend triton] [--batch 32] [--size 512] [--steps 5] [--warmup 2] [--amp bf16]
+    python -m msf.profiling.step [--backend triton] [--batch 32] [--size 512] [--steps 5] [--warmup 2] [--amp bf16]
 
 Warm-up steps run first; the measured steps are bracketed by cudaProfilerStart/Stop, so
 `nsys --capture-range=cudaProfilerApi` and `ncu --profile-from-start off` see only them.
@@ -17,7 +17,7 @@ import torch
 from msf.backend import require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
-from train.evaluate import autocast_for
+from msf.train.evaluate import autocast_for
 
 
 def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    error = backend_error(args.backend, device, "profiling.step")
+    error = backend_error(args.backend, device, "msf.profiling.step")
     if error:
         print(error, file=sys.stderr)
         return 2

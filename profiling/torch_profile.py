@@ -1,7 +1,7 @@
 """torch.profiler over a few training steps: a Chrome trace (with the NVTX / record_function
 ranges) and a table of the top kernels.
 
-    python -m profiling.torch_profile [--backend triton] [--steps 3] [--out profiling/out]
+    python -m msf.profiling.torch_profile [--backend triton] [--steps 3] [--out profiling/out]
 
 Open `<out>/trace-<backend>.json` in chrome://tracing or https://ui.perfetto.dev; the ranges
 (step, forward+loss, encoder/stageN, decoder/lmsa, triton/<op>, backward, optimizer) sit above the
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profiling.step import add_arguments, backend_error, build_step
+from msf.profiling.step import add_arguments, backend_error, build_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    error = backend_error(args.backend, device, "profiling.torch_profile")
+    error = backend_error(args.backend, device, "msf.profiling.torch_profile")
     if error:
         print(error, file=sys.stderr)
         return 2

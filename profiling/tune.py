@@ -1,11 +1,11 @@
 """Write the pinned-configuration table `kernels/configs.json` (see kernels/configs.py).
 
-    python -m profiling.tune --from-lists [--out PATH]
+    python -m msf.profiling.tune --from-lists [--out PATH]
         the table from the kernels' allow-lists: for every kernel and shape class, the class's first
         allowed configuration for "sm_90", "sm_80" and "default"; the interpreter's configuration
         (each kernel's list head) under shape class "*". Entries already in the table for sm_90 /
-        sm_80 (e.g. the cost model's picks, `python -m profiling.cost --pin`) are kept unless --reset.
-    python -m profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
+        sm_80 (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`) are kept unless --reset.
+    python -m msf.profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
         autotune: runs one bf16-autocast training step of the model with the triton backend with
         MSF_AUTOTUNE=1 (each kernel benchmarks its class's allowed configurations) and writes what
         was picked, for this GPU's kind, into the table (other entries kept).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def _kernels():
-    import kernels  # noqa: F401  (imports every kernel module, registering its PinnedKernels)
-    from kernels import configs
+    from msf import kernels  # noqa: F401  (imports every kernel module, registering its PinnedKernels)
+    from msf.kernels import configs
     return configs
 
 
@@ -61,7 +61,7 @@ def write(table: dict, path: Path) -> None:
 
 
 def autotune_step(batch: int, size: int) -> dict:
-    """One training step with MSF_AUTOTUNE=1; returns kernels.configs.TUNED."""
+    """One training step with MSF_AUTOTUNE=1; returns msf.kernels.configs.TUNED."""
     import torch
     from msf.model import MicroSegFormer
     configs = _kernels()
@@ -80,7 +80,7 @@ def autotune_step(batch: int, size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiling.tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m msf.profiling.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--from-lists", action="store_true", help="build the table from the allow-lists (no GPU)")
     parser.add_argument("--reset", action="store_true", help="with --from-lists: drop existing sm_90 / sm_80 picks")
     parser.add_argument("--out", type=Path, default=None, help="table to write (default kernels/configs.json)")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     else:
         import torch
         if not torch.cuda.is_available():
-            print("python -m profiling.tune: autotuning needs a CUDA GPU (use --from-lists here)", file=sys.stderr)
+            print("python -m msf.profiling.tune: autotuning needs a CUDA GPU (use --from-lists here)", file=sys.stderr)
             return 2
         table = merge(old or table_from_lists(), autotune_step(args.batch, args.size))
     write(table, out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter; this must be decided
-# before anything imports Triton (kernels._common reads it at import).
+# before anything imports Triton (msf.kernels._common reads it at import).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -38,7 +38,7 @@ def real_data() -> Path:
 def one_line_error(capsys, argv: list[str], *patterns: str, code: int = 2):
     """Run `msf ARGV`: it exits with `code` and says one line on stderr holding every pattern.
     Returns what it printed (`.out`, `.err`)."""
-    from train.cli import main
+    from msf.train.cli import main
     assert main(argv) == code
     captured = capsys.readouterr()
     err = captured.err.strip()

@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 
 import importlib  # noqa: E402
 
-attn_mod = importlib.import_module("kernels.attention")
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+attn_mod = importlib.import_module("msf.kernels.attention")
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -220,7 +220,7 @@ def test_rejects_bad_inputs():
 
 
 def test_registered_as_triton_op():
-    import kernels
+    from msf import kernels
     assert kernels.TRITON_OPS["attention"] is attn_mod.attention
 
 

@@ -19,9 +19,9 @@ pytest.importorskip("triton")
 
 import importlib  # noqa: E402
 
-sub_mod = importlib.import_module("kernels.attention_sublayer")
-attn_mod = importlib.import_module("kernels.attention")
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+sub_mod = importlib.import_module("msf.kernels.attention_sublayer")
+attn_mod = importlib.import_module("msf.kernels.attention")
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 

@@ -66,7 +66,7 @@ def autocast_bf16_step():
     """One bf16 autocast forward+backward of `model.loss` on twin eager and triton models: the losses,
     both models' gradients by name, and the dtypes every fused sublayer call saw. The composed
     fallback is made to fail, so every block must take the fused mixed-precision sublayer."""
-    import kernels.attention_sublayer as sub_mod
+    import msf.kernels.attention_sublayer as sub_mod
 
     def no_composition(*args):
         raise AssertionError(f"sublayer composed under autocast; dtypes {[t.dtype for t in args]}")

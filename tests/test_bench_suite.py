@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import harness, suite
-from bench.predicted import CURRENT_COST_TABLE, COST_OPS, load_predictions
+from msf.bench import harness, suite
+from msf.bench.predicted import CURRENT_COST_TABLE, COST_OPS, load_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_a_fallback_is_labelled_as_one(fake_time, capsys):
 
 def test_the_attention_case_knows_when_triton_falls_back():
     """The model's stage 4 (head dim 192) in fp32 is served by the eager formula, in bf16 by the
-    kernels: kernels.attention.fused_supported decides, the bench asks it."""
+    kernels: msf.kernels.attention.fused_supported decides, the bench asks it."""
     fp32 = {c.op: c for c in suite.attention_cases(1, 64, CPU, torch.float32)}
     bf16 = {c.op: c for c in suite.attention_cases(1, 64, CPU, torch.bfloat16)}
     assert set(fp32["attention/stage4"].fallbacks) == {"triton", "triton+compile"}
@@ -158,7 +158,7 @@ def test_results_go_to_an_ignored_folder_by_default():
 
 
 def test_the_cost_chart_draws_every_kernel_of_the_committed_table(tmp_path):
-    from bench.plots import plot_cost
+    from msf.bench.plots import plot_cost
     rows = json.loads(CURRENT_COST_TABLE.read_text())
     plot_cost(rows, tmp_path / "cost.png", "test")
     from PIL import Image

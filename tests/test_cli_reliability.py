@@ -17,11 +17,11 @@ from PIL import Image, ImageFile
 
 from msf.data import OVERLAY_PALETTE, MiniFaceDataset, SyntheticFaces, write_mask
 from msf.pipeline import LoaderBatches
-from train.checkpoint import read_checkpoint
-from train.cli import main
-from train.config import FIELD_HELP, TrainConfig
-from train import evaluate
-from train.loop import cpu_schedule_warning, train
+from msf.train.checkpoint import read_checkpoint
+from msf.train.cli import main
+from msf.train.config import FIELD_HELP, TrainConfig
+from msf.train import evaluate
+from msf.train.loop import cpu_schedule_warning, train
 
 from conftest import HANG_GUARD_S, make_mini, one_line_error
 

@@ -211,8 +211,8 @@ def aot_eager_compile(monkeypatch):
 def test_train_compile_times_the_compile_apart(tmp_path, capsys, aot_eager_compile):
     import json
 
-    from train.config import TrainConfig
-    from train.loop import train
+    from msf.train.config import TrainConfig
+    from msf.train.loop import train
     run_dir = train(TrainConfig(image_size=32, synthetic_train_images=8, synthetic_val_images=4, train_eval_images=4,
                                 batch_size=4, num_workers=0, threads=1, progress=False, out=str(tmp_path),
                                 run_name="r", epochs=2, compile=True))
@@ -224,14 +224,14 @@ def test_train_compile_times_the_compile_apart(tmp_path, capsys, aot_eager_compi
 
 
 def test_eval_compile_reports_the_compile_apart(tmp_path, capsys, aot_eager_compile):
-    """`msf eval --compile` (`msf predict --compile` shares `train.cli._compile`): one compile with
+    """`msf eval --compile` (`msf predict --compile` shares `msf.train.cli._compile`): one compile with
     dynamic shapes before the timed scoring; a last batch of another size does not recompile."""
     import json
 
     from conftest import make_mini
-    from train.cli import main
-    from train.config import TrainConfig
-    from train.loop import train
+    from msf.train.cli import main
+    from msf.train.config import TrainConfig
+    from msf.train.loop import train
     data = make_mini(tmp_path / "data", n=5)
     run_dir = train(TrainConfig(data=str(data), image_size=32, batch_size=2, epochs=1, train_eval_images=2,
                                 num_workers=0, threads=1, progress=False, out=str(tmp_path), run_name="r"))

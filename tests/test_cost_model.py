@@ -1,10 +1,10 @@
-"""The cost model's trip-count formulas (`profiling.cost.LOOPS`) against the loop iterations each
+"""The cost model's trip-count formulas (`msf.profiling.cost.LOOPS`) against the loop iterations each
 program really runs under the interpreter, its pinned-config table, and a one-kernel smoke run of
-`python -m profiling.cost` (one sm_90 build).
+`python -m msf.profiling.cost` (one sm_90 build).
 
 Counting: `InterpretedFunction.run` is wrapped to note each launch's arguments; during the launch
 a `sys.settrace` tracer counts, per program (the interpreter's grid index), how often each loop's
-counted line (`profiling.cost.loop_lines`) executes. The kernels themselves are not touched.
+counted line (`msf.profiling.cost.loop_lines`) executes. The kernels themselves are not touched.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import configs
-from profiling import cost
+from msf.kernels import configs
+from msf.profiling import cost
 
 from conftest import HANG_GUARD_S
 
@@ -115,7 +115,7 @@ def mismatches(counter: LoopCounter, loops: list[cost.Loop]) -> tuple[list[str],
 @pytest.fixture(scope="module")
 def counted():
     """One small run of every fused op (forward and backward) with the loop counter on."""
-    from kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
     from msf.model import LMSAParams
     g = torch.Generator().manual_seed(0)
     with LoopCounter() as counter:
@@ -164,9 +164,9 @@ def test_a_wrong_formula_is_caught(counted):
 
 def test_pinned_table_entries_are_allowed_configs():
     """Every sm_90 / sm_80 / default entry is in its kernel's allow-list for the class (the configs
-    `python -m profiling.report` builds spill-free), every class has one, and the interpreter's is
+    `python -m msf.profiling.report` builds spill-free), every class has one, and the interpreter's is
     each kernel's list head (the configuration the parity tests were written against)."""
-    import kernels  # noqa: F401  registers every PinnedKernel
+    from msf import kernels  # noqa: F401  registers every PinnedKernel
     table = configs.load_table()
     assert set(table) == set(configs.REGISTRY)
     for name, pk in configs.REGISTRY.items():
@@ -190,9 +190,9 @@ def test_lookup_falls_back_and_names_what_is_missing():
 
 
 def test_cost_command_smoke(tmp_path):
-    """`python -m profiling.cost` for one kernel on one device: a complete row, JSON rows written."""
+    """`python -m msf.profiling.cost` for one kernel on one device: a complete row, JSON rows written."""
     out = tmp_path / "cost.json"
-    proc = subprocess.run([sys.executable, "-m", "profiling.cost", "--device", "h100", "--op", "head_loss",
+    proc = subprocess.run([sys.executable, "-m", "msf.profiling.cost", "--device", "h100", "--op", "head_loss",
                            "--kernel", "head_loss.fwd", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,9 +9,9 @@ import torch
 
 from conftest import assert_close, assert_grads_close
 from msf.model import MicroSegFormer
-from train import evaluate
-from train.config import TrainConfig
-from train.loop import make_model, train
+from msf.train import evaluate
+from msf.train.config import TrainConfig
+from msf.train.loop import make_model, train
 
 CPU = torch.device("cpu")
 
@@ -31,7 +31,7 @@ def test_auto_settings_follow_the_cpu(monkeypatch, native):
 def test_auto_pipeline_takes_the_device_cache_on_a_cpu_only_where_it_fits(monkeypatch):
     """The uint8 cache is the fastest CPU input pipeline (bench/results/cpu-train-speed-2026-11-29)
     but holds the whole data set in RAM: auto takes it for real data up to a quarter of MemAvailable."""
-    from train import inputs
+    from msf.train import inputs
     monkeypatch.setattr(inputs, "available_ram", lambda: 8 * 2**30)
     mini = inputs.cache_bytes_estimate(800, 100, 256)               # celebamask-hq-mini: < 1 GiB
     full = inputs.cache_bytes_estimate(28_000, 2_000, 512)          # CelebAMask-HQ: ~37 GiB

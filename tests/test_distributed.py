@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import read_checkpoint
-from train.config import TrainConfig
-from train.distributed import DistContext
-from train.loop import session_limit, train
+from msf.train.checkpoint import read_checkpoint
+from msf.train.config import TrainConfig
+from msf.train.distributed import DistContext
+from msf.train.loop import session_limit, train
 
 from conftest import HANG_GUARD_S
 
@@ -130,7 +130,7 @@ def test_cuda_training_with_the_device_pipeline_learns(tmp_path):
 
 
 def test_a_resumed_optimizer_takes_this_devices_implementation():
-    from train.loop import for_this_device
+    from msf.train.loop import for_this_device
     param = torch.nn.Parameter(torch.zeros(3))
     saved = torch.optim.AdamW([param], foreach=True).state_dict()
     fresh = torch.optim.AdamW([param])

@@ -1,11 +1,11 @@
-"""bench.eager_bytes: the meta-tensor byte counter (hand-computed cases, views free), the CUDA
+"""msf.bench.eager_bytes: the meta-tensor byte counter (hand-computed cases, views free), the CUDA
 autocast emulation against torch's own AutocastCUDA kernels, and the three training-step variants
 at a small shape."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import eager_bytes as eb
+from msf.bench import eager_bytes as eb
 
 
 def meta(*shape, dtype=torch.float32):
@@ -66,7 +66,7 @@ def test_every_autocast_cuda_op_has_a_policy():
     registered = {name for name in every_op if eb.has_autocast_cuda_kernel(name)}
     assert registered, "no AutocastCUDA kernels found: cannot check the lists"
     missing = registered - eb._BANNED - {n for n in registered if eb.autocast_policy(n)}
-    assert not missing, f"ops CUDA autocast casts that bench.eager_bytes does not: {sorted(missing)}"
+    assert not missing, f"ops CUDA autocast casts that msf.bench.eager_bytes does not: {sorted(missing)}"
 
 
 PROBES = {

@@ -12,10 +12,10 @@ from PIL import Image
 from msf import CLASS_NAMES, FaceParser
 from msf.data import FLIP_ID_MAP, OVERLAY_PALETTE, PALETTE, SyntheticFaces, normalize
 from msf.export import OnnxParsingSession, ParsingGraph, export_onnx
-from train.checkpoint import load_model
-from train.cli import main
-from train.config import TrainConfig
-from train.loop import train
+from msf.train.checkpoint import load_model
+from msf.train.cli import main
+from msf.train.config import TrainConfig
+from msf.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime engine needs the onnxruntime package")

@@ -34,16 +34,16 @@ if not torch.cuda.is_available():
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, assume, example, given, settings, strategies as st  # noqa: E402
 
-from kernels import attention as attn_mod  # noqa: E402
-from kernels import attention_sublayer as sub_mod  # noqa: E402
-from kernels import head_loss as hl_mod  # noqa: E402
-from kernels import lmsa as lmsa_mod  # noqa: E402
-from kernels.upsample_argmax import upsample_argmax  # noqa: E402
-from tests import test_attention as t_attn  # noqa: E402
-from tests import test_attention_sublayer as t_sub  # noqa: E402
-from tests import test_head_loss as t_hl  # noqa: E402
-from tests import test_lmsa as t_lmsa  # noqa: E402
-from tests.conftest import assert_close, poison_new_buffers  # noqa: E402
+from msf.kernels import attention as attn_mod  # noqa: E402
+from msf.kernels import attention_sublayer as sub_mod  # noqa: E402
+from msf.kernels import head_loss as hl_mod  # noqa: E402
+from msf.kernels import lmsa as lmsa_mod  # noqa: E402
+from msf.kernels.upsample_argmax import upsample_argmax  # noqa: E402
+import test_attention as t_attn  # noqa: E402
+import test_attention_sublayer as t_sub  # noqa: E402
+import test_head_loss as t_hl  # noqa: E402
+import test_lmsa as t_lmsa  # noqa: E402
+from conftest import assert_close, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -147,7 +147,7 @@ def _taps(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _check_labels(got, logits, size, tag):
     """Labels are eager's argmax of the upsampled float64 logits up to near-ties at every pixel
     whose four taps are finite; a pixel whose interpolated value is NaN in some class gets exactly
-    the lowest such class (the NaN contract in kernels.upsample_argmax)."""
+    the lowest such class (the NaN contract in msf.kernels.upsample_argmax)."""
     B, K = logits.shape[:2]
     H, W = size
     assert got.dtype == torch.int64 and got.shape == (B, H, W), tag

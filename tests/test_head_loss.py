@@ -1,4 +1,4 @@
-"""Parity tests of the fused head loss and upsample-argmax (kernels.head_loss, kernels.upsample_argmax).
+"""Parity tests of the fused head loss and upsample-argmax (msf.kernels.head_loss, msf.kernels.upsample_argmax).
 
 The reference is written out here in float64, independently of msf.losses: bilinear upsample with
 F.interpolate, log-softmax, CE, Dice. Low-precision logits are compared against the reference
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
-from kernels import head_loss as hl_mod  # noqa: E402
-from kernels._common import INTERPRET  # noqa: E402
-from kernels.head_loss import HeadLossFunction, head_loss  # noqa: E402
-from kernels.upsample_argmax import upsample_argmax  # noqa: E402
+from msf import kernels  # noqa: E402
+from msf.kernels import head_loss as hl_mod  # noqa: E402
+from msf.kernels._common import INTERPRET  # noqa: E402
+from msf.kernels.head_loss import HeadLossFunction, head_loss  # noqa: E402
+from msf.kernels.upsample_argmax import upsample_argmax  # noqa: E402
 from msf.backend import eager_head_loss, get_ops  # noqa: E402
 from msf.losses import check_targets  # noqa: E402
 
@@ -129,7 +129,7 @@ LOSS_CASES = {
     "k4_s2x3_fp32_nonsquare_scale": (1, 4, 3, 4, 2, 3, torch.float32, "nchw", torch.uint8, False, 1.0, None),
     "k6_s2_fp32_several_bwd_programs": (1, 6, 11, 9, 2, 2, torch.float32, "slice", torch.uint8, False, 1.0, 2),
     "k5_s1_bf16_several_fwd_chunks": (2, 5, 37, 41, 1, 1, torch.bfloat16, "nchw", torch.uint8, False, 1.0, 0),
-    # row kernels (kernels.head_loss._rows_path): a K above FAST_MAX_K takes the generic kernels;
+    # row kernels (msf.kernels.head_loss._rows_path): a K above FAST_MAX_K takes the generic kernels;
     # under the interpreter a strip is 32 full-res columns, so w = 9 at s = 4 (and 17 at s = 2)
     # spans two backward strips and the halo between them, and h = 4 several bands
     "k19_s4_bf16_nhwc_two_strips": (1, 19, 4, 9, 4, 4, torch.bfloat16, "nhwc", torch.uint8, False, 1.0, 2),
@@ -199,7 +199,7 @@ def test_head_loss_upstream_gradient_and_determinism(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_out_of_range_targets_are_rejected_at_entry_and_harmless_in_kernel(device):
-    """Contract (kernels.head_loss docstring): check_targets rejects bad ids where data enters;
+    """Contract (msf.kernels.head_loss docstring): check_targets rejects bad ids where data enters;
     the kernels themselves never read out of bounds on them and stay finite."""
     dev = get_device(device)
     logits = make_logits(1, 4, 3, 3, torch.float32, "nchw", dev)

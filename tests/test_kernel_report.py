@@ -1,4 +1,4 @@
-"""The ahead-of-time report (`python -m profiling.report`, SPEC §7) builds every kernel config of every
+"""The ahead-of-time report (`python -m msf.profiling.report`, SPEC §7) builds every kernel config of every
 `kernels/` module for sm_80 and sm_90 on this CPU-only machine, with no register spill.
 
 Each module's report runs in a subprocess per architecture (as many at once as there are cores) with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from profiling import report
+from msf.profiling import report
 
 from conftest import HANG_GUARD_S
 
@@ -47,7 +47,7 @@ def _aot_modules() -> list[str]:
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """{(module, arch): (completed process, JSON path)}: one `profiling.report` subprocess per module
+    """{(module, arch): (completed process, JSON path)}: one `msf.profiling.report` subprocess per module
     and arch, as many at a time as there are cores (ptxas is single-threaded, and these builds are
     most of the suite's cold time)."""
     if not report.cuobjdump_path().is_file():
@@ -60,13 +60,13 @@ def builds(tmp_path_factory):
         module, arch = job
         out = root / f"{module}-sm{arch}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "profiling.report", "--module", module, "--arch", str(arch),
+            [sys.executable, "-m", "msf.profiling.report", "--module", module, "--arch", str(arch),
              "--skip-slow", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         return job, (proc, out)
 
     jobs = [(m, arch) for m in _aot_modules() for arch in ARCHS]
     # the longest builds first, so the last one to start is a short one
-    jobs.sort(key=lambda j: j[0] != "kernels.head_loss")
+    jobs.sort(key=lambda j: j[0] != "msf.kernels.head_loss")
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         return dict(pool.map(build, jobs))
 

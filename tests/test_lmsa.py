@@ -27,9 +27,9 @@ pytest.importorskip("triton")
 
 import importlib  # noqa: E402
 
-lmsa_mod = importlib.import_module("kernels.lmsa")
+lmsa_mod = importlib.import_module("msf.kernels.lmsa")
 from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
-from tests.conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -209,7 +209,7 @@ def test_rejects_bad_inputs():
 
 
 def test_registered_as_triton_op():
-    import kernels
+    from msf import kernels
     assert kernels.TRITON_OPS["lmsa"] is lmsa_mod.lmsa
 
 

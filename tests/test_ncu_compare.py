@@ -1,11 +1,11 @@
-"""profiling.ncu_compare (and profiling.ncu_table's parser) on a small CSV in the exact layout of
+"""msf.profiling.ncu_compare (and msf.profiling.ncu_table's parser) on a small CSV in the exact layout of
 `ncu --csv --page raw` (progress lines, the application's prints, a units line, thousands
-separators, auto-scaled units) against cost-model rows in `profiling.cost --json`'s long format."""
+separators, auto-scaled units) against cost-model rows in `msf.profiling.cost --json`'s long format."""
 import json
 
 import pytest
 
-from profiling import ncu_compare, ncu_table
+from msf.profiling import ncu_compare, ncu_table
 
 from conftest import HANG_GUARD_S
 

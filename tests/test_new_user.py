@@ -16,11 +16,11 @@ from PIL import Image
 
 from msf.data import (CLASS_NAMES, OVERLAY_PALETTE, PALETTE, SyntheticFaces, open_dataset, overlay, with_legend,
                       write_mask)
-from train import loop
+from msf.train import loop
 from conftest import make_mini, one_line_error
-from train.cli import main
-from train.config import TrainConfig
-from train.loop import Interrupted, rate, train
+from msf.train.cli import main
+from msf.train.config import TrainConfig
+from msf.train.loop import Interrupted, rate, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, synthetic_train_images=8, synthetic_val_images=4, train_eval_images=4, batch_size=4,
@@ -226,12 +226,12 @@ def test_an_interrupted_cache_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
 def test_torch_profile_with_triton_and_no_interpreter_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "profiling.torch_profile", "--backend", "triton", "--out",
+    done = subprocess.run([sys.executable, "-m", "msf.profiling.torch_profile", "--backend", "triton", "--out",
                            str(tmp_path)], cwd=REPO, env={**env, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("profiling.torch_profile: error:") and "TRITON_INTERPRET=1" in done.stderr
+    assert done.stderr.startswith("msf.profiling.torch_profile: error:") and "TRITON_INTERPRET=1" in done.stderr
 
 
 @pytest.mark.parametrize("script", ["nsys.sh", "ncu.sh"])
@@ -249,4 +249,4 @@ def test_the_nsight_scripts_run_the_projects_python(tmp_path, script):
     subprocess.run(["bash", str(REPO / "profiling" / script), str(tmp_path / "out")], cwd=REPO, env=env,
                    capture_output=True, text=True)
     args = (tmp_path / "args.txt").read_text().split("\n")
-    assert ".venv/bin/python" in args and "profiling.step" in args, args
+    assert ".venv/bin/python" in args and "msf.profiling.step" in args, args

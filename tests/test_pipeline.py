@@ -186,7 +186,7 @@ def test_augment_batch_on_cuda_matches_cpu_for_the_same_parameters():
 
 
 def test_a_cache_too_large_for_the_gpu_is_refused_with_the_alternative(monkeypatch):
-    from train.inputs import check_fits
+    from msf.train.inputs import check_fits
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
     check_fits(int(1.9 * 2**30), torch.device("cuda"))  # under half the free memory: fine
     with pytest.raises(ValueError, match="needs 2.5 GiB.*--pipeline loader"):

@@ -9,7 +9,7 @@ import io
 import json
 
 from conftest import REPO
-from train.cli import main
+from msf.train.cli import main
 
 MODELS = REPO / "models"
 

@@ -1,6 +1,6 @@
-"""Memory safety of every kernel (`python -m checking.sanitize`, SPEC §7).
+"""Memory safety of every kernel (`python -m msf.checking.sanitize`, SPEC §7).
 
-Two engines. The concrete one (`checking.bounds`, the default) checks, under the interpreter this
+Two engines. The concrete one (`msf.checking.bounds`, the default) checks, under the interpreter this
 test process already runs, every address of every load and store against the elements of the
 launch's tensor arguments: it runs every case of every op here, in-process. The symbolic one is
 Triton-Sanitizer (triton-viz 3.0): it must run without TRITON_INTERPRET=1 and before the kernels are
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from checking import sanitize
-from checking.bounds import AccessChecker, Extent
+from msf.checking import sanitize
+from msf.checking.bounds import AccessChecker, Extent
 
 from conftest import HANG_GUARD_S
 
@@ -140,7 +140,7 @@ def _sanitize(*args: str, interpret: bool = False) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "checking.sanitize", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "msf.checking.sanitize", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -153,7 +153,7 @@ def test_command_reports_planted_accesses_with_exit_status_1():
 
 def test_symbolic_engine_reports_a_planted_access():
     """triton-viz, where it can run: the planted load one past the end. (Its 3.0 release fails on
-    most of the real kernels, now including upsample_argmax's row kernels: see checking.sanitize;
+    most of the real kernels, now including upsample_argmax's row kernels: see msf.checking.sanitize;
     the concrete engine above covers every case.)"""
     pytest.importorskip("triton_viz", reason="the optional sanitize extra: python3 run.py extra sanitize")
     run = _sanitize("--engine", "symbolic", "--op", "toy_oob")

@@ -15,10 +15,10 @@ from PIL import Image
 
 from msf.data import SyntheticFaces, write_mask
 from msf.model import MicroSegFormer
-from train.checkpoint import BackgroundCheckpointer, atomic_save, read_checkpoint
-from train.cli import main
-from train.config import TrainConfig
-from train.loop import train, warmup_cosine
+from msf.train.checkpoint import BackgroundCheckpointer, atomic_save, read_checkpoint
+from msf.train.cli import main
+from msf.train.config import TrainConfig
+from msf.train.loop import train, warmup_cosine
 
 from conftest import HANG_GUARD_S
 

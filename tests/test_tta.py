@@ -12,8 +12,8 @@ from PIL import Image
 
 from msf.data import FLIP_ID_MAP, SyntheticFaces, write_mask
 from msf.model import MicroSegFormer
-from train.checkpoint import write_release
-from train.cli import main
+from msf.train.checkpoint import write_release
+from msf.train.cli import main
 
 
 def random_model(backend: str = "eager", seed: int = 0) -> MicroSegFormer:

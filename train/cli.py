@@ -27,12 +27,12 @@ from tqdm import tqdm
 from msf.backend import interpreted, require_runnable
 from msf.data import NUM_CLASSES, DataError, open_dataset
 from msf.model import TTA_MODES
-from train.checkpoint import CheckpointError, load_model, write_release
-from train.config import TrainConfig, add_config_arguments, config_from_args, given_fields
+from msf.train.checkpoint import CheckpointError, load_model, write_release
+from msf.train.config import TrainConfig, add_config_arguments, config_from_args, given_fields
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.loop import train
+    from msf.train.loop import train
     allowed = {name.strip().replace("-", "_") for name in (args.allow_changes or "").split(",") if name.strip()}
     unknown = sorted(allowed - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(name: str, backend: str = "eager") -> torch.device:
-    from train.distributed import pick_device
+    from msf.train.distributed import pick_device
     device = pick_device(name)
     require_runnable(backend, device)
     if interpreted(backend, device):
@@ -59,7 +59,7 @@ def _compile(model, args: argparse.Namespace, batch: int, input_size: int, devic
     """With --compile: the model's forward under torch.compile, compiled now; its time on stderr."""
     if not args.compile:
         return None
-    from train.evaluate import compile_for_inference
+    from msf.train.evaluate import compile_for_inference
     seconds = compile_for_inference(model, batch, input_size, device, args.amp)
     print(f"compiled the forward in {seconds:.1f} s (not counted in the timings below)", file=sys.stderr, flush=True)
     return seconds
@@ -67,7 +67,7 @@ def _compile(model, args: argparse.Namespace, batch: int, input_size: int, devic
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from msf.pipeline import LoaderBatches, eval_plan
-    from train.evaluate import evaluate
+    from msf.train.evaluate import evaluate
     if args.batch_size < 1 or args.num_workers < 0:
         raise ValueError(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} "
                          f"and {args.num_workers}")
@@ -112,7 +112,7 @@ def absent_classes(scores: dict) -> list[str]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from msf.parser import FaceParser
-    from train.predict import check_images, find_images, plan_outputs, predict_to_folder
+    from msf.train.predict import check_images, find_images, plan_outputs, predict_to_folder
     if args.amp == "fp16":
         raise ValueError("--amp fp16 is not offered for predict; use bf16 or off")
     if args.batch_size < 1:
@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from msf.export import OPSET, export_onnx, file_digest
     from msf.parser import REFERENCE_MODEL
-    from train.checkpoint import build_model, read_checkpoint, read_release
+    from msf.train.checkpoint import build_model, read_checkpoint, read_release
     if args.out is None and args.onnx is None:
         raise ValueError("give the release's file name (OUT.safetensors), --onnx OUT.onnx, or both")
     checkpoint = Path(args.checkpoint) if args.checkpoint else REFERENCE_MODEL
@@ -182,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     """`msf bench` hands its arguments (--help included) to the benchmark's own parser."""
-    from bench.suite import main as bench_main
+    from msf.bench.suite import main as bench_main
     return bench_main(argv)
 
 

@@ -74,7 +74,7 @@ class TrainConfig:
     def for_device(self, device) -> "TrainConfig":
         """The fields whose "auto" depends on the device (amp, paper_head_order)
         filled in for `device`; the training loop saves this resolved config with the run."""
-        from train.evaluate import resolve_amp  # torch-dependent; config stays importable without it
+        from msf.train.evaluate import resolve_amp  # torch-dependent; config stays importable without it
         on_cpu = device.type == "cpu"
         cfg = dataclasses.replace(
             self, amp=resolve_amp(self.amp, device),

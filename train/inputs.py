@@ -18,8 +18,8 @@ import torch
 
 from msf.data import AugmentConfig, open_dataset
 from msf.pipeline import DeviceBatches, LoaderBatches, UInt8Cache, eval_plan, load_uint8_cache, train_plan
-from train.config import TrainConfig
-from train.distributed import DistContext
+from msf.train.config import TrainConfig
+from msf.train.distributed import DistContext
 
 PIPELINES = ("auto", "loader", "device")
 

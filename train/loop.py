@@ -8,7 +8,7 @@ Run directory layout:
     curves.png       loss, train/val F-score and learning rate (redrawn at most every 20 s, and at the end)
     summary.json     best score, why the session ended, throughput
 
-Launched by `torchrun`, the same loop trains data-parallel (`train.distributed`): each process
+Launched by `torchrun`, the same loop trains data-parallel (`msf.train.distributed`): each process
 takes its slice of every global batch, and rank 0 alone writes the run directory.
 
 The step never waits on the GPU: the loss is summed on the device and read every
@@ -32,13 +32,13 @@ from tqdm import tqdm
 from msf.backend import interpreted, require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
-from train import distributed
-from train.checkpoint import BackgroundCheckpointer, read_checkpoint, remove_stale_temp_files
-from train.config import TrainConfig, flag
-from train.distributed import DistContext
-from train.evaluate import autocast_for, class_pixel_counts, constant_prediction_meter, evaluate_meter
-from train.inputs import build_inputs
-from train.plots import plot_curves
+from msf.train import distributed
+from msf.train.checkpoint import BackgroundCheckpointer, read_checkpoint, remove_stale_temp_files
+from msf.train.config import TrainConfig, flag
+from msf.train.distributed import DistContext
+from msf.train.evaluate import autocast_for, class_pixel_counts, constant_prediction_meter, evaluate_meter
+from msf.train.inputs import build_inputs
+from msf.train.plots import plot_curves
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 LOG_EVERY = 20           # steps between progress-bar loss reads (each one waits for the GPU)
@@ -451,7 +451,7 @@ def rate(images_per_s: float) -> str:
 def cache_note(cfg: TrainConfig) -> str:
     """Where the decoded data cache of a run that kept nothing is, and its size ("" when none):
     it is kept for the next run on the same data, which then skips the decoding."""
-    from train.inputs import default_cache_dir
+    from msf.train.inputs import default_cache_dir
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg)
     files = [f for f in cache.glob("*") if f.is_file()] if cache.is_dir() else []
     if not files:
