@@ -6,15 +6,30 @@ references).
 
 The fused Triton kernels live in `kernels/` and are selected with `backend="triton"`.
 """
+import importlib.abc as _abc
+import importlib.util as _util
+import sys as _sys
 from pathlib import Path as _Path
 
-# In a checkout, the repository's other top-level packages (kernels/, train/, bench/, profiling/,
-# checking/) are this package's subpackages, msf.kernels and so on: the folder above msf/ joins
-# msf's search path. An install (pyproject's package-dir) puts them inside msf/ instead, and there
-# is nothing to add. Only `msf` is ever importable at the top level from the project.
+# In a checkout, the repository's other top-level packages are this package's subpackages:
+# msf.kernels is kernels/, and so for each of _FOLDERS. An install (pyproject's package-dir) puts
+# them inside msf/ and has nothing to map. Only these names are mapped: `msf.run` or `msf.msf`
+# stay unimportable, so no file of the project is ever a module under two names.
+_FOLDERS = ("kernels", "train", "bench", "profiling", "checking")
 _CHECKOUT = _Path(__file__).resolve().parent.parent
-if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
-    __path__.append(str(_CHECKOUT))
+
+
+class _CheckoutFolders(_abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        parent, _, child = name.partition(".")
+        init = _CHECKOUT / child / "__init__.py"
+        if parent != "msf" or child not in _FOLDERS or not init.is_file():
+            return None
+        return _util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+
+
+if (_CHECKOUT / "pyproject.toml").is_file() and not any(isinstance(f, _CheckoutFolders) for f in _sys.meta_path):
+    _sys.meta_path.append(_CheckoutFolders())
 
 from msf.backend import BACKENDS, fused_op_names, get_ops  # noqa: E402
 from msf.data import CLASS_NAMES, NUM_CLASSES, DataError, MiniFaceDataset, SyntheticFaces, open_dataset  # noqa: E402
