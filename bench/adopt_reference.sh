@@ -2,7 +2,7 @@
 # Make a gpu_train.sh result folder the committed reference model: same names, formats and commands
 # as before (models/README.md), the old files replaced.
 #
-#   bash bench/adopt_reference.sh bench/results/gpu-train-<date>
+#   bash bench/adopt_reference.sh bench/results/measured/gpu/gpu-train-<date>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:?usage: bash bench/adopt_reference.sh RESULTS_DIR (a gpu-train-<date> folder)}

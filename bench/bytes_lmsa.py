@@ -37,7 +37,7 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
 "µs" = bytes / bandwidth (3.0 TB/s, an H100's device copy rate): the time if the pass were purely
 bandwidth-bound. The fused kernels are not: their depthwise taps cost 83 FMAs per element plus
 loads and (in the backward) per-tap reductions, so on an H100 they are bound by instruction issue,
-not by DRAM; see kernels/lmsa.py's docstring.
+not by DRAM; see docs/lmsa.md.
 
 Default output (B = 32, C = 128, 128×128, bf16, H100 with 132 SMs):
 

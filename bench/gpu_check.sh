@@ -3,7 +3,7 @@
 # fp32/bf16/fp16), the op and training-step benchmarks, and a profiler trace, all inside a time
 # budget, with every result written to one folder.
 #
-#   bash bench/gpu_check.sh [BUDGET_SECONDS (default 480, at most 480)] [RESULTS_DIR (default bench/results)]
+#   bash bench/gpu_check.sh [BUDGET_SECONDS (default 480, at most 480)] [RESULTS_DIR (default bench/results/measured/gpu)]
 #
 # Writes RESULTS_DIR/gpu-check-<date>/: env.json, parity.log + parity.xml, bench-paper-cuda.{json,md},
 # profile/ (Chrome trace + top kernels), summary.md. On a machine without CUDA every GPU part is
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-480}
 (( budget > 480 )) && { echo "budget capped at 480 s (was $budget)"; budget=480; }
-results=${2:-bench/results}
+results=${2:-bench/results/measured/gpu}
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
 started=$(date +%s)

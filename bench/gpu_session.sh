@@ -13,7 +13,7 @@
 #
 #   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu (default both)] [PACK_DIR]
 #
-# PACK_DIR defaults to $OUT, else bench/results. `both` gives gpu_check 40% of the budget, the
+# PACK_DIR defaults to $OUT, else bench/results/measured/gpu. `both` gives gpu_check 40% of the budget, the
 # Nsight Compute pass a fifth (60 to 150 s) and training the rest (a partial schedule: --max-minutes
 # stops it in time); `train` skips gpu_check and ncu so the paper's whole schedule can run (about
 # 9 minutes of budget for the 5-minute target plus set-up, scoring and the throughput table);
@@ -21,12 +21,12 @@
 #
 # Device-tool call (after `mkdir -p data && cp -r ../shared/data/celebamask-hq-mini data/` here):
 #   run(command="bash bench/gpu_session.sh 500", carry=["data/celebamask-hq-mini"], timeout_s=570)
-# then, here:  tar xzf <files_at>/gpu-results.tgz -C bench/results/   and commit bench/results/.
+# then, here:  tar xzf <files_at>/gpu-results.tgz -C bench/results/measured/gpu/   and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 total=${1:-500}
 mode=${2:-both}
-pack=${3:-${OUT:-bench/results}}
+pack=${3:-${OUT:-bench/results/measured/gpu}}
 case "$mode" in both|train|check|ncu) ;; *) echo "mode must be both, train, check or ncu, not $mode" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 work=$(mktemp -d)/results

@@ -2,7 +2,7 @@
 # One command for a lent GPU machine: training throughput per backend and input pipeline, then the
 # paper's schedule on the real data inside a time budget, scored and exported as the reference model.
 #
-#   bash bench/gpu_train.sh [BUDGET_SECONDS (default 330)] [RESULTS_DIR (default bench/results)]
+#   bash bench/gpu_train.sh [BUDGET_SECONDS (default 330)] [RESULTS_DIR (default bench/results/measured/gpu)]
 #
 # Data: $MSF_DATA, else data/celebamask-hq-mini (git-ignored; on this machine
 #   mkdir -p data && cp -r ../shared/data/celebamask-hq-mini data/
@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-330}
-results=${2:-bench/results}
+results=${2:-bench/results/measured/gpu}
 data=${MSF_DATA:-data/celebamask-hq-mini}
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python

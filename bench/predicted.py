@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-CURRENT_COST_TABLE = Path(__file__).resolve().parent / "results" / "cost-model.json"
+CURRENT_COST_TABLE = Path(__file__).resolve().parent / "results" / "predicted" / "cost-model.json"
 
 # `msf bench` op -> (cost-model op, its passes summed), or the reason there is no prediction.
 COST_OPS: dict[str, tuple[str, tuple[str, ...]] | str] = {

@@ -51,10 +51,10 @@ PRESETS = {
 }
 COMPILED = ("compile", "triton+compile")
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = "bench/out"
+DEFAULT_OUT = "bench/out"  # git-ignored: committing a result is a deliberate --out under bench/results/
 CPU_NOTE = ("On a CPU this measures eager PyTorch and torch.compile; the Triton kernels run here only through "
             "Triton's interpreter, a correctness tool whose times say nothing about GPU speed. The GPU speed-up "
-            "the project claims is the cost model's prediction, shown beside each op and labelled as such.")  # git-ignored: committing a result is a deliberate `--out bench/results`
+            "the project claims is the cost model's prediction, shown beside each op and labelled as such.")
 STAGES = [(1, 32, 8), (2, 64, 4), (3, 128, 2), (4, 192, 1)]  # (stage, channels, SR ratio)
 
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"results folder (default {DEFAULT_OUT}, git-ignored; to commit a result, give "
-                             "--out bench/results)")
+                             "--out bench/results/measured/...)")
     parser.add_argument("--name", default=None, help="results file stem (default: bench-<preset>-<device>)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per provider (default: the preset's)")

@@ -1,87 +1,28 @@
-"""Fused spatial-reduction attention core: `softmax(q kᵀ / √d) v` forward and backward in Triton.
+"""Fused spatial-reduction attention core: `softmax(q kᵀ / √d) v`, forward and backward in Triton.
 
-Math and shapes (one head; the model calls it exactly like `msf.backend.eager_attention`):
+    q: B×N×d, k, v: B×M×d (any strides: k and v are usually the column halves of one B×M×2d tensor)
+    S = q kᵀ / √d, P = softmax_rows(S)   B×N×M, never written to memory
+    O = P v                             B×N×d, in the input dtype
+    lse = logsumexp_rows(S)             B×N fp32, saved for the backward
 
-    q: B×N×d, k, v: B×M×d (any strides; k and v are usually column halves of one B×M×2d tensor,
-       read in place through their strides, no copies)
-    S = q kᵀ / √d            B×N×M   (never written to memory)
-    P = softmax_rows(S)      B×N×M   (never written to memory)
-    O = P v                  B×N×d   (written, in the input dtype)
-    lse = logsumexp_rows(S)  B×N     (written in fp32, saved for the backward)
+It computes exactly `msf.backend.eager_attention` (one head; M = 256 at every stage of the model,
+a compile-time constant; any M ≥ 1). Dtypes: fp32 (tf32x3 dots, about fp32 accuracy), bf16, fp16,
+fp32 accumulation everywhere. Head dims up to 256 run as one power-of-two d block with masked
+loads (the model's d = 192 as 256); fp32 at d > 128 runs the eager formula (`fused_supported`).
 
-Specialised to short key/value sequences (SPEC §6: M = 256 at every stage at 512×512): M is a
-compile-time constant and one forward program owns BLOCK_N query rows of one image and sweeps all
-of K and V in BLOCK_M-row tiles with an online softmax (exp2 form; fp32 running max, sum and
-accumulator), so at BLOCK_M = 64-128 a program does 2-4 rescalings. Any M ≥ 1 works (the tail
-tile is masked with -inf scores); each distinct M compiles once.
+Kernels (no atomics; deterministic):
+- `_attn_fwd_kernel`: BLOCK_N query rows of one image sweep all of K and V with an online softmax.
+- `_attn_bwd_dq_kernel`: D = rowsum(dO∘O), then dQ from a sweep recomputing S, P, dP, dS.
+- `_attn_bwd_dkdv_kernel`: dK, dV of one KV tile over one chunk of the queries (fp32 partials
+  when the queries are split into chunks, `_chunking`).
+- `_attn_bwd_reduce_kernel`: the fixed-order 2-D sum of those partials (the attention sublayer's
+  weight gradients reuse it).
 
-Precision: accumulation is fp32 for every dtype; bf16/fp16 operands go to the tensor cores as they
-are (P is rounded to the input dtype before `P v`, as in FlashAttention). fp32 inputs use tf32x3
-dots (`msf.kernels._common.dot_tf32x3`: three tf32 products, about fp32 accuracy); `allow_tf32=True`
-takes plain tf32 instead (~3e-4 relative). ("ieee" fp32 dots were tried first: their FMA lowering
-keeps whole d-slices of both operands in registers and spills from d = 64 on.) At d > 128 (the
-model's d = 192) every tf32x3 configuration spills, so fp32 there without `allow_tf32` runs the
-eager formula (`fused_supported`): stage 4 only, off the AMP path; bf16 / fp16 are always fused.
+Configurations: one pinned per (kernel, dtype class, d block) in configs.json, each built ahead of
+time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m msf.profiling.report`).
 
-Head dims: the d block is `BLOCK_D = next_power_of_2(d)` (≥ 32) with every d-load masked, so
-d = 192 runs as a 256-wide block whose last 64 columns load as zeros. Chosen over tiling d in
-128 + 64 pieces to keep one code path; the cost is 25 % extra dot FLOPs and on-chip footprint at
-stage 4 only (N = 256 there: the smallest stage), no extra memory traffic (masked lanes are not
-fetched). The configurations allowed per (kernel, dtype class, d block) are listed in `_ALLOWED`,
-each built ahead of time for sm_80 and sm_90 without spills (`AOT_SPECS`, `python -m msf.profiling.report`).
-
-Backward (flash-attention style, math in the comment block above `_attn_dq_sweep`): no
-atomics, deterministic.
-  1. `_attn_bwd_dq_kernel`, one program per (BLOCK_N query rows, image): D_i = rowsum(dO∘O) (stored,
-     B×N fp32), then a sweep over all KV tiles recomputing S, P, dP, dS and accumulating dQ on chip.
-  2. `_attn_bwd_dkdv_kernel`, one program per (KV tile, query chunk, image): sweeps the chunk's query
-     rows in BLOCK_N blocks, accumulating that chunk's dK and dV of its KV tile in fp32 registers;
-     writes them to fp32 partials B×C×M×d (C = number of query chunks), or straight into dK, dV in
-     the input dtype when C = 1.
-  3. `_attn_bwd_reduce_kernel` (C > 1): dK = Σ_c partial_c in fp32, cast once. 2-D tiles: each
-     step adds BLOCK_C chunks × BLOCK elements element-wise into fp32 tile accumulators, and the chunk
-     axis is summed once at the end (a fixed tree for a fixed config: deterministic). Up to 64
-     chunks take one step; `msf.kernels.attention_sublayer` sums its 256 weight-gradient partials with
-     the same kernel in 4 steps (it used to take 256 serial chunk loads in one program: ~24 µs).
-Why chunks: dK and dV sum over all N queries. One program per (image, KV tile) looping over all of
-N has only B·⌈M/BLOCK_M⌉ = 64 programs at B = 32, BLOCK_M = 128 (under one per SM on an H100),
-each running a 16384-row serial loop at stage 1. C chunks give C times the programs for 2·B·C·M·d·4
-bytes of partials written and read once. `_chunking` takes the C (at most N / (2M), so partials
-never cost more than the kernel's own reads of q and dO) that puts the least work on the busiest SM
-for the pinned KV tile: C = 4, 4, 1, 1 for the four stages at B = 32 on 132 SMs, 256 programs at
-stages 1-2 (the earlier "4 programs per SM" rule took C = 5: 320 programs, 3 on some SMs, 2.4 on
-average). The KV tile is grid axis 0, so the ⌈M/BLOCK_M⌉ programs sharing one chunk's q / dO rows
-run side by side and those rows come from DRAM about once.
-
-Bytes through GPU memory at B = 32, 512×512, bf16 (`python -m msf.bench.bytes_attention`, which also
-lists them op by op; each op reads its inputs and writes its outputs once; "sdpa" is PyTorch's
-fused FlashAttention-style kernel counted at its inputs + outputs + lse, scratch not counted;
-µs = forward + backward bytes at 3.0 TB/s):
-
-    stage  N      M    d   | eager (matmul, softmax, matmul) | sdpa floor             | fused (this module)
-                           | fwd MB   bwd MB    µs           | fwd MB  bwd MB   µs    | fwd MB  bwd MB   µs
-    1      16384  256  32  | 1678.8   2552.2   1410.3        |  70.3   138.4    69.6  |  70.3   229.6   100.0
-    2       4096  256  64  |  438.3    675.3    371.2        |  36.2    71.8    36.0  |  36.2   142.6    59.6
-    3       1024  256  128 |  121.6    192.9    104.9        |  21.1    42.1    21.1  |  21.1    63.4    28.2
-    4        256  256  192 |   37.7     62.9     33.6        |  12.6    25.2    12.6  |  12.6    37.9    16.8
-
-Eager moves six score-sized B×N×M tensors in the forward and nine in the backward (268 MB each at
-stage 1); under autocast (softmax in fp32) it is about twice that. The fused forward is at the floor.
-The fused backward is above it by a second read of q and dO (the dK/dV kernel; 67 MB at stage 1),
-the D vector and the fp32 partials; a single-pass backward (dQ and dK/dV from one sweep) would need
-dK, dV of all M keys on chip, which fits only at d = 32.
-
-Instructions beside the bytes (`python -m msf.profiling.cost --op attention_sublayer`, sm_90 SASS at the
-model's bf16 launches as the sublayer makes them; H100, predictions, not measurements). The dK/dV
-kernel is issue-bound: its loop body is 245 / 257 / 238 / 345 warp-instructions per BLOCK_N-row
-step at stages 1-4 (d blocks 32 / 64 / 128 / 256), 128 / 32 / 32 / 16 steps a program, so
-65 / 18 / 16 / 6.4 M warp-instructions a launch and 72 / 22 / 18 / 14 µs predicted against a byte floor of 27 / 18 / 8.5 / 6.3 µs and a tensor-core
-floor of 43 / 21 / 16 / 8.1 µs (stage 2 is flop-bound). The chunk-sum of dK, dV (stages 1-2,
-4 chunks in one tile) runs 0.3 / 0.7 M warp-instructions and is byte-bound (3.1 / 6.3 µs).
-At d = 192 the 256-wide block pays for 64 masked columns in every dot of the sweeps: the model
-puts that at about a quarter of the d-proportional instructions of the stage-4 kernels, ~4 µs per
-sublayer, so the one-block code path is kept (the sublayer's projection loops do skip the masked
-slices: `msf.kernels.attention_sublayer._d_ceil`).
+docs/attention.md: the backward's math, why the queries are chunked, the bytes against eager and
+sdpa, the instruction counts, and the designs tried and dropped (ieee fp32 dots, tiling d = 192).
 """
 from __future__ import annotations
 

@@ -2,125 +2,25 @@
 
     out = residual + (softmax((x wqᵀ + bq) kᵀ / √C) v) woᵀ + bo
 
-Shapes (one head, C = head dim = model width of the stage):
-    x (normalised tokens), residual: B×N×C      (made contiguous; usually already are)
-    k, v:                            B×M×C      (any strides: column halves of the packed kv tensor)
-    wq, wo: C×C (nn.Linear layout: out×in);  bq, bo: C;  all in one dtype (fp32 / fp16 / bf16),
-    or mixed precision (below)
-    q = x wqᵀ + bq   B×N×C  (on chip only in the forward)
-    O = softmax(q kᵀ/√C) v   B×N×C  (saved for the backward: pre-projection attention output)
-    lse = logsumexp_rows(q kᵀ/√C)   B×N fp32 (saved)
-    out = residual + O woᵀ + bo   B×N×C
+    x (normalised tokens), residual, out: B×N×C      k, v: B×M×C (any strides: halves of packed kv)
+    wq, wo: C×C (nn.Linear's out×in), bq, bo: C      saved: O (B×N×C) and lse (B×N fp32)
 
-Mixed precision (what autocast hands the block; `_precision`): k, v share bf16 or fp16, the
-compute dtype cdt; x and the residual are each fp32 or cdt (fp32 under CUDA autocast: LayerNorm
-output and the residual stream; bf16 under CPU autocast, whose LayerNorm stays in bf16); wq, bq,
-wo, bo share fp32 (master weights) or cdt. The op then computes what eager autocast computes for
-the composition:
-    q   = cdt( cdt(x) cdt(wq)ᵀ + cdt(bq) )              (autocast Linear)
-    O   = attention(q, k, v) in cdt                    (the core's rules)
-    y   = cdt( O cdt(wo)ᵀ + cdt(bo) )
-    out = residual + y                                 (in the residual's dtype; fp32: y rounded first)
-The weights are cast to cdt once on the host (C×C, as autocast does); x, the residual and g are
-read in their own dtype and cast tile by tile on chip, so the token tensors are still read once
-(x, residual) and written once (out) per pass. Gradients: d residual = g, dx in x's dtype, dK, dV in
-cdt, dWq, dbq, dWo, dbo in the weights' dtype from the same fp32 partials. dy = cdt(g) (autograd's
-cast at the mixed add); dx and the weight gradients are written straight from fp32 accumulators,
-where eager rounds them to cdt before its cast back to fp32 (so here they carry one bf16 rounding
-less). When x, residual and out are all cdt, out = cdt(residual + y) is rounded once (eager: y and
-the sum, twice), as in the one-dtype path.
+It computes what the eager composition computes (`msf.reference.composed_attention_sublayer`),
+in one dtype (fp32 / bf16 / fp16) or in autocast's mixed precision (`_precision`): bf16 or fp16 k
+and v, fp32 or compute-dtype x / residual, fp32 master weights rounded on the host as autocast
+does. The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside. fp32 at C > 128
+composes the eager pieces instead (no spill-free tf32x3 tile there).
 
-The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside; k and v reach this op
-as views. M ≤ 256 in the model (a compile-time constant; any M ≥ 1 works).
+Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
+- `_sub_fwd_kernel`: q formed on chip from x, the core's online-softmax sweep, then the output
+  projection slice by slice with bo and the residual added: x and residual read once, out written once.
+- `_sub_bwd_dq_kernel`: recomputes q, forms dO = g wo, sweeps K/V for dQ, writes dx = dQ wq and
+  the q, dO, dQ scratch the next steps read.
+- the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel`): dK, dV from q and dO.
+- `_sub_wgrad_kernel` (twice) and one `_attn_bwd_reduce_kernel`: dWq, dbq, dWo, dbo.
 
-Forward, one kernel (`_sub_fwd_kernel`, one program per BLOCK_N rows of one image): q is formed on
-chip from x in BLOCK_K-column slices of x and wqᵀ (x read once), rounded to the input dtype (as
-eager's Linear output is); the attention sweep is the core's online softmax
-(`msf.kernels.attention._attn_fwd_sweep`, the code `_attn_fwd_kernel` runs: same exp2 form, same
-precision rules); then the output projection runs in BLOCK_K-column slices of woᵀ, each adding bo
-and the matching residual columns and storing that slice of `out`. So the forward reads x and the
-residual once, writes out once, plus O and lse for the backward (O: one extra B×N×C write; lse:
-B×N×4 bytes).
-
-Backward (math in the comment block above `_sub_bwd_dq_kernel`):
-  1. `_sub_bwd_dq_kernel`, per BLOCK_N rows: recomputes q from x, forms dO = g wo on chip, writes q
-     and dO (scratch in the input dtype, for step 2), D = rowsum(dO∘O), sweeps K/V for dQ (the
-     core's `_attn_dq_sweep`, as `_attn_bwd_dq_kernel` does), writes dQ (scratch, for step 3) and
-     dx = dQ wq (on chip).
-  2. the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel` when chunked) on q, dO: dK, dV
-     (reused unchanged from `msf.kernels.attention`, launched by its `_dkdv`).
-  3. `_sub_wgrad_kernel` twice: per (output tile, row chunk) fp32 partials of dWq = dQᵀ x, dbq = Σ dQ
-     and dWo = gᵀ O, dbo = Σ g over all B·N rows, each chunk's [dW | db] in one row of a
-     chunks × (C² + C) buffer; then ONE launch of the core's 2-D chunk-sum `_attn_bwd_reduce_kernel`
-     sums both buffers, 64 chunks a step in fixed tiles and order (deterministic, no atomics), and
-     casts once. The four gradients are views of its two outputs.
-  d residual = g (the same tensor is returned).
-Saved for the backward: x, k, v (views, no copies), wq, bq, wo (in cdt: the inputs themselves, or
-the C×C casts in mixed precision), O (B×N×C cdt) and lse (B×N fp32): at B = 32, stage 1 bf16,
-O = 33.5 MB, lse = 2.1 MB.
-
-Precision: as in the core. fp32 accumulation everywhere; bf16/fp16 operands go to the tensor cores,
-q, O, dO, dQ are rounded to the compute dtype (k's: the input dtype, or cdt in mixed precision)
-where eager would round them; fp32 inputs use tf32x3
-dots (about fp32 accuracy). fp32 at C > 128 (the model's C = 192, a 256 block) has no spill-free
-tf32x3 configuration in the core, so there this op composes the pieces instead
-(`F.linear` → `msf.kernels.attention.attention` (itself eager there) → `F.linear` + residual; autograd
-does the backward): stage 4 fp32 only, off the AMP path. bf16 / fp16 are fused at every C ≤ 256.
-C = 192 runs as a 256-wide block with masked loads (as in the core); the projection loops stop at
-C rounded up to BLOCK_K (`_d_ceil`: 6 slices of 32, not 8).
-
-Bytes through GPU memory at B = 32, 512×512, bf16, M = 256 (`python -m msf.kernels.attention_sublayer`
-prints `bytes_table()`; `ops()` lists them op by op). Every op reads its inputs and writes its
-outputs once; MB; µs = forward + backward bytes at 3.0 TB/s. "eager" = Linear, the core's eager
-matmul / scale / softmax / matmul (msf.bench.bytes_attention's op list), Linear, residual add, and
-autograd's backward of each (bias gradients as separate sums); "eager+sdpa" = the same projections
-and add around `F.scaled_dot_product_attention` counted at its floor (inputs, outputs, lse; its
-scratch not counted); "fused" = this module:
-
-    stage      N    C |           eager            |         eager+sdpa         |           fused
-                      |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs   |  fwd MB  bwd MB   f+b µs
-        1  16384   32 |  1913.7  2887.8   1600.5   |   305.1   474.0    259.7   |   137.4   468.9    202.1
-        2   4096   64 |   555.8   843.1    466.3   |   153.6   239.6    131.1   |    69.7   277.1    115.6
-        3   1024  128 |   180.4   277.0    152.5   |    79.9   126.1     68.7   |    37.9   139.2     59.0
-        4    256  192 |    59.9    94.7     51.5   |    34.8    57.0     30.6   |    19.1    73.2     30.8
-
-Per stage, with t = one B×N×C token tensor (33.6 MB at stage 1): the fused forward moves 4t (read
-x and residual, write out and the saved O) + k, v, weights and lse, against 9t + 6 score-sized
-tensors for eager and 9t + lse for eager+sdpa (the Linear outputs q, y and their re-reads). The
-fused backward is NOT at its floor: the dQ kernel writes q, dO and dQ as scratch (3t) so that the
-core's dK/dV kernel (reads q, dO: 2t) and a separate weight-gradient kernel (reads dQ, x, g, O: 4t)
-can be reused / kept simple, 12t in all plus the core's dK/dV partials (4 query chunks at stages
-1-2: 2·8.4 MB written and read at stage 2; one chunk, no partials, at stages 3-4) and the weight
-partials (256, 256, 64, 22 chunks of C² + C fp32: 3.3 MB per buffer at stage 4, where 22 chunks buy
-a full grid for the weight-gradient kernel); so the backward is about eager+sdpa's at stage 1 and
-10-30 % above it at stages 2-4. Forward + backward is below eager+sdpa at stages 1-3 (22 %, 12 %,
-14 %) and level with it at stage 4 (+1 %). Cutting the backward further (not done): recompute q and dO
-from x and g inside a dK/dV kernel (−2t of scratch writes, at ⌈M/BLOCK_M⌉× the projection FLOPs),
-and accumulate dWo/dWq partials over a row chunk inside the dQ kernel (−4t of re-reads, needs C×C
-fp32 accumulators on chip: only C ≤ 64 fits beside the attention state).
-
-Mixed precision under CUDA autocast (fp32 x, residual, out, g, dx; not in the table): each fp32
-token tensor is 2t, so the forward moves 7t (x, residual, out in fp32, O in bf16) + k, v, weights
-and lse (3t more than in bf16); the backward reads x and g twice each and writes dx, all in fp32:
-5t more than the bf16 backward above (the scratch q, dO, dQ and O stay bf16). Eager AMP pays for the
-same fp32 tensors and adds its casts (x → bf16, g → dy, dx → fp32) as separate passes.
-
-Instructions beside the bytes: the cost model (`python -m msf.profiling.cost --op attention_sublayer`,
-sm_90 SASS of the model's launches: CUDA autocast dtypes, B = 32, 512×512; H100 predictions, not
-measurements; bench/results/cost-model-issue14-attention-2026-11-29.md). M warp-instructions a
-launch, then predicted µs and the floor that sets it:
-
-    stage | fwd kernel        | dQ kernel          | dK/dV (+sum)       | 2× wgrad          | w. chunk-sum | bwd µs
-      1   | 60.2  79.3 bytes  | 96.1 113.6 bytes   | 65.3  75.4 issue   | 23.7  67.8 bytes  | 0.07 1.2     | 258.1
-      2   | 35.9  40.0 bytes  | 38.8  57.0 bytes   | 18.6  27.8 flops   |  6.6  36.4 bytes  | 0.28 2.9     | 124.0
-      3   | 13.5  30.0 issue  | 25.9  29.5 bytes   | 16.3  18.1 issue   |  6.6  19.6 bytes  | 0.53 2.9     |  70.0
-      4   | 10.4  11.5 issue  | 20.3  22.6 issue   |  6.4  14.2 issue   |  4.0  11.5 issue  | 0.56 2.3     |  50.5
-
-Loop bodies (SASS instructions per iteration): the attention sweeps 282 / 304 / 354 / 324 (fwd)
-and 225 / 134 / 168 / 149 (dQ) per KV tile; the weight-gradient row loop 336 and 360 per 64 rows
-(64×64 output tile); the chunk-sum 78 per 64-chunk step. The seven sublayers (depths 1, 2, 2, 2)
-come to 989 µs forward + backward on the H100 (2258 µs on the A100), from 1256 µs (2524 µs) before
-the chunk-sum went 2-D, the dK/dV grid was evened out and the weight gradients got a full grid.
+docs/attention_sublayer.md: the mixed-precision rules in full, the backward's math, the bytes
+against eager and eager+sdpa per stage, the cost-model figures and the cuts not made.
 """
 from __future__ import annotations
 
@@ -574,7 +474,7 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
 
 class AttentionSublayerFunction(torch.autograd.Function):
     """The fused sublayer; saves x, k, v (inputs), wq, bq, wo in the compute dtype (the inputs
-    themselves unless mixed) and O, lse (see the module docstring)."""
+    themselves unless mixed) and O, lse (docs/attention_sublayer.md)."""
 
     @staticmethod
     def forward(ctx, x, r, k, v, wq, bq, wo, bo, bwd_chunk_rows=None, wg_chunk_rows=None):

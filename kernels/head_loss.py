@@ -2,111 +2,28 @@
 
 `head_loss(logits, targets, eps=1.0)` equals
 
-    msf.backend.eager_head_loss(logits, targets, eps)
-      = msf.losses.ce_dice_loss(F.interpolate(logits, size=(H, W), mode="bilinear",
-                                              align_corners=False), targets, eps)
+    msf.losses.ce_dice_loss(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False),
+                            targets, eps)                       (= msf.backend.eager_head_loss)
 
 without ever holding the full-resolution logits or probabilities in memory.
 
-Shapes and dtypes
------------------
-- `logits`  L: B×K×h×w, float32 / bfloat16 / float16, any strides (NCHW, channels-last, sliced views):
-  the kernels take the four strides, nothing is copied. K ≤ 128 (K ≤ 24 in the row kernels, as K
-  per-thread vectors; the generic kernels pad to a power of two).
-- `targets` T: B×H×W, uint8 / int16 / int32 / int64, any strides, with H = s_h·h and W = s_w·w for
-  integer scales s_h, s_w ≥ 1 (4 in the model; 1 works).
-- result: a 0-dim float32 tensor (the loss); the gradient comes back as B×K×h×w in the logits' dtype
-  and memory format.
+    logits: B×K×h×w, fp32 / bf16 / fp16, any strides (NCHW, channels-last, views), K ≤ 128
+    targets: B×H×W, uint8 / int16 / int32 / int64, any strides, H = s_h·h, W = s_w·w (s = 4 here)
+    result: a 0-dim fp32 loss; the gradient in the logits' dtype and memory format
 
-Math (per image b, full-resolution pixel x, class c; N = B·H·W)
------------------------------------------------------------------
-    z(x)   = bilinear upsample of L (align_corners=False, ATen's clamping: src = max((x+½)·h/H − ½, 0),
-             i0 = ⌊src⌋, i1 = min(i0+1, h−1), λ = src − i0; separably in both axes)
-    p(x)   = softmax_c z(x)                     y(x) = onehot(T(x))
-    CE     = (1/N) Σ_x [logsumexp_c z(x) − z_T(x)(x)]
-    I_bc   = Σ_x p_c y_c      S_bc = Σ_x p_c + Σ_x y_c      d_bc = (2 I_bc + ε) / (S_bc + ε)
-    loss   = CE + 1 − (1/(B·K)) Σ_bc d_bc
+Kernels (no atomics; fixed-order sums):
+- row kernels, the fast path (K ≤ FAST_MAX_K = 24, power-of-two scales; the model's K = 19, s = 4):
+  `_head_loss_fwd_rows_kernel` (one full-res column per lane, the K classes in its registers,
+  per-chunk Σp, Σp·y, Σy and CE partials), `_head_loss_finalize_kernel` and
+  `_head_loss_total_kernel` (the per-image Dice coefficients, the loss),
+  `_head_loss_bwd_rows_kernel` (each pixel's gradient once, its vertical adjoint in registers,
+  the horizontal one through per-program scratch rows) and `_head_loss_bwd_halo_kernel`;
+- generic kernels for any other K or scale: `_head_loss_fwd_kernel`, `_head_loss_bwd_kernel`.
+Bad targets (ids outside 0..K−1) are rejected where data enters (`msf.losses.check_targets`),
+not inside forward or backward (no host sync there).
 
-Kernels
--------
-Row kernels (the fast path: K ≤ FAST_MAX_K = 24 and power-of-two integer scales s_h, s_w; the
-model's K = 19, s = 4). One full-resolution column per lane; the K classes of its pixel are K
-separate 1-D tensors (K a compile-time constant), so the softmax over classes is per-thread
-arithmetic: no padding to a power of two, no cross-lane shuffle or barrier in the row loop. A
-program walks down its band cell row by cell row (cell row c: the s_h full-res rows whose upper tap
-is low-res row c, plus the s_h/2 clamped rows above row 0 for c = 0), holding the two horizontally
-interpolated low-res rows it needs; moving down one cell row loads one new low-res row.
-1. `_head_loss_fwd_rows_kernel`, grid (W/BLOCK_X strips, bands, B): per row the K upsampled
-   logits, their max, exp2 and sum, Σp per class in registers; z_t is gathered from the four taps
-   of class t, and p_t and the target count go to the lane's own scratch slot of class t (one
-   read-modify-write per pixel instead of a compare-and-select per class). Writes the same
-   B×n_chunks×3×K_PAD partials as the generic kernel.
-2. `_head_loss_finalize_kernel`, grid (B,): image b's partials in a fixed order → its coefficients
-   α_bc = −2/(B·K·(S+ε)), β_bc = (2I+ε)/(B·K·(S+ε)²) and its CE and Dice sums;
-   `_head_loss_total_kernel`, one program: the loss from the B pairs.
-3. `_head_loss_bwd_rows_kernel`, grid (w/G strips, bands, B), G = BLOCK_X/s_w low-res cells per
-   strip: each full-res pixel's gradient G(x) (the math above the generic backward) is computed
-   once. Its vertical adjoint accumulates in registers into the two low-res rows it touches
-   (carried from one cell row to the next; the loop takes two cell rows per trip with the two
-   sums' roles swapped, so they never move between registers); the target class's extra term
-   goes through the lane's scratch slot. The two horizontally interpolated low-res rows a cell
-   row needs sit in two per-lane scratch rows (L1 hits), not in 2·K registers: that is what lets
-   4 CTAs of 4 warps share an SM (128 registers, no cap, no spill). When a low-res row is
-   complete, the horizontal adjoint ("flush"): each lane leaves A_w·G toward its cell's column
-   and toward the next in a per-program scratch row; after a barrier, KB × G tiles (one class and
-   one cell per thread) add each cell's s_w lanes and the previous cell's in a fixed order, with
-   immediate offsets and no cross-lane reduction or layout conversion. A band starts one cell
-   row above its first low-res row (recomputed: 1/band of the rows). The first column of a strip
-   also needs the previous strip's last cell (the last strip's carries the left border's clamped
-   columns, cyclically): `_head_loss_bwd_halo_kernel` adds the two parts, kept in small fp32
-   halo buffers. No atomics, no full-resolution tensor.
-Generic kernels (any other K ≤ 128 or scale; kept unchanged):
-4. `_head_loss_fwd_kernel`, grid (n_chunks, B): BLOCK_P×K_PAD tiles of full-res pixels, the four
-   low-res taps gathered per pixel, a few classes per thread.
-5. `_head_loss_bwd_kernel`, grid (⌈h·w/BLOCK_Q⌉, B): one program per block of *low-res* pixels
-   recomputes the 2s_h × 2s_w window of full-res pixels that touch them (4× the forward's work).
-
-Instruction figures (python -m msf.profiling.cost, sm_90 SASS, B = 32, 512×512, K = 19, s = 4, bf16
-channels-last logits; 2026-11-29): forward row kernel 128 registers, 252 warp-instructions per
-full-res row per warp (32 pixels) + 189 per cell row, i.e. ≈ 9.4 per pixel: predicted 92 µs on an
-H100 (issue-bound; 144 µs A100). Backward row kernel 128 registers (4 CTAs/SM), ≈ 370 per row
-(194 FP32, 21 MUFU, 63 loads: 38 of them the taps from scratch) + ≈ 560 per cell row (flush and
-the next row's taps) ≈ 16 per pixel: 155 µs (A100: 128 registers, 232 µs); halo 1.5 µs;
-finalize + total ≈ 1 µs. Head + loss forward + backward: 257 µs H100, 392 µs A100. Before:
-the generic kernels ≈ 160 (forward) and ≈ 4× that (backward) per pixel, 1460 + 4733 µs; the first
-row-kernel backward 168 registers (3 CTAs/SM; the taps in registers) with a 816-instruction
-flush (a lane reduction and a shared-memory layout conversion per class), 227 µs.
-Scratch on chip and in L2 (not DRAM floors): the forward's target-class slots 2·K·BLOCK_X fp32 per
-program (10 MB at the shapes above), the backward's (8·K + 3)·BLOCK_X (40 MB: slots, flush rows,
-column weights, tap rows) and its halos (2.5 MB).
-
-Out-of-range target ids (outside 0..K−1): not allowed. Check them where data enters with
-`msf.losses.check_targets(targets, K)` (it syncs; these kernels never do). The kernels stay memory
-safe on them (targets are only compared, never used as an address): such a pixel has an all-zero
-one-hot and a CE term of logsumexp(z), which is meaningless but finite.
-
-Non-finite logits: a NaN anywhere in the logits makes the loss NaN (and the gradient holds NaN):
-it enters every softmax it touches and the Dice sums, and nothing clamps or skips it; the loss is
-never a silent finite value. ±inf: wherever eager's float64 loss is ±inf or NaN the fused loss is
-not finite either; it can also be NaN where eager's is finite, since the bilinear taps multiply
-an inf by a weight that may be 0 (0·inf = NaN; eager's CPU interpolation can skip such taps).
-Tested with hypothesis in tests/test_fuzz_parity.py.
-
-Bytes moved (B = 32, 512×512, K = 19, s = 4, bf16 logits, uint8 targets, at 3.0 TB/s; counted
-op by op by `bench/bytes_head_loss.py`, whose docstring says exactly what is counted)
----------------------------------------------------------------------------------------------------
-- fused forward:  read the low-res logits 32·19·128·128·2 B = 19.9 MB and the targets 32·512·512 B =
-  8.4 MB; write/re-read 0.4 MB of partial sums                        → 29.1 MB, floor  9.7 µs
-- fused backward: read logits 19.9 MB + targets 8.4 MB, write the low-res gradient 19.9 MB
-                                                                       → 48.2 MB, floor 16.1 µs
-- the paper's order, eager as written (up4 of the 128-channel features = 2.1 GB, full-res conv,
-  `ce_dice_loss` with its fp32 casts and int64 one-hot, autograd backward): 32.7 GB, 10.9 ms;
-  even with a perfectly fused loss the paper's order moves 12.9 GB (4.3 ms) for U, Z, dZ, dU.
-- the whole fused path including the (eager) low-res 1×1 conv: 0.54 GB, 0.18 ms: 61× fewer bytes
-  than eager paper order, 24× fewer than the paper order's floor.
-On chip the row kernels read each low-res logit once per band from each of the s_w lanes that
-share it, plus the four-tap gather of z_t per pixel; the generic kernels re-read it ~s² times
-(forward) and ~4s² times (backward). Those are L1/L2 hits, not DRAM traffic, and are not counted.
+docs/head_loss.md: the math of both passes, the bands and scratch protocol of the row kernels,
+the bytes and memory held, the instruction counts and the designs tried and dropped.
 """
 from __future__ import annotations
 
@@ -379,7 +296,7 @@ def _head_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Row kernels: whole pixels per thread (the fast path; "Row kernels" in the module docstring)
+# Row kernels: whole pixels per thread (the fast path; "Kernels" in docs/head_loss.md)
 # ----------------------------------------------------------------------------------------------
 # One full-resolution column per lane; the K classes of its pixel are K separate 1-D tensors (a
 # tuple, K a compile-time constant), so the softmax over classes is per-thread arithmetic: no
@@ -1090,7 +1007,7 @@ def head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_
     """Fused `eager_head_loss`: CE + Dice (SPEC §4) of B×K×h×w logits upsampled bilinearly
     (align_corners=False) to the B×H×W targets' size, H = s_h·h, W = s_w·w. Returns a 0-dim fp32
     loss; differentiable w.r.t. `logits`. Target ids must lie in 0..K−1 (check with
-    `msf.losses.check_targets` where data enters; see the module docstring)."""
+    `msf.losses.check_targets` where data enters; docs/head_loss.md)."""
     return HeadLossFunction.apply(logits, targets, float(eps) if isinstance(eps, (int, float)) else eps)
 
 

@@ -7,132 +7,23 @@
     z   = sigmoid(FC2(ReLU(FC1(s))))
     out = x + Σ_k z_k ⊙ f_k
 
-for x: B×C×H×W (any strides: NCHW, channels-last, sliced views; C a power of two ≥ 16, 128 in the
-model), fp32 / bf16 / fp16, without ever holding f_k in memory. It holds x as a zero-bordered fp32
-copy X̂ (B×(H+6)×(W+6)×C) during the forward only, saves the depthwise outputs D = [DW_3(x);
-DW_5(x); DW_7(x)] (B×H×W×3C in x's dtype, exactly what the forward's GEMM multiplies) and x in
-the wgrad kernel's word order (XW) for the backward, and inside the backward holds E_k = W̃_kᵀ dO
-for the three scales, zero-bordered like X̂ so the depthwise sweeps need no masks: for bf16 inputs
-in bf16 with each int32 word holding the channel pair (m, m + C/2) ("packed"; a sweep unpacks a
-value with one shift or mask), else in fp32 (see "Cost" below).
+for x: B×C×H×W (any strides: NCHW, channels-last, views; C a power of two ≥ 16, 128 in the model),
+fp32 / bf16 / fp16, without ever holding f_k in memory. The gate needs GAP(f_k) before any output:
+by linearity it comes from x's sums over a 7×7 grid of cells (border rows and columns, interior).
 
-Forward (two kernels and a few tiny PyTorch ops)
-------------------------------------------------
-1. Statistics. By linearity GAP(PW_k(DW_k(x))) = W_k·GAP(DW_k(x)) + b_k, and
-   Σ_p DW_k(x)[c, p] = Σ_δ w_k[c, δ] · Σ_{q ∈ R_δ} x[c, q]: every tap δ = (δr, δc) ∈ [−3, 3]² sums x
-   over the rectangle R_δ = {q : q and q − δ inside the image} (the zero padding cuts a strip of
-   |δr| rows and |δc| columns). Those 49 window sums depend on x only through its sums over a 7×7
-   grid of *cells*: rows 0, 1, 2, "interior", H−3, H−2, H−1 times the same for columns (for H < 7
-   every row is its own cell). `_lmsa_stats_kernel` (grid channel blocks × chunks × B) reads x once
-   and writes per-chunk fp32 cell sums (a one-hot [64 × pixels] · x[pixels × channels] product per
-   tile, on tensor cores); the chunks are summed in PyTorch (fixed order, no atomics) into P: B×C×7×7.
-   The same kernel writes x into the interior of X̂ (fp32; the host zeroes its 3-pixel border).
-   Then, in PyTorch (fp32, autocast off, O(B·C²)):
-       win[δ] = Rᵀ P S            (R, S: 7×7 0/1 row / column indicators of the cells in R_δ)
-       g_k    = Σ_δ w_k[δ] win[δ] / (H·W)             = GAP(DW_k(x))          B×C
-       s_k    = W_k g_k + b_k,  z = sigmoid(FC2(ReLU(FC1(s))))
-       W̃[b]   = [diag(z_3)W_3 | diag(z_5)W_5 | diag(z_7)W_7]   B×3×C×C, cast to x's dtype
-       β[b]   = Σ_k z_k ⊙ b_k                                  B×C fp32
-2. `_lmsa_fwd_kernel` (grid tiles of pixel pairs × B): each lane owns two horizontally adjacent
-   pixels (`_pair_tile`); for BLOCK_P such pairs it forms the depthwise outputs of all three scales on chip in
-   BLOCK_K-channel slices from one sweep over the pairs' 7×8 windows of X̂ (`_depthwise3_pair`: 56
-   shifted unmasked loads feed 166 FMAs per pixel pair and channel, each tap's weights serve both
-   pixels; the halo comes from L1/L2), stores the slices once into D, multiplies each into the
-   C-wide fp32 accumulators with the matching BLOCK_K×C slices of W̃[b]ᵀ (one K = 3C GEMM in
-   3·C/BLOCK_K steps), adds β[b] and the residual x, writes out once; it also writes x in the
-   wgrad kernel's word order XW (B × (H+1) × WPAD × C, WPAD = W rounded up to the wgrad strip,
-   zero past the row and in the extra row H: bf16 with the channel halves interleaved for bf16
-   inputs, the packed E_k's layout, else fp32).
+Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
+- `_lmsa_stats_kernel`: the cell sums of x and a zero-bordered fp32 copy X̂ (channels-last);
+  then, in PyTorch, the gate z and the gated weights W̃ = [diag(z_k) W_k] and bias β.
+- `_lmsa_fwd_kernel`: the three depthwise sweeps over X̂ on chip, one K = 3C GEMM with W̃,
+  + β + x; also stores the depthwise outputs D and x in the wgrad kernel's word order (XW).
+- `_lmsa_bwd_gram_kernel`: E_k = W̃_kᵀ dO (bordered; packed bf16 channel pairs for bf16 inputs),
+  M_k = dO D_kᵀ (= ∂L/∂W̃) and Σ dO (= ∂L/∂β).
+- `_lmsa_bwd_wgrad_kernel`: the depthwise weight gradients Σ_q x[q] E_k[q − δ].
+- `_lmsa_bwd_dx_kernel`: dx = dO + Σ_k DW_kᵀ(E_k) + the statistics path's broadcast.
+The tiny gate graph between them runs in PyTorch autograd.
 
-Backward (three kernels, PyTorch autograd on the tiny part; the math is in the comment block above
-`_lmsa_bwd_gram_kernel`)
-3. `_lmsa_bwd_gram_kernel` (one launch; grid channel blocks × pixel chunks × B): for the three
-   scales at once, E_k = W̃_kᵀ dO (tensor-core products sharing each dO slice), stored once
-   (zero-bordered like X̂; packed bf16 pairs or fp32, the W̃ columns gathered in the stored
-   channel order), and M_k[b] = dO_b · D_kᵀ (= ∂L/∂W̃, on tensor cores, D read back from the
-   forward: no depthwise sweep) and Σ_p dO (= ∂L/∂β). Per-chunk fp32 partials, summed in PyTorch.
-4. `_lmsa_bwd_wgrad_kernel` (one launch, `WGRAD_SPLIT`; grid row groups × word blocks, chunks of
-   16-pixel strips, B): the main-path ∂L/∂w_k[δ] = Σ_q x[q] E_k[q − δ]. A program owns one group
-   of window row offsets (±3, ±2, −1, 0 or 1) of every scale whose window holds them (14, 24, 15,
-   15, 15 taps; a uniform branch picks the group's tile loop, `_wgrad_sweep`, so no program
-   carries taps it skips), so each tap keeps per-thread fp32 partial sums over the whole chunk;
-   each lane owns a strip of 16 horizontally adjacent pixels and one word (channels m, m + C/2):
-   x is read once per tile from XW (no masks, constant offsets) for all the group's taps, and a
-   row's 16 + k − 1 loads of E_k feed all 16·k of the strip's taps. The cross-thread pixel
-   reduction runs once per tap and chunk (one chunk per image at the model's shape). Per-chunk
-   partials, summed in PyTorch in a fixed order.
-5. PyTorch: autograd of the tiny graph (P, w_k, W_k, b_k, FC1, FC2) → (W̃, β) given (M, Σ dO): all
-   pointwise / SE gradients, the statistics-path part of ∂L/∂w_k, and T = ∂L/∂P (B×C×7×7).
-6. `_lmsa_bwd_dx_kernel` (grid tiles of pixel pairs × channel blocks × B): dx = dO + Σ_k DW_kᵀ(E_k) +
-   T[cell(q)] (the statistics path: the adjoint of the cell sums is a broadcast of T, laid out
-   B × 49 × C so its loads match dx's layout), written once; DW_kᵀ is the plain depthwise sweep
-   with flipped taps over the stored, bordered E_k, a strip of 8 adjacent pixels and two words per
-   lane (`_dx_strip`: 8 + k − 1 loads per window row feed 8k FMAs per channel, the row's k weights
-   loaded once for the strip): no GEMM, no scratch, no barriers. It never reads x.
-
-Deterministic: no atomics anywhere; partial layouts do not depend on the configuration.
-
-Precision: accumulation is fp32 everywhere; depthwise products are fp32 FMAs. bf16/fp16 inputs feed
-the tensor-core GEMMs in their own dtype (the depthwise outputs are rounded to it first, as eager
-bf16 does). For bf16 inputs E_k = W̃_kᵀ dO is rounded to bf16 once when stored (eager bf16
-autocast rounds it too); fp16 inputs keep fp32 E_k (fp16's range is too small for gradients).
-fp32 inputs use tf32x3 dots (≈ fp32 accuracy; plain tf32 would give ~1e-3).
-
-Memory layout: the kernels take all four strides of x, dO, out and dx; the copies of x are the
-stats kernel's bordered fp32 X̂ and the forward's D (both channels-last whatever x's layout); out
-and dx follow x's memory format when x is dense, else they are contiguous NCHW.
-Contiguous NCHW and channels-last (the model's decoder output) both work; the unit stride is
-specialised by Triton and the AOT builds assume channels-last.
-
-Memory held from forward to backward: x, P, W̃, D (3T in x's dtype: 403 MB at the model's
-shape in bf16, 805 MB for fp32 inputs) and XW (T: 134 MB in bf16, 268 MB for fp32 / fp16 inputs,
-which store it in fp32). X̂ (294 MB fp32) is freed after the forward kernel. Inside the backward
-the three E_k take 3 × 147 MB (bf16 pairs; 3 × 294 MB in fp32).
-
-Bytes through GPU memory at B = 32, C = 128, 128×128, bf16 (T = 134 MB per activation tensor, T̂ =
-294 MB per bordered fp32 tensor; `python -m msf.bench.bytes_lmsa --ops` prints the op-by-op accounting):
-    forward   fused 1560 MB (floor 3T = 403: x twice, out once)  eager as written ≥ 5100 MB
-    backward  fused 2365 MB (floor 4T = 537: x, dO, dO, dx)       eager as written ≥ 9664 MB
-The surplus is mostly X̂ (fp32, written by the statistics kernel, read by the forward), D
-(written by the forward, read by the gram kernel), the three packed E_k (written by the gram
-kernel, read by wgrad and dx: 3 × 147 MB, three times), XW, fp32 partials and B×3×C×C gate
-tensors. X̂ in fp32 buys the forward sweep's instructions (no unpacking, load-immediate column
-offsets); D buys the backward's fourth depthwise sweep; XW buys the wgrad tile's per-pixel
-addressing and masks.
-
-Cost (issue 14; `python -m msf.profiling.cost --op lmsa`, sm_90 builds of the pinned bf16 configs at the
-model's shape, predicted on an H100; predictions, not measurements: no GPU was available):
-    kernel        dyn warp-instr  instr / (element · tap)  predicted  bound
-    stats              43 M                  –               145 µs   bytes (X̂ written in fp32)
-    fwd               339 M         1.9 (incl. the GEMM)     372 µs   issue (bytes 368 µs: D and XW written)
-    gram              192 M                  –               336 µs   bytes (D read, packed E_k written)
-    wgrad             276 M         1.6                      307 µs   issue (2.4 waves of 4 CTAs / SM)
-    dx                294 M         1.7                      320 µs   issue (bytes 237 µs)
-    forward + backward                                      1479 µs   (1751 before the packed E_k and
-                                                                       the strips, 2374 before that,
-                                                                       7696 before issue 14; eager
-                                                                       floor 4520 µs)
-(element · tap: one of the 83 depthwise taps at one pixel and channel, 5.6e9 at this shape.) The
-sm_80 builds give 905 + 1534 µs on an A100. In the sweeps over E_k the FMAs are 61 % (dx) and
-66 % (wgrad) of the instructions: a k = 7 window row of a dx strip is 320 SASS instructions per
-warp for 224 FMAs (8 pixels × 2 words × 2 channels × 7 taps), 28 loads and 56 unpacks; a wgrad
-tile of the ±2 group is 1119 for 768 FMAs.
-What the model said about the steps on the way (2026-11-29):
-  - Packed bf16 E_k with one pixel pair per lane: the unpack (one instruction per loaded value,
-    8 per 14 FMAs) outweighs the halved bytes (measured before this design: gram 799 → 691 µs,
-    wgrad 594 → 800, dx 418 → 682 on the per-scale kernels). Strips of 8 / 16 pixels per lane cut
-    it to (S + k − 1)/(S·k) per FMA and amortise the per-tile cost.
-  - wgrad reading x itself (strided, masked, bf16 → fp32 per value): 420 µs; from XW 349 µs;
-    rows ±3 and ±2 paired (x shared) 334 µs; one chunk per image (tap reductions once) 307 µs.
-  - dx with T read as B × C × 49 (a gather across lanes): 48 layout conversions through shared
-    memory in the epilogue, 343 µs; T as B × 49 × C: none, 320 µs.
-  - 16-pixel strips for dx (one word a lane): 371 µs; 2 words a lane at 16 pixels: 196+ registers.
-  - Recomputing DW_k(x) in the gram kernel instead of storing D: 1107 µs predicted (earlier design).
-  - A register cap (maxnreg 128) for larger tiles: spills (not allowed).
-
-Registers: every (config, dtype) pair in the config lists builds for sm_80 and sm_90 without
-spilling (`python -m msf.profiling.report --module msf.kernels.lmsa`); fp32 gets smaller tiles than bf16/fp16
-where its tf32x3 products need the registers.
+docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
+cost table and what the cost model said about the steps taken and not taken.
 """
 from __future__ import annotations
 

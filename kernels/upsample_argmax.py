@@ -4,36 +4,22 @@
 
     F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
 
-(B×H×W int64) without materialising the B×K×H×W upsampled logits: one program per (image, tile of
-BLOCK_P output pixels) gathers each pixel's four low-res taps (the same ATen source-index rule as
-`msf.kernels.head_loss`, any output size, up- or downsampling), interpolates in fp32, rounds the value
-to the logits' dtype the way eager's upsampled tensor is rounded, and takes the first maximum over
-the classes (ties go to the lowest class id, like torch.argmax).
+(B×H×W int64) without materialising the B×K×H×W upsampled logits. Each output pixel's four
+low-res taps are interpolated in fp32 (ATen's source-index rule, any output size, up- or
+downsampling), rounded to the logits' dtype as eager's upsampled tensor is, and the first maximum
+over the classes is taken (ties to the lowest id, like torch.argmax; a NaN class wins, as in
+torch.argmax, by an explicit rule so that the GPU and the interpreter agree).
 
-NaN and ±inf: a pixel whose interpolated value is NaN in some class gets the lowest such class id,
-which is what torch.argmax returns on a row holding NaN (it treats NaN as the maximum). The value is
-ATen's formula h0λ·(w0λ·v00 + w1λ·v01) + h1λ·(w0λ·v10 + w1λ·v11) over all four taps, so a NaN tap
-makes it NaN even at weight 0, and so do inf·0 and inf − inf; eager's CPU interpolation can skip a
-weight-0 tap, so at such pixels eager's upsampled tensor may be finite where this one is NaN. The
-kernel makes the choice explicitly, so the GPU (whose max skips NaN) and the interpreter (numpy's
-argmax returns the first NaN) agree. Tested with hypothesis in tests/test_fuzz_parity.py.
+    logits: B×K×h×w fp32 / bf16 / fp16, any strides, K ≤ 128
 
-It can differ from eager only where two classes are tied or within one rounding step of each other
-(eager's interpolation and this kernel's may round the last bit differently).
+Kernels:
+- `_upsample_argmax_rows_kernel`: power-of-two integer scales and K ≤ head_loss.FAST_MAX_K; one
+  output column per lane, the K classes of its pixel in its registers, the band walked cell row by
+  cell row as in `msf.kernels.head_loss`'s row kernels; no cross-lane work.
+- `_upsample_argmax_kernel`: any other size or K; BLOCK_P×K_PAD tiles, four taps gathered per pixel.
 
-Kernels: with an integer power-of-two scale and K ≤ head_loss.FAST_MAX_K, `_upsample_argmax_rows_kernel`
-(whole pixels per thread: one output column per lane, the K classes of its pixel in its registers,
-the band walked cell row by cell row as in `msf.kernels.head_loss`'s row kernels; no cross-lane work);
-any other size or K, `_upsample_argmax_kernel` (BLOCK_P×K_PAD tiles, four taps gathered per pixel).
-Instruction figures (python -m msf.profiling.cost, sm_90, the shape below, bf16 channels-last): row kernel
-72 registers, 788 warp-instructions per cell row of 4 output rows ≈ 6.2 per pixel, predicted
-59 µs on an H100 (issue-bound; the byte floor is 29 µs); before, the generic kernel: 1023 µs.
-
-Bytes at B = 32, 19×128×128 bf16 → 512×512: read 19.9 MB of logits, write 67 MB of int64 labels
-(8 bytes per pixel, the dtype torch.argmax returns); eager also writes and re-reads the 0.32 GB of
-upsampled bf16 logits.
-
-`logits`: B×K×h×w float32 / bfloat16 / float16, any strides, K ≤ 128.
+docs/upsample_argmax.md: the NaN and ±inf contract in full, where it can differ from eager, the
+instruction counts and the bytes.
 """
 from __future__ import annotations
 
@@ -74,7 +60,7 @@ def _upsample_argmax_kernel(
     # Round like eager's materialised upsample (a no-op for fp32); −inf padding survives the cast.
     z = _to_dtype(z, logits_ptr.dtype.element_ty).to(tl.float32)
     label = tl.argmax(z, axis=1, tie_break_left=True)
-    # NaN contract (module docstring): the lowest class whose value is NaN, as torch.argmax gives.
+    # NaN contract (docs/upsample_argmax.md): the lowest class whose value is NaN, as torch.argmax gives.
     # Stated explicitly because the GPU's max comparisons skip NaN while the interpreter's numpy
     # argmax returns the first NaN: without this the two code paths would disagree.
     first_nan = tl.min(tl.where(z != z, offs_c[None, :], K_PAD), axis=1)
@@ -92,7 +78,7 @@ def _argmax_row(oy, top, bot, out_b, ox, xmask, H, W, scale_h, h, dtype: tl.cons
     for k in tl.static_range(1, K):
         zk = _to_dtype((1.0 - ly) * top[k] + ly * bot[k], dtype).to(tl.float32)
         # strictly larger (ties keep the lower class), or the first NaN; a NaN once held stays:
-        # the NaN contract of the module docstring, the same on the GPU and in the interpreter
+        # the NaN contract (docs/upsample_argmax.md), the same on the GPU and in the interpreter
         take = ~(zk <= best) & (best == best)
         best = tl.where(take, zk, best)
         label = tl.where(take, k, label)

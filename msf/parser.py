@@ -13,7 +13,7 @@ upsampled back to the image's own size before the argmax (`msf.export.ParsingGra
 - "onnxruntime": the same graph exported to ONNX (`msf export --onnx`, or exported on first use and
   cached, `msf.export.cached_onnx`) and run by ONNX Runtime's CPU provider.
 - "auto" (the default): the fastest the environment has, by this project's measurements
-  (bench/results/cpu-inference-*.md): onnxruntime on a CPU when it is installed, torch otherwise;
+  (bench/results/measured/cpu/inference.md): onnxruntime on a CPU when it is installed, torch otherwise;
   on CUDA, torch with bf16 autocast (and the triton backend when Triton is installed).
 """
 from __future__ import annotations

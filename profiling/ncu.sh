@@ -4,7 +4,7 @@
 #   bash profiling/ncu.sh [OUT_DIR] [extra msf.profiling.step args, e.g. --batch 8]
 # Writes OUT_DIR/ncu.csv (ncu --csv --page raw), ncu-app.log (the step's own output), ncu-table.txt,
 # ncu-compare.{md,json}. The cost model's rows come from $COST_JSON, else the current committed
-# table (`msf.bench.predicted.CURRENT_COST_TABLE`, bench/results/cost-model.json), else
+# table (`msf.bench.predicted.CURRENT_COST_TABLE`, bench/results/predicted/cost-model.json), else
 # `python -m msf.profiling.cost --json` when that module exists (at most $COST_TIMEOUT s, default 120),
 # else the comparison holds measured values only.
 # Needs `ncu` on PATH and a CUDA GPU. Only the measured step is profiled (--profile-from-start off;

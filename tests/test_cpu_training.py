@@ -29,7 +29,7 @@ def test_auto_settings_follow_the_cpu(monkeypatch, native):
 
 
 def test_auto_pipeline_takes_the_device_cache_on_a_cpu_only_where_it_fits(monkeypatch):
-    """The uint8 cache is the fastest CPU input pipeline (bench/results/cpu-train-speed-2026-11-29)
+    """The uint8 cache is the fastest CPU input pipeline (bench/results/measured/cpu/train-speed.md)
     but holds the whole data set in RAM: auto takes it for real data up to a quarter of MemAvailable."""
     from msf.train import inputs
     monkeypatch.setattr(inputs, "available_ram", lambda: 8 * 2**30)

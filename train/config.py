@@ -52,7 +52,7 @@ class TrainConfig:
                                           # bf16 (AVX512-BF16 / AMX), off (fp32) elsewhere; fp16 is CUDA only
     compile: bool = False                 # torch.compile(model.loss, fullgraph=True): one graph around the fused ops
     channels_last: bool = False           # model and images in channels-last memory format (measured no faster
-                                          # on the 2-core CPU with bf16: bench/results/cpu-train-speed-*)
+                                          # on the 2-core CPU with bf16: bench/results/measured/cpu/train-speed.md)
     # run
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     seed: int = 0

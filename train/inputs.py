@@ -4,7 +4,7 @@ un-augmented training images scored each epoch, from either input pipeline (`msf
 `--pipeline auto` takes the device pipeline (the data set decoded once into a uint8 cache, kept in
 the device's memory, augmented there in whole batches) on CUDA, and on the CPU for real data whose
 cache takes at most a quarter of the available RAM (measured at 256², B=16 on 2 cores: 9.9 img/s
-against 8.6–9.5 with the DataLoader, bench/results/cpu-train-speed-2026-11-29.md); otherwise, and for
+against 8.6–9.5 with the DataLoader, bench/results/measured/cpu/train-speed.md); otherwise, and for
 the synthetic default, the DataLoader. Either can be forced. Both give
 the same batches for the same seed and epoch, so a run may switch between them on resume.
 """
