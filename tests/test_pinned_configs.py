@@ -1,0 +1,118 @@
+"""The configurations the GPUs run, run here (issue 23, item 6, for the kernels that exist).
+
+The interpreter's own configurations (kernels/configs.json, device kind "interpreter") are small
+tiles that keep the parity tests cheap, so the tiles an H100 or A100 launches (BLOCK_X = 128 rows
+of the head loss, LMSA's 16-pixel wgrad strips, the attention tiles of each head dim) were never
+executed anywhere. Here every op runs through the interpreter with the sm_90 and the sm_80 entries
+of configs.json (`configs.for_device`), at a small shape in the model's dtype class, forward and
+every gradient against the float64 references of the op's own parity tests; a recorder checks
+that each launch really took the pinned GPU entry.
+"""
+import pytest
+import torch
+
+from conftest import kernel_device, poison_new_buffers
+from msf.kernels import configs
+
+import test_attention as t_attn  # noqa: E402  (the parity helpers of each op)
+import test_attention_sublayer as t_sub  # noqa: E402
+import test_head_loss as t_hl  # noqa: E402
+import test_lmsa as t_lmsa  # noqa: E402
+
+pytestmark = pytest.mark.parity
+KINDS = ("sm_90", "sm_80")
+SMS = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100: the host code sizes its chunks by the SM count
+
+
+@pytest.fixture(params=KINDS)
+def gpu_kind(request, monkeypatch):
+    """Launches look their configuration up as on `kind`; every launch's (kernel, class, config) is
+    recorded, and every buffer the kernels allocate starts as NaN."""
+    kernel_device("cpu")  # the interpreter (skips where TRITON_INTERPRET=1 is not set)
+    poison_new_buffers(monkeypatch, t_attn.attn_mod, t_sub.sub_mod, t_lmsa.lmsa_mod)  # head_loss: POISON_OUTPUTS
+    launched = []
+    original = configs.PinnedKernel.config
+
+    def recording(self, args, kwargs):
+        cfg = original(self, args, kwargs)
+        launched.append((self.name, self.shape_class(self.named_args(args, kwargs)), configs.to_entry(cfg)))
+        return cfg
+    monkeypatch.setattr(configs.PinnedKernel, "config", recording)
+    for module in (t_attn.attn_mod, t_lmsa.lmsa_mod):  # (the sublayer asks the core's)
+        monkeypatch.setattr(module, "_sm_count", lambda device, sms=SMS[request.param]: sms)
+    with configs.for_device(request.param):
+        yield request.param, launched
+
+
+def assert_pinned(kind: str, launched: list, expected_kernels: set[str]) -> int:
+    """Each launch took configs.json's `kind` entry, and all of `expected_kernels` launched;
+    returns how many launches ran a tile other than the interpreter's own."""
+    assert {name for name, _, _ in launched} >= expected_kernels, sorted({n for n, _, _ in launched})
+    for name, cls, entry in launched:
+        assert entry == configs.to_entry(configs.lookup(name, cls, kind)), (name, cls)
+    return sum(entry != configs.to_entry(configs.lookup(name, cls, "interpreter")) for name, cls, entry in launched)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_lmsa_at_the_gpu_tiles(gpu_kind, dtype):
+    kind, launched = gpu_kind
+    if dtype == torch.float32 and kind == "sm_80":
+        pytest.skip("fp32 runs its sm_90 tiles here; one fp32 architecture keeps the CPU suite short")
+    # C = 128 (the model's): the channel blocks are the GPU's; W = 17 spans one whole 16-pixel
+    # wgrad strip and a ragged one, H = 8 > 7 separate border and interior statistics cells
+    chunks = []
+    wgrad_chunk = t_lmsa.lmsa_mod._wgrad_chunk
+    spy = lambda *a: chunks.append(wgrad_chunk(*a)) or chunks[-1]  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(t_lmsa.lmsa_mod, "_wgrad_chunk", spy)
+        x, go = t_lmsa._inputs(1, 128, 8, 17, dtype, "cpu", seed=5, layout="channels_last")
+        t_lmsa._run_case(x, t_lmsa._params(128, dtype, "cpu", seed=5), go)
+    assert_pinned(kind, launched, {"lmsa.stats", "lmsa.fwd", "lmsa.gram", "lmsa.wgrad", "lmsa.dx"})
+    # the GPU's host geometry ran (`_wgrad_chunk` for the SM count; the interpreter's own is a fixed
+    # 32 strips): one chunk covering all 8 × 2 strips of the image
+    assert chunks and chunks[0] >= 8 * 2, chunks
+
+
+def test_head_loss_and_argmax_at_the_gpu_tiles(gpu_kind, monkeypatch):
+    kind, launched = gpu_kind
+    # the row kernels (K = 19, scale 4, bf16 channels-last: the model's) take their tile from
+    # `_rows_block`, not from configs.json: 128 lanes and 4 warps on a GPU, 32 and 1 here
+    assert hl_rows_tile(kind) == (128, 4)
+    # w = 40: one whole 128-column strip and a ragged one; h = 5: bands of more than one cell row
+    cases = {"pinned_rows_k19_s4_bf16": (1, 19, 5, 40, 4, 4, torch.bfloat16, "nhwc", torch.uint8, False, 1.0, 3),
+             "k25_s2_fp32_generic_kernels": t_hl.LOSS_CASES["k25_s2_fp32_generic_kernels"]}
+    monkeypatch.setitem(t_hl.LOSS_CASES, "pinned_rows_k19_s4_bf16", cases["pinned_rows_k19_s4_bf16"])
+    monkeypatch.setitem(t_hl.ARGMAX_CASES, "pinned_rows_k19_x4_bf16", (1, 19, 5, 40, 20, 160, torch.bfloat16, "nhwc"))
+    monkeypatch.setattr(t_hl.hl_mod, "POISON_OUTPUTS", True)
+    for case in cases:
+        t_hl.test_head_loss_matches_float64_reference(case, "cpu")
+    for case in ("pinned_rows_k19_x4_bf16", "k5_fractional_up_fp32_transposed"):
+        t_hl.test_upsample_argmax_matches_eager(case, "cpu")
+    assert_pinned(kind, launched, {"head_loss.fwd", "head_loss.bwd", "upsample_argmax"})
+
+
+def hl_rows_tile(kind: str) -> tuple[int, int]:
+    """(BLOCK_X, num_warps) of the row kernels at the model's size on `kind` (they are not in
+    configs.json: `head_loss._rows_block` picks them by device kind)."""
+    block_x, warps, _ = t_hl.hl_mod._rows_block(32 * 128 * 128)
+    assert t_hl.hl_mod._rows_path(19, 4, 4, block_x), "the model's head would not take the row kernels"
+    return block_x, warps
+
+
+@pytest.mark.parametrize("n,m,d", [(40, 32, 32), (33, 20, 64), (17, 12, 128), (9, 8, 192)],
+                         ids=["d32", "d64", "d128", "d192"])
+def test_attention_and_sublayer_at_the_gpu_tiles(gpu_kind, n, m, d):
+    kind, launched = gpu_kind
+    q, k, v, do, _ = t_attn._inputs(2, n, m, d, torch.bfloat16, "cpu", packed=True)
+    t_attn._check_all(q, k, v, do, torch.bfloat16)
+    vals, _ = t_sub._inputs(2, n, m, d, torch.bfloat16, "cpu", seed=d + n)
+    ours, ref = t_sub._leaves(vals, "cpu", torch.bfloat16), t_sub._leaves(vals, "cpu", torch.float64)
+    out, out_ref = t_sub._run(ours, t_sub.sub_mod.attention_sublayer), t_sub._run(ref, t_sub.sub_mod.attention_sublayer_eager)
+    tol = t_sub._tol(torch.bfloat16, "cpu")
+    t_sub.assert_close(out, out_ref, tol, f"sublayer out (d={d})")
+    out.backward(ours["g"])
+    out_ref.backward(ref["g"])
+    for name in ("x", "residual", "kv", "wq", "bq", "wo", "bo"):
+        t_sub.assert_close(ours[name].grad, ref[name].grad, tol, f"sublayer d{name} (d={d})")
+    assert_pinned(kind, launched, {"attention.fwd", "attention.dq", "attention.dkdv", "attention_sublayer.fwd",
+                                   "attention_sublayer.dq", "attention_sublayer.wgrad"})
