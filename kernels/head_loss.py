@@ -880,8 +880,15 @@ def _rows_block(low_res_pixels: int) -> tuple[int, int, int]:
 
 def _flush_classes(K: int, cells: int, warps: int) -> int:
     """KB: classes per KB × cells tile of the backward's flush, so that a tile holds one element per
-    thread (a power of two, at most K rounded up)."""
-    return max(1, min(triton.next_power_of_2(K), 32 * warps // cells))
+    thread (a power of two, at most K rounded up). The flush relies on it: a thread reads and
+    writes only its own element of the scratch between barriers; a tile wider than the threads
+    would put several elements in one thread and more registers in the row loop. Checked here, at
+    launch, so a new BLOCK_X or warp count cannot break it silently."""
+    kb = max(1, min(triton.next_power_of_2(K), 32 * warps // cells))
+    if cells & (cells - 1) or kb * cells > 32 * warps:
+        raise RuntimeError(f"head_loss flush tile {kb}×{cells} does not fit one element per thread of {warps} "
+                           "warps (BLOCK_X / S_W must be a power of two ≤ 32·num_warps)")
+    return kb
 
 
 def _bands(B: int, n_strips: int, n_rows: int, target: int) -> tuple[int, int]:

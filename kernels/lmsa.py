@@ -917,6 +917,17 @@ def _wgrad_chunk(strips: int, batch: int, c: int, sms: int) -> int:
     return _chunk_pix(strips, batch, _wgrad_groups(max(WGRAD_SPLIT[0])) * max(1, c // 16), sms, max_chunks=4)
 
 
+def _require_words(c: int, *buffers: torch.Tensor) -> None:
+    """The packed bf16 buffers (E_k, XW) are read as int32 words, each holding a channel pair: the
+    kernels need an even C, a unit channel stride and 4-byte aligned bases (every pixel's row then
+    starts on a word). True of the buffers this module allocates; checked at launch (metadata only,
+    no sync) so that a change of layout or a view cannot misread them silently."""
+    for t in buffers:
+        if c % 2 or t.stride(-1) != 1 or t.data_ptr() % 4 or t.element_size() != 2:
+            raise RuntimeError(f"lmsa: a packed bf16 buffer {tuple(t.shape)} (strides {t.stride()}, "
+                               f"{t.dtype}) is not readable as int32 channel-pair words (C = {c})")
+
+
 def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tensor:
     """B × (H+1) × WPAD × C for the forward to fill with x as the wgrad kernel's strips read it: bf16
     with the channel halves interleaved (the packed E_k's layout) for bf16 x, else fp32; WPAD = W
@@ -945,6 +956,8 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     packed = _word_dtype(x.dtype) == torch.bfloat16
     tail = max(_WGRAD_STRIP, _DX_STRIP)
     ek = [_bordered(b, h, w, c, x.device, _word_dtype(x.dtype), tail) for _ in KERNEL_SIZES]
+    if packed:
+        _require_words(c, *ek, xw)
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     _lmsa_bwd_gram_kernel[grid](
         dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,

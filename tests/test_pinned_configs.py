@@ -1,4 +1,5 @@
-"""The configurations the GPUs run, run here (issue 23, item 6, for the kernels that exist).
+"""The configurations the GPUs run, run here, and the kernels' invariants checked at launch
+(issue 23, item 6, for the kernels that exist).
 
 The interpreter's own configurations (kernels/configs.json, device kind "interpreter") are small
 tiles that keep the parity tests cheap, so the tiles an H100 or A100 launches (BLOCK_X = 128 rows
@@ -116,3 +117,21 @@ def test_attention_and_sublayer_at_the_gpu_tiles(gpu_kind, n, m, d):
         t_sub.assert_close(ours[name].grad, ref[name].grad, tol, f"sublayer d{name} (d={d})")
     assert_pinned(kind, launched, {"attention.fwd", "attention.dq", "attention.dkdv", "attention_sublayer.fwd",
                                    "attention_sublayer.dq", "attention_sublayer.wgrad"})
+
+
+def test_the_kernels_invariants_are_checked_at_launch():
+    """What the kernels rely on and cannot check themselves, refused at launch with a message."""
+    hl, lm = t_hl.hl_mod, t_lmsa.lmsa_mod
+    assert hl._flush_classes(19, 128 // 4, 4) == 4 and hl._flush_classes(19, 32 // 4, 1) == 4  # GPU, interpreter
+    with pytest.raises(RuntimeError, match="one element per thread"):
+        hl._flush_classes(19, 64, 1)          # a 64-cell strip on one warp
+    with pytest.raises(RuntimeError, match="one element per thread"):
+        hl._flush_classes(19, 24, 4)          # a strip that is not a power of two
+    words = torch.zeros(4, 128, dtype=torch.bfloat16)
+    lm._require_words(128, words)
+    for bad, c in ((words.flatten()[1:129], 128),                       # a base off the 4-byte words
+                   (words.float(), 128),                                # fp32: not bf16 pairs
+                   (words[:, ::2], 64),                                 # channels strided
+                   (words, 127)):                                       # an odd channel count
+        with pytest.raises(RuntimeError, match="int32 channel-pair words"):
+            lm._require_words(c, bad)
