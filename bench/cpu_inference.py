@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from msf.bench.harness import STATISTIC, environment, median, row, write_results
+from msf.bench.harness import STATISTIC, environment, measure_interleaved, median, row, write_results
 from msf.bench.plots import plot_inference
 from msf.data import SyntheticFaces
 from msf.parser import FaceParser
@@ -59,21 +58,6 @@ def variant_of(parser: FaceParser) -> str:
     if parser.channels_last:
         return "channels-last"
     return "bf16" if parser.dtype == "bfloat16" else "eager fp32"
-
-
-def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """ms per call of each variant, one call each per round, the order reversed every other round."""
-    order = list(calls)
-    for _ in range(warmup):
-        for name in order:
-            calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            started = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - started) * 1e3)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for pass_, batch in PASSES.items():
         chunk = images[:batch]
         calls = {name: (lambda p=p: p.parse_arrays(chunk, "none")) for name, p in parsers.items()}
-        times = interleaved(calls, args.rounds)
+        times = measure_interleaved(calls, torch.device("cpu"), warmup=2, reps=args.rounds)
         base = median(times[BASELINE]) if BASELINE in times else None
         for name, ms in times.items():
             extra = dict(timing="interleaved", default=name == default, batch=batch)

@@ -51,6 +51,26 @@ def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, 
     return times
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, reps: int,
+                        label: str | None = None, slow_s: float = 2.0) -> dict[str, list[float]]:
+    """Per-call ms of every entry of `fns`, one call each per round, the order reversed every other
+    round, so that other work on the machine slows them alike. With `label`, a round that takes
+    `slow_s` or more prints a progress line."""
+    order = list(fns)
+    for _ in range(warmup):
+        for name in order:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for rep in range(reps):
+        started = time.perf_counter()
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            times[name] += measure_ms(fns[name], device, warmup=0, reps=1)
+        if label is not None and time.perf_counter() - started >= slow_s:
+            print(f"    {label}: round {rep + 1}/{reps}: " + ", ".join(f"{n} {times[n][-1] / 1e3:.1f} s" for n in order),
+                  flush=True)
+    return times
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting the bytes read plus the bytes written (GB/s)."""
     if device.type != "cuda":

@@ -59,8 +59,6 @@ def _time(seconds: float) -> str:
 def load_predictions(path: Path = CURRENT_COST_TABLE, device: str = "h100") -> dict[str, Prediction]:
     """bench op -> its prediction on `device`; ops without one are left out (`no_prediction_reason`)."""
     rows = json.loads(Path(path).read_text())
-    if any("state" in r for r in rows):  # a before/after table: its "after" rows are the current code
-        rows = [r for r in rows if str(r.get("state", "")).startswith("after")]
     missing = {"model_version", "error_band"} - set(rows[0]) if rows else {"rows"}
     if missing:
         raise ValueError(f"{path}: cost-model table without {', '.join(sorted(missing))}; re-run "

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from msf.bench.plots import plot_bench
-from msf.bench.harness import STATISTIC, copy_bandwidth_gbs, environment, measure_ms, median, row, write_results
+from msf.bench.harness import (STATISTIC, copy_bandwidth_gbs, environment, measure_interleaved, measure_ms, median,
+                               row, write_results)
 from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
 from msf.losses import ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -238,23 +239,6 @@ def _prepare(builders: dict, provider: str, device: torch.device, label: str
     return fn, compile_s
 
 
-def _measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                         reps: int, op: str) -> dict[str, list[float]]:
-    """Per-call ms of every provider, one call each in turn (the order reversed every other round)."""
-    order = list(fns)
-    for _ in range(warmup):
-        for p in order:
-            fns[p]()
-    times = {p: [] for p in order}
-    for rep in range(reps):
-        started = time.perf_counter()
-        for p in (order if rep % 2 == 0 else order[::-1]):
-            times[p] += measure_ms(fns[p], device, warmup=0, reps=1)
-        if time.perf_counter() - started >= SLOW_CALL_S:
-            _say(f"    {op}: round {rep + 1}/{reps}: " + ", ".join(f"{p} {times[p][-1] / 1e3:.1f} s" for p in order))
-    return times
-
-
 def provider_label(case: Case, provider: str) -> str:
     """The provider as a row names it: a provider that ran the eager code for this case says so."""
     return f"{provider} (eager fallback)" if provider in case.fallbacks else provider
@@ -353,7 +337,7 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
                 rows.append(_failed(case, provider, pass_, exc, env))
         _say(f"    {case.op} {pass_}: {preset['warmup']} warm-up + {preset['reps']} timed rounds of "
              f"{', '.join(fns)} in turns ...")
-        times = _measure_interleaved(fns, device, preset["warmup"], preset["reps"], case.op)
+        times = measure_interleaved(fns, device, preset["warmup"], preset["reps"], case.op, SLOW_CALL_S)
         for provider, ms in times.items():
             rows += _rows(case, provider, pass_, ms, compile_s[provider], torch.device("cpu"), env, copy_gbs,
                           timing="interleaved")

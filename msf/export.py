@@ -75,8 +75,7 @@ def export_onnx(model: MicroSegFormer, input_size: int, path: str | Path, checkp
     except ImportError as exc:
         raise RuntimeError(f"ONNX export needs the `onnxscript` package ({exc})") from exc
     if model.backend != "eager":
-        eager = MicroSegFormer(num_classes=model.config.num_classes, lmsa=model.config.lmsa, backend="eager",
-                               **{k: v for k, v in model.config.__dict__.items() if k not in ("num_classes", "lmsa")})
+        eager = MicroSegFormer.from_config(model.config, "eager")
         eager.load_state_dict(model.state_dict())
         model = eager
     path = Path(path)

@@ -294,11 +294,22 @@ class MicroSegFormer(nn.Module):
         return self._flip_averaged(self.low_res_logits(images), images)
 
     def _flip_averaged(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if self.config.num_classes != len(FLIP_ID_MAP):
-            raise ValueError(f"tta='flip' needs the {len(FLIP_ID_MAP)} CelebAMask-HQ classes, "
-                             f"this model has {self.config.num_classes}")
-        mirrored = self.low_res_logits(images.flip(-1)).flip(-1)[:, FLIP_ID_MAP.to(images.device)]
-        return 0.5 * (logits + mirrored)
+        return mirror_average(logits, self.low_res_logits(images.flip(-1)))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, backend: str = "eager") -> "MicroSegFormer":
+        """A freshly initialised model of `config` on `backend` (load the weights after)."""
+        overrides = {k: v for k, v in config.__dict__.items() if k not in ("num_classes", "lmsa")}
+        return cls(num_classes=config.num_classes, lmsa=config.lmsa, backend=backend, **overrides)
+
+
+def mirror_average(logits: torch.Tensor, logits_of_mirror: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation "flip": the mean of an image's B×K×h×w logits and its mirror's, the
+    mirror's flipped back and its left/right channels swapped (4↔5, 6↔7, 8↔9), at any resolution."""
+    if logits.shape[1] != len(FLIP_ID_MAP):
+        raise ValueError(f"tta='flip' needs the {len(FLIP_ID_MAP)} CelebAMask-HQ classes, "
+                         f"this model has {logits.shape[1]}")
+    return 0.5 * (logits + logits_of_mirror.flip(-1)[:, FLIP_ID_MAP.to(logits.device)])
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -18,6 +18,7 @@ upsampled back to the image's own size before the argmax (`msf.export.ParsingGra
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Sequence, Union
@@ -26,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msf.data import (CLASS_NAMES, FLIP_ID_MAP, OVERLAY_PALETTE, PALETTE, normalize, overlay as blend, read_image,
+from msf.data import (CLASS_NAMES, OVERLAY_PALETTE, PALETTE, normalize, overlay as blend, read_image,
                       with_legend)
 from msf.export import OnnxParsingSession, cached_onnx, resize_to_model
-from msf.model import TTA_MODES, MicroSegFormer
+from msf.model import TTA_MODES, MicroSegFormer, mirror_average
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -69,18 +70,12 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
                      "array or a 3×H×W tensor")
 
 
-def _onnxruntime_available() -> bool:
+def _importable(*modules: str) -> bool:
+    """Whether every module imports here (onnxruntime and onnxscript for the onnxruntime engine and
+    its export on first use; triton for the triton backend)."""
     try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401  (to export a checkpoint on first use)
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
+        for module in modules:
+            importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -162,16 +157,16 @@ class FaceParser:
         if path.suffix == ".onnx":
             if engine == "torch":
                 raise ValueError(f"{path}: an ONNX file runs with engine='onnxruntime' (or 'auto')")
-            if device.type != "cpu":
-                raise ValueError("engine='onnxruntime' runs on the CPU here; give device='cpu'")
-            return cls(None, 0, engine="onnxruntime", tta=tta, batch_size=batch_size, onnx_path=path, threads=threads)
-        if engine == "auto":  # the triton backend, channels-last or compile asked for by name run in torch
+            engine = "onnxruntime"
+        elif engine == "auto":  # the triton backend, channels-last or compile asked for by name run in torch
             engine = ("onnxruntime" if device.type == "cpu" and backend != "triton" and not (channels_last or compile)
-                      and _onnxruntime_available() else "torch")
+                      and _importable("onnxruntime", "onnxscript") else "torch")
         if engine == "onnxruntime" and device.type != "cpu":
             raise ValueError("engine='onnxruntime' runs on the CPU here; give device='cpu'")
+        if path.suffix == ".onnx":
+            return cls(None, 0, engine="onnxruntime", tta=tta, batch_size=batch_size, onnx_path=path, threads=threads)
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" and _triton_available() else "eager"
+            backend = "triton" if device.type == "cuda" and _importable("triton") else "eager"
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         model, train_config = load_model(path, backend if engine == "torch" else "eager")
@@ -223,12 +218,10 @@ class FaceParser:
         if self.engine == "onnxruntime":
             if tta == "none":
                 return self.session.ids(images.numpy())
-            if len(self.class_names) != len(FLIP_ID_MAP):
-                raise ValueError(f"tta='flip' needs the {len(FLIP_ID_MAP)} CelebAMask-HQ classes")
             logits = torch.from_numpy(self.session.logits(images.numpy()))
-            mirrored = torch.from_numpy(self.session.logits(images.flip(-1).numpy())).flip(-1)
+            of_mirror = torch.from_numpy(self.session.logits(images.flip(-1).numpy()))
             # max(1).indices: argmax's first-maximum rule, ~7x faster than argmax(1) over channels on a CPU
-            return (0.5 * (logits + mirrored[:, FLIP_ID_MAP])).max(1).indices.byte().numpy()
+            return mirror_average(logits, of_mirror).max(1).indices.byte().numpy()
         x = resize_to_model(images.to(self.device), self.input_size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

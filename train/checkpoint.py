@@ -138,8 +138,7 @@ def build_model(state: dict, model_config: dict, path: Path, backend: str = "eag
     cfg = _model_config(model_config, path)
     if expected_classes is not None and cfg.num_classes != expected_classes:
         raise CheckpointError(f"{path}: checkpoint predicts {cfg.num_classes} classes, the data has {expected_classes}")
-    overrides = {k: v for k, v in cfg.__dict__.items() if k not in ("num_classes", "lmsa")}
-    model = MicroSegFormer(num_classes=cfg.num_classes, lmsa=cfg.lmsa, backend=backend, **overrides)
+    model = MicroSegFormer.from_config(cfg, backend)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
@@ -148,18 +147,24 @@ def build_model(state: dict, model_config: dict, path: Path, backend: str = "eag
     return model
 
 
-def load_model(path: str | Path, backend: str = "eager", expected_classes: int | None = None
-               ) -> tuple[MicroSegFormer, dict]:
-    """(model in eval mode, training config dict) from a .pt checkpoint or a .safetensors release."""
+def read_model_file(path: str | Path) -> dict:
+    """{"model": weights, "model_config", "config": the training config, "metrics"} of a .pt
+    checkpoint or a .safetensors release (a release's metrics: those it was exported with)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         state, meta = read_release(path)
-        model_config, train_config = meta["model_config"], meta["train_config"]
-    else:
-        ckpt = read_checkpoint(path)
-        state, model_config, train_config = ckpt["model"], ckpt["model_config"], ckpt.get("config", {})
-    model = build_model(state, model_config, path, backend, expected_classes)
-    return model.eval(), train_config
+        return {"model": state, "model_config": meta["model_config"], "config": meta.get("train_config", {}),
+                "metrics": meta.get("metrics", {})}
+    ckpt = read_checkpoint(path)
+    return {**ckpt, "config": ckpt.get("config", {}), "metrics": ckpt.get("metrics", {})}
+
+
+def load_model(path: str | Path, backend: str = "eager", expected_classes: int | None = None
+               ) -> tuple[MicroSegFormer, dict]:
+    """(model in eval mode, training config dict) from a .pt checkpoint or a .safetensors release."""
+    saved = read_model_file(path)
+    model = build_model(saved["model"], saved["model_config"], Path(path), backend, expected_classes)
+    return model.eval(), saved["config"]
 
 
 def write_release(model: MicroSegFormer, train_config: dict, path: Path, extra: dict | None = None) -> None:

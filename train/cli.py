@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from msf.export import OPSET, export_onnx, file_digest
     from msf.parser import REFERENCE_MODEL
-    from msf.train.checkpoint import build_model, read_checkpoint, read_release
+    from msf.train.checkpoint import build_model, read_model_file
     if args.out is None and args.onnx is None:
         raise ValueError("give the release's file name (OUT.safetensors), --onnx OUT.onnx, or both")
     checkpoint = Path(args.checkpoint) if args.checkpoint else REFERENCE_MODEL
@@ -162,18 +162,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         if out.exists() and checkpoint.exists() and out.samefile(checkpoint):
             raise ValueError(f"{out}: is the checkpoint being exported; give the export another name "
                              "(nothing was written)")
-    if checkpoint.suffix == ".safetensors":
-        state, meta = read_release(checkpoint)
-        ckpt = {"model": state, "model_config": meta["model_config"], "config": meta.get("train_config", {}),
-                "metrics": meta.get("metrics", {})}
-    else:
-        ckpt = read_checkpoint(checkpoint)  # read once: weights, configs and the epoch's metrics
+    ckpt = read_model_file(checkpoint)  # read once: weights, configs and the epoch's metrics
     model = build_model(ckpt["model"], ckpt["model_config"], checkpoint)
     if args.out:
-        write_release(model, ckpt.get("config", {}), Path(args.out), extra={"metrics": ckpt.get("metrics", {})})
+        write_release(model, ckpt["config"], Path(args.out), extra={"metrics": ckpt["metrics"]})
         print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
     if args.onnx:
-        size = args.input_size or ckpt.get("config", {}).get("image_size") or 512
+        size = args.input_size or ckpt["config"].get("image_size") or 512
         export_onnx(model.eval(), size, Path(args.onnx), file_digest(checkpoint))
         print(f"wrote {args.onnx} ({Path(args.onnx).stat().st_size / 1e6:.2f} MB, ONNX opset {OPSET}: any batch and "
               f"image size in, logits at that size out, the model at {size}²)")
