@@ -11,7 +11,18 @@
 #                            the real data within the time left, scored (msf eval) and exported
 # and packs the results into at most three files (the device tool returns at most 8, 16 MiB each).
 #
-#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu (default both)] [PACK_DIR]
+#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu|measure (default both)] [PACK_DIR]
+#
+# `measure` is the first contact with a card, every stage capped and run in its own process, each
+# result packed as soon as it exists (a stage that fails or overruns costs only its own share):
+#   parity (GPU kernel tests, pytest-xdist when present) → the training step, eager / triton /
+#   compile / triton+compile → the calibration set (bench/calibration.py: Liger-Kernel's kernels
+#   at their published shapes, Inductor's GEMM and FlexAttention, the card's ceilings; liger from
+#   wheels in .whl/ when the card has none) → Nsight Compute on the fused kernels beside the cost
+#   model → every op, eager / compile / triton → torch.profiler traces of both backends' steps →
+#   training throughput (synthetic data, no data folder needed).
+#   Device-tool call:  run(command="bash bench/gpu_session.sh 560 measure", carry=[".whl"], timeout_s=590)
+#   with .whl/ holding  python3 -m pip download --no-deps -d .whl liger-kernel==0.5.2  (git-ignored)
 #
 # PACK_DIR defaults to $OUT, else bench/results/measured/gpu. `both` gives gpu_check 40% of the budget, the
 # Nsight Compute pass a fifth (60 to 150 s) and training the rest (a partial schedule: --max-minutes
@@ -27,7 +38,7 @@ cd "$(dirname "$0")/.."
 total=${1:-500}
 mode=${2:-both}
 pack=${3:-${OUT:-bench/results/measured/gpu}}
-case "$mode" in both|train|check|ncu) ;; *) echo "mode must be both, train, check or ncu, not $mode" >&2; exit 2;; esac
+case "$mode" in both|train|check|ncu|measure) ;; *) echo "mode must be both, train, check, ncu or measure, not $mode" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 work=$(mktemp -d)/results
 mkdir -p "$work" "$pack"
@@ -37,6 +48,63 @@ started=$(date +%s)
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
+
+if [ "$mode" = measure ]; then
+  # stage NAME CAP_S COMMAND...: at most CAP_S (less when the session's budget is nearly spent),
+  # output to NAME.log, one status line to stages.log, then everything packed again
+  stage() {
+    local name=$1 cap=$2; shift 2
+    local left=$(( total - ($(date +%s) - started) - 10 ))
+    if (( left < 15 )); then echo "$name: skipped, ${left} s left" | tee -a "$work/stages.log"; return; fi
+    (( cap > left )) && cap=$left
+    echo "== $name (at most $cap s)"
+    local t0=$(date +%s)
+    timeout -k 5 "$cap" "$@" > "$work/$name.log" 2>&1
+    local code=$?
+    echo "$name: exit $code$( (( code == 124 || code == 137 )) && echo ' (cut at its cap)') in $(( $(date +%s) - t0 )) s" \
+        | tee -a "$work/stages.log"
+    tail -n "${TAIL_LINES:-12}" "$work/$name.log" | cut -c1-240
+    tar czf "$pack/gpu-results.tgz" --exclude='trace-*.json' -C "$work" . 2>/dev/null
+  }
+  ship_traces() {   # each profiler trace travels gzipped on its own (the tgz stays small)
+    for trace in "$work"/profile/trace-*.json; do
+      [ -f "$trace" ] && gzip -c "$trace" > "$pack/$(basename "$trace").gz" && rm "$trace"
+    done
+  }
+  { date -u; nvidia-smi 2>&1 | head -20; $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"; } \
+      > "$work/env.txt" 2>&1
+  cat "$work/env.txt"
+  xdist=(); $python -c "import xdist" 2>/dev/null && xdist=(-n 12)
+  stage parity 100 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
+      -k "cuda or parity or backends or test_ops or fullgraph or second_batch" --junitxml "$work/parity.xml"
+  grep -E "FAILED|ERROR" "$work/parity.log" | head -20
+  stage step 140 $python -m msf.bench.suite --preset paper --suite step --providers eager,triton,compile,triton+compile \
+      --budget-s 100 --out "$work/bench" --name bench-step
+  site=$(mktemp -d)
+  if ! $python -c "import liger_kernel" 2>/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    $python -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/liger_kernel-*.whl
+  fi
+  TAIL_LINES=24 stage calibration 100 env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" $python -m msf.bench.calibration \
+      --out "$work/calibration"
+  if command -v ncu >/dev/null 2>&1; then
+    TAIL_LINES=20 stage ncu 80 env PYTHON=$python COST_TIMEOUT=20 bash profiling/ncu.sh "$work/ncu"
+  else
+    echo "ncu: skipped, not on PATH" | tee -a "$work/stages.log"
+  fi
+  TAIL_LINES=20 stage ops 70 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton,sdpa \
+      --budget-s 45 --out "$work/bench" --name bench-ops
+  stage profile-triton 25 $python -m msf.profiling.torch_profile --backend triton --steps 2 --warmup 2 --out "$work/profile"
+  ship_traces
+  stage train-speed 45 $python -m msf.bench.train_speed --backends eager triton --pipelines device --steps 20 \
+      --warmup 5 --out "$work/train-speed"
+  stage profile-eager 25 $python -m msf.profiling.torch_profile --backend eager --steps 2 --warmup 2 --out "$work/profile"
+  ship_traces
+  tar czf "$pack/gpu-results.tgz" -C "$work" .
+  ls -la "$pack"
+  echo "== stages"; cat "$work/stages.log"
+  echo "$(( $(date +%s) - started )) s of $total s"
+  exit 0
+fi
 
 # The GPU tests of the input pipeline and training first: quick, no Triton compilation, and never
 # reached if the kernel parity tests below use up their share.
