@@ -11,7 +11,7 @@
 #                            the real data within the time left, scored (msf eval) and exported
 # and packs the results into at most three files (the device tool returns at most 8, 16 MiB each).
 #
-#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu|measure (default both)] [PACK_DIR]
+#   bash bench/gpu_session.sh [TOTAL_BUDGET_S (default 500)] [both|train|check|ncu|measure|triton (default both)] [PACK_DIR]
 #
 # `measure` is the first contact with a card, every stage capped and run in its own process, each
 # result packed as soon as it exists (a stage that fails or overruns costs only its own share):
@@ -21,7 +21,13 @@
 #   wheels in .whl/ when the card has none) → Nsight Compute on the fused kernels beside the cost
 #   model → every op, eager / compile / triton → torch.profiler traces of both backends' steps →
 #   training throughput (synthetic data, no data folder needed).
+#   Every triton stage runs after `warm` (bench/warm.py: the paper-shape kernels compiled in parallel
+#   processes into Triton's on-disk cache; one kernel alone takes ~95 s to build).
 #   Device-tool call:  run(command="bash bench/gpu_session.sh 560 measure", carry=[".whl"], timeout_s=590)
+# `triton` is the short form for a second call: warm → the triton step → every op, eager and triton →
+# Nsight Compute → the triton step's profiler trace. A Triton cache built here for sm_90
+# (`TRITON_CACHE_DIR=$PWD/.triton-cache python -m msf.profiling.cost --device h100`) can travel in
+# carry and be named by TRITON_CACHE_DIR; a kernel it lacks is compiled there as usual.
 #   with .whl/ holding  python3 -m pip download --no-deps -d .whl liger-kernel==0.5.2  (git-ignored)
 #
 # PACK_DIR defaults to $OUT, else bench/results/measured/gpu. `both` gives gpu_check 40% of the budget, the
@@ -38,7 +44,7 @@ cd "$(dirname "$0")/.."
 total=${1:-500}
 mode=${2:-both}
 pack=${3:-${OUT:-bench/results/measured/gpu}}
-case "$mode" in both|train|check|ncu|measure) ;; *) echo "mode must be both, train, check, ncu or measure, not $mode" >&2; exit 2;; esac
+case "$mode" in both|train|check|ncu|measure|triton) ;; *) echo "mode must be both, train, check, ncu, measure or triton, not $mode" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 work=$(mktemp -d)/results
 mkdir -p "$work" "$pack"
@@ -49,7 +55,7 @@ started=$(date +%s)
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
 
-if [ "$mode" = measure ]; then
+if [ "$mode" = measure ] || [ "$mode" = triton ]; then
   # stage NAME CAP_S COMMAND...: at most CAP_S (less when the session's budget is nearly spent),
   # output to NAME.log, one status line to stages.log, then everything packed again
   stage() {
@@ -74,8 +80,28 @@ if [ "$mode" = measure ]; then
   { date -u; nvidia-smi 2>&1 | head -20; $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"; } \
       > "$work/env.txt" 2>&1
   cat "$work/env.txt"
+  if [ "$mode" = triton ] && [ -n "${PARITY_RERUN:-}" ]; then
+    # tests named in PARITY_RERUN (space-separated node ids) run beside everything else, with their tracebacks
+    read -r -a rerun_ids <<< "$PARITY_RERUN"
+    ( timeout $(( total - 20 )) env -u TRITON_INTERPRET $python -m pytest -p no:cacheprovider -q -rfE --tb=short \
+        "${rerun_ids[@]}" > "$work/parity-rerun.log" 2>&1 ) &
+  fi
+  TAIL_LINES=20 stage warm 150 $python -m msf.bench.warm --jobs 12
+  if [ "$mode" = triton ]; then
+    stage step 40 $python -m msf.bench.suite --preset paper --suite step --providers triton --budget-s 25 \
+        --out "$work/bench" --name bench-step-triton
+    TAIL_LINES=20 stage ops 60 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton \
+        --budget-s 45 --out "$work/bench" --name bench-ops
+    TAIL_LINES=20 stage ncu 60 env PYTHON=$python COST_TIMEOUT=5 bash profiling/ncu.sh "$work/ncu"
+    stage profile-triton 25 $python -m msf.profiling.torch_profile --backend triton --steps 2 --warmup 2 --out "$work/profile"
+    ship_traces
+    [ -f "$work/parity-rerun.log" ] && { echo "== parity rerun (so far)"; grep -E "^(FAILED|ERROR|E )|passed|failed" "$work/parity-rerun.log" | cut -c1-300 | head -30; }
+    tar czf "$pack/gpu-results.tgz" -C "$work" .
+    echo "== stages"; cat "$work/stages.log"; echo "$(( $(date +%s) - started )) s of $total s"
+    exit 0
+  fi
   xdist=(); $python -c "import xdist" 2>/dev/null && xdist=(-n 12)
-  stage parity 100 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
+  stage parity 150 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
       -k "cuda or parity or backends or test_ops or fullgraph or second_batch" --junitxml "$work/parity.xml"
   grep -E "FAILED|ERROR" "$work/parity.log" | head -20
   stage step 140 $python -m msf.bench.suite --preset paper --suite step --providers eager,triton,compile,triton+compile \

@@ -57,3 +57,18 @@ def test_cuda_case_matches_its_reference(case):
     call()
     check()
     json.dumps(case.shape)
+
+
+def test_warm_compiles_every_triton_call_of_the_benchmarks(capsys, monkeypatch):
+    """bench/warm.py's job list holds the triton provider of every op case and of the step (the
+    calls whose first launch would otherwise compile inside a timed stage); without CUDA it refuses."""
+    from msf.bench import suite, warm
+    jobs = warm._job_list("smoke", "cpu")
+    cases = warm._cases("smoke", "cpu")
+    ops = {cases[i].op for i, _, provider in jobs}
+    assert all(provider == "triton" for _, _, provider in jobs)
+    assert "train_step" in ops and len(ops) == len(cases)
+    assert {c.op for c in cases} >= {"train_step", "lmsa"} and suite.PRESETS["paper"]["batch"] == 32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert warm.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
