@@ -80,6 +80,7 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
   { date -u; nvidia-smi 2>&1 | head -20; $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"; } \
       > "$work/env.txt" 2>&1
   cat "$work/env.txt"
+  export MSF_FAILURE_LOG=$work/test-failures.log
   if [ "$mode" = triton ] && [ -n "${PARITY_RERUN:-}" ]; then
     # tests named in PARITY_RERUN (space-separated node ids) run beside everything else, with their tracebacks
     read -r -a rerun_ids <<< "$PARITY_RERUN"
@@ -100,6 +101,7 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
     echo "== stages"; cat "$work/stages.log"; echo "$(( $(date +%s) - started )) s of $total s"
     exit 0
   fi
+  export MSF_FAILURE_LOG=$work/test-failures.log   # tests/conftest.py: each failure written as it happens
   xdist=(); $python -c "import xdist" 2>/dev/null && xdist=(-n 12)
   stage parity 150 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
       -k "cuda or parity or backends or test_ops or fullgraph or second_batch" --junitxml "$work/parity.xml"

@@ -21,6 +21,16 @@ HANG_GUARD_S = 3600
 REAL_DATA = Path(os.environ.get("MSF_DATA", REPO.parent / "shared" / "data" / "celebamask-hq-mini"))
 
 
+def pytest_runtest_logreport(report):
+    """With MSF_FAILURE_LOG set, each failure's report is appended to that file as it happens (a
+    GPU stage cut at its time cap loses pytest's end-of-session summary, never these). Under
+    pytest-xdist this runs in the controller, once per report."""
+    path = os.environ.get("MSF_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_onnx_cache(tmp_path_factory):
     """ONNX exports (msf.export.cached_onnx) go to a folder of the test session's, not ~/.cache."""

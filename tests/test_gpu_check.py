@@ -53,3 +53,18 @@ def test_gpu_train_runs_end_to_end(tmp_path, real_data):
     assert summary["best_val_f_score"] == pytest.approx(scores["f_score"], abs=1e-6)  # same model, same images
     assert (out / "reference.safetensors").stat().st_size > 1_000_000
     assert "status: 0" in (out / "summary.md").read_text()
+
+
+def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
+    """conftest's hook appends a failed report (node id, phase, traceback text) to MSF_FAILURE_LOG
+    at once, and ignores passes: a GPU stage cut at its cap keeps the tracebacks it reached."""
+    from types import SimpleNamespace
+    import conftest
+    log = tmp_path / "failures.log"
+    monkeypatch.setenv("MSF_FAILURE_LOG", str(log))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="t::ok", when="call", longreprtext=""))
+    assert not log.exists()
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, nodeid="t::bad", when="call",
+                                                      longreprtext="E   AssertionError: planted"))
+    text = log.read_text()
+    assert "=== t::bad (call)" in text and "AssertionError: planted" in text
