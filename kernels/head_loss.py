@@ -430,11 +430,15 @@ def _head_loss_fwd_rows_kernel(
     bot = _row_taps(l_base, i1, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
     acc_p = _zeros_like_taps(zero, K)     # Σ p per class
     acc_ce = zero                         # Σ logsumexp − z_t
-    if c == 0:  # the S_H/2 clamped rows above the first cell row have its taps (λ = 0)
-        for u in tl.static_range(S_H // 2):
-            acc_p, acc_ce = _fwd_row(c + u, acc_p, acc_ce, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
-                                     x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
-                                     stride_th, stride_tw, K, BLOCK_X)
+    # band 0: the S_H/2 clamped rows above the first cell row have its taps (λ = 0). A run-time
+    # loop, not an unrolled copy of `_fwd_row` per row (compile time: see the backward's note).
+    u = 0
+    n_above = tl.where(c == 0, S_H // 2, 0)
+    while u < n_above:
+        acc_p, acc_ce = _fwd_row(c + u, acc_p, acc_ce, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
+                                 x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
+                                 stride_th, stride_tw, K, BLOCK_X)
+        u += 1
     while c < c_stop:
         i1 = tl.minimum(c + 1, h - 1)
         for u in tl.range(0, S_H, loop_unroll_factor=1):
@@ -690,38 +694,36 @@ def _head_loss_bwd_rows_kernel(
     _store_taps(lo, l_base, tl.minimum(i0 + 1, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K, BLOCK_X)
     acc_cur = _zeros_like_taps(zero, K)
     acc_nxt = _zeros_like_taps(zero, K)
-    # the band's first low-res row also takes the lower part of the cell row above (only that)
-    if c < 0:  # band 0: the clamped rows above the first cell row, with taps of rows 0 and 1
-        for u in tl.static_range(S_H // 2):
-            acc_cur, acc_nxt = _bwd_row(c + 1 + u, c, acc_cur, acc_nxt, dsc, 0, up, lo, coef_b, g0, c_ce, t_base,
-                                        ox, valid_x, H, scale_h, h, stride_th, stride_tw, K, K_PAD, BLOCK_X)
-    else:
-        for u in tl.static_range(S_H):
-            acc_cur, acc_nxt = _bwd_row(c * S_H + S_H // 2 + u, c, acc_cur, acc_nxt, dsc, 0, up, lo, coef_b, g0,
-                                        c_ce, t_base, ox, valid_x, H, scale_h, h, stride_th, stride_tw,
-                                        K, K_PAD, BLOCK_X)
+    # The band's first low-res row also takes the lower part of the cell row above (only that):
+    # band 0 the S_H/2 clamped rows above the first cell row (taps of rows 0 and 1), any other band
+    # the S_H rows of cell row c. One run-time loop for both: every inlined copy of `_bwd_row` adds
+    # ~3K memory operations, and Triton's coalescing pass compiles in time ∝ memory operations ×
+    # operations (docs/head_loss.md, "Compile time"). `while`: see the forward's note.
+    u = 0
+    first_row = tl.where(c < 0, 0, c * S_H + S_H // 2)
+    n_rows = tl.where(c < 0, S_H // 2, S_H)
+    while u < n_rows:
+        acc_cur, acc_nxt = _bwd_row(first_row + u, c, acc_cur, acc_nxt, dsc, 0, up, lo, coef_b, g0, c_ce, t_base,
+                                    ox, valid_x, H, scale_h, h, stride_th, stride_tw, K, K_PAD, BLOCK_X)
+        u += 1
+    if c >= 0:
         _store_taps(up, l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K, BLOCK_X)
     acc_cur = acc_nxt
     acc_nxt = _zeros_like_taps(zero, K)
     c += 1
 
-    # Two cell rows per iteration, the second with the roles of the two accumulators swapped: they
-    # never move between registers (rotating 2·K loop-carried sums would cost moves, and
-    # registers to make them in).
+    # One cell row per iteration; the step returns (zeroed sums for row c + 2, row c + 1's sums),
+    # which trade places for the next row. The trade costs K register moves per cell row (a
+    # loop-carried value keeps its registers); unrolling by two with the roles swapped avoided
+    # them but doubled the code, and the compile time with it (~95 s → see docs/head_loss.md).
     while c < r_stop:
         acc_cur, acc_nxt = _bwd_cell_step(c, acc_cur, acc_nxt, taps, dsc, geo, zero, lane, kb, gi, strip, b, h, w,
                                           H, n_strips, scale_h, coef_b, g0, c_ce, l_base, t_base, g_base,
                                           halo_a_ptr, halo_b_ptr, ox, valid_x, x0, x1, lx,
                                           stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
                                           stride_gc, stride_gh, stride_gw, K, K_PAD, S_H, S_W, BLOCK_X, KB, G)
+        acc_cur, acc_nxt = acc_nxt, acc_cur
         c += 1
-        if c < r_stop:  # row c's sums are in acc_nxt, row c + 1's in acc_cur
-            acc_nxt, acc_cur = _bwd_cell_step(c, acc_nxt, acc_cur, taps, dsc, geo, zero, lane, kb, gi, strip, b,
-                                              h, w, H, n_strips, scale_h, coef_b, g0, c_ce, l_base, t_base, g_base,
-                                              halo_a_ptr, halo_b_ptr, ox, valid_x, x0, x1, lx,
-                                              stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
-                                              stride_gc, stride_gh, stride_gw, K, K_PAD, S_H, S_W, BLOCK_X, KB, G)
-            c += 1
 
 
 @triton.jit

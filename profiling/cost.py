@@ -181,16 +181,19 @@ LOOPS: list[Loop] = [
     # of the backward is outside the loop)
     Loop("head_loss", "_head_loss_fwd_rows_kernel", "while c < c_stop:",
          lambda a, pid: _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
-    # the backward takes two cell rows per trip (the second under an `if`), each in a call of
-    # _bwd_cell_row
     Loop("head_loss", "_head_loss_bwd_rows_kernel", "while c < r_stop:",
-         lambda a, pid: _cdiv(_band_cells(a, pid), 2),
-         count="c += 1",
-         kernels=("_head_loss_bwd_rows_kernel",)),
+         lambda a, pid: _band_cells(a, pid), count="c += 1", kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("head_loss", "_head_loss_fwd_rows_kernel", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
          lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_fwd_rows_kernel",)),
     Loop("head_loss", "_bwd_cell_row", "for u in tl.range(0, S_H, loop_unroll_factor=1):",
-         lambda a, pid: [a["S_H"] * _cdiv(_band_cells(a, pid), 2), a["S_H"] * (_band_cells(a, pid) // 2)],
+         lambda a, pid: a["S_H"] * _band_cells(a, pid), kernels=("_head_loss_bwd_rows_kernel",)),
+    # the rows above a band's first cell row: band 0 the S_H/2 clamped rows (the forward too), any
+    # other band the S_H rows of the cell row above (the backward only)
+    Loop("head_loss", "_head_loss_fwd_rows_kernel", "while u < n_above:",
+         lambda a, pid: a["S_H"] // 2 if pid[1] == 0 else 0, count="u += 1",
+         kernels=("_head_loss_fwd_rows_kernel",)),
+    Loop("head_loss", "_head_loss_bwd_rows_kernel", "while u < n_rows:",
+         lambda a, pid: a["S_H"] // 2 if pid[1] == 0 else a["S_H"], count="u += 1",
          kernels=("_head_loss_bwd_rows_kernel",)),
     Loop("upsample_argmax", "_upsample_argmax_rows_kernel", "while c < c_stop:",
          lambda a, pid: _band_cells(a, pid), count="top = bot", kernels=("_upsample_argmax_rows_kernel",)),
