@@ -15,12 +15,13 @@
 #
 # `measure` is the first contact with a card, every stage capped and run in its own process, each
 # result packed as soon as it exists (a stage that fails or overruns costs only its own share):
-#   parity (GPU kernel tests, pytest-xdist when present) → the training step, eager / triton /
-#   compile / triton+compile → the calibration set (bench/calibration.py: Liger-Kernel's kernels
-#   at their published shapes, Inductor's GEMM and FlexAttention, the card's ceilings; liger from
-#   wheels in .whl/ when the card has none) → Nsight Compute on the fused kernels beside the cost
-#   model → every op, eager / compile / triton → torch.profiler traces of both backends' steps →
-#   training throughput (synthetic data, no data folder needed).
+#   warm → the training step, triton / eager / triton+compile / compile → every op, eager / triton /
+#   sdpa → parity (GPU kernel tests, pytest-xdist when present; failures logged as they happen) →
+#   Nsight Compute on the fused kernels beside the cost model → the triton step's profiler trace →
+#   training throughput (synthetic data, no data folder needed) → the calibration set
+#   (bench/calibration.py: Liger-Kernel's kernels at their published shapes, Inductor's GEMM and
+#   FlexAttention, the card's ceilings; liger from wheels in .whl/ when the card has none) → the
+#   eager step's trace.
 #   Every triton stage runs after `warm` (bench/warm.py: the paper-shape kernels compiled in parallel
 #   processes into Triton's on-disk cache; one kernel alone takes ~95 s to build).
 #   Device-tool call:  run(command="bash bench/gpu_session.sh 560 measure", carry=[".whl"], timeout_s=590)
@@ -101,30 +102,32 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
     echo "== stages"; cat "$work/stages.log"; echo "$(( $(date +%s) - started )) s of $total s"
     exit 0
   fi
+  # In the order of what the project lacks most (2026-12-04: every triton-backend time). The stages
+  # at the end are skipped when the earlier ones use their caps; their figures exist already.
+  stage step 120 $python -m msf.bench.suite --preset paper --suite step --providers triton,eager,triton+compile,compile \
+      --budget-s 80 --out "$work/bench" --name bench-step
+  TAIL_LINES=20 stage ops 70 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton,sdpa \
+      --budget-s 45 --out "$work/bench" --name bench-ops
   export MSF_FAILURE_LOG=$work/test-failures.log   # tests/conftest.py: each failure written as it happens
   xdist=(); $python -c "import xdist" 2>/dev/null && xdist=(-n 12)
-  stage parity 150 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
+  stage parity 120 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
       -k "cuda or parity or backends or test_ops or fullgraph or second_batch" --junitxml "$work/parity.xml"
   grep -E "FAILED|ERROR" "$work/parity.log" | head -20
-  stage step 140 $python -m msf.bench.suite --preset paper --suite step --providers eager,triton,compile,triton+compile \
-      --budget-s 100 --out "$work/bench" --name bench-step
-  site=$(mktemp -d)
-  if ! $python -c "import liger_kernel" 2>/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-    $python -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/liger_kernel-*.whl
-  fi
-  TAIL_LINES=24 stage calibration 100 env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" $python -m msf.bench.calibration \
-      --out "$work/calibration"
   if command -v ncu >/dev/null 2>&1; then
     TAIL_LINES=20 stage ncu 80 env PYTHON=$python COST_TIMEOUT=20 bash profiling/ncu.sh "$work/ncu"
   else
     echo "ncu: skipped, not on PATH" | tee -a "$work/stages.log"
   fi
-  TAIL_LINES=20 stage ops 70 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton,sdpa \
-      --budget-s 45 --out "$work/bench" --name bench-ops
   stage profile-triton 25 $python -m msf.profiling.torch_profile --backend triton --steps 2 --warmup 2 --out "$work/profile"
   ship_traces
-  stage train-speed 45 $python -m msf.bench.train_speed --backends eager triton --pipelines device --steps 20 \
+  stage train-speed 45 $python -m msf.bench.train_speed --backends triton eager --pipelines device --steps 20 \
       --warmup 5 --out "$work/train-speed"
+  site=$(mktemp -d)
+  if ! $python -c "import liger_kernel" 2>/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    $python -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/liger_kernel-*.whl
+  fi
+  TAIL_LINES=24 stage calibration 60 env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" $python -m msf.bench.calibration \
+      --out "$work/calibration"
   stage profile-eager 25 $python -m msf.profiling.torch_profile --backend eager --steps 2 --warmup 2 --out "$work/profile"
   ship_traces
   tar czf "$pack/gpu-results.tgz" -C "$work" .

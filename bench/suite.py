@@ -297,7 +297,8 @@ def _failed(case: Case, provider: str, pass_: str, exc: Exception, env: dict) ->
 
 
 def run_case(case: Case, providers: list[str], device: torch.device, preset: dict, env: dict, copy_gbs: float,
-             deadline: float) -> list[dict]:
+             deadline: float, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The case's rows; `on_rows(rows so far)` after each provider (a run cut short keeps them)."""
     rows = []
     for pass_, builders in case.passes.items():
         medians = {}
@@ -318,6 +319,8 @@ def run_case(case: Case, providers: list[str], device: torch.device, preset: dic
                 continue
             rows += _rows(case, provider, pass_, ms, compile_s, device, env, copy_gbs)
             medians[provider] = median(ms)
+            if on_rows:
+                on_rows(rows)
         rows += speedup_rows(case, pass_, medians, env)
     return rows
 
@@ -426,12 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     # a CPU cannot time the kernels: show the GPU figure the project claims, labelled as a prediction
     predicted, predicted_lines, predicted_source = (prediction_rows(cases, env) if device.type != "cuda"
                                                     else ([], {}, ""))
+    name = args.name or f"bench-{preset_name}-{device.type}"
     for i, case in enumerate(cases, 1):
         _say(f"[{i}/{len(cases)}] {case.op} ({case.size})")
         if args.interleave:
             rows += run_case_interleaved(case, providers, device, preset, env, copy_gbs)
         else:
-            rows += run_case(case, providers, device, preset, env, copy_gbs, deadline)
+            done = list(rows)
+            rows += run_case(case, providers, device, preset, env, copy_gbs, deadline,
+                             on_rows=lambda case_rows: write_results(
+                                 done + case_rows, Path(args.out), name,
+                                 ["partial: written while the run was going; the finished run rewrites it"]))
         if case.op in predicted_lines:
             _say(f"  {case.op}: {predicted_lines[case.op]}")
     if predicted_source:
@@ -445,7 +453,6 @@ def main(argv: list[str] | None = None) -> int:
                      "JSON row's `fallback`); its time is not the kernels'.")
     if device.type != "cuda":
         notes += [CPU_NOTE, *[f"{op}: {line}" for op, line in predicted_lines.items()], predicted_source]
-    name = args.name or f"bench-{preset_name}-{device.type}"
     json_path, md_path = write_results(rows, Path(args.out), name, notes)
     png_path = md_path.with_suffix(".png")
     plot_bench(rows, png_path, f"msf bench {preset_name}: {env['device']}, {env['date']}")

@@ -165,3 +165,14 @@ def test_the_cost_chart_draws_every_kernel_of_the_committed_table(tmp_path):
     width, height = Image.open(tmp_path / "cost.png").size
     launches = sum(1 for r in rows if r["metric"] == "grid" and r["device"] == "h100")
     assert launches > 30 and height >= 20 * launches  # a row a kernel
+
+
+def test_rows_are_handed_out_after_each_provider(fake_time):
+    """`run_case(on_rows=…)` sees the rows after every provider that finished, so a benchmark cut at
+    a time cap (a lent GPU's stage) still leaves the providers it timed."""
+    case = stepping_case({"eager": [10, 40, 20, 30], "triton": [5, 7, 9, 100]})
+    seen = []
+    rows = suite.run_case(case, ["eager", "triton"], CPU, PRESET, {"device": "cpu"}, 1.0, deadline=float("inf"),
+                          on_rows=lambda so_far: seen.append({r["provider"] for r in so_far if r["metric"] == "time"}))
+    assert seen == [{"eager"}, {"eager", "triton"}]
+    assert {r["provider"] for r in rows if r["metric"] == "time"} == {"eager", "triton"}
