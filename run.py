@@ -4,7 +4,7 @@
     python3 run.py train [--data DIR] [options]   # the main job (see `python3 run.py train --help`)
     python3 run.py test [pytest args]             # the test suite (kernels under TRITON_INTERPRET=1 without a GPU)
     python3 run.py msf <subcommand> ...           # any `msf` subcommand (eval, predict, bench, ...)
-    python3 run.py extra sanitize                 # add an optional extra to .venv (see EXTRAS)
+    python3 run.py extra sanitize|bench           # add an optional extra to .venv (see EXTRAS)
 
 On first use (and whenever requirements.txt or pyproject.toml change) it creates `.venv/` beside
 this file and installs the pinned dependencies plus the project itself in editable mode. It only
@@ -32,7 +32,8 @@ PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 # Optional extras, not in the default environment: name -> (requirements file, file of packages
 # installed without their declared dependencies).
-EXTRAS = {"sanitize": ("requirements-sanitize.txt", "requirements-sanitize-nodeps.txt")}
+EXTRAS = {"sanitize": ("requirements-sanitize.txt", "requirements-sanitize-nodeps.txt"),
+          "bench": (None, "requirements-bench.txt")}
 
 
 def _requirements_digest() -> str:
@@ -53,8 +54,10 @@ def install_extra(name: str) -> int:
         return 2
     ensure_venv()
     requirements, no_deps = EXTRAS[name]
-    subprocess.run(_pip() + ["-r", str(ROOT / requirements)], check=True)
-    subprocess.run(_pip() + ["--no-deps", "-r", str(ROOT / no_deps)], check=True)
+    if requirements:
+        subprocess.run(_pip() + ["-r", str(ROOT / requirements)], check=True)
+    if no_deps:
+        subprocess.run(_pip() + ["--no-deps", "-r", str(ROOT / no_deps)], check=True)
     print(f"[run.py] extra {name!r} installed in {VENV}")
     return 0
 

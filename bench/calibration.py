@@ -19,6 +19,7 @@ against an eager reference (the builders' own test, tests/test_calibration.py); 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,8 +57,23 @@ class Case:
     traits: tuple[str, ...] = ()          # what the case exercises for the model (SPEC §6c terms)
 
 
+_EMPTY = [False]
+
+
+@contextlib.contextmanager
+def empty_inputs():
+    """Within: the cases' large inputs are allocated, never filled (`torch.empty`), for building
+    a case only to record its kernel launches (`msf.profiling.cost --calibrate`, on the CPU)."""
+    _EMPTY[0] = True
+    try:
+        yield
+    finally:
+        _EMPTY[0] = False
+
+
 def _randn(*shape, device, dtype, grad=False):
-    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+    make = torch.empty if _EMPTY[0] else torch.randn
+    return make(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
 
 # ---- Liger-Kernel cases ------------------------------------------------------------------------

@@ -114,7 +114,19 @@ A100 = Device(
     smem_per_sm=164 * 1024,
     source="108 SMs, 4 schedulers/SM, 1.41 GHz boost; ~1.7 TB/s achievable copy (2.04 nominal on 80GB, "
            "1.56 on 40GB); 312 TFLOP/s bf16 dense, 156 tf32 (nominal); 164 KB shared/SM")
-DEVICES = {d.key: d for d in (H100, A100)}
+# The cards of the calibration set (msf.profiling.calibrate): the H200 the project measured on, and
+# the H100 NVL of Liger-Kernel's published table.
+H200 = Device(
+    "h200", "H200 SXM", 90, sms=132, clock_hz=1.755e9, bandwidth=4.21e12, tc_bf16=689e12, tc_tf32=345e12,
+    smem_per_sm=228 * 1024,
+    source="132 SMs; 4.21 TB/s copy and 689 TFLOP/s cuBLAS bf16 measured on the project's first H200 "
+           "(bench/results/measured/gpu/2026-12-04-h200); the H100's 1.755 GHz sustained clock assumed")
+H100_NVL = Device(
+    "h100nvl", "H100 NVL", 90, sms=132, clock_hz=1.755e9, bandwidth=3.42e12, tc_bf16=700e12, tc_tf32=350e12,
+    smem_per_sm=228 * 1024,
+    source="132 SMs; 3.9 TB/s nominal at the H200's measured copy efficiency (4.21 of 4.8): 3.42 TB/s; "
+           "the H100's 1.755 GHz sustained clock assumed; bf16 scaled from 835 TFLOP/s nominal")
+DEVICES = {d.key: d for d in (H100, A100, H200, H100_NVL)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +253,8 @@ def loop_lines(loop: Loop) -> list[tuple[str, int, int]]:
     import ast
     import importlib
     import textwrap
-    mod = importlib.import_module(f"msf.kernels.{loop.module}")
+    # a dotted module is another package's (the calibration set's kernels), else one of kernels/
+    mod = importlib.import_module(loop.module if "." in loop.module else f"msf.kernels.{loop.module}")
     fn = getattr(mod, loop.func)
     while not inspect.isfunction(fn):
         fn = fn.fn
@@ -459,6 +472,22 @@ def instr_class(op: str) -> str | None:
     return None
 
 
+def global_access_bytes(op: str) -> int:
+    """Bytes one lane of a global load or store moves (LDG.E.128: 16; a plain LDG.E: 4; .U8: 1);
+    0 for any other instruction. LDGSTS (global → shared) counts as a load."""
+    parts = op.split(".")
+    if parts[0] not in ("LDG", "STG", "LDGSTS"):
+        return 0
+    for part in parts[1:]:
+        if part in ("128", "64", "32"):
+            return int(part) // 8
+        if part in ("U8", "S8"):
+            return 1
+        if part in ("U16", "S16"):
+            return 2
+    return 4
+
+
 def mma_flops(ins: Instr) -> int:
     """FLOPs of one HMMA warp-instruction / one HGMMA warpgroup operation."""
     parts = ins.op.split(".")
@@ -560,6 +589,10 @@ class KernelCost:
     t_bytes: float
     t_flops: float
     spill_bytes: int = 0               # local + stack bytes of the build (0 for a clean build)
+    # global-memory bytes the SASS requests (Σ LDG/STG × trips × warps × 32 lanes × width): every
+    # pass over a tensor, in-place reads and writes both; not in the prediction (v1 uses the
+    # distinct-tensor floor), reported by msf.profiling.calibrate beside it
+    sass_bytes: float = 0.0
 
     @property
     def predicted(self) -> float:
@@ -640,6 +673,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     bodies = Counter()
     body_classes: dict[int, Counter] = defaultdict(Counter)
     flops = 0.0
+    sass_bytes = 0.0
     for ins in instrs:
         cls = instr_class(ins.op) or "other"
         static[cls] += 1
@@ -651,6 +685,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
             body_classes[loops.index(lp)][cls] += 1
         dynamic[cls] += times * warps
         dynamic["total"] += times * warps
+        sass_bytes += times * warps * 32 * global_access_bytes(ins.op)
         f = mma_flops(ins)
         if f:
             per = warps / 4 if ins.op.startswith("HGMMA") else warps
@@ -672,7 +707,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                       usage["registers"], usage["shared_bytes"], ctas, programs / max(1, ctas * device.sms),
                       static, loop_rows, sum(1 for sl in loops if sl.loop is None), dynamic, nbytes, flops,
                       t_issue, nbytes / device.bandwidth, t_flops,
-                      usage["local_bytes"] + usage["stack_bytes"])
+                      usage["local_bytes"] + usage["stack_bytes"], sass_bytes)
 
 
 def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
@@ -1037,12 +1072,18 @@ def main(argv=None) -> int:
     parser.add_argument("--png", type=Path, help="write the chart of every kernel's predicted time against its "
                         "floors here (default with --md: beside it, .png)")
     parser.add_argument("--pin", action="store_true", help="re-pick sm_90 / sm_80 entries of kernels/configs.json")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="the calibration set: predicted ÷ measured and ÷ published per case "
+                             "(msf.profiling.calibrate; needs the bench extra)")
     parser.add_argument("--trace-model", action="store_true",
                         help="check the captured layouts / dtypes against a small model run under the interpreter")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         from msf.profiling.report import _rerun_without_interpreter
         return _rerun_without_interpreter(argv, "msf.profiling.cost")
+    if args.calibrate:
+        from msf.profiling.calibrate import main as calibrate_main
+        return calibrate_main([])
     devices = [DEVICES[k] for k in args.device]
     if args.pin:
         pin(devices)
