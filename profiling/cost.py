@@ -50,6 +50,14 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    floor of the eager ops left in a triton step, against the eager step's floor.
 Host-side torch ops inside the fused ops (LMSA's tiny gate graph, partial-sum reductions) are not
 in the kernel rows.
+
+Calibration (`--calibrate`, msf.profiling.calibrate): the same capture and prediction on
+Liger-Kernel 0.5.2's kernels, against their times measured on the project's H200 and published
+for an H100 NVL (2026-12-04): v1 is 0.35–0.95× on the 9 GPU-bound cases (median 0.53). The
+misses are the terms v1 lacks: in-place tensors read and written (rope: 0.5×), passes that miss
+L2 (cross-entropy's second pass over a 128–512 KB row: 0.37–0.45×), launch cost. Each
+KernelCost carries `sass_bytes` (every global load and store the SASS makes) for the candidate
+"every pass" term; it is not in v1's time.
 """
 from __future__ import annotations
 
@@ -122,10 +130,11 @@ H200 = Device(
     source="132 SMs; 4.21 TB/s copy and 689 TFLOP/s cuBLAS bf16 measured on the project's first H200 "
            "(bench/results/measured/gpu/2026-12-04-h200); the H100's 1.755 GHz sustained clock assumed")
 H100_NVL = Device(
-    "h100nvl", "H100 NVL", 90, sms=132, clock_hz=1.755e9, bandwidth=3.42e12, tc_bf16=700e12, tc_tf32=350e12,
+    "h100nvl", "H100 NVL", 90, sms=132, clock_hz=1.755e9, bandwidth=3.42e12, tc_bf16=582e12, tc_tf32=291e12,
     smem_per_sm=228 * 1024,
     source="132 SMs; 3.9 TB/s nominal at the H200's measured copy efficiency (4.21 of 4.8): 3.42 TB/s; "
-           "the H100's 1.755 GHz sustained clock assumed; bf16 scaled from 835 TFLOP/s nominal")
+           "the H100's 1.755 GHz sustained clock assumed; bf16 835 TFLOP/s nominal at the H200's measured "
+           "efficiency (689 of 989): 582")
 DEVICES = {d.key: d for d in (H100, A100, H200, H100_NVL)}
 
 
