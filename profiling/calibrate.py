@@ -59,7 +59,8 @@ def capture_case(case, device: cost.Device) -> list[cost.Launch]:
 
 def launch_fit(measured_rows: list[dict]) -> tuple[float, float]:
     """(seconds, seconds per program) of an empty Triton launch as do_bench times it: the least-squares
-    line through the measured run's `empty launch` ceiling rows (1 to 8448 programs)."""
+    line through the measured run's `empty launch` ceiling rows (1 to 8448 programs); the cost
+    model's LAUNCH_S and LAUNCH_S_PER_PROGRAM are this line for the committed H200 run."""
     points = [(int(r["size"].split()[0]), r["p50"] * 1e-6) for r in measured_rows
               if r.get("op") == "ceiling" and r.get("metric") == "empty launch"]
     if len(points) < 2:
@@ -70,23 +71,23 @@ def launch_fit(measured_rows: list[dict]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def predict_case(case, device: cost.Device, launch: tuple[float, float]) -> dict:
-    """v1's prediction of the case (Σ over its launches), and two candidate terms beside it: each
-    launch's cost (`launch`), and every pass over memory (SASS bytes ÷ bandwidth instead of the
-    distinct-tensor floor)."""
+def predict_case(case, device: cost.Device) -> dict:
+    """The model's prediction of the case (Σ over its launches) and, beside it, v1's terms on the
+    same builds (the distinct-tensor floor, no launch, no re-reads)."""
     costs = [cost.predict(rec, device) for rec in capture_case(case, device)]
-    overhead = sum(launch[0] + launch[1] * c.programs for c in costs)
-    passes = sum(max(c.t_issue, c.sass_bytes / device.bandwidth, c.t_flops) for c in costs)
-    return {"predicted_us": sum(c.predicted for c in costs) * 1e6,
-            "with_launch_us": (sum(c.predicted for c in costs) + overhead) * 1e6,
-            "passes_launch_us": (passes + overhead) * 1e6,
-            "floor_mb": sum(c.dram_bytes for c in costs) / 1e6, "sass_mb": sum(c.sass_bytes for c in costs) / 1e6,
+    v1 = sum(max(c.t_issue, c.floor_bytes / device.bandwidth, c.t_flops) for c in costs)
+    rereads = sum(max(c.t_issue, (c.dram_bytes + c.reread_bytes) / device.bandwidth, c.t_flops) + c.t_launch
+                  for c in costs)
+    return {"predicted_us": sum(c.predicted for c in costs) * 1e6, "v1_us": v1 * 1e6, "rereads_us": rereads * 1e6,
+            "floor_mb": sum(c.floor_bytes for c in costs) / 1e6, "dram_mb": sum(c.dram_bytes for c in costs) / 1e6,
+            "sass_mb": sum(c.sass_bytes for c in costs) / 1e6,
             "bound": "+".join(sorted({c.bound for c in costs})),
             "kernels": [c.kernel for c in costs],
             "unmatched_loops": sum(c.unmatched_loops for c in costs)}
 
 
-CANDIDATES = {"v1": "predicted_us", "v1 + launch": "with_launch_us", "every pass + launch": "passes_launch_us"}
+CANDIDATES = {f"model ({cost.MODEL_VERSION})": "predicted_us", "v1's terms": "v1_us",
+              "model + L2-missing re-reads (candidate)": "rereads_us"}
 
 
 def run(measured_path: Path) -> tuple[list[dict], dict]:
@@ -104,9 +105,9 @@ def run(measured_path: Path) -> tuple[list[dict], dict]:
             row["note"] = "not predicted: the backward's grid comes from a CUDA device's SM count"
             rows.append(row)
             continue
-        here, there = predict_case(case, cost.H200, launch), predict_case(case, cost.H100_NVL, launch)
+        here, there = predict_case(case, cost.H200), predict_case(case, cost.H100_NVL)
         row.update(kernels=here["kernels"], bound=here["bound"], unmatched_loops=here["unmatched_loops"],
-                   floor_mb=here["floor_mb"], sass_mb=here["sass_mb"],
+                   floor_mb=here["floor_mb"], dram_mb=here["dram_mb"], sass_mb=here["sass_mb"],
                    h200=here, h100nvl=there,
                    predicted_h200_us=here["predicted_us"], predicted_h100nvl_us=there["predicted_us"])
         row["host_bound"] = row["measured_us"] is not None and row["measured_us"] > case.published_us
@@ -116,9 +117,10 @@ def run(measured_path: Path) -> tuple[list[dict], dict]:
             if row["measured_us"]:
                 pair.insert(0, here[key] / row["measured_us"])
             row["ratios"][label] = pair
+        model = next(iter(CANDIDATES))
         if row["measured_us"]:
-            row["pred_over_measured"] = row["ratios"]["v1"][0]
-        row["pred_over_published"] = row["ratios"]["v1"][-1]
+            row["pred_over_measured"] = row["ratios"][model][0]
+        row["pred_over_published"] = row["ratios"][model][-1]
         rows.append(row)
     gpu_bound = [r for r in rows if "ratios" in r and not r["host_bound"]]
     spread = {"model_version": cost.MODEL_VERSION, "cases": len(gpu_bound), "target": TARGET,
@@ -150,22 +152,24 @@ def report(rows: list[dict], spread: dict) -> str:
     s = spread
     lines += ["", f"Spread over the {s['cases']} GPU-bound cases (predicted ÷ measured on the H200 and ÷ published "
               f"for the H100 NVL); target: every ratio within {s['target'][0]}–{s['target'][1]}, the median within "
-              f"{s['target_median'][0]}–{s['target_median'][1]}. The model is {s['model_version']}; the other rows "
-              "are candidate terms, not in it:", "",
+              f"{s['target_median'][0]}–{s['target_median'][1]}:", "",
               "| prediction | ratios | min | median | max | within target |", "|---|---|---|---|---|---|"]
     for label in CANDIDATES:
         c = s[label]
         lines.append(f"| {label} | {c['ratios']} | {c['min']:.2f} | {c['median']:.2f} | {c['max']:.2f} | "
                      f"{c['within_target']} of {c['ratios']} |")
-    lines += ["", f"launch: {s['launch_s'] * 1e6:.2f} µs + {s['launch_s_per_program'] * 1e9:.2f} ns × programs (the "
-              "measured run's empty launches, as do_bench times them); every pass: the SASS's global loads and "
-              "stores × trips × 32 lanes × width, ÷ bandwidth, in place of the distinct-tensor floor.", "",
-              "| case | floor MB | SASS MB | v1 | v1 + launch | every pass + launch |", "|---|---|---|---|---|---|"]
+    lines += ["", f"The measured run's empty launches fit {s['launch_s'] * 1e6:.2f} µs + "
+              f"{s['launch_s_per_program'] * 1e9:.2f} ns × programs (the model's launch term: "
+              f"{cost.LAUNCH_S * 1e6:.2f} µs + {cost.LAUNCH_S_PER_PROGRAM * 1e9:.2f} ns). Bytes per case (H200 build): v1's "
+              "floor (every tensor argument once), the model's DRAM bytes (each tensor read once and written once, "
+              "re-reads free), and every global load and store in the SASS:", "",
+              "| case | floor MB | model MB | SASS MB | " + " | ".join(CANDIDATES) + " |",
+              "|---|---|---|---|" + "---|" * len(CANDIDATES)]
     for r in rows:
         if "ratios" in r:
             cells = " | ".join("/".join(f"{x:.2f}" for x in r["ratios"][label]) for label in CANDIDATES)
             lines.append(f"| {r['case']}{' (host-bound)' if r['host_bound'] else ''} | {r['floor_mb']:.0f} | "
-                         f"{r['sass_mb']:.0f} | {cells} |")
+                         f"{r['dram_mb']:.0f} | {r['sass_mb']:.0f} | {cells} |")
     lines.append("\n(each cell: ÷ measured H200 / ÷ published H100 NVL)")
     return "\n".join(lines)
 

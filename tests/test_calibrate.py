@@ -52,3 +52,50 @@ def test_the_report_covers_every_forward_case(tmp_path):
             assert r["predicted_h200_us"] < r["predicted_h100nvl_us"]
     assert data["spread"]["model_version"] == cost.MODEL_VERSION
     assert set(calibrate.CANDIDATES) <= set(data["spread"])
+
+
+TTIR = """module {
+  tt.func public @k(%x_ptr: !tt.ptr<f32> {tt.divisibility = 16 : i32} loc("x_ptr"(#loc)), %y_ptr: !tt.ptr<f32> loc("y_ptr"(#loc)), %idx_ptr: !tt.ptr<i32> loc("i"(#loc)), %unused: !tt.ptr<f32> loc("u"(#loc)), %n: i32 loc("n"(#loc))) attributes {noinline = false} {
+    %offs = tt.make_range {end = 128 : i32, start = 0 : i32} : tensor<128xi32> loc(#loc1)
+    %ip = tt.splat %idx_ptr : !tt.ptr<i32> -> tensor<128x!tt.ptr<i32>> loc(#loc2)
+    %ip_1 = tt.addptr %ip, %offs : tensor<128x!tt.ptr<i32>>, tensor<128xi32> loc(#loc2)
+    %idx = tt.load %ip_1 : tensor<128x!tt.ptr<i32>> loc(#loc3)
+    %xp = tt.splat %x_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>> loc(#loc4)
+    %xp_2 = tt.addptr %xp, %idx : tensor<128x!tt.ptr<f32>>, tensor<128xi32> loc(#loc4)
+    %r:2 = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %cst, %p = %xp_2) -> (tensor<128xf32>, tensor<128x!tt.ptr<f32>>) : i32 {
+      %v = tt.load %p : tensor<128x!tt.ptr<f32>> loc(#loc5)
+      %p_3 = tt.addptr %p, %offs : tensor<128x!tt.ptr<f32>>, tensor<128xi32> loc(#loc6)
+      scf.yield %v, %p_3 : tensor<128xf32>, tensor<128x!tt.ptr<f32>> loc(#loc7)
+    } loc(#loc8)
+    tt.store %xp_2, %r#0 : tensor<128x!tt.ptr<f32>> loc(#loc9)
+    %yp = tt.splat %y_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>> loc(#loc10)
+    %w = arith.select %cond, %yp, %xp : tensor<128xi1>, tensor<128x!tt.ptr<f32>> loc(#loc11)
+    tt.store %w, %r#0 : tensor<128x!tt.ptr<f32>> loc(#loc12)
+    tt.return loc(#loc13)
+  } loc(#loc)
+} loc(#loc)
+"""
+
+
+def test_tensor_access_follows_pointers_not_indices():
+    """Loads and stores walked back to their parameters: through splat / addptr (its pointer operand
+    only: %idx, a loaded index, does not make idx_ptr stored), a loop-carried pointer, and both arms
+    of a select; an unused pointer is not accessed."""
+    access = cost.tensor_access(TTIR)
+    assert access == {"idx_ptr": {"load"}, "x_ptr": {"load", "store"}, "y_ptr": {"store"}}
+
+
+def test_dram_bytes_count_in_place_twice_and_report_l2_missing_rereads_apart():
+    import torch
+    from types import SimpleNamespace
+    args = {"x_ptr": torch.empty(1000, dtype=torch.float32), "y_ptr": torch.empty(500, dtype=torch.float32),
+            "n": 7}
+    launch = SimpleNamespace(args=args)
+    access = {"x_ptr": {"load", "store"}, "y_ptr": {"store"}}
+    # x read and written (4000 B twice), y written (2000 B); 12000 B of loads = 8000 B beyond one pass
+    fits = cost.dram_bytes(launch, access, load_bytes=12000, programs=10, resident_programs=10, l2_bytes=10 ** 9)
+    assert fits == (10000, 0.0)
+    # the re-reads (a candidate term, not in v2's bytes) are reported only when they would miss L2
+    misses = cost.dram_bytes(launch, access, load_bytes=12000, programs=10, resident_programs=10, l2_bytes=1000)
+    assert misses == (10000, 8000)
+    assert cost.dram_bytes(launch, {}, 0, 1, 1, 1) == (6000.0, 0.0)   # no access map: v1's floor

@@ -201,5 +201,6 @@ def test_cost_command_smoke(tmp_path):
     metrics = {r["metric"]: r["value"] for r in rows if r["kernel"].startswith("head_loss.fwd")}
     assert metrics["registers"] > 0 and metrics["grid"] > 0 and metrics["unmatched_loops"] == 0
     assert metrics["dynamic_total"] > metrics["sass_total"]  # the pixel loop runs many times
-    assert metrics["predicted"] == max(metrics["t_issue"], metrics["t_bytes"], metrics["t_flops"]) > 0
+    assert metrics["predicted"] == pytest.approx(max(metrics["t_issue"], metrics["t_bytes"], metrics["t_flops"])
+                                                 + metrics["t_launch"]) and metrics["predicted"] > 0
     assert any(r["op"] == "head_loss" and r["kernel"] == "(op)" and r["metric"] == "fused_predicted" for r in rows)
