@@ -278,18 +278,21 @@ def _empty(x_ptr):
         tl.store(x_ptr, 0.0)
 
 
+def _copy_rate(device: torch.device, env: dict, n: int = 1 << 30) -> dict:
+    """Device-to-device copy of n bytes, counting the bytes read plus the bytes written (GB/s); its
+    buffers are freed on return, before the GEMM's are made."""
+    from triton.testing import do_bench
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="all")
+    return row("ceiling", "copy_", "forward", "bandwidth", "GB/s", "1 GiB", [2 * n / (t * 1e-3) / 1e9 for t in ms], env)
+
+
 def ceilings(device: torch.device, env: dict) -> list[dict]:
     """The machine's own rates: what the cost model's bandwidth, tensor-core peak and launch terms
     are checked against on this card."""
     from triton.testing import do_bench
-    rows = []
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="all")
-    rows.append(row("ceiling", "copy_", "forward", "bandwidth", "GB/s", "1 GiB",
-                    [2 * n / (t * 1e-3) / 1e9 for t in ms], env))
-    del src, dst
+    rows = [_copy_rate(device, env)]
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms = do_bench(lambda: a @ b, return_mode="all")
