@@ -39,6 +39,17 @@ def private_onnx_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def no_tf32():
+    """fp32 parity on a GPU compares fp32 with fp32: cuDNN convolutions default to TF32 (10-bit
+    mantissa, ~1e-3 relative error) on Ampere and later, which would put the eager reference
+    itself outside a 1e-4 tolerance. Off for the test, restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def real_data() -> Path:
     if not (REAL_DATA / "val" / "images").is_dir():
         pytest.skip(f"real data not found at {REAL_DATA} (set MSF_DATA to its folder)")

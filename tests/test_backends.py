@@ -34,6 +34,7 @@ def test_triton_backend_fuses_something():
     assert "head_loss" in fused_op_names("triton") and "attention" in fused_op_names("triton")
 
 
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("lmsa", [True, False])
 def test_logits_loss_and_every_gradient_match_eager(lmsa):
     eager, fused = twin_models(lmsa)
@@ -51,7 +52,11 @@ def test_logits_loss_and_every_gradient_match_eager(lmsa):
     assert_close(losses[1], losses[0], 1e-5, "loss")
     for (name, p_eager), p_fused in zip(eager.named_parameters(), fused.parameters()):
         assert p_fused.grad is not None, f"{name}: no gradient through the triton backend"
-        assert_close(p_fused.grad, p_eager.grad, 1e-4, f"grad {name}")
+    # against the whole model's gradient: a tensor whose true gradient nearly cancels is not judged
+    # by its own rounding noise (the per-tensor check of assert_grads_close still catches a dropped
+    # or misscaled gradient)
+    assert_grads_close({n: p.grad for n, p in fused.named_parameters()},
+                       {n: p.grad for n, p in eager.named_parameters()}, 1e-4, 1e-5, "fp32 gradients")
 
 
 def test_predictions_match_eager():

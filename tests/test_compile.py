@@ -153,6 +153,7 @@ class GraphRecorder:
         return torch._dynamo.lookup_backend(self.compiler)(gm, example_inputs)
 
 
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("compiler", COMPILERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_matches_uncompiled(backend, compiler):

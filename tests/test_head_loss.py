@@ -48,8 +48,11 @@ def get_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float) -> float:
-    """‖a−e‖/‖e‖ ≤ tol, else an AssertionError naming the worst index and both values."""
+def rel_error(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float, scale: float = 0.0) -> float:
+    """‖a−e‖/max(‖e‖, scale) ≤ tol, else an AssertionError naming the worst index and both values.
+    `scale`: the size of the whole result where the expected tensor can be exactly zero (K = 1:
+    every softmax is 1, the loss and its gradient vanish, and a GPU's fused multiply-adds leave
+    rounding residue where the interpreter's separate ops happen to cancel exactly)."""
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
@@ -58,7 +61,7 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: floa
         idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if a.dim() else ()
         raise AssertionError(f"{name}: {int(bad.sum())} non-finite elements (first at {idx}: {a[idx].item()})")
     diff = (a - e).abs()
-    err = (diff.norm() / e.norm().clamp_min(1e-30)).item()
+    err = (diff.norm() / e.norm().clamp_min(max(scale, 1e-30))).item()
     if err > tol:
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if a.dim() else ()
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
@@ -160,9 +163,15 @@ def test_head_loss_matches_float64_reference(case, device):
     ref = reference_loss(x64, targets, eps)
     ref.backward()
 
-    rel_error(loss, ref, f"{case} loss", LOSS_TOL)
+    # The scales below which an expected value counts as zero: the loss is a mean of O(1) terms
+    # (0.1); each full-resolution pixel adds O(1/N) to sh·sw low-res logits, so the gradient's
+    # size is sh·sw·√numel / N, and every non-degenerate case here has a norm of 0.08–0.53 times
+    # that (measured in float64): 0.05 of it never loosens them.
+    rel_error(loss, ref, f"{case} loss", LOSS_TOL, scale=0.1)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    rel_error(x.grad, x64.grad, f"{case} dL/dlogits", GRAD_TOL[dtype])
+    n_pix = targets.numel()
+    rel_error(x.grad, x64.grad, f"{case} dL/dlogits", GRAD_TOL[dtype],
+              scale=0.05 * sh * sw * logits.numel() ** 0.5 / n_pix)
 
 
 @pytest.mark.parametrize("device", DEVICES)
