@@ -610,7 +610,8 @@ def tensor_access(ttir: str) -> dict[str, set[str]]:
     params = set(re.findall(r"%([A-Za-z0-9_]+): !tt\.ptr<", func))
     defs: dict[str, list[str]] = {}
     whiles: list[list[str]] = []   # operands of scf.while ops whose `do` block comes later
-    accesses, prev = [], ""
+    out: dict[str, set[str]] = {}
+    prev = ""
     for line in lines:
         text = line.strip()
         m = re.match(rf"({_SSA})(?::(\d+))? = (\S+) (.*)", text)
@@ -632,22 +633,26 @@ def tensor_access(ttir: str) -> dict[str, set[str]]:
             defs.update({a: [v] for a, v in zip(re.findall(rf"({_SSA}):", text), whiles.pop())})
         for kind in ("load", "store"):
             hit = re.search(rf"\btt\.{kind} ({_SSA})", text)
-            if hit:
-                accesses.append((kind, hit.group(1)))
+            if hit:   # resolved now: region arguments reuse names (%arg8 in every reduce region),
+                for name in _roots(hit.group(1), defs, params):   # so only the definitions so far
+                    out.setdefault(name, set()).add(kind)          # in the text are this use's
         prev = text
-    out: dict[str, set[str]] = {}
-    for kind, ptr in accesses:
-        seen, stack = set(), [ptr]
-        while stack:
-            v = stack.pop()
-            if v in seen:
-                continue
-            seen.add(v)
-            if v[1:] in params:
-                out.setdefault(v[1:], set()).add(kind)
-            else:
-                stack += defs.get(v, [])
     return out
+
+
+def _roots(value: str, defs: dict[str, list[str]], params: set[str]) -> set[str]:
+    """The pointer parameters `value` derives from, through `defs`."""
+    found, seen, stack = set(), set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v[1:] in params:
+            found.add(v[1:])
+        else:
+            stack += defs.get(v, [])
+    return found
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,3 +99,28 @@ def test_dram_bytes_count_in_place_twice_and_report_l2_missing_rereads_apart():
     misses = cost.dram_bytes(launch, access, load_bytes=12000, programs=10, resident_programs=10, l2_bytes=1000)
     assert misses == (10000, 8000)
     assert cost.dram_bytes(launch, {}, 0, 1, 1, 1) == (6000.0, 0.0)   # no access map: v1's floor
+
+
+TTIR_REUSED_NAMES = """module {
+  tt.func public @k(%x_ptr: !tt.ptr<f32> loc("x_ptr"(#loc)), %y_ptr: !tt.ptr<f32> loc("y_ptr"(#loc)), %n: i32 loc("n"(#loc))) {
+    %yp = tt.splat %y_ptr : !tt.ptr<f32> -> tensor<8x!tt.ptr<f32>> loc(#loc1)
+    %0 = scf.for %i = %c0 to %n step %c1 iter_args(%arg5 = %yp) -> (tensor<8x!tt.ptr<f32>>) : i32 {
+      tt.store %arg5, %cst : tensor<8x!tt.ptr<f32>> loc(#loc2)
+      scf.yield %arg5 : tensor<8x!tt.ptr<f32>> loc(#loc3)
+    } loc(#loc4)
+    %xp = tt.splat %x_ptr : !tt.ptr<f32> -> tensor<8x!tt.ptr<f32>> loc(#loc5)
+    %1 = scf.for %j = %c0 to %n step %c1 iter_args(%arg5 = %xp) -> (tensor<8x!tt.ptr<f32>>) : i32 {
+      %v = tt.load %arg5 : tensor<8x!tt.ptr<f32>> loc(#loc6)
+      scf.yield %arg5 : tensor<8x!tt.ptr<f32>> loc(#loc7)
+    } loc(#loc8)
+    tt.return loc(#loc9)
+  } loc(#loc)
+} loc(#loc)
+"""
+
+
+def test_tensor_access_resolves_each_use_against_the_definitions_before_it():
+    """MLIR reuses region-argument names (%arg5 in two loops here, %arg8 in every reduce region of
+    a real kernel): each load or store is resolved when it is read, so the first loop's store
+    stays y's and the second loop's load x's."""
+    assert cost.tensor_access(TTIR_REUSED_NAMES) == {"y_ptr": {"store"}, "x_ptr": {"load"}}
