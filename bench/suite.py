@@ -198,6 +198,18 @@ def train_step_case(batch, size, device, dtype, paper_head_order: bool = True) -
     return Case("train_step", f"B={batch},{size}²", batch, {"step": builders}, {})
 
 
+def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
+    """The cases of `suite` (ops, step or all) at the preset's batch, size and dtype."""
+    batch, size, dtype = preset["batch"], preset["size"], preset["dtype"]
+    cases = []
+    if suite in ("ops", "all"):
+        cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
+                  lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
+    if suite in ("step", "all"):
+        cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))
+    return cases
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -416,16 +428,10 @@ def main(argv: list[str] | None = None) -> int:
          f"(B={preset['batch']}, {preset['size']}², {str(preset['dtype']).removeprefix('torch.')}); "
          f"providers {', '.join(providers)}; each time is the {STATISTIC} of {preset['reps']} calls")
     deadline = time.monotonic() + args.budget_s
-    batch, size, dtype = preset["batch"], preset["size"], preset["dtype"]
     rows = [row("device_copy", "torch", "copy", "bandwidth", "GB/s", "1 GiB" if device.type == "cuda" else "64 MiB",
                 copy_gbs, env)]
 
-    cases = []
-    if args.suite in ("ops", "all"):
-        cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
-                  lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
-    if args.suite in ("step", "all"):
-        cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))
+    cases = build_cases(args.suite, preset, device)
     # a CPU cannot time the kernels: show the GPU figure the project claims, labelled as a prediction
     predicted, predicted_lines, predicted_source = (prediction_rows(cases, env) if device.type != "cuda"
                                                     else ([], {}, ""))

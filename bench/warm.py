@@ -19,14 +19,10 @@ import time
 
 
 def _cases(preset_name: str, device: str = "cuda"):
+    """Every case `msf bench --suite all` times at the preset."""
     import torch
     from msf.bench import suite
-    preset = suite.PRESETS[preset_name]
-    device = torch.device(device)
-    batch, size, dtype = preset["batch"], preset["size"], preset["dtype"]
-    return [suite.head_loss_case(batch, size, device, dtype), *suite.attention_cases(batch, size, device, dtype),
-            suite.lmsa_case(batch, size, device, dtype), suite.upsample_argmax_case(batch, size, device, dtype),
-            suite.train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True))]
+    return suite.build_cases("all", suite.PRESETS[preset_name], torch.device(device))
 
 
 def _job_list(preset_name: str, device: str = "cuda") -> list[tuple[int, str, str]]:

@@ -45,9 +45,9 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    stores (which is which: `tensor_access`, from the kernel's TTIR; a tensor updated in place
    counts twice); re-reads are free (L1/L2 hits; see L2_REUSE_FRACTION for the candidate term
    that would count a second pass over rows too large to stay in L2). v1 counted every tensor
-   argument once. FLOPs = HGMMA (per
-   warpgroup: ÷ 4 warps) and HMMA warp instructions × 2·m·n·k of their shape. Launch (v2) =
-   LAUNCH_S + LAUNCH_S_PER_PROGRAM × programs, measured on the H200 (an empty Triton launch).
+   argument once. FLOPs = HGMMA (per warpgroup: ÷ 4 warps) and HMMA warp instructions × 2·m·n·k
+   of their shape. Launch (v2) = LAUNCH_S + LAUNCH_S_PER_PROGRAM × programs, measured on the H200
+   (an empty Triton launch).
 7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
    (`msf.bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
    Σ fused ops in one training step (attention sublayers × the stage depths 1, 2, 2, 2) + the
@@ -683,8 +683,8 @@ class KernelCost:
     t_flops: float
     spill_bytes: int = 0               # local + stack bytes of the build (0 for a clean build)
     # global-memory bytes the SASS requests (Σ LDG/STG × trips × warps × 32 lanes × width): every
-    # pass over a tensor, in-place reads and writes both; not in the prediction (v1 uses the
-    # distinct-tensor floor), reported by msf.profiling.calibrate beside it
+    # pass over a tensor, in-place reads and writes both; not in the prediction (its bytes are
+    # `dram_bytes`), reported by msf.profiling.calibrate beside it
     sass_bytes: float = 0.0
     floor_bytes: int = 0               # v1's bytes: every tensor argument once
     reread_bytes: float = 0.0          # candidate: loads beyond one pass that would miss L2 (not in dram_bytes)
@@ -723,9 +723,15 @@ def _bytes(args: dict) -> int:
 _BUILDS: dict = {}
 
 
+def build_key(launch: Launch, arch: int) -> tuple:
+    """What makes two launches one compile: the kernel, the target, and the launcher's
+    specialisation (signature, constexprs, attributes, options)."""
+    return (id(launch.fn), arch, repr(sorted(launch.signature.items())), repr(sorted(launch.constexprs.items())),
+            repr(sorted(launch.attrs.items())), repr(sorted(launch.options.items())))
+
+
 def compiled_kernel(launch: Launch, arch: int):
-    key = (id(launch.fn), arch, repr(sorted(launch.signature.items())), repr(sorted(launch.constexprs.items())),
-           repr(sorted(launch.attrs.items())), repr(sorted(launch.options.items())))
+    key = build_key(launch, arch)
     if key not in _BUILDS:
         from msf.profiling.report import build, cuobjdump_path, usage_of
         ck = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, arch, launch.options)
@@ -753,9 +759,9 @@ def dram_bytes(launch: Launch, access: dict[str, set[str]], load_bytes: float, p
     first figure): the loads beyond one pass (`load_bytes`, from the SASS, minus the tensors read)
     when the resident programs' footprint exceeds L2_REUSE_FRACTION of L2. Without an access map
     (no load or store parsed): every tensor argument once, as v1."""
-    sizes = {name: t.numel() * t.element_size() for name, t in launch.args.items() if hasattr(t, "data_ptr")}
     if not access:
-        return float(sum(sizes.values())), 0.0
+        return float(_bytes(launch.args)), 0.0
+    sizes = {name: t.numel() * t.element_size() for name, t in launch.args.items() if hasattr(t, "data_ptr")}
     read = sum(sizes.get(n, 0) for n, kinds in access.items() if "load" in kinds)
     written = sum(sizes.get(n, 0) for n, kinds in access.items() if "store" in kinds)
     footprint = (read + written) / max(1, programs) * resident_programs
