@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
-__all__ = ["DEFAULT_DICE_EPS", "LMSAParams", "composed_attention_sublayer", "eager_attention", "eager_head_loss",
-           "eager_lmsa", "eager_upsample_argmax"]
+__all__ = ["DEFAULT_DICE_EPS", "LMSAParams", "composed_attention_sublayer", "eager_attention", "eager_ffn_sublayer",
+           "eager_head_loss", "eager_lmsa", "eager_upsample_argmax"]
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,12 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def composed_attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, attention=eager_attention):
     return residual + F.linear(attention(F.linear(x_norm, wq, bq), k, v), wo, bo)
+
+
+def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5):
+    """The block's feed-forward sublayer as the paper's model computes it: x + fc2(GELU(fc1(LN(x))))."""
+    hidden = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
+    return x + F.linear(hidden, fc2_weight, fc2_bias)
 
 
 def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:

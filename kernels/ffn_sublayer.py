@@ -1,0 +1,535 @@
+"""Fused feed-forward sublayer: LayerNorm + fc1 + GELU + fc2 + residual, in Triton.
+
+    out = x + GELU(LN(x) w1ᵀ + b1) w2ᵀ + b2        LN(x) = (x − mean) · rstd · γ + β,  GELU exact (erf)
+
+    x, out: B×N×C tokens (any leading shape; rows = tokens, contiguous)   γ, β: C
+    w1: H×C, b1: H (fc1, nn.Linear's out×in)   w2: C×H, b2: C (fc2)      saved: mean, rstd (rows fp32)
+
+The hidden activations (rows × H, H = 2C in the model) never reach memory: the forward keeps each
+BLOCK_H-column slice of them on chip and folds it into fc2's accumulator at once; the backward
+recomputes them from x and the saved LayerNorm statistics. Precision (`compute_dtype`):
+- uniform: x and all six parameters share fp32 / bf16 / fp16 and the products run in it (fp32 as
+  tf32x3, about fp32 accuracy);
+- mixed (what CUDA autocast hands the block): fp32 x and fp32 master weights, products in bf16 /
+  fp16. Each kernel rounds the weights on load and rounds every value eager autocast rounds (the
+  LayerNorm output before fc1, fc1's output, GELU's, fc2's; in the backward fc2's input gradient,
+  dA, dH and fc1's input gradient), so it computes what `ffn_sublayer_eager` computes under autocast;
+  LayerNorm and the residual add stay fp32 (autocast's policy), out is fp32.
+
+Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
+- `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
+  hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once.
+- `_ffn_bwd_dx_kernel`: one tile a program: recomputes LN(x) and, slice by slice, fc1's output, then
+  dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g + that. Writes
+  the tile's partial sums of dγ, dβ and db2.
+- `_ffn_bwd_wgrad_kernel`: one (hidden slice, row chunk) a program: the same recompute for its
+  slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over the chunk's rows.
+- attention's `_attn_bwd_reduce_kernel` (twice): the fixed-order sums of both partial buffers.
+
+docs/ffn_sublayer.md: the backward's math, the bytes against eager, the cost-model figures and the
+designs not taken.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from msf.kernels import attention as _core
+from msf.kernels._common import INTERPRET
+from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
+from msf.kernels.attention_sublayer import _round
+from msf.kernels.configs import PinnedKernel
+from msf.reference import eager_ffn_sublayer
+
+__all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPECS", "compute_dtype",
+           "fused_supported"]
+
+ffn_sublayer_eager = eager_ffn_sublayer  # the reference: F.layer_norm → F.linear → F.gelu → F.linear → + x
+
+_MAX_BLOCK_C = 256
+# compute dtype codes of the kernels' CDT constexpr
+_CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations: (BLOCK_N, BLOCK_H, num_warps, num_stages) per kernel, dtype class and C block.
+# The classes: "16" (bf16 / fp16 throughout), "amp" (fp32 x and weights, 16-bit products: the
+# model under autocast), "fp32" (tf32x3 products). Each entry built for sm_80 and sm_90 without
+# spills at the model's shapes (`AOT_SPECS`, `python -m msf.profiling.report`).
+# ----------------------------------------------------------------------------------------------
+_Cfg = tuple[int, int, int, int]
+_BLOCKS = (32, 64, 128, 256)
+_ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
+    "fwd": {
+        "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
+        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 4, 2)]},
+    },
+    "dx": {
+        "16": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
+        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 16, 8, 2)]},
+    },
+    "wgrad": {
+        "16": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
+        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 16, 8, 2)]},
+    },
+}
+# the interpreter's configuration: 16-row tiles and 16-wide hidden slices, so CPU tests at small
+# shapes still cover several hidden slices, ragged row tiles and several row chunks
+_INTERPRETER_CFG: _Cfg = (16, 16, 4, 2)
+
+
+def _as_config(c: _Cfg) -> triton.Config:
+    return triton.Config({"BLOCK_N": c[0], "BLOCK_H": c[1]}, num_warps=c[2], num_stages=c[3])
+
+
+def _mode(named_args) -> str:
+    """The dtype class of a launch: from the compute dtype and x's width."""
+    if named_args["CDT"] == 0:
+        return "fp32"
+    return "amp" if named_args["X"].element_size() == 4 else "16"
+
+
+def _pinned(kernel: str, fn) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json ("ffn_sublayer.<kernel>"; shape
+    class = dtype class and C block, e.g. "amp_c64")."""
+    seen = [_INTERPRETER_CFG]
+    for per_c in _ALLOWED[kernel].values():
+        for cfgs in per_c.values():
+            seen += [c for c in cfgs if c not in seen]
+
+    def allowed(cls: str) -> list[triton.Config]:
+        mode, c = cls.rsplit("_c", 1)
+        return [_as_config(c) for c in _ALLOWED[kernel][mode][int(c)]]
+
+    def shape_class(named) -> str:
+        return f"{_mode(named)}_c{named['BLOCK_C']}"
+
+    def prune(configs, named_args, **kwargs):
+        ok = _ALLOWED[kernel][_mode({**named_args, **kwargs})].get(kwargs["BLOCK_C"], [])
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) in ok]
+        return kept or configs[:1]
+
+    classes = [f"{mode}_c{c}" for mode, per_c in _ALLOWED[kernel].items() for c in per_c]
+    return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], ["C", "HID", "CDT", "BLOCK_C"],
+                        shape_class, allowed, classes, prune=prune)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _to_compute(x, CDT: tl.constexpr):
+    """x in the compute dtype (CDT 0 fp32, 1 bf16, 2 fp16), rounded to nearest even as on a GPU."""
+    if CDT == 1:
+        y = _round(x, tl.bfloat16)
+    elif CDT == 2:
+        y = _round(x, tl.float16)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _rounded(x, CDT: tl.constexpr):
+    """x rounded to the compute dtype and back to fp32 (what a 16-bit eager output holds)."""
+    return _to_compute(x, CDT).to(tl.float32)
+
+
+@triton.jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d GELU / dh = Φ(h) + h φ(h)."""
+    return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+
+
+@triton.jit
+def _tile(pid, ROWS, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows and channels of row tile `pid`: (rows int64, offs_c, mask_n, mask_c, token offsets, mask)."""
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_n = rows < ROWS
+    mask_c = offs_c < C
+    return rows, offs_c, mask_n, mask_c, rows[:, None] * C + offs_c[None, :], mask_n[:, None] & mask_c[None, :]
+
+
+@triton.jit
+def _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc):
+    """(x̂, LN(x)) of a tile of x (fp32) from its row statistics; zero outside the tile's rows and C."""
+    xhat = tl.where(mask_nc, (x - mean[:, None]) * rstd[:, None], 0.0)
+    gamma = tl.load(LNW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return xhat, tl.where(mask_nc, xhat * gamma[None, :] + beta[None, :], 0.0)
+
+
+@triton.jit
+def _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT: tl.constexpr):
+    """(h, w1 slice): h = LN(x) w1ᵀ + b1 for one hidden slice (fp32, rounded as fc1's output is) and the
+    slice's rows of w1 (BLOCK_H × BLOCK_C, compute dtype; `_ffn_bwd_*` reuse them for dH w1)."""
+    w1 = _to_compute(tl.load(W1 + offs_h[:, None] * C + offs_c[None, :], mask=mask_h[:, None] & mask_c[None, :],
+                             other=0.0), CDT)
+    b1 = _rounded(tl.load(B1 + offs_h, mask=mask_h, other=0.0), CDT)
+    return _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT), w1
+
+
+@triton.jit
+def _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID: tl.constexpr, CDT: tl.constexpr):
+    """w2[:, slice] as a BLOCK_C × BLOCK_H block (compute dtype)."""
+    return _to_compute(tl.load(W2 + offs_c[:, None] * HID + offs_h[None, :], mask=mask_c[:, None] & mask_h[None, :],
+                               other=0.0), CDT)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _ffn_fwd_kernel(
+    X, LNW, LNB, W1, B1, W2, B2, OUT, MEAN, RSTD,
+    ROWS, C, eps,
+    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out, mean, rstd of BLOCK_N rows (X, OUT contiguous ROWS×C; MEAN, RSTD fp32 ROWS)."""
+    rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(tl.program_id(0), ROWS, C, BLOCK_N, BLOCK_C)
+    x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask_nc, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    tl.store(MEAN + rows, mean, mask=mask_n)
+    tl.store(RSTD + rows, rstd, mask=mask_n)
+    _, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+    xn = _to_compute(xn, CDT)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < HID
+        h, _ = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        a = _to_compute(_gelu(h), CDT)
+        acc += _mm(a, tl.trans(_w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)), CDT == 0)
+    y = _rounded(acc + _rounded(tl.load(B2 + offs_c, mask=mask_c, other=0.0), CDT)[None, :], CDT)
+    tl.store(OUT + tok, _round(x + y, OUT.dtype.element_ty), mask=mask_nc)
+
+
+_ffn_fwd_kernel = _pinned("fwd", _ffn_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# g = ∂L/∂out (rows × C). With x̂ = (x − mean)·rstd, n = x̂γ + β, h = n w1ᵀ + b1, A = GELU(h),
+# y = A w2ᵀ + b2, out = x + y (every product in the compute dtype, rounded as eager rounds it):
+#   dy  = g (rounded to the compute dtype: autocast's gradient of fc2's bf16 output)
+#   db2 = Σ_rows dy                      dW2 = dyᵀ A          (C×H)
+#   dA  = dy w2                          dH  = dA ∘ GELU'(h)   (rows × H: on chip, slice by slice)
+#   db1 = Σ_rows dH                      dW1 = dHᵀ n           (H×C)
+#   dn  = dH w1                          (summed over the hidden slices, then rounded)
+#   dγ  = Σ_rows dn ∘ x̂                  dβ  = Σ_rows dn
+#   dx  = g + rstd · (dn γ − x̂ · mean_C(dn γ ∘ x̂) − mean_C(dn γ))
+# `_ffn_bwd_dx_kernel` needs every hidden slice of a row for dn, `_ffn_bwd_wgrad_kernel` every row
+# of a slice for dW1, dW2: two passes over the recompute, each with a grid that suits its sums.
+@triton.jit
+def _ffn_bwd_dx_kernel(
+    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART,
+    ROWS, C,
+    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dx of BLOCK_N rows, and the tile's partial sums PART[pid] = [Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32)."""
+    pid = tl.program_id(0)
+    rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(pid, ROWS, C, BLOCK_N, BLOCK_C)
+    mean = tl.load(MEAN + rows, mask=mask_n, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=mask_n, other=0.0)
+    x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
+    xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+    xn = _to_compute(xn, CDT)
+    g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
+    dy = _to_compute(g, CDT)
+    dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < HID
+        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
+        dh = _to_compute(da * _gelu_grad(h), CDT)
+        dn += _mm(dh, w1, CDT == 0)
+    dn = _rounded(dn, CDT)
+    gamma = tl.load(LNW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    dxhat = dn * gamma[None, :]
+    c1 = tl.sum(dxhat * xhat, 1) / C
+    c2 = tl.sum(dxhat, 1) / C
+    dx_ln = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    dx = g + _round(dx_ln, DX.dtype.element_ty).to(tl.float32)  # eager adds the LN's rounded gradient to g
+    tl.store(DX + tok, _round(dx, DX.dtype.element_ty), mask=mask_nc)
+    part = PART + pid.to(tl.int64) * 3 * C
+    tl.store(part + offs_c, tl.sum(dn * xhat, 0), mask=mask_c)
+    tl.store(part + C + offs_c, tl.sum(dn, 0), mask=mask_c)
+    tl.store(part + 2 * C + offs_c, tl.sum(dy.to(tl.float32), 0), mask=mask_c)
+
+
+_ffn_bwd_dx_kernel = _pinned("dx", _ffn_bwd_dx_kernel)
+
+
+@triton.jit
+def _ffn_bwd_wgrad_kernel(
+    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, PART,
+    ROWS, C,
+    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """fp32 partials of hidden slice pid_h over row chunk pid_c, in row pid_c of PART (n_chunks ×
+    (2·H·C + H)): dW1[slice, :] at [0, H·C), dW2[:, slice] at [H·C, 2·H·C), db1[slice] after."""
+    pid_h = tl.program_id(0)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_h = offs_h < HID
+    mask_c = offs_c < C
+    w2 = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
+    dw1 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    dw2t = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)  # dW2[:, slice]ᵀ
+    db1 = tl.zeros([BLOCK_H], tl.float32)
+    row_start = pid_c * CHUNK_ROWS
+    for r in range(0, CHUNK_ROWS, BLOCK_N):
+        rows = row_start + r + tl.arange(0, BLOCK_N)
+        mask_n = (rows < ROWS) & (rows < row_start + CHUNK_ROWS)
+        mask_nc = mask_n[:, None] & mask_c[None, :]
+        tok = rows[:, None] * C + offs_c[None, :]
+        mean = tl.load(MEAN + rows, mask=mask_n, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=mask_n, other=0.0)
+        x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
+        _, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+        xn = _to_compute(xn, CDT)
+        dy = _to_compute(tl.load(G + tok, mask=mask_nc, other=0.0), CDT)
+        h, _ = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        a = _to_compute(_gelu(h), CDT)  # rows past the end: h = b1, but their dy rows are zero
+        dh = _to_compute(_rounded(_mm(dy, w2, CDT == 0), CDT) * _gelu_grad(h), CDT)
+        dw1 += _mm(tl.trans(dh), xn, CDT == 0)
+        dw2t += _mm(tl.trans(a), dy, CDT == 0)
+        db1 += tl.sum(dh.to(tl.float32), 0)
+    part = PART + pid_c * (2 * HID * C + HID)
+    mask_hc = mask_h[:, None] & mask_c[None, :]
+    tl.store(part + offs_h[:, None] * C + offs_c[None, :], dw1, mask=mask_hc)
+    tl.store(part + HID * C + offs_c[None, :] * HID + offs_h[:, None], dw2t, mask=mask_hc)
+    tl.store(part + 2 * HID * C + offs_h, db1, mask=mask_h)
+
+
+_ffn_bwd_wgrad_kernel = _pinned("wgrad", _ffn_bwd_wgrad_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _block_c(c: int) -> int:
+    if c > _MAX_BLOCK_C:
+        raise ValueError(f"ffn_sublayer: C = {c} > {_MAX_BLOCK_C} is not supported by the fused kernels")
+    return max(32, triton.next_power_of_2(c))
+
+
+def _wg_chunking(rows: int, hid: int, block_h: int, sms: int | None,
+                 chunk_rows: int | None = None) -> tuple[int, int]:
+    """(chunk_rows, n_chunks) of the weight-gradient kernel: enough row chunks for about two programs
+    per SM over the ⌈H / BLOCK_H⌉ hidden slices, each chunk at least 256 rows (its (2·H·C + H) fp32
+    partial then costs under a tenth of what the chunk reads), a multiple of 128 rows. At B = 32,
+    512² on 132 SMs: 132, 132, 33, 11 chunks for the four stages. Short chunks under the
+    interpreter so that tests cover several."""
+    if chunk_rows is None:
+        if sms is None:
+            chunk_rows = 32
+        else:
+            want = max(1, triton.cdiv(2 * sms, triton.cdiv(hid, block_h)))
+            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), 256), 128) * 128
+    chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
+    return chunk_rows, triton.cdiv(rows, chunk_rows)
+
+
+def _pinned_block(kernel: PinnedKernel, block: str, mode: str, block_c: int, device: torch.device) -> int:
+    """`block` ("BLOCK_N" / "BLOCK_H") of `kernel`'s pinned configuration on `device`: the host sizes
+    the backward's grids by them."""
+    from msf.kernels import configs
+    kind = configs.device_kind(device if device.type == "cuda" else None)
+    return int(configs.lookup(kernel.name, f"{mode}_c{block_c}", kind).kwargs[block])
+
+
+def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out = Σ_rows part (n × size fp32) in a fixed order, by the chunk-sum kernel the attention
+    backward uses; it sums two buffers a launch, and here both are `part` (the second pass re-reads
+    what the first just loaded and writes the same values again: a few KB)."""
+    n, size = part.shape
+    _core._chunk_sum(part, part, out, out, n, size, 1)
+
+
+def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
+    """x2: rows × C contiguous; parameters as given (rounded to `cdt` on load). out in
+    promote(x, cdt), mean and rstd fp32."""
+    rows, c = x2.shape
+    dev = x2.device
+    out = _new((rows, c), dev, torch.promote_types(x2.dtype, cdt))
+    mean = _new((rows,), dev, torch.float32)
+    rstd = _new((rows,), dev, torch.float32)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]),)  # noqa: E731
+    _ffn_fwd_kernel[grid](x2, lnw, lnb, w1, b1, w2, b2, out, mean, rstd, rows, c, float(eps),
+                          HID=w1.shape[0], CDT=_CDT[cdt], BLOCK_C=_block_c(c))
+    return out, mean, rstd
+
+
+def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, wg_chunk_rows: int | None = None):
+    """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype."""
+    rows, c = x2.shape
+    hid = w1.shape[0]
+    dev = x2.device
+    block_c = _block_c(c)
+    code = _CDT[cdt]
+    mode = "fp32" if code == 0 else ("amp" if x2.element_size() == 4 else "16")
+    dx = _new((rows, c), dev, x2.dtype)
+
+    block_n = _pinned_block(_ffn_bwd_dx_kernel, "BLOCK_N", mode, block_c, dev)  # one program a row tile
+    n_tiles = triton.cdiv(rows, block_n)
+    ln_part = _new((n_tiles, 3 * c), dev, torch.float32)
+    _ffn_bwd_dx_kernel[(n_tiles,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, c,
+                                   HID=hid, CDT=code, BLOCK_C=block_c)
+
+    block_h = _pinned_block(_ffn_bwd_wgrad_kernel, "BLOCK_H", mode, block_c, dev)
+    chunk, n_chunks = _wg_chunking(rows, hid, block_h, _core._sm_count(dev), wg_chunk_rows)
+    w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
+    _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
+        x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows, c,
+        HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
+
+    ln_sum = _new((3 * c,), dev, torch.float32)
+    w_sum = _new((2 * hid * c + hid,), dev, torch.float32)
+    _sum_rows(ln_part, ln_sum)
+    _sum_rows(w_part, w_sum)
+    # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
+    dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(p.dtype) for i, p in enumerate((lnw, lnb, w2)))
+    dw1 = w_sum[:hid * c].view(hid, c).to(w1.dtype)
+    dw2 = w_sum[hid * c:2 * hid * c].view(c, hid).to(w2.dtype)
+    db1 = w_sum[2 * hid * c:].to(b1.dtype)
+    return dx, dlnw, dlnb, dw1, db1, dw2, db2
+
+
+class FFNSublayerFunction(torch.autograd.Function):
+    """The fused sublayer; saves x and the parameters (inputs) and the LayerNorm statistics."""
+
+    @staticmethod
+    def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, wg_chunk_rows=None):
+        out, mean, rstd = _forward(x2, lnw, lnb, w1, b1, w2, b2, eps, cdt)
+        ctx.save_for_backward(x2, lnw, lnb, w1, b1, w2, mean, rstd)
+        ctx.cdt, ctx.wg_chunk_rows = cdt, wg_chunk_rows
+        ctx.b2_dtype = b2.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, lnw, lnb, w1, b1, w2, mean, rstd = ctx.saved_tensors
+        dx, dlnw, dlnb, dw1, db1, dw2, db2 = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g.contiguous(),
+                                                       ctx.cdt, ctx.wg_chunk_rows)
+        return dx, dlnw, dlnb, dw1, db1, dw2, db2.to(ctx.b2_dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# entry
+# ----------------------------------------------------------------------------------------------
+def compute_dtype(x, lnw, lnb, w1, b1, w2, b2) -> torch.dtype | None:
+    """The dtype the products run in, or None when the kernels do not serve the mix:
+    under autocast on x's device, autocast's bf16 / fp16 when every tensor is fp32 or that dtype
+    (the model under CUDA autocast: fp32 x and master weights); otherwise the dtype all seven share
+    (fp32, bf16 or fp16)."""
+    ts = (x, lnw, lnb, w1, b1, w2, b2)
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts):
+            return cdt
+        return None
+    dtypes = {t.dtype for t in ts}
+    return x.dtype if len(dtypes) == 1 and x.dtype in _CDT else None
+
+
+def fused_supported(c: int) -> bool:
+    """C up to 256 channels (the model's are 32-192); any hidden width."""
+    return 0 < c <= _MAX_BLOCK_C
+
+
+def _check(x, lnw, lnb, w1, b1, w2, b2, eps) -> None:
+    if x.dim() < 1:
+        raise ValueError("ffn_sublayer: x must have a channel dimension")
+    c = x.shape[-1]
+    if lnw.shape != (c,) or lnb.shape != (c,):
+        raise ValueError(f"ffn_sublayer: LayerNorm weight and bias must have C = {c} elements, got "
+                         f"{tuple(lnw.shape)}, {tuple(lnb.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != c or b1.shape != (w1.shape[0],) or w2.shape != (c, w1.shape[0]) \
+            or b2.shape != (c,):
+        raise ValueError(f"ffn_sublayer: fc1 must be H×C ({c} inputs) with bias H and fc2 C×H with bias C; got "
+                         f"w1 {tuple(w1.shape)}, b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+    if not eps > 0:
+        raise ValueError(f"ffn_sublayer: eps must be positive, got {eps}")
+    ts = (x, lnw, lnb, w1, b1, w2, b2)
+    if len({t.device for t in ts}) != 1:
+        raise ValueError("ffn_sublayer: tensors on different devices")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("ffn_sublayer: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None):
+    """`x + fc2(GELU(fc1(LayerNorm(x))))` (shapes in the module docstring): fused forward and backward
+    where `compute_dtype` says the kernels serve the dtypes and C ≤ 256, else the eager composition.
+    `wg_chunk_rows` overrides the weight-gradient kernel's row chunk (tests use it)."""
+    _check(x, lnw, lnb, w1, b1, w2, b2, eps)
+    cdt = compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
+    if cdt is None or x.numel() == 0 or not fused_supported(x.shape[-1]):
+        return ffn_sublayer_eager(x, lnw, lnb, w1, b1, w2, b2, eps)
+    c = x.shape[-1]
+    out = FFNSublayerFunction.apply(x.reshape(-1, c).contiguous(), *(t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2)),
+                                    float(eps), cdt, wg_chunk_rows)
+    return out.view(*x.shape[:-1], c)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time builds: every kernel × C block × dtype class × configuration, at the model's
+# hidden width 2C (C = 192 for the 256 block)
+# ----------------------------------------------------------------------------------------------
+_AOT_C = {32: 32, 64: 64, 128: 128, 256: 192}
+_AOT_PTRS = {
+    "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"), "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX"),
+    "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),
+}
+_AOT_F32 = {"fwd": ("MEAN", "RSTD"), "dx": ("MEAN", "RSTD", "PART"), "wgrad": ("MEAN", "RSTD", "PART")}
+_AOT_KERNELS = {"fwd": _ffn_fwd_kernel, "dx": _ffn_bwd_dx_kernel, "wgrad": _ffn_bwd_wgrad_kernel}
+_AOT_DTYPE = {"16": ("bf16", 1), "amp": ("fp32", 1), "fp32": ("fp32", 0)}
+_AOT_CHUNK = 1024
+
+
+def _aot_specs() -> list[AttentionAotSpec]:
+    specs = []
+    for kname, kernel in _AOT_KERNELS.items():
+        for mode, per_c in _ALLOWED[kname].items():
+            dname, code = _AOT_DTYPE[mode]
+            ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
+            for block_c, cfgs in per_c.items():
+                for bn, bh, w, st in cfgs:
+                    const = {"HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c, "BLOCK_N": bn, "BLOCK_H": bh}
+                    if kname == "wgrad":
+                        const["CHUNK_ROWS"] = _AOT_CHUNK
+                    spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}", kernel.fn,
+                                     ptrs, const, w, st)
+                    if "eps" in spec.signature:  # `_aot_spec` types unknown scalars as i32
+                        spec.signature["eps"] = "fp32"
+                        spec.attrs.pop((kernel.fn.arg_names.index("eps"),), None)
+                    specs.append(spec)
+    return specs
+
+
+AOT_SPECS: list[AttentionAotSpec] = _aot_specs()

@@ -1,0 +1,169 @@
+"""Parity of the fused feed-forward sublayer (kernels/ffn_sublayer.py) with float64 and with eager.
+
+out = x + fc2(GELU(fc1(LayerNorm(x)))); the output and the gradients of x, γ, β, w1, b1, w2, b2 are
+compared with float64 autograd of the eager composition on the same (rounded) inputs, and under
+autocast with eager autocast itself. On a CPU-only machine the kernels run under TRITON_INTERPRET=1;
+on a CUDA machine the "cuda" cases run the compiled kernels and the "cpu" cases skip.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+ffn_mod = importlib.import_module("msf.kernels.ffn_sublayer")
+attn_mod = importlib.import_module("msf.kernels.attention")
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+NAMES = ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+# (B, N, C, H): the model's four stages (C = 32..192, H = 2C) at a few dozen ragged tokens, and a
+# C and H that are no power of two and no multiple of the 16-wide interpreter slices
+SHAPES = {"C32": (2, 37, 32, 64), "C64": (2, 19, 64, 128), "C128": (1, 21, 128, 256), "C192": (1, 13, 192, 384),
+          "C40-H56": (3, 7, 40, 56)}
+# relative-norm tolerances: fp32 products run as tf32x3; bf16 / fp16 as SPEC §7 (the kernels emulate
+# round-to-nearest-even for bf16 under the interpreter, so the GPU's tolerance holds on the CPU too)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+CASES = [("C32", torch.float32), ("C32", torch.bfloat16), ("C64", torch.float32), ("C64", torch.bfloat16),
+         ("C128", torch.bfloat16), ("C192", torch.float32), ("C192", torch.bfloat16), ("C40-H56", torch.float16),
+         ("C40-H56", torch.float32)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels fill (here and in the reused chunk-sum) starts as NaN."""
+    poison_new_buffers(monkeypatch, ffn_mod, attn_mod)
+
+
+def _inputs(shape, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh random fp32 inputs and an output gradient g; LayerNorm's γ near 1, β and biases small."""
+    b, n, c, h = shape
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return {"x": rnd(b, n, c) * 2 + 0.5, "ln_weight": 1 + 0.2 * rnd(c), "ln_bias": 0.2 * rnd(c),
+            "fc1_weight": rnd(h, c) * c ** -0.5, "fc1_bias": 0.2 * rnd(h),
+            "fc2_weight": rnd(c, h) * h ** -0.5, "fc2_bias": 0.2 * rnd(c), "g": rnd(b, n, c)}
+
+
+def _leaves(vals, device, dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(device=device, dtype=dtype, copy=True).requires_grad_(k != "g") for k, v in vals.items()}
+
+
+def _run(leaves, fn, **kw) -> torch.Tensor:
+    out = fn(*(leaves[k] for k in NAMES), **kw)
+    out.backward(leaves["g"].to(out.dtype))
+    return out
+
+
+def _compare(ours, ref, out, out_ref, tol: float, what: str) -> None:
+    assert out.dtype == ours["x"].dtype or ours["x"].dtype == torch.float32, (out.dtype, ours["x"].dtype)
+    assert_close(out, out_ref, tol, f"{what} out")
+    for name in NAMES:
+        assert_close(ours[name].grad, ref[name].grad, tol, f"{what} d{name}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in CASES])
+def test_matches_float64(shape, dtype, device, poisoned):
+    """One dtype throughout: the forward and all seven gradients against float64 on the same inputs."""
+    kernel_device(device)
+    vals = _inputs(SHAPES[shape], seed=hash(shape) % 1000)
+    rounded = {k: v.to(dtype) for k, v in vals.items()}
+    ours, ref = _leaves(rounded, device, dtype), _leaves(rounded, device, torch.float64)
+    out = _run(ours, ffn_mod.ffn_sublayer)
+    out_ref = _run(ref, ffn_mod.ffn_sublayer_eager)
+    assert out.dtype == dtype
+    _compare(ours, ref, out, out_ref, TOL[dtype], f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape", ["C32", "C192"])
+def test_autocast_matches_eager_autocast(shape, device, poisoned):
+    """The model's case: fp32 x and master weights under bf16 autocast. The kernels round where eager
+    autocast rounds, so the forward matches eager autocast to within a few bf16 roundings (on a CPU
+    it is bitwise) and the gradients as closely as eager's own bf16 weight gradients allow (eager
+    rounds each weight gradient to bf16 before casting it back; the kernels keep fp32). Both are
+    also checked against float64 at the bf16 tolerance."""
+    kernel_device(device)
+    vals = _inputs(SHAPES[shape], seed=11)
+    ours, eager, ref = (_leaves(vals, device, torch.float32), _leaves(vals, device, torch.float32),
+                        _leaves(vals, device, torch.float64))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert ffn_mod.compute_dtype(*(ours[k] for k in NAMES)) == torch.bfloat16
+        out = ffn_mod.ffn_sublayer(*(ours[k] for k in NAMES))
+        out_eager = ffn_mod.ffn_sublayer_eager(*(eager[k] for k in NAMES))
+    out.backward(ours["g"])
+    out_eager.backward(eager["g"])
+    out_ref = _run(ref, ffn_mod.ffn_sublayer_eager)
+    assert out.dtype == out_eager.dtype == torch.float32
+    assert_close(out, out_eager, 2e-3, f"{shape} autocast out vs eager autocast")
+    for name in NAMES:
+        assert_close(ours[name].grad, eager[name].grad, 5e-3, f"{shape} autocast d{name} vs eager autocast")
+    _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], f"{shape} autocast vs float64")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_weight_gradients_over_many_chunks(device, poisoned):
+    """Row chunks of 24 rows against 16-row tiles: every chunk ends inside a tile, the last one is
+    ragged, and each chunk's rows must be summed exactly once."""
+    kernel_device(device)
+    vals = _inputs((2, 50, 32, 64), seed=3)
+    ours, ref = _leaves(vals, device, torch.float32), _leaves(vals, device, torch.float64)
+    out = _run(ours, ffn_mod.ffn_sublayer, wg_chunk_rows=24)
+    _compare(ours, ref, out, _run(ref, ffn_mod.ffn_sublayer_eager), TOL[torch.float32], "24-row chunks")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_strided_and_flat_tokens(device):
+    """x as a non-contiguous view (tokens transposed in memory) and as a flat rows × C matrix: same
+    results as eager, gradients in x's own layout, and the caller's x left as it was."""
+    kernel_device(device)
+    vals = _inputs((2, 9, 32, 64), seed=5)
+    base = vals["x"].transpose(1, 2).contiguous().transpose(1, 2).to(device)  # B×N×C view of B×C×N storage
+    assert not base.is_contiguous()
+    for x in (base, base.reshape(-1, 32)):
+        before = x.clone()
+        ours = _leaves({**vals, "g": vals["g"].reshape(x.shape)}, device, torch.float32)
+        ref = _leaves({**vals, "g": vals["g"].reshape(x.shape)}, device, torch.float64)
+        ours["x"] = x.detach().requires_grad_()
+        ref["x"] = x.detach().double().requires_grad_()
+        out = _run(ours, ffn_mod.ffn_sublayer)
+        _compare(ours, ref, out, _run(ref, ffn_mod.ffn_sublayer_eager), TOL[torch.float32], f"x {tuple(x.shape)}")
+        assert ours["x"].grad.stride() == x.stride()
+        assert torch.equal(x, before)
+
+
+def test_unserved_cases_run_the_eager_composition():
+    """C > 256 and a dtype mix outside autocast take the eager path: identical to it."""
+    kernel_device("cpu")
+    wide = {k: v.requires_grad_(False) for k, v in _inputs((1, 3, 260, 8), seed=1).items()}
+    args = [wide[k] for k in NAMES]
+    assert torch.equal(ffn_mod.ffn_sublayer(*args), ffn_mod.ffn_sublayer_eager(*args))
+    small = _inputs((1, 3, 32, 64), seed=2)
+    mixed = [small[k].to(torch.bfloat16) if k.startswith("fc") else small[k] for k in NAMES]
+    assert ffn_mod.compute_dtype(*mixed) is None
+    with pytest.raises(RuntimeError) as eager_error:  # eager refuses fp32 activations with bf16 weights
+        ffn_mod.ffn_sublayer_eager(*mixed)
+    with pytest.raises(RuntimeError, match=str(eager_error.value)[:30]):
+        ffn_mod.ffn_sublayer(*mixed)
+
+
+def test_bad_arguments_are_named():
+    vals = _inputs((1, 4, 32, 64), seed=0)
+    args = {k: vals[k] for k in NAMES}
+    bad = [({"ln_weight": torch.ones(31)}, "LayerNorm weight"), ({"fc1_weight": torch.ones(64, 31)}, "fc1"),
+           ({"fc2_weight": torch.ones(31, 64)}, "fc2"), ({"fc1_bias": torch.ones(63)}, "fc1")]
+    for change, word in bad:
+        with pytest.raises(ValueError, match=word):
+            ffn_mod.ffn_sublayer(*{**args, **change}.values())
+    with pytest.raises(ValueError, match="eps"):
+        ffn_mod.ffn_sublayer(*args.values(), eps=0.0)
