@@ -67,7 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -388,6 +388,15 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         return backend.EAGER_OPS.attention_sublayer, (
             _meta(batch, n, c, grad=True), _meta(batch, n, c, grad=True), key, value,  # LayerNorm out (fp32), residual
             _meta(c, c, grad=True), _meta(c, grad=True), _meta(c, c, grad=True), _meta(c, grad=True)), True
+    if op == "ffn_sublayer":
+        if stage is None:
+            raise ValueError("ffn_sublayer needs stage=1..4")
+        n, _, c = stage_shape(stage, size)
+        hid = cfg.ffn_expansion * c
+        # the attention sublayer's fp32 output (the residual stream) and the fp32 master parameters
+        return backend.EAGER_OPS.ffn_sublayer, (
+            _meta(batch, n, c, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(hid, c, grad=True),
+            _meta(hid, grad=True), _meta(c, hid, grad=True), _meta(c, grad=True)), True
     if op == "lmsa":
         c = cfg.decoder_dim
         params = backend.LMSAParams(
@@ -457,7 +466,8 @@ def count_step(variant: str, *, batch: int = 32, size: int = 512, dtype: torch.d
 
 def eager_op_bytes(op: str, *, stage: int | None = None, batch: int = 32, size: int = 512) -> dict[str, int]:
     """{"forward": bytes, "backward": bytes} the eager path of fused op `op` moves under bf16 autocast
-    at the model's shapes (attention_sublayer: one block of `stage`; upsample_argmax: forward only)."""
+    at the model's shapes (attention_sublayer, ffn_sublayer: one block of `stage`; upsample_argmax:
+    forward only)."""
     counter = count_op(op, stage=stage, batch=batch, size=size)
     return {phase: counter.total(phase) for phase in PHASES}
 
@@ -473,7 +483,8 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 # ----------------------------------------------------------------------------------------------
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
-        [("attention_sublayer", s) for s in range(1, len(_config().channels) + 1)] + [("lmsa", None)]
+        [(op, s) for op in ("attention_sublayer", "ffn_sublayer") for s in range(1, len(_config().channels) + 1)] + \
+        [("lmsa", None)]
 
 
 def collect(batch: int = 32, size: int = 512, top: int = 15) -> dict:

@@ -32,7 +32,6 @@ designs not taken.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -115,7 +114,7 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         return kept or configs[:1]
 
     classes = [f"{mode}_c{c}" for mode, per_c in _ALLOWED[kernel].items() for c in per_c]
-    return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], ["C", "HID", "CDT", "BLOCK_C"],
+    return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], ["C", "HID", "CDT"],
                         shape_class, allowed, classes, prune=prune)
 
 
@@ -141,14 +140,20 @@ def _rounded(x, CDT: tl.constexpr):
 
 
 @triton.jit
-def _gelu(h):
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(h):
-    """d GELU / dh = Φ(h) + h φ(h)."""
-    return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+def _gelu_parts(h):
+    """(Φ(h), φ(h)) with GELU(h) = h Φ(h) and GELU'(h) = Φ(h) + h φ(h), Φ the standard normal CDF, φ its
+    density. Φ from erfc(|h|/√2) ≈ t·P(t)·exp(−h²/2), t = 1/(1 + p|h|/√2) (Abramowitz & Stegun 7.1.26:
+    absolute error ≤ 1.5e-7, under half an fp32 ulp of Φ near 0.5), so the one exponential serves Φ
+    and φ alike: about 15 instructions for both, where libdevice's erff alone took ~35 (its two
+    polynomial branches, selected per element). Φ(h) for h < 0 comes from erfc directly, without the
+    cancellation of 1 + erf. docs/ffn_sublayer.md has the numbers."""
+    x = tl.abs(h) * 0.7071067811865476
+    t = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + 0.3275911 * x)  # div.full: ~2 ulp, no Newton steps
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    e = tl.math.exp2(-1.4426950408889634 * x * x)  # exp(−h²/2)
+    half_erfc = 0.5 * poly * e
+    cdf = tl.where(h >= 0, 1.0 - half_erfc, half_erfc)
+    return cdf, 0.3989422804014327 * e
 
 
 @triton.jit
@@ -193,8 +198,8 @@ def _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID: tl.constexpr, CDT: tl.con
 @triton.jit
 def _ffn_fwd_kernel(
     X, LNW, LNB, W1, B1, W2, B2, OUT, MEAN, RSTD,
-    ROWS, C, eps,
-    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS, eps,
+    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out, mean, rstd of BLOCK_N rows (X, OUT contiguous ROWS×C; MEAN, RSTD fp32 ROWS)."""
@@ -205,14 +210,15 @@ def _ffn_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
     tl.store(MEAN + rows, mean, mask=mask_n)
     tl.store(RSTD + rows, rstd, mask=mask_n)
-    _, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+    xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
     xn = _to_compute(xn, CDT)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < HID
-        h, _ = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
-        a = _to_compute(_gelu(h), CDT)
+        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        cdf, _pdf = _gelu_parts(h)
+        a = _to_compute(h * cdf, CDT)
         acc += _mm(a, tl.trans(_w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)), CDT == 0)
     y = _rounded(acc + _rounded(tl.load(B2 + offs_c, mask=mask_c, other=0.0), CDT)[None, :], CDT)
     tl.store(OUT + tok, _round(x + y, OUT.dtype.element_ty), mask=mask_nc)
@@ -224,6 +230,27 @@ _ffn_fwd_kernel = _pinned("fwd", _ffn_fwd_kernel)
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C: tl.constexpr):
+    """[Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32 at `part`) from their BLOCK_N × BLOCK_C accumulators."""
+    tl.store(part + offs_c, tl.sum(dgamma, 0), mask=mask_c)
+    tl.store(part + C + offs_c, tl.sum(dbeta, 0), mask=mask_c)
+    tl.store(part + 2 * C + offs_c, tl.sum(db2, 0), mask=mask_c)
+
+
+@triton.jit
+def _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C: tl.constexpr):
+    """dx = g + the LayerNorm backward of dn (fp32 tiles; dx rounded to DX's dtype, as eager rounds
+    the LayerNorm's gradient before adding the residual's)."""
+    dxhat = dn * gamma[None, :]
+    c1 = tl.sum(dxhat * xhat, 1) / C
+    c2 = tl.sum(dxhat, 1) / C
+    dx_ln = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    dx = g + _round(dx_ln, DX.dtype.element_ty).to(tl.float32)
+    tl.store(DX + tok, _round(dx, DX.dtype.element_ty), mask=mask_nc)
+
+
+
 # g = ∂L/∂out (rows × C). With x̂ = (x − mean)·rstd, n = x̂γ + β, h = n w1ᵀ + b1, A = GELU(h),
 # y = A w2ᵀ + b2, out = x + y (every product in the compute dtype, rounded as eager rounds it):
 #   dy  = g (rounded to the compute dtype: autocast's gradient of fc2's bf16 output)
@@ -238,40 +265,48 @@ _ffn_fwd_kernel = _pinned("fwd", _ffn_fwd_kernel)
 @triton.jit
 def _ffn_bwd_dx_kernel(
     X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART,
-    ROWS, C,
-    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS, N_TILES, TILES,
+    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dx of BLOCK_N rows, and the tile's partial sums PART[pid] = [Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32)."""
+    """dx of row tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_N rows each), and the program's
+    partial sums PART[pid] = [Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32) over them. A few tiles a program keep
+    the partial buffer (and its sum) small: a program per tile left 8192 partial rows at stage 1."""
     pid = tl.program_id(0)
-    rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(pid, ROWS, C, BLOCK_N, BLOCK_C)
-    mean = tl.load(MEAN + rows, mask=mask_n, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=mask_n, other=0.0)
-    x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
-    xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
-    xn = _to_compute(xn, CDT)
-    g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
-    dy = _to_compute(g, CDT)
-    dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    for h0 in range(0, HID, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < HID
-        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
-        da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
-        dh = _to_compute(da * _gelu_grad(h), CDT)
-        dn += _mm(dh, w1, CDT == 0)
-    dn = _rounded(dn, CDT)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
     gamma = tl.load(LNW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    dxhat = dn * gamma[None, :]
-    c1 = tl.sum(dxhat * xhat, 1) / C
-    c2 = tl.sum(dxhat, 1) / C
-    dx_ln = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    dx = g + _round(dx_ln, DX.dtype.element_ty).to(tl.float32)  # eager adds the LN's rounded gradient to g
-    tl.store(DX + tok, _round(dx, DX.dtype.element_ty), mask=mask_nc)
-    part = PART + pid.to(tl.int64) * 3 * C
-    tl.store(part + offs_c, tl.sum(dn * xhat, 0), mask=mask_c)
-    tl.store(part + C + offs_c, tl.sum(dn, 0), mask=mask_c)
-    tl.store(part + 2 * C + offs_c, tl.sum(dy.to(tl.float32), 0), mask=mask_c)
+    # the partial sums stay 2-D until the end: one cross-row reduction a program, not one a tile
+    dgamma = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    dbeta = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    db2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    tile = pid * TILES
+    stop = tl.minimum(tile + TILES, N_TILES)
+    while tile < stop:  # (a while loop: the interpreter takes no tensor bounds in range())
+        rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(tile, ROWS, C, BLOCK_N, BLOCK_C)
+        mean = tl.load(MEAN + rows, mask=mask_n, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=mask_n, other=0.0)
+        x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
+        xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+        xn = _to_compute(xn, CDT)
+        g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
+        dy = _to_compute(g, CDT)
+        dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for h0 in range(0, HID, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < HID
+            h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+            da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
+            cdf, pdf = _gelu_parts(h)
+            dh = _to_compute(da * (cdf + h * pdf), CDT)
+            dn += _mm(dh, w1, CDT == 0)
+        dn = _rounded(dn, CDT)
+        _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C)
+        dgamma += dn * xhat
+        dbeta += dn
+        db2 += dy.to(tl.float32)
+        tile += 1
+    _store_ln_partials(PART + pid.to(tl.int64) * 3 * C, offs_c, mask_c, dgamma, dbeta, db2, C)
 
 
 _ffn_bwd_dx_kernel = _pinned("dx", _ffn_bwd_dx_kernel)
@@ -280,8 +315,8 @@ _ffn_bwd_dx_kernel = _pinned("dx", _ffn_bwd_dx_kernel)
 @triton.jit
 def _ffn_bwd_wgrad_kernel(
     X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, PART,
-    ROWS, C,
-    HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_ROWS: tl.constexpr,
+    ROWS,
+    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """fp32 partials of hidden slice pid_h over row chunk pid_c, in row pid_c of PART (n_chunks ×
@@ -295,7 +330,7 @@ def _ffn_bwd_wgrad_kernel(
     w2 = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
     dw1 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
     dw2t = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)  # dW2[:, slice]ᵀ
-    db1 = tl.zeros([BLOCK_H], tl.float32)
+    db1 = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)  # summed over rows after the loop (one reduction)
     row_start = pid_c * CHUNK_ROWS
     for r in range(0, CHUNK_ROWS, BLOCK_N):
         rows = row_start + r + tl.arange(0, BLOCK_N)
@@ -305,20 +340,21 @@ def _ffn_bwd_wgrad_kernel(
         mean = tl.load(MEAN + rows, mask=mask_n, other=0.0)
         rstd = tl.load(RSTD + rows, mask=mask_n, other=0.0)
         x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
-        _, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
+        xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
         xn = _to_compute(xn, CDT)
         dy = _to_compute(tl.load(G + tok, mask=mask_nc, other=0.0), CDT)
-        h, _ = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
-        a = _to_compute(_gelu(h), CDT)  # rows past the end: h = b1, but their dy rows are zero
-        dh = _to_compute(_rounded(_mm(dy, w2, CDT == 0), CDT) * _gelu_grad(h), CDT)
+        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        cdf, pdf = _gelu_parts(h)
+        a = _to_compute(h * cdf, CDT)  # rows past the end: h = b1, but their dy rows are zero
+        dh = _to_compute(_rounded(_mm(dy, w2, CDT == 0), CDT) * (cdf + h * pdf), CDT)
         dw1 += _mm(tl.trans(dh), xn, CDT == 0)
         dw2t += _mm(tl.trans(a), dy, CDT == 0)
-        db1 += tl.sum(dh.to(tl.float32), 0)
+        db1 += dh.to(tl.float32)
     part = PART + pid_c * (2 * HID * C + HID)
     mask_hc = mask_h[:, None] & mask_c[None, :]
     tl.store(part + offs_h[:, None] * C + offs_c[None, :], dw1, mask=mask_hc)
     tl.store(part + HID * C + offs_c[None, :] * HID + offs_h[:, None], dw2t, mask=mask_hc)
-    tl.store(part + 2 * HID * C + offs_h, db1, mask=mask_h)
+    tl.store(part + 2 * HID * C + offs_h, tl.sum(db1, 0), mask=mask_h)
 
 
 _ffn_bwd_wgrad_kernel = _pinned("wgrad", _ffn_bwd_wgrad_kernel)
@@ -355,6 +391,15 @@ def _wg_chunking(rows: int, hid: int, block_h: int, sms: int | None,
     return chunk_rows, triton.cdiv(rows, chunk_rows)
 
 
+def _dx_programs(n_tiles: int, sms: int | None) -> tuple[int, int]:
+    """(tiles a program, programs) of the dx kernel: about 4 programs an SM (two waves at its 2 CTAs
+    an SM), the tiles split evenly; 3 programs under the interpreter, so tests run several tiles
+    in one program and a short last one."""
+    want = 4 * sms if sms is not None else 3
+    tiles = triton.cdiv(n_tiles, min(n_tiles, want))
+    return tiles, triton.cdiv(n_tiles, tiles)
+
+
 def _pinned_block(kernel: PinnedKernel, block: str, mode: str, block_c: int, device: torch.device) -> int:
     """`block` ("BLOCK_N" / "BLOCK_H") of `kernel`'s pinned configuration on `device`: the host sizes
     the backward's grids by them."""
@@ -380,8 +425,8 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
     mean = _new((rows,), dev, torch.float32)
     rstd = _new((rows,), dev, torch.float32)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]),)  # noqa: E731
-    _ffn_fwd_kernel[grid](x2, lnw, lnb, w1, b1, w2, b2, out, mean, rstd, rows, c, float(eps),
-                          HID=w1.shape[0], CDT=_CDT[cdt], BLOCK_C=_block_c(c))
+    _ffn_fwd_kernel[grid](x2, lnw, lnb, w1, b1, w2, b2, out, mean, rstd, rows, float(eps),
+                          C=c, HID=w1.shape[0], CDT=_CDT[cdt], BLOCK_C=_block_c(c))
     return out, mean, rstd
 
 
@@ -395,18 +440,19 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, wg_chun
     mode = "fp32" if code == 0 else ("amp" if x2.element_size() == 4 else "16")
     dx = _new((rows, c), dev, x2.dtype)
 
-    block_n = _pinned_block(_ffn_bwd_dx_kernel, "BLOCK_N", mode, block_c, dev)  # one program a row tile
-    n_tiles = triton.cdiv(rows, block_n)
-    ln_part = _new((n_tiles, 3 * c), dev, torch.float32)
-    _ffn_bwd_dx_kernel[(n_tiles,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, c,
-                                   HID=hid, CDT=code, BLOCK_C=block_c)
+    sms = _core._sm_count(dev)
+    n_tiles = triton.cdiv(rows, _pinned_block(_ffn_bwd_dx_kernel, "BLOCK_N", mode, block_c, dev))
+    tiles, n_progs = _dx_programs(n_tiles, sms)
+    ln_part = _new((n_progs, 3 * c), dev, torch.float32)
+    _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, n_tiles, tiles,
+                                   C=c, HID=hid, CDT=code, BLOCK_C=block_c)
 
     block_h = _pinned_block(_ffn_bwd_wgrad_kernel, "BLOCK_H", mode, block_c, dev)
-    chunk, n_chunks = _wg_chunking(rows, hid, block_h, _core._sm_count(dev), wg_chunk_rows)
+    chunk, n_chunks = _wg_chunking(rows, hid, block_h, sms, wg_chunk_rows)
     w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
     _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
-        x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows, c,
-        HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
+        x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows,
+        C=c, HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
 
     ln_sum = _new((3 * c,), dev, torch.float32)
     w_sum = _new((2 * hid * c + hid,), dev, torch.float32)
@@ -492,8 +538,8 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_row
     if cdt is None or x.numel() == 0 or not fused_supported(x.shape[-1]):
         return ffn_sublayer_eager(x, lnw, lnb, w1, b1, w2, b2, eps)
     c = x.shape[-1]
-    out = FFNSublayerFunction.apply(x.reshape(-1, c).contiguous(), *(t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2)),
-                                    float(eps), cdt, wg_chunk_rows)
+    params = (t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2))
+    out = FFNSublayerFunction.apply(x.reshape(-1, c).contiguous(), *params, float(eps), cdt, wg_chunk_rows)
     return out.view(*x.shape[:-1], c)
 
 
@@ -520,7 +566,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
             for block_c, cfgs in per_c.items():
                 for bn, bh, w, st in cfgs:
-                    const = {"HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c, "BLOCK_N": bn, "BLOCK_H": bh}
+                    const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c, "BLOCK_N": bn, "BLOCK_H": bh}
                     if kname == "wgrad":
                         const["CHUNK_ROWS"] = _AOT_CHUNK
                     spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}", kernel.fn,

@@ -8,12 +8,14 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::attention(q, k, v) -> (o, lse)                                    + msf::attention_backward
     msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
                                                                            + msf::attention_sublayer_backward
+    msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
+                                                                           + msf::ffn_sublayer_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
-log-sum-exp, head + loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs
+log-sum-exp, the FFN's LayerNorm statistics, head + loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs
 and word-ordered x); the backward is an operator of its own, wired by `register_autograd`. Each operator's
 body is the kernel module's own host code (`_forward` / `_backward`): the same launches,
 configurations and partial buffers as the `torch.autograd.Function`s, so the results match them
@@ -53,10 +55,11 @@ from triton.runtime.jit import KernelInterface
 
 from msf.kernels import attention as _attn
 from msf.kernels import attention_sublayer as _sub
+from msf.kernels import ffn_sublayer as _ffn
 from msf.kernels import head_loss as _hl
 from msf.kernels import lmsa as _lm
 from msf.kernels import upsample_argmax as _ua
-from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer
+from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer, eager_ffn_sublayer
 
 Tensor = torch.Tensor
 
@@ -238,6 +241,63 @@ def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# FFN sublayer: x + fc2(GELU(fc1(LayerNorm(x)))) on rows × C tokens
+# ----------------------------------------------------------------------------------------------
+def _ffn_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float,
+              compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    return _ffn._forward(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype)
+
+
+def _ffn_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype):
+    rows = x.shape[0]
+    return (_contiguous_like(x, dtype=torch.promote_types(x.dtype, compute_dtype)),
+            x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
+
+
+def _ffn_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                       mean: Tensor, rstd: Tensor, g: Tensor, compute_dtype: torch.dtype) -> list[Tensor]:
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _ffn._backward(x, lnw, lnb, w1, b1, w2, mean, rstd, g, compute_dtype)
+    # the parameter gradients are slices of two sum buffers; an operator's outputs may not alias
+    return [dx, *(t.clone() for t in (dlnw, dlnb, dw1, db1, dw2)), db2.to(b2.dtype, copy=True)]
+
+
+def _ffn_backward_fake(x, lnw, lnb, w1, b1, w2, b2, mean, rstd, g, compute_dtype):
+    return [_contiguous_like(t) for t in (x, lnw, lnb, w1, b1, w2, b2)]
+
+
+ffn_sublayer_op = _define("ffn_sublayer", _ffn_body, _ffn_fake)
+ffn_sublayer_backward_op = _define("ffn_sublayer_backward", _ffn_backward_body, _ffn_backward_fake)
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, lnw, lnb, w1, b1, w2, b2, _, compute_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, lnw, lnb, w1, b1, w2, b2, mean, rstd)
+    ctx.compute_dtype = compute_dtype
+
+
+def _ffn_grad(ctx, g, _dmean, _drstd):
+    grads = torch.ops.msf.ffn_sublayer_backward(*ctx.saved_tensors, g.contiguous(), ctx.compute_dtype)
+    return (*grads, None, None)
+
+
+ffn_sublayer_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
+
+
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
+    """`msf.kernels.ffn_sublayer.ffn_sublayer` through `msf::ffn_sublayer` (the eager composition
+    where the kernels do not serve the dtypes or C)."""
+    _ffn._check(x, lnw, lnb, w1, b1, w2, b2, eps)
+    cdt = _ffn.compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
+    if cdt is None or x.numel() == 0 or not _ffn.fused_supported(x.shape[-1]):
+        return eager_ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps)
+    c = x.shape[-1]
+    params = [t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2)]
+    out = torch.ops.msf.ffn_sublayer(x.reshape(-1, c).contiguous(), *params, float(eps), cdt)[0]
+    return out.view(*x.shape[:-1], c)
+
+
+# ----------------------------------------------------------------------------------------------
 # head + loss: CE + Dice of the bilinearly upsampled logits
 # ----------------------------------------------------------------------------------------------
 def _head_loss_body(logits: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -370,9 +430,11 @@ class FusedOp:
 REGISTRY: dict[str, FusedOp] = {
     "attention": FusedOp(_attn.attention, attention),
     "attention_sublayer": FusedOp(_sub.attention_sublayer_for_model, attention_sublayer),
+    "ffn_sublayer": FusedOp(_ffn.ffn_sublayer, ffn_sublayer),
     "head_loss": FusedOp(_hl.head_loss, head_loss),
     "lmsa": FusedOp(_lm.lmsa, lmsa),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
-OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "head_loss",
+OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "ffn_sublayer",
+             "ffn_sublayer_backward", "head_loss",
              "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")

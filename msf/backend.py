@@ -12,6 +12,8 @@ Ops (shapes are the model's):
 - `attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)`: the block's attention sublayer,
   `residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo`; where it is not fused it composes the
   backend's own `attention` between plain projections.
+- `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
+  feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
   B×H×W targets, the logits bilinearly upsampled (align_corners=False) to H×W on the way.
 - `upsample_argmax(logits, size)`: argmax over classes of the bilinearly upsampled logits.
@@ -27,8 +29,8 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
-from msf.reference import (LMSAParams, composed_attention_sublayer, eager_attention, eager_head_loss,  # noqa: F401
-                           eager_lmsa, eager_upsample_argmax)
+from msf.reference import (LMSAParams, composed_attention_sublayer, eager_attention, eager_ffn_sublayer,  # noqa: F401
+                           eager_head_loss, eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
 
@@ -37,13 +39,15 @@ BACKENDS = ("eager", "triton")
 class Ops:
     attention: Callable[..., torch.Tensor]
     attention_sublayer: Callable[..., torch.Tensor]
+    ffn_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
 
 
-EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer, head_loss=eager_head_loss,
-                upsample_argmax=eager_upsample_argmax, lmsa=eager_lmsa)
+EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
+                ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
+                lmsa=eager_lmsa)
 
 
 def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str,

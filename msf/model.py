@@ -98,13 +98,13 @@ class SRAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """fc1 (C → expansion·C), GELU, fc2 (back to C): the parameters of the block's FFN sublayer, which
+    `Block` runs through the backend's `ffn_sublayer` together with its LayerNorm and residual."""
+
     def __init__(self, dim: int, expansion: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, expansion * dim)
         self.fc2 = nn.Linear(expansion * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -112,6 +112,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, sr_ratio: int, expansion: int, backend: str):
         super().__init__()
+        self.backend = backend
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SRAttention(dim, sr_ratio, backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -119,7 +120,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         x = self.attn(self.norm1(x), x, h, w)  # the residual add happens inside (fused on triton)
-        return x + self.ffn(self.norm2(x))
+        norm, ffn = self.norm2, self.ffn  # x + fc2(GELU(fc1(norm2(x)))), one fused op on triton
+        return get_ops(self.backend).ffn_sublayer(x, norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias,
+                                                   ffn.fc2.weight, ffn.fc2.bias, norm.eps)
 
 
 class Stage(nn.Module):

@@ -89,6 +89,7 @@ STAGES = {1: (16384, 32), 2: (4096, 64), 3: (1024, 128), 4: (256, 192)}  # stage
 STAGE_DEPTHS = {1: 1, 2: 2, 3: 2, 4: 2}  # attention sublayers per stage (msf.model.ModelConfig.depths)
 KV_LEN = 256  # M: keys after spatial reduction, every stage (SPEC §2)
 DECODER_DIM, NUM_CLASSES = 128, 19
+FFN_EXPANSION = 2  # hidden width of the FFN sublayer ÷ C (msf.model.ModelConfig.ffn_expansion)
 LATENCY_WARPS = 4
 # The launch term (v2): an empty Triton launch as triton.testing.do_bench times it on the project's
 # H200, the least-squares line through 1 to 8448 programs (3.17, 3.20, 4.19, 8.26 µs;
@@ -208,6 +209,10 @@ def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
     return max(0, min(first + a["cells_per_band"], a["h"]) - first)
 
 
+def _dx_tiles(a, pid):  # row tiles of the FFN dx kernel's program pid[0]
+    return max(0, min(a["TILES"], a["N_TILES"] - pid[0] * a["TILES"]))
+
+
 def _bk(a):
     return min(a["BLOCK_K"], a["C"])
 
@@ -255,6 +260,14 @@ LOOPS: list[Loop] = [
          lambda a, pid: [_cdiv(a["D_CEIL"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
     Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
+    Loop("ffn_sublayer", "_ffn_fwd_kernel", "for h0 in range(0, HID, BLOCK_H):",
+         lambda a, pid: _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_fwd_kernel",)),
+    Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
+         kernels=("_ffn_bwd_dx_kernel",)),
+    Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "for h0 in range(0, HID, BLOCK_H):",
+         lambda a, pid: _dx_tiles(a, pid) * _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_bwd_dx_kernel",)),
+    Loop("ffn_sublayer", "_ffn_bwd_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_N):",
+         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_ffn_bwd_wgrad_kernel",)),
     Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
@@ -392,7 +405,7 @@ def _cl(b, c, h, w, dtype):
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
-    from msf.kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_sublayer as sub, ffn_sublayer as ffn, head_loss as hl, lmsa, upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty
@@ -415,6 +428,15 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
             pass_ref[0] = "bwd"
             sub._backward(x, k, v, wq, bq, wo, o, lse, e((batch, n, c), dtype=f32), f32, None, None)
+        elif op == "ffn_sublayer":
+            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
+            c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
+            hid = FFN_EXPANSION * c
+            x = e((batch * n, c), dtype=f32)
+            params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+            _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
+            pass_ref[0] = "bwd"
+            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16)
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)
@@ -429,11 +451,12 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     return launches
 
 
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "lmsa")
+PER_BLOCK_OPS = ("attention_sublayer", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
 
 
 def op_instances() -> list[tuple[str, int | None]]:
-    return [("head_loss", None), ("upsample_argmax", None)] + [("attention_sublayer", s) for s in STAGES] \
+    return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in PER_BLOCK_OPS for s in STAGES] \
         + [("lmsa", None)]
 
 
@@ -947,7 +970,7 @@ def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
     def total(label):
         return sum(c.predicted for c in mine if c.op == label)
     fused = total("head_loss") + total("lmsa") + sum(
-        STAGE_DEPTHS[s] * total(op_label("attention_sublayer", s)) for s in STAGES)
+        STAGE_DEPTHS[s] * total(op_label(op, s)) for op in PER_BLOCK_OPS for s in STAGES)
     rest = eager_step_floor("triton_rest", device)
     paper = eager_step_floor("paper", device)
     h4 = eager_step_floor("h4", device)
@@ -1190,8 +1213,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msf.profiling.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
-                        help="ops (head_loss, upsample_argmax, attention_sublayer, lmsa; "
-                             "attention_sublayer:N for one stage); default all")
+                        help="ops (head_loss, upsample_argmax, attention_sublayer, ffn_sublayer, lmsa; "
+                             "attention_sublayer:N, ffn_sublayer:N for one stage); default all")
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")
     parser.add_argument("--md", type=Path, help="write the tables as a markdown report here")

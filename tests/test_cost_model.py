@@ -115,7 +115,7 @@ def mismatches(counter: LoopCounter, loops: list[cost.Loop]) -> tuple[list[str],
 @pytest.fixture(scope="module")
 def counted():
     """One small run of every fused op (forward and backward) with the loop counter on."""
-    from msf.kernels import attention_sublayer as sub, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_sublayer as sub, ffn_sublayer as ffn, head_loss as hl, lmsa, upsample_argmax as ua
     from msf.model import LMSAParams
     g = torch.Generator().manual_seed(0)
     with LoopCounter() as counter:
@@ -132,6 +132,11 @@ def counted():
               torch.randn(c, generator=g)]
         leaves = [t.requires_grad_() for t in (x, r, k, v, *ws)]
         sub.attention_sublayer(*leaves, bwd_chunk_rows=16, wg_chunk_rows=16).sum().backward()
+        # FFN: 7 row tiles of 16 over 3 dx programs (3, 3, 1 tiles), 2 hidden slices, 24-row wgrad chunks
+        c, hid = 32, 24
+        ps = [torch.randn(*shape, generator=g) * 0.2 for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+        xf = torch.randn(1, 100, c, generator=g, requires_grad=True)
+        ffn.ffn_sublayer(xf, *(t.requires_grad_() for t in ps), wg_chunk_rows=24).sum().backward()
         c = 16
         xl = torch.randn(1, c, 9, 11, generator=g, requires_grad=True)
         red = 3 * c // 8

@@ -29,13 +29,14 @@ NAMES = ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "f
 # (B, N, C, H): the model's four stages (C = 32..192, H = 2C) at a few dozen ragged tokens, and a
 # C and H that are no power of two and no multiple of the 16-wide interpreter slices
 SHAPES = {"C32": (2, 37, 32, 64), "C64": (2, 19, 64, 128), "C128": (1, 21, 128, 256), "C192": (1, 13, 192, 384),
-          "C40-H56": (3, 7, 40, 56)}
+          "C40-H56": (3, 7, 40, 56), "C48-H16": (2, 23, 48, 16)}
 # relative-norm tolerances: fp32 products run as tf32x3; bf16 / fp16 as SPEC §7 (the kernels emulate
 # round-to-nearest-even for bf16 under the interpreter, so the GPU's tolerance holds on the CPU too)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 CASES = [("C32", torch.float32), ("C32", torch.bfloat16), ("C64", torch.float32), ("C64", torch.bfloat16),
          ("C128", torch.bfloat16), ("C192", torch.float32), ("C192", torch.bfloat16), ("C40-H56", torch.float16),
-         ("C40-H56", torch.float32)]
+         ("C40-H56", torch.float32),
+         ("C48-H16", torch.bfloat16)]  # H within one 16-wide slice
 
 
 @pytest.fixture

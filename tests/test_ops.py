@@ -51,6 +51,12 @@ def _case(name):
         bq, bo = _randn(16, scale=0.1, seed=5), _randn(16, scale=0.1, seed=6)
         args = (x, r, k, v, wq, bq, wo, bo)
         return ops.attention_sublayer_op, args, lambda f: f(*args)
+    if name == "ffn_sublayer":
+        x = _randn(18, 16)  # the operator takes tokens as rows × C (the wrapper flattens B×N×C)
+        params = (_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2), _randn(32, 16, scale=0.25, seed=3),
+                  _randn(32, scale=0.1, seed=4), _randn(16, 32, scale=0.2, seed=5), _randn(16, scale=0.1, seed=6))
+        return (ops.ffn_sublayer_op, (x, *params, 1e-5, torch.float32),
+                lambda f: f(x, *params, 1e-5))
     if name == "head_loss":
         logits = _randn(2, 5, 3, 4)
         targets = torch.randint(0, 5, (2, 12, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)

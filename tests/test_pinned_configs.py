@@ -17,6 +17,7 @@ from msf.kernels import configs
 
 import test_attention as t_attn  # noqa: E402  (the parity helpers of each op)
 import test_attention_sublayer as t_sub  # noqa: E402
+import test_ffn_sublayer as t_ffn  # noqa: E402
 import test_head_loss as t_hl  # noqa: E402
 import test_lmsa as t_lmsa  # noqa: E402
 
@@ -30,7 +31,8 @@ def gpu_kind(request, monkeypatch):
     """Launches look their configuration up as on `kind`; every launch's (kernel, class, config) is
     recorded, and every buffer the kernels allocate starts as NaN."""
     kernel_device("cpu")  # the interpreter (skips where TRITON_INTERPRET=1 is not set)
-    poison_new_buffers(monkeypatch, t_attn.attn_mod, t_sub.sub_mod, t_lmsa.lmsa_mod)  # head_loss: POISON_OUTPUTS
+    poison_new_buffers(monkeypatch, t_attn.attn_mod, t_sub.sub_mod, t_lmsa.lmsa_mod,  # head_loss: POISON_OUTPUTS
+                       t_ffn.ffn_mod)
     launched = []
     original = configs.PinnedKernel.config
 
@@ -117,6 +119,16 @@ def test_attention_and_sublayer_at_the_gpu_tiles(gpu_kind, n, m, d):
         t_sub.assert_close(ours[name].grad, ref[name].grad, tol, f"sublayer d{name} (d={d})")
     assert_pinned(kind, launched, {"attention.fwd", "attention.dq", "attention.dkdv", "attention_sublayer.fwd",
                                    "attention_sublayer.dq", "attention_sublayer.wgrad"})
+
+
+@pytest.mark.parametrize("shape", ["C32", "C64", "C128", "C192"])
+def test_ffn_sublayer_at_the_gpu_tiles(gpu_kind, shape):
+    """The model's class ("amp": fp32 tokens and master weights under bf16 autocast) at each stage's C."""
+    kind, launched = gpu_kind
+    t_ffn.test_autocast_matches_eager_autocast(shape, "cpu", poisoned=None)  # (buffers poisoned by gpu_kind)
+    assert {cls for name, cls, _ in launched if name.startswith("ffn_sublayer")} == \
+        {f"amp_c{max(32, 1 << (t_ffn.SHAPES[shape][2] - 1).bit_length())}"}
+    assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx", "ffn_sublayer.wgrad"})
 
 
 def test_the_kernels_invariants_are_checked_at_launch():
