@@ -26,6 +26,8 @@ for _stage in range(1, 5):
     COST_OPS[f"attention/stage{_stage}"] = ("the model runs attention inside its fused attention sublayer, which "
                                             "the cost model predicts (attention_sublayer); bare attention has no "
                                             "prediction")
+for _stage in range(1, 5):
+    COST_OPS[f"ffn/stage{_stage}"] = (f"ffn_sublayer[stage {_stage}]", ("fwd", "bwd"))
 STEP_ROWS = ("triton step (fused predicted + rest floor)", "eager step floor, paper order")
 
 

@@ -153,6 +153,24 @@ def _attention_fallback(dtype: torch.dtype, d: int) -> str | None:
             "(msf.kernels.attention.fused_supported): the eager formula ran")
 
 
+def ffn_cases(batch, size, device, dtype) -> list[Case]:
+    """The block's FFN sublayer (LayerNorm, fc1, GELU, fc2, residual) at each stage's tokens and C,
+    hidden 2C. Under the step's AMP the activations and parameters are fp32 (autocast's own
+    policy); here both are in the preset's dtype, so the eager and fused paths see the same tensors."""
+    from msf.backend import eager_ffn_sublayer
+    cases = []
+    for stage, c, _ in STAGES:
+        side = size // (4 * 2 ** (stage - 1))
+        n, hid = side * side, 2 * c
+        args = [_randn(batch, n, c, device=device, dtype=dtype)] + \
+            [_randn(*shape, device=device, dtype=dtype) for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+        providers = {"eager": lambda args=args: eager_ffn_sublayer(*args),
+                     "triton": lambda args=args: get_ops("triton").ffn_sublayer(*args)}
+        cases.append(Case(f"ffn/stage{stage}", f"B={batch},N={n},C={c},H={hid}", batch,
+                          {"fwd+bwd": _builders(providers, backward=True)}, {}))
+    return cases
+
+
 def lmsa_case(batch, size, device, dtype) -> Case:
     h, c = size // 4, 128
     x = _randn(batch, c, h, h, device=device, dtype=dtype)
@@ -204,7 +222,8 @@ def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
     cases = []
     if suite in ("ops", "all"):
         cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
-                  lmsa_case(batch, size, device, dtype), upsample_argmax_case(batch, size, device, dtype)]
+                  *ffn_cases(batch, size, device, dtype), lmsa_case(batch, size, device, dtype),
+                  upsample_argmax_case(batch, size, device, dtype)]
     if suite in ("step", "all"):
         cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))
     return cases

@@ -5,11 +5,12 @@
     x, out: B×N×C tokens (any leading shape; rows = tokens, contiguous)   γ, β: C
     w1: H×C, b1: H (fc1, nn.Linear's out×in)   w2: C×H, b2: C (fc2)      saved: mean, rstd (rows fp32)
 
-The hidden activations (rows × H, H = 2C in the model) never reach memory: the forward keeps each
+GELU is exact (erf) to fp32 rounding: Φ and φ from one exponential (`_gelu_parts`). The hidden
+activations (rows × H, H = 2C in the model) never reach memory: the forward keeps each
 BLOCK_H-column slice of them on chip and folds it into fc2's accumulator at once; the backward
 recomputes them from x and the saved LayerNorm statistics. Precision (`compute_dtype`):
 - uniform: x and all six parameters share fp32 / bf16 / fp16 and the products run in it (fp32 as
-  tf32x3, about fp32 accuracy);
+  tf32x3, about fp32 accuracy; fused up to C = 64, the eager composition above);
 - mixed (what CUDA autocast hands the block): fp32 x and fp32 master weights, products in bf16 /
   fp16. Each kernel rounds the weights on load and rounds every value eager autocast rounds (the
   LayerNorm output before fc1, fc1's output, GELU's, fc2's; in the backward fc2's input gradient,
@@ -19,9 +20,9 @@ recomputes them from x and the saved LayerNorm statistics. Precision (`compute_d
 Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
 - `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
   hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once.
-- `_ffn_bwd_dx_kernel`: one tile a program: recomputes LN(x) and, slice by slice, fc1's output, then
-  dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g + that. Writes
-  the tile's partial sums of dγ, dβ and db2.
+- `_ffn_bwd_dx_kernel`: a run of row tiles a program: recomputes LN(x) and, slice by slice, fc1's
+  output, then dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g +
+  that. Writes the program's partial sums of dγ, dβ and db2.
 - `_ffn_bwd_wgrad_kernel`: one (hidden slice, row chunk) a program: the same recompute for its
   slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over the chunk's rows.
 - attention's `_attn_bwd_reduce_kernel` (twice): the fixed-order sums of both partial buffers.
@@ -55,28 +56,28 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ----------------------------------------------------------------------------------------------
 # configurations: (BLOCK_N, BLOCK_H, num_warps, num_stages) per kernel, dtype class and C block.
 # The classes: "16" (bf16 / fp16 throughout), "amp" (fp32 x and weights, 16-bit products: the
-# model under autocast), "fp32" (tf32x3 products). Each entry built for sm_80 and sm_90 without
-# spills at the model's shapes (`AOT_SPECS`, `python -m msf.profiling.report`).
+# model under autocast), "fp32" (tf32x3 products). Every entry builds for sm_80 AND sm_90 without
+# spills at the model's shapes (`AOT_SPECS`, `python -m msf.profiling.report`). The amp lists hold
+# the cost model's fastest such configuration for the H100 first, then the A100's where it differs
+# (sweep of BLOCK_N 16-128 × BLOCK_H 16-128 × 4/8 warps, 2026-12-04; docs/ffn_sublayer.md); the
+# 16-bit lists share them, fp32 takes small tiles (three products a tf32x3 dot).
+# Left out for spilling on sm_80 only: wgrad (16, 64, 8) at C 64 and C 256 and dx (16, 64, 8) at
+# C 256, the H100's fastest there (48.5, 56.1 and 47.3 µs against 87.1, 139.3 and 66.9 µs).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
-_BLOCKS = (32, 64, 128, 256)
-_ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
-    "fwd": {
-        "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
-        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 4, 2)]},
-    },
-    "dx": {
-        "16": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
-        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 16, 8, 2)]},
-    },
-    "wgrad": {
-        "16": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]},
-        "fp32": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 16, 8, 2)]},
-    },
+_AMP: dict[str, dict[int, list[_Cfg]]] = {
+    "fwd": {32: [(128, 32, 8, 2), (128, 64, 8, 2)], 64: [(64, 16, 4, 2), (32, 128, 4, 2)],
+            128: [(32, 64, 8, 2), (16, 32, 4, 2)], 256: [(16, 32, 4, 2), (16, 32, 8, 2)]},
+    "dx": {32: [(16, 32, 4, 2)], 64: [(16, 64, 8, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
+    "wgrad": {32: [(32, 64, 8, 2), (64, 32, 4, 2)], 64: [(16, 32, 8, 2)], 128: [(16, 64, 4, 2)],
+              256: [(32, 16, 8, 2)]},
 }
+# fp32 past C = 64 has no spill-free tiles (the dx kernel spills at C 128 on sm_90 even at 16×16 × 8
+# warps): there the op composes the eager pieces (`fused_supported`), as the attention sublayer does.
+_FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
+_MAX_FP32_C = 64
+_ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
+    kernel: {"16": per_c, "amp": per_c, "fp32": _FP32} for kernel, per_c in _AMP.items()}
 # the interpreter's configuration: 16-row tiles and 16-wide hidden slices, so CPU tests at small
 # shapes still cover several hidden slices, ragged row tiles and several row chunks
 _INTERPRETER_CFG: _Cfg = (16, 16, 4, 2)
@@ -504,9 +505,10 @@ def compute_dtype(x, lnw, lnb, w1, b1, w2, b2) -> torch.dtype | None:
     return x.dtype if len(dtypes) == 1 and x.dtype in _CDT else None
 
 
-def fused_supported(c: int) -> bool:
-    """C up to 256 channels (the model's are 32-192); any hidden width."""
-    return 0 < c <= _MAX_BLOCK_C
+def fused_supported(dtype: torch.dtype, c: int) -> bool:
+    """Whether the kernels run for products in `dtype` at C channels (any hidden width): bf16 / fp16
+    up to C = 256 (the model's 32-192), fp32 up to 64."""
+    return 0 < c <= (_MAX_FP32_C if dtype == torch.float32 else _MAX_BLOCK_C)
 
 
 def _check(x, lnw, lnb, w1, b1, w2, b2, eps) -> None:
@@ -535,7 +537,7 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_row
     `wg_chunk_rows` overrides the weight-gradient kernel's row chunk (tests use it)."""
     _check(x, lnw, lnb, w1, b1, w2, b2, eps)
     cdt = compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
-    if cdt is None or x.numel() == 0 or not fused_supported(x.shape[-1]):
+    if cdt is None or x.numel() == 0 or not fused_supported(cdt, x.shape[-1]):
         return ffn_sublayer_eager(x, lnw, lnb, w1, b1, w2, b2, eps)
     c = x.shape[-1]
     params = (t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2))

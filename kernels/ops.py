@@ -289,7 +289,7 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
     where the kernels do not serve the dtypes or C)."""
     _ffn._check(x, lnw, lnb, w1, b1, w2, b2, eps)
     cdt = _ffn.compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
-    if cdt is None or x.numel() == 0 or not _ffn.fused_supported(x.shape[-1]):
+    if cdt is None or x.numel() == 0 or not _ffn.fused_supported(cdt, x.shape[-1]):
         return eager_ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps)
     c = x.shape[-1]
     params = [t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2)]

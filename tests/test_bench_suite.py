@@ -122,8 +122,8 @@ def test_the_predictions_come_from_the_committed_cost_table():
     assert head.eager_floor_s == pytest.approx(op_rows[("head_loss", "fwd", "eager_floor")]
                                                + op_rows[("head_loss", "bwd", "eager_floor")])
     assert set(predictions) == {op for op, target in COST_OPS.items() if not isinstance(target, str)}
-    for p in predictions.values():
-        assert p.speedup > 1 and p.model_version == rows[0]["model_version"]
+    for p in predictions.values():  # (a prediction may be slower than eager's floor: FFN stage 4 is, 2026-12-04)
+        assert p.triton_s > 0 and p.eager_floor_s > 0 and p.model_version == rows[0]["model_version"]
         assert "not a measurement" in p.line() and f"cost model {p.model_version}" in p.line()
 
 
