@@ -1131,7 +1131,10 @@ def _override(name: str, cfg):
 # gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (msf.kernels.attention_sublayer);
 # for those the trace checks the layout only.
 AUTOCAST_DTYPE_DIFFERS = {"_sub_fwd_kernel": {"X", "R", "OUT"}, "_sub_bwd_dq_kernel": {"X", "G", "DX"},
-                          "_sub_wgrad_kernel": {"A", "B"}}
+                          "_sub_wgrad_kernel": {"A", "B"},
+                          # the FFN sublayer takes the residual stream: fp32 under CUDA autocast
+                          "_ffn_fwd_kernel": {"X", "OUT"}, "_ffn_bwd_dx_kernel": {"X", "G", "DX"},
+                          "_ffn_bwd_wgrad_kernel": {"X", "G"}}
 
 
 def tensor_layouts(named: dict) -> dict[str, tuple[str, str]]:
