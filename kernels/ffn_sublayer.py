@@ -78,6 +78,10 @@ _FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
 _MAX_FP32_C = 64
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     kernel: {"16": per_c, "amp": per_c, "fp32": _FP32} for kernel, per_c in _AMP.items()}
+# every configuration `python -m msf.profiling.cost --sweep --op ffn_sublayer` predicts (and
+# MSF_AUTOTUNE=1 tries, pruned to the allow-lists): the grid the lists above were chosen from
+_CANDIDATES: list[_Cfg] = [(bn, bh, w, 2) for bn in (16, 32, 64, 128) for bh in (16, 32, 64, 128) for w in (4, 8)
+                           if not (bn == 128 and w == 4)]
 # the interpreter's configuration: 16-row tiles and 16-wide hidden slices, so CPU tests at small
 # shapes still cover several hidden slices, ragged row tiles and several row chunks
 _INTERPRETER_CFG: _Cfg = (16, 16, 4, 2)
@@ -101,6 +105,7 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
     for per_c in _ALLOWED[kernel].values():
         for cfgs in per_c.values():
             seen += [c for c in cfgs if c not in seen]
+    seen += [c for c in _CANDIDATES if c not in seen]
 
     def allowed(cls: str) -> list[triton.Config]:
         mode, c = cls.rsplit("_c", 1)
@@ -177,13 +182,16 @@ def _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc):
 
 
 @triton.jit
-def _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT: tl.constexpr):
-    """(h, w1 slice): h = LN(x) w1ᵀ + b1 for one hidden slice (fp32, rounded as fc1's output is) and the
-    slice's rows of w1 (BLOCK_H × BLOCK_C, compute dtype; `_ffn_bwd_*` reuse them for dH w1)."""
+def _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(h, w1 slice, offs_h, mask_h) of the hidden slice starting at h0: h = LN(x) w1ᵀ + b1 (fp32,
+    rounded as fc1's output is) and the slice's rows of w1 (BLOCK_H × BLOCK_C, compute dtype; the
+    backward reuses them for dH w1)."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
     w1 = _to_compute(tl.load(W1 + offs_h[:, None] * C + offs_c[None, :], mask=mask_h[:, None] & mask_c[None, :],
                              other=0.0), CDT)
     b1 = _rounded(tl.load(B1 + offs_h, mask=mask_h, other=0.0), CDT)
-    return _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT), w1
+    return _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT), w1, offs_h, mask_h
 
 
 @triton.jit
@@ -215,9 +223,7 @@ def _ffn_fwd_kernel(
     xn = _to_compute(xn, CDT)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for h0 in range(0, HID, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < HID
-        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        h, w1, offs_h, mask_h = _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
         cdf, _pdf = _gelu_parts(h)
         a = _to_compute(h * cdf, CDT)
         acc += _mm(a, tl.trans(_w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)), CDT == 0)
@@ -294,9 +300,7 @@ def _ffn_bwd_dx_kernel(
         dy = _to_compute(g, CDT)
         dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for h0 in range(0, HID, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < HID
-            h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+            h, w1, offs_h, mask_h = _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
             da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
             cdf, pdf = _gelu_parts(h)
             dh = _to_compute(da * (cdf + h * pdf), CDT)
@@ -322,13 +326,10 @@ def _ffn_bwd_wgrad_kernel(
 ):
     """fp32 partials of hidden slice pid_h over row chunk pid_c, in row pid_c of PART (n_chunks ×
     (2·H·C + H)): dW1[slice, :] at [0, H·C), dW2[:, slice] at [H·C, 2·H·C), db1[slice] after."""
-    pid_h = tl.program_id(0)
+    h0 = tl.program_id(0) * BLOCK_H
     pid_c = tl.program_id(1).to(tl.int64)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_h = offs_h < HID
     mask_c = offs_c < C
-    w2 = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
     dw1 = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
     dw2t = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)  # dW2[:, slice]ᵀ
     db1 = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)  # summed over rows after the loop (one reduction)
@@ -344,13 +345,16 @@ def _ffn_bwd_wgrad_kernel(
         xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
         xn = _to_compute(xn, CDT)
         dy = _to_compute(tl.load(G + tok, mask=mask_nc, other=0.0), CDT)
-        h, w1 = _hidden(xn, W1, B1, offs_h, mask_h, offs_c, mask_c, C, CDT)
+        h, w1, offs_h, mask_h = _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
         cdf, pdf = _gelu_parts(h)
         a = _to_compute(h * cdf, CDT)  # rows past the end: h = b1, but their dy rows are zero
+        w2 = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)  # loop-invariant: hoisted by the compiler
         dh = _to_compute(_rounded(_mm(dy, w2, CDT == 0), CDT) * (cdf + h * pdf), CDT)
         dw1 += _mm(tl.trans(dh), xn, CDT == 0)
         dw2t += _mm(tl.trans(a), dy, CDT == 0)
         db1 += dh.to(tl.float32)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
     part = PART + pid_c * (2 * HID * C + HID)
     mask_hc = mask_h[:, None] & mask_c[None, :]
     tl.store(part + offs_h[:, None] * C + offs_c[None, :], dw1, mask=mask_hc)

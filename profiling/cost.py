@@ -2,6 +2,7 @@
 
     python -m msf.profiling.cost [--device h100 a100] [--op head_loss lmsa ...] [--json PATH] [--md PATH] [--png PATH]
     python -m msf.profiling.cost --pin        (re-pick the sm_90 / sm_80 configs in kernels/configs.json)
+    python -m msf.profiling.cost --sweep --op OP [--json PATH]   (every candidate config of OP's kernels)
     python -m msf.profiling.cost --trace-model (check the capture's layouts against the model's own launches)
 
 Method (SPEC §6b). For each fused op at the model's shapes (B = 32, 512×512 images, CUDA bf16
@@ -1112,6 +1113,37 @@ def pin(devices: list[Device], log=print) -> dict:
     return picks
 
 
+def sweep(devices: list[Device], wanted: list[tuple[str, int | None]], kernel: str | None = None,
+          log=print) -> list[dict]:
+    """Every candidate configuration of every pinned kernel the `wanted` ops launch (the kernel's whole
+    candidate list, `PinnedKernel.configs`, not only its allow-list), predicted on each device with
+    its spill bytes and occupancy: how a kernel's allow-list and pins are chosen (docs/ffn_sublayer.md).
+    `kernel`: only the kernels whose name contains it. Rows: op, kernel, shape class, device, config,
+    predicted_s, spill_bytes, ctas_per_sm, registers."""
+    from msf.kernels import configs
+    rows = []
+    for device in devices:
+        for op, stage in wanted:
+            launches = capture(op, device, stage)
+            kernels = {(l.kernel, configs.REGISTRY[l.kernel].shape_class(l.args)) for l in launches
+                       if l.kernel in configs.REGISTRY and (kernel is None or kernel in l.kernel)}
+            for name, cls in sorted(kernels):
+                for cfg in configs.REGISTRY[name].configs:
+                    with _override(name, cfg):
+                        costs = [predict(l, device) for l in capture(op, device, stage)
+                                 if l.kernel == name and configs.REGISTRY[name].shape_class(l.args) == cls]
+                    row = {"op": op_label(op, stage), "kernel": name, "class": cls, "device": device.key,
+                           "config": configs.to_entry(cfg), "predicted_s": sum(c.predicted for c in costs),
+                           "spill_bytes": sum(c.spill_bytes for c in costs),
+                           "ctas_per_sm": min(c.ctas_per_sm for c in costs),
+                           "registers": max(c.registers for c in costs)}
+                    rows.append(row)
+                    log(f"{device.key} {row['op']} {name} {cls} {row['config']}: {row['predicted_s'] * 1e6:.1f} µs, "
+                        f"{row['registers']} regs, {row['ctas_per_sm']} CTAs/SM"
+                        + (f", spills {row['spill_bytes']} B" if row["spill_bytes"] else ""))
+    return rows
+
+
 @contextlib.contextmanager
 def _override(name: str, cfg):
     """Launches of kernel `name` take configuration `cfg` instead of the pinned one."""
@@ -1224,6 +1256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--png", type=Path, help="write the chart of every kernel's predicted time against its "
                         "floors here (default with --md: beside it, .png)")
     parser.add_argument("--pin", action="store_true", help="re-pick sm_90 / sm_80 entries of kernels/configs.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="predict every candidate configuration of the --op ops' pinned kernels (with --json: "
+                             "the rows); what allow-lists are chosen from")
     parser.add_argument("--calibrate", action="store_true",
                         help="the calibration set: predicted ÷ measured and ÷ published per case "
                              "(msf.profiling.calibrate; needs the bench extra)")
@@ -1245,6 +1280,8 @@ def main(argv=None) -> int:
         print("\n".join(problems) or "every captured launch has the layout and dtype the model's own launch has")
         return 1 if problems else 0
     wanted = op_instances()
+    if args.sweep and not args.op:
+        parser.error("--sweep needs --op (each op's candidates take minutes to build)")
     if args.op:
         sel = []
         for o in args.op:
@@ -1253,6 +1290,11 @@ def main(argv=None) -> int:
                 parser.error(f"--op: unknown op {name!r} (known: {', '.join(OPS)})")
             sel += [(n, s) for n, s in wanted if n == name and (not st or s == int(st))]
         wanted = sel
+    if args.sweep:
+        rows = sweep(devices, wanted, args.kernel)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     costs = []
     for device in devices:
         for op, stage in wanted:
