@@ -59,7 +59,7 @@ import sys
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -462,6 +462,54 @@ def count_step(variant: str, *, batch: int = 32, size: int = 512, dtype: torch.d
         counter.phase = "backward"
         loss.backward()
     return counter
+
+
+# ----------------------------------------------------------------------------------------------
+# memory kept for the backward
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def saved_storages(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict]:
+    """Within: every tensor autograd saves for the backward, as {storage: bytes} (a view counts its
+    whole storage, once), leaving out the storages of `exclude` (the inputs and parameters that live
+    anyway). Works on meta tensors, on the CPU tensors of a recorded capture and on real ones."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def eager_op_saved_bytes(op: str, *, stage: int | None = None, batch: int = 32, size: int = 512,
+                         dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the eager path of fused op `op` keeps for its backward under bf16 autocast at the model's
+    shapes, beyond its own inputs (autocast's bf16 copies of the weights included)."""
+    fn, args, differentiable = _op_call(op, stage, batch, size, dtype)
+    if not differentiable:
+        return 0
+    inputs: list[torch.Tensor] = []
+    _flatten(args, inputs)  # (walks LMSA's parameter dataclass too)
+    with saved_storages(inputs) as seen, CudaAutocastEmulation(dtype):
+        fn(*args)
+    return sum(seen.values())
+
+
+def eager_step_saved_bytes(variant: str, *, batch: int = 32, size: int = 512,
+                           dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one training step of `variant` ("paper" or "h4") keeps between its forward and backward,
+    beyond the parameters and the batch."""
+    if variant not in ("paper", "h4"):
+        raise ValueError(f"variant must be 'paper' or 'h4', got {variant!r}")
+    model = _meta_model(variant)
+    images, masks = _meta(batch, 3, size, size), _meta(batch, size, size, dtype=torch.uint8)
+    with saved_storages([*model.parameters(), images, masks]) as seen, CudaAutocastEmulation(dtype):
+        model.loss(images, masks)
+    return sum(seen.values())
 
 
 def eager_op_bytes(op: str, *, stage: int | None = None, batch: int = 32, size: int = 512) -> dict[str, int]:

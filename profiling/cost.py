@@ -452,6 +452,62 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     return launches
 
 
+def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> int:
+    """Bytes the fused op's autograd Function keeps for its backward beyond its own inputs, at the
+    model's shapes and autocast dtypes (as `capture`): its forward runs with the kernels recorded,
+    not run, and autograd's saved-tensor hook (`msf.bench.eager_bytes.saved_storages`) sees what
+    `ctx.save_for_backward` keeps. 0 for upsample_argmax (inference only)."""
+    import torch
+    from msf.kernels import attention_sublayer as sub, ffn_sublayer as ffn, head_loss as hl, lmsa
+    e, bf16, f32 = torch.empty, torch.bfloat16, torch.float32
+
+    def leaf(*shape, dtype=f32):
+        return e(shape, dtype=dtype).requires_grad_()
+
+    if op == "upsample_argmax":
+        return 0
+    if op == "head_loss":
+        fn, args = hl.HeadLossFunction.apply, (_cl(batch, NUM_CLASSES, size // 4, size // 4, bf16).requires_grad_(),
+                                               e((batch, size, size), dtype=torch.uint8), 1.0)
+    elif op in PER_BLOCK_OPS:
+        c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
+        if op == "attention_sublayer":
+            kv = leaf(batch, KV_LEN, 2 * c, dtype=bf16)
+            fn, args = sub.AttentionSublayerFunction.apply, (
+                leaf(batch, n, c), leaf(batch, n, c), kv[..., :c], kv[..., c:], leaf(c, c), leaf(c), leaf(c, c), leaf(c))
+        else:
+            hid = FFN_EXPANSION * c
+            fn, args = ffn.FFNSublayerFunction.apply, (leaf(batch * n, c), leaf(c), leaf(c), leaf(hid, c), leaf(hid),
+                                                      leaf(c, hid), leaf(c), 1e-5, bf16)
+    elif op == "lmsa":
+        c, hw = DECODER_DIM, size // 4
+        r = 3 * c // 8
+        params = [leaf(c, 1, k, k) for k in (3, 5, 7)] + [leaf(c, c) for _ in range(3)] + [leaf(c) for _ in range(3)] \
+            + [leaf(r, 3 * c), leaf(r), leaf(3 * c, r), leaf(3 * c)]
+        fn, args = lmsa.LMSAFunction.apply, (_cl(batch, c, hw, hw, bf16).requires_grad_(), *params)
+    else:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    eager = _eager()
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    with recording(device, [], op, ["fwd"]), _interpreter_launches_skipped(), eager.saved_storages(inputs) as seen, \
+            torch.enable_grad():
+        fn(*args)
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def _interpreter_launches_skipped():
+    """Within: a kernel launch under TRITON_INTERPRET=1 (the tests) does nothing (`recording` only
+    catches compiled launches; the interpreter would run every program at the model's shapes)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    saved = InterpretedFunction.run
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = saved
+
+
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "lmsa")
 PER_BLOCK_OPS = ("attention_sublayer", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
 
@@ -987,6 +1043,46 @@ def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
              "seconds": None, "ratio": (triton_step / h4) if triton_step and h4 else None}]
 
 
+def memory_summary(device: Device) -> list[dict]:
+    """What each fused op keeps for its backward beside its eager path (both beyond the op's inputs,
+    `fused_saved_bytes` and `msf.bench.eager_bytes.eager_op_saved_bytes`), and the training step's:
+    eager's measured on its meta-tensor step (H/4 order), the triton step's estimated as eager's
+    less, for every fused op call, its eager path's saved bytes plus its own."""
+    mod = _eager()
+    if mod is None:
+        return []
+    rows, per_step = [], 0
+    for op, stage in op_instances():
+        fused = fused_saved_bytes(op, device, stage)
+        eager = mod.eager_op_saved_bytes(op, stage=stage, batch=BATCH, size=SIZE)
+        rows.append({"row": op_label(op, stage), "device": device.key, "fused_saved_bytes": fused,
+                     "eager_saved_bytes": eager})
+        calls = STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else (0 if op == "upsample_argmax" else 1)
+        per_step += calls * (fused - eager)
+    step_eager = mod.eager_step_saved_bytes("h4", batch=BATCH, size=SIZE)
+    rows.append({"row": "training step (H/4 order; triton: estimate)", "device": device.key,
+                 "fused_saved_bytes": step_eager + per_step, "eager_saved_bytes": step_eager})
+    return rows
+
+
+def memory_text(rows: list[dict]) -> str:
+    lines = [f"{'saved for the backward':44} {'dev':4} {'fused MB':>9} {'eager MB':>9} {'fused/eager':>11}"]
+    for r in rows:
+        ratio = r["fused_saved_bytes"] / r["eager_saved_bytes"] if r["eager_saved_bytes"] else None
+        lines.append(f"{r['row']:44} {r['device']:4} {r['fused_saved_bytes'] / 1e6:9.1f} "
+                     f"{r['eager_saved_bytes'] / 1e6:9.1f} {'-' if ratio is None else f'{ratio:.3f}':>11}")
+    return "\n".join(lines)
+
+
+MEMORY_NOTE = (
+    "Saved for the backward: the bytes autograd keeps between the passes (every saved tensor's storage "
+    "once), beyond the op's own inputs and the parameters. Eager: the op's eager path on meta tensors "
+    "under emulated CUDA bf16 autocast (autocast's bf16 weight copies included). Fused: the op's "
+    "autograd Function at the same shapes, its kernels recorded, not run. The step's eager figure is "
+    "the whole H/4-order step on meta tensors; the triton step's is an estimate (the eager step less, "
+    "for each fused op call, its eager path's saved bytes plus the fused op's), not a count.")
+
+
 def _fmt_opt(t: float | None, scale: float = 1e6) -> str:
     return "n/a" if t is None else f"{t * scale:.1f}"
 
@@ -1029,7 +1125,7 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {triton.__version__}"
 
 
-def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict]) -> list[dict]:
+def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict], memory: list[dict] = ()) -> list[dict]:
     date, versions, size = _dt.date.today().isoformat(), _versions(), f"B={BATCH},{SIZE}x{SIZE},bf16-autocast"
     rows = []
 
@@ -1065,6 +1161,9 @@ def long_rows(costs: list[KernelCost], ops: list[dict], steps: list[dict]) -> li
     for r in steps:
         add("(step)", r["row"], "fwd+bwd", r["device"], "ratio" if "ratio" in r else "time",
             "x" if "ratio" in r else "s", r.get("ratio") if "ratio" in r else r["seconds"])
+    for r in memory:
+        for metric in ("fused_saved_bytes", "eager_saved_bytes"):
+            add(r["row"], "(saved)", "fwd", r["device"], metric.removesuffix("_bytes"), "bytes", r[metric])
     return rows
 
 
@@ -1305,7 +1404,10 @@ def main(argv=None) -> int:
                 costs.append(predict(launch, device))
     ops = [r for d in devices for r in op_summary(costs, d)]
     steps = [r for d in devices for r in step_summary(costs, d)] if not (args.op or args.kernel) else []
+    memory = [r for d in devices for r in memory_summary(d)] if not (args.op or args.kernel) else []
     table, loops, summary = kernel_table(costs), loop_table(costs), summary_text(ops, steps)
+    if memory:
+        summary += "\n\n" + memory_text(memory)
     print(table)
     print()
     print(loops)
@@ -1315,7 +1417,7 @@ def main(argv=None) -> int:
     print(devices_text())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        rows = long_rows(costs, ops, steps)
+        rows = long_rows(costs, ops, steps, memory)
         args.json.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
     png = args.png or (args.md.with_suffix(".png") if args.md else None)
     if png:
@@ -1329,7 +1431,7 @@ def main(argv=None) -> int:
                            f"`python -m msf.profiling.cost --json ... --md ...` on a CPU-only machine; predictions, "
                            f"not measurements. {band_text()} Method: `profiling/cost.py` docstring; reading it: "
                            f"README, \"Reading the cost model\".\n\n{_eager_source()}\n\n## Devices\n\n```\n{devices_text()}\n```\n\n"
-                           f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n"
+                           f"## Per op\n\n```\n{summary}\n```\n\n{STEP_NOTE}\n\n{MEMORY_NOTE if memory else ''}\n\n"
                            f"## Per kernel\n\n```\n{table}\n```\n\n"
                            f"## Loop bodies (SASS instructions per iteration, by class)\n\n```\n{loops}\n```\n")
     return 0

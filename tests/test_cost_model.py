@@ -209,3 +209,20 @@ def test_cost_command_smoke(tmp_path):
     assert metrics["predicted"] == pytest.approx(max(metrics["t_issue"], metrics["t_bytes"], metrics["t_flops"])
                                                  + metrics["t_launch"]) and metrics["predicted"] > 0
     assert any(r["op"] == "head_loss" and r["kernel"] == "(op)" and r["metric"] == "fused_predicted" for r in rows)
+
+
+def test_saved_for_backward_is_counted_and_no_fused_op_keeps_more_than_eager():
+    """The saved-tensor accounting (issue 23 item 5) on a case counted by hand, then the claim itself.
+
+    FFN stage 1 (524 288 rows, C = 32, H = 64): eager autocast keeps LN(x) in bf16 (2C bytes a row), fc1's
+    output h and GELU's output A in bf16 (2H each) and the LayerNorm statistics (8), plus autocast's bf16
+    copies of w1 and w2; the fused op keeps the statistics only."""
+    from msf.bench import eager_bytes as eb
+    rows, c, hid = 32 * 128 * 128, 32, 64
+    assert eb.eager_op_saved_bytes("ffn_sublayer", stage=1) == rows * (2 * c + 4 * hid + 8) + 2 * (2 * hid * c)
+    assert cost.fused_saved_bytes("ffn_sublayer", cost.DEVICES["h100"], 1) == rows * 8
+    memory = cost.memory_summary(cost.DEVICES["h100"])
+    assert {r["row"] for r in memory} >= {cost.op_label(op, st) for op, st in cost.op_instances()}
+    for r in memory:
+        assert r["fused_saved_bytes"] <= r["eager_saved_bytes"], r
+    assert "saved for the backward" in cost.memory_text(memory)
