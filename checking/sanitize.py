@@ -240,6 +240,24 @@ def _sublayer_case(b, n, m, c, dtype, kv_dtype=None, bwd_chunk_rows=None, wg_chu
     return run
 
 
+def _ffn_case(rows, c, hid, dtype, autocast=False, wg_chunk_rows=None):
+    """x as a column slice of a wider tensor (made contiguous by the op); `autocast`: fp32 x and
+    parameters under CPU bf16 autocast (the mixed path)."""
+    def run():
+        import contextlib
+        import torch
+        from msf.kernels.ffn_sublayer import ffn_sublayer
+        x = _rand(rows, c + 4, dtype=dtype)[:, 2:2 + c].detach().requires_grad_()
+        ps = [_rand(c, seed=1), _rand(c, seed=2), _rand(hid, c, seed=3) * c ** -0.5, _rand(hid, seed=4),
+              _rand(c, hid, seed=5) * hid ** -0.5, _rand(c, seed=6)]
+        ps = [p.to(dtype).requires_grad_() for p in ps]
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with mixed:
+            out = ffn_sublayer(x, *ps, wg_chunk_rows=wg_chunk_rows)
+        _backward(out, [x, *ps])
+    return run
+
+
 def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
     def run():
         import torch
@@ -335,6 +353,12 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
             ("N5 M4 C32 fp32 x/weights + bf16 k,v (autocast mix)", _sublayer_case(1, 5, 4, 32, f32, kv_dtype=bf16)),
             ("N5 M4 C192 fp32 + fp16 k,v", _sublayer_case(1, 5, 4, 192, f32, kv_dtype=f16)),
             ("N3 M1 C32 bf16 + bf16 k,v act", _sublayer_case(1, 3, 1, 32, bf16)),
+        ],
+        "ffn_sublayer": [
+            ("rows 37 C32 H64 fp32 sliced x", _ffn_case(37, 32, 64, f32)),
+            ("rows 19 C40 H56 bf16", _ffn_case(19, 40, 56, bf16)),
+            ("rows 13 C192 H384 bf16", _ffn_case(13, 192, 384, bf16)),
+            ("rows 50 C32 H16 fp32 autocast, 24-row chunks", _ffn_case(50, 32, 16, f32, autocast=True, wg_chunk_rows=24)),
         ],
         "lmsa": [
             ("C16 5x6 fp32 nchw", _lmsa_case(2, 16, 5, 6, f32)),

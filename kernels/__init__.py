@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from msf.kernels import attention as _attention  # the submodule stays reachable as msf.kernels.attention
 from msf.kernels import attention_sublayer as _attention_sublayer
+from msf.kernels import ffn_sublayer as _ffn_sublayer
 from msf.kernels import head_loss as _head_loss
 from msf.kernels import lmsa as _lmsa
 from msf.kernels import upsample_argmax as _upsample_argmax
@@ -18,6 +19,7 @@ from msf.kernels import upsample_argmax as _upsample_argmax
 TRITON_OPS: dict = {
     "attention": _attention.attention,
     "attention_sublayer": _attention_sublayer.attention_sublayer_for_model,
+    "ffn_sublayer": _ffn_sublayer.ffn_sublayer,
     "head_loss": _head_loss.head_loss,
     "lmsa": _lmsa.lmsa,
     "upsample_argmax": _upsample_argmax.upsample_argmax,

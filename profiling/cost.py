@@ -34,7 +34,8 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    loops peel iterations into a prologue/epilogue; those are counted once here (a small
    overcount of the body × (stages − 1)).
 5. Occupancy: CTAs/SM = min(regs: ⌊65536 / (⌈regs·32/256⌉·256 · warps)⌋, shared: ⌊smem/SM ÷
-   (shared + 1 KB)⌋, ⌊64 / warps⌋, 32). Waves = programs ÷ (CTAs/SM · SMs).
+   (shared + 1 KB)⌋, ⌊64 / warps⌋, 32). Waves = programs ÷ (CTAs/SM · SMs). A build that fits no
+   CTA on an SM cannot launch: its predicted time is infinite (`--pin` and `--sweep` then pass it by).
 6. Predicted time = max(issue, bytes ÷ bandwidth, tensor-core FLOPs ÷ peak) + launch, where
      issue = n · I · warps / (4 · clock · e),  n = ⌈programs / SMs⌉ (the busiest SM's programs),
        I = mean dynamic instructions per warp, e = min(1, w / LATENCY_WARPS),
@@ -899,6 +900,8 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     eff = min(1.0, resident * warps / device.schedulers / LATENCY_WARPS)
     per_prog_warp = dynamic["total"] / programs / warps
     t_issue = n * per_prog_warp * warps / (device.schedulers * device.clock_hz * eff)
+    if ctas == 0:  # its registers or shared memory exceed an SM's: the launch would fail, never a candidate
+        t_issue = math.inf
     floor = _bytes(launch.args)
     nbytes, rereads = dram_bytes(launch, access, load_bytes, programs, resident_programs=min(programs, ctas * device.sms),
                                  l2_bytes=device.l2_bytes)
@@ -1231,13 +1234,14 @@ def sweep(devices: list[Device], wanted: list[tuple[str, int | None]], kernel: s
                     with _override(name, cfg):
                         costs = [predict(l, device) for l in capture(op, device, stage)
                                  if l.kernel == name and configs.REGISTRY[name].shape_class(l.args) == cls]
+                    t = sum(c.predicted for c in costs)
                     row = {"op": op_label(op, stage), "kernel": name, "class": cls, "device": device.key,
-                           "config": configs.to_entry(cfg), "predicted_s": sum(c.predicted for c in costs),
+                           "config": configs.to_entry(cfg), "predicted_s": t if math.isfinite(t) else None,
                            "spill_bytes": sum(c.spill_bytes for c in costs),
                            "ctas_per_sm": min(c.ctas_per_sm for c in costs),
                            "registers": max(c.registers for c in costs)}
                     rows.append(row)
-                    log(f"{device.key} {row['op']} {name} {cls} {row['config']}: {row['predicted_s'] * 1e6:.1f} µs, "
+                    log(f"{device.key} {row['op']} {name} {cls} {row['config']}: {t * 1e6:.1f} µs, "
                         f"{row['registers']} regs, {row['ctas_per_sm']} CTAs/SM"
                         + (f", spills {row['spill_bytes']} B" if row["spill_bytes"] else ""))
     return rows

@@ -226,3 +226,19 @@ def test_saved_for_backward_is_counted_and_no_fused_op_keeps_more_than_eager():
     for r in memory:
         assert r["fused_saved_bytes"] <= r["eager_saved_bytes"], r
     assert "saved for the backward" in cost.memory_text(memory)
+
+
+def test_a_build_that_fits_no_cta_is_never_predicted_fast(monkeypatch):
+    """Shared memory over an SM's (0 CTAs/SM): the launch would fail, so its prediction is infinite
+    and `--pin` / `--sweep` never take it (it used to come out as the launch time alone)."""
+    launch = cost.Launch("op", "fwd", "k", None, (4, 1, 1), {}, {}, {}, {}, {"num_warps": 4, "num_stages": 2})
+
+    def built(shared):
+        return lambda launch, arch: ({"registers": 32, "shared_bytes": shared, "local_bytes": 0, "stack_bytes": 0},
+                                     [], [], {})
+    monkeypatch.setattr(cost, "compiled_kernel", built(300_000))
+    too_big = cost.predict(launch, cost.DEVICES["h100"])
+    assert too_big.ctas_per_sm == 0 and too_big.predicted == float("inf")
+    monkeypatch.setattr(cost, "compiled_kernel", built(1024))
+    fits = cost.predict(launch, cost.DEVICES["h100"])
+    assert fits.ctas_per_sm > 0 and fits.predicted < 1e-3
