@@ -399,10 +399,8 @@ def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = No
 
 def _wg_block_i(precise: bool, device: torch.device) -> int:
     """BLOCK_I of the weight-gradient kernel's pinned configuration (64 if none is pinned)."""
-    from msf.kernels import configs
     try:
-        kind = configs.device_kind(device if device.type == "cuda" else None)
-        return int(configs.lookup(_sub_wgrad_kernel.name, "tf32x3" if precise else "16", kind).kwargs["BLOCK_I"])
+        return _sub_wgrad_kernel.pinned_kwarg("tf32x3" if precise else "16", "BLOCK_I", device)
     except KeyError:
         return 64
 

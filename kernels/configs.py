@@ -142,6 +142,13 @@ class PinnedKernel:
     def config(self, args, kwargs) -> triton.Config:
         return lookup(self.name, self.shape_class(self.named_args(args, kwargs)), device_kind())
 
+    def pinned_kwarg(self, shape_class: str, key: str, device=None) -> int:
+        """The constexpr `key` (a block size) of the configuration this kernel launches with for
+        `shape_class` on `device` (a CUDA device, else the current kind): for host code that sizes
+        grids or buffers by it before the launch."""
+        cuda = device if device is not None and getattr(device, "type", None) == "cuda" else None
+        return int(lookup(self.name, shape_class, device_kind(cuda)).kwargs[key])
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             if self._tuner is not None:

@@ -405,14 +405,6 @@ def _dx_programs(n_tiles: int, sms: int | None) -> tuple[int, int]:
     return tiles, triton.cdiv(n_tiles, tiles)
 
 
-def _pinned_block(kernel: PinnedKernel, block: str, mode: str, block_c: int, device: torch.device) -> int:
-    """`block` ("BLOCK_N" / "BLOCK_H") of `kernel`'s pinned configuration on `device`: the host sizes
-    the backward's grids by them."""
-    from msf.kernels import configs
-    kind = configs.device_kind(device if device.type == "cuda" else None)
-    return int(configs.lookup(kernel.name, f"{mode}_c{block_c}", kind).kwargs[block])
-
-
 def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
     """out = Σ_rows part (n × size fp32) in a fixed order, by the chunk-sum kernel the attention
     backward uses; it sums two buffers a launch, and here both are `part` (the second pass re-reads
@@ -435,24 +427,27 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
     return out, mean, rstd
 
 
-def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, wg_chunk_rows: int | None = None):
-    """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype."""
+def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
+              wg_chunk_rows: int | None = None):
+    """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype (b2's
+    is `b2_dtype`: b2 itself is not needed)."""
     rows, c = x2.shape
     hid = w1.shape[0]
     dev = x2.device
     block_c = _block_c(c)
     code = _CDT[cdt]
-    mode = "fp32" if code == 0 else ("amp" if x2.element_size() == 4 else "16")
+    shape_class = f"{_mode({'CDT': code, 'X': x2})}_c{block_c}"  # the class both kernels launch with
     dx = _new((rows, c), dev, x2.dtype)
 
+    # the host sizes both grids by the pinned blocks: one dx program per run of row tiles
     sms = _core._sm_count(dev)
-    n_tiles = triton.cdiv(rows, _pinned_block(_ffn_bwd_dx_kernel, "BLOCK_N", mode, block_c, dev))
+    n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(shape_class, "BLOCK_N", dev))
     tiles, n_progs = _dx_programs(n_tiles, sms)
     ln_part = _new((n_progs, 3 * c), dev, torch.float32)
     _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, n_tiles, tiles,
                                    C=c, HID=hid, CDT=code, BLOCK_C=block_c)
 
-    block_h = _pinned_block(_ffn_bwd_wgrad_kernel, "BLOCK_H", mode, block_c, dev)
+    block_h = _ffn_bwd_wgrad_kernel.pinned_kwarg(shape_class, "BLOCK_H", dev)
     chunk, n_chunks = _wg_chunking(rows, hid, block_h, sms, wg_chunk_rows)
     w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
     _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
@@ -464,7 +459,7 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, wg_chun
     _sum_rows(ln_part, ln_sum)
     _sum_rows(w_part, w_sum)
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
-    dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(p.dtype) for i, p in enumerate((lnw, lnb, w2)))
+    dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
     dw1 = w_sum[:hid * c].view(hid, c).to(w1.dtype)
     dw2 = w_sum[hid * c:2 * hid * c].view(c, hid).to(w2.dtype)
     db1 = w_sum[2 * hid * c:].to(b1.dtype)
@@ -485,9 +480,9 @@ class FFNSublayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, lnw, lnb, w1, b1, w2, mean, rstd = ctx.saved_tensors
-        dx, dlnw, dlnb, dw1, db1, dw2, db2 = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g.contiguous(),
-                                                       ctx.cdt, ctx.wg_chunk_rows)
-        return dx, dlnw, dlnb, dw1, db1, dw2, db2.to(ctx.b2_dtype), None, None, None
+        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g.contiguous(), ctx.cdt, ctx.b2_dtype,
+                          ctx.wg_chunk_rows)
+        return (*grads, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,18 +530,25 @@ def _check(x, lnw, lnb, w1, b1, w2, b2, eps) -> None:
         raise RuntimeError("ffn_sublayer: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
-def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None):
-    """`x + fc2(GELU(fc1(LayerNorm(x))))` (shapes in the module docstring): fused forward and backward
-    where `compute_dtype` says the kernels serve the dtypes and C ≤ 256, else the eager composition.
-    `wg_chunk_rows` overrides the weight-gradient kernel's row chunk (tests use it)."""
+def dispatch(x, lnw, lnb, w1, b1, w2, b2, eps: float, fused):
+    """What both entries (this module's `ffn_sublayer` and `msf::ffn_sublayer`'s in kernels/ops.py) do:
+    check the arguments, then `fused(x2, γ, β, w1, b1, w2, b2, eps, compute_dtype)` on rows × C where the
+    kernels serve the dtypes and C, else the eager composition."""
     _check(x, lnw, lnb, w1, b1, w2, b2, eps)
     cdt = compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
     if cdt is None or x.numel() == 0 or not fused_supported(cdt, x.shape[-1]):
         return ffn_sublayer_eager(x, lnw, lnb, w1, b1, w2, b2, eps)
     c = x.shape[-1]
     params = (t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2))
-    out = FFNSublayerFunction.apply(x.reshape(-1, c).contiguous(), *params, float(eps), cdt, wg_chunk_rows)
-    return out.view(*x.shape[:-1], c)
+    return fused(x.reshape(-1, c).contiguous(), *params, float(eps), cdt).view(*x.shape[:-1], c)
+
+
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None):
+    """`x + fc2(GELU(fc1(LayerNorm(x))))` (shapes in the module docstring): fused forward and backward
+    where `compute_dtype` says the kernels serve the dtypes and C ≤ 256, else the eager composition.
+    `wg_chunk_rows` overrides the weight-gradient kernel's row chunk (tests use it)."""
+    return dispatch(x, lnw, lnb, w1, b1, w2, b2, eps,
+                    lambda *args: FFNSublayerFunction.apply(*args, wg_chunk_rows))
 
 
 # ----------------------------------------------------------------------------------------------

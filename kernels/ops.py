@@ -59,7 +59,7 @@ from msf.kernels import ffn_sublayer as _ffn
 from msf.kernels import head_loss as _hl
 from msf.kernels import lmsa as _lm
 from msf.kernels import upsample_argmax as _ua
-from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer, eager_ffn_sublayer
+from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer
 
 Tensor = torch.Tensor
 
@@ -256,9 +256,9 @@ def _ffn_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype):
 
 def _ffn_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                        mean: Tensor, rstd: Tensor, g: Tensor, compute_dtype: torch.dtype) -> list[Tensor]:
-    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _ffn._backward(x, lnw, lnb, w1, b1, w2, mean, rstd, g, compute_dtype)
+    dx, *param_grads = _ffn._backward(x, lnw, lnb, w1, b1, w2, mean, rstd, g, compute_dtype, b2.dtype)
     # the parameter gradients are slices of two sum buffers; an operator's outputs may not alias
-    return [dx, *(t.clone() for t in (dlnw, dlnb, dw1, db1, dw2)), db2.to(b2.dtype, copy=True)]
+    return [dx, *(t.clone() for t in param_grads)]
 
 
 def _ffn_backward_fake(x, lnw, lnb, w1, b1, w2, b2, mean, rstd, g, compute_dtype):
@@ -287,14 +287,7 @@ ffn_sublayer_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
 def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
     """`msf.kernels.ffn_sublayer.ffn_sublayer` through `msf::ffn_sublayer` (the eager composition
     where the kernels do not serve the dtypes or C)."""
-    _ffn._check(x, lnw, lnb, w1, b1, w2, b2, eps)
-    cdt = _ffn.compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
-    if cdt is None or x.numel() == 0 or not _ffn.fused_supported(cdt, x.shape[-1]):
-        return eager_ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps)
-    c = x.shape[-1]
-    params = [t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2)]
-    out = torch.ops.msf.ffn_sublayer(x.reshape(-1, c).contiguous(), *params, float(eps), cdt)[0]
-    return out.view(*x.shape[:-1], c)
+    return _ffn.dispatch(x, lnw, lnb, w1, b1, w2, b2, eps, lambda *args: torch.ops.msf.ffn_sublayer(*args)[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
             _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
             pass_ref[0] = "bwd"
-            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16)
+            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32)
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)

@@ -127,7 +127,7 @@ def test_ffn_sublayer_at_the_gpu_tiles(gpu_kind, shape):
     kind, launched = gpu_kind
     t_ffn.test_autocast_matches_eager_autocast(shape, "cpu", poisoned=None)  # (buffers poisoned by gpu_kind)
     assert {cls for name, cls, _ in launched if name.startswith("ffn_sublayer")} == \
-        {f"amp_c{max(32, 1 << (t_ffn.SHAPES[shape][2] - 1).bit_length())}"}
+        {f"amp_c{t_ffn.ffn_mod._block_c(t_ffn.SHAPES[shape][2])}"}
     assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx", "ffn_sublayer.wgrad"})
 
 
