@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from msf.kernels import attention as _attention  # the submodule stays reachable as msf.kernels.attention
 from msf.kernels import attention_sublayer as _attention_sublayer
+from msf.kernels import decoder_mlp as _decoder_mlp
 from msf.kernels import ffn_sublayer as _ffn_sublayer
 from msf.kernels import head_loss as _head_loss
 from msf.kernels import lmsa as _lmsa
@@ -19,6 +20,7 @@ from msf.kernels import upsample_argmax as _upsample_argmax
 TRITON_OPS: dict = {
     "attention": _attention.attention,
     "attention_sublayer": _attention_sublayer.attention_sublayer_for_model,
+    "decoder_mlp": _decoder_mlp.decoder_mlp,
     "ffn_sublayer": _ffn_sublayer.ffn_sublayer,
     "head_loss": _head_loss.head_loss,
     "lmsa": _lmsa.lmsa,

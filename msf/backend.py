@@ -17,6 +17,9 @@ Ops (shapes are the model's):
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
   B×H×W targets, the logits bilinearly upsampled (align_corners=False) to H×W on the way.
 - `upsample_argmax(logits, size)`: argmax over classes of the bilinearly upsampled logits.
+- `decoder_mlp(features, params, dropout_p, training)`: the decoder up to LMSA: the four stage maps
+  unified to E channels, upsampled to stage 1's size, concatenated, Linear → GELU → Dropout → Linear;
+  B×(H·W)×E tokens.
 - `lmsa(x, params)`: the decoder's multi-scale attention, `x + Σ_k z_k ⊙ PW_k(DW_k(x))`.
 """
 from __future__ import annotations
@@ -29,8 +32,8 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
-from msf.reference import (LMSAParams, composed_attention_sublayer, eager_attention, eager_ffn_sublayer,  # noqa: F401
-                           eager_head_loss, eager_lmsa, eager_upsample_argmax)
+from msf.reference import (DecoderParams, LMSAParams, composed_attention_sublayer, eager_attention,  # noqa: F401
+                           eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
 
@@ -42,12 +45,13 @@ class Ops:
     ffn_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
+    decoder_mlp: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
 
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
-                lmsa=eager_lmsa)
+                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa)
 
 
 def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str,

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf.backend import BACKENDS, LMSAParams, get_ops
+from msf.backend import BACKENDS, DecoderParams, LMSAParams, get_ops
 from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
+from msf.reference import tokens_to_map  # noqa: F401  (re-exported: the model's token/map view)
 
 NUM_CLASSES = 19
 TTA_MODES = ("none", "flip")  # test-time augmentations of `MicroSegFormer.predict`
@@ -40,21 +41,6 @@ class ModelConfig:
     decoder_dropout: float = 0.15
     lmsa_kernels: tuple[int, ...] = (3, 5, 7)
     lmsa_reduction: int = 8
-
-
-def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """B×(h·w)×C tokens as a B×C×h×w map: a channels-last view in eager (no copy).
-
-    Under torch.compile the view is made a dense NCHW copy instead. Inductor (torch 2.11–2.13)
-    sorts the strides of every tensor the forward graph saves for backward, and for a
-    channels-last view with symbolic sizes (C·w against C) it compares them without the shape
-    environment and fails ("cannot determine truth value of Relational: 32*s96 < 32") as soon as
-    shapes are dynamic: `torch.compile(..., dynamic=True)`, or the recompile after a second batch
-    or image size. Smallest reproduction: Conv2d → LayerNorm on its tokens → this view → Conv2d,
-    with gradients (tests/test_compile.py). The copy lets Inductor choose the layout itself.
-    """
-    map_ = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-    return map_.contiguous() if torch.compiler.is_compiling() else map_
 
 
 class PatchEmbed(nn.Module):
@@ -166,25 +152,29 @@ class LMSA(nn.Module):
 
 
 class Decoder(nn.Module):
-    """All-MLP decoder: unify channels, upsample to stage-1 size, concat, fuse; then LMSA."""
+    """All-MLP decoder: unify channels, upsample to stage-1 size, concat, fuse; then LMSA. The part
+    before LMSA runs as the backend's `decoder_mlp` (on triton: the fuse Linear folded into the
+    unify Linears, no concat; the parameters and their names are the paper's either way)."""
 
     def __init__(self, cfg: ModelConfig, backend: str):
         super().__init__()
+        self.backend = backend
         e = cfg.decoder_dim
         self.unify = nn.ModuleList(nn.Linear(c, e) for c in cfg.channels)
         self.fuse = nn.Sequential(nn.Linear(len(cfg.channels) * e, e), nn.GELU(),
                                   nn.Dropout(cfg.decoder_dropout), nn.Linear(e, e))
         self.lmsa = LMSA(e, cfg.lmsa_kernels, cfg.lmsa_reduction, backend) if cfg.lmsa else None
 
+    def params(self) -> DecoderParams:
+        fuse1, fuse2 = self.fuse[0], self.fuse[3]
+        return DecoderParams(unify_weights=tuple(u.weight for u in self.unify),
+                             unify_biases=tuple(u.bias for u in self.unify),
+                             fuse1_weight=fuse1.weight, fuse1_bias=fuse1.bias,
+                             fuse2_weight=fuse2.weight, fuse2_bias=fuse2.bias)
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        b, _, h, w = features[0].shape
-        aligned = []
-        for f, unify in zip(features, self.unify):
-            f = tokens_to_map(unify(f.flatten(2).transpose(1, 2)), *f.shape[-2:])
-            if f.shape[-2:] != (h, w):
-                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-            aligned.append(f)
-        fused = self.fuse(torch.cat(aligned, dim=1).flatten(2).transpose(1, 2))
+        h, w = features[0].shape[-2:]
+        fused = get_ops(self.backend).decoder_mlp(features, self.params(), self.fuse[2].p, self.training)
         x = tokens_to_map(fused, h, w)
         return self.lmsa(x) if self.lmsa is not None else x
 

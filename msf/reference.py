@@ -13,8 +13,24 @@ import torch.nn.functional as F
 
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
-__all__ = ["DEFAULT_DICE_EPS", "LMSAParams", "composed_attention_sublayer", "eager_attention", "eager_ffn_sublayer",
-           "eager_head_loss", "eager_lmsa", "eager_upsample_argmax"]
+__all__ = ["DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer", "eager_attention",
+           "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
+           "tokens_to_map"]
+
+
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """B×(h·w)×C tokens as a B×C×h×w map: a channels-last view in eager (no copy).
+
+    Under torch.compile the view is made a dense NCHW copy instead. Inductor (torch 2.11–2.13)
+    sorts the strides of every tensor the forward graph saves for backward, and for a
+    channels-last view with symbolic sizes (C·w against C) it compares them without the shape
+    environment and fails ("cannot determine truth value of Relational: 32*s96 < 32") as soon as
+    shapes are dynamic: `torch.compile(..., dynamic=True)`, or the recompile after a second batch
+    or image size. Smallest reproduction: Conv2d → LayerNorm on its tokens → this view → Conv2d,
+    with gradients (tests/test_compile.py). The copy lets Inductor choose the layout itself.
+    """
+    map_ = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+    return map_.contiguous() if torch.compiler.is_compiling() else map_
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -65,3 +81,34 @@ class LMSAParams:
     fc1_bias: torch.Tensor
     fc2_weight: torch.Tensor
     fc2_bias: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecoderParams:
+    """The decoder MLP's weights: per stage a unify Linear (E×C_i, E), the fuse MLP's two Linears
+    (E×4E, E and E×E, E)."""
+
+    unify_weights: tuple[torch.Tensor, ...]
+    unify_biases: tuple[torch.Tensor, ...]
+    fuse1_weight: torch.Tensor
+    fuse1_bias: torch.Tensor
+    fuse2_weight: torch.Tensor
+    fuse2_bias: torch.Tensor
+
+
+def eager_decoder_mlp(features: list[torch.Tensor], p: "DecoderParams", dropout_p: float = 0.0,
+                      training: bool = False) -> torch.Tensor:
+    """The paper's decoder up to LMSA (SPEC §2), as written: each B×C_i×h_i×w_i stage map unified to E
+    channels, bilinearly upsampled to stage 1's size, the four concatenated, then Linear → GELU →
+    Dropout → Linear. Returns B×(H·W)×E tokens."""
+    b, _, h, w = features[0].shape
+    aligned = []
+    for f, weight, bias in zip(features, p.unify_weights, p.unify_biases):
+        unified = F.linear(f.flatten(2).transpose(1, 2), weight, bias)  # B × h_i·w_i × E
+        f = tokens_to_map(unified, *f.shape[-2:])
+        if f.shape[-2:] != (h, w):
+            f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+        aligned.append(f)
+    tokens = torch.cat(aligned, dim=1).flatten(2).transpose(1, 2)
+    hidden = F.dropout(F.gelu(F.linear(tokens, p.fuse1_weight, p.fuse1_bias)), dropout_p, training)
+    return F.linear(hidden, p.fuse2_weight, p.fuse2_bias)
