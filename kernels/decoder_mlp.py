@@ -547,7 +547,7 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
 
 def keep_mask(seed: torch.Tensor, rows: int, e: int, p: float) -> torch.Tensor:
     """The rows × E keep mask (bool) the kernels apply for `seed` and dropout probability p."""
-    out = _new((rows * e,), seed.device, torch.uint8)
+    out = torch.empty(rows * e, device=seed.device, dtype=torch.uint8)
     block = 1024
     _keep_mask_kernel[(triton.cdiv(rows * e, block),)](seed, out, rows * e, float(p), BLOCK=block)
     return out.view(rows, e).bool()

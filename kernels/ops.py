@@ -10,6 +10,8 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::attention_sublayer_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
+    msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype) -> x
+                                                                           + msf::decoder_mlp_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
@@ -55,11 +57,12 @@ from triton.runtime.jit import KernelInterface
 
 from msf.kernels import attention as _attn
 from msf.kernels import attention_sublayer as _sub
+from msf.kernels import decoder_mlp as _dec
 from msf.kernels import ffn_sublayer as _ffn
 from msf.kernels import head_loss as _hl
 from msf.kernels import lmsa as _lm
 from msf.kernels import upsample_argmax as _ua
-from msf.reference import DEFAULT_DICE_EPS, LMSAParams, composed_attention_sublayer
+from msf.reference import DEFAULT_DICE_EPS, DecoderParams, LMSAParams, composed_attention_sublayer
 
 Tensor = torch.Tensor
 
@@ -291,6 +294,57 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# decoder MLP: the fuse MLP on the folded weights, stages 2-4 projected at their own resolution
+# ----------------------------------------------------------------------------------------------
+def _dec_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor, b2: Tensor,
+              seed: Tensor, p: float, size: list[int], compute_dtype: torch.dtype) -> Tensor:
+    return _dec._forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, tuple(size), compute_dtype)
+
+
+def _dec_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype):
+    return f1.new_empty((f1.shape[0], w2.shape[0]), dtype=torch.promote_types(compute_dtype, p2.dtype))
+
+
+def _dec_backward_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor,
+                       b2: Tensor, seed: Tensor, g: Tensor, p: float, size: list[int],
+                       compute_dtype: torch.dtype) -> list[Tensor]:
+    df1, dp2, dp3, dp4, *param_grads = _dec._backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p, tuple(size),
+                                                      compute_dtype, (cb.dtype, b2.dtype))
+    return [df1, dp2, dp3, dp4, *(t.clone() for t in param_grads)]  # (slices of one sum buffer: no aliasing)
+
+
+def _dec_backward_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, g, p, size, compute_dtype):
+    return [_contiguous_like(t) for t in (f1, p2, p3, p4, m1, cb, w2, b2)]
+
+
+decoder_mlp_op = _define("decoder_mlp", _dec_body, _dec_fake)
+decoder_mlp_backward_op = _define("decoder_mlp_backward", _dec_backward_body, _dec_backward_fake)
+
+
+def _dec_setup(ctx, inputs, output):
+    *tensors, p, size, compute_dtype = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.p, ctx.size, ctx.compute_dtype = p, size, compute_dtype
+
+
+def _dec_grad(ctx, g):
+    grads = torch.ops.msf.decoder_mlp_backward(*ctx.saved_tensors, g.contiguous(), ctx.p, ctx.size,
+                                               ctx.compute_dtype)
+    return (*grads, None, None, None, None)
+
+
+decoder_mlp_op.register_autograd(_dec_grad, setup_context=_dec_setup)
+
+
+def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bool = False, *,
+                seed: Tensor | None = None) -> Tensor:
+    """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` (the eager composition where
+    the kernels do not serve the dtypes or geometry)."""
+    return _dec.dispatch(features, p, dropout_p, training,
+                         lambda *args: torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11]), seed)
+
+
+# ----------------------------------------------------------------------------------------------
 # head + loss: CE + Dice of the bilinearly upsampled logits
 # ----------------------------------------------------------------------------------------------
 def _head_loss_body(logits: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -423,11 +477,13 @@ class FusedOp:
 REGISTRY: dict[str, FusedOp] = {
     "attention": FusedOp(_attn.attention, attention),
     "attention_sublayer": FusedOp(_sub.attention_sublayer_for_model, attention_sublayer),
+    "decoder_mlp": FusedOp(_dec.decoder_mlp, decoder_mlp),
     "ffn_sublayer": FusedOp(_ffn.ffn_sublayer, ffn_sublayer),
     "head_loss": FusedOp(_hl.head_loss, head_loss),
     "lmsa": FusedOp(_lm.lmsa, lmsa),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
-OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "ffn_sublayer",
+OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "decoder_mlp",
+             "decoder_mlp_backward", "ffn_sublayer",
              "ffn_sublayer_backward", "head_loss",
              "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")

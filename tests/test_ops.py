@@ -19,7 +19,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from msf.kernels import ops  # noqa: E402
-from msf.reference import LMSAParams  # noqa: E402
+from msf.reference import DecoderParams, LMSAParams  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -39,7 +39,8 @@ def _lmsa_params(c: int) -> list[torch.Tensor]:
 
 
 def _case(name):
-    """(operator, args, the public wrapper's call, the module entry's call) of op `name`."""
+    """(operator, its args, a call of the public wrapper or module entry given as f) of op `name`, and
+    where the call's inputs are not the operator's, the leaves the call differentiates."""
     if name == "attention":
         q, k, v = _randn(2, 9, 16), _randn(2, 5, 16, seed=1), _randn(2, 5, 16, seed=2)
         return ops.attention_op, (q, k, v), lambda f: f(q, k, v)
@@ -57,6 +58,21 @@ def _case(name):
                   _randn(32, scale=0.1, seed=4), _randn(16, 32, scale=0.2, seed=5), _randn(16, scale=0.1, seed=6))
         return (ops.ffn_sublayer_op, (x, *params, 1e-5, torch.float32),
                 lambda f: f(x, *params, 1e-5))
+    if name == "decoder_mlp":  # E = 16, C1 = 8, stage 1 4×6, stages 2-4 at 2×3, 2×3, 1×1; dropout on
+        feats = [_randn(2, c, 4 // s, 6 // s, seed=s) for c, s in ((8, 1), (8, 2), (16, 2), (16, 4))]
+        feats[3] = _randn(2, 16, 1, 1, seed=9)
+        unify = [_randn(16, f.shape[1], scale=0.3, seed=10 + i) for i, f in enumerate(feats)]
+        ubias = [_randn(16, scale=0.1, seed=20 + i) for i in range(4)]
+        fuse = (_randn(16, 64, scale=0.15, seed=30), _randn(16, scale=0.1, seed=31), _randn(16, 16, scale=0.25, seed=32),
+                _randn(16, scale=0.1, seed=33))
+        p = DecoderParams(tuple(unify), tuple(ubias), *fuse)
+        seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+        f1 = _randn(48, 8, seed=40)  # the operator takes stage 1 as rows × C1 tokens, stages 2-4 projected
+        lows = [_randn(2, h, w, 16, seed=41 + h + w) for h, w in ((2, 3), (2, 3), (1, 1))]
+        args = (f1, *lows, unify[0].detach().requires_grad_(), fuse[1], fuse[2], fuse[3], seed, 0.2, [4, 6],
+                torch.float32)
+        call_leaves = feats + unify + ubias + list(fuse)  # what the wrapper's call differentiates
+        return ops.decoder_mlp_op, args, lambda f: f(feats, p, 0.2, True, seed=seed), call_leaves
     if name == "head_loss":
         logits = _randn(2, 5, 3, 4)
         targets = torch.randint(0, 5, (2, 12, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -74,7 +90,7 @@ def _case(name):
 
 @pytest.mark.parametrize("name", list(ops.REGISTRY))
 def test_opcheck(name):
-    op, args, _ = _case(name)
+    op, args, *_ = _case(name)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                 "test_aot_dispatch_dynamic"))
 
@@ -87,11 +103,11 @@ def _inputs_requiring_grad(args):
 @pytest.mark.parametrize("name", list(ops.REGISTRY))
 def test_operator_matches_the_module_entry_bitwise(name):
     """The operator path runs the same launches as the autograd Function: identical numbers."""
-    _, args, call = _case(name)
+    _, args, call, *call_leaves = _case(name)
     entry, traced = ops.REGISTRY[name].entry, ops.REGISTRY[name].traced
     got, want = call(traced), call(entry)
     assert torch.equal(got, want), f"{name}: forward differs, max |Δ| {(got.double() - want.double()).abs().max()}"
-    leaves = _inputs_requiring_grad(args)
+    leaves = call_leaves[0] if call_leaves else _inputs_requiring_grad(args)
     if not got.is_floating_point():
         return
     seed = torch.randn(got.shape, generator=torch.Generator().manual_seed(7)).to(got)

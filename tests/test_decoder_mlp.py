@@ -1,0 +1,235 @@
+"""Parity of the fused decoder MLP (kernels/decoder_mlp.py) with the paper's decoder in float64 and eager.
+
+The decoder up to LMSA: unify each stage to E channels, upsample to stage 1's size, concatenate,
+Linear → GELU → Dropout → Linear. The fused op folds the first fuse Linear into the unify Linears and
+never builds the concat; here its output and the gradients of all four feature maps and all twelve
+parameters are compared with float64 autograd of the concat form itself (the reference below applies
+the kernels' own dropout mask, from `keep_mask`, so dropout is checked element for element), and
+under autocast with eager autocast. On a CPU-only machine the kernels run under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+dec_mod = importlib.import_module("msf.kernels.decoder_mlp")
+attn_mod = importlib.import_module("msf.kernels.attention")
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+
+from msf.reference import DecoderParams, eager_decoder_mlp  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+PARAM_NAMES = ([f"unify{i}.weight" for i in range(1, 5)] + [f"unify{i}.bias" for i in range(1, 5)]
+               + ["fuse1.weight", "fuse1.bias", "fuse2.weight", "fuse2.bias"])
+# (B, H, W, stage channels, stage downsampling factors, E)
+SHAPES = {
+    "model": (2, 8, 16, (32, 64, 128, 192), (1, 2, 4, 8), 128),       # the model's widths; 8×16 → 1×2 at stage 4
+    "odd": (3, 12, 9, (20, 12, 8, 24), (1, 3, 3, 9), 48),             # odd factors, E and C1 no power of two
+    "square": (1, 16, 16, (16, 32, 48, 64), (1, 2, 4, 8), 32),
+    "flat": (2, 4, 24, (8, 8, 8, 8), (1, 2, 4, 4), 16),               # stage 4 one row: every tap clamped
+}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+CASES = [("model", torch.float32, 0.0), ("model", torch.bfloat16, 0.15), ("odd", torch.float32, 0.3),
+         ("odd", torch.float16, 0.0), ("square", torch.bfloat16, 0.0), ("flat", torch.float32, 0.5)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels fill (here and in the reused chunk-sum) starts as NaN."""
+    poison_new_buffers(monkeypatch, dec_mod, attn_mod)
+
+
+def _inputs(shape, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh random fp32 feature maps (LayerNorm-like scale), parameters at nn.Linear's scale, small
+    biases, and an output gradient g."""
+    b, h, w, chans, factors, e = shape
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    vals = {f"f{i}": rnd(b, c, h // s, w // s) for i, (c, s) in enumerate(zip(chans, factors), 1)}
+    vals.update({f"unify{i}.weight": rnd(e, c) * c ** -0.5 for i, c in enumerate(chans, 1)})
+    vals.update({f"unify{i}.bias": 0.2 * rnd(e) for i in range(1, 5)})
+    vals.update({"fuse1.weight": rnd(e, 4 * e) * (4 * e) ** -0.5, "fuse1.bias": 0.2 * rnd(e),
+                 "fuse2.weight": rnd(e, e) * e ** -0.5, "fuse2.bias": 0.2 * rnd(e), "g": rnd(b, h * w, e)})
+    return vals
+
+
+def _leaves(vals, device, dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(device=device, dtype=dtype, copy=True).requires_grad_(k != "g") for k, v in vals.items()}
+
+
+def _split(leaves) -> tuple[list[torch.Tensor], DecoderParams]:
+    t = [leaves[n] for n in PARAM_NAMES]
+    return [leaves[f"f{i}"] for i in range(1, 5)], DecoderParams(tuple(t[:4]), tuple(t[4:8]), *t[8:])
+
+
+def _concat_form(features, p: DecoderParams, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """The paper's decoder, written here without the fold (unify → upsample → concat → MLP), with an
+    explicit keep mask (rows × E) in place of F.dropout's own draw."""
+    b, _, h, w = features[0].shape
+    maps = []
+    for f, weight, bias in zip(features, p.unify_weights, p.unify_biases):
+        u = F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        maps.append(F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False) if u.shape[-2:] != (h, w)
+                    else u)
+    tokens = torch.cat(maps, dim=1).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+    hidden = F.gelu(F.linear(tokens, p.fuse1_weight, p.fuse1_bias))
+    if keep is not None:
+        hidden = hidden * keep.view(b, h * w, -1).to(hidden.dtype) / (1.0 - dropout_p)
+    return F.linear(hidden, p.fuse2_weight, p.fuse2_bias)
+
+
+def _compare(ours, ref, out, out_ref, tol: float, what: str) -> None:
+    assert_close(out, out_ref, tol, f"{what} out")
+    for name in [f"f{i}" for i in range(1, 5)] + PARAM_NAMES:
+        assert_close(ours[name].grad, ref[name].grad, tol, f"{what} d{name}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,dtype,dropout_p", CASES, ids=[f"{s}-{str(d)[6:]}-p{p}" for s, d, p in CASES])
+def test_matches_float64(shape, dtype, dropout_p, device, poisoned):
+    """One dtype throughout, dropout on or off: the output and all sixteen gradients against float64
+    autograd of the concat form on the same (rounded) inputs and the kernels' keep mask."""
+    kernel_device(device)
+    vals = {k: v.to(dtype) for k, v in _inputs(SHAPES[shape], seed=len(shape) * 7 + int(dropout_p * 10)).items()}
+    ours, ref = _leaves(vals, device, dtype), _leaves(vals, device, torch.float64)
+    seed = torch.tensor([1234 + len(shape)], dtype=torch.int64, device=device)
+    out = dec_mod.decoder_mlp(*_split(ours), dropout_p, training=True, seed=seed)
+    out.backward(ours["g"])
+    keep = dec_mod.keep_mask(seed, out.shape[0] * out.shape[1], out.shape[2], dropout_p) if dropout_p > 0 else None
+    out_ref = _concat_form(*_split(ref), keep, dropout_p)
+    out_ref.backward(ref["g"])
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    _compare(ours, ref, out, out_ref, TOL[dtype], f"{shape} {dtype} p={dropout_p}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_autocast_matches_eager_autocast(device, poisoned):
+    """The model's case: fp32 feature maps (the stages' LayerNorm outputs) and fp32 master weights under
+    bf16 autocast, dropout off. The fold changes which sums are rounded to bf16, so the fused op is
+    not bitwise eager's: both are held to the bf16 tolerance against float64, and to each other."""
+    kernel_device(device)
+    vals = _inputs(SHAPES["model"], seed=11)
+    ours, eager, ref = (_leaves(vals, device, torch.float32), _leaves(vals, device, torch.float32),
+                        _leaves(vals, device, torch.float64))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert dec_mod.compute_dtype(*_split(ours)) == torch.bfloat16
+        out = dec_mod.decoder_mlp(*_split(ours), 0.15, training=False)
+        out_eager = eager_decoder_mlp(*_split(eager), 0.15, training=False)
+    out.backward(ours["g"].to(out.dtype))
+    out_eager.backward(eager["g"].to(out_eager.dtype))
+    out_ref = _concat_form(*_split(ref), None, 0.0)
+    out_ref.backward(ref["g"])
+    assert out.dtype == out_eager.dtype == torch.bfloat16
+    assert_close(out, out_eager, 1e-2, "autocast out vs eager autocast")
+    for name in [f"f{i}" for i in range(1, 5)] + PARAM_NAMES:
+        assert_close(ours[name].grad, eager[name].grad, 2e-2, f"autocast d{name} vs eager autocast")
+        assert ours[name].grad.dtype == torch.float32
+    _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], "autocast vs float64")
+
+
+def test_dropout_keeps_one_minus_p_and_is_reproducible():
+    """The keep mask: its rate is 1 − p within 5σ over 80 000 elements for several p, the same seed gives
+    the same mask, another seed a different one; rows and channels are not correlated."""
+    kernel_device("cpu")
+    rows, e = 625, 128
+    for p in (0.15, 0.5, 0.9):
+        keep = dec_mod.keep_mask(torch.tensor([42]), rows, e, p)
+        n = keep.numel()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma, (p, keep.float().mean().item())
+        per_channel = keep.float().mean(0)  # 625 draws a channel
+        assert (per_channel - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / rows) ** 0.5 + 1e-9
+    a = dec_mod.keep_mask(torch.tensor([42]), rows, e, 0.15)
+    assert torch.equal(a, dec_mod.keep_mask(torch.tensor([42]), rows, e, 0.15))
+    assert not torch.equal(a, dec_mod.keep_mask(torch.tensor([43]), rows, e, 0.15))
+
+
+def test_same_function_on_both_backends_with_dropout_off(poisoned):
+    """A Decoder's own parameters through the eager backend's decoder_mlp (the paper's concat form)
+    and the triton backend's (folded): the same function, gradients included, in eval mode and in
+    training mode at p = 0; the parameter names are the paper's on both."""
+    kernel_device("cpu")
+    from msf.backend import get_ops
+    from msf.model import Decoder, ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(decoder_dim=32, lmsa=False)
+    eager, fused = Decoder(cfg, "eager"), Decoder(cfg, "triton")
+    fused.load_state_dict(eager.state_dict())
+    features = [torch.randn(2, c, 16 // s, 8 // s) for c, s in zip(cfg.channels, (1, 2, 4, 8))]
+    g = torch.randn(2, cfg.decoder_dim, 16, 8)
+    for training in (False, True):
+        if training:
+            eager.fuse[2].p = fused.fuse[2].p = 0.0
+        eager.train(training), fused.train(training)
+        eager.zero_grad(), fused.zero_grad()
+        out_e, out_f = eager(features), fused(features)
+        out_e.backward(g), out_f.backward(g)
+        assert_close(out_f, out_e, 1e-5, f"training={training} out")
+        for (name, pe), (_, pf) in zip(eager.named_parameters(), fused.named_parameters()):
+            assert_close(pf.grad, pe.grad, 1e-5, f"training={training} d{name}")
+    assert get_ops("triton").decoder_mlp.provider == "triton" and get_ops("eager").decoder_mlp.provider == "eager"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_channels_last_and_nchw_maps(device):
+    """Feature maps as the model hands them (channels-last views of tokens) and as dense NCHW tensors:
+    the same result, gradients in each map's own layout, and the caller's maps left as they were."""
+    kernel_device(device)
+    vals = _inputs(SHAPES["square"], seed=5)
+    results = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        ours = _leaves(vals, device, torch.float32)
+        for i in range(1, 5):
+            ours[f"f{i}"] = ours[f"f{i}"].detach().contiguous(memory_format=layout).requires_grad_()
+        before = [ours[f"f{i}"].clone() for i in range(1, 5)]
+        out = dec_mod.decoder_mlp(*_split(ours))
+        out.backward(ours["g"])
+        for i in range(1, 5):
+            assert ours[f"f{i}"].grad.is_contiguous(memory_format=layout) or ours[f"f{i}"].grad.shape[-1] == 1
+            assert torch.equal(ours[f"f{i}"], before[i - 1])
+        results.append((out, [ours[n].grad for n in ["f1", "f4", "fuse1.weight"]]))
+    assert_close(results[0][0], results[1][0], 1e-6, "out")
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_close(a, b, 1e-6, "grad")
+
+
+def test_unserved_cases_run_the_eager_composition(monkeypatch):
+    """E > 128, C1 > 64, a stage that is not a whole fraction of stage 1, a dtype mix outside autocast:
+    the eager composition, identical to it, with no kernel launch."""
+    kernel_device("cpu")
+    monkeypatch.setattr(dec_mod, "DecoderMLPFunction", None)  # any fused call would fail
+    for shape in ((1, 4, 4, (8, 8, 8, 8), (1, 2, 2, 4), 136), (1, 4, 4, (72, 8, 8, 8), (1, 2, 2, 4), 16)):
+        leaves = _leaves(_inputs(shape, seed=1), "cpu", torch.float32)
+        assert torch.equal(dec_mod.decoder_mlp(*_split(leaves)), eager_decoder_mlp(*_split(leaves)))
+    leaves = _leaves(_inputs((1, 6, 6, (8, 8, 8, 8), (1, 2, 3, 6), 16), seed=2), "cpu", torch.float32)
+    leaves["f3"] = torch.randn(1, 8, 4, 4)  # 6 is no multiple of 4
+    assert not dec_mod.fused_supported(*_split(leaves))
+    assert torch.equal(dec_mod.decoder_mlp(*_split(leaves)), eager_decoder_mlp(*_split(leaves)))
+    mixed = {k: v.to(torch.bfloat16) if k.startswith("fuse") else v for k, v in leaves.items()}
+    assert dec_mod.compute_dtype(*_split(mixed)) is None
+
+
+def test_bad_arguments_are_named():
+    kernel_device("cpu")
+    vals = _leaves(_inputs(SHAPES["square"], seed=0), "cpu", torch.float32)
+    features, p = _split(vals)
+    with pytest.raises(ValueError, match="3 feature maps for 4 unify"):
+        dec_mod.decoder_mlp(features[:3], p)
+    with pytest.raises(ValueError, match="stage 2"):
+        dec_mod.decoder_mlp([features[0], features[2], features[2], features[3]], p)
+    with pytest.raises(ValueError, match="fuse Linears"):
+        dec_mod.decoder_mlp(features, DecoderParams(p.unify_weights, p.unify_biases, p.fuse1_weight[:, :-1],
+                                                    p.fuse1_bias, p.fuse2_weight, p.fuse2_bias))
+    with pytest.raises(ValueError, match="dropout_p"):
+        dec_mod.decoder_mlp(features, p, 1.0, training=True)
