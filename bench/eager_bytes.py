@@ -67,7 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -397,6 +397,16 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         return backend.EAGER_OPS.ffn_sublayer, (
             _meta(batch, n, c, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(hid, c, grad=True),
             _meta(hid, grad=True), _meta(c, hid, grad=True), _meta(c, grad=True)), True
+    if op == "decoder_mlp":
+        e, low_sides = cfg.decoder_dim, [size // 4 // 2 ** i for i in range(len(cfg.channels))]
+        # the stages' outputs: fp32 LayerNorm tokens seen as B×C×h×w maps (channels-last strides)
+        features = [_meta(batch, c, s, s, grad=True, channels_last=True) for c, s in zip(cfg.channels, low_sides)]
+        params = backend.DecoderParams(
+            unify_weights=tuple(_meta(e, c, grad=True) for c in cfg.channels),
+            unify_biases=tuple(_meta(e, grad=True) for _ in cfg.channels),
+            fuse1_weight=_meta(e, len(cfg.channels) * e, grad=True), fuse1_bias=_meta(e, grad=True),
+            fuse2_weight=_meta(e, e, grad=True), fuse2_bias=_meta(e, grad=True))
+        return backend.eager_decoder_mlp, (features, params, cfg.decoder_dropout, True), True
     if op == "lmsa":
         c = cfg.decoder_dim
         params = backend.LMSAParams(
@@ -441,10 +451,28 @@ def _fused_ops_uncounted(counter: ByteCounter) -> Iterator[list[str]]:
     from msf import backend, model
     fused = [name for name in backend.fused_op_names("triton")]
     eager = backend.get_ops("eager")
-    table = backend.Ops(**{f.name: uncounted(getattr(eager, f.name), counter) if f.name in fused
-                           else getattr(eager, f.name) for f in dataclasses.fields(backend.Ops)})
+    table = {f.name: uncounted(getattr(eager, f.name), counter) if f.name in fused else getattr(eager, f.name)
+             for f in dataclasses.fields(backend.Ops)}
+    if "decoder_mlp" in fused:
+        table["decoder_mlp"] = _decoder_mlp_host_counted(counter)
+    table = backend.Ops(**table)
     with mock.patch.object(model, "get_ops", lambda _backend: table):
         yield fused
+
+
+def _decoder_mlp_host_counted(counter: ByteCounter) -> Callable[..., torch.Tensor]:
+    """The triton backend's decoder_mlp with its host half counted (the fold and stages 2-4's
+    projections, `msf.kernels.decoder_mlp.project`: plain PyTorch, part of the eager rest) and its
+    kernels uncounted (stood in for by their PyTorch form)."""
+    from msf.kernels import decoder_mlp as dec
+    core = uncounted(lambda f1, lows, m1, c, w2, b2, size: dec.fused_reference(f1, lows, m1, c, w2, b2, None, 0.0,
+                                                                                 size), counter)
+
+    def call(features, p, dropout_p, training):
+        f1, lows, m1, c = dec.project(features, p)
+        b, _, h, w = features[0].shape
+        return core(f1, tuple(lows), m1, c, p.fuse2_weight, p.fuse2_bias, (h, w)).view(b, h * w, -1)
+    return call
 
 
 def count_step(variant: str, *, batch: int = 32, size: int = 512, dtype: torch.dtype = torch.bfloat16) -> ByteCounter:
@@ -532,7 +560,7 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
         [(op, s) for op in ("attention_sublayer", "ffn_sublayer") for s in range(1, len(_config().channels) + 1)] + \
-        [("lmsa", None)]
+        [("decoder_mlp", None), ("lmsa", None)]
 
 
 def collect(batch: int = 32, size: int = 512, top: int = 15) -> dict:

@@ -15,8 +15,9 @@ their own low resolution with plain `F.linear`, and runs the rest as this module
     f1: B×N×C1 tokens of stage 1 (N = H·W)     P2..P4: B×(h_i·w_i)×E tokens (H = s_i·h_i, W = s_i'·w_i)
     M1: E×C1   c: E   w2: E×E   b2: E   seed: one int64 (the dropout stream)   x: B×N×E tokens
 
-Dropout is counter-based: element (row, e) is kept when Philox `tl.rand(seed, row·E + e)` ≥ p, so
-no mask is stored and the backward regenerates it; `keep_mask` returns it for tests. The keep
+Dropout is counter-based: element (row, e) is kept when its Philox draw (`_uniforms`: counter
+row·BLOCK_E/4 + e//4, one of that counter's four outputs) is ≥ p, so no mask is stored and the
+backward regenerates it; `keep_mask` returns it for tests. The keep
 probability is nn.Dropout's, 1 − p, and kept values are scaled by 1 / (1 − p).
 
 Precision (`compute_dtype`): one dtype throughout (fp32 products as tf32x3), or the model's CUDA
@@ -38,6 +39,8 @@ docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -52,7 +55,7 @@ from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _sum_rows, _to
 from msf.reference import DecoderParams, eager_decoder_mlp
 
 __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "AOT_SPECS", "compute_dtype", "fold",
-           "keep_mask", "fused_reference"]
+           "project", "keep_mask", "fused_reference"]
 
 decoder_mlp_eager = eager_decoder_mlp  # the reference: unify → upsample → concat → fuse MLP, as the paper
 _MAX_BLOCK_E = 128
@@ -66,11 +69,12 @@ _MAX_BLOCK_C1 = 64
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
-    "fwd": {"16": [(64, 4, 2), (32, 4, 2)], "amp": [(64, 4, 2), (32, 4, 2)], "fp32": [(32, 4, 2)]},
-    "bwd": {"16": [(32, 8, 2), (64, 8, 2)], "amp": [(32, 8, 2), (64, 8, 2)], "fp32": [(16, 8, 2)]},
+    "fwd": {"16": [(32, 8, 2), (64, 8, 2)], "amp": [(32, 8, 2), (64, 8, 2)], "fp32": [(16, 8, 2)]},
+    "bwd": {"16": [(16, 8, 2), (32, 8, 2)], "amp": [(16, 8, 2), (32, 8, 2)], "fp32": [(16, 8, 2)]},
+    "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
 }
-_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "adjoint": "BLOCK_X"}
+_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "dw2": "BLOCK_P", "adjoint": "BLOCK_X"}
 _CANDIDATES: list[_Cfg] = [(bp, w, 2) for bp in (16, 32, 64, 128) for w in (4, 8)]
 # under the interpreter: small tiles, so CPU tests at small shapes cover ragged tiles and several
 # tiles a program
@@ -83,6 +87,8 @@ def _mode(named_args) -> str:
         return "fp32" if named_args["DH"].element_size() == 4 else "16"
     if named_args["CDT"] == 0:
         return "fp32"
+    if "W2" not in named_args:  # the dw2 kernel: no master weights, its inputs are the 16-bit g and D
+        return "16"
     return "amp" if named_args["W2"].element_size() == 4 else "16"
 
 
@@ -135,7 +141,7 @@ def _upsampled(P, b, oy, ox, h_in, w_in, scale_y, scale_x, offs_e, mask_pe, E: t
     BLOCK_P × BLOCK_E fp32 tile (zero outside mask_pe)."""
     y0, y1, ly0, ly1 = _taps(scale_y, oy, h_in)
     x0, x1, lx0, lx1 = _taps(scale_x, ox, w_in)
-    img = b * h_in
+    img = b.to(tl.int32) * h_in  # int32 offsets: the host keeps every P_i under 2³¹ elements
     r0 = ((img + y0) * w_in)[:, None]
     r1 = ((img + y1) * w_in)[:, None]
     e = offs_e[None, :]
@@ -180,14 +186,23 @@ def _pre_activation(F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4
 
 
 @triton.jit
-def _keep_scale(SEED, rows, offs_e, p_drop, drop_scale, E: tl.constexpr, DROPOUT: tl.constexpr):
-    """1/(1 − p) where element (row, e) is kept, 0 where dropped (Philox at offset row·E + e); 1
-    without dropout."""
+def _uniforms(seed, rows, BLOCK_E: tl.constexpr):
+    """U[0, 1) draws for the rows × BLOCK_E elements of a tile: one Philox call (four 32-bit outputs) per
+    four channels, at counter row·BLOCK_E/4 + e//4; within a group of four, channels 4j + (0, 1, 2, 3)
+    take outputs (0, 2, 1, 3) (the order tl.join and tl.reshape lay them out in)."""
+    quad = tl.arange(0, BLOCK_E // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, (rows[:, None] * (BLOCK_E // 4) + quad[None, :]).to(tl.int32))
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], BLOCK_E])
+    return tl.uint_to_uniform_float(bits)
+
+
+@triton.jit
+def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr):
+    """1/(1 − p) where element (row, e) is kept (its draw ≥ p), 0 where dropped; 1 without dropout."""
     if DROPOUT:
-        r = tl.rand(tl.load(SEED), (rows[:, None] * E + offs_e[None, :]).to(tl.int32))
-        ks = tl.where(r >= p_drop, drop_scale, 0.0)
+        ks = tl.where(_uniforms(tl.load(SEED), rows, BLOCK_E) >= p_drop, drop_scale, 0.0)
     else:
-        ks = tl.full([rows.shape[0], offs_e.shape[0]], 1.0, tl.float32)
+        ks = tl.full([rows.shape[0], BLOCK_E], 1.0, tl.float32)
     return ks
 
 
@@ -207,7 +222,7 @@ def _decoder_fwd_kernel(
         C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
     cdf, _pdf = _gelu_parts(h)
     a = _rounded(h * cdf, CDT)
-    d = _to_compute(a * _keep_scale(SEED, rows, offs_e, p_drop, drop_scale, E, DROPOUT), CDT)
+    d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
     mask_ee = mask_e[:, None] & mask_e[None, :]
     w2t = _to_compute(tl.load(W2 + offs_e[None, :] * E + offs_e[:, None], mask=mask_ee, other=0.0), CDT)  # w2ᵀ
     x = _mm(d, w2t, CDT == 0) + _rounded(tl.load(B2 + offs_e, mask=mask_e, other=0.0), CDT)[None, :]
@@ -227,26 +242,25 @@ _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
 #   dc  = Σ_pixels dh                  dM1 = Σ_pixels dhᵀ f1    df1 = dh M1
 #   dP_i = up_iᵀ(dh): the adjoint of the bilinear upsample, by `_upsample_adjoint_kernel`
 # and, outside the op, autograd through P_i = f_i M_iᵀ and the fold M_i = W_i U_i, c = b + Σ W_i u_i.
+# `_decoder_bwd_kernel` recomputes h and writes dh, df1 and D; `_decoder_dw2_kernel` sums gᵀ D. One
+# kernel for both spilled: dw2's E×E fp32 accumulator alone is 64 registers a thread at 8 warps.
 @triton.jit
 def _decoder_bwd_kernel(
-    F1, P2, P3, P4, M1, CB, W2, SEED, G, DH, DF1, PART,
+    F1, P2, P3, P4, M1, CB, W2, SEED, G, DH, DF1, D, PART,
     ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dh and df1 of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES), and the program's partial
-    sums in PART[pid] = [dw2 (E·E) | dM1 (E·C1) | db2 (E) | dc (E)] (fp32)."""
+    """dh, df1 and D of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES), and the program's partial
+    sums in PART[pid] = [dM1 (E·C1) | dc (E)] (fp32)."""
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C1)
     mask_e = offs_e < E
     mask_c = offs_c < C1
     mask_ee = mask_e[:, None] & mask_e[None, :]
-    fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)  # E×E
-    dw2 = tl.zeros([BLOCK_E, BLOCK_E], tl.float32)
-    dm1 = tl.zeros([BLOCK_E, BLOCK_C1], tl.float32)
-    db2 = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)  # summed over rows once, after the loop
-    dc = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)
+    dm1t = tl.zeros([BLOCK_C1, BLOCK_E], tl.float32)  # dM1ᵀ: f1ᵀ dh, not dhᵀ f1, whose operand transpose spilled
+    dc = tl.zeros([BLOCK_E], tl.float32)
     tile = pid * TILES
     stop = tl.minimum(tile + TILES, N_TILES)
     while tile < stop:  # (a while loop: the interpreter takes no tensor bounds in range())
@@ -254,29 +268,52 @@ def _decoder_bwd_kernel(
             F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
             C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
         cdf, pdf = _gelu_parts(h)
-        ks = _keep_scale(SEED, rows, offs_e, p_drop, drop_scale, E, DROPOUT)
-        d = _to_compute(_rounded(h * cdf, CDT) * ks, CDT)
+        ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
         tok = rows[:, None] * E + offs_e[None, :]
+        tl.store(D + tok, _to_compute(_rounded(h * cdf, CDT) * ks, CDT), mask=mask_pe)
         g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
+        fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
         da = _rounded(_rounded(_mm(g, fc2, CDT == 0), CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
         df1 = _mm(dh, m1, CDT == 0)
         tl.store(DF1 + rows[:, None] * C1 + offs_c[None, :], _round(_rounded(df1, CDT), DF1.dtype.element_ty),
                  mask=mask_p[:, None] & mask_c[None, :])
-        dw2 += _mm(tl.trans(g), d, CDT == 0)
-        dm1 += _mm(tl.trans(dh), f1, CDT == 0)
-        db2 += g.to(tl.float32)
-        dc += dh.to(tl.float32)
+        dm1t += _mm(tl.trans(f1), dh, CDT == 0)
+        dc += tl.sum(dh.to(tl.float32), 0)
         tile += 1
-    part = PART + pid.to(tl.int64) * (E * E + E * C1 + 2 * E)
-    tl.store(part + offs_e[:, None] * E + offs_e[None, :], dw2, mask=mask_ee)
-    tl.store(part + E * E + offs_e[:, None] * C1 + offs_c[None, :], dm1, mask=mask_e[:, None] & mask_c[None, :])
-    tl.store(part + E * E + E * C1 + offs_e, tl.sum(db2, 0), mask=mask_e)
-    tl.store(part + E * E + E * C1 + E + offs_e, tl.sum(dc, 0), mask=mask_e)
+    part = PART + pid.to(tl.int64) * (E * C1 + E)
+    tl.store(part + offs_e[None, :] * C1 + offs_c[:, None], dm1t, mask=mask_e[None, :] & mask_c[:, None])
+    tl.store(part + E * C1 + offs_e, dc, mask=mask_e)
 
 
 _decoder_bwd_kernel = _pinned("bwd", _decoder_bwd_kernel)
+
+
+@triton.jit
+def _decoder_dw2_kernel(
+    G, D, PART, ROWS,
+    E: tl.constexpr, CDT: tl.constexpr, CHUNK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The partial sums [dw2 = gᵀ D (E·E) | db2 = Σ g (E)] (fp32) of row chunk pid, in PART[pid]."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    dw2 = tl.zeros([BLOCK_E, BLOCK_E], tl.float32)
+    db2 = tl.zeros([BLOCK_E], tl.float32)
+    for r in range(0, CHUNK_ROWS, BLOCK_P):
+        rows = pid * CHUNK_ROWS + r + tl.arange(0, BLOCK_P)
+        mask_pe = (rows < ROWS)[:, None] & mask_e[None, :]
+        tok = rows[:, None] * E + offs_e[None, :]
+        g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
+        dw2 += _mm(tl.trans(g), tl.load(D + tok, mask=mask_pe, other=0.0), CDT == 0)
+        db2 += tl.sum(g.to(tl.float32), 0)
+    part = PART + pid * (E * E + E)
+    tl.store(part + offs_e[:, None] * E + offs_e[None, :], dw2, mask=mask_e[:, None] & mask_e[None, :])
+    tl.store(part + E * E + offs_e, db2, mask=mask_e)
+
+
+_decoder_dw2_kernel = _pinned("dw2", _decoder_dw2_kernel)
 
 
 # dP[b, y, x] = Σ_{Y, X} wy(Y, y) · wx(X, x) · dh[b, Y, X]: wy(Y, y) is the weight output row Y gives
@@ -299,14 +336,14 @@ def _upsample_adjoint_kernel(
     mask_x = xs < w_in
     mask_e = offs_e < E
     acc = tl.zeros([BLOCK_X, BLOCK_E], tl.float32)
-    for jy in range(2 * SY):
+    for jy in tl.range(0, 2 * SY, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)
         oy = SY * y - SY // 2 + jy
         in_y = (oy >= 0) & (oy < H)
         oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
         y0, y1, ly0, ly1 = _taps(scale_y, oyc, h_in)
         wy = tl.where(in_y, tl.where(y0 == y, ly0, 0.0) + tl.where(y1 == y, ly1, 0.0), 0.0)
         line = DH + ((b * H + oyc) * W) * E
-        for jx in range(2 * SX):
+        for jx in tl.range(0, 2 * SX, loop_unroll_factor=1):
             ox = SX * xs - SX // 2 + jx
             in_x = (ox >= 0) & (ox < W) & mask_x
             oxc = tl.minimum(tl.maximum(ox, 0), W - 1)
@@ -323,11 +360,13 @@ _upsample_adjoint_kernel = _pinned("adjoint", _upsample_adjoint_kernel)
 
 
 @triton.jit
-def _keep_mask_kernel(SEED, OUT, NUMEL, p_drop, BLOCK: tl.constexpr):
-    """OUT[i] = 1 where element i (flat index row·E + e) is kept (the kernels' own rule), else 0."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.rand(tl.load(SEED), offs.to(tl.int32))
-    tl.store(OUT + offs, (r >= p_drop).to(tl.uint8), mask=offs < NUMEL)
+def _keep_mask_kernel(SEED, OUT, ROWS, p_drop, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
+    """OUT[row, e] = 1 where the kernels keep element (row, e) (ROWS × E uint8), else 0."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_e = tl.arange(0, BLOCK_E)
+    keep = _uniforms(tl.load(SEED), rows, BLOCK_E) >= p_drop
+    tl.store(OUT + rows[:, None] * E + offs_e[None, :], keep.to(tl.uint8),
+             mask=(rows < ROWS)[:, None] & (offs_e < E)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +397,17 @@ def _programs(n_tiles: int, sms: int | None) -> tuple[int, int]:
     want = 2 * sms if sms is not None else 3
     tiles = triton.cdiv(n_tiles, min(n_tiles, want))
     return tiles, triton.cdiv(n_tiles, tiles)
+
+
+def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
+    """(chunk rows, chunks) of the dw2 kernel: about 2 chunks an SM, each a multiple of 128 rows and at
+    least 1024 (its (E² + E) fp32 partial then costs a few percent of what it reads); 32-row chunks
+    under the interpreter, so tests sum several."""
+    if sms is None:
+        chunk = 32
+    else:
+        chunk = triton.cdiv(max(triton.cdiv(rows, 2 * sms), 1024), 128) * 128
+    return chunk, triton.cdiv(rows, chunk)
 
 
 def _dropout_args(p: float) -> tuple[float, float, bool]:
@@ -394,14 +444,18 @@ def _backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p: float, size: tuple[int, in
     shape_class = f"{_mode({'CDT': code, 'W2': w2})}_e{block_e}"
 
     dh = _new((rows, e), dev, cdt)
+    d = _new((rows, e), dev, cdt)  # the dropout output, for dw2
     df1 = _new((rows, c1), dev, f1.dtype)
     n_tiles = triton.cdiv(rows, _decoder_bwd_kernel.pinned_kwarg(shape_class, "BLOCK_P", dev))
-    tiles, n_progs = _programs(n_tiles, _core._sm_count(dev))
-    width = e * e + e * c1 + 2 * e
-    part = _new((n_progs, width), dev, torch.float32)
-    _decoder_bwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, seed, g, dh, df1, part, rows, n_tiles, tiles,
+    sms = _core._sm_count(dev)
+    tiles, n_progs = _programs(n_tiles, sms)
+    part = _new((n_progs, e * c1 + e), dev, torch.float32)
+    _decoder_bwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles,
                                     *size, *geometry, p_drop, scale, C1=c1, E=e, CDT=code, DROPOUT=dropout,
                                     BLOCK_C1=block_c1, BLOCK_E=block_e)
+    chunk, n_chunks = _dw2_chunking(rows, sms)
+    w_part = _new((n_chunks, e * e + e), dev, torch.float32)
+    _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
     dps = []
     block_x = _upsample_adjoint_kernel.pinned_kwarg(f"{_mode({'DH': dh})}_e{block_e}", "BLOCK_X", dev)
     for pt, (h, w) in zip((p2, p3, p4), lows):
@@ -410,13 +464,15 @@ def _backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p: float, size: tuple[int, in
             dh, dp, *size, h, w, float(h) / size[0], float(w) / size[1],
             E=e, SY=size[0] // h, SX=size[1] // w, BLOCK_E=block_e)
         dps.append(dp)
-    total = _new((width,), dev, torch.float32)
-    _sum_rows(part, total)
+    sums = _new((e * c1 + e,), dev, torch.float32)
+    w_sums = _new((e * e + e,), dev, torch.float32)
+    _sum_rows(part, sums)
+    _sum_rows(w_part, w_sums)
     cb_dtype, b2_dtype = dtypes
-    dw2 = total[:e * e].view(e, e).to(w2.dtype)
-    dm1 = total[e * e:e * e + e * c1].view(e, c1).to(m1.dtype)
-    db2 = total[e * e + e * c1:e * e + e * c1 + e].to(b2_dtype)
-    dc = total[e * e + e * c1 + e:].to(cb_dtype)
+    dm1 = sums[:e * c1].view(e, c1).to(m1.dtype)
+    dc = sums[e * c1:].to(cb_dtype)
+    dw2 = w_sums[:e * e].view(e, e).to(w2.dtype)
+    db2 = w_sums[e * e:].to(b2_dtype)
     return df1, *dps, dm1, dc, dw2, db2
 
 
@@ -447,10 +503,22 @@ def fold(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     parameters) and outside autocast: the fold is in the parameters' dtype."""
     e = p.fuse1_weight.shape[0]
     blocks = p.fuse1_weight.split(e, dim=1)
-    with torch.autocast(p.fuse1_weight.device.type, enabled=False):
+    dev = p.fuse1_weight.device.type
+    # (meta tensors, in the byte counts of msf.bench.eager_bytes, have no autocast to turn off)
+    with torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext():
         ms = [w @ u for w, u in zip(blocks, p.unify_weights)]
         c = p.fuse1_bias + sum(w @ u for w, u in zip(blocks, p.unify_biases))
     return ms, c
+
+
+def project(features, p: DecoderParams) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The fused path's host half: (f1 as B·H·W × C1 tokens, [P2, P3, P4] as B×h_i×w_i×E, M1, c), the
+    fold and stages 2-4's projections at their own resolution (`F.linear`: under autocast, in its
+    dtype)."""
+    ms, c = fold(p)
+    b = features[0].shape[0]
+    lows = [F.linear(_tokens(f), m).view(b, f.shape[2], f.shape[3], -1) for f, m in zip(features[1:], ms[1:])]
+    return _tokens(features[0]), lows, ms[0].contiguous(), c.contiguous()
 
 
 def compute_dtype(features, p: DecoderParams) -> torch.dtype | None:
@@ -469,15 +537,16 @@ def compute_dtype(features, p: DecoderParams) -> torch.dtype | None:
 
 def fused_supported(features, p: DecoderParams) -> bool:
     """Whether the kernels serve this geometry: four stages, E ≤ 128, C1 ≤ 64, each later stage
-    smaller than stage 1 by a whole factor in each axis."""
+    smaller than stage 1 by a whole factor in each axis and its projection under 2³¹ elements."""
     if len(features) != 4:
         return False
     e, c1 = p.fuse1_weight.shape[0], features[0].shape[1]
     if e > _MAX_BLOCK_E or c1 > _MAX_BLOCK_C1:
         return False
     h, w = features[0].shape[-2:]
+    b = features[0].shape[0]
     return all(f.shape[-2] > 0 and f.shape[-1] > 0 and h % f.shape[-2] == 0 and w % f.shape[-1] == 0
-               for f in features[1:])
+               and b * f.shape[-2] * f.shape[-1] * e < 2 ** 31 for f in features[1:])  # (int32 tap offsets)
 
 
 def _check(features, p: DecoderParams, dropout_p: float) -> None:
@@ -526,14 +595,12 @@ def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused
     b, _, h, w = features[0].shape
     if cdt is None or features[0].numel() == 0 or not fused_supported(features, p):
         return decoder_mlp_eager(features, p, dropout_p, training)
-    ms, c = fold(p)
-    lows = [F.linear(_tokens(f), m).view(b, f.shape[2], f.shape[3], -1) for f, m in zip(features[1:], ms[1:])]
+    f1, lows, m1, c = project(features, p)
     p_eff = float(dropout_p) if training else 0.0
     if seed is None:
         seed = new_seed(features[0].device) if p_eff > 0 else torch.zeros(1, dtype=torch.int64,
                                                                             device=features[0].device)
-    out = fused(_tokens(features[0]), *lows, ms[0].contiguous(), c.contiguous(), p.fuse2_weight.contiguous(),
-                p.fuse2_bias.contiguous(), seed, p_eff, (h, w), cdt)
+    out = fused(f1, *lows, m1, c, p.fuse2_weight.contiguous(), p.fuse2_bias.contiguous(), seed, p_eff, (h, w), cdt)
     return out.view(b, h * w, -1)
 
 
@@ -547,10 +614,11 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
 
 def keep_mask(seed: torch.Tensor, rows: int, e: int, p: float) -> torch.Tensor:
     """The rows × E keep mask (bool) the kernels apply for `seed` and dropout probability p."""
-    out = torch.empty(rows * e, device=seed.device, dtype=torch.uint8)
-    block = 1024
-    _keep_mask_kernel[(triton.cdiv(rows * e, block),)](seed, out, rows * e, float(p), BLOCK=block)
-    return out.view(rows, e).bool()
+    out = torch.empty((rows, e), device=seed.device, dtype=torch.uint8)
+    block_p = 32
+    _keep_mask_kernel[(triton.cdiv(rows, block_p),)](seed, out, rows, float(p), E=e, BLOCK_E=_blocks(1, e)[1],
+                                                      BLOCK_P=block_p)
+    return out.bool()
 
 
 def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, int]) -> torch.Tensor:
@@ -572,10 +640,12 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 # ahead-of-time builds: each kernel × dtype class × configuration at the model's E = 128, C1 = 32
 # ----------------------------------------------------------------------------------------------
 _AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT"),
-             "bwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "G", "DH", "DF1"),
+             "bwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "G", "DH", "DF1", "D"),
+             "dw2": ("G", "D"),
              "adjoint": ("DH", "DP")}
-_AOT_F32 = {"fwd": (), "bwd": ("PART",), "adjoint": ()}
-_AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "adjoint": _upsample_adjoint_kernel}
+_AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": ()}
+_AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "dw2": _decoder_dw2_kernel,
+                "adjoint": _upsample_adjoint_kernel}
 _AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "p_drop", "drop_scale", "scale_y", "scale_x")
 # per dtype class: (16-bit pointers' type, CDT, the fp32 master tensors' type)
 _AOT_DTYPE = {"16": ("bf16", 1, "bf16"), "amp": ("bf16", 1, "fp32"), "fp32": ("fp32", 0, "fp32")}  # adjoint: DH, DP
@@ -593,6 +663,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
             for block, w, st in cfgs:
                 if kname == "adjoint":
                     const = {"E": 128, "SY": 8, "SX": 8, "BLOCK_E": 128, "BLOCK_X": block}
+                elif kname == "dw2":
+                    const = {"E": 128, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": 128, "BLOCK_P": block}
                 else:
                     const = {"C1": 32, "E": 128, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": 128,
                              "BLOCK_P": block}

@@ -85,12 +85,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 BATCH, SIZE = 32, 512
 STAGES = {1: (16384, 32), 2: (4096, 64), 3: (1024, 128), 4: (256, 192)}  # stage: (N tokens, C)
 STAGE_DEPTHS = {1: 1, 2: 2, 3: 2, 4: 2}  # attention sublayers per stage (msf.model.ModelConfig.depths)
 KV_LEN = 256  # M: keys after spatial reduction, every stage (SPEC §2)
 DECODER_DIM, NUM_CLASSES = 128, 19
+DECODER_DROPOUT = 0.15  # msf.model.ModelConfig.decoder_dropout
 FFN_EXPANSION = 2  # hidden width of the FFN sublayer ÷ C (msf.model.ModelConfig.ffn_expansion)
 LATENCY_WARPS = 4
 # The launch term (v2): an empty Triton launch as triton.testing.do_bench times it on the project's
@@ -211,7 +213,7 @@ def _band_cells(a, pid):  # cell rows of band pid[1] in the row kernels
     return max(0, min(first + a["cells_per_band"], a["h"]) - first)
 
 
-def _dx_tiles(a, pid):  # row tiles of the FFN dx kernel's program pid[0]
+def _dx_tiles(a, pid):  # row tiles of program pid[0] (the FFN's dx kernel, the decoder's backward)
     return max(0, min(a["TILES"], a["N_TILES"] - pid[0] * a["TILES"]))
 
 
@@ -270,6 +272,15 @@ LOOPS: list[Loop] = [
          lambda a, pid: _dx_tiles(a, pid) * _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_bwd_dx_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_N):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_ffn_bwd_wgrad_kernel",)),
+    Loop("decoder_mlp", "_decoder_bwd_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
+         kernels=("_decoder_bwd_kernel",)),
+    Loop("decoder_mlp", "_decoder_dw2_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_P):",
+         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_P"]), kernels=("_decoder_dw2_kernel",)),
+    Loop("decoder_mlp", "_upsample_adjoint_kernel",
+         "for jy in tl.range(0, 2 * SY, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)",
+         lambda a, pid: 2 * a["SY"], kernels=("_upsample_adjoint_kernel",)),
+    Loop("decoder_mlp", "_upsample_adjoint_kernel", "for jx in tl.range(0, 2 * SX, loop_unroll_factor=1):",
+         lambda a, pid: 4 * a["SY"] * a["SX"], kernels=("_upsample_adjoint_kernel",)),
     Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
@@ -404,10 +415,23 @@ def _cl(b, c, h, w, dtype):
     return torch.empty((b, h, w, c), dtype=dtype).permute(0, 3, 1, 2)
 
 
+def _decoder_core_args(batch: int, size: int, new):
+    """(f1, P2, P3, P4, M1, c, w2, b2, seed), (H, W): the decoder MLP kernels' inputs at the model's
+    shapes under CUDA autocast, made by `new(shape, dtype=...)`."""
+    import torch
+    side = size // 4
+    e, c1 = DECODER_DIM, STAGES[1][1]
+    lows = [new((batch, side >> s, side >> s, e), dtype=torch.bfloat16) for s in (1, 2, 3)]
+    return (new((batch * side * side, c1), dtype=torch.float32), *lows, new((e, c1), dtype=torch.float32),
+            new((e,), dtype=torch.float32), new((e, e), dtype=torch.float32), new((e,), dtype=torch.float32),
+            new((1,), dtype=torch.int64)), (side, side)
+
+
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
-    from msf.kernels import attention_sublayer as sub, ffn_sublayer as ffn, head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, head_loss as hl, lmsa, \
+        upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty
@@ -439,6 +463,14 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
             pass_ref[0] = "bwd"
             ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32)
+        elif op == "decoder_mlp":
+            # under CUDA autocast: stage 1's fp32 LayerNorm tokens, stages 2-4 projected by F.linear
+            # (bf16), the folded M1 and c and fc2 fp32; dropout on, as in training
+            args, size_hw = _decoder_core_args(batch, size, e)
+            dec._forward(*args, DECODER_DROPOUT, size_hw, bf16)
+            pass_ref[0] = "bwd"
+            dec._backward(*args[:7], args[8], e((batch * (size // 4) ** 2, DECODER_DIM), dtype=bf16),
+                          DECODER_DROPOUT, size_hw, bf16, (f32, f32))
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)
@@ -459,7 +491,8 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     not run, and autograd's saved-tensor hook (`msf.bench.eager_bytes.saved_storages`) sees what
     `ctx.save_for_backward` keeps. 0 for upsample_argmax (inference only)."""
     import torch
-    from msf.kernels import attention_sublayer as sub, ffn_sublayer as ffn, head_loss as hl, lmsa
+    from msf.kernels import attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, head_loss as hl, lmsa
+    from msf.reference import DecoderParams
     e, bf16, f32 = torch.empty, torch.bfloat16, torch.float32
 
     def leaf(*shape, dtype=f32):
@@ -480,6 +513,21 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
             hid = FFN_EXPANSION * c
             fn, args = ffn.FFNSublayerFunction.apply, (leaf(batch * n, c), leaf(c), leaf(c), leaf(hid, c), leaf(hid),
                                                       leaf(c, hid), leaf(c), 1e-5, bf16)
+    elif op == "decoder_mlp":
+        # the op's whole entry: its host half (fold, stages 2-4's projections under autocast) keeps
+        # the bf16 copies F.linear saves, the Function its inputs; the kernels recorded, not run
+        sides = [size // 4 >> s for s in range(4)]
+        features = [_cl(batch, STAGES[s + 1][1], sides[s], sides[s], f32).requires_grad_() for s in range(4)]
+        params = DecoderParams(tuple(leaf(DECODER_DIM, STAGES[s][1]) for s in STAGES),
+                               tuple(leaf(DECODER_DIM) for _ in STAGES), leaf(DECODER_DIM, 4 * DECODER_DIM),
+                               leaf(DECODER_DIM), leaf(DECODER_DIM, DECODER_DIM), leaf(DECODER_DIM))
+        seed = e((1,), dtype=torch.int64)
+
+        def fn(*_):
+            with torch.autocast("cpu", dtype=bf16), mock.patch.object(dec, "INTERPRET", True):
+                return dec.decoder_mlp(features, params, DECODER_DROPOUT, True, seed=seed)
+        args = (*features, *params.unify_weights, *params.unify_biases, params.fuse1_weight, params.fuse1_bias,
+                params.fuse2_weight, params.fuse2_bias)
     elif op == "lmsa":
         c, hw = DECODER_DIM, size // 4
         r = 3 * c // 8
@@ -509,13 +557,18 @@ def _interpreter_launches_skipped():
         InterpretedFunction.run = saved
 
 
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "decoder_mlp", "lmsa")
 PER_BLOCK_OPS = ("attention_sublayer", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
 
 
 def op_instances() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in PER_BLOCK_OPS for s in STAGES] \
-        + [("lmsa", None)]
+        + [("decoder_mlp", None), ("lmsa", None)]
+
+
+def calls_per_step(op: str, stage: int | None) -> int:
+    """How often one training step runs `op` (upsample_argmax: inference only, never)."""
+    return STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else (0 if op == "upsample_argmax" else 1)
 
 
 def op_label(op: str, stage: int | None) -> str:
@@ -1029,8 +1082,7 @@ def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
 
     def total(label):
         return sum(c.predicted for c in mine if c.op == label)
-    fused = total("head_loss") + total("lmsa") + sum(
-        STAGE_DEPTHS[s] * total(op_label(op, s)) for op in PER_BLOCK_OPS for s in STAGES)
+    fused = sum(calls_per_step(op, stage) * total(op_label(op, stage)) for op, stage in op_instances())
     rest = eager_step_floor("triton_rest", device)
     paper = eager_step_floor("paper", device)
     h4 = eager_step_floor("h4", device)
@@ -1060,8 +1112,7 @@ def memory_summary(device: Device) -> list[dict]:
         eager = mod.eager_op_saved_bytes(op, stage=stage, batch=BATCH, size=SIZE)
         rows.append({"row": op_label(op, stage), "device": device.key, "fused_saved_bytes": fused,
                      "eager_saved_bytes": eager})
-        calls = STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else (0 if op == "upsample_argmax" else 1)
-        per_step += calls * (fused - eager)
+        per_step += calls_per_step(op, stage) * (fused - eager)
     step_eager = mod.eager_step_saved_bytes("h4", batch=BATCH, size=SIZE)
     rows.append({"row": "training step (H/4 order; triton: estimate)", "device": device.key,
                  "fused_saved_bytes": step_eager + per_step, "eager_saved_bytes": step_eager})
@@ -1351,7 +1402,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msf.profiling.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
-                        help="ops (head_loss, upsample_argmax, attention_sublayer, ffn_sublayer, lmsa; "
+                        help="ops (head_loss, upsample_argmax, attention_sublayer, ffn_sublayer, decoder_mlp, lmsa; "
                              "attention_sublayer:N, ffn_sublayer:N for one stage); default all")
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")

@@ -17,6 +17,7 @@ from msf.kernels import configs
 
 import test_attention as t_attn  # noqa: E402  (the parity helpers of each op)
 import test_attention_sublayer as t_sub  # noqa: E402
+import test_decoder_mlp as t_dec  # noqa: E402
 import test_ffn_sublayer as t_ffn  # noqa: E402
 import test_head_loss as t_hl  # noqa: E402
 import test_lmsa as t_lmsa  # noqa: E402
@@ -32,7 +33,7 @@ def gpu_kind(request, monkeypatch):
     recorded, and every buffer the kernels allocate starts as NaN."""
     kernel_device("cpu")  # the interpreter (skips where TRITON_INTERPRET=1 is not set)
     poison_new_buffers(monkeypatch, t_attn.attn_mod, t_sub.sub_mod, t_lmsa.lmsa_mod,  # head_loss: POISON_OUTPUTS
-                       t_ffn.ffn_mod)
+                       t_ffn.ffn_mod, t_dec.dec_mod)
     launched = []
     original = configs.PinnedKernel.config
 
@@ -129,6 +130,16 @@ def test_ffn_sublayer_at_the_gpu_tiles(gpu_kind, shape):
     assert {cls for name, cls, _ in launched if name.startswith("ffn_sublayer")} == \
         {f"amp_c{t_ffn.ffn_mod._block_c(t_ffn.SHAPES[shape][2])}"}
     assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx", "ffn_sublayer.wgrad"})
+
+
+def test_decoder_mlp_at_the_gpu_tiles(gpu_kind):
+    """The model's class (fp32 maps and master weights under bf16 autocast, E = 128)."""
+    kind, launched = gpu_kind
+    t_dec.test_autocast_matches_eager_autocast("cpu", poisoned=None)  # (buffers poisoned by gpu_kind)
+    assert {(name, cls) for name, cls, _ in launched if name.startswith("decoder_mlp")} == {
+        ("decoder_mlp.fwd", "amp_e128"), ("decoder_mlp.bwd", "amp_e128"), ("decoder_mlp.dw2", "16_e128"),
+        ("decoder_mlp.adjoint", "16_e128")}
+    assert_pinned(kind, launched, {"decoder_mlp.fwd", "decoder_mlp.bwd", "decoder_mlp.dw2", "decoder_mlp.adjoint"})
 
 
 def test_the_kernels_invariants_are_checked_at_launch():
