@@ -60,16 +60,20 @@ __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "AOT_SPECS"
 decoder_mlp_eager = eager_decoder_mlp  # the reference: unify → upsample → concat → fuse MLP, as the paper
 _MAX_BLOCK_E = 128
 _MAX_BLOCK_C1 = 64
+# fp32 (tf32x3 products) past E = 64 has no spill-free backward tile (368 B at E = 128 on sm_80 and
+# sm_90): there the op runs the eager composition, as the FFN sublayer does past C = 64
+_MAX_FP32_E = 64
 
 # ----------------------------------------------------------------------------------------------
 # configurations (BLOCK_P, num_warps, num_stages) per kernel and dtype class ("16": bf16 / fp16
 # throughout; "amp": fp32 f1 and weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
-# E = 128, C1 = 32 (`AOT_SPECS`, `python -m msf.profiling.report --module msf.kernels.decoder_mlp`).
+# E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
+# msf.kernels.decoder_mlp`: 32 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
-    "fwd": {"16": [(32, 8, 2), (64, 8, 2)], "amp": [(32, 8, 2), (64, 8, 2)], "fp32": [(16, 8, 2)]},
+    "fwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(32, 8, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
     "bwd": {"16": [(16, 8, 2), (32, 8, 2)], "amp": [(16, 8, 2), (32, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
@@ -535,13 +539,14 @@ def compute_dtype(features, p: DecoderParams) -> torch.dtype | None:
     return ts[0].dtype if len(dtypes) == 1 and ts[0].dtype in _CDT else None
 
 
-def fused_supported(features, p: DecoderParams) -> bool:
-    """Whether the kernels serve this geometry: four stages, E ≤ 128, C1 ≤ 64, each later stage
-    smaller than stage 1 by a whole factor in each axis and its projection under 2³¹ elements."""
+def fused_supported(features, p: DecoderParams, cdt: torch.dtype) -> bool:
+    """Whether the kernels serve this geometry with products in `cdt`: four stages, E ≤ 128 (fp32:
+    ≤ 64), C1 ≤ 64, each later stage smaller than stage 1 by a whole factor in each axis and its
+    projection under 2³¹ elements."""
     if len(features) != 4:
         return False
     e, c1 = p.fuse1_weight.shape[0], features[0].shape[1]
-    if e > _MAX_BLOCK_E or c1 > _MAX_BLOCK_C1:
+    if e > (_MAX_FP32_E if cdt == torch.float32 else _MAX_BLOCK_E) or c1 > _MAX_BLOCK_C1:
         return False
     h, w = features[0].shape[-2:]
     b = features[0].shape[0]
@@ -593,7 +598,7 @@ def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused
     _check(features, p, dropout_p)
     cdt = compute_dtype(features, p)
     b, _, h, w = features[0].shape
-    if cdt is None or features[0].numel() == 0 or not fused_supported(features, p):
+    if cdt is None or features[0].numel() == 0 or not fused_supported(features, p, cdt):
         return decoder_mlp_eager(features, p, dropout_p, training)
     f1, lows, m1, c = project(features, p)
     p_eff = float(dropout_p) if training else 0.0
@@ -638,6 +643,7 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time builds: each kernel × dtype class × configuration at the model's E = 128, C1 = 32
+# (fp32: E = 64, the widest it serves)
 # ----------------------------------------------------------------------------------------------
 _AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT"),
              "bwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "G", "DH", "DF1", "D"),
@@ -661,14 +667,15 @@ def _aot_specs() -> list[AttentionAotSpec]:
             ptrs.update({a: "*fp32" for a in _AOT_F32[kname]})
             ptrs["SEED"] = "*i64"
             for block, w, st in cfgs:
+                e = _MAX_FP32_E if mode == "fp32" else 128
                 if kname == "adjoint":
-                    const = {"E": 128, "SY": 8, "SX": 8, "BLOCK_E": 128, "BLOCK_X": block}
+                    const = {"E": e, "SY": 8, "SX": 8, "BLOCK_E": e, "BLOCK_X": block}
                 elif kname == "dw2":
-                    const = {"E": 128, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": 128, "BLOCK_P": block}
+                    const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:
-                    const = {"C1": 32, "E": 128, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": 128,
+                    const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
                              "BLOCK_P": block}
-                spec = _aot_spec(f"decoder_mlp.{kname}_{mode}_e128_p{block}_w{w}_s{st}", kernel.fn,
+                spec = _aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
                                  {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st)
                 for name in _AOT_FP32_ARGS:
                     if name in spec.signature:  # `_aot_spec` types unknown scalars as i32
