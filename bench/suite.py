@@ -171,6 +171,26 @@ def ffn_cases(batch, size, device, dtype) -> list[Case]:
     return cases
 
 
+def decoder_mlp_case(batch, size, device, dtype) -> Case:
+    """The decoder up to LMSA (unify, upsample, concat, fuse MLP with dropout 0.15 in training) on the
+    four stages' maps, E = 128: eager's concat form against the fused fold."""
+    from msf.backend import DecoderParams, eager_decoder_mlp
+    from msf.model import ModelConfig
+    cfg, e = ModelConfig(), 128
+    sides = [size // 4 // 2 ** i for i in range(4)]
+    features = [_randn(batch, c, s, s, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                for c, s in zip(cfg.channels, sides)]
+    params = DecoderParams(tuple(_randn(e, c, device=device, dtype=dtype) for c in cfg.channels),
+                           tuple(_randn(e, device=device, dtype=dtype) for _ in cfg.channels),
+                           _randn(e, 4 * e, device=device, dtype=dtype), _randn(e, device=device, dtype=dtype),
+                           _randn(e, e, device=device, dtype=dtype), _randn(e, device=device, dtype=dtype))
+    args = (features, params, cfg.decoder_dropout, True)
+    providers = {"eager": lambda: eager_decoder_mlp(*args), "triton": lambda: get_ops("triton").decoder_mlp(*args)}
+    fallback = "fp32 at E = 128: eager ran" if dtype == torch.float32 else None
+    return Case("decoder_mlp", f"B={batch},E={e},{sides[0]}²", batch, {"fwd+bwd": _builders(providers, backward=True)},
+                {}, {p: fallback for p in ("triton", "triton+compile") if fallback})
+
+
 def lmsa_case(batch, size, device, dtype) -> Case:
     h, c = size // 4, 128
     x = _randn(batch, c, h, h, device=device, dtype=dtype)
@@ -222,7 +242,8 @@ def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
     cases = []
     if suite in ("ops", "all"):
         cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
-                  *ffn_cases(batch, size, device, dtype), lmsa_case(batch, size, device, dtype),
+                  *ffn_cases(batch, size, device, dtype), decoder_mlp_case(batch, size, device, dtype),
+                  lmsa_case(batch, size, device, dtype),
                   upsample_argmax_case(batch, size, device, dtype)]
     if suite in ("step", "all"):
         cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))

@@ -69,12 +69,13 @@ _MAX_FP32_E = 64
 # throughout; "amp": fp32 f1 and weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
-# msf.kernels.decoder_mlp`: 32 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90).
+# msf.kernels.decoder_mlp`: 30 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
+# the amp backward at BLOCK_P 32 (8 B on sm_80, 40 B on sm_90).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "fwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(32, 8, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
-    "bwd": {"16": [(16, 8, 2), (32, 8, 2)], "amp": [(16, 8, 2), (32, 8, 2)], "fp32": [(16, 8, 2)]},
+    "bwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(16, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
 }
@@ -145,7 +146,7 @@ def _upsampled(P, b, oy, ox, h_in, w_in, scale_y, scale_x, offs_e, mask_pe, E: t
     BLOCK_P × BLOCK_E fp32 tile (zero outside mask_pe)."""
     y0, y1, ly0, ly1 = _taps(scale_y, oy, h_in)
     x0, x1, lx0, lx1 = _taps(scale_x, ox, w_in)
-    img = b.to(tl.int32) * h_in  # int32 offsets: the host keeps every P_i under 2³¹ elements
+    img = b * h_in  # int32 offsets: the host keeps every P_i under 2³¹ elements
     r0 = ((img + y0) * w_in)[:, None]
     r1 = ((img + y1) * w_in)[:, None]
     e = offs_e[None, :]
@@ -166,12 +167,13 @@ def _pre_activation(F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4
     """The pre-activation h = f1 M1ᵀ + Σ up_i(P_i) + c of pixel tile `tile` (rounded as the fuse
     Linear's output is), with what the callers reuse: (h, f1 tile in the compute dtype, M1 block,
     rows, offs_e, mask_p, mask_e, mask_pe)."""
-    rows = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = rows < ROWS
-    pix = rows % (H * W)
-    b = rows // (H * W)
-    oy = (pix // W).to(tl.int32)
-    ox = (pix % W).to(tl.int32)
+    rows32 = tile * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 for the divisions (an int64 one is a long
+    rows = rows32.to(tl.int64)                         # subroutine): the host keeps B·H·W under 2³¹
+    mask_p = rows32 < ROWS
+    pix = rows32 % (H * W)
+    b = rows32 // (H * W)
+    oy = pix // W
+    ox = pix % W
     offs_c = tl.arange(0, BLOCK_C1)
     offs_e = tl.arange(0, BLOCK_E)
     mask_c = offs_c < C1
@@ -550,6 +552,8 @@ def fused_supported(features, p: DecoderParams, cdt: torch.dtype) -> bool:
         return False
     h, w = features[0].shape[-2:]
     b = features[0].shape[0]
+    if b * h * w >= 2 ** 31:  # (int32 pixel indices)
+        return False
     return all(f.shape[-2] > 0 and f.shape[-1] > 0 and h % f.shape[-2] == 0 and w % f.shape[-1] == 0
                and b * f.shape[-2] * f.shape[-1] * e < 2 ** 31 for f in features[1:])  # (int32 tap offsets)
 

@@ -137,6 +137,17 @@ def counted():
         ps = [torch.randn(*shape, generator=g) * 0.2 for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
         xf = torch.randn(1, 100, c, generator=g, requires_grad=True)
         ffn.ffn_sublayer(xf, *(t.requires_grad_() for t in ps), wg_chunk_rows=24).sum().backward()
+        # decoder MLP: 96 pixels = 6 tiles of 16 over 3 backward programs, 32-row dw2 chunks, adjoint
+        # windows at factors 2 and 4 (stages 3 and 4 both at 2×3: every tap near a border)
+        from msf.kernels import decoder_mlp as dec
+        from msf.reference import DecoderParams
+        e = 16
+        feats = [torch.randn(1, 8, 8 // s, 12 // s, generator=g, requires_grad=True) for s in (1, 2, 4, 4)]
+        dp = DecoderParams(tuple(torch.randn(e, 8, generator=g) * 0.3 for _ in range(4)),
+                           tuple(torch.randn(e, generator=g) * 0.1 for _ in range(4)),
+                           torch.randn(e, 4 * e, generator=g) * 0.1, torch.randn(e, generator=g) * 0.1,
+                           torch.randn(e, e, generator=g) * 0.2, torch.randn(e, generator=g) * 0.1)
+        dec.decoder_mlp(feats, dp, 0.2, True, seed=torch.tensor([1])).sum().backward()
         c = 16
         xl = torch.randn(1, c, 9, 11, generator=g, requires_grad=True)
         red = 3 * c // 8
