@@ -258,6 +258,29 @@ def _ffn_case(rows, c, hid, dtype, autocast=False, wg_chunk_rows=None):
     return run
 
 
+def _decoder_case(b, h, w, chans, factors, e, dtype, dropout_p=0.0, autocast=False):
+    """The decoder MLP on four stage maps (stage 1 a channel slice of a wider map), dropout optional;
+    `autocast`: fp32 maps and parameters under CPU bf16 autocast."""
+    def run():
+        import contextlib
+        import torch
+        from msf.kernels.decoder_mlp import decoder_mlp
+        from msf.reference import DecoderParams
+        feats = [_rand(b, c + 2, h // s, w // s, seed=i, dtype=dtype)[:, 1:1 + c] if i == 0 else
+                 _rand(b, c, h // s, w // s, seed=i, dtype=dtype) for i, (c, s) in enumerate(zip(chans, factors))]
+        feats = [f.detach().requires_grad_() for f in feats]
+        ps = [_rand(e, c, seed=10 + i) * c ** -0.5 for i, c in enumerate(chans)] + [_rand(e, seed=20 + i) for i in range(4)]
+        ps += [_rand(e, 4 * e, seed=30) * (4 * e) ** -0.5, _rand(e, seed=31), _rand(e, e, seed=32) * e ** -0.5,
+               _rand(e, seed=33)]
+        ps = [p.to(dtype).requires_grad_() for p in ps]
+        params = DecoderParams(tuple(ps[:4]), tuple(ps[4:8]), *ps[8:])
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with mixed:
+            out = decoder_mlp(feats, params, dropout_p, training=True, seed=torch.tensor([3]))
+        _backward(out, [*feats, *ps])
+    return run
+
+
 def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
     def run():
         import torch
@@ -359,6 +382,12 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
             ("rows 19 C40 H56 bf16", _ffn_case(19, 40, 56, bf16)),
             ("rows 13 C192 H384 bf16", _ffn_case(13, 192, 384, bf16)),
             ("rows 50 C32 H16 fp32 autocast, 24-row chunks", _ffn_case(50, 32, 16, f32, autocast=True, wg_chunk_rows=24)),
+        ],
+        "decoder_mlp": [
+            ("8x12 E32 fp32 sliced stage 1, dropout", _decoder_case(2, 8, 12, (8, 16, 8, 8), (1, 2, 4, 4), 32, f32, 0.2)),
+            ("6x9 E48 bf16 odd factors", _decoder_case(1, 6, 9, (20, 8, 8, 8), (1, 3, 3, 3), 48, bf16)),
+            ("8x8 E128 fp32 autocast", _decoder_case(1, 8, 8, (32, 64, 128, 192), (1, 2, 4, 8), 128, f32, 0.15,
+                                                       autocast=True)),
         ],
         "lmsa": [
             ("C16 5x6 fp32 nchw", _lmsa_case(2, 16, 5, 6, f32)),
