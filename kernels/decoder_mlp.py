@@ -27,9 +27,12 @@ dropout and GELU gradients rounded where eager autocast rounds its own tensors.
 
 Kernels (no atomics: parameter gradients through per-program fp32 partials and a fixed-order sum):
 - `_decoder_fwd_kernel`: BLOCK_P pixels a program: the pre-activation h (stage 1's product plus the
-  12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once.
-- `_decoder_bwd_kernel`: a run of pixel tiles a program: recomputes h, then dh (stored: stages 2-4
-  need it at full resolution), df1 = dh M1, and the program's partial sums of dw2, dM1, db2, dc.
+  12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once, and h (in
+  the compute dtype, the value the kernel rounds it to anyway) when a backward will need it.
+- `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, D = dropout(GELU(h)) (for
+  dw2), dh (stored: stages 2-4 need it at full resolution), df1 = dh M1, and the program's partial
+  sums of dM1 and dc.
+- `_decoder_dw2_kernel`: one row chunk a program: the partial sums of dw2 = gᵀ D and db2.
 - `_upsample_adjoint_kernel` (once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution pixel
   gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the forward's
   formula: deterministic, where eager's upsample backward adds with atomics.
@@ -40,6 +43,7 @@ docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +73,13 @@ _MAX_FP32_E = 64
 # throughout; "amp": fp32 f1 and weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
-# msf.kernels.decoder_mlp`: 30 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
-# the amp backward at BLOCK_P 32 (8 B on sm_80, 40 B on sm_90).
+# msf.kernels.decoder_mlp`: 28 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
+# the backward at BLOCK_P 32 (bf16: 32 B on sm_80).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "fwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(32, 8, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
-    "bwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(16, 8, 2)], "fp32": [(16, 8, 2)]},
+    "bwd": {"16": [(16, 8, 2)], "amp": [(16, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
 }
@@ -217,15 +221,18 @@ def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: 
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _decoder_fwd_kernel(
-    F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT,
+    F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS,
     ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
-    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
+    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_H: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """x of BLOCK_P pixels (rows of the B·H·W × E output)."""
+    """x of BLOCK_P pixels (rows of the B·H·W × E output) and, if SAVE_H, their pre-activation h in
+    the compute dtype (exactly the value the kernel goes on with: h is rounded to it already)."""
     h, _f1, _m1, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
         F1, P2, P3, P4, M1, CB, tl.program_id(0), ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
         C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
+    if SAVE_H:
+        tl.store(HS + rows[:, None] * E + offs_e[None, :], _to_compute(h, CDT), mask=mask_pe)
     cdf, _pdf = _gelu_parts(h)
     a = _rounded(h * cdf, CDT)
     d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
@@ -248,43 +255,48 @@ _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
 #   dc  = Σ_pixels dh                  dM1 = Σ_pixels dhᵀ f1    df1 = dh M1
 #   dP_i = up_iᵀ(dh): the adjoint of the bilinear upsample, by `_upsample_adjoint_kernel`
 # and, outside the op, autograd through P_i = f_i M_iᵀ and the fold M_i = W_i U_i, c = b + Σ W_i u_i.
-# `_decoder_bwd_kernel` recomputes h and writes dh, df1 and D; `_decoder_dw2_kernel` sums gᵀ D. One
-# kernel for both spilled: dw2's E×E fp32 accumulator alone is 64 registers a thread at 8 warps.
+# `_decoder_bwd_kernel` reads h (saved by the forward) and writes dh, df1 and D; `_decoder_dw2_kernel`
+# sums gᵀ D. One kernel for both spilled: dw2's E×E fp32 accumulator alone is 64 registers a thread.
 @triton.jit
 def _decoder_bwd_kernel(
-    F1, P2, P3, P4, M1, CB, W2, SEED, G, DH, DF1, D, PART,
-    ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
+    F1, HS, M1, W2, SEED, G, DH, DF1, D, PART,
+    ROWS, N_TILES, TILES, p_drop, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dh, df1 and D of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES), and the program's partial
-    sums in PART[pid] = [dM1 (E·C1) | dc (E)] (fp32)."""
+    """dh, df1 and D of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) from the saved h, and the
+    program's partial sums in PART[pid] = [dM1 (E·C1) | dc (E)] (fp32)."""
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C1)
     mask_e = offs_e < E
     mask_c = offs_c < C1
     mask_ee = mask_e[:, None] & mask_e[None, :]
+    mask_ec = mask_e[:, None] & mask_c[None, :]
     dm1t = tl.zeros([BLOCK_C1, BLOCK_E], tl.float32)  # dM1ᵀ: f1ᵀ dh, not dhᵀ f1, whose operand transpose spilled
     dc = tl.zeros([BLOCK_E], tl.float32)
     tile = pid * TILES
     stop = tl.minimum(tile + TILES, N_TILES)
     while tile < stop:  # (a while loop: the interpreter takes no tensor bounds in range())
-        h, f1, m1, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
-            F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
-            C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
+        rows = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = rows < ROWS
+        mask_pe = mask_p[:, None] & mask_e[None, :]
+        mask_pc = mask_p[:, None] & mask_c[None, :]
+        tok = rows[:, None] * E + offs_e[None, :]
+        h = tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32)
+        f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
         ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
-        tok = rows[:, None] * E + offs_e[None, :]
         tl.store(D + tok, _to_compute(_rounded(h * cdf, CDT) * ks, CDT), mask=mask_pe)
         g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
         fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
         da = _rounded(_rounded(_mm(g, fc2, CDT == 0), CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
+        m1 = _to_compute(tl.load(M1 + offs_e[:, None] * C1 + offs_c[None, :], mask=mask_ec, other=0.0), CDT)
         df1 = _mm(dh, m1, CDT == 0)
         tl.store(DF1 + rows[:, None] * C1 + offs_c[None, :], _round(_rounded(df1, CDT), DF1.dtype.element_ty),
-                 mask=mask_p[:, None] & mask_c[None, :])
+                 mask=mask_pc)
         dm1t += _mm(tl.trans(f1), dh, CDT == 0)
         dc += tl.sum(dh.to(tl.float32), 0)
         tile += 1
@@ -420,32 +432,35 @@ def _dropout_args(p: float) -> tuple[float, float, bool]:
     return float(p), (1.0 / (1.0 - p) if p < 1 else 0.0), p > 0
 
 
-def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, int], cdt: torch.dtype):
-    """f1: B·H·W × C1, P_i: B·h_i·w_i × E contiguous. x: B·H·W × E in `cdt` (or f1's dtype, if wider)."""
+def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, int], cdt: torch.dtype,
+             save_h: bool):
+    """f1: B·H·W × C1, P_i: B×h_i×w_i×E contiguous. (x: B·H·W × E in `cdt` (or P_i's dtype, if wider),
+    h: the pre-activation, B·H·W × E in `cdt` if `save_h`, else an empty 0 × E tensor)."""
     rows, c1 = f1.shape
     e = w2.shape[0]
     block_c1, block_e = _blocks(c1, e)
     lows = [(pt.shape[1], pt.shape[2]) for pt in (p2, p3, p4)]
     out = _new((rows, e), f1.device, torch.promote_types(cdt, p2.dtype))
+    hs = _new((rows if save_h else 0, e), f1.device, cdt)
     p_drop, scale, dropout = _dropout_args(p)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]),)  # noqa: E731
-    _decoder_fwd_kernel[grid](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, rows, *size, *_geometry(size, lows),
-                              p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt], DROPOUT=dropout,
+    _decoder_fwd_kernel[grid](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, rows, *size, *_geometry(size, lows),
+                              p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt], DROPOUT=dropout, SAVE_H=save_h,
                               BLOCK_C1=block_c1, BLOCK_E=block_e)
-    return out
+    return out, hs
 
 
-def _backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p: float, size: tuple[int, int], cdt: torch.dtype,
-              dtypes: tuple[torch.dtype, ...]):
-    """(df1, dP2, dP3, dP4, dM1, dc, dw2, db2), each gradient in its input's dtype (`dtypes`: those of
-    cb and b2, which the backward does not read otherwise)."""
+def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: list[tuple[int, int]],
+              cdt: torch.dtype, dtypes: tuple[torch.dtype, ...]):
+    """(df1, dP2, dP3, dP4, dM1, dc, dw2, db2): df1 in f1's dtype, dP_i (B×h_i×w_i×E, `lows` = their
+    (h_i, w_i)) in `cdt` (what F.linear gave P_i), the rest in their parameters' dtypes (`dtypes`: c's
+    and b2's, which the backward does not read)."""
     rows, c1 = f1.shape
     e = w2.shape[0]
+    batch = rows // (size[0] * size[1])
     dev = f1.device
     block_c1, block_e = _blocks(c1, e)
     code = _CDT[cdt]
-    lows = [(pt.shape[1], pt.shape[2]) for pt in (p2, p3, p4)]
-    geometry = _geometry(size, lows)
     p_drop, scale, dropout = _dropout_args(p)
     shape_class = f"{_mode({'CDT': code, 'W2': w2})}_e{block_e}"
 
@@ -456,17 +471,16 @@ def _backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p: float, size: tuple[int, in
     sms = _core._sm_count(dev)
     tiles, n_progs = _programs(n_tiles, sms)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
-    _decoder_bwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles,
-                                    *size, *geometry, p_drop, scale, C1=c1, E=e, CDT=code, DROPOUT=dropout,
-                                    BLOCK_C1=block_c1, BLOCK_E=block_e)
+    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles, p_drop, scale,
+                                    C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
     chunk, n_chunks = _dw2_chunking(rows, sms)
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
     _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
     dps = []
     block_x = _upsample_adjoint_kernel.pinned_kwarg(f"{_mode({'DH': dh})}_e{block_e}", "BLOCK_X", dev)
-    for pt, (h, w) in zip((p2, p3, p4), lows):
-        dp = _new(pt.shape, dev, pt.dtype)
-        _upsample_adjoint_kernel[(pt.shape[0] * h, triton.cdiv(w, block_x))](
+    for h, w in lows:
+        dp = _new((batch, h, w, e), dev, cdt)
+        _upsample_adjoint_kernel[(batch * h, triton.cdiv(w, block_x))](
             dh, dp, *size, h, w, float(h) / size[0], float(w) / size[1],
             E=e, SY=size[0] // h, SX=size[1] // w, BLOCK_E=block_e)
         dps.append(dp)
@@ -483,20 +497,22 @@ def _backward(f1, p2, p3, p4, m1, cb, w2, seed, g, p: float, size: tuple[int, in
 
 
 class DecoderMLPFunction(torch.autograd.Function):
-    """The fused pixel-level part (shapes in the module docstring); saves its inputs only: h, the
-    GELU and the dropout mask are recomputed in the backward."""
+    """The fused pixel-level part (shapes in the module docstring); saves f1, M1, w2, the seed and the
+    pre-activation h (B·H·W × E in the compute dtype): GELU and the dropout mask are recomputed in
+    the backward, the 12 bilinear taps and f1's product are not."""
 
     @staticmethod
     def forward(ctx, f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt):
-        out = _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt)
-        ctx.save_for_backward(f1, p2, p3, p4, m1, cb, w2, seed)
+        out, hs = _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt, save_h=any(ctx.needs_input_grad))
+        ctx.save_for_backward(f1, hs, m1, w2, seed)
         ctx.p, ctx.size, ctx.cdt, ctx.dtypes = p, size, cdt, (cb.dtype, b2.dtype)
+        ctx.lows = [(pt.shape[1], pt.shape[2]) for pt in (p2, p3, p4)]
         return out
 
     @staticmethod
     def backward(ctx, g):
-        f1, p2, p3, p4, m1, cb, w2, seed = ctx.saved_tensors
-        grads = _backward(f1, p2, p3, p4, m1, cb, w2, seed, g.contiguous(), ctx.p, ctx.size, ctx.cdt, ctx.dtypes)
+        f1, hs, m1, w2, seed = ctx.saved_tensors
+        grads = _backward(f1, hs, m1, w2, seed, g.contiguous(), ctx.p, ctx.size, ctx.lows, ctx.cdt, ctx.dtypes)
         return (*grads, None, None, None, None)
 
 
@@ -506,14 +522,16 @@ class DecoderMLPFunction(torch.autograd.Function):
 def fold(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     """([M_1..M_4], c): M_i = W_i U_i (E × C_i) and c = b + Σ_i W_i u_i, W_i the i-th E-column block of the
     fuse Linear's weight. Differentiable (autograd carries the gradients back to the module's
-    parameters) and outside autocast: the fold is in the parameters' dtype."""
+    parameters) and outside autocast: the fold is in the parameters' (promoted) dtype."""
     e = p.fuse1_weight.shape[0]
-    blocks = p.fuse1_weight.split(e, dim=1)
+    dt = functools.reduce(torch.promote_types, [t.dtype for t in (*p.unify_weights, *p.unify_biases, p.fuse1_weight,
+                                                                   p.fuse1_bias)])
+    blocks = p.fuse1_weight.to(dt).split(e, dim=1)  # (`.to`: parameters of mixed dtypes, as autocast allows)
     dev = p.fuse1_weight.device.type
     # (meta tensors, in the byte counts of msf.bench.eager_bytes, have no autocast to turn off)
     with torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext():
-        ms = [w @ u for w, u in zip(blocks, p.unify_weights)]
-        c = p.fuse1_bias + sum(w @ u for w, u in zip(blocks, p.unify_biases))
+        ms = [w @ u.to(dt) for w, u in zip(blocks, p.unify_weights)]
+        c = p.fuse1_bias.to(dt) + sum(w @ u.to(dt) for w, u in zip(blocks, p.unify_biases))
     return ms, c
 
 
@@ -649,8 +667,8 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 # ahead-of-time builds: each kernel × dtype class × configuration at the model's E = 128, C1 = 32
 # (fp32: E = 64, the widest it serves)
 # ----------------------------------------------------------------------------------------------
-_AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT"),
-             "bwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "G", "DH", "DF1", "D"),
+_AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS"),
+             "bwd": ("F1", "HS", "M1", "W2", "G", "DH", "DF1", "D"),
              "dw2": ("G", "D"),
              "adjoint": ("DH", "DP")}
 _AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": ()}
@@ -678,7 +696,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:
                     const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
-                             "BLOCK_P": block}
+                             "BLOCK_P": block, **({"SAVE_H": True} if kname == "fwd" else {})}
                 spec = _aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
                                  {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st)
                 for name in _AOT_FP32_ARGS:

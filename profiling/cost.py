@@ -467,10 +467,11 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # under CUDA autocast: stage 1's fp32 LayerNorm tokens, stages 2-4 projected by F.linear
             # (bf16), the folded M1 and c and fc2 fp32; dropout on, as in training
             args, size_hw = _decoder_core_args(batch, size, e)
-            dec._forward(*args, DECODER_DROPOUT, size_hw, bf16)
+            f1, p2, p3, p4, m1, _cb, w2, _b2, seed = args
+            _, hs = dec._forward(*args, DECODER_DROPOUT, size_hw, bf16, save_h=True)
             pass_ref[0] = "bwd"
-            dec._backward(*args[:7], args[8], e((batch * (size // 4) ** 2, DECODER_DIM), dtype=bf16),
-                          DECODER_DROPOUT, size_hw, bf16, (f32, f32))
+            dec._backward(f1, hs, m1, w2, seed, e((f1.shape[0], DECODER_DIM), dtype=bf16), DECODER_DROPOUT, size_hw,
+                          [tuple(pt.shape[1:3]) for pt in (p2, p3, p4)], bf16, (f32, f32))
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)

@@ -221,6 +221,27 @@ def test_unserved_cases_run_the_eager_composition(monkeypatch):
     assert dec_mod.compute_dtype(*_split(mixed)) is None
 
 
+def test_parameters_of_mixed_dtypes_under_autocast(poisoned):
+    """Under autocast a module may hold bf16 and fp32 parameters side by side (autocast serves both):
+    the fold promotes them, and the result matches eager autocast."""
+    kernel_device("cpu")
+    vals = _inputs(SHAPES["square"], seed=4)
+    ours, eager = _leaves(vals, "cpu", torch.float32), _leaves(vals, "cpu", torch.float32)
+    for leaves in (ours, eager):
+        leaves["fuse1.bias"] = leaves["fuse1.bias"].detach().to(torch.bfloat16).requires_grad_()
+        leaves["unify2.weight"] = leaves["unify2.weight"].detach().to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dec_mod.compute_dtype(*_split(ours)) == torch.bfloat16
+        out = dec_mod.decoder_mlp(*_split(ours))
+        out_eager = eager_decoder_mlp(*_split(eager))
+    out.backward(ours["g"].to(out.dtype))
+    out_eager.backward(eager["g"].to(out_eager.dtype))
+    assert_close(out, out_eager, 1e-2, "mixed parameters out")
+    for name in ("fuse1.bias", "unify2.weight", "f2"):
+        assert ours[name].grad.dtype == ours[name].dtype
+        assert_close(ours[name].grad, eager[name].grad, 2e-2, f"mixed parameters d{name}")
+
+
 def test_bad_arguments_are_named():
     kernel_device("cpu")
     vals = _leaves(_inputs(SHAPES["square"], seed=0), "cpu", torch.float32)
