@@ -269,7 +269,8 @@ def _decoder_case(b, h, w, chans, factors, e, dtype, dropout_p=0.0, autocast=Fal
         feats = [_rand(b, c + 2, h // s, w // s, seed=i, dtype=dtype)[:, 1:1 + c] if i == 0 else
                  _rand(b, c, h // s, w // s, seed=i, dtype=dtype) for i, (c, s) in enumerate(zip(chans, factors))]
         feats = [f.detach().requires_grad_() for f in feats]
-        ps = [_rand(e, c, seed=10 + i) * c ** -0.5 for i, c in enumerate(chans)] + [_rand(e, seed=20 + i) for i in range(4)]
+        ps = [_rand(e, c, seed=10 + i) * c ** -0.5 for i, c in enumerate(chans)]
+        ps += [_rand(e, seed=20 + i) for i in range(4)]
         ps += [_rand(e, 4 * e, seed=30) * (4 * e) ** -0.5, _rand(e, seed=31), _rand(e, e, seed=32) * e ** -0.5,
                _rand(e, seed=33)]
         ps = [p.to(dtype).requires_grad_() for p in ps]
@@ -384,7 +385,8 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
             ("rows 50 C32 H16 fp32 autocast, 24-row chunks", _ffn_case(50, 32, 16, f32, autocast=True, wg_chunk_rows=24)),
         ],
         "decoder_mlp": [
-            ("8x12 E32 fp32 sliced stage 1, dropout", _decoder_case(2, 8, 12, (8, 16, 8, 8), (1, 2, 4, 4), 32, f32, 0.2)),
+            ("8x12 E32 fp32 sliced stage 1, dropout",
+             _decoder_case(2, 8, 12, (8, 16, 8, 8), (1, 2, 4, 4), 32, f32, 0.2)),
             ("6x9 E48 bf16 odd factors", _decoder_case(1, 6, 9, (20, 8, 8, 8), (1, 3, 3, 3), 48, bf16)),
             ("8x8 E128 fp32 autocast", _decoder_case(1, 8, 8, (32, 64, 128, 192), (1, 2, 4, 8), 128, f32, 0.15,
                                                        autocast=True)),

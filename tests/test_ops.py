@@ -63,8 +63,8 @@ def _case(name):
         feats[3] = _randn(2, 16, 1, 1, seed=9)
         unify = [_randn(16, f.shape[1], scale=0.3, seed=10 + i) for i, f in enumerate(feats)]
         ubias = [_randn(16, scale=0.1, seed=20 + i) for i in range(4)]
-        fuse = (_randn(16, 64, scale=0.15, seed=30), _randn(16, scale=0.1, seed=31), _randn(16, 16, scale=0.25, seed=32),
-                _randn(16, scale=0.1, seed=33))
+        fuse = (_randn(16, 64, scale=0.15, seed=30), _randn(16, scale=0.1, seed=31),
+                _randn(16, 16, scale=0.25, seed=32), _randn(16, scale=0.1, seed=33))
         p = DecoderParams(tuple(unify), tuple(ubias), *fuse)
         seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
         f1 = _randn(48, 8, seed=40)  # the operator takes stage 1 as rows × C1 tokens, stages 2-4 projected
