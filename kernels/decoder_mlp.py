@@ -198,10 +198,11 @@ def _pre_activation(F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4
 @triton.jit
 def _uniforms(seed, rows, BLOCK_E: tl.constexpr):
     """U[0, 1) draws for the rows × BLOCK_E elements of a tile: one Philox call (four 32-bit outputs) per
-    four channels, at counter row·BLOCK_E/4 + e//4; within a group of four, channels 4j + (0, 1, 2, 3)
-    take outputs (0, 2, 1, 3) (the order tl.join and tl.reshape lay them out in)."""
+    four channels, at the 64-bit counter row·BLOCK_E/4 + e//4 (a 32-bit one would repeat the masks every
+    2²⁷ rows at E = 128); within a group of four, channels 4j + (0, 1, 2, 3) take outputs (0, 2, 1, 3)
+    (the order tl.join and tl.reshape lay them out in). `rows` is int64."""
     quad = tl.arange(0, BLOCK_E // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, (rows[:, None] * (BLOCK_E // 4) + quad[None, :]).to(tl.int32))
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK_E // 4) + quad[None, :])
     bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], BLOCK_E])
     return tl.uint_to_uniform_float(bits)
 
@@ -337,8 +338,10 @@ _decoder_dw2_kernel = _pinned("dw2", _decoder_dw2_kernel)
 # dP[b, y, x] = Σ_{Y, X} wy(Y, y) · wx(X, x) · dh[b, Y, X]: wy(Y, y) is the weight output row Y gives
 # input row y in the forward (λ-weights of its taps i0, i1 that equal y). Output rows whose taps
 # reach y have src = (Y + ½)/s − ½ ∈ (y − 1, y + 1), i.e. Y ∈ (s·y − s/2 − ½, s·y + 3s/2 − ½): 2s
-# rows from s·y − ⌊s/2⌋ (2s − 1 for odd s; the extra row gets weight 0), fewer at the edges, where
-# the clamped taps of rows near the border give their whole weight to row 0 or h_in − 1.
+# rows from s·y − s/2 for even s; for odd s the 2s − 1 rows strictly inside and the two on its ends,
+# whose exact weight is 0 but whose fp32 src (the scale h_in/H is rounded) can land a few ulps
+# inside (weights ~1e-6 at s = 7): 2s + 1 rows from s·y − ⌊s/2⌋ − 1. Fewer at the edges, where the
+# clamped taps of rows near the border give their whole weight to row 0 or h_in − 1.
 @triton.jit
 def _upsample_adjoint_kernel(
     DH, DP, H, W, h_in, w_in, scale_y, scale_x,
@@ -354,15 +357,15 @@ def _upsample_adjoint_kernel(
     mask_x = xs < w_in
     mask_e = offs_e < E
     acc = tl.zeros([BLOCK_X, BLOCK_E], tl.float32)
-    for jy in tl.range(0, 2 * SY, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)
-        oy = SY * y - SY // 2 + jy
+    for jy in tl.range(0, 2 * SY + SY % 2, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)
+        oy = SY * y - SY // 2 - SY % 2 + jy
         in_y = (oy >= 0) & (oy < H)
         oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
         y0, y1, ly0, ly1 = _taps(scale_y, oyc, h_in)
         wy = tl.where(in_y, tl.where(y0 == y, ly0, 0.0) + tl.where(y1 == y, ly1, 0.0), 0.0)
         line = DH + ((b * H + oyc) * W) * E
-        for jx in tl.range(0, 2 * SX, loop_unroll_factor=1):
-            ox = SX * xs - SX // 2 + jx
+        for jx in tl.range(0, 2 * SX + SX % 2, loop_unroll_factor=1):
+            ox = SX * xs - SX // 2 - SX % 2 + jx
             in_x = (ox >= 0) & (ox < W) & mask_x
             oxc = tl.minimum(tl.maximum(ox, 0), W - 1)
             x0, x1, lx0, lx1 = _taps(scale_x, oxc, w_in)
@@ -477,10 +480,9 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
     _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
     dps = []
-    block_x = _upsample_adjoint_kernel.pinned_kwarg(f"{_mode({'DH': dh})}_e{block_e}", "BLOCK_X", dev)
     for h, w in lows:
         dp = _new((batch, h, w, e), dev, cdt)
-        _upsample_adjoint_kernel[(batch * h, triton.cdiv(w, block_x))](
+        _upsample_adjoint_kernel[lambda meta, h=h, w=w: (batch * h, triton.cdiv(w, meta["BLOCK_X"]))](
             dh, dp, *size, h, w, float(h) / size[0], float(w) / size[1],
             E=e, SY=size[0] // h, SX=size[1] // w, BLOCK_E=block_e)
         dps.append(dp)
@@ -511,6 +513,9 @@ class DecoderMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would be taken as constants
+            raise RuntimeError("decoder_mlp: the fused backward is not differentiable (no double backward); "
+                               "use the eager composition (backend='eager') for higher-order gradients")
         f1, hs, m1, w2, seed = ctx.saved_tensors
         grads = _backward(f1, hs, m1, w2, seed, g.contiguous(), ctx.p, ctx.size, ctx.lows, ctx.cdt, ctx.dtypes)
         return (*grads, None, None, None, None)
@@ -576,7 +581,7 @@ def fused_supported(features, p: DecoderParams, cdt: torch.dtype) -> bool:
                and b * f.shape[-2] * f.shape[-1] * e < 2 ** 31 for f in features[1:])  # (int32 tap offsets)
 
 
-def _check(features, p: DecoderParams, dropout_p: float) -> None:
+def _check(features, p: DecoderParams, dropout_p: float, seed: torch.Tensor | None) -> None:
     n = len(p.unify_weights)
     if len(features) != n or len(p.unify_biases) != n:
         raise ValueError(f"decoder_mlp: {len(features)} feature maps for {n} unify Linears")
@@ -593,6 +598,9 @@ def _check(features, p: DecoderParams, dropout_p: float) -> None:
                          f"{tuple(p.fuse1_weight.shape)}, {tuple(p.fuse2_weight.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"decoder_mlp: dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != features[0].device):
+        raise ValueError(f"decoder_mlp: seed must be one int64 on {features[0].device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
     devices = {t.device for t in (*features, p.fuse1_weight)}
     if len(devices) != 1:
         raise ValueError("decoder_mlp: tensors on different devices")
@@ -617,7 +625,7 @@ def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused
     and call `fused(f1, P2, P3, P4, M1, c, w2, b2, seed, p, (H, W), compute_dtype)` on tokens; else
     the eager composition. Returns B×N×E tokens."""
     features = list(features)
-    _check(features, p, dropout_p)
+    _check(features, p, dropout_p, seed)
     cdt = compute_dtype(features, p)
     b, _, h, w = features[0].shape
     if cdt is None or features[0].numel() == 0 or not fused_supported(features, p, cdt):

@@ -10,7 +10,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::attention_sublayer_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
-    msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype) -> (x, h)
+    msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save_h) -> (x, h)
                                                                            + msf::decoder_mlp_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
@@ -297,14 +297,15 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
 # decoder MLP: the fuse MLP on the folded weights, stages 2-4 projected at their own resolution
 # ----------------------------------------------------------------------------------------------
 def _dec_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor, b2: Tensor,
-              seed: Tensor, p: float, size: list[int], compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return _dec._forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, tuple(size), compute_dtype, save_h=True)
+              seed: Tensor, p: float, size: list[int], compute_dtype: torch.dtype,
+              save_h: bool) -> tuple[Tensor, Tensor]:
+    return _dec._forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, tuple(size), compute_dtype, save_h)
 
 
-def _dec_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype):
+def _dec_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, save_h):
     rows, e = f1.shape[0], w2.shape[0]
     return (f1.new_empty((rows, e), dtype=torch.promote_types(compute_dtype, p2.dtype)),
-            f1.new_empty((rows, e), dtype=compute_dtype))
+            f1.new_empty((rows if save_h else 0, e), dtype=compute_dtype))
 
 
 def _dec_backward_body(f1: Tensor, hs: Tensor, m1: Tensor, w2: Tensor, cb: Tensor, b2: Tensor, seed: Tensor,
@@ -327,7 +328,7 @@ decoder_mlp_backward_op = _define("decoder_mlp_backward", _dec_backward_body, _d
 
 
 def _dec_setup(ctx, inputs, output):
-    f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype = inputs
+    f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, _save_h = inputs
     ctx.save_for_backward(f1, output[1], m1, w2, cb, b2, seed)  # (cb and b2: their dtypes, a few hundred bytes)
     ctx.p, ctx.size, ctx.compute_dtype = p, size, compute_dtype
     ctx.lows = [n for pt in (p2, p3, p4) for n in pt.shape[1:3]]
@@ -336,7 +337,7 @@ def _dec_setup(ctx, inputs, output):
 def _dec_grad(ctx, g, _dh):
     grads = torch.ops.msf.decoder_mlp_backward(*ctx.saved_tensors, g.contiguous(), ctx.p, ctx.size, ctx.lows,
                                                ctx.compute_dtype)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 decoder_mlp_op.register_autograd(_dec_grad, setup_context=_dec_setup)
@@ -346,8 +347,10 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
                 seed: Tensor | None = None) -> Tensor:
     """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` (the eager composition where
     the kernels do not serve the dtypes or geometry)."""
-    return _dec.dispatch(features, p, dropout_p, training,
-                         lambda *args: torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11])[0], seed)
+    def fused(*args):  # h is written only where a backward can run (not under no_grad, not for inference)
+        save_h = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
+        return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], save_h)[0]
+    return _dec.dispatch(features, p, dropout_p, training, fused, seed)
 
 
 # ----------------------------------------------------------------------------------------------

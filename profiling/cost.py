@@ -217,6 +217,10 @@ def _dx_tiles(a, pid):  # row tiles of program pid[0] (the FFN's dx kernel, the 
     return max(0, min(a["TILES"], a["N_TILES"] - pid[0] * a["TILES"]))
 
 
+def _adjoint_span(s):  # window rows (or columns) of the decoder's upsample adjoint at factor s
+    return 2 * s + s % 2
+
+
 def _bk(a):
     return min(a["BLOCK_K"], a["C"])
 
@@ -277,10 +281,10 @@ LOOPS: list[Loop] = [
     Loop("decoder_mlp", "_decoder_dw2_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_P):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_P"]), kernels=("_decoder_dw2_kernel",)),
     Loop("decoder_mlp", "_upsample_adjoint_kernel",
-         "for jy in tl.range(0, 2 * SY, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)",
-         lambda a, pid: 2 * a["SY"], kernels=("_upsample_adjoint_kernel",)),
-    Loop("decoder_mlp", "_upsample_adjoint_kernel", "for jx in tl.range(0, 2 * SX, loop_unroll_factor=1):",
-         lambda a, pid: 4 * a["SY"] * a["SX"], kernels=("_upsample_adjoint_kernel",)),
+         "for jy in tl.range(0, 2 * SY + SY % 2, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)",
+         lambda a, pid: _adjoint_span(a["SY"]), kernels=("_upsample_adjoint_kernel",)),
+    Loop("decoder_mlp", "_upsample_adjoint_kernel", "for jx in tl.range(0, 2 * SX + SX % 2, loop_unroll_factor=1):",
+         lambda a, pid: _adjoint_span(a["SY"]) * _adjoint_span(a["SX"]), kernels=("_upsample_adjoint_kernel",)),
     Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",

@@ -138,6 +138,25 @@ def test_autocast_matches_eager_autocast(device, poisoned):
     _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], "autocast vs float64")
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_autocast_with_dropout_matches_float64(device, poisoned):
+    """The training step's case: bf16 autocast with dropout on, against float64 of the concat form with
+    the kernels' own keep mask; the output bf16, every gradient in its leaf's dtype."""
+    kernel_device(device)
+    vals = _inputs(SHAPES["model"], seed=13)
+    ours, ref = _leaves(vals, device, torch.float32), _leaves(vals, device, torch.float64)
+    seed = torch.tensor([77], dtype=torch.int64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = dec_mod.decoder_mlp(*_split(ours), 0.15, training=True, seed=seed)
+    out.backward(ours["g"].to(out.dtype))
+    keep = dec_mod.keep_mask(seed, out.shape[0] * out.shape[1], out.shape[2], 0.15)
+    out_ref = _concat_form(*_split(ref), keep, 0.15)
+    out_ref.backward(ref["g"])
+    assert out.dtype == torch.bfloat16
+    assert all(ours[k].grad.dtype == torch.float32 for k in ours if k != "g")
+    _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], "autocast p=0.15 vs float64")
+
+
 def test_dropout_keeps_one_minus_p_and_is_reproducible():
     """The keep mask: its rate is 1 − p within 5σ over 80 000 elements for several p, the same seed gives
     the same mask, another seed a different one; rows and channels are not correlated."""
@@ -153,6 +172,34 @@ def test_dropout_keeps_one_minus_p_and_is_reproducible():
     a = dec_mod.keep_mask(torch.tensor([42]), rows, e, 0.15)
     assert torch.equal(a, dec_mod.keep_mask(torch.tensor([42]), rows, e, 0.15))
     assert not torch.equal(a, dec_mod.keep_mask(torch.tensor([43]), rows, e, 0.15))
+
+
+def test_dropout_draws_are_independent_across_channels():
+    """The four channels one Philox call serves (4j .. 4j + 3) and neighbouring rows get independent
+    draws: over 8192 rows at p = 0.5 every such pair's correlation is within 6σ of 0 (σ = 1/√8192), where
+    a draw shared by two channels would correlate them fully."""
+    kernel_device("cpu")
+    rows, e = 8192, 128
+    keep = dec_mod.keep_mask(torch.tensor([5]), rows, e, 0.5).double()
+    z = (keep - keep.mean(0)) / keep.std(0)
+    corr = (z.T @ z) / (rows - 1)
+    group = torch.arange(e) // 4
+    same_group = (group[:, None] == group[None, :]) & ~torch.eye(e, dtype=torch.bool)
+    limit = 6 / rows ** 0.5
+    assert corr[same_group].abs().max().item() < limit, corr[same_group].abs().max().item()
+    by_row = ((z[1:] * z[:-1]).sum(1) / (e - 1)).mean()  # neighbouring rows, averaged over channels
+    assert abs(by_row.item()) < 6 / (rows * e) ** 0.5
+
+
+def test_double_backward_is_refused():
+    """The backward is not itself differentiable: asking for its graph (create_graph=True) raises instead
+    of silently treating the kernels' gradients as constants in a second derivative."""
+    kernel_device("cpu")
+    leaves = _leaves(_inputs(SHAPES["flat"], seed=6), "cpu", torch.float32)
+    out = dec_mod.decoder_mlp(*_split(leaves))
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad((out * leaves["g"]).sum(), leaves["f2"], create_graph=True)
+    torch.autograd.grad((out * leaves["g"]).sum(), leaves["f2"])  # a first derivative still runs
 
 
 def test_same_function_on_both_backends_with_dropout_off(poisoned):
@@ -255,3 +302,6 @@ def test_bad_arguments_are_named():
                                                     p.fuse1_bias, p.fuse2_weight, p.fuse2_bias))
     with pytest.raises(ValueError, match="dropout_p"):
         dec_mod.decoder_mlp(features, p, 1.0, training=True)
+    for bad_seed in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="seed must be one int64"):
+            dec_mod.decoder_mlp(features, p, 0.1, training=True, seed=bad_seed)

@@ -70,7 +70,7 @@ def _case(name):
         f1 = _randn(48, 8, seed=40)  # the operator takes stage 1 as rows × C1 tokens, stages 2-4 projected
         lows = [_randn(2, h, w, 16, seed=41 + h + w) for h, w in ((2, 3), (2, 3), (1, 1))]
         args = (f1, *lows, unify[0].detach().requires_grad_(), fuse[1], fuse[2], fuse[3], seed, 0.2, [4, 6],
-                torch.float32)
+                torch.float32, True)
         call_leaves = feats + unify + ubias + list(fuse)  # what the wrapper's call differentiates
         return ops.decoder_mlp_op, args, lambda f: f(feats, p, 0.2, True, seed=seed), call_leaves
     if name == "head_loss":
