@@ -679,13 +679,18 @@ _AOT_KERNELS = {
 
 
 def _aot_spec(name: str, jit_fn, ptr_types: dict[str, str], constexprs: dict, num_warps: int,
-              num_stages: int) -> AttentionAotSpec:
+              num_stages: int, floats: tuple[str, ...] = ()) -> AttentionAotSpec:
+    """The build of `jit_fn` with these pointer types and constexprs; every other argument is an i32
+    multiple of 16 (Triton's specialisation at the model's shapes), but `floats`, fp32 scalars."""
     sig, const, attrs = {}, dict(constexprs), {}
     for i, a in enumerate(jit_fn.arg_names):
         if a in const:
             continue
         if a.startswith("stride_") and a.endswith("d"):
             const[a] = 1  # a contiguous last dim: Triton specialises a stride of 1 to a constant
+            continue
+        if a in floats:
+            sig[a] = "fp32"
             continue
         if a in ptr_types:
             sig[a] = ptr_types[a]

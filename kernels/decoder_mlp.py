@@ -705,13 +705,9 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 else:
                     const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
                              "BLOCK_P": block, **({"SAVE_H": True} if kname == "fwd" else {})}
-                spec = _aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
-                                 {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st)
-                for name in _AOT_FP32_ARGS:
-                    if name in spec.signature:  # `_aot_spec` types unknown scalars as i32
-                        spec.signature[name] = "fp32"
-                        spec.attrs.pop((kernel.fn.arg_names.index(name),), None)
-                specs.append(spec)
+                specs.append(_aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
+                                       {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st,
+                                       floats=_AOT_FP32_ARGS))
     return specs
 
 

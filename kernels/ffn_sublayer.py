@@ -577,12 +577,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c, "BLOCK_N": bn, "BLOCK_H": bh}
                     if kname == "wgrad":
                         const["CHUNK_ROWS"] = _AOT_CHUNK
-                    spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}", kernel.fn,
-                                     ptrs, const, w, st)
-                    if "eps" in spec.signature:  # `_aot_spec` types unknown scalars as i32
-                        spec.signature["eps"] = "fp32"
-                        spec.attrs.pop((kernel.fn.arg_names.index("eps"),), None)
-                    specs.append(spec)
+                    specs.append(_aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}",
+                                           kernel.fn, ptrs, const, w, st, floats=("eps",)))
     return specs
 
 
