@@ -55,7 +55,7 @@ from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel
-from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _sum_rows, _to_compute
+from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _sum_rows, _tile_runs, _to_compute
 from msf.reference import DecoderParams, eager_decoder_mlp
 
 __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "AOT_SPECS", "compute_dtype", "fold",
@@ -412,14 +412,6 @@ def _geometry(size: tuple[int, int], lows: list[tuple[int, int]]) -> list:
     return sizes + scales
 
 
-def _programs(n_tiles: int, sms: int | None) -> tuple[int, int]:
-    """(tiles a program, programs) of the backward kernel: about 2 programs an SM; 3 programs under
-    the interpreter, so tests run several tiles in one program and a short last one."""
-    want = 2 * sms if sms is not None else 3
-    tiles = triton.cdiv(n_tiles, min(n_tiles, want))
-    return tiles, triton.cdiv(n_tiles, tiles)
-
-
 def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
     """(chunk rows, chunks) of the dw2 kernel: about 2 chunks an SM, each a multiple of 128 rows and at
     least 1024 (its (E² + E) fp32 partial then costs a few percent of what it reads); 32-row chunks
@@ -472,7 +464,7 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
     df1 = _new((rows, c1), dev, f1.dtype)
     n_tiles = triton.cdiv(rows, _decoder_bwd_kernel.pinned_kwarg(shape_class, "BLOCK_P", dev))
     sms = _core._sm_count(dev)
-    tiles, n_progs = _programs(n_tiles, sms)
+    tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=2)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
     _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles, p_drop, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)

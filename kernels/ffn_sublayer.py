@@ -396,11 +396,12 @@ def _wg_chunking(rows: int, hid: int, block_h: int, sms: int | None,
     return chunk_rows, triton.cdiv(rows, chunk_rows)
 
 
-def _dx_programs(n_tiles: int, sms: int | None) -> tuple[int, int]:
-    """(tiles a program, programs) of the dx kernel: about 4 programs an SM (two waves at its 2 CTAs
-    an SM), the tiles split evenly; 3 programs under the interpreter, so tests run several tiles
-    in one program and a short last one."""
-    want = 4 * sms if sms is not None else 3
+def _tile_runs(n_tiles: int, sms: int | None, per_sm: int) -> tuple[int, int]:
+    """(tiles a program, programs) of a kernel whose programs each take a run of tiles: about `per_sm`
+    programs an SM, the tiles split evenly; 3 programs under the interpreter, so tests run several
+    tiles in one program and a short last one. The FFN's dx kernel takes 4 an SM (two waves at its 2
+    CTAs an SM), the decoder MLP's backward 2."""
+    want = per_sm * sms if sms is not None else 3
     tiles = triton.cdiv(n_tiles, min(n_tiles, want))
     return tiles, triton.cdiv(n_tiles, tiles)
 
@@ -442,7 +443,7 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
     # the host sizes both grids by the pinned blocks: one dx program per run of row tiles
     sms = _core._sm_count(dev)
     n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(shape_class, "BLOCK_N", dev))
-    tiles, n_progs = _dx_programs(n_tiles, sms)
+    tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=4)
     ln_part = _new((n_progs, 3 * c), dev, torch.float32)
     _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, n_tiles, tiles,
                                    C=c, HID=hid, CDT=code, BLOCK_C=block_c)
