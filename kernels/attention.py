@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3
-from msf.kernels.configs import PinnedKernel
+from msf.kernels.configs import PinnedKernel, candidate_order
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
 
@@ -116,11 +116,8 @@ def _as_config(c: _Cfg) -> triton.Config:
 
 
 def _config_list(kernel: str) -> list[triton.Config]:
-    seen = [_INTERPRETER_CFG[kernel]]
-    for per_d in _ALLOWED[kernel].values():
-        for cfgs in per_d.values():
-            seen += [c for c in cfgs if c not in seen]
-    return [_as_config(c) for c in seen]
+    lists = [cfgs for per_d in _ALLOWED[kernel].values() for cfgs in per_d.values()]
+    return [_as_config(c) for c in candidate_order(_INTERPRETER_CFG[kernel], *lists)]
 
 
 def _mode(elem_bytes: int, precise: bool) -> str:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels._common import INTERPRET
-from msf.kernels.configs import PinnedKernel
+from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
@@ -96,11 +96,9 @@ _INTERPRETER_WG = (32, 32, 32, 4)
 
 
 def _config_list(kernel: str) -> list[triton.Config]:
-    seen = [_INTERPRETER_CFG[kernel]]
-    for per_d in _ALLOWED[kernel].values():
-        for cfgs in per_d.values():
-            seen += [c for c in cfgs if c not in seen]
-    return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3]) for c in seen]
+    lists = [cfgs for per_d in _ALLOWED[kernel].values() for cfgs in per_d.values()]
+    return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3])
+            for c in candidate_order(_INTERPRETER_CFG[kernel], *lists)]
 
 
 def _as_wg_config(c: tuple[int, int, int, int]) -> triton.Config:

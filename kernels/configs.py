@@ -28,10 +28,11 @@ kernel runs `triton.autotune` over its whole list (pruned to the class's allow-l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
 
 import triton
 
@@ -110,6 +111,15 @@ def lookup(name: str, shape_class: str, kind: str, table: dict | None = None) ->
             return to_config(entry)
     raise KeyError(f"{TABLE_PATH.name}: no pinned configuration for kernel {name!r}, shape class "
                    f"{shape_class!r}, device {kind!r} (nor a {DEFAULT_KIND!r} one)")
+
+
+_T = TypeVar("_T")
+
+
+def candidate_order(first: _T, *groups: Iterable[_T]) -> list[_T]:
+    """A kernel's candidate configurations: `first` (the interpreter's, which must lead the list),
+    then those of each group (its allow-lists, its sweep grid) not already listed, in order."""
+    return list(dict.fromkeys(itertools.chain([first], *groups)))
 
 
 class PinnedKernel:

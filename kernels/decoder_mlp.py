@@ -54,7 +54,7 @@ from msf.kernels import attention as _core
 from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
-from msf.kernels.configs import PinnedKernel
+from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _sum_rows, _tile_runs, _to_compute
 from msf.reference import DecoderParams, eager_decoder_mlp
 
@@ -105,10 +105,7 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json ("decoder_mlp.<kernel>"; shape
     class = dtype class and E block, e.g. "amp_e128")."""
     block = _BLOCK_NAME[kernel]
-    seen = [_INTERPRETER_CFG]
-    for cfgs in _ALLOWED[kernel].values():
-        seen += [c for c in cfgs if c not in seen]
-    seen += [c for c in _CANDIDATES if c not in seen]
+    seen = candidate_order(_INTERPRETER_CFG, *_ALLOWED[kernel].values(), _CANDIDATES)
 
     def as_config(c: _Cfg) -> triton.Config:
         return triton.Config({block: c[0]}, num_warps=c[1], num_stages=c[2])

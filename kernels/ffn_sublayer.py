@@ -40,7 +40,7 @@ from msf.kernels import attention as _core
 from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
-from msf.kernels.configs import PinnedKernel
+from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.reference import eager_ffn_sublayer
 
 __all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPECS", "compute_dtype",
@@ -101,11 +101,8 @@ def _mode(named_args) -> str:
 def _pinned(kernel: str, fn) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json ("ffn_sublayer.<kernel>"; shape
     class = dtype class and C block, e.g. "amp_c64")."""
-    seen = [_INTERPRETER_CFG]
-    for per_c in _ALLOWED[kernel].values():
-        for cfgs in per_c.values():
-            seen += [c for c in cfgs if c not in seen]
-    seen += [c for c in _CANDIDATES if c not in seen]
+    seen = candidate_order(_INTERPRETER_CFG, *(cfgs for per_c in _ALLOWED[kernel].values() for cfgs in per_c.values()),
+                           _CANDIDATES)
 
     def allowed(cls: str) -> list[triton.Config]:
         mode, c = cls.rsplit("_c", 1)
@@ -575,7 +572,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
             for block_c, cfgs in per_c.items():
                 for bn, bh, w, st in cfgs:
-                    const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c, "BLOCK_N": bn, "BLOCK_H": bh}
+                    const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c,
+                             "BLOCK_N": bn, "BLOCK_H": bh}
                     if kname == "wgrad":
                         const["CHUNK_ROWS"] = _AOT_CHUNK
                     specs.append(_aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}",
