@@ -23,7 +23,7 @@ from msf.backend import BACKENDS, DecoderParams, LMSAParams, get_ops
 from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
-from msf.reference import tokens_to_map  # noqa: F401  (re-exported: the model's token/map view)
+from msf.reference import tokens_to_map
 
 NUM_CLASSES = 19
 TTA_MODES = ("none", "flip")  # test-time augmentations of `MicroSegFormer.predict`
