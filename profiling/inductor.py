@@ -1,0 +1,775 @@
+"""torch.compile's training step predicted on the CPU: Inductor's own CUDA kernels, generated for an
+sm_90 / sm_80 GPU this machine does not have, built with ptxas and costed by `msf.profiling.cost`.
+
+    python -m msf.profiling.inductor [--device h100 a100] [--variant paper h4] [--ops]
+                                     [--json PATH] [--md PATH]
+
+What it predicts (issue 24 item 4): `torch.compile` (Inductor, default mode: no max-autotune, no
+CUDA graphs) of the eager model's training step, forward + backward of `model.loss` under bf16
+autocast at B = 32, 512², and of each fused op's eager reference alone (`--ops`), beside the eager
+byte floor and this project's fused kernels.
+
+How Inductor's CUDA code is had without a GPU (torch 2.13 CPU build, triton 3.6); every piece is in
+`cuda_target` and `compile_graphs`:
+1. Trace on fake *CPU* tensors. AOTAutograd traces the joint forward/backward through autograd,
+   and autograd cannot run on fake CUDA tensors in a CPU-only build (its engine asks for a CUDA
+   device guard, then for an accelerator: "Cannot access accelerator device when none is
+   available"). CUDA autocast does not apply to CPU tensors, so the traced function runs under
+   `msf.bench.eager_bytes.CudaAutocastEmulation` (CUDA autocast's op lists, casts recorded as
+   autograd records them). Inductor's outer passes (joint-graph patterns, the min-cut partition of
+   forward and backward) do not depend on the device.
+2. Retarget at the inner compiler. `compile_fx(..., inner_compile=...)` hands each partitioned graph
+   (forward, backward) to `_inner`, which rewrites every `cpu` device in the graph (arguments and
+   the fake values in node.meta) to `cuda:0`, makes fake CUDA example inputs of the same sizes,
+   strides and dtypes, and calls Inductor's own `compile_fx_inner`: lowering, scheduling, fusion
+   and Triton code generation then run for CUDA.
+3. A GPU of the target's kind, as far as Inductor and Triton ask: `torch.cuda` and
+   `CudaInterface` report one device with the `cost.Device`'s SM count and compute capability;
+   Triton's active driver is a stub whose target is `GPUTarget("cuda", arch, 32)`;
+   `AsyncCompile.triton` loads each kernel's source (a `CachingAutotuner` with its configs) without
+   compiling or benchmarking it. The generated wrapper then runs on fake CUDA tensors with every
+   `CachingAutotuner.run` recorded instead of launched (`record_calls`).
+4. Cost. Each recorded launch becomes a `cost.Launch` per config the autotuner carries (grid from
+   Inductor's own `GridExpr`, arguments specialised by Triton's binder for the target), built for
+   the target and predicted by `cost.predict` with the same model version and constants as this
+   project's kernels. Inductor's reduction loops (`for r0_offset in range(0, r0_numel, R0_BLOCK)`)
+   take ⌈r0_numel / R0_BLOCK⌉ trips. The autotuner's pick is the config the model predicts
+   fastest (on a GPU Inductor benchmarks them; the model stands in for that benchmark). Library
+   calls in the wrapper (cuBLAS mm / addmm / bmm, cuDNN convolutions, and any aten fallback) take
+   max(bytes ÷ bandwidth, FLOPs ÷ tensor peak) + one launch, bytes counted as `eager_bytes` counts
+   an aten op, FLOPs from `torch.utils.flop_counter`.
+
+What this is not: a measurement. Inductor's choices that depend on a benchmark on the GPU (config
+autotuning, and nothing else in default mode) are made by the cost model here; the band of every
+figure is `cost.ERROR_BAND`, from kernels with measured times, none of them Inductor's pointwise
+code.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import os
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+
+from msf.profiling import cost
+
+CUDA = torch.device("cuda", 0)
+VARIANTS = ("paper", "h4", "triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# a GPU of the target's kind, as Inductor and Triton see it
+# ----------------------------------------------------------------------------------------------
+def device_properties(device: cost.Device) -> types.SimpleNamespace:
+    """What `torch.cuda.get_device_properties` would return on `device` (the fields Inductor reads)."""
+    return types.SimpleNamespace(
+        name=f"NVIDIA {device.name}", major=device.arch // 10, minor=device.arch % 10,
+        multi_processor_count=device.sms, total_memory=80 * 2 ** 30, warp_size=32,
+        max_threads_per_multi_processor=2048, max_threads_per_block=1024, regs_per_multiprocessor=device.regs_per_sm,
+        shared_memory_per_block_optin=device.smem_per_sm - 1024, shared_memory_per_multiprocessor=device.smem_per_sm,
+        L2_cache_size=device.l2_bytes, gcnArchName="", is_integrated=False, uuid="predicted",
+        clock_rate=int(device.clock_hz / 1e3))
+
+
+class _StubDriver:
+    """Triton's active driver for a GPU that is not here: it names the target and nothing else."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+        self.utils = types.SimpleNamespace()
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_active_torch_device(self):
+        return CUDA
+
+    def is_active(self):
+        return True
+
+
+_GUARD_SOURCE = r"""
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/core/impl/FakeGuardImpl.h>
+// CUDA's device guard, for a build of torch without CUDA: the no-op guard torch keeps for its own tests
+C10_REGISTER_GUARD_IMPL(CUDA, c10::impl::FakeGuardImpl<c10::DeviceType::CUDA>);
+int registered() { return 1; }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def fake_cuda_guard() -> None:
+    """Register a no-op CUDA device guard (a C++ extension, built once into torch's extension cache):
+    some of Inductor's own meta functions (its dropout seeds: `inductor_lookup_seed`) index a fake
+    CUDA tensor, which asks for the CUDA guard that a CPU-only build lacks."""
+    if torch.backends.cuda.is_built():
+        return
+    from torch.utils.cpp_extension import load_inline
+    load_inline("msf_fake_cuda_guard", cpp_sources=[_GUARD_SOURCE], functions=["registered"])
+
+
+def _load_kernel(self, kernel_name: str, source_code: str, device_str: str = "cuda"):
+    """`AsyncCompile.triton` without the compile: the kernel's CachingAutotuner, configs attached."""
+    from torch._inductor import codecache
+    return getattr(codecache.PyCodeCache.load(source_code), kernel_name)
+
+
+@contextlib.contextmanager
+def cuda_target(device: cost.Device) -> Iterator[None]:
+    """Within: Inductor generates Triton code for one CUDA GPU of `device`'s kind (see the module
+    docstring, step 3); nothing is compiled or launched."""
+    from torch._dynamo.device_interface import CudaInterface
+    from torch._inductor import async_compile
+    from torch._inductor.runtime import triton_helpers
+    from triton.runtime import driver
+    fake_cuda_guard()
+    props = device_properties(device)
+    answers = dict(
+        is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0, set_device=lambda d: None,
+        get_device_capability=lambda d=None: (props.major, props.minor), get_device_properties=lambda d=None: props,
+        get_device_name=lambda d=None: props.name, _lazy_init=lambda: None, is_initialized=lambda: True,
+        synchronize=lambda d=None: None, _exchange_device=lambda d: 0, _maybe_exchange_device=lambda d: 0,
+        get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
+        set_rng_state=lambda state, device="cuda": None)
+    interface = dict(
+        current_device=lambda: 0, set_device=lambda d: None, device_count=lambda: 1, synchronize=lambda d=None: None,
+        get_device_properties=lambda d=None: props, get_raw_stream=lambda d: 0, exchange_device=lambda d: 0,
+        maybe_exchange_device=lambda d: 0, memory_allocated=lambda d=None: 0, is_bf16_supported=lambda *a, **k: True)
+    with contextlib.ExitStack() as stack:
+        for name, fn in answers.items():
+            stack.enter_context(mock.patch.object(torch.cuda, name, fn))
+        for name, fn in interface.items():
+            stack.enter_context(mock.patch.object(CudaInterface, name, staticmethod(fn)))
+        for name in ("get_device_properties", "current_device"):
+            stack.enter_context(mock.patch.object(CudaInterface.Worker, name, staticmethod(getattr(
+                CudaInterface, name))))
+        stack.enter_context(mock.patch.object(torch._C, "_cuda_getDevice", lambda: 0, create=True))
+        stack.enter_context(mock.patch.object(torch._C, "_cuda_getCurrentRawStream", lambda d: 0, create=True))
+        stack.enter_context(mock.patch.object(async_compile.AsyncCompile, "triton", _load_kernel))
+        stack.enter_context(mock.patch.object(triton_helpers, "set_driver_to_gpu", lambda: None))
+        previous = driver._active  # (None until a driver was asked for: asking would look for libcuda)
+        driver.set_active(_StubDriver(device.arch))
+        stack.callback(setattr, driver, "_active", previous)
+        stack.enter_context(_inductor_settings())
+        yield
+
+
+@contextlib.contextmanager
+def _inductor_settings() -> Iterator[None]:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    # both graphs compiled at once (no backward to run), in this process, and never from a cache:
+    # a cached graph would skip the code generation the recorder reads
+    with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
+            inductor_config.patch(compile_threads=1, fx_graph_cache=False, fx_graph_remote_cache=False,
+                                  autotune_local_cache=False):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Inductor's graphs for a function of fake CPU tensors
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Graph:
+    """One graph Inductor compiled: its pass, its wrapper's source and fake CUDA example inputs."""
+    pass_: str
+    source: str
+    inputs: list
+
+
+def _retarget(value):
+    if isinstance(value, torch.device) and value.type == "cpu":
+        return CUDA
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retarget(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _retarget(v) for k, v in value.items()}
+    return value
+
+
+def _on_cuda(value, mode):
+    """A fake CUDA tensor of `value`'s sizes, strides and dtype (non-tensors as they are)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cuda(v, mode) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    with mode:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=CUDA)
+
+
+def compile_graphs(fn: Callable, inputs: list[torch.Tensor]) -> list[Graph]:
+    """Inductor's CUDA wrapper code for `fn(*inputs)` (forward, and backward where an input requires
+    grad), `inputs` being fake CPU tensors; call within `cuda_target`."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    graphs: list[Graph] = []
+
+    def inner(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        mode = detect_fake_mode(example_inputs)
+        for node in gm.graph.nodes:
+            node.args, node.kwargs = _retarget(node.args), _retarget(node.kwargs)
+            if "val" in node.meta:
+                node.meta["val"] = _on_cuda(node.meta["val"], mode)
+        gm.recompile()
+        cuda_inputs = [_on_cuda(t, mode) for t in example_inputs]
+        compiled = compile_fx_inner(gm, cuda_inputs, **kwargs)
+        graphs.append(Graph("backward" if kwargs.get("is_backward") else "forward", compiled.source_code,
+                            cuda_inputs))
+        return compiled
+
+    graph = torch.fx.Graph()
+    placeholders = [graph.placeholder(f"arg{i}") for i in range(len(inputs))]
+    graph.output(graph.call_function(fn, tuple(placeholders)))
+    compile_fx(torch.fx.GraphModule(torch.nn.Module(), graph), list(inputs), inner_compile=inner)
+    return graphs
+
+
+# ----------------------------------------------------------------------------------------------
+# what the wrapper launches
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TritonCall:
+    kernel: object          # CachingAutotuner
+    args: tuple             # positional launch arguments (fake tensors, ints)
+
+
+@dataclass
+class LibraryCall:
+    op: str                 # aten op name (mm, addmm, convolution, ...)
+    bytes: int
+    flops: float
+    low_precision: bool     # bf16 / fp16 operands (tensor cores at the bf16 peak)
+
+
+def _meta_like(t):
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+
+
+class _LibraryRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every data-moving aten op the wrapper itself calls (what is not a Triton kernel)."""
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.flop_counter import flop_registry
+
+        from msf.bench import eager_bytes
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if eager_bytes._op_kind(func) != "data":
+            return out
+        outs = eager_bytes._out_argument_names(func)
+        if not outs and not any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+            return out  # a query (prim::device, sizes): nothing moves
+        read = tree_leaves((args, {k: v for k, v in kwargs.items() if k not in outs}))
+        tensors = [t for t in read + tree_leaves(out) if isinstance(t, torch.Tensor)]
+        moved = sum(eager_bytes.tensor_bytes(t) for t in tensors)
+        formula = flop_registry.get(func._overloadpacket)
+        flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
+        low = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+        self.sink.append(LibraryCall(str(func), moved, flops, low))
+        return out
+
+
+def record_calls(graph: Graph) -> list[TritonCall | LibraryCall]:
+    """The launches of one graph's wrapper, in order, run on fake CUDA tensors (within `cuda_target`)."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor import codecache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    calls: list = []
+    module = codecache.PyCodeCache.load(graph.source)
+    fake = {
+        "empty_strided_cuda": lambda size, stride, dtype: torch.empty_strided(size, stride, dtype=dtype, device=CUDA),
+        "reinterpret_tensor": lambda t, size, stride, offset: t.as_strided(size, stride, t.storage_offset() + offset),
+        "assert_size_stride": lambda *a, **k: None, "assert_alignment": lambda *a, **k: None,
+        "copy_if_misaligned": lambda t: t, "get_raw_stream": lambda d: 0,
+    }
+    for name, value in fake.items():
+        if hasattr(module, name):
+            setattr(module, name, value)
+
+    def run(self, *args, stream=None, **kwargs):
+        calls.append(TritonCall(self, args))
+
+    mode = detect_fake_mode(graph.inputs)
+    with mock.patch.object(CachingAutotuner, "run", run), \
+            mock.patch.object(torch.cuda, "_DeviceGuard", lambda index: contextlib.nullcontext()), \
+            mock.patch.object(torch.cuda, "set_device", lambda d: None), mode, _LibraryRecorder(calls):
+        module.call(list(graph.inputs))
+    for call in calls:  # (made outside the fake mode: plain meta tensors, as cost.Launch expects)
+        if isinstance(call, TritonCall):
+            call.args = tuple(_meta_like(a) for a in call.args)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# cost
+# ----------------------------------------------------------------------------------------------
+_LOOP_HEADER = re.compile(r"^\s*for\s+(\w+)\s+in\s+(?:tl\.)?range\(\s*0\s*,\s*(\w+)\s*,\s*(\w+)")
+
+
+@dataclass(frozen=True)
+class InductorLoop:
+    """A loop of Inductor's Triton code, from its header: `for r0_offset in range(0, r0_numel,
+    R0_BLOCK)` (a looped reduction: ⌈r0_numel / R0_BLOCK⌉ trips) or `for _ in tl.range(0, split_size,
+    XBLOCK)` (a mixed-order reduction: each program walks RSPLIT_SIZE rows, the last one fewer)."""
+    kernel: str
+    header: str
+    func: str = "inductor"
+
+    def site_counts(self, a: dict, pid: tuple) -> list[int]:
+        m = _LOOP_HEADER.match(self.header)
+        if m is None:
+            raise LookupError(f"{self.kernel}: no trip count for the loop {self.header.strip()!r}")
+        stop, step = m.group(2), m.group(3)
+        if stop == "split_size":
+            stop_value = min(a["RSPLIT_SIZE"], a["xnumel"] - pid[0] * a["RSPLIT_SIZE"])
+        elif stop in a:
+            stop_value = a[stop]
+        else:
+            raise LookupError(f"{self.kernel}: no value for {stop!r} in the loop {self.header.strip()!r}")
+        return [cost._cdiv(max(stop_value, 0), a[step])]
+
+
+def _loop_header(sl, source_lines: list[str]) -> str:
+    """The `for` line of the generated source nearest above (or at) the SASS loop's branch line."""
+    for line in range(min(sl.line, len(source_lines)), 0, -1):
+        if _LOOP_HEADER.match(source_lines[line - 1]):
+            return source_lines[line - 1]
+    return source_lines[sl.line - 1] if 0 < sl.line <= len(source_lines) else ""
+
+
+def launches(call: TritonCall, label: str, pass_: str, arch: int) -> list[cost.Launch]:
+    """One `cost.Launch` per config of the call's autotuner, specialised as Triton would on `arch`."""
+    from torch._inductor.runtime.triton_heuristics import GridExpr
+    tuner = call.kernel
+    fn = tuner.fn
+    # the wrapper passes one value per signature entry, constexpr ones (a numel of 1) included
+    named = dict(zip(tuner.triton_meta["signature"], call.args))
+    out = []
+    for cfg in tuner.configs:
+        grid = GridExpr.from_meta(tuner.inductor_meta, cfg).eval_slow({**named, **cfg.kwargs})
+        kwargs = {k: v for k, v in {**named, **tuner.triton_meta.get("constants", {}), **cfg.kwargs}.items()
+                  if k in fn.arg_names}
+        kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        bound, g, sig, const, attrs, opts = cost.specialise(fn, (), kwargs, tuple(grid), arch)
+        out.append(cost.Launch(label, pass_, fn.__name__, fn, g, bound, sig, const, attrs, opts))
+    return out
+
+
+def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
+    """`cost.predict`, with the loops of Inductor's code given their trip counts (`InductorLoop`)."""
+    _, _, loops, _ = cost.compiled_kernel(launch, device.arch)
+    for sl in loops:
+        if sl.loop is None:
+            source = Path(sl.file).read_text().splitlines() if Path(sl.file).is_file() else []
+            sl.loop = InductorLoop(launch.kernel, _loop_header(sl, source))
+    return cost.predict(launch, device)
+
+
+def library_time(call: LibraryCall, device: cost.Device) -> float:
+    peak = device.tc_bf16 if call.low_precision else device.tc_tf32
+    return max(call.bytes / device.bandwidth, call.flops / peak) + cost.LAUNCH_S
+
+
+@dataclass
+class Predicted:
+    """torch.compile of one function on one device: its kernels' picks and its library calls."""
+    label: str
+    device: str
+    kernels: list[cost.KernelCost]          # the config predicted fastest, one per launch
+    configs_tried: int
+    library: list[tuple[str, LibraryCall, float]]   # (pass, call, seconds)
+    fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (pass, msf:: operator): not costed here
+
+    def total(self, pass_: str | None = None) -> float:
+        k = sum(c.predicted for c in self.kernels if pass_ in (None, c.pass_))
+        return k + sum(t for p, _, t in self.library if pass_ in (None, p))
+
+    def bytes(self, pass_: str | None = None) -> float:
+        return sum(c.dram_bytes for c in self.kernels if pass_ in (None, c.pass_)) + \
+            sum(call.bytes for p, call, _ in self.library if pass_ in (None, p))
+
+
+def predict(label: str, fn: Callable, inputs: list[torch.Tensor], device: cost.Device, log=print) -> Predicted:
+    """Inductor's code for `fn(*inputs)` generated for `device`, every launch predicted."""
+    with cuda_target(device):
+        graphs = compile_graphs(fn, inputs)
+        recorded = [(g.pass_, record_calls(g)) for g in graphs]
+    kernels, library, fused, tried = [], [], [], 0
+    for pass_, calls in recorded:
+        for call in calls:
+            if isinstance(call, LibraryCall) and call.op.startswith("msf."):
+                fused.append((pass_, call.op))
+                continue
+            if isinstance(call, LibraryCall):
+                library.append((pass_, call, library_time(call, device)))
+                continue
+            costs = [predict_launch(launch, device) for launch in launches(call, label, pass_, device.arch)]
+            tried += len(costs)
+            kernels.append(min(costs, key=lambda c: c.predicted))
+    result = Predicted(label, device.key, kernels, tried, library, fused)
+    log(f"  {label} on {device.key}: {len(kernels)} Triton launches ({tried} configs built), {len(library)} library "
+        f"calls, {len(fused)} msf:: operator calls (not included), {result.total() * 1e3:.2f} ms")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's step and the fused ops' eager references, on fake CPU tensors
+# ----------------------------------------------------------------------------------------------
+def _fake_like(value, mode):
+    """`value` (meta tensors inside tuples / lists / dataclasses) rebuilt from fake CPU tensors."""
+    if isinstance(value, torch.Tensor):
+        with mode:
+            t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+        return t.requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake_like(v, mode) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _fake_like(getattr(value, f.name), mode)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _leaves(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _leaves(getattr(value, f.name))]
+    return []
+
+
+def _rebuild(value, tensors: Iterator[torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        return next(tensors)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebuild(v, tensors) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _rebuild(getattr(value, f.name), tensors)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def _training(fn: Callable, args: tuple, dtype: torch.dtype, differentiable: bool):
+    """(traced function, fake CPU inputs) of `fn(*args)` under emulated CUDA autocast, reduced to a
+    scalar (a sum of the output: its backward is the ones tensor a real step would feed, fused away)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from msf.bench.eager_bytes import CudaAutocastEmulation
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake_args = _fake_like(args, mode)
+    leaves = _leaves(fake_args)
+
+    def traced(*tensors):
+        with CudaAutocastEmulation(dtype), torch.set_grad_enabled(differentiable):
+            out = fn(*_rebuild(fake_args, iter(tensors)))
+        return out.float().sum() if differentiable else out
+
+    return traced, leaves
+
+
+def step_function(variant: str, batch: int = cost.BATCH, size: int = cost.SIZE, dtype=torch.bfloat16):
+    """(fn, fake inputs) of one training step, `model.loss(images, masks)` with the parameters as
+    inputs (as torch.compile's Dynamo lifts them). `paper` / `h4`: the eager model, classifier after
+    or before the ×4 upsample. `triton`: the triton backend's model, its fused ops the `msf::`
+    operators torch.compile traces (opaque nodes here: on a CPU build they are not `triton_op`s, so
+    the wrapper calls them and `predict` leaves them to `msf.profiling.cost`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    from msf.bench.eager_bytes import CudaAutocastEmulation
+    from msf.model import MicroSegFormer
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    with torch.device("meta"):  # (initialisation draws random numbers: not on fake tensors)
+        model = MicroSegFormer(backend="triton" if variant == "triton" else "eager",
+                               paper_head_order=(variant == "paper")).train()
+    mode = FakeTensorMode()
+    names = [n for n, _ in model.named_parameters()]
+    params = [_fake_like(p.detach().requires_grad_(True), mode) for _, p in model.named_parameters()]
+    with mode:
+        images = torch.empty(batch, 3, size, size)
+        masks = torch.empty(batch, size, size, dtype=torch.uint8)
+
+    def step(*tensors):
+        weights = dict(zip(names, tensors[:len(names)]))
+        with _reparametrize_module(model, weights), CudaAutocastEmulation(dtype), _fused_ops_as_operators(variant):
+            return model.loss(*tensors[len(names):])
+
+    return step, params + [images, masks]
+
+
+@contextlib.contextmanager
+def _fused_ops_as_operators(variant: str) -> Iterator[None]:
+    """For the triton model: its ops take their torch.compile path (the `msf::` operators), and see
+    autocast on, as on CUDA (CPU autocast's lists lower no op CUDA's keep in fp32, and the emulation
+    has already cast every argument CUDA's way)."""
+    if variant != "triton":
+        yield
+        return
+    from msf.kernels import attention, attention_sublayer, decoder_mlp, ffn_sublayer, head_loss, lmsa
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.compiler, "is_compiling", lambda: True))
+        # the host checks that the kernels can run here: they never run, only their fake kernels do
+        for module in (attention, attention_sublayer, decoder_mlp, ffn_sublayer, lmsa):
+            stack.enter_context(mock.patch.object(module, "INTERPRET", True))
+        stack.enter_context(mock.patch.object(head_loss, "_check_device", lambda t, name: None))
+        stack.enter_context(torch.autocast("cpu", torch.bfloat16))
+        yield
+
+
+def op_function(op: str, stage: int | None, batch: int = cost.BATCH, size: int = cost.SIZE, dtype=torch.bfloat16):
+    """(fn, fake inputs) of fused op `op`'s eager reference with the arguments the model gives it
+    (`msf.bench.eager_bytes._op_call`), forward + backward."""
+    from msf.bench import eager_bytes
+    fn, args, differentiable = eager_bytes._op_call(op, stage, batch, size, dtype)
+    return _training(fn, args, dtype, differentiable)
+
+
+# ----------------------------------------------------------------------------------------------
+# the project's side: fused ops (msf.profiling.cost) and eager floors (msf.bench.eager_bytes)
+# ----------------------------------------------------------------------------------------------
+def fused_costs(device: cost.Device, log=print) -> list[cost.KernelCost]:
+    """Every fused op's kernels at the model's shapes on `device` (as `python -m msf.profiling.cost`)."""
+    log(f"  fused ops on {device.key} (msf.profiling.cost)")
+    return [c for op, stage in cost.op_instances() for c in cost.cost_op(op, stage, device)]
+
+
+def fused_op_seconds(costs: list[cost.KernelCost], op: str, stage: int | None, pass_: str | None = None) -> float:
+    label = cost.op_label(op, stage)
+    return sum(c.predicted for c in costs if c.op == label and (pass_ is None or c.pass_ == pass_))
+
+
+def fused_step_seconds(costs: list[cost.KernelCost]) -> float:
+    """The fused ops of one training step: each op's kernels × its calls per step."""
+    return sum(cost.calls_per_step(op, stage) * fused_op_seconds(costs, op, stage) for op, stage in cost.op_instances())
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def _band(t: float | None) -> str:
+    """A prediction with the measured times it allows (cost.ERROR_BAND is predicted ÷ measured)."""
+    if t is None:
+        return "n/a"
+    lo, hi = cost.ERROR_BAND
+    return f"{t * 1e3:.2f} ({t / hi * 1e3:.2f}-{t / lo * 1e3:.2f})"
+
+
+def _ms(t: float | None) -> str:
+    return "n/a" if t is None else f"{t * 1e3:.2f}"
+
+
+def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: float) -> list[dict]:
+    """One row per step variant on `device`: eager floor, compile, and the triton figures."""
+    rest_floor = cost.eager_step_floor("triton_rest", device)
+    triton_s = fused_s + rest_floor if rest_floor is not None else None
+    triton_compiled = compiled.get("triton")
+    triton_compile_s = fused_s + triton_compiled.total() if triton_compiled else None
+    rows = []
+    for variant in ("paper", "h4"):
+        if variant not in compiled:
+            continue
+        c = compiled[variant].total()
+        rows.append({"variant": variant, "device": device.key, "eager_floor_s": cost.eager_step_floor(variant, device),
+                     "compile_s": c, "compile_forward_s": compiled[variant].total("forward"),
+                     "compile_backward_s": compiled[variant].total("backward"),
+                     "compile_bytes": compiled[variant].bytes(), "compile_library_s":
+                         sum(t for *_, t in compiled[variant].library),
+                     "compile_triton_launches": len(compiled[variant].kernels),
+                     "triton_s": triton_s, "triton_compile_s": triton_compile_s,
+                     "triton_compile_rest_s": triton_compiled.total() if triton_compiled else None,
+                     "fused_s": fused_s})
+    return rows
+
+
+def step_table(rows: list[dict]) -> str:
+    lines = ["| step (B = 32, 512², bf16 autocast, fwd + bwd) | device | eager floor ms | torch.compile ms "
+             "(measured band) | triton ms (fused + eager rest floor) | triton + torch.compile ms (fused + Inductor "
+             "rest) | triton ÷ compile | triton+compile ÷ compile |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(t):
+        return "n/a" if t is None else f"{t / r['compile_s']:.2f}"
+    for r in rows:
+        order = "paper order" if r["variant"] == "paper" else "classifier at H/4"
+        lines.append(f"| eager model, {order} | {r['device']} | {_ms(r['eager_floor_s'])} | {_band(r['compile_s'])} | "
+                     f"{_ms(r['triton_s'])} | {_ms(r['triton_compile_s'])} | {ratio(r['triton_s'])} | "
+                     f"{ratio(r['triton_compile_s'])} |")
+    return "\n".join(lines)
+
+
+def op_rows(device: cost.Device, compiled: dict[str, Predicted], costs: list[cost.KernelCost]) -> list[dict]:
+    rows = []
+    for op, stage in cost.op_instances():
+        label = cost.op_label(op, stage)
+        if label not in compiled:
+            continue
+        floor = cost.eager_op_floor(op, stage, device) or {}
+        for pass_, long in (("fwd", "forward"), ("bwd", "backward")):
+            rows.append({"op": label, "pass": pass_, "device": device.key, "eager_floor_s": floor.get(long),
+                         "compile_s": compiled[label].total(long),
+                         "fused_s": fused_op_seconds(costs, op, stage, pass_)})
+    return rows
+
+
+def op_table(rows: list[dict]) -> str:
+    lines = ["| op | pass | device | eager floor µs | torch.compile µs | fused triton µs | fused ÷ compile |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['fused_s'] / r['compile_s']:.2f}" if r["compile_s"] else "n/a"
+        eager = "n/a" if r["eager_floor_s"] is None else f"{r['eager_floor_s'] * 1e6:.1f}"
+        lines.append(f"| {r['op']} | {r['pass']} | {r['device']} | {eager} | {r['compile_s'] * 1e6:.1f} | "
+                     f"{r['fused_s'] * 1e6:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def kernel_table(results: list[Predicted], top: int = 10) -> str:
+    out = []
+    for r in results:
+        if not r.label.startswith("step"):
+            continue
+        out += [f"\n{r.label} on {r.device}: the {top} slowest of {len(r.kernels)} Inductor kernel launches "
+                f"(and {len(r.library)} library calls, {sum(t for *_, t in r.library) * 1e3:.2f} ms)\n",
+                "| pass | kernel | config | µs | bound | GB | issue µs | bytes µs |",
+                "|---|---|---|---|---|---|---|---|"]
+        for k in sorted(r.kernels, key=lambda k: -k.predicted)[:top]:
+            name = k.kernel if len(k.kernel) <= 60 else k.kernel[:57] + "..."
+            out.append(f"| {k.pass_} | `{name}` | {k.config} | {k.predicted * 1e6:.1f} | {k.bound} | "
+                       f"{k.dram_bytes / 1e9:.3f} | {k.t_issue * 1e6:.1f} | {k.t_bytes * 1e6:.1f} |")
+    return "\n".join(out)
+
+
+def library_table(results: list[Predicted]) -> str:
+    """The library calls of each step, by aten op: where cuBLAS / cuDNN time goes."""
+    out = []
+    for r in results:
+        if not r.label.startswith("step"):
+            continue
+        by_op: dict[str, list] = {}
+        for pass_, call, t in r.library:
+            row = by_op.setdefault(f"{call.op} ({pass_})", [0, 0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += call.bytes
+            row[2] += call.flops
+            row[3] += t
+        out += [f"\n{r.label} on {r.device}: library calls by op\n",
+                "| op (pass) | calls | GB | GFLOP | predicted µs |", "|---|---|---|---|---|"]
+        for name, (n, b, f, t) in sorted(by_op.items(), key=lambda kv: -kv[1][3]):
+            out.append(f"| {name} | {n} | {b / 1e9:.3f} | {f / 1e9:.1f} | {t * 1e6:.1f} |")
+    return "\n".join(out)
+
+
+def long_rows(steps: list[dict], ops: list[dict]) -> list[dict]:
+    date, versions = _dt.date.today().isoformat(), cost._versions()
+    size = f"B={cost.BATCH},{cost.SIZE}x{cost.SIZE},bf16-autocast"
+    rows = []
+
+    def add(op, provider, pass_, device, value, metric="predicted", unit="s"):
+        rows.append({"op": op, "provider": provider, "pass": pass_, "metric": metric, "unit": unit, "value": value,
+                     "size": size, "device": device, "date": date, "versions": versions,
+                     "model_version": cost.MODEL_VERSION, "error_band": list(cost.ERROR_BAND)})
+    for r in steps:
+        step = f"step ({r['variant']})"
+        add(step, "eager", "fwd+bwd", r["device"], r["eager_floor_s"], "floor")
+        add(step, "torch.compile", "fwd+bwd", r["device"], r["compile_s"])
+        add(step, "torch.compile", "fwd", r["device"], r["compile_forward_s"])
+        add(step, "torch.compile", "bwd", r["device"], r["compile_backward_s"])
+        add(step, "torch.compile", "fwd+bwd", r["device"], r["compile_bytes"], "dram_bytes", "bytes")
+        add(step, "torch.compile", "fwd+bwd", r["device"], r["compile_library_s"], "library_predicted")
+        add("step (triton)", "triton", "fwd+bwd", r["device"], r["triton_s"])
+        add("step (triton)", "triton+torch.compile", "fwd+bwd", r["device"], r["triton_compile_s"])
+    for r in ops:
+        add(r["op"], "eager", r["pass"], r["device"], r["eager_floor_s"], "floor")
+        add(r["op"], "torch.compile", r["pass"], r["device"], r["compile_s"])
+        add(r["op"], "triton", r["pass"], r["device"], r["fused_s"])
+    return rows
+
+
+def report(steps: list[dict], ops: list[dict], results: list[Predicted]) -> str:
+    lo, hi = cost.ERROR_BAND
+    head = (f"# torch.compile predicted, cost model {cost.MODEL_VERSION}, {_dt.date.today().isoformat()} "
+            f"({cost._versions()})\n\n"
+            "`python -m msf.profiling.inductor` on a CPU-only machine: Inductor's own CUDA kernels for each graph, "
+            "generated for the GPU named (method: the module's docstring), built with ptxas and predicted by the "
+            "cost model; library calls (cuBLAS / cuDNN) at max(bytes ÷ bandwidth, FLOPs ÷ tensor peak) + a launch. "
+            f"Predictions, not measurements: the model's band is {lo}-{hi}× the measured time on the calibration set "
+            "(none of it Inductor's code), so each compile figure carries the measured times that band allows. "
+            "Eager floors: `msf.bench.eager_bytes`. Triton: `msf.profiling.cost` (fused ops) + the eager rest's byte "
+            "floor; triton + torch.compile: the same fused ops + Inductor's predicted code for the rest.\n")
+    parts = [head, "## Training step\n", step_table(steps)]
+    if ops:
+        parts += ["\n## Per op (each fused op's eager reference compiled alone)\n", op_table(ops)]
+    parts += ["\n## Where torch.compile's step goes", kernel_table(results), library_table(results)]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", nargs="+", default=["h100", "a100"], choices=sorted(cost.DEVICES))
+    parser.add_argument("--variant", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--ops", action="store_true", help="also each fused op's eager reference alone")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # Inductor's kernels must stay JIT functions
+        from msf.profiling.report import _rerun_without_interpreter
+        return _rerun_without_interpreter(sys.argv[1:] if argv is None else argv, "msf.profiling.inductor")
+    results, steps, ops = [], [], []
+    for key in args.device:
+        device = cost.DEVICES[key]
+        compiled = {}
+        for variant in args.variant:
+            fn, inputs = step_function(variant)
+            compiled[variant] = predict(f"step ({variant})", fn, inputs, device)
+        if args.ops:
+            for op, stage in cost.op_instances():
+                if op == "upsample_argmax":  # inference only: not in a training step
+                    continue
+                fn, inputs = op_function(op, stage)
+                compiled[cost.op_label(op, stage)] = predict(cost.op_label(op, stage), fn, inputs, device)
+        costs = fused_costs(device)
+        steps += step_rows(device, compiled, fused_step_seconds(costs))
+        ops += op_rows(device, compiled, costs)
+        results += compiled.values()
+    text = report(steps, ops, results)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(long_rows(steps, ops), indent=1) + "\n")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
