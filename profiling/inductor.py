@@ -477,20 +477,20 @@ def _rebuild(value, tensors: Iterator[torch.Tensor]):
     return value
 
 
-def _training(fn: Callable, args: tuple, dtype: torch.dtype, differentiable: bool):
-    """(traced function, fake CPU inputs) of `fn(*args)` under emulated CUDA autocast, reduced to a
-    scalar (a sum of the output: its backward is the ones tensor a real step would feed, fused away)."""
+def _training(fn: Callable, args: tuple, dtype: torch.dtype):
+    """(traced function, fake CPU inputs) of `fn(*args)` under emulated CUDA autocast. Its output's
+    gradient is an input of the compiled backward (AOTAutograd's tangent), as the eager floor's
+    backward is given one (`msf.bench.eager_bytes.count_op`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from msf.bench.eager_bytes import CudaAutocastEmulation
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    mode = FakeTensorMode()
     fake_args = _fake_like(args, mode)
     leaves = _leaves(fake_args)
 
     def traced(*tensors):
-        with CudaAutocastEmulation(dtype), torch.set_grad_enabled(differentiable):
-            out = fn(*_rebuild(fake_args, iter(tensors)))
-        return out.float().sum() if differentiable else out
+        with CudaAutocastEmulation(dtype):
+            return fn(*_rebuild(fake_args, iter(tensors)))
 
     return traced, leaves
 
@@ -549,8 +549,8 @@ def op_function(op: str, stage: int | None, batch: int = cost.BATCH, size: int =
     """(fn, fake inputs) of fused op `op`'s eager reference with the arguments the model gives it
     (`msf.bench.eager_bytes._op_call`), forward + backward."""
     from msf.bench import eager_bytes
-    fn, args, differentiable = eager_bytes._op_call(op, stage, batch, size, dtype)
-    return _training(fn, args, dtype, differentiable)
+    fn, args, _ = eager_bytes._op_call(op, stage, batch, size, dtype)
+    return _training(fn, args, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
