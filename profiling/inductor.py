@@ -52,6 +52,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -173,7 +174,21 @@ def cuda_target(device: cost.Device) -> Iterator[None]:
         driver.set_active(_StubDriver(device.arch))
         stack.callback(setattr, driver, "_active", previous)
         stack.enter_context(_inductor_settings())
+        _forget_device()
+        stack.callback(_forget_device)
         yield
+
+
+def _forget_device() -> None:
+    """Clear what Inductor caches of the GPU it saw (one process can predict for several devices)."""
+    from torch._inductor import utils
+    from torch._inductor.runtime.hints import DeviceProperties
+    cached = [DeviceProperties.create] + [getattr(utils, name) for name in (
+        "is_big_gpu", "get_max_num_sms", "using_b200", "get_backend_num_stages", "get_device_tflops",
+        "get_gpu_dram_gbps") if hasattr(utils, name)]
+    for fn in cached:
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
 
 
 @contextlib.contextmanager
@@ -239,11 +254,24 @@ def compile_graphs(fn: Callable, inputs: list[torch.Tensor]) -> list[Graph]:
                             cuda_inputs))
         return compiled
 
+    # what Dynamo would hand Inductor: a graph of the inputs, here with `fn` as one opaque call that
+    # AOTAutograd traces through (a submodule: any callable, a lambda or a closure, can be one)
+    root = torch.nn.Module()
+    root.fn = _Call(fn)
     graph = torch.fx.Graph()
     placeholders = [graph.placeholder(f"arg{i}") for i in range(len(inputs))]
-    graph.output(graph.call_function(fn, tuple(placeholders)))
-    compile_fx(torch.fx.GraphModule(torch.nn.Module(), graph), list(inputs), inner_compile=inner)
+    graph.output(graph.call_module("fn", tuple(placeholders)))
+    compile_fx(torch.fx.GraphModule(root, graph), list(inputs), inner_compile=inner)
     return graphs
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.call = fn
+
+    def forward(self, *args):
+        return self.call(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +368,7 @@ class InductorLoop:
     XBLOCK)` (a mixed-order reduction: each program walks RSPLIT_SIZE rows, the last one fewer)."""
     kernel: str
     header: str
+    unrolled: int = 1     # source iterations in one pass of the SASS loop (`unroll_factor`)
     func: str = "inductor"
 
     def site_counts(self, a: dict, pid: tuple) -> list[int]:
@@ -353,7 +382,69 @@ class InductorLoop:
             stop_value = a[stop]
         else:
             raise LookupError(f"{self.kernel}: no value for {stop!r} in the loop {self.header.strip()!r}")
-        return [cost._cdiv(max(stop_value, 0), a[step])]
+        # LLVM unrolls a loop of constant trip count T by k and peels T mod k iterations into
+        # straight-line code (counted once): the SASS loop itself runs T // k times
+        return [cost._cdiv(max(stop_value, 0), a[step]) // self.unrolled]
+
+
+_TTIR_LOAD = re.compile(r"= tt\.load .*?: (?:tensor<([0-9x]+)x)?!tt\.ptr<(\w+)>>?.* loc\((#loc\d*)\)")
+_TTIR_LOC = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+_LOC_FILE = re.compile(r'^"[^"]*":(\d+):\d+$')
+_LOC_NAMED = re.compile(r'^"[^"]*"\((#loc\d*)\)$')
+_LOC_REFS = re.compile(r"#loc\d*")
+_ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1,
+                  "u8": 1, "f8E4M3FN": 1, "f8E5M2": 1}
+
+
+def _loc_line(name: str, defs: dict[str, str], depth: int = 0) -> int | None:
+    """The source line of TTIR location `name`: a file location's line; a named one's target; the
+    first resolvable part of a fused one; a call site's caller (the kernel's own line)."""
+    body = defs.get(name)
+    if body is None or depth > 32:
+        return None
+    m = _LOC_FILE.match(body)
+    if m:
+        return int(m.group(1))
+    m = _LOC_NAMED.match(body)
+    if m:
+        return _loc_line(m.group(1), defs, depth + 1)
+    refs = _LOC_REFS.findall(body)
+    if body.startswith("callsite("):
+        refs = refs[::-1]  # callsite(callee at caller): the caller first
+    for ref in refs:
+        line = _loc_line(ref, defs, depth + 1)
+        if line is not None:
+            return line
+    return None
+
+
+def load_bytes_by_line(ttir: str) -> dict[int, int]:
+    """{source line: bytes one program's `tl.load`s on that line read per execution}, from the
+    TTIR's load types (a [XBLOCK, R0_BLOCK] block of fp32 pointers: XBLOCK·R0_BLOCK·4)."""
+    defs = {m.group(1): m.group(2) for m in map(_TTIR_LOC.match, ttir.splitlines()) if m}
+    out: dict[int, int] = {}
+    for text in ttir.splitlines():
+        m = _TTIR_LOAD.search(text)
+        line = _loc_line(m.group(3), defs) if m else None
+        if line is None:
+            continue
+        numel = math.prod(int(d) for d in m.group(1).split("x")) if m.group(1) else 1
+        out[line] = out.get(line, 0) + numel * _ELEMENT_BYTES.get(m.group(2), 4)
+    return out
+
+
+def unroll_factor(sl, instrs, warps: int, loads: dict[int, int]) -> int:
+    """How many source iterations one pass of SASS loop `sl` holds: for each load line in its body,
+    the bytes its LDGs move per pass (width × 32 lanes × warps) ÷ the bytes the load reads per
+    iteration; the least over the lines (a load the layout replicates across threads only reads
+    more), 1 when the body loads nothing the TTIR names."""
+    per_line: dict[int, int] = {}
+    for ins in instrs:
+        width = cost.global_access_bytes(ins.op)
+        if sl.start <= ins.addr <= sl.end and ins.op.startswith("LDG") and width:
+            per_line[ins.line] = per_line.get(ins.line, 0) + width * 32 * warps
+    ratios = [round(moved / loads[line]) for line, moved in per_line.items() if loads.get(line)]
+    return max(1, min(ratios)) if ratios else 1
 
 
 def _loop_header(sl, source_lines: list[str]) -> str:
@@ -378,18 +469,27 @@ def launches(call: TritonCall, label: str, pass_: str, arch: int) -> list[cost.L
                   if k in fn.arg_names}
         kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bound, g, sig, const, attrs, opts = cost.specialise(fn, (), kwargs, tuple(grid), arch)
-        out.append(cost.Launch(label, pass_, fn.__name__, fn, g, bound, sig, const, attrs, opts))
+        launch = cost.Launch(label, pass_, fn.__name__, fn, g, bound, sig, const, attrs, opts)
+        launch.config = dict(cfg.kwargs)  # (its block sizes, for the report: cost.Launch names only BLOCK_*)
+        out.append(launch)
     return out
 
 
 def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
     """`cost.predict`, with the loops of Inductor's code given their trip counts (`InductorLoop`)."""
-    _, _, loops, _ = cost.compiled_kernel(launch, device.arch)
+    _, instrs, loops, _ = cost.compiled_kernel(launch, device.arch)
+    if any(sl.loop is None for sl in loops):
+        from msf.profiling.report import build  # (Triton's cache: the build above, its TTIR)
+        built = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, device.arch, launch.options)
+        loads = load_bytes_by_line(built.asm["ttir"])
     for sl in loops:
         if sl.loop is None:
             source = Path(sl.file).read_text().splitlines() if Path(sl.file).is_file() else []
-            sl.loop = InductorLoop(launch.kernel, _loop_header(sl, source))
-    return cost.predict(launch, device)
+            sl.loop = InductorLoop(launch.kernel, _loop_header(sl, source),
+                                   unroll_factor(sl, instrs, launch.options["num_warps"], loads))
+    predicted = cost.predict(launch, device)
+    blocks = ",".join(f"{k}={v}" for k, v in getattr(launch, "config", {}).items())
+    return dataclasses.replace(predicted, config=",".join(filter(None, (blocks, predicted.config))))
 
 
 def library_time(call: LibraryCall, device: cost.Device) -> float:
