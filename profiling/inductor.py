@@ -289,6 +289,7 @@ class LibraryCall:
     bytes: int
     flops: float
     low_precision: bool     # bf16 / fp16 operands (tensor cores at the bf16 peak)
+    tensor_cores: bool = True   # False: a grouped (depthwise) convolution, on the FP32 pipes
 
 
 def _meta_like(t):
@@ -304,8 +305,6 @@ class _LibraryRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_leaves
-        from torch.utils.flop_counter import flop_registry
-
         from msf.bench import eager_bytes
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -317,11 +316,26 @@ class _LibraryRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         read = tree_leaves((args, {k: v for k, v in kwargs.items() if k not in outs}))
         tensors = [t for t in read + tree_leaves(out) if isinstance(t, torch.Tensor)]
         moved = sum(eager_bytes.tensor_bytes(t) for t in tensors)
-        formula = flop_registry.get(func._overloadpacket)
-        flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
+        flops = library_flops(func, args, kwargs, out)
         low = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
-        self.sink.append(LibraryCall(str(func), moved, flops, low))
+        grouped = {torch.ops.aten.convolution: 8, torch.ops.aten.convolution_backward: 9}.get(func._overloadpacket)
+        dense = grouped is None or args[grouped] == 1
+        self.sink.append(LibraryCall(str(func), moved, flops, low, dense))
         return out
+
+
+def library_flops(func, args: tuple, kwargs: dict, out) -> float:
+    """FLOPs of one library call: `torch.utils.flop_counter`'s formulas, except the convolution
+    backward's, which (torch 2.13) counts a grouped convolution's gradients as dense ones (a depthwise
+    7×7 over 64 channels: 65× its forward); here each gradient asked for costs one forward."""
+    from torch.utils.flop_counter import flop_registry
+    if func._overloadpacket is torch.ops.aten.convolution_backward:
+        grad_out, inp, weight = args[0], args[1], args[2]
+        transposed, mask = args[7], args[10]
+        per_pass = 2 * (inp if transposed else grad_out).numel() * weight.shape[1] * math.prod(weight.shape[2:])
+        return float(per_pass * (int(mask[0]) + int(mask[1])))
+    formula = flop_registry.get(func._overloadpacket)
+    return float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
 
 
 def record_calls(graph: Graph) -> list[TritonCall | LibraryCall]:
@@ -492,8 +506,19 @@ def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
     return dataclasses.replace(predicted, config=",".join(filter(None, (blocks, predicted.config))))
 
 
+def simt_flops(device: cost.Device) -> float:
+    """FP32 FMA throughput of the SIMT pipes: 32 lanes a scheduler on sm_90, 16 on sm_80 (SPEC §6c)."""
+    lanes = 32 if device.arch >= 90 else 16
+    return device.sms * device.schedulers * lanes * 2 * device.clock_hz
+
+
 def library_time(call: LibraryCall, device: cost.Device) -> float:
-    peak = device.tc_bf16 if call.low_precision else device.tc_tf32
+    """A cuBLAS / cuDNN call at its roofline: max(bytes ÷ bandwidth, FLOPs ÷ peak) + one launch; the
+    peak is the tensor cores' (bf16, else tf32), the SIMT pipes' for a grouped convolution."""
+    if not call.tensor_cores:
+        peak = simt_flops(device)
+    else:
+        peak = device.tc_bf16 if call.low_precision else device.tc_tf32
     return max(call.bytes / device.bandwidth, call.flops / peak) + cost.LAUNCH_S
 
 

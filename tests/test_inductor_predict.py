@@ -194,3 +194,33 @@ def test_unroll_factor_from_the_loads_of_a_loop_body():
     assert inductor.unroll_factor(loop, body[42:], warps=16, loads=loads) == 1  # no loads: 1, as far as known
     looped = inductor.InductorLoop("k", "    for r0_offset in tl.range(0, r0_numel, R0_BLOCK):", unrolled=42)
     assert looped.site_counts({"r0_numel": 1 << 20, "R0_BLOCK": 2048}, (0, 0, 0)) == [512 // 42]
+
+
+def test_library_flops_of_a_depthwise_convolution_and_its_backward():
+    """Forward 2·N·H·W·C·k² for a depthwise k×k; each gradient asked for costs one forward (torch's own
+    counter takes the backward of a grouped convolution for a dense one)."""
+    import torch
+    n, c, h, w, k = 2, 64, 32, 32, 7
+    x, weight = torch.empty(n, c, h, w, device="meta"), torch.empty(c, 1, k, k, device="meta")
+    forward = 2 * n * h * w * c * k * k
+    out = torch.ops.aten.convolution(x, weight, None, [1, 1], [3, 3], [1, 1], False, [0, 0], c)
+    assert inductor.library_flops(torch.ops.aten.convolution.default,
+                                  (x, weight, None, [1, 1], [3, 3], [1, 1], False, [0, 0], c), {}, out) == forward
+    args = (out, x, weight, None, [1, 1], [3, 3], [1, 1], False, [0, 0], c, [True, True, False])
+    grads = torch.ops.aten.convolution_backward(*args)
+    assert inductor.library_flops(torch.ops.aten.convolution_backward.default, args, {}, grads) == 2 * forward
+    args = args[:-1] + ([False, True, False],)
+    assert inductor.library_flops(torch.ops.aten.convolution_backward.default, args, {}, grads) == forward
+
+
+def test_library_roofline():
+    from msf.profiling import cost
+    dense = inductor.LibraryCall("aten.mm.out", bytes=3_000_000, flops=8e9, low_precision=True)
+    assert inductor.library_time(dense, cost.H100) == pytest.approx(8e9 / cost.H100.tc_bf16 + cost.LAUNCH_S)
+    depthwise = inductor.LibraryCall("aten.convolution.default", bytes=3_000_000, flops=8e9, low_precision=True,
+                                     tensor_cores=False)
+    # H100: 132 SMs × 4 schedulers × 32 FP32 lanes × 2 × 1.755 GHz = 59.3 TFLOP/s
+    assert inductor.simt_flops(cost.H100) == pytest.approx(59.3e12, rel=1e-3)
+    assert inductor.library_time(depthwise, cost.H100) == pytest.approx(8e9 / 59.3e12 + cost.LAUNCH_S, rel=1e-3)
+    streaming = inductor.LibraryCall("aten.mm.out", bytes=3e9, flops=1e9, low_precision=False)
+    assert inductor.library_time(streaming, cost.A100) == pytest.approx(3e9 / cost.A100.bandwidth + cost.LAUNCH_S)
