@@ -125,3 +125,42 @@ def plot_cost(rows: list[dict], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_compile(rows: list[dict], path: Path, title: str) -> None:
+    """`python -m msf.profiling.inductor`'s rows: per device, the training step's eager floor, its
+    torch.compile prediction (with the measured range the model's band allows), the triton step and
+    triton + torch.compile, one group per eager variant (paper order, classifier at H/4)."""
+    steps = [r for r in rows if r["op"].startswith("step (") and r["pass"] == "fwd+bwd" and r["unit"] == "s"
+             and r["metric"] in ("floor", "predicted")]
+    devices = list(dict.fromkeys(r["device"] for r in steps))
+    if not devices:
+        return
+    bars = (("eager floor", "eager", "floor", "tab:grey"), ("torch.compile", "torch.compile", "predicted", "tab:blue"),
+            ("triton (eager rest at its floor)", "triton", "predicted", "tab:orange"),
+            ("triton + torch.compile", "triton+torch.compile", "predicted", "tab:red"))
+    fig, axes = plt.subplots(1, len(devices), figsize=(5.5 * len(devices), 4), squeeze=False)
+    for ax, device in zip(axes[0], devices):
+        mine = [r for r in steps if r["device"] == device]
+        variants = [v for v in ("paper", "h4") if any(r["op"] == f"step ({v})" for r in mine)]
+        width = 0.8 / len(bars)
+        for i, (label, provider, metric, colour) in enumerate(bars):
+            values, errors = [], [[], []]
+            for v in variants:
+                op = "step (triton)" if provider.startswith("triton") else f"step ({v})"
+                value = next((r["value"] for r in mine if r["op"] == op and r["provider"] == provider
+                              and r["metric"] == metric), None)
+                values.append((value or 0.0) * 1e3)
+                band = next((r["error_band"] for r in mine if r["op"] == op and r["provider"] == provider), None)
+                lo, hi = (value * 1e3 / band[1], value * 1e3 / band[0]) if value and band and metric == "predicted" \
+                    else (values[-1], values[-1])
+                errors[0].append(values[-1] - lo)
+                errors[1].append(hi - values[-1])
+            xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(variants))]
+            ax.bar(xs, values, width, color=colour, label=label, yerr=errors, capsize=3, error_kw={"alpha": 0.5})
+        ax.set_xticks(range(len(variants)), ["paper order" if v == "paper" else "classifier at H/4" for v in variants])
+        ax.set(title=device.upper(), ylabel="ms per training step (B = 32, 512²)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

@@ -1,7 +1,7 @@
 """torch.compile's training step predicted on the CPU: Inductor's own CUDA kernels, generated for an
 sm_90 / sm_80 GPU this machine does not have, built with ptxas and costed by `msf.profiling.cost`.
 
-    python -m msf.profiling.inductor [--device h100 a100] [--variant paper h4] [--ops]
+    python -m msf.profiling.inductor [--device h100 a100] [--variant paper h4 triton] [--ops]
                                      [--json PATH] [--md PATH]
 
 What it predicts (issue 24 item 4): `torch.compile` (Inductor, default mode: no max-autotune, no
@@ -864,6 +864,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", action="store_true", help="also each fused op's eager reference alone")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
+    parser.add_argument("--png", type=Path, help="the step chart (msf.bench.plots.plot_compile)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # Inductor's kernels must stay JIT functions
         from msf.profiling.report import _rerun_without_interpreter
@@ -893,6 +894,10 @@ def main(argv=None) -> int:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(text)
+    if args.png:
+        from msf.bench.plots import plot_compile
+        plot_compile(long_rows(steps, ops), args.png, f"torch.compile predicted (cost model {cost.MODEL_VERSION}, "
+                     f"bars: the measured range its band allows), {_dt.date.today().isoformat()}")
     return 0
 
 
