@@ -167,6 +167,15 @@ def test_the_cost_chart_draws_every_kernel_of_the_committed_table(tmp_path):
     assert launches > 30 and height >= 20 * launches  # a row a kernel
 
 
+def test_the_compile_chart_draws_the_committed_step_table(tmp_path):
+    from msf.bench.plots import plot_compile
+    rows = json.loads((CURRENT_COST_TABLE.parent / "compile-step.json").read_text())
+    assert {r["provider"] for r in rows if r["op"].startswith("step")} == {
+        "eager", "torch.compile", "triton", "triton+torch.compile"}
+    plot_compile(rows, tmp_path / "compile.png", "test")
+    assert (tmp_path / "compile.png").stat().st_size > 10_000
+
+
 def test_rows_are_handed_out_after_each_provider(fake_time):
     """`run_case(on_rows=…)` sees the rows after every provider that finished, so a benchmark cut at
     a time cap (a lent GPU's stage) still leaves the providers it timed."""
