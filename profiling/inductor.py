@@ -567,39 +567,26 @@ def predict(label: str, fn: Callable, inputs: list[torch.Tensor], device: cost.D
 # ----------------------------------------------------------------------------------------------
 # the model's step and the fused ops' eager references, on fake CPU tensors
 # ----------------------------------------------------------------------------------------------
+def _map_tensors(value, fn: Callable[[torch.Tensor], object]):
+    """`value` with every tensor inside its tuples, lists and dataclasses replaced by `fn(tensor)`,
+    in a fixed order (depth first, fields in declaration order)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _map_tensors(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
 def _fake_like(value, mode):
     """`value` (meta tensors inside tuples / lists / dataclasses) rebuilt from fake CPU tensors."""
-    if isinstance(value, torch.Tensor):
+    def fake(t: torch.Tensor) -> torch.Tensor:
         with mode:
-            t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
-        return t.requires_grad_(value.requires_grad)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fake_like(v, mode) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _fake_like(getattr(value, f.name), mode)
-                                             for f in dataclasses.fields(value)})
-    return value
-
-
-def _leaves(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _leaves(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in _leaves(getattr(value, f.name))]
-    return []
-
-
-def _rebuild(value, tensors: Iterator[torch.Tensor]):
-    if isinstance(value, torch.Tensor):
-        return next(tensors)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_rebuild(v, tensors) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _rebuild(getattr(value, f.name), tensors)
-                                             for f in dataclasses.fields(value)})
-    return value
+            out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+        return out.requires_grad_(t.requires_grad)
+    return _map_tensors(value, fake)
 
 
 def _training(fn: Callable, args: tuple, dtype: torch.dtype):
@@ -611,11 +598,13 @@ def _training(fn: Callable, args: tuple, dtype: torch.dtype):
     from msf.bench.eager_bytes import CudaAutocastEmulation
     mode = FakeTensorMode()
     fake_args = _fake_like(args, mode)
-    leaves = _leaves(fake_args)
+    leaves: list[torch.Tensor] = []
+    _map_tensors(fake_args, leaves.append)
 
     def traced(*tensors):
+        given = iter(tensors)
         with CudaAutocastEmulation(dtype):
-            return fn(*_rebuild(fake_args, iter(tensors)))
+            return fn(*_map_tensors(fake_args, lambda _: next(given)))
 
     return traced, leaves
 
