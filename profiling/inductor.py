@@ -2,7 +2,7 @@
 sm_90 / sm_80 GPU this machine does not have, built with ptxas and costed by `msf.profiling.cost`.
 
     python -m msf.profiling.inductor [--device h100 a100] [--variant paper h4 triton] [--ops]
-                                     [--json PATH] [--md PATH]
+                                     [--json PATH] [--md PATH] [--png PATH]
 
 What it predicts (issue 24 item 4): `torch.compile` (Inductor, default mode: no max-autotune, no
 CUDA graphs) of the eager model's training step, forward + backward of `model.loss` under bf16
@@ -27,17 +27,23 @@ How Inductor's CUDA code is had without a GPU (torch 2.13 CPU build, triton 3.6)
    `CudaInterface` report one device with the `cost.Device`'s SM count and compute capability;
    Triton's active driver is a stub whose target is `GPUTarget("cuda", arch, 32)`;
    `AsyncCompile.triton` loads each kernel's source (a `CachingAutotuner` with its configs) without
-   compiling or benchmarking it. The generated wrapper then runs on fake CUDA tensors with every
+   compiling or benchmarking it; Inductor's dropout seeds need CUDA's device guard in a meta
+   function, so torch's own no-op guard is registered for CUDA (`fake_cuda_guard`: a C++ line,
+   built once; needs a compiler). The generated wrapper then runs on fake CUDA tensors with every
    `CachingAutotuner.run` recorded instead of launched (`record_calls`).
 4. Cost. Each recorded launch becomes a `cost.Launch` per config the autotuner carries (grid from
    Inductor's own `GridExpr`, arguments specialised by Triton's binder for the target), built for
    the target and predicted by `cost.predict` with the same model version and constants as this
-   project's kernels. Inductor's reduction loops (`for r0_offset in range(0, r0_numel, R0_BLOCK)`)
-   take ⌈r0_numel / R0_BLOCK⌉ trips. The autotuner's pick is the config the model predicts
+   project's kernels. Inductor's loops (`InductorLoop`: the looped reduction's ⌈r0_numel / R0_BLOCK⌉
+   trips, the mixed-order reduction's rows per program) are tied to their SASS loops by the line
+   info; static shapes make their trip counts constant and LLVM unrolls the long ones k times
+   (`unroll_factor`: the body's load bytes ÷ one iteration's), so a SASS loop runs T // k times
+   and the T mod k peeled iterations are straight-line code. The autotuner's pick is the config the model predicts
    fastest (on a GPU Inductor benchmarks them; the model stands in for that benchmark). Library
    calls in the wrapper (cuBLAS mm / addmm / bmm, cuDNN convolutions, and any aten fallback) take
-   max(bytes ÷ bandwidth, FLOPs ÷ tensor peak) + one launch, bytes counted as `eager_bytes` counts
-   an aten op, FLOPs from `torch.utils.flop_counter`.
+   max(bytes ÷ bandwidth, FLOPs ÷ peak) + one launch, bytes counted as `eager_bytes` counts an aten
+   op, FLOPs from `torch.utils.flop_counter` (but a convolution's backward from its own formula,
+   `library_flops`), the peak the tensor cores' or, for a grouped convolution, the FP32 pipes'.
 
 What this is not: a measurement. Inductor's choices that depend on a benchmark on the GPU (config
 autotuning, and nothing else in default mode) are made by the cost model here; the band of every
