@@ -105,6 +105,16 @@ def _out_argument_names(func: torch._ops.OpOverload) -> frozenset:
     return frozenset(a.name for a in func._schema.arguments if a.is_out)
 
 
+def op_tensors(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out) -> list[torch.Tensor]:
+    """The tensors one aten call moves: its tensor inputs (an `out=` argument counts as written, not
+    read) and its outputs; none for a view or an allocation."""
+    if _op_kind(func) != "data":
+        return []
+    outs = _out_argument_names(func)
+    read = tree_leaves((args, {k: v for k, v in kwargs.items() if k not in outs}))
+    return [t for t in read + tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 class ByteCounter(TorchDispatchMode):
     """Sums the bytes of every aten op's tensor inputs and outputs, per (phase, op name).
 
@@ -129,9 +139,7 @@ class ByteCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self._paused or _op_kind(func) != "data":
             return out
-        outs = _out_argument_names(func)
-        read = tree_leaves((args, {k: v for k, v in kwargs.items() if k not in outs}))
-        moved = sum(tensor_bytes(t) for t in read + tree_leaves(out) if isinstance(t, torch.Tensor))
+        moved = sum(tensor_bytes(t) for t in op_tensors(func, args, kwargs, out))
         row = self.rows[(self.phase, func._schema.name.split("::")[-1])]
         row[0] += moved
         row[1] += 1

@@ -153,17 +153,18 @@ def cuda_target(device: cost.Device) -> Iterator[None]:
     from triton.runtime import driver
     fake_cuda_guard()
     props = device_properties(device)
+    # what both torch.cuda and Dynamo's CudaInterface (which bound torch.cuda's functions at import) answer
+    both = dict(current_device=lambda: 0, set_device=lambda d: None, device_count=lambda: 1,
+                synchronize=lambda d=None: None, get_device_properties=lambda d=None: props)
     answers = dict(
-        is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0, set_device=lambda d: None,
-        get_device_capability=lambda d=None: (props.major, props.minor), get_device_properties=lambda d=None: props,
+        both, is_available=lambda: True, get_device_capability=lambda d=None: (props.major, props.minor),
         get_device_name=lambda d=None: props.name, _lazy_init=lambda: None, is_initialized=lambda: True,
-        synchronize=lambda d=None: None, _exchange_device=lambda d: 0, _maybe_exchange_device=lambda d: 0,
+        _exchange_device=lambda d: 0, _maybe_exchange_device=lambda d: 0,
         get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
         set_rng_state=lambda state, device="cuda": None)
     interface = dict(
-        current_device=lambda: 0, set_device=lambda d: None, device_count=lambda: 1, synchronize=lambda d=None: None,
-        get_device_properties=lambda d=None: props, get_raw_stream=lambda d: 0, exchange_device=lambda d: 0,
-        maybe_exchange_device=lambda d: 0, memory_allocated=lambda d=None: 0, is_bf16_supported=lambda *a, **k: True)
+        both, get_raw_stream=lambda d: 0, exchange_device=lambda d: 0, maybe_exchange_device=lambda d: 0,
+        memory_allocated=lambda d=None: 0, is_bf16_supported=lambda *a, **k: True)
     with contextlib.ExitStack() as stack:
         for name, fn in answers.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, fn))
@@ -230,14 +231,15 @@ def _retarget(value):
     return value
 
 
+def _blank(t: torch.Tensor, device, mode=None) -> torch.Tensor:
+    """An unfilled tensor of `t`'s sizes, strides and dtype on `device` (a fake one within `mode`)."""
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+
+
 def _on_cuda(value, mode):
-    """A fake CUDA tensor of `value`'s sizes, strides and dtype (non-tensors as they are)."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cuda(v, mode) for v in value)
-    if not isinstance(value, torch.Tensor):
-        return value
-    with mode:
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=CUDA)
+    """`value` with every tensor a fake CUDA one of its sizes, strides and dtype."""
+    return _map_tensors(value, lambda t: _blank(t, CUDA, mode))
 
 
 def compile_graphs(fn: Callable, inputs: list[torch.Tensor]) -> list[Graph]:
@@ -298,10 +300,6 @@ class LibraryCall:
     tensor_cores: bool = True   # False: a grouped (depthwise) convolution, on the FP32 pipes
 
 
-def _meta_like(t):
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
-
-
 class _LibraryRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Every data-moving aten op the wrapper itself calls (what is not a Triton kernel)."""
 
@@ -314,13 +312,10 @@ class _LibraryRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         from msf.bench import eager_bytes
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if eager_bytes._op_kind(func) != "data":
-            return out
-        outs = eager_bytes._out_argument_names(func)
-        if not outs and not any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
-            return out  # a query (prim::device, sizes): nothing moves
-        read = tree_leaves((args, {k: v for k, v in kwargs.items() if k not in outs}))
-        tensors = [t for t in read + tree_leaves(out) if isinstance(t, torch.Tensor)]
+        tensors = eager_bytes.op_tensors(func, args, kwargs, out)
+        written = eager_bytes._out_argument_names(func) or any(isinstance(t, torch.Tensor) for t in tree_leaves(out))
+        if not tensors or not written:
+            return out  # a view, an allocation, or a query (prim::device): nothing moves
         moved = sum(eager_bytes.tensor_bytes(t) for t in tensors)
         flops = library_flops(func, args, kwargs, out)
         low = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
@@ -371,7 +366,7 @@ def record_calls(graph: Graph) -> list[TritonCall | LibraryCall]:
         module.call(list(graph.inputs))
     for call in calls:  # (made outside the fake mode: plain meta tensors, as cost.Launch expects)
         if isinstance(call, TritonCall):
-            call.args = tuple(_meta_like(a) for a in call.args)
+            call.args = _map_tensors(call.args, lambda t: _blank(t, "meta"))
     return calls
 
 
@@ -534,9 +529,7 @@ class Predicted:
     label: str
     device: str
     kernels: list[cost.KernelCost]          # the config predicted fastest, one per launch
-    configs_tried: int
     library: list[tuple[str, LibraryCall, float]]   # (pass, call, seconds)
-    fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (pass, msf:: operator): not costed here
 
     def total(self, pass_: str | None = None) -> float:
         k = sum(c.predicted for c in self.kernels if pass_ in (None, c.pass_))
@@ -564,7 +557,7 @@ def predict(label: str, fn: Callable, inputs: list[torch.Tensor], device: cost.D
             costs = [predict_launch(launch, device) for launch in launches(call, label, pass_, device.arch)]
             tried += len(costs)
             kernels.append(min(costs, key=lambda c: c.predicted))
-    result = Predicted(label, device.key, kernels, tried, library, fused)
+    result = Predicted(label, device.key, kernels, library)
     log(f"  {label} on {device.key}: {len(kernels)} Triton launches ({tried} configs built), {len(library)} library "
         f"calls, {len(fused)} msf:: operator calls (not included), {result.total() * 1e3:.2f} ms")
     return result
@@ -588,11 +581,7 @@ def _map_tensors(value, fn: Callable[[torch.Tensor], object]):
 
 def _fake_like(value, mode):
     """`value` (meta tensors inside tuples / lists / dataclasses) rebuilt from fake CPU tensors."""
-    def fake(t: torch.Tensor) -> torch.Tensor:
-        with mode:
-            out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-        return out.requires_grad_(t.requires_grad)
-    return _map_tensors(value, fake)
+    return _map_tensors(value, lambda t: _blank(t, "cpu", mode).requires_grad_(t.requires_grad))
 
 
 def _training(fn: Callable, args: tuple, dtype: torch.dtype):
