@@ -323,14 +323,15 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 @triton.jit
 def _sub_wgrad_kernel(
-    A, B, PART, ROWS, D,
+    A, B, PART, stride_pc, ROWS, DA, DB,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """fp32 partials over row chunk pid_c, in row c of PART (n_chunks × (D·D + D), contiguous): the
-    weight part PART[c, i·D + j] = Σ_r A[r, i] B[r, j] and (programs with pid_j = 0) the bias part
-    PART[c, D·D + i] = Σ_r A[r, i], so one chunk-sum launch reduces both. A, B: ROWS×D contiguous.
-    Every element is written.
+    """fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the weight part
+    PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (programs with pid_j = 0) the bias part
+    PART[c, DA·DB + i] = Σ_r A[r, i], so one chunk-sum launch reduces both. A: ROWS×DA, B: ROWS×DB,
+    contiguous. Every element of the DA·DB + DA values a chunk owns is written; a larger stride_pc
+    lets two launches share one partial buffer (the FFN sublayer's dW1 and dW2).
     When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
     wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are."""
     pid_i = tl.program_id(0)
@@ -338,8 +339,8 @@ def _sub_wgrad_kernel(
     pid_c = tl.program_id(2).to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = offs_i < D
-    mask_j = offs_j < D
+    mask_i = offs_i < DA
+    mask_j = offs_j < DB
     acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     bsum = tl.zeros([BLOCK_I], tl.float32)
     row_start = pid_c * CHUNK_ROWS
@@ -348,21 +349,21 @@ def _sub_wgrad_kernel(
         # stop at the chunk's end too: a chunk that is not a multiple of BLOCK_R would otherwise
         # add the next chunk's first rows a second time (found by tests/test_fuzz_parity.py)
         mask_r = (offs_r < ROWS) & (offs_r < row_start + CHUNK_ROWS)
-        at = tl.load(A + offs_r[None, :] * D + offs_i[:, None], mask=mask_i[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(B + offs_r[:, None] * D + offs_j[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        at = tl.load(A + offs_r[None, :] * DA + offs_i[:, None], mask=mask_i[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(B + offs_r[:, None] * DB + offs_j[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
         if A.dtype.element_ty.primitive_bitwidth > B.dtype.element_ty.primitive_bitwidth:
             at = _round(at, B.dtype.element_ty)
         if B.dtype.element_ty.primitive_bitwidth > A.dtype.element_ty.primitive_bitwidth:
             bt = _round(bt, A.dtype.element_ty)
         acc += _mm(at, bt, PRECISE)
         bsum += tl.sum(at.to(tl.float32), 1)
-    part = PART + pid_c * (D * D + D)
-    tl.store(part + offs_i[:, None] * D + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
-    tl.store(part + D * D + offs_i, bsum, mask=mask_i & (pid_j == 0))
+    part = PART + pid_c * stride_pc
+    tl.store(part + offs_i[:, None] * DB + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
+    tl.store(part + DA * DB + offs_i, bsum, mask=mask_i & (pid_j == 0))
 
 
 _sub_wgrad_kernel = PinnedKernel(
-    "attention_sublayer.wgrad", _sub_wgrad_kernel, _wg_config_list(), ["D", "CHUNK_ROWS", "PRECISE"],
+    "attention_sublayer.wgrad", _sub_wgrad_kernel, _wg_config_list(), ["DA", "DB", "CHUNK_ROWS", "PRECISE"],
     shape_class=lambda named: _mode(min(named["A"].element_size(), named["B"].element_size())),
     allowed=lambda cls: [_as_wg_config(c) for c in _WG_ALLOWED[cls]], classes=list(_WG_ALLOWED),
     prune=_wg_prune)
@@ -404,10 +405,12 @@ def _wg_block_i(precise: bool, device: torch.device) -> int:
 
 
 def _wgrad(a, b, part, chunk_rows: int, precise: bool) -> None:
-    """part[c] = (Σ aᵀ b, Σ a) over the rows of chunk c of a, b (ROWS×C): C×C then C fp32 values."""
-    rows, c = a.shape
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_I"]), triton.cdiv(c, meta["BLOCK_J"]), part.shape[0])  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, part, rows, c, CHUNK_ROWS=chunk_rows, PRECISE=precise)
+    """part[c, :DA·DB + DA] = (Σ aᵀ b, Σ a) over the rows of chunk c of a (ROWS×DA) and b (ROWS×DB):
+    DA×DB then DA fp32 values; `part` is n_chunks rows of at least that many values (a column slice
+    of a wider buffer is fine: rows are found by part's row stride)."""
+    (rows, da), db = a.shape, b.shape[1]
+    grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), part.shape[0])  # noqa: E731
+    _sub_wgrad_kernel[grid](a, b, part, part.stride(0), rows, da, db, CHUNK_ROWS=chunk_rows, PRECISE=precise)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):

@@ -6,9 +6,10 @@
     w1: H×C, b1: H (fc1, nn.Linear's out×in)   w2: C×H, b2: C (fc2)      saved: mean, rstd (rows fp32)
 
 GELU is exact (erf) to fp32 rounding: Φ and φ from one exponential (`_gelu_parts`). The hidden
-activations (rows × H, H = 2C in the model) never reach memory: the forward keeps each
-BLOCK_H-column slice of them on chip and folds it into fc2's accumulator at once; the backward
-recomputes them from x and the saved LayerNorm statistics. Precision (`compute_dtype`):
+activations (rows × H, H = 2C in the model) are never saved: the forward keeps each BLOCK_H-column
+slice of them on chip and folds it into fc2's accumulator at once; the backward recomputes them
+from x and the saved LayerNorm statistics (above C = 128 it stashes them, with dH, for the weight
+gradients' GEMMs: a transient of the backward, freed when it returns). Precision (`compute_dtype`):
 - uniform: x and all six parameters share fp32 / bf16 / fp16 and the products run in it (fp32 as
   tf32x3, about fp32 accuracy; fused up to C = 64, the eager composition above);
 - mixed (what CUDA autocast hands the block): fp32 x and fp32 master weights, products in bf16 /
@@ -22,9 +23,15 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
   hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once.
 - `_ffn_bwd_dx_kernel`: a run of row tiles a program: recomputes LN(x) and, slice by slice, fc1's
   output, then dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g +
-  that. Writes the program's partial sums of dγ, dβ and db2.
-- `_ffn_bwd_wgrad_kernel`: one (hidden slice, row chunk) a program: the same recompute for its
-  slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over the chunk's rows.
+  that. Writes the program's partial sums of dγ, dβ and db2; with STASH (C > 128, `stash_pays`) it
+  also stores LN(x), dH and A = GELU(h) in the compute dtype for the weight gradients.
+- the weight gradients, one of two routes:
+  - recompute (C ≤ 128): `_ffn_bwd_wgrad_kernel`, one (hidden slice, row chunk) a program: the same
+    recompute for its slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over
+    the chunk's rows;
+  - stash (C > 128): the attention sublayer's `_sub_wgrad_kernel` twice, plain GEMMs over the
+    stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
+    route's per-slice LayerNorm and fc1 the bulk of its work there.
 - attention's `_attn_bwd_reduce_kernel` (twice): the fixed-order sums of both partial buffers.
 
 docs/ffn_sublayer.md: the backward's math, the bytes against eager, the cost-model figures and the
@@ -37,6 +44,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
+from msf.kernels import attention_sublayer as _sub
 from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
@@ -44,11 +52,12 @@ from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.reference import eager_ffn_sublayer
 
 __all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPECS", "compute_dtype",
-           "fused_supported"]
+           "fused_supported", "stash_pays"]
 
 ffn_sublayer_eager = eager_ffn_sublayer  # the reference: F.layer_norm → F.linear → F.gelu → F.linear → + x
 
 _MAX_BLOCK_C = 256
+_STASH_ABOVE_C = 128  # `stash_pays`
 # compute dtype codes of the kernels' CDT constexpr
 _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -268,14 +277,17 @@ def _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C: tl.constexpr):
 # of a slice for dW1, dW2: two passes over the recompute, each with a grid that suits its sums.
 @triton.jit
 def _ffn_bwd_dx_kernel(
-    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART,
+    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART, N_ST, DH_ST, A_ST,
     ROWS, N_TILES, TILES,
-    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, STASH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """dx of row tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_N rows each), and the program's
     partial sums PART[pid] = [Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32) over them. A few tiles a program keep
-    the partial buffer (and its sum) small: a program per tile left 8192 partial rows at stage 1."""
+    the partial buffer (and its sum) small: a program per tile left 8192 partial rows at stage 1.
+    STASH: also store what the weight gradients need, in the compute dtype: n = LN(x) to N_ST
+    (ROWS×C), dH and A = GELU(h) to DH_ST and A_ST (ROWS×HID); the weight gradients are then two
+    plain GEMMs over them (`_backward`) instead of a second recompute."""
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -293,6 +305,8 @@ def _ffn_bwd_dx_kernel(
         x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
         xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
         xn = _to_compute(xn, CDT)
+        if STASH:
+            tl.store(N_ST + tok, xn, mask=mask_nc)
         g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
         dy = _to_compute(g, CDT)
         dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
@@ -301,6 +315,11 @@ def _ffn_bwd_dx_kernel(
             da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
             cdf, pdf = _gelu_parts(h)
             dh = _to_compute(da * (cdf + h * pdf), CDT)
+            if STASH:
+                hid_tok = rows[:, None] * HID + offs_h[None, :]
+                mask_nh = mask_n[:, None] & mask_h[None, :]
+                tl.store(DH_ST + hid_tok, dh, mask=mask_nh)
+                tl.store(A_ST + hid_tok, _to_compute(h * cdf, CDT), mask=mask_nh)
             dn += _mm(dh, w1, CDT == 0)
         dn = _rounded(dn, CDT)
         _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C)
@@ -322,7 +341,7 @@ def _ffn_bwd_wgrad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """fp32 partials of hidden slice pid_h over row chunk pid_c, in row pid_c of PART (n_chunks ×
-    (2·H·C + H)): dW1[slice, :] at [0, H·C), dW2[:, slice] at [H·C, 2·H·C), db1[slice] after."""
+    (2·H·C + H)): dW1[slice, :] at [0, H·C), db1[slice] at [H·C, H·C + H), dW2[:, slice] after."""
     h0 = tl.program_id(0) * BLOCK_H
     pid_c = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
@@ -355,8 +374,8 @@ def _ffn_bwd_wgrad_kernel(
     part = PART + pid_c * (2 * HID * C + HID)
     mask_hc = mask_h[:, None] & mask_c[None, :]
     tl.store(part + offs_h[:, None] * C + offs_c[None, :], dw1, mask=mask_hc)
-    tl.store(part + HID * C + offs_c[None, :] * HID + offs_h[:, None], dw2t, mask=mask_hc)
-    tl.store(part + 2 * HID * C + offs_h, tl.sum(db1, 0), mask=mask_h)
+    tl.store(part + HID * C + offs_h, tl.sum(db1, 0), mask=mask_h)
+    tl.store(part + HID * C + HID + offs_c[None, :] * HID + offs_h[:, None], dw2t, mask=mask_hc)
 
 
 _ffn_bwd_wgrad_kernel = _pinned("wgrad", _ffn_bwd_wgrad_kernel)
@@ -376,21 +395,30 @@ def _block_c(c: int) -> int:
     return max(32, triton.next_power_of_2(c))
 
 
-def _wg_chunking(rows: int, hid: int, block_h: int, sms: int | None,
+def _wg_chunking(rows: int, tiles: int, min_rows: int, sms: int | None,
                  chunk_rows: int | None = None) -> tuple[int, int]:
-    """(chunk_rows, n_chunks) of the weight-gradient kernel: enough row chunks for about two programs
-    per SM over the ⌈H / BLOCK_H⌉ hidden slices, each chunk at least 256 rows (its (2·H·C + H) fp32
-    partial then costs under a tenth of what the chunk reads), a multiple of 128 rows. At B = 32,
-    512² on 132 SMs: 132, 132, 33, 11 chunks for the four stages. Short chunks under the
+    """(chunk_rows, n_chunks) of a weight-gradient grid of `tiles` output tiles a row chunk: enough
+    chunks for about two programs per SM, each chunk at least `min_rows` rows (so that its fp32
+    partial costs well under what the chunk reads), a multiple of 128 rows. Short chunks under the
     interpreter so that tests cover several."""
     if chunk_rows is None:
         if sms is None:
             chunk_rows = 32
         else:
-            want = max(1, triton.cdiv(2 * sms, triton.cdiv(hid, block_h)))
-            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), 256), 128) * 128
+            want = max(1, triton.cdiv(2 * sms, tiles))
+            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), min_rows), 128) * 128
     chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
     return chunk_rows, triton.cdiv(rows, chunk_rows)
+
+
+def stash_pays(c: int, hid: int) -> bool:
+    """Whether the backward stashes n, dH and A for GEMM weight gradients (else the recompute
+    kernel): above C = 128 (the model's stage 4, C = 192 in a 256 block), where the recompute
+    kernel's per-slice LayerNorm and fc1 dominate. At stage 3 the two routes predict about even and
+    below it the stash loses (its bytes, and the dx kernel's registers); the cost model's figures:
+    docs/ffn_sublayer.md, "Weight gradients: two routes". `hid` is not consulted yet: every figure
+    behind the rule is at the model's H = 2C."""
+    return c > _STASH_ABOVE_C
 
 
 def _tile_runs(n_tiles: int, sms: int | None, per_sm: int) -> tuple[int, int]:
@@ -426,41 +454,57 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
 
 
 def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
-              wg_chunk_rows: int | None = None):
+              wg_chunk_rows: int | None = None, stash: bool | None = None):
     """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype (b2's
-    is `b2_dtype`: b2 itself is not needed)."""
+    is `b2_dtype`: b2 itself is not needed). `stash` picks the weight gradients' route (default
+    `stash_pays`): the dx kernel stores n, dH, A and two GEMM launches sum dW1 = dHᵀ n, dW2 = dyᵀ A,
+    or the recompute kernel derives them again from x and g."""
     rows, c = x2.shape
     hid = w1.shape[0]
     dev = x2.device
     block_c = _block_c(c)
     code = _CDT[cdt]
+    stash = stash_pays(c, hid) if stash is None else bool(stash)
     shape_class = f"{_mode({'CDT': code, 'X': x2})}_c{block_c}"  # the class both kernels launch with
     dx = _new((rows, c), dev, x2.dtype)
+    # the stash (n, dH, A in the compute dtype; never touched when STASH is off: dx stands in)
+    n_st, dh_st, a_st = ((_new((rows, c), dev, cdt), _new((rows, hid), dev, cdt), _new((rows, hid), dev, cdt))
+                         if stash else (dx, dx, dx))
 
     # the host sizes both grids by the pinned blocks: one dx program per run of row tiles
     sms = _core._sm_count(dev)
     n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(shape_class, "BLOCK_N", dev))
     tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=4)
     ln_part = _new((n_progs, 3 * c), dev, torch.float32)
-    _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, rows, n_tiles, tiles,
-                                   C=c, HID=hid, CDT=code, BLOCK_C=block_c)
+    _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, n_st, dh_st, a_st,
+                                   rows, n_tiles, tiles, C=c, HID=hid, CDT=code, BLOCK_C=block_c, STASH=stash)
 
-    block_h = _ffn_bwd_wgrad_kernel.pinned_kwarg(shape_class, "BLOCK_H", dev)
-    chunk, n_chunks = _wg_chunking(rows, hid, block_h, sms, wg_chunk_rows)
-    w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
-    _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
-        x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows,
-        C=c, HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
+    # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| Σ dy, unused)] a row
+    if stash:
+        block_i, block_j = (_sub._sub_wgrad_kernel.pinned_kwarg("16" if code else "tf32x3", k, dev)
+                            for k in ("BLOCK_I", "BLOCK_J"))
+        chunk, n_chunks = _wg_chunking(rows, triton.cdiv(hid, block_i) * triton.cdiv(c, block_j), 2 * hid, sms,
+                                       wg_chunk_rows)
+        w_part = _new((n_chunks, 2 * hid * c + hid + c), dev, torch.float32)
+        _sub._wgrad(dh_st, n_st, w_part[:, :hid * c + hid], chunk, code == 0)
+        _sub._wgrad(g, a_st, w_part[:, hid * c + hid:], chunk, code == 0)
+    else:
+        block_h = _ffn_bwd_wgrad_kernel.pinned_kwarg(shape_class, "BLOCK_H", dev)
+        chunk, n_chunks = _wg_chunking(rows, triton.cdiv(hid, block_h), 256, sms, wg_chunk_rows)
+        w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
+        _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
+            x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows,
+            C=c, HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
 
     ln_sum = _new((3 * c,), dev, torch.float32)
-    w_sum = _new((2 * hid * c + hid,), dev, torch.float32)
+    w_sum = _new((w_part.shape[1],), dev, torch.float32)
     _sum_rows(ln_part, ln_sum)
     _sum_rows(w_part, w_sum)
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
     dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
     dw1 = w_sum[:hid * c].view(hid, c).to(w1.dtype)
-    dw2 = w_sum[hid * c:2 * hid * c].view(c, hid).to(w2.dtype)
-    db1 = w_sum[2 * hid * c:].to(b1.dtype)
+    db1 = w_sum[hid * c:hid * c + hid].to(b1.dtype)
+    dw2 = w_sum[hid * c + hid:2 * hid * c + hid].view(c, hid).to(w2.dtype)
     return dx, dlnw, dlnb, dw1, db1, dw2, db2
 
 
@@ -468,10 +512,10 @@ class FFNSublayerFunction(torch.autograd.Function):
     """The fused sublayer; saves x and the parameters (inputs) and the LayerNorm statistics."""
 
     @staticmethod
-    def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, wg_chunk_rows=None):
+    def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, wg_chunk_rows=None, stash=None):
         out, mean, rstd = _forward(x2, lnw, lnb, w1, b1, w2, b2, eps, cdt)
         ctx.save_for_backward(x2, lnw, lnb, w1, b1, w2, mean, rstd)
-        ctx.cdt, ctx.wg_chunk_rows = cdt, wg_chunk_rows
+        ctx.cdt, ctx.wg_chunk_rows, ctx.stash = cdt, wg_chunk_rows, stash
         ctx.b2_dtype = b2.dtype
         return out
 
@@ -479,8 +523,8 @@ class FFNSublayerFunction(torch.autograd.Function):
     def backward(ctx, g):
         x2, lnw, lnb, w1, b1, w2, mean, rstd = ctx.saved_tensors
         grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g.contiguous(), ctx.cdt, ctx.b2_dtype,
-                          ctx.wg_chunk_rows)
-        return (*grads, None, None, None)
+                          ctx.wg_chunk_rows, ctx.stash)
+        return (*grads, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,12 +585,14 @@ def dispatch(x, lnw, lnb, w1, b1, w2, b2, eps: float, fused):
     return fused(x.reshape(-1, c).contiguous(), *params, float(eps), cdt).view(*x.shape[:-1], c)
 
 
-def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None):
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None,
+                 stash: bool | None = None):
     """`x + fc2(GELU(fc1(LayerNorm(x))))` (shapes in the module docstring): fused forward and backward
     where `compute_dtype` says the kernels serve the dtypes and C ≤ 256, else the eager composition.
-    `wg_chunk_rows` overrides the weight-gradient kernel's row chunk (tests use it)."""
+    `wg_chunk_rows` overrides the weight gradients' row chunk and `stash` their route (default
+    `stash_pays`); tests use both."""
     return dispatch(x, lnw, lnb, w1, b1, w2, b2, eps,
-                    lambda *args: FFNSublayerFunction.apply(*args, wg_chunk_rows))
+                    lambda *args: FFNSublayerFunction.apply(*args, wg_chunk_rows, stash))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +604,7 @@ _AOT_PTRS = {
     "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"), "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX"),
     "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),
 }
+_AOT_STASH_PTRS = ("N_ST", "DH_ST", "A_ST")  # the dx kernel's stash: in the compute dtype
 _AOT_F32 = {"fwd": ("MEAN", "RSTD"), "dx": ("MEAN", "RSTD", "PART"), "wgrad": ("MEAN", "RSTD", "PART")}
 _AOT_KERNELS = {"fwd": _ffn_fwd_kernel, "dx": _ffn_bwd_dx_kernel, "wgrad": _ffn_bwd_wgrad_kernel}
 _AOT_DTYPE = {"16": ("bf16", 1), "amp": ("fp32", 1), "fp32": ("fp32", 0)}
@@ -570,14 +617,21 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_c in _ALLOWED[kname].items():
             dname, code = _AOT_DTYPE[mode]
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
+            if kname == "dx":
+                ptrs.update({a: "*fp32" if code == 0 else "*bf16" for a in _AOT_STASH_PTRS})
             for block_c, cfgs in per_c.items():
                 for bn, bh, w, st in cfgs:
                     const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c,
                              "BLOCK_N": bn, "BLOCK_H": bh}
                     if kname == "wgrad":
                         const["CHUNK_ROWS"] = _AOT_CHUNK
-                    specs.append(_aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}",
-                                           kernel.fn, ptrs, const, w, st, floats=("eps",)))
+                    # the dx kernel in the route the model takes at this C (`stash_pays`)
+                    stash = kname == "dx" and stash_pays(_AOT_C[block_c], 2 * _AOT_C[block_c])
+                    if kname == "dx":
+                        const["STASH"] = stash
+                    specs.append(_aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}"
+                                           + ("_stash" if stash else ""), kernel.fn, ptrs, const, w, st,
+                                           floats=("eps",)))
     return specs
 
 

@@ -112,15 +112,37 @@ def test_autocast_matches_eager_autocast(shape, device, poisoned):
     _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], f"{shape} autocast vs float64")
 
 
+# the weight gradients' two routes (`stash_pays` picks one by C): each forced at a shape the other
+# serves by default, so both run at small and large C, in every dtype class
+ROUTE_CASES = [("C32", torch.float32, True), ("C64", torch.bfloat16, True), ("C40-H56", torch.float16, True),
+               ("C48-H16", torch.bfloat16, True), ("C128", torch.bfloat16, True), ("C192", torch.bfloat16, False)]
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_weight_gradients_over_many_chunks(device, poisoned):
-    """Row chunks of 24 rows against 16-row tiles: every chunk ends inside a tile, the last one is
-    ragged, and each chunk's rows must be summed exactly once."""
+@pytest.mark.parametrize("shape,dtype,stash", ROUTE_CASES,
+                         ids=[f"{s}-{str(d)[6:]}-{'stash' if st else 'recompute'}" for s, d, st in ROUTE_CASES])
+def test_both_weight_gradient_routes(shape, dtype, stash, device, poisoned):
+    """The route the default does not take at this C, against float64 like the default's."""
+    kernel_device(device)
+    _, _, c, h = SHAPES[shape]
+    assert ffn_mod.stash_pays(c, h) != stash
+    vals = _inputs(SHAPES[shape], seed=hash(shape) % 1000 + 1)
+    rounded = {k: v.to(dtype) for k, v in vals.items()}
+    ours, ref = _leaves(rounded, device, dtype), _leaves(rounded, device, torch.float64)
+    out = _run(ours, ffn_mod.ffn_sublayer, stash=stash)
+    _compare(ours, ref, out, _run(ref, ffn_mod.ffn_sublayer_eager), TOL[dtype], f"{shape} {dtype} stash={stash}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
+def test_weight_gradients_over_many_chunks(device, stash, poisoned):
+    """Row chunks of 24 rows against 16-row tiles (recompute) or 32-row blocks (stash GEMM): every
+    chunk ends inside a tile, the last one is ragged, and each chunk's rows must be summed exactly once."""
     kernel_device(device)
     vals = _inputs((2, 50, 32, 64), seed=3)
     ours, ref = _leaves(vals, device, torch.float32), _leaves(vals, device, torch.float64)
-    out = _run(ours, ffn_mod.ffn_sublayer, wg_chunk_rows=24)
-    _compare(ours, ref, out, _run(ref, ffn_mod.ffn_sublayer_eager), TOL[torch.float32], "24-row chunks")
+    out = _run(ours, ffn_mod.ffn_sublayer, wg_chunk_rows=24, stash=stash)
+    _compare(ours, ref, out, _run(ref, ffn_mod.ffn_sublayer_eager), TOL[torch.float32], f"24-row chunks, stash={stash}")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
