@@ -354,22 +354,25 @@ def _upsample_adjoint_kernel(
     mask_x = xs < w_in
     mask_e = offs_e < E
     acc = tl.zeros([BLOCK_X, BLOCK_E], tl.float32)
-    for jy in tl.range(0, 2 * SY + SY % 2, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)
-        oy = SY * y - SY // 2 - SY % 2 + jy
-        in_y = (oy >= 0) & (oy < H)
-        oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
-        y0, y1, ly0, ly1 = _taps(scale_y, oyc, h_in)
-        wy = tl.where(in_y, tl.where(y0 == y, ly0, 0.0) + tl.where(y1 == y, ly1, 0.0), 0.0)
-        line = DH + ((b * H + oyc) * W) * E
-        for jx in tl.range(0, 2 * SX + SX % 2, loop_unroll_factor=1):
-            ox = SX * xs - SX // 2 - SX % 2 + jx
-            in_x = (ox >= 0) & (ox < W) & mask_x
-            oxc = tl.minimum(tl.maximum(ox, 0), W - 1)
-            x0, x1, lx0, lx1 = _taps(scale_x, oxc, w_in)
-            wx = tl.where(x0 == xs, lx0, 0.0) + tl.where(x1 == xs, lx1, 0.0)
-            g = tl.load(line + oxc[:, None].to(tl.int64) * E + offs_e[None, :],
-                        mask=(in_x & in_y)[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
-            acc += (wy * wx)[:, None] * g
+    # x outermost: the BLOCK_X pixels' x taps, weights and masks once per window column, and the
+    # inner loop over window rows is a scalar weight (the same for the whole row), a load and an FMA
+    for jx in tl.range(0, 2 * SX + SX % 2, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)
+        ox = SX * xs - SX // 2 - SX % 2 + jx
+        in_x = (ox >= 0) & (ox < W) & mask_x
+        oxc = tl.minimum(tl.maximum(ox, 0), W - 1)
+        x0, x1, lx0, lx1 = _taps(scale_x, oxc, w_in)
+        wx = tl.where(in_x, tl.where(x0 == xs, lx0, 0.0) + tl.where(x1 == xs, lx1, 0.0), 0.0)
+        column = DH + (b * H * W + oxc[:, None].to(tl.int64)) * E + offs_e[None, :]
+        mask = in_x[:, None] & mask_e[None, :]
+        col = tl.zeros([BLOCK_X, BLOCK_E], tl.float32)  # Σ_rows wy · dh of this window column
+        for jy in tl.range(0, 2 * SY + SY % 2, loop_unroll_factor=1):
+            oy = SY * y - SY // 2 - SY % 2 + jy
+            oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
+            y0, y1, ly0, ly1 = _taps(scale_y, oyc, h_in)
+            in_y = (oy >= 0) & (oy < H)
+            wy = tl.where(in_y, tl.where(y0 == y, ly0, 0.0) + tl.where(y1 == y, ly1, 0.0), 0.0)
+            col += wy * tl.load(column + oyc.to(tl.int64) * W * E, mask=mask & in_y, other=0.0).to(tl.float32)
+        acc += wx[:, None] * col
     out = DP + ((b * h_in + y) * w_in + xs[:, None]) * E + offs_e[None, :]
     tl.store(out, _round(acc, DP.dtype.element_ty), mask=mask_x[:, None] & mask_e[None, :])
 
