@@ -16,7 +16,8 @@
 # `measure` is the first contact with a card, every stage capped and run in its own process, each
 # result packed as soon as it exists (a stage that fails or overruns costs only its own share):
 #   warm → the training step, triton / eager / triton+compile / compile → every op, eager / triton /
-#   sdpa → parity (GPU kernel tests, pytest-xdist when present; failures logged as they happen) →
+#   sdpa → measured beside predicted (msf.bench.compare: each time against the committed cost-model
+#   and torch.compile predictions for this card, measured-vs-predicted.{md,json}) → parity (GPU kernel tests, pytest-xdist when present; failures logged as they happen) →
 #   Nsight Compute on the fused kernels beside the cost model → the triton step's profiler trace →
 #   training throughput (synthetic data, no data folder needed) → the calibration set
 #   (bench/calibration.py: Liger-Kernel's kernels at their published shapes, Inductor's GEMM and
@@ -73,6 +74,15 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
     tail -n "${TAIL_LINES:-12}" "$work/$name.log" | cut -c1-240
     tar czf "$pack/gpu-results.tgz" --exclude='trace-*.json' -C "$work" . 2>/dev/null
   }
+  compare_measured() {   # the bench rows so far beside the committed predictions for this card (msf.bench.compare)
+    local rows=()
+    for f in "$work"/bench/bench-*.json; do [ -f "$f" ] && rows+=("$f"); done
+    if (( ${#rows[@]} )); then
+      TAIL_LINES=30 stage compare 20 $python -m msf.bench.compare "${rows[@]}" --out "$work"
+    else
+      echo "compare: skipped, no bench rows" | tee -a "$work/stages.log"
+    fi
+  }
   ship_traces() {   # each profiler trace travels gzipped on its own (the tgz stays small)
     for trace in "$work"/profile/trace-*.json; do
       [ -f "$trace" ] && gzip -c "$trace" > "$pack/$(basename "$trace").gz" && rm "$trace"
@@ -94,6 +104,7 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
         --out "$work/bench" --name bench-step-triton
     TAIL_LINES=20 stage ops 60 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton \
         --budget-s 45 --out "$work/bench" --name bench-ops
+    compare_measured
     TAIL_LINES=20 stage ncu 60 env PYTHON=$python COST_TIMEOUT=5 bash profiling/ncu.sh "$work/ncu"
     stage profile-triton 25 $python -m msf.profiling.torch_profile --backend triton --steps 2 --warmup 2 --out "$work/profile"
     ship_traces
@@ -108,6 +119,7 @@ if [ "$mode" = measure ] || [ "$mode" = triton ]; then
       --budget-s 80 --out "$work/bench" --name bench-step
   TAIL_LINES=20 stage ops 70 $python -m msf.bench.suite --preset paper --suite ops --providers eager,triton,sdpa \
       --budget-s 45 --out "$work/bench" --name bench-ops
+  compare_measured
   export MSF_FAILURE_LOG=$work/test-failures.log   # tests/conftest.py: each failure written as it happens
   xdist=(); $python -c "import xdist" 2>/dev/null && xdist=(-n 12)
   stage parity 120 env -u TRITON_INTERPRET $python -m pytest -v -p no:cacheprovider "${xdist[@]}" tests/ \
