@@ -17,7 +17,8 @@
 # result packed as soon as it exists (a stage that fails or overruns costs only its own share):
 #   warm → the training step, triton / eager / triton+compile / compile → every op, eager / triton /
 #   sdpa → measured beside predicted (msf.bench.compare: each time against the committed cost-model
-#   and torch.compile predictions for this card, measured-vs-predicted.{md,json}) → parity (GPU kernel tests, pytest-xdist when present; failures logged as they happen) →
+#   and torch.compile predictions for this card, measured-vs-predicted.{md,json}) → parity (GPU
+#   kernel tests, pytest-xdist when present; failures logged as they happen) →
 #   Nsight Compute on the fused kernels beside the cost model → the triton step's profiler trace →
 #   training throughput (synthetic data, no data folder needed) → the calibration set
 #   (bench/calibration.py: Liger-Kernel's kernels at their published shapes, Inductor's GEMM and

@@ -12,6 +12,8 @@
 - `dot_tf32x3(a, b)`: the same with `input_precision="tf32x3"` (fp32-accurate products of fp32
   operands on tensor cores; plain `tl.dot` rounds fp32 operands to tf32).
 - `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
+- `row_chunks(...)`: how a weight-gradient grid splits its rows into chunks (host side; the
+  attention and FFN sublayers' fp32 partial sums).
 """
 from __future__ import annotations
 
@@ -60,6 +62,23 @@ def dot_tf32x3(a, b):
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
     return tl.dot(a, b, out_dtype=tl.float32, input_precision="tf32x3")
+
+
+def row_chunks(rows: int, tiles: int, min_rows: int, sms: int | None, chunk_rows: int | None = None,
+               interpreter_rows: int = 64) -> tuple[int, int]:
+    """(chunk_rows, n_chunks) of a weight-gradient grid with `tiles` output tiles a row chunk, each
+    chunk summed into its own fp32 partial row: enough chunks for about two programs per SM, each
+    at least `min_rows` rows (so its partial costs well under what it reads), a multiple of 128
+    rows; `interpreter_rows` under the interpreter (sms None), short so that CPU tests cover several
+    chunks; `chunk_rows` overrides (tests), clipped to the rows rounded up to 128."""
+    if chunk_rows is None:
+        if sms is None:
+            chunk_rows = interpreter_rows
+        else:
+            want = max(1, triton.cdiv(2 * sms, tiles))
+            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), min_rows), 128) * 128
+    chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
+    return chunk_rows, triton.cdiv(rows, chunk_rows)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET
+from msf.kernels._common import INTERPRET, row_chunks
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 
@@ -385,21 +385,15 @@ def _wg_chunking(rows: int, c: int, sms: int | None, chunk_rows: int | None = No
     of what the chunk reads in bf16 + fp32), multiples of 128 rows. At B = 32 on 132 SMs (64-wide
     tiles): 256, 256, 64, 22 chunks for the four stages. Stages 1-2 (C = 32, 64: one output tile)
     need that many to fill the machine; `_attn_bwd_reduce_kernel` sums them 64 at a time, in 2-D
-    tiles. Short chunks under the interpreter so tests cover several."""
-    if chunk_rows is None:
-        if sms is None:
-            chunk_rows = 64
-        else:
-            want = max(1, triton.cdiv(2 * sms, triton.cdiv(c, block_i) ** 2))
-            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), 2 * c), 128) * 128
-    chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
-    return chunk_rows, triton.cdiv(rows, chunk_rows)
+    tiles. 64-row chunks under the interpreter so tests cover several (`row_chunks`)."""
+    return row_chunks(rows, triton.cdiv(c, block_i) ** 2, 2 * c, sms, chunk_rows, interpreter_rows=64)
 
 
-def _wg_block_i(precise: bool, device: torch.device) -> int:
-    """BLOCK_I of the weight-gradient kernel's pinned configuration (64 if none is pinned)."""
+def _wg_block(precise: bool, device: torch.device, key: str = "BLOCK_I") -> int:
+    """A block size (BLOCK_I, BLOCK_J) of the weight-gradient kernel's pinned configuration (64 if
+    none is pinned)."""
     try:
-        return _sub_wgrad_kernel.pinned_kwarg("tf32x3" if precise else "16", "BLOCK_I", device)
+        return _sub_wgrad_kernel.pinned_kwarg("tf32x3" if precise else "16", key, device)
     except KeyError:
         return 64
 
@@ -459,7 +453,7 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
     # weight / bias gradients: fp32 partials per row chunk ([dW | db] per chunk row), then one
     # chunk-sum launch for both pairs (deterministic: fixed tiles and order for a fixed config)
     rows, size = batch * n, c * c + c
-    chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block_i(precise, dev) if sms else 64)
+    chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block(precise, dev) if sms else 64)
     q_part = _new((nc, size), dev, torch.float32)
     o_part = _new((nc, size), dev, torch.float32)
     _wgrad(dq.view(rows, c), x.view(rows, c), q_part, chunk, precise)

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET
+from msf.kernels._common import INTERPRET, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
@@ -401,22 +401,6 @@ def _block_c(c: int) -> int:
     return max(32, triton.next_power_of_2(c))
 
 
-def _wg_chunking(rows: int, tiles: int, min_rows: int, sms: int | None,
-                 chunk_rows: int | None = None) -> tuple[int, int]:
-    """(chunk_rows, n_chunks) of a weight-gradient grid of `tiles` output tiles a row chunk: enough
-    chunks for about two programs per SM, each chunk at least `min_rows` rows (so that its fp32
-    partial costs well under what the chunk reads), a multiple of 128 rows. Short chunks under the
-    interpreter so that tests cover several."""
-    if chunk_rows is None:
-        if sms is None:
-            chunk_rows = 32
-        else:
-            want = max(1, triton.cdiv(2 * sms, tiles))
-            chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), min_rows), 128) * 128
-    chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
-    return chunk_rows, triton.cdiv(rows, chunk_rows)
-
-
 def stash_pays(c: int, hid: int) -> bool:
     """Whether the backward stashes n, dH and A for GEMM weight gradients (else the recompute
     kernel): above C = 128 (the model's stage 4, C = 192 in a 256 block), where the recompute
@@ -487,16 +471,17 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
 
     # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| Σ dy, unused)] a row
     if stash:
-        block_i, block_j = (_sub._sub_wgrad_kernel.pinned_kwarg("16" if code else "tf32x3", k, dev)
-                            for k in ("BLOCK_I", "BLOCK_J"))
-        chunk, n_chunks = _wg_chunking(rows, triton.cdiv(hid, block_i) * triton.cdiv(c, block_j), 2 * hid, sms,
-                                       wg_chunk_rows)
+        block_i, block_j = (_sub._wg_block(code == 0, dev, k) for k in ("BLOCK_I", "BLOCK_J"))
+        # chunks of ≥ 2·H rows: a chunk's 2·H·C fp32 partial then costs under a third of what it reads
+        chunk, n_chunks = row_chunks(rows, triton.cdiv(hid, block_i) * triton.cdiv(c, block_j), 2 * hid, sms,
+                                     wg_chunk_rows, interpreter_rows=32)
         w_part = _new((n_chunks, 2 * hid * c + hid + c), dev, torch.float32)
         _sub._wgrad(dh_st, n_st, w_part[:, :hid * c + hid], chunk, code == 0)
         _sub._wgrad(g, a_st, w_part[:, hid * c + hid:], chunk, code == 0)
     else:
         block_h = _ffn_bwd_wgrad_kernel.pinned_kwarg(shape_class, "BLOCK_H", dev)
-        chunk, n_chunks = _wg_chunking(rows, triton.cdiv(hid, block_h), 256, sms, wg_chunk_rows)
+        # chunks of ≥ 256 rows: the (2·H·C + H) fp32 partial then costs under a tenth of what it reads
+        chunk, n_chunks = row_chunks(rows, triton.cdiv(hid, block_h), 256, sms, wg_chunk_rows, interpreter_rows=32)
         w_part = _new((n_chunks, 2 * hid * c + hid), dev, torch.float32)
         _ffn_bwd_wgrad_kernel[(triton.cdiv(hid, block_h), n_chunks)](
             x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows,
