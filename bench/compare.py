@@ -27,20 +27,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PREDICTED = Path(__file__).resolve().parent / "results" / "predicted"
-COST_TABLE = PREDICTED / "cost-model.json"
-COMPILE_TABLE = PREDICTED / "compile-step.json"
+from msf.bench.predicted import COST_OPS, CURRENT_COST_TABLE as COST_TABLE, bench_pass, predictions_from_rows
+
+COMPILE_TABLE = COST_TABLE.parent / "compile-step.json"
 
 # cost-model device key from the name CUDA reports (first match wins: NVL before the plain H100)
 DEVICE_KEYS = (("H200", "h200"), ("H100 NVL", "h100nvl"), ("H100", "h100"), ("A100", "a100"))
 
-# `msf bench` op -> the predicted tables' op (fwd and bwd summed for a fwd+bwd pass)
-BENCH_OPS = {"head+ce_dice": "head_loss", "lmsa": "lmsa", "decoder_mlp": "decoder_mlp",
-             "upsample+argmax": "upsample_argmax",
-             **{f"ffn/stage{s}": f"ffn_sublayer[stage {s}]" for s in range(1, 5)}}
-# the training step: bench provider -> (compile table's op, its provider)
-STEP = {"eager": ("step (paper)", "eager"), "compile": ("step (paper)", "torch.compile"),
-        "triton": ("step (triton)", "triton"), "triton+compile": ("step (triton)", "triton+torch.compile")}
+# the training step's compile figures: bench provider -> (compile table's op, its provider)
+COMPILED_STEP = {"compile": ("step (paper)", "torch.compile"),
+                 "triton+compile": ("step (triton)", "triton+torch.compile")}
 
 
 @dataclass(frozen=True)
@@ -69,38 +65,33 @@ def _load(path: Path) -> list[dict]:
     return rows
 
 
-def _passes(bench_pass: str) -> tuple[str, ...]:
-    return ("fwd", "bwd") if bench_pass == "fwd+bwd" else (bench_pass,)
-
-
 def predictions(cost_rows: list[dict], compile_rows: list[dict], device: str) -> dict[tuple[str, str, str], Predicted]:
-    """(bench op, bench provider, bench pass) -> the prediction for `device` (a cost-model key)."""
+    """(bench op, bench provider, bench pass) -> the prediction for `device` (a cost-model key): triton
+    and eager as `msf bench` itself shows them on a CPU (`msf.bench.predicted`), compile and
+    triton+compile from the torch.compile table, each op by `COST_OPS`' name and passes."""
     out: dict[tuple[str, str, str], Predicted] = {}
-    cost = {(r["op"], r["pass"], r["metric"]): r["value"] for r in cost_rows
-            if r.get("device") == device and r.get("kernel") == "(op)"}
-    comp = {(r["op"], r["provider"], r["pass"], r["metric"]): r["value"] for r in compile_rows
-            if r.get("device") == device}
-    cost_meta = _meta(cost_rows)
-    comp_meta = _meta(compile_rows)
-    for bench_op, op in BENCH_OPS.items():
-        for bench_pass in ("fwd+bwd", "fwd"):
-            parts = _passes(bench_pass)
-            for provider, metric, table, meta in (("triton", "fused_predicted", cost, cost_meta),
-                                                  ("eager", "eager_floor", cost, cost_meta)):
-                if all((op, p, metric) in table for p in parts):
-                    what = f"cost-model.json {op} {'+'.join(parts)} {metric}"
-                    out[(bench_op, provider, bench_pass)] = Predicted(
-                        sum(table[(op, p, metric)] for p in parts), what, *meta)
-            if all((op, "torch.compile", p, "predicted") in comp for p in parts):
-                out[(bench_op, "compile", bench_pass)] = Predicted(
-                    sum(comp[(op, "torch.compile", p, "predicted")] for p in parts),
-                    f"compile-step.json {op} {'+'.join(parts)} torch.compile", *comp_meta)
-    for provider, (op, comp_provider) in STEP.items():
-        metric = "floor" if comp_provider == "eager" else "predicted"
-        value = comp.get((op, comp_provider, "fwd+bwd", metric))
+    for bench_op, pred in predictions_from_rows(cost_rows, device, COST_TABLE.name).items():
+        pass_ = bench_pass(bench_op)
+        band = (pred.model_version, pred.error_band)
+        out[(bench_op, "triton", pass_)] = Predicted(pred.triton_s, f"cost-model.json: {pred.what}, fused", *band)
+        out[(bench_op, "eager", pass_)] = Predicted(pred.eager_floor_s, f"cost-model.json: {pred.what}, eager floor",
+                                                    *band)
+    comp = {(r["op"], r["provider"], r["pass"]): r["value"] for r in compile_rows
+            if r.get("device") == device and r.get("metric") == "predicted"}
+    meta = _meta(compile_rows)
+    for bench_op, target in COST_OPS.items():
+        if isinstance(target, str) or target[0] == "(step)":
+            continue
+        op, passes = target
+        if all((op, "torch.compile", p) in comp for p in passes):
+            out[(bench_op, "compile", bench_pass(bench_op))] = Predicted(
+                sum(comp[(op, "torch.compile", p)] for p in passes),
+                f"compile-step.json {op} {'+'.join(passes)} torch.compile", *meta)
+    for provider, (op, comp_provider) in COMPILED_STEP.items():
+        value = comp.get((op, comp_provider, "fwd+bwd"))
         if value is not None:
-            what = f"compile-step.json {op} {comp_provider} {metric} (fwd+bwd; the optimizer step is not in it)"
-            out[("train_step", provider, "step")] = Predicted(value, what, *comp_meta)
+            what = f"compile-step.json {op} {comp_provider} (fwd+bwd; the optimizer step is not in it)"
+            out[("train_step", provider, "step")] = Predicted(value, what, *meta)
     return out
 
 

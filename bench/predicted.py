@@ -66,6 +66,17 @@ def load_predictions(path: Path = CURRENT_COST_TABLE, device: str = "h100") -> d
     if missing:
         raise ValueError(f"{path}: cost-model table without {', '.join(sorted(missing))}; re-run "
                          "`python -m msf.profiling.cost --json` to write one")
+    return predictions_from_rows(rows, device, str(path))
+
+
+def bench_pass(bench_op: str) -> str:
+    """The pass name `msf bench` gives the op's timing ("step", "fwd+bwd" or "fwd")."""
+    target = COST_OPS[bench_op]
+    return "step" if target[0] == "(step)" else "+".join(target[1])
+
+
+def predictions_from_rows(rows: list[dict], device: str, source: str) -> dict[str, Prediction]:
+    """`load_predictions` on a cost-model table already read (rows of every device)."""
     rows = [r for r in rows if r["device"] == device]
     predictions = {}
     for bench_op, target in COST_OPS.items():
@@ -88,7 +99,7 @@ def load_predictions(path: Path = CURRENT_COST_TABLE, device: str = "h100") -> d
             what = f"{cost_op} {'+'.join(passes)}"
         first = rows[0]
         predictions[bench_op] = Prediction(bench_op, device, triton_s, eager_s, what, first["model_version"],
-                                           tuple(first["error_band"]), str(path))
+                                           tuple(first["error_band"]), source)
     return predictions
 
 
