@@ -323,8 +323,8 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 @triton.jit
 def _sub_wgrad_kernel(
-    A, B, PART, stride_pc, ROWS, DA, DB,
-    CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr,
+    A, B, PART, stride_pc, ROWS, DA, DB, B_W,
+    CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the weight part
@@ -333,7 +333,11 @@ def _sub_wgrad_kernel(
     contiguous. Every element of the DA·DB + DA values a chunk owns is written; a larger stride_pc
     lets two launches share one partial buffer (the FFN sublayer's dW1 and dW2).
     When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
-    wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are."""
+    wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are.
+    B_PATCH = R > 1: B is not stored ROWS×DB but gathered: row r is the R×R patch r of a token map
+    (B_W tokens a map row, C = DB/R² channels, patches numbered row by row over the images stacked
+    as one tall map), its columns in (i, j, c) order: the input of a stride-R R×R convolution as a
+    GEMM operand, read straight from the B·N×C tokens (msf.kernels.attention_block's dW_sr)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_c = tl.program_id(2).to(tl.int64)
@@ -341,6 +345,11 @@ def _sub_wgrad_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = offs_i < DA
     mask_j = offs_j < DB
+    if B_PATCH > 1:  # column j = (i, j', c) of a patch: token row i of the patch, then (j', c) contiguous
+        patch_c = DB // (B_PATCH * B_PATCH)
+        cols_b = (offs_j // (B_PATCH * patch_c)) * (B_W * patch_c) + offs_j % (B_PATCH * patch_c)
+    else:
+        cols_b = offs_j
     acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     bsum = tl.zeros([BLOCK_I], tl.float32)
     row_start = pid_c * CHUNK_ROWS
@@ -350,7 +359,12 @@ def _sub_wgrad_kernel(
         # add the next chunk's first rows a second time (found by tests/test_fuzz_parity.py)
         mask_r = (offs_r < ROWS) & (offs_r < row_start + CHUNK_ROWS)
         at = tl.load(A + offs_r[None, :] * DA + offs_i[:, None], mask=mask_i[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(B + offs_r[:, None] * DB + offs_j[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        if B_PATCH > 1:  # patch r = (image row of patches, patch column): its top-left token's offset
+            rows_b = (offs_r // (B_W // B_PATCH)) * (B_PATCH * B_W * patch_c) + (offs_r % (B_W // B_PATCH)) * (
+                B_PATCH * patch_c)
+        else:
+            rows_b = offs_r * DB
+        bt = tl.load(B + rows_b[:, None] + cols_b[None, :], mask=mask_r[:, None] & mask_j[None, :], other=0.0)
         if A.dtype.element_ty.primitive_bitwidth > B.dtype.element_ty.primitive_bitwidth:
             at = _round(at, B.dtype.element_ty)
         if B.dtype.element_ty.primitive_bitwidth > A.dtype.element_ty.primitive_bitwidth:
@@ -398,13 +412,17 @@ def _wg_block(precise: bool, device: torch.device, key: str = "BLOCK_I") -> int:
         return 64
 
 
-def _wgrad(a, b, part, chunk_rows: int, precise: bool) -> None:
+def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None) -> None:
     """part[c, :DA·DB + DA] = (Σ aᵀ b, Σ a) over the rows of chunk c of a (ROWS×DA) and b (ROWS×DB):
     DA×DB then DA fp32 values; `part` is n_chunks rows of at least that many values (a column slice
-    of a wider buffer is fine: rows are found by part's row stride)."""
-    (rows, da), db = a.shape, b.shape[1]
+    of a wider buffer is fine: rows are found by part's row stride). `patch` = (R, w): b is a map's
+    tokens (…×C) and its rows the R×R patches of an h×w map, DB = R²·C (see `_sub_wgrad_kernel`)."""
+    rows, da = a.shape
+    ratio, width = patch if patch is not None else (1, 0)
+    db = b.shape[-1] * ratio * ratio
     grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), part.shape[0])  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, part, part.stride(0), rows, da, db, CHUNK_ROWS=chunk_rows, PRECISE=precise)
+    _sub_wgrad_kernel[grid](a, b, part, part.stride(0), rows, da, db, width, CHUNK_ROWS=chunk_rows, PRECISE=precise,
+                            B_PATCH=ratio)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
@@ -666,7 +684,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for dname, a_t, b_t in pairs:
             ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "PART": "*fp32"}
             for bi, bj, br, w in cfgs:
-                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3",
+                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "B_PATCH": 1,
                          "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
                 specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
                                        _sub_wgrad_kernel.fn, ptrs, const, w, 2))

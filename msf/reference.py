@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
-__all__ = ["DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer", "eager_attention",
+__all__ = ["AttentionBlockParams", "DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer",
+           "eager_attention", "eager_attention_block",
            "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
            "tokens_to_map"]
 
@@ -40,6 +41,45 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def composed_attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo, attention=eager_attention):
     return residual + F.linear(attention(F.linear(x_norm, wq, bq), k, v), wo, bo)
+
+
+@dataclass(frozen=True)
+class AttentionBlockParams:
+    """The parameters of a block's attention half: its first LayerNorm, the key/value path (an R×R
+    stride-R convolution and its LayerNorm where R > 1, None where R = 1; the kv Linear) and the
+    q and output projections. Weights as their modules hold them (nn.Linear's out × in, Conv2d's
+    out × in × R × R)."""
+
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+    sr_weight: torch.Tensor | None
+    sr_bias: torch.Tensor | None
+    sr_norm_weight: torch.Tensor | None
+    sr_norm_bias: torch.Tensor | None
+    kv_weight: torch.Tensor
+    kv_bias: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    ln_eps: float = 1e-5
+    sr_norm_eps: float = 1e-5
+
+
+def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams,
+                          attention_sublayer=composed_attention_sublayer) -> torch.Tensor:
+    """The block's attention half as the paper's model computes it: x + Attn(LN(x)), the keys and
+    values from the LayerNorm'd map reduced by the R×R stride-R convolution and its LayerNorm
+    (R > 1), on B×(h·w)×C tokens."""
+    c = x.shape[-1]
+    x_norm = F.layer_norm(x, (c,), p.ln_weight, p.ln_bias, p.ln_eps)
+    kv_in = x_norm
+    if sr_ratio > 1:
+        reduced = F.conv2d(tokens_to_map(x_norm, *hw), p.sr_weight, p.sr_bias, stride=sr_ratio)
+        kv_in = F.layer_norm(reduced.flatten(2).transpose(1, 2), (c,), p.sr_norm_weight, p.sr_norm_bias,
+                             p.sr_norm_eps)
+    k, v = F.linear(kv_in, p.kv_weight, p.kv_bias).chunk(2, dim=-1)  # views into one B×M×2C tensor
+    return attention_sublayer(x_norm, x, k, v, p.q_weight, p.q_bias, p.proj_weight, p.proj_bias)
 
 
 def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5):

@@ -1,0 +1,451 @@
+"""Fused attention half of a transformer block: LayerNorm, the key/value path and the attention sublayer.
+
+    xn   = LN1(x)                                   x, out: B×N×C tokens of an h×w map (N = h·w)
+    red  = Conv_{R×R, stride R}(xn) + b_sr          B×M×C, M = (h/R)(w/R)     (R > 1 only)
+    kin  = LN_sr(red)        (R > 1);  kin = xn     (R = 1)
+    k, v = kin W_kvᵀ + b_kv                         B×M×C each: the halves of one B×M×2C tensor
+    out  = x + softmax((xn wqᵀ + bq) kᵀ/√C) v woᵀ + bo
+
+It computes what the model's eager block computes (`msf.reference.eager_attention_block`), in one
+dtype (fp32 / bf16 / fp16) or in autocast's mixed precision: fp32 x and master weights, every
+product in bf16 / fp16, each value rounded where autocast's eager ops round it (LN outputs on their
+way into the convolution and the Linears, the convolution's and the Linears' outputs, each gradient
+a 16-bit op hands back). The R×R stride-R convolution reads non-overlapping patches, so it is a GEMM
+over them: each token of the map belongs to exactly one patch, and the kernels visit it once.
+
+Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
+- `_kv_fwd_kernel`: per tile of patches, for each of the R² window positions: the tokens' LayerNorm
+  (statistics on chip), xn stored in the compute dtype (the sublayer's input, kept for the
+  backward) and accumulated into the convolution; then + b_sr, LN_sr and the kv Linear: red and kin
+  (B×M×C) and kv (B×M×2C) written. R = 1: LN1 and the kv Linear only.
+- the attention sublayer's kernels (`msf.kernels.attention_sublayer`) on xn, x (the residual), k, v:
+  forward, and its backward up to ∂L/∂xn from the q path (the sublayer's dx), dK, dV, dWq ... dbo.
+- `_kv_bwd_kernel`: per tile of patches, dkin = dK W_k + dV W_v, LN_sr's backward to d red (stored
+  for dW_sr), then per window position the convolution's input gradient added to the q path's,
+  LN1's backward and the residual's gradient: dx written once. LN partial sums per program.
+- the sublayer's `_sub_wgrad_kernel`: dW_k, dW_v (dK, dV against kin) and dW_sr (d red against
+  the patches of xn, gathered from the token tensor in the kernel), each with its bias.
+
+docs/attention_block.md: the backward's math, the rounding points, the bytes against eager.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msf.kernels import attention as _core
+from msf.kernels import attention_sublayer as _sub
+from msf.kernels._common import INTERPRET, row_chunks
+from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
+from msf.kernels.attention_sublayer import _round
+from msf.kernels.ffn_sublayer import _CDT, _rounded, _sum_rows, _to_compute
+from msf.reference import AttentionBlockParams, eager_attention_block
+
+__all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "fused_supported"]
+
+# (BLOCK_M patches, num_warps) per C block, both kernels: 256 programs at the model's B = 32
+# (8192 patches every stage), about two a SM on an H100. Under the interpreter the same.
+_CONFIGS: dict[int, tuple[int, int]] = {32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8)}
+
+
+def _block_c(c: int) -> int:
+    return max(32, triton.next_power_of_2(c))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _patch_tokens(offs_m, p, MW, W_TOK, R: tl.constexpr):
+    """Token rows (of the B·N×C tensor) at window position p = i·R + j of patches offs_m, the patches
+    numbered row by row over the images stacked as one tall map (MW = w/R patches a row)."""
+    return ((offs_m // MW) * R + p // R) * W_TOK + (offs_m % MW) * R + p % R
+
+
+@triton.jit
+def _ln_hat(x, mask, C, eps):
+    """(x̂, rstd) of the rows of x (fp32, zero outside `mask`): x̂ = (x − mean)·rstd, rstd = 1/√(var + eps)
+    with the biased variance, as torch's layer_norm; x̂ zero outside `mask`."""
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_grad(dy, xhat, rstd, gamma, mask, C):
+    """∂L/∂x of LayerNorm rows from ∂L/∂y: rstd·(γ∘dy − mean(γ∘dy) − x̂·mean(γ∘dy∘x̂)), zero outside `mask`."""
+    gd = tl.where(mask, dy * gamma[None, :], 0.0)
+    dx = rstd[:, None] * (gd - (tl.sum(gd, 1) / C)[:, None] - xhat * (tl.sum(gd * xhat, 1) / C)[:, None])
+    return tl.where(mask, dx, 0.0)
+
+
+@triton.jit
+def _vec(PTR, offs, mask):
+    return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _square(W, offs_a, offs_b, mask_a, mask_b, C):
+    """W[a, b] of a row-major C-wide matrix as an A × B block (compute dtype as stored)."""
+    return tl.load(W + offs_a[:, None] * C + offs_b[None, :], mask=mask_a[:, None] & mask_b[None, :], other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kv_fwd_kernel(
+    X, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
+    P, MW, W_TOK, C, eps, eps_sr,
+    R: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
+    (fp32 or the compute dtype); WSR: R²×C×C (window position, out, in) and WKV: 2C×C, both in the
+    compute dtype, as are BSR, BKV; the LayerNorm parameters in any float dtype."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_m = offs_m < P
+    mask_c = offs_c < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    gamma = _vec(LNW, offs_c, mask_c)
+    beta = _vec(LNB, offs_c, mask_c)
+    if R == 1:  # patches are tokens
+        x = tl.load(X + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        xhat, _rstd = _ln_hat(x, mask, C, eps)
+        kin = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
+        tl.store(XN + offs_m[:, None] * C + offs_c[None, :], kin, mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for p in range(0, R * R):
+            tok = _patch_tokens(offs_m, p, MW, W_TOK, R)
+            x = tl.load(X + tok[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+            xhat, _rstd = _ln_hat(x, mask, C, eps)
+            xn = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
+            tl.store(XN + tok[:, None] * C + offs_c[None, :], xn, mask=mask)
+            acc += _mm(xn, _square(WSR + p * C * C, offs_c, offs_c, mask_c, mask_c, C).trans(), CDT == 0)
+        red = _to_compute(acc + _vec(BSR, offs_c, mask_c)[None, :], CDT)  # the convolution's output
+        tl.store(RED + offs_m[:, None] * C + offs_c[None, :], red, mask=mask)
+        rhat, _rstd_sr = _ln_hat(tl.where(mask, red.to(tl.float32), 0.0), mask, C, eps_sr)
+        kin = _to_compute(rhat * _vec(SNW, offs_c, mask_c)[None, :] + _vec(SNB, offs_c, mask_c)[None, :], CDT)
+        tl.store(KIN + offs_m[:, None] * C + offs_c[None, :], kin, mask=mask)
+    for half in tl.static_range(2):  # k = kin W_kv[:C]ᵀ + b_kv[:C], then v from the other half
+        offs_o = half * C + offs_c
+        y = _mm(kin, _square(WKV, offs_o, offs_c, mask_c, mask_c, C).trans(), CDT == 0)
+        y = _to_compute(y + _vec(BKV, offs_o, mask_c)[None, :], CDT)
+        tl.store(KV + offs_m[:, None] * (2 * C) + offs_o[None, :], y, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# Given dK, dV (the attention core's), ∂L/∂xn from the q path (dXNq, the sublayer's dx) and g = ∂L/∂out:
+#   dkin = dK W_k + dV W_v                                  (rounded: a 16-bit Linear's input gradient)
+#   R > 1:  r̂ = LN_sr's x̂ of red (recomputed from the saved red)
+#           dred = rstd_sr (γ_sr∘dkin − mean(γ_sr∘dkin) − r̂ mean(γ_sr∘dkin∘r̂))   (rounded; stored)
+#           dγ_sr = Σ dkin∘r̂,  dβ_sr = Σ dkin
+#           per window position p:  dXNkv_p = dred W_sr[:, :, p]    (rounded: the conv's input gradient)
+#   R = 1:  dXNkv = dkin
+#   dxn = dXNq + dXNkv                                      (autograd's sum; rounded in a 16-bit model)
+#   x̂ = LN1's x̂ of x (recomputed),  dx = g + rstd (γ∘dxn − mean(γ∘dxn) − x̂ mean(γ∘dxn∘x̂))
+#   dγ = Σ dxn∘x̂,  dβ = Σ dxn
+# dW_k = dKᵀ kin, db_k = Σ dK (likewise v), dW_sr[:, (i, j, c)] = dredᵀ patches(xn), db_sr = Σ dred:
+# `_sub_wgrad_kernel` afterwards. The LN sums: per program into PART ([dγ | dβ | dγ_sr | dβ_sr]).
+@triton.jit
+def _kv_bwd_kernel(
+    X, LNW, WSR, RED, SNW, WKV, DK, DV, DXNQ, G, DX, DRED, PART,
+    P, MW, W_TOK, C, eps, eps_sr,
+    R: tl.constexpr, CDT: tl.constexpr, ROUND_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dx (B·N×C, X's dtype) and, for R > 1, dred (P×C, compute dtype) for BLOCK_M patches; PART row
+    pid: 4·C fp32 (2·C for R = 1). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G: B·N×C. ROUND_SUMS:
+    the sums a 16-bit model's autograd forms in 16 bits (the two gradients of xn; LN1's dx plus g)."""
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_m = offs_m < P
+    mask_c = offs_c < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    tile = offs_m[:, None] * C + offs_c[None, :]
+    dkin = _mm(tl.load(DK + tile, mask=mask, other=0.0), _square(WKV, offs_c, offs_c, mask_c, mask_c, C), CDT == 0)
+    dkin += _mm(tl.load(DV + tile, mask=mask, other=0.0), _square(WKV + C * C, offs_c, offs_c, mask_c, mask_c, C),
+                CDT == 0)
+    dkin = _rounded(dkin, CDT)
+    gamma = _vec(LNW, offs_c, mask_c)
+    part = PART + pid * (2 * C if R == 1 else 4 * C)
+    dgamma = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    dbeta = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    if R > 1:
+        rhat, rstd_sr = _ln_hat(tl.load(RED + tile, mask=mask, other=0.0).to(tl.float32), mask, C, eps_sr)
+        dred = _to_compute(_ln_grad(dkin, rhat, rstd_sr, _vec(SNW, offs_c, mask_c), mask, C), CDT)
+        tl.store(DRED + tile, dred, mask=mask)
+        tl.store(part + 2 * C + offs_c, tl.sum(dkin * rhat, 0), mask=mask_c)
+        tl.store(part + 3 * C + offs_c, tl.sum(dkin, 0), mask=mask_c)
+    for p in range(0, R * R):
+        if R == 1:
+            tok = offs_m
+            dxn = dkin
+        else:
+            tok = _patch_tokens(offs_m, p, MW, W_TOK, R)
+            dxn = _rounded(_mm(dred, _square(WSR + p * C * C, offs_c, offs_c, mask_c, mask_c, C), CDT == 0), CDT)
+        rows = tok[:, None] * C + offs_c[None, :]
+        dxn += tl.load(DXNQ + rows, mask=mask, other=0.0).to(tl.float32)
+        if ROUND_SUMS:
+            dxn = _rounded(dxn, CDT)
+        xhat, rstd = _ln_hat(tl.load(X + rows, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+        dx = _ln_grad(dxn, xhat, rstd, gamma, mask, C)
+        if ROUND_SUMS:
+            dx = _rounded(dx, CDT)
+        dx += tl.load(G + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows, _round(dx, DX.dtype.element_ty), mask=mask)
+        dgamma += dxn * xhat
+        dbeta += tl.where(mask, dxn, 0.0)
+    tl.store(part + offs_c, tl.sum(dgamma, 0), mask=mask_c)
+    tl.store(part + C + offs_c, tl.sum(dbeta, 0), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _launch(c: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_M, num_warps) of both kv kernels at C channels."""
+    block_c = _block_c(c)
+    return (block_c, *_CONFIGS[block_c])
+
+
+def _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt):
+    """The kv path's weights in the compute dtype and the kernels' layouts: W_sr as R²×C×C (window
+    position, out, in), b_sr, W_kv (2C×C), b_kv. R = 1: no W_sr, b_sr (None)."""
+    wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
+    bsr = None if sr_b is None else sr_b.to(cdt).contiguous()
+    return wsr, bsr, kv_w.to(cdt).contiguous(), kv_b.to(cdt).contiguous()
+
+
+def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
+             eps: float, eps_sr: float, cdt: torch.dtype):
+    """x: B×N×C contiguous; parameters as given (cast here). Returns out (x's dtype) and what the
+    backward needs: xn (B×N×C), red, kin (B·M×C; None for R = 1), kv (B×M×2C), all in `cdt`, and the
+    sublayer's O, lse."""
+    b, n, c = x.shape
+    h, w = hw
+    mw = w // ratio
+    m = (h // ratio) * mw
+    dev = x.device
+    wsr, bsr, wkv, bkv = _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt)
+    xn = _new((b, n, c), dev, cdt)
+    kv = _new((b, m, 2 * c), dev, cdt)
+    red = kin = None
+    if ratio > 1:
+        red, kin = _new((b * m, c), dev, cdt), _new((b * m, c), dev, cdt)
+    block_c, block_m, warps = _launch(c)
+    unused = xn  # pointer arguments the R = 1 build never reads
+    _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
+        x, ln_w, ln_b, unused if wsr is None else wsr, unused if bsr is None else bsr,
+        unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, bkv, xn,
+        unused if red is None else red, unused if kin is None else kin, kv,
+        b * m, mw, w, c, float(eps), float(eps_sr),
+        R=ratio, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps)
+    out, o, lse = _sub._forward(xn, x, kv[..., :c], kv[..., c:], *(t.to(cdt) for t in (wq, bq, wo, bo)))
+    return out, xn, red, kin, kv, o, lse
+
+
+def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, g, hw: tuple[int, int],
+              ratio: int, eps: float, eps_sr: float, cdt: torch.dtype, w_dtypes: dict[str, torch.dtype],
+              wg_chunk_rows: int | None = None):
+    """Gradients of x and of every parameter, in the order of `AttentionBlockFunction.forward`'s inputs
+    (None for R = 1's absent W_sr, b_sr, LN_sr), each parameter's in `w_dtypes[name]`."""
+    b, n, c = x.shape
+    h, w = hw
+    mw = w // ratio
+    p = b * (h // ratio) * mw
+    dev = x.device
+    precise = cdt == torch.float32
+    k, v = kv[..., :c], kv[..., c:]
+    dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, *(t.to(cdt) for t in (wq, bq, wo)), o, lse, g,
+                                                      w_dtypes["wq"], None, None)
+    wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
+    wkv = kv_w.to(cdt).contiguous()
+    dk, dv = dk.contiguous(), dv.contiguous()
+    block_c, block_m, warps = _launch(c)
+    programs = triton.cdiv(p, block_m)
+    ln_part = _new((programs, (2 if ratio == 1 else 4) * c), dev, torch.float32)
+    dx = _new((b, n, c), dev, x.dtype)
+    dred = None if ratio == 1 else _new((p, c), dev, cdt)
+    unused = dx
+    _kv_bwd_kernel[(programs,)](
+        x, ln_w, unused if wsr is None else wsr, unused if red is None else red,
+        unused if srn_w is None else srn_w, wkv, dk, dv, dxnq, g, dx, unused if dred is None else dred, ln_part,
+        p, mw, w, c, float(eps), float(eps_sr),
+        R=ratio, CDT=_CDT[cdt], ROUND_SUMS=x.dtype == cdt and cdt != torch.float32, BLOCK_C=block_c,
+        BLOCK_M=block_m, num_warps=warps)
+    ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
+    _sum_rows(ln_part, ln_sum)
+
+    # kv Linear: [dW_k | db_k | dW_v | db_v] over row chunks of dK, dV against kin (xn when R = 1)
+    sms = _core._sm_count(dev)
+    block_i = _sub._wg_block(precise, dev) if sms else 64
+    kin_rows = xn.view(p, c) if kin is None else kin
+    size = c * c + c
+    chunk, nc = row_chunks(p, 2 * triton.cdiv(c, block_i) ** 2, 2 * c, sms, wg_chunk_rows)
+    kv_part = _new((nc, 2 * size), dev, torch.float32)
+    _sub._wgrad(dk.view(p, c), kin_rows, kv_part[:, :size], chunk, precise)
+    _sub._wgrad(dv.view(p, c), kin_rows, kv_part[:, size:], chunk, precise)
+    kv_sum = _new((2 * size,), dev, torch.float32)
+    _sum_rows(kv_part, kv_sum)
+    dwkv = torch.cat((kv_sum[:c * c].view(c, c), kv_sum[size:size + c * c].view(c, c)))
+    dbkv = torch.cat((kv_sum[c * c:size], kv_sum[size + c * c:]))
+    grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "kv_w": dwkv, "kv_b": dbkv,
+             "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
+    if ratio > 1:  # the convolution: dW_sr[o, (i, j, c)] = Σ_patches dred[o] · xn[patch, (i, j, c)]
+        wide = ratio * ratio * c
+        chunk, nc = row_chunks(p, triton.cdiv(c, block_i) * triton.cdiv(wide, block_i), 2 * c, sms, wg_chunk_rows)
+        sr_part = _new((nc, c * wide + c), dev, torch.float32)
+        _sub._wgrad(dred, xn.view(b * n, c), sr_part, chunk, precise, patch=(ratio, w))
+        sr_sum = _new((c * wide + c,), dev, torch.float32)
+        _sum_rows(sr_part, sr_sum)
+        grads.update(sr_w=sr_sum[:c * wide].view(c, ratio, ratio, c).permute(0, 3, 1, 2), sr_b=sr_sum[c * wide:],
+                     srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:])
+    return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name]).contiguous()
+                           for name in _PARAM_NAMES]
+
+
+_PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo")
+
+
+class AttentionBlockFunction(torch.autograd.Function):
+    """The fused attention half; saves x and the parameters (inputs), xn, red, kin, kv in the compute
+    dtype and the sublayer's O, lse."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw, ratio, eps, eps_sr,
+                cdt, wg_chunk_rows=None):
+        params = (ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo)
+        out, xn, red, kin, kv, o, lse = _forward(x, *params, hw, ratio, eps, eps_sr, cdt)
+        ctx.save_for_backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse)
+        ctx.w_dtypes = {name: None if t is None else t.dtype for name, t in zip(_PARAM_NAMES, params)}
+        ctx.args = (hw, ratio, eps, eps_sr, cdt)
+        ctx.wg_chunk_rows = wg_chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hw, ratio, eps, eps_sr, cdt = ctx.args
+        grads = _backward(*ctx.saved_tensors, g.contiguous(), hw, ratio, eps, eps_sr, cdt, ctx.w_dtypes,
+                          ctx.wg_chunk_rows)
+        return (*grads, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry
+# ----------------------------------------------------------------------------------------------
+def _tensors(p: AttentionBlockParams) -> tuple:
+    return (p.ln_weight, p.ln_bias, p.sr_weight, p.sr_bias, p.sr_norm_weight, p.sr_norm_bias, p.kv_weight,
+            p.kv_bias, p.q_weight, p.q_bias, p.proj_weight, p.proj_bias)
+
+
+def compute_dtype(x: torch.Tensor, p: AttentionBlockParams) -> torch.dtype | None:
+    """The dtype the products run in, or None when the kernels do not serve the mix: under autocast
+    on x's device, autocast's bf16 / fp16 when every tensor is fp32 or that dtype; otherwise the
+    dtype all share (fp32, bf16 or fp16)."""
+    ts = [x] + [t for t in _tensors(p) if t is not None]
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts):
+            return cdt
+        return None
+    dtypes = {t.dtype for t in ts}
+    return x.dtype if len(dtypes) == 1 and x.dtype in _CDT else None
+
+
+def fused_supported(dtype: torch.dtype, c: int) -> bool:
+    """Whether the kernels run with products in `dtype` at C channels: where the attention sublayer's
+    do (bf16 / fp16 up to C = 256, fp32 up to 128)."""
+    return _sub.fused_supported(dtype, c)
+
+
+def _check(x, hw, ratio: int, p: AttentionBlockParams) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"attention_block: x must be B×N×C tokens, got shape {tuple(x.shape)}")
+    b, n, c = x.shape
+    h, w = hw
+    if h * w != n:
+        raise ValueError(f"attention_block: the map is {h}×{w} = {h * w} tokens, x has {n}")
+    if ratio < 1:
+        raise ValueError(f"attention_block: sr_ratio must be ≥ 1, got {ratio}")
+    shapes = {"ln_weight": (c,), "ln_bias": (c,), "kv_weight": (2 * c, c), "kv_bias": (2 * c,), "q_weight": (c, c),
+              "q_bias": (c,), "proj_weight": (c, c), "proj_bias": (c,)}
+    if ratio > 1:
+        shapes.update(sr_weight=(c, c, ratio, ratio), sr_bias=(c,), sr_norm_weight=(c,), sr_norm_bias=(c,))
+    for name, shape in shapes.items():
+        t = getattr(p, name)
+        if t is None or tuple(t.shape) != shape:
+            raise ValueError(f"attention_block: {name} must have shape {shape} (C = {c}, R = {ratio}), got "
+                             f"{None if t is None else tuple(t.shape)}")
+    if len({t.device for t in _tensors(p) if t is not None} | {x.device}) != 1:
+        raise ValueError("attention_block: tensors on different devices")
+
+
+def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublayer):
+    """What both entries (`attention_block` here and `msf::attention_block` in kernels/ops.py) do:
+    check the arguments, then `fused(x, *tensors, hw, ratio, eps, eps_sr, compute_dtype)` where the
+    kernels serve the dtypes, C and the map (h and w multiples of R, x on CUDA or interpreted), else
+    the eager composition around `attention_sublayer`."""
+    _check(x, hw, ratio, p)
+    h, w = hw
+    cdt = compute_dtype(x, p)
+    if (cdt is None or x.numel() == 0 or not fused_supported(cdt, x.shape[-1]) or h % ratio or w % ratio
+            or (x.device.type != "cuda" and not INTERPRET)):
+        return eager_attention_block(x, hw, ratio, p, attention_sublayer=attention_sublayer)
+    tensors = tuple(None if t is None else t.contiguous() for t in _tensors(p))
+    return fused(x.contiguous(), *tensors, (int(h), int(w)), int(ratio), float(p.ln_eps), float(p.sr_norm_eps), cdt)
+
+
+def attention_block(x, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams, *,
+                    wg_chunk_rows: int | None = None) -> torch.Tensor:
+    """`x + attention_sublayer(LN1(x), kv path)` (module docstring): fused forward and backward where
+    `dispatch` says the kernels serve, else the eager composition (with the fused sublayer where it
+    serves). `wg_chunk_rows` overrides the weight gradients' row chunk (tests)."""
+    return dispatch(x, hw, sr_ratio, p, lambda *args: AttentionBlockFunction.apply(*args, wg_chunk_rows),
+                    _sub.attention_sublayer_for_model)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time builds: both kernels × the model's (C, R) × dtype class
+# ----------------------------------------------------------------------------------------------
+_AOT_STAGES = ((32, 8), (64, 4), (128, 2), (192, 1))
+
+
+def _aot_specs() -> list[AttentionAotSpec]:
+    specs = []
+    kernels = {"fwd": (_kv_fwd_kernel, ("X", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
+                       ("LNW", "LNB", "SNW", "SNB")),
+               "bwd": (_kv_bwd_kernel, ("X", "WSR", "RED", "WKV", "DK", "DV", "DXNQ", "G", "DX", "DRED"),
+                       ("LNW", "SNW", "PART"))}
+    # (name, compute dtype, the dtype of CUDA autocast's fp32 tensors): uniform bf16 / fp32 and autocast's mix
+    classes = (("bf16", "bf16", "bf16"), ("amp", "bf16", "fp32"), ("fp32", "fp32", "fp32"))
+    wide = {"X", "G", "DX"}
+    for kname, (kernel, data, f32) in kernels.items():
+        for cname, cdt, xdt in classes:
+            for c, ratio in _AOT_STAGES:
+                if not fused_supported(torch.float32 if cdt == "fp32" else torch.bfloat16, c):
+                    continue
+                block_c, block_m, warps = _launch(c)
+                ptrs = {**{a: f"*{xdt if a in wide else cdt}" for a in data}, **{a: "*fp32" for a in f32}}
+                const = {"R": ratio, "CDT": _CDT[torch.float32 if cdt == "fp32" else torch.bfloat16],
+                         "BLOCK_C": block_c, "BLOCK_M": block_m}
+                if kname == "bwd":
+                    const["ROUND_SUMS"] = cname == "bf16"
+                specs.append(_aot_spec(f"attention_block.{kname}_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
+                                       kernel, ptrs, const, warps, 1, floats=("eps", "eps_sr")))
+    return specs
+
+
+AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+

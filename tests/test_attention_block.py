@@ -1,0 +1,196 @@
+"""Parity of the fused attention half of a block (kernels/attention_block.py) with float64 and with eager.
+
+out = x + attention_sublayer(LN1(x), k, v) with k, v from LN1(x) through the R×R stride-R convolution
+and its LayerNorm (R > 1) and the kv Linear. The output and the gradients of x and of all twelve
+parameters are compared with float64 autograd of the eager composition (`eager_attention_block`)
+on the same (rounded) inputs, and under autocast with eager autocast itself. On a CPU-only machine
+the kernels run under TRITON_INTERPRET=1; on a CUDA machine the "cuda" cases run compiled kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+block_mod = importlib.import_module("msf.kernels.attention_block")
+sub_mod = importlib.import_module("msf.kernels.attention_sublayer")
+attn_mod = importlib.import_module("msf.kernels.attention")
+from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+from msf.reference import AttentionBlockParams, eager_attention_block  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+PARAMS = ("ln_weight", "ln_bias", "sr_weight", "sr_bias", "sr_norm_weight", "sr_norm_bias", "kv_weight", "kv_bias",
+          "q_weight", "q_bias", "proj_weight", "proj_bias")
+# (B, h, w, C, R): the model's four (C, R) pairs on small maps, with more patches than one 32-patch
+# tile (masked last tiles), a C that is no power of two, and maps that are not square
+SHAPES = {"C32-R8": (2, 16, 24, 32, 8), "C64-R4": (2, 12, 8, 64, 4), "C128-R2": (1, 14, 12, 128, 2),
+          "C192-R1": (2, 5, 9, 192, 1), "C48-R2": (3, 6, 10, 48, 2), "C40-R1": (2, 7, 6, 40, 1)}
+# relative-norm tolerances: fp32 products run as tf32x3; bf16 / fp16 as SPEC §7 (the kernels emulate
+# round-to-nearest-even for bf16 under the interpreter, so the GPU's tolerance holds on the CPU too)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+CASES = [("C32-R8", torch.float32), ("C32-R8", torch.bfloat16), ("C64-R4", torch.bfloat16),
+         ("C128-R2", torch.bfloat16), ("C128-R2", torch.float32), ("C192-R1", torch.bfloat16),
+         ("C48-R2", torch.float16), ("C48-R2", torch.float32), ("C40-R1", torch.float32)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels fill (here, in the sublayer and in the reused chunk-sum) starts as NaN."""
+    poison_new_buffers(monkeypatch, block_mod, sub_mod, attn_mod)
+
+
+def _inputs(shape, seed: int) -> dict[str, torch.Tensor | None]:
+    """Fresh random fp32 inputs and an output gradient g; LayerNorm γ near 1, β and biases small."""
+    b, h, w, c, r = shape
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    vals = {"x": rnd(b, h * w, c) * 2 + 0.5, "g": rnd(b, h * w, c),
+            "ln_weight": 1 + 0.2 * rnd(c), "ln_bias": 0.2 * rnd(c),
+            "kv_weight": rnd(2 * c, c) * c ** -0.5, "kv_bias": 0.2 * rnd(2 * c),
+            "q_weight": rnd(c, c) * c ** -0.5, "q_bias": 0.2 * rnd(c),
+            "proj_weight": rnd(c, c) * c ** -0.5, "proj_bias": 0.2 * rnd(c),
+            "sr_weight": None, "sr_bias": None, "sr_norm_weight": None, "sr_norm_bias": None}
+    if r > 1:
+        vals.update(sr_weight=rnd(c, c, r, r) * (c * r * r) ** -0.5, sr_bias=0.2 * rnd(c),
+                    sr_norm_weight=1 + 0.2 * rnd(c), sr_norm_bias=0.2 * rnd(c))
+    return vals
+
+
+def _leaves(vals, device, dtype) -> dict[str, torch.Tensor | None]:
+    return {k: None if v is None else v.detach().to(device=device, dtype=dtype, copy=True).requires_grad_(k != "g")
+            for k, v in vals.items()}
+
+
+def _params(leaves) -> AttentionBlockParams:
+    return AttentionBlockParams(**{k: leaves[k] for k in PARAMS})
+
+
+def _run(leaves, shape, fn, **kw) -> torch.Tensor:
+    _, h, w, _, r = shape
+    out = fn(leaves["x"], (h, w), r, _params(leaves), **kw)
+    out.backward(leaves["g"].to(out.dtype))
+    return out
+
+
+def _fused(x, hw, r, p, **kw):
+    return block_mod.attention_block(x, hw, r, p, **kw)
+
+
+def _compare(ours, ref, out, out_ref, tol: float, what: str) -> None:
+    assert_close(out, out_ref, tol, f"{what} out")
+    for name in ("x",) + PARAMS:
+        if ref[name] is None:
+            assert ours[name] is None
+            continue
+        assert ours[name].grad is not None, f"{what}: no gradient for {name}"
+        assert_close(ours[name].grad, ref[name].grad, tol, f"{what} d{name}")
+
+
+def _eager64(vals, shape, device):
+    ref = _leaves(vals, device, torch.float64)
+    return ref, _run(ref, shape, eager_attention_block)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in CASES])
+def test_matches_float64(shape, dtype, device, poisoned):
+    """One dtype throughout: the forward and all gradients against float64 on the same inputs."""
+    kernel_device(device)
+    vals = _inputs(SHAPES[shape], seed=hash(shape) % 1000)
+    rounded = {k: None if v is None else v.to(dtype) for k, v in vals.items()}
+    ours = _leaves(rounded, device, dtype)
+    ref, out_ref = _eager64(rounded, SHAPES[shape], device)
+    out = _run(ours, SHAPES[shape], _fused)
+    assert out.dtype == dtype
+    _compare(ours, ref, out, out_ref, TOL[dtype], f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape", ["C32-R8", "C192-R1"])
+def test_autocast_matches_eager_autocast(shape, device, poisoned):
+    """The model's case: fp32 x and master weights under bf16 autocast. The kernels round where eager
+    autocast rounds, so the forward matches eager autocast to within a few bf16 roundings. The
+    gradients sit as far from eager autocast's as both sit from float64 (about 1e-2 on this small
+    map, where few patches feed each weight gradient: eager's attention rounds its scores and
+    probabilities to bf16, the fused core keeps them fp32), so they are held to the bf16 tolerance
+    against each and against float64."""
+    kernel_device(device)
+    vals = _inputs(SHAPES[shape], seed=11)
+    ours, eager = _leaves(vals, device, torch.float32), _leaves(vals, device, torch.float32)
+    _, h, w, _, r = SHAPES[shape]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert block_mod.compute_dtype(ours["x"], _params(ours)) == torch.bfloat16
+        out = _fused(ours["x"], (h, w), r, _params(ours))
+        out_eager = eager_attention_block(eager["x"], (h, w), r, _params(eager))
+    out.backward(ours["g"])
+    out_eager.backward(eager["g"])
+    ref, out_ref = _eager64(vals, SHAPES[shape], device)
+    assert out.dtype == torch.float32
+    assert_close(out, out_eager.float(), 3e-3, f"{shape} autocast out vs eager autocast")
+    for name in ("x",) + PARAMS:
+        if eager[name] is not None:
+            assert_close(ours[name].grad, eager[name].grad, TOL[torch.bfloat16],
+                         f"{shape} autocast d{name} vs eager autocast")
+    _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], f"{shape} autocast vs float64")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_weight_gradients_over_many_chunks(device, poisoned):
+    """Row chunks of 5 patches (not a multiple of the GEMM's row block): the kv and convolution
+    weight gradients summed over many fp32 partials in a fixed order."""
+    kernel_device(device)
+    shape = SHAPES["C64-R4"]
+    vals = _inputs(shape, seed=5)
+    ours = _leaves(vals, device, torch.float32)
+    ref, out_ref = _eager64(vals, shape, device)
+    out = _run(ours, shape, _fused, wg_chunk_rows=5)
+    _compare(ours, ref, out, out_ref, TOL[torch.float32], "5-patch chunks")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_strided_input_and_ragged_map(device, poisoned):
+    """A non-contiguous x (a transposed view) runs fused; a map whose sides are not multiples of R
+    (the convolution drops the last rows and columns) runs the eager composition, with the same result."""
+    kernel_device(device)
+    shape = SHAPES["C48-R2"]
+    vals = _inputs(shape, seed=7)
+    ours = _leaves(vals, device, torch.float32)
+    b, h, w, c, r = shape
+    x_t = vals["x"].transpose(1, 2).contiguous().to(device).requires_grad_()  # B×C×N storage
+    ours["x"] = x_t.transpose(1, 2)
+    assert not ours["x"].is_contiguous()
+    ref, out_ref = _eager64(vals, shape, device)
+    out = _run(ours, shape, _fused)
+    assert_close(out, out_ref, TOL[torch.float32], "strided out")
+    assert_close(x_t.grad.transpose(1, 2), ref["x"].grad, TOL[torch.float32], "strided dx")
+
+    ragged = (2, 5, 7, 48, 2)
+    vals = _inputs(ragged, seed=8)
+    ours = _leaves(vals, device, torch.float32)
+    ref, out_ref = _eager64(vals, ragged, device)
+    out = _run(ours, ragged, _fused)
+    _compare(ours, ref, out, out_ref, TOL[torch.float32], "ragged map (eager composition)")
+
+
+def test_bad_arguments_name_what_is_wrong():
+    vals = _inputs(SHAPES["C48-R2"], seed=1)
+    p = _params(_leaves(vals, "cpu", torch.float32))
+    x = vals["x"]
+    with pytest.raises(ValueError, match="5×10 = 50 tokens"):
+        block_mod.attention_block(x, (5, 10), 2, p)
+    with pytest.raises(ValueError, match="sr_weight must have shape"):
+        block_mod.attention_block(x, (6, 10), 4, p)
+    with pytest.raises(ValueError, match="sr_ratio"):
+        block_mod.attention_block(x, (6, 10), 0, p)
+    with pytest.raises(ValueError, match="kv_weight"):
+        block_mod.attention_block(x, (6, 10), 2, dataclasses.replace(p, kv_weight=p.kv_weight[:10]))
