@@ -67,7 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "decoder_mlp", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "attention_block", "ffn_sublayer", "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -396,6 +396,18 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         return backend.EAGER_OPS.attention_sublayer, (
             _meta(batch, n, c, grad=True), _meta(batch, n, c, grad=True), key, value,  # LayerNorm out (fp32), residual
             _meta(c, c, grad=True), _meta(c, grad=True), _meta(c, c, grad=True), _meta(c, grad=True)), True
+    if op == "attention_block":
+        if stage is None:
+            raise ValueError("attention_block needs stage=1..4")
+        n, _, c = stage_shape(stage, size)
+        side, ratio = int(round(n ** 0.5)), cfg.sr_ratios[stage - 1]
+        conv = ((_meta(c, c, ratio, ratio, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(c, grad=True))
+                if ratio > 1 else (None,) * 4)
+        # the residual stream (fp32 under CUDA autocast) and the fp32 master parameters
+        params = backend.AttentionBlockParams(
+            _meta(c, grad=True), _meta(c, grad=True), *conv, _meta(2 * c, c, grad=True), _meta(2 * c, grad=True),
+            _meta(c, c, grad=True), _meta(c, grad=True), _meta(c, c, grad=True), _meta(c, grad=True))
+        return backend.EAGER_OPS.attention_block, (_meta(batch, n, c, grad=True), (side, side), ratio, params), True
     if op == "ffn_sublayer":
         if stage is None:
             raise ValueError("ffn_sublayer needs stage=1..4")
@@ -567,7 +579,8 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 # ----------------------------------------------------------------------------------------------
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
-        [(op, s) for op in ("attention_sublayer", "ffn_sublayer") for s in range(1, len(_config().channels) + 1)] + \
+        [(op, s) for op in ("attention_sublayer", "attention_block", "ffn_sublayer")
+         for s in range(1, len(_config().channels) + 1)] + \
         [("decoder_mlp", None), ("lmsa", None)]
 
 

@@ -8,6 +8,8 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::attention(q, k, v) -> (o, lse)                                    + msf::attention_backward
     msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
                                                                            + msf::attention_sublayer_backward
+    msf::attention_block(x, LN1, [W_sr, b_sr, LN_sr,] W_kv, b_kv, wq, bq, wo, bo, hw, R, eps, eps_sr,
+                         compute_dtype) -> (out, xn, red, kin, kv, o, lse)  + msf::attention_block_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save_h) -> (x, h)
@@ -56,6 +58,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from triton.runtime.jit import KernelInterface
 
 from msf.kernels import attention as _attn
+from msf.kernels import attention_block as _blk
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import decoder_mlp as _dec
 from msf.kernels import ffn_sublayer as _ffn
@@ -294,6 +297,79 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# attention half of a block: x + attention_sublayer(LN1(x), k, v), k, v from LN1(x) through the kv path
+# ----------------------------------------------------------------------------------------------
+# R = 1 has no convolution: its W_sr, b_sr, LN_sr are None in, its red / kin and their gradients
+# empty tensors out (an operator returns no None).
+def _none_if_empty(t: Tensor | None) -> Tensor | None:
+    return None if t is None or t.numel() == 0 else t
+
+
+def _block_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None, srb: Tensor | None, snw: Tensor | None,
+                snb: Tensor | None, kvw: Tensor, kvb: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, bo: Tensor,
+                hw: list[int], ratio: int, eps: float, eps_sr: float,
+                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, xn, red, kin, kv, o, lse = _blk._forward(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo,
+                                                  tuple(hw), ratio, eps, eps_sr, compute_dtype)
+    return (out, xn, xn.new_empty((0,)) if red is None else red, xn.new_empty((0,)) if kin is None else kin, kv, o,
+            lse)  # R = 1: two distinct empties (an operator's outputs may not alias)
+
+
+def _block_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, hw, ratio, eps, eps_sr, compute_dtype):
+    b, n, c = x.shape
+    patches = b * (hw[0] // ratio) * (hw[1] // ratio)
+    kept = x.new_empty((patches, c) if ratio > 1 else (0,), dtype=compute_dtype)
+    return (_contiguous_like(x), _contiguous_like(x, dtype=compute_dtype), kept, kept.new_empty(kept.shape),
+            x.new_empty((b, patches // b, 2 * c), dtype=compute_dtype), _contiguous_like(x, dtype=compute_dtype),
+            x.new_empty((b, n), dtype=torch.float32))
+
+
+def _block_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None, srb: Tensor | None,
+                         snw: Tensor | None, snb: Tensor | None, kvw: Tensor, kvb: Tensor, wq: Tensor, bq: Tensor,
+                         wo: Tensor, bo: Tensor, xn: Tensor, red: Tensor, kin: Tensor, kv: Tensor, o: Tensor,
+                         lse: Tensor, g: Tensor, hw: list[int], ratio: int, eps: float, eps_sr: float,
+                         compute_dtype: torch.dtype) -> list[Tensor]:
+    params = (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo)
+    dtypes = {name: None if t is None else t.dtype for name, t in zip(_blk._PARAM_NAMES, params)}
+    grads = _blk._backward(x, lnw, srw, snw, kvw, wq, bq, wo, xn, _none_if_empty(red), _none_if_empty(kin), kv, o,
+                           lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes)
+    # parameter gradients are slices of shared sum buffers; an operator's outputs may not alias
+    return [grads[0]] + [x.new_empty((0,)) if t is None else t.clone() for t in grads[1:]]
+
+
+def _block_backward_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, xn, red, kin, kv, o, lse, g,
+                         hw, ratio, eps, eps_sr, compute_dtype):
+    return [_contiguous_like(x)] + [x.new_empty((0,)) if t is None else _contiguous_like(t)
+                                    for t in (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo)]
+
+
+attention_block_op = _define("attention_block", _block_body, _block_fake)
+attention_block_backward_op = _define("attention_block_backward", _block_backward_body, _block_backward_fake)
+
+
+def _block_setup(ctx, inputs, output):
+    x, *params = inputs[:13]
+    ctx.save_for_backward(x, *params, *output[1:])
+    ctx.args = inputs[13:]
+
+
+def _block_grad(ctx, g, *_saved_grads):
+    grads = torch.ops.msf.attention_block_backward(*ctx.saved_tensors, g.contiguous(), *ctx.args)
+    saved = ctx.saved_tensors[:13]
+    return (*(None if t is None else d for t, d in zip(saved, grads)), None, None, None, None, None)
+
+
+attention_block_op.register_autograd(_block_grad, setup_context=_block_setup)
+
+
+def attention_block(x, hw, sr_ratio: int, p) -> Tensor:
+    """`msf.kernels.attention_block.attention_block` through `msf::attention_block` (the eager
+    composition, around this module's `attention_sublayer`, where the kernels do not serve)."""
+    return _blk.dispatch(x, hw, sr_ratio, p, lambda *args: torch.ops.msf.attention_block(*args)[0],
+                         attention_sublayer)
+
+
+# ----------------------------------------------------------------------------------------------
 # decoder MLP: the fuse MLP on the folded weights, stages 2-4 projected at their own resolution
 # ----------------------------------------------------------------------------------------------
 def _dec_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor, b2: Tensor,
@@ -485,6 +561,7 @@ class FusedOp:
 # What `msf.backend.get_ops("triton")` uses, keyed by the op names of `msf.backend.Ops`.
 REGISTRY: dict[str, FusedOp] = {
     "attention": FusedOp(_attn.attention, attention),
+    "attention_block": FusedOp(_blk.attention_block, attention_block),
     "attention_sublayer": FusedOp(_sub.attention_sublayer_for_model, attention_sublayer),
     "decoder_mlp": FusedOp(_dec.decoder_mlp, decoder_mlp),
     "ffn_sublayer": FusedOp(_ffn.ffn_sublayer, ffn_sublayer),
@@ -492,7 +569,6 @@ REGISTRY: dict[str, FusedOp] = {
     "lmsa": FusedOp(_lm.lmsa, lmsa),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
-OPERATORS = ("attention", "attention_backward", "attention_sublayer", "attention_sublayer_backward", "decoder_mlp",
-             "decoder_mlp_backward", "ffn_sublayer",
-             "ffn_sublayer_backward", "head_loss",
-             "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")
+OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
+             "attention_sublayer_backward", "decoder_mlp", "decoder_mlp_backward", "ffn_sublayer",
+             "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")

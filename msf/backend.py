@@ -12,6 +12,10 @@ Ops (shapes are the model's):
 - `attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)`: the block's attention sublayer,
   `residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo`; where it is not fused it composes the
   backend's own `attention` between plain projections.
+- `attention_block(x, hw, sr_ratio, params)`: the block's whole attention half, `x + attention_sublayer(
+  LN1(x), k, v)` with k, v from LN1(x) through the key/value path (R×R stride-R convolution and its
+  LayerNorm where R > 1, the kv Linear; `msf.reference.AttentionBlockParams`); where it is not fused
+  it composes the backend's own `attention_sublayer` with eager LayerNorms and projections.
 - `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
   feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
@@ -32,7 +36,8 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
-from msf.reference import (DecoderParams, LMSAParams, composed_attention_sublayer, eager_attention,  # noqa: F401
+from msf.reference import (AttentionBlockParams, DecoderParams, LMSAParams, composed_attention_sublayer,  # noqa: F401
+                           eager_attention, eager_attention_block,
                            eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
@@ -42,6 +47,7 @@ BACKENDS = ("eager", "triton")
 class Ops:
     attention: Callable[..., torch.Tensor]
     attention_sublayer: Callable[..., torch.Tensor]
+    attention_block: Callable[..., torch.Tensor]
     ffn_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
@@ -50,6 +56,7 @@ class Ops:
 
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
+                attention_block=eager_attention_block,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
                 decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa)
 
@@ -125,6 +132,9 @@ def _build_ops(backend: str) -> Ops:
     if "attention_sublayer" not in fused:  # compose around whichever attention this backend has
         composed = functools.partial(composed_attention_sublayer, attention=table["attention"])
         table["attention_sublayer"] = _annotated("attention_sublayer", composed, "eager")
+    if "attention_block" not in fused:  # compose around whichever attention sublayer this backend has
+        composed = functools.partial(eager_attention_block, attention_sublayer=table["attention_sublayer"])
+        table["attention_block"] = _annotated("attention_block", composed, "eager")
     return Ops(**table)
 
 

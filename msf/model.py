@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf.backend import BACKENDS, DecoderParams, LMSAParams, get_ops
+from msf.backend import BACKENDS, AttentionBlockParams, DecoderParams, LMSAParams, get_ops
 from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -58,11 +58,12 @@ class PatchEmbed(nn.Module):
 
 
 class SRAttention(nn.Module):
-    """Single-head attention whose keys/values come from an R×R-strided reduction of the map."""
+    """Single-head attention whose keys/values come from an R×R-strided reduction of the map: the
+    parameters of the block's attention half, which `Block` runs through the backend's
+    `attention_block` together with the block's first LayerNorm and the residual."""
 
-    def __init__(self, dim: int, sr_ratio: int, backend: str):
+    def __init__(self, dim: int, sr_ratio: int):
         super().__init__()
-        self.backend = backend
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -71,16 +72,16 @@ class SRAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
             self.sr_norm = nn.LayerNorm(dim)
 
-    def forward(self, x_norm: torch.Tensor, residual: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """residual + proj(attention(q(x_norm), k, v)), keys/values from the reduced map."""
-        b, n, c = x_norm.shape
-        kv_in = x_norm
-        if self.sr_ratio > 1:
-            reduced = self.sr(tokens_to_map(x_norm, h, w)).flatten(2).transpose(1, 2)
-            kv_in = self.sr_norm(reduced)
-        k, v = self.kv(kv_in).chunk(2, dim=-1)  # views into one B×M×2C tensor
-        return get_ops(self.backend).attention_sublayer(x_norm, residual, k, v, self.q.weight, self.q.bias,
-                                                         self.proj.weight, self.proj.bias)
+    def params(self, norm: nn.LayerNorm) -> AttentionBlockParams:
+        """The attention half's parameters, `norm` (the block's first LayerNorm) included."""
+        reduce = self.sr_ratio > 1
+        return AttentionBlockParams(
+            ln_weight=norm.weight, ln_bias=norm.bias,
+            sr_weight=self.sr.weight if reduce else None, sr_bias=self.sr.bias if reduce else None,
+            sr_norm_weight=self.sr_norm.weight if reduce else None, sr_norm_bias=self.sr_norm.bias if reduce else None,
+            kv_weight=self.kv.weight, kv_bias=self.kv.bias, q_weight=self.q.weight, q_bias=self.q.bias,
+            proj_weight=self.proj.weight, proj_bias=self.proj.bias,
+            ln_eps=norm.eps, sr_norm_eps=self.sr_norm.eps if reduce else norm.eps)
 
 
 class FeedForward(nn.Module):
@@ -100,15 +101,16 @@ class Block(nn.Module):
         super().__init__()
         self.backend = backend
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SRAttention(dim, sr_ratio, backend)
+        self.attn = SRAttention(dim, sr_ratio)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, expansion)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.attn(self.norm1(x), x, h, w)  # the residual add happens inside (fused on triton)
+        ops = get_ops(self.backend)  # x + Attn(norm1(x)), one fused op on triton (LayerNorm and kv path included)
+        x = ops.attention_block(x, (h, w), self.attn.sr_ratio, self.attn.params(self.norm1))
         norm, ffn = self.norm2, self.ffn  # x + fc2(GELU(fc1(norm2(x)))), one fused op on triton
-        return get_ops(self.backend).ffn_sublayer(x, norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias,
-                                                   ffn.fc2.weight, ffn.fc2.bias, norm.eps)
+        return ops.ffn_sublayer(x, norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias,
+                                norm.eps)
 
 
 class Stage(nn.Module):

@@ -89,7 +89,8 @@ from unittest import mock
 
 BATCH, SIZE = 32, 512
 STAGES = {1: (16384, 32), 2: (4096, 64), 3: (1024, 128), 4: (256, 192)}  # stage: (N tokens, C)
-STAGE_DEPTHS = {1: 1, 2: 2, 3: 2, 4: 2}  # attention sublayers per stage (msf.model.ModelConfig.depths)
+STAGE_DEPTHS = {1: 1, 2: 2, 3: 2, 4: 2}  # transformer blocks per stage (msf.model.ModelConfig.depths)
+SR_RATIOS = {1: 8, 2: 4, 3: 2, 4: 1}  # the key/value path's spatial reduction (msf.model.ModelConfig.sr_ratios)
 KV_LEN = 256  # M: keys after spatial reduction, every stage (SPEC §2)
 DECODER_DIM, NUM_CLASSES = 128, 19
 DECODER_DROPOUT = 0.15  # msf.model.ModelConfig.decoder_dropout
@@ -268,6 +269,11 @@ LOOPS: list[Loop] = [
          lambda a, pid: [_cdiv(a["D_CEIL"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
     Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
+    Loop("attention_block", "_kv_fwd_kernel", "for p in range(0, R * R):",
+         lambda a, pid: a["R"] * a["R"], kernels=("_kv_fwd_kernel",)),
+    Loop("attention_block", "_kv_bwd_kernel", "for p in range(0, R * R):",
+         lambda a, pid: a["R"] * a["R"], count="rows = tok[:, None] * C + offs_c[None, :]",
+         kernels=("_kv_bwd_kernel",)),
     Loop("ffn_sublayer", "_ffn_fwd_kernel", "for h0 in range(0, HID, BLOCK_H):",
          lambda a, pid: _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_fwd_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
@@ -384,8 +390,10 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from msf.kernels import attention, configs, head_loss, lmsa, upsample_argmax
+    from msf.kernels import attention, attention_block, configs, head_loss, lmsa, upsample_argmax
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
+    names.update({attention_block._kv_fwd_kernel: "attention_block.kv_fwd",
+                  attention_block._kv_bwd_kernel: "attention_block.kv_bwd"})
     names.update({head_loss._head_loss_finalize_kernel: "head_loss.finalize",
                   head_loss._head_loss_total_kernel: "head_loss.total",
                   head_loss._head_loss_fwd_rows_kernel: "head_loss.fwd_rows",
@@ -431,11 +439,18 @@ def _decoder_core_args(batch: int, size: int, new):
             new((1,), dtype=torch.int64)), (side, side)
 
 
+def _block_params(c: int, ratio: int, new) -> list:
+    """The attention half's twelve parameters at C channels and ratio R (None where R = 1 has none),
+    made by `new(*shape)`: in `msf.kernels.attention_block._PARAM_NAMES` order."""
+    conv = [new(c, c, ratio, ratio), new(c), new(c), new(c)] if ratio > 1 else [None] * 4
+    return [new(c), new(c), *conv, new(2 * c, c), new(2 * c), new(c, c), new(c), new(c, c), new(c)]
+
+
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
-    from msf.kernels import attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, head_loss as hl, lmsa, \
-        upsample_argmax as ua
+    from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, \
+        head_loss as hl, lmsa, upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty
@@ -458,6 +473,17 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
             pass_ref[0] = "bwd"
             sub._backward(x, k, v, wq, bq, wo, o, lse, e((batch, n, c), dtype=f32), f32, None, None)
+        elif op == "attention_block":
+            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
+            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+            x = e((batch, side * side, c), dtype=f32)
+            params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
+            hw, ratio = (side, side), SR_RATIOS[stage]
+            _, xn, red, kin, kv, o, lse = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16)
+            pass_ref[0] = "bwd"
+            blk._backward(x, params[0], params[2], params[4], params[6], *params[8:11], xn, red, kin, kv, o, lse,
+                          e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
+                          {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, params)})
         elif op == "ffn_sublayer":
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
             c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
@@ -496,7 +522,8 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     not run, and autograd's saved-tensor hook (`msf.bench.eager_bytes.saved_storages`) sees what
     `ctx.save_for_backward` keeps. 0 for upsample_argmax (inference only)."""
     import torch
-    from msf.kernels import attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, head_loss as hl, lmsa
+    from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
+        ffn_sublayer as ffn, head_loss as hl, lmsa
     from msf.reference import DecoderParams
     e, bf16, f32 = torch.empty, torch.bfloat16, torch.float32
 
@@ -508,7 +535,12 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     if op == "head_loss":
         fn, args = hl.HeadLossFunction.apply, (_cl(batch, NUM_CLASSES, size // 4, size // 4, bf16).requires_grad_(),
                                                e((batch, size, size), dtype=torch.uint8), 1.0)
-    elif op in PER_BLOCK_OPS:
+    elif op == "attention_block":
+        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+        params = _block_params(c, SR_RATIOS[stage], leaf)
+        fn, args = blk.AttentionBlockFunction.apply, (leaf(batch, side * side, c), *params, (side, side),
+                                                      SR_RATIOS[stage], 1e-5, 1e-5, bf16)
+    elif op in ("attention_sublayer", "ffn_sublayer"):
         c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
         if op == "attention_sublayer":
             kv = leaf(batch, KV_LEN, 2 * c, dtype=bf16)
@@ -562,18 +594,24 @@ def _interpreter_launches_skipped():
         InterpretedFunction.run = saved
 
 
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "ffn_sublayer", "decoder_mlp", "lmsa")
-PER_BLOCK_OPS = ("attention_sublayer", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "attention_block", "ffn_sublayer", "decoder_mlp", "lmsa")
+PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
+# ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
+# inside another op (the attention sublayer: its kernels are part of attention_block's)
+NOT_IN_STEP = ("upsample_argmax", "attention_sublayer")
 
 
 def op_instances() -> list[tuple[str, int | None]]:
-    return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in PER_BLOCK_OPS for s in STAGES] \
+    staged = ("attention_sublayer",) + PER_BLOCK_OPS
+    return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in staged for s in STAGES] \
         + [("decoder_mlp", None), ("lmsa", None)]
 
 
 def calls_per_step(op: str, stage: int | None) -> int:
-    """How often one training step runs `op` (upsample_argmax: inference only, never)."""
-    return STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else (0 if op == "upsample_argmax" else 1)
+    """How often one training step runs `op` (as an op of its own; see NOT_IN_STEP)."""
+    if op in NOT_IN_STEP:
+        return 0
+    return STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else 1
 
 
 def op_label(op: str, stage: int | None) -> str:

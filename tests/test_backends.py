@@ -69,19 +69,24 @@ def test_predictions_match_eager():
 @pytest.fixture(scope="module")
 def autocast_bf16_step():
     """One bf16 autocast forward+backward of `model.loss` on twin eager and triton models: the losses,
-    both models' gradients by name, and the dtypes every fused sublayer call saw. The composed
-    fallback is made to fail, so every block must take the fused mixed-precision sublayer."""
+    both models' gradients by name, and the dtypes every fused attention-half call saw (x, the
+    compute dtype). The eager fallbacks are made to fail, so every block must take the fused
+    mixed-precision attention half."""
+    import msf.kernels.attention_block as block_mod
     import msf.kernels.attention_sublayer as sub_mod
 
-    def no_composition(*args):
-        raise AssertionError(f"sublayer composed under autocast; dtypes {[t.dtype for t in args]}")
+    def no_composition(*args, **kwargs):
+        raise AssertionError(f"attention composed under autocast; dtypes {[getattr(t, 'dtype', t) for t in args]}")
     fused_calls = []
-    forward = sub_mod.AttentionSublayerFunction.forward
+    forward = block_mod.AttentionBlockFunction.forward
+
+    def recorded(ctx, x, *rest):
+        fused_calls.append((x.dtype, rest[-2]))  # (x, compute dtype): rest ends with cdt, wg_chunk_rows
+        return forward(ctx, x, *rest)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sub_mod, "_composed", no_composition)
-        patch.setattr(sub_mod.AttentionSublayerFunction, "forward",
-                      staticmethod(lambda ctx, x, r, k, v, *rest: fused_calls.append((x.dtype, r.dtype, k.dtype))
-                                   or forward(ctx, x, r, k, v, *rest)))
+        patch.setattr(block_mod, "eager_attention_block", no_composition)
+        patch.setattr(block_mod.AttentionBlockFunction, "forward", staticmethod(recorded))
         eager, fused = twin_models()
         g = torch.Generator().manual_seed(3)
         images = torch.randn(2, 3, 32, 64, generator=g).to(DEVICE)
@@ -104,15 +109,16 @@ AUTOCAST_GRAD_TOL, AUTOCAST_GRAD_FLOOR = 3e-2, 1e-2
 
 
 def test_autocast_bf16_training_step_matches_eager(autocast_bf16_step):
-    """Under autocast the sublayer sees fp32 LayerNorm output, residual and weights beside bf16 k, v:
-    the triton backend must then take the fused mixed-precision sublayer (never the composed
-    fallback; fp32 residual) and still track eager AMP, judged at the scale of the whole gradient."""
+    """Under autocast the attention half sees the fp32 residual stream and fp32 master weights: the
+    triton backend must then take the fused mixed-precision op (never an eager fallback) with bf16
+    products and still track eager AMP, judged at the scale of the whole gradient."""
     step = autocast_bf16_step
     assert_close(step["losses"][1], step["losses"][0], 1e-3, "bf16 autocast loss")
-    # every block's sublayer ran fused on autocast's mix: bf16 k, v beside fp32 x and residual on
-    # CUDA (LayerNorm autocasts to fp32 there); CPU autocast keeps LayerNorm, hence x, in bf16
+    # every block ran fused on autocast's mix: bf16 products beside the residual stream, fp32 on
+    # CUDA (LayerNorm autocasts to fp32 there); CPU autocast keeps the patch embedding's LayerNorm,
+    # hence x, in bf16
     act = torch.float32 if DEVICE == "cuda" else torch.bfloat16
-    assert step["fused_calls"] and set(step["fused_calls"]) == {(act, act, torch.bfloat16)}, set(step["fused_calls"])
+    assert step["fused_calls"] and set(step["fused_calls"]) == {(act, torch.bfloat16)}, set(step["fused_calls"])
     for name, grad in step["fused"].items():
         assert grad is not None, f"{name}: no gradient through the triton backend"
         assert grad.dtype == step["eager"][name].dtype == torch.float32, name

@@ -12,19 +12,25 @@ def test_parameter_counts_match_spec():
     assert count_parameters(MicroSegFormer()) < 1_821_085  # the hard limit
 
 
-def test_token_and_kv_lengths_at_512():
+def test_token_and_kv_lengths_at_512(monkeypatch):
+    import dataclasses
+    import functools
+
+    from msf import backend, model as model_mod
+    from msf.reference import composed_attention_sublayer, eager_attention_block
+
+    seen = []  # ("q" | "kv", tokens, channels) in call order: the sublayer's queries and its keys
+
+    def sublayer(x_norm, residual, k, v, *weights):
+        seen.append(("q", x_norm.shape[1], x_norm.shape[2]))
+        seen.append(("kv", k.shape[1], k.shape[2]))
+        return composed_attention_sublayer(x_norm, residual, k, v, *weights)
+    table = dataclasses.replace(backend.get_ops("eager"),
+                                attention_block=functools.partial(eager_attention_block, attention_sublayer=sublayer))
+    monkeypatch.setattr(model_mod, "get_ops", lambda _backend: table)
     model = MicroSegFormer().eval()
-    seen = []  # ("q" | "kv", tokens, channels) in call order: the sublayer's queries, the kv projection
-    hooks = []
-    for stage in model.stages:
-        for block in stage.blocks:
-            attn = block.attn
-            hooks.append(attn.register_forward_pre_hook(lambda m, a: seen.append(("q", a[0].shape[1], a[0].shape[2]))))
-            hooks.append(attn.kv.register_forward_hook(lambda m, i, o: seen.append(("kv", o.shape[1], o.shape[2] // 2))))
     with torch.no_grad():
         model(torch.randn(1, 3, 512, 512))
-    for h in hooks:
-        h.remove()
     queries = [(n, c) for tag, n, c in seen if tag == "q"]
     keys = [(n, c) for tag, n, c in seen if tag == "kv"]
     # depths (1, 2, 2, 2): one block at stage 1, two at the others

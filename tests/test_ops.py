@@ -19,7 +19,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from msf.kernels import ops  # noqa: E402
-from msf.reference import DecoderParams, LMSAParams  # noqa: E402
+from msf.reference import AttentionBlockParams, DecoderParams, LMSAParams  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -52,6 +52,18 @@ def _case(name):
         bq, bo = _randn(16, scale=0.1, seed=5), _randn(16, scale=0.1, seed=6)
         args = (x, r, k, v, wq, bq, wo, bo)
         return ops.attention_sublayer_op, args, lambda f: f(*args)
+    if name == "attention_block":  # a 4×6 map, R = 2: 6 patches an image
+        x = _randn(2, 24, 16)
+        ws = [_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2),  # LN1
+              _randn(16, 16, 2, 2, scale=0.12, seed=3), _randn(16, scale=0.1, seed=4),  # the convolution
+              _randn(16, scale=0.2, seed=5) + 1, _randn(16, scale=0.2, seed=6),  # LN_sr
+              _randn(32, 16, scale=0.25, seed=7), _randn(32, scale=0.1, seed=8),  # kv
+              _randn(16, 16, scale=0.25, seed=9), _randn(16, scale=0.1, seed=10),  # q
+              _randn(16, 16, scale=0.25, seed=11), _randn(16, scale=0.1, seed=12)]  # proj
+        ws = [w.detach().requires_grad_() for w in ws]
+        p = AttentionBlockParams(*ws)
+        args = (x, *ws, [4, 6], 2, 1e-5, 1e-5, torch.float32)
+        return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p)
     if name == "ffn_sublayer":
         x = _randn(18, 16)  # the operator takes tokens as rows × C (the wrapper flattens B×N×C)
         params = (_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2), _randn(32, 16, scale=0.25, seed=3),
