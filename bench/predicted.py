@@ -28,6 +28,7 @@ for _stage in range(1, 5):
                                             "the cost model predicts (attention_sublayer); bare attention has no "
                                             "prediction")
 for _stage in range(1, 5):
+    COST_OPS[f"attn_block/stage{_stage}"] = (f"attention_block[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"ffn/stage{_stage}"] = (f"ffn_sublayer[stage {_stage}]", ("fwd", "bwd"))
 STEP_ROWS = ("triton step (fused predicted + rest floor)", "eager step floor, paper order")
 

@@ -171,6 +171,28 @@ def ffn_cases(batch, size, device, dtype) -> list[Case]:
     return cases
 
 
+def attention_block_cases(batch, size, device, dtype) -> list[Case]:
+    """The block's attention half (LayerNorm, key/value path, attention sublayer, residual) at each
+    stage's map, C and SR ratio, all tensors in the preset's dtype: the eager block against the
+    fused op (which composes the eager pieces where the kernels do not serve: fp32 above C = 64)."""
+    from msf.backend import AttentionBlockParams, eager_attention_block
+    cases = []
+    for stage, c, ratio in STAGES:
+        side = size // (4 * 2 ** (stage - 1))
+        x = _randn(batch, side * side, c, device=device, dtype=dtype)
+        conv = ((c, c, ratio, ratio), (c,), (c,), (c,)) if ratio > 1 else ()
+        shapes = ((c,), (c,), *conv, (2 * c, c), (2 * c,), (c, c), (c,), (c, c), (c,))
+        ts = [_randn(*shape, device=device, dtype=dtype) for shape in shapes]
+        if ratio == 1:
+            ts[2:2] = [None] * 4
+        p = AttentionBlockParams(*ts)
+        providers = {"eager": lambda x=x, p=p, r=ratio, s=side: eager_attention_block(x, (s, s), r, p),
+                     "triton": lambda x=x, p=p, r=ratio, s=side: get_ops("triton").attention_block(x, (s, s), r, p)}
+        cases.append(Case(f"attn_block/stage{stage}", f"B={batch},{side}²,C={c},R={ratio}", batch,
+                          {"fwd+bwd": _builders(providers, backward=True)}, {}))
+    return cases
+
+
 def decoder_mlp_case(batch, size, device, dtype) -> Case:
     """The decoder up to LMSA (unify, upsample, concat, fuse MLP with dropout 0.15 in training) on the
     four stages' maps, E = 128: eager's concat form against the fused fold."""
@@ -242,7 +264,8 @@ def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
     cases = []
     if suite in ("ops", "all"):
         cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
-                  *ffn_cases(batch, size, device, dtype), decoder_mlp_case(batch, size, device, dtype),
+                  *attention_block_cases(batch, size, device, dtype), *ffn_cases(batch, size, device, dtype),
+                  decoder_mlp_case(batch, size, device, dtype),
                   lmsa_case(batch, size, device, dtype),
                   upsample_argmax_case(batch, size, device, dtype)]
     if suite in ("step", "all"):

@@ -44,9 +44,17 @@ from msf.reference import AttentionBlockParams, eager_attention_block
 
 __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "fused_supported"]
 
-# (BLOCK_M patches, num_warps) per C block, both kernels: 256 programs at the model's B = 32
-# (8192 patches every stage), about two a SM on an H100. Under the interpreter the same.
-_CONFIGS: dict[int, tuple[int, int]] = {32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8)}
+# (BLOCK_M patches, num_warps) per kernel, product dtype class ("16": bf16 / fp16, also autocast's
+# mix; "fp32": tf32x3 products) and C block: 256 programs at the model's B = 32 (8192 patches every
+# stage), about two a SM on an H100; 512 at C = 192. Each built for sm_80 and sm_90 without spills
+# (`python -m msf.profiling.report --module msf.kernels.attention_block`); left out for spilling: 4 warps
+# at C 128 (backward, 256 B) and 32 patches at C 192 (forward, 200 B); fp32 above C = 64 (the C×C
+# tf32x3 operands spill kilobytes at every tile tried: those shapes compose the eager pieces around
+# the fused sublayer instead). The interpreter runs these same tiles.
+_CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
+    "fwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 4)}},
+    "bwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 8)}},
+}
 
 
 def _block_c(c: int) -> int:
@@ -213,10 +221,10 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _launch(c: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_M, num_warps) of both kv kernels at C channels."""
+def _launch(kernel: str, c: int, cdt: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_M, num_warps) of kv kernel `kernel` ("fwd" / "bwd") at C channels, products in `cdt`."""
     block_c = _block_c(c)
-    return (block_c, *_CONFIGS[block_c])
+    return (block_c, *_CONFIGS[kernel]["fp32" if cdt == torch.float32 else "16"][block_c])
 
 
 def _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt):
@@ -243,7 +251,7 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
     red = kin = None
     if ratio > 1:
         red, kin = _new((b * m, c), dev, cdt), _new((b * m, c), dev, cdt)
-    block_c, block_m, warps = _launch(c)
+    block_c, block_m, warps = _launch("fwd", c, cdt)
     unused = xn  # pointer arguments the R = 1 build never reads
     _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
         x, ln_w, ln_b, unused if wsr is None else wsr, unused if bsr is None else bsr,
@@ -272,7 +280,7 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
     wkv = kv_w.to(cdt).contiguous()
     dk, dv = dk.contiguous(), dv.contiguous()
-    block_c, block_m, warps = _launch(c)
+    block_c, block_m, warps = _launch("bwd", c, cdt)
     programs = triton.cdiv(p, block_m)
     ln_part = _new((programs, (2 if ratio == 1 else 4) * c), dev, torch.float32)
     dx = _new((b, n, c), dev, x.dtype)
@@ -365,9 +373,10 @@ def compute_dtype(x: torch.Tensor, p: AttentionBlockParams) -> torch.dtype | Non
 
 
 def fused_supported(dtype: torch.dtype, c: int) -> bool:
-    """Whether the kernels run with products in `dtype` at C channels: where the attention sublayer's
-    do (bf16 / fp16 up to C = 256, fp32 up to 128)."""
-    return _sub.fused_supported(dtype, c)
+    """Whether the kernels run with products in `dtype` at C channels: bf16 / fp16 up to C = 256 (the
+    model's 32-192), fp32 up to 64 (`_CONFIGS`)."""
+    return 0 < c and _block_c(c) in _CONFIGS["fwd"]["fp32" if dtype == torch.float32 else "16"] \
+        and _sub.fused_supported(dtype, c)
 
 
 def _check(x, hw, ratio: int, p: AttentionBlockParams) -> None:
@@ -436,7 +445,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
             for c, ratio in _AOT_STAGES:
                 if not fused_supported(torch.float32 if cdt == "fp32" else torch.bfloat16, c):
                     continue
-                block_c, block_m, warps = _launch(c)
+                block_c, block_m, warps = _launch(kname, c, torch.float32 if cdt == "fp32" else torch.bfloat16)
                 ptrs = {**{a: f"*{xdt if a in wide else cdt}" for a in data}, **{a: "*fp32" for a in f32}}
                 const = {"R": ratio, "CDT": _CDT[torch.float32 if cdt == "fp32" else torch.bfloat16],
                          "BLOCK_C": block_c, "BLOCK_M": block_m}

@@ -269,8 +269,8 @@ LOOPS: list[Loop] = [
          lambda a, pid: [_cdiv(a["D_CEIL"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
     Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
-    Loop("attention_block", "_kv_fwd_kernel", "for p in range(0, R * R):",
-         lambda a, pid: a["R"] * a["R"], kernels=("_kv_fwd_kernel",)),
+    Loop("attention_block", "_kv_fwd_kernel", "for p in range(0, R * R):",  # R = 1 has no loop
+         lambda a, pid: a["R"] * a["R"] if a["R"] > 1 else 0, kernels=("_kv_fwd_kernel",)),
     Loop("attention_block", "_kv_bwd_kernel", "for p in range(0, R * R):",
          lambda a, pid: a["R"] * a["R"], count="rows = tok[:, None] * C + offs_c[None, :]",
          kernels=("_kv_bwd_kernel",)),
@@ -449,8 +449,8 @@ def _block_params(c: int, ratio: int, new) -> list:
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
-    from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, ffn_sublayer as ffn, \
-        head_loss as hl, lmsa, upsample_argmax as ua
+    from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
+        ffn_sublayer as ffn, head_loss as hl, lmsa, upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty

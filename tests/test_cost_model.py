@@ -132,6 +132,19 @@ def counted():
               torch.randn(c, generator=g)]
         leaves = [t.requires_grad_() for t in (x, r, k, v, *ws)]
         sub.attention_sublayer(*leaves, bwd_chunk_rows=16, wg_chunk_rows=16).sum().backward()
+        # attention half: R = 2 on a 6×8 map (12 patches, one 32-patch tile) and R = 1
+        from msf.kernels import attention_block as blk
+        from msf.reference import AttentionBlockParams
+        for ratio in (2, 1):
+            c = 16
+            conv = [torch.randn(c, c, ratio, ratio, generator=g) * 0.1, torch.randn(c, generator=g),
+                    1 + torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g)] if ratio > 1 else [None] * 4
+            bp = [1 + torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g), *conv,
+                  torch.randn(2 * c, c, generator=g) * 0.2, torch.randn(2 * c, generator=g), torch.randn(c, c, generator=g) * 0.2,
+                  torch.randn(c, generator=g), torch.randn(c, c, generator=g) * 0.2, torch.randn(c, generator=g)]
+            bp = AttentionBlockParams(*(None if t is None else t.requires_grad_() for t in bp))
+            xb = torch.randn(1, 48, c, generator=g, requires_grad=True)
+            blk.attention_block(xb, (6, 8), ratio, bp).sum().backward()
         # FFN: 7 row tiles of 16 over 3 dx programs (3, 3, 1 tiles), 2 hidden slices, 24-row wgrad chunks
         c, hid = 32, 24
         ps = [torch.randn(*shape, generator=g) * 0.2 for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
