@@ -194,3 +194,39 @@ def test_bad_arguments_name_what_is_wrong():
         block_mod.attention_block(x, (6, 10), 0, p)
     with pytest.raises(ValueError, match="kv_weight"):
         block_mod.attention_block(x, (6, 10), 2, dataclasses.replace(p, kv_weight=p.kv_weight[:10]))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_sixteen_bit_model_rounds_its_gradient_sums(device, monkeypatch):
+    """In a model that is bf16 throughout, autograd sums the two gradients of xn, and LN1's dx with
+    g, in bf16; the backward kernel rounds there too (ROUND_SUMS). Checked on the kernel alone: the
+    sublayer's backward is replaced by fixed dXNq, dK, dV, and dx is compared with a reference that
+    rounds where autograd does and with one that does not. It must sit much nearer the first (the
+    end-to-end tests cannot tell: one bf16 rounding is below their tolerance)."""
+    kernel_device(device)
+    b, h, w, c = 2, 6, 8, 32
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    x, g, dxnq = rnd(b, h * w, c) * 2, rnd(b, h * w, c), rnd(b, h * w, c)
+    dk, dv = rnd(b, h * w, c), rnd(b, h * w, c)
+    gamma, kv_w = 1 + 0.2 * rnd(c), rnd(2 * c, c) * c ** -0.5
+    wq = rnd(c, c)
+    monkeypatch.setattr(sub_mod, "_backward", lambda *a: (dxnq, dk, dv, wq, wq[0], wq, wq[0]))
+    dtypes = {name: torch.bfloat16 for name in block_mod._PARAM_NAMES}
+    dx = block_mod._backward(x, gamma, None, None, kv_w, wq, wq[0], wq, x, None, None,
+                             torch.cat((dk, dv), -1), None, None, g, (h, w), 1, 1e-5, 1e-5, torch.bfloat16, dtypes)[0]
+
+    def reference(rounded: bool) -> torch.Tensor:
+        r = (lambda t: t.to(torch.bfloat16).double()) if rounded else (lambda t: t)
+        f = lambda t: t.double()  # noqa: E731
+        dkin = (f(dk) @ f(kv_w[:c]) + f(dv) @ f(kv_w[c:])).to(torch.bfloat16).double()  # a Linear's bf16 output
+        dxn = r(dkin + f(dxnq))
+        xd = f(x)
+        xhat = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        gd = dxn * f(gamma)
+        rstd = 1 / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        dx_ln = rstd * (gd - gd.mean(-1, keepdim=True) - xhat * (gd * xhat).mean(-1, keepdim=True))
+        return (r(dx_ln) + f(g)).to(torch.bfloat16).double()  # dx is stored in bf16 either way
+
+    near, far = ((dx.double() - reference(flag)).norm() / reference(flag).norm() for flag in (True, False))
+    assert near < 0.25 * far, f"dx {near:.2e} from the rounding reference, {far:.2e} from the exact one"
