@@ -67,7 +67,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "attention_block", "ffn_sublayer", "decoder_mlp", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
+       "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -396,6 +397,14 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         return backend.EAGER_OPS.attention_sublayer, (
             _meta(batch, n, c, grad=True), _meta(batch, n, c, grad=True), key, value,  # LayerNorm out (fp32), residual
             _meta(c, c, grad=True), _meta(c, grad=True), _meta(c, c, grad=True), _meta(c, grad=True)), True
+    if op == "map_layer_norm":
+        if stage is None:
+            raise ValueError("map_layer_norm needs stage=1..4")
+        n, _, c = stage_shape(stage, size)
+        side = int(round(n ** 0.5))
+        # the patch embedding's convolution output (a bf16 NCHW map) and fp32 master γ, β
+        return backend.EAGER_OPS.map_layer_norm, (_meta(batch, c, side, side, dtype=dtype, grad=True),
+                                                  _meta(c, grad=True), _meta(c, grad=True), 1e-5), True
     if op == "attention_block":
         if stage is None:
             raise ValueError("attention_block needs stage=1..4")
@@ -579,7 +588,7 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 # ----------------------------------------------------------------------------------------------
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
-        [(op, s) for op in ("attention_sublayer", "attention_block", "ffn_sublayer")
+        [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer")
          for s in range(1, len(_config().channels) + 1)] + \
         [("decoder_mlp", None), ("lmsa", None)]
 

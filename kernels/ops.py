@@ -10,6 +10,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::attention_sublayer_backward
     msf::attention_block(x, LN1, [W_sr, b_sr, LN_sr,] W_kv, b_kv, wq, bq, wo, bo, hw, R, eps, eps_sr,
                          compute_dtype) -> (out, xn, red, kin, kv, o, lse)  + msf::attention_block_backward
+    msf::map_layer_norm(x, γ, β, eps, out_dtype) -> tokens                 + msf::map_layer_norm_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save_h) -> (x, h)
@@ -64,6 +65,7 @@ from msf.kernels import decoder_mlp as _dec
 from msf.kernels import ffn_sublayer as _ffn
 from msf.kernels import head_loss as _hl
 from msf.kernels import lmsa as _lm
+from msf.kernels import map_norm as _mn
 from msf.kernels import upsample_argmax as _ua
 from msf.reference import DEFAULT_DICE_EPS, DecoderParams, LMSAParams, composed_attention_sublayer
 
@@ -370,6 +372,52 @@ def attention_block(x, hw, sr_ratio: int, p) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# map LayerNorm: the patch embedding's norm, a B×C×h×w map in, B×(h·w)×C tokens out
+# ----------------------------------------------------------------------------------------------
+def _map_norm_body(x: Tensor, lnw: Tensor, lnb: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    return _mn._forward(x, lnw, lnb, eps, out_dtype)
+
+
+def _map_norm_fake(x, lnw, lnb, eps, out_dtype):
+    b, c, h, w = x.shape
+    return x.new_empty((b, h * w, c), dtype=out_dtype)
+
+
+def _map_norm_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, dy: Tensor, eps: float) -> list[Tensor]:
+    dx, dw, db = _mn._backward(x, lnw, dy, eps, lnb.dtype)
+    return [dx, dw.to(lnw.dtype).clone(), db.clone()]  # slices of one sum buffer: no aliasing outputs
+
+
+def _map_norm_backward_fake(x, lnw, lnb, dy, eps):
+    return [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device), _contiguous_like(lnw),
+            _contiguous_like(lnb)]
+
+
+map_layer_norm_op = _define("map_layer_norm", _map_norm_body, _map_norm_fake)
+map_layer_norm_backward_op = _define("map_layer_norm_backward", _map_norm_backward_body, _map_norm_backward_fake)
+
+
+def _map_norm_setup(ctx, inputs, output):
+    x, lnw, lnb, eps, _ = inputs
+    ctx.save_for_backward(x, lnw, lnb)
+    ctx.eps = eps
+
+
+def _map_norm_grad(ctx, dy):
+    dx, dw, db = torch.ops.msf.map_layer_norm_backward(*ctx.saved_tensors, dy.contiguous(), ctx.eps)
+    return dx, dw, db, None, None
+
+
+map_layer_norm_op.register_autograd(_map_norm_grad, setup_context=_map_norm_setup)
+
+
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5) -> Tensor:
+    """`msf.kernels.map_norm.map_layer_norm` through `msf::map_layer_norm` (eager where the kernels
+    do not serve)."""
+    return _mn.dispatch(x, lnw, lnb, eps, lambda *args: torch.ops.msf.map_layer_norm(*args))
+
+
+# ----------------------------------------------------------------------------------------------
 # decoder MLP: the fuse MLP on the folded weights, stages 2-4 projected at their own resolution
 # ----------------------------------------------------------------------------------------------
 def _dec_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor, b2: Tensor,
@@ -567,8 +615,10 @@ REGISTRY: dict[str, FusedOp] = {
     "ffn_sublayer": FusedOp(_ffn.ffn_sublayer, ffn_sublayer),
     "head_loss": FusedOp(_hl.head_loss, head_loss),
     "lmsa": FusedOp(_lm.lmsa, lmsa),
+    "map_layer_norm": FusedOp(_mn.map_layer_norm, map_layer_norm),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
              "attention_sublayer_backward", "decoder_mlp", "decoder_mlp_backward", "ffn_sublayer",
-             "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "upsample_argmax")
+             "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "map_layer_norm",
+             "map_layer_norm_backward", "upsample_argmax")

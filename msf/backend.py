@@ -16,6 +16,8 @@ Ops (shapes are the model's):
   LN1(x), k, v)` with k, v from LN1(x) through the key/value path (R×R stride-R convolution and its
   LayerNorm where R > 1, the kv Linear; `msf.reference.AttentionBlockParams`); where it is not fused
   it composes the backend's own `attention_sublayer` with eager LayerNorms and projections.
+- `map_layer_norm(x, weight, bias, eps)`: LayerNorm over the channels of a B×C×h×w map, as
+  B×(h·w)×C tokens (the patch embedding's norm).
 - `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
   feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
@@ -37,7 +39,7 @@ import torch
 
 from msf.nvtx import nvtx_range
 from msf.reference import (AttentionBlockParams, DecoderParams, LMSAParams, composed_attention_sublayer,  # noqa: F401
-                           eager_attention, eager_attention_block,
+                           eager_attention, eager_attention_block, eager_map_layer_norm,
                            eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
@@ -48,6 +50,7 @@ class Ops:
     attention: Callable[..., torch.Tensor]
     attention_sublayer: Callable[..., torch.Tensor]
     attention_block: Callable[..., torch.Tensor]
+    map_layer_norm: Callable[..., torch.Tensor]
     ffn_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
@@ -56,7 +59,7 @@ class Ops:
 
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
-                attention_block=eager_attention_block,
+                attention_block=eager_attention_block, map_layer_norm=eager_map_layer_norm,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
                 decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa)
 

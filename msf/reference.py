@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
 __all__ = ["AttentionBlockParams", "DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer",
-           "eager_attention", "eager_attention_block",
+           "eager_attention", "eager_attention_block", "eager_map_layer_norm",
            "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
            "tokens_to_map"]
 
@@ -80,6 +80,11 @@ def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p
                              p.sr_norm_eps)
     k, v = F.linear(kv_in, p.kv_weight, p.kv_bias).chunk(2, dim=-1)  # views into one B×M×2C tensor
     return attention_sublayer(x_norm, x, k, v, p.q_weight, p.q_bias, p.proj_weight, p.proj_bias)
+
+
+def eager_map_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the channels of a B×C×h×w map, as B×(h·w)×C tokens (the patch embedding's norm)."""
+    return F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], weight, bias, eps)
 
 
 def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5):

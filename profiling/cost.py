@@ -274,6 +274,8 @@ LOOPS: list[Loop] = [
     Loop("attention_block", "_kv_bwd_kernel", "for p in range(0, R * R):",
          lambda a, pid: a["R"] * a["R"], count="rows = tok[:, None] * C + offs_c[None, :]",
          kernels=("_kv_bwd_kernel",)),
+    Loop("map_norm", "_map_norm_bwd_kernel", "for i in range(0, TILES):",
+         lambda a, pid: a["TILES"], kernels=("_map_norm_bwd_kernel",)),
     Loop("ffn_sublayer", "_ffn_fwd_kernel", "for h0 in range(0, HID, BLOCK_H):",
          lambda a, pid: _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_fwd_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
@@ -390,10 +392,11 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from msf.kernels import attention, attention_block, configs, head_loss, lmsa, upsample_argmax
+    from msf.kernels import attention, attention_block, configs, head_loss, lmsa, map_norm, upsample_argmax
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({attention_block._kv_fwd_kernel: "attention_block.kv_fwd",
-                  attention_block._kv_bwd_kernel: "attention_block.kv_bwd"})
+                  attention_block._kv_bwd_kernel: "attention_block.kv_bwd",
+                  map_norm._map_norm_fwd_kernel: "map_norm.fwd", map_norm._map_norm_bwd_kernel: "map_norm.bwd"})
     names.update({head_loss._head_loss_finalize_kernel: "head_loss.finalize",
                   head_loss._head_loss_total_kernel: "head_loss.total",
                   head_loss._head_loss_fwd_rows_kernel: "head_loss.fwd_rows",
@@ -450,7 +453,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
     import torch
     from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
-        ffn_sublayer as ffn, head_loss as hl, lmsa, upsample_argmax as ua
+        ffn_sublayer as ffn, head_loss as hl, lmsa, map_norm as mn, upsample_argmax as ua
     launches: list[Launch] = []
     pass_ref = ["fwd"]
     e = torch.empty
@@ -484,6 +487,13 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             blk._backward(x, params[0], params[2], params[4], params[6], *params[8:11], xn, red, kin, kv, o, lse,
                           e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
                           {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, params)})
+        elif op == "map_layer_norm":
+            # under CUDA autocast: the patch embedding's bf16 NCHW map in, fp32 tokens out, fp32 γ, β
+            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+            x, lnw, lnb = e((batch, c, side, side), dtype=bf16), e((c,), dtype=f32), e((c,), dtype=f32)
+            mn._forward(x, lnw, lnb, 1e-5, f32)
+            pass_ref[0] = "bwd"
+            mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32)
         elif op == "ffn_sublayer":
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
             c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
@@ -523,7 +533,7 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     `ctx.save_for_backward` keeps. 0 for upsample_argmax (inference only)."""
     import torch
     from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
-        ffn_sublayer as ffn, head_loss as hl, lmsa
+        ffn_sublayer as ffn, head_loss as hl, lmsa, map_norm as mn
     from msf.reference import DecoderParams
     e, bf16, f32 = torch.empty, torch.bfloat16, torch.float32
 
@@ -535,6 +545,9 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     if op == "head_loss":
         fn, args = hl.HeadLossFunction.apply, (_cl(batch, NUM_CLASSES, size // 4, size // 4, bf16).requires_grad_(),
                                                e((batch, size, size), dtype=torch.uint8), 1.0)
+    elif op == "map_layer_norm":
+        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+        fn, args = mn.MapNormFunction.apply, (leaf(batch, c, side, side, dtype=bf16), leaf(c), leaf(c), 1e-5, f32)
     elif op == "attention_block":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)
@@ -594,15 +607,17 @@ def _interpreter_launches_skipped():
         InterpretedFunction.run = saved
 
 
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "attention_block", "ffn_sublayer", "decoder_mlp", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
+       "decoder_mlp", "lmsa")
 PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
+PER_STAGE_OPS = ("map_layer_norm",)  # once per stage (the patch embedding's norm)
 # ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
 # inside another op (the attention sublayer: its kernels are part of attention_block's)
 NOT_IN_STEP = ("upsample_argmax", "attention_sublayer")
 
 
 def op_instances() -> list[tuple[str, int | None]]:
-    staged = ("attention_sublayer",) + PER_BLOCK_OPS
+    staged = ("attention_sublayer",) + PER_STAGE_OPS + PER_BLOCK_OPS
     return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in staged for s in STAGES] \
         + [("decoder_mlp", None), ("lmsa", None)]
 
@@ -1445,7 +1460,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msf.profiling.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
-                        help="ops (head_loss, upsample_argmax, attention_sublayer, ffn_sublayer, decoder_mlp, lmsa; "
+                        help="ops (head_loss, upsample_argmax, attention_sublayer, map_layer_norm, attention_block, "
+                             "ffn_sublayer, decoder_mlp, lmsa; "
                              "attention_sublayer:N, ffn_sublayer:N for one stage); default all")
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")

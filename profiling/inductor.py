@@ -643,11 +643,12 @@ def _fused_ops_as_operators(variant: str) -> Iterator[None]:
     if variant != "triton":
         yield
         return
-    from msf.kernels import attention, attention_block, attention_sublayer, decoder_mlp, ffn_sublayer, head_loss, lmsa
+    from msf.kernels import attention, attention_block, attention_sublayer, decoder_mlp, ffn_sublayer, head_loss, \
+        lmsa, map_norm
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(torch.compiler, "is_compiling", lambda: True))
         # the host checks that the kernels can run here: they never run, only their fake kernels do
-        for module in (attention, attention_block, attention_sublayer, decoder_mlp, ffn_sublayer, lmsa):
+        for module in (attention, attention_block, attention_sublayer, decoder_mlp, ffn_sublayer, lmsa, map_norm):
             stack.enter_context(mock.patch.object(module, "INTERPRET", True))
         stack.enter_context(mock.patch.object(head_loss, "_check_device", lambda t, name: None))
         stack.enter_context(torch.autocast("cpu", torch.bfloat16))

@@ -145,6 +145,10 @@ def counted():
             bp = AttentionBlockParams(*(None if t is None else t.requires_grad_() for t in bp))
             xb = torch.randn(1, 48, c, generator=g, requires_grad=True)
             blk.attention_block(xb, (6, 8), ratio, bp).sum().backward()
+        # map LayerNorm: 2 images × 2 token tiles (C = 32: 128 tokens a tile) walked 2 at a time
+        from msf.kernels import map_norm as mn
+        xm = torch.randn(2, 32, 12, 13, generator=g, requires_grad=True)
+        mn.map_layer_norm(xm, torch.ones(32, requires_grad=True), torch.zeros(32, requires_grad=True)).sum().backward()
         # FFN: 7 row tiles of 16 over 3 dx programs (3, 3, 1 tiles), 2 hidden slices, 24-row wgrad chunks
         c, hid = 32, 24
         ps = [torch.randn(*shape, generator=g) * 0.2 for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]

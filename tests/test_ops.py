@@ -64,6 +64,10 @@ def _case(name):
         p = AttentionBlockParams(*ws)
         args = (x, *ws, [4, 6], 2, 1e-5, 1e-5, torch.float32)
         return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p)
+    if name == "map_layer_norm":  # a channels-last 2×16×3×5 map
+        x = _randn(2, 16, 3, 5).detach().to(memory_format=torch.channels_last).requires_grad_()
+        w, b = (_randn(16, scale=0.2, seed=1) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=2)
+        return ops.map_layer_norm_op, (x, w, b, 1e-5, torch.float32), lambda f: f(x, w, b, 1e-5)
     if name == "ffn_sublayer":
         x = _randn(18, 16)  # the operator takes tokens as rows × C (the wrapper flattens B×N×C)
         params = (_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2), _randn(32, 16, scale=0.25, seed=3),

@@ -1,0 +1,252 @@
+"""LayerNorm over the channels of a B×C×h×w map, written as B×(h·w)×C tokens: the patch embedding's norm.
+
+    y[b, n, :] = (x[b, :, n] − mean) · rstd · γ + β          x: B×C×h×w, y: B×N×C contiguous (N = h·w)
+
+What eager computes as `F.layer_norm(x.flatten(2).transpose(1, 2), ...)` on the patch embedding's
+convolution output (`msf.reference.eager_map_layer_norm`). Eager under CUDA autocast first copies
+the bf16 map to fp32 in its own strides, then to a contiguous tensor for the LayerNorm, and in the
+backward casts the fp32 gradient back to bf16: here the map is read once in its dtype and layout
+(NCHW or channels-last: a token's channels are one stride apart), the statistics stay on chip, and
+the tokens are written once. Out dtype: fp32 under CUDA autocast (autocast's policy for
+layer_norm), else x's. dx in x's dtype and strides.
+
+Kernels (no atomics):
+- `_map_norm_fwd_kernel`: a tile of BLOCK_N tokens of one image × all C channels.
+- `_map_norm_bwd_kernel`: a run of such tiles (about four programs an SM); x̂ recomputed,
+  dx = rstd (γ∘dy − mean(γ∘dy) − x̂ mean(γ∘dy∘x̂)), and the program's Σ dy∘x̂, Σ dy into one fp32
+  partial row; the chunk-sum kernel reduces the rows.
+
+docs/map_norm.md: the bytes against eager.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msf.kernels._common import INTERPRET
+from msf.kernels.attention import AttentionAotSpec, _aot_spec
+from msf.kernels.attention_block import _ln_grad, _ln_hat, _vec
+from msf.kernels.attention_sublayer import _round
+from msf.kernels.ffn_sublayer import _sum_rows
+from msf.reference import eager_map_layer_norm
+
+__all__ = ["map_layer_norm", "MapNormFunction", "AOT_SPECS", "out_dtype"]
+
+# tokens a tile per C block: 4096 values a tile in the forward, 2048 in the backward (which holds
+# x̂, dy and γ∘dy at once: its 4096-value tiles spilled 8-400 B at C ≥ 64); 4 warps
+_BLOCK_N = {"fwd": {32: 128, 64: 64, 128: 32, 256: 16}, "bwd": {32: 64, 64: 32, 128: 16, 256: 8}}
+_WARPS = 4
+_MAX_C = 256
+
+
+def _block_c(c: int) -> int:
+    return max(32, triton.next_power_of_2(c))
+
+
+@triton.jit
+def _tile(b, pid_n, stride_xb, stride_xc, stride_xn, N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(channels, channel mask, mask, offsets into the map, token offsets of B×N×C) of token tile pid_n
+    of image b (int64)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_n < N)[:, None] & mask_c[None, :]
+    in_map = b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc + offs_n[:, None].to(tl.int64) * stride_xn
+    return offs_c, mask_c, mask, in_map, (b * N + offs_n)[:, None] * C + offs_c[None, :]
+
+
+@triton.jit
+def _map_norm_fwd_kernel(
+    X, LNW, LNB, Y,
+    stride_xb, stride_xc, stride_xn, N, C, eps,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Y (B×N×C contiguous) for BLOCK_N tokens of image pid 1; X read through its strides."""
+    offs_c, mask_c, mask, in_map, tok = _tile(tl.program_id(1).to(tl.int64), tl.program_id(0), stride_xb, stride_xc,
+                                              stride_xn, N, C, BLOCK_N, BLOCK_C)
+    xhat, _rstd = _ln_hat(tl.load(X + in_map, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+    y = xhat * _vec(LNW, offs_c, mask_c)[None, :] + _vec(LNB, offs_c, mask_c)[None, :]
+    tl.store(Y + tok, _round(y, Y.dtype.element_ty), mask=mask)
+
+
+# dx = rstd (γ∘dy − mean_C(γ∘dy) − x̂ mean_C(γ∘dy∘x̂)),  dγ = Σ dy∘x̂,  dβ = Σ dy  (x̂ recomputed from x)
+@triton.jit
+def _map_norm_bwd_kernel(
+    X, LNW, DY, DX, PART,
+    stride_xb, stride_xc, stride_xn, stride_db, stride_dc, stride_dn, N, C, TILES_N, TILES_ALL, eps,
+    TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """DX (X's shape, its own strides, X's dtype) for TILES consecutive token tiles (of the
+    TILES_ALL = B · TILES_N tiles, image by image) and the program's PART row [Σ dy∘x̂ | Σ dy]
+    (2·C fp32). DY: B×N×C contiguous."""
+    pid = tl.program_id(0)
+    gamma = _vec(LNW, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_C) < C)
+    dgamma = tl.zeros([BLOCK_C], tl.float32)
+    dbeta = tl.zeros([BLOCK_C], tl.float32)
+    for i in range(0, TILES):
+        t = pid * TILES + i
+        t_in = tl.minimum(t, TILES_ALL - 1)  # past the last tile: tile TILES_ALL - 1, its rows masked off
+        b = (t_in // TILES_N).to(tl.int64)
+        pid_n = t_in % TILES_N
+        offs_c, mask_c, mask, in_map, tok = _tile(b, pid_n, stride_xb, stride_xc, stride_xn, N, C, BLOCK_N, BLOCK_C)
+        mask = mask & (t < TILES_ALL)
+        xhat, rstd = _ln_hat(tl.load(X + in_map, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+        dy = tl.load(DY + tok, mask=mask, other=0.0).to(tl.float32)
+        dx = _ln_grad(dy, xhat, rstd, gamma, mask, C)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = b * stride_db + offs_c[None, :].to(tl.int64) * stride_dc + offs_n[:, None].to(tl.int64) * stride_dn
+        tl.store(DX + out, _round(dx, DX.dtype.element_ty), mask=mask)
+        dgamma += tl.sum(dy * xhat, 0)  # a column sum a tile: two tile-sized accumulators spilled
+        dbeta += tl.sum(dy, 0)
+    offs_c = tl.arange(0, BLOCK_C)
+    part = PART + pid.to(tl.int64) * (2 * C)
+    tl.store(part + offs_c, dgamma, mask=offs_c < C)
+    tl.store(part + C + offs_c, dbeta, mask=offs_c < C)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(image, channel, token) strides of a B×C×h×w tensor whose h·w tokens are one stride apart."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _tokens_evenly_spaced(t: torch.Tensor) -> bool:
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _tiles_per_program(tiles: int, device: torch.device) -> int:
+    """Token tiles a backward program walks: about 4 programs an SM (so the partial rows the chunk-sum
+    reduces number a few hundred, not one per tile), a power of two; 2 under the interpreter (tests
+    see a program walk several tiles and a last one run past the end)."""
+    from msf.kernels.attention import _sm_count
+    sms = _sm_count(device)
+    if sms is None:
+        return 2
+    return max(1, min(64, triton.next_power_of_2(triton.cdiv(tiles, 4 * sms))))
+
+
+def _forward(x, lnw, lnb, eps: float, y_dtype: torch.dtype) -> torch.Tensor:
+    b, c, h, w = x.shape
+    n = h * w
+    y = _new((b, n, c), x.device, y_dtype)
+    block_c = _block_c(c)
+    block_n = _BLOCK_N["fwd"][block_c]
+    _map_norm_fwd_kernel[(triton.cdiv(n, block_n), b)](
+        x, lnw, lnb, y, *_token_strides(x), n, c, float(eps), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
+    return y
+
+
+def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype):
+    """(dx in x's dtype and strides, dγ, dβ in w_dtype)."""
+    b, c, h, w = x.shape
+    n = h * w
+    if x.stride(1) == 1 and c > 1:  # channels-last, as x
+        dx = _new((b, h, w, c), x.device, x.dtype).permute(0, 3, 1, 2)
+    else:
+        dx = _new((b, c, h, w), x.device, x.dtype)
+    block_c = _block_c(c)
+    block_n = _BLOCK_N["bwd"][block_c]
+    tiles_n = triton.cdiv(n, block_n)
+    tiles = _tiles_per_program(b * tiles_n, x.device)
+    programs = triton.cdiv(b * tiles_n, tiles)
+    part = _new((programs, 2 * c), x.device, torch.float32)
+    _map_norm_bwd_kernel[(programs,)](
+        x, lnw, dy, dx, part, *_token_strides(x), *_token_strides(dx), n, c, tiles_n, b * tiles_n, float(eps),
+        TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
+    sums = _new((2 * c,), x.device, torch.float32)
+    _sum_rows(part, sums)
+    return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)
+
+
+class MapNormFunction(torch.autograd.Function):
+    """Saves x (the input) and γ; the statistics are recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, lnw, lnb, eps, y_dtype):
+        ctx.save_for_backward(x, lnw)
+        ctx.eps = eps
+        ctx.w_dtype = lnb.dtype
+        return _forward(x, lnw, lnb, eps, y_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lnw = ctx.saved_tensors
+        dx, dw, db = _backward(x, lnw, dy.contiguous(), ctx.eps, ctx.w_dtype)
+        return dx, dw.to(lnw.dtype), db, None, None
+
+
+def out_dtype(x: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor) -> torch.dtype | None:
+    """The tokens' dtype, as eager's LayerNorm gives it, or None when the kernels do not serve the mix:
+    under CUDA autocast fp32 (autocast runs layer_norm in fp32) for fp32 / bf16 / fp16 inputs; under
+    CPU autocast x's (CPU autocast leaves layer_norm alone and mixed-dtype LayerNorm keeps the
+    input's); without autocast the dtype x, γ, β share."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    dev = x.device.type
+    if x.dtype not in floats or lnw.dtype not in floats or lnb.dtype != lnw.dtype:
+        return None
+    if dev == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    if dev == "cpu" and torch.is_autocast_enabled("cpu"):
+        return x.dtype if lnw.dtype in (torch.float32, x.dtype) else None
+    return x.dtype if lnw.dtype == x.dtype else None
+
+
+def _check(x, lnw, lnb, eps) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"map_layer_norm: x must be a B×C×h×w map, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if lnw.shape != (c,) or lnb.shape != (c,):
+        raise ValueError(f"map_layer_norm: weight and bias must have C = {c} elements, got {tuple(lnw.shape)}, "
+                         f"{tuple(lnb.shape)}")
+    if not eps > 0:
+        raise ValueError(f"map_layer_norm: eps must be positive, got {eps}")
+    if len({x.device, lnw.device, lnb.device}) != 1:
+        raise ValueError("map_layer_norm: tensors on different devices")
+
+
+def dispatch(x, lnw, lnb, eps: float, fused):
+    """What both entries (`map_layer_norm` here and `msf::map_layer_norm` in kernels/ops.py) do: check
+    the arguments, then `fused(x, γ, β, eps, out dtype)` where the kernels serve (C ≤ 256, x on CUDA
+    or interpreted; a map whose tokens are not one stride apart is made contiguous first), else eager."""
+    _check(x, lnw, lnb, eps)
+    y_dtype = out_dtype(x, lnw, lnb)
+    if (y_dtype is None or x.numel() == 0 or x.shape[1] > _MAX_C
+            or (x.device.type != "cuda" and not INTERPRET)):
+        return eager_map_layer_norm(x, lnw, lnb, eps)
+    if not _tokens_evenly_spaced(x):
+        x = x.contiguous()
+    return fused(x, lnw.contiguous(), lnb.contiguous(), float(eps), y_dtype)
+
+
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the channels of the B×C×h×w map x, as B×(h·w)×C tokens (module docstring)."""
+    return dispatch(x, lnw, lnb, eps, MapNormFunction.apply)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time builds: both kernels × the model's C × (bf16 map → fp32 tokens, one dtype)
+# ----------------------------------------------------------------------------------------------
+def _aot_specs() -> list[AttentionAotSpec]:
+    specs = []
+    for c in (32, 64, 128, 256):
+        for name, xdt, ydt in (("amp", "bf16", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "fp32", "fp32")):
+            const = {"BLOCK_N": _BLOCK_N["fwd"][c], "BLOCK_C": c}
+            bwd_const = {"BLOCK_N": _BLOCK_N["bwd"][c], "BLOCK_C": c, "TILES": 8}
+            fwd = {"X": f"*{xdt}", "LNW": "*fp32", "LNB": "*fp32", "Y": f"*{ydt}"}
+            bwd = {"X": f"*{xdt}", "LNW": "*fp32", "DY": f"*{ydt}", "DX": f"*{xdt}", "PART": "*fp32"}
+            specs.append(_aot_spec(f"map_norm.fwd_{name}_c{c}", _map_norm_fwd_kernel, fwd, const, _WARPS, 1,
+                                   floats=("eps",)))
+            specs.append(_aot_spec(f"map_norm.bwd_{name}_c{c}", _map_norm_bwd_kernel, bwd, bwd_const, _WARPS, 1,
+                                   floats=("eps",)))
+    return specs
+
+
+AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
