@@ -140,8 +140,9 @@ def counted():
             conv = [torch.randn(c, c, ratio, ratio, generator=g) * 0.1, torch.randn(c, generator=g),
                     1 + torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g)] if ratio > 1 else [None] * 4
             bp = [1 + torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g), *conv,
-                  torch.randn(2 * c, c, generator=g) * 0.2, torch.randn(2 * c, generator=g), torch.randn(c, c, generator=g) * 0.2,
-                  torch.randn(c, generator=g), torch.randn(c, c, generator=g) * 0.2, torch.randn(c, generator=g)]
+                  torch.randn(2 * c, c, generator=g) * 0.2, torch.randn(2 * c, generator=g),
+                  torch.randn(c, c, generator=g) * 0.2, torch.randn(c, generator=g),
+                  torch.randn(c, c, generator=g) * 0.2, torch.randn(c, generator=g)]
             bp = AttentionBlockParams(*(None if t is None else t.requires_grad_() for t in bp))
             xb = torch.randn(1, 48, c, generator=g, requires_grad=True)
             blk.attention_block(xb, (6, 8), ratio, bp).sum().backward()
