@@ -9,8 +9,8 @@ It computes what the eager composition computes (`msf.reference.composed_attenti
 in one dtype (fp32 / bf16 / fp16) or in autocast's mixed precision (`_precision`): bf16 or fp16 k
 and v, fp32 or compute-dtype x / residual, fp32 master weights rounded on the host as autocast
 does. The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside: the model runs
-this sublayer inside `msf.kernels.attention_block`, which fuses that side and the LayerNorm around it. fp32 at C > 128
-composes the eager pieces instead (no spill-free tf32x3 tile there).
+this sublayer inside `msf.kernels.attention_block`, which fuses that side and the LayerNorm around
+it. fp32 at C > 128 composes the eager pieces instead (no spill-free tf32x3 tile there).
 
 Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
 - `_sub_fwd_kernel`: q formed on chip from x, the core's online-softmax sweep, then the output
