@@ -14,6 +14,8 @@
 - `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
 - `row_chunks(...)`: how a weight-gradient grid splits its rows into chunks (host side; the
   attention and FFN sublayers' fp32 partial sums).
+- `products_dtype(tensors)`: the dtype a fused op's products run in, by autocast's rule (the FFN
+  sublayer's and the attention block's).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -79,6 +82,23 @@ def row_chunks(rows: int, tiles: int, min_rows: int, sms: int | None, chunk_rows
             chunk_rows = triton.cdiv(max(triton.cdiv(rows, want), min_rows), 128) * 128
     chunk_rows = max(1, min(int(chunk_rows), triton.cdiv(rows, 128) * 128))
     return chunk_rows, triton.cdiv(rows, chunk_rows)
+
+
+def products_dtype(tensors) -> torch.dtype | None:
+    """The dtype a fused op's products run in, or None when its kernels do not serve the mix: under
+    autocast on the first tensor's device, autocast's bf16 / fp16 when every tensor is fp32 or that
+    dtype (the model under CUDA autocast: the fp32 residual stream and fp32 master weights);
+    otherwise the dtype all share, if fp32, bf16 or fp16."""
+    tensors = list(tensors)
+    dev = tensors[0].device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in tensors):
+            return cdt
+        return None
+    dtypes = {t.dtype for t in tensors}
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    return tensors[0].dtype if len(dtypes) == 1 and tensors[0].dtype in floats else None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, row_chunks
+from msf.kernels._common import INTERPRET, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _sum_rows, _to_compute
@@ -361,15 +361,7 @@ def compute_dtype(x: torch.Tensor, p: AttentionBlockParams) -> torch.dtype | Non
     """The dtype the products run in, or None when the kernels do not serve the mix: under autocast
     on x's device, autocast's bf16 / fp16 when every tensor is fp32 or that dtype; otherwise the
     dtype all share (fp32, bf16 or fp16)."""
-    ts = [x] + [t for t in _tensors(p) if t is not None]
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts):
-            return cdt
-        return None
-    dtypes = {t.dtype for t in ts}
-    return x.dtype if len(dtypes) == 1 and x.dtype in _CDT else None
+    return products_dtype([x] + [t for t in _tensors(p) if t is not None])
 
 
 def fused_supported(dtype: torch.dtype, c: int) -> bool:

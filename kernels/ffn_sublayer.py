@@ -45,7 +45,7 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, row_chunks
+from msf.kernels._common import INTERPRET, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
@@ -526,15 +526,7 @@ def compute_dtype(x, lnw, lnb, w1, b1, w2, b2) -> torch.dtype | None:
     under autocast on x's device, autocast's bf16 / fp16 when every tensor is fp32 or that dtype
     (the model under CUDA autocast: fp32 x and master weights); otherwise the dtype all seven share
     (fp32, bf16 or fp16)."""
-    ts = (x, lnw, lnb, w1, b1, w2, b2)
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts):
-            return cdt
-        return None
-    dtypes = {t.dtype for t in ts}
-    return x.dtype if len(dtypes) == 1 and x.dtype in _CDT else None
+    return products_dtype((x, lnw, lnb, w1, b1, w2, b2))
 
 
 def fused_supported(dtype: torch.dtype, c: int) -> bool:
