@@ -68,7 +68,7 @@ from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
-       "decoder_mlp", "lmsa")
+       "stage_output", "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -405,6 +405,16 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         # the patch embedding's convolution output (a bf16 NCHW map) and fp32 master γ, β
         return backend.EAGER_OPS.map_layer_norm, (_meta(batch, c, side, side, dtype=dtype, grad=True),
                                                   _meta(c, grad=True), _meta(c, grad=True), 1e-5), True
+    if op == "stage_output":
+        if stage is None:
+            raise ValueError("stage_output needs stage=1..4")
+        n, _, c = stage_shape(stage, size)
+        side = int(round(n ** 0.5))
+        # the residual stream's fp32 tokens and fp32 master γ, β; the eager path's two maps are one
+        # tensor, so its first output carries the op (the next convolution's cast is that op's own)
+        return (lambda *a: backend.EAGER_OPS.stage_output(*a)[0]), (
+            _meta(batch, n, c, grad=True), (side, side), _meta(c, grad=True), _meta(c, grad=True), 1e-5,
+            stage < len(cfg.channels)), True
     if op == "attention_block":
         if stage is None:
             raise ValueError("attention_block needs stage=1..4")
@@ -473,7 +483,7 @@ def _meta_model(variant: str):
 
 
 @contextlib.contextmanager
-def _fused_ops_uncounted(counter: ByteCounter) -> Iterator[list[str]]:
+def _fused_ops_uncounted(counter: ByteCounter, dtype: torch.dtype) -> Iterator[list[str]]:
     """msf.model's op table with the triton backend's fused ops swapped for uncounted stand-ins."""
     from unittest import mock
 
@@ -484,9 +494,26 @@ def _fused_ops_uncounted(counter: ByteCounter) -> Iterator[list[str]]:
              for f in dataclasses.fields(backend.Ops)}
     if "decoder_mlp" in fused:
         table["decoder_mlp"] = _decoder_mlp_host_counted(counter)
+    if "stage_output" in fused:
+        table["stage_output"] = _stage_output_standin(counter, dtype)
     table = backend.Ops(**table)
     with mock.patch.object(model, "get_ops", lambda _backend: table):
         yield fused
+
+
+def _stage_output_standin(counter: ByteCounter, dtype: torch.dtype) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The triton backend's stage_output, uncounted, with its outputs' dtypes: under the emulated
+    CUDA autocast to `dtype`, where a next stage reads it, the second map is the fused kernel's copy,
+    not the decoder's fp32 map again, so the eager rest keeps neither the next convolution's cast
+    nor autograd's sum of the two maps' gradients (the kernel's backward adds them)."""
+    def fused(tokens, hw, weight, bias, eps, feeds_next):
+        out, _ = backend.eager_stage_output(tokens, hw, weight, bias, eps, feeds_next)
+        if feeds_next and out.dtype != dtype:
+            return out, out.to(dtype)
+        return out, out.clone()  # a tensor of its own either way: the two gradients reach the op apart
+
+    from msf import backend
+    return uncounted(fused, counter)
 
 
 def _decoder_mlp_host_counted(counter: ByteCounter) -> Callable[..., torch.Tensor]:
@@ -512,7 +539,7 @@ def count_step(variant: str, *, batch: int = 32, size: int = 512, dtype: torch.d
     images = _meta(batch, 3, size, size)
     masks = _meta(batch, size, size, dtype=torch.uint8)
     counter = ByteCounter()
-    swap = _fused_ops_uncounted(counter) if variant == "triton_rest" else contextlib.nullcontext()
+    swap = _fused_ops_uncounted(counter, dtype) if variant == "triton_rest" else contextlib.nullcontext()
     with swap, counter:
         with CudaAutocastEmulation(dtype):
             loss = model.loss(images, masks)
@@ -588,7 +615,7 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 # ----------------------------------------------------------------------------------------------
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
-        [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer")
+        [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer", "stage_output")
          for s in range(1, len(_config().channels) + 1)] + \
         [("decoder_mlp", None), ("lmsa", None)]
 

@@ -29,9 +29,9 @@ from msf.kernels.attention import AttentionAotSpec, _aot_spec
 from msf.kernels.attention_block import _ln_grad, _ln_hat, _vec
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _sum_rows
-from msf.reference import eager_map_layer_norm
+from msf.reference import eager_map_layer_norm, tokens_to_map
 
-__all__ = ["map_layer_norm", "MapNormFunction", "AOT_SPECS", "out_dtype"]
+__all__ = ["map_layer_norm", "stage_output", "MapNormFunction", "AOT_SPECS", "copy_dtype", "out_dtype"]
 
 # tokens a tile per C block: 4096 values a tile in the forward, 2048 in the backward (which holds
 # x̂, dy and γ∘dy at once: its 4096-value tiles spilled 8-400 B at C ≥ 64); 4 warps
@@ -58,28 +58,33 @@ def _tile(b, pid_n, stride_xb, stride_xc, stride_xn, N, C, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _map_norm_fwd_kernel(
-    X, LNW, LNB, Y,
+    X, LNW, LNB, Y, Y2,
     stride_xb, stride_xc, stride_xn, N, C, eps,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    COPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Y (B×N×C contiguous) for BLOCK_N tokens of image pid 1; X read through its strides."""
+    """Y (B×N×C contiguous) for BLOCK_N tokens of image pid 1, and with COPY the same values in Y2's
+    dtype (the 16-bit copy a convolution under autocast would make); X read through its strides."""
     offs_c, mask_c, mask, in_map, tok = _tile(tl.program_id(1).to(tl.int64), tl.program_id(0), stride_xb, stride_xc,
                                               stride_xn, N, C, BLOCK_N, BLOCK_C)
     xhat, _rstd = _ln_hat(tl.load(X + in_map, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
     y = xhat * _vec(LNW, offs_c, mask_c)[None, :] + _vec(LNB, offs_c, mask_c)[None, :]
-    tl.store(Y + tok, _round(y, Y.dtype.element_ty), mask=mask)
+    y = _round(y, Y.dtype.element_ty)
+    tl.store(Y + tok, y, mask=mask)
+    if COPY:
+        tl.store(Y2 + tok, _round(y.to(tl.float32), Y2.dtype.element_ty), mask=mask)
 
 
 # dx = rstd (γ∘dy − mean_C(γ∘dy) − x̂ mean_C(γ∘dy∘x̂)),  dγ = Σ dy∘x̂,  dβ = Σ dy  (x̂ recomputed from x)
 @triton.jit
 def _map_norm_bwd_kernel(
-    X, LNW, DY, DX, PART,
+    X, LNW, DY, DY2, DX, PART,
     stride_xb, stride_xc, stride_xn, stride_db, stride_dc, stride_dn, N, C, TILES_N, TILES_ALL, eps,
-    TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DY2: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """DX (X's shape, its own strides, X's dtype) for TILES consecutive token tiles (of the
     TILES_ALL = B · TILES_N tiles, image by image) and the program's PART row [Σ dy∘x̂ | Σ dy]
-    (2·C fp32). DY: B×N×C contiguous."""
+    (2·C fp32). DY (and with HAS_DY2 the copy's gradient DY2, added in fp32 as autograd adds the
+    fp32 cast of a 16-bit gradient): B×N×C contiguous."""
     pid = tl.program_id(0)
     gamma = _vec(LNW, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_C) < C)
     dgamma = tl.zeros([BLOCK_C], tl.float32)
@@ -93,6 +98,8 @@ def _map_norm_bwd_kernel(
         mask = mask & (t < TILES_ALL)
         xhat, rstd = _ln_hat(tl.load(X + in_map, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
         dy = tl.load(DY + tok, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY2:
+            dy += tl.load(DY2 + tok, mask=mask, other=0.0).to(tl.float32)
         dx = _ln_grad(dy, xhat, rstd, gamma, mask, C)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         out = b * stride_db + offs_c[None, :].to(tl.int64) * stride_dc + offs_n[:, None].to(tl.int64) * stride_dn
@@ -133,19 +140,22 @@ def _tiles_per_program(tiles: int, device: torch.device) -> int:
     return max(1, min(64, triton.next_power_of_2(triton.cdiv(tiles, 4 * sms))))
 
 
-def _forward(x, lnw, lnb, eps: float, y_dtype: torch.dtype) -> torch.Tensor:
+def _forward(x, lnw, lnb, eps: float, y_dtype: torch.dtype, copy_dtype: torch.dtype | None = None):
+    """(y, its copy in `copy_dtype` or None): B×N×C tokens."""
     b, c, h, w = x.shape
     n = h * w
     y = _new((b, n, c), x.device, y_dtype)
+    y2 = None if copy_dtype is None else _new((b, n, c), x.device, copy_dtype)
     block_c = _block_c(c)
     block_n = _BLOCK_N["fwd"][block_c]
     _map_norm_fwd_kernel[(triton.cdiv(n, block_n), b)](
-        x, lnw, lnb, y, *_token_strides(x), n, c, float(eps), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
-    return y
+        x, lnw, lnb, y, y if y2 is None else y2, *_token_strides(x), n, c, float(eps), COPY=y2 is not None,
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
+    return y, y2
 
 
-def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype):
-    """(dx in x's dtype and strides, dγ, dβ in w_dtype)."""
+def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype, dy2: torch.Tensor | None = None):
+    """(dx in x's dtype and strides, dγ, dβ in w_dtype) from the tokens' gradient dy and the copy's, dy2."""
     b, c, h, w = x.shape
     n = h * w
     if x.stride(1) == 1 and c > 1:  # channels-last, as x
@@ -159,28 +169,34 @@ def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype):
     programs = triton.cdiv(b * tiles_n, tiles)
     part = _new((programs, 2 * c), x.device, torch.float32)
     _map_norm_bwd_kernel[(programs,)](
-        x, lnw, dy, dx, part, *_token_strides(x), *_token_strides(dx), n, c, tiles_n, b * tiles_n, float(eps),
-        TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
+        x, lnw, dy, dy if dy2 is None else dy2, dx, part, *_token_strides(x), *_token_strides(dx), n, c, tiles_n,
+        b * tiles_n, float(eps), HAS_DY2=dy2 is not None, TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c,
+        num_warps=_WARPS)
     sums = _new((2 * c,), x.device, torch.float32)
     _sum_rows(part, sums)
     return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)
 
 
 class MapNormFunction(torch.autograd.Function):
-    """Saves x (the input) and γ; the statistics are recomputed in the backward."""
+    """Saves x (the input) and γ; the statistics are recomputed in the backward. With `copy_dtype`
+    it returns (y, the copy), else y."""
 
     @staticmethod
-    def forward(ctx, x, lnw, lnb, eps, y_dtype):
+    def forward(ctx, x, lnw, lnb, eps, y_dtype, copy_dtype=None):
         ctx.save_for_backward(x, lnw)
         ctx.eps = eps
         ctx.w_dtype = lnb.dtype
-        return _forward(x, lnw, lnb, eps, y_dtype)
+        ctx.set_materialize_grads(False)
+        y, y2 = _forward(x, lnw, lnb, eps, y_dtype, copy_dtype)
+        return y if y2 is None else (y, y2)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dy2=None):
         x, lnw = ctx.saved_tensors
-        dx, dw, db = _backward(x, lnw, dy.contiguous(), ctx.eps, ctx.w_dtype)
-        return dx, dw.to(lnw.dtype), db, None, None
+        if dy is None:  # only the copy was used
+            dy, dy2 = dy2, None
+        dx, dw, db = _backward(x, lnw, dy.contiguous(), ctx.eps, ctx.w_dtype, None if dy2 is None else dy2.contiguous())
+        return dx, dw.to(lnw.dtype), db, None, None, None
 
 
 def out_dtype(x: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor) -> torch.dtype | None:
@@ -212,23 +228,52 @@ def _check(x, lnw, lnb, eps) -> None:
         raise ValueError("map_layer_norm: tensors on different devices")
 
 
-def dispatch(x, lnw, lnb, eps: float, fused):
-    """What both entries (`map_layer_norm` here and `msf::map_layer_norm` in kernels/ops.py) do: check
-    the arguments, then `fused(x, γ, β, eps, out dtype)` where the kernels serve (C ≤ 256, x on CUDA
-    or interpreted; a map whose tokens are not one stride apart is made contiguous first), else eager."""
+def copy_dtype(x: torch.Tensor, y_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a convolution under autocast on x's device casts the tokens to, where it is not
+    theirs already (None: no copy to make)."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        return cdt if cdt != y_dtype else None
+    return None
+
+
+def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False):
+    """What both entries (this module's and `msf::map_layer_norm`'s in kernels/ops.py) do: check the
+    arguments, then `fused(x, γ, β, eps, out dtype, copy dtype)` where the kernels serve (C ≤ 256, x
+    on CUDA or interpreted; a map whose tokens are not one stride apart is made contiguous first),
+    else eager. `with_copy`: return (y, the tokens as a convolution under autocast takes them) —
+    the 16-bit copy where autocast would cast, else y itself."""
     _check(x, lnw, lnb, eps)
     y_dtype = out_dtype(x, lnw, lnb)
     if (y_dtype is None or x.numel() == 0 or x.shape[1] > _MAX_C
             or (x.device.type != "cuda" and not INTERPRET)):
-        return eager_map_layer_norm(x, lnw, lnb, eps)
+        y = eager_map_layer_norm(x, lnw, lnb, eps)
+        return (y, y) if with_copy else y
     if not _tokens_evenly_spaced(x):
         x = x.contiguous()
-    return fused(x, lnw.contiguous(), lnb.contiguous(), float(eps), y_dtype)
+    cdt = copy_dtype(x, y_dtype) if with_copy else None
+    out = fused(x, lnw.contiguous(), lnb.contiguous(), float(eps), y_dtype, cdt)
+    if with_copy and cdt is None:
+        return out, out
+    return out
 
 
-def map_layer_norm(x, lnw, lnb, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the channels of the B×C×h×w map x, as B×(h·w)×C tokens (module docstring)."""
-    return dispatch(x, lnw, lnb, eps, MapNormFunction.apply)
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False):
+    """LayerNorm over the channels of the B×C×h×w map x, as B×(h·w)×C tokens (module docstring); with
+    `with_copy` also the tokens as a convolution under autocast takes them (`dispatch`)."""
+    return dispatch(x, lnw, lnb, eps, MapNormFunction.apply, with_copy)
+
+
+def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True, *, norm=map_layer_norm):
+    """A stage's final LayerNorm as `msf.reference.eager_stage_output` returns it: (the map the decoder
+    reads, the map the next stage's convolution reads). The tokens (B×(h·w)×C) are read once as a
+    channels-last map; where `feeds_next` and autocast would cast the result for the convolution,
+    the kernel writes that 16-bit copy beside the tokens and the backward adds both gradients.
+    `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
+    x = tokens_to_map(tokens, *hw)
+    y, y_next = norm(x, lnw, lnb, eps, with_copy=True) if feeds_next else (norm(x, lnw, lnb, eps),) * 2
+    return tokens_to_map(y, *hw), tokens_to_map(y_next, *hw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,12 +285,18 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for name, xdt, ydt in (("amp", "bf16", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "fp32", "fp32")):
             const = {"BLOCK_N": _BLOCK_N["fwd"][c], "BLOCK_C": c}
             bwd_const = {"BLOCK_N": _BLOCK_N["bwd"][c], "BLOCK_C": c, "TILES": 8}
-            fwd = {"X": f"*{xdt}", "LNW": "*fp32", "LNB": "*fp32", "Y": f"*{ydt}"}
-            bwd = {"X": f"*{xdt}", "LNW": "*fp32", "DY": f"*{ydt}", "DX": f"*{xdt}", "PART": "*fp32"}
-            specs.append(_aot_spec(f"map_norm.fwd_{name}_c{c}", _map_norm_fwd_kernel, fwd, const, _WARPS, 1,
-                                   floats=("eps",)))
-            specs.append(_aot_spec(f"map_norm.bwd_{name}_c{c}", _map_norm_bwd_kernel, bwd, bwd_const, _WARPS, 1,
-                                   floats=("eps",)))
+            # the patch embedding's norm (one output), and the stage-final norm of the model under
+            # autocast (fp32 tokens in, fp32 tokens and their bf16 copy out, both gradients back)
+            copy = name == "amp"
+            x_t = "fp32" if copy else xdt
+            for tag, xt, has_copy in (("", xdt, False),) + ((("_copy", x_t, True),) if copy else ()):
+                fwd = {"X": f"*{xt}", "LNW": "*fp32", "LNB": "*fp32", "Y": f"*{ydt}", "Y2": "*bf16"}
+                bwd = {"X": f"*{xt}", "LNW": "*fp32", "DY": f"*{ydt}", "DY2": "*bf16", "DX": f"*{xt}",
+                       "PART": "*fp32"}
+                specs.append(_aot_spec(f"map_norm.fwd_{name}{tag}_c{c}", _map_norm_fwd_kernel, fwd,
+                                       {**const, "COPY": has_copy}, _WARPS, 1, floats=("eps",)))
+                specs.append(_aot_spec(f"map_norm.bwd_{name}{tag}_c{c}", _map_norm_bwd_kernel, bwd,
+                                       {**bwd_const, "HAS_DY2": has_copy}, _WARPS, 1, floats=("eps",)))
     return specs
 
 

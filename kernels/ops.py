@@ -10,7 +10,8 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::attention_sublayer_backward
     msf::attention_block(x, LN1, [W_sr, b_sr, LN_sr,] W_kv, b_kv, wq, bq, wo, bo, hw, R, eps, eps_sr,
                          compute_dtype) -> (out, xn, red, kin, kv, o, lse)  + msf::attention_block_backward
-    msf::map_layer_norm(x, γ, β, eps, out_dtype) -> tokens                 + msf::map_layer_norm_backward
+    msf::map_layer_norm(x, γ, β, eps, out_dtype, copy_dtype) -> (tokens, copy)
+                                                                           + msf::map_layer_norm_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save_h) -> (x, h)
@@ -374,21 +375,25 @@ def attention_block(x, hw, sr_ratio: int, p) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # map LayerNorm: the patch embedding's norm, a B×C×h×w map in, B×(h·w)×C tokens out
 # ----------------------------------------------------------------------------------------------
-def _map_norm_body(x: Tensor, lnw: Tensor, lnb: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
-    return _mn._forward(x, lnw, lnb, eps, out_dtype)
+def _map_norm_body(x: Tensor, lnw: Tensor, lnb: Tensor, eps: float, out_dtype: torch.dtype,
+                   copy_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    y, y2 = _mn._forward(x, lnw, lnb, eps, out_dtype, copy_dtype)
+    return y, y.new_empty((0,)) if y2 is None else y2  # no copy: an empty second output
 
 
-def _map_norm_fake(x, lnw, lnb, eps, out_dtype):
+def _map_norm_fake(x, lnw, lnb, eps, out_dtype, copy_dtype):
     b, c, h, w = x.shape
-    return x.new_empty((b, h * w, c), dtype=out_dtype)
+    y = x.new_empty((b, h * w, c), dtype=out_dtype)
+    return y, y.new_empty((0,)) if copy_dtype is None else y.new_empty(y.shape, dtype=copy_dtype)
 
 
-def _map_norm_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, dy: Tensor, eps: float) -> list[Tensor]:
-    dx, dw, db = _mn._backward(x, lnw, dy, eps, lnb.dtype)
+def _map_norm_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, dy: Tensor, dy2: Tensor | None,
+                            eps: float) -> list[Tensor]:
+    dx, dw, db = _mn._backward(x, lnw, dy, eps, lnb.dtype, dy2)
     return [dx, dw.to(lnw.dtype).clone(), db.clone()]  # slices of one sum buffer: no aliasing outputs
 
 
-def _map_norm_backward_fake(x, lnw, lnb, dy, eps):
+def _map_norm_backward_fake(x, lnw, lnb, dy, dy2, eps):
     return [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device), _contiguous_like(lnw),
             _contiguous_like(lnb)]
 
@@ -398,23 +403,37 @@ map_layer_norm_backward_op = _define("map_layer_norm_backward", _map_norm_backwa
 
 
 def _map_norm_setup(ctx, inputs, output):
-    x, lnw, lnb, eps, _ = inputs
+    x, lnw, lnb, eps, _, copy_dtype = inputs
     ctx.save_for_backward(x, lnw, lnb)
     ctx.eps = eps
+    ctx.has_copy = copy_dtype is not None
 
 
-def _map_norm_grad(ctx, dy):
-    dx, dw, db = torch.ops.msf.map_layer_norm_backward(*ctx.saved_tensors, dy.contiguous(), ctx.eps)
-    return dx, dw, db, None, None
+def _map_norm_grad(ctx, dy, dy2):
+    dy2 = dy2.contiguous() if ctx.has_copy and dy2 is not None else None
+    if dy is None:  # only the copy was used
+        dy, dy2 = dy2, None
+    dx, dw, db = torch.ops.msf.map_layer_norm_backward(*ctx.saved_tensors, dy.contiguous(), dy2, ctx.eps)
+    return dx, dw, db, None, None, None
 
 
 map_layer_norm_op.register_autograd(_map_norm_grad, setup_context=_map_norm_setup)
 
 
-def map_layer_norm(x, lnw, lnb, eps: float = 1e-5) -> Tensor:
+def _map_norm_operator(x, lnw, lnb, eps, out_dtype, copy_dtype):
+    y, y2 = torch.ops.msf.map_layer_norm(x, lnw, lnb, eps, out_dtype, copy_dtype)
+    return y if copy_dtype is None else (y, y2)
+
+
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False):
     """`msf.kernels.map_norm.map_layer_norm` through `msf::map_layer_norm` (eager where the kernels
     do not serve)."""
-    return _mn.dispatch(x, lnw, lnb, eps, lambda *args: torch.ops.msf.map_layer_norm(*args))
+    return _mn.dispatch(x, lnw, lnb, eps, _map_norm_operator, with_copy)
+
+
+def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True):
+    """`msf.kernels.map_norm.stage_output` through `msf::map_layer_norm`."""
+    return _mn.stage_output(tokens, hw, lnw, lnb, eps, feeds_next, norm=map_layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,6 +635,7 @@ REGISTRY: dict[str, FusedOp] = {
     "head_loss": FusedOp(_hl.head_loss, head_loss),
     "lmsa": FusedOp(_lm.lmsa, lmsa),
     "map_layer_norm": FusedOp(_mn.map_layer_norm, map_layer_norm),
+    "stage_output": FusedOp(_mn.stage_output, stage_output),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",

@@ -18,6 +18,9 @@ Ops (shapes are the model's):
   it composes the backend's own `attention_sublayer` with eager LayerNorms and projections.
 - `map_layer_norm(x, weight, bias, eps)`: LayerNorm over the channels of a B×C×h×w map, as
   B×(h·w)×C tokens (the patch embedding's norm).
+- `stage_output(tokens, hw, weight, bias, eps, feeds_next)`: a stage's final LayerNorm as two
+  B×C×h×w maps, the decoder's and the next stage's (one tensor in eager; on triton, under autocast,
+  the next stage's is written as the 16-bit copy its convolution would cast to).
 - `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
   feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
@@ -39,7 +42,7 @@ import torch
 
 from msf.nvtx import nvtx_range
 from msf.reference import (AttentionBlockParams, DecoderParams, LMSAParams, composed_attention_sublayer,  # noqa: F401
-                           eager_attention, eager_attention_block, eager_map_layer_norm,
+                           eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
                            eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
@@ -51,6 +54,7 @@ class Ops:
     attention_sublayer: Callable[..., torch.Tensor]
     attention_block: Callable[..., torch.Tensor]
     map_layer_norm: Callable[..., torch.Tensor]
+    stage_output: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     ffn_sublayer: Callable[..., torch.Tensor]
     head_loss: Callable[..., torch.Tensor]
     upsample_argmax: Callable[..., torch.Tensor]
@@ -60,6 +64,7 @@ class Ops:
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
                 attention_block=eager_attention_block, map_layer_norm=eager_map_layer_norm,
+                stage_output=eager_stage_output,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
                 decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa)
 

@@ -116,17 +116,23 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, in_ch: int, dim: int, depth: int, sr_ratio: int, first: bool, cfg: ModelConfig, backend: str):
+    def __init__(self, in_ch: int, dim: int, depth: int, sr_ratio: int, first: bool, cfg: ModelConfig, backend: str,
+                 feeds_next: bool = True):
         super().__init__()
         self.embed = PatchEmbed(in_ch, dim, kernel=7 if first else 3, stride=4 if first else 2, backend=backend)
         self.blocks = nn.ModuleList(Block(dim, sr_ratio, cfg.ffn_expansion, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.backend = backend
+        self.feeds_next = feeds_next
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton
+        under autocast the second is the 16-bit copy the next convolution would cast the first to."""
         tokens, h, w = self.embed(x)
         for block in self.blocks:
             tokens = block(tokens, h, w)
-        return tokens_to_map(self.norm(tokens), h, w)
+        norm = self.norm
+        return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps, self.feeds_next)
 
 
 class LMSA(nn.Module):
@@ -209,7 +215,7 @@ class MicroSegFormer(nn.Module):
         cfg = self.config
         in_channels = (3,) + cfg.channels[:-1]
         self.stages = nn.ModuleList(
-            Stage(cin, c, d, r, first=(i == 0), cfg=cfg, backend=backend)
+            Stage(cin, c, d, r, first=(i == 0), cfg=cfg, backend=backend, feeds_next=i + 1 < len(cfg.channels))
             for i, (cin, c, d, r) in enumerate(zip(in_channels, cfg.channels, cfg.depths, cfg.sr_ratios)))
         self.decoder = Decoder(cfg, backend)
         self.classifier = nn.Conv2d(cfg.decoder_dim, num_classes, 1)
@@ -228,8 +234,8 @@ class MicroSegFormer(nn.Module):
         feats, x = [], images
         for i, stage in enumerate(self.stages, start=1):
             with nvtx_range(f"encoder/stage{i}"):
-                x = stage(x)
-            feats.append(x)
+                feature, x = stage(x)
+            feats.append(feature)
         with nvtx_range("decoder"):
             return self.decoder(feats)
 

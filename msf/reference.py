@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
 __all__ = ["AttentionBlockParams", "DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer",
-           "eager_attention", "eager_attention_block", "eager_map_layer_norm",
+           "eager_attention", "eager_attention_block", "eager_map_layer_norm", "eager_stage_output",
            "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
            "tokens_to_map"]
 
@@ -85,6 +85,16 @@ def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p
 def eager_map_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the channels of a B×C×h×w map, as B×(h·w)×C tokens (the patch embedding's norm)."""
     return F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], weight, bias, eps)
+
+
+def eager_stage_output(tokens: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float = 1e-5, feeds_next: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage's output: its final LayerNorm of the B×(h·w)×C tokens as a B×C×h×w map, twice: the map
+    the decoder reads and the one the next stage's patch embedding reads (one tensor in eager; the
+    convolution casts it under autocast). `feeds_next` is for the fused path, which makes that cast
+    itself only where there is a next stage."""
+    out = tokens_to_map(F.layer_norm(tokens, tokens.shape[-1:], weight, bias, eps), *hw)
+    return out, out
 
 
 def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5):

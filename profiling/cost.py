@@ -494,6 +494,17 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             mn._forward(x, lnw, lnb, 1e-5, f32)
             pass_ref[0] = "bwd"
             mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32)
+        elif op == "stage_output":
+            # under CUDA autocast: the fp32 residual stream's tokens in, fp32 tokens for the decoder and
+            # (stages 1-3) their bf16 copy for the next convolution out; both gradients back
+            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+            x = e((batch, side, side, c), dtype=f32).permute(0, 3, 1, 2)
+            lnw, lnb = e((c,), dtype=f32), e((c,), dtype=f32)
+            copy = bf16 if stage < len(STAGES) else None
+            mn._forward(x, lnw, lnb, 1e-5, f32, copy)
+            pass_ref[0] = "bwd"
+            mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32,
+                         None if copy is None else e((batch, side * side, c), dtype=bf16))
         elif op == "ffn_sublayer":
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
             c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
@@ -548,6 +559,10 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     elif op == "map_layer_norm":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         fn, args = mn.MapNormFunction.apply, (leaf(batch, c, side, side, dtype=bf16), leaf(c), leaf(c), 1e-5, f32)
+    elif op == "stage_output":
+        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+        x = leaf(batch, side, side, c).permute(0, 3, 1, 2)
+        fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, f32, bf16 if stage < len(STAGES) else None)
     elif op == "attention_block":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)
@@ -608,9 +623,9 @@ def _interpreter_launches_skipped():
 
 
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
-       "decoder_mlp", "lmsa")
+       "stage_output", "decoder_mlp", "lmsa")
 PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
-PER_STAGE_OPS = ("map_layer_norm",)  # once per stage (the patch embedding's norm)
+PER_STAGE_OPS = ("map_layer_norm", "stage_output")  # once per stage (the patch embedding's norm, the final one)
 # ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
 # inside another op (the attention sublayer: its kernels are part of attention_block's)
 NOT_IN_STEP = ("upsample_argmax", "attention_sublayer")
@@ -1461,7 +1476,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
                         help="ops (head_loss, upsample_argmax, attention_sublayer, map_layer_norm, attention_block, "
-                             "ffn_sublayer, decoder_mlp, lmsa; "
+                             "ffn_sublayer, stage_output, decoder_mlp, lmsa; "
                              "attention_sublayer:N, ffn_sublayer:N for one stage); default all")
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")

@@ -110,3 +110,31 @@ def test_bad_arguments_name_what_is_wrong():
         norm_mod.map_layer_norm(x, torch.ones(7), torch.zeros(8))
     with pytest.raises(ValueError, match="eps"):
         norm_mod.map_layer_norm(x, torch.ones(8), torch.zeros(8), 0.0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape", ["C32", "C192"])
+def test_copy_for_the_next_convolution(shape, device, poisoned):
+    """The stage-final norm: fp32 tokens (a channels-last map) under bf16 autocast give fp32 tokens for
+    the decoder and the bf16 copy the next patch embedding's convolution would cast them to. Both
+    outputs carry gradients (the copy's in bf16); the backward adds them in fp32, as autograd adds the
+    fp32 cast of the copy's gradient. Against float64 with the same roundings."""
+    kernel_device(device)
+    vals = _inputs(SHAPES[shape], seed=6)
+    g2 = torch.randn(vals["g"].shape, generator=torch.Generator().manual_seed(9))
+    ours = _leaves(vals, device, torch.float32, channels_last=True)
+    ref = _leaves(vals, device, torch.float64, channels_last=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, y2 = norm_mod.map_layer_norm(ours["x"], ours["w"], ours["b"], with_copy=True)
+    assert y.dtype == torch.float32 and y2.dtype == torch.bfloat16
+    torch.autograd.backward([y, y2], [ours["g"], g2.to(device, torch.bfloat16)])
+    y_ref = eager_map_layer_norm(ref["x"], ref["w"], ref["b"], 1e-5)
+    y_ref.backward(ref["g"] + g2.to(device, torch.bfloat16).double())
+    assert_close(y, y_ref, TOL[torch.float32], f"{shape} tokens")
+    assert_close(y2, y_ref, TOL[torch.bfloat16], f"{shape} bf16 copy")
+    assert torch.equal(y2, y.to(torch.bfloat16)), "the copy is the tokens rounded, as autocast's cast"
+    for name in ("x", "w", "b"):
+        assert_close(ours[name].grad, ref[name].grad, 1e-5, f"{shape} d{name}")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, same = norm_mod.map_layer_norm(ours["x"].detach().to(torch.bfloat16), ours["w"], ours["b"], with_copy=True)
+    assert same is y, "no copy where the tokens already have the convolution's dtype"

@@ -67,7 +67,13 @@ def _case(name):
     if name == "map_layer_norm":  # a channels-last 2×16×3×5 map
         x = _randn(2, 16, 3, 5).detach().to(memory_format=torch.channels_last).requires_grad_()
         w, b = (_randn(16, scale=0.2, seed=1) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=2)
-        return ops.map_layer_norm_op, (x, w, b, 1e-5, torch.float32), lambda f: f(x, w, b, 1e-5)
+        return ops.map_layer_norm_op, (x, w, b, 1e-5, torch.float32, None), lambda f: f(x, w, b, 1e-5)
+    if name == "stage_output":  # 2×15×16 tokens of a 3×5 map; the operator checked with the bf16 copy
+        tokens = _randn(2, 15, 16)
+        w, b = (_randn(16, scale=0.2, seed=1) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=2)
+        x = tokens.detach().view(2, 3, 5, 16).permute(0, 3, 1, 2).requires_grad_()
+        return (ops.map_layer_norm_op, (x, w, b, 1e-5, torch.float32, torch.bfloat16),
+                lambda f: torch.cat([t.flatten() for t in f(tokens, (3, 5), w, b, 1e-5, True)]), [tokens, w, b])
     if name == "ffn_sublayer":
         x = _randn(18, 16)  # the operator takes tokens as rows × C (the wrapper flattens B×N×C)
         params = (_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2), _randn(32, 16, scale=0.25, seed=3),
