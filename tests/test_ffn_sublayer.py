@@ -8,6 +8,7 @@ on a CUDA machine the "cuda" cases run the compiled kernels and the "cpu" cases 
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def _compare(ours, ref, out, out_ref, tol: float, what: str) -> None:
 def test_matches_float64(shape, dtype, device, poisoned):
     """One dtype throughout: the forward and all seven gradients against float64 on the same inputs."""
     kernel_device(device)
-    vals = _inputs(SHAPES[shape], seed=hash(shape) % 1000)
+    vals = _inputs(SHAPES[shape], seed=zlib.crc32(shape.encode()) % 1000)
     rounded = {k: v.to(dtype) for k, v in vals.items()}
     ours, ref = _leaves(rounded, device, dtype), _leaves(rounded, device, torch.float64)
     out = _run(ours, ffn_mod.ffn_sublayer)
@@ -126,7 +127,7 @@ def test_both_weight_gradient_routes(shape, dtype, stash, device, poisoned):
     kernel_device(device)
     _, _, c, h = SHAPES[shape]
     assert ffn_mod.stash_pays(c, h) != stash
-    vals = _inputs(SHAPES[shape], seed=hash(shape) % 1000 + 1)
+    vals = _inputs(SHAPES[shape], seed=zlib.crc32(shape.encode()) % 1000 + 1)
     rounded = {k: v.to(dtype) for k, v in vals.items()}
     ours, ref = _leaves(rounded, device, dtype), _leaves(rounded, device, torch.float64)
     out = _run(ours, ffn_mod.ffn_sublayer, stash=stash)

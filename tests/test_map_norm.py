@@ -8,6 +8,7 @@ machine the kernels run under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def _run(leaves, fn):
 @pytest.mark.parametrize("shape,dtype", CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in CASES])
 def test_matches_float64(shape, dtype, channels_last, device, poisoned):
     kernel_device(device)
-    vals = {k: v.to(dtype) for k, v in _inputs(SHAPES[shape], seed=hash(shape) % 997).items()}
+    vals = {k: v.to(dtype) for k, v in _inputs(SHAPES[shape], seed=zlib.crc32(shape.encode()) % 997).items()}
     ours = _leaves(vals, device, dtype, channels_last)
     ref = _leaves(vals, device, torch.float64, channels_last)
     y, y_ref = _run(ours, norm_mod.map_layer_norm), _run(ref, eager_map_layer_norm)
