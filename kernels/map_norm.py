@@ -1,4 +1,4 @@
-"""LayerNorm over the channels of a B×C×h×w map, written as B×(h·w)×C tokens: the patch embedding's norm.
+"""LayerNorm over the channels of a B×C×h×w map, written as B×(h·w)×C tokens: the norms between stages.
 
     y[b, n, :] = (x[b, :, n] − mean) · rstd · γ + β          x: B×C×h×w, y: B×N×C contiguous (N = h·w)
 
@@ -10,13 +10,18 @@ backward casts the fp32 gradient back to bf16: here the map is read once in its 
 the tokens are written once. Out dtype: fp32 under CUDA autocast (autocast's policy for
 layer_norm), else x's. dx in x's dtype and strides.
 
+The stage-final norm (`stage_output`, `msf.reference.eager_stage_output`) is the same op on the
+tokens seen as a channels-last map, with a second output: the 16-bit copy the next stage's
+convolution would cast the tokens to under autocast (written beside them; COPY), whose gradient
+the backward adds to the tokens' in fp32 (HAS_DY2), as autograd adds its cast-back.
+
 Kernels (no atomics):
 - `_map_norm_fwd_kernel`: a tile of BLOCK_N tokens of one image × all C channels.
 - `_map_norm_bwd_kernel`: a run of such tiles (about four programs an SM); x̂ recomputed,
   dx = rstd (γ∘dy − mean(γ∘dy) − x̂ mean(γ∘dy∘x̂)), and the program's Σ dy∘x̂, Σ dy into one fp32
   partial row; the chunk-sum kernel reduces the rows.
 
-docs/map_norm.md: the bytes against eager.
+docs/map_norm.md: the bytes against eager, and what the copy removes from the step.
 """
 from __future__ import annotations
 
