@@ -193,6 +193,45 @@ def attention_block_cases(batch, size, device, dtype) -> list[Case]:
     return cases
 
 
+def _autocast(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.Tensor]:
+    def call():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return fn()
+    return call
+
+
+def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
+    """The LayerNorms between stages, in the model's case whatever the preset's dtype: under bf16
+    autocast, fp32 γ, β. "map_norm/stageN": the patch embedding's norm of the convolution's bf16
+    NCHW map. "stage_output/stageN": the stage-final norm of the fp32 tokens, with (stages 1-3) the
+    bf16 map the next convolution reads; eager's convolution would cast it, so the eager provider
+    does the cast it implies (what the fused op absorbs) and both sum the two maps' gradients."""
+    from msf.backend import eager_map_layer_norm
+    cases = []
+    for stage, c, _ in STAGES:
+        side = size // (4 * 2 ** (stage - 1))
+        conv_map = _randn(batch, c, side, side, device=device, dtype=torch.bfloat16)
+        tokens = _randn(batch, side * side, c, device=device, dtype=torch.float32)
+        w, b = _randn(c, device=device, dtype=torch.float32), _randn(c, device=device, dtype=torch.float32)
+        providers = {"eager": lambda x=conv_map, w=w, b=b: eager_map_layer_norm(x, w, b),
+                     "triton": lambda x=conv_map, w=w, b=b: get_ops("triton").map_layer_norm(x, w, b, 1e-5)}
+        cases.append(Case(f"map_norm/stage{stage}", f"B={batch},{side}²,C={c}", batch,
+                          {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
+                                                backward=True)}, {}))
+        feeds_next = stage < len(STAGES)
+
+        def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next):
+            feature, next_input = getattr(get_ops(ops_name), "stage_output")(t, (s, s), w, b, 1e-5, nxt)
+            if nxt and next_input.dtype == feature.dtype:  # eager: the next convolution's autocast cast
+                next_input = next_input.to(torch.bfloat16)
+            return feature.float().square().mean() + next_input.float().square().mean()
+        providers = {"eager": lambda: both("eager"), "triton": lambda: both("triton")}
+        cases.append(Case(f"stage_output/stage{stage}", f"B={batch},{side}²,C={c}", batch,
+                          {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
+                                                backward=True)}, {}))
+    return cases
+
+
 def decoder_mlp_case(batch, size, device, dtype) -> Case:
     """The decoder up to LMSA (unify, upsample, concat, fuse MLP with dropout 0.15 in training) on the
     four stages' maps, E = 128: eager's concat form against the fused fold."""
@@ -265,6 +304,7 @@ def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
     if suite in ("ops", "all"):
         cases += [head_loss_case(batch, size, device, dtype), *attention_cases(batch, size, device, dtype),
                   *attention_block_cases(batch, size, device, dtype), *ffn_cases(batch, size, device, dtype),
+                  *stage_norm_cases(batch, size, device, dtype),
                   decoder_mlp_case(batch, size, device, dtype),
                   lmsa_case(batch, size, device, dtype),
                   upsample_argmax_case(batch, size, device, dtype)]
