@@ -229,10 +229,12 @@ def _launch(kernel: str, c: int, cdt: torch.dtype) -> tuple[int, int, int]:
 
 def _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt):
     """The kv path's weights in the compute dtype and the kernels' layouts: W_sr as R²×C×C (window
-    position, out, in), b_sr, W_kv (2C×C), b_kv. R = 1: no W_sr, b_sr (None)."""
+    position, out, in), b_sr, W_kv (2C×C), b_kv. None stays None (R = 1 has no W_sr, b_sr; the
+    backward needs no biases)."""
+    def cast(t):
+        return None if t is None else t.to(cdt).contiguous()
     wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
-    bsr = None if sr_b is None else sr_b.to(cdt).contiguous()
-    return wsr, bsr, kv_w.to(cdt).contiguous(), kv_b.to(cdt).contiguous()
+    return wsr, cast(sr_b), cast(kv_w), cast(kv_b)
 
 
 def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
@@ -277,8 +279,7 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     k, v = kv[..., :c], kv[..., c:]
     dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, *(t.to(cdt) for t in (wq, bq, wo)), o, lse, g,
                                                       w_dtypes["wq"], None, None)
-    wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
-    wkv = kv_w.to(cdt).contiguous()
+    wsr, _, wkv, _ = _kv_weights(sr_w, None, kv_w, None, cdt)
     dk, dv = dk.contiguous(), dv.contiguous()
     block_c, block_m, warps = _launch("bwd", c, cdt)
     programs = triton.cdiv(p, block_m)
