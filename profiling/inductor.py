@@ -403,46 +403,22 @@ class InductorLoop:
 
 
 _TTIR_LOAD = re.compile(r"= tt\.load .*?: (?:tensor<([0-9x]+)x)?!tt\.ptr<(\w+)>>?.* loc\((#loc\d*)\)")
-_TTIR_LOC = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
-_LOC_FILE = re.compile(r'^"[^"]*":(\d+):\d+$')
-_LOC_NAMED = re.compile(r'^"[^"]*"\((#loc\d*)\)$')
-_LOC_REFS = re.compile(r"#loc\d*")
 _ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1,
                   "u8": 1, "f8E4M3FN": 1, "f8E5M2": 1}
-
-
-def _loc_line(name: str, defs: dict[str, str], depth: int = 0) -> int | None:
-    """The source line of TTIR location `name`: a file location's line; a named one's target; the
-    first resolvable part of a fused one; a call site's caller (the kernel's own line)."""
-    body = defs.get(name)
-    if body is None or depth > 32:
-        return None
-    m = _LOC_FILE.match(body)
-    if m:
-        return int(m.group(1))
-    m = _LOC_NAMED.match(body)
-    if m:
-        return _loc_line(m.group(1), defs, depth + 1)
-    refs = _LOC_REFS.findall(body)
-    if body.startswith("callsite("):
-        refs = refs[::-1]  # callsite(callee at caller): the caller first
-    for ref in refs:
-        line = _loc_line(ref, defs, depth + 1)
-        if line is not None:
-            return line
-    return None
 
 
 def load_bytes_by_line(ttir: str) -> dict[int, int]:
     """{source line: bytes one program's `tl.load`s on that line read per execution}, from the
     TTIR's load types (a [XBLOCK, R0_BLOCK] block of fp32 pointers: XBLOCK·R0_BLOCK·4)."""
-    defs = {m.group(1): m.group(2) for m in map(_TTIR_LOC.match, ttir.splitlines()) if m}
+    defs = {m.group(1): m.group(2) for m in map(cost.TTIR_LOC.match, ttir.splitlines()) if m}
     out: dict[int, int] = {}
     for text in ttir.splitlines():
         m = _TTIR_LOAD.search(text)
-        line = _loc_line(m.group(3), defs) if m else None
-        if line is None:
+        # (Inductor's loads are in the kernel's own body: a call site resolves to its caller line)
+        where = cost.loc_line(m.group(3), defs, callee_first=False) if m else None
+        if where is None:
             continue
+        line = where[1]
         numel = math.prod(int(d) for d in m.group(1).split("x")) if m.group(1) else 1
         out[line] = out.get(line, 0) + numel * _ELEMENT_BYTES.get(m.group(2), 4)
     return out
@@ -492,7 +468,7 @@ def launches(call: TritonCall, label: str, pass_: str, arch: int) -> list[cost.L
 
 def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
     """`cost.predict`, with the loops of Inductor's code given their trip counts (`InductorLoop`)."""
-    _, instrs, loops, _ = cost.compiled_kernel(launch, device.arch)
+    _, instrs, loops, _, _ = cost.compiled_kernel(launch, device.arch)
     if any(sl.loop is None for sl in loops):
         from msf.profiling.report import build  # (Triton's cache: the build above, its TTIR)
         built = build(launch.fn, launch.signature, launch.constexprs, launch.attrs, device.arch, launch.options)

@@ -52,6 +52,10 @@ def test_the_report_covers_every_forward_case(tmp_path):
             assert r["predicted_h200_us"] < r["predicted_h100nvl_us"]
     assert data["spread"]["model_version"] == cost.MODEL_VERSION
     assert set(calibrate.CANDIDATES) <= set(data["spread"])
+    # the committed calibration: every ratio of the model within the issue's target band
+    model = data["spread"][next(iter(calibrate.CANDIDATES))]
+    assert calibrate.TARGET[0] <= model["min"] and model["max"] <= calibrate.TARGET[1], model
+    assert cost.ERROR_BAND[0] <= model["min"] + 1e-9 and model["max"] <= cost.ERROR_BAND[1] + 1e-9, model
 
 
 TTIR = """module {
@@ -85,20 +89,84 @@ def test_tensor_access_follows_pointers_not_indices():
     assert access == {"idx_ptr": {"load"}, "x_ptr": {"load", "store"}, "y_ptr": {"store"}}
 
 
-def test_dram_bytes_count_in_place_twice_and_report_l2_missing_rereads_apart():
+def test_dram_bytes_count_in_place_twice():
     import torch
     from types import SimpleNamespace
     args = {"x_ptr": torch.empty(1000, dtype=torch.float32), "y_ptr": torch.empty(500, dtype=torch.float32),
             "n": 7}
     launch = SimpleNamespace(args=args)
-    access = {"x_ptr": {"load", "store"}, "y_ptr": {"store"}}
-    # x read and written (4000 B twice), y written (2000 B); 12000 B of loads = 8000 B beyond one pass
-    fits = cost.dram_bytes(launch, access, load_bytes=12000, programs=10, resident_programs=10, l2_bytes=10 ** 9)
-    assert fits == (10000, 0.0)
-    # the re-reads (a candidate term, not in v2's bytes) are reported only when they would miss L2
-    misses = cost.dram_bytes(launch, access, load_bytes=12000, programs=10, resident_programs=10, l2_bytes=1000)
-    assert misses == (10000, 8000)
-    assert cost.dram_bytes(launch, {}, 0, 1, 1, 1) == (6000.0, 0.0)   # no access map: v1's floor
+    # x read and written (4000 B twice), y written (2000 B)
+    assert cost.dram_bytes(launch, {"x_ptr": {"load", "store"}, "y_ptr": {"store"}}) == 10000
+    assert cost.dram_bytes(launch, {}) == 6000.0   # no access map: v1's floor
+
+
+def test_l2_miss_fraction_ramps_over_the_reuse_distance(monkeypatch):
+    monkeypatch.setattr(cost, "L2_RAMP", (0.5, 2.0))
+    l2 = 1000
+    assert cost.l2_miss_fraction(400, l2) == 0.0          # well inside L2: hits
+    assert cost.l2_miss_fraction(1250, l2) == pytest.approx(0.5)
+    assert cost.l2_miss_fraction(5000, l2) == 1.0         # far beyond it: every line from DRAM
+
+
+def _loop(start, end):
+    return cost.SassLoop(start, end, "k.py", 1)
+
+
+def test_a_second_pass_misses_l2_only_when_the_reuse_distance_is_large(monkeypatch):
+    """Two sibling loops each reading all of x (cross-entropy's two passes over a row): the second
+    is a re-read that misses by the ramp of resident programs × one program's bytes; the same two
+    passes inside an enclosing tile loop are one tile apart and hit; one region re-reading x many
+    times (stencil taps) is never a second pass; nor are loops that different programs run
+    (exclusive branches)."""
+    monkeypatch.setattr(cost, "L2_RAMP", (0.5, 2.0))
+    sizes = {"x": 4000}
+    loops = [_loop(100, 200), _loop(300, 400)]
+    passes = {frozenset({"x"}): {0: cost._Pass(loops[0], 120, 4000.0), 1: cost._Pass(loops[1], 320, 4000.0)}}
+    every = {0: None, 1: None}
+    args = dict(sizes=sizes, loops=loops, trips_total={0: 10, 1: 10}, runs=every, programs=10)
+    # one pass = 8000 B over 10 programs: 800 B a program; 10 resident: 8000 B apart
+    assert cost.repass_bytes(passes, **args, resident_programs=10, one_pass=8000, l2_bytes=10 ** 6) == 0.0
+    assert cost.repass_bytes(passes, **args, resident_programs=10, one_pass=8000, l2_bytes=1000) == 4000.0
+    half = cost.repass_bytes(passes, **args, resident_programs=10, one_pass=8000, l2_bytes=8000 // 1.25)
+    assert half == pytest.approx(0.5 * 4000)
+    # inside a tile loop of 100 trips a program: 8 B apart, hits
+    tiled = loops + [_loop(50, 450)]
+    assert cost.repass_bytes(passes, sizes=sizes, loops=tiled, trips_total={0: 10, 1: 10, 2: 1000},
+                             runs={0: None, 1: None, 2: None}, programs=10, resident_programs=10,
+                             one_pass=8000, l2_bytes=1000) == 0.0
+    # exclusive branches: programs 0-4 run loop 0, programs 5-9 loop 1
+    split = {0: {(i, 0, 0) for i in range(5)}, 1: {(i, 0, 0) for i in range(5, 10)}}
+    assert cost.repass_bytes(passes, sizes=sizes, loops=loops, trips_total={0: 5, 1: 5}, runs=split, programs=10,
+                             resident_programs=10, one_pass=8000, l2_bytes=1000) == 0.0
+    # one region moving x many times over: no second pass
+    stencil = {frozenset({"x"}): {0: cost._Pass(loops[0], 120, 49 * 4000.0)}}
+    assert cost.repass_bytes(stencil, **args, resident_programs=10, one_pass=8000, l2_bytes=1000) == 0.0
+
+
+TTIR_LOCS = """#loc = loc("/src/kern.py":10:0)
+#loc1 = loc("/src/kern.py":12:20)
+#loc2 = loc("/src/helper.py":40:16)
+#loc3 = loc("v"(#loc1))
+#loc4 = loc(callsite(#loc2 at #loc1))
+module {
+  tt.func public @k(%x_ptr: !tt.ptr<f32> loc("x_ptr"(#loc)), %w_ptr: !tt.ptr<f32> loc("w_ptr"(#loc))) {
+    %xp = tt.splat %x_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>> loc(#loc1)
+    %v = tt.load %xp : tensor<128x!tt.ptr<f32>> loc(#loc3)
+    %wp = tt.splat %w_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>> loc(#loc1)
+    %w = tt.load %wp : tensor<128x!tt.ptr<f32>> loc(#loc4)
+    tt.return loc(#loc)
+  } loc(#loc)
+} loc(#loc)
+"""
+
+
+def test_load_lines_tie_each_load_to_the_line_nvdisasm_reports():
+    """A load's location resolved to (file base name, line): a named location to its target; an
+    inlined helper's load to the helper's own line (nvdisasm's line info names the callee), which
+    Inductor's resolver, caller first, reads as the caller's line."""
+    assert cost.load_lines(TTIR_LOCS) == {("kern.py", 12): {"x_ptr"}, ("helper.py", 40): {"w_ptr"}}
+    defs = {m.group(1): m.group(2) for m in map(cost.TTIR_LOC.match, TTIR_LOCS.splitlines()) if m}
+    assert cost.loc_line("#loc4", defs, callee_first=False) == ("kern.py", 12)
 
 
 TTIR_REUSED_NAMES = """module {

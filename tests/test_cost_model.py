@@ -235,8 +235,10 @@ def test_cost_command_smoke(tmp_path):
     metrics = {r["metric"]: r["value"] for r in rows if r["kernel"].startswith("head_loss.fwd")}
     assert metrics["registers"] > 0 and metrics["grid"] > 0 and metrics["unmatched_loops"] == 0
     assert metrics["dynamic_total"] > metrics["sass_total"]  # the pixel loop runs many times
-    assert metrics["predicted"] == pytest.approx(max(metrics["t_issue"], metrics["t_bytes"], metrics["t_flops"])
-                                                 + metrics["t_launch"]) and metrics["predicted"] > 0
+    assert metrics["predicted"] == pytest.approx(
+        max(metrics["t_issue"], metrics["t_pipe"], metrics["t_bytes"], metrics["t_flops"])
+        + metrics["t_latency"] + metrics["t_launch"]) and metrics["predicted"] > 0
+    assert metrics["t_latency"] > 0 and metrics["load_waves"] >= 1   # it loads, so it waits at least once
     assert any(r["op"] == "head_loss" and r["kernel"] == "(op)" and r["metric"] == "fused_predicted" for r in rows)
 
 
@@ -264,7 +266,7 @@ def test_a_build_that_fits_no_cta_is_never_predicted_fast(monkeypatch):
 
     def built(shared):
         return lambda launch, arch: ({"registers": 32, "shared_bytes": shared, "local_bytes": 0, "stack_bytes": 0},
-                                     [], [], {})
+                                     [], [], {}, {})
     monkeypatch.setattr(cost, "compiled_kernel", built(300_000))
     too_big = cost.predict(launch, cost.DEVICES["h100"])
     assert too_big.ctas_per_sm == 0 and too_big.predicted == float("inf")
