@@ -6,7 +6,12 @@
 For every case of the calibration set (`msf.bench.calibration`: Liger-Kernel 0.5.2 at the shapes
 of its published H100 NVL table) the case's Liger call runs on unfilled CPU tensors with the cost
 model's launch recorder on (`msf.profiling.cost.recording`: nothing runs), each recorded launch is
-built for sm_90 and predicted (`msf.profiling.cost.predict`) with the constants of two cards:
+built for sm_90 and predicted (`msf.profiling.cost.predict`) with the constants of two cards (below).
+The set's two cases of PyTorch's own Triton code, a tensor-core GEMM (Inductor's mm template under
+max-autotune, Triton choices only) and an attention kernel (FlexAttention, no mask), have no
+published figure: Inductor writes their code for sm_90 on this CPU (`msf.profiling.inductor`; the
+model stands in for max-autotune's benchmark, `predicted_autotune`) and they are predicted against
+the H200's times alone. The cards:
 
 - the H200 the project measured the set on (`--measured`, the committed
   `calibration-measured.json`): predicted ÷ measured;
@@ -28,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 from msf.profiling import cost
@@ -74,7 +80,10 @@ def launch_fit(measured_rows: list[dict]) -> tuple[float, float]:
 def predict_case(case, device: cost.Device) -> dict:
     """The model's prediction of the case (Σ over its launches) and, beside it, v1's terms on the
     same builds (the distinct-tensor floor, no launch, no re-reads)."""
-    costs = [cost.predict(rec, device) for rec in capture_case(case, device)]
+    return _summary([cost.predict(rec, device) for rec in capture_case(case, device)], device)
+
+
+def _summary(costs: list, device: cost.Device) -> dict:
     v1 = sum(max(c.t_issue, c.floor_bytes / device.bandwidth, c.t_flops) for c in costs)
     v2 = sum(max(c.t_issue, c.dram_bytes / device.bandwidth, c.t_flops) + c.t_launch for c in costs)
     return {"predicted_us": sum(c.predicted for c in costs) * 1e6, "v1_us": v1 * 1e6, "v2_us": v2 * 1e6,
@@ -85,6 +94,43 @@ def predict_case(case, device: cost.Device) -> dict:
             "bound": "+".join(sorted({c.bound for c in costs})),
             "kernels": [c.kernel for c in costs],
             "unmatched_loops": sum(c.unmatched_loops for c in costs)}
+
+
+def compiled_call(case):
+    """(function, CPU inputs, Inductor config patches) of a case whose Triton code PyTorch writes:
+    the mm template under max-autotune (Triton choices only, as the case timed it) and FlexAttention
+    with no mask, at the case's shape."""
+    import torch
+    if case.source == "inductor":
+        n = case.shape["M"]
+        operands = [torch.empty(n, n, dtype=case.dtype) for _ in range(2)]
+        return (lambda a, b: torch.mm(a, b)), operands, {"max_autotune": True, "max_autotune_gemm_backends": "TRITON"}
+    if case.source == "flex_attention":
+        from torch.nn.attention.flex_attention import flex_attention
+        shape = (case.shape["B"], case.shape["H"], case.shape["S"], case.shape["d"])
+        return (lambda q, k, v: flex_attention(q, k, v)), [torch.empty(shape, dtype=case.dtype) for _ in range(3)], {}
+    raise ValueError(f"{case.name}: no compiled capture for source {case.source!r}")
+
+
+def predict_compiled(case, device: cost.Device) -> dict:
+    """`predict_case` for a compiled case: Inductor's code generated for `device` on this CPU
+    (`msf.profiling.inductor`), its autotuning stood in for by the model (`predicted_autotune`), every
+    launch of the compiled call predicted."""
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    from msf.profiling import inductor
+    fn, inputs, patches = compiled_call(case)
+    # (autotune_num_choices_displayed=0: no table of the stood-in timings on stderr; the warning is
+    # flex_attention's about the eager path the trace passes through, not about the compiled code)
+    with inductor_config.patch(**patches, autotune_num_choices_displayed=0), warnings.catch_warnings(), \
+            mock.patch.object(AlgorithmSelectorCache, "autotune", inductor.predicted_autotune(device)), \
+            mock.patch.object(AlgorithmSelectorCache, "make_precompile_fn", lambda *a, **k: (lambda: None)):
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        result = inductor.predict(case.name, fn, inputs, device, log=lambda *_: None)
+    return _summary(result.kernels, device)
 
 
 CANDIDATES = {f"model ({cost.MODEL_VERSION})": "predicted_us", "v2's terms": "v2_us", "v1's terms": "v1_us"}
@@ -98,29 +144,33 @@ def run(measured_path: Path) -> tuple[list[dict], dict]:
     if not any(lp.module.startswith("liger_kernel") for lp in cost.LOOPS):
         cost.LOOPS.extend(EXTERNAL_LOOPS)
     rows = []
-    for case in calibration.liger_cases():
+    for case in calibration.liger_cases() + calibration.compiled_cases():
         row = {"case": case.name, "traits": list(case.traits), "pass": case.pass_,
                "published_us": case.published_us, "measured_us": measured.get(case.name, {}).get("p50")}
         if case.pass_ != "forward":
             row["note"] = "not predicted: the backward's grid comes from a CUDA device's SM count"
             rows.append(row)
             continue
-        here, there = predict_case(case, cost.H200), predict_case(case, cost.H100_NVL)
+        if case.published_us is None:   # PyTorch's own Triton code: measured on the H200, nothing published
+            here, there = predict_compiled(case, cost.H200), None
+        else:
+            here, there = predict_case(case, cost.H200), predict_case(case, cost.H100_NVL)
         row.update(kernels=here["kernels"], bound=here["bound"], unmatched_loops=here["unmatched_loops"],
                    floor_mb=here["floor_mb"], dram_mb=here["dram_mb"], sass_mb=here["sass_mb"],
-                   h200=here, h100nvl=there,
-                   predicted_h200_us=here["predicted_us"], predicted_h100nvl_us=there["predicted_us"])
-        row["host_bound"] = row["measured_us"] is not None and row["measured_us"] > case.published_us
+                   h200=here, h100nvl=there, predicted_h200_us=here["predicted_us"],
+                   predicted_h100nvl_us=there["predicted_us"] if there else None)
+        row["host_bound"] = bool(row["measured_us"] and case.published_us and row["measured_us"] > case.published_us)
         row["ratios"] = {}
         for label, key in CANDIDATES.items():
-            pair = [there[key] / case.published_us]
+            pair = [there[key] / case.published_us] if there else []
             if row["measured_us"]:
                 pair.insert(0, here[key] / row["measured_us"])
             row["ratios"][label] = pair
         model = next(iter(CANDIDATES))
         if row["measured_us"]:
             row["pred_over_measured"] = row["ratios"][model][0]
-        row["pred_over_published"] = row["ratios"][model][-1]
+        if there:
+            row["pred_over_published"] = row["ratios"][model][-1]
         rows.append(row)
     gpu_bound = [r for r in rows if "ratios" in r and not r["host_bound"]]
     spread = {"model_version": cost.MODEL_VERSION, "cases": len(gpu_bound), "target": TARGET,
@@ -133,25 +183,30 @@ def run(measured_path: Path) -> tuple[list[dict], dict]:
 
 
 def report(rows: list[dict], spread: dict) -> str:
-    lines = [f"Cost model {cost.MODEL_VERSION} on the calibration set (Liger-Kernel 0.5.2; predicted for sm_90 on this CPU)",
+    lines = [f"Cost model {cost.MODEL_VERSION} on the calibration set (Liger-Kernel 0.5.2; Inductor's mm template and "
+             "FlexAttention of torch 2.13; predicted for sm_90 on this CPU)",
              "", "| case | bound | H200 predicted µs | H200 measured µs | ÷ measured | H100 NVL predicted µs | "
              "published µs | ÷ published | note |", "|---|---|---|---|---|---|---|---|---|"]
+    def num(x):
+        return "–" if x is None else f"{x:.1f}"
+
     for r in rows:
-        if "pred_over_published" not in r:
-            lines.append(f"| {r['case']} | | | {r['measured_us'] or '–'} | | | {r['published_us']:.1f} | | {r['note']} |")
+        if "ratios" not in r:
+            lines.append(f"| {r['case']} | | | {num(r['measured_us'])} | | | {num(r['published_us'])} | | {r['note']} |")
             continue
         note = "host-bound on the measuring machine (slower on the H200 than published for the H100 NVL)" \
             if r["host_bound"] else ""
         if r["unmatched_loops"]:
             note += f" {r['unmatched_loops']} loop(s) without a trip formula"
-        measured = f"{r['measured_us']:.1f}" if r["measured_us"] else "–"
+        if r["published_us"] is None:
+            note += " PyTorch's own Triton code: measured on the H200 only, nothing published"
         over_m = f"{r['pred_over_measured']:.2f}" if "pred_over_measured" in r else "–"
-        lines.append(f"| {r['case']} | {r['bound']} | {r['predicted_h200_us']:.1f} | {measured} | {over_m} | "
-                     f"{r['predicted_h100nvl_us']:.1f} | {r['published_us']:.1f} | {r['pred_over_published']:.2f} | "
-                     f"{note.strip()} |")
+        over_p = f"{r['pred_over_published']:.2f}" if "pred_over_published" in r else "–"
+        lines.append(f"| {r['case']} | {r['bound']} | {r['predicted_h200_us']:.1f} | {num(r['measured_us'])} | {over_m} | "
+                     f"{num(r['predicted_h100nvl_us'])} | {num(r['published_us'])} | {over_p} | {note.strip()} |")
     s = spread
-    lines += ["", f"Spread over the {s['cases']} GPU-bound cases (predicted ÷ measured on the H200 and ÷ published "
-              f"for the H100 NVL); target: every ratio within {s['target'][0]}–{s['target'][1]}, the median within "
+    lines += ["", f"Spread over the {s['cases']} GPU-bound cases (predicted ÷ measured on the H200 and, where "
+              f"published, ÷ published for the H100 NVL); target: every ratio within {s['target'][0]}–{s['target'][1]}, the median within "
               f"{s['target_median'][0]}–{s['target_median'][1]}:", "",
               "| prediction | ratios | min | median | max | within target |", "|---|---|---|---|---|---|"]
     for label in CANDIDATES:

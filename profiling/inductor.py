@@ -45,6 +45,12 @@ How Inductor's CUDA code is had without a GPU (torch 2.13 CPU build, triton 3.6)
    op, FLOPs from `torch.utils.flop_counter` (but a convolution's backward from its own formula,
    `library_flops`), the peak the tensor cores' or, for a grouped convolution, the FP32 pipes'.
 
+Templates. The same route writes PyTorch's template kernels (the calibration set's mm template under
+max-autotune and FlexAttention, `msf.profiling.calibrate`): a template launches on a fixed grid passed
+after its arguments (`FixedGrid`), its loops take their trips from the constants its source states
+(`InductorLoop`), and max-autotune's benchmark of each choice is stood in for by the model
+(`predicted_autotune`: every Triton choice predicted, the least picked).
+
 What this is not: a measurement. Inductor's choices that depend on a benchmark on the GPU (config
 autotuning, and nothing else in default mode) are made by the cost model here; the band of every
 figure is `cost.ERROR_BAND`, from kernels with measured times, none of them Inductor's pointwise
@@ -374,6 +380,9 @@ def record_calls(graph: Graph) -> list[TritonCall | LibraryCall]:
 # cost
 # ----------------------------------------------------------------------------------------------
 _LOOP_HEADER = re.compile(r"^\s*for\s+(\w+)\s+in\s+(?:tl\.)?range\(\s*0\s*,\s*(\w+)\s*,\s*(\w+)")
+_FLEX_KV_LOOP = re.compile(r"^\s*for\s+start_n\s+in\s+range\(\s*block_n_start\s*,\s*block_n_end\s*\)")
+_TEMPLATE_CONST = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?::\s*tl\.constexpr)?\s*=\s*(\d+)\s*$")
+_CDIV_LOOP = re.compile(r"^\s*for\s+\w+\s+in\s+(?:tl\.)?range\(\s*0\s*,\s*tl\.cdiv\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*\)")
 
 
 @dataclass(frozen=True)
@@ -385,8 +394,17 @@ class InductorLoop:
     header: str
     unrolled: int = 1     # source iterations in one pass of the SASS loop (`unroll_factor`)
     func: str = "inductor"
+    source: tuple = ()    # the kernel's source lines (for a template's constants)
 
     def site_counts(self, a: dict, pid: tuple) -> list[int]:
+        if _FLEX_KV_LOOP.match(self.header):
+            return [self._flex_key_blocks()]
+        m = _CDIV_LOOP.match(self.header)
+        if m:   # a template's K loop: `for k_idx in range(0, tl.cdiv(K, BLOCK_K))`, both constants
+            consts = {**self._constants(), **a}
+            if m.group(1) not in consts or m.group(2) not in consts:
+                raise LookupError(f"{self.kernel}: no value for the loop {self.header.strip()!r}")
+            return [cost._cdiv(consts[m.group(1)], consts[m.group(2)]) // self.unrolled]
         m = _LOOP_HEADER.match(self.header)
         if m is None:
             raise LookupError(f"{self.kernel}: no trip count for the loop {self.header.strip()!r}")
@@ -400,6 +418,26 @@ class InductorLoop:
         # LLVM unrolls a loop of constant trip count T by k and peels T mod k iterations into
         # straight-line code (counted once): the SASS loop itself runs T // k times
         return [cost._cdiv(max(stop_value, 0), a[step]) // self.unrolled]
+
+    def _flex_key_blocks(self) -> int:
+        """FlexAttention's key-block loop with no block mask (the dense case, `flex_attention(q, k, v)`):
+        the mask's one sparse block spans every key, so a query tile visits all ⌈KV_LEN / BLOCK_N⌉ key
+        blocks (`block_n_end = min(kv_num_blocks · SPARSE_KV_MULTIPLE, ⌈KV_LEN / BLOCK_N⌉)`, the
+        template's constants). A block-sparse mask visits fewer: its trips are data, not constants."""
+        consts = self._constants()
+        if "KV_LEN" not in consts or "BLOCK_N" not in consts:
+            raise LookupError(f"{self.kernel}: no KV_LEN / BLOCK_N constant for the loop {self.header.strip()!r}")
+        return cost._cdiv(consts["KV_LEN"], consts["BLOCK_N"])
+
+    def _constants(self) -> dict[str, int]:
+        """The integer constants a template's source states (`K = 8192`, `BLOCK_N : tl.constexpr = 128`),
+        the first of each name."""
+        consts: dict[str, int] = {}
+        for line in self.source:
+            m = _TEMPLATE_CONST.match(line)
+            if m and m.group(1) not in consts:
+                consts[m.group(1)] = int(m.group(2))
+        return consts
 
 
 _TTIR_LOAD = re.compile(r"= tt\.load .*?: (?:tensor<([0-9x]+)x)?!tt\.ptr<(\w+)>>?.* loc\((#loc\d*)\)")
@@ -451,8 +489,10 @@ def launches(call: TritonCall, label: str, pass_: str, arch: int) -> list[cost.L
     from torch._inductor.runtime.triton_heuristics import GridExpr
     tuner = call.kernel
     fn = tuner.fn
-    # the wrapper passes one value per signature entry, constexpr ones (a numel of 1) included
-    named = dict(zip(tuner.triton_meta["signature"], call.args))
+    # the wrapper passes one value per signature entry, constexpr ones (a numel of 1) included, then
+    # a template's fixed grid (`FixedGrid`: _grid_0, _grid_1, _grid_2)
+    names = list(tuner.triton_meta["signature"]) + list(tuner.inductor_meta.get("extra_launcher_args", ()))
+    named = dict(zip(names, call.args))
     out = []
     for cfg in tuner.configs:
         grid = GridExpr.from_meta(tuner.inductor_meta, cfg).eval_slow({**named, **cfg.kwargs})
@@ -477,10 +517,35 @@ def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
         if sl.loop is None:
             source = Path(sl.file).read_text().splitlines() if Path(sl.file).is_file() else []
             sl.loop = InductorLoop(launch.kernel, _loop_header(sl, source),
-                                   unroll_factor(sl, instrs, launch.options["num_warps"], loads))
+                                   unroll_factor(sl, instrs, launch.options["num_warps"], loads), source=tuple(source))
     predicted = cost.predict(launch, device)
     blocks = ",".join(f"{k}={v}" for k, v in getattr(launch, "config", {}).items())
     return dataclasses.replace(predicted, config=",".join(filter(None, (blocks, predicted.config))))
+
+
+def predicted_autotune(device: cost.Device):
+    """A stand-in for `AlgorithmSelectorCache.autotune` (max-autotune's benchmark of each template
+    choice on the GPU): each Triton template choice's kernel, loaded from the module Inductor wrote
+    for its benchmark, launched on meta tensors of its inputs' and output's sizes with its grid
+    (`bmreq.extra_args`) and predicted; Inductor then picks the least, as it would the fastest. A
+    choice the model cannot launch this way (an aten fallback) is never picked."""
+    from torch._inductor import codecache
+
+    def autotune(self, name, input_nodes, layout, input_gen_fns, choices, *args, **kwargs):
+        times = {}
+        for choice in choices:
+            req = getattr(choice, "bmreq", None)
+            if req is None or not hasattr(req, "module_path"):
+                times[choice] = math.inf
+                continue
+            module = codecache.PyCodeCache.load_by_key_path(req.module_cache_key, req.module_path)
+            metas = [*req.input_tensor_meta, req.output_tensor_meta]
+            tensors = [torch.empty_strided(m.sizes, m.strides, dtype=m.dtype, device="meta") for m in metas]
+            call = TritonCall(getattr(module, req.kernel_name), (*tensors, *req.extra_args))
+            costs = [predict_launch(launch, device) for launch in launches(call, name, "fwd", device.arch)]
+            times[choice] = min(c.predicted for c in costs) * 1e3   # ms, as Inductor's timings
+        return times
+    return autotune
 
 
 def simt_flops(device: cost.Device) -> float:
