@@ -1073,8 +1073,7 @@ def l2_miss_fraction(reuse_bytes: float, l2_bytes: int) -> float:
 @dataclass
 class _Pass:
     """The loads of one tensor (or of the tensors one source line's loads may read) in one region of
-    the SASS: an innermost loop, or the straight-line code (`loop` None)."""
-    loop: "SassLoop | None"
+    the SASS (an innermost loop, or the straight-line code): where the first is, the bytes of all."""
     first_addr: int
     bytes: float = 0.0
 
@@ -1101,8 +1100,7 @@ def repass_bytes(passes: dict[frozenset, dict[int, _Pass]], sizes: dict[str, int
                       key=lambda rp: rp[1].first_addr)
         for (r0, first), (r1, later) in zip(full, full[1:]):
             a, b = entered(r0), entered(r1)
-            both = 1.0 if a is None and b is None else (
-                len(b) / programs if a is None else (len(a) / programs if b is None else len(a & b) / len(b)))
+            both = 1.0 if a is None else (len(a) / programs if b is None else len(a & b) / max(1, len(b)))
             if both == 0.0:
                 continue
             enclosing = [i for i, lp in enumerate(loops)
@@ -1166,7 +1164,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
             load_regions[region] = load_regions.get(region, True) and ins.op.startswith("LDGSTS")
             group = frozenset(load_roots.get((os.path.basename(ins.file), ins.line), ()))
             if group:
-                at = passes[group].setdefault(region, _Pass(lp, ins.addr))
+                at = passes[group].setdefault(region, _Pass(ins.addr))
                 at.bytes += moved
         f = mma_flops(ins)
         if f:

@@ -127,7 +127,7 @@ def test_a_second_pass_misses_l2_only_when_the_reuse_distance_is_large(monkeypat
     monkeypatch.setattr(cost, "L2_RAMP", (0.5, 2.0))
     sizes = {"x": 4000}
     loops = [_loop(100, 200), _loop(300, 400)]
-    passes = {frozenset({"x"}): {0: cost._Pass(loops[0], 120, 4000.0), 1: cost._Pass(loops[1], 320, 4000.0)}}
+    passes = {frozenset({"x"}): {0: cost._Pass(120, 4000.0), 1: cost._Pass(320, 4000.0)}}
     every = {0: None, 1: None}
     args = dict(sizes=sizes, loops=loops, trips_total={0: 10, 1: 10}, runs=every, programs=10)
     # one pass = 8000 B over 10 programs: 800 B a program; 10 resident: 8000 B apart
@@ -144,8 +144,13 @@ def test_a_second_pass_misses_l2_only_when_the_reuse_distance_is_large(monkeypat
     split = {0: {(i, 0, 0) for i in range(5)}, 1: {(i, 0, 0) for i in range(5, 10)}}
     assert cost.repass_bytes(passes, sizes=sizes, loops=loops, trips_total={0: 5, 1: 5}, runs=split, programs=10,
                              resident_programs=10, one_pass=8000, l2_bytes=1000) == 0.0
+    # every program runs the first pass, half of them the second (which moved 2000 B): all of it counts
+    half_later = {0: None, 1: {(i, 0, 0) for i in range(5)}}
+    passes_half = {frozenset({"x"}): {0: cost._Pass(120, 4000.0), 1: cost._Pass(320, 2000.0)}}
+    assert cost.repass_bytes(passes_half, sizes=sizes, loops=loops, trips_total={0: 10, 1: 5}, runs=half_later,
+                             programs=10, resident_programs=10, one_pass=8000, l2_bytes=1000) == 2000.0
     # one region moving x many times over: no second pass
-    stencil = {frozenset({"x"}): {0: cost._Pass(loops[0], 120, 49 * 4000.0)}}
+    stencil = {frozenset({"x"}): {0: cost._Pass(120, 49 * 4000.0)}}
     assert cost.repass_bytes(stencil, **args, resident_programs=10, one_pass=8000, l2_bytes=1000) == 0.0
 
 
