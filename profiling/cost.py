@@ -1263,8 +1263,8 @@ def kernel_table(costs: list[KernelCost]) -> str:
     head = (f"{'op':24} {'pass':4} {'kernel':24} {'dev':4} {'config':26} {'grid':>16} {'w':>2} {'reg':>4} "
             f"{'smem':>6} {'cta':>3} {'waves':>6} | {'sass':>5} {'fp32':>4} {'mufu':>4} {'shfl':>4} {'bar':>3} "
             f"{'ldg':>4} {'stg':>4} {'lds':>4} {'sts':>4} {'mma':>4} | {'loops: body×trips':30} | "
-            f"{'dyn Minstr':>10} {'MB':>8} {'GFLOP':>7} | {'issue µs':>8} {'bytes µs':>8} {'flops µs':>8} "
-            f"{'pred µs':>8} bound")
+            f"{'dyn Minstr':>10} {'MB':>8} {'GFLOP':>7} | {'issue µs':>8} {'pipe µs':>8} {'bytes µs':>8} "
+            f"{'flops µs':>8} {'lat µs':>7} {'pred µs':>8} bound")
     lines = [head, "-" * len(head)]
     for c in costs:
         s = c.static
@@ -1278,8 +1278,8 @@ def kernel_table(costs: list[KernelCost]) -> str:
             f"{c.warps:>2} {c.registers:>4} {c.shared:>6} {c.ctas_per_sm:>3} {c.waves:>6.2f} | {s['total']:>5} "
             f"{s['fp32']:>4} {s['mufu']:>4} {s['shfl']:>4} {s['bar']:>3} {s['ldg']:>4} {s['stg']:>4} {s['lds']:>4} "
             f"{s['sts']:>4} {s['mma']:>4} | {loops[:30]:30} | {c.dynamic['total'] / 1e6:>10.2f} "
-            f"{c.dram_bytes / 1e6:>8.1f} {c.tc_flops / 1e9:>7.2f} | {_us(c.t_issue):>8} {_us(c.t_bytes):>8} "
-            f"{_us(c.t_flops):>8} {_us(c.predicted):>8} {c.bound}")
+            f"{c.dram_bytes / 1e6:>8.1f} {c.tc_flops / 1e9:>7.2f} | {_us(c.t_issue):>8} {_us(c.t_pipe):>8} "
+            f"{_us(c.t_bytes):>8} {_us(c.t_flops):>8} {_us(c.t_latency):>7} {_us(c.predicted):>8} {c.bound}")
     return "\n".join(lines)
 
 
