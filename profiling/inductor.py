@@ -523,6 +523,11 @@ def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
     return dataclasses.replace(predicted, config=",".join(filter(None, (blocks, predicted.config))))
 
 
+def _as_list(meta) -> list:
+    """A benchmark request's tensor metadata: one TensorMeta or a list of them (multi-output templates)."""
+    return list(meta) if isinstance(meta, (list, tuple)) else [meta]
+
+
 def predicted_autotune(device: cost.Device):
     """A stand-in for `AlgorithmSelectorCache.autotune` (max-autotune's benchmark of each template
     choice on the GPU): each Triton template choice's kernel, loaded from the module Inductor wrote
@@ -539,7 +544,7 @@ def predicted_autotune(device: cost.Device):
                 times[choice] = math.inf
                 continue
             module = codecache.PyCodeCache.load_by_key_path(req.module_cache_key, req.module_path)
-            metas = [*req.input_tensor_meta, req.output_tensor_meta]
+            metas = _as_list(req.input_tensor_meta) + _as_list(req.output_tensor_meta)
             tensors = [torch.empty_strided(m.sizes, m.strides, dtype=m.dtype, device="meta") for m in metas]
             call = TritonCall(getattr(module, req.kernel_name), (*tensors, *req.extra_args))
             costs = [predict_launch(launch, device) for launch in launches(call, name, "fwd", device.arch)]
