@@ -273,3 +273,55 @@ def test_a_build_that_fits_no_cta_is_never_predicted_fast(monkeypatch):
     monkeypatch.setattr(cost, "compiled_kernel", built(1024))
     fits = cost.predict(launch, cost.DEVICES["h100"])
     assert fits.ctas_per_sm > 0 and fits.predicted < 1e-3
+
+
+def _latency_case(monkeypatch, body_ops: list[str], trips: int = 8, programs: int = 264):
+    """A synthetic build: one straight-line LDG, then a loop of `trips` trips a program whose body
+    holds `body_ops`; 4 warps, 32 registers (16 CTAs an SM fit), `programs` programs."""
+    instrs = [cost.Instr(0x00, "LDG.E", "", "k.py", 5)]
+    instrs += [cost.Instr(0x10 * (i + 1), op, "", "k.py", 10) for i, op in enumerate(body_ops)]
+    end = 0x10 * (len(body_ops) + 1)
+    branch = cost.Instr(end, "BRA", "", "k.py", 9)
+    branch.target = 0x10
+    instrs.append(branch)
+    loop = cost.SassLoop(0x10, end, "k.py", 9, loop=cost.Loop("m", "k", "for i in range(n):", lambda a, pid: trips))
+    usage = {"registers": 32, "shared_bytes": 0, "local_bytes": 0, "stack_bytes": 0}
+    monkeypatch.setattr(cost, "compiled_kernel", lambda launch, arch: (usage, instrs, [loop], {}, {}))
+    launch = cost.Launch("op", "fwd", "k", None, (programs, 1, 1), {}, {}, {}, {}, {"num_warps": 4, "num_stages": 1})
+    return cost.predict(launch, cost.H100)
+
+
+def test_exposed_latency_counts_the_waves_a_round_waits(monkeypatch):
+    """264 programs on 132 SMs with room for 16 CTAs each: one round of 2 resident CTAs. The first
+    wave (the straight-line load) is exposed whole, each later one 1/2: a loop with a barrier in its
+    body waits once a trip (1 + 8/2 = 5 waves' latency); without the barrier, or fed by asynchronous
+    copies (LDGSTS), the loop waits once (1 + 1/2)."""
+    wave = cost.LATENCY_LOAD_CYCLES / cost.H100.clock_hz
+    synced = _latency_case(monkeypatch, ["LDG.E", "BAR.SYNC", "FADD"])
+    assert synced.load_waves == 9 and synced.t_latency == pytest.approx(5 * wave)
+    drifting = _latency_case(monkeypatch, ["LDG.E", "FADD"])
+    assert drifting.load_waves == 2 and drifting.t_latency == pytest.approx(1.5 * wave)
+    copies = _latency_case(monkeypatch, ["LDGSTS.E.BYPASS.128", "BAR.SYNC"])
+    assert copies.load_waves == 2 and copies.t_latency == pytest.approx(1.5 * wave)
+    # 16 resident CTAs and 32 programs an SM: two rounds, each waiting its waves
+    assert _latency_case(monkeypatch, ["LDG.E", "BAR.SYNC"], programs=2 * 132 * 16).t_latency == \
+        pytest.approx(2 * (1 + 8 / 16) * wave)
+    assert synced.predicted == pytest.approx(max(synced.t_issue, synced.t_pipe, synced.t_bytes, synced.t_flops)
+                                             + synced.t_latency + synced.t_launch)
+
+
+def test_the_narrow_pipes_floor_fp32_on_the_a100_and_mufu_everywhere(monkeypatch):
+    """FP32 issues at the full rate on sm_90 (128 lanes an SM) but holds an sm_80 scheduler two cycles
+    (64 lanes); MUFU (16 lanes) is 8× an issue slot on both (CUDA C Programming Guide's table)."""
+    usage = {"registers": 32, "shared_bytes": 0, "local_bytes": 0, "stack_bytes": 0}
+
+    def pipe(op, device):
+        instrs = [cost.Instr(0x10 * i, op, "", "k.py", 1) for i in range(100)]
+        monkeypatch.setattr(cost, "compiled_kernel", lambda launch, arch: (usage, instrs, [], {}, {}))
+        c = cost.predict(cost.Launch("op", "fwd", "k", None, (device.sms, 1, 1), {}, {}, {}, {},
+                                     {"num_warps": 4, "num_stages": 1}), device)
+        return c.t_pipe * device.clock_hz, c.t_issue * device.clock_hz   # cycles of the busiest SM
+    # one program an SM, 4 warps × 100 instructions: 400 warp-instructions an SM
+    assert pipe("FFMA", cost.H100)[0] == pytest.approx(100)                         # 128 lanes: the issue rate
+    assert pipe("FFMA", cost.A100)[0] == pytest.approx(200)                         # 64 lanes: 2 cycles each
+    assert pipe("MUFU.EX2", cost.H100)[0] == pytest.approx(800)                     # 16 lanes: 2 cycles a warp, an SM
