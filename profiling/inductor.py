@@ -388,8 +388,10 @@ _CDIV_LOOP = re.compile(r"^\s*for\s+\w+\s+in\s+(?:tl\.)?range\(\s*0\s*,\s*tl\.cd
 @dataclass(frozen=True)
 class InductorLoop:
     """A loop of Inductor's Triton code, from its header: `for r0_offset in range(0, r0_numel,
-    R0_BLOCK)` (a looped reduction: ⌈r0_numel / R0_BLOCK⌉ trips) or `for _ in tl.range(0, split_size,
-    XBLOCK)` (a mixed-order reduction: each program walks RSPLIT_SIZE rows, the last one fewer)."""
+    R0_BLOCK)` (a looped reduction: ⌈r0_numel / R0_BLOCK⌉ trips), `for _ in tl.range(0, split_size,
+    XBLOCK)` (a mixed-order reduction: each program walks RSPLIT_SIZE rows, the last one fewer), or a
+    template's: `for k_idx in range(0, tl.cdiv(K, BLOCK_K))` (the mm template's K loop) and
+    FlexAttention's key-block loop, their sizes from the constants the template's `source` states."""
     kernel: str
     header: str
     unrolled: int = 1     # source iterations in one pass of the SASS loop (`unroll_factor`)
@@ -427,7 +429,7 @@ class InductorLoop:
         consts = self._constants()
         if "KV_LEN" not in consts or "BLOCK_N" not in consts:
             raise LookupError(f"{self.kernel}: no KV_LEN / BLOCK_N constant for the loop {self.header.strip()!r}")
-        return cost._cdiv(consts["KV_LEN"], consts["BLOCK_N"])
+        return cost._cdiv(consts["KV_LEN"], consts["BLOCK_N"]) // self.unrolled
 
     def _constants(self) -> dict[str, int]:
         """The integer constants a template's source states (`K = 8192`, `BLOCK_N : tl.constexpr = 128`),
