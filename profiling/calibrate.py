@@ -123,11 +123,15 @@ def predict_compiled(case, device: cost.Device) -> dict:
 
     from msf.profiling import inductor
     fn, inputs, patches = compiled_call(case)
-    # (autotune_num_choices_displayed=0: no table of the stood-in timings on stderr; the warning is
-    # flex_attention's about the eager path the trace passes through, not about the compiled code)
-    with inductor_config.patch(**patches, autotune_num_choices_displayed=0), warnings.catch_warnings(), \
+    # (autotune_num_choices_displayed=0: no table of the stood-in timings on stderr, where this
+    # torch has the setting; the warning is flex_attention's about the eager path the trace passes
+    # through, not about the compiled code; `create`: a torch without the precompile hook skips it)
+    if hasattr(inductor_config, "autotune_num_choices_displayed"):
+        patches = {**patches, "autotune_num_choices_displayed": 0}
+    with inductor_config.patch(**patches), warnings.catch_warnings(), \
             mock.patch.object(AlgorithmSelectorCache, "autotune", inductor.predicted_autotune(device)), \
-            mock.patch.object(AlgorithmSelectorCache, "make_precompile_fn", lambda *a, **k: (lambda: None)):
+            mock.patch.object(AlgorithmSelectorCache, "make_precompile_fn", lambda *a, **k: (lambda: None),
+                              create=True):
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         result = inductor.predict(case.name, fn, inputs, device, log=lambda *_: None)
     return _summary(result.kernels, device)
