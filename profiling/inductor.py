@@ -391,19 +391,20 @@ class InductorLoop:
     R0_BLOCK)` (a looped reduction: ⌈r0_numel / R0_BLOCK⌉ trips), `for _ in tl.range(0, split_size,
     XBLOCK)` (a mixed-order reduction: each program walks RSPLIT_SIZE rows, the last one fewer), or a
     template's: `for k_idx in range(0, tl.cdiv(K, BLOCK_K))` (the mm template's K loop) and
-    FlexAttention's key-block loop, their sizes from the constants the template's `source` states."""
+    FlexAttention's key-block loop, their sizes from the integer constants the template's source
+    states (`constants`: `template_constants`, derived once a build, not once a program)."""
     kernel: str
     header: str
     unrolled: int = 1     # source iterations in one pass of the SASS loop (`unroll_factor`)
     func: str = "inductor"
-    source: tuple = ()    # the kernel's source lines (for a template's constants)
+    constants: tuple = ()  # the template's (name, value) constants, `template_constants`
 
     def site_counts(self, a: dict, pid: tuple) -> list[int]:
         if _FLEX_KV_LOOP.match(self.header):
             return [self._flex_key_blocks()]
         m = _CDIV_LOOP.match(self.header)
         if m:   # a template's K loop: `for k_idx in range(0, tl.cdiv(K, BLOCK_K))`, both constants
-            consts = {**self._constants(), **a}
+            consts = {**dict(self.constants), **a}
             if m.group(1) not in consts or m.group(2) not in consts:
                 raise LookupError(f"{self.kernel}: no value for the loop {self.header.strip()!r}")
             return [cost._cdiv(consts[m.group(1)], consts[m.group(2)]) // self.unrolled]
@@ -426,20 +427,21 @@ class InductorLoop:
         the mask's one sparse block spans every key, so a query tile visits all ⌈KV_LEN / BLOCK_N⌉ key
         blocks (`block_n_end = min(kv_num_blocks · SPARSE_KV_MULTIPLE, ⌈KV_LEN / BLOCK_N⌉)`, the
         template's constants). A block-sparse mask visits fewer: its trips are data, not constants."""
-        consts = self._constants()
+        consts = dict(self.constants)
         if "KV_LEN" not in consts or "BLOCK_N" not in consts:
             raise LookupError(f"{self.kernel}: no KV_LEN / BLOCK_N constant for the loop {self.header.strip()!r}")
         return cost._cdiv(consts["KV_LEN"], consts["BLOCK_N"]) // self.unrolled
 
-    def _constants(self) -> dict[str, int]:
-        """The integer constants a template's source states (`K = 8192`, `BLOCK_N : tl.constexpr = 128`),
-        the first of each name."""
-        consts: dict[str, int] = {}
-        for line in self.source:
-            m = _TEMPLATE_CONST.match(line)
-            if m and m.group(1) not in consts:
-                consts[m.group(1)] = int(m.group(2))
-        return consts
+
+def template_constants(source_lines) -> tuple:
+    """The integer constants a kernel's source states (`K = 8192`, `BLOCK_N : tl.constexpr = 128`) as
+    (name, value) pairs, the first of each name."""
+    consts: dict[str, int] = {}
+    for line in source_lines:
+        m = _TEMPLATE_CONST.match(line)
+        if m and m.group(1) not in consts:
+            consts[m.group(1)] = int(m.group(2))
+    return tuple(consts.items())
 
 
 _TTIR_LOAD = re.compile(r"= tt\.load .*?: (?:tensor<([0-9x]+)x)?!tt\.ptr<(\w+)>>?.* loc\((#loc\d*)\)")
@@ -519,7 +521,8 @@ def predict_launch(launch: cost.Launch, device: cost.Device) -> cost.KernelCost:
         if sl.loop is None:
             source = Path(sl.file).read_text().splitlines() if Path(sl.file).is_file() else []
             sl.loop = InductorLoop(launch.kernel, _loop_header(sl, source),
-                                   unroll_factor(sl, instrs, launch.options["num_warps"], loads), source=tuple(source))
+                                   unroll_factor(sl, instrs, launch.options["num_warps"], loads),
+                                   constants=template_constants(source))
     predicted = cost.predict(launch, device)
     blocks = ",".join(f"{k}={v}" for k, v in getattr(launch, "config", {}).items())
     return dataclasses.replace(predicted, config=",".join(filter(None, (blocks, predicted.config))))

@@ -175,12 +175,14 @@ def test_template_loops_take_their_trips_from_the_template_constants():
     """A template states its sizes as constants: the mm template's K loop runs ⌈K / BLOCK_K⌉ trips
     (÷ LLVM's unroll), FlexAttention's key loop with no block mask ⌈KV_LEN / BLOCK_N⌉; a template
     without them is an error, not a guess."""
-    source = ("    K = 8192", "    BLOCK_K : tl.constexpr = 64", "    KV_LEN = 4096", "    BLOCK_N : tl.constexpr = 128",
-              "    BLOCK_N : tl.constexpr = 64")  # (the first definition of a name counts)
-    k_loop = inductor.InductorLoop("k", "    for k_idx in range(0, tl.cdiv(K, BLOCK_K)):", source=source)
+    source = ("    K = 8192", "    BLOCK_K : tl.constexpr = 64", "    KV_LEN = 4096",
+              "    BLOCK_N : tl.constexpr = 128", "    BLOCK_N : tl.constexpr = 64")  # (the first of a name counts)
+    constants = inductor.template_constants(source)
+    assert dict(constants) == {"K": 8192, "BLOCK_K": 64, "KV_LEN": 4096, "BLOCK_N": 128}
+    k_loop = inductor.InductorLoop("k", "    for k_idx in range(0, tl.cdiv(K, BLOCK_K)):", constants=constants)
     assert k_loop.site_counts({}, (0, 0, 0)) == [128]
-    assert inductor.InductorLoop("k", k_loop.header, unrolled=2, source=source).site_counts({}, (0, 0, 0)) == [64]
-    flex = inductor.InductorLoop("k", "        for start_n in range(block_n_start, block_n_end):", source=source)
+    assert inductor.InductorLoop("k", k_loop.header, unrolled=2, constants=constants).site_counts({}, (0, 0, 0)) == [64]
+    flex = inductor.InductorLoop("k", "        for start_n in range(block_n_start, block_n_end):", constants=constants)
     assert flex.site_counts({}, (3, 0, 0)) == [32]
     with pytest.raises(LookupError, match="KV_LEN"):
         inductor.InductorLoop("k", flex.header).site_counts({}, (0, 0, 0))
