@@ -221,7 +221,7 @@ def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
         feeds_next = stage < len(STAGES)
 
         def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next):
-            feature, next_input = getattr(get_ops(ops_name), "stage_output")(t, (s, s), w, b, 1e-5, nxt)
+            feature, next_input = get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt)
             if nxt and next_input.dtype == feature.dtype:  # eager: the next convolution's autocast cast
                 next_input = next_input.to(torch.bfloat16)
             return feature.float().square().mean() + next_input.float().square().mean()

@@ -987,7 +987,6 @@ class KernelCost:
     t_pipe: float = 0.0                # the busiest SM's slowest pipe (v3)
     t_latency: float = 0.0             # exposed load and barrier latency (v3)
     load_waves: float = 0.0            # global-load waves a program waits for
-    barriers: float = 0.0              # CTA barriers a program passes
 
     @property
     def predicted(self) -> float:
@@ -1195,7 +1194,6 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                 for r, asynchronous in load_regions.items())
     exposed = (1.0 + max(0.0, waves - 1.0) / resident) if waves else 0.0
     t_latency = _cdiv(n, resident) * exposed * LATENCY_LOAD_CYCLES / device.clock_hz
-    barriers = dynamic["bar"] / warps / programs
     if ctas == 0:  # its registers or shared memory exceed an SM's: the launch would fail, never a candidate
         t_issue = math.inf
     floor = _bytes(launch.args)
@@ -1211,7 +1209,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                       static, loop_rows, sum(1 for sl in loops if sl.loop is None), dynamic, nbytes, flops,
                       t_issue, (nbytes + rereads) / device.bandwidth, t_flops,
                       usage["local_bytes"] + usage["stack_bytes"], sass_bytes, floor, rereads,
-                      LAUNCH_S + LAUNCH_S_PER_PROGRAM * programs, t_pipe, t_latency, waves, barriers)
+                      LAUNCH_S + LAUNCH_S_PER_PROGRAM * programs, t_pipe, t_latency, waves)
 
 
 def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
