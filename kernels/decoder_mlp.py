@@ -273,6 +273,10 @@ def _decoder_bwd_kernel(
     mask_ec = mask_e[:, None] & mask_c[None, :]
     dm1t = tl.zeros([BLOCK_C1, BLOCK_E], tl.float32)  # dM1ᵀ: f1ᵀ dh, not dhᵀ f1, whose operand transpose spilled
     dc = tl.zeros([BLOCK_E], tl.float32)
+    # both weights loaded, rounded and laid out as MMA operands once a program, not once a tile: in
+    # the loop they were 64 KB of fp32 loads and ~180 of its ~1180 instructions a tile (sm_90)
+    fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
+    m1 = _to_compute(tl.load(M1 + offs_e[:, None] * C1 + offs_c[None, :], mask=mask_ec, other=0.0), CDT)
     tile = pid * TILES
     stop = tl.minimum(tile + TILES, N_TILES)
     while tile < stop:  # (a while loop: the interpreter takes no tensor bounds in range())
@@ -287,11 +291,9 @@ def _decoder_bwd_kernel(
         ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
         tl.store(D + tok, _to_compute(_rounded(h * cdf, CDT) * ks, CDT), mask=mask_pe)
         g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
-        fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
         da = _rounded(_rounded(_mm(g, fc2, CDT == 0), CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
-        m1 = _to_compute(tl.load(M1 + offs_e[:, None] * C1 + offs_c[None, :], mask=mask_ec, other=0.0), CDT)
         df1 = _mm(dh, m1, CDT == 0)
         tl.store(DF1 + rows[:, None] * C1 + offs_c[None, :], _round(_rounded(df1, CDT), DF1.dtype.element_ty),
                  mask=mask_pc)
