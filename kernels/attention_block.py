@@ -39,7 +39,8 @@ from msf.kernels import attention_sublayer as _sub
 from msf.kernels._common import INTERPRET, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
-from msf.kernels.ffn_sublayer import _CDT, _rounded, _sum_rows, _to_compute
+from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
+from msf.kernels.partial_sums import sum_partials
 from msf.reference import AttentionBlockParams, eager_attention_block
 
 __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "fused_supported"]
@@ -277,8 +278,9 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     dev = x.device
     precise = cdt == torch.float32
     k, v = kv[..., :c], kv[..., c:]
+    sums = []  # every parameter gradient's partial buffer, summed in one launch at the end
     dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, *(t.to(cdt) for t in (wq, bq, wo)), o, lse, g,
-                                                      w_dtypes["wq"], None, None)
+                                                      w_dtypes["wq"], None, None, sums)
     wsr, _, wkv, _ = _kv_weights(sr_w, None, kv_w, None, cdt)
     dk, dv = dk.contiguous(), dv.contiguous()
     block_c, block_m, warps = _launch("bwd", c, cdt)
@@ -294,7 +296,7 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
         R=ratio, CDT=_CDT[cdt], ROUND_SUMS=x.dtype == cdt and cdt != torch.float32, BLOCK_C=block_c,
         BLOCK_M=block_m, num_warps=warps)
     ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
-    _sum_rows(ln_part, ln_sum)
+    sums.append((ln_part, ln_sum))
 
     # kv Linear: [dW_k | db_k | dW_v | db_v] over row chunks of dK, dV against kin (xn when R = 1)
     sms = _core._sm_count(dev)
@@ -306,20 +308,20 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     _sub._wgrad(dk.view(p, c), kin_rows, kv_part[:, :size], chunk, precise)
     _sub._wgrad(dv.view(p, c), kin_rows, kv_part[:, size:], chunk, precise)
     kv_sum = _new((2 * size,), dev, torch.float32)
-    _sum_rows(kv_part, kv_sum)
-    dwkv = torch.cat((kv_sum[:c * c].view(c, c), kv_sum[size:size + c * c].view(c, c)))
-    dbkv = torch.cat((kv_sum[c * c:size], kv_sum[size + c * c:]))
-    grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "kv_w": dwkv, "kv_b": dbkv,
-             "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
+    sums.append((kv_part, kv_sum))
+    grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
     if ratio > 1:  # the convolution: dW_sr[o, (i, j, c)] = Σ_patches dred[o] · xn[patch, (i, j, c)]
         wide = ratio * ratio * c
         chunk, nc = row_chunks(p, triton.cdiv(c, block_i) * triton.cdiv(wide, block_i), 2 * c, sms, wg_chunk_rows)
         sr_part = _new((nc, c * wide + c), dev, torch.float32)
         _sub._wgrad(dred, xn.view(b * n, c), sr_part, chunk, precise, patch=(ratio, w))
         sr_sum = _new((c * wide + c,), dev, torch.float32)
-        _sum_rows(sr_part, sr_sum)
+        sums.append((sr_part, sr_sum))
         grads.update(sr_w=sr_sum[:c * wide].view(c, ratio, ratio, c).permute(0, 3, 1, 2), sr_b=sr_sum[c * wide:],
                      srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:])
+    sum_partials(*sums)
+    grads.update(kv_w=torch.cat((kv_sum[:c * c].view(c, c), kv_sum[size:size + c * c].view(c, c))),
+                 kv_b=torch.cat((kv_sum[c * c:size], kv_sum[size + c * c:])))
     return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name]).contiguous()
                            for name in _PARAM_NAMES]
 

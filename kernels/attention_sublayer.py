@@ -18,7 +18,8 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
 - `_sub_bwd_dq_kernel`: recomputes q, forms dO = g wo, sweeps K/V for dQ, writes dx = dQ wq and
   the q, dO, dQ scratch the next steps read.
 - the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel`): dK, dV from q and dO.
-- `_sub_wgrad_kernel` (twice) and one `_attn_bwd_reduce_kernel`: dWq, dbq, dWo, dbo.
+- `_sub_wgrad_kernel` (twice) and one `partial_sums` launch: dWq, dbq, dWo, dbo (in the attention
+  block's backward, that sum shares the block's one launch for all its parameters).
 
 docs/attention_sublayer.md: the mixed-precision rules in full, the backward's math, the bytes
 against eager and eager+sdpa per stage, the cost-model figures and the cuts not made.
@@ -36,6 +37,7 @@ from msf.kernels import attention as _core
 from msf.kernels._common import INTERPRET, row_chunks
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
+from msf.kernels.partial_sums import sum_partials
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
            "bytes_table", "fused_supported"]
@@ -443,8 +445,12 @@ def _forward(x, r, k, v, wq, bq, wo, bo):
     return out, o, lse
 
 
-def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, wg_chunk_rows: int | None):
-    """wq, bq, wo in the compute dtype (k's); dx in x's dtype, dK, dV in k's, weight gradients in w_dtype."""
+def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, wg_chunk_rows: int | None,
+              sums: list | None = None):
+    """wq, bq, wo in the compute dtype (k's); dx in x's dtype, dK, dV in k's, weight gradients in w_dtype.
+    With `sums` (a list), the weight gradients' partial buffer is appended to it as a (part, out) pair
+    instead of summed, and they are returned as fp32 views of `out`, valid once the caller has run
+    `sum_partials` over the list (which lets a caller sum its own buffers in the same launch)."""
     batch, n, c = x.shape
     m = k.shape[1]
     dev, dt = x.device, k.dtype
@@ -469,19 +475,21 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
     sms = _core._sm_count(dev)
     dk, dv = _core._dkdv(qs, k, v, dos, lse, delta, qk_scale, sm_scale, block_d, precise, chunk_rows, sms, _new)
 
-    # weight / bias gradients: fp32 partials per row chunk ([dW | db] per chunk row), then one
-    # chunk-sum launch for both pairs (deterministic: fixed tiles and order for a fixed config)
+    # weight / bias gradients: fp32 partials per row chunk ([dW_q | db_q | dW_o | db_o] per chunk
+    # row), then one fixed-order sum (deterministic: fixed tiles and order for fixed shapes)
     rows, size = batch * n, c * c + c
     chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block(precise, dev) if sms else 64)
-    q_part = _new((nc, size), dev, torch.float32)
-    o_part = _new((nc, size), dev, torch.float32)
-    _wgrad(dq.view(rows, c), x.view(rows, c), q_part, chunk, precise)
-    _wgrad(g.view(rows, c), o.view(rows, c), o_part, chunk, precise)
-    q_sum = _new((size,), dev, w_dtype)
-    o_sum = _new((size,), dev, w_dtype)
-    _core._chunk_sum(q_part, o_part, q_sum, o_sum, nc, size, 1)
+    part = _new((nc, 2 * size), dev, torch.float32)
+    _wgrad(dq.view(rows, c), x.view(rows, c), part[:, :size], chunk, precise)
+    _wgrad(g.view(rows, c), o.view(rows, c), part[:, size:], chunk, precise)
+    total = _new((2 * size,), dev, torch.float32)
+    if sums is None:
+        sum_partials((part, total))
+    else:
+        sums.append((part, total))
     # views: each weight's gradient and its bias's share one buffer
-    return dx, dk, dv, q_sum[:c * c].view(c, c), q_sum[c * c:], o_sum[:c * c].view(c, c), o_sum[c * c:]
+    grads = (total[:c * c].view(c, c), total[c * c:size], total[size:size + c * c].view(c, c), total[size + c * c:])
+    return dx, dk, dv, *(t if sums is not None else t.to(w_dtype) for t in grads)
 
 
 class AttentionSublayerFunction(torch.autograd.Function):

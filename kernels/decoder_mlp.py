@@ -36,7 +36,7 @@ Kernels (no atomics: parameter gradients through per-program fp32 partials and a
 - `_upsample_adjoint_kernel` (once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution pixel
   gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the forward's
   formula: deterministic, where eager's upsample backward adds with atomics.
-- attention's `_attn_bwd_reduce_kernel`: the fixed-order sum of the partials.
+- `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
 
 docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, the designs dropped.
 """
@@ -55,7 +55,8 @@ from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
-from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _sum_rows, _tile_runs, _to_compute
+from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _to_compute
+from msf.kernels.partial_sums import sum_partials
 from msf.reference import DecoderParams, eager_decoder_mlp
 
 __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "AOT_SPECS", "compute_dtype", "fold",
@@ -482,8 +483,7 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
         dps.append(dp)
     sums = _new((e * c1 + e,), dev, torch.float32)
     w_sums = _new((e * e + e,), dev, torch.float32)
-    _sum_rows(part, sums)
-    _sum_rows(w_part, w_sums)
+    sum_partials((part, sums), (w_part, w_sums))
     cb_dtype, b2_dtype = dtypes
     dm1 = sums[:e * c1].view(e, c1).to(m1.dtype)
     dc = sums[e * c1:].to(cb_dtype)

@@ -32,7 +32,7 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
   - stash (C > 128): the attention sublayer's `_sub_wgrad_kernel` twice, plain GEMMs over the
     stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
     route's per-slice LayerNorm and fc1 the bulk of its work there.
-- attention's `_attn_bwd_reduce_kernel` (twice): the fixed-order sums of both partial buffers.
+- `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
 
 docs/ffn_sublayer.md: the backward's math, the bytes against eager, the cost-model figures and the
 designs not taken.
@@ -49,6 +49,7 @@ from msf.kernels._common import INTERPRET, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
+from msf.kernels.partial_sums import sum_partials
 from msf.reference import eager_ffn_sublayer
 
 __all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPECS", "compute_dtype",
@@ -421,14 +422,6 @@ def _tile_runs(n_tiles: int, sms: int | None, per_sm: int) -> tuple[int, int]:
     return tiles, triton.cdiv(n_tiles, tiles)
 
 
-def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out = Σ_rows part (n × size fp32) in a fixed order, by the chunk-sum kernel the attention
-    backward uses; it sums two buffers a launch, and here both are `part` (the second pass re-reads
-    what the first just loaded and writes the same values again: a few KB)."""
-    n, size = part.shape
-    _core._chunk_sum(part, part, out, out, n, size, 1)
-
-
 def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
     """x2: rows × C contiguous; parameters as given (rounded to `cdt` on load). out in
     promote(x, cdt), mean and rstd fp32."""
@@ -489,8 +482,7 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
 
     ln_sum = _new((3 * c,), dev, torch.float32)
     w_sum = _new((w_part.shape[1],), dev, torch.float32)
-    _sum_rows(ln_part, ln_sum)
-    _sum_rows(w_part, w_sum)
+    sum_partials((ln_part, ln_sum), (w_part, w_sum))
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
     dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
     dw1 = w_sum[:hid * c].view(hid, c).to(w1.dtype)

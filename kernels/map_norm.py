@@ -19,7 +19,7 @@ Kernels (no atomics):
 - `_map_norm_fwd_kernel`: a tile of BLOCK_N tokens of one image × all C channels.
 - `_map_norm_bwd_kernel`: a run of such tiles (about four programs an SM); x̂ recomputed,
   dx = rstd (γ∘dy − mean(γ∘dy) − x̂ mean(γ∘dy∘x̂)), and the program's Σ dy∘x̂, Σ dy into one fp32
-  partial row; the chunk-sum kernel reduces the rows.
+  partial row; `partial_sums` reduces the rows.
 
 docs/map_norm.md: the bytes against eager, and what the copy removes from the step.
 """
@@ -33,7 +33,7 @@ from msf.kernels._common import INTERPRET
 from msf.kernels.attention import AttentionAotSpec, _aot_spec
 from msf.kernels.attention_block import _ln_grad, _ln_hat, _vec
 from msf.kernels.attention_sublayer import _round
-from msf.kernels.ffn_sublayer import _sum_rows
+from msf.kernels.partial_sums import sum_partials
 from msf.reference import eager_map_layer_norm, tokens_to_map
 
 __all__ = ["map_layer_norm", "stage_output", "MapNormFunction", "AOT_SPECS", "copy_dtype", "out_dtype"]
@@ -178,7 +178,7 @@ def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype, dy2: torch.Tensor | 
         b * tiles_n, float(eps), HAS_DY2=dy2 is not None, TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=_WARPS)
     sums = _new((2 * c,), x.device, torch.float32)
-    _sum_rows(part, sums)
+    sum_partials((part, sums))
     return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)
 
 

@@ -258,6 +258,11 @@ def _dx_tiles(a, pid):  # row tiles of program pid[0] (the FFN's dx kernel, the 
     return max(0, min(a["TILES"], a["N_TILES"] - pid[0] * a["TILES"]))
 
 
+def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid[0] sums
+    buffer = sum(1 for end in (a["END0"], a["END1"], a["END2"]) if pid[0] >= end)
+    return _cdiv(a[f"N{buffer}"], a["BLOCK_C"])
+
+
 def _adjoint_span(s):  # window rows (or columns) of the decoder's upsample adjoint at factor s
     return 2 * s + s % 2
 
@@ -301,6 +306,8 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_attn_bwd_dkdv_kernel",)),
     Loop("attention", "_attn_bwd_reduce_kernel", "for c0 in range(0, N_CHUNKS, BLOCK_C):",
          lambda a, pid: _cdiv(a["N_CHUNKS"], a["BLOCK_C"]), kernels=("_attn_bwd_reduce_kernel",)),
+    Loop("partial_sums", "_sum_partials_kernel", "while c0 < n:", _partial_sum_trips,
+         kernels=("_sum_partials_kernel",)),
     Loop("attention_sublayer", "_project_rows", "for kc in range(0, D_CEIL, BLOCK_K):",
          lambda a, pid: _cdiv(a["D_CEIL"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel", "_sub_bwd_dq_kernel")),
     Loop("attention_sublayer", "_sub_fwd_kernel", "for jc in range(0, D_CEIL, BLOCK_K):",
@@ -432,7 +439,8 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from msf.kernels import attention, attention_block, configs, head_loss, lmsa, map_norm, upsample_argmax
+    from msf.kernels import (attention, attention_block, configs, head_loss, lmsa, map_norm, partial_sums,
+                             upsample_argmax)
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({attention_block._kv_fwd_kernel: "attention_block.kv_fwd",
                   attention_block._kv_bwd_kernel: "attention_block.kv_bwd",
@@ -443,7 +451,8 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
                   head_loss._head_loss_bwd_rows_kernel: "head_loss.bwd_rows",
                   head_loss._head_loss_bwd_halo_kernel: "head_loss.bwd_halo",
                   upsample_argmax._upsample_argmax_rows_kernel: "upsample_argmax.rows",
-                  attention._attn_bwd_reduce_kernel: "attention.reduce"})
+                  attention._attn_bwd_reduce_kernel: "attention.reduce",
+                  partial_sums._sum_partials_kernel: "partial_sums"})
 
     def record(self, *args, grid, warmup, **kwargs):
         bound, g, sig, const, attrs, opts = specialise(self, args, kwargs, grid, device.arch)

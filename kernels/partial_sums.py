@@ -1,0 +1,105 @@
+"""Fixed-order sums of fp32 partial-row buffers, up to four buffers in one launch.
+
+Every fused backward writes its parameter gradients as per-program fp32 partial rows (no atomics)
+and sums the rows afterwards:
+
+    out_i = Σ_c part_i[c, :]        part_i: n_i × size_i fp32 contiguous, out_i: size_i fp32 contiguous
+
+A backward used to sum each buffer in its own launch (a fused attention block: four, of 5-7 µs each
+predicted, almost all of it launch and latency); `sum_partials` sums up to four buffers of any
+shapes in one launch. Buffers are passed whole: a caller that wants several gradients from one
+buffer lays them side by side in its columns and slices the sum.
+
+Kernel `_sum_partials_kernel`: a 1-D grid, ⌈size_i / BLOCK⌉ programs a buffer, buffer after buffer.
+A program adds BLOCK_C chunk rows × BLOCK elements a step into an fp32 tile, then reduces the tile's
+chunk axis once (`tl.sum`, a fixed tree for a fixed BLOCK_C). BLOCK_C and BLOCK are one pair a
+launch, chosen from the largest n_i: the summation order depends only on the shapes, so the sums
+are deterministic; masked rows load zeros (exact in a sum). The chunk counts are runtime scalars
+(one build serves every shape of a backward) and the loop is a `while` (Triton 3.6's interpreter
+rejects a runtime `range` bound under numpy ≥ 2.4, triton-lang/triton#9171).
+
+The sums are fp32; callers cast to their parameters' dtypes (free for fp32 master weights).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sum_partials", "MAX_BUFFERS", "AOT_SPECS"]
+
+MAX_BUFFERS = 4
+_TILE = 2048        # elements of one step's fp32 tile (BLOCK_C × BLOCK): 16 a thread at 4 warps
+_MAX_CHUNKS = 64    # chunk rows of a tile; more rows take ⌈n / 64⌉ steps
+_WARPS = 4
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P0, P1, P2, P3, O0, O1, O2, O3,
+    S0, S1, S2, S3, N0, N1, N2, N3, END0, END1, END2,
+    BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """O_i[e] = Σ_c P_i[c, e] (P_i: N_i × S_i fp32) for the BLOCK elements of program pid's buffer:
+    programs [0, END0) sum buffer 0, [END0, END1) buffer 1, [END1, END2) buffer 2, the rest buffer 3."""
+    pid = tl.program_id(0)
+    part, out, size, n, first = P3, O3, S3, N3, END2
+    if pid < END2:
+        part, out, size, n, first = P2, O2, S2, N2, END1
+    if pid < END1:
+        part, out, size, n, first = P1, O1, S1, N1, END0
+    if pid < END0:
+        part, out, size, n, first = P0, O0, S0, N0, 0
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros([BLOCK_C, BLOCK], tl.float32)
+    c0 = 0
+    while c0 < n:
+        rows = c0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(part + rows[:, None].to(tl.int64) * size + offs[None, :],
+                       mask=(rows < n)[:, None] & mask[None, :], other=0.0)
+        c0 += BLOCK_C
+    tl.store(out + offs, tl.sum(acc, 0), mask=mask)
+
+
+def blocks(max_rows: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK) for buffers of at most `max_rows` rows: all rows in one tile up to 64 (a
+    power of two ≥ max_rows), the element block filling the rest of a 2048-element tile."""
+    block_c = min(triton.next_power_of_2(max(1, max_rows)), _MAX_CHUNKS)
+    return block_c, max(32, _TILE // block_c)
+
+
+def _aot_specs() -> list:
+    from msf.kernels.attention import _aot_spec
+    ptrs = {f"{kind}{i}": "*fp32" for kind in "PO" for i in range(MAX_BUFFERS)}
+    return [_aot_spec(f"partial_sums_c{bc}", _sum_partials_kernel, ptrs, {"BLOCK_C": bc, "BLOCK": b}, _WARPS, 3)
+            for bc, b in (blocks(64), blocks(4))]
+
+
+AOT_SPECS = _aot_specs()  # `python -m msf.profiling.report --module msf.kernels.partial_sums`
+
+
+def sum_partials(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """out = part.sum(0) for each (part, out) pair, in one launch: part n × size fp32 contiguous,
+    out a contiguous fp32 tensor of `size` elements. At most `MAX_BUFFERS` pairs."""
+    if not 1 <= len(pairs) <= MAX_BUFFERS:
+        raise ValueError(f"sum_partials: 1 to {MAX_BUFFERS} (part, out) pairs, got {len(pairs)}")
+    for i, (part, out) in enumerate(pairs):
+        if part.dim() != 2 or part.dtype != torch.float32 or not part.is_contiguous():
+            raise ValueError(f"sum_partials: part {i} must be a contiguous n × size fp32 tensor, got "
+                             f"{tuple(part.shape)} {part.dtype} strides {part.stride()}")
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != part.shape[1]:
+            raise ValueError(f"sum_partials: out {i} must be a contiguous fp32 tensor of {part.shape[1]} "
+                             f"elements, got {tuple(out.shape)} {out.dtype}")
+    block_c, block = blocks(max(part.shape[0] for part, _ in pairs))
+    padded = list(pairs) + [pairs[-1]] * (MAX_BUFFERS - len(pairs))  # unused slots: no programs
+    sizes = [part.shape[1] if i < len(pairs) else 0 for i, (part, _) in enumerate(padded)]
+    rows = [part.shape[0] if i < len(pairs) else 0 for i, (part, _) in enumerate(padded)]
+    ends, end = [], 0
+    for size in sizes:
+        end += triton.cdiv(size, block)
+        ends.append(end)
+    if end == 0:  # every buffer is empty
+        return
+    _sum_partials_kernel[(end,)](*(p for p, _ in padded), *(o for _, o in padded), *sizes, *rows, *ends[:3],
+                                 BLOCK_C=block_c, BLOCK=block, num_warps=_WARPS)
