@@ -305,8 +305,8 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     size = c * c + c
     chunk, nc = row_chunks(p, 2 * triton.cdiv(c, block_i) ** 2, 2 * c, sms, wg_chunk_rows)
     kv_part = _new((nc, 2 * size), dev, torch.float32)
-    _sub._wgrad(dk.view(p, c), kin_rows, kv_part[:, :size], chunk, precise)
-    _sub._wgrad(dv.view(p, c), kin_rows, kv_part[:, size:], chunk, precise)
+    _sub._wgrad(dk.view(p, c), kin_rows, kv_part[:, :size], chunk, precise,
+                second=(dv.view(p, c), kin_rows, kv_part[:, size:]))
     kv_sum = _new((2 * size,), dev, torch.float32)
     sums.append((kv_part, kv_sum))
     grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}

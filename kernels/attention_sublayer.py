@@ -18,7 +18,7 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
 - `_sub_bwd_dq_kernel`: recomputes q, forms dO = g wo, sweeps K/V for dQ, writes dx = dQ wq and
   the q, dO, dQ scratch the next steps read.
 - the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel`): dK, dV from q and dO.
-- `_sub_wgrad_kernel` (twice) and one `partial_sums` launch: dWq, dbq, dWo, dbo (in the attention
+- `_sub_wgrad_kernel` (one launch, both products) and one `partial_sums` launch: dWq, dbq, dWo, dbo (in the attention
   block's backward, that sum shares the block's one launch for all its parameters).
 
 docs/attention_sublayer.md: the mixed-precision rules in full, the backward's math, the bytes
@@ -325,16 +325,16 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 
 @triton.jit
-def _sub_wgrad_kernel(
-    A, B, PART, stride_pc, ROWS, DA, DB, B_W,
+def _wgrad_chunk(
+    A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the weight part
-    PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (programs with pid_j = 0) the bias part
-    PART[c, DA·DB + i] = Σ_r A[r, i], so one chunk-sum launch reduces both. A: ROWS×DA, B: ROWS×DB,
-    contiguous. Every element of the DA·DB + DA values a chunk owns is written; a larger stride_pc
-    lets two launches share one partial buffer (the FFN sublayer's dW1 and dW2).
+    """One program's tile of the fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the
+    weight part PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (programs with pid_j = 0) the bias
+    part PART[c, DA·DB + i] = Σ_r A[r, i], so one sum of the partial rows reduces both. A: ROWS×DA,
+    B: ROWS×DB, contiguous. Every element of the DA·DB + DA values a chunk owns is written; a larger
+    stride_pc lets several products share one partial buffer, side by side in its columns.
     When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
     wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are.
     B_PATCH = R > 1: B is not stored ROWS×DB but gathered: row r is the R×R patch r of a token map
@@ -343,7 +343,7 @@ def _sub_wgrad_kernel(
     GEMM operand, read straight from the B·N×C tokens (msf.kernels.attention_block's dW_sr)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    pid_c = tl.program_id(2).to(tl.int64)
+    pid_c = pid_c.to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = offs_i < DA
@@ -377,6 +377,29 @@ def _sub_wgrad_kernel(
     part = PART + pid_c * stride_pc
     tl.store(part + offs_i[:, None] * DB + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
     tl.store(part + DA * DB + offs_i, bsum, mask=mask_i & (pid_j == 0))
+
+
+@triton.jit
+def _sub_wgrad_kernel(
+    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS,
+    CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """`_wgrad_chunk` of (A, B) into PART over chunks [0, N_CHUNKS) of program axis 2, and with PAIRS = 2
+    of a second product of the same shapes, (A2, B2) into PART2, over chunks [N_CHUNKS, 2·N_CHUNKS):
+    two weight gradients in one launch (the attention sublayer's dWq and dWo, the block's dW_k and
+    dW_v). The two pairs may differ in dtype; each is its own inlined copy of the chunk code."""
+    pid_c = tl.program_id(2)
+    if PAIRS == 2:
+        if pid_c < N_CHUNKS:
+            _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
+                         CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
+        else:
+            _wgrad_chunk(A2, B2, PART2, pid_c - N_CHUNKS, stride_pc, ROWS, DA, DB, B_W,
+                         CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
+    else:
+        _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
+                     CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
 
 
 _sub_wgrad_kernel = PinnedKernel(
@@ -415,17 +438,29 @@ def _wg_block(precise: bool, device: torch.device, key: str = "BLOCK_I") -> int:
         return 64
 
 
-def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None) -> None:
+def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None,
+           second: tuple | None = None) -> None:
     """part[c, :DA·DB + DA] = (Σ aᵀ b, Σ a) over the rows of chunk c of a (ROWS×DA) and b (ROWS×DB):
     DA×DB then DA fp32 values; `part` is n_chunks rows of at least that many values (a column slice
     of a wider buffer is fine: rows are found by part's row stride). `patch` = (R, w): b is a map's
-    tokens (…×C) and its rows the R×R patches of an h×w map, DB = R²·C (see `_sub_wgrad_kernel`)."""
+    tokens (…×C) and its rows the R×R patches of an h×w map, DB = R²·C (see `_sub_wgrad_kernel`).
+    `second` = (a2, b2, part2): a second product of the same shapes (dtypes may differ) into part2
+    (same row stride), in the same launch."""
     rows, da = a.shape
     ratio, width = patch if patch is not None else (1, 0)
     db = b.shape[-1] * ratio * ratio
-    grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), part.shape[0])  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, part, part.stride(0), rows, da, db, width, CHUNK_ROWS=chunk_rows, PRECISE=precise,
-                            B_PATCH=ratio)
+    n_chunks = part.shape[0]
+    if second is not None:
+        a2, b2, part2 = second
+        if a2.shape != a.shape or b2.shape != b.shape or part2.shape != part.shape or part2.stride() != part.stride():
+            raise ValueError(f"attention_sublayer._wgrad: the second product's shapes {tuple(a2.shape)}, "
+                             f"{tuple(b2.shape)}, {tuple(part2.shape)} differ from the first's")
+    else:
+        a2, b2, part2 = a, b, part  # (PAIRS = 1 never reads them)
+    pairs = 1 if second is None else 2
+    grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), pairs * n_chunks)  # noqa: E731
+    _sub_wgrad_kernel[grid](a, b, part, a2, b2, part2, part.stride(0), rows, da, db, width, n_chunks,
+                            CHUNK_ROWS=chunk_rows, PRECISE=precise, B_PATCH=ratio, PAIRS=pairs)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
@@ -480,8 +515,8 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
     rows, size = batch * n, c * c + c
     chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block(precise, dev) if sms else 64)
     part = _new((nc, 2 * size), dev, torch.float32)
-    _wgrad(dq.view(rows, c), x.view(rows, c), part[:, :size], chunk, precise)
-    _wgrad(g.view(rows, c), o.view(rows, c), part[:, size:], chunk, precise)
+    _wgrad(dq.view(rows, c), x.view(rows, c), part[:, :size], chunk, precise,
+           second=(g.view(rows, c), o.view(rows, c), part[:, size:]))
     total = _new((2 * size,), dev, torch.float32)
     if sums is None:
         sum_partials((part, total))
@@ -686,14 +721,17 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                 specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st))
     for mode, cfgs in _WG_ALLOWED.items():  # mixed precision uses the "16" configurations
-        # (name, A, B): one dtype, plus the mixed path's fp32 x beside bf16 dQ and fp32 g beside bf16 O
-        pairs = [(d, d, d) for d in (_AOT_DTYPES[mode],) + (("fp16",) if mode == "16" else ())]
+        # (name, A, B, A2, B2), built with both products (PAIRS = 2: its registers are the larger of the
+        # two copies', so it covers the single product too): one dtype, plus the mixed path's bf16 dQ
+        # beside fp32 x and fp32 g beside bf16 O
+        pairs = [(d, d, d, d, d) for d in (_AOT_DTYPES[mode],) + (("fp16",) if mode == "16" else ())]
         if mode == "16":
-            pairs += [("amp_bf16_a16", "bf16", "fp32"), ("amp_bf16_b16", "fp32", "bf16")]
-        for dname, a_t, b_t in pairs:
-            ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "PART": "*fp32"}
+            pairs += [("amp_bf16", "bf16", "fp32", "fp32", "bf16")]
+        for dname, a_t, b_t, a2_t, b2_t in pairs:
+            ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "A2": f"*{a2_t}", "B2": f"*{b2_t}", "PART": "*fp32",
+                    "PART2": "*fp32"}
             for bi, bj, br, w in cfgs:
-                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "B_PATCH": 1,
+                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "B_PATCH": 1, "PAIRS": 2,
                          "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
                 specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
                                        _sub_wgrad_kernel.fn, ptrs, const, w, 2))

@@ -263,6 +263,14 @@ def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid
     return _cdiv(a[f"N{buffer}"], a["BLOCK_C"])
 
 
+def _wgrad_trips(a, pid):  # the attention sublayer's weight gradients: the site of the product pid[2] is in
+    trips = _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"])
+    if a["PAIRS"] == 1:
+        return trips
+    first = pid[2] < a["N_CHUNKS"]
+    return [trips if first else 0, 0 if first else trips]
+
+
 def _adjoint_span(s):  # window rows (or columns) of the decoder's upsample adjoint at factor s
     return 2 * s + s % 2
 
@@ -314,8 +322,8 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["D_CEIL"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel",)),
     Loop("attention_sublayer", "_sub_bwd_dq_kernel", "for jc in range(0, D_CEIL, BLOCK_K):",
          lambda a, pid: [_cdiv(a["D_CEIL"], a["BLOCK_K"])] * 2, kernels=("_sub_bwd_dq_kernel",)),
-    Loop("attention_sublayer", "_sub_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_R):",
-         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"]), kernels=("_sub_wgrad_kernel",)),
+    Loop("attention_sublayer", "_wgrad_chunk", "for r in range(0, CHUNK_ROWS, BLOCK_R):", _wgrad_trips,
+         kernels=("_sub_wgrad_kernel",)),
     Loop("attention_block", "_kv_fwd_kernel", "for p in range(0, R * R):",  # R = 1 has no loop
          lambda a, pid: a["R"] * a["R"] if a["R"] > 1 else 0, kernels=("_kv_fwd_kernel",)),
     Loop("attention_block", "_kv_bwd_kernel", "for p in range(0, R * R):",
