@@ -26,7 +26,8 @@ output), the pre-activation, GELU's output, the dropout output, x and in the bac
 dropout and GELU gradients rounded where eager autocast rounds its own tensors.
 
 Kernels (no atomics: parameter gradients through per-program fp32 partials and a fixed-order sum):
-- `_decoder_fwd_kernel`: BLOCK_P pixels a program: the pre-activation h (stage 1's product plus the
+- `_decoder_fwd_kernel`: a run of BLOCK_P-pixel tiles a program (about 2 programs an SM), M1 and w2
+  loaded once a program as MMA operands: per tile the pre-activation h (stage 1's product plus the
   12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once, and h (in
   the compute dtype, the value the kernel rounds it to anyway) when a backward will need it.
 - `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, D = dropout(GELU(h)) (for
@@ -75,7 +76,9 @@ _MAX_FP32_E = 64
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
 # msf.kernels.decoder_mlp`: 28 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
-# the backward at BLOCK_P 32 (bf16: 32 B on sm_80).
+# the backward at BLOCK_P 32 (bf16: 32 B on sm_80). Both loops keep their weights in registers across
+# tiles, so the pins are BLOCK_P 16 at 8 warps: 128 registers a thread in the forward (2 CTAs an SM),
+# where BLOCK_P 32 takes 180 (one CTA an SM, predicted 2x slower).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
@@ -162,13 +165,13 @@ def _upsampled(P, b, oy, ox, h_in, w_in, scale_y, scale_x, offs_e, mask_pe, E: t
 
 
 @triton.jit
-def _pre_activation(F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4,
+def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4,
                     sy2, sx2, sy3, sx3, sy4, sx4,
                     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr,
                     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """The pre-activation h = f1 M1ᵀ + Σ up_i(P_i) + c of pixel tile `tile` (rounded as the fuse
-    Linear's output is), with what the callers reuse: (h, f1 tile in the compute dtype, M1 block,
-    rows, offs_e, mask_p, mask_e, mask_pe)."""
+    Linear's output is), from the caller's M1 block `m1` (compute dtype) and c (`cb`, fp32), with
+    what the caller reuses: (h, rows, offs_e, mask_p, mask_e, mask_pe)."""
     rows32 = tile * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 for the divisions (an int64 one is a long
     rows = rows32.to(tl.int64)                         # subroutine): the host keeps B·H·W under 2³¹
     mask_p = rows32 < ROWS
@@ -183,14 +186,12 @@ def _pre_activation(F1, P2, P3, P4, M1, CB, tile, ROWS, H, W, h2, w2, h3, w3, h4
     mask_pe = mask_p[:, None] & mask_e[None, :]
     f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :],
                              other=0.0), CDT)
-    m1 = _to_compute(tl.load(M1 + offs_e[:, None] * C1 + offs_c[None, :], mask=mask_e[:, None] & mask_c[None, :],
-                             other=0.0), CDT)
     h = _mm(f1, tl.trans(m1), CDT == 0)
     h += _upsampled(P2, b, oy, ox, h2, w2, sy2, sx2, offs_e, mask_pe, E)
     h += _upsampled(P3, b, oy, ox, h3, w3, sy3, sx3, offs_e, mask_pe, E)
     h += _upsampled(P4, b, oy, ox, h4, w4, sy4, sx4, offs_e, mask_pe, E)
-    h += tl.load(CB + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
-    return _rounded(h, CDT), f1, m1, rows, offs_e, mask_p, mask_e, mask_pe
+    h += cb[None, :]
+    return _rounded(h, CDT), rows, offs_e, mask_p, mask_e, mask_pe
 
 
 @triton.jit
@@ -221,24 +222,35 @@ def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: 
 @triton.jit
 def _decoder_fwd_kernel(
     F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS,
-    ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
+    ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_H: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """x of BLOCK_P pixels (rows of the B·H·W × E output) and, if SAVE_H, their pre-activation h in
     the compute dtype (exactly the value the kernel goes on with: h is rounded to it already)."""
-    h, _f1, _m1, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
-        F1, P2, P3, P4, M1, CB, tl.program_id(0), ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
-        C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
-    if SAVE_H:
-        tl.store(HS + rows[:, None] * E + offs_e[None, :], _to_compute(h, CDT), mask=mask_pe)
-    cdf, _pdf = _gelu_parts(h)
-    a = _rounded(h * cdf, CDT)
-    d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, BLOCK_C1)
+    mask_e = offs_e < E
     mask_ee = mask_e[:, None] & mask_e[None, :]
+    m1 = _to_compute(tl.load(M1 + offs_e[:, None] * C1 + offs_c[None, :], mask=mask_e[:, None] & (offs_c < C1)[None, :],
+                             other=0.0), CDT)
     w2t = _to_compute(tl.load(W2 + offs_e[None, :] * E + offs_e[:, None], mask=mask_ee, other=0.0), CDT)  # w2ᵀ
-    x = _mm(d, w2t, CDT == 0) + _rounded(tl.load(B2 + offs_e, mask=mask_e, other=0.0), CDT)[None, :]
-    tl.store(OUT + rows[:, None] * E + offs_e[None, :], _round(x, OUT.dtype.element_ty), mask=mask_pe)
+    cb = tl.load(CB + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    b2 = _rounded(tl.load(B2 + offs_e, mask=mask_e, other=0.0), CDT)
+    tile = tl.program_id(0) * TILES
+    stop = tl.minimum(tile + TILES, N_TILES)
+    while tile < stop:
+        h, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
+            F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
+            C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
+        if SAVE_H:
+            tl.store(HS + rows[:, None] * E + offs_e[None, :], _to_compute(h, CDT), mask=mask_pe)
+        cdf, _pdf = _gelu_parts(h)
+        a = _rounded(h * cdf, CDT)
+        d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
+        x = _mm(d, w2t, CDT == 0) + b2[None, :]
+        tl.store(OUT + rows[:, None] * E + offs_e[None, :], _round(x, OUT.dtype.element_ty), mask=mask_pe)
+        tile += 1
 
 
 _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
@@ -441,8 +453,11 @@ def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, in
     out = _new((rows, e), f1.device, torch.promote_types(cdt, p2.dtype))
     hs = _new((rows if save_h else 0, e), f1.device, cdt)
     p_drop, scale, dropout = _dropout_args(p)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]),)  # noqa: E731
-    _decoder_fwd_kernel[grid](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, rows, *size, *_geometry(size, lows),
+    shape_class = f"{_mode({'CDT': _CDT[cdt], 'W2': w2})}_e{block_e}"
+    n_tiles = triton.cdiv(rows, _decoder_fwd_kernel.pinned_kwarg(shape_class, "BLOCK_P", f1.device))
+    tiles, n_progs = _tile_runs(n_tiles, _core._sm_count(f1.device), per_sm=2)
+    _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, rows, n_tiles, tiles, *size,
+                                    *_geometry(size, lows),
                               p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt], DROPOUT=dropout, SAVE_H=save_h,
                               BLOCK_C1=block_c1, BLOCK_E=block_e)
     return out, hs

@@ -339,6 +339,8 @@ LOOPS: list[Loop] = [
          lambda a, pid: _dx_tiles(a, pid) * _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_bwd_dx_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_N):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_ffn_bwd_wgrad_kernel",)),
+    Loop("decoder_mlp", "_decoder_fwd_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
+         kernels=("_decoder_fwd_kernel",)),
     Loop("decoder_mlp", "_decoder_bwd_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
          kernels=("_decoder_bwd_kernel",)),
     Loop("decoder_mlp", "_decoder_dw2_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_P):",
