@@ -76,12 +76,15 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # C 256, the H100's fastest there (48.5, 56.1 and 47.3 µs against 87.1, 139.3 and 66.9 µs). wgrad
 # (32, 16, 8) at C 256 spills 8 B on sm_90 since GELU's rsqrt: that class now takes (16, 16, 8),
 # which the model never launches (C 256 takes the stash route, `stash_pays`; tests force it).
+# dx at C 32 and 64 (2026-12-05): BLOCK_H = H keeps the one hidden slice's weights in registers
+# across a program's tiles (H100: 108.9 -> 79.8 µs at C 32, 82.4 -> 71.4 at C 64); the A100 keeps
+# two slices at C 64 (96.0 µs, against 101.7 for the whole slice).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _AMP: dict[str, dict[int, list[_Cfg]]] = {
     "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 16, 4, 2), (32, 128, 4, 2)],
             128: [(32, 64, 8, 2), (16, 32, 4, 2)], 256: [(16, 32, 8, 2), (16, 32, 4, 2)]},
-    "dx": {32: [(16, 32, 4, 2)], 64: [(16, 64, 8, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
+    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 128, 4, 2), (16, 32, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
     "wgrad": {32: [(32, 64, 8, 2), (64, 32, 4, 2)], 64: [(16, 32, 8, 2)], 128: [(16, 64, 4, 2)],
               256: [(16, 16, 8, 2)]},
 }
@@ -214,6 +217,38 @@ def _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID: tl.constexpr, CDT: tl.con
                                other=0.0), CDT)
 
 
+@triton.jit
+def _slice_w1(W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(w1 slice BLOCK_H × BLOCK_C in the compute dtype, b1 slice (fp32, rounded as fc1's bias is),
+    offs_h, mask_h) of the hidden slice starting at h0."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
+    w1 = _to_compute(tl.load(W1 + offs_h[:, None] * C + offs_c[None, :], mask=mask_h[:, None] & mask_c[None, :],
+                             other=0.0), CDT)
+    return w1, _rounded(tl.load(B1 + offs_h, mask=mask_h, other=0.0), CDT), offs_h, mask_h
+
+
+@triton.jit
+def _slice_dn(xn, dy, w1, b1, w2s, W2, offs_c, mask_c, offs_h, mask_h, rows, mask_n, DH_ST, A_ST,
+              HID: tl.constexpr, CDT: tl.constexpr, STASH: tl.constexpr, W2_GIVEN: tl.constexpr):
+    """One hidden slice's share of dn = dH w1 for a row tile: h = LN(x) w1ᵀ + b1 recomputed,
+    dH = (dy w2[:, slice]) ∘ GELU'(h) (each rounded as eager rounds it), and with STASH dH and
+    A = GELU(h) stored for the weight gradients. The w2 slice is `w2s` if W2_GIVEN, else loaded here,
+    after h's product (loading it before lengthened its live range: 64 B of spills at C = 256)."""
+    h = _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT)
+    if not W2_GIVEN:
+        w2s = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
+    da = _rounded(_mm(dy, w2s, CDT == 0), CDT)
+    cdf, pdf = _gelu_parts(h)
+    dh = _to_compute(da * (cdf + h * pdf), CDT)
+    if STASH:
+        hid_tok = rows[:, None] * HID + offs_h[None, :]
+        mask_nh = mask_n[:, None] & mask_h[None, :]
+        tl.store(DH_ST + hid_tok, dh, mask=mask_nh)
+        tl.store(A_ST + hid_tok, _to_compute(h * cdf, CDT), mask=mask_nh)
+    return _mm(dh, w1, CDT == 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +338,9 @@ def _ffn_bwd_dx_kernel(
     dgamma = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dbeta = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     db2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    if HID <= BLOCK_H:  # one hidden slice: its weights loaded and laid out as MMA operands once a program
+        w1, b1, offs_h, mask_h = _slice_w1(W1, B1, 0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
+        w2s = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
     tile = pid * TILES
     stop = tl.minimum(tile + TILES, N_TILES)
     while tile < stop:  # (a while loop: the interpreter takes no tensor bounds in range())
@@ -316,18 +354,15 @@ def _ffn_bwd_dx_kernel(
             tl.store(N_ST + tok, xn, mask=mask_nc)
         g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
         dy = _to_compute(g, CDT)
-        dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        for h0 in range(0, HID, BLOCK_H):
-            h, w1, offs_h, mask_h = _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
-            da = _rounded(_mm(dy, _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT), CDT == 0), CDT)
-            cdf, pdf = _gelu_parts(h)
-            dh = _to_compute(da * (cdf + h * pdf), CDT)
-            if STASH:
-                hid_tok = rows[:, None] * HID + offs_h[None, :]
-                mask_nh = mask_n[:, None] & mask_h[None, :]
-                tl.store(DH_ST + hid_tok, dh, mask=mask_nh)
-                tl.store(A_ST + hid_tok, _to_compute(h * cdf, CDT), mask=mask_nh)
-            dn += _mm(dh, w1, CDT == 0)
+        if HID <= BLOCK_H:
+            dn = _slice_dn(xn, dy, w1, b1, w2s, W2, offs_c, mask_c, offs_h, mask_h, rows, mask_n, DH_ST, A_ST,
+                           HID, CDT, STASH, True)
+        else:
+            dn = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            for h0 in range(0, HID, BLOCK_H):
+                w1_h, b1_h, offs_hh, mask_hh = _slice_w1(W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
+                dn += _slice_dn(xn, dy, w1_h, b1_h, w1_h, W2, offs_c, mask_c, offs_hh, mask_hh, rows, mask_n,
+                                DH_ST, A_ST, HID, CDT, STASH, False)  # (w1_h stands in for the unused w2s)
         dn = _rounded(dn, CDT)
         _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C)
         dgamma += dn * xhat

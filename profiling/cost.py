@@ -335,8 +335,9 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_fwd_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
          kernels=("_ffn_bwd_dx_kernel",)),
-    Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "for h0 in range(0, HID, BLOCK_H):",
-         lambda a, pid: _dx_tiles(a, pid) * _cdiv(a["HID"], a["BLOCK_H"]), kernels=("_ffn_bwd_dx_kernel",)),
+    Loop("ffn_sublayer", "_ffn_bwd_dx_kernel", "for h0 in range(0, HID, BLOCK_H):",  # (none when one slice)
+         lambda a, pid: _dx_tiles(a, pid) * _cdiv(a["HID"], a["BLOCK_H"]) if a["HID"] > a["BLOCK_H"] else 0,
+         kernels=("_ffn_bwd_dx_kernel",)),
     Loop("ffn_sublayer", "_ffn_bwd_wgrad_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_N):",
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_ffn_bwd_wgrad_kernel",)),
     Loop("decoder_mlp", "_decoder_fwd_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
