@@ -206,9 +206,9 @@ def _sublayer_fake(x, r, k, v, wq, bq, wo, bo):
 def _sublayer_backward_body(x: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, o: Tensor,
                             lse: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(x, k, v, *_cast(k, wq, bq, wo), o, lse, g, wq.dtype, None, None)
-    # each weight's gradient and its bias's are views of one buffer there; an operator's outputs
-    # may not alias each other, so the biases (C elements) are copied out
-    return dx, dk, dv, dwq, dbq.clone(), dwo, dbo.clone()
+    # the four weight and bias gradients are views of one buffer there (one sum launch); an operator's
+    # outputs may not alias each other, so all but dWq are copied out (C² + 2C elements)
+    return dx, dk, dv, dwq, dbq.clone(), dwo.clone(), dbo.clone()
 
 
 def _sublayer_backward_fake(x, k, v, wq, bq, wo, o, lse, g):
