@@ -226,8 +226,9 @@ def _decoder_fwd_kernel(
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_H: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """x of BLOCK_P pixels (rows of the B·H·W × E output) and, if SAVE_H, their pre-activation h in
-    the compute dtype (exactly the value the kernel goes on with: h is rounded to it already)."""
+    """x of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_P rows of the B·H·W × E
+    output each) and, if SAVE_H, their pre-activation h in the compute dtype (exactly the value the
+    kernel goes on with: h is rounded to it already)."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C1)
     mask_e = offs_e < E
@@ -438,6 +439,15 @@ def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
     return chunk, triton.cdiv(rows, chunk)
 
 
+def _tile_split(kernel, cdt_code: int, w2: torch.Tensor, block_e: int, rows: int,
+                dev: torch.device) -> tuple[int, int, int]:
+    """(tiles, tiles a program, programs) of a tile-loop kernel (the forward, the backward): the rows
+    in tiles of its pinned BLOCK_P, about 2 programs an SM."""
+    shape_class = f"{_mode({'CDT': cdt_code, 'W2': w2})}_e{block_e}"
+    n_tiles = triton.cdiv(rows, kernel.pinned_kwarg(shape_class, "BLOCK_P", dev))
+    return (n_tiles, *_tile_runs(n_tiles, _core._sm_count(dev), per_sm=2))
+
+
 def _dropout_args(p: float) -> tuple[float, float, bool]:
     return float(p), (1.0 / (1.0 - p) if p < 1 else 0.0), p > 0
 
@@ -453,13 +463,10 @@ def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, in
     out = _new((rows, e), f1.device, torch.promote_types(cdt, p2.dtype))
     hs = _new((rows if save_h else 0, e), f1.device, cdt)
     p_drop, scale, dropout = _dropout_args(p)
-    shape_class = f"{_mode({'CDT': _CDT[cdt], 'W2': w2})}_e{block_e}"
-    n_tiles = triton.cdiv(rows, _decoder_fwd_kernel.pinned_kwarg(shape_class, "BLOCK_P", f1.device))
-    tiles, n_progs = _tile_runs(n_tiles, _core._sm_count(f1.device), per_sm=2)
+    n_tiles, tiles, n_progs = _tile_split(_decoder_fwd_kernel, _CDT[cdt], w2, block_e, rows, f1.device)
     _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, rows, n_tiles, tiles, *size,
-                                    *_geometry(size, lows),
-                              p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt], DROPOUT=dropout, SAVE_H=save_h,
-                              BLOCK_C1=block_c1, BLOCK_E=block_e)
+                                    *_geometry(size, lows), p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt],
+                                    DROPOUT=dropout, SAVE_H=save_h, BLOCK_C1=block_c1, BLOCK_E=block_e)
     return out, hs
 
 
@@ -475,18 +482,15 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
     block_c1, block_e = _blocks(c1, e)
     code = _CDT[cdt]
     p_drop, scale, dropout = _dropout_args(p)
-    shape_class = f"{_mode({'CDT': code, 'W2': w2})}_e{block_e}"
 
     dh = _new((rows, e), dev, cdt)
     d = _new((rows, e), dev, cdt)  # the dropout output, for dw2
     df1 = _new((rows, c1), dev, f1.dtype)
-    n_tiles = triton.cdiv(rows, _decoder_bwd_kernel.pinned_kwarg(shape_class, "BLOCK_P", dev))
-    sms = _core._sm_count(dev)
-    tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=2)
+    n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
     _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles, p_drop, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
-    chunk, n_chunks = _dw2_chunking(rows, sms)
+    chunk, n_chunks = _dw2_chunking(rows, _core._sm_count(dev))
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
     _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
     dps = []

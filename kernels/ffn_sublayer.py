@@ -198,26 +198,6 @@ def _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc):
 
 
 @triton.jit
-def _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """(h, w1 slice, offs_h, mask_h) of the hidden slice starting at h0: h = LN(x) w1ᵀ + b1 (fp32,
-    rounded as fc1's output is) and the slice's rows of w1 (BLOCK_H × BLOCK_C, compute dtype; the
-    backward reuses them for dH w1)."""
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < HID
-    w1 = _to_compute(tl.load(W1 + offs_h[:, None] * C + offs_c[None, :], mask=mask_h[:, None] & mask_c[None, :],
-                             other=0.0), CDT)
-    b1 = _rounded(tl.load(B1 + offs_h, mask=mask_h, other=0.0), CDT)
-    return _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT), w1, offs_h, mask_h
-
-
-@triton.jit
-def _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID: tl.constexpr, CDT: tl.constexpr):
-    """w2[:, slice] as a BLOCK_C × BLOCK_H block (compute dtype)."""
-    return _to_compute(tl.load(W2 + offs_c[:, None] * HID + offs_h[None, :], mask=mask_c[:, None] & mask_h[None, :],
-                               other=0.0), CDT)
-
-
-@triton.jit
 def _slice_w1(W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_H: tl.constexpr):
     """(w1 slice BLOCK_H × BLOCK_C in the compute dtype, b1 slice (fp32, rounded as fc1's bias is),
     offs_h, mask_h) of the hidden slice starting at h0."""
@@ -229,13 +209,34 @@ def _slice_w1(W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexp
 
 
 @triton.jit
+def _fc1(xn, w1, b1, CDT: tl.constexpr):
+    """h = LN(x) w1ᵀ + b1 of one hidden slice (fp32, rounded as fc1's output is)."""
+    return _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT)
+
+
+@triton.jit
+def _hidden(xn, W1, B1, h0, offs_c, mask_c, C, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(h, w1 slice, offs_h, mask_h) of the hidden slice starting at h0: h = LN(x) w1ᵀ + b1 (`_fc1`)
+    and the slice's rows of w1 (BLOCK_H × BLOCK_C, compute dtype; the backward reuses them for dH w1)."""
+    w1, b1, offs_h, mask_h = _slice_w1(W1, B1, h0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
+    return _fc1(xn, w1, b1, CDT), w1, offs_h, mask_h
+
+
+@triton.jit
+def _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID: tl.constexpr, CDT: tl.constexpr):
+    """w2[:, slice] as a BLOCK_C × BLOCK_H block (compute dtype)."""
+    return _to_compute(tl.load(W2 + offs_c[:, None] * HID + offs_h[None, :], mask=mask_c[:, None] & mask_h[None, :],
+                               other=0.0), CDT)
+
+
+@triton.jit
 def _slice_dn(xn, dy, w1, b1, w2s, W2, offs_c, mask_c, offs_h, mask_h, rows, mask_n, DH_ST, A_ST,
               HID: tl.constexpr, CDT: tl.constexpr, STASH: tl.constexpr, W2_GIVEN: tl.constexpr):
     """One hidden slice's share of dn = dH w1 for a row tile: h = LN(x) w1ᵀ + b1 recomputed,
     dH = (dy w2[:, slice]) ∘ GELU'(h) (each rounded as eager rounds it), and with STASH dH and
     A = GELU(h) stored for the weight gradients. The w2 slice is `w2s` if W2_GIVEN, else loaded here,
     after h's product (loading it before lengthened its live range: 64 B of spills at C = 256)."""
-    h = _rounded(_mm(xn, tl.trans(w1), CDT == 0) + b1[None, :], CDT)
+    h = _fc1(xn, w1, b1, CDT)
     if not W2_GIVEN:
         w2s = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
     da = _rounded(_mm(dy, w2s, CDT == 0), CDT)

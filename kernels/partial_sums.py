@@ -22,6 +22,8 @@ The sums are fp32; callers cast to their parameters' dtypes (free for fp32 maste
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,15 +93,13 @@ def sum_partials(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
         if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != part.shape[1]:
             raise ValueError(f"sum_partials: out {i} must be a contiguous fp32 tensor of {part.shape[1]} "
                              f"elements, got {tuple(out.shape)} {out.dtype}")
-    block_c, block = blocks(max(part.shape[0] for part, _ in pairs))
-    padded = list(pairs) + [pairs[-1]] * (MAX_BUFFERS - len(pairs))  # unused slots: no programs
-    sizes = [part.shape[1] if i < len(pairs) else 0 for i, (part, _) in enumerate(padded)]
-    rows = [part.shape[0] if i < len(pairs) else 0 for i, (part, _) in enumerate(padded)]
-    ends, end = [], 0
-    for size in sizes:
-        end += triton.cdiv(size, block)
-        ends.append(end)
-    if end == 0:  # every buffer is empty
+    parts, outs = [p for p, _ in pairs], [o for _, o in pairs]
+    block_c, block = blocks(max(p.shape[0] for p in parts))
+    spare = MAX_BUFFERS - len(pairs)  # unused slots: the last buffer's pointers, size 0, no programs
+    sizes = [p.shape[1] for p in parts] + [0] * spare
+    rows = [p.shape[0] for p in parts] + [0] * spare
+    ends = list(itertools.accumulate(triton.cdiv(size, block) for size in sizes))
+    if ends[-1] == 0:  # every buffer is empty
         return
-    _sum_partials_kernel[(end,)](*(p for p, _ in padded), *(o for _, o in padded), *sizes, *rows, *ends[:3],
-                                 BLOCK_C=block_c, BLOCK=block, num_warps=_WARPS)
+    _sum_partials_kernel[(ends[-1],)](*parts, *parts[-1:] * spare, *outs, *outs[-1:] * spare, *sizes, *rows,
+                                      *ends[:3], BLOCK_C=block_c, BLOCK=block, num_warps=_WARPS)
