@@ -28,11 +28,11 @@ dropout and GELU gradients rounded where eager autocast rounds its own tensors.
 Kernels (no atomics: parameter gradients through per-program fp32 partials and a fixed-order sum):
 - `_decoder_fwd_kernel`: a run of BLOCK_P-pixel tiles a program (about 2 programs an SM), M1 and w2
   loaded once a program as MMA operands: per tile the pre-activation h (stage 1's product plus the
-  12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once, and h (in
-  the compute dtype, the value the kernel rounds it to anyway) when a backward will need it.
-- `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, D = dropout(GELU(h)) (for
-  dw2), dh (stored: stages 2-4 need it at full resolution), df1 = dh M1, and the program's partial
-  sums of dM1 and dc.
+  12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once, and h and
+  D = dropout(GELU(h)) (in the compute dtype, the values the kernel rounds them to anyway) when a
+  backward will need them.
+- `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, dh (stored: stages 2-4
+  need it at full resolution), df1 = dh M1, and the program's partial sums of dM1 and dc.
 - `_decoder_dw2_kernel`: one row chunk a program: the partial sums of dw2 = gᵀ D and db2.
 - `_upsample_adjoint_kernel` (once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution pixel
   gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the forward's
@@ -75,15 +75,18 @@ _MAX_FP32_E = 64
 # throughout; "amp": fp32 f1 and weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
-# msf.kernels.decoder_mlp`: 28 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
-# the backward at BLOCK_P 32 (bf16: 32 B on sm_80). Both loops keep their weights in registers across
-# tiles, so the pins are BLOCK_P 16 at 8 warps: 128 registers a thread in the forward (2 CTAs an SM),
-# where BLOCK_P 32 takes 180 (one CTA an SM, predicted 2x slower).
+# msf.kernels.decoder_mlp`: 30 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
+# the backward at BLOCK_P 32 (bf16: 32 B on sm_80) and, for bf16, at 4 warps (24 B on sm_80). Both
+# loops keep their weights in registers across tiles. The forward's pin is BLOCK_P 16 at 8 warps:
+# 128 registers a thread (2 CTAs an SM), where BLOCK_P 32 takes 180 (one CTA an SM, predicted 2x
+# slower). The backward's, under autocast, BLOCK_P 16 at 4 warps since it stopped forming D
+# (2026-12-05): 255 registers, 2 CTAs an SM, 445 µs on an H100 against 578 at 8 warps (172
+# registers, one CTA an SM), 685 against 886 on an A100.
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "fwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(32, 8, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
-    "bwd": {"16": [(16, 8, 2)], "amp": [(16, 8, 2)], "fp32": [(16, 8, 2)]},
+    "bwd": {"16": [(16, 8, 2)], "amp": [(16, 4, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
 }
@@ -207,6 +210,16 @@ def _uniforms(seed, rows, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _in_layout_of(value, anchor):
+    """`value` made to depend on `anchor`, a product's accumulator: value − anchor·0, the same number
+    wherever anchor is finite (a zero may change sign). Storing `value` alone, Triton computes the
+    elementwise chain behind it a second time in the store's blocked layout (GELU and the dropout
+    draw: +170 sm_90 instructions a tile in the decoder's forward); tied to the accumulator, the
+    chain stays in the MMA layout and the value is converted once for the store (+45)."""
+    return (value.to(tl.float32) - anchor * 0.0).to(value.dtype)
+
+
+@triton.jit
 def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr):
     """1/(1 − p) where element (row, e) is kept (its draw ≥ p), 0 where dropped; 1 without dropout."""
     if DROPOUT:
@@ -221,14 +234,17 @@ def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: 
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _decoder_fwd_kernel(
-    F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS,
+    F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS, D,
     ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
-    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_H: tl.constexpr,
+    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """x of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_P rows of the B·H·W × E
-    output each) and, if SAVE_H, their pre-activation h in the compute dtype (exactly the value the
-    kernel goes on with: h is rounded to it already)."""
+    output each) and, if SAVE, what the backward reads of them: the pre-activation h and the dropout
+    output D, both in the compute dtype and exactly the values the kernel goes on with (rounded to
+    it already). D is stored here, from the layout the second Linear's product takes it in, because
+    the backward cannot form it cheaply: there Triton laid GELU and the dropout draw out twice, once
+    for D's store and once for dh (~280 of 1004 sm_90 instructions a tile; docs/decoder_mlp.md)."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C1)
     mask_e = offs_e < E
@@ -244,13 +260,16 @@ def _decoder_fwd_kernel(
         h, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
             F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
             C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
-        if SAVE_H:
-            tl.store(HS + rows[:, None] * E + offs_e[None, :], _to_compute(h, CDT), mask=mask_pe)
+        tok = rows[:, None] * E + offs_e[None, :]
+        if SAVE:
+            tl.store(HS + tok, _to_compute(h, CDT), mask=mask_pe)
         cdf, _pdf = _gelu_parts(h)
         a = _rounded(h * cdf, CDT)
         d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
         x = _mm(d, w2t, CDT == 0) + b2[None, :]
-        tl.store(OUT + rows[:, None] * E + offs_e[None, :], _round(x, OUT.dtype.element_ty), mask=mask_pe)
+        if SAVE:
+            tl.store(D + tok, _in_layout_of(d, x), mask=mask_pe)
+        tl.store(OUT + tok, _round(x, OUT.dtype.element_ty), mask=mask_pe)
         tile += 1
 
 
@@ -267,16 +286,17 @@ _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
 #   dc  = Σ_pixels dh                  dM1 = Σ_pixels dhᵀ f1    df1 = dh M1
 #   dP_i = up_iᵀ(dh): the adjoint of the bilinear upsample, by `_upsample_adjoint_kernel`
 # and, outside the op, autograd through P_i = f_i M_iᵀ and the fold M_i = W_i U_i, c = b + Σ W_i u_i.
-# `_decoder_bwd_kernel` reads h (saved by the forward) and writes dh, df1 and D; `_decoder_dw2_kernel`
-# sums gᵀ D. One kernel for both spilled: dw2's E×E fp32 accumulator alone is 64 registers a thread.
+# `_decoder_bwd_kernel` reads h (saved by the forward) and writes dh and df1; `_decoder_dw2_kernel`
+# sums gᵀ D (D saved by the forward). One kernel for both spilled: dw2's E×E fp32 accumulator alone
+# is 64 registers a thread.
 @triton.jit
 def _decoder_bwd_kernel(
-    F1, HS, M1, W2, SEED, G, DH, DF1, D, PART,
+    F1, HS, M1, W2, SEED, G, DH, DF1, PART,
     ROWS, N_TILES, TILES, p_drop, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dh, df1 and D of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) from the saved h, and the
+    """dh and df1 of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) from the saved h, and the
     program's partial sums in PART[pid] = [dM1 (E·C1) | dc (E)] (fp32)."""
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
@@ -303,7 +323,6 @@ def _decoder_bwd_kernel(
         f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
         ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
-        tl.store(D + tok, _to_compute(_rounded(h * cdf, CDT) * ks, CDT), mask=mask_pe)
         g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
         da = _rounded(_rounded(_mm(g, fc2, CDT == 0), CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
@@ -453,28 +472,30 @@ def _dropout_args(p: float) -> tuple[float, float, bool]:
 
 
 def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, int], cdt: torch.dtype,
-             save_h: bool):
+             save: bool):
     """f1: B·H·W × C1, P_i: B×h_i×w_i×E contiguous. (x: B·H·W × E in `cdt` (or P_i's dtype, if wider),
-    h: the pre-activation, B·H·W × E in `cdt` if `save_h`, else an empty 0 × E tensor)."""
+    h: the pre-activation and D: the dropout output, each B·H·W × E in `cdt` if `save` (for the
+    backward), else an empty 0 × E tensor)."""
     rows, c1 = f1.shape
     e = w2.shape[0]
     block_c1, block_e = _blocks(c1, e)
     lows = [(pt.shape[1], pt.shape[2]) for pt in (p2, p3, p4)]
     out = _new((rows, e), f1.device, torch.promote_types(cdt, p2.dtype))
-    hs = _new((rows if save_h else 0, e), f1.device, cdt)
+    hs = _new((rows if save else 0, e), f1.device, cdt)
+    d = _new((rows if save else 0, e), f1.device, cdt)
     p_drop, scale, dropout = _dropout_args(p)
     n_tiles, tiles, n_progs = _tile_split(_decoder_fwd_kernel, _CDT[cdt], w2, block_e, rows, f1.device)
-    _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, rows, n_tiles, tiles, *size,
+    _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, d, rows, n_tiles, tiles, *size,
                                     *_geometry(size, lows), p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt],
-                                    DROPOUT=dropout, SAVE_H=save_h, BLOCK_C1=block_c1, BLOCK_E=block_e)
-    return out, hs
+                                    DROPOUT=dropout, SAVE=save, BLOCK_C1=block_c1, BLOCK_E=block_e)
+    return out, hs, d
 
 
-def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: list[tuple[int, int]],
+def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows: list[tuple[int, int]],
               cdt: torch.dtype, dtypes: tuple[torch.dtype, ...]):
-    """(df1, dP2, dP3, dP4, dM1, dc, dw2, db2): df1 in f1's dtype, dP_i (B×h_i×w_i×E, `lows` = their
-    (h_i, w_i)) in `cdt` (what F.linear gave P_i), the rest in their parameters' dtypes (`dtypes`: c's
-    and b2's, which the backward does not read)."""
+    """(df1, dP2, dP3, dP4, dM1, dc, dw2, db2) from the forward's saved h and D: df1 in f1's dtype,
+    dP_i (B×h_i×w_i×E, `lows` = their (h_i, w_i)) in `cdt` (what F.linear gave P_i), the rest in their
+    parameters' dtypes (`dtypes`: c's and b2's, which the backward does not read)."""
     rows, c1 = f1.shape
     e = w2.shape[0]
     batch = rows // (size[0] * size[1])
@@ -484,11 +505,10 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
     p_drop, scale, dropout = _dropout_args(p)
 
     dh = _new((rows, e), dev, cdt)
-    d = _new((rows, e), dev, cdt)  # the dropout output, for dw2
     df1 = _new((rows, c1), dev, f1.dtype)
     n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
-    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, d, part, rows, n_tiles, tiles, p_drop, scale,
+    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, part, rows, n_tiles, tiles, p_drop, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
     chunk, n_chunks = _dw2_chunking(rows, _core._sm_count(dev))
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
@@ -512,14 +532,16 @@ def _backward(f1, hs, m1, w2, seed, g, p: float, size: tuple[int, int], lows: li
 
 
 class DecoderMLPFunction(torch.autograd.Function):
-    """The fused pixel-level part (shapes in the module docstring); saves f1, M1, w2, the seed and the
-    pre-activation h (B·H·W × E in the compute dtype): GELU and the dropout mask are recomputed in
-    the backward, the 12 bilinear taps and f1's product are not."""
+    """The fused pixel-level part (shapes in the module docstring); saves f1, M1, w2, the seed, the
+    pre-activation h and the dropout output D (each B·H·W × E in the compute dtype): GELU's
+    derivative and the dropout mask are recomputed in the backward, the 12 bilinear taps and f1's
+    product are not."""
 
     @staticmethod
-    def forward(ctx, f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt):
-        out, hs = _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt, save_h=any(ctx.needs_input_grad))
-        ctx.save_for_backward(f1, hs, m1, w2, seed)
+    def forward(ctx, f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt, save):
+        # (`save` from the caller: inside forward grad mode is off and needs_input_grad ignores no_grad)
+        out, hs, d = _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, cdt, save)
+        ctx.save_for_backward(f1, hs, d, m1, w2, seed)
         ctx.p, ctx.size, ctx.cdt, ctx.dtypes = p, size, cdt, (cb.dtype, b2.dtype)
         ctx.lows = [(pt.shape[1], pt.shape[2]) for pt in (p2, p3, p4)]
         return out
@@ -529,9 +551,9 @@ class DecoderMLPFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would be taken as constants
             raise RuntimeError("decoder_mlp: the fused backward is not differentiable (no double backward); "
                                "use the eager composition (backend='eager') for higher-order gradients")
-        f1, hs, m1, w2, seed = ctx.saved_tensors
-        grads = _backward(f1, hs, m1, w2, seed, g.contiguous(), ctx.p, ctx.size, ctx.lows, ctx.cdt, ctx.dtypes)
-        return (*grads, None, None, None, None)
+        f1, hs, d, m1, w2, seed = ctx.saved_tensors
+        grads = _backward(f1, hs, d, m1, w2, seed, g.contiguous(), ctx.p, ctx.size, ctx.lows, ctx.cdt, ctx.dtypes)
+        return (*grads, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,7 +679,10 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
     """The decoder up to LMSA's input (B×H·W×E tokens; shapes in the module docstring): fused where
     `compute_dtype` and `fused_supported` allow, else the eager composition. `seed` (one int64 on the
     features' device) fixes the dropout stream; by default a fresh one is drawn."""
-    return dispatch(features, p, dropout_p, training, lambda *args: DecoderMLPFunction.apply(*args), seed)
+    def fused(*args):  # h and D are written only where a backward can run (not under no_grad)
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
+        return DecoderMLPFunction.apply(*args, save)
+    return dispatch(features, p, dropout_p, training, fused, seed)
 
 
 def keep_mask(seed: torch.Tensor, rows: int, e: int, p: float) -> torch.Tensor:
@@ -688,8 +713,8 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 # ahead-of-time builds: each kernel × dtype class × configuration at the model's E = 128, C1 = 32
 # (fp32: E = 64, the widest it serves)
 # ----------------------------------------------------------------------------------------------
-_AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS"),
-             "bwd": ("F1", "HS", "M1", "W2", "G", "DH", "DF1", "D"),
+_AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS", "D"),
+             "bwd": ("F1", "HS", "M1", "W2", "G", "DH", "DF1"),
              "dw2": ("G", "D"),
              "adjoint": ("DH", "DP")}
 _AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": ()}
@@ -717,7 +742,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:
                     const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
-                             "BLOCK_P": block, **({"SAVE_H": True} if kname == "fwd" else {})}
+                             "BLOCK_P": block, **({"SAVE": True} if kname == "fwd" else {})}
                 specs.append(_aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
                                        {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st,
                                        floats=_AOT_FP32_ARGS))

@@ -14,15 +14,15 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::map_layer_norm_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
-    msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save_h) -> (x, h)
+    msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save) -> (x, h, D)
                                                                            + msf::decoder_mlp_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
-log-sum-exp, the FFN's LayerNorm statistics, the decoder MLP's pre-activation, head + loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs
-and word-ordered x); the backward is an operator of its own, wired by `register_autograd`. Each operator's
+log-sum-exp, the FFN's LayerNorm statistics, the decoder MLP's pre-activation and dropout output, head +
+loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs and word-ordered x); the backward is an operator of its own, wired by `register_autograd`. Each operator's
 body is the kernel module's own host code (`_forward` / `_backward`): the same launches,
 configurations and partial buffers as the `torch.autograd.Function`s, so the results match them
 bit for bit.
@@ -441,26 +441,27 @@ def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = Tru
 # ----------------------------------------------------------------------------------------------
 def _dec_body(f1: Tensor, p2: Tensor, p3: Tensor, p4: Tensor, m1: Tensor, cb: Tensor, w2: Tensor, b2: Tensor,
               seed: Tensor, p: float, size: list[int], compute_dtype: torch.dtype,
-              save_h: bool) -> tuple[Tensor, Tensor]:
-    return _dec._forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, tuple(size), compute_dtype, save_h)
+              save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _dec._forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, tuple(size), compute_dtype, save)
 
 
-def _dec_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, save_h):
+def _dec_fake(f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, save):
     rows, e = f1.shape[0], w2.shape[0]
+    saved = (rows if save else 0, e)
     return (f1.new_empty((rows, e), dtype=torch.promote_types(compute_dtype, p2.dtype)),
-            f1.new_empty((rows if save_h else 0, e), dtype=compute_dtype))
+            f1.new_empty(saved, dtype=compute_dtype), f1.new_empty(saved, dtype=compute_dtype))
 
 
-def _dec_backward_body(f1: Tensor, hs: Tensor, m1: Tensor, w2: Tensor, cb: Tensor, b2: Tensor, seed: Tensor,
-                       g: Tensor, p: float, size: list[int], lows: list[int],
+def _dec_backward_body(f1: Tensor, hs: Tensor, d: Tensor, m1: Tensor, w2: Tensor, cb: Tensor, b2: Tensor,
+                       seed: Tensor, g: Tensor, p: float, size: list[int], lows: list[int],
                        compute_dtype: torch.dtype) -> list[Tensor]:
-    df1, dp2, dp3, dp4, *param_grads = _dec._backward(f1, hs, m1, w2, seed, g, p, tuple(size),
+    df1, dp2, dp3, dp4, *param_grads = _dec._backward(f1, hs, d, m1, w2, seed, g, p, tuple(size),
                                                       list(zip(lows[::2], lows[1::2])), compute_dtype,
                                                       (cb.dtype, b2.dtype))
     return [df1, dp2, dp3, dp4, *(t.clone() for t in param_grads)]  # (slices of one sum buffer: no aliasing)
 
 
-def _dec_backward_fake(f1, hs, m1, w2, cb, b2, seed, g, p, size, lows, compute_dtype):
+def _dec_backward_fake(f1, hs, d, m1, w2, cb, b2, seed, g, p, size, lows, compute_dtype):
     batch, e = f1.shape[0] // (size[0] * size[1]), w2.shape[0]
     dps = [f1.new_empty((batch, h, w, e), dtype=compute_dtype) for h, w in zip(lows[::2], lows[1::2])]
     return [_contiguous_like(f1), *dps, *(_contiguous_like(t) for t in (m1, cb, w2, b2))]
@@ -471,13 +472,14 @@ decoder_mlp_backward_op = _define("decoder_mlp_backward", _dec_backward_body, _d
 
 
 def _dec_setup(ctx, inputs, output):
-    f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, _save_h = inputs
-    ctx.save_for_backward(f1, output[1], m1, w2, cb, b2, seed)  # (cb and b2: their dtypes, a few hundred bytes)
+    f1, p2, p3, p4, m1, cb, w2, b2, seed, p, size, compute_dtype, _save = inputs
+    # h and D, and cb and b2 for their dtypes (a few hundred bytes)
+    ctx.save_for_backward(f1, output[1], output[2], m1, w2, cb, b2, seed)
     ctx.p, ctx.size, ctx.compute_dtype = p, size, compute_dtype
     ctx.lows = [n for pt in (p2, p3, p4) for n in pt.shape[1:3]]
 
 
-def _dec_grad(ctx, g, _dh):
+def _dec_grad(ctx, g, _dh, _dd):
     grads = torch.ops.msf.decoder_mlp_backward(*ctx.saved_tensors, g.contiguous(), ctx.p, ctx.size, ctx.lows,
                                                ctx.compute_dtype)
     return (*grads, None, None, None, None, None)
@@ -490,9 +492,9 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
                 seed: Tensor | None = None) -> Tensor:
     """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` (the eager composition where
     the kernels do not serve the dtypes or geometry)."""
-    def fused(*args):  # h is written only where a backward can run (not under no_grad, not for inference)
-        save_h = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
-        return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], save_h)[0]
+    def fused(*args):  # h and D are written only where a backward can run (not under no_grad, not for inference)
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
+        return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], save)[0]
     return _dec.dispatch(features, p, dropout_p, training, fused, seed)
 
 

@@ -579,9 +579,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # (bf16), the folded M1 and c and fc2 fp32; dropout on, as in training
             args, size_hw = _decoder_core_args(batch, size, e)
             f1, p2, p3, p4, m1, _cb, w2, _b2, seed = args
-            _, hs = dec._forward(*args, DECODER_DROPOUT, size_hw, bf16, save_h=True)
+            _, hs, d = dec._forward(*args, DECODER_DROPOUT, size_hw, bf16, save=True)
             pass_ref[0] = "bwd"
-            dec._backward(f1, hs, m1, w2, seed, e((f1.shape[0], DECODER_DIM), dtype=bf16), DECODER_DROPOUT, size_hw,
+            dec._backward(f1, hs, d, m1, w2, seed, e((f1.shape[0], DECODER_DIM), dtype=bf16), DECODER_DROPOUT, size_hw,
                           [tuple(pt.shape[1:3]) for pt in (p2, p3, p4)], bf16, (f32, f32))
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4

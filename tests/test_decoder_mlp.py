@@ -191,6 +191,33 @@ def test_dropout_draws_are_independent_across_channels():
     assert abs(by_row.item()) < 6 / (rows * e) ** 0.5
 
 
+@pytest.mark.parametrize("path", ["function", "op"])
+def test_h_and_d_are_kept_only_for_a_backward(path, monkeypatch):
+    """The forward writes h and D (B·H·W × E each, beside x) only where a backward can run: with
+    gradients on and a leaf that wants one; under no_grad or for inputs that want none it allocates
+    them empty. Through the autograd Function and through the torch.library operator."""
+    kernel_device("cpu")
+    from msf.kernels import ops
+    fn = dec_mod.decoder_mlp if path == "function" else ops.decoder_mlp
+    vals = _inputs(SHAPES["square"], seed=5)
+    b, h, w, _, _, e = SHAPES["square"]
+    made = []
+    real_new = dec_mod._new
+    monkeypatch.setattr(dec_mod, "_new", lambda shape, device, dtype: made.append(tuple(shape))
+                        or real_new(shape, device, dtype))
+
+    def forward_buffers(requires_grad: bool, grad_enabled: bool) -> list[tuple[int, ...]]:
+        made.clear()
+        leaves = {k: v.clone().requires_grad_(requires_grad) for k, v in vals.items() if k != "g"}
+        with torch.set_grad_enabled(grad_enabled):
+            fn(*_split(leaves), 0.2, training=True, seed=torch.tensor([3]))
+        return list(made)
+
+    assert forward_buffers(True, True) == [(b * h * w, e)] * 3  # x, h, D
+    for requires_grad, grad_enabled in ((True, False), (False, True)):
+        assert forward_buffers(requires_grad, grad_enabled) == [(b * h * w, e), (0, e), (0, e)]
+
+
 def test_double_backward_is_refused():
     """The backward is not itself differentiable: asking for its graph (create_graph=True) raises instead
     of silently treating the kernels' gradients as constants in a second derivative."""
