@@ -21,11 +21,11 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
-log-sum-exp, the FFN's LayerNorm statistics, the decoder MLP's pre-activation and dropout output, head +
-loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs and word-ordered x); the backward is an operator of its own, wired by `register_autograd`. Each operator's
-body is the kernel module's own host code (`_forward` / `_backward`): the same launches,
-configurations and partial buffers as the `torch.autograd.Function`s, so the results match them
-bit for bit.
+log-sum-exp, the FFN's LayerNorm statistics, the decoder MLP's pre-activation and dropout output,
+head + loss's Dice coefficients, LMSA's cell sums, gated weights, depthwise outputs and word-ordered
+x); the backward is an operator of its own, wired by `register_autograd`. Each operator's body is
+the kernel module's own host code (`_forward` / `_backward`): the same launches, configurations and
+partial buffers as the `torch.autograd.Function`s, so the results match them bit for bit.
 
 How each operator runs
 ----------------------
