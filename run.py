@@ -77,12 +77,32 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted + "\n")
 
 
+# pytest-xdist workers at most: the suite is CPU-bound Python (the Triton interpreter) and each worker
+# holds its own torch import (~1 GB with compile caches), so a few cores are what pays
+MAX_TEST_WORKERS = 4
+
+
+def test_workers() -> int:
+    """The cores this process may run on (its affinity, not the host's count), up to MAX_TEST_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_TEST_WORKERS))
+
+
 def pytest_args(args: list[str]) -> list[str]:
     """`args` with -q in front (a dot a test) unless they set the verbosity themselves (-v, -vv, -q,
-    --verbose, --quiet): `run.py test -v` lists every test by name."""
+    --verbose, --quiet): `run.py test -v` lists every test by name. On a machine with two or more
+    cores the tests run in that many pytest-xdist workers (`--dist worksteal`: an idle worker takes
+    queued tests from a busy one, so a few long tests do not leave a core idle at the end), unless
+    the arguments choose (-n, --numprocesses, --dist, -p no:xdist)."""
     sets_verbosity = any(a in ("--verbose", "--quiet") or (len(a) > 1 and a[0] == "-" and a[1] != "-"
                                                           and set(a[1:]) <= {"v", "q"}) for a in args)
-    return list(args) if sets_verbosity else ["-q", *args]
+    out = list(args) if sets_verbosity else ["-q", *args]
+    chooses_workers = any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist"
+                          or a.startswith("-pno:xdist") for a in args)
+    workers = test_workers()
+    if workers > 1 and not chooses_workers:
+        out = ["-n", str(workers), "--dist", "worksteal", *out]
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`run.py test` runs a worker a core) each worker keeps to its share of the
+# cores: torch's intra-op pool would otherwise start a thread a core in every worker.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // _WORKERS))
+
 REPO = Path(__file__).resolve().parents[1]
 # How long a test waits on a subprocess or a signal before calling it hung. A guard against a hang,
 # never a budget: every such wait finishes in seconds to minutes alone, and a loaded machine makes it

@@ -34,13 +34,32 @@ def trained_run(tmp_path_factory):
 
 # --- 8: the test command ------------------------------------------------------------------------
 
-def test_run_py_test_passes_verbosity_through():
+def _run_py(monkeypatch, cores: int):
+    """run.py as a module, on a machine of `cores` usable cores."""
     spec = importlib.util.spec_from_file_location("run_py", REPO / "run.py")
     run_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_py)
+    monkeypatch.setattr(run_py.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    return run_py
+
+
+def test_run_py_test_passes_verbosity_through(monkeypatch):
+    run_py = _run_py(monkeypatch, cores=1)
     assert run_py.pytest_args(["-k", "parity"]) == ["-q", "-k", "parity"]
     for verbose in (["-v"], ["-vv", "-x"], ["--verbose"], ["-q"]):
         assert run_py.pytest_args(verbose) == verbose  # no -q of its own to cancel the user's -v
+
+
+def test_run_py_test_runs_a_worker_a_core_unless_told(monkeypatch):
+    """Two cores (CI's machine): two pytest-xdist workers; many: capped; the caller's own choice of
+    workers or distribution, or xdist turned off, is left alone."""
+    run_py = _run_py(monkeypatch, cores=2)
+    assert run_py.pytest_args(["-k", "parity"]) == ["-n", "2", "--dist", "worksteal", "-q", "-k", "parity"]
+    assert run_py.pytest_args(["-v"]) == ["-n", "2", "--dist", "worksteal", "-v"]
+    for chosen in (["-n", "0"], ["-n0"], ["--numprocesses=3"], ["--dist", "load"], ["-p", "no:xdist"]):
+        assert run_py.pytest_args(chosen) == ["-q", *chosen]
+    run_py = _run_py(monkeypatch, cores=64)
+    assert run_py.pytest_args([])[:2] == ["-n", str(run_py.MAX_TEST_WORKERS)]
 
 
 # --- 9: a CPU triton run says it is the interpreter and shows a rate that is not 0.0 -------------
