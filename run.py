@@ -82,9 +82,28 @@ def ensure_venv() -> None:
 MAX_TEST_WORKERS = 4
 
 
-def test_workers() -> int:
-    """The cores this process may run on (its affinity, not the host's count), up to MAX_TEST_WORKERS."""
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 cpu.max, else v1's CFS quota), or
+    None where there is none: a container may see every host core in its affinity yet get two."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            return int(quota) / int(period)
+    return None
+
+
+def worker_count() -> int:
+    """The cores this process may run on (its affinity and its cgroup's quota, not the host's count),
+    up to MAX_TEST_WORKERS."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))
     return max(1, min(cores, MAX_TEST_WORKERS))
 
 
@@ -99,7 +118,7 @@ def pytest_args(args: list[str]) -> list[str]:
     out = list(args) if sets_verbosity else ["-q", *args]
     chooses_workers = any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist"
                           or a.startswith("-pno:xdist") for a in args)
-    workers = test_workers()
+    workers = worker_count()
     if workers > 1 and not chooses_workers:
         out = ["-n", str(workers), "--dist", "worksteal", *out]
     return out

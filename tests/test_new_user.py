@@ -40,6 +40,7 @@ def _run_py(monkeypatch, cores: int):
     run_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_py)
     monkeypatch.setattr(run_py.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(run_py, "_cgroup_cpus", lambda: None)
     return run_py
 
 
@@ -60,6 +61,10 @@ def test_run_py_test_runs_a_worker_a_core_unless_told(monkeypatch):
         assert run_py.pytest_args(chosen) == ["-q", *chosen]
     run_py = _run_py(monkeypatch, cores=64)
     assert run_py.pytest_args([])[:2] == ["-n", str(run_py.MAX_TEST_WORKERS)]
+    monkeypatch.setattr(run_py, "_cgroup_cpus", lambda: 2.5)  # a container's quota, not the host's cores
+    assert run_py.pytest_args([])[:2] == ["-n", "2"]
+    monkeypatch.setattr(run_py, "_cgroup_cpus", lambda: 0.5)
+    assert run_py.pytest_args([]) == ["-q"]
 
 
 # --- 9: a CPU triton run says it is the interpreter and shows a rate that is not 0.0 -------------
