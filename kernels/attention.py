@@ -444,7 +444,8 @@ def _chunk_sum(part1, part2, out1, out2, n_chunks: int, size: int, groups: int) 
     contiguous) by `_attn_bwd_reduce_kernel`; shared with `msf.kernels.attention_sublayer`."""
     block_c, block = _reduce_blocks(n_chunks)
     _attn_bwd_reduce_kernel[(triton.cdiv(size, block), groups)](
-        part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK_C=block_c, BLOCK=block, num_warps=_REDUCE_WARPS)
+        part1, part2, out1, out2, size, N_CHUNKS=n_chunks, BLOCK_C=block_c, BLOCK=block, num_warps=_REDUCE_WARPS,
+        num_stages=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,7 +662,9 @@ class AttentionAotSpec(AotSpec):
 
 _AOT_M = 256  # the model's KV length at every stage (SPEC §2)
 _AOT_CHUNK_ROWS = 4096  # stage 1 at B = 32 on an H100 (132 SMs): 16384 rows in 4 chunks
-_AOT_REDUCE_CHUNKS = (4, 256)  # the chunk sums the model runs: dK/dV at stages 1-2, the sublayer's weight gradients
+# the chunk sums the model runs: dK/dV at stages 1-3 (4 chunks on an H100; 8 and 2 on an A100, whose
+# 108 SMs split the rows otherwise), the sublayer's weight gradients (256)
+_AOT_REDUCE_CHUNKS = (2, 4, 8, 256)
 _AOT_DTYPES = {"16": ("bf16",), "tf32x3": ("fp32",), "tf32": ("fp32",)}
 # fp16 compiles to the same code as bf16 but for the conversion instructions; one spot check per
 # kernel (its largest d block, first configuration) keeps the report short

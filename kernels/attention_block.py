@@ -51,7 +51,9 @@ __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dt
 # (`python -m msf.profiling.report --module msf.kernels.attention_block`); left out for spilling: 4 warps
 # at C 128 (backward, 256 B) and 32 patches at C 192 (forward, 200 B); fp32 above C = 64 (the C×C
 # tf32x3 operands spill kilobytes at every tile tried: those shapes compose the eager pieces around
-# the fused sublayer instead). The interpreter runs these same tiles.
+# the fused sublayer instead). The interpreter runs these same tiles. Both kernels launch with one
+# stage, as the report builds them: at the default three Triton pipelined the backward's patch loop
+# into an 8 B spill on sm_90 at C = 32, for no predicted gain anywhere (2026-12-05).
 _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
     "fwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 4)}},
     "bwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 8)}},
@@ -261,7 +263,7 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
         unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, bkv, xn,
         unused if red is None else red, unused if kin is None else kin, kv,
         b * m, mw, w, c, float(eps), float(eps_sr),
-        R=ratio, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps)
+        R=ratio, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     out, o, lse = _sub._forward(xn, x, kv[..., :c], kv[..., c:], *(t.to(cdt) for t in (wq, bq, wo, bo)))
     return out, xn, red, kin, kv, o, lse
 
@@ -294,7 +296,7 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
         unused if srn_w is None else srn_w, wkv, dk, dv, dxnq, g, dx, unused if dred is None else dred, ln_part,
         p, mw, w, c, float(eps), float(eps_sr),
         R=ratio, CDT=_CDT[cdt], ROUND_SUMS=x.dtype == cdt and cdt != torch.float32, BLOCK_C=block_c,
-        BLOCK_M=block_m, num_warps=warps)
+        BLOCK_M=block_m, num_warps=warps, num_stages=1)
     ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
     sums.append((ln_part, ln_sum))
 

@@ -942,11 +942,11 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[t
     img = _empty((B, K_PAD), torch.float32, dev)
     _head_loss_finalize_kernel[(B,)](
         part, coef, img, K, n_chunks, 1.0 / (B * K), float(eps),
-        K_PAD=K_PAD, CHUNK_BLOCK=_FINALIZE_CHUNK_BLOCK, num_warps=4,
+        K_PAD=K_PAD, CHUNK_BLOCK=_FINALIZE_CHUNK_BLOCK, num_warps=4, num_stages=1,
     )
     _head_loss_total_kernel[(1,)](
         img, loss, B, 1.0 / (B * H * W), 1.0 / (B * K), K_PAD=K_PAD, B_PAD=max(16, triton.next_power_of_2(B)),
-        num_warps=1,
+        num_warps=1, num_stages=1,
     )
     return loss.view(()), coef
 

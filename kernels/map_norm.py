@@ -155,7 +155,7 @@ def _forward(x, lnw, lnb, eps: float, y_dtype: torch.dtype, copy_dtype: torch.dt
     block_n = _BLOCK_N["fwd"][block_c]
     _map_norm_fwd_kernel[(triton.cdiv(n, block_n), b)](
         x, lnw, lnb, y, y if y2 is None else y2, *_token_strides(x), n, c, float(eps), COPY=y2 is not None,
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS)
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_WARPS, num_stages=1)
     return y, y2
 
 
@@ -176,7 +176,7 @@ def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype, dy2: torch.Tensor | 
     _map_norm_bwd_kernel[(programs,)](
         x, lnw, dy, dy if dy2 is None else dy2, dx, part, *_token_strides(x), *_token_strides(dx), n, c, tiles_n,
         b * tiles_n, float(eps), HAS_DY2=dy2 is not None, TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=_WARPS)
+        num_warps=_WARPS, num_stages=1)
     sums = _new((2 * c,), x.device, torch.float32)
     sum_partials((part, sums))
     return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)

@@ -74,8 +74,10 @@ def blocks(max_rows: int) -> tuple[int, int]:
 def _aot_specs() -> list:
     from msf.kernels.attention import _aot_spec
     ptrs = {f"{kind}{i}": "*fp32" for kind in "PO" for i in range(MAX_BUFFERS)}
+    # every (BLOCK_C, BLOCK) pair `blocks` gives: BLOCK_C 1, 2, 4, ..., 64 (launched with the default 3 stages)
+    pairs = sorted({blocks(2 ** i) for i in range(_MAX_CHUNKS.bit_length())})
     return [_aot_spec(f"partial_sums_c{bc}", _sum_partials_kernel, ptrs, {"BLOCK_C": bc, "BLOCK": b}, _WARPS, 3)
-            for bc, b in (blocks(64), blocks(4))]
+            for bc, b in pairs]
 
 
 AOT_SPECS = _aot_specs()  # `python -m msf.profiling.report --module msf.kernels.partial_sums`

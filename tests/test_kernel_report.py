@@ -41,6 +41,18 @@ Resource usage:
     assert row.spills  # a stack frame is where ptxas puts spills
 
 
+def test_every_launch_of_the_step_is_a_reported_build():
+    """What the model launches at the paper's shapes, with the sm_80 and sm_90 pins, is what the report
+    builds and checks for spills: each launch has an AOT spec of its kernel with the same warps,
+    stages and block sizes (`report --launches`; the attention block's kv launches once took Triton's
+    default three stages where their specs said one, and spilled 8 B on sm_90 unseen)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")  # the command takes itself out of interpreter mode
+    proc = subprocess.run([sys.executable, "-m", "msf.profiling.report", "--launches"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "has an AOT spec" in proc.stdout
+
+
 def _aot_modules() -> list[str]:
     return [m for m in report.kernel_modules() if getattr(importlib.import_module(m), "AOT_SPECS", [])]
 
