@@ -212,10 +212,12 @@ def _uniforms(seed, rows, BLOCK_E: tl.constexpr):
 @triton.jit
 def _in_layout_of(value, anchor):
     """`value` made to depend on `anchor`, a product's accumulator: value − anchor·0, the same number
-    wherever anchor is finite (a zero may change sign). Storing `value` alone, Triton computes the
-    elementwise chain behind it a second time in the store's blocked layout (GELU and the dropout
-    draw: +170 sm_90 instructions a tile in the decoder's forward); tied to the accumulator, the
-    chain stays in the MMA layout and the value is converted once for the store (+45)."""
+    wherever anchor is finite (a zero may change sign). Triton lays an elementwise chain out anew in
+    each layout its results are used in rather than convert one result: storing D alone, the
+    forward computed GELU and the dropout draw a second time in the store's blocked layout (+170
+    sm_90 instructions a tile); tied to the accumulator, the chain stays in the MMA layout and D is
+    converted once for the store (+45). The backward ties the loaded h to its first product, so
+    that GELU' is formed once, in the MMA layout, for dh's store and its products alike."""
     return (value.to(tl.float32) - anchor * 0.0).to(value.dtype)
 
 
@@ -319,12 +321,14 @@ def _decoder_bwd_kernel(
         mask_pe = mask_p[:, None] & mask_e[None, :]
         mask_pc = mask_p[:, None] & mask_c[None, :]
         tok = rows[:, None] * E + offs_e[None, :]
-        h = tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32)
+        g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
+        gw = _mm(g, fc2, CDT == 0)
+        # h tied to the product's layout: loaded plain, GELU' was laid out a second time for dh's store
+        h = _in_layout_of(tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32), gw)
         f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
         ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
-        g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
-        da = _rounded(_rounded(_mm(g, fc2, CDT == 0), CDT) * ks, CDT)
+        da = _rounded(_rounded(gw, CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
         df1 = _mm(dh, m1, CDT == 0)
