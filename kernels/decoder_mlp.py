@@ -80,8 +80,8 @@ _MAX_FP32_E = 64
 # loops keep their weights in registers across tiles. The forward's pin is BLOCK_P 16 at 8 warps:
 # 128 registers a thread (2 CTAs an SM), where BLOCK_P 32 takes 180 (one CTA an SM, predicted 2x
 # slower). The backward's, under autocast, BLOCK_P 16 at 4 warps since it stopped forming D
-# (2026-12-05): 255 registers, 2 CTAs an SM, 445 µs on an H100 against 578 at 8 warps (172
-# registers, one CTA an SM), 685 against 886 on an A100.
+# (2026-12-05): 255 registers, 2 CTAs an SM, 360 µs on an H100 against 514 at 8 warps (199
+# registers, one CTA an SM), 546 against 788 on an A100.
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
@@ -678,15 +678,21 @@ def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused
     return out.view(b, h * w, -1)
 
 
+def _saves_for_backward(args) -> bool:
+    """Whether a fused call on `args` (f1, P2..P4, M1, c, w2, b2, seed, ...: `dispatch`'s order) writes
+    h and D: only where a backward can run, with grad mode on and a tensor that wants a gradient (not
+    under no_grad, not for inference)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
+
+
 def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bool = False, *,
                 seed: torch.Tensor | None = None):
     """The decoder up to LMSA's input (B×H·W×E tokens; shapes in the module docstring): fused where
     `compute_dtype` and `fused_supported` allow, else the eager composition. `seed` (one int64 on the
     features' device) fixes the dropout stream; by default a fresh one is drawn."""
-    def fused(*args):  # h and D are written only where a backward can run (not under no_grad)
-        save = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
-        return DecoderMLPFunction.apply(*args, save)
-    return dispatch(features, p, dropout_p, training, fused, seed)
+    return dispatch(features, p, dropout_p, training,
+                    lambda *args: DecoderMLPFunction.apply(*args, _saves_for_backward(args)), seed)
+
 
 
 def keep_mask(seed: torch.Tensor, rows: int, e: int, p: float) -> torch.Tensor:

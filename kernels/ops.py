@@ -492,9 +492,8 @@ def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bo
                 seed: Tensor | None = None) -> Tensor:
     """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` (the eager composition where
     the kernels do not serve the dtypes or geometry)."""
-    def fused(*args):  # h and D are written only where a backward can run (not under no_grad, not for inference)
-        save = torch.is_grad_enabled() and any(t.requires_grad for t in args[:9])
-        return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], save)[0]
+    def fused(*args):
+        return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], _dec._saves_for_backward(args))[0]
     return _dec.dispatch(features, p, dropout_p, training, fused, seed)
 
 

@@ -234,8 +234,11 @@ def unreported_launches(archs) -> list[str]:
     by_kernel: dict[int, list] = {}
     for _modname, spec in specs:
         by_kernel.setdefault(id(spec.fn), []).append(spec)
-    devices = [d for d in cost.DEVICES.values() if d.arch in archs]
-    for device in {d.arch: d for d in devices}.values():
+    per_arch: dict[int, cost.Device] = {}  # each arch's first device (its pins and SM count)
+    for d in cost.DEVICES.values():
+        if d.arch in archs:
+            per_arch.setdefault(d.arch, d)
+    for device in per_arch.values():
         for op, stage in cost.op_instances():
             for launch in cost.capture(op, device, stage):
                 names = launch.fn.arg_names
