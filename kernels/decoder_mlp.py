@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET
+from msf.kernels._common import INTERPRET, dot
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
@@ -69,6 +69,9 @@ _MAX_BLOCK_C1 = 64
 # fp32 (tf32x3 products) past E = 64 has no spill-free backward tile (368 B at E = 128 on sm_80 and
 # sm_90): there the op runs the eager composition, as the FFN sublayer does past C = 64
 _MAX_FP32_E = 64
+# the pyramid adjoint holds each stage's interpolation matrix (w_i × W) as a tensor-core operand and
+# one row of dh (W × its channel block) a step: past W = 128 they outgrow the registers
+_PYRAMID_MAX_W = 128
 
 # ----------------------------------------------------------------------------------------------
 # configurations (BLOCK_P, num_warps, num_stages) per kernel and dtype class ("16": bf16 / fp16
@@ -89,8 +92,9 @@ _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "bwd": {"16": [(16, 8, 2)], "amp": [(16, 4, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
+    "pyramid": {"16": [(32, 4, 2), (16, 4, 2)]},  # (fp32, tf32x3: spills 2-2.5 KB)
 }
-_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "dw2": "BLOCK_P", "adjoint": "BLOCK_X"}
+_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "dw2": "BLOCK_P", "adjoint": "BLOCK_X", "pyramid": "BLOCK_N"}
 _CANDIDATES: list[_Cfg] = [(bp, w, 2) for bp in (16, 32, 64, 128) for w in (4, 8)]
 # under the interpreter: small tiles, so CPU tests at small shapes cover ragged tiles and several
 # tiles a program
@@ -419,6 +423,105 @@ def _upsample_adjoint_kernel(
 _upsample_adjoint_kernel = _pinned("adjoint", _upsample_adjoint_kernel)
 
 
+# The pyramid adjoint, one launch for stages 2-4 where they are exactly H/2, H/4 and H/8 of stage 1
+# along both axes (the model at any input size divisible by 32) and W ≤ 128. Then the windows above
+# nest: low-resolution row t of stage 4 (s = 8), rows 2t, 2t + 1 of stage 3 (s = 4) and rows 4t .. 4t + 3
+# of stage 2 (s = 2) all gather from the 16 rows 8t − 4 .. 8t + 11 of dh, so one program reads each of
+# those rows once for all three stages (the per-stage kernel reads every row of dh four times a stage).
+# Separably, for a row oy of dh (W × E) and a stage of width w_i:
+#     dP_i[Y, :, :] += wy(Y, oy) · U_i · dh[oy]     U_i[X, x] = wx(X, x)   (w_i × W, two taps a column)
+# U_i · dh[oy] runs on tensor cores. U_i's weights are the forward's λ at power-of-two scales:
+# multiples of 1/16, exact in bf16 and fp16, and the products accumulate in fp32, so the
+# result is the same sum as the gather's in another order. wy is the forward's row weight, a scalar a
+# program, the same `_taps` formula as above.
+@triton.jit
+def _interpolation_matrix(scale, w_in, W, XP: tl.constexpr, BLOCK_W: tl.constexpr, dtype: tl.constexpr):
+    """U[X, x] = the weight input column X gets from output column x in the forward (XP × BLOCK_W, zero
+    past w_in rows and W columns), in `dtype`."""
+    xs = tl.arange(0, BLOCK_W)
+    x0, x1, l0, l1 = _taps(scale, xs, w_in)
+    cols = tl.arange(0, XP)[:, None]
+    u = tl.where(x0[None, :] == cols, l0[None, :], 0.0) + tl.where(x1[None, :] == cols, l1[None, :], 0.0)
+    return tl.where((xs < W)[None, :], u, 0.0).to(dtype)
+
+
+@triton.jit
+def _row_weight(y0, y1, l0, l1, y):
+    """The weight input row y gets from an output row whose taps are (y0, y1) with weights (l0, l1)."""
+    return tl.where(y0 == y, l0, 0.0) + tl.where(y1 == y, l1, 0.0)
+
+
+@triton.jit
+def _store_low_row(DP, acc, b, y, h_in, w_in, offs_n, E: tl.constexpr, XP: tl.constexpr):
+    """Row y of dP (B×h_in×w_in×E tokens) from its XP × BLOCK_N accumulator."""
+    cols = tl.arange(0, XP)
+    out = DP + ((b * h_in + y) * w_in + cols[:, None]) * E + offs_n[None, :]
+    tl.store(out, _round(acc, DP.dtype.element_ty), mask=(cols < w_in)[:, None] & (offs_n < E)[None, :])
+
+
+@triton.jit
+def _pyramid_adjoint_kernel(
+    DH, DP2, DP3, DP4, H, W, h4, w2, w3, w4, sy2, sx2, sy3, sx3, sy4, sx4,
+    E: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr, X4: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dP2, dP3, dP4 of band t (program 0 = b·h4 + t): rows 4t .. 4t + 3 of dP2, 2t and 2t + 1 of dP3 and
+    t of dP4, channels of block program 1, from rows 8t − 4 .. 8t + 11 of dh (B·H·W × E); X2 .. X4:
+    w2 .. w4 padded to the tensor-core tile, BLOCK_W: W padded. dh is 16-bit (`_is_pyramid`)."""
+    tl.static_assert(DH.dtype.element_ty.primitive_bitwidth == 16, "the pyramid adjoint takes a 16-bit dh")
+    BN: tl.constexpr = min(BLOCK_N, BLOCK_E)  # the configured channel block, clamped to E
+    band = tl.program_id(0)
+    t = band % h4
+    b = (band // h4).to(tl.int64)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    xs = tl.arange(0, BLOCK_W)
+    mask = (xs < W)[:, None] & (offs_n < E)[None, :]
+    dt = DH.dtype.element_ty
+    u2 = _interpolation_matrix(sx2, w2, W, X2, BLOCK_W, dt)
+    u3 = _interpolation_matrix(sx3, w3, W, X3, BLOCK_W, dt)
+    u4 = _interpolation_matrix(sx4, w4, W, X4, BLOCK_W, dt)
+    acc2a = tl.zeros([X2, BN], tl.float32)  # rows 4t, 4t + 1, 4t + 2, 4t + 3 of dP2
+    acc2b = tl.zeros([X2, BN], tl.float32)
+    acc2c = tl.zeros([X2, BN], tl.float32)
+    acc2d = tl.zeros([X2, BN], tl.float32)
+    acc3a = tl.zeros([X3, BN], tl.float32)  # rows 2t, 2t + 1 of dP3
+    acc3b = tl.zeros([X3, BN], tl.float32)
+    acc4 = tl.zeros([X4, BN], tl.float32)  # row t of dP4
+    h3 = 2 * h4
+    h2 = 4 * h4
+    for j in tl.range(0, 16, loop_unroll_factor=1):  # the band's rows of dh (kept rolled)
+        oy = 8 * t - 4 + j
+        in_y = (oy >= 0) & (oy < H)  # rows past the image: clamped loads, zero weights
+        oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
+        row = tl.load(DH + ((b * H + oyc) * W + xs[:, None]) * E + offs_n[None, :], mask=mask, other=0.0)
+        y0, y1, l0, l1 = _taps(sy2, oyc, h2)
+        l0 = tl.where(in_y, l0, 0.0)
+        l1 = tl.where(in_y, l1, 0.0)
+        t2 = dot(u2, row)
+        acc2a += _row_weight(y0, y1, l0, l1, 4 * t) * t2
+        acc2b += _row_weight(y0, y1, l0, l1, 4 * t + 1) * t2
+        acc2c += _row_weight(y0, y1, l0, l1, 4 * t + 2) * t2
+        acc2d += _row_weight(y0, y1, l0, l1, 4 * t + 3) * t2
+        y0, y1, l0, l1 = _taps(sy3, oyc, h3)
+        l0 = tl.where(in_y, l0, 0.0)
+        l1 = tl.where(in_y, l1, 0.0)
+        t3 = dot(u3, row)
+        acc3a += _row_weight(y0, y1, l0, l1, 2 * t) * t3
+        acc3b += _row_weight(y0, y1, l0, l1, 2 * t + 1) * t3
+        y0, y1, l0, l1 = _taps(sy4, oyc, h4)
+        acc4 += _row_weight(y0, y1, tl.where(in_y, l0, 0.0), tl.where(in_y, l1, 0.0), t) * dot(u4, row)
+    _store_low_row(DP2, acc2a, b, 4 * t, h2, w2, offs_n, E, X2)
+    _store_low_row(DP2, acc2b, b, 4 * t + 1, h2, w2, offs_n, E, X2)
+    _store_low_row(DP2, acc2c, b, 4 * t + 2, h2, w2, offs_n, E, X2)
+    _store_low_row(DP2, acc2d, b, 4 * t + 3, h2, w2, offs_n, E, X2)
+    _store_low_row(DP3, acc3a, b, 2 * t, h3, w3, offs_n, E, X3)
+    _store_low_row(DP3, acc3b, b, 2 * t + 1, h3, w3, offs_n, E, X3)
+    _store_low_row(DP4, acc4, b, t, h4, w4, offs_n, E, X4)
+
+
+_pyramid_adjoint_kernel = _pinned("pyramid", _pyramid_adjoint_kernel)
+
+
 @triton.jit
 def _keep_mask_kernel(SEED, OUT, ROWS, p_drop, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """OUT[row, e] = 1 where the kernels keep element (row, e) (ROWS × E uint8), else 0."""
@@ -449,6 +552,19 @@ def _geometry(size: tuple[int, int], lows: list[tuple[int, int]]) -> list:
     sizes = [n for hw in lows for n in hw]
     scales = [float(n) / float(big) for hw in lows for n, big in zip(hw, size)]
     return sizes + scales
+
+
+def _is_pyramid(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype) -> bool:
+    """Whether the upsample adjoint is `_pyramid_adjoint_kernel` (one launch): stages 2-4 exactly 1/2,
+    1/4 and 1/8 of `size` along both axes, a width of at most `_PYRAMID_MAX_W` and a 16-bit dh (its
+    fp32 build, tf32x3 products, spills). Otherwise `_upsample_adjoint_kernel` once a stage."""
+    return (dtype.itemsize == 2 and size[1] <= _PYRAMID_MAX_W
+            and all(size[0] == f * h and size[1] == f * w for (h, w), f in zip(lows, (2, 4, 8))))
+
+
+def _mma_rows(n: int) -> int:
+    """n padded to a tensor-core tile side (a power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
@@ -517,13 +633,7 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
     chunk, n_chunks = _dw2_chunking(rows, _core._sm_count(dev))
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
     _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
-    dps = []
-    for h, w in lows:
-        dp = _new((batch, h, w, e), dev, cdt)
-        _upsample_adjoint_kernel[lambda meta, h=h, w=w: (batch * h, triton.cdiv(w, meta["BLOCK_X"]))](
-            dh, dp, *size, h, w, float(h) / size[0], float(w) / size[1],
-            E=e, SY=size[0] // h, SX=size[1] // w, BLOCK_E=block_e)
-        dps.append(dp)
+    dps = _upsample_adjoints(dh, batch, size, lows, block_e)
     sums = _new((e * c1 + e,), dev, torch.float32)
     w_sums = _new((e * e + e,), dev, torch.float32)
     sum_partials((part, sums), (w_part, w_sums))
@@ -533,6 +643,26 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
     dw2 = w_sums[:e * e].view(e, e).to(w2.dtype)
     db2 = w_sums[e * e:].to(b2_dtype)
     return df1, *dps, dm1, dc, dw2, db2
+
+
+def _upsample_adjoints(dh: torch.Tensor, batch: int, size: tuple[int, int], lows: list[tuple[int, int]],
+                       block_e: int) -> list[torch.Tensor]:
+    """dP_i = up_iᵀ(dh) for stages 2-4 (B×h_i×w_i×E each, dh's dtype) from dh (B·H·W × E): one launch
+    of `_pyramid_adjoint_kernel` where `_is_pyramid`, else `_upsample_adjoint_kernel` once a stage."""
+    e = dh.shape[1]
+    dps = [_new((batch, h, w, e), dh.device, dh.dtype) for h, w in lows]
+    if _is_pyramid(size, lows, dh.dtype):
+        h4 = lows[2][0]
+        _pyramid_adjoint_kernel[lambda meta: (batch * h4, triton.cdiv(e, min(meta["BLOCK_N"], block_e)))](
+            dh, *dps, *size, h4, *(w for _, w in lows), *_geometry(size, lows)[6:], E=e,
+            X2=_mma_rows(lows[0][1]), X3=_mma_rows(lows[1][1]), X4=_mma_rows(lows[2][1]),
+            BLOCK_W=_mma_rows(size[1]), BLOCK_E=block_e)
+        return dps
+    for (h, w), dp in zip(lows, dps):
+        _upsample_adjoint_kernel[lambda meta, h=h, w=w: (batch * h, triton.cdiv(w, meta["BLOCK_X"]))](
+            dh, dp, *size, h, w, float(h) / size[0], float(w) / size[1],
+            E=e, SY=size[0] // h, SX=size[1] // w, BLOCK_E=block_e)
+    return dps
 
 
 class DecoderMLPFunction(torch.autograd.Function):
@@ -726,10 +856,10 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 _AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS", "D"),
              "bwd": ("F1", "HS", "M1", "W2", "G", "DH", "DF1"),
              "dw2": ("G", "D"),
-             "adjoint": ("DH", "DP")}
-_AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": ()}
+             "adjoint": ("DH", "DP"), "pyramid": ("DH", "DP2", "DP3", "DP4")}
+_AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": (), "pyramid": ()}
 _AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "dw2": _decoder_dw2_kernel,
-                "adjoint": _upsample_adjoint_kernel}
+                "adjoint": _upsample_adjoint_kernel, "pyramid": _pyramid_adjoint_kernel}
 _AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "p_drop", "drop_scale", "scale_y", "scale_x")
 # per dtype class: (16-bit pointers' type, CDT, the fp32 master tensors' type)
 _AOT_DTYPE = {"16": ("bf16", 1, "bf16"), "amp": ("bf16", 1, "fp32"), "fp32": ("fp32", 0, "fp32")}  # adjoint: DH, DP
@@ -748,6 +878,9 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 e = _MAX_FP32_E if mode == "fp32" else 128
                 if kname == "adjoint":
                     const = {"E": e, "SY": 8, "SX": 8, "BLOCK_E": e, "BLOCK_X": block}
+                elif kname == "pyramid":  # 128 × 128 at H/4 of the paper's 512²
+                    const = {"E": e, "X2": 64, "X3": 32, "X4": 16, "BLOCK_W": 128,
+                             "BLOCK_E": e, "BLOCK_N": block}
                 elif kname == "dw2":
                     const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:

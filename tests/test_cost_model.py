@@ -166,6 +166,11 @@ def counted():
                            torch.randn(e, 4 * e, generator=g) * 0.1, torch.randn(e, generator=g) * 0.1,
                            torch.randn(e, e, generator=g) * 0.2, torch.randn(e, generator=g) * 0.1)
         dec.decoder_mlp(feats, dp, 0.2, True, seed=torch.tensor([1])).sum().backward()
+        # and stages that halve exactly (8×16 down to 1×2) in bf16: the one-launch pyramid adjoint
+        feats = [torch.randn(1, 8, 8 // s, 16 // s, generator=g).bfloat16().requires_grad_() for s in (1, 2, 4, 8)]
+        dp = DecoderParams(tuple(t.bfloat16() for t in dp.unify_weights), tuple(t.bfloat16() for t in dp.unify_biases),
+                           *(t.bfloat16() for t in (dp.fuse1_weight, dp.fuse1_bias, dp.fuse2_weight, dp.fuse2_bias)))
+        dec.decoder_mlp(feats, dp).sum().backward()
         c = 16
         xl = torch.randn(1, c, 9, 11, generator=g, requires_grad=True)
         red = 3 * c // 8

@@ -278,6 +278,46 @@ def test_channels_last_and_nchw_maps(device):
         assert_close(a, b, 1e-6, "grad")
 
 
+# (B, H, W, E, dtype): the pyramid adjoint at widths under a tile (w4 = 3 of W = 24), one band (H = 8:
+# every row of dh near both edges), E off the channel block (48, 16 under the interpreter's 16), the
+# model's E, and the interpreter's channel blocks several to a program row
+PYRAMIDS = [(2, 16, 16, 32, torch.bfloat16), (1, 8, 24, 48, torch.bfloat16), (1, 32, 8, 16, torch.float16),
+            (2, 8, 16, 128, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("batch,height,width,e,dtype", PYRAMIDS,
+                         ids=[f"{b}x{h}x{w}-e{e}-{str(d)[6:]}" for b, h, w, e, d in PYRAMIDS])
+def test_pyramid_adjoint_matches_float64(batch, height, width, e, dtype, device, poisoned):
+    """The one-launch adjoint of the three upsamples (`_pyramid_adjoint_kernel`) against float64
+    autograd of F.interpolate itself, for a dh rounded to `dtype` (each dP rounded once, so the
+    tolerance is the dtype's)."""
+    kernel_device(device)
+    lows = [(height // f, width // f) for f in (2, 4, 8)]
+    assert dec_mod._is_pyramid((height, width), lows, dtype)
+    dh = torch.randn(batch * height * width, e, generator=torch.Generator().manual_seed(e)).to(dtype)
+    ours = dec_mod._upsample_adjoints(dh.to(device), batch, (height, width), lows, dec_mod._blocks(1, e)[1])
+    for (h, w), dp in zip(lows, ours):
+        low = torch.zeros(batch, e, h, w, dtype=torch.float64, requires_grad=True)
+        up = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+        torch.autograd.backward(up, dh.double().view(batch, height, width, e).permute(0, 3, 1, 2))
+        assert dp.dtype == dtype
+        assert_close(dp, low.grad.permute(0, 2, 3, 1), TOL[dtype], f"dP at {h}x{w}")
+
+
+def test_the_pyramid_adjoint_serves_exact_halvings_of_16_bit_maps_up_to_128_wide():
+    """Where the one-launch adjoint runs and where the per-stage one does."""
+    pyramid = dec_mod._is_pyramid
+    halvings = lambda h, w: [(h // f, w // f) for f in (2, 4, 8)]  # noqa: E731
+    assert pyramid((128, 128), halvings(128, 128), torch.bfloat16)  # the model at 512²
+    assert pyramid((8, 24), halvings(8, 24), torch.float16)
+    assert not pyramid((128, 128), halvings(128, 128), torch.float32)  # fp32 (its build spills)
+    assert not pyramid((64, 256), halvings(64, 256), torch.bfloat16)  # wider than 128
+    assert not pyramid((12, 9), [(4, 3), (4, 3), (1, 1)], torch.bfloat16)  # factors 3, 3, 9
+    assert not pyramid((16, 16), [(8, 8), (4, 4), (4, 4)], torch.bfloat16)  # stage 4 not an eighth
+    assert not pyramid((20, 16), [(10, 8), (5, 4), (2, 2)], torch.bfloat16)  # 20 is no multiple of 8
+
+
 def test_unserved_cases_run_the_eager_composition(monkeypatch):
     """E > 128, fp32 at E > 64, C1 > 64, a stage that is not a whole fraction of stage 1, a dtype mix
     outside autocast: the eager composition, identical to it, with no kernel launch."""
