@@ -34,9 +34,13 @@ Kernels (no atomics: parameter gradients through per-program fp32 partials and a
 - `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, dh (stored: stages 2-4
   need it at full resolution), df1 = dh M1, and the program's partial sums of dM1 and dc.
 - `_decoder_dw2_kernel`: one row chunk a program: the partial sums of dw2 = gᵀ D and db2.
-- `_upsample_adjoint_kernel` (once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution pixel
-  gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the forward's
-  formula: deterministic, where eager's upsample backward adds with atomics.
+- `_pyramid_adjoint_kernel` (one launch for stages 2-4, where they halve stage 1 exactly, W ≤ 128 and
+  dh is 16-bit: the model's case): dP_i = up_iᵀ(dh), a program reading the 16 rows of dh that a
+  band of low-resolution rows of all three stages gathers from, once, each row's x-adjoint a
+  tensor-core product with the stage's interpolation matrix.
+- `_upsample_adjoint_kernel` (otherwise, once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution
+  pixel gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the
+  forward's formula. Both deterministic, where eager's upsample backward adds with atomics.
 - `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
 
 docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, the designs dropped.
