@@ -176,13 +176,40 @@ def _upsampled(P, b, oy, ox, h_in, w_in, scale_y, scale_x, offs_e, mask_pe, E: t
 
 
 @triton.jit
+def _upsampled_row(P, b, oy, ox0, h_in, w_in, scale_y, scale_x, offs_e, mask_e, E: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """The bilinear upsample of P (B×h_in×w_in×E tokens) at the BLOCK_P pixels ox0 .. ox0 + BLOCK_P − 1 of
+    output row oy of image b (scalars), by tensor-core products where `_upsampled` gathers four taps a
+    pixel: the pixels' x taps lie in the BLOCK_P columns of P from X0, the first pixel's left tap (at
+    s = H/h_i ≥ 2 they span at most BLOCK_P/s + 2), so with U[p, j] = pixel p's weight of column X0 + j
+        up = ly0 · (U · P[y0, X0 .. X0 + BLOCK_P)) + ly1 · (U · P[y1, ...])
+    (y0, y1, ly0, ly1: the row's taps, one pair for the tile). U's weights are multiples of 1/16 at
+    the scales ½, ¼, ⅛ (the only ones this runs at), exact in P's 16-bit dtype, and the products
+    accumulate in fp32: the gather's sum in another order."""
+    y0, y1, ly0, ly1 = _taps(scale_y, oy, h_in)
+    x0, x1, lx0, lx1 = _taps(scale_x, ox0 + tl.arange(0, BLOCK_P), w_in)
+    first, _x1, _l0, _l1 = _taps(scale_x, ox0, w_in)
+    j = tl.arange(0, BLOCK_P)[None, :]
+    u = tl.where(x0[:, None] - first == j, lx0[:, None], 0.0) + tl.where(x1[:, None] - first == j, lx1[:, None], 0.0)
+    u = u.to(P.dtype.element_ty)
+    cols = first + tl.arange(0, BLOCK_P)
+    mask = (cols < w_in)[:, None] & mask_e[None, :]
+    window = P + (b * h_in * w_in + cols[:, None]) * E + offs_e[None, :]  # int32: P_i < 2³¹ elements
+    top = dot(u, tl.load(window + y0 * w_in * E, mask=mask, other=0.0))
+    bottom = dot(u, tl.load(window + y1 * w_in * E, mask=mask, other=0.0))
+    return ly0 * top + ly1 * bottom
+
+
+@triton.jit
 def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4,
                     sy2, sx2, sy3, sx3, sy4, sx4,
-                    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr,
+                    C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, ROW_TILES: tl.constexpr,
                     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """The pre-activation h = f1 M1ᵀ + Σ up_i(P_i) + c of pixel tile `tile` (rounded as the fuse
     Linear's output is), from the caller's M1 block `m1` (compute dtype) and c (`cb`, fp32), with
-    what the caller reuses: (h, rows, offs_e, mask_p, mask_e, mask_pe)."""
+    what the caller reuses: (h, rows, offs_e, mask_p, mask_e, mask_pe). ROW_TILES: every tile is a
+    segment of one output row and the stages are exact halvings in a 16-bit dtype (`_row_tiles`),
+    so the taps are `_upsampled_row`'s products; else `_upsampled`'s gathers."""
     rows32 = tile * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 for the divisions (an int64 one is a long
     rows = rows32.to(tl.int64)                         # subroutine): the host keeps B·H·W under 2³¹
     mask_p = rows32 < ROWS
@@ -198,9 +225,16 @@ def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4
     f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :],
                              other=0.0), CDT)
     h = _mm(f1, tl.trans(m1), CDT == 0)
-    h += _upsampled(P2, b, oy, ox, h2, w2, sy2, sx2, offs_e, mask_pe, E)
-    h += _upsampled(P3, b, oy, ox, h3, w3, sy3, sx3, offs_e, mask_pe, E)
-    h += _upsampled(P4, b, oy, ox, h4, w4, sy4, sx4, offs_e, mask_pe, E)
+    if ROW_TILES:
+        pix0 = (tile * BLOCK_P) % (H * W)  # the tile's first pixel: its row and image hold all of it
+        b0 = (tile * BLOCK_P) // (H * W)
+        h += _upsampled_row(P2, b0, pix0 // W, pix0 % W, h2, w2, sy2, sx2, offs_e, mask_e, E, BLOCK_P)
+        h += _upsampled_row(P3, b0, pix0 // W, pix0 % W, h3, w3, sy3, sx3, offs_e, mask_e, E, BLOCK_P)
+        h += _upsampled_row(P4, b0, pix0 // W, pix0 % W, h4, w4, sy4, sx4, offs_e, mask_e, E, BLOCK_P)
+    else:
+        h += _upsampled(P2, b, oy, ox, h2, w2, sy2, sx2, offs_e, mask_pe, E)
+        h += _upsampled(P3, b, oy, ox, h3, w3, sy3, sx3, offs_e, mask_pe, E)
+        h += _upsampled(P4, b, oy, ox, h4, w4, sy4, sx4, offs_e, mask_pe, E)
     h += cb[None, :]
     return _rounded(h, CDT), rows, offs_e, mask_p, mask_e, mask_pe
 
@@ -247,7 +281,7 @@ def _decoder_fwd_kernel(
     F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS, D,
     ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+    ROW_TILES: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """x of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_P rows of the B·H·W × E
     output each) and, if SAVE, what the backward reads of them: the pre-activation h and the dropout
@@ -269,7 +303,7 @@ def _decoder_fwd_kernel(
     while tile < stop:
         h, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
             F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
-            C1, E, CDT, BLOCK_C1, BLOCK_E, BLOCK_P)
+            C1, E, CDT, ROW_TILES, BLOCK_C1, BLOCK_E, BLOCK_P)
         tok = rows[:, None] * E + offs_e[None, :]
         if SAVE:
             tl.store(HS + tok, _to_compute(h, CDT), mask=mask_pe)
@@ -558,12 +592,23 @@ def _geometry(size: tuple[int, int], lows: list[tuple[int, int]]) -> list:
     return sizes + scales
 
 
+def _halvings(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype) -> bool:
+    """Stages 2-4 exactly 1/2, 1/4 and 1/8 of `size` along both axes, in a 16-bit dtype: the bilinear
+    weights are then multiples of 1/16, exact in it, and the taps can be tensor-core products."""
+    return dtype.itemsize == 2 and all(size[0] == f * h and size[1] == f * w for (h, w), f in zip(lows, (2, 4, 8)))
+
+
+def _row_tiles(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype, block_p: int) -> bool:
+    """Whether the forward takes its taps as `_upsampled_row`'s products: `_halvings` (P_i in `dtype`)
+    and tiles of `block_p` pixels that never straddle an output row."""
+    return _halvings(size, lows, dtype) and size[1] % block_p == 0
+
+
 def _is_pyramid(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype) -> bool:
-    """Whether the upsample adjoint is `_pyramid_adjoint_kernel` (one launch): stages 2-4 exactly 1/2,
-    1/4 and 1/8 of `size` along both axes, a width of at most `_PYRAMID_MAX_W` and a 16-bit dh (its
-    fp32 build, tf32x3 products, spills). Otherwise `_upsample_adjoint_kernel` once a stage."""
-    return (dtype.itemsize == 2 and size[1] <= _PYRAMID_MAX_W
-            and all(size[0] == f * h and size[1] == f * w for (h, w), f in zip(lows, (2, 4, 8))))
+    """Whether the upsample adjoint is `_pyramid_adjoint_kernel` (one launch): `_halvings` (dh in
+    `dtype`: its fp32 build, tf32x3 products, spills) and a width of at most `_PYRAMID_MAX_W`.
+    Otherwise `_upsample_adjoint_kernel` once a stage."""
+    return _halvings(size, lows, dtype) and size[1] <= _PYRAMID_MAX_W
 
 
 def _mma_rows(n: int) -> int:
@@ -583,12 +628,13 @@ def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
 
 
 def _tile_split(kernel, cdt_code: int, w2: torch.Tensor, block_e: int, rows: int,
-                dev: torch.device) -> tuple[int, int, int]:
-    """(tiles, tiles a program, programs) of a tile-loop kernel (the forward, the backward): the rows
-    in tiles of its pinned BLOCK_P, about 2 programs an SM."""
+                dev: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_P, tiles, tiles a program, programs) of a tile-loop kernel (the forward, the backward):
+    the rows in tiles of its pinned BLOCK_P, about 2 programs an SM."""
     shape_class = f"{_mode({'CDT': cdt_code, 'W2': w2})}_e{block_e}"
-    n_tiles = triton.cdiv(rows, kernel.pinned_kwarg(shape_class, "BLOCK_P", dev))
-    return (n_tiles, *_tile_runs(n_tiles, _core._sm_count(dev), per_sm=2))
+    block_p = kernel.pinned_kwarg(shape_class, "BLOCK_P", dev)
+    n_tiles = triton.cdiv(rows, block_p)
+    return (block_p, n_tiles, *_tile_runs(n_tiles, _core._sm_count(dev), per_sm=2))
 
 
 def _dropout_args(p: float) -> tuple[float, float, bool]:
@@ -608,10 +654,12 @@ def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, in
     hs = _new((rows if save else 0, e), f1.device, cdt)
     d = _new((rows if save else 0, e), f1.device, cdt)
     p_drop, scale, dropout = _dropout_args(p)
-    n_tiles, tiles, n_progs = _tile_split(_decoder_fwd_kernel, _CDT[cdt], w2, block_e, rows, f1.device)
+    block_p, n_tiles, tiles, n_progs = _tile_split(_decoder_fwd_kernel, _CDT[cdt], w2, block_e, rows, f1.device)
+    row_tiles = _row_tiles(size, lows, p2.dtype, block_p)
     _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, d, rows, n_tiles, tiles, *size,
                                     *_geometry(size, lows), p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt],
-                                    DROPOUT=dropout, SAVE=save, BLOCK_C1=block_c1, BLOCK_E=block_e)
+                                    DROPOUT=dropout, SAVE=save, ROW_TILES=row_tiles, BLOCK_C1=block_c1,
+                                    BLOCK_E=block_e)
     return out, hs, d
 
 
@@ -630,7 +678,7 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
 
     dh = _new((rows, e), dev, cdt)
     df1 = _new((rows, c1), dev, f1.dtype)
-    n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
+    _, n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
     _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, part, rows, n_tiles, tiles, p_drop, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
@@ -889,7 +937,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:
                     const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
-                             "BLOCK_P": block, **({"SAVE": True} if kname == "fwd" else {})}
+                             "BLOCK_P": block, **({"SAVE": True, "ROW_TILES": code != 0} if kname == "fwd" else {})}
                 specs.append(_aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
                                        {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st,
                                        floats=_AOT_FP32_ARGS))

@@ -38,10 +38,12 @@ SHAPES = {
     "odd": (3, 12, 9, (20, 12, 8, 24), (1, 3, 3, 9), 48),             # odd factors, E and C1 no power of two
     "square": (1, 16, 16, (16, 32, 48, 64), (1, 2, 4, 8), 32),
     "flat": (2, 4, 24, (8, 8, 8, 8), (1, 2, 4, 4), 16),               # stage 4 one row: every tap clamped
+    "rows": (1, 16, 48, (16, 16, 16, 16), (1, 2, 4, 8), 64),          # halvings, 3 pixel tiles a row
 }
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 CASES = [("square", torch.float32, 0.0), ("model", torch.bfloat16, 0.15), ("odd", torch.float32, 0.3),
-         ("odd", torch.float16, 0.0), ("square", torch.bfloat16, 0.0), ("flat", torch.float32, 0.5)]
+         ("odd", torch.float16, 0.0), ("square", torch.bfloat16, 0.0), ("flat", torch.float32, 0.5),
+         ("rows", torch.bfloat16, 0.2)]
 
 
 @pytest.fixture
