@@ -28,16 +28,18 @@ dropout and GELU gradients rounded where eager autocast rounds its own tensors.
 Kernels (no atomics: parameter gradients through per-program fp32 partials and a fixed-order sum):
 - `_decoder_fwd_kernel`: a run of BLOCK_P-pixel tiles a program (about 2 programs an SM), M1 and w2
   loaded once a program as MMA operands: per tile the pre-activation h (stage 1's product plus the
-  12 bilinear taps of P2..P4 plus c), GELU, dropout, the second Linear; x written once, and h and
+  12 bilinear taps of P2..P4 plus c; in the model's case, tiles within one output row and stages
+  that halve, each stage's taps as two tensor-core products, `_upsampled_row`), GELU, dropout, the
+  second Linear; x written once, and h and
   D = dropout(GELU(h)) (in the compute dtype, the values the kernel rounds them to anyway) when a
   backward will need them.
 - `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, dh (stored: stages 2-4
   need it at full resolution), df1 = dh M1, and the program's partial sums of dM1 and dc.
 - `_decoder_dw2_kernel`: one row chunk a program: the partial sums of dw2 = gᵀ D and db2.
-- `_pyramid_adjoint_kernel` (one launch for stages 2-4, where they halve stage 1 exactly, W ≤ 128 and
-  dh is 16-bit: the model's case): dP_i = up_iᵀ(dh), a program reading the 16 rows of dh that a
-  band of low-resolution rows of all three stages gathers from, once, each row's x-adjoint a
-  tensor-core product with the stage's interpolation matrix.
+- `_pyramid_adjoint_kernel` (one launch for stages 2-4, where they halve stage 1 exactly and dh is
+  16-bit: the model's case): dP_i = up_iᵀ(dh), a program reading once the 16 × 32 window of dh that a
+  block of 7 low-resolution rows × 14 columns of the three stages gathers from, each window row's
+  x-adjoint one tensor-core product with the stacked interpolation weights.
 - `_upsample_adjoint_kernel` (otherwise, once per stage 2-4): dP_i = up_iᵀ(dh), each low-resolution
   pixel gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the
   forward's formula. Both deterministic, where eager's upsample backward adds with atomics.
@@ -73,9 +75,6 @@ _MAX_BLOCK_C1 = 64
 # fp32 (tf32x3 products) past E = 64 has no spill-free backward tile (368 B at E = 128 on sm_80 and
 # sm_90): there the op runs the eager composition, as the FFN sublayer does past C = 64
 _MAX_FP32_E = 64
-# the pyramid adjoint holds each stage's interpolation matrix (w_i × W) as a tensor-core operand and
-# one row of dh (W × its channel block) a step: past W = 128 they outgrow the registers
-_PYRAMID_MAX_W = 128
 
 # ----------------------------------------------------------------------------------------------
 # configurations (BLOCK_P, num_warps, num_stages) per kernel and dtype class ("16": bf16 / fp16
@@ -96,7 +95,7 @@ _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "bwd": {"16": [(16, 8, 2)], "amp": [(16, 4, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
     "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
-    "pyramid": {"16": [(32, 4, 2), (16, 4, 2)]},  # (fp32, tf32x3: spills 2-2.5 KB)
+    "pyramid": {"16": [(128, 4, 2), (64, 4, 2), (128, 8, 2)]},
 }
 _BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "dw2": "BLOCK_P", "adjoint": "BLOCK_X", "pyramid": "BLOCK_N"}
 _CANDIDATES: list[_Cfg] = [(bp, w, 2) for bp in (16, 32, 64, 128) for w in (4, 8)]
@@ -462,25 +461,39 @@ _upsample_adjoint_kernel = _pinned("adjoint", _upsample_adjoint_kernel)
 
 
 # The pyramid adjoint, one launch for stages 2-4 where they are exactly H/2, H/4 and H/8 of stage 1
-# along both axes (the model at any input size divisible by 32) and W ≤ 128. Then the windows above
-# nest: low-resolution row t of stage 4 (s = 8), rows 2t, 2t + 1 of stage 3 (s = 4) and rows 4t .. 4t + 3
-# of stage 2 (s = 2) all gather from the 16 rows 8t − 4 .. 8t + 11 of dh, so one program reads each of
-# those rows once for all three stages (the per-stage kernel reads every row of dh four times a stage).
-# Separably, for a row oy of dh (W × E) and a stage of width w_i:
-#     dP_i[Y, :, :] += wy(Y, oy) · U_i · dh[oy]     U_i[X, x] = wx(X, x)   (w_i × W, two taps a column)
-# U_i · dh[oy] runs on tensor cores. U_i's weights are the forward's λ at power-of-two scales:
-# multiples of 1/16, exact in bf16 and fp16, and the products accumulate in fp32, so the
-# result is the same sum as the gather's in another order. wy is the forward's row weight, a scalar a
-# program, the same `_taps` formula as above.
+# along both axes (the model at any input size divisible by 32). Then the windows above nest:
+# - rows: low-resolution row t of stage 4 (s = 8), rows 2t, 2t + 1 of stage 3 (s = 4) and 4t .. 4t + 3
+#   of stage 2 (s = 2) all gather from the 16 rows 8t − 4 .. 8t + 11 of dh;
+# - columns: columns 2k, 2k + 1 of stage 4, 4k .. 4k + 3 of stage 3 and 8k .. 8k + 7 of stage 2 all
+#   gather from the 32 columns 16k − 8 .. 16k + 23.
+# A program owns such a block (the 14 low-resolution columns of its three stages, stacked as the 16
+# rows of a tensor-core tile: 8 of stage 2, 4 of stage 3, 2 of stage 4, 2 unused) for its band of
+# rows, and reads each of the 16 × 32 window pixels of dh once for all three stages. Separably, for
+# row oy of dh:
+#     dP_i[Y, X] += w_y(Y, oy) · Σ_x w_x(X, x) dh[oy, x]
+# The inner sum, for all 14 columns at once, is one product U · dh[oy, window] (16 × 32 times 32 ×
+# channels) with U[m, x] the weight column m's stage gives window column x in the forward. At
+# power-of-two scales those weights are multiples of 1/16 (or 1 and 0 at clamped borders), exact
+# in bf16 and fp16, and the products accumulate in fp32: the gather's sum in another order. The
+# outer weights w_y are scalars a program (the forward's formula); the 7 low-resolution rows become
+# 4 accumulators ("slots"), slot r holding row 4t + r of stage 2, 2t + r of stage 3 (r < 2) and t of
+# stage 4 (r = 0), each taking the row's product times its per-stage weight.
 @triton.jit
-def _interpolation_matrix(scale, w_in, W, XP: tl.constexpr, BLOCK_W: tl.constexpr, dtype: tl.constexpr):
-    """U[X, x] = the weight input column X gets from output column x in the forward (XP × BLOCK_W, zero
-    past w_in rows and W columns), in `dtype`."""
-    xs = tl.arange(0, BLOCK_W)
-    x0, x1, l0, l1 = _taps(scale, xs, w_in)
-    cols = tl.arange(0, XP)[:, None]
-    u = tl.where(x0[None, :] == cols, l0[None, :], 0.0) + tl.where(x1[None, :] == cols, l1[None, :], 0.0)
-    return tl.where((xs < W)[None, :], u, 0.0).to(dtype)
+def _window_taps(m, scale, xw, w_in, x_lo, n: tl.constexpr, first: tl.constexpr):
+    """The weights U[m, x] of the stacked rows m in [first, first + n) (low-resolution column x_lo +
+    m − first of a stage with `scale`, width w_in) for window columns xw (full resolution)."""
+    x0, x1, l0, l1 = _taps(scale, xw, w_in)
+    col = x_lo + m - first
+    inside = (m >= first) & (m < first + n) & (col < w_in)
+    return tl.where(inside & (x0[None, :] == col), l0[None, :], 0.0) + tl.where(inside & (x1[None, :] == col),
+                                                                              l1[None, :], 0.0)
+
+
+@triton.jit
+def _slot_weights(m, w2, w3, w4):
+    """The per-row weights [16, 1] of one slot: w2 for the stage-2 rows (0-7), w3 for stage 3's (8-11),
+    w4 for stage 4's (12, 13)."""
+    return tl.where(m < 8, w2, tl.where(m < 12, w3, tl.where(m < 14, w4, 0.0)))
 
 
 @triton.jit
@@ -490,71 +503,71 @@ def _row_weight(y0, y1, l0, l1, y):
 
 
 @triton.jit
-def _store_low_row(DP, acc, b, y, h_in, w_in, offs_n, E: tl.constexpr, XP: tl.constexpr):
-    """Row y of dP (B×h_in×w_in×E tokens) from its XP × BLOCK_N accumulator."""
-    cols = tl.arange(0, XP)
-    out = DP + ((b * h_in + y) * w_in + cols[:, None]) * E + offs_n[None, :]
-    tl.store(out, _round(acc, DP.dtype.element_ty), mask=(cols < w_in)[:, None] & (offs_n < E)[None, :])
+def _store_slot(DP2, DP3, DP4, acc, m, b, t, k, r: tl.constexpr, h4, w2, w3, w4, offs_n, E: tl.constexpr):
+    """Slot r's accumulator (16 stacked rows × channels) into its rows of dP2, dP3 (r < 2), dP4 (r = 0)."""
+    y2 = ((b * 4 * h4 + 4 * t + r) * w2 + 8 * k + m) * E
+    y3 = ((b * 2 * h4 + 2 * t + r) * w3 + 4 * k + m - 8) * E
+    y4 = ((b * h4 + t) * w4 + 2 * k + m - 12) * E
+    n = offs_n[None, :]
+    valid = (m < 8) & (8 * k + m < w2)
+    if r < 2:
+        valid = valid | ((m >= 8) & (m < 12) & (4 * k + m - 8 < w3))
+    if r == 0:
+        valid = valid | ((m >= 12) & (m < 14) & (2 * k + m - 12 < w4))
+    ptr = tl.where(m < 8, DP2 + y2 + n, tl.where(m < 12, DP3 + y3 + n, DP4 + y4 + n))
+    tl.store(ptr, _round(acc, DP2.dtype.element_ty), mask=valid & (n < E))
 
 
 @triton.jit
 def _pyramid_adjoint_kernel(
     DH, DP2, DP3, DP4, H, W, h4, w2, w3, w4, sy2, sx2, sy3, sx3, sy4, sx4,
-    E: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr, X4: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dP2, dP3, dP4 of band t (program 0 = b·h4 + t): rows 4t .. 4t + 3 of dP2, 2t and 2t + 1 of dP3 and
-    t of dP4, channels of block program 1, from rows 8t − 4 .. 8t + 11 of dh (B·H·W × E); X2 .. X4:
-    w2 .. w4 padded to the tensor-core tile, BLOCK_W: W padded. dh is 16-bit (`_is_pyramid`)."""
+    """The block (band t, column block k) of dP2, dP3, dP4 (program 0 = b·h4 + t, program 1 = k,
+    program 2: the channel block) from the 16 × 32 window of dh (B·H·W × E) above. dh is 16-bit
+    (`_halvings`)."""
     tl.static_assert(DH.dtype.element_ty.primitive_bitwidth == 16, "the pyramid adjoint takes a 16-bit dh")
     BN: tl.constexpr = min(BLOCK_N, BLOCK_E)  # the configured channel block, clamped to E
     band = tl.program_id(0)
     t = band % h4
     b = (band // h4).to(tl.int64)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    xs = tl.arange(0, BLOCK_W)
-    mask = (xs < W)[:, None] & (offs_n < E)[None, :]
-    dt = DH.dtype.element_ty
-    u2 = _interpolation_matrix(sx2, w2, W, X2, BLOCK_W, dt)
-    u3 = _interpolation_matrix(sx3, w3, W, X3, BLOCK_W, dt)
-    u4 = _interpolation_matrix(sx4, w4, W, X4, BLOCK_W, dt)
-    acc2a = tl.zeros([X2, BN], tl.float32)  # rows 4t, 4t + 1, 4t + 2, 4t + 3 of dP2
-    acc2b = tl.zeros([X2, BN], tl.float32)
-    acc2c = tl.zeros([X2, BN], tl.float32)
-    acc2d = tl.zeros([X2, BN], tl.float32)
-    acc3a = tl.zeros([X3, BN], tl.float32)  # rows 2t, 2t + 1 of dP3
-    acc3b = tl.zeros([X3, BN], tl.float32)
-    acc4 = tl.zeros([X4, BN], tl.float32)  # row t of dP4
-    h3 = 2 * h4
-    h2 = 4 * h4
+    k = tl.program_id(1)
+    offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
+    xw = 16 * k - 8 + tl.arange(0, 32)  # the window's columns of dh
+    in_x = (xw >= 0) & (xw < W)
+    m = tl.arange(0, 16)[:, None]
+    u = (_window_taps(m, sx2, xw, w2, 8 * k, 8, 0) + _window_taps(m, sx3, xw, w3, 4 * k, 4, 8)
+         + _window_taps(m, sx4, xw, w4, 2 * k, 2, 12))
+    u = tl.where(in_x[None, :], u, 0.0).to(DH.dtype.element_ty)
+    mask = in_x[:, None] & (offs_n < E)[None, :]
+    column = DH + (b * H * W + xw[:, None]) * E + offs_n[None, :]
+    acc0 = tl.zeros([16, BN], tl.float32)
+    acc1 = tl.zeros([16, BN], tl.float32)
+    acc2 = tl.zeros([16, BN], tl.float32)
+    acc3 = tl.zeros([16, BN], tl.float32)
     for j in tl.range(0, 16, loop_unroll_factor=1):  # the band's rows of dh (kept rolled)
         oy = 8 * t - 4 + j
         in_y = (oy >= 0) & (oy < H)  # rows past the image: clamped loads, zero weights
         oyc = tl.minimum(tl.maximum(oy, 0), H - 1)
-        row = tl.load(DH + ((b * H + oyc) * W + xs[:, None]) * E + offs_n[None, :], mask=mask, other=0.0)
-        y0, y1, l0, l1 = _taps(sy2, oyc, h2)
-        l0 = tl.where(in_y, l0, 0.0)
-        l1 = tl.where(in_y, l1, 0.0)
-        t2 = dot(u2, row)
-        acc2a += _row_weight(y0, y1, l0, l1, 4 * t) * t2
-        acc2b += _row_weight(y0, y1, l0, l1, 4 * t + 1) * t2
-        acc2c += _row_weight(y0, y1, l0, l1, 4 * t + 2) * t2
-        acc2d += _row_weight(y0, y1, l0, l1, 4 * t + 3) * t2
-        y0, y1, l0, l1 = _taps(sy3, oyc, h3)
-        l0 = tl.where(in_y, l0, 0.0)
-        l1 = tl.where(in_y, l1, 0.0)
-        t3 = dot(u3, row)
-        acc3a += _row_weight(y0, y1, l0, l1, 2 * t) * t3
-        acc3b += _row_weight(y0, y1, l0, l1, 2 * t + 1) * t3
-        y0, y1, l0, l1 = _taps(sy4, oyc, h4)
-        acc4 += _row_weight(y0, y1, tl.where(in_y, l0, 0.0), tl.where(in_y, l1, 0.0), t) * dot(u4, row)
-    _store_low_row(DP2, acc2a, b, 4 * t, h2, w2, offs_n, E, X2)
-    _store_low_row(DP2, acc2b, b, 4 * t + 1, h2, w2, offs_n, E, X2)
-    _store_low_row(DP2, acc2c, b, 4 * t + 2, h2, w2, offs_n, E, X2)
-    _store_low_row(DP2, acc2d, b, 4 * t + 3, h2, w2, offs_n, E, X2)
-    _store_low_row(DP3, acc3a, b, 2 * t, h3, w3, offs_n, E, X3)
-    _store_low_row(DP3, acc3b, b, 2 * t + 1, h3, w3, offs_n, E, X3)
-    _store_low_row(DP4, acc4, b, t, h4, w4, offs_n, E, X4)
+        prod = dot(u, tl.load(column + oyc * W * E, mask=mask, other=0.0))
+        a0, a1, la0, la1 = _taps(sy2, oyc, 4 * h4)
+        b0, b1, lb0, lb1 = _taps(sy3, oyc, 2 * h4)
+        c0, c1, lc0, lc1 = _taps(sy4, oyc, h4)
+        la0 = tl.where(in_y, la0, 0.0)
+        la1 = tl.where(in_y, la1, 0.0)
+        lb0 = tl.where(in_y, lb0, 0.0)
+        lb1 = tl.where(in_y, lb1, 0.0)
+        w4y = _row_weight(c0, c1, tl.where(in_y, lc0, 0.0), tl.where(in_y, lc1, 0.0), t)
+        acc0 += _slot_weights(m, _row_weight(a0, a1, la0, la1, 4 * t), _row_weight(b0, b1, lb0, lb1, 2 * t),
+                              w4y) * prod
+        acc1 += _slot_weights(m, _row_weight(a0, a1, la0, la1, 4 * t + 1),
+                              _row_weight(b0, b1, lb0, lb1, 2 * t + 1), 0.0) * prod
+        acc2 += tl.where(m < 8, _row_weight(a0, a1, la0, la1, 4 * t + 2), 0.0) * prod
+        acc3 += tl.where(m < 8, _row_weight(a0, a1, la0, la1, 4 * t + 3), 0.0) * prod
+    _store_slot(DP2, DP3, DP4, acc0, m, b, t, k, 0, h4, w2, w3, w4, offs_n, E)
+    _store_slot(DP2, DP3, DP4, acc1, m, b, t, k, 1, h4, w2, w3, w4, offs_n, E)
+    _store_slot(DP2, DP3, DP4, acc2, m, b, t, k, 2, h4, w2, w3, w4, offs_n, E)
+    _store_slot(DP2, DP3, DP4, acc3, m, b, t, k, 3, h4, w2, w3, w4, offs_n, E)
 
 
 _pyramid_adjoint_kernel = _pinned("pyramid", _pyramid_adjoint_kernel)
@@ -594,7 +607,9 @@ def _geometry(size: tuple[int, int], lows: list[tuple[int, int]]) -> list:
 
 def _halvings(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype) -> bool:
     """Stages 2-4 exactly 1/2, 1/4 and 1/8 of `size` along both axes, in a 16-bit dtype: the bilinear
-    weights are then multiples of 1/16, exact in it, and the taps can be tensor-core products."""
+    weights are then multiples of 1/16, exact in it, and the taps can be tensor-core products (the
+    backward's `_pyramid_adjoint_kernel`; the forward's `_upsampled_row`, see `_row_tiles`). (fp32 would
+    take tf32x3 products; the pyramid adjoint's fp32 build spilled.)"""
     return dtype.itemsize == 2 and all(size[0] == f * h and size[1] == f * w for (h, w), f in zip(lows, (2, 4, 8)))
 
 
@@ -602,18 +617,6 @@ def _row_tiles(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.
     """Whether the forward takes its taps as `_upsampled_row`'s products: `_halvings` (P_i in `dtype`)
     and tiles of `block_p` pixels that never straddle an output row."""
     return _halvings(size, lows, dtype) and size[1] % block_p == 0
-
-
-def _is_pyramid(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.dtype) -> bool:
-    """Whether the upsample adjoint is `_pyramid_adjoint_kernel` (one launch): `_halvings` (dh in
-    `dtype`: its fp32 build, tf32x3 products, spills) and a width of at most `_PYRAMID_MAX_W`.
-    Otherwise `_upsample_adjoint_kernel` once a stage."""
-    return _halvings(size, lows, dtype) and size[1] <= _PYRAMID_MAX_W
-
-
-def _mma_rows(n: int) -> int:
-    """n padded to a tensor-core tile side (a power of two, at least 16)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
@@ -700,15 +703,14 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
 def _upsample_adjoints(dh: torch.Tensor, batch: int, size: tuple[int, int], lows: list[tuple[int, int]],
                        block_e: int) -> list[torch.Tensor]:
     """dP_i = up_iᵀ(dh) for stages 2-4 (B×h_i×w_i×E each, dh's dtype) from dh (B·H·W × E): one launch
-    of `_pyramid_adjoint_kernel` where `_is_pyramid`, else `_upsample_adjoint_kernel` once a stage."""
+    of `_pyramid_adjoint_kernel` where `_halvings`, else `_upsample_adjoint_kernel` once a stage."""
     e = dh.shape[1]
     dps = [_new((batch, h, w, e), dh.device, dh.dtype) for h, w in lows]
-    if _is_pyramid(size, lows, dh.dtype):
+    if _halvings(size, lows, dh.dtype):
         h4 = lows[2][0]
-        _pyramid_adjoint_kernel[lambda meta: (batch * h4, triton.cdiv(e, min(meta["BLOCK_N"], block_e)))](
-            dh, *dps, *size, h4, *(w for _, w in lows), *_geometry(size, lows)[6:], E=e,
-            X2=_mma_rows(lows[0][1]), X3=_mma_rows(lows[1][1]), X4=_mma_rows(lows[2][1]),
-            BLOCK_W=_mma_rows(size[1]), BLOCK_E=block_e)
+        _pyramid_adjoint_kernel[lambda meta: (batch * h4, triton.cdiv(size[1], 16),
+                                              triton.cdiv(e, min(meta["BLOCK_N"], block_e)))](
+            dh, *dps, *size, h4, *(w for _, w in lows), *_geometry(size, lows)[6:], E=e, BLOCK_E=block_e)
         return dps
     for (h, w), dp in zip(lows, dps):
         _upsample_adjoint_kernel[lambda meta, h=h, w=w: (batch * h, triton.cdiv(w, meta["BLOCK_X"]))](
@@ -930,9 +932,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 e = _MAX_FP32_E if mode == "fp32" else 128
                 if kname == "adjoint":
                     const = {"E": e, "SY": 8, "SX": 8, "BLOCK_E": e, "BLOCK_X": block}
-                elif kname == "pyramid":  # 128 × 128 at H/4 of the paper's 512²
-                    const = {"E": e, "X2": 64, "X3": 32, "X4": 16, "BLOCK_W": 128,
-                             "BLOCK_E": e, "BLOCK_N": block}
+                elif kname == "pyramid":
+                    const = {"E": e, "BLOCK_E": e, "BLOCK_N": block}
                 elif kname == "dw2":
                     const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:

@@ -280,11 +280,12 @@ def test_channels_last_and_nchw_maps(device):
         assert_close(a, b, 1e-6, "grad")
 
 
-# (B, H, W, E, dtype): the pyramid adjoint at widths under a tile (w4 = 3 of W = 24), one band (H = 8:
-# every row of dh near both edges), E off the channel block (48, 16 under the interpreter's 16), the
-# model's E, and the interpreter's channel blocks several to a program row
+# (B, H, W, E, dtype): the pyramid adjoint at widths off its 16-column blocks (W = 24: the last block's
+# stage-2 columns half past w2 = 12, w4 = 3), one band (H = 8: every row of dh near both edges), a
+# single narrow block (W = 8), E off the channel block (48; the interpreter's block is 16), the
+# model's E, several bands and column blocks
 PYRAMIDS = [(2, 16, 16, 32, torch.bfloat16), (1, 8, 24, 48, torch.bfloat16), (1, 32, 8, 16, torch.float16),
-            (2, 8, 16, 128, torch.bfloat16)]
+            (2, 8, 16, 128, torch.bfloat16), (1, 24, 48, 32, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -296,7 +297,7 @@ def test_pyramid_adjoint_matches_float64(batch, height, width, e, dtype, device,
     tolerance is the dtype's)."""
     kernel_device(device)
     lows = [(height // f, width // f) for f in (2, 4, 8)]
-    assert dec_mod._is_pyramid((height, width), lows, dtype)
+    assert dec_mod._halvings((height, width), lows, dtype)
     dh = torch.randn(batch * height * width, e, generator=torch.Generator().manual_seed(e)).to(dtype)
     ours = dec_mod._upsample_adjoints(dh.to(device), batch, (height, width), lows, dec_mod._blocks(1, e)[1])
     for (h, w), dp in zip(lows, ours):
@@ -307,17 +308,18 @@ def test_pyramid_adjoint_matches_float64(batch, height, width, e, dtype, device,
         assert_close(dp, low.grad.permute(0, 2, 3, 1), TOL[dtype], f"dP at {h}x{w}")
 
 
-def test_the_pyramid_adjoint_serves_exact_halvings_of_16_bit_maps_up_to_128_wide():
-    """Where the one-launch adjoint runs and where the per-stage one does."""
-    pyramid = dec_mod._is_pyramid
+def test_the_tensor_core_taps_serve_exact_halvings_of_16_bit_maps():
+    """Where the pyramid adjoint and the forward's row-tile taps run, and where the gathers do."""
     halvings = lambda h, w: [(h // f, w // f) for f in (2, 4, 8)]  # noqa: E731
-    assert pyramid((128, 128), halvings(128, 128), torch.bfloat16)  # the model at 512²
-    assert pyramid((8, 24), halvings(8, 24), torch.float16)
-    assert not pyramid((128, 128), halvings(128, 128), torch.float32)  # fp32 (its build spills)
-    assert not pyramid((64, 256), halvings(64, 256), torch.bfloat16)  # wider than 128
-    assert not pyramid((12, 9), [(4, 3), (4, 3), (1, 1)], torch.bfloat16)  # factors 3, 3, 9
-    assert not pyramid((16, 16), [(8, 8), (4, 4), (4, 4)], torch.bfloat16)  # stage 4 not an eighth
-    assert not pyramid((20, 16), [(10, 8), (5, 4), (2, 2)], torch.bfloat16)  # 20 is no multiple of 8
+    assert dec_mod._halvings((128, 128), halvings(128, 128), torch.bfloat16)  # the model at 512²
+    assert dec_mod._halvings((8, 24), halvings(8, 24), torch.float16)
+    assert dec_mod._halvings((64, 256), halvings(64, 256), torch.bfloat16)
+    assert not dec_mod._halvings((128, 128), halvings(128, 128), torch.float32)  # fp32: exact only as tf32x3
+    assert not dec_mod._halvings((12, 9), [(4, 3), (4, 3), (1, 1)], torch.bfloat16)  # factors 3, 3, 9
+    assert not dec_mod._halvings((16, 16), [(8, 8), (4, 4), (4, 4)], torch.bfloat16)  # stage 4 not an eighth
+    assert not dec_mod._halvings((20, 16), [(10, 8), (5, 4), (2, 2)], torch.bfloat16)  # 20 is no multiple of 8
+    assert dec_mod._row_tiles((128, 128), halvings(128, 128), torch.bfloat16, 16)
+    assert not dec_mod._row_tiles((8, 24), halvings(8, 24), torch.bfloat16, 16)  # a tile would straddle rows
 
 
 def test_unserved_cases_run_the_eager_composition(monkeypatch):
