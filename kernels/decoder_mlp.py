@@ -29,7 +29,7 @@ Kernels (no atomics: parameter gradients through per-program fp32 partials and a
 - `_decoder_fwd_kernel`: a run of BLOCK_P-pixel tiles a program (about 2 programs an SM), M1 and w2
   loaded once a program as MMA operands: per tile the pre-activation h (stage 1's product plus the
   12 bilinear taps of P2..P4 plus c; in the model's case, tiles within one output row and stages
-  that halve, each stage's taps as two tensor-core products, `_upsampled_row`), GELU, dropout, the
+  that halve, each stage's taps as one tensor-core product, `_upsampled_row`), GELU, dropout, the
   second Linear; x written once, and h and
   D = dropout(GELU(h)) (in the compute dtype, the values the kernel rounds them to anyway) when a
   backward will need them.
@@ -178,25 +178,25 @@ def _upsampled(P, b, oy, ox, h_in, w_in, scale_y, scale_x, offs_e, mask_pe, E: t
 def _upsampled_row(P, b, oy, ox0, h_in, w_in, scale_y, scale_x, offs_e, mask_e, E: tl.constexpr,
                    BLOCK_P: tl.constexpr):
     """The bilinear upsample of P (B×h_in×w_in×E tokens) at the BLOCK_P pixels ox0 .. ox0 + BLOCK_P − 1 of
-    output row oy of image b (scalars), by tensor-core products where `_upsampled` gathers four taps a
-    pixel: the pixels' x taps lie in the BLOCK_P columns of P from X0, the first pixel's left tap (at
-    s = H/h_i ≥ 2 they span at most BLOCK_P/s + 2), so with U[p, j] = pixel p's weight of column X0 + j
-        up = ly0 · (U · P[y0, X0 .. X0 + BLOCK_P)) + ly1 · (U · P[y1, ...])
-    (y0, y1, ly0, ly1: the row's taps, one pair for the tile). U's weights are multiples of 1/16 at
-    the scales ½, ¼, ⅛ (the only ones this runs at), exact in P's 16-bit dtype, and the products
-    accumulate in fp32: the gather's sum in another order."""
+    output row oy of image b (scalars), as one tensor-core product where `_upsampled` gathers four taps
+    a pixel. The pixels' x taps lie in the BLOCK_P columns of P from X0, the first pixel's left tap (at
+    s = H/h_i ≥ 2 they span at most BLOCK_P/s + 2), and the row's y taps (y0, y1; weights ly0, ly1)
+    are one pair for the tile, so with K = those columns in row y0, then in row y1,
+        up = U · [P[y0, X0 .. X0 + BLOCK_P); P[y1, X0 .. X0 + BLOCK_P)],   U[p, (r, j)] = ly_r · lx_p(X0 + j)
+    (BLOCK_P × 2·BLOCK_P times 2·BLOCK_P × E). At the scales ½, ¼, ⅛ (the only ones this runs at) ly and
+    lx are multiples of 1/16 and their products multiples of 1/256 below 2: exact in P's 16-bit
+    dtype; the products accumulate in fp32, the gather's sum in another order."""
     y0, y1, ly0, ly1 = _taps(scale_y, oy, h_in)
     x0, x1, lx0, lx1 = _taps(scale_x, ox0 + tl.arange(0, BLOCK_P), w_in)
     first, _x1, _l0, _l1 = _taps(scale_x, ox0, w_in)
-    j = tl.arange(0, BLOCK_P)[None, :]
-    u = tl.where(x0[:, None] - first == j, lx0[:, None], 0.0) + tl.where(x1[:, None] - first == j, lx1[:, None], 0.0)
-    u = u.to(P.dtype.element_ty)
-    cols = first + tl.arange(0, BLOCK_P)
-    mask = (cols < w_in)[:, None] & mask_e[None, :]
-    window = P + (b * h_in * w_in + cols[:, None]) * E + offs_e[None, :]  # int32: P_i < 2³¹ elements
-    top = dot(u, tl.load(window + y0 * w_in * E, mask=mask, other=0.0))
-    bottom = dot(u, tl.load(window + y1 * w_in * E, mask=mask, other=0.0))
-    return ly0 * top + ly1 * bottom
+    k = tl.arange(0, 2 * BLOCK_P)
+    col = (k % BLOCK_P)[None, :]
+    u = tl.where(x0[:, None] - first == col, lx0[:, None], 0.0) + tl.where(x1[:, None] - first == col, lx1[:, None], 0.0)
+    u = (u * tl.where(k < BLOCK_P, ly0, ly1)[None, :]).to(P.dtype.element_ty)
+    cols = first + k % BLOCK_P
+    src = (b * h_in + tl.where(k < BLOCK_P, y0, y1)) * w_in + cols  # int32: P_i < 2³¹ elements
+    taps = tl.load(P + src[:, None] * E + offs_e[None, :], mask=(cols < w_in)[:, None] & mask_e[None, :], other=0.0)
+    return dot(u, taps)
 
 
 @triton.jit
