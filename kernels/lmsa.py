@@ -796,18 +796,21 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new((b, c, h, w), x.device, x.dtype)
 
 
-def _bordered(b: int, h: int, w: int, c: int, device, dtype=torch.float32, tail: int = 0) -> torch.Tensor:
-    """B·(H+6)·(W+6) + tail pixels × C: B images of (H+6) × (W+6) pixels with their 3-pixel border
-    zeroed (a kernel fills the interior), the zero padding of the depthwise sweeps that read it (x
-    from the statistics kernel, E_k from the gram kernel), so their shifted loads need no masks;
-    then `tail` zeroed pixels, where a strip sweep's reads past the last row's end land (part of
-    the tensor the kernels get, so every access stays inside their arguments)."""
-    t = _new((b * (h + 6) * (w + 6) + tail, c), device, dtype)
-    t[t.shape[0] - tail:].zero_()
-    img = t[:b * (h + 6) * (w + 6)].view(b, h + 6, w + 6, c)
-    for border in (img[:, :3], img[:, -3:], img[:, 3:-3, :3], img[:, 3:-3, -3:]):
+def _bordered(b: int, h: int, w: int, c: int, device, dtype=torch.float32, tail: int = 0,
+              count: int = 1) -> list[torch.Tensor]:
+    """`count` buffers of B·(H+6)·(W+6) + tail pixels × C: B images of (H+6) × (W+6) pixels with their
+    3-pixel border zeroed (a kernel fills the interior), the zero padding of the depthwise sweeps that
+    read it (x from the statistics kernel, E_k from the gram kernel), so their shifted loads need no
+    masks; then `tail` zeroed pixels, where a strip sweep's reads past the last row's end land (part
+    of the tensor the kernels get, so every access stays inside their arguments). The buffers are
+    slices of one allocation, so their borders take 4 fills in all and their tails one."""
+    t = _new((count, b * (h + 6) * (w + 6) + tail, c), device, dtype)
+    if tail:
+        t[:, t.shape[1] - tail:].zero_()
+    img = t[:, :b * (h + 6) * (w + 6)].view(count, b, h + 6, w + 6, c)
+    for border in (img[:, :, :3], img[:, :, -3:], img[:, :, 3:-3, :3], img[:, :, 3:-3, -3:]):
         border.zero_()
-    return t
+    return list(t.unbind(0))
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -843,7 +846,7 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     """The tiny fp32 graph from the cell sums P (B×C×7×7) to W̃ (B×3×C×C, [b, k, out, in]) and
     β (B×C). Differentiable: the backward re-runs it under autograd."""
     rows = _cell_indicator(h, P.device)
-    cols = _cell_indicator(w, P.device)
+    cols = rows if w == h else _cell_indicator(w, P.device)  # (each is about 17 tiny launches on a GPU)
     win = torch.einsum("dr,bcrs,es->bcde", rows, P, cols)  # B×C×7×7 window sums per tap offset
     s = []
     for dw, pw, pb in zip(dws, pws, pbs):
@@ -864,7 +867,7 @@ def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
-    xp = _bordered(b, h, w, c, x.device)
+    xp, = _bordered(b, h, w, c, x.device)
     grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
     _lmsa_stats_kernel[grid](
         x, sp, xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
@@ -943,7 +946,6 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
 def _backward(x, dsave, xw, g, P, wg, params, precise):
     b, c, h, w = x.shape
     dws = params[0:3]
-    dw_flat = _dw_flat(dws)
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
     # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
     chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
@@ -955,7 +957,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
     packed = _word_dtype(x.dtype) == torch.bfloat16
     tail = max(_WGRAD_STRIP, _DX_STRIP)
-    ek = [_bordered(b, h, w, c, x.device, _word_dtype(x.dtype), tail) for _ in KERNEL_SIZES]
+    ek = _bordered(b, h, w, c, x.device, _word_dtype(x.dtype), tail, count=len(KERNEL_SIZES))
     if packed:
         _require_words(c, *ek, xw)
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731

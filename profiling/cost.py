@@ -70,10 +70,18 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    Triton launch).
 7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
    (`msf.bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
-   Σ fused ops in one training step (attention sublayers × the stage depths 1, 2, 2, 2) + the
-   floor of the eager ops left in a triton step, against the eager step's floor.
-Host-side torch ops inside the fused ops (LMSA's tiny gate graph, partial-sum reductions) are not
-in the kernel rows.
+   Σ fused ops in one training step (the blocks × the stage depths 1, 2, 2, 2) + their host-side
+   torch ops (8.) + the floor of the eager ops left in a triton step, against the eager step's floor.
+8. Host-side torch ops inside the fused ops (since 2026-12-05; `host_launches`): the aten ops an
+   op's forward and backward functions run between their kernels (LMSA's gate graph and its
+   autograd re-run, border fills, chunk-partial sums in PyTorch, the attention block's weight
+   casts), counted during the capture with a dispatch mode (views, metadata and bare allocations
+   excluded). Their tensors are tiny, so each costs one launch, LAUNCH_S, and no bytes: a row of
+   the step, not of the per-op or per-kernel tables. 347 launches a step when first counted (1.13 ms
+   on the H100, more than any one kernel of the step), 299 after LMSA's E_k borders were filled
+   together, its cell indicator built once per gate graph and an unused weight copy dropped. Host code outside those functions
+   (the autograd Functions' own casts, the decoder's fold and low-resolution projections) is in
+   neither count.
 
 Calibration (`--calibrate`, msf.profiling.calibrate): the same capture and prediction on
 Liger-Kernel 0.5.2's kernels, against their times measured on the project's H200 and published
@@ -106,6 +114,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import datetime as _dt
 import inspect
 import json
@@ -512,8 +521,33 @@ def _block_params(c: int, ratio: int, new) -> list:
     return [new(c), new(c), *conv, new(2 * c, c), new(2 * c), new(c, c), new(c), new(c, c), new(c)]
 
 
-def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE) -> list[Launch]:
-    """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`."""
+# aten ops that launch no GPU kernel: views, metadata, allocation without a fill
+_NO_LAUNCH = frozenset({
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape",
+    "_reshape_alias", "view_as", "permute", "as_strided", "t", "transpose", "expand", "slice", "select", "unsqueeze",
+    "squeeze", "alias", "detach", "split", "split_with_sizes", "unbind", "chunk", "lift_fresh", "diagonal", "unfold",
+    "narrow", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "resolve_conj",
+    "resolve_neg", "promote_types", "result_type", "size", "stride", "dim", "numel", "is_contiguous"})
+
+
+@contextlib.contextmanager
+def _counting_host_ops(counts: dict, pass_ref: list):
+    """Within: every aten op that would launch a GPU kernel adds one to counts[pass_ref[0]]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_LAUNCH:
+                counts[pass_ref[0]] = counts.get(pass_ref[0], 0) + 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        yield
+
+
+def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE,
+            host_ops: dict | None = None) -> list[Launch]:
+    """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`; with
+    `host_ops` (a dict), also how many aten ops the op's host code runs between its kernels, per pass."""
     import torch
     from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
         ffn_sublayer as ffn, head_loss as hl, lmsa, map_norm as mn, upsample_argmax as ua
@@ -521,7 +555,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     pass_ref = ["fwd"]
     e = torch.empty
     bf16, f32 = torch.bfloat16, torch.float32
-    with recording(device, launches, op, pass_ref), torch.no_grad():
+    counting = _counting_host_ops(host_ops, pass_ref) if host_ops is not None else contextlib.nullcontext()
+    with recording(device, launches, op, pass_ref), torch.no_grad(), counting:
         if op == "head_loss":
             logits = _cl(batch, NUM_CLASSES, size // 4, size // 4, bf16)
             targets = e((batch, size, size), dtype=torch.uint8)
@@ -1341,20 +1376,39 @@ def op_summary(costs: list[KernelCost], device: Device) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def host_launches(op: str, stage: int | None) -> dict:
+    """{"fwd": n, "bwd": n}: the aten ops `op`'s forward and backward functions run on the host between
+    their kernels at the model's shapes (LMSA's gate graph and its autograd, border fills, partial
+    sums in PyTorch, weight casts), each a kernel launch on a GPU. The device does not change them."""
+    counts: dict = {}
+    capture(op, DEVICES["h100"], stage, host_ops=counts)
+    return counts
+
+
+def step_host_launches() -> int:
+    """The host-side aten launches inside the fused ops of one training step."""
+    return sum(calls_per_step(op, stage) * sum(host_launches(op, stage).values()) for op, stage in op_instances())
+
+
 def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
-    """Whole training step: fused ops predicted (+ the eager rest's floor) vs the eager floors."""
+    """Whole training step: fused ops predicted (+ their host-side launches + the eager rest's floor)
+    vs the eager floors."""
     mine = [c for c in costs if c.device == device.key]
 
     def total(label):
         return sum(c.predicted for c in mine if c.op == label)
     fused = sum(calls_per_step(op, stage) * total(op_label(op, stage)) for op, stage in op_instances())
+    n_host = step_host_launches()
+    host = n_host * LAUNCH_S  # tiny tensors: a launch each, bytes negligible
     rest = eager_step_floor("triton_rest", device)
     paper = eager_step_floor("paper", device)
     h4 = eager_step_floor("h4", device)
-    triton_step = fused + rest if rest is not None else None
+    triton_step = fused + host + rest if rest is not None else None
     return [{"row": "fused ops predicted (one step)", "device": device.key, "seconds": fused},
+            {"row": f"their host-side torch ops ({n_host} launches)", "device": device.key, "seconds": host},
             {"row": "eager rest floor (triton step)", "device": device.key, "seconds": rest},
-            {"row": "triton step (fused predicted + rest floor)", "device": device.key, "seconds": triton_step},
+            {"row": "triton step (fused + host ops + rest floor)", "device": device.key, "seconds": triton_step},
             {"row": "eager step floor, paper order", "device": device.key, "seconds": paper},
             {"row": "eager step floor, classifier at H/4", "device": device.key, "seconds": h4},
             {"row": "ratio triton step / eager paper floor", "device": device.key,
@@ -1426,8 +1480,11 @@ STEP_NOTE = (
     "Ratios are fused ÷ eager (below 1: the fused op is predicted faster than eager's byte floor). "
     "The step rows count one training step: head + loss, LMSA and every attention sublayer (stage "
     "depths 1, 2, 2, 2) fused and predicted, plus the floor of the eager ops a triton-backend step "
-    "keeps; upsample_argmax is inference-only and not in the step. Host-side torch ops inside the "
-    "fused ops (LMSA's gate graph, partial-sum reductions) are in neither the kernel rows nor the rest.")
+    "keeps, plus one launch (LAUNCH_S) for each aten op the fused ops' forward and backward functions "
+    "run on the host between their kernels (LMSA's gate graph and its autograd, border fills, partial "
+    "sums in PyTorch, weight casts; `host_launches`); upsample_argmax is inference-only and not in the "
+    "step. Host code outside those functions (the autograd Functions' casts, the decoder's fold and "
+    "projections) is counted nowhere.")
 
 
 def band_text() -> str:

@@ -8,6 +8,7 @@ counted line (`msf.profiling.cost.loop_lines`) executes. The kernels themselves 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -330,3 +331,33 @@ def test_the_narrow_pipes_floor_fp32_on_the_a100_and_mufu_everywhere(monkeypatch
     assert pipe("FFMA", cost.H100)[0] == pytest.approx(100)                         # 128 lanes: the issue rate
     assert pipe("FFMA", cost.A100)[0] == pytest.approx(200)                         # 64 lanes: 2 cycles each
     assert pipe("MUFU.EX2", cost.H100)[0] == pytest.approx(800)                     # 16 lanes: 2 cycles a warp, an SM
+
+
+def test_host_side_torch_ops_are_launches_of_the_step(monkeypatch):
+    """The aten ops a fused op's host code runs between its kernels count a launch each (views and
+    bare allocations none), and the step's triton figure includes them."""
+    counts = {}
+    with cost._counting_host_ops(counts, ["fwd"]):
+        t = torch.zeros(4, 6)  # a fill: one launch
+        t.view(6, 4).t()[1:].unsqueeze(0)  # views: none
+        torch.empty(8)  # an allocation alone: none
+        (t + 1).sum()  # two
+    assert counts == {"fwd": 3}
+    # the counts at the model's shapes: a capture records the launches only outside the interpreter
+    code = ("import json; from msf.profiling import cost; print(json.dumps([cost.host_launches('lmsa', None), "
+            "cost.host_launches('head_loss', None), cost.step_host_launches()]))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    lmsa, head, n = json.loads(out.stdout.strip().splitlines()[-1])
+    assert lmsa["fwd"] > 0 and lmsa["bwd"] > 0 and not head  # LMSA's gate graph; head + loss has none
+    assert n > lmsa["fwd"] + lmsa["bwd"]  # the attention blocks' weight casts too
+    monkeypatch.setattr(cost, "step_host_launches", lambda: n)
+    monkeypatch.setattr(cost, "eager_step_floor", lambda variant, device: 1e-3)  # (the real one takes minutes)
+    rows = {r["row"].split(" (")[0]: r for r in cost.step_summary([], cost.DEVICES["h100"])}
+    host = rows["their host-side torch ops"]
+    assert host["row"] == f"their host-side torch ops ({n} launches)"
+    assert host["seconds"] == pytest.approx(n * cost.LAUNCH_S)
+    assert rows["triton step"]["seconds"] == pytest.approx(rows["fused ops predicted"]["seconds"]
+                                                           + host["seconds"] + 1e-3)
