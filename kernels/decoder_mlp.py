@@ -505,17 +505,17 @@ def _row_weight(y0, y1, l0, l1, y):
 @triton.jit
 def _store_slot(DP2, DP3, DP4, acc, m, b, t, k, r: tl.constexpr, h4, w2, w3, w4, offs_n, E: tl.constexpr):
     """Slot r's accumulator (16 stacked rows × channels) into its rows of dP2, dP3 (r < 2), dP4 (r = 0)."""
-    y2 = ((b * 4 * h4 + 4 * t + r) * w2 + 8 * k + m) * E
-    y3 = ((b * 2 * h4 + 2 * t + r) * w3 + 4 * k + m - 8) * E
-    y4 = ((b * h4 + t) * w4 + 2 * k + m - 12) * E
     n = offs_n[None, :]
-    valid = (m < 8) & (8 * k + m < w2)
+    val = _round(acc, DP2.dtype.element_ty)
+    # one store a stage, so that every store's lanes stay inside one tensor
+    tl.store(DP2 + ((b * 4 * h4 + 4 * t + r) * w2 + 8 * k + m) * E + n, val,
+             mask=(m < 8) & (8 * k + m < w2) & (n < E))
     if r < 2:
-        valid = valid | ((m >= 8) & (m < 12) & (4 * k + m - 8 < w3))
+        tl.store(DP3 + ((b * 2 * h4 + 2 * t + r) * w3 + 4 * k + m - 8) * E + n, val,
+                 mask=(m >= 8) & (m < 12) & (4 * k + m - 8 < w3) & (n < E))
     if r == 0:
-        valid = valid | ((m >= 12) & (m < 14) & (2 * k + m - 12 < w4))
-    ptr = tl.where(m < 8, DP2 + y2 + n, tl.where(m < 12, DP3 + y3 + n, DP4 + y4 + n))
-    tl.store(ptr, _round(acc, DP2.dtype.element_ty), mask=valid & (n < E))
+        tl.store(DP4 + ((b * h4 + t) * w4 + 2 * k + m - 12) * E + n, val,
+                 mask=(m >= 12) & (m < 14) & (2 * k + m - 12 < w4) & (n < E))
 
 
 @triton.jit

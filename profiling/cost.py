@@ -78,8 +78,9 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    casts), counted during the capture with a dispatch mode (views, metadata and bare allocations
    excluded). Their tensors are tiny, so each costs one launch, LAUNCH_S, and no bytes: a row of
    the step, not of the per-op or per-kernel tables. 347 launches a step when first counted (1.13 ms
-   on the H100, more than any one kernel of the step), 299 after LMSA's E_k borders were filled
-   together, its cell indicator built once per gate graph and an unused weight copy dropped. Host code outside those functions
+   on the H100, more than any one kernel of the step), 241 after LMSA's E_k borders were filled
+   together, its cell indicator became a 5-op band, its gate graph took the three scales in one op
+   each and an unused weight copy was dropped (LMSA 233 → 127). Host code outside those functions
    (the autograd Functions' own casts, the decoder's fold and low-resolution projections) is in
    neither count.
 
