@@ -191,7 +191,8 @@ def _upsampled_row(P, b, oy, ox0, h_in, w_in, scale_y, scale_x, offs_e, mask_e, 
     first, _x1, _l0, _l1 = _taps(scale_x, ox0, w_in)
     k = tl.arange(0, 2 * BLOCK_P)
     col = (k % BLOCK_P)[None, :]
-    u = tl.where(x0[:, None] - first == col, lx0[:, None], 0.0) + tl.where(x1[:, None] - first == col, lx1[:, None], 0.0)
+    u = (tl.where(x0[:, None] - first == col, lx0[:, None], 0.0)
+         + tl.where(x1[:, None] - first == col, lx1[:, None], 0.0))
     u = (u * tl.where(k < BLOCK_P, ly0, ly1)[None, :]).to(P.dtype.element_ty)
     cols = first + k % BLOCK_P
     src = (b * h_in + tl.where(k < BLOCK_P, y0, y1)) * w_in + cols  # int32: P_i < 2³¹ elements

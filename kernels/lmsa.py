@@ -992,6 +992,9 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
         pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
+    # the gate graph stacks the three scales' pointwise weights and biases, so their gradients are
+    # views of one tensor each: copies, as an operator's outputs may not alias one another
+    pgrads = [t if t._base is None else t.clone() for t in pgrads]
 
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
