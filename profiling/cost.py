@@ -80,8 +80,8 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    the step, not of the per-op or per-kernel tables. 347 launches a step when first counted (1.13 ms
    on the H100, more than any one kernel of the step), 251 after LMSA's E_k borders were filled
    together, its cell indicator became a 5-op band, its gate graph took the three scales in one op
-   each and an unused weight copy was dropped (LMSA 233 → 137, 10 of them
-   copies of gradients that would otherwise alias one another at the operator's boundary). Host code outside those functions
+   each and an unused weight copy was dropped (LMSA 233 → 137, 10 of them copies of gradients that
+   would otherwise alias one another at the operator's boundary). Host code outside those functions
    (the autograd Functions' own casts, the decoder's fold and low-resolution projections) is in
    neither count.
 
