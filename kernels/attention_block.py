@@ -114,7 +114,8 @@ def _kv_fwd_kernel(
 ):
     """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
     (fp32 or the compute dtype); WSR: R²×C×C (window position, out, in) and WKV: 2C×C, both in the
-    compute dtype, as are BSR, BKV; the LayerNorm parameters in any float dtype."""
+    compute dtype (`compute_weights`); BSR, BKV in it or fp32 masters (rounded on load, as autocast's
+    cast rounds them); the LayerNorm parameters in any float dtype."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < P
@@ -136,7 +137,7 @@ def _kv_fwd_kernel(
             xn = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
             tl.store(XN + tok[:, None] * C + offs_c[None, :], xn, mask=mask)
             acc += _mm(xn, _square(WSR + p * C * C, offs_c, offs_c, mask_c, mask_c, C).trans(), CDT == 0)
-        red = _to_compute(acc + _vec(BSR, offs_c, mask_c)[None, :], CDT)  # the convolution's output
+        red = _to_compute(acc + _rounded(_vec(BSR, offs_c, mask_c), CDT)[None, :], CDT)  # the convolution's output
         tl.store(RED + offs_m[:, None] * C + offs_c[None, :], red, mask=mask)
         rhat, _rstd_sr = _ln_hat(tl.where(mask, red.to(tl.float32), 0.0), mask, C, eps_sr)
         kin = _to_compute(rhat * _vec(SNW, offs_c, mask_c)[None, :] + _vec(SNB, offs_c, mask_c)[None, :], CDT)
@@ -144,7 +145,7 @@ def _kv_fwd_kernel(
     for half in tl.static_range(2):  # k = kin W_kv[:C]ᵀ + b_kv[:C], then v from the other half
         offs_o = half * C + offs_c
         y = _mm(kin, _square(WKV, offs_o, offs_c, mask_c, mask_c, C).trans(), CDT == 0)
-        y = _to_compute(y + _vec(BKV, offs_o, mask_c)[None, :], CDT)
+        y = _to_compute(y + _rounded(_vec(BKV, offs_o, mask_c), CDT)[None, :], CDT)
         tl.store(KV + offs_m[:, None] * (2 * C) + offs_o[None, :], y, mask=mask)
 
 
@@ -170,7 +171,8 @@ def _kv_bwd_kernel(
     R: tl.constexpr, CDT: tl.constexpr, ROUND_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dx (B·N×C, X's dtype) and, for R > 1, dred (P×C, compute dtype) for BLOCK_M patches; PART row
-    pid: 4·C fp32 (2·C for R = 1). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G: B·N×C. ROUND_SUMS:
+    pid: 4·C fp32 (2·C for R = 1). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G: B·N×C. WSR, WKV as
+    in `_kv_fwd_kernel`. ROUND_SUMS:
     the sums a 16-bit model's autograd forms in 16 bits (the two gradients of xn; LN1's dx plus g)."""
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,27 +232,29 @@ def _launch(kernel: str, c: int, cdt: torch.dtype) -> tuple[int, int, int]:
     return (block_c, *_CONFIGS[kernel]["fp32" if cdt == torch.float32 else "16"][block_c])
 
 
-def _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt):
-    """The kv path's weights in the compute dtype and the kernels' layouts: W_sr as R²×C×C (window
-    position, out, in), b_sr, W_kv (2C×C), b_kv. None stays None (R = 1 has no W_sr, b_sr; the
-    backward needs no biases)."""
-    def cast(t):
-        return None if t is None else t.to(cdt).contiguous()
-    wsr = None if sr_w is None else sr_w.to(cdt).permute(2, 3, 0, 1).contiguous()
-    return wsr, cast(sr_b), cast(kv_w), cast(kv_b)
+def compute_weights(sr_w, kv_w, wq, wo, cdt: torch.dtype) -> tuple:
+    """The block's weight matrices as its kernels read them, in the compute dtype: W_sr as R²×C×C
+    (window position, out, in; None for R = 1), W_kv, wq, wo. Under autocast that is one launch
+    each (W_sr's cast and transposition are one copy), as autocast's own casts; the forward makes
+    them and saves them for the backward, which makes none. The biases are rounded on load."""
+    wsr = None
+    if sr_w is not None:
+        c, r = sr_w.shape[0], sr_w.shape[2]
+        wsr = torch.empty((r, r, c, c), device=sr_w.device, dtype=cdt).copy_(sr_w.permute(2, 3, 0, 1))
+    return (wsr, *_sub.compute_weights(cdt, kv_w, wq, wo))
 
 
 def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
              eps: float, eps_sr: float, cdt: torch.dtype):
-    """x: B×N×C contiguous; parameters as given (cast here). Returns out (x's dtype) and what the
-    backward needs: xn (B×N×C), red, kin (B·M×C; None for R = 1), kv (B×M×2C), all in `cdt`, and the
-    sublayer's O, lse."""
+    """x: B×N×C contiguous; parameters contiguous, as given (fp32 masters or `cdt`). Returns out (x's
+    dtype) and what the backward needs: xn (B×N×C), red, kin (B·M×C; None for R = 1), kv (B×M×2C),
+    all in `cdt`, the sublayer's O, lse, and `compute_weights`' four matrices."""
+    weights = wsr, wkv, wq_c, wo_c = compute_weights(sr_w, kv_w, wq, wo, cdt)
     b, n, c = x.shape
     h, w = hw
     mw = w // ratio
     m = (h // ratio) * mw
     dev = x.device
-    wsr, bsr, wkv, bkv = _kv_weights(sr_w, sr_b, kv_w, kv_b, cdt)
     xn = _new((b, n, c), dev, cdt)
     kv = _new((b, m, 2 * c), dev, cdt)
     red = kin = None
@@ -259,20 +263,21 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
     block_c, block_m, warps = _launch("fwd", c, cdt)
     unused = xn  # pointer arguments the R = 1 build never reads
     _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
-        x, ln_w, ln_b, unused if wsr is None else wsr, unused if bsr is None else bsr,
-        unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, bkv, xn,
+        x, ln_w, ln_b, unused if wsr is None else wsr, unused if sr_b is None else sr_b,
+        unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, kv_b, xn,
         unused if red is None else red, unused if kin is None else kin, kv,
         b * m, mw, w, c, float(eps), float(eps_sr),
         R=ratio, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
-    out, o, lse = _sub._forward(xn, x, kv[..., :c], kv[..., c:], *(t.to(cdt) for t in (wq, bq, wo, bo)))
-    return out, xn, red, kin, kv, o, lse
+    out, o, lse = _sub._forward(xn, x, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo)
+    return out, xn, red, kin, kv, o, lse, weights
 
 
-def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, g, hw: tuple[int, int],
+def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g, hw: tuple[int, int],
               ratio: int, eps: float, eps_sr: float, cdt: torch.dtype, w_dtypes: dict[str, torch.dtype],
               wg_chunk_rows: int | None = None):
     """Gradients of x and of every parameter, in the order of `AttentionBlockFunction.forward`'s inputs
-    (None for R = 1's absent W_sr, b_sr, LN_sr), each parameter's in `w_dtypes[name]`."""
+    (None for R = 1's absent W_sr, b_sr, LN_sr), each parameter's in `w_dtypes[name]`. wsr, wkv, wq,
+    wo: `compute_weights`' matrices; bq as given."""
     b, n, c = x.shape
     h, w = hw
     mw = w // ratio
@@ -281,9 +286,8 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     precise = cdt == torch.float32
     k, v = kv[..., :c], kv[..., c:]
     sums = []  # every parameter gradient's partial buffer, summed in one launch at the end
-    dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, *(t.to(cdt) for t in (wq, bq, wo)), o, lse, g,
-                                                      w_dtypes["wq"], None, None, sums)
-    wsr, _, wkv, _ = _kv_weights(sr_w, None, kv_w, None, cdt)
+    dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, wq, bq, wo, o, lse, g, w_dtypes["wq"], None, None,
+                                                      sums)
     dk, dv = dk.contiguous(), dv.contiguous()
     block_c, block_m, warps = _launch("bwd", c, cdt)
     programs = triton.cdiv(p, block_m)
@@ -300,16 +304,17 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
     ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
     sums.append((ln_part, ln_sum))
 
-    # kv Linear: [dW_k | db_k | dW_v | db_v] over row chunks of dK, dV against kin (xn when R = 1)
+    # kv Linear: [dW_k | dW_v | db_k | db_v] over row chunks of dK, dV against kin (xn when R = 1):
+    # W_kv's and b_kv's gradients are then two slices of the sum (W_kv stacks W_k over W_v)
     sms = _core._sm_count(dev)
     block_i = _sub._wg_block(precise, dev) if sms else 64
     kin_rows = xn.view(p, c) if kin is None else kin
-    size = c * c + c
+    cc = c * c
     chunk, nc = row_chunks(p, 2 * triton.cdiv(c, block_i) ** 2, 2 * c, sms, wg_chunk_rows)
-    kv_part = _new((nc, 2 * size), dev, torch.float32)
-    _sub._wgrad(dk.view(p, c), kin_rows, kv_part[:, :size], chunk, precise,
-                second=(dv.view(p, c), kin_rows, kv_part[:, size:]))
-    kv_sum = _new((2 * size,), dev, torch.float32)
+    kv_part = _new((nc, 2 * cc + 2 * c), dev, torch.float32)
+    _sub._wgrad(dk.view(p, c), kin_rows, kv_part, chunk, precise, second=(dv.view(p, c), kin_rows, kv_part[:, cc:]),
+                bias_at=(2 * cc, cc + c))
+    kv_sum = _new((2 * cc + 2 * c,), dev, torch.float32)
     sums.append((kv_part, kv_sum))
     grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
     if ratio > 1:  # the convolution: dW_sr[o, (i, j, c)] = Σ_patches dred[o] · xn[patch, (i, j, c)]
@@ -322,8 +327,7 @@ def _backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse, 
         grads.update(sr_w=sr_sum[:c * wide].view(c, ratio, ratio, c).permute(0, 3, 1, 2), sr_b=sr_sum[c * wide:],
                      srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:])
     sum_partials(*sums)
-    grads.update(kv_w=torch.cat((kv_sum[:c * c].view(c, c), kv_sum[size:size + c * c].view(c, c))),
-                 kv_b=torch.cat((kv_sum[c * c:size], kv_sum[size + c * c:])))
+    grads.update(kv_w=kv_sum[:2 * cc].view(2 * c, c), kv_b=kv_sum[2 * cc:])
     return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name]).contiguous()
                            for name in _PARAM_NAMES]
 
@@ -332,15 +336,16 @@ _PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b"
 
 
 class AttentionBlockFunction(torch.autograd.Function):
-    """The fused attention half; saves x and the parameters (inputs), xn, red, kin, kv in the compute
-    dtype and the sublayer's O, lse."""
+    """The fused attention half; saves x and the LayerNorm weights and bq (inputs), the weight matrices
+    in the compute dtype (`compute_weights`), xn, red, kin, kv in the compute dtype and the
+    sublayer's O, lse."""
 
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw, ratio, eps, eps_sr,
                 cdt, wg_chunk_rows=None):
         params = (ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo)
-        out, xn, red, kin, kv, o, lse = _forward(x, *params, hw, ratio, eps, eps_sr, cdt)
-        ctx.save_for_backward(x, ln_w, sr_w, srn_w, kv_w, wq, bq, wo, xn, red, kin, kv, o, lse)
+        out, xn, red, kin, kv, o, lse, (wsr, wkv, wq_c, wo_c) = _forward(x, *params, hw, ratio, eps, eps_sr, cdt)
+        ctx.save_for_backward(x, ln_w, wsr, srn_w, wkv, wq_c, bq, wo_c, xn, red, kin, kv, o, lse)
         ctx.w_dtypes = {name: None if t is None else t.dtype for name, t in zip(_PARAM_NAMES, params)}
         ctx.args = (hw, ratio, eps, eps_sr, cdt)
         ctx.wg_chunk_rows = wg_chunk_rows
@@ -436,7 +441,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                        ("LNW", "SNW", "PART"))}
     # (name, compute dtype, the dtype of CUDA autocast's fp32 tensors): uniform bf16 / fp32 and autocast's mix
     classes = (("bf16", "bf16", "bf16"), ("amp", "bf16", "fp32"), ("fp32", "fp32", "fp32"))
-    wide = {"X", "G", "DX"}
+    wide = {"X", "G", "DX", "BSR", "BKV"}  # fp32 under autocast (the biases: its masters)
     for kname, (kernel, data, f32) in kernels.items():
         for cname, cdt, xdt in classes:
             for c, ratio in _AOT_STAGES:

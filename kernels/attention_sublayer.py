@@ -7,10 +7,10 @@
 
 It computes what the eager composition computes (`msf.reference.composed_attention_sublayer`),
 in one dtype (fp32 / bf16 / fp16) or in autocast's mixed precision (`_precision`): bf16 or fp16 k
-and v, fp32 or compute-dtype x / residual, fp32 master weights rounded on the host as autocast
-does. The key/value side (spatial reduction, LayerNorm, kv Linear) stays outside: the model runs
-this sublayer inside `msf.kernels.attention_block`, which fuses that side and the LayerNorm around
-it. fp32 at C > 128 composes the eager pieces instead (no spill-free tf32x3 tile there).
+and v, fp32 or compute-dtype x / residual, fp32 master weights rounded to it as autocast's casts
+round them (wq, wo once on the host, bq, bo on load). The key/value side (spatial reduction,
+LayerNorm, kv Linear) stays outside: the model runs this sublayer inside
+`msf.kernels.attention_block`, which fuses that side and the LayerNorm around it. fp32 at C > 128 composes the eager pieces instead (no spill-free tf32x3 tile there).
 
 Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
 - `_sub_fwd_kernel`: q formed on chip from x, the core's online-softmax sweep, then the output
@@ -190,27 +190,36 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _project_rows(X, W, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr):
+                  BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr, DT: tl.constexpr):
     """Σ_s X[rows, s] W[:, s]ᵀ (= X Wᵀ for the rows; W is D×D row-major), fp32, reading X in
-    BLOCK_K-column slices (each element once). X tiles are cast to W's dtype (the compute dtype) on
-    load: a no-op when they share it, bf16(x) / fp16(x) in the mixed-precision path."""
+    BLOCK_K-column slices (each element once). W is in DT, the compute dtype; X tiles are rounded to
+    it on load: a no-op when they share it, bf16(x) / fp16(x) in the mixed-precision path."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for kc in range(0, D_CEIL, BLOCK_K):
         offs_k = kc + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
         xk = tl.load(X + row[:, None] * D + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        xk = _round(xk, W.dtype.element_ty)
+        xk = _round(xk, DT)
         wt = tl.load(W + offs_d[None, :] * D + offs_k[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         acc += _mm(xk, wt, PRECISE)  # BLOCK_N × BLOCK_K @ BLOCK_K × BLOCK_D
     return acc
 
 
 @triton.jit
+def _bias(B, offs, mask, DT: tl.constexpr):
+    """A bias vector rounded to the compute dtype DT (autocast's cast of an fp32 master), as fp32: biases
+    are read once a program, so the rounding costs a few instructions where a host cast costs a launch."""
+    return _round(tl.load(B + offs, mask=mask, other=0.0), DT).to(tl.float32)
+
+
+@triton.jit
 def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr):
-    """q = x wqᵀ + bq for the rows, rounded to the compute dtype (WQ's; as eager's Linear output is)."""
-    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
-    return _round(q + tl.load(BQ + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :], WQ.dtype.element_ty)
+               BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr, DT: tl.constexpr):
+    """q = x wqᵀ + bq for the rows, rounded to the compute dtype DT (as eager's Linear output is;
+    bq rounded to DT first, as autocast casts it)."""
+    q = _project_rows(X, WQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE, DT)
+    return _round(q + _bias(BQ, offs_d, mask_d, DT)[None, :], DT)
+
 
 
 @triton.jit
@@ -223,12 +232,14 @@ def _sub_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D.
-    K, V, WQ, BQ, WO, BO and O are in the compute dtype; X, R, OUT either share it or (the mixed
-    path) are fp32, and then y = O woᵀ + bo is rounded to the compute dtype before the fp32 add."""
+    K, V and O are in the compute dtype; X, R, OUT either share it or (the mixed path) are fp32, and
+    then y = O woᵀ + bo is rounded to the compute dtype before the fp32 add. WQ, WO in the compute
+    dtype; BQ, BO in it or fp32 masters (rounded on load)."""
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     row = b * N + offs_n
+    dt = K.dtype.element_ty  # the compute dtype
 
-    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE, dt)
     # the core's online-softmax sweep over all K / V tiles
     acc, m_i, l_i = _attn_fwd_sweep(q, K + b * stride_kb, V + b * stride_vb, stride_km, stride_kd,
                                     stride_vm, stride_vd, offs_d, mask_d, qk_scale,
@@ -243,9 +254,9 @@ def _sub_fwd_kernel(
         mask_j = offs_j < D
         mask_nj = mask_n[:, None] & mask_j[None, :]
         wot = tl.load(WO + offs_j[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_j[None, :], other=0.0)
-        y = _mm(o, wot, PRECISE) + tl.load(BO + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-        if OUT.dtype.element_ty != WO.dtype.element_ty:  # mixed: y is a Linear output, rounded (autocast)
-            y = _round(y, WO.dtype.element_ty).to(tl.float32)
+        y = _mm(o, wot, PRECISE) + _bias(BO, offs_j, mask_j, dt)[None, :]
+        if OUT.dtype.element_ty != dt:  # mixed: y is a Linear output, rounded (autocast)
+            y = _round(y, dt).to(tl.float32)
         y += tl.load(R + row[:, None] * D + offs_j[None, :], mask=mask_nj, other=0.0).to(tl.float32)
         tl.store(OUT + row[:, None] * D + offs_j[None, :], _round(y, OUT.dtype.element_ty), mask=mask_nj)
 
@@ -280,16 +291,16 @@ def _sub_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """q, dO (scratch), D, dQ (scratch) and dx for BLOCK_N rows of image b (token tensors contiguous).
-    QS, DOS, DQ, O and the weights are in the compute dtype (K's); X, G, DX share it or (mixed
-    path) are fp32: g is then rounded to the compute dtype on load (autocast's dy) and dx is stored
-    in fp32 straight from its fp32 accumulator."""
+    QS, DOS, DQ, O, WQ and WO are in the compute dtype (K's), BQ in it or fp32 (rounded on load);
+    X, G, DX share it or (mixed path) are fp32: g is then rounded to the compute dtype on load
+    (autocast's dy) and dx is stored in fp32 straight from its fp32 accumulator."""
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = b * N + offs_n
     tok = row[:, None] * D + offs_d[None, :]
     dt = K.dtype.element_ty  # the compute dtype
 
-    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE)
+    q = _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N, BLOCK_D, BLOCK_K, D_CEIL, PRECISE, dt)
     tl.store(QS + tok, q, mask=mask_nd)
     # dO = g wo: Σ over BLOCK_K-column slices s of g[:, s] wo[s, :]
     do = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -326,15 +337,16 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 @triton.jit
 def _wgrad_chunk(
-    A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
+    A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program's tile of the fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the
     weight part PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (programs with pid_j = 0) the bias
-    part PART[c, DA·DB + i] = Σ_r A[r, i], so one sum of the partial rows reduces both. A: ROWS×DA,
-    B: ROWS×DB, contiguous. Every element of the DA·DB + DA values a chunk owns is written; a larger
-    stride_pc lets several products share one partial buffer, side by side in its columns.
+    part PART[c, BIAS_AT + i] = Σ_r A[r, i] (BIAS_AT ≥ DA·DB; DA·DB puts it right after the weight),
+    so one sum of the partial rows reduces both. A: ROWS×DA, B: ROWS×DB, contiguous. Every element
+    of the DA·DB + DA values a chunk owns is written; a larger stride_pc lets several products share
+    one partial buffer, side by side in its columns.
     When A and B differ in dtype (the mixed path: fp32 x or g beside the compute-dtype dQ or O) the
     wider one is cast to the narrower on load, as autocast's bf16 copies of x and dy are.
     B_PATCH = R > 1: B is not stored ROWS×DB but gathered: row r is the R×R patch r of a token map
@@ -376,12 +388,12 @@ def _wgrad_chunk(
         bsum += tl.sum(at.to(tl.float32), 1)
     part = PART + pid_c * stride_pc
     tl.store(part + offs_i[:, None] * DB + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
-    tl.store(part + DA * DB + offs_i, bsum, mask=mask_i & (pid_j == 0))
+    tl.store(part + BIAS_AT + offs_i, bsum, mask=mask_i & (pid_j == 0))
 
 
 @triton.jit
 def _sub_wgrad_kernel(
-    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS,
+    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS, BIAS_AT, BIAS_AT2,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -392,13 +404,13 @@ def _sub_wgrad_kernel(
     pid_c = tl.program_id(2)
     if PAIRS == 2:
         if pid_c < N_CHUNKS:
-            _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
+            _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
                          CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
         else:
-            _wgrad_chunk(A2, B2, PART2, pid_c - N_CHUNKS, stride_pc, ROWS, DA, DB, B_W,
+            _wgrad_chunk(A2, B2, PART2, pid_c - N_CHUNKS, stride_pc, ROWS, DA, DB, B_W, BIAS_AT2,
                          CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
     else:
-        _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W,
+        _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
                      CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
 
 
@@ -439,32 +451,39 @@ def _wg_block(precise: bool, device: torch.device, key: str = "BLOCK_I") -> int:
 
 
 def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None,
-           second: tuple | None = None) -> None:
-    """part[c, :DA·DB + DA] = (Σ aᵀ b, Σ a) over the rows of chunk c of a (ROWS×DA) and b (ROWS×DB):
-    DA×DB then DA fp32 values; `part` is n_chunks rows of at least that many values (a column slice
-    of a wider buffer is fine: rows are found by part's row stride). `patch` = (R, w): b is a map's
-    tokens (…×C) and its rows the R×R patches of an h×w map, DB = R²·C (see `_sub_wgrad_kernel`).
-    `second` = (a2, b2, part2): a second product of the same shapes (dtypes may differ) into part2
-    (same row stride), in the same launch."""
+           second: tuple | None = None, bias_at: tuple[int, int] | None = None) -> None:
+    """part[c, :DA·DB] = Σ aᵀ b and part[c, bias_at[0] + (0..DA)] = Σ a over the rows of chunk c of a
+    (ROWS×DA) and b (ROWS×DB), fp32; by default the bias right after the weight (bias_at DA·DB).
+    `part` is n_chunks rows (a column slice of a wider buffer is fine: rows are found by part's
+    row stride). `patch` = (R, w): b is a map's tokens (…×C) and its rows the R×R patches of an
+    h×w map, DB = R²·C (see `_sub_wgrad_kernel`). `second` = (a2, b2, part2): a second product of
+    the same shapes (dtypes may differ) into part2 (same rows and row stride; its bias at
+    bias_at[1]), in the same launch."""
     rows, da = a.shape
     ratio, width = patch if patch is not None else (1, 0)
     db = b.shape[-1] * ratio * ratio
     n_chunks = part.shape[0]
+    bias_at = bias_at or (da * db, da * db)
     if second is not None:
         a2, b2, part2 = second
-        if a2.shape != a.shape or b2.shape != b.shape or part2.shape != part.shape or part2.stride() != part.stride():
+        if a2.shape != a.shape or b2.shape != b.shape or part2.shape[0] != n_chunks or part2.stride() != part.stride():
             raise ValueError(f"attention_sublayer._wgrad: the second product's shapes {tuple(a2.shape)}, "
                              f"{tuple(b2.shape)}, {tuple(part2.shape)} differ from the first's")
     else:
         a2, b2, part2 = a, b, part  # (PAIRS = 1 never reads them)
+    for t, at in ((part, bias_at[0]), (part2, bias_at[1])):
+        if at < da * db or t.shape[1] < at + da:
+            raise ValueError(f"attention_sublayer._wgrad: a partial buffer of {t.shape[1]} columns cannot hold "
+                             f"a {da}×{db} weight and its bias at column {at}")
     pairs = 1 if second is None else 2
     grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), pairs * n_chunks)  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, part, a2, b2, part2, part.stride(0), rows, da, db, width, n_chunks,
+    _sub_wgrad_kernel[grid](a, b, part, a2, b2, part2, part.stride(0), rows, da, db, width, n_chunks, *bias_at,
                             CHUNK_ROWS=chunk_rows, PRECISE=precise, B_PATCH=ratio, PAIRS=pairs)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
-    """wq, bq, wo, bo already in the compute dtype (k's); out in the residual's dtype, O in k's."""
+    """wq, wo in the compute dtype (k's), bq, bo in it or fp32 masters (the kernels round them on
+    load); out in the residual's dtype, O in k's."""
     batch, n, c = x.shape
     m = k.shape[1]
     out = _new((batch, n, c), x.device, r.dtype)
@@ -482,7 +501,7 @@ def _forward(x, r, k, v, wq, bq, wo, bo):
 
 def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, wg_chunk_rows: int | None,
               sums: list | None = None):
-    """wq, bq, wo in the compute dtype (k's); dx in x's dtype, dK, dV in k's, weight gradients in w_dtype.
+    """wq, wo in the compute dtype (k's), bq in it or fp32; dx in x's dtype, dK, dV in k's, weight gradients in w_dtype.
     With `sums` (a list), the weight gradients' partial buffer is appended to it as a (part, out) pair
     instead of summed, and they are returned as fp32 views of `out`, valid once the caller has run
     `sum_partials` over the list (which lets a caller sum its own buffers in the same launch)."""
@@ -527,16 +546,25 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
     return dx, dk, dv, *(t if sums is not None else t.to(w_dtype) for t in grads)
 
 
+def compute_weights(cdt: torch.dtype, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """The C×C weight matrices in the compute dtype: one cast launch each for fp32 masters under
+    autocast (as autocast's own), none otherwise. The kernels read every weight tile once per
+    program, so rounding them there instead costs more than the launch: on the cost model it took
+    the dQ kernel at C = 128 and 192 from 128 to 166-193 registers, one CTA an SM, 52 → 142 µs and
+    42 → 125 µs on the H100 (2026-12-05). Biases are rounded on load (`_bias`)."""
+    return [w.to(cdt) for w in weights]
+
+
 class AttentionSublayerFunction(torch.autograd.Function):
-    """The fused sublayer; saves x, k, v (inputs), wq, bq, wo in the compute dtype (the inputs
-    themselves unless mixed) and O, lse (docs/attention_sublayer.md)."""
+    """The fused sublayer; saves x, k, v (inputs), wq, wo in the compute dtype (the inputs themselves
+    unless mixed: then their casts, made once for both passes), bq (as given) and O, lse
+    (docs/attention_sublayer.md)."""
 
     @staticmethod
     def forward(ctx, x, r, k, v, wq, bq, wo, bo, bwd_chunk_rows=None, wg_chunk_rows=None):
-        cdt = k.dtype  # the compute dtype; the casts are no-ops unless the weights are fp32 masters
-        wq_c, bq_c, wo_c, bo_c = (w.to(cdt) for w in (wq, bq, wo, bo))
-        out, o, lse = _forward(x, r, k, v, wq_c, bq_c, wo_c, bo_c)
-        ctx.save_for_backward(x, k, v, wq_c, bq_c, wo_c, o, lse)
+        wq_c, wo_c = compute_weights(k.dtype, wq, wo)
+        out, o, lse = _forward(x, r, k, v, wq_c, bq, wo_c, bo)
+        ctx.save_for_backward(x, k, v, wq_c, bq, wo_c, o, lse)
         ctx.w_dtype = wq.dtype
         ctx.chunks = (bwd_chunk_rows, wg_chunk_rows)
         return out
@@ -696,8 +724,9 @@ _AOT_KERNELS = {
     "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE",)),
     "dq": (_sub_bwd_dq_kernel, ("X", "G", "K", "V", "WQ", "BQ", "WO", "O", "QS", "DOS", "DQ", "DX"), ("LSE", "DELTA")),
 }
-# the mixed-precision variant ("amp": CUDA autocast's dtypes): these token tensors are fp32, the rest bf16
-_AOT_AMP_F32 = {"fwd": ("X", "R", "OUT"), "dq": ("X", "G", "DX")}
+# the mixed-precision variant ("amp": CUDA autocast's dtypes): these token tensors and the master biases
+# are fp32, the rest bf16
+_AOT_AMP_F32 = {"fwd": ("X", "R", "OUT", "BQ", "BO"), "dq": ("X", "G", "DX", "BQ")}
 _AOT_WG_CHUNK = 1024
 
 

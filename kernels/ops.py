@@ -188,14 +188,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # attention sublayer: residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo
 # ----------------------------------------------------------------------------------------------
-def _cast(k: Tensor, *weights: Tensor) -> list[Tensor]:
-    """The weights in the compute dtype (k's): a no-op unless they are fp32 masters under AMP."""
-    return [w.to(k.dtype) for w in weights]
-
-
 def _sublayer_body(x: Tensor, r: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor,
                    bo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _sub._forward(x, r, k, v, *_cast(k, wq, bq, wo, bo))
+    wq, wo = _sub.compute_weights(k.dtype, wq, wo)
+    return _sub._forward(x, r, k, v, wq, bq, wo, bo)
 
 
 def _sublayer_fake(x, r, k, v, wq, bq, wo, bo):
@@ -205,7 +201,8 @@ def _sublayer_fake(x, r, k, v, wq, bq, wo, bo):
 
 def _sublayer_backward_body(x: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, o: Tensor,
                             lse: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(x, k, v, *_cast(k, wq, bq, wo), o, lse, g, wq.dtype, None, None)
+    wq_c, wo_c = _sub.compute_weights(k.dtype, wq, wo)
+    dx, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(x, k, v, wq_c, bq, wo_c, o, lse, g, wq.dtype, None, None)
     # the four weight and bias gradients are views of one buffer there (one sum launch); an operator's
     # outputs may not alias each other, so all but dWq are copied out (C² + 2C elements)
     return dx, dk, dv, dwq, dbq.clone(), dwo.clone(), dbo.clone()
@@ -312,8 +309,8 @@ def _block_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None, srb: Te
                 snb: Tensor | None, kvw: Tensor, kvb: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, bo: Tensor,
                 hw: list[int], ratio: int, eps: float, eps_sr: float,
                 compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out, xn, red, kin, kv, o, lse = _blk._forward(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo,
-                                                  tuple(hw), ratio, eps, eps_sr, compute_dtype)
+    out, xn, red, kin, kv, o, lse, _ = _blk._forward(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo,
+                                                     tuple(hw), ratio, eps, eps_sr, compute_dtype)
     return (out, xn, xn.new_empty((0,)) if red is None else red, xn.new_empty((0,)) if kin is None else kin, kv, o,
             lse)  # R = 1: two distinct empties (an operator's outputs may not alias)
 
@@ -334,8 +331,9 @@ def _block_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None
                          compute_dtype: torch.dtype) -> list[Tensor]:
     params = (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo)
     dtypes = {name: None if t is None else t.dtype for name, t in zip(_blk._PARAM_NAMES, params)}
-    grads = _blk._backward(x, lnw, srw, snw, kvw, wq, bq, wo, xn, _none_if_empty(red), _none_if_empty(kin), kv, o,
-                           lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes)
+    wsr, wkv, wq_c, wo_c = _blk.compute_weights(srw, kvw, wq, wo, compute_dtype)  # the forward's, made again
+    grads = _blk._backward(x, lnw, wsr, snw, wkv, wq_c, bq, wo_c, xn, _none_if_empty(red), _none_if_empty(kin), kv,
+                           o, lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes)
     # parameter gradients are slices of shared sum buffers; an operator's outputs may not alias
     return [grads[0]] + [x.new_empty((0,)) if t is None else t.clone() for t in grads[1:]]
 

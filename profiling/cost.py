@@ -582,9 +582,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             x = e((batch, side * side, c), dtype=f32)
             params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
             hw, ratio = (side, side), SR_RATIOS[stage]
-            _, xn, red, kin, kv, o, lse = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16)
+            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16)
             pass_ref[0] = "bwd"
-            blk._backward(x, params[0], params[2], params[4], params[6], *params[8:11], xn, red, kin, kv, o, lse,
+            blk._backward(x, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
                           e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
                           {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, params)})
         elif op == "map_layer_norm":
