@@ -842,8 +842,10 @@ def _cell_indicator(n: int, device) -> torch.Tensor:
 
 
 def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
-    """The tiny fp32 graph from the cell sums P (B×C×7×7) to W̃ (B×3×C×C, [b, k, out, in]) and
-    β (B×C). Differentiable: the backward re-runs it under autograd."""
+    """The tiny fp32 graph from the cell sums P (B×C×7×7) to the gates z (B×3×C), β = Σ_k z_k ∘ pb_k
+    (B×C) and the stacked pointwise weights pw3 (3×C×C, [k, out, in]), from which W̃ = z ∘ pw3
+    (B×3×C×C, `_gated_weights`). Differentiable: the backward differentiates it with autograd
+    (`_gate_grads`)."""
     rows = _cell_indicator(h, P.device)
     cols = rows if w == h else _cell_indicator(w, P.device)
     win = torch.einsum("dr,bcrs,es->bcde", rows, P, cols)  # B×C×7×7 window sums per tap offset
@@ -856,9 +858,36 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     s = (torch.einsum("bkc,koc->bko", g, pw3) + pb3).reshape(g.shape[0], -1)  # [s_3 | s_5 | s_7]: B×3C
     z = torch.sigmoid(F.linear(F.relu(F.linear(s, fc1w.float(), fc1b.float())), fc2w.float(), fc2b.float()))
     z = z.view(z.shape[0], len(dws), -1)  # B×3×C
-    wg = z[..., None] * pw3[None]  # B×3×C×C
     beta = (z * pb3[None]).sum(1)  # B×C
-    return wg, beta
+    return z, beta, pw3
+
+
+def _gated_weights(z, pw3, dtype) -> torch.Tensor:
+    """W̃ = z ∘ pw3 (B×3×C×C, [b, k, out, in]) in `dtype`: the fp32 product rounded once, one launch."""
+    b, k, c = z.shape
+    wg = torch.empty((b, k, c, c), device=z.device, dtype=dtype)
+    return torch.mul(z.detach()[..., None], pw3.detach()[None], out=wg)
+
+
+def _gate_graph(P, h, w, params, differentiable: bool):
+    """(leaves, z, β, pw3): `_gates` of P and the parameters; with `differentiable`, built under
+    autograd on detached leaves [P, *params] (whatever the caller's grad mode) for `_gate_grads`."""
+    if not differentiable:
+        return None, *_gates(P, h, w, params[0:3], params[3:6], params[6:9], *params[9:13])
+    with torch.enable_grad():
+        leaves = [P.detach().requires_grad_()] + [t.detach().requires_grad_() for t in params]
+        return leaves, *_gates(leaves[0], h, w, leaves[1:4], leaves[4:7], leaves[7:10], *leaves[10:14])
+
+
+def _gate_grads(graph, m, gsum) -> list[torch.Tensor]:
+    """∂L/∂P and ∂L/∂ each parameter through the gate graph `graph` (`_gate_graph`'s, differentiable),
+    from M = ∂L/∂W̃ (B×3×C×C fp32) and ∂L/∂β: W̃ = z ∘ pw3 is differentiated by hand (two
+    contractions), the rest by autograd."""
+    leaves, z, beta, pw3 = graph
+    dz = torch.einsum("bkoi,koi->bko", m, pw3.detach())
+    dpw3 = torch.einsum("bkoi,bko->koi", m, z.detach())
+    with torch.enable_grad():
+        return list(torch.autograd.grad((z, beta, pw3), leaves, (dz, gsum, dpw3)))
 
 
 def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -880,14 +909,17 @@ def _dw_flat(dws):
     return [dw.detach().reshape(dw.shape[0], -1).t().float().contiguous() for dw in dws]
 
 
-def _forward(x, params, precise):
+def _forward(x, params, precise, keep_graph: bool = False):
+    """out, P, W̃, D, XW (module docstring) and, with `keep_graph`, the gate graph under autograd
+    for the backward (`_gate_graph`; else None, and the backward builds it again)."""
     b, c, h, w = x.shape
     dws = params[0:3]
     with torch.autocast(x.device.type, enabled=False):
         P, xp = _stats(x, precise)
-        wg, beta = _gates(P, h, w, dws, params[3:6], params[6:9], *params[9:13])
-    wg = wg.to(x.dtype).contiguous()
-    beta = beta.contiguous()
+        graph = _gate_graph(P, h, w, params, keep_graph)
+        _, z, beta, pw3 = graph
+        wg = _gated_weights(z, pw3, x.dtype)
+    beta = beta.detach()
     out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
@@ -895,7 +927,7 @@ def _forward(x, params, precise):
     _lmsa_fwd_kernel[grid](
         x, xp, wg, beta, *_dw_flat(dws), out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
         C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
-    return out, P, wg, dsave, xw
+    return out, P, wg, dsave, xw, graph if keep_graph else None
 
 
 def _word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -942,7 +974,9 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
     return t
 
 
-def _backward(x, dsave, xw, g, P, wg, params, precise):
+def _backward(x, dsave, xw, g, P, wg, params, precise, graph=None):
+    """dx and the parameters' gradients. `graph`: the forward's gate graph (`_forward(keep_graph=
+    True)`), or None to build it again from P (what the `msf::lmsa_backward` operator does)."""
     b, c, h, w = x.shape
     dws = params[0:3]
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
@@ -983,18 +1017,22 @@ def _backward(x, dsave, xw, g, P, wg, params, precise):
     dw_main = dwp.sum((0, 1))  # 83 × C
 
     # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
-    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-        leaves = [P.detach().requires_grad_()] + [t.detach().requires_grad_() for t in params]
-        wg32, beta = _gates(leaves[0], h, w, leaves[1:4], leaves[4:7], leaves[7:10], *leaves[10:14])
-        grads = torch.autograd.grad((wg32, beta), leaves, (m, gsum))
+    with torch.autocast(x.device.type, enabled=False):
+        grads = _gate_grads(graph if graph is not None else _gate_graph(P, h, w, params, True), m, gsum)
     t_cells = grads[0].permute(0, 2, 3, 1).contiguous()  # B×7×7×C fp32: a pixel's C values contiguous
     pgrads = list(grads[1:])
     for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
         part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
         pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
     # the gate graph stacks the three scales' pointwise weights and biases, so their gradients are
-    # views of one tensor each: copies, as an operator's outputs may not alias one another
-    pgrads = [t if t._base is None else t.clone() for t in pgrads]
+    # views of one tensor each: all but the first view of a tensor copied, as an operator's outputs
+    # may not alias one another (a view nothing else shares, such as a transposed mm result, stays)
+    bases = set()
+    for i, t in enumerate(pgrads):
+        if t._base is not None:
+            if id(t._base) in bases:
+                pgrads[i] = t.clone()
+            bases.add(id(t._base))
 
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
@@ -1017,9 +1055,10 @@ class LMSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, dsave, xw = _forward(x, params, precise)
+        out, P, wg, dsave, xw, graph = _forward(x, params, precise, keep_graph=True)
         ctx.save_for_backward(x, dsave, xw, P, wg, *params)
         ctx.precise = precise
+        ctx.graph = graph  # the gate graph (tiny: B×C×7×7 and smaller), so the backward does not rebuild it
         return out
 
     @staticmethod
@@ -1027,7 +1066,8 @@ class LMSAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, dsave, xw, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise)
+        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.graph)
+        ctx.graph = None
         return (dx, *pgrads)
 
 
