@@ -27,6 +27,8 @@ cost table and what the cost model said about the steps taken and not taken.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -235,7 +237,8 @@ def _add_at(acc, i: tl.constexpr, v):
 def _dx_strip(lo, hi, row_ptr, w_ptr, offs_w, ROW_STEP, S: tl.constexpr, KS: tl.constexpr,
               C: tl.constexpr, PS: tl.constexpr, PACKED: tl.constexpr):
     """(lo, hi), the S pixels' accumulators of each strip's channels m and m + C/2, plus the
-    transposed depthwise DW_KSᵀ(E) = Σ_δ w̄[δ] E[q + δ] (w̄: taps flipped, fp32 tap-major KS² × C)
+    transposed depthwise DW_KSᵀ(E) = Σ_δ w̄[δ] E[q + δ] (w̄: the taps flipped, w̄[t] = w[KS² − 1 − t],
+    read so from the forward's fp32 tap-major KS² × C w)
     from the zero-bordered E (row_ptr: word pointers at each strip's top-left window tap;
     ROW_STEP words a row, PS a pixel). Per window row, S + KS − 1 loads feed S·KS taps of each
     channel (every load reaches every pixel of the strip whose window holds it); the row's KS
@@ -245,8 +248,9 @@ def _dx_strip(lo, hi, row_ptr, w_ptr, offs_w, ROW_STEP, S: tl.constexpr, KS: tl.
         wl = ()
         wh = ()
         for t in tl.static_range(KS):
-            wl = wl + (tl.load(w_ptr + (i * KS + t) * C + offs_w)[None, :],)
-            wh = wh + (tl.load(w_ptr + (i * KS + t) * C + HALF + offs_w)[None, :],)
+            flipped = KS * KS - 1 - i * KS - t
+            wl = wl + (tl.load(w_ptr + flipped * C + offs_w)[None, :],)
+            wh = wh + (tl.load(w_ptr + flipped * C + HALF + offs_w)[None, :],)
         for m in tl.static_range(S + KS - 1):
             el, eh = _e_pair(row_ptr + m * PS, HALF, PACKED)
             for s in tl.static_range(S):
@@ -720,9 +724,9 @@ def _lmsa_bwd_dx_kernel(
     m and m + C/2 of BW words m) of image b.
 
     E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C, zero border:
-    bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps flipped in both
-    axes (tap-major KS² × C fp32), so the transposed depthwise Σ_δ w[δ] E[q − δ] is a plain,
-    mask-free sweep over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2),
+    bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps (tap-major KS² × C
+    fp32, the forward's), read flipped in both axes (tap KS² − 1 − t), so the transposed depthwise
+    Σ_δ w[δ] E[q − δ] is a plain, mask-free sweep over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2),
     writes dx once; never reads x."""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
@@ -841,21 +845,46 @@ def _cell_indicator(n: int, device) -> torch.Tensor:
     return ((cls[None, :] >= delta) & (cls[None, :] < n + delta) & (cls < n)[None, :]).to(torch.float32)
 
 
+_GAP_TAPS: dict[tuple, torch.Tensor] = {}  # `_gap_taps` by (H, W, device): constants, built once
+
+
+def _gap_taps(h: int, w: int, device) -> torch.Tensor:
+    """The 3·49 × 83 fp32 matrix that takes the three scales' depthwise taps (C × 83: the 9, 25 and
+    49 taps of each channel, side by side) to their weights on the 49 cell sums: GAP(DW_k(x))[c] =
+    Σ_u P[c, u] (G taps[c])[k, u]. Block-diagonal, a block a scale: a tap t of DW_k sits at window
+    offset δ(t) of the 7×7 window, and the window sum at offset δ is Σ_u rows[δ_r, u_r] cols[δ_c,
+    u_c] P[u] (`_cell_indicator`), so block k is kron(rows, cols)[δ(taps), :]ᵀ ÷ (H·W). Cached:
+    it depends on H, W only, and building it is a dozen launches (none once cached)."""
+    key = (h, w, torch.device(device))
+    if key not in _GAP_TAPS:
+        rows = _cell_indicator(h, device)
+        kron = torch.kron(rows, rows if w == h else _cell_indicator(w, device)) / (h * w)  # [window, cell]
+        blocks = []
+        for k in KERNEL_SIZES:
+            o = (_CELLS - k) // 2
+            blocks.append(kron[[(i + o) * _CELLS + j + o for i in range(k) for j in range(k)]].t())
+        taps = torch.block_diag(*blocks)
+        if not isinstance(taps, torch._subclasses.fake_tensor.FakeTensor):  # (never cache a traced value)
+            _GAP_TAPS[key] = taps
+        return taps
+    return _GAP_TAPS[key]
+
+
 def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     """The tiny fp32 graph from the cell sums P (B×C×7×7) to the gates z (B×3×C), β = Σ_k z_k ∘ pb_k
     (B×C) and the stacked pointwise weights pw3 (3×C×C, [k, out, in]), from which W̃ = z ∘ pw3
     (B×3×C×C, `_gated_weights`). Differentiable: the backward differentiates it with autograd
     (`_gate_grads`)."""
-    rows = _cell_indicator(h, P.device)
-    cols = rows if w == h else _cell_indicator(w, P.device)
-    win = torch.einsum("dr,bcrs,es->bcde", rows, P, cols)  # B×C×7×7 window sums per tap offset
-    # the three scales at once (each tiny op is a launch on a GPU)
-    w7 = torch.stack([F.pad(dw.float().reshape(dw.shape[0], dw.shape[-1], dw.shape[-1]), [3 - dw.shape[-1] // 2] * 4)
-                      for dw in dws])  # 3×C×7×7, centred
+    # the three scales at once, in few ops: each tiny op is a launch on a GPU
+    b, c = P.shape[:2]
+    cells = P.reshape(b, c, _CELLS * _CELLS).transpose(1, 2)  # B×49×C (a view: the statistics' layout)
+    taps = torch.cat([dw.reshape(c, -1) for dw in dws], dim=1).float()  # C × 83
+    on_cells = (_gap_taps(h, w, P.device) @ taps.t()).view(len(dws), _CELLS * _CELLS, c)  # [k, cell, c]
+    g = (cells[:, None] * on_cells[None]).sum(2)  # GAP(DW_k(x)): B×3×C
     pw3 = torch.stack([pw.float() for pw in pws])  # 3×C×C [k, out, in]
     pb3 = torch.stack([pb.float() for pb in pbs])  # 3×C
-    g = torch.einsum("bcde,kcde->bkc", win, w7) / (h * w)  # GAP(DW_k(x)): B×3×C
-    s = (torch.einsum("bkc,koc->bko", g, pw3) + pb3).reshape(g.shape[0], -1)  # [s_3 | s_5 | s_7]: B×3C
+    s = torch.baddbmm(pb3[:, None], g.transpose(0, 1), pw3.transpose(1, 2))  # PW_k(g_k) + pb_k: 3×B×C
+    s = s.transpose(0, 1).reshape(b, -1)  # [s_3 | s_5 | s_7]: B×3C
     z = torch.sigmoid(F.linear(F.relu(F.linear(s, fc1w.float(), fc1b.float())), fc2w.float(), fc2b.float()))
     z = z.view(z.shape[0], len(dws), -1)  # B×3×C
     beta = (z * pb3[None]).sum(1)  # B×C
@@ -909,25 +938,33 @@ def _dw_flat(dws):
     return [dw.detach().reshape(dw.shape[0], -1).t().float().contiguous() for dw in dws]
 
 
-def _forward(x, params, precise, keep_graph: bool = False):
-    """out, P, W̃, D, XW (module docstring) and, with `keep_graph`, the gate graph under autograd
-    for the backward (`_gate_graph`; else None, and the backward builds it again)."""
+class _Kept(NamedTuple):
+    """What the forward hands the backward beside the saved tensors (`LMSAFunction` keeps it): the
+    gate graph under autograd (`_gate_graph`) and the depthwise taps tap-major (`_dw_flat`)."""
+    graph: tuple
+    dw_flat: list
+
+
+def _forward(x, params, precise, keep: bool = False):
+    """out, P, W̃, D, XW (module docstring) and, with `keep`, a `_Kept` for the backward (else None,
+    and the backward builds its contents again)."""
     b, c, h, w = x.shape
     dws = params[0:3]
     with torch.autocast(x.device.type, enabled=False):
         P, xp = _stats(x, precise)
-        graph = _gate_graph(P, h, w, params, keep_graph)
+        graph = _gate_graph(P, h, w, params, keep)
         _, z, beta, pw3 = graph
         wg = _gated_weights(z, pw3, x.dtype)
     beta = beta.detach()
     out = _new_like(x)
+    dw_flat = _dw_flat(dws)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *_dw_flat(dws), out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
+        x, xp, wg, beta, *dw_flat, out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
         C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
-    return out, P, wg, dsave, xw, graph if keep_graph else None
+    return out, P, wg, dsave, xw, _Kept(graph, dw_flat) if keep else None
 
 
 def _word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -974,9 +1011,9 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
     return t
 
 
-def _backward(x, dsave, xw, g, P, wg, params, precise, graph=None):
-    """dx and the parameters' gradients. `graph`: the forward's gate graph (`_forward(keep_graph=
-    True)`), or None to build it again from P (what the `msf::lmsa_backward` operator does)."""
+def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None):
+    """dx and the parameters' gradients. `kept`: the forward's `_Kept`, or None to build the gate
+    graph and the tap-major taps again (what the `msf::lmsa_backward` operator does)."""
     b, c, h, w = x.shape
     dws = params[0:3]
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
@@ -1018,7 +1055,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, graph=None):
 
     # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
     with torch.autocast(x.device.type, enabled=False):
-        grads = _gate_grads(graph if graph is not None else _gate_graph(P, h, w, params, True), m, gsum)
+        grads = _gate_grads(kept.graph if kept is not None else _gate_graph(P, h, w, params, True), m, gsum)
     t_cells = grads[0].permute(0, 2, 3, 1).contiguous()  # B×7×7×C fp32: a pixel's C values contiguous
     pgrads = list(grads[1:])
     for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
@@ -1036,11 +1073,11 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, graph=None):
 
     # 3. dx, written once, from the E_k the gram kernel stored
     dx = _new_like(x)
-    dw_flip = _dw_flat([dw.flip((-2, -1)) for dw in dws])
+    dw_flat = kept.dw_flat if kept is not None else _dw_flat(dws)  # the dx kernel reads them flipped
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
                          c // 2 // min(meta["BLOCK_W"], c // 2), b)
     _lmsa_bwd_dx_kernel[grid](
-        g, *ek, *dw_flip, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
+        g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PACKED=packed, STRIP=_DX_STRIP)
     return dx, pgrads
 
@@ -1055,10 +1092,10 @@ class LMSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, dsave, xw, graph = _forward(x, params, precise, keep_graph=True)
+        out, P, wg, dsave, xw, kept = _forward(x, params, precise, keep=True)
         ctx.save_for_backward(x, dsave, xw, P, wg, *params)
         ctx.precise = precise
-        ctx.graph = graph  # the gate graph (tiny: B×C×7×7 and smaller), so the backward does not rebuild it
+        ctx.kept = kept  # the gate graph (tiny: B×C×7×7 and smaller) and the taps: not built again
         return out
 
     @staticmethod
@@ -1066,8 +1103,8 @@ class LMSAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, dsave, xw, P, wg, *params = ctx.saved_tensors
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.graph)
-        ctx.graph = None
+        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.kept)
+        ctx.kept = None
         return (dx, *pgrads)
 
 
