@@ -36,6 +36,7 @@ import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, dot
 from msf.kernels.configs import PinnedKernel
+from msf.kernels.partial_sums import sum_partials
 from msf.reference import LMSAParams, eager_lmsa
 
 __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS", "AOT_SPECS_SLOW"]
@@ -480,8 +481,8 @@ def _lmsa_bwd_gram_kernel(
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
-        MP[b, pid, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
-        GSP[b, pid, :]      = Σ_p dO[:, p]                            (∂L/∂β; pid_j = 0 writes it)
+        MP[pid, b, k, :, j] = Σ_p dO[:, p] DW_k(x)[j, p]ᵀ            (∂L/∂W̃_k, C × BJ)
+        GSP[pid, b, :]      = Σ_p dO[:, p]                            (∂L/∂β; pid_j = 0 writes it)
     with DW_k(x) read from D (B × H × W × 3C, x's dtype: what the forward multiplied, stored by
     it), and E_k = W̃_kᵀ dO formed on chip (the three products share each dO slice) and stored once:
         E_k[b, 3 + h, 3 + w, pos(j)] = E_k[j, (h, w)]   (B × (H+6) × (W+6) × C; the host zeroes
@@ -490,7 +491,8 @@ def _lmsa_bwd_gram_kernel(
     rounded to bf16 with the channel halves interleaved, pos(m + r·C/2) = 2m + r, so that int32
     word m holds the channel pair (m, m + C/2). Two kernels' worth of tensor-core products and no depthwise
     sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
-    MP: B × n × 3 × C × C, GSP: B × n × C, fp32."""
+    MP: n × B × 3 × C × C, GSP: n × B × C, fp32: chunk-major, so each is one n-row partial buffer
+    for `sum_partials`."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -546,11 +548,12 @@ def _lmsa_bwd_gram_kernel(
             if pid_j == 0:  # one channel block sums dO (a reduction across the pixel lanes)
                 gsum += tl.sum(gt.to(tl.float32), 1)
 
-    mp = MP + ((b * n_chunks + pid) * 3 * C + offs_c[:, None]) * C + offs_j[None, :]
+    part = pid * tl.num_programs(2) + b  # (chunk, image) row of the partials
+    mp = MP + (part * 3 * C + offs_c[:, None]) * C + offs_j[None, :]
     tl.store(mp, acc3)
     tl.store(mp + C * C, acc5)
     tl.store(mp + 2 * C * C, acc7)
-    tl.store(GSP + (b * n_chunks + pid) * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
+    tl.store(GSP + part * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
 
 
 _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
@@ -1020,8 +1023,8 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
     chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
-    mp = _new((b, n_chunks, 3, c, c), x.device, torch.float32)
-    gsp = _new((b, n_chunks, c), x.device, torch.float32)
+    mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
+    gsp = _new((n_chunks, b, c), x.device, torch.float32)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
     # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
@@ -1049,9 +1052,12 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         _lmsa_bwd_wgrad_kernel[grid](
             xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
             CHUNK_S=wchunk, PACKED=packed, STRIP=_WGRAD_STRIP)
-    m = mp.sum(1)
-    gsum = gsp.sum(1)
-    dw_main = dwp.sum((0, 1))  # 83 × C
+    m = _new((b, 3, c, c), x.device, torch.float32)
+    gsum = _new((b, c), x.device, torch.float32)
+    dw_main = _new((_N_TAPS, c), x.device, torch.float32)
+    # two launches: one would size its tiles for dwp's B·chunks rows, thin ones for M's few (issue-bound)
+    sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum))
+    sum_partials((dwp.view(-1, _N_TAPS * c), dw_main))
 
     # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
     with torch.autocast(x.device.type, enabled=False):
