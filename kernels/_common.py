@@ -107,7 +107,9 @@ class AotSpec:
 
     `signature` maps every non-constexpr argument to its Triton type string ("*fp32", "i32", ...);
     `constexprs` gives every `tl.constexpr` argument (block sizes, flags) its value; `num_warps` and
-    `num_stages` are the launch options of the configuration being reported.
+    `num_stages` are the launch options of the configuration being reported. `archs`: the compute
+    capabilities the configuration is allowed on (empty: all); a configuration pinned for one
+    architecture only (`kernels/configs.json` keeps one entry per architecture) is built only there.
     """
 
     name: str
@@ -116,3 +118,7 @@ class AotSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    archs: tuple[int, ...] = ()
+
+    def builds_on(self, arch: int) -> bool:
+        return not self.archs or arch in self.archs

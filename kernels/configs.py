@@ -19,7 +19,8 @@ The sm_90 / sm_80 entries of the model's shape classes are the candidates the co
 fastest (`python -m msf.profiling.cost --pin` rewrites them); every other class takes its allow-list's
 first entry (`python -m msf.profiling.tune --from-lists`). Every entry is a member of its kernel's
 allow-list for that class, i.e. a configuration `python -m msf.profiling.report` builds without spills
-(tests/test_configs.py checks it).
+(tests/test_configs.py checks it); an sm_90 / sm_80 entry on the report's build for that architecture
+(a configuration may be allowed on one only: `AotSpec.archs`; `report --launches` checks the pins).
 
 Autotuning is an explicit opt-in: with `MSF_AUTOTUNE=1` set before `kernels` is imported, each
 kernel runs `triton.autotune` over its whole list (pruned to the class's allow-list) as before, and

@@ -39,6 +39,8 @@ designs not taken.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -72,8 +74,10 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # (sweep of BLOCK_N 16-128 × BLOCK_H 16-128 × 4/8 warps, 2026-12-04; the forward's re-picked by
 # `--pin` after GELU's reciprocal became MUFU.RSQ, 2026-12-05; docs/ffn_sublayer.md); the
 # 16-bit lists share them, fp32 takes small tiles (three products a tf32x3 dot).
-# Left out for spilling on sm_80 only: wgrad (16, 64, 8) at C 64 and C 256 and dx (16, 64, 8) at
-# C 256, the H100's fastest there (48.5, 56.1 and 47.3 µs against 87.1, 139.3 and 66.9 µs). wgrad
+# Left out for spilling on sm_80 only: wgrad (16, 64, 8) at C 256 and dx (16, 64, 8) at C 256, the
+# H100's fastest there (56.1 and 47.3 µs against 139.3 and 66.9 µs). wgrad (16, 64, 8) at C 64
+# spills on sm_80 too, but is allowed on sm_90 only (`_SM90_ONLY`: its AOT spec builds for sm_90,
+# the pin never takes a spilling build): H100 109.2 -> 59.8 µs a stage-2 block (2026-12-05). wgrad
 # (32, 16, 8) at C 256 spills 8 B on sm_90 since GELU's rsqrt: that class now takes (16, 16, 8),
 # which the model never launches (C 256 takes the stash route, `stash_pays`; tests force it).
 # dx at C 32 and 64 (2026-12-05): BLOCK_H = H keeps the one hidden slice's weights in registers
@@ -85,9 +89,11 @@ _AMP: dict[str, dict[int, list[_Cfg]]] = {
     "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 16, 4, 2), (32, 128, 4, 2)],
             128: [(32, 64, 8, 2), (16, 32, 4, 2)], 256: [(16, 32, 8, 2), (16, 32, 4, 2)]},
     "dx": {32: [(16, 64, 4, 2)], 64: [(16, 128, 4, 2), (16, 32, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
-    "wgrad": {32: [(32, 64, 8, 2), (64, 32, 4, 2)], 64: [(16, 32, 8, 2)], 128: [(16, 64, 4, 2)],
+    "wgrad": {32: [(32, 64, 8, 2), (64, 32, 4, 2)], 64: [(16, 32, 8, 2), (16, 64, 8, 2)], 128: [(16, 64, 4, 2)],
               256: [(16, 16, 8, 2)]},
 }
+# (kernel, C block) → configurations of the lists above that build without spills on sm_90 only
+_SM90_ONLY: dict[tuple[str, int], set[_Cfg]] = {("wgrad", 64): {(16, 64, 8, 2)}}
 # fp32 past C = 64 has no spill-free tiles (the dx kernel spills at C 128 on sm_90 even at 16×16 × 8
 # warps): there the op composes the eager pieces (`fused_supported`), as the attention sublayer does.
 _FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
@@ -640,9 +646,11 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     stash = kname == "dx" and stash_pays(_AOT_C[block_c], 2 * _AOT_C[block_c])
                     if kname == "dx":
                         const["STASH"] = stash
-                    specs.append(_aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}"
-                                           + ("_stash" if stash else ""), kernel.fn, ptrs, const, w, st,
-                                           floats=("eps",)))
+                    spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}"
+                                     + ("_stash" if stash else ""), kernel.fn, ptrs, const, w, st, floats=("eps",))
+                    if (bn, bh, w, st) in _SM90_ONLY.get((kname, block_c), ()):
+                        spec = dataclasses.replace(spec, archs=(90,))
+                    specs.append(spec)
     return specs
 
 

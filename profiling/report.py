@@ -182,7 +182,7 @@ def run(archs, only=None, verbose_errors=False, modules=None, slow=True) -> tupl
     specs, failures = collect_specs(only, modules, slow)
     rows = []
     for modname, spec in specs:
-        for arch in archs:
+        for arch in filter(spec.builds_on, archs):
             row = Row(modname, spec.name, arch, spec.num_warps, spec.num_stages, ok=False)
             try:
                 usage = compile_spec(spec, arch, tool)
@@ -244,7 +244,7 @@ def unreported_launches(archs) -> list[str]:
                 names = launch.fn.arg_names
                 blocks = {names[i]: v for (i,), v in launch.constexprs.items() if names[i].startswith("BLOCK")}
                 warps, stages = launch.options["num_warps"], launch.options["num_stages"]
-                if not any(s.num_warps == warps and s.num_stages == stages
+                if not any(s.num_warps == warps and s.num_stages == stages and s.builds_on(device.arch)
                            and all(s.constexprs.get(k) == v for k, v in blocks.items())
                            for s in by_kernel.get(id(launch.fn), [])):
                     missing.append(f"sm_{device.arch} {cost.op_label(op, stage)} {launch.kernel} "
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
         print(f"{modname}: {err}")
     n_fail = sum(not r.ok for r in rows) + len(failures)
     n_spill = sum(1 for r in rows if r.spills)
-    print(f"\n{len(rows)} builds ({len({r.name for r in rows})} specs × {len(args.arch)} archs): "
+    print(f"\n{len(rows)} builds ({len({r.name for r in rows})} specs × {len(args.arch)} archs, less those "
+          "allowed on one only): "
           f"{n_fail} failed, {n_spill} spill")
     if args.verbose_errors:
         for r in rows:
