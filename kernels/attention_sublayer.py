@@ -10,7 +10,8 @@ in one dtype (fp32 / bf16 / fp16) or in autocast's mixed precision (`_precision`
 and v, fp32 or compute-dtype x / residual, fp32 master weights rounded to it as autocast's casts
 round them (wq, wo once on the host, bq, bo on load). The key/value side (spatial reduction,
 LayerNorm, kv Linear) stays outside: the model runs this sublayer inside
-`msf.kernels.attention_block`, which fuses that side and the LayerNorm around it. fp32 at C > 128 composes the eager pieces instead (no spill-free tf32x3 tile there).
+`msf.kernels.attention_block`, which fuses that side and the LayerNorm around it. fp32 at C > 128
+composes the eager pieces instead (no spill-free tf32x3 tile there).
 
 Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
 - `_sub_fwd_kernel`: q formed on chip from x, the core's online-softmax sweep, then the output

@@ -729,8 +729,8 @@ def _lmsa_bwd_dx_kernel(
     E3/5/7 hold E_k = W̃_kᵀ dO as the gram kernel stored them (B × (H+6) × (W+6) × C, zero border:
     bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps (tap-major KS² × C
     fp32, the forward's), read flipped in both axes (tap KS² − 1 − t), so the transposed depthwise
-    Σ_δ w[δ] E[q − δ] is a plain, mask-free sweep over E. Reads dO once (no halo), E_k with their 3-pixel halos (from L1/L2),
-    writes dx once; never reads x."""
+    Σ_δ w[δ] E[q − δ] is a plain, mask-free sweep over E. Reads dO once (no halo), E_k with their
+    3-pixel halos (from L1/L2), writes dx once; never reads x."""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
     pid_w = tl.program_id(1)
