@@ -184,12 +184,38 @@ def test_window_sums_match_depthwise_gap():
         rows = lmsa_mod._cell_indicator(h, x.device).double()
         cols = lmsa_mod._cell_indicator(w, x.device).double()
         win = torch.einsum("dr,bcrs,es->bcde", rows, cells.view(2, 4, 7, 7), cols)
-        for k in (3, 5, 7):
-            wk = torch.randn(4, 1, k, k, generator=g, dtype=torch.float64)
+        wks = [torch.randn(4, 1, k, k, generator=g, dtype=torch.float64) for k in (3, 5, 7)]
+        # what `_gates` computes: the cached 147 × 83 constant on the three scales' taps side by side
+        # (an indicator ÷ H·W, in fp32: the pattern exactly, the scale to fp32's rounding of 1 / (H·W))
+        gap = lmsa_mod._gap_taps(h, w, x.device).double() * (h * w)
+        torch.testing.assert_close(gap, gap.round(), rtol=0, atol=1e-6, msg=f"{h}×{w}: not an indicator ÷ (H·W)")
+        gap = gap.round()
+        assert gap.max() == 1 and gap.min() == 0
+        on_cells = (gap @ torch.cat([wk.reshape(4, -1) for wk in wks], dim=1).t()).view(3, 49, 4) / (h * w)
+        folded = (cells.transpose(1, 2)[:, None] * on_cells[None]).sum(2)  # B × 3 × C
+        for i, (k, wk) in enumerate(zip((3, 5, 7), wks)):
             want = torch.nn.functional.conv2d(x, wk, padding=k // 2, groups=4).mean((2, 3))
             w7 = torch.nn.functional.pad(wk[:, 0], [3 - k // 2] * 4)
             got = (win * w7).sum((-2, -1)) / (h * w)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{h}×{w}, k={k}")
+            torch.testing.assert_close(folded[:, i], want, rtol=1e-12, atol=1e-12, msg=f"folded, {h}×{w}, k={k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_from_kept_graph_equals_rebuilt(device):
+    """`LMSAFunction` hands its backward the forward's gate graph and tap-major weights (`_Kept`);
+    the `msf::lmsa_backward` operator builds both again from P and the parameters. Same gradients,
+    bit for bit."""
+    device = _device(device)
+    x, go = _inputs(2, 16, 9, 8, torch.float32, device, seed=41)
+    ps = [t.detach() for t in _params(16, torch.float32, device, seed=42)]
+    x = x.detach()
+    out, P, wg, dsave, xw, kept = lmsa_mod._forward(x, ps, True, keep=True)
+    dx_kept, grads_kept = lmsa_mod._backward(x, dsave, xw, go, P, wg, ps, True, kept)
+    dx_new, grads_new = lmsa_mod._backward(x, dsave, xw, go, P, wg, ps, True)
+    assert torch.equal(dx_kept, dx_new), "dx"
+    for name, a, b in zip(GRAD_NAMES[1:], grads_kept, grads_new):
+        assert torch.equal(a, b), f"d{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
 
 def test_rejects_bad_inputs():

@@ -160,3 +160,21 @@ def test_the_kernels_invariants_are_checked_at_launch():
                    (words, 127)):                                       # an odd channel count
         with pytest.raises(RuntimeError, match="int32 channel-pair words"):
             lm._require_words(c, bad)
+
+
+def test_a_configuration_allowed_on_one_architecture_is_pinned_only_there():
+    """`kernels/ffn_sublayer.py: _SM90_ONLY` holds tiles that build without spills on sm_90 and spill
+    on sm_80: their AOT specs build for sm_90 alone, and configs.json names them for sm_90 only (the
+    sm_80 and default entries, which any other GPU falls back to, take tiles clean on both)."""
+    ffn = t_ffn.ffn_mod
+    assert ffn._SM90_ONLY, "nothing to check: drop this test with the last one-architecture entry"
+    table = configs.load_table()
+    for (kernel, block_c), only in ffn._SM90_ONLY.items():
+        assert only <= set(ffn._ALLOWED[kernel]["amp"][block_c])
+        for mode in ("16", "amp"):
+            for kind, entry in table[f"ffn_sublayer.{kernel}"].get(f"{mode}_c{block_c}", {}).items():
+                kw = entry["kwargs"]
+                cfg = (kw["BLOCK_N"], kw["BLOCK_H"], entry["num_warps"], entry["num_stages"])
+                assert cfg not in only or kind == "sm_90", f"{kernel} {mode}_c{block_c} {kind}: {cfg} is sm_90 only"
+    restricted = [s for s in ffn.AOT_SPECS if s.archs]
+    assert restricted and all(s.archs == (90,) and s.builds_on(90) and not s.builds_on(80) for s in restricted)
