@@ -541,7 +541,7 @@ def head_loss(logits: Tensor, targets: Tensor, eps: float = DEFAULT_DICE_EPS) ->
 # LMSA: x + Σ_k z_k ⊙ PW_k(DW_k(x)); params = dw_3, dw_5, dw_7, pw ×3, pb ×3, fc1 w, b, fc2 w, b
 # ----------------------------------------------------------------------------------------------
 def _lmsa_body(x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _lm._forward(x, tuple(params), x.dtype == torch.float32)[:5]
+    return _lm._forward(x, tuple(params), x.dtype == torch.float32)[:5]  # (the sixth, `_Kept`, is None here)
 
 
 def _lmsa_fake(x, params):
