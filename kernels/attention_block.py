@@ -172,8 +172,8 @@ def _kv_bwd_kernel(
 ):
     """dx (B·N×C, X's dtype) and, for R > 1, dred (P×C, compute dtype) for BLOCK_M patches; PART row
     pid: 4·C fp32 (2·C for R = 1). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G: B·N×C. WSR, WKV as
-    in `_kv_fwd_kernel`. ROUND_SUMS:
-    the sums a 16-bit model's autograd forms in 16 bits (the two gradients of xn; LN1's dx plus g)."""
+    in `_kv_fwd_kernel`. ROUND_SUMS: the sums a 16-bit model's autograd forms in 16 bits (the two
+    gradients of xn; LN1's dx plus g)."""
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)

@@ -222,7 +222,6 @@ def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr,
     return _round(q + _bias(BQ, offs_d, mask_d, DT)[None, :], DT)
 
 
-
 @triton.jit
 def _sub_fwd_kernel(
     X, R, K, V, WQ, BQ, WO, BO, OUT, O, LSE,
