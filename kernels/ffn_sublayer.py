@@ -13,10 +13,13 @@ gradients' GEMMs: a transient of the backward, freed when it returns). Precision
 - uniform: x and all six parameters share fp32 / bf16 / fp16 and the products run in it (fp32 as
   tf32x3, about fp32 accuracy; fused up to C = 64, the eager composition above);
 - mixed (what CUDA autocast hands the block): fp32 x and fp32 master weights, products in bf16 /
-  fp16. Each kernel rounds the weights on load and rounds every value eager autocast rounds (the
-  LayerNorm output before fc1, fc1's output, GELU's, fc2's; in the backward fc2's input gradient,
-  dA, dH and fc1's input gradient), so it computes what `ffn_sublayer_eager` computes under autocast;
-  LayerNorm and the residual add stay fp32 (autocast's policy), out is fp32.
+  fp16. The autograd Function casts w1 and w2 to the compute dtype once (`compute_weights`, as
+  autocast does; the backward reuses the casts); the kernels round the biases on load and every
+  value eager autocast rounds (the LayerNorm output before fc1, fc1's output, GELU's, fc2's; in the
+  backward fc2's input gradient, dA, dH and fc1's input gradient), so they compute what
+  `ffn_sublayer_eager` computes under autocast; LayerNorm and the residual add stay fp32
+  (autocast's policy), out is fp32. (The kernels also take fp32 w1, w2 and round them on load;
+  every slice of a row tile reads them again, so the casts pay: docs/ffn_sublayer.md.)
 
 Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
 - `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
@@ -86,14 +89,14 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _AMP: dict[str, dict[int, list[_Cfg]]] = {
-    "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 16, 4, 2), (32, 128, 4, 2)],
-            128: [(32, 64, 8, 2), (16, 32, 4, 2)], 256: [(16, 32, 8, 2), (16, 32, 4, 2)]},
-    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 128, 4, 2), (16, 32, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
-    "wgrad": {32: [(32, 64, 8, 2), (64, 32, 4, 2)], 64: [(16, 32, 8, 2), (16, 64, 8, 2)], 128: [(16, 64, 4, 2)],
+    "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+            128: [(32, 32, 4, 2)], 256: [(16, 64, 8, 2), (16, 32, 4, 2)]},
+    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(16, 64, 4, 2)], 256: [(16, 64, 8, 2)]},
+    "wgrad": {32: [(32, 64, 8, 2), (64, 64, 4, 2)], 64: [(16, 64, 8, 2), (32, 32, 4, 2)], 128: [(16, 64, 4, 2)],
               256: [(16, 16, 8, 2)]},
 }
 # (kernel, C block) → configurations of the lists above that build without spills on sm_90 only
-_SM90_ONLY: dict[tuple[str, int], set[_Cfg]] = {("wgrad", 64): {(16, 64, 8, 2)}}
+_SM90_ONLY: dict[tuple[str, int], set[_Cfg]] = {("wgrad", 64): {(16, 64, 8, 2)}, ("fwd", 256): {(16, 64, 8, 2)}}
 # fp32 past C = 64 has no spill-free tiles (the dx kernel spills at C 128 on sm_90 even at 16×16 × 8
 # warps): there the op composes the eager pieces (`fused_supported`), as the attention sublayer does.
 _FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
@@ -433,6 +436,9 @@ _ffn_bwd_wgrad_kernel = _pinned("wgrad", _ffn_bwd_wgrad_kernel)
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
+compute_weights = _sub.compute_weights  # (cdt, *weights): the weights in the compute dtype
+
+
 def _new(shape, device, dtype) -> torch.Tensor:
     """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -479,9 +485,10 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
 
 
 def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
-              wg_chunk_rows: int | None = None, stash: bool | None = None):
+              wg_chunk_rows: int | None = None, stash: bool | None = None, w_dtype: torch.dtype | None = None):
     """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype (b2's
-    is `b2_dtype`: b2 itself is not needed). `stash` picks the weight gradients' route (default
+    is `b2_dtype`: b2 itself is not needed; w1's and w2's is `w_dtype` when they are given as casts,
+    `compute_weights`). `stash` picks the weight gradients' route (default
     `stash_pays`): the dx kernel stores n, dH, A and two GEMM launches sum dW1 = dHᵀ n, dW2 = dyᵀ A,
     or the recompute kernel derives them again from x and g."""
     rows, c = x2.shape
@@ -527,28 +534,33 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
     sum_partials((ln_part, ln_sum), (w_part, w_sum))
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
     dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
-    dw1 = w_sum[:hid * c].view(hid, c).to(w1.dtype)
+    w_dtype = w1.dtype if w_dtype is None else w_dtype
+    dw1 = w_sum[:hid * c].view(hid, c).to(w_dtype)
     db1 = w_sum[hid * c:hid * c + hid].to(b1.dtype)
-    dw2 = w_sum[hid * c + hid:2 * hid * c + hid].view(c, hid).to(w2.dtype)
+    dw2 = w_sum[hid * c + hid:2 * hid * c + hid].view(c, hid).to(w_dtype)
     return dx, dlnw, dlnb, dw1, db1, dw2, db2
 
 
 class FFNSublayerFunction(torch.autograd.Function):
-    """The fused sublayer; saves x and the parameters (inputs) and the LayerNorm statistics."""
+    """The fused sublayer; saves x, the LayerNorm parameters and the biases (inputs), w1 and w2 in
+    the compute dtype (the inputs themselves unless mixed: then their casts, made once for both
+    passes) and the LayerNorm statistics."""
 
     @staticmethod
     def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, wg_chunk_rows=None, stash=None):
-        out, mean, rstd = _forward(x2, lnw, lnb, w1, b1, w2, b2, eps, cdt)
-        ctx.save_for_backward(x2, lnw, lnb, w1, b1, w2, mean, rstd)
+        w1c, w2c = compute_weights(cdt, w1, w2)
+        out, mean, rstd = _forward(x2, lnw, lnb, w1c, b1, w2c, b2, eps, cdt)
+        ctx.save_for_backward(x2, lnw, lnb, w1c, b1, w2c, mean, rstd)
         ctx.cdt, ctx.wg_chunk_rows, ctx.stash = cdt, wg_chunk_rows, stash
         ctx.b2_dtype = b2.dtype
+        ctx.w_dtype = w1.dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         x2, lnw, lnb, w1, b1, w2, mean, rstd = ctx.saved_tensors
         grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g.contiguous(), ctx.cdt, ctx.b2_dtype,
-                          ctx.wg_chunk_rows, ctx.stash)
+                          ctx.wg_chunk_rows, ctx.stash, ctx.w_dtype)
         return (*grads, None, None, None, None)
 
 
@@ -621,6 +633,7 @@ _AOT_PTRS = {
     "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"), "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX"),
     "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),
 }
+_AOT_WEIGHT_PTRS = ("W1", "W2")
 _AOT_STASH_PTRS = ("N_ST", "DH_ST", "A_ST")  # the dx kernel's stash: in the compute dtype
 _AOT_F32 = {"fwd": ("MEAN", "RSTD"), "dx": ("MEAN", "RSTD", "PART"), "wgrad": ("MEAN", "RSTD", "PART")}
 _AOT_KERNELS = {"fwd": _ffn_fwd_kernel, "dx": _ffn_bwd_dx_kernel, "wgrad": _ffn_bwd_wgrad_kernel}
@@ -634,6 +647,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_c in _ALLOWED[kname].items():
             dname, code = _AOT_DTYPE[mode]
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
+            # the C×H weights come in the compute dtype (`compute_weights`)
+            ptrs.update({a: "*fp32" if code == 0 else "*bf16" for a in _AOT_WEIGHT_PTRS})
             if kname == "dx":
                 ptrs.update({a: "*fp32" if code == 0 else "*bf16" for a in _AOT_STASH_PTRS})
             for block_c, cfgs in per_c.items():

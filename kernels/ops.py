@@ -251,6 +251,7 @@ def attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 def _ffn_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float,
               compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    w1, w2 = _ffn.compute_weights(compute_dtype, w1, w2)
     return _ffn._forward(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype)
 
 
@@ -262,7 +263,9 @@ def _ffn_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype):
 
 def _ffn_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                        mean: Tensor, rstd: Tensor, g: Tensor, compute_dtype: torch.dtype) -> list[Tensor]:
-    dx, *param_grads = _ffn._backward(x, lnw, lnb, w1, b1, w2, mean, rstd, g, compute_dtype, b2.dtype)
+    w1c, w2c = _ffn.compute_weights(compute_dtype, w1, w2)  # the forward's, made again
+    dx, *param_grads = _ffn._backward(x, lnw, lnb, w1c, b1, w2c, mean, rstd, g, compute_dtype, b2.dtype,
+                                      w_dtype=w1.dtype)
     # the parameter gradients are slices of two sum buffers; an operator's outputs may not alias
     return [dx, *(t.clone() for t in param_grads)]
 

@@ -614,9 +614,10 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             hid = FFN_EXPANSION * c
             x = e((batch * n, c), dtype=f32)
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as FFNSublayerFunction
             _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
             pass_ref[0] = "bwd"
-            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32)
+            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32, w_dtype=f32)
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's fp32 LayerNorm tokens, stages 2-4 projected by F.linear
             # (bf16), the folded M1 and c and fc2 fp32; dropout on, as in training

@@ -113,6 +113,44 @@ def test_autocast_matches_eager_autocast(shape, device, poisoned):
     _compare(ours, ref, out, out_ref, TOL[torch.bfloat16], f"{shape} autocast vs float64")
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape", ["C64", "C192"])
+def test_autocast_weights_cast_once_and_kernels_take_either(shape, device):
+    """Under autocast the Function casts w1 and w2 to bf16 once and saves the casts for the backward
+    (the kernels would otherwise re-round them from fp32 every hidden slice of every row tile), and
+    the kernels given fp32 masters, rounding them on load, compute bit for bit the same forward and
+    backward as given the casts."""
+    kernel_device(device)
+    vals = {k: v.to(device) for k, v in _inputs(SHAPES[shape], seed=21).items()}
+    c = vals["x"].shape[-1]
+    x2, g = vals["x"].reshape(-1, c), vals["g"].reshape(-1, c)
+    lnw, lnb, w1, b1, w2, b2 = (vals[k] for k in NAMES[1:])
+    leaves = _leaves(vals, device, torch.float32)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ffn_mod.ffn_sublayer(*(leaves[k] for k in NAMES))
+    node = out.grad_fn.next_functions[0][0]  # (out is a view of the Function's rows × C output)
+    assert type(node).__name__ == "FFNSublayerFunctionBackward", type(node).__name__
+    saved = node.saved_tensors
+    saved_w = [t for t in saved if t.dim() == 2 and t.shape in (w1.shape, w2.shape) and t.shape != x2.shape]
+    assert [t.dtype for t in saved_w] == [torch.bfloat16, torch.bfloat16], [(t.shape, t.dtype) for t in saved]
+    out.backward(leaves["g"])
+    assert leaves["fc1_weight"].grad.dtype == leaves["fc2_weight"].grad.dtype == torch.float32
+
+    w1c, w2c = ffn_mod.compute_weights(torch.bfloat16, w1, w2)
+    bf16 = torch.bfloat16
+    fwd_cast = ffn_mod._forward(x2, lnw, lnb, w1c, b1, w2c, b2, 1e-5, bf16)
+    fwd_master = ffn_mod._forward(x2, lnw, lnb, w1, b1, w2, b2, 1e-5, bf16)
+    for name, a, b in zip(("out", "mean", "rstd"), fwd_cast, fwd_master):
+        assert torch.equal(a, b), f"{shape} {name}: fp32 masters rounded on load differ from the casts by " \
+                                  f"{(a - b).abs().max().item():.3g}"
+    _, mean, rstd = fwd_cast
+    bwd_cast = ffn_mod._backward(x2, lnw, lnb, w1c, b1, w2c, mean, rstd, g, bf16, b2.dtype, w_dtype=torch.float32)
+    bwd_master = ffn_mod._backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, bf16, b2.dtype)
+    for name, a, b in zip(("dx", "dγ", "dβ", "dW1", "db1", "dW2", "db2"), bwd_cast, bwd_master):
+        assert a.dtype == b.dtype and torch.equal(a, b), \
+            f"{shape} {name}: fp32 masters rounded on load differ from the casts by {(a - b).abs().max().item():.3g}"
+
+
 # the weight gradients' two routes (`stash_pays` picks one by C): each forced at a shape the other
 # serves by default, so both run at small and large C, in every dtype class
 ROUTE_CASES = [("C32", torch.float32, True), ("C64", torch.bfloat16, True), ("C40-H56", torch.float16, True),
