@@ -505,12 +505,15 @@ def _stage_output_standin(counter: ByteCounter, dtype: torch.dtype) -> Callable[
     """The triton backend's stage_output, uncounted, with its outputs' dtypes: under the emulated
     CUDA autocast to `dtype`, where a next stage reads it, the second map is the fused kernel's copy,
     not the decoder's fp32 map again, so the eager rest keeps neither the next convolution's cast
-    nor autograd's sum of the two maps' gradients (the kernel's backward adds them)."""
-    def fused(tokens, hw, weight, bias, eps, feeds_next):
+    nor autograd's sum of the two maps' gradients (the kernel's backward adds them); with
+    `decoder_linear` (stages 2-4) the decoder's map is in `dtype` too, so the rest keeps neither
+    the decoder projection's cast of it nor that cast's backward."""
+    def fused(tokens, hw, weight, bias, eps, feeds_next, decoder_linear=False):
         out, _ = backend.eager_stage_output(tokens, hw, weight, bias, eps, feeds_next)
+        decoder_map = out.to(dtype) if decoder_linear and out.dtype != dtype else out
         if feeds_next and out.dtype != dtype:
-            return out, out.to(dtype)
-        return out, out.clone()  # a tensor of its own either way: the two gradients reach the op apart
+            return decoder_map, out.to(dtype)
+        return decoder_map, decoder_map.clone()  # a tensor of its own either way: the two gradients reach the op apart
 
     from msf import backend
     return uncounted(fused, counter)

@@ -218,12 +218,14 @@ def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
         cases.append(Case(f"map_norm/stage{stage}", f"B={batch},{side}²,C={c}", batch,
                           {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
                                                 backward=True)}, {}))
-        feeds_next = stage < len(STAGES)
+        feeds_next, decoder_linear = stage < len(STAGES), stage > 1
 
-        def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next):
-            feature, next_input = get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt)
-            if nxt and next_input.dtype == feature.dtype:  # eager: the next convolution's autocast cast
+        def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next, lin=decoder_linear):
+            feature, next_input = get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt, lin)
+            if nxt and next_input.dtype == torch.float32:  # eager: the next convolution's autocast cast
                 next_input = next_input.to(torch.bfloat16)
+            if lin and feature.dtype == torch.float32:  # eager: the decoder projection's autocast cast
+                feature = feature.to(torch.bfloat16)
             return feature.float().square().mean() + next_input.float().square().mean()
         providers = {"eager": lambda: both("eager"), "triton": lambda: both("triton")}
         cases.append(Case(f"stage_output/stage{stage}", f"B={batch},{side}²,C={c}", batch,

@@ -13,7 +13,9 @@ layer_norm), else x's. dx in x's dtype and strides.
 The stage-final norm (`stage_output`, `msf.reference.eager_stage_output`) is the same op on the
 tokens seen as a channels-last map, with a second output: the 16-bit copy the next stage's
 convolution would cast the tokens to under autocast (written beside them; COPY), whose gradient
-the backward adds to the tokens' in fp32 (HAS_DY2), as autograd adds its cast-back.
+the backward adds to the tokens' in fp32 (HAS_DY2), as autograd adds its cast-back. At stages 2-4
+the decoder reads the tokens only through a Linear, so under autocast they are written in 16 bits
+too (`decoder_linear`: the values autocast's cast gives; the two outputs stay two tensors).
 
 Kernels (no atomics):
 - `_map_norm_fwd_kernel`: a tile of BLOCK_N tokens of one image × all C channels.
@@ -243,12 +245,16 @@ def copy_dtype(x: torch.Tensor, y_dtype: torch.dtype) -> torch.dtype | None:
     return None
 
 
-def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False):
+def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False, out_cast: bool = False):
     """What both entries (this module's and `msf::map_layer_norm`'s in kernels/ops.py) do: check the
     arguments, then `fused(x, γ, β, eps, out dtype, copy dtype)` where the kernels serve (C ≤ 256, x
     on CUDA or interpreted; a map whose tokens are not one stride apart is made contiguous first),
     else eager. `with_copy`: return (y, the tokens as a convolution under autocast takes them) —
-    the 16-bit copy where autocast would cast, else y itself."""
+    the 16-bit copy where autocast would cast, else y itself. `out_cast`: y's only reader is a
+    Linear that autocast runs in 16 bits, so y is written already cast (the same values: the fp32
+    result rounded once, as autocast's cast rounds it; its gradient comes back in 16 bits, which the
+    kernel widens as the cast's backward would). y and the copy then stay two tensors, so their
+    gradients are still added in fp32."""
     _check(x, lnw, lnb, eps)
     y_dtype = out_dtype(x, lnw, lnb)
     if (y_dtype is None or x.numel() == 0 or x.shape[1] > _MAX_C
@@ -258,26 +264,36 @@ def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False):
     if not _tokens_evenly_spaced(x):
         x = x.contiguous()
     cdt = copy_dtype(x, y_dtype) if with_copy else None
+    if out_cast:
+        y_dtype = copy_dtype(x, y_dtype) or y_dtype
     out = fused(x, lnw.contiguous(), lnb.contiguous(), float(eps), y_dtype, cdt)
     if with_copy and cdt is None:
         return out, out
     return out
 
 
-def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False):
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False, out_cast: bool = False):
     """LayerNorm over the channels of the B×C×h×w map x, as B×(h·w)×C tokens (module docstring); with
-    `with_copy` also the tokens as a convolution under autocast takes them (`dispatch`)."""
-    return dispatch(x, lnw, lnb, eps, MapNormFunction.apply, with_copy)
+    `with_copy` also the tokens as a convolution under autocast takes them; with `out_cast` the
+    tokens as a Linear under autocast takes them (`dispatch`)."""
+    return dispatch(x, lnw, lnb, eps, MapNormFunction.apply, with_copy, out_cast)
 
 
-def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True, *, norm=map_layer_norm):
+def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True, decoder_linear: bool = False, *,
+                 norm=map_layer_norm):
     """A stage's final LayerNorm as `msf.reference.eager_stage_output` returns it: (the map the decoder
     reads, the map the next stage's convolution reads). The tokens (B×(h·w)×C) are read once as a
     channels-last map; where `feeds_next` and autocast would cast the result for the convolution,
     the kernel writes that 16-bit copy beside the tokens and the backward adds both gradients.
-    `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
+    `decoder_linear`: the decoder reads this stage's map only through a Linear (stages 2-4's
+    projections), so under autocast the decoder's map is written in the autocast dtype, as the
+    Linear would cast it (`dispatch`'s `out_cast`: no fp32 map, no cast of it, and its gradient
+    read in 16 bits). `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
     x = tokens_to_map(tokens, *hw)
-    y, y_next = norm(x, lnw, lnb, eps, with_copy=True) if feeds_next else (norm(x, lnw, lnb, eps),) * 2
+    if feeds_next:
+        y, y_next = norm(x, lnw, lnb, eps, with_copy=True, out_cast=decoder_linear)
+    else:
+        y = y_next = norm(x, lnw, lnb, eps, out_cast=decoder_linear)
     return tokens_to_map(y, *hw), tokens_to_map(y_next, *hw)
 
 
@@ -290,13 +306,17 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for name, xdt, ydt in (("amp", "bf16", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "fp32", "fp32")):
             const = {"BLOCK_N": _BLOCK_N["fwd"][c], "BLOCK_C": c}
             bwd_const = {"BLOCK_N": _BLOCK_N["bwd"][c], "BLOCK_C": c, "TILES": 8}
-            # the patch embedding's norm (one output), and the stage-final norm of the model under
-            # autocast (fp32 tokens in, fp32 tokens and their bf16 copy out, both gradients back)
-            copy = name == "amp"
-            x_t = "fp32" if copy else xdt
-            for tag, xt, has_copy in (("", xdt, False),) + ((("_copy", x_t, True),) if copy else ()):
-                fwd = {"X": f"*{xt}", "LNW": "*fp32", "LNB": "*fp32", "Y": f"*{ydt}", "Y2": "*bf16"}
-                bwd = {"X": f"*{xt}", "LNW": "*fp32", "DY": f"*{ydt}", "DY2": "*bf16", "DX": f"*{xt}",
+            # the patch embedding's norm (one output), and the stage-final norms of the model under
+            # autocast: fp32 tokens in; out the decoder's map, fp32 at stage 1 and bf16 at stages 2-4
+            # ("_lin", `decoder_linear`), and at stages 1-3 the bf16 copy for the next convolution
+            # ("_copy"); both gradients back
+            variants = [("", xdt, ydt, False)]
+            if name == "amp":
+                variants += [("_copy", "fp32", ydt, True), ("_copy_lin", "fp32", "bf16", True),
+                             ("_lin", "fp32", "bf16", False)]
+            for tag, xt, yt, has_copy in variants:
+                fwd = {"X": f"*{xt}", "LNW": "*fp32", "LNB": "*fp32", "Y": f"*{yt}", "Y2": "*bf16"}
+                bwd = {"X": f"*{xt}", "LNW": "*fp32", "DY": f"*{yt}", "DY2": "*bf16", "DX": f"*{xt}",
                        "PART": "*fp32"}
                 specs.append(_aot_spec(f"map_norm.fwd_{name}{tag}_c{c}", _map_norm_fwd_kernel, fwd,
                                        {**const, "COPY": has_copy}, _WARPS, 1, floats=("eps",)))

@@ -426,15 +426,15 @@ def _map_norm_operator(x, lnw, lnb, eps, out_dtype, copy_dtype):
     return y if copy_dtype is None else (y, y2)
 
 
-def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False):
+def map_layer_norm(x, lnw, lnb, eps: float = 1e-5, *, with_copy: bool = False, out_cast: bool = False):
     """`msf.kernels.map_norm.map_layer_norm` through `msf::map_layer_norm` (eager where the kernels
     do not serve)."""
-    return _mn.dispatch(x, lnw, lnb, eps, _map_norm_operator, with_copy)
+    return _mn.dispatch(x, lnw, lnb, eps, _map_norm_operator, with_copy, out_cast)
 
 
-def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True):
+def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = True, decoder_linear: bool = False):
     """`msf.kernels.map_norm.stage_output` through `msf::map_layer_norm`."""
-    return _mn.stage_output(tokens, hw, lnw, lnb, eps, feeds_next, norm=map_layer_norm)
+    return _mn.stage_output(tokens, hw, lnw, lnb, eps, feeds_next, decoder_linear, norm=map_layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------

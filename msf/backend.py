@@ -18,9 +18,10 @@ Ops (shapes are the model's):
   it composes the backend's own `attention_sublayer` with eager LayerNorms and projections.
 - `map_layer_norm(x, weight, bias, eps)`: LayerNorm over the channels of a B×C×h×w map, as
   B×(h·w)×C tokens (the patch embedding's norm).
-- `stage_output(tokens, hw, weight, bias, eps, feeds_next)`: a stage's final LayerNorm as two
-  B×C×h×w maps, the decoder's and the next stage's (one tensor in eager; on triton, under autocast,
-  the next stage's is written as the 16-bit copy its convolution would cast to).
+- `stage_output(tokens, hw, weight, bias, eps, feeds_next, decoder_linear)`: a stage's final LayerNorm
+  as two B×C×h×w maps, the decoder's and the next stage's (one tensor in eager; on triton, under
+  autocast, the next stage's is written as the 16-bit copy its convolution would cast to, and with
+  `decoder_linear` the decoder's too, as the Linear that reads it would cast it).
 - `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
   feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against

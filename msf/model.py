@@ -124,6 +124,7 @@ class Stage(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.backend = backend
         self.feeds_next = feeds_next
+        self.decoder_linear = not first  # the decoder projects stages 2-4 with a Linear (`decoder_mlp.project`)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton
@@ -132,7 +133,8 @@ class Stage(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, h, w)
         norm = self.norm
-        return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps, self.feeds_next)
+        return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps, self.feeds_next,
+                                                  self.decoder_linear)
 
 
 class LMSA(nn.Module):

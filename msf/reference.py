@@ -88,11 +88,13 @@ def eager_map_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def eager_stage_output(tokens: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float = 1e-5, feeds_next: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float = 1e-5, feeds_next: bool = True,
+                       decoder_linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A stage's output: its final LayerNorm of the B×(h·w)×C tokens as a B×C×h×w map, twice: the map
     the decoder reads and the one the next stage's patch embedding reads (one tensor in eager; the
-    convolution casts it under autocast). `feeds_next` is for the fused path, which makes that cast
-    itself only where there is a next stage."""
+    convolution casts it under autocast). `feeds_next` and `decoder_linear` are for the fused path,
+    which makes the casts itself: the next stage's only where there is a next stage, the decoder's
+    where the decoder reads the map only through a Linear."""
     out = tokens_to_map(F.layer_norm(tokens, tokens.shape[-1:], weight, bias, eps), *hw)
     return out, out
 

@@ -598,15 +598,17 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             pass_ref[0] = "bwd"
             mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32)
         elif op == "stage_output":
-            # under CUDA autocast: the fp32 residual stream's tokens in, fp32 tokens for the decoder and
-            # (stages 1-3) their bf16 copy for the next convolution out; both gradients back
+            # under CUDA autocast: the fp32 residual stream's tokens in, the decoder's map (fp32 at stage
+            # 1, whose decoder kernel reads fp32; bf16 at stages 2-4, read by a Linear: `decoder_linear`)
+            # and (stages 1-3) the bf16 copy for the next convolution out; both gradients back
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             x = e((batch, side, side, c), dtype=f32).permute(0, 3, 1, 2)
             lnw, lnb = e((c,), dtype=f32), e((c,), dtype=f32)
             copy = bf16 if stage < len(STAGES) else None
-            mn._forward(x, lnw, lnb, 1e-5, f32, copy)
+            y_dtype = bf16 if stage > 1 else f32
+            mn._forward(x, lnw, lnb, 1e-5, y_dtype, copy)
             pass_ref[0] = "bwd"
-            mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32,
+            mn._backward(x, lnw, e((batch, side * side, c), dtype=y_dtype), 1e-5, f32,
                          None if copy is None else e((batch, side * side, c), dtype=bf16))
         elif op == "ffn_sublayer":
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
@@ -666,7 +668,8 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     elif op == "stage_output":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         x = leaf(batch, side, side, c).permute(0, 3, 1, 2)
-        fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, f32, bf16 if stage < len(STAGES) else None)
+        fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, bf16 if stage > 1 else f32,
+                                              bf16 if stage < len(STAGES) else None)
     elif op == "attention_block":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)

@@ -139,3 +139,44 @@ def test_copy_for_the_next_convolution(shape, device, poisoned):
     with torch.autocast(device, dtype=torch.bfloat16):
         y, same = norm_mod.map_layer_norm(ours["x"].detach().to(torch.bfloat16), ours["w"], ours["b"], with_copy=True)
     assert same is y, "no copy where the tokens already have the convolution's dtype"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("feeds_next", [True, False], ids=["stage2-3", "stage4"])
+def test_decoder_map_cast_for_its_linear(feeds_next, device, poisoned):
+    """`stage_output(decoder_linear=True)` (stages 2-4, whose maps the decoder reads only through a
+    Linear) under bf16 autocast: the decoder's map is written in bf16, bit for bit the fp32 map
+    rounded as the Linear's autocast cast rounds it, and apart from the next convolution's copy (so
+    their gradients still meet in fp32). Its bf16 gradient gives bit for bit what the fp32 map's
+    path gives for that gradient widened (the cast's backward)."""
+    kernel_device(device)
+    b, c, h, w = SHAPES["C64"]
+    vals = _inputs((b, c, h, w), seed=8)
+    tokens = vals["x"].flatten(2).transpose(1, 2).contiguous().to(device)  # B×N×C, as the residual stream
+    g1 = vals["g"].to(device, torch.bfloat16)  # a Linear's input gradient under autocast: bf16
+    g2 = torch.randn(vals["g"].shape, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
+    grads = {}
+    outs = {}
+    for lin in (False, True):
+        leaves = {k: v.detach().to(device).requires_grad_() for k, v in
+                  (("tokens", tokens), ("w", vals["w"]), ("b", vals["b"]))}
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y, y_next = norm_mod.stage_output(leaves["tokens"], (h, w), leaves["w"], leaves["b"], 1e-5,
+                                              feeds_next, decoder_linear=lin)
+        if lin:
+            assert y.dtype == torch.bfloat16, y.dtype
+        else:
+            assert y.dtype == torch.float32, y.dtype
+        assert (y_next.data_ptr() != y.data_ptr()) == feeds_next, "the two maps share memory only without a copy"
+        dec_grad = g1.view(b, h, w, c).permute(0, 3, 1, 2)
+        if feeds_next:
+            torch.autograd.backward([y, y_next], [dec_grad.to(y.dtype), g2.view(b, h, w, c).permute(0, 3, 1, 2)])
+        else:
+            y.backward(dec_grad.to(y.dtype))
+        outs[lin] = (y, y_next)
+        grads[lin] = [leaves[k].grad for k in ("tokens", "w", "b")]
+    assert torch.equal(outs[True][0], outs[False][0].to(torch.bfloat16)), "the decoder's map is the fp32 map rounded"
+    if feeds_next:
+        assert torch.equal(outs[True][1], outs[False][1]), "the next convolution's copy is unchanged"
+    for name, a, ref in zip(("d tokens", "dγ", "dβ"), grads[True], grads[False]):
+        assert torch.equal(a, ref), f"{name}: {(a - ref).abs().max().item():.3g} from the fp32 map's path"
