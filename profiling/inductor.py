@@ -140,7 +140,27 @@ def fake_cuda_guard() -> None:
     if torch.backends.cuda.is_built():
         return
     from torch.utils.cpp_extension import load_inline
+    _clear_stale_build_lock("msf_fake_cuda_guard")
     load_inline("msf_fake_cuda_guard", cpp_sources=[_GUARD_SOURCE], functions=["registered"])
+
+
+_STALE_LOCK_S = 600  # the guard builds in under a minute on 2 cores
+
+
+def _clear_stale_build_lock(name: str) -> None:
+    """Remove the extension build's lock file when it is older than any build takes. torch's build
+    baton waits for that file to go away, forever: a process killed mid-build (an interrupted first
+    run) leaves it behind, and every later run then hangs on it without a word (seen 2026-12-05)."""
+    import time
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            print(f"removing a stale extension build lock ({lock}, {time.time() - lock.stat().st_mtime:.0f} s old)",
+                  file=sys.stderr)
+            lock.unlink(missing_ok=True)
+    except (ImportError, OSError):  # no lock (the usual case), or torch moved its private helper
+        return
 
 
 def _load_kernel(self, kernel_name: str, source_code: str, device_str: str = "cuda"):

@@ -243,3 +243,22 @@ def test_library_roofline():
     assert inductor.library_time(depthwise, cost.H100) == pytest.approx(8e9 / 59.3e12 + cost.LAUNCH_S, rel=1e-3)
     streaming = inductor.LibraryCall("aten.mm.out", bytes=3e9, flops=1e9, low_precision=False)
     assert inductor.library_time(streaming, cost.A100) == pytest.approx(3e9 / cost.A100.bandwidth + cost.LAUNCH_S)
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch's extension build waits for its lock file to go away, forever; a run killed mid-build
+    leaves it. One older than any build is removed before the build; a fresh one (a build under way
+    in another process) is left alone."""
+    import time
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    lock = tmp_path / "guard" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    inductor._clear_stale_build_lock("guard")
+    assert lock.exists(), "a lock younger than any build is another process's"
+    old = time.time() - inductor._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    inductor._clear_stale_build_lock("guard")
+    assert not lock.exists()
+    inductor._clear_stale_build_lock("guard")  # no lock: nothing to do
