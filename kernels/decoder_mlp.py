@@ -21,7 +21,8 @@ backward regenerates it; `keep_mask` returns it for tests. The keep
 probability is nn.Dropout's, 1 − p, and kept values are scaled by 1 / (1 − p).
 
 Precision (`compute_dtype`): one dtype throughout (fp32 products as tf32x3), or the model's CUDA
-autocast mix: fp32 f1 and master weights rounded on load, P_i in the autocast dtype (F.linear's
+autocast mix: fp32 master weights rounded on load, f1 in fp32 (rounded on load) or already in the
+autocast dtype (the model's: stage_output writes it so), P_i in the autocast dtype (F.linear's
 output), the pre-activation, GELU's output, the dropout output, x and in the backward dx·w2, the
 dropout and GELU gradients rounded where eager autocast rounds its own tensors.
 
@@ -78,7 +79,7 @@ _MAX_FP32_E = 64
 
 # ----------------------------------------------------------------------------------------------
 # configurations (BLOCK_P, num_warps, num_stages) per kernel and dtype class ("16": bf16 / fp16
-# throughout; "amp": fp32 f1 and weights, 16-bit products; "fp32": tf32x3); the adjoint's
+# throughout; "amp": fp32 weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
 # msf.kernels.decoder_mlp`: 30 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
@@ -920,7 +921,9 @@ _AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "dw2": _
 _AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "p_drop", "drop_scale", "scale_y", "scale_x")
 # per dtype class: (16-bit pointers' type, CDT, the fp32 master tensors' type)
 _AOT_DTYPE = {"16": ("bf16", 1, "bf16"), "amp": ("bf16", 1, "fp32"), "fp32": ("fp32", 0, "fp32")}  # adjoint: DH, DP
-_AOT_MASTERS = ("F1", "M1", "CB", "W2", "B2", "DF1")  # fp32 under autocast (f1 is the stage's fp32 LN output)
+# fp32 under autocast: the folded and master weights (f1 and its gradient come in the autocast dtype:
+# stage_output writes the map as the Linear it feeds would cast it, `decoder_linear`)
+_AOT_MASTERS = ("M1", "CB", "W2", "B2")
 
 
 def _aot_specs() -> list[AttentionAotSpec]:

@@ -13,9 +13,10 @@ layer_norm), else x's. dx in x's dtype and strides.
 The stage-final norm (`stage_output`, `msf.reference.eager_stage_output`) is the same op on the
 tokens seen as a channels-last map, with a second output: the 16-bit copy the next stage's
 convolution would cast the tokens to under autocast (written beside them; COPY), whose gradient
-the backward adds to the tokens' in fp32 (HAS_DY2), as autograd adds its cast-back. At stages 2-4
-the decoder reads the tokens only through a Linear, so under autocast they are written in 16 bits
-too (`decoder_linear`: the values autocast's cast gives; the two outputs stay two tensors).
+the backward adds to the tokens' in fp32 (HAS_DY2), as autograd adds its cast-back. The decoder
+reads the tokens only through a Linear (or the decoder kernel's product, which rounds them alike),
+so under autocast they are written in 16 bits too (`decoder_linear`: the values autocast's cast
+gives; the two outputs stay two tensors).
 
 Kernels (no atomics):
 - `_map_norm_fwd_kernel`: a tile of BLOCK_N tokens of one image × all C channels.
@@ -286,8 +287,8 @@ def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = Tru
     channels-last map; where `feeds_next` and autocast would cast the result for the convolution,
     the kernel writes that 16-bit copy beside the tokens and the backward adds both gradients.
     `decoder_linear`: the decoder reads this stage's map only through a Linear (stages 2-4's
-    projections), so under autocast the decoder's map is written in the autocast dtype, as the
-    Linear would cast it (`dispatch`'s `out_cast`: no fp32 map, no cast of it, and its gradient
+    projections; stage 1's folded into the decoder kernel, which rounds it alike), so under
+    autocast the decoder's map is written in the autocast dtype, as the Linear would cast it (`dispatch`'s `out_cast`: no fp32 map, no cast of it, and its gradient
     read in 16 bits). `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
     x = tokens_to_map(tokens, *hw)
     if feeds_next:
@@ -307,9 +308,9 @@ def _aot_specs() -> list[AttentionAotSpec]:
             const = {"BLOCK_N": _BLOCK_N["fwd"][c], "BLOCK_C": c}
             bwd_const = {"BLOCK_N": _BLOCK_N["bwd"][c], "BLOCK_C": c, "TILES": 8}
             # the patch embedding's norm (one output), and the stage-final norms of the model under
-            # autocast: fp32 tokens in; out the decoder's map, fp32 at stage 1 and bf16 at stages 2-4
-            # ("_lin", `decoder_linear`), and at stages 1-3 the bf16 copy for the next convolution
-            # ("_copy"); both gradients back
+            # autocast: fp32 tokens in; out the decoder's map, bf16 in the model ("_lin",
+            # `decoder_linear`; fp32 without it), and at stages 1-3 the bf16 copy for the next
+            # convolution ("_copy"); both gradients back
             variants = [("", xdt, ydt, False)]
             if name == "amp":
                 variants += [("_copy", "fp32", ydt, True), ("_copy_lin", "fp32", "bf16", True),

@@ -124,7 +124,9 @@ class Stage(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.backend = backend
         self.feeds_next = feeds_next
-        self.decoder_linear = not first  # the decoder projects stages 2-4 with a Linear (`decoder_mlp.project`)
+        # the decoder reads every stage's map through a Linear (stages 2-4's projections; stage 1's, folded
+        # into M1, is the decoder kernel's product, which rounds f1 as that Linear's autocast cast would)
+        self.decoder_linear = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton

@@ -512,7 +512,7 @@ def _decoder_core_args(batch: int, size: int, new):
     side = size // 4
     e, c1 = DECODER_DIM, STAGES[1][1]
     lows = [new((batch, side >> s, side >> s, e), dtype=torch.bfloat16) for s in (1, 2, 3)]
-    return (new((batch * side * side, c1), dtype=torch.float32), *lows, new((e, c1), dtype=torch.float32),
+    return (new((batch * side * side, c1), dtype=torch.bfloat16), *lows, new((e, c1), dtype=torch.float32),
             new((e,), dtype=torch.float32), new((e, e), dtype=torch.float32), new((e,), dtype=torch.float32),
             new((1,), dtype=torch.int64)), (side, side)
 
@@ -598,17 +598,16 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             pass_ref[0] = "bwd"
             mn._backward(x, lnw, e((batch, side * side, c), dtype=f32), 1e-5, f32)
         elif op == "stage_output":
-            # under CUDA autocast: the fp32 residual stream's tokens in, the decoder's map (fp32 at stage
-            # 1, whose decoder kernel reads fp32; bf16 at stages 2-4, read by a Linear: `decoder_linear`)
-            # and (stages 1-3) the bf16 copy for the next convolution out; both gradients back
+            # under CUDA autocast: the fp32 residual stream's tokens in, the decoder's map in bf16 (it
+            # reads it through a Linear: `decoder_linear`) and (stages 1-3) the bf16 copy for the next
+            # convolution out; both gradients back
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             x = e((batch, side, side, c), dtype=f32).permute(0, 3, 1, 2)
             lnw, lnb = e((c,), dtype=f32), e((c,), dtype=f32)
             copy = bf16 if stage < len(STAGES) else None
-            y_dtype = bf16 if stage > 1 else f32
-            mn._forward(x, lnw, lnb, 1e-5, y_dtype, copy)
+            mn._forward(x, lnw, lnb, 1e-5, bf16, copy)
             pass_ref[0] = "bwd"
-            mn._backward(x, lnw, e((batch, side * side, c), dtype=y_dtype), 1e-5, f32,
+            mn._backward(x, lnw, e((batch, side * side, c), dtype=bf16), 1e-5, f32,
                          None if copy is None else e((batch, side * side, c), dtype=bf16))
         elif op == "ffn_sublayer":
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
@@ -621,8 +620,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             pass_ref[0] = "bwd"
             ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32, w_dtype=f32)
         elif op == "decoder_mlp":
-            # under CUDA autocast: stage 1's fp32 LayerNorm tokens, stages 2-4 projected by F.linear
-            # (bf16), the folded M1 and c and fc2 fp32; dropout on, as in training
+            # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
+            # stages 2-4 projected by F.linear (bf16), the folded M1 and c and fc2 fp32; dropout on
             args, size_hw = _decoder_core_args(batch, size, e)
             f1, p2, p3, p4, m1, _cb, w2, _b2, seed = args
             _, hs, d = dec._forward(*args, DECODER_DROPOUT, size_hw, bf16, save=True)
@@ -668,8 +667,7 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     elif op == "stage_output":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         x = leaf(batch, side, side, c).permute(0, 3, 1, 2)
-        fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, bf16 if stage > 1 else f32,
-                                              bf16 if stage < len(STAGES) else None)
+        fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, bf16, bf16 if stage < len(STAGES) else None)
     elif op == "attention_block":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)
@@ -689,7 +687,8 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
         # the op's whole entry: its host half (fold, stages 2-4's projections under autocast) keeps
         # the bf16 copies F.linear saves, the Function its inputs; the kernels recorded, not run
         sides = [size // 4 >> s for s in range(4)]
-        features = [_cl(batch, STAGES[s + 1][1], sides[s], sides[s], f32).requires_grad_() for s in range(4)]
+        # the stage maps as stage_output writes them under autocast (`decoder_linear`): bf16
+        features = [_cl(batch, STAGES[s + 1][1], sides[s], sides[s], bf16).requires_grad_() for s in range(4)]
         params = DecoderParams(tuple(leaf(DECODER_DIM, STAGES[s][1]) for s in STAGES),
                                tuple(leaf(DECODER_DIM) for _ in STAGES), leaf(DECODER_DIM, 4 * DECODER_DIM),
                                leaf(DECODER_DIM), leaf(DECODER_DIM, DECODER_DIM), leaf(DECODER_DIM))

@@ -141,6 +141,33 @@ def test_autocast_matches_eager_autocast(device, poisoned):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_autocast_bf16_maps_equal_fp32_maps_rounded(device, poisoned):
+    """The model's stage maps come in bf16 under autocast (stage_output's `decoder_linear`): the same
+    values autocast's casts (and the kernel's rounding of fp32 f1 on load) give. Bit for bit the
+    output and every parameter gradient of the fp32 maps, each map's gradient in bf16 the fp32 one
+    (which is bf16-rounded) exactly, dropout on."""
+    kernel_device(device)
+    vals = _inputs(SHAPES["model"], seed=17)
+    seed = torch.tensor([91], dtype=torch.int64, device=device)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = _leaves(vals, device, torch.float32)
+        for i in range(1, 5):  # the maps in `dtype`, rounded from the same fp32 values
+            leaves[f"f{i}"] = vals[f"f{i}"].to(device).to(torch.bfloat16).to(dtype).requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = dec_mod.decoder_mlp(*_split(leaves), 0.15, training=True, seed=seed)
+        out.backward(leaves["g"].to(out.dtype))
+        runs[dtype] = (out, leaves)
+    (out32, l32), (out16, l16) = runs[torch.float32], runs[torch.bfloat16]
+    assert torch.equal(out16, out32), "output"
+    for name in PARAM_NAMES:
+        assert torch.equal(l16[name].grad, l32[name].grad), f"d{name}"
+    for i in range(1, 5):
+        g16, g32 = l16[f"f{i}"].grad, l32[f"f{i}"].grad
+        assert g16.dtype == torch.bfloat16 and torch.equal(g16.float(), g32), f"df{i}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_autocast_with_dropout_matches_float64(device, poisoned):
     """The training step's case: bf16 autocast with dropout on, against float64 of the concat form with
     the kernels' own keep mask; the output bf16, every gradient in its leaf's dtype."""
