@@ -288,8 +288,9 @@ def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = Tru
     the kernel writes that 16-bit copy beside the tokens and the backward adds both gradients.
     `decoder_linear`: the decoder reads this stage's map only through a Linear (stages 2-4's
     projections; stage 1's folded into the decoder kernel, which rounds it alike), so under
-    autocast the decoder's map is written in the autocast dtype, as the Linear would cast it (`dispatch`'s `out_cast`: no fp32 map, no cast of it, and its gradient
-    read in 16 bits). `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
+    autocast the decoder's map is written in the autocast dtype, as the Linear would cast it
+    (`dispatch`'s `out_cast`: no fp32 map, no cast of it, and its gradient read in 16 bits).
+    `norm`: this module's `map_layer_norm` or its operator form (kernels/ops.py)."""
     x = tokens_to_map(tokens, *hw)
     if feeds_next:
         y, y_next = norm(x, lnw, lnb, eps, with_copy=True, out_cast=decoder_linear)
