@@ -234,14 +234,11 @@ def _launch(kernel: str, c: int, cdt: torch.dtype) -> tuple[int, int, int]:
 
 def compute_weights(sr_w, kv_w, wq, wo, cdt: torch.dtype) -> tuple:
     """The block's weight matrices as its kernels read them, in the compute dtype: W_sr as R²×C×C
-    (window position, out, in; None for R = 1), W_kv, wq, wo. Under autocast that is one launch
-    each (W_sr's cast and transposition are one copy), as autocast's own casts; the forward makes
-    them and saves them for the backward, which makes none. The biases are rounded on load."""
-    wsr = None
-    if sr_w is not None:
-        c, r = sr_w.shape[0], sr_w.shape[2]
-        wsr = torch.empty((r, r, c, c), device=sr_w.device, dtype=cdt).copy_(sr_w.permute(2, 3, 0, 1))
-    return (wsr, *_sub.compute_weights(cdt, kv_w, wq, wo))
+    (window position, out, in; None for R = 1), W_kv, wq, wo. Under autocast one launch makes all
+    four (`casts.cast_all`: W_sr's cast and transposition one copy; autocast's own casts are a
+    launch each), otherwise W_sr's transposition is the one copy; the forward makes them and saves
+    them for the backward, which makes none. The biases are rounded on load."""
+    return tuple(_sub.compute_weights(cdt, None if sr_w is None else sr_w.permute(2, 3, 0, 1), kv_w, wq, wo))
 
 
 def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,

@@ -547,12 +547,14 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
 
 
 def compute_weights(cdt: torch.dtype, *weights: torch.Tensor) -> list[torch.Tensor]:
-    """The C×C weight matrices in the compute dtype: one cast launch each for fp32 masters under
-    autocast (as autocast's own), none otherwise. The kernels read every weight tile once per
-    program, so rounding them there instead costs more than the launch: on the cost model it took
-    the dQ kernel at C = 128 and 192 from 128 to 166-193 registers, one CTA an SM, 52 → 142 µs and
-    42 → 125 µs on the H100 (2026-12-05). Biases are rounded on load (`_bias`)."""
-    return [w.to(cdt) for w in weights]
+    """The C×C weight matrices in the compute dtype: for fp32 masters under autocast one launch casts
+    them all (`casts.cast_all`; autocast's own casts are a launch each), none otherwise. The kernels
+    read every weight tile once per program, so rounding them there instead costs more than the
+    launch: on the cost model it took the dQ kernel at C = 128 and 192 from 128 to 166-193
+    registers, one CTA an SM, 52 → 142 µs and 42 → 125 µs on the H100 (2026-12-05). Biases are
+    rounded on load (`_bias`)."""
+    from msf.kernels.casts import cast_all  # (casts imports this module's rounding)
+    return cast_all(cdt, *weights)
 
 
 class AttentionSublayerFunction(torch.autograd.Function):

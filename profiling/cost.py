@@ -465,7 +465,7 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from msf.kernels import (attention, attention_block, configs, head_loss, lmsa, map_norm, partial_sums,
+    from msf.kernels import (attention, attention_block, casts, configs, head_loss, lmsa, map_norm, partial_sums,
                              upsample_argmax)
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({attention_block._kv_fwd_kernel: "attention_block.kv_fwd",
@@ -478,7 +478,7 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
                   head_loss._head_loss_bwd_halo_kernel: "head_loss.bwd_halo",
                   upsample_argmax._upsample_argmax_rows_kernel: "upsample_argmax.rows",
                   attention._attn_bwd_reduce_kernel: "attention.reduce",
-                  partial_sums._sum_partials_kernel: "partial_sums"})
+                  partial_sums._sum_partials_kernel: "partial_sums", casts._cast_kernel: "casts"})
 
     def record(self, *args, grid, warmup, **kwargs):
         bound, g, sig, const, attrs, opts = specialise(self, args, kwargs, grid, device.arch)
@@ -487,10 +487,11 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
 
     saved = [(JITFunction, "run", JITFunction.run), (attention, "_sm_count", attention._sm_count),
              (lmsa, "_sm_count", lmsa._sm_count), (upsample_argmax, "_check_device", upsample_argmax._check_device),
-             (head_loss, "_check_device", head_loss._check_device)]
+             (head_loss, "_check_device", head_loss._check_device), (casts, "_kernel_device", casts._kernel_device)]
     JITFunction.run = record
     attention._sm_count = lmsa._sm_count = lambda dev: device.sms
     upsample_argmax._check_device = head_loss._check_device = lambda t, name: None
+    casts._kernel_device = lambda t: True
     try:
         with configs.for_device(f"sm_{device.arch}"):
             yield
