@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, dot
+from msf.kernels.casts import cast_all
 from msf.kernels.configs import PinnedKernel
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import LMSAParams, eager_lmsa
@@ -937,8 +938,9 @@ def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dw_flat(dws):
-    """Depthwise weights as fp32 tap-major k²×C (per-tap loads of a channel block are contiguous)."""
-    return [dw.detach().reshape(dw.shape[0], -1).t().float().contiguous() for dw in dws]
+    """Depthwise weights as fp32 tap-major k²×C (per-tap loads of a channel block are contiguous): the
+    three transposed copies in one launch (`cast_all`)."""
+    return cast_all(torch.float32, *(dw.detach().reshape(dw.shape[0], -1).t() for dw in dws))
 
 
 class _Kept(NamedTuple):
