@@ -70,22 +70,22 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # ----------------------------------------------------------------------------------------------
 # configurations: (BLOCK_N, BLOCK_H, num_warps, num_stages) per kernel, dtype class and C block.
-# The classes: "16" (bf16 / fp16 throughout), "amp" (fp32 x and weights, 16-bit products: the
-# model under autocast), "fp32" (tf32x3 products). Every entry builds for sm_80 AND sm_90 without
-# spills at the model's shapes (`AOT_SPECS`, `python -m msf.profiling.report`). The amp lists hold
-# the cost model's fastest such configuration for the H100 first, then the A100's where it differs
-# (sweep of BLOCK_N 16-128 × BLOCK_H 16-128 × 4/8 warps, 2026-12-04; the forward's re-picked by
-# `--pin` after GELU's reciprocal became MUFU.RSQ, 2026-12-05; docs/ffn_sublayer.md); the
-# 16-bit lists share them, fp32 takes small tiles (three products a tf32x3 dot).
-# Left out for spilling on sm_80 only: wgrad (16, 64, 8) at C 256 and dx (16, 64, 8) at C 256, the
-# H100's fastest there (56.1 and 47.3 µs against 139.3 and 66.9 µs). wgrad (16, 64, 8) at C 64
-# spills on sm_80 too, but is allowed on sm_90 only (`_SM90_ONLY`: its AOT spec builds for sm_90,
-# the pin never takes a spilling build): H100 109.2 -> 59.8 µs a stage-2 block (2026-12-05). wgrad
-# (32, 16, 8) at C 256 spills 8 B on sm_90 since GELU's rsqrt: that class now takes (16, 16, 8),
-# which the model never launches (C 256 takes the stash route, `stash_pays`; tests force it).
-# dx at C 32 and 64 (2026-12-05): BLOCK_H = H keeps the one hidden slice's weights in registers
-# across a program's tiles (H100: 108.9 -> 79.8 µs at C 32, 82.4 -> 71.4 at C 64); the A100 keeps
-# two slices at C 64 (96.0 µs, against 101.7 for the whole slice).
+# The classes: "16" (bf16 / fp16 throughout), "amp" (fp32 x, 16-bit weights (the Function's casts)
+# and products: the model under autocast), "fp32" (tf32x3 products). Every entry builds for sm_80
+# AND sm_90 without spills at the model's shapes (`AOT_SPECS`, `python -m msf.profiling.report`),
+# but those in `_SM90_ONLY`. The amp lists hold the cost model's fastest such configuration for the
+# H100 first, then the A100's where it differs; the 16-bit lists share them, fp32 takes small tiles
+# (three products a tf32x3 dot). History (docs/ffn_sublayer.md): swept over BLOCK_N 16-128 ×
+# BLOCK_H 16-128 × 4/8 warps on 2026-12-04; the forward re-picked after GELU's reciprocal became
+# MUFU.RSQ; dx at C 32 and 64 with BLOCK_H = H (the one hidden slice's weights held in registers
+# across a program's tiles); every kernel swept again once w1 and w2 came cast to the compute dtype
+# (2026-12-05): dx (16, 64, 8) at C 256, which spilled on sm_80 while it rounded fp32 weights, now
+# builds clean (H100 95.4 -> 51.0 µs). Allowed on sm_90 only (`_SM90_ONLY`: the AOT spec builds for
+# sm_90, the pin never takes a spilling build): wgrad (16, 64, 8) at C 64 (H100 109.2 -> 59.8 µs a
+# stage-2 block; 255 registers + 104 B of spill on sm_80) and fwd (16, 64, 8) at C 256 (H100 19.7
+# -> 17.1 µs against the best clean on both). Left out: wgrad (16, 64, 8) at C 256 (spills on
+# sm_80); wgrad (32, 16, 8) at C 256 spills 8 B on sm_90: that class takes (16, 16, 8), which the
+# model never launches (C 256 takes the stash route, `stash_pays`; tests force it).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _AMP: dict[str, dict[int, list[_Cfg]]] = {
