@@ -506,8 +506,8 @@ def _stage_output_standin(counter: ByteCounter, dtype: torch.dtype) -> Callable[
     CUDA autocast to `dtype`, where a next stage reads it, the second map is the fused kernel's copy,
     not the decoder's fp32 map again, so the eager rest keeps neither the next convolution's cast
     nor autograd's sum of the two maps' gradients (the kernel's backward adds them); with
-    `decoder_linear` (stages 2-4) the decoder's map is in `dtype` too, so the rest keeps neither
-    the decoder projection's cast of it nor that cast's backward."""
+    `decoder_linear` (every stage, as `msf.model.Stage` calls it) the decoder's map is in `dtype`
+    too, so the rest keeps neither the decoder projection's cast of it nor that cast's backward."""
     def fused(tokens, hw, weight, bias, eps, feeds_next, decoder_linear=False):
         out, _ = backend.eager_stage_output(tokens, hw, weight, bias, eps, feeds_next)
         decoder_map = out.to(dtype) if decoder_linear and out.dtype != dtype else out

@@ -218,7 +218,7 @@ def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
         cases.append(Case(f"map_norm/stage{stage}", f"B={batch},{side}²,C={c}", batch,
                           {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
                                                 backward=True)}, {}))
-        feeds_next, decoder_linear = stage < len(STAGES), stage > 1
+        feeds_next, decoder_linear = stage < len(STAGES), True  # as msf.model.Stage calls it
 
         def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next, lin=decoder_linear):
             feature, next_input = get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt, lin)

@@ -647,10 +647,9 @@ def _aot_specs() -> list[AttentionAotSpec]:
         for mode, per_c in _ALLOWED[kname].items():
             dname, code = _AOT_DTYPE[mode]
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
-            # the C×H weights come in the compute dtype (`compute_weights`)
-            ptrs.update({a: "*fp32" if code == 0 else "*bf16" for a in _AOT_WEIGHT_PTRS})
-            if kname == "dx":
-                ptrs.update({a: "*fp32" if code == 0 else "*bf16" for a in _AOT_STASH_PTRS})
+            # in the compute dtype: the C×H weights (`compute_weights`) and the dx kernel's stash
+            ptrs.update({a: "*fp32" if code == 0 else "*bf16"
+                         for a in _AOT_WEIGHT_PTRS + (_AOT_STASH_PTRS if kname == "dx" else ())})
             for block_c, cfgs in per_c.items():
                 for bn, bh, w, st in cfgs:
                     const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c,

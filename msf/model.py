@@ -124,9 +124,6 @@ class Stage(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.backend = backend
         self.feeds_next = feeds_next
-        # the decoder reads every stage's map through a Linear (stages 2-4's projections; stage 1's, folded
-        # into M1, is the decoder kernel's product, which rounds f1 as that Linear's autocast cast would)
-        self.decoder_linear = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton
@@ -135,8 +132,11 @@ class Stage(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, h, w)
         norm = self.norm
+        # decoder_linear (the last argument) True: the decoder reads every stage's map through a Linear
+        # (stages 2-4's projections; stage 1's, folded into M1, is the decoder kernel's product, which
+        # rounds f1 as that Linear's autocast cast would)
         return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps, self.feeds_next,
-                                                  self.decoder_linear)
+                                                  True)
 
 
 class LMSA(nn.Module):

@@ -74,15 +74,17 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    torch ops (8.) + the floor of the eager ops left in a triton step, against the eager step's floor.
 8. Host-side torch ops inside the fused ops (since 2026-12-05; `host_launches`): the aten ops an
    op's forward and backward functions run between their kernels (LMSA's gate graph and its
-   autograd, border fills, the attention block's weight casts), counted during the capture with a dispatch mode (views, metadata and bare allocations
-   excluded). Their tensors are tiny, so each costs one launch, LAUNCH_S, and no bytes: a row of
+   autograd, border fills, a gradient's permuted copy), counted during the capture with a dispatch
+   mode (views, metadata and bare allocations excluded). Their tensors are tiny, so each costs one launch, LAUNCH_S, and no bytes: a row of
    the step, not of the per-op or per-kernel tables. 347 launches a step when first counted (1.13 ms
    on the H100, more than any one kernel of the step), 251 after LMSA's E_k borders were filled
    together, its cell indicator became a 5-op band, its gate graph took the three scales in one op
    each and an unused weight copy was dropped (LMSA 233 → 137, 10 of them copies of gradients that
    would otherwise alias one another at the operator's boundary); 92 once the attention block cast
    its weights once a step and LMSA kept its gate graph for the backward (LMSA 61; 13 of its 137 had
-   been this capture's own parameter fills). Host code outside those functions
+   been this capture's own parameter fills); 63 once each op's weight casts became one Triton
+   launch (`casts.cast_all`, a kernel of the op: the attention blocks, the FFN's own casts, LMSA's
+   tap-major copies). Host code outside those functions
    (the autograd Functions' own casts, the decoder's fold and low-resolution projections) is in
    neither count.
 
