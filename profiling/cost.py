@@ -32,7 +32,10 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
 4. Dynamic warp-instructions of a program = Σ_instr (trip count of its innermost SASS loop, the
    formula giving the loop's total iterations in that program) × num_warps. Software-pipelined
    loops peel iterations into a prologue/epilogue; those are counted once here (a small
-   overcount of the body × (stages − 1)).
+   overcount of the body × (stages − 1)). Straight-line code runs once a program, except a
+   helper's inlined copy in an exclusive branch (since 2026-12-06, `branch_owners`): where only some
+   programs enter a helper's loop, the straight-line instructions of that helper nearest the loop
+   (its set-up, reduction, stores, and what sits between them) run in those programs only.
 5. Occupancy: CTAs/SM = min(regs: ⌊65536 / (⌈regs·32/256⌉·256 · warps)⌋, shared: ⌊smem/SM ÷
    (shared + 1 KB)⌋, ⌊64 / warps⌋, 32). Waves = programs ÷ (CTAs/SM · SMs). A build that fits no
    CTA on an SM cannot launch: its predicted time is infinite (`--pin` and `--sweep` then pass it by).
@@ -65,7 +68,8 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    global-load wave waits with nothing to hide it, and a later wave 1/resident of it (the other
    resident CTAs, out of step by then, issue meanwhile). Waves: the straight-line loads; a loop's
    plain loads once a trip when its body holds a CTA barrier (the warps reach each trip's loads
-   together), else once; a loop fed by asynchronous copies (LDGSTS) once.
+   together), else once; a loop fed by asynchronous copies (LDGSTS) once; a loop only some
+   programs enter, in that share of the programs.
    Launch (v2) = LAUNCH_S + LAUNCH_S_PER_PROGRAM × programs, measured on the H200 (an empty
    Triton launch).
 7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
@@ -119,8 +123,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import datetime as _dt
+import functools
 import inspect
 import json
 import math
@@ -272,9 +276,12 @@ def _dx_tiles(a, pid):  # row tiles of program pid[0] (the FFN's dx kernel, the 
     return max(0, min(a["TILES"], a["N_TILES"] - pid[0] * a["TILES"]))
 
 
-def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid[0] sums
+def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid[0] sums, at the
+    # call site of its tile shape (one a `TILE_ROWS` entry, in that order)
+    from msf.kernels.partial_sums import TILE_ROWS
     buffer = sum(1 for end in (a["END0"], a["END1"], a["END2"]) if pid[0] >= end)
-    return _cdiv(a[f"N{buffer}"], a["BLOCK_C"])
+    step = a[f"STEP{buffer}"]
+    return [_cdiv(a[f"N{buffer}"], step) if rows == step else 0 for rows in TILE_ROWS]
 
 
 def _wgrad_trips(a, pid):  # the attention sublayer's weight gradients: the site of the product pid[2] is in
@@ -328,7 +335,7 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_attn_bwd_dkdv_kernel",)),
     Loop("attention", "_attn_bwd_reduce_kernel", "for c0 in range(0, N_CHUNKS, BLOCK_C):",
          lambda a, pid: _cdiv(a["N_CHUNKS"], a["BLOCK_C"]), kernels=("_attn_bwd_reduce_kernel",)),
-    Loop("partial_sums", "_sum_partials_kernel", "while c0 < n:", _partial_sum_trips,
+    Loop("partial_sums", "_sum_columns", "while c0 < n:", _partial_sum_trips,
          kernels=("_sum_partials_kernel",)),
     Loop("attention_sublayer", "_project_rows", "for kc in range(0, D_CEIL, BLOCK_K):",
          lambda a, pid: _cdiv(a["D_CEIL"], a["BLOCK_K"]), kernels=("_sub_fwd_kernel", "_sub_bwd_dq_kernel")),
@@ -386,6 +393,61 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_dx_strip", "for i in range(KS):",  # dx: one site a scale
          lambda a, pid: [3, 5, 7], kernels=("_lmsa_bwd_dx_kernel",)),
 ]
+
+
+def helper_span(loop: Loop) -> tuple[str, int, int]:
+    """(file base name, first line, last line) of the function that holds `loop` (its `def` to its
+    last statement): where nvdisasm's line info puts the inlined helper's instructions."""
+    return _function_span(loop.module, loop.func)
+
+
+@functools.lru_cache(maxsize=None)
+def _function_span(module: str, func: str) -> tuple[str, int, int]:
+    import importlib
+    mod = importlib.import_module(module if "." in module else f"msf.kernels.{module}")
+    fn = getattr(mod, func)
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    lines, first = inspect.getsourcelines(fn)
+    return os.path.basename(inspect.getsourcefile(fn)), first, first + len(lines) - 1
+
+
+def branch_owners(instrs: list, loops: list[SassLoop], runs: dict[int, set | None], kernel: str) -> dict[int, int]:
+    """{address: loop index} for the straight-line instructions that only the programs entering one
+    loop run: a loop of a helper inlined at call sites in exclusive branches (its `runs` a strict
+    subset of the programs) owns the straight-line instructions of that helper's source lines
+    nearest to it by address (its call site's set-up before the loop and its reduction and stores
+    after; LLVM lays each inlined copy out in one piece), and whatever lies between two instructions
+    it owns (code inlined from other files, such as tl.sum's tree). Without this, every program would be
+    charged every branch's straight-line code (partial_sums' four tile shapes: 4× its per-program
+    cost)."""
+    owned = [i for i, sl in enumerate(loops) if sl.loop is not None and runs.get(i) is not None
+             and sl.loop.func != kernel  # a helper's loop (the kernel's own function spans all its code)
+             and not any(o is not sl and o.start <= sl.start and sl.end <= o.end for o in loops)]
+    if not owned:
+        return {}
+    spans = {i: helper_span(loops[i].loop) for i in owned}
+    out = {}
+    for ins in instrs:
+        if innermost(loops, ins.addr) is not None:
+            continue
+        near = [(abs(ins.addr - (loops[i].start if ins.addr < loops[i].start else loops[i].end)), i) for i in owned
+                if spans[i][0] == os.path.basename(ins.file) and spans[i][1] <= ins.line <= spans[i][2]]
+        if near:
+            out[ins.addr] = min(near)[1]
+    # what the helper inlined from elsewhere (tl.sum's combine tree: Triton's standard library lines)
+    # sits between two of its owned instructions: owned by the same loop
+    straight = [ins.addr for ins in instrs if innermost(loops, ins.addr) is None]
+    after, following = [None] * len(straight), None
+    for k in range(len(straight) - 1, -1, -1):
+        after[k] = following = out.get(straight[k], following)
+    before = None
+    for k, addr in enumerate(straight):
+        if addr in out:
+            before = out[addr]
+        elif before is not None and before == after[k]:
+            out[addr] = before
+    return out
 
 
 def loop_lines(loop: Loop) -> list[tuple[str, int, int]]:
@@ -1212,6 +1274,11 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                         entered.add((x, y, z))
         trips_total[i] = tot
         runs[i] = None if len(entered) == programs else entered
+    fn = launch.fn
+    while fn is not None and not inspect.isfunction(fn):
+        fn = fn.fn
+    # straight-line code of exclusive branches (a synthetic launch without a function has none)
+    owners = {} if fn is None else branch_owners(instrs, loops, runs, fn.__name__)
     static, dynamic = Counter(), Counter()
     bodies = Counter()
     body_classes: dict[int, Counter] = defaultdict(Counter)
@@ -1225,7 +1292,8 @@ def predict(launch: Launch, device: Device) -> KernelCost:
         static["total"] += 1
         lp = innermost(loops, ins.addr)
         region = -1 if lp is None else loops.index(lp)
-        times = programs if lp is None else trips_total[region]
+        times = trips_total[region] if lp is not None else (
+            programs if ins.addr not in owners else len(runs[owners[ins.addr]]))
         if lp is not None:
             bodies[region] += 1
             body_classes[region][cls] += 1
@@ -1259,7 +1327,9 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     # (the other resident CTAs, out of step by then, issue meanwhile). A wave: the straight-line
     # loads; a loop's plain loads once a trip when its body holds a CTA barrier (the warps reach
     # each trip's loads together), else once (they drift apart); a loop fed by asynchronous copies once.
-    waves = sum(1.0 if asynchronous or r < 0 or not body_classes[r]["bar"] else trips_total[r] / programs
+    # (a loop in an exclusive branch: in the share of the programs that enter it)
+    waves = sum((1.0 if asynchronous or r < 0 or not body_classes[r]["bar"] else trips_total[r] / programs)
+                * (1.0 if r < 0 or runs[r] is None else len(runs[r]) / programs)
                 for r, asynchronous in load_regions.items())
     exposed = (1.0 + max(0.0, waves - 1.0) / resident) if waves else 0.0
     t_latency = _cdiv(n, resident) * exposed * LATENCY_LOAD_CYCLES / device.clock_hz

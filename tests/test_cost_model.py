@@ -362,3 +362,38 @@ def test_host_side_torch_ops_are_launches_of_the_step(monkeypatch):
     assert host["seconds"] == pytest.approx(n * cost.LAUNCH_S)
     assert rows["triton step"]["seconds"] == pytest.approx(rows["fused ops predicted"]["seconds"]
                                                            + host["seconds"] + 1e-3)
+
+
+def test_exclusive_branches_charge_only_the_programs_that_run_them():
+    """A partial_sums program runs one of four tile-shape branches (each an inlined copy of one
+    helper: set-up, row loop, tl.sum's tree, store), picked by its buffer's row count. Each program
+    is charged the straight-line code of its own branch only (`cost.branch_owners`): charging every
+    program all four (what a count blind to the branches does) would charge it about four times the
+    straight-line code it runs. One sm_90 build, in a process without the interpreter (the capture
+    records compiled launches)."""
+    script = """
+import json, torch
+from msf.kernels import partial_sums
+from msf.profiling import cost
+out = []
+for rows in (3, 11, 17, 200):
+    launches = []
+    with cost.recording(cost.H100, launches, "partial_sums", ["bwd"]), torch.no_grad():
+        partial_sums.sum_partials((torch.empty(rows, 4096), torch.empty(4096)))
+    (launch,) = launches
+    kc = cost.predict(launch, cost.H100)
+    out.append({"rows": rows, "entered": sum(1 for *_, trips, _ in kc.loop_bodies if trips > 0),
+                "loop": sum(body * trips for _, _, body, trips, _ in kc.loop_bodies),
+                "static": kc.static["total"] - sum(body for _, _, body, _, _ in kc.loop_bodies),
+                "charged": kc.dynamic["total"] / kc.programs / kc.warps})
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for case in json.loads(proc.stdout.splitlines()[-1]):
+        straight = case["charged"] - case["loop"]
+        assert case["entered"] == 1, case
+        assert 0 < straight < 0.5 * case["static"], (
+            f"{case['rows']} rows: {straight:.0f} straight-line instructions charged a program, of "
+            f"{case['static']} in the four branches")

@@ -21,11 +21,13 @@ pytestmark = pytest.mark.parity
 
 # (rows, size) of each buffer: one buffer; four of mixed shapes (a single row, more rows than one
 # 64-row step with a masked tail, sizes that end inside a program's element block, one wider than a
-# 2048-element tile); two whose largest row count (3) sets a small tile for both
+# 2048-element tile); two of few rows (the 4-row tile); every tile shape in one launch (4, 16, 32,
+# 64 rows a step: 3, 11, 17 and 200 rows)
 SHAPES = [
     [(5, 100)],
     [(1, 37), (130, 7), (64, 2049), (3, 1)],
     [(3, 33), (2, 5)],
+    [(11, 300), (3, 1000), (200, 40), (17, 129)],
 ]
 
 
@@ -46,10 +48,12 @@ def test_sums_match_float64(shapes, device):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_blocks_fill_one_tile():
-    """All rows in one step up to 64 (BLOCK_C a power of two), the element block filling the tile."""
-    assert partial_sums.blocks(1) == (1, 2048)
-    assert partial_sums.blocks(3) == (4, 512)
+def test_each_buffer_takes_its_own_tile():
+    """A buffer's rows in one step up to 64 (the fewest of 4, 16, 32, 64), the element block filling
+    the 2048-element tile, whatever the other buffers of the launch."""
+    assert partial_sums.blocks(1) == (4, 512)
+    assert partial_sums.blocks(11) == (16, 128)
+    assert partial_sums.blocks(17) == (32, 64)
     assert partial_sums.blocks(64) == (64, 32)
     assert partial_sums.blocks(4096) == (64, 32)
 
