@@ -624,7 +624,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     e = torch.empty
     bf16, f32 = torch.bfloat16, torch.float32
     if op == "lmsa":  # constants LMSA builds once a process and caches: not a step's launches
-        lmsa._gap_taps(size // 4, size // 4, torch.device("cpu"))
+        lmsa._build_constants(batch, size // 4, size // 4, torch.device("cpu"))
     counting = _counting_host_ops(host_ops, pass_ref) if host_ops is not None else contextlib.nullcontext()
     with recording(device, launches, op, pass_ref), torch.no_grad(), counting:
         if op == "head_loss":
