@@ -12,15 +12,18 @@ fp32 / bf16 / fp16, without ever holding f_k in memory. The gate needs GAP(f_k) 
 by linearity it comes from x's sums over a 7×7 grid of cells (border rows and columns, interior).
 
 Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
-- `_lmsa_stats_kernel`: the cell sums of x and a zero-bordered fp32 copy X̂ (channels-last);
-  then, in PyTorch, the gate z and the gated weights W̃ = [diag(z_k) W_k] and bias β.
+- `_lmsa_stats_kernel`: the cell sums of x and a zero-bordered fp32 copy X̂ (channels-last).
+- `_gate_fwd_kernel` (one program a sample): the gate z from the cell sums, the gated weights
+  W̃ = [diag(z_k) W_k] and bias β; `_gate_bwd_sample_kernel` and `_gate_bwd_params_kernel` its
+  backward (the cell sums' gradient, then the gate parameters' gradients, each summed over the
+  batch in order by one program). `_gates` is their PyTorch reference.
 - `_lmsa_fwd_kernel`: the three depthwise sweeps over X̂ on chip, one K = 3C GEMM with W̃,
   + β + x; also stores the depthwise outputs D and x in the wgrad kernel's word order (XW).
 - `_lmsa_bwd_gram_kernel`: E_k = W̃_kᵀ dO (bordered; packed bf16 channel pairs for bf16 inputs),
   M_k = dO D_kᵀ (= ∂L/∂W̃) and Σ dO (= ∂L/∂β).
 - `_lmsa_bwd_wgrad_kernel`: the depthwise weight gradients Σ_q x[q] E_k[q − δ].
 - `_lmsa_bwd_dx_kernel`: dx = dO + Σ_k DW_kᵀ(E_k) + the statistics path's broadcast.
-The tiny gate graph between them runs in PyTorch autograd.
+Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
@@ -464,7 +467,7 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 #     E_k      = W̃_kᵀ G = ∂L/∂D_k             (C × N: formed per tile by the gram kernel, stored bordered)
 #     ∂L/∂w_k[j, δ] += Σ_p E_k[j, p] x[j, p + δ]            (wgrad kernel, from the stored E_k)
 #     ∂L/∂x[j, q]   += G[j, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]   (dx kernel; E_k = 0 outside the image)
-# Gate path (PyTorch autograd through the tiny graph P → g → s → z → (W̃, β), given M and Σ G):
+# Gate path (P → g → s → z → (W̃, β) backwards, given M and Σ G: the comment above `_gate_fwd_kernel`):
 #     ∂L/∂z_k = rowsum(W_k ∘ M_k) + b_k ⊙ Σ_p G,  then the SE-MLP backward → ∂L/∂s,
 #     ∂L/∂g_k = W_kᵀ ∂L/∂s_k,
 #     ∂L/∂W_k = Σ_b [diag(z_k) M_k + ∂L/∂s_k g_kᵀ],   ∂L/∂b_k = Σ_b [z_k ⊙ Σ_p G + ∂L/∂s_k],
@@ -792,6 +795,258 @@ _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# The gate: P (the cell sums) and the parameters → z, β, W̃ (forward); ∂L/∂W̃, ∂L/∂β → T and
+# the parameters' gradients (backward). Per sample b (a program each), with HID = 3C / r:
+#   g_k = Σ_u cells[u] ∘ on_k[u]             on_k = the weights of the 49 cell sums in GAP(DW_k(x))
+#   s_k = pw_k g_k + pb_k                    (C)
+#   a1  = fc1w [s_3; s_5; s_7] + fc1b        (HID)      h1 = max(a1, 0)
+#   a2  = fc2w h1 + fc2b                     (3C)       z = sigmoid(a2)
+#   β   = Σ_k z_k ∘ pb_k,   W̃_k = diag(z_k) pw_k
+# Backward, given M = ∂L/∂W̃ and G = ∂L/∂β (the gram kernel's sums):
+#   ∂z_k   = rowsum(M_k ∘ pw_k) + G ∘ pb_k               ∂a2 = ∂z ∘ z ∘ (1 − z)
+#   ∂a1    = (fc2wᵀ ∂a2) ∘ [a1 > 0]                      ∂s  = fc1wᵀ ∂a1
+#   ∂g_k   = pw_kᵀ ∂s_k                                   T[u] = Σ_k ∂g_k ∘ on_k[u]  (= ∂L/∂cells)
+# and, summed over the batch (the second kernel: one program a parameter tile, the samples in order):
+#   ∂pw_k  = Σ_b M_k ∘ z_k 1ᵀ + ∂s_k g_kᵀ               ∂pb_k = Σ_b G ∘ z_k + ∂s_k
+#   ∂fc2w  = Σ_b ∂a2 h1ᵀ, ∂fc2b = Σ_b ∂a2                ∂fc1w = Σ_b ∂a1 sᵀ, ∂fc1b = Σ_b ∂a1
+#   ∂on_k  = Σ_b cells ∘ ∂g_k   →  ∂dw_k[c, t] = Σ_u GAP[k·49 + u, row0_k + t] ∂on_k[u, c]
+#            (+ the main path's ∂dw_k from the wgrad kernel, added here: one write a gradient)
+# STATE (B × (9C + HID_P) fp32) keeps [g | s | z | a1] of each sample for the backward, DSTATE
+# [∂a2 | ∂s | ∂g | ∂a1]. fp32 throughout: FMA products and tree sums (the tiny GEMVs are far
+# below a tensor-core tile).
+@triton.jit
+def _by_scale(k, a, b, c):
+    """a, b or c for scale index k (0, 1, 2): a runtime choice of pointer."""
+    out = c
+    if k == 0:
+        out = a
+    if k == 1:
+        out = b
+    return out
+
+
+@triton.jit
+def _gate_fwd_kernel(
+    CELLS, ONC, PW3, PW5, PW7, PB3, PB5, PB7, FC1W, FC1B, FC2W, FC2B, WG, BETA, STATE,
+    HID,
+    C: tl.constexpr, HID_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One sample's gate (grid B): z, β, W̃ (in WG's dtype) and its STATE row. Loops, not unrolled
+    copies: the unrolled scales and row blocks held every tile at once (255 registers, spilling)."""
+    b = tl.program_id(0)
+    offs_c = tl.arange(0, C)
+    offs_r = tl.arange(0, BLOCK)
+    offs_h = tl.arange(0, HID_P)
+    hmask = offs_h < HID
+    st = STATE + b * (9 * C + HID_P)
+    for k in range(3):  # g_k and s_k
+        pw, pb = _by_scale(k, PW3, PW5, PW7), _by_scale(k, PB3, PB5, PB7)
+        g = tl.zeros([C], tl.float32)
+        for u0 in range(0, 64, 16):  # the 49 cells, 16 a step
+            offs_u = u0 + tl.arange(0, 16)
+            cell = offs_u[:, None] * C + offs_c[None, :]
+            umask = (offs_u < 49)[:, None]
+            g += tl.sum(tl.load(CELLS + b * 49 * C + cell, mask=umask, other=0.0)
+                        * tl.load(ONC + k * 49 * C + cell, mask=umask, other=0.0), axis=0)
+        tl.store(st + k * C + offs_c, g)
+        for o0 in range(0, C, BLOCK):
+            rows = o0 + offs_r
+            w = tl.load(pw + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
+            s = tl.sum(w * g[None, :], axis=1) + tl.load(pb + rows).to(tl.float32)
+            tl.store(st + 3 * C + k * C + rows, s)
+    tl.debug_barrier()  # s, written in row blocks, read back whole
+    a1 = tl.load(FC1B + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    for k in range(3):
+        s = tl.load(st + 3 * C + k * C + offs_c)
+        w1 = tl.load(FC1W + offs_h[:, None] * (3 * C) + k * C + offs_c[None, :], mask=hmask[:, None], other=0.0)
+        a1 += tl.sum(w1.to(tl.float32) * s[None, :], axis=1)
+    tl.store(st + 9 * C + offs_h, a1)
+    h1 = tl.maximum(a1, 0.0)
+    for o0 in range(0, C, BLOCK):  # z, β and W̃, a row block of every scale
+        rows = o0 + offs_r
+        beta = tl.zeros([BLOCK], tl.float32)
+        for k in range(3):
+            pw, pb = _by_scale(k, PW3, PW5, PW7), _by_scale(k, PB3, PB5, PB7)
+            w2 = tl.load(FC2W + (k * C + rows)[:, None] * HID + offs_h[None, :], mask=hmask[None, :], other=0.0)
+            a2 = tl.sum(w2.to(tl.float32) * h1[None, :], axis=1) + tl.load(FC2B + k * C + rows).to(tl.float32)
+            z = 1.0 / (1.0 + tl.exp(-a2))
+            tl.store(st + 6 * C + k * C + rows, z)
+            beta += z * tl.load(pb + rows).to(tl.float32)
+            w = tl.load(pw + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
+            tl.store(WG + ((b * 3 + k) * C + rows)[:, None] * C + offs_c[None, :],
+                     (z[:, None] * w).to(WG.dtype.element_ty))
+        tl.store(BETA + b * C + rows, beta)
+
+
+@triton.jit
+def _gate_bwd_sample_kernel(
+    M, GSUM, STATE, ONC, PW3, PW5, PW7, PB3, PB5, PB7, FC1W, FC2W, T, DSTATE,
+    HID,
+    C: tl.constexpr, HID_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One sample's gate backward (grid B): T = ∂L/∂cells and its DSTATE row."""
+    b = tl.program_id(0)
+    offs_c = tl.arange(0, C)
+    offs_r = tl.arange(0, BLOCK)
+    offs_h = tl.arange(0, HID_P)
+    hmask = offs_h < HID
+    st = STATE + b * (9 * C + HID_P)
+    dst = DSTATE + b * (9 * C + HID_P)
+    dh1 = tl.zeros([HID_P], tl.float32)
+    for k in range(3):  # ∂a2, and ∂h1 = fc2wᵀ ∂a2 as it comes
+        pw, pb = _by_scale(k, PW3, PW5, PW7), _by_scale(k, PB3, PB5, PB7)
+        for o0 in range(0, C, BLOCK):
+            rows = o0 + offs_r
+            m = tl.load(M + ((b * 3 + k) * C + rows)[:, None] * C + offs_c[None, :])
+            w = tl.load(pw + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
+            dz = tl.sum(m * w, axis=1) + tl.load(GSUM + b * C + rows) * tl.load(pb + rows).to(tl.float32)
+            z = tl.load(st + 6 * C + k * C + rows)
+            da2 = dz * z * (1.0 - z)
+            tl.store(dst + k * C + rows, da2)
+            w2 = tl.load(FC2W + (k * C + rows)[:, None] * HID + offs_h[None, :], mask=hmask[None, :], other=0.0)
+            dh1 += tl.sum(w2.to(tl.float32) * da2[:, None], axis=0)
+    a1 = tl.load(st + 9 * C + offs_h)
+    da1 = tl.where(a1 > 0.0, dh1, 0.0)
+    tl.store(dst + 9 * C + offs_h, da1)
+    for k in range(3):  # ∂s = fc1wᵀ ∂a1
+        w1 = tl.load(FC1W + offs_h[:, None] * (3 * C) + k * C + offs_c[None, :], mask=hmask[:, None], other=0.0)
+        tl.store(dst + 3 * C + k * C + offs_c, tl.sum(w1.to(tl.float32) * da1[:, None], axis=0))
+    tl.debug_barrier()  # ∂s, written whole, read back in row blocks
+    for k in range(3):  # ∂g_k = pw_kᵀ ∂s_k
+        pw = _by_scale(k, PW3, PW5, PW7)
+        dg = tl.zeros([C], tl.float32)
+        for o0 in range(0, C, BLOCK):
+            rows = o0 + offs_r
+            w = tl.load(pw + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
+            dg += tl.sum(w * tl.load(dst + 3 * C + k * C + rows)[:, None], axis=0)
+        tl.store(dst + 6 * C + k * C + offs_c, dg)
+    tl.debug_barrier()  # ∂g, written in the reductions' layout, read back in another
+    dg3 = tl.load(dst + 6 * C + offs_c)[None, :]
+    dg5 = tl.load(dst + 7 * C + offs_c)[None, :]
+    dg7 = tl.load(dst + 8 * C + offs_c)[None, :]
+    for u0 in range(0, 64, 16):  # T = Σ_k ∂g_k ∘ on_k, 16 cells a step
+        offs_u = u0 + tl.arange(0, 16)
+        cell = offs_u[:, None] * C + offs_c[None, :]
+        umask = (offs_u < 49)[:, None]
+        t = (tl.load(ONC + cell, mask=umask, other=0.0) * dg3
+             + tl.load(ONC + 49 * C + cell, mask=umask, other=0.0) * dg5
+             + tl.load(ONC + 2 * 49 * C + cell, mask=umask, other=0.0) * dg7)
+        tl.store(T + b * 49 * C + cell, t, mask=umask)
+
+
+@triton.jit
+def _gate_dpw_rows(M, GSUM, STATE, DSTATE, DPW, DPB, k, rows, offs_c, B, C: tl.constexpr, HID_P: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """∂pw_k and ∂pb_k for output rows `rows` of scale k, summed over the batch in order."""
+    acc = tl.zeros([BLOCK, C], tl.float32)
+    dpb = tl.zeros([BLOCK], tl.float32)
+    bb = 0
+    while bb < B:
+        row = bb * (9 * C + HID_P)
+        z = tl.load(STATE + row + 6 * C + k * C + rows)
+        ds = tl.load(DSTATE + row + 3 * C + k * C + rows)
+        g = tl.load(STATE + row + k * C + offs_c)
+        m = tl.load(M + ((bb * 3 + k) * C + rows)[:, None] * C + offs_c[None, :])
+        acc += m * z[:, None] + ds[:, None] * g[None, :]
+        dpb += tl.load(GSUM + bb * C + rows) * z + ds
+        bb += 1
+    tl.store(DPW + rows[:, None] * C + offs_c[None, :], acc.to(DPW.dtype.element_ty))
+    tl.store(DPB + rows, dpb.to(DPB.dtype.element_ty))
+
+
+@triton.jit
+def _gate_dfc2_rows(STATE, DSTATE, DFC2W, DFC2B, rows, offs_h, HID, B, C: tl.constexpr, HID_P: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """∂fc2w and ∂fc2b for rows `rows` (of 3C), summed over the batch in order."""
+    acc = tl.zeros([BLOCK, HID_P], tl.float32)
+    db = tl.zeros([BLOCK], tl.float32)
+    bb = 0
+    while bb < B:
+        row = bb * (9 * C + HID_P)
+        da2 = tl.load(DSTATE + row + rows)
+        h1 = tl.maximum(tl.load(STATE + row + 9 * C + offs_h), 0.0)
+        acc += da2[:, None] * h1[None, :]
+        db += da2
+        bb += 1
+    tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], acc.to(DFC2W.dtype.element_ty),
+             mask=(offs_h < HID)[None, :])
+    tl.store(DFC2B + rows, db.to(DFC2B.dtype.element_ty))
+
+
+@triton.jit
+def _gate_dfc1_cols(STATE, DSTATE, DFC1W, DFC1B, cols, offs_h, first, HID, B, C: tl.constexpr,
+                    HID_P: tl.constexpr, BLOCK: tl.constexpr):
+    """∂fc1w for columns `cols` (of 3C), and ∂fc1b if `first`, summed over the batch in order."""
+    acc = tl.zeros([HID_P, BLOCK], tl.float32)
+    db = tl.zeros([HID_P], tl.float32)
+    bb = 0
+    while bb < B:
+        row = bb * (9 * C + HID_P)
+        da1 = tl.load(DSTATE + row + 9 * C + offs_h)
+        s = tl.load(STATE + row + 3 * C + cols)
+        acc += da1[:, None] * s[None, :]
+        db += da1
+        bb += 1
+    hmask = offs_h < HID
+    tl.store(DFC1W + offs_h[:, None] * (3 * C) + cols[None, :], acc.to(DFC1W.dtype.element_ty), mask=hmask[:, None])
+    tl.store(DFC1B + offs_h, db.to(DFC1B.dtype.element_ty), mask=hmask & first)
+
+
+@triton.jit
+def _gate_ddw_cols(CELLS, DSTATE, GAP, DWMAIN, DDW, k, cols, B, C: tl.constexpr, HID_P: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """∂dw_k for channels `cols`: the gate's part (∂on_k summed over the batch, taken to the taps
+    through GAP's block k) plus the main path's (DWMAIN), written once in the C × k² layout."""
+    offs_u = tl.arange(0, 64)
+    umask = offs_u < 49
+    d_on = tl.zeros([64, BLOCK], tl.float32)
+    bb = 0
+    while bb < B:
+        dg = tl.load(DSTATE + bb * (9 * C + HID_P) + 6 * C + k * C + cols)
+        cells = tl.load(CELLS + bb * 49 * C + offs_u[:, None] * C + cols[None, :], mask=umask[:, None], other=0.0)
+        d_on += cells * dg[None, :]
+        bb += 1
+    taps = (2 * k + 3) * (2 * k + 3)                          # k²: 9, 25, 49
+    row0 = tl.where(k > 0, 9, 0) + tl.where(k > 1, 25, 0)     # the scale's first of the 83 taps
+    t = 0
+    while t < taps:  # a tap a step (a [tap × cell] product on the FMA pipe spilled)
+        weights = tl.load(GAP + (k * 49 + offs_u) * 83 + row0 + t, mask=umask, other=0.0)
+        ddw = tl.sum(weights[:, None] * d_on, axis=0) + tl.load(DWMAIN + (row0 + t) * C + cols)
+        tl.store(DDW + cols * taps + t, ddw.to(DDW.dtype.element_ty))
+        t += 1
+
+
+@triton.jit
+def _gate_bwd_params_kernel(
+    M, GSUM, STATE, DSTATE, CELLS, GAP, DWMAIN,
+    DPW3, DPW5, DPW7, DPB3, DPB5, DPB7, DFC1W, DFC1B, DFC2W, DFC2B, DDW3, DDW5, DDW7,
+    B, HID,
+    C: tl.constexpr, HID_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gate parameters' gradients (grid 12·C/BLOCK): programs [0, 3n) ∂pw_k, ∂pb_k by row
+    block, [3n, 6n) ∂fc2 by row block, [6n, 9n) ∂fc1 by column block, [9n, 12n) ∂dw_k by channel
+    block (n = C/BLOCK). Each sums the batch in order: no partials, no atomics."""
+    pid = tl.program_id(0)
+    n = C // BLOCK
+    offs_r = tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, C)
+    offs_h = tl.arange(0, HID_P)
+    role = pid // (3 * n)
+    j = pid % (3 * n)
+    k = j // n
+    if role == 0:
+        _gate_dpw_rows(M, GSUM, STATE, DSTATE, _by_scale(k, DPW3, DPW5, DPW7), _by_scale(k, DPB3, DPB5, DPB7), k,
+                       (j % n) * BLOCK + offs_r, offs_c, B, C, HID_P, BLOCK)
+    elif role == 1:
+        _gate_dfc2_rows(STATE, DSTATE, DFC2W, DFC2B, j * BLOCK + offs_r, offs_h, HID, B, C, HID_P, BLOCK)
+    elif role == 2:
+        _gate_dfc1_cols(STATE, DSTATE, DFC1W, DFC1B, j * BLOCK + offs_r, offs_h, j == 0, HID, B, C, HID_P, BLOCK)
+    else:
+        _gate_ddw_cols(CELLS, DSTATE, GAP, DWMAIN, _by_scale(k, DDW3, DDW5, DDW7), k, (j % n) * BLOCK + offs_r, B,
+                       C, HID_P, BLOCK)
+
+
 def _new(shape, device, dtype) -> torch.Tensor:
     """Every buffer the kernels fill (tests replace this to poison them with NaN)."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -903,11 +1158,10 @@ def _build_constants(b: int, h: int, w: int, device) -> None:
 
 
 def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
-    """The tiny fp32 graph from the cell sums P (B×C×7×7) to the gates z (B×3×C), β = Σ_k z_k ∘ pb_k
-    (B×C) and the stacked pointwise weights pw3 (3×C×C, [k, out, in]), from which W̃ = z ∘ pw3
-    (B×3×C×C, `_gated_weights`). Differentiable: the backward differentiates it with autograd
-    (`_gate_grads`)."""
-    # the three scales at once, in few ops: each tiny op is a launch on a GPU
+    """The gate in PyTorch, the reference of the gate kernels (`_gate_fwd_kernel` and its backward;
+    tests differentiate this with autograd): the tiny fp32 graph from the cell sums P (B×C×7×7) to
+    the gates z (B×3×C), β = Σ_k z_k ∘ pb_k (B×C) and the stacked pointwise weights pw3 (3×C×C,
+    [k, out, in]), from which W̃ = z ∘ pw3 (B×3×C×C)."""
     b, c = P.shape[:2]
     cells = P.reshape(b, c, _CELLS * _CELLS).transpose(1, 2)  # B×49×C (a view: the statistics' layout)
     taps = torch.cat([dw.reshape(c, -1) for dw in dws], dim=1).float()  # C × 83
@@ -923,32 +1177,59 @@ def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
     return z, beta, pw3
 
 
-def _gated_weights(z, pw3, dtype) -> torch.Tensor:
-    """W̃ = z ∘ pw3 (B×3×C×C, [b, k, out, in]) in `dtype`: the fp32 product rounded once, one launch."""
-    b, k, c = z.shape
-    wg = torch.empty((b, k, c, c), device=z.device, dtype=dtype)
-    return torch.mul(z.detach()[..., None], pw3.detach()[None], out=wg)
+def _cells(P: torch.Tensor) -> torch.Tensor:
+    """The cell sums as the gate kernels read them: B × 49 × C fp32 contiguous (P is a view of them)."""
+    cells = P.flatten(2).transpose(1, 2)
+    return cells if cells.is_contiguous() else cells.contiguous()
 
 
-def _gate_graph(P, h, w, params, differentiable: bool):
-    """(leaves, z, β, pw3): `_gates` of P and the parameters; with `differentiable`, built under
-    autograd on detached leaves [P, *params] (whatever the caller's grad mode) for `_gate_grads`."""
-    if not differentiable:
-        return None, *_gates(P, h, w, params[0:3], params[3:6], params[6:9], *params[9:13])
-    with torch.enable_grad():
-        leaves = [P.detach().requires_grad_()] + [t.detach().requires_grad_() for t in params]
-        return leaves, *_gates(leaves[0], h, w, leaves[1:4], leaves[4:7], leaves[7:10], *leaves[10:14])
+def _on_cells(h: int, w: int, dw_flat) -> torch.Tensor:
+    """3 × 49 × C fp32: each scale's weights on the 49 cell sums, GAP(DW_k(x))[c] = Σ_u P[c, u]
+    on_k[u, c], from the tap-major depthwise weights (`_gap_taps` times the taps: 2 launches)."""
+    with torch.autocast(dw_flat[0].device.type, enabled=False):
+        taps = torch.cat(dw_flat)  # 83 × C
+        return (_gap_taps(h, w, taps.device) @ taps).view(len(KERNEL_SIZES), _CELLS * _CELLS, -1)
 
 
-def _gate_grads(graph, m, gsum) -> list[torch.Tensor]:
-    """∂L/∂P and ∂L/∂ each parameter through the gate graph `graph` (`_gate_graph`'s, differentiable),
-    from M = ∂L/∂W̃ (B×3×C×C fp32) and ∂L/∂β: W̃ = z ∘ pw3 is differentiated by hand (two
-    contractions), the rest by autograd."""
-    leaves, z, beta, pw3 = graph
-    dz = torch.einsum("bkoi,koi->bko", m, pw3.detach())
-    dpw3 = torch.einsum("bkoi,bko->koi", m, z.detach())
-    with torch.enable_grad():
-        return list(torch.autograd.grad((z, beta, pw3), leaves, (dz, gsum, dpw3)))
+_GATE_WARPS = 8         # the per-sample gate kernels: [C, 64]-sized tiles
+_GATE_PARAMS_WARPS = 8  # the gate's parameter kernel
+
+
+def _hid_pad(hid: int) -> int:
+    return max(16, triton.next_power_of_2(hid))
+
+
+def _gate_block(c: int) -> int:
+    return min(c, 32)
+
+
+def _gate_forward(P, onc, params, dtype):
+    """(W̃ in `dtype`, β fp32, STATE): `_gate_fwd_kernel`, one program a sample."""
+    b, c = P.shape[:2]
+    hid = params[9].shape[0]
+    wg = _new((b, len(KERNEL_SIZES), c, c), P.device, dtype)
+    beta = _new((b, c), P.device, torch.float32)
+    state = _new((b, 9 * c + _hid_pad(hid)), P.device, torch.float32)
+    _gate_fwd_kernel[(b,)](_cells(P), onc, *params[3:13], wg, beta, state, hid,
+                           C=c, HID_P=_hid_pad(hid), BLOCK=_gate_block(c), num_warps=_GATE_WARPS, num_stages=1)
+    return wg, beta, state
+
+
+def _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w):
+    """(T = ∂L/∂cells as B × 49 × C fp32, the 13 parameters' gradients in their dtypes, the depthwise
+    weights' including the main path's `dw_main`): two launches."""
+    b, c = P.shape[:2]
+    hid, hid_p, block = params[9].shape[0], _hid_pad(params[9].shape[0]), _gate_block(c)
+    cells = _cells(P)
+    t_cells = _new((b, _CELLS * _CELLS, c), P.device, torch.float32)
+    dstate = _new(state.shape, P.device, torch.float32)
+    _gate_bwd_sample_kernel[(b,)](m, gsum, state, onc, *params[3:9], params[9], params[11], t_cells, dstate, hid,
+                                  C=c, HID_P=hid_p, BLOCK=block, num_warps=_GATE_WARPS, num_stages=1)
+    grads = [_new(t.shape, t.device, t.dtype) for t in params]
+    _gate_bwd_params_kernel[(12 * c // block,)](
+        m, gsum, state, dstate, cells, _gap_taps(h, w, P.device), dw_main, *grads[3:13], *grads[0:3], b, hid,
+        C=c, HID_P=hid_p, BLOCK=block, num_warps=_GATE_PARAMS_WARPS, num_stages=1)
+    return t_cells, grads
 
 
 def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -973,31 +1254,28 @@ def _dw_flat(dws):
 
 class _Kept(NamedTuple):
     """What the forward hands the backward beside the saved tensors (`LMSAFunction` keeps it): the
-    gate graph under autograd (`_gate_graph`) and the depthwise taps tap-major (`_dw_flat`)."""
-    graph: tuple
+    depthwise taps tap-major (`_dw_flat`), the cells' weights (`_on_cells`) and the gate's STATE."""
     dw_flat: list
+    onc: torch.Tensor
+    state: torch.Tensor
 
 
 def _forward(x, params, precise, keep: bool = False):
     """out, P, W̃, D, XW (module docstring) and, with `keep`, a `_Kept` for the backward (else None,
     and the backward builds its contents again)."""
     b, c, h, w = x.shape
-    dws = params[0:3]
-    with torch.autocast(x.device.type, enabled=False):
-        P, xp = _stats(x, precise)
-        graph = _gate_graph(P, h, w, params, keep)
-        _, z, beta, pw3 = graph
-        wg = _gated_weights(z, pw3, x.dtype)
-    beta = beta.detach()
+    P, xp = _stats(x, precise)
+    dw_flat = _dw_flat(params[0:3])
+    onc = _on_cells(h, w, dw_flat)
+    wg, beta, state = _gate_forward(P, onc, params, x.dtype)
     out = _new_like(x)
-    dw_flat = _dw_flat(dws)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
         x, xp, wg, beta, *dw_flat, out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
         C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
-    return out, P, wg, dsave, xw, _Kept(graph, dw_flat) if keep else None
+    return out, P, wg, dsave, xw, _Kept(dw_flat, onc, state) if keep else None
 
 
 def _word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1088,27 +1366,18 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
     sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
 
-    # 2. the tiny graph's backward: parameter gradients, and T = ∂L/∂P for the statistics path
-    with torch.autocast(x.device.type, enabled=False):
-        grads = _gate_grads(kept.graph if kept is not None else _gate_graph(P, h, w, params, True), m, gsum)
-    t_cells = grads[0].permute(0, 2, 3, 1).contiguous()  # B×7×7×C fp32: a pixel's C values contiguous
-    pgrads = list(grads[1:])
-    for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
-        part = dw_main[row0:row0 + k * k].t().reshape(dws[i].shape)
-        pgrads[i] = pgrads[i] + part.to(pgrads[i].dtype)
-    # the gate graph stacks the three scales' pointwise weights and biases, so their gradients are
-    # views of one tensor each: all but the first view of a tensor copied, as an operator's outputs
-    # may not alias one another (a view nothing else shares, such as a transposed mm result, stays)
-    bases = set()
-    for i, t in enumerate(pgrads):
-        if t._base is not None:
-            if id(t._base) in bases:
-                pgrads[i] = t.clone()
-            bases.add(id(t._base))
+    # 2. the gate's backward: the parameters' gradients (the depthwise weights' with dw_main added), and
+    # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)
+    if kept is None:  # (the operator's backward: the gate's STATE again, W̃ rewritten unused)
+        dw_flat = _dw_flat(dws)
+        onc = _on_cells(h, w, dw_flat)
+        state = _gate_forward(P, onc, params, x.dtype)[2]
+    else:
+        dw_flat, onc, state = kept
+    t_cells, pgrads = _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w)
 
     # 3. dx, written once, from the E_k the gram kernel stored
-    dx = _new_like(x)
-    dw_flat = kept.dw_flat if kept is not None else _dw_flat(dws)  # the dx kernel reads them flipped
+    dx = _new_like(x)  # (the dx kernel reads the tap-major taps flipped)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
                          c // 2 // min(meta["BLOCK_W"], c // 2), b)
     _lmsa_bwd_dx_kernel[grid](
@@ -1173,7 +1442,7 @@ def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
     """Fused LMSA (`msf.backend.eager_lmsa`) for x: B×C×H×W (any strides), fp32 / bf16 / fp16.
 
     The parameters may have another dtype than x (fp32 master weights under autocast): the gate
-    graph runs in fp32, the kernels in x's dtype, each gradient comes back in its input's dtype."""
+    runs in fp32, the kernels in x's dtype, each gradient comes back in its input's dtype."""
     _check(x, p)
     return LMSAFunction.apply(x, *p.dw_weights, *p.pw_weights, *p.pw_biases,
                               p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
@@ -1244,6 +1513,17 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                                fn=jit_fn, signature=sig, constexprs=const,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 (slow if name.startswith("wgrad") and i > 0 else specs).append(spec)
+    # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
+    hid = 3 * _AOT_C // 8  # the model's SE reduction
+    gate = {"C": _AOT_C, "HID_P": _hid_pad(hid), "BLOCK": _gate_block(_AOT_C)}
+    for fn, warps, typed in ((_gate_fwd_kernel, _GATE_WARPS, {"WG": list(_AOT_DTYPES)}),
+                             (_gate_bwd_sample_kernel, _GATE_WARPS, {}),
+                             (_gate_bwd_params_kernel, _GATE_PARAMS_WARPS, {})):
+        for dname in typed.get("WG", ["fp32"]):
+            sig = {a: "i32" if a in ("HID", "B") else ("*" + dname if a == "WG" else "*fp32")
+                   for a in fn.arg_names if a not in gate}
+            specs.append(AotSpec(name=f"lmsa.{fn.__name__.strip('_')}_{dname}", fn=fn, signature=sig,
+                                 constexprs=dict(gate), num_warps=warps, num_stages=1))
     return specs, slow
 
 

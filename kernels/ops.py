@@ -44,9 +44,9 @@ each of them as `wrap_triton(kernel)[grid](...)`, the decomposition runs the bod
 `KernelInterface.__getitem__` (what every JITFunction and Autotuner launch goes through) routed
 to `wrap_triton` (`_launches_as_graph_nodes`); outside tracing a launch is the plain Triton call.
 
-`lmsa_backward` differentiates LMSA's small gate graph with autograd inside its body; an
-operator's body runs below the autograd dispatch keys, so it turns them back on for that
-(`_autograd_inside`), and it stays one opaque node under torch.compile on CUDA as well.
+`lmsa_backward` stays one opaque node under torch.compile on CUDA as well (`decompose=False`):
+its body differentiated LMSA's gate graph with autograd until 2026-12-06 (now Triton kernels), which
+AOTAutograd's trace of a backward could not follow; tracing into it has not been tried on a GPU.
 """
 from __future__ import annotations
 
@@ -127,14 +127,6 @@ def _define(name: str, body: Callable, fake: Callable, decompose: bool = True):
     op.register_fake(fake)
     op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(body, decompose))
     return op
-
-
-@contextlib.contextmanager
-def _autograd_inside():
-    keys = torch._C.DispatchKey
-    with torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False), \
-            torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False):
-        yield
 
 
 def _contiguous_like(t: Tensor, shape=None, dtype=None) -> Tensor:
@@ -557,8 +549,7 @@ def _lmsa_fake(x, params):
 
 def _lmsa_backward_body(x: Tensor, dsave: Tensor, xw: Tensor, g: Tensor, cells: Tensor, wg: Tensor,
                         params: list[Tensor]) -> list[Tensor]:
-    with _autograd_inside():
-        dx, pgrads = _lm._backward(x, dsave, xw, g, cells, wg, tuple(params), x.dtype == torch.float32)
+    dx, pgrads = _lm._backward(x, dsave, xw, g, cells, wg, tuple(params), x.dtype == torch.float32)
     return [dx, *pgrads]
 
 
@@ -567,8 +558,7 @@ def _lmsa_backward_fake(x, dsave, xw, g, cells, wg, params):
 
 
 lmsa_op = _define("lmsa", _lmsa_body, _lmsa_fake)
-# Kept whole on CUDA too: its body differentiates the gate graph with autograd (`_autograd_inside`),
-# which AOTAutograd's trace of a backward cannot follow. Inductor calls it as one extern op.
+# Kept whole on CUDA too (module docstring): Inductor calls it as one extern op.
 lmsa_backward_op = _define("lmsa_backward", _lmsa_backward_body, _lmsa_backward_fake, decompose=False)
 
 

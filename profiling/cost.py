@@ -28,7 +28,9 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    id (tests/test_cost_model.py checks every formula against the iterations the interpreter runs).
    Several SASS loops from one source line (an inlined helper called at several sites) take the
    formula's per-site counts in address order. A SASS loop with no formula counts once and is
-   listed as "unmatched". Loops the compiler unrolled are straight-line code.
+   listed as "unmatched". Loops the compiler unrolled are straight-line code. A one-site loop that
+   LLVM unrolled by U at run time (two SASS loops: one with U times the other's global loads, and
+   the one-copy remainder; since 2026-12-06, `_mark_runtime_unroll`) takes ⌊T / U⌋ and T mod U.
 4. Dynamic warp-instructions of a program = Σ_instr (trip count of its innermost SASS loop, the
    formula giving the loop's total iterations in that program) × num_warps. Software-pipelined
    loops peel iterations into a prologue/epilogue; those are counted once here (a small
@@ -284,6 +286,12 @@ def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid
     return [_cdiv(a[f"N{buffer}"], step) if rows == step else 0 for rows in TILE_ROWS]
 
 
+def _gate_role_trips(role):  # LMSA's gate parameter kernel: the batch loop of the programs of one role
+    def trips(a, pid):
+        return a["B"] if pid[0] // (3 * (a["C"] // a["BLOCK"])) == role else 0
+    return trips
+
+
 def _wgrad_trips(a, pid):  # the attention sublayer's weight gradients: the site of the product pid[2] is in
     trips = _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"])
     if a["PAIRS"] == 1:
@@ -335,6 +343,25 @@ LOOPS: list[Loop] = [
          lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_N"]), kernels=("_attn_bwd_dkdv_kernel",)),
     Loop("attention", "_attn_bwd_reduce_kernel", "for c0 in range(0, N_CHUNKS, BLOCK_C):",
          lambda a, pid: _cdiv(a["N_CHUNKS"], a["BLOCK_C"]), kernels=("_attn_bwd_reduce_kernel",)),
+    # LMSA's per-sample gate kernels: three scales (k), row blocks of C (o0), the 49 cells 16 at a time (u0)
+    Loop("lmsa", "_gate_fwd_kernel", "for k in range(3):", lambda a, pid: [3, 3, 3 * (a["C"] // a["BLOCK"])],
+         kernels=("_gate_fwd_kernel",)),
+    Loop("lmsa", "_gate_fwd_kernel", "for o0 in range(0, C, BLOCK):",
+         lambda a, pid: [3 * (a["C"] // a["BLOCK"]), a["C"] // a["BLOCK"]], kernels=("_gate_fwd_kernel",)),
+    Loop("lmsa", "_gate_fwd_kernel", "for u0 in range(0, 64, 16):", lambda a, pid: 12, kernels=("_gate_fwd_kernel",)),
+    Loop("lmsa", "_gate_bwd_sample_kernel", "for k in range(3):", lambda a, pid: [3, 3, 3],
+         kernels=("_gate_bwd_sample_kernel",)),
+    Loop("lmsa", "_gate_bwd_sample_kernel", "for o0 in range(0, C, BLOCK):",
+         lambda a, pid: [3 * (a["C"] // a["BLOCK"])] * 2, kernels=("_gate_bwd_sample_kernel",)),
+    Loop("lmsa", "_gate_bwd_sample_kernel", "for u0 in range(0, 64, 16):", lambda a, pid: 4,
+         kernels=("_gate_bwd_sample_kernel",)),
+    Loop("lmsa", "_gate_ddw_cols", "while t < taps:",
+         lambda a, pid: (2 * (pid[0] % (3 * (a["C"] // a["BLOCK"])) // (a["C"] // a["BLOCK"])) + 3) ** 2
+         if pid[0] // (3 * (a["C"] // a["BLOCK"])) == 3 else 0, kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_dpw_rows", "while bb < B:", _gate_role_trips(0), kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_dfc2_rows", "while bb < B:", _gate_role_trips(1), kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_dfc1_cols", "while bb < B:", _gate_role_trips(2), kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_ddw_cols", "while bb < B:", _gate_role_trips(3), kernels=("_gate_bwd_params_kernel",)),
     Loop("partial_sums", "_sum_columns", "while c0 < n:", _partial_sum_trips,
          kernels=("_sum_partials_kernel",)),
     Loop("attention_sublayer", "_project_rows", "for kc in range(0, D_CEIL, BLOCK_K):",
@@ -542,7 +569,9 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
                   head_loss._head_loss_bwd_halo_kernel: "head_loss.bwd_halo",
                   upsample_argmax._upsample_argmax_rows_kernel: "upsample_argmax.rows",
                   attention._attn_bwd_reduce_kernel: "attention.reduce",
-                  partial_sums._sum_partials_kernel: "partial_sums", casts._cast_kernel: "casts"})
+                  partial_sums._sum_partials_kernel: "partial_sums", casts._cast_kernel: "casts",
+                  lmsa._gate_fwd_kernel: "lmsa.gate_fwd", lmsa._gate_bwd_sample_kernel: "lmsa.gate_bwd",
+                  lmsa._gate_bwd_params_kernel: "lmsa.gate_params"})
 
     def record(self, *args, grid, warmup, **kwargs):
         bound, g, sig, const, attrs, opts = specialise(self, args, kwargs, grid, device.arch)
@@ -957,6 +986,24 @@ def match_loops(loops: list[SassLoop], instrs: list[Instr]) -> None:
         for rank, sl in enumerate(sls):
             sl.loop, sl.site = lp, occurrence if occurrence >= 0 else rank
             sl.sites_kept = None if occurrence >= 0 else len(sls)  # type: ignore[attr-defined]
+        if occurrence < 0 and len(sls) == 2:
+            _mark_runtime_unroll(sls, loops, instrs)
+
+
+def _mark_runtime_unroll(pair: list[SassLoop], loops: list[SassLoop], instrs: list[Instr]) -> None:
+    """Two SASS loops of one source loop that LLVM unrolled by U at run time: a loop whose body holds
+    U copies of the other's global loads (the unrolled loop, ⌊T / U⌋ trips) and the one-copy
+    remainder (T mod U). U is that ratio when it is a whole number ≥ 2; else the pair stays as it
+    was (two call sites of a helper). Sets `unroll` on the first and `remainder` on the second."""
+    def loads(sl):
+        inner = [o for o in loops if o is not sl and sl.start <= o.start and o.end <= sl.end]
+        return sum(1 for i in instrs if sl.start <= i.addr <= sl.end and i.op.startswith("LDG")
+                   and not any(o.start <= i.addr <= o.end for o in inner))
+    big, small = sorted(pair, key=loads, reverse=True)
+    n_big, n_small = loads(big), loads(small)
+    if n_small and n_big % n_small == 0 and n_big // n_small >= 2:
+        big.unroll = n_big // n_small  # type: ignore[attr-defined]
+        small.remainder = n_big // n_small  # type: ignore[attr-defined]
 
 
 def site_index(sl: SassLoop, counts: list[int]) -> int:
@@ -1269,6 +1316,10 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                 for x in range(gx):
                     counts = sl.loop.site_counts(a, (x, y, z))
                     trips = counts[site_index(sl, counts)]
+                    if getattr(sl, "unroll", 0):  # LLVM's runtime unrolling (`_mark_runtime_unroll`)
+                        trips //= sl.unroll
+                    elif getattr(sl, "remainder", 0):
+                        trips %= sl.remainder
                     tot += trips
                     if trips:
                         entered.add((x, y, z))

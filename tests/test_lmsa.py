@@ -202,10 +202,54 @@ def test_window_sums_match_depthwise_gap():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c,h,w", [(16, 5, 9), (128, 16, 16)], ids=["c16", "c128"])
+def test_gate_kernels_match_float64_autograd(c, h, w, device, poisoned):
+    """The gate's three kernels alone (`_gate_forward`: W̃, β; `_gate_backward`: T = ∂L/∂cells and
+    the 13 parameters' gradients, the depthwise ones with the main path's `dw_main` added) against
+    autograd of the gate written out in float64 (einsums over the cached cell-weight constant), from
+    random cell sums, M = ∂L/∂W̃ and Σ dO. C = 128 is the model's (SE hidden 48: its padding to 64
+    masked; four 32-row blocks a scale)."""
+    device = _device(device)
+    b = 3
+    g = torch.Generator().manual_seed(c + h)
+    ps = [t.detach() for t in _params(c, torch.float32, device, seed=c)]
+    cells = (torch.randn(b, 49, c, generator=g) * 4).to(device)  # (most gates in (0.05, 0.95))
+    P = cells.transpose(1, 2).reshape(b, c, 7, 7)  # the statistics' layout: a view of B × 49 × C
+    m = torch.randn(b, 3, c, c, generator=g).to(device)
+    gsum = torch.randn(b, c, generator=g).to(device)
+    dw_main = torch.randn(lmsa_mod._N_TAPS, c, generator=g).to(device)
+
+    onc = lmsa_mod._on_cells(h, w, lmsa_mod._dw_flat(ps[0:3]))
+    wg, beta, state = lmsa_mod._gate_forward(P, onc, ps, torch.float32)
+    t_cells, grads = lmsa_mod._gate_backward(m, gsum, state, P, onc, dw_main, ps, h, w)
+
+    leaves = [cells.double().cpu().requires_grad_()] + [t.double().cpu().requires_grad_() for t in ps]
+    cells64, dws, pws, pbs, (fc1w, fc1b, fc2w, fc2b) = leaves[0], leaves[1:4], leaves[4:7], leaves[7:10], leaves[10:]
+    gap = lmsa_mod._gap_taps(h, w, torch.device("cpu")).double()
+    on = (gap @ torch.cat([dw.reshape(c, -1) for dw in dws], 1).t()).view(3, 49, c)
+    g64 = torch.einsum("buc,kuc->bkc", cells64, on)
+    pw3, pb3 = torch.stack(pws), torch.stack(pbs)
+    s64 = torch.einsum("koi,bki->bko", pw3, g64) + pb3
+    z = torch.sigmoid(torch.relu(s64.reshape(b, -1) @ fc1w.t() + fc1b) @ fc2w.t() + fc2b).view(b, 3, c)
+    wg64, beta64 = z[..., None] * pw3, (z * pb3).sum(1)
+    ref = torch.autograd.grad((wg64 * m.double().cpu()).sum() + (beta64 * gsum.double().cpu()).sum(), leaves)
+
+    assert_close(wg, wg64, 1e-5, "W̃")
+    assert_close(beta, beta64, 1e-5, "β")
+    assert_close(t_cells, ref[0], 1e-5, "T = ∂L/∂cells")
+    for name, got, want, param in zip(GRAD_NAMES[1:], grads, ref[1:], ps):
+        if name.startswith("dw"):
+            k = int(name[-1])
+            want = want + dw_main[lmsa_mod._TAP_ROW0[(k - 3) // 2]:][:k * k].t().reshape(c, 1, k, k).double().cpu()
+        assert got.shape == param.shape and got.dtype == param.dtype, name
+        assert_close(got, want, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_from_kept_graph_equals_rebuilt(device):
-    """`LMSAFunction` hands its backward the forward's gate graph and tap-major weights (`_Kept`);
-    the `msf::lmsa_backward` operator builds both again from P and the parameters. Same gradients,
-    bit for bit."""
+    """`LMSAFunction` hands its backward the forward's gate state, cell weights and tap-major weights
+    (`_Kept`); the `msf::lmsa_backward` operator makes them again from P and the parameters (one more
+    gate forward). Same gradients, bit for bit."""
     device = _device(device)
     x, go = _inputs(2, 16, 9, 8, torch.float32, device, seed=41)
     ps = [t.detach() for t in _params(16, torch.float32, device, seed=42)]
@@ -251,4 +295,5 @@ def test_aot_specs_cover_every_argument():
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         kernels_seen.add(spec.fn.__name__)
     assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
-                            "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel"}
+                            "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel", "_gate_fwd_kernel",
+                            "_gate_bwd_sample_kernel", "_gate_bwd_params_kernel"}
