@@ -956,41 +956,23 @@ def _gate_dpw_rows(M, GSUM, STATE, DSTATE, DPW, DPB, k, rows, offs_c, B, C: tl.c
 
 
 @triton.jit
-def _gate_dfc2_rows(STATE, DSTATE, DFC2W, DFC2B, rows, offs_h, HID, B, C: tl.constexpr, HID_P: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """∂fc2w and ∂fc2b for rows `rows` (of 3C), summed over the batch in order."""
-    acc = tl.zeros([BLOCK, HID_P], tl.float32)
-    db = tl.zeros([BLOCK], tl.float32)
+def _gate_outer_sum(U, V, u_at, v_at, v_mask, B, ROW: tl.constexpr, RELU_V: tl.constexpr,
+                    NU: tl.constexpr, NV: tl.constexpr):
+    """(Σ_b u_b v_bᵀ, Σ_b u_b), the batch summed in order: u_b = U[b·ROW + u_at] (NU values) and
+    v_b = V[b·ROW + v_at] (NV values, masked by v_mask, through a ReLU if RELU_V): a Linear's weight
+    and bias gradients from the per-sample rows of STATE and DSTATE."""
+    acc = tl.zeros([NU, NV], tl.float32)
+    usum = tl.zeros([NU], tl.float32)
     bb = 0
     while bb < B:
-        row = bb * (9 * C + HID_P)
-        da2 = tl.load(DSTATE + row + rows)
-        h1 = tl.maximum(tl.load(STATE + row + 9 * C + offs_h), 0.0)
-        acc += da2[:, None] * h1[None, :]
-        db += da2
+        u = tl.load(U + bb * ROW + u_at)
+        v = tl.load(V + bb * ROW + v_at, mask=v_mask, other=0.0)
+        if RELU_V:
+            v = tl.maximum(v, 0.0)
+        acc += u[:, None] * v[None, :]
+        usum += u
         bb += 1
-    tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], acc.to(DFC2W.dtype.element_ty),
-             mask=(offs_h < HID)[None, :])
-    tl.store(DFC2B + rows, db.to(DFC2B.dtype.element_ty))
-
-
-@triton.jit
-def _gate_dfc1_cols(STATE, DSTATE, DFC1W, DFC1B, cols, offs_h, first, HID, B, C: tl.constexpr,
-                    HID_P: tl.constexpr, BLOCK: tl.constexpr):
-    """∂fc1w for columns `cols` (of 3C), and ∂fc1b if `first`, summed over the batch in order."""
-    acc = tl.zeros([HID_P, BLOCK], tl.float32)
-    db = tl.zeros([HID_P], tl.float32)
-    bb = 0
-    while bb < B:
-        row = bb * (9 * C + HID_P)
-        da1 = tl.load(DSTATE + row + 9 * C + offs_h)
-        s = tl.load(STATE + row + 3 * C + cols)
-        acc += da1[:, None] * s[None, :]
-        db += da1
-        bb += 1
-    hmask = offs_h < HID
-    tl.store(DFC1W + offs_h[:, None] * (3 * C) + cols[None, :], acc.to(DFC1W.dtype.element_ty), mask=hmask[:, None])
-    tl.store(DFC1B + offs_h, db.to(DFC1B.dtype.element_ty), mask=hmask & first)
+    return acc, usum
 
 
 @triton.jit
@@ -1038,10 +1020,19 @@ def _gate_bwd_params_kernel(
     if role == 0:
         _gate_dpw_rows(M, GSUM, STATE, DSTATE, _by_scale(k, DPW3, DPW5, DPW7), _by_scale(k, DPB3, DPB5, DPB7), k,
                        (j % n) * BLOCK + offs_r, offs_c, B, C, HID_P, BLOCK)
-    elif role == 1:
-        _gate_dfc2_rows(STATE, DSTATE, DFC2W, DFC2B, j * BLOCK + offs_r, offs_h, HID, B, C, HID_P, BLOCK)
-    elif role == 2:
-        _gate_dfc1_cols(STATE, DSTATE, DFC1W, DFC1B, j * BLOCK + offs_r, offs_h, j == 0, HID, B, C, HID_P, BLOCK)
+    elif role == 1:  # ∂fc2w = Σ_b ∂a2 h1ᵀ, ∂fc2b = Σ_b ∂a2, by row block of 3C
+        rows = j * BLOCK + offs_r
+        hmask = offs_h < HID
+        dw, db = _gate_outer_sum(DSTATE, STATE, rows, 9 * C + offs_h, hmask, B, 9 * C + HID_P, True, BLOCK, HID_P)
+        tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], dw.to(DFC2W.dtype.element_ty), mask=hmask[None, :])
+        tl.store(DFC2B + rows, db.to(DFC2B.dtype.element_ty))
+    elif role == 2:  # ∂fc1w = Σ_b ∂a1 sᵀ, ∂fc1b = Σ_b ∂a1 (the first block writes it), by column block of 3C
+        cols = j * BLOCK + offs_r
+        hmask = offs_h < HID
+        dw, db = _gate_outer_sum(DSTATE, STATE, 9 * C + offs_h, 3 * C + cols, cols < 3 * C, B, 9 * C + HID_P, False,
+                                 HID_P, BLOCK)
+        tl.store(DFC1W + offs_h[:, None] * (3 * C) + cols[None, :], dw.to(DFC1W.dtype.element_ty), mask=hmask[:, None])
+        tl.store(DFC1B + offs_h, db.to(DFC1B.dtype.element_ty), mask=hmask & (j == 0))
     else:
         _gate_ddw_cols(CELLS, DSTATE, GAP, DWMAIN, _by_scale(k, DDW3, DDW5, DDW7), k, (j % n) * BLOCK + offs_r, B,
                        C, HID_P, BLOCK)
@@ -1191,7 +1182,8 @@ def _on_cells(h: int, w: int, dw_flat) -> torch.Tensor:
         return (_gap_taps(h, w, taps.device) @ taps).view(len(KERNEL_SIZES), _CELLS * _CELLS, -1)
 
 
-_GATE_WARPS = 8         # the per-sample gate kernels: [C, 64]-sized tiles
+_GATE_FWD_WARPS = 8   # the per-sample gate kernels (4 predicted 2× slower; the backward at 16 was faster
+_GATE_BWD_WARPS = 8   # on sm_90 but spills on sm_80)
 _GATE_PARAMS_WARPS = 8  # the gate's parameter kernel
 
 
@@ -1211,7 +1203,7 @@ def _gate_forward(P, onc, params, dtype):
     beta = _new((b, c), P.device, torch.float32)
     state = _new((b, 9 * c + _hid_pad(hid)), P.device, torch.float32)
     _gate_fwd_kernel[(b,)](_cells(P), onc, *params[3:13], wg, beta, state, hid,
-                           C=c, HID_P=_hid_pad(hid), BLOCK=_gate_block(c), num_warps=_GATE_WARPS, num_stages=1)
+                           C=c, HID_P=_hid_pad(hid), BLOCK=_gate_block(c), num_warps=_GATE_FWD_WARPS, num_stages=1)
     return wg, beta, state
 
 
@@ -1224,7 +1216,7 @@ def _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w):
     t_cells = _new((b, _CELLS * _CELLS, c), P.device, torch.float32)
     dstate = _new(state.shape, P.device, torch.float32)
     _gate_bwd_sample_kernel[(b,)](m, gsum, state, onc, *params[3:9], params[9], params[11], t_cells, dstate, hid,
-                                  C=c, HID_P=hid_p, BLOCK=block, num_warps=_GATE_WARPS, num_stages=1)
+                                  C=c, HID_P=hid_p, BLOCK=block, num_warps=_GATE_BWD_WARPS, num_stages=1)
     grads = [_new(t.shape, t.device, t.dtype) for t in params]
     _gate_bwd_params_kernel[(12 * c // block,)](
         m, gsum, state, dstate, cells, _gap_taps(h, w, P.device), dw_main, *grads[3:13], *grads[0:3], b, hid,
@@ -1516,8 +1508,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
     hid = 3 * _AOT_C // 8  # the model's SE reduction
     gate = {"C": _AOT_C, "HID_P": _hid_pad(hid), "BLOCK": _gate_block(_AOT_C)}
-    for fn, warps, typed in ((_gate_fwd_kernel, _GATE_WARPS, {"WG": list(_AOT_DTYPES)}),
-                             (_gate_bwd_sample_kernel, _GATE_WARPS, {}),
+    for fn, warps, typed in ((_gate_fwd_kernel, _GATE_FWD_WARPS, {"WG": list(_AOT_DTYPES)}),
+                             (_gate_bwd_sample_kernel, _GATE_BWD_WARPS, {}),
                              (_gate_bwd_params_kernel, _GATE_PARAMS_WARPS, {})):
         for dname in typed.get("WG", ["fp32"]):
             sig = {a: "i32" if a in ("HID", "B") else ("*" + dname if a == "WG" else "*fp32")

@@ -28,9 +28,10 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    id (tests/test_cost_model.py checks every formula against the iterations the interpreter runs).
    Several SASS loops from one source line (an inlined helper called at several sites) take the
    formula's per-site counts in address order. A SASS loop with no formula counts once and is
-   listed as "unmatched". Loops the compiler unrolled are straight-line code. A one-site loop that
-   LLVM unrolled by U at run time (two SASS loops: one with U times the other's global loads, and
-   the one-copy remainder; since 2026-12-06, `_mark_runtime_unroll`) takes ⌊T / U⌋ and T mod U.
+   listed as "unmatched". Loops the compiler unrolled are straight-line code. A loop that LLVM
+   unrolled by U at run time (at each call site two SASS loops: one with U times the other's global
+   loads, and the one-copy remainder; since 2026-12-06, `_mark_runtime_unroll`) takes ⌊T / U⌋ and
+   T mod U.
 4. Dynamic warp-instructions of a program = Σ_instr (trip count of its innermost SASS loop, the
    formula giving the loop's total iterations in that program) × num_warps. Software-pipelined
    loops peel iterations into a prologue/epilogue; those are counted once here (a small
@@ -359,8 +360,9 @@ LOOPS: list[Loop] = [
          lambda a, pid: (2 * (pid[0] % (3 * (a["C"] // a["BLOCK"])) // (a["C"] // a["BLOCK"])) + 3) ** 2
          if pid[0] // (3 * (a["C"] // a["BLOCK"])) == 3 else 0, kernels=("_gate_bwd_params_kernel",)),
     Loop("lmsa", "_gate_dpw_rows", "while bb < B:", _gate_role_trips(0), kernels=("_gate_bwd_params_kernel",)),
-    Loop("lmsa", "_gate_dfc2_rows", "while bb < B:", _gate_role_trips(1), kernels=("_gate_bwd_params_kernel",)),
-    Loop("lmsa", "_gate_dfc1_cols", "while bb < B:", _gate_role_trips(2), kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_outer_sum", "while bb < B:",  # called by roles 1 (FC2) and 2 (FC1)
+         lambda a, pid: [_gate_role_trips(1)(a, pid), _gate_role_trips(2)(a, pid)],
+         kernels=("_gate_bwd_params_kernel",)),
     Loop("lmsa", "_gate_ddw_cols", "while bb < B:", _gate_role_trips(3), kernels=("_gate_bwd_params_kernel",)),
     Loop("partial_sums", "_sum_columns", "while c0 < n:", _partial_sum_trips,
          kernels=("_sum_partials_kernel",)),
@@ -986,24 +988,32 @@ def match_loops(loops: list[SassLoop], instrs: list[Instr]) -> None:
         for rank, sl in enumerate(sls):
             sl.loop, sl.site = lp, occurrence if occurrence >= 0 else rank
             sl.sites_kept = None if occurrence >= 0 else len(sls)  # type: ignore[attr-defined]
-        if occurrence < 0 and len(sls) == 2:
+        if occurrence < 0 and len(sls) % 2 == 0:
             _mark_runtime_unroll(sls, loops, instrs)
 
 
-def _mark_runtime_unroll(pair: list[SassLoop], loops: list[SassLoop], instrs: list[Instr]) -> None:
-    """Two SASS loops of one source loop that LLVM unrolled by U at run time: a loop whose body holds
-    U copies of the other's global loads (the unrolled loop, ⌊T / U⌋ trips) and the one-copy
-    remainder (T mod U). U is that ratio when it is a whole number ≥ 2; else the pair stays as it
-    was (two call sites of a helper). Sets `unroll` on the first and `remainder` on the second."""
+def _mark_runtime_unroll(sls: list[SassLoop], loops: list[SassLoop], instrs: list[Instr]) -> None:
+    """SASS loops of one source loop (at one or more call sites of its helper, in address order)
+    that LLVM unrolled by U at run time: each site a pair of adjacent loops, one whose body holds U
+    copies of the other's global loads (the unrolled loop, ⌊T / U⌋ trips) and the one-copy
+    remainder (T mod U). Only when every pair reads so (U a whole number ≥ 2): then each loop gets
+    `unroll` or `remainder` and the pair's index as its site; else they stay as they were (one
+    call site each)."""
     def loads(sl):
         inner = [o for o in loops if o is not sl and sl.start <= o.start and o.end <= sl.end]
         return sum(1 for i in instrs if sl.start <= i.addr <= sl.end and i.op.startswith("LDG")
                    and not any(o.start <= i.addr <= o.end for o in inner))
-    big, small = sorted(pair, key=loads, reverse=True)
-    n_big, n_small = loads(big), loads(small)
-    if n_small and n_big % n_small == 0 and n_big // n_small >= 2:
-        big.unroll = n_big // n_small  # type: ignore[attr-defined]
-        small.remainder = n_big // n_small  # type: ignore[attr-defined]
+    marks = []
+    for site in range(len(sls) // 2):
+        big, small = sorted(sls[2 * site:2 * site + 2], key=loads, reverse=True)
+        n_big, n_small = loads(big), loads(small)
+        if not n_small or n_big % n_small or n_big // n_small < 2:
+            return
+        marks.append((site, big, small, n_big // n_small))
+    for site, big, small, unroll in marks:
+        big.unroll, small.remainder = unroll, unroll  # type: ignore[attr-defined]
+        big.site = small.site = site
+        big.sites_kept = small.sites_kept = len(marks)  # type: ignore[attr-defined]
 
 
 def site_index(sl: SassLoop, counts: list[int]) -> int:
