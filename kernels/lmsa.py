@@ -1187,6 +1187,12 @@ _GATE_BWD_WARPS = 8   # on sm_90 but spills on sm_80)
 _GATE_PARAMS_WARPS = 8  # the gate's parameter kernel
 
 
+def _dense(params):
+    """The parameters as the gate kernels index them (rows dense, unit last stride): the model's are
+    already (no copy); another caller's transposed or strided views are copied."""
+    return [t if t.is_contiguous() else t.contiguous() for t in params]
+
+
 def _hid_pad(hid: int) -> int:
     return max(16, triton.next_power_of_2(hid))
 
@@ -1198,6 +1204,7 @@ def _gate_block(c: int) -> int:
 def _gate_forward(P, onc, params, dtype):
     """(W̃ in `dtype`, β fp32, STATE): `_gate_fwd_kernel`, one program a sample."""
     b, c = P.shape[:2]
+    params = _dense(params)
     hid = params[9].shape[0]
     wg = _new((b, len(KERNEL_SIZES), c, c), P.device, dtype)
     beta = _new((b, c), P.device, torch.float32)
@@ -1211,6 +1218,7 @@ def _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w):
     """(T = ∂L/∂cells as B × 49 × C fp32, the 13 parameters' gradients in their dtypes, the depthwise
     weights' including the main path's `dw_main`): two launches."""
     b, c = P.shape[:2]
+    params = _dense(params)
     hid, hid_p, block = params[9].shape[0], _hid_pad(params[9].shape[0]), _gate_block(c)
     cells = _cells(P)
     t_cells = _new((b, _CELLS * _CELLS, c), P.device, torch.float32)
@@ -1420,9 +1428,11 @@ def _check(x: torch.Tensor, p: LMSAParams) -> None:
     if len(p.pw_weights) != 3 or any(t.shape != (c, c) for t in p.pw_weights) or len(p.pw_biases) != 3 \
             or any(t.shape != (c,) for t in p.pw_biases):
         raise ValueError("lmsa: pointwise weights must be three C×C matrices and three C biases")
-    if p.fc1_weight.shape[1] != 3 * c or p.fc2_weight.shape[0] != 3 * c:
-        raise ValueError(f"lmsa: SE weights must map 3C = {3 * c} → r → 3C, got {tuple(p.fc1_weight.shape)}, "
-                         f"{tuple(p.fc2_weight.shape)}")
+    hid = p.fc1_weight.shape[0] if p.fc1_weight.dim() == 2 else -1
+    if (p.fc1_weight.dim() != 2 or p.fc1_weight.shape[1] != 3 * c or tuple(p.fc2_weight.shape) != (3 * c, hid)
+            or tuple(p.fc1_bias.shape) != (hid,) or tuple(p.fc2_bias.shape) != (3 * c,)):
+        raise ValueError(f"lmsa: SE weights must map 3C = {3 * c} → r → 3C (fc1 r×3C + r, fc2 3C×r + 3C), got "
+                         f"{[tuple(t.shape) for t in (p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)]}")
     tensors = [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
     if any(t.device != x.device for t in tensors):
         raise ValueError("lmsa: x and the parameters are on different devices")

@@ -276,6 +276,27 @@ def test_rejects_bad_inputs():
     bad[0] = torch.randn(16, 1, 5, 5)  # wrong kernel size for the first branch
     with pytest.raises(ValueError):
         lmsa_mod.lmsa(torch.randn(1, 16, 5, 5), _pack(bad))
+    bad = list(ps)
+    bad[11] = torch.randn(48, 4)  # fc2 takes 4 hidden values, fc1 gives 6: the gate kernels would misread
+    with pytest.raises(ValueError, match="SE weights"):
+        lmsa_mod.lmsa(torch.randn(1, 16, 5, 5), _pack(bad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_gate_weights(device, poisoned):
+    """Gate weights handed as views with other strides (fc1 as the transpose of a 3C × r tensor, a
+    pointwise weight sliced from a wider one) give what their dense copies give."""
+    device = _device(device)
+    x, go = _inputs(2, 16, 6, 7, torch.float32, device, seed=51)
+    ps = _params(16, torch.float32, device, seed=52)
+    fc1 = ps[9].detach().t().contiguous().t().requires_grad_()  # r × 3C with strides (1, r)
+    pw = torch.zeros(16, 32, device=device)
+    pw[:, :16] = ps[3].detach()
+    pw = pw[:, :16].requires_grad_()  # 16 × 16 with row stride 32
+    views = list(ps)
+    views[9], views[3] = fc1, pw
+    assert not fc1.is_contiguous() and not pw.is_contiguous()
+    _run_case(x, views, go)
 
 
 def test_registered_as_triton_op():
