@@ -997,8 +997,9 @@ def _mark_runtime_unroll(sls: list[SassLoop], loops: list[SassLoop], instrs: lis
     that LLVM unrolled by U at run time: each site a pair of adjacent loops, one whose body holds U
     copies of the other's global loads (the unrolled loop, ⌊T / U⌋ trips) and the one-copy
     remainder (T mod U). Only when every pair reads so (U a whole number ≥ 2): then each loop gets
-    `unroll` or `remainder` and the pair's index as its site; else they stay as they were (one
-    call site each)."""
+    `unroll` or `remainder` and the pair's index (`pair_site`), which `predict` uses where the
+    loop's formula gives half as many sites as there are SASS loops (else they stay one call site
+    each: two sites of a helper whose loads happen to differ by a whole factor)."""
     def loads(sl):
         inner = [o for o in loops if o is not sl and sl.start <= o.start and o.end <= sl.end]
         return sum(1 for i in instrs if sl.start <= i.addr <= sl.end and i.op.startswith("LDG")
@@ -1012,8 +1013,7 @@ def _mark_runtime_unroll(sls: list[SassLoop], loops: list[SassLoop], instrs: lis
         marks.append((site, big, small, n_big // n_small))
     for site, big, small, unroll in marks:
         big.unroll, small.remainder = unroll, unroll  # type: ignore[attr-defined]
-        big.site = small.site = site
-        big.sites_kept = small.sites_kept = len(marks)  # type: ignore[attr-defined]
+        big.pair_site = small.pair_site = site  # type: ignore[attr-defined]
 
 
 def site_index(sl: SassLoop, counts: list[int]) -> int:
@@ -1315,6 +1315,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
     # trips per SASS loop, summed over programs
     trips_total: dict[int, int] = {}
     runs: dict[int, set | None] = {}   # the programs that enter each loop (None: every program)
+    sass_loops = Counter(sl.loop for sl in loops if sl.loop is not None)  # SASS loops a source loop
     for i, sl in enumerate(loops):
         runs[i] = None
         if sl.loop is None:
@@ -1325,11 +1326,12 @@ def predict(launch: Launch, device: Device) -> KernelCost:
             for y in range(gy):
                 for x in range(gx):
                     counts = sl.loop.site_counts(a, (x, y, z))
-                    trips = counts[site_index(sl, counts)]
-                    if getattr(sl, "unroll", 0):  # LLVM's runtime unrolling (`_mark_runtime_unroll`)
-                        trips //= sl.unroll
-                    elif getattr(sl, "remainder", 0):
-                        trips %= sl.remainder
+                    # LLVM's runtime unrolling (`_mark_runtime_unroll`): a main and a remainder loop a site
+                    if getattr(sl, "pair_site", None) is not None and sass_loops[sl.loop] == 2 * len(counts):
+                        trips = counts[sl.pair_site]
+                        trips = trips // sl.unroll if getattr(sl, "unroll", 0) else trips % sl.remainder
+                    else:
+                        trips = counts[site_index(sl, counts)]
                     tot += trips
                     if trips:
                         entered.add((x, y, z))

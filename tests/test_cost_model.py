@@ -397,3 +397,25 @@ print(json.dumps(out))
         assert 0 < straight < 0.5 * case["static"], (
             f"{case['rows']} rows: {straight:.0f} straight-line instructions charged a program, of "
             f"{case['static']} in the four branches")
+
+
+def test_a_runtime_unrolled_loop_is_charged_its_trips_once(monkeypatch):
+    """LLVM unrolls a short loop by U at run time: a loop holding U copies of the body's loads and a
+    one-copy remainder, two SASS loops of one source loop. Together they run the formula's T trips
+    (⌊T / U⌋ and T mod U), not T each (`cost._mark_runtime_unroll`)."""
+    def instr(addr, op, target=None):
+        ins = cost.Instr(addr, op, "", "k.py", 7)
+        ins.target = target
+        return ins
+    instrs = [instr(0x10 * i, "LDG.E") for i in range(1, 5)] + [instr(0x50, "BRA", 0x10),
+                                                                instr(0x60, "LDG.E"), instr(0x70, "BRA", 0x60)]
+    source = cost.Loop("m", "k", "while i < n:", lambda a, pid: 10)
+    main = cost.SassLoop(0x10, 0x50, "k.py", 7, loop=source)
+    rest = cost.SassLoop(0x60, 0x70, "k.py", 7, loop=source, site=1)
+    cost._mark_runtime_unroll([main, rest], [main, rest], instrs)
+    usage = {"registers": 32, "shared_bytes": 0, "local_bytes": 0, "stack_bytes": 0}
+    monkeypatch.setattr(cost, "compiled_kernel", lambda launch, arch: (usage, instrs, [main, rest], {}, {}))
+    launch = cost.Launch("op", "fwd", "k", None, (8, 1, 1), {}, {}, {}, {}, {"num_warps": 4, "num_stages": 1})
+    kc = cost.predict(launch, cost.H100)
+    assert kc.dynamic["total"] / kc.programs / kc.warps == 5 * (10 // 4) + 2 * (10 % 4)
+    assert kc.dynamic["ldg"] / kc.programs / kc.warps == 10  # each trip's one load, once
