@@ -15,10 +15,11 @@ their own low resolution with plain `F.linear`, and runs the rest as this module
     f1: B×N×C1 tokens of stage 1 (N = H·W)     P2..P4: B×(h_i·w_i)×E tokens (H = s_i·h_i, W = s_i'·w_i)
     M1: E×C1   c: E   w2: E×E   b2: E   seed: one int64 (the dropout stream)   x: B×N×E tokens
 
-Dropout is counter-based: element (row, e) is kept when its Philox draw (`_uniforms`: counter
-row·BLOCK_E/4 + e//4, one of that counter's four outputs) is ≥ p, so no mask is stored and the
-backward regenerates it; `keep_mask` returns it for tests. The keep
-probability is nn.Dropout's, 1 − p, and kept values are scaled by 1 / (1 − p).
+Dropout is counter-based: element (row, e) is kept when its 16-bit Philox draw (`_draws`: counter
+row·BLOCK_E/8 + e//8, a half of one of that counter's four outputs) is ≥ p·2¹⁶ rounded, so no mask
+is stored and the backward regenerates it; `keep_mask` returns it for tests. The keep probability
+is nn.Dropout's 1 − p up to p's rounding to a multiple of 2⁻¹⁶ (p = 0.15: 0.149994; below what a
+test of a step's 67 M draws can see, standard error 4·10⁻⁵), and kept values are scaled by 1 / (1 − p).
 
 Precision (`compute_dtype`): one dtype throughout (fp32 products as tf32x3), or the model's CUDA
 autocast mix: fp32 master weights rounded on load, f1 in fp32 (rounded on load) or already in the
@@ -76,6 +77,7 @@ _MAX_BLOCK_C1 = 64
 # fp32 (tf32x3 products) past E = 64 has no spill-free backward tile (368 B at E = 128 on sm_80 and
 # sm_90): there the op runs the eager composition, as the FFN sublayer does past C = 64
 _MAX_FP32_E = 64
+DRAW_BITS = 16  # the dropout draw's resolution: p is rounded to a multiple of 2⁻¹⁶
 
 # ----------------------------------------------------------------------------------------------
 # configurations (BLOCK_P, num_warps, num_stages) per kernel and dtype class ("16": bf16 / fp16
@@ -241,15 +243,17 @@ def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4
 
 
 @triton.jit
-def _uniforms(seed, rows, BLOCK_E: tl.constexpr):
-    """U[0, 1) draws for the rows × BLOCK_E elements of a tile: one Philox call (four 32-bit outputs) per
-    four channels, at the 64-bit counter row·BLOCK_E/4 + e//4 (a 32-bit one would repeat the masks every
-    2²⁷ rows at E = 128); within a group of four, channels 4j + (0, 1, 2, 3) take outputs (0, 2, 1, 3)
-    (the order tl.join and tl.reshape lay them out in). `rows` is int64."""
-    quad = tl.arange(0, BLOCK_E // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK_E // 4) + quad[None, :])
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], BLOCK_E])
-    return tl.uint_to_uniform_float(bits)
+def _draws(seed, rows, BLOCK_E: tl.constexpr):
+    """16-bit draws (int32 in [0, 2¹⁶)) for the rows × BLOCK_E elements of a tile: one Philox call
+    (four 32-bit outputs, each split into its two halves) per eight channels, at the 64-bit counter
+    row·BLOCK_E/8 + e//8 (a 32-bit one would repeat the masks every 2²⁸ rows at E = 128); within a
+    group of eight, channels take the halves in the order tl.join and tl.reshape lay them out in.
+    `rows` is int64."""
+    octet = tl.arange(0, BLOCK_E // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK_E // 8) + octet[None, :])
+    halves = [tl.join(r & 0xFFFF, r >> 16) for r in (r0, r1, r2, r3)]
+    bits = tl.join(tl.join(halves[0], halves[1]), tl.join(halves[2], halves[3]))
+    return tl.reshape(bits, [rows.shape[0], BLOCK_E]).to(tl.int32)
 
 
 @triton.jit
@@ -265,10 +269,11 @@ def _in_layout_of(value, anchor):
 
 
 @triton.jit
-def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr):
-    """1/(1 − p) where element (row, e) is kept (its draw ≥ p), 0 where dropped; 1 without dropout."""
+def _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr):
+    """1/(1 − p) where element (row, e) is kept (its draw ≥ drop_below = p·2¹⁶, rounded), 0 where
+    dropped; 1 without dropout."""
     if DROPOUT:
-        ks = tl.where(_uniforms(tl.load(SEED), rows, BLOCK_E) >= p_drop, drop_scale, 0.0)
+        ks = tl.where(_draws(tl.load(SEED), rows, BLOCK_E) >= drop_below, drop_scale, 0.0)
     else:
         ks = tl.full([rows.shape[0], BLOCK_E], 1.0, tl.float32)
     return ks
@@ -280,7 +285,7 @@ def _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: 
 @triton.jit
 def _decoder_fwd_kernel(
     F1, P2, P3, P4, M1, CB, W2, B2, SEED, OUT, HS, D,
-    ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, p_drop, drop_scale,
+    ROWS, N_TILES, TILES, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4, drop_below, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr, SAVE: tl.constexpr,
     ROW_TILES: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -310,7 +315,7 @@ def _decoder_fwd_kernel(
             tl.store(HS + tok, _to_compute(h, CDT), mask=mask_pe)
         cdf, _pdf = _gelu_parts(h)
         a = _rounded(h * cdf, CDT)
-        d = _to_compute(a * _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT), CDT)
+        d = _to_compute(a * _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E, DROPOUT), CDT)
         x = _mm(d, w2t, CDT == 0) + b2[None, :]
         if SAVE:
             tl.store(D + tok, _in_layout_of(d, x), mask=mask_pe)
@@ -337,7 +342,7 @@ _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
 @triton.jit
 def _decoder_bwd_kernel(
     F1, HS, M1, W2, SEED, G, DH, DF1, PART,
-    ROWS, N_TILES, TILES, p_drop, drop_scale,
+    ROWS, N_TILES, TILES, drop_below, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -370,7 +375,7 @@ def _decoder_bwd_kernel(
         h = _in_layout_of(tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32), gw)
         f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
-        ks = _keep_scale(SEED, rows, p_drop, drop_scale, BLOCK_E, DROPOUT)
+        ks = _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E, DROPOUT)
         da = _rounded(_rounded(gw, CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
@@ -578,11 +583,11 @@ _pyramid_adjoint_kernel = _pinned("pyramid", _pyramid_adjoint_kernel)
 
 
 @triton.jit
-def _keep_mask_kernel(SEED, OUT, ROWS, p_drop, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
+def _keep_mask_kernel(SEED, OUT, ROWS, drop_below, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """OUT[row, e] = 1 where the kernels keep element (row, e) (ROWS × E uint8), else 0."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_e = tl.arange(0, BLOCK_E)
-    keep = _uniforms(tl.load(SEED), rows, BLOCK_E) >= p_drop
+    keep = _draws(tl.load(SEED), rows, BLOCK_E) >= drop_below
     tl.store(OUT + rows[:, None] * E + offs_e[None, :], keep.to(tl.uint8),
              mask=(rows < ROWS)[:, None] & (offs_e < E)[None, :])
 
@@ -645,8 +650,10 @@ def _tile_split(kernel, cdt_code: int, w2: torch.Tensor, block_e: int, rows: int
     return (block_p, n_tiles, *_tile_runs(n_tiles, _core._sm_count(dev), per_sm=2))
 
 
-def _dropout_args(p: float) -> tuple[float, float, bool]:
-    return float(p), (1.0 / (1.0 - p) if p < 1 else 0.0), p > 0
+def _dropout_args(p: float) -> tuple[int, float, bool]:
+    """(drop_below, the kept values' scale, dropout on): an element is dropped when its 16-bit draw
+    is below p·2¹⁶ rounded (`DRAW_BITS`), and kept values are scaled by nn.Dropout's 1 / (1 − p)."""
+    return round(p * 2 ** DRAW_BITS), (1.0 / (1.0 - p) if p < 1 else 0.0), p > 0
 
 
 def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, int], cdt: torch.dtype,
@@ -661,11 +668,11 @@ def _forward(f1, p2, p3, p4, m1, cb, w2, b2, seed, p: float, size: tuple[int, in
     out = _new((rows, e), f1.device, torch.promote_types(cdt, p2.dtype))
     hs = _new((rows if save else 0, e), f1.device, cdt)
     d = _new((rows if save else 0, e), f1.device, cdt)
-    p_drop, scale, dropout = _dropout_args(p)
+    drop_below, scale, dropout = _dropout_args(p)
     block_p, n_tiles, tiles, n_progs = _tile_split(_decoder_fwd_kernel, _CDT[cdt], w2, block_e, rows, f1.device)
     row_tiles = _row_tiles(size, lows, p2.dtype, block_p)
     _decoder_fwd_kernel[(n_progs,)](f1, p2, p3, p4, m1, cb, w2, b2, seed, out, hs, d, rows, n_tiles, tiles, *size,
-                                    *_geometry(size, lows), p_drop, scale, C1=c1, E=e, CDT=_CDT[cdt],
+                                    *_geometry(size, lows), drop_below, scale, C1=c1, E=e, CDT=_CDT[cdt],
                                     DROPOUT=dropout, SAVE=save, ROW_TILES=row_tiles, BLOCK_C1=block_c1,
                                     BLOCK_E=block_e)
     return out, hs, d
@@ -682,13 +689,13 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
     dev = f1.device
     block_c1, block_e = _blocks(c1, e)
     code = _CDT[cdt]
-    p_drop, scale, dropout = _dropout_args(p)
+    drop_below, scale, dropout = _dropout_args(p)
 
     dh = _new((rows, e), dev, cdt)
     df1 = _new((rows, c1), dev, f1.dtype)
     _, n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
     part = _new((n_progs, e * c1 + e), dev, torch.float32)
-    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, part, rows, n_tiles, tiles, p_drop, scale,
+    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, part, rows, n_tiles, tiles, drop_below, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
     chunk, n_chunks = _dw2_chunking(rows, _core._sm_count(dev))
     w_part = _new((n_chunks, e * e + e), dev, torch.float32)
@@ -887,8 +894,8 @@ def keep_mask(seed: torch.Tensor, rows: int, e: int, p: float) -> torch.Tensor:
     """The rows × E keep mask (bool) the kernels apply for `seed` and dropout probability p."""
     out = torch.empty((rows, e), device=seed.device, dtype=torch.uint8)
     block_p = 32
-    _keep_mask_kernel[(triton.cdiv(rows, block_p),)](seed, out, rows, float(p), E=e, BLOCK_E=_blocks(1, e)[1],
-                                                      BLOCK_P=block_p)
+    _keep_mask_kernel[(triton.cdiv(rows, block_p),)](seed, out, rows, _dropout_args(p)[0], E=e,
+                                                      BLOCK_E=_blocks(1, e)[1], BLOCK_P=block_p)
     return out.bool()
 
 
@@ -918,7 +925,7 @@ _AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS"
 _AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": (), "pyramid": ()}
 _AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "dw2": _decoder_dw2_kernel,
                 "adjoint": _upsample_adjoint_kernel, "pyramid": _pyramid_adjoint_kernel}
-_AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "p_drop", "drop_scale", "scale_y", "scale_x")
+_AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "drop_scale", "scale_y", "scale_x")
 # per dtype class: (16-bit pointers' type, CDT, the fp32 master tensors' type)
 _AOT_DTYPE = {"16": ("bf16", 1, "bf16"), "amp": ("bf16", 1, "fp32"), "fp32": ("fp32", 0, "fp32")}  # adjoint: DH, DP
 # fp32 under autocast: the folded and master weights (f1 and its gradient come in the autocast dtype:

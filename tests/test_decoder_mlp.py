@@ -204,15 +204,16 @@ def test_dropout_keeps_one_minus_p_and_is_reproducible():
 
 
 def test_dropout_draws_are_independent_across_channels():
-    """The four channels one Philox call serves (4j .. 4j + 3) and neighbouring rows get independent
-    draws: over 8192 rows at p = 0.5 every such pair's correlation is within 6σ of 0 (σ = 1/√8192), where
-    a draw shared by two channels would correlate them fully."""
+    """The eight channels one Philox call serves (8j .. 8j + 7: the two 16-bit halves of each of its
+    four outputs) and neighbouring rows get independent draws: over 8192 rows at p = 0.5 every such
+    pair's correlation is within 6σ of 0 (σ = 1/√8192), where a draw shared by two channels would
+    correlate them fully."""
     kernel_device("cpu")
     rows, e = 8192, 128
     keep = dec_mod.keep_mask(torch.tensor([5]), rows, e, 0.5).double()
     z = (keep - keep.mean(0)) / keep.std(0)
     corr = (z.T @ z) / (rows - 1)
-    group = torch.arange(e) // 4
+    group = torch.arange(e) // 8
     same_group = (group[:, None] == group[None, :]) & ~torch.eye(e, dtype=torch.bool)
     limit = 6 / rows ** 0.5
     assert corr[same_group].abs().max().item() < limit, corr[same_group].abs().max().item()
