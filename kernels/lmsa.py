@@ -1026,7 +1026,7 @@ def _gate_bwd_params_kernel(
         dw, db = _gate_outer_sum(DSTATE, STATE, rows, 9 * C + offs_h, hmask, B, 9 * C + HID_P, True, BLOCK, HID_P)
         tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], dw.to(DFC2W.dtype.element_ty), mask=hmask[None, :])
         tl.store(DFC2B + rows, db.to(DFC2B.dtype.element_ty))
-    elif role == 2:  # ∂fc1w = Σ_b ∂a1 sᵀ, ∂fc1b = Σ_b ∂a1 (the first block writes it), by column block of 3C
+    elif role == 2:  # ∂fc1w = Σ_b ∂a1 sᵀ, ∂fc1b = Σ_b ∂a1 (block 0 writes it), by column block of 3C
         cols = j * BLOCK + offs_r
         hmask = offs_h < HID
         dw, db = _gate_outer_sum(DSTATE, STATE, 9 * C + offs_h, 3 * C + cols, cols < 3 * C, B, 9 * C + HID_P, False,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
 from msf.data import OVERLAY_PALETTE, MiniFaceDataset, SyntheticFaces, write_mask

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import assert_close, assert_grads_close
-from msf.model import MicroSegFormer
 from msf.train import evaluate
 from msf.train.config import TrainConfig
 from msf.train.loop import make_model, train

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from msf.model import MicroSegFormer, count_parameters
-from msf.losses import ce_dice_loss
 
 
 def test_parameter_counts_match_spec():

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from msf.data import FLIP_ID_MAP, SyntheticFaces, write_mask
