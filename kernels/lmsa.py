@@ -16,7 +16,7 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 - `_gate_fwd_kernel` (one program a sample): the gate z from the cell sums, the gated weights
   W̃ = [diag(z_k) W_k] and bias β; `_gate_bwd_sample_kernel` and `_gate_bwd_params_kernel` its
   backward (the cell sums' gradient, then the gate parameters' gradients, each summed over the
-  batch in order by one program). `_gates` is their PyTorch reference.
+  batch in order by one program).
 - `_lmsa_fwd_kernel`: the three depthwise sweeps over X̂ on chip, one K = 3C GEMM with W̃,
   + β + x; also stores the depthwise outputs D and x in the wgrad kernel's word order (XW).
 - `_lmsa_bwd_gram_kernel`: E_k = W̃_kᵀ dO (bordered; packed bf16 channel pairs for bf16 inputs),
@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -1064,26 +1063,36 @@ def _bordered(b: int, h: int, w: int, c: int, device, dtype=torch.float32, tail:
     return list(t.unbind(0))
 
 
-_FRAME_PIXELS: dict[tuple, torch.Tensor] = {}  # `_frame_pixels` by (B, H, W, tail, device): built once
+_CONSTANTS: dict[tuple, torch.Tensor] = {}  # what `_constant` built, by (builder, arguments)
+
+
+def _constant(build, *args) -> torch.Tensor:
+    """build(*args), built once a process and cached (the device among `args`): the shapes' constants
+    a step asks for every time. A traced value (a fake tensor under torch.compile) is never cached."""
+    key = (build, *args)
+    if key not in _CONSTANTS:
+        value = build(*args)
+        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+            return value
+        _CONSTANTS[key] = value
+    return _CONSTANTS[key]
 
 
 def _frame_pixels(b: int, h: int, w: int, tail: int, device) -> torch.Tensor:
     """The pixel indices (int64, on `device`) of the 3-pixel borders of B stacked (H+6) × (W+6)
     images and of the `tail` pixels after them: what `_bordered` zeroes, in one `index_fill_` instead
-    of a fill per border strip. Cached: a step asks for the same few shapes every time."""
-    key = (b, h, w, tail, torch.device(device))
-    if key not in _FRAME_PIXELS:
-        rows = torch.arange(h + 6, device=device)[:, None]
-        cols = torch.arange(w + 6, device=device)[None, :]
-        edge = (rows < 3) | (rows >= h + 3) | (cols < 3) | (cols >= w + 3)
-        one = edge.flatten().nonzero().flatten()
-        per_image = (h + 6) * (w + 6)
-        images = (torch.arange(b, device=device)[:, None] * per_image + one[None, :]).flatten()
-        index = torch.cat([images, torch.arange(b * per_image, b * per_image + tail, device=device)])
-        if isinstance(index, torch._subclasses.fake_tensor.FakeTensor):  # (never cache a traced value)
-            return index
-        _FRAME_PIXELS[key] = index
-    return _FRAME_PIXELS[key]
+    of a fill per border strip. Cached (`_constant`)."""
+    return _constant(_build_frame_pixels, b, h, w, tail, torch.device(device))
+
+
+def _build_frame_pixels(b: int, h: int, w: int, tail: int, device) -> torch.Tensor:
+    rows = torch.arange(h + 6, device=device)[:, None]
+    cols = torch.arange(w + 6, device=device)[None, :]
+    edge = (rows < 3) | (rows >= h + 3) | (cols < 3) | (cols >= w + 3)
+    one = edge.flatten().nonzero().flatten()
+    per_image = (h + 6) * (w + 6)
+    images = (torch.arange(b, device=device)[:, None] * per_image + one[None, :]).flatten()
+    return torch.cat([images, torch.arange(b * per_image, b * per_image + tail, device=device)])
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -1114,29 +1123,24 @@ def _cell_indicator(n: int, device) -> torch.Tensor:
     return ((cls[None, :] >= delta) & (cls[None, :] < n + delta) & (cls < n)[None, :]).to(torch.float32)
 
 
-_GAP_TAPS: dict[tuple, torch.Tensor] = {}  # `_gap_taps` by (H, W, device): constants, built once
-
-
 def _gap_taps(h: int, w: int, device) -> torch.Tensor:
     """The 3·49 × 83 fp32 matrix that takes the three scales' depthwise taps (C × 83: the 9, 25 and
     49 taps of each channel, side by side) to their weights on the 49 cell sums: GAP(DW_k(x))[c] =
     Σ_u P[c, u] (G taps[c])[k, u]. Block-diagonal, a block a scale: a tap t of DW_k sits at window
     offset δ(t) of the 7×7 window, and the window sum at offset δ is Σ_u rows[δ_r, u_r] cols[δ_c,
-    u_c] P[u] (`_cell_indicator`), so block k is kron(rows, cols)[δ(taps), :]ᵀ ÷ (H·W). Cached:
-    it depends on H, W only, and building it is a dozen launches (none once cached)."""
-    key = (h, w, torch.device(device))
-    if key not in _GAP_TAPS:
-        rows = _cell_indicator(h, device)
-        kron = torch.kron(rows, rows if w == h else _cell_indicator(w, device)) / (h * w)  # [window, cell]
-        blocks = []
-        for k in KERNEL_SIZES:
-            o = (_CELLS - k) // 2
-            blocks.append(kron[[(i + o) * _CELLS + j + o for i in range(k) for j in range(k)]].t())
-        taps = torch.block_diag(*blocks)
-        if not isinstance(taps, torch._subclasses.fake_tensor.FakeTensor):  # (never cache a traced value)
-            _GAP_TAPS[key] = taps
-        return taps
-    return _GAP_TAPS[key]
+    u_c] P[u] (`_cell_indicator`), so block k is kron(rows, cols)[δ(taps), :]ᵀ ÷ (H·W). Cached
+    (`_constant`): it depends on H, W only, and building it is a dozen launches (none once cached)."""
+    return _constant(_build_gap_taps, h, w, torch.device(device))
+
+
+def _build_gap_taps(h: int, w: int, device) -> torch.Tensor:
+    rows = _cell_indicator(h, device)
+    kron = torch.kron(rows, rows if w == h else _cell_indicator(w, device)) / (h * w)  # [window, cell]
+    blocks = []
+    for k in KERNEL_SIZES:
+        o = (_CELLS - k) // 2
+        blocks.append(kron[[(i + o) * _CELLS + j + o for i in range(k) for j in range(k)]].t())
+    return torch.block_diag(*blocks)
 
 
 def _build_constants(b: int, h: int, w: int, device) -> None:
@@ -1146,26 +1150,6 @@ def _build_constants(b: int, h: int, w: int, device) -> None:
     _gap_taps(h, w, device)
     for tail in (0, _E_TAIL):
         _frame_pixels(b, h, w, tail, device)
-
-
-def _gates(P, h, w, dws, pws, pbs, fc1w, fc1b, fc2w, fc2b):
-    """The gate in PyTorch, the reference of the gate kernels (`_gate_fwd_kernel` and its backward;
-    tests differentiate this with autograd): the tiny fp32 graph from the cell sums P (B×C×7×7) to
-    the gates z (B×3×C), β = Σ_k z_k ∘ pb_k (B×C) and the stacked pointwise weights pw3 (3×C×C,
-    [k, out, in]), from which W̃ = z ∘ pw3 (B×3×C×C)."""
-    b, c = P.shape[:2]
-    cells = P.reshape(b, c, _CELLS * _CELLS).transpose(1, 2)  # B×49×C (a view: the statistics' layout)
-    taps = torch.cat([dw.reshape(c, -1) for dw in dws], dim=1).float()  # C × 83
-    on_cells = (_gap_taps(h, w, P.device) @ taps.t()).view(len(dws), _CELLS * _CELLS, c)  # [k, cell, c]
-    g = (cells[:, None] * on_cells[None]).sum(2)  # GAP(DW_k(x)): B×3×C
-    pw3 = torch.stack([pw.float() for pw in pws])  # 3×C×C [k, out, in]
-    pb3 = torch.stack([pb.float() for pb in pbs])  # 3×C
-    s = torch.baddbmm(pb3[:, None], g.transpose(0, 1), pw3.transpose(1, 2))  # PW_k(g_k) + pb_k: 3×B×C
-    s = s.transpose(0, 1).reshape(b, -1)  # [s_3 | s_5 | s_7]: B×3C
-    z = torch.sigmoid(F.linear(F.relu(F.linear(s, fc1w.float(), fc1b.float())), fc2w.float(), fc2b.float()))
-    z = z.view(z.shape[0], len(dws), -1)  # B×3×C
-    beta = (z * pb3[None]).sum(1)  # B×C
-    return z, beta, pw3
 
 
 def _cells(P: torch.Tensor) -> torch.Tensor:
@@ -1518,10 +1502,10 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
     hid = 3 * _AOT_C // 8  # the model's SE reduction
     gate = {"C": _AOT_C, "HID_P": _hid_pad(hid), "BLOCK": _gate_block(_AOT_C)}
-    for fn, warps, typed in ((_gate_fwd_kernel, _GATE_FWD_WARPS, {"WG": list(_AOT_DTYPES)}),
-                             (_gate_bwd_sample_kernel, _GATE_BWD_WARPS, {}),
-                             (_gate_bwd_params_kernel, _GATE_PARAMS_WARPS, {})):
-        for dname in typed.get("WG", ["fp32"]):
+    for fn, warps, wg_dtypes in ((_gate_fwd_kernel, _GATE_FWD_WARPS, list(_AOT_DTYPES)),
+                                 (_gate_bwd_sample_kernel, _GATE_BWD_WARPS, ["fp32"]),
+                                 (_gate_bwd_params_kernel, _GATE_PARAMS_WARPS, ["fp32"])):
+        for dname in wg_dtypes:  # (only the forward has a WG)
             sig = {a: "i32" if a in ("HID", "B") else ("*" + dname if a == "WG" else "*fp32")
                    for a in fn.arg_names if a not in gate}
             specs.append(AotSpec(name=f"lmsa.{fn.__name__.strip('_')}_{dname}", fn=fn, signature=sig,

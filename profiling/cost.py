@@ -287,9 +287,14 @@ def _partial_sum_trips(a, pid):  # the chunk-row steps of the buffer program pid
     return [_cdiv(a[f"N{buffer}"], step) if rows == step else 0 for rows in TILE_ROWS]
 
 
-def _gate_role_trips(role):  # LMSA's gate parameter kernel: the batch loop of the programs of one role
+def _gate_role(a, pid):  # LMSA's gate parameter kernel: (role, scale) of program pid[0]
+    n = a["C"] // a["BLOCK"]
+    return pid[0] // (3 * n), pid[0] % (3 * n) // n
+
+
+def _gate_role_trips(role):  # the batch loop of the programs of one role
     def trips(a, pid):
-        return a["B"] if pid[0] // (3 * (a["C"] // a["BLOCK"])) == role else 0
+        return a["B"] if _gate_role(a, pid)[0] == role else 0
     return trips
 
 
@@ -356,9 +361,9 @@ LOOPS: list[Loop] = [
          lambda a, pid: [3 * (a["C"] // a["BLOCK"])] * 2, kernels=("_gate_bwd_sample_kernel",)),
     Loop("lmsa", "_gate_bwd_sample_kernel", "for u0 in range(0, 64, 16):", lambda a, pid: 4,
          kernels=("_gate_bwd_sample_kernel",)),
-    Loop("lmsa", "_gate_ddw_cols", "while t < taps:",
-         lambda a, pid: (2 * (pid[0] % (3 * (a["C"] // a["BLOCK"])) // (a["C"] // a["BLOCK"])) + 3) ** 2
-         if pid[0] // (3 * (a["C"] // a["BLOCK"])) == 3 else 0, kernels=("_gate_bwd_params_kernel",)),
+    Loop("lmsa", "_gate_ddw_cols", "while t < taps:",  # the k² taps of scale k, role 3
+         lambda a, pid: (2 * _gate_role(a, pid)[1] + 3) ** 2 if _gate_role(a, pid)[0] == 3 else 0,
+         kernels=("_gate_bwd_params_kernel",)),
     Loop("lmsa", "_gate_dpw_rows", "while bb < B:", _gate_role_trips(0), kernels=("_gate_bwd_params_kernel",)),
     Loop("lmsa", "_gate_outer_sum", "while bb < B:",  # called by roles 1 (FC2) and 2 (FC1)
          lambda a, pid: [_gate_role_trips(1)(a, pid), _gate_role_trips(2)(a, pid)],

@@ -185,7 +185,7 @@ def test_window_sums_match_depthwise_gap():
         cols = lmsa_mod._cell_indicator(w, x.device).double()
         win = torch.einsum("dr,bcrs,es->bcde", rows, cells.view(2, 4, 7, 7), cols)
         wks = [torch.randn(4, 1, k, k, generator=g, dtype=torch.float64) for k in (3, 5, 7)]
-        # what `_gates` computes: the cached 147 × 83 constant on the three scales' taps side by side
+        # what `_on_cells` computes: the cached 147 × 83 constant on the three scales' taps side by side
         # (an indicator ÷ H·W, in fp32: the pattern exactly, the scale to fp32's rounding of 1 / (H·W))
         gap = lmsa_mod._gap_taps(h, w, x.device).double() * (h * w)
         torch.testing.assert_close(gap, gap.round(), rtol=0, atol=1e-6, msg=f"{h}×{w}: not an indicator ÷ (H·W)")
