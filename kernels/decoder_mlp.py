@@ -15,9 +15,9 @@ their own low resolution with plain `F.linear`, and runs the rest as this module
     f1: B×N×C1 tokens of stage 1 (N = H·W)     P2..P4: B×(h_i·w_i)×E tokens (H = s_i·h_i, W = s_i'·w_i)
     M1: E×C1   c: E   w2: E×E   b2: E   seed: one int64 (the dropout stream)   x: B×N×E tokens
 
-Dropout is counter-based: element (row, e) is kept when its 16-bit Philox draw (`_draws`: counter
-row·BLOCK_E/8 + e//8, a half of one of that counter's four outputs) is ≥ p·2¹⁶ rounded, so no mask
-is stored and the backward regenerates it; `keep_mask` returns it for tests. The keep probability
+Dropout is counter-based: element (row, e) is kept when its 16-bit Philox draw (`_draws`: a half of
+one of the four outputs of a call that serves eight elements of two rows, laid out as the tensor
+cores' accumulator holds them) is ≥ p·2¹⁶ rounded, so no mask is stored and the backward regenerates it; `keep_mask` returns it for tests. The keep probability
 is nn.Dropout's 1 − p up to p's rounding to a multiple of 2⁻¹⁶ (p = 0.15: 0.149994; below what a
 test of a step's 67 M draws can see, standard error 4·10⁻⁵), and kept values are scaled by 1 / (1 − p).
 
@@ -243,17 +243,29 @@ def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4
 
 
 @triton.jit
-def _draws(seed, rows, BLOCK_E: tl.constexpr):
-    """16-bit draws (int32 in [0, 2¹⁶)) for the rows × BLOCK_E elements of a tile: one Philox call
-    (four 32-bit outputs, each split into its two halves) per eight channels, at the 64-bit counter
-    row·BLOCK_E/8 + e//8 (a 32-bit one would repeat the masks every 2²⁸ rows at E = 128); within a
-    group of eight, channels take the halves in the order tl.join and tl.reshape lay them out in.
-    `rows` is int64."""
-    octet = tl.arange(0, BLOCK_E // 8)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK_E // 8) + octet[None, :])
-    halves = [tl.join(r & 0xFFFF, r >> 16) for r in (r0, r1, r2, r3)]
-    bits = tl.join(tl.join(halves[0], halves[1]), tl.join(halves[2], halves[3]))
-    return tl.reshape(bits, [rows.shape[0], BLOCK_E]).to(tl.int32)
+def _draws(seed, row0, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """16-bit draws (int32 in [0, 2¹⁶)) for the BLOCK_P × BLOCK_E tile whose first row is `row0` (int64,
+    a multiple of 16). One Philox call (four 32-bit outputs, each split into its two halves) serves
+    eight elements: rows ρ and ρ + 8 of a 16-row group × channels c and c + BLOCK_E/2 × the channel
+    pair c = 2m, 2m + 1. Element (16a + 8h + ρ, (BLOCK_E/2)·u + 2m + i) of the tile takes half i of
+    output 2h + u of the call at the 64-bit counter ((row0/16 + a)·8 + ρ)·BLOCK_E/4 + m. Why this
+    grouping: the tile is consumed in the tensor cores' accumulator layout (mma m16n8: a thread holds
+    rows ρ and ρ + 8 and a channel pair of each n-tile, the n-tiles dealt to the warps in turn, so
+    with BLOCK_E = 128 and ≤ 8 warps along E also channels c and c + 64), so Triton computes each
+    call in the thread that holds its eight elements and lays the draws out with no shuffle through
+    shared memory (grouping eight adjacent channels took five layout conversions, ~90 sm_90
+    instructions of a 16-row tile: docs/decoder_mlp.md)."""
+    tl.static_assert(BLOCK_P % 16 == 0, "decoder_mlp: dropout tiles are whole 16-row groups")
+    tl.static_assert(BLOCK_E >= 16, "decoder_mlp: dropout tiles are at least 16 channels wide")
+    a = tl.arange(0, BLOCK_P // 16)[:, None, None, None, None, None]
+    h = tl.arange(0, 2)[None, :, None, None, None, None]
+    rho = tl.arange(0, 8)[None, None, :, None, None, None]
+    u = tl.arange(0, 2)[None, None, None, :, None, None]
+    m = tl.arange(0, BLOCK_E // 4)[None, None, None, None, :, None]
+    i = tl.arange(0, 2)[None, None, None, None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ((row0 // 16 + a) * 8 + rho) * (BLOCK_E // 4) + m)
+    out = tl.where(h == 0, tl.where(u == 0, r0, r1), tl.where(u == 0, r2, r3))
+    return tl.reshape((out >> (16 * i)) & 0xFFFF, [BLOCK_P, BLOCK_E])
 
 
 @triton.jit
@@ -269,13 +281,14 @@ def _in_layout_of(value, anchor):
 
 
 @triton.jit
-def _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr):
-    """1/(1 − p) where element (row, e) is kept (its draw ≥ drop_below = p·2¹⁶, rounded), 0 where
-    dropped; 1 without dropout."""
+def _keep_scale(SEED, row0, drop_below, drop_scale, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                DROPOUT: tl.constexpr):
+    """1/(1 − p) where element (row, e) of the tile from row `row0` is kept (its draw ≥ drop_below =
+    p·2¹⁶, rounded), 0 where dropped; 1 without dropout."""
     if DROPOUT:
-        ks = tl.where(_draws(tl.load(SEED), rows, BLOCK_E) >= drop_below, drop_scale, 0.0)
+        ks = tl.where(_draws(tl.load(SEED), row0, BLOCK_P, BLOCK_E) >= drop_below, drop_scale, 0.0)
     else:
-        ks = tl.full([rows.shape[0], BLOCK_E], 1.0, tl.float32)
+        ks = tl.full([BLOCK_P, BLOCK_E], 1.0, tl.float32)
     return ks
 
 
@@ -315,7 +328,8 @@ def _decoder_fwd_kernel(
             tl.store(HS + tok, _to_compute(h, CDT), mask=mask_pe)
         cdf, _pdf = _gelu_parts(h)
         a = _rounded(h * cdf, CDT)
-        d = _to_compute(a * _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E, DROPOUT), CDT)
+        d = _to_compute(a * _keep_scale(SEED, tile.to(tl.int64) * BLOCK_P, drop_below, drop_scale, BLOCK_P, BLOCK_E,
+                                         DROPOUT), CDT)
         x = _mm(d, w2t, CDT == 0) + b2[None, :]
         if SAVE:
             tl.store(D + tok, _in_layout_of(d, x), mask=mask_pe)
@@ -375,7 +389,7 @@ def _decoder_bwd_kernel(
         h = _in_layout_of(tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32), gw)
         f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
-        ks = _keep_scale(SEED, rows, drop_below, drop_scale, BLOCK_E, DROPOUT)
+        ks = _keep_scale(SEED, tile.to(tl.int64) * BLOCK_P, drop_below, drop_scale, BLOCK_P, BLOCK_E, DROPOUT)
         da = _rounded(_rounded(gw, CDT) * ks, CDT)
         dh = _to_compute(da * (cdf + h * pdf), CDT)  # zero in rows past the end: their g is
         tl.store(DH + tok, dh, mask=mask_pe)
@@ -585,9 +599,10 @@ _pyramid_adjoint_kernel = _pinned("pyramid", _pyramid_adjoint_kernel)
 @triton.jit
 def _keep_mask_kernel(SEED, OUT, ROWS, drop_below, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """OUT[row, e] = 1 where the kernels keep element (row, e) (ROWS × E uint8), else 0."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_P
+    rows = row0 + tl.arange(0, BLOCK_P)
     offs_e = tl.arange(0, BLOCK_E)
-    keep = _draws(tl.load(SEED), rows, BLOCK_E) >= drop_below
+    keep = _draws(tl.load(SEED), row0, BLOCK_P, BLOCK_E) >= drop_below
     tl.store(OUT + rows[:, None] * E + offs_e[None, :], keep.to(tl.uint8),
              mask=(rows < ROWS)[:, None] & (offs_e < E)[None, :])
 

@@ -204,21 +204,25 @@ def test_dropout_keeps_one_minus_p_and_is_reproducible():
 
 
 def test_dropout_draws_are_independent_across_channels():
-    """The eight channels one Philox call serves (8j .. 8j + 7: the two 16-bit halves of each of its
-    four outputs) and neighbouring rows get independent draws: over 8192 rows at p = 0.5 every such
-    pair's correlation is within 6σ of 0 (σ = 1/√8192), where a draw shared by two channels would
-    correlate them fully."""
+    """The eight elements one Philox call serves (rows ρ and ρ + 8 of a 16-row group × channels 2m,
+    2m + 1, 2m + E/2, 2m + 1 + E/2: the two 16-bit halves of each of its four outputs) and neighbouring
+    rows get independent draws: over 8192 rows at p = 0.5 every such pair of channels' correlation is
+    within 6σ of 0 (σ = 1/√8192), where a draw shared by two channels would correlate them fully; the
+    rows a call pairs and neighbouring rows, averaged over the channels, within 6σ too."""
     kernel_device("cpu")
     rows, e = 8192, 128
     keep = dec_mod.keep_mask(torch.tensor([5]), rows, e, 0.5).double()
     z = (keep - keep.mean(0)) / keep.std(0)
     corr = (z.T @ z) / (rows - 1)
-    group = torch.arange(e) // 8
-    same_group = (group[:, None] == group[None, :]) & ~torch.eye(e, dtype=torch.bool)
+    call = (torch.arange(e) % (e // 2)) // 2  # the channels of one row that share a Philox call
+    same_call = (call[:, None] == call[None, :]) & ~torch.eye(e, dtype=torch.bool)
+    assert same_call.sum().item() == 3 * e  # each channel shares its call with three others
     limit = 6 / rows ** 0.5
-    assert corr[same_group].abs().max().item() < limit, corr[same_group].abs().max().item()
-    by_row = ((z[1:] * z[:-1]).sum(1) / (e - 1)).mean()  # neighbouring rows, averaged over channels
-    assert abs(by_row.item()) < 6 / (rows * e) ** 0.5
+    assert corr[same_call].abs().max().item() < limit, corr[same_call].abs().max().item()
+    upper = z.view(rows // 16, 2, 8, e)  # [group, h, ρ, channel]: row 16·group + 8h + ρ
+    for first, second, pairs in ((upper[:, 0], upper[:, 1], rows // 2), (z[:-1], z[1:], rows - 1)):
+        by_row = ((first * second).sum(-1) / (e - 1)).mean()  # row pairs, averaged over channels
+        assert abs(by_row.item()) < 6 / (pairs * e) ** 0.5, by_row.item()
 
 
 @pytest.mark.parametrize("path", ["function", "op"])
