@@ -370,7 +370,7 @@ def _decoder_bwd_kernel(
     mask_ee = mask_e[:, None] & mask_e[None, :]
     mask_ec = mask_e[:, None] & mask_c[None, :]
     dm1t = tl.zeros([BLOCK_C1, BLOCK_E], tl.float32)  # dM1ᵀ: f1ᵀ dh, not dhᵀ f1, whose operand transpose spilled
-    dc = tl.zeros([BLOCK_E], tl.float32)
+    dc = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)  # Σ dh, reduced over its rows once after the loop
     # both weights loaded, rounded and laid out as MMA operands once a program, not once a tile: in
     # the loop they were 64 KB of fp32 loads and ~180 of its ~1180 instructions a tile (sm_90)
     fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
@@ -397,11 +397,11 @@ def _decoder_bwd_kernel(
         tl.store(DF1 + rows[:, None] * C1 + offs_c[None, :], _round(_rounded(df1, CDT), DF1.dtype.element_ty),
                  mask=mask_pc)
         dm1t += _mm(tl.trans(f1), dh, CDT == 0)
-        dc += tl.sum(dh.to(tl.float32), 0)
+        dc += dh.to(tl.float32)
         tile += 1
     part = PART + pid.to(tl.int64) * (E * C1 + E)
     tl.store(part + offs_e[None, :] * C1 + offs_c[:, None], dm1t, mask=mask_e[None, :] & mask_c[:, None])
-    tl.store(part + E * C1 + offs_e, dc, mask=mask_e)
+    tl.store(part + E * C1 + offs_e, tl.sum(dc, 0), mask=mask_e)
 
 
 _decoder_bwd_kernel = _pinned("bwd", _decoder_bwd_kernel)
