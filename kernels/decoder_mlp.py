@@ -204,7 +204,7 @@ def _upsampled_row(P, b, oy, ox0, h_in, w_in, scale_y, scale_x, offs_e, mask_e, 
 
 
 @triton.jit
-def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4,
+def _pre_activation(F1, P2, P3, P4, m1, cb, tile, b0, oy0, ox0, ROWS, H, W, h2, w2, h3, w3, h4, w4,
                     sy2, sx2, sy3, sx3, sy4, sx4,
                     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, ROW_TILES: tl.constexpr,
                     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -212,7 +212,8 @@ def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4
     Linear's output is), from the caller's M1 block `m1` (compute dtype) and c (`cb`, fp32), with
     what the caller reuses: (h, rows, offs_e, mask_p, mask_e, mask_pe). ROW_TILES: every tile is a
     segment of one output row and the stages are exact halvings in a 16-bit dtype (`_row_tiles`),
-    so the taps are `_upsampled_row`'s products; else `_upsampled`'s gathers."""
+    so the taps are `_upsampled_row`'s products, and (b0, oy0, ox0) is the tile's image, output row and
+    first column; else `_upsampled`'s gathers."""
     rows32 = tile * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 for the divisions (an int64 one is a long
     rows = rows32.to(tl.int64)                         # subroutine): the host keeps B·H·W under 2³¹
     mask_p = rows32 < ROWS
@@ -229,11 +230,9 @@ def _pre_activation(F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4
                              other=0.0), CDT)
     h = _mm(f1, tl.trans(m1), CDT == 0)
     if ROW_TILES:
-        pix0 = (tile * BLOCK_P) % (H * W)  # the tile's first pixel: its row and image hold all of it
-        b0 = (tile * BLOCK_P) // (H * W)
-        h += _upsampled_row(P2, b0, pix0 // W, pix0 % W, h2, w2, sy2, sx2, offs_e, mask_e, E, BLOCK_P)
-        h += _upsampled_row(P3, b0, pix0 // W, pix0 % W, h3, w3, sy3, sx3, offs_e, mask_e, E, BLOCK_P)
-        h += _upsampled_row(P4, b0, pix0 // W, pix0 % W, h4, w4, sy4, sx4, offs_e, mask_e, E, BLOCK_P)
+        h += _upsampled_row(P2, b0, oy0, ox0, h2, w2, sy2, sx2, offs_e, mask_e, E, BLOCK_P)
+        h += _upsampled_row(P3, b0, oy0, ox0, h3, w3, sy3, sx3, offs_e, mask_e, E, BLOCK_P)
+        h += _upsampled_row(P4, b0, oy0, ox0, h4, w4, sy4, sx4, offs_e, mask_e, E, BLOCK_P)
     else:
         h += _upsampled(P2, b, oy, ox, h2, w2, sy2, sx2, offs_e, mask_pe, E)
         h += _upsampled(P3, b, oy, ox, h3, w3, sy3, sx3, offs_e, mask_pe, E)
@@ -319,10 +318,15 @@ def _decoder_fwd_kernel(
     b2 = _rounded(tl.load(B2 + offs_e, mask=mask_e, other=0.0), CDT)
     tile = tl.program_id(0) * TILES
     stop = tl.minimum(tile + TILES, N_TILES)
+    # ROW_TILES: the tile's image, output row and first column, stepped from tile to tile (derived
+    # from the tile index, their three integer divisions were ~50 of a tile's ~715 sm_90 instructions)
+    ox0 = (tile * BLOCK_P) % W
+    oy0 = (tile * BLOCK_P) // W % H
+    b0 = (tile * BLOCK_P) // (H * W)
     while tile < stop:
         h, rows, offs_e, mask_p, mask_e, mask_pe = _pre_activation(
-            F1, P2, P3, P4, m1, cb, tile, ROWS, H, W, h2, w2, h3, w3, h4, w4, sy2, sx2, sy3, sx3, sy4, sx4,
-            C1, E, CDT, ROW_TILES, BLOCK_C1, BLOCK_E, BLOCK_P)
+            F1, P2, P3, P4, m1, cb, tile, b0, oy0, ox0, ROWS, H, W, h2, w2, h3, w3, h4, w4,
+            sy2, sx2, sy3, sx3, sy4, sx4, C1, E, CDT, ROW_TILES, BLOCK_C1, BLOCK_E, BLOCK_P)
         tok = rows[:, None] * E + offs_e[None, :]
         if SAVE:
             tl.store(HS + tok, _to_compute(h, CDT), mask=mask_pe)
@@ -335,6 +339,14 @@ def _decoder_fwd_kernel(
             tl.store(D + tok, _in_layout_of(d, x), mask=mask_pe)
         tl.store(OUT + tok, _round(x, OUT.dtype.element_ty), mask=mask_pe)
         tile += 1
+        if ROW_TILES:  # W is a multiple of BLOCK_P
+            ox0 += BLOCK_P
+            next_row = (ox0 >= W).to(tl.int32)
+            ox0 -= next_row * W
+            oy0 += next_row
+            next_image = (oy0 >= H).to(tl.int32)
+            oy0 -= next_image * H
+            b0 += next_image
 
 
 _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
