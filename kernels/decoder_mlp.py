@@ -17,9 +17,10 @@ their own low resolution with plain `F.linear`, and runs the rest as this module
 
 Dropout is counter-based: element (row, e) is kept when its 16-bit Philox draw (`_draws`: a half of
 one of the four outputs of a call that serves eight elements of two rows, laid out as the tensor
-cores' accumulator holds them) is ≥ p·2¹⁶ rounded, so no mask is stored and the backward regenerates it; `keep_mask` returns it for tests. The keep probability
-is nn.Dropout's 1 − p up to p's rounding to a multiple of 2⁻¹⁶ (p = 0.15: 0.149994; below what a
-test of a step's 67 M draws can see, standard error 4·10⁻⁵), and kept values are scaled by 1 / (1 − p).
+cores' accumulator holds them) is ≥ p·2¹⁶ rounded, so no mask is stored and the backward
+regenerates it; `keep_mask` returns it for tests. The keep probability is nn.Dropout's 1 − p up
+to p's rounding to a multiple of 2⁻¹⁶ (p = 0.15: 0.149994; below what a test of a step's 67 M draws
+can see, standard error 4·10⁻⁵), and kept values are scaled by 1 / (1 − p).
 
 Precision (`compute_dtype`): one dtype throughout (fp32 products as tf32x3), or the model's CUDA
 autocast mix: fp32 master weights rounded on load, f1 in fp32 (rounded on load) or already in the
@@ -182,24 +183,30 @@ def _upsampled_row(P, b, oy, ox0, h_in, w_in, scale_y, scale_x, offs_e, mask_e, 
                    BLOCK_P: tl.constexpr):
     """The bilinear upsample of P (B×h_in×w_in×E tokens) at the BLOCK_P pixels ox0 .. ox0 + BLOCK_P − 1 of
     output row oy of image b (scalars), as one tensor-core product where `_upsampled` gathers four taps
-    a pixel. The pixels' x taps lie in the BLOCK_P columns of P from X0, the first pixel's left tap (at
-    s = H/h_i ≥ 2 they span at most BLOCK_P/s + 2), and the row's y taps (y0, y1; weights ly0, ly1)
-    are one pair for the tile, so with K = those columns in row y0, then in row y1,
+    a pixel. The row's y taps (y0, y1; weights ly0, ly1) are one pair for the tile; the pixels' x taps
+    lie in the BLOCK_P columns of P from X0, the first pixel's left tap (at s = W/w_in ≥ 2 they span
+    at most BLOCK_P/s + 2), so with K = those columns in row y0, then in row y1,
         up = U · [P[y0, X0 .. X0 + BLOCK_P); P[y1, X0 .. X0 + BLOCK_P)],   U[p, (r, j)] = ly_r · lx_p(X0 + j)
-    (BLOCK_P × 2·BLOCK_P times 2·BLOCK_P × E). At the scales ½, ¼, ⅛ (the only ones this runs at) ly and
-    lx are multiples of 1/16 and their products multiples of 1/256 below 2: exact in P's 16-bit
-    dtype; the products accumulate in fp32, the gather's sum in another order."""
+    (BLOCK_P × 2·BLOCK_P times 2·BLOCK_P × E). The x taps are taken unclamped (X0 = −1 at the left edge,
+    X0 + j past w_in − 1 at the right) from columns clamped into the row: a tap outside the row reads
+    the edge column, whose weight then adds to the edge tap's, which is what PyTorch's clamped taps
+    give. So the x half of U is one pattern for every tile (s divides BLOCK_P: ox0/s is an integer),
+    formed from the scale alone, outside the tile loop. At the scales ½, ¼, ⅛ (the only ones this runs
+    at) ly and lx are multiples of 1/16 and their products multiples of 1/256 below 2: exact in P's
+    16-bit dtype; the products accumulate in fp32, the gather's sum in another order."""
     y0, y1, ly0, ly1 = _taps(scale_y, oy, h_in)
-    x0, x1, lx0, lx1 = _taps(scale_x, ox0 + tl.arange(0, BLOCK_P), w_in)
-    first, _x1, _l0, _l1 = _taps(scale_x, ox0, w_in)
+    src = scale_x * (tl.arange(0, BLOCK_P).to(tl.float32) + 0.5) - 0.5  # the tile's pixels, ox0 = 0 wlog
+    lo = tl.floor(src)
+    lam = src - lo
+    rel = (lo - tl.floor(scale_x * 0.5 - 0.5)).to(tl.int32)[:, None]  # left tap − X0
     k = tl.arange(0, 2 * BLOCK_P)
     col = (k % BLOCK_P)[None, :]
-    u = (tl.where(x0[:, None] - first == col, lx0[:, None], 0.0)
-         + tl.where(x1[:, None] - first == col, lx1[:, None], 0.0))
+    u = tl.where(rel == col, 1.0 - lam[:, None], 0.0) + tl.where(rel + 1 == col, lam[:, None], 0.0)
     u = (u * tl.where(k < BLOCK_P, ly0, ly1)[None, :]).to(P.dtype.element_ty)
-    cols = first + k % BLOCK_P
-    src = (b * h_in + tl.where(k < BLOCK_P, y0, y1)) * w_in + cols  # int32: P_i < 2³¹ elements
-    taps = tl.load(P + src[:, None] * E + offs_e[None, :], mask=(cols < w_in)[:, None] & mask_e[None, :], other=0.0)
+    first = tl.floor(scale_x * (ox0.to(tl.float32) + 0.5) - 0.5).to(tl.int32)  # X0, unclamped
+    cols = tl.minimum(tl.maximum(first + k % BLOCK_P, 0), w_in - 1)
+    src_row = (b * h_in + tl.where(k < BLOCK_P, y0, y1)) * w_in + cols  # int32: P_i < 2³¹ elements
+    taps = tl.load(P + src_row[:, None] * E + offs_e[None, :], mask=mask_e[None, :], other=0.0)
     return dot(u, taps)
 
 

@@ -354,6 +354,37 @@ def test_the_tensor_core_taps_serve_exact_halvings_of_16_bit_maps():
     assert not dec_mod._row_tiles((8, 24), halvings(8, 24), torch.bfloat16, 16)  # a tile would straddle rows
 
 
+def test_row_taps_give_the_gathers_pre_activation(monkeypatch):
+    """The forward's tensor-core taps (`_upsampled_row`: one x-tap pattern for every tile, edge columns
+    replicated for the unclamped taps) give the pre-activation h of the per-pixel gathers (`_upsampled`,
+    PyTorch's clamped taps), on bf16 maps with three pixel tiles a row over two images (the first, an
+    inner and the last tile of each row; runs of tiles that cross rows and the image boundary). The two
+    differ only in the order of exact products' fp32 sums, so h (stored in bf16) may differ by one ulp
+    where a sum lies at a rounding boundary: allowed on at most 0.2 % of its elements (a 1 % error in
+    the row taps' weights moves far more)."""
+    kernel_device("cpu")
+    vals = _inputs((2, 16, 48, (16, 16, 16, 16), (1, 2, 4, 8), 64), seed=23)
+    real_new, real_row_tiles = dec_mod._new, dec_mod._row_tiles
+
+    def forward_h(row_tiles: bool) -> torch.Tensor:
+        made, taken = [], []
+        monkeypatch.setattr(dec_mod, "_new", lambda shape, device, dtype: made.append(real_new(shape, device, dtype))
+                            or made[-1])
+        monkeypatch.setattr(dec_mod, "_row_tiles", lambda *args: taken.append(row_tiles and real_row_tiles(*args))
+                            or taken[-1])
+        dec_mod.decoder_mlp(*_split(_leaves(vals, "cpu", torch.bfloat16)), 0.0, training=True)
+        assert taken == [row_tiles]  # the path asked for is the one taken
+        return made[1]  # x, h, D: h
+
+    rows, gathered = forward_h(True), forward_h(False)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2 * 16 * 48, 64)
+    ulp = torch.finfo(torch.bfloat16).eps * gathered.float().abs().clamp_min(2 ** -8)
+    off = (rows.float() - gathered.float()).abs()
+    worst = int((off / ulp).argmax())
+    assert (off <= ulp).all(), f"{(off / ulp).max().item():.2f} ulp off at (row, channel) {divmod(worst, 64)}"
+    assert (off > 0).float().mean().item() <= 2e-3, f"{int((off > 0).sum())} of {off.numel()} elements differ"
+
+
 def test_unserved_cases_run_the_eager_composition(monkeypatch):
     """E > 128, fp32 at E > 64, C1 > 64, a stage that is not a whole fraction of stage 1, a dtype mix
     outside autocast: the eager composition, identical to it, with no kernel launch."""
