@@ -61,7 +61,10 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # configurations are clean only with it (e.g. the dK/dV kernel at BLOCK_N = 64 for d = 32/64, the
 # forward at 64 rows for d = 192) and are left out until the report builds with `attrs`.
 # Modes: "16" = bf16/fp16 inputs; "tf32x3" = fp32 inputs at fp32 accuracy; "tf32" = fp32 inputs
-# through plain tf32 dots (allow_tf32=True).
+# through plain tf32 dots (allow_tf32=True). Added 2026-12-06 from the cost model v3's sweep of the
+# model's launches (`python -m msf.profiling.cost --sweep --op attention_block`), built clean with the
+# launch specialisation on both archs (the plain build not checked): dK/dV "16" (32, 32, 4, 2) at d
+# 64 and 128, (32, 16, 4, 2) at d 128 and 256.
 _Cfg = tuple[int, int, int, int]
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     "fwd": {
@@ -92,9 +95,9 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     },
     "dkdv": {
         "16": {32: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 2)],
-               64: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 8, 2)],
-               128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2)],
-               256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+               64: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+               128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2)],
+               256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)]},
         "tf32x3": {32: [(32, 64, 8, 2), (16, 32, 4, 2)],
                    64: [(32, 32, 8, 2), (16, 32, 4, 2)],
                    128: [(16, 16, 4, 2), (16, 16, 8, 1)]},

@@ -73,7 +73,13 @@ def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
 # core's rule). Left out for spilling: dq fp32 (32, 32, 8, 2) at d 32 and (16, 16, 4, x) at d 128
 # (with attrs), dq bf16 (64, 64, 4, 2) at d 32/64, (32, 32, 8, 2) at d 256, fp32 (32, 32, 4, 2) at
 # d 64 (plain build only). The dq kernel carries the q and dO projections and the dx projection on
-# top of the core's dq work, hence smaller row blocks than the core at d 256.
+# top of the core's dq work, hence smaller row blocks than the core at d 256. Added 2026-12-06 from
+# `python -m msf.profiling.cost --sweep --op attention_block` (model v3; the earlier lists predate its
+# latency and whole-program wave terms, under which the 8-warp tiles at one or two CTAs an SM lose):
+# amp fwd (32, 32, 4, 2) at d 128 and 256, (16, 32, 4, 2) at d 256 ((64, 64, 4, 2) at d 64, predicted
+# 57.2 -> 48.9 us on the H100, spills 8 B on sm_80, as noted above); amp dq
+# (16, 32, 4, 2) at d 32 and 128, (32, 32, 4, 2) at d 256 (251 / 255 registers with the launch
+# specialisation; the plain build was not checked). The pins choose among them per architecture.
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
@@ -81,15 +87,16 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
         "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
         "tf32x3": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)]},
         # mixed precision (fp32 x / residual / out beside bf16 / fp16 k, v): "16" spills 8 B at d 64 on sm_80
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2)], 128: [(64, 64, 8, 2), (32, 32, 4, 2)],
+                256: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
     },
     "dq": {
         "16": {32: [(64, 64, 8, 2), (32, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
                256: [(16, 16, 8, 2), (16, 16, 8, 1)]},
         "tf32x3": {32: [(16, 32, 4, 2), (16, 16, 4, 2)], 64: [(16, 32, 4, 2), (16, 16, 4, 2)],
                    128: [(16, 16, 8, 1)]},
-        "amp": {32: [(64, 64, 8, 2), (32, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
-                256: [(16, 16, 8, 2), (16, 16, 8, 1)]},
+        "amp": {32: [(64, 64, 8, 2), (32, 64, 4, 2), (16, 32, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)],
+                128: [(32, 32, 8, 2), (16, 32, 4, 2)], 256: [(16, 16, 8, 2), (16, 16, 8, 1), (32, 32, 4, 2)]},
     },
 }
 # weight-gradient kernel: (BLOCK_I, BLOCK_J, BLOCK_R, num_warps) per dtype class (tiles the C×C output)

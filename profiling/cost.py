@@ -1704,13 +1704,16 @@ def devices_text() -> str:
 def pin(devices: list[Device], log=print) -> dict:
     """For every pinned kernel × shape class the model launches on each device: the allowed
     configuration with the least predicted time (summed over the kernel's launches in one step's
-    ops) among those whose build does not spill, written into kernels/configs.json."""
+    ops, each op as often as a step runs it, `calls_per_step`) among those whose build does not
+    spill, written into kernels/configs.json. Ops a step does not run (`NOT_IN_STEP`) weigh 10⁻⁶:
+    they only decide the classes no step op launches."""
     from msf.kernels import configs
     from msf.profiling import tune
     totals: dict = defaultdict(lambda: defaultdict(float))
     for device in devices:
         kind = f"sm_{device.arch}"
         for op, stage in op_instances():
+            weight = calls_per_step(op, stage) or 1e-6
             groups = {}
             for launch in capture(op, device, stage):
                 pk = configs.REGISTRY.get(launch.kernel)
@@ -1725,7 +1728,7 @@ def pin(devices: list[Device], log=print) -> dict:
                     t = sum(c.predicted for c in costs)
                     spill = sum(c.spill_bytes for c in costs)
                     # a build that spills with the launch's own specialisation is never pinned
-                    totals[(name, cls, kind)][i] += math.inf if spill else t
+                    totals[(name, cls, kind)][i] += math.inf if spill else t * weight
                     log(f"{kind} {op_label(op, stage)} {name} {cls} {configs.to_entry(cfg)}: {t * 1e6:.1f} µs"
                         + (f" (spills {spill} B: excluded)" if spill else ""))
     picks = {}
