@@ -76,8 +76,9 @@ def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
 # top of the core's dq work, hence smaller row blocks than the core at d 256. Added 2026-12-06 from
 # `python -m msf.profiling.cost --sweep --op attention_block` (model v3; the earlier lists predate its
 # latency and whole-program wave terms, under which the 8-warp tiles at one or two CTAs an SM lose):
-# amp fwd (32, 32, 4, 2) at d 128 and 256, (16, 32, 4, 2) at d 256 ((64, 64, 4, 2) at d 64, predicted
-# 57.2 -> 48.9 us on the H100, spills 8 B on sm_80, as noted above); amp dq
+# amp fwd (32, 32, 4, 2) at d 64, 128 and 256, (16, 32, 4, 2) at d 256 ((64, 64, 4, 2) at d 64, predicted
+# 57.2 -> 48.9 us on the H100, spills 8 B on sm_80, as noted above; (32, 32, 4, 2) there is the A100's,
+# 207 -> 95 us); amp dq
 # (16, 32, 4, 2) at d 32 and 128, (32, 32, 4, 2) at d 256 (251 / 255 registers with the launch
 # specialisation; the plain build was not checked). The pins choose among them per architecture.
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
         "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
         "tf32x3": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)]},
         # mixed precision (fp32 x / residual / out beside bf16 / fp16 k, v): "16" spills 8 B at d 64 on sm_80
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2)], 128: [(64, 64, 8, 2), (32, 32, 4, 2)],
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(64, 64, 8, 2), (32, 32, 4, 2)],
                 256: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
     },
     "dq": {
