@@ -8,12 +8,14 @@ counted line (`msf.profiling.cost.loop_lines`) executes. The kernels themselves 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,6 +218,40 @@ def test_pinned_table_entries_are_allowed_configs():
                 entry = table[name][cls][kind]
                 assert entry in allowed, (name, cls, kind, entry)
         assert table[name][configs.ANY_CLASS]["interpreter"] == configs.to_entry(pk.configs[0])
+
+
+def test_pin_weighs_each_op_by_its_calls_a_step(monkeypatch):
+    """`--pin` sums a kernel's predicted time over the ops of one step, each as often as a step runs
+    it: a class that a step op (the attention block) and an op no step runs (the standalone attention
+    sublayer) both launch is pinned by the step op's timing, however much the other op prefers
+    another configuration (an unweighted sum picks the other one here)."""
+    from msf.profiling import tune
+    in_block, alone = (configs.triton.Config({"B": 1}, num_warps=4, num_stages=1),
+                       configs.triton.Config({"B": 2}, num_warps=8, num_stages=1))
+    monkeypatch.setitem(configs.REGISTRY, "fake.kernel",
+                        SimpleNamespace(shape_class=lambda args: "c", allowed=lambda cls: [in_block, alone]))
+    monkeypatch.setattr(cost, "op_instances", lambda: [("attention_block", 1), ("attention_sublayer", 1)])
+    chosen = {}
+
+    @contextlib.contextmanager
+    def running(name, cfg):
+        chosen["B"] = cfg.kwargs["B"]
+        yield
+
+    seconds = {("attention_block", 1): 10e-6, ("attention_block", 2): 11e-6,  # B = 1 wins inside the block
+               ("attention_sublayer", 1): 50e-6, ("attention_sublayer", 2): 5e-6}
+    monkeypatch.setattr(cost, "_override", running)
+    monkeypatch.setattr(cost, "capture", lambda op, device, stage=None: [SimpleNamespace(kernel="fake.kernel", args={},
+                                                                                          op=op)])
+    monkeypatch.setattr(cost, "predict", lambda launch, device: SimpleNamespace(
+        predicted=seconds[(launch.op, chosen["B"])], spill_bytes=0))
+    monkeypatch.setattr(configs, "load_table", lambda: {})
+    monkeypatch.setattr(configs, "reload_table", lambda: None)
+    written = {}
+    monkeypatch.setattr(tune, "write", lambda table, path: written.update(table))
+    picks = cost.pin([cost.H100], log=lambda *args: None)
+    assert picks[("fake.kernel", "c", "sm_90")].kwargs == {"B": 1}
+    assert written["fake.kernel"]["c"]["sm_90"] == configs.to_entry(in_block)
 
 
 def test_lookup_falls_back_and_names_what_is_missing():
