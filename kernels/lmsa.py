@@ -826,6 +826,16 @@ def _by_scale(k, a, b, c):
 
 
 @triton.jit
+def _gate_sample(STATE, HID, C: tl.constexpr, HID_P: tl.constexpr, BLOCK: tl.constexpr):
+    """What both per-sample gate kernels start from: the program's sample b, the aranges over the
+    channels, a row block and the padded hidden width, the hidden mask, and b's STATE row (9C + HID_P
+    fp32: g, s, z, a1)."""
+    b = tl.program_id(0)
+    offs_h = tl.arange(0, HID_P)
+    return (b, tl.arange(0, C), tl.arange(0, BLOCK), offs_h, offs_h < HID, STATE + b * (9 * C + HID_P))
+
+
+@triton.jit
 def _gate_fwd_kernel(
     CELLS, ONC, PW3, PW5, PW7, PB3, PB5, PB7, FC1W, FC1B, FC2W, FC2B, WG, BETA, STATE,
     HID,
@@ -833,12 +843,7 @@ def _gate_fwd_kernel(
 ):
     """One sample's gate (grid B): z, β, W̃ (in WG's dtype) and its STATE row. Loops, not unrolled
     copies: the unrolled scales and row blocks held every tile at once (255 registers, spilling)."""
-    b = tl.program_id(0)
-    offs_c = tl.arange(0, C)
-    offs_r = tl.arange(0, BLOCK)
-    offs_h = tl.arange(0, HID_P)
-    hmask = offs_h < HID
-    st = STATE + b * (9 * C + HID_P)
+    b, offs_c, offs_r, offs_h, hmask, st = _gate_sample(STATE, HID, C, HID_P, BLOCK)
     for k in range(3):  # g_k and s_k
         pw, pb = _by_scale(k, PW3, PW5, PW7), _by_scale(k, PB3, PB5, PB7)
         g = tl.zeros([C], tl.float32)
@@ -885,12 +890,7 @@ def _gate_bwd_sample_kernel(
     C: tl.constexpr, HID_P: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One sample's gate backward (grid B): T = ∂L/∂cells and its DSTATE row."""
-    b = tl.program_id(0)
-    offs_c = tl.arange(0, C)
-    offs_r = tl.arange(0, BLOCK)
-    offs_h = tl.arange(0, HID_P)
-    hmask = offs_h < HID
-    st = STATE + b * (9 * C + HID_P)
+    b, offs_c, offs_r, offs_h, hmask, st = _gate_sample(STATE, HID, C, HID_P, BLOCK)
     dst = DSTATE + b * (9 * C + HID_P)
     dh1 = tl.zeros([HID_P], tl.float32)
     for k in range(3):  # ∂a2, and ∂h1 = fc2wᵀ ∂a2 as it comes
