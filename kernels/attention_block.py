@@ -23,8 +23,9 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
 - `_kv_bwd_kernel`: per tile of patches, dkin = dK W_k + dV W_v, LN_sr's backward to d red (stored
   for dW_sr), then per window position the convolution's input gradient added to the q path's,
   LN1's backward and the residual's gradient: dx written once. LN partial sums per program.
-- the sublayer's `_sub_wgrad_kernel`: dW_k, dW_v (dK, dV against kin) and dW_sr (d red against
-  the patches of xn, gathered from the token tensor in the kernel), each with its bias.
+- the sublayer's `_sub_wgrad_kernel`, once for every weight of the block (three groups of one launch):
+  dWq, dWo (the sublayer's pair), dW_k, dW_v (dK, dV against kin) and dW_sr (d red against the
+  patches of xn, gathered from the token tensor in the kernel), each with its bias.
 
 docs/attention_block.md: the backward's math, the rounding points, the bytes against eager.
 """
@@ -285,8 +286,9 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     precise = cdt == torch.float32
     k, v = kv[..., :c], kv[..., c:]
     sums = []  # every parameter gradient's partial buffer, summed in one launch at the end
+    wgrads = []  # every weight-gradient product, in one launch once dred exists
     dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, wq, bq, wo, o, lse, g, w_dtypes["wq"], None, None,
-                                                      sums)
+                                                      sums, wgrads)
     dk, dv = dk.contiguous(), dv.contiguous()
     block_c, block_m, warps = _launch("bwd", c, cdt)
     programs = triton.cdiv(p, block_m)
@@ -311,8 +313,9 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     cc = c * c
     chunk, nc = row_chunks(p, 2 * triton.cdiv(c, block_i) ** 2, 2 * c, sms, wg_chunk_rows)
     kv_part = _new((nc, 2 * cc + 2 * c), dev, torch.float32)
-    _sub._wgrad(dk.view(p, c), kin_rows, kv_part, chunk, precise, second=(dv.view(p, c), kin_rows, kv_part[:, cc:]),
-                bias_at=(2 * cc, cc + c))
+    wgrads.append(_sub.wgrad_group(dk.view(p, c), kin_rows, kv_part, chunk, second=(dv.view(p, c), kin_rows,
+                                                                                    kv_part[:, cc:]),
+                                   bias_at=(2 * cc, cc + c)))
     kv_sum = _new((2 * cc + 2 * c,), dev, torch.float32)
     sums.append((kv_part, kv_sum))
     grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
@@ -320,11 +323,12 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
         wide = ratio * ratio * c
         chunk, nc = row_chunks(p, triton.cdiv(c, block_i) * triton.cdiv(wide, block_i), 2 * c, sms, wg_chunk_rows)
         sr_part = _new((nc, c * wide + c), dev, torch.float32)
-        _sub._wgrad(dred, xn.view(b * n, c), sr_part, chunk, precise, patch=(ratio, w))
+        wgrads.append(_sub.wgrad_group(dred, xn.view(b * n, c), sr_part, chunk, patch=(ratio, w)))
         sr_sum = _new((c * wide + c,), dev, torch.float32)
         sums.append((sr_part, sr_sum))
         grads.update(sr_w=sr_sum[:c * wide].view(c, ratio, ratio, c).permute(0, 3, 1, 2), sr_b=sr_sum[c * wide:],
                      srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:])
+    _sub.launch_wgrad(wgrads, precise)
     sum_partials(*sums)
     grads.update(kv_w=kv_sum[:2 * cc].view(2 * c, c), kv_b=kv_sum[2 * cc:])
     return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name]).contiguous()

@@ -20,13 +20,15 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
   the q, dO, dQ scratch the next steps read.
 - the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel`): dK, dV from q and dO.
 - `_sub_wgrad_kernel` (one launch, both products) and one `partial_sums` launch: dWq, dbq, dWo, dbo (in the attention
-  block's backward, that sum shares the block's one launch for all its parameters).
+  block's backward, both are shared: its one weight-gradient launch takes up to three groups of
+  products of any shapes, `wgrad_group` / `launch_wgrad`, and its one sum all its parameters).
 
 docs/attention_sublayer.md: the mixed-precision rules in full, the backward's math, the bytes
 against eager and eager+sdpa per stage, the cost-model figures and the cuts not made.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -345,12 +347,12 @@ _sub_bwd_dq_kernel = _pinned("dq", _sub_bwd_dq_kernel)
 
 @triton.jit
 def _wgrad_chunk(
-    A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
+    A, B, PART, pid_i, pid_j, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program's tile of the fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc: the
-    weight part PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (programs with pid_j = 0) the bias
+    """Output tile (pid_i, pid_j) of the fp32 partials over row chunk pid_c, at PART + pid_c·stride_pc:
+    the weight part PART[c, i·DB + j] = Σ_r A[r, i] B[r, j] (DA×DB) and (tiles with pid_j = 0) the bias
     part PART[c, BIAS_AT + i] = Σ_r A[r, i] (BIAS_AT ≥ DA·DB; DA·DB puts it right after the weight),
     so one sum of the partial rows reduces both. A: ROWS×DA, B: ROWS×DB, contiguous. Every element
     of the DA·DB + DA values a chunk owns is written; a larger stride_pc lets several products share
@@ -361,8 +363,6 @@ def _wgrad_chunk(
     (B_W tokens a map row, C = DB/R² channels, patches numbered row by row over the images stacked
     as one tall map), its columns in (i, j, c) order: the input of a stride-R R×R convolution as a
     GEMM operand, read straight from the B·N×C tokens (msf.kernels.attention_block's dW_sr)."""
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
     pid_c = pid_c.to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -400,26 +400,73 @@ def _wgrad_chunk(
 
 
 @triton.jit
-def _sub_wgrad_kernel(
-    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS, BIAS_AT, BIAS_AT2,
+def _group_programs(DA, DB, N_CHUNKS, PAIRS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Programs of one group of `_sub_wgrad_kernel`: its output tiles × PAIRS products × chunks."""
+    return tl.cdiv(DA, BLOCK_I) * tl.cdiv(DB, BLOCK_J) * PAIRS * N_CHUNKS
+
+
+@triton.jit
+def _wgrad_group(
+    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS, BIAS_AT, BIAS_AT2, local,
     CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """`_wgrad_chunk` of (A, B) into PART over chunks [0, N_CHUNKS) of program axis 2, and with PAIRS = 2
-    of a second product of the same shapes, (A2, B2) into PART2, over chunks [N_CHUNKS, 2·N_CHUNKS):
-    two weight gradients in one launch (the attention sublayer's dWq and dWo, the block's dW_k and
-    dW_v). The two pairs may differ in dtype; each is its own inlined copy of the chunk code."""
-    pid_c = tl.program_id(2)
+    """Program `local` of a group (output tile fastest, then the chunks of its first product, then
+    with PAIRS = 2 those of the second): `_wgrad_chunk` of (A, B) into PART or of (A2, B2) into PART2."""
+    tiles_i = tl.cdiv(DA, BLOCK_I)
+    tiles = tiles_i * tl.cdiv(DB, BLOCK_J)
+    pid_i = local % tiles_i
+    pid_j = local % tiles // tiles_i
+    pid_c = local // tiles
     if PAIRS == 2:
         if pid_c < N_CHUNKS:
-            _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
+            _wgrad_chunk(A, B, PART, pid_i, pid_j, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
                          CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
         else:
-            _wgrad_chunk(A2, B2, PART2, pid_c - N_CHUNKS, stride_pc, ROWS, DA, DB, B_W, BIAS_AT2,
+            _wgrad_chunk(A2, B2, PART2, pid_i, pid_j, pid_c - N_CHUNKS, stride_pc, ROWS, DA, DB, B_W, BIAS_AT2,
                          CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
     else:
-        _wgrad_chunk(A, B, PART, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
+        _wgrad_chunk(A, B, PART, pid_i, pid_j, pid_c, stride_pc, ROWS, DA, DB, B_W, BIAS_AT,
                      CHUNK_ROWS, PRECISE, B_PATCH, BLOCK_I, BLOCK_J, BLOCK_R)
+
+
+@triton.jit
+def _sub_wgrad_kernel(
+    A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS, BIAS_AT, BIAS_AT2,
+    A_1, B_1, PART_1, A2_1, B2_1, PART2_1, stride_pc_1, ROWS_1, DA_1, DB_1, B_W_1, N_CHUNKS_1, BIAS_AT_1, BIAS_AT2_1,
+    A_2, B_2, PART_2, A2_2, B2_2, PART2_2, stride_pc_2, ROWS_2, DA_2, DB_2, B_W_2, N_CHUNKS_2, BIAS_AT_2, BIAS_AT2_2,
+    CHUNK_ROWS: tl.constexpr, PRECISE: tl.constexpr, B_PATCH: tl.constexpr, PAIRS: tl.constexpr,
+    CHUNK_ROWS_1: tl.constexpr, B_PATCH_1: tl.constexpr, PAIRS_1: tl.constexpr,
+    CHUNK_ROWS_2: tl.constexpr, B_PATCH_2: tl.constexpr, PAIRS_2: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Up to three weight-gradient groups in one launch (a 1-D grid, group after group, as
+    `partial_sums` takes its buffers): group g is `_wgrad_chunk` of (A, B) into PART over its
+    N_CHUNKS row chunks and, with PAIRS = 2, of a second product of the same shapes, (A2, B2) into
+    PART2 (the attention sublayer's dWq and dWo, the block's dW_k and dW_v); its arguments carry
+    the suffix _g (none for group 0). The groups may differ in every shape, dtype, chunking and
+    patch gather; each pair is its own inlined copy of the chunk code, selected by a uniform branch.
+    The attention block's backward launches its three groups (q and output projections; the kv
+    Linear; the spatial-reduction convolution) at once: one launch instead of three, and the small
+    groups' programs fill SMs beside the large one's instead of running in waves of their own."""
+    local = tl.program_id(0)
+    n0 = _group_programs(DA, DB, N_CHUNKS, PAIRS, BLOCK_I, BLOCK_J)
+    if local < n0:
+        _wgrad_group(A, B, PART, A2, B2, PART2, stride_pc, ROWS, DA, DB, B_W, N_CHUNKS, BIAS_AT, BIAS_AT2, local,
+                     CHUNK_ROWS, PRECISE, B_PATCH, PAIRS, BLOCK_I, BLOCK_J, BLOCK_R)
+    else:
+        if GROUPS > 1:
+            local = local - n0
+            n1 = _group_programs(DA_1, DB_1, N_CHUNKS_1, PAIRS_1, BLOCK_I, BLOCK_J)
+            if local < n1:
+                _wgrad_group(A_1, B_1, PART_1, A2_1, B2_1, PART2_1, stride_pc_1, ROWS_1, DA_1, DB_1, B_W_1,
+                             N_CHUNKS_1, BIAS_AT_1, BIAS_AT2_1, local,
+                             CHUNK_ROWS_1, PRECISE, B_PATCH_1, PAIRS_1, BLOCK_I, BLOCK_J, BLOCK_R)
+            else:
+                if GROUPS > 2:
+                    _wgrad_group(A_2, B_2, PART_2, A2_2, B2_2, PART2_2, stride_pc_2, ROWS_2, DA_2, DB_2, B_W_2,
+                                 N_CHUNKS_2, BIAS_AT_2, BIAS_AT2_2, local - n1,
+                                 CHUNK_ROWS_2, PRECISE, B_PATCH_2, PAIRS_2, BLOCK_I, BLOCK_J, BLOCK_R)
 
 
 _sub_wgrad_kernel = PinnedKernel(
@@ -458,15 +505,34 @@ def _wg_block(precise: bool, device: torch.device, key: str = "BLOCK_I") -> int:
         return 64
 
 
-def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None,
-           second: tuple | None = None, bias_at: tuple[int, int] | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class WgradGroup:
+    """One group of `_sub_wgrad_kernel`'s launch: its runtime arguments (A … BIAS_AT2), its constexprs
+    (CHUNK_ROWS, B_PATCH, PAIRS) and the sizes that set its program count. Made by `wgrad_group`."""
+    args: tuple
+    chunk_rows: int
+    patch: int
+    pairs: int
+    da: int
+    db: int
+    n_chunks: int
+
+    def programs(self, block_i: int, block_j: int) -> int:
+        return triton.cdiv(self.da, block_i) * triton.cdiv(self.db, block_j) * self.pairs * self.n_chunks
+
+
+_MAX_WGRAD_GROUPS = 3
+
+
+def wgrad_group(a, b, part, chunk_rows: int, patch: tuple[int, int] | None = None, second: tuple | None = None,
+                bias_at: tuple[int, int] | None = None) -> WgradGroup:
     """part[c, :DA·DB] = Σ aᵀ b and part[c, bias_at[0] + (0..DA)] = Σ a over the rows of chunk c of a
     (ROWS×DA) and b (ROWS×DB), fp32; by default the bias right after the weight (bias_at DA·DB).
     `part` is n_chunks rows (a column slice of a wider buffer is fine: rows are found by part's
     row stride). `patch` = (R, w): b is a map's tokens (…×C) and its rows the R×R patches of an
     h×w map, DB = R²·C (see `_sub_wgrad_kernel`). `second` = (a2, b2, part2): a second product of
     the same shapes (dtypes may differ) into part2 (same rows and row stride; its bias at
-    bias_at[1]), in the same launch."""
+    bias_at[1]). `launch_wgrad` runs one or more such groups in one launch."""
     rows, da = a.shape
     ratio, width = patch if patch is not None else (1, 0)
     db = b.shape[-1] * ratio * ratio
@@ -475,18 +541,36 @@ def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | 
     if second is not None:
         a2, b2, part2 = second
         if a2.shape != a.shape or b2.shape != b.shape or part2.shape[0] != n_chunks or part2.stride() != part.stride():
-            raise ValueError(f"attention_sublayer._wgrad: the second product's shapes {tuple(a2.shape)}, "
+            raise ValueError(f"attention_sublayer.wgrad_group: the second product's shapes {tuple(a2.shape)}, "
                              f"{tuple(b2.shape)}, {tuple(part2.shape)} differ from the first's")
     else:
         a2, b2, part2 = a, b, part  # (PAIRS = 1 never reads them)
     for t, at in ((part, bias_at[0]), (part2, bias_at[1])):
         if at < da * db or t.shape[1] < at + da:
-            raise ValueError(f"attention_sublayer._wgrad: a partial buffer of {t.shape[1]} columns cannot hold "
+            raise ValueError(f"attention_sublayer.wgrad_group: a partial buffer of {t.shape[1]} columns cannot hold "
                              f"a {da}×{db} weight and its bias at column {at}")
-    pairs = 1 if second is None else 2
-    grid = lambda meta: (triton.cdiv(da, meta["BLOCK_I"]), triton.cdiv(db, meta["BLOCK_J"]), pairs * n_chunks)  # noqa: E731
-    _sub_wgrad_kernel[grid](a, b, part, a2, b2, part2, part.stride(0), rows, da, db, width, n_chunks, *bias_at,
-                            CHUNK_ROWS=chunk_rows, PRECISE=precise, B_PATCH=ratio, PAIRS=pairs)
+    return WgradGroup((a, b, part, a2, b2, part2, part.stride(0), rows, da, db, width, n_chunks, *bias_at),
+                      chunk_rows, ratio, 1 if second is None else 2, da, db, n_chunks)
+
+
+def launch_wgrad(groups: list[WgradGroup], precise: bool) -> None:
+    """Every group of `groups` (1 to 3, `wgrad_group`) in one `_sub_wgrad_kernel` launch; the slots
+    past len(groups) repeat the first group's arguments, which a build for fewer groups never reads."""
+    if not 1 <= len(groups) <= _MAX_WGRAD_GROUPS:
+        raise ValueError(f"attention_sublayer.launch_wgrad: 1 to {_MAX_WGRAD_GROUPS} groups a launch, got {len(groups)}")
+    slots = list(groups) + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
+    const = {}
+    for i, g in enumerate(slots):
+        tag = f"_{i}" if i else ""
+        const.update({f"CHUNK_ROWS{tag}": g.chunk_rows, f"B_PATCH{tag}": g.patch, f"PAIRS{tag}": g.pairs})
+    grid = lambda meta: (sum(g.programs(meta["BLOCK_I"], meta["BLOCK_J"]) for g in groups),)  # noqa: E731
+    _sub_wgrad_kernel[grid](*(arg for g in slots for arg in g.args), PRECISE=precise, GROUPS=len(groups), **const)
+
+
+def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None,
+           second: tuple | None = None, bias_at: tuple[int, int] | None = None) -> None:
+    """One weight-gradient group (`wgrad_group`'s arguments) in a launch of its own."""
+    launch_wgrad([wgrad_group(a, b, part, chunk_rows, patch, second, bias_at)], precise)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
@@ -508,11 +592,13 @@ def _forward(x, r, k, v, wq, bq, wo, bo):
 
 
 def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, wg_chunk_rows: int | None,
-              sums: list | None = None):
+              sums: list | None = None, wgrads: list | None = None):
     """wq, wo in the compute dtype (k's), bq in it or fp32; dx in x's dtype, dK, dV in k's, weight gradients in w_dtype.
     With `sums` (a list), the weight gradients' partial buffer is appended to it as a (part, out) pair
     instead of summed, and they are returned as fp32 views of `out`, valid once the caller has run
-    `sum_partials` over the list (which lets a caller sum its own buffers in the same launch)."""
+    `sum_partials` over the list (which lets a caller sum its own buffers in the same launch). With
+    `wgrads` (a list) too, the weight-gradient kernel is not launched either: its group is appended
+    (`wgrad_group`) for the caller's `launch_wgrad`, which must run before that sum."""
     batch, n, c = x.shape
     m = k.shape[1]
     dev, dt = x.device, k.dtype
@@ -542,8 +628,12 @@ def _backward(x, k, v, wq, bq, wo, o, lse, g, w_dtype, chunk_rows: int | None, w
     rows, size = batch * n, c * c + c
     chunk, nc = _wg_chunking(rows, c, sms, wg_chunk_rows, _wg_block(precise, dev) if sms else 64)
     part = _new((nc, 2 * size), dev, torch.float32)
-    _wgrad(dq.view(rows, c), x.view(rows, c), part[:, :size], chunk, precise,
-           second=(g.view(rows, c), o.view(rows, c), part[:, size:]))
+    group = wgrad_group(dq.view(rows, c), x.view(rows, c), part[:, :size], chunk,
+                        second=(g.view(rows, c), o.view(rows, c), part[:, size:]))
+    if wgrads is None:
+        launch_wgrad([group], precise)
+    else:
+        wgrads.append(group)
     total = _new((2 * size,), dev, torch.float32)
     if sums is None:
         sum_partials((part, total))
@@ -771,9 +861,51 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     "PART2": "*fp32"}
             for bi, bj, br, w in cfgs:
                 const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "B_PATCH": 1, "PAIRS": 2,
-                         "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}
+                         "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br, "GROUPS": 1}
                 specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
-                                       _sub_wgrad_kernel.fn, ptrs, const, w, 2))
+                                       _sub_wgrad_kernel.fn, _wgrad_slots([ptrs]), {**const, **_wgrad_unused(const)},
+                                       w, 2))
+        specs += _grouped_wgrad_specs(mode, cfgs)
+    return specs
+
+
+def _wgrad_slots(groups: list[dict[str, str]]) -> dict[str, str]:
+    """The pointer types of every slot of `_sub_wgrad_kernel` (unsuffixed, _1, _2) from those of the
+    groups a build launches (A, B, PART, A2, B2, PART2 each); the slots past them repeat group 0's."""
+    groups = groups + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
+    return {name + (f"_{i}" if i else ""): t for i, g in enumerate(groups) for name, t in g.items()}
+
+
+def _wgrad_unused(const: dict) -> dict:
+    """Constexprs of the group slots a build does not launch: group 0's (never read)."""
+    return {f"{k}_{i}": const[k] for i in range(const["GROUPS"], _MAX_WGRAD_GROUPS)
+            for k in ("CHUNK_ROWS", "B_PATCH", "PAIRS")}
+
+
+def _grouped_wgrad_specs(mode: str, cfgs) -> list[AttentionAotSpec]:
+    """The grouped launches a training step makes: the attention block's (q and output projections;
+    the kv Linear; at R > 1 the convolution with its patch gather, R = 8, 4, 2) and the FFN stash
+    route's two products, in autocast's mix ("16": fp32 g beside bf16 tensors) or in fp32."""
+    cd, wide = ("bf16", "fp32") if mode == "16" else ("fp32", "fp32")
+
+    def group(a, b, a2=None, b2=None):
+        return {"A": f"*{a}", "B": f"*{b}", "PART": "*fp32", "A2": f"*{a2 or a}", "B2": f"*{b2 or b}",
+                "PART2": "*fp32"}
+    proj, kv = group(cd, cd, wide, cd), group(cd, cd, cd, cd)  # (dQ, xn | g, O), (dK, kin | dV, kin)
+    launches = [(f"block_r{r}", [proj, kv, group(cd, cd)], (2, 2, 1), (1, 1, r)) for r in (8, 4, 2)]
+    launches += [("block_r1", [proj, kv], (2, 2), (1, 1)),
+                 ("ffn_stash", [group(cd, cd), group(wide, cd)], (1, 1), (1, 1))]  # (dH, LN(x)), (g, A)
+    specs = []
+    for tag, groups, pairs, patches in launches:
+        const = {"PRECISE": mode == "tf32x3", "GROUPS": len(groups)}
+        for i, (p, r) in enumerate(zip(pairs, patches)):
+            sfx = f"_{i}" if i else ""
+            const.update({f"CHUNK_ROWS{sfx}": _AOT_WG_CHUNK, f"B_PATCH{sfx}": r, f"PAIRS{sfx}": p})
+        const.update(_wgrad_unused(const))
+        for bi, bj, br, w in cfgs:
+            specs.append(_aot_spec(f"attention_sublayer.wgrad_{tag}_{'amp' if mode == '16' else 'fp32'}_i{bi}_j{bj}"
+                                   f"_r{br}_w{w}", _sub_wgrad_kernel.fn, _wgrad_slots(groups),
+                                   {**const, "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, w, 2))
     return specs
 
 

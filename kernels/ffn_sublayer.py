@@ -32,8 +32,8 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
   - recompute (C ≤ 128): `_ffn_bwd_wgrad_kernel`, one (hidden slice, row chunk) a program: the same
     recompute for its slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over
     the chunk's rows;
-  - stash (C > 128): the attention sublayer's `_sub_wgrad_kernel` twice, plain GEMMs over the
-    stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
+  - stash (C > 128): the attention sublayer's `_sub_wgrad_kernel`, two groups of one launch, plain
+    GEMMs over the stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
     route's per-slice LayerNorm and fc1 the bulk of its work there.
 - `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
 
@@ -519,8 +519,8 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
         chunk, n_chunks = row_chunks(rows, triton.cdiv(hid, block_i) * triton.cdiv(c, block_j), 2 * hid, sms,
                                      wg_chunk_rows, interpreter_rows=32)
         w_part = _new((n_chunks, 2 * hid * c + hid + c), dev, torch.float32)
-        _sub._wgrad(dh_st, n_st, w_part[:, :hid * c + hid], chunk, code == 0)
-        _sub._wgrad(g, a_st, w_part[:, hid * c + hid:], chunk, code == 0)
+        _sub.launch_wgrad([_sub.wgrad_group(dh_st, n_st, w_part[:, :hid * c + hid], chunk),
+                           _sub.wgrad_group(g, a_st, w_part[:, hid * c + hid:], chunk)], code == 0)
     else:
         block_h = _ffn_bwd_wgrad_kernel.pinned_kwarg(shape_class, "BLOCK_H", dev)
         # chunks of ≥ 256 rows: the (2·H·C + H) fp32 partial then costs under a tenth of what it reads

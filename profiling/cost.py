@@ -298,12 +298,19 @@ def _gate_role_trips(role):  # the batch loop of the programs of one role
     return trips
 
 
-def _wgrad_trips(a, pid):  # the attention sublayer's weight gradients: the site of the product pid[2] is in
-    trips = _cdiv(a["CHUNK_ROWS"], a["BLOCK_R"])
-    if a["PAIRS"] == 1:
-        return trips
-    first = pid[2] < a["N_CHUNKS"]
-    return [trips if first else 0, 0 if first else trips]
+def _wgrad_trips(a, pid):  # the attention sublayer's weight gradients: one call site a product of each group
+    # (group 0's arguments unsuffixed, then _1, _2), in that order; program pid[0] runs the site of its
+    # group and product (`_sub_wgrad_kernel`: output tile fastest, then chunks, then the second product)
+    counts, local = [], pid[0]
+    for g in range(a["GROUPS"]):
+        tag = f"_{g}" if g else ""
+        pairs, n_chunks = a[f"PAIRS{tag}"], a[f"N_CHUNKS{tag}"]
+        tiles = _cdiv(a[f"DA{tag}"], a["BLOCK_I"]) * _cdiv(a[f"DB{tag}"], a["BLOCK_J"])
+        trips = _cdiv(a[f"CHUNK_ROWS{tag}"], a["BLOCK_R"])
+        mine = 0 <= local < tiles * pairs * n_chunks
+        counts += [trips if mine and (local // tiles >= n_chunks) == bool(k) else 0 for k in range(pairs)]
+        local -= tiles * pairs * n_chunks
+    return counts
 
 
 def _adjoint_span(s):  # window rows (or columns) of the decoder's upsample adjoint at factor s

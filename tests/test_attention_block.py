@@ -206,6 +206,24 @@ def test_bad_arguments_name_what_is_wrong():
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,groups", [("C32-R8", [(2, 1), (2, 1), (1, 8)]), ("C40-R1", [(2, 1), (2, 1)])])
+def test_weight_gradients_share_one_launch(device, shape, groups, monkeypatch):
+    """The backward runs every weight-gradient product in one `_sub_wgrad_kernel` launch: the q and
+    output projections (a pair), the kv Linear (a pair) and, for R > 1, the convolution with its
+    patch gather, as (PAIRS, B_PATCH) groups; test_matches_float64 checks what each group computes."""
+    kernel_device(device)
+    launches = []
+    launch = sub_mod.launch_wgrad
+
+    def spy(gs, precise):
+        launches.append([(g.pairs, g.patch) for g in gs])
+        launch(gs, precise)
+    monkeypatch.setattr(sub_mod, "launch_wgrad", spy)
+    _run(_leaves(_inputs(SHAPES[shape], seed=5), device, torch.float32), SHAPES[shape], _fused)
+    assert launches == [groups], f"weight-gradient launches (groups as (PAIRS, B_PATCH)): {launches}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_sixteen_bit_model_rounds_its_gradient_sums(device, monkeypatch):
     """In a model that is bf16 throughout, autograd sums the two gradients of xn, and LN1's dx with
     g, in bf16; the backward kernel rounds there too (ROUND_SUMS). Checked on the kernel alone: the
