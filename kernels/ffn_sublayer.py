@@ -8,7 +8,7 @@
 GELU is exact (erf) to fp32 rounding: Φ and φ from one exponential (`_gelu_parts`). The hidden
 activations (rows × H, H = 2C in the model) are never saved: the forward keeps each BLOCK_H-column
 slice of them on chip and folds it into fc2's accumulator at once; the backward recomputes them
-from x and the saved LayerNorm statistics (above C = 128 it stashes them, with dH, for the weight
+from x and the saved LayerNorm statistics (above C = 64 it stashes them, with dH, for the weight
 gradients' GEMMs: a transient of the backward, freed when it returns). Precision (`compute_dtype`):
 - uniform: x and all six parameters share fp32 / bf16 / fp16 and the products run in it (fp32 as
   tf32x3, about fp32 accuracy; fused up to C = 64, the eager composition above);
@@ -26,13 +26,13 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
   hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once.
 - `_ffn_bwd_dx_kernel`: a run of row tiles a program: recomputes LN(x) and, slice by slice, fc1's
   output, then dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g +
-  that. Writes the program's partial sums of dγ, dβ and db2; with STASH (C > 128, `stash_pays`) it
+  that. Writes the program's partial sums of dγ, dβ and db2; with STASH (C > 64, `stash_pays`) it
   also stores LN(x), dH and A = GELU(h) in the compute dtype for the weight gradients.
 - the weight gradients, one of two routes:
-  - recompute (C ≤ 128): `_ffn_bwd_wgrad_kernel`, one (hidden slice, row chunk) a program: the same
+  - recompute (C ≤ 64): `_ffn_bwd_wgrad_kernel`, one (hidden slice, row chunk) a program: the same
     recompute for its slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over
     the chunk's rows;
-  - stash (C > 128): the attention sublayer's `_sub_wgrad_kernel`, two groups of one launch, plain
+  - stash (C > 64): the attention sublayer's `_sub_wgrad_kernel`, two groups of one launch, plain
     GEMMs over the stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
     route's per-slice LayerNorm and fc1 the bulk of its work there.
 - `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
@@ -63,7 +63,7 @@ __all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPE
 ffn_sublayer_eager = eager_ffn_sublayer  # the reference: F.layer_norm → F.linear → F.gelu → F.linear → + x
 
 _MAX_BLOCK_C = 256
-_STASH_ABOVE_C = 128  # `stash_pays`
+_STASH_ABOVE_C = 64  # `stash_pays`
 # compute dtype codes of the kernels' CDT constexpr
 _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -92,7 +92,7 @@ _Cfg = tuple[int, int, int, int]
 _AMP: dict[str, dict[int, list[_Cfg]]] = {
     "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 32, 4, 2), (32, 32, 4, 2)],
             128: [(32, 32, 4, 2)], 256: [(16, 64, 8, 2), (16, 32, 4, 2)]},
-    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(16, 64, 4, 2)], 256: [(16, 64, 8, 2)]},
+    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(32, 64, 8, 2), (16, 64, 8, 2)], 256: [(16, 64, 8, 2)]},
     "wgrad": {32: [(32, 64, 8, 2), (64, 64, 4, 2)], 64: [(16, 64, 8, 2), (32, 32, 4, 2)], 128: [(16, 64, 4, 2)],
               256: [(16, 16, 8, 2)]},
 }
@@ -453,11 +453,11 @@ def _block_c(c: int) -> int:
 
 def stash_pays(c: int, hid: int) -> bool:
     """Whether the backward stashes n, dH and A for GEMM weight gradients (else the recompute
-    kernel): above C = 128 (the model's stage 4, C = 192 in a 256 block), where the recompute
-    kernel's per-slice LayerNorm and fc1 dominate. At stage 3 the two routes predict about even and
-    below it the stash loses (its bytes, and the dx kernel's registers); the cost model's figures:
-    docs/ffn_sublayer.md, "Weight gradients: two routes". `hid` is not consulted yet: every figure
-    behind the rule is at the model's H = 2C."""
+    kernel): above C = 64 (the model's stages 3 and 4, C = 128 and 192), where the recompute
+    kernel's per-slice LayerNorm and fc1 dominate (stage 3 since its two GEMMs share one launch,
+    2026-12-06); below it the stash loses (its bytes, and the dx kernel's registers); the cost
+    model's figures: docs/ffn_sublayer.md, "Weight gradients: two routes". `hid` is not consulted
+    yet: every figure behind the rule is at the model's H = 2C."""
     return c > _STASH_ABOVE_C
 
 
