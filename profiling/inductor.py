@@ -494,7 +494,7 @@ def unroll_factor(sl, instrs, warps: int, loads: dict[int, int]) -> int:
     per_line: dict[int, int] = {}
     for ins in instrs:
         width = cost.global_access_bytes(ins.op)
-        if sl.start <= ins.addr <= sl.end and ins.op.startswith("LDG") and width:
+        if sl.start <= ins.addr <= sl.end and cost.is_global_load(ins.op) and width:
             per_line[ins.line] = per_line.get(ins.line, 0) + width * 32 * warps
     ratios = [round(moved / loads[line]) for line, moved in per_line.items() if loads.get(line)]
     return max(1, min(ratios)) if ratios else 1
