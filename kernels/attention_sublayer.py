@@ -557,7 +557,8 @@ def launch_wgrad(groups: list[WgradGroup], precise: bool) -> None:
     """Every group of `groups` (1 to 3, `wgrad_group`) in one `_sub_wgrad_kernel` launch; the slots
     past len(groups) repeat the first group's arguments, which a build for fewer groups never reads."""
     if not 1 <= len(groups) <= _MAX_WGRAD_GROUPS:
-        raise ValueError(f"attention_sublayer.launch_wgrad: 1 to {_MAX_WGRAD_GROUPS} groups a launch, got {len(groups)}")
+        raise ValueError(f"attention_sublayer.launch_wgrad: 1 to {_MAX_WGRAD_GROUPS} groups a launch, "
+                         f"got {len(groups)}")
     slots = list(groups) + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
     const = {}
     for i, g in enumerate(slots):

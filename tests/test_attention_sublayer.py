@@ -299,3 +299,17 @@ def test_model_entry_dispatch(monkeypatch):
         n_before = len(calls)
         sub_mod.attention_sublayer_for_model(t["x"], t["residual"], k, v, *w)
         assert (len(calls) > n_before) == (case in composed), case
+
+
+def test_weight_gradient_launch_takes_one_to_three_groups():
+    """`launch_wgrad` refuses a launch of no group or of more than the kernel's three slots, and
+    `wgrad_group` a second product whose shapes differ from the first's (both before any launch)."""
+    a, b = torch.zeros(8, 4), torch.zeros(8, 4)
+    part = torch.zeros(1, 4 * 4 + 4)
+    group = sub_mod.wgrad_group(a, b, part, 8)
+    with pytest.raises(ValueError, match="1 to 3 groups a launch, got 0"):
+        sub_mod.launch_wgrad([], False)
+    with pytest.raises(ValueError, match="1 to 3 groups a launch, got 4"):
+        sub_mod.launch_wgrad([group] * 4, False)
+    with pytest.raises(ValueError, match="second product's shapes"):
+        sub_mod.wgrad_group(a, b, part, 8, second=(torch.zeros(8, 5), b, part))
