@@ -140,7 +140,7 @@ def test_a_cpu_run_says_what_it_measures_and_shows_the_predicted_gpu_ratio(tmp_p
                        "--device", "cpu", "--out", str(tmp_path), "--name", "b"]) == 0
     out = capsys.readouterr().out
     assert suite.CPU_NOTE in out
-    assert re.search(r"lmsa: predicted on H100 .* \(cost model v\d+, not a measurement\): triton .* = [\d.]+x", out)
+    assert re.search(r"lmsa: predicted on H100 .* \(cost model v\d+(?:\.\d+)?, not a measurement\): triton .* = [\d.]+x", out)
     assert "attention/stage1: no prediction" in out
     rows = json.loads((tmp_path / "b.json").read_text())
     predicted = [r for r in rows if r["metric"].startswith("predicted")]
