@@ -64,7 +64,11 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # through plain tf32 dots (allow_tf32=True). Added 2026-12-06 from the cost model v3's sweep of the
 # model's launches (`python -m msf.profiling.cost --sweep --op attention_block`), built clean with the
 # launch specialisation on both archs (the plain build not checked): dK/dV "16" (32, 32, 4, 2) at d
-# 64 and 128, (32, 16, 4, 2) at d 128 and 256.
+# 64 and 128, (32, 16, 4, 2) at d 128 and 256. Then from the same sweep under model v3.1 (pipelined
+# loops no longer charged a load wave a trip): dK/dV (32, 32, 4, 2) at d 256 (H100 14.3 -> 13.7 us a
+# stage-4 block). Not (32, 128, 8, 2) at d 128 (the kernel alone 19.8 -> 17.2 at stage 3): its
+# 128-key tiles leave the kernel fewer programs, the chunking then splits the queries in two and
+# the chunk-sum launch that adds (11.3 us) makes the block slower; `--pin` judges a kernel alone.
 _Cfg = tuple[int, int, int, int]
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     "fwd": {
@@ -97,7 +101,7 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
         "16": {32: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 2)],
                64: [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
                128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2)],
-               256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)]},
+               256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)]},
         "tf32x3": {32: [(32, 64, 8, 2), (16, 32, 4, 2)],
                    64: [(32, 32, 8, 2), (16, 32, 4, 2)],
                    128: [(16, 16, 4, 2), (16, 16, 8, 1)]},

@@ -82,7 +82,10 @@ def _composed(x_norm, residual, k, v, wq, bq, wo, bo):
 # 57.2 -> 48.9 us on the H100, spills 8 B on sm_80, as noted above; (32, 32, 4, 2) there is the A100's,
 # 207 -> 95 us); amp dq
 # (16, 32, 4, 2) at d 32 and 128, (32, 32, 4, 2) at d 256 (251 / 255 registers with the launch
-# specialisation; the plain build was not checked). The pins choose among them per architecture.
+# specialisation; the plain build was not checked). Then under model v3.1: amp dq (32, 32, 4, 2) and
+# (16, 16, 4, 2) at d 128 (H100 34.5 -> 31.1 us, A100 63.4 -> 58.0 a stage-3 block) and the amp
+# forward's (64, 64, 4, 2) at d 64 for sm_90 only (`_SM90_ONLY`). The pins choose among them per
+# architecture.
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
@@ -90,7 +93,8 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
         "16": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
         "tf32x3": {32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)]},
         # mixed precision (fp32 x / residual / out beside bf16 / fp16 k, v): "16" spills 8 B at d 64 on sm_80
-        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)], 128: [(64, 64, 8, 2), (32, 32, 4, 2)],
+        "amp": {32: [(64, 64, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+                128: [(64, 64, 8, 2), (32, 32, 4, 2)],
                 256: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
     },
     "dq": {
@@ -99,9 +103,15 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
         "tf32x3": {32: [(16, 32, 4, 2), (16, 16, 4, 2)], 64: [(16, 32, 4, 2), (16, 16, 4, 2)],
                    128: [(16, 16, 8, 1)]},
         "amp": {32: [(64, 64, 8, 2), (32, 64, 4, 2), (16, 32, 4, 2)], 64: [(64, 64, 8, 2), (32, 32, 4, 2)],
-                128: [(32, 32, 8, 2), (16, 32, 4, 2)], 256: [(16, 16, 8, 2), (16, 16, 8, 1), (32, 32, 4, 2)]},
+                128: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+                256: [(16, 16, 8, 2), (16, 16, 8, 1), (32, 32, 4, 2)]},
     },
 }
+# (kernel, dtype class, d block) → configurations of the lists above that build without spills on sm_90
+# only: their AOT specs build for sm_90 alone and the pin never takes them for sm_80 (it skips a spilling
+# build). Added 2026-12-06 from a sweep under cost model v3.1: the amp forward's (64, 64, 4) at d 64,
+# H100 51.7 -> 45.3 us a stage-2 block (8 B of spill on sm_80; the A100 keeps (32, 32, 4)).
+_SM90_ONLY: dict[tuple[str, str, int], set[_Cfg]] = {("fwd", "amp", 64): {(64, 64, 4, 2)}}
 # weight-gradient kernel: (BLOCK_I, BLOCK_J, BLOCK_R, num_warps) per dtype class (tiles the C×C output)
 _WG_ALLOWED: dict[str, list[tuple[int, int, int, int]]] = {"16": [(64, 64, 64, 4)], "tf32x3": [(32, 32, 32, 4)]}
 # the interpreter's single configuration: small tiles so CPU tests see several rescalings / chunks
@@ -849,7 +859,10 @@ def _aot_specs() -> list[AttentionAotSpec]:
                          "D_CEIL": _d_ceil(_AOT_C.get(block_d, block_d)),
                          "BLOCK_N": bn, "BLOCK_M": bm}
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
-                specs.append(_aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st))
+                spec = _aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st)
+                if (bn, bm, w, st) in _SM90_ONLY.get((kname, mode, block_d), ()):
+                    spec = dataclasses.replace(spec, archs=(90,))
+                specs.append(spec)
     for mode, cfgs in _WG_ALLOWED.items():  # mixed precision uses the "16" configurations
         # (name, A, B, A2, B2), built with both products (PAIRS = 2: its registers are the larger of the
         # two copies', so it covers the single product too): one dtype, plus the mixed path's bf16 dQ

@@ -178,3 +178,20 @@ def test_a_configuration_allowed_on_one_architecture_is_pinned_only_there():
                 assert cfg not in only or kind == "sm_90", f"{kernel} {mode}_c{block_c} {kind}: {cfg} is sm_90 only"
     restricted = [s for s in ffn.AOT_SPECS if s.archs]
     assert restricted and all(s.archs == (90,) and s.builds_on(90) and not s.builds_on(80) for s in restricted)
+
+
+def test_a_sublayer_configuration_allowed_on_one_architecture_is_pinned_only_there():
+    """The same for `kernels/attention_sublayer.py: _SM90_ONLY` (keyed by kernel, dtype class and d
+    block): listed, built for sm_90 alone, and never the sm_80 or default entry of configs.json."""
+    sub = t_sub.sub_mod
+    assert sub._SM90_ONLY, "nothing to check: drop this test with the last one-architecture entry"
+    table = configs.load_table()
+    for (kernel, mode, block_d), only in sub._SM90_ONLY.items():
+        assert only <= set(sub._ALLOWED[kernel][mode][block_d])
+        for kind, entry in table[f"attention_sublayer.{kernel}"].get(f"{mode}_d{block_d}", {}).items():
+            kw = entry["kwargs"]
+            cfg = (kw["BLOCK_N"], kw["BLOCK_M"], entry["num_warps"], entry["num_stages"])
+            assert cfg not in only or kind == "sm_90", f"{kernel} {mode}_d{block_d} {kind}: {cfg} is sm_90 only"
+        prefix = f"attention_sublayer.{kernel}_{'amp_' if mode == 'amp' else ''}{sub._AOT_DTYPES[mode]}_d{block_d}"
+        built = [s for s in sub.AOT_SPECS if any(s.name == f"{prefix}_n{c[0]}_m{c[1]}_w{c[2]}_s{c[3]}" for c in only)]
+        assert len(built) == len(only) and all(s.archs == (90,) and not s.builds_on(80) for s in built)
