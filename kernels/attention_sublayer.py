@@ -534,6 +534,22 @@ class WgradGroup:
 _MAX_WGRAD_GROUPS = 3
 
 
+def _slots(groups: list) -> list:
+    """`_sub_wgrad_kernel`'s group slots for `groups`: the slots past them repeat the first group,
+    which a build for fewer groups (GROUPS) never reads."""
+    return list(groups) + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
+
+
+def _slot_constexprs(groups: list[tuple[int, int, int]]) -> dict:
+    """The per-group constexprs (CHUNK_ROWS, B_PATCH, PAIRS: unsuffixed for slot 0, then _1, _2) of a
+    launch or build of `groups`, each given as (chunk_rows, patch, pairs), and GROUPS."""
+    const = {"GROUPS": len(groups)}
+    for i, (chunk_rows, patch, pairs) in enumerate(_slots(groups)):
+        tag = f"_{i}" if i else ""
+        const.update({f"CHUNK_ROWS{tag}": chunk_rows, f"B_PATCH{tag}": patch, f"PAIRS{tag}": pairs})
+    return const
+
+
 def wgrad_group(a, b, part, chunk_rows: int, patch: tuple[int, int] | None = None, second: tuple | None = None,
                 bias_at: tuple[int, int] | None = None) -> WgradGroup:
     """part[c, :DA·DB] = Σ aᵀ b and part[c, bias_at[0] + (0..DA)] = Σ a over the rows of chunk c of a
@@ -569,19 +585,9 @@ def launch_wgrad(groups: list[WgradGroup], precise: bool) -> None:
     if not 1 <= len(groups) <= _MAX_WGRAD_GROUPS:
         raise ValueError(f"attention_sublayer.launch_wgrad: 1 to {_MAX_WGRAD_GROUPS} groups a launch, "
                          f"got {len(groups)}")
-    slots = list(groups) + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
-    const = {}
-    for i, g in enumerate(slots):
-        tag = f"_{i}" if i else ""
-        const.update({f"CHUNK_ROWS{tag}": g.chunk_rows, f"B_PATCH{tag}": g.patch, f"PAIRS{tag}": g.pairs})
+    const = _slot_constexprs([(g.chunk_rows, g.patch, g.pairs) for g in groups])
     grid = lambda meta: (sum(g.programs(meta["BLOCK_I"], meta["BLOCK_J"]) for g in groups),)  # noqa: E731
-    _sub_wgrad_kernel[grid](*(arg for g in slots for arg in g.args), PRECISE=precise, GROUPS=len(groups), **const)
-
-
-def _wgrad(a, b, part, chunk_rows: int, precise: bool, patch: tuple[int, int] | None = None,
-           second: tuple | None = None, bias_at: tuple[int, int] | None = None) -> None:
-    """One weight-gradient group (`wgrad_group`'s arguments) in a launch of its own."""
-    launch_wgrad([wgrad_group(a, b, part, chunk_rows, patch, second, bias_at)], precise)
+    _sub_wgrad_kernel[grid](*(arg for g in _slots(groups) for arg in g.args), PRECISE=precise, **const)
 
 
 def _forward(x, r, k, v, wq, bq, wo, bo):
@@ -874,11 +880,10 @@ def _aot_specs() -> list[AttentionAotSpec]:
             ptrs = {"A": f"*{a_t}", "B": f"*{b_t}", "A2": f"*{a2_t}", "B2": f"*{b2_t}", "PART": "*fp32",
                     "PART2": "*fp32"}
             for bi, bj, br, w in cfgs:
-                const = {"CHUNK_ROWS": _AOT_WG_CHUNK, "PRECISE": mode == "tf32x3", "B_PATCH": 1, "PAIRS": 2,
-                         "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br, "GROUPS": 1}
+                const = {"PRECISE": mode == "tf32x3", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br,
+                         **_slot_constexprs([(_AOT_WG_CHUNK, 1, 2)])}
                 specs.append(_aot_spec(f"attention_sublayer.wgrad_{dname}_i{bi}_j{bj}_r{br}_w{w}",
-                                       _sub_wgrad_kernel.fn, _wgrad_slots([ptrs]), {**const, **_wgrad_unused(const)},
-                                       w, 2))
+                                       _sub_wgrad_kernel.fn, _wgrad_slots([ptrs]), const, w, 2))
         specs += _grouped_wgrad_specs(mode, cfgs)
     return specs
 
@@ -886,14 +891,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
 def _wgrad_slots(groups: list[dict[str, str]]) -> dict[str, str]:
     """The pointer types of every slot of `_sub_wgrad_kernel` (unsuffixed, _1, _2) from those of the
     groups a build launches (A, B, PART, A2, B2, PART2 each); the slots past them repeat group 0's."""
-    groups = groups + [groups[0]] * (_MAX_WGRAD_GROUPS - len(groups))
-    return {name + (f"_{i}" if i else ""): t for i, g in enumerate(groups) for name, t in g.items()}
-
-
-def _wgrad_unused(const: dict) -> dict:
-    """Constexprs of the group slots a build does not launch: group 0's (never read)."""
-    return {f"{k}_{i}": const[k] for i in range(const["GROUPS"], _MAX_WGRAD_GROUPS)
-            for k in ("CHUNK_ROWS", "B_PATCH", "PAIRS")}
+    return {name + (f"_{i}" if i else ""): t for i, g in enumerate(_slots(groups)) for name, t in g.items()}
 
 
 def _grouped_wgrad_specs(mode: str, cfgs) -> list[AttentionAotSpec]:
@@ -911,11 +909,8 @@ def _grouped_wgrad_specs(mode: str, cfgs) -> list[AttentionAotSpec]:
                  ("ffn_stash", [group(cd, cd), group(wide, cd)], (1, 1), (1, 1))]  # (dH, LN(x)), (g, A)
     specs = []
     for tag, groups, pairs, patches in launches:
-        const = {"PRECISE": mode == "tf32x3", "GROUPS": len(groups)}
-        for i, (p, r) in enumerate(zip(pairs, patches)):
-            sfx = f"_{i}" if i else ""
-            const.update({f"CHUNK_ROWS{sfx}": _AOT_WG_CHUNK, f"B_PATCH{sfx}": r, f"PAIRS{sfx}": p})
-        const.update(_wgrad_unused(const))
+        const = {"PRECISE": mode == "tf32x3",
+                 **_slot_constexprs([(_AOT_WG_CHUNK, r, p) for p, r in zip(pairs, patches)])}
         for bi, bj, br, w in cfgs:
             specs.append(_aot_spec(f"attention_sublayer.wgrad_{tag}_{'amp' if mode == '16' else 'fp32'}_i{bi}_j{bj}"
                                    f"_r{br}_w{w}", _sub_wgrad_kernel.fn, _wgrad_slots(groups),
