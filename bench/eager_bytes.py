@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -67,8 +68,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
-       "stage_output", "decoder_mlp", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -415,9 +416,9 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         return (lambda *a: backend.EAGER_OPS.stage_output(*a)[0]), (
             _meta(batch, n, c, grad=True), (side, side), _meta(c, grad=True), _meta(c, grad=True), 1e-5,
             stage < len(cfg.channels)), True
-    if op == "attention_block":
+    if op in ("attention_block", "attention_block_embedded"):
         if stage is None:
-            raise ValueError("attention_block needs stage=1..4")
+            raise ValueError(f"{op} needs stage=1..4")
         n, _, c = stage_shape(stage, size)
         side, ratio = int(round(n ** 0.5)), cfg.sr_ratios[stage - 1]
         conv = ((_meta(c, c, ratio, ratio, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(c, grad=True))
@@ -426,7 +427,12 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         params = backend.AttentionBlockParams(
             _meta(c, grad=True), _meta(c, grad=True), *conv, _meta(2 * c, c, grad=True), _meta(2 * c, grad=True),
             _meta(c, c, grad=True), _meta(c, grad=True), _meta(c, c, grad=True), _meta(c, grad=True))
-        return backend.EAGER_OPS.attention_block, (_meta(batch, n, c, grad=True), (side, side), ratio, params), True
+        if op == "attention_block":
+            return backend.EAGER_OPS.attention_block, (_meta(batch, n, c, grad=True), (side, side), ratio, params), True
+        # a stage's first block: the patch embedding's bf16 NCHW map and its norm's fp32 γ, β in front
+        embed = backend.EmbedNorm(_meta(c, grad=True), _meta(c, grad=True), 1e-5)
+        return (functools.partial(backend.EAGER_OPS.attention_block, embed_norm=embed),
+                (_meta(batch, c, side, side, dtype=dtype, grad=True), (side, side), ratio, params), True)
     if op == "ffn_sublayer":
         if stage is None:
             raise ValueError("ffn_sublayer needs stage=1..4")
@@ -618,7 +624,8 @@ def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
 # ----------------------------------------------------------------------------------------------
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
-        [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer", "stage_output")
+        [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "attention_block_embedded",
+                            "ffn_sublayer", "stage_output")
          for s in range(1, len(_config().channels) + 1)] + \
         [("decoder_mlp", None), ("lmsa", None)]
 

@@ -42,9 +42,9 @@ from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
 from msf.kernels.partial_sums import sum_partials
-from msf.reference import AttentionBlockParams, eager_attention_block
+from msf.reference import AttentionBlockParams, EmbedNorm, eager_attention_block, eager_map_layer_norm
 
-__all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "fused_supported"]
+__all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "embed_fused", "fused_supported"]
 
 # (BLOCK_M patches, num_warps) per kernel, product dtype class ("16": bf16 / fp16, also autocast's
 # mix; "fp32": tf32x3 products) and C block: 256 programs at the model's B = 32 (8192 patches every
@@ -63,8 +63,22 @@ _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
 }
 
 
+# C blocks at which the block takes the patch embedding's LayerNorm into its kv kernels (`embed_fused`):
+# those whose PE builds stay spill-free on sm_80 and sm_90 (`AOT_SPECS`)
+_EMBED_C = frozenset({32, 64, 128, 256})
+# where the embedding-norm builds take another (BLOCK_M, num_warps) than `_CONFIGS`' 16-bit entry: the
+# forward at C 128 at 4 warps spilled 16 B on sm_90 under autocast
+_EMBED_CONFIGS: dict[str, dict[int, tuple[int, int]]] = {"fwd": {128: (32, 8)}, "bwd": {}}
+
+
 def _block_c(c: int) -> int:
     return max(32, triton.next_power_of_2(c))
+
+
+def embed_fused(c: int, cdt: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernels form the block input from the patch embedding's map at C channels with
+    products in `cdt` (16-bit only: the fp32 builds' tf32x3 operands leave no registers for it)."""
+    return cdt != torch.float32 and _block_c(c) in _EMBED_C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +110,54 @@ def _ln_grad(dy, xhat, rstd, gamma, mask, C):
 
 
 @triton.jit
+def _embed_setup(PEW, PEB, offs_m, offs_c, mask_c, MW, MH, stride_b, stride_y, stride_x, R: tl.constexpr,
+                 PE: tl.constexpr):
+    """With PE: (γ_pe, β_pe, the map offset of each patch's window position 0), the offsets of the patches
+    offs_m in the patch embedding's map (patch rows counted over the images stacked, MH an image, MW
+    patches a row); the position-p token is (p // R)·stride_y + (p % R)·stride_x further. Without PE
+    placeholders the kernels never read."""
+    if PE:
+        patch_row = offs_m // MW
+        base = (patch_row // MH) * stride_b + (patch_row % MH) * R * stride_y + (offs_m % MW) * R * stride_x
+        gamma = _vec(PEW, offs_c, mask_c)
+        beta = _vec(PEB, offs_c, mask_c)
+    else:
+        gamma = offs_c
+        beta = offs_c
+        base = offs_m
+    return gamma, beta, base
+
+
+@triton.jit
+def _map_rows(map_base, p, stride_y, stride_x, R: tl.constexpr, PE: tl.constexpr):
+    """The map offsets of the window-position-p tokens of the patches whose position-0 offsets are
+    `map_base` (with PE; without, the placeholder itself)."""
+    if PE:
+        rows = map_base + (p // R) * stride_y + (p % R) * stride_x
+    else:
+        rows = map_base
+    return rows
+
+
+@triton.jit
+def _block_input(X, XDT: tl.constexpr, rows, map_rows, offs_c, mask, pe_gamma, pe_beta, C, stride_xc, eps_pe,
+                 PE: tl.constexpr):
+    """(x, x̂_pe, rstd_pe): the block input x in fp32, zero outside `mask`. Without PE a load of X (B·N×C)
+    at element offsets `rows`. With PE, x = LN_pe(map) from the map's rows at offsets `map_rows`, rounded to
+    the residual stream's dtype XDT as the patch embedding's norm writes it, and LN_pe's x̂ and rstd
+    for its backward (without PE: x and a placeholder)."""
+    if PE:
+        m = tl.load(X + map_rows[:, None] + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        xhat_pe, rstd_pe = _ln_hat(m, mask, C, eps_pe)
+        x = tl.where(mask, _round(xhat_pe * pe_gamma[None, :] + pe_beta[None, :], XDT).to(tl.float32), 0.0)
+    else:
+        x = tl.load(X + rows, mask=mask, other=0.0).to(tl.float32)
+        xhat_pe = x
+        rstd_pe = x
+    return x, xhat_pe, rstd_pe
+
+
+@triton.jit
 def _vec(PTR, offs, mask):
     return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -111,14 +173,16 @@ def _square(W, offs_a, offs_b, mask_a, mask_b, C):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _kv_fwd_kernel(
-    X, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
-    P, MW, W_TOK, C, eps, eps_sr,
-    R: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    X, PEW, PEB, XRES, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
+    P, MW, MH, W_TOK, C, stride_xb, stride_xc, stride_xy, stride_xx, eps_pe, eps, eps_sr,
+    R: tl.constexpr, PE: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
     (fp32 or the compute dtype); WSR: R²×C×C (window position, out, in) and WKV: 2C×C, both in the
     compute dtype (`compute_weights`); BSR, BKV in it or fp32 masters (rounded on load, as autocast's
-    cast rounds them); the LayerNorm parameters in any float dtype."""
+    cast rounds them); the LayerNorm parameters in any float dtype. PE: X is the patch embedding's
+    B×C×h×w map (its strides; MH = h/R patch rows an image), the block input x = LN_pe(X) (γ PEW,
+    β PEB) is formed here and written to XRES (B·N×C, the residual stream's dtype) for the sublayer."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < P
@@ -126,8 +190,13 @@ def _kv_fwd_kernel(
     mask = mask_m[:, None] & mask_c[None, :]
     gamma = _vec(LNW, offs_c, mask_c)
     beta = _vec(LNB, offs_c, mask_c)
+    pe_gamma, pe_beta, map_base = _embed_setup(PEW, PEB, offs_m, offs_c, mask_c, MW, MH, stride_xb, stride_xy,
+                                               stride_xx, R, PE)
     if R == 1:  # patches are tokens
-        x = tl.load(X + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, _xhat_pe, _rstd_pe = _block_input(X, XRES.dtype.element_ty, offs_m[:, None] * C + offs_c[None, :],
+                                             map_base, offs_c, mask, pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
+        if PE:
+            tl.store(XRES + offs_m[:, None] * C + offs_c[None, :], x.to(XRES.dtype.element_ty), mask=mask)
         xhat, _rstd = _ln_hat(x, mask, C, eps)
         kin = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
         tl.store(XN + offs_m[:, None] * C + offs_c[None, :], kin, mask=mask)
@@ -135,7 +204,11 @@ def _kv_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for p in range(0, R * R):
             tok = _patch_tokens(offs_m, p, MW, W_TOK, R)
-            x = tl.load(X + tok[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, _xhat_pe, _rstd_pe = _block_input(X, XRES.dtype.element_ty, tok[:, None] * C + offs_c[None, :],
+                                                 _map_rows(map_base, p, stride_xy, stride_xx, R, PE), offs_c, mask,
+                                                 pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
+            if PE:
+                tl.store(XRES + tok[:, None] * C + offs_c[None, :], x.to(XRES.dtype.element_ty), mask=mask)
             xhat, _rstd = _ln_hat(x, mask, C, eps)
             xn = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
             tl.store(XN + tok[:, None] * C + offs_c[None, :], xn, mask=mask)
@@ -165,17 +238,24 @@ def _kv_fwd_kernel(
 #   dxn = dXNq + dXNkv                                      (autograd's sum; rounded in a 16-bit model)
 #   x̂ = LN1's x̂ of x (recomputed),  dx = g + rstd (γ∘dxn − mean(γ∘dxn) − x̂ mean(γ∘dxn∘x̂))
 #   dγ = Σ dxn∘x̂,  dβ = Σ dxn
+# PE (x = LN_pe(map), recomputed from the map with its x̂_pe, rstd_pe): dx rounded to the residual
+# stream's dtype (the gradient autograd holds for x), then LN_pe's backward
+#   dmap = rstd_pe (γ_pe∘dx − mean(γ_pe∘dx) − x̂_pe mean(γ_pe∘dx∘x̂_pe))   (in the map's dtype and strides)
+#   dγ_pe = Σ dx∘x̂_pe,  dβ_pe = Σ dx
 # dW_k = dKᵀ kin, db_k = Σ dK (likewise v), dW_sr[:, (i, j, c)] = dredᵀ patches(xn), db_sr = Σ dred:
-# `_sub_wgrad_kernel` afterwards. The LN sums: per program into PART ([dγ | dβ | dγ_sr | dβ_sr]).
+# `_sub_wgrad_kernel` afterwards. The LN sums: per program into PART ([dγ | dβ | dγ_sr | dβ_sr |
+# dγ_pe | dβ_pe], the R > 1 and PE parts where they exist).
 @triton.jit
 def _kv_bwd_kernel(
-    X, LNW, WSR, RED, SNW, WKV, DK, DV, DXNQ, G, DX, DRED, PART,
-    P, MW, W_TOK, C, eps, eps_sr,
-    R: tl.constexpr, CDT: tl.constexpr, ROUND_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    X, PEW, PEB, LNW, WSR, RED, SNW, WKV, DK, DV, DXNQ, G, DX, DRED, PART,
+    P, MW, MH, W_TOK, C, stride_xb, stride_xc, stride_xy, stride_xx, eps_pe, eps, eps_sr,
+    R: tl.constexpr, PE: tl.constexpr, CDT: tl.constexpr, ROUND_SUMS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """dx (B·N×C, X's dtype) and, for R > 1, dred (P×C, compute dtype) for BLOCK_M patches; PART row
-    pid: 4·C fp32 (2·C for R = 1). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G: B·N×C. WSR, WKV as
-    in `_kv_fwd_kernel`. ROUND_SUMS: the sums a 16-bit model's autograd forms in 16 bits (the two
+    pid: 4·C fp32 (2·C for R = 1; 2·C more with PE). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G:
+    B·N×C. WSR, WKV, PE, the map and its strides as in `_kv_fwd_kernel`; with PE, DX is d map in the
+    map's dtype and strides. ROUND_SUMS: the sums a 16-bit model's autograd forms in 16 bits (the two
     gradients of xn; LN1's dx plus g)."""
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,9 +269,24 @@ def _kv_bwd_kernel(
                 CDT == 0)
     dkin = _rounded(dkin, CDT)
     gamma = _vec(LNW, offs_c, mask_c)
-    part = PART + pid * (2 * C if R == 1 else 4 * C)
+    part_pe = 2 * C if R == 1 else 4 * C  # where the PE sums start in a PART row
+    if PE:
+        part = PART + pid * (part_pe + 2 * C)
+    else:
+        part = PART + pid * part_pe
     dgamma = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     dbeta = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    pe_gamma, pe_beta, map_base = _embed_setup(PEW, PEB, offs_m, offs_c, mask_c, MW, MH, stride_xb, stride_xy,
+                                               stride_xx, R, PE)
+    if PE:  # Σ dx∘x̂_pe, Σ dx: per element at C ≤ 32 (64 window positions: a column sum each cost more than
+        # the registers, H100 126 against 156 µs a stage-1 block), else a column sum a position (per-element
+        # accumulators spilled at C 64 and 128)
+        if BLOCK_C <= 32:
+            dgamma_pe = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+            dbeta_pe = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        else:
+            dgamma_pe = tl.zeros([BLOCK_C], tl.float32)
+            dbeta_pe = tl.zeros([BLOCK_C], tl.float32)
     if R > 1:
         rhat, rstd_sr = _ln_hat(tl.load(RED + tile, mask=mask, other=0.0).to(tl.float32), mask, C, eps_sr)
         dred = _to_compute(_ln_grad(dkin, rhat, rstd_sr, _vec(SNW, offs_c, mask_c), mask, C), CDT)
@@ -209,16 +304,37 @@ def _kv_bwd_kernel(
         dxn += tl.load(DXNQ + rows, mask=mask, other=0.0).to(tl.float32)
         if ROUND_SUMS:
             dxn = _rounded(dxn, CDT)
-        xhat, rstd = _ln_hat(tl.load(X + rows, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+        map_rows = _map_rows(map_base, p, stride_xy, stride_xx, R, PE)
+        x, xhat_pe, rstd_pe = _block_input(X, G.dtype.element_ty, rows, map_rows, offs_c, mask, pe_gamma, pe_beta,
+                                           C, stride_xc, eps_pe, PE)
+        xhat, rstd = _ln_hat(x, mask, C, eps)
         dx = _ln_grad(dxn, xhat, rstd, gamma, mask, C)
         if ROUND_SUMS:
             dx = _rounded(dx, CDT)
         dx += tl.load(G + rows, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows, _round(dx, DX.dtype.element_ty), mask=mask)
+        if PE:  # on through LN_pe, from the gradient of x as the residual stream's dtype holds it
+            dx = tl.where(mask, _round(dx, G.dtype.element_ty).to(tl.float32), 0.0)
+            dmap = _ln_grad(dx, xhat_pe, rstd_pe, pe_gamma, mask, C)
+            tl.store(DX + map_rows[:, None] + offs_c[None, :] * stride_xc, _round(dmap, DX.dtype.element_ty),
+                     mask=mask)
+            if BLOCK_C <= 32:
+                dgamma_pe += dx * xhat_pe
+                dbeta_pe += dx
+            else:
+                dgamma_pe += tl.sum(dx * xhat_pe, 0)
+                dbeta_pe += tl.sum(dx, 0)
+        else:
+            tl.store(DX + rows, _round(dx, DX.dtype.element_ty), mask=mask)
         dgamma += dxn * xhat
         dbeta += tl.where(mask, dxn, 0.0)
     tl.store(part + offs_c, tl.sum(dgamma, 0), mask=mask_c)
     tl.store(part + C + offs_c, tl.sum(dbeta, 0), mask=mask_c)
+    if PE:
+        if BLOCK_C <= 32:
+            dgamma_pe = tl.sum(dgamma_pe, 0)
+            dbeta_pe = tl.sum(dbeta_pe, 0)
+        tl.store(part + part_pe + offs_c, dgamma_pe, mask=mask_c)
+        tl.store(part + part_pe + C + offs_c, dbeta_pe, mask=mask_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,9 +345,12 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _launch(kernel: str, c: int, cdt: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_M, num_warps) of kv kernel `kernel` ("fwd" / "bwd") at C channels, products in `cdt`."""
+def _launch(kernel: str, c: int, cdt: torch.dtype, embed: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_M, num_warps) of kv kernel `kernel` ("fwd" / "bwd") at C channels, products in
+    `cdt`; `embed`: the build that takes the patch embedding's norm in (`_EMBED_CONFIGS`)."""
     block_c = _block_c(c)
+    if embed and block_c in _EMBED_CONFIGS[kernel]:
+        return (block_c, *_EMBED_CONFIGS[kernel][block_c])
     return (block_c, *_CONFIGS[kernel]["fp32" if cdt == torch.float32 else "16"][block_c])
 
 
@@ -244,44 +363,60 @@ def compute_weights(sr_w, kv_w, wq, wo, cdt: torch.dtype) -> tuple:
     return tuple(_sub.compute_weights(cdt, None if sr_w is None else sr_w.permute(2, 3, 0, 1), kv_w, wq, wo))
 
 
-def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
-             eps: float, eps_sr: float, cdt: torch.dtype):
-    """x: B×N×C contiguous; parameters contiguous, as given (fp32 masters or `cdt`). Returns out (x's
-    dtype) and what the backward needs: xn (B×N×C), red, kin (B·M×C; None for R = 1), kv (B×M×2C),
-    all in `cdt`, the sublayer's O, lse, and `compute_weights`' four matrices."""
-    weights = wsr, wkv, wq_c, wo_c = compute_weights(sr_w, kv_w, wq, wo, cdt)
-    b, n, c = x.shape
+def _geometry(x, pe, hw: tuple[int, int], ratio: int) -> tuple:
+    """(B, N, C, MW, MH, the map's (image, channel, row, column) strides) of the block input: B×N×C
+    tokens, or with `pe` the patch embedding's B×C×h×w map (strides as the tokens', seen as a
+    channels-last map, without it: the kernels then never read them)."""
     h, w = hw
-    mw = w // ratio
-    m = (h // ratio) * mw
+    if pe is None:
+        b, n, c = x.shape
+        strides = (n * c, 1, w * c, c)
+    else:
+        b, c = x.shape[:2]
+        n = h * w
+        strides = x.stride()
+    return b, n, c, w // ratio, h // ratio, strides
+
+
+def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
+             eps: float, eps_sr: float, cdt: torch.dtype, pe: tuple | None = None):
+    """x: B×N×C contiguous; parameters contiguous, as given (fp32 masters or `cdt`). With `pe` = (γ_pe,
+    β_pe, eps_pe, the residual stream's dtype), x is the patch embedding's dense B×C×h×w map and the
+    block's input is LN_pe(x), formed by the kv kernel (`_kv_fwd_kernel`'s PE). Returns out (the
+    residual stream's dtype) and what the backward needs: xn (B×N×C), red, kin (B·M×C; None for R =
+    1), kv (B×M×2C), all in `cdt`, the sublayer's O, lse, and `compute_weights`' four matrices."""
+    weights = wsr, wkv, wq_c, wo_c = compute_weights(sr_w, kv_w, wq, wo, cdt)
+    b, n, c, mw, mh, strides = _geometry(x, pe, hw, ratio)
+    m = mh * mw
     dev = x.device
     xn = _new((b, n, c), dev, cdt)
     kv = _new((b, m, 2 * c), dev, cdt)
     red = kin = None
     if ratio > 1:
         red, kin = _new((b * m, c), dev, cdt), _new((b * m, c), dev, cdt)
-    block_c, block_m, warps = _launch("fwd", c, cdt)
-    unused = xn  # pointer arguments the R = 1 build never reads
+    xres = x if pe is None else _new((b, n, c), dev, pe[3])  # the block input, the residual
+    block_c, block_m, warps = _launch("fwd", c, cdt, pe is not None)
+    unused = xn  # pointer arguments a build never reads
+    pe_w, pe_b, eps_pe = (unused, unused, 0.0) if pe is None else pe[:3]
     _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
-        x, ln_w, ln_b, unused if wsr is None else wsr, unused if sr_b is None else sr_b,
+        x, pe_w, pe_b, xres, ln_w, ln_b, unused if wsr is None else wsr, unused if sr_b is None else sr_b,
         unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, kv_b, xn,
         unused if red is None else red, unused if kin is None else kin, kv,
-        b * m, mw, w, c, float(eps), float(eps_sr),
-        R=ratio, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
-    out, o, lse = _sub._forward(xn, x, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo)
+        b * m, mw, mh, hw[1], c, *strides, float(eps_pe), float(eps), float(eps_sr),
+        R=ratio, PE=pe is not None, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    out, o, lse = _sub._forward(xn, xres, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo)
     return out, xn, red, kin, kv, o, lse, weights
 
 
 def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g, hw: tuple[int, int],
               ratio: int, eps: float, eps_sr: float, cdt: torch.dtype, w_dtypes: dict[str, torch.dtype],
-              wg_chunk_rows: int | None = None):
+              wg_chunk_rows: int | None = None, pe: tuple | None = None):
     """Gradients of x and of every parameter, in the order of `AttentionBlockFunction.forward`'s inputs
-    (None for R = 1's absent W_sr, b_sr, LN_sr), each parameter's in `w_dtypes[name]`. wsr, wkv, wq,
-    wo: `compute_weights`' matrices; bq as given."""
-    b, n, c = x.shape
-    h, w = hw
-    mw = w // ratio
-    p = b * (h // ratio) * mw
+    (None for R = 1's absent W_sr, b_sr, LN_sr, and for γ_pe, β_pe without `pe`), each parameter's in
+    `w_dtypes[name]`. wsr, wkv, wq, wo: `compute_weights`' matrices; bq as given; `pe` as `_forward`'s
+    (then x is the map, and its gradient has its dtype and strides)."""
+    b, n, c, mw, mh, strides = _geometry(x, pe, hw, ratio)
+    p = b * mh * mw
     dev = x.device
     precise = cdt == torch.float32
     k, v = kv[..., :c], kv[..., c:]
@@ -290,18 +425,20 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, wq, bq, wo, o, lse, g, w_dtypes["wq"], None, None,
                                                       sums, wgrads)
     dk, dv = dk.contiguous(), dv.contiguous()
-    block_c, block_m, warps = _launch("bwd", c, cdt)
+    block_c, block_m, warps = _launch("bwd", c, cdt, pe is not None)
     programs = triton.cdiv(p, block_m)
-    ln_part = _new((programs, (2 if ratio == 1 else 4) * c), dev, torch.float32)
-    dx = _new((b, n, c), dev, x.dtype)
+    ln_width = (2 if ratio == 1 else 4) * c  # [dγ | dβ | (dγ_sr | dβ_sr) | (dγ_pe | dβ_pe)]
+    ln_part = _new((programs, ln_width + (0 if pe is None else 2 * c)), dev, torch.float32)
+    dx = _new((b, n, c), dev, x.dtype) if pe is None else torch.empty_like(x)  # (a dense map: its strides)
     dred = None if ratio == 1 else _new((p, c), dev, cdt)
     unused = dx
+    pe_w, pe_b, eps_pe = (unused, unused, 0.0) if pe is None else pe[:3]
     _kv_bwd_kernel[(programs,)](
-        x, ln_w, unused if wsr is None else wsr, unused if red is None else red,
+        x, pe_w, pe_b, ln_w, unused if wsr is None else wsr, unused if red is None else red,
         unused if srn_w is None else srn_w, wkv, dk, dv, dxnq, g, dx, unused if dred is None else dred, ln_part,
-        p, mw, w, c, float(eps), float(eps_sr),
-        R=ratio, CDT=_CDT[cdt], ROUND_SUMS=x.dtype == cdt and cdt != torch.float32, BLOCK_C=block_c,
-        BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        p, mw, mh, hw[1], c, *strides, float(eps_pe), float(eps), float(eps_sr),
+        R=ratio, PE=pe is not None, CDT=_CDT[cdt], ROUND_SUMS=g.dtype == cdt and cdt != torch.float32,
+        BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
     sums.append((ln_part, ln_sum))
 
@@ -319,15 +456,17 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     kv_sum = _new((2 * cc + 2 * c,), dev, torch.float32)
     sums.append((kv_part, kv_sum))
     grads = {"x": dx, "ln_w": ln_sum[:c], "ln_b": ln_sum[c:2 * c], "wq": dwq, "bq": dbq, "wo": dwo, "bo": dbo}
+    if pe is not None:
+        grads.update(pe_w=ln_sum[ln_width:ln_width + c], pe_b=ln_sum[ln_width + c:])
     if ratio > 1:  # the convolution: dW_sr[o, (i, j, c)] = Σ_patches dred[o] · xn[patch, (i, j, c)]
         wide = ratio * ratio * c
         chunk, nc = row_chunks(p, triton.cdiv(c, block_i) * triton.cdiv(wide, block_i), 2 * c, sms, wg_chunk_rows)
         sr_part = _new((nc, c * wide + c), dev, torch.float32)
-        wgrads.append(_sub.wgrad_group(dred, xn.view(b * n, c), sr_part, chunk, patch=(ratio, w)))
+        wgrads.append(_sub.wgrad_group(dred, xn.view(b * n, c), sr_part, chunk, patch=(ratio, hw[1])))
         sr_sum = _new((c * wide + c,), dev, torch.float32)
         sums.append((sr_part, sr_sum))
         grads.update(sr_w=sr_sum[:c * wide].view(c, ratio, ratio, c).permute(0, 3, 1, 2), sr_b=sr_sum[c * wide:],
-                     srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:])
+                     srn_w=ln_sum[2 * c:3 * c], srn_b=ln_sum[3 * c:4 * c])
     _sub.launch_wgrad(wgrads, precise)
     sum_partials(*sums)
     grads.update(kv_w=kv_sum[:2 * cc].view(2 * c, c), kv_b=kv_sum[2 * cc:])
@@ -335,31 +474,35 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
                            for name in _PARAM_NAMES]
 
 
-_PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo")
+_PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo", "pe_w", "pe_b")
 
 
 class AttentionBlockFunction(torch.autograd.Function):
-    """The fused attention half; saves x and the LayerNorm weights and bq (inputs), the weight matrices
-    in the compute dtype (`compute_weights`), xn, red, kin, kv in the compute dtype and the
-    sublayer's O, lse."""
+    """The fused attention half; saves x (with `embed`: the patch embedding's map) and the LayerNorm
+    weights and bq (inputs), the weight matrices in the compute dtype (`compute_weights`), xn, red,
+    kin, kv in the compute dtype and the sublayer's O, lse. `embed`: None, or (eps_pe, the residual
+    stream's dtype) when x is the map and pe_w, pe_b the patch embedding norm's γ, β."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw, ratio, eps, eps_sr,
-                cdt, wg_chunk_rows=None):
+    def forward(ctx, x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, pe_w, pe_b, hw, ratio, eps,
+                eps_sr, cdt, embed=None, wg_chunk_rows=None):
         params = (ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo)
-        out, xn, red, kin, kv, o, lse, (wsr, wkv, wq_c, wo_c) = _forward(x, *params, hw, ratio, eps, eps_sr, cdt)
-        ctx.save_for_backward(x, ln_w, wsr, srn_w, wkv, wq_c, bq, wo_c, xn, red, kin, kv, o, lse)
-        ctx.w_dtypes = {name: None if t is None else t.dtype for name, t in zip(_PARAM_NAMES, params)}
+        pe = None if embed is None else (pe_w, pe_b, *embed)
+        out, xn, red, kin, kv, o, lse, (wsr, wkv, wq_c, wo_c) = _forward(x, *params, hw, ratio, eps, eps_sr, cdt, pe)
+        ctx.save_for_backward(x, ln_w, wsr, srn_w, wkv, wq_c, bq, wo_c, xn, red, kin, kv, o, lse, pe_w, pe_b)
+        ctx.w_dtypes = {name: None if t is None else t.dtype for name, t in zip(_PARAM_NAMES, params + (pe_w, pe_b))}
         ctx.args = (hw, ratio, eps, eps_sr, cdt)
+        ctx.embed = embed
         ctx.wg_chunk_rows = wg_chunk_rows
         return out
 
     @staticmethod
     def backward(ctx, g):
         hw, ratio, eps, eps_sr, cdt = ctx.args
-        grads = _backward(*ctx.saved_tensors, g.contiguous(), hw, ratio, eps, eps_sr, cdt, ctx.w_dtypes,
-                          ctx.wg_chunk_rows)
-        return (*grads, None, None, None, None, None, None)
+        *saved, pe_w, pe_b = ctx.saved_tensors
+        pe = None if ctx.embed is None else (pe_w, pe_b, *ctx.embed)
+        grads = _backward(*saved, g.contiguous(), hw, ratio, eps, eps_sr, cdt, ctx.w_dtypes, ctx.wg_chunk_rows, pe)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,50 +527,90 @@ def fused_supported(dtype: torch.dtype, c: int) -> bool:
         and _sub.fused_supported(dtype, c)
 
 
-def _check(x, hw, ratio: int, p: AttentionBlockParams) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"attention_block: x must be B×N×C tokens, got shape {tuple(x.shape)}")
-    b, n, c = x.shape
+def _check(x, hw, ratio: int, p: AttentionBlockParams, embed_norm: EmbedNorm | None) -> None:
     h, w = hw
-    if h * w != n:
-        raise ValueError(f"attention_block: the map is {h}×{w} = {h * w} tokens, x has {n}")
+    if embed_norm is None:
+        if x.dim() != 3:
+            raise ValueError(f"attention_block: x must be B×N×C tokens, got shape {tuple(x.shape)}")
+        b, n, c = x.shape
+        if h * w != n:
+            raise ValueError(f"attention_block: the map is {h}×{w} = {h * w} tokens, x has {n}")
+    else:
+        if x.dim() != 4 or tuple(x.shape[2:]) != (h, w):
+            raise ValueError(f"attention_block: with embed_norm, x must be the patch embedding's B×C×{h}×{w} map, "
+                             f"got shape {tuple(x.shape)}")
+        c = x.shape[1]
     if ratio < 1:
         raise ValueError(f"attention_block: sr_ratio must be ≥ 1, got {ratio}")
     shapes = {"ln_weight": (c,), "ln_bias": (c,), "kv_weight": (2 * c, c), "kv_bias": (2 * c,), "q_weight": (c, c),
               "q_bias": (c,), "proj_weight": (c, c), "proj_bias": (c,)}
     if ratio > 1:
         shapes.update(sr_weight=(c, c, ratio, ratio), sr_bias=(c,), sr_norm_weight=(c,), sr_norm_bias=(c,))
+    named = {name: getattr(p, name) for name in shapes}
+    if embed_norm is not None:
+        shapes.update(embed_norm_weight=(c,), embed_norm_bias=(c,))
+        named.update(embed_norm_weight=embed_norm.weight, embed_norm_bias=embed_norm.bias)
     for name, shape in shapes.items():
-        t = getattr(p, name)
+        t = named[name]
         if t is None or tuple(t.shape) != shape:
             raise ValueError(f"attention_block: {name} must have shape {shape} (C = {c}, R = {ratio}), got "
                              f"{None if t is None else tuple(t.shape)}")
-    if len({t.device for t in _tensors(p) if t is not None} | {x.device}) != 1:
+    if len({t.device for t in named.values()} | {x.device}) != 1:
         raise ValueError("attention_block: tensors on different devices")
 
 
-def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublayer):
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t where its elements fill their storage span without gaps in NCHW or channels-last order, else a
+    contiguous copy (so that `empty_like` gives its gradient the same strides)."""
+    dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+    return t if dense else t.contiguous()
+
+
+def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublayer,
+             embed_norm: EmbedNorm | None = None, map_norm=None):
     """What both entries (`attention_block` here and `msf::attention_block` in kernels/ops.py) do:
-    check the arguments, then `fused(x, *tensors, hw, ratio, eps, eps_sr, compute_dtype)` where the
-    kernels serve the dtypes, C and the map (h and w multiples of R, x on CUDA or interpreted), else
-    the eager composition around `attention_sublayer`."""
-    _check(x, hw, ratio, p)
+    check the arguments, then `fused(x, *tensors, γ_pe, β_pe, hw, ratio, eps, eps_sr, compute_dtype,
+    embed)` where the kernels serve the dtypes, C and the map (h and w multiples of R, x on CUDA or
+    interpreted), else the eager composition around `attention_sublayer`. With `embed_norm` x is the
+    patch embedding's B×C×h×w map and the block's input its LayerNorm: fused with the block where the
+    kernels serve (`embed` = (eps_pe, the tokens' dtype as that LayerNorm gives them)), else
+    `map_norm(x, γ_pe, β_pe, eps_pe)` first (None: the eager one)."""
+    _check(x, hw, ratio, p, embed_norm)
     h, w = hw
-    cdt = compute_dtype(x, p)
-    if (cdt is None or x.numel() == 0 or not fused_supported(cdt, x.shape[-1]) or h % ratio or w % ratio
-            or (x.device.type != "cuda" and not INTERPRET)):
+    tensors = _tensors(p) + ((None, None) if embed_norm is None else (embed_norm.weight, embed_norm.bias))
+    cdt = products_dtype([x] + [t for t in tensors if t is not None])
+    c = x.shape[-1] if embed_norm is None else x.shape[1]
+    serves = not (cdt is None or x.numel() == 0 or not fused_supported(cdt, c) or h % ratio or w % ratio
+                  or (x.device.type != "cuda" and not INTERPRET))
+    embed = None
+    if embed_norm is not None:
+        from msf.kernels.map_norm import out_dtype  # (map_norm imports this module's LayerNorm pieces)
+        xdt = out_dtype(x, embed_norm.weight, embed_norm.bias)
+        if serves and xdt is not None and embed_fused(c, cdt):
+            embed = (float(embed_norm.eps), xdt)
+        else:  # the patch embedding's norm on its own, then the block on its tokens
+            norm = eager_map_layer_norm if map_norm is None else map_norm
+            x = norm(x, embed_norm.weight, embed_norm.bias, embed_norm.eps)
+            tensors = tensors[:-2] + (None, None)
+            cdt = compute_dtype(x, p)
+            serves = serves and cdt is not None
+    if not serves:
         return eager_attention_block(x, hw, ratio, p, attention_sublayer=attention_sublayer)
-    tensors = tuple(None if t is None else t.contiguous() for t in _tensors(p))
-    return fused(x.contiguous(), *tensors, (int(h), int(w)), int(ratio), float(p.ln_eps), float(p.sr_norm_eps), cdt)
+    x = x.contiguous() if embed is None else _dense(x)
+    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    return fused(x, *tensors, (int(h), int(w)), int(ratio), float(p.ln_eps), float(p.sr_norm_eps), cdt, embed)
 
 
 def attention_block(x, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams, *,
-                    wg_chunk_rows: int | None = None) -> torch.Tensor:
+                    embed_norm: EmbedNorm | None = None, wg_chunk_rows: int | None = None) -> torch.Tensor:
     """`x + attention_sublayer(LN1(x), kv path)` (module docstring): fused forward and backward where
     `dispatch` says the kernels serve, else the eager composition (with the fused sublayer where it
-    serves). `wg_chunk_rows` overrides the weight gradients' row chunk (tests)."""
+    serves). With `embed_norm`, x is the patch embedding's B×C×h×w map and the block's input x =
+    LN_pe(x) is formed inside the kernels (`dispatch`). `wg_chunk_rows` overrides the weight
+    gradients' row chunk (tests)."""
+    from msf.kernels.map_norm import map_layer_norm
     return dispatch(x, hw, sr_ratio, p, lambda *args: AttentionBlockFunction.apply(*args, wg_chunk_rows),
-                    _sub.attention_sublayer_for_model)
+                    _sub.attention_sublayer_for_model, embed_norm, map_layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,13 +621,13 @@ _AOT_STAGES = ((32, 8), (64, 4), (128, 2), (192, 1))
 
 def _aot_specs() -> list[AttentionAotSpec]:
     specs = []
-    kernels = {"fwd": (_kv_fwd_kernel, ("X", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
-                       ("LNW", "LNB", "SNW", "SNB")),
+    kernels = {"fwd": (_kv_fwd_kernel, ("X", "XRES", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
+                       ("LNW", "LNB", "SNW", "SNB", "PEW", "PEB")),
                "bwd": (_kv_bwd_kernel, ("X", "WSR", "RED", "WKV", "DK", "DV", "DXNQ", "G", "DX", "DRED"),
-                       ("LNW", "SNW", "PART"))}
+                       ("LNW", "SNW", "PART", "PEW", "PEB"))}
     # (name, compute dtype, the dtype of CUDA autocast's fp32 tensors): uniform bf16 / fp32 and autocast's mix
     classes = (("bf16", "bf16", "bf16"), ("amp", "bf16", "fp32"), ("fp32", "fp32", "fp32"))
-    wide = {"X", "G", "DX", "BSR", "BKV"}  # fp32 under autocast (the biases: its masters)
+    wide = {"X", "XRES", "G", "DX", "BSR", "BKV"}  # fp32 under autocast (the biases: its masters)
     for kname, (kernel, data, f32) in kernels.items():
         for cname, cdt, xdt in classes:
             for c, ratio in _AOT_STAGES:
@@ -453,11 +636,22 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 block_c, block_m, warps = _launch(kname, c, torch.float32 if cdt == "fp32" else torch.bfloat16)
                 ptrs = {**{a: f"*{xdt if a in wide else cdt}" for a in data}, **{a: "*fp32" for a in f32}}
                 const = {"R": ratio, "CDT": _CDT[torch.float32 if cdt == "fp32" else torch.bfloat16],
-                         "BLOCK_C": block_c, "BLOCK_M": block_m}
+                         "BLOCK_C": block_c, "BLOCK_M": block_m, "PE": False, "stride_xc": 1}
                 if kname == "bwd":
                     const["ROUND_SUMS"] = cname == "bf16"
-                specs.append(_aot_spec(f"attention_block.{kname}_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
-                                       kernel, ptrs, const, warps, 1, floats=("eps", "eps_sr")))
+                tag = f"{cname}_c{c}_r{ratio}_m{block_m}_w{warps}"
+                specs.append(_aot_spec(f"attention_block.{kname}_{tag}", kernel, ptrs, const, warps, 1,
+                                       floats=("eps", "eps_sr", "eps_pe")))
+                if not embed_fused(c, torch.float32 if cdt == "fp32" else torch.bfloat16):
+                    continue
+                # a stage's first block: X (and DX) the convolution's map in the compute dtype, NCHW at
+                # stage 1 (the images' layout), channels-last after (the stage output's copy is)
+                _, block_m, warps = _launch(kname, c, torch.bfloat16, embed=True)
+                embed_const = {k: v for k, v in const.items() if k != "stride_xc"}
+                embed_const.update({"PE": True, "BLOCK_M": block_m, "stride_xx" if ratio == 8 else "stride_xc": 1})
+                specs.append(_aot_spec(f"attention_block.{kname}_embed_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
+                                       kernel, {**ptrs, "X": f"*{cdt}", "DX": f"*{cdt}"}, embed_const, warps, 1,
+                                       floats=("eps", "eps_sr", "eps_pe")))
     return specs
 
 

@@ -8,8 +8,9 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::attention(q, k, v) -> (o, lse)                                    + msf::attention_backward
     msf::attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo) -> (out, o, lse)
                                                                            + msf::attention_sublayer_backward
-    msf::attention_block(x, LN1, [W_sr, b_sr, LN_sr,] W_kv, b_kv, wq, bq, wo, bo, hw, R, eps, eps_sr,
-                         compute_dtype) -> (out, xn, red, kin, kv, o, lse)  + msf::attention_block_backward
+    msf::attention_block(x, LN1, [W_sr, b_sr, LN_sr,] W_kv, b_kv, wq, bq, wo, bo, [γ_pe, β_pe,] hw, R, eps,
+                         eps_sr, compute_dtype, eps_pe, residual_dtype) -> (out, xn, red, kin, kv, o, lse)
+                                                                          + msf::attention_block_backward
     msf::map_layer_norm(x, γ, β, eps, out_dtype, copy_dtype) -> (tokens, copy)
                                                                            + msf::map_layer_norm_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
@@ -300,69 +301,90 @@ def _none_if_empty(t: Tensor | None) -> Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
+def _embed(pew: Tensor | None, eps_pe: float, residual_dtype: torch.dtype) -> tuple | None:
+    """`msf.kernels.attention_block`'s `embed` from the operator's flat arguments (None: no γ_pe)."""
+    return None if pew is None else (eps_pe, residual_dtype)
+
+
 def _block_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None, srb: Tensor | None, snw: Tensor | None,
                 snb: Tensor | None, kvw: Tensor, kvb: Tensor, wq: Tensor, bq: Tensor, wo: Tensor, bo: Tensor,
-                hw: list[int], ratio: int, eps: float, eps_sr: float,
-                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                pew: Tensor | None, peb: Tensor | None, hw: list[int], ratio: int, eps: float, eps_sr: float,
+                compute_dtype: torch.dtype, eps_pe: float,
+                residual_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    embed = _embed(pew, eps_pe, residual_dtype)
     out, xn, red, kin, kv, o, lse, _ = _blk._forward(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo,
-                                                     tuple(hw), ratio, eps, eps_sr, compute_dtype)
+                                                     tuple(hw), ratio, eps, eps_sr, compute_dtype,
+                                                     None if embed is None else (pew, peb, *embed))
     return (out, xn, xn.new_empty((0,)) if red is None else red, xn.new_empty((0,)) if kin is None else kin, kv, o,
             lse)  # R = 1: two distinct empties (an operator's outputs may not alias)
 
 
-def _block_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, hw, ratio, eps, eps_sr, compute_dtype):
-    b, n, c = x.shape
+def _block_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, pew, peb, hw, ratio, eps, eps_sr,
+                compute_dtype, eps_pe, residual_dtype):
+    b, c, n = x.shape[0], lnw.shape[0], hw[0] * hw[1]
     patches = b * (hw[0] // ratio) * (hw[1] // ratio)
     kept = x.new_empty((patches, c) if ratio > 1 else (0,), dtype=compute_dtype)
-    return (_contiguous_like(x), _contiguous_like(x, dtype=compute_dtype), kept, kept.new_empty(kept.shape),
-            x.new_empty((b, patches // b, 2 * c), dtype=compute_dtype), _contiguous_like(x, dtype=compute_dtype),
+    tokens = x.new_empty((b, n, c), dtype=x.dtype if pew is None else residual_dtype)
+    return (tokens, _contiguous_like(tokens, dtype=compute_dtype), kept, kept.new_empty(kept.shape),
+            x.new_empty((b, patches // b, 2 * c), dtype=compute_dtype), _contiguous_like(tokens, dtype=compute_dtype),
             x.new_empty((b, n), dtype=torch.float32))
 
 
 def _block_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None, srb: Tensor | None,
                          snw: Tensor | None, snb: Tensor | None, kvw: Tensor, kvb: Tensor, wq: Tensor, bq: Tensor,
-                         wo: Tensor, bo: Tensor, xn: Tensor, red: Tensor, kin: Tensor, kv: Tensor, o: Tensor,
-                         lse: Tensor, g: Tensor, hw: list[int], ratio: int, eps: float, eps_sr: float,
-                         compute_dtype: torch.dtype) -> list[Tensor]:
-    params = (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo)
+                         wo: Tensor, bo: Tensor, pew: Tensor | None, peb: Tensor | None, xn: Tensor, red: Tensor,
+                         kin: Tensor, kv: Tensor, o: Tensor, lse: Tensor, g: Tensor, hw: list[int], ratio: int,
+                         eps: float, eps_sr: float, compute_dtype: torch.dtype, eps_pe: float,
+                         residual_dtype: torch.dtype) -> list[Tensor]:
+    params = (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, pew, peb)
     dtypes = {name: None if t is None else t.dtype for name, t in zip(_blk._PARAM_NAMES, params)}
     wsr, wkv, wq_c, wo_c = _blk.compute_weights(srw, kvw, wq, wo, compute_dtype)  # the forward's, made again
+    embed = _embed(pew, eps_pe, residual_dtype)
     grads = _blk._backward(x, lnw, wsr, snw, wkv, wq_c, bq, wo_c, xn, _none_if_empty(red), _none_if_empty(kin), kv,
-                           o, lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes)
+                           o, lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes, None,
+                           None if embed is None else (pew, peb, *embed))
     # parameter gradients are slices of shared sum buffers; an operator's outputs may not alias
     return [grads[0]] + [x.new_empty((0,)) if t is None else t.clone() for t in grads[1:]]
 
 
-def _block_backward_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, xn, red, kin, kv, o, lse, g,
-                         hw, ratio, eps, eps_sr, compute_dtype):
-    return [_contiguous_like(x)] + [x.new_empty((0,)) if t is None else _contiguous_like(t)
-                                    for t in (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo)]
+def _block_backward_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, pew, peb, xn, red, kin, kv, o, lse,
+                         g, hw, ratio, eps, eps_sr, compute_dtype, eps_pe, residual_dtype):
+    # d x: x's strides (the map's gradient keeps its layout; tokens are contiguous)
+    return [torch.empty_like(x)] + [x.new_empty((0,)) if t is None else _contiguous_like(t)
+                                    for t in (lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, pew, peb)]
 
 
 attention_block_op = _define("attention_block", _block_body, _block_fake)
 attention_block_backward_op = _define("attention_block_backward", _block_backward_body, _block_backward_fake)
+_BLOCK_TENSORS = 15  # x and the fourteen parameters (`_blk._PARAM_NAMES`)
 
 
 def _block_setup(ctx, inputs, output):
-    x, *params = inputs[:13]
-    ctx.save_for_backward(x, *params, *output[1:])
-    ctx.args = inputs[13:]
+    ctx.save_for_backward(*inputs[:_BLOCK_TENSORS], *output[1:])
+    ctx.args = inputs[_BLOCK_TENSORS:]
 
 
 def _block_grad(ctx, g, *_saved_grads):
     grads = torch.ops.msf.attention_block_backward(*ctx.saved_tensors, g.contiguous(), *ctx.args)
-    saved = ctx.saved_tensors[:13]
-    return (*(None if t is None else d for t, d in zip(saved, grads)), None, None, None, None, None)
+    saved = ctx.saved_tensors[:_BLOCK_TENSORS]
+    return (*(None if t is None else d for t, d in zip(saved, grads)), *(None for _ in ctx.args))
 
 
 attention_block_op.register_autograd(_block_grad, setup_context=_block_setup)
 
 
-def attention_block(x, hw, sr_ratio: int, p) -> Tensor:
+def _block_operator(x, *tensors_and_args):
+    """`msf::attention_block`'s out, from `dispatch`'s call (`embed` unpacked to the operator's scalars)."""
+    *rest, embed = tensors_and_args
+    eps_pe, residual_dtype = (0.0, x.dtype) if embed is None else embed
+    return torch.ops.msf.attention_block(x, *rest, eps_pe, residual_dtype)[0]
+
+
+def attention_block(x, hw, sr_ratio: int, p, embed_norm=None) -> Tensor:
     """`msf.kernels.attention_block.attention_block` through `msf::attention_block` (the eager
-    composition, around this module's `attention_sublayer`, where the kernels do not serve)."""
-    return _blk.dispatch(x, hw, sr_ratio, p, lambda *args: torch.ops.msf.attention_block(*args)[0],
-                         attention_sublayer)
+    composition, around this module's `attention_sublayer`, where the kernels do not serve; with
+    `embed_norm`, the separate norm `map_layer_norm` first where they cannot take it in)."""
+    return _blk.dispatch(x, hw, sr_ratio, p, _block_operator, attention_sublayer, embed_norm, map_layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------

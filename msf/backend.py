@@ -12,10 +12,12 @@ Ops (shapes are the model's):
 - `attention_sublayer(x_norm, residual, k, v, wq, bq, wo, bo)`: the block's attention sublayer,
   `residual + attention(x_norm wqᵀ + bq, k, v) woᵀ + bo`; where it is not fused it composes the
   backend's own `attention` between plain projections.
-- `attention_block(x, hw, sr_ratio, params)`: the block's whole attention half, `x + attention_sublayer(
-  LN1(x), k, v)` with k, v from LN1(x) through the key/value path (R×R stride-R convolution and its
-  LayerNorm where R > 1, the kv Linear; `msf.reference.AttentionBlockParams`); where it is not fused
-  it composes the backend's own `attention_sublayer` with eager LayerNorms and projections.
+- `attention_block(x, hw, sr_ratio, params, embed_norm=None)`: the block's whole attention half,
+  `x + attention_sublayer(LN1(x), k, v)` with k, v from LN1(x) through the key/value path (R×R
+  stride-R convolution and its LayerNorm where R > 1, the kv Linear; `msf.reference.AttentionBlockParams`);
+  where it is not fused it composes the backend's own `attention_sublayer` with eager LayerNorms and
+  projections. With `embed_norm` (`msf.reference.EmbedNorm`) x is the patch embedding's B×C×h×w map
+  and the block's input its LayerNorm: a stage's first block (fused on triton into the kv kernels).
 - `map_layer_norm(x, weight, bias, eps)`: LayerNorm over the channels of a B×C×h×w map, as
   B×(h·w)×C tokens (the patch embedding's norm).
 - `stage_output(tokens, hw, weight, bias, eps, feeds_next, decoder_linear)`: a stage's final LayerNorm
@@ -42,7 +44,8 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
-from msf.reference import (AttentionBlockParams, DecoderParams, LMSAParams, composed_attention_sublayer,  # noqa: F401
+from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams,  # noqa: F401
+                           composed_attention_sublayer,
                            eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
                            eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
 

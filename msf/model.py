@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf.backend import BACKENDS, AttentionBlockParams, DecoderParams, LMSAParams, get_ops
+from msf.backend import BACKENDS, AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, get_ops
 from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -57,6 +57,10 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         h, w = x.shape[-2:]
         return get_ops(self.backend).map_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps), h, w
+
+    def embed_norm(self) -> EmbedNorm:
+        """The norm's parameters, for a first block that takes the convolution's map (`Stage.forward`)."""
+        return EmbedNorm(self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 class SRAttention(nn.Module):
@@ -107,9 +111,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, expansion)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, embed_norm: EmbedNorm | None = None) -> torch.Tensor:
+        """x: B×N×C tokens, or with `embed_norm` the patch embedding's B×C×h×w map, the block's input
+        then being its LayerNorm (on triton formed inside the attention half's kernels)."""
         ops = get_ops(self.backend)  # x + Attn(norm1(x)), one fused op on triton (LayerNorm and kv path included)
-        x = ops.attention_block(x, (h, w), self.attn.sr_ratio, self.attn.params(self.norm1))
+        x = ops.attention_block(x, (h, w), self.attn.sr_ratio, self.attn.params(self.norm1), embed_norm=embed_norm)
         norm, ffn = self.norm2, self.ffn  # x + fc2(GELU(fc1(norm2(x)))), one fused op on triton
         return ops.ffn_sublayer(x, norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias,
                                 norm.eps)
@@ -128,9 +134,14 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton
         under autocast the second is the 16-bit copy the next convolution would cast the first to."""
-        tokens, h, w = self.embed(x)
-        for block in self.blocks:
-            tokens = block(tokens, h, w)
+        if self.blocks:  # the patch embedding's norm goes to the first block with the convolution's map
+            fmap = self.embed.proj(x)
+            h, w = fmap.shape[-2:]
+            tokens = self.blocks[0](fmap, h, w, embed_norm=self.embed.embed_norm())
+            for block in self.blocks[1:]:
+                tokens = block(tokens, h, w)
+        else:
+            tokens, h, w = self.embed(x)
         norm = self.norm
         # decoder_linear (the last argument) True: the decoder reads every stage's map through a Linear
         # (stages 2-4's projections; stage 1's, folded into M1, is the decoder kernel's product, which

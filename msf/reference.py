@@ -66,11 +66,25 @@ class AttentionBlockParams:
     sr_norm_eps: float = 1e-5
 
 
+@dataclass(frozen=True)
+class EmbedNorm:
+    """The patch embedding's LayerNorm (the module's weight, bias, eps), handed to a stage's first block
+    with the convolution's map so that the fused backend can form the block's input inside the block."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float = 1e-5
+
+
 def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams,
-                          attention_sublayer=composed_attention_sublayer) -> torch.Tensor:
+                          attention_sublayer=composed_attention_sublayer,
+                          embed_norm: EmbedNorm | None = None) -> torch.Tensor:
     """The block's attention half as the paper's model computes it: x + Attn(LN(x)), the keys and
     values from the LayerNorm'd map reduced by the R×R stride-R convolution and its LayerNorm
-    (R > 1), on B×(h·w)×C tokens."""
+    (R > 1), on B×(h·w)×C tokens. With `embed_norm`, x is the patch embedding's B×C×h×w map and the
+    block's input its LayerNorm (`eager_map_layer_norm`)."""
+    if embed_norm is not None:
+        x = eager_map_layer_norm(x, embed_norm.weight, embed_norm.bias, embed_norm.eps)
     c = x.shape[-1]
     x_norm = F.layer_norm(x, (c,), p.ln_weight, p.ln_bias, p.ln_eps)
     kv_in = x_norm

@@ -638,6 +638,16 @@ def _block_params(c: int, ratio: int, new) -> list:
     return [new(c), new(c), *conv, new(2 * c, c), new(2 * c), new(c, c), new(c), new(c, c), new(c)]
 
 
+def _embed_map(stage: int, batch: int, c: int, side: int, new):
+    """The patch embedding's convolution output as a step makes it under CUDA autocast: bf16, NCHW at
+    stage 1 (cuDNN keeps the NCHW images' layout), channels-last after (the convolution reads the
+    previous stage's channels-last copy, and cuDNN keeps that layout)."""
+    import torch
+    if stage == 1:
+        return new((batch, c, side, side), dtype=torch.bfloat16)
+    return new((batch, side, side, c), dtype=torch.bfloat16).permute(0, 3, 1, 2)
+
+
 # aten ops that launch no GPU kernel: views, metadata, allocation without a fill
 _NO_LAUNCH = frozenset({
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape",
@@ -704,6 +714,21 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             blk._backward(x, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
                           e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
                           {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, params)})
+        elif op == "attention_block_embedded":
+            # a stage's first block under CUDA autocast: the patch embedding's bf16 map in (`_embed_map`),
+            # its LayerNorm formed inside (fp32 tokens, fp32 γ_pe, β_pe), the rest as attention_block
+            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+            fmap = _embed_map(stage, batch, c, side, e)
+            params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
+            pe = (e((c,), dtype=f32), e((c,), dtype=f32), 1e-5, f32)
+            hw, ratio = (side, side), SR_RATIOS[stage]
+            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(fmap, *params, hw, ratio, 1e-5, 1e-5, bf16,
+                                                                           pe)
+            pass_ref[0] = "bwd"
+            blk._backward(fmap, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
+                          e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
+                          {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, [*params, *pe[:2]])},
+                          None, pe)
         elif op == "map_layer_norm":
             # under CUDA autocast: the patch embedding's bf16 NCHW map in, fp32 tokens out, fp32 γ, β
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
@@ -842,10 +867,12 @@ def _interpreter_launches_skipped():
         InterpretedFunction.run = saved
 
 
-OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block", "ffn_sublayer",
-       "stage_output", "decoder_mlp", "lmsa")
+OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "decoder_mlp", "lmsa")
 PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
-PER_STAGE_OPS = ("map_layer_norm", "stage_output")  # once per stage (the patch embedding's norm, the final one)
+# once per stage: the patch embedding's norm (where the first block does not take it in), the first
+# block's attention half with that norm inside, the final norm
+PER_STAGE_OPS = ("map_layer_norm", "attention_block_embedded", "stage_output")
 # ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
 # inside another op (the attention sublayer: its kernels are part of attention_block's)
 NOT_IN_STEP = ("upsample_argmax", "attention_sublayer")
@@ -858,9 +885,18 @@ def op_instances() -> list[tuple[str, int | None]]:
 
 
 def calls_per_step(op: str, stage: int | None) -> int:
-    """How often one training step runs `op` (as an op of its own; see NOT_IN_STEP)."""
+    """How often one training step runs `op` (as an op of its own; see NOT_IN_STEP). A stage's first
+    block runs as attention_block_embedded where the kernels take the patch embedding's norm in at
+    its C (`attention_block.embed_fused`; then the stage runs no map_layer_norm), else as an
+    attention_block after a map_layer_norm."""
     if op in NOT_IN_STEP:
         return 0
+    if stage is not None and op in ("attention_block", "map_layer_norm", "attention_block_embedded"):
+        from msf.kernels.attention_block import embed_fused
+        embedded = embed_fused(STAGES[stage][1])
+        if op == "attention_block":
+            return STAGE_DEPTHS[stage] - embedded
+        return int(embedded == (op == "attention_block_embedded"))
     return STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else 1
 
 

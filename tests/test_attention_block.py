@@ -26,7 +26,7 @@ block_mod = importlib.import_module("msf.kernels.attention_block")
 sub_mod = importlib.import_module("msf.kernels.attention_sublayer")
 attn_mod = importlib.import_module("msf.kernels.attention")
 from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
-from msf.reference import AttentionBlockParams, eager_attention_block  # noqa: E402
+from msf.reference import AttentionBlockParams, EmbedNorm, eager_attention_block  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -189,6 +189,105 @@ def test_strided_input_and_ragged_map(device, poisoned):
     ref, out_ref = _eager64(vals, ragged, device)
     out = _run(ours, ragged, _fused)
     _compare(ours, ref, out, out_ref, TOL[torch.float32], "ragged map (eager composition)")
+
+
+# the patch embedding's LayerNorm inside the block (`embed_norm`): (shape, dtype, the map's layout)
+EMBED_CASES = [("C32-R8", torch.float32, "nchw"), ("C32-R8", torch.bfloat16, "channels_last"),
+               ("C64-R4", torch.bfloat16, "nchw"), ("C128-R2", torch.bfloat16, "channels_last"),
+               ("C192-R1", torch.bfloat16, "nchw"), ("C48-R2", torch.float16, "channels_last"),
+               ("C40-R1", torch.float32, "channels_last")]
+
+
+def _embed_inputs(shape, seed: int, device, dtype, layout: str):
+    """Block inputs as `_leaves`, with x replaced by the patch embedding's B×C×h×w map (in `layout`) and
+    the embedding norm's γ, β ("pe_weight", "pe_bias") added."""
+    b, h, w, c, _ = shape
+    vals = _inputs(shape, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    vals.update(x=torch.randn(b, c, h, w, generator=gen) * 3 - 1, pe_weight=1 + 0.2 * torch.randn(c, generator=gen),
+                pe_bias=0.2 * torch.randn(c, generator=gen))
+    vals = {k: None if v is None else v.to(dtype) for k, v in vals.items()}
+    leaves = _leaves(vals, device, dtype)
+    if layout == "channels_last":
+        leaves["x"] = leaves["x"].detach().to(memory_format=torch.channels_last).requires_grad_()
+    return vals, leaves
+
+
+def _run_embedded(leaves, shape, fn, g_dtype=None):
+    _, h, w, _, r = shape
+    embed = EmbedNorm(leaves["pe_weight"], leaves["pe_bias"], 1e-5)
+    out = fn(leaves["x"], (h, w), r, _params(leaves), embed_norm=embed)
+    out.backward(leaves["g"].to(g_dtype or out.dtype))
+    return out
+
+
+def _compare_embedded(ours, ref, out, out_ref, tol: float, what: str) -> None:
+    _compare(ours, ref, out, out_ref, tol, what)
+    for name in ("pe_weight", "pe_bias"):
+        assert_close(ours[name].grad, ref[name].grad, tol, f"{what} d{name}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,dtype,layout", EMBED_CASES,
+                         ids=[f"{s}-{str(d)[6:]}-{lay}" for s, d, lay in EMBED_CASES])
+def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, device, poisoned, monkeypatch):
+    """The stage's first block with the patch embedding's LayerNorm taken in (the kv kernels form
+    x = LN_pe(map) from the map and take LN_pe's backward): the output and the gradients of the map,
+    of γ_pe, β_pe and of every block parameter against float64 eager (the norm, then the block). The
+    separate norm must not run: the fused path is what is tested."""
+    kernel_device(device)
+    monkeypatch.setattr(block_mod, "eager_map_layer_norm", None)  # the fallback would call it (and fail)
+    vals, ours = _embed_inputs(SHAPES[shape], zlib.crc32(shape.encode()) % 1000, device, dtype, layout)
+    ref = _leaves(vals, device, torch.float64)
+    out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
+    calls = []
+    function = block_mod.AttentionBlockFunction.apply
+
+    def spy(*args):
+        calls.append(args[20])  # `embed`
+        return function(*args)
+    monkeypatch.setattr(block_mod.AttentionBlockFunction, "apply", spy)
+    out = _run_embedded(ours, SHAPES[shape], _fused)
+    assert calls and calls[0] is not None, "the block ran without its embedding norm fused"
+    assert out.dtype == dtype
+    assert ours["x"].grad.stride() == ours["x"].stride(), "d map is not in the map's layout"
+    _compare_embedded(ours, ref, out, out_ref, _tol(dtype, device), f"{shape} {dtype} {layout} embedded")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape", ["C32-R8", "C128-R2"])
+def test_embed_norm_under_cuda_autocast_rounding(shape, device, poisoned):
+    """The model's case on a GPU: the convolution's bf16 map, fp32 tokens out of the embedding norm
+    (CUDA autocast's policy), fp32 master weights, bf16 products. CPU autocast would give bf16
+    tokens, so the Function is called as the CUDA dispatch calls it, against float64 eager."""
+    kernel_device(device)
+    vals, ours = _embed_inputs(SHAPES[shape], seed=21, device=device, dtype=torch.float32, layout="nchw")
+    ours["x"] = ours["x"].detach().to(torch.bfloat16).requires_grad_()  # the convolution's output
+    vals["x"] = vals["x"].to(torch.bfloat16).float()
+    ref = _leaves(vals, device, torch.float64)
+    out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
+    _, h, w, _, r = SHAPES[shape]
+    p = _params(ours)
+    tensors = tuple(None if t is None else t for t in block_mod._tensors(p))
+    out = block_mod.AttentionBlockFunction.apply(ours["x"], *tensors, ours["pe_weight"], ours["pe_bias"], (h, w), r,
+                                                 1e-5, 1e-5, torch.bfloat16, (1e-5, torch.float32))
+    out.backward(ours["g"])
+    assert out.dtype == torch.float32 and ours["x"].grad.dtype == torch.bfloat16
+    _compare_embedded(ours, ref, out, out_ref, _tol(torch.bfloat16, device), f"{shape} cuda-autocast embedded")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_embed_norm_falls_back_to_the_separate_norm(device, monkeypatch):
+    """Where the kernels cannot take the embedding norm in (here: a C block taken off `_EMBED_C`), the
+    block runs on the separate norm's tokens, with the same result."""
+    kernel_device(device)
+    shape = SHAPES["C40-R1"]
+    monkeypatch.setattr(block_mod, "_EMBED_C", frozenset())
+    vals, ours = _embed_inputs(shape, seed=4, device=device, dtype=torch.float32, layout="nchw")
+    ref = _leaves(vals, device, torch.float64)
+    out_ref = _run_embedded(ref, shape, eager_attention_block)
+    out = _run_embedded(ours, shape, _fused)
+    _compare_embedded(ours, ref, out, out_ref, TOL[torch.float32], "separate embedding norm")
 
 
 def test_bad_arguments_name_what_is_wrong():

@@ -81,7 +81,9 @@ def autocast_bf16_step():
     forward = block_mod.AttentionBlockFunction.forward
 
     def recorded(ctx, x, *rest):
-        fused_calls.append((x.dtype, rest[-2]))  # (x, compute dtype): rest ends with cdt, wg_chunk_rows
+        # (x, compute dtype, the tokens' dtype where x is the patch embedding's map): rest ends with
+        # cdt, embed = (eps_pe, tokens' dtype) or None, wg_chunk_rows
+        fused_calls.append((x.dtype, rest[-3], None if rest[-2] is None else rest[-2][1]))
         return forward(ctx, x, *rest)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sub_mod, "_composed", no_composition)
@@ -116,9 +118,10 @@ def test_autocast_bf16_training_step_matches_eager(autocast_bf16_step):
     assert_close(step["losses"][1], step["losses"][0], 1e-3, "bf16 autocast loss")
     # every block ran fused on autocast's mix: bf16 products beside the residual stream, fp32 on
     # CUDA (LayerNorm autocasts to fp32 there); CPU autocast keeps the patch embedding's LayerNorm,
-    # hence x, in bf16
+    # hence x, in bf16. A stage's first block takes the convolution's bf16 map and that LayerNorm.
     act = torch.float32 if DEVICE == "cuda" else torch.bfloat16
-    assert step["fused_calls"] and set(step["fused_calls"]) == {(act, torch.bfloat16)}, set(step["fused_calls"])
+    want = {(act, torch.bfloat16, None), (torch.bfloat16, torch.bfloat16, act)}
+    assert step["fused_calls"] and set(step["fused_calls"]) == want, set(step["fused_calls"])
     for name, grad in step["fused"].items():
         assert grad is not None, f"{name}: no gradient through the triton backend"
         assert grad.dtype == step["eager"][name].dtype == torch.float32, name

@@ -19,7 +19,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from msf.kernels import ops  # noqa: E402
-from msf.reference import AttentionBlockParams, DecoderParams, LMSAParams  # noqa: E402
+from msf.reference import AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -52,8 +52,10 @@ def _case(name):
         bq, bo = _randn(16, scale=0.1, seed=5), _randn(16, scale=0.1, seed=6)
         args = (x, r, k, v, wq, bq, wo, bo)
         return ops.attention_sublayer_op, args, lambda f: f(*args)
-    if name == "attention_block":  # a 4×6 map, R = 2: 6 patches an image
-        x = _randn(2, 24, 16)
+    if name in ("attention_block", "attention_block_embedded"):  # a 4×6 map, R = 2: 6 patches an image
+        embedded = name == "attention_block_embedded"  # x: the patch embedding's map, its norm taken in
+        x = _randn(2, 16, 4, 6).detach().to(memory_format=torch.channels_last).requires_grad_() if embedded \
+            else _randn(2, 24, 16)
         ws = [_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2),  # LN1
               _randn(16, 16, 2, 2, scale=0.12, seed=3), _randn(16, scale=0.1, seed=4),  # the convolution
               _randn(16, scale=0.2, seed=5) + 1, _randn(16, scale=0.2, seed=6),  # LN_sr
@@ -62,8 +64,12 @@ def _case(name):
               _randn(16, 16, scale=0.25, seed=11), _randn(16, scale=0.1, seed=12)]  # proj
         ws = [w.detach().requires_grad_() for w in ws]
         p = AttentionBlockParams(*ws)
-        args = (x, *ws, [4, 6], 2, 1e-5, 1e-5, torch.float32)
-        return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p)
+        if not embedded:
+            args = (x, *ws, None, None, [4, 6], 2, 1e-5, 1e-5, torch.float32, 0.0, torch.float32)
+            return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p)
+        pe = [(_randn(16, scale=0.2, seed=13) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=14)]
+        args = (x, *ws, *pe, [4, 6], 2, 1e-5, 1e-5, torch.float32, 1e-5, torch.float32)
+        return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p, embed_norm=EmbedNorm(*pe, 1e-5))
     if name == "map_layer_norm":  # a channels-last 2×16×3×5 map
         x = _randn(2, 16, 3, 5).detach().to(memory_format=torch.channels_last).requires_grad_()
         w, b = (_randn(16, scale=0.2, seed=1) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=2)
@@ -110,7 +116,12 @@ def _case(name):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", list(ops.REGISTRY))
+# every operator's public op, and the attention half again as a stage's first block (x the patch
+# embedding's map, its LayerNorm inside the operator)
+CASES = list(ops.REGISTRY) + ["attention_block_embedded"]
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_opcheck(name):
     op, args, *_ = _case(name)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
@@ -122,11 +133,11 @@ def _inputs_requiring_grad(args):
     return [a for a in flat if isinstance(a, torch.Tensor) and a.requires_grad]
 
 
-@pytest.mark.parametrize("name", list(ops.REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_operator_matches_the_module_entry_bitwise(name):
     """The operator path runs the same launches as the autograd Function: identical numbers."""
     _, args, call, *call_leaves = _case(name)
-    entry, traced = ops.REGISTRY[name].entry, ops.REGISTRY[name].traced
+    entry, traced = ops.REGISTRY[name.removesuffix("_embedded")].entry, ops.REGISTRY[name.removesuffix("_embedded")].traced
     got, want = call(traced), call(entry)
     assert torch.equal(got, want), f"{name}: forward differs, max |Δ| {(got.double() - want.double()).abs().max()}"
     leaves = call_leaves[0] if call_leaves else _inputs_requiring_grad(args)
