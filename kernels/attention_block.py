@@ -31,12 +31,15 @@ docs/attention_block.md: the backward's math, the rounding points, the bytes aga
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
+from msf.kernels import configs
 from msf.kernels._common import INTERPRET, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
@@ -66,9 +69,16 @@ _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
 # C blocks at which the block takes the patch embedding's LayerNorm into its kv kernels (`embed_fused`):
 # those whose PE builds stay spill-free on sm_80 and sm_90 (`AOT_SPECS`)
 _EMBED_C = frozenset({32, 64, 128, 256})
-# where the embedding-norm builds take another (BLOCK_M, num_warps) than `_CONFIGS`' 16-bit entry: the
-# forward at C 128 at 4 warps spilled 16 B on sm_90 under autocast
-_EMBED_CONFIGS: dict[str, dict[int, tuple[int, int]]] = {"fwd": {128: (32, 8)}, "bwd": {}}
+# (BLOCK_M, num_warps) of the embedding-norm builds where they differ from `_CONFIGS`' 16-bit entry, by
+# C block and device kind ("*": every kind; `configs.device_kind`), from the cost model (v3.1, a stage's
+# first block, 2026-12-06): the forward at C 32 takes 16 patches on sm_90 (H100 73.5 -> 56.9 µs; the
+# A100 slower, 96.4 -> 103.2) and at C 128 8 warps (4 spilled 16 B on sm_90 under autocast); the
+# backward at C 32 takes 64 patches at 16 warps on sm_90 (126.1 -> 114.1 µs; (32, 8) 97.0 spilled 8 B
+# there; the A100 240 -> 277) and at C 64 16 patches (H100 55.5 -> 47.1, A100 103.6 -> 70.2)
+_EMBED_CONFIGS: dict[str, dict[int, dict[str, tuple[int, int]]]] = {
+    "fwd": {32: {"sm_90": (16, 4)}, 128: {"*": (32, 8)}},
+    "bwd": {32: {"sm_90": (64, 16)}, 64: {"*": (16, 4)}},
+}
 
 
 def _block_c(c: int) -> int:
@@ -345,12 +355,16 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _launch(kernel: str, c: int, cdt: torch.dtype, embed: bool = False) -> tuple[int, int, int]:
+def _launch(kernel: str, c: int, cdt: torch.dtype, embed_kind: str | None = None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_M, num_warps) of kv kernel `kernel` ("fwd" / "bwd") at C channels, products in
-    `cdt`; `embed`: the build that takes the patch embedding's norm in (`_EMBED_CONFIGS`)."""
+    `cdt`; `embed_kind`: the build that takes the patch embedding's norm in, on that device kind
+    (`_EMBED_CONFIGS`)."""
     block_c = _block_c(c)
-    if embed and block_c in _EMBED_CONFIGS[kernel]:
-        return (block_c, *_EMBED_CONFIGS[kernel][block_c])
+    if embed_kind is not None:
+        by_kind = _EMBED_CONFIGS[kernel].get(block_c, {})
+        chosen = by_kind.get(embed_kind, by_kind.get("*"))
+        if chosen is not None:
+            return (block_c, *chosen)
     return (block_c, *_CONFIGS[kernel]["fp32" if cdt == torch.float32 else "16"][block_c])
 
 
@@ -395,7 +409,7 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
     if ratio > 1:
         red, kin = _new((b * m, c), dev, cdt), _new((b * m, c), dev, cdt)
     xres = x if pe is None else _new((b, n, c), dev, pe[3])  # the block input, the residual
-    block_c, block_m, warps = _launch("fwd", c, cdt, pe is not None)
+    block_c, block_m, warps = _launch("fwd", c, cdt, None if pe is None else configs.device_kind(dev))
     unused = xn  # pointer arguments a build never reads
     pe_w, pe_b, eps_pe = (unused, unused, 0.0) if pe is None else pe[:3]
     _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
@@ -425,7 +439,7 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     dxnq, dk, dv, dwq, dbq, dwo, dbo = _sub._backward(xn, k, v, wq, bq, wo, o, lse, g, w_dtypes["wq"], None, None,
                                                       sums, wgrads)
     dk, dv = dk.contiguous(), dv.contiguous()
-    block_c, block_m, warps = _launch("bwd", c, cdt, pe is not None)
+    block_c, block_m, warps = _launch("bwd", c, cdt, None if pe is None else configs.device_kind(dev))
     programs = triton.cdiv(p, block_m)
     ln_width = (2 if ratio == 1 else 4) * c  # [dγ | dβ | (dγ_sr | dβ_sr) | (dγ_pe | dβ_pe)]
     ln_part = _new((programs, ln_width + (0 if pe is None else 2 * c)), dev, torch.float32)
@@ -646,12 +660,15 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     continue
                 # a stage's first block: X (and DX) the convolution's map in the compute dtype, NCHW at
                 # stage 1 (the images' layout), channels-last after (the stage output's copy is)
-                _, block_m, warps = _launch(kname, c, torch.bfloat16, embed=True)
-                embed_const = {k: v for k, v in const.items() if k != "stride_xc"}
-                embed_const.update({"PE": True, "BLOCK_M": block_m, "stride_xx" if ratio == 8 else "stride_xc": 1})
-                specs.append(_aot_spec(f"attention_block.{kname}_embed_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
-                                       kernel, {**ptrs, "X": f"*{cdt}", "DX": f"*{cdt}"}, embed_const, warps, 1,
-                                       floats=("eps", "eps_sr", "eps_pe")))
+                per_arch = {arch: _launch(kname, c, torch.bfloat16, f"sm_{arch}")[1:] for arch in (80, 90)}
+                for archs, (block_m, warps) in ([((), per_arch[80])] if per_arch[80] == per_arch[90]
+                                                else [((arch,), cfg) for arch, cfg in per_arch.items()]):
+                    embed_const = {k: v for k, v in const.items() if k != "stride_xc"}
+                    embed_const.update({"PE": True, "BLOCK_M": block_m, "stride_xx" if ratio == 8 else "stride_xc": 1})
+                    spec = _aot_spec(f"attention_block.{kname}_embed_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
+                                     kernel, {**ptrs, "X": f"*{cdt}", "DX": f"*{cdt}"}, embed_const, warps, 1,
+                                     floats=("eps", "eps_sr", "eps_pe"))
+                    specs.append(dataclasses.replace(spec, archs=archs))
     return specs
 
 

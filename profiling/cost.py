@@ -810,8 +810,14 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
     elif op == "attention_block":
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)
-        fn, args = blk.AttentionBlockFunction.apply, (leaf(batch, side * side, c), *params, (side, side),
+        fn, args = blk.AttentionBlockFunction.apply, (leaf(batch, side * side, c), *params, None, None, (side, side),
                                                       SR_RATIOS[stage], 1e-5, 1e-5, bf16)
+    elif op == "attention_block_embedded":
+        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+        params = _block_params(c, SR_RATIOS[stage], leaf)
+        fmap = _embed_map(stage, batch, c, side, lambda shape, dtype: leaf(*shape, dtype=dtype))
+        fn, args = blk.AttentionBlockFunction.apply, (fmap, *params, leaf(c), leaf(c), (side, side), SR_RATIOS[stage],
+                                                      1e-5, 1e-5, bf16, (1e-5, f32))
     elif op in ("attention_sublayer", "ffn_sublayer"):
         c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
         if op == "attention_sublayer":

@@ -192,10 +192,11 @@ def test_strided_input_and_ragged_map(device, poisoned):
 
 
 # the patch embedding's LayerNorm inside the block (`embed_norm`): (shape, dtype, the map's layout)
-EMBED_CASES = [("C32-R8", torch.float32, "nchw"), ("C32-R8", torch.bfloat16, "channels_last"),
+# (16-bit products only: `embed_fused`)
+EMBED_CASES = [("C32-R8", torch.float16, "nchw"), ("C32-R8", torch.bfloat16, "channels_last"),
                ("C64-R4", torch.bfloat16, "nchw"), ("C128-R2", torch.bfloat16, "channels_last"),
                ("C192-R1", torch.bfloat16, "nchw"), ("C48-R2", torch.float16, "channels_last"),
-               ("C40-R1", torch.float32, "channels_last")]
+               ("C40-R1", torch.bfloat16, "channels_last")]
 
 
 def _embed_inputs(shape, seed: int, device, dtype, layout: str):
@@ -255,6 +256,25 @@ def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, devic
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("kind", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("shape", ["C32-R8", "C64-R4"])
+def test_embed_norm_runs_each_devices_tiles(shape, kind, device, poisoned):
+    """The embedding-norm builds take their own tiles per device kind (`_EMBED_CONFIGS`: at C 32 on
+    sm_90 16 patches forward, 64 patches at 16 warps backward; at C 64 16 patches backward): the
+    pinned GPU geometry runs here too, under the interpreter, against float64."""
+    kernel_device(device)
+    from msf.kernels import configs
+    vals, ours = _embed_inputs(SHAPES[shape], seed=9, device=device, dtype=torch.bfloat16, layout="channels_last")
+    ref = _leaves(vals, device, torch.float64)
+    out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
+    with configs.for_device(kind):
+        assert block_mod._launch("bwd", SHAPES[shape][3], torch.bfloat16, kind) \
+            != block_mod._launch("bwd", SHAPES[shape][3], torch.bfloat16) or kind == "sm_80"
+        out = _run_embedded(ours, SHAPES[shape], _fused)
+    _compare_embedded(ours, ref, out, out_ref, _tol(torch.bfloat16, device), f"{shape} {kind} tiles embedded")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("shape", ["C32-R8", "C128-R2"])
 def test_embed_norm_under_cuda_autocast_rounding(shape, device, poisoned):
     """The model's case on a GPU: the convolution's bf16 map, fp32 tokens out of the embedding norm
@@ -277,16 +297,23 @@ def test_embed_norm_under_cuda_autocast_rounding(shape, device, poisoned):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_embed_norm_falls_back_to_the_separate_norm(device, monkeypatch):
-    """Where the kernels cannot take the embedding norm in (here: a C block taken off `_EMBED_C`), the
-    block runs on the separate norm's tokens, with the same result."""
+@pytest.mark.parametrize("shape", ["C40-R1", "C48-R2"])
+def test_embed_norm_falls_back_to_the_separate_norm(shape, device, monkeypatch):
+    """Where the kernels cannot take the embedding norm in (fp32 products: `embed_fused`), the separate
+    norm runs first and the fused block on its tokens, with the same result."""
     kernel_device(device)
-    shape = SHAPES["C40-R1"]
-    monkeypatch.setattr(block_mod, "_EMBED_C", frozenset())
-    vals, ours = _embed_inputs(shape, seed=4, device=device, dtype=torch.float32, layout="nchw")
+    calls = []
+    function = block_mod.AttentionBlockFunction.apply
+
+    def spy(*args):
+        calls.append(args[20])  # `embed`
+        return function(*args)
+    monkeypatch.setattr(block_mod.AttentionBlockFunction, "apply", spy)
+    vals, ours = _embed_inputs(SHAPES[shape], seed=4, device=device, dtype=torch.float32, layout="nchw")
     ref = _leaves(vals, device, torch.float64)
-    out_ref = _run_embedded(ref, shape, eager_attention_block)
-    out = _run_embedded(ours, shape, _fused)
+    out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
+    out = _run_embedded(ours, SHAPES[shape], _fused)
+    assert calls == [None], f"the fused block's embed arguments: {calls}"
     _compare_embedded(ours, ref, out, out_ref, TOL[torch.float32], "separate embedding norm")
 
 

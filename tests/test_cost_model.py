@@ -230,7 +230,8 @@ def test_pin_weighs_each_op_by_its_calls_a_step(monkeypatch):
                        configs.triton.Config({"B": 2}, num_warps=8, num_stages=1))
     monkeypatch.setitem(configs.REGISTRY, "fake.kernel",
                         SimpleNamespace(shape_class=lambda args: "c", allowed=lambda cls: [in_block, alone]))
-    monkeypatch.setattr(cost, "op_instances", lambda: [("attention_block", 1), ("attention_sublayer", 1)])
+    # (stage 2: a step runs its second block as attention_block, its first as attention_block_embedded)
+    monkeypatch.setattr(cost, "op_instances", lambda: [("attention_block", 2), ("attention_sublayer", 2)])
     chosen = {}
 
     @contextlib.contextmanager

@@ -54,21 +54,23 @@ def _case(name):
         return ops.attention_sublayer_op, args, lambda f: f(*args)
     if name in ("attention_block", "attention_block_embedded"):  # a 4×6 map, R = 2: 6 patches an image
         embedded = name == "attention_block_embedded"  # x: the patch embedding's map, its norm taken in
-        x = _randn(2, 16, 4, 6).detach().to(memory_format=torch.channels_last).requires_grad_() if embedded \
-            else _randn(2, 24, 16)
+        x = _randn(2, 16, 4, 6).detach().to(torch.bfloat16, memory_format=torch.channels_last).requires_grad_() \
+            if embedded else _randn(2, 24, 16)
         ws = [_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2),  # LN1
               _randn(16, 16, 2, 2, scale=0.12, seed=3), _randn(16, scale=0.1, seed=4),  # the convolution
               _randn(16, scale=0.2, seed=5) + 1, _randn(16, scale=0.2, seed=6),  # LN_sr
               _randn(32, 16, scale=0.25, seed=7), _randn(32, scale=0.1, seed=8),  # kv
               _randn(16, 16, scale=0.25, seed=9), _randn(16, scale=0.1, seed=10),  # q
               _randn(16, 16, scale=0.25, seed=11), _randn(16, scale=0.1, seed=12)]  # proj
-        ws = [w.detach().requires_grad_() for w in ws]
+        dt = torch.bfloat16 if embedded else torch.float32  # (the kernels take the norm in for 16-bit products)
+        ws = [w.detach().to(dt).requires_grad_() for w in ws]
         p = AttentionBlockParams(*ws)
         if not embedded:
             args = (x, *ws, None, None, [4, 6], 2, 1e-5, 1e-5, torch.float32, 0.0, torch.float32)
             return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p)
-        pe = [(_randn(16, scale=0.2, seed=13) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=14)]
-        args = (x, *ws, *pe, [4, 6], 2, 1e-5, 1e-5, torch.float32, 1e-5, torch.float32)
+        pe = [(_randn(16, scale=0.2, seed=13) + 1).detach().to(dt).requires_grad_(),
+              _randn(16, scale=0.2, seed=14).detach().to(dt).requires_grad_()]
+        args = (x, *ws, *pe, [4, 6], 2, 1e-5, 1e-5, dt, 1e-5, dt)
         return ops.attention_block_op, args, lambda f: f(x, (4, 6), 2, p, embed_norm=EmbedNorm(*pe, 1e-5))
     if name == "map_layer_norm":  # a channels-last 2×16×3×5 map
         x = _randn(2, 16, 3, 5).detach().to(memory_format=torch.channels_last).requires_grad_()
