@@ -347,10 +347,10 @@ class _Uncounted(torch.autograd.Function):
 
 def uncounted(fn: Callable[..., torch.Tensor], counter: ByteCounter) -> Callable[..., torch.Tensor]:
     """`fn` as an uncounted stand-in: same output shape and dtype, gradients of the inputs' shapes."""
-    def call(*args):
+    def call(*args, **kwargs):
         leaves: list[torch.Tensor] = []
-        template = _flatten(args, leaves)
-        return _Uncounted.apply(fn, counter, template, *leaves)
+        template = _flatten((args, tuple(kwargs.items())), leaves)
+        return _Uncounted.apply(lambda a, kw: fn(*a, **dict(kw)), counter, template, *leaves)
     return call
 
 

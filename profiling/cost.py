@@ -1689,8 +1689,10 @@ def summary_text(ops: list[dict], steps: list[dict]) -> str:
 
 STEP_NOTE = (
     "Ratios are fused ÷ eager (below 1: the fused op is predicted faster than eager's byte floor). "
-    "The step rows count one training step: head + loss, LMSA and every attention sublayer (stage "
-    "depths 1, 2, 2, 2) fused and predicted, plus the floor of the eager ops a triton-backend step "
+    "The step rows count one training step: head + loss, LMSA, every block's attention half and FFN "
+    "(stage depths 1, 2, 2, 2; each stage's first attention half as attention_block_embedded, the patch "
+    "embedding's LayerNorm inside it, so no map_layer_norm row counts), the stage-final norms and the "
+    "decoder, fused and predicted, plus the floor of the eager ops a triton-backend step "
     "keeps, plus one launch (LAUNCH_S) for each aten op the fused ops' forward and backward functions "
     "run on the host between their kernels (LMSA's gate graph and its autograd, border fills, partial "
     "sums in PyTorch, weight casts; `host_launches`); upsample_argmax is inference-only and not in the "
