@@ -488,7 +488,8 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
                            for name in _PARAM_NAMES]
 
 
-_PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo", "pe_w", "pe_b")
+_PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo",
+                "pe_w", "pe_b")  # the last two: the patch embedding norm's γ, β (`embed`)
 
 
 class AttentionBlockFunction(torch.autograd.Function):

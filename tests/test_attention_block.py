@@ -199,6 +199,19 @@ EMBED_CASES = [("C32-R8", torch.float16, "nchw"), ("C32-R8", torch.bfloat16, "ch
                ("C40-R1", torch.bfloat16, "channels_last")]
 
 
+@pytest.fixture
+def embed_args(monkeypatch) -> list:
+    """The `embed` argument of every fused block call (None: the block ran on tokens)."""
+    calls = []
+    function = block_mod.AttentionBlockFunction.apply
+
+    def spy(*args):
+        calls.append(args[20])
+        return function(*args)
+    monkeypatch.setattr(block_mod.AttentionBlockFunction, "apply", spy)
+    return calls
+
+
 def _embed_inputs(shape, seed: int, device, dtype, layout: str):
     """Block inputs as `_leaves`, with x replaced by the patch embedding's B×C×h×w map (in `layout`) and
     the embedding norm's γ, β ("pe_weight", "pe_bias") added."""
@@ -231,7 +244,7 @@ def _compare_embedded(ours, ref, out, out_ref, tol: float, what: str) -> None:
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("shape,dtype,layout", EMBED_CASES,
                          ids=[f"{s}-{str(d)[6:]}-{lay}" for s, d, lay in EMBED_CASES])
-def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, device, poisoned, monkeypatch):
+def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, device, poisoned, monkeypatch, embed_args):
     """The stage's first block with the patch embedding's LayerNorm taken in (the kv kernels form
     x = LN_pe(map) from the map and take LN_pe's backward): the output and the gradients of the map,
     of γ_pe, β_pe and of every block parameter against float64 eager (the norm, then the block). The
@@ -241,15 +254,8 @@ def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, devic
     vals, ours = _embed_inputs(SHAPES[shape], zlib.crc32(shape.encode()) % 1000, device, dtype, layout)
     ref = _leaves(vals, device, torch.float64)
     out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
-    calls = []
-    function = block_mod.AttentionBlockFunction.apply
-
-    def spy(*args):
-        calls.append(args[20])  # `embed`
-        return function(*args)
-    monkeypatch.setattr(block_mod.AttentionBlockFunction, "apply", spy)
     out = _run_embedded(ours, SHAPES[shape], _fused)
-    assert calls and calls[0] is not None, "the block ran without its embedding norm fused"
+    assert embed_args and embed_args[0] is not None, "the block ran without its embedding norm fused"
     assert out.dtype == dtype
     assert ours["x"].grad.stride() == ours["x"].stride(), "d map is not in the map's layout"
     _compare_embedded(ours, ref, out, out_ref, _tol(dtype, device), f"{shape} {dtype} {layout} embedded")
@@ -298,22 +304,15 @@ def test_embed_norm_under_cuda_autocast_rounding(shape, device, poisoned):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("shape", ["C40-R1", "C48-R2"])
-def test_embed_norm_falls_back_to_the_separate_norm(shape, device, monkeypatch):
+def test_embed_norm_falls_back_to_the_separate_norm(shape, device, embed_args):
     """Where the kernels cannot take the embedding norm in (fp32 products: `embed_fused`), the separate
     norm runs first and the fused block on its tokens, with the same result."""
     kernel_device(device)
-    calls = []
-    function = block_mod.AttentionBlockFunction.apply
-
-    def spy(*args):
-        calls.append(args[20])  # `embed`
-        return function(*args)
-    monkeypatch.setattr(block_mod.AttentionBlockFunction, "apply", spy)
     vals, ours = _embed_inputs(SHAPES[shape], seed=4, device=device, dtype=torch.float32, layout="nchw")
     ref = _leaves(vals, device, torch.float64)
     out_ref = _run_embedded(ref, SHAPES[shape], eager_attention_block)
     out = _run_embedded(ours, SHAPES[shape], _fused)
-    assert calls == [None], f"the fused block's embed arguments: {calls}"
+    assert embed_args == [None], f"the fused block's embed arguments: {embed_args}"
     _compare_embedded(ours, ref, out, out_ref, TOL[torch.float32], "separate embedding norm")
 
 

@@ -139,7 +139,8 @@ def _inputs_requiring_grad(args):
 def test_operator_matches_the_module_entry_bitwise(name):
     """The operator path runs the same launches as the autograd Function: identical numbers."""
     _, args, call, *call_leaves = _case(name)
-    entry, traced = ops.REGISTRY[name.removesuffix("_embedded")].entry, ops.REGISTRY[name.removesuffix("_embedded")].traced
+    fused_op = ops.REGISTRY[name.removesuffix("_embedded")]
+    entry, traced = fused_op.entry, fused_op.traced
     got, want = call(traced), call(entry)
     assert torch.equal(got, want), f"{name}: forward differs, max |Δ| {(got.double() - want.double()).abs().max()}"
     leaves = call_leaves[0] if call_leaves else _inputs_requiring_grad(args)
