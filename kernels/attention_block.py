@@ -6,6 +6,11 @@
     k, v = kin W_kvᵀ + b_kv                         B×M×C each: the halves of one B×M×2C tensor
     out  = x + softmax((xn wqᵀ + bq) kᵀ/√C) v woᵀ + bo
 
+A stage's first block can take the patch embedding's LayerNorm in (`embed_norm`): x is then the
+convolution's B×C×h×w map (any dense layout) and the block's input x = LN_pe(map) is formed by the kv
+kernels from the map's token rows, its backward taken there too (docs/attention_block.md, "A stage's
+first block takes the patch embedding's LayerNorm in").
+
 It computes what the model's eager block computes (`msf.reference.eager_attention_block`), in one
 dtype (fp32 / bf16 / fp16) or in autocast's mixed precision: fp32 x and master weights, every
 product in bf16 / fp16, each value rounded where autocast's eager ops round it (LN outputs on their
@@ -17,12 +22,14 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
 - `_kv_fwd_kernel`: per tile of patches, for each of the R² window positions: the tokens' LayerNorm
   (statistics on chip), xn stored in the compute dtype (the sublayer's input, kept for the
   backward) and accumulated into the convolution; then + b_sr, LN_sr and the kv Linear: red and kin
-  (B×M×C) and kv (B×M×2C) written. R = 1: LN1 and the kv Linear only.
+  (B×M×C) and kv (B×M×2C) written. R = 1: LN1 and the kv Linear only. PE: each token row first
+  normalised from the map (LN_pe) and x written once, for the sublayer's residual.
 - the attention sublayer's kernels (`msf.kernels.attention_sublayer`) on xn, x (the residual), k, v:
   forward, and its backward up to ∂L/∂xn from the q path (the sublayer's dx), dK, dV, dWq ... dbo.
 - `_kv_bwd_kernel`: per tile of patches, dkin = dK W_k + dV W_v, LN_sr's backward to d red (stored
   for dW_sr), then per window position the convolution's input gradient added to the q path's,
-  LN1's backward and the residual's gradient: dx written once. LN partial sums per program.
+  LN1's backward and the residual's gradient: dx written once (PE: x formed again from the map, and
+  LN_pe's backward taken before the store: d map). LN partial sums per program.
 - the sublayer's `_sub_wgrad_kernel`, once for every weight of the block (three groups of one launch):
   dWq, dWo (the sublayer's pair), dW_k, dW_v (dK, dV against kin) and dW_sr (d red against the
   patches of xn, gathered from the token tensor in the kernel), each with its bias.
