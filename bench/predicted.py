@@ -29,6 +29,7 @@ for _stage in range(1, 5):
                                             "prediction")
 for _stage in range(1, 5):
     COST_OPS[f"attn_block/stage{_stage}"] = (f"attention_block[stage {_stage}]", ("fwd", "bwd"))
+    COST_OPS[f"attn_block_embed/stage{_stage}"] = (f"attention_block_embedded[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"ffn/stage{_stage}"] = (f"ffn_sublayer[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"map_norm/stage{_stage}"] = (f"map_layer_norm[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"stage_output/stage{_stage}"] = (f"stage_output[stage {_stage}]", ("fwd", "bwd"))

@@ -171,24 +171,44 @@ def ffn_cases(batch, size, device, dtype) -> list[Case]:
     return cases
 
 
+def _block_params(c: int, ratio: int, device, dtype):
+    """An attention half's parameters (`AttentionBlockParams`) at C channels and SR ratio R."""
+    from msf.backend import AttentionBlockParams
+    conv = ((c, c, ratio, ratio), (c,), (c,), (c,)) if ratio > 1 else ()
+    shapes = ((c,), (c,), *conv, (2 * c, c), (2 * c,), (c, c), (c,), (c, c), (c,))
+    ts = [_randn(*shape, device=device, dtype=dtype) for shape in shapes]
+    if ratio == 1:
+        ts[2:2] = [None] * 4
+    return AttentionBlockParams(*ts)
+
+
 def attention_block_cases(batch, size, device, dtype) -> list[Case]:
     """The block's attention half (LayerNorm, key/value path, attention sublayer, residual) at each
     stage's map, C and SR ratio, all tensors in the preset's dtype: the eager block against the
-    fused op (which composes the eager pieces where the kernels do not serve: fp32 above C = 64)."""
-    from msf.backend import AttentionBlockParams, eager_attention_block
+    fused op (which composes the eager pieces where the kernels do not serve: fp32 above C = 64).
+    "attn_block_embed/stageN": a stage's first block, in the model's case whatever the preset's
+    dtype (bf16 autocast, fp32 parameters): the convolution's bf16 map in (NCHW at stage 1,
+    channels-last after, as the model's convolutions give it), the patch embedding's LayerNorm
+    first (eager) or inside the block (triton)."""
+    from msf.backend import EmbedNorm, eager_attention_block
     cases = []
     for stage, c, ratio in STAGES:
         side = size // (4 * 2 ** (stage - 1))
         x = _randn(batch, side * side, c, device=device, dtype=dtype)
-        conv = ((c, c, ratio, ratio), (c,), (c,), (c,)) if ratio > 1 else ()
-        shapes = ((c,), (c,), *conv, (2 * c, c), (2 * c,), (c, c), (c,), (c, c), (c,))
-        ts = [_randn(*shape, device=device, dtype=dtype) for shape in shapes]
-        if ratio == 1:
-            ts[2:2] = [None] * 4
-        p = AttentionBlockParams(*ts)
+        p = _block_params(c, ratio, device, dtype)
         providers = {"eager": lambda x=x, p=p, r=ratio, s=side: eager_attention_block(x, (s, s), r, p),
                      "triton": lambda x=x, p=p, r=ratio, s=side: get_ops("triton").attention_block(x, (s, s), r, p)}
         cases.append(Case(f"attn_block/stage{stage}", f"B={batch},{side}²,C={c},R={ratio}", batch,
+                          {"fwd+bwd": _builders(providers, backward=True)}, {}))
+        conv_map = _randn(batch, c, side, side, device=device, dtype=torch.bfloat16)
+        if stage > 1:
+            conv_map = conv_map.detach().to(memory_format=torch.channels_last).requires_grad_()
+        p32 = _block_params(c, ratio, device, torch.float32)
+        embed = EmbedNorm(_randn(c, device=device, dtype=torch.float32), _randn(c, device=device, dtype=torch.float32))
+        providers = {name: _autocast(lambda name=name, m=conv_map, p=p32, e=embed, r=ratio, s=side:
+                                     get_ops(name).attention_block(m, (s, s), r, p, embed_norm=e), device)
+                     for name in ("eager", "triton")}
+        cases.append(Case(f"attn_block_embed/stage{stage}", f"B={batch},{side}²,C={c},R={ratio}", batch,
                           {"fwd+bwd": _builders(providers, backward=True)}, {}))
     return cases
 
