@@ -61,7 +61,9 @@ __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dt
 # stage), about two a SM on an H100; 512 at C = 192. Each built for sm_80 and sm_90 without spills
 # (`python -m msf.profiling.report --module msf.kernels.attention_block`). The forward at C 128 takes 4
 # warps since 2026-12-06 (cost model v3: H100 19.6 -> 16.0 µs a stage-3 block, A100 34.2 -> 26.9; 232 /
-# 255 registers, 2 CTAs an SM, no spill). Left out for spilling: 4 warps at C 128 (backward, 240-256 B)
+# 255 registers, 2 CTAs an SM, no spill); the backward at C 128 16 patches at 4 warps since later that
+# day (model v3.1, a stage-3 block: H100 123.7 -> 122.2 µs, A100 207.9 -> 198.5; 252-255 registers, no
+# spill). Left out for spilling: 32 patches at 4 warps at C 128 (backward, 240-256 B)
 # and 32 patches at C 192 (forward, 200 B; backward at 8 warps, 8 B on sm_80); fp32 above C = 64 (the C×C
 # tf32x3 operands spill kilobytes at every tile tried: those shapes compose the eager pieces around
 # the fused sublayer instead). The interpreter runs these same tiles. Both kernels launch with one
@@ -69,7 +71,7 @@ __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dt
 # into an 8 B spill on sm_90 at C = 32, for no predicted gain anywhere (2026-12-05).
 _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
     "fwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 4)}},
-    "bwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 8)}},
+    "bwd": {"16": {32: (32, 4), 64: (32, 4), 128: (16, 4), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 8)}},
 }
 
 
