@@ -80,13 +80,14 @@ _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
 _EMBED_C = frozenset({32, 64, 128, 256})
 # (BLOCK_M, num_warps) of the embedding-norm builds where they differ from `_CONFIGS`' 16-bit entry, by
 # C block and device kind ("*": every kind; `configs.device_kind`), from the cost model (v3.1, a stage's
-# first block, 2026-12-06): the forward at C 32 takes 16 patches on sm_90 (H100 73.5 -> 56.9 µs; the
-# A100 slower, 96.4 -> 103.2) and at C 128 8 warps (4 spilled 16 B on sm_90 under autocast); the
-# backward at C 32 takes 64 patches at 16 warps on sm_90 (126.1 -> 114.1 µs; (32, 8) 97.0 spilled 8 B
-# there; the A100 240 -> 277) and at C 64 16 patches (H100 55.5 -> 47.1, A100 103.6 -> 70.2)
+# first block, 2026-12-06): the forward at C 32 takes 16 patches, at 4 warps on sm_90 (H100 73.5 -> 56.9
+# µs) and 2 on sm_80 (A100 96.4 -> 91.7), and at C 128 8 warps (4 spilled 16 B on sm_90 under
+# autocast); the backward at C 32 takes 64 patches at 16 warps on sm_90 (126.1 -> 114.1 µs; (32, 8)
+# 97.0 spilled 8 B there) and 16 patches at 4 warps on sm_80 (A100 240.2 -> 188.6), at C 64 16
+# patches (H100 55.5 -> 47.1, A100 103.6 -> 70.2)
 _EMBED_CONFIGS: dict[str, dict[int, dict[str, tuple[int, int]]]] = {
-    "fwd": {32: {"sm_90": (16, 4)}, 128: {"*": (32, 8)}},
-    "bwd": {32: {"sm_90": (64, 16)}, 64: {"*": (16, 4)}},
+    "fwd": {32: {"sm_90": (16, 4), "sm_80": (16, 2)}, 128: {"*": (32, 8)}},
+    "bwd": {32: {"sm_90": (64, 16), "sm_80": (16, 4)}, 64: {"*": (16, 4)}},
 }
 
 
