@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -379,6 +378,12 @@ def _meta(*shape, dtype=torch.float32, grad=False, channels_last=False) -> torch
     return t.requires_grad_(grad)
 
 
+def _embedded_block(fmap, hw, ratio, params, embed):
+    """A stage's first block as the eager model runs it: the patch embedding's norm, then the block."""
+    from msf import backend
+    return backend.EAGER_OPS.attention_block(fmap, hw, ratio, params, embed_norm=embed)
+
+
 def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dtype):
     """(eager fn, args, differentiable) of `op` with the arguments the model gives it under autocast."""
     from msf import backend
@@ -430,9 +435,10 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         if op == "attention_block":
             return backend.EAGER_OPS.attention_block, (_meta(batch, n, c, grad=True), (side, side), ratio, params), True
         # a stage's first block: the patch embedding's bf16 NCHW map and its norm's fp32 γ, β in front
+        # (an argument of their own, so that whoever walks the arguments for tensors finds them)
         embed = backend.EmbedNorm(_meta(c, grad=True), _meta(c, grad=True), 1e-5)
-        return (functools.partial(backend.EAGER_OPS.attention_block, embed_norm=embed),
-                (_meta(batch, c, side, side, dtype=dtype, grad=True), (side, side), ratio, params), True)
+        return (_embedded_block, (_meta(batch, c, side, side, dtype=dtype, grad=True), (side, side), ratio, params,
+                                  embed), True)
     if op == "ffn_sublayer":
         if stage is None:
             raise ValueError("ffn_sublayer needs stage=1..4")
