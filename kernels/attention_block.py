@@ -75,9 +75,6 @@ _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
 }
 
 
-# C blocks at which the block takes the patch embedding's LayerNorm into its kv kernels (`embed_fused`):
-# those whose PE builds stay spill-free on sm_80 and sm_90 (`AOT_SPECS`)
-_EMBED_C = frozenset({32, 64, 128, 256})
 # (BLOCK_M, num_warps) of the embedding-norm builds where they differ from `_CONFIGS`' 16-bit entry, by
 # C block and device kind ("*": every kind; `configs.device_kind`), from the cost model (v3.1, a stage's
 # first block, 2026-12-06): the forward at C 32 takes 16 patches, at 4 warps on sm_90 (H100 73.5 -> 56.9
@@ -95,10 +92,11 @@ def _block_c(c: int) -> int:
     return max(32, triton.next_power_of_2(c))
 
 
-def embed_fused(c: int, cdt: torch.dtype = torch.bfloat16) -> bool:
-    """Whether the kernels form the block input from the patch embedding's map at C channels with
-    products in `cdt` (16-bit only: the fp32 builds' tf32x3 operands leave no registers for it)."""
-    return cdt != torch.float32 and _block_c(c) in _EMBED_C
+def embed_fused(cdt: torch.dtype) -> bool:
+    """Whether the kernels form the block input from the patch embedding's map where they serve the
+    block with products in `cdt` (`fused_supported`): 16-bit only, the fp32 builds' tf32x3 operands
+    leave no registers for it; every C of a 16-bit block builds without spills (`AOT_SPECS`)."""
+    return cdt != torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +609,7 @@ def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublay
     if embed_norm is not None:
         from msf.kernels.map_norm import out_dtype  # (map_norm imports this module's LayerNorm pieces)
         xdt = out_dtype(x, embed_norm.weight, embed_norm.bias)
-        if serves and xdt is not None and embed_fused(c, cdt):
+        if serves and xdt is not None and embed_fused(cdt):
             embed = (float(embed_norm.eps), xdt)
         else:  # the patch embedding's norm on its own, then the block on its tokens
             norm = eager_map_layer_norm if map_norm is None else map_norm
@@ -667,7 +665,7 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 tag = f"{cname}_c{c}_r{ratio}_m{block_m}_w{warps}"
                 specs.append(_aot_spec(f"attention_block.{kname}_{tag}", kernel, ptrs, const, warps, 1,
                                        floats=("eps", "eps_sr", "eps_pe")))
-                if not embed_fused(c, torch.float32 if cdt == "fp32" else torch.bfloat16):
+                if not embed_fused(torch.float32 if cdt == "fp32" else torch.bfloat16):
                     continue
                 # a stage's first block: X (and DX) the convolution's map in the compute dtype, NCHW at
                 # stage 1 (the images' layout), channels-last after (the stage output's copy is)

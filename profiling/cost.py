@@ -703,32 +703,26 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
             pass_ref[0] = "bwd"
             sub._backward(x, k, v, wq, bq, wo, o, lse, e((batch, n, c), dtype=f32), f32, None, None)
-        elif op == "attention_block":
-            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
+        elif op in ("attention_block", "attention_block_embedded"):
+            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products; a
+            # stage's first block (embedded) takes the patch embedding's bf16 map (`_embed_map`) and
+            # forms its LayerNorm inside (fp32 tokens, fp32 γ_pe, β_pe)
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
-            x = e((batch, side * side, c), dtype=f32)
             params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
+            pe = None
+            if op == "attention_block_embedded":
+                x = _embed_map(stage, batch, c, side, e)
+                pe = (e((c,), dtype=f32), e((c,), dtype=f32), 1e-5, f32)
+            else:
+                x = e((batch, side * side, c), dtype=f32)
             hw, ratio = (side, side), SR_RATIOS[stage]
-            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16)
-            pass_ref[0] = "bwd"
-            blk._backward(x, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
-                          e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
-                          {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, params)})
-        elif op == "attention_block_embedded":
-            # a stage's first block under CUDA autocast: the patch embedding's bf16 map in (`_embed_map`),
-            # its LayerNorm formed inside (fp32 tokens, fp32 γ_pe, β_pe), the rest as attention_block
-            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
-            fmap = _embed_map(stage, batch, c, side, e)
-            params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
-            pe = (e((c,), dtype=f32), e((c,), dtype=f32), 1e-5, f32)
-            hw, ratio = (side, side), SR_RATIOS[stage]
-            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(fmap, *params, hw, ratio, 1e-5, 1e-5, bf16,
+            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16,
                                                                            pe)
             pass_ref[0] = "bwd"
-            blk._backward(fmap, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
-                          e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16,
-                          {name: None if t is None else f32 for name, t in zip(blk._PARAM_NAMES, [*params, *pe[:2]])},
-                          None, pe)
+            w_dtypes = {name: None if t is None else f32
+                        for name, t in zip(blk._PARAM_NAMES, [*params, *(pe[:2] if pe else (None, None))])}
+            blk._backward(x, params[0], wsr, params[4], wkv, wq, params[9], wo, xn, red, kin, kv, o, lse,
+                          e((batch, side * side, c), dtype=f32), hw, ratio, 1e-5, 1e-5, bf16, w_dtypes, None, pe)
         elif op == "map_layer_norm":
             # under CUDA autocast: the patch embedding's bf16 NCHW map in, fp32 tokens out, fp32 γ, β
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
@@ -807,17 +801,17 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         x = leaf(batch, side, side, c).permute(0, 3, 1, 2)
         fn, args = mn.MapNormFunction.apply, (x, leaf(c), leaf(c), 1e-5, bf16, bf16 if stage < len(STAGES) else None)
-    elif op == "attention_block":
+    elif op in ("attention_block", "attention_block_embedded"):
         c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
         params = _block_params(c, SR_RATIOS[stage], leaf)
-        fn, args = blk.AttentionBlockFunction.apply, (leaf(batch, side * side, c), *params, None, None, (side, side),
-                                                      SR_RATIOS[stage], 1e-5, 1e-5, bf16)
-    elif op == "attention_block_embedded":
-        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
-        params = _block_params(c, SR_RATIOS[stage], leaf)
-        fmap = _embed_map(stage, batch, c, side, lambda shape, dtype: leaf(*shape, dtype=dtype))
-        fn, args = blk.AttentionBlockFunction.apply, (fmap, *params, leaf(c), leaf(c), (side, side), SR_RATIOS[stage],
-                                                      1e-5, 1e-5, bf16, (1e-5, f32))
+        if op == "attention_block_embedded":
+            x = _embed_map(stage, batch, c, side, lambda shape, dtype: leaf(*shape, dtype=dtype))
+            embedding = (leaf(c), leaf(c), (1e-5, f32))
+        else:
+            x, embedding = leaf(batch, side * side, c), (None, None, None)
+        pe_w, pe_b, embed = embedding
+        fn, args = blk.AttentionBlockFunction.apply, (x, *params, pe_w, pe_b, (side, side), SR_RATIOS[stage], 1e-5,
+                                                      1e-5, bf16, embed)
     elif op in ("attention_sublayer", "ffn_sublayer"):
         c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
         if op == "attention_sublayer":
@@ -892,14 +886,15 @@ def op_instances() -> list[tuple[str, int | None]]:
 
 def calls_per_step(op: str, stage: int | None) -> int:
     """How often one training step runs `op` (as an op of its own; see NOT_IN_STEP). A stage's first
-    block runs as attention_block_embedded where the kernels take the patch embedding's norm in at
-    its C (`attention_block.embed_fused`; then the stage runs no map_layer_norm), else as an
-    attention_block after a map_layer_norm."""
+    block runs as attention_block_embedded where the kernels take the patch embedding's norm in
+    (`attention_block.embed_fused`: bf16 products, the step's; then the stage runs no
+    map_layer_norm), else as an attention_block after a map_layer_norm."""
     if op in NOT_IN_STEP:
         return 0
     if stage is not None and op in ("attention_block", "map_layer_norm", "attention_block_embedded"):
+        import torch
         from msf.kernels.attention_block import embed_fused
-        embedded = embed_fused(STAGES[stage][1])
+        embedded = embed_fused(torch.bfloat16)
         if op == "attention_block":
             return STAGE_DEPTHS[stage] - embedded
         return int(embedded == (op == "attention_block_embedded"))
