@@ -119,12 +119,15 @@ def op_tensors(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out) -> l
 class ByteCounter(TorchDispatchMode):
     """Sums the bytes of every aten op's tensor inputs and outputs, per (phase, op name).
 
-    `phase` labels what runs ("forward" / "backward"); inside `paused()` nothing is counted."""
+    `phase` labels what runs ("forward" / "backward"); inside `paused()` nothing is counted.
+    `launches[phase]`: the ops that move bytes, each a kernel launch on a GPU (the record-function
+    markers and dtype queries autograd also dispatches move none and launch nothing)."""
 
     def __init__(self):
         super().__init__()
         self.phase = "forward"
         self.rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # bytes, calls
+        self.launches: dict[str, int] = defaultdict(int)
         self._paused = 0
 
     @contextlib.contextmanager
@@ -144,6 +147,8 @@ class ByteCounter(TorchDispatchMode):
         row = self.rows[(self.phase, func._schema.name.split("::")[-1])]
         row[0] += moved
         row[1] += 1
+        if moved:
+            self.launches[self.phase] += 1
         return out
 
     def total(self, phase: str | None = None) -> int:
@@ -241,15 +246,26 @@ def autocast_policy(name: str) -> str | None:
 class CudaAutocastEmulation(TorchFunctionMode):
     """`torch.autocast("cuda", dtype)` for tensors autocast cannot see (meta): casts each call's
     floating arguments by CUDA autocast's policy, with casts autograd records (see the module
-    docstring). Leaf tensors that require grad are cast once per region, as autocast caches them."""
+    docstring). Leaf tensors that require grad are cast once per region, as autocast caches them.
+
+    Inside, CUDA autocast's thread-local flag is on, so a region the model runs under
+    `torch.autocast("cuda", enabled=False)` (the decoder's fold, `msf.kernels.decoder_mlp.fold`,
+    which turns CUDA autocast off for meta tensors for this reason) is not cast, as on a GPU."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.dtype = dtype
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._was_enabled: list[bool] = []
+
+    def __enter__(self):
+        self._was_enabled.append(torch.is_autocast_enabled("cuda"))
+        torch.set_autocast_enabled("cuda", True)
+        return super().__enter__()
 
     def __exit__(self, *exc):
         self._cache.clear()
+        torch.set_autocast_enabled("cuda", self._was_enabled.pop())
         return super().__exit__(*exc)
 
     def _cast(self, x, to: torch.dtype):
@@ -273,6 +289,8 @@ class CudaAutocastEmulation(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if not torch.is_autocast_enabled("cuda"):  # a region that turned autocast off
+            return func(*args, **kwargs)
         name = aten_name(func)
         policy = autocast_policy(name)
         if policy is None and name in _COMPOSITES:
@@ -619,10 +637,21 @@ def eager_op_bytes(op: str, *, stage: int | None = None, batch: int = 32, size: 
     return {phase: counter.total(phase) for phase in PHASES}
 
 
+@lru_cache(maxsize=None)
+def _step_counter(variant: str, batch: int, size: int) -> ByteCounter:
+    return count_step(variant, batch=batch, size=size)
+
+
 def eager_step_bytes(variant: str, *, batch: int = 32, size: int = 512) -> int:
     """Bytes of one forward + backward of `model.loss` (bf16 autocast) in `variant`:
     "paper", "h4" or "triton_rest" (see the module docstring)."""
-    return count_step(variant, batch=batch, size=size).total()
+    return _step_counter(variant, batch, size).total()
+
+
+def eager_step_launches(variant: str, *, batch: int = 32, size: int = 512) -> int:
+    """Kernel launches of that step's eager ops (`ByteCounter.launches`, forward + backward); for
+    "triton_rest", the ops a triton-backend step keeps outside its fused ops."""
+    return sum(_step_counter(variant, batch, size).launches.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ for _stage in range(1, 5):
     COST_OPS[f"ffn/stage{_stage}"] = (f"ffn_sublayer[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"map_norm/stage{_stage}"] = (f"map_layer_norm[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"stage_output/stage{_stage}"] = (f"stage_output[stage {_stage}]", ("fwd", "bwd"))
-STEP_ROWS = ("triton step (fused + host ops + rest floor)", "eager step floor, paper order")
+STEP_ROWS = ("triton step (fused + host ops + rest)", "eager step floor, paper order")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def predictions_from_rows(rows: list[dict], device: str, source: str) -> dict[st
                 continue
             triton_s, eager_s = (times[name] for name in STEP_ROWS)
             what = ("the whole step: fused ops predicted + their host-side torch ops at a launch each + the eager rest "
-                    "at its floor, vs the eager step's floor")
+                    "at its floor with a launch for each of its ops, vs the eager step's floor")
         else:
             per_pass = {(r["pass"], r["metric"]): r["value"] for r in rows
                         if r["op"] == cost_op and r["kernel"] == "(op)"}

@@ -802,7 +802,8 @@ def fold(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
                                                                    p.fuse1_bias)])
     blocks = p.fuse1_weight.to(dt).split(e, dim=1)  # (`.to`: parameters of mixed dtypes, as autocast allows)
     dev = p.fuse1_weight.device.type
-    # (meta tensors, in the byte counts of msf.bench.eager_bytes, have no autocast to turn off)
+    # (meta tensors: msf.bench.eager_bytes emulates CUDA autocast for them and honours CUDA's flag)
+    dev = "cuda" if dev == "meta" else dev
     with torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext():
         ms = [w @ u.to(dt) for w, u in zip(blocks, p.unify_weights)]
         c = p.fuse1_bias.to(dt) + sum(w @ u.to(dt) for w, u in zip(blocks, p.unify_biases))

@@ -81,7 +81,8 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
 7. Per op: Σ kernels per pass (fwd, bwd) beside the eager floor of the same op
    (`msf.bench.eager_bytes`, bytes ÷ bandwidth; "n/a" when that module is absent). Whole step:
    Σ fused ops in one training step (the blocks × the stage depths 1, 2, 2, 2) + their host-side
-   torch ops (8.) + the floor of the eager ops left in a triton step, against the eager step's floor.
+   torch ops (8.) + the floor of the eager ops left in a triton step and their launches (9.),
+   against the eager step's floor (bytes alone).
 8. Host-side torch ops inside the fused ops (since 2026-12-05; `host_launches`): the aten ops an
    op's forward and backward functions run between their kernels (LMSA's gate graph and its
    autograd, border fills, a gradient's permuted copy), counted during the capture with a dispatch
@@ -94,9 +95,12 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    its weights once a step and LMSA kept its gate graph for the backward (LMSA 61; 13 of its 137 had
    been this capture's own parameter fills); 63 once each op's weight casts became one Triton
    launch (`casts.cast_all`, a kernel of the op: the attention blocks, the FFN's own casts, LMSA's
-   tap-major copies). Host code outside those functions
-   (the autograd Functions' own casts, the decoder's fold and low-resolution projections) is in
-   neither count.
+   tap-major copies).
+9. The eager rest's launches (since 2026-12-06; `eager_rest_launches`): each aten op of the eager
+   ops a triton-backend step keeps that moves bytes (`msf.bench.eager_bytes`, "triton_rest": the
+   patch embeddings' and classifier's convolutions and their weight casts, the decoder's fold and
+   stages 2-4's projections, the image cast, gradient accumulation copies) costs one LAUNCH_S on top
+   of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then.
 
 Calibration (`--calibrate`, msf.profiling.calibrate): the same capture and prediction on
 Liger-Kernel 0.5.2's kernels, against their times measured on the project's H200 and published
@@ -1519,6 +1523,13 @@ def eager_step_floor(variant: str, device: Device) -> float | None:
     return None if mod is None else mod.eager_step_bytes(variant, batch=BATCH, size=SIZE) / device.bandwidth
 
 
+def eager_rest_launches() -> int | None:
+    """The kernel launches of the eager ops a triton-backend step keeps (`msf.bench.eager_bytes`,
+    "triton_rest": the convolutions, weight casts, the decoder's fold and projections, ...)."""
+    mod = _eager()
+    return None if mod is None else mod.eager_step_launches("triton_rest", batch=BATCH, size=SIZE)
+
+
 # ----------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------
@@ -1608,13 +1619,16 @@ def step_summary(costs: list[KernelCost], device: Device) -> list[dict]:
     n_host = step_host_launches()
     host = n_host * LAUNCH_S  # tiny tensors: a launch each, bytes negligible
     rest = eager_step_floor("triton_rest", device)
+    n_rest = eager_rest_launches()
+    rest_launch = None if n_rest is None else n_rest * LAUNCH_S
     paper = eager_step_floor("paper", device)
     h4 = eager_step_floor("h4", device)
-    triton_step = fused + host + rest if rest is not None else None
+    triton_step = fused + host + rest + rest_launch if rest is not None else None
     return [{"row": "fused ops predicted (one step)", "device": device.key, "seconds": fused},
             {"row": f"their host-side torch ops ({n_host} launches)", "device": device.key, "seconds": host},
             {"row": "eager rest floor (triton step)", "device": device.key, "seconds": rest},
-            {"row": "triton step (fused + host ops + rest floor)", "device": device.key, "seconds": triton_step},
+            {"row": f"eager rest's launches ({n_rest})", "device": device.key, "seconds": rest_launch},
+            {"row": "triton step (fused + host ops + rest)", "device": device.key, "seconds": triton_step},
             {"row": "eager step floor, paper order", "device": device.key, "seconds": paper},
             {"row": "eager step floor, classifier at H/4", "device": device.key, "seconds": h4},
             {"row": "ratio triton step / eager paper floor", "device": device.key,
@@ -1688,11 +1702,12 @@ STEP_NOTE = (
     "(stage depths 1, 2, 2, 2; each stage's first attention half as attention_block_embedded, the patch "
     "embedding's LayerNorm inside it, so no map_layer_norm row counts), the stage-final norms and the "
     "decoder, fused and predicted, plus the floor of the eager ops a triton-backend step "
-    "keeps, plus one launch (LAUNCH_S) for each aten op the fused ops' forward and backward functions "
+    "keeps and one launch (LAUNCH_S) for each of them that moves bytes (`eager_rest_launches`: the "
+    "convolutions, their weight casts, the decoder's fold and projections; since 2026-12-06), plus one "
+    "launch for each aten op the fused ops' forward and backward functions "
     "run on the host between their kernels (LMSA's gate graph and its autograd, border fills, partial "
     "sums in PyTorch, weight casts; `host_launches`); upsample_argmax is inference-only and not in the "
-    "step. Host code outside those functions (the autograd Functions' casts, the decoder's fold and "
-    "projections) is counted nowhere.")
+    "step. The eager step floors are bytes alone, without their launches.")
 
 
 def band_text() -> str:

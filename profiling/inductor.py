@@ -771,7 +771,8 @@ def _ms(t: float | None) -> str:
 def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: float) -> list[dict]:
     """One row per step variant on `device`: eager floor, compile, and the triton figures."""
     rest_floor = cost.eager_step_floor("triton_rest", device)
-    triton_s = fused_s + rest_floor if rest_floor is not None else None
+    # the rest's bytes and a launch for each of its ops (cost.step_summary's rule)
+    triton_s = fused_s + rest_floor + cost.eager_rest_launches() * cost.LAUNCH_S if rest_floor is not None else None
     triton_compiled = compiled.get("triton")
     triton_compile_s = fused_s + triton_compiled.total() if triton_compiled else None
     rows = []
@@ -793,7 +794,7 @@ def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: floa
 
 def step_table(rows: list[dict]) -> str:
     lines = ["| step (B = 32, 512², bf16 autocast, fwd + bwd) | device | eager floor ms | torch.compile ms "
-             "(measured band) | triton ms (fused + eager rest floor) | triton + torch.compile ms (fused + Inductor "
+             "(measured band) | triton ms (fused + eager rest: floor and launches) | triton + torch.compile ms (fused + Inductor "
              "rest) | triton ÷ compile | triton+compile ÷ compile |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -904,7 +905,7 @@ def report(steps: list[dict], ops: list[dict], results: list[Predicted]) -> str:
             f"Predictions, not measurements: the model's band is {lo}-{hi}× the measured time on the calibration set "
             "(none of it Inductor's code), so each compile figure carries the measured times that band allows. "
             "Eager floors: `msf.bench.eager_bytes`. Triton: `msf.profiling.cost` (fused ops) + the eager rest's byte "
-            "floor; triton + torch.compile: the same fused ops + Inductor's predicted code for the rest.\n")
+            "floor and a launch for each of its ops; triton + torch.compile: the same fused ops + Inductor's predicted code for the rest.\n")
     parts = [head, "## Training step\n", step_table(steps)]
     if ops:
         parts += ["\n## Per op (each fused op's eager reference compiled alone)\n", op_table(ops)]

@@ -373,7 +373,8 @@ def test_the_narrow_pipes_floor_fp32_on_the_a100_and_mufu_everywhere(monkeypatch
 
 def test_host_side_torch_ops_are_launches_of_the_step(monkeypatch):
     """The aten ops a fused op's host code runs between its kernels count a launch each (views and
-    bare allocations none), and the step's triton figure includes them."""
+    bare allocations none), and the step's triton figure includes them and a launch for each op of
+    the eager rest."""
     counts = {}
     with cost._counting_host_ops(counts, ["fwd"]):
         t = torch.zeros(4, 6)  # a fill: one launch
@@ -393,12 +394,14 @@ def test_host_side_torch_ops_are_launches_of_the_step(monkeypatch):
     assert n > lmsa["fwd"] + lmsa["bwd"]  # the attention blocks' weight casts too
     monkeypatch.setattr(cost, "step_host_launches", lambda: n)
     monkeypatch.setattr(cost, "eager_step_floor", lambda variant, device: 1e-3)  # (the real one takes minutes)
+    monkeypatch.setattr(cost, "eager_rest_launches", lambda: 7)
     rows = {r["row"].split(" (")[0]: r for r in cost.step_summary([], cost.DEVICES["h100"])}
     host = rows["their host-side torch ops"]
     assert host["row"] == f"their host-side torch ops ({n} launches)"
     assert host["seconds"] == pytest.approx(n * cost.LAUNCH_S)
+    assert rows["eager rest's launches"]["seconds"] == pytest.approx(7 * cost.LAUNCH_S)
     assert rows["triton step"]["seconds"] == pytest.approx(rows["fused ops predicted"]["seconds"]
-                                                           + host["seconds"] + 1e-3)
+                                                           + host["seconds"] + 1e-3 + 7 * cost.LAUNCH_S)
 
 
 def test_exclusive_branches_charge_only_the_programs_that_run_them():

@@ -111,6 +111,28 @@ def test_weight_casts_are_cached_within_a_region():
     assert counter.rows[("forward", "_to_copy")][1] == 2 + 1  # two activations, the weight once
 
 
+def test_a_region_with_autocast_off_is_not_cast():
+    """As on a GPU: `torch.autocast("cuda", enabled=False)` inside the emulation runs fp32 products
+    in fp32 (the decoder's fold), and the flag is restored on the way out."""
+    x, w = meta(4, 8), meta(8, 8)
+    with eb.ByteCounter() as counter, eb.CudaAutocastEmulation():
+        with torch.autocast("cuda", enabled=False):
+            inside = x @ w
+        outside = x @ w
+    assert inside.dtype == torch.float32 and outside.dtype == torch.bfloat16
+    assert counter.rows[("forward", "_to_copy")][1] == 2  # the second product's two casts only
+    assert not torch.is_autocast_enabled("cuda")
+
+
+def test_launches_are_the_ops_that_move_bytes():
+    x = meta(4, 8)
+    with eb.ByteCounter() as counter:
+        y = (x + 1).view(32).t()  # one kernel; the views launch nothing
+        torch.promote_types(y.dtype, torch.bfloat16)
+        z = y.clone()
+    assert counter.launches == {"forward": 2} and z.shape == (32,)
+
+
 def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
     paper, h4, rest = (eb.count_step(v, batch=2, size=64) for v in eb.STEP_VARIANTS)
     assert paper.total() > h4.total() > rest.total() > 0
@@ -120,6 +142,8 @@ def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
     assert not ops & {"bmm", "_softmax", "_softmax_backward_data", "nll_loss2d_forward"}
     assert {"bmm", "_softmax", "nll_loss2d_forward"} <= {row["op"] for row in h4.by_op()}
     assert eb.eager_step_bytes("h4", batch=2, size=64) == h4.total()
+    launches = [eb.eager_step_launches(v, batch=2, size=64) for v in eb.STEP_VARIANTS]
+    assert launches[0] >= launches[1] > launches[2] > 0, launches
 
 
 def test_op_bytes_cover_every_op_and_reject_bad_arguments():
