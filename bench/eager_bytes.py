@@ -249,7 +249,7 @@ class CudaAutocastEmulation(TorchFunctionMode):
     docstring). Leaf tensors that require grad are cast once per region, as autocast caches them.
 
     Inside, CUDA autocast's thread-local flag is on, so a region the model runs under
-    `torch.autocast("cuda", enabled=False)` (the decoder's fold, `msf.kernels.decoder_mlp.fold`,
+    `torch.autocast("cuda", enabled=False)` (the decoder's fold, `msf.kernels.decoder_mlp.fold_reference`,
     which turns CUDA autocast off for meta tensors for this reason) is not cast, as on a GPU."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
@@ -523,7 +523,7 @@ def _fused_ops_uncounted(counter: ByteCounter, dtype: torch.dtype) -> Iterator[l
     table = {f.name: uncounted(getattr(eager, f.name), counter) if f.name in fused else getattr(eager, f.name)
              for f in dataclasses.fields(backend.Ops)}
     if "decoder_mlp" in fused:
-        table["decoder_mlp"] = _decoder_mlp_host_counted(counter)
+        table["decoder_mlp"] = _decoder_mlp_host_counted(counter, dtype)
     if "stage_output" in fused:
         table["stage_output"] = _stage_output_standin(counter, dtype)
     table = backend.Ops(**table)
@@ -549,16 +549,26 @@ def _stage_output_standin(counter: ByteCounter, dtype: torch.dtype) -> Callable[
     return uncounted(fused, counter)
 
 
-def _decoder_mlp_host_counted(counter: ByteCounter) -> Callable[..., torch.Tensor]:
-    """The triton backend's decoder_mlp with its host half counted (the fold and stages 2-4's
-    projections, `msf.kernels.decoder_mlp.project`: plain PyTorch, part of the eager rest) and its
-    kernels uncounted (stood in for by their PyTorch form)."""
+def _decoder_mlp_host_counted(counter: ByteCounter, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The triton backend's decoder_mlp with stages 2-4's projections counted (`F.linear` in
+    `msf.kernels.decoder_mlp.project`: plain PyTorch, part of the eager rest) and its kernels (the
+    fold's and the fused MLP's) uncounted, stood in for by their PyTorch form with the kernels'
+    output dtypes (the fold's M_2..M_4 in the products' dtype)."""
     from msf.kernels import decoder_mlp as dec
     core = uncounted(lambda f1, lows, m1, c, w2, b2, size: dec.fused_reference(f1, lows, m1, c, w2, b2, None, 0.0,
                                                                                  size), counter)
 
+    def fold_standin(p, cdt):
+        ms, c = dec.fold_reference(p)
+        return (ms[0], *(m.to(cdt) for m in ms[1:]), c)
+    fold_uncounted = uncounted(fold_standin, counter)
+
+    def fold(p, cdt):
+        *ms, c = fold_uncounted(p, cdt)
+        return ms, c
+
     def call(features, p, dropout_p, training):
-        f1, lows, m1, c = dec.project(features, p)
+        f1, lows, m1, c = dec.project(features, p, dtype, fold)
         b, _, h, w = features[0].shape
         return core(f1, tuple(lows), m1, c, p.fuse2_weight, p.fuse2_bias, (h, w)).view(b, h * w, -1)
     return call

@@ -47,6 +47,9 @@ Kernels (no atomics: parameter gradients through per-program fp32 partials and a
   pixel gathering the 2s × 2s full-resolution pixels whose taps reach it, weights from the
   forward's formula. Both deterministic, where eager's upsample backward adds with atomics.
 - `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
+- `_fold_fwd_kernel` / `_fold_bwd_kernel` (`FoldFunction`, `fold`): M_1..M_4 and c from the fp32
+  parameters in one launch (M_2..M_4 rounded on store to the projections' dtype), their gradients in
+  one more; `fold_reference` is the PyTorch form (any other parameter dtype).
 
 docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, the designs dropped.
 """
@@ -69,8 +72,8 @@ from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _t
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import DecoderParams, eager_decoder_mlp
 
-__all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "AOT_SPECS", "compute_dtype", "fold",
-           "project", "keep_mask", "fused_reference"]
+__all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "FoldFunction", "AOT_SPECS", "compute_dtype",
+           "fold", "fold_reference", "project", "keep_mask", "fused_reference"]
 
 decoder_mlp_eager = eager_decoder_mlp  # the reference: unify → upsample → concat → fuse MLP, as the paper
 _MAX_BLOCK_E = 128
@@ -627,6 +630,150 @@ def _keep_mask_kernel(SEED, OUT, ROWS, drop_below, E: tl.constexpr, BLOCK_E: tl.
 
 
 # ----------------------------------------------------------------------------------------------
+# the fold: M_i = W_i U_i, c = b + Σ_i W_i u_i, and its backward, one launch each
+# ----------------------------------------------------------------------------------------------
+# W = [W_1 | W_2 | W_3 | W_4] (E × 4E, the fuse Linear's weight), U_i: E × C_i, u_i: E, b: E (all fp32,
+# dense). Given ∂L/∂M_i = dM_i (in M_i's dtype) and ∂L/∂c = dc:
+#     ∂L/∂W_i = dM_i U_iᵀ + dc u_iᵀ        (E × E: a K = C_i product plus an outer product)
+#     ∂L/∂U_i = W_iᵀ dM_i                  (E × C_i: K = E)
+#     ∂L/∂u_i = W_iᵀ dc,   ∂L/∂b = dc
+# Every gradient element is one program's dot product over a whole K: no partial sums.
+@triton.jit
+def _fold_tile(A, B, rows, mask_r, cols, mask_c, sa_r, sa_k, sb_k, sb_c, K: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k A[rows, k] B[k, cols] over k < K (fp32, "ieee": fp32 products, as torch's fp32 mm), A and B
+    loaded through their strides and widened to fp32 on load."""
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(A + rows[:, None] * sa_r + kk[None, :] * sa_k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(B + kk[:, None] * sb_k + cols[None, :] * sb_c, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _fold_fwd_stage(W, U, M, s: tl.constexpr, pid_r, pid_t, C: tl.constexpr, E: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows pid_r·BLOCK_E.. and columns pid_t·BLOCK_C.. of M_s = W_s U_s, rounded to M's dtype."""
+    if pid_t * BLOCK_C < C:
+        rows = pid_r * BLOCK_E + tl.arange(0, BLOCK_E)
+        cols = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_r, mask_c = rows < E, cols < C
+        acc = _fold_tile(W + s * E, U, rows, mask_r, cols, mask_c, 4 * E, 1, C, 1, E, BLOCK_E, BLOCK_C, BLOCK_K)
+        tl.store(M + rows[:, None] * C + cols[None, :], _round(acc, M.dtype.element_ty),
+                 mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _fold_bias_part(acc, W, V, s: tl.constexpr, rows, mask_r, E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + W_s[rows, :] u_s."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, E, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < E
+        w = tl.load(W + rows[:, None] * (4 * E) + s * E + kk[None, :], mask=mask_r[:, None] & mask_k[None, :],
+                    other=0.0)
+        acc += tl.sum(w * tl.load(V + kk, mask=mask_k, other=0.0)[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _fold_fwd_kernel(
+    W, BIAS, U0, U1, U2, U3, V0, V1, V2, V3, M0, M1, M2, M3, CB,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, E: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (row tiles of E, 5, column tiles of the widest C_i): program (r, s, t) writes a tile of
+    M_s = W_s U_s (s < 4; programs past C_s do nothing) or, for s = 4 and t = 0, rows r of
+    c = b + Σ_s W_s u_s."""
+    pid_r = tl.program_id(0)
+    s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    if s == 0:
+        _fold_fwd_stage(W, U0, M0, 0, pid_r, pid_t, C0, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    elif s == 1:
+        _fold_fwd_stage(W, U1, M1, 1, pid_r, pid_t, C1, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    elif s == 2:
+        _fold_fwd_stage(W, U2, M2, 2, pid_r, pid_t, C2, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    elif s == 3:
+        _fold_fwd_stage(W, U3, M3, 3, pid_r, pid_t, C3, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    elif pid_t == 0:
+        rows = pid_r * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_r = rows < E
+        acc = tl.load(BIAS + rows, mask=mask_r, other=0.0)
+        acc = _fold_bias_part(acc, W, V0, 0, rows, mask_r, E, BLOCK_K)
+        acc = _fold_bias_part(acc, W, V1, 1, rows, mask_r, E, BLOCK_K)
+        acc = _fold_bias_part(acc, W, V2, 2, rows, mask_r, E, BLOCK_K)
+        acc = _fold_bias_part(acc, W, V3, 3, rows, mask_r, E, BLOCK_K)
+        tl.store(CB + rows, acc, mask=mask_r)
+
+
+@triton.jit
+def _fold_bwd_stage(W, U, V, DM, DC, DW, DU, DV, s: tl.constexpr, role, pid_r, pid_t, C: tl.constexpr,
+                    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """role 0: rows pid_r·BLOCK_E.. and columns pid_t·BLOCK_C.. of ∂L/∂W_s = dM_s U_sᵀ + dc u_sᵀ;
+    role 1: the same tile of ∂L/∂U_s = W_sᵀ dM_s and, for pid_t = 0, those rows of ∂L/∂u_s = W_sᵀ dc.
+    Tiles past the gradient's columns do nothing."""
+    rows = pid_r * BLOCK_E + tl.arange(0, BLOCK_E)
+    cols = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_r = rows < E
+    if role == 0:
+        if pid_t * BLOCK_C < E:
+            mask_c = cols < E
+            # dM_s[rows, j] · U_s[cols, j]ᵀ: B[j, col] = U_s[col, j] (strides 1, C)
+            acc = _fold_tile(DM, U, rows, mask_r, cols, mask_c, C, 1, 1, C, C, BLOCK_E, BLOCK_C, BLOCK_K)
+            dc = tl.load(DC + rows, mask=mask_r, other=0.0)
+            acc += dc[:, None] * tl.load(V + cols, mask=mask_c, other=0.0)[None, :]
+            tl.store(DW + rows[:, None] * (4 * E) + s * E + cols[None, :], acc, mask=mask_r[:, None] & mask_c[None, :])
+    else:
+        if pid_t * BLOCK_C < C:
+            mask_c = cols < C
+            # A[row, e] = W_s[e, row] (strides 1, 4E), B = dM_s
+            acc = _fold_tile(W + s * E, DM, rows, mask_r, cols, mask_c, 1, 4 * E, C, 1, E, BLOCK_E, BLOCK_C,
+                             BLOCK_K)
+            tl.store(DU + rows[:, None] * C + cols[None, :], acc, mask=mask_r[:, None] & mask_c[None, :])
+        if pid_t == 0:
+            offs_k = tl.arange(0, BLOCK_K)
+            dv = tl.zeros([BLOCK_E], tl.float32)
+            for k0 in range(0, E, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < E
+                wt = tl.load(W + kk[None, :] * (4 * E) + s * E + rows[:, None],
+                             mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                dv += tl.sum(wt * tl.load(DC + kk, mask=mask_k, other=0.0)[None, :], axis=1)
+            tl.store(DV + rows, dv, mask=mask_r)
+
+
+@triton.jit
+def _fold_bwd_kernel(
+    W, U0, U1, U2, U3, V0, V1, V2, V3, DM0, DM1, DM2, DM3, DC, DW, DB, DU0, DU1, DU2, DU3, DV0, DV1, DV2, DV3,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, E: tl.constexpr, N_COL: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (row tiles of E, 4, 2·N_COL): program (r, s, role·N_COL + t) writes its tile of stage s's
+    gradients (`_fold_bwd_stage`); programs (r, 0, N_COL) also write ∂L/∂b = dc for their rows. Math
+    above `_fold_tile`."""
+    pid_r = tl.program_id(0)
+    s = tl.program_id(1)
+    role = tl.program_id(2) // N_COL
+    pid_t = tl.program_id(2) % N_COL
+    if s == 0:
+        _fold_bwd_stage(W, U0, V0, DM0, DC, DW, DU0, DV0, 0, role, pid_r, pid_t, C0, E, BLOCK_E, BLOCK_C, BLOCK_K)
+        if role == 1 and pid_t == 0:
+            rows = pid_r * BLOCK_E + tl.arange(0, BLOCK_E)
+            tl.store(DB + rows, tl.load(DC + rows, mask=rows < E), mask=rows < E)
+    elif s == 1:
+        _fold_bwd_stage(W, U1, V1, DM1, DC, DW, DU1, DV1, 1, role, pid_r, pid_t, C1, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    elif s == 2:
+        _fold_bwd_stage(W, U2, V2, DM2, DC, DW, DU2, DV2, 2, role, pid_r, pid_t, C2, E, BLOCK_E, BLOCK_C, BLOCK_K)
+    else:
+        _fold_bwd_stage(W, U3, V3, DM3, DC, DW, DU3, DV3, 3, role, pid_r, pid_t, C3, E, BLOCK_E, BLOCK_C, BLOCK_K)
+
+
+# ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
 def _new(shape, device, dtype) -> torch.Tensor:
@@ -793,10 +940,70 @@ class DecoderMLPFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # entry
 # ----------------------------------------------------------------------------------------------
-def fold(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
+_FOLD_BLOCKS = {"BLOCK_E": 16, "BLOCK_C": 64, "BLOCK_K": 16}  # E = 128: 120 programs forward, 192 backward
+_FOLD_WARPS = 4
+
+
+def _fold_served(p: DecoderParams) -> bool:
+    """Whether the fold kernels serve these parameters: four stages, every tensor fp32 on one device
+    the kernels run on (CUDA, or the interpreter)."""
+    ts = (p.fuse1_weight, p.fuse1_bias, *p.unify_weights, *p.unify_biases)
+    dev = p.fuse1_weight.device
+    return (len(p.unify_weights) == 4 and all(t.dtype == torch.float32 and t.device == dev for t in ts)
+            and (dev.type == "cuda" or INTERPRET))
+
+
+def _fold_forward(w, b, us, vs, low_dtype: torch.dtype):
+    """([M_1..M_4], c) by `_fold_fwd_kernel`: M_1 and c fp32, M_2..M_4 in `low_dtype` (the rounding the
+    projections' F.linear would apply under autocast, done once on store)."""
+    e, cs = w.shape[0], [u.shape[1] for u in us]
+    ms = [_new((e, c), w.device, torch.float32 if i == 0 else low_dtype) for i, c in enumerate(cs)]
+    cb = _new((e,), w.device, torch.float32)
+    grid = (triton.cdiv(e, _FOLD_BLOCKS["BLOCK_E"]), 5, triton.cdiv(max(cs), _FOLD_BLOCKS["BLOCK_C"]))
+    _fold_fwd_kernel[grid](w, b, *us, *vs, *ms, cb, *cs, e, **_FOLD_BLOCKS, num_warps=_FOLD_WARPS)
+    return ms, cb
+
+
+def _fold_backward(w, us, vs, dms, dc):
+    """(∂W, ∂b, [∂U_i], [∂u_i]) by `_fold_bwd_kernel`, all fp32; dms in the M_i's dtypes."""
+    e, cs = w.shape[0], [u.shape[1] for u in us]
+    dw, db = _new(w.shape, w.device, torch.float32), _new((e,), w.device, torch.float32)
+    dus = [_new(u.shape, w.device, torch.float32) for u in us]
+    dvs = [_new((e,), w.device, torch.float32) for _ in vs]
+    n_col = triton.cdiv(max(e, *cs), _FOLD_BLOCKS["BLOCK_C"])
+    grid = (triton.cdiv(e, _FOLD_BLOCKS["BLOCK_E"]), 4, 2 * n_col)
+    _fold_bwd_kernel[grid](w, *us, *vs, *dms, dc, dw, db, *dus, *dvs, *cs, e, n_col, **_FOLD_BLOCKS,
+                           num_warps=_FOLD_WARPS)
+    return dw, db, dus, dvs
+
+
+class FoldFunction(torch.autograd.Function):
+    """(M_1, M_2, M_3, M_4, c) from (W, b, U_1..U_4, u_1..u_4) in two launches, forward and backward
+    (as PyTorch ops the fold was 13 launches forward and 28 backward, and stages 2-4's M_i were cast
+    again by F.linear under autocast, 3 + 3 more)."""
+
+    @staticmethod
+    def forward(ctx, w, b, u0, u1, u2, u3, v0, v1, v2, v3, low_dtype):
+        us, vs = [u0, u1, u2, u3], [v0, v1, v2, v3]
+        ms, cb = _fold_forward(w, b, us, vs, low_dtype)
+        ctx.save_for_backward(w, *us, *vs)
+        return (*ms, cb)
+
+    @staticmethod
+    def backward(ctx, dm0, dm1, dm2, dm3, dc):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would be taken as constants
+            raise RuntimeError("decoder_mlp: the fold's fused backward is not differentiable (no double backward); "
+                               "use the eager composition (backend='eager') for higher-order gradients")
+        w, *rest = ctx.saved_tensors
+        dw, db, dus, dvs = _fold_backward(w, rest[:4], rest[4:], [d.contiguous() for d in (dm0, dm1, dm2, dm3)],
+                                          dc.contiguous())
+        return (dw, db, *dus, *dvs, None)
+
+
+def fold_reference(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     """([M_1..M_4], c): M_i = W_i U_i (E × C_i) and c = b + Σ_i W_i u_i, W_i the i-th E-column block of the
-    fuse Linear's weight. Differentiable (autograd carries the gradients back to the module's
-    parameters) and outside autocast: the fold is in the parameters' (promoted) dtype."""
+    fuse Linear's weight, as PyTorch ops. Differentiable (autograd carries the gradients back to the
+    module's parameters) and outside autocast: the fold is in the parameters' (promoted) dtype."""
     e = p.fuse1_weight.shape[0]
     dt = functools.reduce(torch.promote_types, [t.dtype for t in (*p.unify_weights, *p.unify_biases, p.fuse1_weight,
                                                                    p.fuse1_bias)])
@@ -810,11 +1017,24 @@ def fold(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     return ms, c
 
 
-def project(features, p: DecoderParams) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def fold(p: DecoderParams, low_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`fold_reference`'s ([M_1..M_4], c), by `FoldFunction`'s two kernels where `_fold_served` (fp32
+    parameters: the model's), with M_2..M_4 rounded to `low_dtype` (the dtype stages 2-4's projections
+    multiply in: bit for bit the cast F.linear would make of an fp32 M_i); else `fold_reference`."""
+    if not _fold_served(p) or low_dtype is None:
+        return fold_reference(p)
+    *ms, c = FoldFunction.apply(p.fuse1_weight.contiguous(), p.fuse1_bias.contiguous(),
+                                *(u.contiguous() for u in p.unify_weights), *(v.contiguous() for v in p.unify_biases),
+                                low_dtype)
+    return ms, c
+
+
+def project(features, p: DecoderParams, cdt: torch.dtype | None = None, fold_fn=None
+            ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """The fused path's host half: (f1 as B·H·W × C1 tokens, [P2, P3, P4] as B×h_i×w_i×E, M1, c), the
-    fold and stages 2-4's projections at their own resolution (`F.linear`: under autocast, in its
-    dtype)."""
-    ms, c = fold(p)
+    fold (`fold_fn`, by default `fold`, its M_2..M_4 in `cdt`, the products' dtype) and stages 2-4's
+    projections at their own resolution (`F.linear`: under autocast, in its dtype)."""
+    ms, c = (fold if fold_fn is None else fold_fn)(p, cdt)
     b = features[0].shape[0]
     lows = [F.linear(_tokens(f), m).view(b, f.shape[2], f.shape[3], -1) for f, m in zip(features[1:], ms[1:])]
     return _tokens(features[0]), lows, ms[0].contiguous(), c.contiguous()
@@ -889,18 +1109,19 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused, seed: torch.Tensor | None = None):
+def dispatch(features, p: DecoderParams, dropout_p: float, training: bool, fused, seed: torch.Tensor | None = None,
+             fold_fn=None):
     """What both entries (`decoder_mlp` here and `msf::decoder_mlp`'s in kernels/ops.py) do: check the
-    arguments; where the kernels serve the dtypes and geometry, fold the weights, project stages 2-4
-    and call `fused(f1, P2, P3, P4, M1, c, w2, b2, seed, p, (H, W), compute_dtype)` on tokens; else
-    the eager composition. Returns B×N×E tokens."""
+    arguments; where the kernels serve the dtypes and geometry, fold the weights (`fold_fn(p, cdt)`, by
+    default `fold`), project stages 2-4 and call `fused(f1, P2, P3, P4, M1, c, w2, b2, seed, p, (H, W),
+    compute_dtype)` on tokens; else the eager composition. Returns B×N×E tokens."""
     features = list(features)
     _check(features, p, dropout_p, seed)
     cdt = compute_dtype(features, p)
     b, _, h, w = features[0].shape
     if cdt is None or features[0].numel() == 0 or not fused_supported(features, p, cdt):
         return decoder_mlp_eager(features, p, dropout_p, training)
-    f1, lows, m1, c = project(features, p)
+    f1, lows, m1, c = project(features, p, cdt, fold_fn)
     p_eff = float(dropout_p) if training else 0.0
     if seed is None:
         seed = new_seed(features[0].device) if p_eff > 0 else torch.zeros(1, dtype=torch.int64,
@@ -990,6 +1211,15 @@ def _aot_specs() -> list[AttentionAotSpec]:
                 specs.append(_aot_spec(f"decoder_mlp.{kname}_{mode}_e{e}_p{block}_w{w}_s{st}", kernel.fn,
                                        {k: v for k, v in ptrs.items() if k in kernel.fn.arg_names}, const, w, st,
                                        floats=_AOT_FP32_ARGS))
+    # the fold at the model's widths: fp32 parameters, M_2..M_4 (and their gradients) in fp32 or bf16
+    widths = {"C0": 32, "C1": 64, "C2": 128, "C3": 192, "E": 128}
+    for low in ("fp32", "bf16"):
+        lows = {f"{name}{i}": f"*{low}" for name in ("M", "DM") for i in (1, 2, 3)}
+        for kernel, extra in ((_fold_fwd_kernel, {}), (_fold_bwd_kernel, {"N_COL": 3})):
+            ptrs = {a: lows.get(a, "*fp32") for a in kernel.arg_names if a[:1].isupper() and a not in widths
+                    and a not in extra and not a.startswith("BLOCK")}
+            specs.append(_aot_spec(f"decoder_mlp.{kernel.fn.__name__.strip('_').replace('_kernel', '')}_{low}",
+                                   kernel, ptrs, {**widths, **extra, **_FOLD_BLOCKS}, _FOLD_WARPS, 3))
     return specs
 
 

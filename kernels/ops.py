@@ -17,6 +17,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::ffn_sublayer_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save) -> (x, h, D)
                                                                            + msf::decoder_mlp_backward
+    msf::decoder_fold(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]      + msf::decoder_fold_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
@@ -503,13 +504,65 @@ def _dec_grad(ctx, g, _dh, _dd):
 decoder_mlp_op.register_autograd(_dec_grad, setup_context=_dec_setup)
 
 
+# the fold (M_i = W_i U_i, c = b + Σ W_i u_i): one launch each way
+def _fold_body(w: Tensor, b: Tensor, us: list[Tensor], vs: list[Tensor], low_dtype: torch.dtype) -> list[Tensor]:
+    ms, c = _dec._fold_forward(w, b, us, vs, low_dtype)
+    return [*ms, c]
+
+
+def _fold_fake(w, b, us, vs, low_dtype):
+    e = w.shape[0]
+    return [w.new_empty((e, u.shape[1]), dtype=torch.float32 if i == 0 else low_dtype) for i, u in enumerate(us)] \
+        + [w.new_empty((e,), dtype=torch.float32)]
+
+
+def _fold_backward_body(w: Tensor, us: list[Tensor], vs: list[Tensor], dms: list[Tensor], dc: Tensor) -> list[Tensor]:
+    dw, db, dus, dvs = _dec._fold_backward(w, us, vs, dms, dc)
+    return [dw, db, *dus, *dvs]
+
+
+def _fold_backward_fake(w, us, vs, dms, dc):
+    return [_contiguous_like(w, dtype=torch.float32), w.new_empty((w.shape[0],), dtype=torch.float32),
+            *(_contiguous_like(t, dtype=torch.float32) for t in (*us, *vs))]
+
+
+decoder_fold_op = _define("decoder_fold", _fold_body, _fold_fake)
+decoder_fold_backward_op = _define("decoder_fold_backward", _fold_backward_body, _fold_backward_fake)
+
+
+def _fold_setup(ctx, inputs, output):
+    w, _b, us, vs, _low_dtype = inputs
+    ctx.save_for_backward(w, *us, *vs)
+
+
+def _fold_grad(ctx, grads):
+    w, *rest = ctx.saved_tensors
+    dms, dc = [g.contiguous() for g in grads[:4]], grads[4].contiguous()
+    dw, db, *more = torch.ops.msf.decoder_fold_backward(w, rest[:4], rest[4:], dms, dc)
+    return dw, db, more[:4], more[4:], None
+
+
+decoder_fold_op.register_autograd(_fold_grad, setup_context=_fold_setup)
+
+
+def _fold(p: DecoderParams, low_dtype: torch.dtype | None):
+    """`msf.kernels.decoder_mlp.fold` through `msf::decoder_fold` (its reference where the kernels do not
+    serve the parameters)."""
+    if not _dec._fold_served(p) or low_dtype is None:
+        return _dec.fold_reference(p)
+    *ms, c = torch.ops.msf.decoder_fold(p.fuse1_weight.contiguous(), p.fuse1_bias.contiguous(),
+                                        [u.contiguous() for u in p.unify_weights],
+                                        [v.contiguous() for v in p.unify_biases], low_dtype)
+    return ms, c
+
+
 def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bool = False, *,
                 seed: Tensor | None = None) -> Tensor:
-    """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` (the eager composition where
-    the kernels do not serve the dtypes or geometry)."""
+    """`msf.kernels.decoder_mlp.decoder_mlp` through `msf::decoder_mlp` and `msf::decoder_fold` (the
+    eager composition where the kernels do not serve the dtypes or geometry)."""
     def fused(*args):
         return torch.ops.msf.decoder_mlp(*args[:10], list(args[10]), args[11], _dec._saves_for_backward(args))[0]
-    return _dec.dispatch(features, p, dropout_p, training, fused, seed)
+    return _dec.dispatch(features, p, dropout_p, training, fused, seed, _fold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,6 +706,7 @@ REGISTRY: dict[str, FusedOp] = {
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
 }
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
-             "attention_sublayer_backward", "decoder_mlp", "decoder_mlp_backward", "ffn_sublayer",
+             "attention_sublayer_backward", "decoder_fold", "decoder_fold_backward", "decoder_mlp",
+             "decoder_mlp_backward", "ffn_sublayer",
              "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "map_layer_norm",
              "map_layer_norm_backward", "upsample_argmax")

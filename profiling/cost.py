@@ -266,6 +266,21 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
+def _fold_tile_trips(a, pid):
+    """The decoder's fold. Forward (4 sites): stage pid[1]'s column tile pid[2], K = E. Backward
+    (N_COL among the arguments; 8 sites): per stage, ∂W_s's tile (K = C_s), then ∂U_s's (K = E)."""
+    if "N_COL" not in a:
+        return [_cdiv(a["E"], a["BLOCK_K"]) if pid[1] == s and pid[2] * a["BLOCK_C"] < a[f"C{s}"] else 0
+                for s in range(4)]
+    role, t = divmod(pid[2], a["N_COL"])
+    trips = []
+    for s in range(4):
+        c = a[f"C{s}"]
+        trips.append(_cdiv(c, a["BLOCK_K"]) if pid[1] == s and role == 0 and t * a["BLOCK_C"] < a["E"] else 0)
+        trips.append(_cdiv(a["E"], a["BLOCK_K"]) if pid[1] == s and role == 1 and t * a["BLOCK_C"] < c else 0)
+    return trips
+
+
 def _strips_active(a, pid):  # tiles of LMSA's wgrad chunks: BLOCK_S strips each, H·⌈W/STRIP⌉ strips an image
     n = a["H"] * _cdiv(a["W"], a["STRIP"])
     return sum(1 for i in range(0, a["CHUNK_S"], a["BLOCK_S"]) if pid[1] * a["CHUNK_S"] + i < n)
@@ -426,6 +441,14 @@ LOOPS: list[Loop] = [
     Loop("decoder_mlp", "_pyramid_adjoint_kernel",
          "for j in tl.range(0, 16, loop_unroll_factor=1):  # the band's rows of dh (kept rolled)",
          lambda a, pid: 16, kernels=("_pyramid_adjoint_kernel",)),
+    Loop("decoder_mlp", "_fold_tile", "for k0 in range(0, K, BLOCK_K):", _fold_tile_trips,
+         kernels=("_fold_fwd_kernel", "_fold_bwd_kernel")),
+    Loop("decoder_mlp", "_fold_bias_part", "for k0 in range(0, E, BLOCK_K):",
+         lambda a, pid: [_cdiv(a["E"], a["BLOCK_K"]) if pid[1] == 4 and pid[2] == 0 else 0] * 4,
+         kernels=("_fold_fwd_kernel",)),
+    Loop("decoder_mlp", "_fold_bwd_stage", "for k0 in range(0, E, BLOCK_K):",
+         lambda a, pid: [_cdiv(a["E"], a["BLOCK_K"]) if pid[1] == s and pid[2] == a["N_COL"] else 0 for s in range(4)],
+         kernels=("_fold_bwd_kernel",)),
     Loop("lmsa", "_lmsa_stats_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_stats_kernel",)),
     Loop("lmsa", "_lmsa_fwd_kernel", "for j0 in range(0, C, BK):",
@@ -580,8 +603,8 @@ def specialise(fn, args, kwargs, grid, arch: int):
 def recording(device: Device, sink: list, op: str, pass_ref: list):
     """Within: kernel launches are recorded into `sink` (not run); host code sees `device`."""
     from triton.runtime.jit import JITFunction
-    from msf.kernels import (attention, attention_block, casts, configs, head_loss, lmsa, map_norm, partial_sums,
-                             upsample_argmax)
+    from msf.kernels import (attention, attention_block, casts, configs, decoder_mlp, head_loss, lmsa, map_norm,
+                             partial_sums, upsample_argmax)
     names = {pk.fn: name for name, pk in configs.REGISTRY.items()}
     names.update({attention_block._kv_fwd_kernel: "attention_block.kv_fwd",
                   attention_block._kv_bwd_kernel: "attention_block.kv_bwd",
@@ -595,7 +618,9 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
                   attention._attn_bwd_reduce_kernel: "attention.reduce",
                   partial_sums._sum_partials_kernel: "partial_sums", casts._cast_kernel: "casts",
                   lmsa._gate_fwd_kernel: "lmsa.gate_fwd", lmsa._gate_bwd_sample_kernel: "lmsa.gate_bwd",
-                  lmsa._gate_bwd_params_kernel: "lmsa.gate_params"})
+                  lmsa._gate_bwd_params_kernel: "lmsa.gate_params",
+                  decoder_mlp._fold_fwd_kernel: "decoder_mlp.fold_fwd",
+                  decoder_mlp._fold_bwd_kernel: "decoder_mlp.fold_bwd"})
 
     def record(self, *args, grid, warmup, **kwargs):
         bound, g, sig, const, attrs, opts = specialise(self, args, kwargs, grid, device.arch)
@@ -759,12 +784,18 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
             # stages 2-4 projected by F.linear (bf16), the folded M1 and c and fc2 fp32; dropout on
+            # (and the fold of the fp32 unify and fuse Linears into M_i and c, M_2..M_4 in bf16)
             args, size_hw = _decoder_core_args(batch, size, e)
             f1, p2, p3, p4, m1, _cb, w2, _b2, seed = args
+            fold_w, fold_b = e((DECODER_DIM, 4 * DECODER_DIM), dtype=f32), e((DECODER_DIM,), dtype=f32)
+            fold_us = [e((DECODER_DIM, STAGES[s][1]), dtype=f32) for s in STAGES]
+            fold_vs = [e((DECODER_DIM,), dtype=f32) for _ in STAGES]
+            fold_ms, _ = dec._fold_forward(fold_w, fold_b, fold_us, fold_vs, bf16)
             _, hs, d = dec._forward(*args, DECODER_DROPOUT, size_hw, bf16, save=True)
             pass_ref[0] = "bwd"
             dec._backward(f1, hs, d, m1, w2, seed, e((f1.shape[0], DECODER_DIM), dtype=bf16), DECODER_DROPOUT, size_hw,
                           [tuple(pt.shape[1:3]) for pt in (p2, p3, p4)], bf16, (f32, f32))
+            dec._fold_backward(fold_w, fold_us, fold_vs, fold_ms, e((DECODER_DIM,), dtype=f32))
         elif op == "lmsa":
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)

@@ -168,6 +168,8 @@ def counted():
                            tuple(torch.randn(e, generator=g) * 0.1 for _ in range(4)),
                            torch.randn(e, 4 * e, generator=g) * 0.1, torch.randn(e, generator=g) * 0.1,
                            torch.randn(e, e, generator=g) * 0.2, torch.randn(e, generator=g) * 0.1)
+        for t in (*dp.unify_weights, *dp.unify_biases, dp.fuse1_weight, dp.fuse1_bias):
+            t.requires_grad_()  # (the fold's backward kernel runs for parameters that want gradients)
         dec.decoder_mlp(feats, dp, 0.2, True, seed=torch.tensor([1])).sum().backward()
         # and stages that halve exactly (8×16 down to 1×2) in bf16: the one-launch pyramid adjoint
         feats = [torch.randn(1, 8, 8 // s, 16 // s, generator=g).bfloat16().requires_grad_() for s in (1, 2, 4, 8)]

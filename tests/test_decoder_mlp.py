@@ -245,7 +245,7 @@ def test_h_and_d_are_kept_only_for_a_backward(path, monkeypatch):
         leaves = {k: v.clone().requires_grad_(requires_grad) for k, v in vals.items() if k != "g"}
         with torch.set_grad_enabled(grad_enabled):
             fn(*_split(leaves), 0.2, training=True, seed=torch.tensor([3]))
-        return list(made)
+        return [s for s in made if s[0] in (b * h * w, 0)]  # (not the fold's E-row weights)
 
     assert forward_buffers(True, True) == [(b * h * w, e)] * 3  # x, h, D
     for requires_grad, grad_enabled in ((True, False), (False, True)):
@@ -383,6 +383,99 @@ def test_row_taps_give_the_gathers_pre_activation(monkeypatch):
     worst = int((off / ulp).argmax())
     assert (off <= ulp).all(), f"{(off / ulp).max().item():.2f} ulp off at (row, channel) {divmod(worst, 64)}"
     assert (off > 0).float().mean().item() <= 2e-3, f"{int((off > 0).sum())} of {off.numel()} elements differ"
+
+
+# the fold alone: (E, stage widths C_1..C_4)
+FOLD_SHAPES = {"model": (128, (32, 64, 128, 192)), "odd": (48, (20, 12, 8, 24)), "small": (16, (8, 16, 8, 40))}
+
+
+def _fold_params(e, widths, seed, device, dtype=torch.float32, transposed=False):
+    """Fresh fold parameters as leaves (U_i as transposed views of C_i × E tensors if `transposed`)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+
+    def leaf(t):
+        return t.to(device=device, dtype=dtype).requires_grad_()
+    us = tuple(leaf(rnd(c, e) * c ** -0.5).t() if transposed else leaf(rnd(e, c) * c ** -0.5) for c in widths)
+    vs = tuple(leaf(0.2 * rnd(e)) for _ in widths)
+    return DecoderParams(us, vs, leaf(rnd(e, 4 * e) * (4 * e) ** -0.5), leaf(0.2 * rnd(e)), None, None)
+
+
+def _fold_leaves(p):
+    """The ten parameters' leaves (a transposed view's base)."""
+    return [t if t._base is None else t._base for t in (*p.unify_weights, *p.unify_biases, p.fuse1_weight,
+                                                          p.fuse1_bias)]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("path", ["function", "op"])
+@pytest.mark.parametrize("shape", list(FOLD_SHAPES))
+def test_fold_matches_float64(shape, path, device, poisoned):
+    """The fold's two kernels (`FoldFunction`, and `msf::decoder_fold` as torch.compile runs it):
+    M_1..M_4 and c, and the gradients of all ten parameters under fresh random output gradients,
+    against float64 autograd of `fold_reference`. "odd" takes U_i as transposed views."""
+    kernel_device(device)
+    from msf.kernels import ops
+    e, widths = FOLD_SHAPES[shape]
+    ours = _fold_params(e, widths, seed=11, device=device, transposed=shape == "odd")
+    ref = _fold_params(e, widths, seed=11, device=device, dtype=torch.float64, transposed=shape == "odd")
+    assert dec_mod._fold_served(ours)
+    launches = []
+    real = dec_mod._fold_forward
+    fold = dec_mod.fold if path == "function" else ops._fold
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dec_mod, "_fold_forward", lambda *a: launches.append(1) or real(*a))
+        ms, c = fold(ours, torch.float32)
+    assert launches == [1]
+    ms_ref, c_ref = dec_mod.fold_reference(ref)
+    gen = torch.Generator().manual_seed(12)
+    grads = [torch.randn(m.shape, generator=gen).to(device) for m in (*ms_ref, c_ref)]
+    for out, out_ref, what in zip((*ms, c), (*ms_ref, c_ref), ("M1", "M2", "M3", "M4", "c")):
+        assert out.dtype == torch.float32
+        assert_close(out, out_ref, 1e-6, f"fold {shape} {what}")
+    torch.autograd.backward([*ms, c], grads)
+    torch.autograd.backward([*ms_ref, c_ref], [g.double() for g in grads])
+    names = [f"U{i}" for i in range(1, 5)] + [f"u{i}" for i in range(1, 5)] + ["W", "b"]
+    for name, a, b in zip(names, _fold_leaves(ours), _fold_leaves(ref)):
+        assert_close(a.grad, b.grad, 1e-6, f"fold {shape} d{name}")
+
+
+@pytest.mark.parametrize("low_dtype", [torch.bfloat16, torch.float16])
+def test_fold_rounds_the_projected_stages_once_on_store(low_dtype):
+    """M_2..M_4 in the projections' dtype are the fp32 fold's values rounded (bit for bit what
+    F.linear's autocast cast makes of them), M_1 and c stay fp32; the backward widens dM_2..dM_4
+    exactly (as that cast's backward), so 16-bit output gradients give the fp32 path's gradients."""
+    kernel_device("cpu")
+    e, widths = FOLD_SHAPES["odd"]
+    full, low = (_fold_params(e, widths, seed=3, device="cpu") for _ in range(2))
+    ms_full, c_full = dec_mod.fold(full, torch.float32)
+    ms_low, c_low = dec_mod.fold(low, low_dtype)
+    assert [m.dtype for m in ms_low] == [torch.float32] + [low_dtype] * 3
+    assert torch.equal(ms_low[0], ms_full[0]) and torch.equal(c_low, c_full)
+    for m_low, m_full in zip(ms_low[1:], ms_full[1:]):
+        assert torch.equal(m_low, m_full.detach().to(low_dtype))
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(m.shape, generator=gen).to(m.dtype) for m in (*ms_low, c_low)]
+    torch.autograd.backward([*ms_low, c_low], grads)
+    torch.autograd.backward([*ms_full, c_full], [g.float() for g in grads])
+    for a, b in zip(_fold_leaves(low), _fold_leaves(full)):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_fold_serves_fp32_parameters_only():
+    """bf16 or mixed parameters, or no products' dtype: `fold_reference`, no launch."""
+    kernel_device("cpu")
+    e, widths = FOLD_SHAPES["small"]
+    p = _fold_params(e, widths, seed=5, device="cpu")
+    bf16 = _fold_params(e, widths, seed=5, device="cpu", dtype=torch.bfloat16)
+    mixed = DecoderParams(p.unify_weights, p.unify_biases, p.fuse1_weight, bf16.fuse1_bias, None, None)
+    assert dec_mod._fold_served(p) and not dec_mod._fold_served(bf16) and not dec_mod._fold_served(mixed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dec_mod, "FoldFunction", None)  # any launch would fail
+        for params, low in ((bf16, torch.bfloat16), (mixed, torch.bfloat16), (p, None)):
+            ms, c = dec_mod.fold(params, low)
+            ms_ref, c_ref = dec_mod.fold_reference(params)
+            assert all(torch.equal(a, b) for a, b in zip((*ms, c), (*ms_ref, c_ref)))
 
 
 def test_unserved_cases_run_the_eager_composition(monkeypatch):

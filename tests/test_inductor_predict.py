@@ -153,7 +153,7 @@ def test_small_training_step_on_both_targets(probe):
 
 def test_triton_step_hands_inductor_the_fused_operators(probe):
     ops = probe["triton_step_operators"]
-    fused = {"attention_block", "ffn_sublayer", "decoder_mlp", "head_loss", "lmsa", "map_layer_norm"}
+    fused = {"attention_block", "ffn_sublayer", "decoder_fold", "decoder_mlp", "head_loss", "lmsa", "map_layer_norm"}
     assert {op.split(".")[1] for op in ops["forward"]} == fused, ops
     assert {op.split(".")[1] for op in ops["backward"]} == {f"{op}_backward" for op in fused}, ops
 

@@ -103,6 +103,11 @@ def _case(name):
                 torch.float32, True)
         call_leaves = feats + unify + ubias + list(fuse)  # what the wrapper's call differentiates
         return ops.decoder_mlp_op, args, lambda f: f(feats, p, 0.2, True, seed=seed), call_leaves
+    if name == "decoder_fold":  # E = 16, stage widths 8, 24, 16, 40; M_2..M_4 in bf16
+        us = [_randn(16, c, scale=0.3, seed=50 + i) for i, c in enumerate((8, 24, 16, 40))]
+        vs = [_randn(16, scale=0.1, seed=60 + i) for i in range(4)]
+        w, b = _randn(16, 64, scale=0.15, seed=70), _randn(16, scale=0.1, seed=71)
+        return ops.decoder_fold_op, (w, b, us, vs, torch.bfloat16), None
     if name == "head_loss":
         logits = _randn(2, 5, 3, 4)
         targets = torch.randint(0, 5, (2, 12, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -123,7 +128,7 @@ def _case(name):
 CASES = list(ops.REGISTRY) + ["attention_block_embedded"]
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASES + ["decoder_fold"])  # (the fold: an operator of decoder_mlp's host half)
 def test_opcheck(name):
     op, args, *_ = _case(name)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
