@@ -563,8 +563,8 @@ def _decoder_mlp_host_counted(counter: ByteCounter, dtype: torch.dtype) -> Calla
         return (ms[0], *(m.to(cdt) for m in ms[1:]), c)
     fold_uncounted = uncounted(fold_standin, counter)
 
-    def fold(p, cdt):
-        *ms, c = fold_uncounted(p, cdt)
+    def fold(p, cdt):  # (the fold's own parameters only: a stand-in hands back a gradient for each it takes)
+        *ms, c = fold_uncounted(dataclasses.replace(p, fuse2_weight=None, fuse2_bias=None), cdt)
         return ms, c
 
     def call(features, p, dropout_p, training):

@@ -165,7 +165,7 @@ class LMSA(nn.Module):
     def params(self) -> LMSAParams:
         return LMSAParams(
             dw_weights=tuple(dw.weight for dw in self.depthwise),
-            pw_weights=tuple(pw.weight[:, :, 0, 0] for pw in self.pointwise),
+            pw_weights=tuple(pw.weight.flatten(1) for pw in self.pointwise),  # (a view: its backward is free)
             pw_biases=tuple(pw.bias for pw in self.pointwise),
             fc1_weight=self.fc1.weight, fc1_bias=self.fc1.bias,
             fc2_weight=self.fc2.weight, fc2_bias=self.fc2.bias,
