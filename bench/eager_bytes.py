@@ -685,7 +685,8 @@ def collect(batch: int = 32, size: int = 512, top: int = 15) -> dict:
     for variant in STEP_VARIANTS:
         counter = count_step(variant, batch=batch, size=size)
         steps.append({"variant": variant, "forward": counter.total("forward"),
-                      "backward": counter.total("backward"), "total": counter.total()})
+                      "backward": counter.total("backward"), "total": counter.total(),
+                      "launches": sum(counter.launches.values())})
         top_ops[variant] = counter.by_op()[:top]
     return {"batch": batch, "size": size, "bandwidth": BANDWIDTH, "ops": ops, "steps": steps, "top_ops": top_ops}
 
@@ -704,10 +705,10 @@ def render(result: dict) -> str:
         label = r["op"] + (f" stage {r['stage']}" if r["stage"] else "")
         total = r["forward"] + r["backward"]
         lines.append(f"{label:26s} {r['forward'] / gb:8.3f} {r['backward'] / gb:8.3f} {total / gb:9.3f} {_floors(total)}")
-    lines += ["", f"{'training step':26s} {'fwd GB':>8s} {'bwd GB':>8s} {'total GB':>9s} {devices}"]
+    lines += ["", f"{'training step':26s} {'fwd GB':>8s} {'bwd GB':>8s} {'total GB':>9s} {devices} {'launches':>8s}"]
     for r in result["steps"]:
         lines.append(f"{r['variant']:26s} {r['forward'] / gb:8.3f} {r['backward'] / gb:8.3f} {r['total'] / gb:9.3f} "
-                     f"{_floors(r['total'])}")
+                     f"{_floors(r['total'])} {r['launches']:8d}")
     for variant, rows in result["top_ops"].items():
         lines += ["", f"top aten ops, {variant}: {'fwd GB':>8s} {'bwd GB':>8s} {'total GB':>9s} {'calls':>6s}"]
         for r in rows:
