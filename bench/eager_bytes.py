@@ -351,6 +351,7 @@ class _Uncounted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, counter, template, *tensors):
         ctx.counter = counter
+        ctx.set_materialize_grads(False)  # (an output nothing reads gets no zeros fill: the fused ops make none)
         ctx.save_for_backward(*tensors)
         with counter.paused():
             return fn(*_rebuild(template, tensors))
