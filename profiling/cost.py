@@ -100,7 +100,10 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    ops a triton-backend step keeps that moves bytes (`msf.bench.eager_bytes`, "triton_rest": the
    patch embeddings' and classifier's convolutions and their weight casts, the decoder's fold and
    stages 2-4's projections, the image cast, gradient accumulation copies) costs one LAUNCH_S on top
-   of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then.
+   of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then; 44 once
+   the decoder's fold became two kernels of its op (41 fold ops and 6 casts), LMSA's pointwise
+   weights views (6 select backwards) and the byte counter's stand-ins stopped adding gradients and
+   zero fills the fused ops never make (3).
 
 Calibration (`--calibrate`, msf.profiling.calibrate): the same capture and prediction on
 Liger-Kernel 0.5.2's kernels, against their times measured on the project's H200 and published
