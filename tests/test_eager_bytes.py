@@ -146,6 +146,17 @@ def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
     assert launches[0] >= launches[1] > launches[2] > 0, launches
 
 
+def test_triton_rest_holds_no_fold_and_no_weight_selects():
+    """What a triton step keeps eager: the convolutions with their casts and the projections (mm), not
+    the decoder's fold (its mv / add / cat / select backward ops are two kernels of the fused op) nor
+    a zeros + copy a pointwise weight of LMSA (handed over as views)."""
+    rest = eb.count_step("triton_rest", batch=2, size=64)
+    ops = {row["op"]: row["calls"] for row in rest.by_op()}
+    assert not ops.keys() & {"mv", "add", "cat", "select_backward", "zeros", "mul"}, ops
+    assert ops["mm"] == 3 * 3  # stages 2-4's projections: one forward, two backward
+    assert ops["convolution"] == ops["convolution_backward"] == 5  # four patch embeddings, the classifier
+
+
 def test_op_bytes_cover_every_op_and_reject_bad_arguments():
     for op, stage in eb._op_cases():
         got = eb.eager_op_bytes(op, stage=stage, batch=2, size=64)
