@@ -953,9 +953,24 @@ def _fold_served(p: DecoderParams) -> bool:
             and (dev.type == "cuda" or INTERPRET))
 
 
+def _check_fold(w, b, us, vs) -> None:
+    """The layout the fold kernels assume (they take no strides): four stages, dense fp32 W (E × 4E),
+    b (E), U_i (E × C_i), u_i (E) on one device."""
+    e = w.shape[0] if w.dim() == 2 else -1
+    ok = (len(us) == len(vs) == 4 and w.shape == (e, 4 * e) and b.shape == (e,)
+          and all(u.dim() == 2 and u.shape[0] == e for u in us) and all(v.shape == (e,) for v in vs))
+    ts = (w, b, *us, *vs)
+    if not ok or any(t.dtype != torch.float32 or not t.is_contiguous() or t.device != w.device for t in ts):
+        raise ValueError("decoder_mlp fold: needs dense fp32 W (E×4E), b (E), four U_i (E×C_i) and u_i (E) on one "
+                         f"device; got W {tuple(w.shape)}, b {tuple(b.shape)}, U {[tuple(u.shape) for u in us]}, "
+                         f"u {[tuple(v.shape) for v in vs]}, dtypes {sorted({str(t.dtype) for t in ts})}, "
+                         f"contiguous {all(t.is_contiguous() for t in ts)}")
+
+
 def _fold_forward(w, b, us, vs, low_dtype: torch.dtype):
     """([M_1..M_4], c) by `_fold_fwd_kernel`: M_1 and c fp32, M_2..M_4 in `low_dtype` (the rounding the
     projections' F.linear would apply under autocast, done once on store)."""
+    _check_fold(w, b, us, vs)
     e, cs = w.shape[0], [u.shape[1] for u in us]
     ms = [_new((e, c), w.device, torch.float32 if i == 0 else low_dtype) for i, c in enumerate(cs)]
     cb = _new((e,), w.device, torch.float32)
@@ -967,6 +982,10 @@ def _fold_forward(w, b, us, vs, low_dtype: torch.dtype):
 def _fold_backward(w, us, vs, dms, dc):
     """(∂W, ∂b, [∂U_i], [∂u_i]) by `_fold_bwd_kernel`, all fp32; dms in the M_i's dtypes."""
     e, cs = w.shape[0], [u.shape[1] for u in us]
+    if len(dms) != 4 or any(d.shape != (e, c) or not d.is_contiguous() for d, c in zip(dms, cs)) \
+            or dc.shape != (e,) or not dc.is_contiguous():
+        raise ValueError(f"decoder_mlp fold backward: needs dense dM_i (E×C_i) and dc (E); got "
+                         f"{[tuple(d.shape) for d in dms]}, {tuple(dc.shape)}")
     dw, db = _new(w.shape, w.device, torch.float32), _new((e,), w.device, torch.float32)
     dus = [_new(u.shape, w.device, torch.float32) for u in us]
     dvs = [_new((e,), w.device, torch.float32) for _ in vs]

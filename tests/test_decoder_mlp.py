@@ -462,6 +462,22 @@ def test_fold_rounds_the_projected_stages_once_on_store(low_dtype):
         assert torch.equal(a.grad, b.grad)
 
 
+def test_fold_kernels_refuse_a_layout_they_do_not_take():
+    """The kernels take no strides: the operator (which a caller may hand any tensors) names a
+    strided, mis-shaped or non-fp32 argument instead of reading it wrongly."""
+    kernel_device("cpu")
+    from msf.kernels import ops
+    e, widths = FOLD_SHAPES["small"]
+    p = _fold_params(e, widths, seed=6, device="cpu")
+    w, b, us, vs = (p.fuse1_weight.detach(), p.fuse1_bias.detach(), [u.detach() for u in p.unify_weights],
+                    [v.detach() for v in p.unify_biases])
+    bad = [(w.t().contiguous().t(), b, us, vs), (w, b, us[:3], vs[:3]), (w, b.double(), us, vs),
+           (w, b, [us[0].t().contiguous().t(), *us[1:]], vs)]
+    for args in bad:
+        with pytest.raises(ValueError, match="decoder_mlp fold"):
+            ops.decoder_fold_op(*args, torch.float32)
+
+
 def test_fold_serves_fp32_parameters_only():
     """bf16 or mixed parameters, or no products' dtype: `fold_reference`, no launch."""
     kernel_device("cpu")
