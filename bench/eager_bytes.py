@@ -684,7 +684,7 @@ def collect(batch: int = 32, size: int = 512, top: int = 15) -> dict:
         ops.append({"op": op, "stage": stage, **counted})
     steps, top_ops = [], {}
     for variant in STEP_VARIANTS:
-        counter = count_step(variant, batch=batch, size=size)
+        counter = _step_counter(variant, batch, size)
         steps.append({"variant": variant, "forward": counter.total("forward"),
                       "backward": counter.total("backward"), "total": counter.total(),
                       "launches": sum(counter.launches.values())})

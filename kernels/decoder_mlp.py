@@ -1036,15 +1036,21 @@ def fold_reference(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     return ms, c
 
 
-def fold(p: DecoderParams, low_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """`fold_reference`'s ([M_1..M_4], c), by `FoldFunction`'s two kernels where `_fold_served` (fp32
+def _fold_function(w, b, us, vs, low_dtype) -> list[torch.Tensor]:
+    return list(FoldFunction.apply(w, b, *us, *vs, low_dtype))
+
+
+def fold(p: DecoderParams, low_dtype: torch.dtype | None = None, *, fused=_fold_function
+         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`fold_reference`'s ([M_1..M_4], c), by the fold's two kernels where `_fold_served` (fp32
     parameters: the model's), with M_2..M_4 rounded to `low_dtype` (the dtype stages 2-4's projections
-    multiply in: bit for bit the cast F.linear would make of an fp32 M_i); else `fold_reference`."""
+    multiply in: bit for bit the cast F.linear would make of an fp32 M_i); else `fold_reference`.
+    `fused(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]` runs the kernels: `FoldFunction` here,
+    `msf::decoder_fold` in kernels/ops.py."""
     if not _fold_served(p) or low_dtype is None:
         return fold_reference(p)
-    *ms, c = FoldFunction.apply(p.fuse1_weight.contiguous(), p.fuse1_bias.contiguous(),
-                                *(u.contiguous() for u in p.unify_weights), *(v.contiguous() for v in p.unify_biases),
-                                low_dtype)
+    *ms, c = fused(p.fuse1_weight.contiguous(), p.fuse1_bias.contiguous(), [u.contiguous() for u in p.unify_weights],
+                   [v.contiguous() for v in p.unify_biases], low_dtype)
     return ms, c
 
 

@@ -53,6 +53,7 @@ AOTAutograd's trace of a backward could not follow; tracing into it has not been
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -545,15 +546,8 @@ def _fold_grad(ctx, grads):
 decoder_fold_op.register_autograd(_fold_grad, setup_context=_fold_setup)
 
 
-def _fold(p: DecoderParams, low_dtype: torch.dtype | None):
-    """`msf.kernels.decoder_mlp.fold` through `msf::decoder_fold` (its reference where the kernels do not
-    serve the parameters)."""
-    if not _dec._fold_served(p) or low_dtype is None:
-        return _dec.fold_reference(p)
-    *ms, c = torch.ops.msf.decoder_fold(p.fuse1_weight.contiguous(), p.fuse1_bias.contiguous(),
-                                        [u.contiguous() for u in p.unify_weights],
-                                        [v.contiguous() for v in p.unify_biases], low_dtype)
-    return ms, c
+# `msf.kernels.decoder_mlp.fold` through `msf::decoder_fold` (its reference where the kernels do not serve)
+_fold = functools.partial(_dec.fold, fused=decoder_fold_op)
 
 
 def decoder_mlp(features, p: DecoderParams, dropout_p: float = 0.0, training: bool = False, *,

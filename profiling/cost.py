@@ -98,8 +98,9 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    tap-major copies).
 9. The eager rest's launches (since 2026-12-06; `eager_rest_launches`): each aten op of the eager
    ops a triton-backend step keeps that moves bytes (`msf.bench.eager_bytes`, "triton_rest": the
-   patch embeddings' and classifier's convolutions and their weight casts, the decoder's fold and
-   stages 2-4's projections, the image cast, gradient accumulation copies) costs one LAUNCH_S on top
+   patch embeddings' and classifier's convolutions and their weight casts, stages 2-4's projections,
+   the image cast, gradient accumulation copies; the decoder's fold until it became kernels of its
+   op) costs one LAUNCH_S on top
    of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then; 44 once
    the decoder's fold became two kernels of its op (41 fold ops and 6 casts), LMSA's pointwise
    weights views (6 select backwards) and the byte counter's stand-ins stopped adding gradients and
@@ -1559,7 +1560,7 @@ def eager_step_floor(variant: str, device: Device) -> float | None:
 
 def eager_rest_launches() -> int | None:
     """The kernel launches of the eager ops a triton-backend step keeps (`msf.bench.eager_bytes`,
-    "triton_rest": the convolutions, weight casts, the decoder's fold and projections, ...)."""
+    "triton_rest": the convolutions, their weight casts, the decoder's projections, ...)."""
     mod = _eager()
     return None if mod is None else mod.eager_step_launches("triton_rest", batch=BATCH, size=SIZE)
 
@@ -1737,7 +1738,7 @@ STEP_NOTE = (
     "embedding's LayerNorm inside it, so no map_layer_norm row counts), the stage-final norms and the "
     "decoder, fused and predicted, plus the floor of the eager ops a triton-backend step "
     "keeps and one launch (LAUNCH_S) for each of them that moves bytes (`eager_rest_launches`: the "
-    "convolutions, their weight casts, the decoder's fold and projections; since 2026-12-06), plus one "
+    "convolutions, their weight casts, the decoder's projections; since 2026-12-06), plus one "
     "launch for each aten op the fused ops' forward and backward functions "
     "run on the host between their kernels (LMSA's gate graph and its autograd, border fills, partial "
     "sums in PyTorch, weight casts; `host_launches`); upsample_argmax is inference-only and not in the "
