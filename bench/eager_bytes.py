@@ -31,7 +31,8 @@ Variants of one training step (`model.loss`, forward + backward, B = batch, size
 - `paper`: eager, classifier after the ×4 upsample (`MicroSegFormer(paper_head_order=True)`);
 - `h4`: eager, classifier at H/4 then the 19-class upsample (`paper_head_order=False`);
 - `triton_rest`: the `h4` step with the ops the triton backend fuses (`msf.backend.fused_op_names`)
-  replaced by uncounted stand-ins of the right shapes and dtypes: what stays eager on triton.
+  replaced by uncounted stand-ins of the right shapes and dtypes, and the triton backend's own
+  PyTorch ops (`autocast_weights`: the convolutions' weights cast together): what stays eager on triton.
 Per op (`eager_op_bytes`): the eager reference of each fused op at the model's shapes and autocast
 dtypes (the arguments the model hands it), forward and backward.
 
@@ -248,9 +249,10 @@ class CudaAutocastEmulation(TorchFunctionMode):
     floating arguments by CUDA autocast's policy, with casts autograd records (see the module
     docstring). Leaf tensors that require grad are cast once per region, as autocast caches them.
 
-    Inside, CUDA autocast's thread-local flag is on, so a region the model runs under
-    `torch.autocast("cuda", enabled=False)` (the decoder's fold, `msf.kernels.decoder_mlp.fold_reference`,
-    which turns CUDA autocast off for meta tensors for this reason) is not cast, as on a GPU."""
+    Inside, CUDA autocast's thread-local flag is on and its dtype `dtype`, so a region the model runs
+    under `torch.autocast("cuda", enabled=False)` (the decoder's fold, `msf.kernels.decoder_mlp.fold_reference`,
+    which turns CUDA autocast off for meta tensors for this reason) is not cast, as on a GPU, and
+    code that asks CUDA autocast for its dtype (`msf.precision.autocast_dtype`) gets this one."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -259,13 +261,16 @@ class CudaAutocastEmulation(TorchFunctionMode):
         self._was_enabled: list[bool] = []
 
     def __enter__(self):
-        self._was_enabled.append(torch.is_autocast_enabled("cuda"))
+        self._was_enabled.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
         torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._cache.clear()
-        torch.set_autocast_enabled("cuda", self._was_enabled.pop())
+        enabled, dtype = self._was_enabled.pop()
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", dtype)
         return super().__exit__(*exc)
 
     def _cast(self, x, to: torch.dtype):
@@ -527,6 +532,8 @@ def _fused_ops_uncounted(counter: ByteCounter, dtype: torch.dtype) -> Iterator[l
         table["decoder_mlp"] = _decoder_mlp_host_counted(counter, dtype)
     if "stage_output" in fused:
         table["stage_output"] = _stage_output_standin(counter, dtype)
+    # the convolutions' autocast copies: the triton backend's own PyTorch ops, part of the rest
+    table["autocast_weights"] = backend.get_ops("triton").autocast_weights
     table = backend.Ops(**table)
     with mock.patch.object(model, "get_ops", lambda _backend: table):
         yield fused

@@ -33,6 +33,11 @@ Ops (shapes are the model's):
   unified to E channels, upsampled to stage 1's size, concatenated, Linear → GELU → Dropout → Linear;
   B×(H·W)×E tokens.
 - `lmsa(x, params)`: the decoder's multi-scale attention, `x + Σ_k z_k ⊙ PW_k(DW_k(x))`.
+- `autocast_weights(tensors)`: the convolutions' weights and biases as the model hands them to
+  `F.conv2d`. Eager: the fp32 masters (autocast casts each as its convolution runs, a launch a
+  tensor each way). Triton: under autocast, all their 16-bit copies from one cat and one cast, and
+  their gradients back the same way (`msf.precision.grouped_autocast_copies`: plain PyTorch, no kernel
+  of its own, so `fused_op_names` does not list it).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
+from msf.precision import as_they_are, grouped_autocast_copies
 from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams,  # noqa: F401
                            composed_attention_sublayer,
                            eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
@@ -64,13 +70,14 @@ class Ops:
     upsample_argmax: Callable[..., torch.Tensor]
     decoder_mlp: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
+    autocast_weights: Callable[..., list[torch.Tensor | None]]
 
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
                 attention_block=eager_attention_block, map_layer_norm=eager_map_layer_norm,
                 stage_output=eager_stage_output,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
-                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa)
+                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa, autocast_weights=as_they_are)
 
 
 def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str,
@@ -147,6 +154,8 @@ def _build_ops(backend: str) -> Ops:
     if "attention_block" not in fused:  # compose around whichever attention sublayer this backend has
         composed = functools.partial(eager_attention_block, attention_sublayer=table["attention_sublayer"])
         table["attention_block"] = _annotated("attention_block", composed, "eager")
+    if backend == "triton":  # (PyTorch ops, no kernel: a provider of its own, not among the fused ops)
+        table["autocast_weights"] = _annotated("autocast_weights", grouped_autocast_copies, "torch")
     return Ops(**table)
 
 

@@ -43,6 +43,16 @@ class ModelConfig:
     lmsa_reduction: int = 8
 
 
+ConvWeights = tuple[torch.Tensor, torch.Tensor | None]  # a convolution's (weight, bias)
+
+
+def convolve(conv: nn.Conv2d, x: torch.Tensor, weights: ConvWeights | None = None) -> torch.Tensor:
+    """`conv(x)`, with `weights` (weight, bias) in place of the module's own where given."""
+    if weights is None:
+        return conv(x)
+    return F.conv2d(x, weights[0], weights[1], conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class PatchEmbed(nn.Module):
     """Overlapping patch embedding: strided Conv2d, flatten to tokens, LayerNorm (the last two one
     fused op on triton: the map read once in its layout, the tokens written once)."""
@@ -53,8 +63,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)
         self.norm = nn.LayerNorm(out_ch)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)
+    def forward(self, x: torch.Tensor, conv_weights: ConvWeights | None = None) -> tuple[torch.Tensor, int, int]:
+        x = convolve(self.proj, x, conv_weights)
         h, w = x.shape[-2:]
         return get_ops(self.backend).map_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps), h, w
 
@@ -131,17 +141,19 @@ class Stage(nn.Module):
         self.backend = backend
         self.feeds_next = feeds_next
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, conv_weights: ConvWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the map the decoder reads, the map the next stage reads): one tensor on eager; on triton
-        under autocast the second is the 16-bit copy the next convolution would cast the first to."""
+        under autocast the second is the 16-bit copy the next convolution would cast the first to.
+        `conv_weights`: the patch embedding's (weight, bias) in place of its module's own (their
+        autocast copies, `MicroSegFormer.conv_weights`)."""
         if self.blocks:  # the patch embedding's norm goes to the first block with the convolution's map
-            fmap = self.embed.proj(x)
+            fmap = convolve(self.embed.proj, x, conv_weights)
             h, w = fmap.shape[-2:]
             tokens = self.blocks[0](fmap, h, w, embed_norm=self.embed.embed_norm())
             for block in self.blocks[1:]:
                 tokens = block(tokens, h, w)
         else:
-            tokens, h, w = self.embed(x)
+            tokens, h, w = self.embed(x, conv_weights)
         norm = self.norm
         # decoder_linear (the last argument) True: the decoder reads every stage's map through a Linear
         # (stages 2-4's projections; stage 1's, folded into M1, is the decoder kernel's product, which
@@ -235,6 +247,12 @@ class MicroSegFormer(nn.Module):
         self.decoder = Decoder(cfg, backend)
         self.classifier = nn.Conv2d(cfg.decoder_dim, num_classes, 1)
         self.apply(_init_weights)
+        # Stages 2-4's patch embeddings read the previous stage's channels-last map, and the
+        # convolution's backward returns their weight gradients in that layout: channels-last weights
+        # take them as they come (a contiguous parameter is sent a copy each step, as autograd makes a
+        # gradient match its parameter's layout). The function and the checkpoints are the same.
+        for stage in self.stages[1:]:
+            stage.embed.proj.to(memory_format=torch.channels_last)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -243,26 +261,38 @@ class MicroSegFormer(nn.Module):
         if h % self.STRIDE or w % self.STRIDE or h == 0 or w == 0:
             raise ValueError(f"image height and width must be positive multiples of {self.STRIDE}, got {h}×{w}")
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoder output (after LMSA): B×128×H/4×W/4."""
+    def conv_weights(self) -> list[ConvWeights]:
+        """(weight, bias) of each stage's patch embedding and of the classifier, as the backend hands
+        them to their convolutions: on eager the modules' own (autocast casts each as it runs); on
+        triton under autocast their 16-bit copies, all made by one cast (`Ops.autocast_weights`)."""
+        convs = [stage.embed.proj for stage in self.stages] + [self.classifier]
+        with nvtx_range("autocast_weights"):
+            flat = get_ops(self.backend).autocast_weights([t for conv in convs for t in (conv.weight, conv.bias)])
+        return list(zip(flat[0::2], flat[1::2]))
+
+    def features(self, images: torch.Tensor, conv_weights: list[ConvWeights] | None = None) -> torch.Tensor:
+        """Decoder output (after LMSA): B×128×H/4×W/4. `conv_weights`: `self.conv_weights()` if given."""
         self._check_images(images)
+        conv_weights = self.conv_weights() if conv_weights is None else conv_weights
         feats, x = [], images
         for i, stage in enumerate(self.stages, start=1):
             with nvtx_range(f"encoder/stage{i}"):
-                feature, x = stage(x)
+                feature, x = stage(x, conv_weights[i - 1])
             feats.append(feature)
         with nvtx_range("decoder"):
             return self.decoder(feats)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(images)
+        conv_weights = self.conv_weights()
+        x = self.features(images, conv_weights)
         with nvtx_range("head/upsample+classifier"):
             x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            return self.classifier(x)
+            return convolve(self.classifier, x, conv_weights[-1])
 
     def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits at H/4×W/4 (the classifier applied before the upsample)."""
-        return self.classifier(self.features(images))
+        conv_weights = self.conv_weights()
+        return convolve(self.classifier, self.features(images, conv_weights), conv_weights[-1])
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """CE + Dice (SPEC §4) of the full-resolution prediction against B×H×W masks."""

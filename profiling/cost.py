@@ -104,7 +104,10 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then; 44 once
    the decoder's fold became two kernels of its op (41 fold ops and 6 casts), LMSA's pointwise
    weights views (6 select backwards) and the byte counter's stand-ins stopped adding gradients and
-   zero fills the fused ops never make (3).
+   zero fills the fused ops never make (3); 25 once the convolutions' weights were cast together
+   (`msf.precision`: 20 casts and their gradients' widenings became 2 cats and 2 casts) and stages
+   2-4's patch-embedding weights made channels-last (3 copies of their gradients into a contiguous
+   parameter's layout).
 
 Calibration (`--calibrate`, msf.profiling.calibrate): the same capture and prediction on
 Liger-Kernel 0.5.2's kernels, against their times measured on the project's H200 and published

@@ -100,7 +100,8 @@ def autocast_bf16_step():
             loss.backward()
             losses.append(loss.float())
             grads.append({name: p.grad for name, p in model.named_parameters()})
-    return {"losses": losses, "eager": grads[0], "fused": grads[1], "fused_calls": fused_calls}
+        layouts = {name: p.stride() for name, p in fused.named_parameters()}
+    return {"losses": losses, "eager": grads[0], "fused": grads[1], "fused_calls": fused_calls, "layouts": layouts}
 
 
 # bf16 rounding of 100+ ops (truncating under the interpreter) apart. Measured 2026-11-29 on an AMD
@@ -125,6 +126,10 @@ def test_autocast_bf16_training_step_matches_eager(autocast_bf16_step):
     for name, grad in step["fused"].items():
         assert grad is not None, f"{name}: no gradient through the triton backend"
         assert grad.dtype == step["eager"][name].dtype == torch.float32, name
+        # in its parameter's layout as it arrived (no copy): the convolutions' weights, cast together
+        # (`msf.precision`), get theirs back through views of one widened buffer
+        assert grad.stride() == step["layouts"][name], (name, grad.stride(), step["layouts"][name])
+    assert step["layouts"]["stages.1.embed.proj.weight"][1] == 1  # channels-last (`MicroSegFormer.__init__`)
     assert_grads_close(step["fused"], step["eager"], AUTOCAST_GRAD_TOL, AUTOCAST_GRAD_FLOOR, "bf16 autocast grads")
 
 

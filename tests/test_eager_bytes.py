@@ -147,14 +147,23 @@ def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
 
 
 def test_triton_rest_holds_no_fold_and_no_weight_selects():
-    """What a triton step keeps eager: the convolutions with their casts and the projections (mm), not
-    the decoder's fold (its mv / add / cat / select backward ops are two kernels of the fused op) nor
-    a zeros + copy a pointwise weight of LMSA (handed over as views)."""
+    """What a triton step keeps eager: the convolutions and the projections (mm), the convolutions'
+    weights cast together (one cat and one cast each way, `msf.precision`), not the decoder's fold (its
+    mv / add / select backward ops are two kernels of the fused op) nor a zeros + copy a pointwise
+    weight of LMSA (handed over as views), nor a copy of a weight gradient into its parameter's layout."""
     rest = eb.count_step("triton_rest", batch=2, size=64)
     ops = {row["op"]: row["calls"] for row in rest.by_op()}
-    assert not ops.keys() & {"mv", "add", "cat", "select_backward", "zeros", "mul"}, ops
+    assert not ops.keys() & {"mv", "add", "select_backward", "zeros", "mul", "copy_", "clone"}, ops
     assert ops["mm"] == 3 * 3  # stages 2-4's projections: one forward, two backward
     assert ops["convolution"] == ops["convolution_backward"] == 5  # four patch embeddings, the classifier
+    assert ops["cat"] == 2 and ops["_to_copy"] == 1 + 2  # the images' cast; the weights' copies and gradients
+
+
+def test_emulation_sets_and_restores_cuda_autocast_dtype():
+    before = torch.get_autocast_dtype("cuda")
+    with eb.CudaAutocastEmulation(torch.bfloat16):
+        assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
+    assert torch.get_autocast_dtype("cuda") == before and not torch.is_autocast_enabled("cuda")
 
 
 def test_op_bytes_cover_every_op_and_reject_bad_arguments():
