@@ -27,7 +27,10 @@ interpolation ops, the losses; softmax / log_softmax / sum get `dtype=float32`; 
 and caches the casts of leaf weights as autocast does. A call that reaches an op with an
 `AutocastCUDA` kernel missing from those lists is an error, not a silent fp32 run.
 
-Variants of one training step (`model.loss`, forward + backward, B = batch, size², bf16 autocast):
+Variants of one training step (`model.loss`, forward + backward, B = batch, size², bf16 autocast;
+the images in bf16, as the device pipeline hands a training step under autocast, `DeviceBatches`'
+image_dtype: before 2026-12-06 they were float32 and every variant held their cast, 0.15 GB at
+B = 32, 512²):
 - `paper`: eager, classifier after the ×4 upsample (`MicroSegFormer(paper_head_order=True)`);
 - `h4`: eager, classifier at H/4 then the 19-class upsample (`paper_head_order=False`);
 - `triton_rest`: the `h4` step with the ops the triton backend fuses (`msf.backend.fused_op_names`)
@@ -587,7 +590,7 @@ def count_step(variant: str, *, batch: int = 32, size: int = 512, dtype: torch.d
     if variant not in STEP_VARIANTS:
         raise ValueError(f"variant must be one of {STEP_VARIANTS}, got {variant!r}")
     model = _meta_model(variant)
-    images = _meta(batch, 3, size, size)
+    images = _meta(batch, 3, size, size, dtype=dtype)  # as the device pipeline hands a step under autocast
     masks = _meta(batch, size, size, dtype=torch.uint8)
     counter = ByteCounter()
     swap = _fused_ops_uncounted(counter, dtype) if variant == "triton_rest" else contextlib.nullcontext()
@@ -641,7 +644,7 @@ def eager_step_saved_bytes(variant: str, *, batch: int = 32, size: int = 512,
     if variant not in ("paper", "h4"):
         raise ValueError(f"variant must be 'paper' or 'h4', got {variant!r}")
     model = _meta_model(variant)
-    images, masks = _meta(batch, 3, size, size), _meta(batch, size, size, dtype=torch.uint8)
+    images, masks = _meta(batch, 3, size, size, dtype=dtype), _meta(batch, size, size, dtype=torch.uint8)
     with saved_storages([*model.parameters(), images, masks]) as seen, CudaAutocastEmulation(dtype):
         model.loss(images, masks)
     return sum(seen.values())

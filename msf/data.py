@@ -283,9 +283,13 @@ _MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 _STD = torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of C×H×W or B×C×H×W images in [0, 1]."""
-    return (images - _on_device(_MEAN, images.device, images.dtype)) / _on_device(_STD, images.device, images.dtype)
+def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ImageNet normalisation of C×H×W or B×C×H×W images in [0, 1], in `dtype` (default: theirs):
+    computed in the images' dtype and rounded once on the way out, as `.to(dtype)` of the result
+    would round it, without writing the result in the images' dtype first."""
+    centred = images - _on_device(_MEAN, images.device, images.dtype)
+    out = torch.empty_like(centred, dtype=dtype or images.dtype)
+    return torch.div(centred, _on_device(_STD, images.device, images.dtype), out=out)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ epoch, rank, world): the shuffle order comes from a generator seeded by (seed, e
 process of a multi-process run takes its contiguous share of every *global* batch, so N processes
 with batch B/N see, together, exactly the batches one process with batch B sees.
 
-Two pipelines turn a plan into (normalised float32 images, int64 masks) on the training device:
+Two pipelines turn a plan into (normalised images, int64 masks) on the training device, float32
+images (`DeviceBatches`' training batches under autocast: its 16-bit dtype):
 
 - `LoaderBatches`: the per-sample CPU path (a `torch.utils.data.DataLoader` over the data set,
   worker processes decoding and augmenting each sample). For CPU training.
@@ -235,12 +236,15 @@ class DeviceBatches:
 
     `augment` None: the samples as they are (evaluation). Otherwise each sample's parameters are
     `sample_params_for(seed, epoch, index, augment)`, drawn on the host once per epoch and copied
-    to the device in one transfer.
+    to the device in one transfer. `image_dtype`: the images' dtype, computed in float32 and rounded
+    once by the normalisation (training under autocast takes them in its 16-bit dtype: the first
+    convolution would cast them to it anyway, inside the step).
     """
 
     def __init__(self, cache: UInt8Cache, plan: Callable[[int], Plan], augment: AugmentConfig | None = None,
-                 seed: int = 0):
+                 seed: int = 0, image_dtype: torch.dtype = torch.float32):
         self.cache, self.plan, self.augment, self.seed = cache, plan, augment, seed
+        self.image_dtype = image_dtype
         self.device = cache.images.device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -269,12 +273,12 @@ class DeviceBatches:
         return batch
 
     def assemble(self, rows: torch.Tensor, params: dict | None) -> Batch:
-        """(normalised float32 B×3×H×W images, int64 B×H×W masks) for cache rows `rows`."""
+        """(normalised B×3×H×W images in `image_dtype`, int64 B×H×W masks) for cache rows `rows`."""
         images = self.cache.images.index_select(0, rows).float().div_(255)
         masks = self.cache.masks.index_select(0, rows).long()
         if params is not None:
             images, masks = augment_batch(images, masks, params)
-        return normalize(images), masks
+        return normalize(images, self.image_dtype), masks
 
     def _batches(self, plan: Plan, epoch: int) -> Iterator[Batch]:
         if self.stream is None:

@@ -17,7 +17,7 @@ import torch
 from msf.backend import require_runnable
 from msf.model import MicroSegFormer
 from msf.nvtx import nvtx_range
-from msf.train.evaluate import autocast_for
+from msf.train.evaluate import amp_dtype, autocast_for
 
 
 def build_step(backend: str, batch: int, size: int, amp: str, device: torch.device, compiled: bool = False,
@@ -29,7 +29,8 @@ def build_step(backend: str, batch: int, size: int, amp: str, device: torch.devi
     model = MicroSegFormer(backend=backend, paper_head_order=paper_head_order).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=1e-4)
     loss_fn = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
-    images = torch.randn(batch, 3, size, size, device=device)
+    # in autocast's dtype when it is on, as the device pipeline hands training batches (`DeviceBatches`)
+    images = torch.randn(batch, 3, size, size, device=device).to(amp_dtype(device, amp) or torch.float32)
     masks = torch.randint(0, 19, (batch, size, size), device=device, dtype=torch.uint8)
 
     def step():

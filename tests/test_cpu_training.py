@@ -27,6 +27,20 @@ def test_auto_settings_follow_the_cpu(monkeypatch, native):
         TrainConfig(amp="fp16").resolve().for_device(CPU)
 
 
+@pytest.mark.parametrize("amp, want", [("bf16", torch.bfloat16), ("off", torch.float32)])
+def test_device_pipeline_hands_training_batches_in_the_autocast_dtype(tmp_path, amp, want):
+    """Under autocast the training images come in its dtype (the first convolution would cast them to
+    it inside the step); evaluation images stay float32 (resized to the model's size first)."""
+    from msf.train.inputs import build_inputs
+    cfg = TrainConfig(image_size=32, synthetic_train_images=8, synthetic_val_images=4, train_eval_images=4,
+                      batch_size=4, num_workers=0, progress=False, pipeline="device", amp=amp,
+                      cache_dir=str(tmp_path)).resolve().for_device(CPU)
+    inputs = build_inputs(cfg, CPU)
+    (images, masks), *_ = list(inputs.train.epoch(0))
+    (val_images, _), *_ = list(inputs.val.epoch(0))
+    assert images.dtype == want and masks.dtype == torch.int64 and val_images.dtype == torch.float32
+
+
 def test_auto_pipeline_takes_the_device_cache_on_a_cpu_only_where_it_fits(monkeypatch):
     """The uint8 cache is the fastest CPU input pipeline (bench/results/measured/cpu/train-speed.md)
     but holds the whole data set in RAM: auto takes it for real data up to a quarter of MemAvailable."""

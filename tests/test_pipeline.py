@@ -151,6 +151,21 @@ def test_device_pipeline_without_augmentation_gives_the_eval_batches():
     compare_epochs(loader, on_device, 0, image_atol=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_device_pipeline_in_a_16bit_dtype_rounds_its_float32_batches_once(dtype):
+    """Training batches for autocast: the float32 batch rounded once to `dtype` (what the first
+    convolution's autocast cast made of it inside the step), bit for bit; the masks unchanged."""
+    dataset = SyntheticFaces(10, 32, seed=7, augment=True)
+    cache, plan = decode_dataset(dataset), (lambda e: train_plan(10, 4, 7, e))
+    wide = DeviceBatches(cache, plan, AugmentConfig(), 7)
+    narrow = DeviceBatches(cache, plan, AugmentConfig(), 7, image_dtype=dtype)
+    for (a_img, a_mask), (b_img, b_mask) in zip(wide.epoch(2), narrow.epoch(2)):
+        assert b_img.dtype == dtype and b_img.shape == a_img.shape
+        differ = (b_img != a_img.to(dtype)).sum().item()
+        assert differ == 0, f"{differ} of {b_img.numel()} values are not the float32 batch rounded to {dtype}"
+        assert torch.equal(a_mask, b_mask)
+
+
 def test_augmentation_really_varies_per_sample_and_epoch():
     _, on_device = pipelines(torch.device("cpu"), n=8, batch=8)
     (e0, m0), = list(on_device.epoch(0))

@@ -33,12 +33,18 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast for `amp` ("auto" resolved by `resolve_amp`): bf16/fp16 on CUDA, bf16 on the CPU."""
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The 16-bit dtype autocast runs in for `amp` ("auto" resolved by `resolve_amp`), None without autocast."""
     amp = resolve_amp(amp, device)
     if amp == "off" or device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast for `amp` ("auto" resolved by `resolve_amp`): bf16/fp16 on CUDA, bf16 on the CPU."""
+    dtype = amp_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def compile_for_inference(model: MicroSegFormer, batch: int, input_size: int, device: torch.device,

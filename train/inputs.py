@@ -20,6 +20,7 @@ from msf.data import AugmentConfig, open_dataset
 from msf.pipeline import DeviceBatches, LoaderBatches, UInt8Cache, eval_plan, load_uint8_cache, train_plan
 from msf.train.config import TrainConfig
 from msf.train.distributed import DistContext
+from msf.train.evaluate import amp_dtype
 
 PIPELINES = ("auto", "loader", "device")
 
@@ -104,7 +105,10 @@ def build_inputs(cfg: TrainConfig, device: torch.device, ctx: DistContext = Dist
         val_cache = _shared_cache(val_set, cache_dir, progress, ctx)
         check_fits(train_cache.nbytes + val_cache.nbytes, device)
         train_cache, val_cache = train_cache.to(device), val_cache.to(device)
-        batches = {"train": DeviceBatches(train_cache, plans["train"], AugmentConfig(), cfg.seed),
+        # training batches in autocast's dtype, as the first convolution would cast them (evaluation
+        # keeps float32: native-size images are resized to the model's first)
+        image_dtype = amp_dtype(device, cfg.amp) or torch.float32
+        batches = {"train": DeviceBatches(train_cache, plans["train"], AugmentConfig(), cfg.seed, image_dtype),
                    "val": DeviceBatches(val_cache, plans["val"]),
                    "train_eval": DeviceBatches(train_cache, plans["train_eval"])}
     return RunInputs(train=batches["train"], val=batches["val"], train_eval=batches["train_eval"],
