@@ -1741,8 +1741,8 @@ STEP_NOTE = (
     "embedding's LayerNorm inside it, so no map_layer_norm row counts), the stage-final norms and the "
     "decoder, fused and predicted, plus the floor of the eager ops a triton-backend step "
     "keeps and one launch (LAUNCH_S) for each of them that moves bytes (`eager_rest_launches`: the "
-    "convolutions, their weights' grouped cast (`msf.precision`), the decoder's projections; since 2026-12-06), plus one "
-    "launch for each aten op the fused ops' forward and backward functions "
+    "convolutions, their weights' grouped cast (`msf.precision`), the decoder's projections; since "
+    "2026-12-06), plus one launch for each aten op the fused ops' forward and backward functions "
     "run on the host between their kernels (LMSA's gate graph and its autograd, border fills, partial "
     "sums in PyTorch, weight casts; `host_launches`); upsample_argmax is inference-only and not in the "
     "step. The eager step floors are bytes alone, without their launches.")

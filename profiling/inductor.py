@@ -695,7 +695,7 @@ def step_function(variant: str, batch: int = cost.BATCH, size: int = cost.SIZE, 
     names = [n for n, _ in model.named_parameters()]
     params = [_fake_like(p.detach().requires_grad_(True), mode) for _, p in model.named_parameters()]
     with mode:
-        images = torch.empty(batch, 3, size, size, dtype=dtype)  # as the device pipeline hands a step under autocast
+        images = torch.empty(batch, 3, size, size, dtype=dtype)  # as the device pipeline hands them under autocast
         masks = torch.empty(batch, size, size, dtype=torch.uint8)
 
     def step(*tensors):

@@ -68,7 +68,8 @@ def autotune_step(batch: int, size: int) -> dict:
     if not configs.AUTOTUNE:
         raise RuntimeError("MSF_AUTOTUNE=1 must be set before kernels is imported (main() sets it)")
     model = MicroSegFormer(backend="triton").cuda()
-    images = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)  # (as `DeviceBatches` under autocast)
+    # (in bf16, as `DeviceBatches` hands training batches under autocast)
+    images = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
     masks = torch.randint(0, model.config.num_classes, (batch, size, size), device="cuda", dtype=torch.uint8)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model.loss(images, masks)
