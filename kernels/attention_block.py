@@ -402,8 +402,8 @@ def _geometry(x, pe, hw: tuple[int, int], ratio: int) -> tuple:
 
 def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
              eps: float, eps_sr: float, cdt: torch.dtype, pe: tuple | None = None):
-    """x: B×N×C contiguous; parameters contiguous, as given (fp32 masters or `cdt`). With `pe` = (γ_pe,
-    β_pe, eps_pe, the residual stream's dtype), x is the patch embedding's dense B×C×h×w map and the
+    """x: B×N×C contiguous; parameters contiguous (W_sr: any strides), as given (fp32 masters or `cdt`).
+    With `pe` = (γ_pe, β_pe, eps_pe, the residual stream's dtype), x is the patch embedding's dense B×C×h×w map and the
     block's input is LN_pe(x), formed by the kv kernel (`_kv_fwd_kernel`'s PE). Returns out (the
     residual stream's dtype) and what the backward needs: xn (B×N×C), red, kin (B·M×C; None for R =
     1), kv (B×M×2C), all in `cdt`, the sublayer's O, lse, and `compute_weights`' four matrices."""
@@ -492,12 +492,15 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
     _sub.launch_wgrad(wgrads, precise)
     sum_partials(*sums)
     grads.update(kv_w=kv_sum[:2 * cc].view(2 * c, c), kv_b=kv_sum[2 * cc:])
-    return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name]).contiguous()
+    # (dW_sr as the sum lays it out: a channels-last view, the model's W_sr layout; AccumulateGrad
+    # copies it only into a parameter of another layout)
+    return [grads["x"]] + [None if grads.get(name) is None else grads[name].to(w_dtypes[name])
                            for name in _PARAM_NAMES]
 
 
 _PARAM_NAMES = ("ln_w", "ln_b", "sr_w", "sr_b", "srn_w", "srn_b", "kv_w", "kv_b", "wq", "bq", "wo", "bo",
                 "pe_w", "pe_b")  # the last two: the patch embedding norm's γ, β (`embed`)
+_SR_WEIGHT = _PARAM_NAMES.index("sr_w")
 
 
 class AttentionBlockFunction(torch.autograd.Function):
@@ -620,7 +623,8 @@ def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublay
     if not serves:
         return eager_attention_block(x, hw, ratio, p, attention_sublayer=attention_sublayer)
     x = x.contiguous() if embed is None else _dense(x)
-    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    # (W_sr as it comes, channels-last in the model: the kernels read only its transposed copy, `compute_weights`)
+    tensors = tuple(None if t is None else t if i == _SR_WEIGHT else t.contiguous() for i, t in enumerate(tensors))
     return fused(x, *tensors, (int(h), int(w)), int(ratio), float(p.ln_eps), float(p.sr_norm_eps), cdt, embed)
 
 

@@ -345,8 +345,10 @@ def _block_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, srw: Tensor | None
     grads = _blk._backward(x, lnw, wsr, snw, wkv, wq_c, bq, wo_c, xn, _none_if_empty(red), _none_if_empty(kin), kv,
                            o, lse, g, tuple(hw), ratio, eps, eps_sr, compute_dtype, dtypes, None,
                            None if embed is None else (pew, peb, *embed))
-    # parameter gradients are slices of shared sum buffers; an operator's outputs may not alias
-    return [grads[0]] + [x.new_empty((0,)) if t is None else t.clone() for t in grads[1:]]
+    # parameter gradients are slices of shared sum buffers (an operator's outputs may not alias),
+    # dense as the fake's (dW_sr comes as a channels-last view)
+    return [grads[0]] + [x.new_empty((0,)) if t is None else t.clone(memory_format=torch.contiguous_format)
+                         for t in grads[1:]]
 
 
 def _block_backward_fake(x, lnw, lnb, srw, srb, snw, snb, kvw, kvb, wq, bq, wo, bo, pew, peb, xn, red, kin, kv, o, lse,

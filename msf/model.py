@@ -248,11 +248,17 @@ class MicroSegFormer(nn.Module):
         self.classifier = nn.Conv2d(cfg.decoder_dim, num_classes, 1)
         self.apply(_init_weights)
         # Stages 2-4's patch embeddings read the previous stage's channels-last map, and the
-        # convolution's backward returns their weight gradients in that layout: channels-last weights
-        # take them as they come (a contiguous parameter is sent a copy each step, as autograd makes a
-        # gradient match its parameter's layout). The function and the checkpoints are the same.
+        # convolution's backward returns their weight gradients in that layout, as the fused attention
+        # block does its reduction convolution's (window position and input channel innermost):
+        # channels-last weights take them as they come (a contiguous parameter is sent a copy each
+        # step, as autograd makes a gradient match its parameter's layout). The function and the
+        # checkpoints are the same.
         for stage in self.stages[1:]:
             stage.embed.proj.to(memory_format=torch.channels_last)
+        for stage in self.stages:
+            for block in stage.blocks:
+                if block.attn.sr_ratio > 1:
+                    block.attn.sr.to(memory_format=torch.channels_last)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
