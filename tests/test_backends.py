@@ -90,6 +90,16 @@ def autocast_bf16_step():
         patch.setattr(block_mod, "eager_attention_block", no_composition)
         patch.setattr(block_mod.AttentionBlockFunction, "forward", staticmethod(recorded))
         eager, fused = twin_models()
+        # the strides each gradient arrives in (a tensor hook runs before AccumulateGrad, which
+        # copies a gradient into its parameter's layout where the two differ)
+        arrivals = {}
+
+        def arrival(name):
+            def hook(grad):
+                arrivals[name] = grad.stride()
+            return hook
+        for name, p in fused.named_parameters():
+            p.register_hook(arrival(name))
         g = torch.Generator().manual_seed(3)
         images = torch.randn(2, 3, 32, 64, generator=g).to(DEVICE)
         masks = torch.randint(0, 19, (2, 32, 64), generator=g).to(DEVICE)
@@ -101,7 +111,8 @@ def autocast_bf16_step():
             losses.append(loss.float())
             grads.append({name: p.grad for name, p in model.named_parameters()})
         layouts = {name: p.stride() for name, p in fused.named_parameters()}
-    return {"losses": losses, "eager": grads[0], "fused": grads[1], "fused_calls": fused_calls, "layouts": layouts}
+    return {"losses": losses, "eager": grads[0], "fused": grads[1], "fused_calls": fused_calls, "layouts": layouts,
+            "arrivals": arrivals}
 
 
 # bf16 rounding of 100+ ops (truncating under the interpreter) apart. Measured 2026-11-29 on an AMD
@@ -126,10 +137,12 @@ def test_autocast_bf16_training_step_matches_eager(autocast_bf16_step):
     for name, grad in step["fused"].items():
         assert grad is not None, f"{name}: no gradient through the triton backend"
         assert grad.dtype == step["eager"][name].dtype == torch.float32, name
-        # in its parameter's layout as it arrived (no copy): the convolutions' weights, cast together
-        # (`msf.precision`), get theirs back through views of one widened buffer
-        assert grad.stride() == step["layouts"][name], (name, grad.stride(), step["layouts"][name])
-    assert step["layouts"]["stages.1.embed.proj.weight"][1] == 1  # channels-last (`MicroSegFormer.__init__`)
+        # arrived in its parameter's layout (no copy into it): the convolutions' weights, cast together
+        # (`msf.precision`), get theirs back through views of one widened buffer; W_sr's as the
+        # fused backward's channels-last view of its sum
+        assert step["arrivals"][name] == step["layouts"][name], (name, step["arrivals"][name], step["layouts"][name])
+    for name in ("stages.1.embed.proj.weight", "stages.0.blocks.0.attn.sr.weight"):  # (`MicroSegFormer.__init__`)
+        assert step["layouts"][name][1] == 1, f"{name} is not channels-last: {step['layouts'][name]}"
     assert_grads_close(step["fused"], step["eager"], AUTOCAST_GRAD_TOL, AUTOCAST_GRAD_FLOOR, "bf16 autocast grads")
 
 

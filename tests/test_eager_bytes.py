@@ -141,6 +141,9 @@ def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
     # attention (bmm, softmax) and the loss (nll) live only inside the fused ops
     assert not ops & {"bmm", "_softmax", "_softmax_backward_data", "nll_loss2d_forward"}
     assert {"bmm", "_softmax", "nll_loss2d_forward"} <= {row["op"] for row in h4.by_op()}
+    # every weight gradient arrives in its parameter's layout: no copy into it (the convolutions that
+    # read channels-last maps have channels-last weights, `MicroSegFormer.__init__`)
+    assert "copy_" not in {row["op"] for row in paper.by_op() + h4.by_op()}
     assert eb.eager_step_bytes("h4", batch=2, size=64) == h4.total()
     launches = [eb.eager_step_launches(v, batch=2, size=64) for v in eb.STEP_VARIANTS]
     assert launches[0] >= launches[1] > launches[2] > 0, launches
