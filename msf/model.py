@@ -272,12 +272,12 @@ class MicroSegFormer(nn.Module):
         them to their convolutions: on eager the modules' own (autocast casts each as it runs); on
         triton under autocast their 16-bit copies, all made by one cast (`Ops.autocast_weights`)."""
         convs = [stage.embed.proj for stage in self.stages] + [self.classifier]
-        with nvtx_range("autocast_weights"):
-            flat = get_ops(self.backend).autocast_weights([t for conv in convs for t in (conv.weight, conv.bias)])
+        flat = get_ops(self.backend).autocast_weights([t for conv in convs for t in (conv.weight, conv.bias)])
         return list(zip(flat[0::2], flat[1::2]))
 
     def features(self, images: torch.Tensor, conv_weights: list[ConvWeights] | None = None) -> torch.Tensor:
-        """Decoder output (after LMSA): B×128×H/4×W/4. `conv_weights`: `self.conv_weights()` if given."""
+        """Decoder output (after LMSA): B×128×H/4×W/4. `conv_weights`: what `self.conv_weights()` gave
+        the caller (made here if None)."""
         self._check_images(images)
         conv_weights = self.conv_weights() if conv_weights is None else conv_weights
         feats, x = [], images
