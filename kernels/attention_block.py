@@ -403,8 +403,8 @@ def _geometry(x, pe, hw: tuple[int, int], ratio: int) -> tuple:
 def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo, hw: tuple[int, int], ratio: int,
              eps: float, eps_sr: float, cdt: torch.dtype, pe: tuple | None = None):
     """x: B×N×C contiguous; parameters contiguous (W_sr: any strides), as given (fp32 masters or `cdt`).
-    With `pe` = (γ_pe, β_pe, eps_pe, the residual stream's dtype), x is the patch embedding's dense B×C×h×w map and the
-    block's input is LN_pe(x), formed by the kv kernel (`_kv_fwd_kernel`'s PE). Returns out (the
+    With `pe` = (γ_pe, β_pe, eps_pe, the residual stream's dtype), x is the patch embedding's dense
+    B×C×h×w map and the block's input is LN_pe(x), formed by the kv kernel (`_kv_fwd_kernel`'s PE). Returns out (the
     residual stream's dtype) and what the backward needs: xn (B×N×C), red, kin (B·M×C; None for R =
     1), kv (B×M×2C), all in `cdt`, the sublayer's O, lse, and `compute_weights`' four matrices."""
     weights = wsr, wkv, wq_c, wo_c = compute_weights(sr_w, kv_w, wq, wo, cdt)
@@ -623,7 +623,8 @@ def dispatch(x, hw, ratio: int, p: AttentionBlockParams, fused, attention_sublay
     if not serves:
         return eager_attention_block(x, hw, ratio, p, attention_sublayer=attention_sublayer)
     x = x.contiguous() if embed is None else _dense(x)
-    # (W_sr as it comes, channels-last in the model: the kernels read only its transposed copy, `compute_weights`)
+    # (W_sr as it comes, channels-last in the model: the kernels read only its transposed copy,
+    # `compute_weights`)
     tensors = tuple(None if t is None else t if i == _SR_WEIGHT else t.contiguous() for i, t in enumerate(tensors))
     return fused(x, *tensors, (int(h), int(w)), int(ratio), float(p.ln_eps), float(p.sr_norm_eps), cdt, embed)
 

@@ -5,8 +5,8 @@ epoch, rank, world): the shuffle order comes from a generator seeded by (seed, e
 process of a multi-process run takes its contiguous share of every *global* batch, so N processes
 with batch B/N see, together, exactly the batches one process with batch B sees.
 
-Two pipelines turn a plan into (normalised images, int64 masks) on the training device, float32
-images (`DeviceBatches`' training batches under autocast: its 16-bit dtype):
+Two pipelines turn a plan into (normalised images, int64 masks) on the training device: float32
+images, except `DeviceBatches`' training batches under autocast, which come in its 16-bit dtype:
 
 - `LoaderBatches`: the per-sample CPU path (a `torch.utils.data.DataLoader` over the data set,
   worker processes decoding and augmenting each sample). For CPU training.
