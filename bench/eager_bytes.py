@@ -261,17 +261,17 @@ class CudaAutocastEmulation(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._was_enabled: list[bool] = []
+        self._outer: list[tuple[bool, torch.dtype]] = []  # CUDA autocast's (flag, dtype) outside each entry
 
     def __enter__(self):
-        self._was_enabled.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+        self._outer.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
         torch.set_autocast_enabled("cuda", True)
         torch.set_autocast_dtype("cuda", self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._cache.clear()
-        enabled, dtype = self._was_enabled.pop()
+        enabled, dtype = self._outer.pop()
         torch.set_autocast_enabled("cuda", enabled)
         torch.set_autocast_dtype("cuda", dtype)
         return super().__exit__(*exc)

@@ -60,8 +60,10 @@ def grouped_autocast_copies(tensors: Sequence[torch.Tensor | None]) -> list[torc
     (autocast then casts each where it is used: the same values, a launch a tensor)."""
     present = [t for t in tensors if t is not None]
     cdt = autocast_dtype(present) if present else None
+    if cdt is None:
+        return list(tensors)
     orders = [_memory_order(t) for t in present]
-    if cdt is None or any(o is None for o in orders):
+    if any(o is None for o in orders):
         return list(tensors)
     flat = torch.cat([t.permute(o).reshape(-1) for t, o in zip(present, orders)]).to(cdt)
     pieces = iter(flat.split([t.numel() for t in present]))
