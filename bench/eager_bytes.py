@@ -72,7 +72,7 @@ from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
-       "attention_block_embedded", "ffn_sublayer", "stage_output", "decoder_mlp", "lmsa")
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -466,15 +466,22 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
         embed = backend.EmbedNorm(_meta(c, grad=True), _meta(c, grad=True), 1e-5)
         return (_embedded_block, (_meta(batch, c, side, side, dtype=dtype, grad=True), (side, side), ratio, params,
                                   embed), True)
-    if op == "ffn_sublayer":
+    if op in ("ffn_sublayer", "ffn_stage_output"):
         if stage is None:
-            raise ValueError("ffn_sublayer needs stage=1..4")
+            raise ValueError(f"{op} needs stage=1..4")
         n, _, c = stage_shape(stage, size)
         hid = cfg.ffn_expansion * c
         # the attention sublayer's fp32 output (the residual stream) and the fp32 master parameters
-        return backend.EAGER_OPS.ffn_sublayer, (
-            _meta(batch, n, c, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(hid, c, grad=True),
-            _meta(hid, grad=True), _meta(c, hid, grad=True), _meta(c, grad=True)), True
+        args = (_meta(batch, n, c, grad=True), _meta(c, grad=True), _meta(c, grad=True), _meta(hid, c, grad=True),
+                _meta(hid, grad=True), _meta(c, hid, grad=True), _meta(c, grad=True))
+        if op == "ffn_sublayer":
+            return backend.EAGER_OPS.ffn_sublayer, args, True
+        # a stage's last block: then the stage's final norm (fp32 γ, β), as stage_output (its first map
+        # carries the op: eager's two maps are one tensor)
+        side = int(round(n ** 0.5))
+        norm = backend.StageNorm(_meta(c, grad=True), _meta(c, grad=True), 1e-5, (side, side),
+                                 stage < len(cfg.channels), True)
+        return (lambda *a: backend.EAGER_OPS.ffn_sublayer(*a)[0]), (*args, 1e-5, norm), True
     if op == "decoder_mlp":
         e, low_sides = cfg.decoder_dim, [size // 4 // 2 ** i for i in range(len(cfg.channels))]
         # the stages' outputs: fp32 LayerNorm tokens seen as B×C×h×w maps (channels-last strides)
@@ -535,6 +542,8 @@ def _fused_ops_uncounted(counter: ByteCounter, dtype: torch.dtype) -> Iterator[l
         table["decoder_mlp"] = _decoder_mlp_host_counted(counter, dtype)
     if "stage_output" in fused:
         table["stage_output"] = _stage_output_standin(counter, dtype)
+    if "ffn_sublayer" in fused:
+        table["ffn_sublayer"] = _ffn_sublayer_standin(table["ffn_sublayer"], table["stage_output"])
     # the convolutions' autocast copies: the triton backend's own PyTorch ops, part of the rest
     table["autocast_weights"] = backend.get_ops("triton").autocast_weights
     table = backend.Ops(**table)
@@ -558,6 +567,18 @@ def _stage_output_standin(counter: ByteCounter, dtype: torch.dtype) -> Callable[
 
     from msf import backend
     return uncounted(fused, counter)
+
+
+def _ffn_sublayer_standin(sublayer: Callable[..., torch.Tensor], stage_output: Callable[..., tuple]) -> Callable:
+    """The triton backend's ffn_sublayer from the stand-ins of the sublayer and of stage_output: with a
+    stage norm (a stage's last block) the fused op writes the maps stage_output writes, in its dtypes."""
+    def call(x, lnw, lnb, w1, b1, w2, b2, eps=1e-5, stage_norm=None):
+        out = sublayer(x, lnw, lnb, w1, b1, w2, b2, eps)
+        if stage_norm is None:
+            return out
+        s = stage_norm
+        return stage_output(out, s.hw, s.weight, s.bias, s.eps, s.feeds_next, s.decoder_linear)
+    return call
 
 
 def _decoder_mlp_host_counted(counter: ByteCounter, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
@@ -681,7 +702,7 @@ def eager_step_launches(variant: str, *, batch: int = 32, size: int = 512) -> in
 def _op_cases() -> list[tuple[str, int | None]]:
     return [("head_loss", None), ("upsample_argmax", None)] + \
         [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "attention_block_embedded",
-                            "ffn_sublayer", "stage_output")
+                            "ffn_sublayer", "stage_output", "ffn_stage_output")
          for s in range(1, len(_config().channels) + 1)] + \
         [("decoder_mlp", None), ("lmsa", None)]
 

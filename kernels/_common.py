@@ -11,6 +11,8 @@
   On a GPU the call is a plain `tl.dot` with fp32 accumulation.
 - `dot_tf32x3(a, b)`: the same with `input_precision="tf32x3"` (fp32-accurate products of fp32
   operands on tensor cores; plain `tl.dot` rounds fp32 operands to tf32).
+- `_ln_hat(x, mask, C, eps)`, `_vec(PTR, offs, mask)`: LayerNorm's normalised rows of a tile and a
+  parameter vector loaded in fp32 (the attention block's, the map norm's and the FFN's stage norm).
 - `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
 - `row_chunks(...)`: how a weight-gradient grid splits its rows into chunks (host side; the
   attention and FFN sublayers' fp32 partial sums).
@@ -65,6 +67,22 @@ def dot_tf32x3(a, b):
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
     return tl.dot(a, b, out_dtype=tl.float32, input_precision="tf32x3")
+
+
+@triton.jit
+def _ln_hat(x, mask, C, eps):
+    """(x̂, rstd) of the rows of x (fp32, zero outside `mask`): x̂ = (x − mean)·rstd, rstd = 1/√(var + eps)
+    with the biased variance, as torch's layer_norm; x̂ zero outside `mask`."""
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _vec(PTR, offs, mask):
+    """PTR[offs] (zero where not `mask`) in fp32: a per-channel parameter vector."""
+    return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 def row_chunks(rows: int, tiles: int, min_rows: int, sms: int | None, chunk_rows: int | None = None,

@@ -47,7 +47,7 @@ import triton.language as tl
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import configs
-from msf.kernels._common import INTERPRET, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
@@ -110,16 +110,6 @@ def _patch_tokens(offs_m, p, MW, W_TOK, R: tl.constexpr):
 
 
 @triton.jit
-def _ln_hat(x, mask, C, eps):
-    """(x̂, rstd) of the rows of x (fp32, zero outside `mask`): x̂ = (x − mean)·rstd, rstd = 1/√(var + eps)
-    with the biased variance, as torch's layer_norm; x̂ zero outside `mask`."""
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-    return xc * rstd[:, None], rstd
-
-
-@triton.jit
 def _ln_grad(dy, xhat, rstd, gamma, mask, C):
     """∂L/∂x of LayerNorm rows from ∂L/∂y: rstd·(γ∘dy − mean(γ∘dy) − x̂·mean(γ∘dy∘x̂)), zero outside `mask`."""
     gd = tl.where(mask, dy * gamma[None, :], 0.0)
@@ -173,11 +163,6 @@ def _block_input(X, XDT: tl.constexpr, rows, map_rows, offs_c, mask, pe_gamma, p
         xhat_pe = x
         rstd_pe = x
     return x, xhat_pe, rstd_pe
-
-
-@triton.jit
-def _vec(PTR, offs, mask):
-    return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -21,9 +21,16 @@ gradients' GEMMs: a transient of the backward, freed when it returns). Precision
   (autocast's policy), out is fp32. (The kernels also take fp32 w1, w2 and round them on load;
   every slice of a row tile reads them again, so the casts pay: docs/ffn_sublayer.md.)
 
+A stage's last block (`stage_norm`, `msf.reference.StageNorm`) ends the stage: its out goes to the
+stage's final LayerNorm and on to the decoder and the next stage. There the forward kernel also
+normalises the out tile it holds and writes the stage's maps (`FFNStageOutputFunction`; what
+`map_norm.stage_output` would write from the stored out, without reading it back); the backward is
+`map_norm`'s kernel on the saved out, then this module's.
+
 Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
 - `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
-  hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once.
+  hidden slice fc1 → GELU → the slice's share of fc2; bias and residual added, out written once;
+  with STAGE_NORM the stage's final LayerNorm of that out written too (and its 16-bit copy, COPY).
 - `_ffn_bwd_dx_kernel`: a run of row tiles a program: recomputes LN(x) and, slice by slice, fc1's
   output, then dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g +
   that. Writes the program's partial sums of dγ, dβ and db2; with STASH (C > 64, `stash_pays`) it
@@ -50,15 +57,15 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.partial_sums import sum_partials
-from msf.reference import eager_ffn_sublayer
+from msf.reference import StageNorm, eager_ffn_sublayer, tokens_to_map
 
-__all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "AOT_SPECS", "compute_dtype",
-           "fused_supported", "stash_pays"]
+__all__ = ["ffn_sublayer", "ffn_sublayer_eager", "FFNSublayerFunction", "FFNStageOutputFunction", "AOT_SPECS",
+           "compute_dtype", "fused_supported", "stash_pays"]
 
 ffn_sublayer_eager = eager_ffn_sublayer  # the reference: F.layer_norm → F.linear → F.gelu → F.linear → + x
 
@@ -107,6 +114,14 @@ _FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
 _MAX_FP32_C = 64
 _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
     kernel: {"16": per_c, "amp": per_c, "fp32": _FP32} for kernel, per_c in _AMP.items()}
+# the forward with a stage's final norm (STAGE_NORM): its own classes, the norm's tile and second
+# store changing what fits (stage 1's (128, 64, 8) pin takes 129 registers with it, one CTA an SM:
+# 83 µs of 133 on the H100); chosen by `python -m msf.profiling.cost --sweep --op ffn_stage_output
+# --kernel ffn_sublayer.fwd` under model v3.1, 2026-12-06: the H100's fastest spill-free build first
+# (pinned for sm_90), then the A100's (sm_80)
+_STAGE_FWD: dict[int, list[_Cfg]] = {32: [(128, 32, 8, 2), (128, 16, 8, 2)], 64: [(64, 32, 4, 2), (64, 64, 4, 2)],
+                                     128: [(32, 32, 4, 2), (32, 64, 8, 2)], 256: [(16, 64, 8, 2), (16, 32, 4, 2)]}
+_ALLOWED_STAGE_FWD: dict[str, dict[int, list[_Cfg]]] = {"16": _STAGE_FWD, "amp": _STAGE_FWD, "fp32": _FP32}
 # every configuration `python -m msf.profiling.cost --sweep --op ffn_sublayer` predicts (and
 # MSF_AUTOTUNE=1 tries, pruned to the allow-lists): the grid the lists above were chosen from
 _CANDIDATES: list[_Cfg] = [(bn, bh, w, 2) for bn in (16, 32, 64, 128) for bh in (16, 32, 64, 128) for w in (4, 8)
@@ -129,24 +144,29 @@ def _mode(named_args) -> str:
 
 def _pinned(kernel: str, fn) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json ("ffn_sublayer.<kernel>"; shape
-    class = dtype class and C block, e.g. "amp_c64")."""
-    seen = candidate_order(_INTERPRETER_CFG, *(cfgs for per_c in _ALLOWED[kernel].values() for cfgs in per_c.values()),
-                           _CANDIDATES)
+    class = dtype class and C block, e.g. "amp_c64"; the forward with a stage's final norm has classes
+    of its own, e.g. "amp_c32_stage", whose lists are `_STAGE_FWD`'s)."""
+    tables = {"": _ALLOWED[kernel]} | ({"_stage": _ALLOWED_STAGE_FWD} if kernel == "fwd" else {})
+    seen = candidate_order(_INTERPRETER_CFG, *(cfgs for table in tables.values() for per_c in table.values()
+                                               for cfgs in per_c.values()), _CANDIDATES)
 
     def allowed(cls: str) -> list[triton.Config]:
-        mode, c = cls.rsplit("_c", 1)
-        return [_as_config(c) for c in _ALLOWED[kernel][mode][int(c)]]
+        base, stage, _ = cls.partition("_stage")
+        mode, c = base.rsplit("_c", 1)
+        return [_as_config(c) for c in tables["_stage" if stage else ""][mode][int(c)]]
 
     def shape_class(named) -> str:
-        return f"{_mode(named)}_c{named['BLOCK_C']}"
+        return f"{_mode(named)}_c{named['BLOCK_C']}" + ("_stage" if named.get("STAGE_NORM") else "")
 
     def prune(configs, named_args, **kwargs):
-        ok = _ALLOWED[kernel][_mode({**named_args, **kwargs})].get(kwargs["BLOCK_C"], [])
+        named = {**named_args, **kwargs}
+        ok = tables["_stage" if named.get("STAGE_NORM") else ""][_mode(named)].get(kwargs["BLOCK_C"], [])
         kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) in ok]
         return kept or configs[:1]
 
-    classes = [f"{mode}_c{c}" for mode, per_c in _ALLOWED[kernel].items() for c in per_c]
-    return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], ["C", "HID", "CDT"],
+    classes = [f"{mode}_c{c}{tag}" for tag, table in tables.items() for mode, per_c in table.items() for c in per_c]
+    key = ["C", "HID", "CDT"] + (["STAGE_NORM"] if kernel == "fwd" else [])
+    return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], key,
                         shape_class, allowed, classes, prune=prune)
 
 
@@ -268,12 +288,15 @@ def _slice_dn(xn, dy, w1, b1, w2s, W2, offs_c, mask_c, offs_h, mask_h, rows, mas
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _ffn_fwd_kernel(
-    X, LNW, LNB, W1, B1, W2, B2, OUT, MEAN, RSTD,
-    ROWS, eps,
-    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    X, LNW, LNB, W1, B1, W2, B2, OUT, MEAN, RSTD, SNW, SNB, Y, Y2,
+    ROWS, eps, stage_eps,
+    C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, STAGE_NORM: tl.constexpr,
+    COPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out, mean, rstd of BLOCK_N rows (X, OUT contiguous ROWS×C; MEAN, RSTD fp32 ROWS)."""
+    """out, mean, rstd of BLOCK_N rows (X, OUT contiguous ROWS×C; MEAN, RSTD fp32 ROWS). STAGE_NORM:
+    also the stage's final LayerNorm of out (SNW, SNB, `stage_eps`) into Y (ROWS×C, Y's dtype) and
+    with COPY the same values again in Y2's dtype, as `map_norm`'s forward kernel writes them from
+    the stored out; otherwise SNW .. Y2 are placeholders, never read."""
     rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(tl.program_id(0), ROWS, C, BLOCK_N, BLOCK_C)
     x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
     mean = tl.sum(x, 1) / C
@@ -290,7 +313,15 @@ def _ffn_fwd_kernel(
         a = _to_compute(h * cdf, CDT)
         acc += _mm(a, tl.trans(_w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)), CDT == 0)
     y = _rounded(acc + _rounded(tl.load(B2 + offs_c, mask=mask_c, other=0.0), CDT)[None, :], CDT)
-    tl.store(OUT + tok, _round(x + y, OUT.dtype.element_ty), mask=mask_nc)
+    out = _round(x + y, OUT.dtype.element_ty)
+    tl.store(OUT + tok, out, mask=mask_nc)
+    if STAGE_NORM:  # the stored value normalised, as `map_norm` would read it back
+        ohat, _rstd = _ln_hat(tl.where(mask_nc, out.to(tl.float32), 0.0), mask_nc, C, stage_eps)
+        normed = _round(ohat * _vec(SNW, offs_c, mask_c)[None, :] + _vec(SNB, offs_c, mask_c)[None, :],
+                        Y.dtype.element_ty)
+        tl.store(Y + tok, normed, mask=mask_nc)
+        if COPY:
+            tl.store(Y2 + tok, _round(normed.to(tl.float32), Y2.dtype.element_ty), mask=mask_nc)
 
 
 _ffn_fwd_kernel = _pinned("fwd", _ffn_fwd_kernel)
@@ -474,18 +505,39 @@ def _tile_runs(n_tiles: int, sms: int | None, per_sm: int) -> tuple[int, int]:
     return tiles, triton.cdiv(n_tiles, tiles)
 
 
-def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype):
+@dataclasses.dataclass(frozen=True)
+class _StageNormArgs:
+    """A stage's final LayerNorm as the forward kernel takes it: γ, β (contiguous), eps, and the dtypes
+    of the maps it writes (`map_norm.output_dtypes`): the decoder's and the next convolution's copy
+    (None: no copy)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    y_dtype: torch.dtype
+    copy_dtype: torch.dtype | None
+
+
+def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype, stage: _StageNormArgs | None = None):
     """x2: rows × C contiguous; parameters as given (rounded to `cdt` on load). out in
-    promote(x, cdt), mean and rstd fp32."""
+    promote(x, cdt), mean and rstd fp32. With `stage`, also the stage's final LayerNorm of out:
+    (out, mean, rstd, y, y2), y and y2 rows × C in the dtypes `stage` names (y2 None without a copy)."""
     rows, c = x2.shape
     dev = x2.device
     out = _new((rows, c), dev, torch.promote_types(x2.dtype, cdt))
     mean = _new((rows,), dev, torch.float32)
     rstd = _new((rows,), dev, torch.float32)
+    y = y2 = None
+    if stage is not None:
+        y = _new((rows, c), dev, stage.y_dtype)
+        y2 = None if stage.copy_dtype is None else _new((rows, c), dev, stage.copy_dtype)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]),)  # noqa: E731
-    _ffn_fwd_kernel[grid](x2, lnw, lnb, w1, b1, w2, b2, out, mean, rstd, rows, float(eps),
-                          C=c, HID=w1.shape[0], CDT=_CDT[cdt], BLOCK_C=_block_c(c))
-    return out, mean, rstd
+    _ffn_fwd_kernel[grid](x2, lnw, lnb, w1, b1, w2, b2, out, mean, rstd,
+                          *((stage.weight, stage.bias, y, y if y2 is None else y2) if stage else (lnw, lnb, out, out)),
+                          rows, float(eps), float(stage.eps) if stage else 1.0,
+                          C=c, HID=w1.shape[0], CDT=_CDT[cdt], BLOCK_C=_block_c(c), STAGE_NORM=stage is not None,
+                          COPY=y2 is not None)
+    return (out, mean, rstd) if stage is None else (out, mean, rstd, y, y2)
 
 
 def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
@@ -568,6 +620,45 @@ class FFNSublayerFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _stage_norm_backward(out, snw, dy, dy2, eps: float, hw: tuple[int, int], w_dtype: torch.dtype):
+    """(∂L/∂out rows × C, dγ_s, dβ_s) of the stage's final LayerNorm, by `map_norm`'s backward kernel
+    on out seen as the channels-last map it normalised (its statistics recomputed from out)."""
+    from msf.kernels import map_norm as _mn  # (it imports attention_block, which imports this module)
+    rows, c = out.shape
+    h, w = hw
+    out_map = out.view(rows // (h * w), h, w, c).permute(0, 3, 1, 2)
+    g_map, dsw, dsb = _mn._backward(out_map, snw, dy.contiguous(), eps, w_dtype,
+                                    None if dy2 is None else dy2.contiguous())
+    return g_map.permute(0, 2, 3, 1).reshape(rows, c), dsw, dsb  # (channels-last, as out: a view)
+
+
+class FFNStageOutputFunction(torch.autograd.Function):
+    """A stage's last FFN sublayer with the stage's final LayerNorm in its forward kernel (out is not
+    read back for it). Returns y (rows × C), or (y, y2) with the copy. Saves what
+    FFNSublayerFunction saves, out (the norm's input) and γ_s; the backward runs the two backwards in
+    turn: `map_norm`'s kernel from (dy, dy2) to ∂L/∂out, then the FFN's from there."""
+
+    @staticmethod
+    def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, snw, snb, stage_eps, hw, y_dtype, copy_dtype):
+        w1c, w2c = compute_weights(cdt, w1, w2)
+        out, mean, rstd, y, y2 = _forward(x2, lnw, lnb, w1c, b1, w2c, b2, eps, cdt,
+                                          _StageNormArgs(snw, snb, stage_eps, y_dtype, copy_dtype))
+        ctx.save_for_backward(x2, lnw, lnb, w1c, b1, w2c, mean, rstd, out, snw)
+        ctx.cdt, ctx.b2_dtype, ctx.w_dtype, ctx.sn_dtype = cdt, b2.dtype, w1.dtype, snb.dtype
+        ctx.stage_eps, ctx.hw = stage_eps, hw
+        ctx.set_materialize_grads(False)
+        return y if y2 is None else (y, y2)
+
+    @staticmethod
+    def backward(ctx, dy, dy2=None):
+        x2, lnw, lnb, w1, b1, w2, mean, rstd, out, snw = ctx.saved_tensors
+        if dy is None:  # only the copy was used
+            dy, dy2 = dy2, None
+        g, dsw, dsb = _stage_norm_backward(out, snw, dy, dy2, ctx.stage_eps, ctx.hw, ctx.sn_dtype)
+        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, ctx.cdt, ctx.b2_dtype, w_dtype=ctx.w_dtype)
+        return (*grads, None, None, dsw.to(snw.dtype), dsb, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # entry
 # ----------------------------------------------------------------------------------------------
@@ -618,12 +709,54 @@ def dispatch(x, lnw, lnb, w1, b1, w2, b2, eps: float, fused):
     return fused(x.reshape(-1, c).contiguous(), *params, float(eps), cdt).view(*x.shape[:-1], c)
 
 
-def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, *, wg_chunk_rows: int | None = None,
-                 stash: bool | None = None):
+def dispatch_stage_norm(x, lnw, lnb, w1, b1, w2, b2, eps: float, stage_norm: StageNorm, fused, sublayer,
+                        stage_output):
+    """What both entries do with a stage's final norm (`ffn_sublayer`'s `stage_norm`): on B×(h·w)×C
+    tokens x, where the FFN's kernels and `map_norm`'s serve, `fused(x2, γ, β, w1, b1, w2, b2, eps,
+    compute_dtype, γ_s, β_s, eps_s, hw, the maps' dtype, the copy's)` (y, or (y, y2) with a copy,
+    rows × C); else `stage_output(sublayer(x, ...), ...)`, the two ops one after the other (either
+    may then be eager). Returns `eager_stage_output`'s pair of B×C×h×w maps."""
+    from msf.kernels import map_norm as _mn  # (it imports attention_block, which imports this module)
+    _check(x, lnw, lnb, w1, b1, w2, b2, eps)
+    sn = stage_norm
+    h, w = sn.hw
+    if x.dim() != 3 or x.shape[1] != h * w:
+        raise ValueError(f"ffn_sublayer: with a stage norm x must be B×(h·w)×C tokens for hw = {tuple(sn.hw)}, "
+                         f"got shape {tuple(x.shape)}")
+    c = x.shape[-1]
+    if sn.weight.shape != (c,) or sn.bias.shape != (c,):
+        raise ValueError(f"ffn_sublayer: the stage norm's weight and bias must have C = {c} elements, got "
+                         f"{tuple(sn.weight.shape)}, {tuple(sn.bias.shape)}")
+    if not sn.eps > 0:
+        raise ValueError(f"ffn_sublayer: the stage norm's eps must be positive, got {sn.eps}")
+    cdt = compute_dtype(x, lnw, lnb, w1, b1, w2, b2)
+    dtypes = None
+    if cdt is not None and x.numel() > 0 and fused_supported(cdt, c) and c <= _mn._MAX_C:
+        dtypes = _mn.output_dtypes(torch.promote_types(x.dtype, cdt), x.device.type, sn.weight, sn.bias,
+                                   sn.feeds_next, sn.decoder_linear)
+    if dtypes is None or sn.weight.device != x.device or sn.bias.device != x.device:
+        return stage_output(sublayer(x, lnw, lnb, w1, b1, w2, b2, eps), sn.hw, sn.weight, sn.bias, sn.eps,
+                            sn.feeds_next, sn.decoder_linear)
+    y_dtype, copy_dtype = dtypes
+    params = (t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2))
+    ys = fused(x.reshape(-1, c).contiguous(), *params, float(eps), cdt, sn.weight.contiguous(), sn.bias.contiguous(),
+               float(sn.eps), (int(h), int(w)), y_dtype, copy_dtype)
+    y, y2 = (ys, ys) if copy_dtype is None else ys
+    return tuple(tokens_to_map(t.view(x.shape), h, w) for t in (y, y2))
+
+
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, stage_norm: StageNorm | None = None, *,
+                 wg_chunk_rows: int | None = None, stash: bool | None = None):
     """`x + fc2(GELU(fc1(LayerNorm(x))))` (shapes in the module docstring): fused forward and backward
     where `compute_dtype` says the kernels serve the dtypes and C ≤ 256, else the eager composition.
-    `wg_chunk_rows` overrides the weight gradients' row chunk and `stash` their route (default
-    `stash_pays`); tests use both."""
+    With `stage_norm` (a stage's last block; x then B×(h·w)×C) the stage's output maps instead, as
+    `msf.reference.eager_ffn_sublayer` gives them: the norm inside the forward kernel where it
+    serves (`dispatch_stage_norm`). `wg_chunk_rows` overrides the weight gradients' row chunk and
+    `stash` their route (default `stash_pays`); tests use both (not with `stage_norm`)."""
+    if stage_norm is not None:
+        from msf.kernels.map_norm import stage_output
+        return dispatch_stage_norm(x, lnw, lnb, w1, b1, w2, b2, eps, stage_norm,
+                                   lambda *args: FFNStageOutputFunction.apply(*args), ffn_sublayer, stage_output)
     return dispatch(x, lnw, lnb, w1, b1, w2, b2, eps,
                     lambda *args: FFNSublayerFunction.apply(*args, wg_chunk_rows, stash))
 
@@ -643,21 +776,32 @@ _AOT_F32 = {"fwd": ("MEAN", "RSTD"), "dx": ("MEAN", "RSTD", "PART"), "wgrad": ("
 _AOT_KERNELS = {"fwd": _ffn_fwd_kernel, "dx": _ffn_bwd_dx_kernel, "wgrad": _ffn_bwd_wgrad_kernel}
 _AOT_DTYPE = {"16": ("bf16", 1), "amp": ("fp32", 1), "fp32": ("fp32", 0)}
 _AOT_CHUNK = 1024
+# the forward with a stage's final norm as the model runs it under autocast: fp32 γ_s, β_s, the
+# decoder's map in bf16 and (stages 1-3, C ≤ 128) the next convolution's bf16 copy; stage 4 (the 256
+# block) has no next stage
+_AOT_STAGE_PTRS = {"SNW": "*fp32", "SNB": "*fp32", "Y": "*bf16", "Y2": "*bf16"}
 
 
 def _aot_specs() -> list[AttentionAotSpec]:
     specs = []
-    for kname, kernel in _AOT_KERNELS.items():
-        for mode, per_c in _ALLOWED[kname].items():
+    # (kernel, its allow-lists, variant tag, extra pointer types, extra constexprs (a function of the C block));
+    # the forward also with a stage's final norm, in the model's dtypes (`_AOT_STAGE_PTRS`), amp only
+    builds = [(k, _ALLOWED[k], "", {}, lambda _bc: {}) for k in ("dx", "wgrad")]
+    builds[:0] = [("fwd", _ALLOWED["fwd"], "", {}, lambda _bc: {"STAGE_NORM": False, "COPY": False}),
+                  ("fwd", {"amp": _ALLOWED_STAGE_FWD["amp"]}, "_stage", _AOT_STAGE_PTRS,
+                   lambda bc: {"STAGE_NORM": True, "COPY": bc < 256})]
+    for kname, lists, tag, extra_ptrs, extra_const in builds:
+        kernel = _AOT_KERNELS[kname]
+        for mode, per_c in lists.items():
             dname, code = _AOT_DTYPE[mode]
             ptrs = {**{a: f"*{dname}" for a in _AOT_PTRS[kname]}, **{a: "*fp32" for a in _AOT_F32[kname]}}
             # in the compute dtype: the C×H weights (`compute_weights`) and the dx kernel's stash
             ptrs.update({a: "*fp32" if code == 0 else "*bf16"
-                         for a in _AOT_WEIGHT_PTRS + (_AOT_STASH_PTRS if kname == "dx" else ())})
+                         for a in _AOT_WEIGHT_PTRS + (_AOT_STASH_PTRS if kname == "dx" else ())}, **extra_ptrs)
             for block_c, cfgs in per_c.items():
                 for bn, bh, w, st in cfgs:
                     const = {"C": _AOT_C[block_c], "HID": 2 * _AOT_C[block_c], "CDT": code, "BLOCK_C": block_c,
-                             "BLOCK_N": bn, "BLOCK_H": bh}
+                             "BLOCK_N": bn, "BLOCK_H": bh, **extra_const(block_c)}
                     if kname == "wgrad":
                         const["CHUNK_ROWS"] = _AOT_CHUNK
                     # the dx kernel in the route the model takes at this C (`stash_pays`)
@@ -665,8 +809,9 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     if kname == "dx":
                         const["STASH"] = stash
                     spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}"
-                                     + ("_stash" if stash else ""), kernel.fn, ptrs, const, w, st, floats=("eps",))
-                    if (bn, bh, w, st) in _SM90_ONLY.get((kname, block_c), ()):
+                                     + ("_stash" if stash else "") + tag, kernel.fn, ptrs, const, w, st,
+                                     floats=("eps", "stage_eps"))
+                    if not tag and (bn, bh, w, st) in _SM90_ONLY.get((kname, block_c), ()):
                         spec = dataclasses.replace(spec, archs=(90,))
                     specs.append(spec)
     return specs

@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET
+from msf.kernels._common import INTERPRET, _ln_hat, _vec
 from msf.kernels.attention import AttentionAotSpec, _aot_spec
-from msf.kernels.attention_block import _ln_grad, _ln_hat, _vec
+from msf.kernels.attention_block import _ln_grad
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import eager_map_layer_norm, tokens_to_map
@@ -212,15 +212,18 @@ def out_dtype(x: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor) -> torch.dt
     under CUDA autocast fp32 (autocast runs layer_norm in fp32) for fp32 / bf16 / fp16 inputs; under
     CPU autocast x's (CPU autocast leaves layer_norm alone and mixed-dtype LayerNorm keeps the
     input's); without autocast the dtype x, γ, β share."""
+    return _out_dtype(x.dtype, x.device.type, lnw, lnb)
+
+
+def _out_dtype(x_dtype: torch.dtype, dev: str, lnw: torch.Tensor, lnb: torch.Tensor) -> torch.dtype | None:
     floats = (torch.float32, torch.bfloat16, torch.float16)
-    dev = x.device.type
-    if x.dtype not in floats or lnw.dtype not in floats or lnb.dtype != lnw.dtype:
+    if x_dtype not in floats or lnw.dtype not in floats or lnb.dtype != lnw.dtype:
         return None
     if dev == "cuda" and torch.is_autocast_enabled("cuda"):
         return torch.float32
     if dev == "cpu" and torch.is_autocast_enabled("cpu"):
-        return x.dtype if lnw.dtype in (torch.float32, x.dtype) else None
-    return x.dtype if lnw.dtype == x.dtype else None
+        return x_dtype if lnw.dtype in (torch.float32, x_dtype) else None
+    return x_dtype if lnw.dtype == x_dtype else None
 
 
 def _check(x, lnw, lnb, eps) -> None:
@@ -239,11 +242,33 @@ def _check(x, lnw, lnb, eps) -> None:
 def copy_dtype(x: torch.Tensor, y_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a convolution under autocast on x's device casts the tokens to, where it is not
     theirs already (None: no copy to make)."""
-    dev = x.device.type
+    return _copy_dtype(x.device.type, y_dtype)
+
+
+def _copy_dtype(dev: str, y_dtype: torch.dtype) -> torch.dtype | None:
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
         return cdt if cdt != y_dtype else None
     return None
+
+
+def output_dtypes(x_dtype: torch.dtype, dev: str, lnw: torch.Tensor, lnb: torch.Tensor, with_copy: bool,
+                  out_cast: bool) -> tuple[torch.dtype, torch.dtype | None] | None:
+    """(the tokens' dtype, the copy's or None) of the norm of a map of `x_dtype` on device type `dev`
+    (`dispatch` says what `with_copy` and `out_cast` ask), or None when the kernels do not serve the mix."""
+    y_dtype = _out_dtype(x_dtype, dev, lnw, lnb)
+    if y_dtype is None:
+        return None
+    cdt = _copy_dtype(dev, y_dtype) if with_copy else None
+    if out_cast:
+        y_dtype = _copy_dtype(dev, y_dtype) or y_dtype
+    return y_dtype, cdt
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels take a B×C×h×w map like x (C ≤ 256, not empty, on CUDA or interpreted);
+    its dtypes are `output_dtypes`'s to judge."""
+    return x.numel() > 0 and x.shape[1] <= _MAX_C and (x.device.type == "cuda" or INTERPRET)
 
 
 def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False, out_cast: bool = False):
@@ -257,16 +282,13 @@ def dispatch(x, lnw, lnb, eps: float, fused, with_copy: bool = False, out_cast: 
     kernel widens as the cast's backward would). y and the copy then stay two tensors, so their
     gradients are still added in fp32."""
     _check(x, lnw, lnb, eps)
-    y_dtype = out_dtype(x, lnw, lnb)
-    if (y_dtype is None or x.numel() == 0 or x.shape[1] > _MAX_C
-            or (x.device.type != "cuda" and not INTERPRET)):
+    dtypes = output_dtypes(x.dtype, x.device.type, lnw, lnb, with_copy, out_cast)
+    if dtypes is None or not serves(x):
         y = eager_map_layer_norm(x, lnw, lnb, eps)
         return (y, y) if with_copy else y
     if not _tokens_evenly_spaced(x):
         x = x.contiguous()
-    cdt = copy_dtype(x, y_dtype) if with_copy else None
-    if out_cast:
-        y_dtype = copy_dtype(x, y_dtype) or y_dtype
+    y_dtype, cdt = dtypes
     out = fused(x, lnw.contiguous(), lnb.contiguous(), float(eps), y_dtype, cdt)
     if with_copy and cdt is None:
         return out, out

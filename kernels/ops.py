@@ -15,6 +15,9 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::map_layer_norm_backward
     msf::ffn_sublayer(x, γ, β, w1, b1, w2, b2, eps, compute_dtype) -> (out, mean, rstd)
                                                                            + msf::ffn_sublayer_backward
+    msf::ffn_stage_output(x, γ, β, w1, b1, w2, b2, eps, compute_dtype, γ_s, β_s, eps_s, hw, y_dtype,
+                          copy_dtype) -> (tokens, copy, out, mean, rstd)
+                                       + msf::map_layer_norm_backward, then msf::ffn_sublayer_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save) -> (x, h, D)
                                                                            + msf::decoder_mlp_backward
     msf::decoder_fold(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]      + msf::decoder_fold_backward
@@ -288,9 +291,64 @@ def _ffn_grad(ctx, g, _dmean, _drstd):
 ffn_sublayer_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
 
 
-def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5) -> Tensor:
+# a stage's last FFN sublayer with the stage's final LayerNorm in its forward kernel; the backward is
+# the two operators' backwards, map_layer_norm's on the saved out, then ffn_sublayer's
+def _ffn_stage_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float,
+                    compute_dtype: torch.dtype, snw: Tensor, snb: Tensor, stage_eps: float, hw: list[int],
+                    y_dtype: torch.dtype, copy_dtype: torch.dtype | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    w1, w2 = _ffn.compute_weights(compute_dtype, w1, w2)
+    out, mean, rstd, y, y2 = _ffn._forward(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype,
+                                           _ffn._StageNormArgs(snw, snb, stage_eps, y_dtype, copy_dtype))
+    return y, y.new_empty((0,)) if y2 is None else y2, out, mean, rstd  # no copy: an empty second output
+
+
+def _ffn_stage_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype, snw, snb, stage_eps, hw, y_dtype, copy_dtype):
+    out, mean, rstd = _ffn_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype)
+    y = _contiguous_like(x, dtype=y_dtype)
+    return y, y.new_empty((0,)) if copy_dtype is None else _contiguous_like(x, dtype=copy_dtype), out, mean, rstd
+
+
+ffn_stage_output_op = _define("ffn_stage_output", _ffn_stage_body, _ffn_stage_fake)
+
+
+def _ffn_stage_setup(ctx, inputs, output):
+    x, lnw, lnb, w1, b1, w2, b2, _, compute_dtype, snw, snb, stage_eps, hw, _, copy_dtype = inputs
+    _, _, out, mean, rstd = output
+    ctx.save_for_backward(x, lnw, lnb, w1, b1, w2, b2, mean, rstd, out, snw, snb)
+    ctx.compute_dtype, ctx.stage_eps, ctx.hw, ctx.has_copy = compute_dtype, stage_eps, hw, copy_dtype is not None
+
+
+def _ffn_stage_grad(ctx, dy, dy2, _dout, _dmean, _drstd):
+    *ffn_saved, out, snw, snb = ctx.saved_tensors
+    dy2 = dy2.contiguous() if ctx.has_copy and dy2 is not None else None
+    if dy is None:  # only the copy was used
+        dy, dy2 = dy2, None
+    rows, c = out.shape
+    h, w = ctx.hw
+    out_map = out.view(rows // (h * w), h, w, c).permute(0, 3, 1, 2)  # the map the norm read
+    g_map, dsw, dsb = torch.ops.msf.map_layer_norm_backward(out_map, snw, snb, dy.contiguous(), dy2, ctx.stage_eps)
+    g = g_map.permute(0, 2, 3, 1).reshape(rows, c)
+    grads = torch.ops.msf.ffn_sublayer_backward(*ffn_saved, g.contiguous(), ctx.compute_dtype)
+    return (*grads, None, None, dsw, dsb, None, None, None, None)
+
+
+ffn_stage_output_op.register_autograd(_ffn_stage_grad, setup_context=_ffn_stage_setup)
+
+
+def _ffn_stage_operator(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype, snw, snb, stage_eps, hw, y_dtype, copy_dtype):
+    y, y2, *_ = torch.ops.msf.ffn_stage_output(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype, snw, snb, stage_eps,
+                                               list(hw), y_dtype, copy_dtype)
+    return y if copy_dtype is None else (y, y2)
+
+
+def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, stage_norm=None):
     """`msf.kernels.ffn_sublayer.ffn_sublayer` through `msf::ffn_sublayer` (the eager composition
-    where the kernels do not serve the dtypes or C)."""
+    where the kernels do not serve the dtypes or C); with `stage_norm`, through
+    `msf::ffn_stage_output` (or the two ops in turn where it does not serve)."""
+    if stage_norm is not None:
+        return _ffn.dispatch_stage_norm(x, lnw, lnb, w1, b1, w2, b2, eps, stage_norm, _ffn_stage_operator,
+                                        ffn_sublayer, stage_output)
     return _ffn.dispatch(x, lnw, lnb, w1, b1, w2, b2, eps, lambda *args: torch.ops.msf.ffn_sublayer(*args)[0])
 
 
@@ -703,6 +761,6 @@ REGISTRY: dict[str, FusedOp] = {
 }
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
              "attention_sublayer_backward", "decoder_fold", "decoder_fold_backward", "decoder_mlp",
-             "decoder_mlp_backward", "ffn_sublayer",
+             "decoder_mlp_backward", "ffn_stage_output", "ffn_sublayer",
              "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "map_layer_norm",
              "map_layer_norm_backward", "upsample_argmax")

@@ -21,11 +21,14 @@ Ops (shapes are the model's):
 - `map_layer_norm(x, weight, bias, eps)`: LayerNorm over the channels of a B×C×h×w map, as
   B×(h·w)×C tokens (the patch embedding's norm).
 - `stage_output(tokens, hw, weight, bias, eps, feeds_next, decoder_linear)`: a stage's final LayerNorm
+  on its own (a stage without blocks; the model's stages hand it to their last FFN sublayer instead)
   as two B×C×h×w maps, the decoder's and the next stage's (one tensor in eager; on triton, under
   autocast, the next stage's is written as the 16-bit copy its convolution would cast to, and with
   `decoder_linear` the decoder's too, as the Linear that reads it would cast it).
-- `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)`: the block's
-  feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens.
+- `ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, stage_norm=None)`:
+  the block's feed-forward sublayer, `x + fc2(GELU(fc1(LayerNorm(x))))` on B×N×C tokens. With
+  `stage_norm` (`msf.reference.StageNorm`: a stage's last block) the stage's output after it, as
+  `stage_output` gives it (on triton that norm runs in the FFN's forward kernel).
 - `head_loss(logits, targets, eps)`: CE + Dice (SPEC §4) of B×K×h×w *low-resolution* logits against
   B×H×W targets, the logits bilinearly upsampled (align_corners=False) to H×W on the way.
 - `upsample_argmax(logits, size)`: argmax over classes of the bilinearly upsampled logits.
@@ -50,7 +53,7 @@ import torch
 
 from msf.nvtx import nvtx_range
 from msf.precision import as_they_are, grouped_autocast_copies
-from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams,  # noqa: F401
+from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, StageNorm,  # noqa: F401
                            composed_attention_sublayer,
                            eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
                            eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msf.backend import BACKENDS, AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, get_ops
+from msf.backend import BACKENDS, AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, StageNorm, get_ops
 from msf.data import FLIP_ID_MAP
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 from msf.nvtx import nvtx_range
@@ -121,14 +121,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, expansion)
 
-    def forward(self, x: torch.Tensor, h: int, w: int, embed_norm: EmbedNorm | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, embed_norm: EmbedNorm | None = None,
+                stage_norm: StageNorm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: B×N×C tokens, or with `embed_norm` the patch embedding's B×C×h×w map, the block's input
-        then being its LayerNorm (on triton formed inside the attention half's kernels)."""
+        then being its LayerNorm (on triton formed inside the attention half's kernels). With
+        `stage_norm` (the stage's last block) the stage's output maps after the block, as
+        `Stage.forward` returns them (on triton that norm runs inside the FFN's forward kernel)."""
         ops = get_ops(self.backend)  # x + Attn(norm1(x)), one fused op on triton (LayerNorm and kv path included)
         x = ops.attention_block(x, (h, w), self.attn.sr_ratio, self.attn.params(self.norm1), embed_norm=embed_norm)
         norm, ffn = self.norm2, self.ffn  # x + fc2(GELU(fc1(norm2(x)))), one fused op on triton
         return ops.ffn_sublayer(x, norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias,
-                                norm.eps)
+                                norm.eps, stage_norm)
 
 
 class Stage(nn.Module):
@@ -146,20 +149,25 @@ class Stage(nn.Module):
         under autocast the second is the 16-bit copy the next convolution would cast the first to.
         `conv_weights`: the patch embedding's (weight, bias) in place of its module's own (their
         autocast copies, `MicroSegFormer.conv_weights`)."""
-        if self.blocks:  # the patch embedding's norm goes to the first block with the convolution's map
-            fmap = convolve(self.embed.proj, x, conv_weights)
-            h, w = fmap.shape[-2:]
-            tokens = self.blocks[0](fmap, h, w, embed_norm=self.embed.embed_norm())
-            for block in self.blocks[1:]:
-                tokens = block(tokens, h, w)
-        else:
-            tokens, h, w = self.embed(x, conv_weights)
         norm = self.norm
-        # decoder_linear (the last argument) True: the decoder reads every stage's map through a Linear
-        # (stages 2-4's projections; stage 1's, folded into M1, is the decoder kernel's product, which
-        # rounds f1 as that Linear's autocast cast would)
-        return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps, self.feeds_next,
-                                                  True)
+        # decoder_linear True: the decoder reads every stage's map through a Linear (stages 2-4's
+        # projections; stage 1's, folded into M1, is the decoder kernel's product, which rounds f1 as
+        # that Linear's autocast cast would)
+        if not self.blocks:
+            tokens, h, w = self.embed(x, conv_weights)
+            return get_ops(self.backend).stage_output(tokens, (h, w), norm.weight, norm.bias, norm.eps,
+                                                      self.feeds_next, True)
+        # the patch embedding's norm goes to the first block with the convolution's map, the stage's
+        # final norm to the last block (its FFN sublayer's)
+        fmap = convolve(self.embed.proj, x, conv_weights)
+        h, w = fmap.shape[-2:]
+        final = StageNorm(norm.weight, norm.bias, norm.eps, (h, w), self.feeds_next, decoder_linear=True)
+        last = len(self.blocks) - 1
+        out = fmap
+        for i, block in enumerate(self.blocks):
+            out = block(out, h, w, embed_norm=self.embed.embed_norm() if i == 0 else None,
+                        stage_norm=final if i == last else None)
+        return out
 
 
 class LMSA(nn.Module):

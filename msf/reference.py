@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
 __all__ = ["AttentionBlockParams", "DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer",
-           "eager_attention", "eager_attention_block", "eager_map_layer_norm", "eager_stage_output",
+           "eager_attention", "eager_attention_block", "eager_map_layer_norm", "eager_stage_output", "StageNorm",
            "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
            "tokens_to_map"]
 
@@ -76,6 +76,20 @@ class EmbedNorm:
     eps: float = 1e-5
 
 
+@dataclass(frozen=True)
+class StageNorm:
+    """A stage's final LayerNorm (the module's weight, bias, eps) and what `eager_stage_output` takes
+    with it, handed to the stage's last FFN sublayer so that the fused backend can form the stage's
+    output maps in that sublayer's forward kernel (`eager_ffn_sublayer`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    hw: tuple[int, int]
+    feeds_next: bool = True
+    decoder_linear: bool = False
+
+
 def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams,
                           attention_sublayer=composed_attention_sublayer,
                           embed_norm: EmbedNorm | None = None) -> torch.Tensor:
@@ -113,10 +127,17 @@ def eager_stage_output(tokens: torch.Tensor, hw: tuple[int, int], weight: torch.
     return out, out
 
 
-def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5):
-    """The block's feed-forward sublayer as the paper's model computes it: x + fc2(GELU(fc1(LN(x))))."""
+def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float = 1e-5,
+                       stage_norm: StageNorm | None = None):
+    """The block's feed-forward sublayer as the paper's model computes it: x + fc2(GELU(fc1(LN(x)))).
+    With `stage_norm` (a stage's last block), the stage's output after it: `eager_stage_output` of
+    the sublayer's tokens, the (decoder's, next stage's) pair of B×C×h×w maps."""
     hidden = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
-    return x + F.linear(hidden, fc2_weight, fc2_bias)
+    out = x + F.linear(hidden, fc2_weight, fc2_bias)
+    if stage_norm is None:
+        return out
+    s = stage_norm
+    return eager_stage_output(out, s.hw, s.weight, s.bias, s.eps, s.feeds_next, s.decoder_linear)
 
 
 def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:

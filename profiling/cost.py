@@ -788,6 +788,24 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
             pass_ref[0] = "bwd"
             ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32, w_dtype=f32)
+        elif op == "ffn_stage_output":
+            # a stage's last FFN sublayer with the stage's final norm in its forward kernel, under CUDA
+            # autocast: as ffn_sublayer, plus the decoder's map in bf16 (`decoder_linear`) and (stages
+            # 1-3) the bf16 copy for the next convolution written beside out; the backward is the
+            # stage norm's kernel on the saved out, then the FFN's
+            c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+            n, hid = side * side, FFN_EXPANSION * c
+            x = e((batch * n, c), dtype=f32)
+            params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as FFNStageOutputFunction
+            snw = e((c,), dtype=f32)
+            copy = bf16 if stage < len(STAGES) else None
+            out, mean, rstd, _, _ = ffn._forward(x, *params, 1e-5, bf16,
+                                                 ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
+            pass_ref[0] = "bwd"
+            dy = e((batch * n, c), dtype=bf16)
+            g, _, _ = ffn._stage_norm_backward(out, snw, dy, None if copy is None else dy, 1e-5, (side, side), f32)
+            ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32)
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
             # stages 2-4 projected by F.linear (bf16), the folded M1 and c and fc2 fp32; dropout on
@@ -854,6 +872,12 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
         pe_w, pe_b, embed = embedding
         fn, args = blk.AttentionBlockFunction.apply, (x, *params, pe_w, pe_b, (side, side), SR_RATIOS[stage], 1e-5,
                                                       1e-5, bf16, embed)
+    elif op == "ffn_stage_output":
+        c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
+        hid = FFN_EXPANSION * c
+        fn, args = ffn.FFNStageOutputFunction.apply, (
+            leaf(batch * side * side, c), leaf(c), leaf(c), leaf(hid, c), leaf(hid), leaf(c, hid), leaf(c), 1e-5, bf16,
+            leaf(c), leaf(c), 1e-5, (side, side), bf16, bf16 if stage < len(STAGES) else None)
     elif op in ("attention_sublayer", "ffn_sublayer"):
         c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
         if op == "attention_sublayer":
@@ -910,14 +934,16 @@ def _interpreter_launches_skipped():
 
 
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
-       "attention_block_embedded", "ffn_sublayer", "stage_output", "decoder_mlp", "lmsa")
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa")
 PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
 # once per stage: the patch embedding's norm (where the first block does not take it in), the first
-# block's attention half with that norm inside, the final norm
-PER_STAGE_OPS = ("map_layer_norm", "attention_block_embedded", "stage_output")
+# block's attention half with that norm inside, the final norm (on its own, or inside the last
+# block's FFN sublayer)
+PER_STAGE_OPS = ("map_layer_norm", "attention_block_embedded", "stage_output", "ffn_stage_output")
 # ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
-# inside another op (the attention sublayer: its kernels are part of attention_block's)
-NOT_IN_STEP = ("upsample_argmax", "attention_sublayer")
+# inside another op (the attention sublayer: its kernels are part of attention_block's; the stage's
+# final norm: part of ffn_stage_output's, the last block's FFN sublayer, in every stage of the model)
+NOT_IN_STEP = ("upsample_argmax", "attention_sublayer", "stage_output")
 
 
 def op_instances() -> list[tuple[str, int | None]]:
@@ -940,7 +966,9 @@ def calls_per_step(op: str, stage: int | None) -> int:
         if op == "attention_block":
             return STAGE_DEPTHS[stage] - embedded
         return int(embedded == (op == "attention_block_embedded"))
-    return STAGE_DEPTHS[stage] if op in PER_BLOCK_OPS else 1
+    if op == "ffn_sublayer":  # the last block's runs as ffn_stage_output
+        return STAGE_DEPTHS[stage] - 1
+    return 1
 
 
 def op_label(op: str, stage: int | None) -> str:

@@ -22,7 +22,9 @@ import importlib  # noqa: E402
 
 ffn_mod = importlib.import_module("msf.kernels.ffn_sublayer")
 attn_mod = importlib.import_module("msf.kernels.attention")
+norm_mod = importlib.import_module("msf.kernels.map_norm")
 from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
+from msf.reference import StageNorm  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -42,8 +44,8 @@ CASES = [("C32", torch.float32), ("C32", torch.bfloat16), ("C64", torch.float32)
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the kernels fill (here and in the reused chunk-sum) starts as NaN."""
-    poison_new_buffers(monkeypatch, ffn_mod, attn_mod)
+    """Every buffer the kernels fill (here, in the reused chunk-sum and the stage norm's backward) starts as NaN."""
+    poison_new_buffers(monkeypatch, ffn_mod, attn_mod, norm_mod)
 
 
 def _inputs(shape, seed: int) -> dict[str, torch.Tensor]:
@@ -232,6 +234,125 @@ def test_bad_arguments_are_named():
             ffn_mod.ffn_sublayer(*{**args, **change}.values())
     with pytest.raises(ValueError, match="eps"):
         ffn_mod.ffn_sublayer(*args.values(), eps=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# a stage's last block: the stage's final LayerNorm in the forward kernel (`stage_norm`)
+# ----------------------------------------------------------------------------------------------
+STAGE_NAMES = NAMES + ("stage_weight", "stage_bias")
+# (B, h, w, C, H): ragged maps (h·w not a multiple of the row tiles) at the model's widths and an odd one
+STAGE_SHAPES = {"C32": (2, 5, 7, 32, 64), "C64": (1, 3, 7, 64, 128), "C192": (1, 3, 5, 192, 384),
+                "C40-H56": (2, 3, 3, 40, 56)}
+STAGE_CASES = [("C32", torch.float32), ("C64", torch.bfloat16), ("C192", torch.bfloat16), ("C40-H56", torch.float16)]
+
+
+def _stage_inputs(shape, seed: int) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """`_inputs` on B×(h·w)×C tokens, the stage norm's γ_s, β_s, and two map gradients (the decoder's
+    g and the next convolution's g2), B×C×h×w."""
+    b, h, w, c, hid = shape
+    vals = _inputs((b, h * w, c, hid), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    vals.update(stage_weight=1 + 0.2 * torch.randn(c, generator=gen), stage_bias=0.2 * torch.randn(c, generator=gen),
+                g=torch.randn(b, c, h, w, generator=gen), g2=torch.randn(b, c, h, w, generator=gen))
+    return vals, (h, w)
+
+
+STAGE_EPS = 1e-3  # not the sublayer's 1e-5: a kernel that took one eps for the other fails the fp32 cases
+
+
+def _stage_run(leaves, fn, hw, feeds_next=True, decoder_linear=False):
+    """fn's (decoder map, next map) for the leaves, and their backward from g, g2 (each in its map's dtype)."""
+    norm = StageNorm(leaves["stage_weight"], leaves["stage_bias"], STAGE_EPS, hw, feeds_next, decoder_linear)
+    y, y_next = fn(*(leaves[k] for k in NAMES), 1e-5, norm)
+    outs, grads = [y], [leaves["g"].to(y.dtype)]
+    if feeds_next:
+        outs.append(y_next)
+        grads.append(leaves["g2"].to(y_next.dtype))
+    torch.autograd.backward(outs, grads)
+    return y, y_next
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("shape,dtype", STAGE_CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in STAGE_CASES])
+def test_stage_norm_matches_float64(shape, dtype, device, poisoned):
+    """One dtype throughout: the stage's output map (what follows the sublayer, its final LayerNorm)
+    and all nine gradients (x, the sublayer's six parameters, γ_s, β_s) against float64 autograd of
+    the eager composition, the two maps' gradients both in play."""
+    kernel_device(device)
+    vals, hw = _stage_inputs(STAGE_SHAPES[shape], seed=zlib.crc32(shape.encode()) % 1000)
+    rounded = {k: v.to(dtype) for k, v in vals.items()}
+    ours, ref = _leaves(rounded, device, dtype), _leaves(rounded, device, torch.float64)
+    for t in ("g", "g2"):
+        ours[t], ref[t] = ours[t].detach(), ref[t].detach()
+    y, y_next = _stage_run(ours, ffn_mod.ffn_sublayer, hw)
+    y_ref, _ = _stage_run(ref, ffn_mod.ffn_sublayer_eager, hw)
+    assert y.dtype == dtype and y.shape == y_ref.shape and y.stride() == y_ref.stride(), (y.dtype, y.stride())
+    assert y_next.data_ptr() == y.data_ptr(), "one map for both readers where no cast is to be made"
+    assert_close(y, y_ref, TOL[dtype], f"{shape} {dtype} stage map")
+    for name in STAGE_NAMES:
+        assert_close(ours[name].grad, ref[name].grad, TOL[dtype], f"{shape} {dtype} d{name}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("feeds_next,decoder_linear", [(True, True), (False, True), (True, False)],
+                         ids=["stage1-3", "stage4", "fp32-decoder-map"])
+@pytest.mark.parametrize("shape", ["C32", "C192"])
+def test_stage_norm_under_autocast_is_the_two_ops(shape, feeds_next, decoder_linear, device, poisoned):
+    """The model's case: fp32 tokens and master weights under bf16 autocast. The fused forward writes
+    what the FFN sublayer followed by `stage_output` writes (the decoder's map in bf16 with
+    `decoder_linear`, the next convolution's bf16 copy where a stage follows), from the same stored
+    out: the maps agree to fp32 rounding of the norm's sums and the gradients (the same backward
+    kernels on the same saved out) exactly; both against float64 at the bf16 tolerance."""
+    kernel_device(device)
+    vals, hw = _stage_inputs(STAGE_SHAPES[shape], seed=17)
+    ours, apart, ref = (_leaves(vals, device, torch.float32), _leaves(vals, device, torch.float32),
+                        _leaves(vals, device, torch.float64))
+
+    def two_ops(*args):
+        *ffn_args, eps, norm = args
+        return norm_mod.stage_output(ffn_mod.ffn_sublayer(*ffn_args, eps), norm.hw, norm.weight, norm.bias, norm.eps,
+                                     norm.feeds_next, norm.decoder_linear)
+
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, y_next = _stage_run(ours, ffn_mod.ffn_sublayer, hw, feeds_next, decoder_linear)
+        y_apart, y_next_apart = _stage_run(apart, two_ops, hw, feeds_next, decoder_linear)
+    y_ref, _ = _stage_run(ref, ffn_mod.ffn_sublayer_eager, hw, feeds_next)
+    assert (y.dtype, y_next.dtype) == (y_apart.dtype, y_next_apart.dtype), (y.dtype, y_next.dtype)
+    assert y.dtype == (torch.bfloat16 if decoder_linear else torch.float32)
+    assert y_next.dtype == (torch.bfloat16 if feeds_next else y.dtype)
+    assert (y_next.data_ptr() != y.data_ptr()) == feeds_next
+    assert_close(y, y_apart, 1e-5, f"{shape} decoder map vs the two ops")
+    assert_close(y_next, y_next_apart, 1e-5, f"{shape} next map vs the two ops")
+    assert_close(y, y_ref, TOL[torch.bfloat16], f"{shape} decoder map vs float64")
+    for name in STAGE_NAMES:
+        assert_close(ours[name].grad, apart[name].grad, 1e-6, f"{shape} d{name} vs the two ops")
+        assert_close(ours[name].grad, ref[name].grad, TOL[torch.bfloat16], f"{shape} d{name} vs float64")
+
+
+def test_stage_norm_unserved_cases_run_the_two_ops(monkeypatch):
+    """Where the kernels do not serve (fp32 at C > 64), the FFN sublayer and the stage norm run one after
+    the other, each by its own dispatch: results as eager's, no fused stage-norm launch."""
+    kernel_device("cpu")
+    monkeypatch.setattr(ffn_mod, "FFNStageOutputFunction", None)
+    vals, hw = _stage_inputs((1, 3, 3, 72, 16), seed=4)
+    leaves = {k: v for k, v in vals.items() if k not in ("g", "g2")}
+    norm = StageNorm(leaves["stage_weight"], leaves["stage_bias"], 1e-5, hw)
+    got = ffn_mod.ffn_sublayer(*(leaves[k] for k in NAMES), 1e-5, norm)
+    want = ffn_mod.ffn_sublayer_eager(*(leaves[k] for k in NAMES), 1e-5, norm)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-6, "unserved stage norm")
+
+
+def test_stage_norm_bad_arguments_are_named():
+    vals, hw = _stage_inputs((1, 2, 3, 32, 64), seed=0)
+    args = [vals[k] for k in NAMES]
+    good = dict(weight=vals["stage_weight"], bias=vals["stage_bias"], eps=1e-5, hw=hw)
+    for change, word in (({"hw": (3, 3)}, "hw"), ({"weight": torch.ones(31)}, "stage norm's weight"),
+                         ({"eps": 0.0}, "stage norm's eps")):
+        with pytest.raises(ValueError, match=word):
+            ffn_mod.ffn_sublayer(*args, 1e-5, StageNorm(**{**good, **change}))
+    with pytest.raises(ValueError, match="tokens"):
+        ffn_mod.ffn_sublayer(args[0].reshape(6, 32), *args[1:], 1e-5, StageNorm(**good))
 
 
 def test_gelu_parts_matches_float64():

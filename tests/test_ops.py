@@ -19,7 +19,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from msf.kernels import ops  # noqa: E402
-from msf.reference import AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams  # noqa: E402
+from msf.reference import AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, StageNorm  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -88,6 +88,16 @@ def _case(name):
                   _randn(32, scale=0.1, seed=4), _randn(16, 32, scale=0.2, seed=5), _randn(16, scale=0.1, seed=6))
         return (ops.ffn_sublayer_op, (x, *params, 1e-5, torch.float32),
                 lambda f: f(x, *params, 1e-5))
+    if name == "ffn_stage_output":  # a stage's last FFN sublayer with its final norm: 2×15×16 tokens of a 3×5 map
+        x = _randn(2, 15, 16)
+        params = (_randn(16, scale=0.2, seed=1) + 1, _randn(16, scale=0.2, seed=2), _randn(32, 16, scale=0.25, seed=3),
+                  _randn(32, scale=0.1, seed=4), _randn(16, 32, scale=0.2, seed=5), _randn(16, scale=0.1, seed=6))
+        sw, sb = (_randn(16, scale=0.2, seed=7) + 1).detach().requires_grad_(), _randn(16, scale=0.2, seed=8)
+        x2 = x.detach().view(30, 16).requires_grad_()  # the operator takes rows × C; checked with the bf16 copy
+        args = (x2, *params, 1e-5, torch.float32, sw, sb, 1e-5, [3, 5], torch.float32, torch.bfloat16)
+        return (ops.ffn_stage_output_op, args,
+                lambda f: torch.cat([t.flatten() for t in f(x, *params, 1e-5, StageNorm(sw, sb, 1e-5, (3, 5)))]),
+                [x, *params, sw, sb])
     if name == "decoder_mlp":  # E = 16, C1 = 8, stage 1 4×6, stages 2-4 at 2×3, 2×3, 1×1; dropout on
         feats = [_randn(2, c, 4 // s, 6 // s, seed=s) for c, s in ((8, 1), (8, 2), (16, 2), (16, 4))]
         feats[3] = _randn(2, 16, 1, 1, seed=9)
@@ -123,9 +133,11 @@ def _case(name):
     raise KeyError(name)
 
 
-# every operator's public op, and the attention half again as a stage's first block (x the patch
-# embedding's map, its LayerNorm inside the operator)
-CASES = list(ops.REGISTRY) + ["attention_block_embedded"]
+# every operator's public op, the attention half again as a stage's first block (x the patch
+# embedding's map, its LayerNorm inside the operator) and the FFN sublayer as a stage's last (the
+# stage's final norm inside its operator): case name → its op in the registry
+_ENTRY_OF = {"attention_block_embedded": "attention_block", "ffn_stage_output": "ffn_sublayer"}
+CASES = list(ops.REGISTRY) + list(_ENTRY_OF)
 
 
 @pytest.mark.parametrize("name", CASES + ["decoder_fold"])  # (the fold: an operator of decoder_mlp's host half)
@@ -144,7 +156,7 @@ def _inputs_requiring_grad(args):
 def test_operator_matches_the_module_entry_bitwise(name):
     """The operator path runs the same launches as the autograd Function: identical numbers."""
     _, args, call, *call_leaves = _case(name)
-    fused_op = ops.REGISTRY[name.removesuffix("_embedded")]
+    fused_op = ops.REGISTRY[_ENTRY_OF.get(name, name)]
     entry, traced = fused_op.entry, fused_op.traced
     got, want = call(traced), call(entry)
     assert torch.equal(got, want), f"{name}: forward differs, max |Δ| {(got.double() - want.double()).abs().max()}"

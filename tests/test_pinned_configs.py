@@ -134,6 +134,17 @@ def test_ffn_sublayer_at_the_gpu_tiles(gpu_kind, shape):
     assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx", wgrad})
 
 
+@pytest.mark.parametrize("shape,feeds_next", [("C32", True), ("C192", False)], ids=["C32-stage1", "C192-stage4"])
+def test_ffn_stage_norm_at_the_gpu_tiles(gpu_kind, shape, feeds_next):
+    """A stage's last FFN sublayer with the stage's final norm in its forward (its own shape class,
+    "amp_c*_stage"), under bf16 autocast, against the two ops apart and float64."""
+    kind, launched = gpu_kind
+    t_ffn.test_stage_norm_under_autocast_is_the_two_ops(shape, feeds_next, True, "cpu", poisoned=None)
+    block_c = t_ffn.ffn_mod._block_c(t_ffn.STAGE_SHAPES[shape][3])
+    assert f"amp_c{block_c}_stage" in {cls for name, cls, _ in launched if name == "ffn_sublayer.fwd"}
+    assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx"})
+
+
 def test_decoder_mlp_at_the_gpu_tiles(gpu_kind):
     """The model's class (fp32 maps and master weights under bf16 autocast, E = 128)."""
     kind, launched = gpu_kind
