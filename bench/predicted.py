@@ -33,6 +33,7 @@ for _stage in range(1, 5):
     COST_OPS[f"ffn/stage{_stage}"] = (f"ffn_sublayer[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"map_norm/stage{_stage}"] = (f"map_layer_norm[stage {_stage}]", ("fwd", "bwd"))
     COST_OPS[f"stage_output/stage{_stage}"] = (f"stage_output[stage {_stage}]", ("fwd", "bwd"))
+    COST_OPS[f"ffn_stage/stage{_stage}"] = (f"ffn_stage_output[stage {_stage}]", ("fwd", "bwd"))
 STEP_ROWS = ("triton step (fused + host ops + rest)", "eager step floor, paper order")
 
 

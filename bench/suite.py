@@ -225,8 +225,9 @@ def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
     autocast, fp32 γ, β. "map_norm/stageN": the patch embedding's norm of the convolution's bf16
     NCHW map. "stage_output/stageN": the stage-final norm of the fp32 tokens, with (stages 1-3) the
     bf16 map the next convolution reads; eager's convolution would cast it, so the eager provider
-    does the cast it implies (what the fused op absorbs) and both sum the two maps' gradients."""
-    from msf.backend import eager_map_layer_norm
+    does the cast it implies (what the fused op absorbs) and both sum the two maps' gradients.
+    "ffn_stage/stageN": the same norm after the stage's last FFN sublayer, as the model runs it."""
+    from msf.backend import StageNorm, eager_map_layer_norm
     cases = []
     for stage, c, _ in STAGES:
         side = size // (4 * 2 ** (stage - 1))
@@ -241,17 +242,35 @@ def stage_norm_cases(batch, size, device, dtype) -> list[Case]:
         feeds_next, decoder_linear = stage < len(STAGES), True  # as msf.model.Stage calls it
 
         def both(ops_name, t=tokens, w=w, b=b, s=side, nxt=feeds_next, lin=decoder_linear):
-            feature, next_input = get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt, lin)
-            if nxt and next_input.dtype == torch.float32:  # eager: the next convolution's autocast cast
-                next_input = next_input.to(torch.bfloat16)
-            if lin and feature.dtype == torch.float32:  # eager: the decoder projection's autocast cast
-                feature = feature.to(torch.bfloat16)
-            return feature.float().square().mean() + next_input.float().square().mean()
-        providers = {"eager": lambda: both("eager"), "triton": lambda: both("triton")}
+            return _maps_loss(*get_ops(ops_name).stage_output(t, (s, s), w, b, 1e-5, nxt, lin), nxt, lin)
+        providers = {"eager": lambda f=both: f("eager"), "triton": lambda f=both: f("triton")}
         cases.append(Case(f"stage_output/stage{stage}", f"B={batch},{side}²,C={c}", batch,
                           {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
                                                 backward=True)}, {}))
+        # "ffn_stage/stageN": the stage's last FFN sublayer with that norm (what the model runs at a
+        # stage's end: on triton the norm inside the FFN's forward kernel), fp32 tokens and parameters
+        hid = 2 * c
+        ffn_args = [tokens] + [_randn(*shape, device=device, dtype=torch.float32)
+                               for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
+
+        def stage_end(ops_name, args=ffn_args, w=w, b=b, s=side, nxt=feeds_next, lin=decoder_linear):
+            norm = StageNorm(w, b, 1e-5, (s, s), nxt, lin)
+            return _maps_loss(*get_ops(ops_name).ffn_sublayer(*args, 1e-5, norm), nxt, lin)
+        providers = {"eager": lambda f=stage_end: f("eager"), "triton": lambda f=stage_end: f("triton")}
+        cases.append(Case(f"ffn_stage/stage{stage}", f"B={batch},{side}²,C={c},H={hid}", batch,
+                          {"fwd+bwd": _builders({k: _autocast(f, device) for k, f in providers.items()},
+                                                backward=True)}, {}))
     return cases
+
+
+def _maps_loss(feature, next_input, feeds_next: bool, decoder_linear: bool) -> torch.Tensor:
+    """A scalar of a stage's two output maps for the timed backward, after the casts eager's readers
+    would make (the next convolution's, the decoder projection's), which the fused op absorbs."""
+    if feeds_next and next_input.dtype == torch.float32:
+        next_input = next_input.to(torch.bfloat16)
+    if decoder_linear and feature.dtype == torch.float32:
+        feature = feature.to(torch.bfloat16)
+    return feature.float().square().mean() + next_input.float().square().mean()
 
 
 def decoder_mlp_case(batch, size, device, dtype) -> Case:
