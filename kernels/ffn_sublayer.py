@@ -786,10 +786,11 @@ def _aot_specs() -> list[AttentionAotSpec]:
     specs = []
     # (kernel, its allow-lists, variant tag, extra pointer types, extra constexprs (a function of the C block));
     # the forward also with a stage's final norm, in the model's dtypes (`_AOT_STAGE_PTRS`), amp only
-    builds = [(k, _ALLOWED[k], "", {}, lambda _bc: {}) for k in ("dx", "wgrad")]
-    builds[:0] = [("fwd", _ALLOWED["fwd"], "", {}, lambda _bc: {"STAGE_NORM": False, "COPY": False}),
-                  ("fwd", {"amp": _ALLOWED_STAGE_FWD["amp"]}, "_stage", _AOT_STAGE_PTRS,
-                   lambda bc: {"STAGE_NORM": True, "COPY": bc < 256})]
+    builds = [("fwd", _ALLOWED["fwd"], "", {}, lambda _bc: {"STAGE_NORM": False, "COPY": False}),
+              ("fwd", {"amp": _ALLOWED_STAGE_FWD["amp"]}, "_stage", _AOT_STAGE_PTRS,
+               lambda bc: {"STAGE_NORM": True, "COPY": bc < 256}),
+              ("dx", _ALLOWED["dx"], "", {}, lambda _bc: {}),
+              ("wgrad", _ALLOWED["wgrad"], "", {}, lambda _bc: {})]
     for kname, lists, tag, extra_ptrs, extra_const in builds:
         kernel = _AOT_KERNELS[kname]
         for mode, per_c in lists.items():
