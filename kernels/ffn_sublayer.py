@@ -620,16 +620,25 @@ class FFNSublayerFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def rows_as_map(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Rows × C tokens of B images of h×w as the channels-last B×C×h×w map they are (a view)."""
+    rows, c = t.shape
+    h, w = hw
+    return t.view(rows // (h * w), h, w, c).permute(0, 3, 1, 2)
+
+
+def map_as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last B×C×h×w map as its rows × C tokens (a view), `rows_as_map`'s inverse."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def _stage_norm_backward(out, snw, dy, dy2, eps: float, hw: tuple[int, int], w_dtype: torch.dtype):
     """(∂L/∂out rows × C, dγ_s, dβ_s) of the stage's final LayerNorm, by `map_norm`'s backward kernel
     on out seen as the channels-last map it normalised (its statistics recomputed from out)."""
     from msf.kernels import map_norm as _mn  # (it imports attention_block, which imports this module)
-    rows, c = out.shape
-    h, w = hw
-    out_map = out.view(rows // (h * w), h, w, c).permute(0, 3, 1, 2)
-    g_map, dsw, dsb = _mn._backward(out_map, snw, dy.contiguous(), eps, w_dtype,
+    g_map, dsw, dsb = _mn._backward(rows_as_map(out, hw), snw, dy.contiguous(), eps, w_dtype,
                                     None if dy2 is None else dy2.contiguous())
-    return g_map.permute(0, 2, 3, 1).reshape(rows, c), dsw, dsb  # (channels-last, as out: a view)
+    return map_as_rows(g_map), dsw, dsb  # (channels-last, as out: a view)
 
 
 class FFNStageOutputFunction(torch.autograd.Function):

@@ -324,12 +324,9 @@ def _ffn_stage_grad(ctx, dy, dy2, _dout, _dmean, _drstd):
     dy2 = dy2.contiguous() if ctx.has_copy and dy2 is not None else None
     if dy is None:  # only the copy was used
         dy, dy2 = dy2, None
-    rows, c = out.shape
-    h, w = ctx.hw
-    out_map = out.view(rows // (h * w), h, w, c).permute(0, 3, 1, 2)  # the map the norm read
-    g_map, dsw, dsb = torch.ops.msf.map_layer_norm_backward(out_map, snw, snb, dy.contiguous(), dy2, ctx.stage_eps)
-    g = g_map.permute(0, 2, 3, 1).reshape(rows, c)
-    grads = torch.ops.msf.ffn_sublayer_backward(*ffn_saved, g.contiguous(), ctx.compute_dtype)
+    g_map, dsw, dsb = torch.ops.msf.map_layer_norm_backward(_ffn.rows_as_map(out, ctx.hw), snw, snb, dy.contiguous(),
+                                                            dy2, ctx.stage_eps)  # on the map the norm read
+    grads = torch.ops.msf.ffn_sublayer_backward(*ffn_saved, _ffn.map_as_rows(g_map).contiguous(), ctx.compute_dtype)
     return (*grads, None, None, dsw, dsb, None, None, None, None)
 
 

@@ -778,33 +778,29 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             pass_ref[0] = "bwd"
             mn._backward(x, lnw, e((batch, side * side, c), dtype=bf16), 1e-5, f32,
                          None if copy is None else e((batch, side * side, c), dtype=bf16))
-        elif op == "ffn_sublayer":
-            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products
-            c, n = STAGES[stage][1], (size // 4 // 2 ** (stage - 1)) ** 2
-            hid = FFN_EXPANSION * c
-            x = e((batch * n, c), dtype=f32)
-            params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
-            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as FFNSublayerFunction
-            _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
-            pass_ref[0] = "bwd"
-            ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32, w_dtype=f32)
-        elif op == "ffn_stage_output":
-            # a stage's last FFN sublayer with the stage's final norm in its forward kernel, under CUDA
-            # autocast: as ffn_sublayer, plus the decoder's map in bf16 (`decoder_linear`) and (stages
-            # 1-3) the bf16 copy for the next convolution written beside out; the backward is the
-            # stage norm's kernel on the saved out, then the FFN's
+        elif op in ("ffn_sublayer", "ffn_stage_output"):
+            # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products;
+            # ffn_stage_output (a stage's last block) also writes the stage's final norm in its forward
+            # kernel: the decoder's map in bf16 (`decoder_linear`) and (stages 1-3) the bf16 copy for the
+            # next convolution; its backward is the stage norm's kernel on the saved out, then the FFN's
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             n, hid = side * side, FFN_EXPANSION * c
             x = e((batch * n, c), dtype=f32)
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
-            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as FFNStageOutputFunction
-            snw = e((c,), dtype=f32)
-            copy = bf16 if stage < len(STAGES) else None
-            out, mean, rstd, _, _ = ffn._forward(x, *params, 1e-5, bf16,
-                                                 ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
-            pass_ref[0] = "bwd"
-            dy = e((batch * n, c), dtype=bf16)
-            g, _, _ = ffn._stage_norm_backward(out, snw, dy, None if copy is None else dy, 1e-5, (side, side), f32)
+            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as the autograd Functions
+            g = e((batch * n, c), dtype=f32)
+            if op == "ffn_sublayer":
+                _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
+                pass_ref[0] = "bwd"
+            else:
+                snw = e((c,), dtype=f32)
+                copy = bf16 if stage < len(STAGES) else None
+                out, mean, rstd, _, _ = ffn._forward(x, *params, 1e-5, bf16,
+                                                     ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
+                pass_ref[0] = "bwd"
+                dy = e((batch * n, c), dtype=bf16)
+                g, _, _ = ffn._stage_norm_backward(out, snw, dy, None if copy is None else dy, 1e-5, (side, side),
+                                                   f32)
             ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32)
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
