@@ -49,14 +49,20 @@ def build_step(backend: str, batch: int, size: int, amp: str, device: torch.devi
     return step
 
 
-def backend_error(backend: str, device: torch.device, prog: str) -> str | None:
-    """The one line a profiler prints and exits 2 on when `backend` cannot run on `device` (the
-    triton backend on a CPU without TRITON_INTERPRET=1), as train, eval and predict do; else None."""
+def warmed_step(args: argparse.Namespace, prog: str):
+    """(device, step) for a profiler's parsed `add_arguments` options, the warm-up steps already run;
+    None after printing the one error line a profiler exits 2 on when the backend cannot run on this
+    machine (the triton backend on a CPU without TRITON_INTERPRET=1), as train, eval and predict do."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        require_runnable(backend, device)
+        require_runnable(args.backend, device)
     except ValueError as exc:
-        return f"{prog}: error: {exc}"
-    return None
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+    step = build_step(args.backend, args.batch, args.size, args.amp, device)
+    for _ in range(args.warmup):
+        step()
+    return device, step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,14 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    error = backend_error(args.backend, device, "msf.profiling.step")
-    if error:
-        print(error, file=sys.stderr)
+    prepared = warmed_step(args, "msf.profiling.step")
+    if prepared is None:
         return 2
-    step = build_step(args.backend, args.batch, args.size, args.amp, device)
-    for _ in range(args.warmup):
-        step()
+    device, step = prepared
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.start()

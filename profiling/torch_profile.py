@@ -10,13 +10,12 @@ kernels they launched. `<out>/top-kernels-<backend>.txt` holds the table printed
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from msf.profiling.step import add_arguments, backend_error, build_step
+from msf.profiling.step import add_arguments, warmed_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="profiling/out")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    error = backend_error(args.backend, device, "msf.profiling.torch_profile")
-    if error:
-        print(error, file=sys.stderr)
+    prepared = warmed_step(args, "msf.profiling.torch_profile")
+    if prepared is None:
         return 2
-    step = build_step(args.backend, args.batch, args.size, args.amp, device)
-    for _ in range(args.warmup):
-        step()
+    device, step = prepared
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
         for _ in range(args.steps):
