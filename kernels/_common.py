@@ -70,13 +70,20 @@ def dot_tf32x3(a, b):
 
 
 @triton.jit
-def _ln_hat(x, mask, C, eps):
-    """(x̂, rstd) of the rows of x (fp32, zero outside `mask`): x̂ = (x − mean)·rstd, rstd = 1/√(var + eps)
-    with the biased variance, as torch's layer_norm; x̂ zero outside `mask`."""
+def _ln_stats(x, mask, C, eps):
+    """(x̂, mean, rstd) of the rows of x (fp32, zero outside `mask`): x̂ = (x − mean)·rstd, rstd =
+    1/√(var + eps) with the biased variance, as torch's layer_norm; x̂ zero outside `mask`."""
     mean = tl.sum(x, 1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-    return xc * rstd[:, None], rstd
+    return xc * rstd[:, None], mean, rstd
+
+
+@triton.jit
+def _ln_hat(x, mask, C, eps):
+    """(x̂, rstd) of the rows of x: `_ln_stats` without the mean."""
+    xhat, _mean, rstd = _ln_stats(x, mask, C, eps)
+    return xhat, rstd
 
 
 @triton.jit

@@ -23,8 +23,9 @@ Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fi
   (statistics on chip), xn stored in the compute dtype (the sublayer's input, kept for the
   backward) and accumulated into the convolution; then + b_sr, LN_sr and the kv Linear: red and kin
   (B×M×C) and kv (B×M×2C) written. R = 1: LN1 and the kv Linear only. PE: each token row first
-  normalised from the map (LN_pe) and x written once, for the sublayer's residual.
-- the attention sublayer's kernels (`msf.kernels.attention_sublayer`) on xn, x (the residual), k, v:
+  normalised from the map (LN_pe), and LN_pe's (mean, rstd) a token written (B·N×2 fp32), not x.
+- the attention sublayer's kernels (`msf.kernels.attention_sublayer`) on xn, x (the residual), k, v
+  (PE: the residual formed again from the map and those statistics in its epilogue, `MapResidual`):
   forward, and its backward up to ∂L/∂xn from the q path (the sublayer's dx), dK, dV, dWq ... dbo.
 - `_kv_bwd_kernel`: per tile of patches, dkin = dK W_k + dV W_v, LN_sr's backward to d red (stored
   for dW_sr), then per window position the convolution's input gradient added to the q path's,
@@ -47,12 +48,15 @@ import triton.language as tl
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import configs
-from msf.kernels._common import INTERPRET, _ln_hat, _vec, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import AttentionBlockParams, EmbedNorm, eager_attention_block, eager_map_layer_norm
+
+# the residual stream's dtype as the kv kernel's XDT constexpr (the rounding of LN_pe's output)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dtype", "embed_fused", "fused_supported"]
 
@@ -77,13 +81,13 @@ _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
 
 # (BLOCK_M, num_warps) of the embedding-norm builds where they differ from `_CONFIGS`' 16-bit entry, by
 # C block and device kind ("*": every kind; `configs.device_kind`), from the cost model (v3.1, a stage's
-# first block, 2026-12-06): the forward at C 32 takes 16 patches, at 4 warps on sm_90 (H100 73.5 -> 56.9
-# µs) and 2 on sm_80 (A100 96.4 -> 91.7), and at C 128 8 warps (4 spilled 16 B on sm_90 under
-# autocast); the backward at C 32 takes 64 patches at 16 warps on sm_90 (126.1 -> 114.1 µs; (32, 8)
-# 97.0 spilled 8 B there) and 16 patches at 4 warps on sm_80 (A100 240.2 -> 188.6), at C 64 16
-# patches (H100 55.5 -> 47.1, A100 103.6 -> 70.2)
+# first block, 2026-12-06): the forward at C 32 takes 16 patches at 4 warps (H100 73.5 -> 56.9 µs; 2 warps
+# on sm_80, A100 96.4 -> 91.7, until the forward stored LN_pe's statistics: 4 B of spill), and at C 128
+# 8 warps (4 spilled 16 B on sm_90 under autocast); the backward at C 32 takes 64 patches at 16 warps
+# on sm_90 (126.1 -> 114.1 µs; (32, 8) 97.0 spilled 8 B there) and 16 patches at 4 warps on sm_80 (A100
+# 240.2 -> 188.6), at C 64 16 patches (H100 55.5 -> 47.1, A100 103.6 -> 70.2)
 _EMBED_CONFIGS: dict[str, dict[int, dict[str, tuple[int, int]]]] = {
-    "fwd": {32: {"sm_90": (16, 4), "sm_80": (16, 2)}, 128: {"*": (32, 8)}},
+    "fwd": {32: {"*": (16, 4)}, 128: {"*": (32, 8)}},
     "bwd": {32: {"sm_90": (64, 16), "sm_80": (16, 4)}, 64: {"*": (16, 4)}},
 }
 
@@ -150,19 +154,27 @@ def _map_rows(map_base, p, stride_y, stride_x, R: tl.constexpr, PE: tl.constexpr
 @triton.jit
 def _block_input(X, XDT: tl.constexpr, rows, map_rows, offs_c, mask, pe_gamma, pe_beta, C, stride_xc, eps_pe,
                  PE: tl.constexpr):
-    """(x, x̂_pe, rstd_pe): the block input x in fp32, zero outside `mask`. Without PE a load of X (B·N×C)
-    at element offsets `rows`. With PE, x = LN_pe(map) from the map's rows at offsets `map_rows`, rounded to
-    the residual stream's dtype XDT as the patch embedding's norm writes it, and LN_pe's x̂ and rstd
-    for its backward (without PE: x and a placeholder)."""
+    """(x, x̂_pe, mean_pe, rstd_pe): the block input x in fp32, zero outside `mask`. Without PE a load of X
+    (B·N×C) at element offsets `rows`. With PE, x = LN_pe(map) from the map's rows at offsets `map_rows`,
+    rounded to the residual stream's dtype XDT as the patch embedding's norm writes it, and LN_pe's x̂,
+    mean and rstd (without PE: x and placeholders)."""
     if PE:
         m = tl.load(X + map_rows[:, None] + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        xhat_pe, rstd_pe = _ln_hat(m, mask, C, eps_pe)
+        xhat_pe, mean_pe, rstd_pe = _ln_stats(m, mask, C, eps_pe)
         x = tl.where(mask, _round(xhat_pe * pe_gamma[None, :] + pe_beta[None, :], XDT).to(tl.float32), 0.0)
     else:
         x = tl.load(X + rows, mask=mask, other=0.0).to(tl.float32)
         xhat_pe = x
+        mean_pe = x
         rstd_pe = x
-    return x, xhat_pe, rstd_pe
+    return x, xhat_pe, mean_pe, rstd_pe
+
+
+@triton.jit
+def _store_stats(STATS, tok, mean, rstd, mask):
+    """LN_pe's (mean, rstd) of tokens `tok` into their rows of STATS (B·N×2 fp32)."""
+    tl.store(STATS + tok * 2, mean, mask=mask)
+    tl.store(STATS + tok * 2 + 1, rstd, mask=mask)
 
 
 @triton.jit
@@ -176,16 +188,18 @@ def _square(W, offs_a, offs_b, mask_a, mask_b, C):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _kv_fwd_kernel(
-    X, PEW, PEB, XRES, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
+    X, PEW, PEB, STATS, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
     P, MW, MH, W_TOK, C, stride_xb, stride_xc, stride_xy, stride_xx, eps_pe, eps, eps_sr,
-    R: tl.constexpr, PE: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    R: tl.constexpr, PE: tl.constexpr, XDT: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
     (fp32 or the compute dtype); WSR: R²×C×C (window position, out, in) and WKV: 2C×C, both in the
     compute dtype (`compute_weights`); BSR, BKV in it or fp32 masters (rounded on load, as autocast's
     cast rounds them); the LayerNorm parameters in any float dtype. PE: X is the patch embedding's
     B×C×h×w map (its strides; MH = h/R patch rows an image), the block input x = LN_pe(X) (γ PEW,
-    β PEB) is formed here and written to XRES (B·N×C, the residual stream's dtype) for the sublayer."""
+    β PEB; rounded to XDT, the residual stream's dtype) is formed here, and LN_pe's (mean, rstd) of
+    every token written to STATS (B·N×2 fp32): the sublayer forms x again from them for its residual."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < P
@@ -196,10 +210,10 @@ def _kv_fwd_kernel(
     pe_gamma, pe_beta, map_base = _embed_setup(PEW, PEB, offs_m, offs_c, mask_c, MW, MH, stride_xb, stride_xy,
                                                stride_xx, R, PE)
     if R == 1:  # patches are tokens
-        x, _xhat_pe, _rstd_pe = _block_input(X, XRES.dtype.element_ty, offs_m[:, None] * C + offs_c[None, :],
-                                             map_base, offs_c, mask, pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
+        x, _xhat_pe, mean_pe, rstd_pe = _block_input(X, XDT, offs_m[:, None] * C + offs_c[None, :], map_base,
+                                                     offs_c, mask, pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
         if PE:
-            tl.store(XRES + offs_m[:, None] * C + offs_c[None, :], x.to(XRES.dtype.element_ty), mask=mask)
+            _store_stats(STATS, offs_m, mean_pe, rstd_pe, mask_m)
         xhat, _rstd = _ln_hat(x, mask, C, eps)
         kin = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
         tl.store(XN + offs_m[:, None] * C + offs_c[None, :], kin, mask=mask)
@@ -207,11 +221,11 @@ def _kv_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for p in range(0, R * R):
             tok = _patch_tokens(offs_m, p, MW, W_TOK, R)
-            x, _xhat_pe, _rstd_pe = _block_input(X, XRES.dtype.element_ty, tok[:, None] * C + offs_c[None, :],
-                                                 _map_rows(map_base, p, stride_xy, stride_xx, R, PE), offs_c, mask,
-                                                 pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
+            x, _xhat_pe, mean_pe, rstd_pe = _block_input(X, XDT, tok[:, None] * C + offs_c[None, :],
+                                                         _map_rows(map_base, p, stride_xy, stride_xx, R, PE), offs_c,
+                                                         mask, pe_gamma, pe_beta, C, stride_xc, eps_pe, PE)
             if PE:
-                tl.store(XRES + tok[:, None] * C + offs_c[None, :], x.to(XRES.dtype.element_ty), mask=mask)
+                _store_stats(STATS, tok, mean_pe, rstd_pe, mask_m)
             xhat, _rstd = _ln_hat(x, mask, C, eps)
             xn = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
             tl.store(XN + tok[:, None] * C + offs_c[None, :], xn, mask=mask)
@@ -308,8 +322,8 @@ def _kv_bwd_kernel(
         if ROUND_SUMS:
             dxn = _rounded(dxn, CDT)
         map_rows = _map_rows(map_base, p, stride_xy, stride_xx, R, PE)
-        x, xhat_pe, rstd_pe = _block_input(X, G.dtype.element_ty, rows, map_rows, offs_c, mask, pe_gamma, pe_beta,
-                                           C, stride_xc, eps_pe, PE)
+        x, xhat_pe, _mean_pe, rstd_pe = _block_input(X, G.dtype.element_ty, rows, map_rows, offs_c, mask, pe_gamma,
+                                                     pe_beta, C, stride_xc, eps_pe, PE)
         xhat, rstd = _ln_hat(x, mask, C, eps)
         dx = _ln_grad(dxn, xhat, rstd, gamma, mask, C)
         if ROUND_SUMS:
@@ -401,17 +415,22 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
     red = kin = None
     if ratio > 1:
         red, kin = _new((b * m, c), dev, cdt), _new((b * m, c), dev, cdt)
-    xres = x if pe is None else _new((b, n, c), dev, pe[3])  # the block input, the residual
     block_c, block_m, warps = _launch("fwd", c, cdt, None if pe is None else configs.device_kind(dev))
     unused = xn  # pointer arguments a build never reads
     pe_w, pe_b, eps_pe = (unused, unused, 0.0) if pe is None else pe[:3]
+    # with PE, LN_pe's per-token statistics: the sublayer forms the residual x = LN_pe(map) from them
+    # instead of reading an x this kernel would write (docs/attention_block.md)
+    stats = unused if pe is None else _new((b * n, 2), dev, torch.float32)
     _kv_fwd_kernel[(triton.cdiv(b * m, block_m),)](
-        x, pe_w, pe_b, xres, ln_w, ln_b, unused if wsr is None else wsr, unused if sr_b is None else sr_b,
+        x, pe_w, pe_b, stats, ln_w, ln_b, unused if wsr is None else wsr, unused if sr_b is None else sr_b,
         unused if srn_w is None else srn_w, unused if srn_b is None else srn_b, wkv, kv_b, xn,
         unused if red is None else red, unused if kin is None else kin, kv,
         b * m, mw, mh, hw[1], c, *strides, float(eps_pe), float(eps), float(eps_sr),
-        R=ratio, PE=pe is not None, CDT=_CDT[cdt], BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
-    out, o, lse = _sub._forward(xn, xres, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo)
+        R=ratio, PE=pe is not None, XDT=_TL_DTYPE[x.dtype if pe is None else pe[3]], CDT=_CDT[cdt],
+        BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    residual = None if pe is None else _sub.MapResidual(x, pe_w, pe_b, stats, hw[1], pe[3])
+    out, o, lse = _sub._forward(xn, x if pe is None else None, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo,
+                                residual)
     return out, xn, red, kin, kv, o, lse, weights
 
 
@@ -634,13 +653,13 @@ _AOT_STAGES = ((32, 8), (64, 4), (128, 2), (192, 1))
 
 def _aot_specs() -> list[AttentionAotSpec]:
     specs = []
-    kernels = {"fwd": (_kv_fwd_kernel, ("X", "XRES", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
-                       ("LNW", "LNB", "SNW", "SNB", "PEW", "PEB")),
+    kernels = {"fwd": (_kv_fwd_kernel, ("X", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
+                       ("LNW", "LNB", "SNW", "SNB", "PEW", "PEB", "STATS")),
                "bwd": (_kv_bwd_kernel, ("X", "WSR", "RED", "WKV", "DK", "DV", "DXNQ", "G", "DX", "DRED"),
                        ("LNW", "SNW", "PART", "PEW", "PEB"))}
     # (name, compute dtype, the dtype of CUDA autocast's fp32 tensors): uniform bf16 / fp32 and autocast's mix
     classes = (("bf16", "bf16", "bf16"), ("amp", "bf16", "fp32"), ("fp32", "fp32", "fp32"))
-    wide = {"X", "XRES", "G", "DX", "BSR", "BKV"}  # fp32 under autocast (the biases: its masters)
+    wide = {"X", "G", "DX", "BSR", "BKV"}  # fp32 under autocast (the biases: its masters)
     for kname, (kernel, data, f32) in kernels.items():
         for cname, cdt, xdt in classes:
             for c, ratio in _AOT_STAGES:
@@ -652,6 +671,8 @@ def _aot_specs() -> list[AttentionAotSpec]:
                          "BLOCK_C": block_c, "BLOCK_M": block_m, "PE": False, "stride_xc": 1}
                 if kname == "bwd":
                     const["ROUND_SUMS"] = cname == "bf16"
+                else:  # the residual stream's dtype (x's; LN_pe's output with PE)
+                    const["XDT"] = tl.float32 if xdt == "fp32" else tl.bfloat16
                 tag = f"{cname}_c{c}_r{ratio}_m{block_m}_w{warps}"
                 specs.append(_aot_spec(f"attention_block.{kname}_{tag}", kernel, ptrs, const, warps, 1,
                                        floats=("eps", "eps_sr", "eps_pe")))

@@ -16,6 +16,9 @@ composes the eager pieces instead (no spill-free tf32x3 tile there).
 Kernels (no atomics; weight gradients through per-chunk fp32 partials and one fixed-order sum):
 - `_sub_fwd_kernel`: q formed on chip from x, the core's online-softmax sweep, then the output
   projection slice by slice with bo and the residual added: x and residual read once, out written once.
+  With PE (a stage's first block, `MapResidual`) the residual is the patch embedding's LayerNorm of
+  its map, formed slice by slice from the map and the per-token (mean, rstd) the block's kv kernel
+  wrote: the block input is never written as B×N×C tokens.
 - `_sub_bwd_dq_kernel`: recomputes q, forms dO = g wo, sweeps K/V for dQ, writes dx = dQ wq and
   the q, dO, dQ scratch the next steps read.
 - the core's `_attn_bwd_dkdv_kernel` (+ `_attn_bwd_reduce_kernel`): dK, dV from q and dO.
@@ -37,7 +40,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET, row_chunks
+from msf.kernels._common import INTERPRET, _vec, row_chunks
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 from msf.kernels.partial_sums import sum_partials
@@ -138,7 +141,9 @@ def _mode(elem_bytes: int) -> str:
     return "16" if elem_bytes == 2 else "tf32x3"
 
 
-_WIDE_ARGS = {"fwd": ("X", "R"), "dq": ("X", "G")}  # token tensors that are fp32 in mixed precision
+# token tensors that are fp32 in mixed precision (the forward's R is the patch embedding's 16-bit map
+# when it forms the residual from it: OUT is fp32 then)
+_WIDE_ARGS = {"fwd": ("X", "R", "OUT"), "dq": ("X", "G")}
 
 
 def _kernel_mode(kernel: str, named_args) -> str:
@@ -244,17 +249,21 @@ def _project_q(X, WQ, BQ, row, mask_n, offs_d, mask_d, D, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _sub_fwd_kernel(
-    X, R, K, V, WQ, BQ, WO, BO, OUT, O, LSE,
+    X, R, K, V, WQ, BQ, WO, BO, OUT, O, LSE, PEW, PEB, STATS,
     stride_kb, stride_km, stride_kd,
     stride_vb, stride_vm, stride_vd,
-    N, D, qk_scale,
+    stride_rb, stride_rc, stride_ry, stride_rx,
+    N, D, W_TOK, qk_scale,
     M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, D_CEIL: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    PE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """out, O, lse for BLOCK_N rows of image b (X, R, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D.
-    K, V and O are in the compute dtype; X, R, OUT either share it or (the mixed path) are fp32, and
+    """out, O, lse for BLOCK_N rows of image b (X, OUT, O contiguous B×N×D). qk_scale = log2(e)/√D.
+    K, V and O are in the compute dtype; X, OUT either share it or (the mixed path) are fp32, and
     then y = O woᵀ + bo is rounded to the compute dtype before the fp32 add. WQ, WO in the compute
-    dtype; BQ, BO in it or fp32 masters (rounded on load)."""
+    dtype; BQ, BO in it or fp32 masters (rounded on load). The residual: R (B×N×D contiguous, OUT's
+    dtype), or with PE the patch embedding's LayerNorm of the B×D×h×w map R (strides stride_r*, W_TOK
+    = w), from the per-token (mean, rstd) in STATS (B·N×2 fp32) and γ PEW, β PEB, rounded to OUT's
+    dtype: the block input exactly as `msf.kernels.attention_block`'s kv kernel formed it."""
     b, offs_n, offs_d, mask_n, mask_d = _row_block(N, D, BLOCK_N, BLOCK_D)
     row = b * N + offs_n
     dt = K.dtype.element_ty  # the compute dtype
@@ -268,7 +277,11 @@ def _sub_fwd_kernel(
     tl.store(O + row[:, None] * D + offs_d[None, :], o, mask=mask_n[:, None] & mask_d[None, :])
     tl.store(LSE + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
 
-    # out[:, s] = R[:, s] + O woᵀ[:, s] + bo[s], one BLOCK_K-column slice s at a time
+    if PE:  # the tokens' offsets in the map and their LN_pe statistics
+        map_rows = b * stride_rb + (offs_n // W_TOK) * stride_ry + (offs_n % W_TOK) * stride_rx
+        mean_pe = tl.load(STATS + row * 2, mask=mask_n, other=0.0)
+        rstd_pe = tl.load(STATS + row * 2 + 1, mask=mask_n, other=0.0)
+    # out[:, s] = residual[:, s] + O woᵀ[:, s] + bo[s], one BLOCK_K-column slice s at a time
     for jc in range(0, D_CEIL, BLOCK_K):
         offs_j = jc + tl.arange(0, BLOCK_K)
         mask_j = offs_j < D
@@ -277,7 +290,13 @@ def _sub_fwd_kernel(
         y = _mm(o, wot, PRECISE) + _bias(BO, offs_j, mask_j, dt)[None, :]
         if OUT.dtype.element_ty != dt:  # mixed: y is a Linear output, rounded (autocast)
             y = _round(y, dt).to(tl.float32)
-        y += tl.load(R + row[:, None] * D + offs_j[None, :], mask=mask_nj, other=0.0).to(tl.float32)
+        if PE:  # x = LN_pe(map) on the slice: (m − mean)·rstd·γ + β, rounded to the residual stream's dtype
+            m = tl.load(R + map_rows[:, None] + offs_j[None, :] * stride_rc, mask=mask_nj, other=0.0).to(tl.float32)
+            xhat = tl.where(mask_nj, m - mean_pe[:, None], 0.0) * rstd_pe[:, None]
+            y += _round(xhat * _vec(PEW, offs_j, mask_j)[None, :] + _vec(PEB, offs_j, mask_j)[None, :],
+                        OUT.dtype.element_ty).to(tl.float32)
+        else:
+            y += tl.load(R + row[:, None] * D + offs_j[None, :], mask=mask_nj, other=0.0).to(tl.float32)
         tl.store(OUT + row[:, None] * D + offs_j[None, :], _round(y, OUT.dtype.element_ty), mask=mask_nj)
 
 
@@ -590,20 +609,39 @@ def launch_wgrad(groups: list[WgradGroup], precise: bool) -> None:
     _sub_wgrad_kernel[grid](*(arg for g in _slots(groups) for arg in g.args), PRECISE=precise, **const)
 
 
-def _forward(x, r, k, v, wq, bq, wo, bo):
+@dataclasses.dataclass(frozen=True)
+class MapResidual:
+    """The residual as the patch embedding's LayerNorm of its map (`msf.kernels.attention_block`):
+    the B×C×h×w map (any dense layout), LN_pe's γ, β, the per-token (mean, rstd) (B·N×2 fp32) its
+    kv kernel wrote, the map width and the residual stream's dtype."""
+    map: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stats: torch.Tensor
+    width: int
+    dtype: torch.dtype
+
+
+def _forward(x, r, k, v, wq, bq, wo, bo, pe: MapResidual | None = None):
     """wq, wo in the compute dtype (k's), bq, bo in it or fp32 masters (the kernels round them on
-    load); out in the residual's dtype, O in k's."""
+    load); out in the residual's dtype, O in k's. With `pe` the residual is formed from the map
+    (r is then not read: None)."""
     batch, n, c = x.shape
     m = k.shape[1]
-    out = _new((batch, n, c), x.device, r.dtype)
+    out = _new((batch, n, c), x.device, r.dtype if pe is None else pe.dtype)
     o = _new((batch, n, c), x.device, k.dtype)
     lse = _new((batch, n), x.device, torch.float32)
+    if pe is None:  # (placeholders the build never reads)
+        r_arg, pe_args, r_strides, width = r, (lse, lse, lse), (0, 0, 0, 0), 1
+    else:
+        r_arg, pe_args, r_strides, width = pe.map, (pe.weight, pe.bias, pe.stats), pe.map.stride(), pe.width
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
     _sub_fwd_kernel[grid](
-        x, r, k, v, wq, bq, wo, bo, out, o, lse,
-        *k.stride(), *v.stride(),
-        n, c, _LOG2E / math.sqrt(c),
+        x, r_arg, k, v, wq, bq, wo, bo, out, o, lse, *pe_args,
+        *k.stride(), *v.stride(), *r_strides,
+        n, c, width, _LOG2E / math.sqrt(c),
         M=m, BLOCK_D=_core._block_d(c), BLOCK_K=_BLOCK_K, D_CEIL=_d_ceil(c), PRECISE=k.dtype == torch.float32,
+        PE=pe is not None,
     )
     return out, o, lse
 
@@ -838,7 +876,7 @@ _AOT_M = 256
 _AOT_C = {256: 192}  # the model's C per d block where they differ (stage 4)
 _AOT_DTYPES = {"16": "bf16", "tf32x3": "fp32", "amp": "bf16"}
 _AOT_KERNELS = {
-    "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE",)),
+    "fwd": (_sub_fwd_kernel, ("X", "R", "K", "V", "WQ", "BQ", "WO", "BO", "OUT", "O"), ("LSE", "PEW", "PEB", "STATS")),
     "dq": (_sub_bwd_dq_kernel, ("X", "G", "K", "V", "WQ", "BQ", "WO", "O", "QS", "DOS", "DQ", "DX"), ("LSE", "DELTA")),
 }
 # the mixed-precision variant ("amp": CUDA autocast's dtypes): these token tensors and the master biases
@@ -860,10 +898,18 @@ def _aot_specs() -> list[AttentionAotSpec]:
             if mode in ("16", "amp"):  # fp16: one spot check per kernel (largest d block, first config), as in the core
                 builds.append((prefix + "fp16", {a: t.replace("bf16", "fp16") for a, t in ptrs.items()}, 256,
                                per_d[256][0]))
+            if kname == "fwd" and mode == "amp":  # a stage's first block: the residual from the bf16 map
+                # (NCHW at stage 1, channels-last after), xn in bf16, out fp32
+                builds += [(prefix + dname + "_pe", {**ptrs, "X": "*bf16", "R": "*bf16"}, block_d, cfg)
+                           for block_d, cfgs in per_d.items() for cfg in cfgs]
             for dn, pt, block_d, (bn, bm, w, st) in builds:
                 const = {"M": _AOT_M, "BLOCK_D": block_d, "BLOCK_K": _BLOCK_K, "PRECISE": mode == "tf32x3",
                          "D_CEIL": _d_ceil(_AOT_C.get(block_d, block_d)),
                          "BLOCK_N": bn, "BLOCK_M": bm}
+                if kname == "fwd":
+                    const["PE"] = dn.endswith("_pe")
+                    if const["PE"]:
+                        const["stride_rx" if block_d == 32 else "stride_rc"] = 1
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                 spec = _aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st)
                 if (bn, bm, w, st) in _SM90_ONLY.get((kname, mode, block_d), ()):

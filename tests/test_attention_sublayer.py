@@ -182,6 +182,45 @@ def test_bytes_table_and_aot_specs():
                 assert cfgs, (kname, mode, block_d)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hw,c,layout,res_dtype", [
+    pytest.param((10, 7), 32, "nchw", torch.float32, id="10x7-C32-nchw-fp32"),
+    pytest.param((6, 5), 64, "channels_last", torch.float32, id="6x5-C64-cl-fp32"),
+    pytest.param((4, 4), 192, "channels_last", torch.bfloat16, id="4x4-C192-cl-bf16"),
+])
+def test_map_residual_is_the_block_input(hw, c, layout, res_dtype, device, poisoned):
+    """The forward with its residual formed from the patch embedding's map (`MapResidual`: LN_pe
+    from per-token mean and rstd, γ, β, rounded to the residual stream's dtype) against the same
+    forward fed that residual as a token tensor: out agrees to fp32 rounding (the bf16 products are
+    identical; only the residual's formation differs), O and lse exactly. The map in either layout,
+    ragged token rows (35, 30 and 16 tokens an image), every column slice of C 192."""
+    dev = _device(device)
+    gen = torch.Generator().manual_seed(5)
+    b, (h, w), m, cdt = 2, hw, 12, torch.bfloat16
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    fmap = (rnd(b, c, h, w) * 2 + 0.5).to(cdt)
+    gamma, beta = 1 + 0.2 * rnd(c), 0.1 * rnd(c)
+    tokens = fmap.float().flatten(2).transpose(1, 2)  # B×N×C
+    mean = tokens.mean(-1)
+    rstd = (tokens.var(-1, unbiased=False) + 1e-5).rsqrt()
+    residual = ((tokens - mean[..., None]) * rstd[..., None] * gamma + beta).to(res_dtype).contiguous()
+    stats = torch.stack([mean, rstd], -1).reshape(b * h * w, 2)
+    if layout == "channels_last":
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    xn, k, v = rnd(b, h * w, c).to(cdt), rnd(b, m, c).to(cdt), rnd(b, m, c).to(cdt)
+    wq, wo = (rnd(c, c) / c ** 0.5).to(cdt), (rnd(c, c) / c ** 0.5).to(cdt)
+    bq, bo = 0.1 * rnd(c), 0.1 * rnd(c)
+    args = [t.to(dev) for t in (xn, k, v, wq, bq, wo, bo)]
+    want = sub_mod._forward(args[0], residual.to(dev), *args[1:])
+    pe = sub_mod.MapResidual(fmap.to(dev), gamma.to(dev), beta.to(dev), stats.to(dev), w, res_dtype)
+    got = sub_mod._forward(args[0], None, *args[1:], pe)
+    assert got[0].dtype == res_dtype
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, msg="O differs")
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, msg="lse differs")
+    tol = 1e-6 if res_dtype == torch.float32 else 1e-2  # bf16: an ulp where the two roundings straddle
+    assert_close(got[0].float(), want[0].float(), tol, f"out with the map residual ({layout}, {res_dtype})")
+
+
 # ----------------------------------------------------------------------------------------------
 # mixed precision: what autocast hands the block (fp32 x, residual and master weights; bf16 k, v)
 # ----------------------------------------------------------------------------------------------
