@@ -574,10 +574,7 @@ def _ffn_sublayer_standin(sublayer: Callable[..., torch.Tensor], stage_output: C
     stage norm (a stage's last block) the fused op writes the maps stage_output writes, in its dtypes."""
     def call(x, lnw, lnb, w1, b1, w2, b2, eps=1e-5, stage_norm=None):
         out = sublayer(x, lnw, lnb, w1, b1, w2, b2, eps)
-        if stage_norm is None:
-            return out
-        s = stage_norm
-        return stage_output(out, s.hw, s.weight, s.bias, s.eps, s.feeds_next, s.decoder_linear)
+        return out if stage_norm is None else stage_norm.applied(out, stage_output)
     return call
 
 

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, _ln_hat, _vec, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
@@ -299,9 +299,7 @@ def _ffn_fwd_kernel(
     the stored out; otherwise SNW .. Y2 are placeholders, never read."""
     rows, offs_c, mask_n, mask_c, tok, mask_nc = _tile(tl.program_id(0), ROWS, C, BLOCK_N, BLOCK_C)
     x = tl.load(X + tok, mask=mask_nc, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(mask_nc, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    _xhat, mean, rstd = _ln_stats(x, mask_nc, C, eps)
     tl.store(MEAN + rows, mean, mask=mask_n)
     tl.store(RSTD + rows, rstd, mask=mask_n)
     _xhat, xn = _normalised(x, mean, rstd, LNW, LNB, offs_c, mask_c, mask_nc)
@@ -744,8 +742,7 @@ def dispatch_stage_norm(x, lnw, lnb, w1, b1, w2, b2, eps: float, stage_norm: Sta
         dtypes = _mn.output_dtypes(torch.promote_types(x.dtype, cdt), x.device.type, sn.weight, sn.bias,
                                    sn.feeds_next, sn.decoder_linear)
     if dtypes is None or sn.weight.device != x.device or sn.bias.device != x.device:
-        return stage_output(sublayer(x, lnw, lnb, w1, b1, w2, b2, eps), sn.hw, sn.weight, sn.bias, sn.eps,
-                            sn.feeds_next, sn.decoder_linear)
+        return sn.applied(sublayer(x, lnw, lnb, w1, b1, w2, b2, eps), stage_output)
     y_dtype, copy_dtype = dtypes
     params = (t.contiguous() for t in (lnw, lnb, w1, b1, w2, b2))
     ys = fused(x.reshape(-1, c).contiguous(), *params, float(eps), cdt, sn.weight.contiguous(), sn.bias.contiguous(),

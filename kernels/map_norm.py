@@ -239,13 +239,9 @@ def _check(x, lnw, lnb, eps) -> None:
         raise ValueError("map_layer_norm: tensors on different devices")
 
 
-def copy_dtype(x: torch.Tensor, y_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a convolution under autocast on x's device casts the tokens to, where it is not
-    theirs already (None: no copy to make)."""
-    return _copy_dtype(x.device.type, y_dtype)
-
-
-def _copy_dtype(dev: str, y_dtype: torch.dtype) -> torch.dtype | None:
+def copy_dtype(dev: str, y_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a convolution under autocast on device type `dev` casts the tokens to, where it is
+    not theirs (`y_dtype`) already (None: no copy to make)."""
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
         return cdt if cdt != y_dtype else None
@@ -259,10 +255,8 @@ def output_dtypes(x_dtype: torch.dtype, dev: str, lnw: torch.Tensor, lnb: torch.
     y_dtype = _out_dtype(x_dtype, dev, lnw, lnb)
     if y_dtype is None:
         return None
-    cdt = _copy_dtype(dev, y_dtype) if with_copy else None
-    if out_cast:
-        y_dtype = _copy_dtype(dev, y_dtype) or y_dtype
-    return y_dtype, cdt
+    cast = copy_dtype(dev, y_dtype)  # what autocast's readers would cast the tokens to (None: nothing)
+    return (cast or y_dtype) if out_cast else y_dtype, cast if with_copy else None
 
 
 def serves(x: torch.Tensor) -> bool:

@@ -89,6 +89,11 @@ class StageNorm:
     feeds_next: bool = True
     decoder_linear: bool = False
 
+    def applied(self, tokens: torch.Tensor, stage_output=None):
+        """`stage_output` (a backend's, default `eager_stage_output`) of B×(h·w)×C tokens with this norm."""
+        return (stage_output or eager_stage_output)(tokens, self.hw, self.weight, self.bias, self.eps, self.feeds_next,
+                                                    self.decoder_linear)
+
 
 def eager_attention_block(x: torch.Tensor, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockParams,
                           attention_sublayer=composed_attention_sublayer,
@@ -134,10 +139,7 @@ def eager_ffn_sublayer(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, 
     the sublayer's tokens, the (decoder's, next stage's) pair of B×C×h×w maps."""
     hidden = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
     out = x + F.linear(hidden, fc2_weight, fc2_bias)
-    if stage_norm is None:
-        return out
-    s = stage_norm
-    return eager_stage_output(out, s.hw, s.weight, s.bias, s.eps, s.feeds_next, s.decoder_linear)
+    return out if stage_norm is None else stage_norm.applied(out)
 
 
 def eager_head_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = DEFAULT_DICE_EPS) -> torch.Tensor:

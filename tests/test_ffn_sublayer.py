@@ -310,8 +310,7 @@ def test_stage_norm_under_autocast_is_the_two_ops(shape, feeds_next, decoder_lin
 
     def two_ops(*args):
         *ffn_args, eps, norm = args
-        return norm_mod.stage_output(ffn_mod.ffn_sublayer(*ffn_args, eps), norm.hw, norm.weight, norm.bias, norm.eps,
-                                     norm.feeds_next, norm.decoder_linear)
+        return norm.applied(ffn_mod.ffn_sublayer(*ffn_args, eps), norm_mod.stage_output)
 
     with torch.autocast(device, dtype=torch.bfloat16):
         y, y_next = _stage_run(ours, ffn_mod.ffn_sublayer, hw, feeds_next, decoder_linear)
