@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msf.precision import autocast_on
+
 
 
 def _sanitizer_active() -> bool:
@@ -115,9 +117,8 @@ def products_dtype(tensors) -> torch.dtype | None:
     dtype (the model under CUDA autocast: the fp32 residual stream and fp32 master weights);
     otherwise the dtype all share, if fp32, bf16 or fp16."""
     tensors = list(tensors)
-    dev = tensors[0].device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
+    cdt = autocast_on(tensors[0].device.type)
+    if cdt is not None:
         if cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in tensors):
             return cdt
         return None

@@ -55,7 +55,6 @@ docs/decoder_mlp.md: the algebra, the backward's math, the bytes against eager, 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -70,6 +69,7 @@ from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _to_compute
 from msf.kernels.partial_sums import sum_partials
+from msf.precision import autocast_off, autocast_on
 from msf.reference import DecoderParams, eager_decoder_mlp
 
 __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "FoldFunction", "AOT_SPECS", "compute_dtype",
@@ -1027,10 +1027,7 @@ def fold_reference(p: DecoderParams) -> tuple[list[torch.Tensor], torch.Tensor]:
     dt = functools.reduce(torch.promote_types, [t.dtype for t in (*p.unify_weights, *p.unify_biases, p.fuse1_weight,
                                                                    p.fuse1_bias)])
     blocks = p.fuse1_weight.to(dt).split(e, dim=1)  # (`.to`: parameters of mixed dtypes, as autocast allows)
-    dev = p.fuse1_weight.device.type
-    # (meta tensors: msf.bench.eager_bytes emulates CUDA autocast for them and honours CUDA's flag)
-    dev = "cuda" if dev == "meta" else dev
-    with torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext():
+    with autocast_off(p.fuse1_weight.device.type):
         ms = [w @ u.to(dt) for w, u in zip(blocks, p.unify_weights)]
         c = p.fuse1_bias.to(dt) + sum(w @ u.to(dt) for w, u in zip(blocks, p.unify_biases))
     return ms, c
@@ -1070,9 +1067,8 @@ def compute_dtype(features, p: DecoderParams) -> torch.dtype | None:
     autocast is on for the features' device and every tensor is fp32 or that dtype; otherwise the
     dtype the features and parameters share (fp32, bf16, fp16)."""
     ts = (*features, *p.unify_weights, *p.unify_biases, p.fuse1_weight, p.fuse1_bias, p.fuse2_weight, p.fuse2_bias)
-    dev = features[0].device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
+    cdt = autocast_on(features[0].device.type)
+    if cdt is not None:
         ok = cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts)
         return cdt if ok else None
     dtypes = {t.dtype for t in ts}

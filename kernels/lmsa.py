@@ -40,6 +40,7 @@ from msf.kernels._common import INTERPRET, AotSpec, dot
 from msf.kernels.casts import cast_all
 from msf.kernels.configs import PinnedKernel
 from msf.kernels.partial_sums import sum_partials
+from msf.precision import autocast_off
 from msf.reference import LMSAParams, eager_lmsa
 
 __all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS", "AOT_SPECS_SLOW"]
@@ -1068,9 +1069,14 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}  # what `_constant` built, by (builde
 
 def _constant(build, *args) -> torch.Tensor:
     """build(*args), built once a process and cached (the device among `args`): the shapes' constants
-    a step asks for every time. A traced value (a fake tensor under torch.compile) is never cached."""
+    a step asks for every time. A traced value (a fake tensor under torch.compile) is never cached.
+    For the meta device (the cost model's trace of the model) the value is built on the CPU and its
+    shape moved: the builders' `nonzero` has no meta form."""
     key = (build, *args)
     if key not in _CONSTANTS:
+        meta = torch.device("meta")
+        if meta in args:
+            return build(*(torch.device("cpu") if a == meta else a for a in args)).to(meta)
         value = build(*args)
         if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
             return value
@@ -1161,7 +1167,7 @@ def _cells(P: torch.Tensor) -> torch.Tensor:
 def _on_cells(h: int, w: int, dw_flat) -> torch.Tensor:
     """3 × 49 × C fp32: each scale's weights on the 49 cell sums, GAP(DW_k(x))[c] = Σ_u P[c, u]
     on_k[u, c], from the tap-major depthwise weights (`_gap_taps` times the taps: 2 launches)."""
-    with torch.autocast(dw_flat[0].device.type, enabled=False):
+    with autocast_off(dw_flat[0].device.type):
         taps = torch.cat(dw_flat)  # 83 × C
         return (_gap_taps(h, w, taps.device) @ taps).view(len(KERNEL_SIZES), _CELLS * _CELLS, -1)
 

@@ -37,6 +37,7 @@ from msf.kernels.attention import AttentionAotSpec, _aot_spec
 from msf.kernels.attention_block import _ln_grad
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.partial_sums import sum_partials
+from msf.precision import autocast_device_type, autocast_on
 from msf.reference import eager_map_layer_norm, tokens_to_map
 
 __all__ = ["map_layer_norm", "stage_output", "MapNormFunction", "AOT_SPECS", "copy_dtype", "out_dtype"]
@@ -219,10 +220,9 @@ def _out_dtype(x_dtype: torch.dtype, dev: str, lnw: torch.Tensor, lnb: torch.Ten
     floats = (torch.float32, torch.bfloat16, torch.float16)
     if x_dtype not in floats or lnw.dtype not in floats or lnb.dtype != lnw.dtype:
         return None
-    if dev == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.float32
-    if dev == "cpu" and torch.is_autocast_enabled("cpu"):
-        return x_dtype if lnw.dtype in (torch.float32, x_dtype) else None
+    dev = autocast_device_type(dev)
+    if autocast_on(dev) is not None:  # CUDA autocast runs layer_norm in fp32; CPU autocast leaves it alone
+        return torch.float32 if dev == "cuda" else (x_dtype if lnw.dtype in (torch.float32, x_dtype) else None)
     return x_dtype if lnw.dtype == x_dtype else None
 
 
@@ -242,10 +242,8 @@ def _check(x, lnw, lnb, eps) -> None:
 def copy_dtype(dev: str, y_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a convolution under autocast on device type `dev` casts the tokens to, where it is
     not theirs (`y_dtype`) already (None: no copy to make)."""
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        return cdt if cdt != y_dtype else None
-    return None
+    cdt = autocast_on(dev)
+    return cdt if cdt is not None and cdt != y_dtype else None
 
 
 def output_dtypes(x_dtype: torch.dtype, dev: str, lnw: torch.Tensor, lnb: torch.Tensor, with_copy: bool,

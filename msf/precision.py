@@ -17,25 +17,45 @@ The values are autocast's, bit for bit: `.to` rounds to nearest even, and wideni
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
-__all__ = ["as_they_are", "autocast_dtype", "grouped_autocast_copies"]
+__all__ = ["as_they_are", "autocast_device_type", "autocast_dtype", "autocast_off", "autocast_on",
+           "grouped_autocast_copies"]
+
+
+def autocast_device_type(device_type: str) -> str:
+    """The device type whose autocast governs tensors of `device_type`. A meta tensor's is CUDA's:
+    autocast itself never sees meta tensors, but `msf.bench.eager_bytes.CudaAutocastEmulation` casts
+    them by CUDA's rules and sets CUDA's flag, so the fused ops' host code, asked on meta tensors,
+    picks the dtypes it would pick on a GPU (the cost model's trace of the model relies on it)."""
+    return "cuda" if device_type == "meta" else device_type
+
+
+def autocast_on(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where autocast is on for tensors of `device_type` (see `autocast_device_type`),
+    else None."""
+    dev = autocast_device_type(device_type)
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A region where autocast is off for tensors of `device_type` (a no-op where it has none)."""
+    dev = autocast_device_type(device_type)
+    return torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 def autocast_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
     """The dtype a convolution under autocast casts these tensors to: autocast's 16-bit dtype when it
-    is on for their device (a meta tensor's: CUDA's, which `msf.bench.eager_bytes` emulates for meta
-    tensors) and every tensor is fp32 on that one device; None otherwise (nothing to cast)."""
+    is on for their device and every tensor is fp32 on that one device; None otherwise (nothing to cast)."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         return None
-    dev = next(iter(devices)).type
-    dev = "cuda" if dev == "meta" else dev
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return None
-    cdt = torch.get_autocast_dtype(dev)
+    cdt = autocast_on(next(iter(devices)).type)
     if cdt not in (torch.bfloat16, torch.float16) or any(t.dtype != torch.float32 for t in tensors):
         return None
     return cdt

@@ -13,9 +13,12 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    of those shapes, dtypes and memory formats, with the SM count of the device and the pinned
    configs of its kind (`msf.kernels.configs.for_device`); `JITFunction.run` is replaced by a recorder,
    so no kernel runs. The memory formats and dtypes are the model's own: `--trace-model` runs a
-   small bf16-autocast step of the model under the interpreter, records what each launch gets
-   (channels-last logits and LMSA tensors, k and v as halves of one kv projection, ...) and
-   compares the capture at the same size with it. Each launch is specialised by Triton's own binder for the target
+   small training step and predict of the triton model on meta tensors under emulated CUDA bf16
+   autocast (cuDNN's convolution layouts too), records what each kernel launch gets (channels-last
+   logits and LMSA tensors, k and v as halves of one kv projection, the fp32 residual stream, ...)
+   and compares the capture at the same size with it, both ways (tests/test_cost_model.py runs it;
+   until 2026-12-06 it ran the step under CPU autocast, whose dtypes differ, and 70 lines of
+   mismatches had hidden two real ones). Each launch is specialised by Triton's own binder for the target
    (`create_function_from_signature` + `JITFunction._pack_args`): tt.divisibility = 16 on pointers
    and integers divisible by 16, integers equal to 1 as constants — exactly the key the launcher
    compiles on a GPU.
@@ -669,8 +672,9 @@ def _decoder_core_args(batch: int, size: int, new):
 
 def _block_params(c: int, ratio: int, new) -> list:
     """The attention half's twelve parameters at C channels and ratio R (None where R = 1 has none),
-    made by `new(*shape)`: in `msf.kernels.attention_block._PARAM_NAMES` order."""
-    conv = [new(c, c, ratio, ratio), new(c), new(c), new(c)] if ratio > 1 else [None] * 4
+    made by `new(*shape)`: in `msf.kernels.attention_block._PARAM_NAMES` order. W_sr channels-last, as
+    the model keeps it (`msf.model.MicroSegFormer`)."""
+    conv = [new(c, ratio, ratio, c).permute(0, 3, 1, 2), new(c), new(c), new(c)] if ratio > 1 else [None] * 4
     return [new(c), new(c), *conv, new(2 * c, c), new(2 * c), new(c, c), new(c), new(c, c), new(c)]
 
 
@@ -798,9 +802,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
                 out, mean, rstd, _, _ = ffn._forward(x, *params, 1e-5, bf16,
                                                      ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
                 pass_ref[0] = "bwd"
-                dy = e((batch * n, c), dtype=bf16)
-                g, _, _ = ffn._stage_norm_backward(out, snw, dy, None if copy is None else dy, 1e-5, (side, side),
-                                                   f32)
+                dy, dy2 = (e((batch * n, c), dtype=bf16) if grads else None for grads in (True, copy is not None))
+                g, _, _ = ffn._stage_norm_backward(out, snw, dy, dy2, 1e-5, (side, side), f32)
             ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32)
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
@@ -1924,24 +1927,20 @@ def _override(name: str, cfg):
 # ----------------------------------------------------------------------------------------------
 # --trace-model: the layouts and dtypes the model really hands each kernel, against the capture's
 # ----------------------------------------------------------------------------------------------
-# CPU autocast leaves LayerNorm outputs (hence the sublayer's x, residual, out, g, dx and the weight
-# gradients' fp32 operand) in bf16 where CUDA autocast has them fp32 (msf.kernels.attention_sublayer);
-# for those the trace checks the layout only.
-AUTOCAST_DTYPE_DIFFERS = {"_sub_fwd_kernel": {"X", "R", "OUT"}, "_sub_bwd_dq_kernel": {"X", "G", "DX"},
-                          "_sub_wgrad_kernel": {"A", "B"},
-                          # the FFN sublayer takes the residual stream: fp32 under CUDA autocast
-                          "_ffn_fwd_kernel": {"X", "OUT"}, "_ffn_bwd_dx_kernel": {"X", "G", "DX"},
-                          "_ffn_bwd_wgrad_kernel": {"X", "G"}}
-
-
 def tensor_layouts(named: dict) -> dict[str, tuple[str, str]]:
     """{argument: (dtype, layout)} of a launch's tensors; layout: contiguous / channels_last /
-    rows (unit last stride, padded rows: a view) / strided."""
+    rows (unit last stride, padded rows: a view) / strided. An argument that is the very tensor an
+    earlier one is (a placeholder: "dx stands in" for buffers a constexpr flag leaves unread) is
+    ("=", that argument's name): what it stands in for is checked there."""
     import torch
-    out = {}
+    out, seen = {}, {}
     for k, v in named.items():
         if not isinstance(v, torch.Tensor):
             continue
+        if id(v) in seen:
+            out[k] = ("=", seen[id(v)])
+            continue
+        seen[id(v)] = k
         if v.is_contiguous():
             lay = "contiguous"
         elif v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last):
@@ -1954,11 +1953,44 @@ def tensor_layouts(named: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _trace_in_interpreter(size: int) -> dict:
-    """(run with TRITON_INTERPRET=1) one bf16-autocast loss + backward + predict of the model with
-    the triton backend on a 1×3×size×size batch: {kernel: [layout dicts]} of every launch."""
+def _cudnn_layouts():
+    """A dispatch mode that gives the convolutions' outputs on meta tensors the memory format cuDNN
+    gives them on a GPU: channels-last where the input or the weight is (PyTorch's
+    `cudnn_conv_suggest_memory_format`), for the output and for the input and weight gradients. The
+    meta kernels leave every convolution output contiguous (they cannot tell the backend), which
+    would hand the kernels after a patch embedding NCHW maps a GPU never gives them."""
+    import torch
+    from torch._prims_common import suggest_memory_format
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+
+    def cudnn_format(x, w):
+        cl = torch.channels_last
+        return cl if x.dim() == 4 and cl in (suggest_memory_format(x), suggest_memory_format(w)) else None
+
+    class CudnnLayouts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is aten.convolution.default and (fmt := cudnn_format(args[0], args[1])):
+                return out.contiguous(memory_format=fmt)
+            if func is aten.convolution_backward.default and (fmt := cudnn_format(args[1], args[2])):
+                return tuple(g.contiguous(memory_format=fmt) if g is not None and g.dim() == 4 else g for g in out)
+            return out
+    return CudnnLayouts()
+
+
+def _model_launches(size: int) -> dict:
+    """(run with TRITON_INTERPRET=1) {kernel: [layout dicts]} of every launch of one training step
+    (`model.loss` + backward) and one `model.predict` of the triton model on a 1×3×size×size batch,
+    as a GPU would get them: the model and its batch on meta tensors (nothing is allocated or
+    computed; the interpreter's launches are recorded, not run) under CUDA bf16 autocast as
+    `msf.bench.eager_bytes.CudaAutocastEmulation` applies it (the fused ops' host code takes a
+    meta tensor's autocast to be CUDA's: `msf.precision.autocast_device_type`), the images in
+    bf16 as the device pipeline hands them."""
     import torch
     from triton.runtime import interpreter
+
+    from msf.bench.eager_bytes import CudaAutocastEmulation
     from msf.model import MicroSegFormer
     seen: dict = defaultdict(list)
     run = interpreter.InterpretedFunction.run
@@ -1967,45 +1999,58 @@ def _trace_in_interpreter(size: int) -> dict:
         lay = tensor_layouts({**dict(zip(self.arg_names, args)), **kwargs})
         if lay not in seen[self.fn.__name__]:
             seen[self.fn.__name__].append(lay)
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
     interpreter.InterpretedFunction.run = record
     try:
-        torch.manual_seed(0)
-        model = MicroSegFormer(backend="triton")
-        images = torch.randn(1, 3, size, size)
-        masks = torch.randint(0, NUM_CLASSES, (1, size, size), dtype=torch.uint8)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model.loss(images, masks).backward()
-            model.predict(images)
+        with torch.device("meta"):
+            model = MicroSegFormer(backend="triton").train()
+        images = torch.empty(1, 3, size, size, device="meta", dtype=torch.bfloat16)
+        masks = torch.empty(1, size, size, device="meta", dtype=torch.uint8)
+        with _cudnn_layouts():
+            with CudaAutocastEmulation(torch.bfloat16):
+                loss = model.loss(images, masks)
+            loss.backward()
+            with CudaAutocastEmulation(torch.bfloat16):
+                model.eval().predict(images)
     finally:
         interpreter.InterpretedFunction.run = run
     return seen
 
 
 def trace_model(size: int = 64) -> list[str]:
-    """Mismatches between the model's launches (traced under the interpreter, in a subprocess) and
-    the capture's at the same small size; [] when every captured layout is one the model uses."""
+    """Mismatches between the model's launches (`_model_launches`, in a subprocess) and the capture's
+    at the same small size: [] when every captured launch hands its kernel the dtypes and layouts
+    one of the model's launches of that kernel does."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import json, msf.profiling.cost as c; print(json.dumps(c._trace_in_interpreter({size})))"
+    code = f"import json, msf.profiling.cost as c; print(json.dumps(c._model_launches({size})))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if proc.returncode:
         raise RuntimeError(f"model trace failed:\n{proc.stderr[-3000:]}")
     traced = {k: [{a: tuple(v) for a, v in d.items()} for d in ds]
               for k, ds in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
-    problems = []
+    problems, captured = [], defaultdict(list)
     for op, stage in op_instances():
+        if op != "upsample_argmax" and not calls_per_step(op, stage):  # (the trace's predict runs that one)
+            continue
         for launch in capture(op, H100, stage, batch=1, size=size):
             name = launch.fn.fn.__name__
-            loose = AUTOCAST_DTYPE_DIFFERS.get(name, set())
-
-            def key(d):
-                return {a: (v[1] if a in loose else v) for a, v in d.items()}
-            mine = key(tensor_layouts(launch.args))
-            if not any(key(d) == mine for d in traced.get(name, [])):
-                problems.append(f"{op_label(op, stage)} {name}: captured {mine}, model runs "
-                                f"{[key(d) for d in traced.get(name, [])] or 'no such kernel'}")
+            mine = tensor_layouts(launch.args)
+            captured[name].append(mine)
+            runs = traced.get(name, [])
+            if mine not in runs:
+                problems.append(f"{op_label(op, stage)} {name}: captured {_differing(mine, runs)}")
+    for name, runs in traced.items():  # and the other way: a launch of the model's that no capture prices
+        for lay in runs:
+            if lay not in captured.get(name, []):
+                problems.append(f"model's {name}: not captured {_differing(lay, captured.get(name, []))}")
     return problems
+
+
+def _differing(mine: dict, others: list[dict]) -> str:
+    """`mine` against `others` (a kernel's launches from the other side), by the arguments that differ."""
+    differ = sorted({a for d in others for a in set(d) | set(mine) if d.get(a) != mine.get(a)})
+    return (f"{ {a: mine.get(a) for a in differ} }, the other side has "
+            f"{[{a: d.get(a) for a in differ} for d in others] or 'no launch of it'}")
 
 
 def main(argv=None) -> int:

@@ -287,6 +287,29 @@ def test_cost_command_smoke(tmp_path):
     assert any(r["op"] == "head_loss" and r["kernel"] == "(op)" and r["metric"] == "fused_predicted" for r in rows)
 
 
+def test_the_capture_hands_each_kernel_what_the_model_does():
+    """`python -m msf.profiling.cost --trace-model`: the dtypes and layouts of every captured launch
+    (what the predictions are built from) against a bf16-autocast training step and predict of the
+    triton model on meta tensors (CUDA autocast emulated, the launches recorded, not run), both
+    ways. Then the check is shown to bite: the attention block's W_sr captured NCHW, where the model
+    keeps it channels-last, is a mismatch of the weight cast's source layout. (The capture records
+    compiled launches: it runs without the interpreter, in a process of its own.)"""
+    code = """if True:
+        import json
+        from msf.profiling import cost
+        as_is = cost.trace_model()
+        made = cost._block_params
+        cost._block_params = lambda c, ratio, new: [p.contiguous() if p is not None and p.dim() == 4 else p
+                                                    for p in made(c, ratio, new)]
+        print(json.dumps([as_is, cost.trace_model()]))"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    as_is, nchw_sr = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert as_is == [], "\n".join(as_is)
+    assert nchw_sr and all("_cast_kernel" in p and "S0" in p for p in nchw_sr), nchw_sr
+
+
 def test_saved_for_backward_is_counted_and_no_fused_op_keeps_more_than_eager():
     """The saved-tensor accounting (issue 23 item 5) on a case counted by hand, then the claim itself.
 
