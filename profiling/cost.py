@@ -739,7 +739,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             x, r = e((batch, n, c), dtype=f32), e((batch, n, c), dtype=f32)
             kv = e((batch, KV_LEN, 2 * c), dtype=bf16)  # the model's k, v: halves of one kv projection
             k, v = kv[..., :c], kv[..., c:]
-            wq, wo, bq, bo = e((c, c), dtype=bf16), e((c, c), dtype=bf16), e((c,), dtype=bf16), e((c,), dtype=bf16)
+            # the weights as `compute_weights` casts them, the biases the fp32 masters (rounded on load)
+            wq, wo, bq, bo = e((c, c), dtype=bf16), e((c, c), dtype=bf16), e((c,), dtype=f32), e((c,), dtype=f32)
             _, o, lse = sub._forward(x, r, k, v, wq, bq, wo, bo)
             pass_ref[0] = "bwd"
             sub._backward(x, k, v, wq, bq, wo, o, lse, e((batch, n, c), dtype=f32), f32, None, None)
