@@ -25,7 +25,7 @@ A stage's last block (`stage_norm`, `msf.reference.StageNorm`) ends the stage: i
 stage's final LayerNorm and on to the decoder and the next stage. There the forward kernel also
 normalises the out tile it holds and writes the stage's maps (`FFNStageOutputFunction`; what
 `map_norm.stage_output` would write from the stored out, without reading it back); the backward is
-`map_norm`'s kernel on the saved out, then this module's.
+`map_norm`'s kernel on the saved out, then this module's, whose sum takes the norm's partial rows too.
 
 Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
 - `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
@@ -42,7 +42,8 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
   - stash (C > 64): the attention sublayer's `_sub_wgrad_kernel`, two groups of one launch, plain
     GEMMs over the stash: [dW1 | db1] from (dH, LN(x)), dW2 from (g, A). Few rows and wide C make the recompute
     route's per-slice LayerNorm and fc1 the bulk of its work there.
-- `partial_sums`: the fixed-order sums of both partial buffers, in one launch.
+- `partial_sums`: the fixed-order sums of both partial buffers (and of the stage norm's [dγ_s | dβ_s]
+  partial rows, where there is one), in one launch.
 
 docs/ffn_sublayer.md: the backward's math, the bytes against eager, the cost-model figures and the
 designs not taken.
@@ -539,12 +540,14 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype, stage: 
 
 
 def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
-              wg_chunk_rows: int | None = None, stash: bool | None = None, w_dtype: torch.dtype | None = None):
+              wg_chunk_rows: int | None = None, stash: bool | None = None, w_dtype: torch.dtype | None = None,
+              more_partials: tuple = ()):
     """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype (b2's
     is `b2_dtype`: b2 itself is not needed; w1's and w2's is `w_dtype` when they are given as casts,
     `compute_weights`). `stash` picks the weight gradients' route (default
     `stash_pays`): the dx kernel stores n, dH, A and two GEMM launches sum dW1 = dHᵀ n, dW2 = dyᵀ A,
-    or the recompute kernel derives them again from x and g."""
+    or the recompute kernel derives them again from x and g. `more_partials`: (part, out) pairs of
+    another backward's partial rows (at most two), summed in the same `sum_partials` launch."""
     rows, c = x2.shape
     hid = w1.shape[0]
     dev = x2.device
@@ -585,7 +588,7 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
 
     ln_sum = _new((3 * c,), dev, torch.float32)
     w_sum = _new((w_part.shape[1],), dev, torch.float32)
-    sum_partials((ln_part, ln_sum), (w_part, w_sum))
+    sum_partials((ln_part, ln_sum), (w_part, w_sum), *more_partials)
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
     dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
     w_dtype = w1.dtype if w_dtype is None else w_dtype
@@ -630,13 +633,14 @@ def map_as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def _stage_norm_backward(out, snw, dy, dy2, eps: float, hw: tuple[int, int], w_dtype: torch.dtype):
-    """(∂L/∂out rows × C, dγ_s, dβ_s) of the stage's final LayerNorm, by `map_norm`'s backward kernel
-    on out seen as the channels-last map it normalised (its statistics recomputed from out)."""
+def _stage_norm_backward(out, snw, dy, dy2, eps: float, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂out rows × C, the partial rows [dγ_s | dβ_s] to sum) of the stage's final LayerNorm, by
+    `map_norm`'s backward kernel on out seen as the channels-last map it normalised (its statistics
+    recomputed from out). The FFN's backward sums the partial rows with its own, in one launch."""
     from msf.kernels import map_norm as _mn  # (it imports attention_block, which imports this module)
-    g_map, dsw, dsb = _mn._backward(rows_as_map(out, hw), snw, dy.contiguous(), eps, w_dtype,
-                                    None if dy2 is None else dy2.contiguous())
-    return map_as_rows(g_map), dsw, dsb  # (channels-last, as out: a view)
+    g_map, part = _mn.backward_partials(rows_as_map(out, hw), snw, dy.contiguous(), eps,
+                                        None if dy2 is None else dy2.contiguous())
+    return map_as_rows(g_map), part  # (channels-last, as out: a view)
 
 
 class FFNStageOutputFunction(torch.autograd.Function):
@@ -661,9 +665,12 @@ class FFNStageOutputFunction(torch.autograd.Function):
         x2, lnw, lnb, w1, b1, w2, mean, rstd, out, snw = ctx.saved_tensors
         if dy is None:  # only the copy was used
             dy, dy2 = dy2, None
-        g, dsw, dsb = _stage_norm_backward(out, snw, dy, dy2, ctx.stage_eps, ctx.hw, ctx.sn_dtype)
-        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, ctx.cdt, ctx.b2_dtype, w_dtype=ctx.w_dtype)
-        return (*grads, None, None, dsw.to(snw.dtype), dsb, None, None, None, None)
+        g, sn_part = _stage_norm_backward(out, snw, dy, dy2, ctx.stage_eps, ctx.hw)
+        sn_sum = _new((sn_part.shape[1],), sn_part.device, torch.float32)
+        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, ctx.cdt, ctx.b2_dtype, w_dtype=ctx.w_dtype,
+                          more_partials=((sn_part, sn_sum),))
+        c = snw.shape[0]
+        return (*grads, None, None, sn_sum[:c].to(snw.dtype), sn_sum[c:].to(ctx.sn_dtype), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------

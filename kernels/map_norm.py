@@ -165,6 +165,17 @@ def _forward(x, lnw, lnb, eps: float, y_dtype: torch.dtype, copy_dtype: torch.dt
 
 def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype, dy2: torch.Tensor | None = None):
     """(dx in x's dtype and strides, dγ, dβ in w_dtype) from the tokens' gradient dy and the copy's, dy2."""
+    dx, part = backward_partials(x, lnw, dy, eps, dy2)
+    sums = _new((part.shape[1],), x.device, torch.float32)
+    sum_partials((part, sums))
+    c = x.shape[1]
+    return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)
+
+
+def backward_partials(x, lnw, dy, eps: float, dy2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, the programs' partial rows [dγ | dβ], programs × 2C fp32) of `_backward`, the sum left to
+    the caller: the FFN sublayer that runs this norm's backward first sums these rows in its own
+    `sum_partials` launch (`msf.kernels.ffn_sublayer.FFNStageOutputFunction`)."""
     b, c, h, w = x.shape
     n = h * w
     if x.stride(1) == 1 and c > 1:  # channels-last, as x
@@ -181,9 +192,7 @@ def _backward(x, lnw, dy, eps: float, w_dtype: torch.dtype, dy2: torch.Tensor | 
         x, lnw, dy, dy if dy2 is None else dy2, dx, part, *_token_strides(x), *_token_strides(dx), n, c, tiles_n,
         b * tiles_n, float(eps), HAS_DY2=dy2 is not None, TILES=tiles, BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=_WARPS, num_stages=1)
-    sums = _new((2 * c,), x.device, torch.float32)
-    sum_partials((part, sums))
-    return dx, sums[:c].to(w_dtype), sums[c:].to(w_dtype)
+    return dx, part
 
 
 class MapNormFunction(torch.autograd.Function):

@@ -793,7 +793,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             x = e((batch * n, c), dtype=f32)
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
             params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as the autograd Functions
-            g = e((batch * n, c), dtype=f32)
+            g, sn_sums = e((batch * n, c), dtype=f32), ()
             if op == "ffn_sublayer":
                 _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
                 pass_ref[0] = "bwd"
@@ -804,8 +804,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
                                                      ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
                 pass_ref[0] = "bwd"
                 dy, dy2 = (e((batch * n, c), dtype=bf16) if grads else None for grads in (True, copy is not None))
-                g, _, _ = ffn._stage_norm_backward(out, snw, dy, dy2, 1e-5, (side, side), f32)
-            ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32)
+                g, sn_part = ffn._stage_norm_backward(out, snw, dy, dy2, 1e-5, (side, side))
+                sn_sums = ((sn_part, e((sn_part.shape[1],), dtype=f32)),)  # summed with the FFN's partials
+            ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32, more_partials=sn_sums)
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
             # stages 2-4 projected by F.linear (bf16), the folded M1 and c and fc2 fp32; dropout on
