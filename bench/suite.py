@@ -172,13 +172,16 @@ def ffn_cases(batch, size, device, dtype) -> list[Case]:
 
 
 def _block_params(c: int, ratio: int, device, dtype):
-    """An attention half's parameters (`AttentionBlockParams`) at C channels and SR ratio R."""
+    """An attention half's parameters (`AttentionBlockParams`) at C channels and SR ratio R, W_sr
+    channels-last as the model keeps it (`msf.model.MicroSegFormer`: the weight cast reads it so)."""
     from msf.backend import AttentionBlockParams
     conv = ((c, c, ratio, ratio), (c,), (c,), (c,)) if ratio > 1 else ()
     shapes = ((c,), (c,), *conv, (2 * c, c), (2 * c,), (c, c), (c,), (c, c), (c,))
     ts = [_randn(*shape, device=device, dtype=dtype) for shape in shapes]
     if ratio == 1:
         ts[2:2] = [None] * 4
+    else:
+        ts[2] = ts[2].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     return AttentionBlockParams(*ts)
 
 
