@@ -36,9 +36,11 @@ Kernels (no atomics: parameter gradients through per-program fp32 partials and a
   second Linear; x written once, and h and
   D = dropout(GELU(h)) (in the compute dtype, the values the kernel rounds them to anyway) when a
   backward will need them.
-- `_decoder_bwd_kernel`: a run of pixel tiles a program: from the saved h, dh (stored: stages 2-4
-  need it at full resolution), df1 = dh M1, and the program's partial sums of dM1 and dc.
-- `_decoder_dw2_kernel`: one row chunk a program: the partial sums of dw2 = gᵀ D and db2.
+- `_decoder_bwd_kernel`: a run of pixel tiles a program, w2 and M1 loaded once a program as MMA
+  operands: from the saved h, dh (stored: stages 2-4 need it at full resolution, and the weight
+  gradients) and df1 = dh M1.
+- the attention sublayer's GEMM kernel (`msf.kernels.attention_sublayer.launch_wgrad`), two groups in
+  one launch: the row chunks' partial sums of [dw2 | db2] = Σ (gᵀ D, g) and [dM1 | dc] = Σ (dhᵀ f1, dh).
 - `_pyramid_adjoint_kernel` (one launch for stages 2-4, where they halve stage 1 exactly and dh is
   16-bit: the model's case): dP_i = up_iᵀ(dh), a program reading once the 16 × 32 window of dh that a
   block of 7 low-resolution rows × 14 columns of the three stages gathers from, each window row's
@@ -62,8 +64,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET, dot
+from msf.kernels import attention as _core, attention_sublayer as _sub
+from msf.kernels._common import INTERPRET, dot, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
@@ -88,23 +90,23 @@ DRAW_BITS = 16  # the dropout draw's resolution: p is rounded to a multiple of 2
 # throughout; "amp": fp32 weights, 16-bit products; "fp32": tf32x3); the adjoint's
 # (BLOCK_X, num_warps, num_stages). Every entry builds for sm_80 and sm_90 without spills at
 # E = 128, C1 = 32 (fp32: E = 64; `AOT_SPECS`, `python -m msf.profiling.report --module
-# msf.kernels.decoder_mlp`: 30 builds, 0 spills). Left out: fwd BLOCK_P 64 (spills 200 B on sm_90),
-# the backward at BLOCK_P 32 (bf16: 32 B on sm_80) and, for bf16, at 4 warps (24 B on sm_80). Both
+# msf.kernels.decoder_mlp`: 38 builds with the fold, 0 spills). Left out: fwd BLOCK_P 64 (spills
+# 200 B on sm_90), the backward at BLOCK_P 32 (bf16: 32 B on sm_80) and, for bf16, at 4 warps (24 B
+# on sm_80: before the pixel sums left it). Both
 # loops keep their weights in registers across tiles. The forward's pin is BLOCK_P 16 at 8 warps:
 # 128 registers a thread (2 CTAs an SM), where BLOCK_P 32 takes 180 (one CTA an SM, predicted 2x
-# slower). The backward's, under autocast, BLOCK_P 16 at 4 warps since it stopped forming D
-# (2026-12-05): 255 registers, 2 CTAs an SM, 360 µs on an H100 against 514 at 8 warps (199
-# registers, one CTA an SM), 546 against 788 on an A100.
+# slower). The backward's, under autocast, BLOCK_P 16 at 8 warps since its pixel sums went to the
+# GEMM kernel (2026-12-06): 120 registers, 2 CTAs an SM, 178 µs on an H100 against 244 at 4 warps
+# (164 registers, 3 CTAs), 304 against 371 on an A100.
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int]
 _ALLOWED: dict[str, dict[str, list[_Cfg]]] = {
     "fwd": {"16": [(32, 8, 2), (16, 8, 2)], "amp": [(32, 8, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
     "bwd": {"16": [(16, 8, 2)], "amp": [(16, 4, 2), (16, 8, 2)], "fp32": [(16, 8, 2)]},
-    "dw2": {"16": [(64, 8, 2), (32, 8, 2)], "fp32": [(32, 8, 2)]},  # (its class: g and D's dtype)
     "adjoint": {"16": [(16, 4, 2), (32, 4, 2)], "fp32": [(16, 4, 2)]},
     "pyramid": {"16": [(128, 4, 2), (64, 4, 2), (128, 8, 2)]},
 }
-_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "dw2": "BLOCK_P", "adjoint": "BLOCK_X", "pyramid": "BLOCK_N"}
+_BLOCK_NAME = {"fwd": "BLOCK_P", "bwd": "BLOCK_P", "adjoint": "BLOCK_X", "pyramid": "BLOCK_N"}
 _CANDIDATES: list[_Cfg] = [(bp, w, 2) for bp in (16, 32, 64, 128) for w in (4, 8)]
 # under the interpreter: small tiles, so CPU tests at small shapes cover ragged tiles and several
 # tiles a program
@@ -117,8 +119,6 @@ def _mode(named_args) -> str:
         return "fp32" if named_args["DH"].element_size() == 4 else "16"
     if named_args["CDT"] == 0:
         return "fp32"
-    if "W2" not in named_args:  # the dw2 kernel: no master weights, its inputs are the 16-bit g and D
-        return "16"
     return "amp" if named_args["W2"].element_size() == 4 else "16"
 
 
@@ -370,20 +370,21 @@ _decoder_fwd_kernel = _pinned("fwd", _decoder_fwd_kernel)
 #   dw2 = Σ_pixels gᵀ D                db2 = Σ_pixels g
 #   dD  = g w2                         dA  = dD ∘ k             dh = dA ∘ GELU'(h)
 #   dc  = Σ_pixels dh                  dM1 = Σ_pixels dhᵀ f1    df1 = dh M1
-#   dP_i = up_iᵀ(dh): the adjoint of the bilinear upsample, by `_upsample_adjoint_kernel`
+#   dP_i = up_iᵀ(dh): the adjoint of the bilinear upsample, by `_pyramid_adjoint_kernel`
 # and, outside the op, autograd through P_i = f_i M_iᵀ and the fold M_i = W_i U_i, c = b + Σ W_i u_i.
-# `_decoder_bwd_kernel` reads h (saved by the forward) and writes dh and df1; `_decoder_dw2_kernel`
-# sums gᵀ D (D saved by the forward). One kernel for both spilled: dw2's E×E fp32 accumulator alone
-# is 64 registers a thread.
+# `_decoder_bwd_kernel` reads h (saved by the forward) and writes dh and df1; the four sums over the
+# pixels (dw2, db2 from g and the forward's D; dM1, dc from dh and f1) are two groups of the attention
+# sublayer's GEMM kernel in one launch. In this kernel dM1ᵀ and Σ dh took 48 of its 250 registers
+# at 4 warps, 2 CTAs an SM (and dw2's E×E fp32 accumulator spilled: 64 registers more): without them
+# 120 at 8 warps, 2 CTAs (docs/decoder_mlp.md, "The weight gradients out of the backward kernel").
 @triton.jit
 def _decoder_bwd_kernel(
-    F1, HS, M1, W2, SEED, G, DH, DF1, PART,
+    HS, M1, W2, SEED, G, DH, DF1,
     ROWS, N_TILES, TILES, drop_below, drop_scale,
     C1: tl.constexpr, E: tl.constexpr, CDT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dh and df1 of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) from the saved h, and the
-    program's partial sums in PART[pid] = [dM1 (E·C1) | dc (E)] (fp32)."""
+    """dh and df1 of pixel tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) from the saved h."""
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C1)
@@ -391,8 +392,6 @@ def _decoder_bwd_kernel(
     mask_c = offs_c < C1
     mask_ee = mask_e[:, None] & mask_e[None, :]
     mask_ec = mask_e[:, None] & mask_c[None, :]
-    dm1t = tl.zeros([BLOCK_C1, BLOCK_E], tl.float32)  # dM1ᵀ: f1ᵀ dh, not dhᵀ f1, whose operand transpose spilled
-    dc = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)  # Σ dh, reduced over its rows once after the loop
     # both weights loaded, rounded and laid out as MMA operands once a program, not once a tile: in
     # the loop they were 64 KB of fp32 loads and ~180 of its ~1180 instructions a tile (sm_90)
     fc2 = _to_compute(tl.load(W2 + offs_e[:, None] * E + offs_e[None, :], mask=mask_ee, other=0.0), CDT)
@@ -409,7 +408,6 @@ def _decoder_bwd_kernel(
         gw = _mm(g, fc2, CDT == 0)
         # h tied to the product's layout: loaded plain, GELU' was laid out a second time for dh's store
         h = _in_layout_of(tl.load(HS + tok, mask=mask_pe, other=0.0).to(tl.float32), gw)
-        f1 = _to_compute(tl.load(F1 + rows[:, None] * C1 + offs_c[None, :], mask=mask_pc, other=0.0), CDT)
         cdf, pdf = _gelu_parts(h)
         ks = _keep_scale(SEED, tile.to(tl.int64) * BLOCK_P, drop_below, drop_scale, BLOCK_P, BLOCK_E, DROPOUT)
         da = _rounded(_rounded(gw, CDT) * ks, CDT)
@@ -418,41 +416,10 @@ def _decoder_bwd_kernel(
         df1 = _mm(dh, m1, CDT == 0)
         tl.store(DF1 + rows[:, None] * C1 + offs_c[None, :], _round(_rounded(df1, CDT), DF1.dtype.element_ty),
                  mask=mask_pc)
-        dm1t += _mm(tl.trans(f1), dh, CDT == 0)
-        dc += dh.to(tl.float32)
         tile += 1
-    part = PART + pid.to(tl.int64) * (E * C1 + E)
-    tl.store(part + offs_e[None, :] * C1 + offs_c[:, None], dm1t, mask=mask_e[None, :] & mask_c[:, None])
-    tl.store(part + E * C1 + offs_e, tl.sum(dc, 0), mask=mask_e)
 
 
 _decoder_bwd_kernel = _pinned("bwd", _decoder_bwd_kernel)
-
-
-@triton.jit
-def _decoder_dw2_kernel(
-    G, D, PART, ROWS,
-    E: tl.constexpr, CDT: tl.constexpr, CHUNK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """The partial sums [dw2 = gᵀ D (E·E) | db2 = Σ g (E)] (fp32) of row chunk pid, in PART[pid]."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    dw2 = tl.zeros([BLOCK_E, BLOCK_E], tl.float32)
-    db2 = tl.zeros([BLOCK_E], tl.float32)
-    for r in range(0, CHUNK_ROWS, BLOCK_P):
-        rows = pid * CHUNK_ROWS + r + tl.arange(0, BLOCK_P)
-        mask_pe = (rows < ROWS)[:, None] & mask_e[None, :]
-        tok = rows[:, None] * E + offs_e[None, :]
-        g = _to_compute(tl.load(G + tok, mask=mask_pe, other=0.0), CDT)
-        dw2 += _mm(tl.trans(g), tl.load(D + tok, mask=mask_pe, other=0.0), CDT == 0)
-        db2 += tl.sum(g.to(tl.float32), 0)
-    part = PART + pid * (E * E + E)
-    tl.store(part + offs_e[:, None] * E + offs_e[None, :], dw2, mask=mask_e[:, None] & mask_e[None, :])
-    tl.store(part + E * E + offs_e, db2, mask=mask_e)
-
-
-_decoder_dw2_kernel = _pinned("dw2", _decoder_dw2_kernel)
 
 
 # dP[b, y, x] = Σ_{Y, X} wy(Y, y) · wx(X, x) · dh[b, Y, X]: wy(Y, y) is the weight output row Y gives
@@ -810,15 +777,26 @@ def _row_tiles(size: tuple[int, int], lows: list[tuple[int, int]], dtype: torch.
     return _halvings(size, lows, dtype) and size[1] % block_p == 0
 
 
-def _dw2_chunking(rows: int, sms: int | None) -> tuple[int, int]:
-    """(chunk rows, chunks) of the dw2 kernel: about 2 chunks an SM, each a multiple of 128 rows and at
-    least 1024 (its (E² + E) fp32 partial then costs a few percent of what it reads); 32-row chunks
-    under the interpreter, so tests sum several."""
-    if sms is None:
-        chunk = 32
-    else:
-        chunk = triton.cdiv(max(triton.cdiv(rows, 2 * sms), 1024), 128) * 128
-    return chunk, triton.cdiv(rows, chunk)
+def _weight_gradients(g, d, dh, f1, precise: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (partial rows, sum) pairs of [dw2 | db2] = Σ (gᵀ D, g) and [dM1 | dc] = Σ (dhᵀ f1, dh) over
+    the pixel rows, the partials written by two groups of the attention sublayer's GEMM kernel in one
+    launch (`msf.kernels.attention_sublayer.launch_wgrad`), each group in row chunks for about two
+    programs an SM (chunks of at least 2·E rows: a chunk's fp32 partial then costs under a third of
+    what it reads; 32 rows under the interpreter, so tests sum several). The sums are the caller's
+    (`sum_partials`, with its other buffers)."""
+    rows = g.shape[0]
+    sms = _core._sm_count(g.device)
+    block_i, block_j = (_sub._wg_block(precise, g.device, k) for k in ("BLOCK_I", "BLOCK_J"))
+    groups, pairs = [], []
+    for a, b in ((g, d), (dh, f1)):
+        da, db = a.shape[1], b.shape[1]
+        chunk, n_chunks = row_chunks(rows, triton.cdiv(da, block_i) * triton.cdiv(db, block_j), 2 * da, sms,
+                                     interpreter_rows=32)
+        part = _new((n_chunks, da * db + da), g.device, torch.float32)
+        groups.append(_sub.wgrad_group(a, b, part, chunk))
+        pairs.append((part, _new((da * db + da,), g.device, torch.float32)))
+    _sub.launch_wgrad(groups, precise)
+    return pairs
 
 
 def _tile_split(kernel, cdt_code: int, w2: torch.Tensor, block_e: int, rows: int,
@@ -875,19 +853,14 @@ def _backward(f1, hs, d, m1, w2, seed, g, p: float, size: tuple[int, int], lows:
     dh = _new((rows, e), dev, cdt)
     df1 = _new((rows, c1), dev, f1.dtype)
     _, n_tiles, tiles, n_progs = _tile_split(_decoder_bwd_kernel, code, w2, block_e, rows, dev)
-    part = _new((n_progs, e * c1 + e), dev, torch.float32)
-    _decoder_bwd_kernel[(n_progs,)](f1, hs, m1, w2, seed, g, dh, df1, part, rows, n_tiles, tiles, drop_below, scale,
+    _decoder_bwd_kernel[(n_progs,)](hs, m1, w2, seed, g, dh, df1, rows, n_tiles, tiles, drop_below, scale,
                                     C1=c1, E=e, CDT=code, DROPOUT=dropout, BLOCK_C1=block_c1, BLOCK_E=block_e)
-    chunk, n_chunks = _dw2_chunking(rows, _core._sm_count(dev))
-    w_part = _new((n_chunks, e * e + e), dev, torch.float32)
-    _decoder_dw2_kernel[(n_chunks,)](g, d, w_part, rows, E=e, CDT=code, CHUNK_ROWS=chunk, BLOCK_E=block_e)
+    (w_part, w_sums), (m_part, m_sums) = _weight_gradients(g, d, dh, f1, code == 0)
     dps = _upsample_adjoints(dh, batch, size, lows, block_e)
-    sums = _new((e * c1 + e,), dev, torch.float32)
-    w_sums = _new((e * e + e,), dev, torch.float32)
-    sum_partials((part, sums), (w_part, w_sums))
+    sum_partials((w_part, w_sums), (m_part, m_sums))
     cb_dtype, b2_dtype = dtypes
-    dm1 = sums[:e * c1].view(e, c1).to(m1.dtype)
-    dc = sums[e * c1:].to(cb_dtype)
+    dm1 = m_sums[:e * c1].view(e, c1).to(m1.dtype)
+    dc = m_sums[e * c1:].to(cb_dtype)
     dw2 = w_sums[:e * e].view(e, e).to(w2.dtype)
     db2 = w_sums[e * e:].to(b2_dtype)
     return df1, *dps, dm1, dc, dw2, db2
@@ -1196,11 +1169,10 @@ def fused_reference(f1, lows, m1, c, w2, b2, keep, p: float, size: tuple[int, in
 # (fp32: E = 64, the widest it serves)
 # ----------------------------------------------------------------------------------------------
 _AOT_PTRS = {"fwd": ("F1", "P2", "P3", "P4", "M1", "CB", "W2", "B2", "OUT", "HS", "D"),
-             "bwd": ("F1", "HS", "M1", "W2", "G", "DH", "DF1"),
-             "dw2": ("G", "D"),
+             "bwd": ("HS", "M1", "W2", "G", "DH", "DF1"),
              "adjoint": ("DH", "DP"), "pyramid": ("DH", "DP2", "DP3", "DP4")}
-_AOT_F32 = {"fwd": (), "bwd": ("PART",), "dw2": ("PART",), "adjoint": (), "pyramid": ()}
-_AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel, "dw2": _decoder_dw2_kernel,
+_AOT_F32 = {"fwd": (), "bwd": (), "adjoint": (), "pyramid": ()}
+_AOT_KERNELS = {"fwd": _decoder_fwd_kernel, "bwd": _decoder_bwd_kernel,
                 "adjoint": _upsample_adjoint_kernel, "pyramid": _pyramid_adjoint_kernel}
 _AOT_FP32_ARGS = ("sy2", "sx2", "sy3", "sx3", "sy4", "sx4", "drop_scale", "scale_y", "scale_x")
 # per dtype class: (16-bit pointers' type, CDT, the fp32 master tensors' type)
@@ -1224,8 +1196,6 @@ def _aot_specs() -> list[AttentionAotSpec]:
                     const = {"E": e, "SY": 8, "SX": 8, "BLOCK_E": e, "BLOCK_X": block}
                 elif kname == "pyramid":
                     const = {"E": e, "BLOCK_E": e, "BLOCK_N": block}
-                elif kname == "dw2":
-                    const = {"E": e, "CDT": code, "CHUNK_ROWS": 2048, "BLOCK_E": e, "BLOCK_P": block}
                 else:
                     const = {"C1": 32, "E": e, "CDT": code, "DROPOUT": True, "BLOCK_C1": 32, "BLOCK_E": e,
                              "BLOCK_P": block, **({"SAVE": True, "ROW_TILES": code != 0} if kname == "fwd" else {})}

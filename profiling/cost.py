@@ -441,8 +441,6 @@ LOOPS: list[Loop] = [
          kernels=("_decoder_fwd_kernel",)),
     Loop("decoder_mlp", "_decoder_bwd_kernel", "while tile < stop:", _dx_tiles, count="tile += 1",
          kernels=("_decoder_bwd_kernel",)),
-    Loop("decoder_mlp", "_decoder_dw2_kernel", "for r in range(0, CHUNK_ROWS, BLOCK_P):",
-         lambda a, pid: _cdiv(a["CHUNK_ROWS"], a["BLOCK_P"]), kernels=("_decoder_dw2_kernel",)),
     Loop("decoder_mlp", "_upsample_adjoint_kernel",
          "for jx in tl.range(0, 2 * SX + SX % 2, loop_unroll_factor=1):  # (kept rolled: 2s × 2s bodies at s = 8)",
          lambda a, pid: _adjoint_span(a["SX"]), kernels=("_upsample_adjoint_kernel",)),

@@ -158,7 +158,7 @@ def counted():
         ps = [torch.randn(*shape, generator=g) * 0.2 for shape in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
         xf = torch.randn(1, 100, c, generator=g, requires_grad=True)
         ffn.ffn_sublayer(xf, *(t.requires_grad_() for t in ps), wg_chunk_rows=24).sum().backward()
-        # decoder MLP: 96 pixels = 6 tiles of 16 over 3 backward programs, 32-row dw2 chunks, adjoint
+        # decoder MLP: 96 pixels = 6 tiles of 16 over 3 backward programs, 32-row weight-gradient chunks, adjoint
         # windows at factors 2 and 4 (stages 3 and 4 both at 2×3: every tap near a border)
         from msf.kernels import decoder_mlp as dec
         from msf.reference import DecoderParams
