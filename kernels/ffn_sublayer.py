@@ -96,19 +96,24 @@ _CDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # sm_80); wgrad (32, 16, 8) at C 256 spills 8 B on sm_90: that class takes (16, 16, 8), which the
 # model never launches (C 256 takes the stash route, `stash_pays`; tests force it). wgrad (16, 32, 8) at
 # C 64, the A100's pin since 2026-12-06 (a `--sweep` under model v3.1: 128.7 -> 116.5 µs a stage-2 block;
-# 128 registers on both archs, the H100 keeps (16, 64, 8)).
+# 128 registers on both archs, the H100 keeps (16, 64, 8)). dx at C 128 and 256 swept again once its
+# partial sums went row by row there (2026-12-06, model v3.1, H100 / A100 µs a call): C 128 (32, 32, 4)
+# 77.2 -> 61.9 on the H100, (16, 64, 4) 103.8 -> 100.1 on the A100, both 2 CTAs an SM, both clean on
+# both archs; C 256 (16, 128, 8) 51.0 -> 40.4 on the H100, sm_90 only (80 B of spill on sm_80, where
+# (16, 64, 8) stays: 83.9).
 # ----------------------------------------------------------------------------------------------
 _Cfg = tuple[int, int, int, int]
 _AMP: dict[str, dict[int, list[_Cfg]]] = {
     "fwd": {32: [(128, 64, 8, 2), (128, 32, 8, 2)], 64: [(64, 32, 4, 2), (32, 32, 4, 2)],
             128: [(32, 32, 4, 2)], 256: [(16, 64, 8, 2), (16, 32, 4, 2)]},
-    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(32, 64, 8, 2), (16, 64, 8, 2)], 256: [(16, 64, 8, 2)]},
+    "dx": {32: [(16, 64, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(32, 32, 4, 2), (16, 64, 4, 2)],
+           256: [(16, 128, 8, 2), (16, 64, 8, 2)]},
     "wgrad": {32: [(32, 64, 8, 2), (64, 64, 4, 2)], 64: [(16, 64, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2)],
               128: [(16, 64, 4, 2)],
               256: [(16, 16, 8, 2)]},
 }
 # (kernel, C block) → configurations of the lists above that build without spills on sm_90 only
-_SM90_ONLY: dict[tuple[str, int], set[_Cfg]] = {("wgrad", 64): {(16, 64, 8, 2)}}
+_SM90_ONLY: dict[tuple[str, int], set[_Cfg]] = {("wgrad", 64): {(16, 64, 8, 2)}, ("dx", 256): {(16, 128, 8, 2)}}
 # fp32 past C = 64 has no spill-free tiles (the dx kernel spills at C 128 on sm_90 even at 16×16 × 8
 # warps): there the op composes the eager pieces (`fused_supported`), as the attention sublayer does.
 _FP32: dict[int, list[_Cfg]] = {32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)]}
@@ -330,11 +335,12 @@ _ffn_fwd_kernel = _pinned("fwd", _ffn_fwd_kernel)
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C: tl.constexpr):
-    """[Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32 at `part`) from their BLOCK_N × BLOCK_C accumulators."""
-    tl.store(part + offs_c, tl.sum(dgamma, 0), mask=mask_c)
-    tl.store(part + C + offs_c, tl.sum(dbeta, 0), mask=mask_c)
-    tl.store(part + 2 * C + offs_c, tl.sum(db2, 0), mask=mask_c)
+def _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C: tl.constexpr, WITH_DB2: tl.constexpr):
+    """[Σ dn∘x̂ | Σ dn (| Σ dy)] (2·C or 3·C fp32 at `part`) from their sums over the program's rows."""
+    tl.store(part + offs_c, dgamma, mask=mask_c)
+    tl.store(part + C + offs_c, dbeta, mask=mask_c)
+    if WITH_DB2:
+        tl.store(part + 2 * C + offs_c, db2, mask=mask_c)
 
 
 @triton.jit
@@ -373,15 +379,21 @@ def _ffn_bwd_dx_kernel(
     the partial buffer (and its sum) small: a program per tile left 8192 partial rows at stage 1.
     STASH: also store what the weight gradients need, in the compute dtype: n = LN(x) to N_ST
     (ROWS×C), dH and A = GELU(h) to DH_ST and A_ST (ROWS×HID); the weight gradients are then two
-    plain GEMMs over them (`_backward`) instead of a second recompute."""
+    plain GEMMs over them (`_backward`) instead of a second recompute, and the one for dW2 = dyᵀ A
+    sums dy too: PART[pid] is then [Σ dn∘x̂ | Σ dn] (2·C)."""
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     gamma = tl.load(LNW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    # the partial sums stay 2-D until the end: one cross-row reduction a program, not one a tile
-    dgamma = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    dbeta = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    db2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    # The partial sums: with many tiles a program (C ≤ 64: 8 to 62) tile-shaped, one cross-row
+    # reduction a program instead of one a tile; with few (C ≥ 128: 1 or 2) reduced tile by tile, so
+    # that the hidden-slice loop does not carry three BLOCK_N × BLOCK_C fp32 tiles (48 registers a
+    # thread at 8 warps: docs/ffn_sublayer.md, "The dx kernel's partial sums at stages 3-4").
+    ROW_SUMS: tl.constexpr = BLOCK_C >= 128
+    acc_shape: tl.constexpr = [BLOCK_C] if ROW_SUMS else [BLOCK_N, BLOCK_C]
+    dgamma = tl.zeros(acc_shape, tl.float32)
+    dbeta = tl.zeros(acc_shape, tl.float32)
+    db2 = tl.zeros(acc_shape, tl.float32)
     if HID <= BLOCK_H:  # one hidden slice: its weights loaded and laid out as MMA operands once a program
         w1, b1, offs_h, mask_h = _slice_w1(W1, B1, 0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
         w2s = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
@@ -409,11 +421,22 @@ def _ffn_bwd_dx_kernel(
                                 DH_ST, A_ST, HID, CDT, STASH, False)  # (w1_h stands in for the unused w2s)
         dn = _rounded(dn, CDT)
         _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C)
-        dgamma += dn * xhat
-        dbeta += dn
-        db2 += dy.to(tl.float32)
+        if ROW_SUMS:
+            dgamma += tl.sum(dn * xhat, 0)
+            dbeta += tl.sum(dn, 0)
+            if not STASH:
+                db2 += tl.sum(dy.to(tl.float32), 0)
+        else:
+            dgamma += dn * xhat
+            dbeta += dn
+            if not STASH:
+                db2 += dy.to(tl.float32)
         tile += 1
-    _store_ln_partials(PART + pid.to(tl.int64) * 3 * C, offs_c, mask_c, dgamma, dbeta, db2, C)
+    part = PART + pid.to(tl.int64) * (2 if STASH else 3) * C
+    if ROW_SUMS:
+        _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C, not STASH)
+    else:
+        _store_ln_partials(part, offs_c, mask_c, tl.sum(dgamma, 0), tl.sum(dbeta, 0), tl.sum(db2, 0), C, not STASH)
 
 
 _ffn_bwd_dx_kernel = _pinned("dx", _ffn_bwd_dx_kernel)
@@ -564,11 +587,11 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
     sms = _core._sm_count(dev)
     n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(shape_class, "BLOCK_N", dev))
     tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=4)
-    ln_part = _new((n_progs, 3 * c), dev, torch.float32)
+    ln_part = _new((n_progs, (2 if stash else 3) * c), dev, torch.float32)  # [dγ | dβ (| db2)]
     _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, n_st, dh_st, a_st,
                                    rows, n_tiles, tiles, C=c, HID=hid, CDT=code, BLOCK_C=block_c, STASH=stash)
 
-    # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| Σ dy, unused)] a row
+    # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| db2 = Σ dy, with the stash)] a row
     if stash:
         block_i, block_j = (_sub._wg_block(code == 0, dev, k) for k in ("BLOCK_I", "BLOCK_J"))
         # chunks of ≥ 2·H rows: a chunk's 2·H·C fp32 partial then costs under a third of what it reads
@@ -586,11 +609,12 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
             x2, g, lnw, lnb, w1, b1, w2, mean, rstd, w_part, rows,
             C=c, HID=hid, CDT=code, BLOCK_C=block_c, CHUNK_ROWS=chunk)
 
-    ln_sum = _new((3 * c,), dev, torch.float32)
+    ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
     w_sum = _new((w_part.shape[1],), dev, torch.float32)
     sum_partials((ln_part, ln_sum), (w_part, w_sum), *more_partials)
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
-    dlnw, dlnb, db2 = (ln_sum[i * c:(i + 1) * c].to(dt) for i, dt in enumerate((lnw.dtype, lnb.dtype, b2_dtype)))
+    dlnw, dlnb = ln_sum[:c].to(lnw.dtype), ln_sum[c:2 * c].to(lnb.dtype)
+    db2 = (w_sum[2 * hid * c + hid:] if stash else ln_sum[2 * c:]).to(b2_dtype)
     w_dtype = w1.dtype if w_dtype is None else w_dtype
     dw1 = w_sum[:hid * c].view(hid, c).to(w_dtype)
     db1 = w_sum[hid * c:hid * c + hid].to(b1.dtype)
