@@ -35,7 +35,8 @@ B = 32, 512²):
 - `h4`: eager, classifier at H/4 then the 19-class upsample (`paper_head_order=False`);
 - `triton_rest`: the `h4` step with the ops the triton backend fuses (`msf.backend.fused_op_names`)
   replaced by uncounted stand-ins of the right shapes and dtypes, and the triton backend's own
-  PyTorch ops (`autocast_weights`: the convolutions' weights cast together): what stays eager on triton.
+  PyTorch ops (`autocast_weights`: the convolutions' weights cast together; `weight_copies`: the
+  blocks' weight matrices cast together for the fused ops): what stays eager on triton.
 Per op (`eager_op_bytes`): the eager reference of each fused op at the model's shapes and autocast
 dtypes (the arguments the model hands it), forward and backward.
 
@@ -546,6 +547,8 @@ def _fused_ops_uncounted(counter: ByteCounter, dtype: torch.dtype) -> Iterator[l
         table["ffn_sublayer"] = _ffn_sublayer_standin(table["ffn_sublayer"], table["stage_output"])
     # the convolutions' autocast copies: the triton backend's own PyTorch ops, part of the rest
     table["autocast_weights"] = backend.get_ops("triton").autocast_weights
+    # the blocks' weight matrices cast once a step for the fused ops (one cat, one cast): the rest's too
+    table["weight_copies"] = backend.get_ops("triton").weight_copies
     table = backend.Ops(**table)
     with mock.patch.object(model, "get_ops", lambda _backend: table):
         yield fused

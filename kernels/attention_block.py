@@ -72,9 +72,11 @@ __all__ = ["attention_block", "AttentionBlockFunction", "AOT_SPECS", "compute_dt
 # tf32x3 operands spill kilobytes at every tile tried: those shapes compose the eager pieces around
 # the fused sublayer instead). The interpreter runs these same tiles. Both kernels launch with one
 # stage, as the report builds them: at the default three Triton pipelined the backward's patch loop
-# into an 8 B spill on sm_90 at C = 32, for no predicted gain anywhere (2026-12-05).
+# into an 8 B spill on sm_90 at C = 32, for no predicted gain anywhere (2026-12-05). The fp32 forward at
+# C 64 takes 16 patches since W_sr is read in its channels-last order (2026-12-06: 32 patches spilled
+# 8 B on sm_80 with the longer row stride; fp32 is not the model's mix).
 _CONFIGS: dict[str, dict[str, dict[int, tuple[int, int]]]] = {
-    "fwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 4)}},
+    "fwd": {"16": {32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (16, 4)}},
     "bwd": {"16": {32: (32, 4), 64: (32, 4), 128: (16, 4), 256: (16, 8)}, "fp32": {32: (32, 4), 64: (32, 8)}},
 }
 
@@ -178,9 +180,10 @@ def _store_stats(STATS, tok, mean, rstd, mask):
 
 
 @triton.jit
-def _square(W, offs_a, offs_b, mask_a, mask_b, C):
-    """W[a, b] of a row-major C-wide matrix as an A × B block (compute dtype as stored)."""
-    return tl.load(W + offs_a[:, None] * C + offs_b[None, :], mask=mask_a[:, None] & mask_b[None, :], other=0.0)
+def _square(W, offs_a, offs_b, mask_a, mask_b, row_stride):
+    """W[a, b] of a matrix with unit column stride as an A × B block (compute dtype as stored)."""
+    return tl.load(W + offs_a[:, None] * row_stride + offs_b[None, :], mask=mask_a[:, None] & mask_b[None, :],
+                   other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +197,8 @@ def _kv_fwd_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
-    (fp32 or the compute dtype); WSR: R²×C×C (window position, out, in) and WKV: 2C×C, both in the
+    (fp32 or the compute dtype); WSR: C×R²×C (out, window position, in: the channels-last order of
+    W_sr, so that a channels-last master is cast without a transposition) and WKV: 2C×C, both in the
     compute dtype (`compute_weights`); BSR, BKV in it or fp32 masters (rounded on load, as autocast's
     cast rounds them); the LayerNorm parameters in any float dtype. PE: X is the patch embedding's
     B×C×h×w map (its strides; MH = h/R patch rows an image), the block input x = LN_pe(X) (γ PEW,
@@ -229,7 +233,7 @@ def _kv_fwd_kernel(
             xhat, _rstd = _ln_hat(x, mask, C, eps)
             xn = _to_compute(xhat * gamma[None, :] + beta[None, :], CDT)
             tl.store(XN + tok[:, None] * C + offs_c[None, :], xn, mask=mask)
-            acc += _mm(xn, _square(WSR + p * C * C, offs_c, offs_c, mask_c, mask_c, C).trans(), CDT == 0)
+            acc += _mm(xn, _square(WSR + p * C, offs_c, offs_c, mask_c, mask_c, R * R * C).trans(), CDT == 0)
         red = _to_compute(acc + _rounded(_vec(BSR, offs_c, mask_c), CDT)[None, :], CDT)  # the convolution's output
         tl.store(RED + offs_m[:, None] * C + offs_c[None, :], red, mask=mask)
         rhat, _rstd_sr = _ln_hat(tl.where(mask, red.to(tl.float32), 0.0), mask, C, eps_sr)
@@ -316,7 +320,8 @@ def _kv_bwd_kernel(
             dxn = dkin
         else:
             tok = _patch_tokens(offs_m, p, MW, W_TOK, R)
-            dxn = _rounded(_mm(dred, _square(WSR + p * C * C, offs_c, offs_c, mask_c, mask_c, C), CDT == 0), CDT)
+            dxn = _rounded(_mm(dred, _square(WSR + p * C, offs_c, offs_c, mask_c, mask_c, R * R * C), CDT == 0),
+                           CDT)
         rows = tok[:, None] * C + offs_c[None, :]
         dxn += tl.load(DXNQ + rows, mask=mask, other=0.0).to(tl.float32)
         if ROUND_SUMS:
@@ -376,12 +381,13 @@ def _launch(kernel: str, c: int, cdt: torch.dtype, embed_kind: str | None = None
 
 
 def compute_weights(sr_w, kv_w, wq, wo, cdt: torch.dtype) -> tuple:
-    """The block's weight matrices as its kernels read them, in the compute dtype: W_sr as R²×C×C
-    (window position, out, in; None for R = 1), W_kv, wq, wo. Under autocast one launch makes all
-    four (`casts.cast_all`: W_sr's cast and transposition one copy; autocast's own casts are a
-    launch each), otherwise W_sr's transposition is the one copy; the forward makes them and saves
-    them for the backward, which makes none. The biases are rounded on load."""
-    return tuple(_sub.compute_weights(cdt, None if sr_w is None else sr_w.permute(2, 3, 0, 1), kv_w, wq, wo))
+    """The block's weight matrices as its kernels read them, in the compute dtype: W_sr as C×R²×C
+    (out, window position, in: its channels-last order, the model's, so a channels-last master needs
+    no transposition; None for R = 1), W_kv, wq, wo. Under autocast one launch makes all four
+    (`casts.cast_all`; autocast's own casts are a launch each), otherwise a W_sr of another layout
+    is the one copy; the forward makes them and saves them for the backward, which makes none. The
+    biases are rounded on load."""
+    return tuple(_sub.compute_weights(cdt, None if sr_w is None else sr_w.permute(0, 2, 3, 1), kv_w, wq, wo))
 
 
 def _geometry(x, pe, hw: tuple[int, int], ratio: int) -> tuple:

@@ -4,7 +4,7 @@
 
 Under autocast the fused ops take their weight matrices in the compute dtype, cast once a forward
 and saved for the backward (`attention_sublayer.compute_weights`, `attention_block.compute_weights`,
-the FFN sublayer's): W_sr transposed to R²×C×C, W_kv, wq, wo, w1, w2. As torch ops that is a
+the FFN sublayer's): W_sr in its channels-last order (C×R²×C), W_kv, wq, wo, w1, w2. As torch ops that is a
 launch a tensor (`.to`, `copy_`), each a few µs of GPU time for a few hundred KB; here the tensors
 of one call share one launch (docs/casts.md).
 
@@ -24,6 +24,7 @@ import triton.language as tl
 
 from msf.kernels._common import INTERPRET
 from msf.kernels.attention_sublayer import _round
+from msf.precision import step_copy
 
 __all__ = ["cast_all", "MAX_TENSORS", "AOT_SPECS"]
 
@@ -90,9 +91,11 @@ def _served(dtype: torch.dtype, todo: list[torch.Tensor]) -> bool:
 def cast_all(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Each tensor as a dense tensor of `dtype` (its shape; a permuted view comes out dense in the
     view's dimension order), the ones that need a copy in one launch; tensors already dense in
-    `dtype` come back as they are, None as None. More than four to copy, sources of several dtypes,
-    or CPU tensors without the interpreter: one `.to` / `copy_` a tensor instead."""
-    todo = [t for t in tensors if t is not None and (t.dtype != dtype or not t.is_contiguous())]
+    `dtype` come back as they are, None as None, and tensors whose dense copy the step has made
+    already (`msf.precision.step_weight_copies`) as that copy. More than four to copy, sources of
+    several dtypes, or CPU tensors without the interpreter: one `.to` / `copy_` a tensor instead."""
+    lent = {id(t): c for t in tensors if t is not None and (c := step_copy(t, dtype)) is not None and c.is_contiguous()}
+    todo = [t for t in tensors if t is not None and id(t) not in lent and (t.dtype != dtype or not t.is_contiguous())]
     outs = {id(t): torch.empty(t.shape, device=t.device, dtype=dtype) for t in todo}
     if todo and not _served(dtype, todo):
         for t in todo:
@@ -110,7 +113,7 @@ def cast_all(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Te
         ends += ends[-1:] * spare
         if ends[-1]:  # (all empty: nothing to copy)
             _cast_kernel[(ends[-1],)](*srcs, *dsts, *meta, *ends[:3], BLOCK=_BLOCK, num_warps=_WARPS)
-    return [None if t is None else outs.get(id(t), t) for t in tensors]
+    return [None if t is None else lent.get(id(t), outs.get(id(t), t)) for t in tensors]
 
 
 def _aot_specs() -> list:

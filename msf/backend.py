@@ -41,9 +41,13 @@ Ops (shapes are the model's):
   tensor each way). Triton: under autocast, all their 16-bit copies from one cat and one cast, and
   their gradients back the same way (`msf.precision.grouped_autocast_copies`: plain PyTorch, no kernel
   of its own, so `fused_op_names` does not list it).
+- `weight_copies(tensors)`: a context the model runs its blocks in. Eager: nothing. Triton: under
+  autocast the blocks' weight matrices cast in one cat and one cast for the fused ops to take
+  instead of casting their own, an op a launch (`msf.precision.step_weight_copies`; plain PyTorch).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, fields
@@ -52,7 +56,7 @@ from typing import Callable
 import torch
 
 from msf.nvtx import nvtx_range
-from msf.precision import as_they_are, grouped_autocast_copies
+from msf.precision import as_they_are, grouped_autocast_copies, step_weight_copies
 from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, StageNorm,  # noqa: F401
                            composed_attention_sublayer,
                            eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
@@ -74,13 +78,20 @@ class Ops:
     decoder_mlp: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
     autocast_weights: Callable[..., list[torch.Tensor | None]]
+    weight_copies: Callable[..., contextlib.AbstractContextManager]
+
+
+def no_weight_copies(tensors) -> contextlib.AbstractContextManager:
+    """The eager backend's `weight_copies`: nothing lent (autocast casts each weight where it is used)."""
+    return contextlib.nullcontext()
 
 
 EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention_sublayer,
                 attention_block=eager_attention_block, map_layer_norm=eager_map_layer_norm,
                 stage_output=eager_stage_output,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
-                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa, autocast_weights=as_they_are)
+                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa, autocast_weights=as_they_are,
+                weight_copies=no_weight_copies)
 
 
 def _annotated(name: str, fn: Callable[..., torch.Tensor], provider: str,
@@ -159,6 +170,8 @@ def _build_ops(backend: str) -> Ops:
         table["attention_block"] = _annotated("attention_block", composed, "eager")
     if backend == "triton":  # (PyTorch ops, no kernel: a provider of its own, not among the fused ops)
         table["autocast_weights"] = _annotated("autocast_weights", grouped_autocast_copies, "torch")
+        # (traced by torch.compile: nothing lent, the compiled operators cast inside)
+        table["weight_copies"] = _annotated("weight_copies", step_weight_copies, "torch", no_weight_copies)
     return Ops(**table)
 
 

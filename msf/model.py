@@ -283,16 +283,25 @@ class MicroSegFormer(nn.Module):
         flat = get_ops(self.backend).autocast_weights([t for conv in convs for t in (conv.weight, conv.bias)])
         return list(zip(flat[0::2], flat[1::2]))
 
+    def block_weights(self) -> list[torch.Tensor]:
+        """Every transformer block's weight matrices (W_sr where R > 1, W_kv, W_q, W_o, fc1, fc2): what
+        the backend's `weight_copies` casts once a forward (on triton under autocast)."""
+        return [w for stage in self.stages for block in stage.blocks
+                for w in ((block.attn.sr.weight,) if block.attn.sr_ratio > 1 else ())
+                + (block.attn.kv.weight, block.attn.q.weight, block.attn.proj.weight,
+                   block.ffn.fc1.weight, block.ffn.fc2.weight)]
+
     def features(self, images: torch.Tensor, conv_weights: list[ConvWeights] | None = None) -> torch.Tensor:
         """Decoder output (after LMSA): B×128×H/4×W/4. `conv_weights`: what `self.conv_weights()` gave
         the caller (made here if None)."""
         self._check_images(images)
         conv_weights = self.conv_weights() if conv_weights is None else conv_weights
         feats, x = [], images
-        for i, stage in enumerate(self.stages, start=1):
-            with nvtx_range(f"encoder/stage{i}"):
-                feature, x = stage(x, conv_weights[i - 1])
-            feats.append(feature)
+        with get_ops(self.backend).weight_copies(self.block_weights()):
+            for i, stage in enumerate(self.stages, start=1):
+                with nvtx_range(f"encoder/stage{i}"):
+                    feature, x = stage(x, conv_weights[i - 1])
+                feats.append(feature)
         with nvtx_range("decoder"):
             return self.decoder(feats)
 

@@ -14,16 +14,23 @@ Each copy is a view of `flat` with its master's strides (a channels-last master 
 channels-last copy), so a gradient that arrives in its copy's layout reaches the cat as a free view
 and its master as a view with the master's strides, which AccumulateGrad keeps without a copy.
 The values are autocast's, bit for bit: `.to` rounds to nearest even, and widening back is exact.
+
+The blocks' weight matrices are cast the other way round: the fused ops take the fp32 masters
+(their gradients stay fp32 sums) and cast them inside, one launch an op (`msf.kernels.casts.cast_all`),
+14 launches a training step. `step_weight_copies` makes all of a step's copies at once (one cat,
+one cast, no autograd) and lends them for the duration of a `with`; `step_copy` is how the ops'
+cast finds a master's copy there (the same values `.to` gives, a view with the tensor's strides).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import contextvars
+from typing import Iterator, Sequence
 
 import torch
 
 __all__ = ["as_they_are", "autocast_device_type", "autocast_dtype", "autocast_off", "autocast_on",
-           "grouped_autocast_copies"]
+           "grouped_autocast_copies", "step_copy", "step_weight_copies"]
 
 
 def autocast_device_type(device_type: str) -> str:
@@ -97,3 +104,52 @@ def _inverse(order: list[int]) -> list[int]:
     for position, dim in enumerate(order):
         inverse[dim] = position
     return inverse
+
+
+# ----------------------------------------------------------------------------------------------
+# the blocks' weight copies, made once a step
+# ----------------------------------------------------------------------------------------------
+# id(master) → (master, its version counter when copied, the copy with the master's strides)
+_STEP_COPIES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("msf_step_copies", default=None)
+
+
+@contextlib.contextmanager
+def step_weight_copies(tensors: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Within: the 16-bit copies of `tensors` (fp32 masters under autocast, `autocast_dtype`; None
+    skipped) made in one cat and one cast and lent to the fused ops' weight casts (`step_copy`). The
+    copies are not differentiable: the ops take the masters as their inputs and give their
+    gradients as before. Nothing is made where autocast is off, where a master is not dense in some
+    dimension order, or while torch.compile traces (the compiled graph casts inside its operators)."""
+    present = [t for t in tensors if t is not None]
+    cdt = autocast_dtype(present) if present and not torch.compiler.is_compiling() else None
+    orders = [_memory_order(t) for t in present]
+    if cdt is None or any(o is None for o in orders):
+        yield
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.detach().permute(o).reshape(-1) for t, o in zip(present, orders)]).to(cdt)
+    table = {}
+    for piece, t, o in zip(flat.split([t.numel() for t in present]), present, orders):
+        table[id(t)] = (t, t._version, piece.view([t.shape[d] for d in o]).permute(_inverse(o)))
+    token = _STEP_COPIES.set(table)
+    try:
+        yield
+    finally:
+        _STEP_COPIES.reset(token)
+
+
+def step_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` as the current `step_weight_copies` holds it in `dtype`: a view of its master's copy with
+    t's shape and strides, where t is a master lent there or a view of one (W_sr permuted), unchanged
+    since (its version counter); else None."""
+    table = _STEP_COPIES.get()
+    if not table:
+        return None
+    entry = table.get(id(t)) or table.get(id(t._base))
+    if entry is None:
+        return None
+    master, version, copy = entry
+    if copy.dtype != dtype or t._version != version or t.dtype != master.dtype:
+        return None
+    offset = copy.storage_offset() + t.storage_offset() - master.storage_offset()
+    return copy.as_strided(t.shape, t.stride(), offset)

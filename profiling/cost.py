@@ -676,6 +676,15 @@ def _block_params(c: int, ratio: int, new) -> list:
     return [new(c), new(c), *conv, new(2 * c, c), new(2 * c), new(c, c), new(c), new(c, c), new(c)]
 
 
+def _lent(t):
+    """The bf16 copy of an fp32 weight matrix that a training step lends the fused ops (the model's
+    `weight_copies`, `msf.precision.step_weight_copies`: all the blocks' matrices in one cat and one
+    cast, in the eager rest): the master's layout, so the op's own cast (`casts.cast_all`) has nothing
+    to do. (`empty_strided`: no launch, as the capture's other tensors.)"""
+    import torch
+    return torch.empty_strided(t.shape, t.stride(), dtype=torch.bfloat16)
+
+
 def _embed_map(stage: int, batch: int, c: int, side: int, new):
     """The patch embedding's convolution output as a step makes it under CUDA autocast: bf16, NCHW at
     stage 1 (cuDNN keeps the NCHW images' layout), channels-last after (the convolution reads the
@@ -748,6 +757,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # forms its LayerNorm inside (fp32 tokens, fp32 γ_pe, β_pe)
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
+            # the weight matrices as the step lends them (W_sr, W_kv, W_q, W_o), the rest the fp32 masters
+            lent = [_lent(t) if i in (2, 6, 8, 10) and t is not None else t for i, t in enumerate(params)]
             pe = None
             if op == "attention_block_embedded":
                 x = _embed_map(stage, batch, c, side, e)
@@ -755,8 +766,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             else:
                 x = e((batch, side * side, c), dtype=f32)
             hw, ratio = (side, side), SR_RATIOS[stage]
-            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(x, *params, hw, ratio, 1e-5, 1e-5, bf16,
-                                                                           pe)
+            _, xn, red, kin, kv, o, lse, (wsr, wkv, wq, wo) = blk._forward(x, *lent, hw, ratio, 1e-5, 1e-5, bf16, pe)
             pass_ref[0] = "bwd"
             w_dtypes = {name: None if t is None else f32
                         for name, t in zip(blk._PARAM_NAMES, [*params, *(pe[:2] if pe else (None, None))])}
@@ -790,7 +800,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             n, hid = side * side, FFN_EXPANSION * c
             x = e((batch * n, c), dtype=f32)
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
-            params[2], params[4] = ffn.compute_weights(bf16, params[2], params[4])  # as the autograd Functions
+            params[2], params[4] = _lent(params[2]), _lent(params[4])  # w1, w2 as the step lends them
             g, sn_sums = e((batch * n, c), dtype=f32), ()
             if op == "ffn_sublayer":
                 _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)

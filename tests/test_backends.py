@@ -146,6 +146,43 @@ def test_autocast_bf16_training_step_matches_eager(autocast_bf16_step):
     assert_grads_close(step["fused"], step["eager"], AUTOCAST_GRAD_TOL, AUTOCAST_GRAD_FLOOR, "bf16 autocast grads")
 
 
+def test_the_blocks_weight_copies_change_nothing_but_the_casts(monkeypatch):
+    """The triton model's bf16 autocast step with the blocks' weight matrices cast once for the step
+    (`weight_copies`, `msf.precision.step_weight_copies`) and with each fused op casting its own: the
+    same loss and every gradient bit for bit, and 14 cast launches fewer (the 7 attention halves' and
+    the 7 FFN sublayers'; the convolutions' and LMSA's casts are not the blocks')."""
+    import dataclasses
+
+    from msf import backend, model as model_mod
+    from msf.kernels import casts
+    kernel, launches = casts._cast_kernel, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(casts, "_cast_kernel", Counted())
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(1, 3, 32, 64, generator=g).to(DEVICE)
+    masks = torch.randint(0, 19, (1, 32, 64), generator=g).to(DEVICE)
+    runs = []
+    for lend in (True, False):
+        if not lend:  # the same table, the blocks' copies not made
+            own = dataclasses.replace(backend.get_ops("triton"), weight_copies=backend.no_weight_copies)
+            monkeypatch.setattr(model_mod, "get_ops", lambda name: own if name == "triton" else backend.get_ops(name))
+        _, fused = twin_models()
+        launches.clear()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = fused.loss(images, masks)
+        loss.backward()
+        runs.append((loss.detach(), {name: p.grad for name, p in fused.named_parameters()}, len(launches)))
+    (loss, grads, casts_lent), (loss_own, grads_own, casts_own) = runs
+    assert torch.equal(loss, loss_own)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_own[name]), name
+    assert casts_own - casts_lent == 14, (casts_lent, casts_own)
+
+
 PLANTED_BUGS = {
     # a fused weight gradient half again too large (a partial buffer summed twice over a third)
     "kv.weight ×1.5": lambda g: g["stages.3.blocks.0.attn.kv.weight"].mul_(1.5),

@@ -151,7 +151,8 @@ def test_step_variants_are_ordered_and_triton_rest_drops_the_fused_ops():
 
 def test_triton_rest_holds_no_fold_and_no_weight_selects():
     """What a triton step keeps eager: the convolutions and the projections (mm), the convolutions'
-    weights cast together (one cat and one cast each way, `msf.precision`), not the decoder's fold (its
+    weights cast together (one cat and one cast each way, `msf.precision`) and the blocks' (one cat and
+    one cast, forward only), not the decoder's fold (its
     mv / add / select backward ops are two kernels of the fused op) nor a zeros + copy a pointwise
     weight of LMSA (handed over as views), nor a copy of a weight gradient into its parameter's layout."""
     rest = eb.count_step("triton_rest", batch=2, size=64)
@@ -159,8 +160,9 @@ def test_triton_rest_holds_no_fold_and_no_weight_selects():
     assert not ops.keys() & {"mv", "add", "select_backward", "zeros", "mul", "copy_", "clone"}, ops
     assert ops["mm"] == 3 * 3  # stages 2-4's projections: one forward, two backward
     assert ops["convolution"] == ops["convolution_backward"] == 5  # four patch embeddings, the classifier
-    # the weights' copies and their gradients; no cast of the images (the step takes them in bf16)
-    assert ops["cat"] == 2 and ops["_to_copy"] == 2
+    # the convolutions' weight copies and their gradients, the blocks' weight copies (`weight_copies`:
+    # no backward); no cast of the images (the step takes them in bf16)
+    assert ops["cat"] == 3 and ops["_to_copy"] == 3
 
 
 def test_emulation_sets_and_restores_cuda_autocast_dtype():

@@ -101,3 +101,41 @@ def test_meta_tensors_follow_cuda_autocast():
     with eb.CudaAutocastEmulation(torch.bfloat16):
         cs = grouped_autocast_copies(ms)
     assert [c.dtype for c in cs] == [torch.bfloat16] * 2 and [c.shape for c in cs] == [m.shape for m in ms]
+
+
+# ----------------------------------------------------------------------------------------------
+# the blocks' weight copies, made once a step (`step_weight_copies`, `step_copy`)
+# ----------------------------------------------------------------------------------------------
+def _no_cast_launch():
+    """A stand-in for the cast kernel that fails if launched."""
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the cast kernel was launched for a tensor the step had copied")
+    return Refuse()
+
+
+def test_step_copies_serve_the_fused_ops_casts(monkeypatch):
+    """Inside `step_weight_copies`, `cast_all` hands back the step's copies (views with the asked-for
+    tensor's strides: a master, or W_sr's channels-last view of one) without a launch, bit for bit
+    what it would have cast; a master changed in place since (its version) or a dtype other than
+    autocast's is cast again; outside the `with`, and without autocast, nothing is lent."""
+    from msf.kernels import casts
+    from msf.precision import step_copy, step_weight_copies
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(8, 6, generator=g, requires_grad=True)
+    sr = torch.randn(6, 2, 3, 3, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    want_w, want_sr = w.detach().to(torch.bfloat16), sr.detach().permute(0, 2, 3, 1).contiguous().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), step_weight_copies([w, None, sr]):
+        with monkeypatch.context() as patch:
+            patch.setattr(casts, "_cast_kernel", _no_cast_launch())
+            got_w, got_sr = casts.cast_all(torch.bfloat16, w, sr.permute(0, 2, 3, 1))
+        assert got_w.dtype == got_sr.dtype == torch.bfloat16 and got_w.is_contiguous() and got_sr.is_contiguous()
+        assert torch.equal(got_w, want_w) and torch.equal(got_sr, want_sr)
+        assert not got_w.requires_grad and step_copy(w, torch.float16) is None
+        with torch.no_grad():
+            w.add_(1.0)  # a master changed since: its copy is stale, the cast is made again
+        assert step_copy(w, torch.bfloat16) is None
+        assert torch.equal(casts.cast_all(torch.bfloat16, w)[0], w.detach().to(torch.bfloat16))
+    assert step_copy(sr, torch.bfloat16) is None  # (outside the with)
+    with step_weight_copies([w, sr]):  # autocast off: nothing made
+        assert step_copy(w, torch.bfloat16) is None
