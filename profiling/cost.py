@@ -719,9 +719,11 @@ def _counting_host_ops(counts: dict, pass_ref: list):
 
 
 def capture(op: str, device: Device, stage: int | None = None, batch: int = BATCH, size: int = SIZE,
-            host_ops: dict | None = None) -> list[Launch]:
+            host_ops: dict | None = None, lend_weights: bool = True) -> list[Launch]:
     """Every kernel launch of `op` (forward and backward) at the model's shapes on `device`; with
-    `host_ops` (a dict), also how many aten ops the op's host code runs between its kernels, per pass."""
+    `host_ops` (a dict), also how many aten ops the op's host code runs between its kernels, per pass.
+    `lend_weights`: the blocks' weight matrices come as a training step lends them (`_lent`: no cast
+    launch); False: as the fp32 masters the op casts itself, as in a torch.compile'd step."""
     import torch
     from msf.kernels import attention_block as blk, attention_sublayer as sub, decoder_mlp as dec, \
         ffn_sublayer as ffn, head_loss as hl, lmsa, map_norm as mn, upsample_argmax as ua
@@ -758,7 +760,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
             # the weight matrices as the step lends them (W_sr, W_kv, W_q, W_o), the rest the fp32 masters
-            lent = [_lent(t) if i in (2, 6, 8, 10) and t is not None else t for i, t in enumerate(params)]
+            lent = [_lent(t) if lend_weights and i in (2, 6, 8, 10) and t is not None else t
+                    for i, t in enumerate(params)]
             pe = None
             if op == "attention_block_embedded":
                 x = _embed_map(stage, batch, c, side, e)
@@ -800,7 +803,9 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             n, hid = side * side, FFN_EXPANSION * c
             x = e((batch * n, c), dtype=f32)
             params = [e(s, dtype=f32) for s in ((c,), (c,), (hid, c), (hid,), (c, hid), (c,))]
-            params[2], params[4] = _lent(params[2]), _lent(params[4])  # w1, w2 as the step lends them
+            # w1, w2 as the step lends them, or cast by the op (as the autograd Functions do without)
+            params[2], params[4] = ((_lent(params[2]), _lent(params[4])) if lend_weights
+                                    else ffn.compute_weights(bf16, params[2], params[4]))
             g, sn_sums = e((batch * n, c), dtype=f32), ()
             if op == "ffn_sublayer":
                 _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
@@ -1558,7 +1563,7 @@ def predict(launch: Launch, device: Device) -> KernelCost:
 def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
     label = op_label(op, stage)
     out = []
-    for launch in capture(op, device, stage, **shape):
+    for launch in capture(op, device, stage, **shape):  # (shape: batch, size, lend_weights)
         launch.op = label
         out.append(predict(launch, device))
     return out

@@ -737,10 +737,25 @@ def op_function(op: str, stage: int | None, batch: int = cost.BATCH, size: int =
 # ----------------------------------------------------------------------------------------------
 # the project's side: fused ops (msf.profiling.cost) and eager floors (msf.bench.eager_bytes)
 # ----------------------------------------------------------------------------------------------
+# the ops whose weight matrices a training step lends as copies made once a step (the model's
+# `weight_copies`); under torch.compile nothing is lent and they cast their own
+LENT_WEIGHT_OPS = ("attention_block", "attention_block_embedded", "ffn_sublayer", "ffn_stage_output")
+
+
 def fused_costs(device: cost.Device, log=print) -> list[cost.KernelCost]:
     """Every fused op's kernels at the model's shapes on `device` (as `python -m msf.profiling.cost`)."""
     log(f"  fused ops on {device.key} (msf.profiling.cost)")
     return [c for op, stage in cost.op_instances() for c in cost.cost_op(op, stage, device)]
+
+
+def compiled_fused_costs(costs: list[cost.KernelCost], device: cost.Device, log=print) -> list[cost.KernelCost]:
+    """`costs` as a torch.compile'd triton step runs them: the ops in `LENT_WEIGHT_OPS` again with their
+    own weight casts (`msf.precision.step_weight_copies` lends nothing while Dynamo traces)."""
+    log(f"  the blocks' ops on {device.key} casting their own weights (msf.profiling.cost)")
+    lent = {cost.op_label(op, stage) for op, stage in cost.op_instances() if op in LENT_WEIGHT_OPS}
+    return [c for c in costs if c.op not in lent] + [
+        c for op, stage in cost.op_instances() if op in LENT_WEIGHT_OPS
+        for c in cost.cost_op(op, stage, device, lend_weights=False)]
 
 
 def fused_op_seconds(costs: list[cost.KernelCost], op: str, stage: int | None, pass_: str | None = None) -> float:
@@ -768,13 +783,16 @@ def _ms(t: float | None) -> str:
     return "n/a" if t is None else f"{t * 1e3:.2f}"
 
 
-def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: float) -> list[dict]:
-    """One row per step variant on `device`: eager floor, compile, and the triton figures."""
+def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: float,
+              compiled_fused_s: float | None = None) -> list[dict]:
+    """One row per step variant on `device`: eager floor, compile, and the triton figures
+    (`compiled_fused_s`: the fused ops as a compiled step runs them, default `fused_s`)."""
     rest_floor = cost.eager_step_floor("triton_rest", device)
     # the rest's bytes and a launch for each of its ops (cost.step_summary's rule)
     triton_s = fused_s + rest_floor + cost.eager_rest_launches() * cost.LAUNCH_S if rest_floor is not None else None
     triton_compiled = compiled.get("triton")
-    triton_compile_s = fused_s + triton_compiled.total() if triton_compiled else None
+    compiled_fused_s = fused_s if compiled_fused_s is None else compiled_fused_s
+    triton_compile_s = compiled_fused_s + triton_compiled.total() if triton_compiled else None
     rows = []
     for variant in ("paper", "h4"):
         if variant not in compiled:
@@ -788,7 +806,7 @@ def step_rows(device: cost.Device, compiled: dict[str, Predicted], fused_s: floa
                      "compile_triton_launches": len(compiled[variant].kernels),
                      "triton_s": triton_s, "triton_compile_s": triton_compile_s,
                      "triton_compile_rest_s": triton_compiled.total() if triton_compiled else None,
-                     "fused_s": fused_s})
+                     "fused_s": fused_s, "compiled_fused_s": compiled_fused_s})
     return rows
 
 
@@ -905,7 +923,8 @@ def report(steps: list[dict], ops: list[dict], results: list[Predicted]) -> str:
             f"Predictions, not measurements: the model's band is {lo}-{hi}× the measured time on the calibration set "
             "(none of it Inductor's code), so each compile figure carries the measured times that band allows. "
             "Eager floors: `msf.bench.eager_bytes`. Triton: `msf.profiling.cost` (fused ops) + the eager rest's byte "
-            "floor and a launch for each of its ops; triton + torch.compile: the same fused ops + Inductor's predicted code for the rest.\n")
+            "floor and a launch for each of its ops; triton + torch.compile: the same fused ops (the blocks' casting "
+            "their own weights: a compiled step lends no copies) + Inductor's predicted code for the rest.\n")
     parts = [head, "## Training step\n", step_table(steps)]
     if ops:
         parts += ["\n## Per op (each fused op's eager reference compiled alone)\n", op_table(ops)]
@@ -940,7 +959,8 @@ def main(argv=None) -> int:
                 fn, inputs = op_function(op, stage)
                 compiled[cost.op_label(op, stage)] = predict(cost.op_label(op, stage), fn, inputs, device)
         costs = fused_costs(device)
-        steps += step_rows(device, compiled, fused_step_seconds(costs))
+        steps += step_rows(device, compiled, fused_step_seconds(costs),
+                           fused_step_seconds(compiled_fused_costs(costs, device)))
         ops += op_rows(device, compiled, costs)
         results += compiled.values()
     text = report(steps, ops, results)

@@ -310,6 +310,31 @@ def test_the_capture_hands_each_kernel_what_the_model_does():
     assert nchw_sr and all("_cast_kernel" in p and "S0" in p for p in nchw_sr), nchw_sr
 
 
+def test_the_blocks_cast_their_own_weights_only_where_nothing_is_lent():
+    """A training step lends the blocks' ops their weight copies (`msf.precision.step_weight_copies`):
+    their captures hold no cast launch; as a torch.compile'd step runs them (nothing lent,
+    `lend_weights=False`, what `msf.profiling.inductor` prices its triton + compile column with)
+    each casts its own, in one launch; LMSA is the same either way. (The capture records compiled
+    launches: a process of its own, without the interpreter.)"""
+    code = """if True:
+        import json
+        from msf.profiling import cost
+        names = {f"{op} {lend}": [launch.fn.fn.__name__ for launch in cost.capture(
+                     op, cost.H100, None if op == "lmsa" else 2, batch=1, size=64, lend_weights=lend)]
+                 for op in ("attention_block", "attention_block_embedded", "ffn_sublayer", "ffn_stage_output", "lmsa")
+                 for lend in (True, False)}
+        print(json.dumps(names))"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    for op in ("attention_block", "attention_block_embedded", "ffn_sublayer", "ffn_stage_output"):
+        lent, own = names[f"{op} True"], names[f"{op} False"]
+        assert lent and "_cast_kernel" not in lent and own.count("_cast_kernel") == 1, (op, lent, own)
+        assert [k for k in own if k != "_cast_kernel"] == lent, op
+    assert names["lmsa True"] == names["lmsa False"]
+
+
 def test_saved_for_backward_is_counted_and_no_fused_op_keeps_more_than_eager():
     """The saved-tensor accounting (issue 23 item 5) on a case counted by hand, then the claim itself.
 
