@@ -121,16 +121,15 @@ def step_weight_copies(tensors: Sequence[torch.Tensor | None]) -> Iterator[None]
     gradients as before. Nothing is made where autocast is off, where a master is not dense in some
     dimension order, or while torch.compile traces (the compiled graph casts inside its operators)."""
     present = [t for t in tensors if t is not None]
-    cdt = autocast_dtype(present) if present and not torch.compiler.is_compiling() else None
-    orders = [_memory_order(t) for t in present]
-    if cdt is None or any(o is None for o in orders):
+    if not present or torch.compiler.is_compiling():
         yield
         return
-    with torch.no_grad():
-        flat = torch.cat([t.detach().permute(o).reshape(-1) for t, o in zip(present, orders)]).to(cdt)
-    table = {}
-    for piece, t, o in zip(flat.split([t.numel() for t in present]), present, orders):
-        table[id(t)] = (t, t._version, piece.view([t.shape[d] for d in o]).permute(_inverse(o)))
+    with torch.no_grad():  # the convolutions' grouped copies, without their autograd
+        copies = grouped_autocast_copies(present)
+    if copies[0] is present[0]:  # not cast (autocast off, or a master not dense): nothing to lend
+        yield
+        return
+    table = {id(t): (t, t._version, copy) for t, copy in zip(present, copies)}
     token = _STEP_COPIES.set(table)
     try:
         yield
