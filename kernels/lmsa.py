@@ -1075,9 +1075,8 @@ def _constant(build, *args) -> torch.Tensor:
     key = (build, *args)
     if key not in _CONSTANTS:
         meta = torch.device("meta")
-        if meta in args:
-            return build(*(torch.device("cpu") if a == meta else a for a in args)).to(meta)
-        value = build(*args)
+        value = (build(*(torch.device("cpu") if a == meta else a for a in args)).to(meta) if meta in args
+                 else build(*args))
         if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
             return value
         _CONSTANTS[key] = value

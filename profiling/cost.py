@@ -760,8 +760,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             params = _block_params(c, SR_RATIOS[stage], lambda *s: e(s, dtype=f32))
             # the weight matrices as the step lends them (W_sr, W_kv, W_q, W_o), the rest the fp32 masters
-            lent = [_lent(t) if lend_weights and i in (2, 6, 8, 10) and t is not None else t
-                    for i, t in enumerate(params)]
+            lent = [_lent(t) if lend_weights and name in ("sr_w", "kv_w", "wq", "wo") and t is not None else t
+                    for name, t in zip(blk._PARAM_NAMES, params)]
             pe = None
             if op == "attention_block_embedded":
                 x = _embed_map(stage, batch, c, side, e)
@@ -1560,10 +1560,10 @@ def predict(launch: Launch, device: Device) -> KernelCost:
                       LAUNCH_S + LAUNCH_S_PER_PROGRAM * programs, t_pipe, t_latency, waves)
 
 
-def cost_op(op: str, stage: int | None, device: Device, **shape) -> list[KernelCost]:
+def cost_op(op: str, stage: int | None, device: Device, lend_weights: bool = True, **shape) -> list[KernelCost]:
     label = op_label(op, stage)
     out = []
-    for launch in capture(op, device, stage, **shape):  # (shape: batch, size, lend_weights)
+    for launch in capture(op, device, stage, lend_weights=lend_weights, **shape):
         launch.op = label
         out.append(predict(launch, device))
     return out
