@@ -65,13 +65,13 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core, attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, dot, row_chunks
+from msf.kernels._common import INTERPRET, dot, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
 from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _to_compute
 from msf.kernels.partial_sums import sum_partials
-from msf.precision import autocast_off, autocast_on
+from msf.precision import autocast_off
 from msf.reference import DecoderParams, eager_decoder_mlp
 
 __all__ = ["decoder_mlp", "decoder_mlp_eager", "DecoderMLPFunction", "FoldFunction", "AOT_SPECS", "compute_dtype",
@@ -1039,13 +1039,8 @@ def compute_dtype(features, p: DecoderParams) -> torch.dtype | None:
     """The products' dtype, or None where the kernels do not serve the mix: autocast's bf16 / fp16 when
     autocast is on for the features' device and every tensor is fp32 or that dtype; otherwise the
     dtype the features and parameters share (fp32, bf16, fp16)."""
-    ts = (*features, *p.unify_weights, *p.unify_biases, p.fuse1_weight, p.fuse1_bias, p.fuse2_weight, p.fuse2_bias)
-    cdt = autocast_on(features[0].device.type)
-    if cdt is not None:
-        ok = cdt in (torch.bfloat16, torch.float16) and all(t.dtype in (torch.float32, cdt) for t in ts)
-        return cdt if ok else None
-    dtypes = {t.dtype for t in ts}
-    return ts[0].dtype if len(dtypes) == 1 and ts[0].dtype in _CDT else None
+    return products_dtype((*features, *p.unify_weights, *p.unify_biases, p.fuse1_weight, p.fuse1_bias,
+                           p.fuse2_weight, p.fuse2_bias))
 
 
 def fused_supported(features, p: DecoderParams, cdt: torch.dtype) -> bool:
