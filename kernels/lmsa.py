@@ -43,7 +43,7 @@ from msf.kernels.partial_sums import sum_partials
 from msf.precision import autocast_off
 from msf.reference import LMSAParams, eager_lmsa
 
-__all__ = ["lmsa", "lmsa_eager", "LMSAFunction", "AOT_SPECS", "AOT_SPECS_SLOW"]
+__all__ = ["lmsa", "lmsa_classifier", "lmsa_eager", "LMSAFunction", "AOT_SPECS", "AOT_SPECS_SLOW"]
 
 KERNEL_SIZES = (3, 5, 7)
 _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
@@ -376,12 +376,13 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D, XW,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D, XW, WC, BC, LOGITS,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
-    H, W, WPAD,
-    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    slb, slk, slh, slw,
+    H, W, WPAD, NCLS,
+    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, HEAD: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for a tile of BLOCK_P pixel pairs
     of image b (two horizontally adjacent pixels per lane, `_pair_tile`, `_depthwise3_pair`).
@@ -389,7 +390,10 @@ def _lmsa_fwd_kernel(
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
     slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
     the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
-    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C)."""
+    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C).
+    HEAD (the classifier inside, `lmsa_classifier`): also LOGITS[b, :, tile] = W_c · out + b_c, from
+    the out tile as stored (x's dtype), W_c (NCLS × C) and b_c rounded to x's dtype on load; K_PAD:
+    NCLS padded to a power of two ≥ 16 (the product's N). Unused pointers and strides otherwise."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
     b = tl.program_id(1).to(tl.int64)
     h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
@@ -409,10 +413,13 @@ def _lmsa_fwd_kernel(
         acc_a = _fwd_gemm(acc_a, da, wt_ptr, da_ptr + j0, mask_a, C, PRECISE)
         acc_b = _fwd_gemm(acc_b, db, wt_ptr, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
-    _fwd_finish(acc_a, X, BIAS, OUT, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C,
-                PACKED)
-    _fwd_finish(acc_b, X, BIAS, OUT, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C,
-                PACKED)
+    out_a = _fwd_finish(acc_a, X, BIAS, OUT, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh,
+                        sow, C, PACKED)
+    out_b = _fwd_finish(acc_b, X, BIAS, OUT, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh,
+                        sow, C, PACKED)
+    if HEAD:
+        _fwd_classify(out_a, WC, BC, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
+        _fwd_classify(out_b, WC, BC, LOGITS, b, h, wb, mask_b, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
 
 
 @triton.jit
@@ -448,11 +455,27 @@ def _fwd_finish(acc, X, BIAS, OUT, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw
         xw = tl.reshape(tl.permute(tl.reshape(xw, [xw.shape[0], 2, C // 2]), (0, 2, 1)), [xw.shape[0], C])
     tl.store(XW + xw_pix[:, None] * C + offs_c[None, :], xw, mask=mask[:, None])
     acc += bias[None, :] + xc.to(tl.float32)
-    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
-             acc.to(OUT.dtype.element_ty), mask=mask[:, None])
+    out = acc.to(OUT.dtype.element_ty)
+    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc, out, mask=mask[:, None])
+    return out
 
 
-_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE"])
+@triton.jit
+def _fwd_classify(out, WC, BC, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, C: tl.constexpr,
+                  K_PAD: tl.constexpr, PRECISE: tl.constexpr):
+    """logits = out · W_cᵀ + b_c at pixels (h, w) (out: BLOCK_P × C in x's dtype, as stored), fp32
+    accumulated, W_c and b_c rounded to x's dtype first (as autocast hands them to the convolution)."""
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < NCLS
+    wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # C × K_PAD
+    bias = tl.load(BC + offs_k, mask=k_ok, other=0.0).to(out.dtype).to(tl.float32)
+    logits = _mm(out, wct.to(out.dtype), PRECISE) + bias[None, :]
+    tl.store(LOGITS + b * slb + (h * slh + w * slw)[:, None] + offs_k[None, :] * slk,
+             logits.to(LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
+
+
+_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,10 +502,13 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    D, DO, WG, MP, GSP, E3, E5, E7,
+    D, DO, WG, MP, GSP, E3, E5, E7, DL, WC, OUT, WCP,
     sgb, sgc, sgh, sgw,
-    H, W, n_chunks,
+    slb, slk, slh, slw,
+    sob, soc, soh, sow,
+    H, W, n_chunks, NCLS,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr,
+    HEAD: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
@@ -497,7 +523,14 @@ def _lmsa_bwd_gram_kernel(
     word m holds the channel pair (m, m + C/2). Two kernels' worth of tensor-core products and no depthwise
     sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
     MP: n × B × 3 × C × C, GSP: n × B × C, fp32: chunk-major, so each is one n-row partial buffer
-    for `sum_partials`."""
+    for `sum_partials`.
+    HEAD (the classifier inside, `lmsa_classifier`): dO is not an input but formed per tile from the
+    logits' gradient DL (B × NCLS × H × W, strides sl*) and the classifier's W_c (NCLS × C, rounded
+    to x's dtype on load): dO = W_cᵀ dL, rounded to x's dtype as the convolution's backward gives
+    it, and stored into DO by channel block 0 for the dx kernel; and the classifier's gradients
+        WCP[pid, b, :NCLS·C]  = Σ_p dL[:, p] out[j, p]ᵀ   (∂L/∂W_c, NCLS × C; out: LMSA's output)
+        WCP[pid, b, NCLS·C:]  = Σ_p dL[:, p]              (∂L/∂b_c; pid_j = 0 writes it)
+    WCP: n × B × NCLS·(C + 1) fp32 (chunk-major, like MP; both gradients one row of partials)."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -521,6 +554,10 @@ def _lmsa_bwd_gram_kernel(
     acc5 = tl.zeros([C, BJ], tl.float32)
     acc7 = tl.zeros([C, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < NCLS
+    acc_wc = tl.zeros([K_PAD, BJ], tl.float32)
+    bsum = tl.zeros([K_PAD], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
@@ -528,24 +565,45 @@ def _lmsa_bwd_gram_kernel(
             pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
             h = pc // W
             w = pc % W
-            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
-            # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
-            # tile twice more)
-            e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
-            e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
-            e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
-            for c0 in range(0, C, BC):
-                gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
-                             mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
-                e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
-                e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
-                e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
             e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
+            if HEAD:
+                # dO = W_cᵀ dL for the whole tile (C × BLOCK_P, one K = K_PAD product), the one value of
+                # it that every use below and the dx kernel take (channel block 0 stores it)
+                dlt = tl.load(DL + b * slb + offs_k[:, None] * slk + (h * slh + w * slw)[None, :],
+                              mask=k_ok[:, None] & mask_p[None, :], other=0.0)  # K_PAD × BLOCK_P
+                wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)
+                gt = _mm(wct.to(dlt.dtype), dlt, PRECISE).to(dlt.dtype)  # C × BLOCK_P
+                if pid_j == 0:
+                    tl.store(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :], gt, mask=mask_p[None, :])
+                    bsum += tl.sum(dlt.to(tl.float32), 1)
+                # ∂L/∂W_c for this channel block from LMSA's output
+                out_t = tl.load(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_j[None, :] * soc,
+                                mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
+                acc_wc += _mm(dlt, out_t, PRECISE)
+                # E_k = dOᵀ W̃_k in one K = C product a scale
+                g = tl.trans(gt)  # BLOCK_P × C
+                wg_all = WG + (b * 3 * C + offs_c[:, None]) * C + offs_e[None, :]  # W̃_3[b][:, E's channels]
+                e3 = _mm(g, tl.load(wg_all), PRECISE)
+                e5 = _mm(g, tl.load(wg_all + C * C), PRECISE)
+                e7 = _mm(g, tl.load(wg_all + 2 * C * C), PRECISE)
+            else:
+                # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
+                # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
+                # tile twice more)
+                e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+                e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+                e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
+                for c0 in range(0, C, BC):
+                    gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
+                                 mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
+                    e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+                    e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
+                    e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
+                gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
+                             mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             tl.store(E3 + e_out, e3.to(E3.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E5 + e_out, e5.to(E5.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E7 + e_out, e7.to(E7.dtype.element_ty), mask=mask_p[:, None])
-            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
-                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
             acc3 += _mm(gt, tl.load(d_ptr), PRECISE)
             acc5 += _mm(gt, tl.load(d_ptr + C), PRECISE)
@@ -559,10 +617,14 @@ def _lmsa_bwd_gram_kernel(
     tl.store(mp + C * C, acc5)
     tl.store(mp + 2 * C * C, acc7)
     tl.store(GSP + part * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
+    if HEAD:  # a row [∂W_c (NCLS × C) | ∂b_c (NCLS)] per (chunk, image)
+        wcp = WCP + part * (NCLS * (C + 1))
+        tl.store(wcp + offs_k[:, None] * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
+        tl.store(wcp + NCLS * C + offs_k, bsum, mask=k_ok & (pid_j == 0))
 
 
 _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-                                ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+                                ["H", "W", "C", "CHUNK_PIX", "PRECISE", "HEAD"])
 
 
 @triton.jit
@@ -1043,9 +1105,11 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _new_like(x: torch.Tensor) -> torch.Tensor:
-    """An output shaped like x: x's memory format when x is dense (NCHW / channels-last), else NCHW."""
+def _new_like(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An output shaped like x (with `channels` channels if given): x's memory format when x is dense
+    (NCHW / channels-last), else NCHW."""
     b, c, h, w = x.shape
+    c = c if channels is None else channels
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return _new((b, h, w, c), x.device, x.dtype).permute(0, 3, 1, 2)
     return _new((b, c, h, w), x.device, x.dtype)
@@ -1249,9 +1313,15 @@ class _Kept(NamedTuple):
     state: torch.Tensor
 
 
-def _forward(x, params, precise, keep: bool = False):
-    """out, P, W̃, D, XW (module docstring) and, with `keep`, a `_Kept` for the backward (else None,
-    and the backward builds its contents again)."""
+def _k_pad(ncls: int) -> int:
+    """The classifier's class count padded for its tensor-core products (N or K ≥ 16)."""
+    return max(16, triton.next_power_of_2(ncls))
+
+
+def _forward(x, params, precise, keep: bool = False, head=None):
+    """out, P, W̃, D, XW (module docstring), with `keep` a `_Kept` for the backward (else None, and
+    the backward builds its contents again), and with `head` = (W_c, b_c) the classifier's logits
+    (B × NCLS × H × W, x's dtype and memory format; else None)."""
     b, c, h, w = x.shape
     P, xp = _stats(x, precise)
     dw_flat = _dw_flat(params[0:3])
@@ -1260,11 +1330,18 @@ def _forward(x, params, precise, keep: bool = False):
     out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
+    wc, bc, logits, ncls = out, out, out, 1  # (the classifier's arguments: unused pointers without it)
+    if head is not None:
+        wc, bc = _dense(head)
+        ncls = wc.shape[0]
+        logits = _new_like(x, ncls)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *dw_flat, out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
-        C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
-    return out, P, wg, dsave, xw, _Kept(dw_flat, onc, state) if keep else None
+        x, xp, wg, beta, *dw_flat, out, dsave, xw, wc, bc, logits, *x.stride(), *out.stride(), *logits.stride(),
+        h, w, xw.shape[2], ncls,
+        C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16, HEAD=head is not None,
+        K_PAD=_k_pad(ncls))
+    return out, P, wg, dsave, xw, _Kept(dw_flat, onc, state) if keep else None, None if head is None else logits
 
 
 def _word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1312,17 +1389,24 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
     return t
 
 
-def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None):
+def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None, head=None):
     """dx and the parameters' gradients. `kept`: the forward's `_Kept`, or None to build the gate
-    graph and the tap-major taps again (what the `msf::lmsa_backward` operator does)."""
+    graph and the tap-major taps again (what the `msf::lmsa_backward` operator does). `head` =
+    (out, W_c, b_c): g is the classifier's logits' gradient (x's dtype), out LMSA's output, and the
+    parameters' gradients end with W_c's and b_c's."""
     b, c, h, w = x.shape
     dws = params[0:3]
+    dl, out, wc, ncls = g, g, g, 1  # (the classifier's arguments: unused pointers without it)
+    if head is not None:
+        out, wc, ncls = head[0], _dense(head[1:2])[0], head[1].shape[0]
+        g = _new_like(x)  # dO = W_cᵀ dL, written by the gram kernel for the dx kernel
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
     # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
     chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
     mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
     gsp = _new((n_chunks, b, c), x.device, torch.float32)
+    wcp = _new((n_chunks * b, ncls * (c + 1)), x.device, torch.float32) if head is not None else mp  # (else unused)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
     # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
@@ -1332,8 +1416,8 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         _require_words(c, *ek, xw)
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
     _lmsa_bwd_gram_kernel[grid](
-        dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
-        C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
+        dsave, g, wg, mp, gsp, *ek, dl, wc, out, wcp, *g.stride(), *dl.stride(), *out.stride(), h, w, n_chunks,
+        ncls, C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, HEAD=head is not None, K_PAD=_k_pad(ncls))
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
     strips = h * triton.cdiv(w, _WGRAD_STRIP)
@@ -1352,8 +1436,12 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     m = _new((b, 3, c, c), x.device, torch.float32)
     gsum = _new((b, c), x.device, torch.float32)
     dw_main = _new((_N_TAPS, c), x.device, torch.float32)
+    sums = [(mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main)]
+    if head is not None:  # the classifier's gradients [∂W_c | ∂b_c]: every chunk of every image summed
+        dhead = _new((ncls * (c + 1),), x.device, torch.float32)
+        sums.append((wcp, dhead))
     # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
-    sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
+    sum_partials(*sums)
 
     # 2. the gate's backward: the parameters' gradients (the depthwise weights' with dw_main added), and
     # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)
@@ -1372,31 +1460,41 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PACKED=packed, STRIP=_DX_STRIP)
+    if head is not None:  # (views of one buffer: `msf::lmsa_classifier_backward` copies the second)
+        wc, bc = head[1:]
+        pgrads = [*pgrads, dhead[:ncls * c].view(wc.shape).to(wc.dtype), dhead[ncls * c:].to(bc.dtype)]
     return dx, pgrads
+
+
+_N_PARAMS = 13  # LMSA's parameter tensors (`LMSAFunction`)
 
 
 class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
-    dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b.
+    dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b, and optionally
+    the classifier's W_c (NCLS × C) and b_c (`lmsa_classifier`: the output is then its logits).
     Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
     the backward's gram kernel needs no depthwise sweep), x in the wgrad kernel's word order (XW),
-    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C); never f_k."""
+    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C), and with the classifier LMSA's output (for
+    ∂L/∂W_c); never f_k."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
-        out, P, wg, dsave, xw, kept = _forward(x, params, precise, keep=True)
-        ctx.save_for_backward(x, dsave, xw, P, wg, *params)
+        params, head = params[:_N_PARAMS], params[_N_PARAMS:] or None
+        out, P, wg, dsave, xw, kept, logits = _forward(x, params, precise, keep=True, head=head)
+        ctx.save_for_backward(x, dsave, xw, P, wg, *params, *((out, *head) if head else ()))
         ctx.precise = precise
         ctx.kept = kept  # the gate graph (tiny: B×C×7×7 and smaller) and the taps: not built again
-        return out
+        return out if head is None else logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, dsave, xw, P, wg, *params = ctx.saved_tensors
+        params, head = params[:_N_PARAMS], params[_N_PARAMS:] or None
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.kept)
+        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.kept, head)
         ctx.kept = None
         return (dx, *pgrads)
 
@@ -1429,14 +1527,46 @@ def _check(x: torch.Tensor, p: LMSAParams) -> None:
         raise RuntimeError("lmsa: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
+def _params_of(p: LMSAParams) -> list[torch.Tensor]:
+    """The 13 parameter tensors in `LMSAFunction`'s order."""
+    return [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
+
+
+MAX_CLASSES = 64  # the classifier's NCLS (its kernels hold NCLS-wide tiles, padded to a power of two)
+
+
+def _check_classifier(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    c = x.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != c or not 1 <= weight.shape[0] <= MAX_CLASSES:
+        raise ValueError(f"lmsa_classifier: weight must be NCLS × C with C = {c} and 1 ≤ NCLS ≤ {MAX_CLASSES}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is None or tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"lmsa_classifier: bias must be a tensor of NCLS = {weight.shape[0]} elements, got "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if weight.device != x.device or bias.device != x.device:
+        raise ValueError("lmsa_classifier: x and the classifier's weight and bias are on different devices")
+    if weight.dtype not in DTYPES or bias.dtype not in DTYPES:
+        raise TypeError(f"lmsa_classifier: weight and bias must be fp32 / bf16 / fp16, got {weight.dtype}, {bias.dtype}")
+
+
 def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
     """Fused LMSA (`msf.backend.eager_lmsa`) for x: B×C×H×W (any strides), fp32 / bf16 / fp16.
 
     The parameters may have another dtype than x (fp32 master weights under autocast): the gate
     runs in fp32, the kernels in x's dtype, each gradient comes back in its input's dtype."""
     _check(x, p)
-    return LMSAFunction.apply(x, *p.dw_weights, *p.pw_weights, *p.pw_biases,
-                              p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
+    return LMSAFunction.apply(x, *_params_of(p))
+
+
+def lmsa_classifier(x: torch.Tensor, p: LMSAParams, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The classifier (a 1×1 convolution, weight NCLS × C, bias NCLS) on LMSA's output, fused
+    (`msf.reference.eager_lmsa_classifier`): B×NCLS×H×W logits in x's dtype and memory format. The
+    forward kernel writes LMSA's output (kept for ∂L/∂W_c) and the logits; the backward's gram kernel
+    forms ∂L/∂out from the logits' gradient tile by tile (docs/lmsa.md). W_c and b_c are rounded to
+    x's dtype on load (autocast's copies); their gradients come back in their own dtypes."""
+    _check(x, p)
+    _check_classifier(x, weight, bias)
+    return LMSAFunction.apply(x, *_params_of(p), weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from msf.losses import DEFAULT_DICE_EPS, ce_dice_loss
 
 __all__ = ["AttentionBlockParams", "DEFAULT_DICE_EPS", "DecoderParams", "LMSAParams", "composed_attention_sublayer",
            "eager_attention", "eager_attention_block", "eager_map_layer_norm", "eager_stage_output", "StageNorm",
-           "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_upsample_argmax",
+           "eager_decoder_mlp", "eager_ffn_sublayer", "eager_head_loss", "eager_lmsa", "eager_lmsa_classifier",
+           "eager_upsample_argmax",
            "tokens_to_map"]
 
 
@@ -162,6 +163,12 @@ def eager_lmsa(x: torch.Tensor, p: "LMSAParams") -> torch.Tensor:
     gates = torch.sigmoid(F.linear(F.relu(F.linear(squeeze, p.fc1_weight, p.fc1_bias)), p.fc2_weight, p.fc2_bias))
     gated = stacked * gates[:, :, None, None]
     return x + sum(gated.chunk(len(branches), dim=1))
+
+
+def eager_lmsa_classifier(x: torch.Tensor, p: "LMSAParams", weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The classifier (1×1 convolution, weight NCLS × C, bias NCLS) on LMSA's output: the model's
+    low-resolution logits."""
+    return F.conv2d(eager_lmsa(x, p), weight[:, :, None, None], bias)
 
 
 @dataclass(frozen=True)

@@ -841,7 +841,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # (empty, as every other branch's tensors: a zeros() here was counted as 13 of LMSA's host launches)
             params = [e(c, 1, k, k) for k in (3, 5, 7)] + [e(c, c) for _ in range(3)] + [e(c) for _ in range(3)] \
                 + [e(3 * c // 8, 3 * c), e(3 * c // 8), e(3 * c, 3 * c // 8), e(3 * c)]
-            _, P, wg, dsave, xw, kept = lmsa._forward(x, params, False, keep=True)  # as LMSAFunction
+            _, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True)  # as LMSAFunction
             pass_ref[0] = "bwd"
             lmsa._backward(x, dsave, xw, _cl(batch, c, hw, hw, bf16), P, wg, params, False, kept)
         else:

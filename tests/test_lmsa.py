@@ -254,7 +254,7 @@ def test_backward_from_kept_graph_equals_rebuilt(device):
     x, go = _inputs(2, 16, 9, 8, torch.float32, device, seed=41)
     ps = [t.detach() for t in _params(16, torch.float32, device, seed=42)]
     x = x.detach()
-    out, P, wg, dsave, xw, kept = lmsa_mod._forward(x, ps, True, keep=True)
+    out, P, wg, dsave, xw, kept, _ = lmsa_mod._forward(x, ps, True, keep=True)
     dx_kept, grads_kept = lmsa_mod._backward(x, dsave, xw, go, P, wg, ps, True, kept)
     dx_new, grads_new = lmsa_mod._backward(x, dsave, xw, go, P, wg, ps, True)
     assert torch.equal(dx_kept, dx_new), "dx"
