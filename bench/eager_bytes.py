@@ -73,7 +73,8 @@ from torch.utils._pytree import tree_leaves
 
 BANDWIDTH = {"H100": 3.0e12, "A100": 1.7e12}  # bytes/s, see the module docstring
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
-       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa")
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa",
+       "lmsa_classifier")
 STEP_VARIANTS = ("paper", "h4", "triton_rest")
 PHASES = ("forward", "backward")
 
@@ -493,7 +494,7 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
             fuse1_weight=_meta(e, len(cfg.channels) * e, grad=True), fuse1_bias=_meta(e, grad=True),
             fuse2_weight=_meta(e, e, grad=True), fuse2_bias=_meta(e, grad=True))
         return backend.eager_decoder_mlp, (features, params, cfg.decoder_dropout, True), True
-    if op == "lmsa":
+    if op in ("lmsa", "lmsa_classifier"):
         c = cfg.decoder_dim
         params = backend.LMSAParams(
             dw_weights=tuple(_meta(c, 1, kk, kk, grad=True) for kk in cfg.lmsa_kernels),
@@ -503,7 +504,11 @@ def _op_call(op: str, stage: int | None, batch: int, size: int, dtype: torch.dty
             fc1_bias=_meta(3 * c // cfg.lmsa_reduction, grad=True),
             fc2_weight=_meta(3 * c, 3 * c // cfg.lmsa_reduction, grad=True), fc2_bias=_meta(3 * c, grad=True))
         # the decoder's fused output, a bf16 B×N×C tensor seen as B×C×h×w: channels-last strides
-        return backend.eager_lmsa, (_meta(batch, c, low, low, dtype=dtype, grad=True, channels_last=True), params), True
+        x = _meta(batch, c, low, low, dtype=dtype, grad=True, channels_last=True)
+        if op == "lmsa":
+            return backend.eager_lmsa, (x, params), True
+        # with the classifier on its output (the model's low-res logits; fp32 master weights)
+        return backend.eager_lmsa_classifier, (x, params, _meta(k, c, grad=True), _meta(k, grad=True)), True
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -704,7 +709,7 @@ def _op_cases() -> list[tuple[str, int | None]]:
         [(op, s) for op in ("attention_sublayer", "map_layer_norm", "attention_block", "attention_block_embedded",
                             "ffn_sublayer", "stage_output", "ffn_stage_output")
          for s in range(1, len(_config().channels) + 1)] + \
-        [("decoder_mlp", None), ("lmsa", None)]
+        [("decoder_mlp", None), ("lmsa", None), ("lmsa_classifier", None)]
 
 
 def collect(batch: int = 32, size: int = 512, top: int = 15) -> dict:

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, dot
+from msf.kernels.attention_sublayer import _round
 from msf.kernels.casts import cast_all
 from msf.kernels.configs import PinnedKernel
 from msf.kernels.partial_sums import sum_partials
@@ -88,6 +89,13 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
+]
+_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E, dO and the NCLS × BJ accumulators
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
 ]
 # The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
 # pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
@@ -415,10 +423,11 @@ def _lmsa_fwd_kernel(
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
     out_a = _fwd_finish(acc_a, X, BIAS, OUT, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh,
                         sow, C, PACKED)
+    if HEAD:
+        _fwd_classify(out_a, WC, BC, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
     out_b = _fwd_finish(acc_b, X, BIAS, OUT, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh,
                         sow, C, PACKED)
     if HEAD:
-        _fwd_classify(out_a, WC, BC, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
         _fwd_classify(out_b, WC, BC, LOGITS, b, h, wb, mask_b, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
 
 
@@ -455,7 +464,7 @@ def _fwd_finish(acc, X, BIAS, OUT, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw
         xw = tl.reshape(tl.permute(tl.reshape(xw, [xw.shape[0], 2, C // 2]), (0, 2, 1)), [xw.shape[0], C])
     tl.store(XW + xw_pix[:, None] * C + offs_c[None, :], xw, mask=mask[:, None])
     acc += bias[None, :] + xc.to(tl.float32)
-    out = acc.to(OUT.dtype.element_ty)
+    out = _round(acc, OUT.dtype.element_ty)
     tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc, out, mask=mask[:, None])
     return out
 
@@ -464,15 +473,16 @@ def _fwd_finish(acc, X, BIAS, OUT, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw
 def _fwd_classify(out, WC, BC, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, C: tl.constexpr,
                   K_PAD: tl.constexpr, PRECISE: tl.constexpr):
     """logits = out · W_cᵀ + b_c at pixels (h, w) (out: BLOCK_P × C in x's dtype, as stored), fp32
-    accumulated, W_c and b_c rounded to x's dtype first (as autocast hands them to the convolution)."""
+    accumulated, W_c and b_c rounded to x's dtype first (as autocast hands them to the convolution;
+    `_round`: to nearest even under the interpreter too)."""
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
     wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # C × K_PAD
-    bias = tl.load(BC + offs_k, mask=k_ok, other=0.0).to(out.dtype).to(tl.float32)
-    logits = _mm(out, wct.to(out.dtype), PRECISE) + bias[None, :]
+    bias = _round(tl.load(BC + offs_k, mask=k_ok, other=0.0), out.dtype).to(tl.float32)
+    logits = _mm(out, _round(wct, out.dtype), PRECISE) + bias[None, :]
     tl.store(LOGITS + b * slb + (h * slh + w * slw)[:, None] + offs_k[None, :] * slk,
-             logits.to(LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
+             _round(logits, LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
 
 
 _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"])
@@ -502,13 +512,10 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # Sums over pixels (M, Σ G, ∂L/∂w_k) go to per-chunk fp32 partial buffers summed afterwards.
 @triton.jit
 def _lmsa_bwd_gram_kernel(
-    D, DO, WG, MP, GSP, E3, E5, E7, DL, WC, OUT, WCP,
+    D, DO, WG, MP, GSP, E3, E5, E7,
     sgb, sgc, sgh, sgw,
-    slb, slk, slh, slw,
-    sob, soc, soh, sow,
-    H, W, n_chunks, NCLS,
+    H, W, n_chunks,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr,
-    HEAD: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """For channel block pid_j and the pixels p of chunk `pid` of image b, the three scales at once:
@@ -523,14 +530,7 @@ def _lmsa_bwd_gram_kernel(
     word m holds the channel pair (m, m + C/2). Two kernels' worth of tensor-core products and no depthwise
     sweep: the launch is bound by its bytes (dO and D read, the three E_k written once).
     MP: n × B × 3 × C × C, GSP: n × B × C, fp32: chunk-major, so each is one n-row partial buffer
-    for `sum_partials`.
-    HEAD (the classifier inside, `lmsa_classifier`): dO is not an input but formed per tile from the
-    logits' gradient DL (B × NCLS × H × W, strides sl*) and the classifier's W_c (NCLS × C, rounded
-    to x's dtype on load): dO = W_cᵀ dL, rounded to x's dtype as the convolution's backward gives
-    it, and stored into DO by channel block 0 for the dx kernel; and the classifier's gradients
-        WCP[pid, b, :NCLS·C]  = Σ_p dL[:, p] out[j, p]ᵀ   (∂L/∂W_c, NCLS × C; out: LMSA's output)
-        WCP[pid, b, NCLS·C:]  = Σ_p dL[:, p]              (∂L/∂b_c; pid_j = 0 writes it)
-    WCP: n × B × NCLS·(C + 1) fp32 (chunk-major, like MP; both gradients one row of partials)."""
+    for `sum_partials`."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     BC: tl.constexpr = min(BLOCK_C, C)  # the E GEMM's K step, clamped to C
     pid_j = tl.program_id(0)
@@ -554,10 +554,6 @@ def _lmsa_bwd_gram_kernel(
     acc5 = tl.zeros([C, BJ], tl.float32)
     acc7 = tl.zeros([C, BJ], tl.float32)
     gsum = tl.zeros([C], tl.float32)
-    offs_k = tl.arange(0, K_PAD)
-    k_ok = offs_k < NCLS
-    acc_wc = tl.zeros([K_PAD, BJ], tl.float32)
-    bsum = tl.zeros([K_PAD], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
@@ -565,45 +561,24 @@ def _lmsa_bwd_gram_kernel(
             pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
             h = pc // W
             w = pc % W
+            # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
+            # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
+            # tile twice more)
+            e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
+            for c0 in range(0, C, BC):
+                gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
+                             mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
+                e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
+                e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
+                e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
             e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
-            if HEAD:
-                # dO = W_cᵀ dL for the whole tile (C × BLOCK_P, one K = K_PAD product), the one value of
-                # it that every use below and the dx kernel take (channel block 0 stores it)
-                dlt = tl.load(DL + b * slb + offs_k[:, None] * slk + (h * slh + w * slw)[None, :],
-                              mask=k_ok[:, None] & mask_p[None, :], other=0.0)  # K_PAD × BLOCK_P
-                wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)
-                gt = _mm(wct.to(dlt.dtype), dlt, PRECISE).to(dlt.dtype)  # C × BLOCK_P
-                if pid_j == 0:
-                    tl.store(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :], gt, mask=mask_p[None, :])
-                    bsum += tl.sum(dlt.to(tl.float32), 1)
-                # ∂L/∂W_c for this channel block from LMSA's output
-                out_t = tl.load(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_j[None, :] * soc,
-                                mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
-                acc_wc += _mm(dlt, out_t, PRECISE)
-                # E_k = dOᵀ W̃_k in one K = C product a scale
-                g = tl.trans(gt)  # BLOCK_P × C
-                wg_all = WG + (b * 3 * C + offs_c[:, None]) * C + offs_e[None, :]  # W̃_3[b][:, E's channels]
-                e3 = _mm(g, tl.load(wg_all), PRECISE)
-                e5 = _mm(g, tl.load(wg_all + C * C), PRECISE)
-                e7 = _mm(g, tl.load(wg_all + 2 * C * C), PRECISE)
-            else:
-                # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
-                # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
-                # tile twice more)
-                e3 = tl.zeros([BLOCK_P, BJ], tl.float32)
-                e5 = tl.zeros([BLOCK_P, BJ], tl.float32)
-                e7 = tl.zeros([BLOCK_P, BJ], tl.float32)
-                for c0 in range(0, C, BC):
-                    gc = tl.load(g_base + (c0 + offs_cc)[None, :] * sgc + (h * sgh + w * sgw)[:, None],
-                                 mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
-                    e3 += _mm(gc, tl.load(wg_ptr + c0 * C), PRECISE)
-                    e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
-                    e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
-                gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
-                             mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             tl.store(E3 + e_out, e3.to(E3.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E5 + e_out, e5.to(E5.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E7 + e_out, e7.to(E7.dtype.element_ty), mask=mask_p[:, None])
+            gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
+                         mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
             acc3 += _mm(gt, tl.load(d_ptr), PRECISE)
             acc5 += _mm(gt, tl.load(d_ptr + C), PRECISE)
@@ -617,14 +592,99 @@ def _lmsa_bwd_gram_kernel(
     tl.store(mp + C * C, acc5)
     tl.store(mp + 2 * C * C, acc7)
     tl.store(GSP + part * C + offs_c, gsum, mask=(offs_c < C) & (pid_j == 0))
-    if HEAD:  # a row [∂W_c (NCLS × C) | ∂b_c (NCLS)] per (chunk, image)
-        wcp = WCP + part * (NCLS * (C + 1))
-        tl.store(wcp + offs_k[:, None] * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
-        tl.store(wcp + NCLS * C + offs_k, bsum, mask=k_ok & (pid_j == 0))
 
 
 _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
-                                ["H", "W", "C", "CHUNK_PIX", "PRECISE", "HEAD"])
+                                ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+
+
+# With the classifier inside (`lmsa_classifier`; W_c: NCLS × C, dL = ∂L/∂logits, κ a class):
+#     dO = W_cᵀ dL,   so   E_k = W̃_kᵀ dO = V_kᵀ dL   with V_k = W_c W̃_k (NCLS × C a sample: the host)
+#                          M_k = dO D_kᵀ = W_cᵀ N_k   with N_k = dL D_kᵀ (NCLS × C: summed here)
+#                          Σ_p dO = W_cᵀ Σ_p dL
+#     ∂L/∂W_c = Σ_b Σ_p dL out_pᵀ,   ∂L/∂b_c = Σ_b Σ_p dL          (out: LMSA's output)
+# Every product takes K = NCLS (padded to K_PAD) where the plain kernel's take K = C or C × C
+# accumulators: N_k is NCLS × BJ, M_k's C × C product runs once a sample on the host.
+@triton.jit
+def _lmsa_bwd_gram_head_kernel(
+    D, DL, V, WC, OUT, DO, NP, WCP, E3, E5, E7,
+    slb, slk, slh, slw,
+    sob, soc, soh, sow,
+    sgb, sgc, sgh, sgw,
+    H, W, NCLS,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """`_lmsa_bwd_gram_kernel`'s work when the classifier runs inside (the math above), for channel
+    block pid_j and the pixels p of chunk `pid` of image b:
+        E_k[b, 3 + h, 3 + w, pos(j)] = Σ_κ dL[κ, p] V_k[b][κ, j]   (stored as the plain kernel does)
+        DO[b, j, p]                  = Σ_κ W_c[κ, j] dL[κ, p]      (x's dtype, for the dx kernel)
+        NP[pid, b, k·NCLS·C + κ·C + j] = Σ_p dL[κ, p] D_k[j, p]    (N_k; D as the forward stored it)
+        NP[pid, b, 3·NCLS·C + κ]       = Σ_p dL[κ, p]              (pid_j = 0)
+        WCP[pid, b, κ·C + j]           = Σ_p dL[κ, p] out[j, p]    (∂L/∂W_c's partial)
+    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; W_c: NCLS × C
+    (rounded to x's dtype on load); out, DO: B × C × H × W (strides so*, sg*). NP, WCP fp32,
+    chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    pid_j = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < NCLS
+    if PACKED:  # E's channels in their stored order (`_lmsa_bwd_gram_kernel`)
+        ar = tl.arange(0, BJ)
+        offs_e = pid_j * (BJ // 2) + ar // 2 + (ar % 2) * (C // 2)
+    else:
+        offs_e = offs_j
+    v_ptr = V + (b * 3 * NCLS + offs_k[:, None]) * C + offs_e[None, :]  # V_3[b][classes, E's channels]
+    v3 = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
+    v5 = tl.load(v_ptr + NCLS * C, mask=k_ok[:, None], other=0.0)
+    v7 = tl.load(v_ptr + 2 * NCLS * C, mask=k_ok[:, None], other=0.0)
+    wc = tl.load(WC + offs_k[:, None] * C + offs_j[None, :], mask=k_ok[:, None], other=0.0)  # (x's dtype: the host's)
+
+    n3 = tl.zeros([K_PAD, BJ], tl.float32)
+    n5 = tl.zeros([K_PAD, BJ], tl.float32)
+    n7 = tl.zeros([K_PAD, BJ], tl.float32)
+    acc_wc = tl.zeros([K_PAD, BJ], tl.float32)
+    dl_sum = tl.zeros([K_PAD], tl.float32)
+    for i in range(0, CHUNK_PIX, BLOCK_P):
+        if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
+            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < H * W
+            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dL is 0
+            h = pc // W
+            w = pc % W
+            dl = tl.load(DL + b * slb + offs_k[None, :] * slk + (h * slh + w * slw)[:, None],
+                         mask=mask_p[:, None] & k_ok[None, :], other=0.0)  # BLOCK_P × K_PAD
+            e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
+            tl.store(E3 + e_out, _round(_mm(dl, v3, PRECISE), E3.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E5 + e_out, _round(_mm(dl, v5, PRECISE), E5.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E7 + e_out, _round(_mm(dl, v7, PRECISE), E7.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
+                     _round(_mm(dl, wc, PRECISE), DO.dtype.element_ty), mask=mask_p[:, None])
+            dlt = tl.trans(dl)  # K_PAD × BLOCK_P
+            d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
+            n3 += _mm(dlt, tl.load(d_ptr), PRECISE)
+            n5 += _mm(dlt, tl.load(d_ptr + C), PRECISE)
+            n7 += _mm(dlt, tl.load(d_ptr + 2 * C), PRECISE)
+            out = tl.load(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_j[None, :] * soc,
+                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
+            acc_wc += _mm(dlt, out, PRECISE)
+            if pid_j == 0:  # one channel block sums dL (a reduction across the pixel lanes)
+                dl_sum += tl.sum(dl.to(tl.float32), 0)
+
+    part = pid * tl.num_programs(2) + b  # (chunk, image) row of the partials
+    np_ = NP + part * (3 * NCLS * C + NCLS) + offs_k[:, None] * C + offs_j[None, :]
+    tl.store(np_, n3, mask=k_ok[:, None])
+    tl.store(np_ + NCLS * C, n5, mask=k_ok[:, None])
+    tl.store(np_ + 2 * NCLS * C, n7, mask=k_ok[:, None])
+    tl.store(NP + part * (3 * NCLS * C + NCLS) + 3 * NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
+    tl.store(WCP + (part * NCLS + offs_k[:, None]) * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
+
+
+_lmsa_bwd_gram_head_kernel = _pinned("lmsa.gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
+                                     ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
 
 
 @triton.jit
@@ -1396,17 +1456,10 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     parameters' gradients end with W_c's and b_c's."""
     b, c, h, w = x.shape
     dws = params[0:3]
-    dl, out, wc, ncls = g, g, g, 1  # (the classifier's arguments: unused pointers without it)
-    if head is not None:
-        out, wc, ncls = head[0], _dense(head[1:2])[0], head[1].shape[0]
-        g = _new_like(x)  # dO = W_cᵀ dL, written by the gram kernel for the dx kernel
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
     # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
     chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
-    mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
-    gsp = _new((n_chunks, b, c), x.device, torch.float32)
-    wcp = _new((n_chunks * b, ncls * (c + 1)), x.device, torch.float32) if head is not None else mp  # (else unused)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
     # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
@@ -1415,9 +1468,24 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     if packed:
         _require_words(c, *ek, xw)
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    _lmsa_bwd_gram_kernel[grid](
-        dsave, g, wg, mp, gsp, *ek, dl, wc, out, wcp, *g.stride(), *dl.stride(), *out.stride(), h, w, n_chunks,
-        ncls, C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, HEAD=head is not None, K_PAD=_k_pad(ncls))
+    if head is None:
+        mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
+        gsp = _new((n_chunks, b, c), x.device, torch.float32)
+        _lmsa_bwd_gram_kernel[grid](
+            dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
+            C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
+    else:  # the classifier inside: dO formed from dL (the math above `_lmsa_bwd_gram_head_kernel`)
+        out, wc, bc = head
+        ncls = wc.shape[0]
+        dl, g = g, _new_like(x)  # dO: written by the gram kernel for the dx kernel
+        with autocast_off(x.device.type):
+            wc_x = wc.detach().to(x.dtype)  # W_c as the products take it (autocast's copy)
+            v = torch.matmul(wc_x, wg)  # V_k = W_c W̃_k: B × 3 × NCLS × C, x's dtype
+        n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
+        wc_part = _new((n_chunks * b, ncls * c), x.device, torch.float32)
+        _lmsa_bwd_gram_head_kernel[grid](
+            dsave, dl, v, wc_x, out, g, n_part, wc_part, *ek, *dl.stride(), *out.stride(), *g.stride(), h, w, ncls,
+            C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
     strips = h * triton.cdiv(w, _WGRAD_STRIP)
@@ -1433,15 +1501,22 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         _lmsa_bwd_wgrad_kernel[grid](
             xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
             CHUNK_S=wchunk, PACKED=packed, STRIP=_WGRAD_STRIP)
-    m = _new((b, 3, c, c), x.device, torch.float32)
-    gsum = _new((b, c), x.device, torch.float32)
     dw_main = _new((_N_TAPS, c), x.device, torch.float32)
-    sums = [(mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main)]
-    if head is not None:  # the classifier's gradients [∂W_c | ∂b_c]: every chunk of every image summed
-        dhead = _new((ncls * (c + 1),), x.device, torch.float32)
-        sums.append((wcp, dhead))
     # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
-    sum_partials(*sums)
+    if head is None:
+        m = _new((b, 3, c, c), x.device, torch.float32)
+        gsum = _new((b, c), x.device, torch.float32)
+        sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
+    else:
+        n_sum = _new((b, 3 * ncls * c + ncls), x.device, torch.float32)
+        dwc = _new((ncls, c), x.device, torch.float32)
+        sum_partials((n_part.view(n_chunks, -1), n_sum), (dwp.view(-1, _N_TAPS * c), dw_main), (wc_part, dwc))
+        with autocast_off(x.device.type):  # M_k = W_cᵀ N_k, Σ_p dO = W_cᵀ Σ_p dL (fp32, W_c as rounded)
+            wc32 = wc_x.float()
+            m = torch.matmul(wc32.t(), n_sum[:, :3 * ncls * c].view(b, 3, ncls, c))
+            dl_sum = n_sum[:, 3 * ncls * c:]  # B × NCLS
+            gsum = dl_sum @ wc32
+            head_grads = [dwc.to(wc.dtype), dl_sum.sum(0).to(bc.dtype)]
 
     # 2. the gate's backward: the parameters' gradients (the depthwise weights' with dw_main added), and
     # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)
@@ -1460,10 +1535,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     _lmsa_bwd_dx_kernel[grid](
         g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, PACKED=packed, STRIP=_DX_STRIP)
-    if head is not None:  # (views of one buffer: `msf::lmsa_classifier_backward` copies the second)
-        wc, bc = head[1:]
-        pgrads = [*pgrads, dhead[:ncls * c].view(wc.shape).to(wc.dtype), dhead[ncls * c:].to(bc.dtype)]
-    return dx, pgrads
+    return dx, pgrads if head is None else [*pgrads, *head_grads]
 
 
 _N_PARAMS = 13  # LMSA's parameter tensors (`LMSAFunction`)
@@ -1576,6 +1648,7 @@ def lmsa_classifier(x: torch.Tensor, p: LMSAParams, weight: torch.Tensor, bias: 
 _AOT_C = 128
 _AOT_HW = 128
 _AOT_DTYPES = {"bf16": False, "fp32": True}
+_AOT_CLASSES = 19
 
 
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
@@ -1601,13 +1674,20 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
             ("stats", _lmsa_stats_kernel, _STATS_TABLE,
              {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
              {"CHUNK_PIX": stats_chunk}),
-            ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
-             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "OUT": dt,
-              "D": dt, "XW": et},
-             ["H", "W", "WPAD"], {"PACKED": packed}),
+        ) + tuple(  # without and with the classifier (`lmsa_classifier`: the model's 19 classes)
+            ("fwd_head" if head else "fwd", _lmsa_fwd_kernel, _FWD_TABLE,
+             {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32",
+              "OUT": dt, "D": dt, "XW": et, "WC": "*fp32", "BC": "*fp32", "LOGITS": dt},
+             ["H", "W", "WPAD", "NCLS"], {"PACKED": packed, "HEAD": head, "K_PAD": _k_pad(_AOT_CLASSES)})
+            for head in (False, True)
+        ) + (
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
+            ("gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
+             {"D": dt, "DL": dt, "V": dt, "WC": dt, "OUT": dt, "DO": dt, "NP": "*fp32", "WCP": "*fp32",
+              "E3": et, "E5": et, "E7": et},
+             ["H", "W", "NCLS"], {"CHUNK_PIX": gram_chunk, "PACKED": packed, "K_PAD": _k_pad(_AOT_CLASSES)}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
              ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
@@ -1621,9 +1701,9 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                 for a in jit_fn.arg_names:
                     if a in ptrs:
                         sig[a] = ptrs[a]
-                    elif a.endswith("c") and len(a) == 3 and a[0] == "s":
+                    elif a in ("sxc", "soc", "sgc", "slk", "sdc"):
                         unit[a] = 1  # channels-last (NHWC): the channel stride is 1 (the model's
-                        # decoder output is token-major B×N×C, i.e. channels-last)
+                        # decoder output is token-major B×N×C, i.e. channels-last; its logits too)
                     elif a.startswith("s") and len(a) == 3 or a in ints:
                         sig[a] = "i32"
                 const = {"C": _AOT_C, **extra, **cfg.kwargs, **unit}

@@ -23,6 +23,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::decoder_fold(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]      + msf::decoder_fold_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
+    msf::lmsa_classifier(x, params, W_c, b_c) -> (logits, out, P, W̃, D, XW)  + msf::lmsa_classifier_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
@@ -49,7 +50,7 @@ each of them as `wrap_triton(kernel)[grid](...)`, the decomposition runs the bod
 `KernelInterface.__getitem__` (what every JITFunction and Autotuner launch goes through) routed
 to `wrap_triton` (`_launches_as_graph_nodes`); outside tracing a launch is the plain Triton call.
 
-`lmsa_backward` stays one opaque node under torch.compile on CUDA as well (`decompose=False`):
+`lmsa_backward` (and `lmsa_classifier_backward`) stays one opaque node under torch.compile on CUDA as well (`decompose=False`):
 its body differentiated LMSA's gate graph with autograd until 2026-12-06 (now Triton kernels), which
 AOTAutograd's trace of a backward could not follow; tracing into it has not been tried on a GPU.
 """
@@ -707,8 +708,59 @@ lmsa_op.register_autograd(_lmsa_grad, setup_context=_lmsa_setup)
 def lmsa(x: Tensor, p: LMSAParams) -> Tensor:
     """`msf.kernels.lmsa.lmsa` through `msf::lmsa`."""
     _lm._check(x, p)
-    params = [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
-    return torch.ops.msf.lmsa(x, params)[0]
+    return torch.ops.msf.lmsa(x, _lm._params_of(p))[0]
+
+
+# the classifier inside: (logits, out, P, W̃, D, XW); the backward also takes out (for ∂L/∂W_c)
+def _lmsa_classifier_body(x: Tensor, params: list[Tensor], weight: Tensor,
+                          bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, cells, wg, dsave, xw, _, logits = _lm._forward(x, tuple(params), x.dtype == torch.float32,
+                                                        head=(weight, bias))
+    return logits, out, cells, wg, dsave, xw
+
+
+def _lmsa_classifier_fake(x, params, weight, bias):
+    return (_lm._new_like(x, weight.shape[0]), *_lmsa_fake(x, params))
+
+
+def _lmsa_classifier_backward_body(x: Tensor, dsave: Tensor, xw: Tensor, dl: Tensor, cells: Tensor, wg: Tensor,
+                                   out: Tensor, params: list[Tensor], weight: Tensor, bias: Tensor) -> list[Tensor]:
+    dx, pgrads = _lm._backward(x, dsave, xw, dl, cells, wg, tuple(params), x.dtype == torch.float32,
+                               head=(out, weight, bias))
+    return [dx, *pgrads]
+
+
+def _lmsa_classifier_backward_fake(x, dsave, xw, dl, cells, wg, out, params, weight, bias):
+    return [_lm._new_like(x), *(_contiguous_like(p) for p in (*params, weight, bias))]
+
+
+lmsa_classifier_op = _define("lmsa_classifier", _lmsa_classifier_body, _lmsa_classifier_fake)
+# Kept whole on CUDA too, as lmsa_backward
+lmsa_classifier_backward_op = _define("lmsa_classifier_backward", _lmsa_classifier_backward_body,
+                                      _lmsa_classifier_backward_fake, decompose=False)
+
+
+def _lmsa_classifier_setup(ctx, inputs, output):
+    x, params, weight, bias = inputs
+    _, out, cells, wg, dsave, xw = output
+    ctx.save_for_backward(x, dsave, xw, cells, wg, out, weight, bias, *params)
+
+
+def _lmsa_classifier_grad(ctx, grad, _dout, _dcells, _dwg, _ddsave, _dxw):
+    x, dsave, xw, cells, wg, out, weight, bias, *params = ctx.saved_tensors
+    dl = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    dx, *grads = torch.ops.msf.lmsa_classifier_backward(x, dsave, xw, dl, cells, wg, out, params, weight, bias)
+    return dx, grads[:-2], grads[-2], grads[-1]
+
+
+lmsa_classifier_op.register_autograd(_lmsa_classifier_grad, setup_context=_lmsa_classifier_setup)
+
+
+def lmsa_classifier(x: Tensor, p: LMSAParams, weight: Tensor, bias: Tensor) -> Tensor:
+    """`msf.kernels.lmsa.lmsa_classifier` through `msf::lmsa_classifier`."""
+    _lm._check(x, p)
+    _lm._check_classifier(x, weight, bias)
+    return torch.ops.msf.lmsa_classifier(x, _lm._params_of(p), weight, bias)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,6 +804,7 @@ REGISTRY: dict[str, FusedOp] = {
     "ffn_sublayer": FusedOp(_ffn.ffn_sublayer, ffn_sublayer),
     "head_loss": FusedOp(_hl.head_loss, head_loss),
     "lmsa": FusedOp(_lm.lmsa, lmsa),
+    "lmsa_classifier": FusedOp(_lm.lmsa_classifier, lmsa_classifier),
     "map_layer_norm": FusedOp(_mn.map_layer_norm, map_layer_norm),
     "stage_output": FusedOp(_mn.stage_output, stage_output),
     "upsample_argmax": FusedOp(_ua.upsample_argmax, upsample_argmax),
@@ -759,5 +812,6 @@ REGISTRY: dict[str, FusedOp] = {
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
              "attention_sublayer_backward", "decoder_fold", "decoder_fold_backward", "decoder_mlp",
              "decoder_mlp_backward", "ffn_stage_output", "ffn_sublayer",
-             "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "map_layer_norm",
+             "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "lmsa_classifier",
+             "lmsa_classifier_backward", "map_layer_norm",
              "map_layer_norm_backward", "upsample_argmax")

@@ -36,6 +36,9 @@ Ops (shapes are the model's):
   unified to E channels, upsampled to stage 1's size, concatenated, Linear → GELU → Dropout → Linear;
   B×(H·W)×E tokens.
 - `lmsa(x, params)`: the decoder's multi-scale attention, `x + Σ_k z_k ⊙ PW_k(DW_k(x))`.
+- `lmsa_classifier(x, params, weight, bias)`: the classifier (a 1×1 convolution, weight NCLS × C) on
+  LMSA's output: the model's low-resolution logits (on triton the classifier runs inside LMSA's
+  kernels, with the fp32 master weight and bias rounded on load under autocast).
 - `autocast_weights(tensors)`: the convolutions' weights and biases as the model hands them to
   `F.conv2d`. Eager: the fp32 masters (autocast casts each as its convolution runs, a launch a
   tensor each way). Triton: under autocast, all their 16-bit copies from one cat and one cast, and
@@ -60,7 +63,8 @@ from msf.precision import as_they_are, grouped_autocast_copies, step_weight_copi
 from msf.reference import (AttentionBlockParams, DecoderParams, EmbedNorm, LMSAParams, StageNorm,  # noqa: F401
                            composed_attention_sublayer,
                            eager_attention, eager_attention_block, eager_map_layer_norm, eager_stage_output,
-                           eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_upsample_argmax)
+                           eager_decoder_mlp, eager_ffn_sublayer, eager_head_loss, eager_lmsa, eager_lmsa_classifier,
+                           eager_upsample_argmax)
 
 BACKENDS = ("eager", "triton")
 
@@ -77,6 +81,7 @@ class Ops:
     upsample_argmax: Callable[..., torch.Tensor]
     decoder_mlp: Callable[..., torch.Tensor]
     lmsa: Callable[..., torch.Tensor]
+    lmsa_classifier: Callable[..., torch.Tensor]
     autocast_weights: Callable[..., list[torch.Tensor | None]]
     weight_copies: Callable[..., contextlib.AbstractContextManager]
 
@@ -90,7 +95,8 @@ EAGER_OPS = Ops(attention=eager_attention, attention_sublayer=composed_attention
                 attention_block=eager_attention_block, map_layer_norm=eager_map_layer_norm,
                 stage_output=eager_stage_output,
                 ffn_sublayer=eager_ffn_sublayer, head_loss=eager_head_loss, upsample_argmax=eager_upsample_argmax,
-                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa, autocast_weights=as_they_are,
+                decoder_mlp=eager_decoder_mlp, lmsa=eager_lmsa, lmsa_classifier=eager_lmsa_classifier,
+                autocast_weights=as_they_are,
                 weight_copies=no_weight_copies)
 
 

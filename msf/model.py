@@ -191,9 +191,14 @@ class LMSA(nn.Module):
             fc2_weight=self.fc2.weight, fc2_bias=self.fc2.bias,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, classifier: nn.Conv2d | None = None) -> torch.Tensor:
+        """LMSA's output, or with `classifier` (a 1×1 convolution) its logits: on triton the
+        classifier runs inside LMSA's kernels (the module's own weight and bias)."""
         with nvtx_range("decoder/lmsa"):
-            return get_ops(self.backend).lmsa(x, self.params())
+            if classifier is None:
+                return get_ops(self.backend).lmsa(x, self.params())
+            return get_ops(self.backend).lmsa_classifier(x, self.params(), classifier.weight.flatten(1),
+                                                         classifier.bias)
 
 
 class Decoder(nn.Module):
@@ -217,11 +222,14 @@ class Decoder(nn.Module):
                              fuse1_weight=fuse1.weight, fuse1_bias=fuse1.bias,
                              fuse2_weight=fuse2.weight, fuse2_bias=fuse2.bias)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], classifier: nn.Conv2d | None = None) -> torch.Tensor:
+        """The decoder's B×E×h×w output, or with `classifier` (the model's 1×1 convolution) its logits."""
         h, w = features[0].shape[-2:]
         fused = get_ops(self.backend).decoder_mlp(features, self.params(), self.fuse[2].p, self.training)
         x = tokens_to_map(fused, h, w)
-        return self.lmsa(x) if self.lmsa is not None else x
+        if self.lmsa is not None:
+            return self.lmsa(x, classifier)
+        return x if classifier is None else classifier(x)
 
 
 class MicroSegFormer(nn.Module):
@@ -275,11 +283,13 @@ class MicroSegFormer(nn.Module):
         if h % self.STRIDE or w % self.STRIDE or h == 0 or w == 0:
             raise ValueError(f"image height and width must be positive multiples of {self.STRIDE}, got {h}×{w}")
 
-    def conv_weights(self) -> list[ConvWeights]:
-        """(weight, bias) of each stage's patch embedding and of the classifier, as the backend hands
-        them to their convolutions: on eager the modules' own (autocast casts each as it runs); on
-        triton under autocast their 16-bit copies, all made by one cast (`Ops.autocast_weights`)."""
-        convs = [stage.embed.proj for stage in self.stages] + [self.classifier]
+    def conv_weights(self, classifier: bool = True) -> list[ConvWeights]:
+        """(weight, bias) of each stage's patch embedding and (with `classifier`) of the classifier, as
+        the backend hands them to their convolutions: on eager the modules' own (autocast casts each
+        as it runs); on triton under autocast their 16-bit copies, all made by one cast
+        (`Ops.autocast_weights`). Without `classifier` for the low-res logits, whose classifier runs
+        as part of `Ops.lmsa_classifier` (with its own weights)."""
+        convs = [stage.embed.proj for stage in self.stages] + ([self.classifier] if classifier else [])
         flat = get_ops(self.backend).autocast_weights([t for conv in convs for t in (conv.weight, conv.bias)])
         return list(zip(flat[0::2], flat[1::2]))
 
@@ -291,11 +301,13 @@ class MicroSegFormer(nn.Module):
                 + (block.attn.kv.weight, block.attn.q.weight, block.attn.proj.weight,
                    block.ffn.fc1.weight, block.ffn.fc2.weight)]
 
-    def features(self, images: torch.Tensor, conv_weights: list[ConvWeights] | None = None) -> torch.Tensor:
-        """Decoder output (after LMSA): B×128×H/4×W/4. `conv_weights`: what `self.conv_weights()` gave
-        the caller (made here if None)."""
+    def features(self, images: torch.Tensor, conv_weights: list[ConvWeights] | None = None,
+                 classify: bool = False) -> torch.Tensor:
+        """Decoder output (after LMSA): B×128×H/4×W/4, or with `classify` the classifier's logits on it
+        (B×NCLS×H/4×W/4). `conv_weights`: what `self.conv_weights()` gave the caller (made here if
+        None; the patch embeddings' are the ones used)."""
         self._check_images(images)
-        conv_weights = self.conv_weights() if conv_weights is None else conv_weights
+        conv_weights = self.conv_weights(classifier=not classify) if conv_weights is None else conv_weights
         feats, x = [], images
         with get_ops(self.backend).weight_copies(self.block_weights()):
             for i, stage in enumerate(self.stages, start=1):
@@ -303,7 +315,7 @@ class MicroSegFormer(nn.Module):
                     feature, x = stage(x, conv_weights[i - 1])
                 feats.append(feature)
         with nvtx_range("decoder"):
-            return self.decoder(feats)
+            return self.decoder(feats, self.classifier if classify else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         conv_weights = self.conv_weights()
@@ -313,9 +325,9 @@ class MicroSegFormer(nn.Module):
             return convolve(self.classifier, x, conv_weights[-1])
 
     def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits at H/4×W/4 (the classifier applied before the upsample)."""
-        conv_weights = self.conv_weights()
-        return convolve(self.classifier, self.features(images, conv_weights), conv_weights[-1])
+        """Class logits at H/4×W/4 (the classifier applied before the upsample; on triton inside
+        LMSA's kernels)."""
+        return self.features(images, classify=True)
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """CE + Dice (SPEC §4) of the full-resolution prediction against B×H×W masks."""

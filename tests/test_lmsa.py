@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 lmsa_mod = importlib.import_module("msf.kernels.lmsa")
-from msf.backend import LMSAParams, eager_lmsa  # noqa: E402
+from msf.backend import LMSAParams, eager_lmsa, eager_lmsa_classifier  # noqa: E402
 from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
@@ -78,24 +78,31 @@ def _gates64(x64, ps64) -> torch.Tensor:
     return torch.sigmoid(torch.nn.functional.linear(hidden, p.fc2_weight, p.fc2_bias))
 
 
-def _run_case(x, ps, go, rel=None, autocast=False):
+def _run_case(x, ps, go, rel=None, autocast=False, head=()):
     """Fused output and gradients of every leaf against float64 eager on the same values
-    (`autocast`: the fused call runs under torch.autocast(bf16), the reference never does)."""
+    (`autocast`: the fused call runs under torch.autocast(bf16), the reference never does).
+    `head` = [W_c, b_c]: `lmsa_classifier` (go is then the logits' gradient) against
+    `eager_lmsa_classifier`."""
     dtype = x.dtype
     rel = TOL[dtype] if rel is None else rel
-    leaves = [x, *ps]
+    leaves = [x, *ps, *head]
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = lmsa_mod.lmsa(x, _pack(ps))
-    assert out.shape == x.shape and out.dtype == dtype
+        out = lmsa_mod.lmsa_classifier(x, _pack(ps), *head) if head else lmsa_mod.lmsa(x, _pack(ps))
+    assert out.shape == go.shape and out.dtype == dtype
+    assert not head or out.is_contiguous(memory_format=torch.channels_last) == (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()), "logits' memory format"
     grads = torch.autograd.grad(out, leaves, go)
 
     leaves64 = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    ref = eager_lmsa(leaves64[0], _pack(leaves64[1:]))
+    if head:
+        ref = eager_lmsa_classifier(leaves64[0], _pack(leaves64[1:14]), *leaves64[14:])
+    else:
+        ref = eager_lmsa(leaves64[0], _pack(leaves64[1:]))
     ref_grads = torch.autograd.grad(ref, leaves64, go.detach().double().cpu())
 
-    tag = f"{dtype}, B×C×H×W={tuple(x.shape)}"
-    assert_close(out, ref, rel, name=f"out ({tag})")
-    for name, got, want, leaf in zip(GRAD_NAMES, grads, ref_grads, leaves):
+    tag = f"{dtype}, B×C×H×W={tuple(x.shape)}" + (f", {head[0].shape[0]} classes" if head else "")
+    assert_close(out, ref, rel, name=f"{'logits' if head else 'out'} ({tag})")
+    for name, got, want, leaf in zip(GRAD_NAMES + ("w_c", "b_c"), grads, ref_grads, leaves):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
         assert_close(got, want, rel, name=f"d{name} ({tag})")
     return leaves64
@@ -166,6 +173,64 @@ def test_sliced_input_and_grad(device, poisoned):
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     assert not go.is_contiguous()
     _run_case(x, _params(16, torch.float32, device, seed=22), go)
+
+
+def _classifier(ncls: int, c: int, dtype, device, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(ncls, c, generator=g) * c ** -0.5).to(device=device, dtype=dtype).requires_grad_(),
+            (torch.randn(ncls, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,c,h,w,layout,dtype,ncls", [
+    (2, 16, 13, 11, "nchw", torch.float32, 5),            # 2 gram chunks, several tiles; 5 classes of 16
+    (3, 32, 7, 9, "channels_last", torch.float32, 19),    # the model's 19 classes (K_PAD 32), 2 channel blocks
+    (1, 128, 7, 9, "channels_last", torch.float32, 19),   # the model's C: 4 channel blocks
+    (2, 16, 9, 10, "nchw", torch.float16, 33),            # K_PAD 64; fp16 (fp32 E_k)
+    (2, 16, 9, 10, "channels_last", torch.bfloat16, 17),  # bf16 everywhere (packed E_k)
+], ids=["13x11-C16-k5", "7x9-C32-k19-cl", "7x9-C128-k19-cl", "fp16-k33", "bf16-k17-cl"])
+def test_classifier_inside(b, c, h, w, layout, dtype, ncls, device, poisoned):
+    """`lmsa_classifier`: the logits and all 16 gradients (LMSA's 14, W_c, b_c) against
+    `eager_lmsa_classifier` in float64; the logits' gradient is the op's only incoming gradient."""
+    device = _device(device)
+    x, _ = _inputs(b, c, h, w, dtype, device, seed=b * 10 + ncls, layout=layout)
+    go = _inputs(b, ncls, h, w, dtype, device, seed=ncls, layout=layout)[0].detach()
+    _run_case(x, _params(c, dtype, device, seed=h + ncls), go, head=_classifier(ncls, c, dtype, device, seed=ncls))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_classifier_inside_autocast(device, poisoned):
+    """Autocast training as the model runs it: bf16 x and logits' gradient, fp32 master parameters
+    and classifier (rounded on load; their gradients come back fp32)."""
+    device = _device(device)
+    x, _ = _inputs(2, 32, 8, 7, torch.bfloat16, device, seed=31, layout="channels_last")
+    go = _inputs(2, 19, 8, 7, torch.bfloat16, device, seed=32, layout="channels_last")[0].detach()
+    _run_case(x, _params(32, torch.float32, device, seed=33), go, rel=TOL[torch.bfloat16], autocast=True,
+              head=_classifier(19, 32, torch.float32, device, seed=34))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_classifier_inside_sliced(device, poisoned):
+    """x a strided view and the logits' gradient a transposed one: the classifier path assumes no layout."""
+    device = _device(device)
+    g = torch.Generator().manual_seed(41)
+    base = torch.randn(2, 24, 12, 22, generator=g).to(device).requires_grad_()
+    x = base[:, 4:20, 1:10, 1:21:2]  # 2×16×9×10
+    go = torch.randn(2, 7, 10, 9, generator=g).to(device).transpose(2, 3)
+    _run_case(x, _params(16, torch.float32, device, seed=42), go, head=_classifier(7, 16, torch.float32, device, 43))
+
+
+def test_classifier_rejects_bad_inputs():
+    x = torch.zeros(1, 16, 4, 4)
+    p = _pack(_params(16, torch.float32, "cpu", seed=0))
+    with pytest.raises(ValueError, match="NCLS × C"):
+        lmsa_mod.lmsa_classifier(x, p, torch.zeros(5, 8), torch.zeros(5))
+    with pytest.raises(ValueError, match="NCLS × C"):
+        lmsa_mod.lmsa_classifier(x, p, torch.zeros(lmsa_mod.MAX_CLASSES + 1, 16), torch.zeros(lmsa_mod.MAX_CLASSES + 1))
+    with pytest.raises(ValueError, match="bias"):
+        lmsa_mod.lmsa_classifier(x, p, torch.zeros(5, 16), torch.zeros(4))
+    with pytest.raises(ValueError, match="bias"):
+        lmsa_mod.lmsa_classifier(x, p, torch.zeros(5, 16), None)
 
 
 def test_window_sums_match_depthwise_gap():
@@ -315,6 +380,6 @@ def test_aot_specs_cover_every_argument():
         assert covered == names, f"{spec.name}: missing {names - covered}, extra {covered - names}"
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         kernels_seen.add(spec.fn.__name__)
-    assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
+    assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel", "_lmsa_bwd_gram_head_kernel",
                             "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel", "_gate_fwd_kernel",
                             "_gate_bwd_sample_kernel", "_gate_bwd_params_kernel"}
