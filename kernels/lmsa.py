@@ -25,11 +25,18 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 - `_lmsa_bwd_dx_kernel`: dx = dO + Σ_k DW_kᵀ(E_k) + the statistics path's broadcast.
 Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
+`lmsa_classifier(x, p, W_c, b_c)` = the classifier (1×1 convolution C → NCLS) on LMSA's output,
+the model's low-res logits: the forward kernel's epilogue also writes W_c·out + b_c, and
+`_lmsa_bwd_gram_head_kernel` replaces the gram kernel, taking the logits' gradient dL instead of
+dO: E_k = (W_c W̃_k)ᵀ dL, N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), ∂W_c = Σ dL outᵀ, and dO =
+W_cᵀ dL written for the dx kernel. The classifier's convolution and its backward never run.
+
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -76,12 +83,14 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step;
+    # "_head": with the classifier inside (fp32's larger tile spills there; bf16's 32×32 on sm_80,
+    # whose pinned tile is 16×16, so its AOT spec builds for sm_90 only: `_aot_specs`)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head",)),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head",)),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head", "fp32_head")),
 ]
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
@@ -91,10 +100,10 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
 _GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E, dO and the NCLS × BJ accumulators
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
 ]
 # The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
@@ -123,24 +132,32 @@ def _by_unpacked(named) -> bool:
     return not named["PACKED"]
 
 
-def _dtype_prune(table, is_fp32=_by_precise):
-    """Autotune pruning: the configs of `table` that serve the call's dtype class."""
+def _shape_class(named, is_fp32, headed: bool) -> str:
+    """"half" or "fp32" by `is_fp32`; with `headed` (the forward kernel) "_head" added for a launch
+    with the classifier inside, whose epilogue needs registers of its own."""
+    return ("fp32" if is_fp32(named) else "half") + ("_head" if headed and named["HEAD"] else "")
+
+
+def _dtype_prune(table, is_fp32=_by_precise, headed: bool = False):
+    """Autotune pruning: the configs of `table` that serve the call's shape class."""
     serves = [(cfg.all_kwargs(), dtypes) for cfg, dtypes in table]
 
     def prune(configs, named_args, **kwargs):
-        cls = "fp32" if is_fp32(kwargs) else "half"
+        cls = _shape_class(kwargs, is_fp32, headed)
         kept = [cfg for cfg in configs if any(cfg.all_kwargs() == kw and cls in d for kw, d in serves)]
         return kept or configs[:1]
     return prune
 
 
-def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise) -> PinnedKernel:
-    """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"."""
+def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise, headed: bool = False) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"
+    (and "half_head" or "fp32_head" for a `headed` kernel's launches with the classifier)."""
     configs = [cfg for cfg, _ in table]
     return PinnedKernel(name, fn, configs, key,
-                        shape_class=lambda named: "fp32" if is_fp32(named) else "half",
+                        shape_class=lambda named: _shape_class(named, is_fp32, headed),
                         allowed=lambda cls: [cfg for cfg, serves in table if cls in serves],
-                        classes=["half", "fp32"], prune=_dtype_prune(table, is_fp32))
+                        classes=["half", "fp32"] + (["half_head", "fp32_head"] if headed else []),
+                        prune=_dtype_prune(table, is_fp32, headed))
 
 
 _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
@@ -474,7 +491,8 @@ def _fwd_classify(out, WC, BC, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, 
                   K_PAD: tl.constexpr, PRECISE: tl.constexpr):
     """logits = out · W_cᵀ + b_c at pixels (h, w) (out: BLOCK_P × C in x's dtype, as stored), fp32
     accumulated, W_c and b_c rounded to x's dtype first (as autocast hands them to the convolution;
-    `_round`: to nearest even under the interpreter too)."""
+    `_round`: to nearest even under the interpreter too). Loaded for each pixel of the pairs: held
+    across the second pixel's epilogue they cost the kernel half its occupancy."""
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
@@ -485,7 +503,7 @@ def _fwd_classify(out, WC, BC, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, 
              _round(logits, LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
 
 
-_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"])
+_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"], headed=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1695,7 +1713,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
             for i, (cfg, serves) in enumerate(table):
-                if ("fp32" if precise else "half") not in serves:
+                if ("fp32" if precise else "half") + ("_head" if extra.get("HEAD") else "") not in serves:
                     continue
                 sig, unit = {}, {}
                 for a in jit_fn.arg_names:
@@ -1713,6 +1731,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                 spec = AotSpec(name=f"lmsa.{name}_{dname}_{tag}_w{cfg.num_warps}_s{cfg.num_stages}",
                                fn=jit_fn, signature=sig, constexprs=const,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                if name == "fwd_head" and not precise and (cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_K"]) == (32, 32):
+                    spec = dataclasses.replace(spec, archs=(90,))  # (44 B of spill on sm_80)
                 (slow if name.startswith("wgrad") and i > 0 else specs).append(spec)
     # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
     hid = 3 * _AOT_C // 8  # the model's SE reduction

@@ -101,7 +101,8 @@ weights beside bf16 k, v in the attention sublayer; each attention stage 1–4 s
    tap-major copies).
 9. The eager rest's launches (since 2026-12-06; `eager_rest_launches`): each aten op of the eager
    ops a triton-backend step keeps that moves bytes (`msf.bench.eager_bytes`, "triton_rest": the
-   patch embeddings' and classifier's convolutions and their weight casts, stages 2-4's projections,
+   patch embeddings' and (until it ran inside LMSA's kernels, 2026-12-07) the classifier's
+   convolutions and their weight casts, stages 2-4's projections,
    the image cast, gradient accumulation copies; the decoder's fold until it became kernels of its
    op) costs one LAUNCH_S on top
    of the rest's byte floor: 92 launches, 0.30 ms a step, that the step left out until then; 44 once
@@ -470,6 +471,8 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_gram_head_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
+         count="offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)", kernels=("_lmsa_bwd_gram_head_kernel",)),
     Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_S, BLOCK_S):", _wgrad_ring_trips,
          count="offs_p = pid * CHUNK_S + i + tl.arange(0, BLOCK_S)", kernels=("_lmsa_bwd_wgrad_kernel",)),
     Loop("lmsa", "_dx_strip", "for i in range(KS):",  # dx: one site a scale
@@ -731,7 +734,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
     pass_ref = ["fwd"]
     e = torch.empty
     bf16, f32 = torch.bfloat16, torch.float32
-    if op == "lmsa":  # constants LMSA builds once a process and caches: not a step's launches
+    if op in ("lmsa", "lmsa_classifier"):  # constants LMSA builds once a process and caches: not a step's launches
         lmsa._build_constants(batch, size // 4, size // 4, torch.device("cpu"))
     counting = _counting_host_ops(host_ops, pass_ref) if host_ops is not None else contextlib.nullcontext()
     with recording(device, launches, op, pass_ref), torch.no_grad(), counting:
@@ -835,15 +838,18 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             dec._backward(f1, hs, d, m1, w2, seed, e((f1.shape[0], DECODER_DIM), dtype=bf16), DECODER_DROPOUT, size_hw,
                           [tuple(pt.shape[1:3]) for pt in (p2, p3, p4)], bf16, (f32, f32))
             dec._fold_backward(fold_w, fold_us, fold_vs, fold_ms, e((DECODER_DIM,), dtype=f32))
-        elif op == "lmsa":
+        elif op in ("lmsa", "lmsa_classifier"):
             c, hw = DECODER_DIM, size // 4
             x = _cl(batch, c, hw, hw, bf16)
             # (empty, as every other branch's tensors: a zeros() here was counted as 13 of LMSA's host launches)
             params = [e(c, 1, k, k) for k in (3, 5, 7)] + [e(c, c) for _ in range(3)] + [e(c) for _ in range(3)] \
                 + [e(3 * c // 8, 3 * c), e(3 * c // 8), e(3 * c, 3 * c // 8), e(3 * c)]
-            _, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True)  # as LMSAFunction
+            # the model's: the classifier inside, its fp32 master weight and bias
+            head = (e(NUM_CLASSES, c, dtype=f32), e(NUM_CLASSES, dtype=f32)) if op == "lmsa_classifier" else None
+            out, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True, head=head)  # as LMSAFunction
             pass_ref[0] = "bwd"
-            lmsa._backward(x, dsave, xw, _cl(batch, c, hw, hw, bf16), P, wg, params, False, kept)
+            grad = _cl(batch, NUM_CLASSES if head else c, hw, hw, bf16)  # ∂L/∂logits, or ∂L/∂out
+            lmsa._backward(x, dsave, xw, grad, P, wg, params, False, kept, None if head is None else (out, *head))
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches
@@ -918,11 +924,13 @@ def fused_saved_bytes(op: str, device: Device, stage: int | None = None, batch: 
                 return dec.decoder_mlp(features, params, DECODER_DROPOUT, True, seed=seed)
         args = (*features, *params.unify_weights, *params.unify_biases, params.fuse1_weight, params.fuse1_bias,
                 params.fuse2_weight, params.fuse2_bias)
-    elif op == "lmsa":
+    elif op in ("lmsa", "lmsa_classifier"):
         c, hw = DECODER_DIM, size // 4
         r = 3 * c // 8
         params = [leaf(c, 1, k, k) for k in (3, 5, 7)] + [leaf(c, c) for _ in range(3)] + [leaf(c) for _ in range(3)] \
             + [leaf(r, 3 * c), leaf(r), leaf(3 * c, r), leaf(3 * c)]
+        if op == "lmsa_classifier":
+            params += [leaf(NUM_CLASSES, c), leaf(NUM_CLASSES)]
         fn, args = lmsa.LMSAFunction.apply, (_cl(batch, c, hw, hw, bf16).requires_grad_(), *params)
     else:
         raise ValueError(f"unknown op {op!r}; known: {OPS}")
@@ -948,7 +956,8 @@ def _interpreter_launches_skipped():
 
 
 OPS = ("head_loss", "upsample_argmax", "attention_sublayer", "map_layer_norm", "attention_block",
-       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa")
+       "attention_block_embedded", "ffn_sublayer", "stage_output", "ffn_stage_output", "decoder_mlp", "lmsa",
+       "lmsa_classifier")
 PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer block: STAGE_DEPTHS times a stage
 # once per stage: the patch embedding's norm (where the first block does not take it in), the first
 # block's attention half with that norm inside, the final norm (on its own, or inside the last
@@ -956,14 +965,15 @@ PER_BLOCK_OPS = ("attention_block", "ffn_sublayer")  # once per transformer bloc
 PER_STAGE_OPS = ("map_layer_norm", "attention_block_embedded", "stage_output", "ffn_stage_output")
 # ops with rows of their own that a step does not run as such: inference only (upsample_argmax), or
 # inside another op (the attention sublayer: its kernels are part of attention_block's; the stage's
-# final norm: part of ffn_stage_output's, the last block's FFN sublayer, in every stage of the model)
-NOT_IN_STEP = ("upsample_argmax", "attention_sublayer", "stage_output")
+# final norm: part of ffn_stage_output's, the last block's FFN sublayer, in every stage of the model;
+# LMSA: part of lmsa_classifier's, the classifier inside)
+NOT_IN_STEP = ("upsample_argmax", "attention_sublayer", "stage_output", "lmsa")
 
 
 def op_instances() -> list[tuple[str, int | None]]:
     staged = ("attention_sublayer",) + PER_STAGE_OPS + PER_BLOCK_OPS
     return [("head_loss", None), ("upsample_argmax", None)] + [(op, s) for op in staged for s in STAGES] \
-        + [("decoder_mlp", None), ("lmsa", None)]
+        + [("decoder_mlp", None), ("lmsa", None), ("lmsa_classifier", None)]
 
 
 def calls_per_step(op: str, stage: int | None) -> int:
@@ -1778,7 +1788,8 @@ def summary_text(ops: list[dict], steps: list[dict]) -> str:
 
 STEP_NOTE = (
     "Ratios are fused ÷ eager (below 1: the fused op is predicted faster than eager's byte floor). "
-    "The step rows count one training step: head + loss, LMSA, every block's attention half and FFN "
+    "The step rows count one training step: head + loss, LMSA with the classifier inside (lmsa_classifier; "
+    "since 2026-12-07, the plain lmsa row is not in the step), every block's attention half and FFN "
     "(stage depths 1, 2, 2, 2; each stage's first attention half as attention_block_embedded, the patch "
     "embedding's LayerNorm inside it, so no map_layer_norm row counts), the stage-final norms and the "
     "decoder, fused and predicted, plus the floor of the eager ops a triton-backend step "
@@ -2074,7 +2085,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", nargs="+", choices=sorted(DEVICES), default=["h100", "a100"])
     parser.add_argument("--op", nargs="+", default=None,
                         help="ops (head_loss, upsample_argmax, attention_sublayer, map_layer_norm, attention_block, "
-                             "ffn_sublayer, stage_output, decoder_mlp, lmsa; "
+                             "ffn_sublayer, stage_output, decoder_mlp, lmsa, lmsa_classifier; "
                              "attention_sublayer:N, ffn_sublayer:N for one stage); default all")
     parser.add_argument("--kernel", help="only the kernels whose name contains this (smoke tests)")
     parser.add_argument("--json", type=Path, help="write long-format rows here")

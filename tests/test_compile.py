@@ -104,7 +104,7 @@ TINY = dict(channels=(16, 16, 32, 32), depths=(1, 1, 1, 1), decoder_dim=16)
 # (the tiny model is fp32: the blocks take no patch-embedding norm in, so the 4 map norms are those;
 # each stage's one block is its last, whose FFN sublayer takes the stage's final norm in)
 FUSED_IN_GRAPH = {"msf.attention_block": 4, "msf.map_layer_norm": 4, "msf.ffn_stage_output": 4,
-                  "msf.decoder_fold": 1, "msf.decoder_mlp": 1, "msf.lmsa": 1, "msf.head_loss": 1}
+                  "msf.decoder_fold": 1, "msf.decoder_mlp": 1, "msf.lmsa_classifier": 1, "msf.head_loss": 1}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On CUDA the fused operators decompose into their Triton launches (kernels/ops.py): Inductor then
 # compiles around the user kernels themselves, which is what the GPU check must see working.

@@ -185,6 +185,9 @@ def counted():
                        fc1_weight=torch.randn(red, 3 * c, generator=g) * 0.1, fc1_bias=torch.zeros(red),
                        fc2_weight=torch.randn(3 * c, red, generator=g) * 0.1, fc2_bias=torch.zeros(3 * c))
         lmsa.lmsa(xl, p).sum().backward()
+        # and with the classifier inside (its own gram kernel)
+        head = (torch.randn(5, c, generator=g) * 0.1, torch.zeros(5))
+        lmsa.lmsa_classifier(xl, p, *head).sum().backward()
     return counter
 
 

@@ -155,7 +155,7 @@ def test_triton_step_hands_inductor_the_fused_operators(probe):
     ops = probe["triton_step_operators"]
     # (a stage's last FFN sublayer takes the stage's final norm in: ffn_stage_output, whose backward is
     # map_layer_norm's operator then ffn_sublayer's; the patch embeddings' norms are inside the blocks)
-    fused = {"attention_block", "ffn_sublayer", "ffn_stage_output", "decoder_fold", "decoder_mlp", "head_loss", "lmsa"}
+    fused = {"attention_block", "ffn_sublayer", "ffn_stage_output", "decoder_fold", "decoder_mlp", "head_loss", "lmsa_classifier"}
     backward_of = {"ffn_stage_output": {"map_layer_norm_backward", "ffn_sublayer_backward"}}
     assert {op.split(".")[1] for op in ops["forward"]} == fused, ops
     assert {op.split(".")[1] for op in ops["backward"]} == \

@@ -127,6 +127,12 @@ def _case(name):
         ps = _lmsa_params(16)
         p = LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13])
         return ops.lmsa_op, (x, ps), lambda f: f(x, p)
+    if name == "lmsa_classifier":  # LMSA with 19 classes' classifier inside (logits channels-last)
+        x = _randn(2, 16, 5, 6).detach().to(memory_format=torch.channels_last).requires_grad_()
+        ps = _lmsa_params(16)
+        p = LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13])
+        w, b = _randn(19, 16, scale=0.25, seed=40), _randn(19, scale=0.1, seed=41)
+        return ops.lmsa_classifier_op, (x, ps, w, b), lambda f: f(x, p, w, b)
     if name == "upsample_argmax":
         logits = _randn(2, 5, 3, 4, grad=False)
         return ops.upsample_argmax_op, (logits, [12, 16]), lambda f: f(logits, (12, 16))
