@@ -640,6 +640,7 @@ def _lmsa_bwd_gram_head_kernel(
         NP[pid, b, k·NCLS·C + κ·C + j] = Σ_p dL[κ, p] D_k[j, p]    (N_k; D as the forward stored it)
         NP[pid, b, 3·NCLS·C + κ]       = Σ_p dL[κ, p]              (pid_j = 0)
         WCP[pid, b, κ·C + j]           = Σ_p dL[κ, p] out[j, p]    (∂L/∂W_c's partial)
+        WCP[pid, b, NCLS·C + κ]        = Σ_p dL[κ, p]              (∂L/∂b_c's; pid_j = 0)
     dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; W_c: NCLS × C
     (rounded to x's dtype on load); out, DO: B × C × H × W (strides so*, sg*). NP, WCP fp32,
     chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
@@ -698,7 +699,9 @@ def _lmsa_bwd_gram_head_kernel(
     tl.store(np_ + NCLS * C, n5, mask=k_ok[:, None])
     tl.store(np_ + 2 * NCLS * C, n7, mask=k_ok[:, None])
     tl.store(NP + part * (3 * NCLS * C + NCLS) + 3 * NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
-    tl.store(WCP + (part * NCLS + offs_k[:, None]) * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
+    wcp = WCP + part * (NCLS * (C + 1))  # [∂W_c | ∂b_c] partial row of the (chunk, image)
+    tl.store(wcp + offs_k[:, None] * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
+    tl.store(wcp + NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
 
 
 _lmsa_bwd_gram_head_kernel = _pinned("lmsa.gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
@@ -1500,7 +1503,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
             wc_x = wc.detach().to(x.dtype)  # W_c as the products take it (autocast's copy)
             v = torch.matmul(wc_x, wg)  # V_k = W_c W̃_k: B × 3 × NCLS × C, x's dtype
         n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
-        wc_part = _new((n_chunks * b, ncls * c), x.device, torch.float32)
+        wc_part = _new((n_chunks * b, ncls * (c + 1)), x.device, torch.float32)  # [∂W_c | ∂b_c] rows
         _lmsa_bwd_gram_head_kernel[grid](
             dsave, dl, v, wc_x, out, g, n_part, wc_part, *ek, *dl.stride(), *out.stride(), *g.stride(), h, w, ncls,
             C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
@@ -1527,14 +1530,15 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
     else:
         n_sum = _new((b, 3 * ncls * c + ncls), x.device, torch.float32)
-        dwc = _new((ncls, c), x.device, torch.float32)
-        sum_partials((n_part.view(n_chunks, -1), n_sum), (dwp.view(-1, _N_TAPS * c), dw_main), (wc_part, dwc))
+        dhead = _new((ncls * (c + 1),), x.device, torch.float32)
+        sum_partials((n_part.view(n_chunks, -1), n_sum), (dwp.view(-1, _N_TAPS * c), dw_main), (wc_part, dhead))
         with autocast_off(x.device.type):  # M_k = W_cᵀ N_k, Σ_p dO = W_cᵀ Σ_p dL (fp32, W_c as rounded)
             wc32 = wc_x.float()
             m = torch.matmul(wc32.t(), n_sum[:, :3 * ncls * c].view(b, 3, ncls, c))
             dl_sum = n_sum[:, 3 * ncls * c:]  # B × NCLS
             gsum = dl_sum @ wc32
-            head_grads = [dwc.to(wc.dtype), dl_sum.sum(0).to(bc.dtype)]
+        # (views of one buffer: `msf::lmsa_classifier_backward` copies the second)
+        head_grads = [dhead[:ncls * c].view(ncls, c).to(wc.dtype), dhead[ncls * c:].to(bc.dtype)]
 
     # 2. the gate's backward: the parameters' gradients (the depthwise weights' with dw_main added), and
     # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)

@@ -727,6 +727,8 @@ def _lmsa_classifier_backward_body(x: Tensor, dsave: Tensor, xw: Tensor, dl: Ten
                                    out: Tensor, params: list[Tensor], weight: Tensor, bias: Tensor) -> list[Tensor]:
     dx, pgrads = _lm._backward(x, dsave, xw, dl, cells, wg, tuple(params), x.dtype == torch.float32,
                                head=(out, weight, bias))
+    if pgrads[-1]._base is not None and pgrads[-1]._base is pgrads[-2]._base:  # (an output may alias no other)
+        pgrads[-1] = pgrads[-1].clone()
     return [dx, *pgrads]
 
 
