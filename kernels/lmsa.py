@@ -237,6 +237,27 @@ def _strip_tile(pid, H, W, S: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _chunk_pixels(pid, i, H, W, CHUNK_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mask, pixel, row, column) of the BLOCK_P pixels at offset i of chunk `pid` of an image of the
+    gram kernels; lanes past the image get a valid pixel (their gradient loads are masked to 0)."""
+    offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
+    pc = tl.minimum(offs_p, H * W - 1)
+    return offs_p < H * W, pc, pc // W, pc % W
+
+
+@triton.jit
+def _e_channels(pid_j, BJ: tl.constexpr, C: tl.constexpr, PACKED: tl.constexpr):
+    """The channels of E_k stored at positions pid_j·BJ + [0, BJ): PACKED (bf16 E) interleaves the
+    halves, position 2m + r holding channel m + r·C/2 (word m = the channel pair (m, m + C/2) the
+    sweeps unpack); fp32 E keeps the natural order."""
+    ar = tl.arange(0, BJ)
+    if PACKED:
+        return pid_j * (BJ // 2) + ar // 2 + (ar % 2) * (C // 2)
+    else:
+        return pid_j * BJ + ar
+
+
+@triton.jit
 def _e_words(E, PACKED: tl.constexpr):
     """E_k as the sweeps index it: PACKED (bf16 E_k) as int32 words, word m of a pixel holding the
     channel pair (m, m + C/2); else the fp32 tensor itself (channel m at m, its partner at m + C/2)."""
@@ -558,14 +579,7 @@ def _lmsa_bwd_gram_kernel(
     offs_c = tl.arange(0, C)
     g_base = DO + b * sgb
     offs_cc = tl.arange(0, BC)
-    # E's channels in the order they are stored at positions offs_j: PACKED (bf16 E) interleaves
-    # the halves, position 2m + r holding channel m + r·C/2 (word m = the channel pair (m, m + C/2)
-    # the sweeps unpack); fp32 E keeps the natural order
-    if PACKED:
-        ar = tl.arange(0, BJ)
-        offs_e = pid_j * (BJ // 2) + ar // 2 + (ar % 2) * (C // 2)
-    else:
-        offs_e = offs_j
+    offs_e = _e_channels(pid_j, BJ, C, PACKED)  # E's channels in the order they are stored at offs_j
     wg_ptr = WG + (b * 3 * C + offs_cc[:, None]) * C + offs_e[None, :]  # W̃_3[b][c-step, E's channels]
 
     acc3 = tl.zeros([C, BJ], tl.float32)
@@ -574,11 +588,7 @@ def _lmsa_bwd_gram_kernel(
     gsum = tl.zeros([C], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
-            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < H * W
-            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dO is 0
-            h = pc // W
-            w = pc % W
+            mask_p, pc, h, w = _chunk_pixels(pid, i, H, W, CHUNK_PIX, BLOCK_P)
             # E_k[p, j] = Σ_c dO[c, p] W̃_k[c, j] in BLOCK_C-channel steps, the three scales from one
             # dO slice (dO re-read from L1 below: a K = C product at once would hold the whole dO
             # tile twice more)
@@ -651,16 +661,12 @@ def _lmsa_bwd_gram_head_kernel(
     offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
-    if PACKED:  # E's channels in their stored order (`_lmsa_bwd_gram_kernel`)
-        ar = tl.arange(0, BJ)
-        offs_e = pid_j * (BJ // 2) + ar // 2 + (ar % 2) * (C // 2)
-    else:
-        offs_e = offs_j
+    offs_e = _e_channels(pid_j, BJ, C, PACKED)  # E's channels in the order they are stored at offs_j
     v_ptr = V + (b * 3 * NCLS + offs_k[:, None]) * C + offs_e[None, :]  # V_3[b][classes, E's channels]
     v3 = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
     v5 = tl.load(v_ptr + NCLS * C, mask=k_ok[:, None], other=0.0)
     v7 = tl.load(v_ptr + 2 * NCLS * C, mask=k_ok[:, None], other=0.0)
-    wc = tl.load(WC + offs_k[:, None] * C + offs_j[None, :], mask=k_ok[:, None], other=0.0)  # (x's dtype: the host's)
+    wc = tl.load(WC + offs_k[:, None] * C + offs_j[None, :], mask=k_ok[:, None], other=0.0)  # (x's dtype)
 
     n3 = tl.zeros([K_PAD, BJ], tl.float32)
     n5 = tl.zeros([K_PAD, BJ], tl.float32)
@@ -669,11 +675,7 @@ def _lmsa_bwd_gram_head_kernel(
     dl_sum = tl.zeros([K_PAD], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
-            offs_p = pid * CHUNK_PIX + i + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < H * W
-            pc = tl.minimum(offs_p, H * W - 1)  # lanes past the image: a valid pixel, their dL is 0
-            h = pc // W
-            w = pc % W
+            mask_p, pc, h, w = _chunk_pixels(pid, i, H, W, CHUNK_PIX, BLOCK_P)
             dl = tl.load(DL + b * slb + offs_k[None, :] * slk + (h * slh + w * slw)[:, None],
                          mask=mask_p[:, None] & k_ok[None, :], other=0.0)  # BLOCK_P × K_PAD
             e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
@@ -1640,7 +1642,8 @@ def _check_classifier(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     if weight.device != x.device or bias.device != x.device:
         raise ValueError("lmsa_classifier: x and the classifier's weight and bias are on different devices")
     if weight.dtype not in DTYPES or bias.dtype not in DTYPES:
-        raise TypeError(f"lmsa_classifier: weight and bias must be fp32 / bf16 / fp16, got {weight.dtype}, {bias.dtype}")
+        raise TypeError(f"lmsa_classifier: weight and bias must be fp32 / bf16 / fp16, got {weight.dtype}, "
+                        f"{bias.dtype}")
 
 
 def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
