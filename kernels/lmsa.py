@@ -1720,7 +1720,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
             for i, (cfg, serves) in enumerate(table):
-                if ("fp32" if precise else "half") + ("_head" if extra.get("HEAD") else "") not in serves:
+                cls = _shape_class({"PRECISE": precise, "HEAD": extra.get("HEAD", False)}, _by_precise, headed=True)
+                if cls not in serves:
                     continue
                 sig, unit = {}, {}
                 for a in jit_fn.arg_names:

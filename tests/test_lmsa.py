@@ -185,7 +185,7 @@ def _classifier(ncls: int, c: int, dtype, device, seed: int) -> list[torch.Tenso
 @pytest.mark.parametrize("b,c,h,w,layout,dtype,ncls", [
     (2, 16, 13, 11, "nchw", torch.float32, 5),            # 2 gram chunks, several tiles; 5 classes of 16
     (3, 32, 7, 9, "channels_last", torch.float32, 19),    # the model's 19 classes (K_PAD 32), 2 channel blocks
-    (1, 128, 7, 9, "channels_last", torch.float32, 19),   # the model's C: 4 channel blocks
+    (1, 128, 7, 9, "channels_last", torch.float32, 19),   # the model's C: 8 gram channel blocks of 16
     (2, 16, 9, 10, "nchw", torch.float16, 33),            # K_PAD 64; fp16 (fp32 E_k)
     (2, 16, 9, 10, "channels_last", torch.bfloat16, 17),  # bf16 everywhere (packed E_k)
 ], ids=["13x11-C16-k5", "7x9-C32-k19-cl", "7x9-C128-k19-cl", "fp16-k33", "bf16-k17-cl"])
