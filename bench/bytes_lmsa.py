@@ -1,7 +1,7 @@
 """Bytes through GPU memory of the decoder's multi-scale LMSA (SPEC §2, §6), eager against fused.
 
     python -m msf.bench.bytes_lmsa [--batch 32] [--channels 128] [--size 128] [--dtype-bytes 2]
-                               [--bandwidth 3.0e12] [--sms 132] [--ops]
+                               [--bandwidth 3.0e12] [--sms 132] [--ops] [--classes 0]
 
 Shape: the decoder map of a 512×512 image, x = B×C×h×w = 32×128×128×128 in bf16 (AMP), so one
 activation-sized tensor T is 134.2 MB. Counting rule (as in the other bench/bytes_* scripts): every
@@ -34,6 +34,17 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
   reduction over the image) and writes out once: 3T. Backward reads x and dO for the gram / gate
   gradients, then dO again and writes dx: 4T.
 
+`--classes K` (the model's K = 19) counts `lmsa_classifier`, the decoder's 1×1 classifier conv
+(C → K, bias) on LMSA's output, whose logits L (K/C · T) are what the step uses:
+- eager: `msf.reference.eager_lmsa_classifier`, LMSA as above, then the conv (reads out, writes L);
+  its backward is one `convolution_backward` (reads dL and out, writes dO = W_cᵀ dL and the
+  weight's and bias's gradients).
+- fused: the main kernel also writes L (out is still written: the gram kernel reads it for ∂W_c);
+  the backward forms V_k = W_c W̃_k on the host, the gram kernel reads dL, V and out instead of dO and
+  W̃, writes per-chunk N_k = dL D_kᵀ and [∂W_c | ∂b_c] partials, and writes dO (T) for the dx kernel;
+  the host forms M_k = W_cᵀ N_k (B×3×C×C fp32).
+- floor: out is never written: forward 2T + L, backward reads x and dL, then dL again, writes dx.
+
 "µs" = bytes / bandwidth (3.0 TB/s, an H100's device copy rate): the time if the pass were purely
 bandwidth-bound. The fused kernels are not: their depthwise taps cost 83 FMAs per element plus
 loads and (in the backward) per-tap reductions, so on an H100 they are bound by instruction issue,
@@ -65,9 +76,15 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int, max_chunk
     return _cdiv(_cdiv(hw, want), 256) * 256
 
 
-def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: int = 2, sms: int = 132):
-    """[(pass, op, bytes read, bytes written)] for one LMSA forward + backward of `variant`."""
+def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: int = 2, sms: int = 132,
+        classes: int = 0):
+    """[(pass, op, bytes read, bytes written)] for one LMSA forward + backward of `variant`; with
+    `classes` > 0, of `lmsa_classifier` (LMSA, then the C → `classes` 1×1 classifier conv)."""
+    if classes < 0:
+        raise ValueError(f"classes must be >= 0 (0: LMSA alone), got {classes}")
     T = B * C * H * W * e  # one activation-sized tensor
+    L = T * classes // C  # the classifier's logits (0 without one)
+    head = classes > 0
     small = B * 3 * C * 4  # a B×3C fp32 vector (pooled stats, gates): counted where it is the output
     rows: list[tuple[str, str, int, int]] = []
 
@@ -100,6 +117,9 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
             op("bwd", f"DW_{k} backward: dx_{k}", T, T)
             op("bwd", f"DW_{k} backward: dw_{k} (reads d(DW_{k}), x)", 2 * T, 0)
         op("bwd", "dx = dO + dx_3 + dx_5 + dx_7  (3 accumulations)", 6 * T, 3 * T)
+        if head:
+            op("fwd", "logits = classifier 1×1 conv + bias", T, L)
+            op("bwd", "classifier backward (one convolution_backward): dL, out → dO, dW_c, db_c", L + T, T)
         return rows
 
     if variant == "fused":
@@ -121,22 +141,43 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         op("fwd", "zero x̂'s border", 0, border)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
-        op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
-           T + 3 * T + T)
+        if not head:
+            op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
+               T + 3 * T + T)
+        else:
+            op("fwd", "main kernel: x̂, x, W̃, W_c → out, logits, D (3T), XW (T)", tp + T + wg, T + L + 3 * T + T)
         op("bwd", "zero the three E_k borders", 0, 3 * e_border)
-        op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
-           mp + 3 * (ep - e_border))
+        if not head:
+            op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
+               mp + 3 * (ep - e_border))
+        else:
+            v = B * 3 * classes * C * e  # V_k = W_c W̃_k
+            npart = gram_chunks * B * (3 * classes * C + classes) * 4  # N_k = dL D_kᵀ and Σ dL, per chunk
+            cpart = gram_chunks * B * classes * (C + 1) * 4  # [∂W_c | ∂b_c] rows
+            op("bwd", "V = W_c W̃ (host matmul)", wg, v)
+            op("bwd", "gram kernel (three scales): D, dL, V, out → N / ∂W_c partials, E_3, E_5, E_7, dO",
+               3 * T + L + v + T, npart + cpart + 3 * (ep - e_border) + T)
         op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
-        op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
+        if not head:
+            op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
+        else:
+            op("bwd", "sum the gram / wgrad / classifier partials", npart + dwp + cpart,
+               npart // gram_chunks + N_TAPS * C * 4 + cpart // (gram_chunks * B))
+            op("bwd", "M = W_cᵀ N (host matmul)", npart // gram_chunks, wg32)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
         op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
         return rows
 
     if variant == "floor":
         op("fwd", "read x (statistics)", T, 0)
-        op("fwd", "read x, write out", T, T)
-        op("bwd", "read x, dO (gate and weight gradients)", 2 * T, 0)
-        op("bwd", "read dO, write dx", T, T)
+        if not head:
+            op("fwd", "read x, write out", T, T)
+            op("bwd", "read x, dO (gate and weight gradients)", 2 * T, 0)
+            op("bwd", "read dO, write dx", T, T)
+        else:
+            op("fwd", "read x, write the logits", T, L)
+            op("bwd", "read x, dL (gate and weight gradients)", T + L, 0)
+            op("bwd", "read dL, write dx", L, T)
         return rows
     raise ValueError(variant)
 
@@ -148,10 +189,11 @@ def totals(rows) -> dict[str, int]:
     return out
 
 
-def table(batch=32, channels=128, size=128, e=2, bandwidth=3.0e12, sms=132, show_ops=False) -> str:
+def table(batch=32, channels=128, size=128, e=2, bandwidth=3.0e12, sms=132, show_ops=False, classes=0) -> str:
     variants = ("eager", "fused", "floor")
-    tot = {v: totals(ops(v, batch, channels, size, size, e, sms)) for v in variants}
-    lines = [f"LMSA bytes, x = {batch}×{channels}×{size}×{size}, {e}-byte activations "
+    tot = {v: totals(ops(v, batch, channels, size, size, e, sms, classes)) for v in variants}
+    what = f"LMSA + a {channels} → {classes} classifier" if classes else "LMSA"
+    lines = [f"{what} bytes, x = {batch}×{channels}×{size}×{size}, {e}-byte activations "
              f"(one tensor = {batch * channels * size * size * e / MB:.1f} MB), {bandwidth / 1e12:.1f} TB/s",
              f"{'pass':9} {'eager MB':>10} {'fused MB':>10} {'floor MB':>10} | "
              f"{'eager µs':>9} {'fused µs':>10} {'floor µs':>10}"]
@@ -163,7 +205,7 @@ def table(batch=32, channels=128, size=128, e=2, bandwidth=3.0e12, sms=132, show
     if show_ops:
         for v in variants:
             lines.append(f"\n{v}:")
-            for pass_, name, r, w in ops(v, batch, channels, size, size, e, sms):
+            for pass_, name, r, w in ops(v, batch, channels, size, size, e, sms, classes):
                 lines.append(f"  {pass_}  {name:58} read {r / MB:9.1f} MB  write {w / MB:9.1f} MB")
     return "\n".join(lines)
 
@@ -177,8 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the time floor")
     p.add_argument("--sms", type=int, default=132, help="SM count (sets the fused kernels' chunking)")
     p.add_argument("--ops", action="store_true", help="list every counted op")
+    p.add_argument("--classes", type=int, default=0,
+                   help="count lmsa_classifier with this many classes (the model's 19); 0: LMSA alone")
     a = p.parse_args(argv)
-    print(table(a.batch, a.channels, a.size, a.dtype_bytes, a.bandwidth, a.sms, a.ops))
+    if a.classes < 0:
+        p.error(f"--classes must be >= 0, got {a.classes}")
+    print(table(a.batch, a.channels, a.size, a.dtype_bytes, a.bandwidth, a.sms, a.ops, a.classes))
     return 0
 
 

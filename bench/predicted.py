@@ -19,6 +19,7 @@ CURRENT_COST_TABLE = Path(__file__).resolve().parent / "results" / "predicted" /
 COST_OPS: dict[str, tuple[str, tuple[str, ...]] | str] = {
     "head+ce_dice": ("head_loss", ("fwd", "bwd")),
     "lmsa": ("lmsa", ("fwd", "bwd")),
+    "lmsa_classifier": ("lmsa_classifier", ("fwd", "bwd")),
     "decoder_mlp": ("decoder_mlp", ("fwd", "bwd")),
     "upsample+argmax": ("upsample_argmax", ("fwd",)),
     "train_step": ("(step)", ("fwd+bwd",)),

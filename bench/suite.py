@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from msf.bench.plots import plot_bench
 from msf.bench.harness import (STATISTIC, copy_bandwidth_gbs, environment, measure_interleaved, measure_ms, median,
                                row, write_results)
-from msf.backend import LMSAParams, eager_attention, eager_lmsa, eager_upsample_argmax, get_ops
+from msf.backend import (LMSAParams, eager_attention, eager_lmsa, eager_lmsa_classifier, eager_upsample_argmax,
+                         get_ops)
 from msf.losses import ce_dice_loss
 from msf.nvtx import nvtx_range
 
@@ -296,7 +297,8 @@ def decoder_mlp_case(batch, size, device, dtype) -> Case:
                 {}, {p: fallback for p in ("triton", "triton+compile") if fallback})
 
 
-def lmsa_case(batch, size, device, dtype) -> Case:
+def _lmsa_inputs(batch, size, device, dtype) -> tuple[torch.Tensor, LMSAParams]:
+    """LMSA's input at the decoder's resolution (C = 128, size/4 square) and its parameters."""
     h, c = size // 4, 128
     x = _randn(batch, c, h, h, device=device, dtype=dtype)
     params = LMSAParams(
@@ -305,15 +307,38 @@ def lmsa_case(batch, size, device, dtype) -> Case:
         pw_biases=tuple(_randn(c, device=device, dtype=dtype) for _ in range(3)),
         fc1_weight=_randn(48, 3 * c, device=device, dtype=dtype), fc1_bias=_randn(48, device=device, dtype=dtype),
         fc2_weight=_randn(3 * c, 48, device=device, dtype=dtype), fc2_bias=_randn(3 * c, device=device, dtype=dtype))
+    return x, params
+
+
+def _lmsa_bytes(x: torch.Tensor, classes: int = 0) -> dict[str, int]:
+    """Each provider's bytes of one fwd+bwd (`msf.bench.bytes_lmsa`: compile counted as eager)."""
     from msf.bench.bytes_lmsa import ops as lmsa_ops, totals as lmsa_totals
+    b, c, h, w = x.shape
 
     def total(variant: str) -> int:
-        return sum(lmsa_totals(lmsa_ops(variant, B=batch, C=c, H=h, W=h, e=dtype.itemsize)).values())
+        return sum(lmsa_totals(lmsa_ops(variant, B=b, C=c, H=h, W=w, e=x.element_size(), classes=classes)).values())
+    return {"eager": total("eager"), "compile": total("eager"), "triton": total("fused"),
+            "triton+compile": total("fused")}
 
+
+def lmsa_case(batch, size, device, dtype) -> Case:
+    x, params = _lmsa_inputs(batch, size, device, dtype)
     providers = {"eager": lambda: eager_lmsa(x, params), "triton": lambda: get_ops("triton").lmsa(x, params)}
-    return Case("lmsa", f"B={batch},C={c},{h}²", batch, {"fwd+bwd": _builders(providers, backward=True)},
-                {"eager": total("eager"), "compile": total("eager"), "triton": total("fused"),
-                 "triton+compile": total("fused")})
+    return Case("lmsa", f"B={batch},C={x.shape[1]},{x.shape[2]}²", batch,
+                {"fwd+bwd": _builders(providers, backward=True)}, _lmsa_bytes(x))
+
+
+def lmsa_classifier_case(batch, size, device, dtype, classes: int = 19) -> Case:
+    """LMSA with the decoder's 1×1 classifier on its output (what the model's step runs: on triton the
+    classifier is inside LMSA's kernels)."""
+    x, params = _lmsa_inputs(batch, size, device, dtype)
+    weight = _randn(classes, x.shape[1], device=device, dtype=dtype)
+    bias = _randn(classes, device=device, dtype=dtype)
+    args = (x, params, weight, bias)
+    providers = {"eager": lambda: eager_lmsa_classifier(*args),
+                 "triton": lambda: get_ops("triton").lmsa_classifier(*args)}
+    return Case("lmsa_classifier", f"B={batch},C={x.shape[1]},K={classes},{x.shape[2]}²", batch,
+                {"fwd+bwd": _builders(providers, backward=True)}, _lmsa_bytes(x, classes))
 
 
 def upsample_argmax_case(batch, size, device, dtype) -> Case:
@@ -350,7 +375,7 @@ def build_cases(suite: str, preset: dict, device: torch.device) -> list[Case]:
                   *attention_block_cases(batch, size, device, dtype), *ffn_cases(batch, size, device, dtype),
                   *stage_norm_cases(batch, size, device, dtype),
                   decoder_mlp_case(batch, size, device, dtype),
-                  lmsa_case(batch, size, device, dtype),
+                  lmsa_classifier_case(batch, size, device, dtype), lmsa_case(batch, size, device, dtype),
                   upsample_argmax_case(batch, size, device, dtype)]
     if suite in ("step", "all"):
         cases.append(train_step_case(batch, size, device, dtype, preset.get("paper_head_order", True)))

@@ -20,7 +20,8 @@ TRITON_OK = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 def all_cases():
     b, s, dt = PRESET["batch"], PRESET["size"], PRESET["dtype"]
     return [suite.head_loss_case(b, s, DEVICE, dt), *suite.attention_cases(b, s, DEVICE, dt),
-            suite.lmsa_case(b, s, DEVICE, dt), suite.upsample_argmax_case(b, s, DEVICE, dt)]
+            suite.lmsa_case(b, s, DEVICE, dt),
+            suite.lmsa_classifier_case(b, s, DEVICE, dt), suite.upsample_argmax_case(b, s, DEVICE, dt)]
 
 
 CASES = {case.op: case for case in all_cases()}

@@ -191,3 +191,22 @@ def test_command_prints_tables_and_json(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows["steps"]] == list(eb.STEP_VARIANTS)
     assert len(rows["top_ops"]["paper"]) == 3
+
+
+def test_the_hand_count_of_lmsa_agrees_on_what_the_classifier_adds():
+    """msf.bench.bytes_lmsa counts LMSA's eager path by hand (the bench suite's bytes moved); this
+    counter counts its aten ops. The two counts of what the 1×1 classifier adds (its convolution and
+    that convolution's backward) agree up to the weights, which the hand count leaves out."""
+    from msf.bench import bytes_lmsa
+    batch, size, classes, channels = 2, 64, 19, 128
+    h = size // 4
+    hand = {k: bytes_lmsa.totals(bytes_lmsa.ops("eager", B=batch, C=channels, H=h, W=h, classes=n))
+            for k, n in (("plain", 0), ("head", classes))}
+    meta_count = {k: eb.eager_op_bytes(op, batch=batch, size=size) for k, op in (("plain", "lmsa"),
+                                                                                  ("head", "lmsa_classifier"))}
+    weights = classes * (channels + 1) * 4  # W_c and b_c in fp32
+    for hand_pass, meta_pass in (("fwd", "forward"), ("bwd", "backward")):
+        by_hand = hand["head"][hand_pass] - hand["plain"][hand_pass]
+        counted = meta_count["head"][meta_pass] - meta_count["plain"][meta_pass]
+        assert by_hand > 10 * weights, by_hand  # the activations dominate: the comparison below means something
+        assert 0 <= counted - by_hand <= 4 * weights, (hand_pass, by_hand, counted)
