@@ -475,9 +475,9 @@ def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexp
     are also stored (as the GEMM takes them, in W̃'s dtype) into D at d_ptr (masked lanes: pixels
     past the row)."""
     d3, d5, d7 = d
-    d3 = d3.to(wt_ptr.dtype.element_ty)
-    d5 = d5.to(wt_ptr.dtype.element_ty)
-    d7 = d7.to(wt_ptr.dtype.element_ty)
+    d3 = _round(d3, wt_ptr.dtype.element_ty)
+    d5 = _round(d5, wt_ptr.dtype.element_ty)
+    d7 = _round(d7, wt_ptr.dtype.element_ty)
     tl.store(d_ptr, d3, mask=mask[:, None])
     tl.store(d_ptr + C, d5, mask=mask[:, None])
     tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
@@ -602,9 +602,9 @@ def _lmsa_bwd_gram_kernel(
                 e5 += _mm(gc, tl.load(wg_ptr + (C + c0) * C), PRECISE)
                 e7 += _mm(gc, tl.load(wg_ptr + (2 * C + c0) * C), PRECISE)
             e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
-            tl.store(E3 + e_out, e3.to(E3.dtype.element_ty), mask=mask_p[:, None])
-            tl.store(E5 + e_out, e5.to(E5.dtype.element_ty), mask=mask_p[:, None])
-            tl.store(E7 + e_out, e7.to(E7.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E3 + e_out, _round(e3, E3.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E5 + e_out, _round(e5, E5.dtype.element_ty), mask=mask_p[:, None])
+            tl.store(E7 + e_out, _round(e7, E7.dtype.element_ty), mask=mask_p[:, None])
             gt = tl.load(g_base + offs_c[:, None] * sgc + (h * sgh + w * sgw)[None, :],
                          mask=mask_p[None, :], other=0.0)  # C × BLOCK_P
             d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
@@ -931,7 +931,7 @@ def _dx_store(dx, g_ptr, t_ptr, d_ptr, m2, DX):
     g_in = tl.load(g_ptr, mask=m2, other=0.0)
     t_in = tl.load(t_ptr, mask=m2, other=0.0)
     dx += g_in.to(tl.float32) + t_in
-    tl.store(d_ptr, dx.to(DX.dtype.element_ty), mask=m2)
+    tl.store(d_ptr, _round(dx, DX.dtype.element_ty), mask=m2)
 
 
 _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED"], _by_unpacked)
@@ -1025,7 +1025,7 @@ def _gate_fwd_kernel(
             beta += z * tl.load(pb + rows).to(tl.float32)
             w = tl.load(pw + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
             tl.store(WG + ((b * 3 + k) * C + rows)[:, None] * C + offs_c[None, :],
-                     (z[:, None] * w).to(WG.dtype.element_ty))
+                     _round(z[:, None] * w, WG.dtype.element_ty))
         tl.store(BETA + b * C + rows, beta)
 
 
@@ -1096,8 +1096,8 @@ def _gate_dpw_rows(M, GSUM, STATE, DSTATE, DPW, DPB, k, rows, offs_c, B, C: tl.c
         acc += m * z[:, None] + ds[:, None] * g[None, :]
         dpb += tl.load(GSUM + bb * C + rows) * z + ds
         bb += 1
-    tl.store(DPW + rows[:, None] * C + offs_c[None, :], acc.to(DPW.dtype.element_ty))
-    tl.store(DPB + rows, dpb.to(DPB.dtype.element_ty))
+    tl.store(DPW + rows[:, None] * C + offs_c[None, :], _round(acc, DPW.dtype.element_ty))
+    tl.store(DPB + rows, _round(dpb, DPB.dtype.element_ty))
 
 
 @triton.jit
@@ -1140,7 +1140,7 @@ def _gate_ddw_cols(CELLS, DSTATE, GAP, DWMAIN, DDW, k, cols, B, C: tl.constexpr,
     while t < taps:  # a tap a step (a [tap × cell] product on the FMA pipe spilled)
         weights = tl.load(GAP + (k * 49 + offs_u) * 83 + row0 + t, mask=umask, other=0.0)
         ddw = tl.sum(weights[:, None] * d_on, axis=0) + tl.load(DWMAIN + (row0 + t) * C + cols)
-        tl.store(DDW + cols * taps + t, ddw.to(DDW.dtype.element_ty))
+        tl.store(DDW + cols * taps + t, _round(ddw, DDW.dtype.element_ty))
         t += 1
 
 
@@ -1169,15 +1169,15 @@ def _gate_bwd_params_kernel(
         rows = j * BLOCK + offs_r
         hmask = offs_h < HID
         dw, db = _gate_outer_sum(DSTATE, STATE, rows, 9 * C + offs_h, hmask, B, 9 * C + HID_P, True, BLOCK, HID_P)
-        tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], dw.to(DFC2W.dtype.element_ty), mask=hmask[None, :])
-        tl.store(DFC2B + rows, db.to(DFC2B.dtype.element_ty))
+        tl.store(DFC2W + rows[:, None] * HID + offs_h[None, :], _round(dw, DFC2W.dtype.element_ty), mask=hmask[None, :])
+        tl.store(DFC2B + rows, _round(db, DFC2B.dtype.element_ty))
     elif role == 2:  # ∂fc1w = Σ_b ∂a1 sᵀ, ∂fc1b = Σ_b ∂a1 (block 0 writes it), by column block of 3C
         cols = j * BLOCK + offs_r
         hmask = offs_h < HID
         dw, db = _gate_outer_sum(DSTATE, STATE, 9 * C + offs_h, 3 * C + cols, cols < 3 * C, B, 9 * C + HID_P, False,
                                  HID_P, BLOCK)
-        tl.store(DFC1W + offs_h[:, None] * (3 * C) + cols[None, :], dw.to(DFC1W.dtype.element_ty), mask=hmask[:, None])
-        tl.store(DFC1B + offs_h, db.to(DFC1B.dtype.element_ty), mask=hmask & (j == 0))
+        tl.store(DFC1W + offs_h[:, None] * (3 * C) + cols[None, :], _round(dw, DFC1W.dtype.element_ty), mask=hmask[:, None])
+        tl.store(DFC1B + offs_h, _round(db, DFC1B.dtype.element_ty), mask=hmask & (j == 0))
     else:
         _gate_ddw_cols(CELLS, DSTATE, GAP, DWMAIN, _by_scale(k, DDW3, DDW5, DDW7), k, (j % n) * BLOCK + offs_r, B,
                        C, HID_P, BLOCK)

@@ -33,7 +33,7 @@ from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buf
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 3e-3}  # bf16: worst seen 3.3e-3 (dw_k), 2026-12-07
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
               "fc1_w", "fc1_b", "fc2_w", "fc2_b")
 
