@@ -11,6 +11,8 @@
   On a GPU the call is a plain `tl.dot` with fp32 accumulation.
 - `dot_tf32x3(a, b)`: the same with `input_precision="tf32x3"` (fp32-accurate products of fp32
   operands on tensor cores; plain `tl.dot` rounds fp32 operands to tf32).
+- `_round(x, dtype)`: `x.to(dtype)` rounded to nearest even under the interpreter too (Triton 3.6's
+  interpreter truncates fp32 → bf16): every rounding to a narrower dtype in a kernel goes through it.
 - `_ln_hat(x, mask, C, eps)`, `_vec(PTR, offs, mask)`: LayerNorm's normalised rows of a tile and a
   parameter vector loaded in fp32 (the attention block's, the map norm's and the FFN's stage norm).
 - `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
@@ -42,6 +44,24 @@ def _sanitizer_active() -> bool:
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1" or _sanitizer_active()
 
 _UPCAST_BF16_DOT: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+_EMULATE_RNE: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x.to(dtype). Triton 3.6's interpreter converts fp32 → bf16 by truncation where the GPU rounds
+    to nearest even (see tests/test_attention_sublayer.py), so under the interpreter the value is
+    first rounded to nearest even on its fp32 bits (finite values; the truncation is then exact).
+    Every kernel module uses it for each rounding to a narrower dtype its kernels do; on a GPU it
+    is a plain conversion."""
+    if _EMULATE_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, dot, dot_tf32x3
+from msf.kernels._common import INTERPRET, AotSpec, _round, dot, dot_tf32x3
 from msf.kernels.configs import PinnedKernel, candidate_order
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
@@ -257,7 +257,7 @@ def _attn_fwd_kernel(
                                     M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     acc = acc / l_i[:, None]
     tl.store(O + b * stride_ob + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+             _round(acc, O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of S = q kᵀ/√d
     tl.store(LSE + b * N + offs_n, lse, mask=mask_n)
 
@@ -337,7 +337,7 @@ def _attn_bwd_dq_kernel(
                         stride_vm, stride_vd, offs_d, mask_d, qk_scale, M, BLOCK_D, PRECISE, BLOCK_N, BLOCK_M)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=mask_nd)
+             _round(dq, DQ.dtype.element_ty), mask=mask_nd)
 
 
 _attn_bwd_dq_kernel = _pinned("dq", _attn_bwd_dq_kernel, ["N", "M", "BLOCK_D", "PRECISE"])
@@ -400,8 +400,8 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     part = (b * n_chunks + pid_c) * M * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(DK_PART + part, dk.to(DK_PART.dtype.element_ty), mask=mask_md)
-    tl.store(DV_PART + part, dv.to(DV_PART.dtype.element_ty), mask=mask_md)
+    tl.store(DK_PART + part, _round(dk, DK_PART.dtype.element_ty), mask=mask_md)
+    tl.store(DV_PART + part, _round(dv, DV_PART.dtype.element_ty), mask=mask_md)
 
 
 _attn_bwd_dkdv_kernel = _pinned("dkdv", _attn_bwd_dkdv_kernel, ["N", "M", "CHUNK_ROWS", "BLOCK_D", "PRECISE"])

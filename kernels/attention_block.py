@@ -48,9 +48,8 @@ import triton.language as tl
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import configs
-from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _vec, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
-from msf.kernels.attention_sublayer import _round
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import AttentionBlockParams, EmbedNorm, eager_attention_block, eager_map_layer_norm

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET, _vec, row_chunks
+from msf.kernels._common import INTERPRET, _round, _vec, row_chunks
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 from msf.kernels.partial_sums import sum_partials
@@ -196,22 +196,6 @@ def fused_supported(dtype: torch.dtype, c: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # forward (all loops have constexpr trip counts: see msf.kernels.attention's note on loops)
 # ----------------------------------------------------------------------------------------------
-_EMULATE_RNE: tl.constexpr = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """x.to(dtype). Triton 3.6's interpreter converts fp32 → bf16 by truncation where the GPU rounds
-    to nearest even (see tests/test_attention_sublayer.py), so under the interpreter the value is
-    first rounded to nearest even on its fp32 bits (finite values; the truncation is then exact).
-    Used for every rounding this module's kernels do (x, g, q, O, y, out, dO, dQ, dx); on a GPU it
-    is a plain conversion."""
-    if _EMULATE_RNE:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ of one call share one launch (docs/casts.md).
 Kernel `_cast_kernel`: a 1-D grid, ⌈numel_i / BLOCK⌉ programs a tensor, tensor after tensor (as
 `partial_sums`); a program maps its BLOCK output elements to their source offsets through the
 source's sizes and strides (4-D, leading sizes 1 for fewer dims), loads, rounds to the output
-dtype (to nearest even, as `.to` does; under the interpreter too, `attention_sublayer._round`) and
+dtype (to nearest even, as `.to` does; under the interpreter too, `_common._round`) and
 stores. The sources share a dtype (the fp32 masters), so one build serves a call.
 """
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET
-from msf.kernels.attention_sublayer import _round
+from msf.kernels._common import INTERPRET, _round
 from msf.precision import step_copy
 
 __all__ = ["cast_all", "MAX_TENSORS", "AOT_SPECS"]

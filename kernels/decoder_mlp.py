@@ -65,9 +65,8 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core, attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, dot, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _round, dot, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
-from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _to_compute
 from msf.kernels.partial_sums import sum_partials

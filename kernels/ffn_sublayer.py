@@ -58,9 +58,8 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _vec, products_dtype, row_chunks
+from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
 from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
-from msf.kernels.attention_sublayer import _round
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import StageNorm, eager_ffn_sublayer, tokens_to_map

@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, dot
-from msf.kernels.attention_sublayer import _round
+from msf.kernels._common import INTERPRET, AotSpec, _round, dot
 from msf.kernels.casts import cast_all
 from msf.kernels.configs import PinnedKernel
 from msf.kernels.partial_sums import sum_partials

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against 
 # (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
 STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
 STAGE_IDS = [f"N{n}-M{m}-d{d}" for n, m, d in STAGES]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 7e-3, torch.float16: 2e-3}  # bf16: worst seen 4.1e-3 (dq), 2026-12-07
 TF32_TOL = 2e-3  # plain tf32 dots on a GPU (SPEC §7: about 3e-4 per product; gradients amplify it)
 
 
