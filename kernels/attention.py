@@ -231,7 +231,7 @@ def _attn_fwd_sweep(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_v
         v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D
         # P is rounded to the input dtype before `P v` (as in FlashAttention); fp32 accumulation
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISE)
+        acc = acc * alpha[:, None] + _mm(_round(p, v.dtype), v, PRECISE)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -302,7 +302,7 @@ def _attn_dq_sweep(q, do, lse2, delta, k_base, v_base, stride_km, stride_kd, str
         p = tl.where(mask_m[None, :], p, 0.0)
         dp = _mm(do, vt, PRECISE)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISE)
+        dq += _mm(_round(ds, k.dtype), k, PRECISE)
     return dq
 
 
@@ -393,10 +393,10 @@ def _attn_bwd_dkdv_kernel(
         st = _mm(k, tl.trans(q), PRECISE) * qk_scale  # BLOCK_M × BLOCK_N, log2 units
         pt = tl.exp2(st - lse2[None, :])
         pt = tl.where(mask_n[None, :], pt, 0.0)
-        dv += _mm(pt.to(do.dtype), do, PRECISE)
+        dv += _mm(_round(pt, do.dtype), do, PRECISE)
         dpt = _mm(v, tl.trans(do), PRECISE)
         dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(q.dtype), q, PRECISE)
+        dk += _mm(_round(dst, q.dtype), q, PRECISE)
 
     dk = dk * sm_scale
     part = (b * n_chunks + pid_c) * M * D + offs_m[:, None] * D + offs_d[None, :]
@@ -430,8 +430,8 @@ def _attn_bwd_reduce_kernel(PART1, PART2, OUT1, OUT2, SIZE, N_CHUNKS: tl.constex
         mask_t = (offs_c < N_CHUNKS)[:, None] & mask[None, :]
         acc1 += tl.load(PART1 + idx, mask=mask_t, other=0.0)
         acc2 += tl.load(PART2 + idx, mask=mask_t, other=0.0)
-    tl.store(OUT1 + g * SIZE + offs, tl.sum(acc1, 0).to(OUT1.dtype.element_ty), mask=mask)
-    tl.store(OUT2 + g * SIZE + offs, tl.sum(acc2, 0).to(OUT2.dtype.element_ty), mask=mask)
+    tl.store(OUT1 + g * SIZE + offs, _round(tl.sum(acc1, 0), OUT1.dtype.element_ty), mask=mask)
+    tl.store(OUT2 + g * SIZE + offs, _round(tl.sum(acc2, 0), OUT2.dtype.element_ty), mask=mask)
 
 
 _REDUCE_TILE = 2048  # elements per buffer in one step's tile (BLOCK_C × BLOCK): 16 fp32 per thread at 4 warps

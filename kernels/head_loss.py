@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec
+from msf.kernels._common import INTERPRET, AotSpec, _round
 from msf.kernels import configs
 from msf.kernels.configs import PinnedKernel
 from msf.losses import DEFAULT_DICE_EPS
@@ -49,21 +49,6 @@ _TARGET_PROGRAMS = 1024
 # ----------------------------------------------------------------------------------------------
 # Device helpers shared by the forward, the backward and upsample_argmax.
 # ----------------------------------------------------------------------------------------------
-# Triton 3.6's interpreter converts fp32 → bf16 by truncation (its cast path ignores the rounding
-# mode), while the GPU rounds to nearest even. Under the interpreter, values about to be cast to
-# bf16 are first rounded to bf16-representable fp32 with integer ops, so both round the same way.
-_RNE_BEFORE_BF16_CAST: tl.constexpr = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr):
-    """`x.to(dtype)` rounding to nearest even on the GPU and under the interpreter alike."""
-    if _RNE_BEFORE_BF16_CAST:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -292,7 +277,7 @@ def _head_loss_bwd_kernel(
 
     g_base = grad_ptr + b.to(tl.int64) * stride_gb
     g_ptrs = g_base + offs_c[None, :] * stride_gc + (qi * stride_gh + qj * stride_gw)[:, None]
-    tl.store(g_ptrs, _to_dtype(acc, grad_ptr.dtype.element_ty), mask=cmask[None, :] & qmask[:, None])
+    tl.store(g_ptrs, _round(acc, grad_ptr.dtype.element_ty), mask=cmask[None, :] & qmask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +599,7 @@ def _bwd_flush(c, acc, dsc, geo, zero, lane, kb, gi, strip, b, h, w, n_strips, g
         for u in tl.static_range(S_W):
             col += tl.load(own + u, mask=k_ok, other=0.0)
             col += tl.load(own + (K * BLOCK_X - S_W) + u, mask=k_ok & (gi >= 1), other=0.0)
-        tl.store(row_out + kk * stride_gc, _to_dtype(col, g_base.dtype.element_ty),
+        tl.store(row_out + kk * stride_gc, _round(col, g_base.dtype.element_ty),
                  mask=k_ok & (gi >= 1) & (j < w))
         # the strip's first column still lacks the previous strip's part: to the halo
         tl.store(halo_a_ptr + halo_row + kk + gi * 0, col, mask=k_ok & (gi == 0))
@@ -748,7 +733,7 @@ def _head_loss_bwd_halo_kernel(
     for u in tl.static_range(S_W):
         v += tl.load(halo_b_ptr + prev * S_W + u, mask=mask, other=0.0)
     ptr = grad_ptr + b.to(tl.int64) * stride_gb + k * stride_gc + i * stride_gh + strip * cells_per_strip * stride_gw
-    tl.store(ptr, _to_dtype(v, grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr, _round(v, grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from msf.kernels._common import AotSpec
+from msf.kernels._common import AotSpec, _round
 from msf.kernels.configs import PinnedKernel
 from msf.kernels import head_loss as _hl
 from msf.kernels.head_loss import (LOGIT_DTYPES, MAX_CLASSES, _bands, _check_device, _k_pad, _row_taps, _rows_block,
-                               _rows_path, _source_index, _to_dtype, _upsampled_logits)
+                               _rows_path, _source_index, _upsampled_logits)
 
 __all__ = ["upsample_argmax", "eager_upsample_argmax", "AOT_SPECS"]
 
@@ -58,7 +58,7 @@ def _upsample_argmax_kernel(
     z = _upsampled_logits(l_base, offs_c, cmask, pmask, y0, y1, ly, x0, x1, lx,
                           stride_lc, stride_lh, stride_lw)
     # Round like eager's materialised upsample (a no-op for fp32); −inf padding survives the cast.
-    z = _to_dtype(z, logits_ptr.dtype.element_ty).to(tl.float32)
+    z = _round(z, logits_ptr.dtype.element_ty).to(tl.float32)
     label = tl.argmax(z, axis=1, tie_break_left=True)
     # NaN contract (docs/upsample_argmax.md): the lowest class whose value is NaN, as torch.argmax gives.
     # Stated explicitly because the GPU's max comparisons skip NaN while the interpreter's numpy
@@ -73,10 +73,10 @@ def _argmax_row(oy, top, bot, out_b, ox, xmask, H, W, scale_h, h, dtype: tl.cons
     """Labels of full-res row `oy` from its two horizontally interpolated low-res rows."""
     _, _, ly = _source_index(oy, scale_h, h)
     # ATen's outer term, rounded like eager's materialised upsample (a no-op for fp32)
-    best = _to_dtype((1.0 - ly) * top[0] + ly * bot[0], dtype).to(tl.float32)
+    best = _round((1.0 - ly) * top[0] + ly * bot[0], dtype).to(tl.float32)
     label = tl.zeros(best.shape, tl.int32)
     for k in tl.static_range(1, K):
-        zk = _to_dtype((1.0 - ly) * top[k] + ly * bot[k], dtype).to(tl.float32)
+        zk = _round((1.0 - ly) * top[k] + ly * bot[k], dtype).to(tl.float32)
         # strictly larger (ties keep the lower class), or the first NaN; a NaN once held stays:
         # the NaN contract (docs/upsample_argmax.md), the same on the GPU and in the interpreter
         take = ~(zk <= best) & (best == best)
