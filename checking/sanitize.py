@@ -282,11 +282,12 @@ def _decoder_case(b, h, w, chans, factors, e, dtype, dropout_p=0.0, autocast=Fal
     return run
 
 
-def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
+def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False, classes=0):
+    """LMSA forward and backward; with `classes`, `lmsa_classifier` (the classifier inside its kernels)."""
     def run():
         import torch
         from msf.backend import LMSAParams
-        from msf.kernels.lmsa import lmsa
+        from msf.kernels.lmsa import lmsa, lmsa_classifier
         r = 3 * c // 8
         ps = [_rand(c, 1, k, k, seed=k) / k for k in (3, 5, 7)] + [_rand(c, c, seed=10 + i) * c ** -0.5 for i in range(3)]
         ps += [_rand(c, seed=20 + i) * 0.3 for i in range(3)]
@@ -297,8 +298,13 @@ def _lmsa_case(b, c, h, w, dtype, layout="nchw", sliced=False):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         x = x.detach().requires_grad_()
-        out = lmsa(x, LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13]))
-        _backward(out, [x, *ps])
+        params = LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13])
+        if classes:
+            head = [(_rand(classes, c, seed=40) * c ** -0.5).to(dtype).requires_grad_(),
+                    (_rand(classes, seed=41) * 0.3).to(dtype).requires_grad_()]
+            _backward(lmsa_classifier(x, params, *head), [x, *ps, *head])
+        else:
+            _backward(lmsa(x, params), [x, *ps])
     return run
 
 
@@ -396,6 +402,11 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
             ("C16 9x8 bf16 channels-last", _lmsa_case(1, 16, 9, 8, bf16, "channels_last")),
             ("C32 1x1 fp16", _lmsa_case(1, 32, 1, 1, f16)),
             ("C16 7x3 fp32 sliced", _lmsa_case(1, 16, 7, 3, f32, sliced=True)),
+        ],
+        "lmsa_classifier": [
+            ("C16 9x8 bf16 channels-last, 19 classes", _lmsa_case(1, 16, 9, 8, bf16, "channels_last", classes=19)),
+            ("C32 5x7 fp32 sliced, 5 classes", _lmsa_case(2, 32, 5, 7, f32, sliced=True, classes=5)),
+            ("C16 3x4 fp16, 33 classes", _lmsa_case(1, 16, 3, 4, f16, classes=33)),
         ],
     }
 
