@@ -43,7 +43,7 @@ import test_attention as t_attn  # noqa: E402
 import test_attention_sublayer as t_sub  # noqa: E402
 import test_head_loss as t_hl  # noqa: E402
 import test_lmsa as t_lmsa  # noqa: E402
-from conftest import assert_close, poison_new_buffers  # noqa: E402
+from conftest import assert_close, assert_grads_close, poison_new_buffers  # noqa: E402
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
@@ -217,10 +217,24 @@ def test_attention_fuzzed(B, N, M, d, dtype, q_layout, chunk, scale, seed, poiso
             wide = torch.zeros(B, N, d + 8, dtype=dtype)
             wide[..., 4:4 + d] = q
             q = wide[..., 4:4 + d]
-    # bf16 on CPU: the interpreter's truncating fp32→bf16 casts (tests/test_attention_sublayer.py,
-    # INTERPRETER_BF16_TOL) put some drawn cases just above the GPU's 1e-2 (dk 1.05e-2 seen)
-    rel = t_sub._tol(dtype, "cpu") if dtype == torch.bfloat16 else None
-    t_attn._check_all(q, k, v, do, dtype, rel=rel, bwd_chunk_rows=chunk)
+    # bf16: 2.5e-2 (test_attention.py's fixed shapes hold 7e-3). A drawn single query is the hard
+    # case: the backward takes δ = Σ dO·O from the output rounded to bf16, as flash attention does,
+    # and dS_j = P_j (dP_j − δ) cancels where dP_j ≈ δ (N = 1, M = 7, d = 192 at q × 3: one dk element
+    # 11 % off, the three gradients 1.2e-2; 2026-12-07, with every rounding to nearest even)
+    rel = 2.5e-2 if dtype == torch.bfloat16 else t_attn._tol(dtype, "cpu")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attn_mod.attention(q, k, v, bwd_chunk_rows=chunk)
+    assert out.dtype == dtype and out.shape == q.shape
+    out.backward(do)
+    out_ref, *grads_ref = t_attn._reference(q, k, v, do)
+    tag = f"{dtype}, B×N×M×d={B}×{N}×{M}×{d}, q {q_layout}"
+    assert_close(out, out_ref, rel, f"out ({tag})")
+    grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+    assert all(g.dtype == dtype for g in grads.values()), {n: g.dtype for n, g in grads.items()}
+    # against the scale of all three gradients as well as each one's: with two keys (or two equal
+    # ones) dq and dk cancel to a small fraction of dv, and their own relative error is rounding noise
+    # (2026-12-07, N = M = 2: dk 5e-2 of its own norm in bf16, 1.4e-2 in fp16)
+    assert_grads_close(grads, dict(zip(grads, grads_ref)), rel, rel, f"gradients ({tag})")
 
 
 def _call_sublayer(leaves, fn, **kw):
@@ -253,9 +267,14 @@ def test_attention_sublayer_fuzzed(B, N, M, c, mode, chunks, seed, poisoned):
     assert_close(out - ours["residual"], out_ref - ref["residual"], tol, f"out − residual ({tag})")
     out.backward(ours["g"])
     out_ref.backward(ref["g"])
-    for name in ("x", "residual", "kv", "wq", "bq", "wo", "bo"):
+    names = ("x", "residual", "kv", "wq", "bq", "wo", "bo")
+    for name in names:
         assert ours[name].grad.dtype == ours[name].dtype, name
-        assert_close(ours[name].grad, ref[name].grad, tol, f"d{name} ({tag})")
+    # each gradient against its own scale plus a floor from the whole gradient's: with two keys and a
+    # few queries dq (so dx, dwq, dbq) can cancel to ~1e-3 of the rest (‖dbq‖ 0.03 beside ‖dwo‖ 32,
+    # 2026-12-07), where a relative error of that tensor alone measures rounding noise, not the kernels
+    assert_grads_close({n: ours[n].grad for n in names}, {n: ref[n].grad for n in names}, tol, tol,
+                       f"gradients ({tag})")
 
 
 @FUZZ
