@@ -292,4 +292,6 @@ def test_lmsa_fuzzed(B, c, H, W, dtype, layout, scale, seed, poisoned):
         elif layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     ps = t_lmsa._params(c, dtype, "cpu", seed + 1)
-    t_lmsa._run_case(x.requires_grad_(), ps, go)
+    # bf16: SPEC §7's 1e-2 (test_lmsa.py's fixed shapes hold 6e-3; at drawn shapes the gate's small
+    # tensors, e.g. FC1's 12-element bias at C = 32, reached 4.7e-3 over 16 random cases, 2026-12-07)
+    t_lmsa._run_case(x.requires_grad_(), ps, go, rel=1e-2 if dtype == torch.bfloat16 else None)
