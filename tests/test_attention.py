@@ -27,7 +27,10 @@ pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against 
 # (N, M, d): stages 1-4 (16384/4096/1024/256 queries, 256 keys, d = 32/64/128/192) scaled down
 STAGES = [(96, 64, 32), (70, 48, 64), (40, 32, 128), (33, 20, 192)]
 STAGE_IDS = [f"N{n}-M{m}-d{d}" for n, m, d in STAGES]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 7e-3, torch.float16: 2e-3}  # bf16: worst seen 4.1e-3 (dq), 2026-12-07
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# bf16 under the interpreter: worst seen 4.1e-3 (dq) at these shapes once every rounding went to
+# nearest even (2026-12-07); a GPU keeps SPEC §7's 1e-2 until one has been measured
+INTERPRETER_BF16_TOL = 7e-3
 TF32_TOL = 2e-3  # plain tf32 dots on a GPU (SPEC §7: about 3e-4 per product; gradients amplify it)
 
 
@@ -36,6 +39,8 @@ def _tol(dtype, device, allow_tf32=False):
     fp32 exactly whatever the precision."""
     if dtype == torch.float32 and device == "cuda" and allow_tf32:
         return TF32_TOL
+    if dtype == torch.bfloat16 and device == "cpu":
+        return INTERPRETER_BF16_TOL
     return TOL[dtype]
 
 

@@ -33,7 +33,14 @@ from conftest import KERNEL_DEVICES, assert_close, kernel_device, poison_new_buf
 
 pytestmark = pytest.mark.parity  # `run.py test -m parity`: the kernels against their references
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 3e-3}  # bf16: worst seen 3.3e-3 (dw_k), 2026-12-07
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+# bf16 under the interpreter: worst seen 3.3e-3 (∂w_k) at these shapes once every rounding went to
+# nearest even (2026-12-07); a GPU keeps SPEC §7's 1e-2 until one has been measured
+INTERPRETER_BF16_TOL = 6e-3
+
+
+def _tol(dtype, device) -> float:
+    return INTERPRETER_BF16_TOL if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else TOL[dtype]
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
               "fc1_w", "fc1_b", "fc2_w", "fc2_b")
 
@@ -84,7 +91,7 @@ def _run_case(x, ps, go, rel=None, autocast=False, head=()):
     `head` = [W_c, b_c]: `lmsa_classifier` (go is then the logits' gradient) against
     `eager_lmsa_classifier`."""
     dtype = x.dtype
-    rel = TOL[dtype] if rel is None else rel
+    rel = _tol(dtype, x.device) if rel is None else rel
     leaves = [x, *ps, *head]
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = lmsa_mod.lmsa_classifier(x, _pack(ps), *head) if head else lmsa_mod.lmsa(x, _pack(ps))
@@ -158,7 +165,7 @@ def test_bf16_activations_fp32_params(device, poisoned):
     device = _device(device)
     x, go = _inputs(2, 32, 8, 7, torch.bfloat16, device, seed=13, layout="channels_last")
     ps = _params(32, torch.float32, device, seed=14)
-    _run_case(x, ps, go, rel=TOL[torch.bfloat16], autocast=True)
+    _run_case(x, ps, go, rel=_tol(torch.bfloat16, device), autocast=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -205,7 +212,7 @@ def test_classifier_inside_autocast(device, poisoned):
     device = _device(device)
     x, _ = _inputs(2, 32, 8, 7, torch.bfloat16, device, seed=31, layout="channels_last")
     go = _inputs(2, 19, 8, 7, torch.bfloat16, device, seed=32, layout="channels_last")[0].detach()
-    _run_case(x, _params(32, torch.float32, device, seed=33), go, rel=TOL[torch.bfloat16], autocast=True,
+    _run_case(x, _params(32, torch.float32, device, seed=33), go, rel=_tol(torch.bfloat16, device), autocast=True,
               head=_classifier(19, 32, torch.float32, device, seed=34))
 
 
