@@ -100,9 +100,12 @@ def test_head_loss_fuzzed(B, K, h, w, sh, sw, dtype, layout, tdtype, tstrided, e
     ref = t_hl.reference_loss(x64, targets, eps)
     ref.backward()
     tag = f"B{B} K{K} {h}x{w} s{sh}x{sw} {dtype} {layout} scale {scale}"
-    t_hl.rel_error(loss, ref, f"loss ({tag})", t_hl.LOSS_TOL)
+    # K = 1: every softmax is 1 and the loss's gradient is exactly 0 in float64; the kernels leave
+    # fp32 rounding residue (3e-8 seen): judged against the size a gradient of this shape has
+    t_hl.rel_error(loss, ref, f"loss ({tag})", t_hl.LOSS_TOL, scale=t_hl.LOSS_SCALE)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    t_hl.rel_error(x.grad, x64.grad, f"dlogits ({tag})", t_hl.GRAD_TOL[dtype])
+    t_hl.rel_error(x.grad, x64.grad, f"dlogits ({tag})", t_hl.GRAD_TOL[dtype],
+                   scale=t_hl.gradient_scale(logits, targets))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on inf/NaN

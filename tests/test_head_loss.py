@@ -70,6 +70,20 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: floa
     return err
 
 
+# The scales below which an expected value counts as zero (`rel_error`'s `scale`): the loss is a
+# mean of O(1) terms (0.1); each full-resolution pixel adds O(1/N) to s_h·s_w low-res logits, so the
+# gradient's size is s_h·s_w·√numel / N, and every non-degenerate case of
+# test_head_loss_matches_float64_reference has a norm of 0.08–0.53 times that (measured in
+# float64): 0.05 of it never loosens them.
+LOSS_SCALE = 0.1
+
+
+def gradient_scale(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    n_pix = targets.numel()
+    cells = n_pix // (logits.shape[0] * logits.shape[-2] * logits.shape[-1])  # s_h·s_w
+    return 0.05 * cells * logits.numel() ** 0.5 / n_pix
+
+
 def reference_loss(logits64: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
     """CE + Dice (SPEC §4) of bilinearly upsampled logits, float64, written out."""
     up = F.interpolate(logits64, size=tuple(targets.shape[-2:]), mode="bilinear", align_corners=False)
@@ -163,15 +177,9 @@ def test_head_loss_matches_float64_reference(case, device):
     ref = reference_loss(x64, targets, eps)
     ref.backward()
 
-    # The scales below which an expected value counts as zero: the loss is a mean of O(1) terms
-    # (0.1); each full-resolution pixel adds O(1/N) to sh·sw low-res logits, so the gradient's
-    # size is sh·sw·√numel / N, and every non-degenerate case here has a norm of 0.08–0.53 times
-    # that (measured in float64): 0.05 of it never loosens them.
-    rel_error(loss, ref, f"{case} loss", LOSS_TOL, scale=0.1)
+    rel_error(loss, ref, f"{case} loss", LOSS_TOL, scale=LOSS_SCALE)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    n_pix = targets.numel()
-    rel_error(x.grad, x64.grad, f"{case} dL/dlogits", GRAD_TOL[dtype],
-              scale=0.05 * sh * sw * logits.numel() ** 0.5 / n_pix)
+    rel_error(x.grad, x64.grad, f"{case} dL/dlogits", GRAD_TOL[dtype], scale=gradient_scale(logits, targets))
 
 
 @pytest.mark.parametrize("device", DEVICES)
