@@ -40,7 +40,10 @@ INTERPRETER_BF16_TOL = 6e-3
 
 
 def _tol(dtype, device) -> float:
+    """The relative tolerance of a case in `dtype` run on `device` (the interpreter's on a CPU)."""
     return INTERPRETER_BF16_TOL if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else TOL[dtype]
+
+
 GRAD_NAMES = ("x", "dw3", "dw5", "dw7", "pw3", "pw5", "pw7", "pb3", "pb5", "pb7",
               "fc1_w", "fc1_b", "fc2_w", "fc2_b")
 
