@@ -115,7 +115,8 @@ def autocast_bf16_step():
             "arrivals": arrivals}
 
 
-# bf16 rounding of 100+ ops (truncating under the interpreter) apart. Measured 2026-11-29 on an AMD
+# bf16 rounding of 100+ ops apart (the kernels' then truncating under the interpreter; since
+# 2026-12-07 they round to nearest even there, as on a GPU: not re-measured). Measured 2026-11-29 on an AMD
 # EPYC with native AVX512-BF16 and with it disabled (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2):
 # whole-model relative error 1.14e-2 on both; per tensor, beyond 3% of its own norm, at most
 # 1.5e-3 of its floor (a q.bias of norm 1e-6 misses its own 6e-2 by 9e-2 on one CPU and not the other).
