@@ -37,12 +37,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # share SPEC §7's 1e-2. Measured on CPU: bf16 mixed-precision cases at most 6.8e-3 against the
 # autocast-rounded float64 reference.
 
-
-def _tol(dtype, device):
-    """The tolerance for `dtype` (the same on every device since the interpreter rounds as the GPU does)."""
-    return TOL[dtype]
-
-
 NAMES = ("x", "residual", "k", "v", "wq", "bq", "wo", "bo")
 
 
@@ -101,7 +95,7 @@ def test_sublayer_matches_float64(n, m, c, dtype, device, poisoned):
     # short chunks so the dK/dV partials and the weight-gradient partials each span several chunks
     out = _run(ours, sub_mod.attention_sublayer, bwd_chunk_rows=16, wg_chunk_rows=32)
     out_ref = _run(ref, sub_mod.attention_sublayer_eager)
-    tol = _tol(dtype, device)
+    tol = TOL[dtype]
     assert out.dtype == dtype
     fused = sub_mod.fused_supported(dtype, c)
     assert fused == (dtype != torch.float32 or c <= 128)
@@ -270,7 +264,7 @@ def test_mixed_precision_matches_autocast_rounded_float64(n, m, c, cdt, act, dev
     assert "AttentionSublayerFunction" in type(out.grad_fn).__name__
     assert out.dtype == act
     out_ref = _run(ref, _amp_reference(cdt, act))
-    tol = _tol(cdt, device)
+    tol = TOL[cdt]
     assert_close(out, out_ref, tol, f"out (N={n} M={m} C={c} mixed {cdt})")
     # the attention branch alone (out − residual), so the fp32 residual does not hide its error
     assert_close(out - ours["residual"], out_ref - ref["residual"], tol, f"y (N={n} M={m} C={c} mixed {cdt})")
@@ -302,7 +296,7 @@ def test_mixed_precision_matches_eager_autocast(n, m, c, device, poisoned):
     assert "AttentionSublayerFunction" in type(out.grad_fn).__name__
     assert out.dtype == out_eager.dtype == torch.float32
     # two bf16 computations, each about one bf16 rounding chain off the truth: twice the tolerance
-    tol = 2 * _tol(torch.bfloat16, device)
+    tol = 2 * TOL[torch.bfloat16]
     assert_close(out - ours["residual"], out_eager - eager["residual"], tol, "y vs eager autocast")
     for name in ("x", "residual", "kv", "wq", "bq", "wo", "bo"):
         assert ours[name].grad.dtype == eager[name].grad.dtype, name

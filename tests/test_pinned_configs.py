@@ -128,7 +128,7 @@ def test_attention_and_sublayer_at_the_gpu_tiles(gpu_kind, n, m, d):
     vals, _ = t_sub._inputs(2, n, m, d, torch.bfloat16, "cpu", seed=d + n)
     ours, ref = t_sub._leaves(vals, "cpu", torch.bfloat16), t_sub._leaves(vals, "cpu", torch.float64)
     out, out_ref = t_sub._run(ours, t_sub.sub_mod.attention_sublayer), t_sub._run(ref, t_sub.sub_mod.attention_sublayer_eager)
-    tol = t_sub._tol(torch.bfloat16, "cpu")
+    tol = t_sub.TOL[torch.bfloat16]
     t_sub.assert_close(out, out_ref, tol, f"sublayer out (d={d})")
     out.backward(ours["g"])
     out_ref.backward(ref["g"])
