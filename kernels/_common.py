@@ -156,6 +156,9 @@ class AotSpec:
     `num_stages` are the launch options of the configuration being reported. `archs`: the compute
     capabilities the configuration is allowed on (empty: all); a configuration pinned for one
     architecture only (`kernels/configs.json` keeps one entry per architecture) is built only there.
+    `attrs`: the specialisation Triton's launcher applies at run time (ASTSource's format, {(arg
+    index,): [["tt.divisibility", 16]]}: a pointer 16-byte aligned, an integer a multiple of 16),
+    where the spec states it; a build without it is pessimistic (scalar loads, more registers).
     """
 
     name: str
@@ -165,6 +168,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     archs: tuple[int, ...] = ()
+    attrs: dict = field(default_factory=dict)
 
     def builds_on(self, arch: int) -> bool:
         return not self.archs or arch in self.archs

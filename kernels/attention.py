@@ -27,7 +27,7 @@ sdpa, the instruction counts, and the designs tried and dropped (ieee fp32 dots,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -654,7 +654,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_tf32: 
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionAotSpec(AotSpec):
-    """`AotSpec` plus the `attrs` Triton's launcher would specialise on at the model's shapes.
+    """An `AotSpec` whose `attrs` state what Triton's launcher specialises on at the model's shapes.
 
     At run time Triton marks every pointer argument that is 16-byte aligned and every integer
     argument divisible by 16 with `tt.divisibility = 16`, which allows vectorised loads; at the
@@ -663,8 +663,6 @@ class AttentionAotSpec(AotSpec):
     {(arg index,): [["tt.divisibility", 16]]}) carries the rest. A build without `attrs` is a
     pessimistic estimate: scalar loads, up to twice the registers.
     """
-
-    attrs: dict = field(default_factory=dict)
 
 
 _AOT_M = 256  # the model's KV length at every stage (SPEC §2)

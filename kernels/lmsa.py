@@ -36,7 +36,6 @@ cost table and what the cost model said about the steps taken and not taken.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -83,12 +82,13 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
 _FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step;
-    # "_head": with the classifier inside (fp32's larger tile spills there; bf16's 32×32 on sm_80,
-    # whose pinned tile is 16×16, so its AOT spec builds for sm_90 only: `_aot_specs`)
+    # "_head": with the classifier inside (its GEMM's N is the classes: 16-pair tiles at 4 warps, 5 CTAs
+    # an SM, beat the 32-pair tiles, which take 174 registers at 8 warps; fp32's 32-pair tile spills)
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head",)),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head",)),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1), ("half_head", "fp32_head")),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head", "fp32_head")),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head", "fp32_head")),
 ]
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
@@ -98,12 +98,13 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E, dO and the NCLS × BJ accumulators
+_GRAM_HEAD_BJ = 16  # the classifier's gram kernel: its channel block, fixed (one ∂W_c partial row a block)
+_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E, dO and the NCLS × BJ accumulators (_GRAM_HEAD_BJ only)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
 ]
 # The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
 # pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
@@ -436,43 +437,56 @@ def _lmsa_fwd_kernel(
     slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
     the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
     D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C).
-    HEAD (the classifier inside, `lmsa_classifier`): also LOGITS[b, :, tile] = W_c · out + b_c, from
-    the out tile as stored (x's dtype), W_c (NCLS × C) and b_c rounded to x's dtype on load; K_PAD:
-    NCLS padded to a power of two ≥ 16 (the product's N). Unused pointers and strides otherwise."""
+    HEAD (the classifier inside, `lmsa_classifier`): the logits instead of out, never formed,
+        LOGITS[b, :, tile] = Σ_k V_k[b] · DW_k(x) + W_c · x + (W_c β[b] + b_c),   V_k = W_c W̃_k
+    with WG = V (B × 3 × NCLS × C, x's dtype: the GEMM's N is NCLS, not C), WC = W_c (NCLS × C, x's
+    dtype), BC = b_c (rounded to x's dtype on load); K_PAD: NCLS padded to a power of two ≥ 16 (the
+    products' N). OUT is then unused, as WC, BC, LOGITS and their strides are without HEAD."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
+    N_OUT: tl.constexpr = K_PAD if HEAD else C  # the GEMM's N: the classes, or LMSA's channels
     b = tl.program_id(1).to(tl.int64)
     h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_k = tl.arange(0, BK)
+    offs_n = tl.arange(0, N_OUT)
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
-    wg_base = WG + b * (3 * C * C)
-    offs_c = tl.arange(0, C)
+    if HEAD:
+        n_ok = (offs_n < NCLS)[None, :]
+        scale_stride = NCLS * C  # V_k[b] slices: BK (in) × K_PAD (classes)
+        wg_base = WG + b * (3 * NCLS * C) + offs_n[None, :] * C
+    else:
+        n_ok = None
+        scale_stride = C * C  # W̃_k[b]ᵀ slices: BK (in) × C (out)
+        wg_base = WG + b * (3 * C * C) + offs_n[None, :] * C
 
     da_ptr = D + (b * (H * W) + h * W + wa)[:, None] * (3 * C) + offs_k[None, :]
-    acc_a = tl.zeros([BLOCK_P, C], tl.float32)
-    acc_b = tl.zeros([BLOCK_P, C], tl.float32)
+    acc_a = tl.zeros([BLOCK_P, N_OUT], tl.float32)
+    acc_b = tl.zeros([BLOCK_P, N_OUT], tl.float32)
     for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
-        # W̃_k[b]ᵀ slices: BK (in) × C (out)
-        wt_ptr = wg_base + offs_c[None, :] * C + offs_j[:, None]
+        wt_ptr = wg_base + offs_j[:, None]
         da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        acc_a = _fwd_gemm(acc_a, da, wt_ptr, da_ptr + j0, mask_a, C, PRECISE)
-        acc_b = _fwd_gemm(acc_b, db, wt_ptr, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
+        acc_a = _fwd_gemm(acc_a, da, wt_ptr, scale_stride, n_ok, da_ptr + j0, mask_a, C, PRECISE)
+        acc_b = _fwd_gemm(acc_b, db, wt_ptr, scale_stride, n_ok, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
-    out_a = _fwd_finish(acc_a, X, BIAS, OUT, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, sob, soc, soh,
-                        sow, C, PACKED)
     if HEAD:
-        _fwd_classify(out_a, WC, BC, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
-    out_b = _fwd_finish(acc_b, X, BIAS, OUT, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, sob, soc, soh,
-                        sow, C, PACKED)
-    if HEAD:
-        _fwd_classify(out_b, WC, BC, LOGITS, b, h, wb, mask_b, NCLS, slb, slk, slh, slw, C, K_PAD, PRECISE)
+        wct, c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, X.dtype.element_ty, C, K_PAD)
+        xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_logits(acc_a, xc, wct, c_eff, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, K_PAD, PRECISE)
+        xc = _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_logits(acc_b, xc, wct, c_eff, LOGITS, b, h, wb, mask_b, NCLS, slb, slk, slh, slw, K_PAD, PRECISE)
+    else:
+        bias = tl.load(BIAS + b * C + offs_n)
+        xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_out(acc_a, xc, bias, OUT, b, h, wa, mask_a, sob, soc, soh, sow, C)
+        xc = _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_out(acc_b, xc, bias, OUT, b, h, wb, mask_b, sob, soc, soh, sow, C)
 
 
 @triton.jit
-def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
-    """acc += Σ_k DW_k slice · W̃_k[b]ᵀ slice for one K slice, d = (DW_3, DW_5, DW_7) of it, which
-    are also stored (as the GEMM takes them, in W̃'s dtype) into D at d_ptr (masked lanes: pixels
-    past the row)."""
+def _fwd_gemm(acc, d, wt_ptr, scale_stride, w_mask, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
+    """acc += Σ_k DW_k slice · (scale k's weight slice at wt_ptr + k·scale_stride, w_mask: its
+    columns that exist) for one K slice, d = (DW_3, DW_5, DW_7) of it, which are also stored (as
+    the GEMM takes them, in the weights' dtype) into D at d_ptr (masked lanes: pixels past the row)."""
     d3, d5, d7 = d
     d3 = _round(d3, wt_ptr.dtype.element_ty)
     d5 = _round(d5, wt_ptr.dtype.element_ty)
@@ -480,47 +494,68 @@ def _fwd_gemm(acc, d, wt_ptr, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexp
     tl.store(d_ptr, d3, mask=mask[:, None])
     tl.store(d_ptr + C, d5, mask=mask[:, None])
     tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
-    acc += _mm(d3, tl.load(wt_ptr), PRECISE)
-    acc += _mm(d5, tl.load(wt_ptr + C * C), PRECISE)
-    acc += _mm(d7, tl.load(wt_ptr + 2 * C * C), PRECISE)
+    acc += _mm(d3, _weights(wt_ptr, w_mask), PRECISE)
+    acc += _mm(d5, _weights(wt_ptr + scale_stride, w_mask), PRECISE)
+    acc += _mm(d7, _weights(wt_ptr + 2 * scale_stride, w_mask), PRECISE)
     return acc
 
 
 @triton.jit
-def _fwd_finish(acc, X, BIAS, OUT, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw, sob, soc, soh, sow, C: tl.constexpr,
-                PACKED: tl.constexpr):
-    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row); x
-    also goes to the backward's word-ordered copy at pixels xw_pix (`_lmsa_bwd_wgrad_kernel`):
-    PACKED, bf16 with the channel halves interleaved (position 2m + r = channel m + r·C/2, the
-    layout of the packed E_k); else fp32 in channel order."""
+def _weights(ptr, mask):
+    """A weight tile; mask None: every element exists (no masked load)."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_x(X, XW, xw_pix, b, h, w, mask, sxb, sxc, sxh, sxw, C: tl.constexpr, PACKED: tl.constexpr):
+    """x at pixels (h, w) (BLOCK_P × C, x's dtype; masked lanes 0), also stored into the backward's
+    word-ordered copy at pixels xw_pix (`_lmsa_bwd_wgrad_kernel`): PACKED, bf16 with the channel
+    halves interleaved (position 2m + r = channel m + r·C/2, the layout of the packed E_k); else
+    fp32 in channel order."""
     offs_c = tl.arange(0, C)
-    bias = tl.load(BIAS + b * C + offs_c)
     xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None], other=0.0)
     xw = xc.to(XW.dtype.element_ty)
     if PACKED:  # [halves, C/2] → [C/2, halves] per pixel, in registers: the store stays contiguous
         xw = tl.reshape(tl.permute(tl.reshape(xw, [xw.shape[0], 2, C // 2]), (0, 2, 1)), [xw.shape[0], C])
     tl.store(XW + xw_pix[:, None] * C + offs_c[None, :], xw, mask=mask[:, None])
-    acc += bias[None, :] + xc.to(tl.float32)
-    out = _round(acc, OUT.dtype.element_ty)
-    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc, out, mask=mask[:, None])
-    return out
+    return xc
 
 
 @triton.jit
-def _fwd_classify(out, WC, BC, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, C: tl.constexpr,
-                  K_PAD: tl.constexpr, PRECISE: tl.constexpr):
-    """logits = out · W_cᵀ + b_c at pixels (h, w) (out: BLOCK_P × C in x's dtype, as stored), fp32
-    accumulated, W_c and b_c rounded to x's dtype first (as autocast hands them to the convolution;
-    `_round`: to nearest even under the interpreter too). Loaded for each pixel of the pairs: held
-    across the second pixel's epilogue they cost the kernel half its occupancy."""
+def _fwd_out(acc, xc, bias, OUT, b, h, w, mask, sob, soc, soh, sow, C: tl.constexpr):
+    """out = acc + β[b] + x at pixels (h, w), stored once (masked lanes: pixels past the row)."""
+    offs_c = tl.arange(0, C)
+    out = _round(acc + (bias[None, :] + xc.to(tl.float32)), OUT.dtype.element_ty)
+    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_c[None, :] * soc, out, mask=mask[:, None])
+
+
+@triton.jit
+def _classifier_terms(WC, BC, BIAS, b, NCLS, dtype: tl.constexpr, C: tl.constexpr, K_PAD: tl.constexpr):
+    """(W_cᵀ as the product takes it: C × K_PAD in `dtype`, zero past NCLS; W_c β[b] + b_c, fp32
+    K_PAD): what the logits add to Σ_k V_k DW_k(x), once a program. b_c is rounded to x's dtype,
+    as autocast hands it to the convolution; β stays fp32 (the eager out it belongs to is formed
+    in fp32 before its rounding)."""
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
     wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # C × K_PAD
-    bias = _round(tl.load(BC + offs_k, mask=k_ok, other=0.0), out.dtype).to(tl.float32)
-    logits = _mm(out, _round(wct, out.dtype), PRECISE) + bias[None, :]
+    beta = tl.load(BIAS + b * C + offs_c)
+    bias = _round(tl.load(BC + offs_k, mask=k_ok, other=0.0), dtype).to(tl.float32)
+    return wct, tl.sum(wct.to(tl.float32) * beta[:, None], 0) + bias
+
+
+@triton.jit
+def _fwd_logits(acc, xc, wct, c_eff, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, K_PAD: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """logits = acc + x · W_cᵀ + c_eff at pixels (h, w) (acc = Σ_k V_k DW_k(x) for them), rounded to
+    the logits' dtype and stored (masked lanes: pixels past the row)."""
+    offs_k = tl.arange(0, K_PAD)
+    logits = acc + _mm(xc, wct, PRECISE) + c_eff[None, :]
     tl.store(LOGITS + b * slb + (h * slh + w * slw)[:, None] + offs_k[None, :] * slk,
-             _round(logits, LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
+             _round(logits, LOGITS.dtype.element_ty), mask=mask[:, None] & (offs_k < NCLS)[None, :])
 
 
 _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"], headed=True)
@@ -629,14 +664,16 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 #     dO = W_cᵀ dL,   so   E_k = W̃_kᵀ dO = V_kᵀ dL   with V_k = W_c W̃_k (NCLS × C a sample: the host)
 #                          M_k = dO D_kᵀ = W_cᵀ N_k   with N_k = dL D_kᵀ (NCLS × C: summed here)
 #                          Σ_p dO = W_cᵀ Σ_p dL
-#     ∂L/∂W_c = Σ_b Σ_p dL out_pᵀ,   ∂L/∂b_c = Σ_b Σ_p dL          (out: LMSA's output)
+#     ∂L/∂W_c = Σ_b Σ_p dL out_pᵀ = Σ_b [Σ_p dL x_pᵀ + (Σ_p dL) βᵀ + Σ_k N_k W̃_kᵀ]   (out = x + β + Σ_k W̃_k D_k,
+#               which the forward never forms: each program adds its channel block's share of the three)
+#     ∂L/∂b_c = Σ_b Σ_p dL
 # Every product takes K = NCLS (padded to K_PAD) where the plain kernel's take K = C or C × C
 # accumulators: N_k is NCLS × BJ, M_k's C × C product runs once a sample on the host.
 @triton.jit
 def _lmsa_bwd_gram_head_kernel(
-    D, DL, V, WC, OUT, DO, NP, WCP, E3, E5, E7,
+    D, DL, V, WC, X, WG, BETA, DO, NP, WCP, E3, E5, E7,
     slb, slk, slh, slw,
-    sob, soc, soh, sow,
+    sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     H, W, NCLS,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, K_PAD: tl.constexpr,
@@ -648,12 +685,17 @@ def _lmsa_bwd_gram_head_kernel(
         DO[b, j, p]                  = Σ_κ W_c[κ, j] dL[κ, p]      (x's dtype, for the dx kernel)
         NP[pid, b, k·NCLS·C + κ·C + j] = Σ_p dL[κ, p] D_k[j, p]    (N_k; D as the forward stored it)
         NP[pid, b, 3·NCLS·C + κ]       = Σ_p dL[κ, p]              (pid_j = 0)
-        WCP[pid, b, κ·C + j]           = Σ_p dL[κ, p] out[j, p]    (∂L/∂W_c's partial)
-        WCP[pid, b, NCLS·C + κ]        = Σ_p dL[κ, p]              (∂L/∂b_c's; pid_j = 0)
+        WCP[pid, b, pid_j, κ·C + c]    = Σ_{k, j in the block} N_k[κ, j] W̃_k[b][c, j]   (∂L/∂W_c's partial)
+                                         + [c in the block] Σ_p dL[κ, p] x[c, p]
+                                         + [pid_j = 0] Σ_p dL[κ, p] β[b, c]
+        WCP[pid, b, pid_j, NCLS·C + κ] = [pid_j = 0] Σ_p dL[κ, p]                    (∂L/∂b_c's)
     dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; W_c: NCLS × C
-    (rounded to x's dtype on load); out, DO: B × C × H × W (strides so*, sg*). NP, WCP fp32,
+    (x's dtype); x, DO: B × C × H × W (strides sx*, sg*); W̃: B × 3 × C × C (x's dtype), β: B × C
+    (fp32). WCP has a row per (chunk, image, channel block): BLOCK_J is fixed at 16 (the allow-list),
+    so its layout, and the order of its sums, do not depend on the configuration. NP, WCP fp32,
     chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    tl.static_assert(BLOCK_J == 16, "one ∂W_c partial row a 16-channel block, whatever the configuration")
+    BJ: tl.constexpr = BLOCK_J
     pid_j = tl.program_id(0)
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -688,9 +730,9 @@ def _lmsa_bwd_gram_head_kernel(
             n3 += _mm(dlt, tl.load(d_ptr), PRECISE)
             n5 += _mm(dlt, tl.load(d_ptr + C), PRECISE)
             n7 += _mm(dlt, tl.load(d_ptr + 2 * C), PRECISE)
-            out = tl.load(OUT + b * sob + (h * soh + w * sow)[:, None] + offs_j[None, :] * soc,
-                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
-            acc_wc += _mm(dlt, out, PRECISE)
+            xt = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_j[None, :] * sxc,
+                         mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
+            acc_wc += _mm(dlt, xt, PRECISE)
             if pid_j == 0:  # one channel block sums dL (a reduction across the pixel lanes)
                 dl_sum += tl.sum(dl.to(tl.float32), 0)
 
@@ -700,9 +742,20 @@ def _lmsa_bwd_gram_head_kernel(
     tl.store(np_ + NCLS * C, n5, mask=k_ok[:, None])
     tl.store(np_ + 2 * NCLS * C, n7, mask=k_ok[:, None])
     tl.store(NP + part * (3 * NCLS * C + NCLS) + 3 * NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
-    wcp = WCP + part * (NCLS * (C + 1))  # [∂W_c | ∂b_c] partial row of the (chunk, image)
-    tl.store(wcp + offs_k[:, None] * C + offs_j[None, :], acc_wc, mask=k_ok[:, None])
-    tl.store(wcp + NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
+    # ∂W_c's partial row: the block's N_k W̃_kᵀ at every column (fp32 products: tf32x3), its dL xᵀ at its
+    # own columns, (Σ_p dL) βᵀ once an image (pid_j = 0: dl_sum is 0 elsewhere); BJ columns at a time
+    # (a K_PAD × C tile at once takes the kernel from 4 CTAs an SM to 3)
+    wcp = WCP + (part * (C // BJ) + pid_j) * (NCLS * (C + 1))  # [∂W_c | ∂b_c] partial row
+    for c0 in range(0, C, BJ):
+        offs_c = c0 + tl.arange(0, BJ)
+        wg_ptr = WG + (b * 3 * C + offs_c[None, :]) * C + offs_j[:, None]  # W̃_3[b][c, j]ᵀ: BJ × BJ
+        wcn = _mm(n3, tl.load(wg_ptr).to(tl.float32), True)
+        wcn += _mm(n5, tl.load(wg_ptr + C * C).to(tl.float32), True)
+        wcn += _mm(n7, tl.load(wg_ptr + 2 * C * C).to(tl.float32), True)
+        wcn += dl_sum[:, None] * tl.load(BETA + b * C + offs_c)[None, :]
+        wcn += tl.where(c0 == pid_j * BJ, acc_wc, 0.0)
+        tl.store(wcp + offs_k[:, None] * C + offs_c[None, :], wcn, mask=k_ok[:, None])
+    tl.store(wcp + NCLS * C + offs_k, dl_sum, mask=k_ok)
 
 
 _lmsa_bwd_gram_head_kernel = _pinned("lmsa.gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
@@ -837,7 +890,7 @@ def _wgrad_sweep(XW, E3, E5, E7, out, offs_w, di, b, H, W, WPAD, pid, C: tl.cons
             mask = offs_p < H * NS
             ws = S * q
             hc = tl.minimum(h, H - 1)  # past the image: a valid row for E (its x is 0)
-            # x from the forward's word-ordered copy (`_fwd_finish`): zero past the row (WPAD is a
+            # x from the forward's word-ordered copy (`_fwd_x`): zero past the row (WPAD is a
             # multiple of S) and in row H, where lanes past the image read, so no masks
             x_row = (b * (H + 1) + tl.where(mask, h, H)) * WPAD + ws
             xl = ()
@@ -1317,8 +1370,11 @@ def _on_cells(h: int, w: int, dw_flat) -> torch.Tensor:
         return (_gap_taps(h, w, taps.device) @ taps).view(len(KERNEL_SIZES), _CELLS * _CELLS, -1)
 
 
-_GATE_FWD_WARPS = 8   # the per-sample gate kernels (4 predicted 2× slower; the backward at 16 was faster
-_GATE_BWD_WARPS = 8   # on sm_90 but spills on sm_80)
+# the per-sample gate kernels (4 warps predicted 2× slower). The backward at 8 warps spills 4 B on sm_80
+# with the launch's specialisation (ptxas holds it to 64 registers; seen once the AOT builds took the
+# launch's `attrs`, 2026-12-07); at 16 it does not, and is faster (H100 20.6 → 13.2 µs, A100 32.6 → 29.0)
+_GATE_FWD_WARPS = 8
+_GATE_BWD_WARPS = 16
 _GATE_PARAMS_WARPS = 8  # the gate's parameter kernel
 
 
@@ -1389,10 +1445,12 @@ def _dw_flat(dws):
 
 class _Kept(NamedTuple):
     """What the forward hands the backward beside the saved tensors (`LMSAFunction` keeps it): the
-    depthwise taps tap-major (`_dw_flat`), the cells' weights (`_on_cells`) and the gate's STATE."""
+    depthwise taps tap-major (`_dw_flat`), the cells' weights (`_on_cells`), the gate's STATE and,
+    with the classifier, (W_c in x's dtype, V = W_c W̃) (`_classifier_weights`; else None)."""
     dw_flat: list
     onc: torch.Tensor
     state: torch.Tensor
+    head: tuple | None = None
 
 
 def _k_pad(ncls: int) -> int:
@@ -1401,29 +1459,41 @@ def _k_pad(ncls: int) -> int:
 
 
 def _forward(x, params, precise, keep: bool = False, head=None):
-    """out, P, W̃, D, XW (module docstring), with `keep` a `_Kept` for the backward (else None, and
-    the backward builds its contents again), and with `head` = (W_c, b_c) the classifier's logits
-    (B × NCLS × H × W, x's dtype and memory format; else None)."""
+    """(out, P, W̃, D, XW, kept, None) (module docstring), with `keep` a `_Kept` for the backward (else
+    None, and the backward builds its contents again). With `head` = (W_c, b_c), the classifier's:
+    (β, P, W̃, D, XW, kept, logits): LMSA's out is never formed (the kernel's HEAD), and the backward
+    takes β (B × C fp32) in its place for ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and memory format."""
     b, c, h, w = x.shape
     P, xp = _stats(x, precise)
     dw_flat = _dw_flat(params[0:3])
     onc = _on_cells(h, w, dw_flat)
     wg, beta, state = _gate_forward(P, onc, params, x.dtype)
-    out = _new_like(x)
     dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
     xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
-    wc, bc, logits, ncls = out, out, out, 1  # (the classifier's arguments: unused pointers without it)
-    if head is not None:
+    if head is None:
+        out = _new_like(x)
+        weights, wc, bc, logits, ncls = wg, out, out, out, 1  # (unused pointers without the classifier)
+    else:
         wc, bc = _dense(head)
         ncls = wc.shape[0]
-        logits = _new_like(x, ncls)
+        wc, v = _classifier_weights(wc, wg)
+        out, weights, logits = x, v, _new_like(x, ncls)  # (OUT: an unused pointer)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, wg, beta, *dw_flat, out, dsave, xw, wc, bc, logits, *x.stride(), *out.stride(), *logits.stride(),
-        h, w, xw.shape[2], ncls,
+        x, xp, weights, beta, *dw_flat, out, dsave, xw, wc, bc, logits, *x.stride(), *out.stride(),
+        *logits.stride(), h, w, xw.shape[2], ncls,
         C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16, HEAD=head is not None,
         K_PAD=_k_pad(ncls))
-    return out, P, wg, dsave, xw, _Kept(dw_flat, onc, state) if keep else None, None if head is None else logits
+    kept = _Kept(dw_flat, onc, state, None if head is None else (wc, v)) if keep else None
+    return (out, P, wg, dsave, xw, kept, None) if head is None else (beta, P, wg, dsave, xw, kept, logits)
+
+
+def _classifier_weights(wc: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_c in W̃'s dtype, as autocast's copy would be; V_k = W_c W̃_k: B × 3 × NCLS × C in W̃'s dtype,
+    what the forward's GEMM and the backward's E_k product take): two launches."""
+    with autocast_off(wg.device.type):
+        wc_x = wc.detach().to(wg.dtype)
+        return wc_x, torch.matmul(wc_x, wg)
 
 
 def _word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1474,7 +1544,7 @@ def _word_ordered_x(b: int, h: int, w: int, c: int, dtype, device) -> torch.Tens
 def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None, head=None):
     """dx and the parameters' gradients. `kept`: the forward's `_Kept`, or None to build the gate
     graph and the tap-major taps again (what the `msf::lmsa_backward` operator does). `head` =
-    (out, W_c, b_c): g is the classifier's logits' gradient (x's dtype), out LMSA's output, and the
+    (β, W_c, b_c): g is the classifier's logits' gradient (x's dtype), β the forward's, and the
     parameters' gradients end with W_c's and b_c's."""
     b, c, h, w = x.shape
     dws = params[0:3]
@@ -1497,17 +1567,16 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
             dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
             C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
     else:  # the classifier inside: dO formed from dL (the math above `_lmsa_bwd_gram_head_kernel`)
-        out, wc, bc = head
+        beta, wc, bc = head
         ncls = wc.shape[0]
         dl, g = g, _new_like(x)  # dO: written by the gram kernel for the dx kernel
-        with autocast_off(x.device.type):
-            wc_x = wc.detach().to(x.dtype)  # W_c as the products take it (autocast's copy)
-            v = torch.matmul(wc_x, wg)  # V_k = W_c W̃_k: B × 3 × NCLS × C, x's dtype
+        wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
         n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
-        wc_part = _new((n_chunks * b, ncls * (c + 1)), x.device, torch.float32)  # [∂W_c | ∂b_c] rows
+        # [∂W_c | ∂b_c] rows, one a (chunk, image, channel block of the kernel's fixed 16)
+        wc_part = _new((n_chunks * b * (c // _GRAM_HEAD_BJ), ncls * (c + 1)), x.device, torch.float32)
         _lmsa_bwd_gram_head_kernel[grid](
-            dsave, dl, v, wc_x, out, g, n_part, wc_part, *ek, *dl.stride(), *out.stride(), *g.stride(), h, w, ncls,
-            C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
+            dsave, dl, v, wc_x, x, wg, beta, g, n_part, wc_part, *ek, *dl.stride(), *x.stride(), *g.stride(),
+            h, w, ncls, C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
     strips = h * triton.cdiv(w, _WGRAD_STRIP)
@@ -1548,7 +1617,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         onc = _on_cells(h, w, dw_flat)
         state = _gate_forward(P, onc, params, x.dtype)[2]
     else:
-        dw_flat, onc, state = kept
+        dw_flat, onc, state, _ = kept
     t_cells, pgrads = _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w)
 
     # 3. dx, written once, from the E_k the gram kernel stored
@@ -1570,18 +1639,18 @@ class LMSAFunction(torch.autograd.Function):
     the classifier's W_c (NCLS × C) and b_c (`lmsa_classifier`: the output is then its logits).
     Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
     the backward's gram kernel needs no depthwise sweep), x in the wgrad kernel's word order (XW),
-    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C), and with the classifier LMSA's output (for
-    ∂L/∂W_c); never f_k."""
+    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C), and with the classifier β (B×C fp32, for
+    ∂L/∂W_c); never f_k, nor with the classifier LMSA's output."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
         params, head = params[:_N_PARAMS], params[_N_PARAMS:] or None
-        out, P, wg, dsave, xw, kept, logits = _forward(x, params, precise, keep=True, head=head)
-        ctx.save_for_backward(x, dsave, xw, P, wg, *params, *((out, *head) if head else ()))
+        out_or_beta, P, wg, dsave, xw, kept, logits = _forward(x, params, precise, keep=True, head=head)
+        ctx.save_for_backward(x, dsave, xw, P, wg, *params, *((out_or_beta, *head) if head else ()))
         ctx.precise = precise
         ctx.kept = kept  # the gate graph (tiny: B×C×7×7 and smaller) and the taps: not built again
-        return out if head is None else logits
+        return out_or_beta if head is None else logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1675,6 +1744,17 @@ _AOT_DTYPES = {"bf16": False, "fp32": True}
 _AOT_CLASSES = 19
 
 
+# the integer arguments that are not multiples of 16 at the model's shape (19 classes: the logits'
+# pixel stride too; 7 cell rows and columns; 4-8 chunks): every other pointer and integer is, and
+# Triton's launcher marks those `tt.divisibility = 16` (the AOT builds then vectorise as the GPU's do)
+_AOT_NOT_DIVISIBLE = frozenset({"NCLS", "slw", "TH", "TW", "n_chunks"})
+
+
+def _aot_attrs(jit_fn, signature: dict) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(jit_fn.arg_names)
+            if a in signature and a not in _AOT_NOT_DIVISIBLE}
+
+
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     """(AOT_SPECS, AOT_SPECS_SLOW): every (kernel, dtype, config) of the config lists. The wgrad
     kernel's unrolled strip sweeps take ptxas ~35-50 s a build, so only its first (pinned) config
@@ -1701,7 +1781,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
         ) + tuple(  # without and with the classifier (`lmsa_classifier`: the model's 19 classes)
             ("fwd_head" if head else "fwd", _lmsa_fwd_kernel, _FWD_TABLE,
              {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32",
-              "OUT": dt, "D": dt, "XW": et, "WC": "*fp32", "BC": "*fp32", "LOGITS": dt},
+              "OUT": dt, "D": dt, "XW": et, "WC": dt, "BC": "*fp32", "LOGITS": dt},
              ["H", "W", "WPAD", "NCLS"], {"PACKED": packed, "HEAD": head, "K_PAD": _k_pad(_AOT_CLASSES)})
             for head in (False, True)
         ) + (
@@ -1709,7 +1789,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
             ("gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
-             {"D": dt, "DL": dt, "V": dt, "WC": dt, "OUT": dt, "DO": dt, "NP": "*fp32", "WCP": "*fp32",
+             {"D": dt, "DL": dt, "V": dt, "WC": dt, "X": dt, "WG": dt, "BETA": "*fp32", "DO": dt, "NP": "*fp32", "WCP": "*fp32",
               "E3": et, "E5": et, "E7": et},
              ["H", "W", "NCLS"], {"CHUNK_PIX": gram_chunk, "PACKED": packed, "K_PAD": _k_pad(_AOT_CLASSES)}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
@@ -1732,14 +1812,13 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                     elif a.startswith("s") and len(a) == 3 or a in ints:
                         sig[a] = "i32"
                 const = {"C": _AOT_C, **extra, **cfg.kwargs, **unit}
+                attrs = _aot_attrs(jit_fn, sig)
                 if "PRECISE" in jit_fn.arg_names:
                     const["PRECISE"] = precise
                 tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())
                 spec = AotSpec(name=f"lmsa.{name}_{dname}_{tag}_w{cfg.num_warps}_s{cfg.num_stages}",
                                fn=jit_fn, signature=sig, constexprs=const,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                if name == "fwd_head" and not precise and (cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_K"]) == (32, 32):
-                    spec = dataclasses.replace(spec, archs=(90,))  # (44 B of spill on sm_80)
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, attrs=attrs)
                 (slow if name.startswith("wgrad") and i > 0 else specs).append(spec)
     # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
     hid = 3 * _AOT_C // 8  # the model's SE reduction
@@ -1751,7 +1830,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
             sig = {a: "i32" if a in ("HID", "B") else ("*" + dname if a == "WG" else "*fp32")
                    for a in fn.arg_names if a not in gate}
             specs.append(AotSpec(name=f"lmsa.{fn.__name__.strip('_')}_{dname}", fn=fn, signature=sig,
-                                 constexprs=dict(gate), num_warps=warps, num_stages=1))
+                                 constexprs=dict(gate), num_warps=warps, num_stages=1, attrs=_aot_attrs(fn, sig)))
     return specs, slow
 
 

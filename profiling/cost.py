@@ -846,10 +846,12 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
                 + [e(3 * c // 8, 3 * c), e(3 * c // 8), e(3 * c, 3 * c // 8), e(3 * c)]
             # the model's: the classifier inside, its fp32 master weight and bias
             head = (e(NUM_CLASSES, c, dtype=f32), e(NUM_CLASSES, dtype=f32)) if op == "lmsa_classifier" else None
-            out, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True, head=head)  # as LMSAFunction
+            # as LMSAFunction; with the classifier, the forward's first result is β (out is never formed)
+            out_or_beta, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True, head=head)
             pass_ref[0] = "bwd"
             grad = _cl(batch, NUM_CLASSES if head else c, hw, hw, bf16)  # ∂L/∂logits, or ∂L/∂out
-            lmsa._backward(x, dsave, xw, grad, P, wg, params, False, kept, None if head is None else (out, *head))
+            lmsa._backward(x, dsave, xw, grad, P, wg, params, False, kept,
+                           None if head is None else (out_or_beta, *head))
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

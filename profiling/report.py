@@ -112,7 +112,7 @@ def compile_spec(spec, arch: int, tool: Path) -> dict[str, int]:
         raise ValueError(f"AotSpec {spec.name} gives no type or value for arguments {missing}")
     # `attrs` (e.g. tt.divisibility of pointers and strides) is the specialisation Triton's launcher
     # applies at run time; a spec that states it is built as the GPU would build it.
-    compiled = build(fn, signature, constexprs, getattr(spec, "attrs", None), arch,
+    compiled = build(fn, signature, constexprs, spec.attrs or None, arch,
                      {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     return usage_of(compiled, arch, tool)
 
