@@ -82,10 +82,11 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
 _FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step;
-    # "_head": with the classifier inside (its GEMM's N is the classes: 16-pair tiles at 4 warps, 5 CTAs
-    # an SM, beat the 32-pair tiles, which take 174 registers at 8 warps; fp32's 32-pair tile spills)
+    # "_head": with the classifier inside (its GEMM's N is the classes: 4-warp tiles, 4-5 CTAs an SM, beat
+    # the 8-warp ones the plain forward pins, on the cost model; fp32 is offered 16-pair tiles only)
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head",)),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1), ("half_head",)),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1), ("half_head", "fp32_head")),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head", "fp32_head")),
@@ -469,11 +470,13 @@ def _lmsa_fwd_kernel(
         acc_b = _fwd_gemm(acc_b, db, wt_ptr, scale_stride, n_ok, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
     if HEAD:
-        wct, c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, X.dtype.element_ty, C, K_PAD)
-        xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
-        _fwd_logits(acc_a, xc, wct, c_eff, LOGITS, b, h, wa, mask_a, NCLS, slb, slk, slh, slw, K_PAD, PRECISE)
-        xc = _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
-        _fwd_logits(acc_b, xc, wct, c_eff, LOGITS, b, h, wb, mask_b, NCLS, slb, slk, slh, slw, K_PAD, PRECISE)
+        c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, X.dtype.element_ty, C, K_PAD)
+        _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_logits(acc_a, X, WC, c_eff, LOGITS, b, h, wa, mask_a, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
+                    C, K_PAD, BK, PRECISE)
+        _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
+        _fwd_logits(acc_b, X, WC, c_eff, LOGITS, b, h, wb, mask_b, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
+                    C, K_PAD, BK, PRECISE)
     else:
         bias = tl.load(BIAS + b * C + offs_n)
         xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
@@ -534,28 +537,35 @@ def _fwd_out(acc, xc, bias, OUT, b, h, w, mask, sob, soc, soh, sow, C: tl.conste
 
 @triton.jit
 def _classifier_terms(WC, BC, BIAS, b, NCLS, dtype: tl.constexpr, C: tl.constexpr, K_PAD: tl.constexpr):
-    """(W_cᵀ as the product takes it: C × K_PAD in `dtype`, zero past NCLS; W_c β[b] + b_c, fp32
-    K_PAD): what the logits add to Σ_k V_k DW_k(x), once a program. b_c is rounded to x's dtype,
-    as autocast hands it to the convolution; β stays fp32 (the eager out it belongs to is formed
-    in fp32 before its rounding)."""
+    """W_c β[b] + b_c (fp32, K_PAD; 0 past NCLS): what the logits add to Σ_k V_k DW_k(x) + W_c x, once
+    a program. W_c is in x's dtype already; b_c is rounded to it, as autocast hands it to the
+    convolution; β stays fp32 (the eager out it belongs to is formed in fp32 before its rounding)."""
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
     wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # C × K_PAD
     beta = tl.load(BIAS + b * C + offs_c)
     bias = _round(tl.load(BC + offs_k, mask=k_ok, other=0.0), dtype).to(tl.float32)
-    return wct, tl.sum(wct.to(tl.float32) * beta[:, None], 0) + bias
+    return tl.sum(wct.to(tl.float32) * beta[:, None], 0) + bias
 
 
 @triton.jit
-def _fwd_logits(acc, xc, wct, c_eff, LOGITS, b, h, w, mask, NCLS, slb, slk, slh, slw, K_PAD: tl.constexpr,
-                PRECISE: tl.constexpr):
+def _fwd_logits(acc, X, WC, c_eff, LOGITS, b, h, w, mask, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
+                C: tl.constexpr, K_PAD: tl.constexpr, BK: tl.constexpr, PRECISE: tl.constexpr):
     """logits = acc + x · W_cᵀ + c_eff at pixels (h, w) (acc = Σ_k V_k DW_k(x) for them), rounded to
-    the logits' dtype and stored (masked lanes: pixels past the row)."""
+    the logits' dtype and stored (masked lanes: pixels past the row). x and W_cᵀ are taken BK
+    channels at a time (x again, from L1: the whole C-wide tiles at once cost the kernel half its
+    occupancy)."""
     offs_k = tl.arange(0, K_PAD)
-    logits = acc + _mm(xc, wct, PRECISE) + c_eff[None, :]
+    k_ok = offs_k < NCLS
+    for c0 in range(0, C, BK):
+        offs_c = c0 + tl.arange(0, BK)
+        xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None],
+                     other=0.0)
+        wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # BK × K_PAD
+        acc += _mm(xc, wct, PRECISE)
     tl.store(LOGITS + b * slb + (h * slh + w * slw)[:, None] + offs_k[None, :] * slk,
-             _round(logits, LOGITS.dtype.element_ty), mask=mask[:, None] & (offs_k < NCLS)[None, :])
+             _round(acc + c_eff[None, :], LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
 
 
 _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"], headed=True)
