@@ -117,9 +117,11 @@ _WGRAD_TABLE = [  # BLOCK_S: strips per tile, BLOCK_W: words (channel pairs m, m
     (triton.Config({"BLOCK_S": 16, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
+_DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block;
+    # "_head": with the classifier inside (dO = W_cᵀ dL formed a strip pixel at a time: 16 × 16 tiles take
+    # the product at N = 32, which costs less than two at 16)
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH + ("half_head", "fp32_head")),
+    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH + ("half_head", "fp32_head")),
 ]
 
 
@@ -681,10 +683,9 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 # accumulators: N_k is NCLS × BJ, M_k's C × C product runs once a sample on the host.
 @triton.jit
 def _lmsa_bwd_gram_head_kernel(
-    D, DL, V, WC, X, WG, BETA, DO, NP, WCP, E3, E5, E7,
+    D, DL, V, X, WG, BETA, NP, WCP, E3, E5, E7,
     slb, slk, slh, slw,
     sxb, sxc, sxh, sxw,
-    sgb, sgc, sgh, sgw,
     H, W, NCLS,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -692,15 +693,14 @@ def _lmsa_bwd_gram_head_kernel(
     """`_lmsa_bwd_gram_kernel`'s work when the classifier runs inside (the math above), for channel
     block pid_j and the pixels p of chunk `pid` of image b:
         E_k[b, 3 + h, 3 + w, pos(j)] = Σ_κ dL[κ, p] V_k[b][κ, j]   (stored as the plain kernel does)
-        DO[b, j, p]                  = Σ_κ W_c[κ, j] dL[κ, p]      (x's dtype, for the dx kernel)
         NP[pid, b, k·NCLS·C + κ·C + j] = Σ_p dL[κ, p] D_k[j, p]    (N_k; D as the forward stored it)
         NP[pid, b, 3·NCLS·C + κ]       = Σ_p dL[κ, p]              (pid_j = 0)
         WCP[pid, b, pid_j, κ·C + c]    = Σ_{k, j in the block} N_k[κ, j] W̃_k[b][c, j]   (∂L/∂W_c's partial)
                                          + [c in the block] Σ_p dL[κ, p] x[c, p]
                                          + [pid_j = 0] Σ_p dL[κ, p] β[b, c]
         WCP[pid, b, pid_j, NCLS·C + κ] = [pid_j = 0] Σ_p dL[κ, p]                    (∂L/∂b_c's)
-    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; W_c: NCLS × C
-    (x's dtype); x, DO: B × C × H × W (strides sx*, sg*); W̃: B × 3 × C × C (x's dtype), β: B × C
+    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; x: B × C × H × W
+    (strides sx*); W̃: B × 3 × C × C (x's dtype), β: B × C
     (fp32). WCP has a row per (chunk, image, channel block): BLOCK_J is fixed at 16 (the allow-list),
     so its layout, and the order of its sums, do not depend on the configuration. NP, WCP fp32,
     chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
@@ -717,7 +717,6 @@ def _lmsa_bwd_gram_head_kernel(
     v3 = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
     v5 = tl.load(v_ptr + NCLS * C, mask=k_ok[:, None], other=0.0)
     v7 = tl.load(v_ptr + 2 * NCLS * C, mask=k_ok[:, None], other=0.0)
-    wc = tl.load(WC + offs_k[:, None] * C + offs_j[None, :], mask=k_ok[:, None], other=0.0)  # (x's dtype)
 
     n3 = tl.zeros([K_PAD, BJ], tl.float32)
     n5 = tl.zeros([K_PAD, BJ], tl.float32)
@@ -733,8 +732,6 @@ def _lmsa_bwd_gram_head_kernel(
             tl.store(E3 + e_out, _round(_mm(dl, v3, PRECISE), E3.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E5 + e_out, _round(_mm(dl, v5, PRECISE), E5.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E7 + e_out, _round(_mm(dl, v7, PRECISE), E7.dtype.element_ty), mask=mask_p[:, None])
-            tl.store(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_j[None, :] * sgc,
-                     _round(_mm(dl, wc, PRECISE), DO.dtype.element_ty), mask=mask_p[:, None])
             dlt = tl.trans(dl)  # K_PAD × BLOCK_P
             d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
             n3 += _mm(dlt, tl.load(d_ptr), PRECISE)
@@ -928,11 +925,12 @@ _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TA
 
 @triton.jit
 def _lmsa_bwd_dx_kernel(
-    DO, E3, E5, E7, DW3, DW5, DW7, T, DX,
+    DO, E3, E5, E7, DW3, DW5, DW7, T, WC, DX,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW,
-    C: tl.constexpr, PACKED: tl.constexpr, STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    H, W, TH, TW, NCLS,
+    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, HEAD: tl.constexpr, K_PAD: tl.constexpr,
+    STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_S strips of STRIP horizontally
     adjacent pixels (one strip a lane, `_strip_tile`, `_dx_strip`) and word block pid_w (channels
@@ -942,7 +940,11 @@ def _lmsa_bwd_dx_kernel(
     bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps (tap-major KS² × C
     fp32, the forward's), read flipped in both axes (tap KS² − 1 − t), so the transposed depthwise
     Σ_δ w[δ] E[q − δ] is a plain, mask-free sweep over E. Reads dO once (no halo), E_k with their
-    3-pixel halos (from L1/L2), writes dx once; never reads x."""
+    3-pixel halos (from L1/L2), writes dx once; never reads x.
+    HEAD (the classifier inside): DO is dL (B × NCLS × H × W, strides sg*), WC is W_c (NCLS × C, x's
+    dtype), and dO = W_cᵀ dL is formed here, a strip pixel at a time, both channel halves in one
+    K_PAD × 2BW product (PRECISE, fp32 inputs: tf32x3), so the gram kernel never writes dO. WC is an
+    unused pointer otherwise."""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
     pid_w = tl.program_id(1)
@@ -957,10 +959,25 @@ def _lmsa_bwd_dx_kernel(
     lo, hi = _dx_scale(lo, hi, E5, DW5, top, offs_w, W, STRIP, 5, C, PACKED)
     lo, hi = _dx_scale(lo, hi, E7, DW7, top, offs_w, W, STRIP, 7, C, PACKED)
     row_cls = _cell_class(h, H, TH) * 7
+    if HEAD:  # W_cᵀ's columns of this block's channels: [m | m + C/2] (K_PAD × 2BW, x's dtype)
+        offs_k = tl.arange(0, K_PAD)
+        offs_2 = tl.arange(0, 2 * BW)
+        chans = pid_w * BW + offs_2 % BW + (offs_2 // BW) * HALF
+        wct = tl.load(WC + offs_k[:, None] * C + chans[None, :], mask=(offs_k < NCLS)[:, None], other=0.0)
     for s in tl.static_range(STRIP):
         w = ws + s
-        _dx_finish(lo[s], hi[s], DO, T, DX, b, h, w, mask & (w < W), row_cls + _cell_class(w, W, TW), offs_w,
-                   sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, C)
+        m = mask & (w < W)
+        if HEAD:  # dO = W_cᵀ dL at the strip's pixel s, both channel halves in one product
+            dl = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_k[None, :] * sgc,
+                         mask=m[:, None] & (offs_k < NCLS)[None, :], other=0.0)
+            g = tl.permute(tl.reshape(_mm(dl, wct, PRECISE), [BLOCK_S, 2, BW]), (0, 2, 1))
+            g_lo, g_hi = tl.split(g)
+        else:
+            g_ptr = DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_w[None, :] * sgc
+            g_lo = tl.load(g_ptr, mask=m[:, None], other=0.0).to(tl.float32)
+            g_hi = tl.load(g_ptr + HALF * sgc, mask=m[:, None], other=0.0).to(tl.float32)
+        _dx_finish(lo[s] + g_lo, hi[s] + g_hi, T, DX, b, h, w, m, row_cls + _cell_class(w, W, TW), offs_w,
+                   sdb, sdc, sdh, sdw, C)
 
 
 @triton.jit
@@ -975,28 +992,25 @@ def _dx_scale(lo, hi, E, DWK, top, offs_w, W, S: tl.constexpr, KS: tl.constexpr,
 
 
 @triton.jit
-def _dx_finish(dx_lo, dx_hi, DO, T, DX, b, h, w, mask, cell, offs_w, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
-               C: tl.constexpr):
-    """dx += dO (the residual) + T[cell] (the statistics path: the adjoint of the cell sums is a
-    broadcast of T) at pixels (h, w) for channels m (dx_lo) and m + C/2 (dx_hi), then the stores
-    (masked lanes: pixels past the row or the image)."""
+def _dx_finish(dx_lo, dx_hi, T, DX, b, h, w, mask, cell, offs_w, sdb, sdc, sdh, sdw, C: tl.constexpr):
+    """dx += T[cell] (the statistics path: the adjoint of the cell sums is a broadcast of T) at pixels
+    (h, w) for channels m (dx_lo) and m + C/2 (dx_hi), then the stores (masked lanes: pixels past
+    the row or the image)."""
     m2 = mask[:, None]
-    g_ptr = DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_w[None, :] * sgc
     t_ptr = T + (b * 49 + cell[:, None]) * C + offs_w[None, :]  # T: B × 49 × C
     d_ptr = DX + b * sdb + (h * sdh + w * sdw)[:, None] + offs_w[None, :] * sdc
-    _dx_store(dx_lo, g_ptr, t_ptr, d_ptr, m2, DX)
-    _dx_store(dx_hi, g_ptr + (C // 2) * sgc, t_ptr + C // 2, d_ptr + (C // 2) * sdc, m2, DX)
+    _dx_store(dx_lo, t_ptr, d_ptr, m2, DX)
+    _dx_store(dx_hi, t_ptr + C // 2, d_ptr + (C // 2) * sdc, m2, DX)
 
 
 @triton.jit
-def _dx_store(dx, g_ptr, t_ptr, d_ptr, m2, DX):
-    g_in = tl.load(g_ptr, mask=m2, other=0.0)
-    t_in = tl.load(t_ptr, mask=m2, other=0.0)
-    dx += g_in.to(tl.float32) + t_in
+def _dx_store(dx, t_ptr, d_ptr, m2, DX):
+    dx += tl.load(t_ptr, mask=m2, other=0.0)
     tl.store(d_ptr, _round(dx, DX.dtype.element_ty), mask=m2)
 
 
-_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED"], _by_unpacked)
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED", "HEAD"],
+                              _by_unpacked, headed=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1579,13 +1593,12 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     else:  # the classifier inside: dO formed from dL (the math above `_lmsa_bwd_gram_head_kernel`)
         beta, wc, bc = head
         ncls = wc.shape[0]
-        dl, g = g, _new_like(x)  # dO: written by the gram kernel for the dx kernel
         wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
         n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
         # [∂W_c | ∂b_c] rows, one a (chunk, image, channel block of the kernel's fixed 16)
         wc_part = _new((n_chunks * b * (c // _GRAM_HEAD_BJ), ncls * (c + 1)), x.device, torch.float32)
         _lmsa_bwd_gram_head_kernel[grid](
-            dsave, dl, v, wc_x, x, wg, beta, g, n_part, wc_part, *ek, *dl.stride(), *x.stride(), *g.stride(),
+            dsave, g, v, x, wg, beta, n_part, wc_part, *ek, *g.stride(), *x.stride(),
             h, w, ncls, C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
     # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
     # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
@@ -1634,9 +1647,11 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     dx = _new_like(x)  # (the dx kernel reads the tap-major taps flipped)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
                          c // 2 // min(meta["BLOCK_W"], c // 2), b)
+    ncls = 1 if head is None else head[1].shape[0]  # with the classifier, g is dL: dO = W_cᵀ dL in the kernel
     _lmsa_bwd_dx_kernel[grid](
-        g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
-        C=c, PACKED=packed, STRIP=_DX_STRIP)
+        g, *ek, *dw_flat, t_cells, g if head is None else wc_x, dx, *g.stride(), *dx.stride(),
+        h, w, min(h, _CELLS), min(w, _CELLS), ncls,
+        C=c, PRECISE=precise, PACKED=packed, HEAD=head is not None, K_PAD=_k_pad(ncls), STRIP=_DX_STRIP)
     return dx, pgrads if head is None else [*pgrads, *head_grads]
 
 
@@ -1760,9 +1775,9 @@ _AOT_CLASSES = 19
 _AOT_NOT_DIVISIBLE = frozenset({"NCLS", "slw", "TH", "TW", "n_chunks"})
 
 
-def _aot_attrs(jit_fn, signature: dict) -> dict:
+def _aot_attrs(jit_fn, signature: dict, not_divisible=()) -> dict:
     return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(jit_fn.arg_names)
-            if a in signature and a not in _AOT_NOT_DIVISIBLE}
+            if a in signature and a not in _AOT_NOT_DIVISIBLE and a not in not_divisible}
 
 
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
@@ -1799,12 +1814,16 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
             ("gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
-             {"D": dt, "DL": dt, "V": dt, "WC": dt, "X": dt, "WG": dt, "BETA": "*fp32", "DO": dt, "NP": "*fp32", "WCP": "*fp32",
+             {"D": dt, "DL": dt, "V": dt, "X": dt, "WG": dt, "BETA": "*fp32", "NP": "*fp32", "WCP": "*fp32",
               "E3": et, "E5": et, "E7": et},
              ["H", "W", "NCLS"], {"CHUNK_PIX": gram_chunk, "PACKED": packed, "K_PAD": _k_pad(_AOT_CLASSES)}),
-            ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
-             {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32", "DX": dt},
-             ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
+        ) + tuple(  # without and with the classifier (then DO is dL, and dO = W_cᵀ dL is formed in the kernel)
+            ("dx_head" if head else "dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
+             {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
+              "WC": dt, "DX": dt},
+             ["H", "W", "TH", "TW", "NCLS"], {"PACKED": packed, "HEAD": head, "K_PAD": _k_pad(_AOT_CLASSES),
+                                              "STRIP": _DX_STRIP})
+            for head in (False, True)
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
@@ -1822,7 +1841,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                     elif a.startswith("s") and len(a) == 3 or a in ints:
                         sig[a] = "i32"
                 const = {"C": _AOT_C, **extra, **cfg.kwargs, **unit}
-                attrs = _aot_attrs(jit_fn, sig)
+                attrs = _aot_attrs(jit_fn, sig, {"sgw"} if name == "dx_head" else ())  # (dL's pixel stride)
                 if "PRECISE" in jit_fn.arg_names:
                     const["PRECISE"] = precise
                 tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())
