@@ -39,10 +39,12 @@ and per-(b, c) vectors under ~1 MB are left out unless listed.
 - eager: `msf.reference.eager_lmsa_classifier`, LMSA as above, then the conv (reads out, writes L);
   its backward is one `convolution_backward` (reads dL and out, writes dO = W_cᵀ dL and the
   weight's and bias's gradients).
-- fused: the main kernel also writes L (out is still written: the gram kernel reads it for ∂W_c);
-  the backward forms V_k = W_c W̃_k on the host, the gram kernel reads dL, V and out instead of dO and
-  W̃, writes per-chunk N_k = dL D_kᵀ and [∂W_c | ∂b_c] partials, and writes dO (T) for the dx kernel;
-  the host forms M_k = W_cᵀ N_k (B×3×C×C fp32).
+- fused: the forward forms V_k = W_c W̃_k on the host and the main kernel's GEMM takes it (N = K):
+  it writes L, never out. The gram kernel reads dL, V and x instead of dO (and W̃ a 16-channel block
+  at a time for ∂W_c), writes per-chunk N_k = dL D_kᵀ and [∂W_c | ∂b_c] partials; the host forms
+  M_k = W_cᵀ N_k (B×3×C×C fp32); the dx kernel reads dL for its residual, forming dO = W_cᵀ dL
+  itself (dO is never written; since 2026-12-07: before, the main kernel wrote out, the gram kernel
+  read it and wrote dO, 1580 + 2481 MB).
 - floor: out is never written: forward 2T + L, backward reads x and dL, then dL again, writes dx.
 
 "µs" = bytes / bandwidth (3.0 TB/s, an H100's device copy rate): the time if the pass were purely
@@ -141,31 +143,34 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         op("fwd", "zero x̂'s border", 0, border)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
+        v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
         if not head:
             op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
                T + 3 * T + T)
-        else:
-            op("fwd", "main kernel: x̂, x, W̃, W_c → out, logits, D (3T), XW (T)", tp + T + wg, T + L + 3 * T + T)
+        else:  # out is never formed: logits = Σ_k V_k D_k + W_c x + W_c β + b_c
+            op("fwd", "V = W_c W̃ (host matmul)", wg, v)
+            op("fwd", "main kernel: x̂ (sweeps), x, V, W_c → logits, D (3T), XW (T)", tp + T + v, L + 3 * T + T)
         op("bwd", "zero the three E_k borders", 0, 3 * e_border)
         if not head:
             op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
                mp + 3 * (ep - e_border))
         else:
-            v = B * 3 * classes * C * e  # V_k = W_c W̃_k
             npart = gram_chunks * B * (3 * classes * C + classes) * 4  # N_k = dL D_kᵀ and Σ dL, per chunk
-            cpart = gram_chunks * B * classes * (C + 1) * 4  # [∂W_c | ∂b_c] rows
-            op("bwd", "V = W_c W̃ (host matmul)", wg, v)
-            op("bwd", "gram kernel (three scales): D, dL, V, out → N / ∂W_c partials, E_3, E_5, E_7, dO",
-               3 * T + L + v + T, npart + cpart + 3 * (ep - e_border) + T)
+            cpart = gram_chunks * B * (C // 16) * classes * (C + 1) * 4  # [∂W_c | ∂b_c] rows, a 16-channel block each
+            op("bwd", "gram kernel (three scales): D, dL, V, x, W̃ → N / ∂W_c partials, E_3, E_5, E_7",
+               3 * T + L + v + T + gram_chunks * wg, npart + cpart + 3 * (ep - e_border))
         op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
         if not head:
             op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
         else:
             op("bwd", "sum the gram / wgrad / classifier partials", npart + dwp + cpart,
-               npart // gram_chunks + N_TAPS * C * 4 + cpart // (gram_chunks * B))
+               npart // gram_chunks + N_TAPS * C * 4 + cpart // (gram_chunks * B * (C // 16)))
             op("bwd", "M = W_cᵀ N (host matmul)", npart // gram_chunks, wg32)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
-        op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
+        if not head:
+            op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
+        else:  # dO = W_cᵀ dL formed in the kernel (dL re-read by each channel block: from L2, 20 MB)
+            op("bwd", "dx kernel: dL, E_3, E_5, E_7, T → dx", L + 3 * ep + cells, T)
         return rows
 
     if variant == "floor":

@@ -26,10 +26,12 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
 `lmsa_classifier(x, p, W_c, b_c)` = the classifier (1×1 convolution C → NCLS) on LMSA's output,
-the model's low-res logits: the forward kernel's epilogue also writes W_c·out + b_c, and
+the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the forward
+kernel's GEMM multiplies by V_k = W_c W̃_k (N = NCLS) and its epilogue adds W_c·x + W_c β + b_c;
 `_lmsa_bwd_gram_head_kernel` replaces the gram kernel, taking the logits' gradient dL instead of
-dO: E_k = (W_c W̃_k)ᵀ dL, N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), ∂W_c = Σ dL outᵀ, and dO =
-W_cᵀ dL written for the dx kernel. The classifier's convolution and its backward never run.
+dO: E_k = V_kᵀ dL, N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host) and ∂W_c = Σ dL (x + β)ᵀ + Σ_k N_k W̃_kᵀ;
+the dx kernel forms its residual dO = W_cᵀ dL itself. The classifier's convolution and its
+backward never run.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
@@ -1751,9 +1753,10 @@ def lmsa(x: torch.Tensor, p: LMSAParams) -> torch.Tensor:
 def lmsa_classifier(x: torch.Tensor, p: LMSAParams, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The classifier (a 1×1 convolution, weight NCLS × C, bias NCLS) on LMSA's output, fused
     (`msf.reference.eager_lmsa_classifier`): B×NCLS×H×W logits in x's dtype and memory format. The
-    forward kernel writes LMSA's output (kept for ∂L/∂W_c) and the logits; the backward's gram kernel
-    forms ∂L/∂out from the logits' gradient tile by tile (docs/lmsa.md). W_c and b_c are rounded to
-    x's dtype on load (autocast's copies); their gradients come back in their own dtypes."""
+    forward kernel writes the logits only (LMSA's output is never formed: its GEMM takes W_c W̃);
+    the backward works from the logits' gradient tile by tile, never forming ∂L/∂out in memory
+    (docs/lmsa.md). W_c and b_c are rounded to x's dtype (autocast's copies); their gradients come
+    back in their own dtypes."""
     _check(x, p)
     _check_classifier(x, weight, bias)
     return LMSAFunction.apply(x, *_params_of(p), weight, bias)
