@@ -15,7 +15,8 @@
   interpreter truncates fp32 → bf16): every rounding to a narrower dtype in a kernel goes through it.
 - `_ln_hat(x, mask, C, eps)`, `_vec(PTR, offs, mask)`: LayerNorm's normalised rows of a tile and a
   parameter vector loaded in fp32 (the attention block's, the map norm's and the FFN's stage norm).
-- `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`).
+- `AotSpec`: how a kernel module declares its kernels to the report (`AOT_SPECS = [...]`);
+  `divisibility_attrs(...)`: its `attrs`, as Triton's launcher specialises a launch at the model's shapes.
 - `row_chunks(...)`: how a weight-gradient grid splits its rows into chunks (host side; the
   attention and FFN sublayers' fp32 partial sums).
 - `products_dtype(tensors)`: the dtype a fused op's products run in, by autocast's rule (the FFN
@@ -172,3 +173,11 @@ class AotSpec:
 
     def builds_on(self, arch: int) -> bool:
         return not self.archs or arch in self.archs
+
+
+def divisibility_attrs(jit_fn, signature: dict, not_divisible=()) -> dict:
+    """`AotSpec.attrs` for a build of `jit_fn` with this signature: `tt.divisibility = 16` on every
+    pointer and integer argument in it but those named in `not_divisible` (the integers that are not
+    multiples of 16 at the shapes the spec stands for), as Triton's launcher marks them at run time."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(jit_fn.arg_names)
+            if a in signature and a not in not_divisible}

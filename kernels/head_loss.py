@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, _round
+import dataclasses
+
+from msf.kernels._common import INTERPRET, AotSpec, _round, divisibility_attrs
 from msf.kernels import configs
 from msf.kernels.configs import PinnedKernel
 from msf.losses import DEFAULT_DICE_EPS
@@ -1023,6 +1025,18 @@ def specialize(spec: AotSpec, tag: str, unit_strides) -> AotSpec:
                    num_warps=spec.num_warps, num_stages=spec.num_stages)
 
 
+# the integer arguments of the row kernels that are not multiples of 16 at the model's shape (19
+# classes channels-last: the logits' and their gradient's pixel strides; the halo kernel's strip
+# count); every other pointer and integer is, and the launcher marks it so
+_MODEL_NOT_DIVISIBLE = frozenset({"stride_lw", "stride_gw", "n_strips"})
+
+
+def at_model_shape(spec: AotSpec) -> AotSpec:
+    """`spec` with the divisibility Triton's launcher gives a launch at the model's shape (K = 19,
+    4× upsampling, 128² logits): the row kernels', which serve only that shape's kind."""
+    return dataclasses.replace(spec, attrs=divisibility_attrs(spec.fn, spec.signature, _MODEL_NOT_DIVISIBLE))
+
+
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     """(AOT_SPECS, AOT_SPECS_SLOW): what `msf.profiling.report` builds, in CI and beyond."""
     specs, slow = [], []
@@ -1095,24 +1109,24 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     for ldt in ("bf16", "fp32", "fp16"):
         for layout, ones in (("nhwc", ("stride_lc", "stride_tw", "stride_gc")),
                              ("nchw", ("stride_lw", "stride_tw", "stride_gw"))):
-            specs.append(specialize(AotSpec(
+            specs.append(at_model_shape(specialize(AotSpec(
                 name=f"head_loss_fwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_fwd_rows_kernel,
                 signature={**fwd_sig, "logits_ptr": f"*{ldt}"}, constexprs=rows, num_warps=4, num_stages=1),
-                layout, ones))
-            bwd_rows = specialize(AotSpec(
+                layout, ones)))
+            bwd_rows = at_model_shape(specialize(AotSpec(
                 name=f"head_loss_bwd_rows[{ldt},u8,K=19,s=4,BLOCK_X=128,w4]", fn=_head_loss_bwd_rows_kernel,
                 signature={**bwd_sig, "logits_ptr": f"*{ldt}", "grad_ptr": f"*{ldt}"},
                 constexprs={**rows, "S_W": 4, "KB": _flush_classes(19, 128 // 4, 4)}, num_warps=4,
-                num_stages=1), layout, ones)
+                num_stages=1), layout, ones))
             # ptxas needs about a minute for each backward row kernel: CI builds the model's one
             # (bf16, channels-last), `python -m msf.profiling.report` all of them
             (specs if (ldt, layout) == ("bf16", "nhwc") else slow).append(bwd_rows)
-        specs.append(AotSpec(
+        specs.append(at_model_shape(AotSpec(
             name=f"head_loss_bwd_halo[{ldt},K=19,s=4]", fn=_head_loss_bwd_halo_kernel,
             signature={"halo_a_ptr": "*fp32", "halo_b_ptr": "*fp32", "grad_ptr": f"*{ldt}",
                        **{k: i32 for k in ("total", "h", "n_strips", "cells_per_strip", "stride_gb", "stride_gc",
                                            "stride_gh", "stride_gw")}},
-            constexprs={"K": 19, "S_W": 4, "BLOCK": _HALO_BLOCK}, num_warps=4, num_stages=1))
+            constexprs={"K": 19, "S_W": 4, "BLOCK": _HALO_BLOCK}, num_warps=4, num_stages=1)))
     return specs, slow
 
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, _round, dot
+from msf.kernels._common import INTERPRET, AotSpec, _round, divisibility_attrs, dot
 from msf.kernels.casts import cast_all
 from msf.kernels.configs import PinnedKernel
 from msf.kernels.partial_sums import sum_partials
@@ -1779,8 +1779,7 @@ _AOT_NOT_DIVISIBLE = frozenset({"NCLS", "slw", "TH", "TW", "n_chunks"})
 
 
 def _aot_attrs(jit_fn, signature: dict, not_divisible=()) -> dict:
-    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(jit_fn.arg_names)
-            if a in signature and a not in _AOT_NOT_DIVISIBLE and a not in not_divisible}
+    return divisibility_attrs(jit_fn, signature, _AOT_NOT_DIVISIBLE | set(not_divisible))
 
 
 def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:

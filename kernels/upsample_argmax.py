@@ -185,10 +185,10 @@ AOT_SPECS = [
 ]
 AOT_SPECS += [_hl.specialize(AOT_SPECS[0], "nchw", ("stride_lw",)),
               _hl.specialize(AOT_SPECS[0], "nhwc", ("stride_lc",))]
-AOT_SPECS += [_hl.specialize(AotSpec(
+AOT_SPECS += [_hl.at_model_shape(_hl.specialize(AotSpec(
     name=f"upsample_argmax_rows[{dt},K=19,s=4,BLOCK_X=128,w4]", fn=_upsample_argmax_rows_kernel,
     signature={"logits_ptr": f"*{dt}", "out_ptr": "*i64", **{k: "i32" for k in ("h", "w", "H", "W")},
                "scale_h": "fp32", "scale_w": "fp32", "cells_per_band": "i32",
                **{k: "i32" for k in ("stride_lb", "stride_lc", "stride_lh", "stride_lw")}},
-    constexprs={"K": 19, "S_H": 4, "BLOCK_X": 128}, num_warps=4, num_stages=1), layout, (unit,))
+    constexprs={"K": 19, "S_H": 4, "BLOCK_X": 128}, num_warps=4, num_stages=1), layout, (unit,)))
     for dt in ("bf16", "fp32", "fp16") for layout, unit in (("nhwc", "stride_lc"), ("nchw", "stride_lw"))]
