@@ -102,7 +102,7 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
 _GRAM_HEAD_BJ = 16  # the classifier's gram kernel: its channel block, fixed (one ∂W_c partial row a block)
-_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E, dO and the NCLS × BJ accumulators (_GRAM_HEAD_BJ only)
+_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E and the NCLS × BJ accumulators (_GRAM_HEAD_BJ only)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
@@ -454,14 +454,13 @@ def _lmsa_fwd_kernel(
     offs_k = tl.arange(0, BK)
     offs_n = tl.arange(0, N_OUT)
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
-    if HEAD:
+    if HEAD:  # V_k[b] slices: BK (in) × K_PAD (classes, NCLS of them real)
         n_ok = (offs_n < NCLS)[None, :]
-        scale_stride = NCLS * C  # V_k[b] slices: BK (in) × K_PAD (classes)
-        wg_base = WG + b * (3 * NCLS * C) + offs_n[None, :] * C
-    else:
+        scale_stride = NCLS * C
+    else:  # W̃_k[b]ᵀ slices: BK (in) × C (out)
         n_ok = None
-        scale_stride = C * C  # W̃_k[b]ᵀ slices: BK (in) × C (out)
-        wg_base = WG + b * (3 * C * C) + offs_n[None, :] * C
+        scale_stride = C * C
+    wg_base = WG + b * (3 * scale_stride) + offs_n[None, :] * C
 
     da_ptr = D + (b * (H * W) + h * W + wa)[:, None] * (3 * C) + offs_k[None, :]
     acc_a = tl.zeros([BLOCK_P, N_OUT], tl.float32)
@@ -706,7 +705,7 @@ def _lmsa_bwd_gram_head_kernel(
     (fp32). WCP has a row per (chunk, image, channel block): BLOCK_J is fixed at 16 (the allow-list),
     so its layout, and the order of its sums, do not depend on the configuration. NP, WCP fp32,
     chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
-    tl.static_assert(BLOCK_J == 16, "one ∂W_c partial row a 16-channel block, whatever the configuration")
+    tl.static_assert(BLOCK_J == 16, "_GRAM_HEAD_BJ: one ∂W_c partial row a 16-channel block, any config")
     BJ: tl.constexpr = BLOCK_J
     pid_j = tl.program_id(0)
     pid = tl.program_id(1)
