@@ -180,4 +180,5 @@ def divisibility_attrs(jit_fn, signature: dict, not_divisible=()) -> dict:
     pointer and integer argument in it but those named in `not_divisible` (the integers that are not
     multiples of 16 at the shapes the spec stands for), as Triton's launcher marks them at run time."""
     return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(jit_fn.arg_names)
-            if a in signature and a not in not_divisible}
+            if a in signature and (signature[a].startswith("*") or signature[a] in ("i32", "i64"))
+            and a not in not_divisible}

@@ -102,6 +102,7 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
 _GRAM_HEAD_BJ = 16  # the classifier's gram kernel: its channel block, fixed (one ∂W_c partial row a block)
+_HEAD_BJ: tl.constexpr = tl.constexpr(_GRAM_HEAD_BJ)  # the same, as a kernel constant
 _GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E and the NCLS × BJ accumulators (_GRAM_HEAD_BJ only)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1), _HALF),
@@ -705,7 +706,7 @@ def _lmsa_bwd_gram_head_kernel(
     (fp32). WCP has a row per (chunk, image, channel block): BLOCK_J is fixed at 16 (the allow-list),
     so its layout, and the order of its sums, do not depend on the configuration. NP, WCP fp32,
     chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
-    tl.static_assert(BLOCK_J == 16, "_GRAM_HEAD_BJ: one ∂W_c partial row a 16-channel block, any config")
+    tl.static_assert(BLOCK_J == _HEAD_BJ, "_GRAM_HEAD_BJ: one ∂W_c partial row a fixed channel block")
     BJ: tl.constexpr = BLOCK_J
     pid_j = tl.program_id(0)
     pid = tl.program_id(1)
@@ -962,15 +963,16 @@ def _lmsa_bwd_dx_kernel(
     row_cls = _cell_class(h, H, TH) * 7
     if HEAD:  # W_cᵀ's columns of this block's channels: [m | m + C/2] (K_PAD × 2BW, x's dtype)
         offs_k = tl.arange(0, K_PAD)
+        k_ok = offs_k < NCLS
         offs_2 = tl.arange(0, 2 * BW)
         chans = pid_w * BW + offs_2 % BW + (offs_2 // BW) * HALF
-        wct = tl.load(WC + offs_k[:, None] * C + chans[None, :], mask=(offs_k < NCLS)[:, None], other=0.0)
+        wct = tl.load(WC + offs_k[:, None] * C + chans[None, :], mask=k_ok[:, None], other=0.0)
     for s in tl.static_range(STRIP):
         w = ws + s
         m = mask & (w < W)
         if HEAD:  # dO = W_cᵀ dL at the strip's pixel s, both channel halves in one product
             dl = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_k[None, :] * sgc,
-                         mask=m[:, None] & (offs_k < NCLS)[None, :], other=0.0)
+                         mask=m[:, None] & k_ok[None, :], other=0.0)
             g = tl.permute(tl.reshape(_mm(dl, wct, PRECISE), [BLOCK_S, 2, BW]), (0, 2, 1))
             g_lo, g_hi = tl.split(g)
         else:
@@ -1573,6 +1575,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     parameters' gradients end with W_c's and b_c's."""
     b, c, h, w = x.shape
     dws = params[0:3]
+    ncls = 1 if head is None else head[1].shape[0]  # the classifier's classes (1: unused without it)
     # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
     # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
     chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
@@ -1593,7 +1596,6 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
             C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
     else:  # the classifier inside: dO formed from dL (the math above `_lmsa_bwd_gram_head_kernel`)
         beta, wc, bc = head
-        ncls = wc.shape[0]
         wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
         n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
         # [∂W_c | ∂b_c] rows, one a (chunk, image, channel block of the kernel's fixed 16)
@@ -1648,8 +1650,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     dx = _new_like(x)  # (the dx kernel reads the tap-major taps flipped)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
                          c // 2 // min(meta["BLOCK_W"], c // 2), b)
-    ncls = 1 if head is None else head[1].shape[0]  # with the classifier, g is dL: dO = W_cᵀ dL in the kernel
-    _lmsa_bwd_dx_kernel[grid](
+    _lmsa_bwd_dx_kernel[grid](  # with the classifier, g is dL: the kernel forms dO = W_cᵀ dL
         g, *ek, *dw_flat, t_cells, g if head is None else wc_x, dx, *g.stride(), *dx.stride(),
         h, w, min(h, _CELLS), min(w, _CELLS), ncls,
         C=c, PRECISE=precise, PACKED=packed, HEAD=head is not None, K_PAD=_k_pad(ncls), STRIP=_DX_STRIP)
