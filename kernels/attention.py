@@ -27,13 +27,12 @@ sdpa, the instruction counts, and the designs tried and dropped (ieee fp32 dots,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, _round, dot, dot_tf32x3
+from msf.kernels._common import INTERPRET, AotSpec, _round, divisibility_attrs, dot, dot_tf32x3
 from msf.kernels.configs import PinnedKernel, candidate_order
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
@@ -56,7 +55,7 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) allowed per kernel, dot mode and d block: each entry
 # was built ahead of time for sm_80 and sm_90 (`AOT_SPECS`, `python -m msf.profiling.report`) with no
 # register spills (no local memory, no stack frame) and ≤ 163 KB of shared memory (sm_80's limit),
-# both with the launch specialisation of the model's shapes (`AttentionAotSpec.attrs`) and without
+# both with the launch specialisation of the model's shapes (`AotSpec.attrs`, `_aot_spec`) and without
 # it (the report's plain build, scalar loads: up to twice the registers). A few faster-looking
 # configurations are clean only with it (e.g. the dK/dV kernel at BLOCK_N = 64 for d = 32/64, the
 # forward at 64 rows for d = 192) and are left out until the report builds with `attrs`.
@@ -652,19 +651,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_tf32: 
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time builds (python -m msf.profiling.report): every kernel × d block × dtype × surviving config
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionAotSpec(AotSpec):
-    """An `AotSpec` whose `attrs` state what Triton's launcher specialises on at the model's shapes.
-
-    At run time Triton marks every pointer argument that is 16-byte aligned and every integer
-    argument divisible by 16 with `tt.divisibility = 16`, which allows vectorised loads; at the
-    model's shapes that holds for all of them (d, 2d, N·d, M·2d are multiples of 16), and a stride
-    of 1 becomes a constexpr. `constexprs` carries the unit strides; `attrs` (ASTSource's format,
-    {(arg index,): [["tt.divisibility", 16]]}) carries the rest. A build without `attrs` is a
-    pessimistic estimate: scalar loads, up to twice the registers.
-    """
-
-
 _AOT_M = 256  # the model's KV length at every stage (SPEC §2)
 _AOT_CHUNK_ROWS = 4096  # stage 1 at B = 32 on an H100 (132 SMs): 16384 rows in 4 chunks
 # the chunk sums the model runs: dK/dV at stages 1-3 (4 chunks on an H100; 8 and 2 on an A100, whose
@@ -684,32 +670,28 @@ _AOT_KERNELS = {
 
 
 def _aot_spec(name: str, jit_fn, ptr_types: dict[str, str], constexprs: dict, num_warps: int,
-              num_stages: int, floats: tuple[str, ...] = ()) -> AttentionAotSpec:
-    """The build of `jit_fn` with these pointer types and constexprs; every other argument is an i32
-    multiple of 16 (Triton's specialisation at the model's shapes), but `floats`, fp32 scalars."""
-    sig, const, attrs = {}, dict(constexprs), {}
-    for i, a in enumerate(jit_fn.arg_names):
+              num_stages: int, floats: tuple[str, ...] = ()) -> AotSpec:
+    """The build of `jit_fn` with these pointer types and constexprs, specialised as Triton's launcher
+    specialises it at the model's shapes: every pointer 16-byte aligned and every integer argument a
+    multiple of 16 (d, 2d, N·d, M·2d are), so marked `tt.divisibility = 16` (`divisibility_attrs`),
+    which allows vectorised loads; `n_chunks` is not; a last-dim stride (`stride_*d`) of 1 becomes a
+    constexpr. `floats` (and the softmax scales) are fp32 scalars. A build without the attrs would be
+    a pessimistic estimate: scalar loads, up to twice the registers."""
+    sig, const = {}, dict(constexprs)
+    for a in jit_fn.arg_names:
         if a in const:
             continue
         if a.startswith("stride_") and a.endswith("d"):
             const[a] = 1  # a contiguous last dim: Triton specialises a stride of 1 to a constant
-            continue
-        if a in floats:
-            sig[a] = "fp32"
-            continue
-        if a in ptr_types:
-            sig[a] = ptr_types[a]
-        elif a in ("qk_scale", "sm_scale"):
+        elif a in floats or a in ("qk_scale", "sm_scale"):
             sig[a] = "fp32"
         else:
-            sig[a] = "i32"
-        if a != "n_chunks":  # every other pointer / integer is a multiple of 16 at the model's shapes
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return AttentionAotSpec(name=name, fn=jit_fn, signature=sig, constexprs=const, num_warps=num_warps,
-                            num_stages=num_stages, attrs=attrs)
+            sig[a] = ptr_types.get(a, "i32")
+    return AotSpec(name=name, fn=jit_fn, signature=sig, constexprs=const, num_warps=num_warps,
+                   num_stages=num_stages, attrs=divisibility_attrs(jit_fn, sig, {"n_chunks"}))
 
 
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     for kname, (kernel, data_ptrs, f32_ptrs, extra) in _AOT_KERNELS.items():
         jit_fn = kernel.fn  # the JITFunction under the pinned-config wrapper
@@ -734,4 +716,4 @@ def _aot_specs() -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()

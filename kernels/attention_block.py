@@ -48,8 +48,8 @@ import triton.language as tl
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import configs
-from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
-from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
+from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
+from msf.kernels.attention import _aot_spec, _mm
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import AttentionBlockParams, EmbedNorm, eager_attention_block, eager_map_layer_norm
@@ -656,7 +656,7 @@ def attention_block(x, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockPara
 _AOT_STAGES = ((32, 8), (64, 4), (128, 2), (192, 1))
 
 
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     kernels = {"fwd": (_kv_fwd_kernel, ("X", "XN", "RED", "KIN", "KV", "WSR", "BSR", "WKV", "BKV"),
                        ("LNW", "LNB", "SNW", "SNB", "PEW", "PEB", "STATS")),
@@ -697,5 +697,5 @@ def _aot_specs() -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()
 

@@ -40,9 +40,9 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core
-from msf.kernels._common import INTERPRET, _round, _vec, row_chunks
+from msf.kernels._common import INTERPRET, AotSpec, _round, _vec, row_chunks
 from msf.kernels.configs import PinnedKernel, candidate_order
-from msf.kernels.attention import AttentionAotSpec, _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
+from msf.kernels.attention import _aot_spec, _attn_dq_sweep, _attn_fwd_sweep, _mm, _row_block
 from msf.kernels.partial_sums import sum_partials
 
 __all__ = ["attention_sublayer", "attention_sublayer_eager", "AttentionSublayerFunction", "AOT_SPECS",
@@ -869,7 +869,7 @@ _AOT_AMP_F32 = {"fwd": ("X", "R", "OUT", "BQ", "BO"), "dq": ("X", "G", "DX", "BQ
 _AOT_WG_CHUNK = 1024
 
 
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     for kname, (kernel, data_ptrs, f32_ptrs) in _AOT_KERNELS.items():
         for mode, per_d in _ALLOWED[kname].items():
@@ -924,7 +924,7 @@ def _wgrad_slots(groups: list[dict[str, str]]) -> dict[str, str]:
     return {name + (f"_{i}" if i else ""): t for i, g in enumerate(_slots(groups)) for name, t in g.items()}
 
 
-def _grouped_wgrad_specs(mode: str, cfgs) -> list[AttentionAotSpec]:
+def _grouped_wgrad_specs(mode: str, cfgs) -> list[AotSpec]:
     """The grouped launches a training step makes: the attention block's (q and output projections;
     the kv Linear; at R > 1 the convolution with its patch gather, R = 8, 4, 2) and the FFN stash
     route's two products, in autocast's mix ("16": fp32 g beside bf16 tensors) or in fp32."""
@@ -948,7 +948,7 @@ def _grouped_wgrad_specs(mode: str, cfgs) -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ import triton
 import triton.language as tl
 
 from msf.kernels import attention as _core, attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, _round, dot, products_dtype, row_chunks
-from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
+from msf.kernels._common import INTERPRET, AotSpec, _round, dot, products_dtype, row_chunks
+from msf.kernels.attention import _aot_spec, _mm
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.ffn_sublayer import _CDT, _gelu_parts, _rounded, _tile_runs, _to_compute
 from msf.kernels.partial_sums import sum_partials
@@ -1176,7 +1176,7 @@ _AOT_DTYPE = {"16": ("bf16", 1, "bf16"), "amp": ("bf16", 1, "fp32"), "fp32": ("f
 _AOT_MASTERS = ("M1", "CB", "W2", "B2")
 
 
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     for kname, kernel in _AOT_KERNELS.items():
         for mode, cfgs in _ALLOWED[kname].items():
@@ -1208,4 +1208,4 @@ def _aot_specs() -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()

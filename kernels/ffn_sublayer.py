@@ -58,8 +58,8 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
-from msf.kernels.attention import AttentionAotSpec, _aot_spec, _mm
+from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
+from msf.kernels.attention import _aot_spec, _mm
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.partial_sums import sum_partials
 from msf.reference import StageNorm, eager_ffn_sublayer, tokens_to_map
@@ -818,7 +818,7 @@ _AOT_CHUNK = 1024
 _AOT_STAGE_PTRS = {"SNW": "*fp32", "SNB": "*fp32", "Y": "*bf16", "Y2": "*bf16"}
 
 
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     # (kernel, its allow-lists, variant tag, extra pointer types, extra constexprs (a function of the C block));
     # the forward also with a stage's final norm, in the model's dtypes (`_AOT_STAGE_PTRS`), amp only
@@ -854,4 +854,4 @@ def _aot_specs() -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()

@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, _ln_hat, _round, _vec
-from msf.kernels.attention import AttentionAotSpec, _aot_spec
+from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _round, _vec
+from msf.kernels.attention import _aot_spec
 from msf.kernels.attention_block import _ln_grad
 from msf.kernels.partial_sums import sum_partials
 from msf.precision import autocast_device_type, autocast_on
@@ -324,7 +324,7 @@ def stage_output(tokens, hw, lnw, lnb, eps: float = 1e-5, feeds_next: bool = Tru
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time builds: both kernels × the model's C × (bf16 map → fp32 tokens, one dtype)
 # ----------------------------------------------------------------------------------------------
-def _aot_specs() -> list[AttentionAotSpec]:
+def _aot_specs() -> list[AotSpec]:
     specs = []
     for c in (32, 64, 128, 256):
         for name, xdt, ydt in (("amp", "bf16", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "fp32", "fp32")):
@@ -349,4 +349,4 @@ def _aot_specs() -> list[AttentionAotSpec]:
     return specs
 
 
-AOT_SPECS: list[AttentionAotSpec] = _aot_specs()
+AOT_SPECS: list[AotSpec] = _aot_specs()

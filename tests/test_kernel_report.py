@@ -53,6 +53,24 @@ def test_every_launch_of_the_step_is_a_reported_build():
     assert "has an AOT spec" in proc.stdout
 
 
+@pytest.mark.parametrize("module", report.kernel_modules())
+def test_aot_specs_mark_only_pointers_and_integers_divisible(module):
+    """Each spec's `attrs` (the launcher's `tt.divisibility = 16`) names arguments of its signature that
+    are pointers or integers, as Triton's launcher marks them: never a float scalar or a constexpr (the
+    attention builds marked the fp32 softmax scales until 2026-12-07)."""
+    specs = getattr(importlib.import_module(module), "AOT_SPECS", [])
+    if not specs:
+        pytest.skip(f"{module} declares no AOT_SPECS")
+    wrong = []
+    for spec in specs:
+        names = spec.fn.arg_names
+        for (index,) in spec.attrs:
+            kind = spec.signature.get(names[index], "constexpr")
+            if not (kind.startswith("*") or kind in ("i32", "i64")):
+                wrong.append(f"{spec.name}: {names[index]} ({kind})")
+    assert not wrong, "marked divisible but neither pointer nor integer:\n" + "\n".join(wrong[:20])
+
+
 def _aot_modules() -> list[str]:
     return [m for m in report.kernel_modules() if getattr(importlib.import_module(m), "AOT_SPECS", [])]
 
