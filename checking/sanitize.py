@@ -258,6 +258,27 @@ def _ffn_case(rows, c, hid, dtype, autocast=False, wg_chunk_rows=None):
     return run
 
 
+def _ffn_stage_case(b, h, w, c, hid, dtype, autocast=False, feeds_next=True):
+    """A stage's last FFN sublayer with the stage's final norm (B×(h·w)×C tokens): the norm in the
+    forward kernel and, at C ≤ 64, its backward in the dx kernel; both maps' gradients in play."""
+    def run():
+        import contextlib
+        import torch
+        from msf.kernels.ffn_sublayer import ffn_sublayer
+        from msf.reference import StageNorm
+        x = _rand(b, h * w, c, dtype=dtype).detach().requires_grad_()
+        ps = [_rand(c, seed=1), _rand(c, seed=2), _rand(hid, c, seed=3) * c ** -0.5, _rand(hid, seed=4),
+              _rand(c, hid, seed=5) * hid ** -0.5, _rand(c, seed=6), _rand(c, seed=7), _rand(c, seed=8)]
+        ps = [p.to(dtype).requires_grad_() for p in ps]
+        norm = StageNorm(ps[6], ps[7], 1e-5, (h, w), feeds_next, decoder_linear=True)
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with mixed:
+            y, y_next = ffn_sublayer(x, *ps[:6], 1e-5, norm)
+        outs = [y, y_next] if feeds_next else [y]
+        torch.autograd.grad(outs, [x, *ps], [torch.ones_like(t) for t in outs])
+    return run
+
+
 def _decoder_case(b, h, w, chans, factors, e, dtype, dropout_p=0.0, autocast=False):
     """The decoder MLP on four stage maps (stage 1 a channel slice of a wider map), dropout optional;
     `autocast`: fp32 maps and parameters under CPU bf16 autocast."""
@@ -389,6 +410,10 @@ def cases() -> dict[str, list[tuple[str, Callable[[], None]]]]:
             ("rows 19 C40 H56 bf16", _ffn_case(19, 40, 56, bf16)),
             ("rows 13 C192 H384 bf16", _ffn_case(13, 192, 384, bf16)),
             ("rows 50 C32 H16 fp32 autocast, 24-row chunks", _ffn_case(50, 32, 16, f32, autocast=True, wg_chunk_rows=24)),
+            ("stage norm 2x5x7 C32 H64 fp32 autocast, both maps", _ffn_stage_case(2, 5, 7, 32, 64, f32, autocast=True)),
+            ("stage norm 1x3x3 C40 H56 bf16, one map", _ffn_stage_case(1, 3, 3, 40, 56, bf16, feeds_next=False)),
+            ("stage norm 1x3x5 C192 H384 fp32 autocast (stash route)",
+             _ffn_stage_case(1, 3, 5, 192, 384, f32, autocast=True)),
         ],
         "decoder_mlp": [
             ("8x12 E32 fp32 sliced stage 1, dropout",

@@ -110,6 +110,14 @@ def _ln_hat(x, mask, C, eps):
 
 
 @triton.jit
+def _ln_grad(dy, xhat, rstd, gamma, mask, C):
+    """∂L/∂x of LayerNorm rows from ∂L/∂y: rstd·(γ∘dy − mean(γ∘dy) − x̂·mean(γ∘dy∘x̂)), zero outside `mask`."""
+    gd = tl.where(mask, dy * gamma[None, :], 0.0)
+    dx = rstd[:, None] * (gd - (tl.sum(gd, 1) / C)[:, None] - xhat * (tl.sum(gd * xhat, 1) / C)[:, None])
+    return tl.where(mask, dx, 0.0)
+
+
+@triton.jit
 def _vec(PTR, offs, mask):
     """PTR[offs] (zero where not `mask`) in fp32: a per-channel parameter vector."""
     return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)

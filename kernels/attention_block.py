@@ -48,7 +48,8 @@ import triton.language as tl
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
 from msf.kernels import configs
-from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
+from msf.kernels._common import (INTERPRET, AotSpec, _ln_grad, _ln_hat, _ln_stats, _round, _vec, products_dtype,
+                                row_chunks)
 from msf.kernels.attention import _aot_spec, _mm
 from msf.kernels.ffn_sublayer import _CDT, _rounded, _to_compute
 from msf.kernels.partial_sums import sum_partials
@@ -112,14 +113,6 @@ def _patch_tokens(offs_m, p, MW, W_TOK, R: tl.constexpr):
     """Token rows (of the B·N×C tensor) at window position p = i·R + j of patches offs_m, the patches
     numbered row by row over the images stacked as one tall map (MW = w/R patches a row)."""
     return ((offs_m // MW) * R + p // R) * W_TOK + (offs_m % MW) * R + p % R
-
-
-@triton.jit
-def _ln_grad(dy, xhat, rstd, gamma, mask, C):
-    """∂L/∂x of LayerNorm rows from ∂L/∂y: rstd·(γ∘dy − mean(γ∘dy) − x̂·mean(γ∘dy∘x̂)), zero outside `mask`."""
-    gd = tl.where(mask, dy * gamma[None, :], 0.0)
-    dx = rstd[:, None] * (gd - (tl.sum(gd, 1) / C)[:, None] - xhat * (tl.sum(gd * xhat, 1) / C)[:, None])
-    return tl.where(mask, dx, 0.0)
 
 
 @triton.jit

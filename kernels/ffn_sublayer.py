@@ -58,7 +58,8 @@ import triton.language as tl
 
 from msf.kernels import attention as _core
 from msf.kernels import attention_sublayer as _sub
-from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _ln_stats, _round, _vec, products_dtype, row_chunks
+from msf.kernels._common import (INTERPRET, AotSpec, _ln_grad, _ln_hat, _ln_stats, _round, _vec, products_dtype,
+                                row_chunks)
 from msf.kernels.attention import _aot_spec, _mm
 from msf.kernels.configs import PinnedKernel, candidate_order
 from msf.kernels.partial_sums import sum_partials
@@ -127,6 +128,12 @@ _ALLOWED: dict[str, dict[str, dict[int, list[_Cfg]]]] = {
 _STAGE_FWD: dict[int, list[_Cfg]] = {32: [(128, 32, 8, 2), (128, 16, 8, 2)], 64: [(64, 32, 4, 2), (64, 64, 4, 2)],
                                      128: [(32, 32, 4, 2), (32, 64, 8, 2)], 256: [(16, 64, 8, 2), (16, 32, 4, 2)]}
 _ALLOWED_STAGE_FWD: dict[str, dict[int, list[_Cfg]]] = {"16": _STAGE_FWD, "amp": _STAGE_FWD, "fp32": _FP32}
+# the dx kernel with the stage norm's backward in it (STAGE_NORM: the recompute route, C ≤ 64), from
+# `python -m msf.profiling.cost --sweep --op ffn_stage_output --kernel ffn_sublayer.dx` under model v3.1,
+# 2026-12-07: the H100's fastest spill-free build first (pinned for sm_90), then the A100's (sm_80)
+_STAGE_DX: dict[int, list[_Cfg]] = {32: [(16, 64, 4, 2), (16, 16, 4, 2)], 64: [(16, 64, 8, 2), (16, 32, 4, 2)]}
+_ALLOWED_STAGE_DX: dict[str, dict[int, list[_Cfg]]] = {"16": _STAGE_DX, "amp": _STAGE_DX, "fp32": _FP32}
+_STAGE_TABLES = {"fwd": _ALLOWED_STAGE_FWD, "dx": _ALLOWED_STAGE_DX}
 # every configuration `python -m msf.profiling.cost --sweep --op ffn_sublayer` predicts (and
 # MSF_AUTOTUNE=1 tries, pruned to the allow-lists): the grid the lists above were chosen from
 _CANDIDATES: list[_Cfg] = [(bn, bh, w, 2) for bn in (16, 32, 64, 128) for bh in (16, 32, 64, 128) for w in (4, 8)
@@ -149,9 +156,9 @@ def _mode(named_args) -> str:
 
 def _pinned(kernel: str, fn) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json ("ffn_sublayer.<kernel>"; shape
-    class = dtype class and C block, e.g. "amp_c64"; the forward with a stage's final norm has classes
-    of its own, e.g. "amp_c32_stage", whose lists are `_STAGE_FWD`'s)."""
-    tables = {"": _ALLOWED[kernel]} | ({"_stage": _ALLOWED_STAGE_FWD} if kernel == "fwd" else {})
+    class = dtype class and C block, e.g. "amp_c64"; the forward and the dx kernel with a stage's final
+    norm have classes of their own, e.g. "amp_c32_stage", whose lists are `_STAGE_FWD`'s and `_STAGE_DX`'s)."""
+    tables = {"": _ALLOWED[kernel]} | ({"_stage": _STAGE_TABLES[kernel]} if kernel in _STAGE_TABLES else {})
     seen = candidate_order(_INTERPRETER_CFG, *(cfgs for table in tables.values() for per_c in table.values()
                                                for cfgs in per_c.values()), _CANDIDATES)
 
@@ -170,7 +177,7 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         return kept or configs[:1]
 
     classes = [f"{mode}_c{c}{tag}" for tag, table in tables.items() for mode, per_c in table.items() for c in per_c]
-    key = ["C", "HID", "CDT"] + (["STAGE_NORM"] if kernel == "fwd" else [])
+    key = ["C", "HID", "CDT"] + (["STAGE_NORM"] if kernel in _STAGE_TABLES else [])
     return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], key,
                         shape_class, allowed, classes, prune=prune)
 
@@ -355,6 +362,19 @@ def _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C: tl.constexpr):
 
 
 
+@triton.jit
+def _stage_norm_grad(OUT, G, G2, SNW, tok, mask_nc, offs_c, mask_c, C, stage_eps, HAS_G2: tl.constexpr):
+    """(g, dy_s, ô) of a row tile, g = ∂L/∂out through the stage's final LayerNorm, as `map_norm`'s
+    backward kernel forms and stores it: ô and rstd_s recomputed from the saved out, dy_s = G (+ G2,
+    added in fp32) the gradients of the stage's maps, g rounded to out's dtype (returned in fp32)."""
+    ohat, rstd_s = _ln_hat(tl.load(OUT + tok, mask=mask_nc, other=0.0).to(tl.float32), mask_nc, C, stage_eps)
+    dys = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
+    if HAS_G2:
+        dys += tl.load(G2 + tok, mask=mask_nc, other=0.0).to(tl.float32)
+    g = _ln_grad(dys, ohat, rstd_s, _vec(SNW, offs_c, mask_c), mask_nc, C)
+    return _round(g, OUT.dtype.element_ty).to(tl.float32), dys, ohat
+
+
 # g = ∂L/∂out (rows × C). With x̂ = (x − mean)·rstd, n = x̂γ + β, h = n w1ᵀ + b1, A = GELU(h),
 # y = A w2ᵀ + b2, out = x + y (every product in the compute dtype, rounded as eager rounds it):
 #   dy  = g (rounded to the compute dtype: autocast's gradient of fc2's bf16 output)
@@ -364,14 +384,17 @@ def _store_dx(DX, tok, mask_nc, dn, xhat, g, gamma, rstd, C: tl.constexpr):
 #   dn  = dH w1                          (summed over the hidden slices, then rounded)
 #   dγ  = Σ_rows dn ∘ x̂                  dβ  = Σ_rows dn
 #   dx  = g + rstd · (dn γ − x̂ · mean_C(dn γ ∘ x̂) − mean_C(dn γ))
+# With the stage's final norm ahead (STAGE_NORM; y_s = LN_s(out), dy_s its maps' gradients):
+#   g   = rstd_s · (γ_s∘dy_s − mean_C(γ_s∘dy_s) − ô · mean_C(γ_s∘dy_s∘ô))     ô = LN_s's x̂ of out
+#   dγ_s = Σ_rows dy_s ∘ ô               dβ_s = Σ_rows dy_s
 # `_ffn_bwd_dx_kernel` needs every hidden slice of a row for dn, `_ffn_bwd_wgrad_kernel` every row
 # of a slice for dW1, dW2: two passes over the recompute, each with a grid that suits its sums.
 @triton.jit
 def _ffn_bwd_dx_kernel(
-    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART, N_ST, DH_ST, A_ST,
-    ROWS, N_TILES, TILES,
+    X, G, LNW, LNB, W1, B1, W2, MEAN, RSTD, DX, PART, N_ST, DH_ST, A_ST, OUT, SNW, G2, DY_ST,
+    ROWS, N_TILES, TILES, stage_eps,
     C: tl.constexpr, HID: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr, STASH: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    STAGE_NORM: tl.constexpr, HAS_G2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """dx of row tiles [pid·TILES, (pid+1)·TILES) ∩ [0, N_TILES) (BLOCK_N rows each), and the program's
     partial sums PART[pid] = [Σ dn∘x̂ | Σ dn | Σ dy] (3·C fp32) over them. A few tiles a program keep
@@ -379,7 +402,14 @@ def _ffn_bwd_dx_kernel(
     STASH: also store what the weight gradients need, in the compute dtype: n = LN(x) to N_ST
     (ROWS×C), dH and A = GELU(h) to DH_ST and A_ST (ROWS×HID); the weight gradients are then two
     plain GEMMs over them (`_backward`) instead of a second recompute, and the one for dW2 = dyᵀ A
-    sums dy too: PART[pid] is then [Σ dn∘x̂ | Σ dn] (2·C)."""
+    sums dy too: PART[pid] is then [Σ dn∘x̂ | Σ dn] (2·C).
+    STAGE_NORM (not with STASH): the stage's final LayerNorm of out comes after the sublayer, and
+    `map_norm`'s backward is done here (`_stage_norm_grad`): G (and with HAS_G2, G2) holds the
+    gradients of the stage's maps, OUT the saved out, SNW γ_s, `stage_eps` its eps; g is formed per
+    tile and never stored, dy (g in the compute dtype) is stored to DY_ST (ROWS×C) for the weight
+    gradients, and PART[pid] grows to [.. | Σ dy_s∘ô | Σ dy_s] (5·C). Otherwise OUT .. DY_ST and
+    `stage_eps` are placeholders, never read."""
+    tl.static_assert(not (STAGE_NORM and STASH), "the stage norm's backward rides the recompute route only")
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -393,6 +423,8 @@ def _ffn_bwd_dx_kernel(
     dgamma = tl.zeros(acc_shape, tl.float32)
     dbeta = tl.zeros(acc_shape, tl.float32)
     db2 = tl.zeros(acc_shape, tl.float32)
+    dgamma_s = tl.zeros(acc_shape, tl.float32)  # the stage norm's (STAGE_NORM only; else never touched)
+    dbeta_s = tl.zeros(acc_shape, tl.float32)
     if HID <= BLOCK_H:  # one hidden slice: its weights loaded and laid out as MMA operands once a program
         w1, b1, offs_h, mask_h = _slice_w1(W1, B1, 0, offs_c, mask_c, C, HID, CDT, BLOCK_H)
         w2s = _w2_slice(W2, offs_h, mask_h, offs_c, mask_c, HID, CDT)
@@ -407,8 +439,19 @@ def _ffn_bwd_dx_kernel(
         xn = _to_compute(xn, CDT)
         if STASH:
             tl.store(N_ST + tok, xn, mask=mask_nc)
-        g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
-        dy = _to_compute(g, CDT)
+        if STAGE_NORM:
+            g, dys, ohat = _stage_norm_grad(OUT, G, G2, SNW, tok, mask_nc, offs_c, mask_c, C, stage_eps, HAS_G2)
+            if ROW_SUMS:
+                dgamma_s += tl.sum(dys * ohat, 0)
+                dbeta_s += tl.sum(dys, 0)
+            else:
+                dgamma_s += dys * ohat
+                dbeta_s += dys
+            dy = _to_compute(g, CDT)
+            tl.store(DY_ST + tok, dy, mask=mask_nc)
+        else:
+            g = tl.load(G + tok, mask=mask_nc, other=0.0).to(tl.float32)
+            dy = _to_compute(g, CDT)
         if HID <= BLOCK_H:
             dn = _slice_dn(xn, dy, w1, b1, w2s, W2, offs_c, mask_c, offs_h, mask_h, rows, mask_n, DH_ST, A_ST,
                            HID, CDT, STASH, True)
@@ -431,11 +474,14 @@ def _ffn_bwd_dx_kernel(
             if not STASH:
                 db2 += dy.to(tl.float32)
         tile += 1
-    part = PART + pid.to(tl.int64) * (2 if STASH else 3) * C
-    if ROW_SUMS:
-        _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C, not STASH)
-    else:
-        _store_ln_partials(part, offs_c, mask_c, tl.sum(dgamma, 0), tl.sum(dbeta, 0), tl.sum(db2, 0), C, not STASH)
+    part = PART + pid.to(tl.int64) * (2 if STASH else (5 if STAGE_NORM else 3)) * C
+    if not ROW_SUMS:
+        dgamma, dbeta, db2 = tl.sum(dgamma, 0), tl.sum(dbeta, 0), tl.sum(db2, 0)
+        if STAGE_NORM:
+            dgamma_s, dbeta_s = tl.sum(dgamma_s, 0), tl.sum(dbeta_s, 0)
+    _store_ln_partials(part, offs_c, mask_c, dgamma, dbeta, db2, C, not STASH)
+    if STAGE_NORM:
+        _store_ln_partials(part + 3 * C, offs_c, mask_c, dgamma_s, dbeta_s, db2, C, False)
 
 
 _ffn_bwd_dx_kernel = _pinned("dx", _ffn_bwd_dx_kernel)
@@ -561,22 +607,40 @@ def _forward(x2, lnw, lnb, w1, b1, w2, b2, eps: float, cdt: torch.dtype, stage: 
     return (out, mean, rstd) if stage is None else (out, mean, rstd, y, y2)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StageGrad:
+    """A stage's final LayerNorm whose backward the dx kernel runs first (STAGE_NORM): the saved out
+    (rows × C), γ_s, eps, and the gradients of the maps it wrote, dy and the copy's dy2 (or None),
+    rows × C contiguous."""
+
+    out: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    dy: torch.Tensor
+    dy2: torch.Tensor | None
+
+
 def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtype: torch.dtype,
               wg_chunk_rows: int | None = None, stash: bool | None = None, w_dtype: torch.dtype | None = None,
-              more_partials: tuple = ()):
+              more_partials: tuple = (), stage: _StageGrad | None = None):
     """(dx, dγ, dβ, dW1, db1, dW2, db2): dx in x's dtype, each parameter's gradient in its dtype (b2's
     is `b2_dtype`: b2 itself is not needed; w1's and w2's is `w_dtype` when they are given as casts,
     `compute_weights`). `stash` picks the weight gradients' route (default
     `stash_pays`): the dx kernel stores n, dH, A and two GEMM launches sum dW1 = dHᵀ n, dW2 = dyᵀ A,
     or the recompute kernel derives them again from x and g. `more_partials`: (part, out) pairs of
-    another backward's partial rows (at most two), summed in the same `sum_partials` launch."""
+    another backward's partial rows (at most two), summed in the same `sum_partials` launch.
+    `stage` (recompute route only; g is then None): g comes from the stage norm's backward inside the
+    dx kernel, which stores dy for the weight-gradient kernel; returns (the seven, [dγ_s | dβ_s] fp32)."""
     rows, c = x2.shape
     hid = w1.shape[0]
     dev = x2.device
     block_c = _block_c(c)
     code = _CDT[cdt]
     stash = stash_pays(c, hid) if stash is None else bool(stash)
+    if stage is not None and stash:
+        raise ValueError("ffn_sublayer: the stage norm's backward runs in the recompute route only")
     shape_class = f"{_mode({'CDT': code, 'X': x2})}_c{block_c}"  # the class both kernels launch with
+    dx_class = shape_class + ("_stage" if stage is not None else "")
     dx = _new((rows, c), dev, x2.dtype)
     # the stash (n, dH, A in the compute dtype; never touched when STASH is off: dx stands in)
     n_st, dh_st, a_st = ((_new((rows, c), dev, cdt), _new((rows, hid), dev, cdt), _new((rows, hid), dev, cdt))
@@ -584,11 +648,21 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
 
     # the host sizes both grids by the pinned blocks: one dx program per run of row tiles
     sms = _core._sm_count(dev)
-    n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(shape_class, "BLOCK_N", dev))
+    n_tiles = triton.cdiv(rows, _ffn_bwd_dx_kernel.pinned_kwarg(dx_class, "BLOCK_N", dev))
     tiles, n_progs = _tile_runs(n_tiles, sms, per_sm=4)
-    ln_part = _new((n_progs, (2 if stash else 3) * c), dev, torch.float32)  # [dγ | dβ (| db2)]
-    _ffn_bwd_dx_kernel[(n_progs,)](x2, g, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, n_st, dh_st, a_st,
-                                   rows, n_tiles, tiles, C=c, HID=hid, CDT=code, BLOCK_C=block_c, STASH=stash)
+    # [dγ | dβ (| db2 (| dγ_s | dβ_s))]
+    ln_part = _new((n_progs, (2 if stash else (5 if stage is not None else 3)) * c), dev, torch.float32)
+    if stage is None:
+        stage_args = (dx, dx, dx, dx, 0.0)  # placeholders, never read
+    else:  # the stage maps' gradients in g's place; dy stored for the weight gradients
+        g = _new((rows, c), dev, cdt)
+        stage_args = (stage.out, stage.weight, stage.dy if stage.dy2 is None else stage.dy2, g, stage.eps)
+        # (g is then the dy the kernel stores, in the compute dtype: what the weight gradients read)
+    *stage_ptrs, stage_eps = stage_args
+    _ffn_bwd_dx_kernel[(n_progs,)](x2, g if stage is None else stage.dy, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part,
+                                   n_st, dh_st, a_st, *stage_ptrs, rows, n_tiles, tiles, stage_eps, C=c, HID=hid,
+                                   CDT=code, BLOCK_C=block_c, STASH=stash, STAGE_NORM=stage is not None,
+                                   HAS_G2=stage is not None and stage.dy2 is not None)
 
     # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| db2 = Σ dy, with the stash)] a row
     if stash:
@@ -613,12 +687,13 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
     sum_partials((ln_part, ln_sum), (w_part, w_sum), *more_partials)
     # each gradient in its parameter's dtype (fp32 masters under autocast: no rounding)
     dlnw, dlnb = ln_sum[:c].to(lnw.dtype), ln_sum[c:2 * c].to(lnb.dtype)
-    db2 = (w_sum[2 * hid * c + hid:] if stash else ln_sum[2 * c:]).to(b2_dtype)
+    db2 = (w_sum[2 * hid * c + hid:] if stash else ln_sum[2 * c:3 * c]).to(b2_dtype)
     w_dtype = w1.dtype if w_dtype is None else w_dtype
     dw1 = w_sum[:hid * c].view(hid, c).to(w_dtype)
     db1 = w_sum[hid * c:hid * c + hid].to(b1.dtype)
     dw2 = w_sum[hid * c + hid:2 * hid * c + hid].view(c, hid).to(w_dtype)
-    return dx, dlnw, dlnb, dw1, db1, dw2, db2
+    grads = (dx, dlnw, dlnb, dw1, db1, dw2, db2)
+    return grads if stage is None else (grads, ln_sum[3 * c:])
 
 
 class FFNSublayerFunction(torch.autograd.Function):
@@ -666,11 +741,27 @@ def _stage_norm_backward(out, snw, dy, dy2, eps: float, hw: tuple[int, int]) -> 
     return map_as_rows(g_map), part  # (channels-last, as out: a view)
 
 
+def _stage_output_backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, out, snw, dy, dy2, cdt: torch.dtype,
+                           b2_dtype: torch.dtype, w_dtype: torch.dtype, stage_eps: float, hw: tuple[int, int]):
+    """(`_backward`'s seven gradients, [dγ_s | dβ_s] fp32) of a stage's last FFN sublayer and its final
+    LayerNorm, from dy (and the copy's dy2, or None), rows × C: on the recompute route (C ≤ 64) the
+    norm's backward runs inside the FFN's dx kernel, ∂L/∂out never in memory; on the stash route
+    `map_norm`'s kernel writes ∂L/∂out first (the dx kernel there has no registers to spare)."""
+    if stash_pays(snw.shape[0], w1.shape[0]):
+        g, sn_part = _stage_norm_backward(out, snw, dy, dy2, stage_eps, hw)
+        sn_sum = _new((sn_part.shape[1],), sn_part.device, torch.float32)
+        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt, b2_dtype, w_dtype=w_dtype,
+                          more_partials=((sn_part, sn_sum),))
+        return grads, sn_sum
+    stage = _StageGrad(out, snw, stage_eps, dy.contiguous(), None if dy2 is None else dy2.contiguous())
+    return _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, None, cdt, b2_dtype, w_dtype=w_dtype, stage=stage)
+
+
 class FFNStageOutputFunction(torch.autograd.Function):
     """A stage's last FFN sublayer with the stage's final LayerNorm in its forward kernel (out is not
     read back for it). Returns y (rows × C), or (y, y2) with the copy. Saves what
-    FFNSublayerFunction saves, out (the norm's input) and γ_s; the backward runs the two backwards in
-    turn: `map_norm`'s kernel from (dy, dy2) to ∂L/∂out, then the FFN's from there."""
+    FFNSublayerFunction saves, out (the norm's input) and γ_s; the backward runs the norm's backward
+    inside the FFN's dx kernel, or before it (`_stage_output_backward`)."""
 
     @staticmethod
     def forward(ctx, x2, lnw, lnb, w1, b1, w2, b2, eps, cdt, snw, snb, stage_eps, hw, y_dtype, copy_dtype):
@@ -688,10 +779,8 @@ class FFNStageOutputFunction(torch.autograd.Function):
         x2, lnw, lnb, w1, b1, w2, mean, rstd, out, snw = ctx.saved_tensors
         if dy is None:  # only the copy was used
             dy, dy2 = dy2, None
-        g, sn_part = _stage_norm_backward(out, snw, dy, dy2, ctx.stage_eps, ctx.hw)
-        sn_sum = _new((sn_part.shape[1],), sn_part.device, torch.float32)
-        grads = _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, ctx.cdt, ctx.b2_dtype, w_dtype=ctx.w_dtype,
-                          more_partials=((sn_part, sn_sum),))
+        grads, sn_sum = _stage_output_backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, out, snw, dy, dy2, ctx.cdt,
+                                               ctx.b2_dtype, ctx.w_dtype, ctx.stage_eps, ctx.hw)
         c = snw.shape[0]
         return (*grads, None, None, sn_sum[:c].to(snw.dtype), sn_sum[c:].to(ctx.sn_dtype), None, None, None, None)
 
@@ -803,8 +892,9 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, stage_norm: Sta
 # ----------------------------------------------------------------------------------------------
 _AOT_C = {32: 32, 64: 64, 128: 128, 256: 192}
 _AOT_PTRS = {
-    "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"), "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX"),
-    "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),
+    "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"),
+    "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX", "OUT", "SNW", "G2", "DY_ST"),  # (the last four: dx
+    "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),                                #  as placeholders)
 }
 _AOT_WEIGHT_PTRS = ("W1", "W2")
 _AOT_STASH_PTRS = ("N_ST", "DH_ST", "A_ST")  # the dx kernel's stash: in the compute dtype
@@ -816,16 +906,22 @@ _AOT_CHUNK = 1024
 # decoder's map in bf16 and (stages 1-3, C ≤ 128) the next convolution's bf16 copy; stage 4 (the 256
 # block) has no next stage
 _AOT_STAGE_PTRS = {"SNW": "*fp32", "SNB": "*fp32", "Y": "*bf16", "Y2": "*bf16"}
+# the dx kernel with that norm's backward (C ≤ 64): the two maps' bf16 gradients, the saved fp32 out, fp32
+# γ_s, and dy stored in the compute dtype
+_AOT_STAGE_DX_PTRS = {"G": "*bf16", "G2": "*bf16", "OUT": "*fp32", "SNW": "*fp32", "DY_ST": "*bf16"}
 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
     # (kernel, its allow-lists, variant tag, extra pointer types, extra constexprs (a function of the C block));
-    # the forward also with a stage's final norm, in the model's dtypes (`_AOT_STAGE_PTRS`), amp only
+    # the forward and the dx kernel also with a stage's final norm, in the model's dtypes (`_AOT_STAGE_PTRS`,
+    # `_AOT_STAGE_DX_PTRS`), amp only
     builds = [("fwd", _ALLOWED["fwd"], "", {}, lambda _bc: {"STAGE_NORM": False, "COPY": False}),
               ("fwd", {"amp": _ALLOWED_STAGE_FWD["amp"]}, "_stage", _AOT_STAGE_PTRS,
                lambda bc: {"STAGE_NORM": True, "COPY": bc < 256}),
-              ("dx", _ALLOWED["dx"], "", {}, lambda _bc: {}),
+              ("dx", _ALLOWED["dx"], "", {}, lambda _bc: {"STAGE_NORM": False, "HAS_G2": False}),
+              ("dx", {"amp": _ALLOWED_STAGE_DX["amp"]}, "_stage", _AOT_STAGE_DX_PTRS,
+               lambda _bc: {"STAGE_NORM": True, "HAS_G2": True}),
               ("wgrad", _ALLOWED["wgrad"], "", {}, lambda _bc: {})]
     for kname, lists, tag, extra_ptrs, extra_const in builds:
         kernel = _AOT_KERNELS[kname]

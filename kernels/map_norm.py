@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msf.kernels._common import INTERPRET, AotSpec, _ln_hat, _round, _vec
+from msf.kernels._common import INTERPRET, AotSpec, _ln_grad, _ln_hat, _round, _vec
 from msf.kernels.attention import _aot_spec
-from msf.kernels.attention_block import _ln_grad
 from msf.kernels.partial_sums import sum_partials
 from msf.precision import autocast_device_type, autocast_on
 from msf.reference import eager_map_layer_norm, tokens_to_map

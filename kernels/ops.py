@@ -17,7 +17,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
                                                                            + msf::ffn_sublayer_backward
     msf::ffn_stage_output(x, γ, β, w1, b1, w2, b2, eps, compute_dtype, γ_s, β_s, eps_s, hw, y_dtype,
                           copy_dtype) -> (tokens, copy, out, mean, rstd)
-                                       + msf::map_layer_norm_backward, then msf::ffn_sublayer_backward
+                                                                           + msf::ffn_stage_output_backward
     msf::decoder_mlp(f1, P2, P3, P4, M1, c, w2, b2, seed, p, size, compute_dtype, save) -> (x, h, D)
                                                                            + msf::decoder_mlp_backward
     msf::decoder_fold(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]      + msf::decoder_fold_backward
@@ -292,8 +292,8 @@ def _ffn_grad(ctx, g, _dmean, _drstd):
 ffn_sublayer_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
 
 
-# a stage's last FFN sublayer with the stage's final LayerNorm in its forward kernel; the backward is
-# the two operators' backwards, map_layer_norm's on the saved out, then ffn_sublayer's
+# a stage's last FFN sublayer with the stage's final LayerNorm in its forward kernel; its backward
+# operator runs the norm's backward inside the FFN's dx kernel (`_stage_output_backward`)
 def _ffn_stage_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float,
                     compute_dtype: torch.dtype, snw: Tensor, snb: Tensor, stage_eps: float, hw: list[int],
                     y_dtype: torch.dtype, copy_dtype: torch.dtype | None
@@ -310,7 +310,27 @@ def _ffn_stage_fake(x, lnw, lnb, w1, b1, w2, b2, eps, compute_dtype, snw, snb, s
     return y, y.new_empty((0,)) if copy_dtype is None else _contiguous_like(x, dtype=copy_dtype), out, mean, rstd
 
 
+def _ffn_stage_backward_body(x: Tensor, lnw: Tensor, lnb: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                             mean: Tensor, rstd: Tensor, out: Tensor, snw: Tensor, snb: Tensor, dy: Tensor,
+                             dy2: Tensor | None, compute_dtype: torch.dtype, stage_eps: float,
+                             hw: list[int]) -> list[Tensor]:
+    w1c, w2c = _ffn.compute_weights(compute_dtype, w1, w2)  # the forward's, made again
+    (dx, *param_grads), sn_sum = _ffn._stage_output_backward(x, lnw, lnb, w1c, b1, w2c, mean, rstd, out, snw, dy, dy2,
+                                                            compute_dtype, b2.dtype, w1.dtype, stage_eps, tuple(hw))
+    c = snw.shape[0]
+    # the parameter gradients are slices of sum buffers; an operator's outputs may not alias
+    return [dx, *(t.clone() for t in param_grads), sn_sum[:c].to(snw.dtype).clone(),
+            sn_sum[c:].to(snb.dtype).clone()]
+
+
+def _ffn_stage_backward_fake(x, lnw, lnb, w1, b1, w2, b2, mean, rstd, out, snw, snb, dy, dy2, compute_dtype,
+                             stage_eps, hw):
+    return [_contiguous_like(t) for t in (x, lnw, lnb, w1, b1, w2, b2, snw, snb)]
+
+
 ffn_stage_output_op = _define("ffn_stage_output", _ffn_stage_body, _ffn_stage_fake)
+ffn_stage_output_backward_op = _define("ffn_stage_output_backward", _ffn_stage_backward_body,
+                                       _ffn_stage_backward_fake)
 
 
 def _ffn_stage_setup(ctx, inputs, output):
@@ -325,9 +345,8 @@ def _ffn_stage_grad(ctx, dy, dy2, _dout, _dmean, _drstd):
     dy2 = dy2.contiguous() if ctx.has_copy and dy2 is not None else None
     if dy is None:  # only the copy was used
         dy, dy2 = dy2, None
-    g_map, dsw, dsb = torch.ops.msf.map_layer_norm_backward(_ffn.rows_as_map(out, ctx.hw), snw, snb, dy.contiguous(),
-                                                            dy2, ctx.stage_eps)  # on the map the norm read
-    grads = torch.ops.msf.ffn_sublayer_backward(*ffn_saved, _ffn.map_as_rows(g_map).contiguous(), ctx.compute_dtype)
+    *grads, dsw, dsb = torch.ops.msf.ffn_stage_output_backward(*ffn_saved, out, snw, snb, dy.contiguous(), dy2,
+                                                                ctx.compute_dtype, ctx.stage_eps, list(ctx.hw))
     return (*grads, None, None, dsw, dsb, None, None, None, None)
 
 
@@ -814,7 +833,7 @@ REGISTRY: dict[str, FusedOp] = {
 }
 OPERATORS = ("attention", "attention_backward", "attention_block", "attention_block_backward", "attention_sublayer",
              "attention_sublayer_backward", "decoder_fold", "decoder_fold_backward", "decoder_mlp",
-             "decoder_mlp_backward", "ffn_stage_output", "ffn_sublayer",
+             "decoder_mlp_backward", "ffn_stage_output", "ffn_stage_output_backward", "ffn_sublayer",
              "ffn_sublayer_backward", "head_loss", "head_loss_backward", "lmsa", "lmsa_backward", "lmsa_classifier",
              "lmsa_classifier_backward", "map_layer_norm",
              "map_layer_norm_backward", "upsample_argmax")

@@ -801,7 +801,7 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # under CUDA autocast: the fp32 residual stream and fp32 master parameters, bf16 products;
             # ffn_stage_output (a stage's last block) also writes the stage's final norm in its forward
             # kernel: the decoder's map in bf16 (`decoder_linear`) and (stages 1-3) the bf16 copy for the
-            # next convolution; its backward is the stage norm's kernel on the saved out, then the FFN's
+            # next convolution; its backward takes the stage norm's backward in (`_stage_output_backward`)
             c, side = STAGES[stage][1], size // 4 // 2 ** (stage - 1)
             n, hid = side * side, FFN_EXPANSION * c
             x = e((batch * n, c), dtype=f32)
@@ -809,10 +809,10 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # w1, w2 as the step lends them, or cast by the op (as the autograd Functions do without)
             params[2], params[4] = ((_lent(params[2]), _lent(params[4])) if lend_weights
                                     else ffn.compute_weights(bf16, params[2], params[4]))
-            g, sn_sums = e((batch * n, c), dtype=f32), ()
             if op == "ffn_sublayer":
                 _, mean, rstd = ffn._forward(x, *params, 1e-5, bf16)
                 pass_ref[0] = "bwd"
+                ffn._backward(x, *params[:5], mean, rstd, e((batch * n, c), dtype=f32), bf16, f32, w_dtype=f32)
             else:
                 snw = e((c,), dtype=f32)
                 copy = bf16 if stage < len(STAGES) else None
@@ -820,9 +820,8 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
                                                      ffn._StageNormArgs(snw, e((c,), dtype=f32), 1e-5, bf16, copy))
                 pass_ref[0] = "bwd"
                 dy, dy2 = (e((batch * n, c), dtype=bf16) if grads else None for grads in (True, copy is not None))
-                g, sn_part = ffn._stage_norm_backward(out, snw, dy, dy2, 1e-5, (side, side))
-                sn_sums = ((sn_part, e((sn_part.shape[1],), dtype=f32)),)  # summed with the FFN's partials
-            ffn._backward(x, *params[:5], mean, rstd, g, bf16, f32, w_dtype=f32, more_partials=sn_sums)
+                ffn._stage_output_backward(x, *params[:5], mean, rstd, out, snw, dy, dy2, bf16, f32, f32, 1e-5,
+                                           (side, side))
         elif op == "decoder_mlp":
             # under CUDA autocast: stage 1's LayerNorm tokens in bf16 (stage_output's `decoder_linear`),
             # stages 2-4 projected by F.linear (bf16), the folded M1 and c and fc2 fp32; dropout on

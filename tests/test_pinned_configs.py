@@ -150,14 +150,19 @@ def test_ffn_sublayer_at_the_gpu_tiles(gpu_kind, shape):
     assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx", wgrad})
 
 
-@pytest.mark.parametrize("shape,feeds_next", [("C32", True), ("C192", False)], ids=["C32-stage1", "C192-stage4"])
+@pytest.mark.parametrize("shape,feeds_next", [("C32", True), ("C64", True), ("C192", False)],
+                         ids=["C32-stage1", "C64-stage2", "C192-stage4"])
 def test_ffn_stage_norm_at_the_gpu_tiles(gpu_kind, shape, feeds_next):
-    """A stage's last FFN sublayer with the stage's final norm in its forward (its own shape class,
-    "amp_c*_stage"), under bf16 autocast, against the two ops apart and float64."""
+    """A stage's last FFN sublayer with the stage's final norm in its forward and, on the recompute
+    route (C ≤ 64), in its dx kernel (each its own shape class, "amp_c*_stage"), under bf16 autocast,
+    against the two ops apart and float64."""
     kind, launched = gpu_kind
     t_ffn.test_stage_norm_under_autocast_is_the_two_ops(shape, feeds_next, True, "cpu", poisoned=None)
-    block_c = t_ffn.ffn_mod._block_c(t_ffn.STAGE_SHAPES[shape][3])
+    _, _, _, c, hid = t_ffn.STAGE_SHAPES[shape]
+    block_c = t_ffn.ffn_mod._block_c(c)
     assert f"amp_c{block_c}_stage" in {cls for name, cls, _ in launched if name == "ffn_sublayer.fwd"}
+    dx_class = f"amp_c{block_c}" + ("" if t_ffn.ffn_mod.stash_pays(c, hid) else "_stage")
+    assert dx_class in {cls for name, cls, _ in launched if name == "ffn_sublayer.dx"}  # (and the two ops' apart)
     assert_pinned(kind, launched, {"ffn_sublayer.fwd", "ffn_sublayer.dx"})
 
 
