@@ -24,8 +24,10 @@ gradients' GEMMs: a transient of the backward, freed when it returns). Precision
 A stage's last block (`stage_norm`, `msf.reference.StageNorm`) ends the stage: its out goes to the
 stage's final LayerNorm and on to the decoder and the next stage. There the forward kernel also
 normalises the out tile it holds and writes the stage's maps (`FFNStageOutputFunction`; what
-`map_norm.stage_output` would write from the stored out, without reading it back); the backward is
-`map_norm`'s kernel on the saved out, then this module's, whose sum takes the norm's partial rows too.
+`map_norm.stage_output` would write from the stored out, without reading it back). In the backward
+the dx kernel runs the norm's backward too on the recompute route (C ≤ 64): g = ∂L/∂out is formed
+per tile from the saved out and the maps' gradients and never stored; on the stash route `map_norm`'s
+kernel writes g first (`_stage_output_backward`). Either way one sum launch takes the norm's partial rows.
 
 Kernels (no atomics: every parameter gradient through per-program fp32 partials and a fixed-order sum):
 - `_ffn_fwd_kernel`: one BLOCK_N-row tile a program: LayerNorm (statistics stored), then for each
@@ -34,7 +36,9 @@ Kernels (no atomics: every parameter gradient through per-program fp32 partials 
 - `_ffn_bwd_dx_kernel`: a run of row tiles a program: recomputes LN(x) and, slice by slice, fc1's
   output, then dA = dy w2, dH = dA · GELU'(h), d LN(x) += dH w1; the LayerNorm backward; dx = g +
   that. Writes the program's partial sums of dγ, dβ and db2; with STASH (C > 64, `stash_pays`) it
-  also stores LN(x), dH and A = GELU(h) in the compute dtype for the weight gradients.
+  also stores LN(x), dH and A = GELU(h) in the compute dtype for the weight gradients; with
+  STAGE_NORM it forms g from the stage norm's backward first and stores dy (g in the compute
+  dtype) for them, with the norm's partial sums beside its own.
 - the weight gradients, one of two routes:
   - recompute (C ≤ 64): `_ffn_bwd_wgrad_kernel`, one (hidden slice, row chunk) a program: the same
     recompute for its slice only, accumulating dW1 = dHᵀ LN(x), dW2ᵀ = Aᵀ dy and db1 = Σ dH over
