@@ -657,15 +657,15 @@ def _backward(x2, lnw, lnb, w1, b1, w2, mean, rstd, g, cdt: torch.dtype, b2_dtyp
     # [dγ | dβ (| db2 (| dγ_s | dβ_s))]
     ln_part = _new((n_progs, (2 if stash else (5 if stage is not None else 3)) * c), dev, torch.float32)
     if stage is None:
-        stage_args = (dx, dx, dx, dx, 0.0)  # placeholders, never read
-    else:  # the stage maps' gradients in g's place; dy stored for the weight gradients
-        g = _new((rows, c), dev, cdt)
-        stage_args = (stage.out, stage.weight, stage.dy if stage.dy2 is None else stage.dy2, g, stage.eps)
-        # (g is then the dy the kernel stores, in the compute dtype: what the weight gradients read)
-    *stage_ptrs, stage_eps = stage_args
-    _ffn_bwd_dx_kernel[(n_progs,)](x2, g if stage is None else stage.dy, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part,
-                                   n_st, dh_st, a_st, *stage_ptrs, rows, n_tiles, tiles, stage_eps, C=c, HID=hid,
-                                   CDT=code, BLOCK_C=block_c, STASH=stash, STAGE_NORM=stage is not None,
+        grad_in, out, snw, grad2, dy_st, stage_eps = g, dx, dx, dx, dx, 0.0  # (the stage's: placeholders)
+    else:  # the maps' gradients in g's place; the kernel stores dy, g in the compute dtype
+        dy_st = _new((rows, c), dev, cdt)
+        grad_in, out, snw, stage_eps = stage.dy, stage.out, stage.weight, stage.eps
+        grad2 = stage.dy if stage.dy2 is None else stage.dy2
+        g = dy_st  # what the weight gradients read as g: they round it to the compute dtype, a no-op here
+    _ffn_bwd_dx_kernel[(n_progs,)](x2, grad_in, lnw, lnb, w1, b1, w2, mean, rstd, dx, ln_part, n_st, dh_st, a_st,
+                                   out, snw, grad2, dy_st, rows, n_tiles, tiles, stage_eps, C=c, HID=hid, CDT=code,
+                                   BLOCK_C=block_c, STASH=stash, STAGE_NORM=stage is not None,
                                    HAS_G2=stage is not None and stage.dy2 is not None)
 
     # weight gradients as fp32 partials a row chunk, [dW1 | db1 | dW2 (| db2 = Σ dy, with the stash)] a row
