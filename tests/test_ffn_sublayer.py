@@ -328,6 +328,24 @@ def test_stage_norm_under_autocast_is_the_two_ops(shape, feeds_next, decoder_lin
         assert_close(ours[name].grad, ref[name].grad, TOL[torch.bfloat16], f"{shape} d{name} vs float64")
 
 
+@pytest.mark.parametrize("shape,norm_kernel_runs", [("C32", False), ("C64", False), ("C192", True)])
+def test_stage_norm_backward_runs_inside_the_dx_kernel_on_the_recompute_route(monkeypatch, shape, norm_kernel_runs):
+    """On the recompute route (C ≤ 64) the stage norm's backward is the FFN dx kernel's (STAGE_NORM):
+    `map_norm`'s backward kernel does not run and ∂L/∂out is never stored; on the stash route (C > 64)
+    it runs first. The gradients themselves are checked by the tests above."""
+    kernel_device("cpu")
+    runs = []
+    launch = norm_mod.backward_partials
+    monkeypatch.setattr(norm_mod, "backward_partials", lambda *a, **k: runs.append(shape) or launch(*a, **k))
+    vals, hw = _stage_inputs(STAGE_SHAPES[shape], seed=5)
+    leaves = _leaves({k: v.to(torch.bfloat16) for k, v in vals.items()}, "cpu", torch.bfloat16)
+    for t in ("g", "g2"):
+        leaves[t] = leaves[t].detach()
+    _stage_run(leaves, ffn_mod.ffn_sublayer, hw)
+    assert bool(runs) == norm_kernel_runs, runs
+    assert all(leaves[name].grad is not None for name in STAGE_NAMES)
+
+
 def test_stage_norm_unserved_cases_run_the_two_ops(monkeypatch):
     """Where the kernels do not serve (fp32 at C > 64), the FFN sublayer and the stage norm run one after
     the other, each by its own dispatch: results as eager's, no fused stage-norm launch."""
