@@ -413,7 +413,8 @@ def _ffn_bwd_dx_kernel(
     tile and never stored, dy (g in the compute dtype) is stored to DY_ST (ROWS×C) for the weight
     gradients, and PART[pid] grows to [.. | Σ dy_s∘ô | Σ dy_s] (5·C). Otherwise OUT .. DY_ST and
     `stage_eps` are placeholders, never read."""
-    tl.static_assert(not (STAGE_NORM and STASH), "the stage norm's backward rides the recompute route only")
+    tl.static_assert(not (STAGE_NORM and (STASH or BLOCK_C >= 128)),
+                     "the stage norm's backward rides the recompute route only (C ≤ 64: tile-shaped sums)")
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -445,12 +446,8 @@ def _ffn_bwd_dx_kernel(
             tl.store(N_ST + tok, xn, mask=mask_nc)
         if STAGE_NORM:
             g, dys, ohat = _stage_norm_grad(OUT, G, G2, SNW, tok, mask_nc, offs_c, mask_c, C, stage_eps, HAS_G2)
-            if ROW_SUMS:
-                dgamma_s += tl.sum(dys * ohat, 0)
-                dbeta_s += tl.sum(dys, 0)
-            else:
-                dgamma_s += dys * ohat
-                dbeta_s += dys
+            dgamma_s += dys * ohat  # (tile-shaped: no ROW_SUMS at C ≤ 64)
+            dbeta_s += dys
             dy = _to_compute(g, CDT)
             tl.store(DY_ST + tok, dy, mask=mask_nc)
         else:
@@ -897,8 +894,9 @@ def ffn_sublayer(x, lnw, lnb, w1, b1, w2, b2, eps: float = 1e-5, stage_norm: Sta
 _AOT_C = {32: 32, 64: 64, 128: 128, 256: 192}
 _AOT_PTRS = {
     "fwd": ("X", "LNW", "LNB", "W1", "B1", "W2", "B2", "OUT"),
-    "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX", "OUT", "SNW", "G2", "DY_ST"),  # (the last four: dx
-    "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),                                #  as placeholders)
+    # (the dx kernel's last four: the stage norm's, dx itself as their placeholder without it)
+    "dx": ("X", "G", "LNW", "LNB", "W1", "B1", "W2", "DX", "OUT", "SNW", "G2", "DY_ST"),
+    "wgrad": ("X", "G", "LNW", "LNB", "W1", "B1", "W2"),
 }
 _AOT_WEIGHT_PTRS = ("W1", "W2")
 _AOT_STASH_PTRS = ("N_ST", "DH_ST", "A_ST")  # the dx kernel's stash: in the compute dtype
