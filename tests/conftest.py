@@ -1,6 +1,7 @@
 """Shared test fixtures: the real data folder (skipped cleanly when absent) and tensor comparison."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -148,6 +149,32 @@ def kernel_device(name: str) -> str:
 
 
 KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+GPU_SMS = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100: the host code sizes its chunks by the SM count
+
+
+@contextlib.contextmanager
+def gpu_geometry(kind: str):
+    """Under the interpreter, launch as on a GPU of device kind `kind`: each kernel takes its pinned
+    configs.json entry for `kind` (`configs.for_device`) and the host code sizes its chunks and grids
+    by that GPU's SM count. The model-level tests run here (`model_at_gpu_tiles`): the GPU's tiles are
+    what the model runs on a GPU, and the interpreter runs them in about half the time of its own
+    small tiles (fewer programs, each a few numpy operations on larger arrays), which the op-level
+    parity tests keep covering."""
+    from msf.kernels import attention, configs, lmsa
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (attention, lmsa):  # (the sublayer, block, FFN, decoder and map norm ask attention's)
+            patch.setattr(module, "_sm_count", lambda device, sms=GPU_SMS[kind]: sms)
+        with configs.for_device(kind):
+            yield
+
+
+@contextlib.contextmanager
+def model_at_gpu_tiles(device: str):
+    """`gpu_geometry("sm_90")` where the model's kernels run through the interpreter (`device` "cpu");
+    on a GPU the device's own configurations."""
+    with gpu_geometry("sm_90") if device == "cpu" else contextlib.nullcontext():
+        yield
 
 
 def poison_new_buffers(monkeypatch, *kernel_modules) -> None:

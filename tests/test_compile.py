@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_close, assert_grads_close
+from conftest import assert_close, assert_grads_close, model_at_gpu_tiles
 from msf.model import MicroSegFormer, tokens_to_map
 
 
@@ -109,6 +109,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On CUDA the fused operators decompose into their Triton launches (kernels/ops.py): Inductor then
 # compiles around the user kernels themselves, which is what the GPU check must see working.
 COMPILERS = ["aot_eager"] + (["inductor"] if os.environ.get("MSF_COMPILE_TESTS") == "1" or DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def gpu_tiles():
+    """The fused ops at the H100's pinned tiles under the interpreter (`conftest.model_at_gpu_tiles`)."""
+    with model_at_gpu_tiles(DEVICE):
+        yield
 
 
 def _triton_runnable() -> bool:

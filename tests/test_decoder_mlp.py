@@ -147,7 +147,7 @@ def test_autocast_bf16_maps_equal_fp32_maps_rounded(device, poisoned):
     output and every parameter gradient of the fp32 maps, each map's gradient in bf16 the fp32 one
     (which is bf16-rounded) exactly, dropout on."""
     kernel_device(device)
-    vals = _inputs(SHAPES["model"], seed=17)
+    vals = _inputs((1, *SHAPES["model"][1:]), seed=17)  # one image: bit-for-bit needs no second (44 -> 22 s on CPU)
     seed = torch.tensor([91], dtype=torch.int64, device=device)
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -12,7 +12,7 @@ that each launch really took the pinned GPU entry.
 import pytest
 import torch
 
-from conftest import kernel_device, poison_new_buffers
+from conftest import gpu_geometry, kernel_device, poison_new_buffers
 from msf.kernels import configs
 
 import test_attention as t_attn  # noqa: E402  (the parity helpers of each op)
@@ -24,7 +24,6 @@ import test_lmsa as t_lmsa  # noqa: E402
 
 pytestmark = pytest.mark.parity
 KINDS = ("sm_90", "sm_80")
-SMS = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100: the host code sizes its chunks by the SM count
 
 
 @pytest.fixture(params=KINDS)
@@ -42,9 +41,7 @@ def gpu_kind(request, monkeypatch):
         launched.append((self.name, self.shape_class(self.named_args(args, kwargs)), configs.to_entry(cfg)))
         return cfg
     monkeypatch.setattr(configs.PinnedKernel, "config", recording)
-    for module in (t_attn.attn_mod, t_lmsa.lmsa_mod):  # (the sublayer asks the core's)
-        monkeypatch.setattr(module, "_sm_count", lambda device, sms=SMS[request.param]: sms)
-    with configs.for_device(request.param):
+    with gpu_geometry(request.param):
         yield request.param, launched
 
 
