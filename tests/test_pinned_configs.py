@@ -7,7 +7,9 @@ of the head loss, LMSA's 16-pixel wgrad strips, the attention tiles of each head
 executed anywhere. Here every op runs through the interpreter with the sm_90 and the sm_80 entries
 of configs.json (`configs.for_device`), at a small shape in the model's dtype class, forward and
 every gradient against the float64 references of the op's own parity tests; a recorder checks
-that each launch really took the pinned GPU entry.
+that each launch really took the pinned GPU entry. The model-level tests (test_backends.py,
+test_compile.py) run the whole triton model at the sm_90 entries the same way
+(`conftest.model_at_gpu_tiles`), so the pinned tiles also run at the model's own composition.
 """
 import pytest
 import torch
