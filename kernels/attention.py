@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, _round, divisibility_attrs, dot, dot_tf32x3
-from msf.kernels.configs import PinnedKernel, candidate_order
+from msf.kernels.configs import PinnedKernel, candidate_order, sm_count as _sm_count
 
 __all__ = ["attention", "attention_eager", "AttentionFunction", "AOT_SPECS"]
 
@@ -512,12 +512,6 @@ def _dkdv_chunks(batch: int, n: int, m: int, d: int, sms: int, kind: str = "sm_9
     with configs.for_device(kind):
         block_m = _dkdv_block_m(torch.bfloat16, _block_d(d), False, torch.device("cpu"))
     return _chunking(batch, n, m, sms, None, block_m)[1]
-
-
-def _sm_count(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count  # cached, no sync
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -46,6 +46,7 @@ ANY_CLASS = "*"
 
 _table: dict | None = None
 _forced_kind: str | None = None
+_forced_sms: int | None = None
 REGISTRY: dict[str, "PinnedKernel"] = {}
 TUNED: dict[tuple[str, str, str], triton.Config] = {}  # what autotuning picked (MSF_AUTOTUNE=1)
 
@@ -79,15 +80,28 @@ def device_kind(device=None) -> str:
     return f"sm_{major}{minor}"
 
 
+def sm_count(device) -> int | None:
+    """The SM count the host code sizes its grids and chunks by: `for_device`'s where it names one,
+    else the CUDA device's (cached by torch, no sync), None for a CPU tensor's device."""
+    if _forced_sms is not None:
+        return _forced_sms
+    if device.type != "cuda":
+        return None
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @contextlib.contextmanager
-def for_device(kind: str):
-    """Look configurations up as on device kind `kind` (the cost model captures launches this way)."""
-    global _forced_kind
-    old, _forced_kind = _forced_kind, kind
+def for_device(kind: str, sms: int | None = None):
+    """Look configurations up as on device kind `kind` and, with `sms`, size the host code's grids
+    and chunks for that many SMs (`sm_count`): a GPU's launches on any device (the cost model
+    captures launches this way; the CPU tests run a GPU's tiles under the interpreter)."""
+    global _forced_kind, _forced_sms
+    old, (_forced_kind, _forced_sms) = (_forced_kind, _forced_sms), (kind, sms)
     try:
         yield
     finally:
-        _forced_kind = old
+        _forced_kind, _forced_sms = old
 
 
 def to_config(entry: dict) -> triton.Config:

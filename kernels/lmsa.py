@@ -46,7 +46,7 @@ import triton.language as tl
 
 from msf.kernels._common import INTERPRET, AotSpec, _round, divisibility_attrs, dot
 from msf.kernels.casts import cast_all
-from msf.kernels.configs import PinnedKernel
+from msf.kernels.configs import PinnedKernel, sm_count as _sm_count
 from msf.kernels.partial_sums import sum_partials
 from msf.precision import autocast_off
 from msf.reference import LMSAParams, eager_lmsa
@@ -1324,12 +1324,6 @@ def _build_frame_pixels(b: int, h: int, w: int, tail: int, device) -> torch.Tens
     per_image = (h + 6) * (w + 6)
     images = (torch.arange(b, device=device)[:, None] * per_image + one[None, :]).flatten()
     return torch.cat([images, torch.arange(b * per_image, b * per_image + tail, device=device)])
-
-
-def _sm_count(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count  # cached, no sync
 
 
 def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, max_chunks: int) -> int:

@@ -638,15 +638,13 @@ def recording(device: Device, sink: list, op: str, pass_ref: list):
         sink.append(Launch(op, pass_ref[0], names.get(self, self.fn.__name__), self, g, bound, sig, const,
                            attrs, opts))
 
-    saved = [(JITFunction, "run", JITFunction.run), (attention, "_sm_count", attention._sm_count),
-             (lmsa, "_sm_count", lmsa._sm_count), (upsample_argmax, "_check_device", upsample_argmax._check_device),
+    saved = [(JITFunction, "run", JITFunction.run), (upsample_argmax, "_check_device", upsample_argmax._check_device),
              (head_loss, "_check_device", head_loss._check_device), (casts, "_kernel_device", casts._kernel_device)]
     JITFunction.run = record
-    attention._sm_count = lmsa._sm_count = lambda dev: device.sms
     upsample_argmax._check_device = head_loss._check_device = lambda t, name: None
     casts._kernel_device = lambda t: True
     try:
-        with configs.for_device(f"sm_{device.arch}"):
+        with configs.for_device(f"sm_{device.arch}", sms=device.sms):
             yield
     finally:
         for owner, attr, value in saved:

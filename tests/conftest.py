@@ -161,12 +161,9 @@ def gpu_geometry(kind: str):
     what the model runs on a GPU, and the interpreter runs them in about half the time of its own
     small tiles (fewer programs, each a few numpy operations on larger arrays), which the op-level
     parity tests keep covering."""
-    from msf.kernels import attention, configs, lmsa
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (attention, lmsa):  # (the sublayer, block, FFN, decoder and map norm ask attention's)
-            patch.setattr(module, "_sm_count", lambda device, sms=GPU_SMS[kind]: sms)
-        with configs.for_device(kind):
-            yield
+    from msf.kernels import configs
+    with configs.for_device(kind, sms=GPU_SMS[kind]):
+        yield
 
 
 @contextlib.contextmanager
