@@ -70,7 +70,7 @@ def test_logits_loss_and_every_gradient_match_eager(lmsa):
 
 def test_predictions_match_eager():
     eager, fused = twin_models()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    images = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     agree = (fused.predict(images) == eager.predict(images)).float().mean().item()
     assert agree > 0.999, f"only {agree:.4%} of pixels agree"
 
