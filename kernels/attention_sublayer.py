@@ -177,9 +177,14 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         mode, d = cls.rsplit("_d", 1)
         return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3])
                 for c in _ALLOWED[kernel][mode][int(d)]]
+    def archs(cls: str, cfg: triton.Config):
+        mode, d = cls.rsplit("_d", 1)
+        tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages)
+        return (90,) if tile in _SM90_ONLY.get((kernel, mode, int(d)), ()) else None
+
     classes = [f"{mode}_d{d}" for mode, per_d in _ALLOWED[kernel].items() for d in per_d]
     return PinnedKernel(f"attention_sublayer.{kernel}", fn, _config_list(kernel), ["N", "M", "BLOCK_D", "PRECISE"],
-                        _shape_class(kernel), allowed, classes, prune=_prune(kernel))
+                        _shape_class(kernel), allowed, classes, prune=_prune(kernel), archs=archs)
 
 
 def _wg_prune(configs, named_args, **kwargs):

@@ -20,7 +20,8 @@ fastest (`python -m msf.profiling.cost --pin` rewrites them); every other class 
 first entry (`python -m msf.profiling.tune --from-lists`). Every entry is a member of its kernel's
 allow-list for that class, i.e. a configuration `python -m msf.profiling.report` builds without spills
 (tests/test_configs.py checks it); an sm_90 / sm_80 entry on the report's build for that architecture
-(a configuration may be allowed on one only: `AotSpec.archs`; `report --launches` checks the pins).
+(a configuration may be allowed on one only: `AotSpec.archs` and `PinnedKernel.archs`; `report
+--launches` checks the pins, `tune --from-lists` keeps such a tile to its architecture).
 
 Autotuning is an explicit opt-in: with `MSF_AUTOTUNE=1` set before `kernels` is imported, each
 kernel runs `triton.autotune` over its whole list (pruned to the class's allow-list) as before, and
@@ -143,23 +144,36 @@ class PinnedKernel:
     `configs`: the kernel's whole candidate list (what autotuning searches); `allowed(cls)`: the
     candidates valid for a shape class (spill-free on sm_80 and sm_90); `shape_class(named_args)`:
     the class of a launch from its named arguments (constexprs included); `classes`: every class
-    the kernel can be launched with.
+    the kernel can be launched with; `archs(cls, config)`: the architectures an allowed configuration
+    is limited to (e.g. (90,): it spills on sm_80), None where it is clean on both (the default).
     """
 
     def __init__(self, name: str, fn, configs: list[triton.Config], key: list[str],
                  shape_class: Callable[[dict], str], allowed: Callable[[str], list[triton.Config]],
-                 classes: list[str], prune=None):
+                 classes: list[str], prune=None,
+                 archs: Callable[[str, triton.Config], "tuple[int, ...] | None"] | None = None):
         self.name = name
         self.fn = fn  # the JITFunction (or the interpreter's function); `msf.profiling.report` unwraps to it
         self.configs = configs
         self.shape_class = shape_class
         self.allowed = allowed
         self.classes = classes
+        self.archs = archs or (lambda cls, config: None)
         self._tuner = None
         if AUTOTUNE and not INTERPRET:
             self._tuner = triton.autotune(configs=configs, key=key,
                                           prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
         REGISTRY[name] = self
+
+    def first_allowed(self, cls: str, arch: int | None = None) -> triton.Config:
+        """The class's first allowed configuration that builds clean on `arch` (None: on every
+        architecture, as a "default" entry, which any other GPU falls back to, must)."""
+        for cfg in self.allowed(cls):
+            only = self.archs(cls, cfg)
+            if only is None or (arch is not None and arch in only):
+                return cfg
+        raise ValueError(f"{self.name}: no configuration of class {cls!r} is allowed on "
+                         f"{'every architecture' if arch is None else f'sm_{arch}'}")
 
     def named_args(self, args, kwargs) -> dict:
         return {**dict(zip(self.fn.arg_names, args)), **kwargs}

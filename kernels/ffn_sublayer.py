@@ -180,10 +180,15 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) in ok]
         return kept or configs[:1]
 
+    def archs(cls: str, cfg: triton.Config):
+        base, stage, _ = cls.partition("_stage")
+        tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_H"], cfg.num_warps, cfg.num_stages)
+        return (90,) if not stage and tile in _SM90_ONLY.get((kernel, int(base.rsplit("_c", 1)[1])), ()) else None
+
     classes = [f"{mode}_c{c}{tag}" for tag, table in tables.items() for mode, per_c in table.items() for c in per_c]
     key = ["C", "HID", "CDT"] + (["STAGE_NORM"] if kernel in _STAGE_TABLES else [])
     return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], key,
-                        shape_class, allowed, classes, prune=prune)
+                        shape_class, allowed, classes, prune=prune, archs=archs)
 
 
 # ----------------------------------------------------------------------------------------------

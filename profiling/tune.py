@@ -2,7 +2,8 @@
 
     python -m msf.profiling.tune --from-lists [--out PATH]
         the table from the kernels' allow-lists: for every kernel and shape class, the class's first
-        allowed configuration for "sm_90", "sm_80" and "default"; the interpreter's configuration
+        allowed configuration that builds clean there (`PinnedKernel.first_allowed`) for "sm_90" and
+        "sm_80", and for "default" the first clean on both (any other GPU falls back to it); the interpreter's configuration
         (each kernel's list head) under shape class "*". Entries already in the table for sm_90 /
         sm_80 (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`) are kept unless --reset.
     python -m msf.profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
@@ -31,10 +32,10 @@ def table_from_lists(old: dict | None = None, reset: bool = False) -> dict:
     for name, pk in sorted(configs.REGISTRY.items()):
         per_class = table.setdefault(name, {})
         for cls in pk.classes:
-            first = configs.to_entry(pk.allowed(cls)[0])
             kept = {} if reset or old is None else old.get(name, {}).get(cls, {})
-            per_class[cls] = {kind: kept.get(kind, first) for kind in ("sm_90", "sm_80")}
-            per_class[cls][configs.DEFAULT_KIND] = first
+            per_class[cls] = {kind: kept.get(kind, configs.to_entry(pk.first_allowed(cls, arch)))
+                              for kind, arch in (("sm_90", 90), ("sm_80", 80))}
+            per_class[cls][configs.DEFAULT_KIND] = configs.to_entry(pk.first_allowed(cls))
         per_class[configs.ANY_CLASS] = {"interpreter": configs.to_entry(pk.configs[0])}
     return table
 

@@ -228,3 +228,26 @@ def test_a_sublayer_configuration_allowed_on_one_architecture_is_pinned_only_the
         prefix = f"attention_sublayer.{kernel}_{'amp_' if mode == 'amp' else ''}{sub._AOT_DTYPES[mode]}_d{block_d}"
         built = [s for s in sub.AOT_SPECS if any(s.name == f"{prefix}_n{c[0]}_m{c[1]}_w{c[2]}_s{c[3]}" for c in only)]
         assert len(built) == len(only) and all(s.archs == (90,) and not s.builds_on(80) for s in built)
+
+
+def test_tables_from_the_lists_pin_a_one_architecture_tile_only_there():
+    """`python -m msf.profiling.tune --from-lists` takes, per class, the first allowed tile that builds
+    clean where the entry applies (`PinnedKernel.first_allowed`): an sm_90-only tile (`archs`) may be
+    the sm_90 entry, never the sm_80 one nor the "default" one other GPUs fall back to. Checked on a
+    table made from the lists alone (--reset) and on the committed table."""
+    from msf.profiling import tune
+    fresh = tune.table_from_lists(reset=True)
+    for label, table in (("from the lists", fresh), ("committed", configs.load_table())):
+        for name, pk in configs.REGISTRY.items():
+            for cls in pk.classes:
+                for kind, entry in table[name].get(cls, {}).items():
+                    only = pk.archs(cls, configs.to_config(entry))
+                    assert only is None or (kind.startswith("sm_") and int(kind[3:]) in only), \
+                        f"{label}: {name} {cls} {kind} pins {entry}, allowed on sm_{only} only"
+    # the rule has something to do: the FFN wgrad's C 64 list starts with an sm_90-only tile
+    head = t_ffn.ffn_mod._AMP["wgrad"][64][0]
+    assert head in t_ffn.ffn_mod._SM90_ONLY[("wgrad", 64)]
+    entries = {kind: fresh["ffn_sublayer.wgrad"]["amp_c64"][kind] for kind in ("sm_90", "sm_80", "default")}
+    tile = {kind: (e["kwargs"]["BLOCK_N"], e["kwargs"]["BLOCK_H"], e["num_warps"], e["num_stages"])
+            for kind, e in entries.items()}
+    assert tile["sm_90"] == head and tile["sm_80"] != head and tile["default"] != head, tile
