@@ -177,14 +177,9 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         mode, d = cls.rsplit("_d", 1)
         return [triton.Config({"BLOCK_N": c[0], "BLOCK_M": c[1]}, num_warps=c[2], num_stages=c[3])
                 for c in _ALLOWED[kernel][mode][int(d)]]
-    def archs(cls: str, cfg: triton.Config):
-        mode, d = cls.rsplit("_d", 1)
-        tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages)
-        return (90,) if tile in _SM90_ONLY.get((kernel, mode, int(d)), ()) else None
-
     classes = [f"{mode}_d{d}" for mode, per_d in _ALLOWED[kernel].items() for d in per_d]
     return PinnedKernel(f"attention_sublayer.{kernel}", fn, _config_list(kernel), ["N", "M", "BLOCK_D", "PRECISE"],
-                        _shape_class(kernel), allowed, classes, prune=_prune(kernel), archs=archs)
+                        _shape_class(kernel), allowed, classes, _prune(kernel), lambda c, t: _archs(kernel, c, t))
 
 
 def _wg_prune(configs, named_args, **kwargs):
@@ -958,3 +953,12 @@ AOT_SPECS: list[AotSpec] = _aot_specs()
 
 if __name__ == "__main__":
     print(bytes_table())
+
+
+def _archs(kernel: str, cls: str, cfg: triton.Config):
+    """`PinnedKernel.archs` of the sublayer kernels: (90,) for a tile of `_SM90_ONLY` (its AOT spec builds
+    for sm_90 alone), else None. (Last in the module: Triton's cache key holds the kernels' line
+    numbers, and lines added above them rebuild every AOT spec.)"""
+    mode, d = cls.rsplit("_d", 1)
+    tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages)
+    return (90,) if tile in _SM90_ONLY.get((kernel, mode, int(d)), ()) else None

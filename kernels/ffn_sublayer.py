@@ -180,15 +180,10 @@ def _pinned(kernel: str, fn) -> PinnedKernel:
         kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) in ok]
         return kept or configs[:1]
 
-    def archs(cls: str, cfg: triton.Config):
-        base, stage, _ = cls.partition("_stage")
-        tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_H"], cfg.num_warps, cfg.num_stages)
-        return (90,) if not stage and tile in _SM90_ONLY.get((kernel, int(base.rsplit("_c", 1)[1])), ()) else None
-
     classes = [f"{mode}_c{c}{tag}" for tag, table in tables.items() for mode, per_c in table.items() for c in per_c]
     key = ["C", "HID", "CDT"] + (["STAGE_NORM"] if kernel in _STAGE_TABLES else [])
     return PinnedKernel(f"ffn_sublayer.{kernel}", fn, [_as_config(c) for c in seen], key,
-                        shape_class, allowed, classes, prune=prune, archs=archs)
+                        shape_class, allowed, classes, prune=prune, archs=lambda c, t: _archs(kernel, c, t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -958,3 +953,12 @@ def _aot_specs() -> list[AotSpec]:
 
 
 AOT_SPECS: list[AotSpec] = _aot_specs()
+
+
+def _archs(kernel: str, cls: str, cfg: triton.Config):
+    """`PinnedKernel.archs` of the FFN kernels: (90,) for a tile of `_SM90_ONLY` in a class without the
+    stage norm (its AOT spec builds for sm_90 alone), else None. (Last in the module: Triton's cache
+    key holds the kernels' line numbers, and lines added above them rebuild every AOT spec.)"""
+    base, stage, _ = cls.partition("_stage")
+    tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_H"], cfg.num_warps, cfg.num_stages)
+    return (90,) if not stage and tile in _SM90_ONLY.get((kernel, int(base.rsplit("_c", 1)[1])), ()) else None
