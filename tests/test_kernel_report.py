@@ -97,8 +97,8 @@ def builds(tmp_path_factory):
         arch, index, group = job
         out = root / f"group{index}-sm{arch}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "msf.profiling.report", "--module", *group, "--arch", str(arch),
-             "--skip-slow", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+            [sys.executable, "-m", "msf.profiling.report", "--module", *group, "--arch", str(arch), "--skip-slow",
+             "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         return arch, (proc, out)
 
     jobs = [(arch, i, group) for arch in ARCHS for i, group in enumerate(groups) if group]
