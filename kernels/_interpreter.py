@@ -73,7 +73,7 @@ def _patch_lang_once(fn):
     langs = _language_modules(fn)
     if _Launch.langs is None:  # not inside a launch (Triton calls it in none such): as Triton does
         return _installed[0](fn)
-    if langs <= _Launch.langs:  # a helper inside the launch: its modules are patched already
+    if langs and langs <= _Launch.langs:  # a helper inside the launch: its modules are patched already
         return _NothingToRestore
     scope = _installed[0](fn)
     first = not _Launch.langs  # the launch's own call (GridExecutor.__call__ restores what it returns)
