@@ -3,9 +3,11 @@
     python -m msf.profiling.tune --from-lists [--out PATH]
         the table from the kernels' allow-lists: for every kernel and shape class, the class's first
         allowed configuration that builds clean there (`PinnedKernel.first_allowed`) for "sm_90" and
-        "sm_80", and for "default" the first clean on both (any other GPU falls back to it); the interpreter's configuration
-        (each kernel's list head) under shape class "*". Entries already in the table for sm_90 /
-        sm_80 (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`) are kept unless --reset.
+        "sm_80", and for "default" the first clean on both (any other GPU falls back to it); the
+        interpreter's configuration (each kernel's list head) under shape class "*". Entries already
+        in the table (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`; defaults
+        chosen by hand for GPUs with less shared memory a block) are kept unless --reset: run on
+        the committed table it writes that table again (tests/test_pinned_configs.py).
     python -m msf.profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
         autotune: runs one bf16-autocast training step of the model with the triton backend with
         MSF_AUTOTUNE=1 (each kernel benchmarks its class's allowed configurations) and writes what
@@ -34,8 +36,7 @@ def table_from_lists(old: dict | None = None, reset: bool = False) -> dict:
         for cls in pk.classes:
             kept = {} if reset or old is None else old.get(name, {}).get(cls, {})
             per_class[cls] = {kind: kept.get(kind, configs.to_entry(pk.first_allowed(cls, arch)))
-                              for kind, arch in (("sm_90", 90), ("sm_80", 80))}
-            per_class[cls][configs.DEFAULT_KIND] = configs.to_entry(pk.first_allowed(cls))
+                              for kind, arch in (("sm_90", 90), ("sm_80", 80), (configs.DEFAULT_KIND, None))}
         per_class[configs.ANY_CLASS] = {"interpreter": configs.to_entry(pk.configs[0])}
     return table
 

@@ -234,10 +234,12 @@ def test_tables_from_the_lists_pin_a_one_architecture_tile_only_there():
     """`python -m msf.profiling.tune --from-lists` takes, per class, the first allowed tile that builds
     clean where the entry applies (`PinnedKernel.first_allowed`): an sm_90-only tile (`archs`) may be
     the sm_90 entry, never the sm_80 one nor the "default" one other GPUs fall back to. Checked on a
-    table made from the lists alone (--reset) and on the committed table."""
+    table made from the lists alone (--reset) and on the committed table, which the command, keeping
+    the entries it finds, writes again unchanged."""
     from msf.profiling import tune
-    fresh = tune.table_from_lists(reset=True)
-    for label, table in (("from the lists", fresh), ("committed", configs.load_table())):
+    fresh, committed = tune.table_from_lists(reset=True), configs.load_table()
+    assert tune.table_from_lists(committed) == committed, "tune --from-lists would rewrite the committed table"
+    for label, table in (("from the lists", fresh), ("committed", committed)):
         for name, pk in configs.REGISTRY.items():
             for cls in pk.classes:
                 for kind, entry in table[name].get(cls, {}).items():
