@@ -6,7 +6,7 @@
         "sm_80", and for "default" the first clean on both (any other GPU falls back to it); the
         interpreter's configuration (each kernel's list head) under shape class "*". Entries already
         in the table (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`; defaults
-        chosen by hand for GPUs with less shared memory a block) are kept unless --reset: run on
+        chosen by hand, smaller tiles than their list heads: the safer guess for an unknown GPU) are kept unless --reset: run on
         the committed table it writes that table again (tests/test_pinned_configs.py).
     python -m msf.profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
         autotune: runs one bf16-autocast training step of the model with the triton backend with
