@@ -5,9 +5,10 @@
         allowed configuration that builds clean there (`PinnedKernel.first_allowed`) for "sm_90" and
         "sm_80", and for "default" the first clean on both (any other GPU falls back to it); the
         interpreter's configuration (each kernel's list head) under shape class "*". Entries already
-        in the table (e.g. the cost model's picks, `python -m msf.profiling.cost --pin`; defaults
-        chosen by hand, smaller tiles than their list heads: the safer guess for an unknown GPU) are kept unless --reset: run on
-        the committed table it writes that table again (tests/test_pinned_configs.py).
+        in the table (the cost model's picks, `python -m msf.profiling.cost --pin`; defaults chosen
+        by hand, some smaller tiles than their list heads: the safer guess for an unknown GPU) are
+        kept unless --reset: run on the committed table it writes that table again
+        (tests/test_pinned_configs.py).
     python -m msf.profiling.tune [--batch 32 --size 512] [--out PATH]        (on a GPU)
         autotune: runs one bf16-autocast training step of the model with the triton backend with
         MSF_AUTOTUNE=1 (each kernel benchmarks its class's allowed configurations) and writes what
