@@ -869,6 +869,20 @@ _AOT_AMP_F32 = {"fwd": ("X", "R", "OUT", "BQ", "BO"), "dq": ("X", "G", "DX", "BQ
 _AOT_WG_CHUNK = 1024
 
 
+def _one_arch(kernel: str, mode: str, block_d: int, tile: _Cfg) -> tuple[int, ...] | None:
+    """The one architecture a tile is allowed on, where it is not both: (90,) for the `_SM90_ONLY` tiles,
+    else None. The AOT specs and the pins (`_archs`) both ask here. (Below the kernels: Triton's cache
+    key holds their line numbers, and lines added above them rebuild every AOT spec.)"""
+    return (90,) if tile in _SM90_ONLY.get((kernel, mode, block_d), ()) else None
+
+
+def _archs(kernel: str, cls: str, cfg: triton.Config) -> tuple[int, ...] | None:
+    """`PinnedKernel.archs` of the sublayer kernels: `_one_arch` of a configuration of shape class `cls`."""
+    mode, d = cls.rsplit("_d", 1)
+    return _one_arch(kernel, mode, int(d),
+                     (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages))
+
+
 def _aot_specs() -> list[AotSpec]:
     specs = []
     for kname, (kernel, data_ptrs, f32_ptrs) in _AOT_KERNELS.items():
@@ -896,8 +910,7 @@ def _aot_specs() -> list[AotSpec]:
                         const["stride_rx" if block_d == 32 else "stride_rc"] = 1
                 tag = f"{kname}_{dn}_d{block_d}_n{bn}_m{bm}_w{w}_s{st}"
                 spec = _aot_spec(f"attention_sublayer.{tag}", kernel.fn, pt, const, w, st)
-                if (bn, bm, w, st) in _SM90_ONLY.get((kname, mode, block_d), ()):
-                    spec = dataclasses.replace(spec, archs=(90,))
+                spec = dataclasses.replace(spec, archs=_one_arch(kname, mode, block_d, (bn, bm, w, st)) or ())
                 specs.append(spec)
     for mode, cfgs in _WG_ALLOWED.items():  # mixed precision uses the "16" configurations
         # (name, A, B, A2, B2), built with both products (PAIRS = 2: its registers are the larger of the
@@ -953,12 +966,3 @@ AOT_SPECS: list[AotSpec] = _aot_specs()
 
 if __name__ == "__main__":
     print(bytes_table())
-
-
-def _archs(kernel: str, cls: str, cfg: triton.Config):
-    """`PinnedKernel.archs` of the sublayer kernels: (90,) for a tile of `_SM90_ONLY` (its AOT spec builds
-    for sm_90 alone), else None. (Last in the module: Triton's cache key holds the kernels' line
-    numbers, and lines added above them rebuild every AOT spec.)"""
-    mode, d = cls.rsplit("_d", 1)
-    tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages)
-    return (90,) if tile in _SM90_ONLY.get((kernel, mode, int(d)), ()) else None

@@ -913,6 +913,21 @@ _AOT_STAGE_PTRS = {"SNW": "*fp32", "SNB": "*fp32", "Y": "*bf16", "Y2": "*bf16"}
 _AOT_STAGE_DX_PTRS = {"G": "*bf16", "G2": "*bf16", "OUT": "*fp32", "SNW": "*fp32", "DY_ST": "*bf16"}
 
 
+def _one_arch(kernel: str, block_c: int, tile: _Cfg, stage: bool) -> tuple[int, ...] | None:
+    """The one architecture a tile is allowed on, where it is not both: (90,) for the `_SM90_ONLY` tiles
+    of the classes without the stage norm, else None. The AOT specs and the pins (`_archs`) both ask
+    here. (Below the kernels: Triton's cache key holds their line numbers, and lines added above them
+    rebuild every AOT spec.)"""
+    return (90,) if not stage and tile in _SM90_ONLY.get((kernel, block_c), ()) else None
+
+
+def _archs(kernel: str, cls: str, cfg: triton.Config) -> tuple[int, ...] | None:
+    """`PinnedKernel.archs` of the FFN kernels: `_one_arch` of a configuration of shape class `cls`."""
+    base, stage, _ = cls.partition("_stage")
+    return _one_arch(kernel, int(base.rsplit("_c", 1)[1]),
+                     (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_H"], cfg.num_warps, cfg.num_stages), bool(stage))
+
+
 def _aot_specs() -> list[AotSpec]:
     specs = []
     # (kernel, its allow-lists, variant tag, extra pointer types, extra constexprs (a function of the C block));
@@ -946,19 +961,9 @@ def _aot_specs() -> list[AotSpec]:
                     spec = _aot_spec(f"ffn_sublayer.{kname}_{mode}_c{block_c}_n{bn}_h{bh}_w{w}_s{st}"
                                      + ("_stash" if stash else "") + tag, kernel.fn, ptrs, const, w, st,
                                      floats=("eps", "stage_eps"))
-                    if not tag and (bn, bh, w, st) in _SM90_ONLY.get((kname, block_c), ()):
-                        spec = dataclasses.replace(spec, archs=(90,))
+                    spec = dataclasses.replace(spec, archs=_one_arch(kname, block_c, (bn, bh, w, st), bool(tag)) or ())
                     specs.append(spec)
     return specs
 
 
 AOT_SPECS: list[AotSpec] = _aot_specs()
-
-
-def _archs(kernel: str, cls: str, cfg: triton.Config):
-    """`PinnedKernel.archs` of the FFN kernels: (90,) for a tile of `_SM90_ONLY` in a class without the
-    stage norm (its AOT spec builds for sm_90 alone), else None. (Last in the module: Triton's cache
-    key holds the kernels' line numbers, and lines added above them rebuild every AOT spec.)"""
-    base, stage, _ = cls.partition("_stage")
-    tile = (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_H"], cfg.num_warps, cfg.num_stages)
-    return (90,) if not stage and tile in _SM90_ONLY.get((kernel, int(base.rsplit("_c", 1)[1])), ()) else None
