@@ -91,7 +91,8 @@ def builds(tmp_path_factory):
     cores = max(1, os.cpu_count() or 1)
     # the modules dealt out by their spec counts, largest first, over the groups of each arch
     modules = sorted(_aot_modules(), key=lambda m: -len(importlib.import_module(m).AOT_SPECS))
-    groups = [modules[i::max(1, cores // len(ARCHS))] for i in range(max(1, cores // len(ARCHS)))]
+    n_groups = max(1, cores // len(ARCHS))
+    groups = [modules[i::n_groups] for i in range(n_groups)]
 
     def build(job):
         arch, index, group = job
