@@ -132,17 +132,12 @@ def _project_kernels_results():
     """Forward and every gradient of fused ops whose kernels call helpers in loops (LMSA, map norm,
     head + loss), on fixed inputs."""
     from msf.kernels import head_loss as hl, lmsa as lm, map_norm as mn
-    from msf.reference import LMSAParams
+    from test_lmsa import _pack, _params  # LMSA's parity tests' parameters
     g = torch.Generator().manual_seed(1)
     c = 16
     x = torch.randn(1, c, 4, 5, generator=g).requires_grad_()
-    ps = ([torch.randn(c, 1, k, k, generator=g) / k for k in (3, 5, 7)]
-          + [torch.randn(c, c, generator=g) * c ** -0.5 for _ in range(3)]
-          + [torch.randn(c, generator=g) * 0.3 for _ in range(3)]
-          + [torch.randn(6, 3 * c, generator=g) * 0.2, torch.randn(6, generator=g),
-             torch.randn(3 * c, 6, generator=g) * 0.5, torch.randn(3 * c, generator=g)])
-    ps = [p.requires_grad_() for p in ps]
-    out = lm.lmsa(x, LMSAParams(tuple(ps[0:3]), tuple(ps[3:6]), tuple(ps[6:9]), *ps[9:13]))
+    ps = _params(c, torch.float32, "cpu", seed=1)
+    out = lm.lmsa(x, _pack(ps))
     results = [out, *torch.autograd.grad(out, [x, *ps], torch.randn(out.shape, generator=g))]
     xm = torch.randn(1, c, 3, 5, generator=g).requires_grad_()
     w, b = (1 + torch.randn(c, generator=g) * 0.1).requires_grad_(), torch.randn(c, generator=g).requires_grad_()
