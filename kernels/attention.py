@@ -221,11 +221,11 @@ def _attn_fwd_sweep(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_v
         mask_m = offs_m < M
         kt = tl.load(k_base + offs_m[None, :] * stride_km + offs_d[:, None] * stride_kd,
                      mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # BLOCK_D × BLOCK_M
-        s = _mm(q, kt, PRECISE) * qk_scale  # log2 units
+        s = _mm(q, kt, PRECISE)  # unscaled: the max scales one value a row (x·c is monotone, same bits)
         s = tl.where(mask_m[None, :], s, float("-inf"))  # the masked tail tile: no weight
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
         alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf, m_new finite)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # one FFMA a score
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # BLOCK_M × BLOCK_D

@@ -351,6 +351,25 @@ def _softmax_row(top, bot, ly, K: tl.constexpr):
 
 
 @triton.jit
+def _recip(s):
+    """1/s for a softmax denominator (s ≥ 1: its largest term is 2⁰): rsqrt(s)², MUFU.RSQ and a multiply
+    (≤ 2^-22.9 relative each, so within ~3 ulp), where a division's range handling costs 9 more."""
+    r = tl.math.rsqrt(s)
+    return r * r
+
+
+@triton.jit
+def _log2_carry(prod, ex, s):
+    """Σ log2 s over a lane's rows without a logarithm a row (libdevice's log2f: ~28 instructions):
+    the running product of the s (each in [1, K]) is brought back into [1, 2) after each multiply and
+    its exponent added to the integer `ex`; the sum is ex + log2(prod), taken once at the end."""
+    bits = (prod * s).to(tl.int32, bitcast=True)
+    ex += (bits >> 23) - 127
+    prod = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    return prod, ex
+
+
+@triton.jit
 def _zero_slots(ptr, lane, N: tl.constexpr, BLOCK_X: tl.constexpr):
     """Zeroes N rows of per-lane scratch slots; returns a zero lane vector. The barrier: the slots
     are then read and written by whichever thread holds the lane in the next access's layout."""
@@ -362,18 +381,20 @@ def _zero_slots(ptr, lane, N: tl.constexpr, BLOCK_X: tl.constexpr):
 
 
 @triton.jit
-def _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, i0, i1, l_base, t_base, ox, xmask, x0, x1, lx,
+def _fwd_row(oy, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, i0, i1, l_base, t_base, ox, xmask, x0, x1, lx,
              H, scale_h, h, stride_lc, stride_lh, stride_lw, stride_th, stride_tw,
              K: tl.constexpr, BLOCK_X: tl.constexpr):
     """Adds full-res row `oy` (its taps `top`, `bot`) to the per-class Σp (registers), to the
-    lane's target-class slots Σp·y and Σy (scratch `tgt`) and to Σ logsumexp − z_t."""
+    lane's target-class slots Σp·y and Σy (scratch `tgt`) and to Σ logsumexp − z_t: Σ (max − z_t) in
+    acc_ce, Σ log2 s in (lg_prod, lg_ex) (`_log2_carry`)."""
     _, _, ly = _source_index(oy, scale_h, h)
     m = xmask & (oy < H)
     t = tl.load(t_base + oy * stride_th + ox * stride_tw, mask=m, other=-1).to(tl.int32)
     e, m2, s = _softmax_row(top, bot, ly, K)
     z_t = _tap_of_class(l_base, t, i0, i1, ly, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
-    r = tl.where(m, 1.0 / s, 0.0)
-    acc_ce += tl.where(m, (m2 + tl.log2(s)) / _LOG2E - z_t, 0.0)
+    r = tl.where(m, _recip(s), 0.0)
+    acc_ce += tl.where(m, m2 / _LOG2E - z_t, 0.0)
+    lg_prod, lg_ex = _log2_carry(lg_prod, lg_ex, tl.where(m, s, 1.0))
     new_p = ()
     for k in tl.static_range(K):
         new_p = new_p + (acc_p[k] + e[k] * r,)
@@ -384,7 +405,7 @@ def _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, i0, i1, l_base, t_base, ox, xmask
     p_t = tl.exp2(z_t * _LOG2E - m2) * r
     tl.store(slot, tl.load(slot, mask=ok, other=0.0) + p_t, mask=ok)
     tl.store(slot + BLOCK_X, tl.load(slot + BLOCK_X, mask=ok, other=0.0) + 1.0, mask=ok)
-    return new_p, acc_ce
+    return new_p, acc_ce, lg_prod, lg_ex
 
 
 @triton.jit
@@ -416,13 +437,15 @@ def _head_loss_fwd_rows_kernel(
     top = _row_taps(l_base, c, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
     bot = _row_taps(l_base, i1, x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
     acc_p = _zeros_like_taps(zero, K)     # Σ p per class
-    acc_ce = zero                         # Σ logsumexp − z_t
+    acc_ce = zero                         # Σ max − z_t
+    lg_prod = zero + 1.0                  # Σ log2 s = lg_ex + log2(lg_prod)
+    lg_ex = tl.zeros((BLOCK_X,), tl.int32)
     # band 0: the S_H/2 clamped rows above the first cell row have its taps (λ = 0). A run-time
     # loop, not an unrolled copy of `_fwd_row` per row (compile time: see the backward's note).
     u = 0
     n_above = tl.where(c == 0, S_H // 2, 0)
     while u < n_above:
-        acc_p, acc_ce = _fwd_row(c + u, acc_p, acc_ce, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
+        acc_p, acc_ce, lg_prod, lg_ex = _fwd_row(c + u, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
                                  x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
                                  stride_th, stride_tw, K, BLOCK_X)
         u += 1
@@ -430,7 +453,7 @@ def _head_loss_fwd_rows_kernel(
         i1 = tl.minimum(c + 1, h - 1)
         for u in tl.range(0, S_H, loop_unroll_factor=1):
             oy = c * S_H + S_H // 2 + u
-            acc_p, acc_ce = _fwd_row(oy, acc_p, acc_ce, tgt, top, bot, c, i1,
+            acc_p, acc_ce, lg_prod, lg_ex = _fwd_row(oy, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, c, i1,
                                      l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
                                      stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
         top = bot
@@ -451,7 +474,8 @@ def _head_loss_fwd_rows_kernel(
     out = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (3 * K_PAD) + offs_c
     tl.store(out, row_i)
     tl.store(out + K_PAD, row_s)
-    tl.store(out + 2 * K_PAD, tl.where(offs_c == 0, tl.sum(acc_ce, axis=0), 0.0))
+    ce = acc_ce + (lg_ex.to(tl.float32) + tl.log2(lg_prod)) / _LOG2E
+    tl.store(out + 2 * K_PAD, tl.where(offs_c == 0, tl.sum(ce, axis=0), 0.0))
 
 
 @triton.jit
@@ -491,7 +515,7 @@ def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, up, lo, coef_b, g0, c_ce, t_b
     z_t = (1.0 - ly) * tl.load(up + tc * BLOCK_X) + ly * tl.load(lo + tc * BLOCK_X)
     e_t = tl.where(ok, tl.exp2(z_t * _LOG2E - m2), 0.0)
     a_t = tl.load(coef_b + tc) * g0        # g0·α_t
-    r = 1.0 / s
+    r = _recip(s)
     pq = r * (a_t * e_t + g0 * pe)         # Σ_j p_j q_j
     base = r * (c_ce - pq)
     rg = r * g0
@@ -499,7 +523,7 @@ def _bwd_row(oy, c, acc_cur, acc_nxt, dsc, cur_on, up, lo, coef_b, g0, c_ce, t_b
     new_cur = ()
     new_nxt = ()
     for k in tl.static_range(K):
-        gk = e[k] * (rg * tl.load(coef_b + K_PAD + k) + base)
+        gk = e[k] * tl.fma(rg, tl.load(coef_b + K_PAD + k), base)  # explicit: LLVM would fuse base's product
         new_cur = new_cur + (acc_cur[k] + w_cur * gk,)
         new_nxt = new_nxt + (acc_nxt[k] + w_nxt * gk,)
     par = (c + 2) % 2
