@@ -135,11 +135,16 @@ def test_packed_leaf_gradient(device, poisoned):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_rows", [None, 80, 1000], ids=["default", "80", "1000"])
-def test_backward_query_chunks(chunk_rows, device, poisoned):
-    """dK/dV partials over query chunks: boundaries inside a block, a short last chunk, one chunk."""
+@pytest.mark.parametrize("n,chunk_rows", [(200, None), (200, 80), (200, 1000), (256, 128)],
+                         ids=["default", "80", "1000", "whole-128"])
+def test_backward_query_chunks(n, chunk_rows, device, poisoned):
+    """dK/dV partials over query chunks: boundaries inside a block, a short last chunk, one chunk, and
+    whole chunks of whole row tiles (EVEN_N: the kernel's loop without a row mask)."""
     device = _device(device)
-    q, k, v, do, _ = _inputs(2, 200, 40, 32, torch.float32, device, packed=False, seed=2)
+    if chunk_rows == 128:  # the unmasked loop needs N a multiple of the chunk and the chunk of BLOCK_N
+        block_n = attn_mod._INTERPRETER_CFG["dkdv"][0] if attn_mod.INTERPRET else 128  # GPU: 2^k ≤ 128
+        assert n % chunk_rows == 0 and chunk_rows % block_n == 0
+    q, k, v, do, _ = _inputs(2, n, 40, 32, torch.float32, device, packed=False, seed=2)
     _check_all(q, k, v, do, torch.float32, bwd_chunk_rows=chunk_rows)
 
 
