@@ -445,17 +445,17 @@ def _head_loss_fwd_rows_kernel(
     u = 0
     n_above = tl.where(c == 0, S_H // 2, 0)
     while u < n_above:
-        acc_p, acc_ce, lg_prod, lg_ex = _fwd_row(c + u, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, c, i1, l_base, t_base, ox, xmask,
-                                 x0, x1, lx, H, scale_h, h, stride_lc, stride_lh, stride_lw,
-                                 stride_th, stride_tw, K, BLOCK_X)
+        acc_p, acc_ce, lg_prod, lg_ex = _fwd_row(c + u, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, c, i1,
+                                                 l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
+                                                 stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
         u += 1
     while c < c_stop:
         i1 = tl.minimum(c + 1, h - 1)
         for u in tl.range(0, S_H, loop_unroll_factor=1):
             oy = c * S_H + S_H // 2 + u
             acc_p, acc_ce, lg_prod, lg_ex = _fwd_row(oy, acc_p, acc_ce, lg_prod, lg_ex, tgt, top, bot, c, i1,
-                                     l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
-                                     stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
+                                                     l_base, t_base, ox, xmask, x0, x1, lx, H, scale_h, h,
+                                                     stride_lc, stride_lh, stride_lw, stride_th, stride_tw, K, BLOCK_X)
         top = bot
         bot = _row_taps(l_base, tl.minimum(c + 2, h - 1), x0, x1, lx, stride_lc, stride_lh, stride_lw, K)
         c += 1
