@@ -217,11 +217,11 @@ def _gelu_parts(h):
     argument is ≥ 1, so a division's range handling (9 instructions for div.full) buys nothing.
     Φ(h) for h < 0 comes from erfc directly, without the cancellation of 1 + erf.
     docs/ffn_sublayer.md has the numbers."""
-    x = tl.abs(h) * 0.7071067811865476
-    r = tl.math.rsqrt(1.0 + 0.3275911 * x)  # rsqrt.approx: ≤ 2^-22.9 relative, so t within ~3 ulp
+    y = tl.abs(h) * 0.8493218002880191  # |h|·√(log2(e)/2): y² = h²/2 in log2 units, one multiply
+    r = tl.math.rsqrt(1.0 + 0.2727374808792225 * y)  # 0.3275911·|h|/√2; rsqrt.approx: ≤ 2^-22.9, t ~3 ulp
     t = r * r
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    e = tl.math.exp2(-1.4426950408889634 * x * x)  # exp(−h²/2)
+    e = tl.math.exp2(-(y * y))  # exp(−h²/2)
     half_erfc = 0.5 * poly * e
     cdf = tl.where(h >= 0, 1.0 - half_erfc, half_erfc)
     return cdf, 0.3989422804014327 * e
