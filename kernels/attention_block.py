@@ -186,7 +186,7 @@ def _kv_fwd_kernel(
     X, PEW, PEB, STATS, LNW, LNB, WSR, BSR, SNW, SNB, WKV, BKV, XN, RED, KIN, KV,
     P, MW, MH, W_TOK, C, stride_xb, stride_xc, stride_xy, stride_xx, eps_pe, eps, eps_sr,
     R: tl.constexpr, PE: tl.constexpr, XDT: tl.constexpr, CDT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
 ):
     """xn (B·N×C), red, kin (P×C; R > 1) and kv (P×2C) for BLOCK_M of the P = B·M patches. X: B·N×C
     (fp32 or the compute dtype); WSR: C×R²×C (out, window position, in: the channels-last order of
@@ -198,8 +198,8 @@ def _kv_fwd_kernel(
     every token written to STATS (B·N×2 fp32): the sublayer forms x again from them for its residual."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_m = offs_m < P
-    mask_c = offs_c < C
+    mask_m = (offs_m < P) | EVEN  # EVEN (`_whole_tiles`): constant true, every mask and select folded away
+    mask_c = (offs_c < C) | EVEN
     mask = mask_m[:, None] & mask_c[None, :]
     gamma = _vec(LNW, offs_c, mask_c)
     beta = _vec(LNB, offs_c, mask_c)
@@ -263,7 +263,7 @@ def _kv_bwd_kernel(
     X, PEW, PEB, LNW, WSR, RED, SNW, WKV, DK, DV, DXNQ, G, DX, DRED, PART,
     P, MW, MH, W_TOK, C, stride_xb, stride_xc, stride_xy, stride_xx, eps_pe, eps, eps_sr,
     R: tl.constexpr, PE: tl.constexpr, CDT: tl.constexpr, ROUND_SUMS: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
 ):
     """dx (B·N×C, X's dtype) and, for R > 1, dred (P×C, compute dtype) for BLOCK_M patches; PART row
     pid: 4·C fp32 (2·C for R = 1; 2·C more with PE). DK, DV: P×C; DXNQ: B·N×C (compute dtype); G:
@@ -273,8 +273,8 @@ def _kv_bwd_kernel(
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_m = offs_m < P
-    mask_c = offs_c < C
+    mask_m = (offs_m < P) | EVEN  # EVEN (`_whole_tiles`): constant true, every mask and select folded away
+    mask_c = (offs_c < C) | EVEN
     mask = mask_m[:, None] & mask_c[None, :]
     tile = offs_m[:, None] * C + offs_c[None, :]
     dkin = _mm(tl.load(DK + tile, mask=mask, other=0.0), _square(WKV, offs_c, offs_c, mask_c, mask_c, C), CDT == 0)
@@ -372,6 +372,13 @@ def _launch(kernel: str, c: int, cdt: torch.dtype, embed_kind: str | None = None
     return (block_c, *_CONFIGS[kernel]["fp32" if cdt == torch.float32 else "16"][block_c])
 
 
+def _whole_tiles(patches: int, c: int, block_m: int, block_c: int) -> bool:
+    """The kv kernels' EVEN: every program's BLOCK_M patches exist and C fills the channel block, so
+    they need no mask (the model's stages 1-3: 8192 patches, C = 32, 64, 128; the row and channel
+    selects were 8-11 % of the issue-bound kernels' instructions)."""
+    return patches % block_m == 0 and c == block_c
+
+
 def compute_weights(sr_w, kv_w, wq, wo, cdt: torch.dtype) -> tuple:
     """The block's weight matrices as its kernels read them, in the compute dtype: W_sr as C×R²×C
     (out, window position, in: its channels-last order, the model's, so a channels-last master needs
@@ -425,7 +432,8 @@ def _forward(x, ln_w, ln_b, sr_w, sr_b, srn_w, srn_b, kv_w, kv_b, wq, bq, wo, bo
         unused if red is None else red, unused if kin is None else kin, kv,
         b * m, mw, mh, hw[1], c, *strides, float(eps_pe), float(eps), float(eps_sr),
         R=ratio, PE=pe is not None, XDT=_TL_DTYPE[x.dtype if pe is None else pe[3]], CDT=_CDT[cdt],
-        BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        BLOCK_C=block_c, BLOCK_M=block_m, EVEN=_whole_tiles(b * m, c, block_m, block_c), num_warps=warps,
+        num_stages=1)
     residual = None if pe is None else _sub.MapResidual(x, pe_w, pe_b, stats, hw[1], pe[3])
     out, o, lse = _sub._forward(xn, x if pe is None else None, kv[..., :c], kv[..., c:], wq_c, bq, wo_c, bo,
                                 residual)
@@ -462,7 +470,7 @@ def _backward(x, ln_w, wsr, srn_w, wkv, wq, bq, wo, xn, red, kin, kv, o, lse, g,
         unused if srn_w is None else srn_w, wkv, dk, dv, dxnq, g, dx, unused if dred is None else dred, ln_part,
         p, mw, mh, hw[1], c, *strides, float(eps_pe), float(eps), float(eps_sr),
         R=ratio, PE=pe is not None, CDT=_CDT[cdt], ROUND_SUMS=g.dtype == cdt and cdt != torch.float32,
-        BLOCK_C=block_c, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        BLOCK_C=block_c, BLOCK_M=block_m, EVEN=_whole_tiles(p, c, block_m, block_c), num_warps=warps, num_stages=1)
     ln_sum = _new((ln_part.shape[1],), dev, torch.float32)
     sums.append((ln_part, ln_sum))
 
@@ -647,6 +655,7 @@ def attention_block(x, hw: tuple[int, int], sr_ratio: int, p: AttentionBlockPara
 # ahead-of-time builds: both kernels × the model's (C, R) × dtype class
 # ----------------------------------------------------------------------------------------------
 _AOT_STAGES = ((32, 8), (64, 4), (128, 2), (192, 1))
+_AOT_PATCHES = 32 * 256  # B = 32 images of M = 256 patches at every stage
 
 
 def _aot_specs() -> list[AotSpec]:
@@ -666,7 +675,8 @@ def _aot_specs() -> list[AotSpec]:
                 block_c, block_m, warps = _launch(kname, c, torch.float32 if cdt == "fp32" else torch.bfloat16)
                 ptrs = {**{a: f"*{xdt if a in wide else cdt}" for a in data}, **{a: "*fp32" for a in f32}}
                 const = {"R": ratio, "CDT": _CDT[torch.float32 if cdt == "fp32" else torch.bfloat16],
-                         "BLOCK_C": block_c, "BLOCK_M": block_m, "PE": False, "stride_xc": 1}
+                         "BLOCK_C": block_c, "BLOCK_M": block_m, "PE": False, "stride_xc": 1,
+                         "EVEN": _whole_tiles(_AOT_PATCHES, c, block_m, block_c)}
                 if kname == "bwd":
                     const["ROUND_SUMS"] = cname == "bf16"
                 else:  # the residual stream's dtype (x's; LN_pe's output with PE)
@@ -682,7 +692,8 @@ def _aot_specs() -> list[AotSpec]:
                 for archs, (block_m, warps) in ([((), per_arch[80])] if per_arch[80] == per_arch[90]
                                                 else [((arch,), cfg) for arch, cfg in per_arch.items()]):
                     embed_const = {k: v for k, v in const.items() if k != "stride_xc"}
-                    embed_const.update({"PE": True, "BLOCK_M": block_m, "stride_xx" if ratio == 8 else "stride_xc": 1})
+                    embed_const.update({"PE": True, "BLOCK_M": block_m, "stride_xx" if ratio == 8 else "stride_xc": 1,
+                                        "EVEN": _whole_tiles(_AOT_PATCHES, c, block_m, block_c)})
                     spec = _aot_spec(f"attention_block.{kname}_embed_{cname}_c{c}_r{ratio}_m{block_m}_w{warps}",
                                      kernel, {**ptrs, "X": f"*{cdt}", "DX": f"*{cdt}"}, embed_const, warps, 1,
                                      floats=("eps", "eps_sr", "eps_pe"))

@@ -33,9 +33,12 @@ pytestmark = pytest.mark.parity
 PARAMS = ("ln_weight", "ln_bias", "sr_weight", "sr_bias", "sr_norm_weight", "sr_norm_bias", "kv_weight", "kv_bias",
           "q_weight", "q_bias", "proj_weight", "proj_bias")
 # (B, h, w, C, R): the model's four (C, R) pairs on small maps, with more patches than one 32-patch
-# tile (masked last tiles), a C that is no power of two, and maps that are not square
+# tile (masked last tiles), a C that is no power of two, and maps that are not square; "-whole": a
+# whole number of every kv tile's patches at a power-of-two C, as the model's stages 1-3 (the kv
+# kernels' unmasked EVEN builds, `test_whole_tiles_take_the_unmasked_kernels`)
 SHAPES = {"C32-R8": (2, 16, 24, 32, 8), "C64-R4": (2, 12, 8, 64, 4), "C128-R2": (1, 14, 12, 128, 2),
-          "C192-R1": (2, 5, 9, 192, 1), "C48-R2": (3, 6, 10, 48, 2), "C40-R1": (2, 7, 6, 40, 1)}
+          "C192-R1": (2, 5, 9, 192, 1), "C48-R2": (3, 6, 10, 48, 2), "C40-R1": (2, 7, 6, 40, 1),
+          "C32-R8-whole": (2, 32, 32, 32, 8), "C128-R2-whole": (1, 16, 16, 128, 2)}
 # relative-norm tolerances: fp32 products run as tf32x3; fp16 as SPEC §7. bf16: on these small maps
 # (12-72 patches) the bias and LayerNorm gradients sum few rows, and eager bf16 itself lands 1.2e-2 to
 # 3.3e-2 from float64 (measured over 6 seeds a shape, 2026-12-05) where the fused op lands 0.8e-2 to
@@ -49,7 +52,8 @@ def _tol(dtype, device):
     return INTERPRETER_BF16_TOL if dtype == torch.bfloat16 and device == "cpu" else TOL[dtype]
 CASES = [("C32-R8", torch.float32), ("C32-R8", torch.bfloat16), ("C64-R4", torch.bfloat16),
          ("C128-R2", torch.bfloat16), ("C128-R2", torch.float32), ("C192-R1", torch.bfloat16),
-         ("C48-R2", torch.float16), ("C48-R2", torch.float32), ("C40-R1", torch.float32)]
+         ("C48-R2", torch.float16), ("C48-R2", torch.float32), ("C40-R1", torch.float32),
+         ("C32-R8-whole", torch.bfloat16), ("C128-R2-whole", torch.bfloat16)]
 
 
 @pytest.fixture
@@ -196,7 +200,7 @@ def test_strided_input_and_ragged_map(device, poisoned):
 EMBED_CASES = [("C32-R8", torch.float16, "nchw"), ("C32-R8", torch.bfloat16, "channels_last"),
                ("C64-R4", torch.bfloat16, "nchw"), ("C128-R2", torch.bfloat16, "channels_last"),
                ("C192-R1", torch.bfloat16, "nchw"), ("C48-R2", torch.float16, "channels_last"),
-               ("C40-R1", torch.bfloat16, "channels_last")]
+               ("C40-R1", torch.bfloat16, "channels_last"), ("C32-R8-whole", torch.bfloat16, "nchw")]
 
 
 @pytest.fixture
@@ -261,9 +265,34 @@ def test_embed_norm_inside_the_block_matches_float64(shape, dtype, layout, devic
     _compare_embedded(ours, ref, out, out_ref, _tol(dtype, device), f"{shape} {dtype} {layout} embedded")
 
 
+def test_whole_tiles_take_the_unmasked_kernels():
+    """The "-whole" shapes run the kv kernels' EVEN builds (no row or channel mask) at the tiles the
+    parity tests use, the plain blocks' and the embedded ones' on either device kind where the patches
+    fill them; the other shapes keep the masked builds."""
+    def patches(shape):
+        b, h, w, c, r = SHAPES[shape]
+        return b * (h // r) * (w // r), c
+
+    for kernel in ("fwd", "bwd"):
+        for shape in ("C32-R8-whole", "C128-R2-whole"):
+            p, c = patches(shape)
+            block_c, block_m, _ = block_mod._launch(kernel, c, torch.bfloat16)
+            assert block_mod._whole_tiles(p, c, block_m, block_c), (kernel, shape)
+        for shape in ("C32-R8", "C128-R2", "C192-R1", "C48-R2"):
+            p, c = patches(shape)
+            block_c, block_m, _ = block_mod._launch(kernel, c, torch.bfloat16)
+            assert not block_mod._whole_tiles(p, c, block_m, block_c), (kernel, shape)
+    p, c = patches("C32-R8-whole")
+    for kind in ("sm_80", "sm_90"):  # the embedded forward's tile: 16 patches on either
+        block_c, block_m, _ = block_mod._launch("fwd", c, torch.bfloat16, kind)
+        assert block_mod._whole_tiles(p, c, block_m, block_c), kind
+    block_c, block_m, _ = block_mod._launch("bwd", c, torch.bfloat16, "sm_80")  # 16 patches (sm_90: 64)
+    assert block_mod._whole_tiles(p, c, block_m, block_c)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("kind", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("shape", ["C32-R8", "C64-R4"])
+@pytest.mark.parametrize("shape,kind", [("C32-R8", "sm_80"), ("C32-R8", "sm_90"), ("C64-R4", "sm_80"),
+                                        ("C64-R4", "sm_90"), ("C32-R8-whole", "sm_80")])  # whole: 16-patch tiles
 def test_embed_norm_runs_each_devices_tiles(shape, kind, device, poisoned):
     """The embedding-norm builds take their own tiles per device kind (`_EMBED_CONFIGS`: at C 32 on
     sm_90 16 patches forward, 64 patches at 16 warps backward; at C 64 16 patches backward): the
