@@ -2078,6 +2078,30 @@ def _differing(mine: dict, others: list[dict]) -> str:
             f"{[{a: d.get(a) for a in differ} for d in others] or 'no launch of it'}")
 
 
+def opcode_text(launches: list[Launch], arch: int, top: int = 12) -> str:
+    """Every SASS loop of each distinct build among `launches` on `arch`: its instructions by opcode
+    (the base name: FFMA, LDG, MOV, ...) and by source line (file:line, inlined helpers' own), the `top`
+    most frequent of each. Where the loop table's classes end (register moves, selects, predicates,
+    address arithmetic), this says which ones and which source lines make them: how the 2026-12-07
+    trims were found (a row mask's 46 instructions a trip, a log2f's 28, a scaled copy's 32 FMULs)."""
+    out, seen = [], set()
+    for launch in launches:
+        key = build_key(launch, arch)
+        if key in seen:
+            continue
+        seen.add(key)
+        _usage, instrs, loops, _access, _loads = compiled_kernel(launch, arch)
+        for sl in loops:
+            body = [ins for ins in instrs if sl.start <= ins.addr <= sl.end]
+            ops = Counter(ins.op.split(".")[0] for ins in body)
+            lines = Counter(f"{Path(ins.file).name}:{ins.line}" for ins in body)
+            where = f"{sl.loop.func}: {sl.loop.header} #{sl.site}" if sl.loop else f"unmatched loop at {sl.line}"
+            out.append(f"{launch.kernel} sm_{arch} {where}: {len(body)} instructions")
+            out.append("  by opcode: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top)))
+            out.append("  by line:   " + ", ".join(f"{line} {n}" for line, n in lines.most_common(top)))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m msf.profiling.cost", description=__doc__.splitlines()[0])
@@ -2100,6 +2124,8 @@ def main(argv=None) -> int:
                              "(msf.profiling.calibrate; needs the bench extra)")
     parser.add_argument("--trace-model", action="store_true",
                         help="check the captured layouts / dtypes against a small model run under the interpreter")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="also each SASS loop's instructions by opcode and by source line (`opcode_text`)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         from msf.profiling.report import _rerun_without_interpreter
@@ -2131,7 +2157,7 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return 0
-    costs = []
+    costs, launches = [], defaultdict(list)
     for device in devices:
         for op, stage in wanted:
             for launch in capture(op, device, stage):
@@ -2139,6 +2165,7 @@ def main(argv=None) -> int:
                     continue
                 launch.op = op_label(op, stage)
                 costs.append(predict(launch, device))
+                launches[device.arch].append(launch)
     ops = [r for d in devices for r in op_summary(costs, d)]
     steps = [r for d in devices for r in step_summary(costs, d)] if not (args.op or args.kernel) else []
     memory = [r for d in devices for r in memory_summary(d)] if not (args.op or args.kernel) else []
@@ -2149,6 +2176,9 @@ def main(argv=None) -> int:
     print()
     print(loops)
     print()
+    if args.opcodes:
+        print("\n".join(opcode_text(built, arch) for arch, built in launches.items()))
+        print()
     print(summary)
     print()
     print(devices_text())

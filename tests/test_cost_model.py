@@ -516,3 +516,22 @@ def test_a_runtime_unrolled_loop_is_charged_its_trips_once(monkeypatch):
     kc = cost.predict(launch, cost.H100)
     assert kc.dynamic["total"] / kc.programs / kc.warps == 5 * (10 // 4) + 2 * (10 % 4)
     assert kc.dynamic["ldg"] / kc.programs / kc.warps == 10  # each trip's one load, once
+
+
+def test_opcode_text_counts_each_loops_instructions_by_opcode_and_line(monkeypatch):
+    """`--opcodes` (`opcode_text`): a loop's instructions grouped by base opcode and by source line,
+    each build once however many launches share it."""
+    instrs = [cost.Instr(0x00, "LDG.E", "", "/a/k.py", 5)]
+    body = [("FFMA", 10), ("FFMA", 10), ("MOV", 11), ("IMAD.MOV.U32", 11), ("LDG.E.128", 12)]
+    instrs += [cost.Instr(0x10 * (i + 1), op, "", "/a/k.py", line) for i, (op, line) in enumerate(body)]
+    end = 0x10 * (len(body) + 1)
+    instrs.append(cost.Instr(end, "BRA", "", "/a/k.py", 9))
+    loop = cost.SassLoop(0x10, end, "/a/k.py", 9, loop=cost.Loop("m", "f", "for i in range(n):", lambda a, pid: 1))
+    usage = {"registers": 32, "shared_bytes": 0, "local_bytes": 0, "stack_bytes": 0}
+    monkeypatch.setattr(cost, "compiled_kernel", lambda launch, arch: (usage, instrs, [loop], {}, {}))
+    launch = cost.Launch("op", "fwd", "k", None, (1, 1, 1), {}, {}, {}, {}, {"num_warps": 4, "num_stages": 1})
+    text = cost.opcode_text([launch, launch], 90)
+    assert text.count("instructions") == 1  # one build, one loop
+    assert "f: for i in range(n): #0: 6 instructions" in text
+    assert "by opcode: FFMA 2, MOV 1, IMAD 1, LDG 1, BRA 1" in text
+    assert "by line:   k.py:10 2, k.py:11 2, k.py:12 1, k.py:9 1" in text
