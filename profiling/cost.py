@@ -2079,9 +2079,9 @@ def _differing(mine: dict, others: list[dict]) -> str:
 
 
 def opcode_text(launches: list[Launch], arch: int, top: int = 12) -> str:
-    """Every SASS loop of each distinct build among `launches` on `arch`: its instructions by opcode
-    (the base name: FFMA, LDG, MOV, ...) and by source line (file:line, inlined helpers' own), the `top`
-    most frequent of each. Where the loop table's classes end (register moves, selects, predicates,
+    """Every SASS loop of each distinct build among `launches` on `arch`: its own instructions (those
+    whose innermost loop it is, as the loop table's body counts them) by opcode (the base name: FFMA,
+    LDG, MOV, ...) and by source line (file:line, inlined helpers' own), the `top` most frequent of each. Where the loop table's classes end (register moves, selects, predicates,
     address arithmetic), this says which ones and which source lines make them: how the 2026-12-07
     trims were found (a row mask's 46 instructions a trip, a log2f's 28, a scaled copy's 32 FMULs)."""
     out, seen = [], set()
@@ -2092,7 +2092,7 @@ def opcode_text(launches: list[Launch], arch: int, top: int = 12) -> str:
         seen.add(key)
         _usage, instrs, loops, _access, _loads = compiled_kernel(launch, arch)
         for sl in loops:
-            body = [ins for ins in instrs if sl.start <= ins.addr <= sl.end]
+            body = [ins for ins in instrs if innermost(loops, ins.addr) is sl]
             ops = Counter(ins.op.split(".")[0] for ins in body)
             lines = Counter(f"{Path(ins.file).name}:{ins.line}" for ins in body)
             where = f"{sl.loop.func}: {sl.loop.header} #{sl.site}" if sl.loop else f"unmatched loop at {sl.line}"

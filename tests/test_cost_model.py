@@ -535,3 +535,13 @@ def test_opcode_text_counts_each_loops_instructions_by_opcode_and_line(monkeypat
     assert "f: for i in range(n): #0: 6 instructions" in text
     assert "by opcode: FFMA 2, MOV 1, IMAD 1, LDG 1, BRA 1" in text
     assert "by line:   k.py:10 2, k.py:11 2, k.py:12 1, k.py:9 1" in text
+    # an enclosing loop counts its own instructions only, as the loop table's bodies do
+    outer_end = end + 0x10
+    outer_branch = cost.Instr(outer_end, "BRA", "", "/a/k.py", 8)
+    outer = cost.SassLoop(0x00, outer_end, "/a/k.py", 8, loop=cost.Loop("m", "f", "for j in range(m):",
+                                                                        lambda a, pid: 1))
+    instrs.append(outer_branch)
+    monkeypatch.setattr(cost, "compiled_kernel", lambda launch, arch: (usage, instrs, [outer, loop], {}, {}))
+    text = cost.opcode_text([launch], 90)
+    assert "f: for j in range(m): #0: 2 instructions" in text and "by opcode: LDG 1, BRA 1" in text
+    assert "f: for i in range(n): #0: 6 instructions" in text
