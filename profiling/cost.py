@@ -2081,9 +2081,10 @@ def _differing(mine: dict, others: list[dict]) -> str:
 def opcode_text(launches: list[Launch], arch: int, top: int = 12) -> str:
     """Every SASS loop of each distinct build among `launches` on `arch`: its own instructions (those
     whose innermost loop it is, as the loop table's body counts them) by opcode (the base name: FFMA,
-    LDG, MOV, ...) and by source line (file:line, inlined helpers' own), the `top` most frequent of each. Where the loop table's classes end (register moves, selects, predicates,
-    address arithmetic), this says which ones and which source lines make them: how the 2026-12-07
-    trims were found (a row mask's 46 instructions a trip, a log2f's 28, a scaled copy's 32 FMULs)."""
+    LDG, MOV, ...) and by source line (file:line, inlined helpers' own), the `top` most frequent of
+    each. Where the loop table's classes end (register moves, selects, predicates, address
+    arithmetic), this says which ones and which source lines make them: how the 2026-12-07 trims were
+    found (a row mask's 46 instructions a trip, a log2f's 28, a scaled copy's 32 FMULs)."""
     out, seen = [], set()
     for launch in launches:
         key = build_key(launch, arch)
