@@ -144,28 +144,35 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
         v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
+        kpad = max(16, 1 << max(0, classes - 1).bit_length())  # the classes padded for the products
         if not head:
             op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
                T + 3 * T + T)
         else:  # out is never formed: logits = Σ_k V_k D_k + W_c x + W_c β + b_c
             op("fwd", "V = W_c W̃ (host matmul)", wg, v)
-            op("fwd", "main kernel: x̂ (sweeps), x, V, W_c → logits, D (3T), XW (T)", tp + T + v, L + 3 * T + T)
-        op("bwd", "zero the three E_k borders", 0, 3 * e_border)
+            op("fwd", "main kernel: x̂ (sweeps), x, V, W_c → logits (no D, no XW)", tp + T + v, L)
+        op("bwd", "zero the three E_k borders" + (" and dL's copy's" if head else ""), 0,
+           3 * e_border + (B * ((H + 6) * (W + 6) - H * W) * kpad * e if head else 0))
         if not head:
             op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
                mp + 3 * (ep - e_border))
-        else:
-            npart = gram_chunks * B * (3 * classes * C + classes) * 4  # N_k = dL D_kᵀ and Σ dL, per chunk
-            cpart = gram_chunks * B * (C // 16) * classes * (C + 1) * 4  # [∂W_c | ∂b_c] rows, a 16-channel block each
-            op("bwd", "gram kernel (three scales): D, dL, V, x, W̃ → N / ∂W_c partials, E_3, E_5, E_7",
-               3 * T + L + v + T + gram_chunks * wg, npart + cpart + 3 * (ep - e_border))
-        op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
-        if not head:
+            op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
             op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
-        else:
-            op("bwd", "sum the gram / wgrad / classifier partials", npart + dwp + cpart,
-               npart // gram_chunks + N_TAPS * C * 4 + cpart // (gram_chunks * B * (C // 16)))
-            op("bwd", "M = W_cᵀ N (host matmul)", npart // gram_chunks, wg32)
+        else:  # the correlation G of x and dL gives N_k, ∂w_k's main path and Σ dL xᵀ (docs/lmsa.md)
+            dlp = B * (H + 6) * (W + 6) * kpad * e  # dL bordered, K_PAD classes
+            spart = gram_chunks * B * classes * 4  # Σ dL per chunk
+            op("bwd", "gram kernel (three scales): dL, V → E_3, E_5, E_7, Σ dL partials, dL's bordered copy",
+               L + v, 3 * (ep - e_border) + spart + B * H * W * kpad * e)
+            corr_rows = _cdiv(H, max(1, min(4, _cdiv(4 * sms, B * 7 * max(1, C // 64)))))
+            corr_chunks = _cdiv(H, corr_rows)
+            npart = corr_chunks * 7 * B * 3 * classes * C * 4  # N_k's share of each window row
+            dwp = B * corr_chunks * N_TAPS * C * 4
+            xpart = corr_chunks * B * classes * C * 4
+            op("bwd", "correlation kernel: x, dL's copy (7 shifts, from L1/L2), V → N, ∂w, Σ dL xᵀ partials",
+               T + dlp + v, npart + dwp + xpart)
+            op("bwd", "sum the partials", npart + spart + dwp + xpart,
+               npart // (corr_chunks * 7) + B * classes * 4 + N_TAPS * C * 4 + classes * C * 4)
+            op("bwd", "M = W_cᵀ N, ∂W_c = Σ_k N_k W̃_kᵀ + … (host matmuls)", npart // (corr_chunks * 7) + wg, wg32)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
         if not head:
             op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)

@@ -22,16 +22,21 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 - `_lmsa_bwd_gram_kernel`: E_k = W̃_kᵀ dO (bordered; packed bf16 channel pairs for bf16 inputs),
   M_k = dO D_kᵀ (= ∂L/∂W̃) and Σ dO (= ∂L/∂β).
 - `_lmsa_bwd_wgrad_kernel`: the depthwise weight gradients Σ_q x[q] E_k[q − δ].
+- with the classifier (below): `_lmsa_bwd_gram_head_kernel` (E_k from dL) and
+  `_lmsa_bwd_corr_head_kernel` (the correlation of x and dL) in place of the gram and wgrad kernels.
 - `_lmsa_bwd_dx_kernel`: dx = dO + Σ_k DW_kᵀ(E_k) + the statistics path's broadcast.
 Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
 `lmsa_classifier(x, p, W_c, b_c)` = the classifier (1×1 convolution C → NCLS) on LMSA's output,
 the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the forward
-kernel's GEMM multiplies by V_k = W_c W̃_k (N = NCLS) and its epilogue adds W_c·x + W_c β + b_c;
-`_lmsa_bwd_gram_head_kernel` replaces the gram kernel, taking the logits' gradient dL instead of
-dO: E_k = V_kᵀ dL, N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host) and ∂W_c = Σ dL (x + β)ᵀ + Σ_k N_k W̃_kᵀ;
-the dx kernel forms its residual dO = W_cᵀ dL itself. The classifier's convolution and its
-backward never run.
+kernel's GEMM multiplies by V_k = W_c W̃_k (N = NCLS) and its epilogue adds W_c·x + W_c β + b_c (it
+stores neither D nor XW). The backward works from the logits' gradient dL, whose NCLS channels
+make x's pixel sums cheap: `_lmsa_bwd_gram_head_kernel` stores E_k = V_kᵀ dL (for dx), sums dL and
+copies it zero-bordered; `_lmsa_bwd_corr_head_kernel` forms the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ
+on tensor cores and contracts it at once into N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), the
+depthwise weights' main-path gradient (no wgrad sweep) and Σ dL xᵀ (for ∂W_c, with Σ_k N_k W̃_kᵀ
+and (Σ dL) βᵀ on the host); the dx kernel forms its residual dO = W_cᵀ dL itself. The classifier's
+convolution and its backward never run.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
@@ -58,6 +63,7 @@ _N_TAPS = sum(k * k for k in KERNEL_SIZES)  # 83 depthwise taps in all
 _TAP_ROW0 = (0, 9, 34)  # first row of each scale in the B × n × 83 × C depthwise-gradient partials
 _ROW0_5: tl.constexpr = tl.constexpr(_TAP_ROW0[1])  # the same, as kernel constants
 _ROW0_7: tl.constexpr = tl.constexpr(_TAP_ROW0[2])
+_NT: tl.constexpr = tl.constexpr(_N_TAPS)
 # wgrad launches: the scales each one sweeps (x is read once per launch; a scale narrower than the
 # launch's widest skips the rows outside its window). Predicted on an H100 with pixel pairs:
 # 3 5 7: 437 µs, 3 5 | 7: 456 µs, 3 | 5 | 7: 502 µs, 3 7 | 5: 493 µs.
@@ -90,7 +96,8 @@ _FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwi
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head",)),
     (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1), ("half_head",)),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1), ("half_head", "fp32_head")),
+    # (not fp32_head since the head's forward stores no D: 8 B of spill on sm_90)
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1), ("half_head",)),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head", "fp32_head")),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head", "fp32_head")),
 ]
@@ -101,14 +108,22 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_GRAM_HEAD_BJ = 16  # the classifier's gram kernel: its channel block, fixed (one ∂W_c partial row a block)
-_HEAD_BJ: tl.constexpr = tl.constexpr(_GRAM_HEAD_BJ)  # the same, as a kernel constant
-_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E and the NCLS × BJ accumulators (_GRAM_HEAD_BJ only)
+_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
+]
+_CORR_HEAD_TABLE = [  # BLOCK_P: the products' K (pixels a tile), BLOCK_J: their M (channels); seven
+    # BJ × K_PAD fp32 accumulators a program (one a column offset). num_stages 2: the loop's loads become
+    # asynchronous copies (on the cost model, the H100's 386 → 270 µs); a third entry: the only
+    # architectures it builds without spills on (the 8-warp two-stage tile spills 32 B on sm_80)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=2), _HALF, (90,)),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _HALF),
 ]
 # The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
 # pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
@@ -146,7 +161,7 @@ def _shape_class(named, is_fp32, headed: bool) -> str:
 
 def _dtype_prune(table, is_fp32=_by_precise, headed: bool = False):
     """Autotune pruning: the configs of `table` that serve the call's shape class."""
-    serves = [(cfg.all_kwargs(), dtypes) for cfg, dtypes in table]
+    serves = [(row[0].all_kwargs(), row[1]) for row in table]
 
     def prune(configs, named_args, **kwargs):
         cls = _shape_class(kwargs, is_fp32, headed)
@@ -157,13 +172,16 @@ def _dtype_prune(table, is_fp32=_by_precise, headed: bool = False):
 
 def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise, headed: bool = False) -> PinnedKernel:
     """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"
-    (and "half_head" or "fp32_head" for a `headed` kernel's launches with the classifier)."""
-    configs = [cfg for cfg, _ in table]
+    (and "half_head" or "fp32_head" for a `headed` kernel's launches with the classifier). A table
+    row's optional third element: the architectures its configuration is limited to."""
+    configs = [row[0] for row in table]
     return PinnedKernel(name, fn, configs, key,
                         shape_class=lambda named: _shape_class(named, is_fp32, headed),
-                        allowed=lambda cls: [cfg for cfg, serves in table if cls in serves],
+                        allowed=lambda cls: [row[0] for row in table if cls in row[1]],
                         classes=["half", "fp32"] + (["half_head", "fp32_head"] if headed else []),
-                        prune=_dtype_prune(table, is_fp32, headed))
+                        prune=_dtype_prune(table, is_fp32, headed),
+                        archs=lambda cls, cfg: next((row[2] for row in table if len(row) > 2
+                                                     and row[0].all_kwargs() == cfg.all_kwargs()), None))
 
 
 _CHUNK_ALIGN = 256  # chunks of the stats / gram kernels are multiples of every BLOCK_P above
@@ -470,15 +488,14 @@ def _lmsa_fwd_kernel(
         offs_j = j0 + offs_k
         wt_ptr = wg_base + offs_j[:, None]
         da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        acc_a = _fwd_gemm(acc_a, da, wt_ptr, scale_stride, n_ok, da_ptr + j0, mask_a, C, PRECISE)
-        acc_b = _fwd_gemm(acc_b, db, wt_ptr, scale_stride, n_ok, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
+        acc_a = _fwd_gemm(acc_a, da, wt_ptr, scale_stride, n_ok, da_ptr + j0, mask_a, C, PRECISE, not HEAD)
+        acc_b = _fwd_gemm(acc_b, db, wt_ptr, scale_stride, n_ok, da_ptr + (3 * C + j0), mask_b, C, PRECISE,
+                          not HEAD)
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
-    if HEAD:
+    if HEAD:  # (no D, no XW: the classifier's backward works from x itself)
         c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, X.dtype.element_ty, C, K_PAD)
-        _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
         _fwd_logits(acc_a, X, WC, c_eff, LOGITS, b, h, wa, mask_a, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
                     C, K_PAD, BK, PRECISE)
-        _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
         _fwd_logits(acc_b, X, WC, c_eff, LOGITS, b, h, wb, mask_b, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
                     C, K_PAD, BK, PRECISE)
     else:
@@ -490,17 +507,20 @@ def _lmsa_fwd_kernel(
 
 
 @triton.jit
-def _fwd_gemm(acc, d, wt_ptr, scale_stride, w_mask, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
+def _fwd_gemm(acc, d, wt_ptr, scale_stride, w_mask, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr,
+              SAVE: tl.constexpr):
     """acc += Σ_k DW_k slice · (scale k's weight slice at wt_ptr + k·scale_stride, w_mask: its
-    columns that exist) for one K slice, d = (DW_3, DW_5, DW_7) of it, which are also stored (as
-    the GEMM takes them, in the weights' dtype) into D at d_ptr (masked lanes: pixels past the row)."""
+    columns that exist) for one K slice, d = (DW_3, DW_5, DW_7) of it, which with SAVE are also
+    stored (as the GEMM takes them, in the weights' dtype) into D at d_ptr (masked lanes: pixels
+    past the row)."""
     d3, d5, d7 = d
     d3 = _round(d3, wt_ptr.dtype.element_ty)
     d5 = _round(d5, wt_ptr.dtype.element_ty)
     d7 = _round(d7, wt_ptr.dtype.element_ty)
-    tl.store(d_ptr, d3, mask=mask[:, None])
-    tl.store(d_ptr + C, d5, mask=mask[:, None])
-    tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
+    if SAVE:
+        tl.store(d_ptr, d3, mask=mask[:, None])
+        tl.store(d_ptr + C, d5, mask=mask[:, None])
+        tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
     acc += _mm(d3, _weights(wt_ptr, w_mask), PRECISE)
     acc += _mm(d5, _weights(wt_ptr + scale_stride, w_mask), PRECISE)
     acc += _mm(d7, _weights(wt_ptr + 2 * scale_stride, w_mask), PRECISE)
@@ -676,38 +696,39 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 
 # With the classifier inside (`lmsa_classifier`; W_c: NCLS × C, dL = ∂L/∂logits, κ a class):
 #     dO = W_cᵀ dL,   so   E_k = W̃_kᵀ dO = V_kᵀ dL   with V_k = W_c W̃_k (NCLS × C a sample: the host)
-#                          M_k = dO D_kᵀ = W_cᵀ N_k   with N_k = dL D_kᵀ (NCLS × C: summed here)
+#                          M_k = dO D_kᵀ = W_cᵀ N_k   with N_k = dL D_kᵀ (NCLS × C)
 #                          Σ_p dO = W_cᵀ Σ_p dL
-#     ∂L/∂W_c = Σ_b Σ_p dL out_pᵀ = Σ_b [Σ_p dL x_pᵀ + (Σ_p dL) βᵀ + Σ_k N_k W̃_kᵀ]   (out = x + β + Σ_k W̃_k D_k,
-#               which the forward never forms: each program adds its channel block's share of the three)
+#     ∂L/∂W_c = Σ_b Σ_p dL out_pᵀ = Σ_b [Σ_p dL x_pᵀ + (Σ_p dL) βᵀ + Σ_k N_k W̃_kᵀ]   (out = x + β + Σ_k W̃_k D_k)
 #     ∂L/∂b_c = Σ_b Σ_p dL
-# Every product takes K = NCLS (padded to K_PAD) where the plain kernel's take K = C or C × C
-# accumulators: N_k is NCLS × BJ, M_k's C × C product runs once a sample on the host.
+# Every pixel sum there that involves x (N_k, Σ_p dL xᵀ) and the main path of ∂L/∂w_k come from one
+# correlation of x with dL, per sample (δ ∈ [−3, 3]², x = 0 outside the image; D_k = DW_k(x)):
+#     G[b, δ, κ, j] = Σ_p dL[κ, p] x[j, p + δ]
+#     N_k[b, κ, j]  = Σ_p dL[κ, p] Σ_δ w_k[j, δ] x[j, p + δ]  = Σ_{δ in window k} w_k[j, δ] G[b, δ, κ, j]
+#     ∂L/∂w_k[j, δ] = Σ_b Σ_p E_k[j, p] x[j, p + δ]           = Σ_b Σ_κ V_k[b, κ, j] G[b, δ, κ, j]
+#     Σ_p dL x_pᵀ   = G[b, 0, :, :]
+# G's products run on tensor cores with K = pixels and N = NCLS (padded to K_PAD): 49·K_PAD·C
+# multiply-adds a pixel, where the plain path's FP32 sweep spends 83·C FMAs on ∂L/∂w_k alone and
+# the forward stores D (3C a pixel) and XW (C) for the gram and wgrad kernels. Here the forward
+# stores neither: `_lmsa_bwd_gram_head_kernel` forms and stores E_k (for dx) and sums dL,
+# `_lmsa_bwd_corr_head_kernel` forms G a window row δr a program and contracts it at once (G never
+# in memory); the host forms M_k, Σ_p dO and ∂L/∂W_c from the summed N_k (B × 3 × NCLS × C).
 @triton.jit
 def _lmsa_bwd_gram_head_kernel(
-    D, DL, V, X, WG, BETA, NP, WCP, E3, E5, E7,
+    DL, V, SP, DLP, E3, E5, E7,
     slb, slk, slh, slw,
-    sxb, sxc, sxh, sxw,
     H, W, NCLS,
     C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """`_lmsa_bwd_gram_kernel`'s work when the classifier runs inside (the math above), for channel
-    block pid_j and the pixels p of chunk `pid` of image b:
-        E_k[b, 3 + h, 3 + w, pos(j)] = Σ_κ dL[κ, p] V_k[b][κ, j]   (stored as the plain kernel does)
-        NP[pid, b, k·NCLS·C + κ·C + j] = Σ_p dL[κ, p] D_k[j, p]    (N_k; D as the forward stored it)
-        NP[pid, b, 3·NCLS·C + κ]       = Σ_p dL[κ, p]              (pid_j = 0)
-        WCP[pid, b, pid_j, κ·C + c]    = Σ_{k, j in the block} N_k[κ, j] W̃_k[b][c, j]   (∂L/∂W_c's partial)
-                                         + [c in the block] Σ_p dL[κ, p] x[c, p]
-                                         + [pid_j = 0] Σ_p dL[κ, p] β[b, c]
-        WCP[pid, b, pid_j, NCLS·C + κ] = [pid_j = 0] Σ_p dL[κ, p]                    (∂L/∂b_c's)
-    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; x: B × C × H × W
-    (strides sx*); W̃: B × 3 × C × C (x's dtype), β: B × C
-    (fp32). WCP has a row per (chunk, image, channel block): BLOCK_J is fixed at 16 (the allow-list),
-    so its layout, and the order of its sums, do not depend on the configuration. NP, WCP fp32,
-    chunk-major (`sum_partials` sums NP over the chunks, WCP over the chunks and images)."""
-    tl.static_assert(BLOCK_J == _HEAD_BJ, "_GRAM_HEAD_BJ: one ∂W_c partial row a fixed channel block")
-    BJ: tl.constexpr = BLOCK_J
+    """For channel block pid_j and the pixels p of chunk `pid` of image b (the math above):
+        E_k[b, 3 + h, 3 + w, pos(j)] = Σ_κ dL[κ, p] V_k[b][κ, j]   (stored as the plain gram kernel does)
+        SP[pid, b, κ]                = Σ_p dL[κ, p]                (pid_j = 0)
+        DLP[b, 3 + h, 3 + w, κ]      = dL[κ, p], 0 for κ ≥ NCLS    (pid_j = 0)
+    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; SP fp32,
+    chunk-major (`sum_partials` sums it over the chunks); DLP: dL channels-last in K_PAD classes
+    with a zero 3-pixel border (B × (H+6) × (W+6) × K_PAD, x's dtype: the host zeroes the border),
+    the correlation kernel's shifted, mask-free operand."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     pid_j = tl.program_id(0)
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -719,11 +740,6 @@ def _lmsa_bwd_gram_head_kernel(
     v3 = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
     v5 = tl.load(v_ptr + NCLS * C, mask=k_ok[:, None], other=0.0)
     v7 = tl.load(v_ptr + 2 * NCLS * C, mask=k_ok[:, None], other=0.0)
-
-    n3 = tl.zeros([K_PAD, BJ], tl.float32)
-    n5 = tl.zeros([K_PAD, BJ], tl.float32)
-    n7 = tl.zeros([K_PAD, BJ], tl.float32)
-    acc_wc = tl.zeros([K_PAD, BJ], tl.float32)
     dl_sum = tl.zeros([K_PAD], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
@@ -734,41 +750,99 @@ def _lmsa_bwd_gram_head_kernel(
             tl.store(E3 + e_out, _round(_mm(dl, v3, PRECISE), E3.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E5 + e_out, _round(_mm(dl, v5, PRECISE), E5.dtype.element_ty), mask=mask_p[:, None])
             tl.store(E7 + e_out, _round(_mm(dl, v7, PRECISE), E7.dtype.element_ty), mask=mask_p[:, None])
-            dlt = tl.trans(dl)  # K_PAD × BLOCK_P
-            d_ptr = D + (b * (H * W) + pc)[:, None] * (3 * C) + offs_j[None, :]  # BLOCK_P × BJ
-            n3 += _mm(dlt, tl.load(d_ptr), PRECISE)
-            n5 += _mm(dlt, tl.load(d_ptr + C), PRECISE)
-            n7 += _mm(dlt, tl.load(d_ptr + 2 * C), PRECISE)
-            xt = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_j[None, :] * sxc,
-                         mask=mask_p[:, None], other=0.0)  # BLOCK_P × BJ
-            acc_wc += _mm(dlt, xt, PRECISE)
-            if pid_j == 0:  # one channel block sums dL (a reduction across the pixel lanes)
+            if pid_j == 0:  # one channel block sums dL (a reduction across the pixel lanes) and copies it
                 dl_sum += tl.sum(dl.to(tl.float32), 0)
-
-    part = pid * tl.num_programs(2) + b  # (chunk, image) row of the partials
-    np_ = NP + part * (3 * NCLS * C + NCLS) + offs_k[:, None] * C + offs_j[None, :]
-    tl.store(np_, n3, mask=k_ok[:, None])
-    tl.store(np_ + NCLS * C, n5, mask=k_ok[:, None])
-    tl.store(np_ + 2 * NCLS * C, n7, mask=k_ok[:, None])
-    tl.store(NP + part * (3 * NCLS * C + NCLS) + 3 * NCLS * C + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
-    # ∂W_c's partial row: the block's N_k W̃_kᵀ at every column (fp32 products: tf32x3), its dL xᵀ at its
-    # own columns, (Σ_p dL) βᵀ once an image (pid_j = 0: dl_sum is 0 elsewhere); BJ columns at a time
-    # (a K_PAD × C tile at once takes the kernel from 4 CTAs an SM to 3)
-    wcp = WCP + (part * (C // BJ) + pid_j) * (NCLS * (C + 1))  # [∂W_c | ∂b_c] partial row
-    for c0 in range(0, C, BJ):
-        offs_c = c0 + tl.arange(0, BJ)
-        wg_ptr = WG + (b * 3 * C + offs_c[None, :]) * C + offs_j[:, None]  # W̃_3[b][c, j]ᵀ: BJ × BJ
-        wcn = _mm(n3, tl.load(wg_ptr).to(tl.float32), True)
-        wcn += _mm(n5, tl.load(wg_ptr + C * C).to(tl.float32), True)
-        wcn += _mm(n7, tl.load(wg_ptr + 2 * C * C).to(tl.float32), True)
-        wcn += dl_sum[:, None] * tl.load(BETA + b * C + offs_c)[None, :]
-        wcn += tl.where(c0 == pid_j * BJ, acc_wc, 0.0)
-        tl.store(wcp + offs_k[:, None] * C + offs_c[None, :], wcn, mask=k_ok[:, None])
-    tl.store(wcp + NCLS * C + offs_k, dl_sum, mask=k_ok)
+                tl.store(DLP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * K_PAD + offs_k[None, :], dl,
+                         mask=mask_p[:, None])
+    tl.store(SP + (pid * tl.num_programs(2) + b) * NCLS + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
 
 
 _lmsa_bwd_gram_head_kernel = _pinned("lmsa.gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
                                      ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+
+
+@triton.jit
+def _lmsa_bwd_corr_head_kernel(
+    X, DLP, V, DW3, DW5, DW7, NP, DWP, XLP,
+    sxb, sxc, sxh, sxw,
+    H, W, NCLS,
+    C: tl.constexpr, CHUNK_ROWS: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """G (the math above) of window row δr = pid_dr − 3, channel block pid_j, over the CHUNK_ROWS
+    image rows of chunk `pid` of image b (each row W_CEIL / BLOCK_P tiles of BLOCK_P pixels, W_CEIL:
+    W rounded up to 128, a multiple of every configured BLOCK_P; tiles past W skipped), contracted as
+    soon as it is complete (pid_dr, pid_j = divmod(program 0, C/BJ)):
+        DWP[b, pid, row_k(δ), j]   = Σ_κ V_k[b][κ, j] G[δ, κ, j]         every scale k whose window holds δ
+        NP[pid, pid_dr, b, k, κ, j] = Σ_{δ in row δr of window k} w_k[j, δ] G[δ, κ, j]   (0 outside it)
+        XLP[pid, b, κ, j]           = G[0, κ, j]                           (δr = 0's programs)
+    G[δ, :, block] = Σ_q x[:, q] dL[κ, q − δ] is one fp32 accumulator a column offset δc (BJ × K_PAD:
+    channels × classes, the products' M × N), each tile adding its x (BJ × BLOCK_P, loaded once)
+    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, the gram kernel's zero-bordered copy: no masks,
+    constant offsets. A tile lies in one row, so its pixels' row and columns need no division.
+    x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × K_PAD (`_lmsa_bwd_gram_head_kernel`),
+    x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major
+    k² × C fp32. NP, DWP, XLP fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over
+    images and chunks, XLP over chunks and images; DWP is the wgrad kernel's layout)."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    NJ: tl.constexpr = C // BJ
+    pid_dr = tl.program_id(0) // NJ
+    pid_j = tl.program_id(0) % NJ
+    dr = pid_dr - 3
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < NCLS
+    z = tl.zeros([BJ, K_PAD], tl.float32)
+    g = (z, z, z, z, z, z, z)  # δc = −3 .. 3
+    COLS: tl.constexpr = W_CEIL // BLOCK_P
+    for i in range(0, CHUNK_ROWS * COLS):
+        h = pid * CHUNK_ROWS + i // COLS
+        w = (i % COLS) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ok = (w < W) & (h < H)  # (a chunk's rows past the image, a row's tiles past its end)
+        xt = tl.load(X + b * sxb + h * sxh + offs_j[:, None] * sxc + (w * sxw)[None, :], mask=ok[None, :],
+                     other=0.0)  # BJ × BLOCK_P
+        # dL at q − δ = (h − δr, w − δc), bordered: pixel (h − δr + 3, w − δc + 3) of DLP
+        dl_at = DLP + ((b * (H + 6) + h - dr + 3) * (W + 6) + w + 6)[:, None] * K_PAD + offs_k[None, :]
+        for t in tl.static_range(7):
+            dl = tl.load(dl_at - t * K_PAD, mask=ok[:, None], other=0.0)  # BLOCK_P × K_PAD, δc = t − 3
+            g = _add_at(g, t, _mm(xt, dl, PRECISE))
+    n_img = tl.num_programs(2)
+    part = pid * n_img + b  # (chunk, image)
+    kc = offs_k[None, :] * C + offs_j[:, None]  # class κ, channel j of an NCLS × C block
+    out_ok = k_ok[None, :]
+    _corr_scale(g, V, DW3, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
+                NCLS, C, 0, 3, 0)
+    _corr_scale(g, V, DW5, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
+                NCLS, C, 1, 5, _ROW0_5)
+    _corr_scale(g, V, DW7, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
+                NCLS, C, 2, 7, _ROW0_7)
+    tl.store(XLP + part * (NCLS * C) + kc, g[3], mask=out_ok & (dr == 0))
+
+
+@triton.jit
+def _corr_scale(g, V, DWK, NP, DWP, b, pid, pid_dr, dr, n_img, n_chunks, kc, out_ok, offs_j, NCLS,
+                C: tl.constexpr, K_IDX: tl.constexpr, KS: tl.constexpr, ROW0: tl.constexpr):
+    """Scale KS's share of the correlation kernel's window row δr (`_lmsa_bwd_corr_head_kernel`):
+    ∂L/∂w_k's taps on that row (stored where the row lies in the window) and N_k's partial (zero
+    where it does not)."""
+    HALF: tl.constexpr = KS // 2
+    in_win = (dr >= -HALF) & (dr <= HALF)
+    v = tl.load(V + (b * 3 + K_IDX) * (NCLS * C) + kc, mask=out_ok, other=0.0).to(tl.float32)  # BJ × K_PAD
+    n = tl.zeros(v.shape, tl.float32)
+    tap_row = tl.where(in_win, dr + HALF, 0) * KS  # the row's first tap (0 outside the window: unused)
+    dwp = DWP + ((b * n_chunks + pid) * _NT + ROW0 + tap_row) * C + offs_j
+    for t in tl.static_range(3 - HALF, 4 + HALF):  # the window's column offsets δc = t − 3
+        col = t - 3 + HALF
+        tl.store(dwp + col * C, tl.sum(v * g[t], 1), mask=in_win)
+        wk = tl.load(DWK + (tap_row + col) * C + offs_j, mask=in_win, other=0.0)
+        n += wk[:, None] * g[t]
+    tl.store(NP + (((pid * 7 + pid_dr) * n_img + b) * 3 + K_IDX) * (NCLS * C) + kc, n, mask=out_ok)
+
+
+_lmsa_bwd_corr_head_kernel = _pinned("lmsa.corr_head", _lmsa_bwd_corr_head_kernel, _CORR_HEAD_TABLE,
+                                     ["H", "W", "C", "CHUNK_ROWS", "PRECISE"])
 
 
 @triton.jit
@@ -1482,16 +1556,17 @@ def _k_pad(ncls: int) -> int:
 def _forward(x, params, precise, keep: bool = False, head=None):
     """(out, P, W̃, D, XW, kept, None) (module docstring), with `keep` a `_Kept` for the backward (else
     None, and the backward builds its contents again). With `head` = (W_c, b_c), the classifier's:
-    (β, P, W̃, D, XW, kept, logits): LMSA's out is never formed (the kernel's HEAD), and the backward
-    takes β (B × C fp32) in its place for ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and memory format."""
+    (β, P, W̃, kept, logits): LMSA's out is never formed (the kernel's HEAD), nor D and XW (the
+    classifier's backward works from x), and the backward takes β (B × C fp32) in out's place for
+    ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and memory format."""
     b, c, h, w = x.shape
     P, xp = _stats(x, precise)
     dw_flat = _dw_flat(params[0:3])
     onc = _on_cells(h, w, dw_flat)
     wg, beta, state = _gate_forward(P, onc, params, x.dtype)
-    dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
-    xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
     if head is None:
+        dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
+        xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
         out = _new_like(x)
         weights, wc, bc, logits, ncls = wg, out, out, out, 1  # (unused pointers without the classifier)
     else:
@@ -1499,14 +1574,15 @@ def _forward(x, params, precise, keep: bool = False, head=None):
         ncls = wc.shape[0]
         wc, v = _classifier_weights(wc, wg)
         out, weights, logits = x, v, _new_like(x, ncls)  # (OUT: an unused pointer)
+        dsave = xw = None  # (D, XW: unused pointers below)
     grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_kernel[grid](
-        x, xp, weights, beta, *dw_flat, out, dsave, xw, wc, bc, logits, *x.stride(), *out.stride(),
-        *logits.stride(), h, w, xw.shape[2], ncls,
+        x, xp, weights, beta, *dw_flat, out, x if dsave is None else dsave, x if xw is None else xw, wc, bc, logits,
+        *x.stride(), *out.stride(), *logits.stride(), h, w, w if xw is None else xw.shape[2], ncls,
         C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16, HEAD=head is not None,
         K_PAD=_k_pad(ncls))
     kept = _Kept(dw_flat, onc, state, None if head is None else (wc, v)) if keep else None
-    return (out, P, wg, dsave, xw, kept, None) if head is None else (beta, P, wg, dsave, xw, kept, logits)
+    return (out, P, wg, dsave, xw, kept, None) if head is None else (beta, P, wg, kept, logits)
 
 
 def _classifier_weights(wc: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1538,6 +1614,16 @@ def _wgrad_chunk(strips: int, batch: int, c: int, sms: int) -> int:
     return _chunk_pix(strips, batch, _wgrad_groups(max(WGRAD_SPLIT[0])) * max(1, c // 16), sms, max_chunks=4)
 
 
+def _corr_rows(h: int, batch: int, c: int, sms: int | None) -> int:
+    """Image rows per chunk of the correlation kernel: about 4 programs an SM (7 window rows × C/64
+    channel blocks a chunk and image), at most 4 chunks; under the interpreter (sms None) 3, so the
+    tests cover several chunks and a short last one."""
+    if sms is None:
+        return 3
+    want = max(1, min(4, triton.cdiv(4 * sms, batch * 7 * max(1, c // 64))))
+    return triton.cdiv(h, want)
+
+
 def _require_words(c: int, *buffers: torch.Tensor) -> None:
     """The packed bf16 buffers (E_k, XW) are read as int32 words, each holding a channel pair: the
     kernels need an even C, a unit channel stride and 4-byte aligned bases (every pixel's row then
@@ -1566,13 +1652,21 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     """dx and the parameters' gradients. `kept`: the forward's `_Kept`, or None to build the gate
     graph and the tap-major taps again (what the `msf::lmsa_backward` operator does). `head` =
     (β, W_c, b_c): g is the classifier's logits' gradient (x's dtype), β the forward's, and the
-    parameters' gradients end with W_c's and b_c's."""
+    parameters' gradients end with W_c's and b_c's; dsave and xw are then None (the forward stores
+    neither: the correlation kernel works from x)."""
     b, c, h, w = x.shape
     dws = params[0:3]
+    if kept is None:  # (the operator's backward: the gate's STATE again, W̃ rewritten unused)
+        dw_flat = _dw_flat(dws)
+        onc = _on_cells(h, w, dw_flat)
+        state = _gate_forward(P, onc, params, x.dtype)[2]
+    else:
+        dw_flat, onc, state, _ = kept
     ncls = 1 if head is None else head[1].shape[0]  # the classifier's classes (1: unused without it)
-    # 1. gram: M = ∂L/∂W̃ (B×3×C×C fp32), Σ_p dO = ∂L/∂β, and the main-path ∂L/∂w_k
-    # one launch per scale, about C/64 channel blocks per chunk: 4 chunks at the model shape
-    chunk = _chunk_pix(h * w, b, max(1, c // 64), _sm_count(x.device), max_chunks=4)
+    sms = _sm_count(x.device)
+    # 1. gram: E_k for the dx kernel, and the pixel sums of the gate's backward and the weights
+    # one launch, about C/64 channel blocks per chunk: 4 chunks at the model shape
+    chunk = _chunk_pix(h * w, b, max(1, c // 64), sms, max_chunks=4)
     n_chunks = triton.cdiv(h * w, chunk)
     # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
     # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
@@ -1580,64 +1674,68 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     packed = _word_dtype(x.dtype) == torch.bfloat16
     ek = _bordered(b, h, w, c, x.device, _word_dtype(x.dtype), _E_TAIL, count=len(KERNEL_SIZES))
     if packed:
-        _require_words(c, *ek, xw)
+        _require_words(c, *ek, *(() if xw is None else (xw,)))
     grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
-    if head is None:
+    dw_main = _new((_N_TAPS, c), x.device, torch.float32)
+    if head is None:  # M = ∂L/∂W̃ (B×3×C×C fp32) and Σ_p dO = ∂L/∂β from dO and the stored D
         mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
         gsp = _new((n_chunks, b, c), x.device, torch.float32)
         _lmsa_bwd_gram_kernel[grid](
             dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
             C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
-    else:  # the classifier inside: dO formed from dL (the math above `_lmsa_bwd_gram_head_kernel`)
-        beta, wc, bc = head
-        wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
-        n_part = _new((n_chunks, b, 3 * ncls * c + ncls), x.device, torch.float32)
-        # [∂W_c | ∂b_c] rows, one a (chunk, image, channel block of the kernel's fixed 16)
-        wc_part = _new((n_chunks * b * (c // _GRAM_HEAD_BJ), ncls * (c + 1)), x.device, torch.float32)
-        _lmsa_bwd_gram_head_kernel[grid](
-            dsave, g, v, x, wg, beta, n_part, wc_part, *ek, *g.stride(), *x.stride(),
-            h, w, ncls, C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
-    # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
-    # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
-    strips = h * triton.cdiv(w, _WGRAD_STRIP)
-    sms = _sm_count(x.device)
-    wchunk = 32 if sms is None else _wgrad_chunk(strips, b, c, sms)
-    n_wchunks = triton.cdiv(strips, wchunk)
-    dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
-    for scales in WGRAD_SPLIT:
-        rows = max(scales)
-        groups = _wgrad_groups(rows)
-        grid = lambda meta, groups=groups: (groups * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
-        mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
-        _lmsa_bwd_wgrad_kernel[grid](
-            xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
-            CHUNK_S=wchunk, PACKED=packed, STRIP=_WGRAD_STRIP)
-    dw_main = _new((_N_TAPS, c), x.device, torch.float32)
-    # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
-    if head is None:
+        # main-path ∂L/∂w_k from the stored E_k: one program per window row, word block and chunk
+        # of pixel strips (under the interpreter, chunks of 32 strips: the tests still cover several)
+        strips = h * triton.cdiv(w, _WGRAD_STRIP)
+        wchunk = 32 if sms is None else _wgrad_chunk(strips, b, c, sms)
+        n_wchunks = triton.cdiv(strips, wchunk)
+        dwp = _new((b, n_wchunks, _N_TAPS, c), x.device, torch.float32)
+        for scales in WGRAD_SPLIT:
+            rows = max(scales)
+            groups = _wgrad_groups(rows)
+            grid = lambda meta, groups=groups: (groups * (c // 2 // min(meta["BLOCK_W"], c // 2)), n_wchunks, b)  # noqa: E731
+            mine = [ek[i] if k in scales else ek[KERNEL_SIZES.index(max(scales))] for i, k in enumerate(KERNEL_SIZES)]
+            _lmsa_bwd_wgrad_kernel[grid](
+                xw, *mine, dwp, h, w, xw.shape[2], n_wchunks, C=c, S3=3 in scales, S5=5 in scales, S7=7 in scales,
+                CHUNK_S=wchunk, PACKED=packed, STRIP=_WGRAD_STRIP)
         m = _new((b, 3, c, c), x.device, torch.float32)
         gsum = _new((b, c), x.device, torch.float32)
+        # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
         sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
-    else:
-        n_sum = _new((b, 3 * ncls * c + ncls), x.device, torch.float32)
-        dhead = _new((ncls * (c + 1),), x.device, torch.float32)
-        sum_partials((n_part.view(n_chunks, -1), n_sum), (dwp.view(-1, _N_TAPS * c), dw_main), (wc_part, dhead))
-        with autocast_off(x.device.type):  # M_k = W_cᵀ N_k, Σ_p dO = W_cᵀ Σ_p dL (fp32, W_c as rounded)
+    else:  # the classifier inside: the math above `_lmsa_bwd_gram_head_kernel`
+        beta, wc, bc = head
+        wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
+        sp = _new((n_chunks, b, ncls), x.device, torch.float32)
+        dlp, = _bordered(b, h, w, _k_pad(ncls), x.device, x.dtype)  # dL bordered, for the correlation kernel
+        _lmsa_bwd_gram_head_kernel[grid](
+            g, v, sp, dlp, *ek, *g.stride(), h, w, ncls,
+            C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
+        # G a window row and channel block a program: 7 × C/64 programs a chunk of image rows
+        crows = _corr_rows(h, b, c, sms)
+        n_cchunks = triton.cdiv(h, crows)
+        np_ = _new((n_cchunks * 7, b, 3, ncls, c), x.device, torch.float32)
+        dwp = _new((b, n_cchunks, _N_TAPS, c), x.device, torch.float32)
+        xlp = _new((n_cchunks * b, ncls, c), x.device, torch.float32)
+        grid = lambda meta: (7 * (c // min(meta["BLOCK_J"], c)), n_cchunks, b)  # noqa: E731
+        _lmsa_bwd_corr_head_kernel[grid](
+            x, dlp, v, *dw_flat, np_, dwp, xlp, *x.stride(), h, w, ncls,
+            C=c, CHUNK_ROWS=crows, W_CEIL=triton.cdiv(w, 128) * 128, PRECISE=precise, K_PAD=_k_pad(ncls))
+        n_sum = _new((b, 3, ncls, c), x.device, torch.float32)
+        dl_sum = _new((b, ncls), x.device, torch.float32)
+        dl_x = _new((ncls, c), x.device, torch.float32)
+        sum_partials((np_.view(n_cchunks * 7, -1), n_sum), (sp.view(n_chunks, -1), dl_sum),
+                     (dwp.view(-1, _N_TAPS * c), dw_main), (xlp.view(n_cchunks * b, -1), dl_x))
+        with autocast_off(x.device.type):  # fp32, W_c and W̃ as the forward rounded them
             wc32 = wc_x.float()
-            m = torch.matmul(wc32.t(), n_sum[:, :3 * ncls * c].view(b, 3, ncls, c))
-            dl_sum = n_sum[:, 3 * ncls * c:]  # B × NCLS
-            gsum = dl_sum @ wc32
-        # (views of one buffer: `msf::lmsa_classifier_backward` copies the second)
-        head_grads = [dhead[:ncls * c].view(ncls, c).to(wc.dtype), dhead[ncls * c:].to(bc.dtype)]
+            m = torch.matmul(wc32.t(), n_sum)  # M_k = W_cᵀ N_k
+            gsum = dl_sum @ wc32  # Σ_p dO = W_cᵀ Σ_p dL
+            # ∂L/∂W_c = Σ_b [Σ_p dL xᵀ + (Σ_p dL) βᵀ + Σ_k N_k W̃_kᵀ]
+            dwc = torch.matmul(n_sum, wg.float().transpose(-1, -2)).sum((0, 1))
+            dwc += dl_x
+            dwc.addmm_(dl_sum.t(), beta)
+        head_grads = [dwc.to(wc.dtype), dl_sum.sum(0).to(bc.dtype)]
 
     # 2. the gate's backward: the parameters' gradients (the depthwise weights' with dw_main added), and
     # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)
-    if kept is None:  # (the operator's backward: the gate's STATE again, W̃ rewritten unused)
-        dw_flat = _dw_flat(dws)
-        onc = _on_cells(h, w, dw_flat)
-        state = _gate_forward(P, onc, params, x.dtype)[2]
-    else:
-        dw_flat, onc, state, _ = kept
     t_cells, pgrads = _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w)
 
     # 3. dx, written once, from the E_k the gram kernel stored
@@ -1658,20 +1756,25 @@ class LMSAFunction(torch.autograd.Function):
     """LMSA with the fused Triton kernels. Inputs: x, then the 13 parameter tensors in the order
     dw_3, dw_5, dw_7, pw_3, pw_5, pw_7, pb_3, pb_5, pb_7, fc1_w, fc1_b, fc2_w, fc2_b, and optionally
     the classifier's W_c (NCLS × C) and b_c (`lmsa_classifier`: the output is then its logits).
-    Saves x, the depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so
-    the backward's gram kernel needs no depthwise sweep), x in the wgrad kernel's word order (XW),
-    the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C), and with the classifier β (B×C fp32, for
-    ∂L/∂W_c); never f_k, nor with the classifier LMSA's output."""
+    Saves x, the cell sums P (B×C×49 fp32) and W̃ (B×3×C×C); without the classifier also the
+    depthwise outputs D (B×H×W×3C in x's dtype: what the forward's GEMM multiplied, so the
+    backward's gram kernel needs no depthwise sweep) and x in the wgrad kernel's word order (XW),
+    with it β (B×C fp32, for ∂L/∂W_c) and neither D nor XW (the correlation kernel works from x);
+    never f_k, nor with the classifier LMSA's output."""
 
     @staticmethod
     def forward(ctx, x, *params):
         precise = x.dtype == torch.float32
         params, head = params[:_N_PARAMS], params[_N_PARAMS:] or None
-        out_or_beta, P, wg, dsave, xw, kept, logits = _forward(x, params, precise, keep=True, head=head)
-        ctx.save_for_backward(x, dsave, xw, P, wg, *params, *((out_or_beta, *head) if head else ()))
+        if head is None:
+            out, P, wg, dsave, xw, kept, _ = _forward(x, params, precise, keep=True)
+            ctx.save_for_backward(x, dsave, xw, P, wg, *params)
+        else:
+            beta, P, wg, kept, logits = _forward(x, params, precise, keep=True, head=head)
+            ctx.save_for_backward(x, None, None, P, wg, *params, beta, *head)
         ctx.precise = precise
         ctx.kept = kept  # the gate graph (tiny: B×C×7×7 and smaller) and the taps: not built again
-        return out_or_beta if head is None else logits
+        return out if head is None else logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1785,6 +1888,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     hw = _AOT_HW * _AOT_HW
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
+    corr_rows = _corr_rows(_AOT_HW, 32, _AOT_C, 132)
     wgrad_chunk = _wgrad_chunk(hw // _WGRAD_STRIP, 32, _AOT_C, 132)  # chunks of strips
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
@@ -1810,9 +1914,12 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
             ("gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
-             {"D": dt, "DL": dt, "V": dt, "X": dt, "WG": dt, "BETA": "*fp32", "NP": "*fp32", "WCP": "*fp32",
-              "E3": et, "E5": et, "E7": et},
+             {"DL": dt, "V": dt, "SP": "*fp32", "DLP": dt, "E3": et, "E5": et, "E7": et},
              ["H", "W", "NCLS"], {"CHUNK_PIX": gram_chunk, "PACKED": packed, "K_PAD": _k_pad(_AOT_CLASSES)}),
+            ("corr_head", _lmsa_bwd_corr_head_kernel, _CORR_HEAD_TABLE,
+             {"X": dt, "DLP": dt, "V": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "NP": "*fp32",
+              "DWP": "*fp32", "XLP": "*fp32"},
+             ["H", "W", "NCLS"], {"CHUNK_ROWS": corr_rows, "W_CEIL": _AOT_HW, "K_PAD": _k_pad(_AOT_CLASSES)}),
         ) + tuple(  # without and with the classifier (then DO is dL, and dO = W_cᵀ dL is formed in the kernel)
             ("dx_head" if head else "dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
@@ -1823,7 +1930,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
-            for i, (cfg, serves) in enumerate(table):
+            for i, (cfg, serves, *only) in enumerate(table):
                 cls = _shape_class({"PRECISE": precise, "HEAD": extra.get("HEAD", False)}, _by_precise, headed=True)
                 if cls not in serves:
                     continue
@@ -1843,7 +1950,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                 tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())
                 spec = AotSpec(name=f"lmsa.{name}_{dname}_{tag}_w{cfg.num_warps}_s{cfg.num_stages}",
                                fn=jit_fn, signature=sig, constexprs=const,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, attrs=attrs)
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, attrs=attrs,
+                               archs=tuple(only[0]) if only else ())
                 (slow if name.startswith("wgrad") and i > 0 else specs).append(spec)
     # the gate's kernels: fp32 state and master weights; W̃ in x's dtype
     hid = 3 * _AOT_C // 8  # the model's SE reduction

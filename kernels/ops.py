@@ -23,7 +23,7 @@ the eager composition instead, which torch.compile traces like any other PyTorch
     msf::decoder_fold(W, b, [U_i], [u_i], low_dtype) -> [M_1..M_4, c]      + msf::decoder_fold_backward
     msf::head_loss(logits, targets, eps) -> (loss, coef)                   + msf::head_loss_backward
     msf::lmsa(x, params) -> (out, P, W̃, D, XW)                             + msf::lmsa_backward
-    msf::lmsa_classifier(x, params, W_c, b_c) -> (logits, β, P, W̃, D, XW)    + msf::lmsa_classifier_backward
+    msf::lmsa_classifier(x, params, W_c, b_c) -> (logits, β, P, W̃)          + msf::lmsa_classifier_backward
     msf::upsample_argmax(logits, size) -> labels                           (not differentiable)
 
 A forward operator returns, after its result, what its backward needs (attention's O and
@@ -730,29 +730,29 @@ def lmsa(x: Tensor, p: LMSAParams) -> Tensor:
     return torch.ops.msf.lmsa(x, _lm._params_of(p))[0]
 
 
-# the classifier inside: (logits, β, P, W̃, D, XW); the backward also takes β (for ∂L/∂W_c)
+# the classifier inside: (logits, β, P, W̃), no D or XW (its backward works from x); the backward
+# also takes β (for ∂L/∂W_c)
 def _lmsa_classifier_body(x: Tensor, params: list[Tensor], weight: Tensor,
-                          bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    beta, cells, wg, dsave, xw, _, logits = _lm._forward(x, tuple(params), x.dtype == torch.float32,
-                                                         head=(weight, bias))
-    return logits, beta, cells, wg, dsave, xw
+                          bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    beta, cells, wg, _, logits = _lm._forward(x, tuple(params), x.dtype == torch.float32, head=(weight, bias))
+    return logits, beta, cells, wg
 
 
 def _lmsa_classifier_fake(x, params, weight, bias):
-    _, *rest = _lmsa_fake(x, params)
-    return (_lm._new_like(x, weight.shape[0]), x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32), *rest)
+    _, cells, wg, _, _ = _lmsa_fake(x, params)
+    return (_lm._new_like(x, weight.shape[0]), x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32), cells, wg)
 
 
-def _lmsa_classifier_backward_body(x: Tensor, dsave: Tensor, xw: Tensor, dl: Tensor, cells: Tensor, wg: Tensor,
-                                   beta: Tensor, params: list[Tensor], weight: Tensor, bias: Tensor) -> list[Tensor]:
-    dx, pgrads = _lm._backward(x, dsave, xw, dl, cells, wg, tuple(params), x.dtype == torch.float32,
+def _lmsa_classifier_backward_body(x: Tensor, dl: Tensor, cells: Tensor, wg: Tensor, beta: Tensor,
+                                   params: list[Tensor], weight: Tensor, bias: Tensor) -> list[Tensor]:
+    dx, pgrads = _lm._backward(x, None, None, dl, cells, wg, tuple(params), x.dtype == torch.float32,
                                head=(beta, weight, bias))
     if pgrads[-1]._base is not None and pgrads[-1]._base is pgrads[-2]._base:  # (an output may alias no other)
         pgrads[-1] = pgrads[-1].clone()
     return [dx, *pgrads]
 
 
-def _lmsa_classifier_backward_fake(x, dsave, xw, dl, cells, wg, beta, params, weight, bias):
+def _lmsa_classifier_backward_fake(x, dl, cells, wg, beta, params, weight, bias):
     return [_lm._new_like(x), *(_contiguous_like(p) for p in (*params, weight, bias))]
 
 
@@ -764,14 +764,14 @@ lmsa_classifier_backward_op = _define("lmsa_classifier_backward", _lmsa_classifi
 
 def _lmsa_classifier_setup(ctx, inputs, output):
     x, params, weight, bias = inputs
-    _, beta, cells, wg, dsave, xw = output
-    ctx.save_for_backward(x, dsave, xw, cells, wg, beta, weight, bias, *params)
+    _, beta, cells, wg = output
+    ctx.save_for_backward(x, cells, wg, beta, weight, bias, *params)
 
 
-def _lmsa_classifier_grad(ctx, grad, _dbeta, _dcells, _dwg, _ddsave, _dxw):
-    x, dsave, xw, cells, wg, beta, weight, bias, *params = ctx.saved_tensors
+def _lmsa_classifier_grad(ctx, grad, _dbeta, _dcells, _dwg):
+    x, cells, wg, beta, weight, bias, *params = ctx.saved_tensors
     dl = grad if grad.dtype == x.dtype else grad.to(x.dtype)
-    dx, *grads = torch.ops.msf.lmsa_classifier_backward(x, dsave, xw, dl, cells, wg, beta, params, weight, bias)
+    dx, *grads = torch.ops.msf.lmsa_classifier_backward(x, dl, cells, wg, beta, params, weight, bias)
     return dx, grads[:-2], grads[-2], grads[-1]
 
 

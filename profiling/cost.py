@@ -277,6 +277,13 @@ def _stats_active(a, pid):
     return sum(1 for i in range(0, a["CHUNK_PIX"], a["BLOCK_P"]) if pid[1] * a["CHUNK_PIX"] + i < a["H"] * a["W"])
 
 
+def _corr_tiles(a, pid):
+    """The LMSA correlation kernel's tiles: every tile of its chunk (rows past the image and shifted
+    rows outside it run masked)."""
+    rows = range(pid[1] * a["CHUNK_ROWS"], (pid[1] + 1) * a["CHUNK_ROWS"])
+    return len(rows) * (a["W_CEIL"] // a["BLOCK_P"])
+
+
 def _fold_tile_trips(a, pid):
     """The decoder's fold. Forward (4 sites): stage pid[1]'s column tile pid[2], K = E. Backward
     (N_COL among the arguments; 8 sites): per stage, ∂W_s's tile (K = C_s), then ∂U_s's (K = E)."""
@@ -473,6 +480,8 @@ LOOPS: list[Loop] = [
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
     Loop("lmsa", "_lmsa_bwd_gram_head_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="mask_p, pc, h, w = _chunk_pixels(", kernels=("_lmsa_bwd_gram_head_kernel",)),
+    Loop("lmsa", "_lmsa_bwd_corr_head_kernel", "for i in range(0, CHUNK_ROWS * COLS):", _corr_tiles,
+         count="h = pid * CHUNK_ROWS + i // COLS", kernels=("_lmsa_bwd_corr_head_kernel",)),
     Loop("lmsa", "_wgrad_sweep", "for i in range(0, CHUNK_S, BLOCK_S):", _wgrad_ring_trips,
          count="offs_p = pid * CHUNK_S + i + tl.arange(0, BLOCK_S)", kernels=("_lmsa_bwd_wgrad_kernel",)),
     Loop("lmsa", "_dx_strip", "for i in range(KS):",  # dx: one site a scale
@@ -844,11 +853,14 @@ def capture(op: str, device: Device, stage: int | None = None, batch: int = BATC
             # the model's: the classifier inside, its fp32 master weight and bias
             head = (e(NUM_CLASSES, c, dtype=f32), e(NUM_CLASSES, dtype=f32)) if op == "lmsa_classifier" else None
             # as LMSAFunction; with the classifier, the forward's first result is β (out is never formed)
-            out_or_beta, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True, head=head)
+            if head is None:
+                _, P, wg, dsave, xw, kept, _ = lmsa._forward(x, params, False, keep=True)
+            else:  # (no D, no XW: the classifier's backward works from x)
+                beta, P, wg, kept, _ = lmsa._forward(x, params, False, keep=True, head=head)
+                dsave = xw = None
             pass_ref[0] = "bwd"
             grad = _cl(batch, NUM_CLASSES if head else c, hw, hw, bf16)  # ∂L/∂logits, or ∂L/∂out
-            lmsa._backward(x, dsave, xw, grad, P, wg, params, False, kept,
-                           None if head is None else (out_or_beta, *head))
+            lmsa._backward(x, dsave, xw, grad, P, wg, params, False, kept, None if head is None else (beta, *head))
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
     return launches

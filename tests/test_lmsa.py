@@ -337,6 +337,24 @@ def test_backward_from_kept_graph_equals_rebuilt(device):
         assert torch.equal(a, b), f"d{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_classifier_backward_from_kept_graph_equals_rebuilt(device):
+    """The same with the classifier inside (`msf::lmsa_classifier_backward`: no D, no XW saved; the
+    correlation kernel works from x), bf16: the kept V = W_c W̃ and the rebuilt one agree bit for bit."""
+    device = _device(device)
+    x, _ = _inputs(2, 32, 9, 8, torch.bfloat16, device, seed=43, layout="channels_last")
+    go = _inputs(2, 19, 9, 8, torch.bfloat16, device, seed=44, layout="channels_last")[0]
+    ps = [t.detach() for t in _params(32, torch.bfloat16, device, seed=45)]
+    head = [t.detach() for t in _classifier(19, 32, torch.bfloat16, device, seed=46)]
+    x = x.detach()
+    beta, P, wg, kept, _ = lmsa_mod._forward(x, ps, False, keep=True, head=head)
+    dx_kept, grads_kept = lmsa_mod._backward(x, None, None, go, P, wg, ps, False, kept, head=(beta, *head))
+    dx_new, grads_new = lmsa_mod._backward(x, None, None, go, P, wg, ps, False, head=(beta, *head))
+    assert torch.equal(dx_kept, dx_new), "dx"
+    for name, a, b in zip(GRAD_NAMES[1:] + ("w_c", "b_c"), grads_kept, grads_new):
+        assert torch.equal(a, b), f"d{name}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
+
+
 def test_rejects_bad_inputs():
     ps = _params(16, torch.float32, "cpu", seed=0)
     with pytest.raises(ValueError):
@@ -391,6 +409,6 @@ def test_aot_specs_cover_every_argument():
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         kernels_seen.add(spec.fn.__name__)
     assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
-                            "_lmsa_bwd_gram_head_kernel",
+                            "_lmsa_bwd_gram_head_kernel", "_lmsa_bwd_corr_head_kernel",
                             "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel", "_gate_fwd_kernel",
                             "_gate_bwd_sample_kernel", "_gate_bwd_params_kernel"}
