@@ -151,8 +151,10 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         else:  # out is never formed: logits = Σ_k V_k D_k + W_c x + W_c β + b_c
             op("fwd", "V = W_c W̃ (host matmul)", wg, v)
             op("fwd", "main kernel: x̂ (sweeps), x, V, W_c → logits (no D, no XW)", tp + T + v, L)
-        op("bwd", "zero the three E_k borders" + (" and dL's copy's" if head else ""), 0,
-           3 * e_border + (B * ((H + 6) * (W + 6) - H * W) * kpad * e if head else 0))
+        if not head:
+            op("bwd", "zero the three E_k borders", 0, 3 * e_border)
+        else:
+            op("bwd", "zero dL's copy's border", 0, B * ((H + 6) * (W + 6) - H * W) * kpad * e)
         if not head:
             op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
                mp + 3 * (ep - e_border))
@@ -160,9 +162,9 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
             op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
         else:  # the correlation G of x and dL gives N_k, ∂w_k's main path and Σ dL xᵀ (docs/lmsa.md)
             dlp = B * (H + 6) * (W + 6) * kpad * e  # dL bordered, K_PAD classes
-            spart = gram_chunks * B * classes * 4  # Σ dL per chunk
-            op("bwd", "gram kernel (three scales): dL, V → E_3, E_5, E_7, Σ dL partials, dL's bordered copy",
-               L + v, 3 * (ep - e_border) + spart + B * H * W * kpad * e)
+            dl_chunks = _cdiv(H * W, _chunk_pix(H * W, B, 1, sms, 16))
+            spart = dl_chunks * B * classes * 4  # Σ dL per chunk
+            op("bwd", "dL kernel: dL → Σ dL partials, dL's bordered copy", L, spart + B * H * W * kpad * e)
             corr_rows = _cdiv(H, max(1, min(4, _cdiv(4 * sms, B * 7 * max(1, C // 64)))))
             corr_chunks = _cdiv(H, corr_rows)
             npart = corr_chunks * 7 * B * 3 * classes * C * 4  # N_k's share of each window row
@@ -172,12 +174,14 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
                T + dlp + v, npart + dwp + xpart)
             op("bwd", "sum the partials", npart + spart + dwp + xpart,
                npart // (corr_chunks * 7) + B * classes * 4 + N_TAPS * C * 4 + classes * C * 4)
+            a = B * 49 * C * kpad * e
+            op("bwd", "A = Σ_k w_k V_k (host: window product, einsum, pad)", v + a, a + B * 49 * C * classes * 4)
             op("bwd", "M = W_cᵀ N, ∂W_c = Σ_k N_k W̃_kᵀ + … (host matmuls)", npart // (corr_chunks * 7) + wg, wg32)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
         if not head:
             op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
-        else:  # dO = W_cᵀ dL formed in the kernel (dL re-read by each channel block: from L2, 20 MB)
-            op("bwd", "dx kernel: dL, E_3, E_5, E_7, T → dx", L + 3 * ep + cells, T)
+        else:  # 49 products A_δ · dL shifted (DLP from L1/L2), dO = W_cᵀ dL: no E_k
+            op("bwd", "dx kernel: dL's copy, A, W_c, T → dx", dlp + B * 49 * C * kpad * e + cells, T)
         return rows
 
     if variant == "floor":

@@ -22,8 +22,9 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 - `_lmsa_bwd_gram_kernel`: E_k = W̃_kᵀ dO (bordered; packed bf16 channel pairs for bf16 inputs),
   M_k = dO D_kᵀ (= ∂L/∂W̃) and Σ dO (= ∂L/∂β).
 - `_lmsa_bwd_wgrad_kernel`: the depthwise weight gradients Σ_q x[q] E_k[q − δ].
-- with the classifier (below): `_lmsa_bwd_gram_head_kernel` (E_k from dL) and
-  `_lmsa_bwd_corr_head_kernel` (the correlation of x and dL) in place of the gram and wgrad kernels.
+- with the classifier (below): `_lmsa_bwd_dl_head_kernel` (dL's sums and bordered copy),
+  `_lmsa_bwd_corr_head_kernel` (the correlation of x and dL) and `_lmsa_bwd_dx_head_kernel` (dx
+  from dL on tensor cores) in place of the gram, wgrad and dx kernels.
 - `_lmsa_bwd_dx_kernel`: dx = dO + Σ_k DW_kᵀ(E_k) + the statistics path's broadcast.
 Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
@@ -31,12 +32,13 @@ Between them on the host: the bordered buffers' fills, the chunk sums and the ce
 the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the forward
 kernel's GEMM multiplies by V_k = W_c W̃_k (N = NCLS) and its epilogue adds W_c·x + W_c β + b_c (it
 stores neither D nor XW). The backward works from the logits' gradient dL, whose NCLS channels
-make x's pixel sums cheap: `_lmsa_bwd_gram_head_kernel` stores E_k = V_kᵀ dL (for dx), sums dL and
-copies it zero-bordered; `_lmsa_bwd_corr_head_kernel` forms the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ
-on tensor cores and contracts it at once into N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), the
-depthwise weights' main-path gradient (no wgrad sweep) and Σ dL xᵀ (for ∂W_c, with Σ_k N_k W̃_kᵀ
-and (Σ dL) βᵀ on the host); the dx kernel forms its residual dO = W_cᵀ dL itself. The classifier's
-convolution and its backward never run.
+make every sum cheap on tensor cores: `_lmsa_bwd_dl_head_kernel` sums dL and copies it
+zero-bordered; `_lmsa_bwd_corr_head_kernel` forms the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ and
+contracts it at once into N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), the depthwise weights'
+main-path gradient (no wgrad sweep) and Σ dL xᵀ (for ∂W_c, with Σ_k N_k W̃_kᵀ and (Σ dL) βᵀ on the
+host); `_lmsa_bwd_dx_head_kernel` forms dx as 49 products of per-sample weights A_δ = Σ_k w_k[δ] V_kᵀ
+with dL shifted by −δ, plus W_cᵀ dL and the statistics path: E_k and dO are never formed. The
+classifier's convolution and its backward never run.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
@@ -108,12 +110,10 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_GRAM_HEAD_TABLE = [  # BLOCK_J: channel block of E
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=4, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 16}, num_warps=8, num_stages=1), _HALF),
+_DL_HEAD_TABLE = [  # BLOCK_P: pixels a tile (all K_PAD classes)
+    (triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 128}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=1), _BOTH),
 ]
 _CORR_HEAD_TABLE = [  # BLOCK_P: the products' K (pixels a tile), BLOCK_J: their M (channels); seven
     # BJ × K_PAD fp32 accumulators a program (one a column offset). num_stages 2: the loop's loads become
@@ -135,11 +135,19 @@ _WGRAD_TABLE = [  # BLOCK_S: strips per tile, BLOCK_W: words (channel pairs m, m
     (triton.Config({"BLOCK_S": 16, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_S": 32, "BLOCK_W": 4}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block;
-    # "_head": with the classifier inside (dO = W_cᵀ dL formed a strip pixel at a time: 16 × 16 tiles take
-    # the product at N = 32, which costs less than two at 16)
-    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH + ("half_head", "fp32_head")),
-    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH + ("half_head", "fp32_head")),
+_DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (channel pairs m, m + C/2) per block
+    (triton.Config({"BLOCK_S": 32, "BLOCK_W": 8}, num_warps=4, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
+]
+_DX_HEAD_TABLE = [  # BLOCK_P × BLOCK_R: a tile's columns × rows (the products' N, BLOCK_R accumulators),
+    # BLOCK_J: its channels (M); the 49 products' K is the classes (K_PAD). Each program reads the
+    # sample's A (49 × BJ × K_PAD) once for its BLOCK_R rows: 128 × 64 × 2 rows reads half the A
+    # bytes from L2 that 64 × 128 does, at the same predicted time (4-row tiles spill on sm_80)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _BOTH),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 128, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 128, "BLOCK_R": 1}, num_warps=8, num_stages=2), _HALF),
 ]
 
 
@@ -709,56 +717,42 @@ _lmsa_bwd_gram_kernel = _pinned("lmsa.gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
 # G's products run on tensor cores with K = pixels and N = NCLS (padded to K_PAD): 49·K_PAD·C
 # multiply-adds a pixel, where the plain path's FP32 sweep spends 83·C FMAs on ∂L/∂w_k alone and
 # the forward stores D (3C a pixel) and XW (C) for the gram and wgrad kernels. Here the forward
-# stores neither: `_lmsa_bwd_gram_head_kernel` forms and stores E_k (for dx) and sums dL,
+# stores neither: `_lmsa_bwd_dl_head_kernel` sums dL and copies it zero-bordered (DLP),
 # `_lmsa_bwd_corr_head_kernel` forms G a window row δr a program and contracts it at once (G never
-# in memory); the host forms M_k, Σ_p dO and ∂L/∂W_c from the summed N_k (B × 3 × NCLS × C).
+# in memory); the host forms M_k, Σ_p dO and ∂L/∂W_c from the summed N_k (B × 3 × NCLS × C); dx
+# comes from DLP as well (`_lmsa_bwd_dx_head_kernel`, its math above it).
 @triton.jit
-def _lmsa_bwd_gram_head_kernel(
-    DL, V, SP, DLP, E3, E5, E7,
+def _lmsa_bwd_dl_head_kernel(
+    DL, SP, DLP,
     slb, slk, slh, slw,
     H, W, NCLS,
-    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    CHUNK_PIX: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """For channel block pid_j and the pixels p of chunk `pid` of image b (the math above):
-        E_k[b, 3 + h, 3 + w, pos(j)] = Σ_κ dL[κ, p] V_k[b][κ, j]   (stored as the plain gram kernel does)
-        SP[pid, b, κ]                = Σ_p dL[κ, p]                (pid_j = 0)
-        DLP[b, 3 + h, 3 + w, κ]      = dL[κ, p], 0 for κ ≥ NCLS    (pid_j = 0)
-    dL: B × NCLS × H × W (strides sl*), x's dtype; V: B × 3 × NCLS × C, x's dtype; SP fp32,
-    chunk-major (`sum_partials` sums it over the chunks); DLP: dL channels-last in K_PAD classes
-    with a zero 3-pixel border (B × (H+6) × (W+6) × K_PAD, x's dtype: the host zeroes the border),
-    the correlation kernel's shifted, mask-free operand."""
-    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
-    pid_j = tl.program_id(0)
+    """For the pixels p of chunk `pid` of image b (the math above):
+        SP[pid, b, κ]           = Σ_p dL[κ, p]                       (for Σ_p dO, ∂L/∂W_c, ∂L/∂b_c)
+        DLP[b, 3 + h, 3 + w, κ] = dL[κ, p], 0 for NCLS ≤ κ < K_PAD
+    dL: B × NCLS × H × W (strides sl*), x's dtype; SP fp32, chunk-major (`sum_partials` sums it over
+    the chunks); DLP: dL channels-last in K_PAD classes with a zero 3-pixel border (B × (H+6) × (W+6)
+    × K_PAD, x's dtype: the host zeroes the border), the shifted, mask-free operand of the
+    correlation and dx kernels."""
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BJ + tl.arange(0, BJ)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < NCLS
-    offs_e = _e_channels(pid_j, BJ, C, PACKED)  # E's channels in the order they are stored at offs_j
-    v_ptr = V + (b * 3 * NCLS + offs_k[:, None]) * C + offs_e[None, :]  # V_3[b][classes, E's channels]
-    v3 = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
-    v5 = tl.load(v_ptr + NCLS * C, mask=k_ok[:, None], other=0.0)
-    v7 = tl.load(v_ptr + 2 * NCLS * C, mask=k_ok[:, None], other=0.0)
     dl_sum = tl.zeros([K_PAD], tl.float32)
     for i in range(0, CHUNK_PIX, BLOCK_P):
         if pid * CHUNK_PIX + i < H * W:  # the image's last chunk may end early
             mask_p, pc, h, w = _chunk_pixels(pid, i, H, W, CHUNK_PIX, BLOCK_P)
             dl = tl.load(DL + b * slb + offs_k[None, :] * slk + (h * slh + w * slw)[:, None],
                          mask=mask_p[:, None] & k_ok[None, :], other=0.0)  # BLOCK_P × K_PAD
-            e_out = ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_j[None, :]
-            tl.store(E3 + e_out, _round(_mm(dl, v3, PRECISE), E3.dtype.element_ty), mask=mask_p[:, None])
-            tl.store(E5 + e_out, _round(_mm(dl, v5, PRECISE), E5.dtype.element_ty), mask=mask_p[:, None])
-            tl.store(E7 + e_out, _round(_mm(dl, v7, PRECISE), E7.dtype.element_ty), mask=mask_p[:, None])
-            if pid_j == 0:  # one channel block sums dL (a reduction across the pixel lanes) and copies it
-                dl_sum += tl.sum(dl.to(tl.float32), 0)
-                tl.store(DLP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * K_PAD + offs_k[None, :], dl,
-                         mask=mask_p[:, None])
-    tl.store(SP + (pid * tl.num_programs(2) + b) * NCLS + offs_k, dl_sum, mask=k_ok & (pid_j == 0))
+            dl_sum += tl.sum(dl.to(tl.float32), 0)
+            tl.store(DLP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * K_PAD + offs_k[None, :], dl,
+                     mask=mask_p[:, None])
+    tl.store(SP + (pid * tl.num_programs(2) + b) * NCLS + offs_k, dl_sum, mask=k_ok)
 
 
-_lmsa_bwd_gram_head_kernel = _pinned("lmsa.gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
-                                     ["H", "W", "C", "CHUNK_PIX", "PRECISE"])
+_lmsa_bwd_dl_head_kernel = _pinned("lmsa.dl_head", _lmsa_bwd_dl_head_kernel, _DL_HEAD_TABLE,
+                                   ["H", "W", "CHUNK_PIX"], lambda named: named["K_PAD"] < 0)
 
 
 @triton.jit
@@ -778,9 +772,9 @@ def _lmsa_bwd_corr_head_kernel(
         XLP[pid, b, κ, j]           = G[0, κ, j]                           (δr = 0's programs)
     G[δ, :, block] = Σ_q x[:, q] dL[κ, q − δ] is one fp32 accumulator a column offset δc (BJ × K_PAD:
     channels × classes, the products' M × N), each tile adding its x (BJ × BLOCK_P, loaded once)
-    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, the gram kernel's zero-bordered copy: no masks,
+    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, dL's zero-bordered copy: no masks,
     constant offsets. A tile lies in one row, so its pixels' row and columns need no division.
-    x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × K_PAD (`_lmsa_bwd_gram_head_kernel`),
+    x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × K_PAD (`_lmsa_bwd_dl_head_kernel`),
     x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major
     k² × C fp32. NP, DWP, XLP fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over
     images and chunks, XLP over chunks and images; DWP is the wgrad kernel's layout)."""
@@ -1001,12 +995,11 @@ _lmsa_bwd_wgrad_kernel = _pinned("lmsa.wgrad", _lmsa_bwd_wgrad_kernel, _WGRAD_TA
 
 @triton.jit
 def _lmsa_bwd_dx_kernel(
-    DO, E3, E5, E7, DW3, DW5, DW7, T, WC, DX,
+    DO, E3, E5, E7, DW3, DW5, DW7, T, DX,
     sgb, sgc, sgh, sgw,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW, NCLS,
-    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, HEAD: tl.constexpr, K_PAD: tl.constexpr,
-    STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    H, W, TH, TW,
+    C: tl.constexpr, PACKED: tl.constexpr, STRIP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """dx = dO + Σ_k DW_kᵀ(E_k) + T[cell] for a tile of BLOCK_S strips of STRIP horizontally
     adjacent pixels (one strip a lane, `_strip_tile`, `_dx_strip`) and word block pid_w (channels
@@ -1016,11 +1009,8 @@ def _lmsa_bwd_dx_kernel(
     bf16 channel pairs when PACKED, else fp32); DW3/5/7 are the depthwise taps (tap-major KS² × C
     fp32, the forward's), read flipped in both axes (tap KS² − 1 − t), so the transposed depthwise
     Σ_δ w[δ] E[q − δ] is a plain, mask-free sweep over E. Reads dO once (no halo), E_k with their
-    3-pixel halos (from L1/L2), writes dx once; never reads x.
-    HEAD (the classifier inside): DO is dL (B × NCLS × H × W, strides sg*), WC is W_c (NCLS × C, x's
-    dtype), and dO = W_cᵀ dL is formed here, a strip pixel at a time, both channel halves in one
-    K_PAD × 2BW product (PRECISE, fp32 inputs: tf32x3), so the gram kernel never writes dO. WC is an
-    unused pointer otherwise."""
+    3-pixel halos (from L1/L2), writes dx once; never reads x. (With the classifier inside,
+    `_lmsa_bwd_dx_head_kernel` runs instead.)"""
     HALF: tl.constexpr = C // 2
     BW: tl.constexpr = min(BLOCK_W, HALF)  # the configured word block, clamped to C/2
     pid_w = tl.program_id(1)
@@ -1035,24 +1025,12 @@ def _lmsa_bwd_dx_kernel(
     lo, hi = _dx_scale(lo, hi, E5, DW5, top, offs_w, W, STRIP, 5, C, PACKED)
     lo, hi = _dx_scale(lo, hi, E7, DW7, top, offs_w, W, STRIP, 7, C, PACKED)
     row_cls = _cell_class(h, H, TH) * 7
-    if HEAD:  # W_cᵀ's columns of this block's channels: [m | m + C/2] (K_PAD × 2BW, x's dtype)
-        offs_k = tl.arange(0, K_PAD)
-        k_ok = offs_k < NCLS
-        offs_2 = tl.arange(0, 2 * BW)
-        chans = pid_w * BW + offs_2 % BW + (offs_2 // BW) * HALF
-        wct = tl.load(WC + offs_k[:, None] * C + chans[None, :], mask=k_ok[:, None], other=0.0)
     for s in tl.static_range(STRIP):
         w = ws + s
         m = mask & (w < W)
-        if HEAD:  # dO = W_cᵀ dL at the strip's pixel s, both channel halves in one product
-            dl = tl.load(DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_k[None, :] * sgc,
-                         mask=m[:, None] & k_ok[None, :], other=0.0)
-            g = tl.permute(tl.reshape(_mm(dl, wct, PRECISE), [BLOCK_S, 2, BW]), (0, 2, 1))
-            g_lo, g_hi = tl.split(g)
-        else:
-            g_ptr = DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_w[None, :] * sgc
-            g_lo = tl.load(g_ptr, mask=m[:, None], other=0.0).to(tl.float32)
-            g_hi = tl.load(g_ptr + HALF * sgc, mask=m[:, None], other=0.0).to(tl.float32)
+        g_ptr = DO + b * sgb + (h * sgh + w * sgw)[:, None] + offs_w[None, :] * sgc
+        g_lo = tl.load(g_ptr, mask=m[:, None], other=0.0).to(tl.float32)
+        g_hi = tl.load(g_ptr + HALF * sgc, mask=m[:, None], other=0.0).to(tl.float32)
         _dx_finish(lo[s] + g_lo, hi[s] + g_hi, T, DX, b, h, w, m, row_cls + _cell_class(w, W, TW), offs_w,
                    sdb, sdc, sdh, sdw, C)
 
@@ -1086,8 +1064,62 @@ def _dx_store(dx, t_ptr, d_ptr, m2, DX):
     tl.store(d_ptr, _round(dx, DX.dtype.element_ty), mask=m2)
 
 
-_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED", "HEAD"],
-                              _by_unpacked, headed=True)
+_lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED"], _by_unpacked)
+
+
+# The classifier's dx without E_k (the math above `_lmsa_bwd_dl_head_kernel`): with
+#     A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j]          (0 where δ is outside window k; the host)
+# the three scales' depthwise adjoints are one sum of 49 tensor-core products over dL shifted by −δ,
+#     Σ_k DW_kᵀ(E_k)[j, q] = Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ] = Σ_δ Σ_κ A[b, δ, j, κ] dL[κ, q − δ]
+# (K = NCLS padded to K_PAD), and the residual dO = W_cᵀ dL a fiftieth: E_k is never formed.
+@triton.jit
+def _lmsa_bwd_dx_head_kernel(
+    DLP, A, WC, T, DX,
+    sdb, sdc, sdh, sdw,
+    H, W, TH, TW, NCLS,
+    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dx[b, j, h, w] for channel block pid_j and BLOCK_R rows × BLOCK_P columns (tile pid: a band
+    of rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P):
+        Σ_δ A[b, δ, j, :] · dL[:, (h, w) − δ] + W_c[:, j]ᵀ dL[:, (h, w)] + T[b, cell(h, w), j]
+    DLP: dL channels-last in K_PAD classes, zero-bordered (`_lmsa_bwd_dl_head_kernel`), so the
+    shifted loads need a mask only past the row's end or the image's last row; A: B × 49 × C × K_PAD
+    (x's dtype, δ = (δr + 3)·7 + δc + 3), read once a program for its BLOCK_R row tiles; WC: W_c
+    (NCLS × C, x's dtype); T: B × 49 × C fp32 (the statistics path, `_dx_finish`); DX: any strides."""
+    BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
+    COLS: tl.constexpr = W_CEIL // BLOCK_P
+    h0 = tl.program_id(0) // COLS * BLOCK_R
+    w = tl.program_id(0) % COLS * BLOCK_P + tl.arange(0, BLOCK_P)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    offs_k = tl.arange(0, K_PAD)
+    # dL at (h0, w): bordered pixel (h0 + 3, w + 3); at (h, w) − δ: δr·(W + 6) + δc pixels before
+    dl_at = DLP + ((b * (H + 6) + h0 + 3) * (W + 6) + w + 3)[None, :] * K_PAD + offs_k[:, None]  # K_PAD × BLOCK_P
+    a_at = A + (b * 49 * C + offs_j[:, None]) * K_PAD + offs_k[None, :]  # BJ × K_PAD at δ = (−3, −3)
+    z = tl.zeros([BJ, BLOCK_P], tl.float32)
+    acc = (z,) * BLOCK_R
+    for d in range(0, 49):
+        back = ((d // 7 - 3) * (W + 6) + d % 7 - 3) * K_PAD
+        a = tl.load(a_at + d * (C * K_PAD))
+        for r in tl.static_range(BLOCK_R):
+            ok = (w < W) & (h0 + r < H)
+            dl = tl.load(dl_at + (r * (W + 6) * K_PAD - back), mask=ok[None, :], other=0.0)
+            acc = _add_at(acc, r, _mm(a, dl, PRECISE))
+    wct = tl.load(WC + offs_k[None, :] * C + offs_j[:, None], mask=(offs_k < NCLS)[None, :], other=0.0)  # W_cᵀ
+    for r in tl.static_range(BLOCK_R):
+        h = h0 + r
+        ok = (w < W) & (h < H)
+        dx = acc[r] + _mm(wct, tl.load(dl_at + r * (W + 6) * K_PAD, mask=ok[None, :], other=0.0), PRECISE)
+        cell = _cell(h, w, H, W, TH, TW)
+        dx += tl.load(T + (b * 49 + cell[None, :]) * C + offs_j[:, None], mask=ok[None, :], other=0.0)
+        tl.store(DX + b * sdb + h * sdh + offs_j[:, None] * sdc + (w * sdw)[None, :], _round(dx, DX.dtype.element_ty),
+                 mask=ok[None, :])
+
+
+_lmsa_bwd_dx_head_kernel = _pinned("lmsa.dx_head", _lmsa_bwd_dx_head_kernel, _DX_HEAD_TABLE,
+                                   ["H", "W", "C", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1664,22 +1696,23 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         dw_flat, onc, state, _ = kept
     ncls = 1 if head is None else head[1].shape[0]  # the classifier's classes (1: unused without it)
     sms = _sm_count(x.device)
-    # 1. gram: E_k for the dx kernel, and the pixel sums of the gate's backward and the weights
-    # one launch, about C/64 channel blocks per chunk: 4 chunks at the model shape
-    chunk = _chunk_pix(h * w, b, max(1, c // 64), sms, max_chunks=4)
-    n_chunks = triton.cdiv(h * w, chunk)
-    # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
-    # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
-    # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32
-    packed = _word_dtype(x.dtype) == torch.bfloat16
-    ek = _bordered(b, h, w, c, x.device, _word_dtype(x.dtype), _E_TAIL, count=len(KERNEL_SIZES))
-    if packed:
-        _require_words(c, *ek, *(() if xw is None else (xw,)))
-    grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
+    # 1. the pixel sums of the gate's backward and of the weights' gradients
     dw_main = _new((_N_TAPS, c), x.device, torch.float32)
-    if head is None:  # M = ∂L/∂W̃ (B×3×C×C fp32) and Σ_p dO = ∂L/∂β from dO and the stored D
+    if head is None:
+        # the gram kernel: M = ∂L/∂W̃ (B×3×C×C fp32) and Σ_p dO = ∂L/∂β from dO and the stored D, and
+        # E_k = W̃_kᵀ dO for the wgrad and dx kernels: channels-last with a zero 3-pixel border, so
+        # their shifted reads need no masks (the gram kernel writes the interior); bf16 channel pairs
+        # for bf16 inputs (half the bytes of fp32; one instruction a value to unpack), else fp32.
+        # One launch, about C/64 channel blocks per chunk: 4 chunks at the model shape
+        chunk = _chunk_pix(h * w, b, max(1, c // 64), sms, max_chunks=4)
+        n_chunks = triton.cdiv(h * w, chunk)
+        packed = _word_dtype(x.dtype) == torch.bfloat16
+        ek = _bordered(b, h, w, c, x.device, _word_dtype(x.dtype), _E_TAIL, count=len(KERNEL_SIZES))
+        if packed:
+            _require_words(c, *ek, xw)
         mp = _new((n_chunks, b, 3, c, c), x.device, torch.float32)
         gsp = _new((n_chunks, b, c), x.device, torch.float32)
+        grid = lambda meta: (c // min(meta["BLOCK_J"], c), n_chunks, b)  # noqa: E731
         _lmsa_bwd_gram_kernel[grid](
             dsave, g, wg, mp, gsp, *ek, *g.stride(), h, w, n_chunks,
             C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed)
@@ -1701,14 +1734,18 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         gsum = _new((b, c), x.device, torch.float32)
         # one launch (each buffer gets its own tile shape: M's few rows in wide tiles, dwp's B·chunks in tall)
         sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
-    else:  # the classifier inside: the math above `_lmsa_bwd_gram_head_kernel`
+    else:  # the classifier inside: the math above `_lmsa_bwd_dl_head_kernel`
         beta, wc, bc = head
         wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
+        k_pad = _k_pad(ncls)
+        # dL's sums and its zero-bordered copy DLP (channels-last, K_PAD classes): the shifted operand
+        # of the correlation and dx kernels
+        chunk = _chunk_pix(h * w, b, 1, sms, max_chunks=16)  # (16 at the model's shape: 4 programs an SM)
+        n_chunks = triton.cdiv(h * w, chunk)
         sp = _new((n_chunks, b, ncls), x.device, torch.float32)
-        dlp, = _bordered(b, h, w, _k_pad(ncls), x.device, x.dtype)  # dL bordered, for the correlation kernel
-        _lmsa_bwd_gram_head_kernel[grid](
-            g, v, sp, dlp, *ek, *g.stride(), h, w, ncls,
-            C=c, CHUNK_PIX=chunk, PRECISE=precise, PACKED=packed, K_PAD=_k_pad(ncls))
+        dlp, = _bordered(b, h, w, k_pad, x.device, x.dtype)
+        _lmsa_bwd_dl_head_kernel[(1, n_chunks, b)](
+            g, sp, dlp, *g.stride(), h, w, ncls, CHUNK_PIX=chunk, K_PAD=k_pad)
         # G a window row and channel block a program: 7 × C/64 programs a chunk of image rows
         crows = _corr_rows(h, b, c, sms)
         n_cchunks = triton.cdiv(h, crows)
@@ -1718,7 +1755,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         grid = lambda meta: (7 * (c // min(meta["BLOCK_J"], c)), n_cchunks, b)  # noqa: E731
         _lmsa_bwd_corr_head_kernel[grid](
             x, dlp, v, *dw_flat, np_, dwp, xlp, *x.stride(), h, w, ncls,
-            C=c, CHUNK_ROWS=crows, W_CEIL=triton.cdiv(w, 128) * 128, PRECISE=precise, K_PAD=_k_pad(ncls))
+            C=c, CHUNK_ROWS=crows, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad)
         n_sum = _new((b, 3, ncls, c), x.device, torch.float32)
         dl_sum = _new((b, ncls), x.device, torch.float32)
         dl_x = _new((ncls, c), x.device, torch.float32)
@@ -1738,15 +1775,56 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
     # T = ∂L/∂P for the statistics path (B × 49 × C: a pixel's C values contiguous, as dx reads them)
     t_cells, pgrads = _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w)
 
-    # 3. dx, written once, from the E_k the gram kernel stored
-    dx = _new_like(x)  # (the dx kernel reads the tap-major taps flipped)
-    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
-                         c // 2 // min(meta["BLOCK_W"], c // 2), b)
-    _lmsa_bwd_dx_kernel[grid](  # with the classifier, g is dL: the kernel forms dO = W_cᵀ dL
-        g, *ek, *dw_flat, t_cells, g if head is None else wc_x, dx, *g.stride(), *dx.stride(),
-        h, w, min(h, _CELLS), min(w, _CELLS), ncls,
-        C=c, PRECISE=precise, PACKED=packed, HEAD=head is not None, K_PAD=_k_pad(ncls), STRIP=_DX_STRIP)
-    return dx, pgrads if head is None else [*pgrads, *head_grads]
+    # 3. dx, written once
+    dx = _new_like(x)
+    if head is None:  # from the E_k the gram kernel stored (the dx kernel reads the tap-major taps flipped)
+        grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, _DX_STRIP), meta["BLOCK_S"]),  # noqa: E731
+                             c // 2 // min(meta["BLOCK_W"], c // 2), b)
+        _lmsa_bwd_dx_kernel[grid](
+            g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
+            C=c, PACKED=packed, STRIP=_DX_STRIP)
+        return dx, pgrads
+    a = _dx_head_weights(dw_flat, v, k_pad)
+    grid = lambda meta: (triton.cdiv(h, meta["BLOCK_R"]) * (_w_ceil(w) // meta["BLOCK_P"]),  # noqa: E731
+                         c // min(meta["BLOCK_J"], c), b)
+    _lmsa_bwd_dx_head_kernel[grid](
+        dlp, a, wc_x, t_cells, dx, *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), ncls,
+        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad)
+    return dx, [*pgrads, *head_grads]
+
+
+def _w_ceil(w: int) -> int:
+    """W rounded up to 128: the head kernels' row of column tiles (every configured BLOCK_P divides
+    128, so the pinned one's tiles cover the row whatever it is; tiles past W do nothing)."""
+    return triton.cdiv(w, 128) * 128
+
+
+def _dx_head_weights(dw_flat, v: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j]: B × 49 × C × K_PAD in V's dtype (0 for κ ≥ NCLS and
+    for δ outside window k), `_lmsa_bwd_dx_head_kernel`'s per-sample weights. The taps are placed in
+    the 7×7 window by one product with a constant 0/1 matrix (`_window_taps`), summed over the
+    scales in fp32 by one einsum, rounded to V's dtype as they are padded."""
+    b, _, ncls, c = v.shape
+    with autocast_off(v.device.type):
+        w49 = (_window_taps(v.device) @ torch.cat(dw_flat)).view(len(KERNEL_SIZES), 49, c)
+        a = torch.einsum("sdj,bskj->bdjk", w49, v.float())
+        return torch.nn.functional.pad(a, (0, k_pad - ncls)).to(v.dtype)
+
+
+def _window_taps(device) -> torch.Tensor:
+    """(3·49) × 83 fp32, 1 where window position δ of scale k takes tap t of the tap-major taps
+    (`_dw_flat`, concatenated): cached (`_constant`)."""
+    return _constant(_build_window_taps, torch.device(device))
+
+
+def _build_window_taps(device) -> torch.Tensor:
+    s = torch.zeros(len(KERNEL_SIZES) * 49, _N_TAPS, device=device)
+    for i, (k, row0) in enumerate(zip(KERNEL_SIZES, _TAP_ROW0)):
+        half = k // 2
+        for r in range(k):
+            for col in range(k):
+                s[i * 49 + (r - half + 3) * 7 + col - half + 3, row0 + r * k + col] = 1.0
+    return s
 
 
 _N_PARAMS = 13  # LMSA's parameter tensors (`LMSAFunction`)
@@ -1889,6 +1967,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     stats_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=8)
     gram_chunk = _chunk_pix(hw, 32, _AOT_C // 64, 132, max_chunks=4)
     corr_rows = _corr_rows(_AOT_HW, 32, _AOT_C, 132)
+    dl_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=16)
     wgrad_chunk = _wgrad_chunk(hw // _WGRAD_STRIP, 32, _AOT_C, 132)  # chunks of strips
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
@@ -1913,20 +1992,20 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
-            ("gram_head", _lmsa_bwd_gram_head_kernel, _GRAM_HEAD_TABLE,
-             {"DL": dt, "V": dt, "SP": "*fp32", "DLP": dt, "E3": et, "E5": et, "E7": et},
-             ["H", "W", "NCLS"], {"CHUNK_PIX": gram_chunk, "PACKED": packed, "K_PAD": _k_pad(_AOT_CLASSES)}),
+            ("dl_head", _lmsa_bwd_dl_head_kernel, _DL_HEAD_TABLE,
+             {"DL": dt, "SP": "*fp32", "DLP": dt}, ["H", "W", "NCLS"],
+             {"CHUNK_PIX": dl_chunk, "K_PAD": _k_pad(_AOT_CLASSES)}),
             ("corr_head", _lmsa_bwd_corr_head_kernel, _CORR_HEAD_TABLE,
              {"X": dt, "DLP": dt, "V": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "NP": "*fp32",
               "DWP": "*fp32", "XLP": "*fp32"},
-             ["H", "W", "NCLS"], {"CHUNK_ROWS": corr_rows, "W_CEIL": _AOT_HW, "K_PAD": _k_pad(_AOT_CLASSES)}),
-        ) + tuple(  # without and with the classifier (then DO is dL, and dO = W_cᵀ dL is formed in the kernel)
-            ("dx_head" if head else "dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
+             ["H", "W", "NCLS"], {"CHUNK_ROWS": corr_rows, "W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
+            ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
-              "WC": dt, "DX": dt},
-             ["H", "W", "TH", "TW", "NCLS"], {"PACKED": packed, "HEAD": head, "K_PAD": _k_pad(_AOT_CLASSES),
-                                              "STRIP": _DX_STRIP})
-            for head in (False, True)
+              "DX": dt},
+             ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
+            ("dx_head", _lmsa_bwd_dx_head_kernel, _DX_HEAD_TABLE,
+             {"DLP": dt, "A": dt, "WC": dt, "T": "*fp32", "DX": dt},
+             ["H", "W", "TH", "TW", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
@@ -1943,8 +2022,8 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                         # decoder output is token-major B×N×C, i.e. channels-last; its logits too)
                     elif a.startswith("s") and len(a) == 3 or a in ints:
                         sig[a] = "i32"
-                const = {"C": _AOT_C, **extra, **cfg.kwargs, **unit}
-                attrs = _aot_attrs(jit_fn, sig, {"sgw"} if name == "dx_head" else ())  # (dL's pixel stride)
+                const = {**({"C": _AOT_C} if "C" in jit_fn.arg_names else {}), **extra, **cfg.kwargs, **unit}
+                attrs = _aot_attrs(jit_fn, sig)
                 if "PRECISE" in jit_fn.arg_names:
                     const["PRECISE"] = precise
                 tag = "_".join(f"{k.split('_')[-1].lower()}{v}" for k, v in cfg.kwargs.items())

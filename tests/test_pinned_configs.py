@@ -87,7 +87,7 @@ def test_lmsa_classifier_at_the_gpu_tiles(gpu_kind, dtype):
     go = t_lmsa._inputs(1, 19, 8, 9, dtype, "cpu", seed=7, layout="channels_last")[0].detach()
     t_lmsa._run_case(x, t_lmsa._params(128, dtype, "cpu", seed=6), go,
                      head=t_lmsa._classifier(19, 128, dtype, "cpu", seed=8))
-    assert_pinned(kind, launched, {"lmsa.stats", "lmsa.fwd", "lmsa.gram_head", "lmsa.corr_head", "lmsa.dx"})
+    assert_pinned(kind, launched, {"lmsa.stats", "lmsa.fwd", "lmsa.dl_head", "lmsa.corr_head", "lmsa.dx_head"})
     assert {cls for name, cls, _ in launched if name == "lmsa.fwd"} == {("fp32" if dtype == torch.float32 else "half")
                                                                          + "_head"}
 
