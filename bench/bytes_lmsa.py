@@ -135,22 +135,27 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         mp = B * gram_chunks * 3 * C * C * 4
         dwp = B * wgrad_chunks * N_TAPS * C * 4
         cells = B * C * 49 * 4
-        tp = B * (H + 6) * (W + 6) * C * 4  # x̂: a zero-bordered fp32 copy of x
-        border = tp - B * H * W * C * 4  # its border, zeroed by the host
+        xb = e if head else 4  # x̂: a zero-bordered copy of x, fp32 (the sweeps') or x's dtype (the classifier's)
+        tp = B * (H + 6) * (W + 6) * C * xb
+        border = tp - B * H * W * C * xb  # its border, zeroed by the host
         ep = B * (H + 6) * (W + 6) * C * (2 if e == 2 else 4)  # one bordered E_k: bf16 pairs for bf16
         e_border = ep - B * H * W * C * (2 if e == 2 else 4)
-        op("fwd", "stats kernel: x → per-chunk cell sums, bordered fp32 x̂", T, sp + (tp - border))
+        op("fwd", f"stats kernel: x → per-chunk cell sums, bordered {'fp32 ' if not head else ''}x̂", T,
+           sp + (tp - border))
         op("fwd", "zero x̂'s border", 0, border)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
         v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
         kpad = max(16, 1 << max(0, classes - 1).bit_length())  # the classes padded for the products
+        a = B * 49 * C * kpad * e  # the classifier's window weights A (x's dtype)
         if not head:
             op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
                T + 3 * T + T)
         else:  # out is never formed: logits = Σ_k V_k D_k + W_c x + W_c β + b_c
             op("fwd", "V = W_c W̃ (host matmul)", wg, v)
-            op("fwd", "main kernel: x̂ (sweeps), x, V, W_c → logits (no D, no XW)", tp + T + v, L)
+            op("fwd", "A = Σ_k w_k V_k + W_c at δ = 0 (host: window product, einsum, pad)", v,
+               a + B * 49 * C * classes * 4)
+            op("fwd", "forward kernel: x̂ (49 shifts, from L1/L2), A → logits (no D, no XW)", tp + a, L)
         if not head:
             op("bwd", "zero the three E_k borders", 0, 3 * e_border)
         else:
@@ -174,14 +179,12 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
                T + dlp + v, npart + dwp + xpart)
             op("bwd", "sum the partials", npart + spart + dwp + xpart,
                npart // (corr_chunks * 7) + B * classes * 4 + N_TAPS * C * 4 + classes * C * 4)
-            a = B * 49 * C * kpad * e
-            op("bwd", "A = Σ_k w_k V_k (host: window product, einsum, pad)", v + a, a + B * 49 * C * classes * 4)
             op("bwd", "M = W_cᵀ N, ∂W_c = Σ_k N_k W̃_kᵀ + … (host matmuls)", npart // (corr_chunks * 7) + wg, wg32)
         op("bwd", "gate graph re-run + autograd (B×3×C×C fp32 tensors)", 3 * wg32, 3 * wg32)
         if not head:
             op("bwd", "dx kernel: dO, E_3, E_5, E_7, T → dx", T + 3 * ep + cells, T)
         else:  # 49 products A_δ · dL shifted (DLP from L1/L2), dO = W_cᵀ dL: no E_k
-            op("bwd", "dx kernel: dL's copy, A, W_c, T → dx", dlp + B * 49 * C * kpad * e + cells, T)
+            op("bwd", "dx kernel: dL's copy, A (the forward's), T → dx", dlp + a + cells, T)
         return rows
 
     if variant == "floor":

@@ -91,17 +91,22 @@ _STATS_TABLE = [  # BLOCK_C: channel block (clamped to C in the kernel)
     (triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2), _HALF),
 ]
-_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step;
-    # "_head": with the classifier inside (its GEMM's N is the classes: 4-warp tiles, 4-5 CTAs an SM, beat
-    # the 8-warp ones the plain forward pins, on the cost model; fp32 is offered 16-pair tiles only)
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head",)),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1), ("half_head",)),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF + ("half_head",)),
-    # (not fp32_head since the head's forward stores no D: 8 B of spill on sm_90)
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1), ("half_head",)),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF + ("half_head", "fp32_head")),
-    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH + ("half_head", "fp32_head")),
+_FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwise slice / GEMM K step
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
+]
+_FWD_HEAD_TABLE = [  # BLOCK_P × BLOCK_R: a tile's columns × rows (the products' M, BLOCK_R accumulators),
+    # BLOCK_K: the K step (channels); N is the classes (K_PAD)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),  # (fp32: spills)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _BOTH),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 2, "BLOCK_K": 128}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 4, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 4, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 2, "BLOCK_K": 128}, num_warps=4, num_stages=3), _HALF),
 ]
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
@@ -143,8 +148,8 @@ _DX_HEAD_TABLE = [  # BLOCK_P × BLOCK_R: a tile's columns × rows (the products
     # BLOCK_J: its channels (M); the 49 products' K is the classes (K_PAD). Each program reads the
     # sample's A (49 × BJ × K_PAD) once for its BLOCK_R rows: 128 × 64 × 2 rows reads half the A
     # bytes from L2 that 64 × 128 does, at the same predicted time (4-row tiles spill on sm_80)
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _BOTH),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 128, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
     (triton.Config({"BLOCK_P": 128, "BLOCK_J": 128, "BLOCK_R": 1}, num_warps=8, num_stages=2), _HALF),
@@ -161,33 +166,31 @@ def _by_unpacked(named) -> bool:
     return not named["PACKED"]
 
 
-def _shape_class(named, is_fp32, headed: bool) -> str:
-    """"half" or "fp32" by `is_fp32`; with `headed` (the forward kernel) "_head" added for a launch
-    with the classifier inside, whose epilogue needs registers of its own."""
-    return ("fp32" if is_fp32(named) else "half") + ("_head" if headed and named["HEAD"] else "")
+def _shape_class(named, is_fp32) -> str:
+    """"half" or "fp32" by `is_fp32`."""
+    return "fp32" if is_fp32(named) else "half"
 
 
-def _dtype_prune(table, is_fp32=_by_precise, headed: bool = False):
+def _dtype_prune(table, is_fp32=_by_precise):
     """Autotune pruning: the configs of `table` that serve the call's shape class."""
     serves = [(row[0].all_kwargs(), row[1]) for row in table]
 
     def prune(configs, named_args, **kwargs):
-        cls = _shape_class(kwargs, is_fp32, headed)
+        cls = _shape_class(kwargs, is_fp32)
         kept = [cfg for cfg in configs if any(cfg.all_kwargs() == kw and cls in d for kw, d in serves)]
         return kept or configs[:1]
     return prune
 
 
-def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise, headed: bool = False) -> PinnedKernel:
-    """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32"
-    (and "half_head" or "fp32_head" for a `headed` kernel's launches with the classifier). A table
-    row's optional third element: the architectures its configuration is limited to."""
+def _pinned(name: str, fn, table, key: list[str], is_fp32=_by_precise) -> PinnedKernel:
+    """`fn` launched with its configuration from kernels/configs.json; shape class "half" or "fp32".
+    A table row's optional third element: the architectures its configuration is limited to."""
     configs = [row[0] for row in table]
     return PinnedKernel(name, fn, configs, key,
-                        shape_class=lambda named: _shape_class(named, is_fp32, headed),
+                        shape_class=lambda named: _shape_class(named, is_fp32),
                         allowed=lambda cls: [row[0] for row in table if cls in row[1]],
-                        classes=["half", "fp32"] + (["half_head", "fp32_head"] if headed else []),
-                        prune=_dtype_prune(table, is_fp32, headed),
+                        classes=["half", "fp32"],
+                        prune=_dtype_prune(table, is_fp32),
                         archs=lambda cls, cfg: next((row[2] for row in table if len(row) > 2
                                                      and row[0].all_kwargs() == cfg.all_kwargs()), None))
 
@@ -421,9 +424,10 @@ def _lmsa_stats_kernel(
 ):
     """Cell sums of x over pixel chunk `pid` of image b, channel block pid_c: SP[b, pid, cell, c]
     (B × n × 49 × C fp32), as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one
-    BLOCK_P-pixel tile at a time. Also writes x's tiles, as fp32, into the interior of XP: x
-    channels-last with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host zeroes the border),
-    which the forward and gram kernels' depthwise sweeps read without masks or conversions."""
+    BLOCK_P-pixel tile at a time. Also writes x's tiles into the interior of XP: x channels-last
+    with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host zeroes the border), which the
+    forward kernels read without masks: fp32 for the plain forward's depthwise sweeps (no
+    conversions), x's dtype for the classifier's tensor-core products."""
     BC: tl.constexpr = min(BLOCK_C, C)  # the configured channel block, clamped to C
     pid_c = tl.program_id(0)
     pid = tl.program_id(1)
@@ -442,7 +446,7 @@ def _lmsa_stats_kernel(
             xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
             tl.store(XP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :],
-                     xt.to(tl.float32), mask=mask_p[:, None])
+                     xt.to(XP.dtype.element_ty), mask=mask_p[:, None])
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
             acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × BC
     out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
@@ -454,13 +458,11 @@ _lmsa_stats_kernel = _pinned("lmsa.stats", _lmsa_stats_kernel, _STATS_TABLE, ["H
 
 @triton.jit
 def _lmsa_fwd_kernel(
-    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D, XW, WC, BC, LOGITS,
+    X, XP, WG, BIAS, DW3, DW5, DW7, OUT, D, XW,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
-    slb, slk, slh, slw,
-    H, W, WPAD, NCLS,
-    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, HEAD: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    H, W, WPAD,
+    C: tl.constexpr, PRECISE: tl.constexpr, PACKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, :, tile] = x + β[b] + Σ_k W̃_k[b] · DW_k(x)[:, tile] for a tile of BLOCK_P pixel pairs
     of image b (two horizontally adjacent pixels per lane, `_pair_tile`, `_depthwise3_pair`).
@@ -468,80 +470,48 @@ def _lmsa_fwd_kernel(
     WG is W̃ as B × 3 × C(out) × C(in), x's dtype; the GEMM runs over K = 3C in BK slices, each
     slice's depthwise outputs formed on chip right before it is multiplied in. Those outputs, as
     the GEMM takes them (x's dtype), are also stored once for the backward's gram kernel:
-    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C).
-    HEAD (the classifier inside, `lmsa_classifier`): the logits instead of out, never formed,
-        LOGITS[b, :, tile] = Σ_k V_k[b] · DW_k(x) + W_c · x + (W_c β[b] + b_c),   V_k = W_c W̃_k
-    with WG = V (B × 3 × NCLS × C, x's dtype: the GEMM's N is NCLS, not C), WC = W_c (NCLS × C, x's
-    dtype), BC = b_c (rounded to x's dtype on load); K_PAD: NCLS padded to a power of two ≥ 16 (the
-    products' N). OUT is then unused, as WC, BC, LOGITS and their strides are without HEAD."""
+    D[b, h, w, k·C + j] = DW_k(x)[j, (h, w)]  (B × H × W × 3C). (With the classifier inside,
+    `_lmsa_fwd_head_kernel` runs instead.)"""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
-    N_OUT: tl.constexpr = K_PAD if HEAD else C  # the GEMM's N: the classes, or LMSA's channels
     b = tl.program_id(1).to(tl.int64)
     h, wa, wb, mask_a, mask_b = _pair_tile(tl.program_id(0), H, W, BLOCK_P)
     offs_k = tl.arange(0, BK)
-    offs_n = tl.arange(0, N_OUT)
+    offs_n = tl.arange(0, C)
     xp_base = XP + b * ((H + 6) * (W + 6) * C)
-    if HEAD:  # V_k[b] slices: BK (in) × K_PAD (classes, NCLS of them real)
-        n_ok = (offs_n < NCLS)[None, :]
-        scale_stride = NCLS * C
-    else:  # W̃_k[b]ᵀ slices: BK (in) × C (out)
-        n_ok = None
-        scale_stride = C * C
-    wg_base = WG + b * (3 * scale_stride) + offs_n[None, :] * C
-
+    wg_base = WG + b * (3 * C * C) + offs_n[None, :] * C  # W̃_k[b]ᵀ slices: BK (in) × C (out)
     da_ptr = D + (b * (H * W) + h * W + wa)[:, None] * (3 * C) + offs_k[None, :]
-    acc_a = tl.zeros([BLOCK_P, N_OUT], tl.float32)
-    acc_b = tl.zeros([BLOCK_P, N_OUT], tl.float32)
+    acc_a = tl.zeros([BLOCK_P, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_P, C], tl.float32)
     for j0 in range(0, C, BK):
         offs_j = j0 + offs_k
         wt_ptr = wg_base + offs_j[:, None]
         da, db = _depthwise3_pair(xp_base, DW3, DW5, DW7, h + 3, wa + 3, offs_j, W + 6, C, BLOCK_P, BK)
-        acc_a = _fwd_gemm(acc_a, da, wt_ptr, scale_stride, n_ok, da_ptr + j0, mask_a, C, PRECISE, not HEAD)
-        acc_b = _fwd_gemm(acc_b, db, wt_ptr, scale_stride, n_ok, da_ptr + (3 * C + j0), mask_b, C, PRECISE,
-                          not HEAD)
+        acc_a = _fwd_gemm(acc_a, da, wt_ptr, C * C, da_ptr + j0, mask_a, C, PRECISE)
+        acc_b = _fwd_gemm(acc_b, db, wt_ptr, C * C, da_ptr + (3 * C + j0), mask_b, C, PRECISE)
     xw_row = (b * (H + 1) + h) * WPAD  # row h of image b of the word-ordered x, in pixels
-    if HEAD:  # (no D, no XW: the classifier's backward works from x itself)
-        c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, X.dtype.element_ty, C, K_PAD)
-        _fwd_logits(acc_a, X, WC, c_eff, LOGITS, b, h, wa, mask_a, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
-                    C, K_PAD, BK, PRECISE)
-        _fwd_logits(acc_b, X, WC, c_eff, LOGITS, b, h, wb, mask_b, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
-                    C, K_PAD, BK, PRECISE)
-    else:
-        bias = tl.load(BIAS + b * C + offs_n)
-        xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
-        _fwd_out(acc_a, xc, bias, OUT, b, h, wa, mask_a, sob, soc, soh, sow, C)
-        xc = _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
-        _fwd_out(acc_b, xc, bias, OUT, b, h, wb, mask_b, sob, soc, soh, sow, C)
+    bias = tl.load(BIAS + b * C + offs_n)
+    xc = _fwd_x(X, XW, xw_row + wa, b, h, wa, mask_a, sxb, sxc, sxh, sxw, C, PACKED)
+    _fwd_out(acc_a, xc, bias, OUT, b, h, wa, mask_a, sob, soc, soh, sow, C)
+    xc = _fwd_x(X, XW, xw_row + wb, b, h, wb, mask_b, sxb, sxc, sxh, sxw, C, PACKED)
+    _fwd_out(acc_b, xc, bias, OUT, b, h, wb, mask_b, sob, soc, soh, sow, C)
 
 
 @triton.jit
-def _fwd_gemm(acc, d, wt_ptr, scale_stride, w_mask, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr,
-              SAVE: tl.constexpr):
-    """acc += Σ_k DW_k slice · (scale k's weight slice at wt_ptr + k·scale_stride, w_mask: its
-    columns that exist) for one K slice, d = (DW_3, DW_5, DW_7) of it, which with SAVE are also
-    stored (as the GEMM takes them, in the weights' dtype) into D at d_ptr (masked lanes: pixels
-    past the row)."""
+def _fwd_gemm(acc, d, wt_ptr, scale_stride, d_ptr, mask, C: tl.constexpr, PRECISE: tl.constexpr):
+    """acc += Σ_k DW_k slice · (scale k's weight slice at wt_ptr + k·scale_stride) for one K slice,
+    d = (DW_3, DW_5, DW_7) of it, which are also stored (as the GEMM takes them, in the weights'
+    dtype) into D at d_ptr (masked lanes: pixels past the row)."""
     d3, d5, d7 = d
     d3 = _round(d3, wt_ptr.dtype.element_ty)
     d5 = _round(d5, wt_ptr.dtype.element_ty)
     d7 = _round(d7, wt_ptr.dtype.element_ty)
-    if SAVE:
-        tl.store(d_ptr, d3, mask=mask[:, None])
-        tl.store(d_ptr + C, d5, mask=mask[:, None])
-        tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
-    acc += _mm(d3, _weights(wt_ptr, w_mask), PRECISE)
-    acc += _mm(d5, _weights(wt_ptr + scale_stride, w_mask), PRECISE)
-    acc += _mm(d7, _weights(wt_ptr + 2 * scale_stride, w_mask), PRECISE)
+    tl.store(d_ptr, d3, mask=mask[:, None])
+    tl.store(d_ptr + C, d5, mask=mask[:, None])
+    tl.store(d_ptr + 2 * C, d7, mask=mask[:, None])
+    acc += _mm(d3, tl.load(wt_ptr), PRECISE)
+    acc += _mm(d5, tl.load(wt_ptr + scale_stride), PRECISE)
+    acc += _mm(d7, tl.load(wt_ptr + 2 * scale_stride), PRECISE)
     return acc
-
-
-@triton.jit
-def _weights(ptr, mask):
-    """A weight tile; mask None: every element exists (no masked load)."""
-    if mask is None:
-        return tl.load(ptr)
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -581,26 +551,63 @@ def _classifier_terms(WC, BC, BIAS, b, NCLS, dtype: tl.constexpr, C: tl.constexp
     return tl.sum(wct.to(tl.float32) * beta[:, None], 0) + bias
 
 
+_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE"])
+
+
+# The classifier's forward as one implicit GEMM: with the per-sample window weights
+#     A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j]      (`_head_window_weights`, the host)
+# (V_k = W_c W̃_k; 0 where δ is outside window k), the logits are
+#     Σ_k V_k D_k[:, p] + W_c x[:, p] + W_c β + b_c = Σ_δ Σ_j A[b, δ, j, κ] x[j, p + δ] + (W_c β + b_c)
+# 49 tensor-core products a tile (M = pixels, K = C, N = NCLS padded to K_PAD) over x shifted by
+# δ, read from the statistics kernel's zero-bordered copy X̂ (in x's dtype here): no depthwise sweep
+# and no D. The backward's dx kernel takes the same A (its adjoint: dL shifted by −δ; the δ = 0
+# term W_cᵀ dL is the residual dO).
 @triton.jit
-def _fwd_logits(acc, X, WC, c_eff, LOGITS, b, h, w, mask, NCLS, sxb, sxc, sxh, sxw, slb, slk, slh, slw,
-                C: tl.constexpr, K_PAD: tl.constexpr, BK: tl.constexpr, PRECISE: tl.constexpr):
-    """logits = acc + x · W_cᵀ + c_eff at pixels (h, w) (acc = Σ_k V_k DW_k(x) for them), rounded to
-    the logits' dtype and stored (masked lanes: pixels past the row). x and W_cᵀ are taken BK
-    channels at a time (x again, from L1: the whole C-wide tiles at once cost the kernel half its
-    occupancy)."""
+def _lmsa_fwd_head_kernel(
+    XP, A, WC, BC, BIAS, LOGITS,
+    slb, slk, slh, slw,
+    H, W, NCLS,
+    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """LOGITS[b, :, h, w] for BLOCK_R rows × BLOCK_P columns of image b (tile program 0: a band of
+    rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P): Σ_δ
+    x̂[(h, w) + δ] · A[b, δ] (49 × C/BK products of BLOCK_P × BK by BK × K_PAD, each A slice loaded
+    once for the BLOCK_R rows) + W_c β[b] + b_c (`_classifier_terms`), rounded to the logits' dtype.
+    XP: x channels-last with a zero 3-pixel border (B × (H+6) × (W+6) × C, x's dtype, the statistics
+    kernel's); A: B × 49 × C × K_PAD (x's dtype, δ = (δr + 3)·7 + δc + 3); WC: W_c (NCLS × C, x's
+    dtype); BC: b_c; BIAS: β (B × C fp32); LOGITS: any strides (sl*)."""
+    BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
+    NK: tl.constexpr = C // BK
+    COLS: tl.constexpr = W_CEIL // BLOCK_P
+    h0 = tl.program_id(0) // COLS * BLOCK_R
+    w = tl.program_id(0) % COLS * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, K_PAD)
-    k_ok = offs_k < NCLS
-    for c0 in range(0, C, BK):
-        offs_c = c0 + tl.arange(0, BK)
-        xc = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask[:, None],
-                     other=0.0)
-        wct = tl.load(WC + offs_k[None, :] * C + offs_c[:, None], mask=k_ok[None, :], other=0.0)  # BK × K_PAD
-        acc += _mm(xc, wct, PRECISE)
-    tl.store(LOGITS + b * slb + (h * slh + w * slw)[:, None] + offs_k[None, :] * slk,
-             _round(acc + c_eff[None, :], LOGITS.dtype.element_ty), mask=mask[:, None] & k_ok[None, :])
+    offs_c = tl.arange(0, BK)
+    # x at (h0, w) + δ: bordered pixel (h0 + 3 + δr, w + 3 + δc), δr·(W + 6) + δc pixels on
+    x_at = XP + ((b * (H + 6) + h0 + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :]  # BLOCK_P × BK
+    a_at = A + (b * 49 * C + offs_c[:, None]) * K_PAD + offs_k[None, :]  # BK × K_PAD at δ = (−3, −3)
+    z = tl.zeros([BLOCK_P, K_PAD], tl.float32)
+    acc = (z,) * BLOCK_R
+    for i in range(0, 49 * NK):
+        d = i // NK
+        c0 = i % NK * BK
+        a = tl.load(a_at + (d * C + c0) * K_PAD)
+        on = ((d // 7 - 3) * (W + 6) + d % 7 - 3) * C + c0
+        for r in tl.static_range(BLOCK_R):
+            ok = (w < W) & (h0 + r < H)
+            xs = tl.load(x_at + (r * (W + 6) * C + on), mask=ok[:, None], other=0.0)
+            acc = _add_at(acc, r, _mm(xs, a, PRECISE))
+    c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, LOGITS.dtype.element_ty, C, K_PAD)
+    for r in tl.static_range(BLOCK_R):
+        h = h0 + r
+        ok = (w < W) & (h < H)
+        tl.store(LOGITS + b * slb + h * slh + (w * slw)[:, None] + offs_k[None, :] * slk,
+                 _round(acc[r] + c_eff[None, :], LOGITS.dtype.element_ty), mask=ok[:, None] & (offs_k < NCLS)[None, :])
 
 
-_lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", "C", "PRECISE", "HEAD"], headed=True)
+_lmsa_fwd_head_kernel = _pinned("lmsa.fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE, ["H", "W", "C", "PRECISE"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1067,26 +1074,28 @@ def _dx_store(dx, t_ptr, d_ptr, m2, DX):
 _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "W", "C", "PACKED"], _by_unpacked)
 
 
-# The classifier's dx without E_k (the math above `_lmsa_bwd_dl_head_kernel`): with
-#     A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j]          (0 where δ is outside window k; the host)
-# the three scales' depthwise adjoints are one sum of 49 tensor-core products over dL shifted by −δ,
-#     Σ_k DW_kᵀ(E_k)[j, q] = Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ] = Σ_δ Σ_κ A[b, δ, j, κ] dL[κ, q − δ]
-# (K = NCLS padded to K_PAD), and the residual dO = W_cᵀ dL a fiftieth: E_k is never formed.
+# The classifier's dx without E_k (the math above `_lmsa_bwd_dl_head_kernel`): with the forward's
+# window weights A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j] (`_head_window_weights`)
+# the three scales' depthwise adjoints and the residual dO = W_cᵀ dL are one sum of 49 tensor-core
+# products over dL shifted by −δ (K = NCLS padded to K_PAD):
+#     dO + Σ_k DW_kᵀ(E_k)[j, q] = Σ_κ W_c[κ, j] dL[κ, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]
+#                               = Σ_δ Σ_κ A[b, δ, j, κ] dL[κ, q − δ]
+# (the adjoint of the forward's Σ_δ A[b, δ]ᵀ x[p + δ]): E_k is never formed.
 @triton.jit
 def _lmsa_bwd_dx_head_kernel(
-    DLP, A, WC, T, DX,
+    DLP, A, T, DX,
     sdb, sdc, sdh, sdw,
-    H, W, TH, TW, NCLS,
+    H, W, TH, TW,
     C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dx[b, j, h, w] for channel block pid_j and BLOCK_R rows × BLOCK_P columns (tile pid: a band
     of rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P):
-        Σ_δ A[b, δ, j, :] · dL[:, (h, w) − δ] + W_c[:, j]ᵀ dL[:, (h, w)] + T[b, cell(h, w), j]
+        Σ_δ A[b, δ, j, :] · dL[:, (h, w) − δ] + T[b, cell(h, w), j]      (A's δ = 0 holds W_cᵀ: dO)
     DLP: dL channels-last in K_PAD classes, zero-bordered (`_lmsa_bwd_dl_head_kernel`), so the
     shifted loads need a mask only past the row's end or the image's last row; A: B × 49 × C × K_PAD
-    (x's dtype, δ = (δr + 3)·7 + δc + 3), read once a program for its BLOCK_R row tiles; WC: W_c
-    (NCLS × C, x's dtype); T: B × 49 × C fp32 (the statistics path, `_dx_finish`); DX: any strides."""
+    (x's dtype, δ = (δr + 3)·7 + δc + 3; `_head_window_weights`), read once a program for its
+    BLOCK_R row tiles; T: B × 49 × C fp32 (the statistics path, `_dx_finish`); DX: any strides."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     COLS: tl.constexpr = W_CEIL // BLOCK_P
     h0 = tl.program_id(0) // COLS * BLOCK_R
@@ -1107,13 +1116,11 @@ def _lmsa_bwd_dx_head_kernel(
             ok = (w < W) & (h0 + r < H)
             dl = tl.load(dl_at + (r * (W + 6) * K_PAD - back), mask=ok[None, :], other=0.0)
             acc = _add_at(acc, r, _mm(a, dl, PRECISE))
-    wct = tl.load(WC + offs_k[None, :] * C + offs_j[:, None], mask=(offs_k < NCLS)[None, :], other=0.0)  # W_cᵀ
     for r in tl.static_range(BLOCK_R):
         h = h0 + r
         ok = (w < W) & (h < H)
-        dx = acc[r] + _mm(wct, tl.load(dl_at + r * (W + 6) * K_PAD, mask=ok[None, :], other=0.0), PRECISE)
         cell = _cell(h, w, H, W, TH, TW)
-        dx += tl.load(T + (b * 49 + cell[None, :]) * C + offs_j[:, None], mask=ok[None, :], other=0.0)
+        dx = acc[r] + tl.load(T + (b * 49 + cell[None, :]) * C + offs_j[:, None], mask=ok[None, :], other=0.0)
         tl.store(DX + b * sdb + h * sdh + offs_j[:, None] * sdc + (w * sdw)[None, :], _round(dx, DX.dtype.element_ty),
                  mask=ok[None, :])
 
@@ -1550,12 +1557,14 @@ def _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w):
     return t_cells, grads
 
 
-def _stats(x: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(x: torch.Tensor, precise: bool, xp_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P: the cell sums, B × C × 7 × 7 fp32; X̂: x zero-bordered in `xp_dtype`, fp32 for the FP32
+    depthwise sweeps of the plain forward, x's dtype for the classifier's tensor-core products)."""
     b, c, h, w = x.shape
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
-    xp, = _bordered(b, h, w, c, x.device)
+    xp, = _bordered(b, h, w, c, x.device, xp_dtype)
     grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
     _lmsa_stats_kernel[grid](
         x, sp, xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
@@ -1588,11 +1597,12 @@ def _k_pad(ncls: int) -> int:
 def _forward(x, params, precise, keep: bool = False, head=None):
     """(out, P, W̃, D, XW, kept, None) (module docstring), with `keep` a `_Kept` for the backward (else
     None, and the backward builds its contents again). With `head` = (W_c, b_c), the classifier's:
-    (β, P, W̃, kept, logits): LMSA's out is never formed (the kernel's HEAD), nor D and XW (the
-    classifier's backward works from x), and the backward takes β (B × C fp32) in out's place for
-    ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and memory format."""
+    (β, P, W̃, kept, logits): LMSA's out is never formed, nor D and XW (the classifier's kernels work
+    from x's bordered copy in x's dtype and the window weights A, `_head_window_weights`), and the
+    backward takes β (B × C fp32) in out's place for ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and
+    memory format."""
     b, c, h, w = x.shape
-    P, xp = _stats(x, precise)
+    P, xp = _stats(x, precise, torch.float32 if head is None else x.dtype)
     dw_flat = _dw_flat(params[0:3])
     onc = _on_cells(h, w, dw_flat)
     wg, beta, state = _gate_forward(P, onc, params, x.dtype)
@@ -1600,21 +1610,23 @@ def _forward(x, params, precise, keep: bool = False, head=None):
         dsave = _new((b, h, w, 3 * c), x.device, x.dtype)  # DW_k(x) for the gram kernel
         xw = _word_ordered_x(b, h, w, c, x.dtype, x.device)  # x for the wgrad kernel
         out = _new_like(x)
-        weights, wc, bc, logits, ncls = wg, out, out, out, 1  # (unused pointers without the classifier)
-    else:
-        wc, bc = _dense(head)
-        ncls = wc.shape[0]
-        wc, v = _classifier_weights(wc, wg)
-        out, weights, logits = x, v, _new_like(x, ncls)  # (OUT: an unused pointer)
-        dsave = xw = None  # (D, XW: unused pointers below)
-    grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
-    _lmsa_fwd_kernel[grid](
-        x, xp, weights, beta, *dw_flat, out, x if dsave is None else dsave, x if xw is None else xw, wc, bc, logits,
-        *x.stride(), *out.stride(), *logits.stride(), h, w, w if xw is None else xw.shape[2], ncls,
-        C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16, HEAD=head is not None,
-        K_PAD=_k_pad(ncls))
-    kept = _Kept(dw_flat, onc, state, None if head is None else (wc, v)) if keep else None
-    return (out, P, wg, dsave, xw, kept, None) if head is None else (beta, P, wg, kept, logits)
+        grid = lambda meta: (triton.cdiv(h * triton.cdiv(w, 2), meta["BLOCK_P"]), b)  # noqa: E731
+        _lmsa_fwd_kernel[grid](
+            x, xp, wg, beta, *dw_flat, out, dsave, xw, *x.stride(), *out.stride(), h, w, xw.shape[2],
+            C=c, PRECISE=precise, PACKED=_word_dtype(x.dtype) == torch.bfloat16)
+        kept = _Kept(dw_flat, onc, state) if keep else None
+        return out, P, wg, dsave, xw, kept, None
+    wc, bc = _dense(head)
+    ncls = wc.shape[0]
+    wc, v = _classifier_weights(wc, wg)
+    a = _head_window_weights(dw_flat, v, wc, _k_pad(ncls))
+    logits = _new_like(x, ncls)
+    grid = lambda meta: (triton.cdiv(h, meta["BLOCK_R"]) * (_w_ceil(w) // meta["BLOCK_P"]), b)  # noqa: E731
+    _lmsa_fwd_head_kernel[grid](
+        xp, a, wc, bc, beta, logits, *logits.stride(), h, w, ncls,
+        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=_k_pad(ncls))
+    kept = _Kept(dw_flat, onc, state, (wc, v, a)) if keep else None
+    return beta, P, wg, kept, logits
 
 
 def _classifier_weights(wc: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1736,8 +1748,12 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
     else:  # the classifier inside: the math above `_lmsa_bwd_dl_head_kernel`
         beta, wc, bc = head
-        wc_x, v = _classifier_weights(wc, wg) if kept is None or kept.head is None else kept.head
         k_pad = _k_pad(ncls)
+        if kept is None or kept.head is None:
+            wc_x, v = _classifier_weights(wc, wg)
+            a = _head_window_weights(dw_flat, v, wc_x, k_pad)
+        else:
+            wc_x, v, a = kept.head
         # dL's sums and its zero-bordered copy DLP (channels-last, K_PAD classes): the shifted operand
         # of the correlation and dx kernels
         chunk = _chunk_pix(h * w, b, 1, sms, max_chunks=16)  # (16 at the model's shape: 4 programs an SM)
@@ -1784,11 +1800,10 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
             g, *ek, *dw_flat, t_cells, dx, *g.stride(), *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
             C=c, PACKED=packed, STRIP=_DX_STRIP)
         return dx, pgrads
-    a = _dx_head_weights(dw_flat, v, k_pad)
     grid = lambda meta: (triton.cdiv(h, meta["BLOCK_R"]) * (_w_ceil(w) // meta["BLOCK_P"]),  # noqa: E731
                          c // min(meta["BLOCK_J"], c), b)
     _lmsa_bwd_dx_head_kernel[grid](
-        dlp, a, wc_x, t_cells, dx, *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS), ncls,
+        dlp, a, t_cells, dx, *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad)
     return dx, [*pgrads, *head_grads]
 
@@ -1799,15 +1814,17 @@ def _w_ceil(w: int) -> int:
     return triton.cdiv(w, 128) * 128
 
 
-def _dx_head_weights(dw_flat, v: torch.Tensor, k_pad: int) -> torch.Tensor:
-    """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j]: B × 49 × C × K_PAD in V's dtype (0 for κ ≥ NCLS and
-    for δ outside window k), `_lmsa_bwd_dx_head_kernel`'s per-sample weights. The taps are placed in
-    the 7×7 window by one product with a constant 0/1 matrix (`_window_taps`), summed over the
-    scales in fp32 by one einsum, rounded to V's dtype as they are padded."""
+def _head_window_weights(dw_flat, v: torch.Tensor, wc: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j]: B × 49 × C × K_PAD in V's dtype
+    (0 for κ ≥ NCLS; w_k[δ] = 0 outside window k), the per-sample weights of the classifier's forward
+    (`_lmsa_fwd_head_kernel`) and dx (`_lmsa_bwd_dx_head_kernel`) kernels. The taps are placed in the
+    7×7 window by one product with a constant 0/1 matrix (`_window_taps`), summed over the scales in
+    fp32 by one einsum, W_c added at the window's centre, rounded to V's dtype as they are padded."""
     b, _, ncls, c = v.shape
     with autocast_off(v.device.type):
         w49 = (_window_taps(v.device) @ torch.cat(dw_flat)).view(len(KERNEL_SIZES), 49, c)
         a = torch.einsum("sdj,bskj->bdjk", w49, v.float())
+        a[:, 24] += wc.float().t()  # δ = (0, 0): (0 + 3)·7 + 0 + 3
         return torch.nn.functional.pad(a, (0, k_pad - ncls)).to(v.dtype)
 
 
@@ -1978,16 +1995,19 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                         ["H", "W", "WPAD", "n_chunks"], {"CHUNK_S": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc,
                                                  "PACKED": packed, "STRIP": _WGRAD_STRIP})
                        for sc in WGRAD_SPLIT)
-        kernels = wgrads + (
-            ("stats", _lmsa_stats_kernel, _STATS_TABLE,
-             {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
-             {"CHUNK_PIX": stats_chunk}),
-        ) + tuple(  # without and with the classifier (`lmsa_classifier`: the model's 19 classes)
-            ("fwd_head" if head else "fwd", _lmsa_fwd_kernel, _FWD_TABLE,
+        kernels = wgrads + tuple(  # X̂ in fp32 (the plain forward's) and in x's dtype (the classifier's)
+            ("stats" if xp == "*fp32" else "stats_xp16", _lmsa_stats_kernel, _STATS_TABLE,
+             {"X": dt, "SP": "*fp32", "XP": xp}, ["H", "W", "TH", "TW", "n_chunks"],
+             {"CHUNK_PIX": stats_chunk})
+            for xp in sorted({"*fp32", dt})
+        ) + (
+            ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
              {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32",
-              "OUT": dt, "D": dt, "XW": et, "WC": dt, "BC": "*fp32", "LOGITS": dt},
-             ["H", "W", "WPAD", "NCLS"], {"PACKED": packed, "HEAD": head, "K_PAD": _k_pad(_AOT_CLASSES)})
-            for head in (False, True)
+              "OUT": dt, "D": dt, "XW": et},
+             ["H", "W", "WPAD"], {"PACKED": packed}),
+            ("fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE,  # (the model's 19 classes)
+             {"XP": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "LOGITS": dt},
+             ["H", "W", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
         ) + (
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
@@ -2004,13 +2024,13 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
               "DX": dt},
              ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
             ("dx_head", _lmsa_bwd_dx_head_kernel, _DX_HEAD_TABLE,
-             {"DLP": dt, "A": dt, "WC": dt, "T": "*fp32", "DX": dt},
-             ["H", "W", "TH", "TW", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
+             {"DLP": dt, "A": dt, "T": "*fp32", "DX": dt},
+             ["H", "W", "TH", "TW"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper
             for i, (cfg, serves, *only) in enumerate(table):
-                cls = _shape_class({"PRECISE": precise, "HEAD": extra.get("HEAD", False)}, _by_precise, headed=True)
+                cls = _shape_class({"PRECISE": precise}, _by_precise)
                 if cls not in serves:
                     continue
                 sig, unit = {}, {}

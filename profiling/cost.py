@@ -478,6 +478,8 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
+    Loop("lmsa", "_lmsa_fwd_head_kernel", "for i in range(0, 49 * NK):",
+         lambda a, pid: 49 * (a["C"] // min(a["BLOCK_K"], a["C"])), kernels=("_lmsa_fwd_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dl_head_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="mask_p, pc, h, w = _chunk_pixels(", kernels=("_lmsa_bwd_dl_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dx_head_kernel", "for d in range(0, 49):", lambda a, pid: 49,

@@ -408,7 +408,7 @@ def test_aot_specs_cover_every_argument():
         assert covered == names, f"{spec.name}: missing {names - covered}, extra {covered - names}"
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         kernels_seen.add(spec.fn.__name__)
-    assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_bwd_gram_kernel",
+    assert kernels_seen == {"_lmsa_stats_kernel", "_lmsa_fwd_kernel", "_lmsa_fwd_head_kernel", "_lmsa_bwd_gram_kernel",
                             "_lmsa_bwd_dl_head_kernel", "_lmsa_bwd_corr_head_kernel", "_lmsa_bwd_dx_head_kernel",
                             "_lmsa_bwd_wgrad_kernel", "_lmsa_bwd_dx_kernel", "_gate_fwd_kernel",
                             "_gate_bwd_sample_kernel", "_gate_bwd_params_kernel"}

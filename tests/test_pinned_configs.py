@@ -78,8 +78,8 @@ def test_lmsa_at_the_gpu_tiles(gpu_kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_lmsa_classifier_at_the_gpu_tiles(gpu_kind, dtype):
-    """The model's path: the classifier's 19 classes inside (the forward's "_head" class, the gram
-    kernel's classifier variant) at C = 128."""
+    """The model's path: the classifier's 19 classes inside (its own forward, dL, correlation and dx
+    kernels) at C = 128."""
     kind, launched = gpu_kind
     if dtype == torch.float32 and kind == "sm_80":
         pytest.skip("fp32 runs its sm_90 tiles here; one fp32 architecture keeps the CPU suite short")
@@ -87,9 +87,9 @@ def test_lmsa_classifier_at_the_gpu_tiles(gpu_kind, dtype):
     go = t_lmsa._inputs(1, 19, 8, 9, dtype, "cpu", seed=7, layout="channels_last")[0].detach()
     t_lmsa._run_case(x, t_lmsa._params(128, dtype, "cpu", seed=6), go,
                      head=t_lmsa._classifier(19, 128, dtype, "cpu", seed=8))
-    assert_pinned(kind, launched, {"lmsa.stats", "lmsa.fwd", "lmsa.dl_head", "lmsa.corr_head", "lmsa.dx_head"})
-    assert {cls for name, cls, _ in launched if name == "lmsa.fwd"} == {("fp32" if dtype == torch.float32 else "half")
-                                                                         + "_head"}
+    assert_pinned(kind, launched, {"lmsa.stats", "lmsa.fwd_head", "lmsa.dl_head", "lmsa.corr_head", "lmsa.dx_head"})
+    assert {cls for name, cls, _ in launched if name == "lmsa.fwd_head"} == {"fp32" if dtype == torch.float32
+                                                                              else "half"}
 
 
 def test_head_loss_and_argmax_at_the_gpu_tiles(gpu_kind, monkeypatch):
