@@ -1582,7 +1582,9 @@ def _dw_flat(dws):
 class _Kept(NamedTuple):
     """What the forward hands the backward beside the saved tensors (`LMSAFunction` keeps it): the
     depthwise taps tap-major (`_dw_flat`), the cells' weights (`_on_cells`), the gate's STATE and,
-    with the classifier, (W_c in x's dtype, V = W_c W̃) (`_classifier_weights`; else None)."""
+    with the classifier, (W_c in x's dtype, V = W_c W̃, A) (`_classifier_weights`,
+    `_head_window_weights`; else None). `LMSAFunction` keeps A among its saved tensors instead (the
+    kept-memory accounting sees those) and puts it back for the backward."""
     dw_flat: list
     onc: torch.Tensor
     state: torch.Tensor
@@ -1864,9 +1866,10 @@ class LMSAFunction(torch.autograd.Function):
         if head is None:
             out, P, wg, dsave, xw, kept, _ = _forward(x, params, precise, keep=True)
             ctx.save_for_backward(x, dsave, xw, P, wg, *params)
-        else:
+        else:  # (the window weights A, 12.8 MB at the model's shape, saved as a tensor: counted as kept memory)
             beta, P, wg, kept, logits = _forward(x, params, precise, keep=True, head=head)
-            ctx.save_for_backward(x, None, None, P, wg, *params, beta, *head)
+            ctx.save_for_backward(x, None, None, P, wg, *params, beta, *head, kept.head[2])
+            kept = kept._replace(head=kept.head[:2])
         ctx.precise = precise
         ctx.kept = kept  # the gate graph (tiny: B×C×7×7 and smaller) and the taps: not built again
         return out if head is None else logits
@@ -1876,8 +1879,11 @@ class LMSAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, dsave, xw, P, wg, *params = ctx.saved_tensors
         params, head = params[:_N_PARAMS], params[_N_PARAMS:] or None
+        kept = ctx.kept
+        if head is not None:  # β, W_c, b_c, A
+            head, kept = head[:3], kept._replace(head=(*kept.head, head[3]))
         g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
-        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, ctx.kept, head)
+        dx, pgrads = _backward(x, dsave, xw, g, P, wg, params, ctx.precise, kept, head)
         ctx.kept = None
         return (dx, *pgrads)
 
