@@ -772,15 +772,16 @@ def _lmsa_bwd_corr_head_kernel(
 ):
     """G (the math above) of window row δr = pid_dr − 3, channel block pid_j, over the CHUNK_ROWS
     image rows of chunk `pid` of image b (each row W_CEIL / BLOCK_P tiles of BLOCK_P pixels, W_CEIL:
-    W rounded up to 128, a multiple of every configured BLOCK_P; tiles past W skipped), contracted as
+    W rounded up to 128, a multiple of every configured BLOCK_P; pixels past W masked), contracted as
     soon as it is complete (pid_dr, pid_j = divmod(program 0, C/BJ)):
         DWP[b, pid, row_k(δ), j]   = Σ_κ V_k[b][κ, j] G[δ, κ, j]         every scale k whose window holds δ
         NP[pid, pid_dr, b, k, κ, j] = Σ_{δ in row δr of window k} w_k[j, δ] G[δ, κ, j]   (0 outside it)
         XLP[pid, b, κ, j]           = G[0, κ, j]                           (δr = 0's programs)
     G[δ, :, block] = Σ_q x[:, q] dL[κ, q − δ] is one fp32 accumulator a column offset δc (BJ × K_PAD:
     channels × classes, the products' M × N), each tile adding its x (BJ × BLOCK_P, loaded once)
-    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, dL's zero-bordered copy: no masks,
-    constant offsets. A tile lies in one row, so its pixels' row and columns need no division.
+    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, dL's zero-bordered copy: constant offsets,
+    masks only past the row's end and the image's last row. A tile lies in one row, so its pixels'
+    row and columns need no division.
     x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × K_PAD (`_lmsa_bwd_dl_head_kernel`),
     x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major
     k² × C fp32. NP, DWP, XLP fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over
