@@ -29,15 +29,16 @@ Kernels (no atomics; per-chunk fp32 partials summed in a fixed order):
 Between them on the host: the bordered buffers' fills, the chunk sums and the cell weights' mm.
 
 `lmsa_classifier(x, p, W_c, b_c)` = the classifier (1×1 convolution C → NCLS) on LMSA's output,
-the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the forward
-kernel's GEMM multiplies by V_k = W_c W̃_k (N = NCLS) and its epilogue adds W_c·x + W_c β + b_c (it
-stores neither D nor XW). The backward works from the logits' gradient dL, whose NCLS channels
-make every sum cheap on tensor cores: `_lmsa_bwd_dl_head_kernel` sums dL and copies it
+the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the logits
+are a 7×7 convolution of x with per-sample window weights A = Σ_k w_k V_k + W_c at the centre
+(V_k = W_c W̃_k; `_head_window_weights`), which `_lmsa_fwd_head_kernel` runs as 49 tensor-core
+products a tile (N = NCLS), plus W_c β + b_c; no D, no XW. The backward works from the logits'
+gradient dL, whose NCLS channels make every sum cheap on tensor cores: `_lmsa_bwd_dl_head_kernel` sums dL and copies it
 zero-bordered; `_lmsa_bwd_corr_head_kernel` forms the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ and
 contracts it at once into N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), the depthwise weights'
 main-path gradient (no wgrad sweep) and Σ dL xᵀ (for ∂W_c, with Σ_k N_k W̃_kᵀ and (Σ dL) βᵀ on the
-host); `_lmsa_bwd_dx_head_kernel` forms dx as 49 products of per-sample weights A_δ = Σ_k w_k[δ] V_kᵀ
-with dL shifted by −δ, plus W_cᵀ dL and the statistics path: E_k and dO are never formed. The
+host); `_lmsa_bwd_dx_head_kernel` forms dx as 49 products of the same A with dL shifted by −δ (A's
+centre carries the residual W_cᵀ dL), plus the statistics path: E_k and dO are never formed. The
 classifier's convolution and its backward never run.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
@@ -740,8 +741,8 @@ def _lmsa_bwd_dl_head_kernel(
         DLP[b, 3 + h, 3 + w, κ] = dL[κ, p], 0 for NCLS ≤ κ < K_PAD
     dL: B × NCLS × H × W (strides sl*), x's dtype; SP fp32, chunk-major (`sum_partials` sums it over
     the chunks); DLP: dL channels-last in K_PAD classes with a zero 3-pixel border (B × (H+6) × (W+6)
-    × K_PAD, x's dtype: the host zeroes the border), the shifted, mask-free operand of the
-    correlation and dx kernels."""
+    × K_PAD, x's dtype: the host zeroes the border), the shifted operand of the correlation and dx
+    kernels (no masks at the image's borders)."""
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_k = tl.arange(0, K_PAD)
@@ -759,7 +760,7 @@ def _lmsa_bwd_dl_head_kernel(
 
 
 _lmsa_bwd_dl_head_kernel = _pinned("lmsa.dl_head", _lmsa_bwd_dl_head_kernel, _DL_HEAD_TABLE,
-                                   ["H", "W", "CHUNK_PIX"], lambda named: named["K_PAD"] < 0)
+                                   ["H", "W", "CHUNK_PIX"], lambda named: named["DL"].dtype == torch.float32)
 
 
 @triton.jit
@@ -1446,8 +1447,13 @@ def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int | None, ma
     interpreter (sms None) short chunks, so tests cover several chunks of several tiles."""
     if sms is None:
         return 128
-    want = max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
+    want = _chunks_wanted(batch, per_chunk_programs, sms, max_chunks)
     return triton.cdiv(triton.cdiv(hw, want), _CHUNK_ALIGN) * _CHUNK_ALIGN
+
+
+def _chunks_wanted(batch: int, per_chunk_programs: int, sms: int, max_chunks: int) -> int:
+    """Chunks an image so that the launch has about 4 programs per SM, between 1 and `max_chunks`."""
+    return max(1, min(max_chunks, triton.cdiv(4 * sms, batch * per_chunk_programs)))
 
 
 def _cell_indicator(n: int, device) -> torch.Tensor:
@@ -1667,8 +1673,7 @@ def _corr_rows(h: int, batch: int, c: int, sms: int | None) -> int:
     tests cover several chunks and a short last one."""
     if sms is None:
         return 3
-    want = max(1, min(4, triton.cdiv(4 * sms, batch * 7 * max(1, c // 64))))
-    return triton.cdiv(h, want)
+    return triton.cdiv(h, _chunks_wanted(batch, 7 * max(1, c // 64), sms, max_chunks=4))
 
 
 def _require_words(c: int, *buffers: torch.Tensor) -> None:
