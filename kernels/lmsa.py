@@ -121,15 +121,17 @@ _DL_HEAD_TABLE = [  # BLOCK_P: pixels a tile (all K_PAD classes)
     (triton.Config({"BLOCK_P": 128}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=1), _BOTH),
 ]
-_CORR_HEAD_TABLE = [  # BLOCK_P: the products' K (pixels a tile), BLOCK_J: their M (channels); seven
-    # BJ × K_PAD fp32 accumulators a program (one a column offset). num_stages 2: the loop's loads become
-    # asynchronous copies (on the cost model, the H100's 386 → 270 µs); a third entry: the only
-    # architectures it builds without spills on (the 8-warp two-stage tile spills 32 B on sm_80)
+_CORR_HEAD_TABLE = [  # BLOCK_P: the products' K (pixels a tile), BLOCK_J: their M (channels); one
+    # BJ × (LEAD + TAIL) fp32 accumulator a program (the packed window row). num_stages 2: the loop's
+    # loads become asynchronous copies (H100: 128 × 64 at 8 warps 176 µs, 64 × 64 233, 64 × 128 at
+    # 8 warps 281 (one CTA an SM); A100: 64 × 128 at 8 warps 627, 64 × 64 873)
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64}, num_warps=4, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=2), _HALF, (90,)),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=1), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32}, num_warps=4, num_stages=1), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1), _BOTH),  # (fp32: the K = 128
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16}, num_warps=4, num_stages=1), _BOTH),  # tf32x3 products spill wider)
+    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 128}, num_warps=8, num_stages=2), _HALF),
 ]
 # The backward's two sweeps over E_k give each lane a strip of this many horizontally adjacent
 # pixels: a window row's STRIP + k − 1 loads (and unpacks) feed STRIP·k taps of a channel
@@ -146,14 +148,18 @@ _DX_TABLE = [  # BLOCK_S: strips per tile (`_strip_tile`), BLOCK_W: words (chann
     (triton.Config({"BLOCK_S": 16, "BLOCK_W": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
 _DX_HEAD_TABLE = [  # BLOCK_P × BLOCK_R: a tile's columns × rows (the products' N, BLOCK_R accumulators),
-    # BLOCK_J: its channels (M); the 49 products' K is the classes (K_PAD). Each program reads the
-    # sample's A (49 × BJ × K_PAD) once for its BLOCK_R rows: 128 × 64 × 2 rows reads half the A
-    # bytes from L2 that 64 × 128 does, at the same predicted time (4-row tiles spill on sm_80)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=4, num_stages=2), _BOTH),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 128, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 64, "BLOCK_R": 2}, num_warps=8, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_J": 128, "BLOCK_R": 1}, num_warps=8, num_stages=2), _HALF),
+    # BLOCK_J: its channels (M); the products' K is a packed window row (LEAD + TAIL). Each program
+    # reads the sample's A (7 × BJ × (LEAD + TAIL)) once for its BLOCK_R rows. A third entry: the only
+    # architectures it builds without spills on (H100: 64 × 128 at 8 warps 199 µs, 32 × 64 at 4 warps
+    # 232; A100: 32 × 64 499, the wider tiles spill there)
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 64, "BLOCK_R": 1}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_R": 1}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 16, "BLOCK_R": 1}, num_warps=4, num_stages=1), _BOTH),  # (fp32:
+    (triton.Config({"BLOCK_P": 16, "BLOCK_J": 32, "BLOCK_R": 1}, num_warps=4, num_stages=1), _HALF),  # tf32x3)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_R": 1}, num_warps=4, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 32, "BLOCK_J": 128, "BLOCK_R": 1}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 64, "BLOCK_R": 1}, num_warps=4, num_stages=2), _HALF, (90,)),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_J": 128, "BLOCK_R": 1}, num_warps=8, num_stages=2), _HALF, (90,)),
 ]
 
 
@@ -568,8 +574,8 @@ def _lmsa_fwd_head_kernel(
     XP, A, WC, BC, BIAS, LOGITS,
     slb, slk, slh, slw,
     H, W, NCLS,
-    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """LOGITS[b, :, h, w] for BLOCK_R rows × BLOCK_P columns of image b (tile program 0: a band of
     rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P): Σ_δ
@@ -588,13 +594,13 @@ def _lmsa_fwd_head_kernel(
     offs_c = tl.arange(0, BK)
     # x at (h0, w) + δ: bordered pixel (h0 + 3 + δr, w + 3 + δc), δr·(W + 6) + δc pixels on
     x_at = XP + ((b * (H + 6) + h0 + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :]  # BLOCK_P × BK
-    a_at = A + (b * 49 * C + offs_c[:, None]) * K_PAD + offs_k[None, :]  # BK × K_PAD at δ = (−3, −3)
+    a_at = A + (b * 7 * C + offs_c[:, None]) * WIDTH + offs_k[None, :]  # BK × K_PAD at δ = (−3, 3)
     z = tl.zeros([BLOCK_P, K_PAD], tl.float32)
     acc = (z,) * BLOCK_R
     for i in range(0, 49 * NK):
         d = i // NK
         c0 = i % NK * BK
-        a = tl.load(a_at + (d * C + c0) * K_PAD)
+        a = tl.load(a_at + (d // 7 * C + c0) * WIDTH + (6 - d % 7) * S)  # (classes ≥ NCLS: a neighbour's, unused)
         on = ((d // 7 - 3) * (W + 6) + d % 7 - 3) * C + c0
         for r in tl.static_range(BLOCK_R):
             ok = (w < W) & (h0 + r < H)
@@ -734,15 +740,15 @@ def _lmsa_bwd_dl_head_kernel(
     DL, SP, DLP,
     slb, slk, slh, slw,
     H, W, NCLS,
-    CHUNK_PIX: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    CHUNK_PIX: tl.constexpr, S: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """For the pixels p of chunk `pid` of image b (the math above):
         SP[pid, b, κ]           = Σ_p dL[κ, p]                       (for Σ_p dO, ∂L/∂W_c, ∂L/∂b_c)
-        DLP[b, 3 + h, 3 + w, κ] = dL[κ, p], 0 for NCLS ≤ κ < K_PAD
+        DLP[b, 3 + h, 3 + w, κ] = dL[κ, p], 0 for NCLS ≤ κ < S
     dL: B × NCLS × H × W (strides sl*), x's dtype; SP fp32, chunk-major (`sum_partials` sums it over
-    the chunks); DLP: dL channels-last in K_PAD classes with a zero 3-pixel border (B × (H+6) × (W+6)
-    × K_PAD, x's dtype: the host zeroes the border), the shifted operand of the correlation and dx
-    kernels (no masks at the image's borders)."""
+    the chunks); DLP: dL channels-last, S values a pixel (`_Pack.stride`), with a zero 3-pixel border
+    (B × (H+6) × (W+6) × S, x's dtype: the host zeroes the border), the windowed operand of the
+    correlation and dx kernels (no masks at the image's borders). K_PAD ≥ S: the tiles' width."""
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_k = tl.arange(0, K_PAD)
@@ -754,8 +760,8 @@ def _lmsa_bwd_dl_head_kernel(
             dl = tl.load(DL + b * slb + offs_k[None, :] * slk + (h * slh + w * slw)[:, None],
                          mask=mask_p[:, None] & k_ok[None, :], other=0.0)  # BLOCK_P × K_PAD
             dl_sum += tl.sum(dl.to(tl.float32), 0)
-            tl.store(DLP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * K_PAD + offs_k[None, :], dl,
-                     mask=mask_p[:, None])
+            tl.store(DLP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * S + offs_k[None, :], dl,
+                     mask=mask_p[:, None] & (offs_k < S)[None, :])
     tl.store(SP + (pid * tl.num_programs(2) + b) * NCLS + offs_k, dl_sum, mask=k_ok)
 
 
@@ -765,11 +771,12 @@ _lmsa_bwd_dl_head_kernel = _pinned("lmsa.dl_head", _lmsa_bwd_dl_head_kernel, _DL
 
 @triton.jit
 def _lmsa_bwd_corr_head_kernel(
-    X, DLP, V, DW3, DW5, DW7, NP, DWP, XLP,
+    X, DLP, V, DW3, DW5, DW7, GS, NP, DWP, XLP,
     sxb, sxc, sxh, sxw,
     H, W, NCLS,
     C: tl.constexpr, CHUNK_ROWS: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    K_PAD: tl.constexpr, S: tl.constexpr, LEAD: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """G (the math above) of window row δr = pid_dr − 3, channel block pid_j, over the CHUNK_ROWS
     image rows of chunk `pid` of image b (each row W_CEIL / BLOCK_P tiles of BLOCK_P pixels, W_CEIL:
@@ -777,28 +784,31 @@ def _lmsa_bwd_corr_head_kernel(
     soon as it is complete (pid_dr, pid_j = divmod(program 0, C/BJ)):
         DWP[b, pid, row_k(δ), j]   = Σ_κ V_k[b][κ, j] G[δ, κ, j]         every scale k whose window holds δ
         NP[pid, pid_dr, b, k, κ, j] = Σ_{δ in row δr of window k} w_k[j, δ] G[δ, κ, j]   (0 outside it)
-        XLP[pid, b, κ, j]           = G[0, κ, j]                           (δr = 0's programs)
-    G[δ, :, block] = Σ_q x[:, q] dL[κ, q − δ] is one fp32 accumulator a column offset δc (BJ × K_PAD:
-    channels × classes, the products' M × N), each tile adding its x (BJ × BLOCK_P, loaded once)
-    times dL shifted by −δ (BLOCK_P × K_PAD) from DLP, dL's zero-bordered copy: constant offsets,
-    masks only past the row's end and the image's last row. A tile lies in one row, so its pixels'
-    row and columns need no division.
-    x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × K_PAD (`_lmsa_bwd_dl_head_kernel`),
-    x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major
-    k² × C fp32. NP, DWP, XLP fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over
-    images and chunks, XLP over chunks and images; DWP is the wgrad kernel's layout)."""
+        XLP[pid, b, j, n]           = Gp[j, n]                             (δr = 0's programs; G[0] at n = 3S + κ)
+    The row's seven δc = 3 − u are one fp32 accumulator Gp[j, u·S + κ] = G[(δr, 3 − u), κ, j]
+    (BJ × (LEAD + TAIL): channels × the packed window, the products' M × N), each tile adding its x
+    (BJ × BLOCK_P, loaded once) times dL's windows: pixel q's is the run of 7·S values of DLP from
+    bordered pixel (h − δr + 3, w) (q − δ for the seven δc, S values each; the dx kernel's operand,
+    transposed). A tile lies in one row, so its pixels' row and columns need no division; masks only
+    past the row's end and the image's last row. The contractions over u and over κ are products of
+    Gp's parts with 0/1 matrices (`_corr_contract`).
+    x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × S (`_lmsa_bwd_dl_head_kernel`),
+    x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major k² × C fp32. NP, DWP, XLP
+    fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over images and chunks, XLP
+    over chunks and images; DWP is the wgrad kernel's layout)."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     NJ: tl.constexpr = C // BJ
+    TAIL_N: tl.constexpr = max(TAIL, 16)  # (the tail's tiles exist only if TAIL > 0)
     pid_dr = tl.program_id(0) // NJ
     pid_j = tl.program_id(0) % NJ
     dr = pid_dr - 3
     pid = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    offs_k = tl.arange(0, K_PAD)
-    k_ok = offs_k < NCLS
-    z = tl.zeros([BJ, K_PAD], tl.float32)
-    g = (z, z, z, z, z, z, z)  # δc = −3 .. 3
+    n_lead = tl.arange(0, LEAD)
+    n_tail = LEAD + tl.arange(0, TAIL_N)
+    g = tl.zeros([BJ, LEAD], tl.float32)
+    g_tail = tl.zeros([BJ, TAIL_N], tl.float32)
     COLS: tl.constexpr = W_CEIL // BLOCK_P
     for i in range(0, CHUNK_ROWS * COLS):
         h = pid * CHUNK_ROWS + i // COLS
@@ -806,42 +816,51 @@ def _lmsa_bwd_corr_head_kernel(
         ok = (w < W) & (h < H)  # (a chunk's rows past the image, a row's tiles past its end)
         xt = tl.load(X + b * sxb + h * sxh + offs_j[:, None] * sxc + (w * sxw)[None, :], mask=ok[None, :],
                      other=0.0)  # BJ × BLOCK_P
-        # dL at q − δ = (h − δr, w − δc), bordered: pixel (h − δr + 3, w − δc + 3) of DLP
-        dl_at = DLP + ((b * (H + 6) + h - dr + 3) * (W + 6) + w + 6)[:, None] * K_PAD + offs_k[None, :]
-        for t in tl.static_range(7):
-            dl = tl.load(dl_at - t * K_PAD, mask=ok[:, None], other=0.0)  # BLOCK_P × K_PAD, δc = t − 3
-            g = _add_at(g, t, _mm(xt, dl, PRECISE))
+        win = DLP + ((b * (H + 6) + h - dr + 3) * (W + 6) + w)[:, None] * S  # BLOCK_P × 1
+        g += _mm(xt, tl.load(win + n_lead[None, :], mask=ok[:, None], other=0.0), PRECISE)
+        if TAIL > 0:
+            g_tail += _mm(xt, tl.load(win + n_tail[None, :], mask=ok[:, None], other=0.0), PRECISE)
+    # the contraction: Gp to this program's slot of GS, then read back as BJ × 8 × K_PAD (window pixel
+    # u, class κ: Gp[j, u·S + κ], u < 7, κ < NCLS), where the sums over u and over κ are plain
+    # reductions of a 3-D tile (Gp's columns group by S, not a power of two)
     n_img = tl.num_programs(2)
     part = pid * n_img + b  # (chunk, image)
-    kc = offs_k[None, :] * C + offs_j[:, None]  # class κ, channel j of an NCLS × C block
-    out_ok = k_ok[None, :]
-    _corr_scale(g, V, DW3, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
-                NCLS, C, 0, 3, 0)
-    _corr_scale(g, V, DW5, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
-                NCLS, C, 1, 5, _ROW0_5)
-    _corr_scale(g, V, DW7, NP, DWP, b, pid, pid_dr, dr, n_img, tl.num_programs(1), kc, out_ok, offs_j,
-                NCLS, C, 2, 7, _ROW0_7)
-    tl.store(XLP + part * (NCLS * C) + kc, g[3], mask=out_ok & (dr == 0))
+    gs = GS + ((part * 7 + pid_dr) * C + offs_j[:, None]) * (LEAD + TAIL)
+    tl.store(gs + n_lead[None, :], g)
+    if TAIL > 0:
+        tl.store(gs + n_tail[None, :], g_tail)
+    tl.debug_barrier()  # (the slot's values come back to other threads of the program)
+    u = tl.arange(0, 8)
+    k = tl.arange(0, K_PAD)
+    live = (u < 7)[None, :, None] & (k < NCLS)[None, None, :]
+    g3 = tl.load(gs[:, :, None] + (u * S)[None, :, None] + k[None, None, :], mask=live, other=0.0)  # BJ × 8 × K_PAD
+    tl.store(XLP + (part * NCLS + k[None, :]) * C + offs_j[:, None], tl.sum(tl.where((u == 3)[None, :, None], g3, 0.0), 1),
+             mask=(k < NCLS)[None, :] & (dr == 0))
+    n_chunks = tl.num_programs(1)
+    np_ = NP + ((pid * 7 + pid_dr) * n_img + b) * 3 * (NCLS * C)
+    dwp = DWP + (b * n_chunks + pid) * _NT * C
+    _corr_contract(g3, u, k, V, DW3, np_, dwp, b, dr, offs_j, NCLS, C, 0, 3, 0)
+    _corr_contract(g3, u, k, V, DW5, np_, dwp, b, dr, offs_j, NCLS, C, 1, 5, _ROW0_5)
+    _corr_contract(g3, u, k, V, DW7, np_, dwp, b, dr, offs_j, NCLS, C, 2, 7, _ROW0_7)
 
 
 @triton.jit
-def _corr_scale(g, V, DWK, NP, DWP, b, pid, pid_dr, dr, n_img, n_chunks, kc, out_ok, offs_j, NCLS,
-                C: tl.constexpr, K_IDX: tl.constexpr, KS: tl.constexpr, ROW0: tl.constexpr):
-    """Scale KS's share of the correlation kernel's window row δr (`_lmsa_bwd_corr_head_kernel`):
-    ∂L/∂w_k's taps on that row (stored where the row lies in the window) and N_k's partial (zero
-    where it does not)."""
+def _corr_contract(g3, u, k, V, DWK, np_, dwp, b, dr, offs_j, NCLS, C: tl.constexpr, K_IDX: tl.constexpr,
+                   KS: tl.constexpr, ROW0: tl.constexpr):
+    """Scale KS's share of the correlation kernel's window row δr (`_lmsa_bwd_corr_head_kernel`;
+    g3[j, u, κ] = G[(δr, 3 − u), κ, j]): ∂L/∂w_k's taps on that row (stored where the row lies in the
+    window) and N_k's partial (zero where it does not)."""
     HALF: tl.constexpr = KS // 2
     in_win = (dr >= -HALF) & (dr <= HALF)
-    v = tl.load(V + (b * 3 + K_IDX) * (NCLS * C) + kc, mask=out_ok, other=0.0).to(tl.float32)  # BJ × K_PAD
-    n = tl.zeros(v.shape, tl.float32)
     tap_row = tl.where(in_win, dr + HALF, 0) * KS  # the row's first tap (0 outside the window: unused)
-    dwp = DWP + ((b * n_chunks + pid) * _NT + ROW0 + tap_row) * C + offs_j
-    for t in tl.static_range(3 - HALF, 4 + HALF):  # the window's column offsets δc = t − 3
-        col = t - 3 + HALF
-        tl.store(dwp + col * C, tl.sum(v * g[t], 1), mask=in_win)
-        wk = tl.load(DWK + (tap_row + col) * C + offs_j, mask=in_win, other=0.0)
-        n += wk[:, None] * g[t]
-    tl.store(NP + (((pid * 7 + pid_dr) * n_img + b) * 3 + K_IDX) * (NCLS * C) + kc, n, mask=out_ok)
+    col = 3 + HALF - u  # the window column of pixel u (δc + HALF)
+    tap_ok = ((col >= 0) & (col < KS))[None, :] & in_win
+    v = tl.load(V + ((b * 3 + K_IDX) * NCLS + k[None, :]) * C + offs_j[:, None], mask=(k < NCLS)[None, :],
+                other=0.0).to(tl.float32)  # BJ × K_PAD
+    tl.store(dwp + (ROW0 + tap_row + col[None, :]) * C + offs_j[:, None], tl.sum(g3 * v[:, None, :], 2), mask=tap_ok)
+    wk = tl.load(DWK + (tap_row + col[None, :]) * C + offs_j[:, None], mask=tap_ok, other=0.0)  # BJ × 8
+    tl.store(np_ + (K_IDX * NCLS + k[None, :]) * C + offs_j[:, None], tl.sum(g3 * wk[:, :, None], 1),
+             mask=(k < NCLS)[None, :])
 
 
 _lmsa_bwd_corr_head_kernel = _pinned("lmsa.corr_head", _lmsa_bwd_corr_head_kernel, _CORR_HEAD_TABLE,
@@ -1078,46 +1097,59 @@ _lmsa_bwd_dx_kernel = _pinned("lmsa.dx", _lmsa_bwd_dx_kernel, _DX_TABLE, ["H", "
 
 # The classifier's dx without E_k (the math above `_lmsa_bwd_dl_head_kernel`): with the forward's
 # window weights A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j] (`_head_window_weights`)
-# the three scales' depthwise adjoints and the residual dO = W_cᵀ dL are one sum of 49 tensor-core
-# products over dL shifted by −δ (K = NCLS padded to K_PAD):
+# the three scales' depthwise adjoints and the residual dO = W_cᵀ dL are one sum of tensor-core
+# products over dL shifted by −δ:
 #     dO + Σ_k DW_kᵀ(E_k)[j, q] = Σ_κ W_c[κ, j] dL[κ, q] + Σ_k Σ_δ w_k[j, δ] E_k[j, q − δ]
 #                               = Σ_δ Σ_κ A[b, δ, j, κ] dL[κ, q − δ]
-# (the adjoint of the forward's Σ_δ A[b, δ]ᵀ x[p + δ]): E_k is never formed.
+# (the adjoint of the forward's Σ_δ A[b, δ]ᵀ x[p + δ]): E_k is never formed. For a window row δr the
+# seven δc = 3 − u read dL at (h − δr, w − 3 + u), u = 0..6: seven neighbouring pixels of DLP, whose S
+# values each lie in one run of 7·S, the order of A's packed row (`_head_window_weights`). So a window
+# row is one product with K = 7·S (lead + tail wide: 128 + 16 for 19 classes) instead of seven with
+# K = NCLS padded to a power of two (7 × 32): the B operand's columns are overlapping runs of DLP,
+# S values apart.
 @triton.jit
 def _lmsa_bwd_dx_head_kernel(
     DLP, A, T, DX,
     sdb, sdc, sdh, sdw,
     H, W, TH, TW,
-    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, S: tl.constexpr, LEAD: tl.constexpr,
+    TAIL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dx[b, j, h, w] for channel block pid_j and BLOCK_R rows × BLOCK_P columns (tile pid: a band
     of rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P):
-        Σ_δ A[b, δ, j, :] · dL[:, (h, w) − δ] + T[b, cell(h, w), j]      (A's δ = 0 holds W_cᵀ: dO)
-    DLP: dL channels-last in K_PAD classes, zero-bordered (`_lmsa_bwd_dl_head_kernel`), so the
-    shifted loads need a mask only past the row's end or the image's last row; A: B × 49 × C × K_PAD
-    (x's dtype, δ = (δr + 3)·7 + δc + 3; `_head_window_weights`), read once a program for its
-    BLOCK_R row tiles; T: B × 49 × C fp32 (the statistics path, `_dx_finish`); DX: any strides."""
+        Σ_δr Σ_n A[b, δr, j, n] · DLP[b, h − δr + 3, w + n // S, n % S] + T[b, cell(h, w), j]
+    (the math above; A's centre holds W_cᵀ: dO). DLP: dL channels-last, S values a pixel,
+    zero-bordered (`_lmsa_bwd_dl_head_kernel`), so the windows need a mask only past the row's end or
+    the image's last row; A: B × 7 × C × (LEAD + TAIL) (x's dtype, `_head_window_weights`), read once
+    a program for its BLOCK_R row tiles; T: B × 49 × C fp32 (the statistics path, `_dx_finish`); DX:
+    any strides."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     COLS: tl.constexpr = W_CEIL // BLOCK_P
+    WIDTH: tl.constexpr = LEAD + TAIL
     h0 = tl.program_id(0) // COLS * BLOCK_R
     w = tl.program_id(0) % COLS * BLOCK_P + tl.arange(0, BLOCK_P)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_j = pid_j * BJ + tl.arange(0, BJ)
-    offs_k = tl.arange(0, K_PAD)
-    # dL at (h0, w): bordered pixel (h0 + 3, w + 3); at (h, w) − δ: δr·(W + 6) + δc pixels before
-    dl_at = DLP + ((b * (H + 6) + h0 + 3) * (W + 6) + w + 3)[None, :] * K_PAD + offs_k[:, None]  # K_PAD × BLOCK_P
-    a_at = A + (b * 49 * C + offs_j[:, None]) * K_PAD + offs_k[None, :]  # BJ × K_PAD at δ = (−3, −3)
+    # dL's window for (h0, w) on window row δr = 0: bordered pixels (h0 + 3, w .. w + 6), its run from w's
+    win = ((b * (H + 6) + h0 + 3) * (W + 6) + w)[None, :] * S  # 1 × BLOCK_P
+    a_row = (b * 7 * C + offs_j[:, None]) * WIDTH  # BJ × 1, δr = −3
+    n_lead = tl.arange(0, LEAD)
+    n_tail = LEAD + tl.arange(0, max(TAIL, 16))  # (used only if TAIL > 0)
     z = tl.zeros([BJ, BLOCK_P], tl.float32)
     acc = (z,) * BLOCK_R
-    for d in range(0, 49):
-        back = ((d // 7 - 3) * (W + 6) + d % 7 - 3) * K_PAD
-        a = tl.load(a_at + d * (C * K_PAD))
+    for i in range(0, 7):
+        on = ((3 - i) * (W + 6)) * S  # window row δr = i − 3 reads dL's row h − δr
+        a = tl.load(A + a_row + i * (C * WIDTH) + n_lead[None, :])  # BJ × LEAD
+        if TAIL > 0:
+            a_tail = tl.load(A + a_row + i * (C * WIDTH) + n_tail[None, :])  # BJ × TAIL
         for r in tl.static_range(BLOCK_R):
             ok = (w < W) & (h0 + r < H)
-            dl = tl.load(dl_at + (r * (W + 6) * K_PAD - back), mask=ok[None, :], other=0.0)
-            acc = _add_at(acc, r, _mm(a, dl, PRECISE))
+            at = DLP + win + (r * (W + 6) * S + on)
+            d = _mm(a, tl.load(at + n_lead[:, None], mask=ok[None, :], other=0.0), PRECISE)  # LEAD × BLOCK_P
+            if TAIL > 0:
+                d += _mm(a_tail, tl.load(at + n_tail[:, None], mask=ok[None, :], other=0.0), PRECISE)
+            acc = _add_at(acc, r, d)
     for r in tl.static_range(BLOCK_R):
         h = h0 + r
         ok = (w < W) & (h < H)
@@ -1603,6 +1635,39 @@ def _k_pad(ncls: int) -> int:
     return max(16, triton.next_power_of_2(ncls))
 
 
+class _Pack(NamedTuple):
+    """How the classifier's backward lays out a window row of NCLS classes (`_window_pack`): dL's
+    bordered copy DLP holds `stride` values a pixel (NCLS rounded up to 4: every pixel's row starts
+    on 8 bytes), so the 7 pixels of a window row are 7·stride contiguous values, which the kernels
+    take as one product operand `lead` + `tail` wide (two tiles of powers of two, `tail` 0 or ≥ 16)."""
+    stride: int
+    lead: int
+    tail: int
+
+    @property
+    def width(self) -> int:
+        return self.lead + self.tail
+
+
+def _split_width(n: int) -> tuple[int, int]:
+    """(lead, tail): the narrowest lead + tail ≥ n with lead a power of two ≥ 16 and tail 0 or a power
+    of two in [16, lead] (140 → 128 + 16; 56 → 64 + 0)."""
+    lead = max(16, triton.next_power_of_2(n))
+    half = lead // 2
+    if half >= 16 and half < n:
+        tail = max(16, triton.next_power_of_2(n - half))
+        if half + tail < lead:
+            return half, tail
+    return lead, 0
+
+
+def _window_pack(ncls: int) -> _Pack:
+    """The packed window row of NCLS classes (`_Pack`): 19 classes → 20 a pixel, 140 values, products
+    128 + 16 wide (7 shifts × 32 padded classes before: 224)."""
+    stride = -(-ncls // 4) * 4
+    return _Pack(stride, *_split_width(7 * stride))
+
+
 def _forward(x, params, precise, keep: bool = False, head=None):
     """(out, P, W̃, D, XW, kept, None) (module docstring), with `keep` a `_Kept` for the backward (else
     None, and the backward builds its contents again). With `head` = (W_c, b_c), the classifier's:
@@ -1628,12 +1693,13 @@ def _forward(x, params, precise, keep: bool = False, head=None):
     wc, bc = _dense(head)
     ncls = wc.shape[0]
     wc, v = _classifier_weights(wc, wg)
-    a = _head_window_weights(dw_flat, v, wc, _k_pad(ncls))
+    pack = _window_pack(ncls)
+    a = _head_window_weights(dw_flat, v, wc, pack)
     logits = _new_like(x, ncls)
     grid = lambda meta: (triton.cdiv(h, meta["BLOCK_R"]) * (_w_ceil(w) // meta["BLOCK_P"]), b)  # noqa: E731
     _lmsa_fwd_head_kernel[grid](
         xp, a, wc, bc, beta, logits, *logits.stride(), h, w, ncls,
-        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=_k_pad(ncls))
+        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=_k_pad(ncls), S=pack.stride, WIDTH=pack.width)
     kept = _Kept(dw_flat, onc, state, (wc, v, a)) if keep else None
     return beta, P, wg, kept, logits
 
@@ -1756,30 +1822,33 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         sum_partials((mp.view(n_chunks, -1), m), (gsp.view(n_chunks, -1), gsum), (dwp.view(-1, _N_TAPS * c), dw_main))
     else:  # the classifier inside: the math above `_lmsa_bwd_dl_head_kernel`
         beta, wc, bc = head
-        k_pad = _k_pad(ncls)
+        k_pad, pack = _k_pad(ncls), _window_pack(ncls)
         if kept is None or kept.head is None:
             wc_x, v = _classifier_weights(wc, wg)
-            a = _head_window_weights(dw_flat, v, wc_x, k_pad)
+            a = _head_window_weights(dw_flat, v, wc_x, pack)
         else:
             wc_x, v, a = kept.head
-        # dL's sums and its zero-bordered copy DLP (channels-last, K_PAD classes): the shifted operand
-        # of the correlation and dx kernels
+        # dL's sums and its zero-bordered copy DLP (channels-last, S = pack.stride values a pixel): the
+        # windowed operand of the correlation and dx kernels, whose last windows run up to a window's
+        # width past the last pixel (the zeroed tail)
         chunk = _chunk_pix(h * w, b, 1, sms, max_chunks=16)  # (16 at the model's shape: 4 programs an SM)
         n_chunks = triton.cdiv(h * w, chunk)
         sp = _new((n_chunks, b, ncls), x.device, torch.float32)
-        dlp, = _bordered(b, h, w, k_pad, x.device, x.dtype)
+        dlp, = _bordered(b, h, w, pack.stride, x.device, x.dtype, tail=triton.cdiv(pack.width, pack.stride))
         _lmsa_bwd_dl_head_kernel[(1, n_chunks, b)](
-            g, sp, dlp, *g.stride(), h, w, ncls, CHUNK_PIX=chunk, K_PAD=k_pad)
+            g, sp, dlp, *g.stride(), h, w, ncls, CHUNK_PIX=chunk, S=pack.stride, K_PAD=k_pad)
         # G a window row and channel block a program: 7 × C/64 programs a chunk of image rows
         crows = _corr_rows(h, b, c, sms)
         n_cchunks = triton.cdiv(h, crows)
         np_ = _new((n_cchunks * 7, b, 3, ncls, c), x.device, torch.float32)
         dwp = _new((b, n_cchunks, _N_TAPS, c), x.device, torch.float32)
         xlp = _new((n_cchunks * b, ncls, c), x.device, torch.float32)
+        gs = _new((n_cchunks * b * 7, c, pack.width), x.device, torch.float32)  # each program's G, for its contraction
         grid = lambda meta: (7 * (c // min(meta["BLOCK_J"], c)), n_cchunks, b)  # noqa: E731
         _lmsa_bwd_corr_head_kernel[grid](
-            x, dlp, v, *dw_flat, np_, dwp, xlp, *x.stride(), h, w, ncls,
-            C=c, CHUNK_ROWS=crows, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad)
+            x, dlp, v, *dw_flat, gs, np_, dwp, xlp, *x.stride(), h, w, ncls,
+            C=c, CHUNK_ROWS=crows, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad, S=pack.stride,
+            LEAD=pack.lead, TAIL=pack.tail)
         n_sum = _new((b, 3, ncls, c), x.device, torch.float32)
         dl_sum = _new((b, ncls), x.device, torch.float32)
         dl_x = _new((ncls, c), x.device, torch.float32)
@@ -1812,7 +1881,7 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
                          c // min(meta["BLOCK_J"], c), b)
     _lmsa_bwd_dx_head_kernel[grid](
         dlp, a, t_cells, dx, *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
-        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=k_pad)
+        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, S=pack.stride, LEAD=pack.lead, TAIL=pack.tail)
     return dx, [*pgrads, *head_grads]
 
 
@@ -1822,23 +1891,31 @@ def _w_ceil(w: int) -> int:
     return triton.cdiv(w, 128) * 128
 
 
-def _head_window_weights(dw_flat, v: torch.Tensor, wc: torch.Tensor, k_pad: int) -> torch.Tensor:
-    """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j]: B × 49 × C × K_PAD in V's dtype
-    (0 for κ ≥ NCLS; w_k[δ] = 0 outside window k), the per-sample weights of the classifier's forward
-    (`_lmsa_fwd_head_kernel`) and dx (`_lmsa_bwd_dx_head_kernel`) kernels. The taps are placed in the
-    7×7 window by one product with a constant 0/1 matrix (`_window_taps`), summed over the scales in
-    fp32 by one einsum, W_c added at the window's centre, rounded to V's dtype as they are padded."""
+def _head_window_weights(dw_flat, v: torch.Tensor, wc: torch.Tensor, pack: _Pack) -> torch.Tensor:
+    """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j] (w_k[δ] = 0 outside window k), the
+    per-sample weights of the classifier's forward (`_lmsa_fwd_head_kernel`) and dx
+    (`_lmsa_bwd_dx_head_kernel`) kernels, packed by window rows: B × 7 × C × pack.width in V's dtype,
+    A[b, δr + 3, j, u·S + κ] = A[b, (δr, 3 − u), j, κ] for the window's u = 0..6 (S = pack.stride),
+    0 for κ ≥ NCLS and past 7·S: a window row's classes in the order DLP holds the pixels (δc = 3 at
+    the left). The taps are placed in the 7×7 window by one product with a constant 0/1 matrix
+    (`_window_taps`, rows in that order), summed over the scales in fp32 by one einsum, W_c added at
+    the window's centre, rounded to V's dtype as they are copied into the zero-padded layout."""
     b, _, ncls, c = v.shape
     with autocast_off(v.device.type):
-        w49 = (_window_taps(v.device) @ torch.cat(dw_flat)).view(len(KERNEL_SIZES), 49, c)
-        a = torch.einsum("sdj,bskj->bdjk", w49, v.float())
-        a[:, 24] += wc.float().t()  # δ = (0, 0): (0 + 3)·7 + 0 + 3
-        return torch.nn.functional.pad(a, (0, k_pad - ncls)).to(v.dtype)
+        w49 = (_window_taps(v.device) @ torch.cat(dw_flat)).view(len(KERNEL_SIZES), 7, 7, c)
+        a = torch.einsum("sruj,bskj->brjuk", w49, v.float())  # B × 7 × C × 7 × NCLS
+        a[:, 3, :, 3] += wc.float().t()  # δ = (0, 0): δr + 3 = 3, u = 3
+        n = b * 7 * c * pack.width
+        out = torch.zeros(n + _k_pad(ncls), device=v.device, dtype=v.dtype)  # (+ the forward's reads past the end)
+        packed = out[:n].view(b, 7, c, pack.width)
+        packed[..., :7 * pack.stride].view(b, 7, c, 7, pack.stride)[..., :ncls] = a
+        return packed
 
 
 def _window_taps(device) -> torch.Tensor:
     """(3·49) × 83 fp32, 1 where window position δ of scale k takes tap t of the tap-major taps
-    (`_dw_flat`, concatenated): cached (`_constant`)."""
+    (`_dw_flat`, concatenated), the rows of a scale in window rows δr, then u = 3 − δc (the packed
+    window's order, `_head_window_weights`): cached (`_constant`)."""
     return _constant(_build_window_taps, torch.device(device))
 
 
@@ -1848,7 +1925,7 @@ def _build_window_taps(device) -> torch.Tensor:
         half = k // 2
         for r in range(k):
             for col in range(k):
-                s[i * 49 + (r - half + 3) * 7 + col - half + 3, row0 + r * k + col] = 1.0
+                s[i * 49 + (r - half + 3) * 7 + 3 - (col - half), row0 + r * k + col] = 1.0
     return s
 
 
@@ -1998,6 +2075,7 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
     corr_rows = _corr_rows(_AOT_HW, 32, _AOT_C, 132)
     dl_chunk = _chunk_pix(hw, 32, 1, 132, max_chunks=16)
     wgrad_chunk = _wgrad_chunk(hw // _WGRAD_STRIP, 32, _AOT_C, 132)  # chunks of strips
+    pack = _window_pack(_AOT_CLASSES)
     for dname, precise in _AOT_DTYPES.items():
         dt = f"*{dname}"
         packed = dname == "bf16"
@@ -2019,25 +2097,28 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
              ["H", "W", "WPAD"], {"PACKED": packed}),
             ("fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE,  # (the model's 19 classes)
              {"XP": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "LOGITS": dt},
-             ["H", "W", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
+             ["H", "W", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES), "S": pack.stride,
+                                  "WIDTH": pack.width}),
         ) + (
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},
              ["H", "W", "n_chunks"], {"CHUNK_PIX": gram_chunk, "PACKED": packed}),
             ("dl_head", _lmsa_bwd_dl_head_kernel, _DL_HEAD_TABLE,
              {"DL": dt, "SP": "*fp32", "DLP": dt}, ["H", "W", "NCLS"],
-             {"CHUNK_PIX": dl_chunk, "K_PAD": _k_pad(_AOT_CLASSES)}),
+             {"CHUNK_PIX": dl_chunk, "K_PAD": _k_pad(_AOT_CLASSES), "S": pack.stride}),
             ("corr_head", _lmsa_bwd_corr_head_kernel, _CORR_HEAD_TABLE,
-             {"X": dt, "DLP": dt, "V": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "NP": "*fp32",
-              "DWP": "*fp32", "XLP": "*fp32"},
-             ["H", "W", "NCLS"], {"CHUNK_ROWS": corr_rows, "W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
+             {"X": dt, "DLP": dt, "V": dt, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "GS": "*fp32",
+              "NP": "*fp32", "DWP": "*fp32", "XLP": "*fp32"},
+             ["H", "W", "NCLS"], {"CHUNK_ROWS": corr_rows, "W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES),
+                                  "S": pack.stride, "LEAD": pack.lead, "TAIL": pack.tail}),
             ("dx", _lmsa_bwd_dx_kernel, _DX_TABLE,
              {"DO": dt, "E3": et, "E5": et, "E7": et, "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32", "T": "*fp32",
               "DX": dt},
              ["H", "W", "TH", "TW"], {"PACKED": packed, "STRIP": _DX_STRIP}),
             ("dx_head", _lmsa_bwd_dx_head_kernel, _DX_HEAD_TABLE,
              {"DLP": dt, "A": dt, "T": "*fp32", "DX": dt},
-             ["H", "W", "TH", "TW"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES)}),
+             ["H", "W", "TH", "TW"], {"W_CEIL": _w_ceil(_AOT_HW), "S": pack.stride, "LEAD": pack.lead,
+                                      "TAIL": pack.tail}),
         )
         for name, fn, table, ptrs, ints, extra in kernels:
             jit_fn = fn.fn  # the JITFunction under the pinned-config wrapper

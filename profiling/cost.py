@@ -482,7 +482,7 @@ LOOPS: list[Loop] = [
          lambda a, pid: 49 * (a["C"] // min(a["BLOCK_K"], a["C"])), kernels=("_lmsa_fwd_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dl_head_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="mask_p, pc, h, w = _chunk_pixels(", kernels=("_lmsa_bwd_dl_head_kernel",)),
-    Loop("lmsa", "_lmsa_bwd_dx_head_kernel", "for d in range(0, 49):", lambda a, pid: 49,
+    Loop("lmsa", "_lmsa_bwd_dx_head_kernel", "for i in range(0, 7):", lambda a, pid: 7,
          kernels=("_lmsa_bwd_dx_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_corr_head_kernel", "for i in range(0, CHUNK_ROWS * COLS):", _corr_tiles,
          count="h = pid * CHUNK_ROWS + i // COLS", kernels=("_lmsa_bwd_corr_head_kernel",)),
