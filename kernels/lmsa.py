@@ -1894,7 +1894,8 @@ def _w_ceil(w: int) -> int:
 def _head_window_weights(dw_flat, v: torch.Tensor, wc: torch.Tensor, pack: _Pack) -> torch.Tensor:
     """A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j] (w_k[δ] = 0 outside window k), the
     per-sample weights of the classifier's forward (`_lmsa_fwd_head_kernel`) and dx
-    (`_lmsa_bwd_dx_head_kernel`) kernels, packed by window rows: B × 7 × C × pack.width in V's dtype,
+    (`_lmsa_bwd_dx_head_kernel`) kernels, packed by window rows: (B·7·C + 1) × pack.width in V's dtype
+    (B × 7 × C × width, then a zero row: the forward's reads of the last row's u = 6 run past it),
     A[b, δr + 3, j, u·S + κ] = A[b, (δr, 3 − u), j, κ] for the window's u = 0..6 (S = pack.stride),
     0 for κ ≥ NCLS and past 7·S: a window row's classes in the order DLP holds the pixels (δc = 3 at
     the left). The taps are placed in the 7×7 window by one product with a constant 0/1 matrix
@@ -1905,11 +1906,11 @@ def _head_window_weights(dw_flat, v: torch.Tensor, wc: torch.Tensor, pack: _Pack
         w49 = (_window_taps(v.device) @ torch.cat(dw_flat)).view(len(KERNEL_SIZES), 7, 7, c)
         a = torch.einsum("sruj,bskj->brjuk", w49, v.float())  # B × 7 × C × 7 × NCLS
         a[:, 3, :, 3] += wc.float().t()  # δ = (0, 0): δr + 3 = 3, u = 3
-        n = b * 7 * c * pack.width
-        out = torch.zeros(n + _k_pad(ncls), device=v.device, dtype=v.dtype)  # (+ the forward's reads past the end)
-        packed = out[:n].view(b, 7, c, pack.width)
-        packed[..., :7 * pack.stride].view(b, 7, c, 7, pack.stride)[..., :ncls] = a
-        return packed
+        # (B·7·C + 1) × width: a zero row after the last, where the forward's last K_PAD-wide reads end
+        out = torch.zeros(b * 7 * c + 1, pack.width, device=v.device, dtype=v.dtype)
+        out[:-1].view(b, 7, c, pack.width)[..., :7 * pack.stride].view(
+            b, 7, c, 7, pack.stride)[..., :ncls] = a
+        return out
 
 
 def _window_taps(device) -> torch.Tensor:
