@@ -146,37 +146,41 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
         v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
-        kpad = max(16, 1 << max(0, classes - 1).bit_length())  # the classes padded for the products
-        a = B * 49 * C * kpad * e  # the classifier's window weights A (x's dtype)
+        stride = -(-classes // 4) * 4  # the classes a pixel in dL's copy (a multiple of 4)
+        lead = max(16, 1 << max(0, 7 * stride - 1).bit_length())  # a window row's 7·S, packed lead + tail
+        tail = max(16, 1 << max(0, 7 * stride - lead // 2 - 1).bit_length()) if lead // 2 < 7 * stride else 0
+        width = lead // 2 + tail if tail and lead // 2 + tail < lead else lead
+        a = (B * 7 * C + 1) * width * e  # the classifier's window weights A, packed by window rows (x's dtype)
         if not head:
             op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,
                T + 3 * T + T)
         else:  # out is never formed: logits = Σ_k V_k D_k + W_c x + W_c β + b_c
             op("fwd", "V = W_c W̃ (host matmul)", wg, v)
-            op("fwd", "A = Σ_k w_k V_k + W_c at δ = 0 (host: window product, einsum, pad)", v,
+            op("fwd", "A = Σ_k w_k V_k + W_c at δ = 0 (host: window product, einsum, packed copy)", v + a,
                a + B * 49 * C * classes * 4)
             op("fwd", "forward kernel: x̂ (49 shifts, from L1/L2), A → logits (no D, no XW)", tp + a, L)
         if not head:
             op("bwd", "zero the three E_k borders", 0, 3 * e_border)
         else:
-            op("bwd", "zero dL's copy's border", 0, B * ((H + 6) * (W + 6) - H * W) * kpad * e)
+            op("bwd", "zero dL's copy's border", 0, B * ((H + 6) * (W + 6) - H * W) * stride * e)
         if not head:
             op("bwd", "gram kernel (three scales): D, dO, W̃ → ∂W̃ partials, E_3, E_5, E_7", 3 * T + T + wg,
                mp + 3 * (ep - e_border))
             op("bwd", "wgrad kernel (three scales): XW, E_3, E_5, E_7 → ∂w partials", T + 3 * ep, dwp)
             op("bwd", "sum the gram / wgrad partials", mp + dwp, mp // gram_chunks + N_TAPS * C * 4)
         else:  # the correlation G of x and dL gives N_k, ∂w_k's main path and Σ dL xᵀ (docs/lmsa.md)
-            dlp = B * (H + 6) * (W + 6) * kpad * e  # dL bordered, K_PAD classes
+            dlp = B * (H + 6) * (W + 6) * stride * e  # dL bordered, S values a pixel
             dl_chunks = _cdiv(H * W, _chunk_pix(H * W, B, 1, sms, 16))
             spart = dl_chunks * B * classes * 4  # Σ dL per chunk
-            op("bwd", "dL kernel: dL → Σ dL partials, dL's bordered copy", L, spart + B * H * W * kpad * e)
+            op("bwd", "dL kernel: dL → Σ dL partials, dL's bordered copy", L, spart + B * H * W * stride * e)
             corr_rows = _cdiv(H, max(1, min(4, _cdiv(4 * sms, B * 7 * max(1, C // 64)))))
             corr_chunks = _cdiv(H, corr_rows)
             npart = corr_chunks * 7 * B * 3 * classes * C * 4  # N_k's share of each window row
             dwp = B * corr_chunks * N_TAPS * C * 4
             xpart = corr_chunks * B * classes * C * 4
-            op("bwd", "correlation kernel: x, dL's copy (7 shifts, from L1/L2), V → N, ∂w, Σ dL xᵀ partials",
-               T + dlp + v, npart + dwp + xpart)
+            gslot = corr_chunks * B * 7 * C * width * 4  # each program's packed G, stored and read back
+            op("bwd", "correlation kernel: x, dL's copy (windows from L1/L2), V → N, ∂w, Σ dL xᵀ partials",
+               T + dlp + v + gslot, npart + dwp + xpart + gslot)
             op("bwd", "sum the partials", npart + spart + dwp + xpart,
                npart // (corr_chunks * 7) + B * classes * 4 + N_TAPS * C * 4 + classes * C * 4)
             op("bwd", "M = W_cᵀ N, ∂W_c = Σ_k N_k W̃_kᵀ + … (host matmuls)", npart // (corr_chunks * 7) + wg, wg32)

@@ -34,12 +34,14 @@ are a 7×7 convolution of x with per-sample window weights A = Σ_k w_k V_k + W_
 (V_k = W_c W̃_k; `_head_window_weights`), which `_lmsa_fwd_head_kernel` runs as 49 tensor-core
 products a tile (N = NCLS), plus W_c β + b_c; no D, no XW. The backward works from the logits'
 gradient dL, whose NCLS channels make every sum cheap on tensor cores: `_lmsa_bwd_dl_head_kernel` sums dL and copies it
-zero-bordered; `_lmsa_bwd_corr_head_kernel` forms the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ and
+zero-bordered, S = NCLS rounded up to 4 values a pixel, so the seven pixels of a window row are one
+run of 7·S values (`_window_pack`: 128 + 16 wide for 19 classes); `_lmsa_bwd_corr_head_kernel` forms
+the correlation G[δ] = Σ_p dL[p] x[p + δ]ᵀ, a window row in one product against those runs, and
 contracts it at once into N_k = dL D_kᵀ (M_k = W_cᵀ N_k on the host), the depthwise weights'
 main-path gradient (no wgrad sweep) and Σ dL xᵀ (for ∂W_c, with Σ_k N_k W̃_kᵀ and (Σ dL) βᵀ on the
-host); `_lmsa_bwd_dx_head_kernel` forms dx as 49 products of the same A with dL shifted by −δ (A's
-centre carries the residual W_cᵀ dL), plus the statistics path: E_k and dO are never formed. The
-classifier's convolution and its backward never run.
+host); `_lmsa_bwd_dx_head_kernel` forms dx from the same A, packed by window rows, one product a
+window row against dL's runs (A's centre carries the residual W_cᵀ dL), plus the statistics path:
+E_k and dO are never formed. The classifier's convolution and its backward never run.
 
 docs/lmsa.md: the derivation of each step, precision, layouts, memory held and bytes moved, the
 cost table and what the cost model said about the steps taken and not taken.
@@ -784,18 +786,20 @@ def _lmsa_bwd_corr_head_kernel(
     soon as it is complete (pid_dr, pid_j = divmod(program 0, C/BJ)):
         DWP[b, pid, row_k(δ), j]   = Σ_κ V_k[b][κ, j] G[δ, κ, j]         every scale k whose window holds δ
         NP[pid, pid_dr, b, k, κ, j] = Σ_{δ in row δr of window k} w_k[j, δ] G[δ, κ, j]   (0 outside it)
-        XLP[pid, b, j, n]           = Gp[j, n]                             (δr = 0's programs; G[0] at n = 3S + κ)
+        XLP[pid, b, κ, j]           = G[0, κ, j]                           (δr = 0's programs)
     The row's seven δc = 3 − u are one fp32 accumulator Gp[j, u·S + κ] = G[(δr, 3 − u), κ, j]
     (BJ × (LEAD + TAIL): channels × the packed window, the products' M × N), each tile adding its x
     (BJ × BLOCK_P, loaded once) times dL's windows: pixel q's is the run of 7·S values of DLP from
     bordered pixel (h − δr + 3, w) (q − δ for the seven δc, S values each; the dx kernel's operand,
     transposed). A tile lies in one row, so its pixels' row and columns need no division; masks only
-    past the row's end and the image's last row. The contractions over u and over κ are products of
-    Gp's parts with 0/1 matrices (`_corr_contract`).
+    past the row's end and the image's last row. Gp's columns group by S, not a power of two: for its
+    contractions over u and over κ (`_corr_contract`) the program stores Gp in its own slot of GS and
+    reads it back as a BJ × 8 × K_PAD tile (u, κ), where both are plain reductions.
     x: B × C × H × W (strides sx*), x's dtype; DLP: B × (H+6) × (W+6) × S (`_lmsa_bwd_dl_head_kernel`),
-    x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major k² × C fp32. NP, DWP, XLP
-    fp32, chunk-major (`sum_partials` sums NP over chunks and rows, DWP over images and chunks, XLP
-    over chunks and images; DWP is the wgrad kernel's layout)."""
+    x's dtype; V: B × 3 × NCLS × C, x's dtype; DW3/5/7: the taps tap-major k² × C fp32; GS: one
+    C × (LEAD + TAIL) fp32 slot a program (chunk, image, window row). NP, DWP, XLP fp32, chunk-major
+    (`sum_partials` sums NP over chunks and rows, DWP over images and chunks, XLP over chunks and
+    images; DWP is the wgrad kernel's layout)."""
     BJ: tl.constexpr = min(BLOCK_J, C)  # the configured channel block, clamped to C
     NJ: tl.constexpr = C // BJ
     TAIL_N: tl.constexpr = max(TAIL, 16)  # (the tail's tiles exist only if TAIL > 0)
@@ -2005,7 +2009,7 @@ def _params_of(p: LMSAParams) -> list[torch.Tensor]:
     return [*p.dw_weights, *p.pw_weights, *p.pw_biases, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias]
 
 
-MAX_CLASSES = 64  # the classifier's NCLS (its kernels hold NCLS-wide tiles, padded to a power of two)
+MAX_CLASSES = 36  # the classifier's NCLS: a packed window row (`_window_pack`) at most 256 wide (7 × 36)
 
 
 def _check_classifier(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
