@@ -101,16 +101,18 @@ _FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwi
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),
 ]
-_FWD_HEAD_TABLE = [  # BLOCK_P × BLOCK_R: a tile's columns × rows (the products' M, BLOCK_R accumulators),
-    # BLOCK_K: the K step (channels); N is the classes (K_PAD)
-    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),  # (fp32: spills)
-    (triton.Config({"BLOCK_P": 32, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _BOTH),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 2, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 2, "BLOCK_K": 128}, num_warps=8, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 4, "BLOCK_K": 64}, num_warps=4, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 128, "BLOCK_R": 4, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
-    (triton.Config({"BLOCK_P": 64, "BLOCK_R": 2, "BLOCK_K": 128}, num_warps=4, num_stages=3), _HALF),
+_FWD_HEAD_TABLE = [  # BLOCK_P: a tile's input pixels (the products' M), BLOCK_K: the K step (channels);
+    # N is a packed window row (LEAD + TAIL). 8 warps hold the BLOCK_P × (LEAD + TAIL) fp32 Z in 72
+    # registers a thread and the store's addresses as many again; 16 (sm_90 only: 72 B of spill on
+    # sm_80) take half. Predicted H100: 128 at 16 warps 188 µs, at 8 warps 189 (one CTA an SM);
+    # A100: 128 at 8 warps 461
+    (triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),  # (fp32: tf32x3; the
+    # narrower fp32 tiles tried, 32 × 16 / 32 at 8 warps and 16 × 16 at 4, spill)
+    (triton.Config({"BLOCK_P": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=16, num_stages=2), _HALF, (90,)),
 ]
+_FWD_HEAD_MAX_P = max(cfg.kwargs["BLOCK_P"] for cfg, *_ in _FWD_HEAD_TABLE)
 _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three accumulators of each)
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1), _HALF),
     (triton.Config({"BLOCK_P": 64, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _HALF),
@@ -567,56 +569,88 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 #     A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j]      (`_head_window_weights`, the host)
 # (V_k = W_c W̃_k; 0 where δ is outside window k), the logits are
 #     Σ_k V_k D_k[:, p] + W_c x[:, p] + W_c β + b_c = Σ_δ Σ_j A[b, δ, j, κ] x[j, p + δ] + (W_c β + b_c)
-# 49 tensor-core products a tile (M = pixels, K = C, N = NCLS padded to K_PAD) over x shifted by
-# δ, read from the statistics kernel's zero-bordered copy X̂ (in x's dtype here): no depthwise sweep
-# and no D. The backward's dx kernel takes the same A (its adjoint: dL shifted by −δ; the δ = 0
-# term W_cᵀ dL is the residual dO).
+# a 7×7 convolution of x with per-sample weights, read from the statistics kernel's zero-bordered
+# copy X̂ (in x's dtype here): no depthwise sweep and no D. With A packed by window rows
+# (A[b, δr, j, u·S + κ] = A[b, (δr, 3 − u), j, κ], the backward's layout) each input pixel p of a
+# tile takes all seven column offsets of a window row in one product:
+#     Z[p, u·S + κ] = Σ_δr Σ_j x̂[(h + δr, p), j] A[b, δr, j, u·S + κ]      (N = 7·S, 128 + 16 for 19 classes)
+#     logits[(h, q), κ] = Σ_u Z[q + 3 − u, u·S + κ] + W_c β + b_c
+# (input pixel q + δc = q + 3 − u feeds output q through column offset δc): 7·C/BK products of
+# N = lead + tail a tile instead of 49·C/BK of N = NCLS padded to a power of two (7 × 32 = 224
+# columns a window row for 19 classes, now 144). The sum over u shifts rows of Z, which lie in
+# other threads: each program stores Z in its own slot of ZS and reads it back shifted.
 @triton.jit
 def _lmsa_fwd_head_kernel(
-    XP, A, WC, BC, BIAS, LOGITS,
+    XP, A, WC, BC, BIAS, ZS, LOGITS,
     slb, slk, slh, slw,
-    H, W, NCLS,
-    C: tl.constexpr, W_CEIL: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    H, W, NCLS, n_img, n_progs,
+    C: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr, LEAD: tl.constexpr,
+    TAIL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """LOGITS[b, :, h, w] for BLOCK_R rows × BLOCK_P columns of image b (tile program 0: a band of
-    rows, a column tile; W_CEIL: W rounded up to 128, a multiple of every configured BLOCK_P): Σ_δ
-    x̂[(h, w) + δ] · A[b, δ] (49 × C/BK products of BLOCK_P × BK by BK × K_PAD, each A slice loaded
-    once for the BLOCK_R rows) + W_c β[b] + b_c (`_classifier_terms`), rounded to the logits' dtype.
-    XP: x channels-last with a zero 3-pixel border (B × (H+6) × (W+6) × C, x's dtype, the statistics
-    kernel's); A: B × 49 × C × K_PAD (x's dtype, δ = (δr + 3)·7 + δc + 3); WC: W_c (NCLS × C, x's
-    dtype); BC: b_c; BIAS: β (B × C fp32); LOGITS: any strides (sl*)."""
+    """LOGITS[b, :, h, q] for every tile (b, h, column tile) = pid, pid + n_progs, … of the n_img
+    images (a persistent
+    grid of n_progs programs, so the slots ZS holds are one a program): Z for the tile's BLOCK_P
+    input pixels (7·C/BK products of BLOCK_P × BK by BK × (LEAD + TAIL)), then the shifted sum and
+    W_c β[b] + b_c (`_classifier_terms`), rounded to the logits' dtype. Where a row fits one tile
+    (W ≤ BLOCK_P) its inputs and outputs are the row's pixels (inputs past the row are zero, as the
+    convolution's padding); a wider row takes tiles of BLOCK_P − 8 outputs, each with the 4 input
+    pixels on either side it needs. XP: x channels-last with a zero 3-pixel border (B × (H+6) ×
+    (W+6) × C, x's dtype, the statistics kernel's); A: (B·7·C + 1) × (LEAD + TAIL) (x's dtype,
+    `_head_window_weights`); WC: W_c (NCLS × C, x's dtype); BC: b_c; BIAS: β (B × C fp32); ZS:
+    n_progs × BLOCK_P × (LEAD + TAIL) fp32; LOGITS: any strides (sl*)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
     NK: tl.constexpr = C // BK
-    COLS: tl.constexpr = W_CEIL // BLOCK_P
-    h0 = tl.program_id(0) // COLS * BLOCK_R
-    w = tl.program_id(0) % COLS * BLOCK_P + tl.arange(0, BLOCK_P)
-    b = tl.program_id(1).to(tl.int64)
-    offs_k = tl.arange(0, K_PAD)
+    WIDTH: tl.constexpr = LEAD + TAIL
+    step = BLOCK_P  # output columns a tile
+    lo = 0  # input pixels a tile reads before its first output
+    if W > BLOCK_P:
+        step = BLOCK_P - 8
+        lo = 4
+    cols = (W + step - 1) // step
+    i = tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, BK)
-    # x at (h0, w) + δ: bordered pixel (h0 + 3 + δr, w + 3 + δc), δr·(W + 6) + δc pixels on
-    x_at = XP + ((b * (H + 6) + h0 + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :]  # BLOCK_P × BK
-    a_at = A + (b * 7 * C + offs_c[:, None]) * WIDTH + offs_k[None, :]  # BK × K_PAD at δ = (−3, 3)
-    z = tl.zeros([BLOCK_P, K_PAD], tl.float32)
-    acc = (z,) * BLOCK_R
-    for i in range(0, 49 * NK):
-        d = i // NK
-        c0 = i % NK * BK
-        a = tl.load(a_at + (d // 7 * C + c0) * WIDTH + (6 - d % 7) * S)  # (classes ≥ NCLS: a neighbour's, unused)
-        on = ((d // 7 - 3) * (W + 6) + d % 7 - 3) * C + c0
-        for r in tl.static_range(BLOCK_R):
-            ok = (w < W) & (h0 + r < H)
-            xs = tl.load(x_at + (r * (W + 6) * C + on), mask=ok[:, None], other=0.0)
-            acc = _add_at(acc, r, _mm(xs, a, PRECISE))
-    c_eff = _classifier_terms(WC, BC, BIAS, b, NCLS, LOGITS.dtype.element_ty, C, K_PAD)
-    for r in tl.static_range(BLOCK_R):
-        h = h0 + r
-        ok = (w < W) & (h < H)
-        tl.store(LOGITS + b * slb + h * slh + (w * slw)[:, None] + offs_k[None, :] * slk,
-                 _round(acc[r] + c_eff[None, :], LOGITS.dtype.element_ty), mask=ok[:, None] & (offs_k < NCLS)[None, :])
+    offs_k = tl.arange(0, K_PAD)
+    n_lead = tl.arange(0, LEAD)
+    n_tail = LEAD + tl.arange(0, max(TAIL, 16))  # (used only if TAIL > 0)
+    zs = ZS + (tl.program_id(0) * BLOCK_P + i)[:, None] * WIDTH  # this program's slot, BLOCK_P × 1
+    tile = tl.program_id(0)
+    while tile < n_img * H * cols:  # (a while loop: the interpreter takes no tensor bounds in range())
+        b = (tile // (H * cols)).to(tl.int64)
+        h = tile // cols % H
+        q0 = tile % cols * step
+        p = q0 - lo + i  # the tile's input pixels
+        p_ok = ((p >= 0) & (p < W))[:, None]
+        x_row = XP + ((b * (H + 6) + h) * (W + 6) + q0 - lo + 3) * C  # the tile's first input pixel, δr = −3
+        a_row = A + b * 7 * C * WIDTH
+        z = tl.zeros([BLOCK_P, LEAD], tl.float32)
+        z_tail = tl.zeros([BLOCK_P, max(TAIL, 16)], tl.float32)
+        for it in range(0, 7 * NK):
+            r = it // NK
+            c0 = it % NK * BK
+            xs = tl.load(x_row + (r * (W + 6) * C + c0) + i[:, None] * C + offs_c[None, :], mask=p_ok, other=0.0)
+            a_at = a_row + (r * C + c0) * WIDTH + offs_c[:, None] * WIDTH
+            z += _mm(xs, tl.load(a_at + n_lead[None, :]), PRECISE)
+            if TAIL > 0:
+                z_tail += _mm(xs, tl.load(a_at + n_tail[None, :]), PRECISE)
+        tl.store(zs + n_lead[None, :], z)
+        if TAIL > 0:
+            tl.store(zs + n_tail[None, :], z_tail)
+        tl.debug_barrier()  # (the slot's rows come back to other threads)
+        out = tl.zeros([BLOCK_P, K_PAD], tl.float32) + _classifier_terms(WC, BC, BIAS, b, NCLS,
+                                                                       LOGITS.dtype.element_ty, C, K_PAD)[None, :]
+        for u in range(0, 7):  # (a loop, not unrolled: one shifted load's addresses live at a time)
+            src = i + lo + 3 - u  # the Z row of output q0 + i's input pixel q + δc (δc = 3 − u)
+            out += tl.load(ZS + (tl.program_id(0) * BLOCK_P + src)[:, None] * WIDTH + u * S + offs_k[None, :],
+                           mask=((src >= 0) & (src < BLOCK_P))[:, None] & (offs_k < NCLS)[None, :], other=0.0)
+        q = q0 + i
+        tl.store(LOGITS + b * slb + h * slh + (q * slw)[:, None] + offs_k[None, :] * slk,
+                 _round(out, LOGITS.dtype.element_ty), mask=((i < step) & (q < W))[:, None] & (offs_k < NCLS)[None, :])
+        tl.debug_barrier()  # (the next tile rewrites the slot)
+        tile += n_progs
 
 
-_lmsa_fwd_head_kernel = _pinned("lmsa.fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE, ["H", "W", "C", "PRECISE"])
+_lmsa_fwd_head_kernel = _pinned("lmsa.fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE,
+                                 ["H", "W", "C", "PRECISE", "n_img"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1700,10 +1734,12 @@ def _forward(x, params, precise, keep: bool = False, head=None):
     pack = _window_pack(ncls)
     a = _head_window_weights(dw_flat, v, wc, pack)
     logits = _new_like(x, ncls)
-    grid = lambda meta: (triton.cdiv(h, meta["BLOCK_R"]) * (_w_ceil(w) // meta["BLOCK_P"]), b)  # noqa: E731
-    _lmsa_fwd_head_kernel[grid](
-        xp, a, wc, bc, beta, logits, *logits.stride(), h, w, ncls,
-        C=c, W_CEIL=_w_ceil(w), PRECISE=precise, K_PAD=_k_pad(ncls), S=pack.stride, WIDTH=pack.width)
+    # a persistent grid: one Z slot a program (the largest configured tile's)
+    n_progs = _fwd_programs(b, h, w, _sm_count(x.device))
+    zs = _new((n_progs * _FWD_HEAD_MAX_P, pack.width), x.device, torch.float32)
+    _lmsa_fwd_head_kernel[(n_progs,)](
+        xp, a, wc, bc, beta, zs, logits, *logits.stride(), h, w, ncls, b, n_progs,
+        C=c, PRECISE=precise, K_PAD=_k_pad(ncls), S=pack.stride, LEAD=pack.lead, TAIL=pack.tail)
     kept = _Kept(dw_flat, onc, state, (wc, v, a)) if keep else None
     return beta, P, wg, kept, logits
 
@@ -1887,6 +1923,15 @@ def _backward(x, dsave, xw, g, P, wg, params, precise, kept: _Kept | None = None
         dlp, a, t_cells, dx, *dx.stride(), h, w, min(h, _CELLS), min(w, _CELLS),
         C=c, W_CEIL=_w_ceil(w), PRECISE=precise, S=pack.stride, LEAD=pack.lead, TAIL=pack.tail)
     return dx, [*pgrads, *head_grads]
+
+
+def _fwd_programs(b: int, h: int, w: int, sms: int | None) -> int:
+    """Programs of the classifier's persistent forward (`_lmsa_fwd_head_kernel`: B·H rows of column
+    tiles): 2 an SM (the pinned 8-warp tiles' occupancy), or under the interpreter (sms None) 3, so
+    the tests cover several tiles a program; never more than the narrowest configured tile's tile
+    count (programs past their last tile do nothing)."""
+    p = min(cfg.kwargs["BLOCK_P"] for cfg, *_ in _FWD_HEAD_TABLE)
+    return min(b * h * (1 if w <= p else triton.cdiv(w, p - 8)), 3 if sms is None else 2 * sms)
 
 
 def _w_ceil(w: int) -> int:
@@ -2101,9 +2146,9 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
               "OUT": dt, "D": dt, "XW": et},
              ["H", "W", "WPAD"], {"PACKED": packed}),
             ("fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE,  # (the model's 19 classes)
-             {"XP": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "LOGITS": dt},
-             ["H", "W", "NCLS"], {"W_CEIL": _w_ceil(_AOT_HW), "K_PAD": _k_pad(_AOT_CLASSES), "S": pack.stride,
-                                  "WIDTH": pack.width}),
+             {"XP": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "ZS": "*fp32", "LOGITS": dt},
+             ["H", "W", "NCLS", "n_img", "n_progs"], {"K_PAD": _k_pad(_AOT_CLASSES), "S": pack.stride,
+                                                      "LEAD": pack.lead, "TAIL": pack.tail}),
         ) + (
             ("gram", _lmsa_bwd_gram_kernel, _GRAM_TABLE,
              {"D": dt, "DO": dt, "WG": dt, "MP": "*fp32", "GSP": "*fp32", "E3": et, "E5": et, "E7": et},

@@ -284,6 +284,13 @@ def _corr_tiles(a, pid):
     return len(rows) * (a["W_CEIL"] // a["BLOCK_P"])
 
 
+def _head_fwd_tiles(a, pid):
+    """The LMSA classifier forward's tiles in persistent program pid[0]: B·H rows of column tiles
+    (one a row where W fits a tile, else tiles of BLOCK_P − 8 outputs), dealt every n_progs."""
+    step = a["BLOCK_P"] if a["W"] <= a["BLOCK_P"] else a["BLOCK_P"] - 8
+    return len(range(pid[0], a["n_img"] * a["H"] * _cdiv(a["W"], step), a["n_progs"]))
+
+
 def _fold_tile_trips(a, pid):
     """The decoder's fold. Forward (4 sites): stage pid[1]'s column tile pid[2], K = E. Backward
     (N_COL among the arguments; 8 sites): per stage, ∂W_s's tile (K = C_s), then ∂U_s's (K = E)."""
@@ -478,8 +485,13 @@ LOOPS: list[Loop] = [
     Loop("lmsa", "_lmsa_bwd_gram_kernel", "for c0 in range(0, C, BC):",
          lambda a, pid: _stats_active(a, pid) * _cdiv(a["C"], min(a["BLOCK_C"], a["C"])),
          count="e3 += _mm(gc,", kernels=("_lmsa_bwd_gram_kernel",)),
-    Loop("lmsa", "_lmsa_fwd_head_kernel", "for i in range(0, 49 * NK):",
-         lambda a, pid: 49 * (a["C"] // min(a["BLOCK_K"], a["C"])), kernels=("_lmsa_fwd_head_kernel",)),
+    Loop("lmsa", "_lmsa_fwd_head_kernel", "while tile < n_img * H * cols:", _head_fwd_tiles,
+         count="tile += n_progs", kernels=("_lmsa_fwd_head_kernel",)),
+    Loop("lmsa", "_lmsa_fwd_head_kernel", "for u in range(0, 7):", lambda a, pid: _head_fwd_tiles(a, pid) * 7,
+         kernels=("_lmsa_fwd_head_kernel",)),
+    Loop("lmsa", "_lmsa_fwd_head_kernel", "for it in range(0, 7 * NK):",
+         lambda a, pid: _head_fwd_tiles(a, pid) * 7 * (a["C"] // min(a["BLOCK_K"], a["C"])),
+         kernels=("_lmsa_fwd_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dl_head_kernel", "for i in range(0, CHUNK_PIX, BLOCK_P):", _stats_active,
          count="mask_p, pc, h, w = _chunk_pixels(", kernels=("_lmsa_bwd_dl_head_kernel",)),
     Loop("lmsa", "_lmsa_bwd_dx_head_kernel", "for i in range(0, 7):", lambda a, pid: 7,

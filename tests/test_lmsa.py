@@ -198,7 +198,8 @@ def _classifier(ncls: int, c: int, dtype, device, seed: int) -> list[torch.Tenso
     (1, 128, 7, 9, "channels_last", torch.float32, 19),   # the model's C: 8 gram channel blocks of 16
     (2, 16, 9, 10, "nchw", torch.float16, 33),            # K_PAD 64; fp16 (fp32 E_k)
     (2, 16, 9, 10, "channels_last", torch.bfloat16, 17),  # bf16 everywhere (packed E_k)
-], ids=["13x11-C16-k5", "7x9-C32-k19-cl", "7x9-C128-k19-cl", "fp16-k33", "bf16-k17-cl"])
+    (1, 16, 3, 130, "nchw", torch.float32, 19),           # rows wider than the forward's tile: its halo tiles
+], ids=["13x11-C16-k5", "7x9-C32-k19-cl", "7x9-C128-k19-cl", "fp16-k33", "bf16-k17-cl", "wide-rows"])
 def test_classifier_inside(b, c, h, w, layout, dtype, ncls, device, poisoned):
     """`lmsa_classifier`: the logits and all 16 gradients (LMSA's 14, W_c, b_c) against
     `eager_lmsa_classifier` in float64; the logits' gradient is the op's only incoming gradient."""
