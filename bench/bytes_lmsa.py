@@ -135,14 +135,15 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         mp = B * gram_chunks * 3 * C * C * 4
         dwp = B * wgrad_chunks * N_TAPS * C * 4
         cells = B * C * 49 * 4
-        xb = e if head else 4  # x̂: a zero-bordered copy of x, fp32 (the sweeps') or x's dtype (the classifier's)
-        tp = B * (H + 6) * (W + 6) * C * xb
-        border = tp - B * H * W * C * xb  # its border, zeroed by the host
+        tp = B * (H + 6) * (W + 6) * C * 4  # x̂: a zero-bordered fp32 copy of x (the plain forward's sweeps)
+        border = tp - B * H * W * C * 4  # its border, zeroed by the host
         ep = B * (H + 6) * (W + 6) * C * (2 if e == 2 else 4)  # one bordered E_k: bf16 pairs for bf16
         e_border = ep - B * H * W * C * (2 if e == 2 else 4)
-        op("fwd", f"stats kernel: x → per-chunk cell sums, bordered {'fp32 ' if not head else ''}x̂", T,
-           sp + (tp - border))
-        op("fwd", "zero x̂'s border", 0, border)
+        if not head:
+            op("fwd", "stats kernel: x → per-chunk cell sums, bordered fp32 x̂", T, sp + (tp - border))
+            op("fwd", "zero x̂'s border", 0, border)
+        else:  # the classifier's forward reads x itself
+            op("fwd", "stats kernel: x → per-chunk cell sums", T, sp)
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
         v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
@@ -158,7 +159,9 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
             op("fwd", "V = W_c W̃ (host matmul)", wg, v)
             op("fwd", "A = Σ_k w_k V_k + W_c at δ = 0 (host: window product, einsum, packed copy)", v + a,
                a + B * 49 * C * classes * 4)
-            op("fwd", "forward kernel: x̂ (49 shifts, from L1/L2), A → logits (no D, no XW)", tp + a, L)
+            slots = 2 * sms * 128 * width * 4  # the persistent programs' Z slots (fp32)
+            op("fwd", "forward kernel: x (7 window rows, from L1/L2), A → Z slots → logits (no D, no XW)",
+               T + a + slots, L + slots)
         if not head:
             op("bwd", "zero the three E_k borders", 0, 3 * e_border)
         else:

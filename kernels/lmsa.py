@@ -103,13 +103,14 @@ _FWD_TABLE = [  # BLOCK_P: pixel pairs per tile (`_pair_tile`), BLOCK_K: depthwi
 ]
 _FWD_HEAD_TABLE = [  # BLOCK_P: a tile's input pixels (the products' M), BLOCK_K: the K step (channels);
     # N is a packed window row (LEAD + TAIL). 8 warps hold the BLOCK_P × (LEAD + TAIL) fp32 Z in 72
-    # registers a thread and the store's addresses as many again; 16 (sm_90 only: 72 B of spill on
-    # sm_80) take half. Predicted H100: 128 at 16 warps 188 µs, at 8 warps 189 (one CTA an SM);
-    # A100: 128 at 8 warps 461
-    (triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
+    # registers a thread and the store's addresses as many again; 16 take half (a third entry: the
+    # only architectures a tile builds without spills on). A 64-pixel tile takes a 128-pixel row in
+    # three halo tiles (1.5 × the products)
+    (triton.Config({"BLOCK_P": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2), _HALF),
     (triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1), _BOTH),  # (fp32: tf32x3; the
     # narrower fp32 tiles tried, 32 × 16 / 32 at 8 warps and 16 × 16 at 4, spill)
     (triton.Config({"BLOCK_P": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF),
+    (triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2), _HALF, (90,)),
     (triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=16, num_stages=2), _HALF, (90,)),
 ]
 _FWD_HEAD_MAX_P = max(cfg.kwargs["BLOCK_P"] for cfg, *_ in _FWD_HEAD_TABLE)
@@ -430,15 +431,14 @@ def _lmsa_stats_kernel(
     X, SP, XP,
     sxb, sxc, sxh, sxw,
     H, W, TH, TW, n_chunks,
-    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    C: tl.constexpr, CHUNK_PIX: tl.constexpr, PRECISE: tl.constexpr, WRITE_XP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Cell sums of x over pixel chunk `pid` of image b, channel block pid_c: SP[b, pid, cell, c]
     (B × n × 49 × C fp32), as onehot(cell)ᵀ · x on tensor cores (64 one-hot rows, 49 used), one
-    BLOCK_P-pixel tile at a time. Also writes x's tiles into the interior of XP: x channels-last
-    with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host zeroes the border), which the
-    forward kernels read without masks: fp32 for the plain forward's depthwise sweeps (no
-    conversions), x's dtype for the classifier's tensor-core products."""
+    BLOCK_P-pixel tile at a time. WRITE_XP (the plain forward's): also writes x's tiles in fp32 into
+    the interior of XP, x channels-last with a 3-pixel zero border (B × (H+6) × (W+6) × C; the host
+    zeroes the border), which its depthwise sweeps read without masks or conversions."""
     BC: tl.constexpr = min(BLOCK_C, C)  # the configured channel block, clamped to C
     pid_c = tl.program_id(0)
     pid = tl.program_id(1)
@@ -456,8 +456,9 @@ def _lmsa_stats_kernel(
             cell = _cell(h, w, H, W, TH, TW)
             xt = tl.load(x_base + (h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                          mask=mask_p[:, None], other=0.0)  # BLOCK_P × BC
-            tl.store(XP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :],
-                     xt.to(XP.dtype.element_ty), mask=mask_p[:, None])
+            if WRITE_XP:
+                tl.store(XP + ((b * (H + 6) + h + 3) * (W + 6) + w + 3)[:, None] * C + offs_c[None, :],
+                         xt.to(XP.dtype.element_ty), mask=mask_p[:, None])
             onehot_t = tl.where((offs_cell[:, None] == cell[None, :]) & mask_p[None, :], 1.0, 0.0)
             acc += _mm(onehot_t.to(xt.dtype), xt, PRECISE)  # 64 × BC
     out = SP + ((b * n_chunks + pid) * 49 + offs_cell[:, None]) * C + offs_c[None, :]
@@ -581,7 +582,8 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 # other threads: each program stores Z in its own slot of ZS and reads it back shifted.
 @triton.jit
 def _lmsa_fwd_head_kernel(
-    XP, A, WC, BC, BIAS, ZS, LOGITS,
+    X, A, WC, BC, BIAS, ZS, LOGITS,
+    sxb, sxc, sxh, sxw,
     slb, slk, slh, slw,
     H, W, NCLS, n_img, n_progs,
     C: tl.constexpr, PRECISE: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr, LEAD: tl.constexpr,
@@ -619,15 +621,16 @@ def _lmsa_fwd_head_kernel(
         h = tile // cols % H
         q0 = tile % cols * step
         p = q0 - lo + i  # the tile's input pixels
-        p_ok = ((p >= 0) & (p < W))[:, None]
-        x_row = XP + ((b * (H + 6) + h) * (W + 6) + q0 - lo + 3) * C  # the tile's first input pixel, δr = −3
+        p_ok = (p >= 0) & (p < W)
+        x_at = X + b * sxb + (p * sxw)[:, None] + offs_c[None, :] * sxc
         a_row = A + b * 7 * C * WIDTH
         z = tl.zeros([BLOCK_P, LEAD], tl.float32)
         z_tail = tl.zeros([BLOCK_P, max(TAIL, 16)], tl.float32)
         for it in range(0, 7 * NK):
             r = it // NK
             c0 = it % NK * BK
-            xs = tl.load(x_row + (r * (W + 6) * C + c0) + i[:, None] * C + offs_c[None, :], mask=p_ok, other=0.0)
+            hr = h + r - 3  # window row δr = r − 3 (zero outside the image, as the convolution's padding)
+            xs = tl.load(x_at + (hr * sxh + c0 * sxc), mask=p_ok[:, None] & (hr >= 0) & (hr < H), other=0.0)
             a_at = a_row + (r * C + c0) * WIDTH + offs_c[:, None] * WIDTH
             z += _mm(xs, tl.load(a_at + n_lead[None, :]), PRECISE)
             if TAIL > 0:
@@ -1634,18 +1637,18 @@ def _gate_backward(m, gsum, state, P, onc, dw_main, params, h, w):
     return t_cells, grads
 
 
-def _stats(x: torch.Tensor, precise: bool, xp_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P: the cell sums, B × C × 7 × 7 fp32; X̂: x zero-bordered in `xp_dtype`, fp32 for the FP32
-    depthwise sweeps of the plain forward, x's dtype for the classifier's tensor-core products)."""
+def _stats(x: torch.Tensor, precise: bool, bordered: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(P: the cell sums, B × C × 7 × 7 fp32; X̂: x zero-bordered in fp32 for the FP32 depthwise sweeps
+    of the plain forward, if `bordered`, else None: the classifier's forward reads x itself)."""
     b, c, h, w = x.shape
     chunk = _chunk_pix(h * w, b, 1, _sm_count(x.device), max_chunks=8)
     n_chunks = triton.cdiv(h * w, chunk)
     sp = _new((b, n_chunks, _CELLS * _CELLS, c), x.device, torch.float32)
-    xp, = _bordered(b, h, w, c, x.device, xp_dtype)
+    xp = _bordered(b, h, w, c, x.device)[0] if bordered else None
     grid = lambda meta: (c // min(meta["BLOCK_C"], c), n_chunks, b)  # noqa: E731
     _lmsa_stats_kernel[grid](
-        x, sp, xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
-        C=c, CHUNK_PIX=chunk, PRECISE=precise)
+        x, sp, sp if xp is None else xp, *x.stride(), h, w, min(h, _CELLS), min(w, _CELLS), n_chunks,
+        C=c, CHUNK_PIX=chunk, PRECISE=precise, WRITE_XP=bordered)
     cells = sp.sum(1)  # B×49×C, summed in chunk order
     return cells.transpose(1, 2).reshape(b, c, _CELLS, _CELLS), xp
 
@@ -1714,7 +1717,7 @@ def _forward(x, params, precise, keep: bool = False, head=None):
     backward takes β (B × C fp32) in out's place for ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and
     memory format."""
     b, c, h, w = x.shape
-    P, xp = _stats(x, precise, torch.float32 if head is None else x.dtype)
+    P, xp = _stats(x, precise, bordered=head is None)
     dw_flat = _dw_flat(params[0:3])
     onc = _on_cells(h, w, dw_flat)
     wg, beta, state = _gate_forward(P, onc, params, x.dtype)
@@ -1738,7 +1741,7 @@ def _forward(x, params, precise, keep: bool = False, head=None):
     n_progs = _fwd_programs(b, h, w, _sm_count(x.device))
     zs = _new((n_progs * _FWD_HEAD_MAX_P, pack.width), x.device, torch.float32)
     _lmsa_fwd_head_kernel[(n_progs,)](
-        xp, a, wc, bc, beta, zs, logits, *logits.stride(), h, w, ncls, b, n_progs,
+        x, a, wc, bc, beta, zs, logits, *x.stride(), *logits.stride(), h, w, ncls, b, n_progs,
         C=c, PRECISE=precise, K_PAD=_k_pad(ncls), S=pack.stride, LEAD=pack.lead, TAIL=pack.tail)
     kept = _Kept(dw_flat, onc, state, (wc, v, a)) if keep else None
     return beta, P, wg, kept, logits
@@ -2135,18 +2138,18 @@ def _aot_specs() -> tuple[list[AotSpec], list[AotSpec]]:
                         ["H", "W", "WPAD", "n_chunks"], {"CHUNK_S": wgrad_chunk, "S3": 3 in sc, "S5": 5 in sc, "S7": 7 in sc,
                                                  "PACKED": packed, "STRIP": _WGRAD_STRIP})
                        for sc in WGRAD_SPLIT)
-        kernels = wgrads + tuple(  # X̂ in fp32 (the plain forward's) and in x's dtype (the classifier's)
-            ("stats" if xp == "*fp32" else "stats_xp16", _lmsa_stats_kernel, _STATS_TABLE,
-             {"X": dt, "SP": "*fp32", "XP": xp}, ["H", "W", "TH", "TW", "n_chunks"],
-             {"CHUNK_PIX": stats_chunk})
-            for xp in sorted({"*fp32", dt})
+        kernels = wgrads + tuple(  # with X̂ in fp32 (the plain forward's) and without (the classifier's)
+            ("stats" if write else "stats_nox", _lmsa_stats_kernel, _STATS_TABLE,
+             {"X": dt, "SP": "*fp32", "XP": "*fp32"}, ["H", "W", "TH", "TW", "n_chunks"],
+             {"CHUNK_PIX": stats_chunk, "WRITE_XP": write})
+            for write in (True, False)
         ) + (
             ("fwd", _lmsa_fwd_kernel, _FWD_TABLE,
              {"X": dt, "XP": "*fp32", "WG": dt, "BIAS": "*fp32", "DW3": "*fp32", "DW5": "*fp32", "DW7": "*fp32",
               "OUT": dt, "D": dt, "XW": et},
              ["H", "W", "WPAD"], {"PACKED": packed}),
             ("fwd_head", _lmsa_fwd_head_kernel, _FWD_HEAD_TABLE,  # (the model's 19 classes)
-             {"XP": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "ZS": "*fp32", "LOGITS": dt},
+             {"X": dt, "A": dt, "WC": dt, "BC": "*fp32", "BIAS": "*fp32", "ZS": "*fp32", "LOGITS": dt},
              ["H", "W", "NCLS", "n_img", "n_progs"], {"K_PAD": _k_pad(_AOT_CLASSES), "S": pack.stride,
                                                       "LEAD": pack.lead, "TAIL": pack.tail}),
         ) + (
