@@ -31,8 +31,9 @@ Between them on the host: the bordered buffers' fills, the chunk sums and the ce
 `lmsa_classifier(x, p, W_c, b_c)` = the classifier (1×1 convolution C → NCLS) on LMSA's output,
 the model's low-res logits, with neither LMSA's output nor its gradient ever formed: the logits
 are a 7×7 convolution of x with per-sample window weights A = Σ_k w_k V_k + W_c at the centre
-(V_k = W_c W̃_k; `_head_window_weights`), which `_lmsa_fwd_head_kernel` runs as 49 tensor-core
-products a tile (N = NCLS), plus W_c β + b_c; no D, no XW. The backward works from the logits'
+(V_k = W_c W̃_k; `_head_window_weights`), which `_lmsa_fwd_head_kernel` runs from x as 7 × C/BK
+tensor-core products a tile, a window row's seven column offsets in each (N = the packed 7·NCLS
+below, then shifted by δc), plus W_c β + b_c; no D, no XW. The backward works from the logits'
 gradient dL, whose NCLS channels make every sum cheap on tensor cores: `_lmsa_bwd_dl_head_kernel` sums dL and copies it
 zero-bordered, S = NCLS rounded up to 4 values a pixel, so the seven pixels of a window row are one
 run of 7·S values (`_window_pack`: 128 + 16 wide for 19 classes); `_lmsa_bwd_corr_head_kernel` forms
@@ -121,7 +122,7 @@ _GRAM_TABLE = [  # BLOCK_J: channel block of M and E, BLOCK_C: E's K step (three
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=8, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 32, "BLOCK_J": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1), _BOTH),
 ]
-_DL_HEAD_TABLE = [  # BLOCK_P: pixels a tile (all K_PAD classes)
+_DL_HEAD_TABLE = [  # BLOCK_P: pixels a tile (K_PAD-wide tiles; S values a pixel stored)
     (triton.Config({"BLOCK_P": 64}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 128}, num_warps=4, num_stages=1), _BOTH),
     (triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=1), _BOTH),
@@ -570,8 +571,8 @@ _lmsa_fwd_kernel = _pinned("lmsa.fwd", _lmsa_fwd_kernel, _FWD_TABLE, ["H", "W", 
 #     A[b, δ, j, κ] = Σ_k w_k[j, δ] V_k[b, κ, j] + [δ = 0] W_c[κ, j]      (`_head_window_weights`, the host)
 # (V_k = W_c W̃_k; 0 where δ is outside window k), the logits are
 #     Σ_k V_k D_k[:, p] + W_c x[:, p] + W_c β + b_c = Σ_δ Σ_j A[b, δ, j, κ] x[j, p + δ] + (W_c β + b_c)
-# a 7×7 convolution of x with per-sample weights, read from the statistics kernel's zero-bordered
-# copy X̂ (in x's dtype here): no depthwise sweep and no D. With A packed by window rows
+# a 7×7 convolution of x with per-sample weights (x read as it is, masked at the image's edges):
+# no depthwise sweep and no D. With A packed by window rows
 # (A[b, δr, j, u·S + κ] = A[b, (δr, 3 − u), j, κ], the backward's layout) each input pixel p of a
 # tile takes all seven column offsets of a window row in one product:
 #     Z[p, u·S + κ] = Σ_δr Σ_j x̂[(h + δr, p), j] A[b, δr, j, u·S + κ]      (N = 7·S, 128 + 16 for 19 classes)
@@ -590,14 +591,13 @@ def _lmsa_fwd_head_kernel(
     TAIL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """LOGITS[b, :, h, q] for every tile (b, h, column tile) = pid, pid + n_progs, … of the n_img
-    images (a persistent
-    grid of n_progs programs, so the slots ZS holds are one a program): Z for the tile's BLOCK_P
-    input pixels (7·C/BK products of BLOCK_P × BK by BK × (LEAD + TAIL)), then the shifted sum and
-    W_c β[b] + b_c (`_classifier_terms`), rounded to the logits' dtype. Where a row fits one tile
-    (W ≤ BLOCK_P) its inputs and outputs are the row's pixels (inputs past the row are zero, as the
-    convolution's padding); a wider row takes tiles of BLOCK_P − 8 outputs, each with the 4 input
-    pixels on either side it needs. XP: x channels-last with a zero 3-pixel border (B × (H+6) ×
-    (W+6) × C, x's dtype, the statistics kernel's); A: (B·7·C + 1) × (LEAD + TAIL) (x's dtype,
+    images (a persistent grid of n_progs programs, so the slots ZS holds are one a program): Z for
+    the tile's BLOCK_P input pixels (7·C/BK products of BLOCK_P × BK by BK × (LEAD + TAIL)), then the
+    shifted sum and W_c β[b] + b_c (`_classifier_terms`), rounded to the logits' dtype. Where a row
+    fits one tile (W ≤ BLOCK_P) its inputs and outputs are the row's pixels (inputs past the row are
+    zero, as the convolution's padding); a wider row takes tiles of BLOCK_P − 8 outputs, each with
+    the 4 input pixels on either side it needs. X: x, B × C × H × W (strides sx*, any layout; rows and
+    columns outside the image masked); A: (B·7·C + 1) × (LEAD + TAIL) (x's dtype,
     `_head_window_weights`); WC: W_c (NCLS × C, x's dtype); BC: b_c; BIAS: β (B × C fp32); ZS:
     n_progs × BLOCK_P × (LEAD + TAIL) fp32; LOGITS: any strides (sl*)."""
     BK: tl.constexpr = min(BLOCK_K, C)  # the configured K slice, clamped to C
@@ -875,8 +875,8 @@ def _lmsa_bwd_corr_head_kernel(
     k = tl.arange(0, K_PAD)
     live = (u < 7)[None, :, None] & (k < NCLS)[None, None, :]
     g3 = tl.load(gs[:, :, None] + (u * S)[None, :, None] + k[None, None, :], mask=live, other=0.0)  # BJ × 8 × K_PAD
-    tl.store(XLP + (part * NCLS + k[None, :]) * C + offs_j[:, None], tl.sum(tl.where((u == 3)[None, :, None], g3, 0.0), 1),
-             mask=(k < NCLS)[None, :] & (dr == 0))
+    g0 = tl.sum(tl.where((u == 3)[None, :, None], g3, 0.0), 1)  # G[0] (δc = 0: u = 3)
+    tl.store(XLP + (part * NCLS + k[None, :]) * C + offs_j[:, None], g0, mask=(k < NCLS)[None, :] & (dr == 0))
     n_chunks = tl.num_programs(1)
     np_ = NP + ((pid * 7 + pid_dr) * n_img + b) * 3 * (NCLS * C)
     dwp = DWP + (b * n_chunks + pid) * _NT * C
@@ -1713,7 +1713,7 @@ def _forward(x, params, precise, keep: bool = False, head=None):
     """(out, P, W̃, D, XW, kept, None) (module docstring), with `keep` a `_Kept` for the backward (else
     None, and the backward builds its contents again). With `head` = (W_c, b_c), the classifier's:
     (β, P, W̃, kept, logits): LMSA's out is never formed, nor D and XW (the classifier's kernels work
-    from x's bordered copy in x's dtype and the window weights A, `_head_window_weights`), and the
+    from x itself and the window weights A, `_head_window_weights`), and the
     backward takes β (B × C fp32) in out's place for ∂L/∂W_c; logits B × NCLS × H × W, x's dtype and
     memory format."""
     b, c, h, w = x.shape
