@@ -72,6 +72,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _window_width(classes: int) -> tuple[int, int]:
+    """(S, width): the classes a pixel of dL's copy and the packed window row's width (same rule as
+    msf.kernels.lmsa._window_pack: 7·S as a power of two, or half of one plus a tail ≥ 16 when
+    narrower; 19 classes → (20, 144))."""
+    stride = _cdiv(classes, 4) * 4
+    need = 7 * stride
+    lead = max(16, 1 << (need - 1).bit_length())
+    half = lead // 2
+    if 16 <= half < need:
+        tail = max(16, 1 << (need - half - 1).bit_length())
+        if half + tail < lead:
+            return stride, half + tail
+    return stride, lead
+
+
 def _chunk_pix(hw: int, batch: int, per_chunk_programs: int, sms: int, max_chunks: int) -> int:
     """Pixels per chunk of the stats / gram kernels (same rule as msf.kernels.lmsa._chunk_pix)."""
     want = max(1, min(max_chunks, _cdiv(4 * sms, batch * per_chunk_programs)))
@@ -147,10 +162,7 @@ def ops(variant: str, B: int = 32, C: int = 128, H: int = 128, W: int = 128, e: 
         op("fwd", "sum the cell-sum partials", sp, cells)
         op("fwd", "gate graph: W̃ = z ⊙ W in fp32, then cast", wg32, wg32 + wg)
         v = B * 3 * classes * C * e  # V_k = W_c W̃_k (0 without the classifier)
-        stride = -(-classes // 4) * 4  # the classes a pixel in dL's copy (a multiple of 4)
-        lead = max(16, 1 << max(0, 7 * stride - 1).bit_length())  # a window row's 7·S, packed lead + tail
-        tail = max(16, 1 << max(0, 7 * stride - lead // 2 - 1).bit_length()) if lead // 2 < 7 * stride else 0
-        width = lead // 2 + tail if tail and lead // 2 + tail < lead else lead
+        stride, width = _window_width(max(classes, 1))  # dL's copy: S values a pixel; a packed window row
         a = (B * 7 * C + 1) * width * e  # the classifier's window weights A, packed by window rows (x's dtype)
         if not head:
             op("fwd", "main kernel: x̂ (sweeps), x (residual), W̃ → out, D = DW_k(x) (3T), XW (T)", tp + T + wg,

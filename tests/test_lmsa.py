@@ -231,6 +231,16 @@ def test_classifier_inside_sliced(device, poisoned):
     _run_case(x, _params(16, torch.float32, device, seed=42), go, head=_classifier(7, 16, torch.float32, device, 43))
 
 
+def test_byte_count_packs_the_window_as_the_kernels_do():
+    """msf.bench.bytes_lmsa mirrors `_window_pack` (it imports no kernels): the same S and width for
+    every class count the classifier takes."""
+    from msf.bench import bytes_lmsa
+    for ncls in range(1, lmsa_mod.MAX_CLASSES + 1):
+        pack = lmsa_mod._window_pack(ncls)
+        assert bytes_lmsa._window_width(ncls) == (pack.stride, pack.width), ncls
+        assert pack.width >= 7 * pack.stride and pack.width <= 256, (ncls, pack)
+
+
 def test_classifier_rejects_bad_inputs():
     x = torch.zeros(1, 16, 4, 4)
     p = _pack(_params(16, torch.float32, "cpu", seed=0))
